@@ -1,0 +1,216 @@
+"""What every model backend is: load, predict, unload, and the tensors it takes.
+
+A backend wraps one model inside one replica process. The replica builds it with
+:func:`shoal.backends.load_backend` (no I/O), calls :meth:`Backend.load` once in a worker
+thread, then awaits :meth:`Backend.predict` from its event loop, possibly many times
+concurrently, and finally calls :meth:`Backend.unload`.
+
+Writing a backend means implementing two hooks: ``_load()`` (blocking) and
+``async _predict(inputs)``. A model whose work is synchronous runs it through
+:meth:`Backend.run_sync`, which uses one dedicated thread per backend: the event loop stays
+free for health checks, and the model never sees two predictions at once. An optional
+``_unload()`` releases what ``_load()`` took.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import numpy as np
+
+from shoal.core.spec import DeploymentSpec, TensorSpec
+from shoal.errors import FailedPrecondition, Internal, InvalidArgument
+
+T = TypeVar("T")
+
+Tensors = dict[str, np.ndarray]
+
+_DATATYPE_BY_NAME = {
+    "bool": "BOOL",
+    "uint8": "UINT8",
+    "uint16": "UINT16",
+    "uint32": "UINT32",
+    "uint64": "UINT64",
+    "int8": "INT8",
+    "int16": "INT16",
+    "int32": "INT32",
+    "int64": "INT64",
+    "float16": "FP16",
+    "float32": "FP32",
+    "float64": "FP64",
+    "bfloat16": "BF16",  # ml_dtypes.bfloat16
+}
+
+
+def datatype_of(dtype: np.dtype[Any]) -> str | None:
+    """The Open Inference Protocol datatype of a numpy dtype, or None if it has none.
+
+    Strings and bytes (numpy kinds ``O``, ``S``, ``U``) are ``BYTES``.
+    """
+    if dtype.kind in "OSU":
+        return "BYTES"
+    return _DATATYPE_BY_NAME.get(dtype.name)
+
+
+def _shape_matches(declared: tuple[int, ...], actual: tuple[int, ...]) -> bool:
+    return len(declared) == len(actual) and all(d in (-1, a) for d, a in zip(declared, actual, strict=True))
+
+
+def _fmt_shape(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def check_inputs(declared: tuple[TensorSpec, ...], inputs: Mapping[str, np.ndarray]) -> None:
+    """Check ``inputs`` against ``declared``: names, datatypes and shapes (-1 is any size).
+
+    Nothing is checked when ``declared`` is empty. Raises InvalidArgument naming the input.
+    """
+    if not declared:
+        return
+    names = {spec.name for spec in declared}
+    for spec in declared:
+        if spec.name not in inputs:
+            raise InvalidArgument(f"missing input {spec.name!r}")
+        array = inputs[spec.name]
+        got = datatype_of(array.dtype) or str(array.dtype)
+        if got != spec.datatype:
+            raise InvalidArgument(f"input {spec.name!r}: expected {spec.datatype}, got {got}")
+        if not _shape_matches(spec.shape, array.shape):
+            raise InvalidArgument(
+                f"input {spec.name!r}: expected shape {_fmt_shape(spec.shape)}, got {_fmt_shape(array.shape)}"
+            )
+    unknown = sorted(set(inputs) - names)
+    if unknown:
+        expected = ", ".join(repr(n) for n in sorted(names))
+        raise InvalidArgument(f"unknown input {unknown[0]!r}; the model takes {expected}")
+
+
+def coerce_outputs(result: object) -> Tensors:
+    """A model's return value as ``dict[str, np.ndarray]``, converting values with ``np.asarray``.
+
+    Raises Internal when the result is not a mapping of names to arrays (or things
+    ``np.asarray`` turns into numeric, boolean or string arrays).
+    """
+    if not isinstance(result, Mapping):
+        raise Internal(f"model returned {type(result).__name__}; predict must return a dict of name -> array")
+    outputs: Tensors = {}
+    for name, value in result.items():
+        if not isinstance(name, str):
+            raise Internal(f"model returned an output named {name!r}; output names must be strings")
+        try:
+            array = np.asarray(value)
+        except (ValueError, TypeError) as err:
+            raise Internal(f"model output {name!r} is not an array: {err}") from None
+        if array.dtype.kind == "O" and not all(isinstance(v, (str, bytes)) for v in array.flat):
+            # An object array is only meaningful on the wire as BYTES; anything else
+            # (None, dicts, ragged lists) is a bug in the model.
+            raise Internal(
+                f"model output {name!r} is not an array: got a {type(value).__name__} of non-string objects"
+            )
+        outputs[name] = array
+    return outputs
+
+
+class Backend(abc.ABC):
+    """One model inside one replica.
+
+    Thread and task safety: :meth:`load` and :meth:`unload` are blocking and are called
+    once each, from any one thread. :meth:`predict` is a coroutine that may be awaited
+    concurrently from the replica's event loop; sync model work is serialised on the
+    backend's own thread. Predictions are batched along axis 0 when
+    :attr:`supports_batching` is true: a model given N rows returns N rows.
+    """
+
+    def __init__(self, spec: DeploymentSpec) -> None:
+        self.spec = spec
+        self._loaded = False
+        # Metadata a backend learns from the model in _load(); used when the spec declares none.
+        self._derived_inputs: tuple[TensorSpec, ...] = ()
+        self._derived_outputs: tuple[TensorSpec, ...] = ()
+        # Built by load(): constructing a backend starts nothing.
+        self._executor: ThreadPoolExecutor | None = None
+
+    # -- the contract -------------------------------------------------------------------
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded
+
+    @property
+    def supports_batching(self) -> bool:
+        """Whether the model takes several rows along axis 0 and returns as many."""
+        return True
+
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        """The spec's declared inputs, else what the backend derived at load (may be empty)."""
+        return self.spec.inputs or self._derived_inputs
+
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        """The spec's declared outputs, else what the backend derived at load (may be empty)."""
+        return self.spec.outputs or self._derived_outputs
+
+    def load(self) -> None:
+        """Load the model. Blocking; call it once, off the event loop.
+
+        Raises InvalidArgument when the spec names a model that cannot be loaded.
+        """
+        if self._loaded:
+            return
+        self._load()
+        # One thread, so a sync model never runs two predictions at once; it starts on
+        # the first prediction.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"shoal-model-{self.spec.name}")
+        self._loaded = True
+
+    async def predict(self, inputs: Tensors) -> Tensors:
+        """Run the model on ``inputs``.
+
+        Raises InvalidArgument for inputs the model does not take, Internal when the model
+        raises or returns something malformed, FailedPrecondition before load or after unload.
+        """
+        if not self._loaded:
+            raise FailedPrecondition(f"model {self.spec.name!r} is not loaded")
+        self.check_inputs(inputs)
+        return await self._predict(inputs)
+
+    def check_inputs(self, inputs: Mapping[str, np.ndarray]) -> None:
+        """Raise InvalidArgument if ``inputs`` do not fit :meth:`inputs`. Cheap; no model work."""
+        check_inputs(self.inputs(), inputs)
+
+    def unload(self) -> None:
+        """Release the model. Blocking: waits for a running prediction, drops queued ones."""
+        if not self._loaded:
+            return
+        self._loaded = False
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+        self._unload()
+
+    # -- for backends -------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _load(self) -> None:
+        """Load the model and set ``_derived_inputs``/``_derived_outputs`` if known."""
+
+    @abc.abstractmethod
+    async def _predict(self, inputs: Tensors) -> Tensors:
+        """Run the model; ``inputs`` already passed :meth:`check_inputs`."""
+
+    def _unload(self) -> None:  # noqa: B027 - optional hook: most models need nothing
+        """Release what ``_load()`` took. Called after the last prediction finished."""
+
+    async def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking ``fn(*args)`` on this backend's one model thread; what it raises propagates."""
+        executor = self._executor
+        if executor is None:
+            raise FailedPrecondition(f"model {self.spec.name!r} is not loaded")
+        try:
+            future = asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+        except RuntimeError as err:  # unload() shut the executor down after our check
+            raise FailedPrecondition(f"model {self.spec.name!r} is not loaded") from err
+        return await future

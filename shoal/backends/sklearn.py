@@ -1,0 +1,122 @@
+"""The ``sklearn`` backend: a fitted scikit-learn estimator saved with joblib.
+
+Tensors, when the spec declares none:
+
+- input ``input`` (or the name of the spec's first declared input): FP32 ``[-1, n_features_in_]``;
+- output ``label``: ``estimator.predict(X)``, INT64 when the classes are integers, else
+  BYTES (UTF-8 of each label);
+- output ``probabilities``: ``predict_proba(X)`` as FP32 ``[-1, n_classes]``, when the
+  estimator has ``predict_proba``;
+- an estimator without ``classes_`` (a regressor) gives ``prediction``: FP32 ``[-1]``
+  (``[-1, n_outputs_]`` for several targets) instead of the two above.
+
+joblib files are pickles: loading one runs code from it. Serve only files you trust.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import joblib
+import numpy as np
+
+from shoal.backends.base import Backend, Tensors
+from shoal.core.spec import DeploymentSpec, TensorSpec
+from shoal.errors import Internal, InvalidArgument
+
+
+def _to_bytes(values: np.ndarray) -> np.ndarray:
+    encoded = [v if isinstance(v, bytes) else str(v).encode() for v in values.flat]
+    out = np.empty(len(encoded), dtype=object)
+    out[:] = encoded
+    return out.reshape(values.shape)
+
+
+class SklearnBackend(Backend):
+    """Serves ``spec.model_path()``, a joblib file holding a fitted estimator or pipeline."""
+
+    def __init__(self, spec: DeploymentSpec) -> None:
+        super().__init__(spec)
+        self._estimator: Any = None
+        self._n_features: int | None = None
+        self._integer_labels = False
+        self._is_classifier = False
+        self._has_proba = False
+
+    @property
+    def input_name(self) -> str:
+        return self.spec.inputs[0].name if self.spec.inputs else "input"
+
+    def _load(self) -> None:
+        path = self.spec.model_path()
+        if not path.is_file():
+            raise InvalidArgument(f"sklearn model file {str(path)!r} does not exist")
+        try:
+            estimator = joblib.load(path)
+        except Exception as err:
+            why = f"{type(err).__name__}: {err}"
+            raise InvalidArgument(f"cannot load {str(path)!r} with joblib: {why}") from err
+        if not callable(getattr(estimator, "predict", None)):
+            raise InvalidArgument(f"{str(path)!r} holds a {type(estimator).__name__}, which has no predict()")
+
+        n_features = getattr(estimator, "n_features_in_", None)
+        self._n_features = int(n_features) if n_features is not None else None
+        classes = getattr(estimator, "classes_", None)
+        self._is_classifier = classes is not None
+        self._has_proba = self._is_classifier and callable(getattr(estimator, "predict_proba", None))
+        self._estimator = estimator
+
+        self._derived_inputs = (
+            TensorSpec(name=self.input_name, datatype="FP32", shape=(-1, self._n_features or -1)),
+        )
+        if self._is_classifier:
+            classes = np.asarray(classes)
+            self._integer_labels = classes.dtype.kind in "iub"
+            label_type = "INT64" if self._integer_labels else "BYTES"
+            outputs = [TensorSpec(name="label", datatype=label_type, shape=(-1,))]
+            if self._has_proba:
+                outputs.append(TensorSpec(name="probabilities", datatype="FP32", shape=(-1, len(classes))))
+            self._derived_outputs = tuple(outputs)
+        else:
+            n_outputs = int(getattr(estimator, "n_outputs_", 1))
+            shape = (-1,) if n_outputs == 1 else (-1, n_outputs)
+            self._derived_outputs = (TensorSpec(name="prediction", datatype="FP32", shape=shape),)
+
+    def check_inputs(self, inputs: Mapping[str, np.ndarray]) -> None:
+        # Before the generic check: a feature count is clearer than a shape to someone
+        # who trained the model.
+        x = inputs.get(self.input_name)
+        if x is not None:
+            if x.ndim != 2:
+                want = f"[-1, {self._n_features if self._n_features is not None else -1}]"
+                shape = "[" + ", ".join(str(d) for d in x.shape) + "]"
+                raise InvalidArgument(
+                    f"input {self.input_name!r}: expected a matrix {want} (rows x features), got {shape}"
+                )
+            if self._n_features is not None and x.shape[1] != self._n_features:
+                raise InvalidArgument(
+                    f"input {self.input_name!r}: expected {self._n_features} features, got {x.shape[1]}"
+                )
+        super().check_inputs(inputs)
+
+    async def _predict(self, inputs: Tensors) -> Tensors:
+        return await self.run_sync(self._predict_blocking, inputs[self.input_name])
+
+    def _predict_blocking(self, x: np.ndarray) -> Tensors:
+        estimator = self._estimator
+        try:
+            predicted = np.asarray(estimator.predict(x))
+            proba = np.asarray(estimator.predict_proba(x), dtype=np.float32) if self._has_proba else None
+        except Exception as err:
+            raise Internal(f"model raised {type(err).__name__}: {err}") from err
+        if not self._is_classifier:
+            return {"prediction": predicted.astype(np.float32, copy=False)}
+        label = predicted.astype(np.int64, copy=False) if self._integer_labels else _to_bytes(predicted)
+        outputs = {"label": label}
+        if proba is not None:
+            outputs["probabilities"] = proba
+        return outputs
+
+    def _unload(self) -> None:
+        self._estimator = None

@@ -1,0 +1,140 @@
+"""One settings object for every component.
+
+Built once, at the entrypoint, from (highest first) command-line flags,
+environment variables (``SHOAL_<FIELD>``, and ``SHOAL_HEAD`` for
+``head_address``), a YAML config file, then the defaults below; then passed
+down. Nothing reads the environment anywhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from shoal.errors import InvalidArgument
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    """Address every server binds. Loopback unless TLS is configured."""
+    advertise_host: str = ""
+    """Address other components use to reach this one; ``host`` when empty."""
+    head_address: str = "localhost:8470"
+    """The head the CLI and schedulers talk to (``SHOAL_HEAD``)."""
+    head_port: int = 8470
+    """Head gRPC port (control API, scheduler membership)."""
+    head_http_port: int = 8471
+    """Head HTTP port (REST API, dashboard)."""
+    grpc_port: int = 8001
+    """Scheduler gRPC ingress (native SendRequest, Open Inference Protocol)."""
+    http_port: int = 8000
+    """Scheduler HTTP ingress."""
+    state_dir: str = ".shoal"
+    """SQLite state and logs."""
+    scheduler_id: str = ""
+    """Stable id of this scheduler; generated and kept in the state folder when empty."""
+
+    cpus: float = -1.0
+    """CPUs this scheduler offers to replicas; -1 reads the machine."""
+    memory_mb: float = -1.0
+    """Memory this scheduler offers, in MB; -1 reads the machine."""
+    gpus: float = -1.0
+    """GPUs this scheduler offers; -1 counts NVIDIA GPUs through NVML."""
+
+    heartbeat_interval_s: float = 1.0
+    """How often a scheduler sends its health update to the head."""
+    dead_after_s: float = 5.0
+    """A scheduler silent this long is marked DEAD and its replicas are placed elsewhere."""
+    reconcile_interval_s: float = 1.0
+    """How often the head compares desired with actual state (it also runs on every change)."""
+    replica_health_interval_s: float = 1.0
+    """How often a replica sends its health update to its scheduler."""
+    orphan_after_s: float = 5.0
+    """A replica that cannot reach its scheduler this long shuts itself down."""
+    ping_interval_s: float = 1.0
+    """How often a scheduler pings each replica."""
+    ping_timeout_s: float = 2.0
+    ping_failures: int = 3
+    """Consecutive failed pings after which a replica is marked DEAD."""
+    replica_start_timeout_s: float = 120.0
+    """A replica that has not registered this long after its start is killed."""
+
+    rpc_timeout_s: float = 5.0
+    """Deadline of one control-plane call between components."""
+    rpc_attempts: int = 4
+    """Attempts of a control-plane call that fails with UNAVAILABLE (backoff between)."""
+    request_attempts: int = 3
+    """Replicas one inference request may be tried on when the one serving it dies."""
+    max_message_mb: int = 64
+    """Largest gRPC message accepted or sent (the gRPC default of 4 MiB is too small for tensors)."""
+    shutdown_grace_s: float = 10.0
+    """On SIGTERM, how long in-flight work may take before processes are killed."""
+    log_format: str = "text"
+    """``text`` or ``json``."""
+    log_level: str = "INFO"
+
+    @property
+    def advertised(self) -> str:
+        return self.advertise_host or self.host
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_message_mb * 1024 * 1024
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def load(
+        cls,
+        *,
+        file: str | Path | None = None,
+        env: Mapping[str, str] | None = None,
+        flags: Mapping[str, Any] | None = None,
+    ) -> Settings:
+        """Merge defaults < file < environment < flags. ``None`` flag values are ignored.
+
+        Raises InvalidArgument naming the source of a bad value.
+        """
+        env = os.environ if env is None else env
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        if file is not None:
+            try:
+                doc = yaml.safe_load(Path(file).read_text()) or {}
+            except (OSError, yaml.YAMLError) as err:
+                raise InvalidArgument(f"cannot read config file {file}: {err}") from None
+            if not isinstance(doc, dict):
+                raise InvalidArgument(f"config file {file} must hold a mapping")
+            for key, value in doc.items():
+                if key not in known:
+                    raise InvalidArgument(f"config file {file}: unknown setting {key!r}")
+                values[key] = _coerce(known[key], value, f"config file {file}")
+        for name, f in known.items():
+            var = "SHOAL_HEAD" if name == "head_address" else f"SHOAL_{name.upper()}"
+            if var in env:
+                values[name] = _coerce(f, env[var], f"environment variable {var}")
+        for name, value in (flags or {}).items():
+            if value is None:
+                continue
+            if name not in known:
+                raise InvalidArgument(f"unknown setting {name!r}")
+            values[name] = _coerce(known[name], value, f"--{name.replace('_', '-')}")
+        return cls(**values)
+
+
+def _coerce(f: dataclasses.Field[Any], value: Any, source: str) -> Any:
+    kind = type(f.default)
+    try:
+        if kind is bool and isinstance(value, str):
+            return value.lower() in ("1", "true", "yes", "on")
+        return kind(value)
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"{source}: {f.name} must be {kind.__name__}, got {value!r}") from None

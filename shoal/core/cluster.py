@@ -1,0 +1,384 @@
+"""The head's view of the cluster and the reconcile decision, over plain data.
+
+``ClusterState`` holds the actual state (schedulers and the replicas they
+report) and decides, given the desired deployments, which replicas to create
+and which to remove. It does no I/O and takes time from a ``Clock``, so the
+control loop is unit-tested without sockets. It is not safe for concurrent
+use: the head calls it under one lock.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from shoal.core.clock import Clock
+from shoal.core.placement import Capacity, Candidate, choose
+from shoal.core.spec import DeploymentSpec
+
+ALIVE = "ALIVE"
+DEAD = "DEAD"
+
+STARTING = "STARTING"
+READY = "READY"
+DRAINING = "DRAINING"
+STOPPED = "STOPPED"
+REPLICA_DEAD = "DEAD"
+PENDING = "PENDING"  # asked of a scheduler, not yet confirmed by it
+
+BACKOFF_BASE_S = 1.0
+BACKOFF_MAX_S = 30.0
+
+
+@dataclass
+class SchedulerRecord:
+    id: str
+    address: str
+    http_address: str
+    capacity: Capacity
+    pid: int = 0
+    hostname: str = ""
+    state: str = ALIVE
+    last_seen: float = 0.0
+    registry_version: int = 0
+
+
+@dataclass
+class ReplicaRecord:
+    id: str
+    deployment: str
+    scheduler_id: str
+    spec_hash: str
+    state: str = PENDING
+    address: str = ""
+    pid: int = 0
+    in_flight: int = 0
+    queued: int = 0
+    message: str = ""
+    # The scheduler's registry version once it confirmed the creation; a health
+    # report older than this does not yet know the replica.
+    created_version: int = 0
+    ready_at: float = 0.0
+
+
+@dataclass
+class ReplicaReport:
+    """One replica as a scheduler reports it."""
+
+    id: str
+    deployment: str
+    state: str
+    address: str = ""
+    pid: int = 0
+    in_flight: int = 0
+    queued: int = 0
+    spec_hash: str = ""
+    message: str = ""
+    ready_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class CreateReplica:
+    scheduler_id: str
+    replica_id: str
+    deployment: str
+    spec: DeploymentSpec
+
+
+@dataclass(frozen=True)
+class RemoveReplica:
+    scheduler_id: str
+    replica_id: str
+    graceful: bool
+
+
+Action = CreateReplica | RemoveReplica
+
+
+@dataclass(frozen=True)
+class ClusterEvent:
+    at: float
+    kind: str
+    message: str
+    deployment: str = ""
+    replica_id: str = ""
+    scheduler_id: str = ""
+    wall: float = field(default_factory=time.time)
+
+
+@dataclass
+class _StartFailures:
+    count: int = 0
+    not_before: float = 0.0
+    last_message: str = ""
+
+
+@dataclass
+class ClusterState:
+    clock: Clock
+    dead_after_s: float = 5.0
+    schedulers: dict[str, SchedulerRecord] = field(default_factory=dict)
+    replicas: dict[str, ReplicaRecord] = field(default_factory=dict)
+    pending_reasons: dict[str, str] = field(default_factory=dict)
+    events: deque[ClusterEvent] = field(default_factory=lambda: deque(maxlen=200))
+    _failures: dict[str, _StartFailures] = field(default_factory=dict)
+
+    # ------------------------------------------------------------ membership
+
+    def register(
+        self,
+        scheduler_id: str,
+        address: str,
+        http_address: str,
+        capacity: Capacity,
+        *,
+        pid: int = 0,
+        hostname: str = "",
+        replicas: Iterable[ReplicaReport] = (),
+    ) -> None:
+        """A scheduler (re)joins; replicas it already runs are adopted."""
+        was = self.schedulers.get(scheduler_id)
+        self.schedulers[scheduler_id] = SchedulerRecord(
+            id=scheduler_id,
+            address=address,
+            http_address=http_address,
+            capacity=capacity,
+            pid=pid,
+            hostname=hostname,
+            state=ALIVE,
+            last_seen=self.clock.now(),
+        )
+        for rid in [r.id for r in self.replicas.values() if r.scheduler_id == scheduler_id]:
+            del self.replicas[rid]
+        for rep in replicas:
+            self._adopt(scheduler_id, rep)
+        kind = "scheduler_rejoined" if was is not None else "scheduler_joined"
+        self._event(kind, f"scheduler {scheduler_id} at {address} registered", scheduler_id=scheduler_id)
+
+    def health(
+        self, scheduler_id: str, registry_version: int, reports: Iterable[ReplicaReport]
+    ) -> bool:
+        """Apply a scheduler's health update. False (NACK) when the scheduler is unknown or DEAD."""
+        sched = self.schedulers.get(scheduler_id)
+        if sched is None or sched.state != ALIVE:
+            return False
+        sched.last_seen = self.clock.now()
+        sched.registry_version = max(sched.registry_version, registry_version)
+        seen: set[str] = set()
+        for rep in reports:
+            seen.add(rep.id)
+            if rep.state in (REPLICA_DEAD, STOPPED):
+                self._lost(rep.id, rep.deployment, scheduler_id, rep.message or "replica exited",
+                           was_ready=rep.ready_at > 0)
+                continue
+            self._adopt(scheduler_id, rep)
+        for rec in [r for r in self.replicas.values() if r.scheduler_id == scheduler_id and r.id not in seen]:
+            # Pending creations newer than this report are not known to it yet.
+            if rec.state == PENDING or rec.created_version > registry_version:
+                continue
+            self._lost(rec.id, rec.deployment, scheduler_id, "no longer reported by its scheduler",
+                       was_ready=rec.ready_at > 0)
+        return True
+
+    def expire(self) -> list[str]:
+        """Mark schedulers silent for ``dead_after_s`` DEAD; returns their ids."""
+        now = self.clock.now()
+        dead = []
+        for sched in self.schedulers.values():
+            if sched.state == ALIVE and now - sched.last_seen > self.dead_after_s:
+                sched.state = DEAD
+                dead.append(sched.id)
+                lost = [r for r in self.replicas.values() if r.scheduler_id == sched.id]
+                for rec in lost:
+                    del self.replicas[rec.id]
+                self._event(
+                    "scheduler_dead",
+                    f"scheduler {sched.id} missed health updates for {self.dead_after_s:g}s; "
+                    f"{len(lost)} replica(s) to place elsewhere",
+                    scheduler_id=sched.id,
+                )
+        return dead
+
+    def confirm_created(self, replica_id: str, registry_version: int) -> None:
+        rec = self.replicas.get(replica_id)
+        if rec is not None and rec.state == PENDING:
+            rec.state = STARTING
+            rec.created_version = registry_version
+
+    def create_failed(self, replica_id: str, message: str) -> None:
+        rec = self.replicas.pop(replica_id, None)
+        if rec is not None:
+            self._start_failed(rec.deployment, message)
+            self._event("replica_create_failed", f"could not create {replica_id}: {message}",
+                        deployment=rec.deployment, replica_id=replica_id, scheduler_id=rec.scheduler_id)
+
+    # ------------------------------------------------------------ reconcile
+
+    def reconcile(self, desired: Mapping[str, tuple[DeploymentSpec, int]]) -> list[Action]:
+        """Actions that move the actual state toward ``desired`` (name -> (spec, replica count)).
+
+        - missing replicas are placed on live schedulers with room (spread);
+        - a changed spec rolls: new replicas start first (a few at a time), an
+          old one is drained only once a new one is READY;
+        - surplus replicas and replicas of deleted deployments are removed.
+        Creations are recorded at once as PENDING so that a second call does
+        not place them twice.
+        """
+        self.expire()
+        actions: list[Action] = []
+        self.pending_reasons = {}
+        for rec in list(self.replicas.values()):
+            if rec.deployment not in desired and rec.state != DRAINING:
+                actions.append(self._remove(rec, graceful=True))
+        for name, (spec, count) in sorted(desired.items()):
+            actions.extend(self._reconcile_one(spec, count))
+        return actions
+
+    def _reconcile_one(self, spec: DeploymentSpec, count: int) -> list[Action]:
+        actions: list[Action] = []
+        want = spec.process_hash()
+        live = [r for r in self.replicas.values() if r.deployment == spec.name and r.state != DRAINING]
+        new = [r for r in live if r.spec_hash == want]
+        old = [r for r in live if r.spec_hash != want]
+        ready_new = [r for r in new if r.state == READY]
+
+        if len(new) > count:
+            # Surplus: drop the ones doing least first (not yet ready, then the newest).
+            surplus = sorted(new, key=lambda r: (r.state == READY, -r.created_version, r.id))
+            for rec in surplus[: len(new) - count]:
+                actions.append(self._remove(rec, graceful=True))
+        missing = count - len(new)
+        if old:
+            # Rolling update: bound how many new processes start at once.
+            surge = max(1, math.ceil(count / 4))
+            starting = len(new) - len(ready_new)
+            missing = min(missing, surge - starting)
+        if missing > 0:
+            failures = self._failures.get(spec.name)
+            if failures is not None and self.clock.now() < failures.not_before:
+                wait = failures.not_before - self.clock.now()
+                self.pending_reasons[spec.name] = (
+                    f"{failures.count} replica start failure(s), retrying in {wait:.0f}s: {failures.last_message}"
+                )
+            else:
+                for _ in range(missing):
+                    action = self._place(spec, want)
+                    if action is None:
+                        break
+                    actions.append(action)
+        # Keep serving capacity: an old replica goes only as new ones are READY.
+        removable = len(old) + len(ready_new) - count
+        if removable > 0:
+            victims = sorted(old, key=lambda r: (r.state == READY, r.id))
+            for rec in victims[:removable]:
+                actions.append(self._remove(rec, graceful=True))
+        return actions
+
+    def _place(self, spec: DeploymentSpec, spec_hash: str) -> CreateReplica | None:
+        need = Capacity.of(spec.resources)
+        chosen, reason = choose(self._candidates(spec.name), need)
+        if chosen is None:
+            self.pending_reasons[spec.name] = reason
+            return None
+        rid = f"{spec.name}-{secrets.token_hex(3)}"
+        self.replicas[rid] = ReplicaRecord(
+            id=rid, deployment=spec.name, scheduler_id=chosen, spec_hash=spec_hash, state=PENDING
+        )
+        return CreateReplica(chosen, rid, spec.name, spec)
+
+    def _remove(self, rec: ReplicaRecord, *, graceful: bool) -> RemoveReplica:
+        rec.state = DRAINING
+        return RemoveReplica(rec.scheduler_id, rec.id, graceful)
+
+    def _candidates(self, deployment: str) -> list[Candidate]:
+        out = []
+        for sched in self.schedulers.values():
+            if sched.state != ALIVE:
+                continue
+            mine = [r for r in self.replicas.values() if r.scheduler_id == sched.id]
+            out.append(
+                Candidate(
+                    scheduler_id=sched.id,
+                    free=sched.capacity - self.allocated(sched.id),
+                    replicas_of_deployment=sum(1 for r in mine if r.deployment == deployment),
+                    replicas_total=len(mine),
+                )
+            )
+        return out
+
+    # The resources each replica holds are its deployment's; the head sets them
+    # per deployment before reconciling.
+    resources_of: dict[str, Capacity] = field(default_factory=dict)
+
+    def allocated(self, scheduler_id: str) -> Capacity:
+        return Capacity.total(
+            self.resources_of.get(r.deployment, Capacity())
+            for r in self.replicas.values()
+            if r.scheduler_id == scheduler_id
+        )
+
+    # ------------------------------------------------------------ views
+
+    def routes(self) -> dict[str, list[ReplicaRecord]]:
+        """READY replicas on live schedulers, by deployment, sorted by id."""
+        out: dict[str, list[ReplicaRecord]] = {}
+        for rec in sorted(self.replicas.values(), key=lambda r: r.id):
+            sched = self.schedulers.get(rec.scheduler_id)
+            if rec.state == READY and sched is not None and sched.state == ALIVE:
+                out.setdefault(rec.deployment, []).append(rec)
+        return out
+
+    # ------------------------------------------------------------ internals
+
+    def _adopt(self, scheduler_id: str, rep: ReplicaReport) -> None:
+        rec = self.replicas.get(rep.id)
+        if rec is None:
+            rec = ReplicaRecord(id=rep.id, deployment=rep.deployment, scheduler_id=scheduler_id,
+                                spec_hash=rep.spec_hash)
+            self.replicas[rep.id] = rec
+        if rec.state == DRAINING and rep.state != DRAINING:
+            # The head asked it to go; the scheduler has not caught up yet.
+            state = DRAINING
+        else:
+            state = rep.state
+        if state == READY and rec.state != READY:
+            self._event("replica_ready", f"replica {rep.id} is READY", deployment=rep.deployment,
+                        replica_id=rep.id, scheduler_id=scheduler_id)
+            self._failures.pop(rep.deployment, None)
+        rec.state = state
+        rec.scheduler_id = scheduler_id
+        rec.address = rep.address
+        rec.pid = rep.pid
+        rec.in_flight = rep.in_flight
+        rec.queued = rep.queued
+        rec.message = rep.message
+        rec.ready_at = rep.ready_at
+        if rep.spec_hash:
+            rec.spec_hash = rep.spec_hash
+
+    def _lost(self, replica_id: str, deployment: str, scheduler_id: str, message: str, *, was_ready: bool) -> None:
+        rec = self.replicas.pop(replica_id, None)
+        if rec is None:
+            return
+        if rec.state == DRAINING:
+            self._event("replica_stopped", f"replica {replica_id} stopped", deployment=deployment,
+                        replica_id=replica_id, scheduler_id=scheduler_id)
+            return
+        if not was_ready:
+            self._start_failed(deployment, message)
+        self._event("replica_died", f"replica {replica_id} died: {message}", deployment=deployment,
+                    replica_id=replica_id, scheduler_id=scheduler_id)
+
+    def _start_failed(self, deployment: str, message: str) -> None:
+        f = self._failures.setdefault(deployment, _StartFailures())
+        f.count += 1
+        f.last_message = message
+        delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (f.count - 1))
+        f.not_before = self.clock.now() + delay
+
+    def _event(self, kind: str, message: str, **where: str) -> None:
+        self.events.append(ClusterEvent(at=self.clock.now(), kind=kind, message=message, **where))

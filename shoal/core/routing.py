@@ -1,0 +1,62 @@
+"""Routing policies: which of a deployment's replicas gets the next request.
+
+Pure functions over a list of candidates that expose ``in_flight`` and
+``local``; the router gives only replicas with room.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Sequence
+from typing import Protocol, TypeVar
+
+
+class Candidate(Protocol):
+    @property
+    def in_flight(self) -> int: ...
+
+    @property
+    def local(self) -> bool: ...
+
+
+C = TypeVar("C", bound=Candidate)
+
+
+class Policy(Protocol):
+    def pick(self, candidates: Sequence[C]) -> C: ...
+
+
+class PowerOfTwo:
+    """Power of two choices on in-flight count, local replicas first."""
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._rng = rng or random.Random()
+
+    def pick(self, candidates: Sequence[C]) -> C:
+        local = [c for c in candidates if c.local]
+        pool = local or candidates
+        if len(pool) == 1:
+            return pool[0]
+        a, b = self._rng.sample(range(len(pool)), 2)
+        return pool[a] if pool[a].in_flight <= pool[b].in_flight else pool[b]
+
+
+class RoundRobin:
+    """Each candidate in turn, local or not."""
+
+    def __init__(self) -> None:
+        self._counter = itertools.count()
+
+    def pick(self, candidates: Sequence[C]) -> C:
+        return candidates[next(self._counter) % len(candidates)]
+
+
+POLICIES = {"p2c": PowerOfTwo, "round_robin": RoundRobin}
+
+
+def make_policy(name: str) -> Policy:
+    try:
+        return POLICIES[name]()  # type: ignore[abstract]
+    except KeyError:
+        raise ValueError(f"unknown routing policy {name!r}; choose one of {sorted(POLICIES)}") from None

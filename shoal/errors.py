@@ -1,0 +1,124 @@
+"""shoal's one error tree.
+
+Every error that crosses a component boundary is a :class:`ShoalError` with a
+:class:`Code`. Transports map codes once: ``shoal.rpc.status`` to gRPC status
+codes, :data:`HTTP_STATUS` to HTTP. Nothing else converts errors.
+
+    ShoalError
+    +-- InvalidArgument      bad input from a client: never retried
+    +-- NotFound             unknown deployment, replica or scheduler
+    +-- AlreadyExists
+    +-- FailedPrecondition   the call is valid but not now (e.g. replica draining)
+    +-- ResourceExhausted    a queue or limit is full: back off and retry later
+    +-- DeadlineExceeded     the request's timeout passed before an answer
+    +-- Unavailable          a peer cannot be reached; safe to retry elsewhere
+    +-- Unauthenticated / PermissionDenied
+    +-- Internal             a bug or a model that raised
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Code(enum.Enum):
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    UNAVAILABLE = "UNAVAILABLE"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    INTERNAL = "INTERNAL"
+
+
+HTTP_STATUS: dict[Code, int] = {
+    Code.INVALID_ARGUMENT: 400,
+    Code.NOT_FOUND: 404,
+    Code.ALREADY_EXISTS: 409,
+    Code.FAILED_PRECONDITION: 400,
+    Code.RESOURCE_EXHAUSTED: 503,
+    Code.DEADLINE_EXCEEDED: 504,
+    Code.UNAVAILABLE: 503,
+    Code.UNAUTHENTICATED: 401,
+    Code.PERMISSION_DENIED: 403,
+    Code.INTERNAL: 500,
+}
+
+
+class ShoalError(Exception):
+    """Base of every error shoal raises on purpose. ``str(err)`` is the message for users."""
+
+    code: Code = Code.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    @property
+    def http_status(self) -> int:
+        return HTTP_STATUS[self.code]
+
+
+class InvalidArgument(ShoalError):
+    code = Code.INVALID_ARGUMENT
+
+
+class NotFound(ShoalError):
+    code = Code.NOT_FOUND
+
+
+class AlreadyExists(ShoalError):
+    code = Code.ALREADY_EXISTS
+
+
+class FailedPrecondition(ShoalError):
+    code = Code.FAILED_PRECONDITION
+
+
+class ResourceExhausted(ShoalError):
+    code = Code.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceeded(ShoalError):
+    code = Code.DEADLINE_EXCEEDED
+
+
+class Unavailable(ShoalError):
+    code = Code.UNAVAILABLE
+
+
+class Unauthenticated(ShoalError):
+    code = Code.UNAUTHENTICATED
+
+
+class PermissionDenied(ShoalError):
+    code = Code.PERMISSION_DENIED
+
+
+class Internal(ShoalError):
+    code = Code.INTERNAL
+
+
+_BY_CODE: dict[Code, type[ShoalError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        FailedPrecondition,
+        ResourceExhausted,
+        DeadlineExceeded,
+        Unavailable,
+        Unauthenticated,
+        PermissionDenied,
+        Internal,
+    )
+}
+
+
+def from_code(code: Code, message: str) -> ShoalError:
+    """The error class for ``code``, built with ``message``."""
+    return _BY_CODE[code](message)

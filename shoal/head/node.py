@@ -1,0 +1,339 @@
+"""The head node: desired state in the store, actual state from schedulers, and
+the loop that reconciles them.
+
+All cluster state lives in one ``ClusterState`` guarded by ``self.lock``;
+calls to schedulers happen outside the lock, and their outcomes are applied
+under it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from shoal.config import Settings
+from shoal.core.clock import Clock, SystemClock, sleep_or_event
+from shoal.core.cluster import (
+    Action,
+    ClusterState,
+    CreateReplica,
+    RemoveReplica,
+    ReplicaReport,
+)
+from shoal.core.placement import Capacity
+from shoal.core.spec import DeploymentSpec, parse_spec_json
+from shoal.errors import NotFound, ShoalError
+from shoal.store.base import Store
+from shoal.types import DeploymentRoutes, Route, RoutingTable, SchedulerClient, SchedulerRegistration
+
+log = logging.getLogger("shoal.head")
+
+DEPLOYMENTS = "deployments/"
+
+SchedulerClientFactory = Callable[[str, str], SchedulerClient]
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    created: bool
+    changed: bool
+
+
+class HeadNode:
+    """Scheduler membership, deployments, reconciliation, routing tables.
+
+    Lifecycle: ``await start()`` (loads the store, starts the reconcile loop),
+    ``await aclose()``. Public coroutines are safe to call concurrently.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        scheduler_client: SchedulerClientFactory,
+        clock: Clock | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self._client_factory = scheduler_client
+        self.clock = clock or SystemClock()
+        self.state = ClusterState(clock=self.clock, dead_after_s=settings.dead_after_s)
+        self.desired: dict[str, DeploymentSpec] = {}
+        self.lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._clients: dict[str, tuple[str, SchedulerClient]] = {}
+        self._routes = RoutingTable(version=0)
+        self._routes_changed = asyncio.Condition()
+        self._runner: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self._paused = False
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        for entry in await self.store.list(DEPLOYMENTS):
+            spec = parse_spec_json(entry.value)
+            self.desired[spec.name] = spec
+        log.info("head loaded %d deployment(s) from the store", len(self.desired))
+        self._runner = asyncio.create_task(self._run(), name="head-run")
+
+    async def aclose(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._runner is not None:
+            self._runner.cancel()
+            try:
+                await self._runner
+            except asyncio.CancelledError:
+                pass
+        async with self._routes_changed:
+            self._routes_changed.notify_all()
+        for _, client in self._clients.values():
+            await client.close()
+        self._clients.clear()
+
+    async def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                await self.reconcile_once()
+            except ShoalError as err:
+                log.warning("reconcile failed: %s", err)
+            await sleep_or_event(self._wake, self.settings.reconcile_interval_s)
+            self._wake.clear()
+
+    def pause(self) -> None:
+        """Stop placing and removing replicas (the cluster is shutting down)."""
+        self._paused = True
+
+    def wake(self) -> None:
+        """Ask for a reconcile pass soon (after a change)."""
+        self._wake.set()
+
+    # ------------------------------------------------------------ membership
+
+    async def register_scheduler(self, reg: SchedulerRegistration) -> float:
+        async with self.lock:
+            self.state.register(
+                reg.scheduler_id,
+                reg.address,
+                reg.http_address,
+                reg.capacity,
+                pid=reg.pid,
+                hostname=reg.hostname,
+                replicas=reg.replicas,
+            )
+            self._refresh_resources()
+        log.info("scheduler %s registered from %s with %d replica(s)", reg.scheduler_id, reg.address,
+                 len(reg.replicas))
+        await self._publish_routes()
+        self.wake()
+        return self.settings.heartbeat_interval_s
+
+    async def scheduler_health(self, scheduler_id: str, registry_version: int, reports: list[ReplicaReport]) -> bool:
+        async with self.lock:
+            before = {r.id: r.state for r in self.state.replicas.values()}
+            ack = self.state.health(scheduler_id, registry_version, reports)
+            after = {r.id: r.state for r in self.state.replicas.values()}
+        if not ack:
+            log.info("NACK health update from unknown scheduler %s", scheduler_id)
+            return False
+        if before != after:
+            self.wake()
+        await self._publish_routes()
+        return True
+
+    # ------------------------------------------------------------ deployments
+
+    async def apply(self, spec: DeploymentSpec) -> ApplyResult:
+        async with self.lock:
+            old = self.desired.get(spec.name)
+            changed = old is None or old.to_json() != spec.to_json()
+            if changed:
+                await self.store.put(DEPLOYMENTS + spec.name, spec.to_json())
+                self.desired[spec.name] = spec
+                self._refresh_resources()
+        if changed:
+            log.info("deployment %s %s", spec.name, "created" if old is None else "updated")
+            self.wake()
+            await self._publish_routes()
+        return ApplyResult(created=old is None, changed=changed)
+
+    async def scale(self, name: str, replicas: int) -> None:
+        async with self.lock:
+            spec = self._get(name)
+            new = spec.model_copy(update={"replicas": replicas})
+            await self.store.put(DEPLOYMENTS + name, new.to_json())
+            self.desired[name] = new
+        log.info("deployment %s scaled to %d", name, replicas)
+        self.wake()
+
+    async def delete(self, name: str) -> None:
+        async with self.lock:
+            self._get(name)
+            await self.store.delete(DEPLOYMENTS + name)
+            del self.desired[name]
+        log.info("deployment %s deleted", name)
+        self.wake()
+        await self._publish_routes()
+
+    def _get(self, name: str) -> DeploymentSpec:
+        spec = self.desired.get(name)
+        if spec is None:
+            raise NotFound(f"no deployment named {name!r}")
+        return spec
+
+    def _refresh_resources(self) -> None:
+        self.state.resources_of = {n: Capacity.of(s.resources) for n, s in self.desired.items()}
+
+    # ------------------------------------------------------------ reconcile
+
+    async def reconcile_once(self) -> list[Action]:
+        """One pass: decide under the lock, then act on schedulers concurrently."""
+        async with self.lock:
+            self._refresh_resources()
+            desired = {n: (s, s.initial_replicas()) for n, s in self.desired.items()}
+            if self._paused:
+                self.state.expire()
+                actions = []
+            else:
+                actions = self.state.reconcile(desired)
+            for sid in list(self._clients):
+                sched = self.state.schedulers.get(sid)
+                if sched is None or sched.address != self._clients[sid][0]:
+                    await self._clients.pop(sid)[1].close()
+        if actions:
+            await asyncio.gather(*(self._act(a) for a in actions))
+        await self._publish_routes()
+        return actions
+
+    async def _act(self, action: Action) -> None:
+        client = self._client(action.scheduler_id)
+        if client is None:
+            return
+        if isinstance(action, CreateReplica):
+            log.info("creating replica %s of %s on scheduler %s", action.replica_id, action.deployment,
+                     action.scheduler_id)
+            try:
+                version = await client.create_replica(action.replica_id, action.spec)
+            except ShoalError as err:
+                async with self.lock:
+                    self.state.create_failed(action.replica_id, str(err))
+                log.warning("could not create replica %s: %s", action.replica_id, err)
+                return
+            async with self.lock:
+                self.state.confirm_created(action.replica_id, version)
+        elif isinstance(action, RemoveReplica):
+            log.info("removing replica %s from scheduler %s", action.replica_id, action.scheduler_id)
+            try:
+                await client.remove_replica(action.replica_id, action.graceful)
+            except ShoalError as err:
+                log.warning("could not remove replica %s: %s", action.replica_id, err)
+
+    def _client(self, scheduler_id: str) -> SchedulerClient | None:
+        sched = self.state.schedulers.get(scheduler_id)
+        if sched is None:
+            return None
+        cached = self._clients.get(scheduler_id)
+        if cached is None or cached[0] != sched.address:
+            cached = (sched.address, self._client_factory(scheduler_id, sched.address))
+            self._clients[scheduler_id] = cached
+        return cached[1]
+
+    # ------------------------------------------------------------ routes
+
+    def _table(self) -> dict[str, DeploymentRoutes]:
+        routes = self.state.routes()
+        return {
+            name: DeploymentRoutes(
+                spec=spec,
+                routes=tuple(
+                    Route(r.id, r.address, r.scheduler_id, r.in_flight) for r in routes.get(name, [])
+                ),
+            )
+            for name, spec in self.desired.items()
+        }
+
+    async def _publish_routes(self) -> None:
+        async with self.lock:
+            table = self._table()
+        if table != dict(self._routes.deployments):
+            async with self._routes_changed:
+                self._routes = RoutingTable(version=self._routes.version + 1, deployments=table)
+                self._routes_changed.notify_all()
+
+    async def watch_routes(self, scheduler_id: str) -> AsyncIterator[RoutingTable]:
+        """The current routing table, then every new version, until the head stops."""
+        seen = -1
+        while not self._stopping.is_set():
+            async with self._routes_changed:
+                await self._routes_changed.wait_for(
+                    lambda: self._routes.version != seen or self._stopping.is_set()
+                )
+                table = self._routes
+            if self._stopping.is_set():
+                return
+            seen = table.version
+            yield table
+
+    @property
+    def routes(self) -> RoutingTable:
+        return self._routes
+
+
+def cluster_status(node: HeadNode) -> dict[str, Any]:
+    """The cluster as plain data: the shape of ``shoal status --json`` and ``GET /api/status``."""
+    state = node.state
+    now = node.clock.now()
+
+    def res(c: Capacity) -> dict[str, float]:
+        return {"cpus": c.cpus, "memory_mb": c.memory_mb, "gpus": c.gpus}
+
+    schedulers = [
+        {
+            "id": s.id,
+            "address": s.address,
+            "http_address": s.http_address,
+            "state": s.state,
+            "pid": s.pid,
+            "hostname": s.hostname,
+            "last_seen_s": round(max(0.0, now - s.last_seen), 3),
+            "capacity": res(s.capacity),
+            "allocated": res(state.allocated(s.id)),
+        }
+        for s in sorted(state.schedulers.values(), key=lambda s: s.id)
+    ]
+    deployments = []
+    for name, spec in sorted(node.desired.items()):
+        replicas = [
+            {
+                "id": r.id,
+                "scheduler": r.scheduler_id,
+                "state": r.state,
+                "pid": r.pid,
+                "address": r.address,
+                "in_flight": r.in_flight,
+                "queued": r.queued,
+                "message": r.message,
+            }
+            for r in sorted(state.replicas.values(), key=lambda r: r.id)
+            if r.deployment == name
+        ]
+        deployments.append(
+            {
+                "name": name,
+                "target_replicas": spec.initial_replicas(),
+                "ready_replicas": sum(1 for r in replicas if r["state"] == "READY"),
+                "pending_reason": state.pending_reasons.get(name, ""),
+                "spec": spec.model_dump(mode="json"),
+                "replicas": replicas,
+            }
+        )
+    events = [
+        {"at": e.wall, "kind": e.kind, "message": e.message, "deployment": e.deployment,
+         "replica_id": e.replica_id, "scheduler_id": e.scheduler_id}
+        for e in list(state.events)[-50:]
+    ]
+    return {"schedulers": schedulers, "deployments": deployments, "events": events}

@@ -1,0 +1,70 @@
+"""``python -m shoal.replica``: one replica process, started by a scheduler."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+
+from shoal import logs
+from shoal.config import Settings
+from shoal.core.spec import parse_spec_json
+from shoal.errors import ShoalError
+from shoal.replica.process import ReplicaProcess
+from shoal.rpc.clients import ReplicaSchedulerLink
+from shoal.rpc.replica_service import ReplicaService
+from shoal.rpc.server import bind, new_server
+from shoal.proto import shoal_pb2_grpc as pbg
+
+log = logging.getLogger("shoal.replica")
+
+
+async def amain(args: argparse.Namespace) -> int:
+    settings = Settings.load(env={}, flags=json.loads(args.settings_json))
+    logs.setup(settings.log_format, settings.log_level, component=f"replica {args.replica_id}")
+    with open(args.spec_file) as f:
+        spec = parse_spec_json(f.read())
+    link = ReplicaSchedulerLink(args.scheduler, settings)
+    replica = ReplicaProcess(args.replica_id, spec, settings, link)
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, replica.request_stop)
+
+    server = new_server(settings)
+    pbg.add_ReplicaServicer_to_server(ReplicaService(replica), server)
+    port = bind(server, settings.host, 0)
+    await server.start()
+    address = f"{settings.advertised}:{port}"
+    log.info("replica %s of %s listening on %s (pid %d)", args.replica_id, spec.name, address, os.getpid())
+    code = 0
+    try:
+        await replica.load()
+        await replica.run(address, os.getpid())
+        log.info("replica %s stopping: %s", args.replica_id, replica.exit_reason or "asked to stop")
+    except ShoalError as err:
+        log.error("replica %s failed: %s", args.replica_id, err)
+        code = 1
+    finally:
+        await replica.drain()
+        await server.stop(grace=1.0)
+        await link.close()
+    return code
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m shoal.replica", description=__doc__)
+    parser.add_argument("--replica-id", required=True)
+    parser.add_argument("--scheduler", required=True, help="the scheduler's gRPC address")
+    parser.add_argument("--spec-file", required=True)
+    parser.add_argument("--settings-json", default="{}")
+    args = parser.parse_args()
+    sys.exit(asyncio.run(amain(args)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,341 @@
+"""Dynamic batching inside a replica: many requests, one model call.
+
+Requests queue in arrival order. A collector task takes the oldest request and waits
+until requests compatible with it (same input names, dtypes and shapes past axis 0) hold
+``max_batch_size`` rows, or until ``max_delay_ms`` has passed since that request arrived;
+it then concatenates them along axis 0, calls the model once and hands each caller its own
+rows of every output. Batches run one at a time: the model is the bottleneck, and requests
+that arrive while it runs make the next batch bigger.
+
+    async with Batcher(backend.predict, max_batch_size=32, max_delay_ms=5) as batcher:
+        outputs = await batcher.submit({"x": rows})
+
+A request larger than ``max_batch_size`` is not refused: it runs alone. With
+``max_batch_size == 1`` nothing is queued; ``submit`` calls the model directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+import numpy as np
+
+from shoal.errors import Internal, InvalidArgument, Unavailable
+
+log = logging.getLogger(__name__)
+
+Tensors = dict[str, np.ndarray]
+RunFn = Callable[[Tensors], Awaitable[Tensors]]
+# What requests must share to be concatenated: (name, dtype, shape past axis 0) per input.
+_Key = tuple[tuple[str, np.dtype[Any], tuple[int, ...]], ...]
+
+
+@dataclass(eq=False)
+class _Request:
+    inputs: Tensors
+    rows: int
+    key: _Key
+    arrived: float
+    future: asyncio.Future[Tensors] = field(repr=False)
+    started: bool = False
+
+
+def _rows_and_key(inputs: Tensors) -> tuple[int, _Key]:
+    if not inputs:
+        raise InvalidArgument("a request to a batched model needs at least one input")
+    rows: int | None = None
+    first = ""
+    key = []
+    for name in sorted(inputs):
+        array = inputs[name]
+        if array.ndim == 0:
+            raise InvalidArgument(
+                f"input {name!r} is a scalar; a batched model takes tensors whose axis 0 counts rows"
+            )
+        if rows is None:
+            rows, first = array.shape[0], name
+        elif array.shape[0] != rows:
+            raise InvalidArgument(f"input {name!r} has {array.shape[0]} rows but {first!r} has {rows}")
+        key.append((name, array.dtype, array.shape[1:]))
+    assert rows is not None
+    return rows, tuple(key)
+
+
+def _split(outputs: object, rows: list[int]) -> list[Tensors]:
+    """Cut each output along axis 0 into one piece per request. Raises Internal if it cannot."""
+    if not isinstance(outputs, dict):
+        raise Internal(f"model returned {type(outputs).__name__} for a batch; expected a dict of arrays")
+    total = sum(rows)
+    for name, array in outputs.items():
+        if not isinstance(array, np.ndarray) or array.ndim == 0 or array.shape[0] != total:
+            got = f"shape {list(array.shape)}" if isinstance(array, np.ndarray) else type(array).__name__
+            raise Internal(
+                f"model output {name!r} has {got} for a batch of {total} rows; "
+                "a batched model must return one row along axis 0 per input row"
+            )
+    pieces: list[Tensors] = []
+    start = 0
+    for n in rows:
+        pieces.append({name: array[start : start + n] for name, array in outputs.items()})
+        start += n
+    return pieces
+
+
+class Batcher:
+    """Gathers concurrent requests into batches for ``run``.
+
+    ``submit`` is safe to call from many tasks at once. A caller that is cancelled before
+    its batch starts leaves the queue; one cancelled after only loses its answer. When
+    ``run`` raises, every request of that batch gets the exception.
+
+    Counters, for health updates and metrics: :attr:`queued`, :attr:`in_flight`,
+    :attr:`requests` (requests run), :attr:`batches` (calls to ``run``), :attr:`batch_sizes`
+    (rows per call -> how many calls), :attr:`dropped` (requests cancelled while queued).
+    """
+
+    def __init__(self, run: RunFn, max_batch_size: int, max_delay_ms: float) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_delay_ms < 0:
+            raise ValueError(f"max_delay_ms must be >= 0, got {max_delay_ms}")
+        self._run = run
+        self.max_batch_size = max_batch_size
+        self.max_delay_ms = max_delay_ms
+        self._max_delay_s = max_delay_ms / 1000
+
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._rows_by_key: collections.Counter[_Key] = collections.Counter()
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()  # set while nothing runs; aclose waits on it for direct calls
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+        self._started = False
+        self._closing = False
+
+        self._in_flight = 0
+        self.requests = 0
+        self.batches = 0
+        self.dropped = 0
+        self.batch_sizes: collections.Counter[int] = collections.Counter()
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the collector (only needed when ``max_batch_size > 1``). Idempotent."""
+        if self._started:
+            return
+        if self._closing:
+            raise RuntimeError("a closed Batcher cannot be started again")
+        self._started = True
+        if self.max_batch_size > 1:
+            self._task = asyncio.create_task(self._collect(), name="shoal-batcher")
+
+    async def aclose(self) -> None:
+        """Stop taking requests, finish the queued and running ones, stop the collector.
+
+        If ``aclose`` itself is cancelled, the running batch is cancelled and every request
+        still queued gets Unavailable; the CancelledError then propagates.
+        """
+        self._closing = True
+        self._wakeup.set()
+        task = self._task
+        if task is not None:
+            try:
+                # Awaiting the task directly: cancelling aclose cancels the collector too.
+                await task
+            except Exception:
+                log.exception("the batcher's collector failed")
+        await self._idle.wait()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    # -- observability ------------------------------------------------------------------
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a batch."""
+        return len(self._queue)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests whose model call is running."""
+        return self._in_flight
+
+    # -- requests -----------------------------------------------------------------------
+
+    async def submit(self, inputs: Tensors) -> Tensors:
+        """Run ``inputs`` (each tensor's axis 0 counts rows) as part of a batch; return its rows.
+
+        Raises whatever ``run`` raised for the batch; Internal when the model's outputs do not
+        have one row per input row; InvalidArgument for inputs that cannot be batched (no
+        inputs, scalars, differing row counts); Unavailable once the batcher is closing.
+        """
+        if self._closing:
+            raise Unavailable("the replica is shutting down")
+        if self.max_batch_size == 1:
+            return await self._run_direct(inputs)
+        if self._task is None:
+            raise RuntimeError("Batcher.submit called before start()")
+        if self._task.done():
+            raise Internal("the batcher's collector has stopped")
+
+        rows, key = _rows_and_key(inputs)
+        loop = asyncio.get_running_loop()
+        request = _Request(
+            inputs=inputs, rows=rows, key=key, arrived=loop.time(), future=loop.create_future()
+        )
+        self._queue.append(request)
+        self._rows_by_key[key] += rows
+        self._wakeup.set()
+        try:
+            return await request.future
+        except asyncio.CancelledError:
+            if not request.started and request.future.cancelled():
+                self._forget(request)
+            raise
+
+    async def _run_direct(self, inputs: Tensors) -> Tensors:
+        # No queue and no hop through the collector: concurrent callers run concurrently,
+        # and a sync backend serialises them on its own thread.
+        rows = next((a.shape[0] for a in inputs.values() if a.ndim > 0), 1)
+        self._in_flight += 1
+        self._idle.clear()
+        self.requests += 1
+        self.batches += 1
+        self.batch_sizes[rows] += 1
+        try:
+            return await self._run(inputs)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    def _forget(self, request: _Request) -> None:
+        try:
+            self._queue.remove(request)
+        except ValueError:
+            return
+        self._rows_by_key[request.key] -= request.rows
+        if self._rows_by_key[request.key] <= 0:
+            del self._rows_by_key[request.key]
+        self.dropped += 1
+
+    # -- the collector ------------------------------------------------------------------
+
+    async def _collect(self) -> None:
+        try:
+            while True:
+                batch = await self._next_batch()
+                if batch is None:
+                    return
+                await self._run_batch(batch)
+        finally:
+            # Whatever stopped us, nobody may wait forever on a request we will not run.
+            while self._queue:
+                request = self._queue.popleft()
+                if not request.future.done():
+                    request.future.set_exception(Unavailable("the replica is shutting down"))
+            self._rows_by_key.clear()
+
+    async def _next_batch(self) -> list[_Request] | None:
+        """Wait for a batch to be due and take it off the queue; None once closing and empty."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return None
+                await self._wait(None)
+                continue
+            head = self._queue[0]
+            if self._closing or self._rows_by_key[head.key] >= self.max_batch_size:
+                break
+            remaining = head.arrived + self._max_delay_s - loop.time()
+            if remaining <= 0:
+                break
+            await self._wait(remaining)
+        return self._take(head.key)
+
+    async def _wait(self, seconds: float | None) -> None:
+        """Sleep until a request arrives, aclose is called, or ``seconds`` pass (None: no limit)."""
+        self._wakeup.clear()
+        if seconds is None:
+            await self._wakeup.wait()
+            return
+        try:
+            async with asyncio.timeout(seconds):
+                await self._wakeup.wait()
+        except TimeoutError:
+            pass
+
+    def _take(self, key: _Key) -> list[_Request]:
+        """The oldest requests sharing ``key``, in order, up to max_batch_size rows (at least one)."""
+        batch: list[_Request] = []
+        rest: collections.deque[_Request] = collections.deque()
+        total = 0
+        full = False
+        for request in self._queue:
+            if full or request.key != key:
+                rest.append(request)
+            elif not batch or total + request.rows <= self.max_batch_size:
+                batch.append(request)
+                total += request.rows
+            else:
+                # Stop at the first that does not fit, so a big request is never overtaken
+                # for ever by smaller ones behind it.
+                full = True
+                rest.append(request)
+        self._queue = rest
+        self._rows_by_key[key] -= total
+        if self._rows_by_key[key] <= 0:
+            del self._rows_by_key[key]
+        for request in batch:
+            request.started = True
+        return batch
+
+    async def _run_batch(self, batch: list[_Request]) -> None:
+        rows = [r.rows for r in batch]
+        self._in_flight = len(batch)
+        self._idle.clear()
+        self.requests += len(batch)
+        self.batches += 1
+        self.batch_sizes[sum(rows)] += 1
+        try:
+            try:
+                if len(batch) == 1:
+                    inputs = batch[0].inputs
+                else:
+                    names = batch[0].inputs.keys()
+                    inputs = {n: np.concatenate([r.inputs[n] for r in batch], axis=0) for n in names}
+                outputs = await self._run(inputs)
+                pieces = _split(outputs, rows)
+            except asyncio.CancelledError:
+                for request in batch:
+                    if not request.future.done():
+                        request.future.set_exception(
+                            Unavailable("the replica shut down while the request ran")
+                        )
+                raise
+            except Exception as err:  # handed to every caller of the batch
+                for request in batch:
+                    if not request.future.done():
+                        request.future.set_exception(err)
+                return
+            for request, piece in zip(batch, pieces, strict=True):
+                if not request.future.done():  # its caller may have given up meanwhile
+                    request.future.set_result(piece)
+        finally:
+            self._in_flight = 0
+            self._idle.set()

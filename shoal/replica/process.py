@@ -1,0 +1,120 @@
+"""One replica: loads its model, serves requests through the batcher, reports
+to its scheduler, and shuts itself down when NACKed or orphaned."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Protocol
+
+from shoal.backends import load_backend
+from shoal.backends.base import Backend
+from shoal.config import Settings
+from shoal.core.cluster import DRAINING, READY, STARTING, STOPPED
+from shoal.core.spec import DeploymentSpec
+from shoal.errors import DeadlineExceeded, ShoalError, Unavailable
+from shoal.replica.batcher import Batcher
+from shoal.types import Arrays
+
+log = logging.getLogger("shoal.replica")
+
+
+class SchedulerLink(Protocol):
+    async def register(self, replica_id: str, address: str, pid: int) -> tuple[bool, float]: ...
+
+    async def health(self, replica_id: str, state: str, in_flight: int, queued: int) -> bool: ...
+
+
+class ReplicaProcess:
+    def __init__(self, replica_id: str, spec: DeploymentSpec, settings: Settings, link: SchedulerLink) -> None:
+        self.id = replica_id
+        self.spec = spec
+        self.settings = settings
+        self.link = link
+        self.state = STARTING
+        self.in_flight = 0
+        self.backend: Backend | None = None
+        self.batcher: Batcher | None = None
+        self._stop = asyncio.Event()
+        self._grace_s = settings.shutdown_grace_s
+        self.exit_reason = ""
+
+    @property
+    def queued(self) -> int:
+        return self.batcher.queued if self.batcher is not None else 0
+
+    async def load(self) -> None:
+        """Load the model (in a worker thread) and start the batcher. Raises ShoalError."""
+        started = time.monotonic()
+        backend = load_backend(self.spec)
+        await asyncio.to_thread(backend.load)
+        self.backend = backend
+        batching = self.spec.batching
+        self.batcher = Batcher(backend.predict, batching.max_batch_size, batching.max_delay_ms)
+        await self.batcher.start()
+        log.info("model %s (%s) loaded in %.2fs", self.spec.model, self.spec.backend, time.monotonic() - started)
+
+    async def infer(self, request_id: str, inputs: Arrays, timeout_s: float) -> Arrays:
+        if self.state not in (READY, DRAINING) or self.batcher is None:
+            raise Unavailable(f"replica {self.id} is {self.state}")
+        self.in_flight += 1
+        try:
+            timeout = timeout_s if timeout_s > 0 else self.spec.timeout_s
+            try:
+                return await asyncio.wait_for(self.batcher.submit(inputs), timeout)
+            except TimeoutError:
+                raise DeadlineExceeded(f"request {request_id} timed out after {timeout:g}s") from None
+        finally:
+            self.in_flight -= 1
+
+    def request_stop(self, grace_s: float | None = None) -> None:
+        """Drain, then exit (SIGTERM, a Drain call, a NACK, or losing the scheduler)."""
+        if grace_s is not None:
+            self._grace_s = grace_s
+        if self.state != STOPPED:
+            self.state = DRAINING
+        self._stop.set()
+
+    async def run(self, address: str, pid: int) -> None:
+        """Register, then send health updates until told to stop."""
+        ack, interval = await self.link.register(self.id, address, pid)
+        if not ack:
+            self.exit_reason = "the scheduler does not know this replica (NACK at registration)"
+            return
+        self.state = READY
+        interval = interval or self.settings.replica_health_interval_s
+        last_ok = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._stop.wait(), interval)
+                break
+            except TimeoutError:
+                pass
+            try:
+                ack = await self.link.health(self.id, self.state, self.in_flight, self.queued)
+            except ShoalError as err:
+                silent = time.monotonic() - last_ok
+                if silent >= self.settings.orphan_after_s:
+                    self.exit_reason = f"scheduler unreachable for {silent:.1f}s ({err}); no orphans"
+                    self._grace_s = min(self._grace_s, 1.0)
+                    return
+                continue
+            last_ok = time.monotonic()
+            if not ack:
+                self.exit_reason = "NACKed by the scheduler"
+                return
+
+    async def drain(self) -> None:
+        """Stop taking requests, let those in flight finish (within the grace period), stop."""
+        self.state = DRAINING
+        deadline = time.monotonic() + self._grace_s
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if self.in_flight:
+            log.warning("%d request(s) still in flight after %.1fs grace", self.in_flight, self._grace_s)
+        self.state = STOPPED
+        if self.batcher is not None:
+            await self.batcher.aclose()
+        if self.backend is not None:
+            self.backend.unload()

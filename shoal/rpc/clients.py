@@ -1,0 +1,332 @@
+"""gRPC implementations of the seams in ``shoal.types``, plus the CLI's control client."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import grpc
+import grpc.aio
+
+from shoal.config import Settings
+from shoal.core.cluster import ReplicaReport
+from shoal.core.placement import Capacity
+from shoal.core.spec import DeploymentSpec, parse_spec_json
+from shoal.errors import DeadlineExceeded
+from shoal.proto import shoal_pb2 as pb
+from shoal.proto import shoal_pb2_grpc as pbg
+from shoal.rpc import codec
+from shoal.rpc.channels import Reachability, call, open_channel
+from shoal.rpc.status import to_error
+from shoal.types import Arrays, PingResult, Route, RoutingTable, SchedulerRegistration
+from shoal.types import DeploymentRoutes as DomainRoutes
+
+STATE_NAMES = {v: k for k, v in pb.ReplicaState.items()}
+
+
+def state_name(state: int) -> str:
+    return STATE_NAMES.get(state, "REPLICA_STATE_UNSPECIFIED")
+
+
+def state_value(name: str) -> pb.ReplicaState.ValueType:
+    return pb.ReplicaState.Value(name) if name in pb.ReplicaState.keys() else pb.REPLICA_STATE_UNSPECIFIED
+
+
+def report_to_pb(r: ReplicaReport) -> pb.ReplicaStatus:
+    return pb.ReplicaStatus(
+        replica_id=r.id,
+        deployment=r.deployment,
+        state=state_value(r.state),
+        address=r.address,
+        pid=r.pid,
+        in_flight=r.in_flight,
+        queued=r.queued,
+        spec_hash=r.spec_hash,
+        message=r.message,
+        ready_at=r.ready_at,
+    )
+
+
+def report_from_pb(r: pb.ReplicaStatus) -> ReplicaReport:
+    return ReplicaReport(
+        id=r.replica_id,
+        deployment=r.deployment,
+        state=state_name(r.state),
+        address=r.address,
+        pid=r.pid,
+        in_flight=r.in_flight,
+        queued=r.queued,
+        spec_hash=r.spec_hash,
+        message=r.message,
+        ready_at=r.ready_at,
+    )
+
+
+def capacity_to_pb(c: Capacity) -> pb.Resources:
+    return pb.Resources(cpus=c.cpus, memory_mb=c.memory_mb, gpus=c.gpus)
+
+
+def capacity_from_pb(r: pb.Resources) -> Capacity:
+    return Capacity(r.cpus, r.memory_mb, r.gpus)
+
+
+class GrpcReplicaClient:
+    """Scheduler -> replica (data plane and health)."""
+
+    def __init__(self, address: str, settings: Settings) -> None:
+        self.address = address
+        self._channel = open_channel(address, settings)
+        self._stub = pbg.ReplicaStub(self._channel)
+
+    async def ping(self, timeout_s: float) -> PingResult:
+        try:
+            reply = await self._stub.Ping(pb.PingRequest(), timeout=timeout_s)
+        except grpc.aio.AioRpcError as err:
+            raise to_error(err) from None
+        return PingResult(state_name(reply.state), reply.in_flight, reply.queued)
+
+    async def push(self, request_id: str, inputs: Arrays, timeout_s: float) -> Arrays:
+        task = pb.Task(request_id=request_id, inputs=codec.encode(inputs), timeout_s=timeout_s)
+        try:
+            # A little slack over the replica's own deadline so its answer wins the race.
+            reply = await self._stub.PushTask(task, timeout=timeout_s + 0.5)
+        except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise DeadlineExceeded(f"request {request_id} timed out after {timeout_s:g}s") from None
+            raise to_error(err) from None
+        return codec.decode(reply.outputs)
+
+    async def drain(self, grace_s: float) -> None:
+        try:
+            await self._stub.Drain(pb.DrainRequest(grace_s=grace_s), timeout=5.0)
+        except grpc.aio.AioRpcError as err:
+            raise to_error(err) from None
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class GrpcSchedulerClient:
+    """Head -> scheduler."""
+
+    def __init__(self, scheduler_id: str, address: str, settings: Settings) -> None:
+        self._settings = settings
+        self._channel = open_channel(address, settings)
+        self._stub = pbg.SchedulerStub(self._channel)
+        self._reach = Reachability(f"scheduler {scheduler_id} at {address}")
+
+    async def create_replica(self, replica_id: str, spec: DeploymentSpec) -> int:
+        req = pb.CreateReplicaRequest(replica_id=replica_id, deployment=spec.name, spec_json=spec.to_json())
+        reply = await call(
+            lambda: self._stub.CreateReplica(req, timeout=self._settings.rpc_timeout_s),
+            attempts=self._settings.rpc_attempts,
+            reach=self._reach,
+        )
+        return int(reply.registry_version)
+
+    async def remove_replica(self, replica_id: str, graceful: bool) -> None:
+        req = pb.RemoveReplicaRequest(replica_id=replica_id, graceful=graceful)
+        await call(
+            lambda: self._stub.RemoveReplica(req, timeout=self._settings.rpc_timeout_s),
+            attempts=self._settings.rpc_attempts,
+            reach=self._reach,
+        )
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class GrpcHeadLink:
+    """Scheduler -> head."""
+
+    def __init__(self, address: str, settings: Settings) -> None:
+        self._settings = settings
+        self._channel = open_channel(address, settings)
+        self._stub = pbg.HeadStub(self._channel)
+        self.reach = Reachability(f"head at {address}")
+        self._spec_cache: dict[str, DeploymentSpec] = {}
+
+    async def register(self, reg: SchedulerRegistration) -> float:
+        req = pb.RegisterSchedulerRequest(
+            scheduler_id=reg.scheduler_id,
+            address=reg.address,
+            http_address=reg.http_address,
+            capacity=capacity_to_pb(reg.capacity),
+            pid=reg.pid,
+            hostname=reg.hostname,
+            replicas=[report_to_pb(r) for r in reg.replicas],
+        )
+        reply = await call(
+            lambda: self._stub.RegisterScheduler(req, timeout=self._settings.rpc_timeout_s),
+            attempts=1,
+            reach=self.reach,
+        )
+        return float(reply.heartbeat_interval_s)
+
+    async def health(
+        self, scheduler_id: str, registry_version: int, replicas: list[ReplicaReport], allocated: Capacity
+    ) -> bool:
+        req = pb.SchedulerHealth(
+            scheduler_id=scheduler_id,
+            registry_version=registry_version,
+            replicas=[report_to_pb(r) for r in replicas],
+            allocated=capacity_to_pb(allocated),
+        )
+        reply = await call(
+            lambda: self._stub.SendHealthUpdate(req, timeout=self._settings.rpc_timeout_s),
+            attempts=1,
+            reach=self.reach,
+        )
+        return bool(reply.ack)
+
+    async def watch_routes(self, scheduler_id: str) -> AsyncIterator[RoutingTable]:
+        stream = self._stub.WatchRoutes(pb.WatchRoutesRequest(scheduler_id=scheduler_id))
+        try:
+            async for table in stream:
+                yield self._table(table)
+        except grpc.aio.AioRpcError as err:
+            raise to_error(err) from None
+        finally:
+            stream.cancel()
+
+    def _table(self, table: pb.RoutingTable) -> RoutingTable:
+        deployments = {}
+        for name, dep in table.deployments.items():
+            spec = self._spec_cache.get(dep.spec_json)
+            if spec is None:
+                spec = parse_spec_json(dep.spec_json)
+                self._spec_cache = {dep.spec_json: spec, **dict(list(self._spec_cache.items())[:256])}
+            routes = tuple(Route(r.replica_id, r.address, r.scheduler_id, r.in_flight) for r in dep.routes)
+            deployments[name] = DomainRoutes(spec=spec, routes=routes)
+        return RoutingTable(version=table.version, deployments=deployments)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class ReplicaSchedulerLink:
+    """Replica -> its scheduler."""
+
+    def __init__(self, address: str, settings: Settings) -> None:
+        self._settings = settings
+        self._channel = open_channel(address, settings)
+        self._stub = pbg.SchedulerStub(self._channel)
+        self.reach = Reachability(f"scheduler at {address}")
+
+    async def register(self, replica_id: str, address: str, pid: int) -> tuple[bool, float]:
+        req = pb.RegisterReplicaRequest(replica_id=replica_id, address=address, pid=pid)
+        reply = await call(
+            lambda: self._stub.RegisterReplica(req, timeout=self._settings.rpc_timeout_s),
+            attempts=self._settings.rpc_attempts,
+            reach=self.reach,
+        )
+        return bool(reply.ack), float(reply.health_interval_s)
+
+    async def health(self, replica_id: str, state: str, in_flight: int, queued: int) -> bool:
+        req = pb.ReplicaHealth(replica_id=replica_id, state=state_value(state), in_flight=in_flight, queued=queued)
+        reply = await call(
+            lambda: self._stub.SendHealthUpdate(req, timeout=self._settings.rpc_timeout_s),
+            attempts=1,
+            reach=self.reach,
+        )
+        return bool(reply.ack)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class ControlClient:
+    """The CLI's client: the head's control API and a scheduler's native ingress."""
+
+    def __init__(self, head_address: str, settings: Settings) -> None:
+        self._settings = settings
+        self._channel = open_channel(head_address, settings)
+        self._stub = pbg.HeadStub(self._channel)
+        self.head_address = head_address
+
+    async def _call(self, method: str, req: object) -> object:
+        rpc = getattr(self._stub, method)
+        return await call(
+            lambda: rpc(req, timeout=self._settings.rpc_timeout_s),
+            attempts=2,
+        )
+
+    async def apply(self, spec: DeploymentSpec) -> pb.ApplyDeploymentReply:
+        reply = await self._call("ApplyDeployment", pb.ApplyDeploymentRequest(spec_json=spec.to_json()))
+        assert isinstance(reply, pb.ApplyDeploymentReply)
+        return reply
+
+    async def scale(self, name: str, replicas: int) -> None:
+        await self._call("ScaleDeployment", pb.ScaleDeploymentRequest(name=name, replicas=replicas))
+
+    async def delete(self, name: str) -> None:
+        await self._call("DeleteDeployment", pb.DeleteDeploymentRequest(name=name))
+
+    async def status(self) -> pb.ClusterStatus:
+        reply = await self._call("GetStatus", pb.Empty())
+        assert isinstance(reply, pb.ClusterStatus)
+        return reply
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+async def send_request(
+    address: str, deployment: str, inputs: Arrays, settings: Settings, *, timeout_s: float = 0.0
+) -> tuple[Arrays, str]:
+    """One native SendRequest to the scheduler at ``address``; returns (outputs, replica id)."""
+    channel = open_channel(address, settings)
+    try:
+        stub = pbg.SchedulerStub(channel)
+        req = pb.InferRequest(deployment=deployment, inputs=codec.encode(inputs), timeout_s=timeout_s)
+        deadline = (timeout_s or 60.0) + 5.0
+        reply = await call(lambda: stub.SendRequest(req, timeout=deadline), attempts=2)
+        return codec.decode(reply.outputs), reply.replica_id
+    finally:
+        await channel.close()
+
+
+def status_to_dict(status: pb.ClusterStatus) -> dict[str, object]:
+    """The JSON shape ``shoal status --json`` prints."""
+    return {
+        "schedulers": [
+            {
+                "id": s.scheduler_id,
+                "address": s.address,
+                "http_address": s.http_address,
+                "state": s.state,
+                "pid": s.pid,
+                "hostname": s.hostname,
+                "last_seen_s": round(s.last_seen_s, 3),
+                "capacity": {"cpus": s.capacity.cpus, "memory_mb": s.capacity.memory_mb, "gpus": s.capacity.gpus},
+                "allocated": {
+                    "cpus": s.allocated.cpus,
+                    "memory_mb": s.allocated.memory_mb,
+                    "gpus": s.allocated.gpus,
+                },
+            }
+            for s in status.schedulers
+        ],
+        "deployments": [
+            {
+                "name": d.name,
+                "target_replicas": d.target_replicas,
+                "pending_reason": d.pending_reason,
+                "spec": json.loads(d.spec_json) if d.spec_json else {},
+                "replicas": [
+                    {
+                        "id": r.replica_id,
+                        "scheduler": r.scheduler_id,
+                        "state": r.state,
+                        "pid": r.pid,
+                        "address": r.address,
+                        "in_flight": r.in_flight,
+                        "queued": r.queued,
+                        "message": r.message,
+                    }
+                    for r in d.replicas
+                ],
+            }
+            for d in status.deployments
+        ],
+    }

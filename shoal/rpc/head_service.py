@@ -1,0 +1,125 @@
+"""The head's gRPC servicer: decode, call ``HeadNode``, encode."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import grpc.aio
+from google.protobuf import json_format
+
+from shoal.core.spec import parse_spec_json
+from shoal.errors import InvalidArgument, ShoalError
+from shoal.head.node import HeadNode, cluster_status
+from shoal.proto import shoal_pb2 as pb
+from shoal.proto import shoal_pb2_grpc as pbg
+from shoal.rpc.clients import capacity_from_pb, report_from_pb
+from shoal.rpc.status import abort
+from shoal.types import SchedulerRegistration
+
+
+class HeadService(pbg.HeadServicer):
+    def __init__(self, node: HeadNode) -> None:
+        self.node = node
+
+    async def RegisterScheduler(
+        self, request: pb.RegisterSchedulerRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RegisterSchedulerReply:
+        if not request.scheduler_id or not request.address:
+            await abort(context, InvalidArgument("scheduler_id and address are required"))
+        reg = SchedulerRegistration(
+            scheduler_id=request.scheduler_id,
+            address=request.address,
+            http_address=request.http_address,
+            capacity=capacity_from_pb(request.capacity),
+            pid=request.pid,
+            hostname=request.hostname,
+            replicas=tuple(report_from_pb(r) for r in request.replicas),
+        )
+        interval = await self.node.register_scheduler(reg)
+        return pb.RegisterSchedulerReply(heartbeat_interval_s=interval)
+
+    async def SendHealthUpdate(
+        self, request: pb.SchedulerHealth, context: grpc.aio.ServicerContext
+    ) -> pb.HealthReply:
+        ack = await self.node.scheduler_health(
+            request.scheduler_id, request.registry_version, [report_from_pb(r) for r in request.replicas]
+        )
+        return pb.HealthReply(ack=ack)
+
+    async def WatchRoutes(
+        self, request: pb.WatchRoutesRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.RoutingTable]:
+        async for table in self.node.watch_routes(request.scheduler_id):
+            msg = pb.RoutingTable(version=table.version)
+            for name, dep in table.deployments.items():
+                entry = msg.deployments[name]
+                entry.spec_json = dep.spec.to_json()
+                for r in dep.routes:
+                    entry.routes.add(
+                        replica_id=r.replica_id, address=r.address, scheduler_id=r.scheduler_id,
+                        in_flight=r.in_flight,
+                    )
+            yield msg
+
+    async def ApplyDeployment(
+        self, request: pb.ApplyDeploymentRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ApplyDeploymentReply:
+        try:
+            spec = parse_spec_json(request.spec_json)
+            result = await self.node.apply(spec)
+        except ShoalError as err:
+            await abort(context, err)
+        return pb.ApplyDeploymentReply(name=spec.name, created=result.created, changed=result.changed)
+
+    async def ScaleDeployment(
+        self, request: pb.ScaleDeploymentRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Empty:
+        if request.replicas < 0:
+            await abort(context, InvalidArgument(f"replicas must be >= 0, got {request.replicas}"))
+        try:
+            await self.node.scale(request.name, request.replicas)
+        except ShoalError as err:
+            await abort(context, err)
+        return pb.Empty()
+
+    async def DeleteDeployment(
+        self, request: pb.DeleteDeploymentRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Empty:
+        try:
+            await self.node.delete(request.name)
+        except ShoalError as err:
+            await abort(context, err)
+        return pb.Empty()
+
+    async def GetStatus(self, request: pb.Empty, context: grpc.aio.ServicerContext) -> pb.ClusterStatus:
+        async with self.node.lock:
+            status = cluster_status(self.node)
+        return json_format.ParseDict(
+            {
+                "schedulers": [
+                    {
+                        "scheduler_id": s["id"], "address": s["address"], "http_address": s["http_address"],
+                        "state": s["state"], "pid": s["pid"], "hostname": s["hostname"],
+                        "last_seen_s": s["last_seen_s"], "capacity": s["capacity"], "allocated": s["allocated"],
+                    }
+                    for s in status["schedulers"]
+                ],
+                "deployments": [
+                    {
+                        "name": d["name"], "target_replicas": d["target_replicas"],
+                        "pending_reason": d["pending_reason"], "spec_json": json.dumps(d["spec"]),
+                        "replicas": [
+                            {
+                                "replica_id": r["id"], "deployment": d["name"], "scheduler_id": r["scheduler"],
+                                "state": r["state"], "pid": r["pid"], "address": r["address"],
+                                "in_flight": r["in_flight"], "queued": r["queued"], "message": r["message"],
+                            }
+                            for r in d["replicas"]
+                        ],
+                    }
+                    for d in status["deployments"]
+                ],
+            },
+            pb.ClusterStatus(),
+        )

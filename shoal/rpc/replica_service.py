@@ -1,0 +1,34 @@
+"""The replica's gRPC servicer: Ping, PushTask, Drain."""
+
+from __future__ import annotations
+
+import grpc.aio
+
+from shoal.errors import ShoalError
+from shoal.proto import shoal_pb2 as pb
+from shoal.proto import shoal_pb2_grpc as pbg
+from shoal.replica.process import ReplicaProcess
+from shoal.rpc import codec
+from shoal.rpc.clients import state_value
+from shoal.rpc.status import abort
+
+
+class ReplicaService(pbg.ReplicaServicer):
+    def __init__(self, replica: ReplicaProcess) -> None:
+        self.replica = replica
+
+    async def Ping(self, request: pb.PingRequest, context: grpc.aio.ServicerContext) -> pb.PingReply:
+        r = self.replica
+        return pb.PingReply(state=state_value(r.state), in_flight=r.in_flight, queued=r.queued)
+
+    async def PushTask(self, request: pb.Task, context: grpc.aio.ServicerContext) -> pb.TaskResult:
+        try:
+            inputs = codec.decode(request.inputs)
+            outputs = await self.replica.infer(request.request_id, inputs, request.timeout_s)
+        except ShoalError as err:
+            await abort(context, err)
+        return pb.TaskResult(request_id=request.request_id, outputs=codec.encode(outputs))
+
+    async def Drain(self, request: pb.DrainRequest, context: grpc.aio.ServicerContext) -> pb.Empty:
+        self.replica.request_stop(grace_s=request.grace_s)
+        return pb.Empty()

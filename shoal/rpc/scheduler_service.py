@@ -1,0 +1,67 @@
+"""The scheduler's gRPC servicer (control from the head, registration from
+replicas, native SendRequest from clients): decode, call the domain, encode."""
+
+from __future__ import annotations
+
+import grpc.aio
+
+from shoal.core.spec import parse_spec_json
+from shoal.errors import InvalidArgument, NotFound, ShoalError
+from shoal.proto import shoal_pb2 as pb
+from shoal.proto import shoal_pb2_grpc as pbg
+from shoal.rpc import codec
+from shoal.rpc.clients import state_name
+from shoal.rpc.status import abort
+from shoal.scheduler.node import SchedulerNode
+
+
+class SchedulerService(pbg.SchedulerServicer):
+    def __init__(self, node: SchedulerNode) -> None:
+        self.node = node
+
+    async def CreateReplica(
+        self, request: pb.CreateReplicaRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateReplicaReply:
+        try:
+            spec = parse_spec_json(request.spec_json)
+            if not request.replica_id:
+                raise InvalidArgument("replica_id is required")
+            version = await self.node.supervisor.create(request.replica_id, spec)
+        except ShoalError as err:
+            await abort(context, err)
+        return pb.CreateReplicaReply(registry_version=version)
+
+    async def RemoveReplica(
+        self, request: pb.RemoveReplicaRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Empty:
+        # Unknown replicas are already gone: removing is idempotent.
+        await self.node.supervisor.remove(request.replica_id, graceful=request.graceful)
+        return pb.Empty()
+
+    async def RegisterReplica(
+        self, request: pb.RegisterReplicaRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RegisterReplicaReply:
+        ack = await self.node.supervisor.register(request.replica_id, request.address, request.pid)
+        return pb.RegisterReplicaReply(ack=ack, health_interval_s=self.node.settings.replica_health_interval_s)
+
+    async def SendHealthUpdate(self, request: pb.ReplicaHealth, context: grpc.aio.ServicerContext) -> pb.HealthReply:
+        ack = await self.node.supervisor.health(
+            request.replica_id, state_name(request.state), request.in_flight, request.queued
+        )
+        return pb.HealthReply(ack=ack)
+
+    async def SendRequest(self, request: pb.InferRequest, context: grpc.aio.ServicerContext) -> pb.InferReply:
+        try:
+            if not request.deployment:
+                raise InvalidArgument("deployment is required")
+            if request.timeout_s < 0:
+                raise InvalidArgument(f"timeout_s must be >= 0, got {request.timeout_s:g}")
+            inputs = codec.decode(request.inputs)
+            outputs, replica_id = await self.node.router.send(
+                request.deployment, inputs, request_id=request.request_id, timeout_s=request.timeout_s
+            )
+        except NotFound as err:
+            await abort(context, err)
+        except ShoalError as err:
+            await abort(context, err)
+        return pb.InferReply(request_id=request.request_id, outputs=codec.encode(outputs), replica_id=replica_id)

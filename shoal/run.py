@@ -1,0 +1,177 @@
+"""Assembling components into processes: bind servers, wire nodes, handle signals.
+
+``run_head``, ``run_scheduler`` and ``run_up`` (head + one scheduler in one
+process) run until SIGTERM/SIGINT, then shut down gracefully: replicas drain
+within ``shutdown_grace_s`` and nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import socket
+import uuid
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from shoal.config import Settings
+from shoal.head.http import head_app
+from shoal.head.node import HeadNode
+from shoal.proto import shoal_pb2_grpc as pbg
+from shoal.rpc.clients import GrpcHeadLink, GrpcReplicaClient, GrpcSchedulerClient
+from shoal.rpc.head_service import HeadService
+from shoal.rpc.scheduler_service import SchedulerService
+from shoal.rpc.server import bind, new_server
+from shoal.scheduler.http import scheduler_app
+from shoal.scheduler.node import SchedulerNode
+from shoal.store.sqlite import SqliteStore
+
+log = logging.getLogger("shoal")
+
+
+def _addr(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class HttpServer:
+    """uvicorn on a socket we bind ourselves, so port 0 works and the port is known."""
+
+    def __init__(self, app: Any, host: str, port: int) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.sock.bind((host, port))
+        except OSError as err:
+            self.sock.close()
+            from shoal.errors import Unavailable
+
+            raise Unavailable(f"cannot listen on {_addr(host, port)}: {err.strerror}") from None
+        self.port = self.sock.getsockname()[1]
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self.server.serve(sockets=[self.sock]), name="http")
+        while not self.server.started and not self._task.done():
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        if self._task is not None:
+            await self._task
+        self.sock.close()
+
+
+def _write_endpoints(state_dir: Path, **endpoints: str) -> None:
+    path = state_dir / "endpoints.json"
+    current: dict[str, str] = {}
+    if path.exists():
+        try:
+            current = json.loads(path.read_text())
+        except ValueError:
+            current = {}
+    current.update(endpoints)
+    path.write_text(json.dumps(current, indent=2))
+
+
+async def start_head(settings: Settings, stack: AsyncExitStack) -> tuple[HeadNode, str, str]:
+    state_dir = Path(settings.state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    store = await SqliteStore(state_dir / "state.db").open()
+    stack.push_async_callback(store.close)
+    node = HeadNode(settings, store, lambda sid, addr: GrpcSchedulerClient(sid, addr, settings))
+    server = new_server(settings)
+    pbg.add_HeadServicer_to_server(HeadService(node), server)
+    port = bind(server, settings.host, settings.head_port)
+    http = HttpServer(head_app(node), settings.host, settings.head_http_port)
+    await node.start()
+    stack.push_async_callback(node.aclose)
+    await server.start()
+    stack.push_async_callback(server.stop, 1.0)
+    await http.start()
+    stack.push_async_callback(http.stop)
+    address = _addr(settings.advertised, port)
+    http_address = _addr(settings.advertised, http.port)
+    _write_endpoints(state_dir, head=address, head_http=http_address)
+    log.info("head listening on %s (gRPC) and http://%s (REST, dashboard)", address, http_address)
+    return node, address, http_address
+
+
+async def start_scheduler(
+    settings: Settings, stack: AsyncExitStack, head_address: str
+) -> tuple[SchedulerNode, str, str]:
+    state_dir = Path(settings.state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    scheduler_id = settings.scheduler_id or f"sched-{uuid.uuid4().hex[:8]}"
+    node = SchedulerNode(
+        settings,
+        scheduler_id,
+        GrpcHeadLink(head_address, settings),
+        lambda addr: GrpcReplicaClient(addr, settings),
+    )
+    server = new_server(settings)
+    pbg.add_SchedulerServicer_to_server(SchedulerService(node), server)
+    port = bind(server, settings.host, settings.grpc_port)
+    http = HttpServer(scheduler_app(node), settings.host, settings.http_port)
+    await server.start()
+    stack.push_async_callback(server.stop, 1.0)
+    await http.start()
+    stack.push_async_callback(http.stop)
+    address = _addr(settings.advertised, port)
+    http_address = _addr(settings.advertised, http.port)
+    node.start(address, http_address)
+    # Closed before the servers stop: replicas drain while ingress still answers.
+    stack.push_async_callback(node.aclose)
+    _write_endpoints(state_dir, scheduler=address, scheduler_http=http_address)
+    log.info("scheduler %s listening on %s (gRPC) and http://%s (HTTP)", scheduler_id, address, http_address)
+    return node, address, http_address
+
+
+async def _serve(setup: Callable[[AsyncExitStack], Awaitable[None]]) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with AsyncExitStack() as stack:
+        await setup(stack)
+        await stop.wait()
+        log.info("shutting down: draining replicas, then stopping")
+    log.info("stopped")
+
+
+async def run_head(settings: Settings) -> None:
+    async def setup(stack: AsyncExitStack) -> None:
+        await start_head(settings, stack)
+
+    await _serve(setup)
+
+
+async def run_scheduler(settings: Settings) -> None:
+    async def setup(stack: AsyncExitStack) -> None:
+        await start_scheduler(settings, stack, settings.head_address)
+
+    await _serve(setup)
+
+
+async def run_up(
+    settings: Settings, on_ready: Callable[[HeadNode, SchedulerNode], Awaitable[None]] | None = None
+) -> None:
+    """Head and one scheduler in this process; ``on_ready`` runs once both are up."""
+
+    async def setup(stack: AsyncExitStack) -> None:
+        head, head_address, _ = await start_head(settings, stack)
+        scheduler, _, _ = await start_scheduler(settings, stack, head_address)
+        # Unwinds first: the head stops replacing replicas the scheduler is draining.
+        stack.callback(head.pause)
+        if on_ready is not None:
+            await on_ready(head, scheduler)
+
+    await _serve(setup)

@@ -1,0 +1,147 @@
+"""A scheduler: one per machine. Runs the supervisor and the router, and keeps
+in touch with the head (registration, health updates, routing table)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+
+from shoal.config import Settings
+from shoal.core.clock import sleep_or_event
+from shoal.core.placement import Capacity
+from shoal.core.tasks import TaskSet
+from shoal.errors import ShoalError
+from shoal.scheduler.router import Router
+from shoal.scheduler.supervisor import ReplicaSupervisor
+from shoal.types import HeadLink, ReplicaClient, SchedulerRegistration
+
+log = logging.getLogger("shoal.scheduler")
+
+
+def machine_capacity(settings: Settings) -> Capacity:
+    """CPUs and memory from the machine (psutil), GPUs from NVML where present; settings override."""
+    cpus = settings.cpus if settings.cpus >= 0 else float(psutil.cpu_count() or 1)
+    memory = settings.memory_mb if settings.memory_mb >= 0 else psutil.virtual_memory().total / 2**20
+    gpus = settings.gpus if settings.gpus >= 0 else float(_count_gpus())
+    return Capacity(cpus, memory, gpus)
+
+
+def _count_gpus() -> int:
+    try:
+        import pynvml  # type: ignore[import-not-found]
+    except ImportError:
+        return 0
+    try:
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetCount())
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - no driver, no GPUs
+        return 0
+
+
+class SchedulerNode:
+    """Lifecycle: ``start(address, http_address)`` once servers are bound; ``aclose()``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        scheduler_id: str,
+        head: HeadLink,
+        replica_client: Callable[[str], ReplicaClient],
+    ) -> None:
+        self.settings = settings
+        self.id = scheduler_id
+        self.head = head
+        self.address = ""
+        self.http_address = ""
+        self.capacity = machine_capacity(settings)
+        self.router = Router(scheduler_id, settings, replica_client)
+        self._report_now = asyncio.Event()
+        self.supervisor = ReplicaSupervisor(
+            settings,
+            self.router,
+            replica_client,
+            log_dir=Path(settings.state_dir) / "logs",
+            scheduler_address=lambda: self.address,
+            on_change=self._report_now.set,
+        )
+        self._tasks = TaskSet(f"scheduler {scheduler_id}")
+        self.registered = asyncio.Event()
+
+    def start(self, address: str, http_address: str) -> None:
+        self.address = address
+        self.http_address = http_address
+        self.supervisor.start()
+        self._tasks.spawn(self._head_loop(), "head")
+        self._tasks.spawn(self._routes_loop(), "routes")
+        log.info(
+            "scheduler %s at %s: %.1f cpus, %.0f MB, %g gpus",
+            self.id, address, self.capacity.cpus, self.capacity.memory_mb, self.capacity.gpus,
+        )
+
+    async def _head_loop(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                _, replicas = self.supervisor.reports()
+                reg = SchedulerRegistration(
+                    scheduler_id=self.id,
+                    address=self.address,
+                    http_address=self.http_address,
+                    capacity=self.capacity,
+                    pid=os.getpid(),
+                    hostname=socket.gethostname(),
+                    replicas=tuple(r for r in replicas if r.state not in ("DEAD", "STOPPED")),
+                )
+                interval = await self.head.register(reg) or self.settings.heartbeat_interval_s
+                log.info("registered with the head")
+                self.registered.set()
+                backoff = 0.1
+                while True:
+                    version, reports = self.supervisor.reports()
+                    ack = await self.head.health(self.id, version, reports, self.supervisor.allocated())
+                    if not ack:
+                        log.warning("the head does not know this scheduler (NACK); registering again")
+                        self.registered.clear()
+                        break
+                    await sleep_or_event(self._report_now, interval)
+                    self._report_now.clear()
+            except ShoalError:
+                # GrpcHeadLink logs the first failure; keep serving from the last routing table.
+                self.registered.clear()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.settings.heartbeat_interval_s)
+
+    async def _routes_loop(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                async for table in self.head.watch_routes(self.id):
+                    backoff = 0.1
+                    await self.router.apply_table(table)
+            except ShoalError:
+                pass
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
+
+    async def aclose(self, grace_s: float | None = None) -> None:
+        """Drain and stop every replica, then stop talking to the head."""
+        grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
+        await self.supervisor.aclose(grace)
+        # One last health update so the head learns the replicas are gone.
+        try:
+            version, reports = self.supervisor.reports()
+            await asyncio.wait_for(self.head.health(self.id, version, reports, Capacity()), 1.0)
+        except (ShoalError, TimeoutError):
+            pass
+        await self._tasks.aclose()
+        await self.router.aclose()
+        await self.head.close()

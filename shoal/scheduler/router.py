@@ -1,0 +1,229 @@
+"""The router: picks a READY replica for each request, bounds the queue, retries.
+
+Handles come from two places: this scheduler's own replicas (the supervisor
+adds them the moment they register) and other schedulers' replicas (from the
+head's routing table). Only READY, non-draining replicas get requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from shoal.config import Settings
+from shoal.core.routing import Policy, make_policy
+from shoal.core.spec import DeploymentSpec
+from shoal.errors import DeadlineExceeded, NotFound, ResourceExhausted, ShoalError, Unavailable
+from shoal.scheduler.handle import ReplicaGone, ReplicaHandle
+from shoal.types import Arrays, ReplicaClient, RoutingTable
+
+log = logging.getLogger("shoal.router")
+
+
+class Signal:
+    """Wakes every current waiter; callable from sync code (no lock needed)."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def fire(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self, timeout_s: float) -> None:
+        try:
+            await asyncio.wait_for(self._event.wait(), timeout_s)
+        except TimeoutError:
+            pass
+
+
+@dataclass
+class _Deployment:
+    spec: DeploymentSpec
+    handles: dict[str, ReplicaHandle] = field(default_factory=dict)
+    waiting: int = 0
+    changed: Signal = field(default_factory=lambda: Signal())
+
+
+class Router:
+    """Safe for concurrent ``send`` calls from many tasks (single event loop)."""
+
+    def __init__(
+        self,
+        scheduler_id: str,
+        settings: Settings,
+        client_factory: Callable[[str], ReplicaClient],
+        policy: str = "p2c",
+    ) -> None:
+        self.scheduler_id = scheduler_id
+        self.settings = settings
+        self._client_factory = client_factory
+        self._policy: Policy = make_policy(policy)
+        self._deployments: dict[str, _Deployment] = {}
+        self._remote_specs_version = -1
+
+    # ------------------------------------------------------------ membership
+
+    def set_spec(self, spec: DeploymentSpec) -> None:
+        dep = self._deployments.get(spec.name)
+        if dep is None:
+            self._deployments[spec.name] = _Deployment(spec)
+        else:
+            dep.spec = spec
+
+    def add(self, replica_id: str, spec: DeploymentSpec, address: str, scheduler_id: str) -> None:
+        """A READY replica joins the pool (a no-op if it is there already)."""
+        self.set_spec(spec)
+        dep = self._deployments[spec.name]
+        if replica_id in dep.handles:
+            return
+        handle = ReplicaHandle(
+            replica_id, spec.name, address, scheduler_id, self._client_factory(address),
+            local=scheduler_id == self.scheduler_id,
+        )
+        dep.handles[replica_id] = handle
+        self._notify(dep)
+
+    def retire(self, replica_id: str) -> None:
+        """Draining: no new requests; those in flight finish."""
+        for dep in self._deployments.values():
+            handle = dep.handles.get(replica_id)
+            if handle is not None:
+                handle.retired = True
+                self._notify(dep)
+
+    async def remove(self, replica_id: str, *, failed: bool) -> None:
+        """Drop a replica. ``failed``: it died, so its pending requests are retried elsewhere."""
+        for dep in self._deployments.values():
+            handle = dep.handles.pop(replica_id, None)
+            if handle is None:
+                continue
+            if failed:
+                n = handle.fail_pending()
+                if n:
+                    log.info("replica %s died with %d request(s) in flight; retrying them", replica_id, n)
+            self._notify(dep)
+            await handle.close()
+
+    async def apply_table(self, table: RoutingTable) -> None:
+        """Adopt the head's view of other schedulers' replicas (local ones come from the supervisor)."""
+        for name, routes in table.deployments.items():
+            self.set_spec(routes.spec)
+            dep = self._deployments[name]
+            remote = {r.replica_id: r for r in routes.routes if r.scheduler_id != self.scheduler_id}
+            for rid, handle in list(dep.handles.items()):
+                if not handle.local and rid not in remote:
+                    await self.remove(rid, failed=False)
+            for rid, r in remote.items():
+                if rid not in dep.handles:
+                    self.add(rid, routes.spec, r.address, r.scheduler_id)
+        for name in [n for n in self._deployments if n not in table.deployments]:
+            dep = self._deployments[name]
+            if not any(h.local for h in dep.handles.values()):
+                for rid in list(dep.handles):
+                    await self.remove(rid, failed=False)
+                del self._deployments[name]
+
+    def spec(self, name: str) -> DeploymentSpec:
+        dep = self._deployments.get(name)
+        if dep is None:
+            raise NotFound(f"no deployment named {name!r}")
+        return dep.spec
+
+    def deployments(self) -> dict[str, DeploymentSpec]:
+        return {n: d.spec for n, d in self._deployments.items()}
+
+    def ready_count(self, name: str) -> int:
+        dep = self._deployments.get(name)
+        return 0 if dep is None else sum(1 for h in dep.handles.values() if h.accepting)
+
+    def _notify(self, dep: _Deployment) -> None:
+        dep.changed.fire()
+
+    # ------------------------------------------------------------ requests
+
+    async def send(
+        self, deployment: str, inputs: Arrays, *, request_id: str = "", timeout_s: float = 0.0
+    ) -> tuple[Arrays, str]:
+        """Run one request on some READY replica; returns (outputs, replica id).
+
+        Waits (up to the request's timeout) for a replica with room; raises
+        ResourceExhausted at once when the deployment's queue is full,
+        NotFound for an unknown deployment, DeadlineExceeded on timeout; a
+        request whose replica dies is retried on another, up to
+        ``settings.request_attempts`` replicas.
+        """
+        dep = self._deployments.get(deployment)
+        if dep is None:
+            raise NotFound(f"no deployment named {deployment!r}")
+        request_id = request_id or uuid.uuid4().hex
+        timeout_s = timeout_s if timeout_s > 0 else dep.spec.timeout_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        tried: set[str] = set()
+        last: ShoalError | None = None
+        for _ in range(max(1, self.settings.request_attempts)):
+            handle = await self._acquire(dep, deadline, tried)
+            try:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise DeadlineExceeded(f"request {request_id} timed out after {timeout_s:g}s")
+                outputs = await handle.send(request_id, inputs, remaining)
+                return outputs, handle.replica_id
+            except (ReplicaGone, Unavailable) as err:
+                last = err
+                tried.add(handle.replica_id)
+                log.info("request %s: replica %s failed (%s); retrying", request_id, handle.replica_id, err)
+            finally:
+                handle.in_flight -= 1
+                self._release(dep)
+        raise Unavailable(f"request {request_id} failed on {len(tried)} replica(s): {last}")
+
+    async def _acquire(self, dep: _Deployment, deadline: float, tried: set[str]) -> ReplicaHandle:
+        handle = self._pick(dep, tried)
+        if handle is not None:
+            handle.in_flight += 1
+            return handle
+        if dep.waiting >= dep.spec.max_queued_requests:
+            raise ResourceExhausted(
+                f"deployment {dep.spec.name!r} is at capacity: {dep.waiting} request(s) queued "
+                f"(max_queued_requests={dep.spec.max_queued_requests})"
+            )
+        loop = asyncio.get_running_loop()
+        dep.waiting += 1
+        try:
+            while True:
+                handle = self._pick(dep, tried)
+                if handle is not None:
+                    handle.in_flight += 1
+                    return handle
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise DeadlineExceeded(
+                        f"no replica of {dep.spec.name!r} could take the request in time "
+                        f"({self.ready_count(dep.spec.name)} ready)"
+                    )
+                await dep.changed.wait(remaining)
+        finally:
+            dep.waiting -= 1
+
+    def _pick(self, dep: _Deployment, tried: set[str]) -> ReplicaHandle | None:
+        limit = dep.spec.max_ongoing_requests
+        open_ = [h for h in dep.handles.values() if h.accepting and h.in_flight < limit]
+        if not open_:
+            return None
+        fresh = [h for h in open_ if h.replica_id not in tried]
+        return self._policy.pick(fresh or open_)
+
+    def _release(self, dep: _Deployment) -> None:
+        if dep.waiting:
+            self._notify(dep)
+
+    async def aclose(self) -> None:
+        for dep in self._deployments.values():
+            for handle in list(dep.handles.values()):
+                await handle.close()
+            dep.handles.clear()

@@ -1,0 +1,338 @@
+"""The replica supervisor: starts replica processes, keeps the registry, pings
+them, and cleans out the dead.
+
+The registry (``self.registry``) is guarded by ``self.lock`` (an
+``asyncio.Lock``): every change to it, and the version counter the head uses
+to order health reports, happens under the lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shoal.config import Settings
+from shoal.core.cluster import DRAINING, READY, REPLICA_DEAD, STARTING, STOPPED, ReplicaReport
+from shoal.core.placement import Capacity
+from shoal.core.spec import DeploymentSpec
+from shoal.core.tasks import TaskSet
+from shoal.errors import AlreadyExists, ShoalError, Unavailable
+from shoal.scheduler.router import Router
+from shoal.types import ReplicaClient
+
+log = logging.getLogger("shoal.scheduler")
+
+
+@dataclass
+class LocalReplica:
+    id: str
+    spec: DeploymentSpec
+    process: asyncio.subprocess.Process
+    log_path: Path
+    state: str = STARTING
+    address: str = ""
+    in_flight: int = 0
+    queued: int = 0
+    started_at: float = field(default_factory=time.time)
+    started_mono: float = field(default_factory=time.monotonic)
+    ready_at: float = 0.0
+    ping_failures: int = 0
+    removing: bool = False
+    dead_reason: str = ""
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def report(self) -> ReplicaReport:
+        return ReplicaReport(
+            id=self.id,
+            deployment=self.spec.name,
+            state=self.state,
+            address=self.address,
+            pid=self.pid,
+            in_flight=self.in_flight,
+            queued=self.queued,
+            spec_hash=self.spec.process_hash(),
+            ready_at=self.ready_at,
+        )
+
+
+class ReplicaSupervisor:
+    def __init__(
+        self,
+        settings: Settings,
+        router: Router,
+        client_factory: Callable[[str], ReplicaClient],
+        *,
+        log_dir: Path,
+        scheduler_address: Callable[[], str],
+        on_change: Callable[[], None],
+    ) -> None:
+        self.settings = settings
+        self.router = router
+        self.scheduler_id = router.scheduler_id
+        self._client_factory = client_factory
+        self.log_dir = log_dir
+        self._scheduler_address = scheduler_address
+        self._on_change = on_change
+        self.registry: dict[str, LocalReplica] = {}
+        self.lock = asyncio.Lock()
+        self.version = 0
+        self._tombstones: list[ReplicaReport] = []
+        self._pingers: dict[str, ReplicaClient] = {}
+        self._tasks = TaskSet("supervisor")
+        self._closing = False
+
+    def start(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._tasks.spawn(self._ping_loop(), "ping")
+
+    # ------------------------------------------------------------ create / remove
+
+    async def create(self, replica_id: str, spec: DeploymentSpec) -> int:
+        """Start a replica process; returns the registry version that includes it."""
+        async with self.lock:
+            if self._closing:
+                raise Unavailable("this scheduler is shutting down")
+            if replica_id in self.registry:
+                raise AlreadyExists(f"replica {replica_id} already exists")
+            log_path = self.log_dir / f"replica_{replica_id}.log"
+            spec_path = self.log_dir / f"replica_{replica_id}.spec.json"
+            spec_path.write_text(spec.to_json())
+            settings = {
+                "host": self.settings.host,
+                "advertise_host": self.settings.advertise_host,
+                "replica_health_interval_s": self.settings.replica_health_interval_s,
+                "orphan_after_s": self.settings.orphan_after_s,
+                "max_message_mb": self.settings.max_message_mb,
+                "shutdown_grace_s": self.settings.shutdown_grace_s,
+                "rpc_timeout_s": self.settings.rpc_timeout_s,
+                "log_format": self.settings.log_format,
+                "log_level": self.settings.log_level,
+            }
+            cmd = [
+                sys.executable, "-m", "shoal.replica",
+                "--replica-id", replica_id,
+                "--scheduler", self._scheduler_address(),
+                "--spec-file", str(spec_path),
+                "--settings-json", json.dumps(settings),
+            ]
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            with open(log_path, "ab") as out:
+                # Own session: a Ctrl-C at the terminal reaches the scheduler, which
+                # then drains its replicas in order, rather than all at once.
+                process = await asyncio.create_subprocess_exec(
+                    *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env=env,
+                    start_new_session=True,
+                )
+            rep = LocalReplica(id=replica_id, spec=spec, process=process, log_path=log_path)
+            self.registry[replica_id] = rep
+            self.router.set_spec(spec)
+            self.version += 1
+            version = self.version
+        log.info("started replica %s of %s (pid %d), log %s", replica_id, spec.name, process.pid, log_path)
+        self._tasks.spawn(self._watch(rep), f"watch-{replica_id}")
+        self._on_change()
+        return version
+
+    async def remove(self, replica_id: str, *, graceful: bool) -> bool:
+        """Stop a replica: drain it first when ``graceful``. Returns False if unknown."""
+        async with self.lock:
+            rep = self.registry.get(replica_id)
+            if rep is None:
+                return False
+            if rep.removing:
+                return True
+            rep.removing = True
+            rep.state = DRAINING
+            self.version += 1
+        self.router.retire(replica_id)
+        self._on_change()
+        self._tasks.spawn(self._stop(rep, graceful=graceful), f"stop-{replica_id}")
+        return True
+
+    async def _stop(self, rep: LocalReplica, *, graceful: bool) -> None:
+        grace = self.settings.shutdown_grace_s if graceful else 0.0
+        if graceful and rep.address:
+            client = self._client_factory(rep.address)
+            try:
+                await client.drain(grace)
+            except ShoalError as err:
+                log.info("replica %s did not take the drain request (%s); terminating", rep.id, err)
+                _signal(rep.process, signal.SIGTERM)
+            finally:
+                await client.close()
+        else:
+            _signal(rep.process, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(rep.process.wait(), grace + 2.0)
+        except TimeoutError:
+            log.warning("replica %s still running %.0fs after it was asked to stop; killing it", rep.id, grace + 2)
+            _signal(rep.process, signal.SIGKILL)
+
+    async def _watch(self, rep: LocalReplica) -> None:
+        """Waits for the process to exit, then cleans it out of the registry."""
+        code = await rep.process.wait()
+        async with self.lock:
+            self.registry.pop(rep.id, None)
+            pinger = self._pingers.pop(rep.id, None)
+            self.version += 1
+            if rep.removing:
+                state, message = STOPPED, "stopped"
+            else:
+                state = REPLICA_DEAD
+                message = rep.dead_reason or _exit_reason(code, rep.log_path)
+            tomb = rep.report()
+            tomb.state = state
+            tomb.message = message
+            self._tombstones.append(tomb)
+        if pinger is not None:
+            await pinger.close()
+        await self.router.remove(rep.id, failed=not rep.removing)
+        if state == REPLICA_DEAD:
+            log.warning("replica %s died: %s", rep.id, message)
+        else:
+            log.info("replica %s stopped", rep.id)
+        self._on_change()
+
+    async def _kill(self, rep: LocalReplica, reason: str) -> None:
+        """Mark dead at once (no more requests, pending ones retried) and kill the process."""
+        rep.dead_reason = reason
+        rep.state = REPLICA_DEAD
+        await self.router.remove(rep.id, failed=True)
+        _signal(rep.process, signal.SIGKILL)
+
+    # ------------------------------------------------------------ from replicas
+
+    async def register(self, replica_id: str, address: str, pid: int) -> bool:
+        """A replica finished loading. False (NACK) when this scheduler does not know it."""
+        async with self.lock:
+            rep = self.registry.get(replica_id)
+            if rep is None or rep.removing or rep.state == REPLICA_DEAD:
+                return False
+            rep.address = address
+            rep.state = READY
+            rep.ready_at = time.time()
+            self.version += 1
+        self.router.add(replica_id, rep.spec, address, self.scheduler_id)
+        log.info("replica %s is READY at %s after %.2fs", replica_id, address, time.monotonic() - rep.started_mono)
+        self._on_change()
+        return True
+
+    async def health(self, replica_id: str, state: str, in_flight: int, queued: int) -> bool:
+        async with self.lock:
+            rep = self.registry.get(replica_id)
+            if rep is None or rep.state == REPLICA_DEAD:
+                return False
+            rep.in_flight = in_flight
+            rep.queued = queued
+            return True
+
+    # ------------------------------------------------------------ pings
+
+    async def _ping_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.ping_interval_s)
+            async with self.lock:
+                targets = [r for r in self.registry.values() if r.state == READY and r.address and not r.removing]
+                starting = [r for r in self.registry.values() if r.state == STARTING]
+            now = time.monotonic()
+            for rep in starting:
+                if now - rep.started_mono > rep.spec.health.start_timeout_s and not rep.removing:
+                    await self._kill(rep, f"not ready after {rep.spec.health.start_timeout_s:g}s")
+            if targets:
+                await asyncio.gather(*(self._ping(r) for r in targets))
+
+    async def _ping(self, rep: LocalReplica) -> None:
+        pinger = self._pingers.get(rep.id)
+        if pinger is None:
+            pinger = self._pingers[rep.id] = self._client_factory(rep.address)
+        try:
+            result = await pinger.ping(rep.spec.health.ping_timeout_s)
+        except ShoalError as err:
+            rep.ping_failures += 1
+            log.info("replica %s missed ping %d/%d: %s", rep.id, rep.ping_failures,
+                     rep.spec.health.ping_failures, err)
+            if rep.ping_failures >= rep.spec.health.ping_failures and rep.state != REPLICA_DEAD:
+                await self._kill(rep, f"failed {rep.ping_failures} pings in a row")
+            return
+        rep.ping_failures = 0
+        rep.in_flight = result.in_flight
+        rep.queued = result.queued
+
+    # ------------------------------------------------------------ views
+
+    def reports(self) -> tuple[int, list[ReplicaReport]]:
+        """(registry version, every replica's state plus replicas that ended since the last call)."""
+        out = [r.report() for r in self.registry.values()]
+        out.extend(self._tombstones)
+        self._tombstones = []
+        return self.version, out
+
+    def allocated(self) -> Capacity:
+        return Capacity.total(Capacity.of(r.spec.resources) for r in self.registry.values())
+
+    def process_ids(self) -> list[int]:
+        return [r.pid for r in self.registry.values()]
+
+    # ------------------------------------------------------------ shutdown
+
+    async def aclose(self, grace_s: float) -> None:
+        """Drain every replica (up to ``grace_s``), kill what is left, stop all tasks."""
+        async with self.lock:
+            self._closing = True
+            reps = list(self.registry.values())
+        for rep in reps:
+            await self.remove(rep.id, graceful=grace_s > 0)
+        if reps:
+            waits = [r.process.wait() for r in reps]
+            try:
+                await asyncio.wait_for(asyncio.gather(*waits), grace_s + 3.0)
+            except TimeoutError:
+                for rep in reps:
+                    _signal(rep.process, signal.SIGKILL)
+                await asyncio.gather(*(r.process.wait() for r in reps))
+        await self._tasks.aclose()
+        for pinger in self._pingers.values():
+            await pinger.close()
+        self._pingers.clear()
+
+
+def _signal(process: asyncio.subprocess.Process, sig: int) -> None:
+    if process.returncode is None:
+        try:
+            process.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+
+def _exit_reason(code: int, log_path: Path) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"process killed by {name}"
+    return f"process exited with code {code}{_last_line(log_path)}"
+
+
+def _last_line(path: Path) -> str:
+    """The last non-empty line of a replica's log, to explain why it died."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 4096))
+            lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return f": {lines[-1][:300]}" if lines else ""

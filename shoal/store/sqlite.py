@@ -1,0 +1,350 @@
+"""The embedded state store: one SQLite file in WAL mode.
+
+Tables::
+
+    kv(key TEXT PRIMARY KEY, value TEXT NOT NULL, revision INTEGER NOT NULL)
+    meta(name TEXT PRIMARY KEY, value INTEGER NOT NULL)
+        'revision': the store revision; 'compacted': the newest revision trimmed from changes
+    changes(revision INTEGER PRIMARY KEY, kind TEXT NOT NULL, key TEXT NOT NULL, value TEXT)
+        the last ``history_limit`` changes, for watch replay
+
+Durability: ``synchronous=NORMAL`` in WAL mode, so a write that returned survives the
+process dying; an OS crash or power loss may lose the last writes but never corrupts the
+file (SQLite's documented trade-off). Watches see the writes of this store instance only,
+not those of other processes on the same file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import os
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal, Self, TypeVar
+
+from shoal.store.base import (
+    DEFAULT_HISTORY_LIMIT,
+    DEFAULT_MAX_PENDING,
+    Entry,
+    Event,
+    StoreError,
+    Watch,
+    WatchHub,
+    WatchLost,
+    check_key,
+    check_revision,
+    check_text,
+    check_watch,
+)
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+"""Stored in ``PRAGMA user_version``; a file from a newer shoal is refused."""
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL, revision INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+    (
+        "CREATE TABLE IF NOT EXISTS changes (revision INTEGER PRIMARY KEY,"
+        " kind TEXT NOT NULL CHECK (kind IN ('put', 'delete')), key TEXT NOT NULL, value TEXT)"
+    ),
+    "INSERT OR IGNORE INTO meta (name, value) VALUES ('revision', 0), ('compacted', 0)",
+)
+
+
+class SqliteStore:
+    """A :class:`~shoal.store.base.Store` in one SQLite file.
+
+    Lifecycle: the constructor does no I/O. ``await store.open()`` (which returns the
+    store) or ``async with SqliteStore(path) as store:`` creates the parent folder and the
+    file if missing, and raises :class:`StoreError` when the file is unreadable, corrupt,
+    or not a shoal store. ``close`` ends watches and stops the worker thread.
+
+    Concurrency: one connection lives on one dedicated worker thread and every SQLite call
+    runs there, in submission order, so the event loop never blocks on disk. Any number
+    of tasks on the loop that opened the store may call it at once; each write is one
+    transaction. Calls from another thread or loop are not supported.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        history_limit: int = DEFAULT_HISTORY_LIMIT,
+        max_pending: int = DEFAULT_MAX_PENDING,
+    ) -> None:
+        if history_limit < 1 or max_pending < 1:
+            raise ValueError("history_limit and max_pending must be >= 1")
+        self._path = Path(path)
+        self._history_limit = history_limit
+        self._hub = WatchHub(max_pending=max_pending)
+        self._state: Literal["new", "opening", "open", "closed"] = "new"
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None  # used on the worker thread only
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    async def open(self) -> Self:
+        """Open (creating if needed) the file. May be called once."""
+        if self._state != "new":
+            raise StoreError(f"state store {self._path}: open() may be called once")
+        self._state = "opening"
+        self._loop = asyncio.get_running_loop()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoal-sqlite")
+        try:
+            await self._loop.run_in_executor(self._executor, self._open_sync)
+        except BaseException:
+            self._state = "closed"
+            self._shutdown()
+            raise
+        if self._state != "opening":  # closed while opening
+            self._shutdown()
+            raise StoreError(f"state store {self._path} was closed while opening")
+        self._state = "open"
+        return self
+
+    async def close(self) -> None:
+        if self._state == "closed":
+            return
+        self._state = "closed"
+        if self._executor is not None and self._loop is not None:
+            try:
+                # Runs after every call already submitted, so their events are published first.
+                await self._loop.run_in_executor(self._executor, self._close_sync)
+            finally:
+                self._shutdown()
+        self._hub.close()
+
+    async def __aenter__(self) -> Self:
+        return await self.open()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def get(self, key: str) -> Entry | None:
+        check_key(key)
+        return await self._call(lambda conn: _get(conn, key))
+
+    async def put(self, key: str, value: str) -> int:
+        check_key(key)
+        check_text(value, "value")
+        revision = await self._call(lambda conn: self._put(conn, key, value, None))
+        assert revision is not None  # an unconditional put always writes
+        return revision
+
+    async def put_if(self, key: str, value: str, expected_revision: int) -> int | None:
+        check_key(key)
+        check_text(value, "value")
+        check_revision(expected_revision, "expected_revision")
+        return await self._call(lambda conn: self._put(conn, key, value, expected_revision))
+
+    async def delete(self, key: str) -> bool:
+        check_key(key)
+        return await self._call(lambda conn: self._delete(conn, key))
+
+    async def list(self, prefix: str = "") -> builtins.list[Entry]:
+        check_text(prefix, "prefix")
+        return await self._call(lambda conn: _list(conn, prefix))
+
+    def watch(self, prefix: str = "", start_revision: int | None = None) -> Watch:
+        self._check_open()
+        check_watch(prefix, start_revision)
+        replay = None
+        if start_revision is not None:
+            start = start_revision
+
+            async def replay_history() -> Sequence[Event]:
+                return await self._call(lambda conn: _history(conn, prefix, start))
+
+            replay = replay_history
+        return self._hub.watch(prefix, start_revision, replay)
+
+    # -- on the event loop ------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise StoreError(f"state store {self._path} is not open")
+
+    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        self._check_open()
+        assert self._loop is not None and self._executor is not None
+        if asyncio.get_running_loop() is not self._loop:
+            raise StoreError(f"state store {self._path} used from another event loop")
+        return await self._loop.run_in_executor(self._executor, self._guarded, fn)
+
+    def _shutdown(self) -> None:
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.submit(self._close_sync)  # no-op when already closed
+            # The worker is idle or finishing the close: this returns promptly.
+            executor.shutdown(wait=True)
+
+    # -- on the worker thread ---------------------------------------------------------
+
+    def _guarded(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._conn is None:
+            raise StoreError(f"state store {self._path} is not open")
+        try:
+            return fn(self._conn)
+        except sqlite3.Error as err:
+            raise StoreError(f"state store {self._path}: {err}") from err
+
+    def _open_sync(self) -> None:
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self._path, isolation_level=None)
+        except (OSError, sqlite3.Error) as err:
+            raise StoreError(f"cannot open state store {self._path}: {err}") from err
+        try:
+            _init(conn, self._path)
+        except BaseException as err:
+            conn.close()
+            if isinstance(err, sqlite3.Error):
+                raise StoreError(
+                    f"state store {self._path} is unreadable, corrupt, or not a shoal store: {err}"
+                ) from err
+            raise
+        self._conn = conn
+
+    def _close_sync(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    def _put(self, conn: sqlite3.Connection, key: str, value: str, expected: int | None) -> int | None:
+        with _transaction(conn, "IMMEDIATE"):
+            if expected is not None and _key_revision(conn, key) != expected:
+                return None
+            revision = _bump(conn)
+            conn.execute(
+                "INSERT INTO kv (key, value, revision) VALUES (?, ?, ?) ON CONFLICT (key)"
+                " DO UPDATE SET value = excluded.value, revision = excluded.revision",
+                (key, value, revision),
+            )
+            self._record(conn, Event("put", key, value, revision))
+        self._publish(Event("put", key, value, revision))
+        return revision
+
+    def _delete(self, conn: sqlite3.Connection, key: str) -> bool:
+        with _transaction(conn, "IMMEDIATE"):
+            if _key_revision(conn, key) == 0:
+                return False
+            revision = _bump(conn)
+            conn.execute("DELETE FROM kv WHERE key = ?", (key,))
+            self._record(conn, Event("delete", key, None, revision))
+        self._publish(Event("delete", key, None, revision))
+        return True
+
+    def _record(self, conn: sqlite3.Connection, event: Event) -> None:
+        conn.execute(
+            "INSERT INTO changes (revision, kind, key, value) VALUES (?, ?, ?, ?)",
+            (event.revision, event.kind, event.key, event.value),
+        )
+        cutoff = event.revision - self._history_limit
+        if cutoff > 0:
+            conn.execute("DELETE FROM changes WHERE revision <= ?", (cutoff,))
+            conn.execute("UPDATE meta SET value = max(value, ?) WHERE name = 'compacted'", (cutoff,))
+
+    def _publish(self, event: Event) -> None:
+        # Called after commit, on the one worker thread: call_soon_threadsafe keeps commit
+        # order, and the callback runs before the writer's own await resumes.
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._hub.publish, (event,))
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection, mode: Literal["DEFERRED", "IMMEDIATE"]) -> Iterator[None]:
+    conn.execute(f"BEGIN {mode}")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _init(conn: sqlite3.Connection, path: Path) -> None:
+    conn.execute("PRAGMA busy_timeout = 5000")
+    (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+    if str(mode).lower() != "wal":
+        raise StoreError(f"state store {path}: cannot use WAL mode (the file system gave {mode!r})")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"state store {path} has schema version {version}; this shoal reads up to {SCHEMA_VERSION}"
+        )
+    with _transaction(conn, "IMMEDIATE"):
+        for statement in _SCHEMA:
+            conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    # An existing file must have the columns this code reads.
+    conn.execute("SELECT key, value, revision FROM kv LIMIT 0")
+    conn.execute("SELECT revision, kind, key, value FROM changes LIMIT 0")
+    _meta(conn, "revision")
+    _meta(conn, "compacted")
+
+
+def _meta(conn: sqlite3.Connection, name: str) -> int:
+    row = conn.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+    if row is None or not isinstance(row[0], int):
+        raise StoreError(f"state store is corrupt: meta {name!r} is {row!r}")
+    return row[0]
+
+
+def _bump(conn: sqlite3.Connection) -> int:
+    revision = _meta(conn, "revision") + 1
+    conn.execute("UPDATE meta SET value = ? WHERE name = 'revision'", (revision,))
+    return revision
+
+
+def _key_revision(conn: sqlite3.Connection, key: str) -> int:
+    row = conn.execute("SELECT revision FROM kv WHERE key = ?", (key,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _get(conn: sqlite3.Connection, key: str) -> Entry | None:
+    row = conn.execute("SELECT value, revision FROM kv WHERE key = ?", (key,)).fetchone()
+    return Entry(key, row[0], row[1]) if row else None
+
+
+def _list(conn: sqlite3.Connection, prefix: str) -> list[Entry]:
+    # TEXT compares as UTF-8 bytes, which orders like Python's code points; keys under the
+    # prefix are one contiguous run starting at the prefix.
+    entries = []
+    cursor = conn.execute("SELECT key, value, revision FROM kv WHERE key >= ? ORDER BY key", (prefix,))
+    try:
+        for key, value, revision in cursor:
+            if not key.startswith(prefix):
+                break
+            entries.append(Entry(key, value, revision))
+    finally:
+        cursor.close()  # an unfinished read would pin a WAL snapshot
+    return entries
+
+
+def _history(conn: sqlite3.Connection, prefix: str, start_revision: int) -> list[Event]:
+    with _transaction(conn, "DEFERRED"):
+        compacted = _meta(conn, "compacted")
+        if start_revision < compacted:
+            raise WatchLost(
+                f"cannot replay {prefix!r} after revision {start_revision}: history starts after {compacted}"
+            )
+        rows = conn.execute(
+            "SELECT revision, kind, key, value FROM changes WHERE revision > ? ORDER BY revision",
+            (start_revision,),
+        ).fetchall()
+    return [
+        Event("put" if kind == "put" else "delete", key, value, revision)
+        for revision, kind, key, value in rows
+        if key.startswith(prefix)
+    ]

@@ -1,0 +1,101 @@
+"""Plain data that crosses component boundaries, and the seams to remote things.
+
+Each Protocol here has a gRPC implementation in ``shoal.rpc.clients`` and an
+in-memory twin in ``shoal.testing.fakes``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from shoal.core.cluster import ReplicaReport
+from shoal.core.placement import Capacity
+from shoal.core.spec import DeploymentSpec
+
+Arrays = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class PingResult:
+    state: str
+    in_flight: int
+    queued: int
+
+
+@dataclass(frozen=True)
+class Route:
+    replica_id: str
+    address: str
+    scheduler_id: str
+    in_flight: int = 0
+
+
+@dataclass(frozen=True)
+class DeploymentRoutes:
+    spec: DeploymentSpec
+    routes: tuple[Route, ...] = ()
+
+
+@dataclass(frozen=True)
+class RoutingTable:
+    version: int
+    deployments: Mapping[str, DeploymentRoutes] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SchedulerRegistration:
+    scheduler_id: str
+    address: str
+    http_address: str
+    capacity: Capacity
+    pid: int
+    hostname: str
+    replicas: tuple[ReplicaReport, ...] = ()
+
+
+class ReplicaClient(Protocol):
+    """The scheduler's connection to one replica process."""
+
+    async def ping(self, timeout_s: float) -> PingResult: ...
+
+    async def push(self, request_id: str, inputs: Arrays, timeout_s: float) -> Arrays:
+        """Run one request. Raises ShoalError; Unavailable when the replica cannot be reached."""
+        ...
+
+    async def drain(self, grace_s: float) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class SchedulerClient(Protocol):
+    """The head's connection to one scheduler."""
+
+    async def create_replica(self, replica_id: str, spec: DeploymentSpec) -> int:
+        """Start a replica; returns the scheduler's registry version after adding it."""
+        ...
+
+    async def remove_replica(self, replica_id: str, graceful: bool) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class HeadLink(Protocol):
+    """A scheduler's connection to the head."""
+
+    async def register(self, reg: SchedulerRegistration) -> float:
+        """Returns the heartbeat interval the head wants."""
+        ...
+
+    async def health(
+        self, scheduler_id: str, registry_version: int, replicas: list[ReplicaReport], allocated: Capacity
+    ) -> bool:
+        """False: NACK, register again."""
+        ...
+
+    def watch_routes(self, scheduler_id: str) -> AsyncIterator[RoutingTable]: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,417 @@
+"""Model backends: the python backend on modules written into tmp_path, sklearn on a real model."""
+
+from __future__ import annotations
+
+import asyncio
+import runpy
+import shutil
+import sys
+import textwrap
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import joblib
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+from sklearn.linear_model import LinearRegression, LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.tree import DecisionTreeClassifier
+
+from shoal.backends import AVAILABLE, Backend, load_backend
+from shoal.backends.python import PythonBackend
+from shoal.backends.sklearn import SklearnBackend
+from shoal.core.spec import DeploymentSpec, TensorSpec, load_spec_file, parse_spec
+from shoal.errors import FailedPrecondition, Internal, InvalidArgument
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+@pytest.fixture(autouse=True)
+def isolated_imports() -> Iterator[None]:
+    """The python backend puts folders on sys.path and imports modules: undo both."""
+    path, modules = list(sys.path), set(sys.modules)
+    yield
+    sys.path[:] = path
+    for name in set(sys.modules) - modules:
+        del sys.modules[name]
+
+
+@pytest.fixture
+def backends() -> Iterator[list[Backend]]:
+    """Backends a test loaded; unloaded afterwards so no model thread outlives the test."""
+    loaded: list[Backend] = []
+    yield loaded
+    for backend in loaded:
+        backend.unload()
+
+
+def user_model(tmp_path: Path, source: str, **spec: Any) -> DeploymentSpec:
+    """A spec for a python model whose module (a fresh name each time) holds ``source``."""
+    module = f"user_model_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{module}.py").write_text("import numpy as np\n" + textwrap.dedent(source))
+    doc = {"name": "m", "backend": "python", "model": f"{module}:Model", **spec}
+    return parse_spec(doc, base_dir=tmp_path)
+
+
+def loaded(spec: DeploymentSpec, backends: list[Backend]) -> Backend:
+    backend = load_backend(spec)
+    backend.load()
+    backends.append(backend)
+    return backend
+
+
+X = {"x": np.arange(6, dtype=np.float32).reshape(2, 3)}
+
+# -- python backend --------------------------------------------------------------------------
+
+
+async def test_sync_model_gets_options_and_runs_off_the_event_loop(
+    tmp_path: Path, backends: list[Backend]
+) -> None:
+    spec = user_model(
+        tmp_path,
+        """
+        import threading
+
+        class Model:
+            def __init__(self, scale, offset=0.0):
+                self.scale, self.offset = scale, offset
+
+            def predict(self, inputs):
+                thread = threading.current_thread().name
+                return {"y": inputs["x"] * self.scale + self.offset, "thread": [thread]}
+        """,
+        options={"scale": 2.0, "offset": 1.0},
+    )
+    backend = loaded(spec, backends)
+    assert isinstance(backend, PythonBackend)
+    out = await backend.predict(X)
+    np.testing.assert_array_equal(out["y"], X["x"] * 2 + 1)
+    assert str(out["thread"][0]).startswith("shoal-model-m")
+    assert backend.supports_batching
+    assert (backend.inputs(), backend.outputs()) == ((), ())
+
+
+async def test_sync_model_leaves_the_event_loop_free(tmp_path: Path, backends: list[Backend]) -> None:
+    spec = user_model(
+        tmp_path,
+        """
+        import time
+
+        class Model:
+            def predict(self, inputs):
+                time.sleep(0.2)
+                return inputs
+        """,
+    )
+    backend = loaded(spec, backends)
+    prediction = asyncio.create_task(backend.predict(X))
+    await asyncio.sleep(0.01)  # a health check, say: answered while the model works
+    assert not prediction.done()
+    await prediction
+
+
+async def test_async_model_is_awaited_on_the_loop(tmp_path: Path, backends: list[Backend]) -> None:
+    spec = user_model(
+        tmp_path,
+        """
+        import asyncio, threading
+
+        class Model:
+            supports_batching = False
+
+            async def predict(self, inputs):
+                await asyncio.sleep(0)
+                return {"y": inputs["x"].tolist(), "thread": [threading.current_thread().name]}
+        """,
+    )
+    backend = loaded(spec, backends)
+    out = await backend.predict(X)
+    np.testing.assert_array_equal(out["y"], X["x"])  # lists become arrays
+    assert out["thread"][0] == threading.current_thread().name
+    assert not backend.supports_batching
+
+
+async def test_declared_tensors_are_checked(tmp_path: Path, backends: list[Backend]) -> None:
+    spec = user_model(
+        tmp_path,
+        """
+        class Model:
+            def predict(self, inputs):
+                return {"y": inputs["x"]}
+        """,
+        inputs=[{"name": "x", "datatype": "FP32", "shape": [-1, 3]}],
+        outputs=[{"name": "y", "datatype": "FP32", "shape": [-1, 3]}],
+    )
+    backend = loaded(spec, backends)
+    assert backend.inputs() == (TensorSpec(name="x", datatype="FP32", shape=(-1, 3)),)
+    assert [t.name for t in backend.outputs()] == ["y"]
+    await backend.predict(X)
+    cases: dict[str, dict[str, np.ndarray]] = {
+        "missing input 'x'": {},
+        "input 'x': expected FP32, got FP64": {"x": np.zeros((2, 3))},
+        r"input 'x': expected shape \[-1, 3\], got \[2, 4\]": {"x": np.zeros((2, 4), np.float32)},
+        "unknown input 'w'; the model takes 'x'": {**X, "w": np.zeros(1)},
+    }
+    for message, inputs in cases.items():
+        with pytest.raises(InvalidArgument, match=message):
+            await backend.predict(inputs)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("raise ValueError('row 3 is bad')", "model raised ValueError: row 3 is bad"),
+        ("return [inputs['x']]", "model returned list; predict must return a dict"),
+        ("return {'y': None}", "model output 'y' is not an array"),
+        ("return {'y': [[1, 2], [3]]}", "model output 'y' is not an array"),
+    ],
+)
+async def test_a_misbehaving_model_is_internal(
+    tmp_path: Path, backends: list[Backend], body: str, message: str
+) -> None:
+    spec = user_model(tmp_path, f"class Model:\n    def predict(self, inputs):\n        {body}\n")
+    backend = loaded(spec, backends)
+    with pytest.raises(Internal, match=message):
+        await backend.predict(X)
+
+
+async def test_an_async_model_that_raises_is_internal(tmp_path: Path, backends: list[Backend]) -> None:
+    spec = user_model(
+        tmp_path,
+        """
+        class Model:
+            async def predict(self, inputs):
+                raise KeyError("x")
+        """,
+    )
+    with pytest.raises(Internal, match="model raised KeyError: 'x'"):
+        await loaded(spec, backends).predict(X)
+
+
+async def test_a_model_may_refuse_an_input_itself(tmp_path: Path, backends: list[Backend]) -> None:
+    spec = user_model(
+        tmp_path,
+        """
+        from shoal.errors import InvalidArgument
+
+        class Model:
+            def predict(self, inputs):
+                raise InvalidArgument("x must be positive")
+        """,
+    )
+    with pytest.raises(InvalidArgument, match="x must be positive"):
+        await loaded(spec, backends).predict(X)
+
+
+@pytest.mark.parametrize(
+    ("model", "source", "message"),
+    [
+        ("no-colon", "", "must be 'module:Class'"),
+        ("a:b:c", "", "must be 'module:Class'"),
+        ("shoal_no_such_module:Model", "", "cannot import module 'shoal_no_such_module'"),
+        ("{module}:Missing", "class Model: pass", "has no attribute 'Missing'"),
+        ("{module}:Model", "raise RuntimeError('broken at import')", "raised RuntimeError: broken at import"),
+        (
+            "{module}:Model",
+            "class Model:\n    def __init__(self):\n        raise OSError('no weights')",
+            r"Model\(\*\*options\) raised OSError: no weights",
+        ),
+        ("{module}:Model", "class Model: pass", "has no predict"),
+    ],
+)
+def test_a_model_that_cannot_load_is_invalid_argument(
+    tmp_path: Path, model: str, source: str, message: str
+) -> None:
+    spec = user_model(tmp_path, source)
+    module = spec.model.split(":")[0]
+    spec = spec.model_copy(update={"model": model.format(module=module)})
+    backend = load_backend(spec)  # constructing does no I/O: errors come from load()
+    with pytest.raises(InvalidArgument, match=message):
+        backend.load()
+
+
+def test_options_the_class_does_not_take_are_invalid_argument(tmp_path: Path) -> None:
+    source = "class Model:\n    def __init__(self, size=1): ...\n    def predict(self, inputs): ...\n"
+    spec = user_model(tmp_path, source, options={"colour": "red"})
+    with pytest.raises(InvalidArgument, match=r"Model\(\*\*options\) raised TypeError: .*'colour'"):
+        load_backend(spec).load()
+
+
+async def test_unload_calls_close_and_later_predictions_fail(tmp_path: Path) -> None:
+    spec = user_model(
+        tmp_path,
+        """
+        closed = []
+
+        class Model:
+            def predict(self, inputs):
+                return inputs
+
+            def close(self):
+                closed.append(True)
+        """,
+    )
+    backend = load_backend(spec)
+    with pytest.raises(FailedPrecondition, match="not loaded"):
+        await backend.predict(X)
+    backend.load()
+    await backend.predict(X)
+    backend.unload()
+    assert sys.modules[spec.model.split(":")[0]].closed == [True]
+    with pytest.raises(FailedPrecondition, match="not loaded"):
+        await backend.predict(X)
+
+
+def test_load_backend_refuses_what_it_cannot_serve(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = parse_spec({"name": "m", "backend": "onnx", "model": "m.onnx"})
+    with pytest.raises(
+        InvalidArgument, match="backend 'onnx' is not available in this shoal; available: python"
+    ):
+        load_backend(spec)
+    monkeypatch.setitem(AVAILABLE, "onnx", "shoal_no_such_package.backend:OnnxBackend")
+    with pytest.raises(InvalidArgument, match="needs a package that is not installed here"):
+        load_backend(spec)
+
+
+# -- sklearn backend -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    data = load_digits()
+    return data.data.astype(np.float32), data.target
+
+
+@pytest.fixture(scope="module")
+def digits_model(tmp_path_factory: pytest.TempPathFactory, digits: tuple[np.ndarray, np.ndarray]) -> Path:
+    x, y = digits
+    estimator = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(x[:1000], y[:1000])
+    path = tmp_path_factory.mktemp("sklearn") / "digits.joblib"
+    joblib.dump(estimator, path)
+    return path
+
+
+def sklearn_spec(path: Path, **extra: Any) -> DeploymentSpec:
+    return parse_spec(
+        {"name": "digits", "backend": "sklearn", "model": path.name, **extra}, base_dir=path.parent
+    )
+
+
+async def test_sklearn_answers_what_the_estimator_answers(
+    digits_model: Path, digits: tuple[np.ndarray, np.ndarray], backends: list[Backend]
+) -> None:
+    backend = loaded(sklearn_spec(digits_model), backends)
+    assert isinstance(backend, SklearnBackend)
+    assert backend.inputs() == (TensorSpec(name="input", datatype="FP32", shape=(-1, 64)),)
+    assert backend.outputs() == (
+        TensorSpec(name="label", datatype="INT64", shape=(-1,)),
+        TensorSpec(name="probabilities", datatype="FP32", shape=(-1, 10)),
+    )
+    x = digits[0][1000:1100]
+    out = await backend.predict({"input": x})
+    estimator = joblib.load(digits_model)
+    assert out["label"].dtype == np.int64
+    np.testing.assert_array_equal(out["label"], estimator.predict(x))
+    assert out["probabilities"].dtype == np.float32
+    np.testing.assert_allclose(out["probabilities"], estimator.predict_proba(x), rtol=1e-5, atol=1e-7)
+
+
+async def test_sklearn_refuses_inputs_that_do_not_fit(digits_model: Path, backends: list[Backend]) -> None:
+    backend = loaded(sklearn_spec(digits_model), backends)
+    cases: dict[str, dict[str, np.ndarray]] = {
+        "input 'input': expected 64 features, got 10": {"input": np.zeros((2, 10), np.float32)},
+        r"expected a matrix \[-1, 64\] \(rows x features\), got \[64\]": {"input": np.zeros(64, np.float32)},
+        "input 'input': expected FP32, got FP64": {"input": np.zeros((2, 64))},
+        "missing input 'input'": {"pixels": np.zeros((2, 64), np.float32)},
+    }
+    for message, inputs in cases.items():
+        with pytest.raises(InvalidArgument, match=message):
+            await backend.predict(inputs)
+
+
+async def test_sklearn_uses_the_declared_input_name(digits_model: Path, backends: list[Backend]) -> None:
+    spec = sklearn_spec(digits_model, inputs=[{"name": "pixels", "datatype": "FP32", "shape": [-1, 64]}])
+    backend = loaded(spec, backends)
+    assert [t.name for t in backend.inputs()] == ["pixels"]
+    assert [t.name for t in backend.outputs()] == ["label", "probabilities"]
+    out = await backend.predict({"pixels": np.zeros((3, 64), np.float32)})
+    assert out["label"].shape == (3,)
+
+
+async def test_sklearn_string_labels_are_bytes(tmp_path: Path, backends: list[Backend]) -> None:
+    x = np.array([[0.0], [1.0], [2.0], [3.0]], np.float32)
+    estimator = DecisionTreeClassifier(random_state=0).fit(x, ["cat", "cat", "dog", "dog"])
+    joblib.dump(estimator, tmp_path / "pets.joblib")
+    backend = loaded(sklearn_spec(tmp_path / "pets.joblib"), backends)
+    assert backend.outputs()[0] == TensorSpec(name="label", datatype="BYTES", shape=(-1,))
+    out = await backend.predict({"input": np.array([[0.2], [2.8]], np.float32)})
+    assert out["label"].tolist() == [b"cat", b"dog"]
+    np.testing.assert_array_equal(out["probabilities"], [[1, 0], [0, 1]])
+
+
+async def test_sklearn_regressor_answers_prediction(tmp_path: Path, backends: list[Backend]) -> None:
+    x = np.array([[0.0], [1.0], [2.0]], np.float32)
+    joblib.dump(LinearRegression().fit(x, [1.0, 3.0, 5.0]), tmp_path / "line.joblib")
+    backend = loaded(sklearn_spec(tmp_path / "line.joblib"), backends)
+    assert backend.outputs() == (TensorSpec(name="prediction", datatype="FP32", shape=(-1,)),)
+    out = await backend.predict({"input": np.array([[10.0]], np.float32)})
+    np.testing.assert_allclose(out["prediction"], [21.0], rtol=1e-5)
+
+
+def test_sklearn_load_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match=r"sklearn model file '.*missing\.joblib' does not exist"):
+        load_backend(sklearn_spec(tmp_path / "missing.joblib")).load()
+    (tmp_path / "junk.joblib").write_bytes(b"not a pickle")
+    with pytest.raises(InvalidArgument, match=r"cannot load '.*junk\.joblib' with joblib"):
+        load_backend(sklearn_spec(tmp_path / "junk.joblib")).load()
+    joblib.dump({"weights": [1, 2]}, tmp_path / "dict.joblib")
+    with pytest.raises(InvalidArgument, match="holds a dict, which has no predict"):
+        load_backend(sklearn_spec(tmp_path / "dict.joblib")).load()
+
+
+# -- examples --------------------------------------------------------------------------------
+
+
+async def test_train_digits_example_serves_above_90_percent(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    backends: list[Backend],
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["train_digits.py", str(tmp_path / "digits.joblib")])
+    script = runpy.run_path(str(EXAMPLES / "train_digits.py"), run_name="__main__")
+    assert "test accuracy 0.9" in capsys.readouterr().out
+
+    shutil.copy(EXAMPLES / "digits.yaml", tmp_path)  # its model path is relative to the spec's folder
+    (spec,) = load_spec_file(tmp_path / "digits.yaml")
+    assert (spec.name, spec.replicas, spec.resources.cpus) == ("digits", 2, 0.5)
+    backend = loaded(spec, backends)
+    _, x_test, _, y_test = script["split"]()
+    out = await backend.predict({"input": x_test})
+    accuracy = float(np.mean(out["label"] == y_test))
+    assert accuracy > 0.9
+
+
+async def test_echo_example_answers_its_input(backends: list[Backend]) -> None:
+    (spec,) = load_spec_file(EXAMPLES / "echo.yaml")
+    backend = loaded(spec, backends)
+    x = np.random.default_rng(0).random((3, 16), dtype=np.float32)
+    out = await backend.predict({"x": x})
+    np.testing.assert_array_equal(out["x"], x)
+    with pytest.raises(InvalidArgument, match="expected shape"):
+        await backend.predict({"x": x[:, :8]})
+
+
+async def test_echo_example_delay_option(backends: list[Backend]) -> None:
+    (spec,) = load_spec_file(EXAMPLES / "echo.yaml")
+    spec = spec.model_copy(update={"options": {"delay_ms": 30}})
+    backend = loaded(spec, backends)
+    started = asyncio.get_running_loop().time()
+    await backend.predict({"x": np.zeros((1, 16), np.float32)})
+    assert asyncio.get_running_loop().time() - started >= 0.03

@@ -1,0 +1,283 @@
+"""The replica's dynamic batcher, driven with an in-memory model."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from shoal.errors import Internal, InvalidArgument, Unavailable
+from shoal.replica.batcher import Batcher
+
+Tensors = dict[str, np.ndarray]
+
+
+class Model:
+    """Echoes its inputs; records each call; can be held at a gate to build a queue."""
+
+    def __init__(self) -> None:
+        self.calls: list[Tensors] = []
+        self.tasks: list[asyncio.Task[object] | None] = []
+        self.gate: asyncio.Event | None = None
+        self.entered = asyncio.Event()
+        self.active = 0
+        self.max_active = 0
+
+    async def __call__(self, inputs: Tensors) -> Tensors:
+        self.calls.append(inputs)
+        self.tasks.append(asyncio.current_task())
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        self.entered.set()
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            return {name: array.copy() for name, array in inputs.items()}
+        finally:
+            self.active -= 1
+
+    @property
+    def batch_rows(self) -> list[int]:
+        return [next(iter(call.values())).shape[0] for call in self.calls]
+
+
+def rows(tag: int, n: int = 1, width: int = 3, dtype: type = np.float32) -> Tensors:
+    """``n`` rows that say which request they belong to."""
+    return {"x": np.full((n, width), tag, dtype=dtype)}
+
+
+async def test_concurrent_requests_share_one_call_and_get_their_own_rows() -> None:
+    model = Model()
+    sizes = [1, 2, 3, 1, 1]  # 8 rows in all: the batch is full, nobody waits for the delay
+    async with Batcher(model, max_batch_size=8, max_delay_ms=5_000) as batcher:
+        started = time.monotonic()
+        results = await asyncio.gather(*(batcher.submit(rows(i, n)) for i, n in enumerate(sizes)))
+        assert time.monotonic() - started < 1.0
+    assert model.batch_rows == [8]
+    for i, (n, out) in enumerate(zip(sizes, results, strict=True)):
+        np.testing.assert_array_equal(out["x"], np.full((n, 3), i, dtype=np.float32))
+    assert batcher.batch_sizes == {8: 1}
+    assert (batcher.requests, batcher.batches) == (5, 1)
+
+
+async def test_a_lone_request_waits_max_delay_then_runs() -> None:
+    model = Model()
+    async with Batcher(model, max_batch_size=64, max_delay_ms=60) as batcher:
+        started = time.monotonic()
+        await batcher.submit(rows(0))
+        elapsed = time.monotonic() - started
+    assert 0.05 <= elapsed < 1.0
+    assert model.batch_rows == [1]
+
+
+async def test_requests_within_the_delay_join_the_first_ones_batch() -> None:
+    model = Model()
+    async with Batcher(model, max_batch_size=64, max_delay_ms=200) as batcher:
+        first = asyncio.create_task(batcher.submit(rows(0)))
+        await asyncio.sleep(0.02)
+        assert batcher.queued == 1
+        second = await batcher.submit(rows(1, 2))
+        np.testing.assert_array_equal((await first)["x"], np.zeros((1, 3), np.float32))
+    np.testing.assert_array_equal(second["x"], np.ones((2, 3), np.float32))
+    assert model.batch_rows == [3]
+
+
+async def test_zero_delay_runs_at_once() -> None:
+    model = Model()
+    async with Batcher(model, max_batch_size=64, max_delay_ms=0) as batcher:
+        started = time.monotonic()
+        await batcher.submit(rows(0))
+        assert time.monotonic() - started < 0.5
+
+
+async def test_an_exception_from_run_reaches_every_request_of_the_batch() -> None:
+    async def broken(inputs: Tensors) -> Tensors:
+        raise ValueError("boom")
+
+    async with Batcher(broken, max_batch_size=3, max_delay_ms=20) as batcher:
+        results = await asyncio.gather(*(batcher.submit(rows(i)) for i in range(3)), return_exceptions=True)
+        assert all(isinstance(r, ValueError) and str(r) == "boom" for r in results)
+        assert batcher.batch_sizes == {3: 1}
+        # The batcher survives a failed batch.
+        with pytest.raises(ValueError):
+            await batcher.submit(rows(9))
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"y": np.zeros((2, 3))},  # too few rows
+        {"y": np.float32(1.0)},  # a scalar
+        {"y": [1, 2, 3]},  # not an array
+    ],
+)
+async def test_outputs_without_one_row_per_input_row_are_internal(answer: dict[str, object]) -> None:
+    async def wrong(inputs: Tensors) -> Tensors:
+        return answer  # type: ignore[return-value]
+
+    async with Batcher(wrong, max_batch_size=3, max_delay_ms=1_000) as batcher:
+        results = await asyncio.gather(*(batcher.submit(rows(i)) for i in range(3)), return_exceptions=True)
+    assert all(isinstance(r, Internal) for r in results), results
+    assert "a batch of 3 rows" in str(results[0])
+
+
+async def test_incompatible_requests_go_into_separate_batches() -> None:
+    model = Model()
+    requests: list[Tensors] = [
+        rows(0),
+        rows(1, width=4),  # other trailing shape
+        rows(2, dtype=np.float64),  # other dtype
+        {"z": np.full((1, 3), 3, np.float32)},  # other input name
+        rows(4),
+        rows(5, width=4),
+    ]
+    async with Batcher(model, max_batch_size=16, max_delay_ms=20) as batcher:
+        results = await asyncio.gather(*(batcher.submit(r) for r in requests))
+    for request, result in zip(requests, results, strict=True):
+        assert result.keys() == request.keys()
+        for name in request:
+            assert result[name].dtype == request[name].dtype
+            np.testing.assert_array_equal(result[name], request[name])
+    assert sorted(model.batch_rows) == [1, 1, 2, 2]  # (0, 4), (1, 5), the float64 one, the 'z' one
+
+
+async def test_a_caller_cancelled_while_queued_leaves_the_queue_and_hurts_nobody() -> None:
+    model = Model()
+    model.gate = asyncio.Event()
+    async with Batcher(model, max_batch_size=8, max_delay_ms=0) as batcher:
+        running = asyncio.create_task(batcher.submit(rows(0)))
+        await model.entered.wait()  # the first batch holds the model
+        queued = [asyncio.create_task(batcher.submit(rows(i))) for i in (1, 2, 3)]
+        await asyncio.sleep(0.01)
+        assert (batcher.queued, batcher.in_flight) == (3, 1)
+        queued[1].cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await queued[1]
+        assert batcher.queued == 2
+        model.gate.set()
+        first, third = await queued[0], await queued[2]
+        await running
+    np.testing.assert_array_equal(first["x"], np.full((1, 3), 1, np.float32))
+    np.testing.assert_array_equal(third["x"], np.full((1, 3), 3, np.float32))
+    assert model.batch_rows == [1, 2]  # the cancelled request's row never reached the model
+    assert batcher.dropped == 1
+
+
+async def test_a_caller_cancelled_while_its_batch_runs_does_not_break_the_batch() -> None:
+    model = Model()
+    model.gate = asyncio.Event()
+    async with Batcher(model, max_batch_size=3, max_delay_ms=1_000) as batcher:
+        tasks = [asyncio.create_task(batcher.submit(rows(i))) for i in range(3)]
+        await model.entered.wait()
+        tasks[0].cancel()
+        await asyncio.sleep(0)
+        model.gate.set()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(results[0], asyncio.CancelledError)
+    for i in (1, 2):
+        out = results[i]
+        assert isinstance(out, dict)
+        np.testing.assert_array_equal(out["x"], np.full((1, 3), i, np.float32))
+    assert model.batch_rows == [3]
+
+
+async def test_batches_run_one_at_a_time_and_the_next_gathers_meanwhile() -> None:
+    model = Model()
+    model.gate = asyncio.Event()
+    async with Batcher(model, max_batch_size=4, max_delay_ms=0) as batcher:
+        first = asyncio.create_task(batcher.submit(rows(0)))
+        await model.entered.wait()
+        rest = [asyncio.create_task(batcher.submit(rows(i))) for i in range(1, 7)]
+        await asyncio.sleep(0.01)
+        assert batcher.queued == 6
+        model.gate.set()
+        await asyncio.gather(first, *rest)
+    assert model.max_active == 1
+    assert model.batch_rows == [1, 4, 2]
+    assert batcher.batch_sizes == {1: 1, 4: 1, 2: 1}
+
+
+async def test_a_request_bigger_than_max_batch_size_runs_alone() -> None:
+    model = Model()
+    async with Batcher(model, max_batch_size=4, max_delay_ms=10) as batcher:
+        big, small = await asyncio.gather(batcher.submit(rows(0, 6)), batcher.submit(rows(1, 1)))
+    assert big["x"].shape == (6, 3)
+    assert small["x"].shape == (1, 3)
+    assert model.batch_rows == [6, 1]
+
+
+async def test_max_batch_size_one_calls_run_directly_and_counts() -> None:
+    model = Model()
+    async with Batcher(model, max_batch_size=1, max_delay_ms=50) as batcher:
+
+        async def call(i: int) -> tuple[Tensors, asyncio.Task[object] | None]:
+            return await batcher.submit(rows(i, 2)), asyncio.current_task()
+
+        results = await asyncio.gather(*(call(i) for i in range(3)))
+    # No hop: the model ran in each caller's own task, and did not wait for max_delay_ms.
+    assert [task for _, task in results] == model.tasks
+    for i, (out, _) in enumerate(results):
+        np.testing.assert_array_equal(out["x"], np.full((2, 3), i, np.float32))
+    assert batcher.batch_sizes == {2: 3}
+    assert (batcher.requests, batcher.batches, batcher.in_flight) == (3, 3, 0)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        ({}, "at least one input"),
+        ({"x": np.float32(1.0)}, "scalar"),
+        ({"x": np.zeros((2, 3)), "y": np.zeros((3, 3))}, "has 3 rows but 'x' has 2"),
+    ],
+)
+async def test_inputs_that_cannot_be_batched_are_refused(inputs: Tensors, message: str) -> None:
+    async with Batcher(Model(), max_batch_size=4, max_delay_ms=0) as batcher:
+        with pytest.raises(InvalidArgument, match=message):
+            await batcher.submit(inputs)
+
+
+async def test_aclose_finishes_queued_work_then_refuses_new_requests() -> None:
+    model = Model()
+    batcher = Batcher(model, max_batch_size=2, max_delay_ms=5_000)
+    await batcher.start()
+    pending = [asyncio.create_task(batcher.submit(rows(i))) for i in range(3)]
+    await asyncio.sleep(0.01)
+    await batcher.aclose()  # does not wait out the 5 s delay for the third request
+    assert [len(t.result()["x"]) for t in pending] == [1, 1, 1]
+    assert model.batch_rows == [2, 1]
+    with pytest.raises(Unavailable):
+        await batcher.submit(rows(9))
+
+
+async def test_cancelling_aclose_fails_what_is_left_with_unavailable() -> None:
+    model = Model()
+    model.gate = asyncio.Event()  # never opened: the model hangs
+    batcher = Batcher(model, max_batch_size=1_000, max_delay_ms=0)
+    await batcher.start()
+    running = asyncio.create_task(batcher.submit(rows(0)))
+    await model.entered.wait()
+    queued = asyncio.create_task(batcher.submit(rows(1)))
+    await asyncio.sleep(0.01)
+    closing = asyncio.create_task(batcher.aclose())
+    await asyncio.sleep(0.01)
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    for task in (running, queued):
+        with pytest.raises(Unavailable):
+            await task
+
+
+async def test_submit_before_start_is_a_programming_error() -> None:
+    batcher = Batcher(Model(), max_batch_size=4, max_delay_ms=0)
+    with pytest.raises(RuntimeError, match="before start"):
+        await batcher.submit(rows(0))
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="max_batch_size"):
+        Batcher(Model(), max_batch_size=0, max_delay_ms=0)
+    with pytest.raises(ValueError, match="max_delay_ms"):
+        Batcher(Model(), max_batch_size=2, max_delay_ms=-1)

@@ -1,0 +1,380 @@
+"""The Store contract, run against MemoryStore and SqliteStore; then SQLite's own promises."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import AsyncGenerator, AsyncIterator
+from pathlib import Path
+from typing import Protocol
+
+import pytest
+import pytest_asyncio
+
+from shoal.errors import Internal, InvalidArgument
+from shoal.store import Entry, Event, MemoryStore, SqliteStore, Store, StoreError
+from shoal.store.base import Watch, WatchLost
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(10)]
+
+
+class MakeStore(Protocol):
+    async def __call__(self, *, history_limit: int = ..., max_pending: int = ...) -> Store: ...
+
+
+def sqlite_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("shoal-sqlite")]
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest_asyncio.fixture
+async def make_store(kind: str, tmp_path: Path) -> AsyncIterator[MakeStore]:
+    stores: list[Store] = []
+
+    async def make(**limits: int) -> Store:
+        store: Store
+        if kind == "memory":
+            store = MemoryStore(**limits)
+        else:
+            store = await SqliteStore(tmp_path / "state.db", **limits).open()
+        stores.append(store)
+        return store
+
+    yield make
+    for store in stores:
+        await store.close()
+    assert not sqlite_threads()
+
+
+@pytest_asyncio.fixture
+async def store(make_store: MakeStore) -> Store:
+    return await make_store()
+
+
+async def take(watch: Watch, n: int) -> list[Event]:
+    return [await asyncio.wait_for(anext(watch), 2) for _ in range(n)]
+
+
+async def assert_quiet(watch: Watch) -> None:
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(anext(watch), 0.05)
+
+
+async def assert_ended(watch: Watch) -> None:
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(anext(watch), 2)
+
+
+# -- the contract, for every store ---------------------------------------------------------
+
+
+async def test_put_get_delete(store: Store) -> None:
+    assert await store.get("a") is None
+    revision = await store.put("a", "1")
+    assert await store.get("a") == Entry("a", "1", revision)
+    revision = await store.put("a", "2")
+    assert await store.get("a") == Entry("a", "2", revision)
+    assert await store.delete("a") is True
+    assert await store.get("a") is None
+    assert await store.delete("a") is False
+    await store.put("empty value", "")
+    assert await store.get("empty value") == Entry("empty value", "", revision + 2)
+
+
+async def test_list_by_prefix_sorted_by_key(store: Store) -> None:
+    keys = ["b/2", "a/z", "a/1", "a/10", "a/é", "a/2", "ab", "a/\U0001f600", "a/\uffff"]
+    for key in keys:
+        await store.put(key, key.upper())
+    under_a = await store.list("a/")
+    assert [e.key for e in under_a] == sorted(k for k in keys if k.startswith("a/"))
+    assert all(e.value == e.key.upper() for e in under_a)
+    assert [e.key for e in await store.list()] == sorted(keys)
+    assert [e.key for e in await store.list("a")] == sorted(k for k in keys if k.startswith("a"))
+    assert await store.list("c") == []
+    assert await store.list("a/10/") == []
+
+
+async def test_revisions_are_store_wide_and_increase(store: Store) -> None:
+    r1 = await store.put("x", "1")
+    r2 = await store.put("y", "1")
+    r3 = await store.put("x", "2")
+    assert (r1, r2, r3) == (1, 2, 3)
+    assert await store.delete("y")
+    assert await store.delete("y") is False  # a no-op does not bump the revision
+    r5 = await store.put("z", "1")
+    assert r5 == 5
+    assert [(e.key, e.revision) for e in await store.list()] == [("x", 3), ("z", 5)]
+
+
+async def test_put_if(store: Store) -> None:
+    created = await store.put_if("k", "v1", 0)
+    assert created is not None
+    assert await store.put_if("k", "again", 0) is None
+    assert await store.put_if("k", "stale", created + 1) is None
+    assert (await store.get("k")) == Entry("k", "v1", created)
+    updated = await store.put_if("k", "v2", created)
+    assert updated is not None and updated > created
+    assert await store.put_if("k", "stale", created) is None
+    assert (await store.get("k")) == Entry("k", "v2", updated)
+    assert await store.put_if("missing", "v", 7) is None
+    await store.delete("k")
+    assert await store.put_if("k", "v3", 0) is not None
+
+
+async def test_watch_sees_puts_and_deletes_in_order(store: Store) -> None:
+    async with asyncio.timeout(5):
+        watch = store.watch("a/")  # registers now, before the first __anext__
+        r1 = await store.put("a/1", "x")
+        await store.put("b/1", "x")
+        r3 = await store.put("a/2", "y")
+        await store.delete("b/1")
+        assert await store.delete("a/1")
+        await store.delete("a/1")
+        r6 = await store.put_if("a/2", "z", r3)
+        assert r6 is not None
+        assert await take(watch, 4) == [
+            Event("put", "a/1", "x", r1),
+            Event("put", "a/2", "y", r3),
+            Event("delete", "a/1", None, r1 + 4),
+            Event("put", "a/2", "z", r6),
+        ]
+        await assert_quiet(watch)
+        await watch.aclose()
+
+
+async def test_every_watch_gets_every_event(store: Store) -> None:
+    everything, under_a = store.watch(), store.watch("a")
+    await store.put("a", "1")
+    await store.put("b", "2")
+    assert [e.key for e in await take(everything, 2)] == ["a", "b"]
+    assert [e.key for e in await take(under_a, 1)] == ["a"]
+    await assert_quiet(under_a)
+
+
+async def test_watch_replays_from_a_revision(store: Store) -> None:
+    r1 = await store.put("a/1", "1")
+    r2 = await store.put("a/2", "2")
+    await store.put("b/1", "3")
+    r4 = await store.put("a/1", "4")
+    watch = store.watch("a/", start_revision=r1)
+    r5 = await store.put("a/3", "5")  # written before the first __anext__: delivered once
+    assert await take(watch, 3) == [
+        Event("put", "a/2", "2", r2),
+        Event("put", "a/1", "4", r4),
+        Event("put", "a/3", "5", r5),
+    ]
+    r6 = await store.put("a/4", "6")
+    assert await take(watch, 1) == [Event("put", "a/4", "6", r6)]
+    await assert_quiet(watch)
+
+    from_start = store.watch("", start_revision=0)
+    assert [e.revision for e in await take(from_start, 6)] == [1, 2, 3, 4, 5, 6]
+    await assert_quiet(from_start)
+
+    from_now = store.watch("a/", start_revision=r6)
+    await assert_quiet(from_now)
+    r7 = await store.put("a/5", "7")
+    assert [e.revision for e in await take(from_now, 1)] == [r7]
+
+
+async def test_watch_from_a_forgotten_revision_is_lost(make_store: MakeStore) -> None:
+    store = await make_store(history_limit=3)
+    for i in range(5):
+        await store.put(f"k{i}", str(i))
+    kept = store.watch("", start_revision=2)  # revisions 3..5 are remembered
+    assert [e.revision for e in await take(kept, 3)] == [3, 4, 5]
+    lost = store.watch("", start_revision=1)
+    with pytest.raises(WatchLost):
+        await anext(lost)
+    await assert_ended(lost)
+
+
+async def test_slow_watch_is_lost_after_what_it_buffered(make_store: MakeStore) -> None:
+    store = await make_store(max_pending=3)
+    watch = store.watch()
+    for i in range(5):
+        await store.put(f"k{i}", str(i))
+    assert [e.revision for e in await take(watch, 3)] == [1, 2, 3]
+    with pytest.raises(WatchLost):
+        await anext(watch)
+    await assert_ended(watch)
+    resumed = store.watch(start_revision=3)
+    assert [e.revision for e in await take(resumed, 2)] == [4, 5]
+
+
+async def test_watch_aclose_ends_a_waiting_consumer(store: Store) -> None:
+    watch = store.watch()
+    waiter = asyncio.ensure_future(anext(watch))
+    await asyncio.sleep(0)
+    await watch.aclose()
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(waiter, 2)
+    await store.put("k", "v")
+    await assert_ended(watch)
+
+
+async def test_close_ends_watches_after_buffered_events(store: Store) -> None:
+    watch = store.watch()
+    revision = await store.put("k", "v")
+    await store.close()
+    assert await take(watch, 1) == [Event("put", "k", "v", revision)]
+    await assert_ended(watch)
+
+
+async def test_closed_store_refuses_calls(store: Store) -> None:
+    await store.close()
+    await store.close()  # idempotent
+    with pytest.raises(StoreError) as raised:
+        await store.get("k")
+    assert isinstance(raised.value, Internal)
+    for call in (store.put("k", "v"), store.put_if("k", "v", 0), store.delete("k"), store.list()):
+        with pytest.raises(StoreError):
+            await call
+    with pytest.raises(StoreError):
+        store.watch()
+
+
+async def test_invalid_arguments(store: Store) -> None:
+    with pytest.raises(InvalidArgument):
+        await store.put("", "v")
+    with pytest.raises(InvalidArgument):
+        await store.put("bad\ud800", "v")
+    with pytest.raises(InvalidArgument):
+        await store.put("k", "bad\udfff")
+    with pytest.raises(InvalidArgument):
+        await store.put_if("k", "v", -1)
+    with pytest.raises(InvalidArgument):
+        store.watch("", start_revision=-1)
+    assert await store.list() == []
+
+
+async def test_concurrent_puts_all_land_with_distinct_revisions(store: Store) -> None:
+    watch = store.watch()
+    async with asyncio.TaskGroup() as tg:
+        tasks = [tg.create_task(store.put(f"key/{i:03}", str(i))) for i in range(100)]
+    revisions = [t.result() for t in tasks]
+    assert sorted(revisions) == list(range(1, 101))
+    entries = await store.list("key/")
+    assert [(e.key, e.value) for e in entries] == [(f"key/{i:03}", str(i)) for i in range(100)]
+    assert {e.revision for e in entries} == set(revisions)
+    events = await take(watch, 100)
+    assert [e.revision for e in events] == list(range(1, 101))
+
+
+async def test_concurrent_put_if_has_one_winner(store: Store) -> None:
+    async with asyncio.TaskGroup() as tg:
+        tasks = [tg.create_task(store.put_if("leader", f"n{i}", 0)) for i in range(20)]
+    winners = [i for i, t in enumerate(tasks) if t.result() is not None]
+    assert len(winners) == 1
+    entry = await store.get("leader")
+    assert entry is not None and entry.value == f"n{winners[0]}"
+
+
+# -- SQLite ----------------------------------------------------------------------------------
+
+
+async def test_sqlite_keeps_data_and_revision_across_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    async with SqliteStore(path) as store:
+        await store.put("deployments/a", "spec-a")
+        await store.put("deployments/b", "spec-b")
+        await store.put("schedulers/s1", "x")
+        last = await store.put("deployments/a", "spec-a2")
+        assert await store.delete("schedulers/s1")
+    assert not sqlite_threads()
+
+    async with SqliteStore(path) as store:
+        assert await store.list() == [
+            Entry("deployments/a", "spec-a2", last),
+            Entry("deployments/b", "spec-b", 2),
+        ]
+        watch = store.watch("deployments/", start_revision=2)
+        assert await store.put("deployments/c", "spec-c") == last + 2
+        assert await take(watch, 2) == [
+            Event("put", "deployments/a", "spec-a2", last),
+            Event("put", "deployments/c", "spec-c", last + 2),
+        ]
+    assert not sqlite_threads()
+
+
+async def test_sqlite_file_layout_and_pragmas(tmp_path: Path) -> None:
+    path = tmp_path / "nested" / "folders" / "state.db"
+    store = SqliteStore(path, history_limit=3)
+    assert not path.parent.exists()  # the constructor does no I/O
+    with pytest.raises(StoreError):
+        await store.get("k")
+    await store.open()
+    try:
+        for i in range(10):
+            await store.put(f"k{i}", str(i))
+        assert await store._call(lambda conn: conn.execute("PRAGMA synchronous").fetchone()[0]) == 1
+    finally:
+        await store.close()
+    with pytest.raises(StoreError):
+        await store.open()  # once only
+
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert [r[1] for r in conn.execute("PRAGMA table_info(kv)")] == ["key", "value", "revision"]
+        assert conn.execute("SELECT count(*) FROM kv").fetchone()[0] == 10
+        assert conn.execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()[0] == 10
+        assert [r[0] for r in conn.execute("SELECT revision FROM changes ORDER BY 1")] == [8, 9, 10]
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    "garbage", [b"this is not a database\n" * 200, b"SQLite format 3\x00" + b"\xff" * 4080]
+)
+async def test_sqlite_corrupt_file_is_a_clear_error(tmp_path: Path, garbage: bytes) -> None:
+    path = tmp_path / "state.db"
+    path.write_bytes(garbage)
+    with pytest.raises(StoreError, match="state.db"):
+        await SqliteStore(path).open()
+    assert not sqlite_threads()
+
+
+async def test_sqlite_unreadable_path_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="cannot open state store"):
+        await SqliteStore(tmp_path).open()  # a folder, not a file
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StoreError, match="cannot open state store"):
+        await SqliteStore(tmp_path / "file" / "state.db").open()  # parent is a file
+    assert not sqlite_threads()
+
+
+async def test_sqlite_refuses_a_newer_schema(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    with pytest.raises(StoreError, match="schema version 99"):
+        await SqliteStore(path).open()
+
+
+async def test_sqlite_refuses_a_foreign_database(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE kv (k TEXT, v TEXT)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="not a shoal store"):
+        await SqliteStore(path).open()
+    assert not sqlite_threads()
+
+
+async def test_both_stores_satisfy_the_protocol(tmp_path: Path) -> None:
+    stores: list[Store] = [MemoryStore(), SqliteStore(tmp_path / "s.db")]  # checked by mypy
+    assert len(stores) == 2
+
+    async def generator() -> AsyncGenerator[Event, None]:
+        yield Event("put", "k", "v", 1)
+
+    watch: Watch = generator()  # an async generator is a Watch too
+    assert watch is not None
