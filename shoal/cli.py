@@ -32,8 +32,9 @@ EXIT_USAGE = 2
 
 
 def _settings(args: argparse.Namespace, **flags: Any) -> Settings:
-    return Settings.load(file=getattr(args, "config", None), flags={"head_address": getattr(args, "head", None),
-                                                                    **flags})
+    return Settings.load(
+        file=getattr(args, "config", None), flags={"head_address": getattr(args, "head", None), **flags}
+    )
 
 
 def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
@@ -145,8 +146,10 @@ def _with_client(args: argparse.Namespace, fn: Callable[[Any, Settings], Awaitab
         try:
             return await fn(client, settings)
         except Unavailable as err:
-            raise Unavailable(f"cannot reach the head at {settings.head_address} ({err}); is it running? "
-                              "Start one with 'shoal up' or point --head / SHOAL_HEAD at it") from None
+            raise Unavailable(
+                f"cannot reach the head at {settings.head_address} ({err}); is it running? "
+                "Start one with 'shoal up' or point --head / SHOAL_HEAD at it"
+            ) from None
         finally:
             await client.close()
 
@@ -178,7 +181,7 @@ async def _wait_ready(client: Any, names: Sequence[str], timeout_s: float) -> in
         status = status_to_dict(await client.status())
         lines = []
         done = True
-        for dep in status["deployments"]:  # type: ignore[union-attr]
+        for dep in status["deployments"]:
             if dep["name"] not in names:
                 continue
             ready = sum(1 for r in dep["replicas"] if r["state"] == "READY")
@@ -187,8 +190,13 @@ async def _wait_ready(client: Any, names: Sequence[str], timeout_s: float) -> in
             why = f" ({dep['pending_reason']})" if dep["pending_reason"] else ""
             lines.append(f"{dep['name']} {ready}/{target} ready{why}")
         line = ", ".join(lines)
-        if line != last and sys.stdout.isatty():
-            print(f"\r{line}", end="", flush=True)
+        if line != last:
+            # One line redrawn in a terminal; one line per change in a log.
+            print(
+                f"\r{line}\033[K" if sys.stdout.isatty() else line,
+                end="" if sys.stdout.isatty() else "\n",
+                flush=True,
+            )
         last = line
         if done:
             if sys.stdout.isatty():
@@ -252,7 +260,10 @@ def render_status(status: dict[str, Any]) -> str:
         ["SCHEDULER", "STATE", "ADDRESS", "PID", "CPUS", "MEMORY_MB", "GPUS", "LAST SEEN"],
         [
             [
-                s["id"], s["state"], s["address"], str(s["pid"]),
+                s["id"],
+                s["state"],
+                s["address"],
+                str(s["pid"]),
                 f"{s['allocated']['cpus']:g}/{s['capacity']['cpus']:g}",
                 f"{s['allocated']['memory_mb']:.0f}/{s['capacity']['memory_mb']:.0f}",
                 f"{s['allocated']['gpus']:g}/{s['capacity']['gpus']:g}",
@@ -279,7 +290,15 @@ def render_status(status: dict[str, Any]) -> str:
     table(
         ["REPLICA", "DEPLOYMENT", "STATE", "SCHEDULER", "PID", "ADDRESS", "IN FLIGHT"],
         [
-            [r["id"], d["name"], r["state"], r["scheduler"], str(r["pid"]), r["address"] or "-", str(r["in_flight"])]
+            [
+                r["id"],
+                d["name"],
+                r["state"],
+                r["scheduler"],
+                str(r["pid"]),
+                r["address"] or "-",
+                str(r["in_flight"]),
+            ]
             for d in status["deployments"]
             for r in d["replicas"]
         ],
@@ -301,13 +320,17 @@ def _parse_inputs(text: str, spec: DeploymentSpec | None) -> dict[str, np.ndarra
     except json.JSONDecodeError as err:
         raise InvalidArgument(f"--data is not valid JSON: {err}") from None
     if not isinstance(doc, dict) or not doc:
-        raise InvalidArgument('--data must be a JSON object mapping input names to lists, e.g. {"x": [[1, 2]]}')
+        raise InvalidArgument(
+            '--data must be a JSON object mapping input names to lists, e.g. {"x": [[1, 2]]}'
+        )
     declared = {t.name: t.datatype for t in (spec.inputs if spec else ())}
     out = {}
     for name, value in doc.items():
         arr = np.asarray(value)
         if arr.dtype == object:
-            raise InvalidArgument(f"input {name!r}: ragged nested lists (every row must have the same length)")
+            raise InvalidArgument(
+                f"input {name!r}: ragged nested lists (every row must have the same length)"
+            )
         datatype = declared.get(name)
         if datatype is None:
             if arr.dtype.kind in "iuf":
@@ -322,8 +345,12 @@ def _parse_inputs(text: str, spec: DeploymentSpec | None) -> dict[str, np.ndarra
 
 def _jsonable(arr: np.ndarray) -> Any:
     if arr.dtype == object:
-        return [_jsonable(a) if isinstance(a, np.ndarray) else (a.decode(errors="replace") if isinstance(a, bytes)
-                                                               else a) for a in arr.tolist()]
+        return [
+            _jsonable(a)
+            if isinstance(a, np.ndarray)
+            else (a.decode(errors="replace") if isinstance(a, bytes) else a)
+            for a in arr.tolist()
+        ]
     return arr.tolist()
 
 
@@ -333,13 +360,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     async def go(client: Any, settings: Settings) -> int:
         status = status_to_dict(await client.status())
-        dep = next((d for d in status["deployments"] if d["name"] == args.name), None)  # type: ignore[union-attr]
+        dep = next((d for d in status["deployments"] if d["name"] == args.name), None)
         if dep is None:
             raise ShoalError(f"no deployment named {args.name!r}")
         spec = parse_spec(dep["spec"])
         address = args.scheduler
         if not address:
-            alive = [s for s in status["schedulers"] if s["state"] == "ALIVE"]  # type: ignore[union-attr]
+            alive = [s for s in status["schedulers"] if s["state"] == "ALIVE"]
             if not alive:
                 raise Unavailable("no live scheduler to send the request to")
             address = alive[0]["address"]
@@ -355,8 +382,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def _to_list(arr: np.ndarray) -> Any:
     if arr.dtype == object:
-        return np.vectorize(lambda v: v.decode(errors="replace") if isinstance(v, bytes) else v,
-                            otypes=[object])(arr).tolist()
+        return np.vectorize(
+            lambda v: v.decode(errors="replace") if isinstance(v, bytes) else v, otypes=[object]
+        )(arr).tolist()
     return arr.tolist()
 
 
@@ -408,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="send one request and print the outputs as JSON")
     p.add_argument("name")
-    p.add_argument("--data", required=True, help='JSON inputs, e.g. \'{"x": [[1, 2]]}\', or @file.json')
+    p.add_argument("--data", required=True, help="JSON inputs, e.g. '{\"x\": [[1, 2]]}', or @file.json")
     p.add_argument("--scheduler", help="send to this scheduler's gRPC address (default: any live one)")
     p.add_argument("--timeout", type=float, default=0.0, help="seconds (default: the deployment's)")
     p.add_argument("-v", "--verbose", action="store_true", help="say which replica answered")

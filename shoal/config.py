@@ -131,7 +131,7 @@ class Settings:
 
 
 def _coerce(f: dataclasses.Field[Any], value: Any, source: str) -> Any:
-    kind = type(f.default)
+    kind: type[Any] = type(f.default)
     try:
         if kind is bool and isinstance(value, str):
             return value.lower() in ("1", "true", "yes", "on")

@@ -54,7 +54,9 @@ class HttpServer:
 
             raise Unavailable(f"cannot listen on {_addr(host, port)}: {err.strerror}") from None
         self.port = self.sock.getsockname()[1]
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2)
+        config = uvicorn.Config(
+            app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2
+        )
         self.server = uvicorn.Server(config)
         self._task: asyncio.Task[None] | None = None
 

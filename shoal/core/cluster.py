@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from shoal.core.clock import Clock
-from shoal.core.placement import Capacity, Candidate, choose
+from shoal.core.placement import Candidate, Capacity, choose
 from shoal.core.spec import DeploymentSpec
 
 ALIVE = "ALIVE"
@@ -159,9 +159,7 @@ class ClusterState:
         kind = "scheduler_rejoined" if was is not None else "scheduler_joined"
         self._event(kind, f"scheduler {scheduler_id} at {address} registered", scheduler_id=scheduler_id)
 
-    def health(
-        self, scheduler_id: str, registry_version: int, reports: Iterable[ReplicaReport]
-    ) -> bool:
+    def health(self, scheduler_id: str, registry_version: int, reports: Iterable[ReplicaReport]) -> bool:
         """Apply a scheduler's health update. False (NACK) when the scheduler is unknown or DEAD."""
         sched = self.schedulers.get(scheduler_id)
         if sched is None or sched.state != ALIVE:
@@ -172,16 +170,26 @@ class ClusterState:
         for rep in reports:
             seen.add(rep.id)
             if rep.state in (REPLICA_DEAD, STOPPED):
-                self._lost(rep.id, rep.deployment, scheduler_id, rep.message or "replica exited",
-                           was_ready=rep.ready_at > 0)
+                self._lost(
+                    rep.id,
+                    rep.deployment,
+                    scheduler_id,
+                    rep.message or "replica exited",
+                    was_ready=rep.ready_at > 0,
+                )
                 continue
             self._adopt(scheduler_id, rep)
         for rec in [r for r in self.replicas.values() if r.scheduler_id == scheduler_id and r.id not in seen]:
             # Pending creations newer than this report are not known to it yet.
             if rec.state == PENDING or rec.created_version > registry_version:
                 continue
-            self._lost(rec.id, rec.deployment, scheduler_id, "no longer reported by its scheduler",
-                       was_ready=rec.ready_at > 0)
+            self._lost(
+                rec.id,
+                rec.deployment,
+                scheduler_id,
+                "no longer reported by its scheduler",
+                was_ready=rec.ready_at > 0,
+            )
         return True
 
     def expire(self) -> list[str]:
@@ -213,8 +221,13 @@ class ClusterState:
         rec = self.replicas.pop(replica_id, None)
         if rec is not None:
             self._start_failed(rec.deployment, message)
-            self._event("replica_create_failed", f"could not create {replica_id}: {message}",
-                        deployment=rec.deployment, replica_id=replica_id, scheduler_id=rec.scheduler_id)
+            self._event(
+                "replica_create_failed",
+                f"could not create {replica_id}: {message}",
+                deployment=rec.deployment,
+                replica_id=replica_id,
+                scheduler_id=rec.scheduler_id,
+            )
 
     # ------------------------------------------------------------ reconcile
 
@@ -234,7 +247,7 @@ class ClusterState:
         for rec in list(self.replicas.values()):
             if rec.deployment not in desired and rec.state != DRAINING:
                 actions.append(self._remove(rec, graceful=True))
-        for name, (spec, count) in sorted(desired.items()):
+        for _, (spec, count) in sorted(desired.items()):
             actions.extend(self._reconcile_one(spec, count))
         return actions
 
@@ -262,7 +275,8 @@ class ClusterState:
             if failures is not None and self.clock.now() < failures.not_before:
                 wait = failures.not_before - self.clock.now()
                 self.pending_reasons[spec.name] = (
-                    f"{failures.count} replica start failure(s), retrying in {wait:.0f}s: {failures.last_message}"
+                    f"{failures.count} replica start failure(s), retrying in {wait:.0f}s: "
+                    f"{failures.last_message}"
                 )
             else:
                 for _ in range(missing):
@@ -337,8 +351,9 @@ class ClusterState:
     def _adopt(self, scheduler_id: str, rep: ReplicaReport) -> None:
         rec = self.replicas.get(rep.id)
         if rec is None:
-            rec = ReplicaRecord(id=rep.id, deployment=rep.deployment, scheduler_id=scheduler_id,
-                                spec_hash=rep.spec_hash)
+            rec = ReplicaRecord(
+                id=rep.id, deployment=rep.deployment, scheduler_id=scheduler_id, spec_hash=rep.spec_hash
+            )
             self.replicas[rep.id] = rec
         if rec.state == DRAINING and rep.state != DRAINING:
             # The head asked it to go; the scheduler has not caught up yet.
@@ -346,8 +361,13 @@ class ClusterState:
         else:
             state = rep.state
         if state == READY and rec.state != READY:
-            self._event("replica_ready", f"replica {rep.id} is READY", deployment=rep.deployment,
-                        replica_id=rep.id, scheduler_id=scheduler_id)
+            self._event(
+                "replica_ready",
+                f"replica {rep.id} is READY",
+                deployment=rep.deployment,
+                replica_id=rep.id,
+                scheduler_id=scheduler_id,
+            )
             self._failures.pop(rep.deployment, None)
         rec.state = state
         rec.scheduler_id = scheduler_id
@@ -360,18 +380,30 @@ class ClusterState:
         if rep.spec_hash:
             rec.spec_hash = rep.spec_hash
 
-    def _lost(self, replica_id: str, deployment: str, scheduler_id: str, message: str, *, was_ready: bool) -> None:
+    def _lost(
+        self, replica_id: str, deployment: str, scheduler_id: str, message: str, *, was_ready: bool
+    ) -> None:
         rec = self.replicas.pop(replica_id, None)
         if rec is None:
             return
         if rec.state == DRAINING:
-            self._event("replica_stopped", f"replica {replica_id} stopped", deployment=deployment,
-                        replica_id=replica_id, scheduler_id=scheduler_id)
+            self._event(
+                "replica_stopped",
+                f"replica {replica_id} stopped",
+                deployment=deployment,
+                replica_id=replica_id,
+                scheduler_id=scheduler_id,
+            )
             return
         if not was_ready:
             self._start_failed(deployment, message)
-        self._event("replica_died", f"replica {replica_id} died: {message}", deployment=deployment,
-                    replica_id=replica_id, scheduler_id=scheduler_id)
+        self._event(
+            "replica_died",
+            f"replica {replica_id} died: {message}",
+            deployment=deployment,
+            replica_id=replica_id,
+            scheduler_id=scheduler_id,
+        )
 
     def _start_failed(self, deployment: str, message: str) -> None:
         f = self._failures.setdefault(deployment, _StartFailures())
@@ -380,5 +412,16 @@ class ClusterState:
         delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (f.count - 1))
         f.not_before = self.clock.now() + delay
 
-    def _event(self, kind: str, message: str, **where: str) -> None:
-        self.events.append(ClusterEvent(at=self.clock.now(), kind=kind, message=message, **where))
+    def _event(
+        self, kind: str, message: str, *, deployment: str = "", replica_id: str = "", scheduler_id: str = ""
+    ) -> None:
+        self.events.append(
+            ClusterEvent(
+                at=self.clock.now(),
+                kind=kind,
+                message=message,
+                deployment=deployment,
+                replica_id=replica_id,
+                scheduler_id=scheduler_id,
+            )
+        )

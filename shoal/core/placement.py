@@ -71,5 +71,7 @@ def choose(candidates: Sequence[Candidate], need: Capacity) -> tuple[str | None,
         if need.gpus > best.free.gpus + EPSILON:
             short.append(f"gpus {need.gpus:g} > {max(best.free.gpus, 0):g} free")
         return None, f"no scheduler has room ({', '.join(short)} on the emptiest)"
-    best = min(fitting, key=lambda c: (c.replicas_of_deployment, -c.free.cpus, c.replicas_total, c.scheduler_id))
+    best = min(
+        fitting, key=lambda c: (c.replicas_of_deployment, -c.free.cpus, c.replicas_total, c.scheduler_id)
+    )
     return best.scheduler_id, ""

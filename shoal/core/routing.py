@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, TypeVar
 
 
@@ -52,11 +52,11 @@ class RoundRobin:
         return candidates[next(self._counter) % len(candidates)]
 
 
-POLICIES = {"p2c": PowerOfTwo, "round_robin": RoundRobin}
+POLICIES: dict[str, Callable[[], Policy]] = {"p2c": PowerOfTwo, "round_robin": RoundRobin}
 
 
 def make_policy(name: str) -> Policy:
     try:
-        return POLICIES[name]()  # type: ignore[abstract]
+        return POLICIES[name]()
     except KeyError:
         raise ValueError(f"unknown routing policy {name!r}; choose one of {sorted(POLICIES)}") from None

@@ -126,13 +126,19 @@ class HeadNode:
                 replicas=reg.replicas,
             )
             self._refresh_resources()
-        log.info("scheduler %s registered from %s with %d replica(s)", reg.scheduler_id, reg.address,
-                 len(reg.replicas))
+        log.info(
+            "scheduler %s registered from %s with %d replica(s)",
+            reg.scheduler_id,
+            reg.address,
+            len(reg.replicas),
+        )
         await self._publish_routes()
         self.wake()
         return self.settings.heartbeat_interval_s
 
-    async def scheduler_health(self, scheduler_id: str, registry_version: int, reports: list[ReplicaReport]) -> bool:
+    async def scheduler_health(
+        self, scheduler_id: str, registry_version: int, reports: list[ReplicaReport]
+    ) -> bool:
         async with self.lock:
             before = {r.id: r.state for r in self.state.replicas.values()}
             ack = self.state.health(scheduler_id, registry_version, reports)
@@ -214,8 +220,12 @@ class HeadNode:
         if client is None:
             return
         if isinstance(action, CreateReplica):
-            log.info("creating replica %s of %s on scheduler %s", action.replica_id, action.deployment,
-                     action.scheduler_id)
+            log.info(
+                "creating replica %s of %s on scheduler %s",
+                action.replica_id,
+                action.deployment,
+                action.scheduler_id,
+            )
             try:
                 version = await client.create_replica(action.replica_id, action.spec)
             except ShoalError as err:
@@ -267,11 +277,13 @@ class HeadNode:
     async def watch_routes(self, scheduler_id: str) -> AsyncIterator[RoutingTable]:
         """The current routing table, then every new version, until the head stops."""
         seen = -1
+
+        def changed() -> bool:
+            return self._routes.version != seen or self._stopping.is_set()
+
         while not self._stopping.is_set():
             async with self._routes_changed:
-                await self._routes_changed.wait_for(
-                    lambda: self._routes.version != seen or self._stopping.is_set()
-                )
+                await self._routes_changed.wait_for(changed)
                 table = self._routes
             if self._stopping.is_set():
                 return
@@ -332,8 +344,14 @@ def cluster_status(node: HeadNode) -> dict[str, Any]:
             }
         )
     events = [
-        {"at": e.wall, "kind": e.kind, "message": e.message, "deployment": e.deployment,
-         "replica_id": e.replica_id, "scheduler_id": e.scheduler_id}
+        {
+            "at": e.wall,
+            "kind": e.kind,
+            "message": e.message,
+            "deployment": e.deployment,
+            "replica_id": e.replica_id,
+            "scheduler_id": e.scheduler_id,
+        }
         for e in list(state.events)[-50:]
     ]
     return {"schedulers": schedulers, "deployments": deployments, "events": events}

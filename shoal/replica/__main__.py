@@ -14,11 +14,11 @@ from shoal import logs
 from shoal.config import Settings
 from shoal.core.spec import parse_spec_json
 from shoal.errors import ShoalError
+from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.replica.process import ReplicaProcess
 from shoal.rpc.clients import ReplicaSchedulerLink
 from shoal.rpc.replica_service import ReplicaService
 from shoal.rpc.server import bind, new_server
-from shoal.proto import shoal_pb2_grpc as pbg
 
 log = logging.getLogger("shoal.replica")
 

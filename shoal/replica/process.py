@@ -27,7 +27,9 @@ class SchedulerLink(Protocol):
 
 
 class ReplicaProcess:
-    def __init__(self, replica_id: str, spec: DeploymentSpec, settings: Settings, link: SchedulerLink) -> None:
+    def __init__(
+        self, replica_id: str, spec: DeploymentSpec, settings: Settings, link: SchedulerLink
+    ) -> None:
         self.id = replica_id
         self.spec = spec
         self.settings = settings
@@ -53,7 +55,9 @@ class ReplicaProcess:
         batching = self.spec.batching
         self.batcher = Batcher(backend.predict, batching.max_batch_size, batching.max_delay_ms)
         await self.batcher.start()
-        log.info("model %s (%s) loaded in %.2fs", self.spec.model, self.spec.backend, time.monotonic() - started)
+        log.info(
+            "model %s (%s) loaded in %.2fs", self.spec.model, self.spec.backend, time.monotonic() - started
+        )
 
     async def infer(self, request_id: str, inputs: Arrays, timeout_s: float) -> Arrays:
         if self.state not in (READY, DRAINING) or self.batcher is None:

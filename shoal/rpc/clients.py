@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -21,11 +22,11 @@ from shoal.rpc.status import to_error
 from shoal.types import Arrays, PingResult, Route, RoutingTable, SchedulerRegistration
 from shoal.types import DeploymentRoutes as DomainRoutes
 
-STATE_NAMES = {v: k for k, v in pb.ReplicaState.items()}
+STATE_NAMES: dict[int, str] = {int(v): k for k, v in pb.ReplicaState.items()}
 
 
 def state_name(state: int) -> str:
-    return STATE_NAMES.get(state, "REPLICA_STATE_UNSPECIFIED")
+    return STATE_NAMES.get(int(state), "REPLICA_STATE_UNSPECIFIED")
 
 
 def state_value(name: str) -> pb.ReplicaState.ValueType:
@@ -103,7 +104,7 @@ class GrpcReplicaClient:
             raise to_error(err) from None
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._channel.close(None)
 
 
 class GrpcSchedulerClient:
@@ -133,7 +134,7 @@ class GrpcSchedulerClient:
         )
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._channel.close(None)
 
 
 class GrpcHeadLink:
@@ -201,7 +202,7 @@ class GrpcHeadLink:
         return RoutingTable(version=table.version, deployments=deployments)
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._channel.close(None)
 
 
 class ReplicaSchedulerLink:
@@ -223,7 +224,9 @@ class ReplicaSchedulerLink:
         return bool(reply.ack), float(reply.health_interval_s)
 
     async def health(self, replica_id: str, state: str, in_flight: int, queued: int) -> bool:
-        req = pb.ReplicaHealth(replica_id=replica_id, state=state_value(state), in_flight=in_flight, queued=queued)
+        req = pb.ReplicaHealth(
+            replica_id=replica_id, state=state_value(state), in_flight=in_flight, queued=queued
+        )
         reply = await call(
             lambda: self._stub.SendHealthUpdate(req, timeout=self._settings.rpc_timeout_s),
             attempts=1,
@@ -232,7 +235,7 @@ class ReplicaSchedulerLink:
         return bool(reply.ack)
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._channel.close(None)
 
 
 class ControlClient:
@@ -268,25 +271,49 @@ class ControlClient:
         return reply
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._channel.close(None)
+
+
+class NativeClient:
+    """A client of a scheduler's native ``SendRequest``; one channel, many calls, safe concurrently."""
+
+    def __init__(self, address: str, settings: Settings) -> None:
+        self._channel = open_channel(address, settings)
+        self._stub = pbg.SchedulerStub(self._channel)
+
+    async def infer(
+        self, deployment: str, inputs: Arrays, *, timeout_s: float = 0.0, request_id: str = ""
+    ) -> tuple[Arrays, str]:
+        """Returns (outputs, id of the replica that answered). Raises ShoalError."""
+        req = pb.InferRequest(
+            deployment=deployment, request_id=request_id, inputs=codec.encode(inputs), timeout_s=timeout_s
+        )
+        deadline = (timeout_s or 60.0) + 5.0
+        try:
+            reply = await self._stub.SendRequest(req, timeout=deadline)
+        except grpc.aio.AioRpcError as err:
+            raise to_error(err) from None
+        return codec.decode(reply.outputs), reply.replica_id
+
+    async def close(self) -> None:
+        await self._channel.close(None)
+
+    async def __aenter__(self) -> NativeClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
 
 async def send_request(
     address: str, deployment: str, inputs: Arrays, settings: Settings, *, timeout_s: float = 0.0
 ) -> tuple[Arrays, str]:
     """One native SendRequest to the scheduler at ``address``; returns (outputs, replica id)."""
-    channel = open_channel(address, settings)
-    try:
-        stub = pbg.SchedulerStub(channel)
-        req = pb.InferRequest(deployment=deployment, inputs=codec.encode(inputs), timeout_s=timeout_s)
-        deadline = (timeout_s or 60.0) + 5.0
-        reply = await call(lambda: stub.SendRequest(req, timeout=deadline), attempts=2)
-        return codec.decode(reply.outputs), reply.replica_id
-    finally:
-        await channel.close()
+    async with NativeClient(address, settings) as client:
+        return await client.infer(deployment, inputs, timeout_s=timeout_s)
 
 
-def status_to_dict(status: pb.ClusterStatus) -> dict[str, object]:
+def status_to_dict(status: pb.ClusterStatus) -> dict[str, Any]:
     """The JSON shape ``shoal status --json`` prints."""
     return {
         "schedulers": [
@@ -298,7 +325,11 @@ def status_to_dict(status: pb.ClusterStatus) -> dict[str, object]:
                 "pid": s.pid,
                 "hostname": s.hostname,
                 "last_seen_s": round(s.last_seen_s, 3),
-                "capacity": {"cpus": s.capacity.cpus, "memory_mb": s.capacity.memory_mb, "gpus": s.capacity.gpus},
+                "capacity": {
+                    "cpus": s.capacity.cpus,
+                    "memory_mb": s.capacity.memory_mb,
+                    "gpus": s.capacity.gpus,
+                },
                 "allocated": {
                     "cpus": s.allocated.cpus,
                     "memory_mb": s.allocated.memory_mb,

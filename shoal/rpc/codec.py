@@ -15,7 +15,9 @@ def encode(arrays: Mapping[str, np.ndarray]) -> list[pb.Tensor]:
     for name, arr in arrays.items():
         arr = np.asarray(arr)
         out.append(
-            pb.Tensor(name=name, datatype=tensors.datatype_of(arr), shape=arr.shape, data=tensors.to_bytes(arr))
+            pb.Tensor(
+                name=name, datatype=tensors.datatype_of(arr), shape=arr.shape, data=tensors.to_bytes(arr)
+            )
         )
     return out
 

@@ -14,7 +14,7 @@ from shoal.head.node import HeadNode, cluster_status
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.rpc.clients import capacity_from_pb, report_from_pb
-from shoal.rpc.status import abort
+from shoal.rpc.status import Context, abort
 from shoal.types import SchedulerRegistration
 
 
@@ -23,7 +23,7 @@ class HeadService(pbg.HeadServicer):
         self.node = node
 
     async def RegisterScheduler(
-        self, request: pb.RegisterSchedulerRequest, context: grpc.aio.ServicerContext
+        self, request: pb.RegisterSchedulerRequest, context: Context
     ) -> pb.RegisterSchedulerReply:
         if not request.scheduler_id or not request.address:
             await abort(context, InvalidArgument("scheduler_id and address are required"))
@@ -40,7 +40,7 @@ class HeadService(pbg.HeadServicer):
         return pb.RegisterSchedulerReply(heartbeat_interval_s=interval)
 
     async def SendHealthUpdate(
-        self, request: pb.SchedulerHealth, context: grpc.aio.ServicerContext
+        self, request: pb.SchedulerHealth, context: Context
     ) -> pb.HealthReply:
         ack = await self.node.scheduler_health(
             request.scheduler_id, request.registry_version, [report_from_pb(r) for r in request.replicas]
@@ -48,7 +48,7 @@ class HeadService(pbg.HeadServicer):
         return pb.HealthReply(ack=ack)
 
     async def WatchRoutes(
-        self, request: pb.WatchRoutesRequest, context: grpc.aio.ServicerContext
+        self, request: pb.WatchRoutesRequest, context: Context
     ) -> AsyncIterator[pb.RoutingTable]:
         async for table in self.node.watch_routes(request.scheduler_id):
             msg = pb.RoutingTable(version=table.version)
@@ -57,13 +57,15 @@ class HeadService(pbg.HeadServicer):
                 entry.spec_json = dep.spec.to_json()
                 for r in dep.routes:
                     entry.routes.add(
-                        replica_id=r.replica_id, address=r.address, scheduler_id=r.scheduler_id,
+                        replica_id=r.replica_id,
+                        address=r.address,
+                        scheduler_id=r.scheduler_id,
                         in_flight=r.in_flight,
                     )
             yield msg
 
     async def ApplyDeployment(
-        self, request: pb.ApplyDeploymentRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ApplyDeploymentRequest, context: Context
     ) -> pb.ApplyDeploymentReply:
         try:
             spec = parse_spec_json(request.spec_json)
@@ -73,7 +75,7 @@ class HeadService(pbg.HeadServicer):
         return pb.ApplyDeploymentReply(name=spec.name, created=result.created, changed=result.changed)
 
     async def ScaleDeployment(
-        self, request: pb.ScaleDeploymentRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ScaleDeploymentRequest, context: Context
     ) -> pb.Empty:
         if request.replicas < 0:
             await abort(context, InvalidArgument(f"replicas must be >= 0, got {request.replicas}"))
@@ -84,7 +86,7 @@ class HeadService(pbg.HeadServicer):
         return pb.Empty()
 
     async def DeleteDeployment(
-        self, request: pb.DeleteDeploymentRequest, context: grpc.aio.ServicerContext
+        self, request: pb.DeleteDeploymentRequest, context: Context
     ) -> pb.Empty:
         try:
             await self.node.delete(request.name)
@@ -92,28 +94,42 @@ class HeadService(pbg.HeadServicer):
             await abort(context, err)
         return pb.Empty()
 
-    async def GetStatus(self, request: pb.Empty, context: grpc.aio.ServicerContext) -> pb.ClusterStatus:
+    async def GetStatus(self, request: pb.Empty, context: Context) -> pb.ClusterStatus:
         async with self.node.lock:
             status = cluster_status(self.node)
         return json_format.ParseDict(
             {
                 "schedulers": [
                     {
-                        "scheduler_id": s["id"], "address": s["address"], "http_address": s["http_address"],
-                        "state": s["state"], "pid": s["pid"], "hostname": s["hostname"],
-                        "last_seen_s": s["last_seen_s"], "capacity": s["capacity"], "allocated": s["allocated"],
+                        "scheduler_id": s["id"],
+                        "address": s["address"],
+                        "http_address": s["http_address"],
+                        "state": s["state"],
+                        "pid": s["pid"],
+                        "hostname": s["hostname"],
+                        "last_seen_s": s["last_seen_s"],
+                        "capacity": s["capacity"],
+                        "allocated": s["allocated"],
                     }
                     for s in status["schedulers"]
                 ],
                 "deployments": [
                     {
-                        "name": d["name"], "target_replicas": d["target_replicas"],
-                        "pending_reason": d["pending_reason"], "spec_json": json.dumps(d["spec"]),
+                        "name": d["name"],
+                        "target_replicas": d["target_replicas"],
+                        "pending_reason": d["pending_reason"],
+                        "spec_json": json.dumps(d["spec"]),
                         "replicas": [
                             {
-                                "replica_id": r["id"], "deployment": d["name"], "scheduler_id": r["scheduler"],
-                                "state": r["state"], "pid": r["pid"], "address": r["address"],
-                                "in_flight": r["in_flight"], "queued": r["queued"], "message": r["message"],
+                                "replica_id": r["id"],
+                                "deployment": d["name"],
+                                "scheduler_id": r["scheduler"],
+                                "state": r["state"],
+                                "pid": r["pid"],
+                                "address": r["address"],
+                                "in_flight": r["in_flight"],
+                                "queued": r["queued"],
+                                "message": r["message"],
                             }
                             for r in d["replicas"]
                         ],

@@ -10,18 +10,18 @@ from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.replica.process import ReplicaProcess
 from shoal.rpc import codec
 from shoal.rpc.clients import state_value
-from shoal.rpc.status import abort
+from shoal.rpc.status import Context, abort
 
 
 class ReplicaService(pbg.ReplicaServicer):
     def __init__(self, replica: ReplicaProcess) -> None:
         self.replica = replica
 
-    async def Ping(self, request: pb.PingRequest, context: grpc.aio.ServicerContext) -> pb.PingReply:
+    async def Ping(self, request: pb.PingRequest, context: Context) -> pb.PingReply:
         r = self.replica
         return pb.PingReply(state=state_value(r.state), in_flight=r.in_flight, queued=r.queued)
 
-    async def PushTask(self, request: pb.Task, context: grpc.aio.ServicerContext) -> pb.TaskResult:
+    async def PushTask(self, request: pb.Task, context: Context) -> pb.TaskResult:
         try:
             inputs = codec.decode(request.inputs)
             outputs = await self.replica.infer(request.request_id, inputs, request.timeout_s)
@@ -29,6 +29,6 @@ class ReplicaService(pbg.ReplicaServicer):
             await abort(context, err)
         return pb.TaskResult(request_id=request.request_id, outputs=codec.encode(outputs))
 
-    async def Drain(self, request: pb.DrainRequest, context: grpc.aio.ServicerContext) -> pb.Empty:
+    async def Drain(self, request: pb.DrainRequest, context: Context) -> pb.Empty:
         self.replica.request_stop(grace_s=request.grace_s)
         return pb.Empty()

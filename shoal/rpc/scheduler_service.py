@@ -11,7 +11,7 @@ from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.rpc import codec
 from shoal.rpc.clients import state_name
-from shoal.rpc.status import abort
+from shoal.rpc.status import Context, abort
 from shoal.scheduler.node import SchedulerNode
 
 
@@ -20,7 +20,7 @@ class SchedulerService(pbg.SchedulerServicer):
         self.node = node
 
     async def CreateReplica(
-        self, request: pb.CreateReplicaRequest, context: grpc.aio.ServicerContext
+        self, request: pb.CreateReplicaRequest, context: Context
     ) -> pb.CreateReplicaReply:
         try:
             spec = parse_spec_json(request.spec_json)
@@ -32,25 +32,29 @@ class SchedulerService(pbg.SchedulerServicer):
         return pb.CreateReplicaReply(registry_version=version)
 
     async def RemoveReplica(
-        self, request: pb.RemoveReplicaRequest, context: grpc.aio.ServicerContext
+        self, request: pb.RemoveReplicaRequest, context: Context
     ) -> pb.Empty:
         # Unknown replicas are already gone: removing is idempotent.
         await self.node.supervisor.remove(request.replica_id, graceful=request.graceful)
         return pb.Empty()
 
     async def RegisterReplica(
-        self, request: pb.RegisterReplicaRequest, context: grpc.aio.ServicerContext
+        self, request: pb.RegisterReplicaRequest, context: Context
     ) -> pb.RegisterReplicaReply:
         ack = await self.node.supervisor.register(request.replica_id, request.address, request.pid)
-        return pb.RegisterReplicaReply(ack=ack, health_interval_s=self.node.settings.replica_health_interval_s)
+        return pb.RegisterReplicaReply(
+            ack=ack, health_interval_s=self.node.settings.replica_health_interval_s
+        )
 
-    async def SendHealthUpdate(self, request: pb.ReplicaHealth, context: grpc.aio.ServicerContext) -> pb.HealthReply:
+    async def SendHealthUpdate(
+        self, request: pb.ReplicaHealth, context: Context
+    ) -> pb.HealthReply:
         ack = await self.node.supervisor.health(
             request.replica_id, state_name(request.state), request.in_flight, request.queued
         )
         return pb.HealthReply(ack=ack)
 
-    async def SendRequest(self, request: pb.InferRequest, context: grpc.aio.ServicerContext) -> pb.InferReply:
+    async def SendRequest(self, request: pb.InferRequest, context: Context) -> pb.InferReply:
         try:
             if not request.deployment:
                 raise InvalidArgument("deployment is required")
@@ -64,4 +68,6 @@ class SchedulerService(pbg.SchedulerServicer):
             await abort(context, err)
         except ShoalError as err:
             await abort(context, err)
-        return pb.InferReply(request_id=request.request_id, outputs=codec.encode(outputs), replica_id=replica_id)
+        return pb.InferReply(
+            request_id=request.request_id, outputs=codec.encode(outputs), replica_id=replica_id
+        )

@@ -10,7 +10,15 @@ from shoal.rpc.channels import channel_options
 
 
 def new_server(settings: Settings) -> grpc.aio.Server:
-    return grpc.aio.server(options=[*channel_options(settings), ("grpc.so_reuseport", 0)])
+    options = [
+        *channel_options(settings),
+        ("grpc.so_reuseport", 0),
+        # Accept the clients' keepalive pings (every 10 s, also when idle) instead
+        # of answering them with GOAWAY "too_many_pings".
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+        ("grpc.http2.max_ping_strikes", 0),
+    ]
+    return grpc.aio.server(options=options)
 
 
 def bind(server: grpc.aio.Server, host: str, port: int) -> int:

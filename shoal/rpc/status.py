@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
 import grpc.aio
@@ -21,6 +21,8 @@ TO_GRPC: dict[Code, grpc.StatusCode] = {
     Code.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
     Code.INTERNAL: grpc.StatusCode.INTERNAL,
 }
+Context = grpc.aio.ServicerContext[Any, Any]
+
 FROM_GRPC: dict[grpc.StatusCode, Code] = {v: k for k, v in TO_GRPC.items()}
 FROM_GRPC[grpc.StatusCode.CANCELLED] = Code.UNAVAILABLE
 FROM_GRPC[grpc.StatusCode.UNKNOWN] = Code.INTERNAL
@@ -36,6 +38,6 @@ def to_error(err: grpc.aio.AioRpcError) -> ShoalError:
     return from_code(code, err.details() or err.code().name)
 
 
-async def abort(context: grpc.aio.ServicerContext, err: ShoalError) -> NoReturn:
+async def abort(context: Context, err: ShoalError) -> NoReturn:
     await context.abort(TO_GRPC[err.code], err.message)
     raise AssertionError("unreachable")  # context.abort raises

@@ -20,5 +20,6 @@ def scheduler_app(node: SchedulerNode) -> Starlette:
     async def healthz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "scheduler": node.id})
 
-    return Starlette(routes=[Route("/v2/health/live", live), Route("/v2/health/ready", ready),
-                             Route("/healthz", healthz)])
+    return Starlette(
+        routes=[Route("/v2/health/live", live), Route("/v2/health/ready", ready), Route("/healthz", healthz)]
+    )

@@ -43,7 +43,7 @@ def _count_gpus() -> int:
             return int(pynvml.nvmlDeviceGetCount())
         finally:
             pynvml.nvmlShutdown()
-    except Exception:  # noqa: BLE001 - no driver, no GPUs
+    except Exception:
         return 0
 
 
@@ -84,7 +84,11 @@ class SchedulerNode:
         self._tasks.spawn(self._routes_loop(), "routes")
         log.info(
             "scheduler %s at %s: %.1f cpus, %.0f MB, %g gpus",
-            self.id, address, self.capacity.cpus, self.capacity.memory_mb, self.capacity.gpus,
+            self.id,
+            address,
+            self.capacity.cpus,
+            self.capacity.memory_mb,
+            self.capacity.gpus,
         )
 
     async def _head_loop(self) -> None:

@@ -81,7 +81,11 @@ class Router:
         if replica_id in dep.handles:
             return
         handle = ReplicaHandle(
-            replica_id, spec.name, address, scheduler_id, self._client_factory(address),
+            replica_id,
+            spec.name,
+            address,
+            scheduler_id,
+            self._client_factory(address),
             local=scheduler_id == self.scheduler_id,
         )
         dep.handles[replica_id] = handle

@@ -120,18 +120,28 @@ class ReplicaSupervisor:
                 "log_level": self.settings.log_level,
             }
             cmd = [
-                sys.executable, "-m", "shoal.replica",
-                "--replica-id", replica_id,
-                "--scheduler", self._scheduler_address(),
-                "--spec-file", str(spec_path),
-                "--settings-json", json.dumps(settings),
+                sys.executable,
+                "-m",
+                "shoal.replica",
+                "--replica-id",
+                replica_id,
+                "--scheduler",
+                self._scheduler_address(),
+                "--spec-file",
+                str(spec_path),
+                "--settings-json",
+                json.dumps(settings),
             ]
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             with open(log_path, "ab") as out:
                 # Own session: a Ctrl-C at the terminal reaches the scheduler, which
                 # then drains its replicas in order, rather than all at once.
                 process = await asyncio.create_subprocess_exec(
-                    *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env=env,
+                    *cmd,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=out,
+                    env=env,
                     start_new_session=True,
                 )
             rep = LocalReplica(id=replica_id, spec=spec, process=process, log_path=log_path)
@@ -176,7 +186,9 @@ class ReplicaSupervisor:
         try:
             await asyncio.wait_for(rep.process.wait(), grace + 2.0)
         except TimeoutError:
-            log.warning("replica %s still running %.0fs after it was asked to stop; killing it", rep.id, grace + 2)
+            log.warning(
+                "replica %s still running %.0fs after it was asked to stop; killing it", rep.id, grace + 2
+            )
             _signal(rep.process, signal.SIGKILL)
 
     async def _watch(self, rep: LocalReplica) -> None:
@@ -224,7 +236,9 @@ class ReplicaSupervisor:
             rep.ready_at = time.time()
             self.version += 1
         self.router.add(replica_id, rep.spec, address, self.scheduler_id)
-        log.info("replica %s is READY at %s after %.2fs", replica_id, address, time.monotonic() - rep.started_mono)
+        log.info(
+            "replica %s is READY at %s after %.2fs", replica_id, address, time.monotonic() - rep.started_mono
+        )
         self._on_change()
         return True
 
@@ -243,7 +257,9 @@ class ReplicaSupervisor:
         while True:
             await asyncio.sleep(self.settings.ping_interval_s)
             async with self.lock:
-                targets = [r for r in self.registry.values() if r.state == READY and r.address and not r.removing]
+                targets = [
+                    r for r in self.registry.values() if r.state == READY and r.address and not r.removing
+                ]
                 starting = [r for r in self.registry.values() if r.state == STARTING]
             now = time.monotonic()
             for rep in starting:
@@ -260,8 +276,13 @@ class ReplicaSupervisor:
             result = await pinger.ping(rep.spec.health.ping_timeout_s)
         except ShoalError as err:
             rep.ping_failures += 1
-            log.info("replica %s missed ping %d/%d: %s", rep.id, rep.ping_failures,
-                     rep.spec.health.ping_failures, err)
+            log.info(
+                "replica %s missed ping %d/%d: %s",
+                rep.id,
+                rep.ping_failures,
+                rep.spec.health.ping_failures,
+                err,
+            )
             if rep.ping_failures >= rep.spec.health.ping_failures and rep.state != REPLICA_DEAD:
                 await self._kill(rep, f"failed {rep.ping_failures} pings in a row")
             return

@@ -1,0 +1,229 @@
+"""The CLI as a user runs it: ``shoal up`` in the foreground, other commands beside it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import pytest
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def shoal(*args: str, head: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "shoal.cli", "--head", head, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "SHOAL_HEAD": ""},
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"shoal {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
+    return proc
+
+
+class Up:
+    def __init__(self, proc: subprocess.Popen[str], state: Path, log: Path) -> None:
+        self.proc = proc
+        self.state = state
+        self.log = log
+        self.endpoints: dict[str, str] = {}
+        self.descendants: set[int] = set()
+
+    @property
+    def head(self) -> str:
+        return self.endpoints["head"]
+
+    def remember_children(self) -> None:
+        try:
+            self.descendants |= {p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)}
+        except psutil.NoSuchProcess:
+            pass
+
+
+@pytest.fixture
+def up(tmp_path: Path, examples_dir: Path) -> Iterator[Up]:
+    state = tmp_path / "state"
+    log = tmp_path / "up.log"
+    env = {
+        **os.environ,
+        "SHOAL_PING_INTERVAL_S": "0.2",
+        "SHOAL_HEARTBEAT_INTERVAL_S": "0.2",
+        "SHOAL_RECONCILE_INTERVAL_S": "0.2",
+        "SHOAL_SHUTDOWN_GRACE_S": "3",
+    }
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "shoal.cli",
+                "up",
+                "--state",
+                str(state),
+                "--head-port",
+                "0",
+                "--dashboard-port",
+                "0",
+                "--grpc-port",
+                "0",
+                "--http-port",
+                "0",
+                "--deploy",
+                str(examples_dir / "digits.yaml"),
+                "--deploy",
+                str(examples_dir / "echo.yaml"),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
+    u = Up(proc, state, log)
+    try:
+        deadline = time.monotonic() + 30
+        while "shoal is up" not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        u.endpoints = json.loads((state / "endpoints.json").read_text())
+        yield u
+    finally:
+        u.remember_children()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for pid in u.descendants:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def wait_ready(up: Up, name: str, count: int, timeout_s: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = json.loads(shoal("status", "--json", head=up.head).stdout)
+        dep = next((d for d in status["deployments"] if d["name"] == name), None)
+        if dep and sum(r["state"] == "READY" for r in dep["replicas"]) == count == len(dep["replicas"]):
+            return status
+        assert time.monotonic() < deadline, f"{name} not ready: {status}"
+        time.sleep(0.2)
+
+
+def test_up_serves_the_digits_classifier(up: Up) -> None:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    status = wait_ready(up, "digits", 2)
+    digits = load_digits()
+    _, x_test, _, y_test = train_test_split(digits.data, digits.target, test_size=0.25, random_state=0)
+    data = json.dumps({"input": x_test[:20].tolist()})
+    out = json.loads(shoal("predict", "digits", "--data", data, head=up.head).stdout)
+    assert sorted(out) == ["label", "probabilities"]
+    labels = np.array(out["label"])
+    assert (labels == y_test[:20]).mean() >= 0.9
+    assert np.array(out["probabilities"]).shape == (20, 10)
+
+    # status --json: the documented shape, states in capitals.
+    (sched,) = status["schedulers"]
+    assert {"id", "address", "state", "pid"} <= set(sched)
+    assert sched["state"] == "ALIVE" and sched["pid"] == up.proc.pid
+    names = {d["name"] for d in status["deployments"]}
+    assert names == {"digits", "echo"}
+    for dep in status["deployments"]:
+        for r in dep["replicas"]:
+            assert {"id", "scheduler", "state", "pid"} <= set(r)
+            assert r["scheduler"] == sched["id"]
+            assert psutil.pid_exists(r["pid"])
+
+    # The human table names the scheduler and every replica.
+    table = shoal("status", head=up.head).stdout
+    assert sched["id"] in table
+    for dep in status["deployments"]:
+        for r in dep["replicas"]:
+            assert r["id"] in table
+
+
+def test_deploy_scale_delete(up: Up, examples_dir: Path, tmp_path: Path) -> None:
+    wait_ready(up, "echo", 1)
+    spec = tmp_path / "echo2.yaml"
+    spec.write_text((examples_dir / "echo.yaml").read_text().replace("name: echo", "name: echo2"))
+    # echo.py lives beside the original spec; point base_dir there via a copy of the module.
+    (tmp_path / "echo.py").write_text((examples_dir / "echo.py").read_text())
+    out = shoal("deploy", str(spec), head=up.head).stdout
+    assert "deployment echo2 created" in out and "ready after" in out
+    shoal("scale", "echo2", "2", head=up.head)
+    status = wait_ready(up, "echo2", 2)
+    pids = [r["pid"] for d in status["deployments"] if d["name"] == "echo2" for r in d["replicas"]]
+    x = json.dumps({"x": [[float(i) for i in range(16)]]})
+    assert json.loads(shoal("predict", "echo2", "--data", x, head=up.head).stdout) == {"x": [list(range(16))]}
+    shoal("delete", "echo2", head=up.head)
+    deadline = time.monotonic() + 15
+    while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+        assert time.monotonic() < deadline, "replicas of a deleted deployment still running"
+        time.sleep(0.1)
+
+
+def test_errors_are_one_line_without_traceback(up: Up, tmp_path: Path) -> None:
+    cases = [
+        (["predict", "nope", "--data", "{}"], "nope"),
+        (["predict", "echo", "--data", "not json"], "not valid JSON"),
+        (["scale", "nope", "3"], "nope"),
+        (["delete", "nope"], "nope"),
+        (["deploy", str(tmp_path / "missing.yaml")], "missing.yaml"),
+    ]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: Bad Name\nbackend: tensorflow\nmodel: x\n")
+    cases.append((["deploy", str(bad)], "backend"))
+    for args, needle in cases:
+        proc = shoal(*args, head=up.head, check=False)
+        assert proc.returncode == 1, (args, proc.stdout, proc.stderr)
+        assert "Traceback" not in proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("shoal: error:"), proc.stderr
+        assert needle in lines[0], (needle, lines[0])
+
+
+def test_unreachable_head_is_a_clear_error() -> None:
+    proc = shoal("status", head="127.0.0.1:1", check=False, timeout=30)
+    assert proc.returncode == 1
+    assert "cannot reach the head at 127.0.0.1:1" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_sigterm_stops_everything_up_started(up: Up) -> None:
+    wait_ready(up, "digits", 2)
+    wait_ready(up, "echo", 1)
+    up.remember_children()
+    assert len(up.descendants) >= 3
+    up.proc.send_signal(signal.SIGTERM)
+    assert up.proc.wait(30) == 0
+    deadline = time.monotonic() + 10
+    while True:
+        left = [
+            p
+            for p in up.descendants
+            if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+        ]
+        if not left:
+            break
+        assert time.monotonic() < deadline, f"left behind: {left}"
+        time.sleep(0.1)
+    assert "stopped" in up.log.read_text()
