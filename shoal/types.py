@@ -14,7 +14,7 @@ import numpy as np
 
 from shoal.core.cluster import ReplicaReport
 from shoal.core.placement import Capacity
-from shoal.core.spec import DeploymentSpec
+from shoal.core.spec import DeploymentSpec, TensorSpec
 
 Arrays = dict[str, np.ndarray]
 
@@ -24,6 +24,18 @@ class PingResult:
     state: str
     in_flight: int
     queued: int
+
+
+@dataclass(frozen=True)
+class ReplicaDescription:
+    """What a replica serves (its model's inputs and outputs) and how it has batched."""
+
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+    batch_sizes: Mapping[int, int] = field(default_factory=dict)
+    requests: int = 0
+    batches: int = 0
+    compute_ns: int = 0
 
 
 @dataclass(frozen=True)
@@ -67,6 +79,8 @@ class ReplicaClient(Protocol):
         ...
 
     async def drain(self, grace_s: float) -> None: ...
+
+    async def describe(self, timeout_s: float) -> ReplicaDescription: ...
 
     async def close(self) -> None: ...
 

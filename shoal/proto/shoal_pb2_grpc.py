@@ -626,6 +626,11 @@ class ReplicaStub(object):
                 request_serializer=shoal_dot_proto_dot_shoal__pb2.DrainRequest.SerializeToString,
                 response_deserializer=shoal_dot_proto_dot_shoal__pb2.Empty.FromString,
                 _registered_method=True)
+        self.Describe = channel.unary_unary(
+                '/shoal.v1.Replica/Describe',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.Empty.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.ReplicaDescription.FromString,
+                _registered_method=True)
 
 
 class ReplicaServicer(object):
@@ -649,6 +654,12 @@ class ReplicaServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Describe(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReplicaServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -666,6 +677,11 @@ def add_ReplicaServicer_to_server(servicer, server):
                     servicer.Drain,
                     request_deserializer=shoal_dot_proto_dot_shoal__pb2.DrainRequest.FromString,
                     response_serializer=shoal_dot_proto_dot_shoal__pb2.Empty.SerializeToString,
+            ),
+            'Describe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Describe,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.Empty.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.ReplicaDescription.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -749,6 +765,33 @@ class Replica(object):
             '/shoal.v1.Replica/Drain',
             shoal_dot_proto_dot_shoal__pb2.DrainRequest.SerializeToString,
             shoal_dot_proto_dot_shoal__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Describe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Replica/Describe',
+            shoal_dot_proto_dot_shoal__pb2.Empty.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.ReplicaDescription.FromString,
             options,
             channel_credentials,
             insecure,

@@ -180,6 +180,7 @@ class ReplicaStub:
     Ping: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.PingRequest, _shoal_pb2.PingReply]
     PushTask: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.Task, _shoal_pb2.TaskResult]
     Drain: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.DrainRequest, _shoal_pb2.Empty]
+    Describe: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.Empty, _shoal_pb2.ReplicaDescription]
 
 @_typing.type_check_only
 class ReplicaAsyncStub(ReplicaStub):
@@ -187,6 +188,7 @@ class ReplicaAsyncStub(ReplicaStub):
     Ping: _aio.UnaryUnaryMultiCallable[_shoal_pb2.PingRequest, _shoal_pb2.PingReply]  # type: ignore[assignment]
     PushTask: _aio.UnaryUnaryMultiCallable[_shoal_pb2.Task, _shoal_pb2.TaskResult]  # type: ignore[assignment]
     Drain: _aio.UnaryUnaryMultiCallable[_shoal_pb2.DrainRequest, _shoal_pb2.Empty]  # type: ignore[assignment]
+    Describe: _aio.UnaryUnaryMultiCallable[_shoal_pb2.Empty, _shoal_pb2.ReplicaDescription]  # type: ignore[assignment]
 
 class ReplicaServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -209,5 +211,12 @@ class ReplicaServicer(metaclass=_abc_1.ABCMeta):
         request: _shoal_pb2.DrainRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_shoal_pb2.Empty, _abc.Awaitable[_shoal_pb2.Empty]]: ...
+
+    @_abc_1.abstractmethod
+    def Describe(
+        self,
+        request: _shoal_pb2.Empty,
+        context: _ServicerContext,
+    ) -> _typing.Union[_shoal_pb2.ReplicaDescription, _abc.Awaitable[_shoal_pb2.ReplicaDescription]]: ...
 
 def add_ReplicaServicer_to_server(servicer: ReplicaServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

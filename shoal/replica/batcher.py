@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -121,6 +122,7 @@ class Batcher:
         self._in_flight = 0
         self.requests = 0
         self.batches = 0
+        self.compute_ns = 0  # time inside ``run``, all batches
         self.dropped = 0
         self.batch_sizes: collections.Counter[int] = collections.Counter()
 
@@ -216,9 +218,11 @@ class Batcher:
         self.requests += 1
         self.batches += 1
         self.batch_sizes[rows] += 1
+        started = time.perf_counter_ns()
         try:
             return await self._run(inputs)
         finally:
+            self.compute_ns += time.perf_counter_ns() - started
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
@@ -319,7 +323,11 @@ class Batcher:
                 else:
                     names = batch[0].inputs.keys()
                     inputs = {n: np.concatenate([r.inputs[n] for r in batch], axis=0) for n in names}
-                outputs = await self._run(inputs)
+                started = time.perf_counter_ns()
+                try:
+                    outputs = await self._run(inputs)
+                finally:
+                    self.compute_ns += time.perf_counter_ns() - started
                 pieces = _split(outputs, rows)
             except asyncio.CancelledError:
                 for request in batch:

@@ -15,7 +15,7 @@ from shoal.core.cluster import DRAINING, READY, STARTING, STOPPED
 from shoal.core.spec import DeploymentSpec
 from shoal.errors import DeadlineExceeded, ShoalError, Unavailable
 from shoal.replica.batcher import Batcher
-from shoal.types import Arrays
+from shoal.types import Arrays, ReplicaDescription
 
 log = logging.getLogger("shoal.replica")
 
@@ -71,6 +71,17 @@ class ReplicaProcess:
                 raise DeadlineExceeded(f"request {request_id} timed out after {timeout:g}s") from None
         finally:
             self.in_flight -= 1
+
+    def describe(self) -> ReplicaDescription:
+        b = self.batcher
+        return ReplicaDescription(
+            inputs=self.backend.inputs() if self.backend is not None else self.spec.inputs,
+            outputs=self.backend.outputs() if self.backend is not None else self.spec.outputs,
+            batch_sizes=dict(b.batch_sizes) if b is not None else {},
+            requests=b.requests if b is not None else 0,
+            batches=b.batches if b is not None else 0,
+            compute_ns=b.compute_ns if b is not None else 0,
+        )
 
     def request_stop(self, grace_s: float | None = None) -> None:
         """Drain, then exit (SIGTERM, a Drain call, a NACK, or losing the scheduler)."""

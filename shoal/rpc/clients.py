@@ -12,14 +12,14 @@ import grpc.aio
 from shoal.config import Settings
 from shoal.core.cluster import ReplicaReport
 from shoal.core.placement import Capacity
-from shoal.core.spec import DeploymentSpec, parse_spec_json
+from shoal.core.spec import DeploymentSpec, TensorSpec, parse_spec_json
 from shoal.errors import DeadlineExceeded
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.rpc import codec
 from shoal.rpc.channels import Reachability, call, open_channel
 from shoal.rpc.status import to_error
-from shoal.types import Arrays, PingResult, Route, RoutingTable, SchedulerRegistration
+from shoal.types import Arrays, PingResult, ReplicaDescription, Route, RoutingTable, SchedulerRegistration
 from shoal.types import DeploymentRoutes as DomainRoutes
 
 STATE_NAMES: dict[int, str] = {int(v): k for k, v in pb.ReplicaState.items()}
@@ -63,6 +63,14 @@ def report_from_pb(r: pb.ReplicaStatus) -> ReplicaReport:
     )
 
 
+def meta_to_pb(t: TensorSpec) -> pb.TensorMeta:
+    return pb.TensorMeta(name=t.name, datatype=t.datatype, shape=t.shape)
+
+
+def meta_from_pb(t: pb.TensorMeta) -> TensorSpec:
+    return TensorSpec(name=t.name, datatype=t.datatype, shape=tuple(t.shape))
+
+
 def capacity_to_pb(c: Capacity) -> pb.Resources:
     return pb.Resources(cpus=c.cpus, memory_mb=c.memory_mb, gpus=c.gpus)
 
@@ -102,6 +110,20 @@ class GrpcReplicaClient:
             await self._stub.Drain(pb.DrainRequest(grace_s=grace_s), timeout=5.0)
         except grpc.aio.AioRpcError as err:
             raise to_error(err) from None
+
+    async def describe(self, timeout_s: float) -> ReplicaDescription:
+        try:
+            d = await self._stub.Describe(pb.Empty(), timeout=timeout_s)
+        except grpc.aio.AioRpcError as err:
+            raise to_error(err) from None
+        return ReplicaDescription(
+            inputs=tuple(meta_from_pb(t) for t in d.inputs),
+            outputs=tuple(meta_from_pb(t) for t in d.outputs),
+            batch_sizes=dict(d.batch_sizes),
+            requests=d.requests,
+            batches=d.batches,
+            compute_ns=d.compute_ns,
+        )
 
     async def close(self) -> None:
         await self._channel.close(None)

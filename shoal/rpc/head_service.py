@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 
-import grpc.aio
 from google.protobuf import json_format
 
 from shoal.core.spec import parse_spec_json
@@ -39,9 +38,7 @@ class HeadService(pbg.HeadServicer):
         interval = await self.node.register_scheduler(reg)
         return pb.RegisterSchedulerReply(heartbeat_interval_s=interval)
 
-    async def SendHealthUpdate(
-        self, request: pb.SchedulerHealth, context: Context
-    ) -> pb.HealthReply:
+    async def SendHealthUpdate(self, request: pb.SchedulerHealth, context: Context) -> pb.HealthReply:
         ack = await self.node.scheduler_health(
             request.scheduler_id, request.registry_version, [report_from_pb(r) for r in request.replicas]
         )
@@ -74,9 +71,7 @@ class HeadService(pbg.HeadServicer):
             await abort(context, err)
         return pb.ApplyDeploymentReply(name=spec.name, created=result.created, changed=result.changed)
 
-    async def ScaleDeployment(
-        self, request: pb.ScaleDeploymentRequest, context: Context
-    ) -> pb.Empty:
+    async def ScaleDeployment(self, request: pb.ScaleDeploymentRequest, context: Context) -> pb.Empty:
         if request.replicas < 0:
             await abort(context, InvalidArgument(f"replicas must be >= 0, got {request.replicas}"))
         try:
@@ -85,9 +80,7 @@ class HeadService(pbg.HeadServicer):
             await abort(context, err)
         return pb.Empty()
 
-    async def DeleteDeployment(
-        self, request: pb.DeleteDeploymentRequest, context: Context
-    ) -> pb.Empty:
+    async def DeleteDeployment(self, request: pb.DeleteDeploymentRequest, context: Context) -> pb.Empty:
         try:
             await self.node.delete(request.name)
         except ShoalError as err:

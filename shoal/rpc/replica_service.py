@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import grpc.aio
-
 from shoal.errors import ShoalError
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.replica.process import ReplicaProcess
 from shoal.rpc import codec
-from shoal.rpc.clients import state_value
+from shoal.rpc.clients import meta_to_pb, state_value
 from shoal.rpc.status import Context, abort
 
 
@@ -28,6 +26,17 @@ class ReplicaService(pbg.ReplicaServicer):
         except ShoalError as err:
             await abort(context, err)
         return pb.TaskResult(request_id=request.request_id, outputs=codec.encode(outputs))
+
+    async def Describe(self, request: pb.Empty, context: Context) -> pb.ReplicaDescription:
+        d = self.replica.describe()
+        return pb.ReplicaDescription(
+            inputs=[meta_to_pb(t) for t in d.inputs],
+            outputs=[meta_to_pb(t) for t in d.outputs],
+            batch_sizes=d.batch_sizes,
+            requests=d.requests,
+            batches=d.batches,
+            compute_ns=d.compute_ns,
+        )
 
     async def Drain(self, request: pb.DrainRequest, context: Context) -> pb.Empty:
         self.replica.request_stop(grace_s=request.grace_s)

@@ -3,8 +3,6 @@ replicas, native SendRequest from clients): decode, call the domain, encode."""
 
 from __future__ import annotations
 
-import grpc.aio
-
 from shoal.core.spec import parse_spec_json
 from shoal.errors import InvalidArgument, NotFound, ShoalError
 from shoal.proto import shoal_pb2 as pb
@@ -31,9 +29,7 @@ class SchedulerService(pbg.SchedulerServicer):
             await abort(context, err)
         return pb.CreateReplicaReply(registry_version=version)
 
-    async def RemoveReplica(
-        self, request: pb.RemoveReplicaRequest, context: Context
-    ) -> pb.Empty:
+    async def RemoveReplica(self, request: pb.RemoveReplicaRequest, context: Context) -> pb.Empty:
         # Unknown replicas are already gone: removing is idempotent.
         await self.node.supervisor.remove(request.replica_id, graceful=request.graceful)
         return pb.Empty()
@@ -46,9 +42,7 @@ class SchedulerService(pbg.SchedulerServicer):
             ack=ack, health_interval_s=self.node.settings.replica_health_interval_s
         )
 
-    async def SendHealthUpdate(
-        self, request: pb.ReplicaHealth, context: Context
-    ) -> pb.HealthReply:
+    async def SendHealthUpdate(self, request: pb.ReplicaHealth, context: Context) -> pb.HealthReply:
         ack = await self.node.supervisor.health(
             request.replica_id, state_name(request.state), request.in_flight, request.queued
         )
