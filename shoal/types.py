@@ -105,7 +105,12 @@ class HeadLink(Protocol):
         ...
 
     async def health(
-        self, scheduler_id: str, registry_version: int, replicas: list[ReplicaReport], allocated: Capacity
+        self,
+        scheduler_id: str,
+        registry_version: int,
+        replicas: list[ReplicaReport],
+        allocated: Capacity,
+        load: Mapping[str, tuple[int, int]],
     ) -> bool:
         """False: NACK, register again."""
         ...

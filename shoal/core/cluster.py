@@ -157,7 +157,7 @@ class ClusterState:
         for rep in replicas:
             self._adopt(scheduler_id, rep)
         kind = "scheduler_rejoined" if was is not None else "scheduler_joined"
-        self._event(kind, f"scheduler {scheduler_id} at {address} registered", scheduler_id=scheduler_id)
+        self.event(kind, f"scheduler {scheduler_id} at {address} registered", scheduler_id=scheduler_id)
 
     def health(self, scheduler_id: str, registry_version: int, reports: Iterable[ReplicaReport]) -> bool:
         """Apply a scheduler's health update. False (NACK) when the scheduler is unknown or DEAD."""
@@ -203,7 +203,7 @@ class ClusterState:
                 lost = [r for r in self.replicas.values() if r.scheduler_id == sched.id]
                 for rec in lost:
                     del self.replicas[rec.id]
-                self._event(
+                self.event(
                     "scheduler_dead",
                     f"scheduler {sched.id} missed health updates for {self.dead_after_s:g}s; "
                     f"{len(lost)} replica(s) to place elsewhere",
@@ -221,7 +221,7 @@ class ClusterState:
         rec = self.replicas.pop(replica_id, None)
         if rec is not None:
             self._start_failed(rec.deployment, message)
-            self._event(
+            self.event(
                 "replica_create_failed",
                 f"could not create {replica_id}: {message}",
                 deployment=rec.deployment,
@@ -361,7 +361,7 @@ class ClusterState:
         else:
             state = rep.state
         if state == READY and rec.state != READY:
-            self._event(
+            self.event(
                 "replica_ready",
                 f"replica {rep.id} is READY",
                 deployment=rep.deployment,
@@ -387,7 +387,7 @@ class ClusterState:
         if rec is None:
             return
         if rec.state == DRAINING:
-            self._event(
+            self.event(
                 "replica_stopped",
                 f"replica {replica_id} stopped",
                 deployment=deployment,
@@ -397,7 +397,7 @@ class ClusterState:
             return
         if not was_ready:
             self._start_failed(deployment, message)
-        self._event(
+        self.event(
             "replica_died",
             f"replica {replica_id} died: {message}",
             deployment=deployment,
@@ -412,7 +412,7 @@ class ClusterState:
         delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (f.count - 1))
         f.not_before = self.clock.now() + delay
 
-    def _event(
+    def event(
         self, kind: str, message: str, *, deployment: str = "", replica_id: str = "", scheduler_id: str = ""
     ) -> None:
         self.events.append(

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from shoal.config import Settings
+from shoal.core.autoscale import Autoscaler
 from shoal.core.clock import Clock, SystemClock, sleep_or_event
 from shoal.core.cluster import (
     Action,
@@ -70,6 +71,9 @@ class HeadNode:
         self._runner: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._paused = False
+        self.autoscaler = Autoscaler(self.clock)
+        self._loads: dict[str, dict[str, tuple[int, int]]] = {}  # scheduler -> deployment -> load
+        self.targets: dict[str, int] = {}  # autoscaled deployments: the current replica count
 
     # ------------------------------------------------------------ lifecycle
 
@@ -137,12 +141,21 @@ class HeadNode:
         return self.settings.heartbeat_interval_s
 
     async def scheduler_health(
-        self, scheduler_id: str, registry_version: int, reports: list[ReplicaReport]
+        self,
+        scheduler_id: str,
+        registry_version: int,
+        reports: list[ReplicaReport],
+        load: Mapping[str, tuple[int, int]] | None = None,
     ) -> bool:
         async with self.lock:
             before = {r.id: r.state for r in self.state.replicas.values()}
             ack = self.state.health(scheduler_id, registry_version, reports)
             after = {r.id: r.state for r in self.state.replicas.values()}
+            if ack:
+                self._loads[scheduler_id] = dict(load or {})
+                if any(queued for _, queued in self._loads[scheduler_id].values()):
+                    # Requests are waiting somewhere: let the autoscaler look now.
+                    self.wake()
         if not ack:
             log.info("NACK health update from unknown scheduler %s", scheduler_id)
             return False
@@ -181,6 +194,8 @@ class HeadNode:
             self._get(name)
             await self.store.delete(DEPLOYMENTS + name)
             del self.desired[name]
+            self.targets.pop(name, None)
+            self.autoscaler.forget(name)
         log.info("deployment %s deleted", name)
         self.wake()
         await self._publish_routes()
@@ -200,7 +215,7 @@ class HeadNode:
         """One pass: decide under the lock, then act on schedulers concurrently."""
         async with self.lock:
             self._refresh_resources()
-            desired = {n: (s, s.initial_replicas()) for n, s in self.desired.items()}
+            desired = {n: (s, self._target(s)) for n, s in self.desired.items()}
             if self._paused:
                 self.state.expire()
                 actions = []
@@ -214,6 +229,40 @@ class HeadNode:
             await asyncio.gather(*(self._act(a) for a in actions))
         await self._publish_routes()
         return actions
+
+    def _target(self, spec: DeploymentSpec) -> int:
+        """The replica count to reconcile to: the spec's, or the autoscaler's. Called under the lock."""
+        policy = spec.autoscaling
+        if policy is None:
+            self.targets.pop(spec.name, None)
+            return spec.replicas
+        current = self.targets.get(spec.name)
+        if current is None:
+            # After a head restart: keep what runs (within bounds) rather than the spec's start count.
+            running = sum(1 for r in self.state.replicas.values() if r.deployment == spec.name)
+            current = running if running else spec.initial_replicas()
+        alive = {s.id for s in self.state.schedulers.values() if s.state == "ALIVE"}
+        load = sum(
+            f + q
+            for sid, loads in self._loads.items()
+            if sid in alive
+            for name, (f, q) in loads.items()
+            if name == spec.name
+        )
+        self.autoscaler.observe(spec.name, load)
+        decision = self.autoscaler.decide(spec.name, policy, current)
+        if decision is not None and decision.desired != current:
+            log.info(
+                "autoscaling %s from %d to %d: %s", spec.name, current, decision.desired, decision.reason
+            )
+            self.state.event(
+                "scaled",
+                f"{spec.name}: {current} -> {decision.desired} replicas ({decision.reason})",
+                deployment=spec.name,
+            )
+            current = decision.desired
+        self.targets[spec.name] = current
+        return current
 
     async def _act(self, action: Action) -> None:
         client = self._client(action.scheduler_id)
@@ -336,7 +385,7 @@ def cluster_status(node: HeadNode) -> dict[str, Any]:
         deployments.append(
             {
                 "name": name,
-                "target_replicas": spec.initial_replicas(),
+                "target_replicas": node.targets.get(name, spec.replicas),
                 "ready_replicas": sum(1 for r in replicas if r["state"] == "READY"),
                 "pending_reason": state.pending_reasons.get(name, ""),
                 "spec": spec.model_dump(mode="json"),

@@ -226,13 +226,61 @@ class RegisterSchedulerReply(_message.Message):
 Global___RegisterSchedulerReply: _TypeAlias = RegisterSchedulerReply  # noqa: Y015
 
 @_typing.final
+class DeploymentLoad(_message.Message):
+    """Requests of one deployment at one scheduler's router, for autoscaling."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    QUEUED_FIELD_NUMBER: _builtins.int
+    in_flight: _builtins.int
+    """sent to replicas, not yet answered"""
+    queued: _builtins.int
+    """waiting for a replica with room"""
+    def __init__(
+        self,
+        *,
+        in_flight: _builtins.int = ...,
+        queued: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["in_flight", b"in_flight", "queued", b"queued"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeploymentLoad: _TypeAlias = DeploymentLoad  # noqa: Y015
+
+@_typing.final
 class SchedulerHealth(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LoadEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___DeploymentLoad: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___DeploymentLoad | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     SCHEDULER_ID_FIELD_NUMBER: _builtins.int
     REPLICAS_FIELD_NUMBER: _builtins.int
     REGISTRY_VERSION_FIELD_NUMBER: _builtins.int
     ALLOCATED_FIELD_NUMBER: _builtins.int
+    LOAD_FIELD_NUMBER: _builtins.int
     scheduler_id: _builtins.str
     registry_version: _builtins.int
     """bumps with every change to the scheduler's registry"""
@@ -240,6 +288,8 @@ class SchedulerHealth(_message.Message):
     def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicaStatus]: ...
     @_builtins.property
     def allocated(self) -> Global___Resources: ...
+    @_builtins.property
+    def load(self) -> _containers.MessageMap[_builtins.str, Global___DeploymentLoad]: ...
     def __init__(
         self,
         *,
@@ -247,10 +297,11 @@ class SchedulerHealth(_message.Message):
         replicas: _abc.Iterable[Global___ReplicaStatus] | None = ...,
         registry_version: _builtins.int = ...,
         allocated: Global___Resources | None = ...,
+        load: _abc.Mapping[_builtins.str, Global___DeploymentLoad] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["allocated", b"allocated"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated", b"allocated", "registry_version", b"registry_version", "replicas", b"replicas", "scheduler_id", b"scheduler_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated", b"allocated", "load", b"load", "registry_version", b"registry_version", "replicas", b"replicas", "scheduler_id", b"scheduler_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

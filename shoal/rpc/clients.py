@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import grpc
@@ -187,13 +187,19 @@ class GrpcHeadLink:
         return float(reply.heartbeat_interval_s)
 
     async def health(
-        self, scheduler_id: str, registry_version: int, replicas: list[ReplicaReport], allocated: Capacity
+        self,
+        scheduler_id: str,
+        registry_version: int,
+        replicas: list[ReplicaReport],
+        allocated: Capacity,
+        load: Mapping[str, tuple[int, int]],
     ) -> bool:
         req = pb.SchedulerHealth(
             scheduler_id=scheduler_id,
             registry_version=registry_version,
             replicas=[report_to_pb(r) for r in replicas],
             allocated=capacity_to_pb(allocated),
+            load={name: pb.DeploymentLoad(in_flight=f, queued=q) for name, (f, q) in load.items()},
         )
         reply = await call(
             lambda: self._stub.SendHealthUpdate(req, timeout=self._settings.rpc_timeout_s),

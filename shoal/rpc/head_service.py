@@ -40,7 +40,10 @@ class HeadService(pbg.HeadServicer):
 
     async def SendHealthUpdate(self, request: pb.SchedulerHealth, context: Context) -> pb.HealthReply:
         ack = await self.node.scheduler_health(
-            request.scheduler_id, request.registry_version, [report_from_pb(r) for r in request.replicas]
+            request.scheduler_id,
+            request.registry_version,
+            [report_from_pb(r) for r in request.replicas],
+            {name: (d.in_flight, d.queued) for name, d in request.load.items()},
         )
         return pb.HealthReply(ack=ack)
 

@@ -63,8 +63,10 @@ class SchedulerNode:
         self.address = ""
         self.http_address = ""
         self.capacity = machine_capacity(settings)
-        self.router = Router(scheduler_id, settings, replica_client)
         self._report_now = asyncio.Event()
+        # A request waiting for a deployment with no replica: tell the head now, so
+        # that it scales up from zero without waiting for the next heartbeat.
+        self.router = Router(scheduler_id, settings, replica_client, on_starved=self._report_now.set)
         self.supervisor = ReplicaSupervisor(
             settings,
             self.router,
@@ -111,7 +113,9 @@ class SchedulerNode:
                 backoff = 0.1
                 while True:
                     version, reports = self.supervisor.reports()
-                    ack = await self.head.health(self.id, version, reports, self.supervisor.allocated())
+                    ack = await self.head.health(
+                        self.id, version, reports, self.supervisor.allocated(), self.router.load()
+                    )
                     if not ack:
                         log.warning("the head does not know this scheduler (NACK); registering again")
                         self.registered.clear()
@@ -143,7 +147,7 @@ class SchedulerNode:
         # One last health update so the head learns the replicas are gone.
         try:
             version, reports = self.supervisor.reports()
-            await asyncio.wait_for(self.head.health(self.id, version, reports, Capacity()), 1.0)
+            await asyncio.wait_for(self.head.health(self.id, version, reports, Capacity(), {}), 1.0)
         except (ShoalError, TimeoutError):
             pass
         await self._tasks.aclose()

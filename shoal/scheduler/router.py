@@ -57,7 +57,9 @@ class Router:
         settings: Settings,
         client_factory: Callable[[str], ReplicaClient],
         policy: str = "p2c",
+        on_starved: Callable[[], None] | None = None,
     ) -> None:
+        self._on_starved = on_starved
         self.scheduler_id = scheduler_id
         self.settings = settings
         self._client_factory = client_factory
@@ -144,6 +146,13 @@ class Router:
         dep = self._deployments.get(name)
         return 0 if dep is None else sum(1 for h in dep.handles.values() if h.accepting)
 
+    def load(self) -> dict[str, tuple[int, int]]:
+        """Per deployment: (requests in flight to replicas, requests waiting for one)."""
+        return {
+            name: (sum(h.in_flight for h in dep.handles.values()), dep.waiting)
+            for name, dep in self._deployments.items()
+        }
+
     def _notify(self, dep: _Deployment) -> None:
         dep.changed.fire()
 
@@ -198,6 +207,8 @@ class Router:
             )
         loop = asyncio.get_running_loop()
         dep.waiting += 1
+        if self._on_starved is not None and not any(h.accepting for h in dep.handles.values()):
+            self._on_starved()
         try:
             while True:
                 handle = self._pick(dep, tried)

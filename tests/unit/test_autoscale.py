@@ -1,0 +1,108 @@
+"""The autoscaling decision, with a fake clock."""
+
+from __future__ import annotations
+
+from shoal.core.autoscale import Autoscaler
+from shoal.core.clock import FakeClock
+from shoal.core.spec import Autoscaling
+
+POLICY = Autoscaling(
+    min_replicas=1, max_replicas=5, target_ongoing_requests=2, upscale_delay_s=3, downscale_delay_s=10
+)
+
+
+def run(
+    scaler: Autoscaler,
+    clock: FakeClock,
+    load: float,
+    seconds: float,
+    current: int,
+    policy: Autoscaling = POLICY,
+) -> tuple[int, list[float]]:
+    """Feed ``load`` every 0.5 s for ``seconds``, applying decisions; returns (count, times of changes)."""
+    changes = []
+    t = 0.0
+    while t < seconds:
+        scaler.observe("d", load)
+        decision = scaler.decide("d", policy, current)
+        if decision is not None and decision.desired != current:
+            current = decision.desired
+            changes.append(t)
+        clock.advance(0.5)
+        t += 0.5
+    return current, changes
+
+
+def test_scales_up_after_the_upscale_delay_to_load_over_target() -> None:
+    clock = FakeClock()
+    scaler = Autoscaler(clock)
+    count, changes = run(scaler, clock, load=7, seconds=2.5, current=1)
+    assert count == 1 and changes == []  # not before upscale_delay_s
+    count, changes = run(scaler, clock, load=7, seconds=2, current=count)
+    assert count == 4  # ceil(7 / 2)
+    assert len(changes) == 1
+
+
+def test_never_above_max_nor_below_min() -> None:
+    clock = FakeClock()
+    scaler = Autoscaler(clock)
+    count, _ = run(scaler, clock, load=1000, seconds=10, current=1)
+    assert count == 5
+    count, _ = run(scaler, clock, load=0, seconds=60, current=count)
+    assert count == 1
+
+
+def test_steady_load_does_not_flap() -> None:
+    clock = FakeClock()
+    scaler = Autoscaler(clock)
+    count, _ = run(scaler, clock, load=6, seconds=5, current=1)
+    assert count == 3
+    # 6 in flight on 3 replicas is exactly the target: nothing changes for minutes.
+    count, changes = run(scaler, clock, load=6, seconds=300, current=count)
+    assert count == 3 and changes == []
+    # Load that would fit 2 replicas only at 100% does not scale down (margin).
+    count, changes = run(scaler, clock, load=4, seconds=300, current=count)
+    assert count == 3 and changes == []
+
+
+def test_scales_down_only_after_the_downscale_delay() -> None:
+    clock = FakeClock()
+    scaler = Autoscaler(clock)
+    count, changes = run(scaler, clock, load=1, seconds=9, current=4)
+    assert count == 4 and changes == []
+    count, changes = run(scaler, clock, load=1, seconds=3, current=count)
+    assert count == 1 and len(changes) == 1
+
+
+def test_a_short_dip_does_not_scale_down() -> None:
+    clock = FakeClock()
+    scaler = Autoscaler(clock)
+    count, _ = run(scaler, clock, load=0.5, seconds=6, current=3)  # dip shorter than 10 s
+    count, changes = run(scaler, clock, load=6, seconds=20, current=count)
+    assert count == 3 and changes == []
+
+
+def test_scale_to_zero_and_back_from_zero_at_once() -> None:
+    policy = Autoscaling(
+        min_replicas=0, max_replicas=3, target_ongoing_requests=1, upscale_delay_s=5, downscale_delay_s=2
+    )
+    clock = FakeClock()
+    scaler = Autoscaler(clock)
+    count, _ = run(scaler, clock, load=0, seconds=3, current=1, policy=policy)
+    assert count == 0
+    # One waiting request scales from zero on the next look, ignoring upscale_delay_s.
+    scaler.observe("d", 1)
+    decision = scaler.decide("d", policy, 0)
+    assert decision is not None and decision.desired == 1
+    assert "waiting" in decision.reason
+
+
+def test_changed_bounds_apply_at_once() -> None:
+    clock = FakeClock()
+    scaler = Autoscaler(clock)
+    scaler.observe("d", 0)
+    narrower = Autoscaling(min_replicas=2, max_replicas=3, target_ongoing_requests=2)
+    decision = scaler.decide("d", narrower, 5)
+    assert decision is not None and decision.desired == 3
+    decision = scaler.decide("d", narrower, 1)
+    assert decision is not None and decision.desired == 2
