@@ -1,0 +1,211 @@
+"""The control plane across several schedulers (separate processes, own ports and
+state folders): placement by resources, scheduler and head failure, rolling updates."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import pytest
+
+from shoal.rpc.clients import NativeClient
+from shoal.testing.cluster import ProcessCluster
+
+pytestmark = pytest.mark.timeout(120)
+
+X = np.ones((1, 16), np.float32)
+
+
+def echo(examples: Path, replicas: int, cpus: float = 0.1, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": "echo",
+        "backend": "python",
+        "model": "echo:Echo",
+        "base_dir": str(examples),
+        "replicas": replicas,
+        "resources": {"cpus": cpus},
+        **extra,
+    }
+
+
+def replicas_of(status: dict[str, Any], name: str = "echo") -> list[dict[str, Any]]:
+    return next((d["replicas"] for d in status["deployments"] if d["name"] == name), [])
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@asynccontextmanager
+async def load(
+    cluster: ProcessCluster, scheduler: int = 0, workers: int = 8
+) -> AsyncIterator[dict[str, Any]]:
+    """Closed-loop requests until the block ends; yields counters checked afterwards."""
+    stats: dict[str, Any] = {"ok": 0, "failures": []}
+    stop = asyncio.Event()
+
+    async def worker(client: NativeClient) -> None:
+        while not stop.is_set():
+            try:
+                await client.infer("echo", {"x": X}, timeout_s=30)
+                stats["ok"] += 1
+            except Exception as err:
+                stats["failures"].append(repr(err))
+
+    async with NativeClient(cluster.scheduler_address(scheduler), cluster.settings) as client:
+        tasks = [asyncio.create_task(worker(client)) for _ in range(workers)]
+        try:
+            yield stats
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks)
+
+
+async def test_placement_honours_resources_and_spreads(tmp_path: Path, examples_dir: Path) -> None:
+    async with ProcessCluster(
+        tmp_path, schedulers=2, scheduler_args=[["--cpus", "1"], ["--cpus", "1"]]
+    ) as cluster:
+        await cluster.deploy(echo(examples_dir, replicas=3, cpus=1))
+
+        def two_placed(s: dict[str, Any]) -> bool:
+            ready = [r for r in replicas_of(s) if r["state"] == "READY"]
+            return len(ready) == 2
+
+        status = await cluster.wait_for(two_placed, what="two replicas placed")
+        # One per scheduler (each has room for one), and the third waits with a reason.
+        assert len({r["scheduler"] for r in replicas_of(status)}) == 2
+        await asyncio.sleep(1.0)
+        status = await cluster.status()
+        dep = status["deployments"][0]
+        assert len(dep["replicas"]) == 2
+        assert "no scheduler has room" in dep["pending_reason"]
+        assert "cpus 1 > 0 free" in dep["pending_reason"]
+        for s in status["schedulers"]:
+            assert s["allocated"]["cpus"] == 1
+        # Half-CPU replicas fit two per scheduler: scaling down the ask places everything.
+        await cluster.deploy(echo(examples_dir, replicas=3, cpus=0.5))
+        status = await cluster.wait_for(
+            lambda s: (
+                len([r for r in replicas_of(s) if r["state"] == "READY"]) == 3
+                and not s["deployments"][0]["pending_reason"]
+                and len(replicas_of(s)) == 3
+            ),
+            what="three replicas",
+        )
+
+
+async def test_killed_scheduler_replicas_move_and_orphans_exit(tmp_path: Path, examples_dir: Path) -> None:
+    async with ProcessCluster(tmp_path, schedulers=2) as cluster:
+        await cluster.deploy(echo(examples_dir, replicas=2))
+        status = await cluster.wait_for(
+            lambda s: len({r["scheduler"] for r in replicas_of(s) if r["state"] == "READY"}) == 2,
+            what="one replica per scheduler",
+        )
+        victim_sched = next(s for s in status["schedulers"] if s["pid"] == cluster.schedulers[0].pid)
+        orphans = [r["pid"] for r in replicas_of(status) if r["scheduler"] == victim_sched["id"]]
+        cluster.schedulers[0].children()
+        os.kill(cluster.schedulers[0].pid, signal.SIGKILL)
+        killed = time.monotonic()
+        # dead_after is 2 s here; the replacement lands on the surviving scheduler.
+        status = await cluster.wait_for(
+            lambda s: (
+                [r["scheduler"] for r in replicas_of(s) if r["state"] == "READY"].count(
+                    next(x["id"] for x in s["schedulers"] if x["id"] != victim_sched["id"])
+                )
+                == 2
+                and len(replicas_of(s)) == 2
+            ),
+            timeout_s=20,
+            what="both replicas on the surviving scheduler",
+        )
+        moved_in = time.monotonic() - killed
+        assert moved_in < 20
+        assert [s["state"] for s in status["schedulers"] if s["id"] == victim_sched["id"]] == ["DEAD"]
+        deadline = time.monotonic() + 10
+        while any(alive(p) for p in orphans):
+            assert time.monotonic() < deadline, "orphaned replicas still running"
+            await asyncio.sleep(0.1)
+
+
+async def test_head_killed_under_load_loses_nothing_and_adopts_replicas(
+    tmp_path: Path, examples_dir: Path
+) -> None:
+    async with ProcessCluster(tmp_path, schedulers=2) as cluster:
+        await cluster.deploy(echo(examples_dir, replicas=2, options={"delay_ms": 5}))
+        await cluster.wait_for(lambda s: len([r for r in replicas_of(s) if r["state"] == "READY"]) == 2)
+        before = sorted(r["id"] for r in replicas_of(await cluster.status()))
+        async with load(cluster, scheduler=1) as stats:
+            await asyncio.sleep(0.5)
+            assert cluster.head is not None
+            cluster.head.kill_all()
+            await asyncio.sleep(2.0)  # the data plane keeps serving from its last routing table
+            served_headless = stats["ok"]
+            await asyncio.to_thread(cluster.restart_head)
+            await cluster.client.close()
+            cluster._client = None  # noqa: SLF001 - reconnect to the new head
+            status = await cluster.wait_for(
+                lambda s: (
+                    len(s["schedulers"]) == 2
+                    and len([r for r in replicas_of(s) if r["state"] == "READY"]) == 2
+                ),
+                timeout_s=20,
+                what="schedulers back with their replicas",
+            )
+            await asyncio.sleep(1.0)
+        assert stats["failures"] == []
+        assert served_headless > 0
+        after = sorted(r["id"] for r in replicas_of(await cluster.status()))
+        assert after == before, "same replicas, no duplicates"
+        assert status is not None
+
+
+async def test_rolling_update_under_load_fails_no_request(tmp_path: Path, examples_dir: Path) -> None:
+    async with ProcessCluster(tmp_path) as cluster:
+        await cluster.deploy(echo(examples_dir, replicas=2, options={"delay_ms": 10}))
+        await cluster.wait_ready("echo", 2)
+        old = {r["id"] for r in replicas_of(await cluster.status())}
+        ready_counts: list[int] = []
+        async with load(cluster) as stats:
+            await asyncio.sleep(0.5)
+            # A changed option needs new processes: the replicas roll.
+            await cluster.deploy(echo(examples_dir, replicas=2, options={"delay_ms": 5}))
+
+            def rolled(s: dict[str, Any]) -> bool:
+                reps = replicas_of(s)
+                ready_counts.append(sum(r["state"] == "READY" for r in reps))
+                return len(reps) == 2 and all(r["state"] == "READY" and r["id"] not in old for r in reps)
+
+            await cluster.wait_for(rolled, timeout_s=30, what="all replicas replaced")
+            await asyncio.sleep(0.5)
+        assert stats["failures"] == []
+        assert stats["ok"] > 100
+        # Capacity never dropped below the target while rolling.
+        assert min(ready_counts) >= 2, ready_counts
+        # Changing only the replica count starts nothing new and stops nothing old.
+        current = {r["id"] for r in replicas_of(await cluster.status())}
+        await cluster.deploy(echo(examples_dir, replicas=3, options={"delay_ms": 5}))
+        await cluster.wait_ready("echo", 3)
+        assert current < {r["id"] for r in replicas_of(await cluster.status())}
+
+
+async def test_sigterm_drains_in_flight_requests(tmp_path: Path, examples_dir: Path) -> None:
+    async with ProcessCluster(tmp_path) as cluster:
+        await cluster.deploy(echo(examples_dir, replicas=1, options={"delay_ms": 1000}))
+        (replica,) = await cluster.wait_ready("echo", 1)
+        async with NativeClient(cluster.scheduler_address(), cluster.settings) as client:
+            pending = asyncio.create_task(client.infer("echo", {"x": X}, timeout_s=10))
+            await asyncio.sleep(0.3)
+            os.kill(replica["pid"], signal.SIGTERM)
+            out, _ = await pending  # finishes although its replica was told to stop
+        np.testing.assert_array_equal(out["x"], X)
