@@ -262,6 +262,12 @@ class ProcessCluster:
             self._client = ControlClient(self.head_address, self.settings)
         return self._client
 
+    async def reconnect(self) -> None:
+        """Drop the control channel (e.g. after restarting the head); the next call opens a new one."""
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
     async def deploy(self, spec: DeploymentSpec | dict[str, Any]) -> None:
         if isinstance(spec, dict):
             spec = parse_spec(spec)

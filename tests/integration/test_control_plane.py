@@ -152,8 +152,7 @@ async def test_head_killed_under_load_loses_nothing_and_adopts_replicas(
             await asyncio.sleep(2.0)  # the data plane keeps serving from its last routing table
             served_headless = stats["ok"]
             await asyncio.to_thread(cluster.restart_head)
-            await cluster.client.close()
-            cluster._client = None  # noqa: SLF001 - reconnect to the new head
+            await cluster.reconnect()
             status = await cluster.wait_for(
                 lambda s: (
                     len(s["schedulers"]) == 2
