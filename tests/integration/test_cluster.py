@@ -218,8 +218,7 @@ async def test_head_restart_nacks_then_scheduler_reregisters_and_replicas_are_ad
         out, _ = await cluster.send("echo", {"x": x})
         np.testing.assert_array_equal(out["x"], x)
         await asyncio.to_thread(cluster.restart_head)
-        await cluster._client.close() if cluster._client else None
-        cluster._client = None
+        await cluster.reconnect()
         after = await cluster.wait_ready("echo", 2, timeout_s=20)
         assert {r["id"] for r in after} == before, "the restarted head must adopt the running replicas"
         assert cluster.schedulers[0].log.read_text().count("registered with the head") >= 2
