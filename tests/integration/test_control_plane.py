@@ -208,3 +208,19 @@ async def test_sigterm_drains_in_flight_requests(tmp_path: Path, examples_dir: P
             os.kill(replica["pid"], signal.SIGTERM)
             out, _ = await pending  # finishes although its replica was told to stop
         np.testing.assert_array_equal(out["x"], X)
+
+
+async def test_sigterm_to_a_scheduler_drains_its_replicas_then_exits(tmp_path: Path, examples_dir: Path) -> None:
+    async with ProcessCluster(tmp_path) as cluster:
+        await cluster.deploy(echo(examples_dir, replicas=1, options={"delay_ms": 1000}))
+        (replica,) = await cluster.wait_ready("echo", 1)
+        sched = cluster.schedulers[0]
+        async with NativeClient(cluster.scheduler_address(), cluster.settings) as client:
+            pending = asyncio.create_task(client.infer("echo", {"x": X}, timeout_s=10))
+            await asyncio.sleep(0.3)
+            sched.signal(signal.SIGTERM)
+            out, _ = await pending
+        np.testing.assert_array_equal(out["x"], X)
+        assert await asyncio.to_thread(sched.wait, 15) == 0
+        assert not alive(replica["pid"])
+        assert "stopped" in sched.log.read_text()
