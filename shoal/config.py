@@ -131,10 +131,29 @@ class Settings:
 
 
 def _coerce(f: dataclasses.Field[Any], value: Any, source: str) -> Any:
+    """``value`` as the field's type: strings (environment, flags) are parsed; others must fit exactly."""
     kind: type[Any] = type(f.default)
-    try:
-        if kind is bool and isinstance(value, str):
-            return value.lower() in ("1", "true", "yes", "on")
-        return kind(value)
-    except (TypeError, ValueError):
-        raise InvalidArgument(f"{source}: {f.name} must be {kind.__name__}, got {value!r}") from None
+    bad = InvalidArgument(f"{source}: {f.name} must be {kind.__name__}, got {value!r}")
+    if isinstance(value, str) and kind is not str:
+        try:
+            if kind is bool:
+                return {
+                    "1": True,
+                    "true": True,
+                    "yes": True,
+                    "on": True,
+                    "0": False,
+                    "false": False,
+                    "no": False,
+                    "off": False,
+                }[value.strip().lower()]
+            return kind(value.strip())
+        except (KeyError, ValueError):
+            raise bad from None
+    if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if type(value) is not kind:
+        raise bad
+    return value

@@ -39,6 +39,17 @@ class ReplicaDescription:
 
 
 @dataclass(frozen=True)
+class LoadReport:
+    """One deployment at one scheduler's router: load now, and cumulative counts."""
+
+    in_flight: int = 0
+    queued: int = 0
+    requests: int = 0
+    errors: int = 0
+    latency: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class Route:
     replica_id: str
     address: str
@@ -110,7 +121,7 @@ class HeadLink(Protocol):
         registry_version: int,
         replicas: list[ReplicaReport],
         allocated: Capacity,
-        load: Mapping[str, tuple[int, int]],
+        load: Mapping[str, LoadReport],
     ) -> bool:
         """False: NACK, register again."""
         ...

@@ -59,6 +59,8 @@ class ReplicaRecord:
     in_flight: int = 0
     queued: int = 0
     message: str = ""
+    resources: Capacity = field(default_factory=Capacity)  # what it holds on its scheduler
+    reported_state: str = ""  # the state its scheduler last reported
     # The scheduler's registry version once it confirmed the creation; a health
     # report older than this does not yet know the replica.
     created_version: int = 0
@@ -217,6 +219,12 @@ class ClusterState:
             rec.state = STARTING
             rec.created_version = registry_version
 
+    def remove_failed(self, replica_id: str) -> None:
+        """A RemoveReplica call failed: back to what its scheduler reports, so the next pass decides again."""
+        rec = self.replicas.get(replica_id)
+        if rec is not None and rec.state == DRAINING and rec.reported_state != DRAINING:
+            rec.state = rec.reported_state or STARTING
+
     def create_failed(self, replica_id: str, message: str) -> None:
         rec = self.replicas.pop(replica_id, None)
         if rec is not None:
@@ -300,7 +308,12 @@ class ClusterState:
             return None
         rid = f"{spec.name}-{secrets.token_hex(3)}"
         self.replicas[rid] = ReplicaRecord(
-            id=rid, deployment=spec.name, scheduler_id=chosen, spec_hash=spec_hash, state=PENDING
+            id=rid,
+            deployment=spec.name,
+            scheduler_id=chosen,
+            spec_hash=spec_hash,
+            state=PENDING,
+            resources=need,
         )
         return CreateReplica(chosen, rid, spec.name, spec)
 
@@ -329,11 +342,8 @@ class ClusterState:
     resources_of: dict[str, Capacity] = field(default_factory=dict)
 
     def allocated(self, scheduler_id: str) -> Capacity:
-        return Capacity.total(
-            self.resources_of.get(r.deployment, Capacity())
-            for r in self.replicas.values()
-            if r.scheduler_id == scheduler_id
-        )
+        """What the replicas on a scheduler hold: each its own spec's resources, old specs included."""
+        return Capacity.total(r.resources for r in self.replicas.values() if r.scheduler_id == scheduler_id)
 
     # ------------------------------------------------------------ views
 
@@ -351,8 +361,13 @@ class ClusterState:
     def _adopt(self, scheduler_id: str, rep: ReplicaReport) -> None:
         rec = self.replicas.get(rep.id)
         if rec is None:
+            # Adopted (after a head restart): charge it what its deployment asks now.
             rec = ReplicaRecord(
-                id=rep.id, deployment=rep.deployment, scheduler_id=scheduler_id, spec_hash=rep.spec_hash
+                id=rep.id,
+                deployment=rep.deployment,
+                scheduler_id=scheduler_id,
+                spec_hash=rep.spec_hash,
+                resources=self.resources_of.get(rep.deployment, Capacity()),
             )
             self.replicas[rep.id] = rec
         if rec.state == DRAINING and rep.state != DRAINING:
@@ -370,6 +385,7 @@ class ClusterState:
             )
             self._failures.pop(rep.deployment, None)
         rec.state = state
+        rec.reported_state = rep.state
         rec.scheduler_id = scheduler_id
         rec.address = rep.address
         rec.pid = rep.pid

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,10 +26,19 @@ from shoal.core.cluster import (
     ReplicaReport,
 )
 from shoal.core.placement import Capacity
-from shoal.core.spec import DeploymentSpec, parse_spec_json
+from shoal.core.spec import DeploymentSpec, parse_spec, parse_spec_json
+from shoal.core.stats import SeriesRecorder, Snapshot
+from shoal.core.tasks import TaskSet
 from shoal.errors import NotFound, ShoalError
 from shoal.store.base import Store
-from shoal.types import DeploymentRoutes, Route, RoutingTable, SchedulerClient, SchedulerRegistration
+from shoal.types import (
+    DeploymentRoutes,
+    LoadReport,
+    Route,
+    RoutingTable,
+    SchedulerClient,
+    SchedulerRegistration,
+)
 
 log = logging.getLogger("shoal.head")
 
@@ -68,11 +78,12 @@ class HeadNode:
         self._clients: dict[str, tuple[str, SchedulerClient]] = {}
         self._routes = RoutingTable(version=0)
         self._routes_changed = asyncio.Condition()
-        self._runner: asyncio.Task[None] | None = None
+        self._tasks = TaskSet("head")
         self._stopping = asyncio.Event()
         self._paused = False
         self.autoscaler = Autoscaler(self.clock)
-        self._loads: dict[str, dict[str, tuple[int, int]]] = {}  # scheduler -> deployment -> load
+        self._loads: dict[str, dict[str, LoadReport]] = {}  # scheduler -> deployment -> load
+        self.series = SeriesRecorder()
         self.targets: dict[str, int] = {}  # autoscaled deployments: the current replica count
 
     # ------------------------------------------------------------ lifecycle
@@ -82,17 +93,12 @@ class HeadNode:
             spec = parse_spec_json(entry.value)
             self.desired[spec.name] = spec
         log.info("head loaded %d deployment(s) from the store", len(self.desired))
-        self._runner = asyncio.create_task(self._run(), name="head-run")
+        self._tasks.spawn(self._run(), "reconcile")
 
     async def aclose(self) -> None:
         self._stopping.set()
         self._wake.set()
-        if self._runner is not None:
-            self._runner.cancel()
-            try:
-                await self._runner
-            except asyncio.CancelledError:
-                pass
+        await self._tasks.aclose()
         async with self._routes_changed:
             self._routes_changed.notify_all()
         for _, client in self._clients.values():
@@ -105,6 +111,9 @@ class HeadNode:
                 await self.reconcile_once()
             except ShoalError as err:
                 log.warning("reconcile failed: %s", err)
+            except Exception:
+                # A bug must not end the loop that keeps the cluster at its replica counts.
+                log.exception("reconcile failed")
             await sleep_or_event(self._wake, self.settings.reconcile_interval_s)
             self._wake.clear()
 
@@ -145,7 +154,7 @@ class HeadNode:
         scheduler_id: str,
         registry_version: int,
         reports: list[ReplicaReport],
-        load: Mapping[str, tuple[int, int]] | None = None,
+        load: Mapping[str, LoadReport] | None = None,
     ) -> bool:
         async with self.lock:
             before = {r.id: r.state for r in self.state.replicas.values()}
@@ -153,7 +162,16 @@ class HeadNode:
             after = {r.id: r.state for r in self.state.replicas.values()}
             if ack:
                 self._loads[scheduler_id] = dict(load or {})
-                if any(queued for _, queued in self._loads[scheduler_id].values()):
+                self.series.record(
+                    self.clock.now(),
+                    time.time(),
+                    scheduler_id,
+                    {
+                        n: Snapshot(r.requests, r.errors, r.latency)
+                        for n, r in self._loads[scheduler_id].items()
+                    },
+                )
+                if any(r.queued for r in self._loads[scheduler_id].values()):
                     # Requests are waiting somewhere: let the autoscaler look now.
                     self.wake()
         if not ack:
@@ -183,7 +201,7 @@ class HeadNode:
     async def scale(self, name: str, replicas: int) -> None:
         async with self.lock:
             spec = self._get(name)
-            new = spec.model_copy(update={"replicas": replicas})
+            new = parse_spec({**spec.model_dump(mode="json"), "replicas": replicas})
             await self.store.put(DEPLOYMENTS + name, new.to_json())
             self.desired[name] = new
         log.info("deployment %s scaled to %d", name, replicas)
@@ -243,10 +261,10 @@ class HeadNode:
             current = running if running else spec.initial_replicas()
         alive = {s.id for s in self.state.schedulers.values() if s.state == "ALIVE"}
         load = sum(
-            f + q
+            r.in_flight + r.queued
             for sid, loads in self._loads.items()
             if sid in alive
-            for name, (f, q) in loads.items()
+            for name, r in loads.items()
             if name == spec.name
         )
         self.autoscaler.observe(spec.name, load)
@@ -289,7 +307,9 @@ class HeadNode:
             try:
                 await client.remove_replica(action.replica_id, action.graceful)
             except ShoalError as err:
-                log.warning("could not remove replica %s: %s", action.replica_id, err)
+                log.warning("could not remove replica %s (will retry): %s", action.replica_id, err)
+                async with self.lock:
+                    self.state.remove_failed(action.replica_id)
 
     def _client(self, scheduler_id: str) -> SchedulerClient | None:
         sched = self.state.schedulers.get(scheduler_id)

@@ -233,19 +233,33 @@ class DeploymentLoad(_message.Message):
 
     IN_FLIGHT_FIELD_NUMBER: _builtins.int
     QUEUED_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    LATENCY_BUCKETS_FIELD_NUMBER: _builtins.int
     in_flight: _builtins.int
     """sent to replicas, not yet answered"""
     queued: _builtins.int
     """waiting for a replica with room"""
+    requests: _builtins.int
+    """cumulative, since the scheduler started"""
+    errors: _builtins.int
+    """cumulative"""
+    @_builtins.property
+    def latency_buckets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """cumulative counts per bucket of shoal.core.stats.BUCKETS"""
+
     def __init__(
         self,
         *,
         in_flight: _builtins.int = ...,
         queued: _builtins.int = ...,
+        requests: _builtins.int = ...,
+        errors: _builtins.int = ...,
+        latency_buckets: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["in_flight", b"in_flight", "queued", b"queued"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "in_flight", b"in_flight", "latency_buckets", b"latency_buckets", "queued", b"queued", "requests", b"requests"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -19,7 +19,15 @@ from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.rpc import codec
 from shoal.rpc.channels import Reachability, call, open_channel
 from shoal.rpc.status import to_error
-from shoal.types import Arrays, PingResult, ReplicaDescription, Route, RoutingTable, SchedulerRegistration
+from shoal.types import (
+    Arrays,
+    LoadReport,
+    PingResult,
+    ReplicaDescription,
+    Route,
+    RoutingTable,
+    SchedulerRegistration,
+)
 from shoal.types import DeploymentRoutes as DomainRoutes
 
 STATE_NAMES: dict[int, str] = {int(v): k for k, v in pb.ReplicaState.items()}
@@ -192,14 +200,23 @@ class GrpcHeadLink:
         registry_version: int,
         replicas: list[ReplicaReport],
         allocated: Capacity,
-        load: Mapping[str, tuple[int, int]],
+        load: Mapping[str, LoadReport],
     ) -> bool:
         req = pb.SchedulerHealth(
             scheduler_id=scheduler_id,
             registry_version=registry_version,
             replicas=[report_to_pb(r) for r in replicas],
             allocated=capacity_to_pb(allocated),
-            load={name: pb.DeploymentLoad(in_flight=f, queued=q) for name, (f, q) in load.items()},
+            load={
+                name: pb.DeploymentLoad(
+                    in_flight=r.in_flight,
+                    queued=r.queued,
+                    requests=r.requests,
+                    errors=r.errors,
+                    latency_buckets=r.latency,
+                )
+                for name, r in load.items()
+            },
         )
         reply = await call(
             lambda: self._stub.SendHealthUpdate(req, timeout=self._settings.rpc_timeout_s),

@@ -14,7 +14,7 @@ from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.rpc.clients import capacity_from_pb, report_from_pb
 from shoal.rpc.status import Context, abort
-from shoal.types import SchedulerRegistration
+from shoal.types import LoadReport, SchedulerRegistration
 
 
 class HeadService(pbg.HeadServicer):
@@ -43,7 +43,10 @@ class HeadService(pbg.HeadServicer):
             request.scheduler_id,
             request.registry_version,
             [report_from_pb(r) for r in request.replicas],
-            {name: (d.in_flight, d.queued) for name, d in request.load.items()},
+            {
+                name: LoadReport(d.in_flight, d.queued, d.requests, d.errors, tuple(d.latency_buckets))
+                for name, d in request.load.items()
+            },
         )
         return pb.HealthReply(ack=ack)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,11 +17,20 @@ from dataclasses import dataclass, field
 from shoal.config import Settings
 from shoal.core.routing import Policy, make_policy
 from shoal.core.spec import DeploymentSpec
-from shoal.errors import DeadlineExceeded, NotFound, ResourceExhausted, ShoalError, Unavailable
+from shoal.core.stats import DeploymentStats
+from shoal.errors import Code, DeadlineExceeded, NotFound, ResourceExhausted, ShoalError, Unavailable
 from shoal.scheduler.handle import ReplicaGone, ReplicaHandle
-from shoal.types import Arrays, ReplicaClient, RoutingTable
+from shoal.types import Arrays, LoadReport, ReplicaClient, RoutingTable
 
 log = logging.getLogger("shoal.router")
+
+OUTCOME_OF = {
+    Code.INVALID_ARGUMENT: "invalid",
+    Code.NOT_FOUND: "not_found",
+    Code.RESOURCE_EXHAUSTED: "overloaded",
+    Code.DEADLINE_EXCEEDED: "timeout",
+    Code.UNAVAILABLE: "unavailable",
+}
 
 
 class Signal:
@@ -45,6 +55,7 @@ class _Deployment:
     spec: DeploymentSpec
     handles: dict[str, ReplicaHandle] = field(default_factory=dict)
     waiting: int = 0
+    stats: DeploymentStats = field(default_factory=DeploymentStats)
     changed: Signal = field(default_factory=lambda: Signal())
 
 
@@ -146,10 +157,16 @@ class Router:
         dep = self._deployments.get(name)
         return 0 if dep is None else sum(1 for h in dep.handles.values() if h.accepting)
 
-    def load(self) -> dict[str, tuple[int, int]]:
-        """Per deployment: (requests in flight to replicas, requests waiting for one)."""
+    def load(self) -> dict[str, LoadReport]:
+        """Per deployment: requests in flight to replicas and waiting for one, and cumulative counts."""
         return {
-            name: (sum(h.in_flight for h in dep.handles.values()), dep.waiting)
+            name: LoadReport(
+                in_flight=sum(h.in_flight for h in dep.handles.values()),
+                queued=dep.waiting,
+                requests=dep.stats.requests,
+                errors=dep.stats.errors,
+                latency=tuple(dep.stats.latency.counts),
+            )
             for name, dep in self._deployments.items()
         }
 
@@ -172,14 +189,35 @@ class Router:
         dep = self._deployments.get(deployment)
         if dep is None:
             raise NotFound(f"no deployment named {deployment!r}")
-        request_id = request_id or uuid.uuid4().hex
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            result = await self._send(dep, inputs, request_id or uuid.uuid4().hex, timeout_s, started)
+            outcome = "ok"
+            return result
+        except ShoalError as err:
+            outcome = OUTCOME_OF.get(err.code, "error")
+            raise
+        finally:
+            dep.stats.outcomes[outcome] += 1
+            dep.stats.latency.observe(time.perf_counter() - started)
+
+    def stats(self) -> dict[str, DeploymentStats]:
+        """Per deployment: what this router has served since it started."""
+        return {name: dep.stats for name, dep in self._deployments.items()}
+
+    async def _send(
+        self, dep: _Deployment, inputs: Arrays, request_id: str, timeout_s: float, started: float
+    ) -> tuple[Arrays, str]:
         timeout_s = timeout_s if timeout_s > 0 else dep.spec.timeout_s
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         tried: set[str] = set()
         last: ShoalError | None = None
-        for _ in range(max(1, self.settings.request_attempts)):
+        for attempt in range(max(1, self.settings.request_attempts)):
             handle = await self._acquire(dep, deadline, tried)
+            if attempt == 0:
+                dep.stats.queue.observe(time.perf_counter() - started)
             try:
                 remaining = deadline - loop.time()
                 if remaining <= 0:

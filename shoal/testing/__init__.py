@@ -1,1 +1,25 @@
+"""Test helpers for shoal and its users: in-memory fakes of every remote seam.
 
+See :mod:`shoal.testing.fakes`. ``FakeClock`` lives in :mod:`shoal.core.clock` and is
+re-exported here.
+"""
+
+from shoal.core.clock import FakeClock
+from shoal.testing.fakes import (
+    FakeReplicaClient,
+    FakeReplicas,
+    FakeSchedulerClient,
+    FakeSchedulers,
+    PushCall,
+    echo,
+)
+
+__all__ = [
+    "FakeClock",
+    "FakeReplicaClient",
+    "FakeReplicas",
+    "FakeSchedulerClient",
+    "FakeSchedulers",
+    "PushCall",
+    "echo",
+]

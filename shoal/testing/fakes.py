@@ -1,0 +1,224 @@
+"""In-memory twins of the remote seams in :mod:`shoal.types`, for tests.
+
+No sockets, no processes, no real time unless a test asks for a delay:
+
+- :class:`FakeReplicaClient` is a :class:`~shoal.types.ReplicaClient`. ``push``
+  echoes its inputs (or calls a handler), can be held open by a gate
+  (an ``asyncio.Event``) or a delay, can fail with ``Unavailable``, and records
+  every request and how many ran at once.
+- :class:`FakeReplicas` is the ``address -> ReplicaClient`` factory a
+  :class:`~shoal.scheduler.router.Router` takes; it keeps one fake per address.
+- :class:`FakeSchedulerClient` is a :class:`~shoal.types.SchedulerClient` that
+  records create and remove calls and can be made to fail.
+- :class:`FakeSchedulers` is the ``(scheduler_id, address) -> SchedulerClient``
+  factory a :class:`~shoal.head.node.HeadNode` takes.
+
+Every fake is for one event loop and is not thread-safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from shoal.core.spec import DeploymentSpec
+from shoal.errors import DeadlineExceeded, ShoalError, Unavailable
+from shoal.types import Arrays, PingResult, ReplicaDescription
+
+Handler = Callable[[Arrays], Arrays]
+
+
+def echo(inputs: Arrays) -> Arrays:
+    """The default handler: every input comes back as an output of the same name."""
+    return dict(inputs)
+
+
+@dataclass(frozen=True)
+class PushCall:
+    """One request a :class:`FakeReplicaClient` received."""
+
+    request_id: str
+    inputs: Arrays
+    timeout_s: float
+
+
+class FakeReplicaClient:
+    """A replica in memory.
+
+    ``push`` records the call, then waits ``delay_s`` seconds and for ``gate`` (when
+    given) to be set, then returns ``handler(inputs)``. It honours ``timeout_s``
+    (``DeadlineExceeded``) and raises ``error`` when set, both when the call
+    arrives and when it is released. A closed client raises ``Unavailable``.
+    """
+
+    def __init__(
+        self,
+        address: str = "fake-replica",
+        *,
+        handler: Handler = echo,
+        delay_s: float = 0.0,
+        gate: asyncio.Event | None = None,
+        state: str = "READY",
+    ) -> None:
+        self.address = address
+        self.handler = handler
+        self.delay_s = delay_s
+        self.gate = gate
+        self.state = state
+        self.error: ShoalError | None = None
+        self.requests: list[PushCall] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.description = ReplicaDescription()
+        self.drains: list[float] = []
+        self.closed = False
+        self._arrived = asyncio.Condition()
+
+    def fail(self, error: ShoalError | None = None) -> None:
+        """Make every call (and every pending ``push`` once released) raise ``error``.
+
+        The default is ``Unavailable``, as when the replica cannot be reached.
+        """
+        self.error = error or Unavailable(f"replica at {self.address} is unreachable")
+
+    def recover(self) -> None:
+        """Undo :meth:`fail`."""
+        self.error = None
+
+    async def wait_for_requests(self, count: int, timeout_s: float = 2.0) -> None:
+        """Wait until ``count`` requests have arrived in total; ``TimeoutError`` otherwise."""
+        async with asyncio.timeout(timeout_s), self._arrived:
+            await self._arrived.wait_for(lambda: len(self.requests) >= count)
+
+    async def ping(self, timeout_s: float) -> PingResult:
+        self._check()
+        return PingResult(self.state, self.in_flight, 0)
+
+    async def push(self, request_id: str, inputs: Arrays, timeout_s: float) -> Arrays:
+        self._check()
+        self.requests.append(PushCall(request_id, dict(inputs), timeout_s))
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            async with self._arrived:
+                self._arrived.notify_all()
+            try:
+                async with asyncio.timeout(timeout_s):
+                    if self.delay_s > 0:
+                        await asyncio.sleep(self.delay_s)
+                    if self.gate is not None:
+                        await self.gate.wait()
+            except TimeoutError:
+                raise DeadlineExceeded(f"request {request_id} timed out after {timeout_s:g}s") from None
+            self._check()
+            return self.handler(inputs)
+        finally:
+            self.in_flight -= 1
+
+    async def describe(self, timeout_s: float) -> ReplicaDescription:
+        """Returns ``description`` (set it to what the model should declare)."""
+        self._check()
+        return self.description
+
+    async def drain(self, grace_s: float) -> None:
+        self._check()
+        self.drains.append(grace_s)
+        self.state = "DRAINING"
+
+    async def close(self) -> None:
+        self.closed = True
+
+    def _check(self) -> None:
+        if self.closed:
+            raise Unavailable(f"client for replica at {self.address} is closed")
+        if self.error is not None:
+            raise self.error
+
+
+class FakeReplicas:
+    """A ``Router`` client factory: one :class:`FakeReplicaClient` per address.
+
+    ``client(address)`` returns (creating if needed) the fake the router will get for
+    that address, so a test can set a gate or a failure before the router uses it.
+    New fakes take ``handler``, ``delay_s`` and ``gate`` from this factory.
+    """
+
+    def __init__(
+        self, *, handler: Handler = echo, delay_s: float = 0.0, gate: asyncio.Event | None = None
+    ) -> None:
+        self.handler = handler
+        self.delay_s = delay_s
+        self.gate = gate
+        self.clients: dict[str, FakeReplicaClient] = {}
+
+    def client(self, address: str) -> FakeReplicaClient:
+        fake = self.clients.get(address)
+        if fake is None:
+            fake = FakeReplicaClient(address, handler=self.handler, delay_s=self.delay_s, gate=self.gate)
+            self.clients[address] = fake
+        return fake
+
+    def __call__(self, address: str) -> FakeReplicaClient:
+        return self.client(address)
+
+
+class FakeSchedulerClient:
+    """A scheduler in memory: records what the head asks of it.
+
+    ``create_replica`` bumps and returns ``registry_version`` like a real scheduler.
+    Set ``create_error`` / ``remove_error`` to make those calls raise.
+    """
+
+    def __init__(self, scheduler_id: str, address: str) -> None:
+        self.scheduler_id = scheduler_id
+        self.address = address
+        self.registry_version = 0
+        self.created: list[tuple[str, DeploymentSpec]] = []
+        self.removed: list[tuple[str, bool]] = []
+        self.create_error: ShoalError | None = None
+        self.remove_error: ShoalError | None = None
+        self.closed = False
+
+    @property
+    def created_ids(self) -> list[str]:
+        """Ids of the replicas created so far, in order."""
+        return [rid for rid, _ in self.created]
+
+    async def create_replica(self, replica_id: str, spec: DeploymentSpec) -> int:
+        if self.create_error is not None:
+            raise self.create_error
+        self.registry_version += 1
+        self.created.append((replica_id, spec))
+        return self.registry_version
+
+    async def remove_replica(self, replica_id: str, graceful: bool) -> None:
+        if self.remove_error is not None:
+            raise self.remove_error
+        self.registry_version += 1
+        self.removed.append((replica_id, graceful))
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class FakeSchedulers:
+    """A ``HeadNode`` client factory: one :class:`FakeSchedulerClient` per scheduler.
+
+    The head gets the same fake for a scheduler until it closes it or the
+    scheduler's address changes. ``client(scheduler_id, address)`` returns (creating
+    if needed) that fake, so a test can make its calls fail before the head uses it.
+    """
+
+    def __init__(self) -> None:
+        self.clients: dict[str, FakeSchedulerClient] = {}
+
+    def client(self, scheduler_id: str, address: str) -> FakeSchedulerClient:
+        fake = self.clients.get(scheduler_id)
+        if fake is None or fake.closed or fake.address != address:
+            fake = FakeSchedulerClient(scheduler_id, address)
+            self.clients[scheduler_id] = fake
+        return fake
+
+    def __call__(self, scheduler_id: str, address: str) -> FakeSchedulerClient:
+        return self.client(scheduler_id, address)

@@ -1,0 +1,599 @@
+"""ClusterState: membership, reconcile decisions, rolling updates, backoff, placement.
+
+A ``Sim`` plays a scheduler: it applies the head's actions to its own registry (as a
+real scheduler would), confirms creations and sends health reports. Time is a
+``FakeClock``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import pytest
+
+from shoal.core.clock import FakeClock
+from shoal.core.cluster import (
+    DEAD,
+    DRAINING,
+    PENDING,
+    READY,
+    STARTING,
+    Action,
+    ClusterState,
+    CreateReplica,
+    RemoveReplica,
+    ReplicaReport,
+)
+from shoal.core.placement import Capacity
+from shoal.core.spec import DeploymentSpec, parse_spec
+
+pytestmark = pytest.mark.timeout(10)
+
+
+def make_spec(
+    name: str = "echo", *, replicas: int = 1, model: str = "m1", cpus: float = 1.0
+) -> DeploymentSpec:
+    return parse_spec(
+        {"name": name, "backend": "python", "model": model, "replicas": replicas, "resources": {"cpus": cpus}}
+    )
+
+
+def want(*specs: DeploymentSpec) -> dict[str, tuple[DeploymentSpec, int]]:
+    return {s.name: (s, s.replicas) for s in specs}
+
+
+def creates(actions: Iterable[Action]) -> list[CreateReplica]:
+    return [a for a in actions if isinstance(a, CreateReplica)]
+
+
+def removes(actions: Iterable[Action]) -> list[RemoveReplica]:
+    return [a for a in actions if isinstance(a, RemoveReplica)]
+
+
+class Sim:
+    """One scheduler: its registry of replicas and its registry version."""
+
+    def __init__(self, state: ClusterState, sid: str, *, cpus: float = 8.0) -> None:
+        self.state = state
+        self.id = sid
+        self.capacity = Capacity(cpus=cpus, memory_mb=4096, gpus=0)
+        self.version = 0
+        self.running: dict[str, ReplicaReport] = {}
+        self.register()
+
+    def register(self) -> None:
+        self.state.register(
+            self.id, f"{self.id}:7000", f"{self.id}:7001", self.capacity, replicas=list(self.running.values())
+        )
+
+    def act(self, actions: Sequence[Action]) -> None:
+        """Do what the head asked of this scheduler, confirming creations."""
+        for a in actions:
+            if a.scheduler_id != self.id:
+                continue
+            self.version += 1
+            if isinstance(a, CreateReplica):
+                self.running[a.replica_id] = ReplicaReport(
+                    a.replica_id, a.deployment, STARTING, spec_hash=a.spec.process_hash()
+                )
+                self.state.confirm_created(a.replica_id, self.version)
+            else:
+                del self.running[a.replica_id]
+
+    def ready(self, *rids: str) -> None:
+        for rid in rids:
+            rep = self.running[rid]
+            self.running[rid] = ReplicaReport(
+                rid,
+                rep.deployment,
+                READY,
+                address=f"{rid}:9000",
+                spec_hash=rep.spec_hash,
+                ready_at=self.state.clock.now(),
+            )
+
+    def die(self, rid: str, message: str) -> None:
+        rep = self.running[rid]
+        self.running[rid] = ReplicaReport(
+            rid, rep.deployment, DEAD, spec_hash=rep.spec_hash, message=message, ready_at=rep.ready_at
+        )
+
+    def beat(self) -> bool:
+        ack = self.state.health(self.id, self.version, list(self.running.values()))
+        self.running = {rid: r for rid, r in self.running.items() if r.state != DEAD}
+        return ack
+
+
+def states(state: ClusterState, deployment: str = "echo") -> dict[str, str]:
+    return {r.id: r.state for r in state.replicas.values() if r.deployment == deployment}
+
+
+def ready_ids(state: ClusterState, deployment: str = "echo") -> list[str]:
+    return [r.id for r in state.routes().get(deployment, [])]
+
+
+def event_kinds(state: ClusterState) -> list[str]:
+    return [e.kind for e in state.events]
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def state(clock: FakeClock) -> ClusterState:
+    return ClusterState(clock=clock, dead_after_s=5.0)
+
+
+def converge(
+    state: ClusterState, sims: Sequence[Sim], desired: dict[str, tuple[DeploymentSpec, int]]
+) -> None:
+    """Reconcile, create, make everything READY, until nothing is left to do."""
+    for _ in range(10):
+        actions = state.reconcile(desired)
+        if not actions:
+            return
+        for sim in sims:
+            sim.act(actions)
+            sim.ready(*[rid for rid, r in sim.running.items() if r.state == STARTING])
+            assert sim.beat()
+    raise AssertionError("reconcile did not converge")
+
+
+# ------------------------------------------------------------------ creation
+
+
+def test_a_registered_scheduler_gets_one_create_per_replica(state: ClusterState) -> None:
+    Sim(state, "s1")
+    spec = make_spec(replicas=3)
+
+    actions = state.reconcile(want(spec))
+
+    assert removes(actions) == []
+    made = creates(actions)
+    assert len(made) == 3
+    assert {a.scheduler_id for a in made} == {"s1"}
+    assert {a.deployment for a in made} == {"echo"}
+    assert all(a.spec == spec for a in made)
+    assert len({a.replica_id for a in made}) == 3
+    assert all(a.replica_id.startswith("echo-") for a in made)
+    assert states(state) == {a.replica_id: PENDING for a in made}
+
+
+def test_creates_are_not_repeated_while_pending(state: ClusterState) -> None:
+    Sim(state, "s1")
+    spec = make_spec(replicas=2)
+    first = state.reconcile(want(spec))
+
+    assert state.reconcile(want(spec)) == []
+    assert len(states(state)) == 2
+    assert len(creates(first)) == 2
+
+
+def test_health_reports_confirm_and_ready_the_created_replicas(state: ClusterState) -> None:
+    s1 = Sim(state, "s1")
+    spec = make_spec(replicas=2)
+    actions = state.reconcile(want(spec))
+    ids = sorted(a.replica_id for a in creates(actions))
+
+    s1.act(actions)
+    assert s1.beat()
+    assert states(state) == dict.fromkeys(ids, STARTING)
+    assert state.routes() == {}
+
+    s1.ready(*ids)
+    assert s1.beat()
+    assert states(state) == dict.fromkeys(ids, READY)
+    assert ready_ids(state) == ids
+    assert [r.address for r in state.routes()["echo"]] == [f"{rid}:9000" for rid in ids]
+    assert event_kinds(state).count("replica_ready") == 2
+    assert state.reconcile(want(spec)) == []
+
+
+def test_a_report_older_than_the_creation_does_not_drop_the_replica(state: ClusterState) -> None:
+    Sim(state, "s1")
+    spec = make_spec()
+    [create] = creates(state.reconcile(want(spec)))
+    state.confirm_created(create.replica_id, 5)
+
+    # Sent by the scheduler before it added the replica: version 4 does not know it.
+    assert state.health("s1", 4, [])
+    assert states(state) == {create.replica_id: STARTING}
+    assert state.reconcile(want(spec)) == []
+
+    # Version 5 should know it: it is gone.
+    assert state.health("s1", 5, [])
+    assert states(state) == {}
+    [died] = [e for e in state.events if e.kind == "replica_died"]
+    assert died.replica_id == create.replica_id
+    assert died.message == f"replica {create.replica_id} died: no longer reported by its scheduler"
+
+
+def test_a_pending_replica_survives_any_report_until_confirmed(state: ClusterState) -> None:
+    Sim(state, "s1")
+    spec = make_spec()
+    [create] = creates(state.reconcile(want(spec)))
+
+    assert state.health("s1", 100, [])
+    assert states(state) == {create.replica_id: PENDING}
+
+
+def test_a_ready_replica_missing_from_a_newer_report_is_replaced_at_once(state: ClusterState) -> None:
+    s1 = Sim(state, "s1")
+    spec = make_spec(replicas=2)
+    converge(state, [s1], want(spec))
+    lost, kept = sorted(s1.running)
+
+    del s1.running[lost]
+    s1.version += 1
+    assert s1.beat()
+
+    assert set(states(state)) == {kept}
+    actions = state.reconcile(want(spec))
+    assert removes(actions) == []
+    [create] = creates(actions)
+    assert create.replica_id not in (lost, kept)
+    assert state.pending_reasons == {}
+
+
+def test_a_dead_report_replaces_the_replica_and_records_an_event(state: ClusterState) -> None:
+    s1 = Sim(state, "s1")
+    spec = make_spec()
+    converge(state, [s1], want(spec))
+    [rid] = s1.running
+
+    s1.die(rid, "exit code 137")
+    assert s1.beat()
+
+    assert states(state) == {}
+    assert ready_ids(state) == []
+    event = state.events[-1]
+    assert (event.kind, event.replica_id, event.deployment, event.scheduler_id) == (
+        "replica_died",
+        rid,
+        "echo",
+        "s1",
+    )
+    assert event.message == f"replica {rid} died: exit code 137"
+    # It had been READY: no start-failure backoff.
+    [create] = creates(state.reconcile(want(spec)))
+    assert create.scheduler_id == "s1"
+    assert create.replica_id != rid
+
+
+# ------------------------------------------------------------------ membership
+
+
+def test_unknown_scheduler_health_is_nacked(state: ClusterState) -> None:
+    assert state.health("nobody", 1, []) is False
+    assert state.schedulers == {}
+
+
+def test_a_silent_scheduler_dies_its_replicas_move_and_it_rejoins(
+    state: ClusterState, clock: FakeClock
+) -> None:
+    s1, s2 = Sim(state, "s1"), Sim(state, "s2")
+    spec = make_spec(replicas=2)
+    converge(state, [s1, s2], want(spec))
+    assert (len(s1.running), len(s2.running)) == (1, 1)
+    [old_on_s1] = s1.running
+
+    # s2 keeps beating; s1 goes silent. Exactly dead_after_s is not yet dead.
+    clock.advance(3.0)
+    assert s2.beat()
+    clock.advance(2.0)
+    assert state.reconcile(want(spec)) == []
+    assert state.schedulers["s1"].state == "ALIVE"
+
+    clock.advance(0.5)
+    actions = state.reconcile(want(spec))
+
+    assert state.schedulers["s1"].state == "DEAD"
+    assert state.schedulers["s2"].state == "ALIVE"
+    assert [(a.scheduler_id, a.deployment) for a in creates(actions)] == [("s2", "echo")]
+    assert removes(actions) == []
+    dead = [e for e in state.events if e.kind == "scheduler_dead"]
+    assert [e.message for e in dead] == [
+        "scheduler s1 missed health updates for 5s; 1 replica(s) to place elsewhere"
+    ]
+    assert old_on_s1 not in state.replicas
+    s2.act(actions)
+    [replacement] = [a.replica_id for a in creates(actions)]
+    s2.ready(replacement)
+    assert s2.beat()
+
+    # s1 comes back to life: its updates are refused until it registers again.
+    assert s1.beat() is False
+    assert old_on_s1 not in state.replicas
+
+    s1.register()
+    assert state.schedulers["s1"].state == "ALIVE"
+    assert "scheduler_rejoined" in event_kinds(state)
+    assert states(state)[old_on_s1] == READY
+    assert s1.beat()
+
+    actions = state.reconcile(want(spec))
+    assert creates(actions) == []
+    # Three READY replicas for a target of two: the newest goes.
+    assert [(a.scheduler_id, a.replica_id) for a in removes(actions)] == [("s2", replacement)]
+    live = [rid for rid, st in states(state).items() if st != DRAINING]
+    assert len(live) == 2
+    assert state.reconcile(want(spec)) == []
+
+
+def test_a_scheduler_that_restarts_empty_gets_its_replicas_again(state: ClusterState) -> None:
+    s1 = Sim(state, "s1")
+    spec = make_spec(replicas=2)
+    converge(state, [s1], want(spec))
+    before = set(s1.running)
+
+    s1.running.clear()  # restarted: its replica processes are gone
+    s1.register()
+
+    assert states(state) == {}
+    actions = state.reconcile(want(spec))
+    assert len(creates(actions)) == 2
+    assert not before & {a.replica_id for a in creates(actions)}
+
+
+# ------------------------------------------------------------------ scaling and deletion
+
+
+def test_scale_down_removes_replicas_that_are_not_ready_first(state: ClusterState) -> None:
+    s1 = Sim(state, "s1")
+    spec = make_spec(replicas=3)
+    actions = state.reconcile(want(spec))
+    s1.act(actions)
+    first, second, third = [a.replica_id for a in creates(actions)]
+    s1.ready(first, second)
+    assert s1.beat()
+
+    actions = state.reconcile(want(spec.model_copy(update={"replicas": 1})))
+
+    assert creates(actions) == []
+    # Not READY first, then the newest READY one; all graceful.
+    assert [(a.replica_id, a.graceful) for a in removes(actions)] == [(third, True), (second, True)]
+    assert states(state) == {first: READY, second: DRAINING, third: DRAINING}
+    assert ready_ids(state) == [first]
+
+
+def test_deleting_a_deployment_removes_only_its_replicas(state: ClusterState) -> None:
+    s1 = Sim(state, "s1")
+    echo, other = make_spec(replicas=2), make_spec("other")
+    converge(state, [s1], want(echo, other))
+    echo_ids = sorted(states(state, "echo"))
+
+    actions = state.reconcile(want(other))
+
+    assert creates(actions) == []
+    assert sorted(a.replica_id for a in removes(actions)) == echo_ids
+    assert all(a.graceful for a in removes(actions))
+    assert list(states(state, "other").values()) == [READY]
+    assert state.reconcile(want(other)) == []
+
+    s1.act(actions)
+    assert s1.beat()
+    assert states(state, "echo") == {}
+    assert event_kinds(state).count("replica_stopped") == 2
+
+
+def test_changing_only_the_replica_count_recreates_nothing(state: ClusterState) -> None:
+    s1 = Sim(state, "s1")
+    spec = make_spec(replicas=2)
+    converge(state, [s1], want(spec))
+    before = set(states(state))
+
+    up = parse_spec(
+        {**spec.model_dump(), "replicas": 3, "autoscaling": {"min_replicas": 1, "max_replicas": 5}}
+    )
+    assert up.process_hash() == spec.process_hash()
+    actions = state.reconcile({"echo": (up, 3)})
+
+    assert removes(actions) == []
+    assert len(creates(actions)) == 1
+    assert before < set(states(state))
+
+
+# ------------------------------------------------------------------ rolling update
+
+
+def test_a_model_change_rolls_without_dropping_below_the_target(state: ClusterState) -> None:
+    s1 = Sim(state, "s1")
+    v1 = make_spec(replicas=2, model="m1")
+    converge(state, [s1], want(v1))
+    old = sorted(states(state))
+    v2 = make_spec(replicas=2, model="m2")
+    assert v2.process_hash() != v1.process_hash()
+
+    # Step 1: one new replica (surge of one), nothing removed yet.
+    actions = state.reconcile(want(v2))
+    assert removes(actions) == []
+    [new1] = creates(actions)
+    assert new1.spec.model == "m2"
+    s1.act(actions)
+    assert s1.beat()
+    assert state.reconcile(want(v2)) == []
+    assert ready_ids(state) == old
+
+    # Step 2: new1 READY -> one old goes, the next new one starts.
+    s1.ready(new1.replica_id)
+    assert s1.beat()
+    actions = state.reconcile(want(v2))
+    [new2] = creates(actions)
+    [gone] = removes(actions)
+    assert gone.replica_id in old
+    assert len(ready_ids(state)) == 2
+    s1.act(actions)
+    assert s1.beat()
+    assert len(ready_ids(state)) == 2
+
+    # Step 3: new2 READY -> the last old one goes.
+    s1.ready(new2.replica_id)
+    assert s1.beat()
+    actions = state.reconcile(want(v2))
+    assert creates(actions) == []
+    assert [a.replica_id for a in removes(actions)] == [r for r in old if r != gone.replica_id]
+    assert ready_ids(state) == sorted([new1.replica_id, new2.replica_id])
+    s1.act(actions)
+    assert s1.beat()
+
+    assert state.reconcile(want(v2)) == []
+    assert {r.spec_hash for r in state.replicas.values()} == {v2.process_hash()}
+    assert len(state.replicas) == 2
+
+
+def test_a_rollout_whose_new_replicas_fail_keeps_the_old_ones(state: ClusterState) -> None:
+    s1 = Sim(state, "s1")
+    v1 = make_spec(replicas=2, model="m1")
+    converge(state, [s1], want(v1))
+    old = sorted(states(state))
+
+    v2 = make_spec(replicas=2, model="broken")
+    actions = state.reconcile(want(v2))
+    s1.act(actions)
+    [new] = creates(actions)
+    s1.die(new.replica_id, "cannot load model")
+    assert s1.beat()
+
+    assert state.reconcile(want(v2)) == []
+    assert ready_ids(state) == old
+
+
+# ------------------------------------------------------------------ start-failure backoff
+
+
+def test_a_replica_dying_before_ready_delays_the_next_creation(state: ClusterState, clock: FakeClock) -> None:
+    s1 = Sim(state, "s1")
+    spec = make_spec()
+    actions = state.reconcile(want(spec))
+    s1.act(actions)
+    [first] = creates(actions)
+    s1.die(first.replica_id, "ImportError: no module named model")
+    assert s1.beat()
+
+    assert state.reconcile(want(spec)) == []
+    assert state.pending_reasons == {
+        "echo": "1 replica start failure(s), retrying in 1s: ImportError: no module named model"
+    }
+    clock.advance(0.9)
+    assert state.reconcile(want(spec)) == []
+
+    clock.advance(0.2)
+    actions = state.reconcile(want(spec))
+    [second] = creates(actions)
+    assert state.pending_reasons == {}
+
+    # A second failure doubles the wait.
+    s1.act(actions)
+    s1.die(second.replica_id, "ImportError: no module named model")
+    assert s1.beat()
+    assert state.reconcile(want(spec)) == []
+    assert state.pending_reasons["echo"].startswith("2 replica start failure(s), retrying in 2s")
+    clock.advance(1.5)
+    assert state.reconcile(want(spec)) == []
+    clock.advance(0.6)
+    assert len(creates(state.reconcile(want(spec)))) == 1
+
+
+def test_reaching_ready_resets_the_backoff(state: ClusterState, clock: FakeClock) -> None:
+    s1 = Sim(state, "s1")
+    spec = make_spec()
+    for _ in range(3):  # three start failures: the next wait would be 4s
+        actions = state.reconcile(want(spec))
+        s1.act(actions)
+        [c] = creates(actions)
+        s1.die(c.replica_id, "boom")
+        assert s1.beat()
+        clock.advance(10.0)
+        assert s1.beat()
+
+    actions = state.reconcile(want(spec))
+    s1.act(actions)
+    [ok] = creates(actions)
+    s1.ready(ok.replica_id)
+    assert s1.beat()
+    s1.die(ok.replica_id, "crashed later")  # was READY: no backoff
+    assert s1.beat()
+    actions = state.reconcile(want(spec))
+    s1.act(actions)
+    [c] = creates(actions)
+    s1.die(c.replica_id, "boom")
+    assert s1.beat()
+
+    assert state.reconcile(want(spec)) == []
+    assert state.pending_reasons["echo"] == "1 replica start failure(s), retrying in 1s: boom"
+
+
+def test_a_failed_create_call_backs_off_and_records_an_event(state: ClusterState, clock: FakeClock) -> None:
+    Sim(state, "s1")
+    spec = make_spec()
+    [c] = creates(state.reconcile(want(spec)))
+
+    state.create_failed(c.replica_id, "scheduler unreachable")
+
+    assert states(state) == {}
+    assert state.events[-1].kind == "replica_create_failed"
+    assert state.events[-1].message == f"could not create {c.replica_id}: scheduler unreachable"
+    assert state.reconcile(want(spec)) == []
+    assert (
+        state.pending_reasons["echo"] == "1 replica start failure(s), retrying in 1s: scheduler unreachable"
+    )
+    clock.advance(1.01)
+    assert len(creates(state.reconcile(want(spec)))) == 1
+
+
+# ------------------------------------------------------------------ placement
+
+
+def test_a_replica_is_not_placed_where_it_does_not_fit(state: ClusterState) -> None:
+    Sim(state, "small", cpus=1.0)
+    big = make_spec("big", cpus=2.0)
+
+    assert state.reconcile(want(big)) == []
+    assert state.pending_reasons == {"big": "no scheduler has room (cpus 2 > 1 free on the emptiest)"}
+    assert state.replicas == {}
+
+    Sim(state, "large", cpus=4.0)
+    [c] = creates(state.reconcile(want(big)))
+    assert c.scheduler_id == "large"
+    assert state.pending_reasons == {}
+
+
+def test_placement_counts_what_replicas_already_hold(state: ClusterState) -> None:
+    Sim(state, "s1", cpus=2.0)
+    spec = make_spec(replicas=3, cpus=1.0)
+    state.resources_of = {"echo": Capacity(cpus=1.0)}
+
+    actions = state.reconcile(want(spec))
+
+    assert len(creates(actions)) == 2
+    assert state.pending_reasons == {"echo": "no scheduler has room (cpus 1 > 0 free on the emptiest)"}
+
+
+def test_no_scheduler_means_a_pending_reason(state: ClusterState) -> None:
+    assert state.reconcile(want(make_spec())) == []
+    assert state.pending_reasons == {"echo": "no live scheduler"}
+
+
+def test_replicas_spread_across_schedulers(state: ClusterState) -> None:
+    Sim(state, "s1")
+    Sim(state, "s2")
+    Sim(state, "s3")
+
+    actions = state.reconcile(want(make_spec(replicas=6)))
+
+    per_scheduler = [a.scheduler_id for a in creates(actions)]
+    assert sorted(per_scheduler) == ["s1", "s1", "s2", "s2", "s3", "s3"]
+
+
+def test_routes_leave_out_replicas_of_dead_schedulers(state: ClusterState, clock: FakeClock) -> None:
+    s1, s2 = Sim(state, "s1"), Sim(state, "s2")
+    converge(state, [s1, s2], want(make_spec(replicas=2)))
+    [on_s2] = s2.running
+
+    clock.advance(6.0)
+    assert s2.beat()
+    state.expire()
+
+    assert ready_ids(state) == [on_s2]

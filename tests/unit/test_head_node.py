@@ -1,0 +1,361 @@
+"""HeadNode over a MemoryStore, fake scheduler clients and a FakeClock.
+
+The reconcile loop is not started (except to check that a new head reloads the
+store); tests call ``reconcile_once()`` themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator
+
+import pytest
+
+from shoal.config import Settings
+from shoal.core.clock import FakeClock
+from shoal.core.cluster import READY, STARTING, CreateReplica, RemoveReplica, ReplicaReport
+from shoal.core.placement import Capacity
+from shoal.core.spec import DeploymentSpec, parse_spec, parse_spec_json
+from shoal.errors import InvalidArgument, NotFound, Unavailable
+from shoal.head.node import ApplyResult, HeadNode, cluster_status
+from shoal.store import MemoryStore
+from shoal.testing.fakes import FakeSchedulers
+from shoal.types import Route, RoutingTable, SchedulerRegistration
+
+pytestmark = pytest.mark.timeout(10)
+
+
+def make_spec(name: str = "echo", *, replicas: int = 1, model: str = "m.py") -> DeploymentSpec:
+    return parse_spec({"name": name, "backend": "python", "model": model, "replicas": replicas})
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def store() -> AsyncIterator[MemoryStore]:
+    s = MemoryStore()
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+def fleet() -> FakeSchedulers:
+    return FakeSchedulers()
+
+
+@pytest.fixture
+async def head(store: MemoryStore, fleet: FakeSchedulers, clock: FakeClock) -> AsyncIterator[HeadNode]:
+    node = HeadNode(Settings(), store, fleet, clock)
+    yield node
+    await node.aclose()
+
+
+async def join(head: HeadNode, sid: str = "s1", *replicas: ReplicaReport) -> None:
+    interval = await head.register_scheduler(
+        SchedulerRegistration(
+            sid,
+            f"{sid}:7000",
+            f"{sid}:7001",
+            Capacity(8, 8192, 0),
+            pid=42,
+            hostname="host",
+            replicas=replicas,
+        )
+    )
+    assert interval == 1.0
+
+
+def ready(rid: str, spec: DeploymentSpec) -> ReplicaReport:
+    return ReplicaReport(
+        rid, spec.name, READY, address=f"{rid}:9000", spec_hash=spec.process_hash(), ready_at=1.0
+    )
+
+
+# ------------------------------------------------------------------ deployments
+
+
+async def test_apply_persists_and_a_new_head_reloads_it(
+    head: HeadNode, store: MemoryStore, fleet: FakeSchedulers, clock: FakeClock
+) -> None:
+    spec = make_spec(replicas=2)
+
+    assert await head.apply(spec) == ApplyResult(created=True, changed=True)
+
+    entry = await store.get("deployments/echo")
+    assert entry is not None
+    assert parse_spec_json(entry.value) == spec
+
+    again = HeadNode(Settings(), store, fleet, clock)
+    await again.start()
+    try:
+        assert again.desired == {"echo": spec}
+    finally:
+        await again.aclose()
+
+
+async def test_applying_the_same_spec_again_changes_nothing(head: HeadNode, store: MemoryStore) -> None:
+    spec = make_spec()
+    await head.apply(spec)
+    revision = (await store.list("deployments/"))[0].revision
+
+    assert await head.apply(spec) == ApplyResult(created=False, changed=False)
+    assert (await store.list("deployments/"))[0].revision == revision
+
+    assert await head.apply(make_spec(model="v2.py")) == ApplyResult(created=False, changed=True)
+    assert head.desired["echo"].model == "v2.py"
+
+
+async def test_scale_persists_the_new_count_and_reconcile_follows_it(
+    head: HeadNode, store: MemoryStore, fleet: FakeSchedulers
+) -> None:
+    await join(head)
+    await head.apply(make_spec(replicas=1))
+    await head.reconcile_once()
+
+    await head.scale("echo", 3)
+
+    entry = await store.get("deployments/echo")
+    assert entry is not None
+    assert parse_spec_json(entry.value).replicas == 3
+    actions = await head.reconcile_once()
+    assert [type(a) for a in actions] == [CreateReplica, CreateReplica]
+    assert len(fleet.clients["s1"].created) == 3
+
+
+async def test_scale_and_delete_of_an_unknown_deployment_are_not_found(head: HeadNode) -> None:
+    with pytest.raises(NotFound, match=r"^no deployment named 'nope'$"):
+        await head.scale("nope", 2)
+    with pytest.raises(NotFound, match=r"^no deployment named 'nope'$"):
+        await head.delete("nope")
+
+
+async def test_scale_refuses_a_count_the_spec_does_not_allow(head: HeadNode, store: MemoryStore) -> None:
+    # A spec allows at most 1000 replicas. If scale stored 5000, the next head
+    # could not parse its own store and would fail to start.
+    await head.apply(make_spec())
+
+    with pytest.raises(InvalidArgument, match="replicas"):
+        await head.scale("echo", 5000)
+
+    entry = await store.get("deployments/echo")
+    assert entry is not None
+    assert parse_spec_json(entry.value).replicas == 1
+
+
+async def test_delete_forgets_the_deployment_and_removes_its_replicas(
+    head: HeadNode, store: MemoryStore, fleet: FakeSchedulers
+) -> None:
+    await join(head)
+    await head.apply(make_spec(replicas=2))
+    await head.reconcile_once()
+    created = fleet.clients["s1"].created_ids
+
+    await head.delete("echo")
+
+    assert await store.get("deployments/echo") is None
+    assert head.desired == {}
+    actions = await head.reconcile_once()
+    assert all(isinstance(a, RemoveReplica) for a in actions)
+    assert sorted(fleet.clients["s1"].removed) == sorted((rid, True) for rid in created)
+
+
+# ------------------------------------------------------------------ reconcile
+
+
+async def test_reconcile_once_creates_replicas_on_the_scheduler(
+    head: HeadNode, fleet: FakeSchedulers
+) -> None:
+    await join(head)
+    spec = make_spec(replicas=2)
+    await head.apply(spec)
+
+    actions = await head.reconcile_once()
+
+    client = fleet.clients["s1"]
+    assert client.address == "s1:7000"
+    assert [a.replica_id for a in actions if isinstance(a, CreateReplica)] == client.created_ids
+    assert [s for _, s in client.created] == [spec, spec]
+    assert {head.state.replicas[rid].state for rid in client.created_ids} == {STARTING}
+    assert await head.reconcile_once() == []
+    assert len(client.created) == 2
+
+
+async def test_without_a_scheduler_nothing_is_created_and_status_says_why(head: HeadNode) -> None:
+    await head.apply(make_spec())
+
+    assert await head.reconcile_once() == []
+
+    [dep] = cluster_status(head)["deployments"]
+    assert (dep["name"], dep["target_replicas"], dep["ready_replicas"]) == ("echo", 1, 0)
+    assert dep["pending_reason"] == "no live scheduler"
+
+
+async def test_a_failing_create_is_retried_after_a_backoff(
+    head: HeadNode, fleet: FakeSchedulers, clock: FakeClock
+) -> None:
+    await join(head)
+    await head.apply(make_spec())
+    client = fleet.client("s1", "s1:7000")
+    client.create_error = Unavailable("connection refused")
+
+    assert len(await head.reconcile_once()) == 1
+    assert client.created == []
+    assert head.state.replicas == {}
+
+    assert await head.reconcile_once() == []
+    [dep] = cluster_status(head)["deployments"]
+    assert dep["pending_reason"] == "1 replica start failure(s), retrying in 1s: connection refused"
+    assert "replica_create_failed" in [e["kind"] for e in cluster_status(head)["events"]]
+
+    client.create_error = None
+    clock.advance(1.5)
+    assert await head.scheduler_health("s1", client.registry_version, [])
+    actions = await head.reconcile_once()
+
+    assert [type(a) for a in actions] == [CreateReplica]
+    assert len(client.created) == 1
+    assert cluster_status(head)["deployments"][0]["pending_reason"] == ""
+
+
+async def test_a_failing_remove_is_retried(head: HeadNode, fleet: FakeSchedulers, clock: FakeClock) -> None:
+    await join(head)
+    spec = make_spec()
+    await head.apply(spec)
+    await head.reconcile_once()
+    client = fleet.clients["s1"]
+    [rid] = client.created_ids
+    assert await head.scheduler_health("s1", client.registry_version, [ready(rid, spec)])
+    client.remove_error = Unavailable("connection reset")
+    await head.delete("echo")
+
+    actions = await head.reconcile_once()
+    assert [(type(a), a.replica_id) for a in actions] == [(RemoveReplica, rid)]
+    assert client.removed == []
+
+    # The scheduler never got the request: it still runs the replica and says so.
+    client.remove_error = None
+    for _ in range(4):
+        clock.advance(2.0)
+        assert await head.scheduler_health("s1", client.registry_version, [ready(rid, spec)])
+        await head.reconcile_once()
+
+    assert client.removed == [(rid, True)]
+
+
+async def test_a_rollout_that_raises_resources_starts_when_there_is_room(
+    head: HeadNode, fleet: FakeSchedulers
+) -> None:
+    # 4 cpus; two replicas of 1 cpu hold 2 of them. The new spec needs 2 cpus per
+    # replica: the first new replica fits in the 2 cpus still free.
+    await head.register_scheduler(
+        SchedulerRegistration("s1", "s1:7000", "s1:7001", Capacity(4, 8192, 0), pid=42, hostname="host")
+    )
+    v1 = parse_spec(
+        {"name": "echo", "backend": "python", "model": "m.py", "replicas": 2, "resources": {"cpus": 1}}
+    )
+    await head.apply(v1)
+    await head.reconcile_once()
+    client = fleet.clients["s1"]
+    reports = [ready(rid, v1) for rid in client.created_ids]
+    assert await head.scheduler_health("s1", client.registry_version, reports)
+    assert cluster_status(head)["schedulers"][0]["allocated"]["cpus"] == 2.0
+
+    v2 = parse_spec({**v1.model_dump(), "resources": {"cpus": 2}})
+    await head.apply(v2)
+    actions = await head.reconcile_once()
+
+    assert head.state.pending_reasons == {}
+    assert [type(a) for a in actions] == [CreateReplica]
+    assert len(client.created) == 3
+    assert client.created[-1][1] == v2
+
+
+async def test_health_from_an_unknown_scheduler_is_nacked(head: HeadNode) -> None:
+    assert await head.scheduler_health("ghost", 1, []) is False
+
+
+async def test_a_silent_scheduler_is_declared_dead_and_must_register_again(
+    head: HeadNode, fleet: FakeSchedulers, clock: FakeClock
+) -> None:
+    await join(head, "s1")
+    await join(head, "s2")
+    await head.apply(make_spec())
+    await head.reconcile_once()
+    [(sid, client)] = [(s, c) for s, c in fleet.clients.items() if c.created]
+    other = "s2" if sid == "s1" else "s1"
+
+    clock.advance(3)
+    assert await head.scheduler_health(other, 0, [])
+    clock.advance(3)
+    actions = await head.reconcile_once()
+
+    assert [(a.scheduler_id, type(a)) for a in actions] == [(other, CreateReplica)]
+    assert await head.scheduler_health(sid, client.registry_version, []) is False
+
+
+# ------------------------------------------------------------------ routes
+
+
+async def test_watch_routes_yields_a_new_table_when_a_replica_becomes_ready(
+    head: HeadNode, fleet: FakeSchedulers
+) -> None:
+    await join(head)
+    spec = make_spec()
+    await head.apply(spec)
+    await head.reconcile_once()
+    [rid] = fleet.clients["s1"].created_ids
+
+    watch = head.watch_routes("s2")
+    assert isinstance(watch, AsyncGenerator)
+    async with contextlib.aclosing(watch) as tables:
+        first: RoutingTable = await asyncio.wait_for(anext(tables), 1)
+        assert first.deployments["echo"].spec == spec
+        assert first.deployments["echo"].routes == ()
+
+        assert await head.scheduler_health("s1", fleet.clients["s1"].registry_version, [ready(rid, spec)])
+        second: RoutingTable = await asyncio.wait_for(anext(tables), 1)
+
+    assert second.version > first.version
+    assert second.deployments["echo"].routes == (Route(rid, f"{rid}:9000", "s1", 0),)
+    assert head.routes == second
+
+
+async def test_a_rejoining_scheduler_brings_its_ready_replicas_back_into_the_routes(head: HeadNode) -> None:
+    spec = make_spec()
+    await head.apply(spec)
+
+    await join(head, "s1", ready("echo-abc123", spec))
+
+    assert head.routes.deployments["echo"].routes == (Route("echo-abc123", "echo-abc123:9000", "s1", 0),)
+    assert await head.reconcile_once() == []
+
+
+async def test_watch_routes_ends_when_the_head_closes(store: MemoryStore, fleet: FakeSchedulers) -> None:
+    node = HeadNode(Settings(), store, fleet, FakeClock())
+    tables = node.watch_routes("s1")
+    await asyncio.wait_for(anext(tables), 1)
+
+    async def next_table() -> RoutingTable:
+        return await anext(tables)
+
+    waiting = asyncio.create_task(next_table())
+    await asyncio.sleep(0.01)
+
+    await node.aclose()
+
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(waiting, 1)
+
+
+async def test_aclose_closes_the_scheduler_clients(head: HeadNode, fleet: FakeSchedulers) -> None:
+    await join(head)
+    await head.apply(make_spec())
+    await head.reconcile_once()
+
+    await head.aclose()
+
+    assert fleet.clients["s1"].closed

@@ -1,0 +1,317 @@
+"""Router.send over in-memory replicas: spreading, limits, queue bound, deadlines, retries."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from shoal.config import Settings
+from shoal.core.spec import DeploymentSpec, parse_spec
+from shoal.errors import DeadlineExceeded, NotFound, ResourceExhausted, Unavailable
+from shoal.scheduler.router import Router
+from shoal.testing.fakes import FakeReplicaClient, FakeReplicas
+from shoal.types import Arrays, DeploymentRoutes, Route, RoutingTable
+
+pytestmark = pytest.mark.timeout(10)
+
+
+def make_spec(**changes: Any) -> DeploymentSpec:
+    return parse_spec({"name": "echo", "backend": "python", "model": "m.py", **changes})
+
+
+def x(value: float) -> Arrays:
+    return {"x": np.array([value], dtype=np.float32)}
+
+
+@pytest.fixture
+def fakes() -> FakeReplicas:
+    return FakeReplicas()
+
+
+async def make_router(fakes: FakeReplicas, policy: str = "round_robin") -> Router:
+    return Router("s1", Settings(), fakes, policy=policy)
+
+
+@pytest.fixture
+async def router(fakes: FakeReplicas) -> AsyncIterator[Router]:
+    r = await make_router(fakes)
+    yield r
+    await r.aclose()
+
+
+def add(router: Router, fakes: FakeReplicas, spec: DeploymentSpec, *rids: str) -> list[FakeReplicaClient]:
+    """Add local READY replicas ``rid`` at address ``rid:9000``; returns their fakes."""
+    for rid in rids:
+        router.add(rid, spec, f"{rid}:9000", "s1")
+    return [fakes.clients[f"{rid}:9000"] for rid in rids]
+
+
+def gate(client: FakeReplicaClient) -> asyncio.Event:
+    client.gate = asyncio.Event()
+    return client.gate
+
+
+async def test_outputs_come_back_with_the_replica_that_served_them(
+    router: Router, fakes: FakeReplicas
+) -> None:
+    [a] = add(router, fakes, make_spec(), "a")
+
+    outputs, rid = await router.send("echo", x(3.0), request_id="req-1")
+
+    assert rid == "a"
+    np.testing.assert_array_equal(outputs["x"], np.array([3.0], dtype=np.float32))
+    assert [c.request_id for c in a.requests] == ["req-1"]
+    assert 0 < a.requests[0].timeout_s <= 60.0
+
+
+async def test_round_robin_spreads_requests_evenly(router: Router, fakes: FakeReplicas) -> None:
+    clients = add(router, fakes, make_spec(), "a", "b", "c")
+
+    served = [(await router.send("echo", x(i)))[1] for i in range(6)]
+
+    assert served == ["a", "b", "c", "a", "b", "c"]
+    assert [len(c.requests) for c in clients] == [2, 2, 2]
+
+
+async def test_p2c_balances_concurrent_requests(fakes: FakeReplicas) -> None:
+    router = await make_router(fakes, policy="p2c")
+    try:
+        a, b = add(router, fakes, make_spec(), "a", "b")
+        opened = asyncio.Event()
+        a.gate = b.gate = opened
+        tasks = [asyncio.create_task(router.send("echo", x(i))) for i in range(4)]
+        await a.wait_for_requests(2)
+        await b.wait_for_requests(2)
+        opened.set()
+        served = [rid for _, rid in await asyncio.gather(*tasks)]
+        assert sorted(served) == ["a", "a", "b", "b"]
+    finally:
+        await router.aclose()
+
+
+async def test_max_ongoing_requests_bounds_each_replica(router: Router, fakes: FakeReplicas) -> None:
+    a, b = add(router, fakes, make_spec(max_ongoing_requests=1), "a", "b")
+    opened = asyncio.Event()
+    a.gate = b.gate = opened
+
+    tasks = [asyncio.create_task(router.send("echo", x(i))) for i in range(4)]
+    await a.wait_for_requests(1)
+    await b.wait_for_requests(1)
+    await asyncio.sleep(0.01)
+    assert (len(a.requests), len(b.requests)) == (1, 1)
+    assert not any(t.done() for t in tasks)
+
+    opened.set()
+    results = await asyncio.gather(*tasks)
+
+    assert [float(out["x"][0]) for out, _ in results] == [0.0, 1.0, 2.0, 3.0]
+    assert (a.max_in_flight, b.max_in_flight) == (1, 1)
+    assert len(a.requests) + len(b.requests) == 4
+
+
+async def test_a_full_queue_rejects_at_once_while_admitted_requests_complete(
+    router: Router, fakes: FakeReplicas
+) -> None:
+    [a] = add(router, fakes, make_spec(max_ongoing_requests=1, max_queued_requests=2), "a")
+    opened = gate(a)
+
+    tasks = [asyncio.create_task(router.send("echo", x(i))) for i in range(6)]
+    await a.wait_for_requests(1)
+    await asyncio.sleep(0.01)
+
+    rejected = [t for t in tasks if t.done()]
+    assert tasks[3:] == rejected
+    for t in rejected:
+        err = t.exception()
+        assert isinstance(err, ResourceExhausted)
+        assert str(err) == "deployment 'echo' is at capacity: 2 request(s) queued (max_queued_requests=2)"
+
+    opened.set()
+    done = await asyncio.gather(*tasks[:3])
+    assert [float(out["x"][0]) for out, _ in done] == [0.0, 1.0, 2.0]
+    assert len(a.requests) == 3
+    # The queue has drained: a new request is admitted again.
+    assert (await router.send("echo", x(9)))[1] == "a"
+
+
+async def test_a_request_waiting_for_a_busy_replica_times_out(router: Router, fakes: FakeReplicas) -> None:
+    [a] = add(router, fakes, make_spec(max_ongoing_requests=1), "a")
+    opened = gate(a)
+    first = asyncio.create_task(router.send("echo", x(1)))
+    await a.wait_for_requests(1)
+
+    with pytest.raises(
+        DeadlineExceeded, match=r"^no replica of 'echo' could take the request in time \(1 ready\)$"
+    ):
+        await router.send("echo", x(2), timeout_s=0.05)
+
+    opened.set()
+    assert (await first)[1] == "a"
+    assert len(a.requests) == 1
+
+
+async def test_the_replica_gets_the_time_left_and_a_slow_answer_times_out(
+    router: Router, fakes: FakeReplicas
+) -> None:
+    [a] = add(router, fakes, make_spec(), "a")
+    gate(a)
+
+    with pytest.raises(DeadlineExceeded):
+        await router.send("echo", x(1), timeout_s=0.05)
+
+    [call] = a.requests
+    assert 0 < call.timeout_s <= 0.05
+    # The slot was given back.
+    a.gate = None
+    assert (await router.send("echo", x(2)))[1] == "a"
+
+
+async def test_a_replica_that_dies_mid_request_hands_it_to_another(
+    router: Router, fakes: FakeReplicas
+) -> None:
+    a, b = add(router, fakes, make_spec(), "a", "b")
+    gate(a)  # never opens: a dies with the request pending
+
+    task = asyncio.create_task(router.send("echo", x(7), request_id="req-7"))
+    await a.wait_for_requests(1)
+    await router.remove("a", failed=True)
+    outputs, rid = await task
+
+    assert rid == "b"
+    assert float(outputs["x"][0]) == 7.0
+    assert [c.request_id for c in a.requests] == ["req-7"]
+    assert [c.request_id for c in b.requests] == ["req-7"]
+    assert a.closed
+    assert router.ready_count("echo") == 1
+
+
+async def test_an_unreachable_replica_is_retried_on_another(router: Router, fakes: FakeReplicas) -> None:
+    a, b = add(router, fakes, make_spec(), "a", "b")
+    a.fail()
+
+    _, rid = await router.send("echo", x(1))
+
+    assert rid == "b"
+    assert len(b.requests) == 1
+
+
+async def test_a_retry_goes_to_a_replica_not_tried_yet(fakes: FakeReplicas) -> None:
+    # Two attempts, two replicas, one unreachable: the second attempt must not pick it again.
+    router = Router("s1", Settings(request_attempts=2), fakes, policy="p2c")
+    try:
+        a, b = add(router, fakes, make_spec(), "a", "b")
+        a.fail()
+        served = [(await router.send("echo", x(i)))[1] for i in range(20)]
+        assert served == ["b"] * 20
+        assert len(b.requests) == 20
+    finally:
+        await router.aclose()
+
+
+async def test_when_every_replica_is_unreachable_the_caller_gets_unavailable(
+    router: Router, fakes: FakeReplicas
+) -> None:
+    a, b = add(router, fakes, make_spec(), "a", "b")
+    a.fail()
+    b.fail()
+
+    with pytest.raises(Unavailable, match=r"^request req-9 failed on 2 replica\(s\): "):
+        await router.send("echo", x(1), request_id="req-9")
+
+
+async def test_with_no_replica_a_request_waits_for_one(router: Router, fakes: FakeReplicas) -> None:
+    spec = make_spec()
+    router.set_spec(spec)
+    task = asyncio.create_task(router.send("echo", x(5), timeout_s=2.0))
+    await asyncio.sleep(0.02)
+    assert not task.done()
+
+    add(router, fakes, spec, "late")
+    outputs, rid = await asyncio.wait_for(task, 1.0)
+
+    assert rid == "late"
+    assert float(outputs["x"][0]) == 5.0
+
+
+async def test_with_no_replica_in_time_the_request_times_out(router: Router) -> None:
+    router.set_spec(make_spec())
+    with pytest.raises(DeadlineExceeded, match=r"\(0 ready\)$"):
+        await router.send("echo", x(5), timeout_s=0.03)
+
+
+async def test_an_unknown_deployment_is_not_found(router: Router) -> None:
+    with pytest.raises(NotFound, match=r"^no deployment named 'nope'$"):
+        await router.send("nope", x(1))
+
+
+async def test_a_retired_replica_finishes_its_request_and_gets_no_new_ones(
+    router: Router, fakes: FakeReplicas
+) -> None:
+    a, _ = add(router, fakes, make_spec(), "a", "b")
+    opened = gate(a)
+    pending = asyncio.create_task(router.send("echo", x(1)))
+    await a.wait_for_requests(1)
+
+    router.retire("a")
+    assert router.ready_count("echo") == 1
+    later = [(await router.send("echo", x(i)))[1] for i in range(4)]
+
+    opened.set()
+    outputs, rid = await pending
+    assert (rid, float(outputs["x"][0])) == ("a", 1.0)
+    assert later == ["b", "b", "b", "b"]
+    assert len(a.requests) == 1
+    assert not a.closed
+
+
+async def test_a_cancelled_caller_frees_its_slot(router: Router, fakes: FakeReplicas) -> None:
+    [a] = add(router, fakes, make_spec(max_ongoing_requests=1), "a")
+    gate(a)
+    first = asyncio.create_task(router.send("echo", x(1)))
+    await a.wait_for_requests(1)
+
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+
+    a.gate = None
+    assert (await router.send("echo", x(2), timeout_s=0.5))[1] == "a"
+
+
+def table(version: int, spec: DeploymentSpec, *routes: Route) -> RoutingTable:
+    return RoutingTable(version, {spec.name: DeploymentRoutes(spec, routes)})
+
+
+async def test_apply_table_adds_and_removes_remote_replicas_but_keeps_local_ones(
+    router: Router, fakes: FakeReplicas
+) -> None:
+    spec = make_spec()
+    [local] = add(router, fakes, spec, "mine")
+
+    await router.apply_table(table(1, spec, Route("r1", "r1:9000", "s2"), Route("mine", "mine:9000", "s1")))
+    assert router.ready_count("echo") == 2
+    served = {(await router.send("echo", x(i)))[1] for i in range(2)}
+    assert served == {"mine", "r1"}
+
+    await router.apply_table(table(2, spec))
+    assert router.ready_count("echo") == 1
+    assert fakes.clients["r1:9000"].closed
+    assert not local.closed
+    assert (await router.send("echo", x(3)))[1] == "mine"
+
+
+async def test_a_deployment_gone_from_the_table_is_forgotten(router: Router, fakes: FakeReplicas) -> None:
+    spec = make_spec()
+    await router.apply_table(table(1, spec, Route("r1", "r1:9000", "s2")))
+    assert list(router.deployments()) == ["echo"]
+
+    await router.apply_table(RoutingTable(2, {}))
+
+    assert router.deployments() == {}
+    assert fakes.clients["r1:9000"].closed
+    with pytest.raises(NotFound):
+        await router.send("echo", x(1))

@@ -1,0 +1,330 @@
+"""Deployment specs (validation, files, process hash) and Settings precedence."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shoal.config import Settings
+from shoal.core.spec import DeploymentSpec, load_spec_file, parse_spec, parse_spec_json
+from shoal.errors import InvalidArgument
+
+pytestmark = pytest.mark.timeout(10)
+
+BASE: dict[str, Any] = {"name": "echo", "backend": "python", "model": "model.py"}
+
+
+def spec(**changes: Any) -> DeploymentSpec:
+    return parse_spec({**BASE, **changes})
+
+
+# ------------------------------------------------------------------ validation
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        (
+            {**BASE, "name": "Bad Name"},
+            "invalid deployment spec 'Bad Name': name: String should match pattern",
+        ),
+        (
+            {**BASE, "backend": "tensorflow"},
+            "invalid deployment spec 'echo': backend: Input should be 'python', 'sklearn', 'onnx', "
+            "'transformers' or 'vllm'",
+        ),
+        ({"name": "echo", "backend": "python"}, "invalid deployment spec 'echo': model: Field required"),
+        (
+            {**BASE, "replicas": -1},
+            "invalid deployment spec 'echo': replicas: Input should be greater than or equal to 0",
+        ),
+        (
+            {**BASE, "resources": {"cpus": -2}},
+            "invalid deployment spec 'echo': resources.cpus: Input should be",
+        ),
+        ({**BASE, "replics": 2}, "invalid deployment spec 'echo': replics: Extra inputs are not permitted"),
+        (
+            {**BASE, "autoscaling": {"min_replicas": 3, "max_replicas": 2}},
+            "invalid deployment spec 'echo': autoscaling: Value error, "
+            "min_replicas must not exceed max_replicas",
+        ),
+        (
+            {**BASE, "inputs": [{"name": "x", "shape": [-2, 3]}]},
+            "invalid deployment spec 'echo': inputs.0.shape: Value error, "
+            "dimensions must be -1 (variable) or >= 0",
+        ),
+        (
+            {**BASE, "timeout_s": 0},
+            "invalid deployment spec 'echo': timeout_s: Input should be greater than 0",
+        ),
+    ],
+)
+def test_invalid_specs_raise_invalid_argument_naming_the_field(doc: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        parse_spec(doc)
+    assert str(info.value).startswith(message)
+    assert info.value.http_status == 400
+
+
+def test_every_problem_is_named_at_once() -> None:
+    with pytest.raises(InvalidArgument) as info:
+        parse_spec({**BASE, "replicas": -1, "max_ongoing_requests": 0})
+    assert "replicas: " in str(info.value)
+    assert "max_ongoing_requests: " in str(info.value)
+
+
+def test_a_spec_that_is_not_a_mapping_is_invalid() -> None:
+    with pytest.raises(InvalidArgument, match=r"^a deployment spec must be a mapping, got list$"):
+        parse_spec(["echo"])
+
+
+def test_defaults_of_a_minimal_spec() -> None:
+    s = spec()
+    assert (s.replicas, s.max_ongoing_requests, s.max_queued_requests, s.timeout_s) == (1, 64, 1024, 60.0)
+    assert (s.resources.cpus, s.resources.memory_mb, s.resources.gpus) == (1.0, 0.0, 0.0)
+    assert s.initial_replicas() == 1
+
+
+def test_initial_replicas_is_clamped_to_the_autoscaling_bounds() -> None:
+    assert spec(replicas=10, autoscaling={"min_replicas": 1, "max_replicas": 4}).initial_replicas() == 4
+    assert spec(replicas=0, autoscaling={"min_replicas": 2, "max_replicas": 4}).initial_replicas() == 2
+    assert spec(replicas=3, autoscaling={"min_replicas": 2, "max_replicas": 4}).initial_replicas() == 3
+
+
+def test_invalid_json_is_invalid_argument() -> None:
+    with pytest.raises(InvalidArgument, match=r"^deployment spec is not valid JSON: "):
+        parse_spec_json("{name: echo")
+
+
+def test_json_round_trip_keeps_the_spec_and_its_hash() -> None:
+    s = spec(options={"b": 1, "a": [1, 2]}, batching={"max_batch_size": 8, "max_delay_ms": 5})
+    back = parse_spec_json(s.to_json())
+    assert back == s
+    assert back.process_hash() == s.process_hash()
+
+
+# ------------------------------------------------------------------ files
+
+
+def test_a_relative_model_path_resolves_against_the_spec_files_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "models" / "echo"
+    folder.mkdir(parents=True)
+    path = folder / "echo.yaml"
+    path.write_text("name: echo\nbackend: python\nmodel: model.py\n")
+
+    [s] = load_spec_file(path)
+
+    assert s.model == "model.py"
+    assert s.model_path() == folder.resolve() / "model.py"
+    assert s.model_path().is_absolute()
+
+
+def test_a_relative_spec_path_still_gives_an_absolute_model_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "echo.yaml").write_text("name: echo\nbackend: python\nmodel: sub/model.py\n")
+    monkeypatch.chdir(tmp_path)
+
+    [s] = load_spec_file("echo.yaml")
+
+    assert s.model_path() == tmp_path.resolve() / "sub" / "model.py"
+
+
+def test_an_absolute_model_path_is_kept(tmp_path: Path) -> None:
+    path = tmp_path / "echo.yaml"
+    path.write_text("name: echo\nbackend: sklearn\nmodel: /srv/models/digits.joblib\n")
+    [s] = load_spec_file(path)
+    assert s.model_path() == Path("/srv/models/digits.joblib")
+
+
+def test_a_multi_document_file_gives_every_spec_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "all.yaml"
+    path.write_text(
+        "---\nname: first\nbackend: python\nmodel: a.py\nreplicas: 2\n"
+        "---\n"
+        "---\nname: second\nbackend: sklearn\nmodel: b.joblib\n"
+    )
+
+    specs = load_spec_file(path)
+
+    assert [(s.name, s.backend, s.replicas) for s in specs] == [
+        ("first", "python", 2),
+        ("second", "sklearn", 1),
+    ]
+    assert {s.base_dir for s in specs} == {str(tmp_path.resolve())}
+
+
+def test_an_invalid_document_in_a_file_names_its_deployment(tmp_path: Path) -> None:
+    path = tmp_path / "all.yaml"
+    path.write_text(
+        "name: good\nbackend: python\nmodel: a.py\n---\nname: bad\nbackend: python\nreplicas: x\n"
+    )
+    with pytest.raises(InvalidArgument) as info:
+        load_spec_file(path)
+    assert str(info.value).startswith("invalid deployment spec 'bad': model: Field required; replicas: ")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "holds no deployment spec"),
+        ("---\n---\n", "holds no deployment spec"),
+        ("name: [unclosed\n", "is not valid YAML"),
+    ],
+)
+def test_empty_or_broken_files_are_invalid(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    with pytest.raises(InvalidArgument, match=f"^{re.escape(str(path))}.*{message}"):
+        load_spec_file(path)
+
+
+def test_a_missing_file_is_invalid_argument(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(
+        InvalidArgument, match=f"^cannot read {re.escape(str(path))}: No such file or directory$"
+    ):
+        load_spec_file(path)
+
+
+# ------------------------------------------------------------------ process hash
+
+
+def test_process_hash_ignores_replicas_and_autoscaling() -> None:
+    base = spec()
+    assert spec(replicas=5).process_hash() == base.process_hash()
+    assert spec(autoscaling={"min_replicas": 1, "max_replicas": 9}).process_hash() == base.process_hash()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"model": "other.py"},
+        {"backend": "sklearn"},
+        {"options": {"threads": 2}},
+        {"resources": {"cpus": 2}},
+        {"batching": {"max_batch_size": 8}},
+        {"max_ongoing_requests": 8},
+    ],
+)
+def test_process_hash_changes_with_what_the_process_runs(change: dict[str, Any]) -> None:
+    assert spec(**change).process_hash() != spec().process_hash()
+
+
+def test_process_hash_does_not_depend_on_option_order() -> None:
+    assert spec(options={"a": 1, "b": 2}).process_hash() == spec(options={"b": 2, "a": 1}).process_hash()
+
+
+# ------------------------------------------------------------------ settings
+
+
+def test_settings_defaults_without_any_source() -> None:
+    s = Settings.load(env={})
+    assert s == Settings()
+    assert (s.head_address, s.grpc_port, s.dead_after_s) == ("localhost:8470", 8001, 5.0)
+
+
+def test_settings_precedence_is_flags_then_env_then_file_then_defaults(tmp_path: Path) -> None:
+    file = tmp_path / "shoal.yaml"
+    file.write_text("grpc_port: 1001\nhttp_port: 1002\nhead_port: 1003\n")
+    env = {"SHOAL_GRPC_PORT": "2001", "SHOAL_HTTP_PORT": "2002"}
+    flags = {"grpc_port": 3001, "http_port": None}
+
+    s = Settings.load(file=file, env=env, flags=flags)
+
+    assert s.grpc_port == 3001  # flag over env and file
+    assert s.http_port == 2002  # None flag is ignored: env over file
+    assert s.head_port == 1003  # file over default
+    assert s.head_http_port == 8471  # default
+
+
+def test_settings_types_come_from_the_defaults(tmp_path: Path) -> None:
+    s = Settings.load(
+        env={"SHOAL_DEAD_AFTER_S": "2.5", "SHOAL_RPC_ATTEMPTS": "7", "SHOAL_LOG_LEVEL": "DEBUG"}
+    )
+    assert (s.dead_after_s, s.rpc_attempts, s.log_level) == (2.5, 7, "DEBUG")
+    assert isinstance(s.rpc_attempts, int)
+
+
+def test_head_address_comes_from_shoal_head() -> None:
+    assert Settings.load(env={"SHOAL_HEAD": "10.0.0.1:9000"}).head_address == "10.0.0.1:9000"
+    assert Settings.load(env={"SHOAL_HEAD_ADDRESS": "10.0.0.1:9000"}).head_address == "localhost:8470"
+
+
+def test_a_bad_environment_value_names_the_variable() -> None:
+    with pytest.raises(
+        InvalidArgument, match=r"^environment variable SHOAL_GRPC_PORT: grpc_port must be int, got 'abc'$"
+    ):
+        Settings.load(env={"SHOAL_GRPC_PORT": "abc"})
+
+
+def test_a_bad_flag_value_names_the_flag() -> None:
+    with pytest.raises(InvalidArgument, match=r"^--dead-after-s: dead_after_s must be float, got 'soon'$"):
+        Settings.load(env={}, flags={"dead_after_s": "soon"})
+
+
+def test_a_bad_file_value_names_the_file(tmp_path: Path) -> None:
+    file = tmp_path / "shoal.yaml"
+    file.write_text("heartbeat_interval_s: often\n")
+    with pytest.raises(InvalidArgument) as info:
+        Settings.load(file=file, env={})
+    assert str(info.value) == f"config file {file}: heartbeat_interval_s must be float, got 'often'"
+
+
+def test_an_unknown_file_setting_is_named(tmp_path: Path) -> None:
+    file = tmp_path / "shoal.yaml"
+    file.write_text("grpc_prot: 9000\n")
+    with pytest.raises(
+        InvalidArgument, match=f"^config file {re.escape(str(file))}: unknown setting 'grpc_prot'$"
+    ):
+        Settings.load(file=file, env={})
+
+
+def test_an_unknown_flag_is_named() -> None:
+    with pytest.raises(InvalidArgument, match="unknown setting 'grpc_prot'"):
+        Settings.load(env={}, flags={"grpc_prot": 1})
+
+
+@pytest.mark.parametrize(
+    ("text", "message"), [("- a\n- b\n", "must hold a mapping"), ("a: [\n", "cannot read")]
+)
+def test_a_config_file_that_is_not_a_mapping_is_invalid(tmp_path: Path, text: str, message: str) -> None:
+    file = tmp_path / "shoal.yaml"
+    file.write_text(text)
+    with pytest.raises(InvalidArgument, match=message):
+        Settings.load(file=file, env={})
+
+
+def test_a_missing_config_file_is_invalid_argument(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match=r"^cannot read config file"):
+        Settings.load(file=tmp_path / "missing.yaml", env={})
+
+
+def test_an_empty_config_file_means_defaults(tmp_path: Path) -> None:
+    file = tmp_path / "shoal.yaml"
+    file.write_text("")
+    assert Settings.load(file=file, env={}) == Settings()
+
+
+@pytest.mark.parametrize("value", ["8001.5", "true"])
+def test_a_non_integer_for_an_integer_setting_is_refused(tmp_path: Path, value: str) -> None:
+    # int(8001.5) == 8001 and int(True) == 1: the value must be refused, not changed.
+    file = tmp_path / "shoal.yaml"
+    file.write_text(f"grpc_port: {value}\n")
+    with pytest.raises(InvalidArgument, match=f"^config file {re.escape(str(file))}: grpc_port must be int"):
+        Settings.load(file=file, env={})
+
+
+def test_a_null_in_the_config_file_does_not_become_the_string_none(tmp_path: Path) -> None:
+    file = tmp_path / "shoal.yaml"
+    file.write_text("advertise_host:\n")
+    try:
+        s = Settings.load(file=file, env={})
+    except InvalidArgument as err:
+        assert str(err).startswith(f"config file {file}: advertise_host")
+    else:
+        assert s.advertise_host == ""
+        assert s.advertised == "127.0.0.1"
