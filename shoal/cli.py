@@ -246,6 +246,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     return _with_client(args, go)
 
 
+def cmd_logs(args: argparse.Namespace) -> int:
+    async def go(client: Any, settings: Settings) -> int:
+        out = sys.stdout.buffer
+        async for data in client.read_log(args.replica_id, tail_bytes=args.tail_bytes, follow=args.follow):
+            out.write(data)
+            out.flush()
+        return 0
+
+    try:
+        return _with_client(args, go)
+    except KeyboardInterrupt:
+        return 0
+
+
 def render_status(status: dict[str, Any]) -> str:
     """The human table of ``shoal status``."""
     out: list[str] = []
@@ -433,6 +447,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="show schedulers, deployments and replicas")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_status)
+
+    p = sub.add_parser("logs", help="print a replica's log, wherever it runs")
+    p.add_argument("replica_id")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing what the replica writes")
+    p.add_argument("--tail-bytes", type=int, default=0, help="start this many bytes before the end")
+    p.set_defaults(fn=cmd_logs)
 
     p = sub.add_parser("predict", help="send one request and print the outputs as JSON")
     p.add_argument("name")

@@ -24,6 +24,7 @@ class PingResult:
     state: str
     in_flight: int
     queued: int
+    batch_sizes: Mapping[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,10 @@ class SchedulerClient(Protocol):
         ...
 
     async def remove_replica(self, replica_id: str, graceful: bool) -> None: ...
+
+    def read_log(self, replica_id: str, tail_bytes: int, follow: bool) -> AsyncIterator[bytes]:
+        """A replica's log; NotFound if this scheduler has no log for it."""
+        ...
 
     async def close(self) -> None: ...
 

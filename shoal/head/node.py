@@ -321,6 +321,29 @@ class HeadNode:
             self._clients[scheduler_id] = cached
         return cached[1]
 
+    # ------------------------------------------------------------ logs
+
+    async def read_log(self, replica_id: str, tail_bytes: int, follow: bool) -> AsyncIterator[bytes]:
+        """A replica's log from its scheduler; the replica may have died (its log stays).
+
+        Asks the scheduler the head knows it on, else every live scheduler. NotFound if none has it.
+        """
+        async with self.lock:
+            rec = self.state.replicas.get(replica_id)
+            alive = [s.id for s in self.state.schedulers.values() if s.state == "ALIVE"]
+            order = [rec.scheduler_id] if rec is not None else alive
+        for sid in order:
+            client = self._client(sid)
+            if client is None:
+                continue
+            try:
+                async for data in client.read_log(replica_id, tail_bytes, follow):
+                    yield data
+                return
+            except NotFound:
+                continue
+        raise NotFound(f"no replica {replica_id!r} (and no log for it) on any live scheduler")
+
     # ------------------------------------------------------------ routes
 
     def _table(self) -> dict[str, DeploymentRoutes]:

@@ -69,6 +69,11 @@ class HeadStub(object):
                 request_serializer=shoal_dot_proto_dot_shoal__pb2.Empty.SerializeToString,
                 response_deserializer=shoal_dot_proto_dot_shoal__pb2.ClusterStatus.FromString,
                 _registered_method=True)
+        self.ReadLog = channel.unary_stream(
+                '/shoal.v1.Head/ReadLog',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.ReadLogRequest.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.LogChunk.FromString,
+                _registered_method=True)
 
 
 class HeadServicer(object):
@@ -116,6 +121,13 @@ class HeadServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadLog(self, request, context):
+        """A replica's log, wherever it runs (proxied to its scheduler).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HeadServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +165,11 @@ def add_HeadServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=shoal_dot_proto_dot_shoal__pb2.Empty.FromString,
                     response_serializer=shoal_dot_proto_dot_shoal__pb2.ClusterStatus.SerializeToString,
+            ),
+            'ReadLog': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReadLog,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.ReadLogRequest.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.LogChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -354,6 +371,33 @@ class Head(object):
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def ReadLog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/shoal.v1.Head/ReadLog',
+            shoal_dot_proto_dot_shoal__pb2.ReadLogRequest.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.LogChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class SchedulerStub(object):
     """Missing associated documentation comment in .proto file."""
@@ -388,6 +432,11 @@ class SchedulerStub(object):
                 '/shoal.v1.Scheduler/SendRequest',
                 request_serializer=shoal_dot_proto_dot_shoal__pb2.InferRequest.SerializeToString,
                 response_deserializer=shoal_dot_proto_dot_shoal__pb2.InferReply.FromString,
+                _registered_method=True)
+        self.ReadLog = channel.unary_stream(
+                '/shoal.v1.Scheduler/ReadLog',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.ReadLogRequest.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.LogChunk.FromString,
                 _registered_method=True)
 
 
@@ -427,6 +476,13 @@ class SchedulerServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadLog(self, request, context):
+        """from the head: a replica's log file (replica_<id>.log)
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -454,6 +510,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.SendRequest,
                     request_deserializer=shoal_dot_proto_dot_shoal__pb2.InferRequest.FromString,
                     response_serializer=shoal_dot_proto_dot_shoal__pb2.InferReply.SerializeToString,
+            ),
+            'ReadLog': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReadLog,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.ReadLogRequest.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.LogChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -591,6 +652,33 @@ class Scheduler(object):
             '/shoal.v1.Scheduler/SendRequest',
             shoal_dot_proto_dot_shoal__pb2.InferRequest.SerializeToString,
             shoal_dot_proto_dot_shoal__pb2.InferReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadLog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/shoal.v1.Scheduler/ReadLog',
+            shoal_dot_proto_dot_shoal__pb2.ReadLogRequest.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.LogChunk.FromString,
             options,
             channel_credentials,
             insecure,

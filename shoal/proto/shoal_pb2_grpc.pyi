@@ -41,6 +41,8 @@ class HeadStub:
     ScaleDeployment: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.ScaleDeploymentRequest, _shoal_pb2.Empty]
     DeleteDeployment: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.DeleteDeploymentRequest, _shoal_pb2.Empty]
     GetStatus: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.Empty, _shoal_pb2.ClusterStatus]
+    ReadLog: _grpc.UnaryStreamMultiCallable[_shoal_pb2.ReadLogRequest, _shoal_pb2.LogChunk]
+    """A replica's log, wherever it runs (proxied to its scheduler)."""
 
 @_typing.type_check_only
 class HeadAsyncStub(HeadStub):
@@ -52,6 +54,8 @@ class HeadAsyncStub(HeadStub):
     ScaleDeployment: _aio.UnaryUnaryMultiCallable[_shoal_pb2.ScaleDeploymentRequest, _shoal_pb2.Empty]  # type: ignore[assignment]
     DeleteDeployment: _aio.UnaryUnaryMultiCallable[_shoal_pb2.DeleteDeploymentRequest, _shoal_pb2.Empty]  # type: ignore[assignment]
     GetStatus: _aio.UnaryUnaryMultiCallable[_shoal_pb2.Empty, _shoal_pb2.ClusterStatus]  # type: ignore[assignment]
+    ReadLog: _aio.UnaryStreamMultiCallable[_shoal_pb2.ReadLogRequest, _shoal_pb2.LogChunk]  # type: ignore[assignment]
+    """A replica's log, wherever it runs (proxied to its scheduler)."""
 
 class HeadServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -103,6 +107,14 @@ class HeadServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_shoal_pb2.ClusterStatus, _abc.Awaitable[_shoal_pb2.ClusterStatus]]: ...
 
+    @_abc_1.abstractmethod
+    def ReadLog(
+        self,
+        request: _shoal_pb2.ReadLogRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_shoal_pb2.LogChunk], _abc.AsyncIterator[_shoal_pb2.LogChunk]]:
+        """A replica's log, wherever it runs (proxied to its scheduler)."""
+
 def add_HeadServicer_to_server(servicer: HeadServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
 class SchedulerStub:
@@ -118,6 +130,8 @@ class SchedulerStub:
     SendHealthUpdate: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.ReplicaHealth, _shoal_pb2.HealthReply]
     SendRequest: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.InferRequest, _shoal_pb2.InferReply]
     """from clients"""
+    ReadLog: _grpc.UnaryStreamMultiCallable[_shoal_pb2.ReadLogRequest, _shoal_pb2.LogChunk]
+    """from the head: a replica's log file (replica_<id>.log)"""
 
 @_typing.type_check_only
 class SchedulerAsyncStub(SchedulerStub):
@@ -130,6 +144,8 @@ class SchedulerAsyncStub(SchedulerStub):
     SendHealthUpdate: _aio.UnaryUnaryMultiCallable[_shoal_pb2.ReplicaHealth, _shoal_pb2.HealthReply]  # type: ignore[assignment]
     SendRequest: _aio.UnaryUnaryMultiCallable[_shoal_pb2.InferRequest, _shoal_pb2.InferReply]  # type: ignore[assignment]
     """from clients"""
+    ReadLog: _aio.UnaryStreamMultiCallable[_shoal_pb2.ReadLogRequest, _shoal_pb2.LogChunk]  # type: ignore[assignment]
+    """from the head: a replica's log file (replica_<id>.log)"""
 
 class SchedulerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -169,6 +185,14 @@ class SchedulerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_shoal_pb2.InferReply, _abc.Awaitable[_shoal_pb2.InferReply]]:
         """from clients"""
+
+    @_abc_1.abstractmethod
+    def ReadLog(
+        self,
+        request: _shoal_pb2.ReadLogRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_shoal_pb2.LogChunk], _abc.AsyncIterator[_shoal_pb2.LogChunk]]:
+        """from the head: a replica's log file (replica_<id>.log)"""
 
 def add_SchedulerServicer_to_server(servicer: SchedulerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

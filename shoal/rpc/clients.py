@@ -100,7 +100,7 @@ class GrpcReplicaClient:
             reply = await self._stub.Ping(pb.PingRequest(), timeout=timeout_s)
         except grpc.aio.AioRpcError as err:
             raise to_error(err) from None
-        return PingResult(state_name(reply.state), reply.in_flight, reply.queued)
+        return PingResult(state_name(reply.state), reply.in_flight, reply.queued, dict(reply.batch_sizes))
 
     async def push(self, request_id: str, inputs: Arrays, timeout_s: float) -> Arrays:
         task = pb.Task(request_id=request_id, inputs=codec.encode(inputs), timeout_s=timeout_s)
@@ -162,6 +162,19 @@ class GrpcSchedulerClient:
             attempts=self._settings.rpc_attempts,
             reach=self._reach,
         )
+
+    async def read_log(self, replica_id: str, tail_bytes: int, follow: bool) -> AsyncIterator[bytes]:
+        stream = self._stub.ReadLog(
+            pb.ReadLogRequest(replica_id=replica_id, tail_bytes=tail_bytes, follow=follow),
+            timeout=None if follow else self._settings.rpc_timeout_s,
+        )
+        try:
+            async for chunk in stream:
+                yield chunk.data
+        except grpc.aio.AioRpcError as err:
+            raise to_error(err) from None
+        finally:
+            stream.cancel()
 
     async def close(self) -> None:
         await self._channel.close(None)
@@ -314,6 +327,21 @@ class ControlClient:
         reply = await self._call("GetStatus", pb.Empty())
         assert isinstance(reply, pb.ClusterStatus)
         return reply
+
+    async def read_log(
+        self, replica_id: str, tail_bytes: int = 0, follow: bool = False
+    ) -> AsyncIterator[bytes]:
+        stream = self._stub.ReadLog(
+            pb.ReadLogRequest(replica_id=replica_id, tail_bytes=tail_bytes, follow=follow),
+            timeout=None if follow else self._settings.rpc_timeout_s * 4,
+        )
+        try:
+            async for chunk in stream:
+                yield chunk.data
+        except grpc.aio.AioRpcError as err:
+            raise to_error(err) from None
+        finally:
+            stream.cancel()
 
     async def close(self) -> None:
         await self._channel.close(None)

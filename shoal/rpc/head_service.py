@@ -93,6 +93,13 @@ class HeadService(pbg.HeadServicer):
             await abort(context, err)
         return pb.Empty()
 
+    async def ReadLog(self, request: pb.ReadLogRequest, context: Context) -> AsyncIterator[pb.LogChunk]:
+        try:
+            async for data in self.node.read_log(request.replica_id, request.tail_bytes, request.follow):
+                yield pb.LogChunk(data=data)
+        except ShoalError as err:
+            await abort(context, err)
+
     async def GetStatus(self, request: pb.Empty, context: Context) -> pb.ClusterStatus:
         async with self.node.lock:
             status = cluster_status(self.node)

@@ -17,7 +17,10 @@ class ReplicaService(pbg.ReplicaServicer):
 
     async def Ping(self, request: pb.PingRequest, context: Context) -> pb.PingReply:
         r = self.replica
-        return pb.PingReply(state=state_value(r.state), in_flight=r.in_flight, queued=r.queued)
+        batch_sizes = r.batcher.batch_sizes if r.batcher is not None else {}
+        return pb.PingReply(
+            state=state_value(r.state), in_flight=r.in_flight, queued=r.queued, batch_sizes=batch_sizes
+        )
 
     async def PushTask(self, request: pb.Task, context: Context) -> pb.TaskResult:
         try:

@@ -3,6 +3,8 @@ replicas, native SendRequest from clients): decode, call the domain, encode."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 from shoal.core.spec import parse_spec_json
 from shoal.errors import InvalidArgument, NotFound, ShoalError
 from shoal.proto import shoal_pb2 as pb
@@ -47,6 +49,15 @@ class SchedulerService(pbg.SchedulerServicer):
             request.replica_id, state_name(request.state), request.in_flight, request.queued
         )
         return pb.HealthReply(ack=ack)
+
+    async def ReadLog(self, request: pb.ReadLogRequest, context: Context) -> AsyncIterator[pb.LogChunk]:
+        try:
+            async for data in self.node.supervisor.read_log(
+                request.replica_id, request.tail_bytes, request.follow
+            ):
+                yield pb.LogChunk(data=data, scheduler_id=self.node.id)
+        except ShoalError as err:
+            await abort(context, err)
 
     async def SendRequest(self, request: pb.InferRequest, context: Context) -> pb.InferReply:
         try:

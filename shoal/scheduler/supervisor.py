@@ -9,13 +9,15 @@ to order health reports, happens under the lock.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,11 +26,13 @@ from shoal.core.cluster import DRAINING, READY, REPLICA_DEAD, STARTING, STOPPED,
 from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec
 from shoal.core.tasks import TaskSet
-from shoal.errors import AlreadyExists, ShoalError, Unavailable
+from shoal.errors import AlreadyExists, NotFound, ShoalError, Unavailable
 from shoal.scheduler.router import Router
 from shoal.types import ReplicaClient
 
 log = logging.getLogger("shoal.scheduler")
+
+LOG_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,127}$")
 
 
 @dataclass
@@ -45,6 +49,7 @@ class LocalReplica:
     started_mono: float = field(default_factory=time.monotonic)
     ready_at: float = 0.0
     ping_failures: int = 0
+    batch_sizes: dict[int, int] = field(default_factory=dict)  # cumulative, from pings
     removing: bool = False
     dead_reason: str = ""
 
@@ -91,6 +96,8 @@ class ReplicaSupervisor:
         self._pingers: dict[str, ReplicaClient] = {}
         self._tasks = TaskSet("supervisor")
         self._closing = False
+        self.starts: collections.Counter[str] = collections.Counter()  # by deployment
+        self.deaths: collections.Counter[str] = collections.Counter()
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -146,6 +153,7 @@ class ReplicaSupervisor:
                 )
             rep = LocalReplica(id=replica_id, spec=spec, process=process, log_path=log_path)
             self.registry[replica_id] = rep
+            self.starts[spec.name] += 1
             self.router.set_spec(spec)
             self.version += 1
             version = self.version
@@ -206,6 +214,8 @@ class ReplicaSupervisor:
             tomb = rep.report()
             tomb.state = state
             tomb.message = message
+            if state == REPLICA_DEAD:
+                self.deaths[rep.spec.name] += 1
             self._tombstones.append(tomb)
         if pinger is not None:
             await pinger.close()
@@ -289,6 +299,36 @@ class ReplicaSupervisor:
         rep.ping_failures = 0
         rep.in_flight = result.in_flight
         rep.queued = result.queued
+        rep.batch_sizes = dict(result.batch_sizes)
+
+    # ------------------------------------------------------------ logs
+
+    def log_path(self, replica_id: str) -> Path:
+        """The log file of a replica started here (running or not). NotFound if there is none."""
+        if not LOG_ID.match(replica_id):
+            raise NotFound(f"no replica {replica_id!r}")
+        path = self.log_dir / f"replica_{replica_id}.log"
+        if not path.is_file():
+            raise NotFound(f"no log for replica {replica_id!r} on scheduler {self.scheduler_id}")
+        return path
+
+    async def read_log(
+        self, replica_id: str, tail_bytes: int = 0, follow: bool = False
+    ) -> AsyncIterator[bytes]:
+        """The replica's log from ``tail_bytes`` before its end; with ``follow``, then what it writes
+        while it runs (ends once it has exited and everything is read)."""
+        path = self.log_path(replica_id)
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - tail_bytes) if tail_bytes > 0 else 0)
+            while True:
+                chunk = f.read(64 * 1024)
+                if chunk:
+                    yield chunk
+                    continue
+                if not follow or replica_id not in self.registry:
+                    return
+                await asyncio.sleep(0.2)
 
     # ------------------------------------------------------------ views
 

@@ -227,3 +227,22 @@ def test_sigterm_stops_everything_up_started(up: Up) -> None:
         assert time.monotonic() < deadline, f"left behind: {left}"
         time.sleep(0.1)
     assert "stopped" in up.log.read_text()
+
+
+def test_logs_shows_what_the_replicas_model_printed(up: Up, tmp_path: Path) -> None:
+    model = tmp_path / "chatty.py"
+    model.write_text(
+        "class Chatty:\n"
+        "    def __init__(self):\n"
+        "        print('chatty model loaded: hello from the replica', flush=True)\n"
+        "    def predict(self, inputs):\n"
+        "        return inputs\n"
+    )
+    spec = tmp_path / "chatty.yaml"
+    spec.write_text("name: chatty\nbackend: python\nmodel: 'chatty:Chatty'\nresources: {cpus: 0.1}\n")
+    shoal("deploy", str(spec), head=up.head)
+    status = wait_ready(up, "chatty", 1)
+    (replica,) = next(d for d in status["deployments"] if d["name"] == "chatty")["replicas"]
+    out = shoal("logs", replica["id"], head=up.head).stdout
+    assert "chatty model loaded: hello from the replica" in out
+    assert shoal("logs", "nope-000000", head=up.head, check=False).returncode == 1
