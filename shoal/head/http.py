@@ -1,21 +1,287 @@
-"""The head's HTTP surface: the REST API (``/api/...``)."""
+"""The head's HTTP surface: the REST API (``/api/...``, described at
+``/openapi.json``), Prometheus ``/metrics``, and the dashboard at ``/``.
+
+Routes are thin: they decode, call ``HeadNode``, encode. Errors are
+``{"error": "..."}`` with the status from ``shoal.errors.HTTP_STATUS``.
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
+from shoal import __version__, metrics
+from shoal.core.spec import DeploymentSpec, parse_spec
+from shoal.errors import InvalidArgument, NotFound, ShoalError
 from shoal.head.node import HeadNode, cluster_status
+
+STATIC = Path(__file__).parent / "static"
+MAX_BODY = 1024 * 1024
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _errors(fn: Handler) -> Handler:
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await fn(request)
+        except ShoalError as err:
+            return JSONResponse({"error": err.message}, status_code=err.http_status)
+
+    return wrapped
+
+
+async def _json_body(request: Request) -> Any:
+    body = await request.body()
+    if len(body) > MAX_BODY:
+        raise InvalidArgument(f"request body is {len(body)} bytes; the limit is {MAX_BODY}")
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InvalidArgument(f"request body is not valid JSON: {err}") from None
 
 
 def head_app(node: HeadNode) -> Starlette:
-    async def status(request: Request) -> JSONResponse:
+    registry = metrics.registry(metrics.HeadCollector(node))
+
+    async def status(request: Request) -> Response:
         async with node.lock:
             return JSONResponse(cluster_status(node))
 
-    async def healthz(request: Request) -> JSONResponse:
+    async def schedulers(request: Request) -> Response:
+        async with node.lock:
+            return JSONResponse(cluster_status(node)["schedulers"])
+
+    async def deployments(request: Request) -> Response:
+        async with node.lock:
+            return JSONResponse(cluster_status(node)["deployments"])
+
+    async def deployment(request: Request) -> Response:
+        name = request.path_params["name"]
+        async with node.lock:
+            for dep in cluster_status(node)["deployments"]:
+                if dep["name"] == name:
+                    return JSONResponse(dep)
+        raise NotFound(f"no deployment named {name!r}")
+
+    async def apply(request: Request) -> Response:
+        spec = parse_spec(await _json_body(request))
+        result = await node.apply(spec)
+        return JSONResponse(
+            {"name": spec.name, "created": result.created, "changed": result.changed},
+            status_code=201 if result.created else 200,
+        )
+
+    async def scale(request: Request) -> Response:
+        doc = await _json_body(request)
+        replicas = doc.get("replicas") if isinstance(doc, dict) else None
+        if not isinstance(replicas, int) or isinstance(replicas, bool):
+            raise InvalidArgument('body must be {"replicas": N} with N an integer')
+        await node.scale(request.path_params["name"], replicas)
+        return JSONResponse({"name": request.path_params["name"], "replicas": replicas})
+
+    async def delete(request: Request) -> Response:
+        await node.delete(request.path_params["name"])
+        return JSONResponse({"name": request.path_params["name"], "deleted": True})
+
+    async def events(request: Request) -> Response:
+        async with node.lock:
+            return JSONResponse(cluster_status(node)["events"])
+
+    async def series(request: Request) -> Response:
+        async with node.lock:
+            out = {
+                name: [
+                    {
+                        "at": p.at,
+                        "rate": p.rate,
+                        "error_rate": p.error_rate,
+                        "p50_ms": p.p50_ms,
+                        "p99_ms": p.p99_ms,
+                    }
+                    for p in points
+                ]
+                for name, points in node.series.series.items()
+                if name in node.desired
+            }
+        return JSONResponse(out)
+
+    async def logs(request: Request) -> Response:
+        try:
+            tail = int(request.query_params.get("tail_bytes", "65536"))
+        except ValueError:
+            raise InvalidArgument("tail_bytes must be an integer") from None
+        stream = node.read_log(request.path_params["replica_id"], tail, False)
+        # Ask for the first chunk before answering, so an unknown replica is a 404, not an empty 200.
+        try:
+            first = await anext(stream)
+        except StopAsyncIteration:
+            first = b""
+
+        async def rest() -> Any:
+            yield first
+            async for chunk in stream:
+                yield chunk
+
+        return StreamingResponse(rest(), media_type="text/plain; charset=utf-8")
+
+    async def prometheus(request: Request) -> Response:
+        body, content_type = metrics.render(registry)
+        return Response(body, media_type=content_type)
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(openapi_schema())
+
+    async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
-    return Starlette(routes=[Route("/api/status", status), Route("/healthz", healthz)])
+    async def dashboard(request: Request) -> Response:
+        return FileResponse(STATIC / "index.html")
+
+    routes = [
+        Route("/", dashboard),
+        Route("/api/status", _errors(status)),
+        Route("/api/schedulers", _errors(schedulers)),
+        Route("/api/deployments", _errors(deployments), methods=["GET"]),
+        Route("/api/deployments", _errors(apply), methods=["POST"]),
+        Route("/api/deployments/{name}", _errors(deployment), methods=["GET"]),
+        Route("/api/deployments/{name}", _errors(delete), methods=["DELETE"]),
+        Route("/api/deployments/{name}/scale", _errors(scale), methods=["POST"]),
+        Route("/api/events", _errors(events)),
+        Route("/api/series", _errors(series)),
+        Route("/api/replicas/{replica_id}/logs", _errors(logs)),
+        Route("/openapi.json", openapi),
+        Route("/metrics", prometheus),
+        Route("/healthz", healthz),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    ]
+    return Starlette(routes=routes)
+
+
+def openapi_schema() -> dict[str, Any]:
+    """The REST API, as OpenAPI 3.1. Specs use the same JSON schema as the YAML files."""
+    spec_schema = DeploymentSpec.model_json_schema(ref_template="#/components/schemas/{model}")
+    components = {
+        "schemas": {
+            **spec_schema.pop("$defs", {}),
+            "DeploymentSpec": spec_schema,
+            "Error": {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]},
+        }
+    }
+
+    def ok(description: str, schema: dict[str, Any] | None = None, media: str = "application/json") -> Any:
+        content = {media: {"schema": schema or {"type": "object"}}}
+        return {"description": description, "content": content}
+
+    def err(description: str) -> Any:
+        return {
+            "description": description,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+        }
+
+    name = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
+    array = {"type": "array", "items": {"type": "object"}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "shoal head API", "version": __version__},
+        "paths": {
+            "/api/status": {
+                "get": {
+                    "summary": "Schedulers, deployments with replicas, recent events",
+                    "responses": {"200": ok("cluster status")},
+                }
+            },
+            "/api/schedulers": {
+                "get": {"summary": "Schedulers", "responses": {"200": ok("schedulers", array)}}
+            },
+            "/api/deployments": {
+                "get": {"summary": "Deployments", "responses": {"200": ok("deployments", array)}},
+                "post": {
+                    "summary": "Create or update a deployment",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/DeploymentSpec"}}
+                        },
+                    },
+                    "responses": {
+                        "200": ok("updated or unchanged"),
+                        "201": ok("created"),
+                        "400": err("invalid spec"),
+                    },
+                },
+            },
+            "/api/deployments/{name}": {
+                "parameters": name,
+                "get": {
+                    "summary": "One deployment",
+                    "responses": {"200": ok("deployment"), "404": err("unknown")},
+                },
+                "delete": {
+                    "summary": "Delete a deployment and stop its replicas",
+                    "responses": {"200": ok("deleted"), "404": err("unknown")},
+                },
+            },
+            "/api/deployments/{name}/scale": {
+                "parameters": name,
+                "post": {
+                    "summary": "Set the replica count",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {"replicas": {"type": "integer", "minimum": 0}},
+                                    "required": ["replicas"],
+                                }
+                            }
+                        },
+                    },
+                    "responses": {"200": ok("scaled"), "400": err("invalid count"), "404": err("unknown")},
+                },
+            },
+            "/api/events": {
+                "get": {"summary": "Recent cluster events", "responses": {"200": ok("events", array)}}
+            },
+            "/api/series": {
+                "get": {
+                    "summary": "Per deployment: request rate, error rate, p50/p99 latency over time",
+                    "responses": {"200": ok("series")},
+                }
+            },
+            "/api/replicas/{replica_id}/logs": {
+                "parameters": [
+                    {"name": "replica_id", "in": "path", "required": True, "schema": {"type": "string"}},
+                    {
+                        "name": "tail_bytes",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "integer", "minimum": 0},
+                    },
+                ],
+                "get": {
+                    "summary": "A replica's log, wherever it runs",
+                    "responses": {
+                        "200": ok("log text", {"type": "string"}, "text/plain"),
+                        "404": err("unknown replica"),
+                    },
+                },
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics",
+                    "responses": {"200": ok("metrics", {"type": "string"}, "text/plain")},
+                }
+            },
+        },
+        "components": components,
+    }

@@ -9,6 +9,7 @@ under it again.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -85,6 +86,7 @@ class HeadNode:
         self._loads: dict[str, dict[str, LoadReport]] = {}  # scheduler -> deployment -> load
         self.series = SeriesRecorder()
         self.targets: dict[str, int] = {}  # autoscaled deployments: the current replica count
+        self.scale_decisions: collections.Counter[tuple[str, str]] = collections.Counter()  # (name, up|down)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -278,6 +280,7 @@ class HeadNode:
                 f"{spec.name}: {current} -> {decision.desired} replicas ({decision.reason})",
                 deployment=spec.name,
             )
+            self.scale_decisions[(spec.name, "up" if decision.desired > current else "down")] += 1
             current = decision.desired
         self.targets[spec.name] = current
         return current

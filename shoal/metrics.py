@@ -1,0 +1,213 @@
+"""Prometheus metrics, per component instance (no module-level registry, so
+tests can run several components in one process).
+
+Collectors read the components' own plain-data state at scrape time: the
+routers' counters and histograms (``shoal.core.stats``), the supervisor's
+registry, the head's cluster state. Nothing on the request path touches
+prometheus_client.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from shoal.core.stats import BUCKETS, Histogram
+
+if TYPE_CHECKING:
+    from shoal.head.node import HeadNode
+    from shoal.scheduler.node import SchedulerNode
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+STATES = ("STARTING", "READY", "DRAINING")
+
+
+def _histogram_buckets(counts: Sequence[int], bounds: Sequence[float]) -> list[tuple[str, float]]:
+    """Cumulative (le, count) pairs from per-bucket counts (the last count is +Inf)."""
+    out = []
+    running = 0
+    for bound, count in zip(bounds, counts, strict=False):
+        running += count
+        out.append((repr(float(bound)), float(running)))
+    out.append(("+Inf", float(sum(counts))))
+    return out
+
+
+def _latency(name: str, doc: str, items: Iterable[tuple[str, Histogram]]) -> HistogramMetricFamily:
+    fam = HistogramMetricFamily(name, doc, labels=["deployment"])
+    for deployment, hist in items:
+        fam.add_metric([deployment], _histogram_buckets(hist.counts, BUCKETS), sum_value=hist.total)
+    return fam
+
+
+class SchedulerCollector(Collector):
+    def __init__(self, node: SchedulerNode) -> None:
+        self.node = node
+
+    def collect(self) -> Iterator[Metric]:
+        node = self.node
+        stats = node.router.stats()
+        requests = CounterMetricFamily(
+            "shoal_requests",
+            "Requests routed by this scheduler, by outcome.",
+            labels=["deployment", "outcome"],
+        )
+        for name, s in stats.items():
+            for outcome, n in s.outcomes.items():
+                requests.add_metric([name, outcome], n)
+        yield requests
+        yield _latency(
+            "shoal_request_latency_seconds",
+            "Time from ingress to answer, through this scheduler.",
+            ((n, s.latency) for n, s in stats.items()),
+        )
+        yield _latency(
+            "shoal_queue_time_seconds",
+            "Time a request waited for a replica with room.",
+            ((n, s.queue) for n, s in stats.items()),
+        )
+        in_flight = GaugeMetricFamily(
+            "shoal_in_flight_requests", "Requests sent to replicas, not yet answered.", labels=["deployment"]
+        )
+        queued = GaugeMetricFamily(
+            "shoal_queued_requests", "Requests waiting for a replica with room.", labels=["deployment"]
+        )
+        for name, load in node.router.load().items():
+            in_flight.add_metric([name], load.in_flight)
+            queued.add_metric([name], load.queued)
+        yield in_flight
+        yield queued
+
+        registry = list(node.supervisor.registry.values())
+        replicas = GaugeMetricFamily(
+            "shoal_replicas", "Replicas on this scheduler by state.", labels=["deployment", "state"]
+        )
+        by_state = Counter((r.spec.name, r.state) for r in registry)
+        for deployment in sorted({r.spec.name for r in registry}):
+            for state in STATES:
+                replicas.add_metric([deployment, state], by_state[(deployment, state)])
+        yield replicas
+        replica_in_flight = GaugeMetricFamily(
+            "shoal_replica_in_flight_requests",
+            "Requests in a replica, as its last ping said.",
+            labels=["deployment", "replica"],
+        )
+        for r in registry:
+            replica_in_flight.add_metric([r.spec.name, r.id], r.in_flight)
+        yield replica_in_flight
+
+        batch = HistogramMetricFamily(
+            "shoal_batch_size", "Rows per model call in replicas on this scheduler.", labels=["deployment"]
+        )
+        sizes: dict[str, Counter[int]] = {}
+        for r in registry:
+            sizes.setdefault(r.spec.name, Counter()).update(r.batch_sizes)
+        for deployment, counter in sizes.items():
+            per_bucket = [0] * len(BATCH_BUCKETS)
+            overflow = 0
+            total = 0.0
+            for size, n in counter.items():
+                total += size * n
+                idx = next((i for i, b in enumerate(BATCH_BUCKETS) if size <= b), None)
+                if idx is None:
+                    overflow += n
+                else:
+                    per_bucket[idx] += n
+            batch.add_metric(
+                [deployment], _histogram_buckets([*per_bucket, overflow], BATCH_BUCKETS), sum_value=total
+            )
+        yield batch
+
+        starts = CounterMetricFamily(
+            "shoal_replica_starts", "Replica processes started.", labels=["deployment"]
+        )
+        deaths = CounterMetricFamily(
+            "shoal_replica_deaths", "Replicas that died (not stopped on purpose).", labels=["deployment"]
+        )
+        for name, n in node.supervisor.starts.items():
+            starts.add_metric([name], n)
+        for name, n in node.supervisor.deaths.items():
+            deaths.add_metric([name], n)
+        yield starts
+        yield deaths
+
+        res = GaugeMetricFamily(
+            "shoal_scheduler_resources",
+            "This scheduler's resources for replicas.",
+            labels=["resource", "kind"],
+        )
+        cap, used = node.capacity, node.supervisor.allocated()
+        for resource in ("cpus", "memory_mb", "gpus"):
+            c, u = getattr(cap, resource), getattr(used, resource)
+            res.add_metric([resource, "capacity"], c)
+            res.add_metric([resource, "allocated"], u)
+            res.add_metric([resource, "free"], c - u)
+        yield res
+
+
+class HeadCollector(Collector):
+    def __init__(self, node: HeadNode) -> None:
+        self.node = node
+
+    def collect(self) -> Iterator[Metric]:
+        node = self.node
+        state = node.state
+        schedulers = GaugeMetricFamily("shoal_schedulers", "Schedulers by state.", labels=["state"])
+        counts = Counter(s.state for s in state.schedulers.values())
+        for s in ("ALIVE", "DEAD"):
+            schedulers.add_metric([s], counts[s])
+        yield schedulers
+
+        replicas = GaugeMetricFamily(
+            "shoal_replicas", "Replicas in the cluster by state.", labels=["deployment", "state"]
+        )
+        by_state = Counter((r.deployment, r.state) for r in state.replicas.values())
+        target = GaugeMetricFamily(
+            "shoal_deployment_target_replicas", "Replicas each deployment should have.", labels=["deployment"]
+        )
+        for name, spec in sorted(node.desired.items()):
+            for s in ("PENDING", *STATES):
+                replicas.add_metric([name, s], by_state[(name, s)])
+            target.add_metric([name], node.targets.get(name, spec.replicas))
+        yield replicas
+        yield target
+
+        decisions = CounterMetricFamily(
+            "shoal_autoscaler_decisions",
+            "Replica count changes by the autoscaler.",
+            labels=["deployment", "direction"],
+        )
+        for (name, direction), n in node.scale_decisions.items():
+            decisions.add_metric([name, direction], n)
+        yield decisions
+
+        res = GaugeMetricFamily(
+            "shoal_scheduler_resources",
+            "Each live scheduler's resources for replicas.",
+            labels=["scheduler", "resource", "kind"],
+        )
+        for sched in state.schedulers.values():
+            if sched.state != "ALIVE":
+                continue
+            used = state.allocated(sched.id)
+            for resource in ("cpus", "memory_mb", "gpus"):
+                c, u = getattr(sched.capacity, resource), getattr(used, resource)
+                res.add_metric([sched.id, resource, "capacity"], c)
+                res.add_metric([sched.id, resource, "allocated"], u)
+                res.add_metric([sched.id, resource, "free"], c - u)
+        yield res
+
+
+def registry(collector: Collector) -> CollectorRegistry:
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(collector)
+    return reg
+
+
+def render(reg: CollectorRegistry) -> tuple[bytes, str]:
+    return generate_latest(reg), CONTENT_TYPE_LATEST
