@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: up test lint typecheck unit integration e2e protos examples clean
+.PHONY: up test lint typecheck unit integration e2e protos examples clean system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,18 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
+
+# What the tests need from Debian: headless Chromium for the dashboard test,
+# iproute2/iptables for the multi-host tests. Installed when missing and root;
+# the tests that need them skip, saying why, elsewhere.
+SYSTEM_TOOLS := /usr/bin/chromium /usr/bin/chromedriver /usr/sbin/ip /usr/sbin/iptables
+system-deps:
+	@missing=0; for f in $(SYSTEM_TOOLS); do [ -e $$f ] || missing=1; done; \
+	if [ $$missing = 1 ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium, chromium-driver, iproute2, iptables (Debian packages)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			chromium chromium-driver iproute2 iptables >/dev/null; \
+	fi
 
 examples/digits.joblib: examples/train_digits.py | $(STAMP)
 	$(BIN)/python examples/train_digits.py examples/digits.joblib
@@ -33,7 +45,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy shoal
 
-test: lint typecheck
+test: lint typecheck system-deps
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 unit: $(STAMP)
@@ -42,7 +54,7 @@ unit: $(STAMP)
 integration: $(STAMP)
 	$(BIN)/pytest -q tests/integration $(PYTEST_ARGS)
 
-e2e: $(STAMP)
+e2e: $(STAMP) system-deps
 	$(BIN)/pytest -q tests/e2e $(PYTEST_ARGS)
 
 # Regenerate the gRPC/protobuf modules from shoal/proto/*.proto.
@@ -51,3 +63,7 @@ protos: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .shoal .pytest_cache .mypy_cache .ruff_cache examples/*.joblib
+
+# The benchmark suite beside the peers (not part of test): see bench/README.md.
+bench: $(STAMP)
+	bench/run
