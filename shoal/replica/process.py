@@ -13,7 +13,7 @@ from shoal.backends.base import Backend
 from shoal.config import Settings
 from shoal.core.cluster import DRAINING, READY, STARTING, STOPPED
 from shoal.core.spec import DeploymentSpec
-from shoal.errors import DeadlineExceeded, ShoalError, Unavailable
+from shoal.errors import Code, DeadlineExceeded, ShoalError, Unavailable
 from shoal.replica.batcher import Batcher
 from shoal.types import Arrays, ReplicaDescription
 
@@ -63,14 +63,26 @@ class ReplicaProcess:
         if self.state not in (READY, DRAINING) or self.batcher is None:
             raise Unavailable(f"replica {self.id} is {self.state}")
         self.in_flight += 1
+        started = time.perf_counter()
+        ids = {"request_id": request_id, "replica_id": self.id}
         try:
             timeout = timeout_s if timeout_s > 0 else self.spec.timeout_s
             try:
-                return await asyncio.wait_for(self.batcher.submit(inputs), timeout)
+                outputs = await asyncio.wait_for(self.batcher.submit(inputs), timeout)
             except TimeoutError:
                 raise DeadlineExceeded(f"request {request_id} timed out after {timeout:g}s") from None
+        except ShoalError as err:
+            # The model's own failures are the operator's business; a client's bad input is the client's.
+            level = logging.WARNING if err.code is Code.INTERNAL else logging.INFO
+            log.log(level, "request %s failed: %s: %s", request_id, err.code.value, err, extra=ids)
+            raise
         finally:
             self.in_flight -= 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "request %s done in %.2f ms", request_id, (time.perf_counter() - started) * 1000, extra=ids
+            )
+        return outputs
 
     def describe(self) -> ReplicaDescription:
         b = self.batcher

@@ -191,16 +191,27 @@ class Router:
             raise NotFound(f"no deployment named {deployment!r}")
         started = time.perf_counter()
         outcome = "error"
+        request_id = request_id or uuid.uuid4().hex
         try:
-            result = await self._send(dep, inputs, request_id or uuid.uuid4().hex, timeout_s, started)
+            result = await self._send(dep, inputs, request_id, timeout_s, started)
             outcome = "ok"
             return result
         except ShoalError as err:
             outcome = OUTCOME_OF.get(err.code, "error")
             raise
         finally:
+            elapsed = time.perf_counter() - started
             dep.stats.outcomes[outcome] += 1
-            dep.stats.latency.observe(time.perf_counter() - started)
+            dep.stats.latency.observe(elapsed)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "request %s to %s: %s in %.2f ms",
+                    request_id,
+                    deployment,
+                    outcome,
+                    elapsed * 1000,
+                    extra={"request_id": request_id, "deployment": deployment},
+                )
 
     def stats(self) -> dict[str, DeploymentStats]:
         """Per deployment: what this router has served since it started."""
@@ -227,7 +238,13 @@ class Router:
             except (ReplicaGone, Unavailable) as err:
                 last = err
                 tried.add(handle.replica_id)
-                log.info("request %s: replica %s failed (%s); retrying", request_id, handle.replica_id, err)
+                log.info(
+                    "request %s: replica %s failed (%s); retrying",
+                    request_id,
+                    handle.replica_id,
+                    err,
+                    extra={"request_id": request_id, "replica_id": handle.replica_id},
+                )
             finally:
                 handle.in_flight -= 1
                 self._release(dep)
@@ -274,6 +291,21 @@ class Router:
     def _release(self, dep: _Deployment) -> None:
         if dep.waiting:
             self._notify(dep)
+
+    # ------------------------------------------------------------ describing (OIP metadata, statistics)
+
+    def ready_clients(self, name: str) -> list[tuple[str, ReplicaClient]]:
+        """(replica id, client) of every READY replica of ``name``, local ones first.
+
+        For describing replicas (model metadata, batch statistics), not for requests:
+        nothing is reserved, and the list may be empty. Raises NotFound for an unknown
+        deployment.
+        """
+        dep = self._deployments.get(name)
+        if dep is None:
+            raise NotFound(f"no deployment named {name!r}")
+        ready = sorted((h for h in dep.handles.values() if h.accepting), key=lambda h: not h.local)
+        return [(h.replica_id, h.client) for h in ready]
 
     async def aclose(self) -> None:
         for dep in self._deployments.values():
