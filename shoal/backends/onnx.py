@@ -24,8 +24,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort  # type: ignore[import-untyped]
-from onnxruntime.capi import onnxruntime_pybind11_state as ort_state  # type: ignore[import-untyped]
+import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from shoal.backends.base import Backend, Tensors
 from shoal.core.spec import DeploymentSpec, TensorSpec

@@ -335,7 +335,7 @@ async def test_sqlite_file_layout_and_pragmas(tmp_path: Path) -> None:
 async def test_sqlite_corrupt_file_is_a_clear_error(tmp_path: Path, garbage: bytes) -> None:
     path = tmp_path / "state.db"
     path.write_bytes(garbage)
-    with pytest.raises(StoreError, match="state.db"):
+    with pytest.raises(StoreError, match=r"state\.db"):
         await SqliteStore(path).open()
     assert not sqlite_threads()
 
