@@ -29,6 +29,7 @@ import itertools
 import json
 import math
 import operator
+import reprlib
 import struct
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
@@ -85,40 +86,65 @@ _INT_RANGES = {
 _FLOATS = frozenset({"FP16", "FP32", "FP64", "BF16"})
 
 
+class _BoundedRepr(reprlib.Repr):
+    """reprlib's bounded repr, also safe for integers too long for ``str()`` to print."""
+
+    def repr_int(self, x: int, level: int) -> str:
+        if abs(x) >= 10**30:
+            return f"<integer of {x.bit_length()} bits>"
+        return super().repr_int(x, level)
+
+
+_REPR = _BoundedRepr()
+_REPR.maxstring = _REPR.maxother = 40
+
+
+def _short(x: object) -> str:
+    """A short repr of a client's value for an error message, whatever the value."""
+    try:
+        return _REPR.repr(x)
+    except Exception:  # a hostile __repr__; the message must still be built
+        return f"<{type(x).__name__}>"
+
+
 def _where(role: str, name: str | None) -> str:
-    return f"{role} {name!r}: " if name else ""
+    return f"{role} {_short(name)}: " if name else ""
 
 
 def _fmt_shape(shape: Sequence[int]) -> str:
-    return "[" + ",".join(str(d) for d in shape) + "]"
+    return "[" + ",".join(_short(d) for d in shape) + "]"
 
 
 def _check_datatype(datatype: object, where: str) -> str:
     if not isinstance(datatype, str) or datatype not in DATATYPES:
-        raise InvalidArgument(f"{where}unknown datatype {datatype!r}; expected one of {', '.join(DATATYPES)}")
+        raise InvalidArgument(
+            f"{where}unknown datatype {_short(datatype)}; expected one of {', '.join(DATATYPES)}"
+        )
     return datatype
 
 
 def _check_shape(shape: object, where: str) -> tuple[int, ...]:
     """``shape`` as a tuple of non-negative ints, or InvalidArgument."""
     if isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__"):
-        raise InvalidArgument(f"{where}shape must be a list of integers, got {shape!r}")
+        raise InvalidArgument(f"{where}shape must be a list of integers, got {_short(shape)}")
     dims: list[int] = []
     for d in shape:
         if isinstance(d, bool):
-            raise InvalidArgument(f"{where}shape must be a list of integers, got {d!r} in it")
+            raise InvalidArgument(f"{where}shape must be a list of integers, got {_short(d)} in it")
         try:
             dim = operator.index(d)
         except TypeError:
-            raise InvalidArgument(f"{where}shape must be a list of integers, got {d!r} in it") from None
+            raise InvalidArgument(f"{where}shape must be a list of integers, got {_short(d)} in it") from None
         dims.append(dim)
         if len(dims) > _MAX_NDIM:
             raise InvalidArgument(f"{where}shape has more than {_MAX_NDIM} dimensions")
     for dim in dims:
         if dim < 0:
-            raise InvalidArgument(f"{where}negative dimension {dim} in shape {_fmt_shape(dims)}")
+            raise InvalidArgument(f"{where}negative dimension {_short(dim)} in shape {_fmt_shape(dims)}")
         if dim > _MAX_DIM:
-            raise InvalidArgument(f"{where}dimension {dim} in shape {_fmt_shape(dims)} does not fit in int64")
+            raise InvalidArgument(
+                f"{where}dimension {_short(dim)} in shape {_fmt_shape(dims)} does not fit in int64"
+            )
     return tuple(dims)
 
 
@@ -255,6 +281,8 @@ def _decode_bytes(view: memoryview, count: int, dims: tuple[int, ...], where: st
 def _flatten(data: object, dims: tuple[int, ...], where: str) -> list[Any]:
     """Row-major flattening of a list nested at most as deep as ``dims`` (or flat)."""
     if not isinstance(data, list):
+        if not dims:  # a scalar tensor may come bare, as numpy's 0-d ``tolist()`` gives it
+            return [data]
         raise InvalidArgument(f"{where}data must be a list, got {type(data).__name__}")
     flat: list[Any] = data
     for _ in range(len(dims) - 1):
@@ -288,7 +316,8 @@ def from_json(
     """Decode the JSON form of a tensor (the REST ``data`` field, already JSON-decoded).
 
     ``data`` is a flat or nested list in row-major order, nested no deeper than the
-    shape's rank. Only the element count has to match the shape. ``BOOL`` takes
+    shape's rank (a scalar, shape ``[]``, may also be the bare value). Only the element
+    count has to match the shape. ``BOOL`` takes
     ``true``/``false``; integer types take JSON integers within the type's range; float
     types take numbers (``NaN``/``Infinity`` included) but not finite values that would
     overflow the type; ``BYTES`` takes strings (UTF-8 encoded into ``bytes``). Raises
@@ -339,14 +368,6 @@ def _fits_float(x: float) -> bool:
     return True
 
 
-def _short(x: object) -> str:
-    """``repr(x)``, kept short: a JSON integer can have thousands of digits."""
-    if isinstance(x, int) and not isinstance(x, bool) and abs(x) >= 10**30:
-        return f"an integer of {x.bit_length()} bits"
-    text = repr(x)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def _json_floats(flat: list[Any], types: set[type], datatype: str, where: str) -> np.ndarray[Any, Any]:
     if not types <= {int, float}:
         i, x = _first_bad(flat, (int, float))
@@ -358,10 +379,11 @@ def _json_floats(flat: list[Any], types: set[type], datatype: str, where: str) -
         raise InvalidArgument(
             f"{where}{datatype} element {i} is {_short(flat[i])}, too large for {datatype}"
         ) from None
-    # Casting warns on overflow; detect it instead, so warnings-as-errors callers stay quiet.
+    # Casting warns on overflow (and on signalling NaNs); detect overflow instead, so callers
+    # that turn warnings into errors stay quiet.
     with np.errstate(over="ignore", invalid="ignore"):
         arr = wide.astype(DATATYPES[datatype])
-    overflow = np.isinf(arr.astype(np.float64)) & np.isfinite(wide)
+        overflow = np.isinf(arr.astype(np.float64)) & np.isfinite(wide)
     if overflow.any():
         i = int(np.argmax(overflow))
         raise InvalidArgument(f"{where}{datatype} element {i} is {_short(flat[i])}, too large for {datatype}")
@@ -379,7 +401,8 @@ def to_json(arr: np.ndarray[Any, Any], *, name: str | None = None) -> list[Any]:
     """
     datatype = datatype_of(arr)
     if datatype == "BF16":
-        return list(arr.astype(np.float32).ravel().tolist())
+        with np.errstate(invalid="ignore"):  # signalling NaNs warn when widened; they stay NaN
+            return list(arr.astype(np.float32).ravel().tolist())
     if datatype != "BYTES":
         return list(arr.ravel().tolist())
     out: list[Any] = []
@@ -416,11 +439,12 @@ def split_binary_body(
             length = header_length if isinstance(header_length, int) else int(header_length, 10)
         except (TypeError, ValueError):
             raise InvalidArgument(
-                f"Inference-Header-Content-Length must be an integer, got {header_length!r}"
+                f"Inference-Header-Content-Length must be an integer, got {_short(header_length)}"
             ) from None
         if isinstance(length, bool) or not 0 <= length <= len(view):
             raise InvalidArgument(
-                f"Inference-Header-Content-Length is {header_length!r} but the body has {len(view)} bytes"
+                f"Inference-Header-Content-Length is {_short(header_length)}, "
+                f"but the body has {len(view)} bytes"
             )
     try:
         header = json.loads(bytes(view[:length]))
@@ -461,10 +485,12 @@ def binary_input_slices(inputs: object, tail: bytes | bytearray | memoryview) ->
             out.append(None)
             continue
         if type(size) is not int or size < 0:
-            raise InvalidArgument(f"{where}binary_data_size must be a non-negative integer, got {size!r}")
+            raise InvalidArgument(
+                f"{where}binary_data_size must be a non-negative integer, got {_short(size)}"
+            )
         if offset + size > len(view):
             raise InvalidArgument(
-                f"{where}binary_data_size {size} runs past the binary data "
+                f"{where}binary_data_size {_short(size)} runs past the binary data "
                 f"({len(view) - offset} of {len(view)} bytes left)"
             )
         out.append(view[offset : offset + size])
@@ -495,7 +521,9 @@ def build_binary_response(
             declared.append(params["binary_data_size"])
     sizes = [memoryview(b).nbytes for b in blobs]
     if declared != sizes:
-        raise InvalidArgument(f"outputs declare binary_data_size {declared}, the blobs are {sizes} bytes")
+        raise InvalidArgument(
+            f"outputs declare binary_data_size {_short(declared)}, the blobs are {sizes} bytes"
+        )
     try:
         text = json.dumps(header, separators=(",", ":")).encode("utf-8")
     except (TypeError, ValueError) as e:

@@ -6,17 +6,19 @@ KServe V2), from triton-inference-server/common, protobuf/grpc_service.proto.
 Every RPC, message, field name, field number and type is identical to the
 definitions compiled into tritonclient 2.73 (checked by comparing the compiled
 descriptors), so tritonclient and perf_analyzer work unchanged. Changes from
-upstream: the import path (so that `protoc -I .` from the repository root
-generates `from shoal.proto import model_config_pb2`) and layout; upstream's
-`//@@` Sphinx field comments are not carried over -- see upstream for them.
+upstream: layout only; upstream's `//@@` Sphinx field comments are not
+carried over -- see upstream for them. The files are compiled under their
+upstream names (grpc_service.proto, model_config.proto), so their
+descriptors are the very ones tritonclient registers and both can be
+imported in one process (scripts/gen_protos.py).
 """
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
-from shoal.proto import model_config_pb2 as _model_config_pb2
 import builtins as _builtins
+from shoal.proto import model_config_pb2 as _model_config_pb2
 import sys
 import typing as _typing
 

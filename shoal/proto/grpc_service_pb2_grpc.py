@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from shoal.proto import grpc_service_pb2 as shoal_dot_proto_dot_grpc__service__pb2
+from shoal.proto import grpc_service_pb2 as grpc__service__pb2
 
 GRPC_GENERATED_VERSION = '1.76.0'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in shoal/proto/grpc_service_pb2_grpc.py depends on'
+        + ' but the generated code in grpc_service_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,103 +36,103 @@ class GRPCInferenceServiceStub(object):
         """
         self.ServerLive = channel.unary_unary(
                 '/inference.GRPCInferenceService/ServerLive',
-                request_serializer=shoal_dot_proto_dot_grpc__service__pb2.ServerLiveRequest.SerializeToString,
-                response_deserializer=shoal_dot_proto_dot_grpc__service__pb2.ServerLiveResponse.FromString,
+                request_serializer=grpc__service__pb2.ServerLiveRequest.SerializeToString,
+                response_deserializer=grpc__service__pb2.ServerLiveResponse.FromString,
                 _registered_method=True)
         self.ServerReady = channel.unary_unary(
                 '/inference.GRPCInferenceService/ServerReady',
-                request_serializer=shoal_dot_proto_dot_grpc__service__pb2.ServerReadyRequest.SerializeToString,
-                response_deserializer=shoal_dot_proto_dot_grpc__service__pb2.ServerReadyResponse.FromString,
+                request_serializer=grpc__service__pb2.ServerReadyRequest.SerializeToString,
+                response_deserializer=grpc__service__pb2.ServerReadyResponse.FromString,
                 _registered_method=True)
         self.ModelReady = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelReady',
-                request_serializer=shoal_dot_proto_dot_grpc__service__pb2.ModelReadyRequest.SerializeToString,
-                response_deserializer=shoal_dot_proto_dot_grpc__service__pb2.ModelReadyResponse.FromString,
+                request_serializer=grpc__service__pb2.ModelReadyRequest.SerializeToString,
+                response_deserializer=grpc__service__pb2.ModelReadyResponse.FromString,
                 _registered_method=True)
         self.ServerMetadata = channel.unary_unary(
                 '/inference.GRPCInferenceService/ServerMetadata',
-                request_serializer=shoal_dot_proto_dot_grpc__service__pb2.ServerMetadataRequest.SerializeToString,
-                response_deserializer=shoal_dot_proto_dot_grpc__service__pb2.ServerMetadataResponse.FromString,
+                request_serializer=grpc__service__pb2.ServerMetadataRequest.SerializeToString,
+                response_deserializer=grpc__service__pb2.ServerMetadataResponse.FromString,
                 _registered_method=True)
         self.ModelMetadata = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelMetadata',
-                request_serializer=shoal_dot_proto_dot_grpc__service__pb2.ModelMetadataRequest.SerializeToString,
-                response_deserializer=shoal_dot_proto_dot_grpc__service__pb2.ModelMetadataResponse.FromString,
+                request_serializer=grpc__service__pb2.ModelMetadataRequest.SerializeToString,
+                response_deserializer=grpc__service__pb2.ModelMetadataResponse.FromString,
                 _registered_method=True)
         self.ModelInfer = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelInfer',
-                request_serializer=shoal_dot_proto_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
-                response_deserializer=shoal_dot_proto_dot_grpc__service__pb2.ModelInferResponse.FromString,
+                request_serializer=grpc__service__pb2.ModelInferRequest.SerializeToString,
+                response_deserializer=grpc__service__pb2.ModelInferResponse.FromString,
                 _registered_method=True)
         self.ModelStreamInfer = channel.stream_stream(
                 '/inference.GRPCInferenceService/ModelStreamInfer',
-                request_serializer=shoal_dot_proto_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
-                response_deserializer=shoal_dot_proto_dot_grpc__service__pb2.ModelStreamInferResponse.FromString,
+                request_serializer=grpc__service__pb2.ModelInferRequest.SerializeToString,
+                response_deserializer=grpc__service__pb2.ModelStreamInferResponse.FromString,
                 _registered_method=True)
         self.ModelConfig = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelConfig',
-                request_serializer=shoal_dot_proto_dot_grpc__service__pb2.ModelConfigRequest.SerializeToString,
-                response_deserializer=shoal_dot_proto_dot_grpc__service__pb2.ModelConfigResponse.FromString,
+                request_serializer=grpc__service__pb2.ModelConfigRequest.SerializeToString,
+                response_deserializer=grpc__service__pb2.ModelConfigResponse.FromString,
                 _registered_method=True)
         self.ModelStatistics = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelStatistics',
-                request_serializer=shoal_dot_proto_dot_grpc__service__pb2.ModelStatisticsRequest.SerializeToString,
-                response_deserializer=shoal_dot_proto_dot_grpc__service__pb2.ModelStatisticsResponse.FromString,
+                request_serializer=grpc__service__pb2.ModelStatisticsRequest.SerializeToString,
+                response_deserializer=grpc__service__pb2.ModelStatisticsResponse.FromString,
                 _registered_method=True)
         self.RepositoryIndex = channel.unary_unary(
                 '/inference.GRPCInferenceService/RepositoryIndex',
-                request_serializer=shoal_dot_proto_dot_grpc__service__pb2.RepositoryIndexRequest.SerializeToString,
-                response_deserializer=shoal_dot_proto_dot_grpc__service__pb2.RepositoryIndexResponse.FromString,
+                request_serializer=grpc__service__pb2.RepositoryIndexRequest.SerializeToString,
+                response_deserializer=grpc__service__pb2.RepositoryIndexResponse.FromString,
                 _registered_method=True)
         self.RepositoryModelLoad = channel.unary_unary(
                 '/inference.GRPCInferenceService/RepositoryModelLoad',
-                request_serializer=shoal_dot_proto_dot_grpc__service__pb2.RepositoryModelLoadRequest.SerializeToString,
-                response_deserializer=shoal_dot_proto_dot_grpc__service__pb2.RepositoryModelLoadResponse.FromString,
+                request_serializer=grpc__service__pb2.RepositoryModelLoadRequest.SerializeToString,
+                response_deserializer=grpc__service__pb2.RepositoryModelLoadResponse.FromString,
                 _registered_method=True)
         self.RepositoryModelUnload = channel.unary_unary(
                 '/inference.GRPCInferenceService/RepositoryModelUnload',
-                request_serializer=shoal_dot_proto_dot_grpc__service__pb2.RepositoryModelUnloadRequest.SerializeToString,
-                response_deserializer=shoal_dot_proto_dot_grpc__service__pb2.RepositoryModelUnloadResponse.FromString,
+                request_serializer=grpc__service__pb2.RepositoryModelUnloadRequest.SerializeToString,
+                response_deserializer=grpc__service__pb2.RepositoryModelUnloadResponse.FromString,
                 _registered_method=True)
         self.SystemSharedMemoryStatus = channel.unary_unary(
                 '/inference.GRPCInferenceService/SystemSharedMemoryStatus',
-                request_serializer=shoal_dot_proto_dot_grpc__service__pb2.SystemSharedMemoryStatusRequest.SerializeToString,
-                response_deserializer=shoal_dot_proto_dot_grpc__service__pb2.SystemSharedMemoryStatusResponse.FromString,
+                request_serializer=grpc__service__pb2.SystemSharedMemoryStatusRequest.SerializeToString,
+                response_deserializer=grpc__service__pb2.SystemSharedMemoryStatusResponse.FromString,
                 _registered_method=True)
         self.SystemSharedMemoryRegister = channel.unary_unary(
                 '/inference.GRPCInferenceService/SystemSharedMemoryRegister',
-                request_serializer=shoal_dot_proto_dot_grpc__service__pb2.SystemSharedMemoryRegisterRequest.SerializeToString,
-                response_deserializer=shoal_dot_proto_dot_grpc__service__pb2.SystemSharedMemoryRegisterResponse.FromString,
+                request_serializer=grpc__service__pb2.SystemSharedMemoryRegisterRequest.SerializeToString,
+                response_deserializer=grpc__service__pb2.SystemSharedMemoryRegisterResponse.FromString,
                 _registered_method=True)
         self.SystemSharedMemoryUnregister = channel.unary_unary(
                 '/inference.GRPCInferenceService/SystemSharedMemoryUnregister',
-                request_serializer=shoal_dot_proto_dot_grpc__service__pb2.SystemSharedMemoryUnregisterRequest.SerializeToString,
-                response_deserializer=shoal_dot_proto_dot_grpc__service__pb2.SystemSharedMemoryUnregisterResponse.FromString,
+                request_serializer=grpc__service__pb2.SystemSharedMemoryUnregisterRequest.SerializeToString,
+                response_deserializer=grpc__service__pb2.SystemSharedMemoryUnregisterResponse.FromString,
                 _registered_method=True)
         self.CudaSharedMemoryStatus = channel.unary_unary(
                 '/inference.GRPCInferenceService/CudaSharedMemoryStatus',
-                request_serializer=shoal_dot_proto_dot_grpc__service__pb2.CudaSharedMemoryStatusRequest.SerializeToString,
-                response_deserializer=shoal_dot_proto_dot_grpc__service__pb2.CudaSharedMemoryStatusResponse.FromString,
+                request_serializer=grpc__service__pb2.CudaSharedMemoryStatusRequest.SerializeToString,
+                response_deserializer=grpc__service__pb2.CudaSharedMemoryStatusResponse.FromString,
                 _registered_method=True)
         self.CudaSharedMemoryRegister = channel.unary_unary(
                 '/inference.GRPCInferenceService/CudaSharedMemoryRegister',
-                request_serializer=shoal_dot_proto_dot_grpc__service__pb2.CudaSharedMemoryRegisterRequest.SerializeToString,
-                response_deserializer=shoal_dot_proto_dot_grpc__service__pb2.CudaSharedMemoryRegisterResponse.FromString,
+                request_serializer=grpc__service__pb2.CudaSharedMemoryRegisterRequest.SerializeToString,
+                response_deserializer=grpc__service__pb2.CudaSharedMemoryRegisterResponse.FromString,
                 _registered_method=True)
         self.CudaSharedMemoryUnregister = channel.unary_unary(
                 '/inference.GRPCInferenceService/CudaSharedMemoryUnregister',
-                request_serializer=shoal_dot_proto_dot_grpc__service__pb2.CudaSharedMemoryUnregisterRequest.SerializeToString,
-                response_deserializer=shoal_dot_proto_dot_grpc__service__pb2.CudaSharedMemoryUnregisterResponse.FromString,
+                request_serializer=grpc__service__pb2.CudaSharedMemoryUnregisterRequest.SerializeToString,
+                response_deserializer=grpc__service__pb2.CudaSharedMemoryUnregisterResponse.FromString,
                 _registered_method=True)
         self.TraceSetting = channel.unary_unary(
                 '/inference.GRPCInferenceService/TraceSetting',
-                request_serializer=shoal_dot_proto_dot_grpc__service__pb2.TraceSettingRequest.SerializeToString,
-                response_deserializer=shoal_dot_proto_dot_grpc__service__pb2.TraceSettingResponse.FromString,
+                request_serializer=grpc__service__pb2.TraceSettingRequest.SerializeToString,
+                response_deserializer=grpc__service__pb2.TraceSettingResponse.FromString,
                 _registered_method=True)
         self.LogSettings = channel.unary_unary(
                 '/inference.GRPCInferenceService/LogSettings',
-                request_serializer=shoal_dot_proto_dot_grpc__service__pb2.LogSettingsRequest.SerializeToString,
-                response_deserializer=shoal_dot_proto_dot_grpc__service__pb2.LogSettingsResponse.FromString,
+                request_serializer=grpc__service__pb2.LogSettingsRequest.SerializeToString,
+                response_deserializer=grpc__service__pb2.LogSettingsResponse.FromString,
                 _registered_method=True)
 
 
@@ -284,103 +284,103 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'ServerLive': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerLive,
-                    request_deserializer=shoal_dot_proto_dot_grpc__service__pb2.ServerLiveRequest.FromString,
-                    response_serializer=shoal_dot_proto_dot_grpc__service__pb2.ServerLiveResponse.SerializeToString,
+                    request_deserializer=grpc__service__pb2.ServerLiveRequest.FromString,
+                    response_serializer=grpc__service__pb2.ServerLiveResponse.SerializeToString,
             ),
             'ServerReady': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerReady,
-                    request_deserializer=shoal_dot_proto_dot_grpc__service__pb2.ServerReadyRequest.FromString,
-                    response_serializer=shoal_dot_proto_dot_grpc__service__pb2.ServerReadyResponse.SerializeToString,
+                    request_deserializer=grpc__service__pb2.ServerReadyRequest.FromString,
+                    response_serializer=grpc__service__pb2.ServerReadyResponse.SerializeToString,
             ),
             'ModelReady': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelReady,
-                    request_deserializer=shoal_dot_proto_dot_grpc__service__pb2.ModelReadyRequest.FromString,
-                    response_serializer=shoal_dot_proto_dot_grpc__service__pb2.ModelReadyResponse.SerializeToString,
+                    request_deserializer=grpc__service__pb2.ModelReadyRequest.FromString,
+                    response_serializer=grpc__service__pb2.ModelReadyResponse.SerializeToString,
             ),
             'ServerMetadata': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerMetadata,
-                    request_deserializer=shoal_dot_proto_dot_grpc__service__pb2.ServerMetadataRequest.FromString,
-                    response_serializer=shoal_dot_proto_dot_grpc__service__pb2.ServerMetadataResponse.SerializeToString,
+                    request_deserializer=grpc__service__pb2.ServerMetadataRequest.FromString,
+                    response_serializer=grpc__service__pb2.ServerMetadataResponse.SerializeToString,
             ),
             'ModelMetadata': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelMetadata,
-                    request_deserializer=shoal_dot_proto_dot_grpc__service__pb2.ModelMetadataRequest.FromString,
-                    response_serializer=shoal_dot_proto_dot_grpc__service__pb2.ModelMetadataResponse.SerializeToString,
+                    request_deserializer=grpc__service__pb2.ModelMetadataRequest.FromString,
+                    response_serializer=grpc__service__pb2.ModelMetadataResponse.SerializeToString,
             ),
             'ModelInfer': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelInfer,
-                    request_deserializer=shoal_dot_proto_dot_grpc__service__pb2.ModelInferRequest.FromString,
-                    response_serializer=shoal_dot_proto_dot_grpc__service__pb2.ModelInferResponse.SerializeToString,
+                    request_deserializer=grpc__service__pb2.ModelInferRequest.FromString,
+                    response_serializer=grpc__service__pb2.ModelInferResponse.SerializeToString,
             ),
             'ModelStreamInfer': grpc.stream_stream_rpc_method_handler(
                     servicer.ModelStreamInfer,
-                    request_deserializer=shoal_dot_proto_dot_grpc__service__pb2.ModelInferRequest.FromString,
-                    response_serializer=shoal_dot_proto_dot_grpc__service__pb2.ModelStreamInferResponse.SerializeToString,
+                    request_deserializer=grpc__service__pb2.ModelInferRequest.FromString,
+                    response_serializer=grpc__service__pb2.ModelStreamInferResponse.SerializeToString,
             ),
             'ModelConfig': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelConfig,
-                    request_deserializer=shoal_dot_proto_dot_grpc__service__pb2.ModelConfigRequest.FromString,
-                    response_serializer=shoal_dot_proto_dot_grpc__service__pb2.ModelConfigResponse.SerializeToString,
+                    request_deserializer=grpc__service__pb2.ModelConfigRequest.FromString,
+                    response_serializer=grpc__service__pb2.ModelConfigResponse.SerializeToString,
             ),
             'ModelStatistics': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelStatistics,
-                    request_deserializer=shoal_dot_proto_dot_grpc__service__pb2.ModelStatisticsRequest.FromString,
-                    response_serializer=shoal_dot_proto_dot_grpc__service__pb2.ModelStatisticsResponse.SerializeToString,
+                    request_deserializer=grpc__service__pb2.ModelStatisticsRequest.FromString,
+                    response_serializer=grpc__service__pb2.ModelStatisticsResponse.SerializeToString,
             ),
             'RepositoryIndex': grpc.unary_unary_rpc_method_handler(
                     servicer.RepositoryIndex,
-                    request_deserializer=shoal_dot_proto_dot_grpc__service__pb2.RepositoryIndexRequest.FromString,
-                    response_serializer=shoal_dot_proto_dot_grpc__service__pb2.RepositoryIndexResponse.SerializeToString,
+                    request_deserializer=grpc__service__pb2.RepositoryIndexRequest.FromString,
+                    response_serializer=grpc__service__pb2.RepositoryIndexResponse.SerializeToString,
             ),
             'RepositoryModelLoad': grpc.unary_unary_rpc_method_handler(
                     servicer.RepositoryModelLoad,
-                    request_deserializer=shoal_dot_proto_dot_grpc__service__pb2.RepositoryModelLoadRequest.FromString,
-                    response_serializer=shoal_dot_proto_dot_grpc__service__pb2.RepositoryModelLoadResponse.SerializeToString,
+                    request_deserializer=grpc__service__pb2.RepositoryModelLoadRequest.FromString,
+                    response_serializer=grpc__service__pb2.RepositoryModelLoadResponse.SerializeToString,
             ),
             'RepositoryModelUnload': grpc.unary_unary_rpc_method_handler(
                     servicer.RepositoryModelUnload,
-                    request_deserializer=shoal_dot_proto_dot_grpc__service__pb2.RepositoryModelUnloadRequest.FromString,
-                    response_serializer=shoal_dot_proto_dot_grpc__service__pb2.RepositoryModelUnloadResponse.SerializeToString,
+                    request_deserializer=grpc__service__pb2.RepositoryModelUnloadRequest.FromString,
+                    response_serializer=grpc__service__pb2.RepositoryModelUnloadResponse.SerializeToString,
             ),
             'SystemSharedMemoryStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.SystemSharedMemoryStatus,
-                    request_deserializer=shoal_dot_proto_dot_grpc__service__pb2.SystemSharedMemoryStatusRequest.FromString,
-                    response_serializer=shoal_dot_proto_dot_grpc__service__pb2.SystemSharedMemoryStatusResponse.SerializeToString,
+                    request_deserializer=grpc__service__pb2.SystemSharedMemoryStatusRequest.FromString,
+                    response_serializer=grpc__service__pb2.SystemSharedMemoryStatusResponse.SerializeToString,
             ),
             'SystemSharedMemoryRegister': grpc.unary_unary_rpc_method_handler(
                     servicer.SystemSharedMemoryRegister,
-                    request_deserializer=shoal_dot_proto_dot_grpc__service__pb2.SystemSharedMemoryRegisterRequest.FromString,
-                    response_serializer=shoal_dot_proto_dot_grpc__service__pb2.SystemSharedMemoryRegisterResponse.SerializeToString,
+                    request_deserializer=grpc__service__pb2.SystemSharedMemoryRegisterRequest.FromString,
+                    response_serializer=grpc__service__pb2.SystemSharedMemoryRegisterResponse.SerializeToString,
             ),
             'SystemSharedMemoryUnregister': grpc.unary_unary_rpc_method_handler(
                     servicer.SystemSharedMemoryUnregister,
-                    request_deserializer=shoal_dot_proto_dot_grpc__service__pb2.SystemSharedMemoryUnregisterRequest.FromString,
-                    response_serializer=shoal_dot_proto_dot_grpc__service__pb2.SystemSharedMemoryUnregisterResponse.SerializeToString,
+                    request_deserializer=grpc__service__pb2.SystemSharedMemoryUnregisterRequest.FromString,
+                    response_serializer=grpc__service__pb2.SystemSharedMemoryUnregisterResponse.SerializeToString,
             ),
             'CudaSharedMemoryStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.CudaSharedMemoryStatus,
-                    request_deserializer=shoal_dot_proto_dot_grpc__service__pb2.CudaSharedMemoryStatusRequest.FromString,
-                    response_serializer=shoal_dot_proto_dot_grpc__service__pb2.CudaSharedMemoryStatusResponse.SerializeToString,
+                    request_deserializer=grpc__service__pb2.CudaSharedMemoryStatusRequest.FromString,
+                    response_serializer=grpc__service__pb2.CudaSharedMemoryStatusResponse.SerializeToString,
             ),
             'CudaSharedMemoryRegister': grpc.unary_unary_rpc_method_handler(
                     servicer.CudaSharedMemoryRegister,
-                    request_deserializer=shoal_dot_proto_dot_grpc__service__pb2.CudaSharedMemoryRegisterRequest.FromString,
-                    response_serializer=shoal_dot_proto_dot_grpc__service__pb2.CudaSharedMemoryRegisterResponse.SerializeToString,
+                    request_deserializer=grpc__service__pb2.CudaSharedMemoryRegisterRequest.FromString,
+                    response_serializer=grpc__service__pb2.CudaSharedMemoryRegisterResponse.SerializeToString,
             ),
             'CudaSharedMemoryUnregister': grpc.unary_unary_rpc_method_handler(
                     servicer.CudaSharedMemoryUnregister,
-                    request_deserializer=shoal_dot_proto_dot_grpc__service__pb2.CudaSharedMemoryUnregisterRequest.FromString,
-                    response_serializer=shoal_dot_proto_dot_grpc__service__pb2.CudaSharedMemoryUnregisterResponse.SerializeToString,
+                    request_deserializer=grpc__service__pb2.CudaSharedMemoryUnregisterRequest.FromString,
+                    response_serializer=grpc__service__pb2.CudaSharedMemoryUnregisterResponse.SerializeToString,
             ),
             'TraceSetting': grpc.unary_unary_rpc_method_handler(
                     servicer.TraceSetting,
-                    request_deserializer=shoal_dot_proto_dot_grpc__service__pb2.TraceSettingRequest.FromString,
-                    response_serializer=shoal_dot_proto_dot_grpc__service__pb2.TraceSettingResponse.SerializeToString,
+                    request_deserializer=grpc__service__pb2.TraceSettingRequest.FromString,
+                    response_serializer=grpc__service__pb2.TraceSettingResponse.SerializeToString,
             ),
             'LogSettings': grpc.unary_unary_rpc_method_handler(
                     servicer.LogSettings,
-                    request_deserializer=shoal_dot_proto_dot_grpc__service__pb2.LogSettingsRequest.FromString,
-                    response_serializer=shoal_dot_proto_dot_grpc__service__pb2.LogSettingsResponse.SerializeToString,
+                    request_deserializer=grpc__service__pb2.LogSettingsRequest.FromString,
+                    response_serializer=grpc__service__pb2.LogSettingsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -408,8 +408,8 @@ class GRPCInferenceService(object):
             request,
             target,
             '/inference.GRPCInferenceService/ServerLive',
-            shoal_dot_proto_dot_grpc__service__pb2.ServerLiveRequest.SerializeToString,
-            shoal_dot_proto_dot_grpc__service__pb2.ServerLiveResponse.FromString,
+            grpc__service__pb2.ServerLiveRequest.SerializeToString,
+            grpc__service__pb2.ServerLiveResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -435,8 +435,8 @@ class GRPCInferenceService(object):
             request,
             target,
             '/inference.GRPCInferenceService/ServerReady',
-            shoal_dot_proto_dot_grpc__service__pb2.ServerReadyRequest.SerializeToString,
-            shoal_dot_proto_dot_grpc__service__pb2.ServerReadyResponse.FromString,
+            grpc__service__pb2.ServerReadyRequest.SerializeToString,
+            grpc__service__pb2.ServerReadyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -462,8 +462,8 @@ class GRPCInferenceService(object):
             request,
             target,
             '/inference.GRPCInferenceService/ModelReady',
-            shoal_dot_proto_dot_grpc__service__pb2.ModelReadyRequest.SerializeToString,
-            shoal_dot_proto_dot_grpc__service__pb2.ModelReadyResponse.FromString,
+            grpc__service__pb2.ModelReadyRequest.SerializeToString,
+            grpc__service__pb2.ModelReadyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -489,8 +489,8 @@ class GRPCInferenceService(object):
             request,
             target,
             '/inference.GRPCInferenceService/ServerMetadata',
-            shoal_dot_proto_dot_grpc__service__pb2.ServerMetadataRequest.SerializeToString,
-            shoal_dot_proto_dot_grpc__service__pb2.ServerMetadataResponse.FromString,
+            grpc__service__pb2.ServerMetadataRequest.SerializeToString,
+            grpc__service__pb2.ServerMetadataResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -516,8 +516,8 @@ class GRPCInferenceService(object):
             request,
             target,
             '/inference.GRPCInferenceService/ModelMetadata',
-            shoal_dot_proto_dot_grpc__service__pb2.ModelMetadataRequest.SerializeToString,
-            shoal_dot_proto_dot_grpc__service__pb2.ModelMetadataResponse.FromString,
+            grpc__service__pb2.ModelMetadataRequest.SerializeToString,
+            grpc__service__pb2.ModelMetadataResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -543,8 +543,8 @@ class GRPCInferenceService(object):
             request,
             target,
             '/inference.GRPCInferenceService/ModelInfer',
-            shoal_dot_proto_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
-            shoal_dot_proto_dot_grpc__service__pb2.ModelInferResponse.FromString,
+            grpc__service__pb2.ModelInferRequest.SerializeToString,
+            grpc__service__pb2.ModelInferResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -570,8 +570,8 @@ class GRPCInferenceService(object):
             request_iterator,
             target,
             '/inference.GRPCInferenceService/ModelStreamInfer',
-            shoal_dot_proto_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
-            shoal_dot_proto_dot_grpc__service__pb2.ModelStreamInferResponse.FromString,
+            grpc__service__pb2.ModelInferRequest.SerializeToString,
+            grpc__service__pb2.ModelStreamInferResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -597,8 +597,8 @@ class GRPCInferenceService(object):
             request,
             target,
             '/inference.GRPCInferenceService/ModelConfig',
-            shoal_dot_proto_dot_grpc__service__pb2.ModelConfigRequest.SerializeToString,
-            shoal_dot_proto_dot_grpc__service__pb2.ModelConfigResponse.FromString,
+            grpc__service__pb2.ModelConfigRequest.SerializeToString,
+            grpc__service__pb2.ModelConfigResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -624,8 +624,8 @@ class GRPCInferenceService(object):
             request,
             target,
             '/inference.GRPCInferenceService/ModelStatistics',
-            shoal_dot_proto_dot_grpc__service__pb2.ModelStatisticsRequest.SerializeToString,
-            shoal_dot_proto_dot_grpc__service__pb2.ModelStatisticsResponse.FromString,
+            grpc__service__pb2.ModelStatisticsRequest.SerializeToString,
+            grpc__service__pb2.ModelStatisticsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -651,8 +651,8 @@ class GRPCInferenceService(object):
             request,
             target,
             '/inference.GRPCInferenceService/RepositoryIndex',
-            shoal_dot_proto_dot_grpc__service__pb2.RepositoryIndexRequest.SerializeToString,
-            shoal_dot_proto_dot_grpc__service__pb2.RepositoryIndexResponse.FromString,
+            grpc__service__pb2.RepositoryIndexRequest.SerializeToString,
+            grpc__service__pb2.RepositoryIndexResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -678,8 +678,8 @@ class GRPCInferenceService(object):
             request,
             target,
             '/inference.GRPCInferenceService/RepositoryModelLoad',
-            shoal_dot_proto_dot_grpc__service__pb2.RepositoryModelLoadRequest.SerializeToString,
-            shoal_dot_proto_dot_grpc__service__pb2.RepositoryModelLoadResponse.FromString,
+            grpc__service__pb2.RepositoryModelLoadRequest.SerializeToString,
+            grpc__service__pb2.RepositoryModelLoadResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -705,8 +705,8 @@ class GRPCInferenceService(object):
             request,
             target,
             '/inference.GRPCInferenceService/RepositoryModelUnload',
-            shoal_dot_proto_dot_grpc__service__pb2.RepositoryModelUnloadRequest.SerializeToString,
-            shoal_dot_proto_dot_grpc__service__pb2.RepositoryModelUnloadResponse.FromString,
+            grpc__service__pb2.RepositoryModelUnloadRequest.SerializeToString,
+            grpc__service__pb2.RepositoryModelUnloadResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -732,8 +732,8 @@ class GRPCInferenceService(object):
             request,
             target,
             '/inference.GRPCInferenceService/SystemSharedMemoryStatus',
-            shoal_dot_proto_dot_grpc__service__pb2.SystemSharedMemoryStatusRequest.SerializeToString,
-            shoal_dot_proto_dot_grpc__service__pb2.SystemSharedMemoryStatusResponse.FromString,
+            grpc__service__pb2.SystemSharedMemoryStatusRequest.SerializeToString,
+            grpc__service__pb2.SystemSharedMemoryStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -759,8 +759,8 @@ class GRPCInferenceService(object):
             request,
             target,
             '/inference.GRPCInferenceService/SystemSharedMemoryRegister',
-            shoal_dot_proto_dot_grpc__service__pb2.SystemSharedMemoryRegisterRequest.SerializeToString,
-            shoal_dot_proto_dot_grpc__service__pb2.SystemSharedMemoryRegisterResponse.FromString,
+            grpc__service__pb2.SystemSharedMemoryRegisterRequest.SerializeToString,
+            grpc__service__pb2.SystemSharedMemoryRegisterResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -786,8 +786,8 @@ class GRPCInferenceService(object):
             request,
             target,
             '/inference.GRPCInferenceService/SystemSharedMemoryUnregister',
-            shoal_dot_proto_dot_grpc__service__pb2.SystemSharedMemoryUnregisterRequest.SerializeToString,
-            shoal_dot_proto_dot_grpc__service__pb2.SystemSharedMemoryUnregisterResponse.FromString,
+            grpc__service__pb2.SystemSharedMemoryUnregisterRequest.SerializeToString,
+            grpc__service__pb2.SystemSharedMemoryUnregisterResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -813,8 +813,8 @@ class GRPCInferenceService(object):
             request,
             target,
             '/inference.GRPCInferenceService/CudaSharedMemoryStatus',
-            shoal_dot_proto_dot_grpc__service__pb2.CudaSharedMemoryStatusRequest.SerializeToString,
-            shoal_dot_proto_dot_grpc__service__pb2.CudaSharedMemoryStatusResponse.FromString,
+            grpc__service__pb2.CudaSharedMemoryStatusRequest.SerializeToString,
+            grpc__service__pb2.CudaSharedMemoryStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -840,8 +840,8 @@ class GRPCInferenceService(object):
             request,
             target,
             '/inference.GRPCInferenceService/CudaSharedMemoryRegister',
-            shoal_dot_proto_dot_grpc__service__pb2.CudaSharedMemoryRegisterRequest.SerializeToString,
-            shoal_dot_proto_dot_grpc__service__pb2.CudaSharedMemoryRegisterResponse.FromString,
+            grpc__service__pb2.CudaSharedMemoryRegisterRequest.SerializeToString,
+            grpc__service__pb2.CudaSharedMemoryRegisterResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -867,8 +867,8 @@ class GRPCInferenceService(object):
             request,
             target,
             '/inference.GRPCInferenceService/CudaSharedMemoryUnregister',
-            shoal_dot_proto_dot_grpc__service__pb2.CudaSharedMemoryUnregisterRequest.SerializeToString,
-            shoal_dot_proto_dot_grpc__service__pb2.CudaSharedMemoryUnregisterResponse.FromString,
+            grpc__service__pb2.CudaSharedMemoryUnregisterRequest.SerializeToString,
+            grpc__service__pb2.CudaSharedMemoryUnregisterResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -894,8 +894,8 @@ class GRPCInferenceService(object):
             request,
             target,
             '/inference.GRPCInferenceService/TraceSetting',
-            shoal_dot_proto_dot_grpc__service__pb2.TraceSettingRequest.SerializeToString,
-            shoal_dot_proto_dot_grpc__service__pb2.TraceSettingResponse.FromString,
+            grpc__service__pb2.TraceSettingRequest.SerializeToString,
+            grpc__service__pb2.TraceSettingResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -921,8 +921,8 @@ class GRPCInferenceService(object):
             request,
             target,
             '/inference.GRPCInferenceService/LogSettings',
-            shoal_dot_proto_dot_grpc__service__pb2.LogSettingsRequest.SerializeToString,
-            shoal_dot_proto_dot_grpc__service__pb2.LogSettingsResponse.FromString,
+            grpc__service__pb2.LogSettingsRequest.SerializeToString,
+            grpc__service__pb2.LogSettingsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -14,8 +14,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 import pytest
-import tritonclient.http as triton_http  # type: ignore[import-untyped]
-import tritonclient.utils as triton_utils  # type: ignore[import-untyped]
+import tritonclient.http as triton_http
+import tritonclient.utils as triton_utils
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes
@@ -66,6 +66,19 @@ def assert_same(got: np.ndarray[Any, Any], want: np.ndarray[Any, Any]) -> None:
         assert got.tolist() == want.tolist()
     else:
         assert got.tobytes() == want.tobytes()
+
+
+def assert_same_values(got: np.ndarray[Any, Any], want: np.ndarray[Any, Any]) -> None:
+    """Same dtype, shape and values, for JSON, which keeps signed zeros but not NaN payloads."""
+    assert got.dtype == want.dtype
+    assert got.shape == want.shape
+    if got.dtype.kind in "biu":
+        assert got.tolist() == want.tolist()
+        return
+    with np.errstate(invalid="ignore"):  # widening a signalling NaN warns
+        g, w = got.astype(np.float64), want.astype(np.float64)
+    np.testing.assert_array_equal(g, w)
+    assert (np.signbit(g) == np.signbit(w))[~np.isnan(w)].all()
 
 
 def bytes_tensor(items: list[Any], shape: tuple[int, ...]) -> np.ndarray[Any, Any]:
@@ -176,6 +189,7 @@ def test_wrong_length_buffer_names_input_and_sizes() -> None:
         ("FP32", [1.5], b"\0" * 4, "shape must be a list of integers"),
         ("FP32", [True], b"\0" * 4, "shape must be a list of integers"),
         ("FP32", [2**64], b"", "does not fit in int64"),
+        ("FP32", [10**5000], b"", "dimension <integer of 16610 bits> in shape"),  # too long for str()
         ("FP32", [1] * 65, b"\0" * 4, "more than 64 dimensions"),
         ("BOOL", [2], b"\x01\x02", "BOOL data holds a byte other than 0 or 1"),
         ("BYTES", [2], b"\x01\0\0\0a", "BYTES \\[2\\] needs 2 elements of at least 4 bytes"),
@@ -199,7 +213,7 @@ def test_fixed_types_round_trip_through_json(datatype: str) -> None:
     data = to_json(arr)
     json.dumps(data)  # plain Python values a JSON encoder takes
     assert len(data) == 6
-    assert_same(from_json(datatype, [2, 3], data), arr)
+    assert_same_values(from_json(datatype, [2, 3], data), arr)
 
 
 def test_json_bytes_are_strings() -> None:
@@ -218,6 +232,13 @@ def test_json_data_may_be_nested_row_major() -> None:
     assert got.tolist() == [[1, 2, 3], [4, 5, 6]]
     assert from_json("INT32", [2, 3], [1, 2, 3, 4, 5, 6]).tolist() == got.tolist()
     assert to_json(got) == [1, 2, 3, 4, 5, 6]
+
+
+def test_json_scalar_tensors() -> None:
+    assert from_json("FP64", [], [2.5]).shape == ()
+    scalar = np.array(7, dtype=np.int16)
+    assert_same(from_json("INT16", [], scalar.tolist()), scalar)  # 0-d tolist() is the bare value
+    assert to_json(scalar) == [7]
 
 
 def test_json_floats_accept_integers_and_non_finite_values() -> None:
@@ -239,7 +260,7 @@ def test_json_floats_accept_integers_and_non_finite_values() -> None:
         ("UINT8", [1], [-1], "UINT8 element 0 is -1, outside \\[0, 255\\]"),
         ("INT8", [1], [128], "outside \\[-128, 127\\]"),
         ("UINT64", [1], [2**64], "outside \\[0, 18446744073709551615\\]"),
-        ("INT64", [1], [10**400], "an integer of 1329 bits, outside"),
+        ("INT64", [1], [10**400], "<integer of 1329 bits>, outside"),
         ("FP16", [1], [70000.0], "FP16 element 0 is 70000.0, too large for FP16"),
         ("FP32", [1], [1e39], "too large for FP32"),
         ("FP64", [1], [10**400], "too large for FP64"),
@@ -274,7 +295,7 @@ def test_split_binary_body() -> None:
 @pytest.mark.parametrize(
     ("body", "length", "message"),
     [
-        (b'{"a":1}', 8, "Inference-Header-Content-Length is 8 but the body has 7 bytes"),
+        (b'{"a":1}', 8, "Inference-Header-Content-Length is 8, but the body has 7 bytes"),
         (b'{"a":1}', -1, "Inference-Header-Content-Length is -1"),
         (b'{"a":1}', "seven", "must be an integer, got 'seven'"),
         (b'{"a":1}', 3, "not valid JSON"),
@@ -460,7 +481,7 @@ def test_property_fixed_round_trip(case: tuple[str, np.ndarray[Any, Any]]) -> No
 @given(fixed_arrays())
 def test_property_fixed_json_round_trip(case: tuple[str, np.ndarray[Any, Any]]) -> None:
     datatype, arr = case
-    assert_same(from_json(datatype, list(arr.shape), to_json(arr)), arr)
+    assert_same_values(from_json(datatype, list(arr.shape), to_json(arr)), arr)
 
 
 @PROPERTY
@@ -501,7 +522,7 @@ json_values = st.recursive(
     lambda children: st.one_of(
         st.lists(children, max_size=5), st.dictionaries(st.text(max_size=3), children, max_size=3)
     ),
-    max_leaves=20,
+    max_leaves=8,
 )
 
 
@@ -636,7 +657,7 @@ def declared_inputs(draw: st.DrawFn) -> tuple[Any, bytes]:
         {"name": f"i{k}"} if size is None else {"name": f"i{k}", "parameters": {"binary_data_size": size}}
         for k, size in enumerate(sizes)
     ]
-    total = sum(size for size in sizes if type(size) is int and size > 0)
+    total = sum(size for size in sizes if type(size) is int and 0 < size <= 4)
     return inputs, draw(st.binary(min_size=draw(near(total)), max_size=total + 2))
 
 
