@@ -273,11 +273,12 @@ class ClusterState:
             for rec in surplus[: len(new) - count]:
                 actions.append(self._remove(rec, graceful=True))
         missing = count - len(new)
+        starting = len(new) - len(ready_new)
         if old:
             # Rolling update: bound how many new processes start at once.
             surge = max(1, math.ceil(count / 4))
-            starting = len(new) - len(ready_new)
             missing = min(missing, surge - starting)
+        no_room = False
         if missing > 0:
             failures = self._failures.get(spec.name)
             if failures is not None and self.clock.now() < failures.not_before:
@@ -290,15 +291,24 @@ class ClusterState:
                 for _ in range(missing):
                     action = self._place(spec, want)
                     if action is None:
+                        no_room = True
                         break
                     actions.append(action)
         # Keep serving capacity: an old replica goes only as new ones are READY.
         removable = len(old) + len(ready_new) - count
-        if removable > 0:
-            victims = sorted(old, key=lambda r: (r.state == READY, r.id))
-            for rec in victims[:removable]:
-                actions.append(self._remove(rec, graceful=True))
+        victims = sorted(old, key=lambda r: (r.state == READY, r.id))
+        if removable <= 0 and no_room and old and not starting and not self._draining(spec.name):
+            # No room to start a new replica beside the old ones: rather than stall the update
+            # for ever, drain one old replica first (like Kubernetes' maxUnavailable=1). The
+            # only case where an update dips below the replica count.
+            removable = 1
+            self.pending_reasons[spec.name] += "; draining one old replica first to make room"
+        for rec in victims[: max(0, removable)]:
+            actions.append(self._remove(rec, graceful=True))
         return actions
+
+    def _draining(self, deployment: str) -> bool:
+        return any(r.deployment == deployment and r.state == DRAINING for r in self.replicas.values())
 
     def _place(self, spec: DeploymentSpec, spec_hash: str) -> CreateReplica | None:
         need = Capacity.of(spec.resources)

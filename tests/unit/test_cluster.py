@@ -443,6 +443,29 @@ def test_a_model_change_rolls_without_dropping_below_the_target(state: ClusterSt
     assert len(state.replicas) == 2
 
 
+def test_a_rollout_with_no_room_to_surge_drains_one_old_replica_first(state: ClusterState) -> None:
+    s1 = Sim(state, "s1", cpus=2.0)
+    v1 = make_spec(replicas=2, model="m1", cpus=1.0)
+    converge(state, [s1], want(v1))
+    old = sorted(states(state))
+    v2 = make_spec(replicas=2, model="m2", cpus=1.0)
+
+    # Full machine: no new replica fits beside the old ones, so one old one drains first.
+    actions = state.reconcile(want(v2))
+    assert creates(actions) == []
+    [gone] = removes(actions)
+    assert gone.replica_id in old
+    assert "draining one old replica first" in state.pending_reasons["echo"]
+    # Only one at a time: nothing more until it is gone.
+    assert state.reconcile(want(v2)) == []
+    s1.act(actions)
+    assert s1.beat()
+    # Its room goes to the first new replica; then the rollout goes on as usual.
+    converge(state, [s1], want(v2))
+    assert {r.spec_hash for r in state.replicas.values()} == {v2.process_hash()}
+    assert len(ready_ids(state)) == 2
+
+
 def test_a_rollout_whose_new_replicas_fail_keeps_the_old_ones(state: ClusterState) -> None:
     s1 = Sim(state, "s1")
     v1 = make_spec(replicas=2, model="m1")
