@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from shoal import logs
+from shoal import aio, logs
 from shoal.config import Settings
 from shoal.core.spec import DeploymentSpec, load_spec_file
 from shoal.errors import InvalidArgument, ShoalError, Unavailable
@@ -94,10 +94,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     specs = [s for f in args.deploy for s in load_spec_file(f)]
     logs.setup(settings.log_format, settings.log_level)
 
-    async def on_ready(head: Any, scheduler: Any) -> None:
+    async def on_ready(head: Any, scheduler: Any, tasks: Any) -> None:
         for spec in specs:
             result = await head.apply(spec)
             print(f"deployment {spec.name} {'created' if result.created else 'updated'}", flush=True)
+        if specs:
+            tasks.spawn(_up_progress(head, [s.name for s in specs]), "progress")
         endpoints = json.loads((Path(settings.state_dir) / "endpoints.json").read_text())
         print(
             "\nshoal is up\n"
@@ -111,7 +113,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    asyncio.run(run_up(settings, on_ready))
+    aio.run(run_up(settings, on_ready), settings.event_loop)
     return 0
 
 
@@ -120,7 +122,7 @@ def cmd_head(args: argparse.Namespace) -> int:
 
     settings = _settings(args, **_cluster_flags(args), head_port=args.port, head_http_port=args.http_port)
     logs.setup(settings.log_format, settings.log_level, component="head")
-    asyncio.run(run_head(settings))
+    aio.run(run_head(settings), settings.event_loop)
     return 0
 
 
@@ -129,7 +131,7 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
 
     settings = _settings(args, **_cluster_flags(args), **_scheduler_flags(args))
     logs.setup(settings.log_format, settings.log_level, component="scheduler")
-    asyncio.run(run_scheduler(settings))
+    aio.run(run_scheduler(settings), settings.event_loop)
     return 0
 
 
@@ -171,6 +173,50 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return _with_client(args, go)
 
 
+def _progress(status: dict[str, Any], names: Sequence[str]) -> tuple[str, bool]:
+    """One line of readiness for the named deployments, and whether all are ready."""
+    lines = []
+    done = True
+    for dep in status["deployments"]:
+        if dep["name"] not in names:
+            continue
+        ready = sum(1 for r in dep["replicas"] if r["state"] == "READY")
+        target = dep["target_replicas"]
+        done = done and ready >= target and len(dep["replicas"]) == target
+        why = f" ({dep['pending_reason']})" if dep["pending_reason"] else ""
+        lines.append(f"{dep['name']} {ready}/{target} ready{why}")
+    return ", ".join(lines), done
+
+
+def _show(line: str) -> None:
+    # One line redrawn in a terminal; one line per change in a log.
+    if sys.stdout.isatty():
+        print(f"\r{line}\033[K", end="", flush=True)
+    else:
+        print(line, flush=True)
+
+
+async def _up_progress(head: Any, names: Sequence[str], timeout_s: float = 300.0) -> None:
+    """``shoal up``: show the example deployments coming up, then one summary line."""
+    from shoal.head.node import cluster_status
+
+    start = time.monotonic()
+    last = ""
+    while time.monotonic() - start < timeout_s:
+        async with head.lock:
+            line, done = _progress(cluster_status(head), names)
+        if line != last:
+            _show(line)
+            last = line
+        if done:
+            if sys.stdout.isatty():
+                print()
+            print(f"all deployments ready after {time.monotonic() - start:.1f}s: {line}", flush=True)
+            return
+        await asyncio.sleep(0.25)
+    print(f"\nnot ready after {timeout_s:g}s: {last} (see shoal status)", flush=True)
+
+
 async def _wait_ready(client: Any, names: Sequence[str], timeout_s: float) -> int:
     """Show progress until every named deployment has its replicas READY."""
     from shoal.rpc.clients import status_to_dict
@@ -178,25 +224,9 @@ async def _wait_ready(client: Any, names: Sequence[str], timeout_s: float) -> in
     start = time.monotonic()
     last = ""
     while True:
-        status = status_to_dict(await client.status())
-        lines = []
-        done = True
-        for dep in status["deployments"]:
-            if dep["name"] not in names:
-                continue
-            ready = sum(1 for r in dep["replicas"] if r["state"] == "READY")
-            target = dep["target_replicas"]
-            done = done and ready >= target and len(dep["replicas"]) == target
-            why = f" ({dep['pending_reason']})" if dep["pending_reason"] else ""
-            lines.append(f"{dep['name']} {ready}/{target} ready{why}")
-        line = ", ".join(lines)
+        line, done = _progress(status_to_dict(await client.status()), names)
         if line != last:
-            # One line redrawn in a terminal; one line per change in a log.
-            print(
-                f"\r{line}\033[K" if sys.stdout.isatty() else line,
-                end="" if sys.stdout.isatty() else "\n",
-                flush=True,
-            )
+            _show(line)
         last = line
         if done:
             if sys.stdout.isatty():

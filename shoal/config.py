@@ -76,6 +76,8 @@ class Settings:
     """Largest gRPC message accepted or sent (the gRPC default of 4 MiB is too small for tensors)."""
     shutdown_grace_s: float = 10.0
     """On SIGTERM, how long in-flight work may take before processes are killed."""
+    event_loop: str = "auto"
+    """``auto`` (uvloop when installed), ``uvloop`` or ``asyncio``."""
     log_format: str = "text"
     """``text`` or ``json``."""
     log_level: str = "INFO"

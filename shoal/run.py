@@ -21,14 +21,18 @@ from typing import Any
 import uvicorn
 
 from shoal.config import Settings
+from shoal.core.tasks import TaskSet
 from shoal.head.http import head_app
 from shoal.head.node import HeadNode
+from shoal.proto import grpc_service_pb2_grpc as oipg
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.rpc.clients import GrpcHeadLink, GrpcReplicaClient, GrpcSchedulerClient
 from shoal.rpc.head_service import HeadService
+from shoal.rpc.inference_service import InferenceService
 from shoal.rpc.scheduler_service import SchedulerService
 from shoal.rpc.server import bind, new_server
 from shoal.scheduler.http import scheduler_app
+from shoal.scheduler.models import ModelCatalog
 from shoal.scheduler.node import SchedulerNode
 from shoal.store.sqlite import SqliteStore
 
@@ -119,10 +123,13 @@ async def start_scheduler(
         GrpcHeadLink(head_address, settings),
         lambda addr: GrpcReplicaClient(addr, settings),
     )
+    # One catalog behind both ingresses: the Open Inference Protocol's statistics count both.
+    catalog = ModelCatalog(node.router, ready=node.registered.is_set)
     server = new_server(settings)
     pbg.add_SchedulerServicer_to_server(SchedulerService(node), server)
+    oipg.add_GRPCInferenceServiceServicer_to_server(InferenceService(catalog), server)
     port = bind(server, settings.host, settings.grpc_port)
-    http = HttpServer(scheduler_app(node), settings.host, settings.http_port)
+    http = HttpServer(scheduler_app(node, catalog), settings.host, settings.http_port)
     await server.start()
     stack.push_async_callback(server.stop, 1.0)
     await http.start()
@@ -164,9 +171,11 @@ async def run_scheduler(settings: Settings) -> None:
 
 
 async def run_up(
-    settings: Settings, on_ready: Callable[[HeadNode, SchedulerNode], Awaitable[None]] | None = None
+    settings: Settings,
+    on_ready: Callable[[HeadNode, SchedulerNode, TaskSet], Awaitable[None]] | None = None,
 ) -> None:
-    """Head and one scheduler in this process; ``on_ready`` runs once both are up."""
+    """Head and one scheduler in this process; ``on_ready`` runs once both are up, and may
+    start tasks in the TaskSet it gets (they are cancelled at shutdown)."""
 
     async def setup(stack: AsyncExitStack) -> None:
         head, head_address, _ = await start_head(settings, stack)
@@ -174,6 +183,8 @@ async def run_up(
         # Unwinds first: the head stops replacing replicas the scheduler is draining.
         stack.callback(head.pause)
         if on_ready is not None:
-            await on_ready(head, scheduler)
+            tasks = TaskSet("up")
+            stack.push_async_callback(tasks.aclose)
+            await on_ready(head, scheduler, tasks)
 
     await _serve(setup)

@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 
-from shoal import logs
+from shoal import aio, logs
 from shoal.config import Settings
 from shoal.core.spec import parse_spec_json
 from shoal.errors import ShoalError
@@ -63,7 +63,8 @@ def main() -> None:
     parser.add_argument("--spec-file", required=True)
     parser.add_argument("--settings-json", default="{}")
     args = parser.parse_args()
-    sys.exit(asyncio.run(amain(args)))
+    settings = json.loads(args.settings_json)
+    sys.exit(aio.run(amain(args), settings.get("event_loop", "auto")))
 
 
 if __name__ == "__main__":

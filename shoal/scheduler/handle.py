@@ -57,6 +57,11 @@ class ReplicaHandle:
         except asyncio.CancelledError:
             if request_id in self._killed and task.uncancel() == 0:
                 raise ReplicaGone(f"replica {self.replica_id} died before answering") from None
+            if task.cancelling() == 0:
+                # Nobody cancelled this task: grpc.aio cancelled the call under it because
+                # close() closed the channel (the replica left the routing table while the
+                # request was on it). Retry elsewhere instead of never answering.
+                raise ReplicaGone(f"replica {self.replica_id} was removed before answering") from None
             raise
         finally:
             self._pending.pop(request_id, None)

@@ -1,25 +1,341 @@
-"""The scheduler's HTTP ingress."""
+"""The scheduler's HTTP ingress: the Open Inference Protocol's REST API (KServe V2 / Triton).
+
+Thin routes over :class:`shoal.scheduler.models.ModelCatalog`::
+
+    GET  /v2/health/live            GET  /v2/health/ready           GET  /v2
+    GET  /v2/models/NAME[/versions/V]                                (metadata)
+    GET  /v2/models/NAME[/versions/V]/ready | /config | /stats
+    POST /v2/models/NAME[/versions/V]/infer
+    GET  /v2/models/stats           POST /v2/repository/index
+    GET  /healthz                   GET  /metrics (Prometheus, ``shoal.metrics.SchedulerCollector``)
+
+Inference bodies are JSON (``inputs: [{name, datatype, shape, data}]``) or Triton's
+binary tensor data extension (an ``Inference-Header-Content-Length`` header, then the
+tensors' raw bytes after the JSON). Outputs come back as raw bytes when the request asks
+(``parameters.binary_data_output``, or ``parameters.binary_data`` per requested output),
+as JSON otherwise. Request parameter ``timeout`` is in microseconds, as in Triton.
+Bodies may be gzip or deflate encoded; a body over ``settings.max_message_mb`` (after
+decoding) is refused.
+
+Every error is ``{"error": "..."}`` with the status from :data:`shoal.errors.HTTP_STATUS`.
+A model that is known but not ready answers its ``ready`` route with 400, as Triton does.
+"""
 
 from __future__ import annotations
 
+import json
+import zlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from shoal import metrics
+from shoal.core import tensors
+from shoal.errors import InvalidArgument, ShoalError
+from shoal.scheduler.models import InferResult, ModelCatalog
 from shoal.scheduler.node import SchedulerNode
+from shoal.types import Arrays
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+_JSON = "application/json"
+_UNSUPPORTED_PARAMETERS = {
+    "shared_memory_region": "shared memory is not supported; send the data in the request",
+    "classification": "the classification extension is not supported",
+}
 
 
-def scheduler_app(node: SchedulerNode) -> Starlette:
+def _error(err: ShoalError) -> Response:
+    return JSONResponse({"error": err.message}, status_code=err.http_status)
+
+
+def _json(doc: Any, status_code: int = 200) -> Response:
+    # json.dumps writes NaN and Infinity as Triton does; Starlette's JSONResponse refuses them.
+    return Response(json.dumps(doc, separators=(",", ":")), status_code=status_code, media_type=_JSON)
+
+
+def _oip(endpoint: Endpoint) -> Endpoint:
+    """Turn the ShoalErrors an endpoint raises into ``{"error": ...}`` responses."""
+
+    async def handle(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except ShoalError as err:
+            return _error(err)
+
+    return handle
+
+
+def _model(request: Request) -> tuple[str, str]:
+    return request.path_params["name"], request.path_params.get("version", "")
+
+
+# ---------------------------------------------------------------- bodies
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, decoded (gzip, deflate), at most ``limit`` bytes; InvalidArgument otherwise.
+
+    An oversized body is still read to its end (and dropped), so that the client, which
+    sends it all before reading the answer, gets the 400 and not a broken connection.
+    """
+    declared = request.headers.get("content-length")
+    too_big = False
+    if declared is not None:
+        try:
+            too_big = int(declared) > limit
+        except ValueError:
+            raise InvalidArgument(f"Content-Length must be an integer, got {declared!r}") from None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if too_big or size > limit:
+            too_big = True
+            continue
+        chunks.append(chunk)
+    if too_big:
+        raise InvalidArgument(
+            f"request body of {size} bytes is over the limit of {limit} bytes (setting max_message_mb)"
+        )
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise InvalidArgument(f"unsupported Content-Encoding {encoding!r}; use gzip, deflate or none")
+    # deflate in HTTP is the zlib format (tritonclient sends zlib.compress output).
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as e:
+        raise InvalidArgument(f"request body is not valid {encoding} data: {e}") from None
+    if len(out) > limit:
+        raise InvalidArgument(
+            f"request body decompresses to over the limit of {limit} bytes (setting max_message_mb)"
+        )
+    if not inflater.eof:
+        raise InvalidArgument(f"request body is truncated {encoding} data")
+    return out
+
+
+def _refuse_unsupported(params: dict[str, Any], where: str) -> None:
+    for key, why in _UNSUPPORTED_PARAMETERS.items():
+        if key in params:
+            raise InvalidArgument(f"{where}{why}")
+
+
+def _params(doc: dict[str, Any], where: str) -> dict[str, Any]:
+    params = doc.get("parameters", {})
+    if not isinstance(params, dict):
+        raise InvalidArgument(f"{where}'parameters' must be an object, got {type(params).__name__}")
+    return params
+
+
+def _bool_param(params: dict[str, Any], key: str, default: bool, where: str) -> bool:
+    value = params.get(key, default)
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"{where}parameter {key!r} must be true or false, got {value!r}")
+    return value
+
+
+class InferRequest:
+    """A decoded REST inference request."""
+
+    def __init__(self, header: dict[str, Any], tail: memoryview) -> None:
+        request_id = header.get("id", "")
+        if not isinstance(request_id, str):
+            raise InvalidArgument(f"'id' must be a string, got {request_id!r}")
+        self.id = request_id
+        params = _params(header, "")
+        timeout = params.get("timeout", 0)
+        if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 0:
+            raise InvalidArgument(f"parameter 'timeout' must be a non-negative integer (µs), got {timeout!r}")
+        self.timeout_s = timeout / 1e6
+        if params.get("sequence_id") not in (None, 0, ""):
+            raise InvalidArgument("sequence batching (parameter 'sequence_id') is not supported")
+        self.binary_default = _bool_param(params, "binary_data_output", False, "")
+        if "inputs" not in header:
+            raise InvalidArgument("the request has no 'inputs'")
+        self.inputs = self._decode_inputs(header["inputs"], tail)
+        self.outputs: list[str] = []
+        self.binary: dict[str, bool] = {}
+        requested = header.get("outputs", [])
+        if not isinstance(requested, list):
+            raise InvalidArgument(f"'outputs' must be a list, got {type(requested).__name__}")
+        for i, entry in enumerate(requested):
+            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
+                raise InvalidArgument(f"outputs[{i}] must be an object with a 'name'")
+            name = entry["name"]
+            where = f"output {name!r}: "
+            out_params = _params(entry, where)
+            _refuse_unsupported(out_params, where)
+            self.outputs.append(name)
+            self.binary[name] = _bool_param(out_params, "binary_data", self.binary_default, where)
+
+    @staticmethod
+    def _decode_inputs(entries: object, tail: memoryview) -> Arrays:
+        slices = tensors.binary_input_slices(entries, tail)  # checks that entries is a list of objects
+        assert isinstance(entries, list)
+        out: Arrays = {}
+        for i, (entry, raw) in enumerate(zip(entries, slices, strict=True)):
+            name = entry.get("name")
+            if not isinstance(name, str) or not name:
+                raise InvalidArgument(f"inputs[{i}] has no 'name'")
+            if name in out:
+                raise InvalidArgument(f"input {name!r} is given twice")
+            where = f"input {name!r}: "
+            _refuse_unsupported(_params(entry, where), where)
+            for key in ("datatype", "shape"):
+                if key not in entry:
+                    raise InvalidArgument(f"{where}'{key}' is missing")
+            if raw is not None:
+                if "data" in entry:
+                    raise InvalidArgument(f"{where}give either 'data' or binary_data_size, not both")
+                out[name] = tensors.from_bytes(entry["datatype"], entry["shape"], raw, name=name)
+            elif "data" in entry:
+                out[name] = tensors.from_json(entry["datatype"], entry["shape"], entry["data"], name=name)
+            else:
+                raise InvalidArgument(f"{where}no data: give 'data' or parameters.binary_data_size")
+        return out
+
+    def response(self, result: InferResult) -> Response:
+        header: dict[str, Any] = {"model_name": result.model_name, "model_version": result.model_version}
+        if result.id:
+            header["id"] = result.id
+        blobs: list[bytes] = []
+        outputs = []
+        for name, array in result.outputs.items():
+            entry: dict[str, Any] = {
+                "name": name,
+                "datatype": tensors.datatype_of(array),
+                "shape": list(array.shape),
+            }
+            if self.binary.get(name, self.binary_default):
+                raw = tensors.to_bytes(array)
+                entry["parameters"] = {"binary_data_size": len(raw)}
+                blobs.append(raw)
+            else:
+                entry["data"] = tensors.to_json(array, name=name)
+            outputs.append(entry)
+        header["outputs"] = outputs
+        if not blobs:
+            return _json(header)
+        body, length = tensors.build_binary_response(header, blobs)
+        return Response(
+            body,
+            media_type="application/octet-stream",
+            headers={"Inference-Header-Content-Length": str(length)},
+        )
+
+
+# ---------------------------------------------------------------- the app
+
+
+def scheduler_app(node: SchedulerNode, catalog: ModelCatalog | None = None) -> Starlette:
+    """The scheduler's Starlette app. Share ``catalog`` with the gRPC servicer so that
+    statistics count both; one over ``node.router`` is made when it is not given."""
+    models = catalog or ModelCatalog(node.router, ready=node.registered.is_set)
+    limit = node.settings.max_message_bytes
+    registry = metrics.registry(metrics.SchedulerCollector(node))
+
     async def live(request: Request) -> Response:
-        return Response(status_code=200)
+        return Response(status_code=200 if models.server_live() else 400)
 
     async def ready(request: Request) -> Response:
-        return Response(status_code=200 if node.registered.is_set() else 503)
+        return Response(status_code=200 if models.server_ready() else 503)
 
     async def healthz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "scheduler": node.id})
 
-    return Starlette(
-        routes=[Route("/v2/health/live", live), Route("/v2/health/ready", ready), Route("/healthz", healthz)]
-    )
+    async def prometheus(request: Request) -> Response:
+        body, content_type = metrics.render(registry)
+        return Response(body, media_type=content_type)
+
+    @_oip
+    async def server_metadata(request: Request) -> Response:
+        return _json(models.server_metadata().to_json())
+
+    @_oip
+    async def model_metadata(request: Request) -> Response:
+        return _json((await models.metadata(*_model(request))).to_json())
+
+    @_oip
+    async def model_ready(request: Request) -> Response:
+        name, version = _model(request)
+        if models.model_ready(name, version):
+            return Response(status_code=200)
+        return _json({"error": f"model {name!r} is not ready: it has no READY replica"}, 400)
+
+    @_oip
+    async def model_config(request: Request) -> Response:
+        return _json(await models.config(*_model(request)))
+
+    @_oip
+    async def model_stats(request: Request) -> Response:
+        name, version = request.path_params.get("name", ""), request.path_params.get("version", "")
+        stats = await models.statistics(name, version)
+        return _json({"model_stats": [s.to_json() for s in stats]})
+
+    @_oip
+    async def repository_index(request: Request) -> Response:
+        body = await read_body(request, limit)
+        ready_only = False
+        if body.strip():
+            try:
+                doc = json.loads(body)
+            except ValueError as e:
+                raise InvalidArgument(f"request body is not valid JSON: {e}") from None
+            if not isinstance(doc, dict):
+                raise InvalidArgument("request JSON must be an object")
+            ready_only = _bool_param(doc, "ready", False, "")
+        return _json([e.to_json() for e in models.index(ready_only=ready_only)])
+
+    @_oip
+    async def infer(request: Request) -> Response:
+        name, version = _model(request)
+        models.spec(name, version)  # 404 before reading the body
+        body = await read_body(request, limit)
+        header, tail = tensors.split_binary_body(body, request.headers.get("inference-header-content-length"))
+        req = InferRequest(header, tail)
+        result = await models.infer(
+            name,
+            req.inputs,
+            version=version,
+            request_id=req.id,
+            timeout_s=req.timeout_s,
+            outputs=req.outputs,
+        )
+        return req.response(result)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return _json({"error": f"{exc.detail}: {request.method} {request.url.path}"}, exc.status_code)
+
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        # A bug: clients still get the protocol's JSON error; the server logs the traceback.
+        return _json({"error": f"internal error: {type(exc).__name__}: {exc}"}, 500)
+
+    routes = [
+        Route("/v2/health/live", live, methods=["GET"]),
+        Route("/v2/health/ready", ready, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/metrics", prometheus, methods=["GET"]),
+        Route("/v2", server_metadata, methods=["GET"]),
+        Route("/v2/models/stats", model_stats, methods=["GET"]),
+        Route("/v2/repository/index", repository_index, methods=["POST"]),
+    ]
+    for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+        routes += [
+            Route(prefix, model_metadata, methods=["GET"]),
+            Route(f"{prefix}/ready", model_ready, methods=["GET"]),
+            Route(f"{prefix}/config", model_config, methods=["GET"]),
+            Route(f"{prefix}/stats", model_stats, methods=["GET"]),
+            Route(f"{prefix}/infer", infer, methods=["POST"]),
+        ]
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: internal_error})

@@ -125,6 +125,7 @@ class ReplicaSupervisor:
                 "rpc_timeout_s": self.settings.rpc_timeout_s,
                 "log_format": self.settings.log_format,
                 "log_level": self.settings.log_level,
+                "event_loop": self.settings.event_loop,
             }
             cmd = [
                 sys.executable,

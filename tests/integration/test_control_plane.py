@@ -210,7 +210,9 @@ async def test_sigterm_drains_in_flight_requests(tmp_path: Path, examples_dir: P
         np.testing.assert_array_equal(out["x"], X)
 
 
-async def test_sigterm_to_a_scheduler_drains_its_replicas_then_exits(tmp_path: Path, examples_dir: Path) -> None:
+async def test_sigterm_to_a_scheduler_drains_its_replicas_then_exits(
+    tmp_path: Path, examples_dir: Path
+) -> None:
     async with ProcessCluster(tmp_path) as cluster:
         await cluster.deploy(echo(examples_dir, replicas=1, options={"delay_ms": 1000}))
         (replica,) = await cluster.wait_ready("echo", 1)

@@ -1,0 +1,323 @@
+"""The Open Inference Protocol over gRPC: Triton's ``inference.GRPCInferenceService``.
+
+A thin adapter over :class:`shoal.scheduler.models.ModelCatalog`: decode the request
+into numpy arrays (``raw_input_contents``, or the typed ``contents`` fields), call the
+catalog, encode the answer (outputs always as ``raw_output_contents``, which tritonclient
+reads). Errors go through :func:`shoal.rpc.status.abort`.
+
+Request parameters: ``timeout`` is in microseconds, as Triton's clients send it; the
+call's gRPC deadline bounds the request too, whichever is shorter. Sequence batching,
+classification and shared memory are not supported and are refused with
+INVALID_ARGUMENT. RPCs left to the generated base class (model repository load/unload,
+shared memory, trace and log settings) answer UNIMPLEMENTED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator
+from typing import Any, NoReturn
+
+import grpc
+from google.protobuf import json_format
+
+from shoal.core import tensors
+from shoal.errors import DeadlineExceeded, InvalidArgument, NotFound, ShoalError
+from shoal.proto import grpc_service_pb2 as oip
+from shoal.proto import grpc_service_pb2_grpc as oipg
+from shoal.proto import model_config_pb2 as mc
+from shoal.rpc.status import Context, abort
+from shoal.scheduler.models import VERSION, ModelCatalog
+from shoal.types import Arrays
+
+# The InferTensorContents field that carries each datatype (FP16 and BF16 have none:
+# they travel only as raw contents).
+_CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+# A gRPC deadline further away than this (seconds) is no deadline.
+_NO_DEADLINE_S = 365 * 24 * 3600.0
+_UNSUPPORTED_PARAMETERS = {
+    "shared_memory_region": "shared memory is not supported; send the data in the request",
+    "classification": "the classification extension is not supported",
+}
+
+Parameters = Any  # protobuf map<string, InferParameter>
+
+_REPOSITORY = "shoal serves deployments, not a model repository: use `shoal deploy` / `shoal delete`"
+_SHARED_MEMORY = "shared memory is not supported; send tensors in the request"
+_TRACE = "tracing is not supported"
+_LOGGING = "log settings are not supported over the protocol; use the scheduler's --log-level"
+
+
+async def _unimplemented(context: Context, method: str, why: str) -> NoReturn:
+    await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented: {why}")
+    raise AssertionError("unreachable")  # context.abort raises
+
+
+def _parameter(params: Parameters, key: str) -> bool | int | float | str | None:
+    if key not in params:
+        return None
+    p = params[key]
+    kind = p.WhichOneof("parameter_choice")
+    return None if kind is None else getattr(p, kind)
+
+
+def _refuse_unsupported(params: Parameters, where: str) -> None:
+    for key, why in _UNSUPPORTED_PARAMETERS.items():
+        if key in params:
+            raise InvalidArgument(f"{where}{why}")
+
+
+def _timeout_s(request: oip.ModelInferRequest, context: Context) -> float:
+    """The request's timeout: its ``timeout`` parameter (µs) and the call's deadline, the shorter."""
+    timeout = 0.0
+    value = _parameter(request.parameters, "timeout")
+    if value is not None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidArgument(f"parameter 'timeout' must be a non-negative integer (µs), got {value!r}")
+        timeout = value / 1e6
+    remaining = context.time_remaining()
+    if remaining is not None and math.isfinite(remaining) and remaining < _NO_DEADLINE_S:
+        if remaining <= 0:
+            raise DeadlineExceeded("the call's deadline passed before the request was routed")
+        timeout = min(timeout, remaining) if timeout > 0 else remaining
+    return timeout
+
+
+def _from_contents(t: oip.ModelInferRequest.InferInputTensor) -> Any:
+    where = f"input {t.name!r}: "
+    field = _CONTENTS_FIELD.get(t.datatype)
+    used = [f.name for f, _ in t.contents.ListFields()]
+    if field is None:
+        if t.datatype not in tensors.DATATYPES:
+            # from_json names the known datatypes
+            return tensors.from_json(t.datatype, tuple(t.shape), [], name=t.name)
+        raise InvalidArgument(f"{where}{t.datatype} data must be sent in raw_input_contents")
+    wrong = [f for f in used if f != field]
+    if wrong:
+        raise InvalidArgument(
+            f"{where}{t.datatype} data belongs in contents.{field}, got contents.{wrong[0]}"
+        )
+    return tensors.from_json(t.datatype, tuple(t.shape), list(getattr(t.contents, field)), name=t.name)
+
+
+def decode_inputs(request: oip.ModelInferRequest) -> Arrays:
+    """The request's inputs as arrays. Raises InvalidArgument naming the input."""
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidArgument(
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
+            "give raw contents for every input or for none"
+        )
+    out: Arrays = {}
+    for i, t in enumerate(request.inputs):
+        if not t.name:
+            raise InvalidArgument(f"input #{i} has no name")
+        if t.name in out:
+            raise InvalidArgument(f"input {t.name!r} is given twice")
+        _refuse_unsupported(t.parameters, f"input {t.name!r}: ")
+        if raw:
+            if t.contents.ListFields():
+                raise InvalidArgument(
+                    f"input {t.name!r}: give either raw_input_contents or contents, not both"
+                )
+            out[t.name] = tensors.from_bytes(t.datatype, tuple(t.shape), raw[i], name=t.name)
+        else:
+            out[t.name] = _from_contents(t)
+    return out
+
+
+class InferenceService(oipg.GRPCInferenceServiceServicer):
+    """Safe for concurrent calls (one event loop)."""
+
+    def __init__(self, catalog: ModelCatalog) -> None:
+        self.catalog = catalog
+
+    async def ServerLive(self, request: oip.ServerLiveRequest, context: Context) -> oip.ServerLiveResponse:
+        return oip.ServerLiveResponse(live=self.catalog.server_live())
+
+    async def ServerReady(self, request: oip.ServerReadyRequest, context: Context) -> oip.ServerReadyResponse:
+        return oip.ServerReadyResponse(ready=self.catalog.server_ready())
+
+    async def ModelReady(self, request: oip.ModelReadyRequest, context: Context) -> oip.ModelReadyResponse:
+        # As Triton: an unknown model is not ready, not an error.
+        try:
+            ready = self.catalog.model_ready(request.name, request.version)
+        except NotFound:
+            ready = False
+        return oip.ModelReadyResponse(ready=ready)
+
+    async def ServerMetadata(
+        self, request: oip.ServerMetadataRequest, context: Context
+    ) -> oip.ServerMetadataResponse:
+        meta = self.catalog.server_metadata()
+        return oip.ServerMetadataResponse(name=meta.name, version=meta.version, extensions=meta.extensions)
+
+    async def ModelMetadata(
+        self, request: oip.ModelMetadataRequest, context: Context
+    ) -> oip.ModelMetadataResponse:
+        try:
+            meta = await self.catalog.metadata(request.name, request.version)
+        except ShoalError as err:
+            await abort(context, err)
+        tensor = oip.ModelMetadataResponse.TensorMetadata
+        return oip.ModelMetadataResponse(
+            name=meta.name,
+            versions=meta.versions,
+            platform=meta.platform,
+            inputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in meta.inputs],
+            outputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in meta.outputs],
+        )
+
+    async def ModelConfig(self, request: oip.ModelConfigRequest, context: Context) -> oip.ModelConfigResponse:
+        try:
+            config = await self.catalog.config(request.name, request.version)
+        except ShoalError as err:
+            await abort(context, err)
+        return oip.ModelConfigResponse(config=json_format.ParseDict(config, mc.ModelConfig()))
+
+    async def ModelStatistics(
+        self, request: oip.ModelStatisticsRequest, context: Context
+    ) -> oip.ModelStatisticsResponse:
+        try:
+            stats = await self.catalog.statistics(request.name, request.version)
+        except ShoalError as err:
+            await abort(context, err)
+        doc = {"model_stats": [s.to_json() for s in stats]}
+        return json_format.ParseDict(doc, oip.ModelStatisticsResponse())
+
+    async def RepositoryIndex(
+        self, request: oip.RepositoryIndexRequest, context: Context
+    ) -> oip.RepositoryIndexResponse:
+        if request.repository_name:
+            await abort(context, NotFound(f"unknown repository {request.repository_name!r}"))
+        entries = self.catalog.index(ready_only=request.ready)
+        return oip.RepositoryIndexResponse(
+            models=[
+                oip.RepositoryIndexResponse.ModelIndex(
+                    name=e.name, version=e.version, state=e.state, reason=e.reason
+                )
+                for e in entries
+            ]
+        )
+
+    async def ModelInfer(self, request: oip.ModelInferRequest, context: Context) -> oip.ModelInferResponse:
+        try:
+            return await self._infer(request, context)
+        except ShoalError as err:
+            await abort(context, err)
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[oip.ModelInferRequest], context: Context
+    ) -> AsyncIterator[oip.ModelStreamInferResponse]:
+        """Requests of one stream run concurrently; each answer (or its error) is sent when ready."""
+        answers: asyncio.Queue[oip.ModelStreamInferResponse | None] = asyncio.Queue()
+
+        async def answer(request: oip.ModelInferRequest) -> None:
+            try:
+                reply = oip.ModelStreamInferResponse(infer_response=await self._infer(request, context))
+            except ShoalError as err:
+                failed = oip.ModelInferResponse(
+                    model_name=request.model_name, model_version=request.model_version, id=request.id
+                )
+                reply = oip.ModelStreamInferResponse(error_message=err.message, infer_response=failed)
+            answers.put_nowait(reply)
+
+        async def read() -> None:
+            async with asyncio.TaskGroup() as requests:
+                async for request in request_iterator:
+                    requests.create_task(answer(request))
+            answers.put_nowait(None)  # the client closed its side and every request is answered
+
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(read())
+            while (reply := await answers.get()) is not None:
+                yield reply
+
+    # -- not supported: UNIMPLEMENTED, saying why
+
+    async def RepositoryModelLoad(
+        self, request: oip.RepositoryModelLoadRequest, context: Context
+    ) -> oip.RepositoryModelLoadResponse:
+        await _unimplemented(context, "RepositoryModelLoad", _REPOSITORY)
+
+    async def RepositoryModelUnload(
+        self, request: oip.RepositoryModelUnloadRequest, context: Context
+    ) -> oip.RepositoryModelUnloadResponse:
+        await _unimplemented(context, "RepositoryModelUnload", _REPOSITORY)
+
+    async def SystemSharedMemoryStatus(
+        self, request: oip.SystemSharedMemoryStatusRequest, context: Context
+    ) -> oip.SystemSharedMemoryStatusResponse:
+        await _unimplemented(context, "SystemSharedMemoryStatus", _SHARED_MEMORY)
+
+    async def SystemSharedMemoryRegister(
+        self, request: oip.SystemSharedMemoryRegisterRequest, context: Context
+    ) -> oip.SystemSharedMemoryRegisterResponse:
+        await _unimplemented(context, "SystemSharedMemoryRegister", _SHARED_MEMORY)
+
+    async def SystemSharedMemoryUnregister(
+        self, request: oip.SystemSharedMemoryUnregisterRequest, context: Context
+    ) -> oip.SystemSharedMemoryUnregisterResponse:
+        await _unimplemented(context, "SystemSharedMemoryUnregister", _SHARED_MEMORY)
+
+    async def CudaSharedMemoryStatus(
+        self, request: oip.CudaSharedMemoryStatusRequest, context: Context
+    ) -> oip.CudaSharedMemoryStatusResponse:
+        await _unimplemented(context, "CudaSharedMemoryStatus", _SHARED_MEMORY)
+
+    async def CudaSharedMemoryRegister(
+        self, request: oip.CudaSharedMemoryRegisterRequest, context: Context
+    ) -> oip.CudaSharedMemoryRegisterResponse:
+        await _unimplemented(context, "CudaSharedMemoryRegister", _SHARED_MEMORY)
+
+    async def CudaSharedMemoryUnregister(
+        self, request: oip.CudaSharedMemoryUnregisterRequest, context: Context
+    ) -> oip.CudaSharedMemoryUnregisterResponse:
+        await _unimplemented(context, "CudaSharedMemoryUnregister", _SHARED_MEMORY)
+
+    async def TraceSetting(
+        self, request: oip.TraceSettingRequest, context: Context
+    ) -> oip.TraceSettingResponse:
+        await _unimplemented(context, "TraceSetting", _TRACE)
+
+    async def LogSettings(self, request: oip.LogSettingsRequest, context: Context) -> oip.LogSettingsResponse:
+        await _unimplemented(context, "LogSettings", _LOGGING)
+
+    async def _infer(self, request: oip.ModelInferRequest, context: Context) -> oip.ModelInferResponse:
+        if not request.model_name:
+            raise InvalidArgument("model_name is required")
+        self.catalog.spec(request.model_name, request.model_version)  # NotFound before decoding
+        sequence = _parameter(request.parameters, "sequence_id")
+        if sequence not in (None, 0, ""):
+            raise InvalidArgument("sequence batching (parameter 'sequence_id') is not supported")
+        wanted: list[str] = []
+        for out in request.outputs:
+            _refuse_unsupported(out.parameters, f"output {out.name!r}: ")
+            wanted.append(out.name)
+        result = await self.catalog.infer(
+            request.model_name,
+            decode_inputs(request),
+            version=request.model_version,
+            request_id=request.id,
+            timeout_s=_timeout_s(request, context),
+            outputs=wanted,
+        )
+        reply = oip.ModelInferResponse(model_name=result.model_name, model_version=VERSION, id=result.id)
+        for name, array in result.outputs.items():
+            reply.outputs.add(name=name, datatype=tensors.datatype_of(array), shape=array.shape)
+            reply.raw_output_contents.append(tensors.to_bytes(array))
+        return reply

@@ -1,0 +1,564 @@
+"""The Open Inference Protocol's view of a scheduler's deployments (KServe V2 / Triton).
+
+Every deployment the scheduler's router knows is a *model* with one version, ``"1"``.
+:class:`ModelCatalog` answers what the protocol asks of models (readiness, metadata,
+Triton's model configuration, statistics), checks inference requests against the
+model's metadata and runs them through the :class:`~shoal.scheduler.router.Router`.
+
+No wire types here: the gRPC servicer (``shoal.rpc.inference_service``) and the REST
+routes (``shoal.scheduler.http``) decode a request into numpy arrays, call the catalog
+and encode what it returns. Both transports share one catalog per scheduler, so
+statistics count requests from either. Errors are :mod:`shoal.errors` (NotFound for an
+unknown model or version, InvalidArgument naming the offending tensor, and what the
+router raises: ResourceExhausted, DeadlineExceeded, Unavailable).
+
+Metadata is the spec's declared ``inputs``/``outputs``; what a spec leaves out is asked
+once of a READY replica (``ReplicaClient.describe``: what its backend derived from the
+model) and cached per spec hash.
+
+Statistics follow Triton's ``ModelStatistics``. Request counts and durations
+(``success``, ``fail``, ``inference_count``, ``last_inference``) are those of requests
+sent through this scheduler's catalog; ``queue`` is the router's wait for a replica with
+room (all requests through this scheduler); ``execution_count``, ``compute_infer`` and
+``batch_stats`` add up what the deployment's READY replicas report of their own work,
+whoever sent it. Replicas count model calls per batch size, not time per batch size, so
+a batch entry's ``compute_infer.ns`` is 0.
+
+Everything here runs on the scheduler's event loop; nothing is thread-safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+import shoal
+from shoal.core import tensors
+from shoal.core.spec import DeploymentSpec, TensorSpec
+from shoal.errors import InvalidArgument, NotFound, ShoalError, Unavailable
+from shoal.scheduler.router import Router
+from shoal.types import Arrays, ReplicaClient, ReplicaDescription
+
+#: The one version every deployment has.
+VERSION = "1"
+
+#: Protocol extensions that work end to end (both transports unless noted).
+EXTENSIONS = (
+    "model_configuration",
+    "statistics",
+    "binary_tensor_data",  # HTTP: Triton's binary tensor data extension
+)
+
+
+# ---------------------------------------------------------------- plain answers
+
+
+@dataclass(frozen=True)
+class ServerMetadata:
+    name: str
+    version: str
+    extensions: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "extensions": list(self.extensions)}
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """A model's name, versions, platform (the backend) and tensors, shapes with the batch axis."""
+
+    name: str
+    platform: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    versions: tuple[str, ...] = (VERSION,)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "versions": list(self.versions),
+            "platform": self.platform,
+            "inputs": [_tensor_json(t) for t in self.inputs],
+            "outputs": [_tensor_json(t) for t in self.outputs],
+        }
+
+
+def _tensor_json(t: TensorSpec) -> dict[str, Any]:
+    return {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
+
+
+@dataclass(frozen=True)
+class Duration:
+    """Triton's ``StatisticDuration``: how many, and their total nanoseconds."""
+
+    count: int = 0
+    ns: int = 0
+
+    def to_json(self) -> dict[str, int]:
+        return {"count": self.count, "ns": self.ns}
+
+
+@dataclass(frozen=True)
+class BatchStatistics:
+    batch_size: int
+    compute_infer: Duration
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "batch_size": self.batch_size,
+            "compute_input": Duration().to_json(),
+            "compute_infer": self.compute_infer.to_json(),
+            "compute_output": Duration().to_json(),
+        }
+
+
+@dataclass(frozen=True)
+class ModelStatistics:
+    """One model's statistics, as Triton's ``ModelStatistics`` (see the module docstring)."""
+
+    name: str
+    version: str = VERSION
+    last_inference: int = 0  # ms since the epoch
+    inference_count: int = 0
+    execution_count: int = 0
+    success: Duration = Duration()
+    fail: Duration = Duration()
+    queue: Duration = Duration()
+    compute_infer: Duration = Duration()
+    batch_stats: tuple[BatchStatistics, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        """Triton's JSON form (the REST body; the gRPC servicer parses it into protobuf)."""
+        zero = Duration().to_json()
+        return {
+            "name": self.name,
+            "version": self.version,
+            "last_inference": self.last_inference,
+            "inference_count": self.inference_count,
+            "execution_count": self.execution_count,
+            "inference_stats": {
+                "success": self.success.to_json(),
+                "fail": self.fail.to_json(),
+                "queue": self.queue.to_json(),
+                "compute_input": zero,
+                "compute_infer": self.compute_infer.to_json(),
+                "compute_output": zero,
+                "cache_hit": zero,
+                "cache_miss": zero,
+            },
+            "batch_stats": [b.to_json() for b in self.batch_stats],
+            "memory_usage": [],
+        }
+
+
+@dataclass(frozen=True)
+class ModelIndexEntry:
+    """One row of the model repository index."""
+
+    name: str
+    version: str
+    state: str  # READY or UNAVAILABLE
+    reason: str = ""
+
+    def to_json(self) -> dict[str, str]:
+        return {"name": self.name, "version": self.version, "state": self.state, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class InferResult:
+    model_name: str
+    model_version: str
+    id: str
+    outputs: dict[str, np.ndarray]
+
+
+# ---------------------------------------------------------------- pure rules
+
+
+def check_version(name: str, version: str) -> None:
+    """``""`` (the latest) and ``"1"`` are the only versions; NotFound otherwise."""
+    if version not in ("", VERSION):
+        raise NotFound(f"model {name!r} has no version {version!r}; its only version is {VERSION!r}")
+
+
+def max_batch_size(spec: DeploymentSpec) -> int:
+    """Triton's ``max_batch_size``: 0 when the deployment does not batch (shoal's 1)."""
+    size = spec.batching.max_batch_size
+    return size if size > 1 else 0
+
+
+def _fmt_shape(shape: Iterable[int]) -> str:
+    return "[" + ",".join(str(d) for d in shape) + "]"
+
+
+def check_inputs(metadata: ModelMetadata, inputs: Mapping[str, np.ndarray]) -> None:
+    """Raise InvalidArgument naming the input when ``inputs`` do not fit ``metadata.inputs``.
+
+    Unknown names, missing inputs, datatypes and shapes (same rank; ``-1`` matches any
+    size) are checked. Nothing is checked when the model's inputs are unknown (empty).
+    """
+    declared = {t.name: t for t in metadata.inputs}
+    if not declared:
+        return
+    for name, array in inputs.items():
+        spec = declared.get(name)
+        if spec is None:
+            takes = ", ".join(repr(n) for n in declared)
+            raise InvalidArgument(f"unknown input {name!r}; model {metadata.name!r} takes {takes}")
+        datatype = tensors.datatype_of(array)
+        if datatype != spec.datatype:
+            raise InvalidArgument(f"input {name!r}: expected datatype {spec.datatype}, got {datatype}")
+        shape = array.shape
+        if not _shape_fits(spec.shape, shape):
+            raise InvalidArgument(
+                f"input {name!r}: expected shape {_fmt_shape(spec.shape)}, got {_fmt_shape(shape)}"
+            )
+    for name in declared:
+        if name not in inputs:
+            raise InvalidArgument(f"missing input {name!r} of model {metadata.name!r}")
+
+
+def _shape_fits(declared: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    return len(shape) == len(declared) and all(d in (-1, a) for d, a in zip(declared, shape, strict=True))
+
+
+def check_outputs(metadata: ModelMetadata, requested: Sequence[str]) -> None:
+    """Raise InvalidArgument for a duplicate requested output, or an unknown one when outputs are known."""
+    seen: set[str] = set()
+    known = {t.name for t in metadata.outputs}
+    for name in requested:
+        if name in seen:
+            raise InvalidArgument(f"output {name!r} is requested twice")
+        seen.add(name)
+        if known and name not in known:
+            returns = ", ".join(repr(t.name) for t in metadata.outputs)
+            raise InvalidArgument(f"unknown output {name!r}; model {metadata.name!r} returns {returns}")
+
+
+def _config_type(datatype: str) -> str:
+    return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
+
+
+def _config_tensor(t: TensorSpec, batched: bool) -> dict[str, Any]:
+    entry: dict[str, Any] = {"name": t.name, "data_type": _config_type(t.datatype)}
+    dims = list(t.shape[1:]) if batched else list(t.shape)
+    if batched and not dims:
+        # Triton's form for a tensor that is only the batch axis: one element per row,
+        # reshaped to a scalar (so its metadata shape is [-1]).
+        entry["dims"] = [1]
+        entry["reshape"] = {"shape": []}
+    else:
+        entry["dims"] = dims
+    return entry
+
+
+def model_config(spec: DeploymentSpec, metadata: ModelMetadata, instances: int) -> dict[str, Any]:
+    """Triton's model configuration for ``spec``, in its JSON form (``model_config.proto``).
+
+    ``max_batch_size`` is 0 when the deployment does not batch, and then ``dims`` are the
+    whole shape; when it batches, ``dims`` leave out axis 0 (the batch) and
+    ``dynamic_batching`` carries the delay. ``instances`` is the number of READY replicas.
+    """
+    mbs = max_batch_size(spec)
+    inputs = []
+    for t in metadata.inputs:
+        entry = _config_tensor(t, mbs > 0)
+        entry.update(format="FORMAT_NONE", is_shape_tensor=False, allow_ragged_batch=False, optional=False)
+        inputs.append(entry)
+    outputs = []
+    for t in metadata.outputs:
+        entry = _config_tensor(t, mbs > 0)
+        entry.update(label_filename="", is_shape_tensor=False)
+        outputs.append(entry)
+    config: dict[str, Any] = {
+        "name": spec.name,
+        "platform": spec.backend,
+        "backend": spec.backend,
+        "version_policy": {"latest": {"num_versions": 1}},
+        "max_batch_size": mbs,
+        "input": inputs,
+        "output": outputs,
+        "instance_group": [
+            {
+                "name": spec.name,
+                "kind": "KIND_GPU" if spec.resources.gpus > 0 else "KIND_CPU",
+                "count": instances,
+            }
+        ],
+        "model_transaction_policy": {"decoupled": False},
+    }
+    if mbs:
+        config["dynamic_batching"] = {
+            "max_queue_delay_microseconds": round(spec.batching.max_delay_ms * 1000),
+            "preserve_ordering": False,
+        }
+    return config
+
+
+# ---------------------------------------------------------------- the catalog
+
+
+@dataclass
+class _Counters:
+    """Requests this catalog sent for one deployment."""
+
+    success: int = 0
+    success_ns: int = 0
+    fail: int = 0
+    fail_ns: int = 0
+    inferences: int = 0  # rows when the model batches, requests otherwise (as Triton counts)
+    last_ms: int = 0
+
+
+class ModelCatalog:
+    """The models a scheduler serves, over its router.
+
+    ``ready`` answers server readiness (the scheduler's own state); ``describe_timeout_s``
+    bounds each ``describe`` call to a replica.
+    """
+
+    def __init__(
+        self,
+        router: Router,
+        *,
+        ready: Callable[[], bool] = lambda: True,
+        describe_timeout_s: float = 2.0,
+    ) -> None:
+        self._router = router
+        self._ready = ready
+        self._describe_timeout_s = describe_timeout_s
+        self._described: dict[str, tuple[str, ReplicaDescription]] = {}  # name -> (spec hash, description)
+        self._describing: dict[str, asyncio.Lock] = {}
+        self._counters: dict[str, _Counters] = {}
+
+    # -- server
+
+    def server_live(self) -> bool:
+        return True
+
+    def server_ready(self) -> bool:
+        return self._ready()
+
+    def server_metadata(self) -> ServerMetadata:
+        return ServerMetadata("shoal", shoal.__version__, EXTENSIONS)
+
+    # -- models
+
+    def spec(self, name: str, version: str = "") -> DeploymentSpec:
+        """The deployment behind model ``name``; NotFound for an unknown model or version."""
+        try:
+            spec = self._router.spec(name)
+        except NotFound:
+            raise NotFound(f"unknown model {name!r}: no deployment of that name") from None
+        check_version(name, version)
+        return spec
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        """Whether ``name`` has a READY replica; NotFound for an unknown model or version."""
+        self.spec(name, version)
+        return self._router.ready_count(name) > 0
+
+    def index(self, *, ready_only: bool = False) -> list[ModelIndexEntry]:
+        """Every model, sorted by name, READY or UNAVAILABLE (no READY replica)."""
+        out = []
+        for name in sorted(self._router.deployments()):
+            ready = self._router.ready_count(name) > 0
+            if ready_only and not ready:
+                continue
+            reason = "" if ready else "no READY replica"
+            out.append(ModelIndexEntry(name, VERSION, "READY" if ready else "UNAVAILABLE", reason))
+        return out
+
+    async def metadata(self, name: str, version: str = "") -> ModelMetadata:
+        """Name, versions, platform and tensors of ``name``.
+
+        Raises NotFound for an unknown model or version, Unavailable when the spec
+        declares no tensors and no READY replica can describe them.
+        """
+        metadata = await self._metadata(self.spec(name, version), wait=True)
+        assert metadata is not None  # wait=True raises instead
+        return metadata
+
+    async def config(self, name: str, version: str = "") -> dict[str, Any]:
+        """Triton's model configuration in its JSON form (see :func:`model_config`)."""
+        spec = self.spec(name, version)
+        metadata = await self.metadata(name, version)
+        return model_config(spec, metadata, self._router.ready_count(name))
+
+    async def statistics(self, name: str = "", version: str = "") -> list[ModelStatistics]:
+        """Statistics of ``name``, or of every model when ``name`` is empty (sorted by name)."""
+        if name:
+            specs = [self.spec(name, version)]
+        else:
+            specs = [spec for _, spec in sorted(self._router.deployments().items())]
+        self._forget_gone()
+        return list(await asyncio.gather(*(self._statistics(spec) for spec in specs)))
+
+    # -- inference
+
+    async def infer(
+        self,
+        name: str,
+        inputs: Arrays,
+        *,
+        version: str = "",
+        request_id: str = "",
+        timeout_s: float = 0.0,
+        outputs: Sequence[str] = (),
+    ) -> InferResult:
+        """Check ``inputs`` against the model's metadata, run them, return the outputs.
+
+        ``outputs`` names the outputs to return, in that order (all, in the model's order,
+        when empty). ``timeout_s`` 0 means the deployment's own timeout. ``request_id`` is
+        the client's id, echoed in the result. Raises NotFound (model or version),
+        InvalidArgument (naming the input or output), and what ``Router.send`` raises.
+        """
+        spec = self.spec(name, version)
+        metadata = await self._metadata(spec, wait=False) or _declared(spec)
+        check_inputs(metadata, inputs)
+        check_outputs(metadata, outputs)
+        counters = self._counters_of(spec)
+        started = time.monotonic_ns()
+        # Clients reuse ids (or send none); the router keys in-flight requests by id.
+        internal_id = f"{request_id}~{uuid.uuid4().hex[:12]}" if request_id else ""
+        try:
+            result, _ = await self._router.send(name, inputs, request_id=internal_id, timeout_s=timeout_s)
+        except BaseException:
+            counters.fail += 1
+            counters.fail_ns += time.monotonic_ns() - started
+            raise
+        counters.success += 1
+        counters.success_ns += time.monotonic_ns() - started
+        counters.inferences += _rows(inputs) if max_batch_size(spec) else 1
+        counters.last_ms = time.time_ns() // 1_000_000
+        if outputs:
+            missing = [o for o in outputs if o not in result]
+            if missing:
+                returned = ", ".join(repr(n) for n in result)
+                raise InvalidArgument(f"unknown output {missing[0]!r}; model {name!r} returned {returned}")
+            result = {o: result[o] for o in outputs}
+        elif metadata.outputs:
+            order = [t.name for t in metadata.outputs if t.name in result]
+            result = {**{o: result[o] for o in order}, **result}
+        return InferResult(name, VERSION, request_id, result)
+
+    # -- internals
+
+    async def _metadata(self, spec: DeploymentSpec, *, wait: bool) -> ModelMetadata | None:
+        """The spec's tensors, completed by a replica's description when it declares none.
+
+        With ``wait`` false, None when a description would be needed but no READY
+        replica can give one (a request then queues for a replica as usual); with
+        ``wait`` true, Unavailable instead.
+        """
+        if spec.inputs and spec.outputs:
+            return _declared(spec)
+        try:
+            described = await self._describe(spec)
+        except Unavailable:
+            if wait:
+                raise
+            return None
+        return ModelMetadata(
+            name=spec.name,
+            platform=spec.backend,
+            inputs=spec.inputs or described.inputs,
+            outputs=spec.outputs or described.outputs,
+        )
+
+    async def _describe(self, spec: DeploymentSpec) -> ReplicaDescription:
+        key = spec.process_hash()
+        hit = self._described.get(spec.name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        lock = self._describing.setdefault(spec.name, asyncio.Lock())
+        async with lock:
+            hit = self._described.get(spec.name)
+            if hit is not None and hit[0] == key:
+                return hit[1]
+            clients = self._router.ready_clients(spec.name)
+            if not clients:
+                raise Unavailable(
+                    f"model {spec.name!r} has no READY replica to describe its inputs and outputs "
+                    "(declare them in the deployment spec to have them without one)"
+                )
+            last: ShoalError | None = None
+            for _, client in clients:
+                try:
+                    described = await client.describe(self._describe_timeout_s)
+                except ShoalError as err:
+                    last = err
+                    continue
+                self._described[spec.name] = (key, described)
+                return described
+            raise Unavailable(f"no replica of model {spec.name!r} could describe it: {last}")
+
+    async def _statistics(self, spec: DeploymentSpec) -> ModelStatistics:
+        clients = self._router.ready_clients(spec.name)
+        described = await asyncio.gather(*(self._describe_quietly(c) for _, c in clients))
+        sizes: collections.Counter[int] = collections.Counter()
+        batches = requests = compute_ns = 0
+        for d in described:
+            if d is None:
+                continue
+            sizes.update(d.batch_sizes)
+            batches += d.batches
+            requests += d.requests
+            compute_ns += d.compute_ns
+        if max_batch_size(spec):
+            batch_stats = tuple(
+                BatchStatistics(size, Duration(count, 0)) for size, count in sorted(sizes.items()) if count
+            )
+        else:
+            # Without batching every model call is one request: Triton's batch size 1.
+            batch_stats = (BatchStatistics(1, Duration(batches, 0)),) if batches else ()
+        c = self._counters.get(spec.name) or _Counters()
+        routed = self._router.stats().get(spec.name)
+        queue = Duration(routed.queue.count, int(routed.queue.total * 1e9)) if routed else Duration()
+        return ModelStatistics(
+            name=spec.name,
+            last_inference=c.last_ms,
+            inference_count=c.inferences,
+            execution_count=batches,
+            success=Duration(c.success, c.success_ns),
+            fail=Duration(c.fail, c.fail_ns),
+            queue=queue,
+            compute_infer=Duration(requests, compute_ns),
+            batch_stats=batch_stats,
+        )
+
+    async def _describe_quietly(self, client: ReplicaClient) -> ReplicaDescription | None:
+        try:
+            return await client.describe(self._describe_timeout_s)
+        except ShoalError:
+            return None  # a replica going away does not fail the statistics of the others
+
+    def _counters_of(self, spec: DeploymentSpec) -> _Counters:
+        counters = self._counters.get(spec.name)
+        if counters is None:
+            counters = self._counters[spec.name] = _Counters()
+        return counters
+
+    def _forget_gone(self) -> None:
+        known = self._router.deployments()
+        for name in [n for n in self._counters if n not in known]:
+            del self._counters[name]
+        for name in [n for n in self._described if n not in known]:
+            del self._described[name]
+            self._describing.pop(name, None)
+
+
+def _declared(spec: DeploymentSpec) -> ModelMetadata:
+    return ModelMetadata(name=spec.name, platform=spec.backend, inputs=spec.inputs, outputs=spec.outputs)
+
+
+def _rows(inputs: Arrays) -> int:
+    first = next(iter(inputs.values()), None)
+    return int(first.shape[0]) if first is not None and first.ndim else 1

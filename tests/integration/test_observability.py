@@ -1,0 +1,105 @@
+"""Structured logs with request ids from ingress to replica, and Prometheus metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from shoal.errors import InvalidArgument
+from shoal.rpc.clients import NativeClient
+from shoal.testing.cluster import ProcessCluster
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def json_lines(path: Path) -> list[dict[str, Any]]:
+    out = []
+    for line in path.read_text().splitlines():
+        if line.startswith("{"):
+            out.append(json.loads(line))
+    return out
+
+
+async def test_request_id_is_carried_from_ingress_to_replica_in_json_logs(
+    tmp_path: Path, examples_dir: Path
+) -> None:
+    env = {"SHOAL_LOG_FORMAT": "json", "SHOAL_LOG_LEVEL": "DEBUG"}
+    async with ProcessCluster(tmp_path, env=env) as cluster:
+        await cluster.deploy(
+            {
+                "name": "echo",
+                "backend": "python",
+                "model": "echo:Echo",
+                "base_dir": str(examples_dir),
+                "resources": {"cpus": 0.1},
+                "inputs": [{"name": "x", "shape": [-1, 16]}],
+            }
+        )
+        (replica,) = await cluster.wait_ready("echo", 1)
+        async with NativeClient(cluster.scheduler_address(), cluster.settings) as client:
+            await client.infer("echo", {"x": np.ones((1, 16), np.float32)}, request_id="trace-me-123")
+            with pytest.raises(InvalidArgument):
+                await client.infer("echo", {"x": np.ones((1, 3), np.float32)}, request_id="bad-input-456")
+        scheduler_lines = json_lines(cluster.schedulers[0].log)
+        replica_lines = json_lines(cluster.schedulers[0].state / "logs" / f"replica_{replica['id']}.log")
+        assert scheduler_lines and replica_lines, "every line is one JSON object"
+        assert {"ts", "level", "logger", "msg"} <= set(scheduler_lines[0])
+        at_ingress = [x for x in scheduler_lines if x.get("request_id") == "trace-me-123"]
+        at_replica = [x for x in replica_lines if x.get("request_id") == "trace-me-123"]
+        assert at_ingress and at_replica
+        assert at_replica[0]["replica_id"] == replica["id"]
+        failed = [x for x in replica_lines if x.get("request_id") == "bad-input-456"]
+        assert failed and "INVALID_ARGUMENT" in failed[0]["msg"]
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample of the Prometheus text format."""
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        head, _, value = line.rpartition(" ")
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            return float(value)
+    raise AssertionError(f"no sample {name} {labels} in:\n{text[:3000]}")
+
+
+async def test_metrics_on_head_and_scheduler_after_traffic(tmp_path: Path, examples_dir: Path) -> None:
+    async with ProcessCluster(tmp_path) as cluster:
+        await cluster.deploy(
+            {
+                "name": "echo",
+                "backend": "python",
+                "model": "echo:Echo",
+                "replicas": 2,
+                "base_dir": str(examples_dir),
+                "resources": {"cpus": 0.25},
+                "inputs": [{"name": "x", "shape": [-1, 16]}],
+            }
+        )
+        await cluster.wait_ready("echo", 2)
+        async with NativeClient(cluster.scheduler_address(), cluster.settings) as client:
+            for _ in range(25):
+                await client.infer("echo", {"x": np.ones((1, 16), np.float32)})
+            for _ in range(3):
+                with pytest.raises(InvalidArgument):
+                    await client.infer("echo", {"x": np.ones((1, 2), np.float32)})
+        assert cluster.head is not None
+        async with httpx.AsyncClient() as http:
+            head = (await http.get(f"http://{cluster.head.endpoints['head_http']}/metrics")).text
+            sched = (await http.get(f"http://{cluster.http_address()}/metrics")).text
+        assert metric(sched, "shoal_requests_total", deployment="echo", outcome="ok") == 25
+        assert metric(sched, "shoal_requests_total", deployment="echo", outcome="invalid") == 3
+        assert metric(sched, "shoal_request_latency_seconds_count", deployment="echo") == 28
+        assert metric(sched, "shoal_request_latency_seconds_bucket", deployment="echo", le="+Inf") == 28
+        assert metric(sched, "shoal_request_latency_seconds_sum", deployment="echo") > 0
+        assert metric(sched, "shoal_replicas", deployment="echo", state="READY") == 2
+        assert metric(sched, "shoal_replica_starts_total", deployment="echo") == 2
+        assert metric(sched, "shoal_scheduler_resources", resource="cpus", kind="allocated") == 0.5
+        assert metric(head, "shoal_replicas", deployment="echo", state="READY") == 2
+        assert metric(head, "shoal_deployment_target_replicas", deployment="echo") == 2
+        assert metric(head, "shoal_schedulers", state="ALIVE") == 1
