@@ -76,11 +76,33 @@ class Settings:
     """Largest gRPC message accepted or sent (the gRPC default of 4 MiB is too small for tensors)."""
     shutdown_grace_s: float = 10.0
     """On SIGTERM, how long in-flight work may take before processes are killed."""
+    data_plane: str = "stream"
+    """Scheduler -> replica requests: ``stream`` (one PushTasks stream per replica) or ``unary``."""
     event_loop: str = "auto"
     """``auto`` (uvloop when installed), ``uvloop`` or ``asyncio``."""
     log_format: str = "text"
     """``text`` or ``json``."""
     log_level: str = "INFO"
+
+    tls_dir: str = ""
+    """Folder with the cluster CA and the components' certificates (``shoal certs init``).
+    Set: every gRPC channel is mutual TLS and the HTTP servers serve HTTPS. Empty: plaintext,
+    and servers may bind loopback only (unless ``insecure``)."""
+    insecure: bool = False
+    """Allow binding a non-loopback ``host`` without TLS (``--insecure``): a trusted network only."""
+    token: str = ""
+    """The bearer token the CLI sends to the head and to schedulers (``SHOAL_TOKEN``, ``--token``)."""
+    max_tensor_elements: int = 16_777_216
+    """Most tensor elements (all inputs together) one inference request may carry."""
+    max_concurrent_streams: int = 1024
+    """Most concurrent calls on one gRPC connection (``grpc.max_concurrent_streams``)."""
+    control_rate_limit: float = 100.0
+    """Requests per second one client (its token, else its address) may make on the head's
+    control API (bursts up to twice that); 0 turns the limit off."""
+    allowed_model_dirs: tuple[str, ...] = ()
+    """Folders that model code and files may come from (``python`` modules, ``sklearn`` and
+    ``onnx`` files); a spec naming anything outside is refused. Empty: any folder. In the
+    environment, folders separated by ``os.pathsep``."""
 
     @property
     def advertised(self) -> str:
@@ -136,6 +158,12 @@ def _coerce(f: dataclasses.Field[Any], value: Any, source: str) -> Any:
     """``value`` as the field's type: strings (environment, flags) are parsed; others must fit exactly."""
     kind: type[Any] = type(f.default)
     bad = InvalidArgument(f"{source}: {f.name} must be {kind.__name__}, got {value!r}")
+    if kind is tuple:
+        # A list of strings: a list in a file or a flag, os.pathsep-separated in the environment.
+        items = [p for p in value.split(os.pathsep) if p] if isinstance(value, str) else value
+        if not isinstance(items, list | tuple) or not all(isinstance(p, str) for p in items):
+            raise InvalidArgument(f"{source}: {f.name} must be a list of strings, got {value!r}")
+        return tuple(items)
     if isinstance(value, str) and kind is not str:
         try:
             if kind is bool:

@@ -74,6 +74,21 @@ class HeadStub(object):
                 request_serializer=shoal_dot_proto_dot_shoal__pb2.ReadLogRequest.SerializeToString,
                 response_deserializer=shoal_dot_proto_dot_shoal__pb2.LogChunk.FromString,
                 _registered_method=True)
+        self.CreateToken = channel.unary_unary(
+                '/shoal.v1.Head/CreateToken',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.CreateTokenRequest.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.CreateTokenReply.FromString,
+                _registered_method=True)
+        self.ListTokens = channel.unary_unary(
+                '/shoal.v1.Head/ListTokens',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.Empty.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.ListTokensReply.FromString,
+                _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/shoal.v1.Head/RevokeToken',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.Empty.FromString,
+                _registered_method=True)
 
 
 class HeadServicer(object):
@@ -128,6 +143,24 @@ class HeadServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTokens(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HeadServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -170,6 +203,21 @@ def add_HeadServicer_to_server(servicer, server):
                     servicer.ReadLog,
                     request_deserializer=shoal_dot_proto_dot_shoal__pb2.ReadLogRequest.FromString,
                     response_serializer=shoal_dot_proto_dot_shoal__pb2.LogChunk.SerializeToString,
+            ),
+            'CreateToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateToken,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.CreateTokenRequest.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.CreateTokenReply.SerializeToString,
+            ),
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.Empty.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.ListTokensReply.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.Empty.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -388,6 +436,87 @@ class Head(object):
             '/shoal.v1.Head/ReadLog',
             shoal_dot_proto_dot_shoal__pb2.ReadLogRequest.SerializeToString,
             shoal_dot_proto_dot_shoal__pb2.LogChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Head/CreateToken',
+            shoal_dot_proto_dot_shoal__pb2.CreateTokenRequest.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.CreateTokenReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Head/ListTokens',
+            shoal_dot_proto_dot_shoal__pb2.Empty.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.ListTokensReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Head/RevokeToken',
+            shoal_dot_proto_dot_shoal__pb2.RevokeTokenRequest.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,
@@ -709,6 +838,11 @@ class ReplicaStub(object):
                 request_serializer=shoal_dot_proto_dot_shoal__pb2.Task.SerializeToString,
                 response_deserializer=shoal_dot_proto_dot_shoal__pb2.TaskResult.FromString,
                 _registered_method=True)
+        self.PushTasks = channel.stream_stream(
+                '/shoal.v1.Replica/PushTasks',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.Task.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.TaskOutcome.FromString,
+                _registered_method=True)
         self.Drain = channel.unary_unary(
                 '/shoal.v1.Replica/Drain',
                 request_serializer=shoal_dot_proto_dot_shoal__pb2.DrainRequest.SerializeToString,
@@ -718,6 +852,11 @@ class ReplicaStub(object):
                 '/shoal.v1.Replica/Describe',
                 request_serializer=shoal_dot_proto_dot_shoal__pb2.Empty.SerializeToString,
                 response_deserializer=shoal_dot_proto_dot_shoal__pb2.ReplicaDescription.FromString,
+                _registered_method=True)
+        self.Generate = channel.unary_stream(
+                '/shoal.v1.Replica/Generate',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.GenerateChunk.FromString,
                 _registered_method=True)
 
 
@@ -736,6 +875,15 @@ class ReplicaServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushTasks(self, request_iterator, context):
+        """The data-plane hop: one long-lived stream per scheduler, tasks multiplexed by
+        request id and answered as they finish (any order). Cheaper per request than a
+        unary call, which sets up a call, metadata and status every time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Drain(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -744,6 +892,16 @@ class ReplicaServicer(object):
 
     def Describe(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Generate(self, request, context):
+        """Text generation (backends that generate text: transformers task generation, vllm).
+        With stream: one chunk per text piece, then a last chunk with finish_reason and token
+        counts. Without: one chunk with the whole text and those. Cancelling the call stops
+        the generation.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -761,6 +919,11 @@ def add_ReplicaServicer_to_server(servicer, server):
                     request_deserializer=shoal_dot_proto_dot_shoal__pb2.Task.FromString,
                     response_serializer=shoal_dot_proto_dot_shoal__pb2.TaskResult.SerializeToString,
             ),
+            'PushTasks': grpc.stream_stream_rpc_method_handler(
+                    servicer.PushTasks,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.Task.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.TaskOutcome.SerializeToString,
+            ),
             'Drain': grpc.unary_unary_rpc_method_handler(
                     servicer.Drain,
                     request_deserializer=shoal_dot_proto_dot_shoal__pb2.DrainRequest.FromString,
@@ -770,6 +933,11 @@ def add_ReplicaServicer_to_server(servicer, server):
                     servicer.Describe,
                     request_deserializer=shoal_dot_proto_dot_shoal__pb2.Empty.FromString,
                     response_serializer=shoal_dot_proto_dot_shoal__pb2.ReplicaDescription.SerializeToString,
+            ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.GenerateRequest.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.GenerateChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -837,6 +1005,33 @@ class Replica(object):
             _registered_method=True)
 
     @staticmethod
+    def PushTasks(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/shoal.v1.Replica/PushTasks',
+            shoal_dot_proto_dot_shoal__pb2.Task.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.TaskOutcome.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def Drain(request,
             target,
             options=(),
@@ -880,6 +1075,33 @@ class Replica(object):
             '/shoal.v1.Replica/Describe',
             shoal_dot_proto_dot_shoal__pb2.Empty.SerializeToString,
             shoal_dot_proto_dot_shoal__pb2.ReplicaDescription.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/shoal.v1.Replica/Generate',
+            shoal_dot_proto_dot_shoal__pb2.GenerateRequest.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.GenerateChunk.FromString,
             options,
             channel_credentials,
             insecure,

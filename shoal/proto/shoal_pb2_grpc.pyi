@@ -43,6 +43,9 @@ class HeadStub:
     GetStatus: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.Empty, _shoal_pb2.ClusterStatus]
     ReadLog: _grpc.UnaryStreamMultiCallable[_shoal_pb2.ReadLogRequest, _shoal_pb2.LogChunk]
     """A replica's log, wherever it runs (proxied to its scheduler)."""
+    CreateToken: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.CreateTokenRequest, _shoal_pb2.CreateTokenReply]
+    ListTokens: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.Empty, _shoal_pb2.ListTokensReply]
+    RevokeToken: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.RevokeTokenRequest, _shoal_pb2.Empty]
 
 @_typing.type_check_only
 class HeadAsyncStub(HeadStub):
@@ -56,6 +59,9 @@ class HeadAsyncStub(HeadStub):
     GetStatus: _aio.UnaryUnaryMultiCallable[_shoal_pb2.Empty, _shoal_pb2.ClusterStatus]  # type: ignore[assignment]
     ReadLog: _aio.UnaryStreamMultiCallable[_shoal_pb2.ReadLogRequest, _shoal_pb2.LogChunk]  # type: ignore[assignment]
     """A replica's log, wherever it runs (proxied to its scheduler)."""
+    CreateToken: _aio.UnaryUnaryMultiCallable[_shoal_pb2.CreateTokenRequest, _shoal_pb2.CreateTokenReply]  # type: ignore[assignment]
+    ListTokens: _aio.UnaryUnaryMultiCallable[_shoal_pb2.Empty, _shoal_pb2.ListTokensReply]  # type: ignore[assignment]
+    RevokeToken: _aio.UnaryUnaryMultiCallable[_shoal_pb2.RevokeTokenRequest, _shoal_pb2.Empty]  # type: ignore[assignment]
 
 class HeadServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -114,6 +120,27 @@ class HeadServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_shoal_pb2.LogChunk], _abc.AsyncIterator[_shoal_pb2.LogChunk]]:
         """A replica's log, wherever it runs (proxied to its scheduler)."""
+
+    @_abc_1.abstractmethod
+    def CreateToken(
+        self,
+        request: _shoal_pb2.CreateTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_shoal_pb2.CreateTokenReply, _abc.Awaitable[_shoal_pb2.CreateTokenReply]]: ...
+
+    @_abc_1.abstractmethod
+    def ListTokens(
+        self,
+        request: _shoal_pb2.Empty,
+        context: _ServicerContext,
+    ) -> _typing.Union[_shoal_pb2.ListTokensReply, _abc.Awaitable[_shoal_pb2.ListTokensReply]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeToken(
+        self,
+        request: _shoal_pb2.RevokeTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_shoal_pb2.Empty, _abc.Awaitable[_shoal_pb2.Empty]]: ...
 
 def add_HeadServicer_to_server(servicer: HeadServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
@@ -203,16 +230,38 @@ class ReplicaStub:
     def __new__(cls, channel: _aio.Channel) -> ReplicaAsyncStub: ...
     Ping: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.PingRequest, _shoal_pb2.PingReply]
     PushTask: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.Task, _shoal_pb2.TaskResult]
+    PushTasks: _grpc.StreamStreamMultiCallable[_shoal_pb2.Task, _shoal_pb2.TaskOutcome]
+    """The data-plane hop: one long-lived stream per scheduler, tasks multiplexed by
+    request id and answered as they finish (any order). Cheaper per request than a
+    unary call, which sets up a call, metadata and status every time.
+    """
     Drain: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.DrainRequest, _shoal_pb2.Empty]
     Describe: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.Empty, _shoal_pb2.ReplicaDescription]
+    Generate: _grpc.UnaryStreamMultiCallable[_shoal_pb2.GenerateRequest, _shoal_pb2.GenerateChunk]
+    """Text generation (backends that generate text: transformers task generation, vllm).
+    With stream: one chunk per text piece, then a last chunk with finish_reason and token
+    counts. Without: one chunk with the whole text and those. Cancelling the call stops
+    the generation.
+    """
 
 @_typing.type_check_only
 class ReplicaAsyncStub(ReplicaStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Ping: _aio.UnaryUnaryMultiCallable[_shoal_pb2.PingRequest, _shoal_pb2.PingReply]  # type: ignore[assignment]
     PushTask: _aio.UnaryUnaryMultiCallable[_shoal_pb2.Task, _shoal_pb2.TaskResult]  # type: ignore[assignment]
+    PushTasks: _aio.StreamStreamMultiCallable[_shoal_pb2.Task, _shoal_pb2.TaskOutcome]  # type: ignore[assignment]
+    """The data-plane hop: one long-lived stream per scheduler, tasks multiplexed by
+    request id and answered as they finish (any order). Cheaper per request than a
+    unary call, which sets up a call, metadata and status every time.
+    """
     Drain: _aio.UnaryUnaryMultiCallable[_shoal_pb2.DrainRequest, _shoal_pb2.Empty]  # type: ignore[assignment]
     Describe: _aio.UnaryUnaryMultiCallable[_shoal_pb2.Empty, _shoal_pb2.ReplicaDescription]  # type: ignore[assignment]
+    Generate: _aio.UnaryStreamMultiCallable[_shoal_pb2.GenerateRequest, _shoal_pb2.GenerateChunk]  # type: ignore[assignment]
+    """Text generation (backends that generate text: transformers task generation, vllm).
+    With stream: one chunk per text piece, then a last chunk with finish_reason and token
+    counts. Without: one chunk with the whole text and those. Cancelling the call stops
+    the generation.
+    """
 
 class ReplicaServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -230,6 +279,17 @@ class ReplicaServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_shoal_pb2.TaskResult, _abc.Awaitable[_shoal_pb2.TaskResult]]: ...
 
     @_abc_1.abstractmethod
+    def PushTasks(
+        self,
+        request_iterator: _MaybeAsyncIterator[_shoal_pb2.Task],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_shoal_pb2.TaskOutcome], _abc.AsyncIterator[_shoal_pb2.TaskOutcome]]:
+        """The data-plane hop: one long-lived stream per scheduler, tasks multiplexed by
+        request id and answered as they finish (any order). Cheaper per request than a
+        unary call, which sets up a call, metadata and status every time.
+        """
+
+    @_abc_1.abstractmethod
     def Drain(
         self,
         request: _shoal_pb2.DrainRequest,
@@ -242,5 +302,17 @@ class ReplicaServicer(metaclass=_abc_1.ABCMeta):
         request: _shoal_pb2.Empty,
         context: _ServicerContext,
     ) -> _typing.Union[_shoal_pb2.ReplicaDescription, _abc.Awaitable[_shoal_pb2.ReplicaDescription]]: ...
+
+    @_abc_1.abstractmethod
+    def Generate(
+        self,
+        request: _shoal_pb2.GenerateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_shoal_pb2.GenerateChunk], _abc.AsyncIterator[_shoal_pb2.GenerateChunk]]:
+        """Text generation (backends that generate text: transformers task generation, vllm).
+        With stream: one chunk per text piece, then a last chunk with finish_reason and token
+        counts. Without: one chunk with the whole text and those. Cancelling the call stops
+        the generation.
+        """
 
 def add_ReplicaServicer_to_server(servicer: ReplicaServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

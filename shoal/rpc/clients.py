@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 
 import grpc
@@ -13,14 +14,17 @@ from shoal.config import Settings
 from shoal.core.cluster import ReplicaReport
 from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec, TensorSpec, parse_spec_json
-from shoal.errors import DeadlineExceeded
+from shoal.errors import DeadlineExceeded, Unavailable
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
-from shoal.rpc import codec
+from shoal.rpc import codec, generation
 from shoal.rpc.channels import Reachability, call, open_channel
 from shoal.rpc.status import to_error
+from shoal.rpc.task_stream import TaskStream, outcome_error
 from shoal.types import (
     Arrays,
+    GenerateChunk,
+    GenerateRequest,
     LoadReport,
     PingResult,
     ReplicaDescription,
@@ -94,6 +98,7 @@ class GrpcReplicaClient:
         self.address = address
         self._channel = open_channel(address, settings)
         self._stub = pbg.ReplicaStub(self._channel)
+        self._stream = TaskStream(self._stub, address) if settings.data_plane == "stream" else None
 
     async def ping(self, timeout_s: float) -> PingResult:
         try:
@@ -104,6 +109,13 @@ class GrpcReplicaClient:
 
     async def push(self, request_id: str, inputs: Arrays, timeout_s: float) -> Arrays:
         task = pb.Task(request_id=request_id, inputs=codec.encode(inputs), timeout_s=timeout_s)
+        if self._stream is not None:
+            # A little slack over the replica's own deadline so its answer wins the race.
+            outcome = await self._stream.push(task, timeout_s + 0.5)
+            error = outcome_error(outcome)
+            if error is not None:
+                raise error
+            return codec.decode(outcome.outputs)
         try:
             # A little slack over the replica's own deadline so its answer wins the race.
             reply = await self._stub.PushTask(task, timeout=timeout_s + 0.5)
@@ -112,6 +124,29 @@ class GrpcReplicaClient:
                 raise DeadlineExceeded(f"request {request_id} timed out after {timeout_s:g}s") from None
             raise to_error(err) from None
         return codec.decode(reply.outputs)
+
+    async def generate(
+        self, request_id: str, request: GenerateRequest, timeout_s: float
+    ) -> AsyncGenerator[GenerateChunk, None]:
+        call = self._stub.Generate(
+            generation.request_to_pb(request_id, request, timeout_s), timeout=timeout_s + 0.5
+        )
+        try:
+            async for chunk in call:
+                yield generation.chunk_from_pb(chunk)
+        except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise DeadlineExceeded(f"request {request_id} timed out after {timeout_s:g}s") from None
+            raise to_error(err) from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling() == 0:
+                # Nobody cancelled this task: grpc.aio cancelled the call because close() closed
+                # the channel (the replica left the routing table).
+                raise Unavailable(f"replica at {self.address} was removed during {request_id}") from None
+            raise
+        finally:
+            call.cancel()  # a no-op once the stream ended; otherwise stops the generation
 
     async def drain(self, grace_s: float) -> None:
         try:
@@ -134,6 +169,8 @@ class GrpcReplicaClient:
         )
 
     async def close(self) -> None:
+        if self._stream is not None:
+            await self._stream.close()
         await self._channel.close(None)
 
 

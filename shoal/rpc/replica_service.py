@@ -1,12 +1,16 @@
-"""The replica's gRPC servicer: Ping, PushTask, Drain."""
+"""The replica's gRPC servicer: Ping, PushTask, Generate, Drain."""
 
 from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 from shoal.errors import ShoalError
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.replica.process import ReplicaProcess
-from shoal.rpc import codec
+from shoal.rpc import codec, generation
 from shoal.rpc.clients import meta_to_pb, state_value
 from shoal.rpc.status import Context, abort
 
@@ -40,6 +44,64 @@ class ReplicaService(pbg.ReplicaServicer):
             batches=d.batches,
             compute_ns=d.compute_ns,
         )
+
+    async def PushTasks(
+        self, request_iterator: AsyncIterator[pb.Task], context: Context
+    ) -> AsyncIterator[pb.TaskOutcome]:
+        """Tasks run concurrently (so the batcher sees them together); outcomes go back as they finish."""
+        outcomes: asyncio.Queue[pb.TaskOutcome | None] = asyncio.Queue()
+        running: set[asyncio.Task[None]] = set()
+
+        async def run(task: pb.Task) -> None:
+            try:
+                inputs = codec.decode(task.inputs)
+                outputs = await self.replica.infer(task.request_id, inputs, task.timeout_s)
+                out = pb.TaskOutcome(request_id=task.request_id, tag=task.tag, outputs=codec.encode(outputs))
+            except ShoalError as err:
+                out = pb.TaskOutcome(
+                    request_id=task.request_id,
+                    tag=task.tag,
+                    error_code=err.code.value,
+                    error_message=err.message,
+                )
+            outcomes.put_nowait(out)
+
+        async def read() -> None:
+            try:
+                async for task in request_iterator:
+                    t = asyncio.create_task(run(task))
+                    running.add(t)
+                    t.add_done_callback(running.discard)
+                if running:
+                    await asyncio.gather(*running, return_exceptions=True)
+            finally:
+                outcomes.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (out := await outcomes.get()) is not None:
+                yield out
+        finally:
+            # The stream is gone (the scheduler went away): stop its work too.
+            reader.cancel()
+            for t in list(running):
+                t.cancel()
+            await asyncio.gather(reader, *running, return_exceptions=True)
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: Context
+    ) -> AsyncIterator[pb.GenerateChunk]:
+        """Text generation; when the caller cancels (or its deadline passes), grpc cancels this
+        handler, which closes the generation and so stops the model."""
+        try:
+            chunks = self.replica.generate(
+                request.request_id, generation.request_from_pb(request), request.timeout_s
+            )
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:
+                    yield generation.chunk_to_pb(chunk)
+        except ShoalError as err:
+            await abort(context, err)
 
     async def Drain(self, request: pb.DrainRequest, context: Context) -> pb.Empty:
         self.replica.request_stop(grace_s=request.grace_s)

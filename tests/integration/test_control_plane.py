@@ -223,6 +223,6 @@ async def test_sigterm_to_a_scheduler_drains_its_replicas_then_exits(
             sched.signal(signal.SIGTERM)
             out, _ = await pending
         np.testing.assert_array_equal(out["x"], X)
-        assert await asyncio.to_thread(sched.wait, 15) == 0
+        assert await asyncio.to_thread(sched.wait, 30) == 0
         assert not alive(replica["pid"])
         assert "stopped" in sched.log.read_text()
