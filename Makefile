@@ -65,5 +65,7 @@ clean:
 	rm -rf $(VENV) .shoal .pytest_cache .mypy_cache .ruff_cache examples/*.joblib
 
 # The benchmark suite beside the peers (not part of test): see bench/README.md.
+# Phony: bench/ is also a folder, which would make the target look up to date.
+.PHONY: bench
 bench: $(STAMP)
 	bench/run

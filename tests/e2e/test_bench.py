@@ -1,21 +1,14 @@
-"""``shoal bench`` against a real ``shoal up``: a smoke test of the load generator.
-
-The gRPC/HTTP (Open Inference Protocol) cases skip while the scheduler does not serve the
-protocol yet (ServerLive answers UNIMPLEMENTED); remove that guard once the data plane lands.
-"""
+"""``shoal bench`` against a real ``shoal up``: a smoke test of the load generator."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -128,21 +121,6 @@ def check_result(doc: dict[str, Any], protocol: str) -> None:
     assert doc["latency_ms"]["p50"] <= doc["latency_ms"]["p99"] <= doc["latency_ms"]["max"]
 
 
-def require_oip(cluster: Cluster, protocol: str) -> None:
-    """Skip until the scheduler serves the Open Inference Protocol."""
-    from shoal.rpc.loadgen_client import grpc_server_live
-
-    live = asyncio.run(grpc_server_live(cluster.endpoints["scheduler"]))
-    if live is None:
-        pytest.skip("the scheduler has no OIP ingress yet (ServerLive is UNIMPLEMENTED)")
-    if protocol == "http":
-        try:
-            urllib.request.urlopen(f"http://{cluster.endpoints['scheduler_http']}/v2/models/echo", timeout=10)
-        except urllib.error.HTTPError as err:
-            if err.code == 404 and "application/json" not in (err.headers.get("content-type") or ""):
-                pytest.skip("the scheduler has no OIP HTTP routes yet (GET /v2/models/echo is a plain 404)")
-
-
 def test_native_closed_loop(cluster: Cluster) -> None:
     wait_ready(cluster, "echo")
     proc = bench(cluster, "echo", "--protocol", "native", "--duration", "2", "--concurrency", "4", "--json")
@@ -180,7 +158,6 @@ def test_native_open_loop_with_two_workers_and_the_table(cluster: Cluster) -> No
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_open_inference_protocol(cluster: Cluster, protocol: str) -> None:
     wait_ready(cluster, "echo")
-    require_oip(cluster, protocol)
     proc = bench(cluster, "echo", "--protocol", protocol, "--duration", "2", "--concurrency", "4", "--json")
     check_result(json.loads(proc.stdout), protocol)
 

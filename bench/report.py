@@ -1,0 +1,387 @@
+"""Turn a results document (bench/results/*.json) into tables: the console summary and
+docs/benchmarks.md. Medians over rounds; ratios are taken per round against the floor
+measured in the same round with the same tool, then their median is shown."""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import systems
+
+Key = tuple[str, str, str, str, int]  # system, variant, workload, tool label, concurrency
+ORDER = list(systems.SYSTEMS)
+GRPC_TOOLS = ("perf_analyzer grpc", "h2load grpc", "shoal bench grpc", "shoal bench native")
+HTTP_TOOLS = ("perf_analyzer http", "wrk http-json")
+
+
+def label(p: dict[str, Any]) -> str:
+    return f"{p['tool']} {p['protocol']}"
+
+
+def reference(tool: str) -> str:
+    """The grpc.aio floor's tool for a row measured with ``tool``."""
+    if tool.startswith("h2load"):
+        return "h2load grpc"
+    if tool.startswith("shoal bench"):
+        return "shoal bench grpc"
+    return "perf_analyzer grpc"
+
+
+def aggregate(doc: dict[str, Any]) -> dict[Key, dict[str, Any]]:
+    by_round: dict[Key, dict[int, dict[str, Any]]] = defaultdict(dict)
+    for p in doc["points"]:
+        if p.get("failed"):
+            continue
+        key = (p["system"], p["variant"], p["workload"], label(p), p["concurrency"])
+        by_round[key][p["round"]] = p
+    out: dict[Key, dict[str, Any]] = {}
+    for key, rounds in by_round.items():
+        system, _, workload, tool, c = key
+        floor = by_round.get(("floor-grpc", "-", workload, reference(tool), c), {})
+        http_floor = by_round.get(("floor-http", "-", workload, "wrk http-json", c), {})
+
+        def ratios(
+            ref: dict[int, dict[str, Any]], rounds: dict[int, dict[str, Any]] = rounds
+        ) -> float | None:
+            rs = [
+                p["throughput"] / ref[r]["throughput"]
+                for r, p in rounds.items()
+                if r in ref and ref[r]["throughput"] > 0
+            ]
+            return statistics.median(rs) if rs else None
+
+        def med(field: str, rounds: dict[int, dict[str, Any]] = rounds) -> float | None:
+            vals = [p[field] for p in rounds.values() if p.get(field) is not None]
+            return statistics.median(vals) if vals else None
+
+        out[key] = {
+            "throughput": med("throughput"),
+            "p50_ms": med("p50_ms"),
+            "p99_ms": med("p99_ms"),
+            "tool_cpu": med("tool_cpu"),
+            "server_cpu": med("server_cpu"),
+            "errors": sum(p["errors"] for p in rounds.values()),
+            "rounds": len(rounds),
+            "x_floor": ratios(floor),
+            "x_http_floor": ratios(http_floor) if tool.startswith("wrk") and system != "floor-http" else None,
+            "spread": _spread([p["throughput"] for p in rounds.values()]),
+        }
+    return out
+
+
+def _spread(values: list[float]) -> float | None:
+    if len(values) < 2 or not max(values):
+        return None
+    return (max(values) - min(values)) / max(values)
+
+
+def _num(v: float | None, fmt: str = ",.0f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def _cell(a: dict[str, Any] | None, show_p50: bool, http: bool) -> str:
+    if a is None:
+        return "-"
+    parts = [_num(a["throughput"])]
+    if show_p50 and a["p50_ms"] is not None:
+        parts.append(f"p50 {a['p50_ms']:.2f}")
+    if a["x_floor"] is not None:
+        parts.append(f"**{a['x_floor']:.2f}x**")
+    if http and a["x_http_floor"] is not None:
+        parts.append(f"({a['x_http_floor']:.2f}x S)")
+    if a["errors"]:
+        parts.append(f"{a['errors']} err")
+    return " · ".join(parts)
+
+
+def _rows(agg: dict[Key, dict[str, Any]], tool_set: tuple[str, ...]) -> list[tuple[str, str, str]]:
+    rows = {(k[0], k[1], k[3]) for k in agg if k[3] in tool_set}
+    return sorted(
+        rows, key=lambda r: (ORDER.index(r[0]) if r[0] in ORDER else 99, r[1], tool_set.index(r[2]))
+    )
+
+
+def _columns(doc: dict[str, Any]) -> list[tuple[str, int]]:
+    s = doc["settings"]
+    return [(w, c) for w in s["workloads"] for c in s["concurrency"]]
+
+
+def _table(doc: dict[str, Any], agg: dict[Key, dict[str, Any]], tool_set: tuple[str, ...], http: bool) -> str:
+    cols = _columns(doc)
+    head = ["system", "variant", "tool"] + [f"{w} c={c}" for w, c in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for system, variant, tool in _rows(agg, tool_set):
+        name = systems.SYSTEMS[system].label if system in systems.SYSTEMS else system
+        cells = [
+            _cell(agg.get((system, variant, w, tool, c)), c == min(doc["settings"]["concurrency"]), http)
+            for w, c in cols
+        ]
+        lines.append("| " + " | ".join([name, variant, tool, *cells]) + " |")
+    return "\n".join(lines)
+
+
+def summary(doc: dict[str, Any]) -> str:
+    """A plain-text table for the console."""
+    agg = aggregate(doc)
+    lines = ["", "system/variant            tool                  workload  c   req/s     p50 ms  x floor"]
+    for key in sorted(
+        agg, key=lambda k: (ORDER.index(k[0]) if k[0] in ORDER else 99, k[1], k[3], k[2], k[4])
+    ):
+        a = agg[key]
+        ratio = "-" if a["x_floor"] is None else f"{a['x_floor']:.2f}"
+        lines.append(
+            f"{key[0] + '/' + key[1]:<25} {key[3]:<21} {key[2]:<9} {key[4]:<3} "
+            f"{_num(a['throughput']):>8}  {_num(a['p50_ms'], '.2f'):>6}  {ratio}"
+        )
+    for m in doc.get("memory", []):
+        lines.append(f"idle memory {m['system']:<14} {m['rss_mb']:>7.0f} MB RSS  {m['pss_mb']:>7.0f} MB PSS")
+    for what, why in doc.get("skipped", {}).items():
+        lines.append(f"skipped: {what}: {why}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- targets
+
+
+def _best(
+    agg: dict[Key, dict[str, Any]],
+    systems_: list[str],
+    workload: str,
+    c: int,
+    tools_: tuple[str, ...],
+    variant: str | None = None,
+) -> tuple[float | None, str]:
+    """The highest ratio to the floor among those rows, and whose it is."""
+    best, who = None, ""
+    for k, a in agg.items():
+        wanted = k[0] in systems_ and k[2] == workload and k[4] == c and k[3] in tools_
+        if wanted and (variant is None or k[1] == variant) and a["x_floor"] is not None:
+            if best is None or a["x_floor"] > best:
+                best, who = a["x_floor"], f"{k[0]}/{k[1]} ({k[3]})"
+    return best, who
+
+
+def _verdict(ok: bool) -> str:
+    return "**met**" if ok else "**NOT met**"
+
+
+def targets(doc: dict[str, Any], agg: dict[Key, dict[str, Any]]) -> list[str]:
+    """One line per target of the data-plane issue, with the numbers behind it."""
+    peers_ = ["mlserver", "mlserver-pw0", "pytriton", "ray"]
+    out = []
+    measured = {k[3] for k in agg if k[0] == "shoal"}
+    # The external tool when shoal's OIP ingress could be loaded by one, else shoal bench (native).
+    tool = next((t for t in ("perf_analyzer grpc", "h2load grpc") if t in measured), "shoal bench native")
+    shoal_tools = (tool,)
+    oip = tool != "shoal bench native"
+    note = (
+        ""
+        if oip
+        else " (shoal over its native protocol with `shoal bench`, against the floor loaded by"
+        " `shoal bench` over gRPC: no external tool could load shoal's OIP gRPC ingress)"
+    )
+    c_hi, c_lo = max(doc["settings"]["concurrency"]), min(doc["settings"]["concurrency"])
+
+    s_best, s_who = _best(agg, ["shoal"], "noop", c_hi, shoal_tools)
+    p_best, p_who = _best(agg, peers_, "noop", c_hi, ("perf_analyzer grpc", "h2load grpc"))
+    if s_best is not None:
+        out.append(
+            f"- noop gRPC c={c_hi} >= 0.75x the grpc.aio floor: shoal {s_best:.2f}x ({s_who}): "
+            f"{_verdict(s_best >= 0.75)}{note}"
+        )
+        if p_best is not None:
+            out.append(
+                f"- noop gRPC c={c_hi} >= 1.2x the best peer: best peer {p_best:.2f}x the floor ({p_who}); "
+                f"shoal/peer = {s_best / p_best:.2f}: {_verdict(s_best >= 1.2 * p_best)}"
+            )
+    ref = reference(tool)
+    mine = agg.get(("shoal", "nobatch", "noop", shoal_tools[0], c_lo))
+    floor = agg.get(("floor-grpc", "-", "noop", ref, c_lo))
+    if mine and floor and mine["p50_ms"] and floor["p50_ms"]:
+        r = mine["p50_ms"] / floor["p50_ms"]
+        out.append(
+            f"- noop gRPC c={c_lo} p50 <= 1.5x the floor's: shoal {mine['p50_ms']:.2f} ms, floor "
+            f"{floor['p50_ms']:.2f} ms: {r:.2f}x: {_verdict(r <= 1.5)}{note}"
+        )
+    for proto, tools_ in (("gRPC", shoal_tools), ("HTTP", ("wrk http-json",))):
+        val, _ = _best(agg, ["shoal"], "sklearn", c_hi, tools_, variant="batch")
+        peer_tools = ("perf_analyzer grpc", "h2load grpc") if proto == "gRPC" else ("wrk http-json",)
+        pb, pwho = _best(agg, peers_, "sklearn", c_hi, peer_tools)
+        head = f"- sklearn {proto} c={c_hi} with batching ahead of every peer:"
+        if val is None:
+            out.append(f"{head} **not measured** (no shoal {proto} point)")
+            continue
+        out.append(
+            f"{head} shoal {val:.2f}x the floor, best peer {_num(pb, '.2f')}x ({pwho or '-'}): "
+            f"{_verdict(pb is None or val > pb)}{note if proto == 'gRPC' else ''}"
+        )
+    if oip:
+        # The native protocol beside it, against the floor loaded by the same generator.
+        nat, nwho = _best(agg, ["shoal"], "noop", c_hi, ("shoal bench native",))
+        mine = agg.get(("shoal", "nobatch", "noop", "shoal bench native", c_lo))
+        floor = agg.get(("floor-grpc", "-", "noop", "shoal bench grpc", c_lo))
+        if nat is not None:
+            out.append(f"- for comparison, the native protocol: noop c={c_hi} {nat:.2f}x the floor ({nwho})")
+        if mine and floor and mine["p50_ms"] and floor["p50_ms"]:
+            out.append(
+                f"- for comparison, the native protocol: noop c={c_lo} p50 {mine['p50_ms']:.2f} ms, floor "
+                f"{floor['p50_ms']:.2f} ms ({mine['p50_ms'] / floor['p50_ms']:.2f}x), both through "
+                "`shoal bench`"
+            )
+    mem = {m["system"]: m["rss_mb"] for m in doc.get("memory", [])}
+    others = {k: v for k, v in mem.items() if k in ("mlserver", "mlserver-pw0", "ray")}
+    if "shoal" in mem and others:
+        listed = ", ".join(f"{k} {v:.0f} MB" for k, v in others.items())
+        ok = all(mem["shoal"] < v for v in others.values())
+        out.append(
+            f"- idle memory below MLServer's and Ray Serve's: shoal {mem['shoal']:.0f} MB; {listed}: "
+            + _verdict(ok)
+        )
+    return out
+
+
+# ---------------------------------------------------------------- markdown
+
+
+def _header(doc: dict[str, Any], rel: Path | str) -> list[str]:
+    m, v, s = doc["machine"], doc["versions"], doc["settings"]
+    conc = ", ".join(map(str, s["concurrency"]))
+    vers = "; ".join(
+        f"{name}: " + (", ".join(f"{k} {val}" for k, val in x.items()) if isinstance(x, dict) else str(x))
+        for name, x in v.items()
+        if x
+    )
+    lines = [
+        "# Benchmarks",
+        "",
+        "shoal beside its peers on one machine, loaded by the same external tools. Generated by",
+        f"`bench/run` from `{rel}`; regenerate with `make bench` (the whole suite) or",
+        f"`bench/run --report {rel}` (this page only). How the suite works: `bench/README.md`.",
+        "",
+        f"- **Run**: {doc['started']} to {doc['finished']} ({doc['wall_s'] / 60:.1f} min), "
+        f"command `{' '.join(doc['argv'])}`" + (" (a partial run)" if doc.get("partial") else ""),
+        f"- **Machine**: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, {m['os']}, "
+        f"kernel {m['kernel']}, Python {m['python']}; load average {m['loadavg_start']} at the start, "
+        f"{m.get('loadavg_end')} at the end (other work shares this machine: read ratios more than "
+        "absolute numbers)",
+        f"- **Settings**: {s['repeat']} rounds (A B A B: every system started, measured and stopped in "
+        f"turn, then again), closed loop at concurrency {conc}; wrk, h2load and `shoal bench` "
+        f"{s['duration_s']:g} s per point; perf_analyzer three 1 s windows",
+        f"- **Versions**: {vers}",
+    ]
+    if doc.get("installs_s"):
+        took = ", ".join(f"{k} {t:.0f} s" for k, t in doc["installs_s"].items())
+        lines.append(f"- **Installs this run**: {took}")
+    return [
+        *lines,
+        "",
+        "Cells: median req/s over the rounds · p50 latency in ms (at the lowest concurrency) ·",
+        "**median of the per-round ratios to the bare grpc.aio floor** loaded by the same tool",
+        "(perf_analyzer and wrk rows against the floor's perf_analyzer gRPC numbers, h2load rows",
+        "against its h2load numbers, `shoal bench` rows against its `shoal bench` gRPC numbers);",
+        "HTTP rows also give the ratio to the bare Starlette floor (S).",
+        "",
+        "Other work shares this machine: between whole runs the same cell moved by up to 2x (see",
+        "the load average above), ratios within a run by much less. Trust a ratio that holds across",
+        "runs, and look at every point (the table at the end) before reading much into one cell.",
+    ]
+
+
+def render(doc: dict[str, Any], path: Path) -> str:
+    agg = aggregate(doc)
+    here = path.resolve()
+    rel = here.relative_to(systems.ROOT) if here.is_relative_to(systems.ROOT) else path
+    lines = [
+        *_header(doc, rel),
+        "",
+        "## Where shoal stands against its targets",
+        "",
+        *(targets(doc, agg) or ["- nothing to compare: shoal or the floor was not measured"]),
+        "",
+        "## gRPC",
+        "",
+        _table(doc, agg, GRPC_TOOLS, http=False),
+        "",
+        "## HTTP",
+        "",
+        _table(doc, agg, HTTP_TOOLS, http=True),
+        "",
+        "## Idle memory, one noop replica",
+        "",
+        "Peak over 2 s, after 3 s idle, of the summed RSS (and PSS, which counts shared pages once)",
+        "of every process in the system's tree.",
+        "",
+        "| system | RSS MB | PSS MB | processes | start s |",
+        "|---|---|---|---|---|",
+    ]
+    for mem in doc.get("memory", []):
+        name = systems.SYSTEMS[mem["system"]].label if mem["system"] in systems.SYSTEMS else mem["system"]
+        rss, pss = f"{mem['rss_mb']:,.0f}", f"{mem['pss_mb']:,.0f}"
+        lines.append(f"| {name} | {rss} | {pss} | {mem['processes']} | {mem['start_s']} |")
+    lines += [
+        "",
+        "## Load tool CPU",
+        "",
+        "The tools share the two cores with the server. Median CPU, in cores, of the tool and of the",
+        "server's process tree over each point:",
+        "",
+        "| tool | tool CPU | server CPU |",
+        "|---|---|---|",
+    ]
+    per_tool: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for p in doc["points"]:
+        if not p.get("failed"):
+            per_tool[label(p)].append((p["tool_cpu"], p["server_cpu"]))
+    for tool, vals in sorted(per_tool.items()):
+        t = statistics.median(x for x, _ in vals)
+        sv = statistics.median(y for _, y in vals)
+        lines.append(f"| {tool} | {t:.2f} | {sv:.2f} |")
+    lines += ["", "## Not run, and why", ""]
+    skipped = doc.get("skipped", {})
+    failed = [p for p in doc["points"] if p.get("failed")]
+    if not skipped and not failed:
+        lines.append("- everything selected ran")
+    for what, why in skipped.items():
+        lines.append(f"- {what}: {why}")
+    for p in failed:
+        where = (
+            f"round {p['round']} {p['system']}/{p['variant']} {p['workload']} {label(p)} c={p['concurrency']}"
+        )
+        lines.append(f"- {where}: {p['failed'][:300]}")
+    for system, notes in doc.get("notes", {}).items():  # empty lists are left out
+        lines += [f"- note, {system}: {note}" for note in notes]
+    lines += [
+        "",
+        "## Commands",
+        "",
+        "One point's command per system and tool (ports change per run; `post.lua` POSTs the V2 JSON",
+        "body, `req.bin` is one length-prefixed serialized `ModelInferRequest`):",
+        "",
+        "```",
+    ]
+    seen = set()
+    for p in doc["points"]:
+        if (p["system"], label(p)) not in seen:
+            seen.add((p["system"], label(p)))
+            lines.append(f"# {p['system']}: {p['command']}")
+    head = ["round", "system", "variant", "workload", "tool", "c", "req/s", "p50", "p90", "p99"]
+    head += ["errors", "tool CPU", "server CPU"]
+    lines += [
+        "```",
+        "",
+        "<details><summary>Every point</summary>",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for p in doc["points"]:
+        cells = [str(p["round"]), p["system"], p["variant"], p["workload"], label(p), str(p["concurrency"])]
+        cells += [_num(p["throughput"])] + [_num(p[k], ".2f") for k in ("p50_ms", "p90_ms", "p99_ms")]
+        cells += [f"{p['errors'] or ''}{' FAILED' if p.get('failed') else ''}"]
+        cells += [f"{p['tool_cpu']:.2f}", f"{p['server_cpu']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "</details>", ""]
+    return "\n".join(lines)
