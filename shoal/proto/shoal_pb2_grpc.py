@@ -840,8 +840,8 @@ class ReplicaStub(object):
                 _registered_method=True)
         self.PushTasks = channel.stream_stream(
                 '/shoal.v1.Replica/PushTasks',
-                request_serializer=shoal_dot_proto_dot_shoal__pb2.Task.SerializeToString,
-                response_deserializer=shoal_dot_proto_dot_shoal__pb2.TaskOutcome.FromString,
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.TaskBatch.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.OutcomeBatch.FromString,
                 _registered_method=True)
         self.Drain = channel.unary_unary(
                 '/shoal.v1.Replica/Drain',
@@ -921,8 +921,8 @@ def add_ReplicaServicer_to_server(servicer, server):
             ),
             'PushTasks': grpc.stream_stream_rpc_method_handler(
                     servicer.PushTasks,
-                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.Task.FromString,
-                    response_serializer=shoal_dot_proto_dot_shoal__pb2.TaskOutcome.SerializeToString,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.TaskBatch.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.OutcomeBatch.SerializeToString,
             ),
             'Drain': grpc.unary_unary_rpc_method_handler(
                     servicer.Drain,
@@ -1019,8 +1019,8 @@ class Replica(object):
             request_iterator,
             target,
             '/shoal.v1.Replica/PushTasks',
-            shoal_dot_proto_dot_shoal__pb2.Task.SerializeToString,
-            shoal_dot_proto_dot_shoal__pb2.TaskOutcome.FromString,
+            shoal_dot_proto_dot_shoal__pb2.TaskBatch.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.OutcomeBatch.FromString,
             options,
             channel_credentials,
             insecure,

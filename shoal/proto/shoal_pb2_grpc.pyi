@@ -230,7 +230,7 @@ class ReplicaStub:
     def __new__(cls, channel: _aio.Channel) -> ReplicaAsyncStub: ...
     Ping: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.PingRequest, _shoal_pb2.PingReply]
     PushTask: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.Task, _shoal_pb2.TaskResult]
-    PushTasks: _grpc.StreamStreamMultiCallable[_shoal_pb2.Task, _shoal_pb2.TaskOutcome]
+    PushTasks: _grpc.StreamStreamMultiCallable[_shoal_pb2.TaskBatch, _shoal_pb2.OutcomeBatch]
     """The data-plane hop: one long-lived stream per scheduler, tasks multiplexed by
     request id and answered as they finish (any order). Cheaper per request than a
     unary call, which sets up a call, metadata and status every time.
@@ -249,7 +249,7 @@ class ReplicaAsyncStub(ReplicaStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Ping: _aio.UnaryUnaryMultiCallable[_shoal_pb2.PingRequest, _shoal_pb2.PingReply]  # type: ignore[assignment]
     PushTask: _aio.UnaryUnaryMultiCallable[_shoal_pb2.Task, _shoal_pb2.TaskResult]  # type: ignore[assignment]
-    PushTasks: _aio.StreamStreamMultiCallable[_shoal_pb2.Task, _shoal_pb2.TaskOutcome]  # type: ignore[assignment]
+    PushTasks: _aio.StreamStreamMultiCallable[_shoal_pb2.TaskBatch, _shoal_pb2.OutcomeBatch]  # type: ignore[assignment]
     """The data-plane hop: one long-lived stream per scheduler, tasks multiplexed by
     request id and answered as they finish (any order). Cheaper per request than a
     unary call, which sets up a call, metadata and status every time.
@@ -281,9 +281,9 @@ class ReplicaServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
     def PushTasks(
         self,
-        request_iterator: _MaybeAsyncIterator[_shoal_pb2.Task],
+        request_iterator: _MaybeAsyncIterator[_shoal_pb2.TaskBatch],
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_shoal_pb2.TaskOutcome], _abc.AsyncIterator[_shoal_pb2.TaskOutcome]]:
+    ) -> _typing.Union[_abc.Iterator[_shoal_pb2.OutcomeBatch], _abc.AsyncIterator[_shoal_pb2.OutcomeBatch]]:
         """The data-plane hop: one long-lived stream per scheduler, tasks multiplexed by
         request id and answered as they finish (any order). Cheaper per request than a
         unary call, which sets up a call, metadata and status every time.

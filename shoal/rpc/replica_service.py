@@ -46,10 +46,13 @@ class ReplicaService(pbg.ReplicaServicer):
         )
 
     async def PushTasks(
-        self, request_iterator: AsyncIterator[pb.Task], context: Context
-    ) -> AsyncIterator[pb.TaskOutcome]:
-        """Tasks run concurrently (so the batcher sees them together); outcomes go back as they finish."""
-        outcomes: asyncio.Queue[pb.TaskOutcome | None] = asyncio.Queue()
+        self, request_iterator: AsyncIterator[pb.TaskBatch], context: Context
+    ) -> AsyncIterator[pb.OutcomeBatch]:
+        """Tasks run concurrently (so the batcher sees them together); outcomes go back as
+        they finish, all those ready at each write in one message."""
+        outcomes: list[pb.TaskOutcome] = []
+        ready = asyncio.Event()
+        ended = False
         running: set[asyncio.Task[None]] = set()
 
         async def run(task: pb.Task) -> None:
@@ -64,23 +67,35 @@ class ReplicaService(pbg.ReplicaServicer):
                     error_code=err.code.value,
                     error_message=err.message,
                 )
-            outcomes.put_nowait(out)
+            outcomes.append(out)
+            ready.set()
 
         async def read() -> None:
+            nonlocal ended
             try:
-                async for task in request_iterator:
-                    t = asyncio.create_task(run(task))
-                    running.add(t)
-                    t.add_done_callback(running.discard)
+                async for batch in request_iterator:
+                    for task in batch.tasks:
+                        t = asyncio.create_task(run(task))
+                        running.add(t)
+                        t.add_done_callback(running.discard)
                 if running:
                     await asyncio.gather(*running, return_exceptions=True)
             finally:
-                outcomes.put_nowait(None)
+                ended = True
+                ready.set()
 
         reader = asyncio.create_task(read())
         try:
-            while (out := await outcomes.get()) is not None:
-                yield out
+            while True:
+                if not outcomes:
+                    if ended:
+                        return
+                    ready.clear()
+                    await ready.wait()
+                    continue
+                batch = list(outcomes)
+                outcomes.clear()
+                yield pb.OutcomeBatch(outcomes=batch)
         finally:
             # The stream is gone (the scheduler went away): stop its work too.
             reader.cancel()
