@@ -101,6 +101,12 @@ _REPR.maxstring = _REPR.maxother = 40
 
 def _short(x: object) -> str:
     """A short repr of a client's value for an error message, whatever the value."""
+    # Fast path: from_bytes builds its message prefix on every call (py-spy: reprlib was
+    # ~3% of the scheduler's loop under load), and names and dims are short.
+    if type(x) is str and len(x) <= 40:
+        return repr(x)
+    if type(x) is int and -(10**15) < x < 10**15:
+        return str(x)
     try:
         return _REPR.repr(x)
     except Exception:  # a hostile __repr__; the message must still be built
