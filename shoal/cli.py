@@ -32,9 +32,17 @@ EXIT_USAGE = 2
 
 
 def _settings(args: argparse.Namespace, **flags: Any) -> Settings:
-    return Settings.load(
-        file=getattr(args, "config", None), flags={"head_address": getattr(args, "head", None), **flags}
-    )
+    common = {
+        "head_address": getattr(args, "head", None),
+        "tls_dir": getattr(args, "tls_dir", None),
+        "token": getattr(args, "token", None),
+    }
+    return Settings.load(file=getattr(args, "config", None), flags={**common, **flags})
+
+
+def _add_client_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-dir", help="the cluster's certificate folder (default $SHOAL_TLS_DIR)")
+    p.add_argument("--token", help="bearer token for the head and for inference (default $SHOAL_TOKEN)")
 
 
 def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
@@ -45,6 +53,20 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-format", choices=["text", "json"])
     p.add_argument("--log-level")
     p.add_argument("--grace", type=float, help="seconds replicas may take to drain on shutdown")
+    p.add_argument("--tls-dir", help="certificate folder (shoal certs init): mutual TLS, HTTPS")
+    p.add_argument(
+        "--insecure",
+        action="store_const",
+        const=True,
+        help="allow a non-loopback --host without TLS (plaintext: a trusted network only)",
+    )
+    p.add_argument(
+        "--allow-model-dir",
+        action="append",
+        dest="allowed_model_dirs",
+        metavar="DIR",
+        help="model code and files may come only from here (repeatable; default: anywhere)",
+    )
 
 
 def _cluster_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -55,6 +77,8 @@ def _cluster_flags(args: argparse.Namespace) -> dict[str, Any]:
         "log_format": args.log_format,
         "log_level": args.log_level,
         "shutdown_grace_s": args.grace,
+        "insecure": args.insecure,
+        "allowed_model_dirs": args.allowed_model_dirs,
     }
 
 
@@ -101,12 +125,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         if specs:
             tasks.spawn(_up_progress(head, [s.name for s in specs]), "progress")
         endpoints = json.loads((Path(settings.state_dir) / "endpoints.json").read_text())
+        web = "https" if settings.tls_dir else "http"
         print(
             "\nshoal is up\n"
             f"  head (SHOAL_HEAD):   {endpoints['head']}\n"
-            f"  dashboard, REST API: http://{endpoints['head_http']}/\n"
+            f"  dashboard, REST API: {web}://{endpoints['head_http']}/\n"
             f"  inference gRPC:      {endpoints['scheduler']}\n"
-            f"  inference HTTP:      http://{endpoints['scheduler_http']}/v2\n"
+            f"  inference HTTP:      {web}://{endpoints['scheduler_http']}/v2\n"
             f"  replica logs:        {Path(settings.state_dir) / 'logs'}/replica_<id>.log\n"
             f"  try:                 shoal status\n"
             "Ctrl-C stops the cluster and every replica.\n",
@@ -148,9 +173,10 @@ def _with_client(args: argparse.Namespace, fn: Callable[[Any, Settings], Awaitab
         try:
             return await fn(client, settings)
         except Unavailable as err:
+            tls = "" if settings.tls_dir else " If the cluster runs with TLS, give --tls-dir (SHOAL_TLS_DIR)."
             raise Unavailable(
                 f"cannot reach the head at {settings.head_address} ({err}); is it running? "
-                "Start one with 'shoal up' or point --head / SHOAL_HEAD at it"
+                f"Start one with 'shoal up' or point --head / SHOAL_HEAD at it.{tls}"
             ) from None
         finally:
             await client.close()
@@ -361,7 +387,7 @@ def _parse_inputs(text: str, spec: DeploymentSpec | None) -> dict[str, np.ndarra
             raise InvalidArgument(f"cannot read {text[1:]}: {err.strerror}") from None
     try:
         doc = json.loads(text)
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, RecursionError) as err:
         raise InvalidArgument(f"--data is not valid JSON: {err}") from None
     if not isinstance(doc, dict) or not doc:
         raise InvalidArgument(
@@ -432,6 +458,57 @@ def _to_list(arr: np.ndarray) -> Any:
     return arr.tolist()
 
 
+# ---------------------------------------------------------------- security
+
+
+def cmd_certs_init(args: argparse.Namespace) -> int:
+    from shoal import certs
+
+    written = certs.init(args.dir, tuple(args.hosts), force=args.force)
+    print(f"wrote {len(written)} files to {args.dir}: {', '.join(p.name for p in written)}")
+    print(
+        f"start every component with --tls-dir {args.dir} (or SHOAL_TLS_DIR); a machine needs ca.crt and "
+        "the pairs of the roles it runs. Keep ca.key off the cluster's machines."
+    )
+    return 0
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    async def go(client: Any, settings: Settings) -> int:
+        reply = await client.create_token(args.role, args.name)
+        print(reply.token)
+        print(
+            f"token {reply.name} (role {reply.role}) created; it is shown this once. "
+            "Send it as SHOAL_TOKEN / --token, or as 'Authorization: Bearer <token>'",
+            file=sys.stderr,
+        )
+        return 0
+
+    return _with_client(args, go)
+
+
+def cmd_token_list(args: argparse.Namespace) -> int:
+    async def go(client: Any, settings: Settings) -> int:
+        tokens = await client.list_tokens()
+        width = max([4, *(len(t.name) for t in tokens)])
+        print(f"{'NAME'.ljust(width)}  {'ROLE'.ljust(6)}  CREATED")
+        for t in tokens:
+            created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t.created))
+            print(f"{t.name.ljust(width)}  {t.role.ljust(6)}  {created}")
+        return 0
+
+    return _with_client(args, go)
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    async def go(client: Any, settings: Settings) -> int:
+        await client.revoke_token(args.name)
+        print(f"token {args.name} revoked")
+        return 0
+
+    return _with_client(args, go)
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -463,25 +540,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+")
     p.add_argument("--no-wait", dest="wait", action="store_false", help="return without waiting for replicas")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for replicas (default 120)")
+    _add_client_flags(p)
     p.set_defaults(fn=cmd_deploy)
 
     p = sub.add_parser("scale", help="set a deployment's replica count")
     p.add_argument("name")
     p.add_argument("replicas", type=int)
+    _add_client_flags(p)
     p.set_defaults(fn=cmd_scale)
 
     p = sub.add_parser("delete", help="delete a deployment and stop its replicas")
     p.add_argument("name")
+    _add_client_flags(p)
     p.set_defaults(fn=cmd_delete)
 
     p = sub.add_parser("status", help="show schedulers, deployments and replicas")
     p.add_argument("--json", action="store_true")
+    _add_client_flags(p)
     p.set_defaults(fn=cmd_status)
 
     p = sub.add_parser("logs", help="print a replica's log, wherever it runs")
     p.add_argument("replica_id")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing what the replica writes")
     p.add_argument("--tail-bytes", type=int, default=0, help="start this many bytes before the end")
+    _add_client_flags(p)
     p.set_defaults(fn=cmd_logs)
 
     p = sub.add_parser("predict", help="send one request and print the outputs as JSON")
@@ -490,7 +572,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", help="send to this scheduler's gRPC address (default: any live one)")
     p.add_argument("--timeout", type=float, default=0.0, help="seconds (default: the deployment's)")
     p.add_argument("-v", "--verbose", action="store_true", help="say which replica answered")
+    _add_client_flags(p)
     p.set_defaults(fn=cmd_predict)
+
+    p = sub.add_parser("certs", help="certificates for mutual TLS inside the cluster")
+    certs_sub = p.add_subparsers(dest="certs_command", required=True)
+    q = certs_sub.add_parser("init", help="create a cluster CA and a certificate per role in DIR")
+    q.add_argument("dir")
+    q.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        dest="hosts",
+        help="a name or address clients dial (repeatable; localhost and 127.0.0.1 are always in)",
+    )
+    q.add_argument("--force", action="store_true", help="replace the certificates already in DIR")
+    q.set_defaults(fn=cmd_certs_init)
+
+    p = sub.add_parser("token", help="tokens for users of the control API and of inference")
+    token_sub = p.add_subparsers(dest="token_command", required=True)
+    q = token_sub.add_parser("create", help="create a token and print it (once: only its hash is kept)")
+    q.add_argument("--role", required=True, choices=["infer", "read", "deploy", "admin"])
+    q.add_argument("--name", default="", help="its name (default: generated)")
+    _add_client_flags(q)
+    q.set_defaults(fn=cmd_token_create)
+    q = token_sub.add_parser("list", help="list tokens: name, role, created")
+    _add_client_flags(q)
+    q.set_defaults(fn=cmd_token_list)
+    q = token_sub.add_parser("revoke", help="revoke a token by name")
+    q.add_argument("name")
+    _add_client_flags(q)
+    q.set_defaults(fn=cmd_token_revoke)
+    from shoal import chaos, loadgen
+
+    loadgen.add_parser(sub)
+    chaos.add_parser(sub)
     return parser
 
 

@@ -20,17 +20,21 @@ from typing import Any
 
 import uvicorn
 
+from shoal import certs
+from shoal.auth import RateLimiter
 from shoal.config import Settings
 from shoal.core.tasks import TaskSet
 from shoal.head.http import head_app
 from shoal.head.node import HeadNode
 from shoal.proto import grpc_service_pb2_grpc as oipg
 from shoal.proto import shoal_pb2_grpc as pbg
+from shoal.rpc.auth import HEAD_RULES, SCHEDULER_RULES, AuthInterceptor
 from shoal.rpc.clients import GrpcHeadLink, GrpcReplicaClient, GrpcSchedulerClient
 from shoal.rpc.head_service import HeadService
 from shoal.rpc.inference_service import InferenceService
 from shoal.rpc.scheduler_service import SchedulerService
 from shoal.rpc.server import bind, new_server
+from shoal.rpc.tls import announce_transport, check_transport, server_credentials
 from shoal.scheduler.http import scheduler_app
 from shoal.scheduler.models import ModelCatalog
 from shoal.scheduler.node import SchedulerNode
@@ -46,7 +50,7 @@ def _addr(host: str, port: int) -> str:
 class HttpServer:
     """uvicorn on a socket we bind ourselves, so port 0 works and the port is known."""
 
-    def __init__(self, app: Any, host: str, port: int) -> None:
+    def __init__(self, app: Any, host: str, port: int, tls: certs.Files | None = None) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -58,8 +62,17 @@ class HttpServer:
 
             raise Unavailable(f"cannot listen on {_addr(host, port)}: {err.strerror}") from None
         self.port = self.sock.getsockname()[1]
+        # HTTPS with the component's certificate when TLS is on (no client certificate asked:
+        # browsers and HTTP clients authenticate with tokens).
+        self.scheme = "https" if tls is not None else "http"
         config = uvicorn.Config(
-            app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2
+            app,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=2,
+            ssl_certfile=str(tls.cert) if tls is not None else None,
+            ssl_keyfile=str(tls.key) if tls is not None else None,
         )
         self.server = uvicorn.Server(config)
         self._task: asyncio.Task[None] | None = None
@@ -88,16 +101,25 @@ def _write_endpoints(state_dir: Path, **endpoints: str) -> None:
     path.write_text(json.dumps(current, indent=2))
 
 
+def _tls_files(settings: Settings, role: str) -> certs.Files | None:
+    return certs.files(settings.tls_dir, role) if settings.tls_dir else None
+
+
 async def start_head(settings: Settings, stack: AsyncExitStack) -> tuple[HeadNode, str, str]:
+    check_transport(settings, "head")
     state_dir = Path(settings.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     store = await SqliteStore(state_dir / "state.db").open()
     stack.push_async_callback(store.close)
     node = HeadNode(settings, store, lambda sid, addr: GrpcSchedulerClient(sid, addr, settings))
-    server = new_server(settings)
+    # One rate limit for the control API, over gRPC and REST together.
+    limiter = RateLimiter(settings.control_rate_limit)
+    guard = AuthInterceptor(HEAD_RULES, tls=bool(settings.tls_dir), tokens=node.tokens, limiter=limiter)
+    server = new_server(settings, [guard])
     pbg.add_HeadServicer_to_server(HeadService(node), server)
-    port = bind(server, settings.host, settings.head_port)
-    http = HttpServer(head_app(node), settings.host, settings.head_http_port)
+    port = bind(server, settings.host, settings.head_port, server_credentials(settings, "head"))
+    tls = _tls_files(settings, "head")
+    http = HttpServer(head_app(node, limiter), settings.host, settings.head_http_port, tls)
     await node.start()
     stack.push_async_callback(node.aclose)
     await server.start()
@@ -107,13 +129,14 @@ async def start_head(settings: Settings, stack: AsyncExitStack) -> tuple[HeadNod
     address = _addr(settings.advertised, port)
     http_address = _addr(settings.advertised, http.port)
     _write_endpoints(state_dir, head=address, head_http=http_address)
-    log.info("head listening on %s (gRPC) and http://%s (REST, dashboard)", address, http_address)
+    log.info("head listening on %s (gRPC) and %s://%s (REST, dashboard)", address, http.scheme, http_address)
     return node, address, http_address
 
 
 async def start_scheduler(
     settings: Settings, stack: AsyncExitStack, head_address: str
 ) -> tuple[SchedulerNode, str, str]:
+    check_transport(settings, "scheduler", "replica")
     state_dir = Path(settings.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     scheduler_id = settings.scheduler_id or f"sched-{uuid.uuid4().hex[:8]}"
@@ -125,11 +148,13 @@ async def start_scheduler(
     )
     # One catalog behind both ingresses: the Open Inference Protocol's statistics count both.
     catalog = ModelCatalog(node.router, ready=node.registered.is_set)
-    server = new_server(settings)
+    server = new_server(settings, [AuthInterceptor(SCHEDULER_RULES, tls=bool(settings.tls_dir))])
     pbg.add_SchedulerServicer_to_server(SchedulerService(node), server)
-    oipg.add_GRPCInferenceServiceServicer_to_server(InferenceService(catalog), server)
-    port = bind(server, settings.host, settings.grpc_port)
-    http = HttpServer(scheduler_app(node, catalog), settings.host, settings.http_port)
+    inference = InferenceService(catalog, node.inference_auth, settings.max_tensor_elements)
+    oipg.add_GRPCInferenceServiceServicer_to_server(inference, server)
+    port = bind(server, settings.host, settings.grpc_port, server_credentials(settings, "scheduler"))
+    tls = _tls_files(settings, "scheduler")
+    http = HttpServer(scheduler_app(node, catalog), settings.host, settings.http_port, tls)
     await server.start()
     stack.push_async_callback(server.stop, 1.0)
     await http.start()
@@ -140,7 +165,13 @@ async def start_scheduler(
     # Closed before the servers stop: replicas drain while ingress still answers.
     stack.push_async_callback(node.aclose)
     _write_endpoints(state_dir, scheduler=address, scheduler_http=http_address)
-    log.info("scheduler %s listening on %s (gRPC) and http://%s (HTTP)", scheduler_id, address, http_address)
+    log.info(
+        "scheduler %s listening on %s (gRPC) and %s://%s (HTTP)",
+        scheduler_id,
+        address,
+        http.scheme,
+        http_address,
+    )
     return node, address, http_address
 
 
@@ -157,6 +188,8 @@ async def _serve(setup: Callable[[AsyncExitStack], Awaitable[None]]) -> None:
 
 
 async def run_head(settings: Settings) -> None:
+    announce_transport(settings)
+
     async def setup(stack: AsyncExitStack) -> None:
         await start_head(settings, stack)
 
@@ -164,6 +197,8 @@ async def run_head(settings: Settings) -> None:
 
 
 async def run_scheduler(settings: Settings) -> None:
+    announce_transport(settings)
+
     async def setup(stack: AsyncExitStack) -> None:
         await start_scheduler(settings, stack, settings.head_address)
 
@@ -176,6 +211,7 @@ async def run_up(
 ) -> None:
     """Head and one scheduler in this process; ``on_ready`` runs once both are up, and may
     start tasks in the TaskSet it gets (they are cancelled at shutdown)."""
+    announce_transport(settings)
 
     async def setup(stack: AsyncExitStack) -> None:
         head, head_address, _ = await start_head(settings, stack)

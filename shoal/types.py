@@ -6,7 +6,7 @@ in-memory twin in ``shoal.testing.fakes``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -62,12 +62,16 @@ class Route:
 class DeploymentRoutes:
     spec: DeploymentSpec
     routes: tuple[Route, ...] = ()
+    allowed_tokens: tuple[str, ...] = ()
+    """Hashes of the tokens the spec's ``auth.tokens`` names (that exist)."""
 
 
 @dataclass(frozen=True)
 class RoutingTable:
     version: int
     deployments: Mapping[str, DeploymentRoutes] = field(default_factory=dict)
+    token_hashes: tuple[str, ...] = ()
+    """Hashes of every token: a scheduler tells an unknown token (401) from one not allowed (403)."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,48 @@ class SchedulerRegistration:
     pid: int
     hostname: str
     replicas: tuple[ReplicaReport, ...] = ()
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One message of a chat (OpenAI's ``messages``)."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One text generation: a ``prompt`` or a chat (``messages``), and its parameters.
+
+    None (0 for ``max_tokens``, empty for ``stop``) leaves a parameter to the deployment's
+    defaults; the replica validates the values (InvalidArgument).
+    """
+
+    prompt: str = ""
+    messages: tuple[ChatMessage, ...] = ()
+    max_tokens: int = 0
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    stream: bool = True
+    """True: a chunk per text piece as it is made; False: one chunk with all the text."""
+
+
+@dataclass(frozen=True)
+class GenerateChunk:
+    """A piece of a generation. The last chunk of a generation has ``finish_reason``
+    (``stop``, ``length`` or ``abort``) and the token counts; its ``text`` may be empty."""
+
+    text: str = ""
+    finish_reason: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def last(self) -> bool:
+        return bool(self.finish_reason)
 
 
 class ReplicaClient(Protocol):
@@ -93,6 +139,17 @@ class ReplicaClient(Protocol):
     async def drain(self, grace_s: float) -> None: ...
 
     async def describe(self, timeout_s: float) -> ReplicaDescription: ...
+
+    def generate(
+        self, request_id: str, request: GenerateRequest, timeout_s: float
+    ) -> AsyncGenerator[GenerateChunk, None]:
+        """Run one text generation, chunk by chunk (see :class:`GenerateChunk`).
+
+        An async generator: closing it (or cancelling its consumer) stops the generation on
+        the replica. Raises ShoalError; Unavailable when the replica cannot be reached or goes
+        away; InvalidArgument when its model does not generate text.
+        """
+        ...
 
     async def close(self) -> None: ...
 

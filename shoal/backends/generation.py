@@ -13,6 +13,10 @@ Two backends generate text: ``transformers`` with ``options.task: generation`` a
   produced. The pieces joined are exactly what ``complete`` would have answered for the
   same parameters and seed. Closing the iterator early (``aclose()``, ``break`` in
   ``async for``, or cancelling the consuming task) stops the generation.
+  :meth:`TextGenerator.stream_completion` is the same, then the :class:`Completion` last.
+
+A chat (OpenAI's ``messages``) becomes a prompt through :meth:`TextGenerator.render_chat`:
+the tokenizer's chat template when the model has one, else :func:`transcript`.
 
 Parameters the request does not give come from the deployment's ``options`` (keys
 ``max_tokens``, ``temperature``, ``top_p``, ``stop``, ``seed``), then from
@@ -26,7 +30,7 @@ held back until it is known not to be one.
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -34,6 +38,7 @@ import numpy as np
 
 from shoal.core.spec import TensorSpec
 from shoal.errors import InvalidArgument
+from shoal.types import ChatMessage
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -158,6 +163,38 @@ class TextGenerator(Protocol):
         goes away, so the generation stops at once rather than when it is garbage collected.
         """
         ...
+
+    def stream_completion(
+        self, prompt: str, params: GenerationParams
+    ) -> AsyncGenerator[str | Completion, None]:
+        """As :meth:`stream`, then one last item: the :class:`Completion` (its text is the
+        pieces joined), for streaming APIs that report token counts and why it ended."""
+        ...
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
+        """The prompt for a chat: the model's chat template (with the assistant's turn opened)
+        when it has one, else :func:`transcript`. Raises InvalidArgument when the template
+        refuses the messages."""
+        ...
+
+
+def transcript(messages: Sequence[ChatMessage]) -> str:
+    """A chat as plain text, for models without a chat template: a ``role: content`` line per
+    message, then ``assistant:`` for the model to go on from."""
+    return "\n".join([*(f"{m.role}: {m.content}" for m in messages), "assistant:"])
+
+
+def render_chat_template(tokenizer: Any, messages: Sequence[ChatMessage]) -> str:
+    """``messages`` through ``tokenizer``'s chat template (a Hugging Face tokenizer), the
+    assistant's turn opened; :func:`transcript` when the tokenizer has no template."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        return transcript(messages)
+    chat = [{"role": m.role, "content": m.content} for m in messages]
+    try:
+        text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    except Exception as err:  # the template's own checks (say, roles out of order) raise jinja2 errors
+        raise InvalidArgument(f"the model's chat template refused the messages: {err}") from err
+    return str(text)
 
 
 class StopMatcher:

@@ -8,6 +8,11 @@ event loop. ``unload()`` or ``close()`` on the class, if present, is called at u
 
 A class may set ``supports_batching = False`` when its predict takes one row at a time.
 
+This runs the user's code with the replica's rights: whoever may deploy may run code. With
+the ``allowed_model_dirs`` setting (``allowed_dirs`` here, set by the replica before
+``load``), only modules that are files under ``base_dir``, inside those folders, are
+imported (``shoal.core.model_dirs``).
+
 Imports are cached per process, as Python caches them: a replica serves one model, so
 two specs naming the same module from different folders never meet in one process.
 """
@@ -22,6 +27,7 @@ import sys
 from typing import Any
 
 from shoal.backends.base import Backend, Tensors, coerce_outputs
+from shoal.core import model_dirs
 from shoal.core.spec import DeploymentSpec
 from shoal.errors import Internal, InvalidArgument, ShoalError
 
@@ -44,6 +50,7 @@ class PythonBackend(Backend):
         super().__init__(spec)
         self._model: Any = None
         self._async_predict = False
+        self.allowed_dirs: tuple[str, ...] = ()
 
     @property
     def supports_batching(self) -> bool:
@@ -51,6 +58,7 @@ class PythonBackend(Backend):
 
     def _load(self) -> None:
         module_name, attr = _parse_target(self.spec.model)
+        model_dirs.check_module_source(self.spec, module_name, self.allowed_dirs)
         if self.spec.base_dir:
             # First on sys.path, and left there: the model may import its siblings lazily.
             if self.spec.base_dir in sys.path:
@@ -66,6 +74,7 @@ class PythonBackend(Backend):
             raise InvalidArgument(
                 f"importing module {module_name!r}{where} raised {type(err).__name__}: {err}"
             ) from err
+        model_dirs.check_module_file(self.spec, module, self.allowed_dirs)
 
         target: Any = module
         for part in attr.split("."):

@@ -52,13 +52,14 @@ reproducible because only the model thread samples.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import importlib.resources
 import json
 import logging
 import os
 import threading
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,10 +86,12 @@ from shoal.backends.generation import (
     check_generation_inputs,
     check_text_input,
     params_per_row,
+    render_chat_template,
     text_rows,
 )
 from shoal.core.spec import DeploymentSpec, TensorSpec
 from shoal.errors import Internal, InvalidArgument
+from shoal.types import ChatMessage
 
 log = logging.getLogger(__name__)
 
@@ -561,6 +564,15 @@ class TransformersBackend(Backend):
         generation after the token being made; the iterator waits for that, so no work
         outlives it.
         """
+        async with contextlib.aclosing(self.stream_completion(prompt, params)) as steps:
+            async for step in steps:
+                if isinstance(step, str):
+                    yield step
+
+    async def stream_completion(
+        self, prompt: str, params: GenerationParams
+    ) -> AsyncGenerator[str | Completion, None]:
+        """As :meth:`stream`, then the :class:`Completion` (token counts, finish reason) last."""
         self._require_generation()
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str | None] = asyncio.Queue()
@@ -576,13 +588,18 @@ class TransformersBackend(Backend):
         try:
             while (piece := await pieces.get()) is not None:
                 yield piece
-            await job  # raises what the generation raised
+            yield await job  # raises what the generation raised
         finally:
             if not job.done():
                 cancel.set()
                 await asyncio.wait([job])
             if not job.cancelled():
                 job.exception()  # retrieved: an early exit does not care why the generation ended
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
+        """The prompt for a chat: the tokenizer's chat template when it has one, else a transcript."""
+        self._require_generation()
+        return render_chat_template(self._tokenizer, messages)
 
     def _unload(self) -> None:
         on_gpu = self._device.type == "cuda"

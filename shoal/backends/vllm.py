@@ -28,10 +28,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import json
 import logging
 import os
 import uuid
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -50,10 +52,12 @@ from shoal.backends.generation import (
     bytes_tensor,
     check_generation_inputs,
     params_per_row,
+    render_chat_template,
     text_rows,
 )
 from shoal.core.spec import DeploymentSpec
 from shoal.errors import FailedPrecondition, Internal, InvalidArgument, ShoalError
+from shoal.types import ChatMessage
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +78,28 @@ def _import_vllm(name: str) -> ModuleType:
     return module
 
 
+def _chat_tokenizer(folder: Path) -> Any:
+    """The model folder's Hugging Face tokenizer when it has a chat template, else None."""
+    config = folder / "tokenizer_config.json"
+    try:
+        has_template = (folder / "chat_template.jinja").is_file() or (
+            config.is_file() and "chat_template" in json.loads(config.read_text())
+        )
+    except (OSError, ValueError):
+        has_template = False
+    if not has_template:
+        return None
+    try:
+        import transformers  # vLLM depends on it
+
+        return transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as err:
+        log.warning(
+            "%s: cannot load the tokenizer for its chat template (%s); chats become transcripts", folder, err
+        )
+        return None
+
+
 def _finish_reason(reason: object) -> FinishReason:
     if reason == "length":
         return "length"
@@ -89,6 +115,7 @@ class VllmBackend(Backend):
         super().__init__(spec)
         self._module: ModuleType | None = None
         self._engine: Any = None
+        self._chat_tokenizer: Any = None
         self._default_params = GenerationParams()
 
     @property
@@ -132,6 +159,7 @@ class VllmBackend(Backend):
             why = f"{type(err).__name__}: {err}"
             raise InvalidArgument(f"cannot start vLLM for {str(folder)!r}: {why}") from err
         self._module, self._engine = module, engine
+        self._chat_tokenizer = _chat_tokenizer(folder)
         self._derived_inputs = GENERATION_INPUTS
         self._derived_outputs = GENERATION_OUTPUTS
         log.info("%s: vLLM engine (%s) for %s", self.spec.name, module_name, folder)
@@ -148,19 +176,36 @@ class VllmBackend(Backend):
 
     async def complete(self, prompt: str, params: GenerationParams) -> Completion:
         """One completion of ``prompt``."""
+        async with contextlib.aclosing(self.stream_completion(prompt, params)) as steps:
+            async for step in steps:
+                if isinstance(step, Completion):
+                    return step
+        raise Internal("vLLM answered nothing")
+
+    async def stream_completion(
+        self, prompt: str, params: GenerationParams
+    ) -> AsyncGenerator[str | Completion, None]:
+        """As :meth:`stream`, then the :class:`Completion` (token counts, finish reason) last."""
         text, last = "", None
         async with contextlib.aclosing(self._generate(prompt, params)) as steps:
             async for piece, output in steps:
                 text, last = text + piece, output
+                if piece:
+                    yield piece
         if last is None:
             raise Internal("vLLM answered nothing")
         completion = last.outputs[0]
-        return Completion(
+        yield Completion(
             text=text,
             finish_reason=_finish_reason(completion.finish_reason),
             prompt_tokens=len(last.prompt_token_ids or ()),
             completion_tokens=len(completion.token_ids),
         )
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
+        """The prompt for a chat: the chat template of the model folder's tokenizer when it has
+        one, else :func:`~shoal.backends.generation.transcript`."""
+        return render_chat_template(self._chat_tokenizer, messages)
 
     async def stream(self, prompt: str, params: GenerationParams) -> AsyncGenerator[str, None]:
         """Generate a completion of ``prompt``, yielding text pieces as vLLM makes them.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -91,6 +92,20 @@ class Health(_Strict):
     start_timeout_s: float = Field(default=120.0, gt=0)
 
 
+class Auth(_Strict):
+    """Who may send inference requests: the names of tokens (``shoal token create``) it accepts."""
+
+    tokens: tuple[str, ...] = Field(min_length=1)
+
+    @field_validator("tokens")
+    @classmethod
+    def _names(cls, tokens: tuple[str, ...]) -> tuple[str, ...]:
+        for name in tokens:
+            if not re.match(NAME_PATTERN, name):
+                raise ValueError(f"token name {name!r}: lowercase letters, digits, '-', '_' and '.'")
+        return tokens
+
+
 class DeploymentSpec(_Strict):
     """A deployment: which model, how many replicas, what each may take."""
 
@@ -108,6 +123,7 @@ class DeploymentSpec(_Strict):
     health: Health = Field(default_factory=Health)
     inputs: tuple[TensorSpec, ...] = ()
     outputs: tuple[TensorSpec, ...] = ()
+    auth: Auth | None = None
     # The folder the spec file was read from: relative model paths resolve
     # against it and the python backend imports modules from it.
     base_dir: str = ""
@@ -126,9 +142,9 @@ class DeploymentSpec(_Strict):
         """Hash of everything that needs new replica processes when it changes.
 
         Replica count and autoscaling bounds are left out: changing them
-        scales, it does not restart.
+        scales, it does not restart; so are the inference tokens (schedulers check them).
         """
-        doc = self.model_dump(mode="json", exclude={"replicas", "autoscaling"})
+        doc = self.model_dump(mode="json", exclude={"replicas", "autoscaling", "auth"})
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
 
     def initial_replicas(self) -> int:
@@ -163,6 +179,8 @@ def parse_spec_json(text: str) -> DeploymentSpec:
         doc = json.loads(text)
     except json.JSONDecodeError as err:
         raise InvalidArgument(f"deployment spec is not valid JSON: {err}") from None
+    except RecursionError:
+        raise InvalidArgument("deployment spec is nested too deeply") from None
     return parse_spec(doc)
 
 

@@ -13,18 +13,20 @@ from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from shoal import __version__, metrics
+from shoal.auth import RateLimiter
 from shoal.core.spec import DeploymentSpec, parse_spec
 from shoal.errors import InvalidArgument, NotFound, ShoalError
 from shoal.head.node import HeadNode, cluster_status
+from shoal.httpauth import ControlAuth
 
 STATIC = Path(__file__).parent / "static"
-MAX_BODY = 1024 * 1024
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -39,18 +41,32 @@ def _errors(fn: Handler) -> Handler:
     return wrapped
 
 
-async def _json_body(request: Request) -> Any:
-    body = await request.body()
-    if len(body) > MAX_BODY:
-        raise InvalidArgument(f"request body is {len(body)} bytes; the limit is {MAX_BODY}")
+async def _json_body(request: Request, limit: int) -> Any:
+    """The body as JSON; InvalidArgument naming the setting when it is over ``limit`` bytes
+    (read to its end all the same, so the client, sending it all first, gets the answer)."""
+    size = 0
+    chunks: list[bytes] = []
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= limit:
+            chunks.append(chunk)
+    if size > limit:
+        raise InvalidArgument(
+            f"request body of {size} bytes is over the limit of {limit} bytes (setting max_message_mb)"
+        )
+    body = b"".join(chunks)
     try:
         return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
         raise InvalidArgument(f"request body is not valid JSON: {err}") from None
 
 
-def head_app(node: HeadNode) -> Starlette:
+def head_app(node: HeadNode, limiter: RateLimiter | None = None) -> Starlette:
+    """The head's app. Every route but the dashboard's files, ``/healthz`` and ``/openapi.json``
+    needs a token once any exists (``shoal.httpauth.ControlAuth``), and takes from the
+    client's share of ``limiter`` (the control API's rate limit, shared with gRPC)."""
     registry = metrics.registry(metrics.HeadCollector(node))
+    limit = node.settings.max_message_bytes
 
     async def status(request: Request) -> Response:
         async with node.lock:
@@ -73,7 +89,7 @@ def head_app(node: HeadNode) -> Starlette:
         raise NotFound(f"no deployment named {name!r}")
 
     async def apply(request: Request) -> Response:
-        spec = parse_spec(await _json_body(request))
+        spec = parse_spec(await _json_body(request, limit))
         result = await node.apply(spec)
         return JSONResponse(
             {"name": spec.name, "created": result.created, "changed": result.changed},
@@ -81,7 +97,7 @@ def head_app(node: HeadNode) -> Starlette:
         )
 
     async def scale(request: Request) -> Response:
-        doc = await _json_body(request)
+        doc = await _json_body(request, limit)
         replicas = doc.get("replicas") if isinstance(doc, dict) else None
         if not isinstance(replicas, int) or isinstance(replicas, bool):
             raise InvalidArgument('body must be {"replicas": N} with N an integer')
@@ -163,7 +179,9 @@ def head_app(node: HeadNode) -> Starlette:
         Route("/healthz", healthz),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    return Starlette(routes=routes)
+    limiter = limiter or RateLimiter(node.settings.control_rate_limit)
+    guard = Middleware(ControlAuth, tokens=node.tokens, limiter=limiter, max_body=limit)
+    return Starlette(routes=routes, middleware=[guard])
 
 
 def openapi_schema() -> dict[str, Any]:
@@ -189,7 +207,7 @@ def openapi_schema() -> dict[str, Any]:
 
     name = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
     array = {"type": "array", "items": {"type": "object"}}
-    return {
+    doc: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "shoal head API", "version": __version__},
         "paths": {
@@ -285,3 +303,24 @@ def openapi_schema() -> dict[str, Any]:
         },
         "components": components,
     }
+    _secure(doc)
+    return doc
+
+
+def _secure(doc: dict[str, Any]) -> None:
+    """Every operation needs a bearer token once tokens exist, and may be rate limited."""
+    doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    refusals = {
+        "400": {"description": "invalid request (also: a body over the max_message_mb setting)", **error},
+        "401": {"description": "no token, or an unknown one (once any token exists)", **error},
+        "403": {"description": "the token's role is too low", **error},
+        "429": {"description": "over the control API's rate limit (setting control_rate_limit)", **error},
+    }
+    for item in doc["paths"].values():
+        for method, op in item.items():
+            if method == "parameters":
+                continue
+            # A token, or none while no token exists (the bootstrap).
+            op["security"] = [{"bearer": []}, {}]
+            op["responses"] = {**refusals, **op["responses"]}

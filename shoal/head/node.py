@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from shoal.auth import Role, TokenRecord, TokenRegistry, required_tokens
 from shoal.config import Settings
 from shoal.core.autoscale import Autoscaler
 from shoal.core.clock import Clock, SystemClock, sleep_or_event
@@ -26,11 +27,12 @@ from shoal.core.cluster import (
     RemoveReplica,
     ReplicaReport,
 )
+from shoal.core.model_dirs import check_model_dirs
 from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec, parse_spec, parse_spec_json
 from shoal.core.stats import SeriesRecorder, Snapshot
 from shoal.core.tasks import TaskSet
-from shoal.errors import NotFound, ShoalError
+from shoal.errors import InvalidArgument, NotFound, ShoalError
 from shoal.store.base import Store
 from shoal.types import (
     DeploymentRoutes,
@@ -82,19 +84,28 @@ class HeadNode:
         self._tasks = TaskSet("head")
         self._stopping = asyncio.Event()
         self._paused = False
+        # After a restart with deployments in the store: no placing or removing until the
+        # schedulers have had dead_after_s to register again with the replicas they run.
+        self._adopt_until = 0.0
         self.autoscaler = Autoscaler(self.clock)
         self._loads: dict[str, dict[str, LoadReport]] = {}  # scheduler -> deployment -> load
         self.series = SeriesRecorder()
         self.targets: dict[str, int] = {}  # autoscaled deployments: the current replica count
         self.scale_decisions: collections.Counter[tuple[str, str]] = collections.Counter()  # (name, up|down)
+        self.tokens = TokenRegistry(store)
 
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
+        await self.tokens.load()
         for entry in await self.store.list(DEPLOYMENTS):
             spec = parse_spec_json(entry.value)
             self.desired[spec.name] = spec
         log.info("head loaded %d deployment(s) from the store", len(self.desired))
+        if self.desired:
+            # Otherwise the first scheduler to register looks like the whole cluster and the
+            # head starts replicas that the others are already running.
+            self._adopt_until = self.clock.now() + self.settings.dead_after_s
         self._tasks.spawn(self._run(), "reconcile")
 
     async def aclose(self) -> None:
@@ -187,6 +198,16 @@ class HeadNode:
     # ------------------------------------------------------------ deployments
 
     async def apply(self, spec: DeploymentSpec) -> ApplyResult:
+        """Create or update a deployment. InvalidArgument when its model lies outside
+        ``allowed_model_dirs`` or its ``auth.tokens`` names a token that does not exist."""
+        check_model_dirs(spec, self.settings.allowed_model_dirs)
+        unknown = [n for n in required_tokens(spec) if self.tokens.get(n) is None]
+        if unknown:
+            raise InvalidArgument(
+                f"deployment {spec.name!r}: auth.tokens names unknown token(s) "
+                f"{', '.join(map(repr, unknown))}; create them with "
+                "'shoal token create --role infer --name NAME'"
+            )
         async with self.lock:
             old = self.desired.get(spec.name)
             changed = old is None or old.to_json() != spec.to_json()
@@ -220,6 +241,21 @@ class HeadNode:
         self.wake()
         await self._publish_routes()
 
+    # ------------------------------------------------------------ tokens
+
+    async def create_token(self, role: Role, name: str = "") -> tuple[TokenRecord, str]:
+        """A new token and its secret (see ``TokenRegistry.create``); schedulers learn its hash."""
+        rec, secret = await self.tokens.create(role, name)
+        log.info("token %s created with role %s", rec.name, rec.role)
+        await self._publish_routes()
+        return rec, secret
+
+    async def revoke_token(self, name: str) -> None:
+        """Revoke a token; schedulers stop accepting it with the next routing table. NotFound if unknown."""
+        await self.tokens.revoke(name)
+        log.info("token %s revoked", name)
+        await self._publish_routes()
+
     def _get(self, name: str) -> DeploymentSpec:
         spec = self.desired.get(name)
         if spec is None:
@@ -235,12 +271,22 @@ class HeadNode:
         """One pass: decide under the lock, then act on schedulers concurrently."""
         async with self.lock:
             self._refresh_resources()
-            desired = {n: (s, self._target(s)) for n, s in self.desired.items()}
-            if self._paused:
+            wait = self._adopt_until - self.clock.now()
+            if wait > 0:
+                # Autoscaling targets wait too: afterwards they start from what runs.
                 self.state.expire()
-                actions = []
+                actions: list[Action] = []
+                self.state.pending_reasons = {
+                    n: f"waiting {wait:.0f}s for schedulers to register again after a head restart"
+                    for n in self.desired
+                }
             else:
-                actions = self.state.reconcile(desired)
+                desired = {n: (s, self._target(s)) for n, s in self.desired.items()}
+                if self._paused:
+                    self.state.expire()
+                    actions = []
+                else:
+                    actions = self.state.reconcile(desired)
             for sid in list(self._clients):
                 sched = self.state.schedulers.get(sid)
                 if sched is None or sched.address != self._clients[sid][0]:
@@ -357,6 +403,7 @@ class HeadNode:
                 routes=tuple(
                     Route(r.id, r.address, r.scheduler_id, r.in_flight) for r in routes.get(name, [])
                 ),
+                allowed_tokens=self.tokens.hashes(required_tokens(spec)),
             )
             for name, spec in self.desired.items()
         }
@@ -364,9 +411,12 @@ class HeadNode:
     async def _publish_routes(self) -> None:
         async with self.lock:
             table = self._table()
-        if table != dict(self._routes.deployments):
+            token_hashes = self.tokens.hashes()
+        if table != dict(self._routes.deployments) or token_hashes != self._routes.token_hashes:
             async with self._routes_changed:
-                self._routes = RoutingTable(version=self._routes.version + 1, deployments=table)
+                self._routes = RoutingTable(
+                    version=self._routes.version + 1, deployments=table, token_hashes=token_hashes
+                )
                 self._routes_changed.notify_all()
 
     async def watch_routes(self, scheduler_id: str) -> AsyncIterator[RoutingTable]:

@@ -16,9 +16,11 @@ from shoal.core.spec import parse_spec_json
 from shoal.errors import ShoalError
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.replica.process import ReplicaProcess
+from shoal.rpc.auth import REPLICA_RULES, AuthInterceptor
 from shoal.rpc.clients import ReplicaSchedulerLink
 from shoal.rpc.replica_service import ReplicaService
 from shoal.rpc.server import bind, new_server
+from shoal.rpc.tls import server_credentials
 
 log = logging.getLogger("shoal.replica")
 
@@ -35,9 +37,10 @@ async def amain(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, replica.request_stop)
 
-    server = new_server(settings)
+    # Only the scheduler (its certificate, with TLS) may call a replica.
+    server = new_server(settings, [AuthInterceptor(REPLICA_RULES, tls=bool(settings.tls_dir))])
     pbg.add_ReplicaServicer_to_server(ReplicaService(replica), server)
-    port = bind(server, settings.host, 0)
+    port = bind(server, settings.host, 0, server_credentials(settings, "replica"))
     await server.start()
     address = f"{settings.advertised}:{port}"
     log.info("replica %s of %s listening on %s (pid %d)", args.replica_id, spec.name, address, os.getpid())

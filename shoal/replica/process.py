@@ -4,18 +4,23 @@ to its scheduler, and shuts itself down when NACKed or orphaned."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncGenerator
 from typing import Protocol
 
 from shoal.backends import load_backend
 from shoal.backends.base import Backend
+from shoal.backends.generation import Completion, TextGenerator
+from shoal.backends.python import PythonBackend
 from shoal.config import Settings
 from shoal.core.cluster import DRAINING, READY, STARTING, STOPPED
+from shoal.core.model_dirs import check_model_dirs
 from shoal.core.spec import DeploymentSpec
-from shoal.errors import Code, DeadlineExceeded, ShoalError, Unavailable
+from shoal.errors import Code, DeadlineExceeded, Internal, InvalidArgument, ShoalError, Unavailable
 from shoal.replica.batcher import Batcher
-from shoal.types import Arrays, ReplicaDescription
+from shoal.types import Arrays, GenerateChunk, GenerateRequest, ReplicaDescription
 
 log = logging.getLogger("shoal.replica")
 
@@ -49,7 +54,11 @@ class ReplicaProcess:
     async def load(self) -> None:
         """Load the model (in a worker thread) and start the batcher. Raises ShoalError."""
         started = time.monotonic()
+        allowed = self.settings.allowed_model_dirs
+        check_model_dirs(self.spec, allowed)  # again here, where the files are
         backend = load_backend(self.spec)
+        if isinstance(backend, PythonBackend):
+            backend.allowed_dirs = allowed
         await asyncio.to_thread(backend.load)
         self.backend = backend
         batching = self.spec.batching
@@ -83,6 +92,64 @@ class ReplicaProcess:
                 "request %s done in %.2f ms", request_id, (time.perf_counter() - started) * 1000, extra=ids
             )
         return outputs
+
+    # ------------------------------------------------------------ text generation
+
+    async def generate(
+        self, request_id: str, request: GenerateRequest, timeout_s: float
+    ) -> AsyncGenerator[GenerateChunk, None]:
+        """Run one text generation on the backend, chunk by chunk (see :class:`GenerateChunk`).
+
+        Bypasses the batcher: a text generator schedules its own work (transformers one
+        generation at a time on its model thread, vLLM continuously). Closing this generator
+        (or cancelling its consumer) stops the generation. Raises Unavailable when the replica
+        does not take requests, InvalidArgument when its model does not generate text or a
+        parameter is out of range, DeadlineExceeded after ``timeout_s`` (0: the deployment's).
+        """
+        if self.state not in (READY, DRAINING) or self.backend is None:
+            raise Unavailable(f"replica {self.id} is {self.state}")
+        backend = self.backend
+        if not isinstance(backend, TextGenerator) or not backend.generates_text:
+            raise InvalidArgument(f"model {self.spec.name!r} does not generate text")
+        params = backend.default_params.with_(
+            max_tokens=request.max_tokens or None,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            stop=request.stop or None,
+            seed=request.seed,
+        )
+        prompt = backend.render_chat(request.messages) if request.messages else request.prompt
+        ids = {"request_id": request_id, "replica_id": self.id}
+        timeout = timeout_s if timeout_s > 0 else self.spec.timeout_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        self.in_flight += 1
+        try:
+            async with contextlib.aclosing(backend.stream_completion(prompt, params)) as steps:
+                while True:
+                    try:
+                        # Per step, not around the loop: a timeout scope must not span a yield.
+                        step = await asyncio.wait_for(anext(steps), max(0.0, deadline - loop.time()))
+                    except StopAsyncIteration:
+                        raise Internal(f"model {self.spec.name!r} ended a generation early") from None
+                    except TimeoutError:
+                        raise DeadlineExceeded(f"request {request_id} timed out after {timeout:g}s") from None
+                    if isinstance(step, Completion):
+                        yield GenerateChunk(
+                            text="" if request.stream else step.text,
+                            finish_reason=step.finish_reason,
+                            prompt_tokens=step.prompt_tokens,
+                            completion_tokens=step.completion_tokens,
+                        )
+                        return
+                    if request.stream:
+                        yield GenerateChunk(text=step)
+        except ShoalError as err:
+            level = logging.WARNING if err.code is Code.INTERNAL else logging.INFO
+            log.log(level, "generation %s failed: %s: %s", request_id, err.code.value, err, extra=ids)
+            raise
+        finally:
+            self.in_flight -= 1
 
     def describe(self) -> ReplicaDescription:
         b = self.batcher

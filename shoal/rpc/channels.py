@@ -15,9 +15,11 @@ from typing import TypeVar
 import grpc
 import grpc.aio
 
+from shoal.certs import CLUSTER_NAME
 from shoal.config import Settings
 from shoal.errors import ShoalError, Unavailable
 from shoal.rpc.status import to_error
+from shoal.rpc.tls import channel_credentials, tls_hint
 
 T = TypeVar("T")
 log = logging.getLogger("shoal.rpc")
@@ -41,9 +43,14 @@ def channel_options(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
-def open_channel(address: str, settings: Settings) -> grpc.aio.Channel:
-    """An insecure channel to ``address`` (TLS comes with the security settings)."""
-    return grpc.aio.insecure_channel(address, options=channel_options(settings))
+def open_channel(address: str, settings: Settings, role: str = "client") -> grpc.aio.Channel:
+    """A channel to ``address``: mutual TLS with ``role``'s certificate when ``settings.tls_dir``
+    is set (the server's name is checked as the cluster name, whatever the address), else plaintext."""
+    credentials = channel_credentials(settings, role)
+    if credentials is None:
+        return grpc.aio.insecure_channel(address, options=channel_options(settings))
+    options = [*channel_options(settings), ("grpc.ssl_target_name_override", CLUSTER_NAME)]
+    return grpc.aio.secure_channel(address, credentials, options=options)
 
 
 class Reachability:
@@ -56,7 +63,7 @@ class Reachability:
     def failed(self, err: BaseException) -> None:
         if not self.down:
             self.down = True
-            log.warning("cannot reach %s: %s (retrying quietly)", self.what, err)
+            log.warning("cannot reach %s: %s (retrying quietly)", self.what, tls_hint(str(err)))
 
     def ok(self) -> None:
         if self.down:

@@ -34,6 +34,12 @@ from shoal.types import (
 )
 from shoal.types import DeploymentRoutes as DomainRoutes
 
+
+def auth_metadata(token: str) -> tuple[tuple[str, str], ...] | None:
+    """The call metadata that carries ``token`` (``authorization: Bearer ...``); None without one."""
+    return (("authorization", f"Bearer {token}"),) if token else None
+
+
 STATE_NAMES: dict[int, str] = {int(v): k for k, v in pb.ReplicaState.items()}
 
 
@@ -96,7 +102,7 @@ class GrpcReplicaClient:
 
     def __init__(self, address: str, settings: Settings) -> None:
         self.address = address
-        self._channel = open_channel(address, settings)
+        self._channel = open_channel(address, settings, "scheduler")
         self._stub = pbg.ReplicaStub(self._channel)
         self._stream = TaskStream(self._stub, address) if settings.data_plane == "stream" else None
 
@@ -179,7 +185,7 @@ class GrpcSchedulerClient:
 
     def __init__(self, scheduler_id: str, address: str, settings: Settings) -> None:
         self._settings = settings
-        self._channel = open_channel(address, settings)
+        self._channel = open_channel(address, settings, "head")
         self._stub = pbg.SchedulerStub(self._channel)
         self._reach = Reachability(f"scheduler {scheduler_id} at {address}")
 
@@ -222,7 +228,7 @@ class GrpcHeadLink:
 
     def __init__(self, address: str, settings: Settings) -> None:
         self._settings = settings
-        self._channel = open_channel(address, settings)
+        self._channel = open_channel(address, settings, "scheduler")
         self._stub = pbg.HeadStub(self._channel)
         self.reach = Reachability(f"head at {address}")
         self._spec_cache: dict[str, DeploymentSpec] = {}
@@ -293,8 +299,12 @@ class GrpcHeadLink:
                 spec = parse_spec_json(dep.spec_json)
                 self._spec_cache = {dep.spec_json: spec, **dict(list(self._spec_cache.items())[:256])}
             routes = tuple(Route(r.replica_id, r.address, r.scheduler_id, r.in_flight) for r in dep.routes)
-            deployments[name] = DomainRoutes(spec=spec, routes=routes)
-        return RoutingTable(version=table.version, deployments=deployments)
+            deployments[name] = DomainRoutes(
+                spec=spec, routes=routes, allowed_tokens=tuple(dep.allowed_token_hashes)
+            )
+        return RoutingTable(
+            version=table.version, deployments=deployments, token_hashes=tuple(table.token_hashes)
+        )
 
     async def close(self) -> None:
         await self._channel.close(None)
@@ -305,7 +315,7 @@ class ReplicaSchedulerLink:
 
     def __init__(self, address: str, settings: Settings) -> None:
         self._settings = settings
-        self._channel = open_channel(address, settings)
+        self._channel = open_channel(address, settings, "replica")
         self._stub = pbg.SchedulerStub(self._channel)
         self.reach = Reachability(f"scheduler at {address}")
 
@@ -340,14 +350,28 @@ class ControlClient:
         self._settings = settings
         self._channel = open_channel(head_address, settings)
         self._stub = pbg.HeadStub(self._channel)
+        self._metadata = auth_metadata(settings.token)
         self.head_address = head_address
 
     async def _call(self, method: str, req: object) -> object:
         rpc = getattr(self._stub, method)
         return await call(
-            lambda: rpc(req, timeout=self._settings.rpc_timeout_s),
+            lambda: rpc(req, timeout=self._settings.rpc_timeout_s, metadata=self._metadata),
             attempts=2,
         )
+
+    async def create_token(self, role: str, name: str = "") -> pb.CreateTokenReply:
+        reply = await self._call("CreateToken", pb.CreateTokenRequest(name=name, role=role))
+        assert isinstance(reply, pb.CreateTokenReply)
+        return reply
+
+    async def list_tokens(self) -> list[pb.TokenInfo]:
+        reply = await self._call("ListTokens", pb.Empty())
+        assert isinstance(reply, pb.ListTokensReply)
+        return list(reply.tokens)
+
+    async def revoke_token(self, name: str) -> None:
+        await self._call("RevokeToken", pb.RevokeTokenRequest(name=name))
 
     async def apply(self, spec: DeploymentSpec) -> pb.ApplyDeploymentReply:
         reply = await self._call("ApplyDeployment", pb.ApplyDeploymentRequest(spec_json=spec.to_json()))
@@ -371,6 +395,7 @@ class ControlClient:
         stream = self._stub.ReadLog(
             pb.ReadLogRequest(replica_id=replica_id, tail_bytes=tail_bytes, follow=follow),
             timeout=None if follow else self._settings.rpc_timeout_s * 4,
+            metadata=self._metadata,
         )
         try:
             async for chunk in stream:
@@ -390,6 +415,7 @@ class NativeClient:
     def __init__(self, address: str, settings: Settings) -> None:
         self._channel = open_channel(address, settings)
         self._stub = pbg.SchedulerStub(self._channel)
+        self._metadata = auth_metadata(settings.token)
 
     async def infer(
         self, deployment: str, inputs: Arrays, *, timeout_s: float = 0.0, request_id: str = ""
@@ -400,7 +426,7 @@ class NativeClient:
         )
         deadline = (timeout_s or 60.0) + 5.0
         try:
-            reply = await self._stub.SendRequest(req, timeout=deadline)
+            reply = await self._stub.SendRequest(req, timeout=deadline, metadata=self._metadata)
         except grpc.aio.AioRpcError as err:
             raise to_error(err) from None
         return codec.decode(reply.outputs), reply.replica_id

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 from google.protobuf import json_format
 
+from shoal.auth import Role
 from shoal.core.spec import parse_spec_json
 from shoal.errors import InvalidArgument, ShoalError
 from shoal.head.node import HeadNode, cluster_status
@@ -54,10 +55,11 @@ class HeadService(pbg.HeadServicer):
         self, request: pb.WatchRoutesRequest, context: Context
     ) -> AsyncIterator[pb.RoutingTable]:
         async for table in self.node.watch_routes(request.scheduler_id):
-            msg = pb.RoutingTable(version=table.version)
+            msg = pb.RoutingTable(version=table.version, token_hashes=table.token_hashes)
             for name, dep in table.deployments.items():
                 entry = msg.deployments[name]
                 entry.spec_json = dep.spec.to_json()
+                entry.allowed_token_hashes.extend(dep.allowed_tokens)
                 for r in dep.routes:
                     entry.routes.add(
                         replica_id=r.replica_id,
@@ -99,6 +101,25 @@ class HeadService(pbg.HeadServicer):
                 yield pb.LogChunk(data=data)
         except ShoalError as err:
             await abort(context, err)
+
+    async def CreateToken(self, request: pb.CreateTokenRequest, context: Context) -> pb.CreateTokenReply:
+        try:
+            rec, secret = await self.node.create_token(Role.parse(request.role or "read"), request.name)
+        except ShoalError as err:
+            await abort(context, err)
+        return pb.CreateTokenReply(name=rec.name, role=str(rec.role), token=secret)
+
+    async def ListTokens(self, request: pb.Empty, context: Context) -> pb.ListTokensReply:
+        tokens = self.node.tokens.list()
+        infos = [pb.TokenInfo(name=r.name, role=str(r.role), created=r.created) for r in tokens]
+        return pb.ListTokensReply(tokens=infos)
+
+    async def RevokeToken(self, request: pb.RevokeTokenRequest, context: Context) -> pb.Empty:
+        try:
+            await self.node.revoke_token(request.name)
+        except ShoalError as err:
+            await abort(context, err)
+        return pb.Empty()
 
     async def GetStatus(self, request: pb.Empty, context: Context) -> pb.ClusterStatus:
         async with self.node.lock:

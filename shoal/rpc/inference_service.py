@@ -15,6 +15,7 @@ shared memory, trace and log settings) answer UNIMPLEMENTED.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections.abc import AsyncIterator
 from typing import Any, NoReturn
@@ -22,11 +23,14 @@ from typing import Any, NoReturn
 import grpc
 from google.protobuf import json_format
 
-from shoal.core import tensors
+from shoal.auth import InferenceAuth
+from shoal.core import limits, tensors
 from shoal.errors import DeadlineExceeded, InvalidArgument, NotFound, ShoalError
 from shoal.proto import grpc_service_pb2 as oip
 from shoal.proto import grpc_service_pb2_grpc as oipg
 from shoal.proto import model_config_pb2 as mc
+from shoal.rpc import generate_stream
+from shoal.rpc.auth import authorization
 from shoal.rpc.status import Context, abort
 from shoal.scheduler.models import VERSION, ModelCatalog
 from shoal.types import Arrays
@@ -114,8 +118,10 @@ def _from_contents(t: oip.ModelInferRequest.InferInputTensor) -> Any:
     return tensors.from_json(t.datatype, tuple(t.shape), list(getattr(t.contents, field)), name=t.name)
 
 
-def decode_inputs(request: oip.ModelInferRequest) -> Arrays:
-    """The request's inputs as arrays. Raises InvalidArgument naming the input."""
+def decode_inputs(request: oip.ModelInferRequest, max_elements: int = 0) -> Arrays:
+    """The request's inputs as arrays. Raises InvalidArgument naming the input, or the limit
+    of ``max_elements`` (all inputs together; 0: none), checked before anything is decoded."""
+    limits.check_elements((list(t.shape) for t in request.inputs), max_elements)
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InvalidArgument(
@@ -143,8 +149,17 @@ def decode_inputs(request: oip.ModelInferRequest) -> Arrays:
 class InferenceService(oipg.GRPCInferenceServiceServicer):
     """Safe for concurrent calls (one event loop)."""
 
-    def __init__(self, catalog: ModelCatalog) -> None:
+    def __init__(
+        self, catalog: ModelCatalog, auth: InferenceAuth | None = None, max_tensor_elements: int = 0
+    ) -> None:
         self.catalog = catalog
+        self.auth = auth
+        self.max_elements = max_tensor_elements
+
+    def _authorize(self, model: str, context: Context) -> None:
+        """Raises Unauthenticated or PermissionDenied when ``model`` needs a token this call lacks."""
+        if self.auth is not None and model:
+            self.auth.check(model, authorization(context))
 
     async def ServerLive(self, request: oip.ServerLiveRequest, context: Context) -> oip.ServerLiveResponse:
         return oip.ServerLiveResponse(live=self.catalog.server_live())
@@ -154,6 +169,10 @@ class InferenceService(oipg.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request: oip.ModelReadyRequest, context: Context) -> oip.ModelReadyResponse:
         # As Triton: an unknown model is not ready, not an error.
+        try:
+            self._authorize(request.name, context)
+        except ShoalError as err:
+            await abort(context, err)
         try:
             ready = self.catalog.model_ready(request.name, request.version)
         except NotFound:
@@ -170,6 +189,7 @@ class InferenceService(oipg.GRPCInferenceServiceServicer):
         self, request: oip.ModelMetadataRequest, context: Context
     ) -> oip.ModelMetadataResponse:
         try:
+            self._authorize(request.name, context)
             meta = await self.catalog.metadata(request.name, request.version)
         except ShoalError as err:
             await abort(context, err)
@@ -184,6 +204,7 @@ class InferenceService(oipg.GRPCInferenceServiceServicer):
 
     async def ModelConfig(self, request: oip.ModelConfigRequest, context: Context) -> oip.ModelConfigResponse:
         try:
+            self._authorize(request.name, context)
             config = await self.catalog.config(request.name, request.version)
         except ShoalError as err:
             await abort(context, err)
@@ -193,6 +214,7 @@ class InferenceService(oipg.GRPCInferenceServiceServicer):
         self, request: oip.ModelStatisticsRequest, context: Context
     ) -> oip.ModelStatisticsResponse:
         try:
+            self._authorize(request.name, context)
             stats = await self.catalog.statistics(request.name, request.version)
         except ShoalError as err:
             await abort(context, err)
@@ -216,6 +238,7 @@ class InferenceService(oipg.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: oip.ModelInferRequest, context: Context) -> oip.ModelInferResponse:
         try:
+            self._authorize(request.model_name, context)
             return await self._infer(request, context)
         except ShoalError as err:
             await abort(context, err)
@@ -223,11 +246,23 @@ class InferenceService(oipg.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[oip.ModelInferRequest], context: Context
     ) -> AsyncIterator[oip.ModelStreamInferResponse]:
-        """Requests of one stream run concurrently; each answer (or its error) is sent when ready."""
+        """Requests of one stream run concurrently; each answer (or its error) is sent when ready.
+        A generation deployment answers a response per piece of text (decoupled)."""
         answers: asyncio.Queue[oip.ModelStreamInferResponse | None] = asyncio.Queue()
 
         async def answer(request: oip.ModelInferRequest) -> None:
             try:
+                self._authorize(request.model_name, context)
+                if generate_stream.wants_generation(self.catalog, request):
+                    # Decoupled: a response per piece of text (shoal.rpc.generate_stream).
+                    inputs = decode_inputs(request, self.max_elements)
+                    pieces = generate_stream.stream_responses(
+                        self.catalog, request, inputs, _timeout_s(request, context)
+                    )
+                    async with contextlib.aclosing(pieces):
+                        async for piece in pieces:
+                            answers.put_nowait(piece)
+                    return
                 reply = oip.ModelStreamInferResponse(infer_response=await self._infer(request, context))
             except ShoalError as err:
                 failed = oip.ModelInferResponse(
@@ -310,7 +345,7 @@ class InferenceService(oipg.GRPCInferenceServiceServicer):
             wanted.append(out.name)
         result = await self.catalog.infer(
             request.model_name,
-            decode_inputs(request),
+            decode_inputs(request, self.max_elements),
             version=request.model_version,
             request_id=request.id,
             timeout_s=_timeout_s(request, context),

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from shoal.core import limits
 from shoal.core.spec import parse_spec_json
 from shoal.errors import InvalidArgument, NotFound, ShoalError
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.rpc import codec
+from shoal.rpc.auth import authorization
 from shoal.rpc.clients import state_name
 from shoal.rpc.status import Context, abort
 from shoal.scheduler.node import SchedulerNode
@@ -65,6 +67,9 @@ class SchedulerService(pbg.SchedulerServicer):
                 raise InvalidArgument("deployment is required")
             if request.timeout_s < 0:
                 raise InvalidArgument(f"timeout_s must be >= 0, got {request.timeout_s:g}")
+            self.node.inference_auth.check(request.deployment, authorization(context))
+            shapes = (list(t.shape) for t in request.inputs)
+            limits.check_elements(shapes, self.node.settings.max_tensor_elements)
             inputs = codec.decode(request.inputs)
             outputs, replica_id = await self.node.router.send(
                 request.deployment, inputs, request_id=request.request_id, timeout_s=request.timeout_s

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
 import grpc.aio
 
 from shoal.config import Settings
@@ -9,7 +13,9 @@ from shoal.errors import Unavailable
 from shoal.rpc.channels import channel_options
 
 
-def new_server(settings: Settings) -> grpc.aio.Server:
+def new_server(
+    settings: Settings, interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = ()
+) -> grpc.aio.Server:
     options = [
         *channel_options(settings),
         ("grpc.so_reuseport", 0),
@@ -17,15 +23,22 @@ def new_server(settings: Settings) -> grpc.aio.Server:
         # of answering them with GOAWAY "too_many_pings".
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
         ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
     ]
-    return grpc.aio.server(options=options)
+    return grpc.aio.server(options=options, interceptors=interceptors)
 
 
-def bind(server: grpc.aio.Server, host: str, port: int) -> int:
-    """Bind ``host:port`` (port 0 picks a free one); returns the bound port."""
+def bind(
+    server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None = None
+) -> int:
+    """Bind ``host:port`` (port 0 picks a free one), with TLS when ``credentials`` are given
+    (``shoal.rpc.tls.server_credentials``); returns the bound port."""
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(target)
+        if credentials is None:
+            bound = server.add_insecure_port(target)
+        else:
+            bound = server.add_secure_port(target, credentials)
     except RuntimeError as err:
         raise Unavailable(f"cannot listen on {target}: {err}") from None
     if bound == 0:

@@ -117,6 +117,11 @@ class TaskStream:
         self._closed = True
         call = self._call
         self._call = None
+        # Fail what waits here now: the reader's own _fail is a no-op once _call is None, and
+        # a request left pending would wait for its whole deadline (the router retries these).
+        for future in list(self._pending.values()):
+            if not future.done():
+                future.set_exception(Unavailable(f"replica at {self._address}: client closed"))
         if call is not None:
             call.cancel()
         tasks = [t for t in (self._reader, self._writer) if t is not None]

@@ -8,6 +8,8 @@ Thin routes over :class:`shoal.scheduler.models.ModelCatalog`::
     POST /v2/models/NAME[/versions/V]/infer
     GET  /v2/models/stats           POST /v2/repository/index
     GET  /healthz                   GET  /metrics (Prometheus, ``shoal.metrics.SchedulerCollector``)
+    POST /v2/models/NAME[/versions/V]/generate[_stream]   (``shoal.scheduler.generate_http``)
+    /v1/...                         the OpenAI-compatible API (``shoal.scheduler.openai``)
 
 Inference bodies are JSON (``inputs: [{name, datatype, shape, data}]``) or Triton's
 binary tensor data extension (an ``Inference-Header-Content-Length`` header, then the
@@ -30,15 +32,19 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from shoal import metrics
-from shoal.core import tensors
+from shoal.core import limits, tensors
 from shoal.errors import InvalidArgument, ShoalError
+from shoal.httpauth import InferenceAuth as InferenceAuthMiddleware
+from shoal.scheduler.generate_http import generate_routes
 from shoal.scheduler.models import InferResult, ModelCatalog
 from shoal.scheduler.node import SchedulerNode
+from shoal.scheduler.openai import openai_routes
 from shoal.types import Arrays
 
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -147,7 +153,7 @@ def _bool_param(params: dict[str, Any], key: str, default: bool, where: str) -> 
 class InferRequest:
     """A decoded REST inference request."""
 
-    def __init__(self, header: dict[str, Any], tail: memoryview) -> None:
+    def __init__(self, header: dict[str, Any], tail: memoryview, max_elements: int = 0) -> None:
         request_id = header.get("id", "")
         if not isinstance(request_id, str):
             raise InvalidArgument(f"'id' must be a string, got {request_id!r}")
@@ -162,6 +168,9 @@ class InferRequest:
         self.binary_default = _bool_param(params, "binary_data_output", False, "")
         if "inputs" not in header:
             raise InvalidArgument("the request has no 'inputs'")
+        if isinstance(header["inputs"], list):
+            shapes = (e.get("shape") for e in header["inputs"] if isinstance(e, dict))
+            limits.check_elements(shapes, max_elements)  # before any tensor is decoded
         self.inputs = self._decode_inputs(header["inputs"], tail)
         self.outputs: list[str] = []
         self.binary: dict[str, bool] = {}
@@ -289,7 +298,7 @@ def scheduler_app(node: SchedulerNode, catalog: ModelCatalog | None = None) -> S
         if body.strip():
             try:
                 doc = json.loads(body)
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:
                 raise InvalidArgument(f"request body is not valid JSON: {e}") from None
             if not isinstance(doc, dict):
                 raise InvalidArgument("request JSON must be an object")
@@ -302,7 +311,7 @@ def scheduler_app(node: SchedulerNode, catalog: ModelCatalog | None = None) -> S
         models.spec(name, version)  # 404 before reading the body
         body = await read_body(request, limit)
         header, tail = tensors.split_binary_body(body, request.headers.get("inference-header-content-length"))
-        req = InferRequest(header, tail)
+        req = InferRequest(header, tail, node.settings.max_tensor_elements)
         result = await models.infer(
             name,
             req.inputs,
@@ -338,4 +347,12 @@ def scheduler_app(node: SchedulerNode, catalog: ModelCatalog | None = None) -> S
             Route(f"{prefix}/stats", model_stats, methods=["GET"]),
             Route(f"{prefix}/infer", infer, methods=["POST"]),
         ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: internal_error})
+    routes += [*generate_routes(models, limit), *openai_routes(node.router, limit)]
+    # Tokens for deployments that ask for them, on every route that names a model: these and
+    # those mounted above (the OpenAI API's model is in its body).
+    guard = Middleware(InferenceAuthMiddleware, checker=node.inference_auth, limit=limit)
+    return Starlette(
+        routes=routes,
+        exception_handlers={HTTPException: http_error, Exception: internal_error},
+        middleware=[guard],
+    )

@@ -44,6 +44,7 @@ from shoal.core import tensors
 from shoal.core.spec import DeploymentSpec, TensorSpec
 from shoal.errors import InvalidArgument, NotFound, ShoalError, Unavailable
 from shoal.scheduler.router import Router
+from shoal.scheduler.textgen import generates_text
 from shoal.types import Arrays, ReplicaClient, ReplicaDescription
 
 #: The one version every deployment has.
@@ -111,11 +112,14 @@ class BatchStatistics:
     compute_infer: Duration
 
     def to_json(self) -> dict[str, Any]:
+        # Input and output handling is not timed apart from the model call; their counts
+        # must still equal compute_infer's (perf_analyzer checks that they agree).
+        untimed = Duration(self.compute_infer.count, 0).to_json()
         return {
             "batch_size": self.batch_size,
-            "compute_input": Duration().to_json(),
+            "compute_input": untimed,
             "compute_infer": self.compute_infer.to_json(),
-            "compute_output": Duration().to_json(),
+            "compute_output": untimed,
         }
 
 
@@ -137,6 +141,8 @@ class ModelStatistics:
     def to_json(self) -> dict[str, Any]:
         """Triton's JSON form (the REST body; the gRPC servicer parses it into protobuf)."""
         zero = Duration().to_json()
+        # Same counts for input, infer and output (perf_analyzer aborts when they differ).
+        untimed = Duration(self.compute_infer.count, 0).to_json()
         return {
             "name": self.name,
             "version": self.version,
@@ -147,9 +153,9 @@ class ModelStatistics:
                 "success": self.success.to_json(),
                 "fail": self.fail.to_json(),
                 "queue": self.queue.to_json(),
-                "compute_input": zero,
+                "compute_input": untimed,
                 "compute_infer": self.compute_infer.to_json(),
-                "compute_output": zero,
+                "compute_output": untimed,
                 "cache_hit": zero,
                 "cache_miss": zero,
             },
@@ -292,7 +298,8 @@ def model_config(spec: DeploymentSpec, metadata: ModelMetadata, instances: int) 
                 "count": instances,
             }
         ],
-        "model_transaction_policy": {"decoupled": False},
+        # Decoupled: ModelStreamInfer answers a generation with a response per piece of text.
+        "model_transaction_policy": {"decoupled": generates_text(spec)},
     }
     if mbs:
         config["dynamic_batching"] = {
@@ -337,6 +344,11 @@ class ModelCatalog:
         self._described: dict[str, tuple[str, ReplicaDescription]] = {}  # name -> (spec hash, description)
         self._describing: dict[str, asyncio.Lock] = {}
         self._counters: dict[str, _Counters] = {}
+
+    @property
+    def router(self) -> Router:
+        """The router requests go through (text generation streams use it directly)."""
+        return self._router
 
     # -- server
 

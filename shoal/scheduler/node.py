@@ -12,11 +12,13 @@ from pathlib import Path
 
 import psutil
 
+from shoal.auth import InferenceAuth
 from shoal.config import Settings
 from shoal.core.clock import sleep_or_event
 from shoal.core.placement import Capacity
+from shoal.core.spec import DeploymentSpec
 from shoal.core.tasks import TaskSet
-from shoal.errors import ShoalError
+from shoal.errors import NotFound, ShoalError
 from shoal.scheduler.router import Router
 from shoal.scheduler.supervisor import ReplicaSupervisor
 from shoal.types import HeadLink, ReplicaClient, SchedulerRegistration
@@ -77,6 +79,14 @@ class SchedulerNode:
         )
         self._tasks = TaskSet(f"scheduler {scheduler_id}")
         self.registered = asyncio.Event()
+        # Inference tokens per deployment, from the head's routing tables.
+        self.inference_auth = InferenceAuth(self._spec_of)
+
+    def _spec_of(self, deployment: str) -> DeploymentSpec | None:
+        try:
+            return self.router.spec(deployment)
+        except NotFound:
+            return None
 
     def start(self, address: str, http_address: str) -> None:
         self.address = address
@@ -134,6 +144,7 @@ class SchedulerNode:
             try:
                 async for table in self.head.watch_routes(self.id):
                     backoff = 0.1
+                    self.inference_auth.apply_table(table)
                     await self.router.apply_table(table)
             except ShoalError:
                 pass

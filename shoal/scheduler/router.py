@@ -8,10 +8,11 @@ head's routing table). Only READY, non-draining replicas get requests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
 from shoal.config import Settings
@@ -20,9 +21,13 @@ from shoal.core.spec import DeploymentSpec
 from shoal.core.stats import DeploymentStats
 from shoal.errors import Code, DeadlineExceeded, NotFound, ResourceExhausted, ShoalError, Unavailable
 from shoal.scheduler.handle import ReplicaGone, ReplicaHandle
-from shoal.types import Arrays, LoadReport, ReplicaClient, RoutingTable
+from shoal.types import Arrays, GenerateChunk, GenerateRequest, LoadReport, ReplicaClient, RoutingTable
 
 log = logging.getLogger("shoal.router")
+
+# How long a retry waits for the routing table to change when every replica left has
+# already failed the request (and would be tried again).
+RETRY_PAUSE_S = 0.25
 
 OUTCOME_OF = {
     Code.INVALID_ARGUMENT: "invalid",
@@ -226,6 +231,11 @@ class Router:
         tried: set[str] = set()
         last: ShoalError | None = None
         for attempt in range(max(1, self.settings.request_attempts)):
+            if tried and not any(h.accepting and h.replica_id not in tried for h in dep.handles.values()):
+                # Every replica left has failed this request (say a remote one that was just
+                # killed, still in the routing table for a few ms): give the table a moment to
+                # drop it or a replacement to join before trying one of them again.
+                await dep.changed.wait(min(RETRY_PAUSE_S, max(0.0, deadline - loop.time())))
             handle = await self._acquire(dep, deadline, tried)
             if attempt == 0:
                 dep.stats.queue.observe(time.perf_counter() - started)
@@ -291,6 +301,84 @@ class Router:
     def _release(self, dep: _Deployment) -> None:
         if dep.waiting:
             self._notify(dep)
+
+    # ------------------------------------------------------------ streams (text generation)
+
+    async def stream(
+        self, deployment: str, request: GenerateRequest, *, request_id: str = "", timeout_s: float = 0.0
+    ) -> AsyncGenerator[GenerateChunk, None]:
+        """Run one text generation on some READY replica, yielding its chunks as they come.
+
+        The replica is acquired as for :meth:`send`: one with room under
+        ``max_ongoing_requests``, waiting up to the deadline (``timeout_s``, 0: the
+        deployment's), ResourceExhausted at once when the queue is full, NotFound for an
+        unknown deployment. The deadline bounds the whole generation. A replica that fails
+        before its first chunk is replaced by another (up to ``settings.request_attempts``);
+        after the first chunk the failure is the caller's (Unavailable): the client has seen
+        part of an answer that another replica would not continue.
+
+        The replica's slot is held until the stream ends: close this generator (``aclose``,
+        ``contextlib.aclosing``) when the client goes away, which also stops the generation.
+        """
+        dep = self._deployments.get(deployment)
+        if dep is None:
+            raise NotFound(f"no deployment named {deployment!r}")
+        started = time.perf_counter()
+        request_id = request_id or uuid.uuid4().hex
+        timeout_s = timeout_s if timeout_s > 0 else dep.spec.timeout_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        tried: set[str] = set()
+        last: ShoalError | None = None
+        outcome = "error"
+        streamed = False
+        try:
+            for attempt in range(max(1, self.settings.request_attempts)):
+                if tried and not any(h.accepting and h.replica_id not in tried for h in dep.handles.values()):
+                    await dep.changed.wait(min(RETRY_PAUSE_S, max(0.0, deadline - loop.time())))
+                handle = await self._acquire(dep, deadline, tried)
+                if attempt == 0:
+                    dep.stats.queue.observe(time.perf_counter() - started)
+                try:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        raise DeadlineExceeded(f"request {request_id} timed out after {timeout_s:g}s")
+                    if handle.gone:
+                        raise ReplicaGone(f"replica {handle.replica_id} is gone")
+                    chunks = handle.client.generate(request_id, request, remaining)
+                    async with contextlib.aclosing(chunks):
+                        async for chunk in chunks:
+                            streamed = True
+                            yield chunk
+                    outcome = "ok"
+                    return
+                except (ReplicaGone, Unavailable) as err:
+                    if streamed:
+                        raise
+                    last = err
+                    tried.add(handle.replica_id)
+                    log.info(
+                        "request %s: replica %s failed before streaming (%s); retrying",
+                        request_id,
+                        handle.replica_id,
+                        err,
+                        extra={"request_id": request_id, "replica_id": handle.replica_id},
+                    )
+                finally:
+                    handle.in_flight -= 1
+                    self._release(dep)
+            raise Unavailable(f"request {request_id} failed on {len(tried)} replica(s): {last}")
+        except ShoalError as err:
+            outcome = OUTCOME_OF.get(err.code, "error")
+            raise
+        except (GeneratorExit, asyncio.CancelledError):
+            # The client went away: after part of an answer that is its choice, not a failure.
+            if streamed:
+                outcome = "ok"
+            raise
+        finally:
+            dep.stats.outcomes[outcome] += 1
+            dep.stats.latency.observe(time.perf_counter() - started)
 
     # ------------------------------------------------------------ describing (OIP metadata, statistics)
 

@@ -27,6 +27,7 @@ from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec
 from shoal.core.tasks import TaskSet
 from shoal.errors import AlreadyExists, NotFound, ShoalError, Unavailable
+from shoal.scheduler.child import ChildProcess
 from shoal.scheduler.router import Router
 from shoal.types import ReplicaClient
 
@@ -39,7 +40,7 @@ LOG_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,127}$")
 class LocalReplica:
     id: str
     spec: DeploymentSpec
-    process: asyncio.subprocess.Process
+    process: ChildProcess
     log_path: Path
     state: str = STARTING
     address: str = ""
@@ -126,6 +127,11 @@ class ReplicaSupervisor:
                 "log_format": self.settings.log_format,
                 "log_level": self.settings.log_level,
                 "event_loop": self.settings.event_loop,
+                # Security: the replica's certificate, and where its model may come from.
+                "tls_dir": str(Path(self.settings.tls_dir).resolve()) if self.settings.tls_dir else "",
+                "insecure": self.settings.insecure,
+                "max_concurrent_streams": self.settings.max_concurrent_streams,
+                "allowed_model_dirs": [str(Path(d).resolve()) for d in self.settings.allowed_model_dirs],
             }
             cmd = [
                 sys.executable,
@@ -144,14 +150,7 @@ class ReplicaSupervisor:
             with open(log_path, "ab") as out:
                 # Own session: a Ctrl-C at the terminal reaches the scheduler, which
                 # then drains its replicas in order, rather than all at once.
-                process = await asyncio.create_subprocess_exec(
-                    *cmd,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=out,
-                    env=env,
-                    start_new_session=True,
-                )
+                process = ChildProcess.spawn(cmd, env=env, out=out)
             rep = LocalReplica(id=replica_id, spec=spec, process=process, log_path=log_path)
             self.registry[replica_id] = rep
             self.starts[spec.name] += 1
@@ -369,7 +368,7 @@ class ReplicaSupervisor:
         self._pingers.clear()
 
 
-def _signal(process: asyncio.subprocess.Process, sig: int) -> None:
+def _signal(process: ChildProcess, sig: int) -> None:
     if process.returncode is None:
         try:
             process.send_signal(sig)

@@ -5,7 +5,8 @@ No sockets, no processes, no real time unless a test asks for a delay:
 - :class:`FakeReplicaClient` is a :class:`~shoal.types.ReplicaClient`. ``push``
   echoes its inputs (or calls a handler), can be held open by a gate
   (an ``asyncio.Event``) or a delay, can fail with ``Unavailable``, and records
-  every request and how many ran at once.
+  every request and how many ran at once. ``generate`` streams the prompt's words
+  back (or what ``generator`` says), and can fail part way.
 - :class:`FakeReplicas` is the ``address -> ReplicaClient`` factory a
   :class:`~shoal.scheduler.router.Router` takes; it keeps one fake per address.
 - :class:`FakeSchedulerClient` is a :class:`~shoal.types.SchedulerClient` that
@@ -19,19 +20,36 @@ Every fake is for one event loop and is not thread-safe.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 from shoal.core.spec import DeploymentSpec
 from shoal.errors import DeadlineExceeded, ShoalError, Unavailable
-from shoal.types import Arrays, PingResult, ReplicaDescription
+from shoal.types import Arrays, GenerateChunk, GenerateRequest, PingResult, ReplicaDescription
 
 Handler = Callable[[Arrays], Arrays]
+TextHandler = Callable[[GenerateRequest], list[str]]
 
 
 def echo(inputs: Arrays) -> Arrays:
     """The default handler: every input comes back as an output of the same name."""
     return dict(inputs)
+
+
+def fake_generation(request: GenerateRequest) -> list[str]:
+    """The default text generator: the prompt's words (a chat's last message's), one piece
+    each (``" word"``), up to ``max_tokens`` (16 when 0)."""
+    prompt = request.messages[-1].content if request.messages else request.prompt
+    return [f" {word}" for word in prompt.split()][: request.max_tokens or 16]
+
+
+@dataclass(frozen=True)
+class GenerateCall:
+    """One generation a :class:`FakeReplicaClient` received."""
+
+    request_id: str
+    request: GenerateRequest
+    timeout_s: float
 
 
 @dataclass(frozen=True)
@@ -71,6 +89,11 @@ class FakeReplicaClient:
         self.in_flight = 0
         self.max_in_flight = 0
         self.description = ReplicaDescription()
+        self.generator: TextHandler = fake_generation
+        self.generations: list[GenerateCall] = []
+        self.fail_after_chunks: int | None = None
+        self.piece_delay_s = 0.0
+        self.streams_closed = 0
         self.drains: list[float] = []
         self.closed = False
         self._arrived = asyncio.Condition()
@@ -115,6 +138,60 @@ class FakeReplicaClient:
             return self.handler(inputs)
         finally:
             self.in_flight -= 1
+
+    async def generate(
+        self, request_id: str, request: GenerateRequest, timeout_s: float
+    ) -> AsyncGenerator[GenerateChunk, None]:
+        """Records the call, waits like ``push`` (``delay_s``, ``gate``), then yields the pieces
+        ``generator(request)`` gives, ``piece_delay_s`` apart (all in one chunk without
+        ``request.stream``), and a last chunk: ``finish_reason`` ``length`` when the pieces
+        reached ``max_tokens``, else ``stop``; prompt tokens are the prompt's words.
+
+        With ``fail_after_chunks`` set, raises ``Unavailable`` after that many chunks (0:
+        before the first), as a replica that dies mid-stream. Counts the streams its consumer
+        closed before their end in ``streams_closed``; counts toward ``in_flight``.
+        """
+        self._check()
+        self.generations.append(GenerateCall(request_id, request, timeout_s))
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        finished = False
+        sent = 0
+        try:
+            async with self._arrived:
+                self._arrived.notify_all()
+            pieces = self.generator(request)
+            chunks = [GenerateChunk(text=p) for p in pieces] if request.stream else []
+            prompt = " ".join(m.content for m in request.messages) if request.messages else request.prompt
+            chunks.append(
+                GenerateChunk(
+                    text="" if request.stream else "".join(pieces),
+                    finish_reason="length" if len(pieces) >= (request.max_tokens or 16) else "stop",
+                    prompt_tokens=len(prompt.split()),
+                    completion_tokens=len(pieces),
+                )
+            )
+            try:
+                async with asyncio.timeout(timeout_s):
+                    if self.delay_s > 0:
+                        await asyncio.sleep(self.delay_s)
+                    if self.gate is not None:
+                        await self.gate.wait()
+            except TimeoutError:
+                raise DeadlineExceeded(f"request {request_id} timed out after {timeout_s:g}s") from None
+            for chunk in chunks:
+                if self.fail_after_chunks is not None and sent >= self.fail_after_chunks:
+                    raise Unavailable(f"replica at {self.address} went away during {request_id}")
+                self._check()
+                if sent and self.piece_delay_s > 0:
+                    await asyncio.sleep(self.piece_delay_s)
+                yield chunk
+                sent += 1
+            finished = True
+        finally:
+            self.in_flight -= 1
+            if not finished:
+                self.streams_closed += 1
 
     async def describe(self, timeout_s: float) -> ReplicaDescription:
         """Returns ``description`` (set it to what the model should declare)."""

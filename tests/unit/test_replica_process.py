@@ -49,8 +49,14 @@ class Link:
 def make(tmp_path: Path, link: Link, delay_s: float = 0.0, **settings: float) -> ReplicaProcess:
     (tmp_path / "slow_model.py").write_text(MODEL)
     spec = parse_spec(
-        {"name": "slow", "backend": "python", "model": "slow_model:Slow", "options": {"delay_s": delay_s},
-         "base_dir": str(tmp_path), "timeout_s": 5}
+        {
+            "name": "slow",
+            "backend": "python",
+            "model": "slow_model:Slow",
+            "options": {"delay_s": delay_s},
+            "base_dir": str(tmp_path),
+            "timeout_s": 5,
+        }
     )
     return ReplicaProcess("slow-000001", spec, Settings(**settings), link)  # type: ignore[arg-type]
 

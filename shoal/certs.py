@@ -1,0 +1,219 @@
+"""A cluster's certificates: ``shoal certs init DIR`` and where components find them.
+
+``DIR`` holds one cluster CA (``ca.crt``, ``ca.key``) and a key pair per role, each signed
+by that CA::
+
+    ca.crt  ca.key                     the cluster CA (keep ca.key off the cluster's machines)
+    head.crt  head.key                 the head: gRPC control API, REST API, dashboard
+    scheduler.crt  scheduler.key       schedulers: ingress, calls to the head and to replicas
+    replica.crt  replica.key           replicas: calls from and to their scheduler
+    client.crt  client.key             the CLI and other clients of the gRPC APIs
+
+Every certificate names its role in its common name (``shoal-<role>``), which servers
+check for calls only one role may make (RegisterScheduler from a scheduler, CreateReplica
+from the head, ...). Certificates serve as both TLS server and client certificates.
+
+Names. Each certificate's subject alternative names are ``localhost``, ``127.0.0.1``,
+``::1``, the ``--host`` names and addresses given, and :data:`CLUSTER_NAME`. shoal's own
+clients verify the peer against :data:`CLUSTER_NAME` (``grpc.ssl_target_name_override``),
+not against the address they dial, so any address works (a scheduler that moves, a NAT)
+while trust stays pinned to the cluster CA: the only roots a component trusts are those in
+``ca.crt``. Clients that verify the address (tritonclient, curl, browsers) need the address
+among the ``--host`` values.
+
+Private keys are written with mode 0600 and the folder with 0700.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from shoal.errors import AlreadyExists, InvalidArgument
+
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+CLUSTER_NAME = "shoal.cluster"
+"""A DNS name in every certificate, which shoal's clients verify instead of the address dialled."""
+
+ROLES = ("head", "scheduler", "replica", "client")
+VALID_DAYS = 825
+
+
+@dataclass(frozen=True)
+class Files:
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def files(tls_dir: str | Path, role: str) -> Files:
+    """Where ``role``'s certificate, key and the CA certificate are in ``tls_dir``. Raises
+    InvalidArgument naming the file that is missing."""
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}")
+    folder = Path(tls_dir)
+    out = Files(folder / "ca.crt", folder / f"{role}.crt", folder / f"{role}.key")
+    for path in (out.ca, out.cert, out.key):
+        if not path.is_file():
+            raise InvalidArgument(
+                f"TLS folder {str(folder)!r} has no {path.name}: create the cluster's certificates "
+                f"with 'shoal certs init {folder}'"
+            )
+    return out
+
+
+def read(tls_dir: str | Path, role: str) -> tuple[bytes, bytes, bytes]:
+    """(CA certificate, ``role``'s certificate, ``role``'s key) as PEM bytes."""
+    f = files(tls_dir, role)
+    try:
+        return f.ca.read_bytes(), f.cert.read_bytes(), f.key.read_bytes()
+    except OSError as err:
+        raise InvalidArgument(f"cannot read {err.filename}: {err.strerror}") from None
+
+
+def common_name(role: str) -> str:
+    return f"shoal-{role}"
+
+
+def _name(cn: str) -> x509.Name:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    return x509.Name(
+        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "shoal"), x509.NameAttribute(NameOID.COMMON_NAME, cn)]
+    )
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path, mode)  # also when the file existed with other bits
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _alt_names(hosts: tuple[str, ...]) -> list[x509.GeneralName]:
+    from cryptography import x509
+
+    out: list[x509.GeneralName] = []
+    seen: set[str] = set()
+    for host in (CLUSTER_NAME, "localhost", "127.0.0.1", "::1", *hosts):
+        host = host.strip().strip("[]")
+        if not host or host in seen:
+            continue
+        seen.add(host)
+        try:
+            out.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            out.append(x509.DNSName(host))
+    return out
+
+
+def init(tls_dir: str | Path, hosts: tuple[str, ...] = (), *, force: bool = False) -> list[Path]:
+    """Create a cluster CA and one certificate per role in ``tls_dir``; returns the files written.
+
+    Refuses (AlreadyExists) when the folder already holds a CA, unless ``force``.
+    """
+    # Imported here: components read certificates, only this command makes them.
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    folder = Path(tls_dir)
+    if (folder / "ca.crt").exists() and not force:
+        raise AlreadyExists(f"{folder} already holds a cluster CA; use --force to replace every file")
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    now = datetime.datetime.now(datetime.UTC)
+    start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=VALID_DAYS)
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = _name("shoal cluster CA")
+    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ca_ski, critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    written = [folder / "ca.crt", folder / "ca.key"]
+    _write(written[0], ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    _write(written[1], _key_pem(ca_key), 0o600)
+
+    alt = x509.SubjectAlternativeName(_alt_names(hosts))
+    for role in ROLES:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(_name(common_name(role)))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(end)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=True,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                critical=False,
+            )
+            .add_extension(alt, critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        crt, pem = folder / f"{role}.crt", folder / f"{role}.key"
+        _write(crt, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        _write(pem, _key_pem(key), 0o600)
+        written += [crt, pem]
+    return written

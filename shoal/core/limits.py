@@ -1,0 +1,36 @@
+"""Limits on what one request may ask of a scheduler, checked at ingress before any big
+buffer is decoded. The numbers are settings (``shoal.config.Settings``)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from shoal.errors import InvalidArgument
+
+
+def elements(shape: object) -> int:
+    """The element count of ``shape`` when it is a list of non-negative ints; 0 otherwise (the
+    decoder then refuses the shape itself, naming the problem)."""
+    if not isinstance(shape, list | tuple):
+        return 0
+    dims = []
+    for d in shape:
+        if isinstance(d, bool) or not isinstance(d, int) or d < 0:
+            return 0
+        dims.append(d)
+    return math.prod(dims)
+
+
+def check_elements(shapes: Iterable[object], limit: int) -> None:
+    """InvalidArgument when the tensors of one request hold more than ``limit`` elements
+    together (``limit`` <= 0: no limit)."""
+    if limit <= 0:
+        return
+    total = 0
+    for shape in shapes:
+        total += elements(shape)
+        if total > limit:
+            raise InvalidArgument(
+                f"the request's tensors hold over {limit} elements (setting max_tensor_elements)"
+            )

@@ -1,0 +1,207 @@
+"""Tokens and rate limits on the HTTP servers: two ASGI middlewares over ``shoal.auth``.
+
+* :class:`ControlAuth` guards the head's REST API (everything but the dashboard's static
+  files, ``/healthz`` and ``/openapi.json``): a bearer token of role ``read`` for GET,
+  ``deploy`` for changes, once any token exists; and the per-client rate limit (429).
+* :class:`InferenceAuth` guards a scheduler's ingress: a request for a deployment whose spec
+  names tokens (``auth.tokens``) needs one of them. The deployment is the model in the path
+  (``/v2/models/NAME/...``, ``/v1/models/NAME``) or, for the OpenAI API's POST routes, the
+  ``model`` field of the JSON body (``Authorization: Bearer <api_key>`` is what the OpenAI
+  clients send). Routes mounted later on the same app are covered without knowing of it.
+
+Refusals are 401 (no token, unknown token; with ``WWW-Authenticate: Bearer``), 403 (role too
+low, token not allowed for the deployment) and 429 (rate limit), with the JSON error shape of
+the API refused (``{"error": "..."}``, or OpenAI's ``{"error": {"message", ...}}`` under ``/v1``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.datastructures import Headers
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shoal import auth
+from shoal.errors import Code, InvalidArgument, ResourceExhausted, ShoalError
+
+OPEN_PATHS = ("/", "/healthz", "/openapi.json")
+OPEN_PREFIXES = ("/static/",)
+_OPENAI_CODES = {Code.UNAUTHENTICATED: "invalid_api_key", Code.PERMISSION_DENIED: "permission_denied"}
+
+
+def _refusal(err: ShoalError, *, status: int | None = None, openai: bool = False) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if err.code == Code.UNAUTHENTICATED else None
+    doc: dict[str, Any] = {"error": err.message}
+    if openai:
+        kind = "invalid_request_error" if err.code == Code.INVALID_ARGUMENT else err.code.value.lower()
+        doc = {
+            "error": {
+                "message": err.message,
+                "type": kind,
+                "param": None,
+                "code": _OPENAI_CODES.get(err.code),
+            }
+        }
+    return JSONResponse(doc, status_code=status or err.http_status, headers=headers)
+
+
+def control_role(method: str, path: str) -> auth.Role | None:
+    """The role a head REST call needs; None for the open paths."""
+    if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
+        return None
+    if method in ("GET", "HEAD", "OPTIONS"):
+        return auth.Role.READ
+    if path.startswith("/api/deployments"):
+        return auth.Role.DEPLOY
+    return auth.Role.READ  # anything else is answered 404 or 405 once authenticated
+
+
+class ControlAuth:
+    """The head's REST API: tokens by role, and the control API's rate limit."""
+
+    def __init__(
+        self, app: ASGIApp, tokens: auth.TokenRegistry, limiter: auth.RateLimiter, max_body: int
+    ) -> None:
+        self.app = app
+        self.tokens = tokens
+        self.limiter = limiter
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        method, path = scope["method"], scope["path"]
+        role = control_role(method, path)
+        if role is None:
+            await self.app(scope, receive, send)
+            return
+        client = scope.get("client")
+        host = client[0] if client else ""
+        token = None
+        error: ShoalError | None = None
+        try:
+            token = auth.check_control(
+                self.tokens,
+                Headers(scope=scope).get("authorization"),
+                role,
+                what=f"{method} {path}",
+                loopback=auth.is_loopback(host),
+            )
+        except ShoalError as err:
+            error = err
+        if not self.limiter.allow(auth.client_key(token, host)):
+            error = ResourceExhausted(self.limiter.message)
+        if error is not None:
+            await _drain(receive, self.max_body)
+            status = 429 if error.code == Code.RESOURCE_EXHAUSTED else None
+            await _refusal(error, status=status)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def model_in_path(path: str) -> str | None:
+    """The model a scheduler ingress path names, if any (not ``/v2/models/stats``)."""
+    for prefix in ("/v2/models/", "/v1/models/"):
+        if path.startswith(prefix):
+            rest = path[len(prefix) :]
+            if prefix == "/v1/models/":
+                return rest or None
+            name = rest.split("/", 1)[0]
+            if not name or (name == "stats" and rest == "stats"):
+                return None
+            return name
+    return None
+
+
+def model_in_body(body: bytes) -> str | None:
+    """The ``model`` field of a JSON object body, if it has a string one."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    model = doc.get("model") if isinstance(doc, dict) else None
+    return model if isinstance(model, str) else None
+
+
+class InferenceAuth:
+    """A scheduler's ingress: the deployment's tokens (``shoal.auth.InferenceAuth``)."""
+
+    def __init__(self, app: ASGIApp, checker: auth.InferenceAuth, limit: int) -> None:
+        self.app = app
+        self.checker = checker
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        openai = path.startswith("/v1/")
+        model = model_in_path(path)
+        if model is None and openai and scope["method"] == "POST":
+            try:
+                body = await _read(receive, self.limit)
+            except ShoalError as err:
+                await _refusal(err, openai=True)(scope, receive, send)
+                return
+            model = model_in_body(body)
+            receive = _replay(body, receive)
+        if model is not None:
+            try:
+                self.checker.check(model, Headers(scope=scope).get("authorization"))
+            except ShoalError as err:
+                await _drain(receive, self.limit)
+                await _refusal(err, openai=openai)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _read(receive: Receive, limit: int) -> bytes:
+    """The whole request body, at most ``limit`` bytes (the rest is read and dropped)."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size <= limit:
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    if size > limit:
+        raise InvalidArgument(
+            f"request body of {size} bytes is over the limit of {limit} bytes (setting max_message_mb)"
+        )
+    return b"".join(chunks)
+
+
+async def _drain(receive: Receive, limit: int) -> None:
+    """Read what is left of the body (up to ``limit`` bytes) before refusing the request, so
+    that a client that sends all of it before reading the answer gets the answer."""
+    size = 0
+    while size <= limit:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        size += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that gives ``body`` once, then whatever the client sends next (a disconnect)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay

@@ -1,0 +1,232 @@
+"""Who may call which gRPC method: a server interceptor over the rules in ``shoal.auth``.
+
+Two kinds of rule:
+
+* :class:`Control`: a call of the head's control API. It needs a bearer token of at least
+  a role (``authorization`` metadata) once any token exists, and takes from the caller's
+  rate-limit bucket.
+* :class:`Peer`: a call between components. With TLS on, only a certificate of the named
+  role may make it (its common name, ``shoal-<role>``); the TLS layer has already checked
+  that the certificate comes from the cluster CA. Without TLS nothing is checked (the
+  cluster listens on loopback only, or was told ``--insecure``).
+
+Calls no rule names pass untouched, except under a prefix marked :data:`DENY` (a method
+added to the head's service without a rule is refused, not opened). Inference calls are
+checked per deployment by the servicers (``InferenceAuth``), which know the model a
+request names.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import grpc.aio
+
+from shoal.auth import RateLimiter, Role, TokenRegistry, check_control, client_key, is_loopback
+from shoal.certs import common_name
+from shoal.errors import PermissionDenied, ResourceExhausted, ShoalError
+from shoal.rpc.status import Context, abort
+
+
+@dataclass(frozen=True)
+class Control:
+    role: Role
+    creates_token: bool = False
+
+
+@dataclass(frozen=True)
+class Peer:
+    role: str
+
+
+@dataclass(frozen=True)
+class Deny:
+    pass
+
+
+Rule = Control | Peer | Deny
+DENY = Deny()
+
+HEAD_RULES: dict[str, Rule] = {
+    "/shoal.v1.Head/RegisterScheduler": Peer("scheduler"),
+    "/shoal.v1.Head/SendHealthUpdate": Peer("scheduler"),
+    "/shoal.v1.Head/WatchRoutes": Peer("scheduler"),
+    "/shoal.v1.Head/GetStatus": Control(Role.READ),
+    "/shoal.v1.Head/ReadLog": Control(Role.READ),
+    "/shoal.v1.Head/ApplyDeployment": Control(Role.DEPLOY),
+    "/shoal.v1.Head/ScaleDeployment": Control(Role.DEPLOY),
+    "/shoal.v1.Head/DeleteDeployment": Control(Role.DEPLOY),
+    "/shoal.v1.Head/CreateToken": Control(Role.ADMIN, creates_token=True),
+    "/shoal.v1.Head/ListTokens": Control(Role.ADMIN),
+    "/shoal.v1.Head/RevokeToken": Control(Role.ADMIN),
+    "/shoal.v1.Head/": DENY,
+}
+SCHEDULER_RULES: dict[str, Rule] = {
+    "/shoal.v1.Scheduler/CreateReplica": Peer("head"),
+    "/shoal.v1.Scheduler/RemoveReplica": Peer("head"),
+    "/shoal.v1.Scheduler/ReadLog": Peer("head"),
+    "/shoal.v1.Scheduler/RegisterReplica": Peer("replica"),
+    "/shoal.v1.Scheduler/SendHealthUpdate": Peer("replica"),
+    # SendRequest and the Open Inference Protocol: any cluster certificate, and the
+    # deployment's token when its spec asks for one (checked by the servicers).
+}
+REPLICA_RULES: dict[str, Rule] = {"/shoal.v1.Replica/": Peer("scheduler")}
+
+
+def _rule(rules: Mapping[str, Rule], method: str) -> Rule | None:
+    rule = rules.get(method)
+    if rule is not None:
+        return rule
+    for prefix, r in rules.items():
+        if prefix.endswith("/") and method.startswith(prefix):
+            return r
+    return None
+
+
+def authorization(context: Context) -> str | None:
+    """The call's ``authorization`` metadata, if any."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return value if isinstance(value, str) else value.decode(errors="replace")
+    return None
+
+
+def peer_host(context: Context) -> str:
+    """The caller's address without its port (``unix`` peers count as loopback)."""
+    peer = urllib.parse.unquote(context.peer() or "")
+    kind, _, rest = peer.partition(":")
+    if kind == "unix":
+        return "localhost"
+    if kind == "ipv6":
+        return rest.rpartition("]")[0].lstrip("[") if "]" in rest else rest
+    return rest.rpartition(":")[0] or rest
+
+
+def _peer_names(context: Context) -> list[str]:
+    names = context.auth_context().get("x509_common_name", [])
+    return [n.decode(errors="replace") if isinstance(n, bytes) else str(n) for n in names]
+
+
+if TYPE_CHECKING:
+    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    _Interceptor = grpc.aio.ServerInterceptor
+
+
+class AuthInterceptor(_Interceptor):
+    """Applies ``rules`` (method -> rule; keys ending in ``/`` are prefixes) to every call.
+
+    ``tokens`` and ``limiter`` are needed when a rule is :class:`Control` (the head).
+    """
+
+    def __init__(
+        self,
+        rules: Mapping[str, Rule],
+        *,
+        tls: bool,
+        tokens: TokenRegistry | None = None,
+        limiter: RateLimiter | None = None,
+    ) -> None:
+        self._rules = dict(rules)
+        self._tls = tls
+        self._tokens = tokens
+        self._limiter = limiter
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(details)
+        method = details.method
+        rule = _rule(self._rules, method)
+        if handler is None or rule is None or (isinstance(rule, Peer) and not self._tls):
+            return handler
+
+        async def check(context: Context) -> None:
+            try:
+                self._check(rule, method, context)
+            except ShoalError as err:
+                await abort(context, err)
+
+        wrapped: grpc.RpcMethodHandler[Any, Any] = _wrap(handler, check)
+        return wrapped
+
+    def _check(self, rule: Rule, method: str, context: Context) -> None:
+        name = method.rsplit("/", 1)[-1]
+        if isinstance(rule, Deny):
+            raise PermissionDenied(f"{name} is not open to callers")
+        if isinstance(rule, Peer):
+            names = _peer_names(context)
+            if common_name(rule.role) not in names:
+                who = ", ".join(names) or "none"
+                raise PermissionDenied(f"{name} is for the {rule.role}; the caller's certificate is {who}")
+            return
+        assert self._tokens is not None
+        host = peer_host(context)
+        error: ShoalError | None = None
+        token = None
+        try:
+            token = check_control(
+                self._tokens,
+                authorization(context),
+                rule.role,
+                what=name,
+                loopback=is_loopback(host),
+                creates_token=rule.creates_token,
+            )
+        except ShoalError as err:
+            error = err
+        if self._limiter is not None and not self._limiter.allow(client_key(token, host)):
+            raise ResourceExhausted(self._limiter.message)
+        if error is not None:
+            raise error
+
+
+def _wrap(handler: Any, check: Callable[[Context], Awaitable[None]]) -> Any:
+    """``handler`` with ``check(context)`` run before its behaviour (it aborts the call to refuse it).
+
+    The handlers of a ``grpc.aio`` server are coroutines and async generators (the stubs
+    describe sync ones), hence ``Any``."""
+    kw: dict[str, Any] = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary is not None:
+        uu = handler.unary_unary
+
+        async def unary_unary(request: Any, context: Context) -> Any:
+            await check(context)
+            return await uu(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, **kw)
+    if handler.unary_stream is not None:
+        us = handler.unary_stream
+
+        async def unary_stream(request: Any, context: Context) -> AsyncIterator[Any]:
+            await check(context)
+            async for item in us(request, context):
+                yield item
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream, **kw)
+    if handler.stream_unary is not None:
+        su = handler.stream_unary
+
+        async def stream_unary(requests: Any, context: Context) -> Any:
+            await check(context)
+            return await su(requests, context)
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, **kw)
+    ss = handler.stream_stream
+    assert ss is not None
+
+    async def stream_stream(requests: Any, context: Context) -> AsyncIterator[Any]:
+        await check(context)
+        async for item in ss(requests, context):
+            yield item
+
+    return grpc.stream_stream_rpc_method_handler(stream_stream, **kw)

@@ -1,0 +1,84 @@
+"""TLS for gRPC: credentials from the cluster's certificate folder (``settings.tls_dir``),
+and the rule that a cluster without TLS binds loopback only.
+
+Servers ask for and verify a client certificate from the cluster CA
+(``require_client_auth``); clients present their role's certificate and trust only the
+cluster CA, verifying the server's name as :data:`shoal.certs.CLUSTER_NAME` whatever
+address they dial (see ``shoal/certs.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import grpc
+
+from shoal import certs
+from shoal.auth import is_loopback
+from shoal.config import Settings
+from shoal.errors import InvalidArgument
+
+log = logging.getLogger("shoal")
+
+
+@functools.lru_cache(maxsize=32)
+def _read(tls_dir: str, role: str) -> tuple[bytes, bytes, bytes]:
+    return certs.read(tls_dir, role)
+
+
+def server_credentials(settings: Settings, role: str) -> grpc.ServerCredentials | None:
+    """Mutual TLS with ``role``'s certificate, or None without TLS. Raises InvalidArgument."""
+    if not settings.tls_dir:
+        return None
+    ca, cert, key = _read(settings.tls_dir, role)
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
+
+
+def channel_credentials(settings: Settings, role: str) -> grpc.ChannelCredentials | None:
+    """``role``'s client certificate and the cluster CA as the only root, or None without TLS."""
+    if not settings.tls_dir:
+        return None
+    ca, cert, key = _read(settings.tls_dir, role)
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+
+def check_transport(settings: Settings, *roles: str) -> None:
+    """Refuse to serve plaintext beyond this machine: a non-loopback ``host`` needs TLS
+    (``tls_dir``) or ``insecure``. With TLS, check that ``roles``' certificates are there
+    (fail at start-up, not at the first call). Raises InvalidArgument saying how to fix it."""
+    if settings.tls_dir:
+        for role in roles:
+            certs.files(settings.tls_dir, role)
+        return
+    if is_loopback(settings.host) or settings.insecure:
+        return
+    raise InvalidArgument(
+        f"refusing to listen on {settings.host} in plaintext: give a certificate folder "
+        "(--tls-dir, from 'shoal certs init DIR'), or --insecure (SHOAL_INSECURE=1) on a network "
+        "you trust, or bind 127.0.0.1"
+    )
+
+
+def announce_transport(settings: Settings) -> None:
+    """Say once, at start-up, how this process talks to the world."""
+    if settings.tls_dir:
+        log.info("mutual TLS on gRPC, HTTPS on HTTP (certificates in %s)", settings.tls_dir)
+    elif settings.insecure and not is_loopback(settings.host):
+        log.warning(
+            "PLAINTEXT on %s (--insecure): anyone on this network can call every API; use --tls-dir",
+            settings.host,
+        )
+    else:
+        log.info("plaintext on loopback (%s) only: no --tls-dir, so no other machine can join", settings.host)
+
+
+def tls_hint(message: str) -> str:
+    """A failed call's message, with what to check when it was the TLS handshake."""
+    low = message.lower()
+    if "handshake" in low or "certificate" in low or "ssl" in low:
+        return (
+            f"{message} (TLS handshake failed: both sides need certificates from the same cluster CA "
+            "in --tls-dir)"
+        )
+    return message

@@ -1,0 +1,70 @@
+"""Replica processes as children of the scheduler: started with the standard
+library's ``subprocess`` and awaited through a pidfd.
+
+Why not ``asyncio.create_subprocess_exec``: under uvloop it forks through
+libuv, and a plain ``fork()`` in a process that runs gRPC threads runs gRPC's
+fork handlers in the child, which sometimes crashed replicas with SIGSEGV
+before they reached ``exec``. ``subprocess.Popen`` uses vfork/posix_spawn on
+Linux, which run no fork handlers; a pidfd (Linux 5.3+) then tells the event
+loop when the child exits, with no thread per child.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+from collections.abc import Mapping, Sequence
+from typing import IO
+
+
+class ChildProcess:
+    """A started child process. Create with :meth:`spawn` from a running event loop."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self._popen = popen
+        self.pid = popen.pid
+        self._exited = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._pidfd = os.pidfd_open(popen.pid)
+        self._loop.add_reader(self._pidfd, self._check)
+        self._check()
+
+    @classmethod
+    def spawn(
+        cls, argv: Sequence[str], *, env: Mapping[str, str], out: IO[bytes], new_session: bool = True
+    ) -> ChildProcess:
+        popen = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            env=dict(env),
+            start_new_session=new_session,
+            close_fds=True,
+        )
+        return cls(popen)
+
+    def _check(self) -> None:
+        if self._popen.poll() is not None and not self._exited.is_set():
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._exited.set()
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.returncode
+
+    async def wait(self) -> int:
+        await self._exited.wait()
+        code = self._popen.returncode
+        assert code is not None
+        return code
+
+    def send_signal(self, sig: int) -> None:
+        """Signal the child unless it has already exited (and been reaped)."""
+        if self._popen.poll() is None:
+            try:
+                self._popen.send_signal(sig)
+            except ProcessLookupError:
+                pass

@@ -1,0 +1,153 @@
+"""Triton's generate extension over HTTP, for deployments that generate text::
+
+    POST /v2/models/NAME[/versions/V]/generate
+    POST /v2/models/NAME[/versions/V]/generate_stream
+
+The body is a JSON object: ``text_input`` (or ``text``), the prompt; ``parameters``, an
+object with ``max_tokens``, ``temperature``, ``top_p``, ``stop`` (a string or a list) and
+``seed`` (each may also be given at the top level, as Triton maps top-level keys to model
+inputs); ``id``, echoed. Parameters left out are the deployment's defaults.
+
+``generate`` answers ``{"model_name", "model_version", "id"?, "text_output",
+"finish_reason", "prompt_tokens", "completion_tokens"}``. ``generate_stream`` answers
+server-sent events: one ``data: {"model_name", "model_version", "id"?, "text_output"}``
+event per piece of text as the model makes it, then a last event with ``text_output`` ""
+and ``finish_reason`` and the token counts. Errors before the first piece are
+``{"error": "..."}`` with the status from :data:`shoal.errors.HTTP_STATUS`, as on every
+``/v2`` route; an error after it is a last event ``data: {"error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from shoal.errors import InvalidArgument, ShoalError
+from shoal.scheduler import textgen
+from shoal.scheduler.models import VERSION, ModelCatalog
+from shoal.scheduler.sse import EventStream, event
+from shoal.types import GenerateRequest
+
+
+async def read_json(request: Request, limit: int) -> dict[str, Any]:
+    """The body as a JSON object; InvalidArgument when it is not one or is over ``limit`` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise InvalidArgument(
+            f"request body of {declared} bytes is over the limit of {limit} bytes (setting max_message_mb)"
+        )
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise InvalidArgument(f"request body is over the limit of {limit} bytes (setting max_message_mb)")
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError) as err:  # too deeply nested: RecursionError
+        raise InvalidArgument(f"request body is not valid JSON: {err}") from None
+    if not isinstance(doc, dict):
+        raise InvalidArgument(f"request body must be a JSON object, got {type(doc).__name__}")
+    return doc
+
+
+def parse_generate(doc: dict[str, Any], *, stream: bool) -> tuple[str, GenerateRequest]:
+    """(request id, request) from a generate extension body. Raises InvalidArgument."""
+    text = doc.get("text_input", doc.get("text"))
+    if not isinstance(text, str):
+        raise InvalidArgument("the body needs 'text_input', the prompt as a string")
+    params = doc.get("parameters", {})
+    if not isinstance(params, dict):
+        raise InvalidArgument(f"'parameters' must be an object, got {type(params).__name__}")
+    params = {**{k: doc[k] for k in textgen.PARAMETERS if k in doc}, **params}
+    request_id = doc.get("id", "")
+    if not isinstance(request_id, str):
+        raise InvalidArgument(f"'id' must be a string, got {request_id!r}")
+    return request_id, textgen.generate_request(params, prompt=text, stream=stream)
+
+
+def _error(err: ShoalError) -> Response:
+    return JSONResponse({"error": err.message}, status_code=err.http_status)
+
+
+def generate_routes(catalog: ModelCatalog, limit: int) -> list[Route]:
+    """The generate extension's routes over ``catalog`` (and its router); bodies up to ``limit`` bytes."""
+    router = catalog.router
+
+    async def prepare(request: Request, *, stream: bool) -> tuple[str, str, GenerateRequest]:
+        name = request.path_params["name"]
+        spec = catalog.spec(name, request.path_params.get("version", ""))
+        if not textgen.generates_text(spec):
+            raise InvalidArgument(f"model {name!r} does not generate text; use /v2/models/{name}/infer")
+        request_id, req = parse_generate(await read_json(request, limit), stream=stream)
+        return name, request_id, req
+
+    def head(name: str, request_id: str) -> dict[str, Any]:
+        doc: dict[str, Any] = {"model_name": name, "model_version": VERSION}
+        if request_id:
+            doc["id"] = request_id
+        return doc
+
+    async def generate(request: Request) -> Response:
+        try:
+            name, request_id, req = await prepare(request, stream=False)
+            result = await textgen.complete(router, name, req, request_id=textgen.internal_id(request_id))
+        except ShoalError as err:
+            return _error(err)
+        return JSONResponse(
+            {
+                **head(name, request_id),
+                "text_output": result.text,
+                "finish_reason": result.finish_reason,
+                "prompt_tokens": result.prompt_tokens,
+                "completion_tokens": result.completion_tokens,
+            }
+        )
+
+    async def generate_stream(request: Request) -> Response:
+        try:
+            name, request_id, req = await prepare(request, stream=True)
+            chunks = await textgen.start_stream(router, name, req, request_id=textgen.internal_id(request_id))
+        except ShoalError as err:
+            return _error(err)
+        base = head(name, request_id)
+
+        async def events() -> AsyncGenerator[bytes, None]:
+            try:
+                async for chunk in chunks:
+                    if chunk.last:
+                        yield event(
+                            {
+                                **base,
+                                "text_output": chunk.text,
+                                "finish_reason": chunk.finish_reason,
+                                "prompt_tokens": chunk.prompt_tokens,
+                                "completion_tokens": chunk.completion_tokens,
+                            }
+                        )
+                    elif chunk.text:
+                        yield event({**base, "text_output": chunk.text})
+            except ShoalError as err:
+                yield event({"error": err.message})
+
+        body = events()
+
+        async def close() -> None:
+            with contextlib.suppress(Exception):
+                await body.aclose()
+            await chunks.aclose()
+
+        return EventStream(body, close)
+
+    routes = []
+    for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+        routes += [
+            Route(f"{prefix}/generate", generate, methods=["POST"]),
+            Route(f"{prefix}/generate_stream", generate_stream, methods=["POST"]),
+        ]
+    return routes

@@ -1,0 +1,468 @@
+"""An OpenAI-compatible HTTP API on every scheduler's HTTP port, under ``/v1``::
+
+    GET  /v1/models                 GET  /v1/models/MODEL
+    POST /v1/embeddings             POST /v1/completions            POST /v1/chat/completions
+
+``model`` names a deployment. The official clients work unchanged:
+``OpenAI(base_url=f"http://{scheduler_http}/v1", api_key="unused")``.
+
+- **Embeddings** go to a deployment that answers an ``embedding`` output for a BYTES
+  ``text`` input (``transformers`` with task ``embedding``, or a ``python`` model that does
+  the same). ``input`` is a string or a list of strings (token arrays are refused); a long
+  list is cut into requests of the deployment's ``max_batch_size`` that run concurrently.
+  ``encoding_format`` ``float`` or ``base64`` (little-endian float32, what the Python
+  client asks for by default); ``dimensions`` only as the model's own size. ``usage``
+  reports 0 tokens: the embedding backends do not count them.
+- **Completions** and **chat completions** go to a deployment that generates text
+  (``transformers`` task ``generation``, ``vllm``) through :meth:`Router.stream
+  <shoal.scheduler.router.Router.stream>`. A chat is rendered into a prompt by the replica
+  (the model's chat template, else a ``role: content`` transcript). ``max_tokens`` (or
+  ``max_completion_tokens``), ``temperature`` (0 is greedy), ``top_p``, ``stop`` and
+  ``seed`` are honoured; left out, they are the deployment's defaults. ``n`` and
+  ``best_of`` must be 1. Parameters shoal cannot honour are refused with 400 rather than
+  ignored: ``echo``, ``suffix``, ``logprobs``, tools, a ``response_format`` other than
+  text, non-zero penalties, ``logit_bias``. Other fields are accepted and ignored, as
+  clients send many (``user``, ``metadata``, ...).
+- **Streaming** (``stream: true``) answers server-sent events, ``data: {chunk}`` each, in
+  OpenAI's chunk shapes (``text_completion`` / ``chat.completion.chunk``; for a chat a
+  first chunk with ``delta.role``, then ``delta.content`` pieces, and a last chunk with
+  ``finish_reason``), then ``data: [DONE]``. ``stream_options.include_usage`` adds a chunk
+  with ``usage`` and no choices before ``[DONE]``. A failure before the first piece is an
+  ordinary error response; one after it is a last ``data: {"error": ...}`` event.
+
+Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with the
+HTTP status from :data:`shoal.errors.HTTP_STATUS`: an unknown model is 404 with code
+``model_not_found``; a bad body is 400 ``invalid_request_error`` naming the ``param``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any, Literal, TypeVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from shoal.backends.generation import bytes_tensor
+from shoal.core.spec import DeploymentSpec
+from shoal.errors import Code, InvalidArgument, NotFound, ShoalError
+from shoal.scheduler import textgen
+from shoal.scheduler.generate_http import read_json
+from shoal.scheduler.router import Router
+from shoal.scheduler.sse import EventStream, event
+from shoal.types import ChatMessage, GenerateChunk, GenerateRequest
+
+B = TypeVar("B", bound=BaseModel)
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+_DONE = b"data: [DONE]\n\n"
+_FINISH_REASONS = {"stop": "stop", "length": "length"}  # shoal's "abort" has no OpenAI name: "stop"
+
+
+# ---------------------------------------------------------------- request bodies
+
+
+class _Body(BaseModel):
+    # OpenAI's clients send many fields shoal has no use for; they are accepted and ignored.
+    model_config = ConfigDict(extra="allow")
+
+
+class StreamOptions(_Body):
+    include_usage: bool | None = None
+
+
+class EmbeddingsBody(_Body):
+    model: str
+    input: str | list[str]
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: int | None = None
+
+
+class _GenerationBody(_Body):
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+
+
+class CompletionBody(_GenerationBody):
+    prompt: str | list[str]
+    echo: bool | None = None
+    suffix: str | None = None
+    logprobs: int | None = None
+    best_of: int | None = None
+
+
+class ContentPart(_Body):
+    type: str
+    text: str | None = None
+
+
+class MessageBody(_Body):
+    role: str
+    content: str | list[ContentPart] | None = None
+
+
+class ChatCompletionBody(_GenerationBody):
+    messages: list[MessageBody]
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+
+
+class OpenAIError(InvalidArgument):
+    """A request shoal refuses, naming the offending ``param`` (OpenAI's error field)."""
+
+    def __init__(self, param: str | None, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def parse_body(model: type[B], doc: dict[str, Any]) -> B:
+    """``doc`` validated as ``model``; OpenAIError naming the first bad field otherwise."""
+    try:
+        return model.model_validate(doc)
+    except ValidationError as err:
+        first = err.errors()[0]
+        # Unions name the member that failed ("input.list[str].0"): keep the field's path only.
+        loc = [str(p) for p in first["loc"] if isinstance(p, int) or not _is_type_tag(p)]
+        param = ".".join(loc) or None
+        problem = "is required" if first["type"] == "missing" else f"is invalid: {first['msg']}"
+        raise OpenAIError(param, f"'{param}' {problem}") from None
+
+
+def _is_type_tag(part: str) -> bool:
+    return part in ("str", "int", "float", "bool") or part.startswith(("list[", "dict[", "literal["))
+
+
+# ---------------------------------------------------------------- errors
+
+
+def error_body(err: ShoalError) -> dict[str, Any]:
+    """OpenAI's error object for ``err``."""
+    status = err.http_status
+    param = getattr(err, "param", None)
+    code: str | None = None
+    if err.code is Code.NOT_FOUND:
+        code = "model_not_found"
+    elif status >= 500:
+        code = err.code.value.lower()
+    if status == 401:
+        kind = "authentication_error"
+    elif status == 403:
+        kind = "permission_error"
+    elif status >= 500:
+        kind = "server_error"
+    else:
+        kind = "invalid_request_error"
+    return {"error": {"message": err.message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(err: ShoalError) -> Response:
+    return JSONResponse(error_body(err), status_code=err.http_status)
+
+
+def _openai(endpoint: Endpoint) -> Endpoint:
+    """Turn the ShoalErrors an endpoint raises into OpenAI's error responses."""
+
+    async def handle(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except ShoalError as err:
+            return error_response(err)
+
+    return handle
+
+
+def _refuse(param: str, why: str) -> OpenAIError:
+    return OpenAIError(param, f"'{param}' is not supported: {why}")
+
+
+def _check_common(body: _GenerationBody) -> None:
+    if body.n not in (None, 1):
+        raise _refuse("n", "shoal answers one choice per request (n=1)")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, name) not in (None, 0):
+            raise _refuse(name, "the backends have no repetition penalties")
+    if body.logit_bias:
+        raise _refuse("logit_bias", "the backends cannot bias tokens")
+
+
+# ---------------------------------------------------------------- mapping requests
+
+
+def completion_request(body: CompletionBody) -> GenerateRequest:
+    """The generation a completions body asks for. Raises OpenAIError."""
+    _check_common(body)
+    if body.best_of not in (None, 1):
+        raise _refuse("best_of", "shoal answers one choice per request")
+    if body.echo:
+        raise _refuse("echo", "the prompt is not echoed")
+    if body.suffix:
+        raise _refuse("suffix", "the backends do not insert text")
+    if body.logprobs is not None:
+        raise _refuse("logprobs", "the backends do not report log probabilities")
+    prompt = body.prompt
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise OpenAIError("prompt", f"give one prompt per request, got {len(prompt)}")
+        prompt = prompt[0]
+    return _request(body, body.max_tokens, prompt=prompt)
+
+
+def chat_messages(body: ChatCompletionBody) -> list[ChatMessage]:
+    """The chat's messages, each with its text (text parts joined). Raises OpenAIError."""
+    if not body.messages:
+        raise OpenAIError("messages", "'messages' must hold at least one message")
+    out = []
+    for i, message in enumerate(body.messages):
+        content = message.content
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if part.type != "text" or part.text is None:
+                    raise OpenAIError(
+                        f"messages.{i}.content.{j}", f"only text content is supported, got {part.type!r}"
+                    )
+                texts.append(part.text)
+            content = "".join(texts)
+        out.append(ChatMessage(role=message.role, content=content or ""))
+    return out
+
+
+def chat_request(body: ChatCompletionBody) -> GenerateRequest:
+    """The generation a chat completions body asks for. Raises OpenAIError."""
+    _check_common(body)
+    if body.logprobs or body.top_logprobs:
+        raise _refuse("logprobs", "the backends do not report log probabilities")
+    if body.tools:
+        raise _refuse("tools", "the backends do not call tools")
+    if body.tool_choice not in (None, "none"):
+        raise _refuse("tool_choice", "the backends do not call tools")
+    if body.response_format is not None and body.response_format.get("type", "text") != "text":
+        raise _refuse("response_format", "only text answers")
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    return _request(body, max_tokens, messages=chat_messages(body), max_tokens_param=param)
+
+
+def _request(
+    body: _GenerationBody,
+    max_tokens: int | None,
+    *,
+    prompt: str = "",
+    messages: list[ChatMessage] | None = None,
+    max_tokens_param: str = "max_tokens",
+) -> GenerateRequest:
+    params = {
+        "max_tokens": max_tokens,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "stop": body.stop,
+        "seed": body.seed,
+    }
+    try:
+        return textgen.generate_request(
+            params, prompt=prompt, messages=messages or (), stream=bool(body.stream)
+        )
+    except textgen.InvalidParameter as err:
+        param = max_tokens_param if err.param == "max_tokens" else err.param
+        raise OpenAIError(param, err.message.replace("max_tokens", param)) from None
+
+
+def _usage(chunk: GenerateChunk) -> dict[str, int]:
+    return {
+        "prompt_tokens": chunk.prompt_tokens,
+        "completion_tokens": chunk.completion_tokens,
+        "total_tokens": chunk.prompt_tokens + chunk.completion_tokens,
+    }
+
+
+def _finish(chunk: GenerateChunk) -> str:
+    return _FINISH_REASONS.get(chunk.finish_reason, "stop")
+
+
+# ---------------------------------------------------------------- the routes
+
+
+class OpenAIApi:
+    """The ``/v1`` endpoints over ``router``; bodies up to ``limit`` bytes."""
+
+    def __init__(self, router: Router, limit: int) -> None:
+        self.router = router
+        self.limit = limit
+        self.created = int(time.time())  # models have no creation time; this scheduler's start
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/v1/models", _openai(self.list_models), methods=["GET"]),
+            Route("/v1/models/{model:path}", _openai(self.get_model), methods=["GET"]),
+            Route("/v1/embeddings", _openai(self.embeddings), methods=["POST"]),
+            Route("/v1/completions", _openai(self.completions), methods=["POST"]),
+            Route("/v1/chat/completions", _openai(self.chat_completions), methods=["POST"]),
+        ]
+
+    def _model(self, name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "shoal"}
+
+    def _spec(self, name: str) -> DeploymentSpec:
+        try:
+            return self.router.spec(name)
+        except NotFound:
+            raise NotFound(f"The model '{name}' does not exist: no deployment of that name") from None
+
+    async def list_models(self, request: Request) -> Response:
+        names = sorted(self.router.deployments())
+        return JSONResponse({"object": "list", "data": [self._model(n) for n in names]})
+
+    async def get_model(self, request: Request) -> Response:
+        name = request.path_params["model"]
+        self._spec(name)
+        return JSONResponse(self._model(name))
+
+    # -- embeddings
+
+    async def embeddings(self, request: Request) -> Response:
+        body = parse_body(EmbeddingsBody, await read_json(request, self.limit))
+        spec = self._spec(body.model)
+        if not textgen.embeds_text(spec):
+            raise OpenAIError("model", f"model {body.model!r} does not compute embeddings")
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if not texts:
+            raise OpenAIError("input", "'input' must hold at least one string")
+        vectors = await self._embed(spec, texts)
+        if body.dimensions is not None and body.dimensions != vectors.shape[1]:
+            raise OpenAIError(
+                "dimensions", f"model {body.model!r} makes {vectors.shape[1]}-dimensional embeddings only"
+            )
+        encode = _base64 if body.encoding_format == "base64" else _floats
+        data = [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)]
+        usage = {"prompt_tokens": 0, "total_tokens": 0}
+        return JSONResponse({"object": "list", "data": data, "model": body.model, "usage": usage})
+
+    async def _embed(self, spec: DeploymentSpec, texts: list[str]) -> np.ndarray:
+        # Requests of at most a batch each, concurrently: a long list spreads over replicas
+        # and batches instead of making one oversized batch on one replica.
+        size = max(1, spec.batching.max_batch_size)
+        parts = [texts[i : i + size] for i in range(0, len(texts), size)]
+        sends = (self.router.send(spec.name, {"text": bytes_tensor(part)}) for part in parts)
+        results = await asyncio.gather(*sends, return_exceptions=True)
+        vectors = []
+        for part, result in zip(parts, results, strict=True):
+            if isinstance(result, BaseException):
+                raise result  # the first failure answers the request (a ShoalError: its status)
+            outputs, _ = result
+            array = outputs.get("embedding")
+            if array is None or array.ndim != 2 or array.shape[0] != len(part):
+                raise InvalidArgument(
+                    f"model {spec.name!r} did not answer an 'embedding' output of one row per input"
+                )
+            vectors.append(array.astype(np.float32, copy=False))
+        return np.concatenate(vectors)
+
+    # -- completions
+
+    async def completions(self, request: Request) -> Response:
+        body = parse_body(CompletionBody, await read_json(request, self.limit))
+        return await self._generate(body, completion_request(body), chat=False)
+
+    async def chat_completions(self, request: Request) -> Response:
+        body = parse_body(ChatCompletionBody, await read_json(request, self.limit))
+        return await self._generate(body, chat_request(body), chat=True)
+
+    async def _generate(self, body: _GenerationBody, req: GenerateRequest, *, chat: bool) -> Response:
+        spec = self._spec(body.model)
+        if not textgen.generates_text(spec):
+            raise OpenAIError("model", f"model {body.model!r} does not generate text")
+        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        head = {
+            "id": request_id,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": body.model,
+            "system_fingerprint": None,
+        }
+        if not req.stream:
+            result = await textgen.complete(self.router, spec.name, req, request_id=request_id)
+            choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": _finish(result)}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": result.text, "refusal": None}
+            else:
+                choice["text"] = result.text
+            return JSONResponse({**head, "choices": [choice], "usage": _usage(result)})
+        chunks = await textgen.start_stream(self.router, spec.name, req, request_id=request_id)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        head["object"] = "chat.completion.chunk" if chat else "text_completion"
+        events = stream_events(chunks, head, chat=chat, include_usage=include_usage)
+
+        async def close() -> None:
+            with contextlib.suppress(Exception):
+                await events.aclose()
+            await chunks.aclose()
+
+        return EventStream(events, close)
+
+
+def _floats(vector: np.ndarray) -> list[float]:
+    return [float(x) for x in vector]
+
+
+def _base64(vector: np.ndarray) -> str:
+    return base64.b64encode(vector.astype("<f4").tobytes()).decode()
+
+
+async def stream_events(
+    chunks: textgen.ChunkStream, head: dict[str, Any], *, chat: bool, include_usage: bool
+) -> AsyncGenerator[bytes, None]:
+    """The server-sent events of one streamed (chat) completion, ``[DONE]`` last."""
+    extra = {"usage": None} if include_usage else {}
+
+    def choice(text: str | None, finish: str | None, role: bool = False) -> bytes:
+        entry: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
+        if chat:
+            delta: dict[str, Any] = {"role": "assistant"} if role else {}
+            if text is not None:
+                delta["content"] = text
+            entry["delta"] = delta
+        else:
+            entry["text"] = text or ""
+        return event({**head, "choices": [entry], **extra})
+
+    try:
+        if chat:
+            yield choice("", None, role=True)
+        async for chunk in chunks:
+            if chunk.last:
+                yield choice(chunk.text or None, _finish(chunk))
+                if include_usage:
+                    yield event({**head, "choices": [], "usage": _usage(chunk)})
+                yield _DONE
+                return
+            if chunk.text:
+                yield choice(chunk.text, None)
+    except ShoalError as err:
+        yield event(error_body(err))
+
+
+def openai_routes(router: Router, limit: int) -> list[Route]:
+    """The OpenAI-compatible routes over ``router`` (see the module docstring)."""
+    return OpenAIApi(router, limit).routes()

@@ -1,0 +1,506 @@
+"""The OpenAI-compatible API and Triton's generate extension over in-memory replicas.
+
+The official ``openai`` client talks to the Starlette routes through httpx's ASGI transport
+(no sockets); the replicas are :class:`~shoal.testing.fakes.FakeReplicaClient` objects, whose
+generations stream the prompt's words back and whose embeddings are made up per text.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import httpx2
+import numpy as np
+import openai
+import pytest
+from starlette.applications import Starlette
+
+from shoal.config import Settings
+from shoal.core.spec import DeploymentSpec, parse_spec
+from shoal.errors import InvalidArgument, ResourceExhausted
+from shoal.proto import grpc_service_pb2 as oip
+from shoal.rpc import generate_stream
+from shoal.scheduler.generate_http import generate_routes
+from shoal.scheduler.models import ModelCatalog, ModelMetadata, model_config
+from shoal.scheduler.openai import openai_routes
+from shoal.scheduler.router import Router
+from shoal.testing.fakes import FakeReplicaClient, FakeReplicas
+from shoal.types import Arrays, ChatMessage, GenerateRequest
+
+pytestmark = pytest.mark.timeout(10)
+
+DIM = 4
+
+
+def fake_embeddings(inputs: Arrays) -> Arrays:
+    """A made-up embedding per text: its length, vowels, spaces, 1; L2-normalised."""
+    rows = []
+    for raw in inputs["text"].tolist():
+        text = raw.decode()
+        rows.append([len(text), sum(c in "aeiou" for c in text), text.count(" "), 1.0])
+    vectors = np.array(rows, dtype=np.float32)
+    return {"embedding": vectors / np.linalg.norm(vectors, axis=1, keepdims=True)}
+
+
+SPECS: dict[str, dict[str, Any]] = {
+    "lm": {"backend": "vllm", "model": "m"},
+    "minilm": {"backend": "transformers", "model": "m", "options": {"task": "embedding"}},
+    "digits": {"backend": "sklearn", "model": "digits.joblib"},
+}
+
+
+def spec(name: str, **changes: Any) -> DeploymentSpec:
+    return parse_spec({"name": name, **SPECS[name], **changes})
+
+
+@pytest.fixture
+def fakes() -> FakeReplicas:
+    return FakeReplicas(handler=fake_embeddings)
+
+
+@pytest.fixture
+async def router(fakes: FakeReplicas) -> AsyncIterator[Router]:
+    r = Router("s1", Settings(), fakes, policy="round_robin")
+    r.add("lm-1", spec("lm"), "lm-1:1", "s1")
+    r.add("minilm-1", spec("minilm", batching={"max_batch_size": 2}), "minilm-1:1", "s1")
+    r.add("digits-1", spec("digits"), "digits-1:1", "s1")
+    yield r
+    await r.aclose()
+
+
+@pytest.fixture
+def lm(router: Router, fakes: FakeReplicas) -> FakeReplicaClient:
+    return fakes.clients["lm-1:1"]
+
+
+@pytest.fixture
+def app(router: Router) -> Starlette:
+    return Starlette(
+        routes=[*openai_routes(router, 1 << 20), *generate_routes(ModelCatalog(router), 1 << 20)]
+    )
+
+
+@pytest.fixture
+async def http(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://shoal") as client:
+        yield client
+
+
+@pytest.fixture
+async def client(app: Starlette) -> AsyncIterator[openai.AsyncOpenAI]:
+    # The openai client speaks httpx2 (httpx's successor), which has the same ASGI transport.
+    transport = httpx2.ASGITransport(app=app)
+    async with (
+        httpx2.AsyncClient(transport=transport, base_url="http://shoal") as http_client,
+        openai.AsyncOpenAI(
+            base_url="http://shoal/v1", api_key="unused", http_client=http_client, max_retries=0
+        ) as c,
+    ):
+        yield c
+
+
+def sse(body: str) -> list[str]:
+    """The data of each server-sent event in ``body``."""
+    assert body.endswith("\n\n")
+    events = body.split("\n\n")[:-1]
+    assert all(e.startswith("data: ") for e in events), events
+    return [e[len("data: ") :] for e in events]
+
+
+# ---------------------------------------------------------------- models
+
+
+async def test_models_lists_every_deployment(client: openai.AsyncOpenAI) -> None:
+    models = [m async for m in client.models.list()]
+
+    assert [m.id for m in models] == ["digits", "lm", "minilm"]
+    assert {m.owned_by for m in models} == {"shoal"}
+    assert (await client.models.retrieve("lm")).id == "lm"
+
+
+# ---------------------------------------------------------------- embeddings
+
+
+async def test_embeddings_come_back_in_order_as_floats_and_base64(
+    client: openai.AsyncOpenAI, fakes: FakeReplicas
+) -> None:
+    texts = ["one", "two words", "three more words", "four", "five and six"]
+    want = fake_embeddings({"text": np.array([t.encode() for t in texts], dtype=object)})["embedding"]
+
+    floats = await client.embeddings.create(model="minilm", input=texts, encoding_format="float")
+    packed = await client.embeddings.create(model="minilm", input=texts)  # the client asks for base64
+
+    for result in (floats, packed):
+        assert [d.index for d in result.data] == [0, 1, 2, 3, 4]
+        np.testing.assert_allclose(np.array([d.embedding for d in result.data]), want, rtol=1e-6)
+        assert result.model == "minilm" and result.usage.prompt_tokens == 0
+    # max_batch_size 2: five texts went as three requests.
+    assert [len(r.inputs["text"]) for r in fakes.clients["minilm-1:1"].requests] == [2, 2, 1] * 2
+
+
+async def test_base64_embeddings_are_little_endian_float32(http: httpx.AsyncClient) -> None:
+    reply = await http.post(
+        "/v1/embeddings", json={"model": "minilm", "input": "hello", "encoding_format": "base64"}
+    )
+
+    vector = np.frombuffer(base64.b64decode(reply.json()["data"][0]["embedding"]), dtype="<f4")
+    want = fake_embeddings({"text": np.array([b"hello"], dtype=object)})["embedding"][0]
+    np.testing.assert_array_equal(vector, want)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "lm", "input": "hi"}, "model"),  # generates text, no embeddings
+        ({"model": "digits", "input": "hi"}, "model"),
+        ({"model": "minilm", "input": [1, 2, 3]}, "input"),  # token ids
+        ({"model": "minilm", "input": []}, "input"),
+        ({"model": "minilm", "input": "hi", "dimensions": 2}, "dimensions"),
+        ({"model": "minilm"}, "input"),
+    ],
+)
+async def test_bad_embedding_requests_are_400_naming_the_param(
+    client: openai.AsyncOpenAI, body: dict[str, Any], param: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        await client.post("/embeddings", body=body, cast_to=object)
+
+    assert err.value.status_code == 400
+    assert err.value.body == {
+        "message": err.value.body["message"],  # type: ignore[index]
+        "type": "invalid_request_error",
+        "param": param,
+        "code": None,
+    }
+
+
+async def test_a_failing_embedding_replica_answers_its_status(
+    client: openai.AsyncOpenAI, fakes: FakeReplicas
+) -> None:
+    fakes.clients["minilm-1:1"].fail(InvalidArgument("input 'text': element 2 is not valid UTF-8"))
+
+    with pytest.raises(openai.BadRequestError, match="not valid UTF-8"):
+        await client.embeddings.create(model="minilm", input=["a", "b", "c"])
+
+
+# ---------------------------------------------------------------- completions
+
+
+async def test_completion_with_parameters(client: openai.AsyncOpenAI, lm: FakeReplicaClient) -> None:
+    result = await client.completions.create(
+        model="lm", prompt="the quick brown fox", max_tokens=2, temperature=0, top_p=0.5, stop=["x"], seed=7
+    )
+
+    assert result.object == "text_completion" and result.id.startswith("cmpl-")
+    [choice] = result.choices
+    assert (choice.text, choice.finish_reason, choice.index) == (" the quick", "length", 0)
+    assert result.usage is not None
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens, result.usage.total_tokens) == (
+        4,
+        2,
+        6,
+    )
+    [call] = lm.generations
+    assert call.request == GenerateRequest(
+        prompt="the quick brown fox",
+        max_tokens=2,
+        temperature=0.0,
+        top_p=0.5,
+        stop=("x",),
+        seed=7,
+        stream=False,
+    )
+    assert call.request_id == result.id
+
+
+async def test_parameters_left_out_are_the_deployments_defaults(
+    client: openai.AsyncOpenAI, lm: FakeReplicaClient
+) -> None:
+    await client.completions.create(model="lm", prompt="a b")
+
+    assert lm.generations[0].request == GenerateRequest(prompt="a b", stream=False)
+
+
+async def test_streamed_completion_concatenates_to_the_whole(client: openai.AsyncOpenAI) -> None:
+    whole = await client.completions.create(model="lm", prompt="one two three")
+    stream = await client.completions.create(model="lm", prompt="one two three", stream=True)
+    chunks = [c async for c in stream]
+
+    assert len(chunks) == 4
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text == " one two three"
+    assert [c.choices[0].finish_reason for c in chunks] == [None, None, None, "stop"]
+    assert {c.object for c in chunks} == {"text_completion"}
+    assert len({c.id for c in chunks}) == 1
+
+
+# ---------------------------------------------------------------- chat
+
+
+async def test_chat_completion(client: openai.AsyncOpenAI, lm: FakeReplicaClient) -> None:
+    result = await client.chat.completions.create(
+        model="lm",
+        messages=[
+            {"role": "system", "content": "be brief"},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "hello "}, {"type": "text", "text": "there"}],
+            },
+        ],
+        max_completion_tokens=5,
+    )
+
+    assert result.object == "chat.completion" and result.id.startswith("chatcmpl-")
+    [choice] = result.choices
+    assert choice.message.role == "assistant"
+    assert (choice.message.content, choice.finish_reason) == (" hello there", "stop")
+    request = lm.generations[0].request
+    assert request.messages == (ChatMessage("system", "be brief"), ChatMessage("user", "hello there"))
+    assert (request.prompt, request.max_tokens) == ("", 5)
+
+
+async def test_streamed_chat_has_a_role_chunk_content_chunks_and_a_finish_chunk(
+    client: openai.AsyncOpenAI,
+) -> None:
+    messages: Any = [{"role": "user", "content": "one two three four"}]
+    whole = await client.chat.completions.create(model="lm", messages=messages, max_tokens=3)
+    stream = await client.chat.completions.create(
+        model="lm", messages=messages, max_tokens=3, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = [c async for c in stream]
+
+    assert {c.object for c in chunks} == {"chat.completion.chunk"}
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert "".join(content) == whole.choices[0].message.content == " one two three"
+    finishing = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finishing) == 1 and finishing[0].choices[0].finish_reason == "length"
+    # include_usage: a last chunk without choices carries the usage.
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 3
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+async def test_the_event_stream_ends_with_done(http: httpx.AsyncClient) -> None:
+    reply = await http.post(
+        "/v1/chat/completions",
+        json={"model": "lm", "messages": [{"role": "user", "content": "a b"}], "stream": True},
+    )
+
+    assert reply.status_code == 200
+    assert reply.headers["content-type"].startswith("text/event-stream")
+    events = sse(reply.text)
+    assert events[-1] == "[DONE]"
+    docs = [json.loads(e) for e in events[:-1]]
+    assert [d["choices"][0]["delta"] for d in docs] == [
+        {"role": "assistant", "content": ""},
+        {"content": " a"},
+        {"content": " b"},
+        {},
+    ]
+
+
+async def test_a_failure_mid_stream_is_an_error_event(
+    client: openai.AsyncOpenAI, lm: FakeReplicaClient, router: Router
+) -> None:
+    lm.fail_after_chunks = 2
+    stream = await client.chat.completions.create(
+        model="lm", messages=[{"role": "user", "content": "a b c d"}], stream=True
+    )
+
+    got = []
+    with pytest.raises(openai.APIError, match="went away"):
+        async for chunk in stream:
+            got.append(chunk.choices[0].delta.content)
+
+    assert got == ["", " a", " b"]
+    assert router.load()["lm"].in_flight == 0
+
+
+# ---------------------------------------------------------------- errors
+
+
+async def test_unknown_model_is_404_model_not_found(client: openai.AsyncOpenAI) -> None:
+    for call in (
+        client.completions.create(model="nope", prompt="hi"),
+        client.chat.completions.create(
+            model="nope", messages=[{"role": "user", "content": "hi"}], stream=True
+        ),
+        client.embeddings.create(model="nope", input="hi"),
+        client.models.retrieve("nope"),
+    ):
+        with pytest.raises(openai.NotFoundError) as err:
+            await call
+        assert err.value.code == "model_not_found"
+        assert err.value.type == "invalid_request_error"
+        assert "nope" in err.value.message
+
+
+@pytest.mark.parametrize(
+    ("changes", "param"),
+    [
+        ({"n": 2}, "n"),
+        ({"temperature": 3}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_completion_tokens": 0}, "max_completion_tokens"),
+        ({"stop": [""]}, "stop"),
+        ({"seed": 1.5}, "seed"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"logprobs": True}, "logprobs"),
+        ({"presence_penalty": 1}, "presence_penalty"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages.0.content.0"),
+        ({"messages": [{"content": "no role"}]}, "messages.0.role"),
+        ({"model": "digits"}, "model"),
+    ],
+)
+async def test_bad_chat_requests_are_400_naming_the_param(
+    client: openai.AsyncOpenAI, lm: FakeReplicaClient, changes: dict[str, Any], param: str
+) -> None:
+    body = {"model": "lm", "messages": [{"role": "user", "content": "hi"}], **changes}
+
+    with pytest.raises(openai.BadRequestError) as err:
+        await client.post("/chat/completions", body=body, cast_to=object)
+
+    assert err.value.param == param, err.value.message
+    assert err.value.type == "invalid_request_error"
+    assert lm.generations == []
+
+
+@pytest.mark.parametrize(
+    ("changes", "param"),
+    [({"prompt": ["a", "b"]}, "prompt"), ({"echo": True}, "echo"), ({"best_of": 2}, "best_of")],
+)
+async def test_bad_completion_requests_are_400(
+    client: openai.AsyncOpenAI, changes: dict[str, Any], param: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        await client.post("/completions", body={"model": "lm", "prompt": "hi", **changes}, cast_to=object)
+
+    assert err.value.param == param
+
+
+async def test_a_body_that_is_not_json_is_400(http: httpx.AsyncClient) -> None:
+    reply = await http.post("/v1/completions", content=b"{nope")
+
+    assert reply.status_code == 400
+    assert reply.json()["error"]["type"] == "invalid_request_error"
+    assert "not valid JSON" in reply.json()["error"]["message"]
+
+
+async def test_overload_is_503_server_error(client: openai.AsyncOpenAI, lm: FakeReplicaClient) -> None:
+    lm.fail(ResourceExhausted("deployment 'lm' is at capacity"))
+
+    with pytest.raises(openai.InternalServerError) as err:
+        await client.completions.create(model="lm", prompt="hi", stream=True)
+
+    assert err.value.status_code == 503
+    assert err.value.body == {
+        "message": "deployment 'lm' is at capacity",
+        "type": "server_error",
+        "param": None,
+        "code": "resource_exhausted",
+    }
+
+
+# ---------------------------------------------------------------- Triton's generate extension
+
+
+async def test_generate_and_generate_stream(http: httpx.AsyncClient, lm: FakeReplicaClient) -> None:
+    body = {"text_input": "one two three", "parameters": {"max_tokens": 2, "temperature": 0}, "id": "r1"}
+
+    whole = await http.post("/v2/models/lm/generate", json=body)
+    streamed = await http.post("/v2/models/lm/versions/1/generate_stream", json=body)
+
+    assert whole.json() == {
+        "model_name": "lm",
+        "model_version": "1",
+        "id": "r1",
+        "text_output": " one two",
+        "finish_reason": "length",
+        "prompt_tokens": 3,
+        "completion_tokens": 2,
+    }
+    events = [json.loads(e) for e in sse(streamed.text)]
+    assert [e["text_output"] for e in events] == [" one", " two", ""]
+    assert events[-1]["finish_reason"] == "length" and "finish_reason" not in events[0]
+    assert lm.generations[0].request.temperature == 0.0
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "message"),
+    [
+        ("/v2/models/nope/generate", {"text_input": "hi"}, 404, "unknown model"),
+        ("/v2/models/digits/generate_stream", {"text_input": "hi"}, 400, "does not generate text"),
+        ("/v2/models/lm/generate", {"prompt": "hi"}, 400, "text_input"),
+        ("/v2/models/lm/generate", {"text_input": "hi", "max_tokens": -1}, 400, "max_tokens"),
+        ("/v2/models/lm/versions/2/generate", {"text_input": "hi"}, 404, "no version"),
+    ],
+)
+async def test_generate_errors_are_json_with_a_status(
+    http: httpx.AsyncClient, path: str, body: dict[str, Any], status: int, message: str
+) -> None:
+    reply = await http.post(path, json=body)
+
+    assert reply.status_code == status
+    assert message in reply.json()["error"]
+
+
+# ---------------------------------------------------------------- decoupled ModelStreamInfer
+
+
+def infer_request(**changes: Any) -> oip.ModelInferRequest:
+    request = oip.ModelInferRequest(model_name="lm", id="s1", **changes)
+    text = request.inputs.add(name="text", datatype="BYTES", shape=[1])
+    text.contents.bytes_contents.append(b"one two three")
+    return request
+
+
+async def responses(router: Router, request: oip.ModelInferRequest) -> list[oip.ModelInferResponse]:
+    catalog = ModelCatalog(router)
+    inputs = {"text": np.array([b"one two three"], dtype=object)}
+    assert generate_stream.wants_generation(catalog, request)
+    return [r.infer_response async for r in generate_stream.stream_responses(catalog, request, inputs, 5.0)]
+
+
+def piece(response: oip.ModelInferResponse) -> str:
+    raw = response.raw_output_contents[0]
+    return raw[4:].decode()  # one BYTES element: 4-byte length, then the text
+
+
+async def test_a_generation_streams_a_response_per_piece_the_last_marked_final(router: Router) -> None:
+    got = await responses(router, infer_request())
+
+    assert [piece(r) for r in got] == [" one", " two", " three"]
+    assert [r.parameters["triton_final_response"].bool_param for r in got] == [False, False, True]
+    assert got[-1].parameters["finish_reason"].string_param == "stop"
+    assert got[-1].parameters["completion_tokens"].int64_param == 3
+    assert {(r.model_name, r.model_version, r.id, r.outputs[0].name) for r in got} == {
+        ("lm", "1", "s1", "text")
+    }
+
+
+async def test_an_empty_final_response_on_request(router: Router) -> None:
+    request = infer_request()
+    request.parameters["triton_enable_empty_final_response"].bool_param = True
+    request.parameters["max_tokens"].int64_param = 2
+    request.outputs.add(name="text_output")
+
+    got = await responses(router, request)
+
+    assert [piece(r) for r in got[:-1]] == [" one", " two"]
+    assert got[-1].outputs == [] and got[-1].parameters["triton_final_response"].bool_param
+    assert got[-1].parameters["finish_reason"].string_param == "length"
+    assert got[0].outputs[0].name == "text_output"
+
+
+def test_generation_deployments_are_decoupled_in_their_model_config(router: Router) -> None:
+    for name, decoupled in (("lm", True), ("minilm", False), ("digits", False)):
+        spec = router.spec(name)
+        config = model_config(spec, ModelMetadata(name, spec.backend, (), ()), 1)
+        assert config["model_transaction_policy"] == {"decoupled": decoupled}
