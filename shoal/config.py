@@ -39,7 +39,8 @@ class Settings:
     state_dir: str = ".shoal"
     """SQLite state and logs."""
     scheduler_id: str = ""
-    """Stable id of this scheduler; generated and kept in the state folder when empty."""
+    """Id of this scheduler; a new ``sched-<hex>`` at every start when empty. Replicas do
+    not outlive their scheduler, so a restarted scheduler is a new member either way."""
 
     cpus: float = -1.0
     """CPUs this scheduler offers to replicas; -1 reads the machine."""
