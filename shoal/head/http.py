@@ -15,7 +15,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -162,8 +162,17 @@ def head_app(node: HeadNode, limiter: RateLimiter | None = None) -> Starlette:
     async def dashboard(request: Request) -> Response:
         return FileResponse(STATIC / "index.html")
 
+    async def docs(request: Request) -> Response:
+        # Interactive docs over /openapi.json; self-contained, so they work offline.
+        return FileResponse(STATIC / "docs.html")
+
+    async def api_root(request: Request) -> Response:
+        return RedirectResponse("/docs")
+
     routes = [
         Route("/", dashboard),
+        Route("/docs", docs),
+        Route("/api", api_root),
         Route("/api/status", _errors(status)),
         Route("/api/schedulers", _errors(schedulers)),
         Route("/api/deployments", _errors(deployments), methods=["GET"]),

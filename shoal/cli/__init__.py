@@ -1,0 +1,116 @@
+"""The ``shoal`` command.
+
+Cluster processes: ``up`` (head + one scheduler), ``head``, ``scheduler``; ``down`` stops
+them from another shell. Client commands talk to the head named by ``--head`` (before or
+after the command) or ``SHOAL_HEAD``: ``deploy``, ``scale``, ``delete``, ``status``,
+``logs``, ``predict``, ``token``. Errors are one line on stderr and a non-zero exit, never
+a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from shoal import __version__
+from shoal.cli import deploy, logs, processes
+from shoal.cli.commands import (
+    cmd_certs_init,
+    cmd_delete,
+    cmd_predict,
+    cmd_scale,
+    cmd_status,
+    cmd_token_create,
+    cmd_token_list,
+    cmd_token_revoke,
+    render_status,
+)
+from shoal.cli.common import EXIT_ERROR, add_client_flags
+from shoal.errors import ShoalError
+
+__all__ = ["build_parser", "main", "render_status"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shoal", description="shoal: distributed model serving")
+    parser.add_argument("--version", action="version", version=f"shoal {__version__}")
+    parser.add_argument("--head", help="the head's gRPC address (default $SHOAL_HEAD or localhost:8470)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    processes.add_parsers(sub)
+    deploy.add_parser(sub)
+
+    p = sub.add_parser("scale", help="set a deployment's replica count")
+    p.add_argument("name")
+    p.add_argument("replicas", type=int)
+    add_client_flags(p)
+    p.set_defaults(fn=cmd_scale)
+
+    p = sub.add_parser("delete", help="delete a deployment and stop its replicas")
+    p.add_argument("name")
+    add_client_flags(p)
+    p.set_defaults(fn=cmd_delete)
+
+    p = sub.add_parser("status", help="show schedulers, deployments and replicas")
+    p.add_argument("--json", action="store_true")
+    add_client_flags(p)
+    p.set_defaults(fn=cmd_status)
+
+    logs.add_parser(sub)
+
+    p = sub.add_parser("predict", help="send one request and print the outputs as JSON")
+    p.add_argument("name")
+    p.add_argument("--data", required=True, help="JSON inputs, e.g. '{\"x\": [[1, 2]]}', or @file.json")
+    p.add_argument("--scheduler", help="send to this scheduler's gRPC address (default: any live one)")
+    p.add_argument("--timeout", type=float, default=0.0, help="seconds (default: the deployment's)")
+    p.add_argument("-v", "--verbose", action="store_true", help="say which replica answered")
+    add_client_flags(p)
+    p.set_defaults(fn=cmd_predict)
+
+    p = sub.add_parser("certs", help="certificates for mutual TLS inside the cluster")
+    certs_sub = p.add_subparsers(dest="certs_command", required=True)
+    q = certs_sub.add_parser("init", help="create a cluster CA and a certificate per role in DIR")
+    q.add_argument("dir")
+    q.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        dest="hosts",
+        help="a name or address clients dial (repeatable; localhost and 127.0.0.1 are always in)",
+    )
+    q.add_argument("--force", action="store_true", help="replace the certificates already in DIR")
+    q.set_defaults(fn=cmd_certs_init)
+
+    p = sub.add_parser("token", help="tokens for users of the control API and of inference")
+    token_sub = p.add_subparsers(dest="token_command", required=True)
+    q = token_sub.add_parser("create", help="create a token and print it (once: only its hash is kept)")
+    q.add_argument("--role", required=True, choices=["infer", "read", "deploy", "admin"])
+    q.add_argument("--name", default="", help="its name (default: generated)")
+    add_client_flags(q)
+    q.set_defaults(fn=cmd_token_create)
+    q = token_sub.add_parser("list", help="list tokens: name, role, created")
+    add_client_flags(q)
+    q.set_defaults(fn=cmd_token_list)
+    q = token_sub.add_parser("revoke", help="revoke a token by name")
+    q.add_argument("name")
+    add_client_flags(q)
+    q.set_defaults(fn=cmd_token_revoke)
+    from shoal import chaos, loadgen
+
+    loadgen.add_parser(sub)
+    chaos.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code = args.fn(args)
+    except ShoalError as err:
+        print(f"shoal: error: {err}", file=sys.stderr)
+        code = EXIT_ERROR
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)

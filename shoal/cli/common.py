@@ -1,0 +1,86 @@
+"""What every command shares: settings from flags, the control client, one progress line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from shoal.config import Settings
+from shoal.errors import Unavailable
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def settings_of(args: argparse.Namespace, **flags: Any) -> Settings:
+    common = {
+        "head_address": getattr(args, "head", None),
+        "tls_dir": getattr(args, "tls_dir", None),
+        "token": getattr(args, "token", None),
+        "state_dir": getattr(args, "state", None),
+    }
+    return Settings.load(file=getattr(args, "config", None), flags={**common, **flags})
+
+
+def add_head_flag(p: argparse.ArgumentParser) -> None:
+    """``--head`` after the command too (``shoal scheduler --head H``), as well as before it.
+
+    SUPPRESS as the default: left out here, it does not overwrite the one given before the command.
+    """
+    p.add_argument(
+        "--head",
+        default=argparse.SUPPRESS,
+        help="the head's gRPC address (default $SHOAL_HEAD or localhost:8470)",
+    )
+
+
+def add_client_flags(p: argparse.ArgumentParser) -> None:
+    add_head_flag(p)
+    p.add_argument("--tls-dir", help="the cluster's certificate folder (default $SHOAL_TLS_DIR)")
+    p.add_argument("--token", help="bearer token for the head and for inference (default $SHOAL_TOKEN)")
+
+
+def with_client(args: argparse.Namespace, fn: Callable[[Any, Settings], Awaitable[int]]) -> int:
+    """Run ``fn(client, settings)`` with a control client to the head; its result is the exit code."""
+    from shoal.rpc.clients import ControlClient
+
+    settings = settings_of(args)
+
+    async def go() -> int:
+        client = ControlClient(settings.head_address, settings)
+        try:
+            return await fn(client, settings)
+        except Unavailable as err:
+            tls = "" if settings.tls_dir else " If the cluster runs with TLS, give --tls-dir (SHOAL_TLS_DIR)."
+            raise Unavailable(
+                f"cannot reach the head at {settings.head_address} ({err}); is it running? "
+                f"Start one with 'shoal up' or point --head / SHOAL_HEAD at it.{tls}"
+            ) from None
+        finally:
+            await client.close()
+
+    return asyncio.run(go())
+
+
+class ProgressLine:
+    """One line that is redrawn in place on a terminal; in a log (not a tty), one line per change."""
+
+    def __init__(self, tty: bool | None = None) -> None:
+        self.tty = sys.stdout.isatty() if tty is None else tty
+        self._drawn = False
+
+    def show(self, line: str) -> None:
+        if self.tty:
+            print(f"\r{line}\033[K", end="", flush=True)
+            self._drawn = True
+        else:
+            print(line, flush=True)
+
+    def end(self) -> None:
+        """Leave the line drawn so far, so the next output starts on a line of its own."""
+        if self._drawn:
+            print(flush=True)
+            self._drawn = False

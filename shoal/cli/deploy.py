@@ -1,0 +1,258 @@
+"""``shoal deploy`` and how it waits: until the replicas of the new spec are READY, or until
+the head's answer is that they will not be (no room, replicas that fail to start).
+
+``DeployWatch`` is the decision, over plain status dicts (the shape of ``shoal status
+--json``), so it is tested without a cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from shoal.cli.common import EXIT_ERROR, ProgressLine, add_client_flags, with_client
+from shoal.config import Settings
+from shoal.core.spec import DeploymentSpec, load_spec_file, parse_spec
+
+Status = Mapping[str, Any]
+
+# The head's pending reasons that are answers rather than waits (shoal/core/placement.py and
+# shoal/core/cluster.py write them; tests/unit/test_cli_deploy.py checks they still match).
+NO_ROOM = re.compile(r"^(no scheduler has room|no live scheduler)")
+START_FAILURES = re.compile(r"^(\d+) replica start failure\(s\), retrying in \d+s: (.*)$", re.S)
+STILL_MOVING = "draining one old replica first"
+
+FAIL_AFTER = 2
+"""Start failures in a row after which a deploy is failed: one may be chance, two are the model."""
+CONFIRM_NO_ROOM_S = 1.0
+"""How long "no room" must hold before it is the answer: the head's reason may predate the apply
+by up to one reconcile pass (it reconciles at once on an apply)."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    line: str  # one line of progress over every watched deployment
+    done: bool = False
+    failure: str = ""  # why the deploy failed, one paragraph; "" while it may still succeed
+    dead: tuple[str, ...] = ()  # new replicas seen that are gone, most recent first: their logs say why
+
+    @property
+    def key(self) -> str:
+        """The line without its countdowns: what counts as a change worth a new line in a log."""
+        return re.sub(r"\d+(\.\d+)?s\b", "Ns", self.line)
+
+
+@dataclass
+class _Watched:
+    name: str
+    old_replicas: frozenset[str]  # replicas of the previous process: a rollout ends when they are gone
+    failures_before: int  # start failures the head counted before the apply
+    failures_seen: int = -1  # the count last seen; -1 before the first look
+    fresh_failures: int = 0  # rises of that count seen since the apply
+    no_room_since: float | None = None
+    seen: dict[str, None] = field(default_factory=dict)  # new replicas seen, in order (a set that keeps it)
+
+
+@dataclass
+class DeployWatch:
+    """Follows deployments just applied and says when they are done, or failed.
+
+    Built from the status before the apply, so replicas of an older spec are not taken for
+    new ones, and failures counted before are not taken for new ones either.
+    """
+
+    watched: list[_Watched] = field(default_factory=list)
+
+    @classmethod
+    def after_apply(cls, before: Status, specs: Sequence[DeploymentSpec]) -> DeployWatch:
+        old = {d["name"]: d for d in before.get("deployments", [])}
+        watched = []
+        for spec in specs:
+            dep = old.get(spec.name)
+            replicas: frozenset[str] = frozenset()
+            failures = 0
+            if dep is not None:
+                if _process_hash(dep["spec"]) != spec.process_hash():
+                    replicas = frozenset(r["id"] for r in dep["replicas"])
+                failures = _start_failures(dep["pending_reason"])[0]
+            watched.append(_Watched(spec.name, replicas, failures))
+        return cls(watched)
+
+    def observe(self, status: Status, now: float) -> Verdict:
+        deployments = {d["name"]: d for d in status.get("deployments", [])}
+        parts: list[str] = []
+        failures: list[str] = []
+        dead: list[str] = []
+        done = True
+        for w in self.watched:
+            dep = deployments.get(w.name)
+            if dep is None:
+                parts.append(f"{w.name} deleted")
+                failures.append(f"deployment {w.name} was deleted while it was being deployed")
+                continue
+            replicas = dep["replicas"]
+            now_ids = {r["id"] for r in replicas}
+            w.seen.update((i, None) for i in sorted(now_ids - w.old_replicas))
+            dead.extend(reversed([i for i in w.seen if i not in now_ids]))
+            target = dep["target_replicas"]
+            ready = sum(1 for r in replicas if r["state"] == "READY" and r["id"] not in w.old_replicas)
+            left = sum(1 for r in replicas if r["id"] in w.old_replicas)
+            done = done and ready >= target and len(replicas) == target and not left
+            reason = dep["pending_reason"]
+            starting = len(replicas) - ready - left
+            more = (f", {starting} starting" if starting else "") + (f", {left} old" if left else "")
+            parts.append(f"{w.name} {ready}/{target} ready{more}" + (f" ({reason})" if reason else ""))
+            failure = self._failure(w, reason, now)
+            if failure:
+                failures.append(failure)
+        line = ", ".join(parts)
+        if done:
+            return Verdict(line, done=True)
+        return Verdict(line, failure="\n".join(failures), dead=tuple(dead))
+
+    def _failure(self, w: _Watched, reason: str, now: float) -> str:
+        count, message = _start_failures(reason)
+        if count != w.failures_seen:
+            if count > (w.failures_before if w.failures_seen < 0 else w.failures_seen):
+                w.fresh_failures += 1
+            w.failures_seen = count
+        if w.fresh_failures and count >= FAIL_AFTER:
+            return (
+                f"deployment {w.name} failed: its replicas fail to start ({count} times in a row): {message}"
+            )
+        if NO_ROOM.match(reason) and STILL_MOVING not in reason:
+            if w.no_room_since is None:
+                w.no_room_since = now
+            if now - w.no_room_since >= CONFIRM_NO_ROOM_S:
+                return (
+                    f"deployment {w.name} cannot be placed: {reason}. It stays pending and is placed "
+                    f"when room appears (free some, or add a scheduler); 'shoal delete {w.name}' removes it"
+                )
+        else:
+            w.no_room_since = None
+        return ""
+
+
+def _process_hash(doc: Mapping[str, Any]) -> str:
+    return parse_spec(dict(doc)).process_hash()
+
+
+# A replica's log line quoted in a reason: the message is enough, without time, replica and logger.
+_LOG_PREFIX = re.compile(r"\d\d:\d\d:\d\d replica \S+ [A-Z]+ [\w.]+: ")
+
+
+def _start_failures(reason: str) -> tuple[int, str]:
+    m = START_FAILURES.match(reason)
+    return (int(m.group(1)), _LOG_PREFIX.sub("", m.group(2))) if m else (0, "")
+
+
+async def wait_for(
+    read_status: Callable[[], Awaitable[Status]],
+    watch: DeployWatch,
+    timeout_s: float,
+    line: ProgressLine | None = None,
+    poll_s: float = 0.25,
+) -> tuple[int, Verdict]:
+    """Poll ``read_status`` until ``watch`` says done or failed, or ``timeout_s`` passes.
+
+    Returns the exit code and the last verdict; prints progress on ``line``, a new line only
+    when something other than a countdown changed.
+    """
+    line = line or ProgressLine()
+    start = time.monotonic()
+    last = ""
+    while True:
+        verdict = watch.observe(await read_status(), time.monotonic())
+        if verdict.key != last:
+            line.show(verdict.line)
+            last = verdict.key
+        if verdict.done:
+            line.end()
+            print(f"ready after {time.monotonic() - start:.1f}s: {verdict.line}", flush=True)
+            return 0, verdict
+        error = verdict.failure
+        if not error and time.monotonic() - start > timeout_s:
+            error = f"not ready after {timeout_s:g}s: {verdict.line}"
+        if error:
+            line.end()
+            print(f"shoal: error: {error}", file=sys.stderr, flush=True)
+            return EXIT_ERROR, verdict
+        await asyncio.sleep(poll_s)
+
+
+async def _print_last_words(client: Any, replicas: Sequence[str]) -> None:
+    """The end of the log of the most recent replica that died: its traceback, when it has one."""
+    from shoal.errors import ShoalError
+
+    for rid in replicas:
+        try:
+            text = b"".join([c async for c in client.read_log(rid, tail_bytes=16384)]).decode(
+                errors="replace"
+            )
+        except ShoalError:
+            continue
+        lines = text.rstrip().splitlines()
+        if not lines:
+            continue
+        print(f"the end of replica {rid}'s log (shoal logs {rid}):", file=sys.stderr)
+        for ln in traceback_excerpt(lines):
+            print(f"  {ln}", file=sys.stderr)
+        return
+
+
+def traceback_excerpt(lines: Sequence[str], most: int = 20) -> list[str]:
+    """The last traceback in ``lines`` (its last ``most`` lines), else the last few lines."""
+    starts = [i for i, ln in enumerate(lines) if ln.startswith("Traceback (most recent call last)")]
+    tail = list(lines[starts[-1] :]) if starts else list(lines[-8:])
+    return tail[-most:]
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from shoal.rpc.clients import status_to_dict
+
+    specs = [s for f in args.files for s in load_spec_file(f)]
+
+    async def go(client: Any, settings: Settings) -> int:
+        before = status_to_dict(await client.status()) if args.wait else {}
+        for spec in specs:
+            reply = await client.apply(spec)
+            verb = "created" if reply.created else ("updated" if reply.changed else "unchanged")
+            print(f"deployment {spec.name} {verb}", flush=True)
+        if not args.wait:
+            return 0
+
+        async def read_status() -> Status:
+            return status_to_dict(await client.status())
+
+        code, verdict = await wait_for(read_status, DeployWatch.after_apply(before, specs), args.timeout)
+        if verdict.failure and verdict.dead:
+            await _print_last_words(client, verdict.dead)
+        return code
+
+    return with_client(args, go)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "deploy",
+        help="create or update deployments from YAML files",
+        description="Create or update deployments, then wait until the new replicas are READY. Fails "
+        "at once when the head answers that they will not be: no scheduler has room, or the replicas "
+        "fail to start.",
+    )
+    p.add_argument("files", nargs="+")
+    p.add_argument(
+        "--no-wait",
+        dest="wait",
+        action="store_false",
+        help="return once the head has the spec (a deployment with no room stays pending)",
+    )
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for replicas (default 120)")
+    add_client_flags(p)
+    p.set_defaults(fn=cmd_deploy)

@@ -1,0 +1,186 @@
+"""``shoal logs``: a deployment's replicas (merged), one replica, or this machine's head and
+scheduler.
+
+Replica logs come through the head from whichever scheduler runs the replica; the head's and
+the scheduler's own logs are files in the local state folder (``<state>/logs/<role>.log``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import heapq
+import json
+import re
+import sys
+from collections.abc import AsyncIterator, Iterable, Mapping
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from shoal.cli.common import add_client_flags, settings_of, with_client
+from shoal.cli.processes import log_file
+from shoal.config import Settings
+from shoal.errors import NotFound
+
+COMPONENTS = {"head": ("head", "up"), "scheduler": ("scheduler", "up"), "up": ("up",)}
+"""A component, and the process log files that hold its lines, in order of preference
+(``shoal up`` runs both in one process)."""
+
+_CLOCK = re.compile(r"^(\d\d):(\d\d):(\d\d)\b")
+
+
+def _stamp(line: str) -> float | None:
+    """When a log line was written, as far as it says: text lines start HH:MM:SS, JSON lines carry ts."""
+    m = _CLOCK.match(line)
+    if m:
+        h, mi, s = (int(g) for g in m.groups())
+        return h * 3600 + mi * 60 + s
+    if line.startswith("{"):
+        try:
+            ts = json.loads(line).get("ts")
+        except (ValueError, AttributeError):
+            return None
+        return float(ts) % 86400 if isinstance(ts, int | float) else None
+    return None
+
+
+def merge_logs(logs: Mapping[str, str]) -> list[str]:
+    """The lines of several replicas' logs in one list, ordered by time, each prefixed with its replica.
+
+    A line without a time of its own (a model's print, a traceback) keeps the time of the line
+    before it, so it stays beside it; lines of one replica keep their order.
+    """
+
+    def keyed(rid: str, text: str) -> Iterable[tuple[float, str]]:
+        at = 0.0
+        for line in text.splitlines():
+            at = _stamp(line) or at
+            yield at, f"{rid} | {line}"
+
+    streams = [keyed(rid, text) for rid, text in sorted(logs.items())]
+    return [line for _, line in heapq.merge(*streams, key=lambda item: item[0])]
+
+
+async def _replica_text(client: Any, rid: str, tail_bytes: int) -> str:
+    chunks = [c async for c in client.read_log(rid, tail_bytes=tail_bytes, follow=False)]
+    return b"".join(chunks).decode(errors="replace")
+
+
+async def _follow_prefixed(client: Any, rid: str, tail_bytes: int, out: BinaryIO) -> None:
+    pending = b""
+    async for data in client.read_log(rid, tail_bytes=tail_bytes, follow=True):
+        pending += data
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            out.write(rid.encode() + b" | " + line + b"\n")
+        out.flush()
+
+
+async def _deployment_logs(client: Any, replicas: list[str], args: argparse.Namespace) -> int:
+    out = sys.stdout.buffer
+    if args.follow:
+        async with asyncio.TaskGroup() as tg:
+            for rid in replicas:
+                tg.create_task(_follow_prefixed(client, rid, args.tail_bytes, out))
+        return 0
+    texts = await asyncio.gather(*(_replica_text(client, rid, args.tail_bytes) for rid in replicas))
+    for line in merge_logs(dict(zip(replicas, texts, strict=True))):
+        out.write(line.encode() + b"\n")
+    out.flush()
+    return 0
+
+
+def _component_log(settings: Settings, component: str) -> Path:
+    files = [log_file(settings.state_dir, role) for role in COMPONENTS[component]]
+    found = [f for f in files if f.exists()]
+    if not found:
+        raise NotFound(
+            f"no {component} log in {Path(settings.state_dir) / 'logs'} on this machine: a head or "
+            "scheduler writes one there while it runs (give --state if it runs with another state folder)"
+        )
+    return max(found, key=lambda f: f.stat().st_mtime)
+
+
+async def _tail_file(path: Path, tail_bytes: int, follow: bool) -> AsyncIterator[bytes]:
+    """The file from ``tail_bytes`` before its end (0: from its start), then, if ``follow``, what is
+    appended; a file that shrinks (rotated) is read again from its start."""
+    f = open(path, "rb")
+    try:
+        size = f.seek(0, 2)
+        f.seek(max(0, size - tail_bytes) if tail_bytes else 0)
+        while True:
+            data = f.read(65536)
+            if data:
+                yield data
+                continue
+            if not follow:
+                return
+            await asyncio.sleep(0.2)
+            try:
+                rotated = path.stat().st_size < f.tell()
+            except FileNotFoundError:
+                continue  # between a rotation's rename and the new file: look again
+            if rotated:
+                f.close()
+                f = open(path, "rb")
+    finally:
+        f.close()
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    target = args.target
+    out = sys.stdout.buffer
+    if target in COMPONENTS:
+        path = _component_log(settings_of(args), target)
+
+        async def local() -> int:
+            async for data in _tail_file(path, args.tail_bytes, args.follow):
+                out.write(data)
+                out.flush()
+            return 0
+
+        return _interruptible(lambda: asyncio.run(local()))
+
+    async def go(client: Any, settings: Settings) -> int:
+        from shoal.rpc.clients import status_to_dict
+
+        status = status_to_dict(await client.status())
+        dep = next((d for d in status["deployments"] if d["name"] == target), None)
+        if dep is not None:
+            replicas = [r["id"] for r in dep["replicas"]]
+            if not replicas:
+                why = f": {dep['pending_reason']}" if dep["pending_reason"] else ""
+                raise NotFound(f"deployment {target!r} has no replicas now{why}")
+            return await _deployment_logs(client, replicas, args)
+        async for data in client.read_log(target, tail_bytes=args.tail_bytes, follow=args.follow):
+            out.write(data)
+            out.flush()
+        return 0
+
+    return _interruptible(lambda: with_client(args, go))
+
+
+def _interruptible(run: Any) -> int:
+    try:
+        code: int = run()
+        return code
+    except KeyboardInterrupt:
+        return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "logs",
+        help="print the logs of a deployment, a replica, or this machine's head or scheduler",
+        description="TARGET is a deployment (the logs of all its replicas, merged by time, each line "
+        "prefixed with its replica), a replica id (its log, wherever it runs, also after it died), or "
+        "'head' or 'scheduler' (the log of that process on this machine, from the state folder).",
+    )
+    p.add_argument("target", metavar="TARGET", help="DEPLOYMENT, REPLICA_ID, head or scheduler")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing what is written")
+    p.add_argument(
+        "--tail-bytes", type=int, default=0, help="start this many bytes before the end (of each log)"
+    )
+    p.add_argument("--state", help="state folder for head and scheduler logs (default ./.shoal)")
+    add_client_flags(p)
+    p.set_defaults(fn=cmd_logs)

@@ -1,0 +1,305 @@
+"""The commands that run cluster processes: ``up``, ``head``, ``scheduler``; and ``down``.
+
+Each process writes ``<state>/<role>.pid`` while it runs, so ``shoal down`` in another shell
+can stop it, and copies its log to ``<state>/logs/<role>.log``, which ``shoal logs head``
+and ``shoal logs scheduler`` read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import logging.handlers
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from shoal import aio, logs
+from shoal.cli.common import add_head_flag, settings_of
+from shoal.cli.deploy import DeployWatch, wait_for
+from shoal.config import Settings
+from shoal.core.spec import load_spec_file
+from shoal.errors import FailedPrecondition
+
+ROLES = ("up", "head", "scheduler")
+LOG_FILE_BYTES = 10 * 1024 * 1024
+LOG_FILE_BACKUPS = 2
+
+
+# ---------------------------------------------------------------- flags
+
+
+def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state", help="state folder (SQLite store, logs); default ./.shoal")
+    p.add_argument("--config", help="YAML settings file")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--advertise-host", help="address other machines use to reach this one")
+    p.add_argument("--log-format", choices=["text", "json"])
+    p.add_argument("--log-level")
+    p.add_argument("--grace", type=float, help="seconds replicas may take to drain on shutdown")
+    p.add_argument("--tls-dir", help="certificate folder (shoal certs init): mutual TLS, HTTPS")
+    p.add_argument(
+        "--insecure",
+        action="store_const",
+        const=True,
+        help="allow a non-loopback --host without TLS (plaintext: a trusted network only)",
+    )
+    p.add_argument(
+        "--allow-model-dir",
+        action="append",
+        dest="allowed_model_dirs",
+        metavar="DIR",
+        help="model code and files may come only from here (repeatable; default: anywhere)",
+    )
+
+
+def _cluster_flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "state_dir": args.state,
+        "host": args.host,
+        "advertise_host": args.advertise_host,
+        "log_format": args.log_format,
+        "log_level": args.log_level,
+        "shutdown_grace_s": args.grace,
+        "insecure": args.insecure,
+        "allowed_model_dirs": args.allowed_model_dirs,
+    }
+
+
+def _add_scheduler_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--grpc-port", type=int, help="gRPC ingress port (default 8001)")
+    p.add_argument("--http-port", type=int, help="HTTP ingress port (default 8000)")
+    p.add_argument("--cpus", type=float, help="CPUs offered to replicas (default: the machine's)")
+    p.add_argument("--memory-mb", type=float, help="memory offered to replicas (default: the machine's)")
+    p.add_argument("--gpus", type=float, help="GPUs offered to replicas (default: counted)")
+    p.add_argument("--scheduler-id", help="stable id for this scheduler (default: generated)")
+
+
+def _scheduler_flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "grpc_port": args.grpc_port,
+        "http_port": args.http_port,
+        "cpus": args.cpus,
+        "memory_mb": args.memory_mb,
+        "gpus": args.gpus,
+        "scheduler_id": args.scheduler_id,
+    }
+
+
+# ---------------------------------------------------------------- pid and log files
+
+
+def pid_file(state_dir: str | Path, role: str) -> Path:
+    return Path(state_dir) / f"{role}.pid"
+
+
+def log_file(state_dir: str | Path, role: str) -> Path:
+    return Path(state_dir) / "logs" / f"{role}.log"
+
+
+def running(path: Path) -> psutil.Process | None:
+    """The live process a pid file names; None when there is none (or the pid was reused)."""
+    try:
+        doc = json.loads(path.read_text())
+        proc = psutil.Process(int(doc["pid"]))
+        # Same pid, same start: not another process that got the number later.
+        if abs(proc.create_time() - float(doc["started"])) > 1.0 or proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return proc
+    except (OSError, ValueError, KeyError, TypeError, psutil.Error):
+        return None
+
+
+@contextmanager
+def _running_as(settings: Settings, role: str) -> Iterator[None]:
+    """Write this process's pid file (refusing to start beside a live one) and copy the log to a file."""
+    path = pid_file(settings.state_dir, role)
+    other = running(path)
+    if other is not None:
+        raise FailedPrecondition(
+            f"shoal {role} already runs with state folder {settings.state_dir} (pid {other.pid}); "
+            f"'shoal down --state {settings.state_dir}' stops it"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = psutil.Process()
+    path.write_text(json.dumps({"pid": me.pid, "started": me.create_time()}))
+    handler = _log_to_file(log_file(settings.state_dir, role))
+    try:
+        yield
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+        current = running(path)
+        if current is not None and current.pid == me.pid:
+            path.unlink(missing_ok=True)
+
+
+def _log_to_file(path: Path) -> logging.Handler:
+    """What the process logs, also in ``path`` (rotated), formatted as on stderr."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.handlers.RotatingFileHandler(
+        path, maxBytes=LOG_FILE_BYTES, backupCount=LOG_FILE_BACKUPS
+    )
+    root = logging.getLogger()
+    if root.handlers:
+        handler.setFormatter(root.handlers[0].formatter)
+    root.addHandler(handler)
+    return handler
+
+
+# ---------------------------------------------------------------- processes
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from shoal.run import run_up
+
+    settings = settings_of(
+        args,
+        **_cluster_flags(args),
+        **_scheduler_flags(args),
+        head_port=args.head_port,
+        head_http_port=args.dashboard_port,
+    )
+    specs = [s for f in args.deploy for s in load_spec_file(f)]
+    logs.setup(settings.log_format, settings.log_level)
+
+    async def on_ready(head: Any, scheduler: Any, tasks: Any) -> None:
+        from shoal.head.node import cluster_status
+
+        async with head.lock:
+            before = cluster_status(head)
+        for spec in specs:
+            result = await head.apply(spec)
+            print(f"deployment {spec.name} {'created' if result.created else 'updated'}", flush=True)
+        if head.desired:
+            # Every deployment, those from an earlier run too: "all ready" must be the truth.
+            watch = DeployWatch.after_apply(before, list(head.desired.values()))
+            tasks.spawn(_up_progress(head, watch), "progress")
+        endpoints = json.loads((Path(settings.state_dir) / "endpoints.json").read_text())
+        web = "https" if settings.tls_dir else "http"
+        print(
+            "\nshoal is up\n"
+            f"  head (SHOAL_HEAD):   {endpoints['head']}\n"
+            f"  dashboard, REST API: {web}://{endpoints['head_http']}/  (API docs: /docs)\n"
+            f"  inference gRPC:      {endpoints['scheduler']}\n"
+            f"  inference HTTP:      {web}://{endpoints['scheduler_http']}/v2\n"
+            f"  logs:                shoal logs DEPLOYMENT|head|scheduler\n"
+            f"  try:                 shoal status\n"
+            "Ctrl-C (or 'shoal down' in another shell) stops the cluster and every replica.\n",
+            flush=True,
+        )
+
+    with _running_as(settings, "up"):
+        aio.run(run_up(settings, on_ready), settings.event_loop)
+    return 0
+
+
+async def _up_progress(head: Any, watch: DeployWatch, timeout_s: float = 300.0) -> None:
+    """``shoal up``: show the example deployments coming up, then whether they all are."""
+    from shoal.head.node import cluster_status
+
+    async def read_status() -> dict[str, Any]:
+        async with head.lock:
+            return cluster_status(head)
+
+    await wait_for(read_status, watch, timeout_s)
+
+
+def cmd_head(args: argparse.Namespace) -> int:
+    from shoal.run import run_head
+
+    settings = settings_of(args, **_cluster_flags(args), head_port=args.port, head_http_port=args.http_port)
+    logs.setup(settings.log_format, settings.log_level, component="head")
+    with _running_as(settings, "head"):
+        aio.run(run_head(settings), settings.event_loop)
+    return 0
+
+
+def cmd_scheduler(args: argparse.Namespace) -> int:
+    from shoal.run import run_scheduler
+
+    settings = settings_of(args, **_cluster_flags(args), **_scheduler_flags(args))
+    logs.setup(settings.log_format, settings.log_level, component="scheduler")
+    with _running_as(settings, "scheduler"):
+        aio.run(run_scheduler(settings), settings.event_loop)
+    return 0
+
+
+# ---------------------------------------------------------------- down
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    """SIGTERM every shoal process that runs with this state folder, and wait for each to exit."""
+    settings = settings_of(args)
+    found = [(role, proc) for role in ROLES if (proc := running(pid_file(settings.state_dir, role)))]
+    for role in ROLES:
+        path = pid_file(settings.state_dir, role)
+        if path.exists() and all(r != role for r, _ in found):
+            path.unlink(missing_ok=True)  # its process is gone: a crash, or kill -9
+    if not found:
+        print(f"nothing to stop: no shoal up, head or scheduler runs with state folder {settings.state_dir}")
+        return 0
+    timeout = args.timeout if args.timeout is not None else settings.shutdown_grace_s + 15
+    for role, proc in found:
+        print(f"stopping shoal {role} (pid {proc.pid})", flush=True)
+        proc.send_signal(signal.SIGTERM)
+    alive = _wait_gone([p for _, p in found], timeout)
+    if alive:
+        pids = " ".join(str(p.pid) for p in alive)
+        raise FailedPrecondition(f"still running after {timeout:g}s: pid {pids} ('kill -9 {pids}' forces it)")
+    print("stopped")
+    return 0
+
+
+def _wait_gone(procs: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
+    """Wait until ``procs`` have exited; those still running after ``timeout_s``. An exited process
+    that its parent has not reaped yet (a zombie) counts as gone: it runs nothing."""
+
+    def alive(p: psutil.Process) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + timeout_s
+    while (left := [p for p in procs if alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("up", help="run a head and one scheduler in the foreground")
+    _add_cluster_flags(p)
+    _add_scheduler_flags(p)
+    p.add_argument("--head-port", type=int, help="head gRPC port (default 8470)")
+    p.add_argument("--dashboard-port", type=int, help="head HTTP port: dashboard, REST API (default 8471)")
+    p.add_argument("--deploy", action="append", default=[], metavar="FILE", help="deploy this spec once up")
+    p.set_defaults(fn=cmd_up)
+
+    p = sub.add_parser("head", help="run a head node")
+    _add_cluster_flags(p)
+    p.add_argument("--port", type=int, help="gRPC port (default 8470)")
+    p.add_argument("--http-port", type=int, help="HTTP port (default 8471)")
+    p.set_defaults(fn=cmd_head)
+
+    p = sub.add_parser("scheduler", help="run a scheduler that joins a head")
+    add_head_flag(p)
+    _add_cluster_flags(p)
+    _add_scheduler_flags(p)
+    p.set_defaults(fn=cmd_scheduler)
+
+    p = sub.add_parser(
+        "down",
+        help="stop the shoal up (head, scheduler) running with this state folder",
+        description="Send SIGTERM to the shoal up, head and scheduler processes started with this state "
+        "folder (from any shell), then wait until they have drained their replicas and exited.",
+    )
+    p.add_argument("--state", help="state folder (default ./.shoal)")
+    p.add_argument("--timeout", type=float, help="seconds to wait (default: shutdown_grace_s + 15)")
+    p.set_defaults(fn=cmd_down)

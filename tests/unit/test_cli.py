@@ -1,0 +1,319 @@
+"""The CLI's decisions over plain data: arguments, when a deploy is done or failed, merged logs,
+pid files, and the head's /docs page (in-process ASGI, no socket)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from shoal import __version__
+from shoal.cli import build_parser, main
+from shoal.cli.common import ProgressLine
+from shoal.cli.deploy import FAIL_AFTER, DeployWatch, traceback_excerpt, wait_for
+from shoal.cli.logs import merge_logs
+from shoal.cli.processes import pid_file, running
+from shoal.config import Settings
+from shoal.core.clock import FakeClock
+from shoal.core.cluster import DEAD, ReplicaReport
+from shoal.core.placement import Capacity
+from shoal.core.spec import DeploymentSpec, parse_spec
+from shoal.head.http import head_app
+from shoal.head.node import HeadNode, cluster_status
+from shoal.store import MemoryStore
+from shoal.testing.fakes import FakeSchedulers
+from shoal.types import SchedulerRegistration
+
+pytestmark = pytest.mark.timeout(10)
+
+
+def spec(name: str = "echo", *, cpus: float = 0.5, model: str = "m:M", replicas: int = 1) -> DeploymentSpec:
+    return parse_spec(
+        {"name": name, "backend": "python", "model": model, "replicas": replicas, "resources": {"cpus": cpus}}
+    )
+
+
+# ------------------------------------------------------------------ arguments
+
+
+def test_head_is_accepted_before_and_after_the_command() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["scheduler", "--head", "h:1"]).head == "h:1"
+    assert parser.parse_args(["--head", "h:2", "scheduler"]).head == "h:2"
+    assert parser.parse_args(["--head", "h:2", "status"]).head == "h:2"
+    assert parser.parse_args(["status", "--head", "h:3"]).head == "h:3"
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == 0
+    assert capsys.readouterr().out.strip() == f"shoal {__version__}"
+
+
+# ------------------------------------------------------------------ deploy: done or failed
+
+
+@pytest.fixture
+async def head() -> AsyncIterator[HeadNode]:
+    node = HeadNode(Settings(), MemoryStore(), FakeSchedulers(), FakeClock())
+    await node.register_scheduler(
+        SchedulerRegistration("s1", "s1:7000", "s1:7001", Capacity(1, 8192, 0), pid=1, hostname="h")
+    )
+    yield node
+    await node.aclose()
+
+
+async def past_backoff(head: HeadNode) -> None:
+    """Time enough for the next start (backoff 1 s, then 2 s), the scheduler still beating."""
+    assert isinstance(head.clock, FakeClock)
+    head.clock.advance(3)
+    assert await head.scheduler_health("s1", 1_000_000, [])
+
+
+async def test_no_room_is_an_answer_once_it_has_held_a_reconcile_pass(head: HeadNode) -> None:
+    before = cluster_status(head)
+    big = spec(cpus=2)
+    await head.apply(big)
+    watch = DeployWatch.after_apply(before, [big])
+    await head.reconcile_once()
+    first = watch.observe(cluster_status(head), now=0.0)
+    assert not first.done and not first.failure  # may be the reason from before the apply
+    later = watch.observe(cluster_status(head), now=1.0)
+    assert "deployment echo cannot be placed: no scheduler has room (cpus 2 > 1 free" in later.failure
+    assert "shoal delete echo" in later.failure
+
+
+async def test_no_live_scheduler_is_an_answer_too() -> None:
+    node = HeadNode(Settings(), MemoryStore(), FakeSchedulers(), FakeClock())
+    try:
+        await node.apply(spec())
+        watch = DeployWatch.after_apply({"deployments": []}, [spec()])
+        await node.reconcile_once()
+        watch.observe(cluster_status(node), now=0.0)
+        assert "no live scheduler" in watch.observe(cluster_status(node), now=1.0).failure
+    finally:
+        await node.aclose()
+
+
+async def test_replicas_that_fail_to_start_fail_the_deploy(head: HeadNode) -> None:
+    before = cluster_status(head)
+    s = spec()
+    await head.apply(s)
+    watch = DeployWatch.after_apply(before, [s])
+    seen: list[str] = []
+    for i in range(FAIL_AFTER):
+        actions = await head.reconcile_once()
+        (create,) = actions
+        seen.append(create.replica_id)
+        assert not watch.observe(cluster_status(head), now=float(i)).failure
+        dead = ReplicaReport(
+            create.replica_id, "echo", DEAD, message="process exited with code 1: ValueError: boom"
+        )
+        await head.scheduler_health("s1", 1_000_000, [dead])
+        await head.reconcile_once()
+        verdict = watch.observe(cluster_status(head), now=float(i) + 0.5)
+        await past_backoff(head)
+    assert verdict.failure == (
+        f"deployment echo failed: its replicas fail to start ({FAIL_AFTER} times in a row): "
+        "process exited with code 1: ValueError: boom"
+    )
+    assert verdict.dead == tuple(reversed(seen))  # the most recent first: its log says why
+
+
+async def test_failures_from_before_the_apply_are_not_taken_for_new_ones(head: HeadNode) -> None:
+    broken = spec(model="broken:M")
+    await head.apply(broken)
+    for _ in range(FAIL_AFTER):
+        actions = await head.reconcile_once()
+        dead = ReplicaReport(actions[0].replica_id, "echo", DEAD, message="old error")
+        await head.scheduler_health("s1", 1_000_000, [dead])
+        await head.reconcile_once()
+        await past_backoff(head)
+    # Start again, fail again: backing off now, the head's reason names the failures before.
+    dead = ReplicaReport((await head.reconcile_once())[0].replica_id, "echo", DEAD, message="old error")
+    await head.scheduler_health("s1", 1_000_000, [dead])
+    await head.reconcile_once()
+    before = cluster_status(head)
+    assert before["deployments"][0]["pending_reason"].startswith(f"{FAIL_AFTER + 1} replica start failure(s)")
+    fixed = spec(model="fixed:M")
+    await head.apply(fixed)
+    watch = DeployWatch.after_apply(before, [fixed])
+    assert not watch.observe(cluster_status(head), now=0.0).failure
+
+
+def status_of(
+    s: DeploymentSpec, *replicas: tuple[str, str], reason: str = "", target: int = 1
+) -> dict[str, Any]:
+    return {
+        "deployments": [
+            {
+                "name": s.name,
+                "spec": s.model_dump(mode="json"),
+                "target_replicas": target,
+                "pending_reason": reason,
+                "replicas": [{"id": rid, "state": state} for rid, state in replicas],
+            }
+        ]
+    }
+
+
+def test_a_rollout_is_done_when_the_new_replicas_serve_and_the_old_are_gone() -> None:
+    old, new = spec(model="v1:M"), spec(model="v2:M")
+    watch = DeployWatch.after_apply(status_of(old, ("echo-old", "READY")), [new])
+    # Right after the apply, before the head acted: the old replica is READY, but it is old.
+    v = watch.observe(status_of(new, ("echo-old", "READY")), now=0)
+    assert not v.done and v.line == "echo 0/1 ready, 1 old"
+    v = watch.observe(status_of(new, ("echo-old", "READY"), ("echo-new", "READY")), now=1)
+    assert not v.done and v.line == "echo 1/1 ready, 1 old"
+    assert watch.observe(status_of(new, ("echo-new", "READY")), now=2).done
+
+
+def test_a_change_of_replica_count_only_keeps_its_replicas() -> None:
+    watch = DeployWatch.after_apply(status_of(spec(), ("echo-a", "READY")), [spec(replicas=2)])
+    assert not watch.observe(status_of(spec(), ("echo-a", "READY"), target=2), now=0).done
+    assert watch.observe(status_of(spec(), ("echo-a", "READY"), ("echo-b", "READY"), target=2), now=1).done
+
+
+def test_draining_to_make_room_is_progress_not_failure() -> None:
+    old, new = spec(model="v1:M"), spec(model="v2:M")
+    watch = DeployWatch.after_apply(status_of(old, ("echo-old", "READY")), [new])
+    reason = (
+        "no scheduler has room (cpus 1 > 0 free on the emptiest); draining one old replica first to make room"
+    )
+    for now in (0.0, 5.0):
+        assert not watch.observe(status_of(new, ("echo-old", "DRAINING"), reason=reason), now=now).failure
+
+
+async def test_progress_is_one_line_per_change_not_per_countdown(capsys: pytest.CaptureFixture[str]) -> None:
+    s = spec()
+    statuses: Iterator[dict[str, Any]] = iter(
+        [
+            status_of(s, reason="waiting 5s for schedulers to register again after a head restart"),
+            status_of(s, reason="waiting 4s for schedulers to register again after a head restart"),
+            status_of(s, reason="waiting 3s for schedulers to register again after a head restart"),
+            status_of(s, ("echo-a", "STARTING")),
+            status_of(s, ("echo-a", "STARTING")),
+            status_of(s, ("echo-a", "READY")),
+        ]
+    )
+
+    async def read() -> dict[str, Any]:
+        return next(statuses)
+
+    code, verdict = await wait_for(
+        read, DeployWatch.after_apply({}, [s]), 60, ProgressLine(tty=False), poll_s=0
+    )
+    assert code == 0 and verdict.done
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        "echo 0/1 ready (waiting 5s for schedulers to register again after a head restart)",
+        "echo 0/1 ready, 1 starting",
+        "echo 1/1 ready",
+        lines[-1],
+    ]
+    assert lines[-1].startswith("ready after ")
+
+
+async def test_a_terminal_gets_one_line_redrawn(capsys: pytest.CaptureFixture[str]) -> None:
+    s = spec()
+    statuses = iter([status_of(s), status_of(s, ("echo-a", "STARTING")), status_of(s, ("echo-a", "READY"))])
+
+    async def read() -> dict[str, Any]:
+        return next(statuses)
+
+    await wait_for(read, DeployWatch.after_apply({}, [s]), 60, ProgressLine(tty=True), poll_s=0)
+    out = capsys.readouterr().out
+    assert out.count("\n") == 2  # the redrawn line, ended once, then the summary
+    assert out.count("\r") == 3
+
+
+async def test_timeout_names_what_is_pending(capsys: pytest.CaptureFixture[str]) -> None:
+    s = spec()
+
+    async def read() -> dict[str, Any]:
+        return status_of(s, ("echo-a", "STARTING"))
+
+    code, _ = await wait_for(read, DeployWatch.after_apply({}, [s]), 0, ProgressLine(tty=False), poll_s=0)
+    assert code == 1
+    assert "shoal: error: not ready after 0s: echo 0/1 ready, 1 starting" in capsys.readouterr().err
+
+
+def test_traceback_excerpt_is_the_last_traceback() -> None:
+    lines = [
+        "10:00:00 replica e-1 INFO shoal.replica: loading",
+        "Traceback (most recent call last):",
+        '  File "m.py", line 3, in __init__',
+        "ValueError: first",
+        "10:00:01 replica e-1 INFO shoal.replica: again",
+        "Traceback (most recent call last):",
+        '  File "m.py", line 3, in __init__',
+        "ValueError: boom",
+    ]
+    assert traceback_excerpt(lines) == lines[5:]
+    assert traceback_excerpt(["a", "b"]) == ["a", "b"]
+
+
+# ------------------------------------------------------------------ logs
+
+
+def test_deployment_logs_merge_by_time_and_keep_unstamped_lines_in_place() -> None:
+    merged = merge_logs(
+        {
+            "e-2": "10:00:02 replica e-2 INFO loaded\n10:00:04 replica e-2 INFO serving\n",
+            "e-1": "10:00:01 replica e-1 INFO loaded\nhello from the model\n"
+            "10:00:03 replica e-1 INFO serving\n",
+        }
+    )
+    assert merged == [
+        "e-1 | 10:00:01 replica e-1 INFO loaded",
+        "e-1 | hello from the model",
+        "e-2 | 10:00:02 replica e-2 INFO loaded",
+        "e-1 | 10:00:03 replica e-1 INFO serving",
+        "e-2 | 10:00:04 replica e-2 INFO serving",
+    ]
+    json_lines = {"a": json.dumps({"ts": 5.0, "msg": "x"}), "b": json.dumps({"ts": 4.0, "msg": "y"})}
+    assert [ln[0] for ln in merge_logs(json_lines)] == ["b", "a"]
+
+
+# ------------------------------------------------------------------ pid files
+
+
+def test_a_pid_file_names_a_live_process_only_with_its_start_time(tmp_path: Path) -> None:
+    me = psutil.Process()
+    path = pid_file(tmp_path, "up")
+    path.write_text(json.dumps({"pid": me.pid, "started": me.create_time()}))
+    found = running(path)
+    assert found is not None and found.pid == me.pid
+    path.write_text(json.dumps({"pid": me.pid, "started": me.create_time() - 3600}))  # a reused pid
+    assert running(path) is None
+    path.write_text("not json")
+    assert running(path) is None
+
+
+def test_down_with_nothing_running_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pid_file(tmp_path, "up").write_text(json.dumps({"pid": 1, "started": 0}))  # stale
+    with pytest.raises(SystemExit) as exit:
+        main(["down", "--state", str(tmp_path)])
+    assert exit.value.code == 0
+    assert "nothing to stop" in capsys.readouterr().out
+    assert not pid_file(tmp_path, "up").exists()
+
+
+# ------------------------------------------------------------------ /docs
+
+
+async def test_the_head_serves_offline_api_docs_linked_from_the_dashboard(head: HeadNode) -> None:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=head_app(head)), base_url="http://h") as c:
+        docs = await c.get("/docs")
+        assert docs.status_code == 200 and docs.headers["content-type"].startswith("text/html")
+        assert 'fetch("/openapi.json")' in docs.text
+        # Nothing from the internet: no script, style or font from another origin.
+        assert "http://" not in docs.text and "https://" not in docs.text
+        assert (await c.get("/api", follow_redirects=False)).headers["location"] == "/docs"
+        assert 'href="/docs"' in (await c.get("/")).text
