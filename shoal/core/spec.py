@@ -2,12 +2,21 @@
 
 A spec is YAML on disk or JSON over the API; both go through :func:`parse_spec`,
 which raises :class:`shoal.errors.InvalidArgument` naming every problem.
+
+Every number in a spec is bounded, so that no spec can make the head or a scheduler do
+unbounded work: replica counts (``replicas``, ``autoscaling``) at most
+:data:`MAX_REPLICAS`, ``resources.cpus`` at least :data:`MIN_CPUS`, every duration finite
+and at most :data:`MAX_SECONDS`. Anywhere in the document, ``options`` included, numbers
+must be finite (JSON's ``Infinity``/``NaN``, YAML's ``.inf``/``.nan`` are refused) and
+strings valid Unicode; ``options`` may nest :data:`MAX_OPTIONS_DEPTH` levels and take
+:data:`MAX_OPTIONS_BYTES` as JSON.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -36,32 +45,49 @@ DATATYPES = (
 )
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9_.-]{0,61}[a-z0-9])?$"
 
+MAX_REPLICAS = 1000
+"""Most replicas one deployment may ask for (``replicas``, ``autoscaling`` bounds)."""
+MIN_CPUS = 0.01
+"""Least ``resources.cpus`` a replica may take: with 0, every replica fits everywhere."""
+MAX_SECONDS = 86_400.0
+"""Longest duration (timeouts, intervals, delays) a spec may set: a day."""
+MAX_OPTIONS_BYTES = 64 * 1024
+"""Largest ``options``, as compact JSON: they travel in every routing-table push."""
+MAX_OPTIONS_DEPTH = 32
+"""Deepest nesting of lists and mappings inside ``options``."""
+MAX_TENSORS = 256
+"""Most ``inputs`` (and most ``outputs``) a spec may declare."""
+MAX_TEXT = 4096
+"""Longest ``model`` or ``base_dir``."""
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class TensorSpec(_Strict):
     """One named input or output of a model. ``-1`` in ``shape`` means any size."""
 
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=256)
     datatype: Literal[DATATYPES] = "FP32"  # type: ignore[valid-type]
-    shape: tuple[int, ...] = (-1,)
+    shape: tuple[int, ...] = Field(default=(-1,), max_length=32)
 
     @field_validator("shape")
     @classmethod
     def _dims(cls, shape: tuple[int, ...]) -> tuple[int, ...]:
         if any(d < -1 for d in shape):
             raise ValueError("dimensions must be -1 (variable) or >= 0")
+        if any(d >= 2**63 for d in shape):
+            raise ValueError("dimensions must be below 2**63")
         return shape
 
 
 class Resources(_Strict):
     """What one replica takes from its scheduler's machine. Fractions allowed."""
 
-    cpus: float = Field(default=1.0, ge=0)
-    memory_mb: float = Field(default=0.0, ge=0)
-    gpus: float = Field(default=0.0, ge=0)
+    cpus: float = Field(default=1.0, ge=MIN_CPUS, le=4096)
+    memory_mb: float = Field(default=0.0, ge=0, le=2**24)  # 16 TiB
+    gpus: float = Field(default=0.0, ge=0, le=1024)
 
 
 class Batching(_Strict):
@@ -72,11 +98,11 @@ class Batching(_Strict):
 
 
 class Autoscaling(_Strict):
-    min_replicas: int = Field(default=1, ge=0)
-    max_replicas: int = Field(default=1, ge=1)
-    target_ongoing_requests: float = Field(default=2.0, gt=0)
-    upscale_delay_s: float = Field(default=3.0, ge=0)
-    downscale_delay_s: float = Field(default=30.0, ge=0)
+    min_replicas: int = Field(default=1, ge=0, le=MAX_REPLICAS)
+    max_replicas: int = Field(default=1, ge=1, le=MAX_REPLICAS)
+    target_ongoing_requests: float = Field(default=2.0, gt=0, le=1_000_000)
+    upscale_delay_s: float = Field(default=3.0, ge=0, le=MAX_SECONDS)
+    downscale_delay_s: float = Field(default=30.0, ge=0, le=MAX_SECONDS)
 
     @model_validator(mode="after")
     def _bounds(self) -> Autoscaling:
@@ -86,16 +112,16 @@ class Autoscaling(_Strict):
 
 
 class Health(_Strict):
-    ping_interval_s: float = Field(default=1.0, gt=0)
-    ping_timeout_s: float = Field(default=2.0, gt=0)
-    ping_failures: int = Field(default=3, ge=1)
-    start_timeout_s: float = Field(default=120.0, gt=0)
+    ping_interval_s: float = Field(default=1.0, gt=0, le=MAX_SECONDS)
+    ping_timeout_s: float = Field(default=2.0, gt=0, le=MAX_SECONDS)
+    ping_failures: int = Field(default=3, ge=1, le=1000)
+    start_timeout_s: float = Field(default=120.0, gt=0, le=MAX_SECONDS)
 
 
 class Auth(_Strict):
     """Who may send inference requests: the names of tokens (``shoal token create``) it accepts."""
 
-    tokens: tuple[str, ...] = Field(min_length=1)
+    tokens: tuple[str, ...] = Field(min_length=1, max_length=256)
 
     @field_validator("tokens")
     @classmethod
@@ -111,22 +137,22 @@ class DeploymentSpec(_Strict):
 
     name: str = Field(pattern=NAME_PATTERN)
     backend: Literal[BACKENDS]  # type: ignore[valid-type]
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, max_length=MAX_TEXT)
     options: dict[str, Any] = Field(default_factory=dict)
-    replicas: int = Field(default=1, ge=0, le=1000)
+    replicas: int = Field(default=1, ge=0, le=MAX_REPLICAS)
     autoscaling: Autoscaling | None = None
     resources: Resources = Field(default_factory=Resources)
     batching: Batching = Field(default_factory=Batching)
-    max_ongoing_requests: int = Field(default=64, ge=1)
-    max_queued_requests: int = Field(default=1024, ge=0)
-    timeout_s: float = Field(default=60.0, gt=0)
+    max_ongoing_requests: int = Field(default=64, ge=1, le=100_000)
+    max_queued_requests: int = Field(default=1024, ge=0, le=1_000_000)
+    timeout_s: float = Field(default=60.0, gt=0, le=MAX_SECONDS)
     health: Health = Field(default_factory=Health)
-    inputs: tuple[TensorSpec, ...] = ()
-    outputs: tuple[TensorSpec, ...] = ()
+    inputs: tuple[TensorSpec, ...] = Field(default=(), max_length=MAX_TENSORS)
+    outputs: tuple[TensorSpec, ...] = Field(default=(), max_length=MAX_TENSORS)
     auth: Auth | None = None
     # The folder the spec file was read from: relative model paths resolve
     # against it and the python backend imports modules from it.
-    base_dir: str = ""
+    base_dir: str = Field(default="", max_length=MAX_TEXT)
 
     def model_path(self) -> Path:
         """``model`` as a path, resolved against ``base_dir`` when relative."""
@@ -161,16 +187,66 @@ def _explain(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def _document_problems(doc: dict[str, Any]) -> list[str]:
+    """What no field's own validation can see: non-finite numbers and strings that are not
+    valid Unicode anywhere in ``doc``, nesting deeper than :data:`MAX_OPTIONS_DEPTH` under
+    any field, and the size of ``options``.
+
+    Iterative, so that no nesting depth can exhaust the stack.
+    """
+    problems: set[str] = set()
+    stack: list[tuple[str, str, Any, int]] = [(str(k), str(k), v, 0) for k, v in doc.items()]
+    while stack:
+        field, where, value, depth = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.add(f"{where}: must be a finite number, got {value}")
+        elif isinstance(value, str) and not _is_unicode(value):
+            problems.add(f"{where}: not valid Unicode (a lone surrogate)")
+        elif isinstance(value, dict | list | tuple):
+            if depth >= MAX_OPTIONS_DEPTH:
+                problems.add(f"{field}: nested deeper than {MAX_OPTIONS_DEPTH} levels")
+                continue
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                if isinstance(key, str) and not _is_unicode(key):
+                    problems.add(f"{where}: a key that is not valid Unicode (a lone surrogate)")
+                    continue
+                stack.append((field, f"{where}.{key}", item, depth + 1))
+    options = doc.get("options")
+    if not problems and isinstance(options, dict):
+        try:
+            size = len(json.dumps(options, separators=(",", ":"), default=str).encode())
+        except (TypeError, ValueError):
+            problems.add("options: not representable as JSON")
+        else:
+            if size > MAX_OPTIONS_BYTES:
+                problems.add(f"options: {size} bytes as JSON, over the limit of {MAX_OPTIONS_BYTES}")
+    return sorted(problems)
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def parse_spec(doc: Any, *, base_dir: str | Path | None = None) -> DeploymentSpec:
     """Validate a spec document (a mapping). Raises InvalidArgument naming each problem."""
     if not isinstance(doc, dict):
         raise InvalidArgument(f"a deployment spec must be a mapping, got {type(doc).__name__}")
+    name = doc.get("name", "?")
+    if not isinstance(name, str) or not _is_unicode(name):
+        name = "?"
+    problems = _document_problems(doc)
+    if problems:
+        raise InvalidArgument(f"invalid deployment spec {name!r}: {'; '.join(problems)}")
     if base_dir is not None and not doc.get("base_dir"):
         doc = {**doc, "base_dir": str(Path(base_dir).resolve())}
     try:
         return DeploymentSpec.model_validate(doc)
     except ValidationError as err:
-        name = doc.get("name", "?")
         raise InvalidArgument(f"invalid deployment spec {name!r}: {_explain(err)}") from None
 
 
@@ -195,6 +271,8 @@ def load_spec_file(path: str | Path) -> list[DeploymentSpec]:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as err:
         raise InvalidArgument(f"{path} is not valid YAML: {err}") from None
+    except RecursionError:
+        raise InvalidArgument(f"{path} is nested too deeply") from None
     if not docs:
         raise InvalidArgument(f"{path} holds no deployment spec")
     return [parse_spec(d, base_dir=path.parent) for d in docs]

@@ -1,0 +1,167 @@
+"""Every number in a spec is bounded and finite, on every path a spec arrives by (issue 13,
+items 1, 5 and 10): REST JSON, gRPC JSON, YAML files. A refusal is InvalidArgument (400 /
+INVALID_ARGUMENT) naming the field."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from shoal.config import Settings
+from shoal.core.spec import MAX_OPTIONS_BYTES, load_spec_file, parse_spec, parse_spec_json
+from shoal.errors import InvalidArgument
+from shoal.head.http import head_app
+from shoal.head.node import HeadNode
+from shoal.store import MemoryStore
+from shoal.testing.fakes import FakeSchedulers
+
+pytestmark = pytest.mark.timeout(10)
+
+BASE: dict[str, Any] = {"name": "echo", "backend": "python", "model": "echo:Echo"}
+
+
+def refused(doc: dict[str, Any]) -> str:
+    with pytest.raises(InvalidArgument) as info:
+        parse_spec(doc)
+    assert info.value.http_status == 400
+    return str(info.value)
+
+
+# ------------------------------------------------------------------ non-finite numbers
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ('"timeout_s": Infinity', "timeout_s"),
+        ('"timeout_s": NaN', "timeout_s"),
+        ('"resources": {"cpus": -Infinity}', "resources.cpus"),
+        ('"batching": {"max_delay_ms": NaN}', "batching.max_delay_ms"),
+        ('"health": {"ping_timeout_s": Infinity}', "health.ping_timeout_s"),
+        ('"autoscaling": {"target_ongoing_requests": Infinity}', "autoscaling.target_ongoing_requests"),
+        ('"options": {"scale": [1, 2, {"x": NaN}]}', "options.scale.2.x"),
+    ],
+)
+def test_a_non_finite_number_in_json_is_refused_naming_the_field(text: str, field: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        parse_spec_json('{"name": "poison", "backend": "python", "model": "echo:Echo", ' + text + "}")
+    assert f"invalid deployment spec 'poison': {field}: must be a finite number" in str(info.value)
+
+
+def test_yaml_inf_and_nan_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "poison.yaml"
+    path.write_text("name: poison\nbackend: python\nmodel: echo:Echo\ntimeout_s: .inf\noptions: {a: .nan}\n")
+    with pytest.raises(InvalidArgument) as info:
+        load_spec_file(path)
+    assert "options.a: must be a finite number" in str(info.value)
+    assert "timeout_s: must be a finite number" in str(info.value)
+
+
+@pytest.fixture
+async def rest() -> AsyncIterator[tuple[httpx.AsyncClient, MemoryStore]]:
+    store = MemoryStore()
+    node = HeadNode(Settings(), store, FakeSchedulers())
+    transport = httpx.ASGITransport(app=head_app(node))
+    async with httpx.AsyncClient(transport=transport, base_url="http://head") as client:
+        yield client, store
+    await node.aclose()
+    await store.close()
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        (
+            '{"name":"poison","backend":"python","model":"echo:Echo","replicas":0,"timeout_s":Infinity}',
+            "timeout_s: must be a finite number",
+        ),
+        (
+            '{"name":"s","backend":"python","model":"echo:Echo","options":{"id":"\\ud800"}}',
+            "options.id: not valid Unicode",
+        ),
+    ],
+)
+async def test_rest_refuses_with_400_and_stores_nothing(
+    rest: tuple[httpx.AsyncClient, MemoryStore], body: str, error: str
+) -> None:
+    client, store = rest
+
+    r = await client.post("/api/deployments", content=body, headers={"content-type": "application/json"})
+
+    assert r.status_code == 400 and error in r.json()["error"]
+    assert await store.list("deployments/") == []
+
+
+# ------------------------------------------------------------------ bounds
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"autoscaling": {"min_replicas": 1_000_000, "max_replicas": 1_000_000}}, "autoscaling.min_replicas"),
+        ({"autoscaling": {"min_replicas": 1, "max_replicas": 1001}}, "autoscaling.max_replicas"),
+        ({"replicas": 1001}, "replicas"),
+        ({"resources": {"cpus": 0}}, "resources.cpus"),
+        ({"resources": {"memory_mb": 1e30}}, "resources.memory_mb"),
+        ({"resources": {"gpus": 1e9}}, "resources.gpus"),
+        ({"timeout_s": 86_401}, "timeout_s"),
+        ({"health": {"start_timeout_s": 1e12}}, "health.start_timeout_s"),
+        ({"health": {"ping_interval_s": 1e12}}, "health.ping_interval_s"),
+        ({"health": {"ping_failures": 10**9}}, "health.ping_failures"),
+        ({"autoscaling": {"upscale_delay_s": 1e12}}, "autoscaling.upscale_delay_s"),
+        ({"autoscaling": {"downscale_delay_s": 1e12}}, "autoscaling.downscale_delay_s"),
+        ({"max_ongoing_requests": 10**9}, "max_ongoing_requests"),
+        ({"max_queued_requests": 10**12}, "max_queued_requests"),
+        ({"inputs": [{"name": "x", "shape": [2**70]}]}, "inputs.0.shape"),
+        ({"inputs": [{"name": f"x{i}"} for i in range(300)]}, "inputs"),
+        ({"model": "m" * 5000}, "model"),
+    ],
+)
+def test_every_number_is_bounded(change: dict[str, Any], field: str) -> None:
+    assert f"{field}: " in refused({**BASE, **change})
+
+
+def test_the_bounds_themselves_are_accepted() -> None:
+    spec = parse_spec(
+        {
+            **BASE,
+            "replicas": 1000,
+            "autoscaling": {"min_replicas": 1000, "max_replicas": 1000},
+            "resources": {"cpus": 0.01},
+            "timeout_s": 86_400,
+            "health": {"start_timeout_s": 86_400},
+        }
+    )
+    assert spec.initial_replicas() == 1000
+
+
+def test_options_over_64_kib_are_refused() -> None:
+    five_mb = {"blob": "x" * (5 * 1024 * 1024)}
+    assert "options: " in refused({**BASE, "options": five_mb})
+    assert f"over the limit of {MAX_OPTIONS_BYTES}" in refused({**BASE, "options": five_mb})
+    parse_spec({**BASE, "options": {"blob": "x" * (MAX_OPTIONS_BYTES - 20)}})
+
+
+def test_options_nested_900_deep_are_refused_not_crashed() -> None:
+    deep: dict[str, Any] = {}
+    inner = deep
+    for _ in range(900):
+        inner["x"] = {}
+        inner = inner["x"]
+    assert "options: nested deeper than 32 levels" in refused({**BASE, "options": deep})
+    # Also through JSON that json.loads still reads.
+    text = json.dumps({**BASE, "options": deep})
+    with pytest.raises(InvalidArgument, match="nested"):
+        parse_spec_json(text)
+
+
+def test_yaml_nested_too_deep_is_invalid_argument(tmp_path: Path) -> None:
+    path = tmp_path / "deep.yaml"
+    path.write_text("name: deep\nbackend: python\nmodel: m:M\noptions: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(InvalidArgument, match="nested"):
+        load_spec_file(path)
