@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 
@@ -14,7 +15,7 @@ from shoal.config import Settings
 from shoal.core.cluster import ReplicaReport
 from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec, TensorSpec, parse_spec_json
-from shoal.errors import DeadlineExceeded, Unavailable
+from shoal.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.rpc import codec, generation
@@ -33,6 +34,8 @@ from shoal.types import (
     SchedulerRegistration,
 )
 from shoal.types import DeploymentRoutes as DomainRoutes
+
+log = logging.getLogger("shoal.rpc")
 
 
 def auth_metadata(token: str) -> tuple[tuple[str, str], ...] | None:
@@ -223,6 +226,52 @@ class GrpcSchedulerClient:
         await self._channel.close(None)
 
 
+class RoutingTableDecoder:
+    """Routing tables from the head as domain data, for one scheduler.
+
+    An entry whose spec does not parse (a head of another version, a row written before
+    specs were bounded) is left out of the table and logged once: one bad deployment must
+    not stop the scheduler from applying the rest. Leaving it out, rather than keeping an
+    older spec, fails closed: its inference tokens are never taken from a stale spec.
+    Parsed specs are cached by their JSON (the same spec arrives in every push).
+    """
+
+    CACHE = 256
+
+    def __init__(self) -> None:
+        self._specs: dict[str, DeploymentSpec] = {}
+        self._refused: dict[str, str] = {}
+
+    def decode(self, table: pb.RoutingTable) -> RoutingTable:
+        deployments = {}
+        for name, dep in table.deployments.items():
+            spec = self._spec(name, dep.spec_json)
+            if spec is None:
+                continue
+            routes = tuple(Route(r.replica_id, r.address, r.scheduler_id, r.in_flight) for r in dep.routes)
+            deployments[name] = DomainRoutes(
+                spec=spec, routes=routes, allowed_tokens=tuple(dep.allowed_token_hashes)
+            )
+        return RoutingTable(
+            version=table.version, deployments=deployments, token_hashes=tuple(table.token_hashes)
+        )
+
+    def _spec(self, name: str, spec_json: str) -> DeploymentSpec | None:
+        spec = self._specs.get(spec_json)
+        if spec is not None or spec_json in self._refused:
+            return spec
+        try:
+            spec = parse_spec_json(spec_json)
+            if spec.name != name:
+                raise InvalidArgument(f"the entry holds the spec of {spec.name!r}")
+        except InvalidArgument as err:
+            log.error("routing table: skipping deployment %r, its spec does not parse: %s", name, err)
+            self._refused = {spec_json: str(err), **dict(list(self._refused.items())[: self.CACHE])}
+            return None
+        self._specs = {spec_json: spec, **dict(list(self._specs.items())[: self.CACHE])}
+        return spec
+
+
 class GrpcHeadLink:
     """Scheduler -> head."""
 
@@ -231,7 +280,7 @@ class GrpcHeadLink:
         self._channel = open_channel(address, settings, "scheduler")
         self._stub = pbg.HeadStub(self._channel)
         self.reach = Reachability(f"head at {address}")
-        self._spec_cache: dict[str, DeploymentSpec] = {}
+        self._decoder = RoutingTableDecoder()
 
     async def register(self, reg: SchedulerRegistration) -> float:
         req = pb.RegisterSchedulerRequest(
@@ -285,26 +334,11 @@ class GrpcHeadLink:
         stream = self._stub.WatchRoutes(pb.WatchRoutesRequest(scheduler_id=scheduler_id))
         try:
             async for table in stream:
-                yield self._table(table)
+                yield self._decoder.decode(table)
         except grpc.aio.AioRpcError as err:
             raise to_error(err) from None
         finally:
             stream.cancel()
-
-    def _table(self, table: pb.RoutingTable) -> RoutingTable:
-        deployments = {}
-        for name, dep in table.deployments.items():
-            spec = self._spec_cache.get(dep.spec_json)
-            if spec is None:
-                spec = parse_spec_json(dep.spec_json)
-                self._spec_cache = {dep.spec_json: spec, **dict(list(self._spec_cache.items())[:256])}
-            routes = tuple(Route(r.replica_id, r.address, r.scheduler_id, r.in_flight) for r in dep.routes)
-            deployments[name] = DomainRoutes(
-                spec=spec, routes=routes, allowed_tokens=tuple(dep.allowed_token_hashes)
-            )
-        return RoutingTable(
-            version=table.version, deployments=deployments, token_hashes=tuple(table.token_hashes)
-        )
 
     async def close(self) -> None:
         await self._channel.close(None)
