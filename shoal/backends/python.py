@@ -1,7 +1,9 @@
 """The ``python`` backend: a user's class, named ``module:Class`` in the spec.
 
-The module is imported with the spec's folder (``base_dir``) first on ``sys.path``, the
-class is built as ``Class(**options)``, and its ``predict(inputs) -> outputs`` (dicts of
+``Class`` is one name (no dots), a class or a factory function defined in the module
+itself (not one it imports). The module is imported with the spec's folder (``base_dir``)
+first on ``sys.path``, the class is built as ``Class(**options)``, and its
+``predict(inputs) -> outputs`` (dicts of
 name -> numpy array, batched along axis 0) is called per batch. ``predict`` may be a plain
 method, run on the backend's model thread, or ``async def``, awaited on the replica's
 event loop. ``unload()`` or ``close()`` on the class, if present, is called at unload.
@@ -11,7 +13,7 @@ A class may set ``supports_batching = False`` when its predict takes one row at 
 This runs the user's code with the replica's rights: whoever may deploy may run code. With
 the ``allowed_model_dirs`` setting (``allowed_dirs`` here, set by the replica before
 ``load``), only modules that are files under ``base_dir``, inside those folders, are
-imported (``shoal.core.model_dirs``).
+imported, after the same check the head made (``shoal.core.model_dirs``).
 
 Imports are cached per process, as Python caches them: a replica serves one model, so
 two specs naming the same module from different folders never meet in one process.
@@ -22,7 +24,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
-import re
 import sys
 from typing import Any
 
@@ -32,15 +33,6 @@ from shoal.core.spec import DeploymentSpec
 from shoal.errors import Internal, InvalidArgument, ShoalError
 
 log = logging.getLogger(__name__)
-
-_TARGET = re.compile(r"^(?P<module>[A-Za-z_]\w*(\.[A-Za-z_]\w*)*):(?P<attr>[A-Za-z_]\w*(\.[A-Za-z_]\w*)*)$")
-
-
-def _parse_target(model: str) -> tuple[str, str]:
-    match = _TARGET.match(model.strip())
-    if match is None:
-        raise InvalidArgument(f"python model {model!r} must be 'module:Class', e.g. 'my_model:MyModel'")
-    return match["module"], match["attr"]
 
 
 class PythonBackend(Backend):
@@ -57,8 +49,8 @@ class PythonBackend(Backend):
         return bool(getattr(self._model, "supports_batching", True))
 
     def _load(self) -> None:
-        module_name, attr = _parse_target(self.spec.model)
-        model_dirs.check_module_source(self.spec, module_name, self.allowed_dirs)
+        module_name, attr = model_dirs.python_target(self.spec.model)
+        model_dirs.check_deployable(self.spec, self.allowed_dirs)
         if self.spec.base_dir:
             # First on sys.path, and left there: the model may import its siblings lazily.
             if self.spec.base_dir in sys.path:
@@ -76,14 +68,11 @@ class PythonBackend(Backend):
             ) from err
         model_dirs.check_module_file(self.spec, module, self.allowed_dirs)
 
-        target: Any = module
-        for part in attr.split("."):
-            try:
-                target = getattr(target, part)
-            except AttributeError:
-                raise InvalidArgument(f"module {module_name!r}{where} has no attribute {attr!r}") from None
-        if not callable(target):
-            raise InvalidArgument(f"{self.spec.model!r} is not a class")
+        try:
+            target: Any = getattr(module, attr)
+        except AttributeError:
+            raise InvalidArgument(f"module {module_name!r}{where} has no attribute {attr!r}") from None
+        model_dirs.check_defined_in(module, attr, target)
 
         try:
             model = target(**self.spec.options)

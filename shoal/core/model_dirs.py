@@ -4,21 +4,32 @@ A ``python`` spec runs the module it names, and a ``sklearn`` file is a pickle, 
 code as it loads: whoever may deploy may run code on the schedulers' machines. With
 ``allowed_model_dirs`` set, specs may use only code and files under those folders:
 
-* ``python``: ``base_dir`` must lie inside an allowed folder, and (in the replica) the
-  module must be a file found under ``base_dir``, not an installed or built-in module
-  (``os:system`` is refused);
+* ``python``: ``base_dir`` must lie inside an allowed folder, the module must be a file
+  found under ``base_dir``, not an installed or built-in module (``os:system`` is
+  refused), and the object after ``:`` a plain name bound at the top level of that file
+  by a ``class``, ``def`` or assignment, not by an import (``echo:np.f2py.os.system`` and
+  ``echo:np`` are refused);
 * ``sklearn`` and ``onnx``: the model file must lie inside an allowed folder.
 
-The head checks this when a spec is applied (InvalidArgument), and every replica checks it
-again before it loads anything, with the files in front of it (symbolic links resolved).
+One check, :func:`check_deployable`, runs in the head when a spec is applied
+(InvalidArgument) and in every replica before it imports or loads anything, with the files
+in front of it (symbolic links resolved). A head that does not see ``base_dir`` (the code
+lives only on the schedulers' machines) checks what needs no files: the folder, the form
+of ``model``, and that the module is not a standard-library or built-in one. After the
+import the replica checks again (:func:`check_module_file`, :func:`check_defined_in`):
+the module came from its file, and the object is a class or function defined in it.
 ``transformers`` and ``vllm`` name hub models as often as folders and are not restricted.
 An empty setting allows any folder.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib.machinery
+import inspect
 import os
+import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +37,11 @@ from shoal.core.spec import DeploymentSpec
 from shoal.errors import InvalidArgument
 
 FILE_BACKENDS = ("sklearn", "onnx")
+MAX_PARSED_BYTES = 1024 * 1024
+"""Largest module file whose top-level names are read before import (larger ones are
+checked only after the replica imports them)."""
+
+_TARGET = re.compile(r"^(?P<module>[A-Za-z_]\w*(\.[A-Za-z_]\w*)*):(?P<name>[A-Za-z_]\w*)$")
 
 
 def _real(path: str | Path) -> Path:
@@ -58,19 +74,100 @@ def check_model_dirs(spec: DeploymentSpec, allowed: Sequence[str]) -> None:
         raise _refuse(spec, f"model file {str(spec.model_path())!r}", allowed)
 
 
-def check_module_source(spec: DeploymentSpec, module: str, allowed: Sequence[str]) -> None:
-    """Before importing ``module`` for a ``python`` spec: its top-level package or module must
-    be a file found in ``spec.base_dir``, which lies in ``allowed``. InvalidArgument otherwise."""
+def python_target(model: str) -> tuple[str, str]:
+    """``module:Name`` as ``(module, Name)``; the name is one identifier, no dots.
+    InvalidArgument otherwise."""
+    match = _TARGET.match(model.strip())
+    if match is None:
+        raise InvalidArgument(
+            f"python model {model!r} must be 'module:Class', Class one name (no dots): a class or "
+            "factory function defined in that module, e.g. 'my_model:MyModel'"
+        )
+    return match["module"], match["name"]
+
+
+def check_deployable(spec: DeploymentSpec, allowed: Sequence[str]) -> None:
+    """Everything about ``spec``'s code and files that can be told before running any of it:
+    InvalidArgument when it names code or files outside ``allowed`` (nothing when empty).
+    The head calls it when a spec is applied, the replica before it loads."""
     if not allowed:
         return
     check_model_dirs(spec, allowed)
-    top = module.split(".", 1)[0]
-    found = importlib.machinery.PathFinder.find_spec(top, [spec.base_dir])
-    origin = None
-    if found is not None:
-        origin = found.origin or next(iter(found.submodule_search_locations or []), None)
-    if origin is None or not inside(origin, allowed):
+    if spec.backend != "python":
+        return
+    module, name = python_target(spec.model)
+    if not Path(spec.base_dir).is_dir():
+        # Not on this machine (a head apart from the schedulers): what needs no files.
+        if module.split(".", 1)[0] in (*sys.stdlib_module_names, *sys.builtin_module_names):
+            raise _refuse(spec, f"module {module!r} (a standard-library or built-in module)", allowed)
+        return
+    file = module_file(spec.base_dir, module)
+    if file is None or not inside(file, allowed):
         raise _refuse(spec, f"module {module!r} (not a file under base_dir {spec.base_dir!r})", allowed)
+    if file.suffix == ".py" and file.stat().st_size <= MAX_PARSED_BYTES:
+        if name not in _top_level_names(file):
+            raise _refuse(
+                spec, f"{name!r} (not a class, function or assignment at the top level of {file})", allowed
+            )
+
+
+def module_file(base_dir: str, module: str) -> Path | None:
+    """The file ``module`` (dotted: a package's submodule) is imported from when ``base_dir``
+    is the only folder searched; None when it is not found there, or is a namespace package."""
+    path = [base_dir]
+    found = None
+    parts = module.split(".")
+    for i in range(len(parts)):
+        if found is not None:
+            path = list(found.submodule_search_locations or [])
+            if not path:
+                return None
+        found = importlib.machinery.PathFinder.find_spec(".".join(parts[: i + 1]), path)
+        if found is None:
+            return None
+    if found is None or not found.has_location or found.origin is None:
+        return None
+    return Path(found.origin)
+
+
+def _top_level_names(file: Path) -> set[str]:
+    """Names a module binds at its top level other than by import: ``class``, ``def`` and
+    assignments, also inside top-level ``if``/``try``/``with`` blocks. Empty when the file
+    does not parse (the replica's import would fail too)."""
+    try:
+        tree = ast.parse(file.read_bytes(), filename=str(file))
+    except (SyntaxError, ValueError, OSError, RecursionError):
+        return set()
+    names: set[str] = set()
+    todo: list[ast.stmt] = list(tree.body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign | ast.AnnAssign | ast.AugAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name))
+        elif isinstance(node, ast.If | ast.Try | ast.With):
+            todo.extend(node.body)
+            todo.extend(getattr(node, "orelse", []))
+            todo.extend(getattr(node, "finalbody", []))
+            for handler in getattr(node, "handlers", []):
+                todo.extend(handler.body)
+    return names
+
+
+def check_defined_in(module: object, name: str, obj: object) -> None:
+    """After importing: ``obj`` (``module.name``) is a class or a function defined in
+    ``module`` itself, not one it imported. InvalidArgument otherwise. Applies whatever
+    ``allowed_model_dirs`` says: it is the form of every python model."""
+    where = getattr(module, "__name__", "?")
+    if not (inspect.isclass(obj) or inspect.isfunction(obj)):
+        raise InvalidArgument(f"{where}:{name} is a {type(obj).__name__}, not a class or factory function")
+    if getattr(obj, "__module__", None) != where:
+        raise InvalidArgument(
+            f"{where}:{name} is defined in module {getattr(obj, '__module__', '?')!r}, not in {where!r}: "
+            "name a class or factory defined in the module itself"
+        )
 
 
 def check_module_file(spec: DeploymentSpec, module: object, allowed: Sequence[str]) -> None:

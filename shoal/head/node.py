@@ -27,7 +27,7 @@ from shoal.core.cluster import (
     RemoveReplica,
     ReplicaReport,
 )
-from shoal.core.model_dirs import check_model_dirs
+from shoal.core.model_dirs import check_deployable
 from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec, parse_spec, parse_spec_json
 from shoal.core.stats import SeriesRecorder, Snapshot
@@ -199,8 +199,10 @@ class HeadNode:
 
     async def apply(self, spec: DeploymentSpec) -> ApplyResult:
         """Create or update a deployment. InvalidArgument when its model lies outside
-        ``allowed_model_dirs`` or its ``auth.tokens`` names a token that does not exist."""
-        check_model_dirs(spec, self.settings.allowed_model_dirs)
+        ``allowed_model_dirs`` (the replica's own check, ``check_deployable``) or its
+        ``auth.tokens`` names a token that does not exist."""
+        # In a thread: it may read and parse the model's module file.
+        await asyncio.to_thread(check_deployable, spec, self.settings.allowed_model_dirs)
         unknown = [n for n in required_tokens(spec) if self.tokens.get(n) is None]
         if unknown:
             raise InvalidArgument(

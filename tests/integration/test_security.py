@@ -425,6 +425,8 @@ async def test_plaintext_binds_loopback_only(tmp_path: Path) -> None:
 async def test_allowed_model_dirs_refuse_at_deploy(tmp_path: Path) -> None:
     allowed = tmp_path / "models"
     allowed.mkdir()
+    # The head checks the module file too: it must exist and define M.
+    (allowed / "m.py").write_text("class M:\n    def predict(self, inputs):\n        return inputs\n")
     settings = local_settings(tmp_path, allowed_model_dirs=(str(allowed),))
     async with AsyncExitStack() as stack:
         _, address, _ = await start_head(settings, stack)

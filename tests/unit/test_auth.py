@@ -212,6 +212,7 @@ async def test_head_refuses_models_outside_allowed_dirs(store: MemoryStore, tmp_
     allowed = tmp_path / "models"
     allowed.mkdir()
     node = HeadNode(Settings(allowed_model_dirs=(str(allowed),)), store, FakeSchedulers())
+    write_model(allowed, "m")
     try:
         await node.apply(spec(base_dir=str(allowed)))
         for bad in (

@@ -1,0 +1,171 @@
+"""``allowed_model_dirs`` cannot be walked around (issue 13, item 2).
+
+The object after ``:`` in a python model is one name, a class or factory defined in the
+module itself; and the head refuses at deploy time what the replica would refuse, with
+the same check (``shoal.core.model_dirs.check_deployable``).
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from shoal.backends.python import PythonBackend
+from shoal.config import Settings
+from shoal.core.model_dirs import check_deployable
+from shoal.core.spec import DeploymentSpec, parse_spec
+from shoal.errors import InvalidArgument
+from shoal.head.node import HeadNode
+from shoal.store import MemoryStore
+from shoal.testing.fakes import FakeSchedulers
+
+pytestmark = pytest.mark.timeout(10)
+
+SOURCE = """\
+import os
+from collections import OrderedDict
+from os import system
+
+import numpy as np
+
+alias = os.system
+
+
+class Model:
+    def predict(self, inputs):
+        return inputs
+
+
+def factory(**options):
+    return Model()
+
+
+if True:
+    class Guarded(Model):
+        pass
+"""
+
+
+@pytest.fixture
+def allowed(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """An allowed folder holding a model module with a fresh name (imports are cached)."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    module = f"shoal_t_{uuid.uuid4().hex[:8]}"
+    (folder / f"{module}.py").write_text(SOURCE)
+    yield folder, module
+    sys.modules.pop(module, None)
+    if str(folder) in sys.path:
+        sys.path.remove(str(folder))
+
+
+def spec(model: str, base_dir: Path | str) -> DeploymentSpec:
+    return parse_spec(
+        {
+            "name": "evil",
+            "backend": "python",
+            "model": model,
+            "base_dir": str(base_dir),
+            "options": {"command": "id > /tmp/pwned"},
+        }
+    )
+
+
+def load(s: DeploymentSpec, allowed: tuple[str, ...]) -> PythonBackend:
+    backend = PythonBackend(s)
+    backend.allowed_dirs = allowed
+    backend.load()
+    return backend
+
+
+@pytest.fixture
+async def head(allowed: tuple[Path, str]) -> AsyncIterator[HeadNode]:
+    store = MemoryStore()
+    node = HeadNode(Settings(allowed_model_dirs=(str(allowed[0]),)), store, FakeSchedulers())
+    yield node
+    await node.aclose()
+    await store.close()
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("np.f2py.os.system", "must be 'module:Class'"),  # the walk-around of the issue
+        ("Model.predict", "must be 'module:Class'"),
+        ("np", "not a class, function or assignment at the top level"),
+        ("system", "not a class, function or assignment at the top level"),
+        ("os", "not a class, function or assignment at the top level"),
+        ("Missing", "not a class, function or assignment at the top level"),
+    ],
+)
+async def test_the_head_and_the_replica_refuse_a_name_not_defined_in_the_module(
+    head: HeadNode, allowed: tuple[Path, str], target: str, message: str
+) -> None:
+    folder, module = allowed
+    bad = spec(f"{module}:{target}", folder)
+
+    with pytest.raises(InvalidArgument, match=message):
+        await head.apply(bad)
+    with pytest.raises(InvalidArgument, match=message):
+        load(bad, (str(folder),))
+    assert head.desired == {}
+
+
+async def test_an_installed_module_with_an_allowed_base_dir_is_refused_at_deploy(
+    head: HeadNode, allowed: tuple[Path, str]
+) -> None:
+    folder, _ = allowed
+    for target in ("os:system", "subprocess:Popen", "json:loads"):
+        with pytest.raises(InvalidArgument, match="not a file under base_dir"):
+            await head.apply(spec(target, folder))
+
+
+async def test_classes_and_factories_defined_in_the_module_are_accepted(
+    head: HeadNode, allowed: tuple[Path, str]
+) -> None:
+    folder, module = allowed
+    for target in ("Model", "factory", "Guarded"):
+        good = spec(f"{module}:{target}", folder).model_copy(update={"name": target.lower(), "options": {}})
+        await head.apply(good)
+        backend = load(good, (str(folder),))
+        assert backend.loaded
+        backend.unload()
+
+
+def test_an_alias_of_an_imported_object_passes_the_files_but_not_the_import(
+    allowed: tuple[Path, str],
+) -> None:
+    folder, module = allowed
+    aliased = spec(f"{module}:alias", folder)
+    check_deployable(aliased, (str(folder),))  # an assignment: only the import can tell
+    with pytest.raises(InvalidArgument, match="not a class or factory"):
+        load(aliased, (str(folder),))
+
+
+def test_without_allowed_dirs_the_replica_still_takes_only_names_defined_in_the_module(
+    allowed: tuple[Path, str],
+) -> None:
+    folder, module = allowed
+    with pytest.raises(InvalidArgument, match="defined in module 'collections'"):
+        load(spec(f"{module}:OrderedDict", folder), ())
+    with pytest.raises(InvalidArgument, match="not a class or factory"):
+        load(spec(f"{module}:system", folder), ())
+    with pytest.raises(InvalidArgument, match="must be 'module:Class'"):
+        load(spec(f"{module}:np.f2py.os.system", folder), ())
+
+
+def test_a_head_that_does_not_see_base_dir_checks_what_needs_no_files(tmp_path: Path) -> None:
+    allowed = (str(tmp_path),)
+    elsewhere = tmp_path / "on-the-schedulers-only"
+    check_deployable(spec("my_model:Model", elsewhere), allowed)
+    for bad, message in (
+        ("os:system", "standard-library or built-in"),
+        ("posix:system", "standard-library or built-in"),
+        ("my_model:np.f2py.os.system", "must be 'module:Class'"),
+    ):
+        with pytest.raises(InvalidArgument, match=message):
+            check_deployable(spec(bad, elsewhere), allowed)
