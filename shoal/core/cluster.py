@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 import secrets
 import time
-from collections import deque
-from collections.abc import Iterable, Mapping
+from collections import Counter, deque
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from shoal.core.clock import Clock
@@ -32,6 +32,9 @@ PENDING = "PENDING"  # asked of a scheduler, not yet confirmed by it
 
 BACKOFF_BASE_S = 1.0
 BACKOFF_MAX_S = 30.0
+MAX_CREATES_PER_PASS = 256
+"""Most replicas one reconcile pass places: a pass is synchronous, and a spec asking for
+thousands must not hold the head's event loop (the rest follow in the next passes)."""
 
 
 @dataclass
@@ -127,6 +130,8 @@ class ClusterState:
     replicas: dict[str, ReplicaRecord] = field(default_factory=dict)
     pending_reasons: dict[str, str] = field(default_factory=dict)
     events: deque[ClusterEvent] = field(default_factory=lambda: deque(maxlen=200))
+    # Set by reconcile when it stopped at its creation budget: call it again soon.
+    more_to_place: bool = False
     _failures: dict[str, _StartFailures] = field(default_factory=dict)
 
     # ------------------------------------------------------------ membership
@@ -239,30 +244,46 @@ class ClusterState:
 
     # ------------------------------------------------------------ reconcile
 
-    def reconcile(self, desired: Mapping[str, tuple[DeploymentSpec, int]]) -> list[Action]:
+    def reconcile(
+        self,
+        desired: Mapping[str, tuple[DeploymentSpec, int]],
+        deleted: Container[str] = frozenset(),
+        *,
+        max_creates: int = MAX_CREATES_PER_PASS,
+    ) -> list[Action]:
         """Actions that move the actual state toward ``desired`` (name -> (spec, replica count)).
 
-        - missing replicas are placed on live schedulers with room (spread);
+        - missing replicas are placed on live schedulers with room (spread), at most
+          ``max_creates`` in one call (``more_to_place`` then says to call again soon);
         - a changed spec rolls: new replicas start first (a few at a time), an
           old one is drained only once a new one is READY;
-        - surplus replicas and replicas of deleted deployments are removed.
+        - surplus replicas are removed, and so are replicas of deployments in ``deleted``
+          (the store's tombstones). A replica of a deployment that is neither desired nor
+          deleted (the store does not know it: a new or damaged store) is kept.
         Creations are recorded at once as PENDING so that a second call does
-        not place them twice.
+        not place them twice. Linear in the number of replicas, plus
+        ``max_creates`` times the number of schedulers.
         """
         self.expire()
         actions: list[Action] = []
         self.pending_reasons = {}
+        self.more_to_place = False
         for rec in list(self.replicas.values()):
-            if rec.deployment not in desired and rec.state != DRAINING:
+            if rec.deployment not in desired and rec.state != DRAINING and rec.deployment in deleted:
                 actions.append(self._remove(rec, graceful=True))
+        index = _Index.build(self)
+        budget = [max_creates]
         for _, (spec, count) in sorted(desired.items()):
-            actions.extend(self._reconcile_one(spec, count))
+            actions.extend(self._reconcile_one(spec, count, index, budget))
         return actions
 
-    def _reconcile_one(self, spec: DeploymentSpec, count: int) -> list[Action]:
+    def _reconcile_one(
+        self, spec: DeploymentSpec, count: int, index: _Index, budget: list[int]
+    ) -> list[Action]:
         actions: list[Action] = []
         want = spec.process_hash()
-        live = [r for r in self.replicas.values() if r.deployment == spec.name and r.state != DRAINING]
+        mine = index.by_deployment.get(spec.name, [])
+        live = [r for r in mine if r.state != DRAINING]
         new = [r for r in live if r.spec_hash == want]
         old = [r for r in live if r.spec_hash != want]
         ready_new = [r for r in new if r.state == READY]
@@ -289,15 +310,21 @@ class ClusterState:
                 )
             else:
                 for _ in range(missing):
-                    action = self._place(spec, want)
+                    if budget[0] <= 0:
+                        self.more_to_place = True
+                        self.pending_reasons[spec.name] = "placing replicas a few hundred per pass"
+                        break
+                    action = self._place(spec, want, index)
                     if action is None:
                         no_room = True
                         break
+                    budget[0] -= 1
                     actions.append(action)
         # Keep serving capacity: an old replica goes only as new ones are READY.
         removable = len(old) + len(ready_new) - count
         victims = sorted(old, key=lambda r: (r.state == READY, r.id))
-        if removable <= 0 and no_room and old and not starting and not self._draining(spec.name):
+        draining = any(r.state == DRAINING for r in mine)
+        if removable <= 0 and no_room and old and not starting and not draining:
             # No room to start a new replica beside the old ones: rather than stall the update
             # for ever, drain one old replica first (like Kubernetes' maxUnavailable=1). The
             # only case where an update dips below the replica count.
@@ -307,17 +334,18 @@ class ClusterState:
             actions.append(self._remove(rec, graceful=True))
         return actions
 
-    def _draining(self, deployment: str) -> bool:
-        return any(r.deployment == deployment and r.state == DRAINING for r in self.replicas.values())
-
-    def _place(self, spec: DeploymentSpec, spec_hash: str) -> CreateReplica | None:
+    def _place(self, spec: DeploymentSpec, spec_hash: str, index: _Index) -> CreateReplica | None:
         need = Capacity.of(spec.resources)
-        chosen, reason = choose(self._candidates(spec.name), need)
+        chosen, reason = choose(index.candidates(self.schedulers.values(), spec.name), need)
         if chosen is None:
             self.pending_reasons[spec.name] = reason
             return None
         rid = f"{spec.name}-{secrets.token_hex(3)}"
-        self.replicas[rid] = ReplicaRecord(
+        while rid in self.replicas:
+            # Ids are short: among a thousand replicas of one deployment, two draws collide
+            # about once in thirty, and a collision would overwrite the other's record.
+            rid = f"{spec.name}-{secrets.token_hex(3)}"
+        rec = ReplicaRecord(
             id=rid,
             deployment=spec.name,
             scheduler_id=chosen,
@@ -325,27 +353,13 @@ class ClusterState:
             state=PENDING,
             resources=need,
         )
+        self.replicas[rid] = rec
+        index.add(rec)
         return CreateReplica(chosen, rid, spec.name, spec)
 
     def _remove(self, rec: ReplicaRecord, *, graceful: bool) -> RemoveReplica:
         rec.state = DRAINING
         return RemoveReplica(rec.scheduler_id, rec.id, graceful)
-
-    def _candidates(self, deployment: str) -> list[Candidate]:
-        out = []
-        for sched in self.schedulers.values():
-            if sched.state != ALIVE:
-                continue
-            mine = [r for r in self.replicas.values() if r.scheduler_id == sched.id]
-            out.append(
-                Candidate(
-                    scheduler_id=sched.id,
-                    free=sched.capacity - self.allocated(sched.id),
-                    replicas_of_deployment=sum(1 for r in mine if r.deployment == deployment),
-                    replicas_total=len(mine),
-                )
-            )
-        return out
 
     # The resources each replica holds are its deployment's; the head sets them
     # per deployment before reconciling.
@@ -354,6 +368,17 @@ class ClusterState:
     def allocated(self, scheduler_id: str) -> Capacity:
         """What the replicas on a scheduler hold: each its own spec's resources, old specs included."""
         return Capacity.total(r.resources for r in self.replicas.values() if r.scheduler_id == scheduler_id)
+
+    def allocations(self) -> dict[str, Capacity]:
+        """``allocated`` of every scheduler that holds a replica, in one pass over the replicas."""
+        return _Index.build(self).allocated
+
+    def by_deployment(self) -> dict[str, list[ReplicaRecord]]:
+        """Every replica, by deployment, sorted by id."""
+        out: dict[str, list[ReplicaRecord]] = {}
+        for rec in sorted(self.replicas.values(), key=lambda r: r.id):
+            out.setdefault(rec.deployment, []).append(rec)
+        return out
 
     # ------------------------------------------------------------ views
 
@@ -451,3 +476,39 @@ class ClusterState:
                 scheduler_id=scheduler_id,
             )
         )
+
+
+@dataclass
+class _Index:
+    """One reconcile pass's view of the replicas, built in one pass over them and kept up to
+    date as the pass places more: what keeps a pass linear in the number of replicas."""
+
+    by_deployment: dict[str, list[ReplicaRecord]]
+    allocated: dict[str, Capacity]
+    on_scheduler: Counter[str]
+    of_deployment: Counter[tuple[str, str]]  # (scheduler, deployment) -> replicas
+
+    @classmethod
+    def build(cls, state: ClusterState) -> _Index:
+        index = cls({}, {}, Counter(), Counter())
+        for rec in state.replicas.values():
+            index.add(rec)
+        return index
+
+    def add(self, rec: ReplicaRecord) -> None:
+        self.by_deployment.setdefault(rec.deployment, []).append(rec)
+        self.allocated[rec.scheduler_id] = self.allocated.get(rec.scheduler_id, Capacity()) + rec.resources
+        self.on_scheduler[rec.scheduler_id] += 1
+        self.of_deployment[rec.scheduler_id, rec.deployment] += 1
+
+    def candidates(self, schedulers: Iterable[SchedulerRecord], deployment: str) -> list[Candidate]:
+        return [
+            Candidate(
+                scheduler_id=sched.id,
+                free=sched.capacity - self.allocated.get(sched.id, Capacity()),
+                replicas_of_deployment=self.of_deployment[sched.id, deployment],
+                replicas_total=self.on_scheduler[sched.id],
+            )
+            for sched in schedulers
+            if sched.state == ALIVE
+        ]

@@ -4,12 +4,21 @@ the loop that reconciles them.
 All cluster state lives in one ``ClusterState`` guarded by ``self.lock``;
 calls to schedulers happen outside the lock, and their outcomes are applied
 under it again.
+
+The store holds ``deployments/<name>`` (a spec as JSON) and ``tombstones/<name>`` (the
+deployment was deleted). A replica whose deployment the store does not know is removed
+only when a tombstone says its deployment was deleted: a head started on an empty,
+truncated or foreign store removes nothing it finds running. A stored spec that does not
+parse (written by another version, edited by hand) does not stop the head: that
+deployment is *broken*, shown as such in the status with its key, its replicas are kept,
+and applying a new spec or deleting it repairs it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -32,7 +41,7 @@ from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec, parse_spec, parse_spec_json
 from shoal.core.stats import SeriesRecorder, Snapshot
 from shoal.core.tasks import TaskSet
-from shoal.errors import InvalidArgument, NotFound, ShoalError
+from shoal.errors import FailedPrecondition, InvalidArgument, NotFound, ShoalError
 from shoal.store.base import Store
 from shoal.types import (
     DeploymentRoutes,
@@ -46,6 +55,7 @@ from shoal.types import (
 log = logging.getLogger("shoal.head")
 
 DEPLOYMENTS = "deployments/"
+TOMBSTONES = "tombstones/"
 
 SchedulerClientFactory = Callable[[str, str], SchedulerClient]
 
@@ -76,6 +86,10 @@ class HeadNode:
         self.clock = clock or SystemClock()
         self.state = ClusterState(clock=self.clock, dead_after_s=settings.dead_after_s)
         self.desired: dict[str, DeploymentSpec] = {}
+        # Deployments whose stored spec does not parse: name -> what is wrong, naming the key.
+        self.broken: dict[str, str] = {}
+        # Deployments deleted (a tombstone in the store): their replicas are removed.
+        self.deleted: set[str] = set()
         self.lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._clients: dict[str, tuple[str, SchedulerClient]] = {}
@@ -84,8 +98,8 @@ class HeadNode:
         self._tasks = TaskSet("head")
         self._stopping = asyncio.Event()
         self._paused = False
-        # After a restart with deployments in the store: no placing or removing until the
-        # schedulers have had dead_after_s to register again with the replicas they run.
+        # After every start (set by start()): no placing or removing until the schedulers
+        # have had dead_after_s to register again with the replicas they run.
         self._adopt_until = 0.0
         self.autoscaler = Autoscaler(self.clock)
         self._loads: dict[str, dict[str, LoadReport]] = {}  # scheduler -> deployment -> load
@@ -97,15 +111,33 @@ class HeadNode:
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
+        """Load tokens, deployments and tombstones from the store; start the reconcile loop.
+
+        A deployment row that does not parse is logged and marked broken, never fatal.
+        """
         await self.tokens.load()
         for entry in await self.store.list(DEPLOYMENTS):
-            spec = parse_spec_json(entry.value)
+            name = entry.key.removeprefix(DEPLOYMENTS)
+            try:
+                spec = parse_spec_json(entry.value)
+                if spec.name != name:
+                    raise InvalidArgument(f"it holds the spec of {spec.name!r}")
+            except InvalidArgument as err:
+                self.broken[name] = f"the stored spec at {entry.key!r} cannot be read: {err}"
+                log.error("deployment %s is broken: %s", name, self.broken[name])
+                continue
             self.desired[spec.name] = spec
-        log.info("head loaded %d deployment(s) from the store", len(self.desired))
-        if self.desired:
-            # Otherwise the first scheduler to register looks like the whole cluster and the
-            # head starts replicas that the others are already running.
-            self._adopt_until = self.clock.now() + self.settings.dead_after_s
+        self.deleted = {e.key.removeprefix(TOMBSTONES) for e in await self.store.list(TOMBSTONES)}
+        log.info(
+            "head loaded %d deployment(s) (%d broken) and %d tombstone(s) from the store",
+            len(self.desired),
+            len(self.broken),
+            len(self.deleted),
+        )
+        # On every start, an empty store included (it may be new, truncated or not this
+        # cluster's): otherwise the first scheduler to register looks like the whole cluster
+        # and the head starts replicas that the others are already running.
+        self._adopt_until = self.clock.now() + self.settings.dead_after_s
         self._tasks.spawn(self._run(), "reconcile")
 
     async def aclose(self) -> None:
@@ -216,6 +248,10 @@ class HeadNode:
             if changed:
                 await self.store.put(DEPLOYMENTS + spec.name, spec.to_json())
                 self.desired[spec.name] = spec
+                self.broken.pop(spec.name, None)
+                if spec.name in self.deleted:
+                    await self.store.delete(TOMBSTONES + spec.name)
+                    self.deleted.discard(spec.name)
                 self._refresh_resources()
         if changed:
             log.info("deployment %s %s", spec.name, "created" if old is None else "updated")
@@ -233,10 +269,20 @@ class HeadNode:
         self.wake()
 
     async def delete(self, name: str) -> None:
+        """Delete a deployment and remove its replicas. Also for a broken deployment, and
+        for a name the store does not know whose replicas schedulers report (the operator's
+        way to remove them). NotFound when the name is none of these."""
         async with self.lock:
-            self._get(name)
+            running = any(r.deployment == name for r in self.state.replicas.values())
+            if name not in self.desired and name not in self.broken and not running:
+                raise NotFound(f"no deployment named {name!r}")
+            # The tombstone first: a head that stops between the two writes still knows
+            # the deployment, and deleting again finishes the job.
+            await self.store.put(TOMBSTONES + name, json.dumps({"deleted_at": time.time()}))
+            self.deleted.add(name)
             await self.store.delete(DEPLOYMENTS + name)
-            del self.desired[name]
+            self.desired.pop(name, None)
+            self.broken.pop(name, None)
             self.targets.pop(name, None)
             self.autoscaler.forget(name)
         log.info("deployment %s deleted", name)
@@ -260,6 +306,10 @@ class HeadNode:
 
     def _get(self, name: str) -> DeploymentSpec:
         spec = self.desired.get(name)
+        if spec is None and name in self.broken:
+            raise FailedPrecondition(
+                f"deployment {name!r} is broken ({self.broken[name]}); apply a new spec or delete it"
+            )
         if spec is None:
             raise NotFound(f"no deployment named {name!r}")
         return spec
@@ -279,16 +329,20 @@ class HeadNode:
                 self.state.expire()
                 actions: list[Action] = []
                 self.state.pending_reasons = {
-                    n: f"waiting {wait:.0f}s for schedulers to register again after a head restart"
+                    n: f"waiting {wait:.0f}s for schedulers to register again after the head started"
                     for n in self.desired
                 }
             else:
-                desired = {n: (s, self._target(s)) for n, s in self.desired.items()}
+                running = collections.Counter(r.deployment for r in self.state.replicas.values())
+                alive = {s.id for s in self.state.schedulers.values() if s.state == "ALIVE"}
+                desired = {n: (s, self._target(s, running[n], alive)) for n, s in self.desired.items()}
                 if self._paused:
                     self.state.expire()
                     actions = []
                 else:
-                    actions = self.state.reconcile(desired)
+                    actions = self.state.reconcile(desired, self.deleted)
+                    if self.state.more_to_place:
+                        self.wake()
             for sid in list(self._clients):
                 sched = self.state.schedulers.get(sid)
                 if sched is None or sched.address != self._clients[sid][0]:
@@ -298,8 +352,9 @@ class HeadNode:
         await self._publish_routes()
         return actions
 
-    def _target(self, spec: DeploymentSpec) -> int:
-        """The replica count to reconcile to: the spec's, or the autoscaler's. Called under the lock."""
+    def _target(self, spec: DeploymentSpec, running: int, alive: set[str]) -> int:
+        """The replica count to reconcile to: the spec's, or the autoscaler's. ``running``: the
+        deployment's replicas now; ``alive``: the live schedulers. Called under the lock."""
         policy = spec.autoscaling
         if policy is None:
             self.targets.pop(spec.name, None)
@@ -307,16 +362,12 @@ class HeadNode:
         current = self.targets.get(spec.name)
         if current is None:
             # After a head restart: keep what runs (within bounds) rather than the spec's start count.
-            running = sum(1 for r in self.state.replicas.values() if r.deployment == spec.name)
             current = running if running else spec.initial_replicas()
-        alive = {s.id for s in self.state.schedulers.values() if s.state == "ALIVE"}
-        load = sum(
-            r.in_flight + r.queued
-            for sid, loads in self._loads.items()
-            if sid in alive
-            for name, r in loads.items()
-            if name == spec.name
-        )
+        load = 0
+        for sid, loads in self._loads.items():
+            report = loads.get(spec.name)
+            if sid in alive and report is not None:
+                load += report.in_flight + report.queued
         self.autoscaler.observe(spec.name, load)
         decision = self.autoscaler.decide(spec.name, policy, current)
         if decision is not None and decision.desired != current:
@@ -446,6 +497,7 @@ def cluster_status(node: HeadNode) -> dict[str, Any]:
     """The cluster as plain data: the shape of ``shoal status --json`` and ``GET /api/status``."""
     state = node.state
     now = node.clock.now()
+    allocated = state.allocations()
 
     def res(c: Capacity) -> dict[str, float]:
         return {"cpus": c.cpus, "memory_mb": c.memory_mb, "gpus": c.gpus}
@@ -460,12 +512,15 @@ def cluster_status(node: HeadNode) -> dict[str, Any]:
             "hostname": s.hostname,
             "last_seen_s": round(max(0.0, now - s.last_seen), 3),
             "capacity": res(s.capacity),
-            "allocated": res(state.allocated(s.id)),
+            "allocated": res(allocated.get(s.id, Capacity())),
         }
         for s in sorted(state.schedulers.values(), key=lambda s: s.id)
     ]
+    by_deployment = state.by_deployment()
     deployments = []
-    for name, spec in sorted(node.desired.items()):
+    # The store's deployments; then broken ones, and ones only schedulers know, each saying why.
+    names = sorted(set(node.desired) | set(node.broken) | (set(by_deployment) - node.deleted))
+    for name in names:
         replicas = [
             {
                 "id": r.id,
@@ -477,16 +532,27 @@ def cluster_status(node: HeadNode) -> dict[str, Any]:
                 "queued": r.queued,
                 "message": r.message,
             }
-            for r in sorted(state.replicas.values(), key=lambda r: r.id)
-            if r.deployment == name
+            for r in by_deployment.get(name, [])
         ]
+        spec = node.desired.get(name)
+        broken = node.broken.get(name, "")
+        if spec is not None:
+            reason = state.pending_reasons.get(name, "")
+        elif broken:
+            reason = f"broken: {broken}; its replicas are kept until a new spec is applied or it is deleted"
+        else:
+            reason = (
+                "not in the head's store (a new or damaged store?): its replicas are kept; "
+                f"'shoal delete {name}' removes them"
+            )
         deployments.append(
             {
                 "name": name,
-                "target_replicas": node.targets.get(name, spec.replicas),
+                "target_replicas": node.targets.get(name, spec.replicas) if spec is not None else 0,
                 "ready_replicas": sum(1 for r in replicas if r["state"] == "READY"),
-                "pending_reason": state.pending_reasons.get(name, ""),
-                "spec": spec.model_dump(mode="json"),
+                "pending_reason": reason,
+                "broken": broken,
+                "spec": spec.model_dump(mode="json") if spec is not None else {},
                 "replicas": replicas,
             }
         )

@@ -364,13 +364,13 @@ def test_deleting_a_deployment_removes_only_its_replicas(state: ClusterState) ->
     converge(state, [s1], want(echo, other))
     echo_ids = sorted(states(state, "echo"))
 
-    actions = state.reconcile(want(other))
+    actions = state.reconcile(want(other), deleted={"echo"})
 
     assert creates(actions) == []
     assert sorted(a.replica_id for a in removes(actions)) == echo_ids
     assert all(a.graceful for a in removes(actions))
     assert list(states(state, "other").values()) == [READY]
-    assert state.reconcile(want(other)) == []
+    assert state.reconcile(want(other), deleted={"echo"}) == []
 
     s1.act(actions)
     assert s1.beat()

@@ -31,23 +31,6 @@ def make_spec(name: str = "echo", *, replicas: int = 1, model: str = "m.py") -> 
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-async def store() -> AsyncIterator[MemoryStore]:
-    s = MemoryStore()
-    yield s
-    await s.close()
-
-
-@pytest.fixture
-def fleet() -> FakeSchedulers:
-    return FakeSchedulers()
-
-
-@pytest.fixture
 async def head(store: MemoryStore, fleet: FakeSchedulers, clock: FakeClock) -> AsyncIterator[HeadNode]:
     node = HeadNode(Settings(), store, fleet, clock)
     yield node

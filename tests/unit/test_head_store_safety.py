@@ -1,0 +1,236 @@
+"""What a head does with a store it cannot fully trust (issue 13, items 1 and 6).
+
+- A row that does not parse: the head starts, the deployment is broken in the status
+  (naming the key), its replicas are kept, and applying or deleting repairs it.
+- A store that does not know a deployment schedulers run (empty, truncated, foreign):
+  nothing is removed, except after a delete left a tombstone; the head waits
+  ``dead_after_s`` after every start before placing or removing anything.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from shoal.config import Settings
+from shoal.core.clock import FakeClock
+from shoal.core.cluster import READY, ReplicaReport
+from shoal.core.placement import Capacity
+from shoal.core.spec import DeploymentSpec, parse_spec
+from shoal.errors import FailedPrecondition, NotFound
+from shoal.head.http import head_app
+from shoal.head.node import HeadNode, cluster_status
+from shoal.store import MemoryStore
+from shoal.testing.fakes import FakeSchedulers
+from shoal.types import SchedulerRegistration
+
+pytestmark = pytest.mark.timeout(10)
+
+# As a head before the fix stored it: ``"timeout_s": Infinity`` went in as null.
+POISON_ROW = '{"name":"poison","backend":"python","model":"echo:Echo","replicas":0,"timeout_s":null}'
+
+
+def make_spec(name: str, replicas: int = 1) -> DeploymentSpec:
+    return parse_spec({"name": name, "backend": "python", "model": "m:M", "replicas": replicas})
+
+
+def ready(rid: str, spec: DeploymentSpec) -> ReplicaReport:
+    return ReplicaReport(
+        rid, spec.name, READY, address=f"{rid}:9000", spec_hash=spec.process_hash(), ready_at=1.0
+    )
+
+
+@pytest.fixture
+async def started(store: MemoryStore, fleet: FakeSchedulers, clock: FakeClock) -> AsyncIterator[HeadNode]:
+    """A head over ``store`` as the test leaves it, for the test to start. Its reconcile loop
+    may run a pass beside the test's own ``reconcile_once``: tests check what reached the
+    schedulers (``fleet``), which does not depend on which pass acted."""
+    node = HeadNode(Settings(), store, fleet, clock)
+    yield node
+    await node.aclose()
+
+
+async def join(head: HeadNode, sid: str, *replicas: ReplicaReport) -> None:
+    await head.register_scheduler(
+        SchedulerRegistration(
+            sid, f"{sid}:7000", f"{sid}:7001", Capacity(8, 8192, 0), pid=1, hostname="h", replicas=replicas
+        )
+    )
+
+
+async def past_adoption(head: HeadNode, clock: FakeClock) -> None:
+    clock.advance(head.settings.dead_after_s + 0.1)
+    await join_beat(head)
+
+
+async def join_beat(head: HeadNode) -> None:
+    # Keep every known scheduler alive across a clock jump.
+    for sched in list(head.state.schedulers.values()):
+        reports = [
+            ReplicaReport(r.id, r.deployment, r.reported_state or r.state, r.address, spec_hash=r.spec_hash)
+            for r in head.state.replicas.values()
+            if r.scheduler_id == sched.id
+        ]
+        await head.scheduler_health(sched.id, sched.registry_version, reports)
+
+
+# ------------------------------------------------------------------ item 1: an unreadable row
+
+
+async def test_a_head_starts_over_an_unreadable_row_and_marks_it_broken(
+    store: MemoryStore, started: HeadNode, fleet: FakeSchedulers, clock: FakeClock
+) -> None:
+    echo = make_spec("echo")
+    await store.put("deployments/echo", echo.to_json())
+    await store.put("deployments/poison", POISON_ROW)
+
+    await started.start()
+
+    assert started.desired == {"echo": echo}
+    status = {d["name"]: d for d in cluster_status(started)["deployments"]}
+    assert status["echo"]["broken"] == ""
+    broken = status["poison"]
+    assert "'deployments/poison'" in broken["broken"] and "timeout_s" in broken["broken"]
+    assert broken["pending_reason"].startswith("broken: the stored spec at 'deployments/poison'")
+    assert (broken["target_replicas"], broken["spec"]) == (0, {})
+    # The good deployment is served; the broken one is not in the routing table.
+    assert set(started.routes.deployments) <= {"echo"}
+
+
+async def test_status_over_rest_answers_with_a_broken_row(store: MemoryStore, started: HeadNode) -> None:
+    await store.put("deployments/poison", POISON_ROW)
+    await started.start()
+
+    app = head_app(started)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://head") as client:
+        r = await client.get("/api/status")
+
+    assert r.status_code == 200
+    [dep] = r.json()["deployments"]
+    assert dep["name"] == "poison" and "deployments/poison" in dep["broken"]
+
+
+async def test_the_replicas_of_a_broken_deployment_are_kept(
+    store: MemoryStore, started: HeadNode, fleet: FakeSchedulers, clock: FakeClock
+) -> None:
+    await store.put("deployments/poison", POISON_ROW)
+    await started.start()
+    poison = make_spec("poison")
+    await join(started, "s1", ready("poison-1", poison))
+    await past_adoption(started, clock)
+
+    await started.reconcile_once()
+    assert fleet.client("s1", "s1:7000").removed == []
+    [dep] = cluster_status(started)["deployments"]
+    assert [r["id"] for r in dep["replicas"]] == ["poison-1"]
+
+
+async def test_a_broken_deployment_is_repaired_by_apply_or_delete(
+    store: MemoryStore, started: HeadNode, fleet: FakeSchedulers, clock: FakeClock
+) -> None:
+    await store.put("deployments/poison", POISON_ROW)
+    await store.put("deployments/other", POISON_ROW.replace("poison", "other"))
+    await started.start()
+
+    with pytest.raises(FailedPrecondition, match=r"broken.*apply a new spec or delete it"):
+        await started.scale("poison", 2)
+
+    fixed = make_spec("poison")
+    await started.apply(fixed)
+    assert started.desired["poison"] == fixed and "poison" not in started.broken
+
+    await started.delete("other")
+    assert await store.get("deployments/other") is None
+    assert [d["name"] for d in cluster_status(started)["deployments"]] == ["poison"]
+
+
+# ------------------------------------------------------------------ item 6: an empty store
+
+
+async def test_a_head_on_an_empty_store_removes_nothing_schedulers_report(
+    started: HeadNode, fleet: FakeSchedulers, clock: FakeClock
+) -> None:
+    echo = make_spec("echo", replicas=2)
+    await started.start()  # an empty store: new, truncated, or a fresh --state
+    await join(started, "s1", ready("echo-1", echo), ready("echo-2", echo))
+
+    # During the adoption wait, and after it, nothing is removed.
+    await started.reconcile_once()
+    await past_adoption(started, clock)
+    await started.reconcile_once()
+    assert fleet.client("s1", "s1:7000").removed == []
+
+    [dep] = cluster_status(started)["deployments"]
+    assert dep["name"] == "echo" and len(dep["replicas"]) == 2
+    assert "not in the head's store" in dep["pending_reason"] and "shoal delete echo" in dep["pending_reason"]
+
+    # Applying the spec again adopts them: nothing new starts.
+    await started.apply(echo)
+    await started.reconcile_once()
+    assert fleet.client("s1", "s1:7000").created == []
+
+
+async def test_the_adoption_wait_applies_on_every_start(
+    started: HeadNode, fleet: FakeSchedulers, clock: FakeClock
+) -> None:
+    await started.start()
+    await join(started, "s1")
+    await started.apply(make_spec("echo"))
+
+    await started.reconcile_once()
+    [dep] = cluster_status(started)["deployments"]
+    assert dep["pending_reason"].startswith("waiting")
+    assert fleet.client("s1", "s1:7000").created == []
+
+    await past_adoption(started, clock)
+    await started.reconcile_once()
+    assert len(fleet.client("s1", "s1:7000").created) == 1
+
+
+async def test_a_tombstone_removes_the_replicas_of_a_deleted_deployment_after_a_restart(
+    store: MemoryStore, fleet: FakeSchedulers, clock: FakeClock
+) -> None:
+    echo = make_spec("echo")
+    first = HeadNode(Settings(), store, fleet, clock)
+    await first.start()
+    await first.apply(echo)
+    await first.delete("echo")
+    await first.aclose()
+    tomb = await store.get("tombstones/echo")
+    assert tomb is not None and "deleted_at" in json.loads(tomb.value)
+
+    # A replica that outlived the delete (its scheduler was away) shows up at a new head.
+    second = HeadNode(Settings(), store, fleet, clock)
+    try:
+        await second.start()
+        await join(second, "s1", ready("echo-1", echo))
+        await past_adoption(second, clock)
+        await second.reconcile_once()
+        assert fleet.client("s1", "s1:7000").removed == [("echo-1", True)]
+
+        # Applying the name again lifts the tombstone.
+        await second.apply(echo)
+        assert await store.get("tombstones/echo") is None and second.deleted == set()
+    finally:
+        await second.aclose()
+
+
+async def test_delete_of_a_name_only_schedulers_know_removes_its_replicas(
+    started: HeadNode, fleet: FakeSchedulers, clock: FakeClock
+) -> None:
+    echo = make_spec("echo")
+    await started.start()
+    await join(started, "s1", ready("echo-1", echo))
+    await past_adoption(started, clock)
+
+    with pytest.raises(NotFound):
+        await started.delete("nothing")
+    await started.reconcile_once()
+    assert fleet.client("s1", "s1:7000").removed == []
+    await started.delete("echo")  # the operator's explicit command
+
+    await started.reconcile_once()
+    assert fleet.client("s1", "s1:7000").removed == [("echo-1", True)]
