@@ -158,6 +158,7 @@ async def wait_for(
     timeout_s: float,
     line: ProgressLine | None = None,
     poll_s: float = 0.25,
+    ready: str = "ready",
 ) -> tuple[int, Verdict]:
     """Poll ``read_status`` until ``watch`` says done or failed, or ``timeout_s`` passes.
 
@@ -174,7 +175,7 @@ async def wait_for(
             last = verdict.key
         if verdict.done:
             line.end()
-            print(f"ready after {time.monotonic() - start:.1f}s: {verdict.line}", flush=True)
+            print(f"{ready} after {time.monotonic() - start:.1f}s: {verdict.line}", flush=True)
             return 0, verdict
         error = verdict.failure
         if not error and time.monotonic() - start > timeout_s:

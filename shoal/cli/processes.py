@@ -208,7 +208,7 @@ async def _up_progress(head: Any, watch: DeployWatch, timeout_s: float = 300.0) 
         async with head.lock:
             return cluster_status(head)
 
-    await wait_for(read_status, watch, timeout_s)
+    await wait_for(read_status, watch, timeout_s, ready="all deployments ready")
 
 
 def cmd_head(args: argparse.Namespace) -> int:
