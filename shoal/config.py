@@ -39,8 +39,9 @@ class Settings:
     state_dir: str = ".shoal"
     """SQLite state and logs."""
     scheduler_id: str = ""
-    """Id of this scheduler; a new ``sched-<hex>`` at every start when empty. Replicas do
-    not outlive their scheduler, so a restarted scheduler is a new member either way."""
+    """Id of this scheduler. Empty: the id kept in ``<state_dir>/scheduler_id``, made
+    (``sched-<hex>``) at the first start, so a restarted scheduler takes its old place
+    rather than leaving a DEAD one behind. One scheduler per state folder."""
 
     cpus: float = -1.0
     """CPUs this scheduler offers to replicas; -1 reads the machine."""
@@ -53,6 +54,9 @@ class Settings:
     """How often a scheduler sends its health update to the head."""
     dead_after_s: float = 5.0
     """A scheduler silent this long is marked DEAD and its replicas are placed elsewhere."""
+    forget_dead_after_s: float = 3600.0
+    """A DEAD scheduler silent this long is dropped from the head's state and status (it may
+    still register again later, as a new member)."""
     reconcile_interval_s: float = 1.0
     """How often the head compares desired with actual state (it also runs on every change)."""
     replica_health_interval_s: float = 1.0
@@ -95,6 +99,14 @@ class Settings:
     """The bearer token the CLI sends to the head and to schedulers (``SHOAL_TOKEN``, ``--token``)."""
     max_tensor_elements: int = 16_777_216
     """Most tensor elements (all inputs together) one inference request may carry."""
+    max_strings_per_request: int = 2048
+    """Most strings one ``/v1/embeddings`` request may carry (OpenAI's own limit)."""
+    max_stream_pending: int = 64
+    """Most requests of one ``ModelStreamInfer`` stream running or answered but not yet read
+    by the client; past it the stream stops reading until the client catches up."""
+    max_json_on_loop_kb: int = 256
+    """JSON inference bodies larger than this are parsed in a separate process, so one big body
+    does not hold up every other request on the event loop."""
     max_concurrent_streams: int = 1024
     """Most concurrent calls on one gRPC connection (``grpc.max_concurrent_streams``)."""
     control_rate_limit: float = 100.0

@@ -35,8 +35,7 @@ from shoal.rpc.inference_service import InferenceService
 from shoal.rpc.scheduler_service import SchedulerService
 from shoal.rpc.server import bind, new_server
 from shoal.rpc.tls import announce_transport, check_transport, server_credentials
-from shoal.scheduler.http import scheduler_app
-from shoal.scheduler.models import ModelCatalog
+from shoal.scheduler.http import scheduler_app, shutdown_parser
 from shoal.scheduler.node import SchedulerNode
 from shoal.store.sqlite import SqliteStore
 
@@ -146,19 +145,18 @@ async def start_scheduler(
         GrpcHeadLink(head_address, settings),
         lambda addr: GrpcReplicaClient(addr, settings),
     )
-    # One catalog behind both ingresses: the Open Inference Protocol's statistics count both.
-    catalog = ModelCatalog(node.router, ready=node.registered.is_set)
     server = new_server(settings, [AuthInterceptor(SCHEDULER_RULES, tls=bool(settings.tls_dir))])
     pbg.add_SchedulerServicer_to_server(SchedulerService(node), server)
-    inference = InferenceService(catalog, node.inference_auth, settings.max_tensor_elements)
+    inference = InferenceService(node.dataplane, node.inference_auth, settings)
     oipg.add_GRPCInferenceServiceServicer_to_server(inference, server)
     port = bind(server, settings.host, settings.grpc_port, server_credentials(settings, "scheduler"))
     tls = _tls_files(settings, "scheduler")
-    http = HttpServer(scheduler_app(node, catalog), settings.host, settings.http_port, tls)
+    http = HttpServer(scheduler_app(node), settings.host, settings.http_port, tls)
     await server.start()
     stack.push_async_callback(server.stop, 1.0)
     await http.start()
     stack.push_async_callback(http.stop)
+    stack.callback(shutdown_parser)
     address = _addr(settings.advertised, port)
     http_address = _addr(settings.advertised, http.port)
     node.start(address, http_address)

@@ -13,6 +13,7 @@ from typing import Protocol
 import numpy as np
 
 from shoal.core.cluster import ReplicaReport
+from shoal.core.payload import Tensors
 from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec, TensorSpec
 
@@ -132,8 +133,10 @@ class ReplicaClient(Protocol):
 
     async def ping(self, timeout_s: float) -> PingResult: ...
 
-    async def push(self, request_id: str, inputs: Arrays, timeout_s: float) -> Arrays:
-        """Run one request. Raises ShoalError; Unavailable when the replica cannot be reached."""
+    async def push(self, request_id: str, inputs: Tensors, timeout_s: float) -> Tensors:
+        """Run one request, tensors as they came off the wire (nothing decoded here).
+
+        Raises ShoalError; Unavailable when the replica cannot be reached."""
         ...
 
     async def drain(self, grace_s: float) -> None: ...

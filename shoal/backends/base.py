@@ -22,8 +22,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from shoal.core import payload
 from shoal.core.spec import DeploymentSpec, TensorSpec
-from shoal.errors import FailedPrecondition, Internal, InvalidArgument
+from shoal.errors import FailedPrecondition, Internal
 
 T = TypeVar("T")
 
@@ -56,37 +57,16 @@ def datatype_of(dtype: np.dtype[Any]) -> str | None:
     return _DATATYPE_BY_NAME.get(dtype.name)
 
 
-def _shape_matches(declared: tuple[int, ...], actual: tuple[int, ...]) -> bool:
-    return len(declared) == len(actual) and all(d in (-1, a) for d, a in zip(declared, actual, strict=True))
-
-
-def _fmt_shape(shape: tuple[int, ...]) -> str:
-    return "[" + ", ".join(str(d) for d in shape) + "]"
-
-
 def check_inputs(declared: tuple[TensorSpec, ...], inputs: Mapping[str, np.ndarray]) -> None:
-    """Check ``inputs`` against ``declared``: names, datatypes and shapes (-1 is any size).
+    """Check ``inputs`` against ``declared`` with the scheduler's own rules
+    (:func:`shoal.core.payload.check_declared`): names, datatypes, shapes (-1 is any size).
 
     Nothing is checked when ``declared`` is empty. Raises InvalidArgument naming the input.
     """
     if not declared:
         return
-    names = {spec.name for spec in declared}
-    for spec in declared:
-        if spec.name not in inputs:
-            raise InvalidArgument(f"missing input {spec.name!r}")
-        array = inputs[spec.name]
-        got = datatype_of(array.dtype) or str(array.dtype)
-        if got != spec.datatype:
-            raise InvalidArgument(f"input {spec.name!r}: expected {spec.datatype}, got {got}")
-        if not _shape_matches(spec.shape, array.shape):
-            raise InvalidArgument(
-                f"input {spec.name!r}: expected shape {_fmt_shape(spec.shape)}, got {_fmt_shape(array.shape)}"
-            )
-    unknown = sorted(set(inputs) - names)
-    if unknown:
-        expected = ", ".join(repr(n) for n in sorted(names))
-        raise InvalidArgument(f"unknown input {unknown[0]!r}; the model takes {expected}")
+    given = [(name, datatype_of(a.dtype) or str(a.dtype), tuple(a.shape)) for name, a in inputs.items()]
+    payload.check_declared(declared, given)
 
 
 def coerce_outputs(result: object) -> Tensors:

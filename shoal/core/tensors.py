@@ -154,6 +154,11 @@ def _check_shape(shape: object, where: str) -> tuple[int, ...]:
     return tuple(dims)
 
 
+def check_shape(shape: object, where: str = "") -> tuple[int, ...]:
+    """``shape`` as a tuple of non-negative ints that fit int64, or InvalidArgument."""
+    return _check_shape(shape, where)
+
+
 def _byte_view(data: object, where: str) -> memoryview:
     """``data`` as a flat view of unsigned bytes, or InvalidArgument if it is no buffer."""
     try:

@@ -45,6 +45,9 @@ class _Request:
     arrived: float
     future: asyncio.Future[Tensors] = field(repr=False)
     started: bool = False
+    # It found the model busy or other requests queued: it may wait for company. One that
+    # arrives at an idle batcher with nothing queued runs at once.
+    waits: bool = True
 
 
 def _rows_and_key(inputs: Tensors) -> tuple[int, _Key]:
@@ -93,7 +96,12 @@ class Batcher:
 
     ``submit`` is safe to call from many tasks at once. A caller that is cancelled before
     its batch starts leaves the queue; one cancelled after only loses its answer. When
-    ``run`` raises, every request of that batch gets the exception.
+    ``run`` raises for a batch of several requests, each is run again alone, so only the
+    requests that fail alone get an exception.
+
+    A request that arrives while the model is idle and nothing is queued runs at once;
+    ``max_delay_ms`` only holds requests that arrive while the model is busy or others
+    wait (they are then taken together as soon as the model is free).
 
     Counters, for health updates and metrics: :attr:`queued`, :attr:`in_flight`,
     :attr:`requests` (requests run), :attr:`batches` (calls to ``run``), :attr:`batch_sizes`
@@ -197,7 +205,12 @@ class Batcher:
         rows, key = _rows_and_key(inputs)
         loop = asyncio.get_running_loop()
         request = _Request(
-            inputs=inputs, rows=rows, key=key, arrived=loop.time(), future=loop.create_future()
+            inputs=inputs,
+            rows=rows,
+            key=key,
+            arrived=loop.time(),
+            future=loop.create_future(),
+            waits=self._in_flight > 0 or bool(self._queue),
         )
         self._queue.append(request)
         self._rows_by_key[key] += rows
@@ -266,6 +279,11 @@ class Batcher:
             head = self._queue[0]
             if self._closing or self._rows_by_key[head.key] >= self.max_batch_size:
                 break
+            if not head.waits:
+                # Nothing to wait for: the model is idle and nobody else is queued, so
+                # holding this request max_delay_ms would only add latency (c=1 with
+                # batching on costs what it costs with batching off).
+                break
             remaining = head.arrived + self._max_delay_s - loop.time()
             if remaining <= 0:
                 break
@@ -309,6 +327,30 @@ class Batcher:
             request.started = True
         return batch
 
+    async def _run_singly(self, batch: list[_Request]) -> None:
+        for request in batch:
+            if request.future.done():  # its caller gave up meanwhile
+                continue
+            self.batches += 1
+            self.batch_sizes[request.rows] += 1
+            started = time.perf_counter_ns()
+            try:
+                outputs = await self._run(request.inputs)
+                piece = _split(outputs, [request.rows])[0]
+            except asyncio.CancelledError:
+                for r in batch:
+                    if not r.future.done():
+                        r.future.set_exception(Unavailable("the replica shut down while the request ran"))
+                raise
+            except Exception as err:
+                if not request.future.done():
+                    request.future.set_exception(err)
+                continue
+            finally:
+                self.compute_ns += time.perf_counter_ns() - started
+            if not request.future.done():
+                request.future.set_result(piece)
+
     async def _run_batch(self, batch: list[_Request]) -> None:
         rows = [r.rows for r in batch]
         self._in_flight = len(batch)
@@ -336,10 +378,15 @@ class Batcher:
                             Unavailable("the replica shut down while the request ran")
                         )
                 raise
-            except Exception as err:  # handed to every caller of the batch
-                for request in batch:
-                    if not request.future.done():
-                        request.future.set_exception(err)
+            except Exception as err:
+                if len(batch) == 1:
+                    if not batch[0].future.done():
+                        batch[0].future.set_exception(err)
+                    return
+                # One bad request must not fail the others batched with it: run each alone,
+                # so only the offender gets an error.
+                log.info("a batch of %d requests failed (%s); running them one by one", len(batch), err)
+                await self._run_singly(batch)
                 return
             for request, piece in zip(batch, pieces, strict=True):
                 if not request.future.done():  # its caller may have given up meanwhile

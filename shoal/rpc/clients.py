@@ -13,6 +13,7 @@ import grpc.aio
 
 from shoal.config import Settings
 from shoal.core.cluster import ReplicaReport
+from shoal.core.payload import Tensors
 from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec, TensorSpec, parse_spec_json
 from shoal.errors import DeadlineExceeded, InvalidArgument, Unavailable
@@ -116,15 +117,15 @@ class GrpcReplicaClient:
             raise to_error(err) from None
         return PingResult(state_name(reply.state), reply.in_flight, reply.queued, dict(reply.batch_sizes))
 
-    async def push(self, request_id: str, inputs: Arrays, timeout_s: float) -> Arrays:
-        task = pb.Task(request_id=request_id, inputs=codec.encode(inputs), timeout_s=timeout_s)
+    async def push(self, request_id: str, inputs: Tensors, timeout_s: float) -> Tensors:
+        task = pb.Task(request_id=request_id, inputs=codec.to_pb(inputs), timeout_s=timeout_s)
         if self._stream is not None:
             # A little slack over the replica's own deadline so its answer wins the race.
             outcome = await self._stream.push(task, timeout_s + 0.5)
             error = outcome_error(outcome)
             if error is not None:
                 raise error
-            return codec.decode(outcome.outputs)
+            return codec.from_pb(outcome.outputs)
         try:
             # A little slack over the replica's own deadline so its answer wins the race.
             reply = await self._stub.PushTask(task, timeout=timeout_s + 0.5)
@@ -132,7 +133,7 @@ class GrpcReplicaClient:
             if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise DeadlineExceeded(f"request {request_id} timed out after {timeout_s:g}s") from None
             raise to_error(err) from None
-        return codec.decode(reply.outputs)
+        return codec.from_pb(reply.outputs)
 
     async def generate(
         self, request_id: str, request: GenerateRequest, timeout_s: float

@@ -1,4 +1,9 @@
-"""Tensors between numpy and shoal's wire ``Tensor``: raw buffers, never lists."""
+"""Tensors between shoal's wire ``Tensor`` and the rest: raw buffers, never lists.
+
+The scheduler moves :class:`shoal.core.payload.Tensor` values (header and raw bytes) to
+and from protobuf without decoding them (:func:`to_pb`, :func:`from_pb`); only the
+replica turns them into numpy for its model (:func:`decode`, :func:`encode`).
+"""
 
 from __future__ import annotations
 
@@ -6,20 +11,21 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from shoal.core import tensors
+from shoal.core import payload, tensors
+from shoal.core.payload import Tensor, Tensors
 from shoal.proto import shoal_pb2 as pb
 
 
+def to_pb(items: Iterable[Tensor]) -> list[pb.Tensor]:
+    return [pb.Tensor(name=t.name, datatype=t.datatype, shape=t.shape, data=t.data) for t in items]
+
+
+def from_pb(items: Iterable[pb.Tensor]) -> Tensors:
+    return tuple(Tensor(t.name, t.datatype, tuple(t.shape), t.data) for t in items)
+
+
 def encode(arrays: Mapping[str, np.ndarray]) -> list[pb.Tensor]:
-    out = []
-    for name, arr in arrays.items():
-        arr = np.asarray(arr)
-        out.append(
-            pb.Tensor(
-                name=name, datatype=tensors.datatype_of(arr), shape=arr.shape, data=tensors.to_bytes(arr)
-            )
-        )
-    return out
+    return to_pb(payload.from_arrays(arrays))
 
 
 def decode(items: Iterable[pb.Tensor]) -> dict[str, np.ndarray]:

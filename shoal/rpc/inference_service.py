@@ -24,7 +24,9 @@ import grpc
 from google.protobuf import json_format
 
 from shoal.auth import InferenceAuth
-from shoal.core import limits, tensors
+from shoal.config import Settings
+from shoal.core import limits, payload, tensors
+from shoal.core.payload import Tensor, Tensors
 from shoal.errors import DeadlineExceeded, InvalidArgument, NotFound, ShoalError
 from shoal.proto import grpc_service_pb2 as oip
 from shoal.proto import grpc_service_pb2_grpc as oipg
@@ -32,7 +34,8 @@ from shoal.proto import model_config_pb2 as mc
 from shoal.rpc import generate_stream
 from shoal.rpc.auth import authorization
 from shoal.rpc.status import Context, abort
-from shoal.scheduler.models import VERSION, ModelCatalog
+from shoal.scheduler.dataplane import DataPlane, InferCall
+from shoal.scheduler.models import VERSION, InferResult
 from shoal.types import Arrays
 
 # The InferTensorContents field that carries each datatype (FP16 and BF16 have none:
@@ -59,6 +62,7 @@ _UNSUPPORTED_PARAMETERS = {
 }
 
 Parameters = Any  # protobuf map<string, InferParameter>
+_DONE = object()  # ModelStreamInfer: one request has sent its last answer
 
 _REPOSITORY = "shoal serves deployments, not a model repository: use `shoal deploy` / `shoal delete`"
 _SHARED_MEMORY = "shared memory is not supported; send tensors in the request"
@@ -101,26 +105,32 @@ def _timeout_s(request: oip.ModelInferRequest, context: Context) -> float:
     return timeout
 
 
-def _from_contents(t: oip.ModelInferRequest.InferInputTensor) -> Any:
+def _from_contents(t: oip.ModelInferRequest.InferInputTensor) -> Tensor:
+    """A tensor sent in the typed ``contents`` fields, as raw bytes (the rare path: clients
+    send ``raw_input_contents``)."""
     where = f"input {t.name!r}: "
     field = _CONTENTS_FIELD.get(t.datatype)
     used = [f.name for f, _ in t.contents.ListFields()]
     if field is None:
         if t.datatype not in tensors.DATATYPES:
             # from_json names the known datatypes
-            return tensors.from_json(t.datatype, tuple(t.shape), [], name=t.name)
+            tensors.from_json(t.datatype, tuple(t.shape), [], name=t.name)
         raise InvalidArgument(f"{where}{t.datatype} data must be sent in raw_input_contents")
     wrong = [f for f in used if f != field]
     if wrong:
         raise InvalidArgument(
             f"{where}{t.datatype} data belongs in contents.{field}, got contents.{wrong[0]}"
         )
-    return tensors.from_json(t.datatype, tuple(t.shape), list(getattr(t.contents, field)), name=t.name)
+    array = tensors.from_json(t.datatype, tuple(t.shape), list(getattr(t.contents, field)), name=t.name)
+    return payload.from_array(t.name, array)
 
 
-def decode_inputs(request: oip.ModelInferRequest, max_elements: int = 0) -> Arrays:
-    """The request's inputs as arrays. Raises InvalidArgument naming the input, or the limit
-    of ``max_elements`` (all inputs together; 0: none), checked before anything is decoded."""
+def request_tensors(request: oip.ModelInferRequest, max_elements: int = 0) -> Tensors:
+    """The request's inputs as wire tensors, raw contents taken as they are (not decoded).
+
+    Raises InvalidArgument naming the input, or the limit of ``max_elements`` (all inputs
+    together; 0: none), checked before anything is copied.
+    """
     limits.check_elements((list(t.shape) for t in request.inputs), max_elements)
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
@@ -128,33 +138,69 @@ def decode_inputs(request: oip.ModelInferRequest, max_elements: int = 0) -> Arra
             f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
             "give raw contents for every input or for none"
         )
-    out: Arrays = {}
+    out: list[Tensor] = []
     for i, t in enumerate(request.inputs):
-        if not t.name:
-            raise InvalidArgument(f"input #{i} has no name")
-        if t.name in out:
-            raise InvalidArgument(f"input {t.name!r} is given twice")
-        _refuse_unsupported(t.parameters, f"input {t.name!r}: ")
+        if t.parameters:
+            _refuse_unsupported(t.parameters, f"input {t.name!r}: ")
         if raw:
-            if t.contents.ListFields():
+            if t.HasField("contents"):
                 raise InvalidArgument(
                     f"input {t.name!r}: give either raw_input_contents or contents, not both"
                 )
-            out[t.name] = tensors.from_bytes(t.datatype, tuple(t.shape), raw[i], name=t.name)
+            out.append(Tensor(t.name, t.datatype, tuple(t.shape), raw[i]))
         else:
-            out[t.name] = _from_contents(t)
-    return out
+            out.append(_from_contents(t))
+    return tuple(out)
+
+
+def decode_inputs(request: oip.ModelInferRequest, max_elements: int = 0) -> Arrays:
+    """The request's inputs as numpy arrays (text generation's prompt needs them decoded)."""
+    items = request_tensors(request, max_elements)
+    payload.check_all(items)
+    return payload.to_arrays(items)
+
+
+def infer_call(request: oip.ModelInferRequest, context: Context, max_elements: int, door: str) -> InferCall:
+    """A ``ModelInferRequest`` as the data plane's :class:`InferCall`."""
+    if not request.model_name:
+        raise InvalidArgument("model_name is required")
+    if request.parameters:
+        sequence = _parameter(request.parameters, "sequence_id")
+        if sequence not in (None, 0, ""):
+            raise InvalidArgument("sequence batching (parameter 'sequence_id') is not supported")
+    wanted: list[str] = []
+    for out in request.outputs:
+        if out.parameters:
+            _refuse_unsupported(out.parameters, f"output {out.name!r}: ")
+        wanted.append(out.name)
+    return InferCall(
+        model=request.model_name,
+        inputs=request_tensors(request, max_elements),
+        id=request.id,
+        version=request.model_version,
+        timeout_s=_timeout_s(request, context),
+        outputs=tuple(wanted),
+        door=door,
+    )
+
+
+def infer_response(result: InferResult) -> oip.ModelInferResponse:
+    reply = oip.ModelInferResponse(model_name=result.model_name, model_version=VERSION, id=result.id)
+    for t in result.outputs:
+        reply.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
+        reply.raw_output_contents.append(t.data)
+    return reply
 
 
 class InferenceService(oipg.GRPCInferenceServiceServicer):
     """Safe for concurrent calls (one event loop)."""
 
-    def __init__(
-        self, catalog: ModelCatalog, auth: InferenceAuth | None = None, max_tensor_elements: int = 0
-    ) -> None:
-        self.catalog = catalog
+    def __init__(self, dataplane: DataPlane, auth: InferenceAuth | None, settings: Settings) -> None:
+        self.dataplane = dataplane
+        self.catalog = dataplane.catalog
         self.auth = auth
-        self.max_elements = max_tensor_elements
+        self.max_elements = settings.max_tensor_elements
+        self.max_stream_pending = max(1, settings.max_stream_pending)
 
     def _authorize(self, model: str, context: Context) -> None:
         """Raises Unauthenticated or PermissionDenied when ``model`` needs a token this call lacks."""
@@ -247,10 +293,23 @@ class InferenceService(oipg.GRPCInferenceServiceServicer):
         self, request_iterator: AsyncIterator[oip.ModelInferRequest], context: Context
     ) -> AsyncIterator[oip.ModelStreamInferResponse]:
         """Requests of one stream run concurrently; each answer (or its error) is sent when ready.
-        A generation deployment answers a response per piece of text (decoupled)."""
-        answers: asyncio.Queue[oip.ModelStreamInferResponse | None] = asyncio.Queue()
+        A generation deployment answers a response per piece of text (decoupled).
+
+        Bounded: at most ``max_stream_pending`` requests of the stream are running or
+        answered but not yet written; past that the stream stops reading requests until
+        the client reads answers (a client that writes and never reads holds that many,
+        not every answer)."""
+        slots = asyncio.Semaphore(self.max_stream_pending)
+        # An answer, or _DONE once a request has sent its last answer (its slot is free).
+        answers: asyncio.Queue[oip.ModelStreamInferResponse | object | None] = asyncio.Queue()
 
         async def answer(request: oip.ModelInferRequest) -> None:
+            try:
+                await respond(request)
+            finally:
+                answers.put_nowait(_DONE)  # after its last answer in the queue
+
+        async def respond(request: oip.ModelInferRequest) -> None:
             try:
                 self._authorize(request.model_name, context)
                 if generate_stream.wants_generation(self.catalog, request):
@@ -274,12 +333,17 @@ class InferenceService(oipg.GRPCInferenceServiceServicer):
         async def read() -> None:
             async with asyncio.TaskGroup() as requests:
                 async for request in request_iterator:
+                    await slots.acquire()
                     requests.create_task(answer(request))
             answers.put_nowait(None)  # the client closed its side and every request is answered
 
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(read())
             while (reply := await answers.get()) is not None:
+                if reply is _DONE:
+                    slots.release()  # every answer of that request has been written
+                    continue
+                assert isinstance(reply, oip.ModelStreamInferResponse)
                 yield reply
 
     # -- not supported: UNIMPLEMENTED, saying why
@@ -333,26 +397,10 @@ class InferenceService(oipg.GRPCInferenceServiceServicer):
         await _unimplemented(context, "LogSettings", _LOGGING)
 
     async def _infer(self, request: oip.ModelInferRequest, context: Context) -> oip.ModelInferResponse:
-        if not request.model_name:
-            raise InvalidArgument("model_name is required")
-        self.catalog.spec(request.model_name, request.model_version)  # NotFound before decoding
-        sequence = _parameter(request.parameters, "sequence_id")
-        if sequence not in (None, 0, ""):
-            raise InvalidArgument("sequence batching (parameter 'sequence_id') is not supported")
-        wanted: list[str] = []
-        for out in request.outputs:
-            _refuse_unsupported(out.parameters, f"output {out.name!r}: ")
-            wanted.append(out.name)
-        result = await self.catalog.infer(
-            request.model_name,
-            decode_inputs(request, self.max_elements),
-            version=request.model_version,
-            request_id=request.id,
-            timeout_s=_timeout_s(request, context),
-            outputs=wanted,
-        )
-        reply = oip.ModelInferResponse(model_name=result.model_name, model_version=VERSION, id=result.id)
-        for name, array in result.outputs.items():
-            reply.outputs.add(name=name, datatype=tensors.datatype_of(array), shape=array.shape)
-            reply.raw_output_contents.append(tensors.to_bytes(array))
-        return reply
+        try:
+            call = infer_call(request, context, self.max_elements, "grpc")
+        except ShoalError as err:
+            # Refused before the door could see it: count it there all the same.
+            self.dataplane.refused(request.model_name, request.id, "grpc", err)
+            raise
+        return infer_response(await self.dataplane.infer(call))

@@ -3,17 +3,18 @@ replicas, native SendRequest from clients): decode, call the domain, encode."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 
-from shoal.core import limits
 from shoal.core.spec import parse_spec_json
-from shoal.errors import InvalidArgument, NotFound, ShoalError
+from shoal.errors import InvalidArgument, ShoalError
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.rpc import codec
 from shoal.rpc.auth import authorization
 from shoal.rpc.clients import state_name
 from shoal.rpc.status import Context, abort
+from shoal.scheduler.dataplane import InferCall
 from shoal.scheduler.node import SchedulerNode
 
 
@@ -62,22 +63,27 @@ class SchedulerService(pbg.SchedulerServicer):
             await abort(context, err)
 
     async def SendRequest(self, request: pb.InferRequest, context: Context) -> pb.InferReply:
+        """The native API: one request through the data plane's door, tensors as they came."""
         try:
             if not request.deployment:
                 raise InvalidArgument("deployment is required")
-            if request.timeout_s < 0:
-                raise InvalidArgument(f"timeout_s must be >= 0, got {request.timeout_s:g}")
+            if request.timeout_s < 0 or not math.isfinite(request.timeout_s):
+                raise InvalidArgument(f"timeout_s must be a finite number >= 0, got {request.timeout_s:g}")
             self.node.inference_auth.check(request.deployment, authorization(context))
-            shapes = (list(t.shape) for t in request.inputs)
-            limits.check_elements(shapes, self.node.settings.max_tensor_elements)
-            inputs = codec.decode(request.inputs)
-            outputs, replica_id = await self.node.router.send(
-                request.deployment, inputs, request_id=request.request_id, timeout_s=request.timeout_s
-            )
-        except NotFound as err:
+        except ShoalError as err:
+            self.node.dataplane.refused(request.deployment, request.request_id, "native", err)
             await abort(context, err)
+        call = InferCall(
+            model=request.deployment,
+            inputs=codec.from_pb(request.inputs),
+            id=request.request_id,
+            timeout_s=request.timeout_s,
+            door="native",
+        )
+        try:
+            result = await self.node.dataplane.infer(call)
         except ShoalError as err:
             await abort(context, err)
         return pb.InferReply(
-            request_id=request.request_id, outputs=codec.encode(outputs), replica_id=replica_id
+            request_id=request.request_id, outputs=codec.to_pb(result.outputs), replica_id=result.replica_id
         )

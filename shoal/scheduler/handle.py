@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 
+from shoal.core.payload import Tensors
 from shoal.errors import Unavailable
-from shoal.types import Arrays, ReplicaClient
+from shoal.types import ReplicaClient
 
 
 class ReplicaGone(Unavailable):
@@ -45,7 +46,7 @@ class ReplicaHandle:
     def accepting(self) -> bool:
         return not self.gone and not self.retired
 
-    async def send(self, request_id: str, inputs: Arrays, timeout_s: float) -> Arrays:
+    async def send(self, request_id: str, inputs: Tensors, timeout_s: float) -> Tensors:
         """Send one request. Raises ReplicaGone if the replica dies meanwhile."""
         if self.gone:
             raise ReplicaGone(f"replica {self.replica_id} is gone")

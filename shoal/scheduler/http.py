@@ -25,7 +25,10 @@ A model that is known but not ready answers its ``ready`` route with 400, as Tri
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
+import multiprocessing
 import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -38,14 +41,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from shoal import metrics
-from shoal.core import limits, tensors
-from shoal.errors import InvalidArgument, ShoalError
+from shoal.core import limits, payload, tensors
+from shoal.core.payload import Tensor, Tensors
+from shoal.errors import Code, InvalidArgument, ShoalError, from_code
 from shoal.httpauth import InferenceAuth as InferenceAuthMiddleware
+from shoal.scheduler.dataplane import InferCall
 from shoal.scheduler.generate_http import generate_routes
-from shoal.scheduler.models import InferResult, ModelCatalog
+from shoal.scheduler.models import InferResult
 from shoal.scheduler.node import SchedulerNode
 from shoal.scheduler.openai import openai_routes
-from shoal.types import Arrays
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
@@ -188,10 +192,11 @@ class InferRequest:
             self.binary[name] = _bool_param(out_params, "binary_data", self.binary_default, where)
 
     @staticmethod
-    def _decode_inputs(entries: object, tail: memoryview) -> Arrays:
+    def _decode_inputs(entries: object, tail: memoryview) -> Tensors:
+        """Wire tensors: binary data as it came (not decoded), JSON data through numpy."""
         slices = tensors.binary_input_slices(entries, tail)  # checks that entries is a list of objects
         assert isinstance(entries, list)
-        out: Arrays = {}
+        out: dict[str, Tensor] = {}
         for i, (entry, raw) in enumerate(zip(entries, slices, strict=True)):
             name = entry.get("name")
             if not isinstance(name, str) or not name:
@@ -206,12 +211,28 @@ class InferRequest:
             if raw is not None:
                 if "data" in entry:
                     raise InvalidArgument(f"{where}give either 'data' or binary_data_size, not both")
-                out[name] = tensors.from_bytes(entry["datatype"], entry["shape"], raw, name=name)
+                datatype = entry["datatype"]
+                if not isinstance(datatype, str):
+                    raise InvalidArgument(f"{where}datatype must be a string, got {type(datatype).__name__}")
+                shape = tensors.check_shape(entry["shape"], where)
+                out[name] = Tensor(name, datatype, shape, bytes(raw))
             elif "data" in entry:
-                out[name] = tensors.from_json(entry["datatype"], entry["shape"], entry["data"], name=name)
+                array = tensors.from_json(entry["datatype"], entry["shape"], entry["data"], name=name)
+                out[name] = payload.from_array(name, array)
             else:
                 raise InvalidArgument(f"{where}no data: give 'data' or parameters.binary_data_size")
-        return out
+        return tuple(out.values())
+
+    def call(self, model: str, version: str) -> InferCall:
+        return InferCall(
+            model=model,
+            inputs=self.inputs,
+            id=self.id,
+            version=version,
+            timeout_s=self.timeout_s,
+            outputs=tuple(self.outputs),
+            door="http",
+        )
 
     def response(self, result: InferResult) -> Response:
         header: dict[str, Any] = {"model_name": result.model_name, "model_version": result.model_version}
@@ -219,18 +240,13 @@ class InferRequest:
             header["id"] = result.id
         blobs: list[bytes] = []
         outputs = []
-        for name, array in result.outputs.items():
-            entry: dict[str, Any] = {
-                "name": name,
-                "datatype": tensors.datatype_of(array),
-                "shape": list(array.shape),
-            }
-            if self.binary.get(name, self.binary_default):
-                raw = tensors.to_bytes(array)
-                entry["parameters"] = {"binary_data_size": len(raw)}
-                blobs.append(raw)
+        for t in result.outputs:
+            entry: dict[str, Any] = {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
+            if self.binary.get(t.name, self.binary_default):
+                entry["parameters"] = {"binary_data_size": len(t.data)}
+                blobs.append(t.data)
             else:
-                entry["data"] = tensors.to_json(array, name=name)
+                entry["data"] = tensors.to_json(payload.to_array(t), name=t.name)
             outputs.append(entry)
         header["outputs"] = outputs
         if not blobs:
@@ -243,13 +259,66 @@ class InferRequest:
         )
 
 
+def _parse_infer(body: bytes, header_length: str | None, max_elements: int) -> InferRequest:
+    header, tail = tensors.split_binary_body(body, header_length)
+    return InferRequest(header, tail, max_elements)
+
+
+def _parse_in_child(
+    body: bytes, header_length: str | None, max_elements: int
+) -> InferRequest | tuple[str, str]:
+    """:func:`_parse_infer` in the parsing process; an error comes back as (code, message)."""
+    try:
+        return _parse_infer(body, header_length, max_elements)
+    except ShoalError as err:
+        return (err.code.value, err.message)
+
+
+_parser: concurrent.futures.ProcessPoolExecutor | None = None
+
+
+async def parse_infer(
+    body: bytes, header_length: str | None, max_elements: int, on_loop: int
+) -> InferRequest:
+    """The request in ``body``. A JSON body over ``on_loop`` bytes is parsed in a separate
+    process: json.loads holds the GIL for its whole run (a thread would not help), and a
+    49 MB body parsed on the event loop held every other request up for seconds. The
+    parsed tensors come back as raw bytes (a memory copy, not a parse)."""
+    if len(body) <= on_loop or (header_length is not None and int_or(header_length, 0) <= on_loop):
+        return _parse_infer(body, header_length, max_elements)
+    global _parser
+    if _parser is None:
+        _parser = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    loop = asyncio.get_running_loop()
+    result = await loop.run_in_executor(_parser, _parse_in_child, body, header_length, max_elements)
+    if isinstance(result, tuple):
+        raise from_code(Code(result[0]), result[1])
+    return result
+
+
+def shutdown_parser() -> None:
+    """Stop the process that parses big bodies, if one was started (at scheduler exit)."""
+    global _parser
+    if _parser is not None:
+        _parser.shutdown(wait=True, cancel_futures=True)
+        _parser = None
+
+
+def int_or(text: str, default: int) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        return default
+
+
 # ---------------------------------------------------------------- the app
 
 
-def scheduler_app(node: SchedulerNode, catalog: ModelCatalog | None = None) -> Starlette:
-    """The scheduler's Starlette app. Share ``catalog`` with the gRPC servicer so that
-    statistics count both; one over ``node.router`` is made when it is not given."""
-    models = catalog or ModelCatalog(node.router, ready=node.registered.is_set)
+def scheduler_app(node: SchedulerNode) -> Starlette:
+    """The scheduler's Starlette app, over the node's catalog and data plane (shared with
+    the gRPC servicer, so statistics count both)."""
+    models = node.catalog
+    dataplane = node.dataplane
     limit = node.settings.max_message_bytes
     registry = metrics.registry(metrics.SchedulerCollector(node))
 
@@ -308,19 +377,19 @@ def scheduler_app(node: SchedulerNode, catalog: ModelCatalog | None = None) -> S
     @_oip
     async def infer(request: Request) -> Response:
         name, version = _model(request)
-        models.spec(name, version)  # 404 before reading the body
-        body = await read_body(request, limit)
-        header, tail = tensors.split_binary_body(body, request.headers.get("inference-header-content-length"))
-        req = InferRequest(header, tail, node.settings.max_tensor_elements)
-        result = await models.infer(
-            name,
-            req.inputs,
-            version=version,
-            request_id=req.id,
-            timeout_s=req.timeout_s,
-            outputs=req.outputs,
-        )
-        return req.response(result)
+        try:
+            models.spec(name, version)  # 404 before reading the body
+            body = await read_body(request, limit)
+            req = await parse_infer(
+                body,
+                request.headers.get("inference-header-content-length"),
+                node.settings.max_tensor_elements,
+                node.settings.max_json_on_loop_kb * 1024,
+            )
+        except ShoalError as err:
+            dataplane.refused(name, "", "http", err)
+            raise
+        return req.response(await dataplane.infer(req.call(name, version)))
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -347,7 +416,7 @@ def scheduler_app(node: SchedulerNode, catalog: ModelCatalog | None = None) -> S
             Route(f"{prefix}/stats", model_stats, methods=["GET"]),
             Route(f"{prefix}/infer", infer, methods=["POST"]),
         ]
-    routes += [*generate_routes(models, limit), *openai_routes(node.router, limit)]
+    routes += [*generate_routes(models, limit), *openai_routes(node.router, limit, node.dataplane)]
     # Tokens for deployments that ask for them, on every route that names a model: these and
     # those mounted above (the OpenAI API's model is in its body).
     guard = Middleware(InferenceAuthMiddleware, checker=node.inference_auth, limit=limit)

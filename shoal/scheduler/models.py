@@ -32,20 +32,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 import shoal
-from shoal.core import tensors
+from shoal.core import payload
+from shoal.core.payload import Tensors
 from shoal.core.spec import DeploymentSpec, TensorSpec
 from shoal.errors import InvalidArgument, NotFound, ShoalError, Unavailable
 from shoal.scheduler.router import Router
 from shoal.scheduler.textgen import generates_text
-from shoal.types import Arrays, ReplicaClient, ReplicaDescription
+from shoal.types import ReplicaClient, ReplicaDescription
 
 #: The one version every deployment has.
 VERSION = "1"
@@ -179,10 +177,13 @@ class ModelIndexEntry:
 
 @dataclass(frozen=True)
 class InferResult:
+    """What a model answered: its outputs as they came off the wire, and who answered."""
+
     model_name: str
     model_version: str
     id: str
-    outputs: dict[str, np.ndarray]
+    outputs: Tensors
+    replica_id: str = ""
 
 
 # ---------------------------------------------------------------- pure rules
@@ -204,35 +205,14 @@ def _fmt_shape(shape: Iterable[int]) -> str:
     return "[" + ",".join(str(d) for d in shape) + "]"
 
 
-def check_inputs(metadata: ModelMetadata, inputs: Mapping[str, np.ndarray]) -> None:
+def check_inputs(metadata: ModelMetadata, inputs: Tensors) -> None:
     """Raise InvalidArgument naming the input when ``inputs`` do not fit ``metadata.inputs``.
 
-    Unknown names, missing inputs, datatypes and shapes (same rank; ``-1`` matches any
-    size) are checked. Nothing is checked when the model's inputs are unknown (empty).
+    From the tensors' headers only (nothing is decoded), by the same rules as the
+    replica's backends (:func:`shoal.core.payload.check_declared`). Nothing is checked
+    when the model's inputs are unknown (empty).
     """
-    declared = {t.name: t for t in metadata.inputs}
-    if not declared:
-        return
-    for name, array in inputs.items():
-        spec = declared.get(name)
-        if spec is None:
-            takes = ", ".join(repr(n) for n in declared)
-            raise InvalidArgument(f"unknown input {name!r}; model {metadata.name!r} takes {takes}")
-        datatype = tensors.datatype_of(array)
-        if datatype != spec.datatype:
-            raise InvalidArgument(f"input {name!r}: expected datatype {spec.datatype}, got {datatype}")
-        shape = array.shape
-        if not _shape_fits(spec.shape, shape):
-            raise InvalidArgument(
-                f"input {name!r}: expected shape {_fmt_shape(spec.shape)}, got {_fmt_shape(shape)}"
-            )
-    for name in declared:
-        if name not in inputs:
-            raise InvalidArgument(f"missing input {name!r} of model {metadata.name!r}")
-
-
-def _shape_fits(declared: tuple[int, ...], shape: tuple[int, ...]) -> bool:
-    return len(shape) == len(declared) and all(d in (-1, a) for d, a in zip(declared, shape, strict=True))
+    payload.check_declared(metadata.inputs, payload.headers(inputs), metadata.name)
 
 
 def check_outputs(metadata: ModelMetadata, requested: Sequence[str]) -> None:
@@ -413,53 +393,26 @@ class ModelCatalog:
         self._forget_gone()
         return list(await asyncio.gather(*(self._statistics(spec) for spec in specs)))
 
-    # -- inference
+    # -- inference (the data plane's door, ``shoal.scheduler.dataplane``, runs requests)
 
-    async def infer(
-        self,
-        name: str,
-        inputs: Arrays,
-        *,
-        version: str = "",
-        request_id: str = "",
-        timeout_s: float = 0.0,
-        outputs: Sequence[str] = (),
-    ) -> InferResult:
-        """Check ``inputs`` against the model's metadata, run them, return the outputs.
+    async def request_metadata(self, spec: DeploymentSpec) -> ModelMetadata:
+        """The metadata a request is checked against: declared, or described by a READY replica;
+        only the declared part when no replica can describe it yet (the request then waits
+        for one as usual, and the replica checks what is left)."""
+        return await self._metadata(spec, wait=False) or _declared(spec)
 
-        ``outputs`` names the outputs to return, in that order (all, in the model's order,
-        when empty). ``timeout_s`` 0 means the deployment's own timeout. ``request_id`` is
-        the client's id, echoed in the result. Raises NotFound (model or version),
-        InvalidArgument (naming the input or output), and what ``Router.send`` raises.
-        """
-        spec = self.spec(name, version)
-        metadata = await self._metadata(spec, wait=False) or _declared(spec)
-        check_inputs(metadata, inputs)
-        check_outputs(metadata, outputs)
+    def record(self, spec: DeploymentSpec, *, ok: bool, elapsed_ns: int, rows: int) -> None:
+        """Count one request in Triton's statistics: ``success`` or ``fail`` with its duration;
+        ``inference_count`` adds ``rows`` when the model batches (one otherwise)."""
         counters = self._counters_of(spec)
-        started = time.monotonic_ns()
-        # Clients reuse ids (or send none); the router keys in-flight requests by id.
-        internal_id = f"{request_id}~{uuid.uuid4().hex[:12]}" if request_id else ""
-        try:
-            result, _ = await self._router.send(name, inputs, request_id=internal_id, timeout_s=timeout_s)
-        except BaseException:
+        if not ok:
             counters.fail += 1
-            counters.fail_ns += time.monotonic_ns() - started
-            raise
+            counters.fail_ns += elapsed_ns
+            return
         counters.success += 1
-        counters.success_ns += time.monotonic_ns() - started
-        counters.inferences += _rows(inputs) if max_batch_size(spec) else 1
+        counters.success_ns += elapsed_ns
+        counters.inferences += rows if max_batch_size(spec) else 1
         counters.last_ms = time.time_ns() // 1_000_000
-        if outputs:
-            missing = [o for o in outputs if o not in result]
-            if missing:
-                returned = ", ".join(repr(n) for n in result)
-                raise InvalidArgument(f"unknown output {missing[0]!r}; model {name!r} returned {returned}")
-            result = {o: result[o] for o in outputs}
-        elif metadata.outputs:
-            order = [t.name for t in metadata.outputs if t.name in result]
-            result = {**{o: result[o] for o in order}, **result}
-        return InferResult(name, VERSION, request_id, result)
 
     # -- internals
 
@@ -569,8 +522,3 @@ class ModelCatalog:
 
 def _declared(spec: DeploymentSpec) -> ModelMetadata:
     return ModelMetadata(name=spec.name, platform=spec.backend, inputs=spec.inputs, outputs=spec.outputs)
-
-
-def _rows(inputs: Arrays) -> int:
-    first = next(iter(inputs.values()), None)
-    return int(first.shape[0]) if first is not None and first.ndim else 1

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
+import secrets
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -19,11 +21,35 @@ from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec
 from shoal.core.tasks import TaskSet
 from shoal.errors import NotFound, ShoalError
+from shoal.scheduler.dataplane import DataPlane
+from shoal.scheduler.models import ModelCatalog
 from shoal.scheduler.router import Router
 from shoal.scheduler.supervisor import ReplicaSupervisor
 from shoal.types import HeadLink, ReplicaClient, SchedulerRegistration
 
 log = logging.getLogger("shoal.scheduler")
+
+
+def scheduler_id(settings: Settings) -> str:
+    """The id this scheduler registers with: ``settings.scheduler_id`` when set, else the id
+    kept in ``<state_dir>/scheduler_id``, made (``sched-<hex>``) and written there at the
+    first start. Kept, a restarted scheduler takes its old place at the head instead of
+    joining as a new member beside a DEAD one. Does file I/O: call it at the entrypoint."""
+    if settings.scheduler_id:
+        return settings.scheduler_id
+    path = Path(settings.state_dir) / "scheduler_id"
+    try:
+        kept = path.read_text().strip()
+    except FileNotFoundError:
+        kept = ""
+    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", kept):
+        return kept
+    new = f"sched-{secrets.token_hex(4)}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(new + "\n")
+    tmp.replace(path)  # atomic: a crash leaves the old file or the new one, never half
+    return new
 
 
 def machine_capacity(settings: Settings) -> Capacity:
@@ -58,6 +84,9 @@ class SchedulerNode:
         scheduler_id: str,
         head: HeadLink,
         replica_client: Callable[[str], ReplicaClient],
+        *,
+        policy: str = "p2c",
+        router: Router | None = None,
     ) -> None:
         self.settings = settings
         self.id = scheduler_id
@@ -68,7 +97,9 @@ class SchedulerNode:
         self._report_now = asyncio.Event()
         # A request waiting for a deployment with no replica: tell the head now, so
         # that it scales up from zero without waiting for the next heartbeat.
-        self.router = Router(scheduler_id, settings, replica_client, on_starved=self._report_now.set)
+        self.router = router or Router(
+            scheduler_id, settings, replica_client, policy=policy, on_starved=self._report_now.set
+        )
         self.supervisor = ReplicaSupervisor(
             settings,
             self.router,
@@ -79,6 +110,9 @@ class SchedulerNode:
         )
         self._tasks = TaskSet(f"scheduler {scheduler_id}")
         self.registered = asyncio.Event()
+        # One catalog and one door behind every ingress: statistics count every door.
+        self.catalog = ModelCatalog(self.router, ready=self.registered.is_set)
+        self.dataplane = DataPlane(self.router, self.catalog, settings)
         # Inference tokens per deployment, from the head's routing tables.
         self.inference_auth = InferenceAuth(self._spec_of)
 

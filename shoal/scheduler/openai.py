@@ -37,7 +37,6 @@ HTTP status from :data:`shoal.errors.HTTP_STATUS`: an unknown model is 404 with 
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import time
@@ -51,10 +50,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from shoal.backends.generation import bytes_tensor
 from shoal.core.spec import DeploymentSpec
 from shoal.errors import Code, InvalidArgument, NotFound, ShoalError
 from shoal.scheduler import textgen
+from shoal.scheduler.dataplane import DataPlane
 from shoal.scheduler.generate_http import read_json
 from shoal.scheduler.router import Router
 from shoal.scheduler.sse import EventStream, event
@@ -307,8 +306,9 @@ def _finish(chunk: GenerateChunk) -> str:
 class OpenAIApi:
     """The ``/v1`` endpoints over ``router``; bodies up to ``limit`` bytes."""
 
-    def __init__(self, router: Router, limit: int) -> None:
+    def __init__(self, router: Router, limit: int, dataplane: DataPlane) -> None:
         self.router = router
+        self.dataplane = dataplane
         self.limit = limit
         self.created = int(time.time())  # models have no creation time; this scheduler's start
 
@@ -342,7 +342,13 @@ class OpenAIApi:
     # -- embeddings
 
     async def embeddings(self, request: Request) -> Response:
-        body = parse_body(EmbeddingsBody, await read_json(request, self.limit))
+        doc = await read_json(request, self.limit)
+        texts_in = doc.get("input")
+        if isinstance(texts_in, list):
+            # Before the body is validated string by string: 200,000 one-character strings
+            # are a 1 MB body.
+            self.dataplane.check_strings(str(doc.get("model", "")), len(texts_in))
+        body = parse_body(EmbeddingsBody, doc)
         spec = self._spec(body.model)
         if not textgen.embeds_text(spec):
             raise OpenAIError("model", f"model {body.model!r} does not compute embeddings")
@@ -360,24 +366,8 @@ class OpenAIApi:
         return JSONResponse({"object": "list", "data": data, "model": body.model, "usage": usage})
 
     async def _embed(self, spec: DeploymentSpec, texts: list[str]) -> np.ndarray:
-        # Requests of at most a batch each, concurrently: a long list spreads over replicas
-        # and batches instead of making one oversized batch on one replica.
-        size = max(1, spec.batching.max_batch_size)
-        parts = [texts[i : i + size] for i in range(0, len(texts), size)]
-        sends = (self.router.send(spec.name, {"text": bytes_tensor(part)}) for part in parts)
-        results = await asyncio.gather(*sends, return_exceptions=True)
-        vectors = []
-        for part, result in zip(parts, results, strict=True):
-            if isinstance(result, BaseException):
-                raise result  # the first failure answers the request (a ShoalError: its status)
-            outputs, _ = result
-            array = outputs.get("embedding")
-            if array is None or array.ndim != 2 or array.shape[0] != len(part):
-                raise InvalidArgument(
-                    f"model {spec.name!r} did not answer an 'embedding' output of one row per input"
-                )
-            vectors.append(array.astype(np.float32, copy=False))
-        return np.concatenate(vectors)
+        parts = await self.dataplane.embed(spec.name, texts)
+        return np.concatenate([p.astype(np.float32, copy=False) for p in parts])
 
     # -- completions
 
@@ -463,6 +453,7 @@ async def stream_events(
         yield event(error_body(err))
 
 
-def openai_routes(router: Router, limit: int) -> list[Route]:
-    """The OpenAI-compatible routes over ``router`` (see the module docstring)."""
-    return OpenAIApi(router, limit).routes()
+def openai_routes(router: Router, limit: int, dataplane: DataPlane) -> list[Route]:
+    """The OpenAI-compatible routes over ``router`` (see the module docstring); embeddings
+    go through ``dataplane``, the one door."""
+    return OpenAIApi(router, limit, dataplane).routes()

@@ -16,12 +16,13 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
 from shoal.config import Settings
+from shoal.core.payload import Tensors
 from shoal.core.routing import Policy, make_policy
 from shoal.core.spec import DeploymentSpec
 from shoal.core.stats import DeploymentStats
 from shoal.errors import Code, DeadlineExceeded, NotFound, ResourceExhausted, ShoalError, Unavailable
 from shoal.scheduler.handle import ReplicaGone, ReplicaHandle
-from shoal.types import Arrays, GenerateChunk, GenerateRequest, LoadReport, ReplicaClient, RoutingTable
+from shoal.types import GenerateChunk, GenerateRequest, LoadReport, ReplicaClient, RoutingTable
 
 log = logging.getLogger("shoal.router")
 
@@ -181,8 +182,8 @@ class Router:
     # ------------------------------------------------------------ requests
 
     async def send(
-        self, deployment: str, inputs: Arrays, *, request_id: str = "", timeout_s: float = 0.0
-    ) -> tuple[Arrays, str]:
+        self, deployment: str, inputs: Tensors, *, request_id: str = "", timeout_s: float = 0.0
+    ) -> tuple[Tensors, str]:
         """Run one request on some READY replica; returns (outputs, replica id).
 
         Waits (up to the request's timeout) for a replica with room; raises
@@ -218,13 +219,22 @@ class Router:
                     extra={"request_id": request_id, "deployment": deployment},
                 )
 
+    def count(self, deployment: str, outcome: str, elapsed_s: float) -> None:
+        """Count a request refused before it was routed (say an invalid one) as ``send`` counts
+        the routed ones, so that statistics see every outcome. Unknown deployments are not
+        counted (their names are the client's, and unbounded)."""
+        dep = self._deployments.get(deployment)
+        if dep is not None:
+            dep.stats.outcomes[outcome] += 1
+            dep.stats.latency.observe(elapsed_s)
+
     def stats(self) -> dict[str, DeploymentStats]:
         """Per deployment: what this router has served since it started."""
         return {name: dep.stats for name, dep in self._deployments.items()}
 
     async def _send(
-        self, dep: _Deployment, inputs: Arrays, request_id: str, timeout_s: float, started: float
-    ) -> tuple[Arrays, str]:
+        self, dep: _Deployment, inputs: Tensors, request_id: str, timeout_s: float, started: float
+    ) -> tuple[Tensors, str]:
         timeout_s = timeout_s if timeout_s > 0 else dep.spec.timeout_s
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s

@@ -23,6 +23,8 @@ import asyncio
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
+from shoal.core import payload
+from shoal.core.payload import Tensors
 from shoal.core.spec import DeploymentSpec
 from shoal.errors import DeadlineExceeded, ShoalError, Unavailable
 from shoal.types import Arrays, GenerateChunk, GenerateRequest, PingResult, ReplicaDescription
@@ -118,9 +120,10 @@ class FakeReplicaClient:
         self._check()
         return PingResult(self.state, self.in_flight, 0)
 
-    async def push(self, request_id: str, inputs: Arrays, timeout_s: float) -> Arrays:
+    async def push(self, request_id: str, inputs: Tensors, timeout_s: float) -> Tensors:
         self._check()
-        self.requests.append(PushCall(request_id, dict(inputs), timeout_s))
+        arrays = payload.to_arrays(inputs)  # a real replica decodes here too
+        self.requests.append(PushCall(request_id, arrays, timeout_s))
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -135,7 +138,7 @@ class FakeReplicaClient:
             except TimeoutError:
                 raise DeadlineExceeded(f"request {request_id} timed out after {timeout_s:g}s") from None
             self._check()
-            return self.handler(inputs)
+            return payload.from_arrays(self.handler(arrays))
         finally:
             self.in_flight -= 1
 

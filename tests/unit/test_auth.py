@@ -35,7 +35,6 @@ from shoal.head.node import HeadNode
 from shoal.httpauth import control_role, model_in_body, model_in_path
 from shoal.rpc.tls import check_transport
 from shoal.scheduler.http import scheduler_app
-from shoal.scheduler.models import ModelCatalog
 from shoal.scheduler.node import SchedulerNode
 from shoal.scheduler.router import Router
 from shoal.store import MemoryStore
@@ -311,9 +310,8 @@ async def ingress() -> AsyncIterator[tuple[httpx.AsyncClient, dict[str, str]]]:
     fakes = FakeReplicas()
     router = Router("s1", Settings(), fakes, policy="round_robin")
     node = SchedulerNode(
-        Settings(max_message_mb=1, max_tensor_elements=100), "s1", cast(HeadLink, None), fakes
+        Settings(max_message_mb=1, max_tensor_elements=100), "s1", cast(HeadLink, None), fakes, router=router
     )
-    node.router = router
     node.registered.set()
     locked = spec("locked", auth={"tokens": ["app"]})
     router.add("a", spec("open"), "a:9000", "s1")
@@ -328,7 +326,7 @@ async def ingress() -> AsyncIterator[tuple[httpx.AsyncClient, dict[str, str]]]:
             token_hashes=tuple(auth.hash_secret(s) for s in secrets.values()),
         )
     )
-    app = scheduler_app(node, ModelCatalog(router, ready=node.registered.is_set))
+    app = scheduler_app(node)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://shoal") as client:
         yield client, secrets
     await router.aclose()

@@ -154,8 +154,8 @@ async def test_declared_tensors_are_checked(tmp_path: Path, backends: list[Backe
     await backend.predict(X)
     cases: dict[str, dict[str, np.ndarray]] = {
         "missing input 'x'": {},
-        "input 'x': expected FP32, got FP64": {"x": np.zeros((2, 3))},
-        r"input 'x': expected shape \[-1, 3\], got \[2, 4\]": {"x": np.zeros((2, 4), np.float32)},
+        "input 'x': expected datatype FP32, got FP64": {"x": np.zeros((2, 3))},
+        r"input 'x': expected shape \[-1,3\], got \[2,4\]": {"x": np.zeros((2, 4), np.float32)},
         "unknown input 'w'; the model takes 'x'": {**X, "w": np.zeros(1)},
     }
     for message, inputs in cases.items():
@@ -328,8 +328,8 @@ async def test_sklearn_refuses_inputs_that_do_not_fit(digits_model: Path, backen
     cases: dict[str, dict[str, np.ndarray]] = {
         "input 'input': expected 64 features, got 10": {"input": np.zeros((2, 10), np.float32)},
         r"expected a matrix \[-1, 64\] \(rows x features\), got \[64\]": {"input": np.zeros(64, np.float32)},
-        "input 'input': expected FP32, got FP64": {"input": np.zeros((2, 64))},
-        "missing input 'input'": {"pixels": np.zeros((2, 64), np.float32)},
+        "input 'input': expected datatype FP32, got FP64": {"input": np.zeros((2, 64))},
+        "unknown input 'pixels'; the model takes 'input'": {"pixels": np.zeros((2, 64), np.float32)},
     }
     for message, inputs in cases.items():
         with pytest.raises(InvalidArgument, match=message):

@@ -125,9 +125,9 @@ def test_onnx_load_errors_name_the_file(tmp_path: Path) -> None:
 async def test_onnx_refuses_inputs_that_do_not_fit(digits: dict[str, Any], backends: list[Backend]) -> None:
     backend = loaded(onnx_spec(digits["folder"] / "digits.onnx"), backends)
     cases: dict[str, dict[str, np.ndarray]] = {
-        r"input 'input': expected shape \[-1, 64\], got \[2, 10\]": {"input": np.zeros((2, 10), np.float32)},
-        "input 'input': expected FP32, got FP64": {"input": np.zeros((2, 64))},
-        "missing input 'input'": {"pixels": np.zeros((2, 64), np.float32)},
+        r"input 'input': expected shape \[-1,64\], got \[2,10\]": {"input": np.zeros((2, 10), np.float32)},
+        "input 'input': expected datatype FP32, got FP64": {"input": np.zeros((2, 64))},
+        "unknown input 'pixels'; the model takes 'input'": {"pixels": np.zeros((2, 64), np.float32)},
         "unknown input 'extra'": {"input": np.zeros((2, 64), np.float32), "extra": np.zeros(2, np.float32)},
     }
     for message, inputs in cases.items():

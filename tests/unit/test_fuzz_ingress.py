@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from shoal.config import Settings
+from shoal.core import payload
 from shoal.core.spec import DATATYPES, TensorSpec, parse_spec
 from shoal.errors import InvalidArgument
 from shoal.proto import grpc_service_pb2 as oip
@@ -30,7 +31,7 @@ from shoal.proto import shoal_pb2 as pb
 from shoal.rpc import codec
 from shoal.rpc.inference_service import decode_inputs
 from shoal.scheduler.http import scheduler_app
-from shoal.scheduler.models import ModelCatalog, ModelMetadata, check_inputs
+from shoal.scheduler.models import ModelMetadata, check_inputs
 from shoal.scheduler.node import SchedulerNode
 from shoal.scheduler.router import Router
 from shoal.testing.fakes import FakeReplicas
@@ -111,11 +112,14 @@ def ingress() -> Iterator[tuple[asyncio.AbstractEventLoop, httpx.AsyncClient]]:
         router.add("b", parse_spec({"name": "free", **base}), "b:1", "s1")
         router.add("c", parse_spec({"name": "gen", "backend": "vllm", "model": "lm"}), "c:1", "s1")
         node = SchedulerNode(
-            Settings(max_message_mb=1, max_tensor_elements=10_000), "s1", cast(HeadLink, None), fakes
+            Settings(max_message_mb=1, max_tensor_elements=10_000),
+            "s1",
+            cast(HeadLink, None),
+            fakes,
+            router=router,
         )
-        node.router = router
         node.registered.set()
-        app = scheduler_app(node, ModelCatalog(router, ready=node.registered.is_set))
+        app = scheduler_app(node)
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://shoal")
         return router, client
 
@@ -308,6 +312,6 @@ def test_grpc_decoders(tensors: list[dict[str, Any]], raw: list[bytes]) -> None:
 )
 def test_check_inputs(declared: list[TensorSpec], given_inputs: dict[str, np.ndarray]) -> None:
     try:
-        check_inputs(ModelMetadata("m", "python", tuple(declared), ()), given_inputs)
+        check_inputs(ModelMetadata("m", "python", tuple(declared), ()), payload.from_arrays(given_inputs))
     except InvalidArgument:
         pass

@@ -6,11 +6,12 @@ httpx's ASGI transport.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import re
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, cast
 
 import httpx
@@ -18,10 +19,13 @@ import numpy as np
 import pytest
 
 from shoal.config import Settings
+from shoal.core import payload
 from shoal.core.spec import DeploymentSpec, TensorSpec, parse_spec
 from shoal.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
+from shoal.scheduler.dataplane import DataPlane, InferCall
 from shoal.scheduler.http import scheduler_app
 from shoal.scheduler.models import (
+    InferResult,
     ModelCatalog,
     ModelMetadata,
     check_inputs,
@@ -92,6 +96,27 @@ def count_describes(client: FakeReplicaClient) -> list[float]:
     return calls
 
 
+class Door:
+    """The data plane over ``catalog``, taking and giving numpy as an adapter would."""
+
+    def __init__(self, catalog: ModelCatalog) -> None:
+        self.door = DataPlane(catalog.router, catalog, Settings())
+
+    async def infer(
+        self,
+        name: str,
+        arrays: Arrays,
+        *,
+        version: str = "",
+        request_id: str = "",
+        timeout_s: float = 0.0,
+        outputs: Sequence[str] = (),
+    ) -> InferResult:
+        call = InferCall(name, payload.from_arrays(arrays), request_id, version, timeout_s, tuple(outputs))
+        result = await self.door.infer(call)
+        return dataclasses.replace(result, outputs=payload.to_arrays(result.outputs))  # type: ignore[arg-type]
+
+
 # ---------------------------------------------------------------- rules
 
 
@@ -114,12 +139,12 @@ META = ModelMetadata(name="m", platform="python", inputs=(X, S), outputs=(X, S))
 )
 def test_check_inputs_names_the_input(inputs: Arrays, message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
-        check_inputs(META, inputs)
+        check_inputs(META, payload.from_arrays(inputs))
 
 
 def test_check_inputs_accepts_any_size_for_minus_one_and_skips_unknown_models() -> None:
-    check_inputs(META, {"x": x(7), "s": s(3)})
-    check_inputs(ModelMetadata("m", "python", (), ()), {"anything": np.zeros(3)})
+    check_inputs(META, payload.from_arrays({"x": x(7), "s": s(3)}))
+    check_inputs(ModelMetadata("m", "python", (), ()), payload.from_arrays({"anything": np.zeros(3)}))
 
 
 def test_check_outputs() -> None:
@@ -237,21 +262,21 @@ async def test_infer_checks_selects_and_echoes_the_id(router: Router, fakes: Fak
     spec = typed_spec()
     [a] = add(router, fakes, spec, "a")
     catalog = ModelCatalog(router)
-    result = await catalog.infer("echo", {"s": s(), "x": x()}, request_id="7")
+    result = await Door(catalog).infer("echo", {"s": s(), "x": x()}, request_id="7")
     assert (result.model_name, result.model_version, result.id) == ("echo", "1", "7")
     assert list(result.outputs) == ["x", "s"], "all outputs, in the model's order"
     np.testing.assert_array_equal(result.outputs["x"], x())
-    only = await catalog.infer("echo", {"x": x(), "s": s()}, outputs=["s"], request_id="7")
+    only = await Door(catalog).infer("echo", {"x": x(), "s": s()}, outputs=["s"], request_id="7")
     assert list(only.outputs) == ["s"]
     # Clients reuse ids; the router gets a unique one per request.
     ids = [c.request_id for c in a.requests]
     assert len(set(ids)) == 2 and all(i.startswith("7~") for i in ids)
     with pytest.raises(InvalidArgument, match="missing input 's'"):
-        await catalog.infer("echo", {"x": x()})
+        await Door(catalog).infer("echo", {"x": x()})
     with pytest.raises(InvalidArgument, match="unknown output 'y'"):
-        await catalog.infer("echo", {"x": x(), "s": s()}, outputs=["y"])
+        await Door(catalog).infer("echo", {"x": x(), "s": s()}, outputs=["y"])
     with pytest.raises(NotFound):
-        await catalog.infer("echo", {"x": x(), "s": s()}, version="3")
+        await Door(catalog).infer("echo", {"x": x(), "s": s()}, version="3")
     assert len(a.requests) == 2, "refused requests never reach a replica"
 
 
@@ -260,17 +285,17 @@ async def test_infer_without_metadata_checks_outputs_after_the_fact(
 ) -> None:
     add(router, fakes, make_spec(), "a")
     catalog = ModelCatalog(router)
-    result = await catalog.infer("echo", {"a": x(), "b": x()}, outputs=["b"])
+    result = await Door(catalog).infer("echo", {"a": x(), "b": x()}, outputs=["b"])
     assert list(result.outputs) == ["b"]
     with pytest.raises(InvalidArgument, match="unknown output 'c'"):
-        await catalog.infer("echo", {"a": x()}, outputs=["c"])
+        await Door(catalog).infer("echo", {"a": x()}, outputs=["c"])
 
 
 async def test_infer_honours_the_timeout(router: Router, fakes: FakeReplicas) -> None:
     [a] = add(router, fakes, make_spec(), "a")
     a.delay_s = 1.0
     with pytest.raises(DeadlineExceeded):
-        await ModelCatalog(router).infer("echo", {"x": x()}, timeout_s=0.05)
+        await Door(ModelCatalog(router)).infer("echo", {"x": x()}, timeout_s=0.05)
 
 
 async def test_statistics_count_requests_and_sum_replica_batches(router: Router, fakes: FakeReplicas) -> None:
@@ -280,11 +305,11 @@ async def test_statistics_count_requests_and_sum_replica_batches(router: Router,
     b.description = ReplicaDescription(batch_sizes={4: 2}, requests=8, batches=2, compute_ns=200)
     catalog = ModelCatalog(router)
     for rows in (1, 3, 4):
-        await catalog.infer("echo", {"x": x(rows), "s": s(rows)})
+        await Door(catalog).infer("echo", {"x": x(rows), "s": s(rows)})
     a.fail()
     b.fail()
     with pytest.raises(Unavailable):
-        await catalog.infer("echo", {"x": x(), "s": s()})
+        await Door(catalog).infer("echo", {"x": x(), "s": s()})
     a.recover()
     b.recover()
 
@@ -311,8 +336,8 @@ async def test_statistics_without_batching_count_requests(router: Router, fakes:
     [a] = add(router, fakes, typed_spec(), "a")
     a.description = ReplicaDescription(batch_sizes={3: 2}, requests=2, batches=2)
     catalog = ModelCatalog(router)
-    await catalog.infer("echo", {"x": x(3), "s": s(3)})
-    await catalog.infer("echo", {"x": x(3), "s": s(3)})
+    await Door(catalog).infer("echo", {"x": x(3), "s": s(3)})
+    await Door(catalog).infer("echo", {"x": x(3), "s": s(3)})
     [stats] = await catalog.statistics("echo", "1")
     assert stats.inference_count == 2
     assert [(bs.batch_size, bs.compute_infer.count) for bs in stats.batch_stats] == [(1, 2)]
@@ -325,11 +350,10 @@ async def test_statistics_without_batching_count_requests(router: Router, fakes:
 
 @pytest.fixture
 async def http(router: Router, fakes: FakeReplicas) -> AsyncIterator[httpx.AsyncClient]:
-    node = SchedulerNode(Settings(max_message_mb=1), "s1", cast(HeadLink, None), fakes)
-    node.router = router
+    node = SchedulerNode(Settings(max_message_mb=1), "s1", cast(HeadLink, None), fakes, router=router)
     node.registered.set()
     add(router, fakes, typed_spec(), "a")
-    app = scheduler_app(node, ModelCatalog(router, ready=node.registered.is_set))
+    app = scheduler_app(node)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://shoal") as client:
         yield client
 

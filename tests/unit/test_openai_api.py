@@ -24,6 +24,7 @@ from shoal.core.spec import DeploymentSpec, parse_spec
 from shoal.errors import InvalidArgument, ResourceExhausted
 from shoal.proto import grpc_service_pb2 as oip
 from shoal.rpc import generate_stream
+from shoal.scheduler.dataplane import DataPlane
 from shoal.scheduler.generate_http import generate_routes
 from shoal.scheduler.models import ModelCatalog, ModelMetadata, model_config
 from shoal.scheduler.openai import openai_routes
@@ -79,9 +80,9 @@ def lm(router: Router, fakes: FakeReplicas) -> FakeReplicaClient:
 
 @pytest.fixture
 def app(router: Router) -> Starlette:
-    return Starlette(
-        routes=[*openai_routes(router, 1 << 20), *generate_routes(ModelCatalog(router), 1 << 20)]
-    )
+    catalog = ModelCatalog(router)
+    door = DataPlane(router, catalog, Settings())
+    return Starlette(routes=[*openai_routes(router, 1 << 20, door), *generate_routes(catalog, 1 << 20)])
 
 
 @pytest.fixture

@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 
 from shoal.config import Settings
+from shoal.core import payload
+from shoal.core.payload import Tensors
 from shoal.core.spec import DeploymentSpec, parse_spec
 from shoal.errors import DeadlineExceeded, NotFound, ResourceExhausted, Unavailable
 from shoal.scheduler.router import Router
 from shoal.testing.fakes import FakeReplicaClient, FakeReplicas
-from shoal.types import Arrays, DeploymentRoutes, Route, RoutingTable
+from shoal.types import DeploymentRoutes, Route, RoutingTable
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -23,8 +25,8 @@ def make_spec(**changes: Any) -> DeploymentSpec:
     return parse_spec({"name": "echo", "backend": "python", "model": "m.py", **changes})
 
 
-def x(value: float) -> Arrays:
-    return {"x": np.array([value], dtype=np.float32)}
+def x(value: float) -> Tensors:
+    return payload.from_arrays({"x": np.array([value], dtype=np.float32)})
 
 
 @pytest.fixture
@@ -63,7 +65,7 @@ async def test_outputs_come_back_with_the_replica_that_served_them(
     outputs, rid = await router.send("echo", x(3.0), request_id="req-1")
 
     assert rid == "a"
-    np.testing.assert_array_equal(outputs["x"], np.array([3.0], dtype=np.float32))
+    np.testing.assert_array_equal(payload.to_arrays(outputs)["x"], np.array([3.0], dtype=np.float32))
     assert [c.request_id for c in a.requests] == ["req-1"]
     assert 0 < a.requests[0].timeout_s <= 60.0
 
@@ -108,7 +110,7 @@ async def test_max_ongoing_requests_bounds_each_replica(router: Router, fakes: F
     opened.set()
     results = await asyncio.gather(*tasks)
 
-    assert [float(out["x"][0]) for out, _ in results] == [0.0, 1.0, 2.0, 3.0]
+    assert [float(payload.to_arrays(out)["x"][0]) for out, _ in results] == [0.0, 1.0, 2.0, 3.0]
     assert (a.max_in_flight, b.max_in_flight) == (1, 1)
     assert len(a.requests) + len(b.requests) == 4
 
@@ -132,7 +134,7 @@ async def test_a_full_queue_rejects_at_once_while_admitted_requests_complete(
 
     opened.set()
     done = await asyncio.gather(*tasks[:3])
-    assert [float(out["x"][0]) for out, _ in done] == [0.0, 1.0, 2.0]
+    assert [float(payload.to_arrays(out)["x"][0]) for out, _ in done] == [0.0, 1.0, 2.0]
     assert len(a.requests) == 3
     # The queue has drained: a new request is admitted again.
     assert (await router.send("echo", x(9)))[1] == "a"
@@ -182,7 +184,7 @@ async def test_a_replica_that_dies_mid_request_hands_it_to_another(
     outputs, rid = await task
 
     assert rid == "b"
-    assert float(outputs["x"][0]) == 7.0
+    assert float(payload.to_arrays(outputs)["x"][0]) == 7.0
     assert [c.request_id for c in a.requests] == ["req-7"]
     assert [c.request_id for c in b.requests] == ["req-7"]
     assert a.closed
@@ -234,7 +236,7 @@ async def test_with_no_replica_a_request_waits_for_one(router: Router, fakes: Fa
     outputs, rid = await asyncio.wait_for(task, 1.0)
 
     assert rid == "late"
-    assert float(outputs["x"][0]) == 5.0
+    assert float(payload.to_arrays(outputs)["x"][0]) == 5.0
 
 
 async def test_with_no_replica_in_time_the_request_times_out(router: Router) -> None:
@@ -262,7 +264,7 @@ async def test_a_retired_replica_finishes_its_request_and_gets_no_new_ones(
 
     opened.set()
     outputs, rid = await pending
-    assert (rid, float(outputs["x"][0])) == ("a", 1.0)
+    assert (rid, float(payload.to_arrays(outputs)["x"][0])) == ("a", 1.0)
     assert later == ["b", "b", "b", "b"]
     assert len(a.requests) == 1
     assert not a.closed

@@ -1,0 +1,214 @@
+"""The data plane's one door: every ingress runs its requests through :class:`DataPlane`.
+
+OIP gRPC (``ModelInfer``, ``ModelStreamInfer``), OIP REST (``/v2/models/M/infer``), the
+native ``SendRequest`` and the OpenAI API's ``/v1/embeddings`` are thin adapters: they
+decode their wire form into an :class:`InferCall` (tensors as raw bytes with their
+headers, :mod:`shoal.core.payload`), call :meth:`DataPlane.infer` or
+:meth:`DataPlane.embed`, and encode what comes back. So the rules are the same whatever
+door a request came in by, and they live here:
+
+* **ids**: the client's id is echoed; internally every request gets a unique id (the
+  client's plus a random suffix), so two requests reusing one id never share a pending
+  entry;
+* **deadlines**: the call's ``timeout_s`` (0: the deployment's ``timeout_s``);
+* **limits**: tensor elements per request (``max_tensor_elements``), strings per
+  embeddings request (``max_strings_per_request``); body size is the transport's;
+* **validation**: tensor headers and byte lengths, then names, datatypes and shapes
+  against the model's metadata, from the headers alone (nothing is decoded here);
+* **accounting**: every outcome, a refusal included, is counted in the router's
+  per-deployment statistics (``shoal_requests_total``, the dashboard, the autoscaler)
+  and Triton's model statistics, and logged.
+
+Everything here runs on the scheduler's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from shoal.config import Settings
+from shoal.core import limits, payload
+from shoal.core.payload import Tensor, Tensors
+from shoal.core.spec import DeploymentSpec
+from shoal.errors import InvalidArgument, ShoalError
+from shoal.scheduler.models import VERSION, InferResult, ModelCatalog, check_inputs, check_outputs
+from shoal.scheduler.router import OUTCOME_OF, Router
+
+log = logging.getLogger("shoal.dataplane")
+
+# Refusals are logged at INFO, at most this many a second (a flood of bad requests must
+# not become a flood of log lines); the rest are counted and summarised.
+_REFUSALS_LOGGED_PER_S = 10
+
+
+@dataclass(frozen=True, slots=True)
+class InferCall:
+    """One inference request, whatever door it came in by."""
+
+    model: str
+    inputs: Tensors
+    id: str = ""  # the client's, echoed in the answer
+    version: str = ""
+    timeout_s: float = 0.0  # 0: the deployment's own
+    outputs: tuple[str, ...] = ()  # requested outputs, in order; empty: all
+    door: str = ""  # which ingress, for log lines: grpc, http, native, openai
+
+
+class DataPlane:
+    """Safe for concurrent calls from many tasks on one event loop."""
+
+    def __init__(self, router: Router, catalog: ModelCatalog, settings: Settings) -> None:
+        self.router = router
+        self.catalog = catalog
+        self.settings = settings
+        self._log_window = 0.0
+        self._logged = 0
+        self._suppressed = 0
+
+    async def infer(self, call: InferCall) -> InferResult:
+        """Check ``call``, run it on a replica, return the outputs it asked for.
+
+        Raises NotFound (model or version), InvalidArgument (naming the tensor or the
+        limit), and what :meth:`Router.send` raises (ResourceExhausted, DeadlineExceeded,
+        Unavailable, or the replica's own error).
+        """
+        started = time.perf_counter_ns()
+        spec: DeploymentSpec | None = None
+        try:
+            spec = self.catalog.spec(call.model, call.version)
+            self.check(call)
+            metadata = await self.catalog.request_metadata(spec)
+            check_inputs(metadata, call.inputs)
+            check_outputs(metadata, call.outputs)
+        except ShoalError as err:
+            self._refused(call, spec, err, started)
+            raise
+        # Clients reuse ids (or send none); the router keys in-flight requests by id.
+        internal_id = f"{call.id}~{uuid.uuid4().hex[:12]}" if call.id else ""
+        try:
+            outputs, replica_id = await self.router.send(
+                spec.name, call.inputs, request_id=internal_id, timeout_s=call.timeout_s
+            )
+            outputs = _select(spec.name, outputs, call.outputs, [t.name for t in metadata.outputs])
+        except BaseException:
+            self.catalog.record(spec, ok=False, elapsed_ns=time.perf_counter_ns() - started, rows=0)
+            raise
+        rows = call.inputs[0].rows if call.inputs else 1
+        self.catalog.record(spec, ok=True, elapsed_ns=time.perf_counter_ns() - started, rows=rows)
+        return InferResult(spec.name, VERSION, call.id, outputs, replica_id)
+
+    def check(self, call: InferCall) -> None:
+        """The checks that need no model metadata: headers, byte lengths, the element limit."""
+        limits.check_elements((t.shape for t in call.inputs), self.settings.max_tensor_elements)
+        payload.check_all(call.inputs)
+
+    async def embed(self, model: str, texts: Sequence[str], *, door: str = "openai") -> list[np.ndarray]:
+        """Embeddings of ``texts`` from ``model`` (a BYTES input ``text``, an ``embedding``
+        output of one row per text), one array of rows per routed part.
+
+        At most ``max_strings_per_request`` texts (InvalidArgument past it, before any
+        work). A long list is cut into parts of the deployment's ``max_batch_size``, run
+        concurrently so they spread over replicas; each part is one request through
+        :meth:`infer`, counted as such.
+        """
+        self.check_strings(model, len(texts), door=door)
+        spec = self.catalog.spec(model)
+        size = max(1, spec.batching.max_batch_size)
+        parts = [list(texts[i : i + size]) for i in range(0, len(texts), size)]
+        calls = [InferCall(model, (_texts("text", p),), door=door) for p in parts]
+        results = await asyncio.gather(*(self.infer(c) for c in calls), return_exceptions=True)
+        vectors = []
+        for part, result in zip(parts, results, strict=True):
+            if isinstance(result, BaseException):
+                raise result  # the first failure answers the request (a ShoalError: its status)
+            found = [t for t in result.outputs if t.name == "embedding"]
+            array = payload.to_array(found[0]) if found else None
+            if array is None or array.ndim != 2 or array.shape[0] != len(part):
+                raise InvalidArgument(
+                    f"model {model!r} did not answer an 'embedding' output of one row per input"
+                )
+            vectors.append(array)
+        return vectors
+
+    def check_strings(self, model: str, count: int, *, door: str = "openai") -> None:
+        """InvalidArgument (counted and logged) when one request carries more than
+        ``max_strings_per_request`` strings: checked on the parsed body's list length,
+        before any string is looked at."""
+        limit = self.settings.max_strings_per_request
+        if limit > 0 and count > limit:
+            err = InvalidArgument(
+                f"'input' holds {count} strings, over the limit of {limit} (setting max_strings_per_request)"
+            )
+            self.refused(model, "", door, err)
+            raise err
+
+    # -- accounting of refusals ---------------------------------------------------------
+
+    def refused(self, model: str, request_id: str, door: str, err: ShoalError) -> None:
+        """Count and log a request that its adapter refused before it became an
+        :class:`InferCall` (a malformed body, say), as :meth:`infer` counts its own refusals."""
+        try:
+            spec: DeploymentSpec | None = self.router.spec(model) if model else None
+        except ShoalError:
+            spec = None
+        self._refused(InferCall(model, (), id=request_id, door=door), spec, err, time.perf_counter_ns())
+
+    def _refused(self, call: InferCall, spec: DeploymentSpec | None, err: ShoalError, started: int) -> None:
+        elapsed_ns = time.perf_counter_ns() - started
+        if spec is not None:
+            self.catalog.record(spec, ok=False, elapsed_ns=elapsed_ns, rows=0)
+            self.router.count(spec.name, OUTCOME_OF.get(err.code, "error"), elapsed_ns / 1e9)
+        now = time.monotonic()
+        if now - self._log_window >= 1.0:
+            if self._suppressed:
+                log.info("%d more request(s) refused in the last second", self._suppressed)
+            self._log_window, self._logged, self._suppressed = now, 0, 0
+        if self._logged >= _REFUSALS_LOGGED_PER_S:
+            self._suppressed += 1
+            return
+        self._logged += 1
+        log.info(
+            "request %s to %s (%s) refused: %s",
+            call.id or "-",
+            call.model or "-",
+            call.door or "-",
+            err.message,
+            extra={"request_id": call.id, "deployment": call.model},
+        )
+
+
+def _texts(name: str, texts: Sequence[str]) -> Tensor:
+    """A BYTES tensor of ``texts``, one row each."""
+    array = np.empty(len(texts), dtype=object)
+    try:
+        array[:] = [t.encode("utf-8") for t in texts]
+    except UnicodeEncodeError as err:
+        raise InvalidArgument(
+            f"'input' holds a string that is not valid Unicode text: {err.reason}"
+        ) from None
+    return payload.from_array(name, array)
+
+
+def _select(model: str, outputs: Tensors, wanted: Sequence[str], order: Sequence[str]) -> Tensors:
+    """The outputs the client asked for, in its order; all of them, in the model's order, otherwise."""
+    by_name = {t.name: t for t in outputs}
+    if wanted:
+        missing = [o for o in wanted if o not in by_name]
+        if missing:
+            returned = ", ".join(repr(n) for n in by_name)
+            raise InvalidArgument(f"unknown output {missing[0]!r}; model {model!r} returned {returned}")
+        return tuple(by_name[o] for o in wanted)
+    if order:
+        first = [by_name[o] for o in order if o in by_name]
+        return (*first, *(t for t in outputs if t.name not in set(order)))
+    return outputs
+
+
+__all__ = ["DataPlane", "InferCall", "InferResult", "Tensor"]

@@ -1,0 +1,232 @@
+"""The data plane's one door: the same requests through every ingress get the same
+answers, errors, statistics, metrics and log lines; ids are unique; bounds hold.
+
+The gRPC servicers are called directly with an in-memory context (no sockets: this is
+the unit tier); the REST and OpenAI routes run over ASGI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, cast
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+
+from shoal.config import Settings
+from shoal.core import payload
+from shoal.core.spec import DeploymentSpec, parse_spec
+from shoal.proto import grpc_service_pb2 as oip
+from shoal.proto import shoal_pb2 as pb
+from shoal.rpc import codec
+from shoal.rpc.inference_service import InferenceService
+from shoal.rpc.scheduler_service import SchedulerService
+from shoal.scheduler.http import scheduler_app
+from shoal.scheduler.node import SchedulerNode
+from shoal.scheduler.router import Router
+from shoal.testing.fakes import FakeReplicas
+from shoal.types import HeadLink
+
+pytestmark = pytest.mark.timeout(20)
+
+TYPED = [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]
+
+
+class Aborted(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+
+class Context:
+    """What the servicers use of ``grpc.aio.ServicerContext``."""
+
+    async def abort(self, code: grpc.StatusCode, message: str) -> None:
+        raise Aborted(code, message)
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ()
+
+
+def spec(name: str = "echo", **changes: Any) -> DeploymentSpec:
+    doc = {"name": name, "backend": "python", "model": "m:M", "inputs": TYPED, "outputs": TYPED}
+    return parse_spec({**doc, **changes})
+
+
+class Doors:
+    """One scheduler's ingresses over in-memory replicas."""
+
+    def __init__(self, node: SchedulerNode, http: httpx.AsyncClient) -> None:
+        self.node = node
+        self.http = http
+        self.grpc = InferenceService(node.dataplane, node.inference_auth, node.settings)
+        self.native = SchedulerService(node)
+
+    async def rest(self, model: str, x: np.ndarray, request_id: str = "") -> tuple[int, dict[str, Any]]:
+        doc: dict[str, Any] = {
+            "inputs": [{"name": "x", "datatype": payload.from_array("x", x).datatype, "shape": list(x.shape)}]
+        }
+        doc["inputs"][0]["data"] = x.tolist()
+        if request_id:
+            doc["id"] = request_id
+        r = await self.http.post(f"/v2/models/{model}/infer", json=doc)
+        return r.status_code, r.json()
+
+    async def oip(self, model: str, x: np.ndarray, request_id: str = "") -> oip.ModelInferResponse:
+        t = payload.from_array("x", x)
+        request = oip.ModelInferRequest(model_name=model, id=request_id)
+        request.inputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
+        request.raw_input_contents.append(t.data)
+        return await self.grpc.ModelInfer(request, cast(Any, Context()))
+
+    async def send(self, model: str, x: np.ndarray, request_id: str = "") -> pb.InferReply:
+        request = pb.InferRequest(deployment=model, request_id=request_id, inputs=codec.encode({"x": x}))
+        return await self.native.SendRequest(request, cast(Any, Context()))
+
+
+@pytest.fixture
+def fakes() -> FakeReplicas:
+    return FakeReplicas()
+
+
+@pytest.fixture
+async def doors(fakes: FakeReplicas) -> AsyncIterator[Doors]:
+    settings = Settings(max_message_mb=1, max_tensor_elements=1_000, max_strings_per_request=100)
+    router = Router("s1", settings, fakes, policy="round_robin")
+    node = SchedulerNode(settings, "s1", cast(HeadLink, None), fakes, router=router)
+    node.registered.set()
+    router.add("a", spec(), "a:9000", "s1")
+    router.add(
+        "e",
+        spec("emb", backend="transformers", options={"task": "embedding"}, inputs=[], outputs=[]),
+        "e:1",
+        "s1",
+    )
+    app = scheduler_app(node)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://shoal") as client:
+        yield Doors(node, client)
+    await router.aclose()
+
+
+@pytest.fixture
+def refusals(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    caplog.set_level(logging.INFO, logger="shoal.dataplane")
+    yield caplog
+
+
+GOOD = np.arange(8, dtype=np.float32).reshape(2, 4)
+# name, input, the message every door answers
+BAD = [
+    ("wrong shape", np.zeros((2, 3), np.float32), "input 'x': expected shape [-1,4], got [2,3]"),
+    ("wrong datatype", np.zeros((2, 4), np.float64), "input 'x': expected datatype FP32, got FP64"),
+    ("too many elements", np.zeros((300, 4), np.float32), "over 1000 elements"),
+]
+
+
+@pytest.mark.parametrize(("case", "x", "message"), BAD, ids=[b[0] for b in BAD])
+async def test_an_invalid_request_is_refused_alike_and_counted_by_every_door(
+    doors: Doors, refusals: pytest.LogCaptureFixture, case: str, x: np.ndarray, message: str
+) -> None:
+    status, body = await doors.rest("echo", x, "r1")
+    assert status == 400 and message in body["error"]
+    with pytest.raises(Aborted) as grpc_err:
+        await doors.oip("echo", x, "r2")
+    assert grpc_err.value.code == grpc.StatusCode.INVALID_ARGUMENT and message in grpc_err.value.message
+    with pytest.raises(Aborted) as native_err:
+        await doors.send("echo", x, "r3")
+    assert native_err.value.code == grpc.StatusCode.INVALID_ARGUMENT and message in native_err.value.message
+
+    # Counted where the metrics, the dashboard and the autoscaler read (shoal_requests_total) ...
+    assert doors.node.router.stats()["echo"].outcomes["invalid"] == 3
+    # ... in Triton's statistics ...
+    [stats] = await doors.node.catalog.statistics("echo")
+    assert (stats.fail.count, stats.success.count) == (3, 0)
+    # ... and logged, once per request, naming the door.
+    lines = [r.getMessage() for r in refusals.records if "refused" in r.getMessage()]
+    assert len(lines) == 3
+    assert all(message in line for line in lines)
+    assert {line.split("(")[1].split(")")[0] for line in lines} == {"http", "grpc", "native"}
+    metrics = (await doors.http.get("/metrics")).text
+    assert 'shoal_requests_total{deployment="echo",outcome="invalid"} 3.0' in metrics
+
+
+async def test_a_valid_request_gets_the_same_answer_through_every_door(
+    doors: Doors, fakes: FakeReplicas
+) -> None:
+    status, body = await doors.rest("echo", GOOD, "same")
+    assert status == 200 and body["outputs"][0]["data"] == GOOD.flatten().tolist() and body["id"] == "same"
+    reply = await doors.oip("echo", GOOD, "same")
+    assert reply.id == "same"
+    np.testing.assert_array_equal(np.frombuffer(reply.raw_output_contents[0], np.float32).reshape(2, 4), GOOD)
+    native = await doors.send("echo", GOOD, "same")
+    np.testing.assert_array_equal(codec.decode(native.outputs)["x"], GOOD)
+    assert native.replica_id == "a"
+    # The three reused the client's id; each got its own id on the way to the replica.
+    ids = [c.request_id for c in fakes.clients["a:9000"].requests]
+    assert len(ids) == 3 and len(set(ids)) == 3 and all(i.startswith("same~") for i in ids)
+    assert doors.node.router.stats()["echo"].outcomes["ok"] == 3
+
+
+async def test_a_reused_native_id_never_answers_another_request(doors: Doors, fakes: FakeReplicas) -> None:
+    replica = fakes.clients["a:9000"]
+    replica.gate = asyncio.Event()
+    values = [np.full((1, 4), i, np.float32) for i in range(5)]
+    calls = [asyncio.create_task(doors.send("echo", v, "dup")) for v in values]
+    await replica.wait_for_requests(5)
+    replica.gate.set()
+    replies = await asyncio.gather(*calls)
+    for v, reply in zip(values, replies, strict=True):
+        np.testing.assert_array_equal(codec.decode(reply.outputs)["x"], v)
+
+
+async def test_native_requests_with_a_repeated_input_name_are_refused(doors: Doors) -> None:
+    request = pb.InferRequest(deployment="echo", inputs=codec.encode({"x": GOOD}) * 2)
+    with pytest.raises(Aborted) as err:
+        await doors.native.SendRequest(request, cast(Any, Context()))
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "given twice" in err.value.message
+
+
+async def test_embeddings_with_too_many_strings_are_refused_before_any_work(
+    doors: Doors, fakes: FakeReplicas
+) -> None:
+    body = json.dumps({"model": "emb", "input": ["a"] * 200_000})
+    r = await doors.http.post("/v1/embeddings", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert "200000 strings, over the limit of 100" in r.json()["error"]["message"]
+    assert fakes.clients["e:1"].requests == []
+    assert doors.node.router.stats()["emb"].outcomes["invalid"] == 1
+
+
+async def test_model_stream_infer_stops_reading_when_the_client_does_not_read(doors: Doors) -> None:
+    doors.grpc.max_stream_pending = 4
+    read = 0
+
+    async def requests() -> AsyncIterator[oip.ModelInferRequest]:
+        nonlocal read
+        for i in range(50):
+            read += 1
+            t = payload.from_array("x", GOOD)
+            r = oip.ModelInferRequest(model_name="echo", id=str(i))
+            r.inputs.add(name="x", datatype=t.datatype, shape=t.shape)
+            r.raw_input_contents.append(t.data)
+            yield r
+
+    answers = doors.grpc.ModelStreamInfer(requests(), cast(Any, Context()))
+    first = await anext(answers)
+    assert first.infer_response.id == "0"
+    for _ in range(20):
+        await asyncio.sleep(0)
+    # One answer taken by the client: the stream has read at most that plus the bound.
+    assert read <= 1 + 4 + 1
+    rest = [a async for a in answers]
+    assert sorted(int(a.infer_response.id) for a in [first, *rest]) == list(range(50))
+    assert all(not a.error_message for a in rest)
