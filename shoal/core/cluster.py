@@ -126,6 +126,8 @@ class _StartFailures:
 class ClusterState:
     clock: Clock
     dead_after_s: float = 5.0
+    # A DEAD scheduler silent this long is forgotten (0: never).
+    forget_after_s: float = 3600.0
     schedulers: dict[str, SchedulerRecord] = field(default_factory=dict)
     replicas: dict[str, ReplicaRecord] = field(default_factory=dict)
     pending_reasons: dict[str, str] = field(default_factory=dict)
@@ -200,9 +202,22 @@ class ClusterState:
         return True
 
     def expire(self) -> list[str]:
-        """Mark schedulers silent for ``dead_after_s`` DEAD; returns their ids."""
+        """Mark schedulers silent for ``dead_after_s`` DEAD; returns their ids. DEAD
+        schedulers silent for ``forget_after_s`` are forgotten."""
         now = self.clock.now()
         dead = []
+        gone = [
+            s
+            for s in self.schedulers.values()
+            if s.state == DEAD and self.forget_after_s > 0 and now - s.last_seen > self.forget_after_s
+        ]
+        for sched in gone:
+            del self.schedulers[sched.id]
+            self.event(
+                "scheduler_forgotten",
+                f"scheduler {sched.id} was silent for {self.forget_after_s:g}s; forgotten",
+                scheduler_id=sched.id,
+            )
         for sched in self.schedulers.values():
             if sched.state == ALIVE and now - sched.last_seen > self.dead_after_s:
                 sched.state = DEAD

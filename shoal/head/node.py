@@ -84,7 +84,11 @@ class HeadNode:
         self.store = store
         self._client_factory = scheduler_client
         self.clock = clock or SystemClock()
-        self.state = ClusterState(clock=self.clock, dead_after_s=settings.dead_after_s)
+        self.state = ClusterState(
+            clock=self.clock,
+            dead_after_s=settings.dead_after_s,
+            forget_after_s=settings.forget_dead_after_s,
+        )
         self.desired: dict[str, DeploymentSpec] = {}
         # Deployments whose stored spec does not parse: name -> what is wrong, naming the key.
         self.broken: dict[str, str] = {}
@@ -347,6 +351,8 @@ class HeadNode:
                 sched = self.state.schedulers.get(sid)
                 if sched is None or sched.address != self._clients[sid][0]:
                     await self._clients.pop(sid)[1].close()
+            for sid in [s for s in self._loads if s not in self.state.schedulers]:
+                del self._loads[sid]  # forgotten
         if actions:
             await asyncio.gather(*(self._act(a) for a in actions))
         await self._publish_routes()
