@@ -18,21 +18,23 @@ from typing import Any
 
 from shoal.cli.common import EXIT_ERROR, ProgressLine, add_client_flags, with_client
 from shoal.config import Settings
+from shoal.core.cluster import FAILED
 from shoal.core.spec import DeploymentSpec, load_spec_file, parse_spec
 
 Status = Mapping[str, Any]
 
 # The head's pending reasons that are answers rather than waits (shoal/core/placement.py and
-# shoal/core/cluster.py write them; tests/unit/test_cli_deploy.py checks they still match).
+# shoal/core/cluster.py write them; tests/unit/test_cli.py checks they still match), and FAILED
+# (shoal/core/cluster.py: replicas that kept dying before READY).
 NO_ROOM = re.compile(r"^(no scheduler has room|no live scheduler)")
 START_FAILURES = re.compile(r"^(\d+) replica start failure\(s\), retrying in \d+s: (.*)$", re.S)
 STILL_MOVING = "draining one old replica first"
 
 FAIL_AFTER = 2
 """Start failures in a row after which a deploy is failed: one may be chance, two are the model."""
-CONFIRM_NO_ROOM_S = 1.0
-"""How long "no room" must hold before it is the answer: the head's reason may predate the apply
-by up to one reconcile pass (it reconciles at once on an apply)."""
+CONFIRM_S = 1.0
+"""How long "no room" or FAILED must hold before it is the answer: the head's reason may predate
+the apply by up to one reconcile pass (it reconciles at once on an apply)."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ class _Watched:
     failures_before: int  # start failures the head counted before the apply
     failures_seen: int = -1  # the count last seen; -1 before the first look
     fresh_failures: int = 0  # rises of that count seen since the apply
-    no_room_since: float | None = None
+    settled_since: float | None = None  # since when the head's reason has been an answer
     seen: dict[str, None] = field(default_factory=dict)  # new replicas seen, in order (a set that keeps it)
 
 
@@ -126,17 +128,20 @@ class DeployWatch:
             return (
                 f"deployment {w.name} failed: its replicas fail to start ({count} times in a row): {message}"
             )
-        if NO_ROOM.match(reason) and STILL_MOVING not in reason:
-            if w.no_room_since is None:
-                w.no_room_since = now
-            if now - w.no_room_since >= CONFIRM_NO_ROOM_S:
-                return (
-                    f"deployment {w.name} cannot be placed: {reason}. It stays pending and is placed "
-                    f"when room appears (free some, or add a scheduler); 'shoal delete {w.name}' removes it"
-                )
-        else:
-            w.no_room_since = None
-        return ""
+        settled = ""
+        if reason.startswith(FAILED):
+            settled = f"deployment {w.name} failed: {_LOG_PREFIX.sub('', reason.removeprefix(FAILED))}"
+        elif NO_ROOM.match(reason) and STILL_MOVING not in reason:
+            settled = (
+                f"deployment {w.name} cannot be placed: {reason}. It stays pending and is placed "
+                f"when room appears (free some, or add a scheduler); 'shoal delete {w.name}' removes it"
+            )
+        if not settled:
+            w.settled_since = None
+            return ""
+        if w.settled_since is None:
+            w.settled_since = now
+        return settled if now - w.settled_since >= CONFIRM_S else ""
 
 
 def _process_hash(doc: Mapping[str, Any]) -> str:

@@ -32,6 +32,11 @@ PENDING = "PENDING"  # asked of a scheduler, not yet confirmed by it
 
 BACKOFF_BASE_S = 1.0
 BACKOFF_MAX_S = 30.0
+FAILED_AFTER = 4
+"""Replicas of one spec that die before READY, in a row, after which its deployment is FAILED:
+no more starts (the crash loop ends) until a deploy of another spec or a head restart. Four:
+about 10 s of backoff, room for a model that flakes; ``shoal deploy`` already answered at two."""
+FAILED = "FAILED: "  # how the pending reason of a FAILED deployment starts
 MAX_CREATES_PER_PASS = 256
 """Most replicas one reconcile pass places: a pass is synchronous, and a spec asking for
 thousands must not hold the head's event loop (the rest follow in the next passes)."""
@@ -120,6 +125,8 @@ class _StartFailures:
     count: int = 0
     not_before: float = 0.0
     last_message: str = ""
+    spec_hash: str = ""  # the spec whose replicas failed: another spec starts afresh
+    crashes: int = 0  # those that died before READY (a failed create call is not the model's fault)
 
 
 @dataclass
@@ -248,7 +255,7 @@ class ClusterState:
     def create_failed(self, replica_id: str, message: str) -> None:
         rec = self.replicas.pop(replica_id, None)
         if rec is not None:
-            self._start_failed(rec.deployment, message)
+            self._start_failed(rec.deployment, message, rec.spec_hash, crashed=False)
             self.event(
                 "replica_create_failed",
                 f"could not create {replica_id}: {message}",
@@ -315,9 +322,17 @@ class ClusterState:
             surge = max(1, math.ceil(count / 4))
             missing = min(missing, surge - starting)
         no_room = False
+        failures = self._failures.get(spec.name)
+        if failures is not None and failures.spec_hash != want:
+            del self._failures[spec.name]  # a deploy of another spec: its replicas get a fresh start
+            failures = None
         if missing > 0:
-            failures = self._failures.get(spec.name)
-            if failures is not None and self.clock.now() < failures.not_before:
+            if failures is not None and failures.crashes >= FAILED_AFTER:
+                self.pending_reasons[spec.name] = (
+                    f"{FAILED}{failures.crashes} replicas died before READY in a row, not started again "
+                    f"until the next deploy: {failures.last_message}"
+                )
+            elif failures is not None and self.clock.now() < failures.not_before:
                 wait = failures.not_before - self.clock.now()
                 self.pending_reasons[spec.name] = (
                     f"{failures.count} replica start failure(s), retrying in {wait:.0f}s: "
@@ -462,7 +477,7 @@ class ClusterState:
             )
             return
         if not was_ready:
-            self._start_failed(deployment, message)
+            self._start_failed(deployment, message, rec.spec_hash, crashed=True)
         self.event(
             "replica_died",
             f"replica {replica_id} died: {message}",
@@ -471,10 +486,13 @@ class ClusterState:
             scheduler_id=scheduler_id,
         )
 
-    def _start_failed(self, deployment: str, message: str) -> None:
-        f = self._failures.setdefault(deployment, _StartFailures())
+    def _start_failed(self, deployment: str, message: str, spec_hash: str, *, crashed: bool) -> None:
+        f = self._failures.setdefault(deployment, _StartFailures(spec_hash=spec_hash))
         f.count += 1
+        f.crashes += crashed
         f.last_message = message
+        if crashed and f.crashes == FAILED_AFTER:
+            self.event("deployment_failed", f"{deployment} FAILED: {message}", deployment=deployment)
         delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (f.count - 1))
         f.not_before = self.clock.now() + delay
 

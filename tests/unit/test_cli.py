@@ -20,7 +20,7 @@ from shoal.cli.logs import merge_logs
 from shoal.cli.processes import pid_file, running
 from shoal.config import Settings
 from shoal.core.clock import FakeClock
-from shoal.core.cluster import DEAD, ReplicaReport
+from shoal.core.cluster import DEAD, FAILED, FAILED_AFTER, ReplicaReport
 from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec, parse_spec
 from shoal.head.http import head_app
@@ -70,9 +70,9 @@ async def head() -> AsyncIterator[HeadNode]:
 
 
 async def past_backoff(head: HeadNode) -> None:
-    """Time enough for the next start (backoff 1 s, then 2 s), the scheduler still beating."""
+    """Time enough for the next start (backoff 1, 2, then 4 s), the scheduler still beating."""
     assert isinstance(head.clock, FakeClock)
-    head.clock.advance(3)
+    head.clock.advance(4.5)
     assert await head.scheduler_health("s1", 1_000_000, [])
 
 
@@ -145,6 +145,24 @@ async def test_failures_from_before_the_apply_are_not_taken_for_new_ones(head: H
     await head.apply(fixed)
     watch = DeployWatch.after_apply(before, [fixed])
     assert not watch.observe(cluster_status(head), now=0.0).failure
+
+
+async def test_a_failed_deployment_is_an_answer(head: HeadNode) -> None:
+    s = spec()
+    await head.apply(s)
+    for _ in range(FAILED_AFTER):
+        (create,) = await head.reconcile_once()
+        dead = ReplicaReport(create.replica_id, "echo", DEAD, message="ValueError: boom")
+        await head.scheduler_health("s1", 1_000_000, [dead])
+        await past_backoff(head)
+    await head.reconcile_once()
+    before = cluster_status(head)
+    assert before["deployments"][0]["pending_reason"].startswith(FAILED)
+    await head.apply(s)  # unchanged: nothing will start it again
+    watch = DeployWatch.after_apply(before, [s])
+    assert not watch.observe(cluster_status(head), now=0.0).failure
+    failure = watch.observe(cluster_status(head), now=1.0).failure
+    assert failure.startswith(f"deployment echo failed: {FAILED_AFTER} replicas died before READY in a row")
 
 
 def status_of(
