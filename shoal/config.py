@@ -76,8 +76,10 @@ class Settings:
     """Deadline of one control-plane call between components."""
     rpc_attempts: int = 4
     """Attempts of a control-plane call that fails with UNAVAILABLE (backoff between)."""
-    request_attempts: int = 3
-    """Replicas one inference request may be tried on when the one serving it dies."""
+    request_attempts: int = 2
+    """Replicas one inference request may be tried on when the one serving it dies: 2 retries
+    once, so a request that kills every replica it reaches (a query of death) costs at most
+    two replicas, then fails saying so."""
     max_message_mb: int = 64
     """Largest gRPC message accepted or sent (the gRPC default of 4 MiB is too small for tensors)."""
     shutdown_grace_s: float = 10.0

@@ -61,6 +61,15 @@ class SchedulerCollector(Collector):
             for outcome, n in s.outcomes.items():
                 requests.add_metric([name, outcome], n)
         yield requests
+        given_up = CounterMetricFamily(
+            "shoal_requests_given_up",
+            "Requests that failed on every replica they were tried on, each of which died or dropped "
+            "them (request_attempts): possibly a request that kills replicas.",
+            labels=["deployment"],
+        )
+        for name, s in stats.items():
+            given_up.add_metric([name], s.given_up)
+        yield given_up
         yield _latency(
             "shoal_request_latency_seconds",
             "Time from ingress to answer, through this scheduler.",

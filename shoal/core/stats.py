@@ -60,6 +60,9 @@ class DeploymentStats:
     outcomes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
     latency: Histogram = field(default_factory=Histogram)
     queue: Histogram = field(default_factory=Histogram)
+    # Requests that failed on every replica they were tried on, each of which died or
+    # dropped them: a request that may be what kills replicas (a query of death).
+    given_up: int = 0
 
     @property
     def requests(self) -> int:

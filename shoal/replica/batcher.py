@@ -99,9 +99,9 @@ class Batcher:
     ``run`` raises for a batch of several requests, each is run again alone, so only the
     requests that fail alone get an exception.
 
-    A request that arrives while the model is idle and nothing is queued runs at once;
-    ``max_delay_ms`` only holds requests that arrive while the model is busy or others
-    wait (they are then taken together as soon as the model is free).
+    A request that arrives while the model is idle (no call for ``max_delay_ms``) and
+    nothing is queued runs at once; ``max_delay_ms`` only holds requests that arrive while
+    the model is busy or just finished, or while others wait.
 
     Counters, for health updates and metrics: :attr:`queued`, :attr:`in_flight`,
     :attr:`requests` (requests run), :attr:`batches` (calls to ``run``), :attr:`batch_sizes`
@@ -128,6 +128,11 @@ class Batcher:
         self._closing = False
 
         self._in_flight = 0
+        # When the last model call ended. A request within max_delay_ms of it is likely the
+        # first of a burst of answers coming back as new requests (closed-loop clients):
+        # it waits for the others instead of running alone (measured: running such firsts
+        # alone halved throughput at concurrency 32, in twice as many smaller batches).
+        self._last_end = float("-inf")
         self.requests = 0
         self.batches = 0
         self.compute_ns = 0  # time inside ``run``, all batches
@@ -210,7 +215,9 @@ class Batcher:
             key=key,
             arrived=loop.time(),
             future=loop.create_future(),
-            waits=self._in_flight > 0 or bool(self._queue),
+            waits=self._in_flight > 0
+            or bool(self._queue)
+            or loop.time() - self._last_end < self._max_delay_s,
         )
         self._queue.append(request)
         self._rows_by_key[key] += rows
@@ -393,4 +400,5 @@ class Batcher:
                     request.future.set_result(piece)
         finally:
             self._in_flight = 0
+            self._last_end = asyncio.get_running_loop().time()
             self._idle.set()

@@ -268,7 +268,12 @@ class Router:
             finally:
                 handle.in_flight -= 1
                 self._release(dep)
-        raise Unavailable(f"request {request_id} failed on {len(tried)} replica(s): {last}")
+        dep.stats.given_up += 1
+        raise Unavailable(
+            f"request {request_id}: {len(tried)} replica(s) failed while serving it "
+            f"({', '.join(sorted(tried))}); not retried again, since the request itself may be "
+            f"what brings them down (setting request_attempts); last error: {last}"
+        )
 
     async def _acquire(self, dep: _Deployment, deadline: float, tried: set[str]) -> ReplicaHandle:
         handle = self._pick(dep, tried)

@@ -221,8 +221,35 @@ async def test_when_every_replica_is_unreachable_the_caller_gets_unavailable(
     a.fail()
     b.fail()
 
-    with pytest.raises(Unavailable, match=r"^request req-9 failed on 2 replica\(s\): "):
+    with pytest.raises(Unavailable, match=r"^request req-9: 2 replica\(s\) failed while serving it \(a, b\)"):
         await router.send("echo", x(1), request_id="req-9")
+
+
+async def test_a_query_of_death_costs_at_most_two_replicas(fakes: FakeReplicas) -> None:
+    # A request that kills every replica it reaches: tried on two (the default
+    # request_attempts), then it fails saying so, and it is counted.
+    router = Router("s1", Settings(), fakes, policy="round_robin")
+    try:
+        clients = add(router, fakes, make_spec(), "a", "b", "c")
+        gate = asyncio.Event()
+        for c in clients:
+            c.gate = gate
+        task = asyncio.create_task(router.send("echo", x(1), request_id="qod"))
+        killed: list[str] = []
+        while not task.done():
+            # Whichever replica holds the request now dies.
+            holder = next((rid for rid, c in zip("abc", clients, strict=True) if c.in_flight), None)
+            if holder is not None:
+                killed.append(holder)
+                await router.remove(holder, failed=True)
+            await asyncio.sleep(0.01)
+        with pytest.raises(Unavailable, match="not retried again"):
+            await task
+        assert len(killed) == 2
+        assert router.stats()["echo"].given_up == 1
+        assert sum(len(c.requests) for c in clients) == 2
+    finally:
+        await router.aclose()
 
 
 async def test_with_no_replica_a_request_waits_for_one(router: Router, fakes: FakeReplicas) -> None:
