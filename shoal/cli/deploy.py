@@ -212,11 +212,23 @@ async def _print_last_words(client: Any, replicas: Sequence[str]) -> None:
         return
 
 
+_TRACEBACK = "Traceback (most recent call last)"
+_CHAINED = ("The above exception was the direct cause", "During handling of the above exception")
+
+
 def traceback_excerpt(lines: Sequence[str], most: int = 20) -> list[str]:
-    """The last traceback in ``lines`` (its last ``most`` lines), else the last few lines."""
-    starts = [i for i, ln in enumerate(lines) if ln.startswith("Traceback (most recent call last)")]
-    tail = list(lines[starts[-1] :]) if starts else list(lines[-8:])
-    return tail[-most:]
+    """The root cause of the last traceback in ``lines`` (where a chain of tracebacks starts: the
+    model's own frames, not shoal's that wrapped its error), at most ``most`` lines of it;
+    else the last few lines."""
+    starts = [i for i, ln in enumerate(lines) if ln.lstrip().startswith(_TRACEBACK)]
+    if not starts:
+        return list(lines[-8:])
+    k = len(starts) - 1
+    while k > 0 and any(ln.strip().startswith(_CHAINED) for ln in lines[starts[k - 1] : starts[k]]):
+        k -= 1
+    end = starts[k + 1] if k + 1 < len(starts) else len(lines)
+    block = [ln for ln in lines[starts[k] : end] if ln.strip() and not ln.strip().startswith(_CHAINED)]
+    return block if len(block) <= most else [block[0], "  ...", *block[-(most - 2) :]]
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:

@@ -211,3 +211,30 @@ def test_an_update_that_does_not_start_is_not_ready(up: Up, tmp_path: Path) -> N
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "ready after" not in proc.stdout
     assert "no_such_module_marker_91" in proc.stderr
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the replica logs a model's error without its traceback: shoal/replica/__main__.py "
+    "(load) and shoal/replica/process.py (predict) need exc_info; see the lead's hand-off",
+)
+def test_a_models_tracebacks_are_in_its_replicas_log(up: Up, tmp_path: Path) -> None:
+    no_load = write_model(
+        tmp_path,
+        "noload",
+        "class Model:\n    def __init__(self):\n        raise ValueError('cannot load: marker-load')\n",
+    )
+    bad_predict = write_model(
+        tmp_path,
+        "badpredict",
+        "class Model:\n    def predict(self, inputs):\n        raise RuntimeError('marker-predict')\n",
+    )
+    # Load: the deploy's error shows the end of the dead replica's log: its traceback.
+    proc = shoal("deploy", "--timeout", "100", str(no_load), head=up.head, check=False, timeout=120)
+    assert "Traceback (most recent call last)" in proc.stderr and "in __init__" in proc.stderr, proc.stderr
+    # Predict: the replica's log has the model's traceback.
+    shoal("deploy", str(bad_predict), head=up.head)
+    x = json.dumps({"x": [[1.0]]})
+    assert shoal("predict", "badpredict", "--data", x, head=up.head, check=False).returncode == 1
+    out = shoal("logs", "badpredict", head=up.head).stdout
+    assert "in predict" in out and "RuntimeError: marker-predict" in out, out

@@ -262,19 +262,33 @@ async def test_timeout_names_what_is_pending(capsys: pytest.CaptureFixture[str])
     assert "shoal: error: not ready after 0s: echo 0/1 ready, 1 starting" in capsys.readouterr().err
 
 
-def test_traceback_excerpt_is_the_last_traceback() -> None:
-    lines = [
-        "10:00:00 replica e-1 INFO shoal.replica: loading",
-        "Traceback (most recent call last):",
-        '  File "m.py", line 3, in __init__',
-        "ValueError: first",
-        "10:00:01 replica e-1 INFO shoal.replica: again",
+def test_traceback_excerpt_is_the_root_cause_of_the_last_traceback() -> None:
+    model_error = [
         "Traceback (most recent call last):",
         '  File "m.py", line 3, in __init__',
         "ValueError: boom",
     ]
-    assert traceback_excerpt(lines) == lines[5:]
+    wrapped = [
+        "",
+        "The above exception was the direct cause of the following exception:",
+        "",
+        "Traceback (most recent call last):",
+        '  File "shoal/backends/python.py", line 80, in _load',
+        "shoal.errors.InvalidArgument: Model(**options) raised ValueError: boom",
+    ]
+    earlier = ["Traceback (most recent call last):", '  File "m.py", line 9, in predict', "KeyError: x"]
+    lines = [*earlier, "10:00:01 replica e-1 INFO shoal.replica: loading", *model_error, *wrapped]
+    assert traceback_excerpt(lines) == model_error
+    assert traceback_excerpt(model_error) == model_error
     assert traceback_excerpt(["a", "b"]) == ["a", "b"]
+    deep = ["Traceback (most recent call last):", *[f"  frame {i}" for i in range(50)], "ValueError: deep"]
+    assert traceback_excerpt(deep, most=5) == [
+        deep[0],
+        "  ...",
+        "  frame 48",
+        "  frame 49",
+        "ValueError: deep",
+    ]
 
 
 # ------------------------------------------------------------------ logs
