@@ -238,3 +238,45 @@ def test_a_models_tracebacks_are_in_its_replicas_log(up: Up, tmp_path: Path) -> 
     assert shoal("predict", "badpredict", "--data", x, head=up.head, check=False).returncode == 1
     out = shoal("logs", "badpredict", head=up.head).stdout
     assert "in predict" in out and "RuntimeError: marker-predict" in out, out
+
+
+def test_a_restarted_up_says_which_deployment_cannot_run(up: Up, tmp_path: Path, examples_dir: Path) -> None:
+    spec = write_model(
+        tmp_path, "huge", "class Model:\n    def predict(self, inputs):\n        return inputs\n", cpus=64
+    )
+    shoal("deploy", "--no-wait", str(spec), head=up.head)
+    assert shoal_bare("down", "--state", str(up.state)).returncode == 0
+    assert up.proc.wait(5) == 0
+    # The same state again: huge comes back from the store, and still fits nowhere.
+    log = tmp_path / "again.log"
+    ports = ["--head-port", "0", "--dashboard-port", "0", "--grpc-port", "0", "--http-port", "0"]
+    argv = ["up", "--state", str(up.state), *ports, "--deploy", str(examples_dir / "echo.yaml")]
+    env = {
+        **os.environ,
+        "SHOAL_HEARTBEAT_INTERVAL_S": "0.2",
+        "SHOAL_DEAD_AFTER_S": "1",
+        "SHOAL_SHUTDOWN_GRACE_S": "3",
+    }
+    with open(log, "w") as out:
+        again = subprocess.Popen(
+            [sys.executable, "-m", "shoal.cli", *argv],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "cannot be placed" not in log.read_text():
+            assert "all deployments ready" not in log.read_text(), log.read_text()
+            assert again.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        assert "deployment huge cannot be placed: no scheduler has room" in log.read_text()
+    finally:
+        os.killpg(again.pid, signal.SIGTERM)
+        try:
+            again.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(again.pid, signal.SIGKILL)
+            again.wait()
