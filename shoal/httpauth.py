@@ -2,7 +2,9 @@
 
 * :class:`ControlAuth` guards the head's REST API (everything but the dashboard's static
   files, ``/healthz`` and ``/openapi.json``): a bearer token of role ``read`` for GET,
-  ``deploy`` for changes, once any token exists; and the per-client rate limit (429).
+  ``deploy`` for changes, once any token exists; while none exists, changes only from the
+  head's own machine (loopback: HTTPS asks for no client certificate); and the per-client
+  rate limit (429).
 * :class:`InferenceAuth` guards a scheduler's ingress: a request for a deployment whose spec
   names tokens (``auth.tokens``) needs one of them. The deployment is the model in the path
   (``/v2/models/NAME/...``, ``/v1/models/NAME``) or, for the OpenAI API's POST routes, the
@@ -89,6 +91,7 @@ class ControlAuth:
                 role,
                 what=f"{method} {path}",
                 loopback=auth.is_loopback(host),
+                vouched=False,
             )
         except ShoalError as err:
             error = err

@@ -323,13 +323,17 @@ def _secure(doc: dict[str, Any]) -> None:
     refusals = {
         "400": {"description": "invalid request (also: a body over the max_message_mb setting)", **error},
         "401": {"description": "no token, or an unknown one (once any token exists)", **error},
-        "403": {"description": "the token's role is too low", **error},
+        "403": {
+            "description": "the token's role is too low; or no token exists yet and a change "
+            "comes from another machine than the head's",
+            **error,
+        },
         "429": {"description": "over the control API's rate limit (setting control_rate_limit)", **error},
     }
     for item in doc["paths"].values():
         for method, op in item.items():
             if method == "parameters":
                 continue
-            # A token, or none while no token exists (the bootstrap).
+            # A token, or none while no token exists (the bootstrap: changes from loopback only).
             op["security"] = [{"bearer": []}, {}]
             op["responses"] = {**refusals, **op["responses"]}
