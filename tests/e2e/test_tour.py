@@ -31,6 +31,8 @@ README = ROOT / "README.md"
 
 pytestmark = pytest.mark.timeout(600)
 
+NEEDS_HF = ("minilm", "tiny-lm")  # blocks that name these need the hf extra
+
 
 @dataclass(frozen=True)
 class Block:
@@ -131,7 +133,7 @@ def test_the_tour_runs_as_written(make_up: Cluster) -> None:
     for block in tour_blocks(README.read_text()):
         if block.lang not in ("sh", "python"):
             continue
-        if block.skip or (no_hf and "minilm" in block.code):
+        if block.skip or (no_hf and any(m in block.code for m in NEEDS_HF)):
             skipped.append(f"{block.skip or no_hf}: {block.code.splitlines()[0]}")
             continue
         code = block.code
