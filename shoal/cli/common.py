@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from shoal.config import Settings
-from shoal.errors import Unavailable
+from shoal.errors import ShoalError, Unavailable
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -54,6 +54,8 @@ def with_client(args: argparse.Namespace, fn: Callable[[Any, Settings], Awaitabl
         try:
             return await fn(client, settings)
         except Unavailable as err:
+            if await _answers(client):
+                raise  # the head is fine: what failed was something else (a scheduler, a replica)
             tls = "" if settings.tls_dir else " If the cluster runs with TLS, give --tls-dir (SHOAL_TLS_DIR)."
             raise Unavailable(
                 f"cannot reach the head at {settings.head_address} ({err}); is it running? "
@@ -63,6 +65,15 @@ def with_client(args: argparse.Namespace, fn: Callable[[Any, Settings], Awaitabl
             await client.close()
 
     return asyncio.run(go())
+
+
+async def _answers(client: Any) -> bool:
+    """Whether the head answers now: an UNAVAILABLE is blamed on it only when it does not."""
+    try:
+        await client.status()
+    except ShoalError:
+        return False
+    return True
 
 
 class ProgressLine:

@@ -14,7 +14,7 @@ import pytest
 
 from shoal import __version__
 from shoal.cli import build_parser, main
-from shoal.cli.common import ProgressLine
+from shoal.cli.common import ProgressLine, with_client
 from shoal.cli.deploy import FAIL_AFTER, DeployWatch, traceback_excerpt, wait_for
 from shoal.cli.logs import merge_logs
 from shoal.cli.processes import pid_file, running
@@ -23,6 +23,7 @@ from shoal.core.clock import FakeClock
 from shoal.core.cluster import DEAD, FAILED, FAILED_AFTER, ReplicaReport
 from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec, parse_spec
+from shoal.errors import Unavailable
 from shoal.head.http import head_app
 from shoal.head.node import HeadNode, cluster_status
 from shoal.store import MemoryStore
@@ -349,3 +350,39 @@ async def test_the_head_serves_offline_api_docs_linked_from_the_dashboard(head: 
         assert "http://" not in docs.text and "https://" not in docs.text
         assert (await c.get("/api", follow_redirects=False)).headers["location"] == "/docs"
         assert 'href="/docs"' in (await c.get("/")).text
+
+
+# ------------------------------------------------------------------ what failed
+
+
+class FakeControl:
+    def __init__(self, address: str, settings: Settings, *, head_up: bool = True) -> None:
+        self.head_up = head_up
+
+    async def status(self) -> object:
+        if not self.head_up:
+            raise Unavailable("connection refused")
+        return object()
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("head_up", [True, False])
+def test_unavailable_is_blamed_on_the_head_only_when_it_does_not_answer(
+    monkeypatch: pytest.MonkeyPatch, head_up: bool
+) -> None:
+    import shoal.rpc.clients
+
+    monkeypatch.setattr(shoal.rpc.clients, "ControlClient", lambda a, s: FakeControl(a, s, head_up=head_up))
+
+    async def predict(client: Any, settings: Settings) -> int:
+        raise Unavailable("the replica serving the request died")
+
+    args = build_parser().parse_args(["--head", "h:1", "status"])
+    with pytest.raises(Unavailable) as err:
+        with_client(args, predict)
+    if head_up:
+        assert str(err.value) == "the replica serving the request died"
+    else:
+        assert str(err.value).startswith("cannot reach the head at h:1")
