@@ -14,11 +14,13 @@ check for calls only one role may make (RegisterScheduler from a scheduler, Crea
 from the head, ...). Certificates serve as both TLS server and client certificates.
 
 Names. Each certificate's subject alternative names are ``localhost``, ``127.0.0.1``,
-``::1``, the ``--host`` names and addresses given, and :data:`CLUSTER_NAME`. shoal's own
-clients verify the peer against :data:`CLUSTER_NAME` (``grpc.ssl_target_name_override``),
-not against the address they dial, so any address works (a scheduler that moves, a NAT)
-while trust stays pinned to the cluster CA: the only roots a component trusts are those in
-``ca.crt``. Clients that verify the address (tritonclient, curl, browsers) need the address
+``::1``, the ``--host`` names and addresses given, :data:`CLUSTER_NAME`, and its role's
+name under it (:func:`role_name`: ``head.shoal.cluster``, ...). shoal's own clients verify
+the peer against the role they expect to reach (``grpc.ssl_target_name_override``), not
+against the address they dial, so any address works (a scheduler that moves, a NAT) while
+trust stays pinned to the cluster CA, the only root a component trusts, and a server
+holding another role's key (every scheduler machine has ``replica.key``) cannot pose as
+the head. Clients that verify the address (tritonclient, curl, browsers) need the address
 among the ``--host`` values.
 
 Private keys are written with mode 0600 and the folder with 0700.
@@ -82,6 +84,14 @@ def common_name(role: str) -> str:
     return f"shoal-{role}"
 
 
+def role_name(role: str) -> str:
+    """The DNS name only ``role``'s certificate carries, which clients verify to know they
+    reach that role."""
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}")
+    return f"{role}.{CLUSTER_NAME}"
+
+
 def _name(cn: str) -> x509.Name:
     from cryptography import x509
     from cryptography.x509.oid import NameOID
@@ -106,12 +116,12 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def _alt_names(hosts: tuple[str, ...]) -> list[x509.GeneralName]:
+def _alt_names(role: str, hosts: tuple[str, ...]) -> list[x509.GeneralName]:
     from cryptography import x509
 
     out: list[x509.GeneralName] = []
     seen: set[str] = set()
-    for host in (CLUSTER_NAME, "localhost", "127.0.0.1", "::1", *hosts):
+    for host in (role_name(role), CLUSTER_NAME, "localhost", "127.0.0.1", "::1", *hosts):
         host = host.strip().strip("[]")
         if not host or host in seen:
             continue
@@ -175,8 +185,8 @@ def init(tls_dir: str | Path, hosts: tuple[str, ...] = (), *, force: bool = Fals
     _write(written[0], ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
     _write(written[1], _key_pem(ca_key), 0o600)
 
-    alt = x509.SubjectAlternativeName(_alt_names(hosts))
     for role in ROLES:
+        alt = x509.SubjectAlternativeName(_alt_names(role, hosts))
         key = ec.generate_private_key(ec.SECP256R1())
         cert = (
             x509.CertificateBuilder()

@@ -15,7 +15,7 @@ from typing import TypeVar
 import grpc
 import grpc.aio
 
-from shoal.certs import CLUSTER_NAME
+from shoal.certs import CLUSTER_NAME, role_name
 from shoal.config import Settings
 from shoal.errors import ShoalError, Unavailable
 from shoal.rpc.status import to_error
@@ -43,13 +43,19 @@ def channel_options(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
-def open_channel(address: str, settings: Settings, role: str = "client") -> grpc.aio.Channel:
+def open_channel(
+    address: str, settings: Settings, role: str = "client", *, server: str | None = None
+) -> grpc.aio.Channel:
     """A channel to ``address``: mutual TLS with ``role``'s certificate when ``settings.tls_dir``
-    is set (the server's name is checked as the cluster name, whatever the address), else plaintext."""
+    is set, else plaintext. With TLS the server's certificate is checked for the name of role
+    ``server`` (``head.shoal.cluster``, ...: a server with another role's key fails the
+    handshake), or, with ``server`` None, for the cluster name any role's carries; whatever
+    the address dialled."""
     credentials = channel_credentials(settings, role)
     if credentials is None:
         return grpc.aio.insecure_channel(address, options=channel_options(settings))
-    options = [*channel_options(settings), ("grpc.ssl_target_name_override", CLUSTER_NAME)]
+    name = CLUSTER_NAME if server is None else role_name(server)
+    options = [*channel_options(settings), ("grpc.ssl_target_name_override", name)]
     return grpc.aio.secure_channel(address, credentials, options=options)
 
 

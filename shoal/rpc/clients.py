@@ -189,7 +189,7 @@ class GrpcSchedulerClient:
 
     def __init__(self, scheduler_id: str, address: str, settings: Settings) -> None:
         self._settings = settings
-        self._channel = open_channel(address, settings, "head")
+        self._channel = open_channel(address, settings, "head", server="scheduler")
         self._stub = pbg.SchedulerStub(self._channel)
         self._reach = Reachability(f"scheduler {scheduler_id} at {address}")
 
@@ -278,7 +278,7 @@ class GrpcHeadLink:
 
     def __init__(self, address: str, settings: Settings) -> None:
         self._settings = settings
-        self._channel = open_channel(address, settings, "scheduler")
+        self._channel = open_channel(address, settings, "scheduler", server="head")
         self._stub = pbg.HeadStub(self._channel)
         self.reach = Reachability(f"head at {address}")
         self._decoder = RoutingTableDecoder()
@@ -383,7 +383,7 @@ class ControlClient:
 
     def __init__(self, head_address: str, settings: Settings) -> None:
         self._settings = settings
-        self._channel = open_channel(head_address, settings)
+        self._channel = open_channel(head_address, settings, server="head")
         self._stub = pbg.HeadStub(self._channel)
         self._metadata = auth_metadata(settings.token)
         self.head_address = head_address

@@ -3,8 +3,9 @@ and the rule that a cluster without TLS binds loopback only.
 
 Servers ask for and verify a client certificate from the cluster CA
 (``require_client_auth``); clients present their role's certificate and trust only the
-cluster CA, verifying the server's name as :data:`shoal.certs.CLUSTER_NAME` whatever
-address they dial (see ``shoal/certs.py``).
+cluster CA, verifying the server's name as the role they expect
+(:func:`shoal.certs.role_name`) whatever address they dial (see ``shoal/certs.py`` and
+``shoal.rpc.channels.open_channel``).
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ def tls_hint(message: str) -> str:
     if "handshake" in low or "certificate" in low or "ssl" in low:
         return (
             f"{message} (TLS handshake failed: both sides need certificates from the same cluster CA "
-            "in --tls-dir)"
+            "in --tls-dir, and the server one of the role this client expects; certificates made "
+            "before roles had names (no head.shoal.cluster) must be made again: "
+            "shoal certs init --force)"
         )
     return message

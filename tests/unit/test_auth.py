@@ -411,7 +411,12 @@ def test_certs_init(tmp_path: Path) -> None:
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     cert = x509.load_pem_x509_certificate((folder / "scheduler.crt").read_bytes())
     alt = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert set(alt.get_values_for_type(x509.DNSName)) == {certs.CLUSTER_NAME, "localhost", "node.example"}
+    assert set(alt.get_values_for_type(x509.DNSName)) == {
+        "scheduler.shoal.cluster",
+        certs.CLUSTER_NAME,
+        "localhost",
+        "node.example",
+    }
     assert {str(a) for a in alt.get_values_for_type(x509.IPAddress)} == {"127.0.0.1", "::1", "10.1.2.3"}
     assert cert.subject.rfc4514_string().startswith("CN=shoal-scheduler")
     ca = x509.load_pem_x509_certificate((folder / "ca.crt").read_bytes())

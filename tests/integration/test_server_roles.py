@@ -1,0 +1,122 @@
+"""Clients check the role of the server they reach (issue 13, item 4): a server holding
+another role's key (every scheduler machine has ``replica.key``) cannot pose as the head,
+so the CLI never sends it a token and a scheduler never takes a routing table from it.
+
+Real gRPC servers with TLS on 127.0.0.1 port 0, with no servicer: a call that passes the
+handshake answers UNIMPLEMENTED, one that does not never reaches the server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+
+from shoal import certs
+from shoal.config import Settings
+from shoal.core.placement import Capacity
+from shoal.errors import ShoalError, Unavailable
+from shoal.rpc.clients import ControlClient, GrpcHeadLink, GrpcSchedulerClient
+from shoal.rpc.server import bind, new_server
+from shoal.rpc.tls import server_credentials
+from shoal.types import SchedulerRegistration
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Seen(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Records the metadata of every call that reached the server."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, str]] = []
+
+    async def intercept_service(
+        self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails
+    ) -> Any:
+        self.calls.append({k: v for k, v in details.invocation_metadata or ()})
+        return await continuation(details)
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("tls")
+    certs.init(folder)
+    return folder
+
+
+@asynccontextmanager
+async def server_as(settings: Settings, role: str) -> AsyncIterator[tuple[str, Seen]]:
+    seen = Seen()
+    server = new_server(settings, [seen])
+    port = bind(server, "127.0.0.1", 0, server_credentials(settings, role))
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}", seen
+    finally:
+        await server.stop(None)
+
+
+def settings_for(tls: Path) -> Settings:
+    return Settings(tls_dir=str(tls), token="shoal_secret", rpc_timeout_s=3, rpc_attempts=1)
+
+
+async def reaches(call: Callable[[], Any]) -> bool:
+    """True when the call passed the handshake (the bare server answers UNIMPLEMENTED)."""
+    try:
+        await call()
+    except Unavailable:
+        return False
+    except ShoalError:
+        return True
+    return True
+
+
+@pytest.mark.parametrize("impostor", ["replica", "scheduler", "client"])
+async def test_the_cli_sends_no_token_to_a_server_that_is_not_the_head(tls: Path, impostor: str) -> None:
+    settings = settings_for(tls)
+    async with server_as(settings, impostor) as (address, seen):
+        client = ControlClient(address, settings)
+        try:
+            assert not await reaches(client.status)
+        finally:
+            await client.close()
+    assert seen.calls == []  # the token never left the client
+
+
+async def test_the_cli_reaches_the_head(tls: Path) -> None:
+    settings = settings_for(tls)
+    async with server_as(settings, "head") as (address, seen):
+        client = ControlClient(address, settings)
+        try:
+            assert await reaches(client.status)
+        finally:
+            await client.close()
+    assert seen.calls and seen.calls[0].get("authorization") == "Bearer shoal_secret"
+
+
+@pytest.mark.parametrize(("role", "expected"), [("replica", False), ("scheduler", False), ("head", True)])
+async def test_a_scheduler_takes_routes_only_from_the_head(tls: Path, role: str, expected: bool) -> None:
+    settings = settings_for(tls)
+    reg = SchedulerRegistration("s1", "s1:1", "s1:2", Capacity(1, 1, 0), pid=1, hostname="h", replicas=())
+    async with server_as(settings, role) as (address, _):
+        link = GrpcHeadLink(address, settings)
+        try:
+            assert await reaches(lambda: link.register(reg)) is expected
+        finally:
+            await link.close()
+
+
+@pytest.mark.parametrize(("role", "expected"), [("replica", False), ("head", False), ("scheduler", True)])
+async def test_the_head_talks_only_to_schedulers(tls: Path, role: str, expected: bool) -> None:
+    settings = settings_for(tls)
+    async with server_as(settings, role) as (address, _):
+        client = GrpcSchedulerClient("s1", address, settings)
+        try:
+            assert await reaches(lambda: client.remove_replica("r1", True)) is expected
+        finally:
+            await client.close()
