@@ -27,6 +27,8 @@ from shoal.head.node import HeadNode, cluster_status
 from shoal.httpauth import ControlAuth
 
 STATIC = Path(__file__).parent / "static"
+MAX_TAIL_BYTES = 2**62
+"""Largest ``tail_bytes`` of a log request (it travels as a protobuf int64)."""
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -134,7 +136,9 @@ def head_app(node: HeadNode, limiter: RateLimiter | None = None) -> Starlette:
         try:
             tail = int(request.query_params.get("tail_bytes", "65536"))
         except ValueError:
-            raise InvalidArgument("tail_bytes must be an integer") from None
+            tail = -1
+        if not 0 <= tail <= MAX_TAIL_BYTES:
+            raise InvalidArgument(f"tail_bytes must be an integer from 0 to {MAX_TAIL_BYTES}")
         stream = node.read_log(request.path_params["replica_id"], tail, False)
         # Ask for the first chunk before answering, so an unknown replica is a 404, not an empty 200.
         try:
@@ -292,7 +296,7 @@ def openapi_schema() -> dict[str, Any]:
                         "name": "tail_bytes",
                         "in": "query",
                         "required": False,
-                        "schema": {"type": "integer", "minimum": 0},
+                        "schema": {"type": "integer", "minimum": 0, "maximum": MAX_TAIL_BYTES},
                     },
                 ],
                 "get": {

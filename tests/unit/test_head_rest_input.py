@@ -1,0 +1,28 @@
+"""Client input to the head's REST API is answered 4xx, never 5xx (issue 13, item 8, for
+the head's own routes)."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from shoal.config import Settings
+from shoal.head.http import head_app
+from shoal.head.node import HeadNode
+from shoal.store import MemoryStore
+from shoal.testing.fakes import FakeSchedulers
+
+pytestmark = pytest.mark.timeout(10)
+
+
+@pytest.mark.parametrize("tail", ["1e23", str(10**30), str(2**63), "-5", "nan", ""])
+async def test_a_log_tail_out_of_range_is_400(store: MemoryStore, fleet: FakeSchedulers, tail: str) -> None:
+    node = HeadNode(Settings(), store, fleet)
+    try:
+        transport = httpx.ASGITransport(app=head_app(node))
+        async with httpx.AsyncClient(transport=transport, base_url="http://head") as client:
+            r = await client.get(f"/api/replicas/r1/logs?tail_bytes={tail}")
+        assert r.status_code == 400
+        assert "tail_bytes must be an integer from 0 to" in r.json()["error"]
+    finally:
+        await node.aclose()
