@@ -51,7 +51,8 @@ class SchedulerCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         node = self.node
-        stats = node.router.stats()
+        totals = node.totals()  # summed over the scheduler's ingress processes
+        stats = {name: c.stats for name, c in totals.items()}
         requests = CounterMetricFamily(
             "shoal_requests",
             "Requests routed by this scheduler, by outcome.",
@@ -86,9 +87,9 @@ class SchedulerCollector(Collector):
         queued = GaugeMetricFamily(
             "shoal_queued_requests", "Requests waiting for a replica with room.", labels=["deployment"]
         )
-        for name, load in node.router.load().items():
-            in_flight.add_metric([name], load.in_flight)
-            queued.add_metric([name], load.queued)
+        for name, c in totals.items():
+            in_flight.add_metric([name], c.in_flight)
+            queued.add_metric([name], c.queued)
         yield in_flight
         yield queued
 

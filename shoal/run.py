@@ -8,11 +8,13 @@ within ``shutdown_grace_s`` and nothing is left behind.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
+import os
 import signal
 import socket
-import uuid
+import sys
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -20,7 +22,7 @@ from typing import Any
 
 import uvicorn
 
-from shoal import certs
+from shoal import certs, metrics
 from shoal.auth import RateLimiter
 from shoal.config import Settings
 from shoal.core.tasks import TaskSet
@@ -32,11 +34,13 @@ from shoal.rpc.auth import HEAD_RULES, SCHEDULER_RULES, AuthInterceptor
 from shoal.rpc.clients import GrpcHeadLink, GrpcReplicaClient, GrpcSchedulerClient
 from shoal.rpc.head_service import HeadService
 from shoal.rpc.inference_service import InferenceService
-from shoal.rpc.scheduler_service import SchedulerService
+from shoal.rpc.ingress import IngressLink, IngressService
+from shoal.rpc.scheduler_service import NativeService, SchedulerService
 from shoal.rpc.server import bind, new_server
 from shoal.rpc.tls import announce_transport, check_transport, server_credentials
 from shoal.scheduler.http import scheduler_app, shutdown_parser
-from shoal.scheduler.node import SchedulerNode
+from shoal.scheduler.ingress import IngressHub, IngressWorker, ingress_processes, snapshot
+from shoal.scheduler.node import SchedulerNode, scheduler_id
 from shoal.store.sqlite import SqliteStore
 
 log = logging.getLogger("shoal")
@@ -49,10 +53,14 @@ def _addr(host: str, port: int) -> str:
 class HttpServer:
     """uvicorn on a socket we bind ourselves, so port 0 works and the port is known."""
 
-    def __init__(self, app: Any, host: str, port: int, tls: certs.Files | None = None) -> None:
+    def __init__(
+        self, app: Any, host: str, port: int, tls: certs.Files | None = None, *, reuse_port: bool = False
+    ) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:  # several ingress processes share the port; the kernel spreads connections
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             self.sock.bind((host, port))
         except OSError as err:
@@ -135,42 +143,210 @@ async def start_head(settings: Settings, stack: AsyncExitStack) -> tuple[HeadNod
 async def start_scheduler(
     settings: Settings, stack: AsyncExitStack, head_address: str
 ) -> tuple[SchedulerNode, str, str]:
+    """Bind the scheduler's ports and start it. With several ingress processes
+    (``ingress_workers``), the inference ports are shared (SO_REUSEPORT) with workers this
+    process starts and restarts, and the head and replicas reach this process on a control
+    port of its own (the address it registers)."""
     check_transport(settings, "scheduler", "replica")
     state_dir = Path(settings.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
-    scheduler_id = settings.scheduler_id or f"sched-{uuid.uuid4().hex[:8]}"
+    sid = scheduler_id(settings)
     node = SchedulerNode(
         settings,
-        scheduler_id,
+        sid,
         GrpcHeadLink(head_address, settings),
         lambda addr: GrpcReplicaClient(addr, settings),
     )
-    server = new_server(settings, [AuthInterceptor(SCHEDULER_RULES, tls=bool(settings.tls_dir))])
+    processes = ingress_processes(settings)
+    guard = AuthInterceptor(SCHEDULER_RULES, tls=bool(settings.tls_dir))
+    credentials = server_credentials(settings, "scheduler")
+    server = new_server(settings, [guard], reuse_port=processes > 1)
     pbg.add_SchedulerServicer_to_server(SchedulerService(node), server)
     inference = InferenceService(node.dataplane, node.inference_auth, settings)
     oipg.add_GRPCInferenceServiceServicer_to_server(inference, server)
-    port = bind(server, settings.host, settings.grpc_port, server_credentials(settings, "scheduler"))
+    registry = metrics.registry(metrics.SchedulerCollector(node))
+
+    async def metrics_page() -> tuple[bytes, str]:
+        return metrics.render(registry)
+
+    port = bind(server, settings.host, settings.grpc_port, credentials)
     tls = _tls_files(settings, "scheduler")
-    http = HttpServer(scheduler_app(node), settings.host, settings.http_port, tls)
+    http = HttpServer(
+        scheduler_app(node, metrics_page), settings.host, settings.http_port, tls, reuse_port=processes > 1
+    )
+    control = server
+    control_port = port
+    if processes > 1:
+        control = new_server(settings, [guard])
+        pbg.add_SchedulerServicer_to_server(SchedulerService(node), control)
+        ingress = IngressService(
+            node.hub,
+            lambda: snapshot(node.router, node.catalog),
+            lambda: node.table_version,
+            node.table_changed,
+            lambda: metrics.render(registry),
+        )
+        pbg.add_IngressServicer_to_server(ingress, control)
+        control_port = bind(control, settings.host, 0, credentials)
+        await control.start()
+        stack.push_async_callback(control.stop, 1.0)
     await server.start()
     stack.push_async_callback(server.stop, 1.0)
     await http.start()
     stack.push_async_callback(http.stop)
     stack.callback(shutdown_parser)
-    address = _addr(settings.advertised, port)
+    public = _addr(settings.advertised, port)
+    address = _addr(settings.advertised, control_port)
     http_address = _addr(settings.advertised, http.port)
+    if processes > 1:
+        workers = IngressWorkers(
+            dataclasses.replace(settings, grpc_port=port, http_port=http.port),
+            _addr(settings.host, control_port),
+            sid,
+            processes - 1,
+            node.hub,
+        )
+        await workers.start()
+        stack.push_async_callback(workers.aclose)
     node.start(address, http_address)
     # Closed before the servers stop: replicas drain while ingress still answers.
     stack.push_async_callback(node.aclose)
-    _write_endpoints(state_dir, scheduler=address, scheduler_http=http_address)
+    _write_endpoints(state_dir, scheduler=public, scheduler_http=http_address, scheduler_control=address)
     log.info(
-        "scheduler %s listening on %s (gRPC) and %s://%s (HTTP)",
-        scheduler_id,
-        address,
+        "scheduler %s listening on %s (gRPC) and %s://%s (HTTP) in %d process(es); control on %s",
+        sid,
+        public,
         http.scheme,
         http_address,
+        processes,
+        address,
     )
-    return node, address, http_address
+    return node, public, http_address
+
+
+class IngressWorkers:
+    """The ingress worker processes of one scheduler: started, restarted when they exit,
+    stopped with it. Each runs ``python -m shoal.ingress_worker`` with the scheduler's
+    settings (ports bound) in ``SHOAL_INGRESS_WORKER``."""
+
+    def __init__(
+        self, settings: Settings, control: str, scheduler_id: str, count: int, hub: IngressHub
+    ) -> None:
+        self._settings = settings
+        self._control = control
+        self._scheduler_id = scheduler_id
+        self._count = count
+        self._hub = hub
+        self._procs: dict[str, asyncio.subprocess.Process] = {}
+        self._tasks = TaskSet(f"ingress workers of {scheduler_id}")
+        self._closing = False
+        self.restarts = 0
+
+    async def start(self) -> None:
+        for i in range(self._count):
+            worker_id = f"{self._scheduler_id}/ingress-{i + 1}"
+            await self._spawn(worker_id)
+            self._tasks.spawn(self._watch(worker_id), f"ingress worker {worker_id}")
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs.values()]
+
+    async def _spawn(self, worker_id: str) -> None:
+        doc = {
+            "settings": _settings_doc(self._settings),
+            "control": self._control,
+            "worker_id": worker_id,
+            "scheduler_id": self._scheduler_id,
+        }
+        env = {**os.environ, "SHOAL_INGRESS_WORKER": json.dumps(doc)}
+        self._procs[worker_id] = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "shoal.ingress_worker", env=env, stdin=asyncio.subprocess.DEVNULL
+        )
+
+    async def _watch(self, worker_id: str) -> None:
+        backoff = 0.2
+        while True:
+            proc = self._procs[worker_id]
+            started = asyncio.get_running_loop().time()
+            code = await proc.wait()
+            self._hub.forget(worker_id)
+            if self._closing:
+                return
+            log.warning(
+                "ingress worker %s (pid %d) exited with %s; starting it again", worker_id, proc.pid, code
+            )
+            if asyncio.get_running_loop().time() - started > 10:
+                backoff = 0.2
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+            self.restarts += 1
+            await self._spawn(worker_id)
+
+    async def aclose(self) -> None:
+        self._closing = True
+        for proc in self._procs.values():
+            if proc.returncode is None:
+                proc.terminate()
+        for proc in self._procs.values():
+            try:
+                await asyncio.wait_for(proc.wait(), 5.0)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        await self._tasks.aclose()
+
+
+def _settings_doc(settings: Settings) -> dict[str, Any]:
+    return dataclasses.asdict(settings)
+
+
+def settings_from_doc(doc: dict[str, Any]) -> Settings:
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    values: dict[str, Any] = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in doc.items() if k in fields
+    }
+    return Settings(**values)
+
+
+async def run_ingress_worker(settings: Settings, control: str, worker_id: str, sid: str) -> None:
+    """One ingress worker process: serves the shared inference ports until its main
+    process goes away (or SIGTERM)."""
+    link = IngressLink(control, settings, worker_id, os.getpid())
+    worker = IngressWorker(settings, sid, link, lambda addr: GrpcReplicaClient(addr, settings))
+    guard = AuthInterceptor(SCHEDULER_RULES, tls=bool(settings.tls_dir))
+    server = new_server(settings, [guard], reuse_port=True)
+    pbg.add_SchedulerServicer_to_server(NativeService(worker), server)
+    oipg.add_GRPCInferenceServiceServicer_to_server(
+        InferenceService(worker.dataplane, worker.inference_auth, settings), server
+    )
+    bind(server, settings.host, settings.grpc_port, server_credentials(settings, "scheduler"))
+    tls = _tls_files(settings, "scheduler")
+
+    async def metrics_page() -> tuple[bytes, str]:
+        await worker.refresh()  # so the page the main process renders has this worker's latest
+        return await link.metrics()
+
+    http = HttpServer(
+        scheduler_app(worker, metrics_page), settings.host, settings.http_port, tls, reuse_port=True
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    await http.start()
+    try:
+        async with asyncio.TaskGroup() as tasks:
+            running = tasks.create_task(worker.run())
+            stopping = tasks.create_task(stop.wait())
+            await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            running.cancel()
+            stopping.cancel()
+    finally:
+        await http.stop()
+        await server.stop(1.0)
+        shutdown_parser()
+        await worker.aclose()
 
 
 async def _serve(setup: Callable[[AsyncExitStack], Awaitable[None]]) -> None:

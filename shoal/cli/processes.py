@@ -79,6 +79,11 @@ def _add_scheduler_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-mb", type=float, help="memory offered to replicas (default: the machine's)")
     p.add_argument("--gpus", type=float, help="GPUs offered to replicas (default: counted)")
     p.add_argument("--scheduler-id", help="stable id for this scheduler (default: generated)")
+    p.add_argument(
+        "--ingress-workers",
+        type=int,
+        help="processes serving the inference ports together (default 0: one per CPU, at most 8)",
+    )
 
 
 def _scheduler_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -89,6 +94,7 @@ def _scheduler_flags(args: argparse.Namespace) -> dict[str, Any]:
         "memory_mb": args.memory_mb,
         "gpus": args.gpus,
         "scheduler_id": args.scheduler_id,
+        "ingress_workers": args.ingress_workers,
     }
 
 

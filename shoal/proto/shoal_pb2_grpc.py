@@ -1111,3 +1111,164 @@ class Replica(object):
             timeout,
             metadata,
             _registered_method=True)
+
+
+class IngressStub(object):
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.WatchIngress = channel.unary_stream(
+                '/shoal.v1.Ingress/WatchIngress',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.IngressHello.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.RoutingTable.FromString,
+                _registered_method=True)
+        self.ReportIngress = channel.unary_unary(
+                '/shoal.v1.Ingress/ReportIngress',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.IngressReport.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.IngressTotals.FromString,
+                _registered_method=True)
+        self.RenderMetrics = channel.unary_unary(
+                '/shoal.v1.Ingress/RenderMetrics',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.Empty.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.MetricsText.FromString,
+                _registered_method=True)
+
+
+class IngressServicer(object):
+    """Missing associated documentation comment in .proto file."""
+
+    def WatchIngress(self, request, context):
+        """The replica table (every READY replica, this machine's and others'), pushed on change.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportIngress(self, request, context):
+        """A worker's cumulative counts; the answer is the sum over every process.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenderMetrics(self, request, context):
+        """The scheduler's Prometheus page, summed over every process.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_IngressServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'WatchIngress': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchIngress,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.IngressHello.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.RoutingTable.SerializeToString,
+            ),
+            'ReportIngress': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportIngress,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.IngressReport.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.IngressTotals.SerializeToString,
+            ),
+            'RenderMetrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenderMetrics,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.Empty.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.MetricsText.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'shoal.v1.Ingress', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('shoal.v1.Ingress', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Ingress(object):
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def WatchIngress(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/shoal.v1.Ingress/WatchIngress',
+            shoal_dot_proto_dot_shoal__pb2.IngressHello.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.RoutingTable.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportIngress(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Ingress/ReportIngress',
+            shoal_dot_proto_dot_shoal__pb2.IngressReport.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.IngressTotals.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenderMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Ingress/RenderMetrics',
+            shoal_dot_proto_dot_shoal__pb2.Empty.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.MetricsText.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -316,3 +316,52 @@ class ReplicaServicer(metaclass=_abc_1.ABCMeta):
         """
 
 def add_ReplicaServicer_to_server(servicer: ReplicaServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class IngressStub:
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> IngressAsyncStub: ...
+    WatchIngress: _grpc.UnaryStreamMultiCallable[_shoal_pb2.IngressHello, _shoal_pb2.RoutingTable]
+    """The replica table (every READY replica, this machine's and others'), pushed on change."""
+    ReportIngress: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.IngressReport, _shoal_pb2.IngressTotals]
+    """A worker's cumulative counts; the answer is the sum over every process."""
+    RenderMetrics: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.Empty, _shoal_pb2.MetricsText]
+    """The scheduler's Prometheus page, summed over every process."""
+
+@_typing.type_check_only
+class IngressAsyncStub(IngressStub):
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    WatchIngress: _aio.UnaryStreamMultiCallable[_shoal_pb2.IngressHello, _shoal_pb2.RoutingTable]  # type: ignore[assignment]
+    """The replica table (every READY replica, this machine's and others'), pushed on change."""
+    ReportIngress: _aio.UnaryUnaryMultiCallable[_shoal_pb2.IngressReport, _shoal_pb2.IngressTotals]  # type: ignore[assignment]
+    """A worker's cumulative counts; the answer is the sum over every process."""
+    RenderMetrics: _aio.UnaryUnaryMultiCallable[_shoal_pb2.Empty, _shoal_pb2.MetricsText]  # type: ignore[assignment]
+    """The scheduler's Prometheus page, summed over every process."""
+
+class IngressServicer(metaclass=_abc_1.ABCMeta):
+    @_abc_1.abstractmethod
+    def WatchIngress(
+        self,
+        request: _shoal_pb2.IngressHello,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_shoal_pb2.RoutingTable], _abc.AsyncIterator[_shoal_pb2.RoutingTable]]:
+        """The replica table (every READY replica, this machine's and others'), pushed on change."""
+
+    @_abc_1.abstractmethod
+    def ReportIngress(
+        self,
+        request: _shoal_pb2.IngressReport,
+        context: _ServicerContext,
+    ) -> _typing.Union[_shoal_pb2.IngressTotals, _abc.Awaitable[_shoal_pb2.IngressTotals]]:
+        """A worker's cumulative counts; the answer is the sum over every process."""
+
+    @_abc_1.abstractmethod
+    def RenderMetrics(
+        self,
+        request: _shoal_pb2.Empty,
+        context: _ServicerContext,
+    ) -> _typing.Union[_shoal_pb2.MetricsText, _abc.Awaitable[_shoal_pb2.MetricsText]]:
+        """The scheduler's Prometheus page, summed over every process."""
+
+def add_IngressServicer_to_server(servicer: IngressServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -71,6 +71,8 @@ SCHEDULER_RULES: dict[str, Rule] = {
     "/shoal.v1.Scheduler/ReadLog": Peer("head"),
     "/shoal.v1.Scheduler/RegisterReplica": Peer("replica"),
     "/shoal.v1.Scheduler/SendHealthUpdate": Peer("replica"),
+    # The scheduler's own ingress workers (they hold the scheduler's certificate).
+    "/shoal.v1.Ingress/": Peer("scheduler"),
     # SendRequest and the Open Inference Protocol: any cluster certificate, and the
     # deployment's token when its spec asks for one (checked by the servicers).
 }

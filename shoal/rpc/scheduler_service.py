@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator
+from typing import NoReturn
+
+import grpc
 
 from shoal.core.spec import parse_spec_json
 from shoal.errors import InvalidArgument, ShoalError
@@ -15,11 +18,82 @@ from shoal.rpc.auth import authorization
 from shoal.rpc.clients import state_name
 from shoal.rpc.status import Context, abort
 from shoal.scheduler.dataplane import InferCall
+from shoal.scheduler.ingress import IngressNode
 from shoal.scheduler.node import SchedulerNode
 
 
-class SchedulerService(pbg.SchedulerServicer):
+async def _control_only(context: Context) -> NoReturn:
+    await context.abort(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "this is an ingress worker: control calls go to the scheduler's control port "
+        "(the address it registered with the head)",
+    )
+    raise AssertionError("unreachable")
+
+
+async def _no_log(context: Context) -> AsyncIterator[pb.LogChunk]:
+    await _control_only(context)
+    yield pb.LogChunk()
+
+
+class NativeService(pbg.SchedulerServicer):
+    """The native API alone (``SendRequest``): what an ingress worker serves of the
+    Scheduler service. Control calls go to the main process's control port."""
+
+    def __init__(self, node: IngressNode) -> None:
+        self.native = node
+
+    # Control calls: only the main process serves them, on its control port.
+
+    async def CreateReplica(
+        self, request: pb.CreateReplicaRequest, context: Context
+    ) -> pb.CreateReplicaReply:
+        await _control_only(context)
+
+    async def RemoveReplica(self, request: pb.RemoveReplicaRequest, context: Context) -> pb.Empty:
+        await _control_only(context)
+
+    async def RegisterReplica(
+        self, request: pb.RegisterReplicaRequest, context: Context
+    ) -> pb.RegisterReplicaReply:
+        await _control_only(context)
+
+    async def SendHealthUpdate(self, request: pb.ReplicaHealth, context: Context) -> pb.HealthReply:
+        await _control_only(context)
+
+    def ReadLog(self, request: pb.ReadLogRequest, context: Context) -> AsyncIterator[pb.LogChunk]:
+        return _no_log(context)
+
+    async def SendRequest(self, request: pb.InferRequest, context: Context) -> pb.InferReply:
+        """The native API: one request through the data plane's door, tensors as they came."""
+        try:
+            if not request.deployment:
+                raise InvalidArgument("deployment is required")
+            if request.timeout_s < 0 or not math.isfinite(request.timeout_s):
+                raise InvalidArgument(f"timeout_s must be a finite number >= 0, got {request.timeout_s:g}")
+            self.native.inference_auth.check(request.deployment, authorization(context))
+        except ShoalError as err:
+            self.native.dataplane.refused(request.deployment, request.request_id, "native", err)
+            await abort(context, err)
+        call = InferCall(
+            model=request.deployment,
+            inputs=codec.from_pb(request.inputs),
+            id=request.request_id,
+            timeout_s=request.timeout_s,
+            door="native",
+        )
+        try:
+            result = await self.native.dataplane.infer(call)
+        except ShoalError as err:
+            await abort(context, err)
+        return pb.InferReply(
+            request_id=request.request_id, outputs=codec.to_pb(result.outputs), replica_id=result.replica_id
+        )
+
+
+class SchedulerService(NativeService):
     def __init__(self, node: SchedulerNode) -> None:
+        super().__init__(node)
         self.node = node
 
     async def CreateReplica(
@@ -61,29 +135,3 @@ class SchedulerService(pbg.SchedulerServicer):
                 yield pb.LogChunk(data=data, scheduler_id=self.node.id)
         except ShoalError as err:
             await abort(context, err)
-
-    async def SendRequest(self, request: pb.InferRequest, context: Context) -> pb.InferReply:
-        """The native API: one request through the data plane's door, tensors as they came."""
-        try:
-            if not request.deployment:
-                raise InvalidArgument("deployment is required")
-            if request.timeout_s < 0 or not math.isfinite(request.timeout_s):
-                raise InvalidArgument(f"timeout_s must be a finite number >= 0, got {request.timeout_s:g}")
-            self.node.inference_auth.check(request.deployment, authorization(context))
-        except ShoalError as err:
-            self.node.dataplane.refused(request.deployment, request.request_id, "native", err)
-            await abort(context, err)
-        call = InferCall(
-            model=request.deployment,
-            inputs=codec.from_pb(request.inputs),
-            id=request.request_id,
-            timeout_s=request.timeout_s,
-            door="native",
-        )
-        try:
-            result = await self.node.dataplane.infer(call)
-        except ShoalError as err:
-            await abort(context, err)
-        return pb.InferReply(
-            request_id=request.request_id, outputs=codec.to_pb(result.outputs), replica_id=result.replica_id
-        )

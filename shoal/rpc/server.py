@@ -14,11 +14,16 @@ from shoal.rpc.channels import channel_options
 
 
 def new_server(
-    settings: Settings, interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = ()
+    settings: Settings,
+    interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
+    *,
+    reuse_port: bool = False,
 ) -> grpc.aio.Server:
+    """A server with shoal's options. ``reuse_port``: the port is shared with other
+    processes (a scheduler's ingress workers); otherwise a second bind of it fails."""
     options = [
         *channel_options(settings),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
         # Accept the clients' keepalive pings (every 10 s, also when idle) instead
         # of answering them with GOAWAY "too_many_pings".
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),

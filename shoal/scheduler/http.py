@@ -47,6 +47,7 @@ from shoal.errors import Code, InvalidArgument, ShoalError, from_code
 from shoal.httpauth import InferenceAuth as InferenceAuthMiddleware
 from shoal.scheduler.dataplane import InferCall
 from shoal.scheduler.generate_http import generate_routes
+from shoal.scheduler.ingress import IngressNode
 from shoal.scheduler.models import InferResult
 from shoal.scheduler.node import SchedulerNode
 from shoal.scheduler.openai import openai_routes
@@ -314,13 +315,25 @@ def int_or(text: str, default: int) -> int:
 # ---------------------------------------------------------------- the app
 
 
-def scheduler_app(node: SchedulerNode) -> Starlette:
+def scheduler_app(
+    node: IngressNode, metrics_page: Callable[[], Awaitable[tuple[bytes, str]]] | None = None
+) -> Starlette:
     """The scheduler's Starlette app, over the node's catalog and data plane (shared with
-    the gRPC servicer, so statistics count both)."""
+    the gRPC servicer, so statistics count both). ``metrics_page``: where ``/metrics`` comes
+    from in an ingress worker (its main process renders the sum); a ``SchedulerNode``
+    renders its own."""
     models = node.catalog
     dataplane = node.dataplane
     limit = node.settings.max_message_bytes
-    registry = metrics.registry(metrics.SchedulerCollector(node))
+    if metrics_page is None:
+        assert isinstance(node, SchedulerNode), "an ingress worker's /metrics comes from its main process"
+        registry = metrics.registry(metrics.SchedulerCollector(node))
+
+        async def own_page() -> tuple[bytes, str]:
+            return metrics.render(registry)
+
+        metrics_page = own_page
+    page = metrics_page
 
     async def live(request: Request) -> Response:
         return Response(status_code=200 if models.server_live() else 400)
@@ -332,7 +345,10 @@ def scheduler_app(node: SchedulerNode) -> Starlette:
         return JSONResponse({"status": "ok", "scheduler": node.id})
 
     async def prometheus(request: Request) -> Response:
-        body, content_type = metrics.render(registry)
+        try:
+            body, content_type = await page()
+        except ShoalError as err:
+            return _error(err)
         return Response(body, media_type=content_type)
 
     @_oip

@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -317,7 +317,12 @@ class ModelCatalog:
         *,
         ready: Callable[[], bool] = lambda: True,
         describe_timeout_s: float = 2.0,
+        totals: Callable[[], Awaitable[Mapping[str, Any]]] | None = None,
     ) -> None:
+        """``totals``: with ingress workers, every process's counts per deployment
+        (``shoal.scheduler.ingress.Counts``), which statistics then report instead of this
+        catalog's own."""
+        self._totals = totals
         self._router = router
         self._ready = ready
         self._describe_timeout_s = describe_timeout_s
@@ -391,7 +396,8 @@ class ModelCatalog:
         else:
             specs = [spec for _, spec in sorted(self._router.deployments().items())]
         self._forget_gone()
-        return list(await asyncio.gather(*(self._statistics(spec) for spec in specs)))
+        totals = await self._totals() if self._totals is not None else None
+        return list(await asyncio.gather(*(self._statistics(spec, totals) for spec in specs)))
 
     # -- inference (the data plane's door, ``shoal.scheduler.dataplane``, runs requests)
 
@@ -465,7 +471,7 @@ class ModelCatalog:
                 return described
             raise Unavailable(f"no replica of model {spec.name!r} could describe it: {last}")
 
-    async def _statistics(self, spec: DeploymentSpec) -> ModelStatistics:
+    async def _statistics(self, spec: DeploymentSpec, totals: Mapping[str, Any] | None) -> ModelStatistics:
         clients = self._router.ready_clients(spec.name)
         described = await asyncio.gather(*(self._describe_quietly(c) for _, c in clients))
         sizes: collections.Counter[int] = collections.Counter()
@@ -487,6 +493,18 @@ class ModelCatalog:
         c = self._counters.get(spec.name) or _Counters()
         routed = self._router.stats().get(spec.name)
         queue = Duration(routed.queue.count, int(routed.queue.total * 1e9)) if routed else Duration()
+        summed = totals.get(spec.name) if totals is not None else None
+        if summed is not None:
+            # Ingress workers: every process's requests, not only this one's.
+            c = _Counters(
+                summed.success,
+                summed.success_ns,
+                summed.fail,
+                summed.fail_ns,
+                summed.inferences,
+                summed.last_ms,
+            )
+            queue = Duration(summed.stats.queue.count, int(summed.stats.queue.total * 1e9))
         return ModelStatistics(
             name=spec.name,
             last_inference=c.last_ms,
@@ -504,6 +522,10 @@ class ModelCatalog:
             return await client.describe(self._describe_timeout_s)
         except ShoalError:
             return None  # a replica going away does not fail the statistics of the others
+
+    def counters(self, name: str) -> _Counters:
+        """What this catalog counted for ``name`` (zeros for a deployment it has not seen)."""
+        return self._counters.get(name) or _Counters()
 
     def _counters_of(self, spec: DeploymentSpec) -> _Counters:
         counters = self._counters.get(spec.name)

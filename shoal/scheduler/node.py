@@ -22,10 +22,11 @@ from shoal.core.spec import DeploymentSpec
 from shoal.core.tasks import TaskSet
 from shoal.errors import NotFound, ShoalError
 from shoal.scheduler.dataplane import DataPlane
+from shoal.scheduler.ingress import Counts, IngressHub, ingress_processes, snapshot
 from shoal.scheduler.models import ModelCatalog
 from shoal.scheduler.router import Router
 from shoal.scheduler.supervisor import ReplicaSupervisor
-from shoal.types import HeadLink, ReplicaClient, SchedulerRegistration
+from shoal.types import HeadLink, LoadReport, ReplicaClient, SchedulerRegistration
 
 log = logging.getLogger("shoal.scheduler")
 
@@ -97,9 +98,19 @@ class SchedulerNode:
         self._report_now = asyncio.Event()
         # A request waiting for a deployment with no replica: tell the head now, so
         # that it scales up from zero without waiting for the next heartbeat.
+        # Ingress workers route by a table this process pushes them; bumped on every change.
+        self.table_version = 0
+        self.table_changed = asyncio.Event()
         self.router = router or Router(
-            scheduler_id, settings, replica_client, policy=policy, on_starved=self._report_now.set
+            scheduler_id,
+            settings,
+            replica_client,
+            policy=policy,
+            on_starved=self._report_now.set,
+            share=ingress_processes(settings),
+            on_change=self._table_changed,
         )
+        self.hub = IngressHub(self.router)
         self.supervisor = ReplicaSupervisor(
             settings,
             self.router,
@@ -111,10 +122,26 @@ class SchedulerNode:
         self._tasks = TaskSet(f"scheduler {scheduler_id}")
         self.registered = asyncio.Event()
         # One catalog and one door behind every ingress: statistics count every door.
-        self.catalog = ModelCatalog(self.router, ready=self.registered.is_set)
+        self.catalog = ModelCatalog(self.router, ready=self.registered.is_set, totals=self._totals)
         self.dataplane = DataPlane(self.router, self.catalog, settings)
         # Inference tokens per deployment, from the head's routing tables.
         self.inference_auth = InferenceAuth(self._spec_of)
+
+    def _table_changed(self) -> None:
+        self.table_version += 1
+        self.table_changed.set()
+
+    def totals(self) -> dict[str, Counts]:
+        """Per deployment, what this process and its ingress workers counted, summed."""
+        return self.hub.totals(snapshot(self.router, self.catalog))
+
+    async def _totals(self) -> dict[str, Counts]:
+        return self.totals()
+
+    def load(self) -> dict[str, LoadReport]:
+        """Per deployment: in flight, queued and cumulative counts over every ingress process
+        (what the head's autoscaler and dashboard see)."""
+        return {name: c.load() for name, c in self.totals().items()}
 
     def _spec_of(self, deployment: str) -> DeploymentSpec | None:
         try:
@@ -158,7 +185,7 @@ class SchedulerNode:
                 while True:
                     version, reports = self.supervisor.reports()
                     ack = await self.head.health(
-                        self.id, version, reports, self.supervisor.allocated(), self.router.load()
+                        self.id, version, reports, self.supervisor.allocated(), self.load()
                     )
                     if not ack:
                         log.warning("the head does not know this scheduler (NACK); registering again")
@@ -179,7 +206,9 @@ class SchedulerNode:
                 async for table in self.head.watch_routes(self.id):
                     backoff = 0.1
                     self.inference_auth.apply_table(table)
+                    self.hub.set_head_table(table)
                     await self.router.apply_table(table)
+                    self._table_changed()
             except ShoalError:
                 pass
             await asyncio.sleep(backoff)

@@ -75,14 +75,27 @@ class Router:
         client_factory: Callable[[str], ReplicaClient],
         policy: str = "p2c",
         on_starved: Callable[[], None] | None = None,
+        *,
+        share: int = 1,
+        table_only: bool = False,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
+        """``share``: this router is one of that many processes routing to the same replicas
+        (ingress workers), so it takes that share of ``max_ongoing_requests`` and
+        ``max_queued_requests``, rounded up. ``table_only``: every replica, this machine's
+        too, comes from :meth:`apply_table` (an ingress worker has no supervisor).
+        ``on_change``: called whenever the set of replicas or specs changes."""
         self._on_starved = on_starved
+        self._share = max(1, share)
+        self._table_only = table_only
+        self._on_change = on_change
         self.scheduler_id = scheduler_id
         self.settings = settings
         self._client_factory = client_factory
         self._policy: Policy = make_policy(policy)
         self._deployments: dict[str, _Deployment] = {}
         self._remote_specs_version = -1
+        self._closing: set[asyncio.Future[None]] = set()
 
     # ------------------------------------------------------------ membership
 
@@ -90,8 +103,12 @@ class Router:
         dep = self._deployments.get(spec.name)
         if dep is None:
             self._deployments[spec.name] = _Deployment(spec)
+        elif dep.spec == spec:
+            return
         else:
             dep.spec = spec
+        if self._on_change is not None:
+            self._on_change()
 
     def add(self, replica_id: str, spec: DeploymentSpec, address: str, scheduler_id: str) -> None:
         """A READY replica joins the pool (a no-op if it is there already)."""
@@ -136,16 +153,26 @@ class Router:
         for name, routes in table.deployments.items():
             self.set_spec(routes.spec)
             dep = self._deployments[name]
-            remote = {r.replica_id: r for r in routes.routes if r.scheduler_id != self.scheduler_id}
+            remote = {
+                r.replica_id: r
+                for r in routes.routes
+                if self._table_only or r.scheduler_id != self.scheduler_id
+            }
             for rid, handle in list(dep.handles.items()):
-                if not handle.local and rid not in remote:
-                    await self.remove(rid, failed=False)
+                if rid in remote or (handle.local and not self._table_only):
+                    continue
+                if self._table_only and handle.in_flight:
+                    # Draining, or dead and about to fail its requests (they are retried):
+                    # let what is in flight finish; the handle goes when it is idle.
+                    handle.retired = True
+                    continue
+                await self.remove(rid, failed=False)
             for rid, r in remote.items():
                 if rid not in dep.handles:
                     self.add(rid, routes.spec, r.address, r.scheduler_id)
         for name in [n for n in self._deployments if n not in table.deployments]:
             dep = self._deployments[name]
-            if not any(h.local for h in dep.handles.values()):
+            if self._table_only or not any(h.local for h in dep.handles.values()):
                 for rid in list(dep.handles):
                     await self.remove(rid, failed=False)
                 del self._deployments[name]
@@ -176,8 +203,15 @@ class Router:
             for name, dep in self._deployments.items()
         }
 
+    def handles(self, name: str) -> list[ReplicaHandle]:
+        """The replicas of ``name`` that take new requests (for tables and descriptions)."""
+        dep = self._deployments.get(name)
+        return [] if dep is None else [h for h in dep.handles.values() if h.accepting]
+
     def _notify(self, dep: _Deployment) -> None:
         dep.changed.fire()
+        if self._on_change is not None:
+            self._on_change()
 
     # ------------------------------------------------------------ requests
 
@@ -280,10 +314,12 @@ class Router:
         if handle is not None:
             handle.in_flight += 1
             return handle
-        if dep.waiting >= dep.spec.max_queued_requests:
+        queue_limit = -(-dep.spec.max_queued_requests // self._share)
+        if dep.waiting >= queue_limit:
+            share = f", this process's share of {queue_limit}" if self._share > 1 else ""
             raise ResourceExhausted(
                 f"deployment {dep.spec.name!r} is at capacity: {dep.waiting} request(s) queued "
-                f"(max_queued_requests={dep.spec.max_queued_requests})"
+                f"(max_queued_requests={dep.spec.max_queued_requests}{share})"
             )
         loop = asyncio.get_running_loop()
         dep.waiting += 1
@@ -307,6 +343,8 @@ class Router:
 
     def _pick(self, dep: _Deployment, tried: set[str]) -> ReplicaHandle | None:
         limit = dep.spec.max_ongoing_requests
+        if self._share > 1:
+            limit = -(-limit // self._share)
         open_ = [h for h in dep.handles.values() if h.accepting and h.in_flight < limit]
         if not open_:
             return None
@@ -315,7 +353,15 @@ class Router:
 
     def _release(self, dep: _Deployment) -> None:
         if dep.waiting:
-            self._notify(dep)
+            dep.changed.fire()
+        if self._table_only:
+            for rid, h in list(dep.handles.items()):
+                if h.retired and not h.in_flight:
+                    # Left the table while requests were on it; they are done now.
+                    del dep.handles[rid]
+                    closing = asyncio.ensure_future(h.close())
+                    self._closing.add(closing)
+                    closing.add_done_callback(self._closing.discard)
 
     # ------------------------------------------------------------ streams (text generation)
 
@@ -411,6 +457,8 @@ class Router:
         return [(h.replica_id, h.client) for h in ready]
 
     async def aclose(self) -> None:
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
         for dep in self._deployments.values():
             for handle in list(dep.handles.values()):
                 await handle.close()

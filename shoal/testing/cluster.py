@@ -39,6 +39,8 @@ FAST = {
     "SHOAL_PING_INTERVAL_S": "0.2",
     "SHOAL_SHUTDOWN_GRACE_S": "3",
     "SHOAL_RPC_TIMEOUT_S": "2",
+    # One ingress process per scheduler unless a test asks for more (tests of the workers do).
+    "SHOAL_INGRESS_WORKERS": "1",
 }
 
 

@@ -1,0 +1,188 @@
+"""gRPC between a scheduler's main process and its ingress workers (``shoal.scheduler.ingress``).
+
+The main process serves :class:`IngressService` on its control port: the replica table
+(``WatchIngress``, pushed on every change), the sum of every process's counts
+(``ReportIngress``), and its Prometheus page (``RenderMetrics``, summed). A worker keeps
+one :class:`IngressLink` to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping
+
+import grpc
+import grpc.aio
+
+from shoal.config import Settings
+from shoal.core.stats import OUTCOMES, DeploymentStats, Histogram
+from shoal.errors import ShoalError, Unavailable
+from shoal.proto import shoal_pb2 as pb
+from shoal.proto import shoal_pb2_grpc as pbg
+from shoal.rpc.channels import open_channel
+from shoal.rpc.clients import RoutingTableDecoder
+from shoal.rpc.status import Context, to_error
+from shoal.scheduler.ingress import Counts, IngressHub
+from shoal.types import RoutingTable
+
+log = logging.getLogger("shoal.ingress")
+
+# Without a change, the table is sent again this often: a worker that hears nothing for
+# several of these knows its main process is gone.
+RESEND_S = 1.0
+
+
+def _histogram_to_pb(h: Histogram) -> pb.Histogram:
+    return pb.Histogram(counts=h.counts, total=h.total)
+
+
+def _histogram_from_pb(h: pb.Histogram) -> Histogram:
+    fresh = Histogram()
+    counts = list(h.counts)
+    if len(counts) != len(fresh.counts):
+        return fresh
+    return Histogram(counts=counts, total=h.total)
+
+
+def counts_to_pb(c: Counts) -> pb.IngressCounts:
+    return pb.IngressCounts(
+        outcomes=c.stats.outcomes,
+        latency=_histogram_to_pb(c.stats.latency),
+        queue=_histogram_to_pb(c.stats.queue),
+        given_up=c.stats.given_up,
+        in_flight=c.in_flight,
+        queued=c.queued,
+        success=c.success,
+        success_ns=c.success_ns,
+        fail=c.fail,
+        fail_ns=c.fail_ns,
+        inferences=c.inferences,
+        last_ms=c.last_ms,
+    )
+
+
+def counts_from_pb(m: pb.IngressCounts) -> Counts:
+    outcomes = {k: int(m.outcomes.get(k, 0)) for k in OUTCOMES}
+    stats = DeploymentStats(
+        outcomes=outcomes,
+        latency=_histogram_from_pb(m.latency),
+        queue=_histogram_from_pb(m.queue),
+        given_up=m.given_up,
+    )
+    return Counts(
+        stats=stats,
+        in_flight=m.in_flight,
+        queued=m.queued,
+        success=m.success,
+        success_ns=m.success_ns,
+        fail=m.fail,
+        fail_ns=m.fail_ns,
+        inferences=m.inferences,
+        last_ms=m.last_ms,
+    )
+
+
+def table_to_pb(table: RoutingTable) -> pb.RoutingTable:
+    msg = pb.RoutingTable(version=table.version, token_hashes=table.token_hashes)
+    for name, dep in table.deployments.items():
+        entry = msg.deployments[name]
+        entry.spec_json = dep.spec.to_json()
+        entry.allowed_token_hashes.extend(dep.allowed_tokens)
+        for r in dep.routes:
+            entry.routes.add(replica_id=r.replica_id, address=r.address, scheduler_id=r.scheduler_id)
+    return msg
+
+
+class IngressService(pbg.IngressServicer):
+    """The main process's side. ``render_metrics`` renders its Prometheus page (which sums
+    the workers' counts through ``node.totals()``)."""
+
+    def __init__(
+        self,
+        hub: IngressHub,
+        own: Callable[[], Mapping[str, Counts]],
+        table_version: Callable[[], int],
+        changed: asyncio.Event,
+        render_metrics: Callable[[], tuple[bytes, str]],
+    ) -> None:
+        self.hub = hub
+        self.own = own
+        self.table_version = table_version
+        self.changed = changed
+        self.render_metrics = render_metrics
+
+    async def WatchIngress(
+        self, request: pb.IngressHello, context: Context
+    ) -> AsyncIterator[pb.RoutingTable]:
+        log.info("ingress worker %s (pid %d) is watching the replica table", request.worker_id, request.pid)
+        try:
+            while True:
+                self.changed.clear()
+                yield table_to_pb(self.hub.table(self.table_version()))
+                try:
+                    await asyncio.wait_for(self.changed.wait(), RESEND_S)
+                except TimeoutError:
+                    pass
+                await asyncio.sleep(0.005)  # a burst of changes makes one push
+        finally:
+            log.info("ingress worker %s stopped watching", request.worker_id)
+
+    async def ReportIngress(self, request: pb.IngressReport, context: Context) -> pb.IngressTotals:
+        counts = {name: counts_from_pb(c) for name, c in request.deployments.items()}
+        self.hub.report(request.worker_id, request.pid, counts)
+        totals = self.hub.totals(self.own())
+        return pb.IngressTotals(deployments={n: counts_to_pb(c) for n, c in totals.items()})
+
+    async def RenderMetrics(self, request: pb.Empty, context: Context) -> pb.MetricsText:
+        body, content_type = self.render_metrics()
+        return pb.MetricsText(body=body, content_type=content_type)
+
+
+class IngressLink:
+    """A worker's connection to its scheduler's main process."""
+
+    def __init__(self, address: str, settings: Settings, worker_id: str, pid: int) -> None:
+        self._channel = open_channel(address, settings, "scheduler")
+        self._stub = pbg.IngressStub(self._channel)
+        self._hello = pb.IngressHello(worker_id=worker_id, pid=pid)
+        self._timeout = settings.rpc_timeout_s
+        self._decoder = RoutingTableDecoder()
+
+    async def watch(self) -> AsyncIterator[RoutingTable]:
+        """Tables as the main process pushes them. Raises Unavailable when the stream ends."""
+        call = self._stub.WatchIngress(self._hello)
+        try:
+            async for table in call:
+                yield self._decoder.decode(table)
+        except grpc.aio.AioRpcError as err:
+            raise Unavailable(f"the scheduler's main process: {to_error(err)}") from None
+        finally:
+            call.cancel()
+        raise Unavailable("the scheduler's main process ended the table stream")
+
+    async def report(self, counts: Mapping[str, Counts]) -> dict[str, Counts]:
+        """Send this worker's counts; returns every process's, summed."""
+        request = pb.IngressReport(
+            worker_id=self._hello.worker_id,
+            pid=self._hello.pid,
+            deployments={n: counts_to_pb(c) for n, c in counts.items()},
+        )
+        try:
+            reply = await self._stub.ReportIngress(request, timeout=self._timeout)
+        except grpc.aio.AioRpcError as err:
+            raise to_error(err) from None
+        return {n: counts_from_pb(c) for n, c in reply.deployments.items()}
+
+    async def metrics(self) -> tuple[bytes, str]:
+        try:
+            reply = await self._stub.RenderMetrics(pb.Empty(), timeout=self._timeout)
+        except grpc.aio.AioRpcError as err:
+            raise to_error(err) from None
+        return reply.body, reply.content_type
+
+    async def close(self) -> None:
+        await self._channel.close(None)
+
+
+__all__ = ["IngressLink", "IngressService", "ShoalError", "counts_from_pb", "counts_to_pb", "table_to_pb"]

@@ -1,0 +1,299 @@
+"""Ingress on every core: what a scheduler's ingress workers share with its main process.
+
+A scheduler may serve its inference ports (OIP gRPC + native, OIP REST + OpenAI) from
+several processes that share them (SO_REUSEPORT: the kernel spreads connections over
+the processes). The main process keeps everything else (the replica supervisor, the head
+link, the control port). Each worker routes on its own, over its own streams to the
+replicas, from the table the main process pushes it (:meth:`IngressHub.table`: every
+READY replica, this machine's and other schedulers').
+
+Limits hold in total because each of the ``N`` processes takes its share:
+``max_ongoing_requests`` per replica and ``max_queued_requests`` per deployment are
+divided by ``N``, rounded up (so the total is at most ``N - 1`` over the setting).
+Counts are summed: every worker reports what it counted (cumulative, :class:`Counts`)
+twice a second and on every statistics or metrics request, and gets the sum back
+(:meth:`IngressHub.totals`); a restarted worker's old counts are kept, so counters only
+grow. Metrics pages and Triton statistics show the sum whichever process answers.
+
+Plain data and logic; the gRPC service and client are in ``shoal.rpc.ingress``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from shoal.auth import InferenceAuth
+from shoal.config import Settings
+from shoal.core.spec import DeploymentSpec
+from shoal.core.stats import OUTCOMES, DeploymentStats, Histogram
+from shoal.errors import ShoalError
+from shoal.scheduler.dataplane import DataPlane
+from shoal.scheduler.models import ModelCatalog
+from shoal.scheduler.router import Router
+from shoal.types import DeploymentRoutes, LoadReport, ReplicaClient, Route, RoutingTable
+
+log = logging.getLogger("shoal.ingress")
+
+
+@dataclass
+class Counts:
+    """What one process counted for one deployment (cumulative, except ``in_flight`` and
+    ``queued``, which are now)."""
+
+    stats: DeploymentStats = field(default_factory=DeploymentStats)
+    in_flight: int = 0
+    queued: int = 0
+    success: int = 0
+    success_ns: int = 0
+    fail: int = 0
+    fail_ns: int = 0
+    inferences: int = 0
+    last_ms: int = 0
+
+    def load(self) -> LoadReport:
+        return LoadReport(
+            in_flight=self.in_flight,
+            queued=self.queued,
+            requests=self.stats.requests,
+            errors=self.stats.errors,
+            latency=tuple(self.stats.latency.counts),
+        )
+
+
+def _add_histogram(a: Histogram, b: Histogram) -> Histogram:
+    counts = [x + y for x, y in zip(a.counts, b.counts, strict=True)]
+    return Histogram(counts=counts, total=a.total + b.total)
+
+
+def add(a: Counts, b: Counts) -> Counts:
+    outcomes = {k: a.stats.outcomes.get(k, 0) + b.stats.outcomes.get(k, 0) for k in OUTCOMES}
+    stats = DeploymentStats(
+        outcomes=outcomes,
+        latency=_add_histogram(a.stats.latency, b.stats.latency),
+        queue=_add_histogram(a.stats.queue, b.stats.queue),
+        given_up=a.stats.given_up + b.stats.given_up,
+    )
+    return Counts(
+        stats=stats,
+        in_flight=a.in_flight + b.in_flight,
+        queued=a.queued + b.queued,
+        success=a.success + b.success,
+        success_ns=a.success_ns + b.success_ns,
+        fail=a.fail + b.fail,
+        fail_ns=a.fail_ns + b.fail_ns,
+        inferences=a.inferences + b.inferences,
+        last_ms=max(a.last_ms, b.last_ms),
+    )
+
+
+def total(parts: Iterable[Mapping[str, Counts]]) -> dict[str, Counts]:
+    out: dict[str, Counts] = {}
+    for part in parts:
+        for name, counts in part.items():
+            out[name] = add(out[name], counts) if name in out else counts
+    return out
+
+
+def snapshot(router: Router, catalog: ModelCatalog) -> dict[str, Counts]:
+    """This process's counts, per deployment its router knows."""
+    load = router.load()
+    stats = router.stats()
+    out: dict[str, Counts] = {}
+    for name, s in stats.items():
+        c = catalog.counters(name)
+        now = load.get(name)
+        out[name] = Counts(
+            stats=dataclasses.replace(
+                s,
+                outcomes=dict(s.outcomes),
+                latency=Histogram(list(s.latency.counts), s.latency.total),
+                queue=Histogram(list(s.queue.counts), s.queue.total),
+            ),
+            in_flight=now.in_flight if now else 0,
+            queued=now.queued if now else 0,
+            success=c.success,
+            success_ns=c.success_ns,
+            fail=c.fail,
+            fail_ns=c.fail_ns,
+            inferences=c.inferences,
+            last_ms=c.last_ms,
+        )
+    return out
+
+
+def ingress_processes(settings: Settings) -> int:
+    """How many processes serve a scheduler's ingress ports (``ingress_workers``; 0: one per
+    CPU, at most 8)."""
+    n = settings.ingress_workers
+    if n <= 0:
+        n = min(8, os.cpu_count() or 1)
+    return max(1, n)
+
+
+class IngressHub:
+    """The main process's side: the workers' latest reports and the table they route by.
+
+    Safe on one event loop. ``report`` keeps, per worker id, the counts of its running
+    incarnation (by pid) and the sum of those before it, so a restarted worker's counts
+    add to, never replace, what it counted before.
+    """
+
+    def __init__(self, router: Router) -> None:
+        self._router = router
+        self._head_table = RoutingTable(version=0)
+        self._latest: dict[str, tuple[int, dict[str, Counts]]] = {}
+        self._before: dict[str, Counts] = {}
+
+    def set_head_table(self, table: RoutingTable) -> None:
+        """The head's last table: where the tokens the workers check come from."""
+        self._head_table = table
+
+    def table(self, version: int) -> RoutingTable:
+        """Every deployment this scheduler routes to, with its accepting replicas (this
+        machine's and others'), and the head's tokens."""
+        deployments: dict[str, DeploymentRoutes] = {}
+        for name, spec in self._router.deployments().items():
+            head = self._head_table.deployments.get(name)
+            routes = tuple(
+                Route(h.replica_id, h.address, h.scheduler_id, h.in_flight)
+                for h in self._router.handles(name)
+            )
+            allowed = head.allowed_tokens if head is not None else ()
+            deployments[name] = DeploymentRoutes(spec=spec, routes=routes, allowed_tokens=allowed)
+        return RoutingTable(
+            version=version, deployments=deployments, token_hashes=self._head_table.token_hashes
+        )
+
+    def report(self, worker_id: str, pid: int, counts: dict[str, Counts]) -> None:
+        previous = self._latest.get(worker_id)
+        if previous is not None and previous[0] != pid:
+            # A new incarnation of this worker: what the old one counted stays counted.
+            self._before = total([self._before_without_now(), previous[1]])
+        self._latest[worker_id] = (pid, counts)
+
+    def _before_without_now(self) -> dict[str, Counts]:
+        # In-flight and queued counts of a dead process are not "now" any more.
+        return {name: dataclasses.replace(c, in_flight=0, queued=0) for name, c in self._before.items()}
+
+    def forget(self, worker_id: str) -> None:
+        """A worker exited: keep its counts (cumulative), drop its in-flight figures."""
+        previous = self._latest.pop(worker_id, None)
+        if previous is not None:
+            gone = {n: dataclasses.replace(c, in_flight=0, queued=0) for n, c in previous[1].items()}
+            self._before = total([self._before, gone])
+
+    def totals(self, own: Mapping[str, Counts]) -> dict[str, Counts]:
+        """``own`` (the main process's counts) plus every worker's, living and gone,
+        for the deployments the main process knows."""
+        parts = [own, self._before, *(counts for _, counts in self._latest.values())]
+        summed = total(parts)
+        return {name: summed[name] for name in own}
+
+
+class IngressNode(Protocol):
+    """What the ingress adapters (gRPC and HTTP) need of a scheduler process: the main
+    process (``SchedulerNode``) and an :class:`IngressWorker` both have it."""
+
+    settings: Settings
+    id: str
+    router: Router
+    catalog: ModelCatalog
+    dataplane: DataPlane
+    inference_auth: InferenceAuth
+
+
+class IngressLinkLike(Protocol):
+    """A worker's connection to its main process (``shoal.rpc.ingress.IngressLink``)."""
+
+    def watch(self) -> AsyncIterator[RoutingTable]: ...
+
+    async def report(self, counts: Mapping[str, Counts]) -> dict[str, Counts]: ...
+
+    async def metrics(self) -> tuple[bytes, str]: ...
+
+    async def close(self) -> None: ...
+
+
+class IngressWorker:
+    """One ingress worker: routes the requests of the connections the kernel gives it, by
+    the table its main process pushes, with its share of the limits.
+
+    It has what the ingress adapters need of a scheduler (``settings``, ``id``, ``router``,
+    ``catalog``, ``dataplane``, ``inference_auth``, ``registered``) and no supervisor.
+    :meth:`run` follows the main process's table and reports counts; it returns (and the
+    worker should exit) when the main process has been unreachable ``orphan_after_s``.
+    """
+
+    REPORT_EVERY_S = 0.5
+
+    def __init__(
+        self,
+        settings: Settings,
+        scheduler_id: str,
+        link: IngressLinkLike,
+        replica_client: Callable[[str], ReplicaClient],
+    ) -> None:
+        self.settings = settings
+        self.id = scheduler_id
+        self.link = link
+        self.registered = asyncio.Event()  # the first table arrived: ready to route
+        self.router = Router(
+            scheduler_id, settings, replica_client, share=ingress_processes(settings), table_only=True
+        )
+        self.catalog = ModelCatalog(self.router, ready=self.registered.is_set, totals=self.refresh)
+        self.dataplane = DataPlane(self.router, self.catalog, settings)
+        self.inference_auth = InferenceAuth(self._spec_of)
+        self._last_contact = 0.0
+
+    def _spec_of(self, deployment: str) -> DeploymentSpec | None:
+        try:
+            return self.router.spec(deployment)
+        except ShoalError:
+            return None
+
+    async def refresh(self) -> dict[str, Counts]:
+        """Report this worker's counts now; every process's, summed."""
+        return await self.link.report(snapshot(self.router, self.catalog))
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._last_contact = loop.time()
+        async with asyncio.TaskGroup() as tasks:
+            reporter = tasks.create_task(self._report_loop())
+            await self._watch_loop()
+            reporter.cancel()
+
+    async def _watch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while loop.time() - self._last_contact < self.settings.orphan_after_s:
+            try:
+                async for table in self.link.watch():
+                    self._last_contact = loop.time()
+                    self.inference_auth.apply_table(table)
+                    await self.router.apply_table(table)
+                    self.registered.set()
+            except ShoalError as err:
+                log.warning("ingress worker: lost the scheduler's main process (%s)", err)
+            await asyncio.sleep(0.1)
+        log.error(
+            "ingress worker: the scheduler's main process has been unreachable for %.1fs; exiting",
+            self.settings.orphan_after_s,
+        )
+
+    async def _report_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.REPORT_EVERY_S)
+            try:
+                await self.refresh()
+            except ShoalError:
+                pass  # the watch loop decides when the main process is gone
+
+    async def aclose(self) -> None:
+        await self.router.aclose()
+        await self.link.close()

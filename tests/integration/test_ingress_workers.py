@@ -1,0 +1,168 @@
+"""Ingress on every core: a scheduler whose inference ports are served by two processes.
+
+The scheduler's main process and one ingress worker share the gRPC and HTTP ports
+(SO_REUSEPORT). Killing the worker under load costs no request of a client that retries a
+broken connection, and the worker comes back; limits hold in total; counts are summed
+whichever process answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import pytest_asyncio
+
+from shoal.testing.cluster import ProcessCluster
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.asyncio(loop_scope="module")]
+
+TENSORS = [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]
+BODY = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
+DELAY_S = 0.3
+QUEUE = 4
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def cluster(
+    tmp_path_factory: pytest.TempPathFactory, examples_dir: Path
+) -> AsyncIterator[ProcessCluster]:
+    env = {"SHOAL_INGRESS_WORKERS": "2"}
+    async with ProcessCluster(tmp_path_factory.mktemp("ingress"), env=env) as c:
+        base = {"backend": "python", "model": "echo:Echo", "base_dir": str(examples_dir)}
+        await c.deploy(
+            {"name": "echo", **base, "resources": {"cpus": 0.1}, "inputs": TENSORS, "outputs": TENSORS}
+        )
+        await c.deploy(
+            {
+                "name": "slow",
+                **base,
+                "options": {"delay_ms": DELAY_S * 1000},
+                "resources": {"cpus": 0.1},
+                "max_ongoing_requests": 1,
+                "max_queued_requests": QUEUE,
+                "inputs": TENSORS,
+                "outputs": TENSORS,
+            }
+        )
+        await c.wait_ready("echo", 1)
+        await c.wait_ready("slow", 1)
+        yield c
+
+
+def workers(cluster: ProcessCluster) -> list[psutil.Process]:
+    main = psutil.Process(cluster.schedulers[0].pid)
+    return [p for p in main.children() if "shoal.ingress_worker" in " ".join(p.cmdline())]
+
+
+def listeners(pid: int) -> set[int]:
+    return {
+        c.laddr.port for c in psutil.Process(pid).net_connections("tcp") if c.status == psutil.CONN_LISTEN
+    }
+
+
+async def wait_for(check: object, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def counted_ok(text: str, deployment: str) -> float:
+    key = f'shoal_requests_total{{deployment="{deployment}",outcome="ok"}} '
+    line = next((ln for ln in text.splitlines() if ln.startswith(key)), None)
+    return float(line.split()[-1]) if line else 0.0
+
+
+async def test_both_processes_listen_on_both_ports_and_counts_are_summed(cluster: ProcessCluster) -> None:
+    [worker] = workers(cluster)
+    grpc_port = int(cluster.scheduler_address().rsplit(":", 1)[1])
+    http_port = int(cluster.http_address().rsplit(":", 1)[1])
+    assert {grpc_port, http_port} <= listeners(worker.pid)
+    assert {grpc_port, http_port} <= listeners(cluster.schedulers[0].pid)
+
+    url = f"http://{cluster.http_address()}"
+    for _ in range(30):
+        # A new connection each time: the kernel spreads them over both processes.
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            r = await http.post("/v2/models/echo/infer", json=BODY)
+            assert r.status_code == 200, r.text
+
+    async def summed() -> float:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            return counted_ok((await http.get("/metrics")).text, "echo")
+
+    # Every process's /metrics shows the sum (a worker's report is at most 0.5 s old).
+    deadline = time.monotonic() + 5
+    seen = [await summed() for _ in range(6)]
+    while any(s != 30 for s in seen) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+        seen = [await summed() for _ in range(6)]
+    assert seen == [30.0] * 6
+
+
+async def test_max_queued_requests_holds_in_total(cluster: ProcessCluster) -> None:
+    flood = 40
+    limits = httpx.Limits(max_connections=flood)
+    async with httpx.AsyncClient(
+        base_url=f"http://{cluster.http_address()}", timeout=30, limits=limits
+    ) as http:
+
+        async def one() -> int:
+            return (await http.post("/v2/models/slow/infer", json=BODY)).status_code
+
+        codes = await asyncio.gather(*(one() for _ in range(flood)))
+    admitted = codes.count(200)
+    assert set(codes) <= {200, 503}, codes
+    # Each of the 2 processes takes half the queue (2) and one request in flight: at most
+    # QUEUE + 2 running or waiting at once; a slot that frees meanwhile may let one more in.
+    assert QUEUE <= admitted <= QUEUE + 2 + 2, codes
+
+
+async def test_killing_an_ingress_worker_under_load_loses_no_request(cluster: ProcessCluster) -> None:
+    [worker] = workers(cluster)
+    url = f"http://{cluster.http_address()}"
+    failed: list[str] = []
+    ok = 0
+    stop = asyncio.Event()
+
+    async def client() -> None:
+        nonlocal ok
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            while not stop.is_set():
+                for _attempt in range(5):
+                    try:
+                        r = await http.post("/v2/models/echo/infer", json=BODY)
+                    except httpx.TransportError:
+                        continue  # the connection died with its process: a retrying client retries
+                    if r.status_code == 200:
+                        ok += 1
+                    else:
+                        failed.append(f"{r.status_code} {r.text}")
+                    break
+                else:
+                    failed.append("no answer after 5 attempts")
+
+    clients = [asyncio.create_task(client()) for _ in range(8)]
+    await asyncio.sleep(1.0)
+    before = ok
+    os.kill(worker.pid, signal.SIGKILL)
+    await asyncio.sleep(2.0)
+    stop.set()
+    await asyncio.gather(*clients)
+    assert failed == []
+    assert ok > before > 0
+
+    # The worker is started again and listens on the ports.
+    await wait_for(lambda: [w.pid for w in workers(cluster)] not in ([], [worker.pid]), 15, "a new worker")
+    [again] = workers(cluster)
+    http_port = int(cluster.http_address().rsplit(":", 1)[1])
+    await wait_for(lambda: http_port in listeners(again.pid), 15, "the new worker to listen")
