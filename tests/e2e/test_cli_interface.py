@@ -63,6 +63,31 @@ def test_docs_logs_and_down(up: Up) -> None:
     head_log = shoal_bare("logs", "head", "--state", str(up.state))
     assert head_log.returncode == 0 and "head listening on" in head_log.stdout
 
+    # --follow: lines as they come, until Ctrl-C.
+    for target in ("digits", "head"):
+        argv = [
+            sys.executable,
+            "-m",
+            "shoal.cli",
+            "--head",
+            up.head,
+            "logs",
+            "-f",
+            target,
+            "--state",
+            str(up.state),
+        ]
+        with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as follow:
+            try:
+                assert follow.stdout is not None and follow.stderr is not None
+                first = follow.stdout.readline()  # the test's timeout bounds this
+                assert first.split(" | ")[0] in replicas if target == "digits" else first
+                follow.send_signal(signal.SIGINT)
+                assert follow.wait(10) == 0, follow.stderr.read()
+            finally:
+                if follow.poll() is None:
+                    follow.kill()
+
     # shoal down, from another shell, stops shoal up and everything it started.
     up.remember_children()
     down = shoal_bare("down", "--state", str(up.state), timeout=60)
