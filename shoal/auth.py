@@ -32,6 +32,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import logging
 import re
 import secrets
 import time
@@ -45,10 +46,13 @@ from shoal.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    ShoalError,
     Unauthenticated,
 )
 from shoal.store.base import Store
 from shoal.types import RoutingTable
+
+log = logging.getLogger("shoal.auth")
 
 TOKENS = "tokens/"
 TOKEN_PREFIX = "shoal_"
@@ -151,16 +155,33 @@ class TokenRegistry:
     def __init__(self, store: Store) -> None:
         self._store = store
         self._by_name: dict[str, TokenRecord] = {}
+        # Names of stored tokens whose rows do not parse: they authenticate nobody, but
+        # count as tokens, so that a damaged row never reopens the bootstrap.
+        self.unreadable: set[str] = set()
         self._lock = asyncio.Lock()
 
     async def load(self) -> None:
-        self._by_name = {
-            rec.name: rec for rec in (TokenRecord.from_json(e.value) for e in await self._store.list(TOKENS))
-        }
+        """Read the tokens from the store. A row that does not parse is logged and kept out
+        (see ``unreadable``); ``revoke`` removes it."""
+        self._by_name, self.unreadable = {}, set()
+        for entry in await self._store.list(TOKENS):
+            name = entry.key.removeprefix(TOKENS)
+            try:
+                rec = TokenRecord.from_json(entry.value)
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError, ShoalError) as err:
+                log.error(
+                    "token %s: the stored row %r cannot be read (%s); it authenticates nobody",
+                    name,
+                    entry.key,
+                    err,
+                )
+                self.unreadable.add(name)
+                continue
+            self._by_name[rec.name] = rec
 
     @property
     def empty(self) -> bool:
-        return not self._by_name
+        return not self._by_name and not self.unreadable
 
     def list(self) -> list[TokenRecord]:
         return sorted(self._by_name.values(), key=lambda r: r.name)
@@ -195,10 +216,11 @@ class TokenRegistry:
 
     async def revoke(self, name: str) -> None:
         async with self._lock:
-            if name not in self._by_name:
+            if name not in self._by_name and name not in self.unreadable:
                 raise NotFound(f"no token named {name!r}")
             await self._store.delete(TOKENS + name)
-            del self._by_name[name]
+            self._by_name.pop(name, None)
+            self.unreadable.discard(name)
 
     def authenticate(self, secret: str) -> TokenRecord | None:
         """The token whose secret this is, or None. Compares with every token's hash."""

@@ -234,3 +234,24 @@ async def test_delete_of_a_name_only_schedulers_know_removes_its_replicas(
 
     await started.reconcile_once()
     assert fleet.client("s1", "s1:7000").removed == [("echo-1", True)]
+
+
+# ------------------------------------------------------------------ an unreadable token row
+
+
+async def test_an_unreadable_token_row_neither_stops_the_head_nor_reopens_the_bootstrap(
+    store: MemoryStore, started: HeadNode
+) -> None:
+    await store.put("tokens/ops", '{"name": "ops", "role": 3}')
+    await store.put("deployments/echo", make_spec("echo").to_json())
+
+    await started.start()
+
+    assert "echo" in started.desired
+    assert started.tokens.unreadable == {"ops"} and not started.tokens.empty
+    transport = httpx.ASGITransport(app=head_app(started))
+    async with httpx.AsyncClient(transport=transport, base_url="http://head") as client:
+        assert (await client.get("/api/status")).status_code == 401  # tokens still required
+
+    await started.revoke_token("ops")
+    assert await store.get("tokens/ops") is None and started.tokens.empty
