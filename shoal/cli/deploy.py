@@ -20,6 +20,7 @@ from shoal.cli.common import EXIT_ERROR, ProgressLine, add_client_flags, with_cl
 from shoal.config import Settings
 from shoal.core.cluster import FAILED
 from shoal.core.spec import DeploymentSpec, load_spec_file, parse_spec
+from shoal.errors import ShoalError
 
 Status = Mapping[str, Any]
 
@@ -145,7 +146,12 @@ class DeployWatch:
 
 
 def _process_hash(doc: Mapping[str, Any]) -> str:
-    return parse_spec(dict(doc)).process_hash()
+    """The process hash of a spec the head shows; "" for one this CLI cannot read (then its
+    replicas count as the previous revision's)."""
+    try:
+        return parse_spec(dict(doc)).process_hash()
+    except ShoalError:
+        return ""
 
 
 # A replica's log line quoted in a reason: the message is enough, without time, replica and logger.
@@ -194,8 +200,6 @@ async def wait_for(
 
 async def _print_last_words(client: Any, replicas: Sequence[str]) -> None:
     """The end of the log of the most recent replica that died: its traceback, when it has one."""
-    from shoal.errors import ShoalError
-
     for rid in replicas:
         try:
             text = b"".join([c async for c in client.read_log(rid, tail_bytes=16384)]).decode(
