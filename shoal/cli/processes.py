@@ -254,7 +254,12 @@ def cmd_down(args: argparse.Namespace) -> int:
     timeout = args.timeout if args.timeout is not None else settings.shutdown_grace_s + 15
     for role, proc in found:
         print(f"stopping shoal {role} (pid {proc.pid})", flush=True)
-        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.send_signal(signal.SIGTERM)
+        except psutil.AccessDenied:
+            raise FailedPrecondition(f"not allowed to stop pid {proc.pid} (another user's process)") from None
+        except psutil.NoSuchProcess:
+            pass  # it ended meanwhile
     alive = _wait_gone([p for _, p in found], timeout)
     if alive:
         pids = " ".join(str(p.pid) for p in alive)
