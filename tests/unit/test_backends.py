@@ -391,7 +391,7 @@ async def test_train_digits_example_serves_above_90_percent(
 
     shutil.copy(EXAMPLES / "digits.yaml", tmp_path)  # its model path is relative to the spec's folder
     (spec,) = load_spec_file(tmp_path / "digits.yaml")
-    assert (spec.name, spec.replicas, spec.resources.cpus) == ("digits", 2, 0.5)
+    assert (spec.name, spec.replicas, spec.resources.cpus) == ("digits", 2, 0.25)
     backend = loaded(spec, backends)
     _, x_test, _, y_test = script["split"]()
     out = await backend.predict({"input": x_test})
