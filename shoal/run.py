@@ -179,6 +179,8 @@ async def start_scheduler(
     if processes > 1:
         control = new_server(settings, [guard])
         pbg.add_SchedulerServicer_to_server(SchedulerService(node), control)
+        # The registered address answers inference too (shoal predict and shoal bench use it).
+        oipg.add_GRPCInferenceServiceServicer_to_server(inference, control)
         ingress = IngressService(
             node.hub,
             lambda: snapshot(node.router, node.catalog),

@@ -50,7 +50,8 @@ async def amain(args: argparse.Namespace) -> int:
         await replica.run(address, os.getpid())
         log.info("replica %s stopping: %s", args.replica_id, replica.exit_reason or "asked to stop")
     except ShoalError as err:
-        log.error("replica %s failed: %s", args.replica_id, err)
+        # The user's traceback (the cause of a load error) belongs in the replica's log.
+        log.error("replica %s failed: %s", args.replica_id, err, exc_info=err.__cause__ and err)
         code = 1
     finally:
         await replica.drain()

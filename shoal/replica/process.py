@@ -83,7 +83,11 @@ class ReplicaProcess:
         except ShoalError as err:
             # The model's own failures are the operator's business; a client's bad input is the client's.
             level = logging.WARNING if err.code is Code.INTERNAL else logging.INFO
-            log.log(level, "request %s failed: %s: %s", request_id, err.code.value, err, extra=ids)
+            # The model's own exception, with its traceback, for the operator reading the log.
+            trace = err.__cause__ if err.code is Code.INTERNAL else None
+            log.log(
+                level, "request %s failed: %s: %s", request_id, err.code.value, err, extra=ids, exc_info=trace
+            )
             raise
         finally:
             self.in_flight -= 1

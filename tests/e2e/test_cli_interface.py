@@ -238,11 +238,6 @@ def test_an_update_that_does_not_start_is_not_ready(up: Up, tmp_path: Path) -> N
     assert "no_such_module_marker_91" in proc.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the replica logs a model's error without its traceback: shoal/replica/__main__.py "
-    "(load) and shoal/replica/process.py (predict) need exc_info; see the lead's hand-off",
-)
 def test_a_models_tracebacks_are_in_its_replicas_log(up: Up, tmp_path: Path) -> None:
     no_load = write_model(
         tmp_path,
