@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import secrets
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -401,7 +401,8 @@ class ClusterState:
 
     def allocations(self) -> dict[str, Capacity]:
         """``allocated`` of every scheduler that holds a replica, in one pass over the replicas."""
-        return _Index.build(self).allocated
+        index = _Index.build(self)
+        return {sid: index.allocated(sid) for sid in index.sums}
 
     def by_deployment(self) -> dict[str, list[ReplicaRecord]]:
         """Every replica, by deployment, sorted by id."""
@@ -514,33 +515,48 @@ class ClusterState:
 @dataclass
 class _Index:
     """One reconcile pass's view of the replicas, built in one pass over them and kept up to
-    date as the pass places more: what keeps a pass linear in the number of replicas."""
+    date as the pass places more: what keeps a pass linear in the number of replicas.
+    Sums are plain floats (``[cpus, memory_mb, gpus]``): building it is the pass's main cost."""
 
     by_deployment: dict[str, list[ReplicaRecord]]
-    allocated: dict[str, Capacity]
-    on_scheduler: Counter[str]
-    of_deployment: Counter[tuple[str, str]]  # (scheduler, deployment) -> replicas
+    sums: dict[str, list[float]]  # scheduler -> what its replicas hold
+    on_scheduler: dict[str, int]
+    of_deployment: dict[tuple[str, str], int]  # (scheduler, deployment) -> replicas
 
     @classmethod
     def build(cls, state: ClusterState) -> _Index:
-        index = cls({}, {}, Counter(), Counter())
+        index = cls({}, {}, {}, {})
         for rec in state.replicas.values():
             index.add(rec)
         return index
 
     def add(self, rec: ReplicaRecord) -> None:
-        self.by_deployment.setdefault(rec.deployment, []).append(rec)
-        self.allocated[rec.scheduler_id] = self.allocated.get(rec.scheduler_id, Capacity()) + rec.resources
-        self.on_scheduler[rec.scheduler_id] += 1
-        self.of_deployment[rec.scheduler_id, rec.deployment] += 1
+        sid = rec.scheduler_id
+        mine = self.by_deployment.get(rec.deployment)
+        if mine is None:
+            mine = self.by_deployment[rec.deployment] = []
+        mine.append(rec)
+        held = self.sums.get(sid)
+        if held is None:
+            held = self.sums[sid] = [0.0, 0.0, 0.0]
+        res = rec.resources
+        held[0] += res.cpus
+        held[1] += res.memory_mb
+        held[2] += res.gpus
+        self.on_scheduler[sid] = self.on_scheduler.get(sid, 0) + 1
+        key = (sid, rec.deployment)
+        self.of_deployment[key] = self.of_deployment.get(key, 0) + 1
+
+    def allocated(self, scheduler_id: str) -> Capacity:
+        return Capacity(*self.sums.get(scheduler_id, (0.0, 0.0, 0.0)))
 
     def candidates(self, schedulers: Iterable[SchedulerRecord], deployment: str) -> list[Candidate]:
         return [
             Candidate(
                 scheduler_id=sched.id,
-                free=sched.capacity - self.allocated.get(sched.id, Capacity()),
-                replicas_of_deployment=self.of_deployment[sched.id, deployment],
-                replicas_total=self.on_scheduler[sched.id],
+                free=sched.capacity - self.allocated(sched.id),
+                replicas_of_deployment=self.of_deployment.get((sched.id, deployment), 0),
+                replicas_total=self.on_scheduler.get(sched.id, 0),
             )
             for sched in schedulers
             if sched.state == ALIVE

@@ -107,12 +107,14 @@ async def test_healthz_answers_within_100_ms_while_10000_replicas_are_placed(
     async with httpx.AsyncClient(transport=transport, base_url="http://head") as client:
         deadline = time.monotonic() + 45
         while len(node.state.replicas) < 10_000 and time.monotonic() < deadline:
-            started = time.perf_counter()
+            # The request is due in 5 ms; it is answered once the event loop is free. (Timing
+            # only the ASGI call would miss that: in process it runs without yielding.)
+            due = time.perf_counter() + 0.005
+            await asyncio.sleep(0.005)
             r = await client.get("/healthz")
-            slowest = max(slowest, time.perf_counter() - started)
+            slowest = max(slowest, time.perf_counter() - due)
             answers += 1
             assert r.status_code == 200
-            await asyncio.sleep(0.005)
 
     assert len(node.state.replicas) == 10_000
     assert answers > 10
