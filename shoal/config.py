@@ -39,10 +39,10 @@ class Settings:
     state_dir: str = ".shoal"
     """SQLite state and logs."""
     scheduler_id: str = ""
-    """Id of this scheduler. Empty: ``shoal.scheduler.node.scheduler_id`` keeps one in
-    ``<state_dir>/scheduler_id`` (``sched-<hex>``, made at the first start) so that a
-    restarted scheduler takes its old place rather than leaving a DEAD one behind, once
-    the entrypoint (``shoal/run.py``, which still makes a new id) calls it."""
+    """Id of this scheduler. Empty: the id kept in ``<state_dir>/scheduler_id``
+    (``sched-<hex>``, made at the first start; ``shoal.scheduler.node.scheduler_id``), so
+    that a restarted scheduler takes its old place rather than leaving a DEAD one behind.
+    One scheduler per state folder."""
 
     cpus: float = -1.0
     """CPUs this scheduler offers to replicas; -1 reads the machine."""
