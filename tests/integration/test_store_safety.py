@@ -1,5 +1,5 @@
 """A head and its store, with real processes (issue 13, items 1 and 6): a spec with a
-non-finite number is refused over HTTP; a head restarted on a damaged store (a row it
+non-finite number is refused over HTTP and gRPC; a head restarted on a damaged store (a row it
 cannot read, a row gone) starts, says which deployment is broken, and removes nothing it
 finds running until the operator says so."""
 
@@ -9,10 +9,15 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import grpc
+import grpc.aio
 import httpx
 import numpy as np
 import pytest
 
+from shoal.proto import shoal_pb2 as pb
+from shoal.proto import shoal_pb2_grpc as pbg
+from shoal.rpc.channels import open_channel
 from shoal.store.sqlite import SqliteStore
 from shoal.testing.cluster import ProcessCluster
 
@@ -53,6 +58,17 @@ async def test_a_head_restarted_on_a_damaged_store_starts_and_removes_nothing(
                 headers={"content-type": "application/json"},
             )
         assert r.status_code == 400 and "timeout_s: must be a finite number" in r.json()["error"]
+        # The same over gRPC: INVALID_ARGUMENT naming the field.
+        channel = open_channel(cluster.head_address, cluster.settings, server="head")
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await pbg.HeadStub(channel).ApplyDeployment(
+                    pb.ApplyDeploymentRequest(spec_json=body), timeout=10
+                )
+        finally:
+            await channel.close(None)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "timeout_s: must be a finite number" in (info.value.details() or "")
 
         # Damage the store while the head is down: echo's row lost, a row it cannot read.
         assert cluster.head is not None
