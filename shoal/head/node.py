@@ -56,6 +56,10 @@ log = logging.getLogger("shoal.head")
 
 DEPLOYMENTS = "deployments/"
 TOMBSTONES = "tombstones/"
+TOMBSTONE_TTL_S = 7 * 86_400.0
+"""A tombstone older than this, of a deployment no scheduler reports a replica of, is
+dropped at the next delete. A replica that shows up later anyway (its scheduler was away
+for a week) is kept and listed, like any replica the store does not know."""
 
 SchedulerClientFactory = Callable[[str, str], SchedulerClient]
 
@@ -92,8 +96,8 @@ class HeadNode:
         self.desired: dict[str, DeploymentSpec] = {}
         # Deployments whose stored spec does not parse: name -> what is wrong, naming the key.
         self.broken: dict[str, str] = {}
-        # Deployments deleted (a tombstone in the store): their replicas are removed.
-        self.deleted: set[str] = set()
+        # Deployments deleted (a tombstone in the store), with when: their replicas are removed.
+        self.deleted: dict[str, float] = {}
         self.lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._clients: dict[str, tuple[str, SchedulerClient]] = {}
@@ -131,7 +135,9 @@ class HeadNode:
                 log.error("deployment %s is broken: %s", name, self.broken[name])
                 continue
             self.desired[spec.name] = spec
-        self.deleted = {e.key.removeprefix(TOMBSTONES) for e in await self.store.list(TOMBSTONES)}
+        self.deleted = {
+            e.key.removeprefix(TOMBSTONES): _deleted_at(e.value) for e in await self.store.list(TOMBSTONES)
+        }
         log.info(
             "head loaded %d deployment(s) (%d broken) and %d tombstone(s) from the store",
             len(self.desired),
@@ -253,9 +259,8 @@ class HeadNode:
                 await self.store.put(DEPLOYMENTS + spec.name, spec.to_json())
                 self.desired[spec.name] = spec
                 self.broken.pop(spec.name, None)
-                if spec.name in self.deleted:
+                if self.deleted.pop(spec.name, None) is not None:
                     await self.store.delete(TOMBSTONES + spec.name)
-                    self.deleted.discard(spec.name)
                 self._refresh_resources()
         if changed:
             log.info("deployment %s %s", spec.name, "created" if old is None else "updated")
@@ -282,8 +287,14 @@ class HeadNode:
                 raise NotFound(f"no deployment named {name!r}")
             # The tombstone first: a head that stops between the two writes still knows
             # the deployment, and deleting again finishes the job.
-            await self.store.put(TOMBSTONES + name, json.dumps({"deleted_at": time.time()}))
-            self.deleted.add(name)
+            now = time.time()
+            await self.store.put(TOMBSTONES + name, json.dumps({"deleted_at": now}))
+            self.deleted[name] = now
+            running_names = {r.deployment for r in self.state.replicas.values()}
+            for old in [n for n, at in self.deleted.items() if at < now - TOMBSTONE_TTL_S]:
+                if old not in running_names:
+                    await self.store.delete(TOMBSTONES + old)
+                    del self.deleted[old]
             await self.store.delete(DEPLOYMENTS + name)
             self.desired.pop(name, None)
             self.broken.pop(name, None)
@@ -499,6 +510,15 @@ class HeadNode:
         return self._routes
 
 
+def _deleted_at(value: str) -> float:
+    """When a tombstone was written; now when its row does not say (it is kept the longest)."""
+    try:
+        at = json.loads(value)["deleted_at"]
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return time.time()
+    return float(at) if isinstance(at, int | float) and not isinstance(at, bool) else time.time()
+
+
 def cluster_status(node: HeadNode) -> dict[str, Any]:
     """The cluster as plain data: the shape of ``shoal status --json`` and ``GET /api/status``."""
     state = node.state
@@ -525,7 +545,7 @@ def cluster_status(node: HeadNode) -> dict[str, Any]:
     by_deployment = state.by_deployment()
     deployments = []
     # The store's deployments; then broken ones, and ones only schedulers know, each saying why.
-    names = sorted(set(node.desired) | set(node.broken) | (set(by_deployment) - node.deleted))
+    names = sorted(set(node.desired) | set(node.broken) | (set(by_deployment) - set(node.deleted)))
     for name in names:
         replicas = [
             {

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 
 import httpx
@@ -213,7 +214,7 @@ async def test_a_tombstone_removes_the_replicas_of_a_deleted_deployment_after_a_
 
         # Applying the name again lifts the tombstone.
         await second.apply(echo)
-        assert await store.get("tombstones/echo") is None and second.deleted == set()
+        assert await store.get("tombstones/echo") is None and second.deleted == {}
     finally:
         await second.aclose()
 
@@ -255,3 +256,24 @@ async def test_an_unreadable_token_row_neither_stops_the_head_nor_reopens_the_bo
 
     await started.revoke_token("ops")
     assert await store.get("tokens/ops") is None and started.tokens.empty
+
+
+async def test_old_tombstones_go_at_the_next_delete_unless_replicas_still_run(
+    store: MemoryStore, started: HeadNode
+) -> None:
+    week_and_a_day = time.time() - 8 * 86_400
+    for name in ("gone", "lingering"):
+        await store.put(f"tombstones/{name}", json.dumps({"deleted_at": week_and_a_day}))
+    await store.put("tombstones/garbled", "not json")  # kept: its age is unknown
+    await started.start()
+    await join(started, "s1", ready("lingering-1", make_spec("lingering")))
+    await started.apply(make_spec("echo"))
+
+    await started.delete("echo")
+
+    assert sorted(e.key for e in await store.list("tombstones/")) == [
+        "tombstones/echo",
+        "tombstones/garbled",
+        "tombstones/lingering",
+    ]
+    assert set(started.deleted) == {"echo", "garbled", "lingering"}
