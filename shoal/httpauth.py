@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from shoal import auth
 from shoal.errors import Code, InvalidArgument, ResourceExhausted, ShoalError
 
-OPEN_PATHS = ("/", "/healthz", "/openapi.json")
+OPEN_PATHS = ("/", "/healthz", "/openapi.json", "/docs")
 OPEN_PREFIXES = ("/static/",)
 _OPENAI_CODES = {Code.UNAUTHENTICATED: "invalid_api_key", Code.PERMISSION_DENIED: "permission_denied"}
 

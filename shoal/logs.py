@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
+
+# The data plane makes every request's id unique by adding "~" and 12 hex digits to the
+# client's (shoal.scheduler.dataplane); logs carry the client's id, which users search by.
+_UNIQUE_SUFFIX = re.compile(r"~[0-9a-f]{12}$")
+
+
+def client_request_id(request_id: str) -> str:
+    """The id the client sent, without the suffix that made it unique inside shoal."""
+    return _UNIQUE_SUFFIX.sub("", request_id)
 
 
 class JsonFormatter(logging.Formatter):
@@ -20,6 +30,11 @@ class JsonFormatter(logging.Formatter):
             value = getattr(record, key, None)
             if value is not None:
                 doc[key] = value
+        if isinstance(doc.get("request_id"), str):
+            unique = doc["request_id"]
+            doc["request_id"] = client_request_id(unique)
+            if unique != doc["request_id"]:
+                doc["request_key"] = unique
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         return json.dumps(doc)

@@ -106,7 +106,7 @@ class GrpcReplicaClient:
 
     def __init__(self, address: str, settings: Settings) -> None:
         self.address = address
-        self._channel = open_channel(address, settings, "scheduler")
+        self._channel = open_channel(address, settings, "scheduler", server="replica")
         self._stub = pbg.ReplicaStub(self._channel)
         self._stream = TaskStream(self._stub, address) if settings.data_plane == "stream" else None
 
@@ -350,7 +350,7 @@ class ReplicaSchedulerLink:
 
     def __init__(self, address: str, settings: Settings) -> None:
         self._settings = settings
-        self._channel = open_channel(address, settings, "replica")
+        self._channel = open_channel(address, settings, "replica", server="scheduler")
         self._stub = pbg.SchedulerStub(self._channel)
         self.reach = Reachability(f"scheduler at {address}")
 
@@ -448,7 +448,7 @@ class NativeClient:
     """A client of a scheduler's native ``SendRequest``; one channel, many calls, safe concurrently."""
 
     def __init__(self, address: str, settings: Settings) -> None:
-        self._channel = open_channel(address, settings)
+        self._channel = open_channel(address, settings, server="scheduler")
         self._stub = pbg.SchedulerStub(self._channel)
         self._metadata = auth_metadata(settings.token)
 

@@ -143,7 +143,7 @@ class IngressLink:
     """A worker's connection to its scheduler's main process."""
 
     def __init__(self, address: str, settings: Settings, worker_id: str, pid: int) -> None:
-        self._channel = open_channel(address, settings, "scheduler")
+        self._channel = open_channel(address, settings, "scheduler", server="scheduler")
         self._stub = pbg.IngressStub(self._channel)
         self._hello = pb.IngressHello(worker_id=worker_id, pid=pid)
         self._timeout = settings.rpc_timeout_s

@@ -236,6 +236,15 @@ class InferRequest:
         )
 
     def response(self, result: InferResult) -> Response:
+        body, media_type, headers = self.render(result)
+        return Response(body, media_type=media_type, headers=headers)
+
+    def json_elements(self, result: InferResult) -> int:
+        """How many output elements go back as JSON (what makes a response slow to write)."""
+        return sum(t.elements for t in result.outputs if not self.binary.get(t.name, self.binary_default))
+
+    def render(self, result: InferResult) -> tuple[bytes, str, dict[str, str]]:
+        """The response body, its media type and headers."""
         header: dict[str, Any] = {"model_name": result.model_name, "model_version": result.model_version}
         if result.id:
             header["id"] = result.id
@@ -251,13 +260,10 @@ class InferRequest:
             outputs.append(entry)
         header["outputs"] = outputs
         if not blobs:
-            return _json(header)
+            # json.dumps writes NaN and Infinity as Triton does.
+            return json.dumps(header, separators=(",", ":")).encode(), _JSON, {}
         body, length = tensors.build_binary_response(header, blobs)
-        return Response(
-            body,
-            media_type="application/octet-stream",
-            headers={"Inference-Header-Content-Length": str(length)},
-        )
+        return body, "application/octet-stream", {"Inference-Header-Content-Length": str(length)}
 
 
 def _parse_infer(body: bytes, header_length: str | None, max_elements: int) -> InferRequest:
@@ -295,6 +301,25 @@ async def parse_infer(
     if isinstance(result, tuple):
         raise from_code(Code(result[0]), result[1])
     return result
+
+
+def _render_in_child(req: InferRequest, result: InferResult) -> tuple[bytes, str, dict[str, str]]:
+    return req.render(result)
+
+
+async def respond(req: InferRequest, result: InferResult, on_loop: int) -> Response:
+    """``req``'s answer. One with many output elements as JSON is written in the parsing
+    process: turning millions of numbers into JSON text on the event loop held every other
+    request up for seconds."""
+    if req.json_elements(result) * 8 <= on_loop:  # about 8 bytes of JSON per number
+        return req.response(result)
+    global _parser
+    if _parser is None:
+        _parser = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    req.inputs = ()  # sent, and not needed to write the answer
+    loop = asyncio.get_running_loop()
+    body, media_type, headers = await loop.run_in_executor(_parser, _render_in_child, req, result)
+    return Response(body, media_type=media_type, headers=headers)
 
 
 def shutdown_parser() -> None:
@@ -405,7 +430,8 @@ def scheduler_app(
         except ShoalError as err:
             dataplane.refused(name, "", "http", err)
             raise
-        return req.response(await dataplane.infer(req.call(name, version)))
+        result = await dataplane.infer(req.call(name, version))
+        return await respond(req, result, node.settings.max_json_on_loop_kb * 1024)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)

@@ -53,8 +53,12 @@ async def test_request_id_is_carried_from_ingress_to_replica_in_json_logs(
         at_replica = [x for x in replica_lines if x.get("request_id") == "trace-me-123"]
         assert at_ingress and at_replica
         assert at_replica[0]["replica_id"] == replica["id"]
-        failed = [x for x in replica_lines if x.get("request_id") == "bad-input-456"]
-        assert failed and "INVALID_ARGUMENT" in failed[0]["msg"]
+        # Each request has a unique key inside shoal, whatever id the client reuses.
+        assert at_replica[0]["request_key"].startswith("trace-me-123~")
+        # Invalid input is refused at the scheduler's door, and logged there with the id.
+        failed = [x for x in scheduler_lines if x.get("request_id") == "bad-input-456"]
+        assert failed and "refused" in failed[0]["msg"] and "expected shape [-1,16]" in failed[0]["msg"]
+        assert not [x for x in replica_lines if x.get("request_id") == "bad-input-456"]
 
 
 def metric(text: str, name: str, **labels: str) -> float:
