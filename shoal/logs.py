@@ -30,8 +30,8 @@ class JsonFormatter(logging.Formatter):
             value = getattr(record, key, None)
             if value is not None:
                 doc[key] = value
-        if isinstance(doc.get("request_id"), str):
-            unique = doc["request_id"]
+        unique = doc.get("request_id")
+        if isinstance(unique, str):
             doc["request_id"] = client_request_id(unique)
             if unique != doc["request_id"]:
                 doc["request_key"] = unique
