@@ -174,19 +174,19 @@ class IngressHub:
         previous = self._latest.get(worker_id)
         if previous is not None and previous[0] != pid:
             # A new incarnation of this worker: what the old one counted stays counted.
-            self._before = total([self._before_without_now(), previous[1]])
+            self._keep(previous[1])
         self._latest[worker_id] = (pid, counts)
-
-    def _before_without_now(self) -> dict[str, Counts]:
-        # In-flight and queued counts of a dead process are not "now" any more.
-        return {name: dataclasses.replace(c, in_flight=0, queued=0) for name, c in self._before.items()}
 
     def forget(self, worker_id: str) -> None:
         """A worker exited: keep its counts (cumulative), drop its in-flight figures."""
         previous = self._latest.pop(worker_id, None)
         if previous is not None:
-            gone = {n: dataclasses.replace(c, in_flight=0, queued=0) for n, c in previous[1].items()}
-            self._before = total([self._before, gone])
+            self._keep(previous[1])
+
+    def _keep(self, gone: Mapping[str, Counts]) -> None:
+        # In-flight and queued counts of a dead process are not "now" any more.
+        dead = {n: dataclasses.replace(c, in_flight=0, queued=0) for n, c in gone.items()}
+        self._before = total([self._before, dead])
 
     def totals(self, own: Mapping[str, Counts]) -> dict[str, Counts]:
         """``own`` (the main process's counts) plus every worker's, living and gone,

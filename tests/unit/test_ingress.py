@@ -1,0 +1,128 @@
+"""Ingress workers without processes: the main process's hub and a worker over in-memory links."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import pytest
+
+from shoal.config import Settings
+from shoal.core import payload
+from shoal.core.spec import DeploymentSpec, parse_spec
+from shoal.core.stats import DeploymentStats
+from shoal.errors import ResourceExhausted, Unavailable
+from shoal.scheduler.ingress import Counts, IngressHub, IngressWorker, ingress_processes, snapshot
+from shoal.scheduler.models import ModelCatalog
+from shoal.scheduler.router import Router
+from shoal.testing.fakes import FakeReplicas
+from shoal.types import RoutingTable
+
+pytestmark = pytest.mark.timeout(10)
+
+
+def spec(**changes: Any) -> DeploymentSpec:
+    return parse_spec({"name": "echo", "backend": "python", "model": "m:M", **changes})
+
+
+def counts(ok: int, in_flight: int = 0) -> Counts:
+    stats = DeploymentStats()
+    stats.outcomes["ok"] = ok
+    return Counts(stats=stats, in_flight=in_flight, success=ok)
+
+
+def test_a_restarted_workers_counts_add_to_what_it_counted_before() -> None:
+    hub = IngressHub(Router("s1", Settings(), FakeReplicas()))
+    own = {"echo": counts(1)}
+    hub.report("w1", pid=100, counts={"echo": counts(5, in_flight=2)})
+    assert hub.totals(own)["echo"].stats.outcomes["ok"] == 6
+    assert hub.totals(own)["echo"].in_flight == 2
+    # The worker died and came back (a new pid): its old counts stay, its in-flight goes.
+    hub.report("w1", pid=101, counts={"echo": counts(3)})
+    total = hub.totals(own)["echo"]
+    assert (total.stats.outcomes["ok"], total.success, total.in_flight) == (9, 9, 0)
+    # Exited for good: still counted.
+    hub.forget("w1")
+    assert hub.totals(own)["echo"].stats.outcomes["ok"] == 9
+
+
+def test_totals_cover_the_main_processs_deployments_only() -> None:
+    hub = IngressHub(Router("s1", Settings(), FakeReplicas()))
+    hub.report("w1", pid=1, counts={"gone": counts(4), "echo": counts(1)})
+    assert set(hub.totals({"echo": counts(0)})) == {"echo"}
+
+
+def test_the_default_is_one_process_per_cpu_and_at_most_eight() -> None:
+    assert 1 <= ingress_processes(Settings()) <= 8
+    assert ingress_processes(Settings(ingress_workers=3)) == 3
+
+
+class Link:
+    """The main process, in memory: a queue of tables, and the hub they report to."""
+
+    def __init__(self, hub: IngressHub) -> None:
+        self.hub = hub
+        self.tables: asyncio.Queue[RoutingTable | None] = asyncio.Queue()
+        self.gone = False
+
+    async def watch(self) -> AsyncIterator[RoutingTable]:
+        while not self.gone and (table := await self.tables.get()) is not None:
+            yield table
+        self.gone = True  # and it stays unreachable
+        raise Unavailable("the main process went away")
+
+    async def report(self, counts: Mapping[str, Counts]) -> dict[str, Counts]:
+        self.hub.report("w1", 1, dict(counts))
+        return self.hub.totals({})
+
+    async def metrics(self) -> tuple[bytes, str]:
+        return b"", "text/plain"
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_a_worker_routes_by_the_table_with_its_share_of_the_limits() -> None:
+    settings = Settings(ingress_workers=2, orphan_after_s=0.3)
+    fakes = FakeReplicas()
+    main = Router("s1", settings, fakes)
+    main.add("a", spec(max_ongoing_requests=2, max_queued_requests=2), "a:1", "s1")
+    hub = IngressHub(main)
+    link = Link(hub)
+    worker = IngressWorker(settings, "s1", link, fakes)
+    run = asyncio.create_task(worker.run())
+    await link.tables.put(hub.table(version=1))
+    await asyncio.wait_for(worker.registered.wait(), 2)
+
+    replica = fakes.clients["a:1"]
+    replica.gate = asyncio.Event()
+    x = payload.from_arrays({"x": [[1.0]]})
+    # Its share: one of the replica's 2 slots, one of the deployment's 2 queue places.
+    running = asyncio.create_task(worker.router.send("echo", x))
+    queued = asyncio.create_task(worker.router.send("echo", x))
+    await replica.wait_for_requests(1)
+    await asyncio.sleep(0.01)
+    with pytest.raises(ResourceExhausted, match="this process's share of 1"):
+        await worker.router.send("echo", x)
+    replica.gate.set()
+    await asyncio.gather(running, queued)
+
+    # Its counts reach the hub.
+    await worker.refresh()
+    assert hub.totals(snapshot(main, ModelCatalog(main)))["echo"].stats.outcomes["ok"] == 2
+
+    # A deployment that leaves the table goes from the worker's router too.
+    await link.tables.put(dataclasses.replace(hub.table(version=2), deployments={}))
+    for _ in range(100):
+        if not worker.router.deployments():
+            break
+        await asyncio.sleep(0.01)
+    assert worker.router.deployments() == {}
+
+    # The main process is gone: the worker stops after orphan_after_s.
+    await link.tables.put(None)
+    await asyncio.wait_for(run, 3)
+    await worker.aclose()
+    await main.aclose()
