@@ -26,7 +26,7 @@ from shoal.proto import shoal_pb2 as pb
 from shoal.rpc import codec
 from shoal.rpc.inference_service import InferenceService
 from shoal.rpc.scheduler_service import SchedulerService
-from shoal.scheduler.http import scheduler_app
+from shoal.scheduler.http import scheduler_app, shutdown_parser
 from shoal.scheduler.node import SchedulerNode
 from shoal.scheduler.router import Router
 from shoal.testing.fakes import FakeReplicas
@@ -230,3 +230,34 @@ async def test_model_stream_infer_stops_reading_when_the_client_does_not_read(do
     rest = [a async for a in answers]
     assert sorted(int(a.infer_response.id) for a in [first, *rest]) == list(range(50))
     assert all(not a.error_message for a in rest)
+
+
+async def test_a_json_body_over_the_on_loop_limit_is_parsed_and_answered_the_same(
+    fakes: FakeReplicas,
+) -> None:
+    # Bodies and answers over max_json_on_loop_kb go through a separate process (json.loads
+    # holds the GIL); the answer must be the one the event loop would have written.
+    settings = Settings(max_message_mb=8, max_json_on_loop_kb=1)
+    router = Router("s1", settings, fakes, policy="round_robin")
+    node = SchedulerNode(settings, "s1", cast(HeadLink, None), fakes, router=router)
+    node.registered.set()
+    router.add("a", spec(), "a:9000", "s1")
+    x = np.arange(4 * 500, dtype=np.float32).reshape(500, 4) / 7
+    doc = {"id": "big", "inputs": [{"name": "x", "datatype": "FP32", "shape": [500, 4], "data": x.tolist()}]}
+    try:
+        transport = httpx.ASGITransport(app=scheduler_app(node))
+        async with httpx.AsyncClient(transport=transport, base_url="http://shoal") as http:
+            r = await http.post("/v2/models/echo/infer", json=doc)
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["id"] == "big"
+            np.testing.assert_array_equal(np.array(body["outputs"][0]["data"], np.float32).reshape(500, 4), x)
+            bad = {**doc, "inputs": [{**doc["inputs"][0], "shape": [500, 5]}]}
+            r = await http.post("/v2/models/echo/infer", json=bad)
+            assert (
+                r.status_code == 400
+                and "shape [500,5] needs 2500 elements, data has 2000" in r.json()["error"]
+            ), r.text
+    finally:
+        shutdown_parser()
+        await router.aclose()
