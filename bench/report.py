@@ -168,77 +168,82 @@ def _verdict(ok: bool) -> str:
     return "**met**" if ok else "**NOT met**"
 
 
-def targets(doc: dict[str, Any], agg: dict[Key, dict[str, Any]]) -> list[str]:
-    """One line per target of the data-plane issue, with the numbers behind it."""
-    peers_ = ["mlserver", "mlserver-pw0", "pytriton", "ray"]
-    out = []
-    measured = {k[3] for k in agg if k[0] == "shoal"}
-    # The external tool when shoal's OIP ingress could be loaded by one, else shoal bench (native).
-    tool = next((t for t in ("perf_analyzer grpc", "h2load grpc") if t in measured), "shoal bench native")
-    shoal_tools = (tool,)
-    oip = tool != "shoal bench native"
-    note = (
-        ""
-        if oip
-        else " (shoal over its native protocol with `shoal bench`, against the floor loaded by"
-        " `shoal bench` over gRPC: no external tool could load shoal's OIP gRPC ingress)"
-    )
-    c_hi, c_lo = max(doc["settings"]["concurrency"]), min(doc["settings"]["concurrency"])
+def _target(value: float, target: float, milestone: float, *, below: bool = False) -> str:
+    """Met, the milestone only, or neither (``below``: smaller is better)."""
+    if (value <= target) if below else (value >= target):
+        return "**met**"
+    if (value <= milestone) if below else (value >= milestone):
+        return "**milestone met**, target not"
+    return "**NOT met**"
 
-    s_best, s_who = _best(agg, ["shoal"], "noop", c_hi, shoal_tools)
-    p_best, p_who = _best(agg, peers_, "noop", c_hi, ("perf_analyzer grpc", "h2load grpc"))
+
+def targets(doc: dict[str, Any], agg: dict[Key, dict[str, Any]]) -> list[str]:
+    """One line per target of the data-plane issue (target, then milestone), with the
+    numbers behind it: ratios are medians of per-round ratios to the floors."""
+    out = []
+    c_hi, c_lo = max(doc["settings"]["concurrency"]), min(doc["settings"]["concurrency"])
+    pa = ("perf_analyzer grpc",)
+
+    # noop gRPC at c_hi: >= 1.0x the floor (milestone 0.75x) and >= 1.3x PyTriton batching (1.0x).
+    s_best, s_who = _best(agg, ["shoal"], "noop", c_hi, pa)
+    p_best, _ = _best(agg, ["pytriton"], "noop", c_hi, pa, variant="batch")
     if s_best is not None:
         out.append(
-            f"- noop gRPC c={c_hi} >= 0.75x the grpc.aio floor: shoal {s_best:.2f}x ({s_who}): "
-            f"{_verdict(s_best >= 0.75)}{note}"
+            f"- noop gRPC c={c_hi} (perf_analyzer) >= 1.0x the grpc.aio floor (milestone 0.75x): shoal "
+            f"{s_best:.2f}x ({s_who}): {_target(s_best, 1.0, 0.75)}"
         )
         if p_best is not None:
+            r = s_best / p_best
             out.append(
-                f"- noop gRPC c={c_hi} >= 1.2x the best peer: best peer {p_best:.2f}x the floor ({p_who}); "
-                f"shoal/peer = {s_best / p_best:.2f}: {_verdict(s_best >= 1.2 * p_best)}"
+                f"- noop gRPC c={c_hi} >= 1.3x PyTriton with batching (milestone 1.0x): PyTriton "
+                f"{p_best:.2f}x the floor; shoal/PyTriton = {r:.2f}: {_target(r, 1.3, 1.0)}"
             )
-    ref = reference(tool)
-    mine = agg.get(("shoal", "nobatch", "noop", shoal_tools[0], c_lo))
-    floor = agg.get(("floor-grpc", "-", "noop", ref, c_lo))
-    if mine and floor and mine["p50_ms"] and floor["p50_ms"]:
-        r = mine["p50_ms"] / floor["p50_ms"]
-        out.append(
-            f"- noop gRPC c={c_lo} p50 <= 1.5x the floor's: shoal {mine['p50_ms']:.2f} ms, floor "
-            f"{floor['p50_ms']:.2f} ms: {r:.2f}x: {_verdict(r <= 1.5)}{note}"
-        )
-    for proto, tools_ in (("gRPC", shoal_tools), ("HTTP", ("wrk http-json",))):
-        val, _ = _best(agg, ["shoal"], "sklearn", c_hi, tools_, variant="batch")
-        peer_tools = ("perf_analyzer grpc", "h2load grpc") if proto == "gRPC" else ("wrk http-json",)
-        pb, pwho = _best(agg, peers_, "sklearn", c_hi, peer_tools)
-        head = f"- sklearn {proto} c={c_hi} with batching ahead of every peer:"
-        if val is None:
-            out.append(f"{head} **not measured** (no shoal {proto} point)")
-            continue
-        out.append(
-            f"{head} shoal {val:.2f}x the floor, best peer {_num(pb, '.2f')}x ({pwho or '-'}): "
-            f"{_verdict(pb is None or val > pb)}{note if proto == 'gRPC' else ''}"
-        )
-    if oip:
-        # The native protocol beside it, against the floor loaded by the same generator.
-        nat, nwho = _best(agg, ["shoal"], "noop", c_hi, ("shoal bench native",))
-        mine = agg.get(("shoal", "nobatch", "noop", "shoal bench native", c_lo))
-        floor = agg.get(("floor-grpc", "-", "noop", "shoal bench grpc", c_lo))
-        if nat is not None:
-            out.append(f"- for comparison, the native protocol: noop c={c_hi} {nat:.2f}x the floor ({nwho})")
+    # noop gRPC at c_lo: p50 <= 2.0x the floor's (milestone 2.5x), batching off and on.
+    floor = agg.get(("floor-grpc", "-", "noop", "perf_analyzer grpc", c_lo))
+    for variant in ("nobatch", "batch"):
+        mine = agg.get(("shoal", variant, "noop", "perf_analyzer grpc", c_lo))
         if mine and floor and mine["p50_ms"] and floor["p50_ms"]:
+            r = mine["p50_ms"] / floor["p50_ms"]
             out.append(
-                f"- for comparison, the native protocol: noop c={c_lo} p50 {mine['p50_ms']:.2f} ms, floor "
-                f"{floor['p50_ms']:.2f} ms ({mine['p50_ms'] / floor['p50_ms']:.2f}x), both through "
-                "`shoal bench`"
+                f"- noop gRPC c={c_lo} p50 <= 2.0x the floor's (milestone 2.5x), shoal/{variant}: "
+                f"{mine['p50_ms']:.2f} ms against {floor['p50_ms']:.2f} ms, {r:.2f}x: "
+                f"{_target(r, 2.0, 2.5, below=True)}"
             )
-    mem = {m["system"]: m["rss_mb"] for m in doc.get("memory", [])}
-    others = {k: v for k, v in mem.items() if k in ("mlserver", "mlserver-pw0", "ray")}
-    if "shoal" in mem and others:
-        listed = ", ".join(f"{k} {v:.0f} MB" for k, v in others.items())
-        ok = all(mem["shoal"] < v for v in others.values())
+    # sklearn c_hi with batching, gRPC (perf_analyzer) and HTTP (wrk JSON): >= 1.2x PyTriton (ahead).
+    for proto, tools_ in (("gRPC", pa), ("HTTP", ("wrk http-json",))):
+        val, _ = _best(agg, ["shoal"], "sklearn", c_hi, tools_, variant="batch")
+        pb, _ = _best(agg, ["pytriton"], "sklearn", c_hi, tools_, variant="batch")
+        head = f"- sklearn {proto} c={c_hi} with batching >= 1.2x PyTriton with batching (milestone: ahead):"
+        if val is None or pb is None:
+            out.append(f"{head} **not measured**")
+            continue
+        r = val / pb
         out.append(
-            f"- idle memory below MLServer's and Ray Serve's: shoal {mem['shoal']:.0f} MB; {listed}: "
-            + _verdict(ok)
+            f"{head} shoal {val:.2f}x the floor, PyTriton {pb:.2f}x; shoal/PyTriton = {r:.2f}: "
+            f"{_target(r, 1.2, 1.0 + 1e-9)}"
+        )
+    # noop HTTP c_hi (wrk): >= 1.0x bare Starlette (milestone 0.75x).
+    http = [
+        a["x_http_floor"]
+        for k, a in agg.items()
+        if k[0] == "shoal"
+        and k[2] == "noop"
+        and k[3] == "wrk http-json"
+        and k[4] == c_hi
+        and a["x_http_floor"] is not None
+    ]
+    if http:
+        best = max(http)
+        out.append(
+            f"- noop HTTP c={c_hi} (wrk) >= 1.0x bare Starlette (milestone 0.75x): shoal {best:.2f}x: "
+            f"{_target(best, 1.0, 0.75)}"
+        )
+    # Idle memory, PSS: <= MLServer with parallel_workers 0.
+    pss = {m["system"]: m["pss_mb"] for m in doc.get("memory", [])}
+    if "shoal" in pss and "mlserver-pw0" in pss:
+        out.append(
+            f"- idle memory (PSS) <= MLServer with parallel_workers 0: shoal {pss['shoal']:.0f} MB, "
+            f"MLServer {pss['mlserver-pw0']:.0f} MB: {_verdict(pss['shoal'] <= pss['mlserver-pw0'])}"
         )
     return out
 
@@ -339,6 +344,10 @@ def render(doc: dict[str, Any], path: Path) -> str:
         t = statistics.median(x for x, _ in vals)
         sv = statistics.median(y for _, y in vals)
         lines.append(f"| {tool} | {t:.2f} | {sv:.2f} |")
+    profile = Path(__file__).resolve().parent / "profile.md"
+    if profile.exists():
+        # Written by bench/profile.py (a separate run: it needs py-spy and a quiet machine).
+        lines += ["", "## Where a request's CPU goes", "", profile.read_text().rstrip()]
     lines += ["", "## Not run, and why", ""]
     skipped = doc.get("skipped", {})
     failed = [p for p in doc["points"] if p.get("failed")]

@@ -63,6 +63,9 @@ class _Deployment:
     waiting: int = 0
     stats: DeploymentStats = field(default_factory=DeploymentStats)
     changed: Signal = field(default_factory=lambda: Signal())
+    # Gone from the head's table while this machine's replicas of it still drain: it takes
+    # no new request (NotFound at once, not a wait for a replica that will not come).
+    deleted: bool = False
 
 
 class Router:
@@ -137,7 +140,7 @@ class Router:
 
     async def remove(self, replica_id: str, *, failed: bool) -> None:
         """Drop a replica. ``failed``: it died, so its pending requests are retried elsewhere."""
-        for dep in self._deployments.values():
+        for dep in list(self._deployments.values()):
             handle = dep.handles.pop(replica_id, None)
             if handle is None:
                 continue
@@ -147,12 +150,17 @@ class Router:
                     log.info("replica %s died with %d request(s) in flight; retrying them", replica_id, n)
             self._notify(dep)
             await handle.close()
+            if dep.deleted and not dep.handles:
+                self._deployments.pop(dep.spec.name, None)
 
     async def apply_table(self, table: RoutingTable) -> None:
         """Adopt the head's view of other schedulers' replicas (local ones come from the supervisor)."""
         for name, routes in table.deployments.items():
             self.set_spec(routes.spec)
             dep = self._deployments[name]
+            if dep.deleted:
+                dep.deleted = False
+                self._notify(dep)
             remote = {
                 r.replica_id: r
                 for r in routes.routes
@@ -175,16 +183,27 @@ class Router:
             if self._table_only or not any(h.local for h in dep.handles.values()):
                 for rid in list(dep.handles):
                     await self.remove(rid, failed=False)
-                del self._deployments[name]
+                self._deployments.pop(name, None)
+            elif not dep.deleted:
+                # Deleted at the head: this machine's replicas drain (their requests finish),
+                # and new requests are NotFound now, everywhere, not after a timeout.
+                dep.deleted = True
+                for rid, handle in list(dep.handles.items()):
+                    if not handle.local:
+                        await self.remove(rid, failed=False)
+                self._notify(dep)
+
+    def _live(self, name: str) -> _Deployment:
+        dep = self._deployments.get(name)
+        if dep is None or dep.deleted:
+            raise NotFound(f"no deployment named {name!r}")
+        return dep
 
     def spec(self, name: str) -> DeploymentSpec:
-        dep = self._deployments.get(name)
-        if dep is None:
-            raise NotFound(f"no deployment named {name!r}")
-        return dep.spec
+        return self._live(name).spec
 
     def deployments(self) -> dict[str, DeploymentSpec]:
-        return {n: d.spec for n, d in self._deployments.items()}
+        return {n: d.spec for n, d in self._deployments.items() if not d.deleted}
 
     def ready_count(self, name: str) -> int:
         dep = self._deployments.get(name)
@@ -226,9 +245,7 @@ class Router:
         request whose replica dies is retried on another, up to
         ``settings.request_attempts`` replicas.
         """
-        dep = self._deployments.get(deployment)
-        if dep is None:
-            raise NotFound(f"no deployment named {deployment!r}")
+        dep = self._live(deployment)
         started = time.perf_counter()
         outcome = "error"
         request_id = request_id or uuid.uuid4().hex
@@ -310,6 +327,8 @@ class Router:
         )
 
     async def _acquire(self, dep: _Deployment, deadline: float, tried: set[str]) -> ReplicaHandle:
+        if dep.deleted:
+            raise NotFound(f"no deployment named {dep.spec.name!r}: it was deleted")
         handle = self._pick(dep, tried)
         if handle is not None:
             handle.in_flight += 1
@@ -327,6 +346,8 @@ class Router:
             self._on_starved()
         try:
             while True:
+                if dep.deleted:
+                    raise NotFound(f"no deployment named {dep.spec.name!r}: it was deleted")
                 handle = self._pick(dep, tried)
                 if handle is not None:
                     handle.in_flight += 1
@@ -381,9 +402,7 @@ class Router:
         The replica's slot is held until the stream ends: close this generator (``aclose``,
         ``contextlib.aclosing``) when the client goes away, which also stops the generation.
         """
-        dep = self._deployments.get(deployment)
-        if dep is None:
-            raise NotFound(f"no deployment named {deployment!r}")
+        dep = self._live(deployment)
         started = time.perf_counter()
         request_id = request_id or uuid.uuid4().hex
         timeout_s = timeout_s if timeout_s > 0 else dep.spec.timeout_s
@@ -450,9 +469,7 @@ class Router:
         nothing is reserved, and the list may be empty. Raises NotFound for an unknown
         deployment.
         """
-        dep = self._deployments.get(name)
-        if dep is None:
-            raise NotFound(f"no deployment named {name!r}")
+        dep = self._live(name)
         ready = sorted((h for h in dep.handles.values() if h.accepting), key=lambda h: not h.local)
         return [(h.replica_id, h.client) for h in ready]
 

@@ -344,3 +344,34 @@ async def test_a_deployment_gone_from_the_table_is_forgotten(router: Router, fak
     assert fakes.clients["r1:9000"].closed
     with pytest.raises(NotFound):
         await router.send("echo", x(1))
+
+
+async def test_a_deployment_deleted_at_the_head_is_not_found_at_once_while_its_replicas_drain(
+    router: Router, fakes: FakeReplicas
+) -> None:
+    [a] = add(router, fakes, make_spec(), "mine")
+    a.gate = asyncio.Event()
+    in_flight = asyncio.create_task(router.send("echo", x(1)))
+    await a.wait_for_requests(1)
+    # A request waiting for room (max_ongoing_requests is 64: fill it by retiring instead).
+    router.retire("mine")
+    waiting = asyncio.create_task(router.send("echo", x(2), timeout_s=30))
+    await asyncio.sleep(0.01)
+    await router.apply_table(RoutingTable(version=2))  # the head deleted it
+    with pytest.raises(NotFound):
+        await asyncio.wait_for(waiting, 1.0)  # at once, not after its 30 s deadline
+    with pytest.raises(NotFound):
+        await router.send("echo", x(3))
+    assert "echo" not in router.deployments()
+    a.gate.set()
+    _, rid = await in_flight  # what was on the replica finishes
+    assert rid == "mine"
+    await router.remove("mine", failed=False)
+    # Created again under the same name: found again.
+    add(router, fakes, make_spec(), "again")
+    await router.apply_table(
+        RoutingTable(
+            version=3, deployments={"echo": DeploymentRoutes(make_spec(), (Route("again", "again:1", "s1"),))}
+        )
+    )
+    assert (await router.send("echo", x(4)))[1] == "again"

@@ -1,0 +1,190 @@
+"""Where a request's CPU goes in each of shoal's processes: py-spy under perf_analyzer load.
+
+Starts ``shoal up`` with the noop model (batching 32 / 1 ms, one replica, one ingress
+process), loads it with perf_analyzer over gRPC at concurrency 32, records the scheduler
+and the replica with py-spy for a few seconds each, and sorts the samples by the part of
+shoal they fell in (the innermost shoal frame of each stack; "library" when none: gRPC
+and the event loop). Results go to ``bench/results/profile-LABEL.json``; every saved
+label is rendered side by side in ``bench/profile.md``, which ``docs/benchmarks.md``
+includes. Not part of ``make test``::
+
+    .venv/bin/python bench/profile.py --label after
+    git worktree add /tmp/before OLD && .venv/bin/python bench/profile.py --label before --source /tmp/before
+
+Needs perf_analyzer (``bench/peers.py perf-analyzer``) and py-spy (``pip install py-spy``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+RESULTS = BENCH / "results"
+PERF_ANALYZER = BENCH / ".peers" / "perf-analyzer" / "perf_analyzer"
+SPEC = """name: noop
+backend: python
+model: 'echo:Echo'
+inputs: [{name: x, datatype: FP32, shape: [-1, 16]}]
+outputs: [{name: x, datatype: FP32, shape: [-1, 16]}]
+replicas: 1
+resources: {cpus: 0.25}
+batching: {max_batch_size: 32, max_delay_ms: 1}
+"""
+# The part of shoal a sample is in: the innermost frame from one of these files.
+PARTS = [
+    ("tensor decode/encode", ("shoal/core/tensors.py", "shoal/rpc/codec.py", "numpy/")),
+    (
+        "checks and accounting",
+        (
+            "shoal/core/payload.py",
+            "shoal/scheduler/dataplane.py",
+            "shoal/scheduler/models.py",
+            "shoal/core/limits.py",
+            "shoal/core/stats.py",
+        ),
+    ),
+    ("routing", ("shoal/scheduler/router.py", "shoal/scheduler/handle.py", "shoal/core/routing.py")),
+    ("replica stream, scheduler side", ("shoal/rpc/task_stream.py", "shoal/rpc/clients.py")),
+    (
+        "ingress adapter",
+        ("shoal/rpc/inference_service.py", "shoal/rpc/scheduler_service.py", "shoal/rpc/auth.py"),
+    ),
+    ("head", ("shoal/head/", "shoal/core/cluster.py", "shoal/store/")),
+    ("batcher", ("shoal/replica/batcher.py",)),
+    ("model (backend)", ("shoal/backends/",)),
+    ("replica adapter", ("shoal/rpc/replica_service.py", "shoal/replica/process.py")),
+]
+LIBRARY = "gRPC and the event loop (library code)"
+
+
+def part(stack: list[str]) -> str:
+    for frame in reversed(stack):
+        for name, files in PARTS:
+            if any(f in frame for f in files):
+                return name
+    return LIBRARY
+
+
+def shares(raw: Path) -> dict[str, float]:
+    counts: collections.Counter[str] = collections.Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if n.isdigit():
+            counts[part(stack.split(";"))] += int(n)
+    total = sum(counts.values()) or 1
+    return {k: v / total for k, v in counts.items()}
+
+
+def profile(source: Path, seconds: float) -> dict[str, object]:
+    work = Path(tempfile.mkdtemp(prefix="shoal-profile-"))
+    shutil.copy(ROOT / "examples" / "echo.py", work / "echo.py")
+    (work / "deploy.yaml").write_text(SPEC)
+    env = {**os.environ, "PYTHONPATH": str(source), "SHOAL_INGRESS_WORKERS": "1", "SHOAL_HEAD": ""}
+    state = work / "state"
+    argv = [sys.executable, "-m", "shoal.cli", "up", "--state", str(state), "--head-port", "0"]
+    argv += ["--dashboard-port", "0", "--grpc-port", "0", "--http-port", "0", "--deploy", "deploy.yaml"]
+    up = subprocess.Popen(
+        argv, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        assert up.stdout is not None
+        deadline = time.monotonic() + 90
+        for line in up.stdout:
+            if "all deployments ready" in line:
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit("shoal did not come up")
+        grpc = json.loads((state / "endpoints.json").read_text())["scheduler"]
+        replica = next(
+            p.pid
+            for p in psutil.Process(up.pid).children(recursive=True)
+            if "shoal.replica" in " ".join(p.cmdline())
+        )
+        load = [str(PERF_ANALYZER), "-m", "noop", "-u", grpc, "-i", "grpc", "--shape", "x:1,16"]
+        load += [
+            "--concurrency-range",
+            "32",
+            "-p",
+            str(int((2 * seconds + 4) * 1000)),
+            "-s",
+            "1000",
+            "-r",
+            "2",
+        ]
+        loader = subprocess.Popen(load, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(2)
+        out: dict[str, object] = {}
+        for name, pid in (("scheduler", up.pid), ("replica", replica)):
+            raw = work / f"{name}.txt"
+            spy = ["py-spy", "record", "-d", str(int(seconds)), "-r", "200", "--format", "raw"]
+            subprocess.run([*spy, "-p", str(pid), "-o", str(raw)], check=True, capture_output=True)
+            out[name] = shares(raw)
+        text, _ = loader.communicate(timeout=120)
+        out["throughput"] = next((ln.split()[1] for ln in text.splitlines() if "Throughput:" in ln), "?")
+        return out
+    finally:
+        up.send_signal(signal.SIGTERM)
+        up.wait(30)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def render() -> str:
+    runs = {
+        p.stem.removeprefix("profile-"): json.loads(p.read_text())
+        for p in sorted(RESULTS.glob("profile-*.json"))
+    }
+    labels = sorted(runs, key=lambda k: (k != "before", k))
+    lines = [
+        "Share of each process's CPU samples (py-spy, 200 Hz, 5 s, under perf_analyzer noop gRPC c=32,",
+        "batching 32 / 1 ms, one ingress process), by the innermost shoal frame of each sample",
+        "(`bench/profile.py`):",
+        "",
+    ]
+    for proc in ("scheduler", "replica"):
+        parts = sorted(
+            {k for r in runs.values() for k in r.get(proc, {})},
+            key=lambda k: -runs[labels[-1]].get(proc, {}).get(k, 0),
+        )
+        lines.append(
+            f"| {proc} | " + " | ".join(f"{lb} ({runs[lb].get('commit', '?')})" for lb in labels) + " |"
+        )
+        lines.append("|---|" + "---|" * len(labels))
+        for k in parts:
+            cells = " | ".join(f"{100 * runs[lb].get(proc, {}).get(k, 0):.0f}%" for lb in labels)
+            lines.append(f"| {k} | {cells} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    args.add_argument("--label", default="after")
+    args.add_argument("--source", type=Path, default=ROOT, help="the checkout to profile (default: this one)")
+    args.add_argument("--seconds", type=float, default=5.0)
+    ns = args.parse_args()
+    result = profile(ns.source.resolve(), ns.seconds)
+    commit = subprocess.run(
+        ["git", "-C", str(ns.source), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
+    result["commit"] = commit.stdout.strip()
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"profile-{ns.label}.json").write_text(json.dumps(result, indent=2))
+    (BENCH / "profile.md").write_text(render() + "\n")
+    print(render())
+
+
+if __name__ == "__main__":
+    main()
