@@ -73,6 +73,8 @@ class RoutingTable:
     deployments: Mapping[str, DeploymentRoutes] = field(default_factory=dict)
     token_hashes: tuple[str, ...] = ()
     """Hashes of every token: a scheduler tells an unknown token (401) from one not allowed (403)."""
+    deleted: tuple[str, ...] = ()
+    """Deployments deleted at the head: schedulers stop routing to them at once."""
 
 
 @dataclass(frozen=True)

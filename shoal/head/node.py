@@ -482,10 +482,15 @@ class HeadNode:
         async with self.lock:
             table = self._table()
             token_hashes = self.tokens.hashes()
-        if table != dict(self._routes.deployments) or token_hashes != self._routes.token_hashes:
+            deleted = tuple(sorted(self.deleted))
+        changed = table != dict(self._routes.deployments) or token_hashes != self._routes.token_hashes
+        if changed or deleted != self._routes.deleted:
             async with self._routes_changed:
                 self._routes = RoutingTable(
-                    version=self._routes.version + 1, deployments=table, token_hashes=token_hashes
+                    version=self._routes.version + 1,
+                    deployments=table,
+                    token_hashes=token_hashes,
+                    deleted=deleted,
                 )
                 self._routes_changed.notify_all()
 

@@ -446,6 +446,7 @@ class RoutingTable(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     DEPLOYMENTS_FIELD_NUMBER: _builtins.int
     TOKEN_HASHES_FIELD_NUMBER: _builtins.int
+    DELETED_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     @_builtins.property
     def deployments(self) -> _containers.MessageMap[_builtins.str, Global___DeploymentRoutes]: ...
@@ -453,16 +454,24 @@ class RoutingTable(_message.Message):
     def token_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """SHA-256 (hex) of every token, to tell an unknown token from one not allowed."""
 
+    @_builtins.property
+    def deleted(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Deployments deleted (the head's tombstones): a scheduler stops routing to them at once,
+        even while its replicas of them drain. A name in neither list is one the head does not
+        know (say its store was lost): schedulers keep serving it from their own replicas.
+        """
+
     def __init__(
         self,
         *,
         version: _builtins.int = ...,
         deployments: _abc.Mapping[_builtins.str, Global___DeploymentRoutes] | None = ...,
         token_hashes: _abc.Iterable[_builtins.str] | None = ...,
+        deleted: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployments", b"deployments", "token_hashes", b"token_hashes", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted", "deployments", b"deployments", "token_hashes", b"token_hashes", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

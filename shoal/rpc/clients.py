@@ -254,7 +254,10 @@ class RoutingTableDecoder:
                 spec=spec, routes=routes, allowed_tokens=tuple(dep.allowed_token_hashes)
             )
         return RoutingTable(
-            version=table.version, deployments=deployments, token_hashes=tuple(table.token_hashes)
+            version=table.version,
+            deployments=deployments,
+            token_hashes=tuple(table.token_hashes),
+            deleted=tuple(table.deleted),
         )
 
     def _spec(self, name: str, spec_json: str) -> DeploymentSpec | None:

@@ -55,7 +55,9 @@ class HeadService(pbg.HeadServicer):
         self, request: pb.WatchRoutesRequest, context: Context
     ) -> AsyncIterator[pb.RoutingTable]:
         async for table in self.node.watch_routes(request.scheduler_id):
-            msg = pb.RoutingTable(version=table.version, token_hashes=table.token_hashes)
+            msg = pb.RoutingTable(
+                version=table.version, token_hashes=table.token_hashes, deleted=table.deleted
+            )
             for name, dep in table.deployments.items():
                 entry = msg.deployments[name]
                 entry.spec_json = dep.spec.to_json()

@@ -26,6 +26,7 @@ A model that is known but not ready answers its ``ready`` route with 400, as Tri
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import json
 import multiprocessing
@@ -295,12 +296,18 @@ async def parse_infer(
         return _parse_infer(body, header_length, max_elements)
     global _parser
     if _parser is None:
-        _parser = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        _parser = _new_parser()
     loop = asyncio.get_running_loop()
     result = await loop.run_in_executor(_parser, _parse_in_child, body, header_length, max_elements)
     if isinstance(result, tuple):
         raise from_code(Code(result[0]), result[1])
     return result
+
+
+def _new_parser() -> concurrent.futures.ProcessPoolExecutor:
+    pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    atexit.register(shutdown_parser)  # stopped before the interpreter tears its modules down
+    return pool
 
 
 def _render_in_child(req: InferRequest, result: InferResult) -> tuple[bytes, str, dict[str, str]]:
@@ -315,7 +322,7 @@ async def respond(req: InferRequest, result: InferResult, on_loop: int) -> Respo
         return req.response(result)
     global _parser
     if _parser is None:
-        _parser = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        _parser = _new_parser()
     req.inputs = ()  # sent, and not needed to write the answer
     loop = asyncio.get_running_loop()
     body, media_type, headers = await loop.run_in_executor(_parser, _render_in_child, req, result)

@@ -181,12 +181,18 @@ class Router:
         for name in [n for n in self._deployments if n not in table.deployments]:
             dep = self._deployments[name]
             if self._table_only or not any(h.local for h in dep.handles.values()):
+                # Requests waiting on this entry (or retrying off a handle closed here) must
+                # not wait for it any more: it is gone.
+                dep.deleted = True
+                self._notify(dep)
                 for rid in list(dep.handles):
                     await self.remove(rid, failed=False)
                 self._deployments.pop(name, None)
-            elif not dep.deleted:
+            elif not dep.deleted and name in table.deleted:
                 # Deleted at the head: this machine's replicas drain (their requests finish),
-                # and new requests are NotFound now, everywhere, not after a timeout.
+                # and new requests are NotFound now, everywhere, not after a timeout. (A name
+                # the head does not know without a tombstone, say after its store was lost,
+                # keeps serving from this machine's replicas.)
                 dep.deleted = True
                 for rid, handle in list(dep.handles.items()):
                     if not handle.local:

@@ -41,7 +41,13 @@ async def test_a_deleted_deployment_answers_404_everywhere_within_a_second(
         async with httpx.AsyncClient(timeout=30) as http:
             for url in urls:  # both schedulers route to it (one over the network)
                 assert (await http.post(f"{url}/v2/models/echod/infer", json=BODY)).status_code == 200
-            in_flight = asyncio.create_task(http.post(f"{urls[0]}/v2/models/echod/infer", json=BODY))
+            # A slow request on the scheduler that runs the replica, in flight at the delete.
+            status = await cluster.status()
+            [host] = [
+                r["scheduler"] for d in status["deployments"] if d["name"] == "echod" for r in d["replicas"]
+            ]
+            [home] = [f"http://{s['http_address']}" for s in status["schedulers"] if s["id"] == host]
+            in_flight = asyncio.create_task(http.post(f"{home}/v2/models/echod/infer", json=BODY))
             await asyncio.sleep(0.3)
             await cluster.client.delete("echod")
             deleted_at = time.monotonic()

@@ -357,7 +357,7 @@ async def test_a_deployment_deleted_at_the_head_is_not_found_at_once_while_its_r
     router.retire("mine")
     waiting = asyncio.create_task(router.send("echo", x(2), timeout_s=30))
     await asyncio.sleep(0.01)
-    await router.apply_table(RoutingTable(version=2))  # the head deleted it
+    await router.apply_table(RoutingTable(version=2, deleted=("echo",)))  # the head deleted it
     with pytest.raises(NotFound):
         await asyncio.wait_for(waiting, 1.0)  # at once, not after its 30 s deadline
     with pytest.raises(NotFound):
@@ -375,3 +375,12 @@ async def test_a_deployment_deleted_at_the_head_is_not_found_at_once_while_its_r
         )
     )
     assert (await router.send("echo", x(4)))[1] == "again"
+
+
+async def test_a_deployment_the_head_does_not_know_keeps_serving_from_local_replicas(
+    router: Router, fakes: FakeReplicas
+) -> None:
+    # Gone from the table without a tombstone (say the head's store was lost): not deleted.
+    add(router, fakes, make_spec(), "mine")
+    await router.apply_table(RoutingTable(version=2))
+    assert (await router.send("echo", x(1)))[1] == "mine"
