@@ -166,6 +166,13 @@ def render() -> str:
             cells = " | ".join(f"{100 * runs[lb].get(proc, {}).get(k, 0):.0f}%" for lb in labels)
             lines.append(f"| {k} | {cells} |")
         lines.append("")
+    latest = runs[labels[-1]]
+    own = {proc: 1 - latest.get(proc, {}).get(LIBRARY, 0) for proc in ("scheduler", "replica")}
+    lines.append(
+        f"In the latest run ({labels[-1]}), shoal's own code is {100 * own['scheduler']:.0f}% of the "
+        f"scheduler's samples and {100 * own['replica']:.0f}% of the replica's; the rest is gRPC's "
+        "per-message work and the event loop, which a second hop (ingress, then replica) pays twice."
+    )
     return "\n".join(lines)
 
 
