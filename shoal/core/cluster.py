@@ -497,6 +497,11 @@ class ClusterState:
         delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (f.count - 1))
         f.not_before = self.clock.now() + delay
 
+    def clear_start_failures(self, deployment: str) -> bool:
+        """Forget ``deployment``'s failed starts (a new deploy, even of the same spec, is a new
+        try: the user may have fixed the model's code). True when there were any."""
+        return self._failures.pop(deployment, None) is not None
+
     def event(
         self, kind: str, message: str, *, deployment: str = "", replica_id: str = "", scheduler_id: str = ""
     ) -> None:

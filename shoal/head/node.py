@@ -255,6 +255,8 @@ class HeadNode:
         async with self.lock:
             old = self.desired.get(spec.name)
             changed = old is None or old.to_json() != spec.to_json()
+            # A deploy, even of the same spec, ends a FAILED state or a crash-loop backoff.
+            retried = self.state.clear_start_failures(spec.name)
             if changed:
                 await self.store.put(DEPLOYMENTS + spec.name, spec.to_json())
                 self.desired[spec.name] = spec
@@ -266,6 +268,9 @@ class HeadNode:
             log.info("deployment %s %s", spec.name, "created" if old is None else "updated")
             self.wake()
             await self._publish_routes()
+        elif retried:
+            log.info("deployment %s: starting its replicas again after failed starts", spec.name)
+            self.wake()
         return ApplyResult(created=old is None, changed=changed)
 
     async def scale(self, name: str, replicas: int) -> None:

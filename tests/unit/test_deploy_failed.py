@@ -1,5 +1,5 @@
 """A deployment whose replicas keep dying before READY is FAILED: the crash loop stops until a
-deploy of another spec (over ``ClusterState``, no I/O)."""
+deploy (over ``ClusterState``, no I/O)."""
 
 from __future__ import annotations
 
@@ -73,3 +73,17 @@ def test_failed_create_calls_back_off_but_do_not_fail_the_deployment(state: Clus
         state.create_failed(create.replica_id, "scheduler unreachable")
         state.clock.advance(60)
     assert [a for a in state.reconcile({"app": (s, 1)}) if isinstance(a, CreateReplica)]
+
+
+def test_a_deploy_of_the_same_spec_tries_again(state: ClusterState) -> None:
+    # The user fixed the model's code in place: deploying the unchanged spec starts it again.
+    broken = spec("broken:M")
+    assert isinstance(state.clock, FakeClock)
+    for i in range(FAILED_AFTER):
+        start_and_die(state, broken, i + 1, "boom")
+        state.clock.advance(60)
+    assert state.reconcile({"app": (broken, 1)}) == []
+    assert state.clear_start_failures("app")
+    creates = [a for a in state.reconcile({"app": (broken, 1)}) if isinstance(a, CreateReplica)]
+    assert len(creates) == 1
+    assert not state.clear_start_failures("app")
