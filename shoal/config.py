@@ -86,9 +86,8 @@ class Settings:
     """On SIGTERM, how long in-flight work may take before processes are killed."""
     ingress_workers: int = 0
     """Processes that serve the scheduler's inference ports together (SO_REUSEPORT), each
-    routing on its own: 0 is half the machine's CPUs (at most 8; the rest is for replicas);
-    1 serves them from the scheduler's own process. Limits and counts hold in total
-    (``docs/architecture.md``)."""
+    routing on its own: 0 is one per CPU, at most 4; 1 serves them from the scheduler's
+    own process. Limits and counts hold in total (``docs/architecture.md``)."""
     data_plane: str = "stream"
     """Scheduler -> replica requests: ``stream`` (one PushTasks stream per replica) or ``unary``."""
     event_loop: str = "auto"

@@ -82,7 +82,7 @@ def _add_scheduler_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ingress-workers",
         type=int,
-        help="processes serving the inference ports together (default 0: half the CPUs, at most 8)",
+        help="processes serving the inference ports together (default 0: one per CPU, at most 4)",
     )
 
 
