@@ -32,7 +32,7 @@ import json
 import multiprocessing
 import zlib
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -44,7 +44,7 @@ from starlette.routing import Route
 from shoal import metrics
 from shoal.core import limits, payload, tensors
 from shoal.core.payload import Tensor, Tensors
-from shoal.errors import Code, InvalidArgument, ShoalError, from_code
+from shoal.errors import Code, InvalidArgument, ResourceExhausted, ShoalError, from_code
 from shoal.httpauth import InferenceAuth as InferenceAuthMiddleware
 from shoal.scheduler.dataplane import InferCall
 from shoal.scheduler.generate_http import generate_routes
@@ -54,6 +54,7 @@ from shoal.scheduler.node import SchedulerNode
 from shoal.scheduler.openai import openai_routes
 
 Endpoint = Callable[[Request], Awaitable[Response]]
+T = TypeVar("T")
 
 _JSON = "application/json"
 _UNSUPPORTED_PARAMETERS = {
@@ -294,11 +295,7 @@ async def parse_infer(
     parsed tensors come back as raw bytes (a memory copy, not a parse)."""
     if len(body) <= on_loop or (header_length is not None and int_or(header_length, 0) <= on_loop):
         return _parse_infer(body, header_length, max_elements)
-    global _parser
-    if _parser is None:
-        _parser = _new_parser()
-    loop = asyncio.get_running_loop()
-    result = await loop.run_in_executor(_parser, _parse_in_child, body, header_length, max_elements)
+    result = await _in_parser(_parse_in_child, body, header_length, max_elements)
     if isinstance(result, tuple):
         raise from_code(Code(result[0]), result[1])
     return result
@@ -320,13 +317,31 @@ async def respond(req: InferRequest, result: InferResult, on_loop: int) -> Respo
     request up for seconds."""
     if req.json_elements(result) * 8 <= on_loop:  # about 8 bytes of JSON per number
         return req.response(result)
-    global _parser
+    req.inputs = ()  # sent, and not needed to write the answer
+    body, media_type, headers = await _in_parser(_render_in_child, req, result)
+    return Response(body, media_type=media_type, headers=headers)
+
+
+#: Large bodies being parsed or answers written in the parsing process at once, each up to
+#: max_message_mb in memory; past it a large JSON request is RESOURCE_EXHAUSTED / 503.
+MAX_LARGE_JSON = 4
+_large_json = 0
+
+
+async def _in_parser(fn: Callable[..., T], *args: Any) -> T:
+    global _parser, _large_json
+    if _large_json >= MAX_LARGE_JSON:
+        raise ResourceExhausted(
+            f"{_large_json} large JSON bodies are being handled already; retry, or send tensors as "
+            "binary data (Triton's binary tensor data extension) or over gRPC"
+        )
     if _parser is None:
         _parser = _new_parser()
-    req.inputs = ()  # sent, and not needed to write the answer
-    loop = asyncio.get_running_loop()
-    body, media_type, headers = await loop.run_in_executor(_parser, _render_in_child, req, result)
-    return Response(body, media_type=media_type, headers=headers)
+    _large_json += 1
+    try:
+        return await asyncio.get_running_loop().run_in_executor(_parser, fn, *args)
+    finally:
+        _large_json -= 1
 
 
 def shutdown_parser() -> None:

@@ -26,6 +26,7 @@ from shoal.proto import shoal_pb2 as pb
 from shoal.rpc import codec
 from shoal.rpc.inference_service import InferenceService
 from shoal.rpc.scheduler_service import SchedulerService
+from shoal.scheduler import http as scheduler_http
 from shoal.scheduler.http import scheduler_app, shutdown_parser
 from shoal.scheduler.node import SchedulerNode
 from shoal.scheduler.router import Router
@@ -233,7 +234,7 @@ async def test_model_stream_infer_stops_reading_when_the_client_does_not_read(do
 
 
 async def test_a_json_body_over_the_on_loop_limit_is_parsed_and_answered_the_same(
-    fakes: FakeReplicas,
+    fakes: FakeReplicas, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Bodies and answers over max_json_on_loop_kb go through a separate process (json.loads
     # holds the GIL); the answer must be the one the event loop would have written.
@@ -252,6 +253,11 @@ async def test_a_json_body_over_the_on_loop_limit_is_parsed_and_answered_the_sam
             body = r.json()
             assert body["id"] == "big"
             np.testing.assert_array_equal(np.array(body["outputs"][0]["data"], np.float32).reshape(500, 4), x)
+            # Bounded: past MAX_LARGE_JSON at once, a large JSON body is turned away.
+            monkeypatch.setattr(scheduler_http, "_large_json", scheduler_http.MAX_LARGE_JSON)
+            r = await http.post("/v2/models/echo/infer", json=doc)
+            assert r.status_code == 503 and "large JSON bodies" in r.json()["error"]
+            monkeypatch.setattr(scheduler_http, "_large_json", 0)
             bad = {**doc, "inputs": [{**doc["inputs"][0], "shape": [500, 5]}]}
             r = await http.post("/v2/models/echo/infer", json=bad)
             assert (
