@@ -207,7 +207,8 @@ def _select(model: str, outputs: Tensors, wanted: Sequence[str], order: Sequence
         return tuple(by_name[o] for o in wanted)
     if order:
         first = [by_name[o] for o in order if o in by_name]
-        return (*first, *(t for t in outputs if t.name not in set(order)))
+        named = set(order)
+        return (*first, *(t for t in outputs if t.name not in named))
     return outputs
 
 
