@@ -1,6 +1,6 @@
 """Who may do what: bearer tokens with roles, the rules of the control API, per-deployment
 inference tokens, and the control API's rate limiter. Plain Python: the gRPC interceptor
-(``shoal.rpc.auth``) and the HTTP middleware (``shoal.httpauth``) are thin adapters over it.
+(``shoal.rpc.auth``) and the HTTP middleware (``shoal.http.auth``) are thin adapters over it.
 
 Tokens. A token is a random secret (``secrets.token_urlsafe``) shown once, when it is
 created; the head keeps only its SHA-256 (``tokens/<name>`` in its store) and compares

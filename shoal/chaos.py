@@ -13,7 +13,7 @@ Faults, on the clock of the run (seconds since the load started):
 
 - ``--kill-replicas-every S``: every S seconds, ``kill -9`` a random READY replica of the
   deployment. Only replicas running on this machine can be killed: the pid the head
-  reports must be a ``shoal.replica`` process with that replica id here.
+  reports must be a ``shoal.replica_main`` process with that replica id here.
 - ``--kill-scheduler AT``: once, ``kill -9`` a scheduler (``--scheduler ID`` or a random
   live one other than the load's target) whose process runs on this machine.
 - ``--restart-head AT``: ``kill -9`` the head (``--head-pid``, else the process on this
@@ -94,7 +94,7 @@ def _cmdline(pid: int) -> list[str]:
 def local_replica(pid: int, replica_id: str) -> bool:
     """Whether ``pid`` is, on this machine, the replica process ``replica_id``."""
     cmd = _cmdline(pid) if pid > 0 else []
-    return "shoal.replica" in cmd and replica_id in cmd
+    return "shoal.replica_main" in cmd and replica_id in cmd
 
 
 def local_scheduler(pid: int) -> bool:

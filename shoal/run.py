@@ -13,21 +13,20 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
-import uvicorn
-
 from shoal import certs, metrics
 from shoal.auth import RateLimiter
 from shoal.config import Settings
 from shoal.core.tasks import TaskSet
-from shoal.head.http import head_app
 from shoal.head.node import HeadNode
+from shoal.http.head import head_app
+from shoal.http.scheduler import scheduler_app, shutdown_parser
+from shoal.http.server import HttpServer
 from shoal.proto import grpc_service_pb2_grpc as oipg
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.rpc.auth import HEAD_RULES, SCHEDULER_RULES, AuthInterceptor
@@ -38,7 +37,6 @@ from shoal.rpc.ingress import IngressLink, IngressService
 from shoal.rpc.scheduler_service import NativeService, SchedulerService
 from shoal.rpc.server import bind, new_server
 from shoal.rpc.tls import announce_transport, check_transport, server_credentials
-from shoal.scheduler.http import scheduler_app, shutdown_parser
 from shoal.scheduler.ingress import IngressHub, IngressWorker, ingress_processes, snapshot
 from shoal.scheduler.node import SchedulerNode, scheduler_id
 from shoal.store.sqlite import SqliteStore
@@ -48,52 +46,6 @@ log = logging.getLogger("shoal")
 
 def _addr(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-class HttpServer:
-    """uvicorn on a socket we bind ourselves, so port 0 works and the port is known."""
-
-    def __init__(
-        self, app: Any, host: str, port: int, tls: certs.Files | None = None, *, reuse_port: bool = False
-    ) -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:  # several ingress processes share the port; the kernel spreads connections
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        try:
-            self.sock.bind((host, port))
-        except OSError as err:
-            self.sock.close()
-            from shoal.errors import Unavailable
-
-            raise Unavailable(f"cannot listen on {_addr(host, port)}: {err.strerror}") from None
-        self.port = self.sock.getsockname()[1]
-        # HTTPS with the component's certificate when TLS is on (no client certificate asked:
-        # browsers and HTTP clients authenticate with tokens).
-        self.scheme = "https" if tls is not None else "http"
-        config = uvicorn.Config(
-            app,
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
-            timeout_graceful_shutdown=2,
-            ssl_certfile=str(tls.cert) if tls is not None else None,
-            ssl_keyfile=str(tls.key) if tls is not None else None,
-        )
-        self.server = uvicorn.Server(config)
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self.server.serve(sockets=[self.sock]), name="http")
-        while not self.server.started and not self._task.done():
-            await asyncio.sleep(0.01)
-
-    async def stop(self) -> None:
-        self.server.should_exit = True
-        if self._task is not None:
-            await self._task
-        self.sock.close()
 
 
 def _write_endpoints(state_dir: Path, **endpoints: str) -> None:

@@ -6,7 +6,7 @@ Triton's model configuration, statistics), checks inference requests against the
 model's metadata and runs them through the :class:`~shoal.scheduler.router.Router`.
 
 No wire types here: the gRPC servicer (``shoal.rpc.inference_service``) and the REST
-routes (``shoal.scheduler.http``) decode a request into numpy arrays, call the catalog
+routes (``shoal.http.scheduler``) decode a request into numpy arrays, call the catalog
 and encode what it returns. Both transports share one catalog per scheduler, so
 statistics count requests from either. Errors are :mod:`shoal.errors` (NotFound for an
 unknown model or version, InvalidArgument naming the offending tensor, and what the

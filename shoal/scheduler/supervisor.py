@@ -136,7 +136,7 @@ class ReplicaSupervisor:
             cmd = [
                 sys.executable,
                 "-m",
-                "shoal.replica",
+                "shoal.replica_main",
                 "--replica-id",
                 replica_id,
                 "--scheduler",

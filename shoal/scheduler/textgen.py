@@ -1,8 +1,8 @@
 """Text generation at the scheduler, shared by every protocol that offers it.
 
-Triton's generate extension (``shoal.scheduler.generate_http``), decoupled
+Triton's generate extension (``shoal.http.generate``), decoupled
 ``ModelStreamInfer`` (``shoal.rpc.generate_stream``) and the OpenAI API
-(``shoal.scheduler.openai``) all turn their request into a
+(``shoal.http.openai``) all turn their request into a
 :class:`~shoal.types.GenerateRequest`, run it with :meth:`Router.stream
 <shoal.scheduler.router.Router.stream>`, and encode the :class:`~shoal.types.GenerateChunk`
 objects that come back. What they share lives here, free of any wire format:

@@ -145,7 +145,7 @@ async def test_replica_nacked_by_its_scheduler_exits(tmp_path: Path, examples_di
                 [
                     sys.executable,
                     "-m",
-                    "shoal.replica",
+                    "shoal.replica_main",
                     "--replica-id",
                     "ghost-000001",
                     "--scheduler",

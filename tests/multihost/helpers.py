@@ -81,7 +81,7 @@ def replica_processes(cluster: NetCluster) -> list[int]:
     for i in range(len(cluster.schedulers)):
         for pid in cluster.scheduler_host(i).pids():
             try:
-                if "shoal.replica" in psutil.Process(pid).cmdline():
+                if "shoal.replica_main" in psutil.Process(pid).cmdline():
                     out.append(pid)
             except psutil.NoSuchProcess:
                 pass

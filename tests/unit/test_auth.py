@@ -30,11 +30,11 @@ from shoal.errors import (
     PermissionDenied,
     Unauthenticated,
 )
-from shoal.head.http import head_app, openapi_schema
 from shoal.head.node import HeadNode
-from shoal.httpauth import control_role, model_in_body, model_in_path
+from shoal.http.auth import control_role, model_in_body, model_in_path
+from shoal.http.head import head_app, openapi_schema
+from shoal.http.scheduler import scheduler_app
 from shoal.rpc.tls import check_transport
-from shoal.scheduler.http import scheduler_app
 from shoal.scheduler.node import SchedulerNode
 from shoal.scheduler.router import Router
 from shoal.store import MemoryStore

@@ -21,13 +21,13 @@ import pytest
 from shoal.config import Settings
 from shoal.core import payload
 from shoal.core.spec import DeploymentSpec, parse_spec
+from shoal.http import scheduler as scheduler_http
+from shoal.http.scheduler import scheduler_app, shutdown_parser
 from shoal.proto import grpc_service_pb2 as oip
 from shoal.proto import shoal_pb2 as pb
 from shoal.rpc import codec
 from shoal.rpc.inference_service import InferenceService
 from shoal.rpc.scheduler_service import SchedulerService
-from shoal.scheduler import http as scheduler_http
-from shoal.scheduler.http import scheduler_app, shutdown_parser
 from shoal.scheduler.node import SchedulerNode
 from shoal.scheduler.router import Router
 from shoal.testing.fakes import FakeReplicas

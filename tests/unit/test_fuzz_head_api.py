@@ -30,8 +30,8 @@ from schemathesis.specs.openapi.checks import (
 from shoal.auth import Role
 from shoal.config import Settings
 from shoal.core.spec import parse_spec
-from shoal.head.http import head_app, openapi_schema
 from shoal.head.node import HeadNode
+from shoal.http.head import head_app, openapi_schema
 from shoal.store import MemoryStore
 from shoal.testing.fakes import FakeSchedulers
 

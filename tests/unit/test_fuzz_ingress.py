@@ -26,11 +26,11 @@ from shoal.config import Settings
 from shoal.core import payload
 from shoal.core.spec import DATATYPES, TensorSpec, parse_spec
 from shoal.errors import InvalidArgument
+from shoal.http.scheduler import scheduler_app
 from shoal.proto import grpc_service_pb2 as oip
 from shoal.proto import shoal_pb2 as pb
 from shoal.rpc import codec
 from shoal.rpc.inference_service import decode_inputs
-from shoal.scheduler.http import scheduler_app
 from shoal.scheduler.models import ModelMetadata, check_inputs
 from shoal.scheduler.node import SchedulerNode
 from shoal.scheduler.router import Router

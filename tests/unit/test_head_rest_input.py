@@ -7,8 +7,8 @@ import httpx
 import pytest
 
 from shoal.config import Settings
-from shoal.head.http import head_app
 from shoal.head.node import HeadNode
+from shoal.http.head import head_app
 from shoal.store import MemoryStore
 from shoal.testing.fakes import FakeSchedulers
 

@@ -22,8 +22,8 @@ from shoal.core.cluster import READY, ReplicaReport
 from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec, parse_spec
 from shoal.errors import FailedPrecondition, NotFound
-from shoal.head.http import head_app
 from shoal.head.node import HeadNode, cluster_status
+from shoal.http.head import head_app
 from shoal.store import MemoryStore
 from shoal.testing.fakes import FakeSchedulers
 from shoal.types import SchedulerRegistration

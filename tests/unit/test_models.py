@@ -22,8 +22,8 @@ from shoal.config import Settings
 from shoal.core import payload
 from shoal.core.spec import DeploymentSpec, TensorSpec, parse_spec
 from shoal.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
+from shoal.http.scheduler import scheduler_app
 from shoal.scheduler.dataplane import DataPlane, InferCall
-from shoal.scheduler.http import scheduler_app
 from shoal.scheduler.models import (
     InferResult,
     ModelCatalog,

@@ -22,12 +22,12 @@ from starlette.applications import Starlette
 from shoal.config import Settings
 from shoal.core.spec import DeploymentSpec, parse_spec
 from shoal.errors import InvalidArgument, ResourceExhausted
+from shoal.http.generate import generate_routes
+from shoal.http.openai import openai_routes
 from shoal.proto import grpc_service_pb2 as oip
 from shoal.rpc import generate_stream
 from shoal.scheduler.dataplane import DataPlane
-from shoal.scheduler.generate_http import generate_routes
 from shoal.scheduler.models import ModelCatalog, ModelMetadata, model_config
-from shoal.scheduler.openai import openai_routes
 from shoal.scheduler.router import Router
 from shoal.testing.fakes import FakeReplicaClient, FakeReplicas
 from shoal.types import Arrays, ChatMessage, GenerateRequest

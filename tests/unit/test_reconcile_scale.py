@@ -20,8 +20,8 @@ from shoal.core.clock import FakeClock
 from shoal.core.cluster import MAX_CREATES_PER_PASS, ClusterState, CreateReplica
 from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec, parse_spec
-from shoal.head.http import head_app
 from shoal.head.node import HeadNode
+from shoal.http.head import head_app
 from shoal.store import MemoryStore
 from shoal.testing.fakes import FakeSchedulers
 from shoal.types import SchedulerRegistration

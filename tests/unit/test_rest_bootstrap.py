@@ -14,8 +14,8 @@ import pytest
 from shoal.auth import Role, check_control
 from shoal.config import Settings
 from shoal.errors import PermissionDenied
-from shoal.head.http import head_app
 from shoal.head.node import HeadNode
+from shoal.http.head import head_app
 from shoal.store import MemoryStore
 from shoal.testing.fakes import FakeSchedulers
 

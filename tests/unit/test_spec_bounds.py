@@ -15,8 +15,8 @@ import pytest
 from shoal.config import Settings
 from shoal.core.spec import MAX_OPTIONS_BYTES, load_spec_file, parse_spec, parse_spec_json
 from shoal.errors import InvalidArgument
-from shoal.head.http import head_app
 from shoal.head.node import HeadNode
+from shoal.http.head import head_app
 from shoal.store import MemoryStore
 from shoal.testing.fakes import FakeSchedulers
 

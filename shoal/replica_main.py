@@ -1,4 +1,10 @@
-"""``python -m shoal.replica``: one replica process, started by a scheduler."""
+"""``python -m shoal.replica_main``: one replica process, started by a scheduler.
+
+The replica's composition root (``shoal.run`` is the head's and scheduler's): it wires
+``shoal.replica.process.ReplicaProcess`` to its gRPC server and its link to the scheduler,
+so ``shoal.replica`` and ``shoal.rpc`` do not import each other. Kept apart from
+``shoal.run`` so a replica does not import the head, Starlette or uvicorn.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ import sys
 
 from shoal import aio, logs
 from shoal.config import Settings
-from shoal.core.spec import parse_spec_json
+from shoal.core.spec import DeploymentSpec, parse_spec_json
 from shoal.errors import ShoalError
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.replica.process import ReplicaProcess
@@ -25,13 +31,10 @@ from shoal.rpc.tls import server_credentials
 log = logging.getLogger("shoal.replica")
 
 
-async def amain(args: argparse.Namespace) -> int:
-    settings = Settings.load(env={}, flags=json.loads(args.settings_json))
-    logs.setup(settings.log_format, settings.log_level, component=f"replica {args.replica_id}")
-    with open(args.spec_file) as f:
-        spec = parse_spec_json(f.read())
-    link = ReplicaSchedulerLink(args.scheduler, settings)
-    replica = ReplicaProcess(args.replica_id, spec, settings, link)
+async def run_replica(settings: Settings, replica_id: str, scheduler: str, spec: DeploymentSpec) -> int:
+    """One replica process: load the model, serve the scheduler, report, drain on the way out."""
+    link = ReplicaSchedulerLink(scheduler, settings)
+    replica = ReplicaProcess(replica_id, spec, settings, link)
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -43,15 +46,15 @@ async def amain(args: argparse.Namespace) -> int:
     port = bind(server, settings.host, 0, server_credentials(settings, "replica"))
     await server.start()
     address = f"{settings.advertised}:{port}"
-    log.info("replica %s of %s listening on %s (pid %d)", args.replica_id, spec.name, address, os.getpid())
+    log.info("replica %s of %s listening on %s (pid %d)", replica_id, spec.name, address, os.getpid())
     code = 0
     try:
         await replica.load()
         await replica.run(address, os.getpid())
-        log.info("replica %s stopping: %s", args.replica_id, replica.exit_reason or "asked to stop")
+        log.info("replica %s stopping: %s", replica_id, replica.exit_reason or "asked to stop")
     except ShoalError as err:
         # The user's traceback (the cause of a load error) belongs in the replica's log.
-        log.error("replica %s failed: %s", args.replica_id, err, exc_info=err.__cause__ and err)
+        log.error("replica %s failed: %s", replica_id, err, exc_info=err.__cause__ and err)
         code = 1
     finally:
         await replica.drain()
@@ -61,14 +64,17 @@ async def amain(args: argparse.Namespace) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m shoal.replica", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m shoal.replica_main", description=__doc__)
     parser.add_argument("--replica-id", required=True)
     parser.add_argument("--scheduler", required=True, help="the scheduler's gRPC address")
     parser.add_argument("--spec-file", required=True)
     parser.add_argument("--settings-json", default="{}")
     args = parser.parse_args()
-    settings = json.loads(args.settings_json)
-    sys.exit(aio.run(amain(args), settings.get("event_loop", "auto")))
+    settings = Settings.load(env={}, flags=json.loads(args.settings_json))
+    logs.setup(settings.log_format, settings.log_level, component=f"replica {args.replica_id}")
+    with open(args.spec_file) as f:
+        spec = parse_spec_json(f.read())
+    sys.exit(aio.run(run_replica(settings, args.replica_id, args.scheduler, spec), settings.event_loop))
 
 
 if __name__ == "__main__":

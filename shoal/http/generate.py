@@ -29,9 +29,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from shoal.errors import InvalidArgument, ShoalError
+from shoal.http.sse import EventStream, event
 from shoal.scheduler import textgen
 from shoal.scheduler.models import VERSION, ModelCatalog
-from shoal.scheduler.sse import EventStream, event
 from shoal.types import GenerateRequest
 
 

@@ -24,7 +24,7 @@ from shoal.auth import RateLimiter
 from shoal.core.spec import DeploymentSpec, parse_spec
 from shoal.errors import InvalidArgument, NotFound, ShoalError
 from shoal.head.node import HeadNode, cluster_status
-from shoal.httpauth import ControlAuth
+from shoal.http.auth import ControlGuard
 
 STATIC = Path(__file__).parent / "static"
 MAX_TAIL_BYTES = 2**62
@@ -65,7 +65,7 @@ async def _json_body(request: Request, limit: int) -> Any:
 
 def head_app(node: HeadNode, limiter: RateLimiter | None = None) -> Starlette:
     """The head's app. Every route but the dashboard's files, ``/healthz`` and ``/openapi.json``
-    needs a token once any exists (``shoal.httpauth.ControlAuth``), and takes from the
+    needs a token once any exists (``shoal.http.auth.ControlGuard``), and takes from the
     client's share of ``limiter`` (the control API's rate limit, shared with gRPC)."""
     registry = metrics.registry(metrics.HeadCollector(node))
     limit = node.settings.max_message_bytes
@@ -193,7 +193,7 @@ def head_app(node: HeadNode, limiter: RateLimiter | None = None) -> Starlette:
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     limiter = limiter or RateLimiter(node.settings.control_rate_limit)
-    guard = Middleware(ControlAuth, tokens=node.tokens, limiter=limiter, max_body=limit)
+    guard = Middleware(ControlGuard, tokens=node.tokens, limiter=limiter, max_body=limit)
     return Starlette(routes=routes, middleware=[guard])
 
 

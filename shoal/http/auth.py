@@ -1,11 +1,11 @@
 """Tokens and rate limits on the HTTP servers: two ASGI middlewares over ``shoal.auth``.
 
-* :class:`ControlAuth` guards the head's REST API (everything but the dashboard's static
+* :class:`ControlGuard` guards the head's REST API (everything but the dashboard's static
   files, ``/healthz`` and ``/openapi.json``): a bearer token of role ``read`` for GET,
   ``deploy`` for changes, once any token exists; while none exists, changes only from the
   head's own machine (loopback: HTTPS asks for no client certificate); and the per-client
   rate limit (429).
-* :class:`InferenceAuth` guards a scheduler's ingress: a request for a deployment whose spec
+* :class:`InferenceGuard` guards a scheduler's ingress: a request for a deployment whose spec
   names tokens (``auth.tokens``) needs one of them. The deployment is the model in the path
   (``/v2/models/NAME/...``, ``/v1/models/NAME``) or, for the OpenAI API's POST routes, the
   ``model`` field of the JSON body (``Authorization: Bearer <api_key>`` is what the OpenAI
@@ -60,7 +60,7 @@ def control_role(method: str, path: str) -> auth.Role | None:
     return auth.Role.READ  # anything else is answered 404 or 405 once authenticated
 
 
-class ControlAuth:
+class ControlGuard:
     """The head's REST API: tokens by role, and the control API's rate limit."""
 
     def __init__(
@@ -129,7 +129,7 @@ def model_in_body(body: bytes) -> str | None:
     return model if isinstance(model, str) else None
 
 
-class InferenceAuth:
+class InferenceGuard:
     """A scheduler's ingress: the deployment's tokens (``shoal.auth.InferenceAuth``)."""
 
     def __init__(self, app: ASGIApp, checker: auth.InferenceAuth, limit: int) -> None:

@@ -8,8 +8,8 @@ Thin routes over :class:`shoal.scheduler.models.ModelCatalog`::
     POST /v2/models/NAME[/versions/V]/infer
     GET  /v2/models/stats           POST /v2/repository/index
     GET  /healthz                   GET  /metrics (Prometheus, ``shoal.metrics.SchedulerCollector``)
-    POST /v2/models/NAME[/versions/V]/generate[_stream]   (``shoal.scheduler.generate_http``)
-    /v1/...                         the OpenAI-compatible API (``shoal.scheduler.openai``)
+    POST /v2/models/NAME[/versions/V]/generate[_stream]   (``shoal.http.generate``)
+    /v1/...                         the OpenAI-compatible API (``shoal.http.openai``)
 
 Inference bodies are JSON (``inputs: [{name, datatype, shape, data}]``) or Triton's
 binary tensor data extension (an ``Inference-Header-Content-Length`` header, then the
@@ -45,13 +45,13 @@ from shoal import metrics
 from shoal.core import limits, payload, tensors
 from shoal.core.payload import Tensor, Tensors
 from shoal.errors import Code, InvalidArgument, ResourceExhausted, ShoalError, from_code
-from shoal.httpauth import InferenceAuth as InferenceAuthMiddleware
+from shoal.http.auth import InferenceGuard
+from shoal.http.generate import generate_routes
+from shoal.http.openai import openai_routes
 from shoal.scheduler.dataplane import InferCall
-from shoal.scheduler.generate_http import generate_routes
 from shoal.scheduler.ingress import IngressNode
 from shoal.scheduler.models import InferResult
 from shoal.scheduler.node import SchedulerNode
-from shoal.scheduler.openai import openai_routes
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 T = TypeVar("T")
@@ -483,7 +483,7 @@ def scheduler_app(
     routes += [*generate_routes(models, limit), *openai_routes(node.router, limit, node.dataplane)]
     # Tokens for deployments that ask for them, on every route that names a model: these and
     # those mounted above (the OpenAI API's model is in its body).
-    guard = Middleware(InferenceAuthMiddleware, checker=node.inference_auth, limit=limit)
+    guard = Middleware(InferenceGuard, checker=node.inference_auth, limit=limit)
     return Starlette(
         routes=routes,
         exception_handlers={HTTPException: http_error, Exception: internal_error},

@@ -52,11 +52,11 @@ from starlette.routing import Route
 
 from shoal.core.spec import DeploymentSpec
 from shoal.errors import Code, InvalidArgument, NotFound, ShoalError
+from shoal.http.generate import read_json
+from shoal.http.sse import EventStream, event
 from shoal.scheduler import textgen
 from shoal.scheduler.dataplane import DataPlane
-from shoal.scheduler.generate_http import read_json
 from shoal.scheduler.router import Router
-from shoal.scheduler.sse import EventStream, event
 from shoal.types import ChatMessage, GenerateChunk, GenerateRequest
 
 B = TypeVar("B", bound=BaseModel)
