@@ -1,0 +1,195 @@
+"""Protobuf <-> domain conversions for the control plane: one function each way per type.
+
+Tensors have their own module (``shoal.rpc.codec``, on the data path); everything the
+head, schedulers, replicas and the CLI exchange about the cluster is converted here, so a
+field added to a domain type is added in one place.
+"""
+
+from __future__ import annotations
+
+import json
+
+from shoal.core.cluster import ReplicaReport
+from shoal.core.placement import Capacity
+from shoal.core.spec import TensorSpec
+from shoal.core.states import ReplicaState, SchedulerState
+from shoal.core.status import (
+    ClusterEvent,
+    ClusterStatus,
+    DeploymentStatus,
+    ReplicaStatus,
+    SchedulerStatus,
+)
+from shoal.proto import shoal_pb2 as pb
+
+
+def state_name(state: int) -> ReplicaState:
+    """A replica's state from the wire. Unset or unknown (a newer peer): STARTING, which keeps
+    it out of routing without removing it."""
+    name = pb.ReplicaState.Name(pb.ReplicaState.ValueType(state)) if state in pb.ReplicaState.values() else ""
+    return ReplicaState(name) if name in ReplicaState.__members__ else ReplicaState.STARTING
+
+
+def state_value(state: ReplicaState | str) -> pb.ReplicaState.ValueType:
+    return pb.ReplicaState.Value(state) if state in pb.ReplicaState.keys() else pb.REPLICA_STATE_UNSPECIFIED
+
+
+def report_to_pb(r: ReplicaReport) -> pb.ReplicaStatus:
+    return pb.ReplicaStatus(
+        replica_id=r.id,
+        deployment=r.deployment,
+        state=state_value(r.state),
+        address=r.address,
+        pid=r.pid,
+        in_flight=r.in_flight,
+        queued=r.queued,
+        spec_hash=r.spec_hash,
+        message=r.message,
+        ready_at=r.ready_at,
+    )
+
+
+def report_from_pb(r: pb.ReplicaStatus) -> ReplicaReport:
+    return ReplicaReport(
+        id=r.replica_id,
+        deployment=r.deployment,
+        state=state_name(r.state),
+        address=r.address,
+        pid=r.pid,
+        in_flight=r.in_flight,
+        queued=r.queued,
+        spec_hash=r.spec_hash,
+        message=r.message,
+        ready_at=r.ready_at,
+    )
+
+
+def meta_to_pb(t: TensorSpec) -> pb.TensorMeta:
+    return pb.TensorMeta(name=t.name, datatype=t.datatype, shape=t.shape)
+
+
+def meta_from_pb(t: pb.TensorMeta) -> TensorSpec:
+    return TensorSpec(name=t.name, datatype=t.datatype, shape=tuple(t.shape))
+
+
+def capacity_to_pb(c: Capacity) -> pb.Resources:
+    return pb.Resources(cpus=c.cpus, memory_mb=c.memory_mb, gpus=c.gpus)
+
+
+def capacity_from_pb(r: pb.Resources) -> Capacity:
+    return Capacity(r.cpus, r.memory_mb, r.gpus)
+
+
+def _replica_state(name: str) -> ReplicaState:
+    return ReplicaState(name) if name in ReplicaState.__members__ else ReplicaState.STARTING
+
+
+def _scheduler_state(name: str) -> SchedulerState:
+    return SchedulerState(name) if name in SchedulerState.__members__ else SchedulerState.DEAD
+
+
+def status_to_pb(status: ClusterStatus) -> pb.ClusterStatus:
+    return pb.ClusterStatus(
+        schedulers=[
+            pb.SchedulerInfo(
+                scheduler_id=s.id,
+                address=s.address,
+                http_address=s.http_address,
+                state=s.state,
+                pid=s.pid,
+                hostname=s.hostname,
+                last_seen_s=s.last_seen_s,
+                capacity=capacity_to_pb(s.capacity),
+                allocated=capacity_to_pb(s.allocated),
+            )
+            for s in status.schedulers
+        ],
+        deployments=[
+            pb.DeploymentInfo(
+                name=d.name,
+                target_replicas=d.target_replicas,
+                pending_reason=d.pending_reason,
+                broken=d.broken,
+                spec_json=json.dumps(d.spec) if d.spec else "",
+                replicas=[
+                    pb.ReplicaInfo(
+                        replica_id=r.id,
+                        deployment=d.name,
+                        scheduler_id=r.scheduler,
+                        state=r.state,
+                        pid=r.pid,
+                        address=r.address,
+                        in_flight=r.in_flight,
+                        queued=r.queued,
+                        message=r.message,
+                    )
+                    for r in d.replicas
+                ],
+            )
+            for d in status.deployments
+        ],
+        events=[
+            pb.ClusterEvent(
+                at=e.at,
+                kind=e.kind,
+                message=e.message,
+                deployment=e.deployment,
+                replica_id=e.replica_id,
+                scheduler_id=e.scheduler_id,
+            )
+            for e in status.events
+        ],
+    )
+
+
+def status_from_pb(status: pb.ClusterStatus) -> ClusterStatus:
+    return ClusterStatus(
+        schedulers=tuple(
+            SchedulerStatus(
+                id=s.scheduler_id,
+                address=s.address,
+                http_address=s.http_address,
+                state=_scheduler_state(s.state),
+                pid=s.pid,
+                hostname=s.hostname,
+                last_seen_s=round(s.last_seen_s, 3),
+                capacity=capacity_from_pb(s.capacity),
+                allocated=capacity_from_pb(s.allocated),
+            )
+            for s in status.schedulers
+        ),
+        deployments=tuple(
+            DeploymentStatus(
+                name=d.name,
+                target_replicas=d.target_replicas,
+                pending_reason=d.pending_reason,
+                broken=d.broken,
+                spec=json.loads(d.spec_json) if d.spec_json else {},
+                replicas=tuple(
+                    ReplicaStatus(
+                        id=r.replica_id,
+                        scheduler=r.scheduler_id,
+                        state=_replica_state(r.state),
+                        pid=r.pid,
+                        address=r.address,
+                        in_flight=r.in_flight,
+                        queued=r.queued,
+                        message=r.message,
+                    )
+                    for r in d.replicas
+                ),
+            )
+            for d in status.deployments
+        ),
+        events=tuple(
+            ClusterEvent(
+                at=e.at,
+                kind=e.kind,
+                message=e.message,
+                deployment=e.deployment,
+                replica_id=e.replica_id,
+                scheduler_id=e.scheduler_id,
+            )
+            for e in status.events
+        ),
+    )
