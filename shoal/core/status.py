@@ -9,6 +9,7 @@ gRPC and back, and ``ClusterStatus.to_json()`` is the JSON of ``shoal status --j
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from shoal.core.placement import Capacity
@@ -76,7 +77,20 @@ class ClusterStatus:
     def to_json(self) -> dict[str, Any]:
         """The JSON shape of ``shoal status --json`` and ``GET /api/status``."""
         return {
-            "schedulers": [asdict(s) for s in self.schedulers],
-            "deployments": [{**asdict(d), "ready_replicas": d.ready_replicas} for d in self.deployments],
-            "events": [asdict(e) for e in self.events],
+            "schedulers": [_plain(asdict(s)) for s in self.schedulers],
+            "deployments": [
+                _plain({**asdict(d), "ready_replicas": d.ready_replicas}) for d in self.deployments
+            ],
+            "events": [_plain(asdict(e)) for e in self.events],
         }
+
+
+def _plain(value: Any) -> Any:
+    """JSON's own types: lists for tuples, plain strings for states."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, StrEnum):
+        return str(value)
+    return value

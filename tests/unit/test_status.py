@@ -1,0 +1,88 @@
+"""The cluster status has one shape: what the head builds is what ``shoal status`` reads over
+gRPC and what ``/api/status`` serves (issue 15, item 2). Before, the gRPC status dropped
+``broken``, ``ready_replicas`` and the events, so ``shoal status`` could not say that a
+stored spec was unreadable."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from shoal.config import Settings
+from shoal.core.clock import FakeClock
+from shoal.core.cluster import READY, ReplicaReport
+from shoal.core.placement import Capacity
+from shoal.core.spec import parse_spec
+from shoal.core.states import ReplicaState, SchedulerState
+from shoal.head.node import HeadNode
+from shoal.http.head import head_app
+from shoal.proto import shoal_pb2 as pb
+from shoal.rpc import convert
+from shoal.rpc.head_service import HeadService
+from shoal.store import MemoryStore
+from shoal.testing.fakes import FakeSchedulers
+from shoal.types import SchedulerRegistration
+
+pytestmark = pytest.mark.timeout(10)
+
+# A row the head cannot read (a non-finite timeout stored by an old head as null).
+BROKEN_ROW = '{"name":"poison","backend":"python","model":"echo:Echo","replicas":0,"timeout_s":null}'
+
+
+@pytest.fixture
+async def head(store: MemoryStore, fleet: FakeSchedulers, clock: FakeClock) -> AsyncIterator[HeadNode]:
+    await store.put("deployments/poison", BROKEN_ROW)
+    node = HeadNode(Settings(), store, fleet, clock)
+    await node.start()
+    spec = parse_spec({"name": "echo", "backend": "python", "model": "m:M", "replicas": 1})
+    await node.apply(spec)
+    ready = ReplicaReport(
+        "echo-1", "echo", READY, address="s1:9000", pid=42, in_flight=3, spec_hash=spec.process_hash()
+    )
+    await node.register_scheduler(
+        SchedulerRegistration(
+            "s1", "s1:7000", "s1:7001", Capacity(4, 4096, 0), pid=7, hostname="h", replicas=(ready,)
+        )
+    )
+    yield node
+    await node.aclose()
+
+
+async def test_the_status_read_over_grpc_is_the_status_the_head_built(head: HeadNode) -> None:
+    built = await head.status()
+
+    reply = await HeadService(head).GetStatus(pb.Empty(), context=None)  # type: ignore[arg-type]
+    read = convert.status_from_pb(pb.ClusterStatus.FromString(reply.SerializeToString()))
+
+    assert read == built
+    poison = read.deployment("poison")
+    assert poison is not None and "deployments/poison" in poison.broken
+    echo = read.deployment("echo")
+    assert echo is not None and echo.ready_replicas == 1
+    [replica] = echo.replicas
+    assert (replica.state, replica.pid, replica.in_flight) == (ReplicaState.READY, 42, 3)
+    assert [s.state for s in read.schedulers] == [SchedulerState.ALIVE]
+    assert read.events, "the head's recent events travel over gRPC too"
+
+
+async def test_rest_and_grpc_serve_the_same_json(head: HeadNode) -> None:
+    reply = await HeadService(head).GetStatus(pb.Empty(), context=None)  # type: ignore[arg-type]
+    over_grpc: dict[str, Any] = convert.status_from_pb(reply).to_json()
+
+    transport = httpx.ASGITransport(app=head_app(head))
+    async with httpx.AsyncClient(transport=transport, base_url="http://head") as client:
+        over_rest = (await client.get("/api/status")).json()
+
+    for doc in (over_grpc, over_rest):
+        doc["schedulers"][0].pop("last_seen_s")  # the clock does not move, but be exact about why
+    assert over_rest == over_grpc
+    [echo] = [d for d in over_rest["deployments"] if d["name"] == "echo"]
+    assert echo["ready_replicas"] == 1 and echo["replicas"][0]["state"] == "READY"
+
+
+def test_an_unknown_replica_state_from_a_newer_peer_is_starting_not_an_error() -> None:
+    assert convert.state_name(99) == ReplicaState.STARTING
+    assert convert.state_name(pb.DEAD) == ReplicaState.DEAD
