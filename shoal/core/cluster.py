@@ -142,6 +142,8 @@ class ClusterState:
     # Set by reconcile when it stopped at its creation budget: call it again soon.
     more_to_place: bool = False
     _failures: dict[str, _StartFailures] = field(default_factory=dict)
+    # Deployments that just became FAILED, (name, spec hash, message): see take_failed.
+    _newly_failed: list[tuple[str, str, str]] = field(default_factory=list)
 
     # ------------------------------------------------------------ membership
 
@@ -494,8 +496,15 @@ class ClusterState:
         f.last_message = message
         if crashed and f.crashes == FAILED_AFTER:
             self.event("deployment_failed", f"{deployment} FAILED: {message}", deployment=deployment)
+            self._newly_failed.append((deployment, f.spec_hash, message))
         delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (f.count - 1))
         f.not_before = self.clock.now() + delay
+
+    def take_failed(self) -> list[tuple[str, str, str]]:
+        """The deployments that became FAILED since the last call, once each, in order:
+        (name, the process hash of the spec whose replicas failed, the last failure's message)."""
+        out, self._newly_failed = self._newly_failed, []
+        return out
 
     def clear_start_failures(self, deployment: str) -> bool:
         """Forget ``deployment``'s failed starts (a new deploy, even of the same spec, is a new

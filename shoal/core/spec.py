@@ -153,6 +153,12 @@ class DeploymentSpec(_Strict):
     # The folder the spec file was read from: relative model paths resolve
     # against it and the python backend imports modules from it.
     base_dir: str = Field(default="", max_length=MAX_TEXT)
+    # Kept by the head: ``shoal restart`` bumps it, which makes a new process hash and so
+    # replaces the replicas one at a time. An apply keeps the head's count (see HeadNode.apply).
+    restarts: int = Field(default=0, ge=0, le=2**31 - 1)
+    # Set by the CLI: a hash of the model's files (shoal.cli.model_hash), so that a deploy
+    # after editing them is a change, and replaces the replicas.
+    model_hash: str = Field(default="", max_length=128)
 
     def model_path(self) -> Path:
         """``model`` as a path, resolved against ``base_dir`` when relative."""
@@ -171,6 +177,10 @@ class DeploymentSpec(_Strict):
         scales, it does not restart; so are the inference tokens (schedulers check them).
         """
         doc = self.model_dump(mode="json", exclude={"replicas", "autoscaling", "auth"})
+        # Left out at their defaults: specs from before these fields keep their hash (and replicas).
+        for key, default in (("restarts", 0), ("model_hash", "")):
+            if doc[key] == default:
+                del doc[key]
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
 
     def initial_replicas(self) -> int:
@@ -276,3 +286,25 @@ def load_spec_file(path: str | Path) -> list[DeploymentSpec]:
     if not docs:
         raise InvalidArgument(f"{path} holds no deployment spec")
     return [parse_spec(d, base_dir=path.parent) for d in docs]
+
+
+def describe_change(old: DeploymentSpec | None, new: DeploymentSpec) -> str:
+    """What differs from ``old`` to ``new``, one line: the fields changed, and the model files'
+    hashes when they differ (``model files changed (hash a1b2c3d4 → c3d4e5f6)``)."""
+    if old is None:
+        return "created"
+    before, after = old.model_dump(mode="json"), new.model_dump(mode="json")
+    parts = []
+    if before["model_hash"] != after["model_hash"]:
+        was, now = before["model_hash"][:8] or "none", after["model_hash"][:8] or "none"
+        parts.append(f"model files changed (hash {was} → {now})")
+    if before["restarts"] != after["restarts"]:
+        parts.append(f"restart {after['restarts']}")
+    if before["replicas"] != after["replicas"]:
+        parts.append(f"replicas {before['replicas']} → {after['replicas']}")
+    others = [
+        k for k in after if k not in ("model_hash", "restarts", "replicas") and before.get(k) != after[k]
+    ]
+    if others:
+        parts.append(f"{', '.join(others)} changed")
+    return "; ".join(parts) or "unchanged"

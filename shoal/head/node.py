@@ -38,11 +38,12 @@ from shoal.core.cluster import (
 )
 from shoal.core.model_dirs import check_deployable
 from shoal.core.placement import Capacity
-from shoal.core.spec import DeploymentSpec, parse_spec, parse_spec_json
+from shoal.core.spec import DeploymentSpec, describe_change, parse_spec, parse_spec_json
 from shoal.core.stats import SeriesRecorder, Snapshot
 from shoal.core.tasks import TaskSet
 from shoal.errors import FailedPrecondition, InvalidArgument, NotFound, ShoalError
 from shoal.store.base import Store
+from shoal.store.history import History, Revision
 from shoal.types import (
     DeploymentRoutes,
     LoadReport,
@@ -68,6 +69,8 @@ SchedulerClientFactory = Callable[[str, str], SchedulerClient]
 class ApplyResult:
     created: bool
     changed: bool
+    revision: int = 0  # the deployment's revision after the apply (0: none kept)
+    change: str = ""  # what changed, one line ("" when nothing did)
 
 
 class HeadNode:
@@ -115,6 +118,7 @@ class HeadNode:
         self.targets: dict[str, int] = {}  # autoscaled deployments: the current replica count
         self.scale_decisions: collections.Counter[tuple[str, str]] = collections.Counter()  # (name, up|down)
         self.tokens = TokenRegistry(store)
+        self.history = History(store)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -124,6 +128,7 @@ class HeadNode:
         A deployment row that does not parse is logged and marked broken, never fatal.
         """
         await self.tokens.load()
+        await self.history.load()
         for entry in await self.store.list(DEPLOYMENTS):
             name = entry.key.removeprefix(DEPLOYMENTS)
             try:
@@ -254,9 +259,13 @@ class HeadNode:
             )
         async with self.lock:
             old = self.desired.get(spec.name)
+            if old is not None:
+                # The restart count is the head's (shoal restart): a spec file does not reset it.
+                spec = spec.model_copy(update={"restarts": old.restarts})
             changed = old is None or old.to_json() != spec.to_json()
             # A deploy, even of the same spec, ends a FAILED state or a crash-loop backoff.
             retried = self.state.clear_start_failures(spec.name)
+            change = describe_change(old, spec) if changed else ""
             if changed:
                 await self.store.put(DEPLOYMENTS + spec.name, spec.to_json())
                 self.desired[spec.name] = spec
@@ -264,14 +273,159 @@ class HeadNode:
                 if self.deleted.pop(spec.name, None) is not None:
                     await self.store.delete(TOMBSTONES + spec.name)
                 self._refresh_resources()
+                await self._record_change(old, spec, change)
+            current = self.history.current(spec.name)
         if changed:
-            log.info("deployment %s %s", spec.name, "created" if old is None else "updated")
+            log.info("deployment %s %s: %s", spec.name, "created" if old is None else "updated", change)
             self.wake()
             await self._publish_routes()
         elif retried:
             log.info("deployment %s: starting its replicas again after failed starts", spec.name)
             self.wake()
-        return ApplyResult(created=old is None, changed=changed)
+        number = current.number if current is not None else 0
+        return ApplyResult(created=old is None, changed=changed, revision=number, change=change)
+
+    async def _record_change(
+        self, old: DeploymentSpec | None, spec: DeploymentSpec, change: str
+    ) -> Revision | None:
+        """A revision when the change replaces replicas, and an event. Under the lock."""
+        name = spec.name
+        kind = "created" if old is None else "updated"
+        if old is not None and old.process_hash() == spec.process_hash():
+            current = self.history.current(name)
+            number = current.number if current is not None else None
+            await self.history.record(name, kind, f"{change} (replicas kept)", number)
+            return None
+        if old is not None and self.history.current(name) is None:
+            # A deployment from before revisions were kept: its spec becomes a revision, to roll back to.
+            await self.history.add_revision(
+                name, "created", old.to_json(), old.process_hash(), "the spec before revisions were kept"
+            )
+        rev = await self.history.add_revision(name, kind, spec.to_json(), spec.process_hash(), change)
+        await self.history.record(name, kind, f"revision {rev.number}: {change}", rev.number)
+        return rev
+
+    async def restart(self, name: str) -> tuple[Revision, DeploymentSpec]:
+        """Replace the deployment's replicas one at a time (a rolling update to the same spec
+        with its restart count one higher: new processes load the model's code and files
+        again). Ends a FAILED state. NotFound / FailedPrecondition (broken) like ``scale``."""
+        async with self.lock:
+            spec = self._get(name)
+            new = spec.model_copy(update={"restarts": spec.restarts + 1})
+            self.state.clear_start_failures(name)
+            await self.store.put(DEPLOYMENTS + name, new.to_json())
+            self.desired[name] = new
+            if self.history.current(name) is None:
+                await self.history.add_revision(
+                    name,
+                    "created",
+                    spec.to_json(),
+                    spec.process_hash(),
+                    "the spec before revisions were kept",
+                )
+            rev = await self.history.add_revision(
+                name, "restarted", new.to_json(), new.process_hash(), f"restart {new.restarts}"
+            )
+            await self.history.record(
+                name, "restarted", f"revision {rev.number}: replicas replaced one at a time", rev.number
+            )
+        log.info("deployment %s restarting (revision %d)", name, rev.number)
+        self.wake()
+        await self._publish_routes()
+        return rev, new
+
+    async def rollback(self, name: str, revision: int = 0) -> tuple[Revision, DeploymentSpec]:
+        """Apply an earlier revision's spec again, as a rolling update; its replica count and
+        autoscaling stay the current ones. ``revision`` 0: the latest earlier one that did not
+        fail and differs from the current spec. Returns the new revision (kind ``rolled_back``).
+
+        NotFound: no such deployment or revision kept. FailedPrecondition: no earlier revision
+        to go back to, or the current spec is already that one. InvalidArgument: revision < 0.
+        """
+        if revision < 0:
+            raise InvalidArgument(f"revision must be >= 1 (or 0 for the previous one), got {revision}")
+        async with self.lock:
+            spec = self._get(name)
+            target = self._rollback_target(name, spec, revision)
+        # In a thread, outside the lock, like apply: it may read the model's module file.
+        old_spec = _revision_spec(name, target)
+        await asyncio.to_thread(check_deployable, old_spec, self.settings.allowed_model_dirs)
+        async with self.lock:
+            spec = self._get(name)
+            rev, new = await self._roll_back(name, spec, target, "asked for")
+        self.wake()
+        await self._publish_routes()
+        return rev, new
+
+    def _rollback_target(self, name: str, spec: DeploymentSpec, number: int) -> Revision:
+        revisions = self.history.revisions(name)
+        if number:
+            target = self.history.get(name, number)
+            if target is None:
+                kept = f"{revisions[0].number} to {revisions[-1].number}" if revisions else "none"
+                raise NotFound(f"deployment {name!r} has no revision {number} (kept: {kept})")
+            return target
+        found = self._previous(name, spec.process_hash())
+        if found is None:
+            raise FailedPrecondition(f"deployment {name!r} has no earlier revision to roll back to")
+        return found
+
+    def _previous(self, name: str, current_hash: str) -> Revision | None:
+        """The latest revision before the current one that did not fail and runs another spec."""
+        revisions = self.history.revisions(name)[:-1]
+        for rev in reversed(revisions):
+            if not rev.outcome.startswith("failed") and rev.spec_hash != current_hash:
+                return rev
+        return None
+
+    async def _roll_back(
+        self, name: str, spec: DeploymentSpec, target: Revision, reason: str
+    ) -> tuple[Revision, DeploymentSpec]:
+        """Make ``target``'s spec the desired one again (keeping the replica count). Under the lock."""
+        new = _revision_spec(name, target).model_copy(
+            update={"replicas": spec.replicas, "autoscaling": spec.autoscaling}
+        )
+        if new.to_json() == spec.to_json():
+            raise FailedPrecondition(f"deployment {name!r} already runs the spec of revision {target.number}")
+        self.state.clear_start_failures(name)
+        await self.store.put(DEPLOYMENTS + name, new.to_json())
+        self.desired[name] = new
+        self._refresh_resources()
+        rev = await self.history.add_revision(
+            name,
+            "rolled_back",
+            new.to_json(),
+            new.process_hash(),
+            f"rolled back to revision {target.number} ({reason})",
+            rollback_to=target.number,
+        )
+        await self.history.record(
+            name,
+            "rolled_back",
+            f"rolled back to revision {target.number} ({reason}), as revision {rev.number}",
+            target.number,
+        )
+        log.warning("deployment %s rolled back to revision %d: %s", name, target.number, reason)
+        return rev, new
+
+    async def _handle_failed(self) -> None:
+        """Deployments that just became FAILED: an event, the revision's outcome, and for an
+        update (not a rollback itself: no loops), a rollback to the previous revision, so that
+        its old replicas, still serving, stay. Under the lock."""
+        for name, spec_hash, message in self.state.take_failed():
+            spec = self.desired.get(name)
+            if spec is None or spec.process_hash() != spec_hash:
+                continue  # replaced since
+            current = self.history.current(name)
+            number = current.number if current is not None and current.spec_hash == spec_hash else None
+            if number is not None:
+                await self.history.set_outcome(name, number, f"failed: {message}"[:500])
+            await self.history.record(name, "failed", f"replicas keep dying before READY: {message}", number)
+            if number is None or current is None or current.kind == "rolled_back":
+                continue
+            target = self._previous(name, spec_hash)
+            if target is not None:
+                await self._roll_back(name, spec, target, f"revision {number} failed")
 
     async def scale(self, name: str, replicas: int) -> None:
         async with self.lock:
@@ -279,6 +433,14 @@ class HeadNode:
             new = parse_spec({**spec.model_dump(mode="json"), "replicas": replicas})
             await self.store.put(DEPLOYMENTS + name, new.to_json())
             self.desired[name] = new
+            if new.to_json() != spec.to_json():
+                current = self.history.current(name)
+                await self.history.record(
+                    name,
+                    "scaled",
+                    f"replicas {spec.replicas} → {replicas}",
+                    current.number if current is not None else None,
+                )
         log.info("deployment %s scaled to %d", name, replicas)
         self.wake()
 
@@ -305,6 +467,8 @@ class HeadNode:
             self.broken.pop(name, None)
             self.targets.pop(name, None)
             self.autoscaler.forget(name)
+            await self.history.forget(name)
+            await self.history.record(name, "deleted", "deleted; its replicas drain and stop")
         log.info("deployment %s deleted", name)
         self.wake()
         await self._publish_routes()
@@ -353,6 +517,7 @@ class HeadNode:
                     for n in self.desired
                 }
             else:
+                await self._handle_failed()
                 running = collections.Counter(r.deployment for r in self.state.replicas.values())
                 alive = {s.id for s in self.state.schedulers.values() if s.state == "ALIVE"}
                 desired = {n: (s, self._target(s, running[n], alive)) for n, s in self.desired.items()}
@@ -518,6 +683,13 @@ class HeadNode:
     @property
     def routes(self) -> RoutingTable:
         return self._routes
+
+
+def _revision_spec(name: str, rev: Revision) -> DeploymentSpec:
+    try:
+        return parse_spec_json(rev.spec_json)
+    except InvalidArgument as err:
+        raise FailedPrecondition(f"revision {rev.number} of {name!r} cannot be read: {err}") from None
 
 
 def _deleted_at(value: str) -> float:

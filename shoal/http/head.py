@@ -25,6 +25,7 @@ from shoal.core.spec import DeploymentSpec, parse_spec
 from shoal.errors import InvalidArgument, NotFound, ShoalError
 from shoal.head.node import HeadNode, cluster_status
 from shoal.http.auth import ControlGuard
+from shoal.store.history import MAX_EVENTS, Revision
 
 STATIC = Path(__file__).parent / "static"
 MAX_TAIL_BYTES = 2**62
@@ -111,8 +112,34 @@ def head_app(node: HeadNode, limiter: RateLimiter | None = None) -> Starlette:
         return JSONResponse({"name": request.path_params["name"], "deleted": True})
 
     async def events(request: Request) -> Response:
+        deployment = request.query_params.get("deployment", "")
+        limit = _int_param(request, "limit", MAX_EVENTS, 1, MAX_EVENTS)
         async with node.lock:
-            return JSONResponse(cluster_status(node)["events"])
+            found = node.history.events(deployment, limit)
+        return JSONResponse({"events": [e.to_dict() for e in found]})
+
+    async def history(request: Request) -> Response:
+        name = request.path_params["name"]
+        async with node.lock:
+            revisions = node.history.revisions(name)
+            known = name in node.desired or name in node.broken
+        if not known and not revisions:
+            raise NotFound(f"no deployment named {name!r}")
+        return JSONResponse({"name": name, "revisions": [_revision_doc(r) for r in revisions]})
+
+    async def rollback(request: Request) -> Response:
+        doc = await _json_body(request, limit) if int(request.headers.get("content-length") or 0) else {}
+        number = doc.get("revision", 0) if isinstance(doc, dict) else None
+        if not isinstance(number, int) or isinstance(number, bool) or number < 0:
+            raise InvalidArgument('body must be {} or {"revision": N} with N an integer >= 1')
+        rev, _ = await node.rollback(request.path_params["name"], number)
+        return JSONResponse(
+            {"name": request.path_params["name"], "revision": rev.number, "to": rev.rollback_to}
+        )
+
+    async def restart(request: Request) -> Response:
+        rev, _ = await node.restart(request.path_params["name"])
+        return JSONResponse({"name": request.path_params["name"], "revision": rev.number})
 
     async def series(request: Request) -> Response:
         async with node.lock:
@@ -184,6 +211,9 @@ def head_app(node: HeadNode, limiter: RateLimiter | None = None) -> Starlette:
         Route("/api/deployments/{name}", _errors(deployment), methods=["GET"]),
         Route("/api/deployments/{name}", _errors(delete), methods=["DELETE"]),
         Route("/api/deployments/{name}/scale", _errors(scale), methods=["POST"]),
+        Route("/api/deployments/{name}/history", _errors(history), methods=["GET"]),
+        Route("/api/deployments/{name}/rollback", _errors(rollback), methods=["POST"]),
+        Route("/api/deployments/{name}/restart", _errors(restart), methods=["POST"]),
         Route("/api/events", _errors(events)),
         Route("/api/series", _errors(series)),
         Route("/api/replicas/{replica_id}/logs", _errors(logs)),
@@ -195,6 +225,27 @@ def head_app(node: HeadNode, limiter: RateLimiter | None = None) -> Starlette:
     limiter = limiter or RateLimiter(node.settings.control_rate_limit)
     guard = Middleware(ControlGuard, tokens=node.tokens, limiter=limiter, max_body=limit)
     return Starlette(routes=routes, middleware=[guard])
+
+
+def _int_param(request: Request, key: str, default: int, low: int, high: int) -> int:
+    """A query parameter as an integer in [low, high]; InvalidArgument naming it otherwise."""
+    raw = request.query_params.get(key)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise InvalidArgument(f"{key} must be an integer from {low} to {high}, got {raw!r}")
+    return value
+
+
+def _revision_doc(rev: Revision) -> dict[str, Any]:
+    """A revision as the history routes show it (its spec as a document, not JSON text)."""
+    doc = rev.to_dict()
+    doc["spec"] = json.loads(doc.pop("spec_json"))
+    return doc
 
 
 def openapi_schema() -> dict[str, Any]:
@@ -280,8 +331,61 @@ def openapi_schema() -> dict[str, Any]:
                     "responses": {"200": ok("scaled"), "400": err("invalid count"), "404": err("unknown")},
                 },
             },
+            "/api/deployments/{name}/history": {
+                "parameters": name,
+                "get": {
+                    "summary": "The deployment's revisions kept (the last 20), oldest first",
+                    "responses": {"200": ok("revisions", _HISTORY), "404": err("unknown")},
+                },
+            },
+            "/api/deployments/{name}/rollback": {
+                "parameters": name,
+                "post": {
+                    "summary": "Apply an earlier revision again, rolling (default: the previous one)",
+                    "requestBody": {
+                        "required": False,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {"revision": {"type": "integer", "minimum": 1}},
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": ok("rolled back: the new revision and the one it applies again"),
+                        "400": err("invalid revision; no earlier revision; already at that spec"),
+                        "404": err("unknown deployment or revision"),
+                    },
+                },
+            },
+            "/api/deployments/{name}/restart": {
+                "parameters": name,
+                "post": {
+                    "summary": "Replace the replicas one at a time (they load the model's files again)",
+                    "responses": {"200": ok("restarting: the new revision"), "404": err("unknown")},
+                },
+            },
             "/api/events": {
-                "get": {"summary": "Recent cluster events", "responses": {"200": ok("events", array)}}
+                "get": {
+                    "summary": "Deployment lifecycle events (the last 1000, kept in the store), oldest first",
+                    "parameters": [
+                        {
+                            "name": "deployment",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "string"},
+                        },
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "integer", "minimum": 1, "maximum": MAX_EVENTS},
+                        },
+                    ],
+                    "responses": {"200": ok("events", _EVENTS), "400": err("invalid limit")},
+                }
             },
             "/api/series": {
                 "get": {
@@ -318,6 +422,64 @@ def openapi_schema() -> dict[str, Any]:
     }
     _secure(doc)
     return doc
+
+
+_EVENTS = {
+    "type": "object",
+    "properties": {
+        "events": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "time": {"type": "number", "description": "unix seconds"},
+                    "deployment": {"type": "string"},
+                    "kind": {
+                        "type": "string",
+                        "enum": [
+                            "created",
+                            "updated",
+                            "failed",
+                            "rolled_back",
+                            "restarted",
+                            "scaled",
+                            "deleted",
+                        ],
+                    },
+                    "revision": {"type": ["integer", "null"]},
+                    "message": {"type": "string"},
+                },
+                "required": ["time", "deployment", "kind", "revision", "message"],
+            },
+        }
+    },
+    "required": ["events"],
+}
+_HISTORY = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "revisions": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "number": {"type": "integer"},
+                    "time": {"type": "number", "description": "unix seconds"},
+                    "kind": {"type": "string", "enum": ["created", "updated", "restarted", "rolled_back"]},
+                    "spec_hash": {"type": "string", "description": "the hash of what makes replicas differ"},
+                    "change": {"type": "string"},
+                    "outcome": {"type": "string", "description": "'' or 'failed: <reason>'"},
+                    "rollback_to": {
+                        "type": "integer",
+                        "description": "for a rollback: the revision applied again",
+                    },
+                    "spec": {"$ref": "#/components/schemas/DeploymentSpec"},
+                },
+            },
+        },
+    },
+}
 
 
 def _secure(doc: dict[str, Any]) -> None:

@@ -60,12 +60,13 @@ def exactly(count: int, name: str = "echo") -> Callable[[dict[str, Any]], bool]:
 
 
 async def events(cluster: NetCluster) -> list[dict[str, Any]]:
-    """The head's recent events (``GET /api/events``)."""
+    """The head's recent cluster events (schedulers, replicas): ``events`` of ``GET /api/status``
+    (``/api/events`` has the deployments' lifecycle events)."""
     async with httpx.AsyncClient(timeout=5) as client:
-        reply = await client.get(f"http://{cluster.head_http}/api/events")
+        reply = await client.get(f"http://{cluster.head_http}/api/status")
         reply.raise_for_status()
         doc = reply.json()
-    return list(doc["events"] if isinstance(doc, dict) else doc)
+    return list(doc["events"])
 
 
 def alive(pid: int) -> bool:

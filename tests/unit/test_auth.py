@@ -256,7 +256,8 @@ async def test_rest_routes_refuse_missing_wrong_and_low_tokens(
     _, secrets[Role.ADMIN] = await head.create_token(Role.ADMIN, "root")
     for role in (Role.INFER, Role.READ, Role.DEPLOY):
         _, secrets[role] = await head.create_token(role, str(role))
-    await head.apply(spec())
+    await head.apply(spec(options={"v": 1}))
+    await head.apply(spec())  # two revisions: a rollback has one to go back to
     body = {"name": "echo", "backend": "python", "model": "m:M", "replicas": 0}
     ops = operations()
     assert len(ops) >= 10
@@ -277,6 +278,7 @@ async def test_rest_routes_refuse_missing_wrong_and_low_tokens(
             else:
                 assert r.status_code < 400 or r.status_code == 404, (method, path, role, r.text)
         if method == "DELETE":
+            await head.apply(spec(options={"v": 1}))
             await head.apply(spec())
     # The dashboard's page and files, the health check and the schema stay open.
     for path in ("/", "/static/vendor/uPlot.min.css", "/healthz", "/openapi.json"):

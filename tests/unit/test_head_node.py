@@ -66,7 +66,7 @@ async def test_apply_persists_and_a_new_head_reloads_it(
 ) -> None:
     spec = make_spec(replicas=2)
 
-    assert await head.apply(spec) == ApplyResult(created=True, changed=True)
+    assert await head.apply(spec) == ApplyResult(created=True, changed=True, revision=1, change="created")
 
     entry = await store.get("deployments/echo")
     assert entry is not None
@@ -85,10 +85,12 @@ async def test_applying_the_same_spec_again_changes_nothing(head: HeadNode, stor
     await head.apply(spec)
     revision = (await store.list("deployments/"))[0].revision
 
-    assert await head.apply(spec) == ApplyResult(created=False, changed=False)
+    assert await head.apply(spec) == ApplyResult(created=False, changed=False, revision=1)
     assert (await store.list("deployments/"))[0].revision == revision
 
-    assert await head.apply(make_spec(model="v2.py")) == ApplyResult(created=False, changed=True)
+    assert await head.apply(make_spec(model="v2.py")) == ApplyResult(
+        created=False, changed=True, revision=2, change="model changed"
+    )
     assert head.desired["echo"].model == "v2.py"
 
 

@@ -15,6 +15,7 @@ import pytest_asyncio
 from shoal.errors import Internal, InvalidArgument
 from shoal.store import Entry, Event, MemoryStore, SqliteStore, Store, StoreError
 from shoal.store.base import Watch, WatchLost
+from shoal.store.history import EVENTS, REVISIONS, History
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(10)]
 
@@ -276,6 +277,78 @@ async def test_concurrent_put_if_has_one_winner(store: Store) -> None:
 
 
 # -- SQLite ----------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------- history (over either store)
+
+
+async def test_history_keeps_the_last_events_oldest_first(store: Store) -> None:
+    history = History(store, max_events=3)
+    for i in range(5):
+        await history.record("a" if i % 2 else "b", "updated", f"change {i}\nsecond line", revision=i)
+
+    assert [e.message for e in history.events()] == [
+        "change 2 second line",
+        "change 3 second line",
+        "change 4 second line",
+    ]
+    assert [e.revision for e in history.events("a")] == [3]
+    assert [e.revision for e in history.events(limit=2)] == [3, 4]
+    assert len(await store.list(EVENTS)) == 3
+    again = History(store, max_events=3)
+    await again.load()
+    assert again.events() == history.events()
+    await again.record("a", "deleted", "gone")
+    assert [e.kind for e in again.events()] == ["updated", "updated", "deleted"]
+
+
+async def test_history_keeps_the_last_revisions_per_deployment(store: Store) -> None:
+    history = History(store, max_revisions=2)
+    for model in ("m1", "m2", "m3"):
+        await history.add_revision("app", "updated", f'{{"model": "{model}"}}', model, f"to {model}")
+    await history.add_revision("other", "created", "{}", "h", "created")
+    await history.set_outcome("app", 3, "failed: boom")
+
+    assert [(r.number, r.spec_hash, r.outcome) for r in history.revisions("app")] == [
+        (2, "m2", ""),
+        (3, "m3", "failed: boom"),
+    ]
+    again = History(store, max_revisions=2)
+    await again.load()
+    assert again.revisions("app") == history.revisions("app")
+    assert (await again.add_revision("app", "rolled_back", "{}", "m2", "back", rollback_to=2)).number == 4
+    await again.forget("app")
+    assert again.revisions("app") == [] and [r.number for r in again.revisions("other")] == [1]
+    assert [e.key for e in await store.list(REVISIONS)] == ["revisions/other/0000000001"]
+
+
+async def test_history_skips_rows_it_cannot_read(store: Store) -> None:
+    await store.put("events/000000000001", "not json")
+    await store.put(
+        "events/000000000002",
+        '{"time": 1.0, "deployment": "a", "kind": "created", "revision": 1, "message": "m"}',
+    )
+    await store.put("revisions/a/0000000001", '{"number": 2}')
+    history = History(store)
+    await history.load()
+    assert [e.kind for e in history.events()] == ["created"]
+    assert history.revisions("a") == []
+    await history.record("a", "deleted", "gone")
+    assert (await store.list(EVENTS))[-1].key == "events/000000000003"
+
+
+async def test_sqlite_keeps_history_across_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    async with SqliteStore(path) as store:
+        history = History(store)
+        await history.add_revision("app", "created", "{}", "h1", "created")
+        await history.record("app", "created", "revision 1: created", 1)
+    async with SqliteStore(path) as store:
+        again = History(store)
+        await again.load()
+        assert [(e.kind, e.revision) for e in again.events()] == [("created", 1)]
+        assert [r.spec_hash for r in again.revisions("app")] == ["h1"]
+    assert not sqlite_threads()
 
 
 async def test_sqlite_keeps_data_and_revision_across_reopen(tmp_path: Path) -> None:

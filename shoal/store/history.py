@@ -1,0 +1,184 @@
+"""What happened to deployments, kept in the store: revisions per deployment and lifecycle
+events cluster-wide, both bounded.
+
+Keys (over any :class:`~shoal.store.base.Store`, so every store keeps them)::
+
+    revisions/<deployment>/<number, 10 digits>   a Revision as JSON
+    events/<sequence, 12 digits>                  a LifecycleEvent as JSON
+
+:class:`History` loads both at :meth:`History.load` and keeps a copy in memory; reads are
+from memory, writes go to the store first. A row that does not parse (written by hand or by
+another version) is skipped with a warning, never fatal. Not safe for concurrent writers:
+the head calls it under its lock.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from shoal.store.base import Store
+
+log = logging.getLogger("shoal.store")
+
+REVISIONS = "revisions/"
+EVENTS = "events/"
+MAX_REVISIONS = 20
+"""Revisions kept per deployment; the oldest goes when a new one comes."""
+MAX_EVENTS = 1000
+"""Lifecycle events kept for the whole cluster; the oldest goes when a new one comes."""
+EVENT_KINDS = ("created", "updated", "failed", "rolled_back", "restarted", "scaled", "deleted")
+
+
+@dataclass(frozen=True)
+class LifecycleEvent:
+    """Something that happened to a deployment. ``time``: unix seconds; ``revision``: the
+    revision it made or concerns, when there is one; ``message``: one line."""
+
+    time: float
+    deployment: str
+    kind: str
+    revision: int | None
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Revision:
+    """One version of a deployment's spec: a new one for every change that replaces its
+    replicas (``created``, ``updated``, ``restarted``, ``rolled_back``).
+
+    ``change``: what changed, one line. ``outcome``: ``""`` (no verdict), or ``failed: ...``
+    once its replicas kept dying before READY. ``rollback_to``: for a rollback, the revision
+    whose spec it applies again (0 otherwise)."""
+
+    number: int
+    time: float
+    kind: str
+    spec_json: str
+    spec_hash: str
+    change: str
+    outcome: str = ""
+    rollback_to: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class History:
+    """Revisions and lifecycle events of the deployments, over a store."""
+
+    def __init__(
+        self, store: Store, *, max_revisions: int = MAX_REVISIONS, max_events: int = MAX_EVENTS
+    ) -> None:
+        if max_revisions < 1 or max_events < 1:
+            raise ValueError("max_revisions and max_events must be >= 1")
+        self.store = store
+        self.max_revisions = max_revisions
+        self._revisions: dict[str, list[Revision]] = {}
+        self._events: deque[tuple[int, LifecycleEvent]] = deque()
+        self._max_events = max_events
+        self._next_event = 1
+
+    async def load(self) -> None:
+        """Read every revision and event the store holds."""
+        self._revisions = {}
+        for entry in await self.store.list(REVISIONS):
+            name, _, number = entry.key.removeprefix(REVISIONS).rpartition("/")
+            try:
+                rev = Revision(**json.loads(entry.value))
+                if str(rev.number) != number.lstrip("0"):
+                    raise ValueError(f"it holds revision {rev.number}")
+            except (ValueError, TypeError, RecursionError) as err:
+                log.warning("skipping unreadable revision row %r: %s", entry.key, err)
+                continue
+            self._revisions.setdefault(name, []).append(rev)
+        self._events = deque()
+        entries = await self.store.list(EVENTS)
+        for entry in entries:
+            try:
+                seq = int(entry.key.removeprefix(EVENTS))
+                event = LifecycleEvent(**json.loads(entry.value))
+            except (ValueError, TypeError, RecursionError) as err:
+                log.warning("skipping unreadable event row %r: %s", entry.key, err)
+                continue
+            self._events.append((seq, event))
+        if entries:
+            try:
+                self._next_event = int(entries[-1].key.removeprefix(EVENTS)) + 1
+            except ValueError:
+                self._next_event = len(entries) + 1
+
+    # ------------------------------------------------------------ events
+
+    async def record(
+        self, deployment: str, kind: str, message: str, revision: int | None = None
+    ) -> LifecycleEvent:
+        """Keep an event; the oldest one goes past ``max_events``."""
+        event = LifecycleEvent(time.time(), deployment, kind, revision, message.replace("\n", " "))
+        seq = self._next_event
+        await self.store.put(f"{EVENTS}{seq:012d}", json.dumps(event.to_dict()))
+        self._next_event += 1
+        self._events.append((seq, event))
+        while len(self._events) > self._max_events:
+            old, _ = self._events.popleft()
+            await self.store.delete(f"{EVENTS}{old:012d}")
+        return event
+
+    def events(self, deployment: str = "", limit: int = 0) -> list[LifecycleEvent]:
+        """Events, oldest first: of ``deployment`` only when given, the last ``limit`` when > 0."""
+        out = [e for _, e in self._events if not deployment or e.deployment == deployment]
+        return out[-limit:] if limit > 0 else out
+
+    # ------------------------------------------------------------ revisions
+
+    def revisions(self, deployment: str) -> list[Revision]:
+        """The deployment's revisions kept, oldest first."""
+        return list(self._revisions.get(deployment, []))
+
+    def current(self, deployment: str) -> Revision | None:
+        revs = self._revisions.get(deployment)
+        return revs[-1] if revs else None
+
+    def get(self, deployment: str, number: int) -> Revision | None:
+        return next((r for r in self._revisions.get(deployment, []) if r.number == number), None)
+
+    async def add_revision(
+        self, deployment: str, kind: str, spec_json: str, spec_hash: str, change: str, rollback_to: int = 0
+    ) -> Revision:
+        """A new revision, numbered one above the last; the oldest goes past ``max_revisions``."""
+        revs = self._revisions.setdefault(deployment, [])
+        number = revs[-1].number + 1 if revs else 1
+        rev = Revision(number, time.time(), kind, spec_json, spec_hash, change, rollback_to=rollback_to)
+        await self._put(deployment, rev)
+        revs.append(rev)
+        while len(revs) > self.max_revisions:
+            old = revs.pop(0)
+            await self.store.delete(_revision_key(deployment, old.number))
+        return rev
+
+    async def set_outcome(self, deployment: str, number: int, outcome: str) -> None:
+        """Record how a revision ended (``failed: ...``). Nothing when it is no longer kept."""
+        revs = self._revisions.get(deployment, [])
+        for i, rev in enumerate(revs):
+            if rev.number == number:
+                revs[i] = replace(rev, outcome=outcome)
+                await self._put(deployment, revs[i])
+
+    async def forget(self, deployment: str) -> None:
+        """Drop a deleted deployment's revisions (its events stay)."""
+        for rev in self._revisions.pop(deployment, []):
+            await self.store.delete(_revision_key(deployment, rev.number))
+
+    async def _put(self, deployment: str, rev: Revision) -> None:
+        await self.store.put(_revision_key(deployment, rev.number), json.dumps(rev.to_dict()))
+
+
+def _revision_key(deployment: str, number: int) -> str:
+    return f"{REVISIONS}{deployment}/{number:010d}"
