@@ -26,16 +26,9 @@ from shoal.core.cluster import (
 )
 from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec, parse_spec
+from tests.unit.conftest import make_spec
 
 pytestmark = pytest.mark.timeout(10)
-
-
-def make_spec(
-    name: str = "echo", *, replicas: int = 1, model: str = "m1", cpus: float = 1.0
-) -> DeploymentSpec:
-    return parse_spec(
-        {"name": name, "backend": "python", "model": model, "replicas": replicas, "resources": {"cpus": cpus}}
-    )
 
 
 def want(*specs: DeploymentSpec) -> dict[str, tuple[DeploymentSpec, int]]:

@@ -20,22 +20,19 @@ from shoal.config import Settings
 from shoal.core.clock import FakeClock
 from shoal.core.cluster import READY, ReplicaReport
 from shoal.core.placement import Capacity
-from shoal.core.spec import DeploymentSpec, parse_spec
+from shoal.core.spec import DeploymentSpec
 from shoal.errors import FailedPrecondition, NotFound
 from shoal.head.node import HeadNode, cluster_status
 from shoal.http.head import head_app
 from shoal.store import MemoryStore
 from shoal.testing.fakes import FakeSchedulers
 from shoal.types import SchedulerRegistration
+from tests.unit.conftest import make_spec
 
 pytestmark = pytest.mark.timeout(10)
 
 # As a head before the fix stored it: ``"timeout_s": Infinity`` went in as null.
 POISON_ROW = '{"name":"poison","backend":"python","model":"echo:Echo","replicas":0,"timeout_s":null}'
-
-
-def make_spec(name: str, replicas: int = 1) -> DeploymentSpec:
-    return parse_spec({"name": name, "backend": "python", "model": "m:M", "replicas": replicas})
 
 
 def ready(rid: str, spec: DeploymentSpec) -> ReplicaReport:

@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
 
 import pytest
 
 from shoal.config import Settings
 from shoal.core import payload
-from shoal.core.spec import DeploymentSpec, parse_spec
 from shoal.core.stats import DeploymentStats
 from shoal.errors import ResourceExhausted, Unavailable
 from shoal.scheduler.ingress import Counts, IngressHub, IngressWorker, ingress_processes, snapshot
@@ -19,12 +17,9 @@ from shoal.scheduler.models import ModelCatalog
 from shoal.scheduler.router import Router
 from shoal.testing.fakes import FakeReplicas
 from shoal.types import RoutingTable
+from tests.unit.conftest import make_spec
 
 pytestmark = pytest.mark.timeout(10)
-
-
-def spec(**changes: Any) -> DeploymentSpec:
-    return parse_spec({"name": "echo", "backend": "python", "model": "m:M", **changes})
 
 
 def counts(ok: int, in_flight: int = 0) -> Counts:
@@ -88,7 +83,7 @@ async def test_a_worker_routes_by_the_table_with_its_share_of_the_limits() -> No
     settings = Settings(ingress_workers=2, orphan_after_s=0.3)
     fakes = FakeReplicas()
     main = Router("s1", settings, fakes)
-    main.add("a", spec(max_ongoing_requests=2, max_queued_requests=2), "a:1", "s1")
+    main.add("a", make_spec(max_ongoing_requests=2, max_queued_requests=2), "a:1", "s1")
     hub = IngressHub(main)
     link = Link(hub)
     worker = IngressWorker(settings, "s1", link, fakes)

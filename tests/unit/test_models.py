@@ -20,7 +20,7 @@ import pytest
 
 from shoal.config import Settings
 from shoal.core import payload
-from shoal.core.spec import DeploymentSpec, TensorSpec, parse_spec
+from shoal.core.spec import DeploymentSpec, TensorSpec
 from shoal.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
 from shoal.http.scheduler import scheduler_app
 from shoal.scheduler.dataplane import DataPlane, InferCall
@@ -36,15 +36,12 @@ from shoal.scheduler.node import SchedulerNode
 from shoal.scheduler.router import Router
 from shoal.testing.fakes import FakeReplicaClient, FakeReplicas
 from shoal.types import Arrays, HeadLink, ReplicaDescription
+from tests.unit.conftest import make_spec
 
 pytestmark = pytest.mark.timeout(10)
 
 X = TensorSpec(name="x", datatype="FP32", shape=(-1, 4))
 S = TensorSpec(name="s", datatype="BYTES", shape=(-1,))
-
-
-def make_spec(name: str = "echo", **changes: Any) -> DeploymentSpec:
-    return parse_spec({"name": name, "backend": "python", "model": "m:M", **changes})
 
 
 def typed_spec(**changes: Any) -> DeploymentSpec:

@@ -12,6 +12,7 @@ from shoal.config import Settings
 from shoal.core.spec import parse_spec
 from shoal.errors import DeadlineExceeded, Unavailable
 from shoal.replica.process import ReplicaProcess
+from shoal.testing.wait import until
 
 MODEL = """
 import asyncio
@@ -91,7 +92,7 @@ async def test_orphaned_replica_stops_after_orphan_after(tmp_path: Path) -> None
     await asyncio.wait_for(replica.run("127.0.0.1:1", 1), 5)
     took = loop.time() - started
     assert "scheduler unreachable" in replica.exit_reason
-    assert 0.2 <= took < 1.0
+    assert took >= 0.2  # it waited orphan_after_s before giving up
     await replica.drain()
 
 
@@ -108,10 +109,9 @@ async def test_drain_finishes_in_flight_work(tmp_path: Path) -> None:
     replica = make(tmp_path, Link(), delay_s=0.2)
     await replica.load()
     runner = asyncio.create_task(replica.run("127.0.0.1:1", 1))
-    await asyncio.sleep(0.05)
-    assert replica.state == "READY"
+    await until(lambda: replica.state == "READY", "registration")
     request = asyncio.create_task(replica.infer("r1", {"x": np.ones((1, 2), np.float32)}, 5.0))
-    await asyncio.sleep(0.05)
+    await until(lambda: replica.in_flight == 1, "the request in flight")
     replica.request_stop(grace_s=5)
     await runner
     await replica.drain()
@@ -124,7 +124,7 @@ async def test_timeout_answers_deadline_exceeded(tmp_path: Path) -> None:
     replica = make(tmp_path, Link(), delay_s=1.0)
     await replica.load()
     runner = asyncio.create_task(replica.run("127.0.0.1:1", 1))
-    await asyncio.sleep(0.05)
+    await until(lambda: replica.state == "READY", "registration")
     with pytest.raises(DeadlineExceeded, match=r"timed out after 0\.1s"):
         await replica.infer("r1", {"x": np.ones((1, 2), np.float32)}, 0.1)
     replica.request_stop(grace_s=0)

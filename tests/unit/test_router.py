@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
 
 import numpy as np
 import pytest
@@ -12,17 +11,15 @@ import pytest
 from shoal.config import Settings
 from shoal.core import payload
 from shoal.core.payload import Tensors
-from shoal.core.spec import DeploymentSpec, parse_spec
+from shoal.core.spec import DeploymentSpec
 from shoal.errors import DeadlineExceeded, NotFound, ResourceExhausted, Unavailable
 from shoal.scheduler.router import Router
 from shoal.testing.fakes import FakeReplicaClient, FakeReplicas
+from shoal.testing.wait import until
 from shoal.types import DeploymentRoutes, Route, RoutingTable
+from tests.unit.conftest import make_spec
 
 pytestmark = pytest.mark.timeout(10)
-
-
-def make_spec(**changes: Any) -> DeploymentSpec:
-    return parse_spec({"name": "echo", "backend": "python", "model": "m.py", **changes})
 
 
 def x(value: float) -> Tensors:
@@ -103,7 +100,7 @@ async def test_max_ongoing_requests_bounds_each_replica(router: Router, fakes: F
     tasks = [asyncio.create_task(router.send("echo", x(i))) for i in range(4)]
     await a.wait_for_requests(1)
     await b.wait_for_requests(1)
-    await asyncio.sleep(0.01)
+    await until(lambda: router.load()["echo"].queued == 2, "two requests waiting for room")
     assert (len(a.requests), len(b.requests)) == (1, 1)
     assert not any(t.done() for t in tasks)
 
@@ -123,7 +120,8 @@ async def test_a_full_queue_rejects_at_once_while_admitted_requests_complete(
 
     tasks = [asyncio.create_task(router.send("echo", x(i))) for i in range(6)]
     await a.wait_for_requests(1)
-    await asyncio.sleep(0.01)
+    await until(lambda: router.load()["echo"].queued == 2, "two requests queued")
+    await until(lambda: sum(t.done() for t in tasks) == 3, "three requests refused")
 
     rejected = [t for t in tasks if t.done()]
     assert tasks[3:] == rejected
@@ -236,16 +234,21 @@ async def test_a_query_of_death_costs_at_most_two_replicas(fakes: FakeReplicas) 
             c.gate = gate
         task = asyncio.create_task(router.send("echo", x(1), request_id="qod"))
         killed: list[str] = []
-        while not task.done():
+
+        def next_attempt_arrived() -> bool:
+            return sum(len(c.requests) for c in clients) == len(killed) + 1
+
+        for attempt in (1, 2):
+            await until(next_attempt_arrived, f"attempt {attempt}")
             # Whichever replica holds the request now dies.
-            holder = next((rid for rid, c in zip("abc", clients, strict=True) if c.in_flight), None)
-            if holder is not None:
-                killed.append(holder)
-                await router.remove(holder, failed=True)
-            await asyncio.sleep(0.01)
+            holder = next(
+                rid for rid, c in zip("abc", clients, strict=True) if c.requests and rid not in killed
+            )
+            killed.append(holder)
+            await router.remove(holder, failed=True)
+        # A third attempt would wait at the gate of the third replica: no answer in time.
         with pytest.raises(Unavailable, match="not retried again"):
-            await task
-        assert len(killed) == 2
+            await asyncio.wait_for(task, 2.0)
         assert router.stats()["echo"].given_up == 1
         assert sum(len(c.requests) for c in clients) == 2
     finally:
@@ -256,7 +259,7 @@ async def test_with_no_replica_a_request_waits_for_one(router: Router, fakes: Fa
     spec = make_spec()
     router.set_spec(spec)
     task = asyncio.create_task(router.send("echo", x(5), timeout_s=2.0))
-    await asyncio.sleep(0.02)
+    await until(lambda: router.load()["echo"].queued == 1, "the request waiting")
     assert not task.done()
 
     add(router, fakes, spec, "late")
@@ -356,7 +359,7 @@ async def test_a_deployment_deleted_at_the_head_is_not_found_at_once_while_its_r
     # A request waiting for room (max_ongoing_requests is 64: fill it by retiring instead).
     router.retire("mine")
     waiting = asyncio.create_task(router.send("echo", x(2), timeout_s=30))
-    await asyncio.sleep(0.01)
+    await until(lambda: router.load()["echo"].queued == 1, "the request waiting")
     await router.apply_table(RoutingTable(version=2, deleted=("echo",)))  # the head deleted it
     with pytest.raises(NotFound):
         await asyncio.wait_for(waiting, 1.0)  # at once, not after its 30 s deadline

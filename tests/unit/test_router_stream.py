@@ -11,11 +11,12 @@ from typing import Any
 import pytest
 
 from shoal.config import Settings
-from shoal.core.spec import DeploymentSpec, parse_spec
+from shoal.core.spec import DeploymentSpec
 from shoal.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from shoal.scheduler.router import Router
 from shoal.testing.fakes import FakeReplicaClient, FakeReplicas
 from shoal.types import GenerateChunk, GenerateRequest
+from tests.unit.conftest import make_spec as build_spec
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -23,7 +24,7 @@ PROMPT = GenerateRequest(prompt="the quick brown fox", max_tokens=16)
 
 
 def make_spec(**changes: Any) -> DeploymentSpec:
-    return parse_spec({"name": "lm", "backend": "vllm", "model": "m", **changes})
+    return build_spec("lm", backend="vllm", model="m", **changes)
 
 
 @pytest.fixture
