@@ -180,7 +180,7 @@ async def test_a_caller_cancelled_while_queued_leaves_the_queue_and_hurts_nobody
         running = asyncio.create_task(batcher.submit(rows(0)))
         await model.entered.wait()  # the first batch holds the model
         queued = [asyncio.create_task(batcher.submit(rows(i))) for i in (1, 2, 3)]
-        await asyncio.sleep(0.01)
+        await wait_queued(batcher, 3)
         assert (batcher.queued, batcher.in_flight) == (3, 1)
         queued[1].cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -220,7 +220,7 @@ async def test_batches_run_one_at_a_time_and_the_next_gathers_meanwhile() -> Non
         first = asyncio.create_task(batcher.submit(rows(0)))
         await model.entered.wait()
         rest = [asyncio.create_task(batcher.submit(rows(i))) for i in range(1, 7)]
-        await asyncio.sleep(0.01)
+        await wait_queued(batcher, 6)
         assert batcher.queued == 6
         model.gate.set()
         await asyncio.gather(first, *rest)

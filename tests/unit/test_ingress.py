@@ -16,6 +16,7 @@ from shoal.scheduler.ingress import Counts, IngressHub, IngressWorker, ingress_p
 from shoal.scheduler.models import ModelCatalog
 from shoal.scheduler.router import Router
 from shoal.testing.fakes import FakeReplicas
+from shoal.testing.wait import until
 from shoal.types import RoutingTable
 from tests.unit.conftest import make_spec
 
@@ -98,7 +99,7 @@ async def test_a_worker_routes_by_the_table_with_its_share_of_the_limits() -> No
     running = asyncio.create_task(worker.router.send("echo", x))
     queued = asyncio.create_task(worker.router.send("echo", x))
     await replica.wait_for_requests(1)
-    await asyncio.sleep(0.01)
+    await until(lambda: worker.router.load()["echo"].queued == 1, "the second request queued")
     with pytest.raises(ResourceExhausted, match="this process's share of 1"):
         await worker.router.send("echo", x)
     replica.gate.set()

@@ -15,6 +15,7 @@ from shoal.core.spec import DeploymentSpec
 from shoal.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from shoal.scheduler.router import Router
 from shoal.testing.fakes import FakeReplicaClient, FakeReplicas
+from shoal.testing.wait import until
 from shoal.types import GenerateChunk, GenerateRequest
 from tests.unit.conftest import make_spec as build_spec
 
@@ -89,8 +90,8 @@ async def test_the_slot_is_held_until_the_stream_ends(router: Router, fakes: Fak
 
     # A second stream waits for the slot: the replica takes one request at a time.
     second = asyncio.create_task(collect(router))
-    await asyncio.sleep(0.05)
-    assert not second.done() and router.load()["lm"].queued == 1
+    await until(lambda: router.load()["lm"].queued == 1, "the second stream waiting")
+    assert not second.done()
 
     rest = [c.text async for c in first]
     assert rest == [" quick", " brown", " fox", ""]
@@ -195,7 +196,7 @@ async def test_a_full_queue_is_refused_at_once(router: Router, fakes: FakeReplic
     gate = a.gate = asyncio.Event()
     holding = asyncio.create_task(collect(router))
     waiting = asyncio.create_task(collect(router))
-    await asyncio.sleep(0.05)
+    await until(lambda: in_flight(router) == 1 and router.load()["lm"].queued == 1, "one held, one queued")
 
     with pytest.raises(ResourceExhausted):
         await collect(router)
@@ -208,7 +209,7 @@ async def test_no_room_before_the_deadline_is_deadline_exceeded(router: Router, 
     [a] = add(router, fakes, make_spec(max_ongoing_requests=1), "a")
     a.gate = asyncio.Event()
     holding = asyncio.create_task(collect(router))
-    await asyncio.sleep(0.01)
+    await until(lambda: in_flight(router) == 1, "the first stream on the replica")
 
     with pytest.raises(DeadlineExceeded):
         await collect(router, timeout_s=0.1)
