@@ -156,7 +156,10 @@ class ReplicaClient(Protocol):
         """
         ...
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Close the connection: every ``push`` still pending fails with Unavailable at once
+        (the router closes the client of a replica that died, and retries those requests)."""
+        ...
 
 
 class SchedulerClient(Protocol):
@@ -187,10 +190,9 @@ class HeadLink(Protocol):
         scheduler_id: str,
         registry_version: int,
         replicas: list[ReplicaReport],
-        allocated: Capacity,
         load: Mapping[str, LoadReport],
     ) -> bool:
-        """False: NACK, register again."""
+        """False: NACK, register again. Raises ShoalError when the head cannot be reached."""
         ...
 
     def watch_routes(self, scheduler_id: str) -> AsyncIterator[RoutingTable]: ...

@@ -293,15 +293,12 @@ class SchedulerHealth(_message.Message):
     SCHEDULER_ID_FIELD_NUMBER: _builtins.int
     REPLICAS_FIELD_NUMBER: _builtins.int
     REGISTRY_VERSION_FIELD_NUMBER: _builtins.int
-    ALLOCATED_FIELD_NUMBER: _builtins.int
     LOAD_FIELD_NUMBER: _builtins.int
     scheduler_id: _builtins.str
     registry_version: _builtins.int
     """bumps with every change to the scheduler's registry"""
     @_builtins.property
     def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicaStatus]: ...
-    @_builtins.property
-    def allocated(self) -> Global___Resources: ...
     @_builtins.property
     def load(self) -> _containers.MessageMap[_builtins.str, Global___DeploymentLoad]: ...
     def __init__(
@@ -310,12 +307,11 @@ class SchedulerHealth(_message.Message):
         scheduler_id: _builtins.str = ...,
         replicas: _abc.Iterable[Global___ReplicaStatus] | None = ...,
         registry_version: _builtins.int = ...,
-        allocated: Global___Resources | None = ...,
         load: _abc.Mapping[_builtins.str, Global___DeploymentLoad] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["allocated", b"allocated"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated", b"allocated", "load", b"load", "registry_version", b"registry_version", "replicas", b"replicas", "scheduler_id", b"scheduler_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["load", b"load", "registry_version", b"registry_version", "replicas", b"replicas", "scheduler_id", b"scheduler_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -15,6 +15,7 @@ from shoal.backends.base import Backend
 from shoal.backends.generation import Completion, TextGenerator
 from shoal.backends.python import PythonBackend
 from shoal.config import Settings
+from shoal.core.clock import Clock, SystemClock
 from shoal.core.cluster import DRAINING, READY, STARTING, STOPPED
 from shoal.core.model_dirs import check_model_dirs
 from shoal.core.spec import DeploymentSpec
@@ -33,9 +34,16 @@ class SchedulerLink(Protocol):
 
 class ReplicaProcess:
     def __init__(
-        self, replica_id: str, spec: DeploymentSpec, settings: Settings, link: SchedulerLink
+        self,
+        replica_id: str,
+        spec: DeploymentSpec,
+        settings: Settings,
+        link: SchedulerLink,
+        *,
+        clock: Clock | None = None,
     ) -> None:
         self.id = replica_id
+        self.clock: Clock = clock or SystemClock()
         self.spec = spec
         self.settings = settings
         self.link = link
@@ -182,23 +190,20 @@ class ReplicaProcess:
             return
         self.state = READY
         interval = interval or self.settings.replica_health_interval_s
-        last_ok = time.monotonic()
+        last_ok = self.clock.now()
         while not self._stop.is_set():
-            try:
-                await asyncio.wait_for(self._stop.wait(), interval)
+            if await self.clock.wait(self._stop.wait(), interval):
                 break
-            except TimeoutError:
-                pass
             try:
                 ack = await self.link.health(self.id, self.state, self.in_flight, self.queued)
             except ShoalError as err:
-                silent = time.monotonic() - last_ok
+                silent = self.clock.now() - last_ok
                 if silent >= self.settings.orphan_after_s:
                     self.exit_reason = f"scheduler unreachable for {silent:.1f}s ({err}); no orphans"
                     self._grace_s = min(self._grace_s, 1.0)
                     return
                 continue
-            last_ok = time.monotonic()
+            last_ok = self.clock.now()
             if not ack:
                 self.exit_reason = "NACKed by the scheduler"
                 return
@@ -206,9 +211,9 @@ class ReplicaProcess:
     async def drain(self) -> None:
         """Stop taking requests, let those in flight finish (within the grace period), stop."""
         self.state = DRAINING
-        deadline = time.monotonic() + self._grace_s
-        while self.in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        deadline = self.clock.now() + self._grace_s
+        while self.in_flight and self.clock.now() < deadline:
+            await self.clock.sleep(0.02)
         if self.in_flight:
             log.warning("%d request(s) still in flight after %.1fs grace", self.in_flight, self._grace_s)
         self.state = STOPPED

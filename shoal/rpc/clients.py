@@ -133,6 +133,14 @@ class GrpcReplicaClient:
             if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise DeadlineExceeded(f"request {request_id} timed out after {timeout_s:g}s") from None
             raise to_error(err) from None
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling() == 0:
+                # Nobody cancelled this task: grpc.aio cancelled the call because close() closed
+                # the channel (the replica died or left the routing table). Close fails pending
+                # requests with Unavailable, as the stream does.
+                raise Unavailable(f"replica at {self.address} was removed during {request_id}") from None
+            raise
         return codec.from_pb(reply.outputs)
 
     async def generate(
@@ -308,14 +316,12 @@ class GrpcHeadLink:
         scheduler_id: str,
         registry_version: int,
         replicas: list[ReplicaReport],
-        allocated: Capacity,
         load: Mapping[str, LoadReport],
     ) -> bool:
         req = pb.SchedulerHealth(
             scheduler_id=scheduler_id,
             registry_version=registry_version,
             replicas=[report_to_pb(r) for r in replicas],
-            allocated=capacity_to_pb(allocated),
             load={
                 name: pb.DeploymentLoad(
                     in_flight=r.in_flight,

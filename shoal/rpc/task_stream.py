@@ -101,7 +101,12 @@ class TaskStream:
             self._fail(call, error)
 
     def _fail(self, call: Any, error: ShoalError) -> None:
-        """The stream ``call`` is over: fail everything waiting on it; the next push reopens."""
+        """The stream ``call`` is over: fail everything waiting on it; the next push reopens.
+
+        With :meth:`close`, the only place a pending request of this replica fails: when the
+        replica dies the stream breaks (here) or the router closes the client (``close``),
+        whichever comes first; a future is set once, so each request fails exactly once and
+        the router retries it. (``ReplicaHandle.fail_pending`` relies on this.)"""
         if self._call is not call:
             return
         self._call = None
@@ -114,6 +119,7 @@ class TaskStream:
             self._writer.cancel()
 
     async def close(self) -> None:
+        """Fail every pending ``push`` with Unavailable at once, and stop the stream."""
         self._closed = True
         call = self._call
         self._call = None

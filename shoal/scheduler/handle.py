@@ -1,14 +1,11 @@
 """``ReplicaHandle``: one replica as the router sees it (the seed's ``Replica``).
 
-It owns the client connection, counts requests in flight, and keeps the task
-serving each pending request id, so that when the replica dies every pending
-request fails at once with ``ReplicaGone`` (and is retried elsewhere) instead
-of waiting for its deadline.
+It owns the client connection and counts requests in flight. It does not track
+its pending requests: failing them when the replica goes is the client's job
+(see :meth:`ReplicaHandle.fail_pending`).
 """
 
 from __future__ import annotations
-
-import asyncio
 
 from shoal.core.payload import Tensors
 from shoal.errors import Unavailable
@@ -39,42 +36,32 @@ class ReplicaHandle:
         self.in_flight = 0  # reserved by the router before send, released after
         self.gone = False
         self.retired = False  # draining: no new requests, pending ones finish
-        self._pending: dict[str, asyncio.Task[object]] = {}
-        self._killed: set[str] = set()
 
     @property
     def accepting(self) -> bool:
         return not self.gone and not self.retired
 
     async def send(self, request_id: str, inputs: Tensors, timeout_s: float) -> Tensors:
-        """Send one request. Raises ReplicaGone if the replica dies meanwhile."""
+        """Send one request. Raises ReplicaGone if the replica is gone already, and Unavailable
+        (the client's) if it goes while the request waits: both are retried elsewhere."""
         if self.gone:
             raise ReplicaGone(f"replica {self.replica_id} is gone")
-        task = asyncio.current_task()
-        assert task is not None
-        self._pending[request_id] = task
-        try:
-            return await self.client.push(request_id, inputs, timeout_s)
-        except asyncio.CancelledError:
-            if request_id in self._killed and task.uncancel() == 0:
-                raise ReplicaGone(f"replica {self.replica_id} died before answering") from None
-            if task.cancelling() == 0:
-                # Nobody cancelled this task: grpc.aio cancelled the call under it because
-                # close() closed the channel (the replica left the routing table while the
-                # request was on it). Retry elsewhere instead of never answering.
-                raise ReplicaGone(f"replica {self.replica_id} was removed before answering") from None
-            raise
-        finally:
-            self._pending.pop(request_id, None)
-            self._killed.discard(request_id)
+        return await self.client.push(request_id, inputs, timeout_s)
 
-    def fail_pending(self) -> int:
-        """Mark the replica gone and fail its pending requests; returns how many."""
+    async def fail_pending(self) -> int:
+        """The replica died: take no more requests, and fail every pending one with Unavailable
+        now, once each (the router retries them). Returns how many were in flight.
+
+        One mechanism, the client's: closing it fails what waits on it (``ReplicaClient.close``;
+        the gRPC client's ``TaskStream`` fails the futures of its stream, as it does when the
+        stream breaks on its own). Cancelling the requests' tasks here as well, as this once
+        did, raced the stream's own failure, and telling that cancellation from the caller's
+        (a client that went away) needed a guess from ``Task.uncancel``.
+        """
         self.gone = True
-        for request_id, task in list(self._pending.items()):
-            self._killed.add(request_id)
-            task.cancel()
-        return len(self._pending)
+        pending = self.in_flight
+        await self.client.close()
+        return pending
 
     async def close(self) -> None:
         await self.client.close()

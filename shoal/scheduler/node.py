@@ -16,7 +16,7 @@ import psutil
 
 from shoal.auth import InferenceAuth
 from shoal.config import Settings
-from shoal.core.clock import sleep_or_event
+from shoal.core.clock import Clock, SystemClock
 from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec
 from shoal.core.tasks import TaskSet
@@ -25,7 +25,7 @@ from shoal.scheduler.dataplane import DataPlane
 from shoal.scheduler.ingress import Counts, IngressHub, ingress_processes, snapshot
 from shoal.scheduler.models import ModelCatalog
 from shoal.scheduler.router import Router
-from shoal.scheduler.supervisor import ReplicaSupervisor
+from shoal.scheduler.supervisor import Launcher, ReplicaSupervisor
 from shoal.types import HeadLink, LoadReport, ReplicaClient, SchedulerRegistration
 
 log = logging.getLogger("shoal.scheduler")
@@ -77,7 +77,12 @@ def _count_gpus() -> int:
 
 
 class SchedulerNode:
-    """Lifecycle: ``start(address, http_address)`` once servers are bound; ``aclose()``."""
+    """Lifecycle: ``start(address, http_address)`` once servers are bound; ``aclose()``.
+
+    The seams: ``head`` (the head, :class:`~shoal.testing.fakes.FakeHeadLink` in tests),
+    ``replica_client`` (replicas), ``launcher`` (replica processes; ``ChildProcess.spawn``
+    by default) and ``clock`` (heartbeats, pings and deadlines; the system's by default).
+    """
 
     def __init__(
         self,
@@ -88,8 +93,11 @@ class SchedulerNode:
         *,
         policy: str = "p2c",
         router: Router | None = None,
+        launcher: Launcher | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.settings = settings
+        self.clock: Clock = clock or SystemClock()
         self.id = scheduler_id
         self.head = head
         self.address = ""
@@ -109,6 +117,7 @@ class SchedulerNode:
             on_starved=self._report_now.set,
             share=ingress_processes(settings),
             on_change=self._table_changed,
+            clock=self.clock,
         )
         self.hub = IngressHub(self.router)
         self.supervisor = ReplicaSupervisor(
@@ -118,6 +127,8 @@ class SchedulerNode:
             log_dir=Path(settings.state_dir) / "logs",
             scheduler_address=lambda: self.address,
             on_change=self._report_now.set,
+            launcher=launcher,
+            clock=self.clock,
         )
         self._tasks = TaskSet(f"scheduler {scheduler_id}")
         self.registered = asyncio.Event()
@@ -184,19 +195,20 @@ class SchedulerNode:
                 backoff = 0.1
                 while True:
                     version, reports = self.supervisor.reports()
-                    ack = await self.head.health(
-                        self.id, version, reports, self.supervisor.allocated(), self.load()
-                    )
+                    ack = await self.head.health(self.id, version, reports, self.load())
                     if not ack:
                         log.warning("the head does not know this scheduler (NACK); registering again")
                         self.registered.clear()
                         break
-                    await sleep_or_event(self._report_now, interval)
+                    # Only now are the exit reasons of ended replicas the head's: a call that
+                    # failed or was NACKed carries them again in the next report.
+                    self.supervisor.acknowledge(version)
+                    await self.clock.wait(self._report_now.wait(), interval)
                     self._report_now.clear()
             except ShoalError:
                 # GrpcHeadLink logs the first failure; keep serving from the last routing table.
                 self.registered.clear()
-                await asyncio.sleep(backoff)
+                await self.clock.sleep(backoff)
                 backoff = min(backoff * 2, self.settings.heartbeat_interval_s)
 
     async def _routes_loop(self) -> None:
@@ -211,7 +223,7 @@ class SchedulerNode:
                     self._table_changed()
             except ShoalError:
                 pass
-            await asyncio.sleep(backoff)
+            await self.clock.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
 
     async def aclose(self, grace_s: float | None = None) -> None:
@@ -221,8 +233,8 @@ class SchedulerNode:
         # One last health update so the head learns the replicas are gone.
         try:
             version, reports = self.supervisor.reports()
-            await asyncio.wait_for(self.head.health(self.id, version, reports, Capacity(), {}), 1.0)
-        except (ShoalError, TimeoutError):
+            await self.clock.wait(self.head.health(self.id, version, reports, {}), 1.0)
+        except ShoalError:
             pass
         await self._tasks.aclose()
         await self.router.aclose()

@@ -16,6 +16,7 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
 from shoal.config import Settings
+from shoal.core.clock import Clock, SystemClock
 from shoal.core.payload import Tensors
 from shoal.core.routing import Policy, make_policy
 from shoal.core.spec import DeploymentSpec
@@ -49,11 +50,9 @@ class Signal:
         self._event.set()
         self._event = asyncio.Event()
 
-    async def wait(self, timeout_s: float) -> None:
-        try:
-            await asyncio.wait_for(self._event.wait(), timeout_s)
-        except TimeoutError:
-            pass
+    async def wait(self, timeout_s: float, clock: Clock) -> None:
+        """Until the next :meth:`fire`, or ``timeout_s`` of ``clock``'s time."""
+        await clock.wait(self._event.wait(), timeout_s)
 
 
 @dataclass
@@ -82,12 +81,15 @@ class Router:
         share: int = 1,
         table_only: bool = False,
         on_change: Callable[[], None] | None = None,
+        clock: Clock | None = None,
     ) -> None:
         """``share``: this router is one of that many processes routing to the same replicas
         (ingress workers), so it takes that share of ``max_ongoing_requests`` and
         ``max_queued_requests``, rounded up. ``table_only``: every replica, this machine's
         too, comes from :meth:`apply_table` (an ingress worker has no supervisor).
-        ``on_change``: called whenever the set of replicas or specs changes."""
+        ``on_change``: called whenever the set of replicas or specs changes. ``clock``: what
+        deadlines and waits are measured by (the system's by default)."""
+        self._clock: Clock = clock or SystemClock()
         self._on_starved = on_starved
         self._share = max(1, share)
         self._table_only = table_only
@@ -139,17 +141,19 @@ class Router:
                 self._notify(dep)
 
     async def remove(self, replica_id: str, *, failed: bool) -> None:
-        """Drop a replica. ``failed``: it died, so its pending requests are retried elsewhere."""
+        """Drop a replica and close its client, which fails its pending requests with
+        Unavailable, so they are retried elsewhere. ``failed``: it died (logged as such)."""
         for dep in list(self._deployments.values()):
             handle = dep.handles.pop(replica_id, None)
             if handle is None:
                 continue
             if failed:
-                n = handle.fail_pending()
+                n = await handle.fail_pending()
                 if n:
                     log.info("replica %s died with %d request(s) in flight; retrying them", replica_id, n)
+            else:
+                await handle.close()
             self._notify(dep)
-            await handle.close()
             if dep.deleted and not dep.handles:
                 self._deployments.pop(dep.spec.name, None)
 
@@ -293,8 +297,8 @@ class Router:
         self, dep: _Deployment, inputs: Tensors, request_id: str, timeout_s: float, started: float
     ) -> tuple[Tensors, str]:
         timeout_s = timeout_s if timeout_s > 0 else dep.spec.timeout_s
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
+        clock = self._clock
+        deadline = clock.now() + timeout_s
         tried: set[str] = set()
         last: ShoalError | None = None
         for attempt in range(max(1, self.settings.request_attempts)):
@@ -302,12 +306,12 @@ class Router:
                 # Every replica left has failed this request (say a remote one that was just
                 # killed, still in the routing table for a few ms): give the table a moment to
                 # drop it or a replacement to join before trying one of them again.
-                await dep.changed.wait(min(RETRY_PAUSE_S, max(0.0, deadline - loop.time())))
+                await dep.changed.wait(min(RETRY_PAUSE_S, max(0.0, deadline - clock.now())), clock)
             handle = await self._acquire(dep, deadline, tried)
             if attempt == 0:
                 dep.stats.queue.observe(time.perf_counter() - started)
             try:
-                remaining = deadline - loop.time()
+                remaining = deadline - clock.now()
                 if remaining <= 0:
                     raise DeadlineExceeded(f"request {request_id} timed out after {timeout_s:g}s")
                 outputs = await handle.send(request_id, inputs, remaining)
@@ -339,14 +343,10 @@ class Router:
         if handle is not None:
             handle.in_flight += 1
             return handle
-        queue_limit = -(-dep.spec.max_queued_requests // self._share)
-        if dep.waiting >= queue_limit:
-            share = f", this process's share of {queue_limit}" if self._share > 1 else ""
-            raise ResourceExhausted(
-                f"deployment {dep.spec.name!r} is at capacity: {dep.waiting} request(s) queued "
-                f"(max_queued_requests={dep.spec.max_queued_requests}{share})"
-            )
-        loop = asyncio.get_running_loop()
+        full = self._queue_full(dep)
+        if full is not None:
+            raise full
+        clock = self._clock
         dep.waiting += 1
         if self._on_starved is not None and not any(h.accepting for h in dep.handles.values()):
             self._on_starved()
@@ -358,15 +358,34 @@ class Router:
                 if handle is not None:
                     handle.in_flight += 1
                     return handle
-                remaining = deadline - loop.time()
+                remaining = deadline - clock.now()
                 if remaining <= 0:
                     raise DeadlineExceeded(
                         f"no replica of {dep.spec.name!r} could take the request in time "
                         f"({self.ready_count(dep.spec.name)} ready)"
                     )
-                await dep.changed.wait(remaining)
+                await dep.changed.wait(remaining, clock)
         finally:
             dep.waiting -= 1
+
+    def at_capacity(self, name: str) -> ResourceExhausted | None:
+        """The refusal a request to ``name`` would get now for a full queue; None when it would
+        be routed or queued (or ``name`` is unknown here). Lets an ingress refuse before it
+        reads and parses the request."""
+        dep = self._deployments.get(name)
+        if dep is None or dep.deleted or self._pick(dep, set()) is not None:
+            return None
+        return self._queue_full(dep)
+
+    def _queue_full(self, dep: _Deployment) -> ResourceExhausted | None:
+        queue_limit = -(-dep.spec.max_queued_requests // self._share)
+        if dep.waiting < queue_limit:
+            return None
+        share = f", this process's share of {queue_limit}" if self._share > 1 else ""
+        return ResourceExhausted(
+            f"deployment {dep.spec.name!r} is at capacity: {dep.waiting} request(s) queued "
+            f"(max_queued_requests={dep.spec.max_queued_requests}{share})"
+        )
 
     def _pick(self, dep: _Deployment, tried: set[str]) -> ReplicaHandle | None:
         limit = dep.spec.max_ongoing_requests
@@ -412,8 +431,8 @@ class Router:
         started = time.perf_counter()
         request_id = request_id or uuid.uuid4().hex
         timeout_s = timeout_s if timeout_s > 0 else dep.spec.timeout_s
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
+        clock = self._clock
+        deadline = clock.now() + timeout_s
         tried: set[str] = set()
         last: ShoalError | None = None
         outcome = "error"
@@ -421,12 +440,12 @@ class Router:
         try:
             for attempt in range(max(1, self.settings.request_attempts)):
                 if tried and not any(h.accepting and h.replica_id not in tried for h in dep.handles.values()):
-                    await dep.changed.wait(min(RETRY_PAUSE_S, max(0.0, deadline - loop.time())))
+                    await dep.changed.wait(min(RETRY_PAUSE_S, max(0.0, deadline - clock.now())), clock)
                 handle = await self._acquire(dep, deadline, tried)
                 if attempt == 0:
                     dep.stats.queue.observe(time.perf_counter() - started)
                 try:
-                    remaining = deadline - loop.time()
+                    remaining = deadline - clock.now()
                     if remaining <= 0:
                         raise DeadlineExceeded(f"request {request_id} timed out after {timeout_s:g}s")
                     if handle.gone:

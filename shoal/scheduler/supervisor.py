@@ -17,14 +17,17 @@ import re
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Protocol
 
 from shoal.config import Settings
+from shoal.core.clock import Clock, SystemClock
 from shoal.core.cluster import DRAINING, READY, REPLICA_DEAD, STARTING, STOPPED, ReplicaReport
 from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec
+from shoal.core.states import ReplicaState
 from shoal.core.tasks import TaskSet
 from shoal.errors import AlreadyExists, NotFound, ShoalError, Unavailable
 from shoal.scheduler.child import ChildProcess
@@ -35,19 +38,49 @@ log = logging.getLogger("shoal.scheduler")
 
 LOG_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,127}$")
 
+# Exit reasons kept for the head at most (oldest dropped first), should it stay away long.
+MAX_TOMBSTONES = 1000
+
+
+class Process(Protocol):
+    """A started replica process, as the supervisor uses it (:class:`ChildProcess`)."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None:
+        """None while it runs; negative: killed by that signal."""
+        ...
+
+    async def wait(self) -> int:
+        """Return its exit code once it has exited."""
+        ...
+
+    def send_signal(self, sig: int) -> None:
+        """Signal it; a no-op once it has exited."""
+        ...
+
+
+class Launcher(Protocol):
+    """Starts a process: ``argv`` with ``env``, stdout and stderr to ``out`` (which the caller
+    closes once this returns), in a session of its own. Called from the event loop."""
+
+    def __call__(self, argv: Sequence[str], *, env: Mapping[str, str], out: IO[bytes]) -> Process: ...
+
 
 @dataclass
 class LocalReplica:
     id: str
     spec: DeploymentSpec
-    process: ChildProcess
+    process: Process
     log_path: Path
-    state: str = STARTING
+    started_mono: float  # the supervisor's clock
+    state: ReplicaState = STARTING
     address: str = ""
     in_flight: int = 0
     queued: int = 0
     started_at: float = field(default_factory=time.time)
-    started_mono: float = field(default_factory=time.monotonic)
     ready_at: float = 0.0
     ping_failures: int = 0
     batch_sizes: dict[int, int] = field(default_factory=dict)  # cumulative, from pings
@@ -73,6 +106,10 @@ class LocalReplica:
 
 
 class ReplicaSupervisor:
+    """``launcher`` starts replica processes (:meth:`ChildProcess.spawn` by default) and
+    ``clock`` paces pings and bounds waits (the system's by default): the seams that
+    tests replace (``shoal.testing.fakes.FakeLauncher``, ``FakeClock``)."""
+
     def __init__(
         self,
         settings: Settings,
@@ -82,8 +119,12 @@ class ReplicaSupervisor:
         log_dir: Path,
         scheduler_address: Callable[[], str],
         on_change: Callable[[], None],
+        launcher: Launcher | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.settings = settings
+        self._launcher: Launcher = launcher or ChildProcess.spawn
+        self.clock: Clock = clock or SystemClock()
         self.router = router
         self.scheduler_id = router.scheduler_id
         self._client_factory = client_factory
@@ -93,7 +134,9 @@ class ReplicaSupervisor:
         self.registry: dict[str, LocalReplica] = {}
         self.lock = asyncio.Lock()
         self.version = 0
-        self._tombstones: list[ReplicaReport] = []
+        # (registry version that recorded it, report): kept until the head acknowledges a
+        # health report of that version or newer (see reports / acknowledge).
+        self._tombstones: list[tuple[int, ReplicaReport]] = []
         self._pingers: dict[str, ReplicaClient] = {}
         self._tasks = TaskSet("supervisor")
         self._closing = False
@@ -150,8 +193,14 @@ class ReplicaSupervisor:
             with open(log_path, "ab") as out:
                 # Own session: a Ctrl-C at the terminal reaches the scheduler, which
                 # then drains its replicas in order, rather than all at once.
-                process = ChildProcess.spawn(cmd, env=env, out=out)
-            rep = LocalReplica(id=replica_id, spec=spec, process=process, log_path=log_path)
+                process = self._launcher(cmd, env=env, out=out)
+            rep = LocalReplica(
+                id=replica_id,
+                spec=spec,
+                process=process,
+                log_path=log_path,
+                started_mono=self.clock.now(),
+            )
             self.registry[replica_id] = rep
             self.starts[spec.name] += 1
             self.router.set_spec(spec)
@@ -191,9 +240,7 @@ class ReplicaSupervisor:
                 await client.close()
         else:
             _signal(rep.process, signal.SIGTERM)
-        try:
-            await asyncio.wait_for(rep.process.wait(), grace + 2.0)
-        except TimeoutError:
+        if not await self.clock.wait(rep.process.wait(), grace + 2.0):
             log.warning(
                 "replica %s still running %.0fs after it was asked to stop; killing it", rep.id, grace + 2
             )
@@ -216,7 +263,8 @@ class ReplicaSupervisor:
             tomb.message = message
             if state == REPLICA_DEAD:
                 self.deaths[rep.spec.name] += 1
-            self._tombstones.append(tomb)
+            self._tombstones.append((self.version, tomb))
+            del self._tombstones[:-MAX_TOMBSTONES]
         if pinger is not None:
             await pinger.close()
         await self.router.remove(rep.id, failed=not rep.removing)
@@ -247,7 +295,7 @@ class ReplicaSupervisor:
             self.version += 1
         self.router.add(replica_id, rep.spec, address, self.scheduler_id)
         log.info(
-            "replica %s is READY at %s after %.2fs", replica_id, address, time.monotonic() - rep.started_mono
+            "replica %s is READY at %s after %.2fs", replica_id, address, self.clock.now() - rep.started_mono
         )
         self._on_change()
         return True
@@ -265,13 +313,13 @@ class ReplicaSupervisor:
 
     async def _ping_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.settings.ping_interval_s)
+            await self.clock.sleep(self.settings.ping_interval_s)
             async with self.lock:
                 targets = [
                     r for r in self.registry.values() if r.state == READY and r.address and not r.removing
                 ]
                 starting = [r for r in self.registry.values() if r.state == STARTING]
-            now = time.monotonic()
+            now = self.clock.now()
             for rep in starting:
                 if now - rep.started_mono > rep.spec.health.start_timeout_s and not rep.removing:
                     await self._kill(rep, f"not ready after {rep.spec.health.start_timeout_s:g}s")
@@ -328,16 +376,24 @@ class ReplicaSupervisor:
                     continue
                 if not follow or replica_id not in self.registry:
                     return
-                await asyncio.sleep(0.2)
+                await self.clock.sleep(0.2)
 
     # ------------------------------------------------------------ views
 
     def reports(self) -> tuple[int, list[ReplicaReport]]:
-        """(registry version, every replica's state plus replicas that ended since the last call)."""
+        """(registry version, every replica's state plus the replicas that ended and are not
+        acknowledged yet, with their exit reasons).
+
+        Reading does not clear the ended ones: a health call that fails, or a NACK and the
+        registration after it, would lose the exit reason. Call :meth:`acknowledge` with the
+        version once the head has taken the report."""
         out = [r.report() for r in self.registry.values()]
-        out.extend(self._tombstones)
-        self._tombstones = []
+        out.extend(tomb for _, tomb in self._tombstones)
         return self.version, out
+
+    def acknowledge(self, version: int) -> None:
+        """The head took a report of registry ``version``: forget the replicas that ended by then."""
+        self._tombstones = [(v, tomb) for v, tomb in self._tombstones if v > version]
 
     def allocated(self) -> Capacity:
         return Capacity.total(Capacity.of(r.spec.resources) for r in self.registry.values())
@@ -356,9 +412,7 @@ class ReplicaSupervisor:
             await self.remove(rep.id, graceful=grace_s > 0)
         if reps:
             waits = [r.process.wait() for r in reps]
-            try:
-                await asyncio.wait_for(asyncio.gather(*waits), grace_s + 3.0)
-            except TimeoutError:
+            if not await self.clock.wait(asyncio.gather(*waits), grace_s + 3.0):
                 for rep in reps:
                     _signal(rep.process, signal.SIGKILL)
                 await asyncio.gather(*(r.process.wait() for r in reps))
@@ -368,7 +422,7 @@ class ReplicaSupervisor:
         self._pingers.clear()
 
 
-def _signal(process: ChildProcess, sig: int) -> None:
+def _signal(process: Process, sig: int) -> None:
     if process.returncode is None:
         try:
             process.send_signal(sig)

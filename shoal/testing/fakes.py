@@ -13,6 +13,12 @@ No sockets, no processes, no real time unless a test asks for a delay:
   records create and remove calls and can be made to fail.
 - :class:`FakeSchedulers` is the ``(scheduler_id, address) -> SchedulerClient``
   factory a :class:`~shoal.head.node.HeadNode` takes.
+- :class:`FakeHeadLink` is a :class:`~shoal.types.HeadLink`: it records registrations
+  and health calls, answers ACK, NACK or an error as told, and serves routing tables a
+  test pushes.
+- :class:`FakeLauncher` is the :class:`~shoal.scheduler.supervisor.Launcher` a
+  :class:`~shoal.scheduler.supervisor.ReplicaSupervisor` takes: it starts a
+  :class:`FakeProcess` per replica, which exits when a test says so or when signalled.
 
 Every fake is for one event loop and is not thread-safe.
 """
@@ -20,14 +26,28 @@ Every fake is for one event loop and is not thread-safe.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass
+import itertools
+import signal
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
 
 from shoal.core import payload
+from shoal.core.cluster import ReplicaReport
 from shoal.core.payload import Tensors
 from shoal.core.spec import DeploymentSpec
 from shoal.errors import DeadlineExceeded, ShoalError, Unavailable
-from shoal.types import Arrays, GenerateChunk, GenerateRequest, PingResult, ReplicaDescription
+from shoal.types import (
+    Arrays,
+    GenerateChunk,
+    GenerateRequest,
+    LoadReport,
+    PingResult,
+    ReplicaDescription,
+    RoutingTable,
+    SchedulerRegistration,
+)
 
 Handler = Callable[[Arrays], Arrays]
 TextHandler = Callable[[GenerateRequest], list[str]]
@@ -69,7 +89,8 @@ class FakeReplicaClient:
     ``push`` records the call, then waits ``delay_s`` seconds and for ``gate`` (when
     given) to be set, then returns ``handler(inputs)``. It honours ``timeout_s``
     (``DeadlineExceeded``) and raises ``error`` when set, both when the call
-    arrives and when it is released. A closed client raises ``Unavailable``.
+    arrives and when it is released. A closed client raises ``Unavailable``, and
+    ``close`` fails the calls waiting at once, as the gRPC client does.
     """
 
     def __init__(
@@ -99,6 +120,7 @@ class FakeReplicaClient:
         self.drains: list[float] = []
         self.closed = False
         self._arrived = asyncio.Condition()
+        self._closed = asyncio.Event()
 
     def fail(self, error: ShoalError | None = None) -> None:
         """Make every call (and every pending ``push`` once released) raise ``error``.
@@ -129,14 +151,7 @@ class FakeReplicaClient:
         try:
             async with self._arrived:
                 self._arrived.notify_all()
-            try:
-                async with asyncio.timeout(timeout_s):
-                    if self.delay_s > 0:
-                        await asyncio.sleep(self.delay_s)
-                    if self.gate is not None:
-                        await self.gate.wait()
-            except TimeoutError:
-                raise DeadlineExceeded(f"request {request_id} timed out after {timeout_s:g}s") from None
+            await self._hold(request_id, timeout_s)
             self._check()
             return payload.from_arrays(self.handler(arrays))
         finally:
@@ -174,14 +189,7 @@ class FakeReplicaClient:
                     completion_tokens=len(pieces),
                 )
             )
-            try:
-                async with asyncio.timeout(timeout_s):
-                    if self.delay_s > 0:
-                        await asyncio.sleep(self.delay_s)
-                    if self.gate is not None:
-                        await self.gate.wait()
-            except TimeoutError:
-                raise DeadlineExceeded(f"request {request_id} timed out after {timeout_s:g}s") from None
+            await self._hold(request_id, timeout_s)
             for chunk in chunks:
                 if self.fail_after_chunks is not None and sent >= self.fail_after_chunks:
                     raise Unavailable(f"replica at {self.address} went away during {request_id}")
@@ -208,6 +216,29 @@ class FakeReplicaClient:
 
     async def close(self) -> None:
         self.closed = True
+        self._closed.set()
+
+    async def _hold(self, request_id: str, timeout_s: float) -> None:
+        """Wait ``delay_s`` and for ``gate``, up to ``timeout_s``; cut short by ``close``."""
+        if self.delay_s <= 0 and self.gate is None:
+            return
+        held = asyncio.ensure_future(self._held())
+        closed = asyncio.ensure_future(self._closed.wait())
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.wait({held, closed}, return_when=asyncio.FIRST_COMPLETED)
+        except TimeoutError:
+            raise DeadlineExceeded(f"request {request_id} timed out after {timeout_s:g}s") from None
+        finally:
+            held.cancel()
+            closed.cancel()
+            await asyncio.gather(held, closed, return_exceptions=True)
+
+    async def _held(self) -> None:
+        if self.delay_s > 0:
+            await asyncio.sleep(self.delay_s)
+        if self.gate is not None:
+            await self.gate.wait()
 
     def _check(self) -> None:
         if self.closed:
@@ -302,3 +333,164 @@ class FakeSchedulers:
 
     def __call__(self, scheduler_id: str, address: str) -> FakeSchedulerClient:
         return self.client(scheduler_id, address)
+
+
+# ---------------------------------------------------------------------- the head, for a scheduler
+
+
+@dataclass(frozen=True)
+class HealthCall:
+    """One health update a :class:`FakeHeadLink` received, and how it answered."""
+
+    scheduler_id: str
+    registry_version: int
+    replicas: tuple[ReplicaReport, ...]
+    load: Mapping[str, LoadReport]
+    answer: str  # "ack", "nack" or "error"
+
+
+class FakeHeadLink:
+    """The head in memory, as a scheduler sees it (a :class:`~shoal.types.HeadLink`).
+
+    ``register`` records the registration and returns ``interval_s``; ``health`` records the
+    call and answers ACK, or NACK while ``nack`` is set. :meth:`fail` makes both raise
+    (``Unavailable`` by default) until :meth:`recover`. ``watch_routes`` yields the tables a
+    test passes to :meth:`push_table`. :meth:`wait_until` waits for a condition on what was
+    received, so a test never sleeps hoping for it.
+    """
+
+    def __init__(self, *, interval_s: float = 1.0) -> None:
+        self.interval_s = interval_s
+        self.nack = False
+        self.error: ShoalError | None = None
+        self.registrations: list[SchedulerRegistration] = []
+        self.health_calls: list[HealthCall] = []
+        self.closed = False
+        self._tables: asyncio.Queue[RoutingTable] = asyncio.Queue()
+        self._changed = asyncio.Condition()
+
+    def fail(self, error: ShoalError | None = None) -> None:
+        """Make every call raise ``error`` (default ``Unavailable``: the head is unreachable)."""
+        self.error = error or Unavailable("the head is unreachable")
+
+    def recover(self) -> None:
+        """Undo :meth:`fail`."""
+        self.error = None
+
+    @property
+    def acked(self) -> list[HealthCall]:
+        """The health calls answered ACK, in order."""
+        return [c for c in self.health_calls if c.answer == "ack"]
+
+    def exit_reasons(self) -> dict[str, str]:
+        """Replica id -> the exit reason (DEAD or STOPPED report) of every replica whose end
+        reached the head in an acknowledged health call."""
+        return {r.id: r.message for c in self.acked for r in c.replicas if r.state in ("DEAD", "STOPPED")}
+
+    async def wait_until(self, condition: Callable[[FakeHeadLink], bool], timeout_s: float = 2.0) -> None:
+        """Wait until ``condition(self)`` holds after some call; ``TimeoutError`` otherwise."""
+        async with asyncio.timeout(timeout_s), self._changed:
+            await self._changed.wait_for(lambda: condition(self))
+
+    async def register(self, reg: SchedulerRegistration) -> float:
+        if self.error is not None:
+            await self._record()
+            raise self.error
+        self.registrations.append(reg)
+        await self._record()
+        return self.interval_s
+
+    async def health(
+        self,
+        scheduler_id: str,
+        registry_version: int,
+        replicas: list[ReplicaReport],
+        load: Mapping[str, LoadReport],
+    ) -> bool:
+        answer = "error" if self.error is not None else "nack" if self.nack else "ack"
+        self.health_calls.append(
+            HealthCall(scheduler_id, registry_version, tuple(replicas), dict(load), answer)
+        )
+        await self._record()
+        if self.error is not None:
+            raise self.error
+        return answer == "ack"
+
+    def push_table(self, table: RoutingTable) -> None:
+        """Hand ``table`` to the scheduler's ``watch_routes`` stream."""
+        self._tables.put_nowait(table)
+
+    async def watch_routes(self, scheduler_id: str) -> AsyncIterator[RoutingTable]:
+        while True:
+            yield await self._tables.get()
+
+    async def close(self) -> None:
+        self.closed = True
+
+    async def _record(self) -> None:
+        await asyncio.sleep(0)  # a real call always lets other tasks run
+        async with self._changed:
+            self._changed.notify_all()
+
+
+# ---------------------------------------------------------------------- replica processes
+
+
+class FakeProcess:
+    """A replica process that runs until a test ends it (:meth:`exit`) or it is signalled:
+    SIGKILL ends it at once (code -9); SIGTERM too (-15) unless ``stubborn``."""
+
+    _pids = itertools.count(40000)
+
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str], log_path: Path) -> None:
+        self.argv = list(argv)
+        self.env = dict(env)
+        self.log_path = log_path
+        self.pid = next(self._pids)
+        self.returncode: int | None = None
+        self.signals: list[int] = []
+        self.stubborn = False
+        self._exited = asyncio.Event()
+
+    @property
+    def replica_id(self) -> str:
+        """The ``--replica-id`` it was started with."""
+        return self.argv[self.argv.index("--replica-id") + 1]
+
+    def exit(self, code: int, output: str = "") -> None:
+        """End the process with ``code`` (negative: killed by that signal), having written
+        ``output`` to its log first."""
+        if self.returncode is not None:
+            return
+        if output:
+            with open(self.log_path, "a") as f:
+                f.write(output)
+        self.returncode = code
+        self._exited.set()
+
+    async def wait(self) -> int:
+        await self._exited.wait()
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is not None:
+            return
+        self.signals.append(sig)
+        if sig == signal.SIGKILL or (sig == signal.SIGTERM and not self.stubborn):
+            self.exit(-sig)
+
+
+@dataclass
+class FakeLauncher:
+    """Starts a :class:`FakeProcess` for each launch; ``processes`` by replica id, in order."""
+
+    processes: dict[str, FakeProcess] = field(default_factory=dict)
+
+    def __call__(self, argv: Sequence[str], *, env: Mapping[str, str], out: IO[bytes]) -> FakeProcess:
+        process = FakeProcess(argv, env, Path(out.name))
+        self.processes[process.replica_id] = process
+        return process
+
+    def process(self, replica_id: str) -> FakeProcess:
+        return self.processes[replica_id]

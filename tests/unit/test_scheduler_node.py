@@ -1,0 +1,141 @@
+"""SchedulerNode over fakes: the head is a FakeHeadLink, replica processes come from a
+FakeLauncher, replicas answer through FakeReplicas, time is a FakeClock. What the head
+hears when a replica dies, and that it hears it even when a health call fails or the
+head NACKs and the scheduler registers again."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from shoal.config import Settings
+from shoal.core.clock import FakeClock
+from shoal.core.spec import parse_spec
+from shoal.proto import shoal_pb2 as pb
+from shoal.scheduler.node import SchedulerNode
+from shoal.testing.fakes import FakeHeadLink, FakeLauncher, FakeReplicas
+
+pytestmark = pytest.mark.timeout(10)
+
+SPEC = parse_spec({"name": "echo", "backend": "python", "model": "m.py"})
+
+
+@dataclass
+class Harness:
+    node: SchedulerNode
+    head: FakeHeadLink
+    launcher: FakeLauncher
+    clock: FakeClock
+
+    async def ready(self, rid: str) -> None:
+        await self.node.supervisor.create(rid, SPEC)
+        assert await self.node.supervisor.register(rid, f"{rid}:9000", self.launcher.process(rid).pid)
+
+
+@pytest.fixture
+async def h(tmp_path: Path) -> AsyncIterator[Harness]:
+    settings = Settings(
+        state_dir=str(tmp_path),
+        cpus=2,
+        memory_mb=1024,
+        gpus=0,
+        ingress_workers=1,
+        heartbeat_interval_s=1.0,
+    )
+    head = FakeHeadLink(interval_s=1.0)
+    launcher = FakeLauncher()
+    clock = FakeClock()
+    node = SchedulerNode(settings, "s1", head, FakeReplicas(), launcher=launcher, clock=clock)
+    node.start("s1:7000", "s1:7001")
+    await head.wait_until(lambda hd: bool(hd.acked))
+    yield Harness(node, head, launcher, clock)
+    await node.aclose(0)
+
+
+async def test_the_scheduler_registers_and_reports_its_replicas(h: Harness) -> None:
+    [reg] = h.head.registrations
+    assert (reg.scheduler_id, reg.address, reg.http_address) == ("s1", "s1:7000", "s1:7001")
+    assert reg.capacity.cpus == 2
+
+    await h.ready("echo-1")
+
+    # A change is reported at once, not at the next heartbeat.
+    await h.head.wait_until(
+        lambda hd: any(r.id == "echo-1" and r.state == "READY" for r in hd.acked[-1].replicas)
+    )
+
+
+async def test_the_head_hears_at_once_why_a_replica_died(h: Harness) -> None:
+    await h.ready("echo-1")
+
+    h.launcher.process("echo-1").exit(1, "RuntimeError: CUDA out of memory\n")
+
+    await h.head.wait_until(lambda hd: "echo-1" in hd.exit_reasons())
+    assert h.head.exit_reasons()["echo-1"] == "process exited with code 1: RuntimeError: CUDA out of memory"
+    dead = [r for r in h.head.acked[-1].replicas if r.id == "echo-1"]
+    assert [r.state for r in dead] == ["DEAD"]
+
+
+async def test_an_exit_reason_is_reported_until_the_head_acknowledges_it(h: Harness) -> None:
+    await h.ready("echo-1")
+    acked_before = len(h.head.acked)
+
+    h.head.fail()  # the head is unreachable when the replica dies
+    h.launcher.process("echo-1").exit(-signal.SIGKILL)
+    await h.head.wait_until(lambda hd: any(c.answer == "error" for c in hd.health_calls))
+    assert len(h.head.acked) == acked_before
+    # The next reports (after a backoff, and a registration) carry it again.
+    h.head.recover()
+    await h.clock.wait_for_sleepers(2)  # the head link's backoff, and the pings
+    h.clock.advance(1.0)
+
+    await h.head.wait_until(lambda hd: "echo-1" in hd.exit_reasons())
+    assert h.head.exit_reasons()["echo-1"] == "process killed by SIGKILL"
+    assert len(h.head.registrations) == 2
+    # Acknowledged, it is not reported again.
+    await h.clock.wait_for_sleepers(2)  # the heartbeat, and the pings
+    h.clock.advance(1.0)
+    count = len(h.head.acked)
+    await h.head.wait_until(lambda hd: len(hd.acked) > count)
+    assert all(r.id != "echo-1" for r in h.head.acked[-1].replicas)
+
+
+async def test_after_a_nack_the_scheduler_registers_again_and_still_reports_the_death(h: Harness) -> None:
+    await h.ready("echo-1")
+    await h.ready("echo-2")
+    h.head.nack = True  # say the head restarted and does not know this scheduler
+
+    h.launcher.process("echo-1").exit(2)
+    await h.head.wait_until(lambda hd: hd.health_calls[-1].answer == "nack")
+    h.head.nack = False
+
+    await h.head.wait_until(lambda hd: "echo-1" in hd.exit_reasons())
+    reg = h.head.registrations[-1]
+    assert len(h.head.registrations) == 2
+    assert [r.id for r in reg.replicas] == ["echo-2"]  # running replicas only
+    assert h.head.exit_reasons()["echo-1"] == "process exited with code 2"
+
+
+def test_health_updates_carry_no_allocation() -> None:
+    # The head computes allocations from the replicas it placed; the field is retired.
+    assert "allocated" not in pb.SchedulerHealth.DESCRIPTOR.fields_by_name
+
+
+async def test_closing_tells_the_head_the_replicas_stopped(tmp_path: Path) -> None:
+    head = FakeHeadLink()
+    launcher = FakeLauncher()
+    settings = Settings(state_dir=str(tmp_path), cpus=1, memory_mb=512, gpus=0, ingress_workers=1)
+    node = SchedulerNode(settings, "s1", head, FakeReplicas(), launcher=launcher, clock=FakeClock())
+    node.start("s1:7000", "s1:7001")
+    await head.wait_until(lambda hd: bool(hd.acked))
+    await node.supervisor.create("echo-1", SPEC)
+
+    await node.aclose(0)
+
+    assert launcher.process("echo-1").signals == [signal.SIGTERM]
+    assert head.exit_reasons() == {"echo-1": "stopped"}
+    assert head.closed
