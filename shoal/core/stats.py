@@ -9,6 +9,7 @@ reports, so a lost report loses resolution, never counts.
 from __future__ import annotations
 
 import bisect
+import math
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -98,25 +99,139 @@ class Snapshot:
     latency: tuple[int, ...]
 
 
+#: The error rate is over this many seconds of requests ...
+ERROR_WINDOW_S = 60.0
+#: ... and only once that window holds at least this many: one failure in two requests is
+#: not "50% errors".
+ERROR_MIN_REQUESTS = 20
+#: A chart has at most this many rows; a longer range merges periods into steps.
+CHART_ROWS = 300
+
+
 @dataclass(frozen=True)
 class Point:
-    at: float  # wall-clock seconds
-    rate: float  # requests per second
-    error_rate: float  # fraction of requests that failed
-    p50_ms: float
-    p99_ms: float
+    """What one deployment's routers counted in one period, ending at ``at``."""
+
+    at: float  # wall-clock seconds, the end of the period
+    seconds: float  # the period's length
+    requests: int
+    errors: int
+    latency: tuple[int, ...] = ()  # bucket counts; empty when there were no requests
+
+    @property
+    def rate(self) -> float:
+        """Requests per second."""
+        return self.requests / self.seconds if self.seconds > 0 else 0.0
+
+
+def merge(points: Sequence[Point]) -> Point:
+    """One point counting what ``points`` (consecutive, oldest first, not empty) counted."""
+    lat = [0] * (len(BUCKETS) + 1)
+    for p in points:
+        for i, c in enumerate(p.latency):
+            lat[i] += c
+    requests = sum(p.requests for p in points)
+    return Point(
+        at=points[-1].at,
+        seconds=sum(p.seconds for p in points),
+        requests=requests,
+        errors=sum(p.errors for p in points),
+        latency=tuple(lat) if requests else (),
+    )
+
+
+@dataclass(frozen=True)
+class Window:
+    """Requests and errors over the ``seconds`` before a moment."""
+
+    seconds: float
+    requests: int
+    errors: int
+    min_requests: int
+
+    @property
+    def error_rate(self) -> float | None:
+        """errors / requests, or None below ``min_requests`` (too few to say)."""
+        return self.errors / self.requests if self.requests >= self.min_requests and self.requests else None
+
+
+def window(
+    points: Sequence[Point],
+    end: float,
+    seconds: float = ERROR_WINDOW_S,
+    min_requests: int = ERROR_MIN_REQUESTS,
+) -> Window:
+    """What ``points`` (oldest first) counted in ``(end - seconds, end]``."""
+    inside = [p for p in points if end - seconds < p.at <= end]
+    return Window(seconds, sum(p.requests for p in inside), sum(p.errors for p in inside), min_requests)
+
+
+@dataclass(frozen=True)
+class Chart:
+    """One deployment's series over a range, as columns for a chart: one row per step, and a
+    row of Nones wherever the head got no report for longer than two steps (a gap, not a line
+    drawn across it). Latency and error rate are None where there were no requests, or (error
+    rate) fewer than ``ERROR_MIN_REQUESTS`` in the ``ERROR_WINDOW_S`` before the row."""
+
+    at: list[float]
+    requests: list[int | None]
+    rate: list[float | None]
+    error_rate: list[float | None]
+    p50_ms: list[float | None]
+    p99_ms: list[float | None]
+
+
+def chart(points: Sequence[Point], start: float, end: float, step_s: float, period_s: float) -> Chart:
+    """``points`` (oldest first) in ``(start, end]``, merged into steps of ``step_s`` seconds
+    aligned on multiples of it (so a row does not move between two calls)."""
+    out = Chart([], [], [], [], [], [])
+    rows: list[Point] = []
+    bucket: list[Point] = []
+    for p in points:
+        if not start < p.at <= end:
+            continue
+        if bucket and int(p.at // step_s) != int(bucket[-1].at // step_s):
+            rows.append(merge(bucket))
+            bucket = []
+        bucket.append(p)
+    if bucket:
+        rows.append(merge(bucket))
+    # The rolling error window over the raw points: two indexes walking forward.
+    lo = hi = 0
+    requests = errors = 0
+    for row in rows:
+        if out.at and row.at - out.at[-1] > 2 * step_s + period_s:
+            for column in (out.requests, out.rate, out.error_rate, out.p50_ms, out.p99_ms):
+                column.append(None)
+            out.at.append(out.at[-1] + step_s)
+        while hi < len(points) and points[hi].at <= row.at:
+            requests += points[hi].requests
+            errors += points[hi].errors
+            hi += 1
+        while lo < hi and points[lo].at <= row.at - ERROR_WINDOW_S:
+            requests -= points[lo].requests
+            errors -= points[lo].errors
+            lo += 1
+        out.at.append(row.at)
+        out.requests.append(row.requests)
+        out.rate.append(row.rate)
+        out.error_rate.append(Window(ERROR_WINDOW_S, requests, errors, ERROR_MIN_REQUESTS).error_rate)
+        out.p50_ms.append(quantile(row.latency, 0.5) * 1000 if row.requests else None)
+        out.p99_ms.append(quantile(row.latency, 0.99) * 1000 if row.requests else None)
+    return out
 
 
 class SeriesRecorder:
-    """The head's per-deployment time series for the dashboard.
+    """The head's per-deployment time series for the dashboard, in memory.
 
     ``record(now, wall, reports)`` takes every scheduler's cumulative snapshot
-    per deployment; a point is added per deployment at most every ``period_s``.
+    per deployment; a point is added per deployment at most every ``period_s``,
+    and the last ``keep_s`` seconds of points are kept (a ring per deployment).
     """
 
-    def __init__(self, period_s: float = 2.0, keep: int = 300) -> None:
+    def __init__(self, period_s: float = 2.0, keep_s: float = 3600.0) -> None:
         self.period_s = period_s
-        self.keep = keep
+        self.keep_s = keep_s
         self.series: dict[str, deque[Point]] = {}
         self._last: dict[tuple[str, str], Snapshot] = {}
         self._pending: dict[str, tuple[int, int, list[int]]] = {}
@@ -137,17 +252,19 @@ class SeriesRecorder:
         elapsed = now - self._since
         if elapsed < self.period_s:
             return
+        keep = max(1, int(self.keep_s / self.period_s))
         for name, (req, err, lat) in self._pending.items():
             point = Point(
-                at=wall,
-                rate=req / elapsed,
-                error_rate=err / req if req else 0.0,
-                p50_ms=quantile(lat, 0.5) * 1000,
-                p99_ms=quantile(lat, 0.99) * 1000,
+                at=wall, seconds=elapsed, requests=req, errors=err, latency=tuple(lat) if req else ()
             )
-            self.series.setdefault(name, deque(maxlen=self.keep)).append(point)
+            self.series.setdefault(name, deque(maxlen=keep)).append(point)
         self._pending = {}
         self._since = now
+
+    def step_for(self, window_s: float) -> float:
+        """The step of a chart over ``window_s`` seconds: a multiple of the period, at most
+        ``CHART_ROWS`` rows."""
+        return self.period_s * max(1, math.ceil(window_s / (CHART_ROWS * self.period_s)))
 
     def forget(self, names: Iterable[str]) -> None:
         for name in names:

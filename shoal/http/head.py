@@ -8,7 +8,10 @@ Routes are thin: they decode, call ``HeadNode``, encode. Errors are
 from __future__ import annotations
 
 import json
+import math
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ from starlette.staticfiles import StaticFiles
 
 from shoal import __version__, metrics
 from shoal.auth import RateLimiter
+from shoal.core import stats
 from shoal.core.spec import DeploymentSpec, parse_spec
 from shoal.errors import InvalidArgument, NotFound, ShoalError
 from shoal.head.node import HeadNode, cluster_status
@@ -142,22 +146,30 @@ def head_app(node: HeadNode, limiter: RateLimiter | None = None) -> Starlette:
         return JSONResponse({"name": request.path_params["name"], "revision": rev.number})
 
     async def series(request: Request) -> Response:
+        recorder = node.series
+        raw = request.query_params.get("window_s", "900")
+        try:
+            window_s = float(raw)
+        except ValueError:
+            window_s = math.nan
+        if not 0 < window_s <= recorder.keep_s:
+            raise InvalidArgument(
+                f"window_s must be a number of seconds above 0, at most {recorder.keep_s:g}"
+            )
         async with node.lock:
-            out = {
-                name: [
-                    {
-                        "at": p.at,
-                        "rate": p.rate,
-                        "error_rate": p.error_rate,
-                        "p50_ms": p.p50_ms,
-                        "p99_ms": p.p99_ms,
-                    }
-                    for p in points
-                ]
-                for name, points in node.series.series.items()
-                if name in node.desired
+            points = {n: list(p) for n, p in recorder.series.items() if n in node.desired}
+        now = time.time()
+        step = recorder.step_for(window_s)
+        out = {}
+        for name, pts in points.items():
+            recent = stats.window(pts, now)
+            out[name] = {
+                **asdict(stats.chart(pts, now - window_s, now, step, recorder.period_s)),
+                "window": {**asdict(recent), "error_rate": recent.error_rate},
             }
-        return JSONResponse(out)
+        return JSONResponse(
+            {"now": now, "window_s": window_s, "step_s": step, "keep_s": recorder.keep_s, "deployments": out}
+        )
 
     async def logs(request: Request) -> Response:
         try:
@@ -389,7 +401,22 @@ def openapi_schema() -> dict[str, Any]:
             },
             "/api/series": {
                 "get": {
-                    "summary": "Per deployment: request rate, error rate, p50/p99 latency over time",
+                    "summary": "Per deployment over the last window_s seconds: columns of time, "
+                    "requests, rate, error rate (over the 60 s before each row; null under 20 requests), "
+                    "p50/p99 latency (null without requests); null rows where no report came",
+                    "parameters": [
+                        {
+                            "name": "window_s",
+                            "in": "query",
+                            "required": False,
+                            "schema": {
+                                "type": "number",
+                                "exclusiveMinimum": 0,
+                                "maximum": 3600,
+                                "default": 900,
+                            },
+                        }
+                    ],
                     "responses": {"200": ok("series")},
                 }
             },

@@ -113,6 +113,17 @@ def up(tmp_path: Path, examples_dir: Path) -> Iterator[Up]:
                 pass
 
 
+def stop_group(proc: subprocess.Popen[str], grace_s: float = 30) -> None:
+    """Stop a process started with ``start_new_session`` and all of its group: SIGTERM,
+    then SIGKILL after ``grace_s``."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def wait_ready(up: Up, name: str, count: int, timeout_s: float = 30) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while True:

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.e2e.conftest import Up, shoal, wait_ready
+from tests.e2e.conftest import Up, shoal, stop_group, wait_ready
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -294,9 +294,4 @@ def test_a_restarted_up_says_which_deployment_cannot_run(up: Up, tmp_path: Path,
             time.sleep(0.1)
         assert "deployment huge cannot be placed: no scheduler has room" in log.read_text()
     finally:
-        os.killpg(again.pid, signal.SIGTERM)
-        try:
-            again.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(again.pid, signal.SIGKILL)
-            again.wait()
+        stop_group(again)

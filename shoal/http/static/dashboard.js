@@ -1,0 +1,269 @@
+// The dashboard: polls the head's REST API every 2 s and draws what it says.
+// /api/status: schedulers, deployments, replicas, recent cluster events.
+// /api/series?window_s=N: per deployment, columns of time, rate, error rate, latency;
+//   null where there was no traffic or no report (drawn as gaps).
+// /api/events: deployment lifecycle events, kept in the head's store (quietly none on 404).
+"use strict";
+const PERIOD_MS = 2000;
+const RANGES = [[300, "5 min"], [900, "15 min"], [3600, "1 h"]];
+const KIND_COLOURS = {
+  created: "#1a7f37", updated: "#1f6feb", restarted: "#8250df",
+  failed: "#cf222e", rolled_back: "#bc4c00", scaled: "#0a7d8c", deleted: "#6b7385",
+};
+const view = {range: 300, start: 0, end: 0, lifecycle: []};
+const charts = {};  // deployment -> {box, rate, latency, errors} (uPlot instances)
+const sync = uPlot.sync("shoal");
+window.shoal = {charts, view};  // for a look from the browser's console (and the tests)
+
+function el(tag, attrs = {}, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+  for (const c of children) e.append(c);
+  return e;
+}
+function fmt(n, digits = 1) { return Number(n).toFixed(digits).replace(/\.0+$/, ""); }
+function clock(t) { return new Date(t * 1000).toLocaleTimeString(); }
+function percent(x) { return x === null || x === undefined ? "–" : fmt(x * 100, 1) + "%"; }
+
+// ------------------------------------------------------------------ range
+const rangeSelect = document.getElementById("range");
+function fillRanges(keepS) {
+  const wanted = RANGES.filter(([s]) => s <= keepS);
+  if (rangeSelect.options.length === wanted.length) return;
+  rangeSelect.replaceChildren(...wanted.map(([s, label]) => el("option", {value: String(s)}, label)));
+  rangeSelect.value = String(view.range);
+}
+rangeSelect.addEventListener("change", () => { view.range = Number(rangeSelect.value); refresh(); });
+
+// ------------------------------------------------------------------ tables
+function renderSchedulers(list) {
+  const body = document.querySelector("#schedulers tbody");
+  body.replaceChildren(...list.map(s => el("tr", {"data-scheduler": s.id},
+    el("td", {}, s.id), el("td", {class: "state " + s.state}, s.state), el("td", {}, s.address),
+    el("td", {}, `${fmt(s.allocated.cpus, 2)} / ${fmt(s.capacity.cpus, 2)}`),
+    el("td", {}, `${fmt(s.allocated.memory_mb, 0)} / ${fmt(s.capacity.memory_mb, 0)}`),
+    el("td", {}, `${fmt(s.allocated.gpus, 2)} / ${fmt(s.capacity.gpus, 2)}`),
+    el("td", {}, `${fmt(s.last_seen_s)} s ago`))));
+}
+
+function renderDeployments(list, series) {
+  const body = document.querySelector("#deployments tbody");
+  body.replaceChildren(...list.map(d => {
+    const s = series[d.name];
+    const w = s ? s.window : null;
+    const rate = s && s.rate.length ? s.rate[s.rate.length - 1] : null;
+    const state = el("td", {});
+    if (d.pending_reason) state.append(el("div", {class: "pending"}, d.pending_reason));
+    return el("tr", {"data-deployment": d.name},
+      el("td", {}, d.name), el("td", {}, d.spec.backend || ""),
+      el("td", {class: "count", "data-ready": d.ready_replicas, "data-target": d.target_replicas},
+        `${d.ready_replicas} / ${d.target_replicas}`),
+      el("td", {class: "rate"}, rate === null ? "–" : fmt(rate, 1)),
+      el("td", {class: "error-rate", "data-requests": w ? w.requests : 0, "data-errors": w ? w.errors : 0,
+                title: w ? `${w.errors} errors in ${w.requests} requests over the last ${fmt(w.seconds, 0)} s; `
+                  + `a rate is shown from ${w.min_requests} requests` : "no requests seen"},
+        percent(w ? w.error_rate : null)),
+      state);
+  }));
+}
+
+function renderReplicas(list) {
+  const body = document.querySelector("#replicas tbody");
+  const rows = [];
+  for (const d of list) {
+    for (const r of d.replicas) {
+      rows.push(el("tr", {"data-replica": r.id, "data-deployment": d.name},
+        el("td", {}, d.name), el("td", {}, r.id), el("td", {class: "state " + r.state}, r.state),
+        el("td", {}, r.scheduler), el("td", {class: "pid"}, r.pid ? String(r.pid) : "–"),
+        el("td", {class: "in-flight"}, String(r.in_flight)), el("td", {class: "queued"}, String(r.queued)),
+        el("td", {class: "message"}, r.message || "")));
+    }
+  }
+  body.replaceChildren(...rows);
+  document.getElementById("no-replicas").hidden = rows.length > 0;
+}
+
+function renderEvents(list) {
+  const ul = document.getElementById("events");
+  ul.replaceChildren(...list.slice().reverse().slice(0, 40).map(e =>
+    el("li", {"data-kind": e.kind}, el("time", {}, clock(e.at)), e.message)));
+}
+
+function renderLifecycle(list) {
+  const ul = document.getElementById("lifecycle");
+  ul.replaceChildren(...list.slice().reverse().slice(0, 100).map(e => el("li",
+    {"data-kind": e.kind, "data-deployment": e.deployment},
+    el("time", {}, clock(e.time)),
+    el("span", {class: "kind", style: `color:${KIND_COLOURS[e.kind] || "inherit"}`}, e.kind.replace("_", " ")),
+    el("b", {}, e.deployment),
+    e.revision === null || e.revision === undefined ? "" : el("span", {class: "muted"}, ` rev ${e.revision}`),
+    " ", e.message || "")));
+  document.getElementById("no-lifecycle").hidden = list.length > 0;
+}
+
+// ------------------------------------------------------------------ charts
+// Vertical lines at the deployment's lifecycle events, on every chart of it.
+function markers(name) {
+  return u => {
+    const ctx = u.ctx;
+    const {top, height} = u.bbox;
+    for (const e of view.lifecycle) {
+      if (e.deployment !== name || e.time < view.start || e.time > view.end) continue;
+      const x = Math.round(u.valToPos(e.time, "x", true));
+      ctx.save();
+      ctx.strokeStyle = KIND_COLOURS[e.kind] || "#6b7385";
+      ctx.lineWidth = 2 * devicePixelRatio;
+      ctx.setLineDash([4 * devicePixelRatio, 3 * devicePixelRatio]);
+      ctx.beginPath(); ctx.moveTo(x, top); ctx.lineTo(x, top + height); ctx.stroke();
+      ctx.restore();
+    }
+  };
+}
+
+// A value with no neighbours draws no line: a dot, so that it is seen.
+function lone(u, si) {
+  const d = u.data[si];
+  const out = [];
+  for (let i = 0; i < d.length; i++) {
+    if (d[i] !== null && (i === 0 || d[i - 1] === null) && (i === d.length - 1 || d[i + 1] === null)) out.push(i);
+  }
+  return out;
+}
+
+function chart(plots, name, title, series, width) {
+  const holder = el("div", {class: "plot"}, el("h4", {}, title));
+  plots.append(holder);
+  return new uPlot({
+    width, height: 140, series: [{}, ...series.map(s => ({spanGaps: false, points: {show: true, filter: lone}, ...s}))],
+    scales: {x: {time: true, auto: false}},
+    axes: [{}, {size: 50}], legend: {live: false},
+    cursor: {sync: {key: sync.key}}, hooks: {draw: [markers(name)]},
+  }, [[], ...series.map(() => [])], holder);
+}
+
+// Three charts side by side in each deployment's row.
+function plotWidth() {
+  const root = document.getElementById("charts");
+  return Math.max(260, Math.floor((root.clientWidth - 2 * 12) / 3));
+}
+window.addEventListener("resize", () => {
+  const width = plotWidth();
+  for (const c of Object.values(charts)) {
+    for (const k of ["rate", "latency", "errors"]) c[k].setSize({width, height: 140});
+  }
+});
+
+// How many unbroken runs of values a column has: what the chart draws as separate lines.
+function segments(column) {
+  let n = 0, inRun = false;
+  for (const v of column) {
+    if (v !== null && !inRun) n++;
+    inRun = v !== null;
+  }
+  return n;
+}
+
+function renderSeries(all) {
+  const root = document.getElementById("charts");
+  const names = Object.keys(all).filter(n => all[n].at.length > 0).sort();
+  document.getElementById("no-traffic").hidden = names.length > 0;
+  for (const name of Object.keys(charts)) {
+    if (names.includes(name)) continue;
+    for (const k of ["rate", "latency", "errors"]) charts[name][k].destroy();
+    charts[name].box.remove();
+    delete charts[name];
+  }
+  for (const name of names) {
+    const s = all[name];
+    let c = charts[name];
+    if (!c) {
+      const plots = el("div", {class: "plots"});
+      const box = el("div", {class: "chart", "data-deployment": name}, el("h3", {}, name), plots);
+      root.append(box);
+      const width = plotWidth();
+      c = charts[name] = {
+        box,
+        rate: chart(plots, name, "requests / s", [{label: "req/s", stroke: "#1f6feb"}], width),
+        latency: chart(plots, name, "latency ms (none without requests)",
+          [{label: "p50", stroke: "#1a7f37"}, {label: "p99", stroke: "#9a6700"}], width),
+        errors: chart(plots, name, `error rate % (over ${fmt(s.window.seconds, 0)} s, from ${s.window.min_requests} requests)`,
+          [{label: "errors %", stroke: "#cf222e"}], width),
+      };
+    }
+    const pct = s.error_rate.map(v => v === null ? null : v * 100);
+    for (const [u, data] of [[c.rate, [s.at, s.rate]], [c.latency, [s.at, s.p50_ms, s.p99_ms]], [c.errors, [s.at, pct]]]) {
+      u.setData(data, false);
+      u.setScale("x", {min: view.start, max: view.end});
+    }
+    const shown = view.lifecycle.filter(e => e.deployment === name && e.time >= view.start && e.time <= view.end);
+    c.box.dataset.points = String(s.at.filter((_, i) => s.requests[i] !== null).length);
+    c.box.dataset.segments = String(segments(s.p50_ms));
+    c.box.dataset.xMin = String(c.rate.scales.x.min);
+    c.box.dataset.xMax = String(c.rate.scales.x.max);
+    c.box.dataset.markers = String(shown.length);
+  }
+}
+
+// ------------------------------------------------------------------ polling
+// With tokens on, the API wants "Authorization: Bearer <token>": asked for once, kept in localStorage.
+const TOKEN_KEY = "shoal.token";
+class NeedToken extends Error {}
+class Missing extends Error {}
+async function api(path) {
+  const token = localStorage.getItem(TOKEN_KEY);
+  const r = await fetch(path, token ? {headers: {Authorization: "Bearer " + token}} : {});
+  if (r.status === 401 || r.status === 403) {
+    throw new NeedToken((await r.json().catch(() => ({}))).error || r.statusText);
+  }
+  if (r.status === 404) throw new Missing(path);
+  return r.json();
+}
+document.getElementById("login").addEventListener("submit", ev => {
+  ev.preventDefault();
+  localStorage.setItem(TOKEN_KEY, document.getElementById("token").value.trim());
+  document.getElementById("login").style.display = "none";
+  refresh();
+});
+
+// Lifecycle events, oldest first; none (quietly) where the head has no such endpoint.
+async function lifecycle() {
+  try {
+    const doc = await api("/api/events?limit=200");
+    return Array.isArray(doc.events) ? doc.events.filter(e => typeof e.time === "number") : [];
+  } catch (err) {
+    if (err instanceof Missing) return [];
+    throw err;
+  }
+}
+
+// A refresh answered after a later one (a range changed meanwhile) is dropped.
+let asked = 0, drawn = 0;
+async function refresh() {
+  const mine = ++asked;
+  try {
+    const [status, series, events] = await Promise.all(
+      [api("/api/status"), api(`/api/series?window_s=${view.range}`), lifecycle()]);
+    if (mine < drawn) return;
+    drawn = mine;
+    fillRanges(series.keep_s);
+    view.end = series.now;
+    view.start = series.now - series.window_s;
+    view.lifecycle = events;
+    renderSchedulers(status.schedulers);
+    renderDeployments(status.deployments, series.deployments);
+    renderReplicas(status.deployments);
+    renderEvents(status.events);
+    renderLifecycle(events);
+    renderSeries(series.deployments);
+    document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();
+  } catch (err) {
+    if (err instanceof NeedToken) {
+      document.getElementById("login").style.display = "flex";
+      document.getElementById("updated").textContent = err.message;
+      return;
+    }
+    document.getElementById("updated").textContent = "head unreachable: " + err;
+  }
+}
+refresh();
+setInterval(refresh, PERIOD_MS);

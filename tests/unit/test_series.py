@@ -1,0 +1,93 @@
+"""The head's time series for the dashboard: gaps where there is no traffic or no report,
+an error rate only over enough requests, a bounded history, steps for long ranges."""
+
+from __future__ import annotations
+
+import pytest
+
+from shoal.core.stats import BUCKETS, ERROR_MIN_REQUESTS, SeriesRecorder, Snapshot, chart, window
+
+pytestmark = pytest.mark.timeout(10)
+
+
+def latency(n: int) -> tuple[int, ...]:
+    """``n`` requests, all in the 10 ms bucket."""
+    counts = [0] * (len(BUCKETS) + 1)
+    counts[BUCKETS.index(0.01)] = n
+    return tuple(counts)
+
+
+class Feed:
+    """One scheduler reporting cumulative counts of deployment 'm' every second."""
+
+    def __init__(self, recorder: SeriesRecorder) -> None:
+        self.recorder = recorder
+        self.t = 1000.0
+        self.requests = 0
+        self.errors = 0
+
+    def tick(self, requests: int = 0, errors: int = 0, seconds: float = 1.0) -> None:
+        self.t += seconds
+        self.requests += requests
+        self.errors += errors
+        snap = Snapshot(self.requests, self.errors, latency(self.requests))
+        self.recorder.record(self.t, self.t, "s1", {"m": snap})
+
+
+def test_no_traffic_is_a_gap_in_latency_not_zero_ms() -> None:
+    feed = Feed(SeriesRecorder(period_s=1.0))
+    for requests in (0, 10, 10, 0, 0, 10):
+        feed.tick(requests)
+    c = chart(feed.recorder.series["m"], 0, feed.t, 1.0, 1.0)
+    assert c.rate == [10.0, 10.0, 0.0, 0.0, 10.0]
+    assert c.p50_ms[0] is not None and c.p50_ms[0] > 0
+    assert c.p50_ms[2:4] == [None, None]
+    assert c.p99_ms[2:4] == [None, None]
+
+
+def test_no_report_is_a_row_of_nones_between_two_segments() -> None:
+    feed = Feed(SeriesRecorder(period_s=1.0))
+    for _ in range(3):
+        feed.tick(10)
+    feed.tick(10, seconds=30)  # the head heard nothing for 30 s
+    feed.tick(10)
+    c = chart(feed.recorder.series["m"], 0, feed.t, 1.0, 1.0)
+    gap = c.at.index(1003.0) + 1
+    assert c.rate[gap] is None and c.p50_ms[gap] is None and c.requests[gap] is None
+    assert c.at == sorted(c.at)
+    assert [r is None for r in c.rate].count(True) == 1
+
+
+def test_error_rate_needs_the_minimum_count_in_its_window() -> None:
+    feed = Feed(SeriesRecorder(period_s=1.0))
+    feed.tick()
+    feed.tick(2, errors=1)
+    points = feed.recorder.series["m"]
+    assert window(points, feed.t).requests == 2
+    assert window(points, feed.t).error_rate is None  # not "50% errors"
+    assert chart(points, 0, feed.t, 1.0, 1.0).error_rate == [None]
+    feed.tick(ERROR_MIN_REQUESTS, errors=1)
+    points = feed.recorder.series["m"]
+    assert window(points, feed.t).error_rate == pytest.approx(2 / (ERROR_MIN_REQUESTS + 2))
+    assert chart(points, 0, feed.t, 1.0, 1.0).error_rate[-1] == pytest.approx(2 / (ERROR_MIN_REQUESTS + 2))
+    # A minute later the window holds none of them: no rate again.
+    for _ in range(61):
+        feed.tick()
+    points = feed.recorder.series["m"]
+    assert window(points, feed.t).requests == 0
+    assert window(points, feed.t).error_rate is None
+
+
+def test_history_is_bounded_and_long_ranges_merge_periods() -> None:
+    recorder = SeriesRecorder(period_s=1.0, keep_s=100.0)
+    feed = Feed(recorder)
+    for _ in range(301):
+        feed.tick(3)
+    points = recorder.series["m"]
+    assert len(points) == 100
+    assert recorder.step_for(60) == 1.0
+    assert recorder.step_for(3600) == 12.0
+    c = chart(points, feed.t - 100, feed.t, 10.0, 1.0)
+    assert len(c.at) in (10, 11)
+    assert sum(r for r in c.requests if r is not None) == 300
+    assert all(r == pytest.approx(3.0) for r in c.rate)
