@@ -21,8 +21,8 @@ load passes ``local_files_only=True``.
 - ``classification`` (AutoModelForSequenceClassification): input ``text``; outputs
   ``label`` BYTES ``[-1]`` (the config's ``id2label`` of the best class) and
   ``probabilities`` FP32 ``[-1, num_labels]`` (softmax; sigmoid for multi-label models).
-- ``generation`` (AutoModelForCausalLM): see :mod:`shoal.backends.generation` for the
-  tensors, :class:`~shoal.backends.generation.GenerationParams` and the streaming API
+- ``generation`` (AutoModelForCausalLM): see :mod:`shoal.backends.generate` for the
+  tensors, :class:`~shoal.backends.generate.GenerationParams` and the streaming API
   (:meth:`TransformersBackend.stream`, :meth:`TransformersBackend.complete`).
 
 Other options:
@@ -73,7 +73,7 @@ import torch
 import transformers
 
 from shoal.backends.base import Backend, Tensors
-from shoal.backends.generation import (
+from shoal.backends.generate import (
     GENERATION_INPUTS,
     GENERATION_OUTPUTS,
     PARAM_OPTIONS,

@@ -4,7 +4,7 @@
 is an optional extra (``pip install 'shoal[vllm]'``), imported when the model loads.
 
 Tensors and the streaming API are those of every text generator
-(:mod:`shoal.backends.generation`): ``predict`` takes ``text`` and optional per-row
+(:mod:`shoal.backends.generate`): ``predict`` takes ``text`` and optional per-row
 ``max_tokens``, ``temperature``, ``top_p``, and answers ``text``; :meth:`VllmBackend.stream`
 yields pieces as vLLM produces them; :meth:`VllmBackend.complete` answers one prompt with
 token counts. The rows of a batch go to the engine together, which batches them
@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from shoal.backends.base import Backend, Tensors
-from shoal.backends.generation import (
+from shoal.backends.generate import (
     GENERATION_INPUTS,
     GENERATION_OUTPUTS,
     PARAM_OPTIONS,
@@ -204,7 +204,7 @@ class VllmBackend(Backend):
 
     def render_chat(self, messages: Sequence[ChatMessage]) -> str:
         """The prompt for a chat: the chat template of the model folder's tokenizer when it has
-        one, else :func:`~shoal.backends.generation.transcript`."""
+        one, else :func:`~shoal.backends.generate.transcript`."""
         return render_chat_template(self._chat_tokenizer, messages)
 
     async def stream(self, prompt: str, params: GenerationParams) -> AsyncGenerator[str, None]:

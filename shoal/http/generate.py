@@ -30,7 +30,14 @@ from starlette.routing import Route
 
 from shoal.errors import InvalidArgument, ShoalError
 from shoal.http.sse import EventStream, event
-from shoal.scheduler import textgen
+from shoal.scheduler.generate import (
+    PARAMETERS,
+    complete,
+    generate_request,
+    generates_text,
+    internal_id,
+    start_stream,
+)
 from shoal.scheduler.models import VERSION, ModelCatalog
 from shoal.types import GenerateRequest
 
@@ -64,11 +71,11 @@ def parse_generate(doc: dict[str, Any], *, stream: bool) -> tuple[str, GenerateR
     params = doc.get("parameters", {})
     if not isinstance(params, dict):
         raise InvalidArgument(f"'parameters' must be an object, got {type(params).__name__}")
-    params = {**{k: doc[k] for k in textgen.PARAMETERS if k in doc}, **params}
+    params = {**{k: doc[k] for k in PARAMETERS if k in doc}, **params}
     request_id = doc.get("id", "")
     if not isinstance(request_id, str):
         raise InvalidArgument(f"'id' must be a string, got {request_id!r}")
-    return request_id, textgen.generate_request(params, prompt=text, stream=stream)
+    return request_id, generate_request(params, prompt=text, stream=stream)
 
 
 def _error(err: ShoalError) -> Response:
@@ -82,7 +89,7 @@ def generate_routes(catalog: ModelCatalog, limit: int) -> list[Route]:
     async def prepare(request: Request, *, stream: bool) -> tuple[str, str, GenerateRequest]:
         name = request.path_params["name"]
         spec = catalog.spec(name, request.path_params.get("version", ""))
-        if not textgen.generates_text(spec):
+        if not generates_text(spec):
             raise InvalidArgument(f"model {name!r} does not generate text; use /v2/models/{name}/infer")
         request_id, req = parse_generate(await read_json(request, limit), stream=stream)
         return name, request_id, req
@@ -96,7 +103,7 @@ def generate_routes(catalog: ModelCatalog, limit: int) -> list[Route]:
     async def generate(request: Request) -> Response:
         try:
             name, request_id, req = await prepare(request, stream=False)
-            result = await textgen.complete(router, name, req, request_id=textgen.internal_id(request_id))
+            result = await complete(router, name, req, request_id=internal_id(request_id))
         except ShoalError as err:
             return _error(err)
         return JSONResponse(
@@ -112,7 +119,7 @@ def generate_routes(catalog: ModelCatalog, limit: int) -> list[Route]:
     async def generate_stream(request: Request) -> Response:
         try:
             name, request_id, req = await prepare(request, stream=True)
-            chunks = await textgen.start_stream(router, name, req, request_id=textgen.internal_id(request_id))
+            chunks = await start_stream(router, name, req, request_id=internal_id(request_id))
         except ShoalError as err:
             return _error(err)
         base = head(name, request_id)

@@ -54,8 +54,16 @@ from shoal.core.spec import DeploymentSpec
 from shoal.errors import Code, InvalidArgument, NotFound, ShoalError
 from shoal.http.generate import read_json
 from shoal.http.sse import EventStream, event
-from shoal.scheduler import textgen
 from shoal.scheduler.dataplane import DataPlane
+from shoal.scheduler.generate import (
+    ChunkStream,
+    InvalidParameter,
+    complete,
+    embeds_text,
+    generate_request,
+    generates_text,
+    start_stream,
+)
 from shoal.scheduler.router import Router
 from shoal.types import ChatMessage, GenerateChunk, GenerateRequest
 
@@ -280,10 +288,8 @@ def _request(
         "seed": body.seed,
     }
     try:
-        return textgen.generate_request(
-            params, prompt=prompt, messages=messages or (), stream=bool(body.stream)
-        )
-    except textgen.InvalidParameter as err:
+        return generate_request(params, prompt=prompt, messages=messages or (), stream=bool(body.stream))
+    except InvalidParameter as err:
         param = max_tokens_param if err.param == "max_tokens" else err.param
         raise OpenAIError(param, err.message.replace("max_tokens", param)) from None
 
@@ -350,7 +356,7 @@ class OpenAIApi:
             self.dataplane.check_strings(str(doc.get("model", "")), len(texts_in))
         body = parse_body(EmbeddingsBody, doc)
         spec = self._spec(body.model)
-        if not textgen.embeds_text(spec):
+        if not embeds_text(spec):
             raise OpenAIError("model", f"model {body.model!r} does not compute embeddings")
         texts = [body.input] if isinstance(body.input, str) else body.input
         if not texts:
@@ -381,7 +387,7 @@ class OpenAIApi:
 
     async def _generate(self, body: _GenerationBody, req: GenerateRequest, *, chat: bool) -> Response:
         spec = self._spec(body.model)
-        if not textgen.generates_text(spec):
+        if not generates_text(spec):
             raise OpenAIError("model", f"model {body.model!r} does not generate text")
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         head = {
@@ -392,14 +398,14 @@ class OpenAIApi:
             "system_fingerprint": None,
         }
         if not req.stream:
-            result = await textgen.complete(self.router, spec.name, req, request_id=request_id)
+            result = await complete(self.router, spec.name, req, request_id=request_id)
             choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": _finish(result)}
             if chat:
                 choice["message"] = {"role": "assistant", "content": result.text, "refusal": None}
             else:
                 choice["text"] = result.text
             return JSONResponse({**head, "choices": [choice], "usage": _usage(result)})
-        chunks = await textgen.start_stream(self.router, spec.name, req, request_id=request_id)
+        chunks = await start_stream(self.router, spec.name, req, request_id=request_id)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         head["object"] = "chat.completion.chunk" if chat else "text_completion"
         events = stream_events(chunks, head, chat=chat, include_usage=include_usage)
@@ -421,7 +427,7 @@ def _base64(vector: np.ndarray) -> str:
 
 
 async def stream_events(
-    chunks: textgen.ChunkStream, head: dict[str, Any], *, chat: bool, include_usage: bool
+    chunks: ChunkStream, head: dict[str, Any], *, chat: bool, include_usage: bool
 ) -> AsyncGenerator[bytes, None]:
     """The server-sent events of one streamed (chat) completion, ``[DONE]`` last."""
     extra = {"usage": None} if include_usage else {}

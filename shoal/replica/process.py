@@ -12,7 +12,7 @@ from typing import Protocol
 
 from shoal.backends import load_backend
 from shoal.backends.base import Backend
-from shoal.backends.generation import Completion, TextGenerator
+from shoal.backends.generate import Completion, TextGenerator
 from shoal.backends.python import PythonBackend
 from shoal.config import Settings
 from shoal.core.clock import Clock, SystemClock

@@ -28,7 +28,7 @@ import numpy as np
 from shoal.core import tensors
 from shoal.errors import InvalidArgument, NotFound
 from shoal.proto import grpc_service_pb2 as oip
-from shoal.scheduler import textgen
+from shoal.scheduler.generate import generate_request, generates_text, internal_id, start_stream
 from shoal.scheduler.models import VERSION, ModelCatalog
 from shoal.types import Arrays, GenerateChunk
 
@@ -41,7 +41,7 @@ def wants_generation(catalog: ModelCatalog, request: oip.ModelInferRequest) -> b
     """Whether ``request`` is for a deployment that generates text (False for an unknown model:
     the ordinary path answers NOT_FOUND)."""
     try:
-        return textgen.generates_text(catalog.spec(request.model_name, request.model_version))
+        return generates_text(catalog.spec(request.model_name, request.model_version))
     except NotFound:
         return False
 
@@ -122,7 +122,7 @@ async def stream_responses(
         raise InvalidArgument("missing input 'text' (the prompt, BYTES, one element)")
     output = _output_name(request)
     empty_final = params.get("triton_enable_empty_final_response") is True
-    generation = textgen.generate_request(params, prompt=prompt, stream=True)
+    generation = generate_request(params, prompt=prompt, stream=True)
 
     def response(piece: str | None, final: GenerateChunk | None) -> oip.ModelStreamInferResponse:
         reply = oip.ModelInferResponse(model_name=request.model_name, model_version=VERSION, id=request.id)
@@ -141,11 +141,11 @@ async def stream_responses(
             )
         return oip.ModelStreamInferResponse(infer_response=reply)
 
-    chunks = await textgen.start_stream(
+    chunks = await start_stream(
         catalog.router,
         request.model_name,
         generation,
-        request_id=textgen.internal_id(request.id),
+        request_id=internal_id(request.id),
         timeout_s=timeout_s,
     )
     # One piece is held back, so that the last piece can say it is the last (Triton's

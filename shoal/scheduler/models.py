@@ -41,8 +41,8 @@ from shoal.core import payload
 from shoal.core.payload import Tensors
 from shoal.core.spec import DeploymentSpec, TensorSpec
 from shoal.errors import InvalidArgument, NotFound, ShoalError, Unavailable
+from shoal.scheduler.generate import generates_text
 from shoal.scheduler.router import Router
-from shoal.scheduler.textgen import generates_text
 from shoal.types import ReplicaClient, ReplicaDescription
 
 #: The one version every deployment has.

