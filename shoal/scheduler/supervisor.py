@@ -4,6 +4,16 @@ them, and cleans out the dead.
 The registry (``self.registry``) is guarded by ``self.lock`` (an
 ``asyncio.Lock``): every change to it, and the version counter the head uses
 to order health reports, happens under the lock.
+
+Replica logs: each replica's stdout and stderr go to ``replica_<id>.log`` in
+``log_dir``, a file the supervisor opens in append mode and the process inherits.
+Bounded two ways, both here, since a replica's prints and a crash's traceback never
+pass through its logging: a log past ``replica_log_max_mb`` is copied to
+``replica_<id>.log.1`` and emptied in place (checked every ping interval; with append
+mode the process's next write lands at the new start, and what it writes between the
+copy and the truncation is lost); and only the newest ``replica_logs_kept`` logs of
+replicas that no longer run are kept (checked when one ends and at start), so a crash
+loop leaves at most that many files behind and ``shoal logs`` still finds the recent ones.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -145,6 +156,7 @@ class ReplicaSupervisor:
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._clean_logs()
         self._tasks.spawn(self._ping_loop(), "ping")
 
     # ------------------------------------------------------------ create / remove
@@ -272,6 +284,7 @@ class ReplicaSupervisor:
             log.warning("replica %s died: %s", rep.id, message)
         else:
             log.info("replica %s stopped", rep.id)
+        self._clean_logs()
         self._on_change()
 
     async def _kill(self, rep: LocalReplica, reason: str) -> None:
@@ -319,6 +332,7 @@ class ReplicaSupervisor:
                     r for r in self.registry.values() if r.state == READY and r.address and not r.removing
                 ]
                 starting = [r for r in self.registry.values() if r.state == STARTING]
+            await self._rotate_logs()
             now = self.clock.now()
             for rep in starting:
                 if now - rep.started_mono > rep.spec.health.start_timeout_s and not rep.removing:
@@ -351,6 +365,42 @@ class ReplicaSupervisor:
 
     # ------------------------------------------------------------ logs
 
+    async def _rotate_logs(self) -> None:
+        """Copy each running replica's log past ``replica_log_max_mb`` to ``.log.1`` and empty it."""
+        limit = int(self.settings.replica_log_max_mb * 2**20)
+        if limit <= 0:
+            return
+        for rep in list(self.registry.values()):
+            try:
+                size = rep.log_path.stat().st_size
+            except OSError:
+                continue
+            if size > limit:
+                try:
+                    await asyncio.to_thread(rotate_log, rep.log_path)
+                except OSError as err:
+                    log.warning("could not rotate %s: %s", rep.log_path, err)
+
+    def _clean_logs(self) -> None:
+        """Delete the logs (and spec files) of replicas that no longer run, but the newest
+        ``replica_logs_kept``. On the event loop, so a replica created meanwhile is running."""
+        ended = []
+        for path in self.log_dir.glob("replica_*.log"):
+            rid = path.name.removeprefix("replica_").removesuffix(".log")
+            if rid in self.registry:
+                continue
+            try:
+                ended.append((path.stat().st_mtime, rid))
+            except OSError:
+                continue
+        ended.sort(reverse=True)
+        for _, rid in ended[max(0, self.settings.replica_logs_kept) :]:
+            for suffix in (".log", ".log.1", ".spec.json"):
+                try:
+                    (self.log_dir / f"replica_{rid}{suffix}").unlink(missing_ok=True)
+                except OSError as err:
+                    log.warning("could not delete the old log of replica %s: %s", rid, err)
+
     def log_path(self, replica_id: str) -> Path:
         """The log file of a replica started here (running or not). NotFound if there is none."""
         if not LOG_ID.match(replica_id):
@@ -363,11 +413,19 @@ class ReplicaSupervisor:
     async def read_log(
         self, replica_id: str, tail_bytes: int = 0, follow: bool = False
     ) -> AsyncIterator[bytes]:
-        """The replica's log from ``tail_bytes`` before its end; with ``follow``, then what it writes
-        while it runs (ends once it has exited and everything is read)."""
+        """The replica's log from ``tail_bytes`` before its end (its rotated part, ``.log.1``,
+        first); with ``follow``, then what it writes while it runs (ends once it has exited
+        and everything is read)."""
         path = self.log_path(replica_id)
         with open(path, "rb") as f:
             size = f.seek(0, os.SEEK_END)
+            older = path.with_name(path.name + ".1")
+            if (tail_bytes <= 0 or tail_bytes > size) and older.is_file():
+                with open(older, "rb") as g:
+                    osize = g.seek(0, os.SEEK_END)
+                    g.seek(max(0, osize - (tail_bytes - size)) if tail_bytes > 0 else 0)
+                    while chunk := g.read(64 * 1024):
+                        yield chunk
             f.seek(max(0, size - tail_bytes) if tail_bytes > 0 else 0)
             while True:
                 chunk = f.read(64 * 1024)
@@ -376,6 +434,8 @@ class ReplicaSupervisor:
                     continue
                 if not follow or replica_id not in self.registry:
                     return
+                if os.fstat(f.fileno()).st_size < f.tell():
+                    f.seek(0)  # rotated meanwhile: what it writes now starts at 0
                 await self.clock.sleep(0.2)
 
     # ------------------------------------------------------------ views
@@ -428,6 +488,14 @@ def _signal(process: Process, sig: int) -> None:
             process.send_signal(sig)
         except ProcessLookupError:
             pass
+
+
+def rotate_log(path: Path) -> None:
+    """Copy ``path`` to ``path.1`` (replacing it) and empty ``path`` in place, so a process
+    writing to it in append mode carries on at its start. Raises OSError."""
+    shutil.copyfile(path, path.with_name(path.name + ".1"))
+    with open(path, "r+b") as f:
+        f.truncate(0)
 
 
 def _exit_reason(code: int, log_path: Path) -> str:
