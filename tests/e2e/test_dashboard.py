@@ -131,18 +131,20 @@ def test_dashboard_shows_deployments_traffic_and_events(
     wait_until(browser, f"return {error_rate}?.dataset.requests === '34'")
     assert browser.execute_script(f"return {error_rate}.textContent") == "8.8%"  # type: ignore[attr-defined]
 
-    # No traffic for a while, then traffic again: the latency chart is two lines with a gap
-    # (null points) between them, not one line through 0 ms.
+    # No traffic for a while, then traffic again: the latency chart gets one more line,
+    # with a gap (null points) before it, not a line through 0 ms; requests/s is 0 there.
     chart = "document.querySelector('.chart[data-deployment=\"echo\"]')"
-    wait_until(browser, f"return {chart}.dataset.segments === '1'")
     wait_until(browser, "const p = window.shoal.charts.echo.latency.data[1]; return p[p.length - 1] === null")
+    before = int(browser.execute_script(f"return {chart}.dataset.segments"))  # type: ignore[attr-defined]
+    assert before >= 1
     infer(http, "echo", ok=5)
-    wait_until(browser, f"return {chart}.dataset.segments === '2'")
+    wait_until(browser, f"return {chart}.dataset.segments === '{before + 1}'")
     p50 = chart_data(browser, "echo", 1)
-    first = next(i for i, v in enumerate(p50) if v is not None)
-    gap = next(i for i in range(first, len(p50)) if p50[i] is None)
-    assert any(v is not None for v in p50[gap:]), p50
+    last = max(i for i, v in enumerate(p50) if i > 0 and v is not None and p50[i - 1] is None)
+    assert any(v is not None for v in p50[:last]), p50
     assert all(v is None or v > 0 for v in p50), p50
+    rate = browser.execute_script("return window.shoal.charts.echo.rate.data[1]")  # type: ignore[attr-defined]
+    assert rate[last - 1] == 0, (rate, p50)
     # The rate chart has the same points in time: one axis for all.
     assert browser.execute_script(  # type: ignore[attr-defined]
         "const c = window.shoal.charts.echo;"

@@ -1,11 +1,21 @@
 """The head's time series for the dashboard: gaps where there is no traffic or no report,
-an error rate only over enough requests, a bounded history, steps for long ranges."""
+an error rate only over enough requests, a bounded history, steps for long ranges; and
+``GET /api/series`` over them."""
 
 from __future__ import annotations
 
+import time
+
+import httpx
 import pytest
 
+from shoal.config import Settings
+from shoal.core.spec import parse_spec
 from shoal.core.stats import BUCKETS, ERROR_MIN_REQUESTS, SeriesRecorder, Snapshot, chart, window
+from shoal.head.node import HeadNode
+from shoal.http.head import head_app
+from shoal.store import MemoryStore
+from shoal.testing.fakes import FakeSchedulers
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -91,3 +101,46 @@ def test_history_is_bounded_and_long_ranges_merge_periods() -> None:
     assert len(c.at) in (10, 11)
     assert sum(r for r in c.requests if r is not None) == 300
     assert all(r == pytest.approx(3.0) for r in c.rate)
+
+
+@pytest.mark.parametrize("window_s", ["0", "-1", "3601", "nan", "inf", "soon"])
+async def test_a_window_out_of_range_is_400(store: MemoryStore, fleet: FakeSchedulers, window_s: str) -> None:
+    node = HeadNode(Settings(), store, fleet)
+    try:
+        async with client(node) as http:
+            r = await http.get(f"/api/series?window_s={window_s}")
+        assert r.status_code == 400
+        assert "window_s must be a number of seconds above 0, at most 3600" in r.json()["error"]
+    finally:
+        await node.aclose()
+
+
+async def test_the_series_route_answers_columns_with_nulls(store: MemoryStore, fleet: FakeSchedulers) -> None:
+    node = HeadNode(Settings(), store, fleet)
+    try:
+        await node.apply(parse_spec({"name": "m", "backend": "python", "model": "m:M"}))
+        node.series = SeriesRecorder(period_s=1.0)
+        feed = Feed(node.series)
+        feed.t = time.time() - 10
+        for requests in (0, 5, 0):
+            feed.tick(requests)
+        async with client(node) as http:
+            doc = (await http.get("/api/series?window_s=300")).json()
+        assert doc["window_s"] == 300 and doc["keep_s"] == 3600 and doc["step_s"] == 1.0
+        m = doc["deployments"]["m"]
+        assert m["requests"] == [5, 0]
+        assert m["p50_ms"][0] > 0 and m["p50_ms"][1] is None
+        assert m["error_rate"] == [None, None]
+        assert m["window"] == {
+            "seconds": 60.0,
+            "requests": 5,
+            "errors": 0,
+            "min_requests": 20,
+            "error_rate": None,
+        }
+    finally:
+        await node.aclose()
+
+
+def client(node: HeadNode) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=head_app(node)), base_url="http://head")

@@ -53,7 +53,10 @@ function renderDeployments(list, series) {
     const w = s ? s.window : null;
     const rate = s && s.rate.length ? s.rate[s.rate.length - 1] : null;
     const state = el("td", {});
-    if (d.pending_reason) state.append(el("div", {class: "pending"}, d.pending_reason));
+    if (d.pending_reason) {
+      const failed = d.pending_reason.startsWith("FAILED");
+      state.append(el("div", {class: failed ? "pending FAILED" : "pending"}, d.pending_reason));
+    }
     return el("tr", {"data-deployment": d.name},
       el("td", {}, d.name), el("td", {}, d.spec.backend || ""),
       el("td", {class: "count", "data-ready": d.ready_replicas, "data-target": d.target_replicas},
