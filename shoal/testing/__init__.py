@@ -6,6 +6,9 @@ re-exported here.
 
 from shoal.core.clock import FakeClock
 from shoal.testing.fakes import (
+    FakeHeadLink,
+    FakeLauncher,
+    FakeProcess,
     FakeReplicaClient,
     FakeReplicas,
     FakeSchedulerClient,
@@ -16,6 +19,9 @@ from shoal.testing.fakes import (
 
 __all__ = [
     "FakeClock",
+    "FakeHeadLink",
+    "FakeLauncher",
+    "FakeProcess",
     "FakeReplicaClient",
     "FakeReplicas",
     "FakeSchedulerClient",
