@@ -1,4 +1,5 @@
-"""What every command shares: settings from flags, the control client, one progress line."""
+"""What every command shares: settings from flags, the control client, one progress line,
+and :func:`run_command`, the one way an entry point runs a parsed command and exits."""
 
 from __future__ import annotations
 
@@ -6,13 +7,30 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from shoal.config import Settings
 from shoal.errors import ShoalError, Unavailable
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+
+
+def run_command(args: argparse.Namespace) -> NoReturn:
+    """Run the command the parser chose (``args.fn(args)``, its result the exit code) and exit.
+
+    For ``shoal`` and for the tools that also run alone (``python -m shoal.loadgen``,
+    ``python -m shoal.chaos``): a ``ShoalError`` is one line on stderr and exit 1, Ctrl-C
+    exit 130, never a traceback.
+    """
+    try:
+        code = args.fn(args)
+    except ShoalError as err:
+        print(f"shoal: error: {err}", file=sys.stderr)
+        code = EXIT_ERROR
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
 
 
 def settings_of(args: argparse.Namespace, **flags: Any) -> Settings:
