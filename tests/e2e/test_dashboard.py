@@ -186,6 +186,9 @@ def test_dashboard_shows_deployments_traffic_and_events(
     )
     ARTIFACTS.mkdir(exist_ok=True)
     assert browser.save_screenshot(str(ARTIFACTS / "dashboard.png"))  # type: ignore[attr-defined]
+    # And the page never threw.
+    logged = browser.get_log("browser")  # type: ignore[attr-defined]
+    assert not [e for e in logged if e["level"] == "SEVERE"], logged
 
 
 def restart_up(up: Up, log: Path) -> subprocess.Popen[str]:
