@@ -80,6 +80,23 @@ class Launcher(Protocol):
     def __call__(self, argv: Sequence[str], *, env: Mapping[str, str], out: IO[bytes]) -> Process: ...
 
 
+@dataclass(frozen=True)
+class ReplicaView:
+    id: str
+    deployment: str
+    state: ReplicaState
+    in_flight: int  # as its last ping said
+    batch_sizes: Mapping[int, int]  # rows per model call -> calls, cumulative
+
+
+@dataclass(frozen=True)
+class SupervisorSnapshot:
+    replicas: tuple[ReplicaView, ...]
+    starts: Mapping[str, int]  # per deployment, processes started
+    deaths: Mapping[str, int]  # per deployment, replicas that died (not stopped on purpose)
+    allocated: Capacity
+
+
 @dataclass
 class LocalReplica:
     id: str
@@ -457,6 +474,19 @@ class ReplicaSupervisor:
 
     def allocated(self) -> Capacity:
         return Capacity.total(Capacity.of(r.spec.resources) for r in self.registry.values())
+
+    def snapshot(self) -> SupervisorSnapshot:
+        """What /metrics shows of the replicas on this machine, copied: readers never hold
+        the registry's entries."""
+        return SupervisorSnapshot(
+            replicas=tuple(
+                ReplicaView(r.id, r.spec.name, r.state, r.in_flight, dict(r.batch_sizes))
+                for r in self.registry.values()
+            ),
+            starts=dict(self.starts),
+            deaths=dict(self.deaths),
+            allocated=self.allocated(),
+        )
 
     def process_ids(self) -> list[int]:
         return [r.pid for r in self.registry.values()]
