@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import pytest
 
 from shoal.rpc.clients import NativeClient
 from shoal.testing.cluster import ProcessCluster
+from shoal.testing.wait import until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -40,13 +40,8 @@ def alive(pid: int) -> bool:
         return False
 
 
-async def wait_gone(pids: list[int], timeout_s: float) -> float:
-    start = time.monotonic()
-    while any(alive(p) for p in pids):
-        if time.monotonic() - start > timeout_s:
-            raise AssertionError(f"still running after {timeout_s}s: {[p for p in pids if alive(p)]}")
-        await asyncio.sleep(0.05)
-    return time.monotonic() - start
+async def wait_gone(pids: list[int], timeout_s: float) -> None:
+    await until(lambda: not any(alive(p) for p in pids), f"processes {pids} exiting", timeout_s)
 
 
 async def test_deploy_predict_and_status(tmp_path: Path, examples_dir: Path) -> None:
@@ -89,27 +84,22 @@ async def test_kill_9_replica_is_replaced_and_no_request_is_lost(tmp_path: Path,
 
         async with NativeClient(cluster.scheduler_address(), cluster.settings) as client:
             workers = [asyncio.create_task(worker(client)) for _ in range(16)]
-            await asyncio.sleep(0.5)
+            await until(lambda: len(answered) > 0, "a first answer")
             victim = before[0]
             os.kill(victim["pid"], signal.SIGKILL)
-            killed_at = time.monotonic()
             after = await cluster.wait_for(
-                lambda s: (
-                    _ready_ids(s, "echo")
-                    and len(_ready_ids(s, "echo")) == 2
-                    and victim["id"] not in _ready_ids(s, "echo")
-                ),
+                lambda s: len(ids := _ready_ids(s, "echo")) == 2 and victim["id"] not in ids,
                 timeout_s=10,
                 what="a replacement replica",
             )
-            replaced_in = time.monotonic() - killed_at
-            await asyncio.sleep(0.5)
+            (replacement,) = _ready_ids(after, "echo") - {r["id"] for r in before}
+            await until(lambda: answered.count(replacement) >= 10, "answers from the replacement")
             stop.set()
             await asyncio.gather(*workers)
         assert failures == []
-        assert len(answered) > 50
+        # Requests went on through the kill: to the survivor, then to the replacement too.
+        assert {before[1]["id"], replacement} <= set(answered)
         assert victim["id"] not in _ready_ids(after, "echo")
-        assert replaced_in < 10
         events = [e["kind"] for e in (await _rest_status(cluster))["events"]]
         assert "replica_died" in events
 
@@ -173,8 +163,7 @@ async def test_replicas_exit_when_their_scheduler_is_killed(tmp_path: Path, exam
         cluster.schedulers[0].children()  # remember the replicas before their parent dies
         os.kill(cluster.schedulers[0].pid, signal.SIGKILL)
         # orphan_after is 2 s in the test cluster; allow the health interval and exit time on top.
-        took = await wait_gone(pids, timeout_s=8)
-        assert took < 8
+        await wait_gone(pids, timeout_s=8)
         # The head notices the silent scheduler and marks it DEAD after dead_after (2 s).
         await cluster.wait_for(
             lambda s: s["schedulers"][0]["state"] == "DEAD", timeout_s=10, what="scheduler marked DEAD"
