@@ -2,9 +2,9 @@
 
 Cluster processes: ``up`` (head + one scheduler), ``head``, ``scheduler``; ``down`` stops
 them from another shell. Client commands talk to the head named by ``--head`` (before or
-after the command) or ``SHOAL_HEAD``: ``deploy``, ``scale``, ``delete``, ``status``,
-``logs``, ``predict``, ``token``. Errors are one line on stderr and a non-zero exit, never
-a traceback.
+after the command) or ``SHOAL_HEAD``: ``deploy``, ``history``, ``rollback``, ``restart``,
+``events``, ``scale``, ``delete``, ``status``, ``logs``, ``predict``, ``token``. Errors are
+one line on stderr and a non-zero exit, never a traceback.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from shoal import __version__
-from shoal.cli import deploy, logs, processes
+from shoal.cli import deploy, logs, processes, revisions
 from shoal.cli.commands import (
     cmd_certs_init,
     cmd_delete,
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     processes.add_parsers(sub)
     deploy.add_parser(sub)
+    revisions.add_parsers(sub)
 
     p = sub.add_parser("scale", help="set a deployment's replica count")
     p.add_argument("name")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shoal.cli.common import EXIT_ERROR, ProgressLine, add_client_flags, with_client
+from shoal.cli.model_hash import with_model_hash
 from shoal.config import Settings
 from shoal.core.cluster import FAILED
 from shoal.core.spec import DeploymentSpec, load_spec_file, parse_spec
@@ -60,6 +61,7 @@ class _Watched:
     fresh_failures: int = 0  # rises of that count seen since the apply
     settled_since: float | None = None  # since when the head's reason has been an answer
     seen: dict[str, None] = field(default_factory=dict)  # new replicas seen, in order (a set that keeps it)
+    want_hash: str = ""  # the process hash of the spec deployed: another one at the head ends the watch
 
 
 @dataclass
@@ -73,18 +75,26 @@ class DeployWatch:
     watched: list[_Watched] = field(default_factory=list)
 
     @classmethod
-    def after_apply(cls, before: Status, specs: Sequence[DeploymentSpec]) -> DeployWatch:
+    def after_apply(
+        cls, before: Status, specs: Sequence[DeploymentSpec], *, from_file: bool = True
+    ) -> DeployWatch:
+        """``from_file``: the specs come from files, whose restart count the head replaces with
+        its own (``shoal restart``); False for the head's own specs (restart, rollback)."""
         old = {d["name"]: d for d in before.get("deployments", [])}
         watched = []
         for spec in specs:
             dep = old.get(spec.name)
             replicas: frozenset[str] = frozenset()
             failures = 0
+            want = spec.process_hash()
             if dep is not None:
-                if _process_hash(dep["spec"]) != spec.process_hash():
-                    replicas = frozenset(r["id"] for r in dep["replicas"])
+                if from_file:
+                    want = _as_the_head_keeps(spec, dep["spec"]).process_hash()
+                if _process_hash(dep["spec"]) != want:
+                    # Replicas already of the wanted spec (a rollback to them) are not old.
+                    replicas = frozenset(r["id"] for r in dep["replicas"] if r.get("spec_hash") != want)
                 failures = _start_failures(dep["pending_reason"])[0]
-            watched.append(_Watched(spec.name, replicas, failures))
+            watched.append(_Watched(spec.name, replicas, failures, want_hash=want))
         return cls(watched)
 
     def observe(self, status: Status, now: float) -> Verdict:
@@ -114,6 +124,11 @@ class DeployWatch:
             failure = self._failure(w, reason, now)
             if failure:
                 failures.append(failure)
+            elif w.want_hash and dep["spec"] and _process_hash(dep["spec"]) not in ("", w.want_hash):
+                failures.append(
+                    f"deployment {w.name} now runs another spec than the one deployed "
+                    "(rolled back, or deployed again meanwhile)"
+                )
         line = ", ".join(parts)
         if done:
             return Verdict(line, done=True)
@@ -143,6 +158,14 @@ class DeployWatch:
         if w.settled_since is None:
             w.settled_since = now
         return settled if now - w.settled_since >= CONFIRM_S else ""
+
+
+def _as_the_head_keeps(spec: DeploymentSpec, head_doc: Mapping[str, Any]) -> DeploymentSpec:
+    """``spec`` with the head's restart count, as the head stores it on apply."""
+    restarts = head_doc.get("restarts", 0)
+    if isinstance(restarts, int) and not isinstance(restarts, bool) and restarts >= 0:
+        return spec.model_copy(update={"restarts": restarts})
+    return spec
 
 
 def _process_hash(doc: Mapping[str, Any]) -> str:
@@ -236,28 +259,84 @@ def traceback_excerpt(lines: Sequence[str], most: int = 20) -> list[str]:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
+    # model_hash: the model's files as this machine sees them (bounded: shoal.cli.model_hash).
+    specs = [with_model_hash(s) for f in args.files for s in load_spec_file(f)]
+
     from shoal.rpc.clients import status_to_dict
 
-    specs = [s for f in args.files for s in load_spec_file(f)]
-
     async def go(client: Any, settings: Settings) -> int:
-        before = status_to_dict(await client.status()) if args.wait else {}
-        for spec in specs:
+        before: Status = status_to_dict(await client.status())
+        watch = DeployWatch.after_apply(before, specs)
+        revisions: dict[str, int] = {}
+        for spec, w in zip(specs, watch.watched, strict=True):
             reply = await client.apply(spec)
-            verb = "created" if reply.created else ("updated" if reply.changed else "unchanged")
-            print(f"deployment {spec.name} {verb}", flush=True)
+            revisions[spec.name] = reply.revision
+            print(f"deployment {spec.name} {_applied(reply, rolls=bool(w.old_replicas))}", flush=True)
         if not args.wait:
             return 0
-
-        async def read_status() -> Status:
-            return status_to_dict(await client.status())
-
-        code, verdict = await wait_for(read_status, DeployWatch.after_apply(before, specs), args.timeout)
+        code, verdict = await wait_for(status_reader(client), watch, args.timeout)
         if verdict.failure and verdict.dead:
             await _print_last_words(client, verdict.dead)
+        if verdict.failure:
+            # An update whose replicas fail is rolled back by the head once they have failed a few
+            # times in a row (FAILED): wait for that, and say it.
+            updates = [
+                w.name for w in watch.watched if w.old_replicas and f"deployment {w.name} " in verdict.failure
+            ]
+            for name in updates:
+                await _report_rollback(client, name, revisions[name], ROLLBACK_WAIT_S)
         return code
 
     return with_client(args, go)
+
+
+ROLLBACK_WAIT_S = 60.0
+"""How long ``shoal deploy`` waits, after an update failed, for the head to roll it back."""
+
+
+def status_reader(client: Any) -> Callable[[], Awaitable[Status]]:
+    from shoal.rpc.clients import status_to_dict
+
+    async def read_status() -> Status:
+        status: Status = status_to_dict(await client.status())
+        return status
+
+    return read_status
+
+
+def _applied(reply: Any, *, rolls: bool) -> str:
+    """What an apply did, for its line: created, updated (and how), unchanged."""
+    if reply.created:
+        return f"created (revision {reply.revision})"
+    if not reply.changed:
+        return "unchanged"
+    return f"updated (revision {reply.revision}): {reply.change}" + ("; rolling update" if rolls else "")
+
+
+async def _report_rollback(client: Any, name: str, revision: int, timeout_s: float) -> None:
+    """Wait (at most ``timeout_s``) for the head to roll back revision ``revision`` of ``name``,
+    then say to which revision, on stderr."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for rev in reversed(await client.history(name)):
+            if rev.number > revision and rev.kind == "rolled_back":
+                print(
+                    f"deployment {name} rolled back to revision {rev.rollback_to} "
+                    f"(as revision {rev.number}): its previous replicas keep serving",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                return
+        if time.monotonic() > deadline:
+            print(
+                f"deployment {name} is not rolled back after {timeout_s:g}s (the head rolls an update back "
+                "once its replicas have failed to start several times in a row); "
+                f"'shoal rollback {name}' does it now",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
+        await asyncio.sleep(0.25)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -39,6 +39,7 @@ class ReplicaStatus:
     in_flight: int = 0
     queued: int = 0
     message: str = ""
+    spec_hash: str = ""  # the process hash of the spec it runs (DeploymentSpec.process_hash)
 
 
 @dataclass(frozen=True)

@@ -503,23 +503,248 @@ class ApplyDeploymentReply(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     CREATED_FIELD_NUMBER: _builtins.int
     CHANGED_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    CHANGE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     created: _builtins.bool
     changed: _builtins.bool
+    revision: _builtins.int
+    """the deployment's revision after the apply"""
+    change: _builtins.str
+    """what changed, one line ("" when nothing did)"""
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         created: _builtins.bool = ...,
         changed: _builtins.bool = ...,
+        revision: _builtins.int = ...,
+        change: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed", "created", b"created", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "changed", b"changed", "created", b"created", "name", b"name", "revision", b"revision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ApplyDeploymentReply: _TypeAlias = ApplyDeploymentReply  # noqa: Y015
+
+@_typing.final
+class DeploymentRequest(_message.Message):
+    """Revisions and lifecycle events (kept in the head's store, bounded)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeploymentRequest: _TypeAlias = DeploymentRequest  # noqa: Y015
+
+@_typing.final
+class RevisionInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NUMBER_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    SPEC_JSON_FIELD_NUMBER: _builtins.int
+    SPEC_HASH_FIELD_NUMBER: _builtins.int
+    CHANGE_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    ROLLBACK_TO_FIELD_NUMBER: _builtins.int
+    number: _builtins.int
+    time: _builtins.float
+    """Unix time"""
+    kind: _builtins.str
+    """created, updated, restarted or rolled_back"""
+    spec_json: _builtins.str
+    spec_hash: _builtins.str
+    """the hash of what makes its replicas differ"""
+    change: _builtins.str
+    """what changed, one line"""
+    outcome: _builtins.str
+    """"" or "failed: <reason>" """
+    rollback_to: _builtins.int
+    """for a rollback: the revision it applied again"""
+    def __init__(
+        self,
+        *,
+        number: _builtins.int = ...,
+        time: _builtins.float = ...,
+        kind: _builtins.str = ...,
+        spec_json: _builtins.str = ...,
+        spec_hash: _builtins.str = ...,
+        change: _builtins.str = ...,
+        outcome: _builtins.str = ...,
+        rollback_to: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "kind", b"kind", "number", b"number", "outcome", b"outcome", "rollback_to", b"rollback_to", "spec_hash", b"spec_hash", "spec_json", b"spec_json", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevisionInfo: _TypeAlias = RevisionInfo  # noqa: Y015
+
+@_typing.final
+class HistoryReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVISIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def revisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___RevisionInfo]:
+        """oldest first"""
+
+    def __init__(
+        self,
+        *,
+        revisions: _abc.Iterable[Global___RevisionInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["revisions", b"revisions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HistoryReply: _TypeAlias = HistoryReply  # noqa: Y015
+
+@_typing.final
+class RollbackRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    revision: _builtins.int
+    """0: the latest earlier one that did not fail and differs from the current spec"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollbackRequest: _TypeAlias = RollbackRequest  # noqa: Y015
+
+@_typing.final
+class RevisionReply(_message.Message):
+    """The revision a rollback or a restart made, and the spec it deploys."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVISION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def revision(self) -> Global___RevisionInfo: ...
+    def __init__(
+        self,
+        *,
+        revision: Global___RevisionInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["revision", b"revision"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevisionReply: _TypeAlias = RevisionReply  # noqa: Y015
+
+@_typing.final
+class EventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    deployment: _builtins.str
+    """empty: every deployment"""
+    limit: _builtins.int
+    """the last N; 0: all kept"""
+    def __init__(
+        self,
+        *,
+        deployment: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EventsRequest: _TypeAlias = EventsRequest  # noqa: Y015
+
+@_typing.final
+class LifecycleEvent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIME_FIELD_NUMBER: _builtins.int
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    HAS_REVISION_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    time: _builtins.float
+    """Unix time"""
+    deployment: _builtins.str
+    kind: _builtins.str
+    """created, updated, failed, rolled_back, restarted, scaled, deleted"""
+    has_revision: _builtins.bool
+    """false: revision is null"""
+    revision: _builtins.int
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        time: _builtins.float = ...,
+        deployment: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        has_revision: _builtins.bool = ...,
+        revision: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "has_revision", b"has_revision", "kind", b"kind", "message", b"message", "revision", b"revision", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LifecycleEvent: _TypeAlias = LifecycleEvent  # noqa: Y015
+
+@_typing.final
+class EventsReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___LifecycleEvent]:
+        """oldest first"""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___LifecycleEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EventsReply: _TypeAlias = EventsReply  # noqa: Y015
 
 @_typing.final
 class ScaleDeploymentRequest(_message.Message):
@@ -637,6 +862,7 @@ class ReplicaInfo(_message.Message):
     IN_FLIGHT_FIELD_NUMBER: _builtins.int
     QUEUED_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    SPEC_HASH_FIELD_NUMBER: _builtins.int
     replica_id: _builtins.str
     deployment: _builtins.str
     scheduler_id: _builtins.str
@@ -646,6 +872,8 @@ class ReplicaInfo(_message.Message):
     in_flight: _builtins.int
     queued: _builtins.int
     message: _builtins.str
+    spec_hash: _builtins.str
+    """the process hash of the spec it runs"""
     def __init__(
         self,
         *,
@@ -658,10 +886,11 @@ class ReplicaInfo(_message.Message):
         in_flight: _builtins.int = ...,
         queued: _builtins.int = ...,
         message: _builtins.str = ...,
+        spec_hash: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "deployment", b"deployment", "in_flight", b"in_flight", "message", b"message", "pid", b"pid", "queued", b"queued", "replica_id", b"replica_id", "scheduler_id", b"scheduler_id", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "deployment", b"deployment", "in_flight", b"in_flight", "message", b"message", "pid", b"pid", "queued", b"queued", "replica_id", b"replica_id", "scheduler_id", b"scheduler_id", "spec_hash", b"spec_hash", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -676,10 +905,13 @@ class DeploymentInfo(_message.Message):
     SPEC_JSON_FIELD_NUMBER: _builtins.int
     REPLICAS_FIELD_NUMBER: _builtins.int
     PENDING_REASON_FIELD_NUMBER: _builtins.int
+    BROKEN_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     target_replicas: _builtins.int
     spec_json: _builtins.str
     pending_reason: _builtins.str
+    broken: _builtins.str
+    """why its stored spec cannot be read"""
     @_builtins.property
     def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicaInfo]: ...
     def __init__(
@@ -690,14 +922,50 @@ class DeploymentInfo(_message.Message):
         spec_json: _builtins.str = ...,
         replicas: _abc.Iterable[Global___ReplicaInfo] | None = ...,
         pending_reason: _builtins.str = ...,
+        broken: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "pending_reason", b"pending_reason", "replicas", b"replicas", "spec_json", b"spec_json", "target_replicas", b"target_replicas"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["broken", b"broken", "name", b"name", "pending_reason", b"pending_reason", "replicas", b"replicas", "spec_json", b"spec_json", "target_replicas", b"target_replicas"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeploymentInfo: _TypeAlias = DeploymentInfo  # noqa: Y015
+
+@_typing.final
+class ClusterEvent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AT_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    REPLICA_ID_FIELD_NUMBER: _builtins.int
+    SCHEDULER_ID_FIELD_NUMBER: _builtins.int
+    at: _builtins.float
+    """Unix time"""
+    kind: _builtins.str
+    message: _builtins.str
+    deployment: _builtins.str
+    replica_id: _builtins.str
+    scheduler_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        at: _builtins.float = ...,
+        kind: _builtins.str = ...,
+        message: _builtins.str = ...,
+        deployment: _builtins.str = ...,
+        replica_id: _builtins.str = ...,
+        scheduler_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "deployment", b"deployment", "kind", b"kind", "message", b"message", "replica_id", b"replica_id", "scheduler_id", b"scheduler_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClusterEvent: _TypeAlias = ClusterEvent  # noqa: Y015
 
 @_typing.final
 class ClusterStatus(_message.Message):
@@ -705,19 +973,25 @@ class ClusterStatus(_message.Message):
 
     SCHEDULERS_FIELD_NUMBER: _builtins.int
     DEPLOYMENTS_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def schedulers(self) -> _containers.RepeatedCompositeFieldContainer[Global___SchedulerInfo]: ...
     @_builtins.property
     def deployments(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeploymentInfo]: ...
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClusterEvent]:
+        """the most recent, oldest first"""
+
     def __init__(
         self,
         *,
         schedulers: _abc.Iterable[Global___SchedulerInfo] | None = ...,
         deployments: _abc.Iterable[Global___DeploymentInfo] | None = ...,
+        events: _abc.Iterable[Global___ClusterEvent] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployments", b"deployments", "schedulers", b"schedulers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployments", b"deployments", "events", b"events", "schedulers", b"schedulers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

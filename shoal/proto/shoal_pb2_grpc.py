@@ -74,6 +74,26 @@ class HeadStub(object):
                 request_serializer=shoal_dot_proto_dot_shoal__pb2.ReadLogRequest.SerializeToString,
                 response_deserializer=shoal_dot_proto_dot_shoal__pb2.LogChunk.FromString,
                 _registered_method=True)
+        self.GetHistory = channel.unary_unary(
+                '/shoal.v1.Head/GetHistory',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.DeploymentRequest.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.HistoryReply.FromString,
+                _registered_method=True)
+        self.RollbackDeployment = channel.unary_unary(
+                '/shoal.v1.Head/RollbackDeployment',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.RevisionReply.FromString,
+                _registered_method=True)
+        self.RestartDeployment = channel.unary_unary(
+                '/shoal.v1.Head/RestartDeployment',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.DeploymentRequest.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.RevisionReply.FromString,
+                _registered_method=True)
+        self.ListEvents = channel.unary_unary(
+                '/shoal.v1.Head/ListEvents',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.EventsRequest.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.EventsReply.FromString,
+                _registered_method=True)
         self.CreateToken = channel.unary_unary(
                 '/shoal.v1.Head/CreateToken',
                 request_serializer=shoal_dot_proto_dot_shoal__pb2.CreateTokenRequest.SerializeToString,
@@ -143,6 +163,31 @@ class HeadServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetHistory(self, request, context):
+        """Revisions of a deployment; apply an earlier one again; replace replicas one at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RollbackDeployment(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestartDeployment(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListEvents(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateToken(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -203,6 +248,26 @@ def add_HeadServicer_to_server(servicer, server):
                     servicer.ReadLog,
                     request_deserializer=shoal_dot_proto_dot_shoal__pb2.ReadLogRequest.FromString,
                     response_serializer=shoal_dot_proto_dot_shoal__pb2.LogChunk.SerializeToString,
+            ),
+            'GetHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetHistory,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.DeploymentRequest.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.HistoryReply.SerializeToString,
+            ),
+            'RollbackDeployment': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackDeployment,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.RollbackRequest.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.RevisionReply.SerializeToString,
+            ),
+            'RestartDeployment': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestartDeployment,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.DeploymentRequest.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.RevisionReply.SerializeToString,
+            ),
+            'ListEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEvents,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.EventsRequest.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.EventsReply.SerializeToString,
             ),
             'CreateToken': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateToken,
@@ -436,6 +501,114 @@ class Head(object):
             '/shoal.v1.Head/ReadLog',
             shoal_dot_proto_dot_shoal__pb2.ReadLogRequest.SerializeToString,
             shoal_dot_proto_dot_shoal__pb2.LogChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Head/GetHistory',
+            shoal_dot_proto_dot_shoal__pb2.DeploymentRequest.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.HistoryReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackDeployment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Head/RollbackDeployment',
+            shoal_dot_proto_dot_shoal__pb2.RollbackRequest.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.RevisionReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestartDeployment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Head/RestartDeployment',
+            shoal_dot_proto_dot_shoal__pb2.DeploymentRequest.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.RevisionReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Head/ListEvents',
+            shoal_dot_proto_dot_shoal__pb2.EventsRequest.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.EventsReply.FromString,
             options,
             channel_credentials,
             insecure,

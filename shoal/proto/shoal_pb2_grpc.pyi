@@ -43,6 +43,11 @@ class HeadStub:
     GetStatus: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.Empty, _shoal_pb2.ClusterStatus]
     ReadLog: _grpc.UnaryStreamMultiCallable[_shoal_pb2.ReadLogRequest, _shoal_pb2.LogChunk]
     """A replica's log, wherever it runs (proxied to its scheduler)."""
+    GetHistory: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.DeploymentRequest, _shoal_pb2.HistoryReply]
+    """Revisions of a deployment; apply an earlier one again; replace replicas one at a time."""
+    RollbackDeployment: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.RollbackRequest, _shoal_pb2.RevisionReply]
+    RestartDeployment: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.DeploymentRequest, _shoal_pb2.RevisionReply]
+    ListEvents: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.EventsRequest, _shoal_pb2.EventsReply]
     CreateToken: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.CreateTokenRequest, _shoal_pb2.CreateTokenReply]
     ListTokens: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.Empty, _shoal_pb2.ListTokensReply]
     RevokeToken: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.RevokeTokenRequest, _shoal_pb2.Empty]
@@ -59,6 +64,11 @@ class HeadAsyncStub(HeadStub):
     GetStatus: _aio.UnaryUnaryMultiCallable[_shoal_pb2.Empty, _shoal_pb2.ClusterStatus]  # type: ignore[assignment]
     ReadLog: _aio.UnaryStreamMultiCallable[_shoal_pb2.ReadLogRequest, _shoal_pb2.LogChunk]  # type: ignore[assignment]
     """A replica's log, wherever it runs (proxied to its scheduler)."""
+    GetHistory: _aio.UnaryUnaryMultiCallable[_shoal_pb2.DeploymentRequest, _shoal_pb2.HistoryReply]  # type: ignore[assignment]
+    """Revisions of a deployment; apply an earlier one again; replace replicas one at a time."""
+    RollbackDeployment: _aio.UnaryUnaryMultiCallable[_shoal_pb2.RollbackRequest, _shoal_pb2.RevisionReply]  # type: ignore[assignment]
+    RestartDeployment: _aio.UnaryUnaryMultiCallable[_shoal_pb2.DeploymentRequest, _shoal_pb2.RevisionReply]  # type: ignore[assignment]
+    ListEvents: _aio.UnaryUnaryMultiCallable[_shoal_pb2.EventsRequest, _shoal_pb2.EventsReply]  # type: ignore[assignment]
     CreateToken: _aio.UnaryUnaryMultiCallable[_shoal_pb2.CreateTokenRequest, _shoal_pb2.CreateTokenReply]  # type: ignore[assignment]
     ListTokens: _aio.UnaryUnaryMultiCallable[_shoal_pb2.Empty, _shoal_pb2.ListTokensReply]  # type: ignore[assignment]
     RevokeToken: _aio.UnaryUnaryMultiCallable[_shoal_pb2.RevokeTokenRequest, _shoal_pb2.Empty]  # type: ignore[assignment]
@@ -120,6 +130,35 @@ class HeadServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_shoal_pb2.LogChunk], _abc.AsyncIterator[_shoal_pb2.LogChunk]]:
         """A replica's log, wherever it runs (proxied to its scheduler)."""
+
+    @_abc_1.abstractmethod
+    def GetHistory(
+        self,
+        request: _shoal_pb2.DeploymentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_shoal_pb2.HistoryReply, _abc.Awaitable[_shoal_pb2.HistoryReply]]:
+        """Revisions of a deployment; apply an earlier one again; replace replicas one at a time."""
+
+    @_abc_1.abstractmethod
+    def RollbackDeployment(
+        self,
+        request: _shoal_pb2.RollbackRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_shoal_pb2.RevisionReply, _abc.Awaitable[_shoal_pb2.RevisionReply]]: ...
+
+    @_abc_1.abstractmethod
+    def RestartDeployment(
+        self,
+        request: _shoal_pb2.DeploymentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_shoal_pb2.RevisionReply, _abc.Awaitable[_shoal_pb2.RevisionReply]]: ...
+
+    @_abc_1.abstractmethod
+    def ListEvents(
+        self,
+        request: _shoal_pb2.EventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_shoal_pb2.EventsReply, _abc.Awaitable[_shoal_pb2.EventsReply]]: ...
 
     @_abc_1.abstractmethod
     def CreateToken(

@@ -19,10 +19,11 @@ from shoal.core.spec import DeploymentSpec, TensorSpec, parse_spec_json
 from shoal.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
-from shoal.rpc import codec, generation
+from shoal.rpc import codec, convert, generation
 from shoal.rpc.channels import Reachability, call, open_channel
 from shoal.rpc.status import to_error
 from shoal.rpc.task_stream import TaskStream, outcome_error
+from shoal.store.history import LifecycleEvent, Revision
 from shoal.types import (
     Arrays,
     GenerateChunk,
@@ -427,6 +428,30 @@ class ControlClient:
 
     async def delete(self, name: str) -> None:
         await self._call("DeleteDeployment", pb.DeleteDeploymentRequest(name=name))
+
+    async def history(self, name: str) -> list[Revision]:
+        """The deployment's revisions kept, oldest first. NotFound for an unknown name."""
+        reply = await self._call("GetHistory", pb.DeploymentRequest(name=name))
+        assert isinstance(reply, pb.HistoryReply)
+        return [convert.revision_from_pb(r) for r in reply.revisions]
+
+    async def rollback(self, name: str, revision: int = 0) -> Revision:
+        """Apply an earlier revision again (0: the previous one); the revision this made."""
+        reply = await self._call("RollbackDeployment", pb.RollbackRequest(name=name, revision=revision))
+        assert isinstance(reply, pb.RevisionReply)
+        return convert.revision_from_pb(reply.revision)
+
+    async def restart(self, name: str) -> Revision:
+        """Replace the deployment's replicas one at a time; the revision this made."""
+        reply = await self._call("RestartDeployment", pb.DeploymentRequest(name=name))
+        assert isinstance(reply, pb.RevisionReply)
+        return convert.revision_from_pb(reply.revision)
+
+    async def events(self, deployment: str = "", limit: int = 0) -> list[LifecycleEvent]:
+        """Lifecycle events kept, oldest first: of one deployment when named, the last ``limit``."""
+        reply = await self._call("ListEvents", pb.EventsRequest(deployment=deployment, limit=limit))
+        assert isinstance(reply, pb.EventsReply)
+        return [convert.lifecycle_from_pb(e) for e in reply.events]
 
     async def status(self) -> pb.ClusterStatus:
         reply = await self._call("GetStatus", pb.Empty())

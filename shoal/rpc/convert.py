@@ -21,6 +21,7 @@ from shoal.core.status import (
     SchedulerStatus,
 )
 from shoal.proto import shoal_pb2 as pb
+from shoal.store.history import LifecycleEvent, Revision
 
 
 def state_name(state: int) -> ReplicaState:
@@ -122,6 +123,7 @@ def status_to_pb(status: ClusterStatus) -> pb.ClusterStatus:
                         in_flight=r.in_flight,
                         queued=r.queued,
                         message=r.message,
+                        spec_hash=r.spec_hash,
                     )
                     for r in d.replicas
                 ],
@@ -175,6 +177,7 @@ def status_from_pb(status: pb.ClusterStatus) -> ClusterStatus:
                         in_flight=r.in_flight,
                         queued=r.queued,
                         message=r.message,
+                        spec_hash=r.spec_hash,
                     )
                     for r in d.replicas
                 ),
@@ -192,4 +195,48 @@ def status_from_pb(status: pb.ClusterStatus) -> ClusterStatus:
             )
             for e in status.events
         ),
+    )
+
+
+def revision_to_pb(r: Revision) -> pb.RevisionInfo:
+    return pb.RevisionInfo(
+        number=r.number,
+        time=r.time,
+        kind=r.kind,
+        spec_json=r.spec_json,
+        spec_hash=r.spec_hash,
+        change=r.change,
+        outcome=r.outcome,
+        rollback_to=r.rollback_to,
+    )
+
+
+def revision_from_pb(r: pb.RevisionInfo) -> Revision:
+    return Revision(
+        number=r.number,
+        time=r.time,
+        kind=r.kind,
+        spec_json=r.spec_json,
+        spec_hash=r.spec_hash,
+        change=r.change,
+        outcome=r.outcome,
+        rollback_to=r.rollback_to,
+    )
+
+
+def lifecycle_to_pb(e: LifecycleEvent) -> pb.LifecycleEvent:
+    return pb.LifecycleEvent(
+        time=e.time,
+        deployment=e.deployment,
+        kind=e.kind,
+        has_revision=e.revision is not None,
+        revision=e.revision or 0,
+        message=e.message,
+    )
+
+
+def lifecycle_from_pb(e: pb.LifecycleEvent) -> LifecycleEvent:
+    revision = e.revision if e.has_revision else None
+    return LifecycleEvent(
+        time=e.time, deployment=e.deployment, kind=e.kind, revision=revision, message=e.message
     )

@@ -9,11 +9,12 @@ from google.protobuf import json_format
 
 from shoal.auth import Role
 from shoal.core.spec import parse_spec_json
-from shoal.errors import InvalidArgument, ShoalError
+from shoal.errors import InvalidArgument, NotFound, ShoalError
 from shoal.head.node import HeadNode, cluster_status
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.rpc.clients import capacity_from_pb, report_from_pb
+from shoal.rpc.convert import lifecycle_to_pb, revision_to_pb
 from shoal.rpc.status import Context, abort
 from shoal.types import LoadReport, SchedulerRegistration
 
@@ -79,7 +80,42 @@ class HeadService(pbg.HeadServicer):
             result = await self.node.apply(spec)
         except ShoalError as err:
             await abort(context, err)
-        return pb.ApplyDeploymentReply(name=spec.name, created=result.created, changed=result.changed)
+        return pb.ApplyDeploymentReply(
+            name=spec.name,
+            created=result.created,
+            changed=result.changed,
+            revision=result.revision,
+            change=result.change,
+        )
+
+    async def GetHistory(self, request: pb.DeploymentRequest, context: Context) -> pb.HistoryReply:
+        async with self.node.lock:
+            revisions = self.node.history.revisions(request.name)
+            known = request.name in self.node.desired or request.name in self.node.broken
+        if not known and not revisions:
+            await abort(context, NotFound(f"no deployment named {request.name!r}"))
+        return pb.HistoryReply(revisions=[revision_to_pb(r) for r in revisions])
+
+    async def RollbackDeployment(self, request: pb.RollbackRequest, context: Context) -> pb.RevisionReply:
+        try:
+            rev, _ = await self.node.rollback(request.name, request.revision)
+        except ShoalError as err:
+            await abort(context, err)
+        return pb.RevisionReply(revision=revision_to_pb(rev))
+
+    async def RestartDeployment(self, request: pb.DeploymentRequest, context: Context) -> pb.RevisionReply:
+        try:
+            rev, _ = await self.node.restart(request.name)
+        except ShoalError as err:
+            await abort(context, err)
+        return pb.RevisionReply(revision=revision_to_pb(rev))
+
+    async def ListEvents(self, request: pb.EventsRequest, context: Context) -> pb.EventsReply:
+        if request.limit < 0:
+            await abort(context, InvalidArgument(f"limit must be >= 0, got {request.limit}"))
+        async with self.node.lock:
+            events = self.node.history.events(request.deployment, request.limit)
+        return pb.EventsReply(events=[lifecycle_to_pb(e) for e in events])
 
     async def ScaleDeployment(self, request: pb.ScaleDeploymentRequest, context: Context) -> pb.Empty:
         if request.replicas < 0:

@@ -232,6 +232,10 @@ async def call_all(client: ControlClient) -> dict[str, BaseException | None]:
         "ApplyDeployment": lambda: client.apply(spec),
         "ScaleDeployment": lambda: client.scale("idle", 0),
         "DeleteDeployment": lambda: client.delete("nope"),
+        "GetHistory": lambda: client.history("nope"),
+        "ListEvents": client.events,
+        "RollbackDeployment": lambda: client.rollback("nope"),
+        "RestartDeployment": lambda: client.restart("nope"),
         "ListTokens": client.list_tokens,
         "CreateToken": lambda: client.create_token("read", ""),
         "RevokeToken": lambda: client.revoke_token("nope"),
@@ -254,6 +258,10 @@ NEEDS = {
     "ApplyDeployment": "deploy",
     "ScaleDeployment": "deploy",
     "DeleteDeployment": "deploy",
+    "GetHistory": "read",
+    "ListEvents": "read",
+    "RollbackDeployment": "deploy",
+    "RestartDeployment": "deploy",
     "ListTokens": "admin",
     "CreateToken": "admin",
     "RevokeToken": "admin",
@@ -262,7 +270,7 @@ ORDER = ["infer", "read", "deploy", "admin"]
 
 
 async def test_control_rpcs_need_tokens_by_role_and_are_rate_limited(tmp_path: Path) -> None:
-    settings = local_settings(tmp_path, control_rate_limit=20)
+    settings = local_settings(tmp_path, control_rate_limit=25)
     async with AsyncExitStack() as stack:
         node, address, http_address = await start_head(settings, stack)
         clients: dict[str, ControlClient] = {}
@@ -310,7 +318,7 @@ async def test_control_rpcs_need_tokens_by_role_and_are_rate_limited(tmp_path: P
         )
         limited = [e for e in outcomes if isinstance(e, ResourceExhausted)]
         assert limited and len(limited) < 60
-        assert "rate limit of 20 requests/s on the control API" in str(limited[0])
+        assert "rate limit of 25 requests/s on the control API" in str(limited[0])
         assert node.tokens.get("root") is not None
 
 

@@ -10,9 +10,10 @@ import pytest
 
 from shoal.config import Settings
 from shoal.core.clock import FakeClock
-from shoal.core.cluster import DEAD, FAILED_AFTER, READY, CreateReplica, RemoveReplica, ReplicaReport
+from shoal.core.cluster import FAILED_AFTER, READY, REPLICA_DEAD, CreateReplica, RemoveReplica, ReplicaReport
 from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec, parse_spec
+from shoal.core.states import ReplicaState
 from shoal.errors import FailedPrecondition, InvalidArgument, NotFound
 from shoal.head.node import HeadNode
 from shoal.http.head import head_app
@@ -38,7 +39,7 @@ async def head(store: MemoryStore, fleet: FakeSchedulers, clock: FakeClock) -> A
     await node.aclose()
 
 
-def report(rid: str, spec: DeploymentSpec, state: str, message: str = "") -> ReplicaReport:
+def report(rid: str, spec: DeploymentSpec, state: ReplicaState, message: str = "") -> ReplicaReport:
     ready_at = 1.0 if state == READY else 0.0
     return ReplicaReport(
         rid,
@@ -69,7 +70,7 @@ async def fail_new_replicas(
     for _ in range(FAILED_AFTER):
         creates = [a for a in await head.reconcile_once() if isinstance(a, CreateReplica)]
         assert [a.spec for a in creates] == [new]
-        dead = [report(a.replica_id, new, DEAD, "ImportError: no module named nope") for a in creates]
+        dead = [report(a.replica_id, new, REPLICA_DEAD, "ImportError: no module named nope") for a in creates]
         assert await head.scheduler_health("s1", client.registry_version, [*old, *dead])
         clock.advance(60)  # past any backoff
 

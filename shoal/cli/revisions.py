@@ -1,0 +1,138 @@
+"""``shoal history``, ``shoal rollback``, ``shoal restart`` and ``shoal events``: a deployment's
+revisions and lifecycle, as the head keeps them in its store."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from shoal.cli.common import add_client_flags, with_client
+from shoal.cli.deploy import DeployWatch, status_reader, wait_for
+from shoal.config import Settings
+from shoal.core.spec import parse_spec_json
+from shoal.store.history import LifecycleEvent, Revision
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def render_history(revisions: Sequence[Revision]) -> str:
+    """The table of ``shoal history``: the last revision is marked current."""
+    rows = []
+    for i, rev in enumerate(revisions):
+        outcome = rev.outcome or ("current" if i == len(revisions) - 1 else "")
+        rows.append([str(rev.number), _when(rev.time), rev.kind, rev.spec_hash, rev.change, outcome])
+    return _table(["REVISION", "TIME", "KIND", "SPEC HASH", "CHANGE", "OUTCOME"], rows)
+
+
+def render_events(events: Sequence[LifecycleEvent]) -> str:
+    rows = [
+        [_when(e.time), e.deployment, e.kind, "" if e.revision is None else str(e.revision), e.message]
+        for e in events
+    ]
+    return _table(["TIME", "DEPLOYMENT", "KIND", "REVISION", "MESSAGE"], rows)
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    async def go(client: Any, settings: Settings) -> int:
+        print(render_history(await client.history(args.name)))
+        return 0
+
+    return with_client(args, go)
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    async def go(client: Any, settings: Settings) -> int:
+        print(render_events(await client.events(args.name or "", args.limit)))
+        return 0
+
+    return with_client(args, go)
+
+
+async def _follow(client: Any, before: Any, rev: Revision, args: argparse.Namespace) -> int:
+    """Wait like ``shoal deploy`` until the revision's replicas are READY and the others gone."""
+    if not args.wait:
+        return 0
+    watch = DeployWatch.after_apply(before, [parse_spec_json(rev.spec_json)], from_file=False)
+    code, _ = await wait_for(status_reader(client), watch, args.timeout)
+    return code
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    async def go(client: Any, settings: Settings) -> int:
+        from shoal.rpc.clients import status_to_dict
+
+        before = status_to_dict(await client.status())
+        rev = await client.rollback(args.name, args.revision or 0)
+        print(f"deployment {args.name} rolling back to revision {rev.rollback_to} (as revision {rev.number})")
+        return await _follow(client, before, rev, args)
+
+    return with_client(args, go)
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    async def go(client: Any, settings: Settings) -> int:
+        from shoal.rpc.clients import status_to_dict
+
+        before = status_to_dict(await client.status())
+        rev = await client.restart(args.name)
+        print(f"deployment {args.name} restarting: replicas replaced one at a time (revision {rev.number})")
+        return await _follow(client, before, rev, args)
+
+    return with_client(args, go)
+
+
+def _wait_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-wait", dest="wait", action="store_false", help="return once the head has it")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for replicas (default 120)")
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("history", help="a deployment's revisions: number, time, change, outcome")
+    p.add_argument("name")
+    add_client_flags(p)
+    p.set_defaults(fn=cmd_history)
+
+    p = sub.add_parser(
+        "rollback",
+        help="apply an earlier revision again, replicas replaced one at a time",
+        description="Apply an earlier revision's spec again as a rolling update (the replica count "
+        "stays the current one), then wait until its replicas are READY.",
+    )
+    p.add_argument("name")
+    p.add_argument(
+        "revision",
+        nargs="?",
+        type=int,
+        help="the revision (default: the latest earlier one that did not fail and differs from now)",
+    )
+    _wait_flags(p)
+    add_client_flags(p)
+    p.set_defaults(fn=cmd_rollback)
+
+    p = sub.add_parser(
+        "restart",
+        help="replace a deployment's replicas one at a time (they load the model's files again)",
+        description="Replace the replicas one at a time: a new one starts, and an old one drains only "
+        "once the new one is READY, so requests keep being answered. Then wait until done.",
+    )
+    p.add_argument("name")
+    _wait_flags(p)
+    add_client_flags(p)
+    p.set_defaults(fn=cmd_restart)
+
+    p = sub.add_parser("events", help="deployments' lifecycle events, oldest first")
+    p.add_argument("name", nargs="?", help="only this deployment's")
+    p.add_argument("--limit", type=int, default=50, help="the last N (default 50; 0: all kept)")
+    add_client_flags(p)
+    p.set_defaults(fn=cmd_events)
