@@ -262,10 +262,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     # model_hash: the model's files as this machine sees them (bounded: shoal.cli.model_hash).
     specs = [with_model_hash(s) for f in args.files for s in load_spec_file(f)]
 
-    from shoal.rpc.clients import status_to_dict
-
     async def go(client: Any, settings: Settings) -> int:
-        before: Status = status_to_dict(await client.status())
+        before = await status_reader(client)()
         watch = DeployWatch.after_apply(before, specs)
         revisions: dict[str, int] = {}
         for spec, w in zip(specs, watch.watched, strict=True):
@@ -295,6 +293,9 @@ ROLLBACK_WAIT_S = 60.0
 
 
 def status_reader(client: Any) -> Callable[[], Awaitable[Status]]:
+    """Reads the head's status as JSON (the shape of ``shoal status --json``): the one place
+    deploy, rollback and restart read it."""
+
     from shoal.rpc.clients import status_to_dict
 
     async def read_status() -> Status:

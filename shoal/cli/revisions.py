@@ -70,9 +70,7 @@ async def _follow(client: Any, before: Any, rev: Revision, args: argparse.Namesp
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     async def go(client: Any, settings: Settings) -> int:
-        from shoal.rpc.clients import status_to_dict
-
-        before = status_to_dict(await client.status())
+        before = await status_reader(client)()
         rev = await client.rollback(args.name, args.revision or 0)
         print(f"deployment {args.name} rolling back to revision {rev.rollback_to} (as revision {rev.number})")
         return await _follow(client, before, rev, args)
@@ -82,9 +80,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 def cmd_restart(args: argparse.Namespace) -> int:
     async def go(client: Any, settings: Settings) -> int:
-        from shoal.rpc.clients import status_to_dict
-
-        before = status_to_dict(await client.status())
+        before = await status_reader(client)()
         rev = await client.restart(args.name)
         print(f"deployment {args.name} restarting: replicas replaced one at a time (revision {rev.number})")
         return await _follow(client, before, rev, args)
