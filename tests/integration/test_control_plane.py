@@ -17,6 +17,7 @@ import pytest
 
 from shoal.rpc.clients import NativeClient
 from shoal.testing.cluster import ProcessCluster
+from shoal.testing.gate import entered, gate_model, hold, release
 from shoal.testing.wait import until
 
 pytestmark = pytest.mark.timeout(120)
@@ -40,42 +41,9 @@ def replicas_of(status: dict[str, Any], name: str = "echo") -> list[dict[str, An
     return next((d["replicas"] for d in status["deployments"] if d["name"] == name), [])
 
 
-GATE = '''
-import time
-from pathlib import Path
-
-
-class Gate:
-    """Answers its inputs unchanged, but only once ``release`` exists in ``folder``;
-    ``entered`` there says a call reached the model."""
-
-    def __init__(self, folder: str) -> None:
-        self.folder = Path(folder)
-
-    def predict(self, inputs):
-        (self.folder / "entered").touch()
-        deadline = time.monotonic() + 60
-        while not (self.folder / "release").exists():
-            if time.monotonic() > deadline:
-                raise TimeoutError("the test never released the gate")
-            time.sleep(0.01)
-        return dict(inputs)
-'''
-
-
-def gate(folder: Path) -> dict[str, Any]:
-    """A one-replica deployment whose calls wait in the model until the test releases them."""
-    folder.mkdir()
-    (folder / "gate.py").write_text(GATE)
-    return {
-        "name": "echo",
-        "backend": "python",
-        "model": "gate:Gate",
-        "base_dir": str(folder),
-        "replicas": 1,
-        "resources": {"cpus": 0.1},
-        "options": {"folder": str(folder)},
-    }
+def gated(folder: Path) -> dict[str, Any]:
+    """One replica whose calls wait in the model while the test holds them (shoal.testing.gate)."""
+    return {"name": "echo", **gate_model(folder), "replicas": 1, "resources": {"cpus": 0.1}}
 
 
 def replica_log(cluster: ProcessCluster, replica_id: str) -> Path:
@@ -245,16 +213,17 @@ async def test_rolling_update_under_load_fails_no_request(tmp_path: Path, exampl
 async def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
     folder = tmp_path / "gate"
     async with ProcessCluster(tmp_path) as cluster:
-        await cluster.deploy(gate(folder))
+        await cluster.deploy(gated(folder))
         (replica,) = await cluster.wait_ready("echo", 1)
         async with NativeClient(cluster.scheduler_address(), cluster.settings) as client:
+            hold(folder)
             pending = asyncio.create_task(client.infer("echo", {"x": X}, timeout_s=30))
-            await until((folder / "entered").exists, "the request in the model", timeout_s=20)
+            await until(lambda: entered(folder), "the request in the model", timeout_s=20)
             os.kill(replica["pid"], signal.SIGTERM)
             log = replica_log(cluster, replica["id"])
             await until(lambda: "stopping" in log.read_text(), "the replica taking the signal")
             assert not pending.done()
-            (folder / "release").touch()
+            release(folder)
             out, _ = await pending  # finishes although its replica was told to stop
         np.testing.assert_array_equal(out["x"], X)
         await until(lambda: not alive(replica["pid"]), "the drained replica exiting")
@@ -263,17 +232,18 @@ async def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
 async def test_sigterm_to_a_scheduler_drains_its_replicas_then_exits(tmp_path: Path) -> None:
     folder = tmp_path / "gate"
     async with ProcessCluster(tmp_path) as cluster:
-        await cluster.deploy(gate(folder))
+        await cluster.deploy(gated(folder))
         (replica,) = await cluster.wait_ready("echo", 1)
         sched = cluster.schedulers[0]
         async with NativeClient(cluster.scheduler_address(), cluster.settings) as client:
+            hold(folder)
             pending = asyncio.create_task(client.infer("echo", {"x": X}, timeout_s=30))
-            await until((folder / "entered").exists, "the request in the model", timeout_s=20)
+            await until(lambda: entered(folder), "the request in the model", timeout_s=20)
             sched.signal(signal.SIGTERM)
             log = replica_log(cluster, replica["id"])
             await until(lambda: "stopping" in log.read_text(), "the replica told to drain")
             assert not pending.done()
-            (folder / "release").touch()
+            release(folder)
             out, _ = await pending
         np.testing.assert_array_equal(out["x"], X)
         assert await asyncio.to_thread(sched.wait, 30) == 0

@@ -15,6 +15,8 @@ import httpx
 import pytest
 
 from shoal.testing.cluster import ProcessCluster
+from shoal.testing.gate import entered, gate_model, hold, release
+from shoal.testing.wait import until
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.asyncio]
 
@@ -22,19 +24,12 @@ BODY = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1
 
 
 async def test_a_deleted_deployment_answers_404_everywhere_within_a_second(
-    tmp_path: Path, examples_dir: Path
+    tmp_path: Path,
 ) -> None:
     async with ProcessCluster(tmp_path, schedulers=2) as cluster:
-        spec = {
-            "name": "echod",
-            "backend": "python",
-            "model": "echo:Echo",
-            "base_dir": str(examples_dir),
-            "replicas": 1,
-            "resources": {"cpus": 0.1},
-            # Slow answers, so the replica is still draining when the delete lands.
-            "options": {"delay_ms": 1500},
-        }
+        folder = tmp_path / "gate"
+        # A held answer, so the replica is still draining when the delete lands.
+        spec = {"name": "echod", **gate_model(folder), "replicas": 1, "resources": {"cpus": 0.1}}
         await cluster.deploy(spec)
         await cluster.wait_ready("echod", 1)
         urls = [f"http://{cluster.http_address(i)}" for i in range(2)]
@@ -47,8 +42,9 @@ async def test_a_deleted_deployment_answers_404_everywhere_within_a_second(
                 r["scheduler"] for d in status["deployments"] if d["name"] == "echod" for r in d["replicas"]
             ]
             [home] = [f"http://{s['http_address']}" for s in status["schedulers"] if s["id"] == host]
+            hold(folder)
             in_flight = asyncio.create_task(http.post(f"{home}/v2/models/echod/infer", json=BODY))
-            await asyncio.sleep(0.3)
+            await until(lambda: entered(folder), "the request in the model")
             await cluster.client.delete("echod")
             deleted_at = time.monotonic()
             for url in urls:
@@ -62,5 +58,7 @@ async def test_a_deleted_deployment_answers_404_everywhere_within_a_second(
                 assert "echod" not in [m["name"] for m in index]
             took = time.monotonic() - deleted_at
             # The request that was on the replica when it was deleted still gets its answer.
+            assert not in_flight.done()
+            release(folder)
             assert (await in_flight).status_code == 200
     assert took < 2.0, f"404 everywhere took {took:.2f}s after the delete"
