@@ -32,6 +32,8 @@ MAX_REVISIONS = 20
 MAX_EVENTS = 1000
 """Lifecycle events kept for the whole cluster; the oldest goes when a new one comes."""
 EVENT_KINDS = ("created", "updated", "failed", "rolled_back", "restarted", "scaled", "deleted")
+MAX_MESSAGE = 1000
+"""Longest event message kept (characters); a longer one is cut and ends with an ellipsis."""
 
 
 @dataclass(frozen=True)
@@ -120,8 +122,12 @@ class History:
     async def record(
         self, deployment: str, kind: str, message: str, revision: int | None = None
     ) -> LifecycleEvent:
-        """Keep an event; the oldest one goes past ``max_events``."""
-        event = LifecycleEvent(time.time(), deployment, kind, revision, message.replace("\n", " "))
+        """Keep an event (its message made one line of at most MAX_MESSAGE characters); the
+        oldest one goes past ``max_events``."""
+        line = " ".join(message.split("\n"))
+        if len(line) > MAX_MESSAGE:
+            line = line[: MAX_MESSAGE - 1] + "…"
+        event = LifecycleEvent(time.time(), deployment, kind, revision, line)
         seq = self._next_event
         await self.store.put(f"{EVENTS}{seq:012d}", json.dumps(event.to_dict()))
         self._next_event += 1

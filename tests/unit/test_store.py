@@ -15,7 +15,7 @@ import pytest_asyncio
 from shoal.errors import Internal, InvalidArgument
 from shoal.store import Entry, Event, MemoryStore, SqliteStore, Store, StoreError
 from shoal.store.base import Watch, WatchLost
-from shoal.store.history import EVENTS, REVISIONS, History
+from shoal.store.history import EVENTS, MAX_MESSAGE, REVISIONS, History
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(10)]
 
@@ -300,6 +300,8 @@ async def test_history_keeps_the_last_events_oldest_first(store: Store) -> None:
     assert again.events() == history.events()
     await again.record("a", "deleted", "gone")
     assert [e.kind for e in again.events()] == ["updated", "updated", "deleted"]
+    long = await again.record("a", "failed", "x" * 5000)
+    assert len(long.message) == MAX_MESSAGE and long.message.endswith("…")
 
 
 async def test_history_keeps_the_last_revisions_per_deployment(store: Store) -> None:
