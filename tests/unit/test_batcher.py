@@ -273,7 +273,7 @@ async def test_aclose_finishes_queued_work_then_refuses_new_requests() -> None:
     batcher = Batcher(model, max_batch_size=2, max_delay_ms=5_000)
     await batcher.start()
     pending = [asyncio.create_task(batcher.submit(rows(i))) for i in range(3)]
-    await asyncio.sleep(0.01)
+    await wait_queued(batcher, 3)
     await batcher.aclose()  # does not wait out the 5 s delay for the third request
     assert [len(t.result()["x"]) for t in pending] == [1, 1, 1]
     assert model.batch_rows == [2, 1]
@@ -289,9 +289,9 @@ async def test_cancelling_aclose_fails_what_is_left_with_unavailable() -> None:
     running = asyncio.create_task(batcher.submit(rows(0)))
     await model.entered.wait()
     queued = asyncio.create_task(batcher.submit(rows(1)))
-    await asyncio.sleep(0.01)
+    await wait_queued(batcher, 1)
     closing = asyncio.create_task(batcher.aclose())
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0)  # one turn of the loop: aclose runs up to its wait for the collector
     closing.cancel()
     with pytest.raises(asyncio.CancelledError):
         await closing
