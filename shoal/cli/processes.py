@@ -23,6 +23,7 @@ import psutil
 from shoal import aio, logs
 from shoal.cli.common import add_head_flag, settings_of
 from shoal.cli.deploy import DeployWatch, wait_for
+from shoal.cli.model_hash import with_model_hash
 from shoal.config import Settings
 from shoal.core.spec import load_spec_file
 from shoal.errors import FailedPrecondition
@@ -172,7 +173,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         head_port=args.head_port,
         head_http_port=args.dashboard_port,
     )
-    specs = [s for f in args.deploy for s in load_spec_file(f)]
+    # With their model files' hash, like shoal deploy: deploying the same file later is no change.
+    specs = [with_model_hash(s) for f in args.deploy for s in load_spec_file(f)]
     logs.setup(settings.log_format, settings.log_level)
 
     async def on_ready(head: Any, scheduler: Any, tasks: Any) -> None:
