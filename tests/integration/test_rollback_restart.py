@@ -122,6 +122,9 @@ async def test_edited_model_files_roll_out_and_restart_replaces_replicas_without
             after_edit = ids(await cluster.status())
             restarted = await cli(cluster, "restart", "echo")
             after_restart = ids(await cluster.status())
+            # Back to the first revision (the spec before the edit): rolled like any update.
+            rolled = await cli(cluster, "rollback", "echo", "1")
+            after_rollback = ids(await cluster.status())
             at_end = stats["ok"]
             await until(lambda: stats["ok"] >= at_end + 20, "answers after the restart")
 
@@ -131,12 +134,18 @@ async def test_edited_model_files_roll_out_and_restart_replaces_replicas_without
         assert restarted.code == 0, restarted.stderr
         assert "restarting: replicas replaced one at a time (revision 3)" in restarted.stdout
         assert "ready after" in restarted.stdout
-        # Every replica replaced, twice, and not one request failed.
-        assert len(after_edit) == len(after_restart) == 2
-        assert not before & after_edit and not after_edit & after_restart
+        assert rolled.code == 0, rolled.stderr
+        assert "deployment echo rolling back to revision 1 (as revision 4)" in rolled.stdout
+        assert "ready after" in rolled.stdout
+        # Every replica replaced, three times, and not one request failed.
+        assert len(after_edit) == len(after_restart) == len(after_rollback) == 2
+        assert (
+            not before & after_edit and not after_edit & after_restart and not after_restart & after_rollback
+        )
         assert stats["failures"] == []
-        # The spec file, deployed again, neither undoes the restart nor restarts again.
-        assert "deployment echo unchanged" in (await cli(cluster, "deploy", str(spec))).stdout
         history = await cli(cluster, "history", "echo")
         kinds = [line.split()[3] for line in history.stdout.splitlines()[1:]]
-        assert kinds == ["created", "updated", "restarted"], history.stdout
+        assert kinds == ["created", "updated", "restarted", "rolled_back"], history.stdout
+        # The spec file, deployed again, is the edited files' revision again; and once more, unchanged.
+        assert "model files changed" in (await cli(cluster, "deploy", str(spec))).stdout
+        assert "deployment echo unchanged" in (await cli(cluster, "deploy", str(spec))).stdout
