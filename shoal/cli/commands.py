@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from shoal.cli.common import with_client
+from shoal.cli.common import text_table, with_client
 from shoal.config import Settings
 from shoal.core.spec import DeploymentSpec
 from shoal.errors import InvalidArgument, ShoalError, Unavailable
@@ -58,10 +58,7 @@ def render_status(status: dict[str, Any]) -> str:
     out: list[str] = []
 
     def table(headers: list[str], rows: list[list[str]]) -> None:
-        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-        out.append("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
-        for r in rows:
-            out.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        out.append(text_table(headers, rows))
 
     table(
         ["SCHEDULER", "STATE", "ADDRESS", "PID", "CPUS", "MEMORY_MB", "GPUS", "LAST SEEN"],

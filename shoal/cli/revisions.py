@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from shoal.cli.common import add_client_flags, with_client
+from shoal.cli.common import add_client_flags, text_table, with_client
 from shoal.cli.deploy import DeployWatch, status_reader, wait_for
 from shoal.config import Settings
 from shoal.core.spec import parse_spec_json
@@ -19,20 +19,13 @@ def _when(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    return "\n".join(lines)
-
-
 def render_history(revisions: Sequence[Revision]) -> str:
     """The table of ``shoal history``: the last revision is marked current."""
     rows = []
     for i, rev in enumerate(revisions):
         outcome = rev.outcome or ("current" if i == len(revisions) - 1 else "")
         rows.append([str(rev.number), _when(rev.time), rev.kind, rev.spec_hash, rev.change, outcome])
-    return _table(["REVISION", "TIME", "KIND", "SPEC HASH", "CHANGE", "OUTCOME"], rows)
+    return text_table(["REVISION", "TIME", "KIND", "SPEC HASH", "CHANGE", "OUTCOME"], rows)
 
 
 def render_events(events: Sequence[LifecycleEvent]) -> str:
@@ -40,7 +33,7 @@ def render_events(events: Sequence[LifecycleEvent]) -> str:
         [_when(e.time), e.deployment, e.kind, "" if e.revision is None else str(e.revision), e.message]
         for e in events
     ]
-    return _table(["TIME", "DEPLOYMENT", "KIND", "REVISION", "MESSAGE"], rows)
+    return text_table(["TIME", "DEPLOYMENT", "KIND", "REVISION", "MESSAGE"], rows)
 
 
 def cmd_history(args: argparse.Namespace) -> int:

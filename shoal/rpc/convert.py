@@ -7,6 +7,7 @@ field added to a domain type is added in one place.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from shoal.core.cluster import ReplicaReport
@@ -199,29 +200,12 @@ def status_from_pb(status: pb.ClusterStatus) -> ClusterStatus:
 
 
 def revision_to_pb(r: Revision) -> pb.RevisionInfo:
-    return pb.RevisionInfo(
-        number=r.number,
-        time=r.time,
-        kind=r.kind,
-        spec_json=r.spec_json,
-        spec_hash=r.spec_hash,
-        change=r.change,
-        outcome=r.outcome,
-        rollback_to=r.rollback_to,
-    )
+    # RevisionInfo's fields are Revision's, name for name.
+    return pb.RevisionInfo(**dataclasses.asdict(r))
 
 
 def revision_from_pb(r: pb.RevisionInfo) -> Revision:
-    return Revision(
-        number=r.number,
-        time=r.time,
-        kind=r.kind,
-        spec_json=r.spec_json,
-        spec_hash=r.spec_hash,
-        change=r.change,
-        outcome=r.outcome,
-        rollback_to=r.rollback_to,
-    )
+    return Revision(**{f.name: getattr(r, f.name) for f in dataclasses.fields(Revision)})
 
 
 def lifecycle_to_pb(e: LifecycleEvent) -> pb.LifecycleEvent:

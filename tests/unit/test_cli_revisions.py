@@ -13,7 +13,8 @@ from shoal.cli import model_hash as mh
 from shoal.cli.deploy import DeployWatch
 from shoal.cli.revisions import render_history
 from shoal.core.spec import DeploymentSpec, parse_spec
-from shoal.store.history import Revision
+from shoal.rpc.convert import lifecycle_from_pb, lifecycle_to_pb, revision_from_pb, revision_to_pb
+from shoal.store.history import LifecycleEvent, Revision
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -130,3 +131,10 @@ def test_history_marks_the_current_revision_and_failures() -> None:
     assert lines[1].rstrip().endswith("created")
     assert lines[2].rstrip().endswith("failed: ImportError: x")
     assert lines[3].rstrip().endswith("current")
+
+
+def test_revisions_and_events_cross_grpc_unchanged() -> None:
+    rev = Revision(3, 1.5, "rolled_back", '{"a": 1}', "h", "c", "failed: x", 1)
+    assert revision_from_pb(revision_to_pb(rev)) == rev
+    for event in (LifecycleEvent(1.5, "a", "created", None, "m"), LifecycleEvent(1.5, "a", "scaled", 0, "m")):
+        assert lifecycle_from_pb(lifecycle_to_pb(event)) == event
