@@ -229,3 +229,37 @@ async def test_events_route_has_the_dashboards_shape_and_filters(head: HeadNode)
     assert rolled.status_code == 400 and "revision" in rolled.json()["error"]
     for path in ("/api/events", "/api/deployments/{name}/history", "/api/deployments/{name}/rollback"):
         assert path in schema["paths"]
+
+
+async def test_a_restart_whose_replicas_fail_rolls_back_to_the_running_ones(
+    head: HeadNode, fleet: FakeSchedulers, clock: FakeClock
+) -> None:
+    v1 = make_spec()
+    [old] = await serving(head, fleet, v1)
+    _, restarted = await head.restart("app")
+
+    await fail_new_replicas(head, fleet, clock, [report(old, v1, READY)], restarted)
+    await head.reconcile_once()
+
+    assert head.desired["app"] == v1  # restarts back to 0: the running replica's spec
+    assert [(r.kind, r.rollback_to) for r in head.history.revisions("app")] == [
+        ("created", 0),
+        ("restarted", 0),
+        ("rolled_back", 1),
+    ]
+
+
+async def test_a_rollback_whose_replicas_fail_is_not_rolled_back_again(
+    head: HeadNode, fleet: FakeSchedulers, clock: FakeClock
+) -> None:
+    v1, v2 = make_spec("a:M"), make_spec("b:M")
+    await head.apply(v1)
+    await head.apply(v2)
+    await head.rollback("app", 1)
+
+    await fail_new_replicas(head, fleet, clock, [], v1)
+    await head.reconcile_once()
+
+    assert head.desired["app"] == v1
+    assert [r.kind for r in head.history.revisions("app")] == ["created", "updated", "rolled_back"]
+    assert [e.kind for e in head.history.events("app")][-1] == "failed"
