@@ -1,10 +1,11 @@
 """Prometheus metrics, per component instance (no module-level registry, so
 tests can run several components in one process).
 
-Collectors read the components' own plain-data state at scrape time: the
-routers' counters and histograms (``shoal.core.stats``), the supervisor's
-registry, the head's cluster state. Nothing on the request path touches
-prometheus_client.
+Collectors read snapshots, copies the components make at scrape time: on a scheduler
+the routers' counters and histograms summed over its ingress processes
+(``SchedulerNode.totals()``) and ``ReplicaSupervisor.snapshot()``; on the head its typed
+status (``shoal.head.node.status_of``, what ``/api/status`` shows). Nothing on the
+request path touches prometheus_client.
 """
 
 from __future__ import annotations
@@ -17,14 +18,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from shoal.core.states import ReplicaState, SchedulerState
 from shoal.core.stats import BUCKETS, Histogram
+from shoal.head.node import HeadNode, status_of
 
 if TYPE_CHECKING:
-    from shoal.head.node import HeadNode
     from shoal.scheduler.node import SchedulerNode
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-STATES = ("STARTING", "READY", "DRAINING")
+STATES = (ReplicaState.STARTING, ReplicaState.READY, ReplicaState.DRAINING)
 
 
 def _histogram_buckets(counts: Sequence[int], bounds: Sequence[float]) -> list[tuple[str, float]]:
@@ -93,12 +95,13 @@ class SchedulerCollector(Collector):
         yield in_flight
         yield queued
 
-        registry = list(node.supervisor.registry.values())
+        local = node.supervisor.snapshot()
+        registry = local.replicas
         replicas = GaugeMetricFamily(
             "shoal_replicas", "Replicas on this scheduler by state.", labels=["deployment", "state"]
         )
-        by_state = Counter((r.spec.name, r.state) for r in registry)
-        for deployment in sorted({r.spec.name for r in registry}):
+        by_state = Counter((r.deployment, r.state) for r in registry)
+        for deployment in sorted({r.deployment for r in registry}):
             for state in STATES:
                 replicas.add_metric([deployment, state], by_state[(deployment, state)])
         yield replicas
@@ -108,7 +111,7 @@ class SchedulerCollector(Collector):
             labels=["deployment", "replica"],
         )
         for r in registry:
-            replica_in_flight.add_metric([r.spec.name, r.id], r.in_flight)
+            replica_in_flight.add_metric([r.deployment, r.id], r.in_flight)
         yield replica_in_flight
 
         batch = HistogramMetricFamily(
@@ -116,7 +119,7 @@ class SchedulerCollector(Collector):
         )
         sizes: dict[str, Counter[int]] = {}
         for r in registry:
-            sizes.setdefault(r.spec.name, Counter()).update(r.batch_sizes)
+            sizes.setdefault(r.deployment, Counter()).update(r.batch_sizes)
         for deployment, counter in sizes.items():
             per_bucket = [0] * len(BATCH_BUCKETS)
             overflow = 0
@@ -139,9 +142,9 @@ class SchedulerCollector(Collector):
         deaths = CounterMetricFamily(
             "shoal_replica_deaths", "Replicas that died (not stopped on purpose).", labels=["deployment"]
         )
-        for name, n in node.supervisor.starts.items():
+        for name, n in local.starts.items():
             starts.add_metric([name], n)
-        for name, n in node.supervisor.deaths.items():
+        for name, n in local.deaths.items():
             deaths.add_metric([name], n)
         yield starts
         yield deaths
@@ -151,7 +154,7 @@ class SchedulerCollector(Collector):
             "This scheduler's resources for replicas.",
             labels=["resource", "kind"],
         )
-        cap, used = node.capacity, node.supervisor.allocated()
+        cap, used = node.capacity, local.allocated
         for resource in ("cpus", "memory_mb", "gpus"):
             c, u = getattr(cap, resource), getattr(used, resource)
             res.add_metric([resource, "capacity"], c)
@@ -165,25 +168,28 @@ class HeadCollector(Collector):
         self.node = node
 
     def collect(self) -> Iterator[Metric]:
-        node = self.node
-        state = node.state
+        # The typed status (what /api/status shows), built once per scrape in one pass over
+        # the replicas: no loop here over schedulers times replicas.
+        status = status_of(self.node)
         schedulers = GaugeMetricFamily("shoal_schedulers", "Schedulers by state.", labels=["state"])
-        counts = Counter(s.state for s in state.schedulers.values())
-        for s in ("ALIVE", "DEAD"):
-            schedulers.add_metric([s], counts[s])
+        counts = Counter(s.state for s in status.schedulers)
+        for sched_state in SchedulerState:
+            schedulers.add_metric([sched_state], counts[sched_state])
         yield schedulers
 
         replicas = GaugeMetricFamily(
             "shoal_replicas", "Replicas in the cluster by state.", labels=["deployment", "state"]
         )
-        by_state = Counter((r.deployment, r.state) for r in state.replicas.values())
         target = GaugeMetricFamily(
             "shoal_deployment_target_replicas", "Replicas each deployment should have.", labels=["deployment"]
         )
-        for name, spec in sorted(node.desired.items()):
-            for s in ("PENDING", *STATES):
-                replicas.add_metric([name, s], by_state[(name, s)])
-            target.add_metric([name], node.targets.get(name, spec.replicas))
+        for dep in status.deployments:
+            if not dep.spec:  # broken, or known only to schedulers: no target to show
+                continue
+            by_state = Counter(r.state for r in dep.replicas)
+            for s in (ReplicaState.PENDING, *STATES):
+                replicas.add_metric([dep.name, s], by_state[s])
+            target.add_metric([dep.name], dep.target_replicas)
         yield replicas
         yield target
 
@@ -192,7 +198,7 @@ class HeadCollector(Collector):
             "Replica count changes by the autoscaler.",
             labels=["deployment", "direction"],
         )
-        for (name, direction), n in node.scale_decisions.items():
+        for (name, direction), n in self.node.scale_decisions.items():
             decisions.add_metric([name, direction], n)
         yield decisions
 
@@ -201,12 +207,11 @@ class HeadCollector(Collector):
             "Each live scheduler's resources for replicas.",
             labels=["scheduler", "resource", "kind"],
         )
-        for sched in state.schedulers.values():
-            if sched.state != "ALIVE":
+        for sched in status.schedulers:
+            if sched.state != SchedulerState.ALIVE:
                 continue
-            used = state.allocated(sched.id)
             for resource in ("cpus", "memory_mb", "gpus"):
-                c, u = getattr(sched.capacity, resource), getattr(used, resource)
+                c, u = getattr(sched.capacity, resource), getattr(sched.allocated, resource)
                 res.add_metric([sched.id, resource, "capacity"], c)
                 res.add_metric([sched.id, resource, "allocated"], u)
                 res.add_metric([sched.id, resource, "free"], c - u)

@@ -296,10 +296,8 @@ def status_reader(client: Any) -> Callable[[], Awaitable[Status]]:
     """Reads the head's status as JSON (the shape of ``shoal status --json``): the one place
     deploy, rollback and restart read it."""
 
-    from shoal.rpc.clients import status_to_dict
-
     async def read_status() -> Status:
-        status: Status = status_to_dict(await client.status())
+        status: Status = (await client.status()).to_json()
         return status
 
     return read_status

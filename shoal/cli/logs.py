@@ -142,9 +142,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
         return _interruptible(lambda: asyncio.run(local()))
 
     async def go(client: Any, settings: Settings) -> int:
-        from shoal.rpc.clients import status_to_dict
 
-        status = status_to_dict(await client.status())
+        status = (await client.status()).to_json()
         dep = next((d for d in status["deployments"] if d["name"] == target), None)
         if dep is not None:
             replicas = [r["id"] for r in dep["replicas"]]

@@ -178,10 +178,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     logs.setup(settings.log_format, settings.log_level)
 
     async def on_ready(head: Any, scheduler: Any, tasks: Any) -> None:
-        from shoal.head.node import cluster_status
-
-        async with head.lock:
-            before = cluster_status(head)
+        before = (await head.status()).to_json()
         for spec in specs:
             result = await head.apply(spec)
             print(f"deployment {spec.name} {'created' if result.created else 'updated'}", flush=True)
@@ -210,11 +207,10 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 async def _up_progress(head: Any, watch: DeployWatch, timeout_s: float = 300.0) -> None:
     """``shoal up``: show the example deployments coming up, then whether they all are."""
-    from shoal.head.node import cluster_status
 
     async def read_status() -> dict[str, Any]:
-        async with head.lock:
-            return cluster_status(head)
+        status: dict[str, Any] = (await head.status()).to_json()
+        return status
 
     await wait_for(read_status, watch, timeout_s, ready="all deployments ready")
 

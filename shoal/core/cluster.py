@@ -19,16 +19,17 @@ from dataclasses import dataclass, field
 from shoal.core.clock import Clock
 from shoal.core.placement import Candidate, Capacity, choose
 from shoal.core.spec import DeploymentSpec
+from shoal.core.states import ReplicaState, SchedulerState
 
-ALIVE = "ALIVE"
-DEAD = "DEAD"
+ALIVE = SchedulerState.ALIVE
+DEAD = SchedulerState.DEAD
 
-STARTING = "STARTING"
-READY = "READY"
-DRAINING = "DRAINING"
-STOPPED = "STOPPED"
-REPLICA_DEAD = "DEAD"
-PENDING = "PENDING"  # asked of a scheduler, not yet confirmed by it
+STARTING = ReplicaState.STARTING
+READY = ReplicaState.READY
+DRAINING = ReplicaState.DRAINING
+STOPPED = ReplicaState.STOPPED
+REPLICA_DEAD = ReplicaState.DEAD
+PENDING = ReplicaState.PENDING  # asked of a scheduler, not yet confirmed by it
 
 BACKOFF_BASE_S = 1.0
 BACKOFF_MAX_S = 30.0
@@ -50,7 +51,7 @@ class SchedulerRecord:
     capacity: Capacity
     pid: int = 0
     hostname: str = ""
-    state: str = ALIVE
+    state: SchedulerState = ALIVE
     last_seen: float = 0.0
     registry_version: int = 0
 
@@ -61,14 +62,14 @@ class ReplicaRecord:
     deployment: str
     scheduler_id: str
     spec_hash: str
-    state: str = PENDING
+    state: ReplicaState = PENDING
     address: str = ""
     pid: int = 0
     in_flight: int = 0
     queued: int = 0
     message: str = ""
     resources: Capacity = field(default_factory=Capacity)  # what it holds on its scheduler
-    reported_state: str = ""  # the state its scheduler last reported
+    reported_state: ReplicaState | None = None  # the state its scheduler last reported
     # The scheduler's registry version once it confirmed the creation; a health
     # report older than this does not yet know the replica.
     created_version: int = 0
@@ -81,7 +82,7 @@ class ReplicaReport:
 
     id: str
     deployment: str
-    state: str
+    state: ReplicaState
     address: str = ""
     pid: int = 0
     in_flight: int = 0

@@ -30,6 +30,7 @@ from shoal.config import Settings
 from shoal.core.autoscale import Autoscaler
 from shoal.core.clock import Clock, SystemClock, sleep_or_event
 from shoal.core.cluster import (
+    ALIVE,
     Action,
     ClusterState,
     CreateReplica,
@@ -40,6 +41,7 @@ from shoal.core.model_dirs import check_deployable
 from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec, describe_change, parse_spec, parse_spec_json
 from shoal.core.stats import SeriesRecorder, Snapshot
+from shoal.core.status import ClusterEvent, ClusterStatus, DeploymentStatus, ReplicaStatus, SchedulerStatus
 from shoal.core.tasks import TaskSet
 from shoal.errors import FailedPrecondition, InvalidArgument, NotFound, ShoalError
 from shoal.store.base import Store
@@ -519,7 +521,7 @@ class HeadNode:
             else:
                 await self._handle_failed()
                 running = collections.Counter(r.deployment for r in self.state.replicas.values())
-                alive = {s.id for s in self.state.schedulers.values() if s.state == "ALIVE"}
+                alive = {s.id for s in self.state.schedulers.values() if s.state == ALIVE}
                 desired = {n: (s, self._target(s, running[n], alive)) for n, s in self.desired.items()}
                 if self._paused:
                     self.state.expire()
@@ -619,7 +621,7 @@ class HeadNode:
         """
         async with self.lock:
             rec = self.state.replicas.get(replica_id)
-            alive = [s.id for s in self.state.schedulers.values() if s.state == "ALIVE"]
+            alive = [s.id for s in self.state.schedulers.values() if s.state == ALIVE]
             order = [rec.scheduler_id] if rec is not None else alive
         for sid in order:
             client = self._client(sid)
@@ -680,6 +682,11 @@ class HeadNode:
             seen = table.version
             yield table
 
+    async def status(self) -> ClusterStatus:
+        """The cluster now: what ``shoal status`` and ``GET /api/status`` show."""
+        async with self.lock:
+            return status_of(self)
+
     @property
     def routes(self) -> RoutingTable:
         return self._routes
@@ -701,47 +708,30 @@ def _deleted_at(value: str) -> float:
     return float(at) if isinstance(at, int | float) and not isinstance(at, bool) else time.time()
 
 
-def cluster_status(node: HeadNode) -> dict[str, Any]:
-    """The cluster as plain data: the shape of ``shoal status --json`` and ``GET /api/status``."""
+def status_of(node: HeadNode) -> ClusterStatus:
+    """The cluster now, typed; the caller holds ``node.lock`` (others call ``HeadNode.status()``)."""
     state = node.state
     now = node.clock.now()
     allocated = state.allocations()
-
-    def res(c: Capacity) -> dict[str, float]:
-        return {"cpus": c.cpus, "memory_mb": c.memory_mb, "gpus": c.gpus}
-
-    schedulers = [
-        {
-            "id": s.id,
-            "address": s.address,
-            "http_address": s.http_address,
-            "state": s.state,
-            "pid": s.pid,
-            "hostname": s.hostname,
-            "last_seen_s": round(max(0.0, now - s.last_seen), 3),
-            "capacity": res(s.capacity),
-            "allocated": res(allocated.get(s.id, Capacity())),
-        }
+    schedulers = tuple(
+        SchedulerStatus(
+            id=s.id,
+            address=s.address,
+            http_address=s.http_address,
+            state=s.state,
+            pid=s.pid,
+            hostname=s.hostname,
+            last_seen_s=round(max(0.0, now - s.last_seen), 3),
+            capacity=s.capacity,
+            allocated=allocated.get(s.id, Capacity()),
+        )
         for s in sorted(state.schedulers.values(), key=lambda s: s.id)
-    ]
+    )
     by_deployment = state.by_deployment()
     deployments = []
     # The store's deployments; then broken ones, and ones only schedulers know, each saying why.
     names = sorted(set(node.desired) | set(node.broken) | (set(by_deployment) - set(node.deleted)))
     for name in names:
-        replicas = [
-            {
-                "id": r.id,
-                "scheduler": r.scheduler_id,
-                "state": r.state,
-                "pid": r.pid,
-                "address": r.address,
-                "in_flight": r.in_flight,
-                "queued": r.queued,
-                "message": r.message,
-            }
-            for r in by_deployment.get(name, [])
-        ]
         spec = node.desired.get(name)
         broken = node.broken.get(name, "")
         if spec is not None:
@@ -754,25 +744,42 @@ def cluster_status(node: HeadNode) -> dict[str, Any]:
                 f"'shoal delete {name}' removes them"
             )
         deployments.append(
-            {
-                "name": name,
-                "target_replicas": node.targets.get(name, spec.replicas) if spec is not None else 0,
-                "ready_replicas": sum(1 for r in replicas if r["state"] == "READY"),
-                "pending_reason": reason,
-                "broken": broken,
-                "spec": spec.model_dump(mode="json") if spec is not None else {},
-                "replicas": replicas,
-            }
+            DeploymentStatus(
+                name=name,
+                target_replicas=node.targets.get(name, spec.replicas) if spec is not None else 0,
+                pending_reason=reason,
+                broken=broken,
+                spec=spec.model_dump(mode="json") if spec is not None else {},
+                replicas=tuple(
+                    ReplicaStatus(
+                        id=r.id,
+                        scheduler=r.scheduler_id,
+                        state=r.state,
+                        pid=r.pid,
+                        address=r.address,
+                        in_flight=r.in_flight,
+                        queued=r.queued,
+                        message=r.message,
+                        spec_hash=r.spec_hash,
+                    )
+                    for r in by_deployment.get(name, [])
+                ),
+            )
         )
-    events = [
-        {
-            "at": e.wall,
-            "kind": e.kind,
-            "message": e.message,
-            "deployment": e.deployment,
-            "replica_id": e.replica_id,
-            "scheduler_id": e.scheduler_id,
-        }
+    events = tuple(
+        ClusterEvent(
+            at=e.wall,
+            kind=e.kind,
+            message=e.message,
+            deployment=e.deployment,
+            replica_id=e.replica_id,
+            scheduler_id=e.scheduler_id,
+        )
         for e in list(state.events)[-50:]
-    ]
-    return {"schedulers": schedulers, "deployments": deployments, "events": events}
+    )
+    return ClusterStatus(schedulers, tuple(deployments), events)
+
+
+def cluster_status(node: HeadNode) -> dict[str, Any]:
+    """``status_of`` as JSON (``shoal status --json``, ``GET /api/status``); the caller holds the lock."""
+    return status_of(node).to_json()

@@ -27,7 +27,7 @@ from shoal.auth import RateLimiter
 from shoal.core import stats
 from shoal.core.spec import DeploymentSpec, parse_spec
 from shoal.errors import InvalidArgument, NotFound, ShoalError
-from shoal.head.node import HeadNode, cluster_status
+from shoal.head.node import HeadNode
 from shoal.http.auth import ControlGuard
 from shoal.store.history import MAX_EVENTS, Revision
 
@@ -76,23 +76,19 @@ def head_app(node: HeadNode, limiter: RateLimiter | None = None) -> Starlette:
     limit = node.settings.max_message_bytes
 
     async def status(request: Request) -> Response:
-        async with node.lock:
-            return JSONResponse(cluster_status(node))
+        return JSONResponse((await node.status()).to_json())
 
     async def schedulers(request: Request) -> Response:
-        async with node.lock:
-            return JSONResponse(cluster_status(node)["schedulers"])
+        return JSONResponse((await node.status()).to_json()["schedulers"])
 
     async def deployments(request: Request) -> Response:
-        async with node.lock:
-            return JSONResponse(cluster_status(node)["deployments"])
+        return JSONResponse((await node.status()).to_json()["deployments"])
 
     async def deployment(request: Request) -> Response:
         name = request.path_params["name"]
-        async with node.lock:
-            for dep in cluster_status(node)["deployments"]:
-                if dep["name"] == name:
-                    return JSONResponse(dep)
+        for dep in (await node.status()).to_json()["deployments"]:
+            if dep["name"] == name:
+                return JSONResponse(dep)
         raise NotFound(f"no deployment named {name!r}")
 
     async def apply(request: Request) -> Response:

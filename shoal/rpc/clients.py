@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
-from typing import Any
 
 import grpc
 import grpc.aio
@@ -14,13 +12,20 @@ import grpc.aio
 from shoal.config import Settings
 from shoal.core.cluster import ReplicaReport
 from shoal.core.payload import Tensors
-from shoal.core.placement import Capacity
-from shoal.core.spec import DeploymentSpec, TensorSpec, parse_spec_json
+from shoal.core.spec import DeploymentSpec, parse_spec_json
+from shoal.core.status import ClusterStatus
 from shoal.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.rpc import codec, convert, generation
 from shoal.rpc.channels import Reachability, call, open_channel
+from shoal.rpc.convert import (
+    capacity_to_pb,
+    meta_from_pb,
+    report_to_pb,
+    state_name,
+    state_value,
+)
 from shoal.rpc.status import to_error
 from shoal.rpc.task_stream import TaskStream, outcome_error
 from shoal.store.history import LifecycleEvent, Revision
@@ -43,63 +48,6 @@ log = logging.getLogger("shoal.rpc")
 def auth_metadata(token: str) -> tuple[tuple[str, str], ...] | None:
     """The call metadata that carries ``token`` (``authorization: Bearer ...``); None without one."""
     return (("authorization", f"Bearer {token}"),) if token else None
-
-
-STATE_NAMES: dict[int, str] = {int(v): k for k, v in pb.ReplicaState.items()}
-
-
-def state_name(state: int) -> str:
-    return STATE_NAMES.get(int(state), "REPLICA_STATE_UNSPECIFIED")
-
-
-def state_value(name: str) -> pb.ReplicaState.ValueType:
-    return pb.ReplicaState.Value(name) if name in pb.ReplicaState.keys() else pb.REPLICA_STATE_UNSPECIFIED
-
-
-def report_to_pb(r: ReplicaReport) -> pb.ReplicaStatus:
-    return pb.ReplicaStatus(
-        replica_id=r.id,
-        deployment=r.deployment,
-        state=state_value(r.state),
-        address=r.address,
-        pid=r.pid,
-        in_flight=r.in_flight,
-        queued=r.queued,
-        spec_hash=r.spec_hash,
-        message=r.message,
-        ready_at=r.ready_at,
-    )
-
-
-def report_from_pb(r: pb.ReplicaStatus) -> ReplicaReport:
-    return ReplicaReport(
-        id=r.replica_id,
-        deployment=r.deployment,
-        state=state_name(r.state),
-        address=r.address,
-        pid=r.pid,
-        in_flight=r.in_flight,
-        queued=r.queued,
-        spec_hash=r.spec_hash,
-        message=r.message,
-        ready_at=r.ready_at,
-    )
-
-
-def meta_to_pb(t: TensorSpec) -> pb.TensorMeta:
-    return pb.TensorMeta(name=t.name, datatype=t.datatype, shape=t.shape)
-
-
-def meta_from_pb(t: pb.TensorMeta) -> TensorSpec:
-    return TensorSpec(name=t.name, datatype=t.datatype, shape=tuple(t.shape))
-
-
-def capacity_to_pb(c: Capacity) -> pb.Resources:
-    return pb.Resources(cpus=c.cpus, memory_mb=c.memory_mb, gpus=c.gpus)
-
-
-def capacity_from_pb(r: pb.Resources) -> Capacity:
-    return Capacity(r.cpus, r.memory_mb, r.gpus)
 
 
 class GrpcReplicaClient:
@@ -453,10 +401,10 @@ class ControlClient:
         assert isinstance(reply, pb.EventsReply)
         return [convert.lifecycle_from_pb(e) for e in reply.events]
 
-    async def status(self) -> pb.ClusterStatus:
+    async def status(self) -> ClusterStatus:
         reply = await self._call("GetStatus", pb.Empty())
         assert isinstance(reply, pb.ClusterStatus)
-        return reply
+        return convert.status_from_pb(reply)
 
     async def read_log(
         self, replica_id: str, tail_bytes: int = 0, follow: bool = False
@@ -516,53 +464,3 @@ async def send_request(
     """One native SendRequest to the scheduler at ``address``; returns (outputs, replica id)."""
     async with NativeClient(address, settings) as client:
         return await client.infer(deployment, inputs, timeout_s=timeout_s)
-
-
-def status_to_dict(status: pb.ClusterStatus) -> dict[str, Any]:
-    """The JSON shape ``shoal status --json`` prints."""
-    return {
-        "schedulers": [
-            {
-                "id": s.scheduler_id,
-                "address": s.address,
-                "http_address": s.http_address,
-                "state": s.state,
-                "pid": s.pid,
-                "hostname": s.hostname,
-                "last_seen_s": round(s.last_seen_s, 3),
-                "capacity": {
-                    "cpus": s.capacity.cpus,
-                    "memory_mb": s.capacity.memory_mb,
-                    "gpus": s.capacity.gpus,
-                },
-                "allocated": {
-                    "cpus": s.allocated.cpus,
-                    "memory_mb": s.allocated.memory_mb,
-                    "gpus": s.allocated.gpus,
-                },
-            }
-            for s in status.schedulers
-        ],
-        "deployments": [
-            {
-                "name": d.name,
-                "target_replicas": d.target_replicas,
-                "pending_reason": d.pending_reason,
-                "spec": json.loads(d.spec_json) if d.spec_json else {},
-                "replicas": [
-                    {
-                        "id": r.replica_id,
-                        "scheduler": r.scheduler_id,
-                        "state": r.state,
-                        "pid": r.pid,
-                        "address": r.address,
-                        "in_flight": r.in_flight,
-                        "queued": r.queued,
-                        "message": r.message,
-                    }
-                    for r in d.replicas
-                ],
-            }
-            for d in status.deployments
-        ],
-    }

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
-
-from google.protobuf import json_format
 
 from shoal.auth import Role
 from shoal.core.spec import parse_spec_json
 from shoal.errors import InvalidArgument, NotFound, ShoalError
-from shoal.head.node import HeadNode, cluster_status
+from shoal.head.node import HeadNode
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
-from shoal.rpc.clients import capacity_from_pb, report_from_pb
-from shoal.rpc.convert import lifecycle_to_pb, revision_to_pb
+from shoal.rpc.convert import capacity_from_pb, lifecycle_to_pb, report_from_pb, revision_to_pb, status_to_pb
 from shoal.rpc.status import Context, abort
 from shoal.types import LoadReport, SchedulerRegistration
 
@@ -160,47 +156,4 @@ class HeadService(pbg.HeadServicer):
         return pb.Empty()
 
     async def GetStatus(self, request: pb.Empty, context: Context) -> pb.ClusterStatus:
-        async with self.node.lock:
-            status = cluster_status(self.node)
-        return json_format.ParseDict(
-            {
-                "schedulers": [
-                    {
-                        "scheduler_id": s["id"],
-                        "address": s["address"],
-                        "http_address": s["http_address"],
-                        "state": s["state"],
-                        "pid": s["pid"],
-                        "hostname": s["hostname"],
-                        "last_seen_s": s["last_seen_s"],
-                        "capacity": s["capacity"],
-                        "allocated": s["allocated"],
-                    }
-                    for s in status["schedulers"]
-                ],
-                "deployments": [
-                    {
-                        "name": d["name"],
-                        "target_replicas": d["target_replicas"],
-                        "pending_reason": d["pending_reason"],
-                        "spec_json": json.dumps(d["spec"]),
-                        "replicas": [
-                            {
-                                "replica_id": r["id"],
-                                "deployment": d["name"],
-                                "scheduler_id": r["scheduler"],
-                                "state": r["state"],
-                                "pid": r["pid"],
-                                "address": r["address"],
-                                "in_flight": r["in_flight"],
-                                "queued": r["queued"],
-                                "message": r["message"],
-                            }
-                            for r in d["replicas"]
-                        ],
-                    }
-                    for d in status["deployments"]
-                ],
-            },
-            pb.ClusterStatus(),
-        )
+        return status_to_pb(await self.node.status())

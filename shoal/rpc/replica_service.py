@@ -11,7 +11,7 @@ from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.replica.process import ReplicaProcess
 from shoal.rpc import codec, generation
-from shoal.rpc.clients import meta_to_pb, state_value
+from shoal.rpc.convert import meta_to_pb, state_value
 from shoal.rpc.status import Context, abort
 
 

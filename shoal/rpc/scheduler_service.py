@@ -15,7 +15,7 @@ from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.rpc import codec
 from shoal.rpc.auth import authorization
-from shoal.rpc.clients import state_name
+from shoal.rpc.convert import state_name
 from shoal.rpc.status import Context, abort
 from shoal.scheduler.dataplane import InferCall
 from shoal.scheduler.ingress import IngressNode

@@ -26,7 +26,7 @@ import psutil
 
 from shoal.config import Settings
 from shoal.core.spec import DeploymentSpec, parse_spec
-from shoal.rpc.clients import ControlClient, send_request, status_to_dict
+from shoal.rpc.clients import ControlClient, send_request
 from shoal.types import Arrays
 
 #: Short intervals so failures are noticed in tests within a second or two.
@@ -276,7 +276,7 @@ class ProcessCluster:
         await self.client.apply(spec)
 
     async def status(self) -> dict[str, Any]:
-        status = status_to_dict(await self.client.status())
+        status = (await self.client.status()).to_json()
         for dep in status["deployments"]:
             for r in dep["replicas"]:
                 if r["pid"]:
