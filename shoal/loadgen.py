@@ -39,9 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from shoal.errors import FailedPrecondition, InvalidArgument, NotFound, ShoalError, Unavailable
-
-EXIT_ERROR = 1
+from shoal.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 # ---------------------------------------------------------------- plan and result
 
@@ -141,6 +139,21 @@ async def run_plan(
         await target.aclose()
 
 
+async def closed_loop(steps: Sequence[Callable[[], Awaitable[bool]]]) -> None:
+    """The closed loop, for ``shoal bench`` and ``shoal chaos`` alike: one caller per step,
+    each awaiting its step again as soon as it returns, until it returns False. A step
+    sends one request and records it. The callers belong to one TaskGroup: an exception
+    in a step ends the others and propagates; cancelling this call cancels them all."""
+
+    async def caller(step: Callable[[], Awaitable[bool]]) -> None:
+        while await step():
+            pass
+
+    async with asyncio.TaskGroup() as tg:
+        for step in steps:
+            tg.create_task(caller(step))
+
+
 def _limits(plan: Plan, t0: int) -> tuple[int, int]:
     warm_end = t0 + int(plan.warmup_s * 1e9)
     end = warm_end + int(plan.duration_s * 1e9) if not plan.requests else 2**62
@@ -159,30 +172,30 @@ async def _closed_loop(plan: Plan, senders: Sequence[Any], counters: Any, slot: 
     ok_slot, err_slot = 2 * slot, 2 * slot + 1
     box = counters if counters is not None else [0, 0] * (slot + 1)
 
-    async def caller(send: Any) -> None:
-        while True:
+    def step_of(send: Any) -> Callable[[], Awaitable[bool]]:
+        async def step() -> bool:
             start = clock()
             if start >= end:
-                return
+                return False
             if start >= warm_end:
                 if budget[0] <= 0:
-                    return
+                    return False
                 budget[0] -= 1
             failed = await send()
             done = clock()
             if start < warm_end:
                 result.warmup_requests += 1
-                continue
-            if failed is None:
+            elif failed is None:
                 lat.append(done - start)
                 box[ok_slot] += 1
             else:
                 errors[failed] += 1
                 box[err_slot] += 1
+            return True
 
-    async with asyncio.TaskGroup() as tg:
-        for send in senders:
-            tg.create_task(caller(send))
+        return step
+
+    await closed_loop([step_of(send) for send in senders])
     result.ok = len(lat)
     result.started = time.time() - (clock() - warm_end) / 1e9
     result.ended = time.time()
@@ -540,12 +553,12 @@ async def _resolve(args: argparse.Namespace) -> tuple[str, Sequence[Any]]:
         address = address.rstrip("/")
     else:
         from shoal.config import Settings
-        from shoal.rpc.clients import ControlClient, status_to_dict
+        from shoal.rpc.clients import ControlClient
 
         settings = Settings.load(file=None, flags={"head_address": args.head})
         client = ControlClient(settings.head_address, settings)
         try:
-            status = status_to_dict(await client.status())
+            status = (await client.status()).to_json()
         except Unavailable as err:
             raise Unavailable(
                 f"cannot reach the head at {settings.head_address} ({err}); is it running? "
@@ -667,18 +680,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    from shoal.cli.common import run_command
+
     parser = argparse.ArgumentParser(prog="python -m shoal.loadgen", description=__doc__.split("\n")[0])
     parser.add_argument("--head", help="the head's gRPC address (default $SHOAL_HEAD or localhost:8470)")
     _add_options(parser)
-    args = parser.parse_args(argv)
-    try:
-        code = cmd_bench(args)
-    except ShoalError as err:
-        print(f"shoal: error: {err}", file=sys.stderr)
-        code = EXIT_ERROR
-    except KeyboardInterrupt:
-        code = 130
-    sys.exit(code)
+    parser.set_defaults(fn=cmd_bench)
+    run_command(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
