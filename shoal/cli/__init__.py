@@ -10,7 +10,6 @@ one line on stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
 from shoal import __version__
@@ -26,8 +25,7 @@ from shoal.cli.commands import (
     cmd_token_revoke,
     render_status,
 )
-from shoal.cli.common import EXIT_ERROR, add_client_flags
-from shoal.errors import ShoalError
+from shoal.cli.common import add_client_flags, run_command
 
 __all__ = ["build_parser", "main", "render_status"]
 
@@ -105,13 +103,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        code = args.fn(args)
-    except ShoalError as err:
-        print(f"shoal: error: {err}", file=sys.stderr)
-        code = EXIT_ERROR
-    except KeyboardInterrupt:
-        code = 130
-    sys.exit(code)
+    run_command(build_parser().parse_args(argv))

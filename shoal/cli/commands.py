@@ -40,10 +40,9 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from shoal.rpc.clients import status_to_dict
 
     async def go(client: Any, settings: Settings) -> int:
-        status = status_to_dict(await client.status())
+        status = (await client.status()).to_json()
         if args.json:
             print(json.dumps(status, indent=2))
         else:
@@ -147,23 +146,12 @@ def _parse_inputs(text: str, spec: DeploymentSpec | None) -> dict[str, np.ndarra
     return out
 
 
-def _jsonable(arr: np.ndarray) -> Any:
-    if arr.dtype == object:
-        return [
-            _jsonable(a)
-            if isinstance(a, np.ndarray)
-            else (a.decode(errors="replace") if isinstance(a, bytes) else a)
-            for a in arr.tolist()
-        ]
-    return arr.tolist()
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
     from shoal.core.spec import parse_spec
-    from shoal.rpc.clients import send_request, status_to_dict
+    from shoal.rpc.clients import send_request
 
     async def go(client: Any, settings: Settings) -> int:
-        status = status_to_dict(await client.status())
+        status = (await client.status()).to_json()
         dep = next((d for d in status["deployments"] if d["name"] == args.name), None)
         if dep is None:
             raise ShoalError(f"no deployment named {args.name!r}")
