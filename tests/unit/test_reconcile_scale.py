@@ -20,12 +20,13 @@ from shoal.config import Settings
 from shoal.core.clock import FakeClock
 from shoal.core.cluster import MAX_CREATES_PER_PASS, ClusterState, CreateReplica
 from shoal.core.placement import Capacity
-from shoal.core.spec import DeploymentSpec, parse_spec
+from shoal.core.spec import DeploymentSpec
 from shoal.head.node import HeadNode
 from shoal.http.head import head_app
 from shoal.store import MemoryStore
 from shoal.testing.fakes import FakeSchedulers
 from shoal.types import SchedulerRegistration
+from tests.unit.conftest import make_spec
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -33,9 +34,7 @@ BIG = Capacity(1_000_000, 1_000_000, 0)
 
 
 def spec(name: str, replicas: int) -> DeploymentSpec:
-    return parse_spec(
-        {"name": name, "backend": "python", "model": "m:M", "replicas": replicas, "resources": {"cpus": 0.01}}
-    )
+    return make_spec(name, replicas, cpus=0.01)
 
 
 def test_placing_20000_replicas_is_linear_not_quadratic() -> None:

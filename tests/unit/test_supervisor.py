@@ -10,7 +10,6 @@ import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -20,17 +19,14 @@ from shoal.core import payload
 from shoal.core.clock import FakeClock
 from shoal.core.cluster import ReplicaReport
 from shoal.core.payload import Tensors
-from shoal.core.spec import DeploymentSpec, parse_spec
+from shoal.core.spec import DeploymentSpec
 from shoal.errors import Unavailable
 from shoal.scheduler.router import Router
 from shoal.scheduler.supervisor import ReplicaSupervisor
 from shoal.testing.fakes import FakeLauncher, FakeReplicaClient, FakeReplicas
+from tests.unit.conftest import make_spec
 
 pytestmark = pytest.mark.timeout(10)
-
-
-def make_spec(**changes: Any) -> DeploymentSpec:
-    return parse_spec({"name": "echo", "backend": "python", "model": "m.py", **changes})
 
 
 def x(value: float) -> Tensors:
