@@ -17,7 +17,7 @@ from shoal.core.status import ClusterStatus
 from shoal.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
-from shoal.rpc import codec, convert, generation
+from shoal.rpc import codec, convert, generate_codec
 from shoal.rpc.channels import Reachability, call, open_channel
 from shoal.rpc.convert import (
     capacity_to_pb,
@@ -96,11 +96,11 @@ class GrpcReplicaClient:
         self, request_id: str, request: GenerateRequest, timeout_s: float
     ) -> AsyncGenerator[GenerateChunk, None]:
         call = self._stub.Generate(
-            generation.request_to_pb(request_id, request, timeout_s), timeout=timeout_s + 0.5
+            generate_codec.request_to_pb(request_id, request, timeout_s), timeout=timeout_s + 0.5
         )
         try:
             async for chunk in call:
-                yield generation.chunk_from_pb(chunk)
+                yield generate_codec.chunk_from_pb(chunk)
         except grpc.aio.AioRpcError as err:
             if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise DeadlineExceeded(f"request {request_id} timed out after {timeout_s:g}s") from None

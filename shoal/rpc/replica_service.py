@@ -10,7 +10,7 @@ from shoal.errors import ShoalError
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.replica.process import ReplicaProcess
-from shoal.rpc import codec, generation
+from shoal.rpc import codec, generate_codec
 from shoal.rpc.convert import meta_to_pb, state_value
 from shoal.rpc.status import Context, abort
 
@@ -110,11 +110,11 @@ class ReplicaService(pbg.ReplicaServicer):
         handler, which closes the generation and so stops the model."""
         try:
             chunks = self.replica.generate(
-                request.request_id, generation.request_from_pb(request), request.timeout_s
+                request.request_id, generate_codec.request_from_pb(request), request.timeout_s
             )
             async with contextlib.aclosing(chunks):
                 async for chunk in chunks:
-                    yield generation.chunk_to_pb(chunk)
+                    yield generate_codec.chunk_to_pb(chunk)
         except ShoalError as err:
             await abort(context, err)
 
