@@ -122,6 +122,15 @@ class Settings:
     does not hold up every other request on the event loop."""
     max_concurrent_streams: int = 1024
     """Most concurrent calls on one gRPC connection (``grpc.max_concurrent_streams``)."""
+    http_header_timeout_s: float = 10.0
+    """Every HTTP server (head REST, scheduler ingress, each ingress process): a connection must
+    send a whole request head within this long of opening, or of the first byte of its next
+    request; else 408 and the connection is closed (a slowloris client holds nothing). 0: no limit."""
+    http_idle_timeout_s: float = 15.0
+    """An HTTP keep-alive connection idle this long between requests is closed."""
+    http_max_connections: int = 4096
+    """Most HTTP connections one server process holds open; past it a new connection gets 503
+    and is closed at once, while those open are served. Each ingress process has its own. 0: no limit."""
     control_rate_limit: float = 100.0
     """Requests per second one client (its token, else its address) may make on the head's
     control API (bursts up to twice that); 0 turns the limit off."""

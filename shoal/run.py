@@ -26,7 +26,7 @@ from shoal.core.tasks import TaskSet
 from shoal.head.node import HeadNode
 from shoal.http.head import head_app
 from shoal.http.scheduler import scheduler_app, shutdown_parser
-from shoal.http.server import HttpServer
+from shoal.http.server import HttpLimits, HttpServer
 from shoal.proto import grpc_service_pb2_grpc as oipg
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.rpc.auth import HEAD_RULES, SCHEDULER_RULES, AuthInterceptor
@@ -78,7 +78,9 @@ async def start_head(settings: Settings, stack: AsyncExitStack) -> tuple[HeadNod
     pbg.add_HeadServicer_to_server(HeadService(node), server)
     port = bind(server, settings.host, settings.head_port, server_credentials(settings, "head"))
     tls = _tls_files(settings, "head")
-    http = HttpServer(head_app(node, limiter), settings.host, settings.head_http_port, tls)
+    http = HttpServer(
+        head_app(node, limiter), settings.host, settings.head_http_port, tls, limits=HttpLimits.of(settings)
+    )
     await node.start()
     stack.push_async_callback(node.aclose)
     await server.start()
@@ -124,7 +126,12 @@ async def start_scheduler(
     port = bind(server, settings.host, settings.grpc_port, credentials)
     tls = _tls_files(settings, "scheduler")
     http = HttpServer(
-        scheduler_app(node, metrics_page), settings.host, settings.http_port, tls, reuse_port=processes > 1
+        scheduler_app(node, metrics_page),
+        settings.host,
+        settings.http_port,
+        tls,
+        reuse_port=processes > 1,
+        limits=HttpLimits.of(settings),
     )
     control = server
     control_port = port
@@ -281,7 +288,12 @@ async def run_ingress_worker(settings: Settings, control: str, worker_id: str, s
         return await link.metrics()
 
     http = HttpServer(
-        scheduler_app(worker, metrics_page), settings.host, settings.http_port, tls, reuse_port=True
+        scheduler_app(worker, metrics_page),
+        settings.host,
+        settings.http_port,
+        tls,
+        reuse_port=True,
+        limits=HttpLimits.of(settings),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -40,12 +40,13 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from shoal import metrics
 from shoal.core import limits, payload, tensors
 from shoal.core.payload import Tensor, Tensors
 from shoal.errors import Code, InvalidArgument, ResourceExhausted, ShoalError, from_code
-from shoal.http.auth import InferenceGuard
+from shoal.http.auth import InferenceGuard, model_in_path
 from shoal.http.generate import generate_routes
 from shoal.http.openai import openai_routes
 from shoal.scheduler.dataplane import InferCall
@@ -362,6 +363,40 @@ def int_or(text: str, default: int) -> int:
 # ---------------------------------------------------------------- the app
 
 
+class ShedWhenFull:
+    """Refuses an inference request (``POST /v2/models/NAME[/versions/V]/infer``) to a
+    deployment whose queue is full at once, before its body is read or parsed: 503 with the
+    router's message and ``Retry-After: 1``, counted as the data plane counts refusals.
+
+    Why: under a flood from many clients, reading and parsing each body only to refuse it
+    kept the event loop busy, and each loop pass grew so long that the admitted requests,
+    which need several passes each, were slowed with the refusals (``bench/overload.py``).
+    Runs after :class:`InferenceGuard`, so a deployment with tokens still answers 401 first.
+    The body left unread is dropped by the server, and the connection stays open.
+    """
+
+    def __init__(self, app: ASGIApp, node: IngressNode) -> None:
+        self.app = app
+        self.node = node
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].endswith("/infer"):
+            model = model_in_path(scope["path"])
+            err = self.node.router.at_capacity(model) if model is not None else None
+            if err is not None and model is not None:
+                self.node.dataplane.refused(model, "", "http", err)
+                body = json.dumps({"error": err.message}).encode()
+                headers = [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"retry-after", b"1"),
+                ]
+                await send({"type": "http.response.start", "status": err.http_status, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
 def scheduler_app(
     node: IngressNode, metrics_page: Callable[[], Awaitable[tuple[bytes, str]]] | None = None
 ) -> Starlette:
@@ -487,5 +522,5 @@ def scheduler_app(
     return Starlette(
         routes=routes,
         exception_handlers={HTTPException: http_error, Exception: internal_error},
-        middleware=[guard],
+        middleware=[guard, Middleware(ShedWhenFull, node=node)],
     )

@@ -1,25 +1,243 @@
-"""The HTTP server every component runs: uvicorn on a socket shoal binds itself."""
+"""The HTTP server every component runs: uvicorn on a socket shoal binds itself.
+
+Every connection is bounded (:class:`HttpLimits`), because uvicorn alone holds a
+connection that never finishes its request head for ever (its keep-alive timer runs only
+between requests, and any byte stops it): a connection must send a whole request head
+within ``header_timeout_s`` of opening or of its first byte after an answer (else 408 and
+close), may sit idle between requests ``idle_timeout_s`` (then it is closed), and past
+``max_connections`` open connections in this process a new one gets 503 and is closed at
+once, while those already open are served as before.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import socket
+import time
+from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.server import ServerState
 
 from shoal import certs
+from shoal.config import Settings
+
+log = logging.getLogger("shoal.http")
 
 
 def _addr(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+@dataclass(frozen=True)
+class HttpLimits:
+    """What one HTTP server process allows a connection (see the module's docstring)."""
+
+    header_timeout_s: float = 10.0
+    idle_timeout_s: float = 15.0
+    max_connections: int = 4096
+
+    @classmethod
+    def of(cls, settings: Settings) -> HttpLimits:
+        return cls(
+            settings.http_header_timeout_s, settings.http_idle_timeout_s, settings.http_max_connections
+        )
+
+
+#: Reads (request heads, body parts) one server handles per event-loop pass; more wait, in
+#: arrival order, for later passes. See :class:`_Intake`.
+READS_PER_PASS = 16
+
+
+class _Intake:
+    """Bounds the HTTP reads handled in one event-loop pass, first come first served.
+
+    Why: an admitted request needs several loop passes (to a replica and back, then the
+    next queued one's turn), and a pass runs everything ready. Under a flood of many
+    clients every pass parsed and answered hundreds of requests, so each pass took over
+    100 ms and the replica sat idle between requests (``bench/overload.py``: goodput of a
+    20 ms model fell from about 50 to 3 requests a second). With at most ``per_pass``
+    reads a pass, a pass stays short, the admitted requests move on, and the waiting
+    connections are taken in turn (the total rate of reads is unchanged).
+    """
+
+    def __init__(self, per_pass: int) -> None:
+        self.per_pass = per_pass
+        self.left = per_pass
+        self.waiting: deque[_BoundedH11] = deque()
+        self._next_pass: asyncio.Handle | None = None
+
+    def take(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """True: handle this read now. False: the caller waits in :attr:`waiting`."""
+        if self._next_pass is None:
+            self._next_pass = loop.call_soon(self._refill, loop)
+        if self.left > 0 and not self.waiting:
+            self.left -= 1
+            return True
+        return False
+
+    def _refill(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._next_pass = None
+        self.left = self.per_pass
+        while self.waiting and self.left > 0:
+            self.left -= 1
+            self.waiting.popleft().resume_intake()
+        if self.waiting:
+            self._next_pass = loop.call_soon(self._refill, loop)
+
+
+class _Config(uvicorn.Config):
+    """uvicorn's Config, carrying the limits to every connection's protocol."""
+
+    def __init__(self, app: Any, limits: HttpLimits, **kwargs: Any) -> None:
+        super().__init__(app, http=_BoundedH11, **kwargs)
+        self.limits = limits
+        self.intake = _Intake(READS_PER_PASS)
+
+
+def _raw_answer(status: str, message: str, extra: str = "") -> bytes:
+    body = json.dumps({"error": message}).encode()
+    return (
+        f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+        f"{extra}connection: close\r\n\r\n"
+    ).encode() + body
+
+
+class _BoundedH11(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a request-head timeout and a connection cap.
+
+    The head timer runs while the connection waits for a request head: from the
+    connection's start, and from the first byte of each later head (between requests
+    uvicorn's own keep-alive timer, set to ``idle_timeout_s``, closes an idle connection).
+    Bytes that trickle in do not restart it, so a head sent a byte at a time is cut off.
+    """
+
+    _last_cap_log = 0.0
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        assert isinstance(config, _Config)
+        self._limits = config.limits
+        # uvicorn types it int; call_later takes any number of seconds.
+        self.timeout_keep_alive = config.limits.idle_timeout_s  # type: ignore[assignment]
+        self._intake = config.intake
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._refused = False
+        self._deferred = False  # reads are buffered, waiting for a turn in the intake
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        cap = self._limits.max_connections
+        if cap > 0 and len(self.connections) >= cap:
+            # Refused before it joins ``connections``: those already open keep being served.
+            self._refused = True
+            self._log_cap(cap)
+            transport.write(
+                _raw_answer(
+                    "503 Service Unavailable",
+                    f"this server has {cap} connections open, its limit (setting http_max_connections)",
+                    "retry-after: 1\r\n",
+                )
+            )
+            transport.close()
+            return
+        super().connection_made(transport)
+        self._start_head_timer()
+
+    @classmethod
+    def _log_cap(cls, cap: int) -> None:
+        now = time.monotonic()
+        if now - cls._last_cap_log >= 10.0:  # a flood of connections is not a flood of log lines
+            cls._last_cap_log = now
+            log.warning("refusing new HTTP connections: %d open (setting http_max_connections)", cap)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        if not self._refused:
+            super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._head_timer is None and self.conn.their_state is h11.IDLE:
+            self._start_head_timer()  # the first byte of a new head after an answer
+        if self._deferred or not self._intake.take(self.loop):
+            # Kept in h11's buffer until this connection's turn (and not read meanwhile).
+            self._unset_keepalive_if_required()
+            self.conn.receive_data(data)
+            if not self._deferred:
+                self._deferred = True
+                self.transport.pause_reading()
+                self._intake.waiting.append(self)
+            return
+        super().data_received(data)
+
+    def resume_intake(self) -> None:
+        """This connection's turn: handle what it sent meanwhile, and read again."""
+        self._deferred = False
+        if self.transport.is_closing():
+            return
+        if not self.flow.read_paused:  # uvicorn's own flow control may want it paused still
+            self.transport.resume_reading()
+        self.handle_events()
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.conn.their_state is not h11.IDLE:
+            self._stop_head_timer()  # the head is in; the app's own deadlines take over
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]:
+            self._start_head_timer()  # part of a pipelined head is already here
+
+    def _start_head_timer(self) -> None:
+        if self._head_timer is None and self._limits.header_timeout_s > 0:
+            self._head_timer = self.loop.call_later(self._limits.header_timeout_s, self._head_timed_out)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+            return
+        self._unset_keepalive_if_required()
+        self.transport.write(
+            _raw_answer(
+                "408 Request Timeout",
+                f"no complete request head within {self._limits.header_timeout_s:g}s "
+                "(setting http_header_timeout_s)",
+            )
+        )
+        self.transport.close()
+
+
 class HttpServer:
     """uvicorn on a socket we bind ourselves, so port 0 works and the port is known."""
 
     def __init__(
-        self, app: Any, host: str, port: int, tls: certs.Files | None = None, *, reuse_port: bool = False
+        self,
+        app: Any,
+        host: str,
+        port: int,
+        tls: certs.Files | None = None,
+        *,
+        reuse_port: bool = False,
+        limits: HttpLimits | None = None,
     ) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
@@ -37,8 +255,9 @@ class HttpServer:
         # HTTPS with the component's certificate when TLS is on (no client certificate asked:
         # browsers and HTTP clients authenticate with tokens).
         self.scheme = "https" if tls is not None else "http"
-        config = uvicorn.Config(
+        config = _Config(
             app,
+            limits or HttpLimits(),
             log_level="warning",
             access_log=False,
             lifespan="off",

@@ -339,7 +339,9 @@ class Router:
     async def _acquire(self, dep: _Deployment, deadline: float, tried: set[str]) -> ReplicaHandle:
         if dep.deleted:
             raise NotFound(f"no deployment named {dep.spec.name!r}: it was deleted")
-        handle = self._pick(dep, tried)
+        # Behind those already queued, first come first served: a new request that took a
+        # freed slot ahead of them kept some waiting for seconds under a flood.
+        handle = None if dep.waiting else self._pick(dep, tried)
         if handle is not None:
             handle.in_flight += 1
             return handle
@@ -373,7 +375,7 @@ class Router:
         be routed or queued (or ``name`` is unknown here). Lets an ingress refuse before it
         reads and parses the request."""
         dep = self._deployments.get(name)
-        if dep is None or dep.deleted or self._pick(dep, set()) is not None:
+        if dep is None or dep.deleted or (not dep.waiting and self._pick(dep, set()) is not None):
             return None
         return self._queue_full(dep)
 
