@@ -1,6 +1,6 @@
 """The load under chaos: callers sending shoal's native request to one scheduler, each
 request kept as a :class:`Sample` (when, how long, how it failed, which replica answered).
-The callers run in ``shoal bench``'s closed loop (:func:`shoal.loadgen.closed_loop`)."""
+The callers run in ``shoal bench``'s closed loop (:func:`shoal.loadgen.loops.closed_loop`)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import numpy as np
 
 from shoal.config import Settings
 from shoal.errors import InvalidArgument, ShoalError
-from shoal.loadgen import closed_loop
+from shoal.loadgen.loops import closed_loop
 from shoal.types import Arrays
 
 
