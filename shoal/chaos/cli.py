@@ -15,7 +15,7 @@ from shoal.chaos.engine import Chaos
 from shoal.chaos.faults import Fault
 from shoal.chaos.processes import find_head_pid, head_restarter
 from shoal.chaos.report import render
-from shoal.cli.common import EXIT_ERROR, run_command
+from shoal.cli.common import EXIT_ERROR, run_alone
 from shoal.config import Settings
 from shoal.errors import FailedPrecondition, InvalidArgument, Unavailable
 
@@ -133,14 +133,4 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    doc = shoal.chaos.__doc__ or ""
-    parser = argparse.ArgumentParser(
-        prog="python -m shoal.chaos",
-        description=doc.split("\n")[0],
-        epilog=doc.split("\n\n", 2)[-1] if doc else None,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--head", help="the head's gRPC address (default $SHOAL_HEAD or localhost:8470)")
-    _add_options(parser)
-    parser.set_defaults(fn=cmd_chaos)
-    run_command(parser.parse_args(argv))
+    run_alone("python -m shoal.chaos", shoal.chaos.__doc__ or "", _add_options, cmd_chaos, argv, epilog=True)

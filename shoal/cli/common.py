@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NoReturn
 
 from shoal.config import Settings
@@ -31,6 +31,31 @@ def run_command(args: argparse.Namespace) -> NoReturn:
     except KeyboardInterrupt:
         code = 130
     sys.exit(code)
+
+
+def run_alone(
+    prog: str,
+    doc: str,
+    add_options: Callable[[argparse.ArgumentParser], None],
+    fn: Callable[[argparse.Namespace], int],
+    argv: Sequence[str] | None = None,
+    *,
+    epilog: bool = False,
+) -> NoReturn:
+    """``main`` of a command that also runs alone (``python -m shoal.loadgen``): a parser of
+    its own with ``--head`` and the command's options, the first line of ``doc`` as its
+    description (with ``epilog``, ``doc`` after its second paragraph below the options),
+    then :func:`run_command`."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=doc.split("\n")[0],
+        epilog=doc.split("\n\n", 2)[-1] if epilog and doc else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter if epilog else argparse.HelpFormatter,
+    )
+    parser.add_argument("--head", help="the head's gRPC address (default $SHOAL_HEAD or localhost:8470)")
+    add_options(parser)
+    parser.set_defaults(fn=fn)
+    run_command(parser.parse_args(argv))
 
 
 def settings_of(args: argparse.Namespace, **flags: Any) -> Settings:

@@ -158,12 +158,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from shoal.cli.common import run_command
+    # Imported here: the --workers processes import this package and need none of the CLI.
+    from shoal.cli.common import run_alone
 
-    parser = argparse.ArgumentParser(
-        prog="python -m shoal.loadgen", description=(shoal.loadgen.__doc__ or "").split("\n")[0]
-    )
-    parser.add_argument("--head", help="the head's gRPC address (default $SHOAL_HEAD or localhost:8470)")
-    _add_options(parser)
-    parser.set_defaults(fn=cmd_bench)
-    run_command(parser.parse_args(argv))
+    run_alone("python -m shoal.loadgen", shoal.loadgen.__doc__ or "", _add_options, cmd_bench, argv)
