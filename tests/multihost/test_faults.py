@@ -18,6 +18,7 @@ import pytest
 
 from shoal.chaos import Load, inputs_for
 from shoal.testing.netns import NetCluster
+from shoal.testing.wait import until
 from tests.multihost.conftest import MakeCluster
 from tests.multihost.helpers import (
     echo,
@@ -87,7 +88,7 @@ async def test_scheduler_partitioned_from_head(
     await cluster.wait_for(lambda s: ready_by_scheduler(s) == {"sched-0": 1, "sched-1": 1}, what="spread")
     seen: list[dict[str, Any]] = []
     async with load(cluster, 0) as on_cut, load(cluster, 1) as on_other:
-        await asyncio.sleep(0.5)
+        await until(lambda: len(on_cut.samples) >= 20 and len(on_other.samples) >= 20, "load before the cut")
         cut_at = time.monotonic()
         hosts.partition(cluster.scheduler_host(0), cluster.head_host)
         status = await cluster.wait_for(
@@ -103,7 +104,8 @@ async def test_scheduler_partitioned_from_head(
         await converge_exactly(cluster, 2, alive="sched-0")
         converged_in = time.monotonic() - healed_at
         during = window(on_cut, cut_at, time.monotonic()) + window(on_other, cut_at, time.monotonic())
-        await asyncio.sleep(0.5)
+        after = len(on_cut.samples)
+        await until(lambda: len(on_cut.samples) >= after + 20, "answers after healing")
     assert 2.0 <= replaced_in < 10, replaced_in
     assert len(replicas_of(status)) == 2
     assert all(len(replicas_of(s)) <= 2 for s in seen), "duplicates while cut"
@@ -148,17 +150,18 @@ async def test_schedulers_partitioned_from_each_other(
     before = sorted(r["id"] for r in replicas_of(status))
     seen: list[dict[str, Any]] = []
     async with load(cluster, 0) as through, load(cluster, 1) as local:
-        await asyncio.sleep(0.5)
+        await until(lambda: len(through.samples) >= 20 and len(local.samples) >= 20, "load before the cut")
         cut = through.now()
         hosts.partition(cluster.scheduler_host(0), cluster.scheduler_host(1))
         await watch(cluster, 6.0, seen.append)
         healed = through.now()
         hosts.heal(cluster.scheduler_host(0), cluster.scheduler_host(1))
-        await asyncio.sleep(3.0)
         # Once healed, sched-0 uses sched-1's replica again.
-        while not any(s.replica == on_1 and s.at > healed for s in through.samples):
-            assert through.now() - healed < 20, "sched-0 never routed to sched-1's replica again"
-            await asyncio.sleep(0.2)
+        await until(
+            lambda: any(s.replica == on_1 and s.at > healed for s in through.samples),
+            "sched-0 routing to sched-1's replica again",
+            timeout_s=20,
+        )
     assert through.failures() == [], through.examples
     assert local.failures() == [], local.examples
     assert seen and all(
@@ -200,14 +203,15 @@ async def test_latency_and_loss_on_every_link(
     before = sorted(r["id"] for r in replicas_of(status))
     seen: list[dict[str, Any]] = []
     async with load(cluster, 0, concurrency=8, rate=60) as ld:
-        await asyncio.sleep(1.0)
+        await until(lambda: len(ld.samples) >= 30, "a baseline before the delay")
         slow_from = ld.now()
         mechanisms = {hosts.delay(h, 25, loss_pct=3) for h in hosts.hosts}
         await watch(cluster, 6.0, seen.append, every_s=0.25)
         slow_to = ld.now()
         for h in hosts.hosts:
             hosts.undelay(h)
-        await asyncio.sleep(1.0)
+        after = len(ld.samples)
+        await until(lambda: len(ld.samples) >= after + 30, "answers after the delay")
     assert ld.failures() == [], ld.examples
     fast = sorted(s.latency_s for s in ld.samples if s.at < slow_from)
     slow = sorted(s.latency_s for s in ld.samples if slow_from + 0.5 < s.at < slow_to - 0.5)
@@ -248,7 +252,7 @@ async def test_host_paused_and_resumed(
     await cluster.wait_for(lambda s: ready_by_scheduler(s) == {"sched-1": 1, "sched-2": 1}, what="spread")
     seen: list[dict[str, Any]] = []
     async with load(cluster, 0) as ld:
-        await asyncio.sleep(0.5)
+        await until(lambda: len(ld.samples) >= 20, "load before the pause")
         paused_at = time.monotonic()
         stopped = hosts.pause(cluster.scheduler_host(2))
         assert len(stopped) >= 2  # the scheduler and its replica
@@ -264,7 +268,8 @@ async def test_host_paused_and_resumed(
         status = await converge_exactly(cluster, 2, alive="sched-2")
         converged_in = time.monotonic() - resumed_at
         during = window(ld, paused_at, time.monotonic())
-        await asyncio.sleep(0.5)
+        after = len(ld.samples)
+        await until(lambda: len(ld.samples) >= after + 20, "answers after resuming")
     assert ld.failures() == [], ld.examples
     assert max(s.latency_s for s in ld.samples) < 8
     assert replaced_in < 10
