@@ -34,3 +34,13 @@ def check_elements(shapes: Iterable[object], limit: int) -> None:
             raise InvalidArgument(
                 f"the request's tensors hold over {limit} elements (setting max_tensor_elements)"
             )
+
+
+def is_unicode(text: str) -> bool:
+    """False for a string holding a lone surrogate (JSON's ``"\ud800"`` decodes to one): it
+    cannot be encoded as UTF-8, so it cannot go on in a protobuf string or a JSON answer."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from shoal.core.limits import is_unicode as _is_unicode
 from shoal.errors import InvalidArgument
 
 BACKENDS = ("python", "sklearn", "onnx", "transformers", "vllm")
@@ -232,14 +233,6 @@ def _document_problems(doc: dict[str, Any]) -> list[str]:
             if size > MAX_OPTIONS_BYTES:
                 problems.add(f"options: {size} bytes as JSON, over the limit of {MAX_OPTIONS_BYTES}")
     return sorted(problems)
-
-
-def _is_unicode(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def parse_spec(doc: Any, *, base_dir: str | Path | None = None) -> DeploymentSpec:

@@ -347,7 +347,10 @@ def from_json(
             i, x = _first_bad(flat, (str, bytes))
             raise InvalidArgument(f"{where}BYTES element {i} is {_short(x)}, not a string")
         out = np.empty(count, dtype=object)
-        out[:] = [x.encode("utf-8") if type(x) is str else x for x in flat]
+        try:
+            out[:] = [x.encode("utf-8") if type(x) is str else x for x in flat]
+        except UnicodeEncodeError:
+            raise InvalidArgument(f"{where}BYTES data holds a string that is not valid Unicode") from None
         return _reshape(out, dims, where)
     dtype = DATATYPES[datatype]
     if datatype == "BOOL":

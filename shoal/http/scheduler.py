@@ -163,8 +163,8 @@ class InferRequest:
 
     def __init__(self, header: dict[str, Any], tail: memoryview, max_elements: int = 0) -> None:
         request_id = header.get("id", "")
-        if not isinstance(request_id, str):
-            raise InvalidArgument(f"'id' must be a string, got {request_id!r}")
+        if not isinstance(request_id, str) or not limits.is_unicode(request_id):
+            raise InvalidArgument(f"'id' must be a string of valid Unicode, got {request_id!r}")
         self.id = request_id
         params = _params(header, "")
         timeout = params.get("timeout", 0)
@@ -205,6 +205,8 @@ class InferRequest:
             name = entry.get("name")
             if not isinstance(name, str) or not name:
                 raise InvalidArgument(f"inputs[{i}] has no 'name'")
+            if not limits.is_unicode(name):
+                raise InvalidArgument(f"inputs[{i}]: the name {name!r} is not valid Unicode")
             if name in out:
                 raise InvalidArgument(f"input {name!r} is given twice")
             where = f"input {name!r}: "

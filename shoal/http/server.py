@@ -226,6 +226,31 @@ class _BoundedH11(H11Protocol):
         self.transport.close()
 
 
+class _KeepConnection:
+    """An error raised after the answer was sent (Starlette's error middleware re-raises
+    once its 500 is out) is logged here, not passed to uvicorn, which would close the
+    connection under the client's next request on it."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        answered = False
+
+        async def sending(message: Any) -> None:
+            nonlocal answered
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                answered = True
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception:
+            if not answered:
+                raise
+            log.exception("error after answering %s %s", scope.get("method"), scope.get("path"))
+
+
 class HttpServer:
     """uvicorn on a socket we bind ourselves, so port 0 works and the port is known."""
 
@@ -256,7 +281,7 @@ class HttpServer:
         # browsers and HTTP clients authenticate with tokens).
         self.scheme = "https" if tls is not None else "http"
         config = _Config(
-            app,
+            _KeepConnection(app),
             limits or HttpLimits(),
             log_level="warning",
             access_log=False,

@@ -23,6 +23,7 @@ import uuid
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import Any, Self
 
+from shoal.core.limits import is_unicode
 from shoal.core.spec import DeploymentSpec
 from shoal.errors import Internal, InvalidArgument
 from shoal.scheduler.router import Router
@@ -85,6 +86,11 @@ def _number(name: str, value: object, low: float, high: float, *, low_open: bool
     return float(value)
 
 
+def _unicode(name: str, text: str) -> None:
+    if not is_unicode(text):
+        raise InvalidParameter(name, f"{name} is not valid Unicode text (a lone surrogate)")
+
+
 def _stop(value: object) -> tuple[str, ...]:
     if value is None:
         return ()
@@ -112,13 +118,22 @@ def generate_request(
     range), ``top_p`` outside (0, 1], a ``stop`` that is not a string or a list of non-empty
     strings, a ``seed`` that is not an integer.
     """
+    # Text goes to the replica as protobuf strings, which must be valid UTF-8: a lone
+    # surrogate (JSON's "\ud800") is the client's error, not a 500.
+    _unicode("prompt", prompt)
+    for i, m in enumerate(messages):
+        _unicode(f"messages.{i}.role", m.role)
+        _unicode(f"messages.{i}.content", m.content)
+    stop = _stop(params.get("stop"))
+    for text in stop:
+        _unicode("stop", text)
     return GenerateRequest(
         prompt=prompt,
         messages=tuple(messages),
         max_tokens=_integer("max_tokens", params.get("max_tokens"), 1, 2**31 - 1) or 0,
         temperature=_number("temperature", params.get("temperature"), 0.0, 2.0),
         top_p=_number("top_p", params.get("top_p"), 0.0, 1.0, low_open=True),
-        stop=_stop(params.get("stop")),
+        stop=stop,
         seed=_integer("seed", params.get("seed"), -(2**63), 2**63 - 1),
         stream=stream,
     )

@@ -1,7 +1,9 @@
 """Fuzzing request validation: the scheduler's REST ingress (Open Inference Protocol, the
-generate extension, the OpenAI API) through httpx's ASGI transport over in-memory replicas,
-the gRPC request decoders, and ``check_inputs``. Whatever a client sends, the answer is a
-clear 4xx (or a success), never a 5xx, and nothing raises but InvalidArgument.
+generate extension, the OpenAI API) over in-memory replicas, the gRPC request decoders, and
+``check_inputs``. Whatever a client sends, the answer is a clear 4xx (or a success), never a
+5xx, nothing raises but InvalidArgument, and the next request on the same keep-alive
+connection is served. The app runs in shoal's own HTTP server (uvicorn, ``HttpServer``) on
+a loopback port of this process, since a broken connection is only seen over a socket.
 
 ``SHOAL_FUZZ_EXAMPLES`` sets the examples per test (see docs/security.md).
 """
@@ -27,6 +29,7 @@ from shoal.core import payload
 from shoal.core.spec import DATATYPES, TensorSpec, parse_spec
 from shoal.errors import InvalidArgument
 from shoal.http.scheduler import scheduler_app
+from shoal.http.server import HttpServer
 from shoal.proto import grpc_service_pb2 as oip
 from shoal.proto import shoal_pb2 as pb
 from shoal.rpc import codec
@@ -47,20 +50,22 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
 )
 
-scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6)
+# Any code point, lone surrogates included (JSON's "\ud800"; hypothesis leaves them out by default).
+any_text = st.text(st.characters(codec=None, exclude_categories=()), max_size=6)
+scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6) | any_text
 json_values = st.recursive(
     scalars,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
     max_leaves=16,
 )
-names = st.sampled_from(["x", "s", "y", ""]) | st.text(max_size=3)
+names = st.sampled_from(["x", "s", "y", ""]) | any_text
 datatypes = st.sampled_from([*DATATYPES, "FP8", "", "fp32"]) | json_values
 shapes = (
     st.lists(st.integers(-2, 6), max_size=3)
     | st.lists(st.integers(-(2**70), 2**70), max_size=3)
     | json_values
 )
-elements = st.floats() | st.integers(-(2**70), 2**70) | st.text(max_size=3) | st.booleans() | st.none()
+elements = st.floats() | st.integers(-(2**70), 2**70) | any_text | st.booleans() | st.none()
 data = st.lists(elements, max_size=12) | st.lists(st.lists(elements, max_size=4), max_size=4) | json_values
 PARAMETER_KEYS = [
     "binary_data_size",
@@ -119,15 +124,33 @@ def ingress() -> Iterator[tuple[asyncio.AbstractEventLoop, httpx.AsyncClient]]:
             router=router,
         )
         node.registered.set()
-        app = scheduler_app(node)
-        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://shoal")
-        return router, client
+        server = HttpServer(scheduler_app(node), "127.0.0.1", 0)
+        await server.start()
+        # One connection, kept alive: every request of the test goes over it in turn.
+        client = httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{server.port}", limits=httpx.Limits(max_connections=1), timeout=30
+        )
+        return router, server, client
 
-    router, client = loop.run_until_complete(setup())
+    router, server, client = loop.run_until_complete(setup())
     yield loop, client
     loop.run_until_complete(client.aclose())
+    loop.run_until_complete(server.stop())
     loop.run_until_complete(router.aclose())
     loop.close()
+
+
+def still_served(
+    loop: asyncio.AbstractEventLoop, client: httpx.AsyncClient, after: httpx.Response, health: str
+) -> None:
+    """The request after ``after`` on the same keep-alive connection is answered (unless
+    the server said it would close it, as it may for a request that is not HTTP)."""
+    if after.headers.get("connection", "").lower() == "close":
+        return
+    used = after.extensions["network_stream"].get_extra_info("client_addr")
+    ok = loop.run_until_complete(client.get(health))
+    assert ok.status_code == 200, ok.text
+    assert ok.extensions["network_stream"].get_extra_info("client_addr") == used, "a new connection"
 
 
 def send(
@@ -142,6 +165,7 @@ def send(
     assert response.status_code < 500, (path, content[:500], headers, response.status_code, response.text)
     if response.status_code >= 400 and response.content:
         assert "error" in response.json(), response.text
+    still_served(loop, client, response, "/v2/health/live")
     return response
 
 
@@ -179,10 +203,19 @@ def test_rest_infer_binary(
         [
             "/v2",
             "/v2/health/live",
+            "/v2/health/ready",
+            "/healthz",
+            "/metrics",
             "/v2/models/{m}",
             "/v2/models/{m}/ready",
             "/v2/models/{m}/config",
             "/v2/models/{m}/stats",
+            "/v2/models/{m}/infer",
+            "/v2/models/{m}/versions/1",
+            "/v2/models/{m}/versions/1/ready",
+            "/v2/models/{m}/versions/1/config",
+            "/v2/models/{m}/versions/1/stats",
+            "/v2/models/{m}/versions/1/infer",
             "/v2/models/stats",
             "/v2/repository/index",
             "/v2/models/{m}/generate",
@@ -259,6 +292,30 @@ def test_regressions_deep_json_and_limits(ingress: Any) -> None:
     too_many = {"inputs": [{"name": "s", "datatype": "BYTES", "shape": [10**9], "data": []}]}
     response = send(ingress, "POST", "/v2/models/free/infer", json.dumps(too_many).encode())
     assert response.status_code == 400 and "max_tensor_elements" in response.json()["error"]
+
+
+def test_regressions_lone_surrogates(ingress: Any) -> None:
+    """Issue 13: a lone surrogate answered 500 and broke the connection under the next request."""
+    x = {"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}
+    s = {"name": "s", "datatype": "BYTES", "shape": [1], "data": ["\ud800"]}
+    cases = [
+        ("/v2/models/echo/infer", {"id": "\ud800", "inputs": [x]}, "'id'"),
+        ("/v2/models/free/infer", {"inputs": [s]}, "BYTES data"),
+        ("/v2/models/free/infer", {"inputs": [{**x, "name": "\udfff"}]}, "not valid Unicode"),
+        ("/v1/embeddings", {"model": "free", "input": ["\ud800"]}, "not valid Unicode"),
+        (
+            "/v1/chat/completions",
+            {"model": "gen", "messages": [{"role": "user", "content": "\ud800"}]},
+            "messages.0",
+        ),
+        ("/v1/completions", {"model": "gen", "prompt": "a\udc00"}, "prompt"),
+        ("/v1/completions", {"model": "gen", "prompt": "a", "stop": ["\ud800"]}, "stop"),
+        ("/v2/models/gen/generate", {"text_input": "\ud800"}, "prompt"),
+        ("/v2/models/gen/generate_stream", {"text_input": "\ud800"}, "prompt"),
+    ]
+    for path, doc, named in cases:
+        response = send(ingress, "POST", path, json.dumps(doc).encode())
+        assert response.status_code == 400 and named in response.text, (path, response.text)
 
 
 # ---------------------------------------------------------------- gRPC decoders
