@@ -1,7 +1,9 @@
 """schemathesis against the head's REST API: cases generated from its own OpenAPI schema
-(``/openapi.json``), positive and negative, sent to the in-process app (a real ``HeadNode``
-on a ``MemoryStore``, fake schedulers) through httpx's ASGI transport, and each answer
-checked against the schema: no 5xx, documented status codes, content types and bodies.
+(``/openapi.json``), positive and negative, sent to the app (a real ``HeadNode`` on a
+``MemoryStore``, fake schedulers) served by shoal's own HTTP server (``HttpServer``) on a
+loopback port of this process, over one keep-alive connection, and each answer checked
+against the schema: no 5xx, documented status codes, content types and bodies; and the
+next request on the same connection is served.
 
 ``SHOAL_FUZZ_EXAMPLES`` sets the examples per test (see docs/security.md).
 """
@@ -13,11 +15,13 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -32,8 +36,10 @@ from shoal.config import Settings
 from shoal.core.spec import parse_spec
 from shoal.head.node import HeadNode
 from shoal.http.head import head_app, openapi_schema
+from shoal.http.server import HttpServer
 from shoal.store import MemoryStore
 from shoal.testing.fakes import FakeSchedulers
+from tests.unit.test_fuzz_ingress import still_served
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -57,11 +63,13 @@ class Head:
 
     def send(self, case: Any, token: str | None) -> httpx.Response:
         headers = {"Authorization": f"Bearer {token}"} if token else None
-        kwargs = case.as_transport_kwargs(base_url="http://head", headers=headers)
+        kwargs = case.as_transport_kwargs(base_url=str(self.client.base_url), headers=headers)
         kwargs.pop("cookies", None)  # the API reads none
         if isinstance(kwargs.get("data"), str | bytes):
             kwargs["content"] = kwargs.pop("data")  # raw bodies (negative cases): httpx's name for them
-        return self.loop.run_until_complete(self.client.request(**kwargs))
+        response = self.loop.run_until_complete(self.client.request(**kwargs))
+        still_served(self.loop, self.client, response, "/healthz")
+        return response
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +82,19 @@ def head() -> Iterator[Head]:
         await node.tokens.load()
         _, admin = await node.create_token(Role.ADMIN, "root")
         await node.apply(parse_spec({"name": "echo", "backend": "python", "model": "m:M"}))
-        transport = httpx.ASGITransport(app=head_app(node))
-        return Head(loop, node, httpx.AsyncClient(transport=transport, base_url="http://head"), admin)
+        server = HttpServer(head_app(node), "127.0.0.1", 0)
+        await server.start()
+        servers.append(server)
+        client = httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{server.port}", limits=httpx.Limits(max_connections=1), timeout=30
+        )
+        return Head(loop, node, client, admin)
 
+    servers: list[HttpServer] = []
     h = loop.run_until_complete(setup())
     yield h
     loop.run_until_complete(h.client.aclose())
+    loop.run_until_complete(servers[0].stop())
     loop.run_until_complete(h.node.aclose())
     loop.close()
 
@@ -114,3 +129,40 @@ def test_schema_is_served_and_describes_auth(head: Head) -> None:
         for method, op in item.items():
             if method != "parameters":
                 assert {"401", "403", "429"} <= set(op["responses"]), op["summary"]
+
+
+@FUZZ
+@given(
+    method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "HEAD"]),
+    path=st.sampled_from(
+        [
+            "/",
+            "/docs",
+            "/api",
+            "/openapi.json",
+            "/healthz",
+            "/metrics",
+            "/static/{x}",
+            "/api/deployments/{x}",
+            "/api/replicas/{x}/logs?tail_bytes={y}",
+            "/api/events?deployment={x}&limit={y}",
+            "/api/series?window_s={y}",
+        ]
+    ),
+    x=st.text(st.characters(codec=None, exclude_categories=()), max_size=8),
+    y=st.sampled_from(["1e23", "-1", "nan", "99999999999999999999999", "0x10", ""])
+    | st.text(max_size=6)
+    | st.integers().map(str),
+    body=st.binary(max_size=64),
+)
+def test_routes_outside_the_schema(head: Head, method: str, path: str, x: str, y: str, body: bytes) -> None:
+    """The routes the schema leaves out (the dashboard, its files, health, the schema itself)
+    and query values the schema's types do not generate: never a 5xx, and the connection
+    serves the next request."""
+    target = path.format(x=quote(x, safe=""), y=quote(y, safe=""))
+    request = head.client.request(
+        method, target, content=body, headers={"Authorization": f"Bearer {head.admin}"}
+    )
+    response = head.loop.run_until_complete(request)
+    assert response.status_code < 500, (method, target, response.status_code, response.text[:300])
+    still_served(head.loop, head.client, response, "/healthz")
