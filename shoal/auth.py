@@ -256,16 +256,17 @@ def check_control(
     ``what`` names the call in the error; ``loopback``: the caller is on this machine;
     ``creates_token``: the call creates a token (the bootstrap exception); ``vouched``: the
     transport vouches for the caller without a token (gRPC: with TLS, a cluster client
-    certificate; without, a loopback-only or ``--insecure`` server). While no token exists,
-    a caller neither vouched for nor on this machine may only read: the head's HTTPS server
-    asks for no client certificate, so without this anyone reaching it could deploy.
+    certificate; without, a loopback-only or ``--insecure`` server; HTTPS: a client or head
+    certificate, which the server asks for but browsers need not send). While no token
+    exists, a caller neither vouched for nor on this machine may only read.
     """
     if tokens.empty:
         if need >= Role.DEPLOY and need < Role.ADMIN and not (vouched or loopback):
             raise PermissionDenied(
-                f"{what}: no token exists yet, and without one changes are taken only from the "
-                "head's machine or over gRPC with a cluster client certificate; create the first "
-                "token there (shoal token create --role admin) and send it"
+                f"{what}: no token exists yet, and without one changes are taken only with a "
+                "cluster client certificate (gRPC, or HTTPS with client.crt) or, without TLS, from "
+                "the head's machine; create the first token (shoal token create --role admin) "
+                "and send it"
             )
         if need < Role.ADMIN:
             return None

@@ -2,8 +2,10 @@
 
 * :class:`ControlGuard` guards the head's REST API (everything but the dashboard's static
   files, ``/healthz`` and ``/openapi.json``): a bearer token of role ``read`` for GET,
-  ``deploy`` for changes, once any token exists; while none exists, changes only from the
-  head's own machine (loopback: HTTPS asks for no client certificate); and the per-client
+  ``deploy`` for changes, once any token exists; while none exists, changes only from a
+  caller the transport vouches for: with TLS, one that presented a cluster client
+  certificate (role client or head; the HTTPS server asks for one, and browsers without
+  one can still read), without TLS, the head's own machine (loopback); and the per-client
   rate limit (429).
 * :class:`InferenceGuard` guards a scheduler's ingress: a request for a deployment whose spec
   names tokens (``auth.tokens``) needs one of them. The deployment is the model in the path
@@ -60,16 +62,42 @@ def control_role(method: str, path: str) -> auth.Role | None:
     return auth.Role.READ  # anything else is answered 404 or 405 once authenticated
 
 
+# Certificates whose holder may change the cluster before any token exists (TLS only): the
+# CLI's and the head's own. A scheduler machine holds replica.key; that vouches for nothing.
+BOOTSTRAP_ROLES = ("client", "head")
+
+
+def client_cert_role(scope: Scope) -> str | None:
+    """The shoal role named by the verified client certificate of this connection, if any
+    (``shoal.http.server`` puts the ASGI TLS extension's ``client_cert_name`` in the scope)."""
+    name = scope.get("extensions", {}).get("tls", {}).get("client_cert_name") or ""
+    for part in name.split(","):
+        key, _, value = part.strip().partition("=")
+        if key == "CN" and value.startswith("shoal-"):
+            return value.removeprefix("shoal-")
+    return None
+
+
 class ControlGuard:
-    """The head's REST API: tokens by role, and the control API's rate limit."""
+    """The head's REST API: tokens by role, and the control API's rate limit.
+
+    ``tls``: the server is HTTPS and asks for (does not require) a cluster client
+    certificate; then a certificate of a :data:`BOOTSTRAP_ROLES` role, not the caller's
+    address, vouches for changes made while no token exists."""
 
     def __init__(
-        self, app: ASGIApp, tokens: auth.TokenRegistry, limiter: auth.RateLimiter, max_body: int
+        self,
+        app: ASGIApp,
+        tokens: auth.TokenRegistry,
+        limiter: auth.RateLimiter,
+        max_body: int,
+        tls: bool = False,
     ) -> None:
         self.app = app
         self.tokens = tokens
         self.limiter = limiter
         self.max_body = max_body
+        self.tls = tls
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -90,8 +118,8 @@ class ControlGuard:
                 Headers(scope=scope).get("authorization"),
                 role,
                 what=f"{method} {path}",
-                loopback=auth.is_loopback(host),
-                vouched=False,
+                loopback=auth.is_loopback(host) and not self.tls,
+                vouched=self.tls and client_cert_role(scope) in BOOTSTRAP_ROLES,
             )
         except ShoalError as err:
             error = err

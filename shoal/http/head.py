@@ -231,7 +231,9 @@ def head_app(node: HeadNode, limiter: RateLimiter | None = None) -> Starlette:
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     limiter = limiter or RateLimiter(node.settings.control_rate_limit)
-    guard = Middleware(ControlGuard, tokens=node.tokens, limiter=limiter, max_body=limit)
+    guard = Middleware(
+        ControlGuard, tokens=node.tokens, limiter=limiter, max_body=limit, tls=bool(node.settings.tls_dir)
+    )
     return Starlette(routes=routes, middleware=[guard])
 
 

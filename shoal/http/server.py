@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import socket
+import ssl
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -135,6 +136,7 @@ class _BoundedH11(H11Protocol):
         self._intake = config.intake
         self._head_timer: asyncio.TimerHandle | None = None
         self._refused = False
+        self._cert_name: str | None = None  # the client certificate's subject, if verified
         self._deferred = False  # reads are buffered, waiting for a turn in the intake
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -153,6 +155,7 @@ class _BoundedH11(H11Protocol):
             transport.close()
             return
         super().connection_made(transport)
+        self._cert_name = _client_cert_name(transport.get_extra_info("peercert"))
         self._start_head_timer()
 
     @classmethod
@@ -194,6 +197,11 @@ class _BoundedH11(H11Protocol):
 
     def handle_events(self) -> None:
         super().handle_events()
+        scope = getattr(self, "scope", None)
+        if scope is not None and "tls" not in scope.setdefault("extensions", {}):
+            # The ASGI TLS extension's client_cert_name, for the request just started (its
+            # task runs after this returns): what certificate, if any, this connection showed.
+            scope["extensions"]["tls"] = {"client_cert_name": self._cert_name}
         if self.conn.their_state is not h11.IDLE:
             self._stop_head_timer()  # the head is in; the app's own deadlines take over
 
@@ -224,6 +232,15 @@ class _BoundedH11(H11Protocol):
             )
         )
         self.transport.close()
+
+
+def _client_cert_name(peercert: Any) -> str | None:
+    """The subject of a verified client certificate as ``CN=...`` (RFC 4514's order is not
+    needed: shoal reads the common name); None when the client sent none."""
+    if not peercert:
+        return None
+    parts = [f"{key}={value}" for rdn in peercert.get("subject", ()) for key, value in rdn]
+    return ",".join(p.replace("commonName=", "CN=") for p in parts) or None
 
 
 class _KeepConnection:
@@ -277,8 +294,10 @@ class HttpServer:
 
             raise Unavailable(f"cannot listen on {_addr(host, port)}: {err.strerror}") from None
         self.port = self.sock.getsockname()[1]
-        # HTTPS with the component's certificate when TLS is on (no client certificate asked:
-        # browsers and HTTP clients authenticate with tokens).
+        # HTTPS with the component's certificate when TLS is on. A client certificate signed by
+        # the cluster CA is asked for, not required: browsers and HTTP clients authenticate
+        # with tokens, and the head takes a client certificate as the bootstrap credential
+        # before any token exists (shoal.http.auth.ControlGuard).
         self.scheme = "https" if tls is not None else "http"
         config = _Config(
             _KeepConnection(app),
@@ -289,6 +308,8 @@ class HttpServer:
             timeout_graceful_shutdown=2,
             ssl_certfile=str(tls.cert) if tls is not None else None,
             ssl_keyfile=str(tls.key) if tls is not None else None,
+            ssl_ca_certs=str(tls.ca) if tls is not None else None,
+            ssl_cert_reqs=ssl.CERT_OPTIONAL if tls is not None else ssl.CERT_NONE,
         )
         self.server = uvicorn.Server(config)
         self._task: asyncio.Task[None] | None = None

@@ -451,3 +451,44 @@ async def test_allowed_model_dirs_refuse_at_deploy(tmp_path: Path) -> None:
                 {"name": "ok", "backend": "python", "model": "m:M", "base_dir": str(allowed), "replicas": 0}
             )
         )
+
+
+async def test_under_tls_the_rest_bootstrap_needs_a_cluster_client_certificate(tmp_path: Path) -> None:
+    """Issue 13, item 3: under TLS, before any token exists, a change over HTTPS needs the
+    cluster's client (or head) certificate; the caller's address, loopback included, is not
+    enough, and a replica's certificate (every scheduler machine holds one) vouches for nothing.
+    Reading needs no certificate, so a browser still shows the dashboard."""
+    tls, other = tmp_path / "tls", tmp_path / "other"
+    certs.init(tls)
+    certs.init(other)
+    spec = {"name": "echo", "backend": "python", "model": "echo:Echo", "replicas": 0}
+    settings = local_settings(tmp_path, tls_dir=str(tls))
+
+    def web(folder: Path | None, role: str = "client") -> httpx.AsyncClient:
+        context = tls_context(tls)
+        if folder is not None:
+            context.load_cert_chain(str(folder / f"{role}.crt"), str(folder / f"{role}.key"))
+        return httpx.AsyncClient(verify=context, base_url=f"https://{head_http}")
+
+    async with AsyncExitStack() as stack:
+        node, _, head_http = await start_head(settings, stack)
+        async with web(None) as anonymous, web(tls, "replica") as replica, web(tls) as client:
+            assert (await anonymous.get("/api/status")).status_code == 200
+            for caller in (anonymous, replica):
+                r = await caller.post("/api/deployments", json=spec)
+                assert r.status_code == 403 and "client certificate" in r.json()["error"], r.text
+            assert node.desired == {}
+
+            r = await client.post("/api/deployments", json=spec)
+            assert r.status_code == 201, r.text
+            assert set(node.desired) == {"echo"}
+
+            # Once a token exists, tokens decide, with or without a certificate.
+            await node.create_token(Role.ADMIN, "root")
+            assert (await client.delete("/api/deployments/echo")).status_code == 401
+
+        # A certificate from another cluster's CA is refused by TLS (with TLS 1.3 the client
+        # learns it on its first read): no HTTP answer at all.
+        async with web(other) as stranger:
+            with pytest.raises((httpx.ConnectError, httpx.ReadError)):
+                await stranger.get("/api/status")
