@@ -1,0 +1,163 @@
+"""Triton's model repository mapped to deployment specs (shoal.core.triton_repo)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shoal.core.triton_repo import load_all, read_model, scan, served_version
+from shoal.errors import InvalidArgument, NotFound
+
+ONNX = """
+platform: "onnxruntime_onnx"
+max_batch_size: 8
+input [ { name: "x" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [ { name: "y" data_type: TYPE_INT64 dims: [ 1 ] }, { name: "s" data_type: TYPE_STRING dims: [ -1 ] } ]
+"""
+
+
+def model(root: Path, name: str, config: str | None, versions: tuple[int, ...] = (1,)) -> Path:
+    folder = root / name
+    folder.mkdir(parents=True)
+    if config is not None:
+        (folder / "config.pbtxt").write_text(config)
+    for v in versions:
+        (folder / str(v)).mkdir()
+        (folder / str(v) / "model.onnx").write_bytes(b"onnx bytes of version %d" % v)
+    return folder
+
+
+def refusal(root: Path, name: str) -> str:
+    with pytest.raises(InvalidArgument) as err:
+        read_model(root, name)
+    return str(err.value)
+
+
+def test_an_onnx_model_maps_inputs_outputs_batching_and_instances(tmp_path: Path) -> None:
+    model(
+        tmp_path,
+        "iris",
+        ONNX
+        + "dynamic_batching { max_queue_delay_microseconds: 2500 preferred_batch_size: [4] }\n"
+        + "instance_group [ { count: 2 kind: KIND_CPU }, { count: 1 } ]\n",
+    )
+    m = read_model(tmp_path, "iris")
+    spec = m.spec
+    assert spec is not None and m.version == 1
+    assert spec.backend == "onnx" and spec.model == str((tmp_path / "iris/1/model.onnx").resolve())
+    assert [(t.name, t.datatype, t.shape) for t in spec.inputs] == [("x", "FP32", (-1, 4))]
+    assert [(t.name, t.datatype, t.shape) for t in spec.outputs] == [
+        ("y", "INT64", (-1, 1)),
+        ("s", "BYTES", (-1, -1)),
+    ]
+    assert spec.batching.max_batch_size == 8 and spec.batching.max_delay_ms == 2.5
+    assert spec.replicas == 3 and spec.resources.gpus == 0
+
+
+def test_without_batching_dims_are_the_whole_shape_and_gpu_groups_share_a_gpu(tmp_path: Path) -> None:
+    config = ONNX.replace("max_batch_size: 8", "max_batch_size: 0")
+    model(tmp_path, "m", config + 'instance_group [ { count: 2 kind: KIND_GPU gpus: [0, 1] } ]\nname: "m"\n')
+    spec = read_model(tmp_path, "m").spec
+    assert spec is not None
+    assert spec.inputs[0].shape == (4,) and spec.batching.max_batch_size == 1
+    assert spec.replicas == 4 and spec.resources.gpus == 0.5
+
+
+def test_the_version_policy_decides_which_version_serves(tmp_path: Path) -> None:
+    model(tmp_path, "latest", ONNX, versions=(1, 3, 2))
+    model(tmp_path, "pinned", ONNX + "version_policy: { specific: { versions: [1] } }", versions=(1, 2))
+    assert read_model(tmp_path, "latest").version == 3
+    pinned = read_model(tmp_path, "pinned")
+    assert pinned.version == 1 and pinned.versions == (1, 2)
+    assert pinned.spec is not None and served_version(tmp_path, pinned.spec) == 1
+
+
+@pytest.mark.parametrize(
+    ("policy", "field"),
+    [
+        ("latest: { num_versions: 2 }", "version_policy.latest"),
+        ("all: {}", "version_policy.all"),
+        ("specific: { versions: [4] }", "version_policy.specific"),
+    ],
+)
+def test_a_policy_not_selecting_one_existing_version_is_refused(
+    tmp_path: Path, policy: str, field: str
+) -> None:
+    model(tmp_path, "m", ONNX + f"version_policy: {{ {policy} }}", versions=(1, 2))
+    assert f": {field}: " in refusal(tmp_path, "m")
+
+
+def test_without_a_config_an_onnx_model_serves_with_what_the_file_declares(tmp_path: Path) -> None:
+    model(tmp_path, "plain", None, versions=(1, 2))
+    m = read_model(tmp_path, "plain")
+    assert m.version == 2 and m.spec is not None
+    assert m.spec.inputs == () and m.spec.replicas == 1
+
+
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [
+        ('platform: "ensemble"', "platform"),
+        ('platform: "tensorrt_plan"', "platform"),
+        ('backend: "python"', "backend"),
+        (ONNX + "sequence_batching { }", "sequence_batching"),
+        (ONNX + 'parameters { key: "k" value: { string_value: "v" } }', "parameters"),
+        (ONNX.replace("TYPE_FP32", "TYPE_INVALID"), "input[0] 'x'.data_type"),
+        (ONNX.replace("dims: [ 4 ]", "dims: [ 4 ] reshape: { shape: [ ] }"), "input[0] 'x'.reshape"),
+        (ONNX + "dynamic_batching { priority_levels: 2 }", "dynamic_batching.priority_levels"),
+        (ONNX + "instance_group [ { kind: KIND_MODEL } ]", "instance_group[0].kind"),
+        (ONNX + "instance_group [ { kind: KIND_CPU }, { kind: KIND_GPU } ]", "instance_group"),
+        (ONNX + 'name: "other"', "name"),
+        (ONNX.replace("max_batch_size: 8", "max_batch_size: 9000"), "max_batch_size"),
+    ],
+)
+def test_what_cannot_be_mapped_is_refused_naming_the_field(tmp_path: Path, config: str, field: str) -> None:
+    model(tmp_path, "m", config)
+    message = refusal(tmp_path, "m")
+    assert f"config.pbtxt: {field}: " in message
+
+
+def test_names_that_are_not_deployment_names_are_refused(tmp_path: Path) -> None:
+    model(tmp_path, "MyModel", ONNX)
+    assert "MyModel/config.pbtxt: name: 'MyModel' is not a shoal deployment name" in refusal(
+        tmp_path, "MyModel"
+    )
+
+
+def test_a_bad_config_names_the_file_and_the_line(tmp_path: Path) -> None:
+    model(tmp_path, "m", 'platform: "onnxruntime_onnx"\nmax_batch_size: eight\n')
+    message = refusal(tmp_path, "m")
+    assert message.startswith(f"{tmp_path / 'm' / 'config.pbtxt'}:2:")
+
+
+def test_a_model_without_versions_and_an_unknown_model(tmp_path: Path) -> None:
+    model(tmp_path, "m", ONNX, versions=())
+    assert "no version folder" in refusal(tmp_path, "m")
+    with pytest.raises(NotFound, match="has no model 'nope'"):
+        read_model(tmp_path, "nope")
+    with pytest.raises(NotFound):
+        read_model(tmp_path, "..")
+
+
+def test_scan_keeps_problems_and_load_all_refuses_them_all(tmp_path: Path) -> None:
+    model(tmp_path, "a", ONNX)
+    model(tmp_path, "b", 'platform: "ensemble"')
+    models = scan(tmp_path)
+    assert [(m.name, bool(m.spec), bool(m.problem)) for m in models] == [
+        ("a", True, False),
+        ("b", False, True),
+    ]
+    with pytest.raises(InvalidArgument, match=r"b/config\.pbtxt: platform"):
+        load_all(tmp_path)
+    with pytest.raises(InvalidArgument, match="is not a folder"):
+        load_all(tmp_path / "missing")
+
+
+def test_a_changed_model_file_changes_the_spec(tmp_path: Path) -> None:
+    folder = model(tmp_path, "m", ONNX)
+    before = read_model(tmp_path, "m").spec
+    (folder / "1" / "model.onnx").write_bytes(b"retrained")
+    after = read_model(tmp_path, "m").spec
+    assert before is not None and after is not None
+    assert before.process_hash() != after.process_hash()
