@@ -9,7 +9,8 @@ unbounded work: replica counts (``replicas``, ``autoscaling``) at most
 and at most :data:`MAX_SECONDS`. Anywhere in the document, ``options`` included, numbers
 must be finite (JSON's ``Infinity``/``NaN``, YAML's ``.inf``/``.nan`` are refused) and
 strings valid Unicode; ``options`` may nest :data:`MAX_OPTIONS_DEPTH` levels and take
-:data:`MAX_OPTIONS_BYTES` as JSON.
+:data:`MAX_OPTIONS_BYTES` as JSON. ``multiplexing.max_models_per_replica`` is at most
+:data:`MAX_MODELS_PER_REPLICA`.
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ MAX_TENSORS = 256
 """Most ``inputs`` (and most ``outputs``) a spec may declare."""
 MAX_TEXT = 4096
 """Longest ``model`` or ``base_dir``."""
+MAX_MODELS_PER_REPLICA = 1000
+"""Most model ids one replica of a multiplexed deployment may hold loaded at once."""
+MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+"""What a multiplexed model id may be: a plain name (it names a file, a metric label), never
+a path: no ``/``, no leading ``.``, at most 128 characters."""
 
 
 class _Strict(BaseModel):
@@ -96,6 +102,25 @@ class Batching(_Strict):
 
     max_batch_size: int = Field(default=1, ge=1, le=4096)
     max_delay_ms: float = Field(default=0.0, ge=0, le=10_000)
+
+
+class Multiplexing(_Strict):
+    """Many model ids served by one pool of replicas: each replica loads an id on its first
+    request (the backend's ``load_model``) and holds at most ``max_models_per_replica``,
+    evicting the least recently used past that."""
+
+    max_models_per_replica: int = Field(ge=1, le=MAX_MODELS_PER_REPLICA)
+
+
+def check_model_id(model_id: str) -> str:
+    """``model_id`` if it is a plain name (:data:`MODEL_ID_PATTERN`); InvalidArgument otherwise."""
+    if not re.fullmatch(MODEL_ID_PATTERN, model_id):
+        shown = model_id if len(model_id) <= 140 else model_id[:140] + "..."
+        raise InvalidArgument(
+            f"model id {shown!r} is not a plain name: letters, digits, '_', '-' and '.', "
+            "starting with a letter or digit, at most 128 characters"
+        )
+    return model_id
 
 
 class Autoscaling(_Strict):
@@ -151,6 +176,7 @@ class DeploymentSpec(_Strict):
     inputs: tuple[TensorSpec, ...] = Field(default=(), max_length=MAX_TENSORS)
     outputs: tuple[TensorSpec, ...] = Field(default=(), max_length=MAX_TENSORS)
     auth: Auth | None = None
+    multiplexing: Multiplexing | None = None
     # The folder the spec file was read from: relative model paths resolve
     # against it and the python backend imports modules from it.
     base_dir: str = Field(default="", max_length=MAX_TEXT)
@@ -179,7 +205,7 @@ class DeploymentSpec(_Strict):
         """
         doc = self.model_dump(mode="json", exclude={"replicas", "autoscaling", "auth"})
         # Left out at their defaults: specs from before these fields keep their hash (and replicas).
-        for key, default in (("restarts", 0), ("model_hash", "")):
+        for key, default in (("restarts", 0), ("model_hash", ""), ("multiplexing", None)):
             if doc[key] == default:
                 del doc[key]
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]

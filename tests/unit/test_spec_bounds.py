@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from shoal.config import Settings
-from shoal.core.spec import MAX_OPTIONS_BYTES, load_spec_file, parse_spec, parse_spec_json
+from shoal.core.spec import MAX_OPTIONS_BYTES, check_model_id, load_spec_file, parse_spec, parse_spec_json
 from shoal.errors import InvalidArgument
 from shoal.head.node import HeadNode
 from shoal.http.head import head_app
@@ -165,3 +165,40 @@ def test_yaml_nested_too_deep_is_invalid_argument(tmp_path: Path) -> None:
     path.write_text("name: deep\nbackend: python\nmodel: m:M\noptions: " + "[" * 5000 + "]" * 5000 + "\n")
     with pytest.raises(InvalidArgument, match="nested"):
         load_spec_file(path)
+
+
+# ------------------------------------------------------------------ multiplexing (issue 18)
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"max_models_per_replica": 0}, "multiplexing.max_models_per_replica: Input should be greater than"),
+        ({"max_models_per_replica": 1001}, "multiplexing.max_models_per_replica: Input should be less than"),
+        ({}, "multiplexing.max_models_per_replica: Field required"),
+        ({"max_models_per_replica": 2, "lru": True}, "multiplexing.lru: Extra inputs are not permitted"),
+    ],
+)
+def test_a_bad_multiplexing_section_is_refused_naming_the_field(
+    section: dict[str, Any], message: str
+) -> None:
+    assert message in refused({**BASE, "multiplexing": section})
+
+
+def test_multiplexing_changes_the_process_hash_and_its_absence_keeps_the_old_one() -> None:
+    plain = parse_spec(BASE)
+    multiplexed = parse_spec({**BASE, "multiplexing": {"max_models_per_replica": 20}})
+    assert multiplexed.multiplexing is not None and multiplexed.multiplexing.max_models_per_replica == 20
+    assert multiplexed.process_hash() != plain.process_hash()
+    assert "multiplexing" not in plain.model_dump_json(exclude_defaults=True)
+
+
+@pytest.mark.parametrize("model_id", ["../etc/passwd", "a/b", ".hidden", "", "x" * 129, "a\n", "é", "a b"])
+def test_a_model_id_that_is_not_a_plain_name_is_refused(model_id: str) -> None:
+    with pytest.raises(InvalidArgument, match="is not a plain name"):
+        check_model_id(model_id)
+
+
+def test_plain_model_ids_pass() -> None:
+    for model_id in ("customer-17", "A.b_c-9", "x" * 128):
+        assert check_model_id(model_id) == model_id
