@@ -37,7 +37,7 @@ from shoal.core import payload
 from shoal.core.cluster import ReplicaReport
 from shoal.core.payload import Tensors
 from shoal.core.spec import DeploymentSpec
-from shoal.errors import DeadlineExceeded, ShoalError, Unavailable
+from shoal.errors import DeadlineExceeded, NotFound, ShoalError, Unavailable
 from shoal.types import (
     Arrays,
     GenerateChunk,
@@ -289,6 +289,7 @@ class FakeSchedulerClient:
         self.removed: list[tuple[str, bool]] = []
         self.create_error: ShoalError | None = None
         self.remove_error: ShoalError | None = None
+        self.logs: dict[str, bytes] = {}
         self.closed = False
 
     @property
@@ -308,6 +309,13 @@ class FakeSchedulerClient:
             raise self.remove_error
         self.registry_version += 1
         self.removed.append((replica_id, graceful))
+
+    async def read_log(self, replica_id: str, tail_bytes: int, follow: bool) -> AsyncIterator[bytes]:
+        """The last ``tail_bytes`` of ``logs[replica_id]``; NotFound for a replica without one."""
+        if replica_id not in self.logs:
+            raise NotFound(f"no log for replica {replica_id!r} on scheduler {self.scheduler_id}")
+        log = self.logs[replica_id]
+        yield log[max(0, len(log) - tail_bytes) :]
 
     async def close(self) -> None:
         self.closed = True
