@@ -1,7 +1,9 @@
 """The state store: the :class:`Store` protocol and its implementations.
 
 :class:`MemoryStore` keeps everything in a dict (tests); :class:`SqliteStore` is the
-embedded durable default. See :mod:`shoal.store.base` for revisions and watch semantics.
+embedded durable default; :class:`shoal.store.etcd.EtcdStore` keeps the state on an etcd
+cluster for standby heads (imported from its module, so that a head on SQLite does not load
+the etcd client). See :mod:`shoal.store.base` for revisions and watch semantics.
 """
 
 from shoal.store.base import (

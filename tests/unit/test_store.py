@@ -1,11 +1,13 @@
-"""The Store contract, run against MemoryStore and SqliteStore; then SQLite's own promises."""
+"""The Store contract, run against MemoryStore, SqliteStore and EtcdStore (a real etcd
+process on loopback); then SQLite's and etcd's own promises."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -13,9 +15,12 @@ import pytest
 import pytest_asyncio
 
 from shoal.errors import Internal, InvalidArgument
+from shoal.rpc.etcd_client import EtcdTarget, etcd_client, parse_store_url
 from shoal.store import Entry, Event, MemoryStore, SqliteStore, Store, StoreError
 from shoal.store.base import Watch, WatchLost
+from shoal.store.etcd import EtcdStore, Fenced
 from shoal.store.history import EVENTS, MAX_MESSAGE, REVISIONS, History
+from shoal.testing.etcd import EtcdCluster, free_ports, require_etcd
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(10)]
 
@@ -28,19 +33,35 @@ def sqlite_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("shoal-sqlite")]
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    """One etcd member for this module; each store gets a key prefix of its own."""
+    require_etcd()
+    with EtcdCluster(tmp_path_factory.mktemp("etcd")) as cluster:
+        yield cluster
+
+
+def open_etcd_store(cluster: EtcdCluster, **limits: int) -> Awaitable[EtcdStore]:
+    client = etcd_client(EtcdTarget(parse_store_url(cluster.url)))
+    return EtcdStore(client, root=f"test-{uuid.uuid4().hex}/", **limits).open()
+
+
+@pytest.fixture(params=["memory", "sqlite", "etcd"])
 def kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
 @pytest_asyncio.fixture
-async def make_store(kind: str, tmp_path: Path) -> AsyncIterator[MakeStore]:
+async def make_store(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[MakeStore]:
     stores: list[Store] = []
+    cluster = request.getfixturevalue("etcd") if kind == "etcd" else None
 
     async def make(**limits: int) -> Store:
         store: Store
         if kind == "memory":
             store = MemoryStore(**limits)
+        elif cluster is not None:
+            store = await open_etcd_store(cluster, **limits)
         else:
             store = await SqliteStore(tmp_path / "state.db", **limits).open()
         stores.append(store)
@@ -453,3 +474,82 @@ async def test_both_stores_satisfy_the_protocol(tmp_path: Path) -> None:
 
     watch: Watch = generator()  # an async generator is a Watch too
     assert watch is not None
+
+
+# -- etcd ----------------------------------------------------------------------------------
+
+
+async def test_etcd_stores_on_one_root_share_one_revision_sequence(etcd: EtcdCluster) -> None:
+    root = f"shared-{uuid.uuid4().hex}/"
+    target = EtcdTarget(parse_store_url(etcd.url))
+    async with (
+        EtcdStore(etcd_client(target), root=root) as a,
+        EtcdStore(etcd_client(target), root=root) as b,
+    ):
+        watch = a.watch("k/")
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task((a, b)[i % 2].put(f"k/{i:02}", str(i))) for i in range(40)]
+        assert sorted(t.result() for t in tasks) == list(range(1, 41))
+        # a sees b's writes, in order
+        assert [e.revision for e in await take(watch, 40)] == list(range(1, 41))
+        assert await b.get("k/00") == await a.get("k/00")
+        # a compare-and-set against a revision b moved on from fails
+        entry = await a.get("k/01")
+        assert entry is not None
+        assert await b.put("k/01", "b wins") == 41
+        assert await a.put_if("k/01", "a loses", entry.revision) is None
+        assert (await a.get("k/01")) == Entry("k/01", "b wins", 41)
+
+
+async def test_etcd_fenced_store_writes_only_while_it_holds_the_key(etcd: EtcdCluster) -> None:
+    store = await open_etcd_store(etcd)
+    try:
+        leader = f"leader-{uuid.uuid4().hex}"
+        await store.client.put(leader.encode(), b"head-a")
+        store.fence(leader, "head-a")
+        assert await store.put("deployments/x", "1") == 1
+        await store.client.put(leader.encode(), b"head-b")  # another head took over
+        for write in (
+            store.put("deployments/x", "2"),
+            store.delete("deployments/x"),
+            store.put_if("y", "1", 0),
+        ):
+            with pytest.raises(Fenced, match="head-b"):
+                await write
+        assert await store.list() == [Entry("deployments/x", "1", 1)]
+        await store.client.delete(leader.encode())  # its lease ran out: nobody leads
+        with pytest.raises(Fenced, match="nobody"):
+            await store.put("deployments/x", "3")
+        store.unfence()
+        assert await store.put("deployments/x", "4") == 2
+    finally:
+        await store.close()
+
+
+async def test_etcd_unreachable_is_a_store_error() -> None:
+    (port,) = free_ports(1)  # nobody listens there
+    client = etcd_client(EtcdTarget((("127.0.0.1", port),)))
+    with pytest.raises(StoreError, match="etcd"):
+        await EtcdStore(client).open()
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("sqlite:///x", "etcd://"),
+        ("etcd://", "bad endpoint"),
+        ("etcd://host:notaport", "bad endpoint"),
+        ("etcd://a:1,/path", "bad endpoint"),
+    ],
+)
+async def test_etcd_store_url_must_name_endpoints(url: str, problem: str) -> None:
+    with pytest.raises(InvalidArgument, match=problem):
+        parse_store_url(url)
+
+
+async def test_etcd_store_url_endpoints() -> None:
+    assert parse_store_url("etcd://10.0.0.1:2379,db.example:32379,other") == (
+        ("10.0.0.1", 2379),
+        ("db.example", 32379),
+        ("other", 2379),
+    )

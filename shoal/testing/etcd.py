@@ -1,0 +1,164 @@
+"""Real etcd processes on loopback for tests: one member or a small cluster, each with its
+own temporary data folder and free ports, stopped (and waited for) on :meth:`EtcdCluster.stop`.
+
+Tests never use etcd's default ports (2379/2380): ports are picked free by the kernel.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ETCD = "/usr/bin/etcd"
+
+
+def etcd_binary() -> str | None:
+    """The etcd binary, or ``None`` when it is not installed (``make system-deps`` installs it)."""
+    return shutil.which("etcd") or (ETCD if os.path.exists(ETCD) else None)
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` loopback ports free right now (closed again: a small race, fine for tests)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@dataclass
+class Member:
+    name: str
+    client_port: int
+    peer_port: int
+    data_dir: Path
+    process: subprocess.Popen[bytes] | None = None
+    log: Path = field(default_factory=Path)
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.client_port}"
+
+
+class EtcdCluster:
+    """``size`` etcd members on 127.0.0.1. ``start()`` returns once every member is healthy.
+
+    Election settings are short (heartbeat 50 ms, election 500 ms) so a lost member is
+    noticed quickly in tests.
+    """
+
+    def __init__(self, folder: Path, size: int = 1) -> None:
+        binary = etcd_binary()
+        if binary is None:
+            raise FileNotFoundError("etcd is not installed (make system-deps installs etcd-server)")
+        self.binary = binary
+        self.folder = folder
+        ports = free_ports(2 * size)
+        self.members = [
+            Member(f"m{i}", ports[2 * i], ports[2 * i + 1], folder / f"m{i}") for i in range(size)
+        ]
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [m.endpoint for m in self.members]
+
+    @property
+    def url(self) -> str:
+        """The ``--store`` value for shoal: ``etcd://a:1,b:2``."""
+        return "etcd://" + ",".join(self.endpoints)
+
+    def start(self, timeout: float = 20.0) -> EtcdCluster:
+        initial = ",".join(f"{m.name}=http://127.0.0.1:{m.peer_port}" for m in self.members)
+        for m in self.members:
+            self._spawn(m, initial)
+        deadline = time.monotonic() + timeout
+        for m in self.members:
+            self._wait_healthy(m, deadline)
+        return self
+
+    def _spawn(self, m: Member, initial: str) -> None:
+        m.data_dir.mkdir(parents=True, exist_ok=True)
+        m.log = self.folder / f"{m.name}.log"
+        client, peer = f"http://127.0.0.1:{m.client_port}", f"http://127.0.0.1:{m.peer_port}"
+        args = [
+            self.binary,
+            f"--name={m.name}",
+            f"--data-dir={m.data_dir}",
+            f"--listen-client-urls={client}",
+            f"--advertise-client-urls={client}",
+            f"--listen-peer-urls={peer}",
+            f"--initial-advertise-peer-urls={peer}",
+            f"--initial-cluster={initial}",
+            "--initial-cluster-state=new",
+            f"--initial-cluster-token=shoal-test-{self.members[0].peer_port}",
+            "--heartbeat-interval=50",
+            "--election-timeout=500",
+            "--logger=zap",
+            "--log-level=error",
+        ]
+        with open(m.log, "ab") as log:
+            m.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def _wait_healthy(self, m: Member, deadline: float) -> None:
+        while True:
+            assert m.process is not None
+            if m.process.poll() is not None:
+                raise RuntimeError(f"etcd {m.name} exited: {m.log.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"http://{m.endpoint}/health", timeout=1) as reply:
+                    if b'"true"' in reply.read():
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"etcd {m.name} not healthy: {m.log.read_text()[-2000:]}")
+            time.sleep(0.05)  # polling a child process's readiness: nothing to wait on instead
+
+    def kill(self, index: int) -> None:
+        """SIGKILL one member (it is not restarted)."""
+        self._end(self.members[index], signal.SIGKILL)
+
+    def stop(self) -> None:
+        for m in self.members:
+            self._end(m, signal.SIGTERM)
+
+    def _end(self, m: Member, sig: signal.Signals) -> None:
+        process, m.process = m.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(sig)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+    def __enter__(self) -> EtcdCluster:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def require_etcd() -> None:
+    """Skip the calling test when etcd is not installed; fail instead under CI (``CI=true``),
+    where ``make system-deps`` must have installed it."""
+    import pytest  # a test helper: pytest is there whenever this is called
+
+    if etcd_binary() is not None:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail("etcd is not installed under CI: make system-deps installs etcd-server")
+    pytest.skip("etcd is not installed: make system-deps installs etcd-server (as root)")
