@@ -28,6 +28,7 @@ from typing import Any, Self
 import numpy as np
 
 from shoal.errors import Internal, InvalidArgument, Unavailable
+from shoal.replica.compose import CallContext, current_call
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ class _Request:
     key: _Key
     arrived: float
     future: asyncio.Future[Tensors] = field(repr=False)
+    # The request this is (id, deadline), for models that call other deployments.
+    call: CallContext | None = field(default_factory=current_call.get, repr=False)
     started: bool = False
     # It found the model busy or other requests queued: it may wait for company. One that
     # arrives at an idle batcher with nothing queued runs at once.
@@ -349,6 +352,7 @@ class Batcher:
             self.batches += 1
             self.batch_sizes[request.rows] += 1
             started = time.perf_counter_ns()
+            token = current_call.set(request.call)
             try:
                 outputs = await self._run(request.inputs)
                 piece = _split(outputs, [request.rows])[0]
@@ -362,6 +366,7 @@ class Batcher:
                     request.future.set_exception(err)
                 continue
             finally:
+                current_call.reset(token)
                 self.compute_ns += time.perf_counter_ns() - started
             if not request.future.done():
                 request.future.set_result(piece)
@@ -381,9 +386,11 @@ class Batcher:
                     names = batch[0].inputs.keys()
                     inputs = {n: np.concatenate([r.inputs[n] for r in batch], axis=0) for n in names}
                 started = time.perf_counter_ns()
+                token = current_call.set(CallContext.merge(r.call for r in batch))
                 try:
                     outputs = await self._run(inputs)
                 finally:
+                    current_call.reset(token)
                     self.compute_ns += time.perf_counter_ns() - started
                 pieces = _split(outputs, rows)
             except asyncio.CancelledError:

@@ -1,0 +1,134 @@
+"""Composition: a model calls other deployments through the cluster's router.
+
+A python model reaches them as ``self.deployments["other"]`` (or the ``deployments``
+argument of its constructor, when it takes one)::
+
+    class Pipeline:
+        def predict(self, inputs):
+            tokens = self.deployments["tokenizer"].infer({"text": inputs["text"]})
+            return self.deployments["model"].infer(tokens)
+
+``infer`` blocks (for ``predict`` run on the model thread); ``await handle.ainfer(...)``
+is the same for ``async def predict``. A call goes to the scheduler of this replica's
+machine (native ``SendRequest``), which routes it like any other request: the target
+scales, retries and reports on its own. It carries the calling request's deadline (what
+is left of it: a call made with nothing left fails with DeadlineExceeded at once) and
+its request id, so the target's log lines name the request that caused them. In a batch
+the earliest deadline of the batch's requests counts.
+
+A deployment may not call itself (refused when the handle is taken). A longer cycle
+(a -> b -> a) is not detected: each hop has only what is left of the first request's
+deadline, so it ends with DeadlineExceeded, never a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from shoal.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
+from shoal.types import Arrays
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """The requests a model call serves: their ids and the earliest deadline (monotonic)."""
+
+    request_ids: tuple[str, ...]
+    deadline: float
+
+    @classmethod
+    def merge(cls, contexts: Iterable[CallContext | None]) -> CallContext | None:
+        known = [c for c in contexts if c is not None]
+        if not known:
+            return None
+        ids = tuple(i for c in known for i in c.request_ids)
+        return cls(ids, min(c.deadline for c in known))
+
+
+current_call: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar(
+    "shoal_current_call", default=None
+)
+"""Set by the replica around each request (and by the batcher around each batch); read by
+the handles. Backends copy it into their model thread."""
+
+
+class DeploymentCaller(Protocol):
+    """How a replica reaches another deployment (gRPC to its scheduler, in ``replica_main``)."""
+
+    async def infer(
+        self, deployment: str, inputs: Arrays, *, timeout_s: float = 0.0, request_id: str = ""
+    ) -> tuple[Arrays, str]: ...
+
+
+class DeploymentHandle:
+    """Calls one deployment. Safe from the model thread and from the replica's event loop."""
+
+    def __init__(self, name: str, caller: DeploymentCaller, loop: asyncio.AbstractEventLoop) -> None:
+        self.name = name
+        self._caller = caller
+        self._loop = loop
+
+    async def ainfer(self, inputs: Arrays) -> Arrays:
+        """The deployment's outputs for ``inputs``. Raises ShoalError (the target's own
+        errors, DeadlineExceeded when the calling request's deadline passes)."""
+        call = current_call.get()
+        timeout_s = 0.0
+        request_id = ""
+        if call is not None:
+            timeout_s = call.deadline - time.monotonic()
+            if timeout_s <= 0:
+                raise DeadlineExceeded(
+                    f"no time left of request {call.request_ids[0]}'s deadline to call {self.name!r}"
+                )
+            request_id = call.request_ids[0]
+        outputs, _ = await self._caller.infer(self.name, inputs, timeout_s=timeout_s, request_id=request_id)
+        return outputs
+
+    def infer(self, inputs: Arrays) -> Arrays:
+        """``ainfer`` for a plain ``predict``, which runs on the model thread: blocks it until
+        the answer. Called on the event loop itself it would block the replica: refused."""
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            raise FailedPrecondition(
+                f"deployments[{self.name!r}].infer() blocks: from async def predict, "
+                f"await deployments[{self.name!r}].ainfer(...)"
+            )
+        # The calling thread's request (current_call) goes with the call to the loop.
+        future = asyncio.run_coroutine_threadsafe(self._as(current_call.get(), inputs), self._loop)
+        return future.result()
+
+    async def _as(self, call: CallContext | None, inputs: Arrays) -> Arrays:
+        current_call.set(call)  # in this task only
+        return await self.ainfer(inputs)
+
+
+class Deployments:
+    """``deployments[name]``: a handle to the deployment ``name`` (taken lazily: the target
+    need not exist until it is called, and is checked then)."""
+
+    def __init__(self, own: str, caller: DeploymentCaller, loop: asyncio.AbstractEventLoop) -> None:
+        self._own = own
+        self._caller = caller
+        self._loop = loop
+        self._handles: dict[str, DeploymentHandle] = {}
+
+    def __getitem__(self, name: str) -> DeploymentHandle:
+        if not isinstance(name, str) or not name:
+            raise InvalidArgument(f"deployments[...] takes a deployment name, got {name!r}")
+        if name == self._own:
+            raise InvalidArgument(f"deployment {name!r} cannot call itself")
+        handle = self._handles.get(name)
+        if handle is None:
+            handle = self._handles[name] = DeploymentHandle(name, self._caller, self._loop)
+        return handle
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and bool(name) and name != self._own

@@ -1,0 +1,100 @@
+"""Handles to other deployments (shoal.replica.compose) over a fake caller: what a call
+carries, and what is refused before any call is made."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from shoal.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
+from shoal.replica.batcher import Batcher
+from shoal.replica.compose import CallContext, Deployments, current_call
+from shoal.types import Arrays
+
+pytestmark = pytest.mark.timeout(10)
+
+
+class RecordingCaller:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, float, str]] = []
+
+    async def infer(
+        self, deployment: str, inputs: Arrays, *, timeout_s: float = 0.0, request_id: str = ""
+    ) -> tuple[Arrays, str]:
+        self.calls.append((deployment, timeout_s, request_id))
+        return {k: v * 2 for k, v in inputs.items()}, "r-1"
+
+
+X = {"x": np.ones((1, 2), dtype=np.float32)}
+
+
+async def test_a_call_carries_what_is_left_of_the_deadline_and_the_request_id() -> None:
+    caller = RecordingCaller()
+    handles = Deployments("front", caller, asyncio.get_running_loop())
+    current_call.set(CallContext(("req-7",), time.monotonic() + 2.0))
+
+    out = await handles["back"].ainfer(X)
+
+    np.testing.assert_array_equal(out["x"], X["x"] * 2)
+    [(name, timeout_s, request_id)] = caller.calls
+    assert (name, request_id) == ("back", "req-7")
+    assert 1.0 < timeout_s <= 2.0
+
+
+async def test_the_blocking_call_from_the_model_thread_carries_the_request_too() -> None:
+    caller = RecordingCaller()
+    handles = Deployments("front", caller, asyncio.get_running_loop())
+
+    def on_model_thread() -> Arrays:
+        current_call.set(CallContext(("req-8",), time.monotonic() + 5.0))
+        return handles["back"].infer(X)
+
+    out = await asyncio.to_thread(on_model_thread)
+
+    np.testing.assert_array_equal(out["x"], X["x"] * 2)
+    assert caller.calls[0][2] == "req-8"
+
+
+async def test_refused_before_any_call() -> None:
+    caller = RecordingCaller()
+    handles = Deployments("front", caller, asyncio.get_running_loop())
+    with pytest.raises(InvalidArgument, match="cannot call itself"):
+        handles["front"]
+    with pytest.raises(FailedPrecondition, match="ainfer"):
+        handles["back"].infer(X)  # blocking on the event loop would stall the replica
+    current_call.set(CallContext(("late",), time.monotonic() - 0.1))
+    with pytest.raises(DeadlineExceeded, match="no time left"):
+        await handles["back"].ainfer(X)
+    assert caller.calls == []
+
+
+async def test_a_batch_serves_its_requests_earliest_deadline_and_every_id() -> None:
+    seen: list[CallContext | None] = []
+    release = asyncio.Event()
+
+    async def run(inputs: Arrays) -> Arrays:
+        seen.append(current_call.get())
+        await release.wait()
+        return inputs
+
+    now = time.monotonic()
+    async with Batcher(run, max_batch_size=8, max_delay_ms=50) as batcher:
+
+        async def request(rid: str, deadline: float) -> Arrays:
+            current_call.set(CallContext((rid,), deadline))
+            return await batcher.submit({"x": np.ones((1, 2), dtype=np.float32)})
+
+        # "a" finds the model idle and runs alone; "b" and "c" queue behind it and share a batch.
+        first = asyncio.create_task(request("a", now + 9))
+        while not seen:
+            await asyncio.sleep(0)
+        rest = [asyncio.create_task(request("b", now + 5)), asyncio.create_task(request("c", now + 7))]
+        while batcher.queued < 2:
+            await asyncio.sleep(0)
+        release.set()
+        await asyncio.gather(first, *rest)
+
+    assert seen == [CallContext(("a",), now + 9), CallContext(("b", "c"), now + 5)]
