@@ -14,8 +14,7 @@ import numpy as np
 
 from shoal.cli.common import text_table, with_client
 from shoal.config import Settings
-from shoal.core.spec import DeploymentSpec
-from shoal.errors import InvalidArgument, ShoalError, Unavailable
+from shoal.errors import InvalidArgument
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
@@ -109,10 +108,9 @@ def render_status(status: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _parse_inputs(text: str, spec: DeploymentSpec | None) -> dict[str, np.ndarray]:
-    """JSON mapping input names to nested lists -> arrays, typed by the spec's declared inputs."""
-    from shoal.core import tensors
-
+def _parse_inputs(text: str) -> dict[str, Any]:
+    """``--data``: a JSON object (or ``@file``) mapping input names to nested lists; the API
+    types them (``shoal.api.to_arrays``)."""
     if text.startswith("@"):
         try:
             text = Path(text[1:]).read_text()
@@ -122,51 +120,21 @@ def _parse_inputs(text: str, spec: DeploymentSpec | None) -> dict[str, np.ndarra
         doc = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as err:
         raise InvalidArgument(f"--data is not valid JSON: {err}") from None
-    if not isinstance(doc, dict) or not doc:
+    if not isinstance(doc, dict):
         raise InvalidArgument(
             '--data must be a JSON object mapping input names to lists, e.g. {"x": [[1, 2]]}'
         )
-    declared = {t.name: t.datatype for t in (spec.inputs if spec else ())}
-    out = {}
-    for name, value in doc.items():
-        arr = np.asarray(value)
-        if arr.dtype == object:
-            raise InvalidArgument(
-                f"input {name!r}: ragged nested lists (every row must have the same length)"
-            )
-        datatype = declared.get(name)
-        if datatype is None:
-            if arr.dtype.kind in "iuf":
-                datatype = "FP32"
-            elif arr.dtype.kind == "b":
-                datatype = "BOOL"
-            else:
-                datatype = "BYTES"
-        out[name] = tensors.from_json(datatype, list(arr.shape), arr.tolist(), name=name)
-    return out
+    return doc
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from shoal.core.spec import parse_spec
-    from shoal.rpc.clients import send_request
-
     async def go(client: Any, settings: Settings) -> int:
-        status = (await client.status()).to_json()
-        dep = next((d for d in status["deployments"] if d["name"] == args.name), None)
-        if dep is None:
-            raise ShoalError(f"no deployment named {args.name!r}")
-        spec = parse_spec(dep["spec"])
-        address = args.scheduler
-        if not address:
-            alive = [s for s in status["schedulers"] if s["state"] == "ALIVE"]
-            if not alive:
-                raise Unavailable("no live scheduler to send the request to")
-            address = alive[0]["address"]
-        inputs = _parse_inputs(args.data, spec)
-        outputs, replica = await send_request(address, args.name, inputs, settings, timeout_s=args.timeout)
-        print(json.dumps({name: _to_list(arr) for name, arr in outputs.items()}))
+        inputs = _parse_inputs(args.data)
+        handle = client.handle(args.name, scheduler=args.scheduler or "")
+        reply = await handle.request(inputs, timeout_s=args.timeout)
+        print(json.dumps({name: _to_list(arr) for name, arr in reply.outputs.items()}))
         if args.verbose:
-            print(f"answered by replica {replica}", file=sys.stderr)
+            print(f"answered by replica {reply.replica_id}", file=sys.stderr)
         return 0
 
     return with_client(args, go)

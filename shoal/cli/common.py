@@ -87,13 +87,14 @@ def add_client_flags(p: argparse.ArgumentParser) -> None:
 
 
 def with_client(args: argparse.Namespace, fn: Callable[[Any, Settings], Awaitable[int]]) -> int:
-    """Run ``fn(client, settings)`` with a control client to the head; its result is the exit code."""
-    from shoal.rpc.clients import ControlClient
+    """Run ``fn(client, settings)`` with a client of the head (``shoal.api.AsyncClient``: the
+    commands are built on the Python API); its result is the exit code."""
+    from shoal.api import AsyncClient
 
     settings = settings_of(args)
 
     async def go() -> int:
-        client = ControlClient(settings.head_address, settings)
+        client = AsyncClient(settings=settings)
         try:
             return await fn(client, settings)
         except Unavailable as err:

@@ -21,6 +21,7 @@ from shoal.cli.model_hash import with_model_hash
 from shoal.config import Settings
 from shoal.core.cluster import FAILED
 from shoal.core.spec import DeploymentSpec, load_spec_file, parse_spec
+from shoal.decorator import is_target, load_target
 from shoal.errors import ShoalError
 
 Status = Mapping[str, Any]
@@ -260,14 +261,14 @@ def traceback_excerpt(lines: Sequence[str], most: int = 20) -> list[str]:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     # model_hash: the model's files as this machine sees them (bounded: shoal.cli.model_hash).
-    specs = [with_model_hash(s) for f in args.files for s in load_spec_file(f)]
+    specs = [with_model_hash(s) for f in args.files for s in _specs_in(f)]
 
     async def go(client: Any, settings: Settings) -> int:
         before = await status_reader(client)()
         watch = DeployWatch.after_apply(before, specs)
         revisions: dict[str, int] = {}
         for spec, w in zip(specs, watch.watched, strict=True):
-            reply = await client.apply(spec)
+            reply = await client.deploy(spec, wait=False)
             revisions[spec.name] = reply.revision
             print(f"deployment {spec.name} {_applied(reply, rolls=bool(w.old_replicas))}", flush=True)
         if not args.wait:
@@ -286,6 +287,14 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         return code
 
     return with_client(args, go)
+
+
+def _specs_in(arg: str) -> list[DeploymentSpec]:
+    """The specs a ``shoal deploy`` argument names: a YAML file's, or a class's (``app.py:Model``,
+    ``@shoal.deployment``)."""
+    if is_target(arg):
+        return [load_target(arg)]
+    return load_spec_file(arg)
 
 
 ROLLBACK_WAIT_S = 60.0
@@ -341,12 +350,17 @@ async def _report_rollback(client: Any, name: str, revision: int, timeout_s: flo
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "deploy",
-        help="create or update deployments from YAML files",
+        help="create or update deployments from YAML files (or app.py:Class)",
         description="Create or update deployments, then wait until the new replicas are READY. Fails "
         "at once when the head answers that they will not be: no scheduler has room, or the replicas "
         "fail to start.",
     )
-    p.add_argument("files", nargs="+")
+    p.add_argument(
+        "files",
+        nargs="+",
+        metavar="FILE",
+        help="a YAML spec file, or FILE.py:Class for a class (decorated with @shoal.deployment or not)",
+    )
     p.add_argument(
         "--no-wait",
         dest="wait",

@@ -1,0 +1,419 @@
+"""shoal's Python API: drive a cluster from Python, over the same gRPC services as the CLI
+(which is built on this module, so the two cannot drift apart).
+
+    import shoal
+
+    c = shoal.connect("127.0.0.1:8470", token="...")   # a Client; no I/O until the first call
+    c.deploy(spec)               # a DeploymentSpec, a mapping, or a (decorated) class; waits for READY
+    c.scale("echo", 3)
+    c.status().deployment("echo").ready_replicas
+    c.handle("echo").infer({"x": [[1.0, 2.0]]})          # {"x": array([[1., 2.]], dtype=float32)}
+    await c.handle("echo").ainfer({"x": [[1.0, 2.0]]})   # the same from a coroutine
+    c.delete("echo")
+
+:class:`Client` is synchronous: it runs its calls on an event loop of its own, in a thread,
+so it works the same from a script and from Jupyter (whose loop is already running).
+:class:`AsyncClient` is the same API as coroutines, on the caller's loop. Both are safe to
+call concurrently. Every error is a :class:`shoal.errors.ShoalError` subclass:
+``NotFound`` for an unknown deployment, ``Unavailable`` when the head (or every scheduler)
+cannot be reached, ``InvalidArgument`` for a bad spec or input, ``FailedPrecondition`` when
+a deploy fails (its replicas fail to start, no scheduler has room), ``DeadlineExceeded``
+when it is not ready in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Coroutine, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+
+from shoal.config import Settings
+from shoal.core.spec import DeploymentSpec
+from shoal.core.states import SchedulerState
+from shoal.decorator import spec_of
+from shoal.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+
+if TYPE_CHECKING:
+    from shoal.core.status import ClusterStatus
+    from shoal.proto.shoal_pb2 import CreateTokenReply, TokenInfo
+    from shoal.rpc.clients import ControlClient, NativeClient
+    from shoal.store.history import LifecycleEvent, Revision
+
+T = TypeVar("T")
+
+Deployable = DeploymentSpec | Mapping[str, Any] | type
+"""What ``deploy`` takes: a spec, a mapping as in a YAML file, or a class (``@shoal.deployment``)."""
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What the head did with a spec."""
+
+    name: str
+    revision: int
+    created: bool
+    changed: bool
+    change: str  # what changed, one line ("replicas 1 → 2"); "" when unchanged
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An inference answer: the outputs, and the replica that computed them."""
+
+    outputs: dict[str, np.ndarray]
+    replica_id: str
+
+
+def settings_for(
+    address: str | None = None, *, token: str | None = None, tls_dir: str | None = None
+) -> Settings:
+    """Settings as the CLI builds them: these arguments, else ``SHOAL_HEAD`` / ``SHOAL_TOKEN`` /
+    ``SHOAL_TLS_DIR``, else the defaults (``localhost:8470``)."""
+    return Settings.load(flags={"head_address": address, "token": token, "tls_dir": tls_dir})
+
+
+def to_arrays(inputs: Mapping[str, Any], spec: DeploymentSpec | None = None) -> dict[str, np.ndarray]:
+    """Inputs as arrays: numpy arrays as given; nested lists typed by the spec's declared
+    inputs, else FP32 for numbers, BOOL for booleans, BYTES for strings. InvalidArgument
+    naming the input that cannot be a tensor."""
+    from shoal.core import tensors
+
+    if not isinstance(inputs, Mapping) or not inputs:
+        raise InvalidArgument('inputs must be a mapping of input names to arrays, e.g. {"x": [[1, 2]]}')
+    declared = {t.name: t.datatype for t in (spec.inputs if spec else ())}
+    out = {}
+    for name, value in inputs.items():
+        if isinstance(value, np.ndarray) and value.dtype != object:
+            out[name] = value
+            continue
+        try:
+            arr = np.asarray(value)
+        except ValueError:  # numpy refuses ragged lists outright
+            arr = np.empty(0, object)
+        if arr.dtype == object:
+            raise InvalidArgument(
+                f"input {name!r}: ragged nested lists (every row must have the same length)"
+            )
+        datatype = declared.get(name)
+        if datatype is None:
+            datatype = "FP32" if arr.dtype.kind in "iuf" else "BOOL" if arr.dtype.kind == "b" else "BYTES"
+        out[name] = tensors.from_json(datatype, list(arr.shape), arr.tolist(), name=name)
+    return out
+
+
+class AsyncClient:
+    """The cluster's control API and inference, as coroutines on the caller's event loop.
+
+    Opens its channel on the first call (constructors do no I/O); ``await close()`` (or
+    ``async with``) closes it and the handles' channels.
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        token: str | None = None,
+        tls_dir: str | None = None,
+        settings: Settings | None = None,
+    ) -> None:
+        self.settings = settings or settings_for(address, token=token, tls_dir=tls_dir)
+        self._control: ControlClient | None = None
+        self._native: dict[str, NativeClient] = {}
+
+    @property
+    def address(self) -> str:
+        """The head's gRPC address."""
+        return self.settings.head_address
+
+    @property
+    def control(self) -> ControlClient:
+        """The gRPC client of the head's control API under this one (the CLI's few extra calls)."""
+        if self._control is None:
+            from shoal.rpc import clients  # looked up here: grpc is imported on first use only
+
+            self._control = clients.ControlClient(self.settings.head_address, self.settings)
+        return self._control
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        natives, self._native = list(self._native.values()), {}
+        for native in natives:
+            await native.close()
+        if self._control is not None:
+            control, self._control = self._control, None
+            await control.close()
+
+    # ------------------------------------------------------------ deployments
+
+    async def deploy(self, target: Deployable, *, wait: bool = True, timeout_s: float = 120.0) -> Applied:
+        """Create or update a deployment. With ``wait``, return once the replicas of this spec are
+        READY (and an update's old ones gone); FailedPrecondition when the head answers that they
+        will not be (no room, replicas failing to start), DeadlineExceeded after ``timeout_s``."""
+        from shoal.cli.model_hash import with_model_hash
+
+        spec = with_model_hash(spec_of(target))
+        before = (await self.status()).to_json() if wait else {}
+        reply = await self.control.apply(spec)
+        applied = Applied(spec.name, reply.revision, reply.created, reply.changed, reply.change)
+        if wait:
+            await self._wait(before, spec, timeout_s)
+        return applied
+
+    async def _wait(self, before: Mapping[str, Any], spec: DeploymentSpec, timeout_s: float) -> None:
+        from shoal.cli.deploy import DeployWatch  # the CLI's own decision, over plain status dicts
+
+        watch = DeployWatch.after_apply(before, [spec])
+        deadline = time.monotonic() + timeout_s
+        while True:
+            verdict = watch.observe((await self.status()).to_json(), time.monotonic())
+            if verdict.done:
+                return
+            if verdict.failure:
+                raise FailedPrecondition(verdict.failure)
+            if time.monotonic() > deadline:
+                raise DeadlineExceeded(f"not ready after {timeout_s:g}s: {verdict.line}")
+            await asyncio.sleep(0.25)
+
+    async def apply(self, spec: DeploymentSpec) -> Applied:
+        """Hand the head a spec as is and return at once (``deploy(spec, wait=False)`` without the
+        model's file hash)."""
+        reply = await self.control.apply(spec)
+        return Applied(spec.name, reply.revision, reply.created, reply.changed, reply.change)
+
+    async def scale(self, name: str, replicas: int) -> None:
+        """Set the replica count; the head places or removes replicas. NotFound for an unknown name."""
+        if replicas < 0:
+            raise InvalidArgument(f"replicas must be >= 0, got {replicas}")
+        await self.control.scale(name, replicas)
+
+    async def delete(self, name: str) -> None:
+        """Delete the deployment and stop its replicas. NotFound for an unknown name."""
+        await self.control.delete(name)
+
+    async def status(self) -> ClusterStatus:
+        """Schedulers, deployments, replicas and recent events, typed (``.to_json()`` is
+        ``shoal status --json``)."""
+        return await self.control.status()
+
+    async def history(self, name: str) -> list[Revision]:
+        return await self.control.history(name)
+
+    async def rollback(self, name: str, revision: int = 0) -> Revision:
+        return await self.control.rollback(name, revision)
+
+    async def restart(self, name: str) -> Revision:
+        return await self.control.restart(name)
+
+    async def events(self, deployment: str = "", limit: int = 0) -> list[LifecycleEvent]:
+        return await self.control.events(deployment, limit)
+
+    def read_log(self, replica_id: str, tail_bytes: int = 0, follow: bool = False) -> AsyncIterator[bytes]:
+        return self.control.read_log(replica_id, tail_bytes, follow)
+
+    async def create_token(self, role: str, name: str = "") -> CreateTokenReply:
+        return await self.control.create_token(role, name)
+
+    async def list_tokens(self) -> list[TokenInfo]:
+        return await self.control.list_tokens()
+
+    async def revoke_token(self, name: str) -> None:
+        await self.control.revoke_token(name)
+
+    # ------------------------------------------------------------ inference
+
+    def handle(self, name: str, *, scheduler: str = "") -> AsyncHandle:
+        """A handle to call deployment ``name`` with. ``scheduler``: this scheduler's gRPC address
+        only; by default any live one, the next on UNAVAILABLE."""
+        return AsyncHandle(self, name, scheduler)
+
+    def _native_client(self, address: str) -> NativeClient:
+        native = self._native.get(address)
+        if native is None:
+            from shoal.rpc import clients
+
+            native = self._native[address] = clients.NativeClient(address, self.settings)
+        return native
+
+
+class AsyncHandle:
+    """Calls one deployment through a scheduler's router (native ``SendRequest``)."""
+
+    def __init__(self, client: AsyncClient, name: str, scheduler: str = "") -> None:
+        self.client = client
+        self.name = name
+        self.scheduler = scheduler
+        self._spec: DeploymentSpec | None = None
+
+    async def infer(self, inputs: Mapping[str, Any], *, timeout_s: float = 0.0) -> dict[str, np.ndarray]:
+        """The outputs for ``inputs`` (input name → numpy array or nested lists).
+        ``timeout_s``: the request's deadline (0: the deployment's ``timeout_s``)."""
+        return (await self.request(inputs, timeout_s=timeout_s)).outputs
+
+    async def request(self, inputs: Mapping[str, Any], *, timeout_s: float = 0.0) -> Reply:
+        """As :meth:`infer`, with the id of the replica that answered."""
+        status = await self.client.status()
+        dep = status.deployment(self.name)
+        if dep is None:
+            raise NotFound(f"no deployment named {self.name!r}")
+        if self._spec is None and dep.spec:
+            from shoal.core.spec import parse_spec
+
+            self._spec = parse_spec(dict(dep.spec))
+        arrays = to_arrays(inputs, self._spec)
+        addresses = (
+            [self.scheduler]
+            if self.scheduler
+            else [s.address for s in status.schedulers if s.state == SchedulerState.ALIVE]
+        )
+        if not addresses:
+            raise Unavailable("no live scheduler to send the request to")
+        last: Unavailable | None = None
+        for address in addresses:
+            native = self.client._native_client(address)
+            try:
+                outputs, replica = await native.infer(self.name, arrays, timeout_s=timeout_s)
+            except Unavailable as err:
+                last = err  # that scheduler is gone, or has no replica to give: try the next
+                continue
+            return Reply(outputs, replica)
+        assert last is not None
+        raise last
+
+
+class _Loop:
+    """An event loop in a daemon thread, for the synchronous client."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def _running(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=loop.run_forever, name="shoal-client", daemon=True)
+                thread.start()
+                self._loop, self._thread = loop, thread
+            return self._loop
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
+        """Run ``coro`` on the thread's loop; its result as a future of the caller's loop."""
+        return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._running()))
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the thread's loop and wait for it in this thread."""
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError("a shoal.Client call from inside its own loop: use AsyncClient there")
+        return asyncio.run_coroutine_threadsafe(coro, self._running()).result()
+
+    def stop(self) -> None:
+        with self._lock:
+            loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
+        if loop is not None and thread is not None:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join()
+            loop.close()
+
+
+class Client:
+    """The synchronous API (:func:`connect`): :class:`AsyncClient`'s calls, blocking, run on a
+    loop of its own in a thread. Usable as a context manager; ``close()`` ends the thread.
+    ``aio``: the :class:`AsyncClient` it runs (:func:`connect` builds one)."""
+
+    def __init__(self, aio: AsyncClient | None = None) -> None:
+        self.aio = aio or AsyncClient()
+        self._loop = _Loop()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self._loop.run(self.aio.close())
+        finally:
+            self._loop.stop()
+
+    def deploy(self, target: Deployable, *, wait: bool = True, timeout_s: float = 120.0) -> Applied:
+        """See :meth:`AsyncClient.deploy`."""
+        return self._loop.run(self.aio.deploy(target, wait=wait, timeout_s=timeout_s))
+
+    def scale(self, name: str, replicas: int) -> None:
+        self._loop.run(self.aio.scale(name, replicas))
+
+    def delete(self, name: str) -> None:
+        self._loop.run(self.aio.delete(name))
+
+    def status(self) -> ClusterStatus:
+        return self._loop.run(self.aio.status())
+
+    def history(self, name: str) -> list[Revision]:
+        return self._loop.run(self.aio.history(name))
+
+    def rollback(self, name: str, revision: int = 0) -> Revision:
+        return self._loop.run(self.aio.rollback(name, revision))
+
+    def restart(self, name: str) -> Revision:
+        return self._loop.run(self.aio.restart(name))
+
+    def events(self, deployment: str = "", limit: int = 0) -> list[LifecycleEvent]:
+        return self._loop.run(self.aio.events(deployment, limit))
+
+    def handle(self, name: str, *, scheduler: str = "") -> Handle:
+        """A handle to call deployment ``name``: ``infer`` blocks, ``ainfer`` is awaited."""
+        return Handle(self.aio.handle(name, scheduler=scheduler), self._loop)
+
+
+class Handle:
+    """:class:`AsyncHandle` for the synchronous client: ``infer`` blocks; ``ainfer`` may be
+    awaited on any event loop (the call itself runs on the client's)."""
+
+    def __init__(self, inner: AsyncHandle, loop: _Loop) -> None:
+        self._inner = inner
+        self._loop = loop
+        self.name = inner.name
+
+    def infer(self, inputs: Mapping[str, Any], *, timeout_s: float = 0.0) -> dict[str, np.ndarray]:
+        return self._loop.run(self._inner.infer(inputs, timeout_s=timeout_s))
+
+    def request(self, inputs: Mapping[str, Any], *, timeout_s: float = 0.0) -> Reply:
+        return self._loop.run(self._inner.request(inputs, timeout_s=timeout_s))
+
+    async def ainfer(self, inputs: Mapping[str, Any], *, timeout_s: float = 0.0) -> dict[str, np.ndarray]:
+        return await self._loop.submit(self._inner.infer(inputs, timeout_s=timeout_s))
+
+
+def connect(address: str | None = None, *, token: str | None = None, tls_dir: str | None = None) -> Client:
+    """A synchronous client of the head at ``address`` (``HOST:PORT``, its gRPC port; default
+    ``SHOAL_HEAD`` or ``localhost:8470``). ``token``: a bearer token (default ``SHOAL_TOKEN``);
+    ``tls_dir``: the cluster's certificate folder (default ``SHOAL_TLS_DIR``). No I/O until
+    the first call."""
+    return Client(AsyncClient(address, token=token, tls_dir=tls_dir))
+
+
+__all__ = [
+    "Applied",
+    "AsyncClient",
+    "AsyncHandle",
+    "Client",
+    "Deployable",
+    "Handle",
+    "Reply",
+    "connect",
+    "settings_for",
+    "to_arrays",
+]

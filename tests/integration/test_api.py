@@ -1,0 +1,137 @@
+"""The Python API (``shoal.connect``, ``shoal.AsyncClient``, ``@shoal.deployment``) against a
+real cluster: deploy a spec and a decorated class, status, scale, infer sync and async, delete,
+and errors that say what went wrong; and the README's Python API example, run as written."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import shoal
+from shoal.decorator import load_target
+from shoal.errors import NotFound, ShoalError, Unavailable
+from shoal.testing.cluster import ProcessCluster
+
+pytestmark = pytest.mark.timeout(120)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+APP = """\
+import numpy as np
+
+import shoal
+
+
+@shoal.deployment(
+    name="triple", resources={"cpus": 0.1}, inputs=[{"name": "x", "datatype": "INT32", "shape": [-1, -1]}]
+)
+class Triple:
+    def predict(self, inputs):
+        return {"y": inputs["x"] * 3}
+"""
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[ProcessCluster]:
+    async with ProcessCluster(tmp_path / "cluster") as c:
+        yield c
+
+
+def readme_example() -> str:
+    section = (ROOT / "README.md").read_text().split("\n## The Python API\n", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    return str(code)
+
+
+async def test_the_api_deploys_scales_infers_and_deletes(cluster: ProcessCluster, tmp_path: Path) -> None:
+    folder = tmp_path / "app"
+    folder.mkdir()
+    module = f"shoal_api_{uuid.uuid4().hex[:8]}"  # imports are cached per process: a fresh name
+    (folder / f"{module}.py").write_text(APP)
+    spec_of_class = load_target(f"{folder / module}.py:Triple")
+    assert (spec_of_class.name, spec_of_class.model, spec_of_class.base_dir) == (
+        "triple",
+        f"{module}:Triple",
+        str(folder.resolve()),
+    )
+    echo = {
+        "name": "echo",
+        "backend": "python",
+        "model": "echo:Echo",
+        "base_dir": str(ROOT / "examples"),
+        "resources": {"cpus": 0.1},
+    }
+    async with shoal.AsyncClient(cluster.head_address) as c:
+        applied = await c.deploy(echo)  # returns once READY
+        assert applied.created and applied.name == "echo"
+        cls = sys.modules[module].Triple
+        assert (await c.deploy(cls)).created
+        status = await c.status()
+        assert {d.name: d.ready_replicas for d in status.deployments} == {"echo": 1, "triple": 1}
+
+        # Inference: typed by the spec's declared inputs (INT32 here), async and sync.
+        out = await c.handle("triple").infer({"x": [[1, 2]]})
+        assert out["y"].dtype == np.int32 and out["y"].tolist() == [[3, 6]]
+        x = np.arange(16, dtype=np.float32).reshape(1, 16)
+        reply = await c.handle("echo").request({"x": x})
+        assert np.array_equal(reply.outputs["x"], x) and reply.replica_id
+
+        # The synchronous client, called from inside a running loop (as in Jupyter).
+        with shoal.connect(cluster.head_address) as sync:
+            assert sync.handle("echo").infer({"x": x})["x"].tolist() == x.tolist()
+            assert (await sync.handle("triple").ainfer({"x": [[2]]}))["y"].tolist() == [[6]]
+            sync.scale("echo", 2)
+            assert sync.status().deployment("echo").target_replicas == 2  # type: ignore[union-attr]
+
+        await cluster.wait_ready("echo", 2)
+        await c.delete("triple")
+        assert (await c.status()).deployment("triple") is None
+
+        # Errors: ShoalError subclasses that name the problem.
+        with pytest.raises(NotFound, match="no deployment named 'triple'"):
+            await c.handle("triple").infer({"x": [[1]]})
+        with pytest.raises(NotFound, match="nope"):
+            await c.scale("nope", 1)
+        with pytest.raises(NotFound, match="nope"):
+            await c.delete("nope")
+        with pytest.raises(ShoalError, match="ragged"):
+            await c.handle("echo").infer({"x": [[1, 2], [3]]})
+
+    # A scheduler that is gone: the handle tries the next live one.
+    async with shoal.AsyncClient(cluster.head_address) as c:
+        handle = c.handle("echo", scheduler="127.0.0.1:1")
+        with pytest.raises(Unavailable):
+            await handle.infer({"x": x})
+
+
+async def test_the_head_that_does_not_answer_is_unavailable() -> None:
+    async with shoal.AsyncClient("127.0.0.1:1") as c:
+        with pytest.raises(Unavailable):
+            await c.status()
+
+
+async def test_the_readme_example_runs_as_written(cluster: ProcessCluster, tmp_path: Path) -> None:
+    app = tmp_path / "app.py"
+    app.write_text(readme_example().replace("127.0.0.1:8470", cluster.head_address))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(app),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if not k.startswith("SHOAL_")},
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 90)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    lines = out.decode().splitlines()
+    assert lines[0].startswith("Applied(name='doubler'") and "created=True" in lines[0]
+    assert lines[1:] == ["{'y': array([[2., 4.]], dtype=float32)}", "1"]
+    assert (await cluster.status())["deployments"] == []
