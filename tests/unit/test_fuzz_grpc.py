@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, cast
@@ -27,7 +26,7 @@ import pytest
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
 from google.protobuf.message_factory import GetMessageClass
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from shoal.config import Settings
@@ -45,16 +44,11 @@ from shoal.scheduler.node import SchedulerNode
 from shoal.scheduler.router import Router
 from shoal.store import MemoryStore
 from shoal.testing.fakes import FakeHeadLink, FakeLauncher, FakeReplicas, FakeSchedulers
+from tests.unit.fuzzing import fuzz_settings
 
 pytestmark = pytest.mark.timeout(300)
 
-EXAMPLES = int(os.environ.get("SHOAL_FUZZ_EXAMPLES", "25"))
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
-)
+FUZZ = fuzz_settings(25)
 STREAM_DEADLINE_S = 0.5
 CALL_DEADLINE_S = 10.0
 SERVER_FAULTS = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}

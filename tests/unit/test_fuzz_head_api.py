@@ -11,7 +11,6 @@ next request on the same connection is served.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +19,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
@@ -39,17 +38,11 @@ from shoal.http.head import head_app, openapi_schema
 from shoal.http.server import HttpServer
 from shoal.store import MemoryStore
 from shoal.testing.fakes import FakeSchedulers
-from tests.unit.test_fuzz_ingress import still_served
+from tests.unit.fuzzing import fuzz_settings, still_served
 
 pytestmark = pytest.mark.timeout(600)
 
-EXAMPLES = int(os.environ.get("SHOAL_FUZZ_EXAMPLES", "60"))
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
-)
+FUZZ = fuzz_settings(40)
 SCHEMA = schemathesis.openapi.from_dict(openapi_schema())
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
