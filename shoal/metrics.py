@@ -24,6 +24,8 @@ from shoal.head.node import HeadNode, status_of
 
 if TYPE_CHECKING:
     from shoal.scheduler.node import SchedulerNode
+    from shoal.scheduler.router import Router
+    from shoal.scheduler.supervisor import ReplicaView
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 STATES = (ReplicaState.STARTING, ReplicaState.READY, ReplicaState.DRAINING)
@@ -45,6 +47,56 @@ def _latency(name: str, doc: str, items: Iterable[tuple[str, Histogram]]) -> His
     for deployment, hist in items:
         fam.add_metric([deployment], _histogram_buckets(hist.counts, BUCKETS), sum_value=hist.total)
     return fam
+
+
+MAX_MODEL_ID_LABELS = 100
+"""Most ``model_id`` label values per deployment in the multiplexing metrics: the ids with the
+most requests (loads plus hits) on this scheduler; the others add up under ``_other``."""
+_MULTIPLEXED = (
+    ("model_loads", "shoal_multiplexed_model_loads", "Model ids loaded by replicas on this scheduler."),
+    ("model_evictions", "shoal_multiplexed_model_evictions", "Model ids evicted (least recently used)."),
+    ("model_hits", "shoal_multiplexed_model_hits", "Requests that found their model id loaded."),
+)
+
+
+def _multiplexed(registry: Sequence[ReplicaView]) -> Iterator[Metric]:
+    """Loads, evictions and hits per deployment and model id, summed over this scheduler's
+    replicas (each replica counts at most 256 ids by name, the rest as ``_other``)."""
+    sums: dict[str, dict[str, Counter[str]]] = {}
+    for r in registry:
+        for attr, _, _ in _MULTIPLEXED:
+            sums.setdefault(r.deployment, {}).setdefault(attr, Counter()).update(getattr(r, attr))
+    named: dict[str, set[str]] = {}
+    for deployment, counts in sums.items():
+        busy = counts.get("model_loads", Counter()) + counts.get("model_hits", Counter())
+        named[deployment] = {m for m, _ in busy.most_common(MAX_MODEL_ID_LABELS)}
+    for attr, name, doc in _MULTIPLEXED:
+        fam = CounterMetricFamily(name, doc, labels=["deployment", "model_id"])
+        for deployment, counts in sums.items():
+            bounded: Counter[str] = Counter()
+            for model_id, n in counts.get(attr, Counter()).items():
+                bounded[model_id if model_id in named[deployment] else "_other"] += n
+            for model_id, n in sorted(bounded.items()):
+                fam.add_metric([deployment, model_id], n)
+        yield fam
+
+
+def _traffic(router: Router) -> Iterator[Metric]:
+    """Traffic routes (``shoal route``), as this process routed them (not summed over ingress workers)."""
+    routed = CounterMetricFamily(
+        "shoal_route_requests", "Requests a traffic route sent to each target.", labels=["route", "target"]
+    )
+    for (route, target), n in sorted(router.routed.items()):
+        routed.add_metric([route, target], n)
+    yield routed
+    shadowed = CounterMetricFamily(
+        "shoal_shadow_requests",
+        "Copies of a traffic route's requests sent to its shadow, by outcome (answers discarded).",
+        labels=["route", "target", "outcome"],
+    )
+    for (route, target, outcome), n in sorted(router.shadowed.items()):
+        shadowed.add_metric([route, target, outcome], n)
+    yield shadowed
 
 
 class SchedulerCollector(Collector):
@@ -94,6 +146,7 @@ class SchedulerCollector(Collector):
             queued.add_metric([name], c.queued)
         yield in_flight
         yield queued
+        yield from _traffic(node.router)
 
         local = node.supervisor.snapshot()
         registry = local.replicas
@@ -135,6 +188,7 @@ class SchedulerCollector(Collector):
                 [deployment], _histogram_buckets([*per_bucket, overflow], BATCH_BUCKETS), sum_value=total
             )
         yield batch
+        yield from _multiplexed(registry)
 
         starts = CounterMetricFamily(
             "shoal_replica_starts", "Replica processes started.", labels=["deployment"]

@@ -16,6 +16,7 @@ from shoal.core.cluster import ReplicaReport
 from shoal.core.payload import Tensors
 from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec, TensorSpec
+from shoal.core.traffic import TrafficRoute
 
 Arrays = dict[str, np.ndarray]
 
@@ -26,6 +27,10 @@ class PingResult:
     in_flight: int
     queued: int
     batch_sizes: Mapping[int, int] = field(default_factory=dict)
+    # Multiplexed deployments: cumulative per model id (shoal.replica.multiplex.ModelCache).
+    model_loads: Mapping[str, int] = field(default_factory=dict)
+    model_evictions: Mapping[str, int] = field(default_factory=dict)
+    model_hits: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,8 @@ class RoutingTable:
     """Hashes of every token: a scheduler tells an unknown token (401) from one not allowed (403)."""
     deleted: tuple[str, ...] = ()
     """Deployments deleted at the head: schedulers stop routing to them at once."""
+    traffic: Mapping[str, TrafficRoute] = field(default_factory=dict)
+    """Traffic routes (``shoal route``): names whose requests go to deployments by weight."""
 
 
 @dataclass(frozen=True)
@@ -135,8 +142,11 @@ class ReplicaClient(Protocol):
 
     async def ping(self, timeout_s: float) -> PingResult: ...
 
-    async def push(self, request_id: str, inputs: Tensors, timeout_s: float) -> Tensors:
-        """Run one request, tensors as they came off the wire (nothing decoded here).
+    async def push(
+        self, request_id: str, inputs: Tensors, timeout_s: float, *, model_id: str = ""
+    ) -> Tensors:
+        """Run one request, tensors as they came off the wire (nothing decoded here), on model
+        ``model_id`` of a multiplexed deployment (empty for any other).
 
         Raises ShoalError; Unavailable when the replica cannot be reached."""
         ...

@@ -10,12 +10,23 @@ Writing a backend means implementing two hooks: ``_load()`` (blocking) and
 :meth:`Backend.run_sync`, which uses one dedicated thread per backend: the event loop stays
 free for health checks, and the model never sees two predictions at once. An optional
 ``_unload()`` releases what ``_load()`` took.
+
+**Multiplexing.** A deployment with a ``multiplexing`` section serves many model ids from one
+backend. The replica loads the backend once as usual (for a multiplexed spec ``_load()``
+checks what the models share: a folder, the user's class), then asks
+:meth:`Backend.model_backend` for each model id on its first request: that returns another
+backend, constructed but not loaded, which the replica loads (``load()``, in a worker thread),
+predicts with, and unloads when it evicts the id. The model id has passed
+:func:`shoal.core.spec.check_model_id` (a plain name, never a path). Backends that serve
+multiplexed models: ``python`` (the class's ``load_model(model_id)``) and ``sklearn`` (the
+file ``<model>/<model_id>.joblib``).
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import contextvars
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -24,7 +35,7 @@ import numpy as np
 
 from shoal.core import payload
 from shoal.core.spec import DeploymentSpec, TensorSpec
-from shoal.errors import FailedPrecondition, Internal
+from shoal.errors import FailedPrecondition, Internal, InvalidArgument
 
 T = TypeVar("T")
 
@@ -171,6 +182,14 @@ class Backend(abc.ABC):
             self._executor = None
         self._unload()
 
+    def model_backend(self, model_id: str) -> Backend:
+        """A backend for one model id of a multiplexed deployment, constructed, not loaded.
+
+        Called on the event loop: no I/O here (``load()`` on the result does it). Raises
+        InvalidArgument when this backend does not serve multiplexed models.
+        """
+        raise InvalidArgument(f"the {self.spec.backend} backend does not serve multiplexed model ids")
+
     # -- for backends -------------------------------------------------------------------
 
     @abc.abstractmethod
@@ -190,7 +209,9 @@ class Backend(abc.ABC):
         if executor is None:
             raise FailedPrecondition(f"model {self.spec.name!r} is not loaded")
         try:
-            future = asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+            # With the caller's context (the request a composing model serves: shoal.replica.compose).
+            context = contextvars.copy_context()
+            future = asyncio.get_running_loop().run_in_executor(executor, context.run, fn, *args)
         except RuntimeError as err:  # unload() shut the executor down after our check
             raise FailedPrecondition(f"model {self.spec.name!r} is not loaded") from err
         return await future

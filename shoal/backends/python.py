@@ -10,6 +10,17 @@ event loop. ``unload()`` or ``close()`` on the class, if present, is called at u
 
 A class may set ``supports_batching = False`` when its predict takes one row at a time.
 
+For a deployment with ``multiplexing``, the class needs ``load_model(model_id)`` instead of
+(or besides) ``predict``: the replica calls it, on a worker thread, on a model id's first
+request, and it returns an object with ``predict`` (and optionally ``unload``/``close``,
+called when the id is evicted), used as above. What it raises reaches the client: a
+:class:`shoal.errors.ShoalError` as it is (``NotFound`` for an id it does not know, say),
+anything else as Internal.
+
+A model may call other deployments (``shoal.replica.compose``): it finds them in
+``self.deployments`` (set after construction unless the class sets that name itself),
+or takes them as a ``deployments`` argument of its constructor when it declares one.
+
 This runs the user's code with the replica's rights: whoever may deploy may run code. With
 the ``allowed_model_dirs`` setting (``allowed_dirs`` here, set by the replica before
 ``load``), only modules that are files under ``base_dir``, inside those folders, are
@@ -21,10 +32,12 @@ two specs naming the same module from different folders never meet in one proces
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from shoal.backends.base import Backend, Tensors, coerce_outputs
@@ -43,6 +56,8 @@ class PythonBackend(Backend):
         self._model: Any = None
         self._async_predict = False
         self.allowed_dirs: tuple[str, ...] = ()
+        # Handles to other deployments (shoal.replica.compose.Deployments), set by the replica.
+        self.deployments: Any = None
 
     @property
     def supports_batching(self) -> bool:
@@ -74,15 +89,37 @@ class PythonBackend(Backend):
             raise InvalidArgument(f"module {module_name!r}{where} has no attribute {attr!r}") from None
         model_dirs.check_defined_in(module, attr, target)
 
+        kwargs = dict(self.spec.options)
+        if self.deployments is not None and _takes(target, "deployments") and "deployments" not in kwargs:
+            kwargs["deployments"] = self.deployments
         try:
-            model = target(**self.spec.options)
+            model = target(**kwargs)
         except Exception as err:
             raise InvalidArgument(f"{attr}(**options) raised {type(err).__name__}: {err}") from err
+        if self.deployments is not None and not hasattr(model, "deployments"):
+            with contextlib.suppress(AttributeError, TypeError):  # __slots__, a frozen class
+                model.deployments = self.deployments
+        if self.spec.multiplexing is not None:
+            if not callable(getattr(model, "load_model", None)):
+                raise InvalidArgument(
+                    f"{self.spec.model!r} has no load_model(model_id) method, which a multiplexed "
+                    "deployment needs"
+                )
+            self._model = model
+            return
+        self._adopt(model, repr(self.spec.model))
+
+    def _adopt(self, model: Any, what: str) -> None:
         predict = getattr(model, "predict", None)
         if not callable(predict):
-            raise InvalidArgument(f"{self.spec.model!r} has no predict(inputs) method")
+            raise InvalidArgument(f"{what} has no predict(inputs) method")
         self._model = model
         self._async_predict = inspect.iscoroutinefunction(predict)
+
+    def model_backend(self, model_id: str) -> Backend:
+        if self.spec.multiplexing is None or self._model is None:
+            return super().model_backend(model_id)
+        return _MultiplexedModel(self.spec, self._model.load_model, model_id)
 
     async def _predict(self, inputs: Tensors) -> Tensors:
         if self._async_predict:
@@ -115,3 +152,32 @@ class PythonBackend(Backend):
             except Exception:
                 # Shutting down goes on: the process is about to exit anyway.
                 log.exception("%s: the model's %s() raised", self.spec.name, release.__name__)
+
+
+def _takes(target: Any, name: str) -> bool:
+    """Whether calling ``target`` accepts a keyword argument ``name`` (not via ``**kwargs``:
+    those are the spec's options)."""
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return False
+    param = params.get(name)
+    return param is not None and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
+
+
+class _MultiplexedModel(PythonBackend):
+    """One model id of a multiplexed python deployment: ``load()`` calls ``load_model(model_id)``."""
+
+    def __init__(self, spec: DeploymentSpec, load_model: Callable[[str], Any], model_id: str) -> None:
+        super().__init__(spec)
+        self._load_model = load_model
+        self.model_id = model_id
+
+    def _load(self) -> None:
+        try:
+            model = self._load_model(self.model_id)
+        except ShoalError:
+            raise
+        except Exception as err:
+            raise Internal(f"load_model({self.model_id!r}) raised {type(err).__name__}: {err}") from err
+        self._adopt(model, f"what load_model({self.model_id!r}) returned")

@@ -10,6 +10,10 @@ Tensors, when the spec declares none:
 - an estimator without ``classes_`` (a regressor) gives ``prediction``: FP32 ``[-1]``
   (``[-1, n_outputs_]`` for several targets) instead of the two above.
 
+With ``multiplexing`` in the spec, ``model`` names a folder and model id ``ID`` is the file
+``<model>/ID.joblib`` (the id is a plain name, never a path); an id without a file is
+NotFound. The tensors are as above, per model.
+
 joblib files are pickles: loading one runs code from it. Serve only files you trust.
 """
 
@@ -22,8 +26,8 @@ import joblib
 import numpy as np
 
 from shoal.backends.base import Backend, Tensors
-from shoal.core.spec import DeploymentSpec, TensorSpec
-from shoal.errors import Internal, InvalidArgument
+from shoal.core.spec import DeploymentSpec, TensorSpec, check_model_id
+from shoal.errors import Internal, InvalidArgument, NotFound
 
 
 def _to_bytes(values: np.ndarray) -> np.ndarray:
@@ -43,14 +47,29 @@ class SklearnBackend(Backend):
         self._integer_labels = False
         self._is_classifier = False
         self._has_proba = False
+        self._model_id = ""  # set on the backend of one model id of a multiplexed deployment
 
     @property
     def input_name(self) -> str:
         return self.spec.inputs[0].name if self.spec.inputs else "input"
 
+    def model_backend(self, model_id: str) -> Backend:
+        if self.spec.multiplexing is None:
+            return super().model_backend(model_id)
+        path = self.spec.model_path() / f"{check_model_id(model_id)}.joblib"
+        backend = SklearnBackend(self.spec.model_copy(update={"model": str(path), "multiplexing": None}))
+        backend._model_id = model_id
+        return backend
+
     def _load(self) -> None:
         path = self.spec.model_path()
+        if self.spec.multiplexing is not None:
+            if not path.is_dir():
+                raise InvalidArgument(f"sklearn model folder {str(path)!r} (multiplexing) does not exist")
+            return
         if not path.is_file():
+            if self._model_id:
+                raise NotFound(f"model id {self._model_id!r}: no file {path.name} in the deployment's folder")
             raise InvalidArgument(f"sklearn model file {str(path)!r} does not exist")
         try:
             estimator = joblib.load(path)

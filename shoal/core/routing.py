@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Protocol, TypeVar
 
 
@@ -52,7 +52,38 @@ class RoundRobin:
         return candidates[next(self._counter) % len(candidates)]
 
 
-POLICIES: dict[str, Callable[[], Policy]] = {"p2c": PowerOfTwo, "round_robin": RoundRobin}
+class Random:
+    """Any candidate, uniformly: the baseline the benchmarks compare against."""
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._rng = rng or random.Random()
+
+    def pick(self, candidates: Sequence[C]) -> C:
+        return candidates[self._rng.randrange(len(candidates))]
+
+
+POLICIES: dict[str, Callable[[], Policy]] = {"p2c": PowerOfTwo, "round_robin": RoundRobin, "random": Random}
+
+
+def pick_for_model(
+    candidates: Sequence[C],
+    held: Callable[[C], Collection[str]],
+    model_id: str,
+    capacity: int,
+    policy: Policy,
+) -> C:
+    """Model multiplexing: a candidate that holds ``model_id`` (``held``), the least loaded of
+    them; else, so that new ids spread over the pool, one of those holding the fewest ids
+    while that is under ``capacity``, by ``policy``; else any, by ``policy`` (that replica
+    evicts its least recently used id). ``candidates`` all have room for a request; it must
+    not be empty."""
+    holders = [c for c in candidates if model_id in held(c)]
+    if holders:
+        return min(holders, key=lambda c: c.in_flight)
+    fewest = min(len(held(c)) for c in candidates)
+    if fewest < capacity:
+        return policy.pick([c for c in candidates if len(held(c)) == fewest])
+    return policy.pick(candidates)
 
 
 def make_policy(name: str) -> Policy:

@@ -7,6 +7,7 @@ Thin routes over :class:`shoal.scheduler.models.ModelCatalog`::
     GET  /v2/models/NAME[/versions/V]/ready | /config | /stats
     POST /v2/models/NAME[/versions/V]/infer
     GET  /v2/models/stats           POST /v2/repository/index
+    POST /v2/repository/models/NAME/load | /unload   (``shoal.scheduler.repository``)
     GET  /healthz                   GET  /metrics (Prometheus, ``shoal.metrics.SchedulerCollector``)
     POST /v2/models/NAME[/versions/V]/generate[_stream]   (``shoal.http.generate``)
     /v1/...                         the OpenAI-compatible API (``shoal.http.openai``)
@@ -15,7 +16,9 @@ Inference bodies are JSON (``inputs: [{name, datatype, shape, data}]``) or Trito
 binary tensor data extension (an ``Inference-Header-Content-Length`` header, then the
 tensors' raw bytes after the JSON). Outputs come back as raw bytes when the request asks
 (``parameters.binary_data_output``, or ``parameters.binary_data`` per requested output),
-as JSON otherwise. Request parameter ``timeout`` is in microseconds, as in Triton.
+as JSON otherwise. Request parameter ``timeout`` is in microseconds, as in Triton. A
+multiplexed deployment's model id is the parameter ``multiplexed_model_id`` or the header
+``shoal-multiplexed-model-id`` (the parameter wins).
 Bodies may be gzip or deflate encoded; a body over ``settings.max_message_mb`` (after
 decoding) is refused.
 
@@ -43,16 +46,18 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from shoal import metrics
+from shoal.auth import is_loopback
 from shoal.core import limits, payload, tensors
 from shoal.core.payload import Tensor, Tensors
 from shoal.errors import Code, InvalidArgument, ResourceExhausted, ShoalError, from_code
 from shoal.http.auth import InferenceGuard, model_in_path
 from shoal.http.generate import generate_routes
 from shoal.http.openai import openai_routes
-from shoal.scheduler.dataplane import InferCall
+from shoal.scheduler.dataplane import MODEL_ID_HEADER, MODEL_ID_PARAMETER, InferCall
 from shoal.scheduler.ingress import IngressNode
 from shoal.scheduler.models import InferResult
 from shoal.scheduler.node import SchedulerNode
+from shoal.scheduler.repository import ModelRepository, check_parameters
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 T = TypeVar("T")
@@ -174,6 +179,10 @@ class InferRequest:
         if params.get("sequence_id") not in (None, 0, ""):
             raise InvalidArgument("sequence batching (parameter 'sequence_id') is not supported")
         self.binary_default = _bool_param(params, "binary_data_output", False, "")
+        model_id = params.get(MODEL_ID_PARAMETER, "")
+        if not isinstance(model_id, str):
+            raise InvalidArgument(f"parameter {MODEL_ID_PARAMETER!r} must be a string, got {model_id!r}")
+        self.model_id = model_id
         if "inputs" not in header:
             raise InvalidArgument("the request has no 'inputs'")
         if isinstance(header["inputs"], list):
@@ -229,7 +238,9 @@ class InferRequest:
                 raise InvalidArgument(f"{where}no data: give 'data' or parameters.binary_data_size")
         return tuple(out.values())
 
-    def call(self, model: str, version: str) -> InferCall:
+    def call(self, model: str, version: str, model_id: str = "") -> InferCall:
+        """The data plane's call; ``model_id`` from the HTTP header, unless the body's
+        parameter names one."""
         return InferCall(
             model=model,
             inputs=self.inputs,
@@ -238,6 +249,7 @@ class InferRequest:
             timeout_s=self.timeout_s,
             outputs=tuple(self.outputs),
             door="http",
+            model_id=self.model_id or model_id,
         )
 
     def response(self, result: InferResult) -> Response:
@@ -400,12 +412,15 @@ class ShedWhenFull:
 
 
 def scheduler_app(
-    node: IngressNode, metrics_page: Callable[[], Awaitable[tuple[bytes, str]]] | None = None
+    node: IngressNode,
+    metrics_page: Callable[[], Awaitable[tuple[bytes, str]]] | None = None,
+    repository: ModelRepository | None = None,
 ) -> Starlette:
     """The scheduler's Starlette app, over the node's catalog and data plane (shared with
     the gRPC servicer, so statistics count both). ``metrics_page``: where ``/metrics`` comes
     from in an ingress worker (its main process renders the sum); a ``SchedulerNode``
-    renders its own."""
+    renders its own. ``repository``: the Triton repository ``/v2/repository/...`` serves
+    (None: index lists the deployments, load/unload answer 501)."""
     models = node.catalog
     dataplane = node.dataplane
     limit = node.settings.max_message_bytes
@@ -460,19 +475,43 @@ def scheduler_app(
         stats = await models.statistics(name, version)
         return _json({"model_stats": [s.to_json() for s in stats]})
 
+    async def json_body(request: Request) -> dict[str, Any]:
+        body = await read_body(request, limit)
+        if not body.strip():
+            return {}
+        try:
+            doc = json.loads(body)
+        except (ValueError, RecursionError) as e:
+            raise InvalidArgument(f"request body is not valid JSON: {e}") from None
+        if not isinstance(doc, dict):
+            raise InvalidArgument("request JSON must be an object")
+        return doc
+
     @_oip
     async def repository_index(request: Request) -> Response:
-        body = await read_body(request, limit)
-        ready_only = False
-        if body.strip():
-            try:
-                doc = json.loads(body)
-            except (ValueError, RecursionError) as e:
-                raise InvalidArgument(f"request body is not valid JSON: {e}") from None
-            if not isinstance(doc, dict):
-                raise InvalidArgument("request JSON must be an object")
-            ready_only = _bool_param(doc, "ready", False, "")
+        ready_only = _bool_param(await json_body(request), "ready", False, "")
+        if repository is not None:
+            return _json([e.to_json() for e in await repository.index(ready_only=ready_only)])
         return _json([e.to_json() for e in models.index(ready_only=ready_only)])
+
+    @_oip
+    async def repository_change(request: Request) -> Response:
+        action = request.path_params["action"]
+        if action not in ("load", "unload"):
+            return _json({"error": f"unknown repository action {action!r}: load or unload"}, 404)
+        if repository is None:
+            why = "this scheduler serves no model repository (start it with --model-repository DIR)"
+            return _json({"error": f"{action} is not implemented: {why}"}, 501)
+        params = (await json_body(request)).get("parameters") or {}
+        if not isinstance(params, dict):
+            raise InvalidArgument("parameters must be an object")
+        check_parameters(action, params)
+        name, client = request.path_params["name"], request.client
+        # While no token exists only this machine's plaintext callers change what runs, as at the head.
+        vouched = client is not None and is_loopback(client.host) and not node.settings.tls_dir
+        change = repository.load if action == "load" else repository.unload
+        await change(name, request.headers.get("authorization"), vouched=vouched)
+        return Response(status_code=200)
 
     @_oip
     async def infer(request: Request) -> Response:
@@ -489,7 +528,7 @@ def scheduler_app(
         except ShoalError as err:
             dataplane.refused(name, "", "http", err)
             raise
-        result = await dataplane.infer(req.call(name, version))
+        result = await dataplane.infer(req.call(name, version, request.headers.get(MODEL_ID_HEADER, "")))
         return await respond(req, result, node.settings.max_json_on_loop_kb * 1024)
 
     async def http_error(request: Request, exc: Exception) -> Response:
@@ -508,6 +547,7 @@ def scheduler_app(
         Route("/v2", server_metadata, methods=["GET"]),
         Route("/v2/models/stats", model_stats, methods=["GET"]),
         Route("/v2/repository/index", repository_index, methods=["POST"]),
+        Route("/v2/repository/models/{name}/{action}", repository_change, methods=["POST"]),
     ]
     for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
         routes += [

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable
 from typing import Protocol
 
 from shoal.backends import load_backend
@@ -21,6 +21,8 @@ from shoal.core.model_dirs import check_model_dirs
 from shoal.core.spec import DeploymentSpec
 from shoal.errors import Code, DeadlineExceeded, Internal, InvalidArgument, ShoalError, Unavailable
 from shoal.replica.batcher import Batcher
+from shoal.replica.compose import CallContext, DeploymentCaller, Deployments, current_call
+from shoal.replica.multiplex import ModelCache
 from shoal.types import Arrays, GenerateChunk, GenerateRequest, ReplicaDescription
 
 log = logging.getLogger("shoal.replica")
@@ -41,23 +43,27 @@ class ReplicaProcess:
         link: SchedulerLink,
         *,
         clock: Clock | None = None,
+        caller: DeploymentCaller | None = None,
     ) -> None:
         self.id = replica_id
         self.clock: Clock = clock or SystemClock()
         self.spec = spec
         self.settings = settings
         self.link = link
+        self.caller = caller  # how its model reaches other deployments (None: it cannot)
         self.state = STARTING
         self.in_flight = 0
         self.backend: Backend | None = None
         self.batcher: Batcher | None = None
+        self.models: ModelCache | None = None  # a multiplexed deployment's loaded model ids
         self._stop = asyncio.Event()
         self._grace_s = settings.shutdown_grace_s
         self.exit_reason = ""
 
     @property
     def queued(self) -> int:
-        return self.batcher.queued if self.batcher is not None else 0
+        queued = self.batcher.queued if self.batcher is not None else 0
+        return queued + (self.models.queued if self.models is not None else 0)
 
     async def load(self) -> None:
         """Load the model (in a worker thread) and start the batcher. Raises ShoalError."""
@@ -67,16 +73,21 @@ class ReplicaProcess:
         backend = load_backend(self.spec)
         if isinstance(backend, PythonBackend):
             backend.allowed_dirs = allowed
+            if self.caller is not None:
+                backend.deployments = Deployments(self.spec.name, self.caller, asyncio.get_running_loop())
         await asyncio.to_thread(backend.load)
         self.backend = backend
         batching = self.spec.batching
         self.batcher = Batcher(backend.predict, batching.max_batch_size, batching.max_delay_ms)
         await self.batcher.start()
+        if self.spec.multiplexing is not None:
+            self.models = ModelCache(backend, self.spec.multiplexing.max_models_per_replica, batching)
         log.info(
             "model %s (%s) loaded in %.2fs", self.spec.model, self.spec.backend, time.monotonic() - started
         )
 
-    async def infer(self, request_id: str, inputs: Arrays, timeout_s: float) -> Arrays:
+    async def infer(self, request_id: str, inputs: Arrays, timeout_s: float, model_id: str = "") -> Arrays:
+        """Run one request (on model ``model_id`` of a multiplexed deployment, which needs one)."""
         if self.state not in (READY, DRAINING) or self.batcher is None:
             raise Unavailable(f"replica {self.id} is {self.state}")
         self.in_flight += 1
@@ -84,8 +95,10 @@ class ReplicaProcess:
         ids = {"request_id": request_id, "replica_id": self.id}
         try:
             timeout = timeout_s if timeout_s > 0 else self.spec.timeout_s
+            # Which request a model call serves, for models that call other deployments.
+            current_call.set(CallContext((request_id,), time.monotonic() + timeout))
             try:
-                outputs = await asyncio.wait_for(self.batcher.submit(inputs), timeout)
+                outputs = await asyncio.wait_for(self._submit(inputs, model_id), timeout)
             except TimeoutError:
                 raise DeadlineExceeded(f"request {request_id} timed out after {timeout:g}s") from None
         except ShoalError as err:
@@ -163,8 +176,18 @@ class ReplicaProcess:
         finally:
             self.in_flight -= 1
 
+    def _submit(self, inputs: Arrays, model_id: str) -> Awaitable[Arrays]:
+        if self.models is not None:
+            if not model_id:
+                raise InvalidArgument(f"deployment {self.spec.name!r} is multiplexed: name a model id")
+            return self.models.submit(model_id, inputs)
+        if model_id:
+            raise InvalidArgument(f"deployment {self.spec.name!r} is not multiplexed; it takes no model id")
+        assert self.batcher is not None
+        return self.batcher.submit(inputs)
+
     def describe(self) -> ReplicaDescription:
-        b = self.batcher
+        b: Batcher | ModelCache | None = self.models or self.batcher
         return ReplicaDescription(
             inputs=self.backend.inputs() if self.backend is not None else self.spec.inputs,
             outputs=self.backend.outputs() if self.backend is not None else self.spec.outputs,
@@ -217,6 +240,8 @@ class ReplicaProcess:
         if self.in_flight:
             log.warning("%d request(s) still in flight after %.1fs grace", self.in_flight, self._grace_s)
         self.state = STOPPED
+        if self.models is not None:
+            await self.models.aclose()
         if self.batcher is not None:
             await self.batcher.aclose()
         if self.backend is not None:

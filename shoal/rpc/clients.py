@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -14,6 +17,7 @@ from shoal.core.cluster import ReplicaReport
 from shoal.core.payload import Tensors
 from shoal.core.spec import DeploymentSpec, parse_spec_json
 from shoal.core.status import ClusterStatus
+from shoal.core.traffic import TrafficRoute
 from shoal.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
@@ -64,10 +68,22 @@ class GrpcReplicaClient:
             reply = await self._stub.Ping(pb.PingRequest(), timeout=timeout_s)
         except grpc.aio.AioRpcError as err:
             raise to_error(err) from None
-        return PingResult(state_name(reply.state), reply.in_flight, reply.queued, dict(reply.batch_sizes))
+        return PingResult(
+            state_name(reply.state),
+            reply.in_flight,
+            reply.queued,
+            dict(reply.batch_sizes),
+            model_loads=dict(reply.model_loads),
+            model_evictions=dict(reply.model_evictions),
+            model_hits=dict(reply.model_hits),
+        )
 
-    async def push(self, request_id: str, inputs: Tensors, timeout_s: float) -> Tensors:
-        task = pb.Task(request_id=request_id, inputs=codec.to_pb(inputs), timeout_s=timeout_s)
+    async def push(
+        self, request_id: str, inputs: Tensors, timeout_s: float, *, model_id: str = ""
+    ) -> Tensors:
+        task = pb.Task(
+            request_id=request_id, inputs=codec.to_pb(inputs), timeout_s=timeout_s, model_id=model_id
+        )
         if self._stream is not None:
             # A little slack over the replica's own deadline so its answer wins the race.
             outcome = await self._stream.push(task, timeout_s + 0.5)
@@ -215,7 +231,25 @@ class RoutingTableDecoder:
             deployments=deployments,
             token_hashes=tuple(table.token_hashes),
             deleted=tuple(table.deleted),
+            traffic=self._traffic(table),
         )
+
+    def _traffic(self, table: pb.RoutingTable) -> dict[str, TrafficRoute]:
+        """The table's traffic routes; one that does not parse is left out and logged (its
+        clients get NotFound, as for a name the scheduler does not know)."""
+        out = {}
+        for name, msg in table.traffic.items():
+            try:
+                route = convert.traffic_from_pb(msg)
+                if route.name != name:
+                    raise InvalidArgument(f"the entry holds the route {route.name!r}")
+            except InvalidArgument as err:
+                if self._refused.get(f"route:{name}") != str(err):
+                    log.error("routing table: skipping route %r: %s", name, err)
+                    self._refused[f"route:{name}"] = str(err)
+                continue
+            out[name] = route
+        return out
 
     def _spec(self, name: str, spec_json: str) -> DeploymentSpec | None:
         spec = self._specs.get(spec_json)
@@ -233,15 +267,73 @@ class RoutingTableDecoder:
         return spec
 
 
+def head_addresses(address: str) -> list[str]:
+    """The heads in ``a:8470,b:8470`` (one address is a list of one)."""
+    addresses = [a.strip() for a in address.split(",") if a.strip()]
+    if not addresses:
+        raise InvalidArgument(f"no head address in {address!r}")
+    return addresses
+
+
+class HeadChannels:
+    """A channel to each of several heads (one leads, the others stand by, on etcd).
+
+    Calls go to :attr:`stub`, the head last found leading; :meth:`failed` moves on to the
+    next one after a call that could not be served there (UNAVAILABLE, which is also what a
+    standby answers, or a deadline). Channels connect lazily: a head never tried costs nothing.
+    """
+
+    def __init__(self, address: str, settings: Settings, role: str = "client") -> None:
+        self.addresses = head_addresses(address)
+        self._channels = [open_channel(a, settings, role, server="head") for a in self.addresses]
+        self._stubs = [pbg.HeadStub(c) for c in self._channels]
+        self._current = 0
+
+    @property
+    def stub(self) -> pbg.HeadAsyncStub:
+        return self._stubs[self._current]
+
+    @property
+    def address(self) -> str:
+        return self.addresses[self._current]
+
+    def failed(self, stub: pbg.HeadAsyncStub) -> None:
+        """A call on ``stub`` found no leader there: use the next head (once per failure)."""
+        if len(self._stubs) > 1 and stub is self._stubs[self._current]:
+            self._current = (self._current + 1) % len(self._stubs)
+            log.info("trying the head at %s", self.address)
+
+    def went_round(self) -> bool:
+        """Whether the last :meth:`failed` came back to the first head."""
+        return self._current == 0
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close(None)
+
+
+_MOVE_ON = (Unavailable, DeadlineExceeded)  # errors after which another head may serve the call
+
+
 class GrpcHeadLink:
-    """Scheduler -> head."""
+    """Scheduler -> head; to several heads, the one that leads (``HeadChannels``)."""
 
     def __init__(self, address: str, settings: Settings) -> None:
         self._settings = settings
-        self._channel = open_channel(address, settings, "scheduler", server="head")
-        self._stub = pbg.HeadStub(self._channel)
+        self._heads = HeadChannels(address, settings, "scheduler")
         self.reach = Reachability(f"head at {address}")
         self._decoder = RoutingTableDecoder()
+
+    async def _call(self, method: str, req: object) -> Any:
+        stub = self._heads.stub
+        rpc = getattr(stub, method)
+        try:
+            return await call(
+                lambda: rpc(req, timeout=self._settings.rpc_timeout_s), attempts=1, reach=self.reach
+            )
+        except _MOVE_ON:
+            self._heads.failed(stub)
+            raise
 
     async def register(self, reg: SchedulerRegistration) -> float:
         req = pb.RegisterSchedulerRequest(
@@ -253,11 +345,7 @@ class GrpcHeadLink:
             hostname=reg.hostname,
             replicas=[report_to_pb(r) for r in reg.replicas],
         )
-        reply = await call(
-            lambda: self._stub.RegisterScheduler(req, timeout=self._settings.rpc_timeout_s),
-            attempts=1,
-            reach=self.reach,
-        )
+        reply = await self._call("RegisterScheduler", req)
         return float(reply.heartbeat_interval_s)
 
     async def health(
@@ -282,25 +370,25 @@ class GrpcHeadLink:
                 for name, r in load.items()
             },
         )
-        reply = await call(
-            lambda: self._stub.SendHealthUpdate(req, timeout=self._settings.rpc_timeout_s),
-            attempts=1,
-            reach=self.reach,
-        )
+        reply = await self._call("SendHealthUpdate", req)
         return bool(reply.ack)
 
     async def watch_routes(self, scheduler_id: str) -> AsyncIterator[RoutingTable]:
-        stream = self._stub.WatchRoutes(pb.WatchRoutesRequest(scheduler_id=scheduler_id))
+        stub = self._heads.stub
+        stream = stub.WatchRoutes(pb.WatchRoutesRequest(scheduler_id=scheduler_id))
         try:
             async for table in stream:
                 yield self._decoder.decode(table)
         except grpc.aio.AioRpcError as err:
-            raise to_error(err) from None
+            error = to_error(err)
+            if isinstance(error, _MOVE_ON):
+                self._heads.failed(stub)
+            raise error from None
         finally:
             stream.cancel()
 
     async def close(self) -> None:
-        await self._channel.close(None)
+        await self._heads.close()
 
 
 class ReplicaSchedulerLink:
@@ -341,17 +429,40 @@ class ControlClient:
 
     def __init__(self, head_address: str, settings: Settings) -> None:
         self._settings = settings
-        self._channel = open_channel(head_address, settings, server="head")
-        self._stub = pbg.HeadStub(self._channel)
+        self._heads = HeadChannels(head_address, settings)
         self._metadata = auth_metadata(settings.token)
         self.head_address = head_address
 
+    @property
+    def _stub(self) -> pbg.HeadAsyncStub:
+        return self._heads.stub
+
     async def _call(self, method: str, req: object) -> object:
-        rpc = getattr(self._stub, method)
-        return await call(
-            lambda: rpc(req, timeout=self._settings.rpc_timeout_s, metadata=self._metadata),
-            attempts=2,
-        )
+        """One control call. With several heads, a call no head can serve (UNAVAILABLE: down,
+        or standing by) moves on to the next and goes round them until one leads, for up to
+        twice ``dead_after_s`` (the time a standby takes to lead, with room to spare)."""
+        if len(self._heads.addresses) == 1:
+            rpc = getattr(self._stub, method)
+            return await call(
+                lambda: rpc(req, timeout=self._settings.rpc_timeout_s, metadata=self._metadata),
+                attempts=2,
+            )
+        deadline = time.monotonic() + 2 * self._settings.dead_after_s
+        delay = 0.05
+        while True:
+            stub = self._heads.stub
+            try:
+                rpc = functools.partial(
+                    getattr(stub, method), req, timeout=self._settings.rpc_timeout_s, metadata=self._metadata
+                )
+                return await call(rpc, attempts=1)
+            except _MOVE_ON:
+                self._heads.failed(stub)
+                if time.monotonic() > deadline:
+                    raise
+            if self._heads.went_round():  # tried every head: wait a little
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
 
     async def create_token(self, role: str, name: str = "") -> pb.CreateTokenReply:
         reply = await self._call("CreateToken", pb.CreateTokenRequest(name=name, role=role))
@@ -401,6 +512,19 @@ class ControlClient:
         assert isinstance(reply, pb.EventsReply)
         return [convert.lifecycle_from_pb(e) for e in reply.events]
 
+    async def set_route(self, route: TrafficRoute) -> None:
+        """Create or replace a traffic route. NotFound naming a target that is no deployment."""
+        await self._call("SetRoute", convert.traffic_to_pb(route))
+
+    async def delete_route(self, name: str) -> None:
+        await self._call("DeleteRoute", pb.DeploymentRequest(name=name))
+
+    async def routes(self) -> list[TrafficRoute]:
+        """Every traffic route, by name."""
+        reply = await self._call("ListRoutes", pb.Empty())
+        assert isinstance(reply, pb.RoutesReply)
+        return [convert.traffic_from_pb(r) for r in reply.routes]
+
     async def status(self) -> ClusterStatus:
         reply = await self._call("GetStatus", pb.Empty())
         assert isinstance(reply, pb.ClusterStatus)
@@ -423,7 +547,7 @@ class ControlClient:
             stream.cancel()
 
     async def close(self) -> None:
-        await self._channel.close(None)
+        await self._heads.close()
 
 
 class NativeClient:

@@ -6,10 +6,13 @@ catalog, encode the answer (outputs always as ``raw_output_contents``, which tri
 reads). Errors go through :func:`shoal.rpc.status.abort`.
 
 Request parameters: ``timeout`` is in microseconds, as Triton's clients send it; the
-call's gRPC deadline bounds the request too, whichever is shorter. Sequence batching,
+call's gRPC deadline bounds the request too, whichever is shorter. ``multiplexed_model_id``
+(a string) names a multiplexed deployment's model id. Sequence batching,
 classification and shared memory are not supported and are refused with
-INVALID_ARGUMENT. RPCs left to the generated base class (model repository load/unload,
-shared memory, trace and log settings) answer UNIMPLEMENTED.
+INVALID_ARGUMENT. The model repository extension serves the scheduler's
+``--model-repository`` (``shoal.scheduler.repository``); without one, index lists the
+deployments and load/unload answer UNIMPLEMENTED. RPCs left to the generated base class
+(shared memory, trace and log settings) answer UNIMPLEMENTED.
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ from shoal.proto import model_config_pb2 as mc
 from shoal.rpc import generate_stream
 from shoal.rpc.auth import authorization
 from shoal.rpc.status import Context, abort
-from shoal.scheduler.dataplane import DataPlane, InferCall
+from shoal.scheduler.dataplane import MODEL_ID_PARAMETER, DataPlane, InferCall
 from shoal.scheduler.models import VERSION, InferResult
+from shoal.scheduler.repository import ModelRepository, check_parameters
 from shoal.types import Arrays
 
 # The InferTensorContents field that carries each datatype (FP16 and BF16 have none:
@@ -64,7 +68,10 @@ _UNSUPPORTED_PARAMETERS = {
 Parameters = Any  # protobuf map<string, InferParameter>
 _DONE = object()  # ModelStreamInfer: one request has sent its last answer
 
-_REPOSITORY = "shoal serves deployments, not a model repository: use `shoal deploy` / `shoal delete`"
+_REPOSITORY = (
+    "this scheduler serves no model repository (start it with --model-repository DIR); "
+    "use shoal deploy / shoal delete"
+)
 _SHARED_MEMORY = "shared memory is not supported; send tensors in the request"
 _TRACE = "tracing is not supported"
 _LOGGING = "log settings are not supported over the protocol; use the scheduler's --log-level"
@@ -173,6 +180,9 @@ def infer_call(request: oip.ModelInferRequest, context: Context, max_elements: i
         if out.parameters:
             _refuse_unsupported(out.parameters, f"output {out.name!r}: ")
         wanted.append(out.name)
+    model_id = _parameter(request.parameters, MODEL_ID_PARAMETER) if request.parameters else None
+    if model_id is not None and not isinstance(model_id, str):
+        raise InvalidArgument(f"parameter {MODEL_ID_PARAMETER!r} must be a string, got {model_id!r}")
     return InferCall(
         model=request.model_name,
         inputs=request_tensors(request, max_elements),
@@ -181,6 +191,7 @@ def infer_call(request: oip.ModelInferRequest, context: Context, max_elements: i
         timeout_s=_timeout_s(request, context),
         outputs=tuple(wanted),
         door=door,
+        model_id=model_id or "",
     )
 
 
@@ -195,7 +206,15 @@ def infer_response(result: InferResult) -> oip.ModelInferResponse:
 class InferenceService(oipg.GRPCInferenceServiceServicer):
     """Safe for concurrent calls (one event loop)."""
 
-    def __init__(self, dataplane: DataPlane, auth: InferenceAuth | None, settings: Settings) -> None:
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        auth: InferenceAuth | None,
+        settings: Settings,
+        repository: ModelRepository | None = None,
+    ) -> None:
+        """``repository``: the Triton repository load/unload serve (None: UNIMPLEMENTED)."""
+        self.repository = repository
         self.dataplane = dataplane
         self.catalog = dataplane.catalog
         self.auth = auth
@@ -272,7 +291,13 @@ class InferenceService(oipg.GRPCInferenceServiceServicer):
     ) -> oip.RepositoryIndexResponse:
         if request.repository_name:
             await abort(context, NotFound(f"unknown repository {request.repository_name!r}"))
-        entries = self.catalog.index(ready_only=request.ready)
+        try:
+            if self.repository is not None:
+                entries = await self.repository.index(ready_only=request.ready)
+            else:
+                entries = self.catalog.index(ready_only=request.ready)
+        except ShoalError as err:
+            await abort(context, err)
         return oip.RepositoryIndexResponse(
             models=[
                 oip.RepositoryIndexResponse.ModelIndex(
@@ -346,17 +371,39 @@ class InferenceService(oipg.GRPCInferenceServiceServicer):
                 assert isinstance(reply, oip.ModelStreamInferResponse)
                 yield reply
 
-    # -- not supported: UNIMPLEMENTED, saying why
-
     async def RepositoryModelLoad(
         self, request: oip.RepositoryModelLoadRequest, context: Context
     ) -> oip.RepositoryModelLoadResponse:
-        await _unimplemented(context, "RepositoryModelLoad", _REPOSITORY)
+        await self._change("load", request, context)
+        return oip.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(
         self, request: oip.RepositoryModelUnloadRequest, context: Context
     ) -> oip.RepositoryModelUnloadResponse:
-        await _unimplemented(context, "RepositoryModelUnload", _REPOSITORY)
+        await self._change("unload", request, context)
+        return oip.RepositoryModelUnloadResponse()
+
+    async def _change(
+        self,
+        action: str,
+        request: oip.RepositoryModelLoadRequest | oip.RepositoryModelUnloadRequest,
+        context: Context,
+    ) -> None:
+        if self.repository is None:
+            await _unimplemented(context, f"RepositoryModel{action.title()}", _REPOSITORY)
+        change = self.repository.load if action == "load" else self.repository.unload
+        try:
+            if request.repository_name:
+                raise NotFound(
+                    f"unknown repository {request.repository_name!r}: a scheduler serves one, unnamed"
+                )
+            check_parameters(action, request.parameters)
+            # gRPC callers are vouched for: loopback-only ports, TLS client certificates, or --insecure.
+            await change(request.model_name, authorization(context), vouched=True)
+        except ShoalError as err:
+            await abort(context, err)
+
+    # -- not supported: UNIMPLEMENTED, saying why
 
     async def SystemSharedMemoryStatus(
         self, request: oip.SystemSharedMemoryStatusRequest, context: Context

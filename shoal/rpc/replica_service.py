@@ -21,15 +21,24 @@ class ReplicaService(pbg.ReplicaServicer):
 
     async def Ping(self, request: pb.PingRequest, context: Context) -> pb.PingReply:
         r = self.replica
-        batch_sizes = r.batcher.batch_sizes if r.batcher is not None else {}
+        batch_sizes = r.describe().batch_sizes
+        models = r.models
         return pb.PingReply(
-            state=state_value(r.state), in_flight=r.in_flight, queued=r.queued, batch_sizes=batch_sizes
+            state=state_value(r.state),
+            in_flight=r.in_flight,
+            queued=r.queued,
+            batch_sizes=batch_sizes,
+            model_loads=models.loads if models is not None else {},
+            model_evictions=models.evictions if models is not None else {},
+            model_hits=models.hits if models is not None else {},
         )
 
     async def PushTask(self, request: pb.Task, context: Context) -> pb.TaskResult:
         try:
             inputs = codec.decode(request.inputs)
-            outputs = await self.replica.infer(request.request_id, inputs, request.timeout_s)
+            outputs = await self.replica.infer(
+                request.request_id, inputs, request.timeout_s, request.model_id
+            )
         except ShoalError as err:
             await abort(context, err)
         return pb.TaskResult(request_id=request.request_id, outputs=codec.encode(outputs))
@@ -58,7 +67,7 @@ class ReplicaService(pbg.ReplicaServicer):
         async def run(task: pb.Task) -> None:
             try:
                 inputs = codec.decode(task.inputs)
-                outputs = await self.replica.infer(task.request_id, inputs, task.timeout_s)
+                outputs = await self.replica.infer(task.request_id, inputs, task.timeout_s, task.model_id)
                 out = pb.TaskOutcome(request_id=task.request_id, tag=task.tag, outputs=codec.encode(outputs))
             except ShoalError as err:
                 out = pb.TaskOutcome(

@@ -11,6 +11,9 @@ door a request came in by, and they live here:
   client's plus a random suffix), so two requests reusing one id never share a pending
   entry;
 * **deadlines**: the call's ``timeout_s`` (0: the deployment's ``timeout_s``);
+* **model ids**: a multiplexed deployment's request names its model id (OIP parameter
+  :data:`MODEL_ID_PARAMETER`, HTTP header :data:`MODEL_ID_HEADER`), a plain name; any other
+  deployment's names none;
 * **limits**: tensor elements per request (``max_tensor_elements``), strings per
   embeddings request (``max_strings_per_request``); body size is the transport's;
 * **validation**: tensor headers and byte lengths, then names, datatypes and shapes
@@ -36,7 +39,7 @@ import numpy as np
 from shoal.config import Settings
 from shoal.core import limits, payload
 from shoal.core.payload import Tensor, Tensors
-from shoal.core.spec import DeploymentSpec
+from shoal.core.spec import DeploymentSpec, check_model_id
 from shoal.errors import InvalidArgument, ShoalError
 from shoal.scheduler.models import VERSION, InferResult, ModelCatalog, check_inputs, check_outputs
 from shoal.scheduler.router import OUTCOME_OF, Router
@@ -46,6 +49,11 @@ log = logging.getLogger("shoal.dataplane")
 # Refusals are logged at INFO, at most this many a second (a flood of bad requests must
 # not become a flood of log lines); the rest are counted and summarised.
 _REFUSALS_LOGGED_PER_S = 10
+
+MODEL_ID_PARAMETER = "multiplexed_model_id"
+"""The OIP request parameter (gRPC and REST) naming a multiplexed deployment's model id."""
+MODEL_ID_HEADER = "shoal-multiplexed-model-id"
+"""The HTTP header naming it (REST; the parameter wins when both are given)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +67,7 @@ class InferCall:
     timeout_s: float = 0.0  # 0: the deployment's own
     outputs: tuple[str, ...] = ()  # requested outputs, in order; empty: all
     door: str = ""  # which ingress, for log lines: grpc, http, native, openai
+    model_id: str = ""  # a multiplexed deployment's model id
 
 
 class DataPlane:
@@ -82,8 +91,11 @@ class DataPlane:
         started = time.perf_counter_ns()
         spec: DeploymentSpec | None = None
         try:
-            spec = self.catalog.spec(call.model, call.version)
+            # A traffic route's name: the target drawn for this request (``Router.resolve``).
+            target, shadow = self.router.resolve(call.model)
+            spec = self.catalog.spec(target, call.version)
             self.check(call)
+            _check_model_id(spec, call.model_id)
             metadata = await self.catalog.request_metadata(spec)
             check_inputs(metadata, call.inputs)
             check_outputs(metadata, call.outputs)
@@ -92,9 +104,15 @@ class DataPlane:
             raise
         # Clients reuse ids (or send none); the router keys in-flight requests by id.
         internal_id = f"{call.id}~{uuid.uuid4().hex[:12]}" if call.id else ""
+        if shadow:
+            self.router.shadow(call.model, shadow, call.inputs, call.timeout_s)
         try:
             outputs, replica_id = await self.router.send(
-                spec.name, call.inputs, request_id=internal_id, timeout_s=call.timeout_s
+                spec.name,
+                call.inputs,
+                request_id=internal_id,
+                timeout_s=call.timeout_s,
+                model_id=call.model_id,
             )
             outputs = _select(spec.name, outputs, call.outputs, [t.name for t in metadata.outputs])
         except BaseException:
@@ -102,7 +120,7 @@ class DataPlane:
             raise
         rows = call.inputs[0].rows if call.inputs else 1
         self.catalog.record(spec, ok=True, elapsed_ns=time.perf_counter_ns() - started, rows=rows)
-        return InferResult(spec.name, VERSION, call.id, outputs, replica_id)
+        return InferResult(call.model, VERSION, call.id, outputs, replica_id)
 
     def check(self, call: InferCall) -> None:
         """The checks that need no model metadata: headers, byte lengths, the element limit."""
@@ -182,6 +200,22 @@ class DataPlane:
             err.message,
             extra={"request_id": call.id, "deployment": call.model},
         )
+
+
+def _check_model_id(spec: DeploymentSpec, model_id: str) -> None:
+    """InvalidArgument unless a multiplexed deployment gets a plain model id and any other none."""
+    if spec.multiplexing is None:
+        if model_id:
+            raise InvalidArgument(
+                f"model {spec.name!r} is not multiplexed; it takes no model id ({MODEL_ID_PARAMETER})"
+            )
+        return
+    if not model_id:
+        raise InvalidArgument(
+            f"model {spec.name!r} serves multiplexed models: name one with the request parameter "
+            f"{MODEL_ID_PARAMETER!r} or the HTTP header {MODEL_ID_HEADER!r}"
+        )
+    check_model_id(model_id)
 
 
 def _texts(name: str, texts: Sequence[str]) -> Tensor:

@@ -7,6 +7,8 @@ its pending requests: failing them when the replica goes is the client's job
 
 from __future__ import annotations
 
+import collections
+
 from shoal.core.payload import Tensors
 from shoal.errors import Unavailable
 from shoal.types import ReplicaClient
@@ -36,17 +38,30 @@ class ReplicaHandle:
         self.in_flight = 0  # reserved by the router before send, released after
         self.gone = False
         self.retired = False  # draining: no new requests, pending ones finish
+        # Multiplexed deployments: the model ids this router sent here, least recent first, as
+        # many as the replica holds: what it most likely has loaded (see Router._pick).
+        self.models: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     @property
     def accepting(self) -> bool:
         return not self.gone and not self.retired
 
-    async def send(self, request_id: str, inputs: Tensors, timeout_s: float) -> Tensors:
-        """Send one request. Raises ReplicaGone if the replica is gone already, and Unavailable
-        (the client's) if it goes while the request waits: both are retried elsewhere."""
+    def touch(self, model_id: str, capacity: int) -> None:
+        """Model ``model_id`` is sent here now: the most recent of at most ``capacity`` held."""
+        self.models[model_id] = None
+        self.models.move_to_end(model_id)
+        while len(self.models) > capacity:
+            self.models.popitem(last=False)
+
+    async def send(
+        self, request_id: str, inputs: Tensors, timeout_s: float, *, model_id: str = ""
+    ) -> Tensors:
+        """Send one request (to model ``model_id`` of a multiplexed deployment). Raises
+        ReplicaGone if the replica is gone already, and Unavailable (the client's) if it goes
+        while the request waits: both are retried elsewhere."""
         if self.gone:
             raise ReplicaGone(f"replica {self.replica_id} is gone")
-        return await self.client.push(request_id, inputs, timeout_s)
+        return await self.client.push(request_id, inputs, timeout_s, model_id=model_id)
 
     async def fail_pending(self) -> int:
         """The replica died: take no more requests, and fail every pending one with Unavailable

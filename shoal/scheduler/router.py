@@ -8,24 +8,31 @@ head's routing table). Only READY, non-draining replicas get requests.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import random
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Collection
 from dataclasses import dataclass, field
 
 from shoal.config import Settings
 from shoal.core.clock import Clock, SystemClock
 from shoal.core.payload import Tensors
-from shoal.core.routing import Policy, make_policy
+from shoal.core.routing import Policy, make_policy, pick_for_model
 from shoal.core.spec import DeploymentSpec
 from shoal.core.stats import DeploymentStats
+from shoal.core.traffic import TrafficRoute
 from shoal.errors import Code, DeadlineExceeded, NotFound, ResourceExhausted, ShoalError, Unavailable
 from shoal.scheduler.handle import ReplicaGone, ReplicaHandle
 from shoal.types import GenerateChunk, GenerateRequest, LoadReport, ReplicaClient, RoutingTable
 
 log = logging.getLogger("shoal.router")
+
+MAX_SHADOWS_IN_FLIGHT = 256
+"""Most shadow copies (traffic routes' ``shadow``) in flight per router; past it a copy is
+dropped (counted as such): a slow shadow must not hold the scheduler's memory."""
 
 # How long a retry waits for the routing table to change when every replica left has
 # already failed the request (and would be tried again).
@@ -38,6 +45,10 @@ OUTCOME_OF = {
     Code.DEADLINE_EXCEEDED: "timeout",
     Code.UNAVAILABLE: "unavailable",
 }
+
+
+def _held(handle: ReplicaHandle) -> Collection[str]:
+    return handle.models.keys()
 
 
 class Signal:
@@ -82,14 +93,20 @@ class Router:
         table_only: bool = False,
         on_change: Callable[[], None] | None = None,
         clock: Clock | None = None,
+        affinity: bool = True,
+        rng: random.Random | None = None,
     ) -> None:
         """``share``: this router is one of that many processes routing to the same replicas
         (ingress workers), so it takes that share of ``max_ongoing_requests`` and
         ``max_queued_requests``, rounded up. ``table_only``: every replica, this machine's
         too, comes from :meth:`apply_table` (an ingress worker has no supervisor).
         ``on_change``: called whenever the set of replicas or specs changes. ``clock``: what
-        deadlines and waits are measured by (the system's by default)."""
+        deadlines and waits are measured by (the system's by default). ``affinity``: send a
+        multiplexed deployment's request to a replica holding its model id (off only to measure
+        what it is worth: ``bench/multiplex.py``). ``rng``: draws traffic routes' targets (seeded
+        in tests)."""
         self._clock: Clock = clock or SystemClock()
+        self._affinity = affinity
         self._on_starved = on_starved
         self._share = max(1, share)
         self._table_only = table_only
@@ -101,6 +118,13 @@ class Router:
         self._deployments: dict[str, _Deployment] = {}
         self._remote_specs_version = -1
         self._closing: set[asyncio.Future[None]] = set()
+        self._traffic: dict[str, TrafficRoute] = {}
+        self._rng = rng or random.Random()
+        self._shadows: set[asyncio.Task[None]] = set()
+        self.routed: collections.Counter[tuple[str, str]] = collections.Counter()
+        """Requests each traffic route sent to each target: (route, target) -> count."""
+        self.shadowed: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        """Shadow copies by outcome: (route, shadow, ok|error|timeout|...|dropped) -> count."""
 
     # ------------------------------------------------------------ membership
 
@@ -159,6 +183,7 @@ class Router:
 
     async def apply_table(self, table: RoutingTable) -> None:
         """Adopt the head's view of other schedulers' replicas (local ones come from the supervisor)."""
+        self._traffic = dict(table.traffic)
         for name, routes in table.deployments.items():
             self.set_spec(routes.spec)
             dep = self._deployments[name]
@@ -245,7 +270,13 @@ class Router:
     # ------------------------------------------------------------ requests
 
     async def send(
-        self, deployment: str, inputs: Tensors, *, request_id: str = "", timeout_s: float = 0.0
+        self,
+        deployment: str,
+        inputs: Tensors,
+        *,
+        request_id: str = "",
+        timeout_s: float = 0.0,
+        model_id: str = "",
     ) -> tuple[Tensors, str]:
         """Run one request on some READY replica; returns (outputs, replica id).
 
@@ -253,14 +284,15 @@ class Router:
         ResourceExhausted at once when the deployment's queue is full,
         NotFound for an unknown deployment, DeadlineExceeded on timeout; a
         request whose replica dies is retried on another, up to
-        ``settings.request_attempts`` replicas.
+        ``settings.request_attempts`` replicas. ``model_id`` (a multiplexed deployment's) goes
+        to a replica that holds it when one has room (:func:`shoal.core.routing.pick_for_model`).
         """
         dep = self._live(deployment)
         started = time.perf_counter()
         outcome = "error"
         request_id = request_id or uuid.uuid4().hex
         try:
-            result = await self._send(dep, inputs, request_id, timeout_s, started)
+            result = await self._send(dep, inputs, request_id, timeout_s, started, model_id)
             outcome = "ok"
             return result
         except ShoalError as err:
@@ -294,7 +326,13 @@ class Router:
         return {name: dep.stats for name, dep in self._deployments.items()}
 
     async def _send(
-        self, dep: _Deployment, inputs: Tensors, request_id: str, timeout_s: float, started: float
+        self,
+        dep: _Deployment,
+        inputs: Tensors,
+        request_id: str,
+        timeout_s: float,
+        started: float,
+        model_id: str,
     ) -> tuple[Tensors, str]:
         timeout_s = timeout_s if timeout_s > 0 else dep.spec.timeout_s
         clock = self._clock
@@ -307,14 +345,16 @@ class Router:
                 # killed, still in the routing table for a few ms): give the table a moment to
                 # drop it or a replacement to join before trying one of them again.
                 await dep.changed.wait(min(RETRY_PAUSE_S, max(0.0, deadline - clock.now())), clock)
-            handle = await self._acquire(dep, deadline, tried)
+            handle = await self._acquire(dep, deadline, tried, model_id)
             if attempt == 0:
                 dep.stats.queue.observe(time.perf_counter() - started)
             try:
                 remaining = deadline - clock.now()
                 if remaining <= 0:
                     raise DeadlineExceeded(f"request {request_id} timed out after {timeout_s:g}s")
-                outputs = await handle.send(request_id, inputs, remaining)
+                if model_id and dep.spec.multiplexing is not None:
+                    handle.touch(model_id, dep.spec.multiplexing.max_models_per_replica)
+                outputs = await handle.send(request_id, inputs, remaining, model_id=model_id)
                 return outputs, handle.replica_id
             except (ReplicaGone, Unavailable) as err:
                 last = err
@@ -336,12 +376,14 @@ class Router:
             f"what brings them down (setting request_attempts); last error: {last}"
         )
 
-    async def _acquire(self, dep: _Deployment, deadline: float, tried: set[str]) -> ReplicaHandle:
+    async def _acquire(
+        self, dep: _Deployment, deadline: float, tried: set[str], model_id: str = ""
+    ) -> ReplicaHandle:
         if dep.deleted:
             raise NotFound(f"no deployment named {dep.spec.name!r}: it was deleted")
         # Behind those already queued, first come first served: a new request that took a
         # freed slot ahead of them kept some waiting for seconds under a flood.
-        handle = None if dep.waiting else self._pick(dep, tried)
+        handle = None if dep.waiting else self._pick(dep, tried, model_id)
         if handle is not None:
             handle.in_flight += 1
             return handle
@@ -356,7 +398,7 @@ class Router:
             while True:
                 if dep.deleted:
                     raise NotFound(f"no deployment named {dep.spec.name!r}: it was deleted")
-                handle = self._pick(dep, tried)
+                handle = self._pick(dep, tried, model_id)
                 if handle is not None:
                     handle.in_flight += 1
                     return handle
@@ -389,7 +431,7 @@ class Router:
             f"(max_queued_requests={dep.spec.max_queued_requests}{share})"
         )
 
-    def _pick(self, dep: _Deployment, tried: set[str]) -> ReplicaHandle | None:
+    def _pick(self, dep: _Deployment, tried: set[str], model_id: str = "") -> ReplicaHandle | None:
         limit = dep.spec.max_ongoing_requests
         if self._share > 1:
             limit = -(-limit // self._share)
@@ -397,6 +439,9 @@ class Router:
         if not open_:
             return None
         fresh = [h for h in open_ if h.replica_id not in tried]
+        mux = dep.spec.multiplexing
+        if model_id and mux is not None and self._affinity:
+            return pick_for_model(fresh or open_, _held, model_id, mux.max_models_per_replica, self._policy)
         return self._policy.pick(fresh or open_)
 
     def _release(self, dep: _Deployment) -> None:
@@ -410,6 +455,50 @@ class Router:
                     closing = asyncio.ensure_future(h.close())
                     self._closing.add(closing)
                     closing.add_done_callback(self._closing.discard)
+
+    # ------------------------------------------------------------ traffic routes
+
+    def traffic(self) -> dict[str, TrafficRoute]:
+        """The traffic routes of the last routing table, by name."""
+        return dict(self._traffic)
+
+    def resolve(self, name: str) -> tuple[str, str]:
+        """Where a request to ``name`` goes: ``(deployment, shadow)``. ``name`` itself and no
+        shadow, unless ``name`` is a traffic route: then a target drawn by weight (counted in
+        :attr:`routed`) and the route's shadow ("" for none). NotFound naming a drawn target
+        that is no deployment (deleted after the route was set)."""
+        route = self._traffic.get(name)
+        if route is None:
+            return name, ""
+        target = route.pick(self._rng)
+        self.routed[(name, target)] += 1
+        dep = self._deployments.get(target)
+        if dep is None or dep.deleted:
+            raise NotFound(f"route {name!r}: its target deployment {target!r} does not exist")
+        return target, route.shadow
+
+    def shadow(self, route: str, deployment: str, inputs: Tensors, timeout_s: float = 0.0) -> None:
+        """Send a copy of a request to ``deployment`` and discard the answer, counting its outcome
+        in :attr:`shadowed`. Returns at once; never raises. The copies are this router's tasks:
+        :meth:`aclose` cancels those still running."""
+        if len(self._shadows) >= MAX_SHADOWS_IN_FLIGHT:
+            self.shadowed[(route, deployment, "dropped")] += 1
+            return
+        task = asyncio.get_running_loop().create_task(self._shadow(route, deployment, inputs, timeout_s))
+        self._shadows.add(task)
+        task.add_done_callback(self._shadows.discard)
+
+    async def _shadow(self, route: str, deployment: str, inputs: Tensors, timeout_s: float) -> None:
+        outcome = "error"
+        try:
+            await self.send(deployment, inputs, timeout_s=timeout_s)
+            outcome = "ok"
+        except ShoalError as err:
+            outcome = OUTCOME_OF.get(err.code, "error")
+        except Exception:  # a shadow's failure is counted, never the client's
+            log.exception("shadow copy of a request to %s failed", route)
+        finally:
+            self.shadowed[(route, deployment, outcome)] += 1
 
     # ------------------------------------------------------------ streams (text generation)
 
@@ -501,6 +590,10 @@ class Router:
         return [(h.replica_id, h.client) for h in ready]
 
     async def aclose(self) -> None:
+        for task in list(self._shadows):
+            task.cancel()
+        if self._shadows:
+            await asyncio.gather(*self._shadows, return_exceptions=True)
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
         for dep in self._deployments.values():

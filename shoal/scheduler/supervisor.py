@@ -43,7 +43,7 @@ from shoal.core.tasks import TaskSet
 from shoal.errors import AlreadyExists, NotFound, ShoalError, Unavailable
 from shoal.scheduler.child import ChildProcess
 from shoal.scheduler.router import Router
-from shoal.types import ReplicaClient
+from shoal.types import PingResult, ReplicaClient
 
 log = logging.getLogger("shoal.scheduler")
 
@@ -87,6 +87,10 @@ class ReplicaView:
     state: ReplicaState
     in_flight: int  # as its last ping said
     batch_sizes: Mapping[int, int]  # rows per model call -> calls, cumulative
+    # Multiplexed deployments: per model id, cumulative, from pings (see PingResult).
+    model_loads: Mapping[str, int] = field(default_factory=dict)
+    model_evictions: Mapping[str, int] = field(default_factory=dict)
+    model_hits: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,7 @@ class LocalReplica:
     ready_at: float = 0.0
     ping_failures: int = 0
     batch_sizes: dict[int, int] = field(default_factory=dict)  # cumulative, from pings
+    models: PingResult | None = None  # the last ping's model counts (multiplexed deployments)
     removing: bool = False
     dead_reason: str = ""
 
@@ -379,6 +384,7 @@ class ReplicaSupervisor:
         rep.in_flight = result.in_flight
         rep.queued = result.queued
         rep.batch_sizes = dict(result.batch_sizes)
+        rep.models = result if result.model_loads or result.model_hits else None
 
     # ------------------------------------------------------------ logs
 
@@ -480,7 +486,16 @@ class ReplicaSupervisor:
         the registry's entries."""
         return SupervisorSnapshot(
             replicas=tuple(
-                ReplicaView(r.id, r.spec.name, r.state, r.in_flight, dict(r.batch_sizes))
+                ReplicaView(
+                    r.id,
+                    r.spec.name,
+                    r.state,
+                    r.in_flight,
+                    dict(r.batch_sizes),
+                    r.models.model_loads if r.models else {},
+                    r.models.model_evictions if r.models else {},
+                    r.models.model_hits if r.models else {},
+                )
                 for r in self.registry.values()
             ),
             starts=dict(self.starts),

@@ -81,6 +81,7 @@ class PushCall:
     request_id: str
     inputs: Arrays
     timeout_s: float
+    model_id: str = ""  # multiplexed deployments
 
 
 class FakeReplicaClient:
@@ -142,10 +143,12 @@ class FakeReplicaClient:
         self._check()
         return PingResult(self.state, self.in_flight, 0)
 
-    async def push(self, request_id: str, inputs: Tensors, timeout_s: float) -> Tensors:
+    async def push(
+        self, request_id: str, inputs: Tensors, timeout_s: float, *, model_id: str = ""
+    ) -> Tensors:
         self._check()
         arrays = payload.to_arrays(inputs)  # a real replica decodes here too
-        self.requests.append(PushCall(request_id, arrays, timeout_s))
+        self.requests.append(PushCall(request_id, arrays, timeout_s, model_id))
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:

@@ -1,0 +1,369 @@
+"""Model multiplexing (issue 18, item 1) without processes: the router's affinity under the fake
+clock, the replica's least-recently-used model cache, the backends' ``model_backend``, the
+door's checks of the model id, and the metrics' bounded labels."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, cast
+
+import httpx
+import joblib
+import numpy as np
+import pytest
+
+from shoal.backends.base import Backend, Tensors
+from shoal.backends.python import PythonBackend
+from shoal.backends.sklearn import SklearnBackend
+from shoal.config import Settings
+from shoal.core import payload
+from shoal.core.clock import FakeClock
+from shoal.core.spec import DeploymentSpec
+from shoal.errors import InvalidArgument, NotFound
+from shoal.http.scheduler import scheduler_app
+from shoal.metrics import _multiplexed
+from shoal.proto import grpc_service_pb2 as oip
+from shoal.replica import multiplex
+from shoal.replica.multiplex import ModelCache
+from shoal.rpc.inference_service import InferenceService
+from shoal.scheduler.node import SchedulerNode
+from shoal.scheduler.router import Router
+from shoal.scheduler.supervisor import ReplicaView
+from shoal.testing.fakes import FakeReplicaClient, FakeReplicas
+from shoal.types import HeadLink
+from tests.unit.conftest import make_spec
+from tests.unit.test_dataplane import Aborted, Context
+
+pytestmark = pytest.mark.timeout(10)
+
+MUX = {"max_models_per_replica": 2}
+
+
+def x(value: float = 1.0) -> payload.Tensors:
+    return payload.from_arrays({"x": np.array([value], dtype=np.float32)})
+
+
+# ------------------------------------------------------------------ router affinity
+
+
+@pytest.fixture
+def fakes() -> FakeReplicas:
+    return FakeReplicas()
+
+
+@pytest.fixture
+async def router(fakes: FakeReplicas) -> AsyncIterator[Router]:
+    r = Router("s1", Settings(), fakes, policy="p2c", clock=FakeClock())
+    yield r
+    await r.aclose()
+
+
+def add(router: Router, fakes: FakeReplicas, spec: DeploymentSpec, *rids: str) -> list[FakeReplicaClient]:
+    for rid in rids:
+        router.add(rid, spec, f"{rid}:9000", "s1")
+    return [fakes.clients[f"{rid}:9000"] for rid in rids]
+
+
+async def test_a_model_id_keeps_going_to_the_replica_that_holds_it(
+    router: Router, fakes: FakeReplicas
+) -> None:
+    a, b = add(router, fakes, make_spec(multiplexing=MUX), "a", "b")
+    first = {m: (await router.send("echo", x(), model_id=m))[1] for m in ("m1", "m2")}
+    assert sorted(first.values()) == ["a", "b"]  # two new ids: one on each replica
+    for _ in range(10):
+        for m in ("m1", "m2"):
+            assert (await router.send("echo", x(), model_id=m))[1] == first[m]
+    # The replica is told which model each request is for.
+    assert {c.model_id for c in a.requests} | {c.model_id for c in b.requests} == {"m1", "m2"}
+    assert all(c.model_id == next(iter({c.model_id for c in a.requests})) for c in a.requests)
+
+
+async def test_without_affinity_the_same_ids_spread_over_both(fakes: FakeReplicas) -> None:
+    router = Router("s1", Settings(), fakes, policy="round_robin", affinity=False)
+    try:
+        add(router, fakes, make_spec(multiplexing=MUX), "a", "b")
+        served = {(await router.send("echo", x(), model_id="m1"))[1] for _ in range(4)}
+        assert served == {"a", "b"}
+    finally:
+        await router.aclose()
+
+
+async def test_when_the_holder_is_full_the_request_goes_to_another(
+    router: Router, fakes: FakeReplicas
+) -> None:
+    spec = make_spec(multiplexing=MUX, max_ongoing_requests=1)
+    a, b = add(router, fakes, spec, "a", "b")
+    _, holder = await router.send("echo", x(), model_id="m1")
+    held = a if holder == "a" else b
+    held.gate = asyncio.Event()
+    busy = asyncio.create_task(router.send("echo", x(), model_id="m1"))
+    await held.wait_for_requests(2)
+    _, other = await router.send("echo", x(), model_id="m1")  # the holder has no room
+    assert other != holder
+    held.gate.set()
+    assert (await busy)[1] == holder
+
+
+async def test_the_router_forgets_the_least_recent_id_past_the_replicas_capacity(
+    router: Router, fakes: FakeReplicas
+) -> None:
+    add(router, fakes, make_spec(multiplexing=MUX), "a")
+    for m in ("m1", "m2", "m3", "m2"):
+        await router.send("echo", x(), model_id=m)
+    [handle] = router.handles("echo")
+    assert list(handle.models) == ["m3", "m2"]  # m1 was evicted there, as the replica's LRU does
+
+
+# ------------------------------------------------------------------ the replica's model cache
+
+
+class Ids(Backend):
+    """A multiplexed parent: model id ``M`` answers ``M`` per row; ``missing`` is NotFound."""
+
+    def __init__(self) -> None:
+        super().__init__(make_spec(multiplexing=MUX))
+        self.loaded_ids: list[str] = []
+        self.unloaded: list[str] = []
+        self.hold: dict[str, asyncio.Event] = {}
+
+    def _load(self) -> None:
+        pass
+
+    async def _predict(self, inputs: Tensors) -> Tensors:
+        raise AssertionError("the parent never predicts")
+
+    def model_backend(self, model_id: str) -> Backend:
+        return One(self, model_id)
+
+
+class One(Backend):
+    def __init__(self, parent: Ids, model_id: str) -> None:
+        super().__init__(parent.spec)
+        self.parent, self.model_id = parent, model_id
+
+    def _load(self) -> None:
+        if self.model_id == "missing":
+            raise NotFound("model id 'missing' does not exist")
+        self.parent.loaded_ids.append(self.model_id)
+
+    async def _predict(self, inputs: Tensors) -> Tensors:
+        gate = self.parent.hold.get(self.model_id)
+        if gate is not None:
+            await gate.wait()
+        rows = len(inputs["x"])
+        return {"model": np.array([self.model_id] * rows, dtype=object)}
+
+    def _unload(self) -> None:
+        self.parent.unloaded.append(self.model_id)
+
+
+def rows(n: int = 1) -> Tensors:
+    return {"x": np.zeros((n, 1), dtype=np.float32)}
+
+
+@pytest.fixture
+async def cache() -> AsyncIterator[tuple[ModelCache, Ids]]:
+    parent = Ids()
+    c = ModelCache(parent, 2, parent.spec.batching)
+    yield c, parent
+    await c.aclose()
+
+
+async def test_ids_load_on_first_use_and_the_least_recently_used_is_evicted(
+    cache: tuple[ModelCache, Ids],
+) -> None:
+    c, parent = cache
+    for m in ("a", "b", "a", "c"):  # a is used after b: b is the least recent when c comes
+        out = await c.submit(m, rows())
+        assert list(out["model"]) == [m]
+    assert parent.loaded_ids == ["a", "b", "c"]
+    assert parent.unloaded == ["b"]
+    assert c.held() == ["a", "c"]
+    assert dict(c.loads) == {"a": 1, "b": 1, "c": 1}
+    assert dict(c.evictions) == {"b": 1}
+    assert dict(c.hits) == {"a": 1}
+
+
+async def test_concurrent_first_requests_share_one_load(cache: tuple[ModelCache, Ids]) -> None:
+    c, parent = cache
+    outs = await asyncio.gather(*(c.submit("a", rows()) for _ in range(5)))
+    assert [list(o["model"]) for o in outs] == [["a"]] * 5
+    assert parent.loaded_ids == ["a"]
+    assert c.loads["a"] == 1
+
+
+async def test_an_id_with_a_request_running_is_not_evicted(cache: tuple[ModelCache, Ids]) -> None:
+    c, parent = cache
+    await c.submit("a", rows())
+    await c.submit("b", rows())
+    parent.hold["a"] = asyncio.Event()
+    busy = asyncio.create_task(c.submit("a", rows()))  # a is now the most recent and busy
+    await asyncio.sleep(0)
+    parent.hold["b"] = asyncio.Event()
+    busy_b = asyncio.create_task(c.submit("b", rows()))
+    await asyncio.sleep(0)
+    parent.hold.pop("b").set()
+    await busy_b
+    # a is the least recently used now, but still running: b, idle, goes instead.
+    await c.submit("c", rows())
+    assert parent.unloaded == ["b"]
+    parent.hold.pop("a").set()
+    assert list((await busy)["model"]) == ["a"]
+
+
+async def test_a_failed_load_is_the_clients_error_and_is_not_remembered(
+    cache: tuple[ModelCache, Ids],
+) -> None:
+    c, _ = cache
+    for _ in range(2):
+        with pytest.raises(NotFound, match="'missing' does not exist"):
+            await c.submit("missing", rows())
+    assert "missing" not in c.loads
+    with pytest.raises(InvalidArgument, match="not a plain name"):
+        await c.submit("../a", rows())
+
+
+async def test_counters_name_a_bounded_number_of_ids(
+    cache: tuple[ModelCache, Ids], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(multiplex, "MAX_COUNTED_IDS", 2)
+    c, _ = cache
+    for m in ("a", "b", "c", "d"):
+        await c.submit(m, rows())
+    assert dict(c.loads) == {"a": 1, "b": 1, multiplex.OTHER: 2}
+
+
+# ------------------------------------------------------------------ backends
+
+
+MODELS = """
+import numpy as np
+
+class Tenants:
+    def load_model(self, model_id):
+        if model_id == "nobody":
+            raise KeyError(model_id)
+        return Scaled(float(len(model_id)))
+
+class Scaled:
+    def __init__(self, factor):
+        self.factor = factor
+    def predict(self, inputs):
+        return {"y": inputs["x"] * self.factor}
+
+class NoLoader:
+    def predict(self, inputs):
+        return inputs
+"""
+
+
+def test_a_python_model_loads_each_id_through_load_model(tmp_path: Path) -> None:
+    (tmp_path / "tenants.py").write_text(MODELS)
+    spec = make_spec(model="tenants:Tenants", base_dir=str(tmp_path), multiplexing=MUX)
+    parent = PythonBackend(spec)
+    parent.load()
+    one = parent.model_backend("abc")
+    one.load()
+    out = asyncio.run(one.predict({"x": np.ones((2, 1), np.float32)}))
+    assert out["y"].tolist() == [[3.0], [3.0]]
+    broken = parent.model_backend("nobody")
+    with pytest.raises(Exception, match=r"load_model\('nobody'\) raised KeyError"):
+        broken.load()
+    no_loader = PythonBackend(make_spec(model="tenants:NoLoader", base_dir=str(tmp_path), multiplexing=MUX))
+    with pytest.raises(InvalidArgument, match="has no load_model"):
+        no_loader.load()
+
+
+def test_an_unmultiplexed_backend_refuses_model_ids() -> None:
+    with pytest.raises(InvalidArgument, match="does not serve multiplexed model ids"):
+        PythonBackend(make_spec()).model_backend("a")
+
+
+def test_a_sklearn_model_id_names_a_file_in_the_model_folder(tmp_path: Path) -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    X = np.array([[0.0], [1.0], [2.0], [3.0]], dtype=np.float32)
+    joblib.dump(LogisticRegression().fit(X, [0, 0, 1, 1]), tmp_path / "small.joblib")
+    spec = make_spec(backend="sklearn", model=str(tmp_path), multiplexing=MUX)
+    parent = SklearnBackend(spec)
+    parent.load()
+    one = parent.model_backend("small")
+    one.load()
+    assert asyncio.run(one.predict({"input": X}))["label"].tolist() == [0, 0, 1, 1]
+    with pytest.raises(NotFound, match=r"model id .absent.: no file absent\.joblib"):
+        parent.model_backend("absent").load()
+    with pytest.raises(InvalidArgument, match="not a plain name"):
+        parent.model_backend("../small")
+
+
+# ------------------------------------------------------------------ the door
+
+
+@pytest.fixture
+async def node(fakes: FakeReplicas) -> AsyncIterator[SchedulerNode]:
+    settings = Settings()
+    router = Router("s1", settings, fakes, policy="round_robin")
+    n = SchedulerNode(settings, "s1", cast(HeadLink, None), fakes, router=router)
+    n.registered.set()
+    router.add("a", make_spec("mux", multiplexing=MUX), "a:9000", "s1")
+    router.add("p", make_spec("plain"), "p:9000", "s1")
+    yield n
+    await router.aclose()
+
+
+def body(**params: Any) -> dict[str, Any]:
+    return {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}], "parameters": params}
+
+
+async def test_the_model_id_arrives_by_header_or_parameter_and_is_checked(
+    node: SchedulerNode, fakes: FakeReplicas
+) -> None:
+    app = scheduler_app(node)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://s") as http:
+        r = await http.post("/v2/models/mux/infer", json=body(), headers={"shoal-multiplexed-model-id": "t1"})
+        assert r.status_code == 200, r.text
+        r = await http.post("/v2/models/mux/infer", json=body(multiplexed_model_id="t2"))
+        assert r.status_code == 200, r.text
+        assert [c.model_id for c in fakes.clients["a:9000"].requests] == ["t1", "t2"]
+
+        r = await http.post("/v2/models/mux/infer", json=body())
+        assert r.status_code == 400
+        assert (
+            "serves multiplexed models: name one with the request parameter 'multiplexed_model_id'" in r.text
+        )
+        r = await http.post("/v2/models/mux/infer", json=body(multiplexed_model_id="../etc"))
+        assert r.status_code == 400 and "not a plain name" in r.text
+        r = await http.post("/v2/models/plain/infer", json=body(multiplexed_model_id="t1"))
+        assert r.status_code == 400 and "'plain' is not multiplexed" in r.text
+
+    grpc_door = InferenceService(node.dataplane, node.inference_auth, node.settings)
+    request = oip.ModelInferRequest(model_name="mux")
+    request.inputs.add(name="x", datatype="FP32", shape=[1]).contents.fp32_contents.append(1.0)
+    request.parameters["multiplexed_model_id"].string_param = "t3"
+    await grpc_door.ModelInfer(request, cast(Any, Context()))
+    assert fakes.clients["a:9000"].requests[-1].model_id == "t3"
+    request.parameters["multiplexed_model_id"].int64_param = 7
+    with pytest.raises(Aborted, match="'multiplexed_model_id' must be a string"):
+        await grpc_door.ModelInfer(request, cast(Any, Context()))
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def test_metrics_name_the_busiest_ids_and_add_up_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
+    import shoal.metrics
+
+    monkeypatch.setattr(shoal.metrics, "MAX_MODEL_ID_LABELS", 2)
+    views = [
+        ReplicaView(
+            "r1", "mux", cast(Any, "READY"), 0, {}, {"a": 1, "b": 1, "c": 1}, {"c": 1}, {"a": 9, "b": 5}
+        ),
+        ReplicaView("r2", "mux", cast(Any, "READY"), 0, {}, {"a": 1}, {}, {"a": 1}),
+    ]
+    families = {f.name: {tuple(s.labels.values()): s.value for s in f.samples} for f in _multiplexed(views)}
+    loads = families["shoal_multiplexed_model_loads"]
+    assert loads == {("mux", "a"): 2, ("mux", "b"): 1, ("mux", "_other"): 1}
+    assert families["shoal_multiplexed_model_evictions"] == {("mux", "_other"): 1}
+    assert families["shoal_multiplexed_model_hits"] == {("mux", "a"): 10, ("mux", "b"): 5}
