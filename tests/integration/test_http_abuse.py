@@ -261,3 +261,18 @@ async def test_past_the_connection_cap_new_connections_are_refused_and_those_ope
     assert status == 200
     for conn in held:
         conn.close()
+
+
+async def test_every_ingress_process_closes_a_silent_connection(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """With several ingress processes sharing the HTTP port, each applies the header timeout."""
+    env = {"SHOAL_INGRESS_WORKERS": "2", "SHOAL_HTTP_HEADER_TIMEOUT_S": str(TIMEOUT_S)}
+    async with ProcessCluster(tmp_path_factory.mktemp("workers"), env=env) as c:
+        # The kernel spreads connections over the processes; eight reach both but for 1 in 128.
+        conns = [await Conn.open(c.http_address()) for _ in range(8)]
+        answers = await asyncio.gather(*(conn.answer() for conn in conns))
+        assert [status for status, _, _ in answers] == [408] * 8
+        for conn in conns:
+            assert await conn.closed_by_server()
+            conn.close()
