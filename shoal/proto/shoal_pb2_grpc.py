@@ -94,6 +94,21 @@ class HeadStub(object):
                 request_serializer=shoal_dot_proto_dot_shoal__pb2.EventsRequest.SerializeToString,
                 response_deserializer=shoal_dot_proto_dot_shoal__pb2.EventsReply.FromString,
                 _registered_method=True)
+        self.SetRoute = channel.unary_unary(
+                '/shoal.v1.Head/SetRoute',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.TrafficRoute.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.Empty.FromString,
+                _registered_method=True)
+        self.DeleteRoute = channel.unary_unary(
+                '/shoal.v1.Head/DeleteRoute',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.DeploymentRequest.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.Empty.FromString,
+                _registered_method=True)
+        self.ListRoutes = channel.unary_unary(
+                '/shoal.v1.Head/ListRoutes',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.Empty.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.RoutesReply.FromString,
+                _registered_method=True)
         self.CreateToken = channel.unary_unary(
                 '/shoal.v1.Head/CreateToken',
                 request_serializer=shoal_dot_proto_dot_shoal__pb2.CreateTokenRequest.SerializeToString,
@@ -188,6 +203,25 @@ class HeadServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetRoute(self, request, context):
+        """Traffic routes: create or replace one, delete one (NotFound), list them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteRoute(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRoutes(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateToken(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -268,6 +302,21 @@ def add_HeadServicer_to_server(servicer, server):
                     servicer.ListEvents,
                     request_deserializer=shoal_dot_proto_dot_shoal__pb2.EventsRequest.FromString,
                     response_serializer=shoal_dot_proto_dot_shoal__pb2.EventsReply.SerializeToString,
+            ),
+            'SetRoute': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRoute,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.TrafficRoute.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.Empty.SerializeToString,
+            ),
+            'DeleteRoute': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteRoute,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.DeploymentRequest.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.Empty.SerializeToString,
+            ),
+            'ListRoutes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRoutes,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.Empty.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.RoutesReply.SerializeToString,
             ),
             'CreateToken': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateToken,
@@ -609,6 +658,87 @@ class Head(object):
             '/shoal.v1.Head/ListEvents',
             shoal_dot_proto_dot_shoal__pb2.EventsRequest.SerializeToString,
             shoal_dot_proto_dot_shoal__pb2.EventsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRoute(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Head/SetRoute',
+            shoal_dot_proto_dot_shoal__pb2.TrafficRoute.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteRoute(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Head/DeleteRoute',
+            shoal_dot_proto_dot_shoal__pb2.DeploymentRequest.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRoutes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Head/ListRoutes',
+            shoal_dot_proto_dot_shoal__pb2.Empty.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.RoutesReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,6 +48,10 @@ class HeadStub:
     RollbackDeployment: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.RollbackRequest, _shoal_pb2.RevisionReply]
     RestartDeployment: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.DeploymentRequest, _shoal_pb2.RevisionReply]
     ListEvents: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.EventsRequest, _shoal_pb2.EventsReply]
+    SetRoute: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.TrafficRoute, _shoal_pb2.Empty]
+    """Traffic routes: create or replace one, delete one (NotFound), list them."""
+    DeleteRoute: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.DeploymentRequest, _shoal_pb2.Empty]
+    ListRoutes: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.Empty, _shoal_pb2.RoutesReply]
     CreateToken: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.CreateTokenRequest, _shoal_pb2.CreateTokenReply]
     ListTokens: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.Empty, _shoal_pb2.ListTokensReply]
     RevokeToken: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.RevokeTokenRequest, _shoal_pb2.Empty]
@@ -69,6 +73,10 @@ class HeadAsyncStub(HeadStub):
     RollbackDeployment: _aio.UnaryUnaryMultiCallable[_shoal_pb2.RollbackRequest, _shoal_pb2.RevisionReply]  # type: ignore[assignment]
     RestartDeployment: _aio.UnaryUnaryMultiCallable[_shoal_pb2.DeploymentRequest, _shoal_pb2.RevisionReply]  # type: ignore[assignment]
     ListEvents: _aio.UnaryUnaryMultiCallable[_shoal_pb2.EventsRequest, _shoal_pb2.EventsReply]  # type: ignore[assignment]
+    SetRoute: _aio.UnaryUnaryMultiCallable[_shoal_pb2.TrafficRoute, _shoal_pb2.Empty]  # type: ignore[assignment]
+    """Traffic routes: create or replace one, delete one (NotFound), list them."""
+    DeleteRoute: _aio.UnaryUnaryMultiCallable[_shoal_pb2.DeploymentRequest, _shoal_pb2.Empty]  # type: ignore[assignment]
+    ListRoutes: _aio.UnaryUnaryMultiCallable[_shoal_pb2.Empty, _shoal_pb2.RoutesReply]  # type: ignore[assignment]
     CreateToken: _aio.UnaryUnaryMultiCallable[_shoal_pb2.CreateTokenRequest, _shoal_pb2.CreateTokenReply]  # type: ignore[assignment]
     ListTokens: _aio.UnaryUnaryMultiCallable[_shoal_pb2.Empty, _shoal_pb2.ListTokensReply]  # type: ignore[assignment]
     RevokeToken: _aio.UnaryUnaryMultiCallable[_shoal_pb2.RevokeTokenRequest, _shoal_pb2.Empty]  # type: ignore[assignment]
@@ -159,6 +167,28 @@ class HeadServicer(metaclass=_abc_1.ABCMeta):
         request: _shoal_pb2.EventsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_shoal_pb2.EventsReply, _abc.Awaitable[_shoal_pb2.EventsReply]]: ...
+
+    @_abc_1.abstractmethod
+    def SetRoute(
+        self,
+        request: _shoal_pb2.TrafficRoute,
+        context: _ServicerContext,
+    ) -> _typing.Union[_shoal_pb2.Empty, _abc.Awaitable[_shoal_pb2.Empty]]:
+        """Traffic routes: create or replace one, delete one (NotFound), list them."""
+
+    @_abc_1.abstractmethod
+    def DeleteRoute(
+        self,
+        request: _shoal_pb2.DeploymentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_shoal_pb2.Empty, _abc.Awaitable[_shoal_pb2.Empty]]: ...
+
+    @_abc_1.abstractmethod
+    def ListRoutes(
+        self,
+        request: _shoal_pb2.Empty,
+        context: _ServicerContext,
+    ) -> _typing.Union[_shoal_pb2.RoutesReply, _abc.Awaitable[_shoal_pb2.RoutesReply]]: ...
 
     @_abc_1.abstractmethod
     def CreateToken(
