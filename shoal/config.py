@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -27,7 +28,9 @@ class Settings:
     advertise_host: str = ""
     """Address other components use to reach this one; ``host`` when empty."""
     head_address: str = "localhost:8470"
-    """The head the CLI and schedulers talk to (``SHOAL_HEAD``)."""
+    """The head the CLI and schedulers talk to (``SHOAL_HEAD``). Several, comma-separated
+    (``a:8470,b:8470``), for heads that stand by for each other on etcd: calls go to the one
+    that leads."""
     head_port: int = 8470
     """Head gRPC port (control API, scheduler membership)."""
     head_http_port: int = 8471
@@ -38,6 +41,15 @@ class Settings:
     """Scheduler HTTP ingress."""
     state_dir: str = ".shoal"
     """SQLite state and logs."""
+    store: str = ""
+    """Where the head keeps its state: empty for SQLite in ``state_dir``, or
+    ``etcd://HOST:PORT[,HOST:PORT...]`` for an etcd cluster, on which several heads may run:
+    one leads, the others stand by (``docs/operations.md``)."""
+    store_tls_dir: str = ""
+    """TLS to etcd: a folder with ``ca.crt`` and, for client certificates, ``client.crt`` and
+    ``client.key``. Empty: plaintext."""
+    store_root: str = "shoal/"
+    """The etcd key prefix of this cluster's state (several clusters may share one etcd)."""
     scheduler_id: str = ""
     """Id of this scheduler. Empty: the id kept in ``<state_dir>/scheduler_id``
     (``sched-<hex>``, made at the first start; ``shoal.scheduler.node.scheduler_id``), so
@@ -94,8 +106,15 @@ class Settings:
     """Processes that serve the scheduler's inference ports together (SO_REUSEPORT), each
     routing on its own: 0 is one per CPU, at most 4; 1 serves them from the scheduler's
     own process. Limits and counts hold in total (``docs/architecture.md``)."""
+    model_repository: str = ""
+    """A Triton model repository folder this scheduler's repository extension serves
+    (index, load, unload; ``shoal.scheduler.repository``). Empty: none."""
     data_plane: str = "stream"
     """Scheduler -> replica requests: ``stream`` (one PushTasks stream per replica) or ``unary``."""
+    multiplex_affinity: bool = True
+    """Send a multiplexed deployment's request to a replica that holds its model id (and spread
+    new ids); false routes blind to model ids, only to measure what affinity is worth
+    (``bench/multiplex.py``)."""
     event_loop: str = "auto"
     """``auto`` (uvloop when installed), ``uvloop`` or ``asyncio``."""
     log_format: str = "text"
@@ -138,6 +157,18 @@ class Settings:
     """Folders that model code and files may come from (``python`` modules, ``sklearn`` and
     ``onnx`` files); a spec naming anything outside is refused. Empty: any folder. In the
     environment, folders separated by ``os.pathsep``."""
+    allowed_model_uris: str = ""
+    """URI prefixes models may be fetched from (``model: s3://...``), separated by spaces or
+    commas, e.g. ``s3://models/prod/ https://files.example.com/models/``. Empty: any URI while
+    ``allowed_model_dirs`` is empty, none once it is set (``shoal.core.model_dirs``)."""
+    artifact_cache_mb: int = 10240
+    """Most megabytes a scheduler's cache of fetched models (``<state_dir>/artifacts``) keeps:
+    past it the least recently used ones that no replica runs from are deleted."""
+
+    @property
+    def model_uri_prefixes(self) -> tuple[str, ...]:
+        """``allowed_model_uris`` as a tuple of prefixes."""
+        return tuple(p for p in re.split(r"[\s,]+", self.allowed_model_uris) if p)
 
     @property
     def advertised(self) -> str:

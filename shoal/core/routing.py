@@ -52,17 +52,7 @@ class RoundRobin:
         return candidates[next(self._counter) % len(candidates)]
 
 
-class Random:
-    """Any candidate, uniformly: the baseline the benchmarks compare against."""
-
-    def __init__(self, rng: random.Random | None = None) -> None:
-        self._rng = rng or random.Random()
-
-    def pick(self, candidates: Sequence[C]) -> C:
-        return candidates[self._rng.randrange(len(candidates))]
-
-
-POLICIES: dict[str, Callable[[], Policy]] = {"p2c": PowerOfTwo, "round_robin": RoundRobin, "random": Random}
+POLICIES: dict[str, Callable[[], Policy]] = {"p2c": PowerOfTwo, "round_robin": RoundRobin}
 
 
 def pick_for_model(

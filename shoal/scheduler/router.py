@@ -24,7 +24,15 @@ from shoal.core.routing import Policy, make_policy, pick_for_model
 from shoal.core.spec import DeploymentSpec
 from shoal.core.stats import DeploymentStats
 from shoal.core.traffic import TrafficRoute
-from shoal.errors import Code, DeadlineExceeded, NotFound, ResourceExhausted, ShoalError, Unavailable
+from shoal.errors import (
+    Code,
+    DeadlineExceeded,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    ShoalError,
+    Unavailable,
+)
 from shoal.scheduler.handle import ReplicaGone, ReplicaHandle
 from shoal.types import GenerateChunk, GenerateRequest, LoadReport, ReplicaClient, RoutingTable
 
@@ -93,7 +101,6 @@ class Router:
         table_only: bool = False,
         on_change: Callable[[], None] | None = None,
         clock: Clock | None = None,
-        affinity: bool = True,
         rng: random.Random | None = None,
     ) -> None:
         """``share``: this router is one of that many processes routing to the same replicas
@@ -101,12 +108,9 @@ class Router:
         ``max_queued_requests``, rounded up. ``table_only``: every replica, this machine's
         too, comes from :meth:`apply_table` (an ingress worker has no supervisor).
         ``on_change``: called whenever the set of replicas or specs changes. ``clock``: what
-        deadlines and waits are measured by (the system's by default). ``affinity``: send a
-        multiplexed deployment's request to a replica holding its model id (off only to measure
-        what it is worth: ``bench/multiplex.py``). ``rng``: draws traffic routes' targets (seeded
-        in tests)."""
+        deadlines and waits are measured by (the system's by default). ``rng``: draws traffic
+        routes' targets (seeded in tests)."""
         self._clock: Clock = clock or SystemClock()
-        self._affinity = affinity
         self._on_starved = on_starved
         self._share = max(1, share)
         self._table_only = table_only
@@ -183,7 +187,10 @@ class Router:
 
     async def apply_table(self, table: RoutingTable) -> None:
         """Adopt the head's view of other schedulers' replicas (local ones come from the supervisor)."""
-        self._traffic = dict(table.traffic)
+        if dict(table.traffic) != self._traffic:
+            self._traffic = dict(table.traffic)
+            if self._on_change is not None:
+                self._on_change()
         for name, routes in table.deployments.items():
             self.set_spec(routes.spec)
             dep = self._deployments[name]
@@ -440,7 +447,7 @@ class Router:
             return None
         fresh = [h for h in open_ if h.replica_id not in tried]
         mux = dep.spec.multiplexing
-        if model_id and mux is not None and self._affinity:
+        if model_id and mux is not None and self.settings.multiplex_affinity:
             return pick_for_model(fresh or open_, _held, model_id, mux.max_models_per_replica, self._policy)
         return self._policy.pick(fresh or open_)
 
@@ -462,11 +469,16 @@ class Router:
         """The traffic routes of the last routing table, by name."""
         return dict(self._traffic)
 
+    def is_route(self, name: str) -> bool:
+        return name in self._traffic
+
     def resolve(self, name: str) -> tuple[str, str]:
         """Where a request to ``name`` goes: ``(deployment, shadow)``. ``name`` itself and no
         shadow, unless ``name`` is a traffic route: then a target drawn by weight (counted in
         :attr:`routed`) and the route's shadow ("" for none). NotFound naming a drawn target
-        that is no deployment (deleted after the route was set)."""
+        that is no deployment (deleted after the route was set); PermissionDenied for a target
+        that needs a token (``auth.tokens``: doors check tokens by the name called, so a route
+        never opens such a deployment; its shadow gets no copies either)."""
         route = self._traffic.get(name)
         if route is None:
             return name, ""
@@ -475,7 +487,13 @@ class Router:
         dep = self._deployments.get(target)
         if dep is None or dep.deleted:
             raise NotFound(f"route {name!r}: its target deployment {target!r} does not exist")
-        return target, route.shadow
+        if dep.spec.auth is not None:
+            raise PermissionDenied(
+                f"route {name!r}: its target deployment {target!r} needs a token; call it by its own name"
+            )
+        shadow = self._deployments.get(route.shadow)
+        protected = shadow is not None and shadow.spec.auth is not None
+        return target, "" if protected else route.shadow
 
     def shadow(self, route: str, deployment: str, inputs: Tensors, timeout_s: float = 0.0) -> None:
         """Send a copy of a request to ``deployment`` and discard the answer, counting its outcome

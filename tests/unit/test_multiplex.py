@@ -81,7 +81,7 @@ async def test_a_model_id_keeps_going_to_the_replica_that_holds_it(
 
 
 async def test_without_affinity_the_same_ids_spread_over_both(fakes: FakeReplicas) -> None:
-    router = Router("s1", Settings(), fakes, policy="round_robin", affinity=False)
+    router = Router("s1", Settings(multiplex_affinity=False), fakes, policy="round_robin")
     try:
         add(router, fakes, make_spec(multiplexing=MUX), "a", "b")
         served = {(await router.send("echo", x(), model_id="m1"))[1] for _ in range(4)}
