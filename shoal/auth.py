@@ -313,6 +313,10 @@ class InferenceAuth:
         self._known = frozenset(table.token_hashes)
         self._allowed = {name: frozenset(d.allowed_tokens) for name, d in table.deployments.items()}
 
+    def tokens_exist(self) -> bool:
+        """Whether the cluster had tokens at the last routing table."""
+        return bool(self._known)
+
     def check(self, deployment: str, authorization: str | None) -> None:
         """Raises Unauthenticated or PermissionDenied when the call may not use ``deployment``.
 

@@ -34,11 +34,13 @@ from shoal.rpc.clients import GrpcHeadLink, GrpcReplicaClient, GrpcSchedulerClie
 from shoal.rpc.head_service import HeadService
 from shoal.rpc.inference_service import InferenceService
 from shoal.rpc.ingress import IngressLink, IngressService
+from shoal.rpc.repository import GrpcDeployer
 from shoal.rpc.scheduler_service import NativeService, SchedulerService
 from shoal.rpc.server import bind, new_server
 from shoal.rpc.tls import announce_transport, check_transport, server_credentials
-from shoal.scheduler.ingress import IngressHub, IngressWorker, ingress_processes, snapshot
+from shoal.scheduler.ingress import IngressHub, IngressNode, IngressWorker, ingress_processes, snapshot
 from shoal.scheduler.node import SchedulerNode, scheduler_id
+from shoal.scheduler.repository import ModelRepository
 from shoal.store.sqlite import SqliteStore
 
 log = logging.getLogger("shoal")
@@ -116,7 +118,8 @@ async def start_scheduler(
     credentials = server_credentials(settings, "scheduler")
     server = new_server(settings, [guard], reuse_port=processes > 1)
     pbg.add_SchedulerServicer_to_server(SchedulerService(node), server)
-    inference = InferenceService(node.dataplane, node.inference_auth, settings)
+    repository = _repository(settings, head_address, node, stack)
+    inference = InferenceService(node.dataplane, node.inference_auth, settings, repository)
     oipg.add_GRPCInferenceServiceServicer_to_server(inference, server)
     registry = metrics.registry(metrics.SchedulerCollector(node))
 
@@ -126,7 +129,7 @@ async def start_scheduler(
     port = bind(server, settings.host, settings.grpc_port, credentials)
     tls = _tls_files(settings, "scheduler")
     http = HttpServer(
-        scheduler_app(node, metrics_page),
+        scheduler_app(node, metrics_page, repository),
         settings.host,
         settings.http_port,
         tls,
@@ -161,7 +164,8 @@ async def start_scheduler(
     http_address = _addr(settings.advertised, http.port)
     if processes > 1:
         workers = IngressWorkers(
-            dataclasses.replace(settings, grpc_port=port, http_port=http.port),
+            # head_address: a worker's repository extension applies models there.
+            dataclasses.replace(settings, grpc_port=port, http_port=http.port, head_address=head_address),
             _addr(settings.host, control_port),
             sid,
             processes - 1,
@@ -183,6 +187,20 @@ async def start_scheduler(
         address,
     )
     return node, public, http_address
+
+
+def _repository(
+    settings: Settings, head_address: str, node: IngressNode, stack: AsyncExitStack
+) -> ModelRepository | None:
+    """The Triton repository the scheduler's repository extension serves (``--model-repository``);
+    None without one. Its channel to the head closes with ``stack``."""
+    if not settings.model_repository:
+        return None
+    deployer = GrpcDeployer(head_address, settings)
+    stack.push_async_callback(deployer.close)
+    return ModelRepository(
+        settings.model_repository, node.catalog, deployer, tokens_exist=node.inference_auth.tokens_exist
+    )
 
 
 class IngressWorkers:
@@ -277,8 +295,10 @@ async def run_ingress_worker(settings: Settings, control: str, worker_id: str, s
     guard = AuthInterceptor(SCHEDULER_RULES, tls=bool(settings.tls_dir))
     server = new_server(settings, [guard], reuse_port=True)
     pbg.add_SchedulerServicer_to_server(NativeService(worker), server)
+    closing = AsyncExitStack()
+    repository = _repository(settings, settings.head_address, worker, closing)
     oipg.add_GRPCInferenceServiceServicer_to_server(
-        InferenceService(worker.dataplane, worker.inference_auth, settings), server
+        InferenceService(worker.dataplane, worker.inference_auth, settings, repository), server
     )
     bind(server, settings.host, settings.grpc_port, server_credentials(settings, "scheduler"))
     tls = _tls_files(settings, "scheduler")
@@ -288,7 +308,7 @@ async def run_ingress_worker(settings: Settings, control: str, worker_id: str, s
         return await link.metrics()
 
     http = HttpServer(
-        scheduler_app(worker, metrics_page),
+        scheduler_app(worker, metrics_page, repository),
         settings.host,
         settings.http_port,
         tls,
@@ -313,6 +333,7 @@ async def run_ingress_worker(settings: Settings, control: str, worker_id: str, s
         await server.stop(1.0)
         shutdown_parser()
         await worker.aclose()
+        await closing.aclose()
 
 
 async def _serve(setup: Callable[[AsyncExitStack], Awaitable[None]]) -> None:

@@ -19,10 +19,11 @@ from typing import Any
 from shoal.cli.common import EXIT_ERROR, ProgressLine, add_client_flags, with_client
 from shoal.cli.model_hash import with_model_hash
 from shoal.config import Settings
+from shoal.core import triton_repo
 from shoal.core.cluster import FAILED
 from shoal.core.spec import DeploymentSpec, load_spec_file, parse_spec
 from shoal.decorator import is_target, load_target
-from shoal.errors import ShoalError
+from shoal.errors import InvalidArgument, ShoalError
 
 Status = Mapping[str, Any]
 
@@ -262,6 +263,10 @@ def traceback_excerpt(lines: Sequence[str], most: int = 20) -> list[str]:
 def cmd_deploy(args: argparse.Namespace) -> int:
     # model_hash: the model's files as this machine sees them (bounded: shoal.cli.model_hash).
     specs = [with_model_hash(s) for f in args.files for s in _specs_in(f)]
+    if args.model_repository:  # Triton's layout; its specs carry their files' hash already
+        specs += triton_repo.load_all(args.model_repository)
+    if not specs:
+        raise InvalidArgument("shoal deploy: name spec files or a Triton repository (--model-repository DIR)")
 
     async def go(client: Any, settings: Settings) -> int:
         before = await status_reader(client)()
@@ -357,7 +362,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     p.add_argument(
         "files",
-        nargs="+",
+        nargs="*",
         metavar="FILE",
         help="a YAML spec file, or FILE.py:Class for a class (decorated with @shoal.deployment or not)",
     )
@@ -368,5 +373,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="return once the head has the spec (a deployment with no room stays pending)",
     )
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for replicas (default 120)")
+    p.add_argument(
+        "--model-repository",
+        metavar="DIR",
+        help="also deploy every model of this Triton model repository (NAME/config.pbtxt, NAME/1/model.onnx)",
+    )
     add_client_flags(p)
     p.set_defaults(fn=cmd_deploy)

@@ -25,6 +25,7 @@ from shoal.cli.common import add_head_flag, settings_of
 from shoal.cli.deploy import DeployWatch, wait_for
 from shoal.cli.model_hash import with_model_hash
 from shoal.config import Settings
+from shoal.core import triton_repo
 from shoal.core.spec import load_spec_file
 from shoal.errors import FailedPrecondition
 
@@ -85,6 +86,12 @@ def _add_scheduler_flags(p: argparse.ArgumentParser) -> None:
         type=int,
         help="processes serving the inference ports together (default 0: one per CPU, at most 4)",
     )
+    p.add_argument(
+        "--model-repository",
+        metavar="DIR",
+        help="a Triton model repository: the OIP repository extension (index, load, unload) serves it; "
+        "shoal up also deploys every model in it at start",
+    )
 
 
 def _scheduler_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -96,6 +103,7 @@ def _scheduler_flags(args: argparse.Namespace) -> dict[str, Any]:
         "gpus": args.gpus,
         "scheduler_id": args.scheduler_id,
         "ingress_workers": args.ingress_workers,
+        "model_repository": str(Path(args.model_repository).resolve()) if args.model_repository else None,
     }
 
 
@@ -175,6 +183,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     )
     # With their model files' hash, like shoal deploy: deploying the same file later is no change.
     specs = [with_model_hash(s) for f in args.deploy for s in load_spec_file(f)]
+    if settings.model_repository:
+        # Every model of the repository, or none: one that cannot be served stops shoal up here.
+        specs += triton_repo.load_all(settings.model_repository)
     logs.setup(settings.log_format, settings.log_level)
 
     async def on_ready(head: Any, scheduler: Any, tasks: Any) -> None:

@@ -258,8 +258,11 @@ def _file_hash(*paths: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def read_model(root: str | Path, name: str) -> RepositoryModel:
+def read_model(root: str | Path, name: str, *, hash_files: bool = True) -> RepositoryModel:
     """The model ``name`` of the repository at ``root``, mapped to a spec.
+
+    ``hash_files``: put the hash of the model file and the config in ``model_hash`` (what a
+    deploy needs; it reads the whole file); without it ``model_hash`` is empty.
 
     Raises NotFound when ``root`` has no folder ``name``, InvalidArgument naming the file
     and field when the model cannot be served.
@@ -315,7 +318,8 @@ def read_model(root: str | Path, name: str) -> RepositoryModel:
     if gpus:
         doc["resources"] = {"gpus": gpus}
     # A load after the file or the config changed is a change, which replaces the replicas.
-    doc["model_hash"] = _file_hash(model_file, config_path)
+    if hash_files:
+        doc["model_hash"] = _file_hash(model_file, config_path)
     try:
         spec = parse_spec(doc)
     except InvalidArgument as err:
@@ -332,11 +336,12 @@ def model_names(root: str | Path) -> list[str]:
 
 
 def scan(root: str | Path) -> list[RepositoryModel]:
-    """Every model of the repository, sorted by name; one that cannot be served carries its problem."""
+    """Every model of the repository, sorted by name; one that cannot be served carries its
+    problem. Specs without ``model_hash`` (no model file is read)."""
     models = []
     for name in model_names(root):
         try:
-            models.append(read_model(root, name))
+            models.append(read_model(root, name, hash_files=False))
         except (InvalidArgument, NotFound) as err:
             folder = Path(root) / name
             try:
@@ -350,11 +355,18 @@ def scan(root: str | Path) -> list[RepositoryModel]:
 def load_all(root: str | Path) -> list[DeploymentSpec]:
     """The specs of every model (``--model-repository`` at start); InvalidArgument naming each
     model that cannot be served, so that nothing is half deployed."""
-    models = scan(root)
-    problems = [m.problem for m in models if m.problem]
+    problems, specs = [], []
+    for name in model_names(root):
+        try:
+            spec = read_model(root, name).spec
+        except (InvalidArgument, NotFound) as err:
+            problems.append(err.message)
+            continue
+        assert spec is not None
+        specs.append(spec)
     if problems:
         raise InvalidArgument("; ".join(problems))
-    return [m.spec for m in models if m.spec is not None]
+    return specs
 
 
 def served_version(root: str | Path, spec: DeploymentSpec) -> int:

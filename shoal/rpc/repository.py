@@ -1,0 +1,45 @@
+"""The head's control API as a scheduler's repository extension uses it
+(:class:`shoal.scheduler.repository.Deployer`): apply and delete with the caller's token."""
+
+from __future__ import annotations
+
+from shoal.config import Settings
+from shoal.core.spec import DeploymentSpec
+from shoal.proto import shoal_pb2 as pb
+from shoal.proto import shoal_pb2_grpc as pbg
+from shoal.rpc.channels import Reachability, call, open_channel
+
+
+class GrpcDeployer:
+    """Scheduler -> head, for ``load`` / ``unload``: the call carries the caller's
+    ``authorization`` (the head checks its role); the channel, the scheduler's certificate."""
+
+    def __init__(self, head_address: str, settings: Settings) -> None:
+        self._settings = settings
+        self._channel = open_channel(head_address, settings, "scheduler", server="head")
+        self._stub = pbg.HeadStub(self._channel)
+        self._reach = Reachability(f"head at {head_address}")
+
+    def _metadata(self, authorization: str | None) -> tuple[tuple[str, str], ...] | None:
+        return (("authorization", authorization),) if authorization else None
+
+    async def apply(self, spec: DeploymentSpec, authorization: str | None) -> None:
+        req = pb.ApplyDeploymentRequest(spec_json=spec.to_json())
+        metadata = self._metadata(authorization)
+        await call(
+            lambda: self._stub.ApplyDeployment(req, timeout=self._settings.rpc_timeout_s, metadata=metadata),
+            attempts=2,
+            reach=self._reach,
+        )
+
+    async def delete(self, name: str, authorization: str | None) -> None:
+        req = pb.DeleteDeploymentRequest(name=name)
+        metadata = self._metadata(authorization)
+        await call(
+            lambda: self._stub.DeleteDeployment(req, timeout=self._settings.rpc_timeout_s, metadata=metadata),
+            attempts=2,
+            reach=self._reach,
+        )
+
+    async def close(self) -> None:
+        await self._channel.close(None)

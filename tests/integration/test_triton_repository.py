@@ -1,0 +1,164 @@
+"""A Triton model repository served unchanged: built with skl2onnx in Triton's layout,
+deployed with ``shoal deploy --model-repository``, driven with tritonclient's inference
+and repository calls (index, unload, load) over gRPC and HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("skl2onnx")
+
+import tritonclient.grpc.aio as tgrpc_aio
+import tritonclient.http as thttp
+from skl2onnx import to_onnx
+from skl2onnx.common.data_types import FloatTensorType
+from sklearn.datasets import load_iris
+from sklearn.linear_model import LinearRegression, LogisticRegression
+from tritonclient.utils import InferenceServerException
+
+from shoal.testing.cluster import ProcessCluster
+
+pytestmark = [pytest.mark.timeout(120)]
+T = TypeVar("T")
+
+IRIS_CONFIG = """
+platform: "onnxruntime_onnx"
+max_batch_size: 16
+input [ { name: "x" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [
+  { name: "label" data_type: TYPE_INT64 dims: [ ] },
+  { name: "probabilities" data_type: TYPE_FP32 dims: [ 3 ] }
+]
+dynamic_batching { max_queue_delay_microseconds: 1000 }
+instance_group [ { count: 1 kind: KIND_CPU } ]
+version_policy: { specific: { versions: [ 1 ] } }
+"""
+# No config: served with the tensors the ONNX file declares, and the latest version.
+LINEAR = "linear"
+
+
+def build_repository(root: Path) -> tuple[np.ndarray, np.ndarray]:
+    """iris: version 1 predicts the classes, version 2 (not served) their reverse; linear: one
+    version, no config.pbtxt. Returns iris's rows and version 1's labels for them."""
+    x, y = load_iris(return_X_y=True)
+    x = x.astype(np.float32)
+    for version, labels in ((1, y), (2, 2 - y)):
+        model = LogisticRegression(max_iter=500).fit(x, labels)
+        onx = to_onnx(
+            model, initial_types=[("x", FloatTensorType([None, 4]))], options={id(model): {"zipmap": False}}
+        )
+        folder = root / "iris" / str(version)
+        folder.mkdir(parents=True)
+        (folder / "model.onnx").write_bytes(onx.SerializeToString())
+    (root / "iris" / "config.pbtxt").write_text(IRIS_CONFIG)
+    regression = LinearRegression().fit(x[:, :3], x[:, 3])
+    (root / LINEAR / "1").mkdir(parents=True)
+    (root / LINEAR / "1" / "model.onnx").write_bytes(to_onnx(regression, x[:1, :3]).SerializeToString())
+    rows = x[::25]
+    return rows, y[::25]
+
+
+def shoal_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "shoal.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env={**os.environ, "SHOAL_HEAD": ""},
+    )
+
+
+async def over_http(cluster: ProcessCluster, call: Callable[[thttp.InferenceServerClient], T]) -> T:
+    def run() -> T:
+        client = thttp.InferenceServerClient(cluster.http_address(), network_timeout=90.0)
+        try:
+            return call(client)
+        finally:
+            client.close()
+
+    return await asyncio.to_thread(run)
+
+
+def index_of(entries: list[Any]) -> dict[str, tuple[str, str, str]]:
+    def get(e: Any, key: str) -> str:
+        return str(e[key] if isinstance(e, dict) else getattr(e, key))
+
+    return {get(e, "name"): (get(e, "version"), get(e, "state"), get(e, "reason")) for e in entries}
+
+
+async def test_a_triton_repository_serves_and_loads_and_unloads(tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    rows, labels = build_repository(repo)
+    async with ProcessCluster(
+        tmp_path / "cluster", scheduler_args=[["--model-repository", str(repo)]]
+    ) as cluster:
+        deployed = await asyncio.to_thread(
+            shoal_cli, "--head", cluster.head_address, "deploy", "--model-repository", str(repo)
+        )
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        grpc_client = tgrpc_aio.InferenceServerClient(cluster.scheduler_address())
+        try:
+            index = index_of((await grpc_client.get_model_repository_index()).models)
+            assert index == {"iris": ("1", "READY", ""), LINEAR: ("1", "READY", "")}
+
+            # The version policy chose version 1: the classes, not their reverse; batched over gRPC.
+            x = tgrpc_aio.InferInput("x", list(rows.shape), "FP32")
+            x.set_data_from_numpy(rows)
+            result = await grpc_client.infer("iris", [x])
+            assert result.as_numpy("label").tolist() == labels.tolist()
+            config = (await grpc_client.get_model_config("iris")).config
+            assert config.max_batch_size == 16
+
+            # The model without a config, over HTTP: the tensors its file declares.
+            def linear(client: thttp.InferenceServerClient) -> tuple[int, ...]:
+                name = client.get_model_metadata(LINEAR)["inputs"][0]["name"]
+                inp = thttp.InferInput(name, [2, 3], "FP32")
+                inp.set_data_from_numpy(rows[:2, :3].copy())
+                out = client.infer(LINEAR, [inp]).as_numpy("variable")
+                assert out is not None
+                return tuple(out.shape)
+
+            assert await over_http(cluster, linear) == (2, 1)
+
+            # Unload over gRPC: the model stops serving, the index says so.
+            await grpc_client.unload_model("iris")
+            index = index_of((await grpc_client.get_model_repository_index()).models)
+            assert index["iris"] == ("1", "UNAVAILABLE", "unloaded")
+            with pytest.raises(InferenceServerException, match="unknown model 'iris'"):
+                await grpc_client.infer("iris", [x])
+
+            # A model that cannot be mapped is listed with the field that stops it, and refused.
+            (repo / "pipeline").mkdir()
+            (repo / "pipeline" / "config.pbtxt").write_text('platform: "ensemble"\n')
+
+            def load_refused(client: thttp.InferenceServerClient) -> str:
+                with pytest.raises(InferenceServerException) as err:
+                    client.load_model("pipeline")
+                return str(err.value)
+
+            assert "pipeline/config.pbtxt: platform: 'ensemble'" in await over_http(cluster, load_refused)
+
+            # Load over HTTP: returns once the model serves again.
+            def load(client: thttp.InferenceServerClient) -> list[Any]:
+                client.load_model("iris")
+                assert client.is_model_ready("iris")
+                index: list[Any] = client.get_model_repository_index()
+                return index
+
+            index = index_of(await over_http(cluster, load))
+            assert index["iris"] == ("1", "READY", "")
+            assert index["pipeline"][1] == "UNAVAILABLE" and "platform" in index["pipeline"][2]
+            result = await grpc_client.infer("iris", [x])
+            assert result.as_numpy("label").tolist() == labels.tolist()
+        finally:
+            await grpc_client.close()

@@ -1,0 +1,202 @@
+"""The OIP repository extension (index, load, unload) over a Triton repository: the REST
+routes and the gRPC servicer over shoal.scheduler.repository, the head faked by a deployer
+that changes the router as the head's routing table would."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, cast
+
+import grpc
+import httpx
+import pytest
+
+from shoal.config import Settings
+from shoal.core.spec import DeploymentSpec, parse_spec
+from shoal.errors import NotFound, PermissionDenied
+from shoal.http.scheduler import scheduler_app
+from shoal.proto import grpc_service_pb2 as oip
+from shoal.rpc.inference_service import InferenceService
+from shoal.scheduler.node import SchedulerNode
+from shoal.scheduler.repository import ModelRepository
+from shoal.scheduler.router import Router
+from shoal.testing.fakes import FakeReplicas
+from shoal.types import DeploymentRoutes, HeadLink, Route, RoutingTable
+
+CONFIG = 'platform: "onnxruntime_onnx"\nmax_batch_size: 4\n'
+
+
+class FakeDeployer:
+    """The head: an apply makes a READY replica appear in the router, a delete removes it."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.calls: list[tuple[str, str, str | None]] = []
+        self.refuse: Exception | None = None
+
+    async def apply(self, spec: DeploymentSpec, authorization: str | None) -> None:
+        self.calls.append(("apply", spec.name, authorization))
+        if self.refuse is not None:
+            raise self.refuse
+        self.router.add(f"{spec.name}-1", spec, "10.0.0.2:7000", "s2")
+
+    async def delete(self, name: str, authorization: str | None) -> None:
+        self.calls.append(("delete", name, authorization))
+        if name not in self.router.deployments():
+            raise NotFound(f"no deployment {name!r}")
+        others = {
+            n: DeploymentRoutes(
+                spec, tuple(Route(h.replica_id, h.address, "s2") for h in self.router.handles(n))
+            )
+            for n, spec in self.router.deployments().items()
+            if n != name
+        }
+        await self.router.apply_table(RoutingTable(version=1, deployments=others, deleted=(name,)))
+
+
+class Scheduler:
+    def __init__(self, node: SchedulerNode, repository: ModelRepository, deployer: FakeDeployer) -> None:
+        self.node = node
+        self.repository = repository
+        self.deployer = deployer
+        self.tokens = False
+
+    def http(self, host: str = "127.0.0.1", repository: bool = True) -> httpx.AsyncClient:
+        app = scheduler_app(self.node, repository=self.repository if repository else None)
+        transport = httpx.ASGITransport(app=app, client=(host, 5000))
+        return httpx.AsyncClient(transport=transport, base_url="http://shoal")
+
+
+@pytest.fixture
+async def scheduler(tmp_path: Path) -> AsyncIterator[Scheduler]:
+    for name, config in (("iris", CONFIG), ("pipeline", 'platform: "ensemble"\n')):
+        (tmp_path / name / "1").mkdir(parents=True)
+        (tmp_path / name / "config.pbtxt").write_text(config)
+        (tmp_path / name / "1" / "model.onnx").write_bytes(b"onnx")
+    settings = Settings()
+    router = Router("s1", settings, FakeReplicas(), policy="round_robin")
+    node = SchedulerNode(settings, "s1", cast(HeadLink, None), FakeReplicas(), router=router)
+    node.registered.set()
+    deployer = FakeDeployer(router)
+    holder: dict[str, Scheduler] = {}
+    repository = ModelRepository(tmp_path, node.catalog, deployer, tokens_exist=lambda: holder["s"].tokens)
+    holder["s"] = Scheduler(node, repository, deployer)
+    yield holder["s"]
+    await router.aclose()
+
+
+async def index(client: httpx.AsyncClient) -> dict[str, Any]:
+    reply = await client.post("/v2/repository/index")
+    assert reply.status_code == 200, reply.text
+    return {e["name"]: (e["version"], e["state"], e["reason"]) for e in reply.json()}
+
+
+async def test_index_load_and_unload_over_http(scheduler: Scheduler) -> None:
+    other = parse_spec({"name": "echo", "backend": "python", "model": "m:M"})
+    scheduler.node.router.add("echo-1", other, "10.0.0.3:7000", "s2")
+    async with scheduler.http() as client:
+        before = await index(client)
+        assert before["iris"] == ("1", "UNAVAILABLE", "unloaded")
+        assert before["pipeline"][1] == "UNAVAILABLE"
+        assert "pipeline/config.pbtxt: platform: 'ensemble'" in before["pipeline"][2]
+        assert before["echo"][1] == "READY"  # a deployment from a spec is listed too
+
+        reply = await client.post("/v2/repository/models/iris/load")
+        assert reply.status_code == 200, reply.text
+        assert (await index(client))["iris"] == ("1", "READY", "")
+        assert (await client.get("/v2/models/iris/ready")).status_code == 200
+
+        reply = await client.post("/v2/repository/models/pipeline/load")
+        assert reply.status_code == 400 and "platform" in reply.json()["error"]
+        reply = await client.post("/v2/repository/models/nope/load")
+        assert reply.status_code == 404 and "has no model 'nope'" in reply.json()["error"]
+
+        reply = await client.post(
+            "/v2/repository/models/iris/unload", json={"parameters": {"unload_dependents": True}}
+        )
+        assert reply.status_code == 200, reply.text
+        assert (await index(client))["iris"] == ("1", "UNAVAILABLE", "unloaded")
+        # Unloading what is not loaded is no error; a name outside the repository is.
+        assert (await client.post("/v2/repository/models/iris/unload")).status_code == 200
+        reply = await client.post("/v2/repository/models/echo/unload")
+        assert reply.status_code == 404 and "shoal delete" in reply.json()["error"]
+
+
+async def test_load_overrides_are_refused_naming_the_parameter(scheduler: Scheduler) -> None:
+    async with scheduler.http() as client:
+        reply = await client.post("/v2/repository/models/iris/load", json={"parameters": {"config": "{}"}})
+    assert reply.status_code == 400
+    assert "parameter 'config'" in reply.json()["error"]
+    assert scheduler.deployer.calls == []
+
+
+async def test_changes_need_a_token_from_other_machines(scheduler: Scheduler) -> None:
+    async with scheduler.http(host="10.1.2.3") as client:
+        reply = await client.post("/v2/repository/models/iris/load")
+        assert reply.status_code == 403 and "role deploy" in reply.json()["error"]
+        # A token while none exists is no credential either: nothing could check it.
+        headers = {"authorization": "Bearer shoal_x"}
+        assert (await client.post("/v2/repository/models/iris/load", headers=headers)).status_code == 403
+        assert scheduler.deployer.calls == []
+        # Once tokens exist the head checks the caller's token's role.
+        scheduler.tokens = True
+        scheduler.deployer.refuse = PermissionDenied(
+            "ApplyDeployment needs role deploy; this token has infer"
+        )
+        reply = await client.post("/v2/repository/models/iris/load", headers=headers)
+        assert reply.status_code == 403 and "role deploy" in reply.json()["error"]
+        assert scheduler.deployer.calls == [("apply", "iris", "Bearer shoal_x")]
+        scheduler.deployer.refuse = None
+        assert (await client.post("/v2/repository/models/iris/load", headers=headers)).status_code == 200
+
+
+async def test_without_a_repository_load_and_unload_are_not_implemented(scheduler: Scheduler) -> None:
+    async with scheduler.http(repository=False) as client:
+        for action in ("load", "unload"):
+            reply = await client.post(f"/v2/repository/models/iris/{action}")
+            assert reply.status_code == 501 and "--model-repository" in reply.json()["error"]
+
+
+class Aborted(Exception):
+    pass
+
+
+class FakeContext:
+    def __init__(self) -> None:
+        self.code: grpc.StatusCode | None = None
+        self.details = ""
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.code, self.details = code, details
+        raise Aborted(details)
+
+    def invocation_metadata(self) -> tuple[()]:
+        return ()
+
+    def peer(self) -> str:
+        return "ipv4:10.1.2.3:5000"
+
+
+async def test_load_unload_and_index_over_grpc(scheduler: Scheduler) -> None:
+    service = InferenceService(scheduler.node.dataplane, None, Settings(), scheduler.repository)
+    await service.RepositoryModelLoad(
+        oip.RepositoryModelLoadRequest(model_name="iris"), cast(Any, FakeContext())
+    )
+    reply = await service.RepositoryIndex(oip.RepositoryIndexRequest(ready=True), cast(Any, FakeContext()))
+    assert [(m.name, m.version, m.state) for m in reply.models] == [("iris", "1", "READY")]
+    await service.RepositoryModelUnload(
+        oip.RepositoryModelUnloadRequest(model_name="iris"), cast(Any, FakeContext())
+    )
+    assert scheduler.deployer.calls == [("apply", "iris", None), ("delete", "iris", None)]
+    context = FakeContext()
+    with pytest.raises(Aborted):
+        await service.RepositoryModelLoad(
+            oip.RepositoryModelLoadRequest(model_name="pipeline"), cast(Any, context)
+        )
+    assert context.code == grpc.StatusCode.INVALID_ARGUMENT and "platform" in context.details
+    bare = InferenceService(scheduler.node.dataplane, None, Settings())
+    context = FakeContext()
+    with pytest.raises(Aborted):
+        await bare.RepositoryModelLoad(oip.RepositoryModelLoadRequest(model_name="iris"), cast(Any, context))
+    assert context.code == grpc.StatusCode.UNIMPLEMENTED
