@@ -23,24 +23,29 @@ from shoal import certs, metrics
 from shoal.auth import RateLimiter
 from shoal.config import Settings
 from shoal.core.tasks import TaskSet
+from shoal.head.leader import LeaderInfo, Leadership, lease_ttl
 from shoal.head.node import HeadNode
 from shoal.http.head import head_app
 from shoal.http.scheduler import scheduler_app, shutdown_parser
 from shoal.http.server import HttpLimits, HttpServer
+from shoal.http.standby import StandbyApp
 from shoal.proto import grpc_service_pb2_grpc as oipg
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.rpc.auth import HEAD_RULES, SCHEDULER_RULES, AuthInterceptor
 from shoal.rpc.clients import GrpcHeadLink, GrpcReplicaClient, GrpcSchedulerClient
+from shoal.rpc.etcd_client import EtcdTarget, etcd_client, parse_store_url
 from shoal.rpc.head_service import HeadService
 from shoal.rpc.inference_service import InferenceService
 from shoal.rpc.ingress import IngressLink, IngressService
 from shoal.rpc.repository import GrpcDeployer
 from shoal.rpc.scheduler_service import NativeService, SchedulerService
 from shoal.rpc.server import bind, new_server
+from shoal.rpc.standby import StandbyInterceptor
 from shoal.rpc.tls import announce_transport, check_transport, server_credentials
 from shoal.scheduler.ingress import IngressHub, IngressNode, IngressWorker, ingress_processes, snapshot
 from shoal.scheduler.node import SchedulerNode, scheduler_id
 from shoal.scheduler.repository import ModelRepository
+from shoal.store.etcd import EtcdStore
 from shoal.store.sqlite import SqliteStore
 
 log = logging.getLogger("shoal")
@@ -66,25 +71,40 @@ def _tls_files(settings: Settings, role: str) -> certs.Files | None:
     return certs.files(settings.tls_dir, role) if settings.tls_dir else None
 
 
-async def start_head(settings: Settings, stack: AsyncExitStack) -> tuple[HeadNode, str, str]:
+async def start_head(
+    settings: Settings, stack: AsyncExitStack, on_lost: Callable[[], None] | None = None
+) -> tuple[HeadNode, str, str]:
+    """Open the store and serve the head. On SQLite the head starts at once; on etcd it
+    stands by until it leads (``_lead``), and ``on_lost`` is called if it stops leading."""
     check_transport(settings, "head")
     state_dir = Path(settings.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
-    store = await SqliteStore(state_dir / "state.db").open()
+    store = await _open_store(settings, state_dir)
     stack.push_async_callback(store.close)
     node = HeadNode(settings, store, lambda sid, addr: GrpcSchedulerClient(sid, addr, settings))
+    leadership = None
+    if isinstance(store, EtcdStore):
+        leadership = Leadership(
+            store, store.leader_key, LeaderInfo("", ""), ttl_s=lease_ttl(settings.dead_after_s)
+        )
     # One rate limit for the control API, over gRPC and REST together.
     limiter = RateLimiter(settings.control_rate_limit)
     guard = AuthInterceptor(HEAD_RULES, tls=bool(settings.tls_dir), tokens=node.tokens, limiter=limiter)
-    server = new_server(settings, [guard])
+    server = new_server(settings, [guard] if leadership is None else [StandbyInterceptor(leadership), guard])
     pbg.add_HeadServicer_to_server(HeadService(node), server)
     port = bind(server, settings.host, settings.head_port, server_credentials(settings, "head"))
     tls = _tls_files(settings, "head")
+    app = head_app(node, limiter)
     http = HttpServer(
-        head_app(node, limiter), settings.host, settings.head_http_port, tls, limits=HttpLimits.of(settings)
+        app if leadership is None else StandbyApp(app, leadership),
+        settings.host,
+        settings.head_http_port,
+        tls,
+        limits=HttpLimits.of(settings),
     )
-    await node.start()
-    stack.push_async_callback(node.aclose)
+    if leadership is None:
+        await node.start()
+        stack.push_async_callback(node.aclose)
     await server.start()
     stack.push_async_callback(server.stop, 1.0)
     await http.start()
@@ -93,7 +113,39 @@ async def start_head(settings: Settings, stack: AsyncExitStack) -> tuple[HeadNod
     http_address = _addr(settings.advertised, http.port)
     _write_endpoints(state_dir, head=address, head_http=http_address)
     log.info("head listening on %s (gRPC) and %s://%s (REST, dashboard)", address, http.scheme, http_address)
+    if leadership is not None:
+        leadership.me = LeaderInfo(address, http_address)
+        tasks = TaskSet("head")
+        stack.push_async_callback(tasks.aclose)  # before the servers stop: resign first
+        tasks.spawn(_lead(leadership, node, on_lost), "leadership")
     return node, address, http_address
+
+
+async def _open_store(settings: Settings, state_dir: Path) -> SqliteStore | EtcdStore:
+    if not settings.store:
+        return await SqliteStore(state_dir / "state.db").open()
+    target = EtcdTarget(parse_store_url(settings.store), settings.store_tls_dir)
+    store = await EtcdStore(etcd_client(target), root=settings.store_root, name=settings.store).open()
+    log.info("state store: %s (key prefix %r)", settings.store, settings.store_root)
+    return store
+
+
+async def _lead(leadership: Leadership, node: HeadNode, on_lost: Callable[[], None] | None) -> None:
+    """Stand by until this head leads; then run the head (which adopts the running replicas
+    as a restarted head does) until leadership is lost, and stop acting at once."""
+    log.info("standing by for leadership (lease TTL %ds)", leadership.ttl_s)
+    await leadership.campaign()
+    try:
+        await node.start()
+        leadership.serving = True
+        await leadership.hold()
+        node.pause()
+        log.critical("this head no longer leads: it stops (start it again to stand by)")
+        if on_lost is not None:
+            on_lost()
+    finally:
+        await node.aclose()
+        await leadership.resign()
 
 
 async def start_scheduler(
@@ -336,8 +388,10 @@ async def run_ingress_worker(settings: Settings, control: str, worker_id: str, s
         await closing.aclose()
 
 
-async def _serve(setup: Callable[[AsyncExitStack], Awaitable[None]]) -> None:
-    stop = asyncio.Event()
+async def _serve(
+    setup: Callable[[AsyncExitStack], Awaitable[None]], stop: asyncio.Event | None = None
+) -> None:
+    stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -348,13 +402,24 @@ async def _serve(setup: Callable[[AsyncExitStack], Awaitable[None]]) -> None:
     log.info("stopped")
 
 
+LOST_LEADERSHIP_EXIT = 3
+"""The exit status of a head on etcd that stopped because it no longer leads."""
+
+
 async def run_head(settings: Settings) -> None:
     announce_transport(settings)
+    stop, lost = asyncio.Event(), asyncio.Event()
+
+    def on_lost() -> None:
+        lost.set()
+        stop.set()
 
     async def setup(stack: AsyncExitStack) -> None:
-        await start_head(settings, stack)
+        await start_head(settings, stack, on_lost)
 
-    await _serve(setup)
+    await _serve(setup, stop)
+    if lost.is_set():
+        raise SystemExit(LOST_LEADERSHIP_EXIT)
 
 
 async def run_scheduler(settings: Settings) -> None:

@@ -229,7 +229,14 @@ async def _up_progress(head: Any, watch: DeployWatch, timeout_s: float = 300.0) 
 def cmd_head(args: argparse.Namespace) -> int:
     from shoal.run import run_head
 
-    settings = settings_of(args, **_cluster_flags(args), head_port=args.port, head_http_port=args.http_port)
+    settings = settings_of(
+        args,
+        **_cluster_flags(args),
+        head_port=args.port,
+        head_http_port=args.http_port,
+        store=args.store,
+        store_tls_dir=args.store_tls_dir,
+    )
     logs.setup(settings.log_format, settings.log_level, component="head")
     with _running_as(settings, "head"):
         aio.run(run_head(settings), settings.event_loop)
@@ -306,6 +313,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     _add_cluster_flags(p)
     p.add_argument("--port", type=int, help="gRPC port (default 8470)")
     p.add_argument("--http-port", type=int, help="HTTP port (default 8471)")
+    p.add_argument(
+        "--store",
+        metavar="URL",
+        help="state store: etcd://HOST:PORT[,HOST:PORT...] (heads on one etcd stand by for each other); "
+        "default SQLite in the state folder",
+    )
+    p.add_argument("--store-tls-dir", metavar="DIR", help="TLS to etcd: ca.crt [client.crt client.key]")
     p.set_defaults(fn=cmd_head)
 
     p = sub.add_parser("scheduler", help="run a scheduler that joins a head")

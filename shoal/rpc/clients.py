@@ -301,7 +301,7 @@ class HeadChannels:
         """A call on ``stub`` found no leader there: use the next head (once per failure)."""
         if len(self._stubs) > 1 and stub is self._stubs[self._current]:
             self._current = (self._current + 1) % len(self._stubs)
-            log.info("trying the head at %s", self.address)
+            log.debug("trying the head at %s", self.address)
 
     def went_round(self) -> bool:
         """Whether the last :meth:`failed` came back to the first head."""

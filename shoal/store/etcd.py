@@ -171,6 +171,41 @@ class EtcdStore:
     def unfence(self) -> None:
         self._fence = None
 
+    # -- leases, for the leader election (shoal.head.leader.LeaseBackend) ----------------
+
+    @property
+    def leader_key(self) -> str:
+        """The etcd key the heads on this store campaign for."""
+        return self.root + "leader"
+
+    async def grant_lease(self, ttl_s: int) -> int:
+        self._check_open()
+        lease = await self._etcd(self._client.lease(ttl_s))
+        return int(lease.id)
+
+    async def renew_lease(self, lease: int) -> int:
+        self._check_open()
+        reply = await self._etcd(self._client.refresh_lease(lease))
+        return 0 if reply is None else int(reply.TTL)
+
+    async def revoke_lease(self, lease: int) -> None:
+        self._check_open()
+        await self._etcd(self._client.revoke_lease(lease))
+
+    async def create_leased(self, key: str, value: str, lease: int) -> bool:
+        self._check_open()
+        tx = self._client.transactions
+        raw = key.encode()
+        ok, _ = await self._etcd(
+            self._client.transaction([tx.create(raw) == 0], [tx.put(raw, value.encode(), lease)], [])
+        )
+        return bool(ok)
+
+    async def read_key(self, key: str) -> str | None:
+        self._check_open()
+        got = await self._etcd(self._client.get(key.encode()))
+        return None if got is None else bytes(got.value).decode(errors="replace")
+
     # -- the Store protocol ---------------------------------------------------------------
 
     async def get(self, key: str) -> Entry | None:

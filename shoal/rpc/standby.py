@@ -1,0 +1,56 @@
+"""A standby head's gRPC answer: every call fails UNAVAILABLE, naming where the leader is.
+
+UNAVAILABLE is the code shoal's clients retry and move on from, so a scheduler or CLI given
+several head addresses (``--head a:8470,b:8470``) goes on to the next one. The leader's
+address is also sent as trailing metadata ``shoal-leader`` for clients that want to go
+straight there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import grpc.aio
+
+from shoal.head.leader import Leadership, standby_error
+from shoal.rpc.auth import _wrap
+from shoal.rpc.status import Context, abort
+
+LEADER_METADATA = "shoal-leader"
+
+if TYPE_CHECKING:
+    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    _Interceptor = grpc.aio.ServerInterceptor
+
+
+class StandbyInterceptor(_Interceptor):
+    """Refuses every call unless this head leads and has loaded its state (``serving``).
+
+    Put it before the auth interceptor: a standby has not loaded the tokens, and its answer
+    holds no secret."""
+
+    def __init__(self, leadership: Leadership) -> None:
+        self._leadership = leadership
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        leadership = self._leadership
+
+        async def check(context: Context) -> None:
+            if leadership.serving:
+                return
+            if leadership.leader is not None:
+                context.set_trailing_metadata(((LEADER_METADATA, leadership.leader.grpc),))
+            await abort(context, standby_error(leadership))
+
+        wrapped: grpc.RpcMethodHandler[Any, Any] = _wrap(handler, check)
+        return wrapped

@@ -1,0 +1,255 @@
+"""Heads on etcd (issue 16): one leads, a standby names it, and takes over when it dies.
+
+Real etcd processes (a 3-member cluster on loopback), real ``shoal head`` and ``shoal
+scheduler`` processes. The timings of the failover are measured by
+``scripts/failover_figures.py`` (docs/reliability.md), not asserted here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import pytest_asyncio
+
+from shoal.config import Settings
+from shoal.core.spec import parse_spec
+from shoal.errors import Unavailable
+from shoal.head.leader import LeaderInfo, Leadership
+from shoal.rpc.clients import ControlClient, send_request
+from shoal.rpc.etcd_client import EtcdTarget, etcd_client, parse_store_url
+from shoal.store.etcd import EtcdStore, Fenced
+from shoal.testing.cluster import FAST, Component
+from shoal.testing.etcd import EtcdCluster, require_etcd
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(90)]
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    require_etcd()
+    with EtcdCluster(tmp_path_factory.mktemp("etcd"), size=3) as cluster:
+        yield cluster
+
+
+async def open_store(etcd: EtcdCluster, root: str) -> EtcdStore:
+    return await EtcdStore(etcd_client(EtcdTarget(parse_store_url(etcd.url))), root=root).open()
+
+
+# -- the election over real etcd -----------------------------------------------------------
+
+
+async def test_a_dead_leaders_lease_runs_out_a_standby_leads_and_the_old_leader_cannot_write(
+    etcd: EtcdCluster,
+) -> None:
+    root = f"elect-{uuid.uuid4().hex}/"
+    a_store, b_store = await open_store(etcd, root), await open_store(etcd, root)
+    try:
+        a = Leadership(a_store, a_store.leader_key, LeaderInfo("a:1", "a:2"), ttl_s=1)
+        b = Leadership(b_store, b_store.leader_key, LeaderInfo("b:1", "b:2"), ttl_s=1, poll_s=0.05)
+        await a.campaign()
+        assert await a_store.put("deployments/x", "from a") == 1
+        standby = asyncio.ensure_future(b.campaign())
+        async with asyncio.timeout(5):
+            while b.leader != a.me:
+                await asyncio.sleep(0.05)
+        # a dies without resigning: nothing renews its lease; b leads once etcd ends it
+        await asyncio.wait_for(standby, 10)
+        assert b.leading
+        with pytest.raises(Fenced, match="b:1"):
+            await a_store.put("deployments/x", "from the deposed a")
+        assert await b_store.put("deployments/x", "from b") == 2
+        assert [(e.value, e.revision) for e in await a_store.list("deployments/")] == [("from b", 2)]
+        await b.resign()
+        assert await a_store.read_key(a_store.leader_key) is None  # resigned: a standby may claim now
+    finally:
+        await a_store.close()
+        await b_store.close()
+
+
+# -- heads as processes ----------------------------------------------------------------------
+
+
+def echo_spec(name: str, replicas: int) -> dict[str, Any]:
+    return {
+        "name": name,
+        "backend": "python",
+        "model": "echo:Echo",
+        "base_dir": str(EXAMPLES),
+        "replicas": replicas,
+        "resources": {"cpus": 0.1},
+    }
+
+
+def http_get(address: str, path: str) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(f"http://{address}{path}", timeout=5) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+class Heads:
+    """Two heads on one etcd, a scheduler that knows both, and a client for both."""
+
+    def __init__(self, root: Path, etcd: EtcdCluster) -> None:
+        self.env = {**os.environ, **FAST}
+        self.env.pop("SHOAL_HEAD", None)
+        self.env["SHOAL_STORE_ROOT"] = f"cluster-{uuid.uuid4().hex}/"
+        self.root = root
+        self.etcd = etcd
+        self.heads: list[Component] = []
+        self.scheduler: Component | None = None
+        self.settings = Settings.load(env={}, flags={"dead_after_s": 2.0, "rpc_timeout_s": 2.0})
+
+    def start_head(self) -> Component:
+        i = len(self.heads)
+        args = ["head", "--port", "0", "--http-port", "0", "--store", self.etcd.url]
+        comp = Component(f"head{i}", args, self.root / f"head{i}", self.env)
+        comp.start(("head", "head_http"))
+        self.heads.append(comp)
+        return comp
+
+    def start_scheduler(self) -> Component:
+        args = ["--head", self.addresses, "scheduler", "--grpc-port", "0", "--http-port", "0"]
+        self.scheduler = Component("scheduler", args, self.root / "scheduler", self.env)
+        self.scheduler.start(("scheduler", "scheduler_http"))
+        return self.scheduler
+
+    @property
+    def addresses(self) -> str:
+        return ",".join(h.endpoints["head"] for h in self.heads)
+
+    def client(self) -> ControlClient:
+        return ControlClient(self.addresses, self.settings)
+
+    def close(self) -> None:
+        comps = [c for c in (self.scheduler, *self.heads) if c is not None]
+        for comp in comps:
+            comp.signal(signal.SIGTERM)
+        for comp in comps:
+            if comp.proc is not None:
+                try:
+                    comp.wait(15)
+                except Exception:
+                    pass
+            comp.kill_all()
+
+
+@pytest_asyncio.fixture
+async def heads(tmp_path: Path, etcd: EtcdCluster) -> AsyncIterator[Heads]:
+    cluster = Heads(tmp_path, etcd)
+    try:
+        yield cluster
+    finally:
+        await asyncio.to_thread(cluster.close)
+
+
+async def wait_ready(client: ControlClient, name: str, count: int, timeout_s: float = 30) -> list[Any]:
+    async with asyncio.timeout(timeout_s):
+        while True:
+            status = (await client.status()).to_json()
+            for dep in status["deployments"]:
+                ready = [r for r in dep["replicas"] if r["state"] == "READY"]
+                if dep["name"] == name and len(ready) == count == len(dep["replicas"]):
+                    return sorted((r["id"], r["pid"]) for r in ready)
+            await asyncio.sleep(0.1)
+
+
+async def test_kill_the_leading_head_under_load(heads: Heads) -> None:
+    a = await asyncio.to_thread(heads.start_head)
+    first = ControlClient(a.endpoints["head"], heads.settings)
+    try:
+        async with asyncio.timeout(20):  # alone on the store, it leads
+            while True:
+                try:
+                    await first.status()
+                    break
+                except Unavailable:
+                    await asyncio.sleep(0.1)
+    finally:
+        await first.close()
+    b = await asyncio.to_thread(heads.start_head)
+
+    # The standby answers every call saying where the leader is, over gRPC and REST.
+    standby = ControlClient(b.endpoints["head"], heads.settings)
+    try:
+        with pytest.raises(Unavailable, match=f"stands by; the leader is at {a.endpoints['head']}"):
+            await standby.status()
+    finally:
+        await standby.close()
+    code, body = await asyncio.to_thread(http_get, b.endpoints["head_http"], "/api/status")
+    assert code == 503 and body["leader"]["grpc"] == a.endpoints["head"], body
+    assert await asyncio.to_thread(http_get, b.endpoints["head_http"], "/healthz") == (
+        200,
+        {"status": "standby", "leader": {"grpc": a.endpoints["head"], "http": a.endpoints["head_http"]}},
+    )
+
+    await asyncio.to_thread(heads.start_scheduler)
+    assert heads.scheduler is not None
+    client = heads.client()
+    try:
+        await client.apply(parse_spec(echo_spec("echo", 2)))
+        before = await wait_ready(client, "echo", 2)
+
+        ok = failed = control_ok = control_failed = 0
+        errors: list[str] = []
+        stop = asyncio.Event()
+        x = np.ones((1, 16), dtype=np.float32)
+        scheduler = heads.scheduler.endpoints["scheduler"]
+
+        async def infer() -> None:
+            nonlocal ok, failed
+            while not stop.is_set():
+                try:
+                    out, _ = await send_request(scheduler, "echo", {"x": x}, heads.settings, timeout_s=5)
+                    assert np.array_equal(out["x"], x)
+                    ok += 1
+                except Exception as err:
+                    failed += 1
+                    errors.append(repr(err))
+
+        async def control() -> None:  # the CLI's client, retrying across both heads
+            nonlocal control_ok, control_failed
+            while not stop.is_set():
+                try:
+                    await client.status()
+                    control_ok += 1
+                except Exception as err:
+                    control_failed += 1
+                    errors.append(repr(err))
+                await asyncio.sleep(0.05)
+
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(infer()) for _ in range(4)] + [tg.create_task(control())]
+            async with asyncio.timeout(20):
+                while ok < 50:
+                    await asyncio.sleep(0.05)
+            seen = ok, control_ok
+            a.kill_all()  # kill -9 the leader (no replicas are its children)
+            # b takes over and adopts the replicas that run: same ids, same processes
+            assert await wait_ready(client, "echo", 2, timeout_s=30) == before
+            await client.apply(parse_spec(echo_spec("after", 1)))
+            await wait_ready(client, "after", 1)
+            async with asyncio.timeout(20):
+                while ok < seen[0] + 50 or control_ok < seen[1] + 5:
+                    await asyncio.sleep(0.05)
+            stop.set()
+        del tasks
+        assert (failed, control_failed, errors) == (0, 0, [])
+        code, body = await asyncio.to_thread(http_get, b.endpoints["head_http"], "/healthz")
+        assert code == 200 and body.get("status") != "standby"
+    finally:
+        await client.close()
