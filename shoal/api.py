@@ -40,6 +40,7 @@ from shoal.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, 
 
 if TYPE_CHECKING:
     from shoal.core.status import ClusterStatus
+    from shoal.core.traffic import TrafficRoute
     from shoal.proto.shoal_pb2 import CreateTokenReply, TokenInfo
     from shoal.rpc.clients import ControlClient, NativeClient
     from shoal.store.history import LifecycleEvent, Revision
@@ -229,6 +230,26 @@ class AsyncClient:
     async def revoke_token(self, name: str) -> None:
         await self.control.revoke_token(name)
 
+    # ------------------------------------------------------------ traffic routes
+
+    async def route(self, route: TrafficRoute | Mapping[str, Any]) -> TrafficRoute:
+        """Create or replace a traffic route: a route, or its document (``{"name": "clf",
+        "targets": {"a": 90, "b": 10}, "shadow": "c"}``). NotFound naming a target that is no
+        deployment, FailedPrecondition when a deployment has the route's name."""
+        from shoal.core.traffic import TrafficRoute, parse_route
+
+        if not isinstance(route, TrafficRoute):
+            route = parse_route(route)
+        await self.control.set_route(route)
+        return route
+
+    async def delete_route(self, name: str) -> None:
+        """NotFound when there is no route ``name``."""
+        await self.control.delete_route(name)
+
+    async def routes(self) -> list[TrafficRoute]:
+        return await self.control.routes()
+
     # ------------------------------------------------------------ inference
 
     def handle(self, name: str, *, scheduler: str = "") -> AsyncHandle:
@@ -372,6 +393,16 @@ class Client:
 
     def events(self, deployment: str = "", limit: int = 0) -> list[LifecycleEvent]:
         return self._loop.run(self.aio.events(deployment, limit))
+
+    def route(self, route: TrafficRoute | Mapping[str, Any]) -> TrafficRoute:
+        """See :meth:`AsyncClient.route`."""
+        return self._loop.run(self.aio.route(route))
+
+    def delete_route(self, name: str) -> None:
+        self._loop.run(self.aio.delete_route(name))
+
+    def routes(self) -> list[TrafficRoute]:
+        return self._loop.run(self.aio.routes())
 
     def handle(self, name: str, *, scheduler: str = "") -> Handle:
         """A handle to call deployment ``name``: ``infer`` blocks, ``ainfer`` is awaited."""

@@ -13,7 +13,7 @@ import argparse
 from collections.abc import Sequence
 
 from shoal import __version__
-from shoal.cli import deploy, logs, processes, revisions
+from shoal.cli import deploy, logs, processes, revisions, routes
 from shoal.cli.commands import (
     cmd_certs_init,
     cmd_delete,
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     processes.add_parsers(sub)
     deploy.add_parser(sub)
     revisions.add_parsers(sub)
+    routes.add_parser(sub)
 
     p = sub.add_parser("scale", help="set a deployment's replica count")
     p.add_argument("name")

@@ -19,9 +19,10 @@ from typing import Any
 from shoal.cli.common import EXIT_ERROR, ProgressLine, add_client_flags, with_client
 from shoal.cli.model_hash import with_model_hash
 from shoal.config import Settings
-from shoal.core import triton_repo
+from shoal.core import traffic, triton_repo
 from shoal.core.cluster import FAILED
-from shoal.core.spec import DeploymentSpec, load_spec_file, parse_spec
+from shoal.core.spec import DeploymentSpec, parse_spec
+from shoal.core.traffic import TrafficRoute
 from shoal.decorator import is_target, load_target
 from shoal.errors import InvalidArgument, ShoalError
 
@@ -262,7 +263,9 @@ def traceback_excerpt(lines: Sequence[str], most: int = 20) -> list[str]:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     # model_hash: the model's files as this machine sees them (bounded: shoal.cli.model_hash).
-    specs = [with_model_hash(s) for f in args.files for s in _specs_in(f)]
+    found = [_specs_in(f) for f in args.files]
+    specs = [with_model_hash(s) for f_specs, _ in found for s in f_specs]
+    routes = [r for _, f_routes in found for r in f_routes]
     if args.model_repository:  # Triton's layout; its specs carry their files' hash already
         specs += triton_repo.load_all(args.model_repository)
     if not specs:
@@ -276,6 +279,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             reply = await client.deploy(spec, wait=False)
             revisions[spec.name] = reply.revision
             print(f"deployment {spec.name} {_applied(reply, rolls=bool(w.old_replicas))}", flush=True)
+        for route in routes:  # after the deployments: a route's targets must exist
+            await client.route(route)
+            print(f"route {route.name}: {route.describe()}", flush=True)
         if not args.wait:
             return 0
         code, verdict = await wait_for(status_reader(client), watch, args.timeout)
@@ -294,12 +300,12 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return with_client(args, go)
 
 
-def _specs_in(arg: str) -> list[DeploymentSpec]:
-    """The specs a ``shoal deploy`` argument names: a YAML file's, or a class's (``app.py:Model``,
-    ``@shoal.deployment``)."""
+def _specs_in(arg: str) -> tuple[list[DeploymentSpec], list[TrafficRoute]]:
+    """The specs and traffic routes a ``shoal deploy`` argument names: a YAML file's, or a
+    class's (``app.py:Model``, ``@shoal.deployment``)."""
     if is_target(arg):
-        return [load_target(arg)]
-    return load_spec_file(arg)
+        return [load_target(arg)], []
+    return traffic.load_file(arg)
 
 
 ROLLBACK_WAIT_S = 60.0

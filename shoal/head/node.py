@@ -43,7 +43,9 @@ from shoal.core.spec import DeploymentSpec, describe_change, parse_spec, parse_s
 from shoal.core.stats import SeriesRecorder, Snapshot
 from shoal.core.status import ClusterEvent, ClusterStatus, DeploymentStatus, ReplicaStatus, SchedulerStatus
 from shoal.core.tasks import TaskSet
+from shoal.core.traffic import TrafficRoute
 from shoal.errors import FailedPrecondition, InvalidArgument, NotFound, ShoalError
+from shoal.head.traffic import TrafficRoutes
 from shoal.store.base import Store
 from shoal.store.history import History, Revision
 from shoal.types import (
@@ -121,6 +123,7 @@ class HeadNode:
         self.scale_decisions: collections.Counter[tuple[str, str]] = collections.Counter()  # (name, up|down)
         self.tokens = TokenRegistry(store)
         self.history = History(store)
+        self.traffic = TrafficRoutes(store)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -131,6 +134,7 @@ class HeadNode:
         """
         await self.tokens.load()
         await self.history.load()
+        await self.traffic.load()
         for entry in await self.store.list(DEPLOYMENTS):
             name = entry.key.removeprefix(DEPLOYMENTS)
             try:
@@ -260,6 +264,7 @@ class HeadNode:
                 "'shoal token create --role infer --name NAME'"
             )
         async with self.lock:
+            self.traffic.check_deployment_name(spec.name)
             old = self.desired.get(spec.name)
             if old is not None:
                 # The restart count is the head's (shoal restart): a spec file does not reset it.
@@ -475,6 +480,25 @@ class HeadNode:
         self.wake()
         await self._publish_routes()
 
+    # ------------------------------------------------------------ traffic routes
+
+    async def set_route(self, route: TrafficRoute) -> None:
+        """Create or replace a traffic route (see ``shoal.head.traffic``): FailedPrecondition when
+        a deployment has its name, NotFound naming a target that is no deployment."""
+        async with self.lock:
+            protected = {n for n, s in self.desired.items() if s.auth is not None}
+            changed = await self.traffic.set(route, set(self.desired) | set(self.broken), protected)
+        if changed:
+            log.info("route %s: %s", route.name, route.describe())
+            await self._publish_routes()
+
+    async def delete_route(self, name: str) -> None:
+        """NotFound when there is no route ``name``."""
+        async with self.lock:
+            await self.traffic.delete(name)
+        log.info("route %s deleted", name)
+        await self._publish_routes()
+
     # ------------------------------------------------------------ tokens
 
     async def create_token(self, role: Role, name: str = "") -> tuple[TokenRecord, str]:
@@ -655,14 +679,16 @@ class HeadNode:
             table = self._table()
             token_hashes = self.tokens.hashes()
             deleted = tuple(sorted(self.deleted))
+            traffic = dict(self.traffic.routes)
         changed = table != dict(self._routes.deployments) or token_hashes != self._routes.token_hashes
-        if changed or deleted != self._routes.deleted:
+        if changed or deleted != self._routes.deleted or traffic != dict(self._routes.traffic):
             async with self._routes_changed:
                 self._routes = RoutingTable(
                     version=self._routes.version + 1,
                     deployments=table,
                     token_hashes=token_hashes,
                     deleted=deleted,
+                    traffic=traffic,
                 )
                 self._routes_changed.notify_all()
 

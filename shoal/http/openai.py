@@ -331,6 +331,7 @@ class OpenAIApi:
         return {"id": name, "object": "model", "created": self.created, "owned_by": "shoal"}
 
     def _spec(self, name: str) -> DeploymentSpec:
+        name, _ = self.router.resolve(name)  # a traffic route's name: the target drawn (no shadow here)
         try:
             return self.router.spec(name)
         except NotFound:

@@ -517,7 +517,8 @@ def scheduler_app(
     async def infer(request: Request) -> Response:
         name, version = _model(request)
         try:
-            models.spec(name, version)  # 404 before reading the body
+            if not node.router.is_route(name):  # a traffic route's target is drawn in the data plane
+                models.spec(name, version)  # 404 before reading the body
             body = await read_body(request, limit)
             req = await parse_infer(
                 body,

@@ -21,6 +21,8 @@ from shoal.core.status import (
     ReplicaStatus,
     SchedulerStatus,
 )
+from shoal.core.traffic import TrafficRoute, parse_route
+from shoal.errors import InvalidArgument
 from shoal.proto import shoal_pb2 as pb
 from shoal.store.history import LifecycleEvent, Revision
 
@@ -224,3 +226,22 @@ def lifecycle_from_pb(e: pb.LifecycleEvent) -> LifecycleEvent:
     return LifecycleEvent(
         time=e.time, deployment=e.deployment, kind=e.kind, revision=revision, message=e.message
     )
+
+
+def traffic_to_pb(route: TrafficRoute) -> pb.TrafficRoute:
+    return pb.TrafficRoute(
+        name=route.name,
+        targets=[pb.TrafficTarget(deployment=t, weight=w) for t, w in route.targets],
+        shadow=route.shadow,
+    )
+
+
+def traffic_from_pb(msg: pb.TrafficRoute) -> TrafficRoute:
+    """Checked as the head checks a new route: InvalidArgument naming the problem."""
+    targets = {t.deployment: t.weight for t in msg.targets}
+    if len(msg.targets) != len(targets):
+        raise InvalidArgument(f"route {msg.name!r}: a target is given twice")
+    doc: dict[str, object] = {"name": msg.name, "targets": targets}
+    if msg.shadow:
+        doc["shadow"] = msg.shadow
+    return parse_route(doc)

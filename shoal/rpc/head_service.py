@@ -10,7 +10,15 @@ from shoal.errors import InvalidArgument, NotFound, ShoalError
 from shoal.head.node import HeadNode
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
-from shoal.rpc.convert import capacity_from_pb, lifecycle_to_pb, report_from_pb, revision_to_pb, status_to_pb
+from shoal.rpc.convert import (
+    capacity_from_pb,
+    lifecycle_to_pb,
+    report_from_pb,
+    revision_to_pb,
+    status_to_pb,
+    traffic_from_pb,
+    traffic_to_pb,
+)
 from shoal.rpc.status import Context, abort
 from shoal.types import LoadReport, SchedulerRegistration
 
@@ -66,6 +74,8 @@ class HeadService(pbg.HeadServicer):
                         scheduler_id=r.scheduler_id,
                         in_flight=r.in_flight,
                     )
+            for name, route in table.traffic.items():
+                msg.traffic[name].CopyFrom(traffic_to_pb(route))
             yield msg
 
     async def ApplyDeployment(
@@ -128,6 +138,25 @@ class HeadService(pbg.HeadServicer):
         except ShoalError as err:
             await abort(context, err)
         return pb.Empty()
+
+    async def SetRoute(self, request: pb.TrafficRoute, context: Context) -> pb.Empty:
+        try:
+            await self.node.set_route(traffic_from_pb(request))
+        except ShoalError as err:
+            await abort(context, err)
+        return pb.Empty()
+
+    async def DeleteRoute(self, request: pb.DeploymentRequest, context: Context) -> pb.Empty:
+        try:
+            await self.node.delete_route(request.name)
+        except ShoalError as err:
+            await abort(context, err)
+        return pb.Empty()
+
+    async def ListRoutes(self, request: pb.Empty, context: Context) -> pb.RoutesReply:
+        async with self.node.lock:
+            routes = sorted(self.node.traffic.routes.values(), key=lambda r: r.name)
+        return pb.RoutesReply(routes=[traffic_to_pb(r) for r in routes])
 
     async def ReadLog(self, request: pb.ReadLogRequest, context: Context) -> AsyncIterator[pb.LogChunk]:
         try:

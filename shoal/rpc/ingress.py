@@ -22,6 +22,7 @@ from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.rpc.channels import open_channel
 from shoal.rpc.clients import RoutingTableDecoder
+from shoal.rpc.convert import traffic_to_pb
 from shoal.rpc.status import Context, to_error
 from shoal.scheduler.ingress import Counts, IngressHub
 from shoal.types import RoutingTable
@@ -91,6 +92,8 @@ def table_to_pb(table: RoutingTable) -> pb.RoutingTable:
         entry.allowed_token_hashes.extend(dep.allowed_tokens)
         for r in dep.routes:
             entry.routes.add(replica_id=r.replica_id, address=r.address, scheduler_id=r.scheduler_id)
+    for name, route in table.traffic.items():
+        msg.traffic[name].CopyFrom(traffic_to_pb(route))
     return msg
 
 

@@ -170,7 +170,10 @@ class IngressHub:
             allowed = head.allowed_tokens if head is not None else ()
             deployments[name] = DeploymentRoutes(spec=spec, routes=routes, allowed_tokens=allowed)
         return RoutingTable(
-            version=version, deployments=deployments, token_hashes=self._head_table.token_hashes
+            version=version,
+            deployments=deployments,
+            token_hashes=self._head_table.token_hashes,
+            traffic=self._router.traffic(),
         )
 
     def report(self, worker_id: str, pid: int, counts: dict[str, Counts]) -> None:

@@ -1,0 +1,212 @@
+"""Traffic routes (issue 18, item 2) over fakes: the rules of a route, the head that keeps them
+and sends them in the routing table, and a scheduler's doors that split a name's requests by
+weight, promote, and shadow copies whose answers (and failures) never reach the client."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any, cast
+
+import httpx
+import numpy as np
+import pytest
+
+from shoal.config import Settings
+from shoal.core.clock import FakeClock
+from shoal.core.spec import parse_spec
+from shoal.core.traffic import TrafficRoute, parse_route, parse_weights
+from shoal.errors import FailedPrecondition, Internal, InvalidArgument, NotFound
+from shoal.head.node import HeadNode
+from shoal.http.scheduler import scheduler_app
+from shoal.proto import shoal_pb2 as pb
+from shoal.rpc import codec
+from shoal.rpc.clients import RoutingTableDecoder
+from shoal.rpc.ingress import table_to_pb
+from shoal.rpc.scheduler_service import SchedulerService
+from shoal.scheduler.node import SchedulerNode
+from shoal.scheduler.router import Router
+from shoal.store import MemoryStore
+from shoal.testing.fakes import FakeReplicas, FakeSchedulers
+from shoal.testing.wait import until
+from shoal.types import HeadLink, RoutingTable
+from tests.unit.test_dataplane import Aborted, Context
+
+pytestmark = pytest.mark.timeout(20)
+
+X = np.ones((1, 4), np.float32)
+
+
+def spec(name: str) -> Any:
+    return parse_spec({"name": name, "backend": "python", "model": "m:M"})
+
+
+# ------------------------------------------------------------------ the rules
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ({"name": "r", "targets": {"a": 90, "b": 20}}, "weights must sum to 100, they sum to 110"),
+        ({"name": "r", "targets": {"a": 50.5, "b": 49.5}}, "the weight of 'a' must be an integer"),
+        ({"name": "r", "targets": {"a": True, "b": 99}}, "the weight of 'a' must be an integer"),
+        ({"name": "r", "targets": {"r": 100}}, "cannot send to itself"),
+        ({"name": "r", "targets": {}}, "targets must map deployment names to weights"),
+        ({"name": "r", "targets": {"a": 100}, "shadow": "a"}, "neither the route nor one of its targets"),
+        ({"name": "R!", "targets": {"a": 100}}, "route name 'R!'"),
+        ({"name": "r", "targets": {"a": 100}, "weights": 1}, "unknown field(s) weights"),
+    ],
+)
+def test_a_bad_route_is_refused_naming_the_problem(doc: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        parse_route(doc)
+    assert message in str(err.value)
+
+
+def test_the_command_lines_weights_are_a_route() -> None:
+    route = parse_weights("clf", ["a=90", "b=10"], shadow="c")
+    assert route == TrafficRoute("clf", (("a", 90), ("b", 10)), "c")
+    assert parse_route(route.to_doc()) == route
+    with pytest.raises(InvalidArgument, match="DEPLOYMENT=WEIGHT"):
+        parse_weights("clf", ["a:90"])
+
+
+# ------------------------------------------------------------------ the head
+
+
+@pytest.fixture
+async def head(store: MemoryStore, fleet: FakeSchedulers, clock: FakeClock) -> AsyncIterator[HeadNode]:
+    node = HeadNode(Settings(), store, fleet, clock)
+    yield node
+    await node.aclose()
+
+
+async def test_the_head_keeps_routes_checks_names_and_sends_them_to_schedulers(
+    head: HeadNode, store: MemoryStore, fleet: FakeSchedulers, clock: FakeClock
+) -> None:
+    for name in ("a", "b"):
+        await head.apply(spec(name))
+    route = parse_weights("clf", ["a=90", "b=10"])
+    with pytest.raises(NotFound, match="route 'clf': no deployment named 'c'"):
+        await head.set_route(parse_weights("clf", ["a=90", "b=10"], shadow="c"))
+    with pytest.raises(FailedPrecondition, match="a deployment has that name"):
+        await head.set_route(parse_weights("a", ["b=100"]))
+    await head.set_route(route)
+    assert head.routes.traffic == {"clf": route}
+    with pytest.raises(FailedPrecondition, match="a route has that name"):
+        await head.apply(spec("clf"))
+
+    # Kept in the store: a new head serves the same routes.
+    again = HeadNode(Settings(), store, fleet, clock)
+    await again.start()
+    try:
+        await again._publish_routes()
+        assert again.routes.traffic == {"clf": route}
+    finally:
+        await again.aclose()
+
+    # The routing table carries them to schedulers and their ingress workers, unchanged.
+    decoded = RoutingTableDecoder().decode(table_to_pb(head.routes))
+    assert decoded.traffic == {"clf": route}
+
+    await head.delete_route("clf")
+    assert head.routes.traffic == {}
+    with pytest.raises(NotFound, match="no route named 'clf'"):
+        await head.delete_route("clf")
+
+
+def test_a_scheduler_leaves_out_a_route_that_does_not_parse() -> None:
+    msg = pb.RoutingTable(version=1)
+    msg.traffic["bad"].CopyFrom(
+        pb.TrafficRoute(name="bad", targets=[pb.TrafficTarget(deployment="a", weight=5)])
+    )
+    msg.traffic["good"].CopyFrom(
+        pb.TrafficRoute(name="good", targets=[pb.TrafficTarget(deployment="a", weight=100)])
+    )
+    assert list(RoutingTableDecoder().decode(msg).traffic) == ["good"]
+
+
+# ------------------------------------------------------------------ a scheduler's doors
+
+
+class Doors:
+    def __init__(self, node: SchedulerNode, http: httpx.AsyncClient, fakes: FakeReplicas) -> None:
+        self.node = node
+        self.router = node.router
+        self.http = http
+        self.fakes = fakes
+        self.native = SchedulerService(node)
+
+    async def route(self, route: TrafficRoute) -> None:
+        await self.router.apply_table(RoutingTable(version=1, traffic={route.name: route}))
+
+    async def send(self, model: str) -> pb.InferReply:
+        request = pb.InferRequest(deployment=model, inputs=codec.encode({"x": X}))
+        return await self.native.SendRequest(request, cast(Any, Context()))
+
+    def served(self) -> Counter[str]:
+        return Counter({name: len(self.fakes.clients[f"{name}:1"].requests) for name in ("a", "b", "c")})
+
+
+@pytest.fixture
+async def doors() -> AsyncIterator[Doors]:
+    fakes = FakeReplicas()
+    settings = Settings()
+    router = Router("s1", settings, fakes, rng=random.Random(18))
+    node = SchedulerNode(settings, "s1", cast(HeadLink, None), fakes, router=router)
+    node.registered.set()
+    for name in ("a", "b", "c"):
+        router.add(name, spec(name), f"{name}:1", "s1")
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=scheduler_app(node)), base_url="http://s"
+    ) as c:
+        yield Doors(node, c, fakes)
+    await router.aclose()
+
+
+async def test_a_routes_requests_split_by_weight_and_a_promotion_moves_them_all(doors: Doors) -> None:
+    await doors.route(parse_weights("clf", ["a=90", "b=10"]))
+    for _ in range(1000):
+        reply = await doors.send("clf")
+        np.testing.assert_array_equal(codec.decode(reply.outputs)["x"], X)
+    served = doors.served()
+    assert 870 <= served["a"] <= 930 and served["a"] + served["b"] == 1000, served
+    assert doors.router.routed == Counter({("clf", "a"): served["a"], ("clf", "b"): served["b"]})
+    # Each target's own statistics (the dashboard's per-deployment rates) count what it served.
+    assert doors.router.stats()["b"].outcomes["ok"] == served["b"]
+
+    await doors.route(parse_weights("clf", ["b=100"]))  # promote
+    for _ in range(50):
+        await doors.send("clf")
+    assert doors.served()["b"] == served["b"] + 50
+
+    # OIP REST and OpenAI's model lookup take the route's name too.
+    body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 1, 1, 1]}]}
+    r = await doors.http.post("/v2/models/clf/infer", json=body)
+    assert r.status_code == 200 and r.json()["model_name"] == "clf"
+
+
+async def test_a_shadow_gets_copies_whose_answers_and_failures_never_reach_the_client(doors: Doors) -> None:
+    await doors.route(parse_weights("clf", ["a=100"], shadow="c"))
+    doors.fakes.clients["c:1"].fail(Internal("the shadow model raised"))
+    for _ in range(20):
+        reply = await doors.send("clf")
+        assert reply.replica_id == "a"
+    await until(lambda: doors.router.shadowed[("clf", "c", "error")] == 20, "20 shadow copies counted")
+    doors.fakes.clients["c:1"].recover()
+    await doors.send("clf")
+    await until(lambda: doors.router.shadowed[("clf", "c", "ok")] == 1, "a shadow copy answered")
+    metrics = (await doors.http.get("/metrics")).text
+    assert 'shoal_route_requests_total{route="clf",target="a"} 21.0' in metrics
+    assert 'shoal_shadow_requests_total{outcome="error",route="clf",target="c"} 20.0' in metrics
+
+
+async def test_a_route_to_a_deleted_target_answers_404_naming_it(doors: Doors) -> None:
+    await doors.route(parse_weights("clf", ["gone=100"]))
+    with pytest.raises(Aborted) as err:
+        await doors.send("clf")
+    assert "route 'clf': its target deployment 'gone' does not exist" in err.value.message
+    body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 1, 1, 1]}]}
+    r = await doors.http.post("/v2/models/clf/infer", json=body)
+    assert r.status_code == 404 and "'gone'" in r.json()["error"]
