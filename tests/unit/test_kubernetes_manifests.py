@@ -23,6 +23,8 @@ import yaml
 
 from shoal.cli import build_parser
 from shoal.config import Settings
+from shoal.rpc.clients import head_addresses
+from shoal.rpc.etcd_client import parse_store_url
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -231,16 +233,21 @@ def test_scheduler_advertises_its_pod_ip_and_keeps_its_node_name() -> None:
     assert _env_source(scheduler, var) == "spec.nodeName"
 
 
-def test_heads_stand_by_on_every_etcd_member_and_schedulers_know_every_head() -> None:
+def test_heads_stand_by_on_etcd_and_schedulers_know_every_head() -> None:
     etcd = _one("StatefulSet", "etcd")
-    etcd_service = _one("Service", etcd["spec"]["serviceName"])
     assert etcd["spec"]["replicas"] == 3
-    client_port = {p["name"]: p["port"] for p in etcd_service["spec"]["ports"]}["client"]
     heads = _one("StatefulSet", "shoal-head")
     assert heads["spec"]["replicas"] == 2
     head = heads["spec"]["template"]["spec"]["containers"][0]
-    members = [f"etcd-{i}.{etcd_service['metadata']['name']}:{client_port}" for i in range(3)]
-    assert _flag(head, "store") == "etcd://" + ",".join(members)
+    # --store names a Service over the etcd members' client port, which shoal can parse.
+    [(host, port)] = parse_store_url(_flag(head, "store") or "")
+    service = _one("Service", host)
+    assert service["spec"]["selector"].items() <= etcd["spec"]["template"]["metadata"]["labels"].items()
+    [client] = [p for p in service["spec"]["ports"] if p["port"] == port]
+    etcd_ports = {
+        p["name"]: p["containerPort"] for p in etcd["spec"]["template"]["spec"]["containers"][0]["ports"]
+    }
+    assert etcd_ports[client["targetPort"]] == 2379
 
     head_service = heads["spec"]["serviceName"]
     assert _one("Service", head_service)["spec"]["clusterIP"] == "None"
@@ -250,6 +257,7 @@ def test_heads_stand_by_on_every_etcd_member_and_schedulers_know_every_head() ->
     scheduler = _one("DaemonSet", "shoal-scheduler")["spec"]["template"]["spec"]["containers"][0]
     names = [f"shoal-head-{i}.{head_service}:{head_port}" for i in range(heads["spec"]["replicas"])]
     assert _flag(scheduler, "head") == ",".join(names)
+    assert head_addresses(_flag(scheduler, "head") or "") == names
     allowed = {c["name"]: _flags(c, "allow-model-dir") for _, c in _shoal_containers()}
     assert allowed["head"] == allowed["scheduler"], "the head checks specs against the schedulers' folders"
 
