@@ -286,3 +286,20 @@ def test_model_folders_are_in_the_schedulers_pods() -> None:
     assert folders, "schedulers should restrict where model code comes from"
     for folder in folders:
         assert folder in mounted + copied, f"{folder} is not in the scheduler's pod"
+
+
+def test_pods_meet_the_restricted_pod_security_standard_but_the_models_hostpath() -> None:
+    """Kubernetes' ``restricted`` Pod Security level, field by field; the schedulers' model
+    folder on the node (a ``hostPath``) is the one exception, and docs/kubernetes.md says so."""
+    for workload in _workloads():
+        pod = workload["spec"]["template"]["spec"]
+        name = workload["metadata"]["name"]
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        assert not pod.get("hostNetwork") and not pod.get("hostPID") and not pod.get("hostIPC"), name
+        for c in pod["containers"]:
+            assert c["securityContext"]["allowPrivilegeEscalation"] is False, name
+            assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}, name
+            assert not c["securityContext"].get("privileged"), name
+        host_paths = [v["name"] for v in pod.get("volumes", []) if "hostPath" in v]
+        assert host_paths == (["models"] if name == "shoal-scheduler" else []), name
