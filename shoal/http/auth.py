@@ -57,7 +57,7 @@ def control_role(method: str, path: str) -> auth.Role | None:
         return None
     if method in ("GET", "HEAD", "OPTIONS"):
         return auth.Role.READ
-    if path.startswith("/api/deployments"):
+    if path.startswith(("/api/deployments", "/api/routes")):
         return auth.Role.DEPLOY
     return auth.Role.READ  # anything else is answered 404 or 405 once authenticated
 

@@ -26,6 +26,7 @@ from shoal import __version__, metrics
 from shoal.auth import RateLimiter
 from shoal.core import stats
 from shoal.core.spec import DeploymentSpec, parse_spec
+from shoal.core.traffic import TrafficRoute, parse_route
 from shoal.errors import InvalidArgument, NotFound, ShoalError
 from shoal.head.node import HeadNode
 from shoal.http.auth import ControlGuard
@@ -141,6 +142,26 @@ def head_app(node: HeadNode, limiter: RateLimiter | None = None) -> Starlette:
         rev, _ = await node.restart(request.path_params["name"])
         return JSONResponse({"name": request.path_params["name"], "revision": rev.number})
 
+    async def list_routes(request: Request) -> Response:
+        async with node.lock:
+            found = sorted(node.traffic.routes.values(), key=lambda r: r.name)
+        return JSONResponse({"routes": [_route_doc(r) for r in found]})
+
+    async def set_route(request: Request) -> Response:
+        name = request.path_params["name"]
+        doc = await _json_body(request, limit)
+        if not isinstance(doc, dict):
+            raise InvalidArgument('body must be {"targets": {"a": 90, "b": 10}} (and optionally "shadow")')
+        if doc.get("name", name) != name:
+            raise InvalidArgument(f"the body names route {doc.get('name')!r}, the path {name!r}")
+        route = parse_route({**doc, "name": name})
+        await node.set_route(route)
+        return JSONResponse(_route_doc(route))
+
+    async def delete_route(request: Request) -> Response:
+        await node.delete_route(request.path_params["name"])
+        return JSONResponse({"name": request.path_params["name"], "deleted": True})
+
     async def series(request: Request) -> Response:
         recorder = node.series
         raw = request.query_params.get("window_s", "900")
@@ -223,6 +244,9 @@ def head_app(node: HeadNode, limiter: RateLimiter | None = None) -> Starlette:
         Route("/api/deployments/{name}/rollback", _errors(rollback), methods=["POST"]),
         Route("/api/deployments/{name}/restart", _errors(restart), methods=["POST"]),
         Route("/api/events", _errors(events)),
+        Route("/api/routes", _errors(list_routes), methods=["GET"]),
+        Route("/api/routes/{name}", _errors(set_route), methods=["PUT"]),
+        Route("/api/routes/{name}", _errors(delete_route), methods=["DELETE"]),
         Route("/api/series", _errors(series)),
         Route("/api/replicas/{replica_id}/logs", _errors(logs)),
         Route("/openapi.json", openapi),
@@ -249,6 +273,14 @@ def _int_param(request: Request, key: str, default: int, low: int, high: int) ->
     if not low <= value <= high:
         raise InvalidArgument(f"{key} must be an integer from {low} to {high}, got {raw!r}")
     return value
+
+
+def _route_doc(route: TrafficRoute) -> dict[str, Any]:
+    """A traffic route as the REST API shows it: name, targets (name -> weight), shadow."""
+    doc = route.to_doc()
+    del doc["kind"]
+    doc.setdefault("shadow", "")
+    return doc
 
 
 def _revision_doc(rev: Revision) -> dict[str, Any]:
@@ -397,6 +429,31 @@ def openapi_schema() -> dict[str, Any]:
                     "responses": {"200": ok("events", _EVENTS), "400": err("invalid limit")},
                 }
             },
+            "/api/routes": {
+                "get": {
+                    "summary": "Traffic routes: names whose requests go to deployments by weight",
+                    "responses": {"200": ok("routes", _ROUTES)},
+                }
+            },
+            "/api/routes/{name}": {
+                "parameters": name,
+                "put": {
+                    "summary": "Create or replace a traffic route (weights are integers summing to 100)",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _ROUTE_BODY}},
+                    },
+                    "responses": {
+                        "200": ok("the route", _ROUTE),
+                        "400": err("invalid route, or a deployment has its name"),
+                        "404": err("a target is no deployment"),
+                    },
+                },
+                "delete": {
+                    "summary": "Delete a traffic route",
+                    "responses": {"200": ok("deleted"), "404": err("unknown")},
+                },
+            },
             "/api/series": {
                 "get": {
                     "summary": "Per deployment over the last window_s seconds: columns of time, "
@@ -448,6 +505,24 @@ def openapi_schema() -> dict[str, Any]:
     _secure(doc)
     return doc
 
+
+_ROUTE_BODY: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "targets": {
+            "type": "object",
+            "additionalProperties": {"type": "integer", "minimum": 0, "maximum": 100},
+            "description": "deployment name -> weight; the weights sum to 100",
+        },
+        "shadow": {"type": "string", "description": "a deployment that gets a copy of each request"},
+    },
+    "required": ["targets"],
+}
+_ROUTE: dict[str, Any] = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, **_ROUTE_BODY["properties"]},
+}
+_ROUTES = {"type": "object", "properties": {"routes": {"type": "array", "items": _ROUTE}}}
 
 _EVENTS = {
     "type": "object",

@@ -13,12 +13,14 @@ import httpx
 import numpy as np
 import pytest
 
+from shoal.auth import Role
 from shoal.config import Settings
 from shoal.core.clock import FakeClock
 from shoal.core.spec import parse_spec
 from shoal.core.traffic import TrafficRoute, parse_route, parse_weights
 from shoal.errors import FailedPrecondition, Internal, InvalidArgument, NotFound
 from shoal.head.node import HeadNode
+from shoal.http.head import head_app
 from shoal.http.scheduler import scheduler_app
 from shoal.proto import shoal_pb2 as pb
 from shoal.rpc import codec
@@ -210,3 +212,56 @@ async def test_a_route_to_a_deleted_target_answers_404_naming_it(doors: Doors) -
     body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 1, 1, 1]}]}
     r = await doors.http.post("/v2/models/clf/infer", json=body)
     assert r.status_code == 404 and "'gone'" in r.json()["error"]
+
+
+# ------------------------------------------------------------------ the head's REST API
+
+
+async def test_routes_over_the_rest_api_need_the_deploy_role(head: HeadNode) -> None:
+
+    for name in ("a", "b"):
+        await head.apply(spec(name))
+    transport = httpx.ASGITransport(app=head_app(head))
+    async with httpx.AsyncClient(transport=transport, base_url="http://h") as c:
+        r = await c.put("/api/routes/clf", json={"targets": {"a": 90, "b": 10}})
+        assert r.status_code == 200 and r.json() == {
+            "name": "clf",
+            "targets": {"a": 90, "b": 10},
+            "shadow": "",
+        }
+        assert (await c.get("/api/routes")).json() == {"routes": [r.json()]}
+        assert head.routes.traffic["clf"] == parse_weights("clf", ["a=90", "b=10"])
+        r = await c.put("/api/routes/clf", json={"targets": {"a": 90, "b": 9}})
+        assert r.status_code == 400 and "sum to 99" in r.json()["error"]
+        r = await c.put("/api/routes/clf", json={"targets": {"nope": 100}})
+        assert r.status_code == 404 and "no deployment named 'nope'" in r.json()["error"]
+        r = await c.put("/api/routes/a", json={"targets": {"b": 100}})
+        assert r.status_code == 400 and "a deployment has that name" in r.json()["error"]
+
+        await head.create_token(Role.ADMIN, "admin")  # the first token must be an admin's
+        _, secret = await head.create_token(Role.READ, "reader")
+        read_only = {"authorization": f"Bearer {secret}"}
+        r = await c.put("/api/routes/clf", json={"targets": {"b": 100}}, headers=read_only)
+        assert r.status_code == 403
+        assert (await c.get("/api/routes", headers=read_only)).status_code == 200
+        _, admin = await head.create_token(Role.DEPLOY, "deployer")
+        r = await c.delete("/api/routes/clf", headers={"authorization": f"Bearer {admin}"})
+        assert r.status_code == 200 and head.routes.traffic == {}
+
+
+async def test_a_route_never_opens_a_deployment_that_needs_a_token(head: HeadNode, doors: Doors) -> None:
+    await head.create_token(Role.ADMIN, "admin")
+    await head.create_token(Role.INFER, "t")
+    await head.apply(
+        parse_spec({"name": "locked", "backend": "python", "model": "m:M", "auth": {"tokens": ["t"]}})
+    )
+    await head.apply(spec("a"))
+    with pytest.raises(FailedPrecondition, match="needs a token"):
+        await head.set_route(parse_weights("clf", ["locked=100"]))
+    # A scheduler that has such a route anyway (the deployment took a token later) refuses it.
+    locked = parse_spec({"name": "locked", "backend": "python", "model": "m:M", "auth": {"tokens": ["t"]}})
+    doors.router.add("l", locked, "l:1", "s1")
+    await doors.route(parse_weights("clf", ["locked=100"]))
+    with pytest.raises(Aborted) as err:
+        await doors.send("clf")
+    assert "needs a token; call it by its own name" in err.value.message
