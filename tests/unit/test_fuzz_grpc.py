@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import Iterator
+from collections.abc import AsyncIterable, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -89,6 +89,7 @@ def _scalar(field: FieldDescriptor) -> st.SearchStrategy[Any]:
         special = st.sampled_from(["NaN", "Infinity", "-Infinity"])
         return st.floats(width=32 if kind == FieldDescriptor.TYPE_FLOAT else 64, allow_nan=False) | special
     if kind == FieldDescriptor.TYPE_ENUM:
+        assert field.enum_type is not None
         return st.sampled_from([v.number for v in field.enum_type.values])
     low, high = _INT_RANGES[kind]
     return st.integers(-3, 10).filter(lambda n: low <= n <= high) | st.integers(low, high)
@@ -96,6 +97,7 @@ def _scalar(field: FieldDescriptor) -> st.SearchStrategy[Any]:
 
 def _value(field: FieldDescriptor, depth: int) -> st.SearchStrategy[Any]:
     if field.type == FieldDescriptor.TYPE_MESSAGE:
+        assert field.message_type is not None
         full = field.message_type.full_name
         if full == "google.protobuf.Struct":
             return st.dictionaries(_texts, _json, max_size=3)
@@ -114,7 +116,7 @@ def message_docs(desc: Descriptor, depth: int = 0) -> st.SearchStrategy[dict[str
         if field.message_type is not None and field.message_type.GetOptions().map_entry:
             key, value = field.message_type.fields_by_name["key"], field.message_type.fields_by_name["value"]
             optional[field.name] = st.dictionaries(_scalar(key).map(str), _value(value, depth), max_size=3)
-        elif field.label == FieldDescriptor.LABEL_REPEATED:
+        elif getattr(field, "label", None) == FieldDescriptor.LABEL_REPEATED:
             optional[field.name] = st.lists(_value(field, depth), max_size=3)
         else:
             optional[field.name] = _value(field, depth)
@@ -186,8 +188,8 @@ def servers() -> Iterator[Servers]:
     s, owned = loop.run_until_complete(setup())
     yield s
     head_server, sched_server, node, router, sched = owned
-    loop.run_until_complete(s.head.close())
-    loop.run_until_complete(s.scheduler.close())
+    loop.run_until_complete(s.head.close(None))
+    loop.run_until_complete(s.scheduler.close(None))
     loop.run_until_complete(head_server.stop(None))
     loop.run_until_complete(sched_server.stop(None))
     loop.run_until_complete(sched.aclose())
@@ -204,16 +206,15 @@ async def call(
     reply = GetMessageClass(method.output_type)
     out = reply.FromString
     if not method.client_streaming and not method.server_streaming:
-        await channel.unary_unary(path, response_deserializer=out)(
-            messages[0].SerializeToString(), timeout=CALL_DEADLINE_S
-        )
+        await channel.unary_unary(path, None, out)(messages[0].SerializeToString(), timeout=CALL_DEADLINE_S)
         return
+    stream: AsyncIterable[Any]
     if not method.client_streaming:
-        stream = channel.unary_stream(path, response_deserializer=out)(
+        stream = channel.unary_stream(path, None, out)(
             messages[0].SerializeToString(), timeout=STREAM_DEADLINE_S
         )
     else:
-        stream = channel.stream_stream(path, response_deserializer=out)(
+        stream = channel.stream_stream(path, None, out)(
             iter([m.SerializeToString() for m in messages]), timeout=STREAM_DEADLINE_S
         )
     async for _ in stream:
@@ -233,13 +234,13 @@ def check(
     # The next call on the same channel is served.
     if channel is servers.head:
         servers.run(
-            channel.unary_unary("/shoal.v1.Head/GetStatus")(
+            channel.unary_unary("/shoal.v1.Head/GetStatus", None, None)(
                 pb.Empty().SerializeToString(), timeout=CALL_DEADLINE_S
             )
         )
     else:
         servers.run(
-            channel.unary_unary("/inference.GRPCInferenceService/ServerLive")(
+            channel.unary_unary("/inference.GRPCInferenceService/ServerLive", None, None)(
                 oip.ServerLiveRequest().SerializeToString(), timeout=CALL_DEADLINE_S
             )
         )

@@ -99,7 +99,7 @@ def ingress() -> Iterator[tuple[asyncio.AbstractEventLoop, httpx.AsyncClient]]:
     from plain test functions, one example at a time)."""
     loop = asyncio.new_event_loop()
 
-    async def setup() -> tuple[Router, httpx.AsyncClient]:
+    async def setup() -> tuple[Router, HttpServer, httpx.AsyncClient]:
         fakes = FakeReplicas()
         router = Router("s1", Settings(), fakes, policy="round_robin")
         typed = [
