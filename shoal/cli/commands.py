@@ -95,7 +95,10 @@ def render_status(status: dict[str, Any]) -> str:
             [
                 r["id"],
                 d["name"],
-                r["state"],
+                # A replica waiting for its model shows the download's progress.
+                f"{r['state']} ({r['message']})"
+                if r["state"] == "DOWNLOADING" and r.get("message")
+                else r["state"],
                 r["scheduler"],
                 str(r["pid"]),
                 r["address"] or "-",

@@ -20,6 +20,13 @@ import the replica checks again (:func:`check_module_file`, :func:`check_defined
 the module came from its file, and the object is a class or function defined in it.
 ``transformers`` and ``vllm`` name hub models as often as folders and are not restricted.
 An empty setting allows any folder.
+
+URIs (``model``, or a python deployment's ``base_dir``: ``s3://``, ``gs://``, ``http(s)://``,
+``file://``; ``shoal.core.spec.URI_SCHEMES``) are fetched by the schedulers, and the
+``allowed_model_uris`` setting says which: a URI must start with one of its prefixes (at a
+``/``), and no path segment may be ``.`` or ``..``. With that setting empty, any URI is
+allowed while ``allowed_model_dirs`` is empty too, and none once it is set. A ``file://`` URI
+is a path on the scheduler's machine and is checked as one, against ``allowed_model_dirs``.
 """
 
 from __future__ import annotations
@@ -30,10 +37,11 @@ import inspect
 import os
 import re
 import sys
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 
-from shoal.core.spec import DeploymentSpec
+from shoal.core.spec import DeploymentSpec, uri_scheme
 from shoal.errors import InvalidArgument
 
 FILE_BACKENDS = ("sklearn", "onnx")
@@ -61,8 +69,59 @@ def _refuse(spec: DeploymentSpec, what: str, allowed: Sequence[str]) -> InvalidA
     )
 
 
-def check_model_dirs(spec: DeploymentSpec, allowed: Sequence[str]) -> None:
-    """InvalidArgument when ``spec`` names code or files outside ``allowed`` (nothing when empty)."""
+def file_uri_path(uri: str) -> Path:
+    """The local path a ``file://`` URI names (``file:///p`` or ``file://localhost/p``).
+    InvalidArgument for another host."""
+    parts = urllib.parse.urlsplit(uri.partition("#")[0])
+    if parts.netloc not in ("", "localhost"):
+        raise InvalidArgument(
+            f"{uri!r}: a file:// URI names a path on the scheduler's machine, not host {parts.netloc!r}"
+        )
+    return Path(urllib.parse.unquote(parts.path))
+
+
+def uri_allowed(uri: str, allowed_uris: Sequence[str]) -> bool:
+    """Whether ``uri`` starts with one of ``allowed_uris`` (at a ``/``, schemes compared
+    lowercased) and has no ``.`` or ``..`` path segment, percent-encoded or not."""
+    bare = uri.partition("#")[0]
+    scheme = uri_scheme(bare)
+    rest = bare[len(scheme) + 3 :]
+    if any(urllib.parse.unquote(seg) in (".", "..") for seg in rest.split("/")):
+        return False
+    for prefix in allowed_uris:
+        p_scheme = uri_scheme(prefix)
+        p_rest = prefix[len(p_scheme) + 3 :].rstrip("/")
+        if p_scheme == scheme and p_rest and (rest == p_rest or rest.startswith(p_rest + "/")):
+            return True
+    return False
+
+
+def _check_uri(spec: DeploymentSpec, uri: str, allowed: Sequence[str], allowed_uris: Sequence[str]) -> None:
+    if uri_scheme(uri) == "file":
+        path = file_uri_path(uri)
+        if allowed and not inside(path, allowed):
+            raise _refuse(spec, f"{uri!r} (the path {str(path)!r})", allowed)
+        return
+    if allowed_uris:
+        if not uri_allowed(uri, allowed_uris):
+            raise InvalidArgument(
+                f"deployment {spec.name!r}: {uri!r} is outside the URIs models may come from "
+                f"(setting allowed_model_uris: {', '.join(allowed_uris)})"
+            )
+    elif allowed:
+        raise InvalidArgument(
+            f"deployment {spec.name!r}: {uri!r} is a URI, and with allowed_model_dirs set models come "
+            "only from those folders; list the URI prefixes models may come from in allowed_model_uris"
+        )
+
+
+def check_model_dirs(spec: DeploymentSpec, allowed: Sequence[str], allowed_uris: Sequence[str] = ()) -> None:
+    """InvalidArgument when ``spec`` names code or files outside ``allowed``, or a URI that
+    ``allowed_uris`` and ``allowed`` refuse (nothing when both are empty)."""
+    uri = spec.artifact_uri()
+    if uri:
+        _check_uri(spec, uri, allowed, allowed_uris)
+        return
     if not allowed:
         return
     if spec.backend == "python":
@@ -86,14 +145,13 @@ def python_target(model: str) -> tuple[str, str]:
     return match["module"], match["name"]
 
 
-def check_deployable(spec: DeploymentSpec, allowed: Sequence[str]) -> None:
+def check_deployable(spec: DeploymentSpec, allowed: Sequence[str], allowed_uris: Sequence[str] = ()) -> None:
     """Everything about ``spec``'s code and files that can be told before running any of it:
-    InvalidArgument when it names code or files outside ``allowed`` (nothing when empty).
-    The head calls it when a spec is applied, the replica before it loads."""
-    if not allowed:
-        return
-    check_model_dirs(spec, allowed)
-    if spec.backend != "python":
+    InvalidArgument when it names code or files outside ``allowed``, or a URI outside
+    ``allowed_uris`` (nothing when both are empty). The head calls it when a spec is applied,
+    the replica before it loads."""
+    check_model_dirs(spec, allowed, allowed_uris)
+    if not allowed or spec.backend != "python":
         return
     module, name = python_target(spec.model)
     if not Path(spec.base_dir).is_dir():

@@ -223,9 +223,11 @@ class HeadNode:
         load: Mapping[str, LoadReport] | None = None,
     ) -> bool:
         async with self.lock:
-            before = {r.id: r.state for r in self.state.replicas.values()}
+            # What an update can change is its scheduler's replicas: compare those only (all
+            # of the cluster's, at every update from every scheduler, was quadratic).
+            before = {(r.id, r.state, r.address) for r in self.state.replicas.on(scheduler_id)}
             ack = self.state.health(scheduler_id, registry_version, reports)
-            after = {r.id: r.state for r in self.state.replicas.values()}
+            after = {(r.id, r.state, r.address) for r in self.state.replicas.on(scheduler_id)}
             if ack:
                 self._loads[scheduler_id] = dict(load or {})
                 self.series.record(
@@ -244,8 +246,9 @@ class HeadNode:
             log.info("NACK health update from unknown scheduler %s", scheduler_id)
             return False
         if before != after:
+            # Routes change only with replicas' states and addresses: nothing else here does.
             self.wake()
-        await self._publish_routes()
+            await self._publish_routes()
         return True
 
     # ------------------------------------------------------------ deployments
@@ -255,7 +258,9 @@ class HeadNode:
         ``allowed_model_dirs`` (the replica's own check, ``check_deployable``) or its
         ``auth.tokens`` names a token that does not exist."""
         # In a thread: it may read and parse the model's module file.
-        await asyncio.to_thread(check_deployable, spec, self.settings.allowed_model_dirs)
+        await asyncio.to_thread(
+            check_deployable, spec, self.settings.allowed_model_dirs, self.settings.model_uri_prefixes
+        )
         unknown = [n for n in required_tokens(spec) if self.tokens.get(n) is None]
         if unknown:
             raise InvalidArgument(
@@ -356,7 +361,9 @@ class HeadNode:
             target = self._rollback_target(name, spec, revision)
         # In a thread, outside the lock, like apply: it may read the model's module file.
         old_spec = _revision_spec(name, target)
-        await asyncio.to_thread(check_deployable, old_spec, self.settings.allowed_model_dirs)
+        await asyncio.to_thread(
+            check_deployable, old_spec, self.settings.allowed_model_dirs, self.settings.model_uri_prefixes
+        )
         async with self.lock:
             spec = self._get(name)
             rev, new = await self._roll_back(name, spec, target, "asked for")
@@ -666,9 +673,9 @@ class HeadNode:
         return {
             name: DeploymentRoutes(
                 spec=spec,
-                routes=tuple(
-                    Route(r.id, r.address, r.scheduler_id, r.in_flight) for r in routes.get(name, [])
-                ),
+                # Without load (in_flight 0): a table that changed with every health update went
+                # to every scheduler every second. Load reaches the head in health updates.
+                routes=tuple(Route(r.id, r.address, r.scheduler_id, 0) for r in routes.get(name, [])),
                 allowed_tokens=self.tokens.hashes(required_tokens(spec)),
             )
             for name, spec in self.desired.items()

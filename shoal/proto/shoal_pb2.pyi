@@ -34,6 +34,8 @@ class _ReplicaStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReplicaS
     DRAINING: _ReplicaState.ValueType  # 3
     STOPPED: _ReplicaState.ValueType  # 4
     DEAD: _ReplicaState.ValueType  # 5
+    DOWNLOADING: _ReplicaState.ValueType  # 6
+    """fetching its model into the scheduler's artifact cache; no process yet"""
 
 class ReplicaState(_ReplicaState, metaclass=_ReplicaStateEnumTypeWrapper): ...
 
@@ -43,6 +45,8 @@ READY: ReplicaState.ValueType  # 2
 DRAINING: ReplicaState.ValueType  # 3
 STOPPED: ReplicaState.ValueType  # 4
 DEAD: ReplicaState.ValueType  # 5
+DOWNLOADING: ReplicaState.ValueType  # 6
+"""fetching its model into the scheduler's artifact cache; no process yet"""
 Global___ReplicaState: _TypeAlias = ReplicaState  # noqa: Y015
 
 @_typing.final
@@ -368,6 +372,7 @@ class Route(_message.Message):
     address: _builtins.str
     scheduler_id: _builtins.str
     in_flight: _builtins.int
+    """not sent (0): tables change only with routes, not with load"""
     def __init__(
         self,
         *,

@@ -36,13 +36,16 @@ from typing import IO, Protocol
 from shoal.config import Settings
 from shoal.core.clock import Clock, SystemClock
 from shoal.core.cluster import DRAINING, READY, REPLICA_DEAD, STARTING, STOPPED, ReplicaReport
+from shoal.core.model_dirs import check_model_dirs
 from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec
 from shoal.core.states import ReplicaState
 from shoal.core.tasks import TaskSet
 from shoal.errors import AlreadyExists, NotFound, ShoalError, Unavailable
+from shoal.scheduler.artifacts import ArtifactCache
 from shoal.scheduler.child import ChildProcess
 from shoal.scheduler.router import Router
+from shoal.scheduler.staging import StagedProcess
 from shoal.types import PingResult, ReplicaClient
 
 log = logging.getLogger("shoal.scheduler")
@@ -135,6 +138,9 @@ class LocalReplica:
             queued=self.queued,
             spec_hash=self.spec.process_hash(),
             ready_at=self.ready_at,
+            message=self.process.describe()
+            if isinstance(self.process, StagedProcess) and self.state == ReplicaState.DOWNLOADING
+            else "",
         )
 
 
@@ -154,8 +160,13 @@ class ReplicaSupervisor:
         on_change: Callable[[], None],
         launcher: Launcher | None = None,
         clock: Clock | None = None,
+        artifacts: ArtifactCache | None = None,
     ) -> None:
         self.settings = settings
+        # Models named by URI, fetched before their replicas start (shoal.scheduler.artifacts).
+        self.artifacts = artifacts or ArtifactCache(
+            Path(settings.state_dir) / "artifacts", limit_bytes=settings.artifact_cache_mb * 2**20
+        )
         self._launcher: Launcher = launcher or ChildProcess.spawn
         self.clock: Clock = clock or SystemClock()
         self.router = router
@@ -184,66 +195,116 @@ class ReplicaSupervisor:
     # ------------------------------------------------------------ create / remove
 
     async def create(self, replica_id: str, spec: DeploymentSpec) -> int:
-        """Start a replica process; returns the registry version that includes it."""
+        """Start a replica process; returns the registry version that includes it. A spec
+        whose model is a URI starts DOWNLOADING: its process starts once the artifact cache
+        has the model (:meth:`_launch_fetched`), or it ends DEAD with the reason."""
         async with self.lock:
             if self._closing:
                 raise Unavailable("this scheduler is shutting down")
             if replica_id in self.registry:
                 raise AlreadyExists(f"replica {replica_id} already exists")
-            log_path = self.log_dir / f"replica_{replica_id}.log"
-            spec_path = self.log_dir / f"replica_{replica_id}.spec.json"
-            spec_path.write_text(spec.to_json())
-            settings = {
-                "host": self.settings.host,
-                "advertise_host": self.settings.advertise_host,
-                "replica_health_interval_s": self.settings.replica_health_interval_s,
-                "orphan_after_s": self.settings.orphan_after_s,
-                "max_message_mb": self.settings.max_message_mb,
-                "shutdown_grace_s": self.settings.shutdown_grace_s,
-                "rpc_timeout_s": self.settings.rpc_timeout_s,
-                "log_format": self.settings.log_format,
-                "log_level": self.settings.log_level,
-                "event_loop": self.settings.event_loop,
-                # Security: the replica's certificate, and where its model may come from.
-                "tls_dir": str(Path(self.settings.tls_dir).resolve()) if self.settings.tls_dir else "",
-                "insecure": self.settings.insecure,
-                "max_concurrent_streams": self.settings.max_concurrent_streams,
-                "allowed_model_dirs": [str(Path(d).resolve()) for d in self.settings.allowed_model_dirs],
-            }
-            cmd = [
-                sys.executable,
-                "-m",
-                "shoal.replica_main",
-                "--replica-id",
-                replica_id,
-                "--scheduler",
-                self._scheduler_address(),
-                "--spec-file",
-                str(spec_path),
-                "--settings-json",
-                json.dumps(settings),
-            ]
-            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-            with open(log_path, "ab") as out:
-                # Own session: a Ctrl-C at the terminal reaches the scheduler, which
-                # then drains its replicas in order, rather than all at once.
-                process = self._launcher(cmd, env=env, out=out)
+            uri = spec.artifact_uri()
+            process: Process
+            if uri:
+                # The head checked it too; this scheduler's own settings have the last word.
+                check_model_dirs(spec, self.settings.allowed_model_dirs, self.settings.model_uri_prefixes)
+                process = StagedProcess(self.artifacts, uri)
+            else:
+                process = self._launch(replica_id, spec)
             rep = LocalReplica(
                 id=replica_id,
                 spec=spec,
                 process=process,
-                log_path=log_path,
+                log_path=self.log_dir / f"replica_{replica_id}.log",
                 started_mono=self.clock.now(),
+                state=ReplicaState.DOWNLOADING if uri else STARTING,
             )
             self.registry[replica_id] = rep
             self.starts[spec.name] += 1
             self.router.set_spec(spec)
             self.version += 1
             version = self.version
-        log.info("started replica %s of %s (pid %d), log %s", replica_id, spec.name, process.pid, log_path)
+        if isinstance(process, StagedProcess):
+            log.info("replica %s of %s waits for %s", replica_id, spec.name, uri)
+            process.start(
+                self._tasks,
+                launch=lambda local, folder: self._launch_fetched(rep, local, folder),
+                failed=lambda reason: self._fetch_failed(rep, reason),
+            )
+        else:
+            log.info(
+                "started replica %s of %s (pid %d), log %s", replica_id, spec.name, process.pid, rep.log_path
+            )
         self._tasks.spawn(self._watch(rep), f"watch-{replica_id}")
         self._on_change()
         return version
+
+    async def _launch_fetched(self, rep: LocalReplica, local: Path, folder: Path) -> Process | None:
+        """The model of ``rep`` is at ``local`` (in the cache's ``folder``): start its process,
+        unless it was removed meanwhile (None)."""
+        async with self.lock:
+            if rep.removing or rep.state != ReplicaState.DOWNLOADING or self._closing:
+                return None
+            process = self._launch(rep.id, rep.spec.localized(local), extra_dir=folder)
+            rep.state = STARTING
+            rep.started_mono = self.clock.now()
+            self.version += 1
+        log.info("started replica %s of %s (pid %d) from %s", rep.id, rep.spec.name, process.pid, local)
+        self._on_change()
+        return process
+
+    def _fetch_failed(self, rep: LocalReplica, reason: str) -> None:
+        rep.dead_reason = reason
+        try:
+            with open(rep.log_path, "a") as f:
+                f.write(reason + "\n")
+        except OSError:
+            pass
+
+    def _launch(self, replica_id: str, spec: DeploymentSpec, extra_dir: Path | None = None) -> Process:
+        """Write the spec file and start the replica process (``extra_dir``: a folder its model
+        may come from besides ``allowed_model_dirs``, the artifact cache's copy). Under the lock."""
+        log_path = self.log_dir / f"replica_{replica_id}.log"
+        spec_path = self.log_dir / f"replica_{replica_id}.spec.json"
+        spec_path.write_text(spec.to_json())
+        allowed = [str(Path(d).resolve()) for d in self.settings.allowed_model_dirs]
+        if extra_dir is not None and allowed:
+            allowed.append(str(extra_dir.resolve()))
+        settings = {
+            "host": self.settings.host,
+            "advertise_host": self.settings.advertise_host,
+            "replica_health_interval_s": self.settings.replica_health_interval_s,
+            "orphan_after_s": self.settings.orphan_after_s,
+            "max_message_mb": self.settings.max_message_mb,
+            "shutdown_grace_s": self.settings.shutdown_grace_s,
+            "rpc_timeout_s": self.settings.rpc_timeout_s,
+            "log_format": self.settings.log_format,
+            "log_level": self.settings.log_level,
+            "event_loop": self.settings.event_loop,
+            # Security: the replica's certificate, and where its model may come from.
+            "tls_dir": str(Path(self.settings.tls_dir).resolve()) if self.settings.tls_dir else "",
+            "insecure": self.settings.insecure,
+            "max_concurrent_streams": self.settings.max_concurrent_streams,
+            "allowed_model_dirs": allowed,
+        }
+        cmd = [
+            sys.executable,
+            "-m",
+            "shoal.replica_main",
+            "--replica-id",
+            replica_id,
+            "--scheduler",
+            self._scheduler_address(),
+            "--spec-file",
+            str(spec_path),
+            "--settings-json",
+            json.dumps(settings),
+        ]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with open(log_path, "ab") as out:
+            # Own session: a Ctrl-C at the terminal reaches the scheduler, which
+            # then drains its replicas in order, rather than all at once.
+            return self._launcher(cmd, env=env, out=out)
 
     async def remove(self, replica_id: str, *, graceful: bool) -> bool:
         """Stop a replica: drain it first when ``graceful``. Returns False if unknown."""
@@ -522,6 +583,7 @@ class ReplicaSupervisor:
                     _signal(rep.process, signal.SIGKILL)
                 await asyncio.gather(*(r.process.wait() for r in reps))
         await self._tasks.aclose()
+        await self.artifacts.aclose()
         for pinger in self._pingers.values():
             await pinger.close()
         self._pingers.clear()
