@@ -34,6 +34,8 @@ log = logging.getLogger("shoal.head")
 
 _MARGIN_S = 0.1
 """A leader stops acting this long before its lease could run out (clock drift, the call)."""
+_RETRY_S = 0.05
+"""After a failed renewal, the next try comes this soon."""
 
 
 @dataclass(frozen=True)
@@ -180,24 +182,32 @@ class Leadership:
         return True
 
     async def hold(self) -> None:
-        """Renew the lease every third of its TTL; return once leadership is lost: etcd says
-        the lease is gone, or it was not renewed in time (then it may have run out).
-        ``leading`` is already false when this returns."""
+        """Renew the lease every third of its TTL (soon again after a failure); return once
+        leadership is lost: etcd says the lease is gone, or it was not renewed in time (then
+        it may have run out). ``leading`` is already false when this returns."""
         assert self.leading, "hold() after campaign()"
+        pause = self.ttl_s / 3
         try:
             while True:
-                # Every third of the TTL, and never past the moment the lease may run out.
-                await asyncio.sleep(max(0.0, min(self.ttl_s / 3, self._left())))
+                # Never past the moment the lease may run out.
+                await asyncio.sleep(max(0.0, min(pause, self._left())))
                 sent = time.monotonic()
                 left = self._left()
                 if left <= 0:
                     log.error("leadership lost: the lease was not renewed within its TTL")
                     return
                 try:
-                    remaining = await asyncio.wait_for(self.backend.renew_lease(self._lease), left)
+                    # One try may hang on an etcd member that just died: give each a share of
+                    # the time left, and try again soon (etcd elects a new leader in a second).
+                    remaining = await asyncio.wait_for(
+                        self.backend.renew_lease(self._lease), min(left, max(0.2, self.ttl_s / 3))
+                    )
                 except (ShoalError, TimeoutError) as err:
-                    log.warning("leader lease not renewed: %s (retrying)", err or "timed out")
+                    if pause != _RETRY_S:  # once per outage
+                        log.warning("leader lease not renewed: %s (retrying)", err or "timed out")
+                    pause = _RETRY_S
                     continue
+                pause = self.ttl_s / 3
                 if remaining <= 0:
                     log.error("leadership lost: the lease ran out (another head may lead now)")
                     return

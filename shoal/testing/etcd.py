@@ -1,11 +1,13 @@
 """Real etcd processes on loopback for tests: one member or a small cluster, each with its
-own temporary data folder and free ports, stopped (and waited for) on :meth:`EtcdCluster.stop`.
+own temporary data folder and free ports, stopped (and waited for) on :meth:`EtcdCluster.stop`;
+and :class:`EtcdHeads`, shoal heads on such a cluster.
 
 Tests never use etcd's default ports (2379/2380): ports are picked free by the kernel.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -13,8 +15,14 @@ import socket
 import subprocess
 import time
 import urllib.request
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from shoal.config import Settings
+from shoal.rpc.clients import ControlClient
+from shoal.testing.cluster import FAST, Component
 
 ETCD = "/usr/bin/etcd"
 
@@ -162,3 +170,88 @@ def require_etcd() -> None:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail("etcd is not installed under CI: make system-deps installs etcd-server")
     pytest.skip("etcd is not installed: make system-deps installs etcd-server (as root)")
+
+
+DEAD_AFTER_S = 4.0
+
+
+class EtcdHeads:
+    """``shoal head`` processes on one etcd (their own key prefix), a ``shoal scheduler`` that
+    knows all of them, and a control client for all of them. The short intervals of ``FAST``
+    but ``dead_after_s`` 4, so that the leader lease lasts 2 s: a 1 s lease is lost to a
+    stalled event loop on a busy 2-core machine."""
+
+    def __init__(self, root: Path, etcd: EtcdCluster) -> None:
+        self.env = {**os.environ, **FAST}
+        self.env.pop("SHOAL_HEAD", None)
+        self.env["SHOAL_STORE_ROOT"] = f"cluster-{uuid.uuid4().hex}/"
+        self.env["SHOAL_DEAD_AFTER_S"] = str(DEAD_AFTER_S)
+        self.root = root
+        self.etcd = etcd
+        self.heads: list[Component] = []
+        self.scheduler: Component | None = None
+        self.settings = Settings.load(env={}, flags={"dead_after_s": DEAD_AFTER_S, "rpc_timeout_s": 2.0})
+
+    def start_head(self) -> Component:
+        i = len(self.heads)
+        args = ["head", "--port", "0", "--http-port", "0", "--store", self.etcd.url]
+        comp = Component(f"head{i}", args, self.root / f"head{i}", self.env)
+        comp.start(("head", "head_http"))
+        self.heads.append(comp)
+        return comp
+
+    def restart_head(self, head: Component) -> None:
+        """Start ``head`` again (after it exited) on the ports it had."""
+        port = head.endpoints["head"].rsplit(":", 1)[1]
+        http = head.endpoints["head_http"].rsplit(":", 1)[1]
+        head.args = ["head", "--port", port, "--http-port", http, "--store", self.etcd.url]
+        head.start(("head", "head_http"))
+
+    def start_scheduler(self) -> Component:
+        args = ["--head", self.addresses, "scheduler", "--grpc-port", "0", "--http-port", "0"]
+        self.scheduler = Component("scheduler", args, self.root / "scheduler", self.env)
+        self.scheduler.start(("scheduler", "scheduler_http"))
+        return self.scheduler
+
+    @property
+    def addresses(self) -> str:
+        return ",".join(h.endpoints["head"] for h in self.heads)
+
+    def client(self) -> ControlClient:
+        return ControlClient(self.addresses, self.settings)
+
+    def close(self) -> None:
+        comps = [c for c in (self.scheduler, *self.heads) if c is not None]
+        for comp in comps:
+            comp.signal(signal.SIGTERM)
+        for comp in comps:
+            if comp.proc is not None:
+                try:
+                    comp.wait(15)
+                except Exception:
+                    pass
+            comp.kill_all()
+
+
+def echo_spec(name: str, replicas: int, examples: Path) -> dict[str, Any]:
+    """A deployment of ``examples/echo.py`` (the repository's examples folder)."""
+    return {
+        "name": name,
+        "backend": "python",
+        "model": "echo:Echo",
+        "base_dir": str(examples),
+        "replicas": replicas,
+        "resources": {"cpus": 0.1},
+    }
+
+
+async def wait_ready(client: ControlClient, name: str, count: int, timeout_s: float = 30) -> list[Any]:
+    """Wait until ``name`` has ``count`` replicas, all READY; their ``(id, pid)``, sorted."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            status = (await client.status()).to_json()
+            for dep in status["deployments"]:
+                ready = [r for r in dep["replicas"] if r["state"] == "READY"]
+                if dep["name"] == name and len(ready) == count == len(dep["replicas"]):
+                    return sorted((r["id"], r["pid"]) for r in ready)
+            await asyncio.sleep(0.1)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import urllib.error
 import urllib.request
 import uuid
@@ -22,15 +20,13 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from shoal.config import Settings
 from shoal.core.spec import parse_spec
 from shoal.errors import Unavailable
 from shoal.head.leader import LeaderInfo, Leadership
 from shoal.rpc.clients import ControlClient, send_request
 from shoal.rpc.etcd_client import EtcdTarget, etcd_client, parse_store_url
 from shoal.store.etcd import EtcdStore, Fenced
-from shoal.testing.cluster import FAST, Component
-from shoal.testing.etcd import EtcdCluster, require_etcd
+from shoal.testing.etcd import EtcdCluster, EtcdHeads, echo_spec, require_etcd, wait_ready
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(90)]
 
@@ -82,17 +78,6 @@ async def test_a_dead_leaders_lease_runs_out_a_standby_leads_and_the_old_leader_
 # -- heads as processes ----------------------------------------------------------------------
 
 
-def echo_spec(name: str, replicas: int) -> dict[str, Any]:
-    return {
-        "name": name,
-        "backend": "python",
-        "model": "echo:Echo",
-        "base_dir": str(EXAMPLES),
-        "replicas": replicas,
-        "resources": {"cpus": 0.1},
-    }
-
-
 def http_get(address: str, path: str) -> tuple[int, dict[str, Any]]:
     try:
         with urllib.request.urlopen(f"http://{address}{path}", timeout=5) as reply:
@@ -101,74 +86,16 @@ def http_get(address: str, path: str) -> tuple[int, dict[str, Any]]:
         return err.code, json.loads(err.read())
 
 
-class Heads:
-    """Two heads on one etcd, a scheduler that knows both, and a client for both."""
-
-    def __init__(self, root: Path, etcd: EtcdCluster) -> None:
-        self.env = {**os.environ, **FAST}
-        self.env.pop("SHOAL_HEAD", None)
-        self.env["SHOAL_STORE_ROOT"] = f"cluster-{uuid.uuid4().hex}/"
-        self.root = root
-        self.etcd = etcd
-        self.heads: list[Component] = []
-        self.scheduler: Component | None = None
-        self.settings = Settings.load(env={}, flags={"dead_after_s": 2.0, "rpc_timeout_s": 2.0})
-
-    def start_head(self) -> Component:
-        i = len(self.heads)
-        args = ["head", "--port", "0", "--http-port", "0", "--store", self.etcd.url]
-        comp = Component(f"head{i}", args, self.root / f"head{i}", self.env)
-        comp.start(("head", "head_http"))
-        self.heads.append(comp)
-        return comp
-
-    def start_scheduler(self) -> Component:
-        args = ["--head", self.addresses, "scheduler", "--grpc-port", "0", "--http-port", "0"]
-        self.scheduler = Component("scheduler", args, self.root / "scheduler", self.env)
-        self.scheduler.start(("scheduler", "scheduler_http"))
-        return self.scheduler
-
-    @property
-    def addresses(self) -> str:
-        return ",".join(h.endpoints["head"] for h in self.heads)
-
-    def client(self) -> ControlClient:
-        return ControlClient(self.addresses, self.settings)
-
-    def close(self) -> None:
-        comps = [c for c in (self.scheduler, *self.heads) if c is not None]
-        for comp in comps:
-            comp.signal(signal.SIGTERM)
-        for comp in comps:
-            if comp.proc is not None:
-                try:
-                    comp.wait(15)
-                except Exception:
-                    pass
-            comp.kill_all()
-
-
 @pytest_asyncio.fixture
-async def heads(tmp_path: Path, etcd: EtcdCluster) -> AsyncIterator[Heads]:
-    cluster = Heads(tmp_path, etcd)
+async def heads(tmp_path: Path, etcd: EtcdCluster) -> AsyncIterator[EtcdHeads]:
+    cluster = EtcdHeads(tmp_path, etcd)
     try:
         yield cluster
     finally:
         await asyncio.to_thread(cluster.close)
 
 
-async def wait_ready(client: ControlClient, name: str, count: int, timeout_s: float = 30) -> list[Any]:
-    async with asyncio.timeout(timeout_s):
-        while True:
-            status = (await client.status()).to_json()
-            for dep in status["deployments"]:
-                ready = [r for r in dep["replicas"] if r["state"] == "READY"]
-                if dep["name"] == name and len(ready) == count == len(dep["replicas"]):
-                    return sorted((r["id"], r["pid"]) for r in ready)
-            await asyncio.sleep(0.1)
-
-
-async def test_kill_the_leading_head_under_load(heads: Heads) -> None:
+async def test_kill_the_leading_head_under_load(heads: EtcdHeads) -> None:
     a = await asyncio.to_thread(heads.start_head)
     first = ControlClient(a.endpoints["head"], heads.settings)
     try:
@@ -201,7 +128,7 @@ async def test_kill_the_leading_head_under_load(heads: Heads) -> None:
     assert heads.scheduler is not None
     client = heads.client()
     try:
-        await client.apply(parse_spec(echo_spec("echo", 2)))
+        await client.apply(parse_spec(echo_spec("echo", 2, EXAMPLES)))
         before = await wait_ready(client, "echo", 2)
 
         ok = failed = control_ok = control_failed = 0
@@ -241,7 +168,7 @@ async def test_kill_the_leading_head_under_load(heads: Heads) -> None:
             a.kill_all()  # kill -9 the leader (no replicas are its children)
             # b takes over and adopts the replicas that run: same ids, same processes
             assert await wait_ready(client, "echo", 2, timeout_s=30) == before
-            await client.apply(parse_spec(echo_spec("after", 1)))
+            await client.apply(parse_spec(echo_spec("after", 1, EXAMPLES)))
             await wait_ready(client, "after", 1)
             async with asyncio.timeout(20):
                 while ok < seen[0] + 50 or control_ok < seen[1] + 5:
