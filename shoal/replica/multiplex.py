@@ -114,11 +114,15 @@ class ModelCache:
 
     def _load_task(self, model_id: str) -> asyncio.Task[_Entry | ShoalError]:
         task = self._loading.get(model_id)
-        if task is None:
+        if task is None or task.done():
             task = self._tasks.spawn(self._load(model_id), f"load model {model_id}")
             self._loading[model_id] = task
-            task.add_done_callback(lambda _: self._loading.pop(model_id, None))
+            task.add_done_callback(lambda done: self._forget_load(model_id, done))
         return task
+
+    def _forget_load(self, model_id: str, task: asyncio.Task[_Entry | ShoalError]) -> None:
+        if self._loading.get(model_id) is task:
+            del self._loading[model_id]
 
     async def _load(self, model_id: str) -> _Entry | ShoalError:
         """The loaded entry, or the error loading it raised: returned, not raised, since a
