@@ -116,7 +116,7 @@ def message_docs(desc: Descriptor, depth: int = 0) -> st.SearchStrategy[dict[str
         if field.message_type is not None and field.message_type.GetOptions().map_entry:
             key, value = field.message_type.fields_by_name["key"], field.message_type.fields_by_name["value"]
             optional[field.name] = st.dictionaries(_scalar(key).map(str), _value(value, depth), max_size=3)
-        elif getattr(field, "label", None) == FieldDescriptor.LABEL_REPEATED:
+        elif field.is_repeated:
             optional[field.name] = st.lists(_value(field, depth), max_size=3)
         else:
             optional[field.name] = _value(field, depth)
