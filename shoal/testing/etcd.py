@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.request
@@ -67,7 +68,10 @@ class EtcdCluster:
     noticed quickly in tests.
     """
 
-    def __init__(self, folder: Path, size: int = 1) -> None:
+    def __init__(self, folder: Path, size: int = 1, *, tls_dir: Path | None = None) -> None:
+        """``tls_dir``: a folder made by ``shoal certs init``; the members then serve clients
+        over TLS with ``head.crt`` and require a certificate of the same CA from them."""
+        self.tls_dir = tls_dir
         binary = etcd_binary()
         if binary is None:
             raise FileNotFoundError("etcd is not installed (make system-deps installs etcd-server)")
@@ -99,7 +103,8 @@ class EtcdCluster:
     def _spawn(self, m: Member, initial: str) -> None:
         m.data_dir.mkdir(parents=True, exist_ok=True)
         m.log = self.folder / f"{m.name}.log"
-        client, peer = f"http://127.0.0.1:{m.client_port}", f"http://127.0.0.1:{m.peer_port}"
+        scheme = "https" if self.tls_dir else "http"
+        client, peer = f"{scheme}://127.0.0.1:{m.client_port}", f"http://127.0.0.1:{m.peer_port}"
         args = [
             self.binary,
             f"--name={m.name}",
@@ -116,6 +121,13 @@ class EtcdCluster:
             "--logger=zap",
             "--log-level=error",
         ]
+        if self.tls_dir:
+            args += [
+                f"--cert-file={self.tls_dir / 'head.crt'}",
+                f"--key-file={self.tls_dir / 'head.key'}",
+                f"--trusted-ca-file={self.tls_dir / 'ca.crt'}",
+                "--client-cert-auth",
+            ]
         with open(m.log, "ab") as log:
             m.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -125,7 +137,7 @@ class EtcdCluster:
             if m.process.poll() is not None:
                 raise RuntimeError(f"etcd {m.name} exited: {m.log.read_text()[-2000:]}")
             try:
-                with urllib.request.urlopen(f"http://{m.endpoint}/health", timeout=1) as reply:
+                with self._open(f"{m.endpoint}/health") as reply:
                     if b'"true"' in reply.read():
                         return
             except OSError:
@@ -133,6 +145,13 @@ class EtcdCluster:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"etcd {m.name} not healthy: {m.log.read_text()[-2000:]}")
             time.sleep(0.05)  # polling a child process's readiness: nothing to wait on instead
+
+    def _open(self, where: str) -> Any:
+        if self.tls_dir is None:
+            return urllib.request.urlopen(f"http://{where}", timeout=1)
+        context = ssl.create_default_context(cafile=str(self.tls_dir / "ca.crt"))
+        context.load_cert_chain(self.tls_dir / "client.crt", self.tls_dir / "client.key")
+        return urllib.request.urlopen(f"https://{where}", timeout=1, context=context)
 
     def kill(self, index: int) -> None:
         """SIGKILL one member (it is not restarted)."""

@@ -14,6 +14,7 @@ from typing import Protocol
 import pytest
 import pytest_asyncio
 
+from shoal import certs
 from shoal.errors import Internal, InvalidArgument
 from shoal.rpc.etcd_client import EtcdTarget, etcd_client, parse_store_url
 from shoal.store import Entry, Event, MemoryStore, SqliteStore, Store, StoreError
@@ -524,6 +525,26 @@ async def test_etcd_fenced_store_writes_only_while_it_holds_the_key(etcd: EtcdCl
         assert await store.put("deployments/x", "4") == 2
     finally:
         await store.close()
+
+
+async def test_etcd_over_tls_with_client_certificates(tmp_path: Path) -> None:
+    require_etcd()
+    tls = tmp_path / "tls"
+    certs.init(tls)  # ca.crt, client.crt and client.key are what --store-tls-dir reads
+    with EtcdCluster(tmp_path / "etcd", tls_dir=tls) as cluster:
+        url = f"{cluster.url},localhost:{cluster.members[0].client_port}"  # one name checked for all
+        async with EtcdStore(etcd_client(EtcdTarget(parse_store_url(url), str(tls)))) as store:
+            assert await store.put("k", "over TLS") == 1
+            assert await store.get("k") == Entry("k", "over TLS", 1)
+        ca_only = tmp_path / "ca-only"
+        ca_only.mkdir()
+        (ca_only / "ca.crt").write_bytes((tls / "ca.crt").read_bytes())
+        with pytest.raises(StoreError):  # etcd asks for a client certificate
+            await EtcdStore(etcd_client(EtcdTarget(parse_store_url(cluster.url), str(ca_only)))).open()
+        with pytest.raises(StoreError):  # plaintext to a TLS member
+            await EtcdStore(etcd_client(EtcdTarget(parse_store_url(cluster.url)))).open()
+    with pytest.raises(InvalidArgument, match=r"ca\.crt"):
+        await EtcdStore(etcd_client(EtcdTarget((("127.0.0.1", 1),), str(tmp_path / "nowhere")))).open()
 
 
 async def test_etcd_unreachable_is_a_store_error() -> None:
