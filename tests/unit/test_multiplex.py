@@ -13,6 +13,7 @@ import httpx
 import joblib
 import numpy as np
 import pytest
+from sklearn.linear_model import LogisticRegression
 
 from shoal.backends.base import Backend, Tensors
 from shoal.backends.python import PythonBackend
@@ -282,8 +283,6 @@ def test_an_unmultiplexed_backend_refuses_model_ids() -> None:
 
 
 def test_a_sklearn_model_id_names_a_file_in_the_model_folder(tmp_path: Path) -> None:
-    from sklearn.linear_model import LogisticRegression
-
     X = np.array([[0.0], [1.0], [2.0], [3.0]], dtype=np.float32)
     joblib.dump(LogisticRegression().fit(X, [0, 0, 1, 1]), tmp_path / "small.joblib")
     spec = make_spec(backend="sklearn", model=str(tmp_path), multiplexing=MUX)
