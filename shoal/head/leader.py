@@ -19,6 +19,7 @@ Not thread-safe; one event loop. :class:`Leadership` spawns nothing: its caller 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -86,8 +87,9 @@ class LeaseBackend(Protocol):
         """The value of ``key``, or ``None``."""
         ...
 
-    def fence(self, key: str, value: str) -> None:
-        """Make every later write of the store require ``key`` to hold ``value``."""
+    def fence(self, key: str, value: str, on_fenced: Callable[[], None] | None = None) -> None:
+        """Make every later write of the store require ``key`` to hold ``value``; call
+        ``on_fenced`` when a write is refused for that."""
         ...
 
 
@@ -131,6 +133,7 @@ class Leadership:
         self._on_change = on_change or (lambda: None)
         self._lease = 0
         self._valid_until = 0.0  # monotonic time by which the lease may have run out
+        self._deposed = asyncio.Event()  # set when the store refused a write: another head leads
 
     def describe(self) -> str:
         """One line for callers of a standby: who leads."""
@@ -175,7 +178,8 @@ class Leadership:
             return False
         self._lease = lease
         self._valid_until = sent + self.ttl_s
-        self.backend.fence(self.key, value)
+        self._deposed = asyncio.Event()
+        self.backend.fence(self.key, value, self._deposed.set)
         self.leading = True
         self._set_leader(self.me)
         log.info("this head leads now (lease %x, TTL %ds)", lease, self.ttl_s)
@@ -183,14 +187,19 @@ class Leadership:
 
     async def hold(self) -> None:
         """Renew the lease every third of its TTL (soon again after a failure); return once
-        leadership is lost: etcd says the lease is gone, or it was not renewed in time (then
-        it may have run out). ``leading`` is already false when this returns."""
+        leadership is lost: etcd says the lease is gone, it was not renewed in time (then it
+        may have run out), or the store refused a write as fenced. ``leading`` is already
+        false when this returns."""
         assert self.leading, "hold() after campaign()"
         pause = self.ttl_s / 3
         try:
             while True:
-                # Never past the moment the lease may run out.
-                await asyncio.sleep(max(0.0, min(pause, self._left())))
+                # Never past the moment the lease may run out; at once when a write was fenced.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._deposed.wait(), max(0.0, min(pause, self._left())))
+                if self._deposed.is_set():
+                    log.error("leadership lost: the store refused a write (another head leads)")
+                    return
                 sent = time.monotonic()
                 left = self._left()
                 if left <= 0:

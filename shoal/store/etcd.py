@@ -30,11 +30,12 @@ import builtins
 import contextlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Self
 
 import aetcd
 
+from shoal.errors import Code
 from shoal.store.base import (
     DEFAULT_HISTORY_LIMIT,
     DEFAULT_MAX_PENDING,
@@ -60,8 +61,11 @@ class Fenced(StoreError):
     """A write was refused because this process no longer holds the key it was fenced on.
 
     Raised by every write of an :class:`EtcdStore` after :meth:`EtcdStore.fence` once the
-    fence key's value differs: another head leads, or this head's lease ran out.
+    fence key's value differs: another head leads, or this head's lease ran out. Its code
+    is UNAVAILABLE (not INTERNAL): the caller's request may succeed at the head that leads.
     """
+
+    code = Code.UNAVAILABLE
 
 
 def _prefix_end(prefix: bytes) -> bytes:
@@ -107,6 +111,7 @@ class EtcdStore:
         self._progress = asyncio.Condition()
         self._follower: asyncio.Task[None] | None = None
         self._fence: tuple[bytes, bytes] | None = None
+        self._on_fenced: Callable[[], None] | None = None
 
     @property
     def client(self) -> aetcd.Client:
@@ -160,16 +165,18 @@ class EtcdStore:
 
     # -- fencing --------------------------------------------------------------------------
 
-    def fence(self, key: str, value: str) -> None:
+    def fence(self, key: str, value: str, on_fenced: Callable[[], None] | None = None) -> None:
         """From now on, every write also requires etcd key ``key`` to hold ``value``.
 
-        A write made when it does not raises :class:`Fenced` and changes nothing. The
-        leader election sets it to the leader key and this head's token.
+        A write made when it does not raises :class:`Fenced` and changes nothing, after
+        calling ``on_fenced``. The leader election sets it to the leader key and this head's
+        value, and steps down when called.
         """
         self._fence = (key.encode(), value.encode())
+        self._on_fenced = on_fenced
 
     def unfence(self) -> None:
-        self._fence = None
+        self._fence = self._on_fenced = None
 
     # -- leases, for the leader election (shoal.head.leader.LeaseBackend) ----------------
 
@@ -315,6 +322,8 @@ class EtcdStore:
                 if fence is not None:
                     holder = responses[0][0][0] if responses and responses[0] else None
                     if holder != fence[1]:
+                        if self._on_fenced is not None:
+                            self._on_fenced()
                         raise Fenced(
                             f"state store {self._name}: not written, this head no longer holds "
                             f"{fence[0].decode()!r} (now {holder.decode() if holder else 'nobody'})"

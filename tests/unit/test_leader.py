@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -23,6 +24,7 @@ class Backend:
         self.keys: dict[str, tuple[str, int]] = {}
         self.leases: set[int] = set()
         self.fenced: tuple[str, str] | None = None
+        self.on_fenced: Callable[[], None] | None = None
         self.cut_off = False
         self.failing = False
         self._next = 0
@@ -63,8 +65,9 @@ class Backend:
         held = self.keys.get(key)
         return None if held is None else held[0]
 
-    def fence(self, key: str, value: str) -> None:
+    def fence(self, key: str, value: str, on_fenced: Callable[[], None] | None = None) -> None:
         self.fenced = (key, value)
+        self.on_fenced = on_fenced
 
 
 def head(backend: Backend, name: str, ttl_s: int = 1) -> Leadership:
@@ -105,6 +108,18 @@ async def test_a_leader_whose_lease_is_gone_stops_leading() -> None:
     backend.expire(a._lease)  # its lease ran out in etcd (say, a long pause)
     await asyncio.wait_for(a.hold(), 5)
     assert not a.leading and not a.serving
+
+
+async def test_a_leader_whose_write_was_fenced_stops_at_once() -> None:
+    backend = Backend()
+    a = head(backend, "a", ttl_s=30)  # its lease would last long: the fence ends it first
+    await a.campaign()
+    holding = asyncio.ensure_future(a.hold())
+    await asyncio.sleep(0)
+    assert backend.on_fenced is not None
+    backend.on_fenced()  # the store refused a write: another head holds the key
+    await asyncio.wait_for(holding, 5)
+    assert not a.leading
 
 
 @pytest.mark.parametrize("failure", ["hangs", "errors"])

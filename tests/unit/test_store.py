@@ -15,7 +15,7 @@ import pytest
 import pytest_asyncio
 
 from shoal import certs
-from shoal.errors import Internal, InvalidArgument
+from shoal.errors import Code, Internal, InvalidArgument
 from shoal.rpc.etcd_client import EtcdTarget, etcd_client, parse_store_url
 from shoal.store import Entry, Event, MemoryStore, SqliteStore, Store, StoreError
 from shoal.store.base import Watch, WatchLost
@@ -507,7 +507,8 @@ async def test_etcd_fenced_store_writes_only_while_it_holds_the_key(etcd: EtcdCl
     try:
         leader = f"leader-{uuid.uuid4().hex}"
         await store.client.put(leader.encode(), b"head-a")
-        store.fence(leader, "head-a")
+        fenced: list[str] = []
+        store.fence(leader, "head-a", lambda: fenced.append("called"))
         assert await store.put("deployments/x", "1") == 1
         await store.client.put(leader.encode(), b"head-b")  # another head took over
         for write in (
@@ -515,8 +516,10 @@ async def test_etcd_fenced_store_writes_only_while_it_holds_the_key(etcd: EtcdCl
             store.delete("deployments/x"),
             store.put_if("y", "1", 0),
         ):
-            with pytest.raises(Fenced, match="head-b"):
+            with pytest.raises(Fenced, match="head-b") as refused:
                 await write
+            assert refused.value.code is Code.UNAVAILABLE  # the client may try the head that leads
+        assert fenced == ["called"] * 3
         assert await store.list() == [Entry("deployments/x", "1", 1)]
         await store.client.delete(leader.encode())  # its lease ran out: nobody leads
         with pytest.raises(Fenced, match="nobody"):
