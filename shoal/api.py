@@ -267,13 +267,17 @@ class AsyncClient:
 
 
 class AsyncHandle:
-    """Calls one deployment through a scheduler's router (native ``SendRequest``)."""
+    """Calls one deployment (or traffic route) through a scheduler's router (native
+    ``SendRequest``). The first call asks the head which schedulers are live and how the
+    inputs are typed; later calls go straight to a scheduler, and ask the head again only
+    when every scheduler known was unavailable. Safe for concurrent calls."""
 
     def __init__(self, client: AsyncClient, name: str, scheduler: str = "") -> None:
         self.client = client
         self.name = name
         self.scheduler = scheduler
         self._spec: DeploymentSpec | None = None
+        self._addresses: list[str] | None = None
 
     async def infer(self, inputs: Mapping[str, Any], *, timeout_s: float = 0.0) -> dict[str, np.ndarray]:
         """The outputs for ``inputs`` (input name → numpy array or nested lists).
@@ -282,20 +286,40 @@ class AsyncHandle:
 
     async def request(self, inputs: Mapping[str, Any], *, timeout_s: float = 0.0) -> Reply:
         """As :meth:`infer`, with the id of the replica that answered."""
+        fresh = self._addresses is None
+        if fresh:
+            await self._learn()
+        arrays = to_arrays(inputs, self._spec)
+        try:
+            return await self._send(arrays, timeout_s)
+        except Unavailable:
+            if fresh or self.scheduler:
+                raise
+        await self._learn()  # the schedulers known are gone: ask the head for the live ones
+        return await self._send(arrays, timeout_s)
+
+    async def _learn(self) -> None:
+        """The live schedulers and the input types, from the head. NotFound for an unknown name."""
         status = await self.client.status()
         dep = status.deployment(self.name)
         if dep is None:
-            raise NotFound(f"no deployment named {self.name!r}")
-        if self._spec is None and dep.spec:
+            # A traffic route's name: typed by its first target's spec; the scheduler draws.
+            route = next((r for r in await self.client.routes() if r.name == self.name), None)
+            if route is None:
+                raise NotFound(f"no deployment or traffic route named {self.name!r}")
+            dep = status.deployment(route.targets[0][0])
+        if dep is not None and dep.spec:
             from shoal.core.spec import parse_spec
 
             self._spec = parse_spec(dict(dep.spec))
-        arrays = to_arrays(inputs, self._spec)
-        addresses = (
+        self._addresses = (
             [self.scheduler]
             if self.scheduler
             else [s.address for s in status.schedulers if s.state == SchedulerState.ALIVE]
         )
+
+    async def _send(self, arrays: dict[str, np.ndarray], timeout_s: float) -> Reply:
+        addresses = list(self._addresses or ())
         if not addresses:
             raise Unavailable("no live scheduler to send the request to")
         last: Unavailable | None = None

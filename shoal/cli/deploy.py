@@ -268,7 +268,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     routes = [r for _, f_routes in found for r in f_routes]
     if args.model_repository:  # Triton's layout; its specs carry their files' hash already
         specs += triton_repo.load_all(args.model_repository)
-    if not specs:
+    if not specs and not routes:
         raise InvalidArgument("shoal deploy: name spec files or a Triton repository (--model-repository DIR)")
 
     async def go(client: Any, settings: Settings) -> int:
@@ -282,7 +282,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         for route in routes:  # after the deployments: a route's targets must exist
             await client.route(route)
             print(f"route {route.name}: {route.describe()}", flush=True)
-        if not args.wait:
+        if not args.wait or not specs:
             return 0
         code, verdict = await wait_for(status_reader(client), watch, args.timeout)
         if verdict.failure and verdict.dead:

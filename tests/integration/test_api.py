@@ -96,7 +96,7 @@ async def test_the_api_deploys_scales_infers_and_deletes(cluster: ProcessCluster
         assert (await c.status()).deployment("triple") is None
 
         # Errors: ShoalError subclasses that name the problem.
-        with pytest.raises(NotFound, match="no deployment named 'triple'"):
+        with pytest.raises(NotFound, match="no deployment or traffic route named 'triple'"):
             await c.handle("triple").infer({"x": [[1]]})
         with pytest.raises(NotFound, match="nope"):
             await c.scale("nope", 1)
