@@ -369,6 +369,16 @@ def load_all(root: str | Path) -> list[DeploymentSpec]:
     return specs
 
 
+def layout_version(spec: DeploymentSpec) -> int:
+    """The version a deployment's model file has in Triton's layout: ``N`` for a file
+    ``.../NAME/N/FILE`` of deployment NAME (N a positive integer), else 0."""
+    path = Path(spec.model)
+    folder = path.parent.name
+    if path.parent.parent.name == spec.name and re.fullmatch(r"[0-9]{1,18}", folder) and int(folder) > 0:
+        return int(folder)
+    return 0
+
+
 def served_version(root: str | Path, spec: DeploymentSpec) -> int:
     """The repository version a deployment serves (its model file's folder), 0 when its model
     is not a file of this repository."""

@@ -38,7 +38,7 @@ from shoal.rpc import generate_stream
 from shoal.rpc.auth import authorization
 from shoal.rpc.status import Context, abort
 from shoal.scheduler.dataplane import MODEL_ID_PARAMETER, DataPlane, InferCall
-from shoal.scheduler.models import VERSION, InferResult
+from shoal.scheduler.models import InferResult
 from shoal.scheduler.repository import ModelRepository, check_parameters
 from shoal.types import Arrays
 
@@ -196,7 +196,9 @@ def infer_call(request: oip.ModelInferRequest, context: Context, max_elements: i
 
 
 def infer_response(result: InferResult) -> oip.ModelInferResponse:
-    reply = oip.ModelInferResponse(model_name=result.model_name, model_version=VERSION, id=result.id)
+    reply = oip.ModelInferResponse(
+        model_name=result.model_name, model_version=result.model_version, id=result.id
+    )
     for t in result.outputs:
         reply.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
         reply.raw_output_contents.append(t.data)

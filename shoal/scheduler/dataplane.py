@@ -41,7 +41,7 @@ from shoal.core import limits, payload
 from shoal.core.payload import Tensor, Tensors
 from shoal.core.spec import DeploymentSpec, check_model_id
 from shoal.errors import InvalidArgument, ShoalError
-from shoal.scheduler.models import VERSION, InferResult, ModelCatalog, check_inputs, check_outputs
+from shoal.scheduler.models import InferResult, ModelCatalog, check_inputs, check_outputs, model_version
 from shoal.scheduler.router import OUTCOME_OF, Router
 
 log = logging.getLogger("shoal.dataplane")
@@ -120,7 +120,7 @@ class DataPlane:
             raise
         rows = call.inputs[0].rows if call.inputs else 1
         self.catalog.record(spec, ok=True, elapsed_ns=time.perf_counter_ns() - started, rows=rows)
-        return InferResult(call.model, VERSION, call.id, outputs, replica_id)
+        return InferResult(call.model, model_version(spec), call.id, outputs, replica_id)
 
     def check(self, call: InferCall) -> None:
         """The checks that need no model metadata: headers, byte lengths, the element limit."""

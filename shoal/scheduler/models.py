@@ -1,6 +1,8 @@
 """The Open Inference Protocol's view of a scheduler's deployments (KServe V2 / Triton).
 
-Every deployment the scheduler's router knows is a *model* with one version, ``"1"``.
+Every deployment the scheduler's router knows is a *model* with one version: ``"1"``, or,
+for a model file in Triton's layout (``.../NAME/N/model.onnx``, from a model repository),
+``"N"`` (:func:`model_version`).
 :class:`ModelCatalog` answers what the protocol asks of models (readiness, metadata,
 Triton's model configuration, statistics), checks inference requests against the
 model's metadata and runs them through the :class:`~shoal.scheduler.router.Router`.
@@ -37,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import shoal
-from shoal.core import payload
+from shoal.core import payload, triton_repo
 from shoal.core.payload import Tensors
 from shoal.core.spec import DeploymentSpec, TensorSpec
 from shoal.errors import InvalidArgument, NotFound, ShoalError, Unavailable
@@ -45,7 +47,7 @@ from shoal.scheduler.generate import generates_text
 from shoal.scheduler.router import Router
 from shoal.types import ReplicaClient, ReplicaDescription
 
-#: The one version every deployment has.
+#: The one version of a deployment whose model file is not in Triton's layout.
 VERSION = "1"
 
 #: Protocol extensions that work end to end (both transports unless noted).
@@ -189,10 +191,17 @@ class InferResult:
 # ---------------------------------------------------------------- pure rules
 
 
-def check_version(name: str, version: str) -> None:
-    """``""`` (the latest) and ``"1"`` are the only versions; NotFound otherwise."""
-    if version not in ("", VERSION):
-        raise NotFound(f"model {name!r} has no version {version!r}; its only version is {VERSION!r}")
+def model_version(spec: DeploymentSpec) -> str:
+    """The version ``spec`` answers as: ``N`` when its model file is in Triton's layout
+    (``.../NAME/N/FILE``), else :data:`VERSION`."""
+    return str(triton_repo.layout_version(spec) or VERSION)
+
+
+def check_version(spec: DeploymentSpec, version: str) -> None:
+    """``""`` (the latest) and :func:`model_version` are the only versions; NotFound otherwise."""
+    served = model_version(spec)
+    if version not in ("", served):
+        raise NotFound(f"model {spec.name!r} has no version {version!r}; its only version is {served!r}")
 
 
 def max_batch_size(spec: DeploymentSpec) -> int:
@@ -354,7 +363,7 @@ class ModelCatalog:
             spec = self._router.spec(name)
         except NotFound:
             raise NotFound(f"unknown model {name!r}: no deployment of that name") from None
-        check_version(name, version)
+        check_version(spec, version)
         return spec
 
     def model_ready(self, name: str, version: str = "") -> bool:
@@ -365,12 +374,13 @@ class ModelCatalog:
     def index(self, *, ready_only: bool = False) -> list[ModelIndexEntry]:
         """Every model, sorted by name, READY or UNAVAILABLE (no READY replica)."""
         out = []
-        for name in sorted(self._router.deployments()):
+        for name, spec in sorted(self._router.deployments().items()):
             ready = self._router.ready_count(name) > 0
             if ready_only and not ready:
                 continue
             reason = "" if ready else "no READY replica"
-            out.append(ModelIndexEntry(name, VERSION, "READY" if ready else "UNAVAILABLE", reason))
+            state = "READY" if ready else "UNAVAILABLE"
+            out.append(ModelIndexEntry(name, model_version(spec), state, reason))
         return out
 
     async def metadata(self, name: str, version: str = "") -> ModelMetadata:
@@ -442,6 +452,7 @@ class ModelCatalog:
             platform=spec.backend,
             inputs=spec.inputs or described.inputs,
             outputs=spec.outputs or described.outputs,
+            versions=(model_version(spec),),
         )
 
     async def _describe(self, spec: DeploymentSpec) -> ReplicaDescription:
@@ -507,6 +518,7 @@ class ModelCatalog:
             queue = Duration(summed.stats.queue.count, int(summed.stats.queue.total * 1e9))
         return ModelStatistics(
             name=spec.name,
+            version=model_version(spec),
             last_inference=c.last_ms,
             inference_count=c.inferences,
             execution_count=batches,
@@ -543,4 +555,10 @@ class ModelCatalog:
 
 
 def _declared(spec: DeploymentSpec) -> ModelMetadata:
-    return ModelMetadata(name=spec.name, platform=spec.backend, inputs=spec.inputs, outputs=spec.outputs)
+    return ModelMetadata(
+        name=spec.name,
+        platform=spec.backend,
+        inputs=spec.inputs,
+        outputs=spec.outputs,
+        versions=(model_version(spec),),
+    )

@@ -20,6 +20,7 @@ import tritonclient.http as thttp
 from skl2onnx import to_onnx
 from skl2onnx.common.data_types import FloatTensorType
 from sklearn.linear_model import LinearRegression
+from tritonclient.utils import InferenceServerException
 
 from tests.e2e.conftest import stop_group
 
@@ -111,9 +112,15 @@ def test_shoal_up_serves_every_model_of_the_repository(tmp_path: Path) -> None:
             x = np.array([[1.0, 2.0], [3.0, 4.0]], dtype=np.float32)
             inp = thttp.InferInput("x", [2, 2], "FP32")
             inp.set_data_from_numpy(x)
-            out = client.infer("sum", [inp]).as_numpy("variable")
+            result = client.infer("sum", [inp], model_version="2")
+            out = result.as_numpy("variable")
             assert out is not None
             np.testing.assert_allclose(out.reshape(-1), [6.0, 14.0], rtol=1e-4)
+            # The version that serves is the repository's: metadata, answers, and version routes.
+            assert result.get_response()["model_version"] == "2"
+            assert client.get_model_metadata("sum")["versions"] == ["2"]
+            with pytest.raises(InferenceServerException, match="its only version is '2'"):
+                client.infer("sum", [inp], model_version="1")
         finally:
             client.close()
     finally:

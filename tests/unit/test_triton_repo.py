@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from shoal.core.triton_repo import load_all, read_model, scan, served_version
+from shoal.core.spec import parse_spec
+from shoal.core.triton_repo import layout_version, load_all, read_model, scan, served_version
 from shoal.errors import InvalidArgument, NotFound
 
 ONNX = """
@@ -161,3 +162,19 @@ def test_a_changed_model_file_changes_the_spec(tmp_path: Path) -> None:
     after = read_model(tmp_path, "m").spec
     assert before is not None and after is not None
     assert before.process_hash() != after.process_hash()
+
+
+@pytest.mark.parametrize(
+    ("model", "version"),
+    [
+        ("/r/iris/3/model.onnx", 3),
+        ("iris/12/m.onnx", 12),
+        ("/r/other/3/model.onnx", 0),
+        ("/r/iris/0/model.onnx", 0),
+        ("/r/iris/v3/model.onnx", 0),
+        ("model.onnx", 0),
+    ],
+)
+def test_the_layout_version_is_the_folder_of_a_models_file(model: str, version: int) -> None:
+    spec = parse_spec({"name": "iris", "backend": "onnx", "model": model})
+    assert layout_version(spec) == version
