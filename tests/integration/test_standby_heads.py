@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 import uuid
@@ -16,6 +18,8 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
+import grpc.aio
 import numpy as np
 import pytest
 import pytest_asyncio
@@ -23,8 +27,12 @@ import pytest_asyncio
 from shoal.core.spec import parse_spec
 from shoal.errors import Unavailable
 from shoal.head.leader import LeaderInfo, Leadership
+from shoal.proto import shoal_pb2 as pb
+from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.rpc.clients import ControlClient, send_request
 from shoal.rpc.etcd_client import EtcdTarget, etcd_client, parse_store_url
+from shoal.rpc.standby import LEADER_METADATA
+from shoal.run import LOST_LEADERSHIP_EXIT
 from shoal.store.etcd import EtcdStore, Fenced
 from shoal.testing.etcd import EtcdCluster, EtcdHeads, echo_spec, require_etcd, wait_ready
 
@@ -117,6 +125,11 @@ async def test_kill_the_leading_head_under_load(heads: EtcdHeads) -> None:
             await standby.status()
     finally:
         await standby.close()
+    async with grpc.aio.insecure_channel(b.endpoints["head"]) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as raw:
+            await pbg.HeadStub(channel).GetStatus(pb.Empty(), timeout=5)
+    assert raw.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert (LEADER_METADATA, a.endpoints["head"]) in tuple(raw.value.trailing_metadata() or ())
     code, body = await asyncio.to_thread(http_get, b.endpoints["head_http"], "/api/status")
     assert code == 503 and body["leader"]["grpc"] == a.endpoints["head"], body
     assert await asyncio.to_thread(http_get, b.endpoints["head_http"], "/healthz") == (
@@ -178,5 +191,34 @@ async def test_kill_the_leading_head_under_load(heads: EtcdHeads) -> None:
         assert (failed, control_failed, errors) == (0, 0, [])
         code, body = await asyncio.to_thread(http_get, b.endpoints["head_http"], "/healthz")
         assert code == 200 and body.get("status") != "standby"
+        # The CLI as a user runs it, given both heads, one of them dead.
+        cli = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "shoal.cli", "--head", heads.addresses, "status"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=heads.env,
+        )
+        assert cli.returncode == 0, cli.stderr
+        assert "echo" in cli.stdout and "after" in cli.stdout
     finally:
         await client.close()
+
+
+async def test_a_leader_cut_off_from_etcd_stops(tmp_path: Path) -> None:
+    require_etcd()
+    with EtcdCluster(tmp_path / "etcd") as own:  # its own etcd: this test stops it
+        heads = EtcdHeads(tmp_path, own)
+        try:
+            a = await asyncio.to_thread(heads.start_head)
+            client = heads.client()
+            try:
+                await client.status()  # retried until it leads
+            finally:
+                await client.close()
+            own.stop()
+            assert await asyncio.to_thread(a.wait, 30) == LOST_LEADERSHIP_EXIT
+            assert "leadership lost" in a.log.read_text()
+        finally:
+            await asyncio.to_thread(heads.close)
