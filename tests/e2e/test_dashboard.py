@@ -169,6 +169,10 @@ def test_dashboard_shows_deployments_traffic_and_events(
         "return Object.values(window.shoal.charts).flatMap(c => [c.rate, c.latency, c.errors])"
         ".every(u => Math.abs(u.scales.x.max - u.scales.x.min - 900) < 1)"
     )
+    # A traffic route: a row per target, with its share and the target deployment's own rates.
+    shoal("route", "canary", "echo=90", "digits=10", head=up.head)
+    row = 'document.querySelector(\'tr[data-route="canary"][data-target="digits"] .share\')'
+    assert wait_until(browser, f"return {row}?.textContent") == "10%"
     assert browser.save_screenshot(str(tmp_path / "dashboard.png"))  # type: ignore[attr-defined]
 
     # A killed replica shows up in the events.

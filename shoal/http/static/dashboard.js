@@ -70,6 +70,26 @@ function renderDeployments(list, series) {
   }));
 }
 
+// Traffic routes (shoal route): a row per target and shadow, with that deployment's own rates.
+function renderRoutes(routes, series) {
+  const rows = [];
+  for (const r of routes) {
+    const targets = Object.entries(r.targets).map(([t, w]) => [t, w + "%"]);
+    if (r.shadow) targets.push([r.shadow, "shadow"]);
+    for (const [target, share] of targets) {
+      const s = series[target];
+      const w = s ? s.window : null;
+      const rate = s && s.rate.length ? s.rate[s.rate.length - 1] : null;
+      rows.push(el("tr", {"data-route": r.name, "data-target": target},
+        el("td", {}, r.name), el("td", {}, target), el("td", {class: "share"}, share),
+        el("td", {class: "rate"}, rate === null ? "–" : fmt(rate, 1)),
+        el("td", {class: "error-rate"}, percent(w ? w.error_rate : null))));
+    }
+  }
+  document.querySelector("#routes tbody").replaceChildren(...rows);
+  document.getElementById("no-routes").style.display = rows.length ? "none" : "";
+}
+
 function renderReplicas(list) {
   const body = document.querySelector("#replicas tbody");
   const rows = [];
@@ -239,13 +259,24 @@ async function lifecycle() {
   }
 }
 
+// Traffic routes; none (quietly) where the head has no such endpoint.
+async function routes() {
+  try {
+    const doc = await api("/api/routes");
+    return Array.isArray(doc.routes) ? doc.routes : [];
+  } catch (err) {
+    if (err instanceof Missing) return [];
+    throw err;
+  }
+}
+
 // A refresh answered after a later one (a range changed meanwhile) is dropped.
 let asked = 0, drawn = 0;
 async function refresh() {
   const mine = ++asked;
   try {
-    const [status, series, events] = await Promise.all(
-      [api("/api/status"), api(`/api/series?window_s=${view.range}`), lifecycle()]);
+    const [status, series, events, traffic] = await Promise.all(
+      [api("/api/status"), api(`/api/series?window_s=${view.range}`), lifecycle(), routes()]);
     if (mine < drawn) return;
     drawn = mine;
     fillRanges(series.keep_s);
@@ -254,6 +285,7 @@ async function refresh() {
     view.lifecycle = events;
     renderSchedulers(status.schedulers);
     renderDeployments(status.deployments, series.deployments);
+    renderRoutes(traffic, series.deployments);
     renderReplicas(status.deployments);
     renderEvents(status.events);
     renderLifecycle(events);
