@@ -104,7 +104,7 @@ async def test_a_sha256_in_the_uri_is_verified(cache: ArtifactCache, tmp_path: P
 
 async def test_a_missing_object_is_not_found(cache: ArtifactCache, tmp_path: Path) -> None:
     uri = (tmp_path / "nothing.joblib").as_uri()
-    with pytest.raises(NotFound, match="nothing.joblib: no such object or folder"):
+    with pytest.raises(NotFound, match=r"nothing\.joblib: no such object or folder"):
         await cache.acquire(uri)
 
 
@@ -130,7 +130,9 @@ async def test_eviction_keeps_the_folder_under_its_limit_least_recently_used_fir
         lease.release()
         assert du(tmp_path / "artifacts") <= 3000
     assert set(cache.blobs()) == set(blobs[2:])  # the three most recently used
-    assert sorted(p.name for p in (tmp_path / "artifacts").iterdir() if len(p.name) == 64) == sorted(blobs[2:])
+    assert sorted(p.name for p in (tmp_path / "artifacts").iterdir() if len(p.name) == 64) == sorted(
+        blobs[2:]
+    )
     await cache.aclose()
 
 

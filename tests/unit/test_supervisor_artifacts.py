@@ -4,6 +4,7 @@ process starts on the cached copy; a failed download ends it DEAD with the reaso
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ class Harness:
         return doc
 
 
+@contextlib.asynccontextmanager
 async def harness(tmp_path: Path, **settings: object) -> AsyncIterator[Harness]:
     config = Settings(ping_interval_s=1.0, shutdown_grace_s=1.0, **settings)  # type: ignore[arg-type]
     clock = FakeClock()
@@ -72,7 +74,7 @@ async def harness(tmp_path: Path, **settings: object) -> AsyncIterator[Harness]:
 
 @pytest.fixture
 async def h(tmp_path: Path) -> AsyncIterator[Harness]:
-    async for x in harness(tmp_path):
+    async with harness(tmp_path) as x:
         yield x
 
 
@@ -126,7 +128,9 @@ async def test_a_failed_download_ends_the_replica_dead_with_the_reason(h: Harnes
     assert "no such object" in h.supervisor.log_path("iris-1").read_text()
 
 
-async def test_a_replica_removed_while_downloading_stops_without_a_process(h: Harness, tmp_path: Path) -> None:
+async def test_a_replica_removed_while_downloading_stops_without_a_process(
+    h: Harness, tmp_path: Path
+) -> None:
     src = tmp_path / "model.joblib"
     src.write_bytes(b"m")
     await h.supervisor.create("iris-1", sklearn_spec(src.as_uri()))
@@ -143,7 +147,7 @@ async def test_the_replica_may_read_the_cached_copy_when_model_dirs_are_restrict
     allowed = tmp_path / "models"
     allowed.mkdir()
     (allowed / "model.joblib").write_bytes(b"m")
-    async for h in harness(tmp_path, allowed_model_dirs=(str(allowed),)):
+    async with harness(tmp_path, allowed_model_dirs=(str(allowed),)) as h:
         await h.supervisor.create("iris-1", sklearn_spec((allowed / "model.joblib").as_uri()))
         await until(lambda: "iris-1" in h.launcher.processes, "the replica's launch")
         dirs = h.launched_settings("iris-1")["allowed_model_dirs"]
