@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from shoal.scheduler.supervisor import ReplicaView
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-STATES = (ReplicaState.STARTING, ReplicaState.READY, ReplicaState.DRAINING)
+STATES = (ReplicaState.DOWNLOADING, ReplicaState.STARTING, ReplicaState.READY, ReplicaState.DRAINING)
 
 
 def _histogram_buckets(counts: Sequence[int], bounds: Sequence[float]) -> list[tuple[str, float]]:

@@ -17,6 +17,7 @@ from shoal.config import Settings
 from shoal.core.clock import FakeClock
 from shoal.core.cluster import ReplicaReport
 from shoal.core.spec import DeploymentSpec
+from shoal.errors import InvalidArgument
 from shoal.scheduler.artifacts import ArtifactCache
 from shoal.scheduler.router import Router
 from shoal.scheduler.supervisor import ReplicaSupervisor
@@ -178,3 +179,10 @@ def test_shoal_status_shows_a_downloading_replicas_progress() -> None:
         ],
     }
     assert "DOWNLOADING (downloading s3://models/iris.joblib: 1.0/4.0 MB (25%))" in render_status(status)
+
+
+async def test_the_scheduler_checks_the_uri_against_its_own_settings(tmp_path: Path) -> None:
+    async with harness(tmp_path, allowed_model_dirs=(str(tmp_path),)) as h:
+        with pytest.raises(InvalidArgument, match="allowed_model_uris"):
+            await h.supervisor.create("iris-1", sklearn_spec("s3://models/iris.joblib"))
+        assert "iris-1" not in h.supervisor.registry
