@@ -26,7 +26,7 @@ from shoal.core.tasks import TaskSet
 from shoal.head.leader import LeaderInfo, Leadership, lease_ttl
 from shoal.head.node import HeadNode
 from shoal.http.head import head_app
-from shoal.http.scheduler import scheduler_app, shutdown_parser
+from shoal.http.scheduler import refuse_when_full, scheduler_app, shutdown_parser
 from shoal.http.server import HttpLimits, HttpServer
 from shoal.http.standby import StandbyApp
 from shoal.proto import grpc_service_pb2_grpc as oipg
@@ -134,18 +134,31 @@ async def _lead(leadership: Leadership, node: HeadNode, on_lost: Callable[[], No
     """Stand by until this head leads; then run the head (which adopts the running replicas
     as a restarted head does) until leadership is lost, and stop acting at once."""
     log.info("standing by for leadership (lease TTL %ds)", leadership.ttl_s)
-    await leadership.campaign()
     try:
-        await node.start()
-        leadership.serving = True
-        await leadership.hold()
-        node.pause()
-        log.critical("this head no longer leads: it stops (start it again to stand by)")
-        if on_lost is not None:
-            on_lost()
-    finally:
-        await node.aclose()
-        await leadership.resign()
+        await leadership.campaign()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                # Renew the lease while the state loads too: loading may outlast the TTL.
+                holding = tg.create_task(leadership.hold())
+                starting = tg.create_task(_serve_as_leader(leadership, node))
+                await asyncio.wait([holding])
+                starting.cancel()
+            log.critical("this head no longer leads: it stops (start it again to stand by)")
+        finally:
+            node.pause()
+            await node.aclose()
+            await leadership.resign()
+    except Exception:
+        # A head that cannot take over (the store failed while it loaded) must not linger
+        # as a standby that never campaigns again.
+        log.exception("this head failed to lead: it stops (start it again to stand by)")
+    if on_lost is not None:
+        on_lost()
+
+
+async def _serve_as_leader(leadership: Leadership, node: HeadNode) -> None:
+    await node.start()
+    leadership.serving = leadership.leading
 
 
 async def start_scheduler(
@@ -187,6 +200,7 @@ async def start_scheduler(
         tls,
         reuse_port=processes > 1,
         limits=HttpLimits.of(settings),
+        refuse=refuse_when_full(node),
     )
     control = server
     control_port = port
@@ -366,6 +380,7 @@ async def run_ingress_worker(settings: Settings, control: str, worker_id: str, s
         tls,
         reuse_port=True,
         limits=HttpLimits.of(settings),
+        refuse=refuse_when_full(worker),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
