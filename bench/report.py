@@ -348,6 +348,10 @@ def render(doc: dict[str, Any], path: Path) -> str:
     if profile.exists():
         # Written by bench/profile.py (a separate run: it needs py-spy and a quiet machine).
         lines += ["", "## Where a request's CPU goes", "", profile.read_text().rstrip()]
+    multiplex = Path(__file__).resolve().parent / "multiplex.md"
+    if multiplex.exists():
+        # Written by bench/multiplex.py --write (a separate run: its own cluster and models).
+        lines += ["", "## Model multiplexing", "", multiplex.read_text().rstrip()]
     lines += ["", "## Not run, and why", ""]
     skipped = doc.get("skipped", {})
     failed = [p for p in doc["points"] if p.get("failed")]

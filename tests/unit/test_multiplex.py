@@ -21,7 +21,7 @@ from shoal.backends.sklearn import SklearnBackend
 from shoal.config import Settings
 from shoal.core import payload
 from shoal.core.clock import FakeClock
-from shoal.core.spec import DeploymentSpec
+from shoal.core.spec import Batching, DeploymentSpec
 from shoal.errors import InvalidArgument, NotFound
 from shoal.http.scheduler import scheduler_app
 from shoal.metrics import _multiplexed
@@ -193,6 +193,18 @@ async def test_concurrent_first_requests_share_one_load(cache: tuple[ModelCache,
     assert [list(o["model"]) for o in outs] == [["a"]] * 5
     assert parent.loaded_ids == ["a"]
     assert c.loads["a"] == 1
+
+
+async def test_a_batch_never_mixes_model_ids() -> None:
+    parent = Ids()
+    c = ModelCache(parent, 2, Batching(max_batch_size=8, max_delay_ms=20))
+    try:
+        ids = ["a", "b"] * 6
+        outs = await asyncio.gather(*(c.submit(m, rows(2)) for m in ids))
+        assert [list(o["model"]) for o in outs] == [[m, m] for m in ids]
+        assert max(c.batch_sizes) > 2  # requests did share model calls, each with its own id's
+    finally:
+        await c.aclose()
 
 
 async def test_an_id_with_a_request_running_is_not_evicted(cache: tuple[ModelCache, Ids]) -> None:
