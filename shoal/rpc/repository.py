@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 from shoal.config import Settings
+from shoal.core.cluster import FAILED
 from shoal.core.spec import DeploymentSpec
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
+from shoal.rpc import convert
 from shoal.rpc.channels import Reachability, call, open_channel
 
 
@@ -40,6 +42,17 @@ class GrpcDeployer:
             attempts=2,
             reach=self._reach,
         )
+
+    async def failure(self, name: str, authorization: str | None) -> str:
+        metadata = self._metadata(authorization)
+        reply = await call(
+            lambda: self._stub.GetStatus(pb.Empty(), timeout=self._settings.rpc_timeout_s, metadata=metadata),
+            attempts=1,
+            reach=self._reach,
+        )
+        deployment = convert.status_from_pb(reply).deployment(name)
+        reason = deployment.pending_reason if deployment is not None else ""
+        return reason if reason.startswith(FAILED) else ""
 
     async def close(self) -> None:
         await self._channel.close(None)

@@ -8,7 +8,8 @@ A scheduler started with ``--model-repository DIR`` answers ``index``, ``load`` 
   state: READY (a READY replica), UNAVAILABLE with a reason (``unloaded``, ``loading``, or
   why it cannot be served), then the cluster's other deployments as the catalog lists them.
 * ``load NAME``: map ``DIR/NAME`` (:mod:`shoal.core.triton_repo`) and apply it at the
-  head, as ``shoal deploy`` would; returns once a replica of it is READY. Loading a model
+  head, as ``shoal deploy`` would; returns once a replica of it is READY, or fails when
+  the head marks the deployment FAILED (its replicas keep dying before READY). Loading a model
   whose files changed replaces its replicas; loading one that did not is no change.
 * ``unload NAME``: delete the deployment at the head; returns once this scheduler has
   stopped routing to it. Only models of the folder: deployments from specs are removed
@@ -33,9 +34,18 @@ from typing import Protocol
 
 from shoal.core import triton_repo
 from shoal.core.spec import DeploymentSpec
-from shoal.errors import InvalidArgument, NotFound, PermissionDenied, Unavailable
+from shoal.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ShoalError,
+    Unavailable,
+)
 from shoal.scheduler.models import ModelCatalog, ModelIndexEntry
 
+FAILURE_CHECK_S = 1.0
+"""How often a load that waits for a READY replica asks the head whether the deployment FAILED."""
 UNLOAD_TIMEOUT_S = 30.0
 """Longest an unload waits for this scheduler to stop routing to the model."""
 _POLL_S = 0.05
@@ -63,6 +73,10 @@ class Deployer(Protocol):
 
     async def delete(self, name: str, authorization: str | None) -> None:
         """Raises NotFound for a deployment the head does not have."""
+        ...
+
+    async def failure(self, name: str, authorization: str | None) -> str:
+        """Why the head gave up on the deployment (its FAILED reason); '' while it has not."""
         ...
 
 
@@ -142,11 +156,19 @@ class ModelRepository:
                 and router.ready_count(name) > 0
             )
 
-        if not await _wait(loaded, timeout):
-            raise Unavailable(
-                f"model {name!r} (version {model.version}) is deployed but has no READY replica after "
-                f"{timeout:g}s; see shoal status and shoal logs {name}"
-            )
+        deadline = time.monotonic() + timeout
+        while not await _wait(loaded, min(FAILURE_CHECK_S, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                raise Unavailable(
+                    f"model {name!r} (version {model.version}) is deployed but has no READY replica after "
+                    f"{timeout:g}s; see shoal status and shoal logs {name}"
+                )
+            try:
+                reason = await self._deployer.failure(name, authorization)
+            except ShoalError:
+                continue  # the head is away: keep waiting for the replica
+            if reason:
+                raise FailedPrecondition(f"model {name!r} (version {model.version}) did not load: {reason}")
 
     async def unload(self, name: str, authorization: str | None, *, vouched: bool) -> None:
         """Delete ``name``'s deployment and wait until this scheduler no longer routes to it.

@@ -26,6 +26,7 @@ from sklearn.datasets import load_iris
 from sklearn.linear_model import LinearRegression, LogisticRegression
 from tritonclient.utils import InferenceServerException
 
+from shoal.rpc.repository import GrpcDeployer
 from shoal.testing.cluster import ProcessCluster
 
 pytestmark = [pytest.mark.timeout(120)]
@@ -106,6 +107,12 @@ async def test_a_triton_repository_serves_and_loads_and_unloads(tmp_path: Path) 
             shoal_cli, "--head", cluster.head_address, "deploy", "--model-repository", str(repo)
         )
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        # What a load asks the head while it waits: no FAILED reason for a model that serves.
+        deployer = GrpcDeployer(cluster.head_address, cluster.settings)
+        try:
+            assert await deployer.failure("iris", None) == ""
+        finally:
+            await deployer.close()
         grpc_client = tgrpc_aio.InferenceServerClient(cluster.scheduler_address())
         try:
             index = index_of((await grpc_client.get_model_repository_index()).models)

@@ -18,6 +18,7 @@ from shoal.errors import NotFound, PermissionDenied
 from shoal.http.scheduler import scheduler_app
 from shoal.proto import grpc_service_pb2 as oip
 from shoal.rpc.inference_service import InferenceService
+from shoal.scheduler import repository as repository_module
 from shoal.scheduler.node import SchedulerNode
 from shoal.scheduler.repository import ModelRepository
 from shoal.scheduler.router import Router
@@ -34,11 +35,14 @@ class FakeDeployer:
         self.router = router
         self.calls: list[tuple[str, str, str | None]] = []
         self.refuse: Exception | None = None
+        self.failed = ""  # set: applies start no replica, and the head says why
 
     async def apply(self, spec: DeploymentSpec, authorization: str | None) -> None:
         self.calls.append(("apply", spec.name, authorization))
         if self.refuse is not None:
             raise self.refuse
+        if self.failed:
+            return
         self.router.add(f"{spec.name}-1", spec, "10.0.0.2:7000", "s2")
 
     async def delete(self, name: str, authorization: str | None) -> None:
@@ -53,6 +57,9 @@ class FakeDeployer:
             if n != name
         }
         await self.router.apply_table(RoutingTable(version=1, deployments=others, deleted=(name,)))
+
+    async def failure(self, name: str, authorization: str | None) -> str:
+        return self.failed
 
 
 class Scheduler:
@@ -149,6 +156,20 @@ async def test_changes_need_a_token_from_other_machines(scheduler: Scheduler) ->
         assert scheduler.deployer.calls == [("apply", "iris", "Bearer shoal_x")]
         scheduler.deployer.refuse = None
         assert (await client.post("/v2/repository/models/iris/load", headers=headers)).status_code == 200
+
+
+async def test_a_load_whose_replicas_fail_answers_the_heads_reason(
+    scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(repository_module, "FAILURE_CHECK_S", 0.05)
+    scheduler.deployer.failed = "FAILED: 4 replicas in a row died before READY: cannot load model.onnx"
+    async with scheduler.http() as client:
+        reply = await client.post("/v2/repository/models/iris/load")
+    assert reply.status_code == 400
+    assert reply.json()["error"] == (
+        "model 'iris' (version 1) did not load: FAILED: 4 replicas in a row died before READY: "
+        "cannot load model.onnx"
+    )
 
 
 async def test_without_a_repository_load_and_unload_are_not_implemented(scheduler: Scheduler) -> None:
