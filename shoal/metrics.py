@@ -11,7 +11,7 @@ request path touches prometheus_client.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -23,8 +23,8 @@ from shoal.core.stats import BUCKETS, Histogram
 from shoal.head.node import HeadNode, status_of
 
 if TYPE_CHECKING:
+    from shoal.scheduler.ingress import Counts
     from shoal.scheduler.node import SchedulerNode
-    from shoal.scheduler.router import Router
     from shoal.scheduler.supervisor import ReplicaView
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -81,21 +81,23 @@ def _multiplexed(registry: Sequence[ReplicaView]) -> Iterator[Metric]:
         yield fam
 
 
-def _traffic(router: Router) -> Iterator[Metric]:
-    """Traffic routes (``shoal route``), as this process routed them (not summed over ingress workers)."""
+def _traffic(totals: Mapping[str, Counts]) -> Iterator[Metric]:
+    """Traffic routes (``shoal route``), summed over the scheduler's ingress processes."""
     routed = CounterMetricFamily(
         "shoal_route_requests", "Requests a traffic route sent to each target.", labels=["route", "target"]
     )
-    for (route, target), n in sorted(router.routed.items()):
-        routed.add_metric([route, target], n)
-    yield routed
     shadowed = CounterMetricFamily(
         "shoal_shadow_requests",
         "Copies of a traffic route's requests sent to its shadow, by outcome (answers discarded).",
         labels=["route", "target", "outcome"],
     )
-    for (route, target, outcome), n in sorted(router.shadowed.items()):
-        shadowed.add_metric([route, target, outcome], n)
+    for target, c in sorted(totals.items()):
+        for route, n in sorted(c.routed.items()):
+            routed.add_metric([route, target], n)
+        for key, n in sorted(c.shadowed.items()):
+            route, _, outcome = key.partition("/")
+            shadowed.add_metric([route, target, outcome], n)
+    yield routed
     yield shadowed
 
 
@@ -146,7 +148,7 @@ class SchedulerCollector(Collector):
             queued.add_metric([name], c.queued)
         yield in_flight
         yield queued
-        yield from _traffic(node.router)
+        yield from _traffic(totals)
 
         local = node.supervisor.snapshot()
         registry = local.replicas

@@ -470,7 +470,14 @@ class RoutingTable(_message.Message):
     TOKEN_HASHES_FIELD_NUMBER: _builtins.int
     DELETED_FIELD_NUMBER: _builtins.int
     TRAFFIC_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
+    REMOVED_FIELD_NUMBER: _builtins.int
     version: _builtins.int
+    delta: _builtins.bool
+    """A change to the table sent before it on the same stream (the first is whole):
+    deployments holds only the entries that changed, removed the names that left; the
+    other fields are whole. A scheduler of 1,000 got every table whole at every change.
+    """
     @_builtins.property
     def deployments(self) -> _containers.MessageMap[_builtins.str, Global___DeploymentRoutes]: ...
     @_builtins.property
@@ -488,6 +495,8 @@ class RoutingTable(_message.Message):
     def traffic(self) -> _containers.MessageMap[_builtins.str, Global___TrafficRoute]:
         """Traffic routes (shoal route): a name whose requests go to deployments by weight."""
 
+    @_builtins.property
+    def removed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -496,10 +505,12 @@ class RoutingTable(_message.Message):
         token_hashes: _abc.Iterable[_builtins.str] | None = ...,
         deleted: _abc.Iterable[_builtins.str] | None = ...,
         traffic: _abc.Mapping[_builtins.str, Global___TrafficRoute] | None = ...,
+        delta: _builtins.bool = ...,
+        removed: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted", "deployments", b"deployments", "token_hashes", b"token_hashes", "traffic", b"traffic", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted", "delta", b"delta", "deployments", b"deployments", "removed", b"removed", "token_hashes", b"token_hashes", "traffic", b"traffic", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2057,6 +2068,46 @@ class IngressCounts(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class RoutedEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class ShadowedEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     OUTCOMES_FIELD_NUMBER: _builtins.int
     LATENCY_FIELD_NUMBER: _builtins.int
     QUEUE_FIELD_NUMBER: _builtins.int
@@ -2069,6 +2120,8 @@ class IngressCounts(_message.Message):
     FAIL_NS_FIELD_NUMBER: _builtins.int
     INFERENCES_FIELD_NUMBER: _builtins.int
     LAST_MS_FIELD_NUMBER: _builtins.int
+    ROUTED_FIELD_NUMBER: _builtins.int
+    SHADOWED_FIELD_NUMBER: _builtins.int
     given_up: _builtins.int
     in_flight: _builtins.int
     """now, not cumulative"""
@@ -2087,6 +2140,14 @@ class IngressCounts(_message.Message):
     def latency(self) -> Global___Histogram: ...
     @_builtins.property
     def queue(self) -> Global___Histogram: ...
+    @_builtins.property
+    def routed(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Traffic routes: requests each route sent here as its target (route -> count), and copies
+        sent here as its shadow by outcome ("route/outcome" -> count).
+        """
+
+    @_builtins.property
+    def shadowed(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]: ...
     def __init__(
         self,
         *,
@@ -2102,10 +2163,12 @@ class IngressCounts(_message.Message):
         fail_ns: _builtins.int = ...,
         inferences: _builtins.int = ...,
         last_ms: _builtins.int = ...,
+        routed: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        shadowed: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["latency", b"latency", "queue", b"queue"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fail", b"fail", "fail_ns", b"fail_ns", "given_up", b"given_up", "in_flight", b"in_flight", "inferences", b"inferences", "last_ms", b"last_ms", "latency", b"latency", "outcomes", b"outcomes", "queue", b"queue", "queued", b"queued", "success", b"success", "success_ns", b"success_ns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fail", b"fail", "fail_ns", b"fail_ns", "given_up", b"given_up", "in_flight", b"in_flight", "inferences", b"inferences", "last_ms", b"last_ms", "latency", b"latency", "outcomes", b"outcomes", "queue", b"queue", "queued", b"queued", "routed", b"routed", "shadowed", b"shadowed", "success", b"success", "success_ns", b"success_ns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -60,6 +60,8 @@ def counts_to_pb(c: Counts) -> pb.IngressCounts:
         fail_ns=c.fail_ns,
         inferences=c.inferences,
         last_ms=c.last_ms,
+        routed=c.routed,
+        shadowed=c.shadowed,
     )
 
 
@@ -81,6 +83,8 @@ def counts_from_pb(m: pb.IngressCounts) -> Counts:
         fail_ns=m.fail_ns,
         inferences=m.inferences,
         last_ms=m.last_ms,
+        routed=dict(m.routed),
+        shadowed=dict(m.shadowed),
     )
 
 

@@ -55,6 +55,10 @@ class Counts:
     fail_ns: int = 0
     inferences: int = 0
     last_ms: int = 0
+    # Traffic routes: requests each route sent to this deployment (route -> count), and copies
+    # it got as a route's shadow ("route/outcome" -> count).
+    routed: dict[str, int] = field(default_factory=dict)
+    shadowed: dict[str, int] = field(default_factory=dict)
 
     def load(self) -> LoadReport:
         return LoadReport(
@@ -89,7 +93,13 @@ def add(a: Counts, b: Counts) -> Counts:
         fail_ns=a.fail_ns + b.fail_ns,
         inferences=a.inferences + b.inferences,
         last_ms=max(a.last_ms, b.last_ms),
+        routed=_add_counts(a.routed, b.routed),
+        shadowed=_add_counts(a.shadowed, b.shadowed),
     )
+
+
+def _add_counts(a: Mapping[str, int], b: Mapping[str, int]) -> dict[str, int]:
+    return {k: a.get(k, 0) + b.get(k, 0) for k in {*a, *b}}
 
 
 def total(parts: Iterable[Mapping[str, Counts]]) -> dict[str, Counts]:
@@ -104,6 +114,12 @@ def snapshot(router: Router, catalog: ModelCatalog) -> dict[str, Counts]:
     """This process's counts, per deployment its router knows."""
     load = router.load()
     stats = router.stats()
+    routed: dict[str, dict[str, int]] = {}
+    for (route, target), n in router.routed.items():
+        routed.setdefault(target, {})[route] = n
+    shadowed: dict[str, dict[str, int]] = {}
+    for (route, target, outcome), n in router.shadowed.items():
+        shadowed.setdefault(target, {})[f"{route}/{outcome}"] = n
     out: dict[str, Counts] = {}
     for name, s in stats.items():
         c = catalog.counters(name)
@@ -123,6 +139,8 @@ def snapshot(router: Router, catalog: ModelCatalog) -> dict[str, Counts]:
             fail_ns=c.fail_ns,
             inferences=c.inferences,
             last_ms=c.last_ms,
+            routed=routed.get(name, {}),
+            shadowed=shadowed.get(name, {}),
         )
     return out
 

@@ -25,8 +25,9 @@ from shoal.http.scheduler import scheduler_app
 from shoal.proto import shoal_pb2 as pb
 from shoal.rpc import codec
 from shoal.rpc.clients import RoutingTableDecoder
-from shoal.rpc.ingress import table_to_pb
+from shoal.rpc.ingress import counts_from_pb, counts_to_pb, table_to_pb
 from shoal.rpc.scheduler_service import SchedulerService
+from shoal.scheduler.ingress import Counts
 from shoal.scheduler.node import SchedulerNode
 from shoal.scheduler.router import Router
 from shoal.store import MemoryStore
@@ -202,6 +203,13 @@ async def test_a_shadow_gets_copies_whose_answers_and_failures_never_reach_the_c
     metrics = (await doors.http.get("/metrics")).text
     assert 'shoal_route_requests_total{route="clf",target="a"} 21.0' in metrics
     assert 'shoal_shadow_requests_total{outcome="error",route="clf",target="c"} 20.0' in metrics
+
+    # An ingress worker's counts (as it reports them over gRPC) are added in.
+    worker = Counts(routed={"clf": 4}, shadowed={"clf/error": 2})
+    doors.node.hub.report("w1", 1234, {"a": counts_from_pb(counts_to_pb(worker)), "c": worker})
+    metrics = (await doors.http.get("/metrics")).text
+    assert 'shoal_route_requests_total{route="clf",target="a"} 25.0' in metrics
+    assert 'shoal_shadow_requests_total{outcome="error",route="clf",target="c"} 22.0' in metrics
 
 
 async def test_a_route_to_a_deleted_target_answers_404_naming_it(doors: Doors) -> None:
