@@ -1,7 +1,8 @@
 """Models from S3 on a real cluster: moto's standalone S3 server on loopback, a head and a
 scheduler as processes, the standard AWS environment variables (``AWS_ENDPOINT_URL`` points
 s3fs at moto). A deployment from ``s3://models/iris.joblib`` serves, its two replicas from
-one download; a missing object is a deploy error naming it."""
+one download; a python model's code comes from an S3 folder; a missing object is a deploy
+error naming it."""
 
 from __future__ import annotations
 
@@ -107,6 +108,14 @@ def model(moto: MotoServer) -> LogisticRegression:
     )
     s3.create_bucket(Bucket="models")
     s3.put_object(Bucket="models", Key="iris.joblib", Body=buffer.getvalue())
+    # A python model's code folder: a module that imports its neighbour.
+    s3.put_object(Bucket="models", Key="code/doubler/factor.py", Body=b"FACTOR = 2\n")
+    s3.put_object(
+        Bucket="models",
+        Key="code/doubler/doubler.py",
+        Body=b"from factor import FACTOR\n\n\nclass Doubler:\n"
+        b"    def predict(self, inputs):\n        return {'y': inputs['x'] * FACTOR}\n",
+    )
     return estimator
 
 
@@ -140,6 +149,21 @@ async def test_a_model_from_s3_serves_and_two_replicas_download_it_once(
     assert len([r for r in moto.requests if r.startswith("GET /models/iris.joblib ")]) == 1
     blobs = [p for p in (cluster.root / "scheduler0" / "artifacts").iterdir() if len(p.name) == 64]
     assert len(blobs) == 1
+
+
+async def test_a_python_models_code_folder_from_s3_serves(cluster: ProcessCluster) -> None:
+    await cluster.deploy(
+        {
+            "name": "doubler",
+            "backend": "python",
+            "model": "doubler:Doubler",
+            "base_dir": "s3://models/code/doubler/",
+            "resources": {"cpus": 0.1},
+        }
+    )
+    await cluster.wait_ready("doubler", 1, timeout_s=45)
+    outputs, _ = await cluster.send("doubler", {"x": np.array([1.0, 2.5], dtype=np.float32)})
+    assert outputs["y"].tolist() == [2.0, 5.0]
 
 
 async def test_a_missing_object_is_a_deploy_error_naming_it(cluster: ProcessCluster) -> None:
