@@ -18,8 +18,10 @@ import socket
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
+from urllib.parse import unquote
 
 import h11
 import uvicorn
@@ -30,6 +32,8 @@ from shoal import certs
 from shoal.config import Settings
 
 log = logging.getLogger("shoal.http")
+
+_REASONS = {429: b"Too Many Requests", 503: b"Service Unavailable"}
 
 
 def _addr(host: str, port: int) -> str:
@@ -93,13 +97,45 @@ class _Intake:
             self._next_pass = loop.call_soon(self._refill, loop)
 
 
+#: A request head's method and (decoded) path -> the (status, message) to refuse it with at
+#: once, before its body is read and without running the app; None: the app answers it.
+Refuse = Callable[[str, str], "tuple[int, str] | None"]
+
+
 class _Config(uvicorn.Config):
     """uvicorn's Config, carrying the limits to every connection's protocol."""
 
-    def __init__(self, app: Any, limits: HttpLimits, **kwargs: Any) -> None:
+    def __init__(self, app: Any, limits: HttpLimits, refuse: Refuse | None, **kwargs: Any) -> None:
         super().__init__(app, http=_BoundedH11, **kwargs)
         self.limits = limits
+        self.refuse = refuse
         self.intake = _Intake(READS_PER_PASS)
+
+
+class _Refusing:
+    """The h11 connection as uvicorn's protocol sees it, except that a request ``refuse``
+    names is answered here, from its head, and never reaches uvicorn (nor the app). The rest
+    of that request (its body) comes to uvicorn after an answer was sent, which it drops,
+    as it does for any request answered early."""
+
+    def __init__(self, conn: h11.Connection, refuse: Refuse, answer: Callable[[int, str], None]) -> None:
+        self._conn = conn
+        self._refuse = refuse
+        self._answer = answer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    def next_event(self) -> Any:
+        while True:
+            event = self._conn.next_event()
+            if type(event) is not h11.Request:
+                return event
+            path = unquote(event.target.partition(b"?")[0].decode("ascii", "replace"))
+            refusal = self._refuse(event.method.decode("ascii", "replace"), path)
+            if refusal is None:
+                return event
+            self._answer(*refusal)
 
 
 def _raw_answer(status: str, message: str, extra: str = "") -> bytes:
@@ -134,6 +170,9 @@ class _BoundedH11(H11Protocol):
         # uvicorn types it int; call_later takes any number of seconds.
         self.timeout_keep_alive = config.limits.idle_timeout_s  # type: ignore[assignment]
         self._intake = config.intake
+        self._h11 = self.conn
+        if config.refuse is not None:
+            self.conn = cast(h11.Connection, _Refusing(self.conn, config.refuse, self._answer_at_once))
         self._head_timer: asyncio.TimerHandle | None = None
         self._refused = False
         self._cert_name: str | None = None  # the client certificate's subject, if verified
@@ -202,8 +241,38 @@ class _BoundedH11(H11Protocol):
             # The ASGI TLS extension's client_cert_name, for the request just started (its
             # task runs after this returns): what certificate, if any, this connection showed.
             scope["extensions"]["tls"] = {"client_cert_name": self._cert_name}
-        if self.conn.their_state is not h11.IDLE:
+        conn = self._h11
+        if conn.their_state is not h11.IDLE:
             self._stop_head_timer()  # the head is in; the app's own deadlines take over
+        elif (
+            conn.our_state is h11.IDLE
+            and self.timeout_keep_alive_task is None
+            and self._head_timer is None
+            and not self.transport.is_closing()
+        ):
+            # Between requests after one refused at once (uvicorn arms this timer only
+            # when the app answers).
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
+
+    def _answer_at_once(self, status: int, message: str) -> None:
+        """Answer the request whose head just came, in one write, without the app."""
+        self._stop_head_timer()  # its head is in
+        conn = self._h11
+        body = json.dumps({"error": message}).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"retry-after", b"1"),
+        ]
+        out = conn.send(h11.Response(status_code=status, headers=headers, reason=_REASONS.get(status, b"")))
+        out = (out or b"") + (conn.send(h11.Data(data=body)) or b"") + (conn.send(h11.EndOfMessage()) or b"")
+        self.transport.write(out)
+        self.server_state.total_requests += 1
+        if conn.our_state is h11.MUST_CLOSE:
+            conn.send(h11.ConnectionClosed())
+            self.transport.close()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -280,7 +349,9 @@ class HttpServer:
         *,
         reuse_port: bool = False,
         limits: HttpLimits | None = None,
+        refuse: Refuse | None = None,
     ) -> None:
+        """``refuse``: requests to answer from their head alone (see :data:`Refuse`)."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -302,6 +373,7 @@ class HttpServer:
         config = _Config(
             _KeepConnection(app),
             limits or HttpLimits(),
+            refuse,
             log_level="warning",
             access_log=False,
             lifespan="off",
