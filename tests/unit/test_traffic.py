@@ -273,3 +273,24 @@ async def test_a_route_never_opens_a_deployment_that_needs_a_token(head: HeadNod
     with pytest.raises(Aborted) as err:
         await doors.send("clf")
     assert "needs a token; call it by its own name" in err.value.message
+
+
+# ------------------------------------------------------------------ the command line
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["route", "clf", "a=90", "b=20"], "weights must sum to 100, they sum to 110"),
+        (["route", "clf"], "give the targets of route 'clf' as DEPLOYMENT=WEIGHT"),
+        (["route", "--delete", "clf", "a=100"], "takes the route's name only"),
+        (["route", "clf", "a=100", "--shadow", "a"], "neither the route nor one of its targets"),
+    ],
+)
+def test_shoal_route_refuses_bad_arguments_before_calling_the_head(argv: list[str], message: str) -> None:
+    from shoal.cli import build_parser
+
+    args = build_parser().parse_args(["--head", "127.0.0.1:1", *argv])
+    with pytest.raises(InvalidArgument) as err:
+        args.fn(args)
+    assert message in str(err.value)
