@@ -1,4 +1,5 @@
-"""Models from S3 on a real cluster: moto's standalone S3 server on loopback, a head and a
+"""Models from URIs over real servers: an HTTP server fetched from once however many
+replicas ask; and S3 on a real cluster: moto's standalone S3 server on loopback, a head and a
 scheduler as processes, the standard AWS environment variables (``AWS_ENDPOINT_URL`` points
 s3fs at moto). A deployment from ``s3://models/iris.joblib`` serves, its two replicas from
 one download; a python model's code comes from an S3 folder; a missing object is a deploy
@@ -6,6 +7,9 @@ error naming it."""
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import http.server
 import io
 import os
 import re
@@ -22,6 +26,8 @@ import pytest
 import pytest_asyncio
 from sklearn.linear_model import LogisticRegression
 
+from shoal.errors import NotFound
+from shoal.scheduler.artifacts import ArtifactCache
 from shoal.testing.cluster import ProcessCluster
 
 pytest.importorskip("moto")
@@ -71,6 +77,53 @@ class MotoServer:
         self._reader.join(10)
         if self.proc.stderr is not None:
             self.proc.stderr.close()
+
+
+class CountingServer:
+    """A static HTTP server on 127.0.0.1, port 0, serving ``folder``; ``gets`` counts GETs by path."""
+
+    def __init__(self, folder: Path) -> None:
+        gets = self.gets = collections.Counter[str]()
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, directory=str(folder), **kwargs)
+
+            def do_GET(self) -> None:
+                gets[self.path] += 1
+                super().do_GET()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+
+async def test_http_models_are_fetched_once_for_concurrent_and_later_replicas(tmp_path: Path) -> None:
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "model.onnx").write_bytes(b"o" * 300_000)
+    server = CountingServer(tmp_path / "www")
+    cache = ArtifactCache(tmp_path / "artifacts", limit_bytes=10**7)
+    try:
+        uri = f"{server.url}/model.onnx"
+        leases = await asyncio.gather(cache.acquire(uri), cache.acquire(uri))
+        later = await cache.acquire(uri)
+        assert {lease.path for lease in [*leases, later]} == {leases[0].path}
+        assert leases[0].path.name == "model.onnx" and leases[0].path.read_bytes() == b"o" * 300_000
+        assert server.gets["/model.onnx"] == 1
+        with pytest.raises(NotFound, match=re.escape(f"{server.url}/nothing.onnx: no such object or folder")):
+            await cache.acquire(f"{server.url}/nothing.onnx")
+    finally:
+        await cache.aclose()
+        server.close()
 
 
 @pytest.fixture(scope="module")
