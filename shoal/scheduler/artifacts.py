@@ -381,7 +381,7 @@ def _listing(uri: str) -> tuple[Any, list[_Entry], bool]:
     try:
         import fsspec
 
-        fs, path = fsspec.core.url_to_fs(uri)
+        fs, path = fsspec.core.url_to_fs(uri, **_storage_options(uri))
         info = fs.info(path)
         if info.get("type") != "directory":
             name = posixpath.basename(urllib.parse.urlsplit(path).path.rstrip("/")) or "model"
@@ -405,6 +405,22 @@ def _listing(uri: str) -> tuple[Any, list[_Entry], bool]:
     if not entries:
         raise NotFound(f"{uri}: an empty folder")
     return fs, entries, False
+
+
+READ_TIMEOUT_S = 60.0
+"""HTTP(S): a download fails when no byte arrives for this long (no bound on its total time)."""
+
+
+def _storage_options(uri: str) -> dict[str, Any]:
+    """fsspec options per scheme: HTTP without aiohttp's default bound of 5 minutes on a whole
+    request, which a large model takes longer than; a read that stalls fails instead. (S3:
+    botocore's own, a 60 s read timeout and retries.)"""
+    if uri.split("://", 1)[0].lower() not in ("http", "https"):
+        return {}
+    import aiohttp
+
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=READ_TIMEOUT_S)
+    return {"client_kwargs": {"timeout": timeout}}
 
 
 def _explain(uri: str, err: Exception) -> ShoalError:
@@ -436,8 +452,9 @@ def _download(
 ) -> str:
     """Copy ``entries`` under ``tmp``, checking each size; returns the blob's hash."""
     manifest = []
-    # HTTP: a stream (not range requests, which not every server answers).
-    options = {"block_size": 0} if "http" in fs.protocol else {}
+    # HTTP: a stream (not range requests, which not every server answers). Others: blocks
+    # of 8 MiB, so that progress moves in steps that small.
+    options = {"block_size": 0} if "http" in fs.protocol else {"block_size": 8 * CHUNK}
     for e in entries:
         dest = tmp / e.rel
         dest.parent.mkdir(parents=True, exist_ok=True)
