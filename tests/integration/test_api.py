@@ -105,6 +105,8 @@ async def test_the_api_deploys_scales_infers_and_deletes(cluster: ProcessCluster
         with pytest.raises(ShoalError, match="ragged"):
             await c.handle("echo").infer({"x": [[1, 2], [3]]})
 
+    await run_the_readme_example(cluster, tmp_path)
+
     # A scheduler that is gone: the handle tries the next live one.
     async with shoal.AsyncClient(cluster.head_address) as c:
         handle = c.handle("echo", scheduler="127.0.0.1:1")
@@ -118,7 +120,8 @@ async def test_the_head_that_does_not_answer_is_unavailable() -> None:
             await c.status()
 
 
-async def test_the_readme_example_runs_as_written(cluster: ProcessCluster, tmp_path: Path) -> None:
+async def run_the_readme_example(cluster: ProcessCluster, tmp_path: Path) -> None:
+    """The README's Python API example, run as written (with this cluster's head address)."""
     app = tmp_path / "app.py"
     app.write_text(readme_example().replace("127.0.0.1:8470", cluster.head_address))
     proc = await asyncio.create_subprocess_exec(
@@ -134,4 +137,4 @@ async def test_the_readme_example_runs_as_written(cluster: ProcessCluster, tmp_p
     lines = out.decode().splitlines()
     assert lines[0].startswith("Applied(name='doubler'") and "created=True" in lines[0]
     assert lines[1:] == ["{'y': array([[2., 4.]], dtype=float32)}", "1"]
-    assert (await cluster.status())["deployments"] == []
+    assert [d["name"] for d in (await cluster.status())["deployments"]] == ["echo"]  # doubler deleted
