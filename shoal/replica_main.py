@@ -23,7 +23,7 @@ from shoal.errors import ShoalError
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.replica.process import ReplicaProcess
 from shoal.rpc.auth import REPLICA_RULES, AuthInterceptor
-from shoal.rpc.clients import ReplicaSchedulerLink
+from shoal.rpc.clients import NativeClient, ReplicaSchedulerLink
 from shoal.rpc.replica_service import ReplicaService
 from shoal.rpc.server import bind, new_server
 from shoal.rpc.tls import server_credentials
@@ -34,7 +34,9 @@ log = logging.getLogger("shoal.replica")
 async def run_replica(settings: Settings, replica_id: str, scheduler: str, spec: DeploymentSpec) -> int:
     """One replica process: load the model, serve the scheduler, report, drain on the way out."""
     link = ReplicaSchedulerLink(scheduler, settings)
-    replica = ReplicaProcess(replica_id, spec, settings, link)
+    # Other deployments, for a model that calls them: through this machine's scheduler.
+    caller = NativeClient(scheduler, settings)
+    replica = ReplicaProcess(replica_id, spec, settings, link, caller=caller)
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -60,6 +62,7 @@ async def run_replica(settings: Settings, replica_id: str, scheduler: str, spec:
         await replica.drain()
         await server.stop(grace=1.0)
         await link.close()
+        await caller.close()
     return code
 
 

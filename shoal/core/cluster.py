@@ -15,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from shoal.core.clock import Clock
 from shoal.core.placement import Candidate, Capacity, choose
@@ -121,6 +122,61 @@ class ClusterEvent:
     wall: float = field(default_factory=time.time)
 
 
+class ReplicaTable(dict[str, ReplicaRecord]):
+    """The replicas by id, with an index by scheduler kept in step, so that what one
+    scheduler's health update touches costs its own replicas, not the cluster's (at 1,000
+    schedulers and 10,000 replicas each update walked all of them: bench/scale.py).
+
+    Add and remove through the dict (``table[id] = rec``, ``del``, ``pop``); move a record
+    to another scheduler with :meth:`move`, never by setting its ``scheduler_id``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._by_scheduler: dict[str, dict[str, ReplicaRecord]] = {}
+
+    def __setitem__(self, replica_id: str, rec: ReplicaRecord) -> None:
+        old = super().get(replica_id)
+        if old is not None:
+            self._unindex(old)
+        super().__setitem__(replica_id, rec)
+        self._by_scheduler.setdefault(rec.scheduler_id, {})[replica_id] = rec
+
+    def __delitem__(self, replica_id: str) -> None:
+        rec = self[replica_id]
+        super().__delitem__(replica_id)
+        self._unindex(rec)
+
+    def pop(self, replica_id: str, default: Any = None) -> Any:
+        rec = super().pop(replica_id, None)
+        if rec is None:
+            return default
+        self._unindex(rec)
+        return rec
+
+    def clear(self) -> None:
+        super().clear()
+        self._by_scheduler.clear()
+
+    def on(self, scheduler_id: str) -> list[ReplicaRecord]:
+        """The replicas on ``scheduler_id`` (a copy: safe to change the table while iterating)."""
+        return list(self._by_scheduler.get(scheduler_id, {}).values())
+
+    def move(self, rec: ReplicaRecord, scheduler_id: str) -> None:
+        if rec.scheduler_id == scheduler_id:
+            return
+        self._unindex(rec)
+        rec.scheduler_id = scheduler_id
+        if super().get(rec.id) is rec:
+            self._by_scheduler.setdefault(scheduler_id, {})[rec.id] = rec
+
+    def _unindex(self, rec: ReplicaRecord) -> None:
+        mine = self._by_scheduler.get(rec.scheduler_id)
+        if mine is not None:
+            mine.pop(rec.id, None)
+            if not mine:
+                del self._by_scheduler[rec.scheduler_id]
+
+
 @dataclass
 class _StartFailures:
     count: int = 0
@@ -137,7 +193,7 @@ class ClusterState:
     # A DEAD scheduler silent this long is forgotten (0: never).
     forget_after_s: float = 3600.0
     schedulers: dict[str, SchedulerRecord] = field(default_factory=dict)
-    replicas: dict[str, ReplicaRecord] = field(default_factory=dict)
+    replicas: ReplicaTable = field(default_factory=ReplicaTable)
     pending_reasons: dict[str, str] = field(default_factory=dict)
     events: deque[ClusterEvent] = field(default_factory=lambda: deque(maxlen=200))
     # Set by reconcile when it stopped at its creation budget: call it again soon.
@@ -171,8 +227,8 @@ class ClusterState:
             state=ALIVE,
             last_seen=self.clock.now(),
         )
-        for rid in [r.id for r in self.replicas.values() if r.scheduler_id == scheduler_id]:
-            del self.replicas[rid]
+        for rec in self.replicas.on(scheduler_id):
+            del self.replicas[rec.id]
         for rep in replicas:
             self._adopt(scheduler_id, rep)
         kind = "scheduler_rejoined" if was is not None else "scheduler_joined"
@@ -198,7 +254,7 @@ class ClusterState:
                 )
                 continue
             self._adopt(scheduler_id, rep)
-        for rec in [r for r in self.replicas.values() if r.scheduler_id == scheduler_id and r.id not in seen]:
+        for rec in [r for r in self.replicas.on(scheduler_id) if r.id not in seen]:
             # Pending creations newer than this report are not known to it yet.
             if rec.state == PENDING or rec.created_version > registry_version:
                 continue
@@ -232,7 +288,7 @@ class ClusterState:
             if sched.state == ALIVE and now - sched.last_seen > self.dead_after_s:
                 sched.state = DEAD
                 dead.append(sched.id)
-                lost = [r for r in self.replicas.values() if r.scheduler_id == sched.id]
+                lost = self.replicas.on(sched.id)
                 for rec in lost:
                     del self.replicas[rec.id]
                 self.event(
@@ -400,7 +456,7 @@ class ClusterState:
 
     def allocated(self, scheduler_id: str) -> Capacity:
         """What the replicas on a scheduler hold: each its own spec's resources, old specs included."""
-        return Capacity.total(r.resources for r in self.replicas.values() if r.scheduler_id == scheduler_id)
+        return Capacity.total(r.resources for r in self.replicas.on(scheduler_id))
 
     def allocations(self) -> dict[str, Capacity]:
         """``allocated`` of every scheduler that holds a replica, in one pass over the replicas."""
@@ -455,7 +511,7 @@ class ClusterState:
             self._failures.pop(rep.deployment, None)
         rec.state = state
         rec.reported_state = rep.state
-        rec.scheduler_id = scheduler_id
+        self.replicas.move(rec, scheduler_id)
         rec.address = rep.address
         rec.pid = rep.pid
         rec.in_flight = rep.in_flight

@@ -687,6 +687,10 @@ class HeadNode:
             token_hashes = self.tokens.hashes()
             deleted = tuple(sorted(self.deleted))
             traffic = dict(self.traffic.routes)
+        # An entry that did not change stays the same object: the table's streams send
+        # schedulers only the entries that are new objects (shoal.rpc.head_service).
+        old = self._routes.deployments
+        table = {name: old[name] if old.get(name) == entry else entry for name, entry in table.items()}
         changed = table != dict(self._routes.deployments) or token_hashes != self._routes.token_hashes
         if changed or deleted != self._routes.deleted or traffic != dict(self._routes.traffic):
             async with self._routes_changed:

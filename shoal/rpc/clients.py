@@ -215,17 +215,24 @@ class RoutingTableDecoder:
     def __init__(self) -> None:
         self._specs: dict[str, DeploymentSpec] = {}
         self._refused: dict[str, str] = {}
+        self._last: dict[str, DomainRoutes] = {}  # the table so far, for tables sent as changes
 
     def decode(self, table: pb.RoutingTable) -> RoutingTable:
-        deployments = {}
+        """A whole table, or (``delta``) the table so far with the entries sent replaced and
+        the names ``removed`` gone. An entry that does not parse leaves the table."""
+        deployments = dict(self._last) if table.delta else {}
+        for name in table.removed:
+            deployments.pop(name, None)
         for name, dep in table.deployments.items():
             spec = self._spec(name, dep.spec_json)
             if spec is None:
+                deployments.pop(name, None)
                 continue
             routes = tuple(Route(r.replica_id, r.address, r.scheduler_id, r.in_flight) for r in dep.routes)
             deployments[name] = DomainRoutes(
                 spec=spec, routes=routes, allowed_tokens=tuple(dep.allowed_token_hashes)
             )
+        self._last = deployments
         return RoutingTable(
             version=table.version,
             deployments=deployments,

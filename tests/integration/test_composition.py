@@ -1,0 +1,164 @@
+"""Composed deployments (issue 18, item 3): a python model calls other deployments through
+the router, with the calling request's deadline and id; a three-stage pipeline loses no
+request when a replica of its middle stage is killed."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from shoal.errors import DeadlineExceeded
+from shoal.rpc.clients import NativeClient
+from shoal.testing.cluster import ProcessCluster
+from shoal.testing.wait import until
+
+pytestmark = pytest.mark.timeout(120)
+
+MODELS = '''
+import time
+
+import numpy as np
+
+
+class Front:
+    """Stage one: a plain predict, on the model thread, calls the next two stages."""
+
+    def predict(self, inputs):
+        doubled = self.deployments["double"].infer({"x": inputs["x"] + 1})
+        return self.deployments["square"].infer(doubled)
+
+
+class AsyncFront:
+    """The same from ``async def predict``, with the handles given to the constructor."""
+
+    def __init__(self, deployments):
+        self.stages = deployments
+
+    async def predict(self, inputs):
+        doubled = await self.stages["double"].ainfer({"x": inputs["x"] + 1})
+        return await self.stages["square"].ainfer(doubled)
+
+
+class Double:
+    def __init__(self, delay_ms=0):
+        self.delay_s = delay_ms / 1000
+
+    def predict(self, inputs):
+        time.sleep(self.delay_s)
+        return {"x": inputs["x"] * 2}
+
+
+class Square:
+    def predict(self, inputs):
+        return {"x": inputs["x"] ** 2}
+
+
+class Slow:
+    def predict(self, inputs):
+        time.sleep(5)
+        return inputs
+
+
+class CallsSlow:
+    def predict(self, inputs):
+        return self.deployments["slow"].infer(inputs)
+
+
+class CallsItself:
+    def predict(self, inputs):
+        return self.deployments["self-caller"].infer(inputs)
+'''
+
+
+def spec(models: Path, name: str, cls: str, replicas: int = 1, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "backend": "python",
+        "model": f"stages:{cls}",
+        "base_dir": str(models),
+        "replicas": replicas,
+        "resources": {"cpus": 0.1},
+        **extra,
+    }
+
+
+@pytest.fixture
+def models(tmp_path: Path) -> Path:
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "stages.py").write_text(MODELS)
+    return folder
+
+
+async def test_a_pipeline_loses_no_request_when_a_middle_replica_is_killed(
+    tmp_path: Path, models: Path
+) -> None:
+    async with ProcessCluster(tmp_path / "cluster") as cluster:
+        await cluster.deploy(spec(models, "front", "Front"))
+        await cluster.deploy(spec(models, "afront", "AsyncFront"))
+        # 20 ms per call in the middle, so requests are in flight on the replica killed.
+        await cluster.deploy(spec(models, "double", "Double", replicas=2, options={"delay_ms": 20}))
+        await cluster.deploy(spec(models, "square", "Square"))
+        for name, count in (("front", 1), ("afront", 1), ("square", 1)):
+            await cluster.wait_ready(name, count)
+        middle = await cluster.wait_ready("double", 2)
+
+        x = np.arange(4, dtype=np.float32).reshape(1, 4)
+        expected = ((x + 1) * 2) ** 2
+        failures: list[str] = []
+        answered = 0
+        stop = asyncio.Event()
+
+        async def client(native: NativeClient, entry: str) -> None:
+            nonlocal answered
+            while not stop.is_set():
+                try:
+                    out, _ = await native.infer(entry, {"x": x}, timeout_s=20)
+                    np.testing.assert_array_equal(out["x"], expected)
+                    answered += 1
+                except Exception as err:
+                    failures.append(f"{entry}: {err!r}")
+
+        async with NativeClient(cluster.scheduler_address(), cluster.settings) as native:
+            clients = [asyncio.create_task(client(native, e)) for e in ("front", "afront") * 4]
+            await until(lambda: answered >= 20, "answers through both pipelines")
+            os.kill(middle[0]["pid"], signal.SIGKILL)
+            seen = answered
+            await until(lambda: answered >= seen + 100, "answers after the kill", timeout_s=30)
+            stop.set()
+            await asyncio.gather(*clients)
+        assert failures == []
+
+
+async def test_a_call_carries_the_deadline_and_request_id_and_a_self_call_is_refused(
+    tmp_path: Path, models: Path
+) -> None:
+    async with ProcessCluster(tmp_path / "cluster") as cluster:
+        await cluster.deploy(spec(models, "calls-slow", "CallsSlow"))
+        await cluster.deploy(spec(models, "slow", "Slow"))
+        await cluster.deploy(spec(models, "self-caller", "CallsItself"))
+        for name in ("calls-slow", "slow", "self-caller"):
+            await cluster.wait_ready(name, 1)
+        x = np.ones((1, 2), dtype=np.float32)
+
+        async with NativeClient(cluster.scheduler_address(), cluster.settings) as native:
+            started = time.monotonic()
+            with pytest.raises(DeadlineExceeded):
+                await native.infer("calls-slow", {"x": x}, timeout_s=1.0, request_id="trace-me")
+            # The 5 s call downstream had only what was left of the caller's second.
+            assert time.monotonic() - started < 4.0
+
+            with pytest.raises(Exception, match="cannot call itself"):
+                await native.infer("self-caller", {"x": x}, timeout_s=5)
+
+        # The downstream replica's log names the request that caused its call.
+        [slow] = await cluster.replicas("slow")
+        log = cluster.schedulers[0].state / "logs" / f"replica_{slow['id']}.log"
+        await until(lambda: "trace-me" in log.read_text(), "the caller's request id in slow's log")
