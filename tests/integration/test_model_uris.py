@@ -219,21 +219,20 @@ async def test_a_python_models_code_folder_from_s3_serves(cluster: ProcessCluste
     assert outputs["y"].tolist() == [2.0, 5.0]
 
 
-async def test_a_missing_object_is_a_deploy_error_naming_it(cluster: ProcessCluster) -> None:
-    await cluster.deploy(
-        {
-            "name": "nothing",
-            "backend": "sklearn",
-            "model": "s3://models/nothing.joblib",
-            "resources": {"cpus": 0.1},
-        }
+async def test_a_missing_object_is_a_deploy_error_naming_it(cluster: ProcessCluster, tmp_path: Path) -> None:
+    spec = tmp_path / "nothing.yaml"
+    spec.write_text(
+        "name: nothing\nbackend: sklearn\nmodel: s3://models/nothing.joblib\nresources: {cpus: 0.1}\n"
     )
-
-    def failed(status: dict[str, Any]) -> bool:
-        dep = next((d for d in status["deployments"] if d["name"] == "nothing"), None)
-        return dep is not None and "s3://models/nothing.joblib: no such object" in dep["pending_reason"]
-
-    status = await cluster.wait_for(failed, timeout_s=30, what="the deploy error")
-    reason = next(d for d in status["deployments"] if d["name"] == "nothing")["pending_reason"]
-    assert "fetching the model failed: s3://models/nothing.joblib: no such object or folder" in reason
+    proc = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "shoal.cli", "--head", cluster.head_address, "deploy", str(spec)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**cluster.env, "SHOAL_HEAD": ""},
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "fetching the model failed: s3://models/nothing.joblib: no such object or folder" in proc.stderr
+    assert "Traceback" not in proc.stderr
     await cluster.client.delete("nothing")
