@@ -17,6 +17,7 @@ import subprocess
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,9 +57,11 @@ class Member:
     process: subprocess.Popen[bytes] | None = None
     log: Path = field(default_factory=Path)
 
+    address: str = "127.0.0.1"
+
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.client_port}"
+        return f"{self.address}:{self.client_port}"
 
 
 class EtcdCluster:
@@ -68,10 +71,22 @@ class EtcdCluster:
     noticed quickly in tests.
     """
 
-    def __init__(self, folder: Path, size: int = 1, *, tls_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        size: int = 1,
+        *,
+        tls_dir: Path | None = None,
+        address: str = "127.0.0.1",
+        launch: Callable[..., subprocess.Popen[bytes]] = subprocess.Popen,
+    ) -> None:
         """``tls_dir``: a folder made by ``shoal certs init``; the members then serve clients
-        over TLS with ``head.crt`` and require a certificate of the same CA from them."""
+        over TLS with ``head.crt`` and require a certificate of the same CA from them.
+        ``address`` and ``launch``: where the members listen and what starts them (a test
+        host's ``popen``, to run them in its network namespace)."""
         self.tls_dir = tls_dir
+        self.address = address
+        self._launch = launch
         binary = etcd_binary()
         if binary is None:
             raise FileNotFoundError("etcd is not installed (make system-deps installs etcd-server)")
@@ -79,7 +94,8 @@ class EtcdCluster:
         self.folder = folder
         ports = free_ports(2 * size)
         self.members = [
-            Member(f"m{i}", ports[2 * i], ports[2 * i + 1], folder / f"m{i}") for i in range(size)
+            Member(f"m{i}", ports[2 * i], ports[2 * i + 1], folder / f"m{i}", address=address)
+            for i in range(size)
         ]
 
     @property
@@ -92,7 +108,7 @@ class EtcdCluster:
         return "etcd://" + ",".join(self.endpoints)
 
     def start(self, timeout: float = 20.0) -> EtcdCluster:
-        initial = ",".join(f"{m.name}=http://127.0.0.1:{m.peer_port}" for m in self.members)
+        initial = ",".join(f"{m.name}=http://{self.address}:{m.peer_port}" for m in self.members)
         for m in self.members:
             self._spawn(m, initial)
         deadline = time.monotonic() + timeout
@@ -104,7 +120,7 @@ class EtcdCluster:
         m.data_dir.mkdir(parents=True, exist_ok=True)
         m.log = self.folder / f"{m.name}.log"
         scheme = "https" if self.tls_dir else "http"
-        client, peer = f"{scheme}://127.0.0.1:{m.client_port}", f"http://127.0.0.1:{m.peer_port}"
+        client, peer = f"{scheme}://{m.endpoint}", f"http://{self.address}:{m.peer_port}"
         args = [
             self.binary,
             f"--name={m.name}",
@@ -129,7 +145,7 @@ class EtcdCluster:
                 "--client-cert-auth",
             ]
         with open(m.log, "ab") as log:
-            m.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            m.process = self._launch(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def _wait_healthy(self, m: Member, deadline: float) -> None:
         while True:
