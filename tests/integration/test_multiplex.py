@@ -88,17 +88,15 @@ async def test_ids_stay_on_their_replica_and_the_least_recent_is_evicted(tmp_pat
             for model_id in ("t4", "t5"):
                 await infer(model_id)
 
-            # The counts come with the replicas' pings (every 0.2 s here).
+            # The counts come with each replica's pings (every 0.2 s here): wait for all 15 + 2.
             deadline = time.monotonic() + 10
-            while (
-                sum(
-                    counts(
-                        text := (await http.get("/metrics")).text, "shoal_multiplexed_model_loads"
-                    ).values()
-                )
-                < 5
-            ):
-                assert time.monotonic() < deadline, f"five loads not in /metrics:\n{text}"
+            while True:
+                text = (await http.get("/metrics")).text
+                seen = sum(counts(text, "shoal_multiplexed_model_loads").values())
+                seen += sum(counts(text, "shoal_multiplexed_model_hits").values())
+                if seen >= 17:
+                    break
+                assert time.monotonic() < deadline, f"17 loads and hits not in /metrics:\n{text}"
                 await asyncio.sleep(0.1)
         assert counts(text, "shoal_multiplexed_model_loads") == {f"t{i}": 1.0 for i in range(1, 6)}
         evictions = counts(text, "shoal_multiplexed_model_evictions")
