@@ -13,7 +13,10 @@ an InvalidArgument naming the field):
 ============================  ============================================================
 ``platform: onnxruntime_onnx``  backend ``onnx``; ``backend: "onnxruntime"`` too; without
  / ``backend: onnxruntime``      either, a version folder holding ``model.onnx``
-``default_model_filename``      the file in the version folder (default ``model.onnx``)
+``backend: "python"``           backend ``python`` running the version's ``model.py``
+                                (:data:`PYTHON_TARGET`); inputs and outputs must be declared
+``default_model_filename``      the file in the version folder (default ``model.onnx``,
+                                ``model.py`` for python models)
 ``input`` / ``output``          ``inputs`` / ``outputs``: name, ``data_type`` (``TYPE_STRING``
                                 is BYTES), ``dims``, with a ``-1`` batch axis in front when
                                 ``max_batch_size`` > 0
@@ -23,7 +26,8 @@ an InvalidArgument naming the field):
                                 and have no effect (each request gets its own answer)
 ``instance_group``              ``replicas``: the sum of ``count`` (default 1) times the
                                 number of ``gpus`` listed (at least 1); ``KIND_GPU`` replicas
-                                ask for ``1/count`` of a GPU each
+                                ask for ``1/count`` of a GPU each; every replica reserves
+                                :data:`CPUS_PER_REPLICA`
 ``version_policy``              ``latest`` (default, 1), ``specific``, ``all``: it must select
                                 exactly one version, the one that serves
 ============================  ============================================================
@@ -39,12 +43,13 @@ Pure: reads files, never the network. Errors are :class:`~shoal.errors.InvalidAr
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from google.protobuf import text_format
+from google.protobuf import json_format, text_format
 
 from shoal.core.spec import NAME_PATTERN, DeploymentSpec, parse_spec
 from shoal.errors import InvalidArgument, NotFound
@@ -52,11 +57,20 @@ from shoal.proto import model_config_pb2 as mc
 
 CONFIG = "config.pbtxt"
 ONNX_FILE = "model.onnx"
+PYTHON_FILE = "model.py"
+PYTHON_TARGET = "shoal.backends.triton_python:TritonPython"
+"""The python deployment a Triton python model becomes (:mod:`shoal.backends.triton_python`)."""
 MAX_CONFIG_BYTES = 1024 * 1024
 """Largest ``config.pbtxt`` read."""
 
+CPUS_PER_REPLICA = 0.25
+"""What each replica of a repository model reserves (``resources.cpus``): Triton reserves
+no CPUs for an instance, and a repository of many models must fit on one machine as it does
+under Triton; placement still spreads them by what is left."""
+
 _ONNX_PLATFORM = "onnxruntime_onnx"
 _ONNX_BACKEND = "onnxruntime"
+_PYTHON_BACKEND = "python"
 _TOP_FIELDS = frozenset(
     {
         "name",
@@ -221,23 +235,21 @@ def _replicas(config: mc.ModelConfig, where: str) -> tuple[int, float]:
     return replicas, gpu_share
 
 
-def _is_onnx(config: mc.ModelConfig, folder: Path, versions: tuple[int, ...], where: str) -> None:
+def _backend(config: mc.ModelConfig, folder: Path, versions: tuple[int, ...], where: str) -> str:
+    """``onnx`` or ``python`` (Triton's python backend); InvalidArgument for any other."""
     platform, backend = config.platform, config.backend
+    if backend == _PYTHON_BACKEND and not platform:
+        return "python"
     if platform and platform != _ONNX_PLATFORM:
         raise _refuse(
             where,
             "platform",
-            f"{platform!r} cannot be served by shoal (only {_ONNX_PLATFORM!r}: ONNX models)",
+            f"{platform!r} cannot be served by shoal (only {_ONNX_PLATFORM!r}: ONNX models, "
+            "and backend 'python')",
         )
     if backend and backend != _ONNX_BACKEND:
-        hint = (
-            "; Triton's python models (TritonPythonModel, pb_utils) do not map onto shoal's python backend: "
-            "deploy a class with predict() as a python deployment"
-            if backend == "python"
-            else ""
-        )
         raise _refuse(
-            where, "backend", f"{backend!r} cannot be served by shoal (only {_ONNX_BACKEND!r}){hint}"
+            where, "backend", f"{backend!r} cannot be served by shoal (only {_ONNX_BACKEND!r} and 'python')"
         )
     if not platform and not backend:
         filename = config.default_model_filename or ONNX_FILE
@@ -245,6 +257,36 @@ def _is_onnx(config: mc.ModelConfig, folder: Path, versions: tuple[int, ...], wh
             ".onnx"
         ):
             raise _refuse(where, "platform", f"not set, and no version folder holds {ONNX_FILE}")
+    return "onnx"
+
+
+def _python_doc(
+    config: mc.ModelConfig, root: Path, name: str, version: int, model_file: Path, where: str
+) -> dict[str, Any]:
+    """The spec of a Triton python model: shoal's python backend running
+    :class:`shoal.backends.triton_python.TritonPython` over its ``model.py``."""
+    if not (config.input and config.output):
+        raise _refuse(where, "input" if not config.input else "output", "a python model must declare it")
+    doc = json_format.MessageToDict(config, preserving_proto_field_name=True)
+    doc.update(name=name, max_batch_size=config.max_batch_size, backend=_PYTHON_BACKEND)
+    for tensor in (*doc.get("input", []), *doc.get("output", [])):
+        tensor["dims"] = [int(d) for d in tensor.get("dims", [])]  # Triton's JSON has numbers
+    options = {
+        "model_file": str(model_file),
+        "model_config": json.dumps(doc),
+        "model_name": name,
+        "model_version": str(version),
+        "model_repository": str(root / name),
+        "max_batch_size": config.max_batch_size,
+    }
+    return {"name": name, "backend": "python", "model": PYTHON_TARGET, "options": options}
+
+
+def model_file(spec: DeploymentSpec) -> str:
+    """The model file a deployment serves: ``model``, or the ``model.py`` of a Triton python model."""
+    if spec.backend == "python" and spec.model == PYTHON_TARGET:
+        return str(spec.options.get("model_file", ""))
+    return spec.model
 
 
 def _file_hash(*paths: Path) -> str:
@@ -285,9 +327,9 @@ def read_model(root: str | Path, name: str, *, hash_files: bool = True) -> Repos
             "at most 63 characters)",
         )
     _check_fields(config, _TOP_FIELDS, "", where)
-    _is_onnx(config, folder, versions, where)
+    backend = _backend(config, folder, versions, where)
     version = _served_version(config, versions, where)
-    filename = config.default_model_filename or ONNX_FILE
+    filename = config.default_model_filename or (PYTHON_FILE if backend == "python" else ONNX_FILE)
     model_file = folder / str(version) / filename
     if not model_file.is_file():
         field = "default_model_filename" if config.default_model_filename else "version folder"
@@ -295,7 +337,10 @@ def read_model(root: str | Path, name: str, *, hash_files: bool = True) -> Repos
     mbs = config.max_batch_size
     if not 0 <= mbs <= 4096:
         raise _refuse(where, "max_batch_size", f"{mbs} is out of range (0 to 4096)")
-    doc: dict[str, Any] = {"name": name, "backend": "onnx", "model": str(model_file)}
+    if backend == "python":
+        doc = _python_doc(config, root, name, version, model_file, where)
+    else:
+        doc = {"name": name, "backend": "onnx", "model": str(model_file)}
     if mbs > 0:
         batching: dict[str, Any] = {"max_batch_size": max(mbs, 1)}
         if config.HasField("dynamic_batching"):
@@ -315,8 +360,7 @@ def read_model(root: str | Path, name: str, *, hash_files: bool = True) -> Repos
         doc["outputs"] = _tensors(config.output, "output", mbs > 0, where)
     replicas, gpus = _replicas(config, where)
     doc["replicas"] = replicas
-    if gpus:
-        doc["resources"] = {"gpus": gpus}
+    doc["resources"] = {"cpus": CPUS_PER_REPLICA, "gpus": gpus}
     # A load after the file or the config changed is a change, which replaces the replicas.
     if hash_files:
         doc["model_hash"] = _file_hash(model_file, config_path)
@@ -372,7 +416,7 @@ def load_all(root: str | Path) -> list[DeploymentSpec]:
 def layout_version(spec: DeploymentSpec) -> int:
     """The version a deployment's model file has in Triton's layout: ``N`` for a file
     ``.../NAME/N/FILE`` of deployment NAME (N a positive integer), else 0."""
-    path = Path(spec.model)
+    path = Path(model_file(spec))
     folder = path.parent.name
     if path.parent.parent.name == spec.name and re.fullmatch(r"[0-9]{1,18}", folder) and int(folder) > 0:
         return int(folder)
@@ -383,7 +427,7 @@ def served_version(root: str | Path, spec: DeploymentSpec) -> int:
     """The repository version a deployment serves (its model file's folder), 0 when its model
     is not a file of this repository."""
     try:
-        relative = Path(spec.model).resolve().relative_to(Path(root).resolve())
+        relative = Path(model_file(spec)).resolve().relative_to(Path(root).resolve())
     except ValueError:
         return 0
     parts = relative.parts

@@ -28,6 +28,7 @@ from tritonclient.utils import InferenceServerException
 
 from shoal.rpc.repository import GrpcDeployer
 from shoal.testing.cluster import ProcessCluster
+from tests.unit import test_triton_python as triton_python
 
 pytestmark = [pytest.mark.timeout(120)]
 T = TypeVar("T")
@@ -65,6 +66,10 @@ def build_repository(root: Path) -> tuple[np.ndarray, np.ndarray]:
     regression = LinearRegression().fit(x[:, :3], x[:, 3])
     (root / LINEAR / "1").mkdir(parents=True)
     (root / LINEAR / "1" / "model.onnx").write_bytes(to_onnx(regression, x[:1, :3]).SerializeToString())
+    # A Triton python model (TritonPythonModel, pb_utils), from the unit tests.
+    (root / "add_sub" / "1").mkdir(parents=True)
+    (root / "add_sub" / "config.pbtxt").write_text(triton_python.CONFIG)
+    (root / "add_sub" / "1" / "model.py").write_text(triton_python.MODEL)
     rows = x[::25]
     return rows, y[::25]
 
@@ -116,7 +121,21 @@ async def test_a_triton_repository_serves_and_loads_and_unloads(tmp_path: Path) 
         grpc_client = tgrpc_aio.InferenceServerClient(cluster.scheduler_address())
         try:
             index = index_of((await grpc_client.get_model_repository_index()).models)
-            assert index == {"iris": ("1", "READY", ""), LINEAR: ("1", "READY", "")}
+            assert index == {
+                "iris": ("1", "READY", ""),
+                LINEAR: ("1", "READY", ""),
+                "add_sub": ("1", "READY", ""),
+            }
+
+            # The python model: initialize, then execute per request, in its replica.
+            a, b = (
+                tgrpc_aio.InferInput("INPUT0", [1, 2], "FP32"),
+                tgrpc_aio.InferInput("INPUT1", [1, 2], "FP32"),
+            )
+            a.set_data_from_numpy(np.array([[1.0, 2.0]], dtype=np.float32))
+            b.set_data_from_numpy(np.array([[0.5, 0.5]], dtype=np.float32))
+            summed = await grpc_client.infer("add_sub", [a, b])
+            assert summed.as_numpy("OUTPUT0").tolist() == [[1.5, 2.5]]
 
             # The version policy chose version 1: the classes, not their reverse; batched over gRPC.
             x = tgrpc_aio.InferInput("x", list(rows.shape), "FP32")

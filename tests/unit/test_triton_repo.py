@@ -53,7 +53,7 @@ def test_an_onnx_model_maps_inputs_outputs_batching_and_instances(tmp_path: Path
         ("s", "BYTES", (-1, -1)),
     ]
     assert spec.batching.max_batch_size == 8 and spec.batching.max_delay_ms == 2.5
-    assert spec.replicas == 3 and spec.resources.gpus == 0
+    assert spec.replicas == 3 and spec.resources.gpus == 0 and spec.resources.cpus == 0.25
 
 
 def test_without_batching_dims_are_the_whole_shape_and_gpu_groups_share_a_gpu(tmp_path: Path) -> None:
@@ -101,7 +101,7 @@ def test_without_a_config_an_onnx_model_serves_with_what_the_file_declares(tmp_p
     [
         ('platform: "ensemble"', "platform"),
         ('platform: "tensorrt_plan"', "platform"),
-        ('backend: "python"', "backend"),
+        ('backend: "pytorch"', "backend"),
         (ONNX + "sequence_batching { }", "sequence_batching"),
         (ONNX + 'parameters { key: "k" value: { string_value: "v" } }', "parameters"),
         (ONNX.replace("TYPE_FP32", "TYPE_INVALID"), "input[0] 'x'.data_type"),
