@@ -115,3 +115,16 @@ def test_import_shoal_does_not_import_grpc_until_a_call() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20, check=True)
     assert out.stdout.split() == ["False", "True"]
+
+
+def test_shoal_deploy_takes_a_file_and_class_as_well_as_yaml(tmp_path: Path) -> None:
+    from shoal.cli.deploy import _specs_in
+
+    (tmp_path / "shoal_unit_deploy_app.py").write_text(
+        "import shoal\n\n\n@shoal.deployment(replicas=3)\nclass Model:\n    pass\n"
+    )
+    (specs, routes) = _specs_in(f"{tmp_path}/shoal_unit_deploy_app.py:Model")
+    assert [(s.name, s.model, s.replicas, s.base_dir) for s in specs] == [
+        ("model", "shoal_unit_deploy_app:Model", 3, str(tmp_path.resolve()))
+    ]
+    assert routes == []

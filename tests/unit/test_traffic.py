@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, cast
 
 import httpx
@@ -294,3 +295,20 @@ def test_shoal_route_refuses_bad_arguments_before_calling_the_head(argv: list[st
     with pytest.raises(InvalidArgument) as err:
         args.fn(args)
     assert message in str(err.value)
+
+
+def test_a_spec_file_holds_deployments_and_routes(tmp_path: Path) -> None:
+    from shoal.core.traffic import load_file
+
+    path = tmp_path / "canary.yaml"
+    path.write_text(
+        "name: a\nbackend: python\nmodel: m:M\n---\n"
+        "kind: route\nname: clf\ntargets: {a: 100}\n---\n"
+        "name: b\nbackend: python\nmodel: m:M\n"
+    )
+    specs, routes = load_file(path)
+    assert [s.name for s in specs] == ["a", "b"] and specs[0].base_dir == str(tmp_path.resolve())
+    assert routes == [parse_weights("clf", ["a=100"])]
+    path.write_text("kind: route\nname: clf\ntargets: {a: 50}\n")
+    with pytest.raises(InvalidArgument, match="sum to 50"):
+        load_file(path)
