@@ -137,7 +137,8 @@ class ModelRepository:
     async def load(self, name: str, authorization: str | None, *, vouched: bool) -> None:
         """Deploy ``name`` from the repository and wait (its ``health.start_timeout_s``) for a
         READY replica. NotFound, InvalidArgument (cannot be served, naming the field), the
-        head's refusals, Unavailable when no replica is READY in time."""
+        head's refusals, FailedPrecondition with the head's reason when it marks the
+        deployment FAILED, Unavailable when no replica is READY in time."""
         self._check_caller(f"load {name!r}", authorization, vouched)
         # In a thread: it hashes the model file.
         model = await asyncio.to_thread(triton_repo.read_model, self.root, name)
