@@ -57,7 +57,9 @@ def test_any_uri_is_allowed_when_nothing_is_restricted() -> None:
 
 def test_with_model_dirs_set_uris_need_allowed_model_uris(tmp_path: Path) -> None:
     spec = make_spec("iris", backend="sklearn", model="s3://models/prod/iris.joblib")
-    with pytest.raises(InvalidArgument, match="list the URI prefixes models may come from in allowed_model_uris"):
+    with pytest.raises(
+        InvalidArgument, match="list the URI prefixes models may come from in allowed_model_uris"
+    ):
         check_deployable(spec, (str(tmp_path),))
     check_deployable(spec, (str(tmp_path),), ("s3://models/prod/",))
 
