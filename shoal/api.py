@@ -47,8 +47,9 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-Deployable = DeploymentSpec | Mapping[str, Any] | type
-"""What ``deploy`` takes: a spec, a mapping as in a YAML file, or a class (``@shoal.deployment``)."""
+Deployable = DeploymentSpec | Mapping[str, Any] | type | Any
+"""What ``deploy`` takes: a spec, a mapping as in a YAML file (or a dataclass instance with those
+fields), or a class (``@shoal.deployment``)."""
 
 
 @dataclass(frozen=True)

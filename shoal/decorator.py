@@ -20,6 +20,7 @@ deploy again.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import re
 import sys
@@ -69,9 +70,10 @@ def kebab(name: str) -> str:
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "-", name).lower()
 
 
-def spec_of(target: DeploymentSpec | Mapping[str, Any] | type) -> DeploymentSpec:
-    """The spec ``target`` stands for: a spec as is, a mapping parsed as a YAML document is,
-    or a class (decorated or not: undecorated, every field takes its default).
+def spec_of(target: DeploymentSpec | Mapping[str, Any] | type | object) -> DeploymentSpec:
+    """The spec ``target`` stands for: a spec as is, a mapping (or a dataclass instance, as
+    its fields) parsed as a YAML document is, or a class (decorated or not: undecorated,
+    every field takes its default).
 
     Raises InvalidArgument naming the problem.
     """
@@ -79,6 +81,8 @@ def spec_of(target: DeploymentSpec | Mapping[str, Any] | type) -> DeploymentSpec
         return target
     if isinstance(target, Mapping):
         return parse_spec(dict(target))
+    if dataclasses.is_dataclass(target) and not isinstance(target, type):
+        return parse_spec(dataclasses.asdict(target))
     if not isinstance(target, type):
         raise InvalidArgument(
             f"cannot deploy a {type(target).__name__}: give a DeploymentSpec, a mapping or a class"

@@ -3,6 +3,7 @@ spec, input typing, and ``import shoal`` staying cheap."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import types
@@ -48,6 +49,17 @@ def test_a_decorated_class_is_the_spec_a_yaml_file_would_give() -> None:
     assert spec_of(Plain).name == "plain" and spec_of(Plain).replicas == 1
     assert spec_of(spec) is spec
     assert spec_of({"name": "a", "backend": "sklearn", "model": "m.joblib"}).name == "a"
+
+    @dataclasses.dataclass
+    class Mine:
+        name: str = "b"
+        backend: str = "sklearn"
+        model: str = "m.joblib"
+        replicas: int = 2
+
+    assert spec_of(Mine()) == parse_spec(
+        {"name": "b", "backend": "sklearn", "model": "m.joblib", "replicas": 2}
+    )
 
 
 def test_a_bad_field_is_refused_where_the_decorator_is_written() -> None:
