@@ -117,6 +117,9 @@ async def test_kill_the_leading_head_under_load(heads: EtcdHeads) -> None:
     finally:
         await first.close()
     b = await asyncio.to_thread(heads.start_head)
+    async with asyncio.timeout(10):  # until the standby has read who leads (its first poll)
+        while (await asyncio.to_thread(http_get, b.endpoints["head_http"], "/healthz"))[1]["leader"] is None:
+            await asyncio.sleep(0.05)
 
     # The standby answers every call saying where the leader is, over gRPC and REST.
     standby = ControlClient(b.endpoints["head"], heads.settings)
