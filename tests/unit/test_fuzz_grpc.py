@@ -231,18 +231,19 @@ def check(
         servers.run(call(channel, service, method, messages))
     except grpc.aio.AioRpcError as err:
         assert err.code() not in SERVER_FAULTS, (method.full_name, messages[:2], err.code(), err.details())
-    # The next call on the same channel is served.
+    # The next call on the same channel is served (the call is made on the loop: grpc.aio
+    # looks the loop up when a call is created).
+    servers.run(follow_up(servers, channel))
+
+
+async def follow_up(servers: Servers, channel: grpc.aio.Channel) -> None:
     if channel is servers.head:
-        servers.run(
-            channel.unary_unary("/shoal.v1.Head/GetStatus", None, None)(
-                pb.Empty().SerializeToString(), timeout=CALL_DEADLINE_S
-            )
+        await channel.unary_unary("/shoal.v1.Head/GetStatus", None, None)(
+            pb.Empty().SerializeToString(), timeout=CALL_DEADLINE_S
         )
     else:
-        servers.run(
-            channel.unary_unary("/inference.GRPCInferenceService/ServerLive", None, None)(
-                oip.ServerLiveRequest().SerializeToString(), timeout=CALL_DEADLINE_S
-            )
+        await channel.unary_unary("/inference.GRPCInferenceService/ServerLive", None, None)(
+            oip.ServerLiveRequest().SerializeToString(), timeout=CALL_DEADLINE_S
         )
 
 
