@@ -240,7 +240,9 @@ def operations() -> list[tuple[str, str, Role]]:
         for method in item:
             if method == "parameters":
                 continue
-            concrete = path.replace("{name}", "echo").replace("{replica_id}", "echo-000000")
+            # A route needs a name no deployment has; its target is the deployment "echo".
+            named = "canary" if path.startswith("/api/routes/") else "echo"
+            concrete = path.replace("{name}", named).replace("{replica_id}", "echo-000000")
             role = control_role(method.upper(), concrete)
             assert role is not None, path
             out.append((method.upper(), concrete, role))
@@ -262,7 +264,15 @@ async def test_rest_routes_refuse_missing_wrong_and_low_tokens(
     ops = operations()
     assert len(ops) >= 10
     for method, path, need in ops:
-        json_body = {"replicas": 1} if path.endswith("/scale") else body if method == "POST" else None
+        json_body = (
+            {"replicas": 1}
+            if path.endswith("/scale")
+            else {"targets": {"echo": 100}}
+            if method == "PUT" and path.startswith("/api/routes/")
+            else body
+            if method == "POST"
+            else None
+        )
         r = await rest.request(method, path, json=json_body)
         assert r.status_code == 401, (method, path, r.text)
         assert r.headers["www-authenticate"] == "Bearer" and "needs a token" in r.json()["error"]
