@@ -272,15 +272,16 @@ class NoLoader:
 """
 
 
-def test_a_python_model_loads_each_id_through_load_model(tmp_path: Path) -> None:
+async def test_a_python_model_loads_each_id_through_load_model(tmp_path: Path) -> None:
     (tmp_path / "tenants.py").write_text(MODELS)
     spec = make_spec(model="tenants:Tenants", base_dir=str(tmp_path), multiplexing=MUX)
     parent = PythonBackend(spec)
     parent.load()
     one = parent.model_backend("abc")
     one.load()
-    out = asyncio.run(one.predict({"x": np.ones((2, 1), np.float32)}))
+    out = await one.predict({"x": np.ones((2, 1), np.float32)})
     assert out["y"].tolist() == [[3.0], [3.0]]
+    one.unload()
     broken = parent.model_backend("nobody")
     with pytest.raises(Exception, match=r"load_model\('nobody'\) raised KeyError"):
         broken.load()
@@ -294,7 +295,7 @@ def test_an_unmultiplexed_backend_refuses_model_ids() -> None:
         PythonBackend(make_spec()).model_backend("a")
 
 
-def test_a_sklearn_model_id_names_a_file_in_the_model_folder(tmp_path: Path) -> None:
+async def test_a_sklearn_model_id_names_a_file_in_the_model_folder(tmp_path: Path) -> None:
     X = np.array([[0.0], [1.0], [2.0], [3.0]], dtype=np.float32)
     joblib.dump(LogisticRegression().fit(X, [0, 0, 1, 1]), tmp_path / "small.joblib")
     spec = make_spec(backend="sklearn", model=str(tmp_path), multiplexing=MUX)
@@ -302,7 +303,8 @@ def test_a_sklearn_model_id_names_a_file_in_the_model_folder(tmp_path: Path) -> 
     parent.load()
     one = parent.model_backend("small")
     one.load()
-    assert asyncio.run(one.predict({"input": X}))["label"].tolist() == [0, 0, 1, 1]
+    assert (await one.predict({"input": X}))["label"].tolist() == [0, 0, 1, 1]
+    one.unload()
     with pytest.raises(NotFound, match=r"model id .absent.: no file absent\.joblib"):
         parent.model_backend("absent").load()
     with pytest.raises(InvalidArgument, match="not a plain name"):
