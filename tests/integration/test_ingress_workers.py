@@ -83,10 +83,12 @@ def counted_ok(text: str, deployment: str) -> float:
 
 
 async def test_both_processes_listen_on_both_ports_and_counts_are_summed(cluster: ProcessCluster) -> None:
+    await wait_for(lambda: len(workers(cluster)) == 1, 10, "the ingress worker process")
     [worker] = workers(cluster)
     grpc_port = int(cluster.scheduler_address().rsplit(":", 1)[1])
     http_port = int(cluster.http_address().rsplit(":", 1)[1])
-    assert {grpc_port, http_port} <= listeners(worker.pid)
+    # A worker listens once it has started (about 2 s on a loaded machine), not at spawn.
+    await wait_for(lambda: {grpc_port, http_port} <= listeners(worker.pid), 20, "the worker to listen")
     assert {grpc_port, http_port} <= listeners(cluster.schedulers[0].pid)
 
     url = f"http://{cluster.http_address()}"
