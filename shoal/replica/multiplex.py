@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from shoal.backends.base import Backend, Tensors
 from shoal.core.spec import Batching, check_model_id
 from shoal.core.tasks import TaskSet
-from shoal.errors import ShoalError, Unavailable
+from shoal.errors import Internal, ShoalError, Unavailable
 from shoal.replica.batcher import Batcher
 
 log = logging.getLogger("shoal.replica")
@@ -69,7 +69,7 @@ class ModelCache:
         self.capacity = capacity
         self._batching = batching
         self._entries: collections.OrderedDict[str, _Entry] = collections.OrderedDict()  # LRU first
-        self._loading: dict[str, asyncio.Task[_Entry]] = {}
+        self._loading: dict[str, asyncio.Task[_Entry | ShoalError]] = {}
         self._lock = asyncio.Lock()  # one load or eviction at a time: at most N loaded
         self._tasks = TaskSet("model-cache")
         self._retired = _Retired()
@@ -95,7 +95,7 @@ class ModelCache:
                 self._entries.move_to_end(model_id)
                 self._count(self.hits, model_id)
             else:
-                loaded = await asyncio.shield(self._load_task(model_id))
+                loaded = await self._wait_load(model_id)
                 if isinstance(loaded, ShoalError):
                     raise loaded
                 entry = loaded
@@ -111,6 +111,19 @@ class ModelCache:
     def held(self) -> list[str]:
         """The loaded model ids, least recently used first."""
         return list(self._entries)
+
+    async def _wait_load(self, model_id: str) -> _Entry | ShoalError:
+        """The id's load, started if none runs; shielded, so a caller that gives up (its
+        deadline) does not cancel the load others wait for."""
+        task = self._load_task(model_id)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and current is not None and not current.cancelling():
+                # The load was cancelled, not this caller: the cache is closing.
+                raise Unavailable("the replica is shutting down") from None
+            raise
 
     def _load_task(self, model_id: str) -> asyncio.Task[_Entry | ShoalError]:
         task = self._loading.get(model_id)
@@ -136,6 +149,9 @@ class ModelCache:
             except ShoalError as err:
                 log.info("model id %s did not load: %s", model_id, err)
                 return err
+            except Exception as err:  # a bug in a backend: the request still gets an answer
+                log.exception("model id %s did not load", model_id)
+                return Internal(f"loading model id {model_id!r} failed: {type(err).__name__}: {err}")
             batcher = Batcher(backend.predict, self._batching.max_batch_size, self._batching.max_delay_ms)
             await batcher.start()
             entry = _Entry(model_id, backend, batcher)

@@ -5,6 +5,7 @@ door's checks of the model id, and the metrics' bounded labels."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
@@ -22,7 +23,7 @@ from shoal.config import Settings
 from shoal.core import payload
 from shoal.core.clock import FakeClock
 from shoal.core.spec import Batching, DeploymentSpec
-from shoal.errors import InvalidArgument, NotFound
+from shoal.errors import InvalidArgument, NotFound, Unavailable
 from shoal.http.scheduler import scheduler_app
 from shoal.metrics import _multiplexed
 from shoal.proto import grpc_service_pb2 as oip
@@ -128,6 +129,8 @@ class Ids(Backend):
         self.loaded_ids: list[str] = []
         self.unloaded: list[str] = []
         self.hold: dict[str, asyncio.Event] = {}
+        self.load_started = threading.Event()
+        self.load_gate: threading.Event | None = None  # set: loads wait for it (on their thread)
 
     def _load(self) -> None:
         pass
@@ -145,6 +148,9 @@ class One(Backend):
         self.parent, self.model_id = parent, model_id
 
     def _load(self) -> None:
+        self.parent.load_started.set()
+        if self.parent.load_gate is not None:
+            self.parent.load_gate.wait(5)
         if self.model_id == "missing":
             raise NotFound("model id 'missing' does not exist")
         self.parent.loaded_ids.append(self.model_id)
@@ -236,6 +242,20 @@ async def test_a_failed_load_is_the_clients_error_and_is_not_remembered(
     assert "missing" not in c.loads
     with pytest.raises(InvalidArgument, match="not a plain name"):
         await c.submit("../a", rows())
+
+
+async def test_a_request_waiting_for_a_load_gets_unavailable_when_the_replica_closes() -> None:
+    parent = Ids()
+    parent.load_gate = threading.Event()
+    c = ModelCache(parent, 2, parent.spec.batching)
+    waiting = asyncio.create_task(c.submit("a", rows()))
+    await asyncio.to_thread(parent.load_started.wait, 5)
+    try:
+        await c.aclose()
+        with pytest.raises(Unavailable, match="shutting down"):
+            await waiting
+    finally:
+        parent.load_gate.set()
 
 
 async def test_counters_name_a_bounded_number_of_ids(
