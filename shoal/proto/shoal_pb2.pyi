@@ -1429,11 +1429,14 @@ class InferRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
     TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    MODEL_ID_FIELD_NUMBER: _builtins.int
     deployment: _builtins.str
     request_id: _builtins.str
     """optional; generated when empty"""
     timeout_s: _builtins.float
     """0: the deployment's default"""
+    model_id: _builtins.str
+    """a multiplexed deployment's model id; empty for any other"""
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]: ...
     def __init__(
@@ -1443,10 +1446,11 @@ class InferRequest(_message.Message):
         request_id: _builtins.str = ...,
         inputs: _abc.Iterable[Global___Tensor] | None = ...,
         timeout_s: _builtins.float = ...,
+        model_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "inputs", b"inputs", "request_id", b"request_id", "timeout_s", b"timeout_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "inputs", b"inputs", "model_id", b"model_id", "request_id", b"request_id", "timeout_s", b"timeout_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -566,11 +566,22 @@ class NativeClient:
         self._metadata = auth_metadata(settings.token)
 
     async def infer(
-        self, deployment: str, inputs: Arrays, *, timeout_s: float = 0.0, request_id: str = ""
+        self,
+        deployment: str,
+        inputs: Arrays,
+        *,
+        timeout_s: float = 0.0,
+        request_id: str = "",
+        model_id: str = "",
     ) -> tuple[Arrays, str]:
-        """Returns (outputs, id of the replica that answered). Raises ShoalError."""
+        """Returns (outputs, id of the replica that answered); ``model_id`` names a multiplexed
+        deployment's model. Raises ShoalError."""
         req = pb.InferRequest(
-            deployment=deployment, request_id=request_id, inputs=codec.encode(inputs), timeout_s=timeout_s
+            deployment=deployment,
+            request_id=request_id,
+            inputs=codec.encode(inputs),
+            timeout_s=timeout_s,
+            model_id=model_id,
         )
         deadline = (timeout_s or 60.0) + 5.0
         try:

@@ -81,6 +81,7 @@ class NativeService(pbg.SchedulerServicer):
             id=request.request_id,
             timeout_s=request.timeout_s,
             door="native",
+            model_id=request.model_id,
         )
         try:
             result = await self.native.dataplane.infer(call)

@@ -27,9 +27,12 @@ from shoal.errors import InvalidArgument, NotFound, Unavailable
 from shoal.http.scheduler import scheduler_app
 from shoal.metrics import _multiplexed
 from shoal.proto import grpc_service_pb2 as oip
+from shoal.proto import shoal_pb2 as pb
 from shoal.replica import multiplex
 from shoal.replica.multiplex import ModelCache
+from shoal.rpc import codec
 from shoal.rpc.inference_service import InferenceService
+from shoal.rpc.scheduler_service import SchedulerService
 from shoal.scheduler.node import SchedulerNode
 from shoal.scheduler.router import Router
 from shoal.scheduler.supervisor import ReplicaView
@@ -380,6 +383,13 @@ async def test_the_model_id_arrives_by_header_or_parameter_and_is_checked(
     request.parameters["multiplexed_model_id"].int64_param = 7
     with pytest.raises(Aborted, match="'multiplexed_model_id' must be a string"):
         await grpc_door.ModelInfer(request, cast(Any, Context()))
+
+    native = SchedulerService(node)
+    send = pb.InferRequest(
+        deployment="mux", inputs=codec.encode({"x": np.ones(1, np.float32)}), model_id="t4"
+    )
+    await native.SendRequest(send, cast(Any, Context()))
+    assert fakes.clients["a:9000"].requests[-1].model_id == "t4"
 
 
 # ------------------------------------------------------------------ metrics
