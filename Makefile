@@ -51,8 +51,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy shoal
 
+# Two pytest workers: most tests wait on processes they start, so two fit on two cores
+# (15 min in one process, 10 in two). tests/conftest.py keeps the e2e and multi-host
+# tests each on one worker.
 test: lint typecheck system-deps
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+	$(BIN)/pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit $(PYTEST_ARGS)
