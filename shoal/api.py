@@ -161,7 +161,7 @@ class AsyncClient:
         """Create or update a deployment. With ``wait``, return once the replicas of this spec are
         READY (and an update's old ones gone); FailedPrecondition when the head answers that they
         will not be (no room, replicas failing to start), DeadlineExceeded after ``timeout_s``."""
-        from shoal.cli.model_hash import with_model_hash
+        from shoal.core.model_hash import with_model_hash
 
         spec = with_model_hash(spec_of(target))
         before = (await self.status()).to_json() if wait else {}
@@ -172,7 +172,7 @@ class AsyncClient:
         return applied
 
     async def _wait(self, before: Mapping[str, Any], spec: DeploymentSpec, timeout_s: float) -> None:
-        from shoal.cli.deploy import DeployWatch  # the CLI's own decision, over plain status dicts
+        from shoal.core.deploy_watch import DeployWatch  # the decision the CLI waits on too
 
         watch = DeployWatch.after_apply(before, [spec])
         deadline = time.monotonic() + timeout_s

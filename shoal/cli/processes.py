@@ -22,10 +22,11 @@ import psutil
 
 from shoal import aio, logs
 from shoal.cli.common import add_head_flag, settings_of
-from shoal.cli.deploy import DeployWatch, wait_for
-from shoal.cli.model_hash import with_model_hash
+from shoal.cli.deploy import wait_for
 from shoal.config import Settings
 from shoal.core import triton_repo
+from shoal.core.deploy_watch import DeployWatch
+from shoal.core.model_hash import with_model_hash
 from shoal.core.spec import load_spec_file
 from shoal.errors import FailedPrecondition
 

@@ -9,8 +9,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from shoal.cli.common import add_client_flags, text_table, with_client
-from shoal.cli.deploy import DeployWatch, status_reader, wait_for
+from shoal.cli.deploy import status_reader, wait_for
 from shoal.config import Settings
+from shoal.core.deploy_watch import DeployWatch
 from shoal.core.spec import parse_spec_json
 from shoal.store.history import LifecycleEvent, Revision
 

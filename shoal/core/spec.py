@@ -214,7 +214,7 @@ class DeploymentSpec(_Strict):
     # Kept by the head: ``shoal restart`` bumps it, which makes a new process hash and so
     # replaces the replicas one at a time. An apply keeps the head's count (see HeadNode.apply).
     restarts: int = Field(default=0, ge=0, le=2**31 - 1)
-    # Set by the CLI: a hash of the model's files (shoal.cli.model_hash), so that a deploy
+    # Set by the CLI: a hash of the model's files (shoal.core.model_hash), so that a deploy
     # after editing them is a change, and replaces the replicas.
     model_hash: str = Field(default="", max_length=128)
 

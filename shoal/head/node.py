@@ -47,7 +47,7 @@ from shoal.core.traffic import TrafficRoute
 from shoal.errors import FailedPrecondition, InvalidArgument, NotFound, ShoalError
 from shoal.head.traffic import TrafficRoutes
 from shoal.store.base import Store
-from shoal.store.history import History, Revision
+from shoal.store.history import History, LifecycleEvent, Revision
 from shoal.types import (
     DeploymentRoutes,
     LoadReport,
@@ -723,6 +723,31 @@ class HeadNode:
         """The cluster now: what ``shoal status`` and ``GET /api/status`` show."""
         async with self.lock:
             return status_of(self)
+
+    # The reads the adapters make, each under the node's own lock (they never take it).
+
+    async def revisions(self, name: str) -> list[Revision]:
+        """The kept revisions of ``name``, oldest first. NotFound when it has none and the
+        head does not know the name."""
+        async with self.lock:
+            revisions = list(self.history.revisions(name))
+            known = name in self.desired or name in self.broken
+        if not known and not revisions:
+            raise NotFound(f"no deployment named {name!r}")
+        return revisions
+
+    async def lifecycle_events(self, deployment: str = "", limit: int = 0) -> list[LifecycleEvent]:
+        async with self.lock:
+            return list(self.history.events(deployment, limit))
+
+    async def traffic_routes(self) -> list[TrafficRoute]:
+        async with self.lock:
+            return sorted(self.traffic.routes.values(), key=lambda r: r.name)
+
+    async def series_points(self) -> dict[str, list[Any]]:
+        """The time series of each deployment the head keeps (the dashboard's charts)."""
+        async with self.lock:
+            return {n: list(p) for n, p in self.series.series.items() if n in self.desired}
 
     @property
     def routes(self) -> RoutingTable:

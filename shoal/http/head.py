@@ -115,17 +115,12 @@ def head_app(node: HeadNode, limiter: RateLimiter | None = None) -> Starlette:
     async def events(request: Request) -> Response:
         deployment = request.query_params.get("deployment", "")
         limit = _int_param(request, "limit", MAX_EVENTS, 1, MAX_EVENTS)
-        async with node.lock:
-            found = node.history.events(deployment, limit)
+        found = await node.lifecycle_events(deployment, limit)
         return JSONResponse({"events": [e.to_dict() for e in found]})
 
     async def history(request: Request) -> Response:
         name = request.path_params["name"]
-        async with node.lock:
-            revisions = node.history.revisions(name)
-            known = name in node.desired or name in node.broken
-        if not known and not revisions:
-            raise NotFound(f"no deployment named {name!r}")
+        revisions = await node.revisions(name)
         return JSONResponse({"name": name, "revisions": [_revision_doc(r) for r in revisions]})
 
     async def rollback(request: Request) -> Response:
@@ -143,8 +138,7 @@ def head_app(node: HeadNode, limiter: RateLimiter | None = None) -> Starlette:
         return JSONResponse({"name": request.path_params["name"], "revision": rev.number})
 
     async def list_routes(request: Request) -> Response:
-        async with node.lock:
-            found = sorted(node.traffic.routes.values(), key=lambda r: r.name)
+        found = await node.traffic_routes()
         return JSONResponse({"routes": [_route_doc(r) for r in found]})
 
     async def set_route(request: Request) -> Response:
@@ -173,8 +167,7 @@ def head_app(node: HeadNode, limiter: RateLimiter | None = None) -> Starlette:
             raise InvalidArgument(
                 f"window_s must be a number of seconds above 0, at most {recorder.keep_s:g}"
             )
-        async with node.lock:
-            points = {n: list(p) for n, p in recorder.series.items() if n in node.desired}
+        points = await node.series_points()
         now = time.time()
         step = recorder.step_for(window_s)
         out = {}

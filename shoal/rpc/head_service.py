@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 from shoal.auth import Role
 from shoal.core.spec import parse_spec_json
-from shoal.errors import InvalidArgument, NotFound, ShoalError
+from shoal.errors import InvalidArgument, ShoalError
 from shoal.head.node import HeadNode
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
@@ -140,11 +140,10 @@ class HeadService(pbg.HeadServicer):
         )
 
     async def GetHistory(self, request: pb.DeploymentRequest, context: Context) -> pb.HistoryReply:
-        async with self.node.lock:
-            revisions = self.node.history.revisions(request.name)
-            known = request.name in self.node.desired or request.name in self.node.broken
-        if not known and not revisions:
-            await abort(context, NotFound(f"no deployment named {request.name!r}"))
+        try:
+            revisions = await self.node.revisions(request.name)
+        except ShoalError as err:
+            await abort(context, err)
         return pb.HistoryReply(revisions=[revision_to_pb(r) for r in revisions])
 
     async def RollbackDeployment(self, request: pb.RollbackRequest, context: Context) -> pb.RevisionReply:
@@ -164,8 +163,7 @@ class HeadService(pbg.HeadServicer):
     async def ListEvents(self, request: pb.EventsRequest, context: Context) -> pb.EventsReply:
         if request.limit < 0:
             await abort(context, InvalidArgument(f"limit must be >= 0, got {request.limit}"))
-        async with self.node.lock:
-            events = self.node.history.events(request.deployment, request.limit)
+        events = await self.node.lifecycle_events(request.deployment, request.limit)
         return pb.EventsReply(events=[lifecycle_to_pb(e) for e in events])
 
     async def ScaleDeployment(self, request: pb.ScaleDeploymentRequest, context: Context) -> pb.Empty:
@@ -199,8 +197,7 @@ class HeadService(pbg.HeadServicer):
         return pb.Empty()
 
     async def ListRoutes(self, request: pb.Empty, context: Context) -> pb.RoutesReply:
-        async with self.node.lock:
-            routes = sorted(self.node.traffic.routes.values(), key=lambda r: r.name)
+        routes = await self.node.traffic_routes()
         return pb.RoutesReply(routes=[traffic_to_pb(r) for r in routes])
 
     async def ReadLog(self, request: pb.ReadLogRequest, context: Context) -> AsyncIterator[pb.LogChunk]:

@@ -15,12 +15,13 @@ import pytest
 from shoal import __version__
 from shoal.cli import build_parser, main
 from shoal.cli.common import ProgressLine, with_client
-from shoal.cli.deploy import FAIL_AFTER, DeployWatch, traceback_excerpt, wait_for
+from shoal.cli.deploy import traceback_excerpt, wait_for
 from shoal.cli.logs import merge_logs
 from shoal.cli.processes import pid_file, running
 from shoal.config import Settings
 from shoal.core.clock import FakeClock
 from shoal.core.cluster import DEAD, FAILED, FAILED_AFTER, ReplicaReport
+from shoal.core.deploy_watch import FAIL_AFTER, DeployWatch
 from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec, parse_spec
 from shoal.errors import Unavailable

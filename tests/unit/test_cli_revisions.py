@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from shoal.cli import model_hash as mh
-from shoal.cli.deploy import DeployWatch
 from shoal.cli.revisions import render_history
+from shoal.core import model_hash as mh
+from shoal.core.deploy_watch import DeployWatch
 from shoal.core.spec import DeploymentSpec, parse_spec
 from shoal.rpc.convert import lifecycle_from_pb, lifecycle_to_pb, revision_from_pb, revision_to_pb
 from shoal.store.history import LifecycleEvent, Revision

@@ -16,7 +16,7 @@ ROOT = Path(shoal.__file__).parent
 # Where a module lives decides its layer; lower layers may not import higher ones.
 DOMAIN = ("shoal.core", "shoal.head", "shoal.scheduler", "shoal.replica", "shoal.store", "shoal.backends")
 ADAPTERS = ("shoal.rpc", "shoal.http")
-ROOTS = ("shoal.run", "shoal.replica_main", "shoal.ingress_worker", "shoal.cli")
+ROOTS = ("shoal.run", "shoal.replica_main", "shoal.ingress_worker", "shoal.cli", "shoal.api")
 FRAMEWORKS = ("grpc", "starlette", "uvicorn", "h11", "prometheus_client")
 
 
@@ -54,6 +54,11 @@ def test_the_domain_imports_no_framework_and_no_adapter(module: str) -> None:
 def test_adapters_do_not_import_the_composition_roots(module: str) -> None:
     bad = sorted(i for i in MODULES[module] if _under(i, ROOTS))
     assert not bad, f"{module} imports {bad}"
+
+
+def test_the_python_api_does_not_import_the_cli() -> None:
+    """The CLI is built on ``shoal.api``; the API must not reach back into the CLI."""
+    assert sorted(i for i in MODULES["shoal.api"] if _under(i, ("shoal.cli",))) == []
 
 
 def test_only_rpc_imports_grpc_and_only_http_imports_starlette() -> None:

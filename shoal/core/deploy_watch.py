@@ -1,0 +1,179 @@
+"""Whether a deploy is done: the decision ``shoal deploy`` and ``shoal.api`` wait on, over
+plain status dicts (the shape of ``shoal status --json``), so it is tested without a cluster.
+
+It waits until the replicas of the new spec are READY, or until the head's answer is that
+they will not be (no room, replicas that fail to start, FAILED).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from shoal.core.cluster import FAILED
+from shoal.core.spec import DeploymentSpec, parse_spec
+from shoal.errors import ShoalError
+
+Status = Mapping[str, Any]
+
+# The head's pending reasons that are answers rather than waits (shoal/core/placement.py and
+# shoal/core/cluster.py write them; tests/unit/test_cli.py checks they still match), and FAILED
+# (shoal/core/cluster.py: replicas that kept dying before READY).
+NO_ROOM = re.compile(r"^(no scheduler has room|no live scheduler)")
+START_FAILURES = re.compile(r"^(\d+) replica start failure\(s\), retrying in \d+s: (.*)$", re.S)
+STILL_MOVING = "draining one old replica first"
+
+FAIL_AFTER = 2
+"""Start failures in a row after which a deploy is failed: one may be chance, two are the model."""
+CONFIRM_S = 1.0
+"""How long "no room" or FAILED must hold before it is the answer: the head's reason may predate
+the apply by up to one reconcile pass (it reconciles at once on an apply)."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    line: str  # one line of progress over every watched deployment
+    done: bool = False
+    failure: str = ""  # why the deploy failed, one paragraph; "" while it may still succeed
+    dead: tuple[str, ...] = ()  # new replicas seen that are gone, most recent first: their logs say why
+
+    @property
+    def key(self) -> str:
+        """The line without its countdowns: what counts as a change worth a new line in a log."""
+        return re.sub(r"\d+(\.\d+)?s\b", "Ns", self.line)
+
+
+@dataclass
+class _Watched:
+    name: str
+    old_replicas: frozenset[str]  # replicas of the previous process: a rollout ends when they are gone
+    failures_before: int  # start failures the head counted before the apply
+    failures_seen: int = -1  # the count last seen; -1 before the first look
+    fresh_failures: int = 0  # rises of that count seen since the apply
+    settled_since: float | None = None  # since when the head's reason has been an answer
+    seen: dict[str, None] = field(default_factory=dict)  # new replicas seen, in order (a set that keeps it)
+    want_hash: str = ""  # the process hash of the spec deployed: another one at the head ends the watch
+
+
+@dataclass
+class DeployWatch:
+    """Follows deployments just applied and says when they are done, or failed.
+
+    Built from the status before the apply, so replicas of an older spec are not taken for
+    new ones, and failures counted before are not taken for new ones either.
+    """
+
+    watched: list[_Watched] = field(default_factory=list)
+
+    @classmethod
+    def after_apply(
+        cls, before: Status, specs: Sequence[DeploymentSpec], *, from_file: bool = True
+    ) -> DeployWatch:
+        """``from_file``: the specs come from files, whose restart count the head replaces with
+        its own (``shoal restart``); False for the head's own specs (restart, rollback)."""
+        old = {d["name"]: d for d in before.get("deployments", [])}
+        watched = []
+        for spec in specs:
+            dep = old.get(spec.name)
+            replicas: frozenset[str] = frozenset()
+            failures = 0
+            want = spec.process_hash()
+            if dep is not None:
+                if from_file:
+                    want = _as_the_head_keeps(spec, dep["spec"]).process_hash()
+                if _process_hash(dep["spec"]) != want:
+                    # Replicas already of the wanted spec (a rollback to them) are not old.
+                    replicas = frozenset(r["id"] for r in dep["replicas"] if r.get("spec_hash") != want)
+                failures = _start_failures(dep["pending_reason"])[0]
+            watched.append(_Watched(spec.name, replicas, failures, want_hash=want))
+        return cls(watched)
+
+    def observe(self, status: Status, now: float) -> Verdict:
+        deployments = {d["name"]: d for d in status.get("deployments", [])}
+        parts: list[str] = []
+        failures: list[str] = []
+        dead: list[str] = []
+        done = True
+        for w in self.watched:
+            dep = deployments.get(w.name)
+            if dep is None:
+                parts.append(f"{w.name} deleted")
+                failures.append(f"deployment {w.name} was deleted while it was being deployed")
+                continue
+            replicas = dep["replicas"]
+            now_ids = {r["id"] for r in replicas}
+            w.seen.update((i, None) for i in sorted(now_ids - w.old_replicas))
+            dead.extend(reversed([i for i in w.seen if i not in now_ids]))
+            target = dep["target_replicas"]
+            ready = sum(1 for r in replicas if r["state"] == "READY" and r["id"] not in w.old_replicas)
+            left = sum(1 for r in replicas if r["id"] in w.old_replicas)
+            done = done and ready >= target and len(replicas) == target and not left
+            reason = dep["pending_reason"]
+            starting = len(replicas) - ready - left
+            more = (f", {starting} starting" if starting else "") + (f", {left} old" if left else "")
+            parts.append(f"{w.name} {ready}/{target} ready{more}" + (f" ({reason})" if reason else ""))
+            failure = self._failure(w, reason, now)
+            if failure:
+                failures.append(failure)
+            elif w.want_hash and dep["spec"] and _process_hash(dep["spec"]) not in ("", w.want_hash):
+                failures.append(
+                    f"deployment {w.name} now runs another spec than the one deployed "
+                    "(rolled back, or deployed again meanwhile)"
+                )
+        line = ", ".join(parts)
+        if done:
+            return Verdict(line, done=True)
+        return Verdict(line, failure="\n".join(failures), dead=tuple(dead))
+
+    def _failure(self, w: _Watched, reason: str, now: float) -> str:
+        count, message = _start_failures(reason)
+        if count != w.failures_seen:
+            if count > (w.failures_before if w.failures_seen < 0 else w.failures_seen):
+                w.fresh_failures += 1
+            w.failures_seen = count
+        if w.fresh_failures and count >= FAIL_AFTER:
+            return (
+                f"deployment {w.name} failed: its replicas fail to start ({count} times in a row): {message}"
+            )
+        settled = ""
+        if reason.startswith(FAILED):
+            settled = f"deployment {w.name} failed: {_LOG_PREFIX.sub('', reason.removeprefix(FAILED))}"
+        elif NO_ROOM.match(reason) and STILL_MOVING not in reason:
+            settled = (
+                f"deployment {w.name} cannot be placed: {reason}. It stays pending and is placed "
+                f"when room appears (free some, or add a scheduler); 'shoal delete {w.name}' removes it"
+            )
+        if not settled:
+            w.settled_since = None
+            return ""
+        if w.settled_since is None:
+            w.settled_since = now
+        return settled if now - w.settled_since >= CONFIRM_S else ""
+
+
+def _as_the_head_keeps(spec: DeploymentSpec, head_doc: Mapping[str, Any]) -> DeploymentSpec:
+    """``spec`` with the head's restart count, as the head stores it on apply."""
+    restarts = head_doc.get("restarts", 0)
+    if isinstance(restarts, int) and not isinstance(restarts, bool) and restarts >= 0:
+        return spec.model_copy(update={"restarts": restarts})
+    return spec
+
+
+def _process_hash(doc: Mapping[str, Any]) -> str:
+    """The process hash of a spec the head shows; "" for one this CLI cannot read (then its
+    replicas count as the previous revision's)."""
+    try:
+        return parse_spec(dict(doc)).process_hash()
+    except ShoalError:
+        return ""
+
+
+# A replica's log line quoted in a reason: the message is enough, without time, replica and logger.
+_LOG_PREFIX = re.compile(r"\d\d:\d\d:\d\d replica \S+ [A-Z]+ [\w.]+: ")
+
+
+def _start_failures(reason: str) -> tuple[int, str]:
+    m = START_FAILURES.match(reason)
+    return (int(m.group(1)), _LOG_PREFIX.sub("", m.group(2))) if m else (0, "")
