@@ -25,6 +25,7 @@ from shoal.core.traffic import TrafficRoute, parse_route
 from shoal.errors import InvalidArgument
 from shoal.proto import shoal_pb2 as pb
 from shoal.store.history import LifecycleEvent, Revision
+from shoal.types import DeploymentRoutes, RoutingTable
 
 
 def state_name(state: int) -> ReplicaState:
@@ -245,3 +246,23 @@ def traffic_from_pb(msg: pb.TrafficRoute) -> TrafficRoute:
     if msg.shadow:
         doc["shadow"] = msg.shadow
     return parse_route(doc)
+
+
+def routes_to_pb(dep: DeploymentRoutes) -> pb.DeploymentRoutes:
+    """One deployment's routing-table entry (replicas without load: see ``Route.in_flight``)."""
+    return pb.DeploymentRoutes(
+        spec_json=dep.spec.to_json(),
+        allowed_token_hashes=dep.allowed_tokens,
+        routes=[
+            pb.Route(replica_id=r.replica_id, address=r.address, scheduler_id=r.scheduler_id)
+            for r in dep.routes
+        ],
+    )
+
+
+def table_frame_to_pb(table: RoutingTable) -> pb.RoutingTable:
+    """A routing table without its deployments' entries (the caller adds those it sends)."""
+    msg = pb.RoutingTable(version=table.version, token_hashes=table.token_hashes, deleted=table.deleted)
+    for name, route in table.traffic.items():
+        msg.traffic[name].CopyFrom(traffic_to_pb(route))
+    return msg

@@ -15,7 +15,9 @@ from shoal.rpc.convert import (
     lifecycle_to_pb,
     report_from_pb,
     revision_to_pb,
+    routes_to_pb,
     status_to_pb,
+    table_frame_to_pb,
     traffic_from_pb,
     traffic_to_pb,
 )
@@ -73,7 +75,7 @@ class HeadService(pbg.HeadServicer):
         cached = self._table_cache
         if cached is not None and cached[0] is table:
             return cached[1]
-        msg = self._frame(table)
+        msg = table_frame_to_pb(table)
         for name, dep in table.deployments.items():
             msg.deployments[name].CopyFrom(self._entry(name, dep))
         self._table_cache = (table, msg)
@@ -87,7 +89,7 @@ class HeadService(pbg.HeadServicer):
         msg = self._deltas.get(key)
         if msg is not None:
             return msg
-        msg = self._frame(table)
+        msg = table_frame_to_pb(table)
         msg.delta = True
         for name, dep in table.deployments.items():
             if last.deployments.get(name) is not dep:
@@ -100,26 +102,12 @@ class HeadService(pbg.HeadServicer):
             del self._entries[gone]
         return msg
 
-    @staticmethod
-    def _frame(table: RoutingTable) -> pb.RoutingTable:
-        msg = pb.RoutingTable(version=table.version, token_hashes=table.token_hashes, deleted=table.deleted)
-        for name, route in table.traffic.items():
-            msg.traffic[name].CopyFrom(traffic_to_pb(route))
-        return msg
-
     def _entry(self, name: str, dep: DeploymentRoutes) -> pb.DeploymentRoutes:
         """One deployment's entry, encoded once per entry object."""
         cached = self._entries.get(name)
         if cached is not None and cached[0] is dep:
             return cached[1]
-        entry = pb.DeploymentRoutes(
-            spec_json=dep.spec.to_json(),
-            allowed_token_hashes=dep.allowed_tokens,
-            routes=[
-                pb.Route(replica_id=r.replica_id, address=r.address, scheduler_id=r.scheduler_id)
-                for r in dep.routes
-            ],
-        )
+        entry = routes_to_pb(dep)
         self._entries[name] = (dep, entry)
         return entry
 

@@ -22,7 +22,7 @@ from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.rpc.channels import open_channel
 from shoal.rpc.clients import RoutingTableDecoder
-from shoal.rpc.convert import traffic_to_pb
+from shoal.rpc.convert import routes_to_pb, table_frame_to_pb
 from shoal.rpc.status import Context, to_error
 from shoal.scheduler.ingress import Counts, IngressHub
 from shoal.types import RoutingTable
@@ -89,15 +89,10 @@ def counts_from_pb(m: pb.IngressCounts) -> Counts:
 
 
 def table_to_pb(table: RoutingTable) -> pb.RoutingTable:
-    msg = pb.RoutingTable(version=table.version, token_hashes=table.token_hashes)
+    """The whole table, as the main process sends it to its ingress workers."""
+    msg = table_frame_to_pb(table)
     for name, dep in table.deployments.items():
-        entry = msg.deployments[name]
-        entry.spec_json = dep.spec.to_json()
-        entry.allowed_token_hashes.extend(dep.allowed_tokens)
-        for r in dep.routes:
-            entry.routes.add(replica_id=r.replica_id, address=r.address, scheduler_id=r.scheduler_id)
-    for name, route in table.traffic.items():
-        msg.traffic[name].CopyFrom(traffic_to_pb(route))
+        msg.deployments[name].CopyFrom(routes_to_pb(dep))
     return msg
 
 
