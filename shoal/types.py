@@ -62,6 +62,8 @@ class Route:
     address: str
     scheduler_id: str
     in_flight: int = 0
+    revision: int = 0
+    """The revision of its deployment the replica runs (0: not known): OIP version N is revision N."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,8 @@ class DeploymentRoutes:
     routes: tuple[Route, ...] = ()
     allowed_tokens: tuple[str, ...] = ()
     """Hashes of the tokens the spec's ``auth.tokens`` names (that exist)."""
+    revision: int = 0
+    """The deployment's current revision, the one ``spec`` is (0: none kept)."""
 
 
 @dataclass(frozen=True)

@@ -368,11 +368,14 @@ class Route(_message.Message):
     ADDRESS_FIELD_NUMBER: _builtins.int
     SCHEDULER_ID_FIELD_NUMBER: _builtins.int
     IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
     replica_id: _builtins.str
     address: _builtins.str
     scheduler_id: _builtins.str
     in_flight: _builtins.int
     """not sent (0): tables change only with routes, not with load"""
+    revision: _builtins.int
+    """The revision of its deployment the replica runs (0: not known); OIP version N is revision N."""
     def __init__(
         self,
         *,
@@ -380,10 +383,11 @@ class Route(_message.Message):
         address: _builtins.str = ...,
         scheduler_id: _builtins.str = ...,
         in_flight: _builtins.int = ...,
+        revision: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "in_flight", b"in_flight", "replica_id", b"replica_id", "scheduler_id", b"scheduler_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "in_flight", b"in_flight", "replica_id", b"replica_id", "revision", b"revision", "scheduler_id", b"scheduler_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -396,8 +400,11 @@ class DeploymentRoutes(_message.Message):
     ROUTES_FIELD_NUMBER: _builtins.int
     SPEC_JSON_FIELD_NUMBER: _builtins.int
     ALLOWED_TOKEN_HASHES_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
     spec_json: _builtins.str
     """the deployment's spec: limits, timeout, inputs/outputs"""
+    revision: _builtins.int
+    """The deployment's current revision (0: none kept): unversioned requests go to it."""
     @_builtins.property
     def routes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Route]: ...
     @_builtins.property
@@ -410,10 +417,11 @@ class DeploymentRoutes(_message.Message):
         routes: _abc.Iterable[Global___Route] | None = ...,
         spec_json: _builtins.str = ...,
         allowed_token_hashes: _abc.Iterable[_builtins.str] | None = ...,
+        revision: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_token_hashes", b"allowed_token_hashes", "routes", b"routes", "spec_json", b"spec_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_token_hashes", b"allowed_token_hashes", "revision", b"revision", "routes", b"routes", "spec_json", b"spec_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

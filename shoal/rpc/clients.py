@@ -228,9 +228,14 @@ class RoutingTableDecoder:
             if spec is None:
                 deployments.pop(name, None)
                 continue
-            routes = tuple(Route(r.replica_id, r.address, r.scheduler_id, r.in_flight) for r in dep.routes)
+            routes = tuple(
+                Route(r.replica_id, r.address, r.scheduler_id, r.in_flight, r.revision) for r in dep.routes
+            )
             deployments[name] = DomainRoutes(
-                spec=spec, routes=routes, allowed_tokens=tuple(dep.allowed_token_hashes)
+                spec=spec,
+                routes=routes,
+                allowed_tokens=tuple(dep.allowed_token_hashes),
+                revision=dep.revision,
             )
         self._last = deployments
         return RoutingTable(

@@ -254,9 +254,12 @@ def routes_to_pb(dep: DeploymentRoutes) -> pb.DeploymentRoutes:
         spec_json=dep.spec.to_json(),
         allowed_token_hashes=dep.allowed_tokens,
         routes=[
-            pb.Route(replica_id=r.replica_id, address=r.address, scheduler_id=r.scheduler_id)
+            pb.Route(
+                replica_id=r.replica_id, address=r.address, scheduler_id=r.scheduler_id, revision=r.revision
+            )
             for r in dep.routes
         ],
+        revision=dep.revision,
     )
 
 
