@@ -1575,3 +1575,166 @@ class Ingress(object):
             timeout,
             metadata,
             _registered_method=True)
+
+
+class BlobStub(object):
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Upload = channel.stream_unary(
+                '/shoal.v1.Blob/Upload',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.BlobChunk.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.BlobStat.FromString,
+                _registered_method=True)
+        self.Stat = channel.unary_unary(
+                '/shoal.v1.Blob/Stat',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.BlobRef.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.BlobStat.FromString,
+                _registered_method=True)
+        self.Download = channel.unary_stream(
+                '/shoal.v1.Blob/Download',
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.BlobDownloadRequest.SerializeToString,
+                response_deserializer=shoal_dot_proto_dot_shoal__pb2.BlobChunk.FromString,
+                _registered_method=True)
+
+
+class BlobServicer(object):
+    """Missing associated documentation comment in .proto file."""
+
+    def Upload(self, request_iterator, context):
+        """From the CLI (role deploy): chunks of one blob, the first naming it; resumes at the
+        offset Stat's `have` tells. INVALID_ARGUMENT: a wrong offset, a size over the head's
+        limit, bytes whose hash is not the name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Stat(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Download(self, request, context):
+        """From schedulers: the blob's bytes from an offset, in chunks (the head, or a scheduler
+        from its artifact cache).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_BlobServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Upload': grpc.stream_unary_rpc_method_handler(
+                    servicer.Upload,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.BlobChunk.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.BlobStat.SerializeToString,
+            ),
+            'Stat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stat,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.BlobRef.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.BlobStat.SerializeToString,
+            ),
+            'Download': grpc.unary_stream_rpc_method_handler(
+                    servicer.Download,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.BlobDownloadRequest.FromString,
+                    response_serializer=shoal_dot_proto_dot_shoal__pb2.BlobChunk.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'shoal.v1.Blob', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('shoal.v1.Blob', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Blob(object):
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Upload(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/shoal.v1.Blob/Upload',
+            shoal_dot_proto_dot_shoal__pb2.BlobChunk.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.BlobStat.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Blob/Stat',
+            shoal_dot_proto_dot_shoal__pb2.BlobRef.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.BlobStat.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Download(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/shoal.v1.Blob/Download',
+            shoal_dot_proto_dot_shoal__pb2.BlobDownloadRequest.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.BlobChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -434,3 +434,64 @@ class IngressServicer(metaclass=_abc_1.ABCMeta):
         """The scheduler's Prometheus page, summed over every process."""
 
 def add_IngressServicer_to_server(servicer: IngressServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class BlobStub:
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> BlobAsyncStub: ...
+    Upload: _grpc.StreamUnaryMultiCallable[_shoal_pb2.BlobChunk, _shoal_pb2.BlobStat]
+    """From the CLI (role deploy): chunks of one blob, the first naming it; resumes at the
+    offset Stat's `have` tells. INVALID_ARGUMENT: a wrong offset, a size over the head's
+    limit, bytes whose hash is not the name.
+    """
+    Stat: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.BlobRef, _shoal_pb2.BlobStat]
+    Download: _grpc.UnaryStreamMultiCallable[_shoal_pb2.BlobDownloadRequest, _shoal_pb2.BlobChunk]
+    """From schedulers: the blob's bytes from an offset, in chunks (the head, or a scheduler
+    from its artifact cache).
+    """
+
+@_typing.type_check_only
+class BlobAsyncStub(BlobStub):
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Upload: _aio.StreamUnaryMultiCallable[_shoal_pb2.BlobChunk, _shoal_pb2.BlobStat]  # type: ignore[assignment]
+    """From the CLI (role deploy): chunks of one blob, the first naming it; resumes at the
+    offset Stat's `have` tells. INVALID_ARGUMENT: a wrong offset, a size over the head's
+    limit, bytes whose hash is not the name.
+    """
+    Stat: _aio.UnaryUnaryMultiCallable[_shoal_pb2.BlobRef, _shoal_pb2.BlobStat]  # type: ignore[assignment]
+    Download: _aio.UnaryStreamMultiCallable[_shoal_pb2.BlobDownloadRequest, _shoal_pb2.BlobChunk]  # type: ignore[assignment]
+    """From schedulers: the blob's bytes from an offset, in chunks (the head, or a scheduler
+    from its artifact cache).
+    """
+
+class BlobServicer(metaclass=_abc_1.ABCMeta):
+    @_abc_1.abstractmethod
+    def Upload(
+        self,
+        request_iterator: _MaybeAsyncIterator[_shoal_pb2.BlobChunk],
+        context: _ServicerContext,
+    ) -> _typing.Union[_shoal_pb2.BlobStat, _abc.Awaitable[_shoal_pb2.BlobStat]]:
+        """From the CLI (role deploy): chunks of one blob, the first naming it; resumes at the
+        offset Stat's `have` tells. INVALID_ARGUMENT: a wrong offset, a size over the head's
+        limit, bytes whose hash is not the name.
+        """
+
+    @_abc_1.abstractmethod
+    def Stat(
+        self,
+        request: _shoal_pb2.BlobRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_shoal_pb2.BlobStat, _abc.Awaitable[_shoal_pb2.BlobStat]]: ...
+
+    @_abc_1.abstractmethod
+    def Download(
+        self,
+        request: _shoal_pb2.BlobDownloadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_shoal_pb2.BlobChunk], _abc.AsyncIterator[_shoal_pb2.BlobChunk]]:
+        """From schedulers: the blob's bytes from an offset, in chunks (the head, or a scheduler
+        from its artifact cache).
+        """
+
+def add_BlobServicer_to_server(servicer: BlobServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
