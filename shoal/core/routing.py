@@ -6,9 +6,10 @@ Pure functions over a list of candidates that expose ``in_flight`` and
 
 from __future__ import annotations
 
+import collections
 import itertools
 import random
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Protocol, TypeVar
 
 
@@ -74,6 +75,23 @@ def pick_for_model(
     if fewest < capacity:
         return policy.pick([c for c in candidates if len(held(c)) == fewest])
     return policy.pick(candidates)
+
+
+def default_revisions(revisions: Iterable[int], replicas: int) -> frozenset[int]:
+    """Which revisions take requests that name no version, for a deployment that keeps
+    several revisions serving (``serve_revisions`` > 1); ``revisions``: the revision of each
+    replica that takes requests (0: not known yet, never chosen).
+
+    The newest revision that has a replica; while it has fewer than ``replicas`` (its
+    rolling update is under way) the next newest too, so that an update does not leave its
+    first new replica alone with every request. Empty when no revision is known."""
+    counts = collections.Counter(r for r in revisions if r > 0)
+    newest = sorted(counts, reverse=True)[:2]
+    if not newest:
+        return frozenset()
+    if counts[newest[0]] >= replicas:
+        return frozenset(newest[:1])
+    return frozenset(newest)
 
 
 def make_policy(name: str) -> Policy:

@@ -10,7 +10,7 @@ and at most :data:`MAX_SECONDS`. Anywhere in the document, ``options`` included,
 must be finite (JSON's ``Infinity``/``NaN``, YAML's ``.inf``/``.nan`` are refused) and
 strings valid Unicode; ``options`` may nest :data:`MAX_OPTIONS_DEPTH` levels and take
 :data:`MAX_OPTIONS_BYTES` as JSON. ``multiplexing.max_models_per_replica`` is at most
-:data:`MAX_MODELS_PER_REPLICA`.
+:data:`MAX_MODELS_PER_REPLICA`; ``serve_revisions`` at most :data:`MAX_SERVE_REVISIONS`.
 """
 
 from __future__ import annotations
@@ -65,6 +65,8 @@ MAX_TEXT = 4096
 """Longest ``model`` or ``base_dir``."""
 MAX_MODELS_PER_REPLICA = 1000
 """Most model ids one replica of a multiplexed deployment may hold loaded at once."""
+MAX_SERVE_REVISIONS = 5
+"""Most revisions of one deployment that ``serve_revisions`` may keep serving at once."""
 MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 """What a multiplexed model id may be: a plain name (it names a file, a metric label), never
 a path: no ``/``, no leading ``.``, at most 128 characters."""
@@ -208,6 +210,10 @@ class DeploymentSpec(_Strict):
     outputs: tuple[TensorSpec, ...] = Field(default=(), max_length=MAX_TENSORS)
     auth: Auth | None = None
     multiplexing: Multiplexing | None = None
+    # How many revisions keep serving (OIP versions, /v2/models/NAME/versions/N): the current
+    # one and the latest ones before it, each with ``replicas`` replicas; 1: an update replaces
+    # the old replicas once the new ones are READY.
+    serve_revisions: int = Field(default=1, ge=1, le=MAX_SERVE_REVISIONS)
     # The folder the spec file was read from: relative model paths resolve
     # against it and the python backend imports modules from it.
     base_dir: str = Field(default="", max_length=MAX_TEXT)
@@ -230,6 +236,11 @@ class DeploymentSpec(_Strict):
         if self.backend != "python" and uri_scheme(self.base_dir):
             raise ValueError(
                 "base_dir may be a URI only for the python backend; give the model's URI in model"
+            )
+        if self.serve_revisions > 1 and self.autoscaling is not None:
+            raise ValueError(
+                "serve_revisions above 1 needs a fixed replica count (replicas), not autoscaling: "
+                "each revision kept serving runs that many replicas"
             )
         return self
 
@@ -271,13 +282,14 @@ class DeploymentSpec(_Strict):
         """Hash of everything that needs new replica processes when it changes.
 
         Replica count and autoscaling bounds are left out: changing them
-        scales, it does not restart; so are the inference tokens (schedulers check them).
+        scales, it does not restart; so are the inference tokens (schedulers check them) and
+        ``serve_revisions`` (which revisions keep serving, not how each runs).
         """
         return self.cached_process_hash
 
     @functools.cached_property
     def cached_process_hash(self) -> str:
-        doc = self.model_dump(mode="json", exclude={"replicas", "autoscaling", "auth"})
+        doc = self.model_dump(mode="json", exclude={"replicas", "autoscaling", "auth", "serve_revisions"})
         # Left out at their defaults: specs from before these fields keep their hash (and replicas).
         for key, default in (("restarts", 0), ("model_hash", ""), ("multiplexing", None)):
             if doc[key] == default:

@@ -38,6 +38,7 @@ class ReplicaHandle:
         self.in_flight = 0  # reserved by the router before send, released after
         self.gone = False
         self.retired = False  # draining: no new requests, pending ones finish
+        self.revision = 0  # of its deployment, from the head's table (0: not known yet)
         # Multiplexed deployments: the model ids this router sent here, least recent first, as
         # many as the replica holds: what it most likely has loaded (see Router._pick).
         self.models: collections.OrderedDict[str, None] = collections.OrderedDict()

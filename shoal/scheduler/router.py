@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from shoal.config import Settings
 from shoal.core.clock import Clock, SystemClock
 from shoal.core.payload import Tensors
-from shoal.core.routing import Policy, make_policy, pick_for_model
+from shoal.core.routing import Policy, default_revisions, make_policy, pick_for_model
 from shoal.core.spec import DeploymentSpec
 from shoal.core.stats import DeploymentStats
 from shoal.core.traffic import TrafficRoute
@@ -34,7 +34,14 @@ from shoal.errors import (
     Unavailable,
 )
 from shoal.scheduler.handle import ReplicaGone, ReplicaHandle
-from shoal.types import GenerateChunk, GenerateRequest, LoadReport, ReplicaClient, RoutingTable
+from shoal.types import (
+    DeploymentRoutes,
+    GenerateChunk,
+    GenerateRequest,
+    LoadReport,
+    ReplicaClient,
+    RoutingTable,
+)
 
 log = logging.getLogger("shoal.router")
 
@@ -84,6 +91,7 @@ class _Deployment:
     # Gone from the head's table while this machine's replicas of it still drain: it takes
     # no new request (NotFound at once, not a wait for a replica that will not come).
     deleted: bool = False
+    revision: int = 0  # the current revision, from the head's table (0: none kept)
 
 
 class Router:
@@ -197,6 +205,7 @@ class Router:
             if dep.deleted:
                 dep.deleted = False
                 self._notify(dep)
+            self._set_revisions(dep, routes)
             remote = {
                 r.replica_id: r
                 for r in routes.routes
@@ -214,6 +223,7 @@ class Router:
             for rid, r in remote.items():
                 if rid not in dep.handles:
                     self.add(rid, routes.spec, r.address, r.scheduler_id)
+                    dep.handles[rid].revision = r.revision
         for name in [n for n in self._deployments if n not in table.deployments]:
             dep = self._deployments[name]
             if self._table_only or not any(h.local for h in dep.handles.values()):
@@ -234,6 +244,32 @@ class Router:
                     if not handle.local:
                         await self.remove(rid, failed=False)
                 self._notify(dep)
+
+    def _set_revisions(self, dep: _Deployment, routes: DeploymentRoutes) -> None:
+        """The revision each replica runs, this machine's too (they join before the head lists them)."""
+        changed = dep.revision != routes.revision
+        dep.revision = routes.revision
+        for r in routes.routes:
+            handle = dep.handles.get(r.replica_id)
+            if handle is not None and handle.revision != r.revision:
+                handle.revision = r.revision
+                changed = True
+        if changed:
+            self._notify(dep)
+
+    def versions(self, name: str) -> tuple[int, dict[int, int]]:
+        """``name``'s current revision (0: none kept) and, per revision, how many replicas of it
+        take requests (those of a revision not known yet left out). NotFound for an unknown
+        deployment."""
+        dep = self._live(name)
+        counts = collections.Counter(h.revision for h in dep.handles.values() if h.accepting and h.revision)
+        return dep.revision, dict(counts)
+
+    def revision_of(self, name: str, replica_id: str) -> int:
+        """The revision replica ``replica_id`` of ``name`` runs (0: not known, or gone)."""
+        dep = self._deployments.get(name)
+        handle = dep.handles.get(replica_id) if dep is not None else None
+        return handle.revision if handle is not None else 0
 
     def _live(self, name: str) -> _Deployment:
         dep = self._deployments.get(name)
@@ -284,6 +320,7 @@ class Router:
         request_id: str = "",
         timeout_s: float = 0.0,
         model_id: str = "",
+        version: int = 0,
     ) -> tuple[Tensors, str]:
         """Run one request on some READY replica; returns (outputs, replica id).
 
@@ -293,13 +330,15 @@ class Router:
         request whose replica dies is retried on another, up to
         ``settings.request_attempts`` replicas. ``model_id`` (a multiplexed deployment's) goes
         to a replica that holds it when one has room (:func:`shoal.core.routing.pick_for_model`).
+        ``version`` N > 0: only replicas of revision N (NotFound when none serves and N is not
+        the current revision); 0: see :func:`shoal.core.routing.default_revisions`.
         """
         dep = self._live(deployment)
         started = time.perf_counter()
         outcome = "error"
         request_id = request_id or uuid.uuid4().hex
         try:
-            result = await self._send(dep, inputs, request_id, timeout_s, started, model_id)
+            result = await self._send(dep, inputs, request_id, timeout_s, started, model_id, version)
             outcome = "ok"
             return result
         except ShoalError as err:
@@ -340,6 +379,7 @@ class Router:
         timeout_s: float,
         started: float,
         model_id: str,
+        version: int = 0,
     ) -> tuple[Tensors, str]:
         timeout_s = timeout_s if timeout_s > 0 else dep.spec.timeout_s
         clock = self._clock
@@ -352,7 +392,7 @@ class Router:
                 # killed, still in the routing table for a few ms): give the table a moment to
                 # drop it or a replacement to join before trying one of them again.
                 await dep.changed.wait(min(RETRY_PAUSE_S, max(0.0, deadline - clock.now())), clock)
-            handle = await self._acquire(dep, deadline, tried, model_id)
+            handle = await self._acquire(dep, deadline, tried, model_id, version)
             if attempt == 0:
                 dep.stats.queue.observe(time.perf_counter() - started)
             try:
@@ -384,13 +424,13 @@ class Router:
         )
 
     async def _acquire(
-        self, dep: _Deployment, deadline: float, tried: set[str], model_id: str = ""
+        self, dep: _Deployment, deadline: float, tried: set[str], model_id: str = "", version: int = 0
     ) -> ReplicaHandle:
         if dep.deleted:
             raise NotFound(f"no deployment named {dep.spec.name!r}: it was deleted")
         # Behind those already queued, first come first served: a new request that took a
         # freed slot ahead of them kept some waiting for seconds under a flood.
-        handle = None if dep.waiting else self._pick(dep, tried, model_id)
+        handle = None if dep.waiting else self._pick(dep, tried, model_id, version)
         if handle is not None:
             handle.in_flight += 1
             return handle
@@ -405,7 +445,9 @@ class Router:
             while True:
                 if dep.deleted:
                     raise NotFound(f"no deployment named {dep.spec.name!r}: it was deleted")
-                handle = self._pick(dep, tried, model_id)
+                if version and version != dep.revision and not self._serves(dep, version):
+                    raise NotFound(f"model {dep.spec.name!r}: version {version} no longer serves")
+                handle = self._pick(dep, tried, model_id, version)
                 if handle is not None:
                     handle.in_flight += 1
                     return handle
@@ -438,11 +480,23 @@ class Router:
             f"(max_queued_requests={dep.spec.max_queued_requests}{share})"
         )
 
-    def _pick(self, dep: _Deployment, tried: set[str], model_id: str = "") -> ReplicaHandle | None:
+    def _serves(self, dep: _Deployment, version: int) -> bool:
+        return any(h.accepting and h.revision == version for h in dep.handles.values())
+
+    def _pick(
+        self, dep: _Deployment, tried: set[str], model_id: str = "", version: int = 0
+    ) -> ReplicaHandle | None:
         limit = dep.spec.max_ongoing_requests
         if self._share > 1:
             limit = -(-limit // self._share)
         open_ = [h for h in dep.handles.values() if h.accepting and h.in_flight < limit]
+        if version or (dep.spec.serve_revisions > 1 and open_):
+            if version:
+                allowed: Collection[int] = (version,)
+            else:
+                serving = (h.revision for h in dep.handles.values() if h.accepting)
+                allowed = default_revisions(serving, dep.spec.replicas)
+            open_ = [h for h in open_ if h.revision in allowed]
         if not open_:
             return None
         fresh = [h for h in open_ if h.replica_id not in tried]
