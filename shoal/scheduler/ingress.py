@@ -182,11 +182,14 @@ class IngressHub:
         for name, spec in self._router.deployments().items():
             head = self._head_table.deployments.get(name)
             routes = tuple(
-                Route(h.replica_id, h.address, h.scheduler_id, h.in_flight)
+                Route(h.replica_id, h.address, h.scheduler_id, h.in_flight, h.revision)
                 for h in self._router.handles(name)
             )
             allowed = head.allowed_tokens if head is not None else ()
-            deployments[name] = DeploymentRoutes(spec=spec, routes=routes, allowed_tokens=allowed)
+            revision = head.revision if head is not None else 0
+            deployments[name] = DeploymentRoutes(
+                spec=spec, routes=routes, allowed_tokens=allowed, revision=revision
+            )
         return RoutingTable(
             version=version,
             deployments=deployments,
