@@ -84,12 +84,12 @@ def start(
 
 def ready(head: str) -> bool:
     from shoal.config import Settings
-    from shoal.rpc.clients import ControlClient, status_to_dict
+    from shoal.rpc.clients import ControlClient
 
     async def go() -> bool:
         client = ControlClient(head, Settings.load(file=None, flags={"head_address": head}))
         try:
-            deps = status_to_dict(await client.status())["deployments"]
+            deps = (await client.status()).to_json()["deployments"]
         finally:
             await client.close()
         return len(deps) == 2 and all(any(r["state"] == "READY" for r in d["replicas"]) for d in deps)

@@ -266,13 +266,13 @@ def _shoal_ready(run: Running) -> bool:
     doc = json.loads(endpoints.read_text())
     run.grpc, run.http = doc["scheduler"], doc["scheduler_http"]
     from shoal.config import Settings
-    from shoal.rpc.clients import ControlClient, status_to_dict
+    from shoal.rpc.clients import ControlClient
 
     async def ready() -> bool:
         settings = Settings.load(file=None, flags={"head_address": doc["head"]})
         client = ControlClient(doc["head"], settings)
         try:
-            status = status_to_dict(await client.status())
+            status = (await client.status()).to_json()
         finally:
             await client.close()
         deps = status["deployments"]
