@@ -13,7 +13,7 @@ import math
 import secrets
 import time
 from collections import deque
-from collections.abc import Container, Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -201,6 +201,11 @@ class ClusterState:
     _failures: dict[str, _StartFailures] = field(default_factory=dict)
     # Deployments that just became FAILED, (name, spec hash, message): see take_failed.
     _newly_failed: list[tuple[str, str, str]] = field(default_factory=list)
+    # Earlier revisions kept serving (``serve_revisions``), by deployment: their process
+    # hashes as of the last reconcile, and their own start failures, by (name, hash), which
+    # back off their replacements without touching the current spec's.
+    _retained: dict[str, frozenset[str]] = field(default_factory=dict)
+    _retained_failures: dict[tuple[str, str], _StartFailures] = field(default_factory=dict)
 
     # ------------------------------------------------------------ membership
 
@@ -331,6 +336,7 @@ class ClusterState:
         deleted: Container[str] = frozenset(),
         *,
         max_creates: int = MAX_CREATES_PER_PASS,
+        retained: Mapping[str, Sequence[DeploymentSpec]] | None = None,
     ) -> list[Action]:
         """Actions that move the actual state toward ``desired`` (name -> (spec, replica count)).
 
@@ -338,6 +344,9 @@ class ClusterState:
           ``max_creates`` in one call (``more_to_place`` then says to call again soon);
         - a changed spec rolls: new replicas start first (a few at a time), an
           old one is drained only once a new one is READY;
+        - ``retained`` (name -> earlier specs, ``serve_revisions``): their replicas are kept,
+          not rolled; each keeps the deployment's replica count, those missing placed again
+          once the current spec has all of its replicas READY;
         - surplus replicas are removed, and so are replicas of deployments in ``deleted``
           (the store's tombstones). A replica of a deployment that is neither desired nor
           deleted (the store does not know it: a new or damaged store) is kept.
@@ -354,26 +363,35 @@ class ClusterState:
                 actions.append(self._remove(rec, graceful=True))
         index = _Index.build(self)
         budget = [max_creates]
+        retained = retained or {}
+        self._retained = {n: frozenset(s.process_hash() for s in retained.get(n, ())) for n in desired}
+        for key in [k for k in self._retained_failures if k[1] not in self._retained.get(k[0], ())]:
+            del self._retained_failures[key]
         for _, (spec, count) in sorted(desired.items()):
-            actions.extend(self._reconcile_one(spec, count, index, budget))
+            actions.extend(self._reconcile_one(spec, count, index, budget, retained.get(spec.name, ())))
         return actions
 
     def _reconcile_one(
-        self, spec: DeploymentSpec, count: int, index: _Index, budget: list[int]
+        self,
+        spec: DeploymentSpec,
+        count: int,
+        index: _Index,
+        budget: list[int],
+        retained: Sequence[DeploymentSpec] = (),
     ) -> list[Action]:
         actions: list[Action] = []
         want = spec.process_hash()
+        kept = self._retained.get(spec.name, frozenset())
         mine = index.by_deployment.get(spec.name, [])
         live = [r for r in mine if r.state != DRAINING]
         new = [r for r in live if r.spec_hash == want]
-        old = [r for r in live if r.spec_hash != want]
+        old = [r for r in live if r.spec_hash != want and r.spec_hash not in kept]
         ready_new = [r for r in new if r.state == READY]
 
-        if len(new) > count:
-            # Surplus: drop the ones doing least first (not yet ready, then the newest).
-            surplus = sorted(new, key=lambda r: (r.state == READY, -r.created_version, r.id))
-            for rec in surplus[: len(new) - count]:
-                actions.append(self._remove(rec, graceful=True))
+        actions.extend(self._surplus(new, count))
+        if len(ready_new) >= count:
+            for earlier in retained:
+                actions.extend(self._keep_retained(earlier, count, live, index, budget))
         missing = count - len(new)
         starting = len(new) - len(ready_new)
         if old:
@@ -421,6 +439,41 @@ class ClusterState:
             self.pending_reasons[spec.name] += "; draining one old replica first to make room"
         for rec in victims[: max(0, removable)]:
             actions.append(self._remove(rec, graceful=True))
+        return actions
+
+    def _surplus(self, recs: list[ReplicaRecord], count: int) -> list[Action]:
+        """Remove what ``recs`` (one spec's live replicas) holds past ``count``: the ones doing
+        least first (not yet ready, then the newest)."""
+        surplus = sorted(recs, key=lambda r: (r.state == READY, -r.created_version, r.id))
+        return [self._remove(rec, graceful=True) for rec in surplus[: max(0, len(recs) - count)]]
+
+    def _keep_retained(
+        self,
+        spec: DeploymentSpec,
+        count: int,
+        live: list[ReplicaRecord],
+        index: _Index,
+        budget: list[int],
+    ) -> list[Action]:
+        """An earlier revision kept serving: ``count`` replicas of ``spec``, no more, no fewer
+        (those that died placed again, backing off after failed starts)."""
+        key = spec.process_hash()
+        recs = [r for r in live if r.spec_hash == key]
+        actions = self._surplus(recs, count)
+        failures = self._retained_failures.get((spec.name, key))
+        if failures is not None and (
+            failures.crashes >= FAILED_AFTER or self.clock.now() < failures.not_before
+        ):
+            return actions
+        for _ in range(count - len(recs)):
+            if budget[0] <= 0:
+                self.more_to_place = True
+                break
+            action = self._place(spec, key, index)
+            if action is None:
+                break
+            budget[0] -= 1
+            actions.append(action)
         return actions
 
     def _place(self, spec: DeploymentSpec, spec_hash: str, index: _Index) -> CreateReplica | None:
@@ -547,15 +600,21 @@ class ClusterState:
         )
 
     def _start_failed(self, deployment: str, message: str, spec_hash: str, *, crashed: bool) -> None:
-        f = self._failures.setdefault(deployment, _StartFailures(spec_hash=spec_hash))
+        if spec_hash in self._retained.get(deployment, ()):
+            # An earlier revision kept serving: its replacements back off, and stop after
+            # FAILED_AFTER, but the deployment (its current spec) is not FAILED for it.
+            key = (deployment, spec_hash)
+            f = self._retained_failures.setdefault(key, _StartFailures(spec_hash=spec_hash))
+        else:
+            f = self._failures.setdefault(deployment, _StartFailures(spec_hash=spec_hash))
         f.count += 1
         f.crashes += crashed
         f.last_message = message
-        if crashed and f.crashes == FAILED_AFTER:
-            self.event("deployment_failed", f"{deployment} FAILED: {message}", deployment=deployment)
-            self._newly_failed.append((deployment, f.spec_hash, message))
         delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (f.count - 1))
         f.not_before = self.clock.now() + delay
+        if crashed and f.crashes == FAILED_AFTER and f is self._failures.get(deployment):
+            self.event("deployment_failed", f"{deployment} FAILED: {message}", deployment=deployment)
+            self._newly_failed.append((deployment, f.spec_hash, message))
 
     def take_failed(self) -> list[tuple[str, str, str]]:
         """The deployments that became FAILED since the last call, once each, in order:
@@ -566,6 +625,8 @@ class ClusterState:
     def clear_start_failures(self, deployment: str) -> bool:
         """Forget ``deployment``'s failed starts (a new deploy, even of the same spec, is a new
         try: the user may have fixed the model's code). True when there were any."""
+        for key in [k for k in self._retained_failures if k[0] == deployment]:
+            del self._retained_failures[key]
         return self._failures.pop(deployment, None) is not None
 
     def event(

@@ -45,6 +45,7 @@ from shoal.core.status import ClusterEvent, ClusterStatus, DeploymentStatus, Rep
 from shoal.core.tasks import TaskSet
 from shoal.core.traffic import TrafficRoute
 from shoal.errors import FailedPrecondition, InvalidArgument, NotFound, ShoalError
+from shoal.head.blobs import BlobStore
 from shoal.head.traffic import TrafficRoutes
 from shoal.store.base import Store
 from shoal.store.history import History, LifecycleEvent, Revision
@@ -124,6 +125,10 @@ class HeadNode:
         self.tokens = TokenRegistry(store)
         self.history = History(store)
         self.traffic = TrafficRoutes(store)
+        # The cluster's artifact store (shoal.head.blobs): a spec naming a blob it lacks is refused.
+        self.blobs: BlobStore | None = None
+        # Earlier revisions' specs, parsed once: (name, number, spec hash) -> spec.
+        self._revision_specs: dict[tuple[str, int, str], DeploymentSpec] = {}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -261,6 +266,8 @@ class HeadNode:
         await asyncio.to_thread(
             check_deployable, spec, self.settings.allowed_model_dirs, self.settings.model_uri_prefixes
         )
+        if self.blobs is not None:
+            self.blobs.check_named(spec)
         unknown = [n for n in required_tokens(spec) if self.tokens.get(n) is None]
         if unknown:
             raise InvalidArgument(
@@ -397,7 +404,11 @@ class HeadNode:
     ) -> tuple[Revision, DeploymentSpec]:
         """Make ``target``'s spec the desired one again (keeping the replica count). Under the lock."""
         new = _revision_spec(name, target).model_copy(
-            update={"replicas": spec.replicas, "autoscaling": spec.autoscaling}
+            update={
+                "replicas": spec.replicas,
+                "autoscaling": spec.autoscaling,
+                "serve_revisions": spec.serve_revisions,
+            }
         )
         if new.to_json() == spec.to_json():
             raise FailedPrecondition(f"deployment {name!r} already runs the spec of revision {target.number}")
@@ -482,6 +493,7 @@ class HeadNode:
             self.targets.pop(name, None)
             self.autoscaler.forget(name)
             await self.history.forget(name)
+            self._revision_specs = {k: v for k, v in self._revision_specs.items() if k[0] != name}
             await self.history.record(name, "deleted", "deleted; its replicas drain and stop")
         log.info("deployment %s deleted", name)
         self.wake()
@@ -554,11 +566,12 @@ class HeadNode:
                 running = collections.Counter(r.deployment for r in self.state.replicas.values())
                 alive = {s.id for s in self.state.schedulers.values() if s.state == ALIVE}
                 desired = {n: (s, self._target(s, running[n], alive)) for n, s in self.desired.items()}
+                retained = {n: self._retained(s) for n, s in self.desired.items() if s.serve_revisions > 1}
                 if self._paused:
                     self.state.expire()
                     actions = []
                 else:
-                    actions = self.state.reconcile(desired, self.deleted)
+                    actions = self.state.reconcile(desired, self.deleted, retained=retained)
                     if self.state.more_to_place:
                         self.wake()
             for sid in list(self._clients):
@@ -571,6 +584,36 @@ class HeadNode:
             await asyncio.gather(*(self._act(a) for a in actions))
         await self._publish_routes()
         return actions
+
+    def _retained(self, spec: DeploymentSpec) -> list[DeploymentSpec]:
+        """The earlier revisions that keep serving beside the current one: of the kept
+        revisions, newest first, up to ``serve_revisions - 1`` that did not fail, each the
+        newest of its spec (a restart replaces the revision it restarts; a rollback is the
+        revision it rolls back to, under its new number). Each runs the current replica
+        count and ``serve_revisions``. Under the lock."""
+        seen = {_identity(spec)}
+        out: list[DeploymentSpec] = []
+        for rev in reversed(self.history.revisions(spec.name)):
+            if len(out) >= spec.serve_revisions - 1:
+                break
+            if rev.outcome.startswith("failed"):
+                continue
+            key = (spec.name, rev.number, rev.spec_hash)
+            earlier = self._revision_specs.get(key)
+            if earlier is None:
+                try:
+                    earlier = self._revision_specs[key] = _revision_spec(spec.name, rev)
+                except FailedPrecondition:
+                    continue
+            if _identity(earlier) in seen:
+                continue
+            seen.add(_identity(earlier))
+            out.append(
+                earlier.model_copy(
+                    update={"replicas": spec.replicas, "serve_revisions": spec.serve_revisions}
+                )
+            )
+        return out
 
     def _target(self, spec: DeploymentSpec, running: int, alive: set[str]) -> int:
         """The replica count to reconcile to: the spec's, or the autoscaler's. ``running``: the
@@ -670,16 +713,24 @@ class HeadNode:
 
     def _table(self) -> dict[str, DeploymentRoutes]:
         routes = self.state.routes()
-        return {
-            name: DeploymentRoutes(
+        table = {}
+        for name, spec in self.desired.items():
+            # A replica runs the newest revision of its spec (a rollback's number, not the
+            # number it rolled back to): OIP version N reaches revision N.
+            revisions = self.history.revisions(name)
+            number = {rev.spec_hash: rev.number for rev in revisions}
+            table[name] = DeploymentRoutes(
                 spec=spec,
                 # Without load (in_flight 0): a table that changed with every health update went
                 # to every scheduler every second. Load reaches the head in health updates.
-                routes=tuple(Route(r.id, r.address, r.scheduler_id, 0) for r in routes.get(name, [])),
+                routes=tuple(
+                    Route(r.id, r.address, r.scheduler_id, 0, number.get(r.spec_hash, 0))
+                    for r in routes.get(name, [])
+                ),
                 allowed_tokens=self.tokens.hashes(required_tokens(spec)),
+                revision=revisions[-1].number if revisions else 0,
             )
-            for name, spec in self.desired.items()
-        }
+        return table
 
     async def _publish_routes(self) -> None:
         async with self.lock:
@@ -759,6 +810,11 @@ def _revision_spec(name: str, rev: Revision) -> DeploymentSpec:
         return parse_spec_json(rev.spec_json)
     except InvalidArgument as err:
         raise FailedPrecondition(f"revision {rev.number} of {name!r} cannot be read: {err}") from None
+
+
+def _identity(spec: DeploymentSpec) -> str:
+    """What makes two revisions the same version: their process hash, restarts aside."""
+    return spec.model_copy(update={"restarts": 0}).process_hash()
 
 
 def _deleted_at(value: str) -> float:

@@ -11,6 +11,10 @@ door a request came in by, and they live here:
   client's plus a random suffix), so two requests reusing one id never share a pending
   entry;
 * **deadlines**: the call's ``timeout_s`` (0: the deployment's ``timeout_s``);
+* **versions**: a request naming version N goes only to replicas of revision N, which must
+  serve (NotFound naming the versions that do; InvalidArgument for a version that is no
+  number: :meth:`ModelCatalog.revision`); one naming none, to any (the newest with
+  ``serve_revisions`` above 1);
 * **model ids**: a multiplexed deployment's request names its model id (OIP parameter
   :data:`MODEL_ID_PARAMETER`, HTTP header :data:`MODEL_ID_HEADER`), a plain name; any other
   deployment's names none;
@@ -41,7 +45,7 @@ from shoal.core import limits, payload
 from shoal.core.payload import Tensor, Tensors
 from shoal.core.spec import DeploymentSpec, check_model_id
 from shoal.errors import InvalidArgument, ShoalError
-from shoal.scheduler.models import InferResult, ModelCatalog, check_inputs, check_outputs, model_version
+from shoal.scheduler.models import InferResult, ModelCatalog, check_inputs, check_outputs
 from shoal.scheduler.router import OUTCOME_OF, Router
 
 log = logging.getLogger("shoal.dataplane")
@@ -93,7 +97,8 @@ class DataPlane:
         try:
             # A traffic route's name: the target drawn for this request (``Router.resolve``).
             target, shadow = self.router.resolve(call.model)
-            spec = self.catalog.spec(target, call.version)
+            spec = self.catalog.spec(target)
+            revision = self.catalog.revision(spec, call.version)
             self.check(call)
             _check_model_id(spec, call.model_id)
             metadata = await self.catalog.request_metadata(spec)
@@ -113,6 +118,7 @@ class DataPlane:
                 request_id=internal_id,
                 timeout_s=call.timeout_s,
                 model_id=call.model_id,
+                version=revision,
             )
             outputs = _select(spec.name, outputs, call.outputs, [t.name for t in metadata.outputs])
         except BaseException:
@@ -120,7 +126,9 @@ class DataPlane:
             raise
         rows = call.inputs[0].rows if call.inputs else 1
         self.catalog.record(spec, ok=True, elapsed_ns=time.perf_counter_ns() - started, rows=rows)
-        return InferResult(call.model, model_version(spec), call.id, outputs, replica_id)
+        return InferResult(
+            call.model, self.catalog.served_version(spec, replica_id), call.id, outputs, replica_id
+        )
 
     def check(self, call: InferCall) -> None:
         """The checks that need no model metadata: headers, byte lengths, the element limit."""

@@ -1,8 +1,12 @@
 """The Open Inference Protocol's view of a scheduler's deployments (KServe V2 / Triton).
 
-Every deployment the scheduler's router knows is a *model* with one version: ``"1"``, or,
-for a model file in Triton's layout (``.../NAME/N/model.onnx``, from a model repository),
-``"N"`` (:func:`model_version`).
+Every deployment the scheduler's router knows is a *model*. Its versions are its
+revisions (``shoal history``): version ``"N"`` is revision N, and the versions that
+*serve* are the revisions whose replicas are READY (with ``serve_revisions`` above 1 the
+latest few keep serving; see :meth:`ModelCatalog.revision`). A model file in Triton's
+layout (``.../NAME/N/model.onnx``, from a model repository) has one version instead, its
+folder's ``"N"`` (:func:`model_version`); so has a deployment from before revisions were
+kept, ``"1"``.
 :class:`ModelCatalog` answers what the protocol asks of models (readiness, metadata,
 Triton's model configuration, statistics), checks inference requests against the
 model's metadata and runs them through the :class:`~shoal.scheduler.router.Router`.
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -204,6 +209,16 @@ def check_version(spec: DeploymentSpec, version: str) -> None:
         raise NotFound(f"model {spec.name!r} has no version {version!r}; its only version is {served!r}")
 
 
+def version_number(spec: DeploymentSpec, version: str) -> int:
+    """``version`` as a revision number: InvalidArgument unless a positive integer."""
+    if not version.isascii() or not version.isdigit() or len(version) > 9 or int(version) == 0:
+        raise InvalidArgument(
+            f"model {spec.name!r}: version {version[:64]!r} is not a version number "
+            "(a positive integer: the deployment's revision)"
+        )
+    return int(version)
+
+
 def max_batch_size(spec: DeploymentSpec) -> int:
     """Triton's ``max_batch_size``: 0 when the deployment does not batch (shoal's 1)."""
     size = spec.batching.max_batch_size
@@ -358,29 +373,77 @@ class ModelCatalog:
     # -- models
 
     def spec(self, name: str, version: str = "") -> DeploymentSpec:
-        """The deployment behind model ``name``; NotFound for an unknown model or version."""
+        """The deployment behind model ``name``; NotFound for an unknown model or a version that
+        does not serve, InvalidArgument for a version that is no number (see :meth:`revision`)."""
         try:
             spec = self._router.spec(name)
         except NotFound:
             raise NotFound(f"unknown model {name!r}: no deployment of that name") from None
-        check_version(spec, version)
+        if version:
+            self.revision(spec, version)
         return spec
 
+    def revision(self, spec: DeploymentSpec, version: str) -> int:
+        """The revision a request for ``version`` of ``spec`` goes to: 0 for any (``""``, and
+        the one version of a model in Triton's layout or from before revisions were kept).
+
+        A version N must serve: a replica of revision N is READY, or N is the current
+        revision (its requests wait for a replica, as requests naming no version do).
+        NotFound otherwise, naming the versions that serve; InvalidArgument for a version
+        that is no positive integer.
+        """
+        if not version:
+            return 0
+        number = version_number(spec, version)
+        if triton_repo.layout_version(spec):
+            check_version(spec, version)
+            return 0
+        current, serving = self._router.versions(spec.name)
+        if not current and not serving:
+            check_version(spec, version)  # kept no revisions: its one version, "1"
+            return 0
+        if number != current and number not in serving:
+            raise NotFound(
+                f"model {spec.name!r} has no version {version!r} serving; versions that serve: "
+                f"{', '.join(self.versions(spec)) or 'none'}"
+            )
+        return number
+
+    def versions(self, spec: DeploymentSpec) -> tuple[str, ...]:
+        """The versions of ``spec`` that serve, ascending: revisions with a READY replica; the
+        current one alone when none has (see the module docstring for the other cases)."""
+        if triton_repo.layout_version(spec):
+            return (model_version(spec),)
+        current, serving = self._router.versions(spec.name)
+        if serving:
+            return tuple(str(n) for n in sorted(serving))
+        return (str(current or VERSION),)
+
+    def served_version(self, spec: DeploymentSpec, replica_id: str) -> str:
+        """The version a request that ``replica_id`` answered was served by."""
+        revision = 0 if triton_repo.layout_version(spec) else self._router.revision_of(spec.name, replica_id)
+        return str(revision) if revision else self.versions(spec)[-1]
+
     def model_ready(self, name: str, version: str = "") -> bool:
-        """Whether ``name`` has a READY replica; NotFound for an unknown model or version."""
-        self.spec(name, version)
+        """Whether ``name`` (of ``version``) has a READY replica; NotFound for an unknown model
+        or a version that does not serve."""
+        spec = self.spec(name)
+        number = self.revision(spec, version)
+        if number:
+            return self._router.versions(name)[1].get(number, 0) > 0
         return self._router.ready_count(name) > 0
 
     def index(self, *, ready_only: bool = False) -> list[ModelIndexEntry]:
-        """Every model, sorted by name, READY or UNAVAILABLE (no READY replica)."""
-        out = []
+        """Every model, sorted by name, a row per version that serves (READY), or one row of
+        its current version, UNAVAILABLE (no READY replica)."""
+        out: list[ModelIndexEntry] = []
         for name, spec in sorted(self._router.deployments().items()):
             ready = self._router.ready_count(name) > 0
             if ready_only and not ready:
                 continue
             reason = "" if ready else "no READY replica"
             state = "READY" if ready else "UNAVAILABLE"
-            out.append(ModelIndexEntry(name, model_version(spec), state, reason))
+            out.extend(ModelIndexEntry(name, v, state, reason) for v in self.versions(spec))
         return out
 
     async def metadata(self, name: str, version: str = "") -> ModelMetadata:
@@ -389,15 +452,19 @@ class ModelCatalog:
         Raises NotFound for an unknown model or version, Unavailable when the spec
         declares no tensors and no READY replica can describe them.
         """
-        metadata = await self._metadata(self.spec(name, version), wait=True)
+        spec = self.spec(name, version)
+        metadata = await self._metadata(spec, wait=True)
         assert metadata is not None  # wait=True raises instead
-        return metadata
+        return dataclasses.replace(metadata, versions=self.versions(spec))
 
     async def config(self, name: str, version: str = "") -> dict[str, Any]:
         """Triton's model configuration in its JSON form (see :func:`model_config`)."""
         spec = self.spec(name, version)
         metadata = await self.metadata(name, version)
-        return model_config(spec, metadata, self._router.ready_count(name))
+        config = model_config(spec, metadata, self._router.ready_count(name))
+        if not triton_repo.layout_version(spec):
+            config["version_policy"] = {"latest": {"num_versions": spec.serve_revisions}}
+        return config
 
     async def statistics(self, name: str = "", version: str = "") -> list[ModelStatistics]:
         """Statistics of ``name``, or of every model when ``name`` is empty (sorted by name)."""
@@ -518,7 +585,7 @@ class ModelCatalog:
             queue = Duration(summed.stats.queue.count, int(summed.stats.queue.total * 1e9))
         return ModelStatistics(
             name=spec.name,
-            version=model_version(spec),
+            version=self.versions(spec)[-1],
             last_inference=c.last_ms,
             inference_count=c.inferences,
             execution_count=batches,

@@ -305,7 +305,7 @@ async def test_watch_routes_yields_a_new_table_when_a_replica_becomes_ready(
         second: RoutingTable = await asyncio.wait_for(anext(tables), 1)
 
     assert second.version > first.version
-    assert second.deployments["echo"].routes == (Route(rid, f"{rid}:9000", "s1", 0),)
+    assert second.deployments["echo"].routes == (Route(rid, f"{rid}:9000", "s1", 0, revision=1),)
     assert head.routes == second
 
 
@@ -315,7 +315,7 @@ async def test_a_rejoining_scheduler_brings_its_ready_replicas_back_into_the_rou
 
     await join(head, "s1", ready("echo-abc123", spec))
 
-    assert head.routes.deployments["echo"].routes == (Route("echo-abc123", "echo-abc123:9000", "s1", 0),)
+    assert head.routes.deployments["echo"].routes == (Route("echo-abc123", "echo-abc123:9000", "s1", 0, revision=1),)
     assert await head.reconcile_once() == []
 
 
