@@ -164,6 +164,12 @@ class Settings:
     artifact_cache_mb: int = 10240
     """Most megabytes a scheduler's cache of fetched models (``<state_dir>/artifacts``) keeps:
     past it the least recently used ones that no replica runs from are deleted."""
+    max_blob_mb: int = 10240
+    """Largest model file or packed folder the head takes from ``shoal deploy`` (its blob
+    store, ``<state_dir>/blobs``)."""
+    blob_grace_s: float = 3600.0
+    """The head deletes a blob no deployment and no kept revision names once it has gone
+    unnamed this long (and a dropped upload this long after its last byte)."""
 
     @property
     def model_uri_prefixes(self) -> tuple[str, ...]:

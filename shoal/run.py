@@ -23,6 +23,7 @@ from shoal import certs, metrics
 from shoal.auth import RateLimiter
 from shoal.config import Settings
 from shoal.core.tasks import TaskSet
+from shoal.head.blobs import BlobStore, in_use
 from shoal.head.leader import LeaderInfo, Leadership, lease_ttl
 from shoal.head.node import HeadNode
 from shoal.http.head import head_app
@@ -32,6 +33,7 @@ from shoal.http.standby import StandbyApp
 from shoal.proto import grpc_service_pb2_grpc as oipg
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.rpc.auth import HEAD_RULES, SCHEDULER_RULES, AuthInterceptor
+from shoal.rpc.blobs import GrpcBlobSource, HeadBlobService, SchedulerBlobService
 from shoal.rpc.clients import GrpcHeadLink, GrpcReplicaClient, GrpcSchedulerClient
 from shoal.rpc.etcd_client import EtcdTarget, etcd_client, parse_store_url
 from shoal.rpc.head_service import HeadService
@@ -92,6 +94,13 @@ async def start_head(
     guard = AuthInterceptor(HEAD_RULES, tls=bool(settings.tls_dir), tokens=node.tokens, limiter=limiter)
     server = new_server(settings, [guard] if leadership is None else [StandbyInterceptor(leadership), guard])
     pbg.add_HeadServicer_to_server(HeadService(node), server)
+    # The cluster's artifact store: on this head's disk, beside the SQLite file (also on etcd).
+    blobs = BlobStore(
+        state_dir / "blobs", max_bytes=settings.max_blob_mb * 2**20, grace_s=settings.blob_grace_s
+    )
+    node.blobs = blobs
+    pbg.add_BlobServicer_to_server(HeadBlobService(blobs, node), server)
+    stack.push_async_callback(blobs.aclose)
     port = bind(server, settings.host, settings.head_port, server_credentials(settings, "head"))
     tls = _tls_files(settings, "head")
     app = head_app(node, limiter)
@@ -104,6 +113,7 @@ async def start_head(
     )
     if leadership is None:
         await node.start()
+        _collect_blobs(node)
         stack.push_async_callback(node.aclose)
     await server.start()
     stack.push_async_callback(server.stop, 1.0)
@@ -119,6 +129,12 @@ async def start_head(
         stack.push_async_callback(tasks.aclose)  # before the servers stop: resign first
         tasks.spawn(_lead(leadership, node, on_lost), "leadership")
     return node, address, http_address
+
+
+def _collect_blobs(node: HeadNode) -> None:
+    """Collect the blobs no deployment names, once the head has loaded what it leads."""
+    if node.blobs is not None:
+        node.blobs.start(lambda: in_use(node), every_s=min(60.0, node.blobs.grace_s))
 
 
 async def _open_store(settings: Settings, state_dir: Path) -> SqliteStore | EtcdStore:
@@ -158,6 +174,7 @@ async def _lead(leadership: Leadership, node: HeadNode, on_lost: Callable[[], No
 
 async def _serve_as_leader(leadership: Leadership, node: HeadNode) -> None:
     await node.start()
+    _collect_blobs(node)
     leadership.serving = leadership.leading
 
 
@@ -183,6 +200,11 @@ async def start_scheduler(
     credentials = server_credentials(settings, "scheduler")
     server = new_server(settings, [guard], reuse_port=processes > 1)
     pbg.add_SchedulerServicer_to_server(SchedulerService(node), server)
+    # Blobs (blob:// models) come from peers or the head; peers fetch from this control port.
+    blob_source = GrpcBlobSource(head_address, settings, sid)
+    node.supervisor.artifacts.blob_source = blob_source
+    stack.push_async_callback(blob_source.aclose)
+    blob_service = SchedulerBlobService(node.supervisor.artifacts)
     repository = _repository(settings, head_address, node, stack)
     inference = InferenceService(node.dataplane, node.inference_auth, settings, repository)
     oipg.add_GRPCInferenceServiceServicer_to_server(inference, server)
@@ -204,9 +226,12 @@ async def start_scheduler(
     )
     control = server
     control_port = port
+    if processes <= 1:
+        pbg.add_BlobServicer_to_server(blob_service, server)
     if processes > 1:
         control = new_server(settings, [guard])
         pbg.add_SchedulerServicer_to_server(SchedulerService(node), control)
+        pbg.add_BlobServicer_to_server(blob_service, control)
         # The registered address answers inference too (shoal predict and shoal bench use it).
         oipg.add_GRPCInferenceServiceServicer_to_server(inference, control)
         ingress = IngressService(
@@ -239,6 +264,7 @@ async def start_scheduler(
         )
         await workers.start()
         stack.push_async_callback(workers.aclose)
+    blob_source.own_address = address
     node.start(address, http_address)
     # Closed before the servers stop: replicas drain while ingress still answers.
     stack.push_async_callback(node.aclose)

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from shoal.cli.common import EXIT_ERROR, ProgressLine, add_client_flags, with_client
+from shoal.cli.upload import upload_local_models
 from shoal.config import Settings
 from shoal.core import traffic, triton_repo
 from shoal.core.deploy_watch import DeployWatch, Status, Verdict
@@ -98,15 +99,17 @@ def traceback_excerpt(lines: Sequence[str], most: int = 20) -> list[str]:
 def cmd_deploy(args: argparse.Namespace) -> int:
     # model_hash: the model's files as this machine sees them (bounded: shoal.core.model_hash).
     found = [_specs_in(f) for f in args.files]
-    specs = [with_model_hash(s) for f_specs, _ in found for s in f_specs]
+    found_specs = [with_model_hash(s) for f_specs, _ in found for s in f_specs]
     routes = [r for _, f_routes in found for r in f_routes]
     if args.model_repository:  # Triton's layout; its specs carry their files' hash already
-        specs += triton_repo.load_all(args.model_repository)
-    if not specs and not routes:
+        found_specs += triton_repo.load_all(args.model_repository)
+    if not found_specs and not routes:
         raise InvalidArgument("shoal deploy: name spec files or a Triton repository (--model-repository DIR)")
 
     async def go(client: Any, settings: Settings) -> int:
         before = await status_reader(client)()
+        # Local model files and folders the schedulers may not see go to the head first.
+        specs = await upload_local_models(found_specs, settings, args.upload, before)
         watch = DeployWatch.after_apply(before, specs)
         revisions: dict[str, int] = {}
         for spec, w in zip(specs, watch.watched, strict=True):
@@ -217,6 +220,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "--model-repository",
         metavar="DIR",
         help="also deploy every model of this Triton model repository (NAME/config.pbtxt, NAME/1/model.onnx)",
+    )
+    p.add_argument(
+        "--upload",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="upload local model files and folders to the head (--no-upload: never; default: when the "
+        "head is not on this machine's loopback or a scheduler runs on another host)",
     )
     add_client_flags(p)
     p.set_defaults(fn=cmd_deploy)

@@ -54,6 +54,11 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
         help="allow a non-loopback --host without TLS (plaintext: a trusted network only)",
     )
     p.add_argument(
+        "--max-blob-mb",
+        type=int,
+        help="largest model file or folder the head takes from shoal deploy (default 10240)",
+    )
+    p.add_argument(
         "--allow-model-dir",
         action="append",
         dest="allowed_model_dirs",
@@ -72,6 +77,7 @@ def _cluster_flags(args: argparse.Namespace) -> dict[str, Any]:
         "shutdown_grace_s": args.grace,
         "insecure": args.insecure,
         "allowed_model_dirs": args.allowed_model_dirs,
+        "max_blob_mb": args.max_blob_mb,
     }
 
 

@@ -91,6 +91,8 @@ def uri_allowed(uri: str, allowed_uris: Sequence[str]) -> bool:
     for prefix in allowed_uris:
         p_scheme = uri_scheme(prefix)
         p_rest = prefix[len(p_scheme) + 3 :].rstrip("/")
+        if p_scheme == scheme == "blob" and not p_rest:  # 'blob://': anything uploaded
+            return True
         if p_scheme == scheme and p_rest and (rest == p_rest or rest.startswith(p_rest + "/")):
             return True
     return False

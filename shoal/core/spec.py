@@ -27,6 +27,7 @@ from typing import Any, Literal, Self
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from shoal.core.blobs import parse_uri as parse_blob_uri
 from shoal.core.limits import is_unicode as _is_unicode
 from shoal.errors import InvalidArgument
 
@@ -72,10 +73,10 @@ MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 a path: no ``/``, no leading ``.``, at most 128 characters."""
 
 
-URI_SCHEMES = ("s3", "gs", "http", "https", "file")
+URI_SCHEMES = ("s3", "gs", "http", "https", "file", "blob")
 """Schemes a ``model`` (or a python deployment's ``base_dir``) may name: each scheduler fetches
 the object or folder into its artifact cache before it starts a replica
-(``shoal.scheduler.artifacts``)."""
+(``shoal.scheduler.artifacts``). ``blob``: the cluster's own store (``shoal.core.blobs``)."""
 _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _SHA256_FRAGMENT = re.compile(r"^sha256=[0-9a-f]{64}$")
 
@@ -92,6 +93,9 @@ def _check_uri(text: str) -> str:
         return text
     if scheme not in URI_SCHEMES:
         raise ValueError(f"URI scheme {scheme!r} is not supported (one of {', '.join(URI_SCHEMES)})")
+    if scheme == "blob":
+        parse_blob_uri(text)  # ValueError saying what is wrong
+        return text
     rest = text[len(scheme) + 3 :]
     where, _, fragment = rest.partition("#")
     if not where.strip("/"):

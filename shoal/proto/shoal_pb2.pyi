@@ -2364,6 +2364,7 @@ class BlobStat(_message.Message):
     COMPLETE_FIELD_NUMBER: _builtins.int
     HAVE_FIELD_NUMBER: _builtins.int
     HOLDERS_FIELD_NUMBER: _builtins.int
+    MAX_SIZE_FIELD_NUMBER: _builtins.int
     sha256: _builtins.str
     size: _builtins.int
     """the whole blob's size (0 while unknown)"""
@@ -2371,6 +2372,8 @@ class BlobStat(_message.Message):
     """the head has every byte, verified"""
     have: _builtins.int
     """bytes the head holds: where an upload resumes"""
+    max_size: _builtins.int
+    """the largest blob the head takes (setting max_blob_mb)"""
     @_builtins.property
     def holders(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """addresses of live schedulers that fetched it whole"""
@@ -2383,10 +2386,11 @@ class BlobStat(_message.Message):
         complete: _builtins.bool = ...,
         have: _builtins.int = ...,
         holders: _abc.Iterable[_builtins.str] | None = ...,
+        max_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete", b"complete", "have", b"have", "holders", b"holders", "sha256", b"sha256", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete", b"complete", "have", b"have", "holders", b"holders", "max_size", b"max_size", "sha256", b"sha256", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -10,6 +10,10 @@ Two kinds of rule:
   that the certificate comes from the cluster CA. Without TLS nothing is checked (the
   cluster listens on loopback only, or was told ``--insecure``).
 
+* :class:`PeerOr`: either: a component of the role (its certificate), or a control client
+  with a token of at least a role. Without TLS, nothing is checked, as for :class:`Peer`
+  (the head's ``Blob/Stat``, which schedulers and ``shoal deploy`` both ask).
+
 Calls no rule names pass untouched, except under a prefix marked :data:`DENY` (a method
 added to the head's service without a rule is refused, not opened). Inference calls are
 checked per deployment by the servicers (``InferenceAuth``), which know the model a
@@ -44,11 +48,17 @@ class Peer:
 
 
 @dataclass(frozen=True)
+class PeerOr:
+    role: str
+    control: Control
+
+
+@dataclass(frozen=True)
 class Deny:
     pass
 
 
-Rule = Control | Peer | Deny
+Rule = Control | Peer | PeerOr | Deny
 DENY = Deny()
 
 HEAD_RULES: dict[str, Rule] = {
@@ -71,6 +81,11 @@ HEAD_RULES: dict[str, Rule] = {
     "/shoal.v1.Head/ListTokens": Control(Role.ADMIN),
     "/shoal.v1.Head/RevokeToken": Control(Role.ADMIN),
     "/shoal.v1.Head/": DENY,
+    # The cluster's artifact store (shoal.rpc.blobs).
+    "/shoal.v1.Blob/Upload": Control(Role.DEPLOY),
+    "/shoal.v1.Blob/Stat": PeerOr("scheduler", Control(Role.DEPLOY)),
+    "/shoal.v1.Blob/Download": Peer("scheduler"),
+    "/shoal.v1.Blob/": DENY,
 }
 SCHEDULER_RULES: dict[str, Rule] = {
     "/shoal.v1.Scheduler/CreateReplica": Peer("head"),
@@ -80,6 +95,9 @@ SCHEDULER_RULES: dict[str, Rule] = {
     "/shoal.v1.Scheduler/SendHealthUpdate": Peer("replica"),
     # The scheduler's own ingress workers (they hold the scheduler's certificate).
     "/shoal.v1.Ingress/": Peer("scheduler"),
+    # Peers fetching blobs from this scheduler's artifact cache.
+    "/shoal.v1.Blob/Download": Peer("scheduler"),
+    "/shoal.v1.Blob/": DENY,
     # SendRequest and the Open Inference Protocol: any cluster certificate, and the
     # deployment's token when its spec asks for one (checked by the servicers).
 }
@@ -153,7 +171,7 @@ class AuthInterceptor(_Interceptor):
         handler = await continuation(details)
         method = details.method
         rule = _rule(self._rules, method)
-        if handler is None or rule is None or (isinstance(rule, Peer) and not self._tls):
+        if handler is None or rule is None or (isinstance(rule, Peer | PeerOr) and not self._tls):
             return handler
 
         async def check(context: Context) -> None:
@@ -175,6 +193,10 @@ class AuthInterceptor(_Interceptor):
                 who = ", ".join(names) or "none"
                 raise PermissionDenied(f"{name} is for the {rule.role}; the caller's certificate is {who}")
             return
+        if isinstance(rule, PeerOr):
+            if common_name(rule.role) in _peer_names(context):
+                return
+            rule = rule.control
         assert self._tokens is not None
         host = peer_host(context)
         error: ShoalError | None = None

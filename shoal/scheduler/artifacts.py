@@ -30,6 +30,12 @@ Concurrent :meth:`ArtifactCache.acquire` calls for one URI share one download, w
 threads, with each library's standard credentials: ``AWS_ACCESS_KEY_ID`` and the rest,
 ``~/.aws``, ``AWS_ENDPOINT_URL`` for an S3-compatible store; ``GOOGLE_APPLICATION_CREDENTIALS``.
 
+A ``blob://`` URI (the cluster's own store, ``shoal.core.blobs``) is fetched from a peer
+scheduler or the head through ``blob_source`` (``shoal.scheduler.blob_fetch``) and cached
+under its hash: a file as ``<sha256>/<name>``, a folder as its tar ``<sha256>/<sha256>.tar``
+beside the files unpacked in ``<sha256>/<name>/`` (the tar is what :meth:`blob_file` serves
+to peers). Limited and evicted as the rest.
+
 Not safe across threads: call it from the scheduler's event loop.
 """
 
@@ -51,8 +57,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shoal.core import blobs
+from shoal.core.spec import uri_scheme
 from shoal.core.tasks import TaskSet
 from shoal.errors import FailedPrecondition, NotFound, PermissionDenied, ShoalError, Unavailable
+from shoal.scheduler import blob_fetch
 
 log = logging.getLogger("shoal.scheduler")
 
@@ -153,6 +162,9 @@ class ArtifactCache:
         self._open_lock = asyncio.Lock()
         self._stop = threading.Event()
         self._tasks = TaskSet("artifacts")
+        self.blob_source: blob_fetch.BlobSource | None = None  # set by the composition root
+        self.blob_give_up_s = 120.0
+        """A ``blob://`` fetch fails once no source has sent a byte for this long."""
 
     # ------------------------------------------------------------ public
 
@@ -168,6 +180,21 @@ class ArtifactCache:
     def blobs(self) -> list[str]:
         """The hashes of the cached blobs."""
         return list(self._blobs)
+
+    def blob_file(self, sha256: str) -> Path | None:
+        """The file whose bytes are blob ``sha256``, if cached: a folder's tar, or a single
+        object; None otherwise (for what a peer's Download asks)."""
+        if sha256 not in self._blobs or not blobs.HEX.match(sha256):
+            return None
+        folder = self.root / sha256
+        tar = folder / f"{sha256}.tar"
+        if tar.is_file():
+            return tar
+        try:
+            entries = list(folder.iterdir())
+        except OSError:
+            return None
+        return entries[0] if len(entries) == 1 and entries[0].is_file() else None
 
     async def acquire(self, uri: str) -> Lease:
         """A lease on the local copy of ``uri``, downloaded first when it is not cached.
@@ -224,6 +251,8 @@ class ArtifactCache:
     async def _find_or_download(self, uri: str, download: _Download) -> tuple[str, str, bool]:
         """(blob, path inside it, whether it was downloaded now)."""
         bare, expected = split_uri(uri)
+        if uri_scheme(bare) == blobs.SCHEME:
+            return await self._fetch_blob(bare, download)
         if expected and expected in self._blobs:
             for item in self._index.values():
                 if item["uri"] == bare and item["hash"] == expected and self._present(item):
@@ -262,6 +291,59 @@ class ArtifactCache:
         if key:
             self._index[key] = {"uri": bare, "hash": blob, "path": rel}
         return blob, rel, True
+
+    async def _fetch_blob(self, uri: str, download: _Download) -> tuple[str, str, bool]:
+        """(blob, path inside it, whether it was fetched now) of a ``blob://`` URI."""
+        try:
+            ref = blobs.parse_uri(uri)
+        except ValueError as err:
+            raise FailedPrecondition(str(err)) from None
+        rel = ref.name
+        if ref.sha256 in self._blobs and (self.root / ref.sha256 / rel).exists():
+            return ref.sha256, rel, False
+        if self.blob_source is None:
+            raise FailedPrecondition(f"{uri}: this scheduler has no head to fetch blobs from")
+        reserved = 0
+
+        async def admit(size: int) -> None:
+            nonlocal reserved
+            if size > self.limit_bytes:
+                raise FailedPrecondition(
+                    f"{uri} is {_mb(size)} MB, more than this scheduler's artifact cache holds "
+                    f"(setting artifact_cache_mb: {_mb(self.limit_bytes)})"
+                )
+            # A folder takes its tar and its files: twice its size.
+            room = 2 * size if ref.folder else size
+            await self._evict(room=room)
+            self._reserved += room
+            reserved = room
+
+        def on_bytes(done: int, total: int) -> None:
+            download.progress.done, download.progress.total = done, total
+
+        tmp = self.root / "tmp" / secrets.token_hex(8)
+        try:
+            await asyncio.to_thread(tmp.mkdir, parents=True)
+            data = tmp / (f"{ref.sha256}.tar" if ref.folder else ref.name)
+            await blob_fetch.fetch(
+                self.blob_source,
+                ref,
+                data,
+                admit=admit,
+                on_bytes=on_bytes,
+                stop=self._stop,
+                give_up_s=self.blob_give_up_s,
+            )
+            if ref.folder:
+                await asyncio.to_thread(blobs.unpack, data, tmp / ref.name)
+            size = await asyncio.to_thread(_place, tmp, self.root / ref.sha256)
+        finally:
+            self._reserved -= reserved
+            await asyncio.to_thread(shutil.rmtree, tmp, True)
+        was = self._blobs.get(ref.sha256)
+        self._blobs[ref.sha256] = _Blob(size=size, last_used=time.time(), pins=was.pins if was else 0)
+        log.info("fetched %s (%s MB)", uri, _mb(size))
+        return ref.sha256, rel, True
 
     def _present(self, item: dict[str, str]) -> bool:
         return (self.root / item["hash"] / item["path"]).exists()

@@ -1,0 +1,269 @@
+"""The head's blob store: uploads received, kept by hash, served to schedulers, collected.
+
+Files under ``root`` (``<state_dir>/blobs``, beside the SQLite file; with the etcd store
+the head still keeps them on its own disk):
+
+* ``<sha256>``: a whole blob, its hash verified;
+* ``partial/<sha256>``: an upload in progress or dropped. A new upload of the same blob
+  continues where it ends (:meth:`BlobStore.stat` tells the CLI where).
+
+Collected (:meth:`BlobStore.collect`): a blob that no deployment and no kept revision names
+is deleted once it has gone unnamed for ``grace_s`` (counted from its upload, or from the
+last time a collection found it named); a partial upload, once ``grace_s`` has passed
+since its last byte.
+
+Which schedulers hold a blob whole (they fetched it to the end) is remembered in memory
+only: a restarted head learns it again from their next fetches.
+
+Call from one event loop; file work runs in worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from shoal.core.blobs import HEX, check_hex, file_sha256, parse_uri, read_chunks
+from shoal.core.spec import DeploymentSpec, parse_spec_json, uri_scheme
+from shoal.core.tasks import TaskSet
+from shoal.errors import InvalidArgument, NotFound
+
+if TYPE_CHECKING:
+    from shoal.head.node import HeadNode
+
+log = logging.getLogger("shoal.head")
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    sha256: str
+    size: int  # the whole blob's (0 when the head has none of it)
+    complete: bool
+    have: int  # bytes held: ``size`` when complete, else where an upload resumes
+
+
+def blob_of(spec: DeploymentSpec) -> str:
+    """The hash of the blob ``spec`` names; "" when it names none."""
+    uri = spec.artifact_uri()
+    if uri_scheme(uri) != "blob":
+        return ""
+    try:
+        return parse_uri(uri).sha256
+    except ValueError:
+        return ""
+
+
+def blobs_named(specs: Iterable[DeploymentSpec], spec_jsons: Iterable[str]) -> set[str]:
+    """The blobs the ``specs`` and the specs in ``spec_jsons`` (kept revisions) name."""
+    out = {blob_of(s) for s in specs}
+    for text in spec_jsons:
+        try:
+            out.add(blob_of(parse_spec_json(text)))
+        except Exception:  # an unreadable old revision names nothing collectable
+            continue
+    out.discard("")
+    return out
+
+
+def in_use(node: HeadNode) -> set[str]:
+    """The blobs ``node``'s deployments and their kept revisions name."""
+    names = {*node.desired, *node.broken}
+    return blobs_named(node.desired.values(), (r.spec_json for n in names for r in node.history.revisions(n)))
+
+
+class BlobStore:
+    """See the module's docstring. ``max_bytes``: the largest blob an upload may send."""
+
+    def __init__(self, root: Path, *, max_bytes: int, grace_s: float) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        self.grace_s = grace_s
+        self._sizes: dict[str, int] = {}  # partial uploads' declared sizes
+        self._named_at: dict[str, float] = {}  # blob -> when it was last found named
+        self._holders: dict[str, set[str]] = {}  # blob -> scheduler ids holding it whole
+        self._writing: set[str] = set()
+        self._tasks = TaskSet("blobs")
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self, named: Callable[[], set[str]], every_s: float) -> None:
+        """Collect every ``every_s`` seconds, ``named()`` telling which blobs are in use."""
+        (self.root / "partial").mkdir(parents=True, exist_ok=True)
+        self._tasks.spawn(self._collect_loop(named, every_s), "collect")
+
+    async def aclose(self) -> None:
+        await self._tasks.aclose()
+
+    async def _collect_loop(self, named: Callable[[], set[str]], every_s: float) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                await self.collect(named(), time.time())
+            except OSError as err:
+                log.warning("collecting blobs in %s: %s", self.root, err)
+
+    # ------------------------------------------------------------ reading
+
+    def _whole(self, sha256: str) -> Path:
+        return self.root / sha256
+
+    def _partial(self, sha256: str) -> Path:
+        return self.root / "partial" / sha256
+
+    def stat(self, sha256: str) -> BlobInfo:
+        """What the head has of ``sha256``. InvalidArgument for a malformed hash."""
+        check_hex(sha256)
+        try:
+            size = self._whole(sha256).stat().st_size
+            return BlobInfo(sha256, size, True, size)
+        except FileNotFoundError:
+            pass
+        try:
+            have = self._partial(sha256).stat().st_size
+        except FileNotFoundError:
+            have = 0
+        return BlobInfo(sha256, self._sizes.get(sha256, 0), False, have)
+
+    async def read(self, sha256: str, offset: int) -> AsyncIterator[bytes]:
+        """The blob's bytes from ``offset``, in chunks. NotFound when the head lacks it whole;
+        InvalidArgument for an offset past its end."""
+        try:
+            async for chunk in read_chunks(self._whole(check_hex(sha256)), offset):
+                yield chunk
+        except FileNotFoundError:
+            raise NotFound(f"the head has no blob sha256:{sha256}") from None
+
+    def check_named(self, spec: DeploymentSpec) -> None:
+        """InvalidArgument when ``spec`` names a blob this head lacks; otherwise its grace
+        starts again (a blob just named is not collected before the spec is stored)."""
+        blob = blob_of(spec)
+        if not blob:
+            return
+        if not self.stat(blob).complete:
+            raise InvalidArgument(
+                f"deployment {spec.name!r}: {spec.artifact_uri()} names a blob this head does not have "
+                "(shoal deploy uploads a local model file or folder first)"
+            )
+        self._named_at[blob] = time.time()
+
+    # ------------------------------------------------------------ holders
+
+    def add_holder(self, sha256: str, scheduler_id: str) -> None:
+        self._holders.setdefault(sha256, set()).add(scheduler_id)
+
+    def holders(self, sha256: str) -> set[str]:
+        return set(self._holders.get(sha256, ()))
+
+    # ------------------------------------------------------------ writing
+
+    async def receive(self, sha256: str, size: int, offset: int, chunks: AsyncIterable[bytes]) -> BlobInfo:
+        """Append ``chunks`` to the upload of ``sha256`` (``size`` bytes in all) at ``offset``,
+        which must be where the partial upload ends (0 for a new one); once all ``size``
+        bytes are in and their hash is ``sha256``, the blob is whole.
+
+        InvalidArgument: a malformed hash, a size over ``max_bytes`` or unlike an earlier
+        upload's, an offset elsewhere than the end of the partial upload, more bytes than
+        ``size``, a hash that is not ``sha256`` (the partial upload is then deleted). A
+        dropped stream keeps what arrived, for the next upload to continue."""
+        check_hex(sha256)
+        if size < 0 or size > self.max_bytes:
+            raise InvalidArgument(
+                f"blob sha256:{sha256} is {size} bytes; this head takes blobs of at most "
+                f"{self.max_bytes // 2**20} MB (setting max_blob_mb)"
+            )
+        info = self.stat(sha256)
+        if info.complete:
+            if info.size != size:
+                raise InvalidArgument(f"blob sha256:{sha256} is {info.size} bytes, not {size}")
+            async for _ in chunks:  # nothing to add: drain what the client sends
+                pass
+            return info
+        if sha256 in self._writing:
+            raise InvalidArgument(
+                f"blob sha256:{sha256} is being uploaded by another call; retry once it ends"
+            )
+        known = self._sizes.get(sha256)
+        if known is not None and known != size and info.have:
+            raise InvalidArgument(f"blob sha256:{sha256} was announced as {known} bytes, not {size}")
+        if offset != info.have:
+            raise InvalidArgument(
+                f"upload of blob sha256:{sha256} starts at offset {offset}, but the head has "
+                f"{info.have} bytes of it: resume from there"
+            )
+        self._writing.add(sha256)
+        self._sizes[sha256] = size
+        partial = self._partial(sha256)
+        try:
+            await asyncio.to_thread(partial.parent.mkdir, parents=True, exist_ok=True)
+            f = await asyncio.to_thread(partial.open, "ab")
+            written = info.have
+            try:
+                async for chunk in chunks:
+                    if written + len(chunk) > size:
+                        raise InvalidArgument(
+                            f"upload of blob sha256:{sha256} sends more than its {size} bytes"
+                        )
+                    await asyncio.to_thread(f.write, chunk)
+                    written += len(chunk)
+            finally:
+                f.close()
+            if written < size:
+                return BlobInfo(sha256, size, False, written)
+            actual = await asyncio.to_thread(file_sha256, partial)
+            if actual != sha256:
+                partial.unlink(missing_ok=True)
+                raise InvalidArgument(
+                    f"the uploaded bytes hash to sha256:{actual}, not sha256:{sha256}: upload it again"
+                )
+            os.replace(partial, self._whole(sha256))
+            self._sizes.pop(sha256, None)
+            self._named_at[sha256] = time.time()
+            log.info("blob sha256:%s uploaded (%d bytes)", sha256[:12], size)
+            return BlobInfo(sha256, size, True, size)
+        finally:
+            self._writing.discard(sha256)
+
+    # ------------------------------------------------------------ collecting
+
+    async def collect(self, named: set[str], now: float) -> list[str]:
+        """Delete the blobs not in ``named`` that have gone unnamed for ``grace_s``, and the
+        partial uploads idle that long; returns the hashes of the whole blobs deleted."""
+        return await asyncio.to_thread(self._collect, named, now)
+
+    def _collect(self, named: set[str], now: float) -> list[str]:
+        gone = []
+        for path in self.root.iterdir() if self.root.is_dir() else ():
+            if not (path.is_file() and HEX.match(path.name)):
+                continue
+            blob = path.name
+            if blob in named:
+                self._named_at[blob] = now
+                os.utime(path, (now, now))  # a restarted head counts the grace from here
+                continue
+            since = self._named_at.get(blob)
+            if since is None:
+                since = self._named_at[blob] = path.stat().st_mtime  # uploaded, or named, before this start
+            if now - since >= self.grace_s:
+                path.unlink(missing_ok=True)
+                self._named_at.pop(blob, None)
+                self._holders.pop(blob, None)
+                gone.append(blob)
+        partial = self.root / "partial"
+        for path in partial.iterdir() if partial.is_dir() else ():
+            if path.name in self._writing:
+                continue
+            try:
+                if now - path.stat().st_mtime >= self.grace_s:
+                    path.unlink(missing_ok=True)
+                    self._sizes.pop(path.name, None)
+            except FileNotFoundError:
+                continue
+        if gone:
+            log.info("collected %d blob(s) no deployment or kept revision names", len(gone))
+        return gone

@@ -1,0 +1,241 @@
+"""The Blob service over gRPC: the head's (Upload, Stat, Download), a scheduler's
+(Download from its artifact cache), the scheduler's client of both, and the CLI's upload.
+
+Who may call what is ``shoal.rpc.auth`` (Upload: role deploy; Stat: role deploy or a
+scheduler; Download: schedulers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import grpc
+import grpc.aio
+
+from shoal.config import Settings
+from shoal.core.blobs import CHUNK, Packed, read_chunks
+from shoal.core.cluster import ALIVE
+from shoal.errors import FailedPrecondition, InvalidArgument, NotFound, ShoalError, Unavailable
+from shoal.head.blobs import BlobInfo, BlobStore
+from shoal.head.node import HeadNode
+from shoal.proto import shoal_pb2 as pb
+from shoal.proto import shoal_pb2_grpc as pbg
+from shoal.rpc.channels import open_channel
+from shoal.rpc.clients import auth_metadata, head_addresses
+from shoal.rpc.status import Context, abort, to_error
+from shoal.scheduler.artifacts import ArtifactCache
+from shoal.scheduler.blob_fetch import HEAD, Located
+
+log = logging.getLogger("shoal.rpc")
+
+
+def _stat_pb(info: BlobInfo, max_size: int, holders: list[str] | None = None) -> pb.BlobStat:
+    return pb.BlobStat(
+        sha256=info.sha256,
+        size=info.size,
+        complete=info.complete,
+        have=info.have,
+        holders=holders or [],
+        max_size=max_size,
+    )
+
+
+async def _chunks(sha256: str, offset: int, source: AsyncIterator[bytes]) -> AsyncIterator[pb.BlobChunk]:
+    async for data in source:
+        yield pb.BlobChunk(sha256=sha256, offset=offset, data=data)
+        offset += len(data)
+
+
+class HeadBlobService(pbg.BlobServicer):
+    def __init__(self, store: BlobStore, node: HeadNode) -> None:
+        self.store = store
+        self.node = node
+
+    async def Upload(self, request_iterator: AsyncIterator[pb.BlobChunk], context: Context) -> pb.BlobStat:
+        messages = aiter(request_iterator)
+        try:
+            first = await anext(messages)
+        except StopAsyncIteration:
+            await abort(context, InvalidArgument("an upload sends at least one message, naming the blob"))
+
+        async def data() -> AsyncIterator[bytes]:
+            if first.data:
+                yield first.data
+            async for msg in messages:
+                if msg.sha256 and msg.sha256 != first.sha256:
+                    raise InvalidArgument("every message of an upload is of the blob the first one names")
+                yield msg.data
+
+        try:
+            info = await self.store.receive(first.sha256, first.size, first.offset, data())
+        except ShoalError as err:
+            await abort(context, err)
+        return _stat_pb(info, self.store.max_bytes)
+
+    async def Stat(self, request: pb.BlobRef, context: Context) -> pb.BlobStat:
+        try:
+            info = self.store.stat(request.sha256)
+        except ShoalError as err:
+            await abort(context, err)
+        held = self.store.holders(request.sha256)
+        live = [s.address for s in self.node.state.schedulers.values() if s.id in held and s.state == ALIVE]
+        return _stat_pb(info, self.store.max_bytes, sorted(live))
+
+    async def Download(
+        self, request: pb.BlobDownloadRequest, context: Context
+    ) -> AsyncIterator[pb.BlobChunk]:
+        try:
+            async for chunk in _chunks(
+                request.sha256, request.offset, self.store.read(request.sha256, request.offset)
+            ):
+                yield chunk
+        except ShoalError as err:
+            await abort(context, err)
+        if request.scheduler_id:
+            self.store.add_holder(request.sha256, request.scheduler_id)
+
+
+class SchedulerBlobService(pbg.BlobServicer):
+    """A scheduler's: Download of the blobs its artifact cache holds, for its peers."""
+
+    def __init__(self, cache: ArtifactCache) -> None:
+        self.cache = cache
+
+    async def Upload(self, request_iterator: AsyncIterator[pb.BlobChunk], context: Context) -> pb.BlobStat:
+        await abort(context, FailedPrecondition("blobs are uploaded to the head, not to a scheduler"))
+
+    async def Stat(self, request: pb.BlobRef, context: Context) -> pb.BlobStat:
+        await abort(context, FailedPrecondition("ask the head which blobs it has, not a scheduler"))
+
+    async def Download(
+        self, request: pb.BlobDownloadRequest, context: Context
+    ) -> AsyncIterator[pb.BlobChunk]:
+        path = self.cache.blob_file(request.sha256)
+        try:
+            if path is None:
+                raise NotFound(f"this scheduler's artifact cache has no blob sha256:{request.sha256}")
+            async for chunk in _chunks(request.sha256, request.offset, read_chunks(path, request.offset)):
+                yield chunk
+        except FileNotFoundError:  # evicted meanwhile
+            await abort(context, NotFound(f"blob sha256:{request.sha256} left this scheduler's cache"))
+        except ShoalError as err:
+            await abort(context, err)
+
+
+class GrpcBlobSource:
+    """A scheduler's :class:`shoal.scheduler.blob_fetch.BlobSource`: Stat at the head (the
+    one of several that answers), Download from a peer's control port or the head.
+    ``scheduler_id`` is sent with each download so the head lists this scheduler as a holder."""
+
+    def __init__(self, head_address: str, settings: Settings, scheduler_id: str) -> None:
+        self._settings = settings
+        self._scheduler_id = scheduler_id
+        self._heads = [
+            pbg.BlobStub(open_channel(a, settings, "scheduler", server="head"))
+            for a in head_addresses(head_address)
+        ]
+        self._head = 0
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self.own_address = ""  # this scheduler's, left out of the holders
+
+    async def locate(self, sha256: str) -> Located:
+        error: ShoalError = Unavailable("no head address")
+        for i in [self._head, *(j for j in range(len(self._heads)) if j != self._head)]:
+            try:
+                reply = await self._heads[i].Stat(
+                    pb.BlobRef(sha256=sha256), timeout=self._settings.rpc_timeout_s
+                )
+            except grpc.aio.AioRpcError as err:
+                error = to_error(err)
+                continue
+            self._head = i
+            if not reply.complete:
+                raise NotFound(f"the head has no blob sha256:{sha256}")
+            return Located(reply.size, [h for h in reply.holders if h != self.own_address])
+        raise error
+
+    async def download(self, address: str, sha256: str, offset: int) -> AsyncIterator[bytes]:
+        if address == HEAD:
+            stub = self._heads[self._head]
+        else:
+            channel = self._channels.get(address)
+            if channel is None:
+                channel = self._channels[address] = open_channel(
+                    address, self._settings, "scheduler", server="scheduler"
+                )
+            stub = pbg.BlobStub(channel)
+        request = pb.BlobDownloadRequest(sha256=sha256, offset=offset, scheduler_id=self._scheduler_id)
+        try:
+            async for chunk in stub.Download(request):
+                yield chunk.data
+        except grpc.aio.AioRpcError as err:
+            raise to_error(err) from None
+
+    async def aclose(self) -> None:
+        for channel in self._channels.values():
+            await channel.close(None)
+        self._channels.clear()
+
+
+UPLOAD_ATTEMPTS = 5
+"""Tries of one upload, each continuing where the head's copy ends (a dropped connection)."""
+
+
+async def upload(settings: Settings, packed: Packed, on_progress: Callable[[int, int], None]) -> bool:
+    """Send ``packed`` to the head (``settings.head_address``; of several, the first that
+    answers), unless it has it already (False); resumes after a dropped connection from the bytes the
+    head kept. Raises ShoalError: InvalidArgument for what the head refuses (over its
+    size limit, a hash mismatch), Unavailable when the head cannot be reached."""
+    metadata = auth_metadata(settings.token)
+    sha256 = packed.ref.sha256
+    error: ShoalError = Unavailable("no head address")
+    for address in head_addresses(settings.head_address):
+        channel = open_channel(address, settings, server="head")
+        stub = pbg.BlobStub(channel)
+        try:
+            for attempt in range(1, UPLOAD_ATTEMPTS + 1):
+                try:
+                    stat = await stub.Stat(
+                        pb.BlobRef(sha256=sha256), timeout=settings.rpc_timeout_s, metadata=metadata
+                    )
+                    if stat.complete:
+                        return False
+                    if packed.size > stat.max_size:
+                        raise InvalidArgument(
+                            f"{packed.ref.name} is {packed.size / 2**20:.1f} MB; the head takes blobs of at "
+                            f"most {stat.max_size // 2**20} MB (setting max_blob_mb)"
+                        )
+                    reply = await stub.Upload(_messages(packed, stat.have, on_progress), metadata=metadata)
+                    if reply.complete:
+                        return True
+                    error = Unavailable(f"the head kept {reply.have} of {packed.size} bytes")
+                except grpc.aio.AioRpcError as err:
+                    error = to_error(err)
+                    if err.code() != grpc.StatusCode.UNAVAILABLE:
+                        raise error from None
+                    log.info("upload of %s dropped (%s); resuming (try %d)", packed.ref.uri, error, attempt)
+                    await asyncio.sleep(0.2 * attempt)
+        finally:
+            await channel.close(None)
+    raise error
+
+
+def _messages(packed: Packed, offset: int, on_progress: Callable[[int, int], None]) -> Iterator[pb.BlobChunk]:
+    with packed.path.open("rb") as f:
+        f.seek(offset)
+        first = True
+        while True:
+            data = f.read(CHUNK)
+            if not data and not first:
+                return
+            if first:
+                yield pb.BlobChunk(sha256=packed.ref.sha256, size=packed.size, offset=offset, data=data)
+                first = False
+            else:
+                yield pb.BlobChunk(data=data)
+            offset += len(data)
+            on_progress(offset, packed.size)
+            if not data:
+                return

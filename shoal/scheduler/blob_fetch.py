@@ -1,0 +1,119 @@
+"""Fetching a ``blob://`` model into the artifact cache: from a peer, else from the head.
+
+The head knows which schedulers hold a blob whole (:meth:`BlobSource.locate`). A fetch
+tries them in random order (so that many schedulers starting one model spread over the
+ones that have it), then the head; a source that fails or ends early is left for the
+next, which continues from the bytes already written. When every source has failed it
+waits a little and asks again (a restarted head, a peer back), until no byte has come for
+``give_up_s``. The bytes' hash is checked at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from shoal.core.blobs import BlobRef
+from shoal.errors import FailedPrecondition, NotFound, ShoalError, Unavailable
+
+log = logging.getLogger("shoal.scheduler")
+
+HEAD = ""
+"""The address :meth:`BlobSource.download` takes for the head."""
+
+
+@dataclass(frozen=True)
+class Located:
+    size: int
+    holders: list[str] = field(default_factory=list)  # peers' addresses, this scheduler's left out
+
+
+class BlobSource(Protocol):
+    """Where blobs come from (``shoal.rpc.blobs.GrpcBlobSource``; fakes in tests)."""
+
+    async def locate(self, sha256: str) -> Located:
+        """The blob's size and the peers holding it. NotFound: the head has no such blob;
+        Unavailable: the head cannot be asked."""
+        ...
+
+    def download(self, address: str, sha256: str, offset: int) -> AsyncIterator[bytes]:
+        """The blob's bytes from ``offset``, from the peer at ``address`` or the head
+        (:data:`HEAD`). Raises ShoalError when the source fails."""
+        ...
+
+
+async def fetch(
+    source: BlobSource,
+    ref: BlobRef,
+    dest: Path,
+    *,
+    admit: Callable[[int], Awaitable[None]],
+    on_bytes: Callable[[int, int], None],
+    stop: threading.Event,
+    give_up_s: float,
+    retry_s: float = 0.2,
+) -> None:
+    """Write blob ``ref`` to the file ``dest``, its hash verified. ``admit(size)`` is awaited
+    once the size is known (it may refuse by raising); ``on_bytes(done, total)`` follows the
+    progress. Raises FailedPrecondition (the head has no such blob, or the bytes are not
+    it), Unavailable (no source sent a byte for ``give_up_s``; the scheduler stops)."""
+    digest = hashlib.sha256()
+    have = 0
+    size = -1
+    holders: list[str] = []
+    last_byte = time.monotonic()
+    delay = retry_s
+    error = "no source tried"
+    with dest.open("wb") as out:
+        while True:
+            try:
+                located = await source.locate(ref.sha256)
+                if size < 0:
+                    await admit(located.size)
+                size = located.size
+                holders = list(located.holders)
+            except NotFound as err:
+                raise FailedPrecondition(
+                    f"{ref.uri}: {err} (was it collected, or uploaded to another head?)"
+                ) from None
+            except ShoalError as err:  # the head cannot be asked now: the peers known, then the head again
+                error = f"the head: {err}"
+            random.shuffle(holders)
+            for address in [*holders, HEAD]:
+                if stop.is_set():
+                    raise Unavailable(f"{ref.uri}: the download was stopped (the scheduler is shutting down)")
+                try:
+                    async for chunk in source.download(address, ref.sha256, have):
+                        if 0 <= size < have + len(chunk):
+                            raise FailedPrecondition(f"more than the blob's {size} bytes")
+                        await asyncio.to_thread(out.write, chunk)
+                        digest.update(chunk)
+                        have += len(chunk)
+                        last_byte = time.monotonic()
+                        on_bytes(have, max(size, 0))
+                except ShoalError as err:
+                    error = f"{address or 'the head'}: {err}"
+                    log.warning(
+                        "fetching %s from %s failed at byte %d: %s", ref.uri, address or "the head", have, err
+                    )
+                    continue
+                if have == size:
+                    break
+                error = f"{address or 'the head'} ended the stream at byte {have} of {size}"
+            else:
+                if time.monotonic() - last_byte > give_up_s:
+                    raise Unavailable(f"{ref.uri}: no source sent a byte for {give_up_s:g}s (last: {error})")
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 2.0)
+                continue
+            break
+    if digest.hexdigest() != ref.sha256:
+        raise FailedPrecondition(f"{ref.uri}: the bytes fetched hash to sha256:{digest.hexdigest()}")

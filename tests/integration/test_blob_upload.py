@@ -1,0 +1,93 @@
+"""``shoal deploy`` of a local model to a real head and scheduler (processes, gRPC): the
+file is uploaded to the head's blob store, the spec names its hash, the scheduler fetches
+it and serves it, though the file lies outside every folder models may come from. A file
+over the head's limit, and a spec naming a blob the head lacks, are clear deploy errors."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import shutil
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import joblib
+import numpy as np
+import pytest
+import pytest_asyncio
+
+from shoal.testing.cluster import ProcessCluster
+
+pytestmark = [pytest.mark.timeout(90), pytest.mark.asyncio(loop_scope="module")]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ProcessCluster]:
+    root = tmp_path_factory.mktemp("blobs")
+    allowed = root / "allowed"
+    allowed.mkdir()
+    env = {
+        # Models may come only from an empty folder, and from what shoal deploy uploads.
+        "SHOAL_ALLOWED_MODEL_DIRS": str(allowed),
+        "SHOAL_ALLOWED_MODEL_URIS": "blob://",
+        "SHOAL_MAX_BLOB_MB": "2",
+    }
+    async with ProcessCluster(root / "cluster", env=env) as c:
+        yield c
+
+
+async def shoal_deploy(cluster: ProcessCluster, *args: str) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "shoal.cli", "--head", cluster.head_address, "deploy", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**cluster.env, "SHOAL_HEAD": ""},
+    )
+
+
+async def test_a_local_sklearn_model_is_uploaded_and_serves(
+    cluster: ProcessCluster, examples_dir: Path, tmp_path: Path
+) -> None:
+    shutil.copy(examples_dir / "digits.joblib", tmp_path / "digits.joblib")
+    (tmp_path / "digits.yaml").write_text(
+        "name: digits\nbackend: sklearn\nmodel: digits.joblib\nresources: {cpus: 0.1}\n"
+    )
+    proc = await shoal_deploy(cluster, "--upload", str(tmp_path / "digits.yaml"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    sha = hashlib.sha256((tmp_path / "digits.joblib").read_bytes()).hexdigest()
+    assert f"uploaded {tmp_path / 'digits.joblib'} as sha256:{sha[:12]}" in proc.stdout
+
+    (dep,) = [d for d in (await cluster.status())["deployments"] if d["name"] == "digits"]
+    assert dep["spec"]["model"] == f"blob://sha256:{sha}/digits.joblib"
+    assert (cluster.root / "head" / "blobs" / sha).read_bytes() == (tmp_path / "digits.joblib").read_bytes()
+    model = joblib.load(tmp_path / "digits.joblib")
+    rows = np.arange(128, dtype=np.float32).reshape(2, 64) % 17
+    outputs, _ = await cluster.send("digits", {"input": rows})
+    assert outputs["label"].tolist() == model.predict(rows).tolist()
+
+    # Deploying the same file again sends nothing: the head has the blob.
+    again = await shoal_deploy(cluster, "--upload", "--no-wait", str(tmp_path / "digits.yaml"))
+    assert again.returncode == 0 and "unchanged" in again.stdout, again.stdout + again.stderr
+    assert "uploading" not in again.stderr and f"the head has {tmp_path / 'digits.joblib'}" in again.stdout
+    await cluster.client.delete("digits")
+
+
+async def test_a_model_over_the_heads_limit_and_an_unknown_blob_are_clear_errors(
+    cluster: ProcessCluster, tmp_path: Path
+) -> None:
+    (tmp_path / "big.joblib").write_bytes(b"\0" * (3 * 2**20))
+    (tmp_path / "big.yaml").write_text("name: big\nbackend: sklearn\nmodel: big.joblib\n")
+    proc = await shoal_deploy(cluster, "--upload", str(tmp_path / "big.yaml"))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "big.joblib is 3.0 MB; the head takes blobs of at most 2 MB (setting max_blob_mb)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+    unknown = "blob://sha256:" + "0" * 64 + "/m.joblib"
+    (tmp_path / "unknown.yaml").write_text(f"name: unknown\nbackend: sklearn\nmodel: {unknown}\n")
+    proc = await shoal_deploy(cluster, str(tmp_path / "unknown.yaml"))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"{unknown} names a blob this head does not have" in proc.stderr

@@ -1,0 +1,263 @@
+"""The cluster's artifact store without sockets: packing folders, the head's blob store
+(resumable uploads, collection), fetching from peers and the head into the artifact cache."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from shoal.config import Settings
+from shoal.core.blobs import BlobRef, pack, parse_uri, unpack
+from shoal.core.clock import FakeClock
+from shoal.core.spec import parse_spec
+from shoal.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from shoal.head.blobs import BlobStore, in_use
+from shoal.head.node import HeadNode
+from shoal.scheduler.artifacts import ArtifactCache
+from shoal.scheduler.blob_fetch import HEAD, Located, fetch
+from shoal.store import MemoryStore
+from shoal.testing.fakes import FakeSchedulers
+
+pytestmark = pytest.mark.timeout(10)
+
+
+def make_folder(root: Path, mtime: int) -> Path:
+    (root / "sub").mkdir(parents=True)
+    (root / "model.py").write_text("class M: pass\n")
+    (root / "sub" / "weights.bin").write_bytes(b"\x00\x01" * 5000)
+    (root / "run.sh").write_text("#!/bin/sh\n")
+    (root / "run.sh").chmod(0o755)
+    (root / "__pycache__").mkdir()
+    (root / "__pycache__" / "model.cpython-311.pyc").write_bytes(os.urandom(64))
+    for path in [root, *root.rglob("*")]:
+        os.utime(path, (mtime, mtime))
+    return root
+
+
+# ------------------------------------------------------------------ packing
+
+
+def test_a_folder_packs_to_the_same_hash_wherever_it_lies_and_whenever_it_was_written(tmp_path: Path) -> None:
+    a = pack(make_folder(tmp_path / "a" / "model", mtime=1_000_000))
+    b = pack(make_folder(tmp_path / "b" / "model", mtime=2_000_000))
+    try:
+        assert a.ref.folder and a.ref.name == "model"
+        assert a.ref.sha256 == b.ref.sha256 == hashlib.sha256(a.path.read_bytes()).hexdigest()
+        (tmp_path / "b" / "model" / "sub" / "weights.bin").write_bytes(b"\x00\x02" * 5000)
+        c = pack(tmp_path / "b" / "model")
+        assert c.ref.sha256 != a.ref.sha256
+        c.discard()
+        out = tmp_path / "out"
+        unpack(a.path, out)
+        assert (out / "sub" / "weights.bin").read_bytes() == b"\x00\x01" * 5000
+        assert os.access(out / "run.sh", os.X_OK) and not os.access(out / "model.py", os.X_OK)
+        assert not (out / "__pycache__").exists()
+    finally:
+        a.discard()
+        b.discard()
+    assert not a.path.exists()
+
+
+def test_a_file_is_its_own_blob(tmp_path: Path) -> None:
+    (tmp_path / "m.joblib").write_bytes(b"pickle")
+    packed = pack(tmp_path / "m.joblib")
+    assert packed.path == tmp_path / "m.joblib" and not packed.temporary
+    assert packed.ref == BlobRef(hashlib.sha256(b"pickle").hexdigest(), "m.joblib", False)
+    assert parse_uri(packed.ref.uri) == packed.ref
+    with pytest.raises(InvalidArgument, match="neither a file nor a folder"):
+        pack(tmp_path / "missing")
+
+
+def test_a_blob_uri_in_a_spec_is_checked() -> None:
+    good = "blob://sha256:" + "a" * 64 + "/code/"
+    spec = parse_spec({"name": "p", "backend": "python", "model": "m:M", "base_dir": good})
+    assert spec.artifact_uri() == good
+    with pytest.raises(InvalidArgument, match="no blob URI"):
+        parse_spec({"name": "s", "backend": "sklearn", "model": "blob://sha256:abc/m.joblib"})
+
+
+# ------------------------------------------------------------------ the head's store
+
+
+async def chunks_of(data: bytes, size: int = 1000, fail_after: int = -1) -> AsyncIterator[bytes]:
+    for i in range(0, len(data), size):
+        if i == fail_after:
+            raise ConnectionResetError("the stream dropped")
+        yield data[i : i + size]
+
+
+DATA = os.urandom(10_000)
+SHA = hashlib.sha256(DATA).hexdigest()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> BlobStore:
+    return BlobStore(tmp_path / "blobs", max_bytes=1_000_000, grace_s=100.0)
+
+
+async def test_a_dropped_upload_resumes_at_the_offset_the_head_kept(store: BlobStore) -> None:
+    with pytest.raises(ConnectionResetError):
+        await store.receive(SHA, len(DATA), 0, chunks_of(DATA, fail_after=4000))
+    info = store.stat(SHA)
+    assert (info.complete, info.have, info.size) == (False, 4000, len(DATA))
+    with pytest.raises(InvalidArgument, match="the head has 4000 bytes of it"):
+        await store.receive(SHA, len(DATA), 0, chunks_of(DATA))
+    done = await store.receive(SHA, len(DATA), 4000, chunks_of(DATA[4000:]))
+    assert done.complete and store.stat(SHA).complete
+    assert b"".join([c async for c in store.read(SHA, 9000)]) == DATA[9000:]
+
+
+async def test_the_head_refuses_a_wrong_hash_a_size_over_its_limit_and_an_unknown_blob(
+    store: BlobStore,
+) -> None:
+    wrong = hashlib.sha256(b"other").hexdigest()
+    with pytest.raises(InvalidArgument, match=f"hash to sha256:{SHA}, not sha256:{wrong}"):
+        await store.receive(wrong, len(DATA), 0, chunks_of(DATA))
+    assert store.stat(wrong).have == 0  # the bad bytes are gone: a new upload starts over
+    with pytest.raises(InvalidArgument, match="at most 0 MB"):
+        await store.receive(SHA, 2_000_000, 0, chunks_of(DATA))
+    with pytest.raises(InvalidArgument, match="more than its 10 bytes"):
+        await store.receive(SHA, 10, 0, chunks_of(DATA))
+    with pytest.raises(InvalidArgument, match="64 lowercase hex"):
+        store.stat("../etc")
+    with pytest.raises(NotFound):
+        [c async for c in store.read(wrong, 0)]
+    spec = parse_spec({"name": "m", "backend": "sklearn", "model": f"blob://sha256:{wrong}/m.joblib"})
+    with pytest.raises(InvalidArgument, match="names a blob this head does not have"):
+        store.check_named(spec)
+
+
+async def test_blobs_no_deployment_or_kept_revision_names_are_collected_after_the_grace(
+    store: BlobStore, tmp_path: Path
+) -> None:
+    other = os.urandom(100)
+    other_sha = hashlib.sha256(other).hexdigest()
+    await store.receive(SHA, len(DATA), 0, chunks_of(DATA))
+    await store.receive(other_sha, len(other), 0, chunks_of(other))
+    with pytest.raises(ConnectionResetError):
+        await store.receive(SHA[::-1], 5000, 0, chunks_of(DATA[:5000], fail_after=1000))
+    now = os.path.getmtime(tmp_path / "blobs" / SHA)
+
+    # A head with a deployment whose two revisions name the two blobs.
+    node = HeadNode(Settings(), MemoryStore(), FakeSchedulers(), FakeClock())
+    node.blobs = store
+    spec = {"name": "m", "backend": "sklearn", "model": f"blob://sha256:{SHA}/m.joblib"}
+    await node.apply(parse_spec(spec))
+    await node.apply(parse_spec({**spec, "model": f"blob://sha256:{other_sha}/m.joblib"}))
+    assert in_use(node) == {SHA, other_sha}
+
+    assert await store.collect(set(), now + 50) == []  # within the grace
+    assert await store.collect(in_use(node), now + 150) == []  # named: kept
+    assert not (tmp_path / "blobs" / "partial" / SHA[::-1]).exists()  # an idle partial upload is not
+
+    await node.delete("m")
+    assert in_use(node) == set()
+    assert await store.collect(set(), now + 200) == []  # its grace starts again from when it was named
+    assert sorted(await store.collect(set(), now + 251)) == sorted([SHA, other_sha])
+    assert not store.stat(SHA).complete
+    await node.aclose()
+
+
+# ------------------------------------------------------------------ fetching
+
+
+class FakeSource:
+    """The head and peers, each with the blob's bytes; a source may fail after some bytes."""
+
+    def __init__(self, data: bytes, holders: list[str]) -> None:
+        self.data = data
+        self.holders = holders
+        self.fail_after: dict[str, int] = {}
+        self.calls: list[tuple[str, int]] = []
+        self.head_has = True
+        self.head_down = 0  # the head fails this many more locates (and downloads meanwhile)
+
+    async def locate(self, sha256: str) -> Located:
+        if self.head_down:
+            self.head_down -= 1
+            raise Unavailable("the head is down")
+        if not self.head_has:
+            raise NotFound(f"the head has no blob sha256:{sha256}")
+        return Located(len(self.data), list(self.holders))
+
+    async def download(self, address: str, sha256: str, offset: int) -> AsyncIterator[bytes]:
+        self.calls.append((address, offset))
+        if address == HEAD and self.head_down:
+            raise Unavailable("the head is down")
+        stop = self.fail_after.pop(address, len(self.data))
+        for i in range(offset, len(self.data), 1000):
+            if i >= stop:
+                raise Unavailable(f"{address or 'head'} died")
+            yield self.data[i : i + 1000]
+
+
+async def fetch_into(source: FakeSource, dest: Path, sha: str = SHA) -> list[int]:
+    admitted: list[int] = []
+
+    async def admit(size: int) -> None:
+        admitted.append(size)
+
+    await fetch(
+        source,
+        BlobRef(sha, "m.bin", False),
+        dest,
+        admit=admit,
+        on_bytes=lambda done, total: None,
+        stop=threading.Event(),
+        give_up_s=5,
+        retry_s=0.01,
+    )
+    return admitted
+
+
+async def test_a_fetch_continues_from_the_head_where_a_dying_peer_stopped(tmp_path: Path) -> None:
+    source = FakeSource(DATA, holders=["peer:1"])
+    source.fail_after["peer:1"] = 6000
+    assert await fetch_into(source, tmp_path / "m.bin") == [len(DATA)]
+    assert (tmp_path / "m.bin").read_bytes() == DATA
+    assert source.calls == [("peer:1", 0), (HEAD, 6000)]
+
+
+async def test_a_fetch_waits_for_a_head_that_died_mid_download_and_resumes(tmp_path: Path) -> None:
+    source = FakeSource(DATA, holders=[])
+    source.fail_after[HEAD] = 3000
+    source.head_down = 3
+    await fetch_into(source, tmp_path / "m.bin")
+    assert (tmp_path / "m.bin").read_bytes() == DATA
+    assert source.calls[0] == (HEAD, 0) and source.calls[-1] == (HEAD, 3000)
+
+
+async def test_a_fetch_fails_clearly_for_a_blob_the_head_lacks_or_bytes_that_are_not_it(
+    tmp_path: Path,
+) -> None:
+    source = FakeSource(DATA, holders=[])
+    source.head_has = False
+    with pytest.raises(FailedPrecondition, match="the head has no blob"):
+        await fetch_into(source, tmp_path / "m.bin")
+    source = FakeSource(DATA, holders=[])
+    with pytest.raises(FailedPrecondition, match="the bytes fetched hash to"):
+        await fetch_into(source, tmp_path / "m.bin", sha="0" * 64)
+
+
+async def test_the_artifact_cache_unpacks_a_folder_blob_and_serves_its_tar_to_peers(tmp_path: Path) -> None:
+    packed = pack(make_folder(tmp_path / "src" / "code", mtime=1))
+    source = FakeSource(packed.path.read_bytes(), holders=[])
+    cache = ArtifactCache(tmp_path / "artifacts", limit_bytes=10_000_000)
+    cache.blob_source = source
+    try:
+        lease = await cache.acquire(packed.ref.uri)
+        assert lease.path == tmp_path / "artifacts" / packed.ref.sha256 / "code"
+        assert (lease.path / "sub" / "weights.bin").read_bytes() == b"\x00\x01" * 5000
+        served = cache.blob_file(packed.ref.sha256)
+        assert served is not None and served.read_bytes() == packed.path.read_bytes()
+        again = await cache.acquire(packed.ref.uri)  # cached: not fetched again
+        assert again.path == lease.path and len(source.calls) == 1
+        assert cache.blob_file("f" * 64) is None
+    finally:
+        await cache.aclose()
+        packed.discard()
