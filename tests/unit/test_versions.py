@@ -77,8 +77,10 @@ def fakes() -> FakeReplicas:
 @pytest.fixture
 async def router(fakes: FakeReplicas) -> AsyncIterator[Router]:
     r = Router("s1", Settings(), fakes, policy="round_robin")
-    yield r
-    await r.aclose()
+    try:
+        yield r
+    finally:
+        await r.aclose()
 
 
 async def served_by(router: Router, n: int, version: int = 0) -> set[str]:
@@ -220,7 +222,7 @@ async def test_the_catalog_refuses_a_version_that_is_no_number(node: SchedulerNo
 @pytest.fixture
 async def head(clock: FakeClock) -> AsyncIterator[tuple[HeadNode, FakeSchedulers]]:
     store, fleet = MemoryStore(), FakeSchedulers()
-    node = HeadNode(Settings(), store, fleet, clock)
+    node = HeadNode(Settings(dead_after_s=3600.0), store, fleet, clock)
     await node.register_scheduler(
         SchedulerRegistration("s1", "s1:7000", "s1:7001", Capacity(16, 8192, 0), pid=1, hostname="h")
     )
@@ -229,13 +231,14 @@ async def head(clock: FakeClock) -> AsyncIterator[tuple[HeadNode, FakeSchedulers
     await store.close()
 
 
-async def make_ready(node: HeadNode, fleet: FakeSchedulers) -> None:
-    """Every replica the head placed and is not removing reports READY (those it removes, gone)."""
+async def make_ready(node: HeadNode, fleet: FakeSchedulers, gone: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    """Every replica the head placed and is not removing reports READY, but those ``gone``
+    (they died) and those it removes (they stopped)."""
     client = fleet.clients["s1"]
     reports = [
         ReplicaReport(r.id, r.deployment, READY, address=f"{r.id}:9000", spec_hash=r.spec_hash, ready_at=1.0)
         for r in node.state.replicas.values()
-        if r.state != DRAINING
+        if r.state != DRAINING and r.id not in gone
     ]
     assert await node.scheduler_health("s1", client.registry_version, reports)
 
@@ -250,8 +253,20 @@ async def settle(node: HeadNode, fleet: FakeSchedulers) -> None:
     raise AssertionError("reconcile did not settle")
 
 
+async def two_revisions(node: HeadNode, fleet: FakeSchedulers) -> None:
+    """Revision 1 (option v "a"), then 2 ("b") keeping 1 serving, each with its replica READY."""
+    await node.apply(spec("a", serve_revisions=2))
+    await settle(node, fleet)
+    await node.apply(spec("b", serve_revisions=2))
+    await settle(node, fleet)
+
+
 def revisions_in_table(node: HeadNode) -> list[int]:
     return sorted(r.revision for r in node.routes.deployments["echo"].routes)
+
+
+def created_with(fleet: FakeSchedulers, version: str) -> set[str]:
+    return {rid for rid, s in fleet.clients["s1"].created if s.options == {"v": version}}
 
 
 async def test_serve_revisions_keeps_the_previous_revision_serving_after_an_update(
@@ -259,8 +274,7 @@ async def test_serve_revisions_keeps_the_previous_revision_serving_after_an_upda
 ) -> None:
     node, fleet = head
     await node.apply(spec("a", replicas=2))
-    await node.reconcile_once()
-    await make_ready(node, fleet)
+    await settle(node, fleet)
     assert revisions_in_table(node) == [1, 1]
 
     result = await node.apply(spec("b", replicas=2, serve_revisions=2))
@@ -276,30 +290,17 @@ async def test_serve_revisions_keeps_the_previous_revision_serving_after_an_upda
     await node.apply(spec("c", replicas=2, serve_revisions=2))
     await settle(node, fleet)
     assert revisions_in_table(node) == [2, 2, 3, 3]
-    first = {rid for rid, s in fleet.clients["s1"].created if s.options == {"v": "a"}}
-    assert not first & set(node.state.replicas)
+    assert not created_with(fleet, "a") & set(node.state.replicas)
 
 
 async def test_a_kept_revision_gets_its_replicas_back_and_one_serving_revision_drains_it(
     head: tuple[HeadNode, FakeSchedulers],
 ) -> None:
     node, fleet = head
-    await node.apply(spec("a", serve_revisions=2))
-    await node.reconcile_once()
-    await make_ready(node, fleet)
-    await node.apply(spec("b", serve_revisions=2))
-    await node.reconcile_once()
-    await make_ready(node, fleet)
-    [old] = [rid for rid, s in fleet.clients["s1"].created if s.options == {"v": "a"}]
+    await two_revisions(node, fleet)
 
     # The old revision's replica dies: it is placed again, with the old spec.
-    client = fleet.clients["s1"]
-    current = [r for r in node.state.replicas.values() if r.id != old]
-    reports = [
-        ReplicaReport(r.id, "echo", READY, address=r.address, spec_hash=r.spec_hash, ready_at=1.0)
-        for r in current
-    ]
-    assert await node.scheduler_health("s1", client.registry_version, reports)
+    await make_ready(node, fleet, gone=created_with(fleet, "a"))
     [again] = [a for a in await node.reconcile_once() if isinstance(a, CreateReplica)]
     assert again.spec.options == {"v": "a"} and again.spec.serve_revisions == 2
 
@@ -307,6 +308,29 @@ async def test_a_kept_revision_gets_its_replicas_back_and_one_serving_revision_d
     await node.apply(spec("b", serve_revisions=1))
     removed = [a for a in await node.reconcile_once() if isinstance(a, RemoveReplica)]
     assert [a.replica_id for a in removed] == [again.replica_id]
+
+
+async def test_a_kept_revision_that_keeps_dying_backs_off_and_does_not_fail_the_deployment(
+    head: tuple[HeadNode, FakeSchedulers], clock: FakeClock
+) -> None:
+    node, fleet = head
+    await two_revisions(node, fleet)
+
+    steps = []
+    for _ in range(5):
+        # The old revision's replica dies (the first after READY, its replacements before).
+        await make_ready(node, fleet, gone=created_with(fleet, "a") & set(node.state.replicas))
+        now = [a for a in await node.reconcile_once() if isinstance(a, CreateReplica)]
+        clock.advance(60)
+        later = [a for a in await node.reconcile_once() if isinstance(a, CreateReplica)]
+        steps.append((len(now), len(later)))
+
+    # Replaced at once after dying READY; after a backoff when it died starting; not after
+    # four deaths in a row before READY.
+    assert steps == [(1, 0), (0, 1), (0, 1), (0, 1), (0, 0)]
+    status = (await node.status()).deployments[0]
+    assert not status.pending_reason.startswith("FAILED")
+    assert [r.kind for r in node.history.revisions("echo")] == ["created", "updated"]
 
 
 async def test_a_restart_replaces_its_revision_rather_than_keeping_it(
