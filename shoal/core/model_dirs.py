@@ -27,6 +27,8 @@ URIs (``model``, or a python deployment's ``base_dir``: ``s3://``, ``gs://``, ``
 ``/``), and no path segment may be ``.`` or ``..``. With that setting empty, any URI is
 allowed while ``allowed_model_dirs`` is empty too, and none once it is set. A ``file://`` URI
 is a path on the scheduler's machine and is checked as one, against ``allowed_model_dirs``.
+A ``blob://`` URI (a file or folder ``shoal deploy`` uploaded, ``shoal.core.blobs``) is
+allowed by the prefix ``blob://`` alone.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import pytest
 from shoal.config import Settings
 from shoal.core.blobs import BlobRef, pack, parse_uri, unpack
 from shoal.core.clock import FakeClock
+from shoal.core.model_dirs import check_deployable
 from shoal.core.spec import parse_spec
 from shoal.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from shoal.head.blobs import BlobStore, in_use
@@ -79,6 +80,20 @@ def test_a_blob_uri_in_a_spec_is_checked() -> None:
     assert spec.artifact_uri() == good
     with pytest.raises(InvalidArgument, match="no blob URI"):
         parse_spec({"name": "s", "backend": "sklearn", "model": "blob://sha256:abc/m.joblib"})
+
+
+def test_with_model_folders_confined_uploaded_models_need_blob_listed_in_allowed_model_uris(
+    tmp_path: Path,
+) -> None:
+    spec = parse_spec({"name": "m", "backend": "sklearn", "model": "blob://sha256:" + "a" * 64 + "/m.joblib"})
+    check_deployable(spec, [], [])
+    with pytest.raises(
+        InvalidArgument, match="list the URI prefixes models may come from in allowed_model_uris"
+    ):
+        check_deployable(spec, [str(tmp_path)], [])
+    with pytest.raises(InvalidArgument, match="outside the URIs models may come from"):
+        check_deployable(spec, [str(tmp_path)], ["s3://models/"])
+    check_deployable(spec, [str(tmp_path)], ["blob://"])
 
 
 # ------------------------------------------------------------------ the head's store
