@@ -88,6 +88,7 @@ class BlobStore:
         self._named_at: dict[str, float] = {}  # blob -> when it was last found named
         self._holders: dict[str, set[str]] = {}  # blob -> scheduler ids holding it whole
         self._writing: set[str] = set()
+        self._locks: dict[str, asyncio.Lock] = {}
         self._tasks = TaskSet("blobs")
 
     # ------------------------------------------------------------ lifecycle
@@ -163,35 +164,34 @@ class BlobStore:
     # ------------------------------------------------------------ writing
 
     async def receive(self, sha256: str, size: int, offset: int, chunks: AsyncIterable[bytes]) -> BlobInfo:
-        """Append ``chunks`` to the upload of ``sha256`` (``size`` bytes in all) at ``offset``,
-        which must be where the partial upload ends (0 for a new one); once all ``size``
-        bytes are in and their hash is ``sha256``, the blob is whole.
+        """Add ``chunks``, the bytes of blob ``sha256`` (``size`` in all) from ``offset``, to
+        what the head has of it; once all ``size`` bytes are in and their hash is ``sha256``,
+        the blob is whole. ``offset`` may not pass the end of the partial upload (0 for a new
+        one); bytes the head has already are skipped. Uploads of one blob take turns.
 
         InvalidArgument: a malformed hash, a size over ``max_bytes`` or unlike an earlier
-        upload's, an offset elsewhere than the end of the partial upload, more bytes than
-        ``size``, a hash that is not ``sha256`` (the partial upload is then deleted). A
-        dropped stream keeps what arrived, for the next upload to continue."""
+        upload's, an offset past the end of the partial upload, more bytes than ``size``, a
+        hash that is not ``sha256`` (the partial upload is then deleted). A dropped stream
+        keeps what arrived, for the next upload to continue."""
         check_hex(sha256)
         if size < 0 or size > self.max_bytes:
             raise InvalidArgument(
                 f"blob sha256:{sha256} is {size} bytes; this head takes blobs of at most "
                 f"{self.max_bytes // 2**20} MB (setting max_blob_mb)"
             )
+        async with self._locks.setdefault(sha256, asyncio.Lock()):
+            return await self._receive(sha256, size, offset, chunks)
+
+    async def _receive(self, sha256: str, size: int, offset: int, chunks: AsyncIterable[bytes]) -> BlobInfo:
         info = self.stat(sha256)
         if info.complete:
             if info.size != size:
                 raise InvalidArgument(f"blob sha256:{sha256} is {info.size} bytes, not {size}")
-            async for _ in chunks:  # nothing to add: drain what the client sends
-                pass
             return info
-        if sha256 in self._writing:
-            raise InvalidArgument(
-                f"blob sha256:{sha256} is being uploaded by another call; retry once it ends"
-            )
         known = self._sizes.get(sha256)
         if known is not None and known != size and info.have:
             raise InvalidArgument(f"blob sha256:{sha256} was announced as {known} bytes, not {size}")
-        if offset != info.have:
+        if offset < 0 or offset > info.have:
             raise InvalidArgument(
                 f"upload of blob sha256:{sha256} starts at offset {offset}, but the head has "
                 f"{info.have} bytes of it: resume from there"
@@ -203,14 +203,18 @@ class BlobStore:
             await asyncio.to_thread(partial.parent.mkdir, parents=True, exist_ok=True)
             f = await asyncio.to_thread(partial.open, "ab")
             written = info.have
+            at = offset  # where the next chunk starts in the blob
             try:
                 async for chunk in chunks:
-                    if written + len(chunk) > size:
+                    if at + len(chunk) > size:
                         raise InvalidArgument(
                             f"upload of blob sha256:{sha256} sends more than its {size} bytes"
                         )
-                    await asyncio.to_thread(f.write, chunk)
-                    written += len(chunk)
+                    new = chunk[written - at :] if at < written else chunk
+                    at += len(chunk)
+                    if new:
+                        await asyncio.to_thread(f.write, new)
+                        written += len(new)
             finally:
                 f.close()
             if written < size:
@@ -253,6 +257,7 @@ class BlobStore:
                 path.unlink(missing_ok=True)
                 self._named_at.pop(blob, None)
                 self._holders.pop(blob, None)
+                self._locks.pop(blob, None)
                 gone.append(blob)
         partial = self.root / "partial"
         for path in partial.iterdir() if partial.is_dir() else ():
@@ -262,6 +267,7 @@ class BlobStore:
                 if now - path.stat().st_mtime >= self.grace_s:
                     path.unlink(missing_ok=True)
                     self._sizes.pop(path.name, None)
+                    self._locks.pop(path.name, None)
             except FileNotFoundError:
                 continue
         if gone:

@@ -120,9 +120,12 @@ async def test_a_dropped_upload_resumes_at_the_offset_the_head_kept(store: BlobS
         await store.receive(SHA, len(DATA), 0, chunks_of(DATA, fail_after=4000))
     info = store.stat(SHA)
     assert (info.complete, info.have, info.size) == (False, 4000, len(DATA))
-    with pytest.raises(InvalidArgument, match="the head has 4000 bytes of it"):
-        await store.receive(SHA, len(DATA), 0, chunks_of(DATA))
-    done = await store.receive(SHA, len(DATA), 4000, chunks_of(DATA[4000:]))
+    with pytest.raises(InvalidArgument, match="starts at offset 5000, but the head has 4000 bytes of it"):
+        await store.receive(SHA, len(DATA), 5000, chunks_of(DATA[5000:]))
+    with pytest.raises(ConnectionResetError):  # from the start again: what the head has is skipped
+        await store.receive(SHA, len(DATA), 0, chunks_of(DATA, size=1500, fail_after=6000))
+    assert store.stat(SHA).have == 6000
+    done = await store.receive(SHA, len(DATA), 6000, chunks_of(DATA[6000:]))
     assert done.complete and store.stat(SHA).complete
     assert b"".join([c async for c in store.read(SHA, 9000)]) == DATA[9000:]
 
