@@ -2341,15 +2341,21 @@ class BlobRef(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SHA256_FIELD_NUMBER: _builtins.int
+    HOLDER_FIELD_NUMBER: _builtins.int
     sha256: _builtins.str
+    holder: _builtins.str
+    """Stat from a scheduler that now holds the blob whole, verified (its id): the head lists
+    it among the holders from then on.
+    """
     def __init__(
         self,
         *,
         sha256: _builtins.str = ...,
+        holder: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sha256", b"sha256"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["holder", b"holder", "sha256", b"sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2407,7 +2413,7 @@ class BlobDownloadRequest(_message.Message):
     offset: _builtins.int
     """start here (resume)"""
     scheduler_id: _builtins.str
-    """the scheduler asking: noted as a holder once it has all of it"""
+    """the scheduler asking (for the logs)"""
     def __init__(
         self,
         *,

@@ -79,6 +79,8 @@ class HeadBlobService(pbg.BlobServicer):
             info = self.store.stat(request.sha256)
         except ShoalError as err:
             await abort(context, err)
+        if request.holder and info.complete:
+            self.store.add_holder(request.sha256, request.holder)
         held = self.store.holders(request.sha256)
         live = [s.address for s in self.node.state.schedulers.values() if s.id in held and s.state == ALIVE]
         return _stat_pb(info, self.store.max_bytes, sorted(live))
@@ -93,8 +95,6 @@ class HeadBlobService(pbg.BlobServicer):
                 yield chunk
         except ShoalError as err:
             await abort(context, err)
-        if request.scheduler_id:
-            self.store.add_holder(request.sha256, request.scheduler_id)
 
 
 class SchedulerBlobService(pbg.BlobServicer):
@@ -126,8 +126,8 @@ class SchedulerBlobService(pbg.BlobServicer):
 
 class GrpcBlobSource:
     """A scheduler's :class:`shoal.scheduler.blob_fetch.BlobSource`: Stat at the head (the
-    one of several that answers), Download from a peer's control port or the head.
-    ``scheduler_id`` is sent with each download so the head lists this scheduler as a holder."""
+    one of several that answers), Download from a peer's control port or the head; ``hold``
+    tells the head this scheduler (``scheduler_id``) holds a blob, for the peers."""
 
     def __init__(self, head_address: str, settings: Settings, scheduler_id: str) -> None:
         self._settings = settings
@@ -155,6 +155,14 @@ class GrpcBlobSource:
                 raise NotFound(f"the head has no blob sha256:{sha256}")
             return Located(reply.size, [h for h in reply.holders if h != self.own_address])
         raise error
+
+    async def hold(self, sha256: str) -> None:
+        try:
+            await self._heads[self._head].Stat(
+                pb.BlobRef(sha256=sha256, holder=self._scheduler_id), timeout=self._settings.rpc_timeout_s
+            )
+        except grpc.aio.AioRpcError as err:
+            raise to_error(err) from None
 
     async def download(self, address: str, sha256: str, offset: int) -> AsyncIterator[bytes]:
         if address == HEAD:

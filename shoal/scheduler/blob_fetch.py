@@ -1,6 +1,7 @@
 """Fetching a ``blob://`` model into the artifact cache: from a peer, else from the head.
 
-The head knows which schedulers hold a blob whole (:meth:`BlobSource.locate`). A fetch
+The head knows which schedulers hold a blob whole (:meth:`BlobSource.locate`): each tells
+it once it has fetched and verified one (:meth:`BlobSource.hold`). A fetch
 tries them in random order (so that many schedulers starting one model spread over the
 ones that have it), then the head; a source that fails or ends early is left for the
 next, which continues from the bytes already written. When every source has failed it
@@ -42,6 +43,11 @@ class BlobSource(Protocol):
     async def locate(self, sha256: str) -> Located:
         """The blob's size and the peers holding it. NotFound: the head has no such blob;
         Unavailable: the head cannot be asked."""
+        ...
+
+    async def hold(self, sha256: str) -> None:
+        """Tell the head this scheduler holds the blob whole (verified), so that it lists it
+        among the holders. Raises ShoalError when the head cannot be told."""
         ...
 
     def download(self, address: str, sha256: str, offset: int) -> AsyncIterator[bytes]:
@@ -117,3 +123,7 @@ async def fetch(
             break
     if digest.hexdigest() != ref.sha256:
         raise FailedPrecondition(f"{ref.uri}: the bytes fetched hash to sha256:{digest.hexdigest()}")
+    try:
+        await source.hold(ref.sha256)
+    except ShoalError as err:  # peers will not be pointed here; nothing else is lost
+        log.info("could not tell the head this scheduler holds %s: %s", ref.uri, err)

@@ -193,6 +193,7 @@ class FakeSource:
         self.fail_after: dict[str, int] = {}
         self.calls: list[tuple[str, int]] = []
         self.head_has = True
+        self.held: list[str] = []
         self.head_down = 0  # the head fails this many more locates (and downloads meanwhile)
 
     async def locate(self, sha256: str) -> Located:
@@ -202,6 +203,9 @@ class FakeSource:
         if not self.head_has:
             raise NotFound(f"the head has no blob sha256:{sha256}")
         return Located(len(self.data), list(self.holders))
+
+    async def hold(self, sha256: str) -> None:
+        self.held.append(sha256)
 
     async def download(self, address: str, sha256: str, offset: int) -> AsyncIterator[bytes]:
         self.calls.append((address, offset))
@@ -239,6 +243,7 @@ async def test_a_fetch_continues_from_the_head_where_a_dying_peer_stopped(tmp_pa
     assert await fetch_into(source, tmp_path / "m.bin") == [len(DATA)]
     assert (tmp_path / "m.bin").read_bytes() == DATA
     assert source.calls == [("peer:1", 0), (HEAD, 6000)]
+    assert source.held == [SHA]  # the head now lists this scheduler for its peers
 
 
 async def test_a_fetch_waits_for_a_head_that_died_mid_download_and_resumes(tmp_path: Path) -> None:
