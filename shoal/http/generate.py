@@ -38,7 +38,7 @@ from shoal.scheduler.generate import (
     internal_id,
     start_stream,
 )
-from shoal.scheduler.models import VERSION, ModelCatalog
+from shoal.scheduler.models import ModelCatalog
 from shoal.types import GenerateRequest
 
 
@@ -86,29 +86,33 @@ def generate_routes(catalog: ModelCatalog, limit: int) -> list[Route]:
     """The generate extension's routes over ``catalog`` (and its router); bodies up to ``limit`` bytes."""
     router = catalog.router
 
-    async def prepare(request: Request, *, stream: bool) -> tuple[str, str, GenerateRequest]:
+    async def prepare(request: Request, *, stream: bool) -> tuple[str, str, GenerateRequest, int]:
+        """The model, the client's id, the generation and the revision it must run on (0: any)."""
         name = request.path_params["name"]
-        spec = catalog.spec(name, request.path_params.get("version", ""))
+        spec = catalog.spec(name)
+        revision = catalog.revision(spec, request.path_params.get("version", ""))
         if not generates_text(spec):
             raise InvalidArgument(f"model {name!r} does not generate text; use /v2/models/{name}/infer")
         request_id, req = parse_generate(await read_json(request, limit), stream=stream)
-        return name, request_id, req
+        return name, request_id, req, revision
 
-    def head(name: str, request_id: str) -> dict[str, Any]:
-        doc: dict[str, Any] = {"model_name": name, "model_version": VERSION}
+    def head(name: str, request_id: str, revision: int) -> dict[str, Any]:
+        version = str(revision) if revision else catalog.versions(catalog.spec(name))[-1]
+        doc: dict[str, Any] = {"model_name": name, "model_version": version}
         if request_id:
             doc["id"] = request_id
         return doc
 
     async def generate(request: Request) -> Response:
         try:
-            name, request_id, req = await prepare(request, stream=False)
-            result = await complete(router, name, req, request_id=internal_id(request_id))
+            name, request_id, req, revision = await prepare(request, stream=False)
+            result = await complete(router, name, req, request_id=internal_id(request_id), version=revision)
+            answer = head(name, request_id, revision)
         except ShoalError as err:
             return _error(err)
         return JSONResponse(
             {
-                **head(name, request_id),
+                **answer,
                 "text_output": result.text,
                 "finish_reason": result.finish_reason,
                 "prompt_tokens": result.prompt_tokens,
@@ -118,11 +122,13 @@ def generate_routes(catalog: ModelCatalog, limit: int) -> list[Route]:
 
     async def generate_stream(request: Request) -> Response:
         try:
-            name, request_id, req = await prepare(request, stream=True)
-            chunks = await start_stream(router, name, req, request_id=internal_id(request_id))
+            name, request_id, req, revision = await prepare(request, stream=True)
+            chunks = await start_stream(
+                router, name, req, request_id=internal_id(request_id), version=revision
+            )
+            base = head(name, request_id, revision)
         except ShoalError as err:
             return _error(err)
-        base = head(name, request_id)
 
         async def events() -> AsyncGenerator[bytes, None]:
             try:

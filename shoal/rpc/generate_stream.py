@@ -29,7 +29,7 @@ from shoal.core import tensors
 from shoal.errors import InvalidArgument, NotFound
 from shoal.proto import grpc_service_pb2 as oip
 from shoal.scheduler.generate import generate_request, generates_text, internal_id, start_stream
-from shoal.scheduler.models import VERSION, ModelCatalog
+from shoal.scheduler.models import ModelCatalog
 from shoal.types import Arrays, GenerateChunk
 
 _TEXT_INPUTS = ("text", "text_input")
@@ -123,9 +123,12 @@ async def stream_responses(
     output = _output_name(request)
     empty_final = params.get("triton_enable_empty_final_response") is True
     generation = generate_request(params, prompt=prompt, stream=True)
+    spec = catalog.spec(request.model_name)
+    revision = catalog.revision(spec, request.model_version)
+    version = str(revision) if revision else catalog.versions(spec)[-1]
 
     def response(piece: str | None, final: GenerateChunk | None) -> oip.ModelStreamInferResponse:
-        reply = oip.ModelInferResponse(model_name=request.model_name, model_version=VERSION, id=request.id)
+        reply = oip.ModelInferResponse(model_name=request.model_name, model_version=version, id=request.id)
         if piece is not None:
             reply.outputs.add(name=output, datatype="BYTES", shape=[1])
             reply.raw_output_contents.append(tensors.to_bytes(np.array([piece.encode()], dtype=object)))
@@ -147,6 +150,7 @@ async def stream_responses(
         generation,
         request_id=internal_id(request.id),
         timeout_s=timeout_s,
+        version=revision,
     )
     # One piece is held back, so that the last piece can say it is the last (Triton's
     # triton_final_response) without an extra empty response, unless the client wants one.

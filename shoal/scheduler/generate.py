@@ -165,14 +165,20 @@ class ChunkStream:
 
 
 async def start_stream(
-    router: Router, deployment: str, request: GenerateRequest, *, request_id: str = "", timeout_s: float = 0.0
+    router: Router,
+    deployment: str,
+    request: GenerateRequest,
+    *,
+    request_id: str = "",
+    timeout_s: float = 0.0,
+    version: int = 0,
 ) -> ChunkStream:
     """Start ``request`` on ``deployment`` and wait for its first chunk.
 
     Raises what :meth:`Router.stream` raises before any output; errors after it come out of
     the returned stream. Close it (``aclose``) when done or when the client goes away.
     """
-    chunks = router.stream(deployment, request, request_id=request_id, timeout_s=timeout_s)
+    chunks = router.stream(deployment, request, request_id=request_id, timeout_s=timeout_s, version=version)
     try:
         first = await anext(chunks)
     except StopAsyncIteration:
@@ -184,12 +190,18 @@ async def start_stream(
 
 
 async def complete(
-    router: Router, deployment: str, request: GenerateRequest, *, request_id: str = "", timeout_s: float = 0.0
+    router: Router,
+    deployment: str,
+    request: GenerateRequest,
+    *,
+    request_id: str = "",
+    timeout_s: float = 0.0,
+    version: int = 0,
 ) -> GenerateChunk:
     """The whole generation as one chunk: all its text, finish reason and token counts."""
     text: list[str] = []
     last: GenerateChunk | None = None
-    chunks = router.stream(deployment, request, request_id=request_id, timeout_s=timeout_s)
+    chunks = router.stream(deployment, request, request_id=request_id, timeout_s=timeout_s, version=version)
     async with contextlib.aclosing(chunks):
         async for chunk in chunks:
             text.append(chunk.text)

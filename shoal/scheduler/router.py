@@ -575,17 +575,24 @@ class Router:
     # ------------------------------------------------------------ streams (text generation)
 
     async def stream(
-        self, deployment: str, request: GenerateRequest, *, request_id: str = "", timeout_s: float = 0.0
+        self,
+        deployment: str,
+        request: GenerateRequest,
+        *,
+        request_id: str = "",
+        timeout_s: float = 0.0,
+        version: int = 0,
     ) -> AsyncGenerator[GenerateChunk, None]:
         """Run one text generation on some READY replica, yielding its chunks as they come.
 
         The replica is acquired as for :meth:`send`: one with room under
         ``max_ongoing_requests``, waiting up to the deadline (``timeout_s``, 0: the
         deployment's), ResourceExhausted at once when the queue is full, NotFound for an
-        unknown deployment. The deadline bounds the whole generation. A replica that fails
-        before its first chunk is replaced by another (up to ``settings.request_attempts``);
-        after the first chunk the failure is the caller's (Unavailable): the client has seen
-        part of an answer that another replica would not continue.
+        unknown deployment; ``version`` as for :meth:`send`. The deadline bounds the whole
+        generation. A replica that fails before its first chunk is replaced by another (up to
+        ``settings.request_attempts``); after the first chunk the failure is the caller's
+        (Unavailable): the client has seen part of an answer that another replica would not
+        continue.
 
         The replica's slot is held until the stream ends: close this generator (``aclose``,
         ``contextlib.aclosing``) when the client goes away, which also stops the generation.
@@ -604,7 +611,7 @@ class Router:
             for attempt in range(max(1, self.settings.request_attempts)):
                 if tried and not any(h.accepting and h.replica_id not in tried for h in dep.handles.values()):
                     await dep.changed.wait(min(RETRY_PAUSE_S, max(0.0, deadline - clock.now())), clock)
-                handle = await self._acquire(dep, deadline, tried)
+                handle = await self._acquire(dep, deadline, tried, "", version)
                 if attempt == 0:
                     dep.stats.queue.observe(time.perf_counter() - started)
                 try:

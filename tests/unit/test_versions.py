@@ -8,6 +8,7 @@ a HeadNode with fake schedulers, a Router and SchedulerNode with fake replicas.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
@@ -32,7 +33,14 @@ from shoal.scheduler.node import SchedulerNode
 from shoal.scheduler.router import Router
 from shoal.store import MemoryStore
 from shoal.testing.fakes import FakeReplicas, FakeSchedulers
-from shoal.types import DeploymentRoutes, HeadLink, Route, RoutingTable, SchedulerRegistration
+from shoal.types import (
+    DeploymentRoutes,
+    GenerateRequest,
+    HeadLink,
+    Route,
+    RoutingTable,
+    SchedulerRegistration,
+)
 from tests.unit.test_dataplane import Aborted, Context
 
 pytestmark = pytest.mark.timeout(10)
@@ -104,6 +112,20 @@ async def test_with_serve_revisions_a_request_without_a_version_goes_to_the_newe
 
     assert await served_by(router, 4) == {"r2"}
     assert await served_by(router, 4, version=1) == {"r1"}
+
+
+async def test_a_text_generation_naming_a_version_runs_on_that_revision(
+    router: Router, fakes: FakeReplicas
+) -> None:
+    lm = parse_spec({"name": "echo", "backend": "vllm", "model": "m"})
+    await router.apply_table(table(2, ("r1", 1), ("r2", 2), spec_=lm))
+
+    for _ in range(3):
+        stream = router.stream("echo", GenerateRequest(prompt="a b", max_tokens=4), version=1)
+        async with contextlib.aclosing(stream) as chunks:
+            assert [c.text async for c in chunks][-1] == ""
+
+    assert (len(fakes.clients["r1:9000"].generations), len(fakes.clients["r2:9000"].generations)) == (3, 0)
 
 
 async def test_a_version_that_no_replica_serves_is_not_found_at_once(router: Router) -> None:
