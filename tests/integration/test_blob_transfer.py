@@ -1,6 +1,7 @@
 """The Blob service over real gRPC with mutual TLS, in one process: an upload dropped
 mid-way continues from the bytes the head kept; a scheduler fetches from the head, a second
-one from the first (a peer), not from the head again; only schedulers may download."""
+one from the first (a peer), not from the head again; only schedulers may download, and
+only deploy tokens upload."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import grpc.aio
 import pytest
 
 from shoal import certs
+from shoal.auth import Role
 from shoal.config import Settings
 from shoal.core.blobs import CHUNK, pack
 from shoal.core.clock import FakeClock
@@ -107,6 +109,16 @@ async def test_uploads_resume_and_schedulers_fetch_from_each_other(tmp_path: Pat
             lease = await cache.acquire(packed.ref.uri)
             assert lease.path.read_bytes() == model.read_bytes()
         assert reads == [0]  # one download from the head: b's came from a
+
+        # Once tokens exist, uploading takes one of role deploy.
+        await node.create_token(Role.ADMIN, "admin")
+        _, reader = await node.create_token(Role.READ, "reader")
+        _, deployer = await node.create_token(Role.DEPLOY, "deployer")
+        other = tmp_path / "other.bin"
+        other.write_bytes(b"another model")
+        with pytest.raises(PermissionDenied, match="needs role deploy"):
+            await upload(client.replace(token=reader), pack(other), lambda done, total: None)
+        assert await upload(client.replace(token=deployer), pack(other), lambda done, total: None)
     finally:
         for cache in caches:
             await cache.aclose()
