@@ -243,6 +243,8 @@ class SeriesRecorder:
             self._last[(scheduler_id, name)] = snap
             if prev is None or snap.requests < prev.requests:
                 continue  # first sight, or the scheduler restarted: no delta yet
+            if not len(snap.latency) == len(prev.latency) == len(BUCKETS) + 1:
+                continue  # not shoal's buckets (a broken report): nothing to add up
             req, err, lat = self._pending.get(name, (0, 0, [0] * (len(BUCKETS) + 1)))
             lat = [a + (b - c) for a, b, c in zip(lat, snap.latency, prev.latency, strict=True)]
             self._pending[name] = (req + snap.requests - prev.requests, err + snap.errors - prev.errors, lat)

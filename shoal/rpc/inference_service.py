@@ -244,6 +244,8 @@ class InferenceService(oipg.GRPCInferenceServiceServicer):
             ready = self.catalog.model_ready(request.name, request.version)
         except NotFound:
             ready = False
+        except ShoalError as err:  # a version that is no version number
+            await abort(context, err)
         return oip.ModelReadyResponse(ready=ready)
 
     async def ServerMetadata(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator, Callable, Mapping
 
 import grpc
@@ -17,17 +18,21 @@ import grpc.aio
 
 from shoal.config import Settings
 from shoal.core.stats import OUTCOMES, DeploymentStats, Histogram
-from shoal.errors import ShoalError, Unavailable
+from shoal.errors import InvalidArgument, ShoalError, Unavailable
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.rpc.channels import open_channel
 from shoal.rpc.clients import RoutingTableDecoder
 from shoal.rpc.convert import routes_to_pb, table_frame_to_pb
-from shoal.rpc.status import Context, to_error
+from shoal.rpc.status import Context, abort, to_error
 from shoal.scheduler.ingress import Counts, IngressHub
 from shoal.types import RoutingTable
 
 log = logging.getLogger("shoal.ingress")
+
+# A count no worker makes: exact as a float, and sums over workers stay far inside int64
+# (an IngressTotals field), so a report cannot break every later one.
+MAX_COUNT = 2**53
 
 # Without a change, the table is sent again this often: a worker that hears nothing for
 # several of these knows its main process is gone.
@@ -88,6 +93,29 @@ def counts_from_pb(m: pb.IngressCounts) -> Counts:
     )
 
 
+def check_counts(deployment: str, m: pb.IngressCounts) -> None:
+    """Raises InvalidArgument naming the field unless every count of ``m`` is in
+    ``[0, MAX_COUNT)`` and its histogram totals are finite and >= 0 (what the totals and
+    the statistics built from them can carry)."""
+    counts: list[tuple[str, int]] = [
+        (f, getattr(m, f))
+        for f in ("given_up", "in_flight", "queued", "success", "success_ns", "fail", "fail_ns", "inferences")
+    ]
+    counts += [("last_ms", m.last_ms)]
+    for kind in ("outcomes", "routed", "shadowed"):
+        counts += [(f"{kind}[{k!r}]", v) for k, v in getattr(m, kind).items()]
+    for kind in ("latency", "queue"):
+        h: pb.Histogram = getattr(m, kind)
+        counts += [(f"{kind}.counts[{i}]", v) for i, v in enumerate(h.counts)]
+        if not (math.isfinite(h.total) and h.total >= 0):
+            raise InvalidArgument(
+                f"deployments[{deployment!r}].{kind}.total must be finite and >= 0, got {h.total}"
+            )
+    for field, value in counts:
+        if not 0 <= value < MAX_COUNT:
+            raise InvalidArgument(f"deployments[{deployment!r}].{field} must be in [0, 2**53), got {value}")
+
+
 def table_to_pb(table: RoutingTable) -> pb.RoutingTable:
     """The whole table, as the main process sends it to its ingress workers."""
     msg = table_frame_to_pb(table)
@@ -131,6 +159,11 @@ class IngressService(pbg.IngressServicer):
             log.info("ingress worker %s stopped watching", request.worker_id)
 
     async def ReportIngress(self, request: pb.IngressReport, context: Context) -> pb.IngressTotals:
+        try:
+            for name, c in request.deployments.items():
+                check_counts(name, c)
+        except ShoalError as err:
+            await abort(context, err)
         counts = {name: counts_from_pb(c) for name, c in request.deployments.items()}
         self.hub.report(request.worker_id, request.pid, counts)
         totals = self.hub.totals(self.own())

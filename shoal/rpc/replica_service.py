@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-from shoal.errors import ShoalError
+from shoal.core.spec import MAX_SECONDS
+from shoal.errors import InvalidArgument, ShoalError
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.replica.process import ReplicaProcess
@@ -128,5 +129,12 @@ class ReplicaService(pbg.ReplicaServicer):
             await abort(context, err)
 
     async def Drain(self, request: pb.DrainRequest, context: Context) -> pb.Empty:
-        self.replica.request_stop(grace_s=request.grace_s)
+        grace_s = request.grace_s
+        # NaN or a negative grace would cut the requests in flight at once, an infinite one
+        # let a stuck request keep the replica from exiting.
+        if not 0 <= grace_s <= MAX_SECONDS:
+            await abort(
+                context, InvalidArgument(f"grace_s must be in [0, {MAX_SECONDS:g}] seconds, got {grace_s:g}")
+            )
+        self.replica.request_stop(grace_s=grace_s)
         return pb.Empty()

@@ -31,11 +31,6 @@ async def _control_only(context: Context) -> NoReturn:
     raise AssertionError("unreachable")
 
 
-async def _no_log(context: Context) -> AsyncIterator[pb.LogChunk]:
-    await _control_only(context)
-    yield pb.LogChunk()
-
-
 class NativeService(pbg.SchedulerServicer):
     """The native API alone (``SendRequest``): what an ingress worker serves of the
     Scheduler service. Control calls go to the main process's control port."""
@@ -61,8 +56,11 @@ class NativeService(pbg.SchedulerServicer):
     async def SendHealthUpdate(self, request: pb.ReplicaHealth, context: Context) -> pb.HealthReply:
         await _control_only(context)
 
-    def ReadLog(self, request: pb.ReadLogRequest, context: Context) -> AsyncIterator[pb.LogChunk]:
-        return _no_log(context)
+    async def ReadLog(self, request: pb.ReadLogRequest, context: Context) -> AsyncIterator[pb.LogChunk]:
+        # An async generator itself: grpc.aio runs a plain method that returns one as a
+        # synchronous iterator, and fails with UNKNOWN.
+        await _control_only(context)
+        yield pb.LogChunk()
 
     async def SendRequest(self, request: pb.InferRequest, context: Context) -> pb.InferReply:
         """The native API: one request through the data plane's door, tensors as they came."""
