@@ -193,11 +193,13 @@ UPLOAD_ATTEMPTS = 5
 
 async def upload(settings: Settings, packed: Packed, on_progress: Callable[[int, int], None]) -> bool:
     """Send ``packed`` to the head (``settings.head_address``; of several, the first that
-    answers), unless it has it already (False); resumes after a dropped connection from the bytes the
-    head kept. Raises ShoalError: InvalidArgument for what the head refuses (over its
-    size limit, a hash mismatch), Unavailable when the head cannot be reached."""
+    answers), unless it has it already (False). After a dropped connection it asks the head
+    again and continues from the bytes the head kept, up to :data:`UPLOAD_ATTEMPTS` times.
+    Raises ShoalError: InvalidArgument for what the head refuses (over its size limit, a
+    hash mismatch), PermissionDenied without a deploy token, Unavailable when the head
+    cannot be reached."""
     metadata = auth_metadata(settings.token)
-    sha256 = packed.ref.sha256
+    blob = pb.BlobRef(sha256=packed.ref.sha256)
     error: ShoalError = Unavailable("no head address")
     for address in head_addresses(settings.head_address):
         channel = open_channel(address, settings, server="head")
@@ -205,26 +207,32 @@ async def upload(settings: Settings, packed: Packed, on_progress: Callable[[int,
         try:
             for attempt in range(1, UPLOAD_ATTEMPTS + 1):
                 try:
-                    stat = await stub.Stat(
-                        pb.BlobRef(sha256=sha256), timeout=settings.rpc_timeout_s, metadata=metadata
+                    stat = await stub.Stat(blob, timeout=settings.rpc_timeout_s, metadata=metadata)
+                except grpc.aio.AioRpcError as err:
+                    error = to_error(err)
+                    if err.code() != grpc.StatusCode.UNAVAILABLE:
+                        raise error from None
+                    await asyncio.sleep(0.2 * attempt)
+                    continue
+                if stat.complete:
+                    return attempt > 1  # sent by an earlier try whose answer was lost
+                if packed.size > stat.max_size:
+                    raise InvalidArgument(
+                        f"{packed.ref.name} is {packed.size / 2**20:.1f} MB; the head takes blobs of at "
+                        f"most {stat.max_size // 2**20} MB (setting max_blob_mb)"
                     )
-                    if stat.complete:
-                        return False
-                    if packed.size > stat.max_size:
-                        raise InvalidArgument(
-                            f"{packed.ref.name} is {packed.size / 2**20:.1f} MB; the head takes blobs of at "
-                            f"most {stat.max_size // 2**20} MB (setting max_blob_mb)"
-                        )
+                try:
                     reply = await stub.Upload(_messages(packed, stat.have, on_progress), metadata=metadata)
                     if reply.complete:
                         return True
                     error = Unavailable(f"the head kept {reply.have} of {packed.size} bytes")
                 except grpc.aio.AioRpcError as err:
+                    # Dropped, or refused while bytes were still on their way (then the next
+                    # Stat says why not, or that another upload completed it).
                     error = to_error(err)
-                    if err.code() != grpc.StatusCode.UNAVAILABLE:
+                    if err.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED):
                         raise error from None
                     log.info("upload of %s dropped (%s); resuming (try %d)", packed.ref.uri, error, attempt)
-                    await asyncio.sleep(0.2 * attempt)
         finally:
             await channel.close(None)
     raise error
