@@ -490,13 +490,13 @@ class Router:
         if self._share > 1:
             limit = -(-limit // self._share)
         open_ = [h for h in dep.handles.values() if h.accepting and h.in_flight < limit]
-        if version or (dep.spec.serve_revisions > 1 and open_):
-            if version:
-                allowed: Collection[int] = (version,)
-            else:
-                serving = (h.revision for h in dep.handles.values() if h.accepting)
-                allowed = default_revisions(serving, dep.spec.replicas)
-            open_ = [h for h in open_ if h.revision in allowed]
+        if version:
+            open_ = [h for h in open_ if h.revision == version]
+        elif dep.spec.serve_revisions > 1 and open_:
+            serving = (h.revision for h in dep.handles.values() if h.accepting)
+            allowed = default_revisions(serving, dep.spec.replicas)
+            if allowed:  # else no revision is known (none kept, or no table yet): any replica
+                open_ = [h for h in open_ if h.revision in allowed]
         if not open_:
             return None
         fresh = [h for h in open_ if h.replica_id not in tried]

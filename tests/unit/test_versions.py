@@ -128,6 +128,14 @@ async def test_a_text_generation_naming_a_version_runs_on_that_revision(
     assert (len(fakes.clients["r1:9000"].generations), len(fakes.clients["r2:9000"].generations)) == (3, 0)
 
 
+async def test_with_serve_revisions_but_no_revision_known_any_replica_serves(
+    router: Router, fakes: FakeReplicas
+) -> None:
+    # A deployment from before revisions were kept: its replicas' revisions are not known.
+    router.add("old", spec(serve_revisions=2), "old:9000", "s1")
+    assert await served_by(router, 2) == {"old"}
+
+
 async def test_a_version_that_no_replica_serves_is_not_found_at_once(router: Router) -> None:
     await router.apply_table(table(2, ("r2", 2)))
     with pytest.raises(NotFound, match="version 1 no longer serves"):
