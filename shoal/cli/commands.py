@@ -90,11 +90,12 @@ def render_status(status: dict[str, Any]) -> str:
     )
     out.append("")
     table(
-        ["REPLICA", "DEPLOYMENT", "STATE", "SCHEDULER", "PID", "ADDRESS", "IN FLIGHT"],
+        ["REPLICA", "DEPLOYMENT", "REVISION", "STATE", "SCHEDULER", "PID", "ADDRESS", "IN FLIGHT"],
         [
             [
                 r["id"],
                 d["name"],
+                str(r.get("revision") or "-"),
                 # A replica waiting for its model shows the download's progress.
                 f"{r['state']} ({r['message']})"
                 if r["state"] == "DOWNLOADING" and r.get("message")

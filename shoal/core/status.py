@@ -40,6 +40,7 @@ class ReplicaStatus:
     queued: int = 0
     message: str = ""
     spec_hash: str = ""  # the process hash of the spec it runs (DeploymentSpec.process_hash)
+    revision: int = 0  # the revision of its deployment it runs: its OIP version (0: not known)
 
 
 @dataclass(frozen=True)

@@ -852,6 +852,8 @@ def status_of(node: HeadNode) -> ClusterStatus:
     for name in names:
         spec = node.desired.get(name)
         broken = node.broken.get(name, "")
+        # Each replica's revision: the newest of the spec it runs (as in the routing table).
+        revision = {rev.spec_hash: rev.number for rev in node.history.revisions(name)}
         if spec is not None:
             reason = state.pending_reasons.get(name, "")
         elif broken:
@@ -879,6 +881,7 @@ def status_of(node: HeadNode) -> ClusterStatus:
                         queued=r.queued,
                         message=r.message,
                         spec_hash=r.spec_hash,
+                        revision=revision.get(r.spec_hash, 0),
                     )
                     for r in by_deployment.get(name, [])
                 ),

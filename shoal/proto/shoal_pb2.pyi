@@ -984,6 +984,7 @@ class ReplicaInfo(_message.Message):
     QUEUED_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     SPEC_HASH_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
     replica_id: _builtins.str
     deployment: _builtins.str
     scheduler_id: _builtins.str
@@ -995,6 +996,8 @@ class ReplicaInfo(_message.Message):
     message: _builtins.str
     spec_hash: _builtins.str
     """the process hash of the spec it runs"""
+    revision: _builtins.int
+    """the revision of its deployment it runs (0: not known)"""
     def __init__(
         self,
         *,
@@ -1008,10 +1011,11 @@ class ReplicaInfo(_message.Message):
         queued: _builtins.int = ...,
         message: _builtins.str = ...,
         spec_hash: _builtins.str = ...,
+        revision: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "deployment", b"deployment", "in_flight", b"in_flight", "message", b"message", "pid", b"pid", "queued", b"queued", "replica_id", b"replica_id", "scheduler_id", b"scheduler_id", "spec_hash", b"spec_hash", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "deployment", b"deployment", "in_flight", b"in_flight", "message", b"message", "pid", b"pid", "queued", b"queued", "replica_id", b"replica_id", "revision", b"revision", "scheduler_id", b"scheduler_id", "spec_hash", b"spec_hash", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

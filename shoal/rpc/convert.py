@@ -128,6 +128,7 @@ def status_to_pb(status: ClusterStatus) -> pb.ClusterStatus:
                         queued=r.queued,
                         message=r.message,
                         spec_hash=r.spec_hash,
+                        revision=r.revision,
                     )
                     for r in d.replicas
                 ],
@@ -182,6 +183,7 @@ def status_from_pb(status: pb.ClusterStatus) -> ClusterStatus:
                         queued=r.queued,
                         message=r.message,
                         spec_hash=r.spec_hash,
+                        revision=r.revision,
                     )
                     for r in d.replicas
                 ),

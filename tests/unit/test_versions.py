@@ -17,6 +17,7 @@ import httpx
 import numpy as np
 import pytest
 
+from shoal.cli.commands import render_status
 from shoal.config import Settings
 from shoal.core import payload
 from shoal.core.clock import FakeClock
@@ -28,6 +29,7 @@ from shoal.errors import InvalidArgument, NotFound
 from shoal.head.node import HeadNode
 from shoal.http.scheduler import scheduler_app
 from shoal.proto import grpc_service_pb2 as oip
+from shoal.rpc.convert import status_from_pb, status_to_pb
 from shoal.rpc.inference_service import InferenceService
 from shoal.scheduler.node import SchedulerNode
 from shoal.scheduler.router import Router
@@ -315,6 +317,15 @@ async def test_serve_revisions_keeps_the_previous_revision_serving_after_an_upda
     assert not any(isinstance(a, RemoveReplica) for a in await node.reconcile_once())
     assert revisions_in_table(node) == [1, 1, 2, 2]
     assert node.routes.deployments["echo"].revision == 2
+
+    # Each replica's revision is in the status too, and in the table of `shoal status`.
+    status = await node.status()
+    assert sorted(r.revision for r in status.deployments[0].replicas) == [1, 1, 2, 2]
+    assert status_from_pb(status_to_pb(status)) == status
+    lines = render_status(status.to_json()).splitlines()
+    header = next(line for line in lines if line.startswith("REPLICA"))
+    assert header.split()[:3] == ["REPLICA", "DEPLOYMENT", "REVISION"]
+    assert sorted(line.split()[2] for line in lines if line.startswith("echo-")) == ["1", "1", "2", "2"]
 
     # A third revision rolls out: the first one drains, the second keeps serving.
     await node.apply(spec("c", replicas=2, serve_revisions=2))
