@@ -66,6 +66,7 @@ async def test_each_serving_revision_is_a_version_every_client_reaches(tmp_path:
         await cluster.wait_ready("adder", 1)
         await cluster.deploy(spec(folder, 20.0, serve_revisions=2))
         await cluster.wait_ready("adder", 2, timeout_s=60)
+        assert sorted(r["revision"] for r in await cluster.replicas("adder")) == [1, 2]
 
         base = f"http://{cluster.http_address()}"
         async with httpx.AsyncClient(base_url=base, timeout=10) as http:
