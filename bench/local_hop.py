@@ -1,9 +1,10 @@
-"""The scheduler -> replica hop on one machine: TCP loopback against a Unix domain socket.
+"""The scheduler -> replica hop on one machine: gRPC over TCP loopback, gRPC over a Unix
+domain socket, and shoal's local hop (``shoal.rpc.hop``: protobuf frames over a Unix socket).
 
 One grpc.aio server answers a stream-stream echo (the shape of ``PushTasks``: batches of
-tasks with 64-byte tensors) on both transports; one client process drives it closed-loop
-at concurrency 1 and 32, in turns (A B A B), and prints req/s and the UDS/TCP ratio.
-Not part of ``make test``::
+tasks with 64-byte tensors) on both transports, and a ``HopServer`` echoes the same tasks;
+one process drives each closed-loop at concurrency 1 and 32, in turns (A B A B), and
+prints req/s and the ratios to gRPC over TCP. Not part of ``make test``::
 
     .venv/bin/python bench/local_hop.py [--seconds 2] [--rounds 2]
 """
@@ -22,6 +23,7 @@ import grpc
 import grpc.aio
 
 from shoal.proto import shoal_pb2 as pb
+from shoal.rpc.hop import HopClient, HopServer
 
 _METHOD = "/bench.Hop/Echo"
 
@@ -76,6 +78,30 @@ async def _drive(address: str, concurrency: int, seconds: float) -> float:
         return done / elapsed
 
 
+async def _echo_task(task: pb.Task) -> pb.TaskOutcome:
+    return pb.TaskOutcome(tag=task.tag, request_id=task.request_id, outputs=task.inputs)
+
+
+async def _drive_hop(path: Path, concurrency: int, seconds: float) -> float:
+    client = HopClient(path, "hop", 1 << 26)
+    tensor = pb.Tensor(name="x", datatype="FP32", shape=[1, 16], data=bytes(64))
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    done = 0
+
+    async def one() -> None:
+        nonlocal done
+        while loop.time() < end:
+            await client.push(pb.Task(inputs=[tensor]), 5.0)
+            done += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    await client.close()
+    return done / elapsed
+
+
 async def main(seconds: float, rounds: int) -> None:
     folder = Path(tempfile.mkdtemp(prefix="shoal-hop-"))
     server = grpc.aio.server()
@@ -85,16 +111,23 @@ async def main(seconds: float, rounds: int) -> None:
     uds = f"unix:{folder / 'hop.sock'}"
     server.add_insecure_port(uds)
     await server.start()
+    hop = HopServer(folder / "hop-raw.sock", _echo_task, 1 << 26)
+    await hop.start()
     tcp = f"127.0.0.1:{port}"
     try:
         for c in (1, 32):
-            results: dict[str, list[float]] = {"tcp": [], "uds": []}
+            results: dict[str, list[float]] = {"tcp": [], "uds": [], "hop": []}
             for _ in range(rounds):
                 for name, address in (("tcp", tcp), ("uds", uds)):
                     results[name].append(await _drive(address, c, seconds))
-            t, u = statistics.median(results["tcp"]), statistics.median(results["uds"])
-            print(f"c={c}: tcp {t:,.0f} req/s, uds {u:,.0f} req/s, uds/tcp {u / t:.2f}x")
+                results["hop"].append(await _drive_hop(hop.path, c, seconds))
+            t, u, h = (statistics.median(results[k]) for k in ("tcp", "uds", "hop"))
+            print(
+                f"c={c}: gRPC tcp {t:,.0f} req/s, gRPC uds {u:,.0f} req/s ({u / t:.2f}x), "
+                f"hop {h:,.0f} req/s ({h / t:.2f}x)"
+            )
     finally:
+        await hop.stop()
         await server.stop(None)
 
 

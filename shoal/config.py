@@ -109,8 +109,13 @@ class Settings:
     model_repository: str = ""
     """A Triton model repository folder this scheduler's repository extension serves
     (index, load, unload; ``shoal.scheduler.repository``). Empty: none."""
-    data_plane: str = "stream"
-    """Scheduler -> replica requests: ``stream`` (one PushTasks stream per replica) or ``unary``."""
+    data_plane: str = "socket"
+    """Scheduler -> replica requests: ``socket`` (replicas on this machine over a Unix socket,
+    ``shoal.rpc.hop``; others as ``stream``), ``stream`` (one gRPC PushTasks stream per
+    replica) or ``unary`` (one gRPC call per request)."""
+    hop_dir: str = ""
+    """Folder of the local hop's sockets (``data_plane: socket``); set by the scheduler for
+    its replicas and ingress workers (``shoal.rpc.hop.hop_dir``), not by users."""
     multiplex_affinity: bool = True
     """Send a multiplexed deployment's request to a replica that holds its model id (and spread
     new ids); false routes blind to model ids, only to measure what affinity is worth

@@ -24,6 +24,7 @@ from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.replica.process import ReplicaProcess
 from shoal.rpc.auth import REPLICA_RULES, AuthInterceptor
 from shoal.rpc.clients import NativeClient, ReplicaSchedulerLink
+from shoal.rpc.hop import HopServer, socket_path
 from shoal.rpc.replica_service import ReplicaService
 from shoal.rpc.server import bind, new_server
 from shoal.rpc.tls import server_credentials
@@ -44,10 +45,16 @@ async def run_replica(settings: Settings, replica_id: str, scheduler: str, spec:
 
     # Only the scheduler (its certificate, with TLS) may call a replica.
     server = new_server(settings, [AuthInterceptor(REPLICA_RULES, tls=bool(settings.tls_dir))])
-    pbg.add_ReplicaServicer_to_server(ReplicaService(replica), server)
+    service = ReplicaService(replica)
+    pbg.add_ReplicaServicer_to_server(service, server)
     port = bind(server, settings.host, 0, server_credentials(settings, "replica"))
     await server.start()
     address = f"{settings.advertised}:{port}"
+    # The local hop: this machine's scheduler sends requests over a Unix socket (shoal.rpc.hop).
+    hop = None
+    if settings.data_plane == "socket" and settings.hop_dir:
+        hop = HopServer(socket_path(settings.hop_dir, address), service.outcome, settings.max_message_bytes)
+        await hop.start()
     log.info("replica %s of %s listening on %s (pid %d)", replica_id, spec.name, address, os.getpid())
     code = 0
     try:
@@ -60,6 +67,8 @@ async def run_replica(settings: Settings, replica_id: str, scheduler: str, spec:
         code = 1
     finally:
         await replica.drain()
+        if hop is not None:
+            await hop.stop()
         await server.stop(grace=1.0)
         await link.close()
         await caller.close()

@@ -37,6 +37,7 @@ from shoal.rpc.blobs import GrpcBlobSource, HeadBlobService, SchedulerBlobServic
 from shoal.rpc.clients import GrpcHeadLink, GrpcReplicaClient, GrpcSchedulerClient
 from shoal.rpc.etcd_client import EtcdTarget, etcd_client, parse_store_url
 from shoal.rpc.head_service import HeadService
+from shoal.rpc.hop import hop_dir
 from shoal.rpc.inference_service import InferenceService
 from shoal.rpc.ingress import IngressLink, IngressService
 from shoal.rpc.repository import GrpcDeployer
@@ -188,6 +189,9 @@ async def start_scheduler(
     check_transport(settings, "scheduler", "replica")
     state_dir = Path(settings.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
+    if settings.data_plane == "socket" and not settings.hop_dir:
+        # Its replicas' hop sockets (shoal.rpc.hop); its ingress workers get the same folder.
+        settings = dataclasses.replace(settings, hop_dir=str(hop_dir(state_dir)))
     sid = scheduler_id(settings)
     node = SchedulerNode(
         settings,

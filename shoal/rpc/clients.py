@@ -30,6 +30,7 @@ from shoal.rpc.convert import (
     state_name,
     state_value,
 )
+from shoal.rpc.hop import HopClient, socket_path
 from shoal.rpc.status import to_error
 from shoal.rpc.task_stream import TaskStream, outcome_error
 from shoal.store.history import LifecycleEvent, Revision
@@ -61,7 +62,14 @@ class GrpcReplicaClient:
         self.address = address
         self._channel = open_channel(address, settings, "scheduler", server="replica")
         self._stub = pbg.ReplicaStub(self._channel)
-        self._stream = TaskStream(self._stub, address) if settings.data_plane == "stream" else None
+        self._stream: TaskStream | HopClient | None = None
+        if settings.data_plane == "socket" and settings.hop_dir:
+            # A replica on this machine listens on a hop socket too; a remote one does not.
+            path = socket_path(settings.hop_dir, address)
+            if path.exists():
+                self._stream = HopClient(path, address, settings.max_message_bytes)
+        if self._stream is None and settings.data_plane in ("socket", "stream"):
+            self._stream = TaskStream(self._stub, address)
 
     async def ping(self, timeout_s: float) -> PingResult:
         try:

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 
 from shoal.core.spec import MAX_SECONDS
-from shoal.errors import InvalidArgument, ShoalError
+from shoal.errors import Code, InvalidArgument, ShoalError
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.replica.process import ReplicaProcess
 from shoal.rpc import codec, generate_codec
 from shoal.rpc.convert import meta_to_pb, state_value
 from shoal.rpc.status import Context, abort
+
+log = logging.getLogger("shoal.replica")
 
 
 class ReplicaService(pbg.ReplicaServicer):
@@ -55,6 +58,22 @@ class ReplicaService(pbg.ReplicaServicer):
             compute_ns=d.compute_ns,
         )
 
+    async def outcome(self, task: pb.Task) -> pb.TaskOutcome:
+        """Run one task: its outputs, or the error that stopped it (never raises). Shared by
+        ``PushTasks`` and the local hop (``shoal.rpc.hop``)."""
+        try:
+            inputs = codec.decode(task.inputs)
+            outputs = await self.replica.infer(task.request_id, inputs, task.timeout_s, task.model_id)
+            return pb.TaskOutcome(request_id=task.request_id, tag=task.tag, outputs=codec.encode(outputs))
+        except ShoalError as err:
+            code, message = err.code.value, err.message
+        except Exception as err:  # a bug here must answer the request, not leave it to its deadline
+            log.exception("request %s failed in the replica's adapter", task.request_id)
+            code, message = Code.INTERNAL.value, f"{type(err).__name__}: {err}"
+        return pb.TaskOutcome(
+            request_id=task.request_id, tag=task.tag, error_code=code, error_message=message
+        )
+
     async def PushTasks(
         self, request_iterator: AsyncIterator[pb.TaskBatch], context: Context
     ) -> AsyncIterator[pb.OutcomeBatch]:
@@ -66,18 +85,7 @@ class ReplicaService(pbg.ReplicaServicer):
         running: set[asyncio.Task[None]] = set()
 
         async def run(task: pb.Task) -> None:
-            try:
-                inputs = codec.decode(task.inputs)
-                outputs = await self.replica.infer(task.request_id, inputs, task.timeout_s, task.model_id)
-                out = pb.TaskOutcome(request_id=task.request_id, tag=task.tag, outputs=codec.encode(outputs))
-            except ShoalError as err:
-                out = pb.TaskOutcome(
-                    request_id=task.request_id,
-                    tag=task.tag,
-                    error_code=err.code.value,
-                    error_message=err.message,
-                )
-            outcomes.append(out)
+            outcomes.append(await self.outcome(task))
             ready.set()
 
         async def read() -> None:

@@ -57,13 +57,7 @@ class TaskStream:
         self._open()
         self._outbox.append(task)
         self._wake.set()
-        try:
-            async with asyncio.timeout(timeout_s):
-                return await future
-        except TimeoutError:
-            raise DeadlineExceeded(f"request {task.request_id} timed out after {timeout_s:g}s") from None
-        finally:
-            self._pending.pop(tag, None)
+        return await await_outcome(self._pending, task, future, timeout_s)
 
     def _open(self) -> None:
         if self._call is None or self._call.done():
@@ -112,9 +106,7 @@ class TaskStream:
         self._call = None
         call.cancel()
         self._outbox = []
-        for future in list(self._pending.values()):
-            if not future.done():
-                future.set_exception(error)
+        fail_waiting(self._pending, error)
         if self._writer is not None and self._writer is not asyncio.current_task():
             self._writer.cancel()
 
@@ -125,15 +117,37 @@ class TaskStream:
         self._call = None
         # Fail what waits here now: the reader's own _fail is a no-op once _call is None, and
         # a request left pending would wait for its whole deadline (the router retries these).
-        for future in list(self._pending.values()):
-            if not future.done():
-                future.set_exception(Unavailable(f"replica at {self._address}: client closed"))
+        fail_waiting(self._pending, Unavailable(f"replica at {self._address}: client closed"))
         if call is not None:
             call.cancel()
         tasks = [t for t in (self._reader, self._writer) if t is not None]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def await_outcome(
+    pending: dict[int, asyncio.Future[pb.TaskOutcome]],
+    task: pb.Task,
+    future: asyncio.Future[pb.TaskOutcome],
+    timeout_s: float,
+) -> pb.TaskOutcome:
+    """Wait for ``task``'s outcome (sent, its ``future`` in ``pending`` under its tag) at most
+    ``timeout_s``, then forget it either way."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await future
+    except TimeoutError:
+        raise DeadlineExceeded(f"request {task.request_id} timed out after {timeout_s:g}s") from None
+    finally:
+        pending.pop(task.tag, None)
+
+
+def fail_waiting(pending: dict[int, asyncio.Future[pb.TaskOutcome]], error: ShoalError) -> None:
+    """Fail every request still waiting on a replica's connection, each once."""
+    for future in list(pending.values()):
+        if not future.done():
+            future.set_exception(error)
 
 
 def outcome_error(outcome: pb.TaskOutcome) -> ShoalError | None:

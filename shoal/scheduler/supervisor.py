@@ -285,6 +285,9 @@ class ReplicaSupervisor:
             "tls_dir": str(Path(self.settings.tls_dir).resolve()) if self.settings.tls_dir else "",
             "insecure": self.settings.insecure,
             "max_concurrent_streams": self.settings.max_concurrent_streams,
+            # The local hop: where to put its socket (the scheduler's hop folder).
+            "data_plane": self.settings.data_plane,
+            "hop_dir": self.settings.hop_dir,
             "allowed_model_dirs": allowed,
         }
         cmd = [

@@ -1,0 +1,305 @@
+"""The local hop: a scheduler's requests to the replicas on its own machine, as
+length-prefixed protobuf frames over a Unix domain socket.
+
+Why not gRPC here: a profile of the scheduler under perf_analyzer (noop, c=32) put the
+``PushTasks`` stream's client side (``_StreamRequestMixin._write``/``_read`` and the
+grpc.aio poller thread) at about a third of the ingress process's CPU, and grpc.aio's
+stream work at most of the replica's. The same ``Task``/``TaskOutcome`` messages framed
+over a Unix socket by an ``asyncio.Protocol`` carried 6x the requests a second of the
+gRPC stream shape in ``bench/local_hop.py``. Everything else between scheduler and
+replica (Ping, Describe, Drain, Generate) and every hop between machines stays gRPC.
+
+Frames: a 4-byte little-endian length, then one serialized ``pb.Task`` (scheduler to
+replica) or ``pb.TaskOutcome`` (back). Each side writes everything ready in one loop
+iteration with one ``write``. A frame longer than ``max_message_mb`` ends the connection.
+
+Who can connect: the socket lives in the scheduler's hop folder, which only the
+scheduler's user may open (mode 0700; :func:`hop_dir`): the same reach as the replica's
+key on disk. When the connection breaks (the replica died or drained), every request
+waiting on it fails with Unavailable at once, so the router retries it elsewhere, and the
+next request connects again, as with the gRPC stream (``shoal.rpc.task_stream``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import logging
+import os
+import struct
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import cast
+
+from shoal.errors import Unavailable
+from shoal.proto import shoal_pb2 as pb
+from shoal.rpc.task_stream import await_outcome, fail_waiting
+
+log = logging.getLogger("shoal.rpc")
+
+_HEADER = struct.Struct("<I")
+# sun_path holds 108 bytes on Linux (104 on the BSDs); a longer path cannot be bound.
+_MAX_SOCKET_PATH = 100
+
+
+def hop_dir(state_dir: str | os.PathLike[str]) -> Path:
+    """The folder (created, mode 0700) where a scheduler's local replicas put their hop
+    sockets: ``<state_dir>/hop`` when a socket path there fits, else a folder in the
+    temporary directory named by a hash of the state folder (still one per scheduler)."""
+    state = Path(state_dir).resolve()
+    folder = state / "hop"
+    if len(str(folder / socket_name("255.255.255.255:65535"))) > _MAX_SOCKET_PATH:
+        digest = hashlib.sha256(str(state).encode()).hexdigest()[:16]
+        folder = Path(tempfile.gettempdir()) / f"shoal-hop-{os.getuid()}-{digest}"
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    folder.chmod(0o700)  # mkdir's mode is cut by the umask, and an old folder may be looser
+    return folder
+
+
+def socket_name(address: str) -> str:
+    """The hop socket's file name for the replica whose gRPC address is ``address``: the
+    address is unique among the live replicas on a machine."""
+    return address.replace(":", "_").replace("/", "_").replace("[", "").replace("]", "") + ".sock"
+
+
+def socket_path(folder: str | os.PathLike[str], address: str) -> Path:
+    return Path(folder) / socket_name(address)
+
+
+class _Frames:
+    """Splits a byte stream into frames."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._buf = bytearray()
+        self._max = max_bytes
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """The frames ``data`` completes. Raises ValueError for a frame over the limit."""
+        buf = self._buf
+        buf += data
+        frames: list[bytes] = []
+        start = 0
+        end = len(buf)
+        while end - start >= 4:
+            (n,) = _HEADER.unpack_from(buf, start)
+            if n > self._max:
+                raise ValueError(f"a frame of {n} bytes is over the limit of {self._max}")
+            if end - start - 4 < n:
+                break
+            frames.append(bytes(buf[start + 4 : start + 4 + n]))
+            start += 4 + n
+        if start:
+            del buf[:start]
+        return frames
+
+
+def _frame(message: bytes) -> bytes:
+    return _HEADER.pack(len(message)) + message
+
+
+class _Writer:
+    """Coalesces writes: everything queued in one loop iteration goes out in one ``write``."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._out: list[bytes] = []
+        self._loop = asyncio.get_running_loop()
+
+    def send(self, message: bytes) -> None:
+        if not self._out:
+            self._loop.call_soon(self._flush)
+        self._out.append(_HEADER.pack(len(message)))
+        self._out.append(message)
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if out and not self._transport.is_closing():
+            self._transport.write(b"".join(out))
+
+
+# ---------------------------------------------------------------- the scheduler's side
+
+
+class _ClientProtocol(asyncio.Protocol):
+    def __init__(self, hop: HopClient, max_bytes: int) -> None:
+        self._hop = hop
+        self._frames = _Frames(max_bytes)
+        self.transport: asyncio.Transport | None = None
+        self.writer: _Writer | None = None
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport subclasses
+        self.transport = transport
+        self.writer = _Writer(transport)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self._frames.feed(data)
+        except ValueError as err:
+            self._hop.broken(self, f"bad frame from the replica ({err})")
+            return
+        pending = self._hop.pending
+        for raw in frames:
+            try:
+                outcome = pb.TaskOutcome.FromString(raw)
+            except Exception as err:  # a malformed message: the connection is not to be trusted
+                self._hop.broken(self, f"unreadable outcome from the replica ({err})")
+                return
+            future = pending.get(outcome.tag)
+            if future is not None and not future.done():
+                future.set_result(outcome)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._hop.broken(self, f"connection lost ({exc})" if exc else "connection closed")
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+
+class HopClient:
+    """One replica's hop connection, for many concurrent ``push`` calls on one event loop.
+    The same contract as :class:`shoal.rpc.task_stream.TaskStream`."""
+
+    def __init__(self, path: str | os.PathLike[str], address: str, max_bytes: int) -> None:
+        self.path = str(path)
+        self._address = address
+        self._max = max_bytes
+        self._proto: _ClientProtocol | None = None
+        self._connecting = asyncio.Lock()
+        self.pending: dict[int, asyncio.Future[pb.TaskOutcome]] = {}
+        self._tags = itertools.count(1)
+        self._closed = False
+
+    async def push(self, task: pb.Task, timeout_s: float) -> pb.TaskOutcome:
+        """Send ``task`` and wait for its outcome. Raises Unavailable when the connection
+        cannot be made or breaks, DeadlineExceeded after ``timeout_s``."""
+        proto = self._proto
+        if proto is None or proto.transport is None or proto.transport.is_closing():
+            proto = await self._connect()
+        tag = next(self._tags)
+        task.tag = tag
+        future: asyncio.Future[pb.TaskOutcome] = asyncio.get_running_loop().create_future()
+        self.pending[tag] = future
+        assert proto.writer is not None
+        proto.writer.send(task.SerializeToString())
+        return await await_outcome(self.pending, task, future, timeout_s)
+
+    async def _connect(self) -> _ClientProtocol:
+        async with self._connecting:
+            if self._closed:
+                raise Unavailable(f"replica at {self._address}: client closed")
+            proto = self._proto
+            if proto is not None and proto.transport is not None and not proto.transport.is_closing():
+                return proto
+            loop = asyncio.get_running_loop()
+            try:
+                _, made = await loop.create_unix_connection(
+                    lambda: _ClientProtocol(self, self._max), self.path
+                )
+            except OSError as err:
+                raise Unavailable(
+                    f"replica at {self._address}: cannot connect to {self.path} ({err})"
+                ) from None
+            self._proto = made
+            return made
+
+    def broken(self, proto: _ClientProtocol, why: str) -> None:
+        """``proto``'s connection is over: fail everything waiting on it; the next push reconnects.
+        Each future is set once, so each request fails exactly once (the router retries it)."""
+        if self._proto is proto:
+            self._proto = None
+        if proto.transport is not None:
+            proto.transport.abort()
+        fail_waiting(self.pending, Unavailable(f"replica at {self._address}: hop {why}"))
+
+    async def close(self) -> None:
+        """Fail every pending ``push`` with Unavailable at once, and close the connection."""
+        self._closed = True
+        proto = self._proto
+        self._proto = None
+        fail_waiting(self.pending, Unavailable(f"replica at {self._address}: client closed"))
+        if proto is not None and proto.transport is not None:
+            proto.transport.close()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await proto.lost
+
+
+# ---------------------------------------------------------------- the replica's side
+
+Run = Callable[[pb.Task], Awaitable[pb.TaskOutcome]]
+
+
+class _ServerProtocol(asyncio.Protocol):
+    def __init__(self, server: HopServer) -> None:
+        self._server = server
+        self._frames = _Frames(server.max_bytes)
+        self._transport: asyncio.Transport | None = None
+        self._writer: _Writer | None = None
+        self._running: set[asyncio.Task[None]] = set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)
+        self._transport = transport
+        self._writer = _Writer(transport)
+        self._server.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self._frames.feed(data)
+            tasks = [pb.Task.FromString(raw) for raw in frames]
+        except Exception as err:  # an oversized or malformed frame: not a scheduler speaking
+            log.warning("hop: closing a connection that sent %s", err)
+            self.close()
+            return
+        for task in tasks:
+            t = asyncio.create_task(self._run(task))
+            self._running.add(t)
+            t.add_done_callback(self._running.discard)
+
+    async def _run(self, task: pb.Task) -> None:
+        outcome = await self._server.run(task)
+        if self._writer is not None:
+            self._writer.send(outcome.SerializeToString())
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()  # sends what is buffered first
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # The scheduler went away: stop the work it asked for, as the gRPC stream does.
+        self._writer = None
+        for t in list(self._running):
+            t.cancel()
+        self._server.connections.discard(self)
+
+
+class HopServer:
+    """Serves one replica's hop socket; ``run`` turns a task into its outcome."""
+
+    def __init__(self, path: str | os.PathLike[str], run: Run, max_bytes: int) -> None:
+        self.path = Path(path)
+        self.run = run
+        self.max_bytes = max_bytes
+        self.connections: set[_ServerProtocol] = set()
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        # A socket left by a dead replica that had the same address: nobody listens on it.
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(lambda: _ServerProtocol(self), str(self.path))
+        self.path.chmod(0o600)
+
+    async def stop(self) -> None:
+        """Stop accepting, close every connection (after what is already written), remove the socket."""
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()

@@ -1,0 +1,199 @@
+"""The local hop (shoal.rpc.hop): real Unix sockets, one event loop, a replica side that
+echoes. What the router relies on: every request gets its own outcome, and a broken
+connection fails each waiting request once with Unavailable (so it is retried elsewhere)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from shoal.errors import DeadlineExceeded, Unavailable
+from shoal.proto import shoal_pb2 as pb
+from shoal.rpc.hop import HopClient, HopServer, hop_dir, socket_path
+
+pytestmark = pytest.mark.timeout(30)
+
+MAX = 1 << 20
+
+
+def _task(i: int, data: bytes = b"\x00" * 64) -> pb.Task:
+    return pb.Task(
+        request_id=f"r{i}",
+        timeout_s=5.0,
+        inputs=[pb.Tensor(name="x", datatype="UINT8", shape=[len(data)], data=data)],
+    )
+
+
+async def _echo(task: pb.Task) -> pb.TaskOutcome:
+    await asyncio.sleep(0)
+    return pb.TaskOutcome(request_id=task.request_id, tag=task.tag, outputs=task.inputs)
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    return hop_dir(tmp_path / "state")
+
+
+async def test_every_request_gets_its_own_answer(folder: Path) -> None:
+    path = socket_path(folder, "127.0.0.1:5000")
+    server = HopServer(path, _echo, MAX)
+    await server.start()
+    client = HopClient(path, "127.0.0.1:5000", MAX)
+    try:
+        payloads = [os.urandom(n) for n in (0, 1, 100, 70_000, 300_000)] * 20
+        outcomes = await asyncio.gather(*(client.push(_task(i, p), 5.0) for i, p in enumerate(payloads)))
+        for i, (p, o) in enumerate(zip(payloads, outcomes, strict=True)):
+            assert o.request_id == f"r{i}"
+            assert o.outputs[0].data == p
+    finally:
+        await client.close()
+        await server.stop()
+    assert not path.exists()
+
+
+def test_the_hop_folder_is_private_and_socket_paths_fit(tmp_path: Path) -> None:
+    folder = hop_dir(tmp_path / "state")
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    deep = tmp_path / ("d" * 80) / ("e" * 80) / "state"
+    other = hop_dir(deep)
+    assert stat.S_IMODE(other.stat().st_mode) == 0o700
+    assert len(str(socket_path(other, "255.255.255.255:65535"))) <= 100
+    assert hop_dir(deep) == other  # one folder per state folder
+
+
+async def test_a_dead_replica_fails_waiting_requests_at_once_with_unavailable(folder: Path) -> None:
+    path = socket_path(folder, "127.0.0.1:5001")
+    started = asyncio.Event()
+
+    async def stuck(task: pb.Task) -> pb.TaskOutcome:
+        started.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    server = HopServer(path, stuck, MAX)
+    await server.start()
+    client = HopClient(path, "127.0.0.1:5001", MAX)
+    try:
+        waiting = [asyncio.create_task(client.push(_task(i), 30.0)) for i in range(5)]
+        await started.wait()
+        await server.stop()  # what the kernel does when the replica process dies
+        results = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 5.0)
+        assert all(isinstance(r, Unavailable) for r in results), results
+        # Nobody listens any more: the next request fails at once, to be retried elsewhere.
+        with pytest.raises(Unavailable, match="cannot connect"):
+            await client.push(_task(9), 5.0)
+        # The replica's address is taken again (a new replica): the client reconnects.
+        again = HopServer(path, _echo, MAX)
+        await again.start()
+        try:
+            assert (await client.push(_task(10), 5.0)).request_id == "r10"
+        finally:
+            await again.stop()
+    finally:
+        await client.close()
+
+
+async def test_an_oversized_or_garbled_frame_closes_only_that_connection(folder: Path) -> None:
+    path = socket_path(folder, "127.0.0.1:5002")
+    server = HopServer(path, _echo, 1000)
+    await server.start()
+    good = HopClient(path, "127.0.0.1:5002", MAX)
+    try:
+        await good.push(_task(1), 5.0)
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        writer.write((10**6).to_bytes(4, "little") + b"x" * 100)  # over the replica's limit
+        assert await asyncio.wait_for(reader.read(), 5.0) == b""  # closed by the replica
+        writer.close()
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        writer.write((5).to_bytes(4, "little") + b"\xff" * 5)  # not a Task
+        assert await asyncio.wait_for(reader.read(), 5.0) == b""
+        writer.close()
+        # Too big for the replica: this request fails, the connection is closed, the next works.
+        with pytest.raises(Unavailable):
+            await good.push(_task(2, b"y" * 5000), 5.0)
+        assert (await good.push(_task(3), 5.0)).request_id == "r3"
+    finally:
+        await good.close()
+        await server.stop()
+
+
+async def test_a_slow_replica_gives_deadline_exceeded_and_the_next_request_works(folder: Path) -> None:
+    path = socket_path(folder, "127.0.0.1:5003")
+
+    async def slow_first(task: pb.Task) -> pb.TaskOutcome:
+        if task.request_id == "r1":
+            await asyncio.sleep(1.0)
+        return await _echo(task)
+
+    server = HopServer(path, slow_first, MAX)
+    await server.start()
+    client = HopClient(path, "127.0.0.1:5003", MAX)
+    try:
+        with pytest.raises(DeadlineExceeded):
+            await client.push(_task(1), 0.1)
+        assert (await client.push(_task(2), 5.0)).request_id == "r2"
+        await asyncio.sleep(1.0)  # the late answer to r1 arrives and is dropped
+        assert not client.pending
+    finally:
+        await client.close()
+        await server.stop()
+
+
+async def test_close_fails_pending_requests(folder: Path) -> None:
+    path = socket_path(folder, "127.0.0.1:5004")
+    server = HopServer(path, lambda t: asyncio.Event().wait(), MAX)  # type: ignore[arg-type,return-value]
+    await server.start()
+    client = HopClient(path, "127.0.0.1:5004", MAX)
+    try:
+        waiting = asyncio.create_task(client.push(_task(1), 30.0))
+        await asyncio.sleep(0.05)
+        await client.close()
+        with pytest.raises(Unavailable, match="client closed"):
+            await waiting
+        with pytest.raises(Unavailable):
+            await client.push(_task(2), 5.0)
+    finally:
+        await server.stop()
+
+
+async def test_arbitrary_bytes_never_stop_the_replica_side(folder: Path) -> None:
+    """Whatever a local process writes to the socket, the replica side closes that
+    connection or answers, and keeps serving its scheduler."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    path = socket_path(folder, "127.0.0.1:5005")
+    server = HopServer(path, _echo, 4096)
+    await server.start()
+    client = HopClient(path, "127.0.0.1:5005", MAX)
+    loop = asyncio.get_running_loop()
+    blobs: list[bytes] = []
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(
+        st.binary(max_size=200)
+        | st.builds(
+            lambda n, b: n.to_bytes(4, "little") + b, st.integers(0, 2**32 - 1), st.binary(max_size=64)
+        )
+    )
+    def collect(raw: bytes) -> None:
+        blobs.append(raw)
+
+    collect()
+    try:
+        for raw in blobs:
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            writer.write(raw)
+            writer.write_eof()
+            with_timeout = asyncio.wait_for(reader.read(), 5.0)
+            await with_timeout  # answered (a valid task) or closed: never left hanging
+            writer.close()
+            assert (await client.push(_task(1), 5.0)).request_id == "r1"
+        assert loop.is_running()
+    finally:
+        await client.close()
+        await server.stop()
