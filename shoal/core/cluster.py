@@ -471,6 +471,8 @@ class ClusterState:
                 break
             action = self._place(spec, key, index)
             if action is None:
+                reason = self.pending_reasons[spec.name]
+                self.pending_reasons[spec.name] = f"an earlier revision kept serving waits for room: {reason}"
                 break
             budget[0] -= 1
             actions.append(action)

@@ -402,3 +402,18 @@ def test_serve_revisions_is_bounded_and_named_when_refused() -> None:
         spec(serve_revisions=2, autoscaling={"min_replicas": 1, "max_replicas": 2})
     # Changing it keeps the replicas (it says which revisions serve, not how each runs).
     assert spec(serve_revisions=3).process_hash() == spec().process_hash()
+
+
+async def test_a_kept_revision_without_room_says_so(head: tuple[HeadNode, FakeSchedulers]) -> None:
+    node, fleet = head
+    await two_revisions(node, fleet)  # 2 of the scheduler's 16 cpus
+    # Another deployment takes the rest and wants one more; the old revision's replica dies:
+    # the other deployment (first by name) takes its cpu.
+    await node.apply(parse_spec({"name": "aaa", "backend": "python", "model": "m:M", "replicas": 15}))
+    await settle(node, fleet)
+    await make_ready(node, fleet, gone=created_with(fleet, "a"))
+
+    created = [a for a in await node.reconcile_once() if isinstance(a, CreateReplica)]
+    assert [a.deployment for a in created] == ["aaa"]
+    reason = (await node.status()).deployments[1].pending_reason
+    assert reason.startswith("an earlier revision kept serving waits for room: "), reason
