@@ -12,6 +12,7 @@ once, while those already open are served as before.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import socket
@@ -146,6 +147,57 @@ def _raw_answer(status: str, message: str, extra: str = "") -> bytes:
     ).encode() + body
 
 
+#: The longest request head the fast path reads (h11's own limit).
+_MAX_HEAD = 16 * 1024
+#: Headers that change how a connection continues: a request carrying one goes through h11.
+_TO_H11 = frozenset({b"transfer-encoding", b"connection", b"expect", b"upgrade"})
+
+
+def _plain_request(data: bytes) -> tuple[str, str, int] | None:
+    """The method, decoded path and length in bytes of the request at the start of ``data``
+    when it is a plain one, all there: HTTP/1.1 with a Host, framed by at most one
+    Content-Length, and none of :data:`_TO_H11`. None otherwise (h11 reads it)."""
+    end = data.find(b"\r\n\r\n", 0, _MAX_HEAD)
+    if end < 0:
+        return None
+    lines = data[:end].split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or parts[2] != b"HTTP/1.1":
+        return None
+    length = -1
+    host = False
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name[-1] in b" \t" or name[0] in b" \t":
+            return None  # malformed, or an obsolete folded line: h11 answers 400
+        name = name.lower()
+        if name == b"content-length":
+            value = value.strip()
+            if length >= 0 or not value.isdigit() or len(value) > 15:
+                return None
+            length = int(value)
+        elif name == b"host":
+            host = True
+        elif name in _TO_H11:
+            return None
+    total = end + 4 + max(length, 0)
+    if not host or len(data) < total:
+        return None
+    path = unquote(parts[1].partition(b"?")[0].decode("ascii", "replace"))
+    return parts[0].decode("ascii", "replace"), path, total
+
+
+@functools.lru_cache(maxsize=256)
+def _refusal(status: int, message: str) -> bytes:
+    """A refusal's whole answer (kept: under a flood the same few messages come again and again)."""
+    body = json.dumps({"error": message}).encode()
+    head = (
+        b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+        b"retry-after: 1\r\n\r\n" % (status, _REASONS.get(status, b""), len(body))
+    )
+    return head + body
+
+
 class _BoundedH11(H11Protocol):
     """uvicorn's HTTP/1.1 protocol with a request-head timeout and a connection cap.
 
@@ -171,6 +223,8 @@ class _BoundedH11(H11Protocol):
         self.timeout_keep_alive = config.limits.idle_timeout_s  # type: ignore[assignment]
         self._intake = config.intake
         self._h11 = self.conn
+        self._refuse = config.refuse
+        self._pending = bytearray()  # read while waiting for a turn in the intake
         if config.refuse is not None:
             self.conn = cast(h11.Connection, _Refusing(self.conn, config.refuse, self._answer_at_once))
         self._head_timer: asyncio.TimerHandle | None = None
@@ -212,18 +266,18 @@ class _BoundedH11(H11Protocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
-        if self._head_timer is None and self.conn.their_state is h11.IDLE:
+        if self._head_timer is None and self._h11.their_state is h11.IDLE:
             self._start_head_timer()  # the first byte of a new head after an answer
         if self._deferred or not self._intake.take(self.loop):
-            # Kept in h11's buffer until this connection's turn (and not read meanwhile).
+            # Kept until this connection's turn (and not read meanwhile).
             self._unset_keepalive_if_required()
-            self.conn.receive_data(data)
+            self._pending += data
             if not self._deferred:
                 self._deferred = True
                 self.transport.pause_reading()
                 self._intake.waiting.append(self)
             return
-        super().data_received(data)
+        self._receive(data)
 
     def resume_intake(self) -> None:
         """This connection's turn: handle what it sent meanwhile, and read again."""
@@ -232,7 +286,49 @@ class _BoundedH11(H11Protocol):
             return
         if not self.flow.read_paused:  # uvicorn's own flow control may want it paused still
             self.transport.resume_reading()
-        self.handle_events()
+        data = bytes(self._pending)
+        self._pending.clear()
+        self._receive(data)
+
+    def _receive(self, data: bytes) -> None:
+        if self._refuse is not None:
+            data = self._refuse_plain(self._refuse, data)
+        if data:
+            super().data_received(data)
+
+    def _refuse_plain(self, refuse: Refuse, data: bytes) -> bytes:
+        """Answer the plain requests (:func:`_plain_request`) at the start of ``data`` that
+        ``refuse`` names, without h11 or uvicorn; returns the rest, for them.
+
+        Why: under a flood of requests to a full deployment, h11 parsing each head and
+        writing each answer was most of the scheduler's loop (``bench/overload.py``), which
+        made refusals slow and starved the admitted requests. Here a refusal is a scan of
+        its head and one write. Only between requests (h11 idle, nothing buffered), so h11
+        never sees the requests answered here and stays in step."""
+        conn = self._h11
+        answered = False
+        while (
+            data and conn.their_state is h11.IDLE and conn.our_state is h11.IDLE and not conn.trailing_data[0]
+        ):
+            request = _plain_request(data)
+            if request is None:
+                break
+            method, path, length = request
+            refusal = refuse(method, path)
+            if refusal is None:
+                break
+            self._unset_keepalive_if_required()
+            self.transport.write(_refusal(*refusal))
+            self.server_state.total_requests += 1
+            answered = True
+            data = data[length:]
+        if answered:
+            self._stop_head_timer()
+            if data:
+                self._start_head_timer()  # the start of the next head is here
+            else:
+                self._arm_idle_timer()
+        return data
 
     def handle_events(self) -> None:
         super().handle_events()
@@ -244,14 +340,17 @@ class _BoundedH11(H11Protocol):
         conn = self._h11
         if conn.their_state is not h11.IDLE:
             self._stop_head_timer()  # the head is in; the app's own deadlines take over
-        elif (
-            conn.our_state is h11.IDLE
-            and self.timeout_keep_alive_task is None
+        elif conn.our_state is h11.IDLE:
+            self._arm_idle_timer()
+
+    def _arm_idle_timer(self) -> None:
+        """Between requests after one refused at once (uvicorn arms this timer only when the
+        app answers)."""
+        if (
+            self.timeout_keep_alive_task is None
             and self._head_timer is None
             and not self.transport.is_closing()
         ):
-            # Between requests after one refused at once (uvicorn arms this timer only
-            # when the app answers).
             self.timeout_keep_alive_task = self.loop.call_later(
                 self.timeout_keep_alive, self.timeout_keep_alive_handler
             )
