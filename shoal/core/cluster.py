@@ -9,6 +9,7 @@ use: the head calls it under one lock.
 
 from __future__ import annotations
 
+import heapq
 import math
 import secrets
 import time
@@ -123,16 +124,23 @@ class ClusterEvent:
 
 
 class ReplicaTable(dict[str, ReplicaRecord]):
-    """The replicas by id, with an index by scheduler kept in step, so that what one
-    scheduler's health update touches costs its own replicas, not the cluster's (at 1,000
-    schedulers and 10,000 replicas each update walked all of them: bench/scale.py).
+    """The replicas by id, with indexes by scheduler and by deployment kept in step, so that
+    what one scheduler's health update touches costs its own replicas, not the cluster's (at
+    1,000 schedulers and 10,000 replicas each update walked all of them: bench/scale.py), and
+    the routes of the deployments it touched cost those deployments' replicas.
 
     Add and remove through the dict (``table[id] = rec``, ``del``, ``pop``); move a record
-    to another scheduler with :meth:`move`, never by setting its ``scheduler_id``."""
+    to another scheduler with :meth:`move`, never by setting its ``scheduler_id``.
+
+    ``touched`` collects the deployments whose replicas were added, removed or moved, or
+    marked with :meth:`touch` (a state, address or spec that routes show changed), so that
+    the routing table rebuilds only theirs (``take_touched``)."""
 
     def __init__(self) -> None:
         super().__init__()
         self._by_scheduler: dict[str, dict[str, ReplicaRecord]] = {}
+        self._by_deployment: dict[str, dict[str, ReplicaRecord]] = {}
+        self.touched: set[str] = set()
 
     def __setitem__(self, replica_id: str, rec: ReplicaRecord) -> None:
         old = super().get(replica_id)
@@ -140,6 +148,8 @@ class ReplicaTable(dict[str, ReplicaRecord]):
             self._unindex(old)
         super().__setitem__(replica_id, rec)
         self._by_scheduler.setdefault(rec.scheduler_id, {})[replica_id] = rec
+        self._by_deployment.setdefault(rec.deployment, {})[replica_id] = rec
+        self.touched.add(rec.deployment)
 
     def __delitem__(self, replica_id: str) -> None:
         rec = self[replica_id]
@@ -154,27 +164,47 @@ class ReplicaTable(dict[str, ReplicaRecord]):
         return rec
 
     def clear(self) -> None:
+        self.touched.update(self._by_deployment)
         super().clear()
         self._by_scheduler.clear()
+        self._by_deployment.clear()
 
     def on(self, scheduler_id: str) -> list[ReplicaRecord]:
         """The replicas on ``scheduler_id`` (a copy: safe to change the table while iterating)."""
         return list(self._by_scheduler.get(scheduler_id, {}).values())
 
+    def touch(self, deployment: str) -> None:
+        self.touched.add(deployment)
+
+    def take_touched(self) -> set[str]:
+        """The deployments touched since the last call."""
+        touched, self.touched = self.touched, set()
+        return touched
+
+    def of(self, deployment: str) -> list[ReplicaRecord]:
+        """The replicas of ``deployment`` (a copy)."""
+        return list(self._by_deployment.get(deployment, {}).values())
+
     def move(self, rec: ReplicaRecord, scheduler_id: str) -> None:
         if rec.scheduler_id == scheduler_id:
             return
-        self._unindex(rec)
+        self._unindex(rec, keep_deployment=True)
         rec.scheduler_id = scheduler_id
         if super().get(rec.id) is rec:
             self._by_scheduler.setdefault(scheduler_id, {})[rec.id] = rec
 
-    def _unindex(self, rec: ReplicaRecord) -> None:
+    def _unindex(self, rec: ReplicaRecord, *, keep_deployment: bool = False) -> None:
+        self.touched.add(rec.deployment)
         mine = self._by_scheduler.get(rec.scheduler_id)
         if mine is not None:
             mine.pop(rec.id, None)
             if not mine:
                 del self._by_scheduler[rec.scheduler_id]
+        same = self._by_deployment.get(rec.deployment)
+        if not keep_deployment and same is not None:
+            same.pop(rec.id, None)
+            if not same:
+                del self._by_deployment[rec.deployment]
 
 
 @dataclass
@@ -308,6 +338,7 @@ class ClusterState:
         rec = self.replicas.get(replica_id)
         if rec is not None and rec.state == PENDING:
             rec.state = STARTING
+            self.replicas.touch(rec.deployment)
             rec.created_version = registry_version
 
     def remove_failed(self, replica_id: str) -> None:
@@ -315,6 +346,7 @@ class ClusterState:
         rec = self.replicas.get(replica_id)
         if rec is not None and rec.state == DRAINING and rec.reported_state != DRAINING:
             rec.state = rec.reported_state or STARTING
+            self.replicas.touch(rec.deployment)
 
     def create_failed(self, replica_id: str, message: str) -> None:
         rec = self.replicas.pop(replica_id, None)
@@ -361,7 +393,7 @@ class ClusterState:
         for rec in list(self.replicas.values()):
             if rec.deployment not in desired and rec.state != DRAINING and rec.deployment in deleted:
                 actions.append(self._remove(rec, graceful=True))
-        index = _Index.build(self)
+        index = _Index(self)
         budget = [max_creates]
         retained = retained or {}
         self._retained = {n: frozenset(s.process_hash() for s in retained.get(n, ())) for n in desired}
@@ -382,7 +414,7 @@ class ClusterState:
         actions: list[Action] = []
         want = spec.process_hash()
         kept = self._retained.get(spec.name, frozenset())
-        mine = index.by_deployment.get(spec.name, [])
+        mine = index.mine(spec.name)
         live = [r for r in mine if r.state != DRAINING]
         new = [r for r in live if r.spec_hash == want]
         old = [r for r in live if r.spec_hash != want and r.spec_hash not in kept]
@@ -444,6 +476,8 @@ class ClusterState:
     def _surplus(self, recs: list[ReplicaRecord], count: int) -> list[Action]:
         """Remove what ``recs`` (one spec's live replicas) holds past ``count``: the ones doing
         least first (not yet ready, then the newest)."""
+        if len(recs) <= count:
+            return []  # the usual case: no sort of every replica at every pass
         surplus = sorted(recs, key=lambda r: (r.state == READY, -r.created_version, r.id))
         return [self._remove(rec, graceful=True) for rec in surplus[: max(0, len(recs) - count)]]
 
@@ -480,7 +514,7 @@ class ClusterState:
 
     def _place(self, spec: DeploymentSpec, spec_hash: str, index: _Index) -> CreateReplica | None:
         need = Capacity.of(spec.resources)
-        chosen, reason = choose(index.candidates(self.schedulers.values(), spec.name), need)
+        chosen, reason = index.choose(spec.name, need)
         if chosen is None:
             self.pending_reasons[spec.name] = reason
             return None
@@ -498,11 +532,12 @@ class ClusterState:
             resources=need,
         )
         self.replicas[rid] = rec
-        index.add(rec)
+        index.placed(rec)
         return CreateReplica(chosen, rid, spec.name, spec)
 
     def _remove(self, rec: ReplicaRecord, *, graceful: bool) -> RemoveReplica:
         rec.state = DRAINING
+        self.replicas.touch(rec.deployment)
         return RemoveReplica(rec.scheduler_id, rec.id, graceful)
 
     # The resources each replica holds are its deployment's; the head sets them
@@ -527,10 +562,12 @@ class ClusterState:
 
     # ------------------------------------------------------------ views
 
-    def routes(self) -> dict[str, list[ReplicaRecord]]:
-        """READY replicas on live schedulers, by deployment, sorted by id."""
+    def routes(self, only: Iterable[str] | None = None) -> dict[str, list[ReplicaRecord]]:
+        """READY replicas on live schedulers, by deployment, sorted by id: of every
+        deployment, or of those in ``only`` (costing their replicas only)."""
+        recs = self.replicas.values() if only is None else [r for n in only for r in self.replicas.of(n)]
         out: dict[str, list[ReplicaRecord]] = {}
-        for rec in sorted(self.replicas.values(), key=lambda r: r.id):
+        for rec in sorted(recs, key=lambda r: r.id):
             sched = self.schedulers.get(rec.scheduler_id)
             if rec.state == READY and sched is not None and sched.state == ALIVE:
                 out.setdefault(rec.deployment, []).append(rec)
@@ -564,6 +601,12 @@ class ClusterState:
                 scheduler_id=scheduler_id,
             )
             self._failures.pop(rep.deployment, None)
+        if (
+            rec.state != state
+            or rec.address != rep.address
+            or (rep.spec_hash and rec.spec_hash != rep.spec_hash)
+        ):
+            self.replicas.touch(rec.deployment)
         rec.state = state
         rec.reported_state = rep.state
         self.replicas.move(rec, scheduler_id)
@@ -646,30 +689,49 @@ class ClusterState:
         )
 
 
-@dataclass
 class _Index:
-    """One reconcile pass's view of the replicas, built in one pass over them and kept up to
-    date as the pass places more: what keeps a pass linear in the number of replicas.
-    Sums are plain floats (``[cpus, memory_mb, gpus]``): building it is the pass's main cost."""
+    """One reconcile pass's view of the replicas for placing them, kept up to date as the
+    pass places more: what keeps a pass linear in the number of replicas.
 
-    by_deployment: dict[str, list[ReplicaRecord]]
-    sums: dict[str, list[float]]  # scheduler -> what its replicas hold
-    on_scheduler: dict[str, int]
-    of_deployment: dict[tuple[str, str], int]  # (scheduler, deployment) -> replicas
+    The sums (plain floats, ``[cpus, memory_mb, gpus]``) take a walk over every replica, so
+    they are built only when the pass first places one: a pass with nothing to place costs
+    the deployments' own replicas (``ReplicaTable.of``), not the cluster's. Placing one
+    deployment's replicas one after another takes a heap of its candidates (see
+    :meth:`choose`), not a scan of every scheduler per replica."""
+
+    def __init__(self, state: ClusterState) -> None:
+        self.state = state
+        self.sums: dict[str, list[float]] = {}  # scheduler -> what its replicas hold
+        self.on_scheduler: dict[str, int] = {}
+        self.of_deployment: dict[tuple[str, str], int] = {}  # (scheduler, deployment) -> replicas
+        self._built = False
+        self._heap_for: tuple[str, Capacity] | None = None
+        self._heap: list[tuple[tuple[int, float, int, str], Candidate]] = []
 
     @classmethod
     def build(cls, state: ClusterState) -> _Index:
-        index = cls({}, {}, {}, {})
-        for rec in state.replicas.values():
-            index.add(rec)
+        index = cls(state)
+        index._build()
         return index
 
+    def _build(self) -> None:
+        if self._built:
+            return
+        self._built = True
+        for rec in self.state.replicas.values():
+            self._count(rec)
+
+    def mine(self, deployment: str) -> list[ReplicaRecord]:
+        """The deployment's replicas as the pass found them."""
+        return self.state.replicas.of(deployment)
+
     def add(self, rec: ReplicaRecord) -> None:
+        """A replica just placed (already in the state's table)."""
+        if self._built:
+            self._count(rec)
+
+    def _count(self, rec: ReplicaRecord) -> None:
         sid = rec.scheduler_id
-        mine = self.by_deployment.get(rec.deployment)
-        if mine is None:
-            mine = self.by_deployment[rec.deployment] = []
-        mine.append(rec)
         held = self.sums.get(sid)
         if held is None:
             held = self.sums[sid] = [0.0, 0.0, 0.0]
@@ -682,16 +744,50 @@ class _Index:
         self.of_deployment[key] = self.of_deployment.get(key, 0) + 1
 
     def allocated(self, scheduler_id: str) -> Capacity:
+        self._build()
         return Capacity(*self.sums.get(scheduler_id, (0.0, 0.0, 0.0)))
 
     def candidates(self, schedulers: Iterable[SchedulerRecord], deployment: str) -> list[Candidate]:
-        return [
-            Candidate(
-                scheduler_id=sched.id,
-                free=sched.capacity - self.allocated(sched.id),
-                replicas_of_deployment=self.of_deployment.get((sched.id, deployment), 0),
-                replicas_total=self.on_scheduler.get(sched.id, 0),
-            )
-            for sched in schedulers
-            if sched.state == ALIVE
-        ]
+        self._build()
+        return [self._candidate(sched, deployment) for sched in schedulers if sched.state == ALIVE]
+
+    def _candidate(self, sched: SchedulerRecord, deployment: str) -> Candidate:
+        return Candidate(
+            scheduler_id=sched.id,
+            free=sched.capacity - self.allocated(sched.id),
+            replicas_of_deployment=self.of_deployment.get((sched.id, deployment), 0),
+            replicas_total=self.on_scheduler.get(sched.id, 0),
+        )
+
+    def choose(self, deployment: str, need: Capacity) -> tuple[str | None, str]:
+        """``placement.choose`` over the live schedulers, for the next replica of
+        ``deployment``; the caller adds the replica (``add``) before choosing again.
+
+        The same choice as scanning them all, at log(schedulers) per replica: one after
+        another, a deployment's replicas change only the chosen scheduler's key
+        (``_key``: it only grows), and a scheduler without room for ``need`` stays without."""
+        if self._heap_for != (deployment, need):
+            self._heap_for = (deployment, need)
+            cands = self.candidates(self.state.schedulers.values(), deployment)
+            self._heap = [(_key(c), c) for c in cands]
+            heapq.heapify(self._heap)
+        while self._heap:
+            _, best = heapq.heappop(self._heap)
+            if best.free.fits(need):
+                break
+        else:
+            # No room anywhere: placement says why (over every live scheduler).
+            return choose(self.candidates(self.state.schedulers.values(), deployment), need)
+        return best.scheduler_id, ""
+
+    def placed(self, rec: ReplicaRecord) -> None:
+        """``rec`` was placed where ``choose`` said: its scheduler goes back on the heap."""
+        self.add(rec)
+        if self._heap_for == (rec.deployment, rec.resources):
+            cand = self._candidate(self.state.schedulers[rec.scheduler_id], rec.deployment)
+            heapq.heappush(self._heap, (_key(cand), cand))
+
+
+def _key(c: Candidate) -> tuple[int, float, int, str]:
+    """``placement.choose``'s order among schedulers with room."""
+    return (c.replicas_of_deployment, -c.free.cpus, c.replicas_total, c.scheduler_id)

@@ -27,12 +27,17 @@ from shoal.proto import shoal_pb2 as pb
 from shoal.store.history import LifecycleEvent, Revision
 from shoal.types import DeploymentRoutes, RoutingTable
 
+_STATES: dict[int, ReplicaState] = {
+    int(v): ReplicaState(n) for n, v in pb.ReplicaState.items() if n in ReplicaState.__members__
+}
+"""Wire value -> state, built once: a health update decodes a state per replica (at 1,000
+schedulers, 10,000 a second), and ``ReplicaState.values()`` builds a list at every call."""
+
 
 def state_name(state: int) -> ReplicaState:
     """A replica's state from the wire. Unset or unknown (a newer peer): STARTING, which keeps
     it out of routing without removing it."""
-    name = pb.ReplicaState.Name(pb.ReplicaState.ValueType(state)) if state in pb.ReplicaState.values() else ""
-    return ReplicaState(name) if name in ReplicaState.__members__ else ReplicaState.STARTING
+    return _STATES.get(state, ReplicaState.STARTING)
 
 
 def state_value(state: ReplicaState | str) -> pb.ReplicaState.ValueType:

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 
 import pytest
 
 from shoal.config import Settings
 from shoal.core.clock import FakeClock
-from shoal.core.cluster import READY, STARTING, CreateReplica, RemoveReplica, ReplicaReport
+from shoal.core.cluster import READY, STARTING, CreateReplica, RemoveReplica, ReplicaRecord, ReplicaReport
 from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec, parse_spec, parse_spec_json
 from shoal.errors import InvalidArgument, NotFound, Unavailable
-from shoal.head.node import ApplyResult, HeadNode, cluster_status
+from shoal.head.node import ROUTES_GAP_S, ApplyResult, HeadNode, cluster_status
 from shoal.store import MemoryStore
 from shoal.testing.fakes import FakeSchedulers
 from shoal.types import Route, RoutingTable, SchedulerRegistration
@@ -315,8 +315,78 @@ async def test_a_rejoining_scheduler_brings_its_ready_replicas_back_into_the_rou
 
     await join(head, "s1", ready("echo-abc123", spec))
 
-    assert head.routes.deployments["echo"].routes == (Route("echo-abc123", "echo-abc123:9000", "s1", 0, revision=1),)
+    assert head.routes.deployments["echo"].routes == (
+        Route("echo-abc123", "echo-abc123:9000", "s1", 0, revision=1),
+    )
     assert await head.reconcile_once() == []
+
+
+async def test_a_burst_of_registrations_reaches_a_stream_as_a_few_tables_with_every_route(
+    head: HeadNode,
+) -> None:
+    """1,000 schedulers registering sent every stream a table per registration (a million
+    messages): streams are woken at most every ROUTES_GAP_S and send the newest table."""
+    spec = make_spec()
+    await head.apply(spec)
+    tables: list[RoutingTable] = []
+    complete = asyncio.Event()
+
+    async def watch() -> None:
+        async for table in head.watch_routes("watcher"):
+            tables.append(table)
+            if len(table.deployments["echo"].routes) == 200:
+                complete.set()
+
+    watching = asyncio.create_task(watch())
+    try:
+        started = asyncio.get_running_loop().time()
+        for i in range(200):
+            await join(head, f"s{i:03}", ready(f"echo-{i:06x}", spec))
+            await asyncio.sleep(0)  # as between gRPC calls: the stream may run
+        await asyncio.wait_for(complete.wait(), 5)
+        elapsed = asyncio.get_running_loop().time() - started
+    finally:
+        watching.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watching
+
+    # One table per wake: the first, then one per ROUTES_GAP_S at most (the last has them all).
+    assert len(tables) <= 2 + elapsed / ROUTES_GAP_S[0], (len(tables), elapsed)
+    assert len(tables) < 50
+    assert tables[-1] == head.routes
+
+
+async def test_a_health_update_rebuilds_only_the_entries_of_its_replicas_deployments(
+    head: HeadNode, fleet: FakeSchedulers
+) -> None:
+    a, b = make_spec("a"), make_spec("b")
+    await head.apply(a)
+    await head.apply(b)
+    await join(head, "s1", ReplicaReport("a-000001", "a", STARTING, spec_hash=a.process_hash()))
+    await join(head, "s2", ready("b-000001", b))
+    before = head.routes
+    asked: list[list[str] | None] = []
+    routes = head.state.routes
+
+    def spy(only: Iterable[str] | None = None) -> dict[str, list[ReplicaRecord]]:
+        asked.append(None if only is None else list(only))
+        return routes(only)
+
+    head.state.routes = spy  # type: ignore[method-assign]
+    assert await head.scheduler_health("s1", 1, [ready("a-000001", a)])
+
+    # Only a's replicas were walked (at 10,000 replicas, every entry at every change was
+    # most of the head's work), and b's entry is the same object (streams skip it).
+    assert asked == [["a"]]
+    after = head.routes
+    assert after.version > before.version
+    assert after.deployments["b"] is before.deployments["b"]
+    assert after.deployments["a"].routes == (Route("a-000001", "a-000001:9000", "s1", 0, revision=1),)
+    # The same as a table built from nothing.
+    again = HeadNode(Settings(), MemoryStore(), fleet, FakeClock())
+    again.desired, again.history = head.desired, head.history
+    again.state.replicas, again.state.schedulers = head.state.replicas, head.state.schedulers
+    assert again._table() == dict(after.deployments)
 
 
 async def test_watch_routes_ends_when_the_head_closes(store: MemoryStore, fleet: FakeSchedulers) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import random
 import time
 from collections.abc import AsyncIterator
 
@@ -18,8 +19,17 @@ import pytest
 
 from shoal.config import Settings
 from shoal.core.clock import FakeClock
-from shoal.core.cluster import MAX_CREATES_PER_PASS, ClusterState, CreateReplica
-from shoal.core.placement import Capacity
+from shoal.core.cluster import (
+    MAX_CREATES_PER_PASS,
+    PENDING,
+    READY,
+    ClusterState,
+    CreateReplica,
+    ReplicaRecord,
+    ReplicaReport,
+    _Index,
+)
+from shoal.core.placement import Capacity, choose
 from shoal.core.spec import DeploymentSpec
 from shoal.head.node import HeadNode
 from shoal.http.head import head_app
@@ -83,6 +93,43 @@ def test_one_pass_places_at_most_its_budget_and_asks_for_another() -> None:
     while state.more_to_place:
         state.reconcile(desired)
     assert len(state.replicas) == 1000
+
+
+def test_placing_one_replica_after_another_chooses_as_a_scan_of_every_scheduler_would() -> None:
+    """A pass places a deployment's replicas from a heap of its candidates (replacing 1,000
+    replicas over 1,000 schedulers scanned a million candidates); each choice must be the
+    one ``placement.choose`` makes over every live scheduler at that moment."""
+    rng = random.Random(16)
+    specs = [make_spec(f"d{i}", 0, cpus=(0.01, 0.02)[i % 2]) for i in range(6)]
+
+    def cluster() -> ClusterState:
+        state = ClusterState(clock=FakeClock())
+        state.resources_of = {s.name: Capacity.of(s.resources) for s in specs}
+        r = random.Random(7)
+        for i in range(40):
+            running = [
+                ReplicaReport(f"old-{i}-{j}", s.name, READY, spec_hash=s.process_hash(), ready_at=1.0)
+                for j, s in enumerate(r.sample(specs, r.randint(0, 3)))
+            ]
+            state.register(
+                f"s{i:02}", "a", "b", Capacity(r.choice([0.02, 0.05, 0.1]), 1024, 0), replicas=running
+            )
+        return state
+
+    state = cluster()
+    desired = {s.name: (s, rng.randint(20, 80)) for s in specs}
+    creates = [a for a in state.reconcile(desired, max_creates=10_000) if isinstance(a, CreateReplica)]
+    assert any("no scheduler has room" in r for r in state.pending_reasons.values())  # some ran out
+
+    scan = cluster()
+    for action in creates:
+        need = Capacity.of(action.spec.resources)
+        index = _Index.build(scan)
+        expected, _ = choose(index.candidates(scan.schedulers.values(), action.deployment), need)
+        assert action.scheduler_id == expected
+        scan.replicas[action.replica_id] = ReplicaRecord(
+            action.replica_id, action.deployment, expected or "", "", PENDING, resources=need
+        )
 
 
 @pytest.fixture
