@@ -271,9 +271,16 @@ class DeploymentSpec(_Strict):
     # (at 3,000 replicas, model_dump_json was a fifth of the head's CPU). model_copy drops them.
     def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
         copy = super().model_copy(update=update, deep=deep)
-        for key in ("cached_json", "cached_process_hash"):
+        for key in ("cached_json", "cached_process_hash", "derived"):
             copy.__dict__.pop(key, None)
         return copy
+
+    @functools.cached_property
+    def derived(self) -> dict[str, Any]:
+        """Values other modules compute from this (frozen) spec, kept with it so that the
+        request path computes each once per spec, not once per request (see
+        ``shoal.core.triton_repo.layout_version``)."""
+        return {}
 
     @functools.cached_property
     def cached_json(self) -> str:

@@ -415,7 +415,15 @@ def load_all(root: str | Path) -> list[DeploymentSpec]:
 
 def layout_version(spec: DeploymentSpec) -> int:
     """The version a deployment's model file has in Triton's layout: ``N`` for a file
-    ``.../NAME/N/FILE`` of deployment NAME (N a positive integer), else 0."""
+    ``.../NAME/N/FILE`` of deployment NAME (N a positive integer), else 0. Computed once per
+    spec: every request asks."""
+    found = spec.derived.get("layout_version")
+    if found is None:
+        found = spec.derived["layout_version"] = _layout_version(spec)
+    return int(found)
+
+
+def _layout_version(spec: DeploymentSpec) -> int:
     path = Path(model_file(spec))
     folder = path.parent.name
     if path.parent.parent.name == spec.name and re.fullmatch(r"[0-9]{1,18}", folder) and int(folder) > 0:

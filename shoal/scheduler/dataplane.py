@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -42,6 +41,7 @@ import numpy as np
 
 from shoal.config import Settings
 from shoal.core import limits, payload
+from shoal.core.ids import request_key
 from shoal.core.payload import Tensor, Tensors
 from shoal.core.spec import DeploymentSpec, check_model_id
 from shoal.errors import InvalidArgument, ShoalError
@@ -108,7 +108,7 @@ class DataPlane:
             self._refused(call, spec, err, started)
             raise
         # Clients reuse ids (or send none); the router keys in-flight requests by id.
-        internal_id = f"{call.id}~{uuid.uuid4().hex[:12]}" if call.id else ""
+        internal_id = f"{call.id}~{request_key()}" if call.id else ""
         if shadow:
             self.router.shadow(call.model, shadow, call.inputs, call.timeout_s)
         try:

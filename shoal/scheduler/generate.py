@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-import uuid
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import Any, Self
 
+from shoal.core.ids import request_key
 from shoal.core.limits import is_unicode
 from shoal.core.spec import DeploymentSpec
 from shoal.errors import Internal, InvalidArgument
@@ -52,7 +52,7 @@ def embeds_text(spec: DeploymentSpec) -> bool:
 def internal_id(client_id: str) -> str:
     """The id a generation goes by inside shoal (logs): the client's id, made unique, since
     clients reuse ids or send none ("": the router makes one)."""
-    return f"{client_id}~{uuid.uuid4().hex[:12]}" if client_id else ""
+    return f"{client_id}~{request_key()}" if client_id else ""
 
 
 class InvalidParameter(InvalidArgument):

@@ -41,7 +41,7 @@ import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import shoal
 from shoal.core import payload, triton_repo
@@ -622,6 +622,13 @@ class ModelCatalog:
 
 
 def _declared(spec: DeploymentSpec) -> ModelMetadata:
+    found = spec.derived.get("declared")
+    if found is None:
+        found = spec.derived["declared"] = _declare(spec)
+    return cast(ModelMetadata, found)
+
+
+def _declare(spec: DeploymentSpec) -> ModelMetadata:
     return ModelMetadata(
         name=spec.name,
         platform=spec.backend,

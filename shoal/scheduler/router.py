@@ -13,12 +13,12 @@ import contextlib
 import logging
 import random
 import time
-import uuid
 from collections.abc import AsyncGenerator, Callable, Collection
 from dataclasses import dataclass, field
 
 from shoal.config import Settings
 from shoal.core.clock import Clock, SystemClock
+from shoal.core.ids import request_key
 from shoal.core.payload import Tensors
 from shoal.core.routing import Policy, default_revisions, make_policy, pick_for_model
 from shoal.core.spec import DeploymentSpec
@@ -336,7 +336,7 @@ class Router:
         dep = self._live(deployment)
         started = time.perf_counter()
         outcome = "error"
-        request_id = request_id or uuid.uuid4().hex
+        request_id = request_id or request_key()
         try:
             result = await self._send(dep, inputs, request_id, timeout_s, started, model_id, version)
             outcome = "ok"
@@ -599,7 +599,7 @@ class Router:
         """
         dep = self._live(deployment)
         started = time.perf_counter()
-        request_id = request_id or uuid.uuid4().hex
+        request_id = request_id or request_key()
         timeout_s = timeout_s if timeout_s > 0 else dep.spec.timeout_s
         clock = self._clock
         deadline = clock.now() + timeout_s
