@@ -482,6 +482,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         created_before = len(sim.created)
         acks = await asyncio.gather(*(w.ask({"cmd": "stop", "ids": dying}) for w in workers))
         stopped = time.monotonic()
+        spy = _py_spy(head.pid, 12, args.py_spy_deaths) if args.py_spy_deaths else None
         # The head may declare the last of them dead dead_after_s after its last health update.
         dead_at = max(a for g in acks for a in g["last_acks"]) + args.dead_after_s
         meter = Meter(groups)
@@ -490,6 +491,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.sleep(0.05)
         creates = sim.created[created_before : created_before + lost]
         deaths = meter.cores()
+        if spy is not None:
+            await asyncio.to_thread(spy.wait, 60)
         during = await asyncio.gather(
             *(w.ask({"cmd": "stats", "since": stopped, "until": time.monotonic()}) for w in workers)
         )
@@ -647,6 +650,7 @@ def main() -> None:
     )
     parser.add_argument("--py-spy", default="", help="record the head's steady state into this file")
     parser.add_argument("--py-spy-apply", default="", help="record the head's first 20 s of applies")
+    parser.add_argument("--py-spy-deaths", default="", help="record the head's 12 s after the deaths")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--timeline", action="store_true", help="print health updates second by second")
     # A worker process (started by the coordinator): schedulers LO..HI-1.

@@ -70,7 +70,7 @@ ROUTES_GAP_PER_STREAM_S = 0.0005
 stream between wakes, pushing tables takes under a tenth of a core however many schedulers
 watch (1,000: a wake every 0.5 s at most)."""
 RECONCILE_REST_MAX_S = 1.0
-"""The most a reconcile pass rests after itself (twice its own time) before the next."""
+"""The most the reconcile loop rests after a pass (twice the time it held the lock)."""
 
 DEPLOYMENTS = "deployments/"
 TOMBSTONES = "tombstones/"
@@ -136,6 +136,7 @@ class HeadNode:
         # After every start (set by start()): no placing or removing until the schedulers
         # have had dead_after_s to register again with the replicas they run.
         self._adopt_until = 0.0
+        self._held_s = 0.0  # how long the last reconcile pass held the lock
         self.autoscaler = Autoscaler(self.clock)
         self._loads: dict[str, dict[str, LoadReport]] = {}  # scheduler -> deployment -> load
         self.series = SeriesRecorder()
@@ -198,7 +199,6 @@ class HeadNode:
 
     async def _run(self) -> None:
         while not self._stopping.is_set():
-            started = time.perf_counter()
             try:
                 await self.reconcile_once()
             except ShoalError as err:
@@ -207,9 +207,10 @@ class HeadNode:
                 # A bug must not end the loop that keeps the cluster at its replica counts.
                 log.exception("reconcile failed")
             # Woken again and again (schedulers registering, replicas changing state), passes
-            # would follow each other back to back: rest twice as long as a pass took, so
-            # reconciling keeps at most a third of the event loop from health updates.
-            await asyncio.sleep(min(RECONCILE_REST_MAX_S, 2 * (time.perf_counter() - started)))
+            # would follow each other back to back: rest twice as long as the last pass held
+            # the lock (what health updates wait for), so reconciling keeps at most a third of
+            # the time from them. Not the pass's whole time: that includes its calls to schedulers.
+            await asyncio.sleep(min(RECONCILE_REST_MAX_S, 2 * self._held_s))
             await sleep_or_event(self._wake, self.settings.reconcile_interval_s)
             self._wake.clear()
 
@@ -576,6 +577,7 @@ class HeadNode:
     async def reconcile_once(self) -> list[Action]:
         """One pass: decide under the lock, then act on schedulers concurrently."""
         async with self.lock:
+            locked = time.perf_counter()
             self._refresh_resources()
             wait = self._adopt_until - self.clock.now()
             if wait > 0:
@@ -605,6 +607,7 @@ class HeadNode:
                     await self._clients.pop(sid)[1].close()
             for sid in [s for s in self._loads if s not in self.state.schedulers]:
                 del self._loads[sid]  # forgotten
+            self._held_s = time.perf_counter() - locked
         if actions:
             await asyncio.gather(*(self._act(a) for a in actions))
         await self._publish_routes()

@@ -84,7 +84,8 @@ def test_placing_20000_replicas_is_linear_not_quadratic() -> None:
 def test_one_pass_places_at_most_its_budget_and_asks_for_another() -> None:
     state = ClusterState(clock=FakeClock())
     state.register("s1", "s1:1", "s1:2", BIG)
-    desired = {"big": (spec("big", 1000), 1000)}
+    count = 3 * MAX_CREATES_PER_PASS + 10
+    desired = {"big": (spec("big", 1000), count)}  # the count a spec or autoscaler asks
 
     first = state.reconcile(desired)
 
@@ -92,7 +93,7 @@ def test_one_pass_places_at_most_its_budget_and_asks_for_another() -> None:
     assert "placing replicas" in state.pending_reasons["big"]
     while state.more_to_place:
         state.reconcile(desired)
-    assert len(state.replicas) == 1000
+    assert len(state.replicas) == count
 
 
 def test_placing_one_replica_after_another_chooses_as_a_scan_of_every_scheduler_would() -> None:
