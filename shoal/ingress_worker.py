@@ -2,16 +2,117 @@
 
 Started by the scheduler (``shoal.run.IngressWorkers``) with its settings, control
 address and ids in the ``SHOAL_INGRESS_WORKER`` environment variable (JSON); not a
-command for users.
+command for users. The worker's composition root, apart from ``shoal.run`` so that a
+worker does not import the head, the store clients or the blob service: it started in
+about half the time and holds less memory (``docs/architecture.md``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import os
+import signal
+from contextlib import AsyncExitStack
+from typing import Any
 
-from shoal import aio, logs
-from shoal.run import run_ingress_worker, settings_from_doc
+from shoal import aio, certs, logs
+from shoal.config import Settings
+from shoal.http.scheduler import refuse_when_full, scheduler_app, shutdown_parser
+from shoal.http.server import HttpLimits, HttpServer
+from shoal.proto import grpc_service_pb2_grpc as oipg
+from shoal.proto import shoal_pb2_grpc as pbg
+from shoal.rpc.auth import SCHEDULER_RULES, AuthInterceptor
+from shoal.rpc.clients import GrpcReplicaClient
+from shoal.rpc.inference_service import InferenceService
+from shoal.rpc.ingress import IngressLink
+from shoal.rpc.repository import GrpcDeployer
+from shoal.rpc.scheduler_service import NativeService
+from shoal.rpc.server import bind, new_server
+from shoal.rpc.tls import server_credentials
+from shoal.scheduler.ingress import IngressNode, IngressWorker
+from shoal.scheduler.repository import ModelRepository
+
+
+def tls_files(settings: Settings, role: str) -> certs.Files | None:
+    return certs.files(settings.tls_dir, role) if settings.tls_dir else None
+
+
+def repository_of(
+    settings: Settings, head_address: str, node: IngressNode, stack: AsyncExitStack
+) -> ModelRepository | None:
+    """The Triton repository the scheduler's repository extension serves (``--model-repository``);
+    None without one. Its channel to the head closes with ``stack``."""
+    if not settings.model_repository:
+        return None
+    deployer = GrpcDeployer(head_address, settings)
+    stack.push_async_callback(deployer.close)
+    return ModelRepository(
+        settings.model_repository, node.catalog, deployer, tokens_exist=node.inference_auth.tokens_exist
+    )
+
+
+def settings_doc(settings: Settings) -> dict[str, Any]:
+    return dataclasses.asdict(settings)
+
+
+def settings_from_doc(doc: dict[str, Any]) -> Settings:
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    values: dict[str, Any] = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in doc.items() if k in fields
+    }
+    return Settings(**values)
+
+
+async def run_ingress_worker(settings: Settings, control: str, worker_id: str, sid: str) -> None:
+    """One ingress worker process: serves the shared inference ports until its main
+    process goes away (or SIGTERM)."""
+    link = IngressLink(control, settings, worker_id, os.getpid())
+    worker = IngressWorker(settings, sid, link, lambda addr: GrpcReplicaClient(addr, settings))
+    guard = AuthInterceptor(SCHEDULER_RULES, tls=bool(settings.tls_dir))
+    server = new_server(settings, [guard], reuse_port=True)
+    pbg.add_SchedulerServicer_to_server(NativeService(worker), server)
+    closing = AsyncExitStack()
+    repository = repository_of(settings, settings.head_address, worker, closing)
+    oipg.add_GRPCInferenceServiceServicer_to_server(
+        InferenceService(worker.dataplane, worker.inference_auth, settings, repository), server
+    )
+    bind(server, settings.host, settings.grpc_port, server_credentials(settings, "scheduler"))
+    tls = tls_files(settings, "scheduler")
+
+    async def metrics_page() -> tuple[bytes, str]:
+        await worker.refresh()  # so the page the main process renders has this worker's latest
+        return await link.metrics()
+
+    http = HttpServer(
+        scheduler_app(worker, metrics_page, repository),
+        settings.host,
+        settings.http_port,
+        tls,
+        reuse_port=True,
+        limits=HttpLimits.of(settings),
+        refuse=refuse_when_full(worker),
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    await http.start()
+    try:
+        async with asyncio.TaskGroup() as tasks:
+            running = tasks.create_task(worker.run())
+            stopping = tasks.create_task(stop.wait())
+            await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            running.cancel()
+            stopping.cancel()
+    finally:
+        await http.stop()
+        await server.stop(1.0)
+        shutdown_parser()
+        await worker.aclose()
+        await closing.aclose()
 
 
 def main() -> None:

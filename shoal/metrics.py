@@ -20,9 +20,9 @@ from prometheus_client.registry import Collector
 
 from shoal.core.states import ReplicaState, SchedulerState
 from shoal.core.stats import BUCKETS, Histogram
-from shoal.head.node import HeadNode, status_of
 
 if TYPE_CHECKING:
+    from shoal.head.node import HeadNode
     from shoal.scheduler.ingress import Counts
     from shoal.scheduler.node import SchedulerNode
     from shoal.scheduler.supervisor import ReplicaView
@@ -225,7 +225,10 @@ class HeadCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         # The typed status (what /api/status shows), built once per scrape in one pass over
-        # the replicas: no loop here over schedulers times replicas.
+        # the replicas: no loop here over schedulers times replicas. Imported here: an
+        # ingress worker renders metrics too and should not load the head's code.
+        from shoal.head.node import status_of
+
         status = status_of(self.node)
         schedulers = GaugeMetricFamily("shoal_schedulers", "Schedulers by state.", labels=["state"])
         counts = Counter(s.state for s in status.schedulers)

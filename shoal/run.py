@@ -17,9 +17,8 @@ import sys
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any
 
-from shoal import certs, metrics
+from shoal import metrics
 from shoal.auth import RateLimiter
 from shoal.config import Settings
 from shoal.core.tasks import TaskSet
@@ -30,6 +29,7 @@ from shoal.http.head import head_app
 from shoal.http.scheduler import refuse_when_full, scheduler_app, shutdown_parser
 from shoal.http.server import HttpLimits, HttpServer
 from shoal.http.standby import StandbyApp
+from shoal.ingress_worker import repository_of, settings_doc, tls_files
 from shoal.proto import grpc_service_pb2_grpc as oipg
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.rpc.auth import HEAD_RULES, SCHEDULER_RULES, AuthInterceptor
@@ -39,15 +39,13 @@ from shoal.rpc.etcd_client import EtcdTarget, etcd_client, parse_store_url
 from shoal.rpc.head_service import HeadService
 from shoal.rpc.hop import hop_dir
 from shoal.rpc.inference_service import InferenceService
-from shoal.rpc.ingress import IngressLink, IngressService
-from shoal.rpc.repository import GrpcDeployer
-from shoal.rpc.scheduler_service import NativeService, SchedulerService
+from shoal.rpc.ingress import IngressService
+from shoal.rpc.scheduler_service import SchedulerService
 from shoal.rpc.server import bind, new_server
 from shoal.rpc.standby import StandbyInterceptor
 from shoal.rpc.tls import announce_transport, check_transport, server_credentials
-from shoal.scheduler.ingress import IngressHub, IngressNode, IngressWorker, ingress_processes, snapshot
+from shoal.scheduler.ingress import IngressHub, ingress_processes, snapshot
 from shoal.scheduler.node import SchedulerNode, scheduler_id
-from shoal.scheduler.repository import ModelRepository
 from shoal.store.etcd import EtcdStore
 from shoal.store.sqlite import SqliteStore
 
@@ -68,10 +66,6 @@ def _write_endpoints(state_dir: Path, **endpoints: str) -> None:
             current = {}
     current.update(endpoints)
     path.write_text(json.dumps(current, indent=2))
-
-
-def _tls_files(settings: Settings, role: str) -> certs.Files | None:
-    return certs.files(settings.tls_dir, role) if settings.tls_dir else None
 
 
 async def start_head(
@@ -103,7 +97,7 @@ async def start_head(
     pbg.add_BlobServicer_to_server(HeadBlobService(blobs, node), server)
     stack.push_async_callback(blobs.aclose)
     port = bind(server, settings.host, settings.head_port, server_credentials(settings, "head"))
-    tls = _tls_files(settings, "head")
+    tls = tls_files(settings, "head")
     app = head_app(node, limiter)
     http = HttpServer(
         app if leadership is None else StandbyApp(app, leadership),
@@ -209,7 +203,7 @@ async def start_scheduler(
     node.supervisor.artifacts.blob_source = blob_source
     stack.push_async_callback(blob_source.aclose)
     blob_service = SchedulerBlobService(node.supervisor.artifacts)
-    repository = _repository(settings, head_address, node, stack)
+    repository = repository_of(settings, head_address, node, stack)
     inference = InferenceService(node.dataplane, node.inference_auth, settings, repository)
     oipg.add_GRPCInferenceServiceServicer_to_server(inference, server)
     registry = metrics.registry(metrics.SchedulerCollector(node))
@@ -218,7 +212,7 @@ async def start_scheduler(
         return metrics.render(registry)
 
     port = bind(server, settings.host, settings.grpc_port, credentials)
-    tls = _tls_files(settings, "scheduler")
+    tls = tls_files(settings, "scheduler")
     http = HttpServer(
         scheduler_app(node, metrics_page, repository),
         settings.host,
@@ -285,20 +279,6 @@ async def start_scheduler(
     return node, public, http_address
 
 
-def _repository(
-    settings: Settings, head_address: str, node: IngressNode, stack: AsyncExitStack
-) -> ModelRepository | None:
-    """The Triton repository the scheduler's repository extension serves (``--model-repository``);
-    None without one. Its channel to the head closes with ``stack``."""
-    if not settings.model_repository:
-        return None
-    deployer = GrpcDeployer(head_address, settings)
-    stack.push_async_callback(deployer.close)
-    return ModelRepository(
-        settings.model_repository, node.catalog, deployer, tokens_exist=node.inference_auth.tokens_exist
-    )
-
-
 class IngressWorkers:
     """The ingress worker processes of one scheduler: started, restarted when they exit,
     stopped with it. Each runs ``python -m shoal.ingress_worker`` with the scheduler's
@@ -328,7 +308,7 @@ class IngressWorkers:
 
     async def _spawn(self, worker_id: str) -> None:
         doc = {
-            "settings": _settings_doc(self._settings),
+            "settings": settings_doc(self._settings),
             "control": self._control,
             "worker_id": worker_id,
             "scheduler_id": self._scheduler_id,
@@ -369,68 +349,6 @@ class IngressWorkers:
                 proc.kill()
                 await proc.wait()
         await self._tasks.aclose()
-
-
-def _settings_doc(settings: Settings) -> dict[str, Any]:
-    return dataclasses.asdict(settings)
-
-
-def settings_from_doc(doc: dict[str, Any]) -> Settings:
-    fields = {f.name: f for f in dataclasses.fields(Settings)}
-    values: dict[str, Any] = {
-        k: tuple(v) if isinstance(v, list) else v for k, v in doc.items() if k in fields
-    }
-    return Settings(**values)
-
-
-async def run_ingress_worker(settings: Settings, control: str, worker_id: str, sid: str) -> None:
-    """One ingress worker process: serves the shared inference ports until its main
-    process goes away (or SIGTERM)."""
-    link = IngressLink(control, settings, worker_id, os.getpid())
-    worker = IngressWorker(settings, sid, link, lambda addr: GrpcReplicaClient(addr, settings))
-    guard = AuthInterceptor(SCHEDULER_RULES, tls=bool(settings.tls_dir))
-    server = new_server(settings, [guard], reuse_port=True)
-    pbg.add_SchedulerServicer_to_server(NativeService(worker), server)
-    closing = AsyncExitStack()
-    repository = _repository(settings, settings.head_address, worker, closing)
-    oipg.add_GRPCInferenceServiceServicer_to_server(
-        InferenceService(worker.dataplane, worker.inference_auth, settings, repository), server
-    )
-    bind(server, settings.host, settings.grpc_port, server_credentials(settings, "scheduler"))
-    tls = _tls_files(settings, "scheduler")
-
-    async def metrics_page() -> tuple[bytes, str]:
-        await worker.refresh()  # so the page the main process renders has this worker's latest
-        return await link.metrics()
-
-    http = HttpServer(
-        scheduler_app(worker, metrics_page, repository),
-        settings.host,
-        settings.http_port,
-        tls,
-        reuse_port=True,
-        limits=HttpLimits.of(settings),
-        refuse=refuse_when_full(worker),
-    )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await server.start()
-    await http.start()
-    try:
-        async with asyncio.TaskGroup() as tasks:
-            running = tasks.create_task(worker.run())
-            stopping = tasks.create_task(stop.wait())
-            await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            running.cancel()
-            stopping.cancel()
-    finally:
-        await http.stop()
-        await server.stop(1.0)
-        shutdown_parser()
-        await worker.aclose()
-        await closing.aclose()
 
 
 async def _serve(
