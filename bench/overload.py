@@ -6,7 +6,8 @@ second can succeed. ``--clients`` closed-loop clients (each sends its next reque
 as it has an answer) flood it for ``--duration`` seconds over OIP REST (one keep-alive
 connection per client, raw HTTP/1.1 so the load generator stays cheap) and then over OIP
 gRPC (one channel, ``ModelInfer``). The table: refusals (503 / RESOURCE_EXHAUSTED) p50 and
-p99, successes p50 and p99, and goodput (successes per second).
+p99, successes p50 and p99, and goodput (successes per second), then the ratio of the two
+doors' goodputs.
 
     .venv/bin/python bench/overload.py                    # 256 clients, queue 4, 20 ms
     .venv/bin/python bench/overload.py --clients 64 --duration 5
@@ -151,6 +152,7 @@ async def main() -> None:
             "| goodput req/s | other |"
         )
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        goodput: dict[str, float] = {}
         if args.only in (None, "http"):
             host, _, port = cluster.http_address().rpartition(":")
             tally = Tally()
@@ -172,6 +174,7 @@ async def main() -> None:
                 )
             await asyncio.gather(*(http_client(host, int(port), stop, tally) for _ in range(args.clients)))
             print(tally.row("OIP REST", args.duration))
+            goodput["http"] = len(tally.ok) / args.duration
             if spy is not None:
                 await spy.wait()
         if args.only in (None, "wrk") and shutil.which("wrk"):
@@ -198,6 +201,9 @@ async def main() -> None:
                 stop = time.monotonic() + args.duration
                 await asyncio.gather(*(grpc_client(stub, stop, tally) for _ in range(args.clients)))
             print(tally.row("OIP gRPC", args.duration))
+            goodput["grpc"] = len(tally.ok) / args.duration
+        if goodput.get("grpc") and "http" in goodput:
+            print(f"\nHTTP goodput / gRPC goodput: {goodput['http'] / goodput['grpc']:.2f}")
     shutil.rmtree(root, ignore_errors=True)
 
 
