@@ -572,7 +572,8 @@ def _svg(results: list[dict[str, Any]]) -> str:
     w, h, left, bottom, top, right = 560, 320, 60, 50, 20, 150
     xs = [math.log10(r["schedulers"]) for r in results]
     x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    ymax = max(1.0, *(max(r["steady_cores"], r["simulator_cores"]) for r in results)) * 1.1
+    top_value = max(1.0, *(max(r["steady_cores"], r["simulator_cores"]) for r in results))
+    ymax = math.ceil(top_value * 5 + 0.5) / 5  # a round top, in fifths of a core
 
     def px(x: float) -> float:
         return left + (x - x0) / (x1 - x0) * (w - left - right)
@@ -598,9 +599,9 @@ def _svg(results: list[dict[str, Any]]) -> str:
         parts.append(
             f'<text x="{px(x)}" y="{h - bottom + 16}" text-anchor="middle">{r["schedulers"]:,}</text>'
         )
-    steps = 5
+    steps = round(ymax * 5)
     for k in range(steps + 1):
-        y = ymax * k / steps
+        y = k / 5
         parts.append(f'<text x="{left - 6}" y="{py(y) + 4}" text-anchor="end">{y:.1f}</text>')
     for key, color, label in (
         ("steady_cores", "#c0392b", "head"),
