@@ -78,6 +78,11 @@ class FailedPrecondition(ShoalError):
     code = Code.FAILED_PRECONDITION
 
 
+class BlocksLoop(FailedPrecondition):
+    """A blocking call made on the event loop (a composing model's ``infer``): a backend
+    that ran the model's call on the loop runs it again on its thread."""
+
+
 class ResourceExhausted(ShoalError):
     code = Code.RESOURCE_EXHAUSTED
 

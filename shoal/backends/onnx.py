@@ -98,6 +98,8 @@ def _to_wire_strings(array: np.ndarray) -> np.ndarray:
 class OnnxBackend(Backend):
     """Serves ``spec.model_path()`` with an ONNX Runtime ``InferenceSession``."""
 
+    inline_calls = True  # short calls run on the event loop (Backend.run_sync)
+
     def __init__(self, spec: DeploymentSpec) -> None:
         super().__init__(spec)
         self._session: Any = None

@@ -51,6 +51,13 @@ log = logging.getLogger(__name__)
 class PythonBackend(Backend):
     """Runs a user's Python class. See the module docstring for the contract."""
 
+    inline_calls = True  # short calls run on the event loop (Backend.run_sync)
+
+    def _may_inline(self) -> bool:
+        # A model that calls other deployments blocks on them: never on the loop.
+        taken = bool(getattr(self.deployments, "taken", False))
+        return super()._may_inline() and not taken
+
     def __init__(self, spec: DeploymentSpec) -> None:
         super().__init__(spec)
         self._model: Any = None

@@ -40,6 +40,8 @@ def _to_bytes(values: np.ndarray) -> np.ndarray:
 class SklearnBackend(Backend):
     """Serves ``spec.model_path()``, a joblib file holding a fitted estimator or pipeline."""
 
+    inline_calls = True  # short calls run on the event loop (Backend.run_sync)
+
     def __init__(self, spec: DeploymentSpec) -> None:
         super().__init__(spec)
         self._estimator: Any = None

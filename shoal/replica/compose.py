@@ -30,7 +30,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from shoal.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
+from shoal.errors import BlocksLoop, DeadlineExceeded, InvalidArgument
 from shoal.types import Arrays
 
 
@@ -97,7 +97,7 @@ class DeploymentHandle:
         except RuntimeError:
             running = None
         if running is self._loop:
-            raise FailedPrecondition(
+            raise BlocksLoop(
                 f"deployments[{self.name!r}].infer() blocks: from async def predict, "
                 f"await deployments[{self.name!r}].ainfer(...)"
             )
@@ -119,6 +119,11 @@ class Deployments:
         self._caller = caller
         self._loop = loop
         self._handles: dict[str, DeploymentHandle] = {}
+
+    @property
+    def taken(self) -> bool:
+        """Whether the model has taken a handle (it calls other deployments)."""
+        return bool(self._handles)
 
     def __getitem__(self, name: str) -> DeploymentHandle:
         if not isinstance(name, str) or not name:

@@ -23,10 +23,12 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.tree import DecisionTreeClassifier
 
 from shoal.backends import AVAILABLE, Backend, load_backend
+from shoal.backends.base import INLINE_AFTER
 from shoal.backends.python import PythonBackend
 from shoal.backends.sklearn import SklearnBackend
 from shoal.core.spec import DeploymentSpec, TensorSpec, load_spec_file, parse_spec
 from shoal.errors import FailedPrecondition, Internal, InvalidArgument
+from shoal.replica.compose import Deployments
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -114,6 +116,92 @@ async def test_sync_model_leaves_the_event_loop_free(tmp_path: Path, backends: l
     await asyncio.sleep(0.01)  # a health check, say: answered while the model works
     assert not prediction.done()
     await prediction
+
+
+THREAD_MODEL = """
+import threading
+import time
+
+class Model:
+    def predict(self, inputs):
+        if float(inputs["x"].flat[0]) < 0:
+            time.sleep(0.01)  # a slow call
+        if float(inputs["x"].flat[0]) == 7:
+            raise ValueError("seven")
+        return {"y": inputs["x"], "thread": [threading.current_thread().name]}
+"""
+
+
+async def test_a_model_of_short_calls_runs_them_on_the_loop_until_one_is_slow(
+    tmp_path: Path, backends: list[Backend]
+) -> None:
+    """Short calls move from the model thread to the event loop (a thread hop costs more
+    than they do); one slow call sends every later call back to the thread for good."""
+    backend = loaded(user_model(tmp_path, THREAD_MODEL), backends)
+    loop_thread = threading.current_thread().name
+    threads = [str((await backend.predict(X))["thread"][0]) for _ in range(INLINE_AFTER)]
+    assert all(t.startswith("shoal-model-m") for t in threads)
+    # A loaded machine may make some calls slow; within a few hundred, short ones win.
+    for _ in range(20 * INLINE_AFTER):
+        if (await backend.predict(X))["thread"][0] == loop_thread:
+            break
+    else:
+        raise AssertionError("short calls never moved to the event loop")
+    # Answers and errors are the same on the loop.
+    np.testing.assert_array_equal((await backend.predict(X))["y"], X["x"])
+    with pytest.raises(Internal, match="seven"):
+        await backend.predict({"x": np.full((1, 3), 7, np.float32)})
+    slow = {"x": -np.ones((1, 3), np.float32)}
+    assert (await backend.predict(slow))["thread"][0] == loop_thread  # ran on the loop, once
+    after = [str((await backend.predict(X))["thread"][0]) for _ in range(INLINE_AFTER + 5)]
+    assert all(t.startswith("shoal-model-m") for t in after)
+
+
+async def test_a_model_of_slow_calls_keeps_them_on_its_thread(
+    tmp_path: Path, backends: list[Backend]
+) -> None:
+    backend = loaded(user_model(tmp_path, THREAD_MODEL), backends)
+    slow = {"x": -np.ones((1, 3), np.float32)}
+    threads = {str((await backend.predict(slow))["thread"][0]) for _ in range(INLINE_AFTER + 2)}
+    assert all(t.startswith("shoal-model-m") for t in threads)
+
+
+async def test_a_model_that_calls_another_deployment_never_runs_on_the_loop(
+    tmp_path: Path, backends: list[Backend]
+) -> None:
+    """Its blocking call would refuse on the loop: the call that meets it runs again on the
+    thread, and every later one goes there."""
+    spec = user_model(
+        tmp_path,
+        """
+        import threading
+
+        class Model:
+            calls = 0
+
+            def predict(self, inputs):
+                Model.calls += 1
+                if Model.calls > 80:
+                    return self.deployments["other"].infer(inputs)
+                return {"y": inputs["x"], "thread": [threading.current_thread().name]}
+        """,
+    )
+    backend = loaded(spec, backends)
+    assert isinstance(backend, PythonBackend)
+    loop = asyncio.get_running_loop()
+
+    class Caller:
+        async def infer(self, name: str, inputs: Any, **kw: Any) -> tuple[Any, str]:
+            return {"y": inputs["x"] + 1, "thread": [threading.current_thread().name]}, "r"
+
+    backend.deployments = Deployments("m", Caller(), loop)  # what the replica sets
+    backend._model.deployments = backend.deployments
+    for _ in range(80):
+        await backend.predict(X)
+    out = await backend.predict(X)  # on the loop, meets infer(): run again on the thread
+    np.testing.assert_array_equal(out["y"], X["x"] + 1)
+    assert backend.deployments.taken
+    assert not backend._may_inline()
 
 
 async def test_async_model_is_awaited_on_the_loop(tmp_path: Path, backends: list[Backend]) -> None:
