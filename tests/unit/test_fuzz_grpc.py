@@ -264,6 +264,14 @@ class Servers:
     def run(self, coro: Any) -> Any:
         return self.loop.run_until_complete(coro)
 
+    def rpc(self, method: Any, request: Any) -> Any:
+        """``method(request)`` on the loop (grpc.aio looks the loop up when a call is made)."""
+
+        async def made_on_the_loop() -> Any:
+            return await method(request, timeout=CALL_DEADLINE_S)
+
+        return self.run(made_on_the_loop())
+
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
@@ -569,14 +577,12 @@ def test_regression_an_ingress_report_cannot_break_the_statistics(
     ingress = pbg.IngressStub(servers.scheduler)
     report = pb.IngressReport(worker_id="w9", pid=9, deployments={"echo": counts})
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        servers.run(ingress.ReportIngress(report, timeout=CALL_DEADLINE_S))
+        servers.rpc(ingress.ReportIngress, report)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "deployments['echo']." in (caught.value.details() or "")
     for channel in (servers.scheduler, servers.worker):
-        stats = servers.run(
-            oipg.GRPCInferenceServiceStub(channel).ModelStatistics(
-                oip.ModelStatisticsRequest(name="echo"), timeout=CALL_DEADLINE_S
-            )
+        stats = servers.rpc(
+            oipg.GRPCInferenceServiceStub(channel).ModelStatistics, oip.ModelStatisticsRequest(name="echo")
         )
         assert stats.model_stats[0].name == "echo"
 
@@ -587,9 +593,7 @@ def test_regression_drain_refuses_a_grace_that_is_not_a_duration(servers: Server
     requests in flight), an infinite one let a stuck request keep it from ever exiting."""
     replica = servers.replica
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        servers.run(
-            pbg.ReplicaStub(replica.channel).Drain(pb.DrainRequest(grace_s=grace_s), timeout=CALL_DEADLINE_S)
-        )
+        servers.rpc(pbg.ReplicaStub(replica.channel).Drain, pb.DrainRequest(grace_s=grace_s))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "grace_s" in (caught.value.details() or "")
     replica.assert_running()
@@ -601,9 +605,7 @@ def test_regression_model_ready_of_a_version_that_is_no_number(servers: Servers)
     for channel in (servers.scheduler, servers.worker):
         stub = oipg.GRPCInferenceServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            servers.run(
-                stub.ModelReady(oip.ModelReadyRequest(name="echo", version="x"), timeout=CALL_DEADLINE_S)
-            )
+            servers.rpc(stub.ModelReady, oip.ModelReadyRequest(name="echo", version="x"))
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "version 'x'" in (caught.value.details() or "")
 
@@ -614,15 +616,11 @@ def test_regression_a_health_update_with_other_latency_buckets(servers: Servers)
     head took it as no answer. It is acknowledged; the chart skips that report."""
     head = pbg.HeadStub(servers.head)
     cpus = pb.Resources(cpus=4, memory_mb=1024)
-    servers.run(
-        head.RegisterScheduler(
-            pb.RegisterSchedulerRequest(scheduler_id="s9", address="127.0.0.1:9", capacity=cpus),
-            timeout=CALL_DEADLINE_S,
-        )
+    servers.rpc(
+        head.RegisterScheduler,
+        pb.RegisterSchedulerRequest(scheduler_id="s9", address="127.0.0.1:9", capacity=cpus),
     )
     for requests, buckets in ((1, [1]), (2, [1, 1])):
         load = {"echo": pb.DeploymentLoad(requests=requests, latency_buckets=buckets)}
-        reply = servers.run(
-            head.SendHealthUpdate(pb.SchedulerHealth(scheduler_id="s9", load=load), timeout=CALL_DEADLINE_S)
-        )
+        reply = servers.rpc(head.SendHealthUpdate, pb.SchedulerHealth(scheduler_id="s9", load=load))
         assert reply.ack
