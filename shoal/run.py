@@ -22,7 +22,8 @@ from shoal import metrics
 from shoal.auth import RateLimiter
 from shoal.config import Settings
 from shoal.core.tasks import TaskSet
-from shoal.head.blobs import BlobStore, in_use
+from shoal.head.blob_mirror import BlobMirror
+from shoal.head.blobs import BlobStore, holder_addresses, in_use, standby_holder
 from shoal.head.leader import LeaderInfo, Leadership, lease_ttl
 from shoal.head.node import HeadNode
 from shoal.http.head import head_app
@@ -33,7 +34,7 @@ from shoal.ingress_worker import repository_of, settings_doc, tls_files
 from shoal.proto import grpc_service_pb2_grpc as oipg
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.rpc.auth import HEAD_RULES, SCHEDULER_RULES, AuthInterceptor
-from shoal.rpc.blobs import GrpcBlobSource, HeadBlobService, SchedulerBlobService
+from shoal.rpc.blobs import GrpcBlobSource, GrpcHeadPeers, HeadBlobService, SchedulerBlobService
 from shoal.rpc.clients import GrpcHeadLink, GrpcReplicaClient, GrpcSchedulerClient
 from shoal.rpc.etcd_client import EtcdTarget, etcd_client, parse_store_url
 from shoal.rpc.head_service import HeadService
@@ -44,8 +45,10 @@ from shoal.rpc.scheduler_service import SchedulerService
 from shoal.rpc.server import bind, new_server
 from shoal.rpc.standby import StandbyInterceptor
 from shoal.rpc.tls import announce_transport, check_transport, server_credentials
+from shoal.scheduler.blob_fetch import Announcer
 from shoal.scheduler.ingress import IngressHub, ingress_processes, snapshot
 from shoal.scheduler.node import SchedulerNode, scheduler_id
+from shoal.store.base import Store
 from shoal.store.etcd import EtcdStore
 from shoal.store.sqlite import SqliteStore
 
@@ -120,6 +123,7 @@ async def start_head(
     log.info("head listening on %s (gRPC) and %s://%s (REST, dashboard)", address, http.scheme, http_address)
     if leadership is not None:
         leadership.me = LeaderInfo(address, http_address)
+        await _mirror_blobs(settings, node, blobs, store, leadership, stack)
         tasks = TaskSet("head")
         stack.push_async_callback(tasks.aclose)  # before the servers stop: resign first
         tasks.spawn(_lead(leadership, node, on_lost), "leadership")
@@ -130,6 +134,32 @@ def _collect_blobs(node: HeadNode) -> None:
     """Collect the blobs no deployment names, once the head has loaded what it leads."""
     if node.blobs is not None:
         node.blobs.start(lambda: in_use(node), every_s=min(60.0, node.blobs.grace_s))
+
+
+async def _mirror_blobs(
+    settings: Settings,
+    node: HeadNode,
+    blobs: BlobStore,
+    store: Store,
+    leadership: Leadership,
+    stack: AsyncExitStack,
+) -> None:
+    """With standby heads: every head keeps a copy of every blob (shoal.head.blob_mirror),
+    and collects, as leader, what no deployment names, as a standby, what the index drops."""
+    peers = GrpcHeadPeers(settings, standby_holder(leadership.me.grpc))
+    stack.push_async_callback(peers.aclose)
+    mirror = BlobMirror(
+        blobs,
+        store,
+        peers,
+        leading=lambda: leadership.serving,
+        leader=lambda: leadership.leader.grpc if leadership.leader and not leadership.leading else None,
+        named=lambda: in_use(node),
+        holders=lambda sha256: holder_addresses(node, blobs, sha256),
+    )
+    mirror.start()
+    stack.push_async_callback(mirror.aclose)
+    blobs.start(lambda: in_use(node) if leadership.serving else mirror.listed(), min(60.0, blobs.grace_s))
 
 
 async def _open_store(settings: Settings, state_dir: Path) -> SqliteStore | EtcdStore:
@@ -168,8 +198,7 @@ async def _lead(leadership: Leadership, node: HeadNode, on_lost: Callable[[], No
 
 
 async def _serve_as_leader(leadership: Leadership, node: HeadNode) -> None:
-    await node.start()
-    _collect_blobs(node)
+    await node.start()  # blobs: collected already (_mirror_blobs)
     leadership.serving = leadership.leading
 
 
@@ -202,6 +231,10 @@ async def start_scheduler(
     blob_source = GrpcBlobSource(head_address, settings, sid)
     node.supervisor.artifacts.blob_source = blob_source
     stack.push_async_callback(blob_source.aclose)
+    # The head keeps who holds which blob in memory: tell each head registered with.
+    announcer = Announcer(blob_source, node.supervisor.artifacts.blobs)
+    node.on_registered = announcer.registered
+    stack.push_async_callback(announcer.aclose)
     blob_service = SchedulerBlobService(node.supervisor.artifacts)
     repository = repository_of(settings, head_address, node, stack)
     inference = InferenceService(node.dataplane, node.inference_auth, settings, repository)

@@ -13,7 +13,16 @@ last time a collection found it named); a partial upload, once ``grace_s`` has p
 since its last byte.
 
 Which schedulers hold a blob whole (they fetched it to the end) is remembered in memory
-only: a restarted head learns it again from their next fetches.
+only: a restarted head, or a standby that takes over, learns it again as each scheduler
+registers (it tells the head every blob its cache holds) and from their next fetches.
+
+A blob being read (a Download in progress, by a scheduler or a standby head) is not
+collected until the read ends.
+
+With standby heads (the etcd store), each keeps a copy (``shoal.head.blob_mirror``): it
+tells the leader it is there (:meth:`BlobStore.standby_seen`) and which blobs it holds
+(holders named :func:`standby_holder`), and the leader's upload answers once a live standby
+holds the blob (:meth:`BlobStore.wait_for_standby`).
 
 Call from one event loop; file work runs in worker threads.
 """
@@ -21,15 +30,18 @@ Call from one event loop; file work runs in worker threads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shoal.core.blobs import HEX, check_hex, file_sha256, parse_uri, read_chunks
+from shoal.core.cluster import ALIVE
 from shoal.core.spec import DeploymentSpec, parse_spec_json, uri_scheme
 from shoal.core.tasks import TaskSet
 from shoal.errors import InvalidArgument, NotFound
@@ -77,6 +89,34 @@ def in_use(node: HeadNode) -> set[str]:
     return blobs_named(node.desired.values(), (r.spec_json for n in names for r in node.history.revisions(n)))
 
 
+def holder_addresses(node: HeadNode, store: BlobStore, sha256: str) -> list[str]:
+    """The addresses of the live schedulers that hold ``sha256`` whole, sorted."""
+    held = store.holders(sha256)
+    return sorted(s.address for s in node.state.schedulers.values() if s.id in held and s.state == ALIVE)
+
+
+STANDBY = "standby-head:"
+"""How a standby head names itself as a holder (``BlobRef.holder``): never a scheduler id's
+start, so schedulers are never pointed at a standby (which answers nothing)."""
+
+NO_BLOB = "0" * 64
+"""The hash a standby's Stat names when it only says it is there (it holds no such blob)."""
+
+STANDBY_ALIVE_S = 5.0
+"""A standby that has not said it is there for this long is not waited for."""
+
+
+def standby_wait_s(size: int) -> float:
+    """How long an upload of ``size`` bytes waits for a standby's copy before it answers
+    anyway: 30 s, and a second per 50 MB."""
+    return 30.0 + size / (50 * 2**20)
+
+
+def standby_holder(head_address: str) -> str:
+    """The holder name of the standby head at ``head_address``."""
+    return STANDBY + head_address
+
+
 class BlobStore:
     """See the module's docstring. ``max_bytes``: the largest blob an upload may send."""
 
@@ -87,25 +127,33 @@ class BlobStore:
         self._sizes: dict[str, int] = {}  # partial uploads' declared sizes
         self._named_at: dict[str, float] = {}  # blob -> when it was last found named
         self._holders: dict[str, set[str]] = {}  # blob -> scheduler ids holding it whole
+        self._standbys: dict[str, float] = {}  # standby holder name -> when it said it is there
+        self._changed = asyncio.Event()  # set (and replaced) when a holder or standby is added
         self._writing: set[str] = set()
+        self._reading: Counter[str] = Counter()  # blob -> Downloads in progress
+        self.on_whole: Callable[[str], None] = lambda sha256: None  # a blob just became whole
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks = TaskSet("blobs")
 
     # ------------------------------------------------------------ lifecycle
 
-    def start(self, named: Callable[[], set[str]], every_s: float) -> None:
-        """Collect every ``every_s`` seconds, ``named()`` telling which blobs are in use."""
+    def start(self, named: Callable[[], set[str] | None], every_s: float) -> None:
+        """Collect every ``every_s`` seconds, ``named()`` telling which blobs are in use
+        (``None``: it cannot tell now, collect nothing this time)."""
         (self.root / "partial").mkdir(parents=True, exist_ok=True)
         self._tasks.spawn(self._collect_loop(named, every_s), "collect")
 
     async def aclose(self) -> None:
         await self._tasks.aclose()
 
-    async def _collect_loop(self, named: Callable[[], set[str]], every_s: float) -> None:
+    async def _collect_loop(self, named: Callable[[], set[str] | None], every_s: float) -> None:
         while True:
             await asyncio.sleep(every_s)
+            blobs = named()
+            if blobs is None:
+                continue
             try:
-                await self.collect(named(), time.time())
+                await self.collect(blobs, time.time())
             except OSError as err:
                 log.warning("collecting blobs in %s: %s", self.root, err)
 
@@ -131,14 +179,26 @@ class BlobStore:
             have = 0
         return BlobInfo(sha256, self._sizes.get(sha256, 0), False, have)
 
+    def whole(self) -> set[str]:
+        """The hashes of the blobs this head holds whole."""
+        if not self.root.is_dir():
+            return set()
+        return {p.name for p in self.root.iterdir() if HEX.match(p.name) and p.is_file()}
+
     async def read(self, sha256: str, offset: int) -> AsyncIterator[bytes]:
-        """The blob's bytes from ``offset``, in chunks. NotFound when the head lacks it whole;
-        InvalidArgument for an offset past its end."""
+        """The blob's bytes from ``offset``, in chunks; not collected meanwhile. NotFound when
+        the head lacks it whole; InvalidArgument for an offset past its end."""
+        check_hex(sha256)
+        self._reading[sha256] += 1
         try:
-            async for chunk in read_chunks(self._whole(check_hex(sha256)), offset):
+            async for chunk in read_chunks(self._whole(sha256), offset):
                 yield chunk
         except FileNotFoundError:
             raise NotFound(f"the head has no blob sha256:{sha256}") from None
+        finally:
+            self._reading[sha256] -= 1
+            if self._reading[sha256] <= 0:
+                del self._reading[sha256]
 
     def check_named(self, spec: DeploymentSpec) -> None:
         """InvalidArgument when ``spec`` names a blob this head lacks; otherwise its grace
@@ -155,11 +215,43 @@ class BlobStore:
 
     # ------------------------------------------------------------ holders
 
-    def add_holder(self, sha256: str, scheduler_id: str) -> None:
-        self._holders.setdefault(sha256, set()).add(scheduler_id)
+    def add_holder(self, sha256: str, holder: str) -> None:
+        """``holder`` (a scheduler id, or a :func:`standby_holder`) holds ``sha256`` whole."""
+        if holder.startswith(STANDBY):
+            self.standby_seen(holder)
+        self._holders.setdefault(sha256, set()).add(holder)
+        self._notify()
 
     def holders(self, sha256: str) -> set[str]:
         return set(self._holders.get(sha256, ()))
+
+    def standby_seen(self, holder: str) -> None:
+        """The standby head ``holder`` (a :func:`standby_holder`) says it is there."""
+        self._standbys[holder] = time.monotonic()
+        self._notify()
+
+    def _live_standbys(self) -> set[str]:
+        now = time.monotonic()
+        return {h for h, seen in self._standbys.items() if now - seen <= STANDBY_ALIVE_S}
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_for_standby(self, sha256: str, timeout_s: float) -> bool:
+        """Wait until a live standby head holds ``sha256`` (True), or none is live (True:
+        there is no copy to wait for), or ``timeout_s`` passed (False)."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    live = self._live_standbys()
+                    if not live or live & self.holders(sha256):
+                        return True
+                    # Woken by a holder or a standby's word; and to notice a standby gone quiet.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._changed.wait(), STANDBY_ALIVE_S)
+        except TimeoutError:
+            return False
 
     # ------------------------------------------------------------ writing
 
@@ -228,7 +320,8 @@ class BlobStore:
             os.replace(partial, self._whole(sha256))
             self._sizes.pop(sha256, None)
             self._named_at[sha256] = time.time()
-            log.info("blob sha256:%s uploaded (%d bytes)", sha256[:12], size)
+            log.info("blob sha256:%s received whole (%d bytes)", sha256[:12], size)
+            self.on_whole(sha256)
             return BlobInfo(sha256, size, True, size)
         finally:
             self._writing.discard(sha256)
@@ -246,6 +339,8 @@ class BlobStore:
             if not (path.is_file() and HEX.match(path.name)):
                 continue
             blob = path.name
+            if blob in self._reading:  # a Download in progress: its grace goes on
+                continue
             if blob in named:
                 self._named_at[blob] = now
                 os.utime(path, (now, now))  # a restarted head counts the grace from here

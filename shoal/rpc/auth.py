@@ -45,12 +45,17 @@ class Control:
 @dataclass(frozen=True)
 class Peer:
     role: str
+    also: str = ""  # a second role that may call too
+
+    def admits(self, names: list[str]) -> bool:
+        return common_name(self.role) in names or bool(self.also and common_name(self.also) in names)
 
 
 @dataclass(frozen=True)
 class PeerOr:
     role: str
     control: Control
+    also: str = ""  # a second role that may call too
 
 
 @dataclass(frozen=True)
@@ -83,8 +88,9 @@ HEAD_RULES: dict[str, Rule] = {
     "/shoal.v1.Head/": DENY,
     # The cluster's artifact store (shoal.rpc.blobs).
     "/shoal.v1.Blob/Upload": Control(Role.DEPLOY),
-    "/shoal.v1.Blob/Stat": PeerOr("scheduler", Control(Role.DEPLOY)),
-    "/shoal.v1.Blob/Download": Peer("scheduler"),
+    # Heads too: a standby copies every blob from the leader (shoal.head.blob_mirror).
+    "/shoal.v1.Blob/Stat": PeerOr("scheduler", Control(Role.DEPLOY), also="head"),
+    "/shoal.v1.Blob/Download": Peer("scheduler", also="head"),
     "/shoal.v1.Blob/": DENY,
 }
 SCHEDULER_RULES: dict[str, Rule] = {
@@ -95,8 +101,8 @@ SCHEDULER_RULES: dict[str, Rule] = {
     "/shoal.v1.Scheduler/SendHealthUpdate": Peer("replica"),
     # The scheduler's own ingress workers (they hold the scheduler's certificate).
     "/shoal.v1.Ingress/": Peer("scheduler"),
-    # Peers fetching blobs from this scheduler's artifact cache.
-    "/shoal.v1.Blob/Download": Peer("scheduler"),
+    # Peers fetching blobs from this scheduler's artifact cache (and a head missing one).
+    "/shoal.v1.Blob/Download": Peer("scheduler", also="head"),
     "/shoal.v1.Blob/": DENY,
     # SendRequest and the Open Inference Protocol: any cluster certificate, and the
     # deployment's token when its spec asks for one (checked by the servicers).
@@ -189,12 +195,13 @@ class AuthInterceptor(_Interceptor):
             raise PermissionDenied(f"{name} is not open to callers")
         if isinstance(rule, Peer):
             names = _peer_names(context)
-            if common_name(rule.role) not in names:
+            if not rule.admits(names):
                 who = ", ".join(names) or "none"
-                raise PermissionDenied(f"{name} is for the {rule.role}; the caller's certificate is {who}")
+                whom = f"{rule.role} or the {rule.also}" if rule.also else rule.role
+                raise PermissionDenied(f"{name} is for the {whom}; the caller's certificate is {who}")
             return
         if isinstance(rule, PeerOr):
-            if common_name(rule.role) in _peer_names(context):
+            if Peer(rule.role, rule.also).admits(_peer_names(context)):
                 return
             rule = rule.control
         assert self._tokens is not None

@@ -1,8 +1,9 @@
 """The Blob service over gRPC: the head's (Upload, Stat, Download), a scheduler's
-(Download from its artifact cache), the scheduler's client of both, and the CLI's upload.
+(Download from its artifact cache), the scheduler's client of both, a head's client of
+the leader and the schedulers (standby copies), and the CLI's upload.
 
-Who may call what is ``shoal.rpc.auth`` (Upload: role deploy; Stat: role deploy or a
-scheduler; Download: schedulers).
+Who may call what is ``shoal.rpc.auth`` (Upload: role deploy; Stat: role deploy, a
+scheduler or a head; Download: schedulers and heads).
 """
 
 from __future__ import annotations
@@ -10,15 +11,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import grpc
 import grpc.aio
 
 from shoal.config import Settings
 from shoal.core.blobs import CHUNK, Packed, read_chunks
-from shoal.core.cluster import ALIVE
 from shoal.errors import FailedPrecondition, InvalidArgument, NotFound, ShoalError, Unavailable
-from shoal.head.blobs import BlobInfo, BlobStore
+from shoal.head.blobs import NO_BLOB, STANDBY, BlobInfo, BlobStore, holder_addresses, standby_wait_s
 from shoal.head.node import HeadNode
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
@@ -72,6 +73,12 @@ class HeadBlobService(pbg.BlobServicer):
             info = await self.store.receive(first.sha256, first.size, first.offset, data())
         except ShoalError as err:
             await abort(context, err)
+        # Durable before it is acknowledged: a standby head holds a copy too (when one is there).
+        if info.complete and not await self.store.wait_for_standby(info.sha256, standby_wait_s(info.size)):
+            log.warning(
+                "blob sha256:%s: no standby head copied it in time; until one does it is on this head only",
+                info.sha256[:12],
+            )
         return _stat_pb(info, self.store.max_bytes)
 
     async def Stat(self, request: pb.BlobRef, context: Context) -> pb.BlobStat:
@@ -79,11 +86,11 @@ class HeadBlobService(pbg.BlobServicer):
             info = self.store.stat(request.sha256)
         except ShoalError as err:
             await abort(context, err)
-        if request.holder and info.complete:
+        if request.holder.startswith(STANDBY) and not info.complete:
+            self.store.standby_seen(request.holder)  # a standby saying it is there (NO_BLOB)
+        elif request.holder and info.complete:
             self.store.add_holder(request.sha256, request.holder)
-        held = self.store.holders(request.sha256)
-        live = [s.address for s in self.node.state.schedulers.values() if s.id in held and s.state == ALIVE]
-        return _stat_pb(info, self.store.max_bytes, sorted(live))
+        return _stat_pb(info, self.store.max_bytes, holder_addresses(self.node, self.store, request.sha256))
 
     async def Download(
         self, request: pb.BlobDownloadRequest, context: Context
@@ -140,29 +147,27 @@ class GrpcBlobSource:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.own_address = ""  # this scheduler's, left out of the holders
 
-    async def locate(self, sha256: str) -> Located:
+    async def _stat(self, ref: pb.BlobRef) -> pb.BlobStat:
+        """Stat at the head that answers (the leader: standbys answer UNAVAILABLE)."""
         error: ShoalError = Unavailable("no head address")
         for i in [self._head, *(j for j in range(len(self._heads)) if j != self._head)]:
             try:
-                reply = await self._heads[i].Stat(
-                    pb.BlobRef(sha256=sha256), timeout=self._settings.rpc_timeout_s
-                )
+                reply: pb.BlobStat = await self._heads[i].Stat(ref, timeout=self._settings.rpc_timeout_s)
             except grpc.aio.AioRpcError as err:
                 error = to_error(err)
                 continue
             self._head = i
-            if not reply.complete:
-                raise NotFound(f"the head has no blob sha256:{sha256}")
-            return Located(reply.size, [h for h in reply.holders if h != self.own_address])
+            return reply
         raise error
 
+    async def locate(self, sha256: str) -> Located:
+        reply = await self._stat(pb.BlobRef(sha256=sha256))
+        if not reply.complete:
+            raise NotFound(f"the head has no blob sha256:{sha256}")
+        return Located(reply.size, [h for h in reply.holders if h != self.own_address])
+
     async def hold(self, sha256: str) -> None:
-        try:
-            await self._heads[self._head].Stat(
-                pb.BlobRef(sha256=sha256, holder=self._scheduler_id), timeout=self._settings.rpc_timeout_s
-            )
-        except grpc.aio.AioRpcError as err:
-            raise to_error(err) from None
+        await self._stat(pb.BlobRef(sha256=sha256, holder=self._scheduler_id))
 
     async def download(self, address: str, sha256: str, offset: int) -> AsyncIterator[bytes]:
         if address == HEAD:
@@ -175,16 +180,67 @@ class GrpcBlobSource:
                 )
             stub = pbg.BlobStub(channel)
         request = pb.BlobDownloadRequest(sha256=sha256, offset=offset, scheduler_id=self._scheduler_id)
+        async for data in _download(stub, request):
+            yield data
+
+    async def aclose(self) -> None:
+        await _close(self._channels)
+
+
+async def _download(stub: pbg.BlobAsyncStub, request: pb.BlobDownloadRequest) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in stub.Download(request):
+            yield chunk.data
+    except grpc.aio.AioRpcError as err:
+        raise to_error(err) from None
+
+
+async def _close(channels: dict[Any, grpc.aio.Channel]) -> None:
+    for channel in channels.values():
+        await channel.close(None)
+    channels.clear()
+
+
+class GrpcHeadPeers:
+    """A head's :class:`shoal.head.blob_mirror.HeadPeers`: the leader's Blob service (for a
+    standby) and the schedulers' (for a leader missing a blob), with the head's certificate.
+    ``me``: this head's holder name (``shoal.head.blobs.standby_holder``)."""
+
+    def __init__(self, settings: Settings, me: str) -> None:
+        self._settings = settings
+        self.me = me
+        self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
+
+    def _stub(self, address: str, server: str) -> pbg.BlobAsyncStub:
+        channel = self._channels.get((address, server))
+        if channel is None:
+            channel = self._channels[address, server] = open_channel(
+                address, self._settings, "head", server=server
+            )
+        return pbg.BlobStub(channel)
+
+    async def _stat(self, leader: str, sha256: str) -> None:
         try:
-            async for chunk in stub.Download(request):
-                yield chunk.data
+            await self._stub(leader, "head").Stat(
+                pb.BlobRef(sha256=sha256, holder=self.me), timeout=self._settings.rpc_timeout_s
+            )
         except grpc.aio.AioRpcError as err:
             raise to_error(err) from None
 
+    async def hello(self, leader: str) -> None:
+        await self._stat(leader, NO_BLOB)
+
+    async def hold(self, leader: str, sha256: str) -> None:
+        await self._stat(leader, sha256)
+
+    async def download(self, address: str, sha256: str, offset: int, *, head: bool) -> AsyncIterator[bytes]:
+        stub = self._stub(address, "head" if head else "scheduler")
+        request = pb.BlobDownloadRequest(sha256=sha256, offset=offset, scheduler_id=self.me)
+        async for data in _download(stub, request):
+            yield data
+
     async def aclose(self) -> None:
-        for channel in self._channels.values():
-            await channel.close(None)
-        self._channels.clear()
+        await _close(self._channels)
 
 
 UPLOAD_ATTEMPTS = 5

@@ -7,6 +7,10 @@ ones that have it), then the head; a source that fails or ends early is left for
 next, which continues from the bytes already written. When every source has failed it
 waits a little and asks again (a restarted head, a peer back), until no byte has come for
 ``give_up_s``. The bytes' hash is checked at the end.
+
+The head keeps which schedulers hold a blob in memory only, so a scheduler tells it again
+every blob its cache holds each time it registers (:class:`Announcer`): a restarted head,
+or a standby that took over, points peers at it again.
 """
 
 from __future__ import annotations
@@ -17,12 +21,13 @@ import logging
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from shoal.core.blobs import BlobRef
+from shoal.core.tasks import TaskSet
 from shoal.errors import FailedPrecondition, NotFound, ShoalError, Unavailable
 
 log = logging.getLogger("shoal.scheduler")
@@ -127,3 +132,36 @@ async def fetch(
         await source.hold(ref.sha256)
     except ShoalError as err:  # peers will not be pointed here; nothing else is lost
         log.info("could not tell the head this scheduler holds %s: %s", ref.uri, err)
+
+
+class Announcer:
+    """Tells the head every blob ``held()`` lists, one :meth:`BlobSource.hold` at a time,
+    after each registration (:meth:`registered`, called by the scheduler). A registration
+    that comes while it is telling starts it over; a failure ends the round (the next
+    registration tells again). Its task is its own: :meth:`aclose` ends it."""
+
+    def __init__(self, source: BlobSource, held: Callable[[], Iterable[str]]) -> None:
+        self._source = source
+        self._held = held
+        self._tasks = TaskSet("blob announcer")
+        self._round: asyncio.Task[None] | None = None
+
+    def registered(self) -> None:
+        if self._round is not None:
+            self._round.cancel()
+        self._round = self._tasks.spawn(self._tell(), "announce")
+
+    async def _tell(self) -> None:
+        told = 0
+        for sha256 in list(self._held()):
+            try:
+                await self._source.hold(sha256)
+            except ShoalError as err:
+                log.info("could not tell the head this scheduler holds sha256:%s: %s", sha256[:12], err)
+                return
+            told += 1
+        if told:
+            log.info("told the head this scheduler holds %d blob(s)", told)
+
+    async def aclose(self) -> None:
+        await self._tasks.aclose()

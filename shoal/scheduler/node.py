@@ -132,6 +132,7 @@ class SchedulerNode:
         )
         self._tasks = TaskSet(f"scheduler {scheduler_id}")
         self.registered = asyncio.Event()
+        self.on_registered: Callable[[], None] = lambda: None  # after each registration
         # One catalog and one door behind every ingress: statistics count every door.
         self.catalog = ModelCatalog(self.router, ready=self.registered.is_set, totals=self._totals)
         self.dataplane = DataPlane(self.router, self.catalog, settings)
@@ -192,6 +193,7 @@ class SchedulerNode:
                 interval = await self.head.register(reg) or self.settings.heartbeat_interval_s
                 log.info("registered with the head")
                 self.registered.set()
+                self.on_registered()
                 backoff = 0.1
                 while True:
                     version, reports = self.supervisor.reports()

@@ -1,0 +1,251 @@
+"""Standby heads keep a copy of every blob: an index in the shared store, and a mirror.
+
+The index: the leader lists every blob it holds whole in the store, ``blobs/<sha256>`` =
+``{"size": N}``: at once when an upload completes, and on every pass any it holds unlisted
+(blobs from before it led). It drops the entries of blobs it does not hold that no
+deployment or kept revision names (collected, or never acknowledged to their uploader).
+
+Every head on the etcd store runs a :class:`BlobMirror`. On a standby, each pass (every
+``every_s``) reads the index and fetches the blobs it lacks from the leader, resuming where
+its partial copy ends, through :meth:`BlobStore.receive` (so with an upload's checks: the
+size within ``max_blob_mb``, the sha256 at the end). Once a blob is whole it tells the
+leader (:meth:`HeadPeers.hold`); and every ``every_s`` it tells the leader it is there
+(:meth:`HeadPeers.hello`), so that the leader's uploads wait for its copy
+(``BlobStore.wait_for_standby``). On the leader (after a failover: the standby that took
+over), each pass fetches the listed blobs it still lacks from the schedulers that hold them
+(they tell a new leader what their caches hold when they register).
+
+At most ``concurrency`` fetches run at once; one that fails is tried again on a later pass,
+after a pause that doubles (up to a minute). A blob over this head's size limit is not
+fetched (logged once: give every head the same ``max_blob_mb``). Its loop and fetches run
+in a TaskSet of its own (:meth:`start`, :meth:`aclose`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol
+
+from shoal.core.blobs import HEX
+from shoal.core.tasks import TaskSet
+from shoal.errors import ShoalError
+from shoal.head.blobs import BlobStore
+from shoal.store.base import Store
+
+log = logging.getLogger("shoal.head")
+
+INDEX = "blobs/"
+"""The store's keys of the blob index: ``blobs/<sha256>``."""
+
+RETRY_MAX_S = 60.0
+
+
+class HeadPeers(Protocol):
+    """Where a head fetches blobs from (``shoal.rpc.blobs.GrpcHeadPeers``; fakes in tests).
+    Every method raises ShoalError when the other side fails."""
+
+    async def hello(self, leader: str) -> None:
+        """Tell the leader (its gRPC address) that this standby is there."""
+        ...
+
+    async def hold(self, leader: str, sha256: str) -> None:
+        """Tell the leader that this standby holds ``sha256`` whole."""
+        ...
+
+    def download(self, address: str, sha256: str, offset: int, *, head: bool) -> AsyncIterator[bytes]:
+        """The blob's bytes from ``offset``, from the head (``head``) or the scheduler at
+        ``address``."""
+        ...
+
+
+class BlobMirror:
+    """See the module's docstring.
+
+    ``leading()``: whether this head leads and has loaded its state; ``leader()``: the
+    leader's gRPC address while this head stands by (None when unknown); ``named()``: the
+    blobs the deployments and kept revisions name (asked only while leading); ``holders(sha)``:
+    the addresses of live schedulers holding a blob (asked only while leading).
+    """
+
+    def __init__(
+        self,
+        blobs: BlobStore,
+        store: Store,
+        peers: HeadPeers,
+        *,
+        leading: Callable[[], bool],
+        leader: Callable[[], str | None],
+        named: Callable[[], set[str]],
+        holders: Callable[[str], list[str]],
+        every_s: float = 0.5,
+        concurrency: int = 2,
+    ) -> None:
+        if every_s <= 0 or concurrency < 1:
+            raise ValueError("every_s must be > 0 and concurrency >= 1")
+        self.blobs = blobs
+        self.store = store
+        self.peers = peers
+        self._leading = leading
+        self._leader = leader
+        self._named = named
+        self._holders = holders
+        self.every_s = every_s
+        self._slots = asyncio.Semaphore(concurrency)
+        self._index: dict[str, int] = {}
+        self._index_at = -1.0  # monotonic time of the last good read of the index
+        self._fetching: dict[str, asyncio.Task[None]] = {}
+        self._failures: dict[str, tuple[int, float]] = {}  # blob -> (failures, retry after)
+        self._refused: set[str] = set()  # over this head's limit: not fetched
+        self._told = ""  # the leader last told every blob this standby holds
+        self._wake = asyncio.Event()
+        self._tasks = TaskSet("blob mirror")
+
+    def start(self) -> None:
+        self.blobs.on_whole = lambda sha256: self._wake.set()
+        self._tasks.spawn(self._loop(), "mirror")
+
+    async def aclose(self) -> None:
+        await self._tasks.aclose()
+
+    def listed(self) -> set[str] | None:
+        """The blobs the index lists, as last read; None when it has not been read lately
+        (a standby then collects nothing)."""
+        if time.monotonic() - self._index_at > 10 * self.every_s + 5:
+            return None
+        return set(self._index) | set(self._fetching)
+
+    # ------------------------------------------------------------ passes
+
+    async def _loop(self) -> None:
+        quiet = False
+        while True:
+            try:
+                await self.run_pass()
+                quiet = False
+            except ShoalError as err:
+                if not quiet:
+                    log.warning("blob mirror: %s (retrying)", err)
+                    quiet = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.every_s)
+            self._wake.clear()
+
+    async def run_pass(self) -> None:
+        """Read the index; as leader, bring it up to date; start fetching what this head
+        lacks; as a standby, tell the leader it is there. Raises ShoalError (the store)."""
+        self._index = await self._read_index()
+        self._index_at = time.monotonic()
+        have = self.blobs.whole()
+        leading = self._leading()
+        if leading:
+            await self._publish(have)
+        else:
+            await self._hello(have)
+        now = time.monotonic()
+        for sha256, size in self._index.items():
+            if sha256 in have or sha256 in self._fetching or sha256 in self._refused:
+                continue
+            if self._failures.get(sha256, (0, 0.0))[1] > now:
+                continue
+            if size > self.blobs.max_bytes:
+                log.error(
+                    "blob mirror: not copying sha256:%s: it is %d bytes, over this head's limit of %d MB "
+                    "(setting max_blob_mb: give every head the same)",
+                    sha256,
+                    size,
+                    self.blobs.max_bytes // 2**20,
+                )
+                self._refused.add(sha256)
+                continue
+            self._fetching[sha256] = self._tasks.spawn(self._fetch(sha256, size), f"fetch {sha256[:12]}")
+
+    async def settle(self) -> None:
+        """Return once the fetches started so far have ended."""
+        await asyncio.gather(*self._fetching.values(), return_exceptions=True)
+
+    async def _read_index(self) -> dict[str, int]:
+        index = {}
+        for entry in await self.store.list(INDEX):
+            sha256 = entry.key.removeprefix(INDEX)
+            try:
+                size = int(json.loads(entry.value)["size"])
+                if not HEX.match(sha256) or size < 0:
+                    raise ValueError("not a sha256 and a size")
+            except (ValueError, KeyError, TypeError) as err:
+                if sha256 not in self._refused:
+                    log.warning("blob index entry %r is unreadable (%s): skipped", entry.key, err)
+                    self._refused.add(sha256)
+                continue
+            index[sha256] = size
+        return index
+
+    async def _publish(self, have: set[str]) -> None:
+        for sha256 in sorted(have - self._index.keys()):
+            info = self.blobs.stat(sha256)
+            if info.complete:
+                await self.store.put(INDEX + sha256, json.dumps({"size": info.size}))
+                self._index[sha256] = info.size
+        named = self._named()
+        for sha256 in sorted(self._index.keys() - have - named - self._fetching.keys()):
+            # Held by no head and named by no deployment: collected, or an upload the old
+            # leader never acknowledged (its client sends it again).
+            await self.store.delete(INDEX + sha256)
+            del self._index[sha256]
+
+    async def _hello(self, have: set[str]) -> None:
+        leader = self._leader()
+        if not leader:
+            return
+        try:
+            await self.peers.hello(leader)
+            if self._told != leader:  # a new leader: tell it every copy this standby holds
+                for sha256 in sorted(have & self._index.keys()):
+                    await self.peers.hold(leader, sha256)
+                self._told = leader
+        except ShoalError as err:
+            log.debug("blob mirror: the leader at %s: %s", leader, err)
+
+    async def _fetch(self, sha256: str, size: int) -> None:
+        try:
+            async with self._slots:
+                await self._fetch_from_sources(sha256, size)
+        finally:
+            self._fetching.pop(sha256, None)
+
+    async def _fetch_from_sources(self, sha256: str, size: int) -> None:
+        leader = None if self._leading() else self._leader()
+        if leader:
+            sources = [(leader, True)]
+        else:
+            holders = self._holders(sha256) if self._leading() else []
+            random.shuffle(holders)
+            sources = [(h, False) for h in holders]
+        error = "no head or scheduler holds it now" if not sources else ""
+        for address, head in sources:
+            have = self.blobs.stat(sha256).have
+            try:
+                chunks = self.peers.download(address, sha256, have, head=head)
+                info = await self.blobs.receive(sha256, size, have, chunks)
+            except ShoalError as err:  # InvalidArgument too: bytes that are not the blob
+                error = f"{address}: {err}"
+                continue
+            if info.complete:
+                self._failures.pop(sha256, None)
+                log.info("blob mirror: copied sha256:%s (%d bytes) from %s", sha256[:12], size, address)
+                if leader:
+                    with contextlib.suppress(ShoalError):  # said again when the leader changes
+                        await self.peers.hold(leader, sha256)
+                return
+            error = f"{address} ended the stream at byte {info.have} of {size}"
+        failures = self._failures.get(sha256, (0, 0.0))[0] + 1
+        pause = min(RETRY_MAX_S, self.every_s * 2**failures)
+        self._failures[sha256] = (failures, time.monotonic() + pause)
+        log.warning(
+            "blob mirror: sha256:%s not copied (%s); trying again in %.1fs", sha256[:12], error, pause
+        )

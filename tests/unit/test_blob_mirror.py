@@ -1,0 +1,229 @@
+"""Standby heads keep a copy of every blob (shoal.head.blob_mirror), the leader's upload
+waits for one, and a scheduler tells each head it registers with which blobs it holds.
+
+No sockets: a MemoryStore for the shared store, BlobStores on tmp folders, fake peers."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from shoal.errors import NotFound, Unavailable
+from shoal.head.blob_mirror import INDEX, BlobMirror
+from shoal.head.blobs import BlobStore, standby_holder
+from shoal.scheduler.blob_fetch import Announcer, Located
+from shoal.store import MemoryStore
+
+pytestmark = pytest.mark.timeout(10)
+
+DATA = os.urandom(10_000)
+SHA = hashlib.sha256(DATA).hexdigest()
+ME = standby_holder("standby:1")
+
+
+async def chunks_of(data: bytes) -> AsyncIterator[bytes]:
+    for i in range(0, len(data), 1000):
+        yield data[i : i + 1000]
+
+
+class FakePeers:
+    """The leader's and schedulers' blobs by address; what the standby told the leader."""
+
+    def __init__(self) -> None:
+        self.blobs: dict[str, dict[str, bytes]] = {}
+        self.fail_after: dict[str, int] = {}  # address -> the stream drops at this byte
+        self.calls: list[tuple[str, int, bool]] = []
+        self.hellos: list[str] = []
+        self.held: list[tuple[str, str]] = []
+
+    async def hello(self, leader: str) -> None:
+        self.hellos.append(leader)
+
+    async def hold(self, leader: str, sha256: str) -> None:
+        self.held.append((leader, sha256))
+
+    async def download(self, address: str, sha256: str, offset: int, *, head: bool) -> AsyncIterator[bytes]:
+        self.calls.append((address, offset, head))
+        data = self.blobs.get(address, {}).get(sha256)
+        if data is None:
+            raise NotFound(f"{address} has no blob sha256:{sha256}")
+        stop = self.fail_after.pop(address, len(data))
+        for i in range(offset, len(data), 1000):
+            if i >= stop:
+                raise Unavailable(f"{address} died")
+            yield data[i : i + 1000]
+
+
+class Head:
+    """One head's view for a mirror: whether it leads, whom it follows, what it names."""
+
+    def __init__(self) -> None:
+        self.leading = False
+        self.leader: str | None = "leader:1"
+        self.named: set[str] = set()
+        self.holders: dict[str, list[str]] = {}
+
+    def mirror(self, blobs: BlobStore, store: MemoryStore, peers: FakePeers) -> BlobMirror:
+        return BlobMirror(
+            blobs,
+            store,
+            peers,
+            leading=lambda: self.leading,
+            leader=lambda: None if self.leading else self.leader,
+            named=lambda: self.named,
+            holders=lambda sha256: list(self.holders.get(sha256, [])),
+        )
+
+
+def blob_store(root: Path, max_bytes: int = 1_000_000) -> BlobStore:
+    return BlobStore(root, max_bytes=max_bytes, grace_s=100.0)
+
+
+async def test_the_leader_lists_what_it_holds_and_a_standby_copies_it_resuming_and_tells_the_leader(
+    tmp_path: Path,
+) -> None:
+    store = MemoryStore()
+    leader_blobs = blob_store(tmp_path / "leader")
+    await leader_blobs.receive(SHA, len(DATA), 0, chunks_of(DATA))
+    leader = Head()
+    leader.leading = True
+    await leader.mirror(leader_blobs, store, FakePeers()).run_pass()
+    assert [(e.key, json.loads(e.value)) for e in await store.list(INDEX)] == [
+        (INDEX + SHA, {"size": len(DATA)})
+    ]
+
+    peers = FakePeers()
+    peers.blobs["leader:1"] = {SHA: DATA}
+    peers.fail_after["leader:1"] = 4000
+    standby_blobs = blob_store(tmp_path / "standby")
+    mirror = Head().mirror(standby_blobs, store, peers)
+    await mirror.run_pass()  # the stream drops at byte 4000
+    await mirror.settle()
+    assert standby_blobs.stat(SHA).have == 4000 and not standby_blobs.stat(SHA).complete
+    mirror._failures.clear()  # skip the pause before the next try
+    await mirror.run_pass()
+    await mirror.settle()
+    assert (tmp_path / "standby" / SHA).read_bytes() == DATA
+    assert peers.calls == [("leader:1", 0, True), ("leader:1", 4000, True)]
+    assert ("leader:1", SHA) in peers.held and peers.hellos
+    assert mirror.listed() == {SHA}  # what a standby keeps from collection
+
+
+async def test_a_standby_keeps_no_bytes_that_are_not_the_blob_and_skips_one_over_its_limit(
+    tmp_path: Path,
+) -> None:
+    store = MemoryStore()
+    big = "b" * 64
+    await store.put(INDEX + SHA, json.dumps({"size": len(DATA)}))
+    await store.put(INDEX + big, json.dumps({"size": 2_000_000}))
+    await store.put(INDEX + "not-a-hash", "{}")
+    peers = FakePeers()
+    peers.blobs["leader:1"] = {SHA: DATA[:-1] + b"?"}
+    standby_blobs = blob_store(tmp_path / "standby")
+    mirror = Head().mirror(standby_blobs, store, peers)
+    await mirror.run_pass()
+    await mirror.settle()
+    assert not standby_blobs.stat(SHA).complete and standby_blobs.stat(SHA).have == 0
+    assert [c[0] for c in peers.calls] == ["leader:1"]  # never asked for the big one
+    assert peers.held == [] and mirror._failures[SHA][0] == 1
+
+
+async def test_after_a_takeover_the_leader_fetches_a_listed_blob_from_a_scheduler_and_drops_dead_entries(
+    tmp_path: Path,
+) -> None:
+    store = MemoryStore()
+    dead = "d" * 64  # listed, held by nobody, named by nothing: collected, or never acknowledged
+    await store.put(INDEX + SHA, json.dumps({"size": len(DATA)}))
+    await store.put(INDEX + dead, json.dumps({"size": 10}))
+    peers = FakePeers()
+    peers.blobs["sched:2"] = {SHA: DATA}
+    head = Head()
+    head.leading = True
+    head.named = {SHA}
+    head.holders = {SHA: ["sched:1", "sched:2"]}
+    peers.blobs["sched:1"] = {}
+    blobs = blob_store(tmp_path / "new-leader")
+    mirror = head.mirror(blobs, store, peers)
+    await mirror.run_pass()
+    await mirror.settle()
+    assert (tmp_path / "new-leader" / SHA).read_bytes() == DATA
+    assert {c[0] for c in peers.calls} <= {"sched:1", "sched:2"} and not any(c[2] for c in peers.calls)
+    assert [e.key for e in await store.list(INDEX)] == [INDEX + SHA]
+    assert peers.hellos == []  # a leader tells nobody
+
+
+async def test_an_upload_waits_for_a_live_standby_copy_and_not_without_standbys(tmp_path: Path) -> None:
+    blobs = blob_store(tmp_path / "leader")
+    await blobs.receive(SHA, len(DATA), 0, chunks_of(DATA))
+    assert await blobs.wait_for_standby(SHA, 5)  # no standby said it is there
+    blobs.standby_seen(ME)
+    assert not await blobs.wait_for_standby(SHA, 0.05)
+    waiting = asyncio.ensure_future(blobs.wait_for_standby(SHA, 5))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    blobs.add_holder(SHA, ME)
+    assert await waiting
+
+
+async def test_a_blob_being_read_is_not_collected(tmp_path: Path) -> None:
+    blobs = blob_store(tmp_path / "leader")
+    await blobs.receive(SHA, len(DATA), 0, chunks_of(DATA))
+    reading = blobs.read(SHA, 0)
+    first = await anext(reading)
+    assert await blobs.collect(set(), now=1e12) == []  # unnamed for ages, but a standby reads it
+    rest = b"".join([c async for c in reading])
+    assert first + rest == DATA
+    assert await blobs.collect(set(), now=1e12) == [SHA]
+
+
+class FakeHead:
+    """Records each hold; ``attempts`` counts the tries, failed ones too."""
+
+    def __init__(self) -> None:
+        self.held: list[str] = []
+        self.attempts = 0
+        self.down = False
+        self.called = asyncio.Condition()
+
+    async def locate(self, sha256: str) -> Located:
+        raise AssertionError("not asked")
+
+    async def hold(self, sha256: str) -> None:
+        async with self.called:
+            self.attempts += 1
+            self.called.notify_all()
+        if self.down:
+            raise Unavailable("the head is down")
+        self.held.append(sha256)
+
+    def download(self, address: str, sha256: str, offset: int) -> AsyncIterator[bytes]:
+        raise AssertionError("not asked")
+
+    async def wait_attempts(self, n: int) -> None:
+        async with asyncio.timeout(5), self.called:
+            await self.called.wait_for(lambda: self.attempts >= n)
+
+
+async def test_a_scheduler_tells_each_head_it_registers_with_every_blob_it_holds() -> None:
+    head = FakeHead()
+    cache = ["a" * 64, "b" * 64]
+    announcer = Announcer(head, lambda: cache)
+    try:
+        announcer.registered()
+        await head.wait_attempts(2)
+        assert head.held == cache
+        head.down = True
+        announcer.registered()  # the head fails: the round ends at its first blob
+        await head.wait_attempts(3)
+        head.down = False
+        announcer.registered()  # registered again (a new leader): told again, all of them
+        await head.wait_attempts(5)
+        assert head.held == cache + cache and head.attempts == 5
+    finally:
+        await announcer.aclose()
