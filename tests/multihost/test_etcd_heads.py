@@ -1,6 +1,12 @@
-"""Heads on etcd across hosts (issue 16): the leading head is cut from etcd, but not from the
-scheduler. It must stop acting (it cannot renew its lease) and exit; the standby on another
-host leads, adopts the running replicas, and no request fails.
+"""Heads on etcd across hosts (issue 16): the leading head is cut from etcd but not from the
+scheduler, or from the scheduler but not from etcd.
+
+Cut from etcd, the leader must stop acting (it cannot renew its lease) and exit; the standby
+on another host leads, adopts the running replicas, and no request fails. Cut from the
+scheduler, the leader keeps its lease (it reaches etcd): nothing moves the leadership, the
+standby goes on refusing, the scheduler serves from its last routing table, and once the
+partition heals the scheduler registers again with the replicas it ran and a deploy made
+meanwhile is carried out.
 
 Hosts: etcd on host 0, head A on host 1, head B on host 2, the scheduler on host 3.
 """
@@ -8,8 +14,12 @@ Hosts: etcd on host 0, head A on host 1, head B on host 2, the scheduler on host
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import time
 import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +27,7 @@ import pytest
 
 from shoal.config import Settings
 from shoal.core.spec import parse_spec
-from shoal.errors import ShoalError
+from shoal.errors import ShoalError, Unavailable
 from shoal.rpc.clients import ControlClient, send_request
 from shoal.run import LOST_LEADERSHIP_EXIT
 from shoal.testing.cluster import FAST
@@ -30,9 +40,21 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(120)]
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
-async def test_the_leader_cut_from_etcd_stops_and_the_standby_takes_over(
-    netns_ready: None, tmp_path: Path
-) -> None:
+@dataclass
+class Setup:
+    hosts: Hosts
+    a: NsComponent
+    b: NsComponent
+    sched: NsComponent
+    heads: str  # "a,b": what the scheduler and the control client are given
+    settings: Settings
+    before: list[tuple[str, int]]  # echo's replicas: (id, pid)
+
+
+@contextlib.asynccontextmanager
+async def two_heads_and_a_scheduler(tmp_path: Path) -> AsyncIterator[Setup]:
+    """etcd, head A (it leads: it starts alone), head B (standing by) and a scheduler given
+    both, each on a host of its own; ``echo`` applied, its 2 replicas READY."""
     require_etcd()
     env = {
         **os.environ,
@@ -53,64 +75,140 @@ async def test_the_leader_cut_from_etcd_stops_and_the_standby_takes_over(
             b = NsComponent(
                 "head_b", ["head", "--port", "0", "--http-port", "0", *store], tmp_path / "b", env, b_host
             )
-            await asyncio.to_thread(a.start, ("head", "head_http"))
-            client = ControlClient(a.endpoints["head"], settings)
+            sched: NsComponent | None = None
             try:
-                await client.status()  # alone, it leads
+                await asyncio.to_thread(a.start, ("head", "head_http"))
+                client = ControlClient(a.endpoints["head"], settings)
+                try:
+                    await client.status()  # alone, it leads
+                finally:
+                    await client.close()
+                await asyncio.to_thread(b.start, ("head", "head_http"))
+                heads = f"{a.endpoints['head']},{b.endpoints['head']}"
+                sched = NsComponent(
+                    "scheduler",
+                    ["--head", heads, "scheduler", "--grpc-port", "0", "--http-port", "0"],
+                    tmp_path / "scheduler",
+                    env,
+                    sched_host,
+                )
+                await asyncio.to_thread(sched.start, ("scheduler", "scheduler_http"))
+                client = ControlClient(heads, settings)
+                try:
+                    await client.apply(parse_spec(echo_spec("echo", 2, EXAMPLES)))
+                    before = await wait_ready(client, "echo", 2, timeout_s=60)
+                finally:
+                    await client.close()
+                yield Setup(hosts, a, b, sched, heads, settings, before)
             finally:
-                await client.close()
-            await asyncio.to_thread(b.start, ("head", "head_http"))
-            heads = f"{a.endpoints['head']},{b.endpoints['head']}"
-            sched = NsComponent(
-                "scheduler",
-                ["--head", heads, "scheduler", "--grpc-port", "0", "--http-port", "0"],
-                tmp_path / "scheduler",
-                env,
-                sched_host,
-            )
-            await asyncio.to_thread(sched.start, ("scheduler", "scheduler_http"))
-            client = ControlClient(heads, settings)
-            try:
-                await client.apply(parse_spec(echo_spec("echo", 2, EXAMPLES)))
-                before = await wait_ready(client, "echo", 2, timeout_s=60)
-
-                ok = 0
-                errors: list[str] = []
-                stop = asyncio.Event()
-                x = np.ones((1, 16), dtype=np.float32)
-
-                async def infer() -> None:
-                    nonlocal ok
-                    while not stop.is_set():
-                        try:
-                            await send_request(
-                                sched.endpoints["scheduler"], "echo", {"x": x}, settings, timeout_s=10
-                            )
-                            ok += 1
-                        except ShoalError as err:
-                            errors.append(repr(err))
-
-                async with asyncio.TaskGroup() as tg:
-                    for _ in range(3):
-                        tg.create_task(infer())
-                    async with asyncio.timeout(20):
-                        while ok < 30:
-                            await asyncio.sleep(0.05)
-                    hosts.partition(a_host, etcd_host)  # A still reaches the scheduler
-                    # A cannot renew its lease: it stops acting and exits ...
-                    assert await asyncio.to_thread(a.wait, 60) == LOST_LEADERSHIP_EXIT
-                    assert "leadership lost" in a.log.read_text()
-                    # ... and B leads, with the replicas that ran: no more, no fewer, the same ones.
-                    # (A deploy after the failover: tests/integration/test_standby_heads.py.)
-                    assert await wait_ready(client, "echo", 2, timeout_s=60) == before
-                    seen = ok
-                    async with asyncio.timeout(20):
-                        while ok < seen + 30:
-                            await asyncio.sleep(0.05)
-                    stop.set()
-                assert errors == []
-            finally:
-                await client.close()
                 hosts.heal_all()
                 for comp in (sched, b, a):
-                    comp.kill_all()
+                    if comp is not None:
+                        comp.kill_all()
+
+
+class Load:
+    """Three callers in a closed loop on the scheduler's native SendRequest."""
+
+    def __init__(self, setup: Setup) -> None:
+        self.address = setup.sched.endpoints["scheduler"]
+        self.settings = setup.settings
+        self.ok = 0
+        self.errors: list[str] = []
+        self.stop = asyncio.Event()
+
+    async def start(self, tg: asyncio.TaskGroup) -> None:
+        """Start the callers in ``tg``; return once 30 requests succeeded."""
+        for _ in range(3):
+            tg.create_task(self.call())
+        await self.more()
+
+    async def call(self) -> None:
+        x = np.ones((1, 16), dtype=np.float32)
+        while not self.stop.is_set():
+            try:
+                await send_request(self.address, "echo", {"x": x}, self.settings, timeout_s=10)
+                self.ok += 1
+            except ShoalError as err:
+                self.errors.append(repr(err))
+
+    async def more(self, n: int = 30, timeout_s: float = 20) -> None:
+        """Wait until ``n`` more requests succeeded."""
+        seen = self.ok
+        async with asyncio.timeout(timeout_s):
+            while self.ok < seen + n:
+                await asyncio.sleep(0.05)
+
+
+async def test_the_leader_cut_from_etcd_stops_and_the_standby_takes_over(
+    netns_ready: None, tmp_path: Path
+) -> None:
+    async with two_heads_and_a_scheduler(tmp_path) as setup:
+        hosts, a = setup.hosts, setup.a
+        client = ControlClient(setup.heads, setup.settings)
+        try:
+            load = Load(setup)
+            async with asyncio.TaskGroup() as tg:
+                await load.start(tg)
+                hosts.partition(a.host, hosts[0])  # A still reaches the scheduler
+                # A cannot renew its lease: it stops acting and exits ...
+                assert await asyncio.to_thread(a.wait, 60) == LOST_LEADERSHIP_EXIT
+                assert "leadership lost" in a.log.read_text()
+                # ... and B leads, with the replicas that ran: no more, no fewer, the same ones.
+                # (A deploy after the failover: tests/integration/test_standby_heads.py.)
+                assert await wait_ready(client, "echo", 2, timeout_s=60) == setup.before
+                await load.more()
+                load.stop.set()
+            assert load.errors == []
+        finally:
+            await client.close()
+
+
+async def test_the_leader_cut_from_the_scheduler_keeps_leading_and_a_deploy_waits_for_the_heal(
+    netns_ready: None, tmp_path: Path
+) -> None:
+    async with two_heads_and_a_scheduler(tmp_path) as setup:
+        hosts, a, b, sched = setup.hosts, setup.a, setup.b, setup.sched
+        client = ControlClient(setup.heads, setup.settings)
+        standby = ControlClient(b.endpoints["head"], setup.settings)
+        try:
+            load = Load(setup)
+            async with asyncio.TaskGroup() as tg:
+                await load.start(tg)
+                cut = time.monotonic()
+                hosts.partition(a.host, sched.host)  # A still reaches etcd (and B)
+
+                # A keeps its lease and, after dead_after_s without health updates, takes the
+                # scheduler for dead; B goes on standing by: one head acts, never two.
+                async with asyncio.timeout(30):
+                    while (await client.status()).schedulers[0].state != "DEAD":
+                        await asyncio.sleep(0.1)
+                dead_after = time.monotonic() - cut
+                with pytest.raises(Unavailable, match="stands by"):
+                    await standby.status()
+                # A deploy meanwhile is accepted (the leader reaches etcd) and waits: no
+                # scheduler is alive to place the third replica on.
+                await client.scale("echo", 3)
+                # The scheduler serves from its last table all along.
+                await load.more()
+
+                hosts.heal(a.host, sched.host)
+                healed = time.monotonic()
+                # The scheduler registers again with the replicas it ran (the same ones, not
+                # replaced), and the deploy made during the partition is carried out.
+                after = await wait_ready(client, "echo", 3, timeout_s=60)
+                deployed = time.monotonic() - healed
+                assert set(setup.before) <= set(after)
+                await load.more()
+                load.stop.set()
+            assert a.proc is not None and a.proc.poll() is None  # A never stopped leading
+            assert "leadership lost" not in a.log.read_text()
+            assert load.errors == []
+            print(
+                f"\nleader cut from the scheduler: {load.ok} requests, 0 failed; scheduler DEAD "
+                f"at the leader after {dead_after:.1f} s; after the heal, the deploy made "
+                f"meanwhile READY after {deployed:.1f} s"
+            )
+        finally:
+            await standby.close()
+            await client.close()
