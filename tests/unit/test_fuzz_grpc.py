@@ -174,7 +174,7 @@ tasks = st.builds(
     inputs=st.lists(tensors(), max_size=3),
     timeout_s=st.floats() | st.sampled_from([0.0, 5.0, -1.0, 1e300]),
     tag=st.integers(-(2**63), 2**63 - 1),
-    model_id=st.sampled_from(["", "m1"]),
+    model_id=st.sampled_from(["", "m1", "m2", "m3"]) | _texts,
 )
 
 # ---------------------------------------------------------------- the servers
@@ -183,6 +183,9 @@ ECHO_MODEL = """
 class Echo:
     def predict(self, inputs):
         return dict(inputs)
+
+    def load_model(self, model_id):
+        return Echo()
 """
 
 
@@ -259,6 +262,7 @@ class Servers:
     worker: grpc.aio.Channel
     replica: Replica
     generator: Replica
+    multiplexed: Replica
     echo_doc: dict[str, Any]
 
     def run(self, coro: Any) -> Any:
@@ -348,6 +352,9 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
             grpc.aio.insecure_channel(f"127.0.0.1:{worker_port}"),
             await Replica.start(config, echo_doc),
             await Replica.start(config, generator_doc),
+            await Replica.start(
+                config, {**echo_doc, "name": "mux", "multiplexing": {"max_models_per_replica": 2}}
+            ),
             echo_doc,
         )
         return servers, [head_server, sched_server, worker_server, following, node, router, sched]
@@ -361,6 +368,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
         loop.run_until_complete(server.stop(None))
     loop.run_until_complete(s.replica.aclose())
     loop.run_until_complete(s.generator.aclose())
+    loop.run_until_complete(s.multiplexed.aclose())
     following.cancel()
     loop.run_until_complete(asyncio.gather(following, return_exceptions=True))
     loop.run_until_complete(sched.aclose())
@@ -502,13 +510,15 @@ def test_replica_drain(servers: Servers, doc: dict[str, Any]) -> None:
         servers.run(replica.aclose())
 
 
+@pytest.mark.parametrize("which", ["replica", "multiplexed"])
 @FUZZ
 @given(batch=st.lists(tasks, min_size=1, max_size=4))
-def test_replica_tasks(servers: Servers, batch: list[pb.Task]) -> None:
-    """Tasks whose tensors mostly decode, to the echo replica: alone (PushTask), then together
-    on the data stream (PushTasks), where the batcher sees them at once. Each is answered,
-    once, with its outputs or a clear error; the replica keeps running."""
-    replica = servers.replica
+def test_replica_tasks(servers: Servers, which: str, batch: list[pb.Task]) -> None:
+    """Tasks whose tensors mostly decode, to the echo replica (and to one that multiplexes
+    model ids, two loaded at most): alone (PushTask), then together on the data stream
+    (PushTasks), where the batcher sees them at once. Each is answered, once, with its
+    outputs or a clear error; the replica keeps running."""
+    replica = getattr(servers, which)
     stub = pbg.ReplicaStub(replica.channel)
 
     async def alone(task: pb.Task) -> None:
