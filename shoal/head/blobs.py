@@ -227,7 +227,10 @@ class BlobStore:
 
     def standby_seen(self, holder: str) -> None:
         """The standby head ``holder`` (a :func:`standby_holder`) says it is there."""
-        self._standbys[holder] = time.monotonic()
+        now = time.monotonic()
+        if now - self._standbys.get(holder, -STANDBY_ALIVE_S - 1) > STANDBY_ALIVE_S:
+            log.info("%s keeps copies of the blobs: uploads wait for its copy", holder.removeprefix(STANDBY))
+        self._standbys[holder] = now
         self._notify()
 
     def _live_standbys(self) -> set[str]:
