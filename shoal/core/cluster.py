@@ -222,6 +222,9 @@ class _StartFailures:
 class ClusterState:
     clock: Clock
     dead_after_s: float = 5.0
+    # How far behind the head is in reading health updates (``Backlog``): a scheduler is
+    # dead after dead_after_s of silence plus this, not for the head's own lateness.
+    late_s: float = 0.0
     # A DEAD scheduler silent this long is forgotten (0: never).
     forget_after_s: float = 3600.0
     schedulers: dict[str, SchedulerRecord] = field(default_factory=dict)
@@ -305,7 +308,7 @@ class ClusterState:
         return True
 
     def expire(self) -> list[str]:
-        """Mark schedulers silent for ``dead_after_s`` DEAD; returns their ids. DEAD
+        """Mark schedulers silent for ``dead_after_s`` (plus ``late_s``) DEAD; returns their ids. DEAD
         schedulers silent for ``forget_after_s`` are forgotten."""
         now = self.clock.now()
         dead = []
@@ -322,7 +325,7 @@ class ClusterState:
                 scheduler_id=sched.id,
             )
         for sched in self.schedulers.values():
-            if sched.state == ALIVE and now - sched.last_seen > self.dead_after_s:
+            if sched.state == ALIVE and now - sched.last_seen > self.dead_after_s + self.late_s:
                 sched.state = DEAD
                 dead.append(sched.id)
                 lost = self.replicas.on(sched.id)
@@ -689,6 +692,39 @@ class ClusterState:
                 scheduler_id=scheduler_id,
             )
         )
+
+
+class Backlog:
+    """How far behind the head is in reading health updates, from the deadlines they carry.
+
+    A scheduler gives each health update the same timeout; the time left of it when the head
+    reads the update, against the most ever left on one of that scheduler's updates, is how
+    long the update waited in the head (its own backlog, not the network). A head short of
+    CPU would otherwise take its own lateness for silent schedulers, declare them dead, and
+    the re-registrations and replacements that follow would put it further behind
+    (bench/scale.py at 1,000 schedulers on a busy machine). ``behind`` is the most any update
+    read in the last ``window_s`` waited (or the last one, when none was read since)."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self._full: dict[str, float] = {}  # scheduler -> the most time ever left on its updates
+        self._seen: deque[tuple[float, float]] = deque()  # (read at, waited)
+
+    def observe(self, scheduler_id: str, left_s: float, now: float) -> None:
+        full = max(self._full.get(scheduler_id, 0.0), left_s)
+        self._full[scheduler_id] = full
+        waited = full - left_s
+        while self._seen and self._seen[-1][1] <= waited:
+            self._seen.pop()  # a smaller wait read earlier never counts again
+        self._seen.append((now, waited))
+
+    def behind(self, now: float) -> float:
+        while len(self._seen) > 1 and now - self._seen[0][0] > self.window_s:
+            self._seen.popleft()
+        return self._seen[0][1] if self._seen else 0.0
+
+    def forget(self, scheduler_id: str) -> None:
+        self._full.pop(scheduler_id, None)
 
 
 class _Index:

@@ -33,6 +33,7 @@ from shoal.core.clock import Clock, SystemClock, sleep_or_event
 from shoal.core.cluster import (
     ALIVE,
     Action,
+    Backlog,
     ClusterState,
     CreateReplica,
     RemoveReplica,
@@ -69,6 +70,8 @@ ROUTES_GAP_PER_STREAM_S = 0.0005
 """Sending one table version to one stream costs the head about 40 µs (grpc.aio): at 0.5 ms a
 stream between wakes, pushing tables takes under a tenth of a core however many schedulers
 watch (1,000: a wake every 0.5 s at most)."""
+LATE_WARNING_S = 1.0
+"""Health updates waiting this long in the head before it reads them are logged (once)."""
 RECONCILE_REST_MAX_S = 1.0
 """The most the reconcile loop rests after a pass (twice the time it held the lock)."""
 
@@ -137,6 +140,7 @@ class HeadNode:
         # have had dead_after_s to register again with the replicas they run.
         self._adopt_until = 0.0
         self._held_s = 0.0  # how long the last reconcile pass held the lock
+        self._backlog = Backlog(window_s=settings.dead_after_s)
         self.autoscaler = Autoscaler(self.clock)
         self._loads: dict[str, dict[str, LoadReport]] = {}  # scheduler -> deployment -> load
         self.series = SeriesRecorder()
@@ -252,7 +256,12 @@ class HeadNode:
         registry_version: int,
         reports: list[ReplicaReport],
         load: Mapping[str, LoadReport] | None = None,
+        deadline_left_s: float | None = None,
     ) -> bool:
+        """Apply a scheduler's health update; False (NACK) when the scheduler is unknown or
+        dead. ``deadline_left_s``: the time left of the update's deadline when the head reads
+        it (see ``Backlog``): how late the head is gives schedulers that much longer before
+        they are declared dead."""
         async with self.lock:
             # What an update can change is its scheduler's replicas: compare those only (all
             # of the cluster's, at every update from every scheduler, was quadratic).
@@ -260,6 +269,8 @@ class HeadNode:
             ack = self.state.health(scheduler_id, registry_version, reports)
             after = {_route_key(r) for r in self.state.replicas.on(scheduler_id)}
             if ack:
+                if deadline_left_s is not None:
+                    self._backlog.observe(scheduler_id, deadline_left_s, self.clock.now())
                 self._loads[scheduler_id] = dict(load or {})
                 self.series.record(
                     self.clock.now(),
@@ -579,6 +590,14 @@ class HeadNode:
         async with self.lock:
             locked = time.perf_counter()
             self._refresh_resources()
+            late = self._backlog.behind(self.clock.now())
+            if late > LATE_WARNING_S >= self.state.late_s:
+                log.warning(
+                    "health updates wait %.1fs in this head before it reads them (it is short of "
+                    "CPU): schedulers get that much longer before they are declared dead",
+                    late,
+                )
+            self.state.late_s = late
             wait = self._adopt_until - self.clock.now()
             if wait > 0:
                 # Autoscaling targets wait too: afterwards they start from what runs.
@@ -607,6 +626,7 @@ class HeadNode:
                     await self._clients.pop(sid)[1].close()
             for sid in [s for s in self._loads if s not in self.state.schedulers]:
                 del self._loads[sid]  # forgotten
+                self._backlog.forget(sid)
             self._held_s = time.perf_counter() - locked
         if actions:
             await asyncio.gather(*(self._act(a) for a in actions))

@@ -58,6 +58,7 @@ class HeadService(pbg.HeadServicer):
                 name: LoadReport(d.in_flight, d.queued, d.requests, d.errors, tuple(d.latency_buckets))
                 for name, d in request.load.items()
             },
+            deadline_left_s=context.time_remaining(),
         )
         return pb.HealthReply(ack=ack)
 

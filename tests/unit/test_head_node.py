@@ -282,6 +282,43 @@ async def test_a_silent_scheduler_is_declared_dead_and_must_register_again(
     assert await head.scheduler_health(sid, client.registry_version, []) is False
 
 
+async def test_a_head_behind_in_reading_health_updates_gives_schedulers_that_much_longer(
+    head: HeadNode, clock: FakeClock
+) -> None:
+    """A head short of CPU read updates late, took its own lateness for silent schedulers and
+    declared them dead (bench/scale.py at 1,000 schedulers on a busy machine). The deadline
+    an update carries says how long it waited in the head."""
+    await join(head, "s1")
+    assert await head.scheduler_health("s1", 1, [], deadline_left_s=5.0)  # read at once
+    clock.advance(1)
+    assert await head.scheduler_health("s1", 1, [], deadline_left_s=2.0)  # waited 3 s in the head
+
+    clock.advance(5.5)  # silent for 5.5 s: past dead_after_s (5), not past 5 + 3
+    await head.reconcile_once()
+    assert head.state.schedulers["s1"].state == "ALIVE"
+
+    clock.advance(3)  # 8.5 s
+    await head.reconcile_once()
+    assert head.state.schedulers["s1"].state == "DEAD"
+    assert await head.scheduler_health("s1", 1, [], deadline_left_s=5.0) is False
+
+
+async def test_a_head_that_caught_up_declares_silent_schedulers_dead_after_dead_after_s(
+    head: HeadNode, clock: FakeClock
+) -> None:
+    await join(head, "s1")
+    await join(head, "s2")
+    assert await head.scheduler_health("s1", 1, [], deadline_left_s=5.0)
+    assert await head.scheduler_health("s1", 1, [], deadline_left_s=1.0)  # 4 s late, once
+    for _ in range(6):  # s2 goes on, its updates read at once: the head caught up
+        clock.advance(1)
+        assert await head.scheduler_health("s2", 1, [], deadline_left_s=5.0)
+        await head.reconcile_once()
+
+    assert head.state.schedulers["s1"].state == "DEAD"  # 6 s silent, 5 s allowed again
+    assert head.state.schedulers["s2"].state == "ALIVE"
+
+
 # ------------------------------------------------------------------ routes
 
 
