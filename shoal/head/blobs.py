@@ -106,6 +106,10 @@ STANDBY_ALIVE_S = 5.0
 """A standby that has not said it is there for this long is not waited for."""
 
 
+MAX_STANDBYS = 16
+"""Standby heads counted at once; more are not waited for."""
+
+
 def standby_wait_s(size: int) -> float:
     """How long an upload of ``size`` bytes waits for a standby's copy before it answers
     anyway: 30 s, and a second per 50 MB."""
@@ -228,7 +232,10 @@ class BlobStore:
     def standby_seen(self, holder: str) -> None:
         """The standby head ``holder`` (a :func:`standby_holder`) says it is there."""
         now = time.monotonic()
-        if now - self._standbys.get(holder, -STANDBY_ALIVE_S - 1) > STANDBY_ALIVE_S:
+        self._standbys = {h: t for h, t in self._standbys.items() if now - t <= STANDBY_ALIVE_S}
+        if holder not in self._standbys:
+            if len(self._standbys) >= MAX_STANDBYS:
+                return
             log.info("%s keeps copies of the blobs: uploads wait for its copy", holder.removeprefix(STANDBY))
         self._standbys[holder] = now
         self._notify()

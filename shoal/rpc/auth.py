@@ -139,6 +139,11 @@ def peer_host(context: Context) -> str:
     return rest.rpartition(":")[0] or rest
 
 
+def is_peer(context: Context, role: str) -> bool:
+    """Whether the caller holds ``role``'s certificate (never, without TLS)."""
+    return common_name(role) in _peer_names(context)
+
+
 def _peer_names(context: Context) -> list[str]:
     names = context.auth_context().get("x509_common_name", [])
     return [n.decode(errors="replace") if isinstance(n, bytes) else str(n) for n in names]

@@ -18,11 +18,19 @@ import grpc.aio
 
 from shoal.config import Settings
 from shoal.core.blobs import CHUNK, Packed, read_chunks
-from shoal.errors import FailedPrecondition, InvalidArgument, NotFound, ShoalError, Unavailable
+from shoal.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ShoalError,
+    Unavailable,
+)
 from shoal.head.blobs import NO_BLOB, STANDBY, BlobInfo, BlobStore, holder_addresses, standby_wait_s
 from shoal.head.node import HeadNode
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
+from shoal.rpc.auth import is_peer
 from shoal.rpc.channels import open_channel
 from shoal.rpc.clients import auth_metadata, head_addresses
 from shoal.rpc.status import Context, abort, to_error
@@ -84,6 +92,12 @@ class HeadBlobService(pbg.BlobServicer):
     async def Stat(self, request: pb.BlobRef, context: Context) -> pb.BlobStat:
         try:
             info = self.store.stat(request.sha256)
+            if (
+                request.holder.startswith(STANDBY)
+                and self.node.settings.tls_dir
+                and not is_peer(context, "head")
+            ):
+                raise PermissionDenied("only a head's certificate may speak for a standby head")
         except ShoalError as err:
             await abort(context, err)
         if request.holder.startswith(STANDBY) and not info.complete:

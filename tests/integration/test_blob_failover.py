@@ -6,30 +6,52 @@ Real processes: a 3-member etcd on loopback, two ``shoal head`` on it, scheduler
 copy; the leader is killed -9; the standby leads, learns again which scheduler holds the
 blob (the scheduler tells it on registering), and a new scheduler with an empty cache
 serves the model, fetched from the new leader.
+
+And over real gRPC with mutual TLS, in one process: a standby's calls with the head's
+certificate (it is there, it fetches, it holds), the upload waiting for them, and a client
+certificate that may not speak for a standby.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import grpc
 import grpc.aio
 import joblib
 import numpy as np
 import pytest
 import pytest_asyncio
 
-from shoal.errors import Unavailable
+from shoal import certs
+from shoal.config import Settings
+from shoal.core.blobs import pack
+from shoal.core.clock import FakeClock
+from shoal.errors import NotFound, PermissionDenied, Unavailable
+from shoal.head.blobs import BlobStore, standby_holder
+from shoal.head.node import HeadNode
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
+from shoal.rpc.auth import HEAD_RULES, SCHEDULER_RULES, AuthInterceptor
+from shoal.rpc.blobs import GrpcHeadPeers, HeadBlobService, SchedulerBlobService, upload
+from shoal.rpc.channels import open_channel
 from shoal.rpc.clients import ControlClient, send_request
+from shoal.rpc.server import bind, new_server
+from shoal.rpc.status import to_error
+from shoal.rpc.tls import server_credentials
+from shoal.scheduler.artifacts import ArtifactCache
+from shoal.store import MemoryStore
 from shoal.testing.cluster import Component
-from shoal.testing.etcd import EtcdCluster, EtcdHeads, require_etcd, wait_ready
+from shoal.testing.etcd import EtcdCluster, EtcdHeads, require_etcd
+from shoal.testing.fakes import FakeSchedulers
+from shoal.testing.wait import until
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(90)]
 
@@ -99,6 +121,7 @@ async def test_an_uploaded_model_serves_from_a_new_scheduler_after_the_leader_is
         await first.close()
     b = await asyncio.to_thread(heads.start_head)
     client = heads.client()  # of both heads, as the CLI and the schedulers are
+    s2: Component | None = None
     try:
         s1 = await asyncio.to_thread(heads.start_scheduler)
 
@@ -124,30 +147,94 @@ async def test_an_uploaded_model_serves_from_a_new_scheduler_after_the_leader_is
         # The upload answered once the standby held a copy, verified.
         assert (b.state / "blobs" / sha).read_bytes() == (model / "digits.joblib").read_bytes()
 
-        await wait_ready(client, "digits", 1)
-        rows = np.arange(128, dtype=np.float32).reshape(2, 64) % 17
-        expected = joblib.load(model / "digits.joblib").predict(rows).tolist()
         s1_control = s1.endpoints["scheduler_control"]
-        assert await blob_holders(a.endpoints["head"], sha) == [s1_control]
+        async with asyncio.timeout(30):  # s1 fetched it for the replica, and told the leader
+            while await blob_holders(a.endpoints["head"], sha) != [s1_control]:
+                await asyncio.sleep(0.1)
 
         await asyncio.to_thread(a.kill_all)  # kill -9 the leader
-        await leads(client)
-        # The new leader learns again that the scheduler holds the blob (it re-registers).
+        # Meanwhile a second scheduler starts, its cache empty.
+        args = ["--head", heads.addresses, "scheduler", "--grpc-port", "0", "--http-port", "0"]
+        s2 = Component("scheduler2", args, heads.root / "scheduler2", heads.env)
+        await asyncio.gather(asyncio.to_thread(s2.start, ("scheduler", "scheduler_http")), leads(client))
+        # The new leader learns again that s1 holds the blob (s1 registers with it again).
         async with asyncio.timeout(20):
             while await blob_holders(b.endpoints["head"], sha) != [s1_control]:
                 await asyncio.sleep(0.1)
 
-        # The scheduler dies too; a new one, its cache empty, gets the replica and the blob
-        # from the new leader (the only holder left).
+        # s1 dies too: the replica moves to s2, which fetches the blob from the new leader
+        # (the only holder left), and serves.
         await asyncio.to_thread(s1.kill_all)
-        args = ["--head", heads.addresses, "scheduler", "--grpc-port", "0", "--http-port", "0"]
-        s2 = Component("scheduler2", args, heads.root / "scheduler2", heads.env)
-        heads.scheduler = s2  # stopped with the cluster
-        await asyncio.to_thread(s2.start, ("scheduler", "scheduler_http"))
         await ready_on(client, "digits", s2.endpoints["scheduler_control"])
+        rows = np.arange(128, dtype=np.float32).reshape(2, 64) % 17
+        expected = joblib.load(model / "digits.joblib").predict(rows).tolist()
         outputs, _ = await send_request(
             s2.endpoints["scheduler"], "digits", {"input": rows}, heads.settings, timeout_s=10
         )
         assert outputs["label"].tolist() == expected
     finally:
         await client.close()
+        if s2 is not None:
+            await asyncio.to_thread(s2.kill_all)
+
+
+async def test_with_tls_a_standby_speaks_with_the_heads_certificate_and_the_upload_waits_for_it(
+    tmp_path: Path,
+) -> None:
+    certs.init(tmp_path / "tls")
+    settings = Settings(tls_dir=str(tmp_path / "tls"), rpc_timeout_s=3)
+    node = HeadNode(settings, MemoryStore(), FakeSchedulers(), FakeClock())
+    store = BlobStore(tmp_path / "leader" / "blobs", max_bytes=2**20, grace_s=3600)
+    cache = ArtifactCache(tmp_path / "scheduler" / "artifacts", limit_bytes=2**20)
+    # The leader's Blob service and a scheduler's, each with its rules and certificate.
+    servers = {
+        "head": (
+            new_server(settings, [AuthInterceptor(HEAD_RULES, tls=True, tokens=node.tokens)]),
+            HeadBlobService(store, node),
+        ),
+        "scheduler": (
+            new_server(settings, [AuthInterceptor(SCHEDULER_RULES, tls=True)]),
+            SchedulerBlobService(cache),
+        ),
+    }
+    at = {}
+    for role, (server, service) in servers.items():
+        pbg.add_BlobServicer_to_server(service, server)
+        at[role] = f"127.0.0.1:{bind(server, '127.0.0.1', 0, server_credentials(settings, role))}"
+        await server.start()
+    leader, scheduler = at["head"], at["scheduler"]
+    standby = GrpcHeadPeers(settings, standby_holder("127.0.0.1:1"))
+    channel = open_channel(leader, settings, server="head")  # the CLI's certificate
+    try:
+        model = tmp_path / "model.bin"
+        model.write_bytes(os.urandom(100_000))
+        packed = pack(model)
+        await standby.hello(leader)
+        uploading = asyncio.ensure_future(
+            upload(settings.replace(head_address=leader), packed, lambda d, t: None)
+        )
+        await until(lambda: store.stat(packed.ref.sha256).complete, "the blob whole at the leader")
+        assert not uploading.done()  # not acknowledged before the standby has a copy
+        copy = b"".join([c async for c in standby.download(leader, packed.ref.sha256, 0, head=True)])
+        assert copy == model.read_bytes()
+        await standby.hold(leader, packed.ref.sha256)
+        assert await asyncio.wait_for(uploading, 10)
+
+        # A head may fetch from a scheduler too (one that lacks the blob says so).
+        with pytest.raises(NotFound, match="cache has no blob"):
+            async for _ in standby.download(scheduler, packed.ref.sha256, 0, head=False):
+                pass
+        # The CLI's certificate may not speak for a standby (uploads would wait for it).
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await pbg.BlobStub(channel).Stat(
+                pb.BlobRef(sha256=packed.ref.sha256, holder=standby_holder("x")), timeout=5
+            )
+        assert isinstance(to_error(refused.value), PermissionDenied)
+    finally:
+        await channel.close(None)
+        await standby.aclose()
+        await cache.aclose()
+        for server, _ in servers.values():
+            await server.stop(None)
+        await node.aclose()
+        await store.aclose()
