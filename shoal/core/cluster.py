@@ -711,6 +711,8 @@ class Backlog:
         self._seen: deque[tuple[float, float]] = deque()  # (read at, waited)
 
     def observe(self, scheduler_id: str, left_s: float, now: float) -> None:
+        if not math.isfinite(left_s):
+            return
         full = max(self._full.get(scheduler_id, 0.0), left_s)
         self._full[scheduler_id] = full
         waited = full - left_s

@@ -230,6 +230,7 @@ class HeadNode:
 
     async def register_scheduler(self, reg: SchedulerRegistration) -> float:
         async with self.lock:
+            self._backlog.forget(reg.scheduler_id)  # restarted, it may give another timeout
             self.state.register(
                 reg.scheduler_id,
                 reg.address,
