@@ -67,9 +67,9 @@ ROUTES_GAP_S = (0.1, 1.0)
 """Table streams are woken at most every 0.1 s, or every ROUTES_GAP_PER_STREAM_S per open
 stream when that is longer, up to 1 s; versions published in between go out together."""
 ROUTES_GAP_PER_STREAM_S = 0.0005
-"""Sending one table version to one stream costs the head about 40 µs (grpc.aio): at 0.5 ms a
-stream between wakes, pushing tables takes under a tenth of a core however many schedulers
-watch (1,000: a wake every 0.5 s at most)."""
+"""Each stream's message costs the head a gRPC send: the more streams, the rarer the waves
+(1,000 streams: a wake every 0.5 s at most), so that pushing tables cannot crowd out the
+health updates however many schedulers watch."""
 LATE_WARNING_S = 1.0
 """Health updates waiting this long in the head before it reads them are logged (once)."""
 RECONCILE_REST_MAX_S = 1.0
