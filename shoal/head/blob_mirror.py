@@ -2,8 +2,10 @@
 
 The index: the leader lists every blob it holds whole in the store, ``blobs/<sha256>`` =
 ``{"size": N}``: at once when an upload completes, and on every pass any it holds unlisted
-(blobs from before it led). It drops the entries of blobs it does not hold that no
-deployment or kept revision names (collected, or never acknowledged to their uploader).
+(blobs from before it led). Once it has led for :data:`SETTLE_S` (time for the standbys and
+schedulers to tell it what they hold), it drops the entries of blobs that neither it nor
+any holder has and that no deployment or kept revision names (collected, or an upload never
+acknowledged: its client sends it again).
 
 Every head on the etcd store runs a :class:`BlobMirror`. On a standby, each pass (every
 ``every_s``) reads the index and fetches the blobs it lacks from the leader, resuming where
@@ -12,8 +14,11 @@ size within ``max_blob_mb``, the sha256 at the end). Once a blob is whole it tel
 leader (:meth:`HeadPeers.hold`); and every ``every_s`` it tells the leader it is there
 (:meth:`HeadPeers.hello`), so that the leader's uploads wait for its copy
 (``BlobStore.wait_for_standby``). On the leader (after a failover: the standby that took
-over), each pass fetches the listed blobs it still lacks from the schedulers that hold them
-(they tell a new leader what their caches hold when they register).
+over), each pass fetches the listed blobs it still lacks from the schedulers and standby
+heads that hold them (schedulers tell a new leader what their caches hold when they
+register; standbys, what they hold when they see a new leader; a standby answers
+``Download`` though it answers nothing else). The leader's passes come every
+``10 * every_s`` unless an upload completes; a standby's, every ``every_s``.
 
 At most ``concurrency`` fetches run at once; one that fails is tried again on a later pass,
 after a pause that doubles (up to a minute). A blob over this head's size limit is not
@@ -35,7 +40,7 @@ from typing import Protocol
 from shoal.core.blobs import HEX
 from shoal.core.tasks import TaskSet
 from shoal.errors import ShoalError
-from shoal.head.blobs import BlobStore
+from shoal.head.blobs import STANDBY, STANDBY_ALIVE_S, BlobStore
 from shoal.store.base import Store
 
 log = logging.getLogger("shoal.head")
@@ -44,6 +49,8 @@ INDEX = "blobs/"
 """The store's keys of the blob index: ``blobs/<sha256>``."""
 
 RETRY_MAX_S = 60.0
+SETTLE_S = 2 * STANDBY_ALIVE_S
+"""How long a new leader waits for the holders to speak before it drops index entries."""
 
 
 class HeadPeers(Protocol):
@@ -85,6 +92,7 @@ class BlobMirror:
         holders: Callable[[str], list[str]],
         every_s: float = 0.5,
         concurrency: int = 2,
+        settle_s: float = SETTLE_S,
     ) -> None:
         if every_s <= 0 or concurrency < 1:
             raise ValueError("every_s must be > 0 and concurrency >= 1")
@@ -96,6 +104,7 @@ class BlobMirror:
         self._named = named
         self._holders = holders
         self.every_s = every_s
+        self.settle_s = settle_s
         self._slots = asyncio.Semaphore(concurrency)
         self._index: dict[str, int] = {}
         self._index_at = -1.0  # monotonic time of the last good read of the index
@@ -103,6 +112,7 @@ class BlobMirror:
         self._failures: dict[str, tuple[int, float]] = {}  # blob -> (failures, retry after)
         self._refused: set[str] = set()  # over this head's limit: not fetched
         self._told = ""  # the leader last told every blob this standby holds
+        self._leading_since: float | None = None  # monotonic, while this head leads
         self._wake = asyncio.Event()
         self._tasks = TaskSet("blob mirror")
 
@@ -132,8 +142,9 @@ class BlobMirror:
                 if not quiet:
                     log.warning("blob mirror: %s (retrying)", err)
                     quiet = True
+            pause = self.every_s * (10 if self._leading_since is not None else 1)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.every_s)
+                await asyncio.wait_for(self._wake.wait(), pause)
             self._wake.clear()
 
     async def run_pass(self) -> None:
@@ -142,10 +153,12 @@ class BlobMirror:
         self._index = await self._read_index()
         self._index_at = time.monotonic()
         have = self.blobs.whole()
-        leading = self._leading()
-        if leading:
+        if self._leading():
+            if self._leading_since is None:
+                self._leading_since = time.monotonic()
             await self._publish(have)
         else:
+            self._leading_since = None
             await self._hello(have)
         now = time.monotonic()
         for sha256, size in self._index.items():
@@ -191,10 +204,14 @@ class BlobMirror:
             if info.complete:
                 await self.store.put(INDEX + sha256, json.dumps({"size": info.size}))
                 self._index[sha256] = info.size
-        named = self._named()
-        for sha256 in sorted(self._index.keys() - have - named - self._fetching.keys()):
-            # Held by no head and named by no deployment: collected, or an upload the old
-            # leader never acknowledged (its client sends it again).
+        assert self._leading_since is not None
+        lacking = self._index.keys() - have - self._fetching.keys()
+        if not lacking or time.monotonic() - self._leading_since < self.settle_s:
+            return
+        named = self._named()  # parses every kept revision: only when something is lacking
+        for sha256 in sorted(lacking - named):
+            if self._sources(sha256):
+                continue
             await self.store.delete(INDEX + sha256)
             del self._index[sha256]
 
@@ -211,6 +228,16 @@ class BlobMirror:
         except ShoalError as err:
             log.debug("blob mirror: the leader at %s: %s", leader, err)
 
+    def _sources(self, sha256: str) -> list[tuple[str, bool]]:
+        """As leader: the live schedulers (False) and standby heads (True) that hold a blob,
+        in random order."""
+        if not self._leading():
+            return []
+        heads = [h.removeprefix(STANDBY) for h in self.blobs.holders(sha256) if h.startswith(STANDBY)]
+        sources = [(h, False) for h in self._holders(sha256)] + [(h, True) for h in heads]
+        random.shuffle(sources)
+        return sources
+
     async def _fetch(self, sha256: str, size: int) -> None:
         try:
             async with self._slots:
@@ -220,12 +247,7 @@ class BlobMirror:
 
     async def _fetch_from_sources(self, sha256: str, size: int) -> None:
         leader = None if self._leading() else self._leader()
-        if leader:
-            sources = [(leader, True)]
-        else:
-            holders = self._holders(sha256) if self._leading() else []
-            random.shuffle(holders)
-            sources = [(h, False) for h in holders]
+        sources = [(leader, True)] if leader else self._sources(sha256)
         error = "no head or scheduler holds it now" if not sources else ""
         for address, head in sources:
             have = self.blobs.stat(sha256).have

@@ -1,4 +1,5 @@
-"""A standby head's gRPC answer: every call fails UNAVAILABLE, naming where the leader is.
+"""A standby head's gRPC answer: every call fails UNAVAILABLE, naming where the leader is,
+but a blob ``Download`` (a head taking over fetches from a standby a blob it lacks).
 
 UNAVAILABLE is the code shoal's clients retry and move on from, so a scheduler or CLI given
 several head addresses (``--head a:8470,b:8470``) goes on to the next one. The leader's
@@ -19,6 +20,8 @@ from shoal.rpc.auth import _wrap
 from shoal.rpc.status import Context, abort
 
 LEADER_METADATA = "shoal-leader"
+BLOB_DOWNLOAD = "/shoal.v1.Blob/Download"
+"""The one call a standby answers: its copies of the blobs (``shoal.head.blob_mirror``)."""
 
 if TYPE_CHECKING:
     _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
@@ -27,7 +30,8 @@ else:
 
 
 class StandbyInterceptor(_Interceptor):
-    """Refuses every call unless this head leads and has loaded its state (``serving``).
+    """Refuses every call unless this head leads and has loaded its state (``serving``),
+    but :data:`BLOB_DOWNLOAD` (the auth interceptor still checks it).
 
     Put it before the auth interceptor: a standby has not loaded the tokens, and its answer
     holds no secret."""
@@ -41,8 +45,8 @@ class StandbyInterceptor(_Interceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(details)
-        if handler is None:
-            return handler
+        if handler is None or details.method == BLOB_DOWNLOAD:
+            return handler  # a head taking over may fetch from a standby the blobs it lacks
         leadership = self._leadership
 
         async def check(context: Context) -> None:

@@ -146,6 +146,11 @@ async def test_an_uploaded_model_serves_from_a_new_scheduler_after_the_leader_is
         assert proc.returncode == 0, proc.stdout + proc.stderr
         # The upload answered once the standby held a copy, verified.
         assert (b.state / "blobs" / sha).read_bytes() == (model / "digits.joblib").read_bytes()
+        # A standby answers Download of its copies, though nothing else (a head taking over
+        # may lack a blob another standby holds).
+        async with grpc.aio.insecure_channel(b.endpoints["head"]) as channel:
+            chunks = pbg.BlobStub(channel).Download(pb.BlobDownloadRequest(sha256=sha), timeout=5)
+            assert b"".join([c.data async for c in chunks]) == (model / "digits.joblib").read_bytes()
 
         s1_control = s1.endpoints["scheduler_control"]
         async with asyncio.timeout(30):  # s1 fetched it for the replica, and told the leader

@@ -78,6 +78,7 @@ class Head:
             leader=lambda: None if self.leading else self.leader,
             named=lambda: self.named,
             holders=lambda sha256: list(self.holders.get(sha256, [])),
+            settle_s=0,
         )
 
 
@@ -156,6 +157,35 @@ async def test_after_a_takeover_the_leader_fetches_a_listed_blob_from_a_schedule
     assert {c[0] for c in peers.calls} <= {"sched:1", "sched:2"} and not any(c[2] for c in peers.calls)
     assert [e.key for e in await store.list(INDEX)] == [INDEX + SHA]
     assert peers.hellos == []  # a leader tells nobody
+
+
+async def test_a_new_leader_fetches_from_a_standby_that_holds_a_blob_and_waits_before_dropping_entries(
+    tmp_path: Path,
+) -> None:
+    store = MemoryStore()
+    dead = "d" * 64
+    await store.put(INDEX + SHA, json.dumps({"size": len(DATA)}))
+    await store.put(INDEX + dead, json.dumps({"size": 10}))
+    peers = FakePeers()
+    peers.blobs["standby:3"] = {SHA: DATA}  # another standby, which told this head it has it
+    blobs = blob_store(tmp_path / "new-leader")
+    blobs.add_holder(SHA, standby_holder("standby:3"))
+    mirror = BlobMirror(
+        blobs,
+        store,
+        peers,
+        leading=lambda: True,
+        leader=lambda: None,
+        named=set,
+        holders=lambda sha256: [],
+        settle_s=3600,
+    )
+    await mirror.run_pass()
+    await mirror.settle()
+    assert (tmp_path / "new-leader" / SHA).read_bytes() == DATA
+    assert peers.calls == [("standby:3", 0, True)]
+    # Led too briefly for every holder to have spoken: nothing is dropped yet.
+    assert {e.key for e in await store.list(INDEX)} == {INDEX + SHA, INDEX + dead}
 
 
 async def test_an_upload_waits_for_a_live_standby_copy_and_not_without_standbys(tmp_path: Path) -> None:
