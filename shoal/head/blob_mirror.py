@@ -226,6 +226,8 @@ class BlobMirror:
                     await self.peers.hold(leader, sha256)
                 self._told = leader
         except ShoalError as err:
+            # Down, perhaps restarting on the same address: tell it everything once it is back.
+            self._told = ""
             log.debug("blob mirror: the leader at %s: %s", leader, err)
 
     def _sources(self, sha256: str) -> list[tuple[str, bool]]:
