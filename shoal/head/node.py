@@ -858,12 +858,14 @@ class HeadNode:
         self._streams += 1
         try:
             while not self._stopping.is_set():
-                if self._routes.version == seen:
-                    await self._routes_changed.wait()
-                    continue
-                table = self._routes
-                seen = table.version
-                yield table
+                wave = self._routes_changed  # set at the next wake
+                if self._routes.version != seen:
+                    table = self._routes
+                    seen = table.version
+                    yield table
+                # Never sooner than the next wake, even when a version came while this stream
+                # was sending: a stream sends at most once per wave.
+                await wave.wait()
         finally:
             self._streams -= 1
 
