@@ -1,11 +1,12 @@
 """An uploaded model survives the death of the head that received it (issue 17 item 2 on
 issue 16 item 2).
 
-Real processes: a 3-member etcd on loopback, two ``shoal head`` on it, schedulers, and
-``shoal deploy --upload`` as a user runs it. The upload answers once the standby holds a
-copy; the leader is killed -9; the standby leads, learns again which scheduler holds the
-blob (the scheduler tells it on registering), and a new scheduler with an empty cache
-serves the model, fetched from the new leader.
+Real processes: a 3-member etcd on loopback, two ``shoal head`` on it, schedulers; the
+model uploaded and deployed as ``shoal deploy --upload`` does (its upload function, given
+both heads). The upload answers once the standby holds a copy; the leader is killed -9;
+the standby leads, learns again which scheduler holds the blob (the scheduler tells it on
+registering), and a new scheduler with an empty cache serves the model, fetched from the
+new leader.
 
 And over real gRPC with mutual TLS, in one process: a standby's calls with the head's
 certificate (it is there, it fetches, it holds), the upload waiting for them, and a client
@@ -15,11 +16,8 @@ certificate that may not speak for a standby.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import shutil
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from shoal import certs
 from shoal.config import Settings
 from shoal.core.blobs import pack
 from shoal.core.clock import FakeClock
+from shoal.core.spec import parse_spec
 from shoal.errors import NotFound, PermissionDenied, Unavailable
 from shoal.head.blobs import BlobStore, standby_holder
 from shoal.head.node import HeadNode
@@ -54,8 +53,6 @@ from shoal.testing.fakes import FakeSchedulers
 from shoal.testing.wait import until
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(90)]
-
-CLI = [sys.executable, "-m", "shoal.cli"]
 
 
 @pytest.fixture
@@ -125,32 +122,24 @@ async def test_an_uploaded_model_serves_from_a_new_scheduler_after_the_leader_is
     try:
         s1 = await asyncio.to_thread(heads.start_scheduler)
 
-        model = tmp_path / "model"
-        model.mkdir()
-        shutil.copy(examples_dir / "digits.joblib", model / "digits.joblib")
-        (model / "digits.yaml").write_text(
-            "name: digits\nbackend: sklearn\nmodel: digits.joblib\nresources: {cpus: 0.1}\n"
-        )
-        sha = hashlib.sha256((model / "digits.joblib").read_bytes()).hexdigest()
+        model = tmp_path / "digits.joblib"
+        shutil.copy(examples_dir / "digits.joblib", model)
+        packed = pack(model)
+        sha = packed.ref.sha256
         async with asyncio.timeout(20):  # until the standby has told the leader it is there
             while f"{b.endpoints['head']} keeps copies of the blobs" not in a.log.read_text():
                 await asyncio.sleep(0.05)
-        proc = await asyncio.to_thread(
-            subprocess.run,
-            [*CLI, "--head", heads.addresses, "deploy", "--upload", "--no-wait", str(model / "digits.yaml")],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=heads.env,
-        )
-        assert proc.returncode == 0, proc.stdout + proc.stderr
+        # What shoal deploy --upload does: upload through both heads, then apply the spec.
+        assert await upload(heads.settings.replace(head_address=heads.addresses), packed, lambda d, t: None)
         # The upload answered once the standby held a copy, verified.
-        assert (b.state / "blobs" / sha).read_bytes() == (model / "digits.joblib").read_bytes()
+        assert (b.state / "blobs" / sha).read_bytes() == model.read_bytes()
+        spec = {"name": "digits", "backend": "sklearn", "model": packed.ref.uri, "resources": {"cpus": 0.1}}
+        await client.apply(parse_spec(spec))
         # A standby answers Download of its copies, though nothing else (a head taking over
         # may lack a blob another standby holds).
         async with grpc.aio.insecure_channel(b.endpoints["head"]) as channel:
             chunks = pbg.BlobStub(channel).Download(pb.BlobDownloadRequest(sha256=sha), timeout=5)
-            assert b"".join([c.data async for c in chunks]) == (model / "digits.joblib").read_bytes()
+            assert b"".join([c.data async for c in chunks]) == model.read_bytes()
 
         s1_control = s1.endpoints["scheduler_control"]
         async with asyncio.timeout(30):  # s1 fetched it for the replica, and told the leader
@@ -172,7 +161,7 @@ async def test_an_uploaded_model_serves_from_a_new_scheduler_after_the_leader_is
         await asyncio.to_thread(s1.kill_all)
         await ready_on(client, "digits", s2.endpoints["scheduler_control"])
         rows = np.arange(128, dtype=np.float32).reshape(2, 64) % 17
-        expected = joblib.load(model / "digits.joblib").predict(rows).tolist()
+        expected = joblib.load(model).predict(rows).tolist()
         outputs, _ = await send_request(
             s2.endpoints["scheduler"], "digits", {"input": rows}, heads.settings, timeout_s=10
         )
