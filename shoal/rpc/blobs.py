@@ -17,7 +17,7 @@ import grpc
 import grpc.aio
 
 from shoal.config import Settings
-from shoal.core.blobs import CHUNK, Packed, read_chunks
+from shoal.core.blobs import CHUNK, Packed, check_hex, read_chunks
 from shoal.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -133,8 +133,8 @@ class SchedulerBlobService(pbg.BlobServicer):
     async def Download(
         self, request: pb.BlobDownloadRequest, context: Context
     ) -> AsyncIterator[pb.BlobChunk]:
-        path = self.cache.blob_file(request.sha256)
         try:
+            path = self.cache.blob_file(check_hex(request.sha256))
             if path is None:
                 raise NotFound(f"this scheduler's artifact cache has no blob sha256:{request.sha256}")
             async for chunk in _chunks(request.sha256, request.offset, read_chunks(path, request.offset)):
