@@ -29,7 +29,7 @@ from shoal.errors import FailedPrecondition, InvalidArgument
 SCHEME = "blob"
 CHUNK = 1024 * 1024
 """Bytes per message of an upload or a download."""
-HEX = re.compile(r"^[0-9a-f]{64}$")
+HEX = re.compile(r"^[0-9a-f]{64}\Z")  # \Z: "$" also matches before a final newline
 _URI = re.compile(r"^blob://sha256:(?P<hex>[0-9a-f]{64})/(?P<name>[^/]+)(?P<folder>/?)$")
 SKIPPED = ("__pycache__",)
 """Folders a packed folder leaves out: Python writes them as it imports, which would change the hash."""

@@ -440,3 +440,21 @@ def test_regression_a_scheduler_refuses_a_malformed_hash_as_the_head_does(blobs:
         outcome = blobs.run(download(channel, name, 0))
         assert outcome.code == INVALID and "64 lowercase hex digits" in outcome.details, outcome.code
         assert len(outcome.details) < 1000
+
+
+def test_regression_a_hash_with_a_trailing_newline_is_no_hash(blobs: Blobs) -> None:
+    """``HEX`` ended in ``$``, which also matches before a final newline: ``<hex>\\n`` passed
+    as a hash, Stat answered OK, and an upload wrote ``partial/<hex>\\n`` before failing on
+    the hash. All three calls refuse it, and nothing is written."""
+    data = os.urandom(100)
+    name = sha(data) + "\n"
+    first = pb.BlobChunk(sha256=name, size=len(data) + 1, offset=0, data=data)
+    for outcome in (
+        blobs.run(stat(blobs.head, name)),
+        blobs.run(upload(blobs.head, [first])),
+        blobs.run(download(blobs.head, name, 0)),
+        blobs.run(download(blobs.scheduler, name, 0)),
+    ):
+        assert outcome.code == INVALID and "64 lowercase hex digits" in outcome.details, outcome
+    assert not (blobs.store.root / "partial" / name).exists()
+    still_sound(blobs)
