@@ -102,7 +102,9 @@ class HeadBlobService(pbg.BlobServicer):
             await abort(context, err)
         if request.holder.startswith(STANDBY) and not info.complete:
             self.store.standby_seen(request.holder)  # a standby saying it is there (NO_BLOB)
-        elif request.holder and info.complete:
+        elif request.holder and (info.complete or request.holder in self.node.state.schedulers):
+            # A registered scheduler's copy counts even when this head lacks the blob: a head
+            # that took over fetches the blobs it lacks from them (shoal.head.blob_mirror).
             self.store.add_holder(request.sha256, request.holder)
         return _stat_pb(info, self.store.max_bytes, holder_addresses(self.node, self.store, request.sha256))
 

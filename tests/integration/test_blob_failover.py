@@ -16,6 +16,7 @@ certificate that may not speak for a standby.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 from collections.abc import AsyncIterator, Iterator
@@ -32,14 +33,16 @@ from shoal import certs
 from shoal.config import Settings
 from shoal.core.blobs import pack
 from shoal.core.clock import FakeClock
+from shoal.core.placement import Capacity
 from shoal.core.spec import parse_spec
 from shoal.errors import NotFound, PermissionDenied, Unavailable
-from shoal.head.blobs import BlobStore, standby_holder
+from shoal.head.blob_mirror import INDEX, BlobMirror
+from shoal.head.blobs import BlobStore, holder_addresses, standby_holder
 from shoal.head.node import HeadNode
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.rpc.auth import HEAD_RULES, SCHEDULER_RULES, AuthInterceptor
-from shoal.rpc.blobs import GrpcHeadPeers, HeadBlobService, SchedulerBlobService, upload
+from shoal.rpc.blobs import GrpcBlobSource, GrpcHeadPeers, HeadBlobService, SchedulerBlobService, upload
 from shoal.rpc.channels import open_channel
 from shoal.rpc.clients import ControlClient, send_request
 from shoal.rpc.server import bind, new_server
@@ -51,6 +54,7 @@ from shoal.testing.cluster import Component
 from shoal.testing.etcd import EtcdCluster, EtcdHeads, require_etcd
 from shoal.testing.fakes import FakeSchedulers
 from shoal.testing.wait import until
+from shoal.types import SchedulerRegistration
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(90)]
 
@@ -232,3 +236,73 @@ async def test_with_tls_a_standby_speaks_with_the_heads_certificate_and_the_uplo
             await server.stop(None)
         await node.aclose()
         await store.aclose()
+
+
+async def test_with_tls_a_head_that_took_over_fetches_a_blob_it_lacks_from_a_scheduler(
+    tmp_path: Path,
+) -> None:
+    """The standby was away during the upload; the leader died. The head that leads now
+    lacks the blob; the scheduler that holds it tells it so on registering, and the head
+    fetches it from that scheduler, with the head's certificate."""
+    certs.init(tmp_path / "tls")
+    settings = Settings(tls_dir=str(tmp_path / "tls"), rpc_timeout_s=3)
+    old_node = HeadNode(settings, MemoryStore(), FakeSchedulers(), FakeClock())
+    new_node = HeadNode(settings, MemoryStore(), FakeSchedulers(), FakeClock())
+    old, new = (BlobStore(tmp_path / n / "blobs", max_bytes=2**20, grace_s=3600) for n in ("old", "new"))
+    cache = ArtifactCache(tmp_path / "scheduler" / "artifacts", limit_bytes=2**20)
+    servers = {
+        "old": (
+            new_server(settings, [AuthInterceptor(HEAD_RULES, tls=True, tokens=old_node.tokens)]),
+            "head",
+        ),
+        "new": (
+            new_server(settings, [AuthInterceptor(HEAD_RULES, tls=True, tokens=new_node.tokens)]),
+            "head",
+        ),
+        "scheduler": (new_server(settings, [AuthInterceptor(SCHEDULER_RULES, tls=True)]), "scheduler"),
+    }
+    pbg.add_BlobServicer_to_server(HeadBlobService(old, old_node), servers["old"][0])
+    pbg.add_BlobServicer_to_server(HeadBlobService(new, new_node), servers["new"][0])
+    pbg.add_BlobServicer_to_server(SchedulerBlobService(cache), servers["scheduler"][0])
+    at = {}
+    for name, (server, role) in servers.items():
+        at[name] = f"127.0.0.1:{bind(server, '127.0.0.1', 0, server_credentials(settings, role))}"
+        await server.start()
+    to_old, to_new = GrpcBlobSource(at["old"], settings, "s1"), GrpcBlobSource(at["new"], settings, "s1")
+    peers = GrpcHeadPeers(settings, standby_holder(at["new"]))
+    try:
+        model = tmp_path / "model.bin"
+        model.write_bytes(os.urandom(100_000))
+        packed = pack(model)
+        sha = packed.ref.sha256
+        assert await upload(settings.replace(head_address=at["old"]), packed, lambda d, t: None)
+        cache.blob_source = to_old
+        (await cache.acquire(packed.ref.uri)).release()  # the scheduler fetched it for a replica
+
+        index = MemoryStore()  # the shared store: the old leader listed the blob
+        await index.put(INDEX + sha, json.dumps({"size": packed.size}))
+        reg = SchedulerRegistration("s1", at["scheduler"], "", Capacity(1, 1, 0), pid=1, hostname="s1")
+        await new_node.register_scheduler(reg)
+        await to_new.hold(sha)  # what the scheduler's Announcer sends after registering
+        assert new.holders(sha) == {"s1"} and not new.stat(sha).complete
+
+        mirror = BlobMirror(
+            new,
+            index,
+            peers,
+            leading=lambda: True,
+            leader=lambda: None,
+            named=lambda: {sha},
+            holders=lambda sha256: holder_addresses(new_node, new, sha256),
+        )
+        await mirror.run_pass()
+        await mirror.settle()
+        assert (tmp_path / "new" / "blobs" / sha).read_bytes() == model.read_bytes()
+    finally:
+        for source in (to_old, to_new, peers):
+            await source.aclose()
+        await cache.aclose()
+        for server, _ in servers.values():
+            await server.stop(None)
+        for node in (old_node, new_node):
+            await node.aclose()
