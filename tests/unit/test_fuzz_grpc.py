@@ -64,11 +64,12 @@ from shoal.testing.wait import until
 from shoal.types import RoutingTable
 from tests.unit.fuzzing import fuzz_settings
 
-pytestmark = pytest.mark.timeout(300)
-
 FUZZ = fuzz_settings(25)
 WORKER_FUZZ = fuzz_settings(8)
 STREAM_DEADLINE_S = 0.5
+# A stream that never ends (WatchRoutes, WatchIngress) takes its deadline per example: a
+# long pass (SHOAL_FUZZ_EXAMPLES) gets the time it needs.
+pytestmark = pytest.mark.timeout(300 + 2 * STREAM_DEADLINE_S * FUZZ.max_examples)
 CALL_DEADLINE_S = 10.0
 SERVER_FAULTS = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
 
