@@ -163,6 +163,9 @@ def _bool_param(params: dict[str, Any], key: str, default: bool, where: str) -> 
     return value
 
 
+_MODEL_PREFIXES = ("/v2/models/{name}", "/v2/models/{name}/versions/{version}")
+
+
 class InferRequest:
     """A decoded REST inference request."""
 
@@ -562,7 +565,10 @@ def scheduler_app(
         # A bug: clients still get the protocol's JSON error; the server logs the traceback.
         return _json({"error": f"internal error: {type(exc).__name__}: {exc}"}, 500)
 
-    routes = [
+    # Inference first: Starlette tries routes in order, and matching the dozen before it was
+    # 6% of a REST inference's CPU in the app (cProfile, in-process).
+    routes = [Route(f"{p}/infer", infer, methods=["POST"]) for p in _MODEL_PREFIXES]
+    routes += [
         Route("/v2/health/live", live, methods=["GET"]),
         Route("/v2/health/ready", ready, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
@@ -572,13 +578,12 @@ def scheduler_app(
         Route("/v2/repository/index", repository_index, methods=["POST"]),
         Route("/v2/repository/models/{name}/{action}", repository_change, methods=["POST"]),
     ]
-    for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+    for prefix in _MODEL_PREFIXES:
         routes += [
             Route(prefix, model_metadata, methods=["GET"]),
             Route(f"{prefix}/ready", model_ready, methods=["GET"]),
             Route(f"{prefix}/config", model_config, methods=["GET"]),
             Route(f"{prefix}/stats", model_stats, methods=["GET"]),
-            Route(f"{prefix}/infer", infer, methods=["POST"]),
         ]
     routes += [*generate_routes(models, limit), *openai_routes(node.router, limit, node.dataplane)]
     # Tokens for deployments that ask for them, on every route that names a model: these and
