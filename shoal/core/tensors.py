@@ -377,7 +377,7 @@ def from_json(
 _FLOAT_MAX = {
     "FP16": float(np.finfo(np.float16).max),
     "FP32": float(np.finfo(np.float32).max),
-    "BF16": float(ml_dtypes.finfo(ml_dtypes.bfloat16).max),
+    "BF16": float(ml_dtypes.finfo(ml_dtypes.bfloat16).max),  # type: ignore[no-untyped-call]
 }
 
 
