@@ -87,6 +87,7 @@ async def start_head(
         leadership = Leadership(
             store, store.leader_key, LeaderInfo("", ""), ttl_s=lease_ttl(settings.dead_after_s)
         )
+        node.on_isolated = leadership.step_down  # cut from every scheduler: a standby leads
     # One rate limit for the control API, over gRPC and REST together.
     limiter = RateLimiter(settings.control_rate_limit)
     guard = AuthInterceptor(HEAD_RULES, tls=bool(settings.tls_dir), tokens=node.tokens, limiter=limiter)

@@ -240,6 +240,10 @@ class BlobStore:
         self._standbys[holder] = now
         self._notify()
 
+    def standbys(self) -> int:
+        """How many standby heads said they are there within STANDBY_ALIVE_S."""
+        return len(self._live_standbys())
+
     def _live_standbys(self) -> set[str]:
         now = time.monotonic()
         return {h for h, seen in self._standbys.items() if now - seen <= STANDBY_ALIVE_S}

@@ -133,7 +133,8 @@ class Leadership:
         self._on_change = on_change or (lambda: None)
         self._lease = 0
         self._valid_until = 0.0  # monotonic time by which the lease may have run out
-        self._deposed = asyncio.Event()  # set when the store refused a write: another head leads
+        self._deposed = asyncio.Event()  # set when the store refused a write, or by step_down
+        self._stepping_down = ""  # why step_down was called
 
     def describe(self) -> str:
         """One line for callers of a standby: who leads."""
@@ -179,6 +180,7 @@ class Leadership:
         self._lease = lease
         self._valid_until = sent + self.ttl_s
         self._deposed = asyncio.Event()
+        self._stepping_down = ""
         self.backend.fence(self.key, value, self._deposed.set)
         self.leading = True
         self._set_leader(self.me)
@@ -197,6 +199,11 @@ class Leadership:
                 # Never past the moment the lease may run out; at once when a write was fenced.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._deposed.wait(), max(0.0, min(pause, self._left())))
+                if self._deposed.is_set() and self._stepping_down:
+                    log.error("leadership given up: %s", self._stepping_down)
+                    # Revoked, the key goes at once: a standby leads without waiting out the TTL.
+                    await _quietly(self.backend.revoke_lease(self._lease))
+                    return
                 if self._deposed.is_set():
                     log.error("leadership lost: the store refused a write (another head leads)")
                     return
@@ -224,6 +231,13 @@ class Leadership:
         finally:
             self.leading = self.serving = False
             self._set_leader(None)
+
+    def step_down(self, reason: str) -> None:
+        """Stop leading on purpose: ``hold`` revokes the lease and returns (so a standby leads
+        at once), and the caller stops the head as when leadership is lost."""
+        if self.leading and not self._stepping_down:
+            self._stepping_down = reason
+            self._deposed.set()
 
     def _left(self) -> float:
         """Seconds this head may still act as leader (a margin short of the lease's end)."""

@@ -141,6 +141,10 @@ class HeadNode:
         self._adopt_until = 0.0
         self._held_s = 0.0  # how long the last reconcile pass held the lock
         self._backlog = Backlog(window_s=settings.dead_after_s)
+        # Heads on etcd: called when every scheduler went silent at once while a standby head
+        # still reaches this one (``_check_isolated``); it steps down.
+        self.on_isolated: Callable[[str], None] | None = None
+        self._had_schedulers = False  # some scheduler was alive at the last pass
         self.autoscaler = Autoscaler(self.clock)
         self._loads: dict[str, dict[str, LoadReport]] = {}  # scheduler -> deployment -> load
         self.series = SeriesRecorder()
@@ -629,10 +633,28 @@ class HeadNode:
                 del self._loads[sid]  # forgotten
                 self._backlog.forget(sid)
             self._held_s = time.perf_counter() - locked
+        self._check_isolated()
         if actions:
             await asyncio.gather(*(self._act(a) for a in actions))
         await self._publish_routes()
         return actions
+
+    def _check_isolated(self) -> None:
+        """A leader that hears from no scheduler any more, all of them silent since the last
+        pass, while a standby head still reaches it, is more likely cut from the schedulers
+        than the schedulers all dead: it steps down (``on_isolated``) so that the standby,
+        whose door the schedulers knock on, leads. Without a standby it stays: a lone head
+        whose schedulers stopped must not stop too."""
+        alive = any(s.state == ALIVE for s in self.state.schedulers.values())
+        lost_all, self._had_schedulers = self._had_schedulers and not alive, alive
+        standbys = self.blobs.standbys() if self.blobs is not None else 0
+        if lost_all and standbys and self.on_isolated is not None:
+            reason = (
+                f"every scheduler went silent at once while {standbys} standby head(s) still "
+                "reach this one: it is more likely cut from the schedulers than they all died"
+            )
+            log.warning("%s; stepping down so that a standby leads", reason)
+            self.on_isolated(reason)
 
     def _retained(self, spec: DeploymentSpec) -> list[DeploymentSpec]:
         """The earlier revisions that keep serving beside the current one: of the kept

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,7 @@ from shoal.core.cluster import READY, STARTING, CreateReplica, RemoveReplica, Re
 from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec, parse_spec, parse_spec_json
 from shoal.errors import InvalidArgument, NotFound, Unavailable
+from shoal.head.blobs import BlobStore
 from shoal.head.node import ROUTES_GAP_S, ApplyResult, HeadNode, cluster_status
 from shoal.store import MemoryStore
 from shoal.testing.fakes import FakeSchedulers
@@ -317,6 +319,33 @@ async def test_a_head_that_caught_up_declares_silent_schedulers_dead_after_dead_
 
     assert head.state.schedulers["s1"].state == "DEAD"  # 6 s silent, 5 s allowed again
     assert head.state.schedulers["s2"].state == "ALIVE"
+
+
+@pytest.mark.parametrize("standby", [True, False])
+async def test_a_leader_that_hears_from_no_scheduler_while_a_standby_reaches_it_steps_down(
+    head: HeadNode, clock: FakeClock, tmp_path: Path, standby: bool
+) -> None:
+    head.blobs = BlobStore(tmp_path, max_bytes=1 << 20, grace_s=60)
+    if standby:
+        head.blobs.standby_seen("b:8470")
+    isolated: list[str] = []
+    head.on_isolated = isolated.append
+    await join(head, "s1")
+    await join(head, "s2")
+    await head.reconcile_once()
+    clock.advance(2)
+    assert await head.scheduler_health("s1", 1, [])
+    clock.advance(4)  # s2 silent for 6 s: dead, s1 still alive
+    await head.reconcile_once()
+    assert isolated == []
+
+    clock.advance(2)  # s1 silent for 6 s too: every scheduler gone
+    await head.reconcile_once()
+
+    # With a standby that still reaches this head, it is more likely cut from the
+    # schedulers than they all died: it steps down. A lone head stays.
+    assert len(isolated) == (1 if standby else 0)
+    assert all("every scheduler went silent" in reason for reason in isolated)
 
 
 # ------------------------------------------------------------------ routes

@@ -122,6 +122,22 @@ async def test_a_leader_whose_write_was_fenced_stops_at_once() -> None:
     assert not a.leading
 
 
+async def test_a_leader_that_steps_down_gives_its_lease_up_and_a_standby_leads_at_once() -> None:
+    backend = Backend()
+    a, b = head(backend, "a", ttl_s=30), head(backend, "b", ttl_s=30)  # leases that last
+    await a.campaign()
+    holding = asyncio.ensure_future(a.hold())
+    standby = asyncio.ensure_future(b.campaign())
+    await wait_until(lambda: b.leader == a.me)
+
+    a.step_down("cut from every scheduler")
+
+    await asyncio.wait_for(holding, 5)
+    assert not a.leading and a._lease not in backend.leases  # revoked, not left to run out
+    await asyncio.wait_for(standby, 5)
+    assert b.leading
+
+
 @pytest.mark.parametrize("failure", ["hangs", "errors"])
 async def test_a_leader_cut_off_from_the_store_gives_up_before_its_lease_can_run_out(failure: str) -> None:
     backend = Backend()
