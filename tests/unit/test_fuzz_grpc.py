@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import math
 import struct
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import grpc
+import numpy as np
 import pytest
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
@@ -48,8 +51,10 @@ from shoal.proto import grpc_service_pb2_grpc as oipg
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.replica.process import ReplicaProcess
+from shoal.rpc import codec
 from shoal.rpc.blobs import HeadBlobService, SchedulerBlobService
 from shoal.rpc.head_service import HeadService
+from shoal.rpc.hop import HopServer, socket_path
 from shoal.rpc.inference_service import InferenceService
 from shoal.rpc.ingress import IngressService
 from shoal.rpc.replica_service import ReplicaService
@@ -225,24 +230,29 @@ class WorkerLink:
 
 @dataclass
 class Replica:
-    """A ``ReplicaProcess`` served on a loopback port, registered and running."""
+    """A ``ReplicaProcess`` served on a loopback port and on a hop socket in ``hop_dir`` (as
+    ``shoal.replica_main`` serves it), registered and running."""
 
     process: ReplicaProcess
     server: grpc.aio.Server
     channel: grpc.aio.Channel
+    hop: HopServer
     running: asyncio.Task[None]
 
     @classmethod
-    async def start(cls, config: Settings, doc: dict[str, Any]) -> Replica:
+    async def start(cls, config: Settings, doc: dict[str, Any], hop_dir: Path) -> Replica:
         process = ReplicaProcess(f"{doc['name']}-000001", parse_spec(doc), config, ReplicaLink())
         server = new_server(config)
-        pbg.add_ReplicaServicer_to_server(ReplicaService(process), server)
+        service = ReplicaService(process)
+        pbg.add_ReplicaServicer_to_server(service, server)
         port = bind(server, "127.0.0.1", 0)
         await server.start()
+        hop = HopServer(socket_path(hop_dir, f"127.0.0.1:{port}"), service.outcome, config.max_message_bytes)
+        await hop.start()
         await process.load()
         running = asyncio.create_task(process.run(f"127.0.0.1:{port}", 1))
         await until(lambda: process.state == READY, "the replica registered")
-        return cls(process, server, grpc.aio.insecure_channel(f"127.0.0.1:{port}"), running)
+        return cls(process, server, grpc.aio.insecure_channel(f"127.0.0.1:{port}"), hop, running)
 
     def assert_running(self) -> None:
         assert not self.running.done(), f"the replica stopped: {self.process.exit_reason}"
@@ -254,6 +264,7 @@ class Replica:
         await self.process.drain()
         await self.channel.close(None)
         await self.server.stop(None)
+        await self.hop.stop()
 
 
 @dataclass
@@ -267,6 +278,7 @@ class Servers:
     generator: Replica
     multiplexed: Replica
     echo_doc: dict[str, Any]
+    hop_dir: Path
 
     def run(self, coro: Any) -> Any:
         return self.loop.run_until_complete(coro)
@@ -359,12 +371,13 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
             grpc.aio.insecure_channel(f"127.0.0.1:{head_port}"),
             grpc.aio.insecure_channel(f"127.0.0.1:{sched_port}"),
             grpc.aio.insecure_channel(f"127.0.0.1:{worker_port}"),
-            await Replica.start(config, echo_doc),
-            await Replica.start(config, generator_doc),
+            await Replica.start(config, echo_doc, models),
+            await Replica.start(config, generator_doc, models),
             await Replica.start(
-                config, {**echo_doc, "name": "mux", "multiplexing": {"max_models_per_replica": 2}}
+                config, {**echo_doc, "name": "mux", "multiplexing": {"max_models_per_replica": 2}}, models
             ),
             echo_doc,
+            models,
         )
         return servers, [head_server, sched_server, worker_server, following, node, router, sched, blobs]
 
@@ -515,7 +528,7 @@ def test_methods(servers: Servers, server: str, method: MethodDescriptor) -> Non
 def test_replica_drain(servers: Servers, doc: dict[str, Any]) -> None:
     """Drain on a replica of its own: refused clearly, or accepted and then draining (the
     replica answers until it stops, within the grace it was given)."""
-    replica = servers.run(Replica.start(servers.config, servers.echo_doc))
+    replica = servers.run(Replica.start(servers.config, servers.echo_doc, servers.hop_dir))
     try:
         message = build(DRAIN.input_type, doc)
         if message is None:
@@ -659,3 +672,79 @@ def test_regression_a_health_update_with_other_latency_buckets(servers: Servers)
         load = {"echo": pb.DeploymentLoad(requests=requests, latency_buckets=buckets)}
         reply = servers.rpc(head.SendHealthUpdate, pb.SchedulerHealth(scheduler_id="s9", load=load))
         assert reply.ack
+
+
+# ---------------------------------------------------------------- the local hop
+
+_LENGTH = struct.Struct("<I")
+OVER_LIMIT = _LENGTH.pack(2**31)  # the head of a frame longer than max_message_mb
+
+
+async def hop_outcomes(path: Path, data: bytes, expected: int) -> tuple[list[pb.TaskOutcome], bool]:
+    """Send ``data`` on a new hop connection; the outcomes read (up to ``expected``), and
+    whether the replica closed the connection."""
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    outcomes: list[pb.TaskOutcome] = []
+    closed = False
+    try:
+        writer.write(data)
+        async with asyncio.timeout(CALL_DEADLINE_S):
+            while len(outcomes) < expected:
+                try:
+                    (n,) = _LENGTH.unpack(await reader.readexactly(4))
+                    outcomes.append(pb.TaskOutcome.FromString(await reader.readexactly(n)))
+                except asyncio.IncompleteReadError:
+                    closed = True
+                    break
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    return outcomes, closed
+
+
+def _readable(raw: bytes) -> bool:
+    try:
+        pb.Task.FromString(raw)
+    except Exception:
+        return False
+    return True
+
+
+@FUZZ
+@given(
+    frames=st.lists(
+        tasks.map(lambda t: t.SerializeToString()) | st.binary(max_size=40), min_size=1, max_size=4
+    ),
+    tail=st.sampled_from([b"", b"\x05\x00", OVER_LIMIT]),
+)
+def test_replica_hop(servers: Servers, frames: list[bytes], tail: bytes) -> None:
+    """The replica's local hop (``shoal.rpc.hop``, the data plane from its own machine's
+    scheduler) with any frames: tasks, arbitrary bytes, a frame cut short, a length over
+    the limit. Frames that all read as tasks get an outcome each, never INTERNAL; otherwise
+    the replica closes the connection. Either way a new connection is served and the replica
+    keeps running."""
+    replica = servers.replica
+    data = b"".join(_LENGTH.pack(len(f)) + f for f in frames) + tail
+    readable = all(_readable(f) for f in frames)
+    outcomes, closed = servers.run(hop_outcomes(replica.hop.path, data, len(frames)))
+    if tail == OVER_LIMIT:
+        # Not a scheduler speaking: the connection ends (what was read with it may go
+        # unanswered; a scheduler's waiting requests fail at once and are retried).
+        event("over the limit")
+        assert closed
+    elif readable:
+        assert len(outcomes) == len(frames), (frames, closed)
+        assert sorted(o.tag for o in outcomes) == sorted(pb.Task.FromString(f).tag for f in frames)
+        for o in outcomes:
+            event(o.error_code or "answered")
+            assert o.error_code not in ("INTERNAL", "UNKNOWN"), o.error_message
+    else:
+        event("closed")
+        assert closed
+    task = pb.Task(request_id="after", tag=7, inputs=codec.encode({"x": np.ones((1, 4), np.float32)}))
+    [after], _ = servers.run(
+        hop_outcomes(replica.hop.path, _LENGTH.pack(task.ByteSize()) + task.SerializeToString(), 1)
+    )
+    assert (after.tag, after.error_code) == (7, ""), after.error_message
+    replica.assert_running()
