@@ -23,7 +23,7 @@ request names.
 from __future__ import annotations
 
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +33,7 @@ import grpc.aio
 from shoal.auth import RateLimiter, Role, TokenRegistry, check_control, client_key, is_loopback
 from shoal.certs import common_name
 from shoal.errors import PermissionDenied, ResourceExhausted, ShoalError
+from shoal.rpc.handlers import wrap_handler
 from shoal.rpc.status import Context, abort
 
 
@@ -231,45 +232,9 @@ class AuthInterceptor(_Interceptor):
 
 
 def _wrap(handler: Any, check: Callable[[Context], Awaitable[None]]) -> Any:
-    """``handler`` with ``check(context)`` run before its behaviour (it aborts the call to refuse it).
+    """``handler`` with ``check(context)`` run before its behaviour (it aborts the call to refuse it)."""
 
-    The handlers of a ``grpc.aio`` server are coroutines and async generators (the stubs
-    describe sync ones), hence ``Any``."""
-    kw: dict[str, Any] = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary is not None:
-        uu = handler.unary_unary
-
-        async def unary_unary(request: Any, context: Context) -> Any:
-            await check(context)
-            return await uu(request, context)
-
-        return grpc.unary_unary_rpc_method_handler(unary_unary, **kw)
-    if handler.unary_stream is not None:
-        us = handler.unary_stream
-
-        async def unary_stream(request: Any, context: Context) -> AsyncIterator[Any]:
-            await check(context)
-            async for item in us(request, context):
-                yield item
-
-        return grpc.unary_stream_rpc_method_handler(unary_stream, **kw)
-    if handler.stream_unary is not None:
-        su = handler.stream_unary
-
-        async def stream_unary(requests: Any, context: Context) -> Any:
-            await check(context)
-            return await su(requests, context)
-
-        return grpc.stream_unary_rpc_method_handler(stream_unary, **kw)
-    ss = handler.stream_stream
-    assert ss is not None
-
-    async def stream_stream(requests: Any, context: Context) -> AsyncIterator[Any]:
+    async def before(request: Any, context: Context) -> None:
         await check(context)
-        async for item in ss(requests, context):
-            yield item
 
-    return grpc.stream_stream_rpc_method_handler(stream_stream, **kw)
+    return wrap_handler(handler, before)

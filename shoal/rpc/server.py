@@ -11,6 +11,7 @@ import grpc.aio
 from shoal.config import Settings
 from shoal.errors import Unavailable
 from shoal.rpc.channels import channel_options
+from shoal.rpc.decode import DecodeGuard
 
 
 def new_server(
@@ -30,7 +31,8 @@ def new_server(
         ("grpc.http2.max_ping_strikes", 0),
         ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
     ]
-    return grpc.aio.server(options=options, interceptors=interceptors)
+    # Innermost: a request that does not decode is refused with INVALID_ARGUMENT, not UNKNOWN.
+    return grpc.aio.server(options=options, interceptors=[*interceptors, DecodeGuard()])
 
 
 def bind(

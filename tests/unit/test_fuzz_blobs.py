@@ -458,3 +458,42 @@ def test_regression_a_hash_with_a_trailing_newline_is_no_hash(blobs: Blobs) -> N
         assert outcome.code == INVALID and "64 lowercase hex digits" in outcome.details, outcome
     assert not (blobs.store.root / "partial" / name).exists()
     still_sound(blobs)
+
+
+@pytest.mark.parametrize("raw", [b"\x0a\x02\xff\xfe", b"\xff\xff\xff"], ids=["not-utf8", "no-message"])
+@pytest.mark.parametrize(
+    ("server", "method", "streaming"),
+    [
+        ("head", "Stat", ""),
+        ("head", "Download", "out"),
+        ("head", "Upload", "in"),
+        ("scheduler", "Download", "out"),
+    ],
+)
+def test_regression_bytes_that_are_no_request_are_refused_clearly(
+    blobs: Blobs, server: str, method: str, streaming: str, raw: bytes
+) -> None:
+    """A request whose bytes do not decode (a hash that is not UTF-8, or no protobuf at
+    all) answered UNKNOWN "Unexpected <class 'DecodeError'>", on every gRPC method: grpc.aio
+    decodes before the servicer runs. ``shoal.rpc.decode.DecodeGuard`` refuses it."""
+    channel: grpc.aio.Channel = getattr(blobs, server)
+    path = f"/shoal.v1.Blob/{method}"
+
+    async def send() -> None:
+        if streaming == "out":
+            async for _ in channel.unary_stream(path)(raw, timeout=CALL_DEADLINE_S):
+                pass
+        elif streaming == "in":
+
+            async def one() -> AsyncIterator[bytes]:
+                yield raw
+
+            await channel.stream_unary(path)(one(), timeout=CALL_DEADLINE_S)
+        else:
+            await channel.unary_unary(path)(raw, timeout=CALL_DEADLINE_S)
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        blobs.run(send())
+    assert caught.value.code() == INVALID, caught.value.details()
+    assert "does not decode" in (caught.value.details() or "")
+    still_sound(blobs)
