@@ -30,10 +30,6 @@ from shoal.types import RoutingTable
 
 log = logging.getLogger("shoal.ingress")
 
-# A count no worker makes: exact as a float, and sums over workers stay far inside int64
-# (an IngressTotals field), so a report cannot break every later one.
-MAX_COUNT = 2**53
-
 # Without a change, the table is sent again this often: a worker that hears nothing for
 # several of these knows its main process is gone.
 RESEND_S = 1.0
@@ -94,9 +90,10 @@ def counts_from_pb(m: pb.IngressCounts) -> Counts:
 
 
 def check_counts(deployment: str, m: pb.IngressCounts) -> None:
-    """Raises InvalidArgument naming the field unless every count of ``m`` is in
-    ``[0, MAX_COUNT)`` and its histogram totals are finite and >= 0 (what the totals and
-    the statistics built from them can carry)."""
+    """Raises InvalidArgument naming the field unless every count of ``m`` is >= 0 and its
+    histogram totals are finite and >= 0: a negative count, kept and added into every later
+    total, broke the statistics built from them (uint64) for good. Sums past int64 stay at
+    its maximum (``shoal.scheduler.ingress.MAX_SUM``)."""
     counts: list[tuple[str, int]] = [
         (f, getattr(m, f))
         for f in ("given_up", "in_flight", "queued", "success", "success_ns", "fail", "fail_ns", "inferences")
@@ -112,8 +109,8 @@ def check_counts(deployment: str, m: pb.IngressCounts) -> None:
                 f"deployments[{deployment!r}].{kind}.total must be finite and >= 0, got {h.total}"
             )
     for field, value in counts:
-        if not 0 <= value < MAX_COUNT:
-            raise InvalidArgument(f"deployments[{deployment!r}].{field} must be in [0, 2**53), got {value}")
+        if value < 0:
+            raise InvalidArgument(f"deployments[{deployment!r}].{field} must be >= 0, got {value}")
 
 
 def table_to_pb(table: RoutingTable) -> pb.RoutingTable:

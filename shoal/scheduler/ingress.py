@@ -70,28 +70,37 @@ class Counts:
         )
 
 
+# The most a summed count may be: what an int64 field carries (IngressTotals; Triton's
+# statistics are uint64). A sum past it stays at it instead of failing every later total.
+MAX_SUM = 2**63 - 1
+
+
+def _sum(a: int, b: int) -> int:
+    return min(a + b, MAX_SUM)
+
+
 def _add_histogram(a: Histogram, b: Histogram) -> Histogram:
-    counts = [x + y for x, y in zip(a.counts, b.counts, strict=True)]
+    counts = [_sum(x, y) for x, y in zip(a.counts, b.counts, strict=True)]
     return Histogram(counts=counts, total=a.total + b.total)
 
 
 def add(a: Counts, b: Counts) -> Counts:
-    outcomes = {k: a.stats.outcomes.get(k, 0) + b.stats.outcomes.get(k, 0) for k in OUTCOMES}
+    outcomes = {k: _sum(a.stats.outcomes.get(k, 0), b.stats.outcomes.get(k, 0)) for k in OUTCOMES}
     stats = DeploymentStats(
         outcomes=outcomes,
         latency=_add_histogram(a.stats.latency, b.stats.latency),
         queue=_add_histogram(a.stats.queue, b.stats.queue),
-        given_up=a.stats.given_up + b.stats.given_up,
+        given_up=_sum(a.stats.given_up, b.stats.given_up),
     )
     return Counts(
         stats=stats,
-        in_flight=a.in_flight + b.in_flight,
-        queued=a.queued + b.queued,
-        success=a.success + b.success,
-        success_ns=a.success_ns + b.success_ns,
-        fail=a.fail + b.fail,
-        fail_ns=a.fail_ns + b.fail_ns,
-        inferences=a.inferences + b.inferences,
+        in_flight=_sum(a.in_flight, b.in_flight),
+        queued=_sum(a.queued, b.queued),
+        success=_sum(a.success, b.success),
+        success_ns=_sum(a.success_ns, b.success_ns),
+        fail=_sum(a.fail, b.fail),
+        fail_ns=_sum(a.fail_ns, b.fail_ns),
+        inferences=_sum(a.inferences, b.inferences),
         last_ms=max(a.last_ms, b.last_ms),
         routed=_add_counts(a.routed, b.routed),
         shadowed=_add_counts(a.shadowed, b.shadowed),
@@ -99,7 +108,7 @@ def add(a: Counts, b: Counts) -> Counts:
 
 
 def _add_counts(a: Mapping[str, int], b: Mapping[str, int]) -> dict[str, int]:
-    return {k: a.get(k, 0) + b.get(k, 0) for k in {*a, *b}}
+    return {k: _sum(a.get(k, 0), b.get(k, 0)) for k in {*a, *b}}
 
 
 def total(parts: Iterable[Mapping[str, Counts]]) -> dict[str, Counts]:

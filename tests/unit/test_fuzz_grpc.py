@@ -609,25 +609,44 @@ def test_regression_an_ingress_workers_read_log_is_refused_clearly(servers: Serv
     "counts",
     [
         pb.IngressCounts(success=-1),
-        pb.IngressCounts(given_up=2**63 - 1),
         pb.IngressCounts(outcomes={"ok": -5}),
         pb.IngressCounts(latency=pb.Histogram(counts=[-1], total=0.0)),
         pb.IngressCounts(queue=pb.Histogram(total=float("nan"))),
     ],
-    ids=["negative", "int64-max", "outcome", "histogram", "nan-total"],
+    ids=["negative", "outcome", "histogram", "nan-total"],
 )
 def test_regression_an_ingress_report_cannot_break_the_statistics(
     servers: Servers, counts: pb.IngressCounts
 ) -> None:
-    """A worker's report of a negative count (or one whose sum overflows int64) was kept and
-    added into every later total: ``ModelStatistics`` then failed with UNKNOWN on the main
-    process and every worker, for good. Such a report is refused, naming the field."""
+    """A worker's report of a negative count was kept and added into every later total:
+    ``ModelStatistics`` (uint64 counts) then failed with UNKNOWN on the main process and
+    every worker, for good. Such a report is refused, naming the field."""
     ingress = pbg.IngressStub(servers.scheduler)
     report = pb.IngressReport(worker_id="w9", pid=9, deployments={"echo": counts})
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         servers.rpc(ingress.ReportIngress, report)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "deployments['echo']." in (caught.value.details() or "")
+    assert_statistics_served(servers)
+
+
+def test_regression_ingress_sums_past_int64_stay_at_its_maximum(servers: Servers) -> None:
+    """Two workers' counts whose sum overflowed int64 made ReportIngress answer UNKNOWN (its
+    reply could not be encoded) and ModelStatistics too, for good. Sums stay at the most
+    an int64 carries; counts as high as that are not refused (a cumulative count of
+    nanoseconds grows large)."""
+    ingress = pbg.IngressStub(servers.scheduler)
+    high = 2**63 - 1
+    counts = pb.IngressCounts(success=high, success_ns=high, given_up=high, outcomes={"ok": high})
+    for worker in ("w10", "w11"):
+        report = pb.IngressReport(worker_id=worker, pid=10, deployments={"echo": counts})
+        totals = servers.rpc(ingress.ReportIngress, report)
+    assert totals.deployments["echo"].success == high
+    assert totals.deployments["echo"].outcomes["ok"] == high
+    assert_statistics_served(servers)
+
+
+def assert_statistics_served(servers: Servers) -> None:
     for channel in (servers.scheduler, servers.worker):
         stats = servers.rpc(
             oipg.GRPCInferenceServiceStub(channel).ModelStatistics, oip.ModelStatisticsRequest(name="echo")
