@@ -27,8 +27,9 @@ from pathlib import Path
 from shoal.errors import FailedPrecondition, InvalidArgument
 
 SCHEME = "blob"
-CHUNK = 1024 * 1024
-"""Bytes per message of an upload or a download."""
+CHUNK = 1024 * 1024 - 1024
+"""Bytes per message of an upload or a download: under 1 MiB, so that a message, its other
+fields included, fits the smallest message limit (``max_message_mb`` 1)."""
 HEX = re.compile(r"^[0-9a-f]{64}\Z")  # \Z: "$" also matches before a final newline
 _URI = re.compile(r"^blob://sha256:(?P<hex>[0-9a-f]{64})/(?P<name>[^/]+)(?P<folder>/?)$")
 SKIPPED = ("__pycache__",)

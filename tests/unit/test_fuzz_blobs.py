@@ -35,12 +35,14 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 from shoal.config import Settings
-from shoal.core.blobs import HEX
+from shoal.core.blobs import HEX, pack
 from shoal.head.blobs import NO_BLOB, STANDBY, BlobStore
 from shoal.head.node import HeadNode
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.rpc.blobs import HeadBlobService, SchedulerBlobService
+from shoal.rpc.blobs import upload as blobs_upload
+from shoal.rpc.channels import open_channel
 from shoal.rpc.server import bind, new_server
 from shoal.scheduler.artifacts import ArtifactCache
 from shoal.scheduler.blob_fetch import Located
@@ -497,3 +499,39 @@ def test_regression_bytes_that_are_no_request_are_refused_clearly(
     assert caught.value.code() == INVALID, caught.value.details()
     assert "does not decode" in (caught.value.details() or "")
     still_sound(blobs)
+
+
+def test_regression_blobs_travel_under_the_smallest_message_limit(tmp_path: Path) -> None:
+    """With ``max_message_mb: 1`` every upload and download of a blob over 1 MiB failed
+    RESOURCE_EXHAUSTED ("Sent message larger than max (1048651 vs. 1048576)"): a message
+    carried 1 MiB of data and its other fields on top. It carries less than 1 MiB now."""
+    config = Settings(control_rate_limit=0, max_message_mb=1, state_dir=str(tmp_path / "state"))
+    model = tmp_path / "model.bin"
+    model.write_bytes(os.urandom(2 * 2**20 + 100))
+    packed = pack(model)
+
+    async def both_ways() -> bytes:
+        node = HeadNode(config, MemoryStore(), FakeSchedulers())
+        await node.tokens.load()
+        store = BlobStore(tmp_path / "blobs", max_bytes=4 * 2**20, grace_s=3600.0)
+        server = new_server(config)
+        pbg.add_BlobServicer_to_server(HeadBlobService(store, node), server)
+        address = f"127.0.0.1:{bind(server, '127.0.0.1', 0)}"
+        await server.start()
+        channel = open_channel(address, config)
+        try:
+            assert await blobs_upload(config.replace(head_address=address), packed, lambda sent, size: None)
+            got = await download(channel, packed.ref.sha256, 0)
+            assert got.code == OK, got
+            return bytes(got.reply)
+        finally:
+            await channel.close(None)
+            await server.stop(None)
+            await node.aclose()
+            await store.aclose()
+
+    loop = asyncio.new_event_loop()
+    try:
+        assert loop.run_until_complete(both_ways()) == model.read_bytes()
+    finally:
+        loop.close()
