@@ -429,7 +429,7 @@ async def send_raw(channel: grpc.aio.Channel, method: str, raws: list[bytes]) ->
     """``raws`` as the bytes of ``method``'s request (of its first messages, for Upload)."""
     path = f"/shoal.v1.Blob/{method}"
     if method == "Download":
-        async for _ in channel.unary_stream(path)(raws[0], timeout=CALL_DEADLINE_S):
+        async for _ in channel.unary_stream(path, None, None)(raws[0], timeout=CALL_DEADLINE_S):
             pass
     elif method == "Upload":
 
@@ -437,9 +437,9 @@ async def send_raw(channel: grpc.aio.Channel, method: str, raws: list[bytes]) ->
             for raw in raws:
                 yield raw
 
-        await channel.stream_unary(path)(sent(), timeout=CALL_DEADLINE_S)
+        await channel.stream_unary(path, None, None)(sent(), timeout=CALL_DEADLINE_S)
     else:
-        await channel.unary_unary(path)(raws[0], timeout=CALL_DEADLINE_S)
+        await channel.unary_unary(path, None, None)(raws[0], timeout=CALL_DEADLINE_S)
 
 
 @FUZZ
