@@ -81,6 +81,9 @@ class HeadBlobService(pbg.BlobServicer):
             info = await self.store.receive(first.sha256, first.size, first.offset, data())
         except ShoalError as err:
             await abort(context, err)
+        except OSError as err:  # a full disk, say: the client may try again later
+            log.warning("blob sha256:%s: cannot store it: %s", first.sha256[:12], err)
+            await abort(context, Unavailable(f"the head cannot store the blob now: {err.strerror or err}"))
         # Durable before it is acknowledged: a standby head holds a copy too (when one is there).
         if info.complete and not await self.store.wait_for_standby(info.sha256, standby_wait_s(info.size)):
             log.warning(

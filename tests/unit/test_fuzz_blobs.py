@@ -551,3 +551,21 @@ def test_regression_blobs_travel_under_the_smallest_message_limit(tmp_path: Path
         assert loop.run_until_complete(both_ways()) == model.read_bytes()
     finally:
         loop.close()
+
+
+def test_regression_a_head_that_cannot_write_says_so(blobs: Blobs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client may fill the head's disk with partial uploads (of many blobs); a write that
+    then failed (``OSError``: no space left) escaped as UNKNOWN. It is UNAVAILABLE, naming
+    the cause."""
+    data = os.urandom(500)
+    h = sha(data)
+
+    def full(self: Path, *args: Any, **kwargs: Any) -> Any:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "open", full)
+    outcome = blobs.run(upload(blobs.head, [pb.BlobChunk(sha256=h, size=len(data), data=data)]))
+    monkeypatch.undo()
+    assert outcome.code == grpc.StatusCode.UNAVAILABLE, outcome
+    assert "No space left on device" in outcome.details
+    still_sound(blobs)
