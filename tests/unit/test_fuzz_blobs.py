@@ -7,7 +7,8 @@ port of this process. Upload gets arbitrary chunk sequences (a right or wrong ha
 and offsets off by one, over the limit or huge, bytes flipped, added or left out, other
 hashes on later messages, no message at all), and two uploads of one blob at once; Stat
 and Download get arbitrary hashes (path tricks: ``../``, absolute paths, NUL bytes, a
-trailing newline, upper case, wrong lengths) and offsets. The oracle is exact: every
+trailing newline, upper case, wrong lengths) and offsets; each method also gets bytes
+that may be no message at all. The oracle is exact: every
 status is OK, INVALID_ARGUMENT (a malformed hash, an offset or size that does not fit, a
 hash the bytes do not have) or NOT_FOUND (a well-formed hash not held), with details that
 name the problem; a download returns exactly the blob's bytes from the offset. After each
