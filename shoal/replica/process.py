@@ -52,6 +52,7 @@ class ReplicaProcess:
         self.link = link
         self.caller = caller  # how its model reaches other deployments (None: it cannot)
         self.state = STARTING
+        self._registering = False  # its registration is on the way (run)
         self.in_flight = 0
         self.backend: Backend | None = None
         self.batcher: Batcher | None = None
@@ -88,7 +89,11 @@ class ReplicaProcess:
 
     async def infer(self, request_id: str, inputs: Arrays, timeout_s: float, model_id: str = "") -> Arrays:
         """Run one request (on model ``model_id`` of a multiplexed deployment, which needs one)."""
-        if self.state not in (READY, DRAINING) or self.batcher is None:
+        # While its registration is on the way, a loaded replica serves: the scheduler routes
+        # here as soon as it accepts the registration, and over the local hop that request
+        # can arrive before the acknowledgement does (a chaos run saw "replica X is STARTING").
+        registering = self.state == STARTING and self._registering
+        if self.batcher is None or not (registering or self.state in (READY, DRAINING)):
             raise Unavailable(f"replica {self.id} is {self.state}")
         self.in_flight += 1
         started = time.perf_counter()
@@ -207,7 +212,11 @@ class ReplicaProcess:
 
     async def run(self, address: str, pid: int) -> None:
         """Register, then send health updates until told to stop."""
-        ack, interval = await self.link.register(self.id, address, pid)
+        self._registering = True
+        try:
+            ack, interval = await self.link.register(self.id, address, pid)
+        finally:
+            self._registering = False
         if not ack:
             self.exit_reason = "the scheduler does not know this replica (NACK at registration)"
             return

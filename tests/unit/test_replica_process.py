@@ -83,6 +83,31 @@ async def test_nack_at_registration_stops_before_serving(tmp_path: Path) -> None
     await replica.drain()
 
 
+async def test_a_loaded_replica_serves_while_its_registration_is_answered(tmp_path: Path) -> None:
+    """The scheduler routes to a replica once it accepts its registration; over the local
+    hop that first request can overtake the acknowledgement, and must be served."""
+    answered = asyncio.Event()
+
+    class SlowAck(Link):
+        async def register(self, replica_id: str, address: str, pid: int) -> tuple[bool, float]:
+            await answered.wait()
+            return True, 0.01
+
+    replica = make(tmp_path, SlowAck())
+    with pytest.raises(Unavailable):  # not loaded yet
+        await replica.infer("r0", {"x": np.ones((1, 2), np.float32)}, 1.0)
+    await replica.load()
+    run = asyncio.create_task(replica.run("127.0.0.1:1", 1))
+    await until(lambda: replica._registering, "the registration is on its way")
+    out = await replica.infer("r1", {"x": np.ones((1, 2), np.float32)}, 1.0)
+    np.testing.assert_array_equal(out["y"], np.full((1, 2), 2.0, np.float32))
+    answered.set()
+    await until(lambda: replica.state == "READY", "the replica is READY")
+    replica.request_stop()
+    await asyncio.wait_for(run, 5)
+    await replica.drain()
+
+
 async def test_orphaned_replica_stops_after_orphan_after(tmp_path: Path) -> None:
     link = Link(health=[Unavailable("scheduler gone")] * 1000)
     replica = make(tmp_path, link, orphan_after_s=0.2)
