@@ -58,6 +58,7 @@ PARTS = [
     ),
     ("routing", ("shoal/scheduler/router.py", "shoal/scheduler/handle.py", "shoal/core/routing.py")),
     ("replica stream, scheduler side", ("shoal/rpc/task_stream.py", "shoal/rpc/clients.py")),
+    ("local hop framing (both sides)", ("shoal/rpc/hop.py",)),
     (
         "ingress adapter",
         ("shoal/rpc/inference_service.py", "shoal/rpc/scheduler_service.py", "shoal/rpc/auth.py"),
@@ -170,8 +171,10 @@ def render() -> str:
     own = {proc: 1 - latest.get(proc, {}).get(LIBRARY, 0) for proc in ("scheduler", "replica")}
     lines.append(
         f"In the latest run ({labels[-1]}), shoal's own code is {100 * own['scheduler']:.0f}% of the "
-        f"scheduler's samples and {100 * own['replica']:.0f}% of the replica's; the rest is gRPC's "
-        "per-message work and the event loop, which a second hop (ingress, then replica) pays twice."
+        f"scheduler's samples and {100 * own['replica']:.0f}% of the replica's; the rest is library "
+        "code: gRPC's per-call work and its poller thread, the event loop, the model thread. These "
+        "are shares of each process's samples, not costs per request: `docs/architecture.md` gives "
+        "the CPU per request before and after the local hop."
     )
     return "\n".join(lines)
 
