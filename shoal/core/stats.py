@@ -243,6 +243,12 @@ class SeriesRecorder:
             self._last[(scheduler_id, name)] = snap
             if prev is None or snap.requests < prev.requests:
                 continue  # first sight, or the scheduler restarted: no delta yet
+            if snap.requests == prev.requests and snap.errors == prev.errors:
+                # No request since (latencies come with requests): nothing to add up, but the
+                # deployment still gets its point (an idle one: a gap in the chart).
+                if name not in self._pending:
+                    self._pending[name] = (0, 0, [0] * (len(BUCKETS) + 1))
+                continue
             if not len(snap.latency) == len(prev.latency) == len(BUCKETS) + 1:
                 continue  # not shoal's buckets (a broken report): nothing to add up
             req, err, lat = self._pending.get(name, (0, 0, [0] * (len(BUCKETS) + 1)))
