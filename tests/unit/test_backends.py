@@ -23,7 +23,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.tree import DecisionTreeClassifier
 
 from shoal.backends import AVAILABLE, Backend, load_backend
-from shoal.backends.base import INLINE_AFTER
+from shoal.backends.base import INLINE_AFTER, INLINE_BAIL_S, held_the_loop
 from shoal.backends.python import PythonBackend
 from shoal.backends.sklearn import SklearnBackend
 from shoal.core.spec import DeploymentSpec, TensorSpec, load_spec_file, parse_spec
@@ -124,19 +124,25 @@ import time
 
 class Model:
     def predict(self, inputs):
-        if float(inputs["x"].flat[0]) < 0:
-            time.sleep(0.01)  # a slow call
+        if float(inputs["x"].flat[0]) == -1:
+            time.sleep(0.01)  # a slow call: it waits
+        if float(inputs["x"].flat[0]) == -2:
+            started = time.thread_time()
+            while time.thread_time() - started < 0.01:  # a slow call: it computes
+                pass
         if float(inputs["x"].flat[0]) == 7:
             raise ValueError("seven")
         return {"y": inputs["x"], "thread": [threading.current_thread().name]}
 """
 
 
+@pytest.mark.parametrize("slow_value", [-1.0, -2.0], ids=["waits", "computes"])
 async def test_a_model_of_short_calls_runs_them_on_the_loop_until_one_is_slow(
-    tmp_path: Path, backends: list[Backend]
+    tmp_path: Path, backends: list[Backend], slow_value: float
 ) -> None:
     """Short calls move from the model thread to the event loop (a thread hop costs more
-    than they do); one slow call sends every later call back to the thread for good."""
+    than they do); one slow call (one that waits or one that computes) sends every later
+    call back to the thread for good."""
     backend = loaded(user_model(tmp_path, THREAD_MODEL), backends)
     loop_thread = threading.current_thread().name
     threads = [str((await backend.predict(X))["thread"][0]) for _ in range(INLINE_AFTER)]
@@ -151,10 +157,20 @@ async def test_a_model_of_short_calls_runs_them_on_the_loop_until_one_is_slow(
     np.testing.assert_array_equal((await backend.predict(X))["y"], X["x"])
     with pytest.raises(Internal, match="seven"):
         await backend.predict({"x": np.full((1, 3), 7, np.float32)})
-    slow = {"x": -np.ones((1, 3), np.float32)}
+    slow = {"x": np.full((1, 3), slow_value, np.float32)}
     assert (await backend.predict(slow))["thread"][0] == loop_thread  # ran on the loop, once
     after = [str((await backend.predict(X))["thread"][0]) for _ in range(INLINE_AFTER + 5)]
     assert all(t.startswith("shoal-model-m") for t in after)
+
+
+def test_only_a_call_that_computed_or_blocked_holds_the_loop() -> None:
+    """A short call the kernel preempted (long on the wall clock, little CPU, no wait of its
+    own) is the machine's doing: it must not send the model's calls to the thread for good."""
+    long = INLINE_BAIL_S * 2
+    assert held_the_loop(long, cpu_s=long, waits=0)  # it computed
+    assert held_the_loop(long, cpu_s=0.0, waits=1)  # it slept, waited on a lock or on I/O
+    assert not held_the_loop(long, cpu_s=0.0001, waits=0)  # preempted
+    assert not held_the_loop(INLINE_BAIL_S / 2, cpu_s=INLINE_BAIL_S / 2, waits=3)  # short
 
 
 async def test_a_model_of_slow_calls_keeps_them_on_its_thread(
