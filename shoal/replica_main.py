@@ -53,7 +53,12 @@ async def run_replica(settings: Settings, replica_id: str, scheduler: str, spec:
     # The local hop: this machine's scheduler sends requests over a Unix socket (shoal.rpc.hop).
     hop = None
     if settings.data_plane == "socket" and settings.hop_dir:
-        hop = HopServer(socket_path(settings.hop_dir, address), service.outcome, settings.max_message_bytes)
+        hop = HopServer(
+            socket_path(settings.hop_dir, address),
+            service.outcome,
+            settings.max_message_bytes,
+            begin=service.begin,
+        )
         await hop.start()
     log.info("replica %s of %s listening on %s (pid %d)", replica_id, spec.name, address, os.getpid())
     code = 0

@@ -208,30 +208,52 @@ class Batcher:
             raise Unavailable("the replica is shutting down")
         if self.max_batch_size == 1:
             return await self._run_direct(inputs)
+        request = self.enqueue(inputs)
+        try:
+            return await request.future
+        except asyncio.CancelledError:
+            self.cancel(request)
+            raise
+
+    def enqueue(self, inputs: Tensors, call: CallContext | None = None) -> _Request:
+        """``submit`` without a coroutine, for callers that answer from a callback (the local
+        hop): queue ``inputs`` and return the request, whose ``future`` gets the rows. Who
+        gives up on it calls :meth:`cancel`. Only when ``max_batch_size > 1``; raises as
+        ``submit`` does, at once. ``call``: the request it serves (default: the current one).
+        """
+        if self._closing:
+            raise Unavailable("the replica is shutting down")
         if self._task is None:
-            raise RuntimeError("Batcher.submit called before start()")
+            raise RuntimeError("Batcher.enqueue called before start()")
         if self._task.done():
             raise Internal("the batcher's collector has stopped")
-
         rows, key = _rows_and_key(inputs)
         loop = asyncio.get_running_loop()
+        now = loop.time()
         request = _Request(
             inputs=inputs,
             rows=rows,
             key=key,
-            arrived=loop.time(),
+            arrived=now,
             future=loop.create_future(),
-            waits=self._in_flight > 0 or bool(self._queue) or self._burst_expected(loop.time()),
+            call=call if call is not None else current_call.get(),
+            waits=self._in_flight > 0 or bool(self._queue) or self._burst_expected(now),
         )
         self._queue.append(request)
         self._rows_by_key[key] += rows
         self._wakeup.set()
-        try:
-            return await request.future
-        except asyncio.CancelledError:
-            if not request.started and request.future.cancelled():
-                self._forget(request)
-            raise
+        return request
+
+    def cancel(self, request: _Request, error: BaseException | None = None) -> None:
+        """Give up on ``request``: it leaves the queue if its batch has not started (its rows
+        are not run), and its future is cancelled, or fails with ``error``."""
+        if not request.future.done():
+            if error is None:
+                request.future.cancel()
+            else:
+                request.future.set_exception(error)
+        if not request.started:
+            self._forget(request)
 
     async def _run_direct(self, inputs: Tensors) -> Tensors:
         # No queue and no hop through the collector: concurrent callers run concurrently,

@@ -32,7 +32,7 @@ import struct
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from shoal.errors import Unavailable
 from shoal.proto import shoal_pb2 as pb
@@ -231,6 +231,9 @@ class HopClient:
 # ---------------------------------------------------------------- the replica's side
 
 Run = Callable[[pb.Task], Awaitable[pb.TaskOutcome]]
+# Starts a task and calls back with its outcome; returns what to cancel if the scheduler
+# goes away first (None: answered already). ``ReplicaService.begin``: no task per request.
+Begin = Callable[[pb.Task, Callable[[pb.TaskOutcome], None]], "asyncio.Future[Any] | None"]
 
 
 class _ServerProtocol(asyncio.Protocol):
@@ -239,7 +242,7 @@ class _ServerProtocol(asyncio.Protocol):
         self._frames = _Frames(server.max_bytes)
         self._transport: asyncio.Transport | None = None
         self._writer: _Writer | None = None
-        self._running: set[asyncio.Task[None]] = set()
+        self._running: set[asyncio.Future[Any]] = set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
@@ -255,13 +258,22 @@ class _ServerProtocol(asyncio.Protocol):
             log.warning("hop: closing a connection that sent %s", err)
             self.close()
             return
+        begin = self._server.begin
         for task in tasks:
+            if begin is not None:
+                running = begin(task, self._reply)
+                if running is not None:
+                    self._running.add(running)
+                    running.add_done_callback(self._running.discard)
+                continue
             t = asyncio.create_task(self._run(task))
             self._running.add(t)
             t.add_done_callback(self._running.discard)
 
     async def _run(self, task: pb.Task) -> None:
-        outcome = await self._server.run(task)
+        self._reply(await self._server.run(task))
+
+    def _reply(self, outcome: pb.TaskOutcome) -> None:
         if self._writer is not None:
             self._writer.send(outcome.SerializeToString())
 
@@ -278,11 +290,15 @@ class _ServerProtocol(asyncio.Protocol):
 
 
 class HopServer:
-    """Serves one replica's hop socket; ``run`` turns a task into its outcome."""
+    """Serves one replica's hop socket; ``run`` turns a task into its outcome (``begin``,
+    when given, does the same from callbacks: see :data:`Begin`)."""
 
-    def __init__(self, path: str | os.PathLike[str], run: Run, max_bytes: int) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], run: Run, max_bytes: int, *, begin: Begin | None = None
+    ) -> None:
         self.path = Path(path)
         self.run = run
+        self.begin = begin
         self.max_bytes = max_bytes
         self.connections: set[_ServerProtocol] = set()
         self._server: asyncio.AbstractServer | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from shoal.core.spec import MAX_SECONDS
 from shoal.errors import Code, InvalidArgument, ShoalError
@@ -15,6 +15,7 @@ from shoal.replica.process import ReplicaProcess
 from shoal.rpc import codec, generate_codec
 from shoal.rpc.convert import meta_to_pb, state_value
 from shoal.rpc.status import Context, abort
+from shoal.types import Arrays
 
 log = logging.getLogger("shoal.replica")
 
@@ -73,6 +74,53 @@ class ReplicaService(pbg.ReplicaServicer):
         return pb.TaskOutcome(
             request_id=task.request_id, tag=task.tag, error_code=code, error_message=message
         )
+
+    def begin(self, task: pb.Task, reply: Callable[[pb.TaskOutcome], None]) -> asyncio.Future[Arrays] | None:
+        """Start one task and ``reply`` with its outcome when it ends: what :meth:`outcome`
+        answers, without a coroutine (the local hop's path; see ``ReplicaProcess.begin``).
+        Returns the running request, to cancel when the caller goes away; None when the
+        task was answered at once."""
+        try:
+            inputs = codec.decode(task.inputs)
+            future = self.replica.begin(task.request_id, inputs, task.timeout_s, task.model_id)
+        except ShoalError as err:
+            reply(_failure(task, err.code.value, err.message))
+            return None
+        except Exception as err:  # a bug here must answer the request, as outcome() does
+            log.exception("request %s failed in the replica's adapter", task.request_id)
+            reply(_failure(task, Code.INTERNAL.value, f"{type(err).__name__}: {err}"))
+            return None
+
+        def done(future: asyncio.Future[Arrays]) -> None:
+            if future.cancelled():
+                return
+            err = future.exception()
+            if err is None:
+                try:
+                    outputs = codec.encode(future.result())
+                except ShoalError as encode_err:
+                    reply(_failure(task, encode_err.code.value, encode_err.message))
+                    return
+                except Exception as encode_err:  # answered, as outcome() does
+                    log.exception("request %s failed in the replica's adapter", task.request_id)
+                    reply(_failure(task, Code.INTERNAL.value, f"{type(encode_err).__name__}: {encode_err}"))
+                    return
+                reply(pb.TaskOutcome(request_id=task.request_id, tag=task.tag, outputs=outputs))
+            elif isinstance(err, ShoalError):
+                reply(_failure(task, err.code.value, err.message))
+            else:
+                log.error(
+                    "request %s failed in the replica's adapter",
+                    task.request_id,
+                    exc_info=(type(err), err, err.__traceback__),
+                )
+                reply(_failure(task, Code.INTERNAL.value, f"{type(err).__name__}: {err}"))
+
+        if future.done():
+            done(future)
+            return None
+        future.add_done_callback(done)
+        return future
 
     async def PushTasks(
         self, request_iterator: AsyncIterator[pb.TaskBatch], context: Context
@@ -146,3 +194,7 @@ class ReplicaService(pbg.ReplicaServicer):
             )
         self.replica.request_stop(grace_s=grace_s)
         return pb.Empty()
+
+
+def _failure(task: pb.Task, code: str, message: str) -> pb.TaskOutcome:
+    return pb.TaskOutcome(request_id=task.request_id, tag=task.tag, error_code=code, error_message=message)

@@ -10,8 +10,12 @@ import pytest
 
 from shoal.config import Settings
 from shoal.core.spec import parse_spec
-from shoal.errors import DeadlineExceeded, Unavailable
+from shoal.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from shoal.proto import shoal_pb2 as pb
 from shoal.replica.process import ReplicaProcess
+from shoal.rpc import codec
+from shoal.rpc.hop import HopClient, HopServer
+from shoal.rpc.replica_service import ReplicaService
 from shoal.testing.wait import until
 
 MODEL = """
@@ -47,7 +51,9 @@ class Link:
         return answer
 
 
-def make(tmp_path: Path, link: Link, delay_s: float = 0.0, **settings: float) -> ReplicaProcess:
+def make(
+    tmp_path: Path, link: Link, delay_s: float = 0.0, batch: int = 1, **settings: float
+) -> ReplicaProcess:
     (tmp_path / "slow_model.py").write_text(MODEL)
     spec = parse_spec(
         {
@@ -57,6 +63,7 @@ def make(tmp_path: Path, link: Link, delay_s: float = 0.0, **settings: float) ->
             "options": {"delay_s": delay_s},
             "base_dir": str(tmp_path),
             "timeout_s": 5,
+            "batching": {"max_batch_size": batch, "max_delay_ms": 5},
         }
     )
     return ReplicaProcess("slow-000001", spec, Settings(**settings), link)  # type: ignore[arg-type]
@@ -155,3 +162,91 @@ async def test_timeout_answers_deadline_exceeded(tmp_path: Path) -> None:
     replica.request_stop(grace_s=0)
     await runner
     await replica.drain()
+
+
+ROW = {"x": np.ones((1, 2), np.float32)}
+
+
+async def ready(replica: ReplicaProcess) -> asyncio.Task[None]:
+    await replica.load()
+    runner = asyncio.create_task(replica.run("127.0.0.1:1", 1))
+    await until(lambda: replica.state == "READY", "registration")
+    return runner
+
+
+async def stop(replica: ReplicaProcess, runner: asyncio.Task[None]) -> None:
+    replica.request_stop(grace_s=0)
+    await runner
+    await replica.drain()
+
+
+async def test_begin_answers_a_batched_request_as_infer_does(tmp_path: Path) -> None:
+    """The local hop's path (no coroutine per request) gives the same answers and errors."""
+    replica = make(tmp_path, Link(), batch=4)
+    runner = await ready(replica)
+    answers = await asyncio.gather(*(replica.begin(f"r{i}", ROW, 5.0) for i in range(6)))
+    for out in answers:
+        np.testing.assert_array_equal(out["y"], np.full((1, 2), 2.0, np.float32))
+    assert replica.in_flight == 0
+    assert replica.describe().requests == 6
+    with pytest.raises(InvalidArgument, match="scalar"):
+        await replica.begin("bad", {"x": np.float32(1.0)}, 5.0)  # type: ignore[dict-item]
+    with pytest.raises(InvalidArgument, match="not multiplexed"):
+        await replica.begin("bad", ROW, 5.0, "some-model")
+    await stop(replica, runner)
+
+
+async def test_begin_gives_up_a_queued_request_at_its_deadline_or_when_cancelled(
+    tmp_path: Path,
+) -> None:
+    """A request given up while queued leaves the queue: its rows never run."""
+    replica = make(tmp_path, Link(), delay_s=0.3, batch=4)
+    runner = await ready(replica)
+    assert replica.batcher is not None
+    first = replica.begin("r1", ROW, 5.0)
+    await until(lambda: replica.batcher is not None and replica.batcher.in_flight == 1, "the model busy")
+    late = replica.begin("r2", ROW, 0.05)
+    with pytest.raises(DeadlineExceeded, match=r"request r2 timed out after 0\.05s"):
+        await late
+    gone = replica.begin("r3", ROW, 5.0)
+    assert replica.queued == 1
+    gone.cancel()
+    await asyncio.sleep(0)
+    assert replica.queued == 0
+    assert replica.batcher.dropped == 2
+    await first
+    assert replica.in_flight == 0
+    assert replica.describe().requests == 1  # only the first ran
+    await stop(replica, runner)
+
+
+async def test_the_hop_answers_through_begin_and_a_lost_scheduler_drops_its_queued_requests(
+    tmp_path: Path,
+) -> None:
+    replica = make(tmp_path, Link(), delay_s=0.3, batch=4)
+    runner = await ready(replica)
+    service = ReplicaService(replica)
+    path = tmp_path / "hop.sock"
+    server = HopServer(path, service.outcome, 1 << 20, begin=service.begin)
+    await server.start()
+    client = HopClient(path, "127.0.0.1:1", 1 << 20)
+    tensor = codec.encode(ROW)
+    outcome = await client.push(pb.Task(request_id="r1", inputs=tensor, timeout_s=5.0), 5.0)
+    np.testing.assert_array_equal(codec.decode(outcome.outputs)["y"], np.full((1, 2), 2.0, np.float32))
+    bad = await client.push(
+        pb.Task(request_id="r2", inputs=codec.encode({"x": ROW["x"][0, 0]}), timeout_s=5.0), 5.0
+    )
+    assert bad.error_code == "INVALID_ARGUMENT" and "scalar" in bad.error_message
+    busy = asyncio.create_task(client.push(pb.Task(request_id="r3", inputs=tensor, timeout_s=5.0), 5.0))
+    await until(lambda: replica.in_flight == 1 and replica.queued == 0, "r3 running")
+    queued = asyncio.create_task(client.push(pb.Task(request_id="r4", inputs=tensor, timeout_s=5.0), 5.0))
+    await until(lambda: replica.queued == 1, "r4 queued")
+    await client.close()  # the scheduler went away
+    for task in (busy, queued):
+        with pytest.raises(Unavailable):
+            await task
+    await until(lambda: replica.queued == 0, "r4 out of the queue")
+    await until(lambda: replica.in_flight == 0, "r3 finished or given up")
+    assert replica.describe().requests == 2  # r1 and r3; r4 never ran (r2 was refused)
+    await server.stop()
+    await stop(replica, runner)
