@@ -40,6 +40,7 @@ import json
 import math
 import os
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -59,9 +60,11 @@ CAPACITY = pb.Resources(cpus=1024, memory_mb=1 << 20, gpus=0)
 NEVER = 1 << 60  # a registry version no health report reaches: created replicas stay PENDING
 MARKER = "zz-route-marker"  # the deployment whose arrival is timed (found in a stream's bytes)
 HEALTH = "/shoal.v1.Head/SendHealthUpdate"
+STREAM_HEALTH = "/shoal.v1.Head/StreamHealth"
+SENT_S = b"\x31"  # SchedulerHealth.sent_s (field 6, a double): appended to the encoded update
 WATCH = "/shoal.v1.Head/WatchRoutes"
 PER_PROC = 125  # schedulers per worker process by default
-PER_CHANNEL = 500  # a connection takes max_concurrent_streams (1,024) calls at most
+PER_CHANNEL = 250  # a connection takes max_concurrent_streams (1,024) calls at most: 2 streams each
 OPTIONS = [("grpc.max_receive_message_length", 1 << 30), ("grpc.use_local_subchannel_pool", 1)]
 
 
@@ -142,6 +145,7 @@ class Worker:
         ]
         self.head = args.head
         self.interval = args.heartbeat_s
+        self.unary = args.unary
         self.schedulers = args.schedulers
         self.rtts: list[tuple[float, float]] = []  # (sent, round trip) of every health update
         self.marked = asyncio.Event()
@@ -176,17 +180,56 @@ class Worker:
         await pbg.HeadStub(channel).RegisterScheduler(sim.register_request, timeout=120)
 
     async def _heartbeat(self, channel: grpc.aio.Channel, sim: Sim) -> None:
-        call = channel.unary_unary(HEALTH)  # bytes in, bytes out: no encoding per update
         await asyncio.sleep(self.interval * sim.i / self.schedulers)
+        if self.unary:
+            await self._heartbeat_unary(channel, sim)
+            return
+        # As GrpcHeadLink does: one stream, a reply to each update; a broken stream is
+        # replaced at the next update. Bytes in, bytes out: no encoding per update.
+        open_stream = channel.stream_stream(STREAM_HEALTH)
+        stream = None
+        try:
+            while sim.alive:
+                sent = time.monotonic()
+                try:
+                    if stream is None:
+                        stream = open_stream()
+                    await stream.write(sim.health + SENT_S + struct.pack("<d", sent))
+                    raw = await asyncio.wait_for(stream.read(), 30)
+                    if raw is grpc.aio.EOF:  # type: ignore[attr-defined]
+                        raise ConnectionError("the head ended the health stream")
+                    if not self._answered(sim, sent, pb.HealthReply.FromString(raw)):
+                        await self._register(channel, sim)
+                except (grpc.aio.AioRpcError, TimeoutError, ConnectionError) as err:
+                    code = err.code().name if isinstance(err, grpc.aio.AioRpcError) else type(err).__name__
+                    self.errors[code] = self.errors.get(code, 0) + 1
+                    self.failed.append(sent)
+                    if stream is not None:
+                        stream.cancel()
+                    stream = None
+                await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - sent)))
+        finally:
+            if stream is not None:
+                stream.cancel()
+
+    def _answered(self, sim: Sim, sent: float, reply: pb.HealthReply) -> bool:
+        """Counts a reply; False: a NACK (register again)."""
+        self.rtts.append((sent, time.monotonic() - sent))
+        if reply.ack:
+            sim.last_ack = sent
+        else:
+            sim.reregistered += 1
+        return reply.ack
+
+    async def _heartbeat_unary(self, channel: grpc.aio.Channel, sim: Sim) -> None:
+        """``--unary``: a SendHealthUpdate call per update, as schedulers did before StreamHealth
+        (and do with a head without it)."""
+        call = channel.unary_unary(HEALTH)
         while sim.alive:
             sent = time.monotonic()
             try:
                 reply = pb.HealthReply.FromString(await call(sim.health, timeout=30))
-                self.rtts.append((sent, time.monotonic() - sent))
-                if reply.ack:
-                    sim.last_ack = sent
-                else:
-                    sim.reregistered += 1
+                if not self._answered(sim, sent, reply):
                     await self._register(channel, sim)
             except grpc.aio.AioRpcError as err:
                 self.errors[err.code().name] = self.errors.get(err.code().name, 0) + 1
@@ -323,6 +366,15 @@ def _quantiles(rtts: list[float]) -> dict[str, float | None]:
     }
 
 
+def _bursts(times: list[float], gap_s: float = 0.1) -> list[list[float]]:
+    out: list[list[float]] = []
+    for i, t in enumerate(times):
+        if i == 0 or t - times[i - 1] >= gap_s:
+            out.append([round(t - times[0], 3), 0])
+        out[-1][1] += 1
+    return out
+
+
 def _timeline(start: float, stats: list[dict[str, Any]], marks: dict[str, float]) -> None:
     ok: dict[int, list[float]] = {}
     failed: dict[int, int] = {}
@@ -430,6 +482,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 str(args.deployments),
                 "--heartbeat-s",
                 str(args.heartbeat_s),
+                *(["--unary"] if args.unary else []),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=worker_log,
@@ -514,6 +567,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "store": "etcd (1 member)" if etcd is not None else (args.store or "sqlite"),
             "sim_procs": n_procs,
             "heartbeat_s": args.heartbeat_s,
+            "health": "unary" if args.unary else "stream",
             "registered_s": round(registered_s, 2),
             "worker_registered_s": round(max(r["registered_s"] for r in ready), 2),
             "applied_s": round(applied_s, 2),
@@ -540,6 +594,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             # From when the head could first know all of them dead to the last replacement: the
             # detection (a reconcile pass every reconcile_interval_s) plus the pass's own time.
             "replaced_after_all_dead_s": round(creates[-1] - dead_at, 3) if creates else None,
+            # The replacements in bursts (a gap of 0.1 s or more starts the next): [from the
+            # first replacement (s), placed]; one reconcile pass placing them all is one burst.
+            "replacement_bursts": _bursts(creates),
             "cores_during_deaths": deaths["head"],
             "health_rtt_during_deaths_s": _quantiles([r for s in during for r in s["rtts"]]),
         }
@@ -626,6 +683,11 @@ def main() -> None:
     parser.add_argument("--deployments", type=int, default=100)
     parser.add_argument(
         "--heartbeat-s", type=float, default=1.0, help="the schedulers' interval (default 1 s)"
+    )
+    parser.add_argument(
+        "--unary",
+        action="store_true",
+        help="health updates as unary SendHealthUpdate calls (a head without StreamHealth)",
     )
     parser.add_argument(
         "--dead-after-s", type=float, default=5.0, help="the head's dead_after_s (default 5 s)"

@@ -715,7 +715,13 @@ class Backlog:
             return
         full = max(self._full.get(scheduler_id, 0.0), left_s)
         self._full[scheduler_id] = full
-        waited = full - left_s
+        self.observe_wait(full - left_s, now)
+
+    def observe_wait(self, waited: float, now: float) -> None:
+        """An update that waited ``waited`` seconds, measured by its caller (a health stream
+        carries no deadline per update: ``shoal.rpc.head_service``)."""
+        if not math.isfinite(waited):
+            return
         while self._seen and self._seen[-1][1] <= waited:
             self._seen.pop()  # a smaller wait read earlier never counts again
         self._seen.append((now, waited))

@@ -262,11 +262,13 @@ class HeadNode:
         reports: list[ReplicaReport],
         load: Mapping[str, LoadReport] | None = None,
         deadline_left_s: float | None = None,
+        waited_s: float | None = None,
     ) -> bool:
         """Apply a scheduler's health update; False (NACK) when the scheduler is unknown or
         dead. ``deadline_left_s``: the time left of the update's deadline when the head reads
-        it (see ``Backlog``): how late the head is gives schedulers that much longer before
-        they are declared dead."""
+        it (see ``Backlog``), or ``waited_s``: how long it waited in the head, measured by the
+        caller (a health stream): how late the head is gives schedulers that much longer
+        before they are declared dead."""
         async with self.lock:
             # What an update can change is its scheduler's replicas: compare those only (all
             # of the cluster's, at every update from every scheduler, was quadratic).
@@ -276,6 +278,8 @@ class HeadNode:
             if ack:
                 if deadline_left_s is not None:
                     self._backlog.observe(scheduler_id, deadline_left_s, self.clock.now())
+                elif waited_s is not None:
+                    self._backlog.observe_wait(waited_s, self.clock.now())
                 self._loads[scheduler_id] = dict(load or {})
                 self.series.record(
                     self.clock.now(),

@@ -298,9 +298,15 @@ class SchedulerHealth(_message.Message):
     REPLICAS_FIELD_NUMBER: _builtins.int
     REGISTRY_VERSION_FIELD_NUMBER: _builtins.int
     LOAD_FIELD_NUMBER: _builtins.int
+    SENT_S_FIELD_NUMBER: _builtins.int
     scheduler_id: _builtins.str
     registry_version: _builtins.int
     """bumps with every change to the scheduler's registry"""
+    sent_s: _builtins.float
+    """On StreamHealth: when the scheduler sent the update, on its own monotonic clock (s).
+    A stream carries no deadline per update; the head measures how long updates wait in it
+    from these, against the shortest lag seen on the stream (the clocks' offset cancels).
+    """
     @_builtins.property
     def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicaStatus]: ...
     @_builtins.property
@@ -312,10 +318,11 @@ class SchedulerHealth(_message.Message):
         replicas: _abc.Iterable[Global___ReplicaStatus] | None = ...,
         registry_version: _builtins.int = ...,
         load: _abc.Mapping[_builtins.str, Global___DeploymentLoad] | None = ...,
+        sent_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["load", b"load", "registry_version", b"registry_version", "replicas", b"replicas", "scheduler_id", b"scheduler_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["load", b"load", "registry_version", b"registry_version", "replicas", b"replicas", "scheduler_id", b"scheduler_id", "sent_s", b"sent_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

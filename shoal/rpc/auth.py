@@ -70,6 +70,7 @@ DENY = Deny()
 HEAD_RULES: dict[str, Rule] = {
     "/shoal.v1.Head/RegisterScheduler": Peer("scheduler"),
     "/shoal.v1.Head/SendHealthUpdate": Peer("scheduler"),
+    "/shoal.v1.Head/StreamHealth": Peer("scheduler"),
     "/shoal.v1.Head/WatchRoutes": Peer("scheduler"),
     "/shoal.v1.Head/GetStatus": Control(Role.READ),
     "/shoal.v1.Head/ReadLog": Control(Role.READ),
@@ -180,8 +181,12 @@ class AuthInterceptor(_Interceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = await continuation(details)
-        method = details.method
+        wrapped: grpc.RpcMethodHandler[Any, Any] = self.wrap(details.method, await continuation(details))
+        return wrapped
+
+    def wrap(self, method: str, handler: Any) -> Any:
+        """``handler`` with ``method``'s rule checked on each call (the same wrapper for every
+        call: ``shoal.rpc.server`` wraps each method once, when it is registered)."""
         rule = _rule(self._rules, method)
         if handler is None or rule is None or (isinstance(rule, Peer | PeerOr) and not self._tls):
             return handler
@@ -192,8 +197,7 @@ class AuthInterceptor(_Interceptor):
             except ShoalError as err:
                 await abort(context, err)
 
-        wrapped: grpc.RpcMethodHandler[Any, Any] = _wrap(handler, check)
-        return wrapped
+        return _wrap(handler, check)
 
     def _check(self, rule: Rule, method: str, context: Context) -> None:
         name = method.rsplit("/", 1)[-1]

@@ -18,7 +18,7 @@ from shoal.core.payload import Tensors
 from shoal.core.spec import DeploymentSpec, parse_spec_json
 from shoal.core.status import ClusterStatus
 from shoal.core.traffic import TrafficRoute
-from shoal.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from shoal.errors import DeadlineExceeded, InvalidArgument, ShoalError, Unavailable
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.rpc import codec, convert, generate_codec
@@ -336,13 +336,24 @@ _MOVE_ON = (Unavailable, DeadlineExceeded)  # errors after which another head ma
 
 
 class GrpcHeadLink:
-    """Scheduler -> head; to several heads, the one that leads (``HeadChannels``)."""
+    """Scheduler -> head; to several heads, the one that leads (``HeadChannels``).
+
+    Health updates go on one long-lived ``StreamHealth`` stream, a reply to each (a unary
+    call per update cost the head twice the update's own work). A stream that fails is
+    dropped and the update raises as a failed call would; the next update opens a new
+    stream, to the next head after UNAVAILABLE or a deadline (a standby ends it so). A
+    head without the stream (UNIMPLEMENTED: an older head) gets unary ``SendHealthUpdate``
+    calls from then on. :meth:`health` is safe to call concurrently (one update at a time
+    is on the stream)."""
 
     def __init__(self, address: str, settings: Settings) -> None:
         self._settings = settings
         self._heads = HeadChannels(address, settings, "scheduler")
         self.reach = Reachability(f"head at {address}")
         self._decoder = RoutingTableDecoder()
+        self._stream: tuple[pbg.HeadAsyncStub, Any] | None = None  # (its head, the call)
+        self._stream_lock = asyncio.Lock()
+        self.unary_health = False  # the head answered StreamHealth UNIMPLEMENTED
 
     async def _call(self, method: str, req: object) -> Any:
         stub = self._heads.stub
@@ -390,8 +401,55 @@ class GrpcHeadLink:
                 for name, r in load.items()
             },
         )
+        if not self.unary_health:
+            async with self._stream_lock:
+                ack = await self._stream_health(req)
+            if ack is not None:
+                return ack
         reply = await self._call("SendHealthUpdate", req)
         return bool(reply.ack)
+
+    async def _stream_health(self, req: pb.SchedulerHealth) -> bool | None:
+        """``req`` on the health stream (opened when there is none); its reply's ack, or
+        None when the head has no stream (then :attr:`unary_health`). Under the lock."""
+        if self._stream is None:
+            stub = self._heads.stub
+            self._stream = (stub, stub.StreamHealth())  # type: ignore[call-arg]  # write()-fed stream
+        stub, stream = self._stream
+        req.sent_s = time.monotonic()
+        error: ShoalError
+        try:
+            await stream.write(req)
+            reply = await asyncio.wait_for(stream.read(), self._settings.rpc_timeout_s)
+        except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.UNIMPLEMENTED:
+                self._drop_stream()
+                log.info("the head at %s has no health stream: unary health updates", self._heads.address)
+                self.unary_health = True
+                return None
+            error = to_error(err)
+        except TimeoutError:
+            error = DeadlineExceeded(f"no reply to a health update in {self._settings.rpc_timeout_s:g}s")
+        except asyncio.InvalidStateError:  # written after the head ended the stream with OK
+            error = Unavailable("the head ended the health stream")
+        except BaseException:
+            self._drop_stream()  # cancelled between a write and its reply: out of step
+            raise
+        else:
+            if reply is not grpc.aio.EOF:  # type: ignore[attr-defined]
+                self.reach.ok()
+                return bool(reply.ack)
+            error = Unavailable("the head ended the health stream")
+        self._drop_stream()
+        if isinstance(error, _MOVE_ON):
+            self.reach.failed(error)
+            self._heads.failed(stub)
+        raise error
+
+    def _drop_stream(self) -> None:
+        if self._stream is not None:
+            self._stream[1].cancel()
+            self._stream = None
 
     async def watch_routes(self, scheduler_id: str) -> AsyncIterator[RoutingTable]:
         stub = self._heads.stub
@@ -408,6 +466,7 @@ class GrpcHeadLink:
             stream.cancel()
 
     async def close(self) -> None:
+        self._drop_stream()
         await self._heads.close()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import AsyncIterator
 
 from shoal.auth import Role
@@ -23,6 +25,9 @@ from shoal.rpc.convert import (
 )
 from shoal.rpc.status import Context, abort
 from shoal.types import DeploymentRoutes, LoadReport, RoutingTable, SchedulerRegistration
+
+_ACK = pb.HealthReply(ack=True)
+_NACK = pb.HealthReply(ack=False)
 
 
 class HeadService(pbg.HeadServicer):
@@ -50,7 +55,32 @@ class HeadService(pbg.HeadServicer):
         return pb.RegisterSchedulerReply(heartbeat_interval_s=interval)
 
     async def SendHealthUpdate(self, request: pb.SchedulerHealth, context: Context) -> pb.HealthReply:
-        ack = await self.node.scheduler_health(
+        ack = await self._health(request, deadline_left_s=context.time_remaining())
+        return _ACK if ack else _NACK
+
+    async def StreamHealth(
+        self, requests: AsyncIterator[pb.SchedulerHealth], context: Context
+    ) -> AsyncIterator[pb.HealthReply]:
+        """One scheduler's health updates on one stream, a reply to each, in order.
+
+        How long an update waited in this head (``Backlog``): its lag (read here, less its
+        ``sent_s`` on the scheduler's clock) over the shortest lag seen on this stream, so
+        that the clocks' offset cancels. The first update of a stream counts as not waiting."""
+        shortest = math.inf
+        async for request in requests:
+            lag = time.monotonic() - request.sent_s
+            shortest = min(shortest, lag)
+            ack = await self._health(request, waited_s=lag - shortest)
+            yield _ACK if ack else _NACK
+
+    async def _health(
+        self,
+        request: pb.SchedulerHealth,
+        *,
+        deadline_left_s: float | None = None,
+        waited_s: float | None = None,
+    ) -> bool:
+        return await self.node.scheduler_health(
             request.scheduler_id,
             request.registry_version,
             [report_from_pb(r) for r in request.replicas],
@@ -58,9 +88,9 @@ class HeadService(pbg.HeadServicer):
                 name: LoadReport(d.in_flight, d.queued, d.requests, d.errors, tuple(d.latency_buckets))
                 for name, d in request.load.items()
             },
-            deadline_left_s=context.time_remaining(),
+            deadline_left_s=deadline_left_s,
+            waited_s=waited_s,
         )
-        return pb.HealthReply(ack=ack)
 
     async def WatchRoutes(
         self, request: pb.WatchRoutesRequest, context: Context

@@ -16,7 +16,7 @@ import grpc
 import grpc.aio
 
 from shoal.head.leader import Leadership, standby_error
-from shoal.rpc.auth import _wrap
+from shoal.rpc.handlers import wrap_handler
 from shoal.rpc.status import Context, abort
 
 LEADER_METADATA = "shoal-leader"
@@ -31,7 +31,8 @@ else:
 
 class StandbyInterceptor(_Interceptor):
     """Refuses every call unless this head leads and has loaded its state (``serving``),
-    but :data:`BLOB_DOWNLOAD` (the auth interceptor still checks it).
+    but :data:`BLOB_DOWNLOAD` (the auth interceptor still checks it); a client stream is
+    refused at its first message after this head stops serving.
 
     Put it before the auth interceptor: a standby has not loaded the tokens, and its answer
     holds no secret."""
@@ -49,12 +50,14 @@ class StandbyInterceptor(_Interceptor):
             return handler  # a head taking over may fetch from a standby the blobs it lacks
         leadership = self._leadership
 
-        async def check(context: Context) -> None:
+        async def check(_request: object, context: Context) -> None:
             if leadership.serving:
                 return
             if leadership.leader is not None:
                 context.set_trailing_metadata(((LEADER_METADATA, leadership.leader.grpc),))
             await abort(context, standby_error(leadership))
 
-        wrapped: grpc.RpcMethodHandler[Any, Any] = _wrap(handler, check)
+        # Checked again on every message of a client stream (StreamHealth): a head that
+        # stops leading ends the streams open to it on their next message.
+        wrapped: grpc.RpcMethodHandler[Any, Any] = wrap_handler(handler, check, each=check)
         return wrapped
