@@ -59,10 +59,28 @@ class DecodeGuard(_Interceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = await continuation(details)
+        wrapped: grpc.RpcMethodHandler[Any, Any] = self.wrap(details.method, await continuation(details))
+        return wrapped
+
+    def wrap(self, method: str, handler: Any) -> Any:
+        """``handler`` guarded (the same for every call of ``method``: ``shoal.rpc.server``
+        wraps each method once, when it is registered)."""
         if handler is None or handler.request_deserializer is None:
             return handler
-        wrapped: grpc.RpcMethodHandler[Any, Any] = wrap_handler(
+        if handler.unary_unary is not None:
+            # The data plane's calls (ModelInfer): one coroutine, not wrap_handler's two.
+            behaviour = handler.unary_unary
+
+            async def unary_unary(request: Any, context: Context) -> Any:
+                if type(request) is Undecodable:
+                    await _refuse(request, context)
+                return await behaviour(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary,
+                request_deserializer=_lenient(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
+            )
+        return wrap_handler(
             handler, _refuse, each=_refuse, request_deserializer=_lenient(handler.request_deserializer)
         )
-        return wrapped
