@@ -46,11 +46,14 @@ from shoal.rpc.server import bind, new_server
 from shoal.rpc.standby import StandbyInterceptor
 from shoal.rpc.tls import announce_transport, check_transport, server_credentials
 from shoal.scheduler.blob_fetch import Announcer
+from shoal.scheduler.child import ChildProcess
 from shoal.scheduler.ingress import IngressHub, ingress_processes, snapshot
 from shoal.scheduler.node import SchedulerNode, scheduler_id
+from shoal.scheduler.supervisor import Process
 from shoal.store.base import Store
 from shoal.store.etcd import EtcdStore
 from shoal.store.sqlite import SqliteStore
+from shoal.zygote import Zygote
 
 log = logging.getLogger("shoal")
 
@@ -204,12 +207,13 @@ async def _serve_as_leader(leadership: Leadership, node: HeadNode) -> None:
 
 
 async def start_scheduler(
-    settings: Settings, stack: AsyncExitStack, head_address: str
+    settings: Settings, stack: AsyncExitStack, head_address: str, zygote: Zygote | None = None
 ) -> tuple[SchedulerNode, str, str]:
     """Bind the scheduler's ports and start it. With several ingress processes
     (``ingress_workers``), the inference ports are shared (SO_REUSEPORT) with workers this
     process starts and restarts, and the head and replicas reach this process on a control
-    port of its own (the address it registers)."""
+    port of its own (the address it registers). With ``zygote``, ingress workers and
+    replicas are forked from it (``shoal.zygote``)."""
     check_transport(settings, "scheduler", "replica")
     state_dir = Path(settings.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -222,6 +226,7 @@ async def start_scheduler(
         sid,
         GrpcHeadLink(head_address, settings),
         lambda addr: GrpcReplicaClient(addr, settings),
+        launcher=zygote.launcher() if zygote else None,
     )
     processes = ingress_processes(settings)
     guard = AuthInterceptor(SCHEDULER_RULES, tls=bool(settings.tls_dir))
@@ -293,6 +298,7 @@ async def start_scheduler(
             sid,
             processes - 1,
             node.hub,
+            zygote,
         )
         await workers.start()
         stack.push_async_callback(workers.aclose)
@@ -316,17 +322,25 @@ async def start_scheduler(
 class IngressWorkers:
     """The ingress worker processes of one scheduler: started, restarted when they exit,
     stopped with it. Each runs ``python -m shoal.ingress_worker`` with the scheduler's
-    settings (ports bound) in ``SHOAL_INGRESS_WORKER``."""
+    settings (ports bound) in ``SHOAL_INGRESS_WORKER``: forked by ``zygote`` when there is
+    one, a new process otherwise."""
 
     def __init__(
-        self, settings: Settings, control: str, scheduler_id: str, count: int, hub: IngressHub
+        self,
+        settings: Settings,
+        control: str,
+        scheduler_id: str,
+        count: int,
+        hub: IngressHub,
+        zygote: Zygote | None = None,
     ) -> None:
         self._settings = settings
         self._control = control
         self._scheduler_id = scheduler_id
         self._count = count
         self._hub = hub
-        self._procs: dict[str, asyncio.subprocess.Process] = {}
+        self._zygote = zygote
+        self._procs: dict[str, Process] = {}
         self._tasks = TaskSet(f"ingress workers of {scheduler_id}")
         self._closing = False
         self.restarts = 0
@@ -348,9 +362,10 @@ class IngressWorkers:
             "scheduler_id": self._scheduler_id,
         }
         env = {**os.environ, "SHOAL_INGRESS_WORKER": json.dumps(doc)}
-        self._procs[worker_id] = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "shoal.ingress_worker", env=env, stdin=asyncio.subprocess.DEVNULL
-        )
+        argv = [sys.executable, "-m", "shoal.ingress_worker"]
+        # Forked from the zygote when there is one (shoal.zygote: it shares their modules' pages).
+        child = self._zygote.spawn(argv, env=env, out=None, new_session=False) if self._zygote else None
+        self._procs[worker_id] = child or ChildProcess.spawn(argv, env=env, out=None, new_session=False)
 
     async def _watch(self, worker_id: str) -> None:
         backoff = 0.2
@@ -375,12 +390,12 @@ class IngressWorkers:
         self._closing = True
         for proc in self._procs.values():
             if proc.returncode is None:
-                proc.terminate()
+                proc.send_signal(signal.SIGTERM)
         for proc in self._procs.values():
             try:
                 await asyncio.wait_for(proc.wait(), 5.0)
             except TimeoutError:
-                proc.kill()
+                proc.send_signal(signal.SIGKILL)
                 await proc.wait()
         await self._tasks.aclose()
 
@@ -419,11 +434,11 @@ async def run_head(settings: Settings) -> None:
         raise SystemExit(LOST_LEADERSHIP_EXIT)
 
 
-async def run_scheduler(settings: Settings) -> None:
+async def run_scheduler(settings: Settings, zygote: Zygote | None = None) -> None:
     announce_transport(settings)
 
     async def setup(stack: AsyncExitStack) -> None:
-        await start_scheduler(settings, stack, settings.head_address)
+        await start_scheduler(settings, stack, settings.head_address, zygote)
 
     await _serve(setup)
 
@@ -431,14 +446,16 @@ async def run_scheduler(settings: Settings) -> None:
 async def run_up(
     settings: Settings,
     on_ready: Callable[[HeadNode, SchedulerNode, TaskSet], Awaitable[None]] | None = None,
+    zygote: Zygote | None = None,
 ) -> None:
     """Head and one scheduler in this process; ``on_ready`` runs once both are up, and may
-    start tasks in the TaskSet it gets (they are cancelled at shutdown)."""
+    start tasks in the TaskSet it gets (they are cancelled at shutdown). ``zygote``: see
+    :func:`start_scheduler`."""
     announce_transport(settings)
 
     async def setup(stack: AsyncExitStack) -> None:
         head, head_address, _ = await start_head(settings, stack)
-        scheduler, _, _ = await start_scheduler(settings, stack, head_address)
+        scheduler, _, _ = await start_scheduler(settings, stack, head_address, zygote)
         # Unwinds first: the head stops replacing replicas the scheduler is draining.
         stack.callback(head.pause)
         if on_ready is not None:

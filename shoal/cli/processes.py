@@ -180,6 +180,7 @@ def _log_to_file(path: Path) -> logging.Handler:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from shoal.run import run_up
+    from shoal.zygote import zygote
 
     settings = settings_of(
         args,
@@ -218,8 +219,9 @@ def cmd_up(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    with _running_as(settings, "up"):
-        aio.run(run_up(settings, on_ready), settings.event_loop)
+    # Forked before the event loop starts: replicas and ingress workers share its modules' pages.
+    with _running_as(settings, "up"), zygote() as forks:
+        aio.run(run_up(settings, on_ready, forks), settings.event_loop)
     return 0
 
 
@@ -252,11 +254,12 @@ def cmd_head(args: argparse.Namespace) -> int:
 
 def cmd_scheduler(args: argparse.Namespace) -> int:
     from shoal.run import run_scheduler
+    from shoal.zygote import zygote
 
     settings = settings_of(args, **_cluster_flags(args), **_scheduler_flags(args))
     logs.setup(settings.log_format, settings.log_level, component="scheduler")
-    with _running_as(settings, "scheduler"):
-        aio.run(run_scheduler(settings), settings.event_loop)
+    with _running_as(settings, "scheduler"), zygote() as forks:
+        aio.run(run_scheduler(settings, forks), settings.event_loop)
     return 0
 
 

@@ -32,8 +32,9 @@ class ChildProcess:
 
     @classmethod
     def spawn(
-        cls, argv: Sequence[str], *, env: Mapping[str, str], out: IO[bytes], new_session: bool = True
+        cls, argv: Sequence[str], *, env: Mapping[str, str], out: IO[bytes] | None, new_session: bool = True
     ) -> ChildProcess:
+        """Start ``argv`` with ``env``, stdout and stderr to ``out`` (None: this process's)."""
         popen = subprocess.Popen(
             list(argv),
             stdin=subprocess.DEVNULL,

@@ -140,6 +140,13 @@ class Component:
                 pass
 
 
+def _is_replica(pid: int) -> bool:
+    try:
+        return "shoal.replica_main" in psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return False
+
+
 def _not_zombie(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -245,9 +252,12 @@ class ProcessCluster:
                 pass
 
     def leftover_replicas(self) -> list[int]:
-        """Replica processes this cluster ever started that are still running."""
+        """Replica processes this cluster ever started that are still running (not a
+        scheduler's zygote or ingress workers: ``shoal.zygote``)."""
         return sorted(
-            p for p in self._pids_seen | self._all_children() if psutil.pid_exists(p) and _not_zombie(p)
+            p
+            for p in self._pids_seen | self._all_children()
+            if psutil.pid_exists(p) and _not_zombie(p) and _is_replica(p)
         )
 
     def _all_children(self) -> set[int]:

@@ -59,7 +59,7 @@ async def cluster(
 
 def workers(cluster: ProcessCluster) -> list[psutil.Process]:
     main = psutil.Process(cluster.schedulers[0].pid)
-    return [p for p in main.children() if "shoal.ingress_worker" in " ".join(p.cmdline())]
+    return [p for p in main.children(recursive=True) if "shoal.ingress_worker" in " ".join(p.cmdline())]
 
 
 def listeners(pid: int) -> set[int]:
