@@ -1,6 +1,7 @@
 """Refusals from a request's head in shoal's HTTP server (``HttpServer(refuse=...)``): a
-plain request that ``refuse`` names is answered without h11 or the app, in order with the
-others on its connection, which goes on serving; anything else still goes through h11.
+plain request that ``refuse`` names is answered without the parser or the app, in order with
+the others on its connection, which goes on serving; anything else still goes through the
+parser (llhttp through httptools, or h11: each test runs with both).
 
 Raw HTTP/1.1 over a loopback connection, so the test controls every byte.
 """
@@ -44,12 +45,14 @@ class Served:
         return JSONResponse({"path": request.url.path, "body": (await request.body()).decode()})
 
 
-@pytest.fixture
-async def server() -> AsyncIterator[tuple[HttpServer, Served]]:
+@pytest.fixture(params=["httptools", "h11"])
+async def server(request: pytest.FixtureRequest) -> AsyncIterator[tuple[HttpServer, Served]]:
     served = Served()
     routes = [Route("/{path:path}", served.echo, methods=["GET", "POST"])]
     limits = HttpLimits(header_timeout_s=IDLE_S, idle_timeout_s=IDLE_S)
-    http = HttpServer(Starlette(routes=routes), "127.0.0.1", 0, limits=limits, refuse=refuse)
+    http = HttpServer(
+        Starlette(routes=routes), "127.0.0.1", 0, limits=limits, refuse=refuse, parser=request.param
+    )
     await http.start()
     yield http, served
     await http.stop()
@@ -92,8 +95,9 @@ async def test_refusals_and_served_requests_keep_their_order_on_a_connection(
     server: tuple[HttpServer, Served], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     http, served = server
-    parsed: list[bytes] = []
+    parsed: list[bytes] = []  # the targets of the heads a parser (h11 or llhttp) read
     next_event = h11.Connection.next_event
+    headers_complete = http_server._BoundedHttpTools.on_headers_complete
 
     def spy(conn: h11.Connection) -> Any:
         event = next_event(conn)
@@ -101,7 +105,12 @@ async def test_refusals_and_served_requests_keep_their_order_on_a_connection(
             parsed.append(event.target)
         return event
 
+    def llhttp_spy(protocol: http_server._BoundedHttpTools) -> None:
+        parsed.append(protocol.url)
+        headers_complete(protocol)
+
     monkeypatch.setattr(h11.Connection, "next_event", spy)
+    monkeypatch.setattr(http_server._BoundedHttpTools, "on_headers_complete", llhttp_spy)
     async with Conn.open(http) as conn:
         # Pipelined in one write, the last head split over two.
         tail = request("POST", "/full/c", b"{}")
@@ -126,7 +135,7 @@ async def test_refusals_and_served_requests_keep_their_order_on_a_connection(
         assert answers[0][1]["content-type"] == "application/json"
         assert served.paths == ["/ok/1", "/ok/2"]
         assert answers[4][2]["body"] == "body"
-        # The first two were answered from their bytes alone; h11 read the rest (the app's
+        # The first two were answered from their bytes alone; the parser read the rest (the app's
         # requests, and /full/c, which came in while /ok/1 was being served).
         assert b"/full/a" not in parsed and b"/full/b?q=1" not in parsed
         # Refused last, then idle: closed after the idle timeout like any other connection.
@@ -144,7 +153,9 @@ async def test_refusals_and_served_requests_keep_their_order_on_a_connection(
     ],
     ids=["chunked", "connection", "expect"],
 )
-async def test_what_is_not_plain_is_refused_through_h11(server: tuple[HttpServer, Served], head: str) -> None:
+async def test_what_is_not_plain_is_refused_through_the_parser(
+    server: tuple[HttpServer, Served], head: str
+) -> None:
     http, served = server
     async with Conn.open(http) as conn:
         if "chunked" in head:
@@ -195,3 +206,30 @@ async def test_a_half_sent_head_after_a_refusal_is_cut_off(server: tuple[HttpSer
 )
 def test_plain_requests(data: bytes, expected: tuple[str, str, int] | None) -> None:
     assert http_server._plain_request(data) == expected
+
+
+async def test_a_request_head_over_16_kib_is_a_bad_request(server: tuple[HttpServer, Served]) -> None:
+    http, served = server
+    async with Conn.open(http) as conn:
+        conn.writer.write(b"GET /ok HTTP/1.1\r\nHost: x\r\n")
+        for _ in range(20):  # 20 KiB of headers, a KiB a write, never ending
+            conn.writer.write(b"X-Long: " + b"a" * 1024 + b"\r\n")
+            await conn.writer.drain()
+        status, _, _ = await conn.answer()
+        assert status == 400
+        assert served.paths == []
+
+
+async def test_a_complete_request_is_served_on_a_connection_after_a_refused_one(
+    server: tuple[HttpServer, Served],
+) -> None:
+    http, served = server
+    async with Conn.open(http) as conn:
+        # A chunked request: not plain, so the parser reads it and the refusal is its answer.
+        conn.writer.write(b"POST /full/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        status, headers, body = await conn.answer()
+        assert (status, body["error"], headers["retry-after"]) == (503, "/full/a is full", "1")
+        conn.writer.write(b"2\r\n{}\r\n0\r\n\r\n" + request("POST", "/ok", b"after"))  # its body comes late
+        status, _, body = await conn.answer()
+        assert (status, body) == (200, {"path": "/ok", "body": "after"})
+        assert served.paths == ["/ok"]
