@@ -23,6 +23,7 @@ from shoal.head.blobs import BlobStore
 from shoal.head.node import ROUTES_GAP_S, ApplyResult, HeadNode, cluster_status
 from shoal.store import MemoryStore
 from shoal.testing.fakes import FakeSchedulers
+from shoal.testing.wait import until
 from shoal.types import Route, RoutingTable, SchedulerRegistration
 
 pytestmark = pytest.mark.timeout(10)
@@ -482,3 +483,31 @@ async def test_aclose_closes_the_scheduler_clients(head: HeadNode, fleet: FakeSc
     await head.aclose()
 
     assert fleet.clients["s1"].closed
+
+
+async def test_a_silent_schedulers_replicas_are_replaced_once_it_is_dead_not_at_the_next_interval(
+    store: MemoryStore, fleet: FakeSchedulers
+) -> None:
+    """The reconcile loop wakes when the next scheduler could be declared dead: with passes
+    30 s apart, s1's replica is still placed on s2 as soon as s1 has been silent dead_after_s."""
+    node = HeadNode(Settings(dead_after_s=0.2, reconcile_interval_s=30), store, fleet)
+    spec = make_spec()
+    await node.apply(spec)
+    await join(node, "s1", ready("echo-1", spec))
+    await join(node, "s2")
+    await node.start()
+
+    async def heartbeat_s2() -> None:
+        while True:
+            assert await node.scheduler_health("s2", 0, [])
+            await asyncio.sleep(0.02)
+
+    beating = asyncio.create_task(heartbeat_s2())
+    try:
+        await until(lambda: bool(fleet.client("s2", "s2:7000").created), "a replacement on s2", 5)
+        assert node.state.schedulers["s1"].state == "DEAD"
+    finally:
+        beating.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await beating
+        await node.aclose()
