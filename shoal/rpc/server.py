@@ -49,17 +49,27 @@ class Guard(Protocol):
 
 class GuardedServer:
     """A ``grpc.aio.Server`` whose method handlers are wrapped by its guards once, when
-    they are registered, instead of by interceptors on every call.
+    they are registered, instead of by interceptors on every call, and found by one
+    lookup in a dict of all its methods.
 
-    Why: py-spy of a scheduler's ingress under perf_analyzer (noop, c=32) had grpc.aio's
-    interceptor chain (a coroutine per interceptor, the auth rules scanned by prefix, the
-    decode guard's wrapper built anew) at 5-7% of its samples; a server without
-    interceptors finds the handler in C. Same order as interceptors: the first guard is
-    the outermost."""
+    Why, from profiles of a scheduler's ingress under perf_analyzer (noop, c=32):
+    - py-spy had grpc.aio's interceptor chain (a coroutine per interceptor, the auth rules
+      scanned by prefix, the decode guard's wrapper built anew) at 5-7% of its samples.
+    - cProfile: a quarter of the ingress's Python calls a request were one
+      ``asyncio.wait`` over ~30 futures. grpc.aio's serving loop keeps a pending
+      request-call future per registered method (``add_registered_method_handlers``; the
+      scheduler's port has ~30 methods) and waits on all of them for every call that
+      arrives. Methods are kept here instead and served through one generic handler: that
+      loop then waits on one future.
+
+    Same order as interceptors: the first guard is the outermost."""
 
     def __init__(self, server: grpc.aio.Server, guards: Sequence[Guard]) -> None:
         self._server = server
         self._guards = list(guards)
+        self._methods: dict[str, Any] = {}
+        self._others: list[_GuardedHandlers] = []
+        server.add_generic_rpc_handlers((_Lookup(self._methods, self._others),))
 
     def _wrap(self, method: str, handler: Any) -> Any:
         for guard in reversed(self._guards):
@@ -67,12 +77,12 @@ class GuardedServer:
         return handler
 
     def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler[Any, Any]]) -> None:
-        self._server.add_generic_rpc_handlers(tuple(_GuardedHandlers(h, self._wrap) for h in handlers))
+        self._others.extend(_GuardedHandlers(h, self._wrap) for h in handlers)
 
     def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
-        self._server.add_registered_method_handlers(  # type: ignore[attr-defined]
-            service, {name: self._wrap(f"/{service}/{name}", h) for name, h in handlers.items()}
-        )
+        for name, handler in handlers.items():
+            method = f"/{service}/{name}"
+            self._methods[method] = self._wrap(method, handler)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._server, name)
@@ -86,6 +96,25 @@ else:
 # Wrapped handlers kept per generic handler: one per method it answers; a handler that
 # answers any name (none of shoal's does) is wrapped on each call past this many.
 _MAX_KEPT = 256
+
+
+class _Lookup(_Generic):
+    """A :class:`GuardedServer`'s one generic handler: its methods by name, then the
+    generic handlers that named none."""
+
+    def __init__(self, methods: dict[str, Any], others: list[_GuardedHandlers]) -> None:
+        self._methods = methods
+        self._others = others
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = self._methods.get(handler_call_details.method)
+        if handler is not None:
+            return handler
+        for other in self._others:
+            handler = other.service(handler_call_details)
+            if handler is not None:
+                return handler
+        return None
 
 
 class _GuardedHandlers(_Generic):

@@ -81,3 +81,34 @@ def test_a_handler_that_answers_any_name_keeps_a_bounded_number_wrapped() -> Non
     assert len(guarded._wrapped) <= 256
     guarded.service(Details("/x/M0"))  # type: ignore[arg-type]
     assert wrapped_for.count("/x/M0") == 1  # kept: wrapped once
+
+
+async def test_generated_services_are_served_through_the_one_lookup() -> None:
+    """Generated code registers each method by name (add_registered_method_handlers);
+    the server keeps them itself, guarded, and answers them as grpc.aio would."""
+    from shoal.proto import grpc_service_pb2 as oip
+    from shoal.proto import grpc_service_pb2_grpc as oipg
+
+    class Live(oipg.GRPCInferenceServiceServicer):
+        async def ServerLive(self, request: Any, context: Any) -> oip.ServerLiveResponse:
+            return oip.ServerLiveResponse(live=True)
+
+    server = new_server(Settings())
+    oipg.add_GRPCInferenceServiceServicer_to_server(Live(), server)
+    assert "/inference.GRPCInferenceService/ServerLive" in server._methods  # type: ignore[attr-defined]
+    port = bind(server, "127.0.0.1", 0)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = oipg.GRPCInferenceServiceStub(channel)
+            assert (await stub.ServerLive(oip.ServerLiveRequest(), timeout=5)).live
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(
+                    b"\xff\xff", timeout=5
+                )
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            with pytest.raises(grpc.aio.AioRpcError) as unimplemented:
+                await stub.ServerReady(oip.ServerReadyRequest(), timeout=5)
+            assert unimplemented.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        await server.stop(0)
