@@ -21,7 +21,7 @@ import pytest
 from shoal.config import Settings
 from shoal.core import payload
 from shoal.core.spec import DeploymentSpec, parse_spec
-from shoal.http import scheduler as scheduler_http
+from shoal.http import infer as scheduler_http
 from shoal.http.scheduler import scheduler_app, shutdown_parser
 from shoal.proto import grpc_service_pb2 as oip
 from shoal.proto import shoal_pb2 as pb

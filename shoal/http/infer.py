@@ -1,0 +1,418 @@
+"""The scheduler's REST inference route, ``POST /v2/models/NAME[/versions/V]/infer``
+(the Open Inference Protocol, KServe V2 / Triton): reading and decoding its body, the
+data plane's call, and writing its answer. :func:`shoal.http.scheduler.scheduler_app`
+mounts it ahead of its Starlette app (:class:`Dispatch`).
+
+Bodies are JSON (``inputs: [{name, datatype, shape, data}]``) or Triton's binary tensor
+data extension; see :mod:`shoal.http.scheduler` for the whole REST API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import json
+import logging
+import multiprocessing
+import zlib
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from starlette.requests import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from shoal.core import limits, payload, tensors
+from shoal.core.payload import Tensor, Tensors
+from shoal.errors import Code, InvalidArgument, ResourceExhausted, ShoalError, from_code
+from shoal.scheduler.dataplane import MODEL_ID_HEADER, MODEL_ID_PARAMETER, InferCall
+from shoal.scheduler.ingress import IngressNode
+from shoal.scheduler.models import InferResult
+
+log = logging.getLogger("shoal.http")
+T = TypeVar("T")
+
+_JSON = "application/json"
+_UNSUPPORTED_PARAMETERS = {
+    "shared_memory_region": "shared memory is not supported; send the data in the request",
+    "classification": "the classification extension is not supported",
+}
+
+
+# ---------------------------------------------------------------- bodies
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, decoded (gzip, deflate), at most ``limit`` bytes; InvalidArgument otherwise.
+
+    An oversized body is still read to its end (and dropped), so that the client, which
+    sends it all before reading the answer, gets the 400 and not a broken connection.
+    """
+    headers = request.headers
+    return await read_asgi_body(
+        request.receive, headers.get("content-length"), headers.get("content-encoding", ""), limit
+    )
+
+
+async def read_asgi_body(receive: Receive, declared: str | None, encoding: str, limit: int) -> bytes:
+    """:func:`read_body` from the ASGI ``receive`` and the request's Content-Length and
+    Content-Encoding headers."""
+    too_big = False
+    if declared is not None:
+        try:
+            too_big = int(declared) > limit
+        except ValueError:
+            raise InvalidArgument(f"Content-Length must be an integer, got {declared!r}") from None
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break  # the client went away: what came is all there is
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if too_big or size > limit:
+            too_big = True
+        elif chunk:
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    if too_big:
+        raise InvalidArgument(
+            f"request body of {size} bytes is over the limit of {limit} bytes (setting max_message_mb)"
+        )
+    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise InvalidArgument(f"unsupported Content-Encoding {encoding!r}; use gzip, deflate or none")
+    # deflate in HTTP is the zlib format (tritonclient sends zlib.compress output).
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as e:
+        raise InvalidArgument(f"request body is not valid {encoding} data: {e}") from None
+    if len(out) > limit:
+        raise InvalidArgument(
+            f"request body decompresses to over the limit of {limit} bytes (setting max_message_mb)"
+        )
+    if not inflater.eof:
+        raise InvalidArgument(f"request body is truncated {encoding} data")
+    return out
+
+
+def _refuse_unsupported(params: dict[str, Any], where: str) -> None:
+    for key, why in _UNSUPPORTED_PARAMETERS.items():
+        if key in params:
+            raise InvalidArgument(f"{where}{why}")
+
+
+def _params(doc: dict[str, Any], where: str) -> dict[str, Any]:
+    params = doc.get("parameters", {})
+    if not isinstance(params, dict):
+        raise InvalidArgument(f"{where}'parameters' must be an object, got {type(params).__name__}")
+    return params
+
+
+def bool_param(params: dict[str, Any], key: str, default: bool, where: str) -> bool:
+    value = params.get(key, default)
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"{where}parameter {key!r} must be true or false, got {value!r}")
+    return value
+
+
+class InferRequest:
+    """A decoded REST inference request."""
+
+    def __init__(self, header: dict[str, Any], tail: memoryview, max_elements: int = 0) -> None:
+        request_id = header.get("id", "")
+        if not isinstance(request_id, str) or not limits.is_unicode(request_id):
+            raise InvalidArgument(f"'id' must be a string of valid Unicode, got {request_id!r}")
+        self.id = request_id
+        params = _params(header, "")
+        timeout = params.get("timeout", 0)
+        if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 0:
+            raise InvalidArgument(f"parameter 'timeout' must be a non-negative integer (µs), got {timeout!r}")
+        self.timeout_s = timeout / 1e6
+        if params.get("sequence_id") not in (None, 0, ""):
+            raise InvalidArgument("sequence batching (parameter 'sequence_id') is not supported")
+        self.binary_default = bool_param(params, "binary_data_output", False, "")
+        model_id = params.get(MODEL_ID_PARAMETER, "")
+        if not isinstance(model_id, str):
+            raise InvalidArgument(f"parameter {MODEL_ID_PARAMETER!r} must be a string, got {model_id!r}")
+        self.model_id = model_id
+        if "inputs" not in header:
+            raise InvalidArgument("the request has no 'inputs'")
+        if isinstance(header["inputs"], list):
+            shapes = (e.get("shape") for e in header["inputs"] if isinstance(e, dict))
+            limits.check_elements(shapes, max_elements)  # before any tensor is decoded
+        self.inputs = self._decode_inputs(header["inputs"], tail)
+        self.outputs: list[str] = []
+        self.binary: dict[str, bool] = {}
+        requested = header.get("outputs", [])
+        if not isinstance(requested, list):
+            raise InvalidArgument(f"'outputs' must be a list, got {type(requested).__name__}")
+        for i, entry in enumerate(requested):
+            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
+                raise InvalidArgument(f"outputs[{i}] must be an object with a 'name'")
+            name = entry["name"]
+            where = f"output {name!r}: "
+            out_params = _params(entry, where)
+            _refuse_unsupported(out_params, where)
+            self.outputs.append(name)
+            self.binary[name] = bool_param(out_params, "binary_data", self.binary_default, where)
+
+    @staticmethod
+    def _decode_inputs(entries: object, tail: memoryview) -> Tensors:
+        """Wire tensors: binary data as it came (not decoded), JSON data through numpy."""
+        slices = tensors.binary_input_slices(entries, tail)  # checks that entries is a list of objects
+        assert isinstance(entries, list)
+        out: dict[str, Tensor] = {}
+        for i, (entry, raw) in enumerate(zip(entries, slices, strict=True)):
+            name = entry.get("name")
+            if not isinstance(name, str) or not name:
+                raise InvalidArgument(f"inputs[{i}] has no 'name'")
+            if not limits.is_unicode(name):
+                raise InvalidArgument(f"inputs[{i}]: the name {name!r} is not valid Unicode")
+            if name in out:
+                raise InvalidArgument(f"input {name!r} is given twice")
+            where = f"input {name!r}: "
+            _refuse_unsupported(_params(entry, where), where)
+            for key in ("datatype", "shape"):
+                if key not in entry:
+                    raise InvalidArgument(f"{where}'{key}' is missing")
+            if raw is not None:
+                if "data" in entry:
+                    raise InvalidArgument(f"{where}give either 'data' or binary_data_size, not both")
+                datatype = entry["datatype"]
+                if not isinstance(datatype, str):
+                    raise InvalidArgument(f"{where}datatype must be a string, got {type(datatype).__name__}")
+                shape = tensors.check_shape(entry["shape"], where)
+                out[name] = Tensor(name, datatype, shape, bytes(raw))
+            elif "data" in entry:
+                array = tensors.from_json(entry["datatype"], entry["shape"], entry["data"], name=name)
+                out[name] = payload.from_array(name, array)
+            else:
+                raise InvalidArgument(f"{where}no data: give 'data' or parameters.binary_data_size")
+        return tuple(out.values())
+
+    def call(self, model: str, version: str, model_id: str = "") -> InferCall:
+        """The data plane's call; ``model_id`` from the HTTP header, unless the body's
+        parameter names one."""
+        return InferCall(
+            model=model,
+            inputs=self.inputs,
+            id=self.id,
+            version=version,
+            timeout_s=self.timeout_s,
+            outputs=tuple(self.outputs),
+            door="http",
+            model_id=self.model_id or model_id,
+        )
+
+    def json_elements(self, result: InferResult) -> int:
+        """How many output elements go back as JSON (what makes a response slow to write)."""
+        return sum(t.elements for t in result.outputs if not self.binary.get(t.name, self.binary_default))
+
+    def render(self, result: InferResult) -> tuple[bytes, str, dict[str, str]]:
+        """The response body, its media type and headers."""
+        header: dict[str, Any] = {"model_name": result.model_name, "model_version": result.model_version}
+        if result.id:
+            header["id"] = result.id
+        blobs: list[bytes] = []
+        outputs = []
+        for t in result.outputs:
+            entry: dict[str, Any] = {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
+            if self.binary.get(t.name, self.binary_default):
+                entry["parameters"] = {"binary_data_size": len(t.data)}
+                blobs.append(t.data)
+            else:
+                entry["data"] = tensors.to_json(payload.to_array(t), name=t.name)
+            outputs.append(entry)
+        header["outputs"] = outputs
+        if not blobs:
+            # json.dumps writes NaN and Infinity as Triton does.
+            return json.dumps(header, separators=(",", ":")).encode(), _JSON, {}
+        body, length = tensors.build_binary_response(header, blobs)
+        return body, "application/octet-stream", {"Inference-Header-Content-Length": str(length)}
+
+
+def _parse_infer(body: bytes, header_length: str | None, max_elements: int) -> InferRequest:
+    header, tail = tensors.split_binary_body(body, header_length)
+    return InferRequest(header, tail, max_elements)
+
+
+def _parse_in_child(
+    body: bytes, header_length: str | None, max_elements: int
+) -> InferRequest | tuple[str, str]:
+    """:func:`_parse_infer` in the parsing process; an error comes back as (code, message)."""
+    try:
+        return _parse_infer(body, header_length, max_elements)
+    except ShoalError as err:
+        return (err.code.value, err.message)
+
+
+_parser: concurrent.futures.ProcessPoolExecutor | None = None
+
+
+async def parse_infer(
+    body: bytes, header_length: str | None, max_elements: int, on_loop: int
+) -> InferRequest:
+    """The request in ``body``. A JSON body over ``on_loop`` bytes is parsed in a separate
+    process: json.loads holds the GIL for its whole run (a thread would not help), and a
+    49 MB body parsed on the event loop held every other request up for seconds. The
+    parsed tensors come back as raw bytes (a memory copy, not a parse)."""
+    if len(body) <= on_loop or (header_length is not None and int_or(header_length, 0) <= on_loop):
+        return _parse_infer(body, header_length, max_elements)
+    result = await _in_parser(_parse_in_child, body, header_length, max_elements)
+    if isinstance(result, tuple):
+        raise from_code(Code(result[0]), result[1])
+    return result
+
+
+def _new_parser() -> concurrent.futures.ProcessPoolExecutor:
+    pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    atexit.register(shutdown_parser)  # stopped before the interpreter tears its modules down
+    return pool
+
+
+def _render_in_child(req: InferRequest, result: InferResult) -> tuple[bytes, str, dict[str, str]]:
+    return req.render(result)
+
+
+async def respond(req: InferRequest, result: InferResult, on_loop: int) -> tuple[bytes, str, dict[str, str]]:
+    """``req``'s answer: body, media type and headers. One with many output elements as
+    JSON is written in the parsing process: turning millions of numbers into JSON text on
+    the event loop held every other request up for seconds."""
+    if req.json_elements(result) * 8 <= on_loop:  # about 8 bytes of JSON per number
+        return req.render(result)
+    req.inputs = ()  # sent, and not needed to write the answer
+    return await _in_parser(_render_in_child, req, result)
+
+
+#: Large bodies being parsed or answers written in the parsing process at once, each up to
+#: max_message_mb in memory; past it a large JSON request is RESOURCE_EXHAUSTED / 503.
+MAX_LARGE_JSON = 4
+_large_json = 0
+
+
+async def _in_parser(fn: Callable[..., T], *args: Any) -> T:
+    global _parser, _large_json
+    if _large_json >= MAX_LARGE_JSON:
+        raise ResourceExhausted(
+            f"{_large_json} large JSON bodies are being handled already; retry, or send tensors as "
+            "binary data (Triton's binary tensor data extension) or over gRPC"
+        )
+    if _parser is None:
+        _parser = _new_parser()
+    _large_json += 1
+    try:
+        return await asyncio.get_running_loop().run_in_executor(_parser, fn, *args)
+    finally:
+        _large_json -= 1
+
+
+def shutdown_parser() -> None:
+    """Stop the process that parses big bodies, if one was started (at scheduler exit)."""
+    global _parser
+    if _parser is not None:
+        _parser.shutdown(wait=True, cancel_futures=True)
+        _parser = None
+
+
+def int_or(text: str, default: int) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        return default
+
+
+def _infer_path(path: str) -> dict[str, str] | None:
+    """The path parameters of ``/v2/models/NAME[/versions/V]/infer``; None for any other path."""
+    parts = path.split("/")
+    if len(parts) == 5 and parts[3]:
+        return {"name": parts[3]} if parts[:3] == ["", "v2", "models"] and parts[4] == "infer" else None
+    if len(parts) == 7 and parts[3] and parts[5] and parts[4] == "versions" and parts[6] == "infer":
+        return {"name": parts[3], "version": parts[5]} if parts[:3] == ["", "v2", "models"] else None
+    return None
+
+
+class Dispatch:
+    """Inference requests (``POST /v2/models/NAME[/versions/V]/infer``) to ``infer``, the
+    rest to the Starlette app.
+
+    Why: for a small REST inference, Starlette's error and exception middleware, its router,
+    Request and Response objects and the send wrappers each layer adds were a fifth of the
+    ingress's CPU in the app (py-spy, wrk c=32 V2 JSON). ``infer`` answers errors as the
+    app does: ``{"error": ...}`` with the status of :data:`shoal.errors.HTTP_STATUS`, and
+    500 ``internal error: ...`` for a bug."""
+
+    def __init__(self, infer: ASGIApp, app: ASGIApp) -> None:
+        self.infer = infer
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].endswith("/infer"):
+            params = _infer_path(scope["path"])
+            if params is not None:
+                scope["path_params"] = params
+                await self.infer(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+#: The request headers :class:`_Infer` reads.
+_INFER_HEADERS = frozenset(
+    {b"content-length", b"content-encoding", b"inference-header-content-length", MODEL_ID_HEADER.encode()}
+)
+
+
+class Infer:
+    """``POST /v2/models/NAME[/versions/V]/infer`` as an ASGI app, over the data plane."""
+
+    def __init__(self, node: IngressNode) -> None:
+        self.node = node
+        self.limit = node.settings.max_message_bytes
+        self.on_loop = node.settings.max_json_on_loop_kb * 1024
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            status = 200
+            body, media_type, extra = await self.answer(scope, receive)
+        except ShoalError as err:
+            status, media_type, extra = err.http_status, _JSON, {}
+            body = json.dumps({"error": err.message}, ensure_ascii=False, separators=(",", ":")).encode()
+        except Exception as exc:  # a bug: the client still gets the protocol's JSON error
+            log.exception("inference request %s failed", scope["path"])
+            status, media_type, extra = 500, _JSON, {}
+            body = json.dumps(
+                {"error": f"internal error: {type(exc).__name__}: {exc}"}, separators=(",", ":")
+            ).encode()
+        headers = [(b"content-length", b"%d" % len(body)), (b"content-type", media_type.encode())]
+        headers += [(k.lower().encode(), v.encode()) for k, v in extra.items()]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def answer(self, scope: Scope, receive: Receive) -> tuple[bytes, str, dict[str, str]]:
+        node = self.node
+        params = scope["path_params"]
+        name, version = params["name"], params.get("version", "")
+        headers = {k.decode(): v.decode("latin-1") for k, v in scope["headers"] if k in _INFER_HEADERS}
+        try:
+            if not node.router.is_route(name):  # a traffic route's target is drawn in the data plane
+                node.catalog.spec(name, version)  # 404 before reading the body
+            body = await read_asgi_body(
+                receive, headers.get("content-length"), headers.get("content-encoding", ""), self.limit
+            )
+            req = await parse_infer(
+                body,
+                headers.get("inference-header-content-length"),
+                node.settings.max_tensor_elements,
+                self.on_loop,
+            )
+        except ShoalError as err:
+            node.dataplane.refused(name, "", "http", err)
+            raise
+        result = await node.dataplane.infer(req.call(name, version, headers.get(MODEL_ID_HEADER, "")))
+        return await respond(req, result, self.on_loop)
