@@ -238,7 +238,8 @@ class Worker:
 
     async def _watch(self, channel: grpc.aio.Channel, sim: Sim) -> None:
         marker = MARKER.encode()
-        stream = channel.unary_stream(WATCH)(pb.WatchRoutesRequest(scheduler_id=sim.id).SerializeToString())
+        request = pb.WatchRoutesRequest(scheduler_id=sim.id, route_deltas=True)  # as GrpcHeadLink asks
+        stream = channel.unary_stream(WATCH)(request.SerializeToString())
         try:
             async for raw in stream:
                 sim.tables += 1

@@ -227,7 +227,9 @@ class RoutingTableDecoder:
 
     def decode(self, table: pb.RoutingTable) -> RoutingTable:
         """A whole table, or (``delta``) the table so far with the entries sent replaced and
-        the names ``removed`` gone. An entry that does not parse leaves the table."""
+        the names ``removed`` gone; an entry sent as ``routes_delta`` is the one so far with
+        its ``removed_routes`` gone and its routes sent added or replaced. An entry that
+        does not parse leaves the table."""
         deployments = dict(self._last) if table.delta else {}
         for name in table.removed:
             deployments.pop(name, None)
@@ -239,6 +241,12 @@ class RoutingTableDecoder:
             routes = tuple(
                 Route(r.replica_id, r.address, r.scheduler_id, r.in_flight, r.revision) for r in dep.routes
             )
+            before = deployments.get(name)
+            if dep.routes_delta and before is not None:
+                gone = set(dep.removed_routes)
+                merged = {r.replica_id: r for r in before.routes if r.replica_id not in gone}
+                merged.update((r.replica_id, r) for r in routes)
+                routes = tuple(merged.values())
             deployments[name] = DomainRoutes(
                 spec=spec,
                 routes=routes,
@@ -453,7 +461,7 @@ class GrpcHeadLink:
 
     async def watch_routes(self, scheduler_id: str) -> AsyncIterator[RoutingTable]:
         stub = self._heads.stub
-        stream = stub.WatchRoutes(pb.WatchRoutesRequest(scheduler_id=scheduler_id))
+        stream = stub.WatchRoutes(pb.WatchRoutesRequest(scheduler_id=scheduler_id, route_deltas=True))
         try:
             async for table in stream:
                 yield self._decoder.decode(table)

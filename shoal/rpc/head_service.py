@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import AsyncIterator
@@ -34,7 +35,7 @@ class HeadService(pbg.HeadServicer):
     def __init__(self, node: HeadNode) -> None:
         self.node = node
         self._table_cache: tuple[RoutingTable, pb.RoutingTable] | None = None
-        self._deltas: dict[tuple[int, int], pb.RoutingTable] = {}
+        self._deltas: dict[tuple[int, int, bool], pb.RoutingTable] = {}
         self._entries: dict[str, tuple[DeploymentRoutes, pb.DeploymentRoutes]] = {}
 
     async def RegisterScheduler(
@@ -97,7 +98,7 @@ class HeadService(pbg.HeadServicer):
     ) -> AsyncIterator[pb.RoutingTable]:
         last: RoutingTable | None = None
         async for table in self.node.watch_routes(request.scheduler_id):
-            yield self._encoded(table) if last is None else self._delta(last, table)
+            yield self._encoded(table) if last is None else self._delta(last, table, request.route_deltas)
             last = table
 
     def _encoded(self, table: RoutingTable) -> pb.RoutingTable:
@@ -112,21 +113,26 @@ class HeadService(pbg.HeadServicer):
         self._table_cache = (table, msg)
         return msg
 
-    def _delta(self, last: RoutingTable, table: RoutingTable) -> pb.RoutingTable:
+    def _delta(self, last: RoutingTable, table: RoutingTable, route_deltas: bool = False) -> pb.RoutingTable:
         """What changed from ``last`` (the table this stream sent before) to ``table``: the
-        entries that are new objects (the head keeps unchanged ones), and the names gone.
-        Streams at the same version share one message."""
-        key = (last.version, table.version)
+        entries that are new objects (the head keeps unchanged ones), and the names gone; to
+        a stream that asked for ``route_deltas``, an entry whose spec, tokens and revision
+        stayed as the routes that changed (:func:`_route_delta`), when that is smaller.
+        Streams at the same versions share one message."""
+        key = (last.version, table.version, route_deltas)
         msg = self._deltas.get(key)
         if msg is not None:
             return msg
         msg = table_frame_to_pb(table)
         msg.delta = True
         for name, dep in table.deployments.items():
-            if last.deployments.get(name) is not dep:
-                msg.deployments[name].CopyFrom(self._entry(name, dep))
+            before = last.deployments.get(name)
+            if before is dep:
+                continue
+            entry = _route_delta(before, dep) if route_deltas and before is not None else None
+            msg.deployments[name].CopyFrom(entry if entry is not None else self._entry(name, dep))
         msg.removed.extend(name for name in last.deployments if name not in table.deployments)
-        if len(self._deltas) >= 8:
+        if len(self._deltas) >= 16:
             self._deltas.pop(next(iter(self._deltas)))
         self._deltas[key] = msg
         for gone in [n for n in self._entries if n not in table.deployments]:
@@ -247,3 +253,20 @@ class HeadService(pbg.HeadServicer):
 
     async def GetStatus(self, request: pb.Empty, context: Context) -> pb.ClusterStatus:
         return status_to_pb(await self.node.status())
+
+
+def _route_delta(before: DeploymentRoutes, dep: DeploymentRoutes) -> pb.DeploymentRoutes | None:
+    """``dep`` as a change to ``before``: the routes new or changed and the replica ids gone;
+    None when anything else in the entry changed or the change is not smaller than ``dep``."""
+    if (before.spec, before.allowed_tokens, before.revision) != (dep.spec, dep.allowed_tokens, dep.revision):
+        return None
+    had = {r.replica_id: r for r in before.routes}
+    changed = [r for r in dep.routes if had.get(r.replica_id) != r]
+    now = {r.replica_id for r in dep.routes}
+    gone = [rid for rid in had if rid not in now]
+    if len(changed) + len(gone) >= len(dep.routes):
+        return None
+    entry = routes_to_pb(dataclasses.replace(dep, routes=tuple(changed)))
+    entry.routes_delta = True
+    entry.removed_routes.extend(gone)
+    return entry
