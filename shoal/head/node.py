@@ -209,7 +209,7 @@ class HeadNode:
         while not self._stopping.is_set():
             wait = self.settings.reconcile_interval_s
             try:
-                await self.reconcile_once()
+                await self.reconcile_once(wait_acts=False)
             except ShoalError as err:
                 log.warning("reconcile failed: %s", err)
             except Exception:
@@ -613,8 +613,14 @@ class HeadNode:
 
     # ------------------------------------------------------------ reconcile
 
-    async def reconcile_once(self) -> list[Action]:
-        """One pass: decide under the lock, then act on schedulers concurrently."""
+    async def reconcile_once(self, *, wait_acts: bool = True) -> list[Action]:
+        """One pass: decide under the lock, then act on schedulers concurrently.
+
+        ``wait_acts=False`` (the reconcile loop): the calls to schedulers run in a task of the
+        head's own, and the pass returns once it has decided, so that the next pass (the next
+        scheduler found dead) does not wait for the slowest call of this one, up to
+        ``rpc_timeout_s`` for a scheduler that does not answer. What it placed is PENDING
+        already: the next pass does not place it again."""
         async with self.lock:
             locked = time.perf_counter()
             self._refresh_resources()
@@ -657,10 +663,19 @@ class HeadNode:
                 self._backlog.forget(sid)
             self._held_s = time.perf_counter() - locked
         self._check_isolated()
-        if actions:
-            await asyncio.gather(*(self._act(a) for a in actions))
-        await self._publish_routes()
+        if actions and not wait_acts:
+            # The routes of replicas found gone now, not after the calls.
+            await self._publish_routes()
+            self._tasks.spawn(self._act_all(actions), "act")
+        elif actions:
+            await self._act_all(actions)
+        else:
+            await self._publish_routes()
         return actions
+
+    async def _act_all(self, actions: list[Action]) -> None:
+        await asyncio.gather(*(self._act(a) for a in actions))
+        await self._publish_routes()
 
     def _check_isolated(self) -> None:
         """A leader that hears from no scheduler any more, all of them silent since the last

@@ -485,6 +485,13 @@ async def test_aclose_closes_the_scheduler_clients(head: HeadNode, fleet: FakeSc
     assert fleet.clients["s1"].closed
 
 
+async def heartbeats(node: HeadNode, sid: str) -> None:
+    """``sid``'s health updates, every 20 ms, until cancelled."""
+    while True:
+        assert await node.scheduler_health(sid, 0, [])
+        await asyncio.sleep(0.02)
+
+
 async def test_a_silent_schedulers_replicas_are_replaced_once_it_is_dead_not_at_the_next_interval(
     store: MemoryStore, fleet: FakeSchedulers
 ) -> None:
@@ -497,16 +504,43 @@ async def test_a_silent_schedulers_replicas_are_replaced_once_it_is_dead_not_at_
     await join(node, "s2")
     await node.start()
 
-    async def heartbeat_s2() -> None:
-        while True:
-            assert await node.scheduler_health("s2", 0, [])
-            await asyncio.sleep(0.02)
-
-    beating = asyncio.create_task(heartbeat_s2())
+    beating = asyncio.create_task(heartbeats(node, "s2"))
     try:
         await until(lambda: bool(fleet.client("s2", "s2:7000").created), "a replacement on s2", 5)
         assert node.state.schedulers["s1"].state == "DEAD"
     finally:
+        beating.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await beating
+        await node.aclose()
+
+
+async def test_a_scheduler_that_does_not_answer_does_not_hold_up_the_next_pass(
+    store: MemoryStore, fleet: FakeSchedulers
+) -> None:
+    """The loop's passes do not wait for their calls to schedulers: while s1 has not answered
+    the CreateReplica of one deployment, the next deployment is placed all the same."""
+    node = HeadNode(Settings(dead_after_s=0.3, reconcile_interval_s=0.05), store, fleet)
+    answer = asyncio.Event()
+    asked: list[str] = []
+
+    async def create_replica(replica_id: str, spec: DeploymentSpec) -> int:
+        asked.append(spec.name)
+        await answer.wait()
+        return 1
+
+    fleet.client("s1", "s1:7000").create_replica = create_replica  # type: ignore[method-assign]
+    await join(node, "s1")
+    await node.start()
+
+    beating = asyncio.create_task(heartbeats(node, "s1"))
+    try:
+        await node.apply(make_spec("a"))
+        await until(lambda: asked == ["a"], "a placed on s1", 5)
+        await node.apply(make_spec("b"))
+        await until(lambda: asked == ["a", "b"], "b placed while a's call hangs", 5)
+    finally:
+        answer.set()
         beating.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await beating
