@@ -538,7 +538,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         stopped = time.monotonic()
         spy = _py_spy(head.pid, 12, args.py_spy_deaths) if args.py_spy_deaths else None
         # The head may declare the last of them dead dead_after_s after its last health update.
-        dead_at = max(a for g in acks for a in g["last_acks"]) + args.dead_after_s
+        last_acks = [a for g in acks for a in g["last_acks"]]
+        dead_at = max(last_acks) + args.dead_after_s
         meter = Meter(groups)
         deadline = stopped + 120
         while len(sim.created) - created_before < lost and time.monotonic() < deadline:
@@ -595,6 +596,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             # From when the head could first know all of them dead to the last replacement: the
             # detection (a reconcile pass every reconcile_interval_s) plus the pass's own time.
             "replaced_after_all_dead_s": round(creates[-1] - dead_at, 3) if creates else None,
+            # The stopped schedulers' last health updates spread over a heartbeat interval:
+            # the head can know them dead only that far apart.
+            "deaths_known_over_s": round(max(last_acks) - min(last_acks), 3),
             # The replacements in bursts (a gap of 0.1 s or more starts the next): [from the
             # first replacement (s), placed]; one reconcile pass placing them all is one burst.
             "replacement_bursts": _bursts(creates),
