@@ -8,10 +8,12 @@ simulated schedulers spread over several processes (issue 16, item 4). Not part 
 
 Each simulated scheduler registers with its replicas already running (the head adopts
 them), sends a health update every ``heartbeat_interval_s`` (the default, 1 s) reporting
-them and its load per deployment, and watches its routing table, as a real scheduler does.
-They live in ``--sim-procs`` worker processes (default: one per 125 schedulers), each with
-one gRPC channel per 500 of its schedulers, sending pre-encoded health updates and reading
-table streams as bytes, so that the head, not the simulator, is what runs out of CPU first.
+them and its load per deployment on its ``StreamHealth`` stream (``--unary``: a
+``SendHealthUpdate`` call each, as to a head without the stream), and watches its routing
+table asking for route deltas, as a real scheduler does. They live in ``--sim-procs``
+worker processes (default: one per 125 schedulers), each with one gRPC channel per 250 of
+its schedulers, sending pre-encoded health updates and reading table streams as bytes, so
+that the head, not the simulator, is what runs out of CPU first.
 This process answers the head's CreateReplica/RemoveReplica calls for all of them (they
 share one address); replicas it is asked to create are never reported, so they stay
 PENDING and the head does not retry them.
@@ -23,9 +25,11 @@ Measured, each in turn:
   trip (p50 / p99) and how many schedulers were NACKed and registered again (churn);
 - **route change**: a deployment applied, until every scheduler's table stream has it;
 - **deaths**: 10% of the schedulers stop; from the head declaring them dead (its first
-  replacement CreateReplica) to the last replacement placed, the head's CPU meanwhile,
-  and the health updates' round trip meanwhile (a reconcile pass that held the event loop
-  would show there).
+  replacement CreateReplica) to the last replacement placed, in bursts, and from when the
+  last of them could be known dead; how far apart their last health updates were (the
+  head can know them dead only that far apart); the head's CPU meanwhile, and the health
+  updates' round trip meanwhile (a reconcile pass that held the event loop would show
+  there).
 
 ``--store etcd`` starts one etcd member (``/usr/bin/etcd``) on free loopback ports for the
 run; ``--store etcd://HOST:PORT`` uses a running one.
