@@ -45,8 +45,13 @@ class StandbyInterceptor(_Interceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = await continuation(details)
-        if handler is None or details.method == BLOB_DOWNLOAD:
+        wrapped: grpc.RpcMethodHandler[Any, Any] = self.wrap(details.method, await continuation(details))
+        return wrapped
+
+    def wrap(self, method: str, handler: Any) -> Any:
+        """``handler`` refused while this head does not serve (the same wrapper for every
+        call: ``shoal.rpc.server`` wraps each method once, when it is registered)."""
+        if handler is None or method == BLOB_DOWNLOAD:
             return handler  # a head taking over may fetch from a standby the blobs it lacks
         leadership = self._leadership
 
@@ -59,5 +64,4 @@ class StandbyInterceptor(_Interceptor):
 
         # Checked again on every message of a client stream (StreamHealth): a head that
         # stops leading ends the streams open to it on their next message.
-        wrapped: grpc.RpcMethodHandler[Any, Any] = wrap_handler(handler, check, each=check)
-        return wrapped
+        return wrap_handler(handler, check, each=check)
