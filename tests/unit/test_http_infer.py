@@ -23,8 +23,19 @@ from tests.unit.conftest import make_spec
 
 pytestmark = pytest.mark.timeout(10)
 
-TENSORS = [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]
-DOC = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
+TENSORS = [
+    {"name": "x", "datatype": "FP32", "shape": [-1, 4]},
+    {"name": "u", "datatype": "UINT64", "shape": [-1]},
+    {"name": "s", "datatype": "BYTES", "shape": [-1]},
+]
+BIG = 2**64 - 1  # UINT64's largest
+DOC = {
+    "inputs": [
+        {"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]},
+        {"name": "u", "datatype": "UINT64", "shape": [1], "data": [7]},
+        {"name": "s", "datatype": "BYTES", "shape": [1], "data": ["hé"]},
+    ]
+}
 
 
 @pytest.fixture
@@ -111,3 +122,44 @@ async def test_a_bug_is_a_500_json_error_and_is_logged(
         r = await http.post("/v2/models/echo/infer", json=DOC)
     assert (r.status_code, r.json()) == (500, {"error": "internal error: RuntimeError: a bug"})
     assert "a bug" in caplog.text
+
+
+async def test_json_that_only_pythons_json_reads_is_read_and_written_as_before(
+    http: httpx.AsyncClient,
+) -> None:
+    # NaN and Infinity (Triton writes them so), a UINT64 past INT64, text beyond ASCII.
+    body = (
+        '{"id": "null", "inputs": ['
+        '{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [NaN, Infinity, -Infinity, 0.5]},'
+        f'{{"name": "u", "datatype": "UINT64", "shape": [1], "data": [{BIG}]}},'
+        '{"name": "s", "datatype": "BYTES", "shape": [1], "data": ["h\u00e9 null"]}]}'
+    )
+    r = await http.post("/v2/models/echo/infer", content=body)
+    assert r.status_code == 200, r.text
+    assert "NaN,Infinity,-Infinity,0.5" in r.text
+    doc = r.json()
+    assert doc["id"] == "null"
+    assert [o["data"] for o in doc["outputs"][1:]] == [[BIG], ["hé null"]]
+    # Without them: the same answer.
+    r = await http.post("/v2/models/echo/infer", json=DOC)
+    assert r.status_code == 200, r.text
+    assert [o["data"] for o in r.json()["outputs"]] == [[1.0, 2.0, 3.0, 4.0], [7], ["hé"]]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ('{"id": "\\ud800", "inputs": []}', "'id' must be a string of valid Unicode"),
+        (
+            f'{{"inputs": [{{"name": "u", "datatype": "UINT64", "shape": [1], "data": [{BIG + 1}]}}]}}',
+            f"UINT64 element 0 is {BIG + 1}, outside [0, {BIG}]",
+        ),
+        ('{"inputs": [}', "request body is not valid JSON"),
+        ("[1]", "request JSON must be an object"),
+    ],
+    ids=["lone-surrogate", "past-uint64", "broken", "not-an-object"],
+)
+async def test_json_errors_name_the_problem(http: httpx.AsyncClient, body: str, message: str) -> None:
+    r = await http.post("/v2/models/echo/infer", content=body)
+    assert r.status_code == 400
+    assert message in r.json()["error"]
