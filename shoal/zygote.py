@@ -188,7 +188,8 @@ class Zygote:
             socket.send_fds(self._sock, [json.dumps(request).encode()], fds)
         except OSError as err:
             log.warning("the zygote (pid %d) took no request (%s); starting a new process", self.pid, err)
-            self._gone()
+            if isinstance(err, (BrokenPipeError, ConnectionResetError)):
+                self._gone()
             return None
         deadline = time.monotonic() + REPLY_TIMEOUT_S
         poller = select.poll()
@@ -393,6 +394,10 @@ def _child(request: dict[str, Any], fds: list[int], zygote_fds: list[int]) -> No
         set_title(argv)
         module = importlib.import_module(argv[2])
         sys.argv = [module.__file__ or argv[2], *argv[3:]]
+        # As `-m MODULE` leaves it: multiprocessing's spawn (a model's pool, joblib) starts its
+        # processes from __main__'s name, which must not be the scheduler's CLI.
+        sys.modules["__main__"] = module
+        _reseed()
         module.main()
         code = 0
     except SystemExit as done:
@@ -406,6 +411,15 @@ def _child(request: dict[str, Any], fds: list[int], zygote_fds: list[int]) -> No
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(code)
+
+
+def _reseed() -> None:
+    """numpy's global generator, once imported, is not reseeded on fork (``random``'s is):
+    without this, every replica forked after something imported ``numpy.random`` would
+    draw the same numbers."""
+    generator = sys.modules.get("numpy.random")
+    if generator is not None:
+        generator.seed()
 
 
 def _text(fd: int) -> io.TextIOWrapper:

@@ -105,6 +105,48 @@ async def test_a_scheduler_whose_zygote_died_still_starts_and_watches_replicas(
         await until_event(cluster, f"replica {replica['id']} died: process exited with code 255")
 
 
+DRAW = """
+import multiprocessing
+
+import numpy as np
+
+
+class Draw:
+    def __init__(self):
+        self.draw = float(np.random.rand())
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            self.spawned = pool.map(abs, [-3])[0]
+
+    def predict(self, inputs):
+        return {"draw": np.array([[self.draw, self.spawned]])}
+"""
+
+
+async def test_forked_replicas_draw_their_own_random_numbers_and_can_spawn_processes(tmp_path: Path) -> None:
+    (tmp_path / "draw.py").write_text(DRAW)
+    spec = {
+        "name": "draw",
+        "backend": "python",
+        "model": "draw:Draw",
+        "base_dir": str(tmp_path),
+        "replicas": 2,
+        "resources": {"cpus": 0.1},
+    }
+    async with ProcessCluster(tmp_path / "cluster") as cluster:
+        await cluster.deploy(spec)
+        replicas = await cluster.wait_ready("draw", 2)
+        draws: dict[str, list[float]] = {}
+        x = np.zeros((1, 1), dtype=np.float32)
+        while len(draws) < 2:
+            outputs, rid = await cluster.send("draw", {"x": x})
+            draws[rid] = outputs["draw"][0].tolist()
+        assert set(draws) == {r["id"] for r in replicas}
+        (a, spawned_a), (b, spawned_b) = draws.values()
+        assert a != b, "numpy's global generator must be reseeded in each forked replica"
+        # A spawned pool starts from the replica's module, not the scheduler's CLI.
+        assert spawned_a == spawned_b == 3
+
+
 async def ready_other_than(cluster: ProcessCluster, replica_id: str) -> dict[str, Any]:
     def others(status: dict[str, Any]) -> list[dict[str, Any]]:
         return [
