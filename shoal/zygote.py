@@ -261,10 +261,11 @@ class Zygote:
             os.close(self._pidfd)
             self._reading = None
         self._sock.close()
-        if self._children:
+        # Outside the event loop (close()), nobody waits for the children any more.
+        if _in_loop():
             for child in self._children.values():
                 child.orphaned()
-            self._children.clear()
+        self._children.clear()
 
     def close(self) -> None:
         """Stop the zygote (its children go on) and reap it. Call once the children are stopped."""
@@ -277,6 +278,14 @@ class Zygote:
                     os.waitpid(self.pid, 0)
                     return
                 time.sleep(0.01)
+
+
+def _in_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 class _Launcher:

@@ -4,8 +4,11 @@ processes: each is still its own process, with its own log, session and exit sta
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +148,41 @@ async def test_forked_replicas_draw_their_own_random_numbers_and_can_spawn_proce
         assert a != b, "numpy's global generator must be reseeded in each forked replica"
         # A spawned pool starts from the replica's module, not the scheduler's CLI.
         assert spawned_a == spawned_b == 3
+
+
+ZYGOTE_SCRIPT = """
+import asyncio, json, sys
+from shoal.zygote import Zygote
+
+zygote = Zygote.fork()
+assert zygote is not None
+
+
+async def main():
+    codes = []
+    with open(sys.argv[1], "ab") as out:
+        for args in (["--help"], ["--bogus"]):
+            argv = [sys.executable, "-m", "shoal.replica_main", *args]
+            child = zygote.spawn(argv, env={}, out=out, new_session=True)
+            codes.append(await child.wait())
+    print(json.dumps(codes))
+
+
+asyncio.run(main())
+zygote.close()
+"""
+
+
+def test_a_zygote_child_writes_to_its_file_and_reports_its_exit_status(tmp_path: Path) -> None:
+    out = tmp_path / "child.log"
+    done = subprocess.run(
+        [sys.executable, "-c", ZYGOTE_SCRIPT, str(out)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [0, 2]  # --help, then argparse's usage error
+    text = out.read_text()
+    assert "usage: python -m shoal.replica_main" in text
+    assert "error: the following arguments are required: --replica-id" in text
 
 
 async def ready_other_than(cluster: ProcessCluster, replica_id: str) -> dict[str, Any]:
