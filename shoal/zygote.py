@@ -460,7 +460,10 @@ def set_title(argv: Sequence[str]) -> None:
     size = end - start
     if size <= 1:
         return
-    # Keep what identifies it when space is short: drop the interpreter's path first.
+    # Keep what identifies it when space is short (the module and its first two arguments: a
+    # replica's id): the interpreter's path goes first, then "python -m".
     words = [os.path.basename(argv[0]), *argv[1:]]
+    if len(b"\0".join(w.encode() for w in words[:5])) >= size:
+        words = words[2:]
     text = b"\0".join(w.encode() for w in words)[: size - 1]
     ctypes.memmove(start, text + b"\0" * (size - len(text)), size)
