@@ -217,7 +217,10 @@ SHOAL_SPECS = {
     "noop": "name: {name}\nbackend: python\nmodel: 'echo:Echo'\n"
     "inputs: [{{name: x, datatype: FP32, shape: [-1, 16]}}]\n"
     "outputs: [{{name: x, datatype: FP32, shape: [-1, 16]}}]\n",
-    "sklearn": "name: {name}\nbackend: sklearn\nmodel: digits.joblib\n",
+    # The label alone, as every peer here answers it (the backend's default adds
+    # ``probabilities``, which costs a predict_proba per call that no peer pays).
+    "sklearn": "name: {name}\nbackend: sklearn\nmodel: digits.joblib\n"
+    "outputs: [{{name: label, datatype: INT64, shape: [-1]}}]\n",
 }
 SHOAL_BATCHING = "batching: {max_batch_size: 32, max_delay_ms: 1}\n"
 

@@ -10,6 +10,9 @@ Tensors, when the spec declares none:
 - an estimator without ``classes_`` (a regressor) gives ``prediction``: FP32 ``[-1]``
   (``[-1, n_outputs_]`` for several targets) instead of the two above.
 
+A spec that declares its outputs gets those: declaring ``label`` alone spares every call
+the ``predict_proba`` (for a LogisticRegression pipeline, as much work again as ``predict``).
+
 With ``multiplexing`` in the spec, ``model`` names a folder and model id ``ID`` is the file
 ``<model>/ID.joblib`` (the id is a plain name, never a path); an id without a file is
 NotFound. The tensors are as above, per model.
@@ -103,6 +106,9 @@ class SklearnBackend(Backend):
             n_outputs = int(getattr(estimator, "n_outputs_", 1))
             shape = (-1,) if n_outputs == 1 else (-1, n_outputs)
             self._derived_outputs = (TensorSpec(name="prediction", datatype="FP32", shape=shape),)
+        # A spec that declares its outputs without ``probabilities`` does not pay for
+        # predict_proba on every call (as much again as predict, for a LogisticRegression).
+        self._want_proba = self._has_proba and any(t.name == "probabilities" for t in self.outputs())
 
     def check_inputs(self, inputs: Mapping[str, np.ndarray]) -> None:
         # Before the generic check: a feature count is clearer than a shape to someone
@@ -128,7 +134,7 @@ class SklearnBackend(Backend):
         estimator = self._estimator
         try:
             predicted = np.asarray(estimator.predict(x))
-            proba = np.asarray(estimator.predict_proba(x), dtype=np.float32) if self._has_proba else None
+            proba = np.asarray(estimator.predict_proba(x), dtype=np.float32) if self._want_proba else None
         except Exception as err:
             raise Internal(f"model raised {type(err).__name__}: {err}") from err
         if not self._is_classifier:

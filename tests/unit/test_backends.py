@@ -427,6 +427,33 @@ async def test_sklearn_answers_what_the_estimator_answers(
     np.testing.assert_allclose(out["probabilities"], estimator.predict_proba(x), rtol=1e-5, atol=1e-7)
 
 
+class NoProbaLogisticRegression(LogisticRegression):
+    """Fails if anyone asks for probabilities."""
+
+    def predict_proba(self, X: Any) -> Any:
+        raise AssertionError("predict_proba was called")
+
+
+async def test_sklearn_computes_only_the_declared_outputs(
+    tmp_path: Path, digits: tuple[np.ndarray, np.ndarray], backends: list[Backend]
+) -> None:
+    """A deployment that declares ``label`` alone answers the label and never pays for
+    predict_proba; one that declares nothing answers both."""
+    x, y = digits
+    joblib.dump(NoProbaLogisticRegression(max_iter=2000).fit(x[:500], y[:500]), tmp_path / "lr.joblib")
+    label_only = sklearn_spec(
+        tmp_path / "lr.joblib", outputs=[{"name": "label", "datatype": "INT64", "shape": [-1]}]
+    )
+    backend = loaded(label_only, backends)
+    assert [t.name for t in backend.outputs()] == ["label"]
+    out = await backend.predict({"input": x[500:520]})
+    assert list(out) == ["label"]
+    np.testing.assert_array_equal(out["label"], joblib.load(tmp_path / "lr.joblib").predict(x[500:520]))
+    both = loaded(sklearn_spec(tmp_path / "lr.joblib"), backends)
+    with pytest.raises(Internal, match="predict_proba was called"):
+        await both.predict({"input": x[500:520]})
+
+
 async def test_sklearn_refuses_inputs_that_do_not_fit(digits_model: Path, backends: list[Backend]) -> None:
     backend = loaded(sklearn_spec(digits_model), backends)
     cases: dict[str, dict[str, np.ndarray]] = {
