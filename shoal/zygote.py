@@ -152,8 +152,10 @@ class Zygote:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
         if pid == 0:
-            mine.close()
-            _serve(theirs)
+            try:
+                mine.close()
+            finally:
+                _serve(theirs)
         theirs.close()
         return cls(mine, pid)
 
