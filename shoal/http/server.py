@@ -486,7 +486,8 @@ class _BoundedHttpTools(_Bounds, HttpToolsProtocol):
     def _bound_protocol(self) -> None:
         self._in_head = False  # a head has begun and is not complete
         self._in_message = False  # a request has begun and its body is not all read
-        self._head_bytes = 0
+        self._head_bytes = 0  # of the head being read, in the reads counted (see _feed)
+        self._begun = 0  # requests begun on this connection
 
     def data_received(self, data: bytes) -> None:
         if self._refused or self.transport.is_closing():
@@ -495,15 +496,7 @@ class _BoundedHttpTools(_Bounds, HttpToolsProtocol):
 
     def _feed(self, data: bytes) -> None:
         self._unset_keepalive_if_required()
-        if not self._in_message or self._in_head:
-            # ``data`` starts in a request head. llhttp keeps a header's bytes until it ends
-            # and sets no limit: shoal's is h11's, counted over the reads a head spans.
-            end = data.find(b"\r\n\r\n")
-            size = self._head_bytes + (len(data) if end < 0 else end)
-            if size > _MAX_HEAD:
-                self._bad_request(f"the request head is over {_MAX_HEAD} bytes")
-                return
-            self._head_bytes = size if end < 0 else 0
+        went_on, fresh, begun = self._in_head, not self._in_message, self._begun
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -511,9 +504,26 @@ class _BoundedHttpTools(_Bounds, HttpToolsProtocol):
                 self.handle_websocket_upgrade()
             else:
                 self._unsupported_upgrade_warning()
+            return
         except httptools.HttpParserError as err:
             cause = err.__context__
             self._bad_request(str(cause) if isinstance(cause, _BadHead) else "Invalid HTTP request received.")
+            return
+        if not self._in_head:
+            return
+        # llhttp keeps a header's bytes until the header ends and sets no limit on a head:
+        # shoal's is h11's, counted over the reads that are all head. A read that went on
+        # with the head, or that began it between requests and left it unfinished, is all
+        # head; one where the head began after another request is not counted (it is one
+        # read, as long as the transport reads at once).
+        if went_on and self._begun == begun:
+            self._head_bytes += len(data)
+        elif fresh and self._begun == begun + 1:
+            self._head_bytes = len(data)
+        else:
+            return
+        if self._head_bytes > _MAX_HEAD:
+            self._bad_request(f"the request head is over {_MAX_HEAD} bytes")
 
     def _bad_request(self, message: str) -> None:
         """400 ``{"error": message}``, and the connection is closed (it is out of step)."""
@@ -534,6 +544,8 @@ class _BoundedHttpTools(_Bounds, HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_message = self._in_head = True
+        self._begun += 1
+        self._head_bytes = 0
         self._start_head_timer()  # the first byte of a new head
 
     def on_url(self, url: bytes) -> None:
