@@ -70,7 +70,12 @@ class ForkedChild:
         self.pid = pid
         self._code: int | None = None
         self._exited = asyncio.Event()
-        self._pidfd = -1
+        # Signals go through a pidfd: once its pid is reaped and reused, they reach no other process.
+        try:
+            self._pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._pidfd = -1
+        self._watched = False
 
     @property
     def returncode(self) -> int | None:
@@ -83,9 +88,9 @@ class ForkedChild:
 
     def send_signal(self, sig: int) -> None:
         """Signal it unless it has exited (its exit status arrived)."""
-        if self._code is None:
+        if self._code is None and self._pidfd >= 0:
             try:
-                os.kill(self.pid, sig)
+                signal.pidfd_send_signal(self._pidfd, sig)
             except ProcessLookupError:
                 pass
 
@@ -100,20 +105,20 @@ class ForkedChild:
             self._code = code
             self._exited.set()
         if self._pidfd >= 0:
-            asyncio.get_running_loop().remove_reader(self._pidfd)
+            if self._watched:
+                asyncio.get_running_loop().remove_reader(self._pidfd)
             os.close(self._pidfd)
             self._pidfd = -1
 
     def orphaned(self) -> None:
         """The zygote is gone: nobody will report this child's exit status, so watch for its
-        end through a pidfd and report :data:`UNKNOWN_EXIT`."""
+        end through its pidfd and report :data:`UNKNOWN_EXIT`."""
         if self._code is not None:
             return
-        try:
-            self._pidfd = os.pidfd_open(self.pid)
-        except ProcessLookupError:
+        if self._pidfd < 0:
             self.exited(UNKNOWN_EXIT)
             return
+        self._watched = True
         asyncio.get_running_loop().add_reader(self._pidfd, self.exited, UNKNOWN_EXIT)
 
 
@@ -199,7 +204,12 @@ class Zygote:
         while ident not in self._replies and self.alive:
             left = deadline - time.monotonic()
             if left <= 0:
-                log.warning("the zygote (pid %d) did not answer in %.0fs", self.pid, REPLY_TIMEOUT_S)
+                # Killed, so that it cannot fork this child late, beside the one started instead.
+                log.warning(
+                    "the zygote (pid %d) did not answer in %.0fs: killing it", self.pid, REPLY_TIMEOUT_S
+                )
+                os.kill(self.pid, signal.SIGKILL)
+                self._gone()
                 return None
             poller.poll(left * 1000)
             self._pump()
