@@ -15,7 +15,6 @@ import concurrent.futures
 import json
 import logging
 import multiprocessing
-import re
 import zlib
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -240,7 +239,6 @@ class InferRequest:
 
 
 _NO_TAIL = memoryview(b"")
-_LONG_NUMBER = re.compile(rb"[0-9]{20}")
 
 
 def _dumps(doc: dict[str, Any]) -> bytes:
@@ -258,17 +256,22 @@ def _dumps(doc: dict[str, Any]) -> bytes:
 
 
 def _parse_infer(body: bytes, header_length: str | None, max_elements: int) -> InferRequest:
-    if header_length is None and _LONG_NUMBER.search(body) is None:
-        # orjson first: it reads a small body in a tenth of json.loads's time. What orjson
-        # refuses and json takes (NaN, lone surrogates, UTF-16) and every error go through
-        # json, for its answer and message; so does a body with a 20-digit run, which may be
-        # an integer past 64 bits (orjson would read it as a float).
+    if header_length is None:
+        # orjson first: it reads a small body in a tenth of json.loads's time. A body orjson
+        # refuses and json takes (NaN, lone surrogates, UTF-16), and any request refused
+        # once orjson read it, go through json, so that what is served and every error
+        # message are json's. (orjson reads an integer past 64 bits as a float: as float
+        # data it is the same number, and anywhere else a float is refused, so json reads
+        # that request again.)
         try:
             header = orjson.loads(body)
         except orjson.JSONDecodeError:
             header = None
         if type(header) is dict:
-            return InferRequest(header, _NO_TAIL, max_elements)
+            try:
+                return InferRequest(header, _NO_TAIL, max_elements)
+            except InvalidArgument:
+                pass
     header, tail = tensors.split_binary_body(body, header_length)
     return InferRequest(header, tail, max_elements)
 

@@ -5,6 +5,7 @@ bug with the connection kept), over fake replicas."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any, cast
@@ -140,6 +141,11 @@ async def test_json_that_only_pythons_json_reads_is_read_and_written_as_before(
     doc = r.json()
     assert doc["id"] == "null"
     assert [o["data"] for o in doc["outputs"][1:]] == [[BIG], ["hé null"]]
+    # An integer past 64 bits where one is taken (orjson reads it as a float).
+    r = await http.post(
+        "/v2/models/echo/infer", content=json.dumps({**DOC, "parameters": {"timeout": BIG + 1}})
+    )
+    assert r.status_code == 200, r.text
     # Without them: the same answer.
     r = await http.post("/v2/models/echo/infer", json=DOC)
     assert r.status_code == 200, r.text
