@@ -9,7 +9,8 @@ shoal from ``--before`` and from ``--after`` (default: this checkout), in turns,
 ``noop`` and ``sklearn_batch`` (one replica each, two ingress processes on 2 CPUs).
 For each it prints requests a second and the CPU microseconds per request of each kind of
 process (psutil user + system over the run, divided by the requests wrk counted): ``ingress``
-is shoal's main process (head and scheduler in ``shoal up``) plus its ingress workers. On a
+is shoal's main process (head and scheduler in ``shoal up``) plus its ingress workers;
+``wrk`` is the load tool's own, which shares the CPUs. On a
 shared machine the CPU per request is the steadier figure; the ratios to the floor measured in
 the same round come last.
 """
@@ -96,6 +97,7 @@ def measure(
     for key, value in after.items():
         per[key[1]] = per.get(key[1], 0.0) + value - before.get(key, 0.0)
     n = max(point.requests, 1)
+    per["wrk"] = point.tool_cpu * point.seconds  # wrk's own CPU, about: it shares the CPUs
     return point, {k: round(v / n * 1e6) for k, v in sorted(per.items()) if k != "other"}
 
 
