@@ -14,9 +14,11 @@ table asking for route deltas, as a real scheduler does. They live in ``--sim-pr
 worker processes (default: one per 125 schedulers), each with one gRPC channel per 250 of
 its schedulers, sending pre-encoded health updates and reading table streams as bytes, so
 that the head, not the simulator, is what runs out of CPU first.
-This process answers the head's CreateReplica/RemoveReplica calls for all of them (they
-share one address); replicas it is asked to create are never reported, so they stay
-PENDING and the head does not retry them.
+Each worker answers the head's CreateReplica/RemoveReplica calls for its own schedulers
+(they share its address: 1,000 schedulers sharing one server in this process made the
+server's accepting 900 new connections at once part of what the deaths measured);
+replicas it is asked to create are never reported, so they stay PENDING and the head does
+not retry them.
 
 Measured, each in turn:
 
@@ -155,8 +157,15 @@ class Worker:
         self.marked = asyncio.Event()
         self.errors: dict[str, int] = {}  # failed health updates, by status code
         self.failed: list[float] = []  # when each failed one was sent
+        self.scheduler = SimServer()
 
     async def run(self) -> None:
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        pbg.add_SchedulerServicer_to_server(self.scheduler, server)
+        address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+        await server.start()
+        for sim in self.sims:  # the head calls this worker's server for its schedulers
+            sim.register_request.address = sim.register_request.http_address = address
         n_ch = max(1, math.ceil(len(self.sims) / PER_CHANNEL))
         channels = [grpc.aio.insecure_channel(self.head, options=OPTIONS) for _ in range(n_ch)]
         try:
@@ -179,6 +188,7 @@ class Worker:
             await asyncio.gather(*(t for s in self.sims for t in s.tasks), return_exceptions=True)
             for ch in channels:
                 await ch.close()
+            await server.stop(0)
 
     async def _register(self, channel: grpc.aio.Channel, sim: Sim) -> None:
         await pbg.HeadStub(channel).RegisterScheduler(sim.register_request, timeout=120)
@@ -278,6 +288,8 @@ class Worker:
                         "failed": [t for t in self.failed if since <= t < until],
                     }
                 )
+            elif cmd["cmd"] == "created":  # when the head's CreateReplica calls came
+                self._say({"created": [t for t in self.scheduler.created if t >= cmd["since"]]})
             elif cmd["cmd"] == "marker":
                 try:
                     await asyncio.wait_for(self.marked.wait(), cmd["timeout"])
@@ -302,7 +314,7 @@ class Worker:
 
 
 class SimServer(pbg.SchedulerServicer):
-    """The Scheduler service of every simulated scheduler (they share this one address)."""
+    """The Scheduler service of a worker's simulated schedulers (they share its address)."""
 
     def __init__(self) -> None:
         self.created: list[float] = []
@@ -446,12 +458,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         head_address = json.loads(endpoints.read_text())["head"]
         proc = psutil.Process(head.pid)
 
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        sim = SimServer()
-        pbg.add_SchedulerServicer_to_server(sim, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        address = f"127.0.0.1:{port}"
+        # The replicas' address in the routes: nothing calls it (the simulated schedulers
+        # read their tables as bytes; the head calls the workers' own servers).
+        address = "127.0.0.1:9"
 
         channel = grpc.aio.insecure_channel(head_address, options=OPTIONS)
         stub = pbg.HeadStub(channel)
@@ -530,6 +539,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         # A routing change: a new deployment, until every scheduler's stream has it.
         applied = time.monotonic()
         await stub.ApplyDeployment(pb.ApplyDeploymentRequest(spec_json=_spec(MARKER, 0).model_dump_json()))
+        apply_call_s = time.monotonic() - applied  # of the routing change, the head's answer
         got = await asyncio.gather(*(w.ask({"cmd": "marker", "timeout": 60}) for w in workers))
         arrivals = [a for g in got for a in g["arrivals"]]
         reached = [a - applied for a in arrivals if a]
@@ -537,7 +547,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         # Deaths: 10% of the schedulers stop heartbeating (every tenth: spread over workers).
         dying = list(range(0, args.schedulers, 10))
         lost = sum(len(_replicas_of(i, args.schedulers, specs, address)) for i in dying)
-        created_before = len(sim.created)
         acks = await asyncio.gather(*(w.ask({"cmd": "stop", "ids": dying}) for w in workers))
         stopped = time.monotonic()
         spy = _py_spy(head.pid, 12, args.py_spy_deaths) if args.py_spy_deaths else None
@@ -546,9 +555,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         dead_at = max(last_acks) + args.dead_after_s
         meter = Meter(groups)
         deadline = stopped + 120
-        while len(sim.created) - created_before < lost and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        creates = sim.created[created_before : created_before + lost]
+        creates: list[float] = []
+        while len(creates) < lost and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            got = await asyncio.gather(*(w.ask({"cmd": "created", "since": stopped}) for w in workers))
+            creates = sorted(t for g in got for t in g["created"])
+        creates = creates[:lost]
         deaths = meter.cores()
         if spy is not None:
             await asyncio.to_thread(spy.wait, 60)
@@ -564,7 +576,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             _timeline(started, whole, marks)
 
         await channel.close()
-        await server.stop(0)
         steady_rtts = [r for s in stats for r in s["rtts"]]
         return {
             "schedulers": args.schedulers,
@@ -586,12 +597,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "health_errors": {
                 k: sum(s["errors"].get(k, 0) for s in stats) for s in stats for k in s["errors"]
             },
+            "tables_in_steady": sum(s["tables"] for s in stats) - sum(s["tables"] for s in before),
             "reregistered_in_steady": sum(s["reregistered"] for s in stats)
             - sum(s["reregistered"] for s in before),
             "head_rss_mb": round(rss_mb, 1),
             "route_change_p50_s": round(statistics.median(reached), 3) if reached else None,
             "route_change_max_s": round(max(reached), 3) if reached else None,
             "route_change_reached": f"{len(reached)}/{len(arrivals)}",
+            "route_change_apply_call_s": round(apply_call_s, 3),
             "deaths": len(dying),
             "replacements_wanted": lost,
             "replacements_placed": len(creates),
