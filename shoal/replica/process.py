@@ -8,7 +8,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable
-from typing import Protocol
+from typing import Any, Protocol
 
 from shoal.backends import load_backend
 from shoal.backends.base import Backend
@@ -153,12 +153,7 @@ class ReplicaProcess:
             return failed
         self.in_flight += 1
         started = time.perf_counter()
-        timer = loop.call_later(
-            timeout,
-            batcher.cancel,
-            request,
-            DeadlineExceeded(f"request {request_id} timed out after {timeout:g}s"),
-        )
+        timer = loop.call_later(timeout, _expire, batcher, request, request_id, timeout)
 
         def done(future: asyncio.Future[Arrays]) -> None:
             timer.cancel()
@@ -327,3 +322,8 @@ class ReplicaProcess:
             await self.batcher.aclose()
         if self.backend is not None:
             self.backend.unload()
+
+
+def _expire(batcher: Batcher, request: Any, request_id: str, timeout_s: float) -> None:
+    """A queued or running request's deadline passed (its error made only then)."""
+    batcher.cancel(request, DeadlineExceeded(f"request {request_id} timed out after {timeout_s:g}s"))
