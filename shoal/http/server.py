@@ -255,6 +255,7 @@ class _Bounds:
         self._refused = False
         self._cert_name: str | None = None  # the client certificate's subject, if verified
         self._deferred = False  # reads are buffered, waiting for a turn in the intake
+        self._asked = False  # refuse() passed the plain request the parser is given next
         self._bound_protocol()
 
     def _bound_protocol(self) -> None:
@@ -335,6 +336,7 @@ class _Bounds:
             data = self._refuse_plain(self._refuse, data)
         if data:
             self._feed(data)
+        self._asked = False
 
     def _refuse_plain(self, refuse: Refuse, data: bytes) -> bytes:
         """Answer the plain requests (:func:`_plain_request`) at the start of ``data`` that
@@ -354,6 +356,7 @@ class _Bounds:
             method, path, length = request
             refusal = refuse(method, path)
             if refusal is None:
+                self._asked = True
                 break
             self._unset_keepalive_if_required()
             self.transport.write(_refusal(*refusal))
@@ -488,6 +491,7 @@ class _BoundedHttpTools(_Bounds, HttpToolsProtocol):
         self._in_message = False  # a request has begun and its body is not all read
         self._head_bytes = 0  # of the head being read, in the reads counted (see _feed)
         self._begun = 0  # requests begun on this connection
+        self._asked_for = -1  # the request _refuse_plain asked refuse() about (see _feed)
 
     def data_received(self, data: bytes) -> None:
         if self._refused or self.transport.is_closing():
@@ -497,6 +501,9 @@ class _BoundedHttpTools(_Bounds, HttpToolsProtocol):
     def _feed(self, data: bytes) -> None:
         self._unset_keepalive_if_required()
         went_on, fresh, begun = self._in_head, not self._in_message, self._begun
+        # refuse() was asked about the request at the start of ``data`` (_refuse_plain):
+        # on_headers_complete does not ask again.
+        self._asked_for = begun + 1 if self._asked and fresh else -1
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -511,6 +518,9 @@ class _BoundedHttpTools(_Bounds, HttpToolsProtocol):
             return
         if not self._in_head:
             return
+        # A head still coming: its timer runs from this read, the one its first byte came in
+        # (not started per request: most heads come whole, in one read).
+        self._start_head_timer()
         # llhttp keeps a header's bytes until the header ends and sets no limit on a head:
         # shoal's is h11's, counted over the reads that are all head. A read that went on
         # with the head, or that began it between requests and left it unfinished, is all
@@ -546,7 +556,6 @@ class _BoundedHttpTools(_Bounds, HttpToolsProtocol):
         self._in_message = self._in_head = True
         self._begun += 1
         self._head_bytes = 0
-        self._start_head_timer()  # the first byte of a new head
 
     def on_url(self, url: bytes) -> None:
         super().on_url(url)
@@ -559,7 +568,7 @@ class _BoundedHttpTools(_Bounds, HttpToolsProtocol):
         if self.parser.get_http_version() == "1.1" and not any(n == b"host" for n, _ in self.headers):
             raise _BadHead("an HTTP/1.1 request must have a Host header")
         refusal = None
-        if self._refuse is not None:
+        if self._refuse is not None and self._begun != self._asked_for:
             path = unquote(self.url.partition(b"?")[0].decode("ascii", "replace"))
             refusal = self._refuse(self.parser.get_method().decode("ascii", "replace"), path)
         if refusal is None:

@@ -62,8 +62,8 @@ async def app(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def connect() -> tuple[http_server._BoundedHttpTools, Transport]:
-    config = http_server._Config(app, HttpLimits(), None, "httptools", log_level="warning", lifespan="off")
+def connect(refuse: http_server.Refuse | None = None) -> tuple[http_server._BoundedHttpTools, Transport]:
+    config = http_server._Config(app, HttpLimits(), refuse, "httptools", log_level="warning", lifespan="off")
     protocol = http_server._BoundedHttpTools(config, ServerState(), {}, asyncio.get_running_loop())
     transport = Transport()
     protocol.connection_made(transport)
@@ -110,3 +110,21 @@ async def test_a_head_over_16_kib_is_refused_however_it_is_read(reads: int) -> N
     out = await answer(transport)
     assert out.startswith(b"HTTP/1.1 400 ") and b"the request head is over 16384 bytes" in out
     assert transport.closed
+
+
+async def test_each_request_is_asked_about_once() -> None:
+    asked: list[str] = []
+
+    def refuse(method: str, path: str) -> tuple[int, str] | None:
+        asked.append(path)
+        return None
+
+    protocol, transport = connect(refuse)
+    plain = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+    chunked = b"POST /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    await feed(protocol, plain)
+    await answer(transport)
+    transport.out.clear()
+    await feed(protocol, chunked)  # not plain: asked by the parser's side
+    await answer(transport)
+    assert asked == ["/a", "/b"]
