@@ -32,7 +32,7 @@ import resource
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
@@ -229,6 +229,27 @@ class Backend(abc.ABC):
             self._executor = None
         self._unload()
 
+    def predict_now(self, inputs: Tensors) -> Tensors | None:
+        """:meth:`predict` at once, on the event loop, when this backend's calls run there
+        now (see INLINE_AFTER): its outputs; None when they do not (call :meth:`predict`).
+        Raises as :meth:`predict` does. For the batcher's idle path: a lone request then
+        needs no task, no collector and no future to be answered."""
+        if not self._loaded or not self._inline or self._thread_calls:
+            return None
+        call = self._blocking(inputs)
+        if call is None:
+            return None
+        self.check_inputs(inputs)
+        fn, args = call
+        ran, result = self._call_inline(fn, args)
+        return result if ran else None
+
+    def _blocking(self, inputs: Tensors) -> tuple[Callable[..., Tensors], tuple[Any, ...]] | None:
+        """The blocking call :meth:`_predict` would make for ``inputs`` through
+        :meth:`run_sync` (function and arguments; the inputs already checked), or None when
+        it makes none (an async model)."""
+        return None
+
     def model_backend(self, model_id: str) -> Backend:
         """A backend for one model id of a multiplexed deployment, constructed, not loaded.
 
@@ -258,21 +279,27 @@ class Backend(abc.ABC):
         if executor is None:
             raise FailedPrecondition(f"model {self.spec.name!r} is not loaded")
         if self._inline and not self._thread_calls:
-            cpu_before, waits_before = _thread_usage()
-            started = time.perf_counter()
-            try:
-                result = fn(*args)
-            except BlocksLoop:
-                # It called another deployment, which must block: on the thread, from now on.
-                self._stop_inline("it calls other deployments")
-            else:
-                took = time.perf_counter() - started
-                if took > INLINE_BAIL_S:
-                    cpu_after, waits_after = _thread_usage()
-                    if held_the_loop(took, cpu_after - cpu_before, waits_after - waits_before):
-                        self._stop_inline(f"a call took {took * 1000:.1f} ms")
-                return result
+            ran, result = self._call_inline(fn, args)
+            if ran:
+                return cast(T, result)
         return await self._on_thread(executor, fn, args)
+
+    def _call_inline(self, fn: Callable[..., T], args: tuple[Any, ...]) -> tuple[bool, Any]:
+        """``fn(*args)`` on the loop: (True, its result), or (False, None) when it called
+        another deployment (it must run on the thread: from now on, every call does)."""
+        cpu_before, waits_before = _thread_usage()
+        started = time.perf_counter()
+        try:
+            result = fn(*args)
+        except BlocksLoop:
+            self._stop_inline("it calls other deployments")
+            return False, None
+        took = time.perf_counter() - started
+        if took > INLINE_BAIL_S:
+            cpu_after, waits_after = _thread_usage()
+            if held_the_loop(took, cpu_after - cpu_before, waits_after - waits_before):
+                self._stop_inline(f"a call took {took * 1000:.1f} ms")
+        return True, result
 
     async def _on_thread(
         self, executor: ThreadPoolExecutor, fn: Callable[..., T], args: tuple[Any, ...]

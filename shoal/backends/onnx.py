@@ -20,7 +20,7 @@ tensor rather than a sequence of maps (see ``examples/convert_digits_onnx.py``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -177,12 +177,17 @@ class OnnxBackend(Backend):
             raise InvalidArgument(f"missing input {missing[0]!r}")
 
     async def _predict(self, inputs: Tensors) -> Tensors:
-        feed = {
+        return await self.run_sync(self._run, self._feed(inputs))
+
+    def _blocking(self, inputs: Tensors) -> tuple[Callable[..., Tensors], tuple[Any, ...]] | None:
+        return self._run, (self._feed(inputs),)
+
+    def _feed(self, inputs: Tensors) -> Tensors:
+        return {
             name: _to_model_strings(array) if array.dtype.kind in "OSU" else array
             for name, array in inputs.items()
             if name in self._model_inputs
         }
-        return await self.run_sync(self._run, feed)
 
     def _run(self, feed: Tensors) -> Tensors:
         try:

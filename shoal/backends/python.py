@@ -140,6 +140,9 @@ class PythonBackend(Backend):
         # Converting the outputs can cost as much as a small model: keep it off the loop too.
         return await self.run_sync(self._predict_blocking, inputs)
 
+    def _blocking(self, inputs: Tensors) -> tuple[Callable[..., Tensors], tuple[Any, ...]] | None:
+        return None if self._async_predict else (self._predict_blocking, (inputs,))
+
     def _predict_blocking(self, inputs: Tensors) -> Tensors:
         try:
             result = self._model.predict(inputs)

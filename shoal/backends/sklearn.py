@@ -22,7 +22,7 @@ joblib files are pickles: loading one runs code from it. Serve only files you tr
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import joblib
@@ -129,6 +129,9 @@ class SklearnBackend(Backend):
 
     async def _predict(self, inputs: Tensors) -> Tensors:
         return await self.run_sync(self._predict_blocking, inputs[self.input_name])
+
+    def _blocking(self, inputs: Tensors) -> tuple[Callable[..., Tensors], tuple[Any, ...]] | None:
+        return self._predict_blocking, (inputs[self.input_name],)
 
     def _predict_blocking(self, x: np.ndarray) -> Tensors:
         estimator = self._estimator

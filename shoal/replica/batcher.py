@@ -112,12 +112,22 @@ class Batcher:
     (rows per call -> how many calls), :attr:`dropped` (requests cancelled while queued).
     """
 
-    def __init__(self, run: RunFn, max_batch_size: int, max_delay_ms: float) -> None:
+    def __init__(
+        self,
+        run: RunFn,
+        max_batch_size: int,
+        max_delay_ms: float,
+        *,
+        run_now: Callable[[Tensors], Tensors | None] | None = None,
+    ) -> None:
+        """``run_now``: ``run`` at once, synchronously, or None when it cannot
+        (``Backend.predict_now``); :meth:`try_now` uses it."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_delay_ms < 0:
             raise ValueError(f"max_delay_ms must be >= 0, got {max_delay_ms}")
         self._run = run
+        self._run_now = run_now
         self.max_batch_size = max_batch_size
         self.max_delay_ms = max_delay_ms
         self._max_delay_s = max_delay_ms / 1000
@@ -243,6 +253,40 @@ class Batcher:
         self._rows_by_key[key] += rows
         self._wakeup.set()
         return request
+
+    def try_now(self, inputs: Tensors, call: CallContext | None = None) -> Tensors | None:
+        """The request's rows at once, when it would run alone anyway (nothing runs or
+        waits, and no burst is on its way: see ``_Request.waits``) and the model's calls
+        run on the event loop (``run_now``); None otherwise (then :meth:`enqueue` or
+        :meth:`submit` it). Raises what :meth:`submit` raises. Counted as a batch of one.
+
+        Why: at concurrency 1 every request takes this path, and the collector's wake-up
+        and the future's callbacks were two of the replica's four loop turns a request.
+        """
+        if self._run_now is None or self._in_flight or self._queue or self._closing or not self._started:
+            return None
+        loop = asyncio.get_running_loop()
+        if self.max_batch_size > 1:
+            if self._burst_expected(loop.time()):
+                return None
+            rows = _rows_and_key(inputs)[0]
+        else:
+            rows = next((a.shape[0] for a in inputs.values() if a.ndim > 0), 1)
+        started = time.perf_counter_ns()
+        token = current_call.set(call if call is not None else current_call.get())
+        try:
+            outputs = self._run_now(inputs)
+        finally:
+            current_call.reset(token)
+        if outputs is None:
+            return None
+        self.compute_ns += time.perf_counter_ns() - started
+        self.requests += 1
+        self.batches += 1
+        self.batch_sizes[rows] += 1
+        self._last_end = loop.time()
+        self._last_requests = 1
+        return _split(outputs, [rows])[0] if self.max_batch_size > 1 else outputs
 
     def cancel(self, request: _Request, error: BaseException | None = None) -> None:
         """Give up on ``request``: it leaves the queue if its batch has not started (its rows

@@ -231,9 +231,10 @@ class HopClient:
 # ---------------------------------------------------------------- the replica's side
 
 Run = Callable[[pb.Task], Awaitable[pb.TaskOutcome]]
-# Starts a task and calls back with its outcome; returns what to cancel if the scheduler
-# goes away first (None: answered already). ``ReplicaService.begin``: no task per request.
-Begin = Callable[[pb.Task, Callable[[pb.TaskOutcome], None]], "asyncio.Future[Any] | None"]
+# Starts a task (the bool: it came alone, not with others to batch it with) and calls back
+# with its outcome; returns what to cancel if the scheduler goes away first (None: answered
+# already). ``ReplicaService.begin``: no task per request.
+Begin = Callable[[pb.Task, Callable[[pb.TaskOutcome], None], bool], "asyncio.Future[Any] | None"]
 
 
 class _ServerProtocol(asyncio.Protocol):
@@ -259,9 +260,10 @@ class _ServerProtocol(asyncio.Protocol):
             self.close()
             return
         begin = self._server.begin
+        alone = len(tasks) == 1
         for task in tasks:
             if begin is not None:
-                running = begin(task, self._reply)
+                running = begin(task, self._reply, alone)
                 if running is not None:
                     self._running.add(running)
                     running.add_done_callback(self._running.discard)

@@ -75,14 +75,17 @@ class ReplicaService(pbg.ReplicaServicer):
             request_id=task.request_id, tag=task.tag, error_code=code, error_message=message
         )
 
-    def begin(self, task: pb.Task, reply: Callable[[pb.TaskOutcome], None]) -> asyncio.Future[Arrays] | None:
+    def begin(
+        self, task: pb.Task, reply: Callable[[pb.TaskOutcome], None], alone: bool = True
+    ) -> asyncio.Future[Arrays] | None:
         """Start one task and ``reply`` with its outcome when it ends: what :meth:`outcome`
         answers, without a coroutine (the local hop's path; see ``ReplicaProcess.begin``).
+        ``alone``: no other task came with it (several are batched, not run one by one).
         Returns the running request, to cancel when the caller goes away; None when the
         task was answered at once."""
         try:
             inputs = codec.decode(task.inputs)
-            future = self.replica.begin(task.request_id, inputs, task.timeout_s, task.model_id)
+            future = self.replica.begin(task.request_id, inputs, task.timeout_s, task.model_id, alone=alone)
         except ShoalError as err:
             reply(_failure(task, err.code.value, err.message))
             return None

@@ -311,3 +311,64 @@ def test_bad_settings_are_refused() -> None:
         Batcher(Model(), max_batch_size=0, max_delay_ms=0)
     with pytest.raises(ValueError, match="max_delay_ms"):
         Batcher(Model(), max_batch_size=2, max_delay_ms=-1)
+
+
+class NowModel(Model):
+    """A model whose calls may also run at once, synchronously (``Backend.predict_now``)."""
+
+    def __init__(self, inline: bool = True) -> None:
+        super().__init__()
+        self.inline = inline
+        self.now_calls: list[Tensors] = []
+
+    def now(self, inputs: Tensors) -> Tensors | None:
+        if not self.inline:
+            return None
+        self.now_calls.append(inputs)
+        if float(inputs["x"].flat[0]) == 7:
+            raise Internal("model raised ValueError: seven")
+        return {name: array.copy() for name, array in inputs.items()}
+
+
+async def test_a_lone_request_at_an_idle_batcher_runs_at_once_and_counts_as_a_batch_of_one() -> None:
+    model = NowModel()
+    async with Batcher(model, max_batch_size=8, max_delay_ms=5_000, run_now=model.now) as batcher:
+        out = batcher.try_now(rows(1, n=2))
+        assert out is not None
+        np.testing.assert_array_equal(out["x"], rows(1, n=2)["x"])
+        assert (batcher.requests, batcher.batches, dict(batcher.batch_sizes)) == (1, 1, {2: 1})
+        assert model.calls == []  # no task, no collector: the synchronous call alone
+        with pytest.raises(Internal, match="seven"):
+            batcher.try_now(rows(7))
+        with pytest.raises(InvalidArgument, match="scalar"):
+            batcher.try_now({"x": np.float32(1.0)})  # type: ignore[dict-item]
+
+
+async def test_try_now_declines_when_others_run_or_wait_or_the_model_runs_off_the_loop() -> None:
+    model = NowModel()
+    model.gate = asyncio.Event()
+    async with Batcher(model, max_batch_size=8, max_delay_ms=5_000, run_now=model.now) as batcher:
+        running = asyncio.create_task(batcher.submit(rows(1)))
+        await model.entered.wait()
+        assert batcher.try_now(rows(2)) is None  # the model is busy: it waits its turn
+        queued = batcher.enqueue(rows(3))
+        assert batcher.try_now(rows(4)) is None
+        model.gate.set()
+        await running
+        await queued.future
+        assert model.now_calls == []
+    off = NowModel(inline=False)
+    async with Batcher(off, max_batch_size=8, max_delay_ms=0, run_now=off.now) as batcher:
+        assert batcher.try_now(rows(5)) is None  # its calls run on its thread: the queue's way
+    async with Batcher(Model(), max_batch_size=8, max_delay_ms=0) as batcher:
+        assert batcher.try_now(rows(6)) is None  # no run_now at all
+
+
+async def test_try_now_declines_right_after_a_batch_of_several_whose_clients_come_back() -> None:
+    """Closed-loop clients answered together send their next requests together: the first
+    of them waits for the others (the burst rule), try_now does not run it alone."""
+    model = NowModel()
+    async with Batcher(model, max_batch_size=8, max_delay_ms=5_000, run_now=model.now) as batcher:
+        await asyncio.gather(*(batcher.submit(rows(i)) for i in range(3)))
+        assert model.batch_rows == [3]
+        assert batcher.try_now(rows(9)) is None

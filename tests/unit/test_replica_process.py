@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from shoal.backends.base import INLINE_AFTER
 from shoal.config import Settings
 from shoal.core.spec import parse_spec
-from shoal.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from shoal.errors import DeadlineExceeded, Internal, InvalidArgument, Unavailable
 from shoal.proto import shoal_pb2 as pb
 from shoal.replica.process import ReplicaProcess
 from shoal.rpc import codec
@@ -249,4 +250,43 @@ async def test_the_hop_answers_through_begin_and_a_lost_scheduler_drops_its_queu
     await until(lambda: replica.in_flight == 0, "r3 finished or given up")
     assert replica.describe().requests == 2  # r1 and r3; r4 never ran (r2 was refused)
     await server.stop()
+    await stop(replica, runner)
+
+
+SYNC_MODEL = """
+class Echo:
+    def predict(self, inputs):
+        return {"y": inputs["x"] * 2}
+"""
+
+
+async def test_a_lone_request_to_a_model_on_the_loop_is_answered_without_the_queue(tmp_path: Path) -> None:
+    """Once a sync model's calls run on the event loop, a request that arrives alone at an
+    idle replica is answered at once (ReplicaProcess.begin returns it done), counted as a
+    batch of one; a bad one fails alone."""
+    (tmp_path / "echo_model.py").write_text(SYNC_MODEL)
+    spec = parse_spec(
+        {
+            "name": "echo",
+            "backend": "python",
+            "model": "echo_model:Echo",
+            "base_dir": str(tmp_path),
+            "batching": {"max_batch_size": 8, "max_delay_ms": 5},
+        }
+    )
+    replica = ReplicaProcess("echo-000001", spec, Settings(), Link())  # type: ignore[arg-type]
+    runner = await ready(replica)
+    for i in range(INLINE_AFTER + 1):  # short calls on the model thread first: then on the loop
+        await replica.begin(f"warm{i}", ROW, 5.0)
+    assert replica.backend is not None and replica.backend.predict_now(ROW) is not None
+    before = replica.describe().batch_sizes.get(1, 0)
+    answer = replica.begin("r1", ROW, 5.0)
+    assert answer.done()
+    np.testing.assert_array_equal(answer.result()["y"], np.full((1, 2), 2.0, np.float32))
+    assert replica.describe().batch_sizes[1] == before + 1
+    bad = replica.begin("r2", {"z": ROW["x"]}, 5.0)
+    assert bad.done()
+    with pytest.raises(Internal, match="KeyError"):
+        bad.result()
+    assert replica.in_flight == 0
     await stop(replica, runner)
