@@ -31,6 +31,9 @@ from pathlib import Path
 import psutil
 
 BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+import tools  # noqa: E402 - bench/ is not a package
+
 ROOT = BENCH.parent
 RESULTS = BENCH / "results"
 PERF_ANALYZER = BENCH / ".peers" / "perf-analyzer" / "perf_analyzer"
@@ -114,6 +117,15 @@ def profile(source: Path, seconds: float) -> dict[str, object]:
             for p in psutil.Process(up.pid).children(recursive=True)
             if "shoal.replica" in " ".join(p.cmdline())
         )
+        out: dict[str, object] = {}
+        # CPU per request first, with nothing attached: psutil over a perf_analyzer run.
+        procs = {"scheduler": psutil.Process(up.pid), "replica": psutil.Process(replica)}
+        before = {k: sum(p.cpu_times()[:2]) for k, p in procs.items()}
+        point = tools.perf_analyzer(grpc, "noop", "grpc", 32, lambda: [up.pid, replica], shape="x:1,16")
+        after = {k: sum(p.cpu_times()[:2]) for k, p in procs.items()}
+        served = max(point.throughput * point.seconds, 1.0)
+        out["cpu_us"] = {k: round((after[k] - before[k]) / served * 1e6) for k in procs}
+        out["throughput"] = round(point.throughput)
         load = [str(PERF_ANALYZER), "-m", "noop", "-u", grpc, "-i", "grpc", "--shape", "x:1,16"]
         load += [
             "--concurrency-range",
@@ -127,14 +139,12 @@ def profile(source: Path, seconds: float) -> dict[str, object]:
         ]
         loader = subprocess.Popen(load, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         time.sleep(2)
-        out: dict[str, object] = {}
         for name, pid in (("scheduler", up.pid), ("replica", replica)):
             raw = work / f"{name}.txt"
             spy = ["py-spy", "record", "-d", str(int(seconds)), "-r", "200", "--format", "raw"]
             subprocess.run([*spy, "-p", str(pid), "-o", str(raw)], check=True, capture_output=True)
             out[name] = shares(raw)
-        text, _ = loader.communicate(timeout=120)
-        out["throughput"] = next((ln.split()[1] for ln in text.splitlines() if "Throughput:" in ln), "?")
+        loader.communicate(timeout=120)
         return out
     finally:
         up.send_signal(signal.SIGTERM)
@@ -166,6 +176,22 @@ def render() -> str:
         for k in parts:
             cells = " | ".join(f"{100 * runs[lb].get(proc, {}).get(k, 0):.0f}%" for lb in labels)
             lines.append(f"| {k} | {cells} |")
+        lines.append("")
+    measured = [lb for lb in labels if "cpu_us" in runs[lb]]
+    if measured:
+        lines.append(
+            "CPU per request (psutil over a perf_analyzer noop gRPC c=32 run, nothing attached), "
+            "microseconds, and the requests a second of that run:"
+        )
+        lines.append("")
+        lines.append(
+            "| process | " + " | ".join(f"{lb} ({runs[lb].get('commit', '?')})" for lb in measured) + " |"
+        )
+        lines.append("|---|" + "---|" * len(measured))
+        for proc in ("scheduler", "replica"):
+            cells = " | ".join(str(runs[lb]["cpu_us"].get(proc, "?")) for lb in measured)
+            lines.append(f"| {proc} | {cells} |")
+        lines.append("| requests/s | " + " | ".join(f"{runs[lb]['throughput']:,}" for lb in measured) + " |")
         lines.append("")
     latest = runs[labels[-1]]
     own = {proc: 1 - latest.get(proc, {}).get(LIBRARY, 0) for proc in ("scheduler", "replica")}
