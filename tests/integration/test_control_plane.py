@@ -189,6 +189,7 @@ async def test_rolling_update_under_load_fails_no_request(tmp_path: Path, exampl
         async with load(cluster) as stats:
             await until(lambda: stats["ok"] > 0, "a first answer")
             # A changed option needs new processes: the replicas roll.
+            at_deploy = stats["ok"]
             await cluster.deploy(echo(examples_dir, replicas=2, options={"delay_ms": 5}))
 
             def rolled(s: dict[str, Any]) -> bool:
@@ -200,7 +201,9 @@ async def test_rolling_update_under_load_fails_no_request(tmp_path: Path, exampl
             at_rolled = stats["ok"]
             await until(lambda: stats["ok"] >= at_rolled + 20, "answers from the new replicas")
         assert stats["failures"] == []
-        assert stats["ok"] > 100
+        # Requests were answered while the replicas rolled, not only before and after (a
+        # count of answers overall, "> 100", failed on a loaded machine with exactly 100).
+        assert at_rolled > at_deploy
         # Capacity never dropped below the target while rolling.
         assert min(ready_counts) >= 2, ready_counts
         # Changing only the replica count starts nothing new and stops nothing old.
