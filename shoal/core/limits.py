@@ -3,7 +3,6 @@ buffer is decoded. The numbers are settings (``shoal.config.Settings``)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 from shoal.errors import InvalidArgument
@@ -14,12 +13,12 @@ def elements(shape: object) -> int:
     decoder then refuses the shape itself, naming the problem)."""
     if not isinstance(shape, list | tuple):
         return 0
-    dims = []
+    count = 1
     for d in shape:
-        if isinstance(d, bool) or not isinstance(d, int) or d < 0:
+        if type(d) is not int or d < 0:  # bool is no dimension (type(True) is bool)
             return 0
-        dims.append(d)
-    return math.prod(dims)
+        count *= d
+    return count
 
 
 def check_elements(shapes: Iterable[object], limit: int) -> None:

@@ -36,7 +36,7 @@ from typing import Any, cast
 
 from shoal.errors import Unavailable
 from shoal.proto import shoal_pb2 as pb
-from shoal.rpc.task_stream import await_outcome, fail_waiting
+from shoal.rpc.task_stream import expire_outcome, fail_waiting
 
 log = logging.getLogger("shoal.rpc")
 
@@ -181,11 +181,19 @@ class HopClient:
             proto = await self._connect()
         tag = next(self._tags)
         task.tag = tag
-        future: asyncio.Future[pb.TaskOutcome] = asyncio.get_running_loop().create_future()
-        self.pending[tag] = future
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[pb.TaskOutcome] = loop.create_future()
+        pending = self.pending
+        pending[tag] = future
         assert proto.writer is not None
         proto.writer.send(task.SerializeToString())
-        return await await_outcome(self.pending, task, future, timeout_s)
+        # await_outcome's body, inline: one coroutine less on every request's way back.
+        timer = loop.call_later(timeout_s, expire_outcome, future, task.request_id, timeout_s)
+        try:
+            return await future
+        finally:
+            timer.cancel()
+            pending.pop(tag, None)
 
     async def _connect(self) -> _ClientProtocol:
         async with self._connecting:

@@ -136,10 +136,13 @@ def request_tensors(request: oip.ModelInferRequest, max_elements: int = 0) -> Te
     """The request's inputs as wire tensors, raw contents taken as they are (not decoded).
 
     Raises InvalidArgument naming the input, or the limit of ``max_elements`` (all inputs
-    together; 0: none), checked before anything is copied.
+    together; 0: none) before typed contents are copied out. Raw contents are not copied:
+    their element count is checked by the data plane's door (``DataPlane.check``) or
+    :func:`decode_inputs`.
     """
-    limits.check_elements((list(t.shape) for t in request.inputs), max_elements)
     raw = request.raw_input_contents
+    if not raw:  # typed contents are copied out below: check first (raw bytes: the door does)
+        limits.check_elements((list(t.shape) for t in request.inputs), max_elements)
     if raw and len(raw) != len(request.inputs):
         raise InvalidArgument(
             f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
@@ -163,6 +166,7 @@ def request_tensors(request: oip.ModelInferRequest, max_elements: int = 0) -> Te
 def decode_inputs(request: oip.ModelInferRequest, max_elements: int = 0) -> Arrays:
     """The request's inputs as numpy arrays (text generation's prompt needs them decoded)."""
     items = request_tensors(request, max_elements)
+    limits.check_elements((t.shape for t in items), max_elements)
     payload.check_all(items)
     return payload.to_arrays(items)
 

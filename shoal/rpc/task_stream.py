@@ -135,7 +135,7 @@ async def await_outcome(
     """Wait for ``task``'s outcome (sent, its ``future`` in ``pending`` under its tag) at most
     ``timeout_s``, then forget it either way. The deadline is a timer that fails the
     future (cheaper per request than an ``asyncio.timeout`` scope around the await)."""
-    timer = future.get_loop().call_later(timeout_s, _expire, future, task.request_id, timeout_s)
+    timer = future.get_loop().call_later(timeout_s, expire_outcome, future, task.request_id, timeout_s)
     try:
         return await future
     finally:
@@ -143,7 +143,8 @@ async def await_outcome(
         pending.pop(task.tag, None)
 
 
-def _expire(future: asyncio.Future[pb.TaskOutcome], request_id: str, timeout_s: float) -> None:
+def expire_outcome(future: asyncio.Future[pb.TaskOutcome], request_id: str, timeout_s: float) -> None:
+    """A waiting request's deadline passed: it fails with DeadlineExceeded (once)."""
     if not future.done():
         future.set_exception(DeadlineExceeded(f"request {request_id} timed out after {timeout_s:g}s"))
 

@@ -514,13 +514,20 @@ class ModelCatalog:
             if wait:
                 raise
             return None
-        return ModelMetadata(
+        # Kept with the frozen spec for the description it completes: one per request was
+        # built before (a request's path should build nothing it built for the last one).
+        kept = spec.derived.get("described")
+        if kept is not None and kept[0] is described:
+            return cast(ModelMetadata, kept[1])
+        metadata = ModelMetadata(
             name=spec.name,
             platform=spec.backend,
             inputs=spec.inputs or described.inputs,
             outputs=spec.outputs or described.outputs,
             versions=(model_version(spec),),
         )
+        spec.derived["described"] = (described, metadata)
+        return metadata
 
     async def _describe(self, spec: DeploymentSpec) -> ReplicaDescription:
         key = spec.process_hash()
