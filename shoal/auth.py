@@ -317,6 +317,12 @@ class InferenceAuth:
         """Whether the cluster had tokens at the last routing table."""
         return bool(self._known)
 
+    def needs_token(self, deployment: str) -> bool:
+        """Whether calls to ``deployment`` must carry a token (so an adapter reads the call's
+        headers only then: grpc.aio builds the metadata tuple anew on each read)."""
+        spec = self._spec_of(deployment)
+        return spec is not None and bool(required_tokens(spec))
+
     def check(self, deployment: str, authorization: str | None) -> None:
         """Raises Unauthenticated or PermissionDenied when the call may not use ``deployment``.
 

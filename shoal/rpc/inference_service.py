@@ -229,7 +229,7 @@ class InferenceService(oipg.GRPCInferenceServiceServicer):
 
     def _authorize(self, model: str, context: Context) -> None:
         """Raises Unauthenticated or PermissionDenied when ``model`` needs a token this call lacks."""
-        if self.auth is not None and model:
+        if self.auth is not None and model and self.auth.needs_token(model):
             self.auth.check(model, authorization(context))
 
     async def ServerLive(self, request: oip.ServerLiveRequest, context: Context) -> oip.ServerLiveResponse:
