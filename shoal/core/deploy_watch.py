@@ -55,6 +55,7 @@ class _Watched:
     settled_since: float | None = None  # since when the head's reason has been an answer
     seen: dict[str, None] = field(default_factory=dict)  # new replicas seen, in order (a set that keeps it)
     want_hash: str = ""  # the process hash of the spec deployed: another one at the head ends the watch
+    since: float = 0.0  # the newest event time (the head's clock) before the apply
 
 
 @dataclass
@@ -74,6 +75,7 @@ class DeployWatch:
         """``from_file``: the specs come from files, whose restart count the head replaces with
         its own (``shoal restart``); False for the head's own specs (restart, rollback)."""
         old = {d["name"]: d for d in before.get("deployments", [])}
+        since = max((e.get("at", 0.0) for e in before.get("events", [])), default=0.0)
         watched = []
         for spec in specs:
             dep = old.get(spec.name)
@@ -87,7 +89,7 @@ class DeployWatch:
                     # Replicas already of the wanted spec (a rollback to them) are not old.
                     replicas = frozenset(r["id"] for r in dep["replicas"] if r.get("spec_hash") != want)
                 failures = _start_failures(dep["pending_reason"])[0]
-            watched.append(_Watched(spec.name, replicas, failures, want_hash=want))
+            watched.append(_Watched(spec.name, replicas, failures, want_hash=want, since=since))
         return cls(watched)
 
     def observe(self, status: Status, now: float) -> Verdict:
@@ -105,6 +107,17 @@ class DeployWatch:
             replicas = dep["replicas"]
             now_ids = {r["id"] for r in replicas}
             w.seen.update((i, None) for i in sorted(now_ids - w.old_replicas))
+            # A replica that dies within milliseconds (forked from the scheduler's zygote, it
+            # imports nothing) can come and go between two looks: the status's events name it.
+            w.seen.update(
+                (e["replica_id"], None)
+                for e in status.get("events", [])
+                if e.get("kind") == "replica_died"
+                and e.get("deployment") == w.name
+                and e.get("replica_id")
+                and e["replica_id"] not in w.old_replicas
+                and e.get("at", 0.0) > w.since
+            )
             dead.extend(reversed([i for i in w.seen if i not in now_ids]))
             target = dep["target_replicas"]
             ready = sum(1 for r in replicas if r["state"] == "READY" and r["id"] not in w.old_replicas)

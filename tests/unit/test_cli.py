@@ -128,6 +128,27 @@ async def test_replicas_that_fail_to_start_fail_the_deploy(head: HeadNode) -> No
     assert verdict.dead == tuple(reversed(seen))  # the most recent first: its log says why
 
 
+async def test_a_replica_that_died_between_two_looks_is_still_named(head: HeadNode) -> None:
+    """A replica that fails to load in milliseconds (forked, it imports nothing) can come
+    and go between two looks at the status: its death, in the status's events, still names
+    it for the deploy to show its log; a death from before the apply does not."""
+    s = spec()
+    await head.apply(s)
+    (earlier,) = await head.reconcile_once()
+    await head.scheduler_health(
+        "s1", 1_000_000, [ReplicaReport(earlier.replica_id, "echo", DEAD, message="old")]
+    )
+    await past_backoff(head)
+    watch = DeployWatch.after_apply(cluster_status(head), [s])
+    (create,) = await head.reconcile_once()
+    dead = ReplicaReport(
+        create.replica_id, "echo", DEAD, message="process exited with code 1: ValueError: boom"
+    )
+    await head.scheduler_health("s1", 1_000_000, [dead])  # never seen in a status: gone already
+    verdict = watch.observe(cluster_status(head), now=0.0)
+    assert verdict.dead == (create.replica_id,)
+
+
 async def test_failures_from_before_the_apply_are_not_taken_for_new_ones(head: HeadNode) -> None:
     broken = spec(model="broken:M")
     await head.apply(broken)
