@@ -101,20 +101,36 @@ def _frame(message: bytes) -> bytes:
 
 
 class _Writer:
-    """Coalesces writes: everything queued in one loop iteration goes out in one ``write``."""
+    """Coalesces writes: the frames queued in one loop iteration go out in one ``write`` at
+    its end. When ``eager()`` says so for the first frame of an iteration, that frame goes
+    out at once instead (the rest of the iteration's still together, after it): a lone
+    request or answer then waits for no later turn of the loop.
 
-    def __init__(self, transport: asyncio.Transport) -> None:
+    Eager only for a lone frame: on the scheduler's side while a single request is pending
+    on the connection, on the replica's while nothing else runs for it. Frames that go
+    together must arrive together: requests for the replica's batcher to batch them, and a
+    batch's answers so that their clients' next requests come back as one burst."""
+
+    def __init__(self, transport: asyncio.Transport, eager: Callable[[], bool] | None = None) -> None:
         self._transport = transport
         self._out: list[bytes] = []
+        self._gathering = False
+        self._eager = eager
         self._loop = asyncio.get_running_loop()
 
     def send(self, message: bytes) -> None:
-        if not self._out:
+        if not self._gathering:
+            self._gathering = True
             self._loop.call_soon(self._flush)
+            if self._eager is not None and self._eager():
+                if not self._transport.is_closing():
+                    self._transport.write(_HEADER.pack(len(message)) + message)
+                return
         self._out.append(_HEADER.pack(len(message)))
         self._out.append(message)
 
     def _flush(self) -> None:
+        self._gathering = False
         out, self._out = self._out, []
         if out and not self._transport.is_closing():
             self._transport.write(b"".join(out))
@@ -134,7 +150,8 @@ class _ClientProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport subclasses
         self.transport = transport
-        self.writer = _Writer(transport)
+        pending = self._hop.pending
+        self.writer = _Writer(transport, eager=lambda: len(pending) <= 1)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -256,7 +273,9 @@ class _ServerProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
         self._transport = transport
-        self._writer = _Writer(transport)
+        # Answers to a batch go back together (the first one alone would make its client's
+        # next request arrive alone, and bursts would split in two at every turn).
+        self._writer = _Writer(transport, eager=self._lone)
         self._server.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
@@ -282,6 +301,10 @@ class _ServerProtocol(asyncio.Protocol):
 
     async def _run(self, task: pb.Task) -> None:
         self._reply(await self._server.run(task))
+
+    def _lone(self) -> bool:
+        """Whether nothing else is running for this connection (a lone answer: send it now)."""
+        return not self._running
 
     def _reply(self, outcome: pb.TaskOutcome) -> None:
         if self._writer is not None:

@@ -197,3 +197,37 @@ async def test_arbitrary_bytes_never_stop_the_replica_side(folder: Path) -> None
     finally:
         await client.close()
         await server.stop()
+
+
+async def test_a_lone_frame_goes_out_at_once_and_the_rest_of_its_turn_together_after_it() -> None:
+    """The writer sends the first frame of a loop turn at once when it is alone (nothing
+    else pending), the others of that turn in one write after it: order kept."""
+    from shoal.rpc.hop import _Frames, _Writer
+
+    class Transport:
+        def __init__(self) -> None:
+            self.writes: list[bytes] = []
+
+        def write(self, data: bytes) -> None:
+            self.writes.append(data)
+
+        def is_closing(self) -> bool:
+            return False
+
+    lone = Transport()
+    writer = _Writer(lone, eager=lambda: True)  # type: ignore[arg-type]
+    writer.send(b"first")
+    assert len(lone.writes) == 1  # at once, not at the end of the turn
+    writer.send(b"second")
+    writer.send(b"third")
+    await asyncio.sleep(0)
+    assert len(lone.writes) == 2
+    assert _Frames(MAX).feed(b"".join(lone.writes)) == [b"first", b"second", b"third"]
+
+    busy = Transport()
+    writer = _Writer(busy, eager=lambda: False)  # type: ignore[arg-type]
+    writer.send(b"a")
+    writer.send(b"b")
+    assert busy.writes == []  # frames that go together leave together, at the end of the turn
+    await asyncio.sleep(0)
+    assert len(busy.writes) == 1 and _Frames(MAX).feed(busy.writes[0]) == [b"a", b"b"]
