@@ -120,6 +120,11 @@ async def test_placement_honours_resources_and_spreads(tmp_path: Path, examples_
 
 async def test_killed_scheduler_replicas_move_and_orphans_exit(tmp_path: Path, examples_dir: Path) -> None:
     async with ProcessCluster(tmp_path, schedulers=2) as cluster:
+        # Both registered first: one that registers late (3 s on a loaded CI machine) finds
+        # both replicas placed on the other already.
+        await cluster.wait_for(
+            lambda s: sum(x["state"] == "ALIVE" for x in s["schedulers"]) == 2, what="both schedulers"
+        )
         await cluster.deploy(echo(examples_dir, replicas=2))
         status = await cluster.wait_for(
             lambda s: len({r["scheduler"] for r in replicas_of(s) if r["state"] == "READY"}) == 2,
