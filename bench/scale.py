@@ -26,7 +26,11 @@ Measured, each in turn:
   simulator's CPU (the workers and this process) and etcd's, the health updates' round
   trip (p50 / p99) and how many schedulers were NACKed and registered again (churn);
 - **route change**: a deployment applied, until every scheduler's table stream has it;
-- **deaths**: 10% of the schedulers stop; from the head declaring them dead (its first
+- **deaths**: 10% of the schedulers stop: killed (``--deaths killed``, the default: their
+  health streams end, as a killed process's connection closes, and the head finds them
+  dead ``dead_after_stream_end_s`` later) or silent (``--deaths silent``: their streams stay
+  open, as a lost machine's do, and the head finds each dead ``dead_after_s`` after its
+  last update); from the head declaring them dead (its first
   replacement CreateReplica) to the last replacement placed, in bursts, and from when the
   last of them could be known dead; how far apart their last health updates were (the
   head can know them dead only that far apart); the head's CPU meanwhile, and the health
@@ -45,6 +49,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import statistics
 import struct
 import subprocess
@@ -135,6 +140,7 @@ class Sim:
             scheduler_id=self.id, replicas=replicas, registry_version=1, load=load
         ).SerializeToString()
         self.alive = True
+        self.silent = False  # stopped with its health stream left open (``--deaths silent``)
         self.tasks: list[asyncio.Task[None]] = []
         self.marker_at = 0.0
         self.tables = 0
@@ -158,6 +164,7 @@ class Worker:
         self.errors: dict[str, int] = {}  # failed health updates, by status code
         self.failed: list[float] = []  # when each failed one was sent
         self.scheduler = SimServer()
+        self.parked: list[Any] = []  # the health streams of schedulers stopped silent, left open
 
     async def run(self) -> None:
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
@@ -223,8 +230,10 @@ class Worker:
                     stream = None
                 await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - sent)))
         finally:
-            if stream is not None:
-                stream.cancel()
+            if stream is not None and sim.silent:
+                self.parked.append(stream)  # a machine lost: its connection stays open
+            elif stream is not None:
+                stream.cancel()  # a killed process: its connection closes
 
     def _answered(self, sim: Sim, sent: float, reply: pb.HealthReply) -> bool:
         """Counts a reply; False: a NACK (register again)."""
@@ -300,8 +309,11 @@ class Worker:
                 stopping = [s for s in self.sims if s.i in set(cmd["ids"])]
                 for s in stopping:
                     s.alive = False
-                    for t in s.tasks:
-                        t.cancel()
+                    s.silent = cmd.get("silent", False)
+                    for t in s.tasks[0 if not s.silent else 1 :]:
+                        t.cancel()  # cancelled, a read cancels its call: a silent one ends itself
+                if stopping and stopping[0].silent:  # each sends nothing after its update in flight
+                    await asyncio.gather(*(s.tasks[0] for s in stopping), return_exceptions=True)
                 self._say({"last_acks": [s.last_ack for s in stopping]})
 
     @staticmethod
@@ -429,7 +441,12 @@ def _py_spy(pid: int, seconds: float, out: str) -> subprocess.Popen[bytes]:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     state = Path(tempfile.mkdtemp(prefix="shoal-scale-"))
-    env = {"SHOAL_LOG_LEVEL": "WARNING", **os.environ, "SHOAL_DEAD_AFTER_S": str(args.dead_after_s)}
+    env = {
+        "SHOAL_LOG_LEVEL": "WARNING",
+        **os.environ,
+        "SHOAL_DEAD_AFTER_S": str(args.dead_after_s),
+        "SHOAL_DEAD_AFTER_STREAM_END_S": str(args.stream_end_s),
+    }
     etcd = None
     store = args.store
     if store == "etcd":
@@ -547,12 +564,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         # Deaths: 10% of the schedulers stop heartbeating (every tenth: spread over workers).
         dying = list(range(0, args.schedulers, 10))
         lost = sum(len(_replicas_of(i, args.schedulers, specs, address)) for i in dying)
-        acks = await asyncio.gather(*(w.ask({"cmd": "stop", "ids": dying}) for w in workers))
+        silent = args.deaths == "silent"
+        stopping = time.monotonic()
+        acks = await asyncio.gather(
+            *(w.ask({"cmd": "stop", "ids": dying, "silent": silent}) for w in workers)
+        )
         stopped = time.monotonic()
         spy = _py_spy(head.pid, 12, args.py_spy_deaths) if args.py_spy_deaths else None
         # The head may declare the last of them dead dead_after_s after its last health update.
+        # Killed (their streams ended), all of them at once after dead_after_stream_end_s.
         last_acks = [a for g in acks for a in g["last_acks"]]
         dead_at = max(last_acks) + args.dead_after_s
+        if not silent and not args.unary and args.stream_end_s > 0:
+            dead_at = min(dead_at, stopping + min(args.stream_end_s, args.dead_after_s))
         meter = Meter(groups)
         deadline = stopped + 120
         creates: list[float] = []
@@ -606,6 +630,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "route_change_reached": f"{len(reached)}/{len(arrivals)}",
             "route_change_apply_call_s": round(apply_call_s, 3),
             "deaths": len(dying),
+            "death": args.deaths,
+            "stream_end_s": args.stream_end_s,
             "replacements_wanted": lost,
             "replacements_placed": len(creates),
             "first_replacement_after_s": round(creates[0] - stopped, 2) if creates else None,
@@ -641,6 +667,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         log.close()
         if etcd is not None:
             etcd.stop()
+        if args.keep:
+            print(f"the head's state and log: {state}", file=sys.stderr)
+        else:
+            shutil.rmtree(state, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- a sweep, and its plot
@@ -715,6 +745,20 @@ def main() -> None:
         "--dead-after-s", type=float, default=5.0, help="the head's dead_after_s (default 5 s)"
     )
     parser.add_argument(
+        "--stream-end-s",
+        type=float,
+        default=3.0,
+        help="the head's dead_after_stream_end_s (default 3 s; 0: off)",
+    )
+    parser.add_argument(
+        "--deaths",
+        choices=["killed", "silent"],
+        default="killed",
+        help="killed (default): the dying schedulers' health streams end, as a killed process's "
+        "connection closes; silent: they stop sending and leave their streams open, as a lost "
+        "machine or a network cut does",
+    )
+    parser.add_argument(
         "--settle", type=float, default=8.0, help="seconds before measuring (adoption wait: 5 s)"
     )
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of steady state measured")
@@ -737,6 +781,9 @@ def main() -> None:
     parser.add_argument("--py-spy-apply", default="", help="record the head's first 20 s of applies")
     parser.add_argument("--py-spy-deaths", default="", help="record the head's 12 s after the deaths")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the head's state folder and log (removed by default)"
+    )
     parser.add_argument("--timeline", action="store_true", help="print health updates second by second")
     # A worker process (started by the coordinator): schedulers LO..HI-1.
     parser.add_argument("--worker", type=int, nargs=2, help=argparse.SUPPRESS)

@@ -67,6 +67,13 @@ class Settings:
     """How often a scheduler sends its health update to the head."""
     dead_after_s: float = 5.0
     """A scheduler silent this long is marked DEAD and its replicas are placed elsewhere."""
+    dead_after_stream_end_s: float = 3.0
+    """A scheduler whose health stream to the head ended (its process exited, its connection
+    closed) and that sends no update on a new stream this long is DEAD sooner than
+    ``dead_after_s`` (the smaller of the two counts). A scheduler whose stream broke opens a
+    new one at its next update, so keep this above two heartbeat intervals. 0: only
+    ``dead_after_s``. A silent scheduler whose connection stays open (a machine lost, a
+    network cut) still takes ``dead_after_s``."""
     forget_dead_after_s: float = 3600.0
     """A DEAD scheduler silent this long is dropped from the head's state and status (it may
     still register again later, as a new member)."""

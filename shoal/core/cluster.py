@@ -58,6 +58,9 @@ class SchedulerRecord:
     state: SchedulerState = ALIVE
     last_seen: float = 0.0
     registry_version: int = 0
+    # When its health stream ended with no update on another since (``stream_ended``); None
+    # while one is open, or it never had one.
+    stream_ended_at: float | None = None
 
 
 @dataclass
@@ -225,6 +228,10 @@ class ClusterState:
     # How far behind the head is in reading health updates (``Backlog``): a scheduler is
     # dead after dead_after_s of silence plus this, not for the head's own lateness.
     late_s: float = 0.0
+    # A scheduler whose health stream ended (its process exited: the connection closed) and
+    # that sent no update since is dead after this (plus ``late_s``) instead of dead_after_s;
+    # 0: only dead_after_s. Never longer than dead_after_s.
+    stream_end_grace_s: float = 0.0
     # A DEAD scheduler silent this long is forgotten (0: never).
     forget_after_s: float = 3600.0
     schedulers: dict[str, SchedulerRecord] = field(default_factory=dict)
@@ -280,6 +287,7 @@ class ClusterState:
         if sched is None or sched.state != ALIVE:
             return False
         sched.last_seen = self.clock.now()
+        sched.stream_ended_at = None
         sched.registry_version = max(sched.registry_version, registry_version)
         seen: set[str] = set()
         for rep in reports:
@@ -325,19 +333,45 @@ class ClusterState:
                 scheduler_id=sched.id,
             )
         for sched in self.schedulers.values():
-            if sched.state == ALIVE and now - sched.last_seen > self.dead_after_s + self.late_s:
-                sched.state = DEAD
-                dead.append(sched.id)
-                lost = self.replicas.on(sched.id)
-                for rec in lost:
-                    del self.replicas[rec.id]
-                self.event(
-                    "scheduler_dead",
-                    f"scheduler {sched.id} missed health updates for {self.dead_after_s:g}s; "
-                    f"{len(lost)} replica(s) to place elsewhere",
-                    scheduler_id=sched.id,
-                )
+            if sched.state != ALIVE or now <= self.dies_at(sched):
+                continue
+            sched.state = DEAD
+            dead.append(sched.id)
+            lost = self.replicas.on(sched.id)
+            for rec in lost:
+                del self.replicas[rec.id]
+            if sched.stream_ended_at is not None and now - sched.last_seen <= self.dead_after_s + self.late_s:
+                why = f"its health stream ended and it sent no update for {self.stream_end_grace_s:g}s"
+            else:
+                why = f"missed health updates for {self.dead_after_s:g}s"
+            self.event(
+                "scheduler_dead",
+                f"scheduler {sched.id} {why}; {len(lost)} replica(s) to place elsewhere",
+                scheduler_id=sched.id,
+            )
         return dead
+
+    def stream_ended(self, scheduler_id: str, last_update: float) -> None:
+        """A scheduler's health stream ended; ``last_update``: when the last update on it was
+        read. A scheduler whose process exited ends it at once (its connection closes), where
+        one that is only silent (a machine lost, a network cut) takes dead_after_s: after
+        ``stream_end_grace_s`` with no update on a new stream, it is dead. Ignored when an
+        update came on another stream since (a scheduler that reconnected before the old
+        stream's end was seen)."""
+        sched = self.schedulers.get(scheduler_id)
+        if self.stream_end_grace_s <= 0 or sched is None or sched.state != ALIVE:
+            return
+        if sched.last_seen <= last_update:
+            sched.stream_ended_at = self.clock.now()
+
+    def dies_at(self, sched: SchedulerRecord) -> float:
+        """When a live scheduler that sends nothing more is dead (``expire``): dead_after_s after
+        its last update, or ``stream_end_grace_s`` after its stream ended, whichever is first;
+        either plus ``late_s``. Past it, a scheduler dies."""
+        due = sched.last_seen + self.dead_after_s
+        if sched.stream_ended_at is not None:
+            due = min(due, sched.stream_ended_at + self.stream_end_grace_s)
+        return due + self.late_s
 
     def confirm_created(self, replica_id: str, registry_version: int) -> None:
         rec = self.replicas.get(replica_id)

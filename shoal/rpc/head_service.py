@@ -66,13 +66,24 @@ class HeadService(pbg.HeadServicer):
 
         How long an update waited in this head (``Backlog``): its lag (read here, less its
         ``sent_s`` on the scheduler's clock) over the shortest lag seen on this stream, so
-        that the clocks' offset cancels. The first update of a stream counts as not waiting."""
+        that the clocks' offset cancels. The first update of a stream counts as not waiting.
+
+        When the stream ends (the scheduler's process exited and its connection closed, or it
+        gave the stream up), the head hears of it (``HeadNode.health_stream_ended``): a
+        scheduler that sends no update on a new stream soon is dead before ``dead_after_s``."""
         shortest = math.inf
-        async for request in requests:
-            lag = time.monotonic() - request.sent_s
-            shortest = min(shortest, lag)
-            ack = await self._health(request, waited_s=lag - shortest)
-            yield _ACK if ack else _NACK
+        scheduler_id, last_update = "", 0.0
+        try:
+            async for request in requests:
+                lag = time.monotonic() - request.sent_s
+                shortest = min(shortest, lag)
+                ack = await self._health(request, waited_s=lag - shortest)
+                if ack:
+                    scheduler_id, last_update = request.scheduler_id, self.node.clock.now()
+                yield _ACK if ack else _NACK
+        finally:
+            if scheduler_id:
+                self.node.health_stream_ended(scheduler_id, last_update)
 
     async def _health(
         self,

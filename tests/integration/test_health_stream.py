@@ -9,6 +9,8 @@ killed head, restarted, hears the scheduler's stream again.
 from __future__ import annotations
 
 import asyncio
+import signal
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -287,3 +289,34 @@ async def test_a_killed_head_restarted_hears_the_schedulers_stream_again(tmp_pat
         assert status["schedulers"][0]["last_seen_s"] < 1.0
     log = (tmp_path / "scheduler0" / "scheduler0.log").read_text()
     assert "no health stream" not in log
+
+
+async def test_a_killed_scheduler_is_dead_when_its_stream_ends_a_silent_one_after_dead_after_s(
+    tmp_path: Path,
+) -> None:
+    # dead_after_s 30 s: a scheduler killed (its connection closes, its stream ends) is dead
+    # 1 s later; one stopped (SIGSTOP: silent, its connection open, as behind a network cut)
+    # stays ALIVE until dead_after_s.
+    env = {"SHOAL_DEAD_AFTER_S": "30", "SHOAL_DEAD_AFTER_STREAM_END_S": "1"}
+    async with ProcessCluster(tmp_path, schedulers=2, env=env) as cluster:
+
+        def states(status: dict[str, Any]) -> dict[int, str]:
+            return {s["pid"]: s["state"] for s in status["schedulers"]}
+
+        killed, stopped = cluster.schedulers
+        await cluster.wait_for(
+            lambda s: states(s) == {killed.pid: ALIVE, stopped.pid: ALIVE}, 30, "both schedulers alive"
+        )
+        stopped.signal(signal.SIGSTOP)
+        try:
+            killed.signal(signal.SIGKILL)
+            at = time.monotonic()
+            status = await cluster.wait_for(
+                lambda s: states(s)[killed.pid] == DEAD, 20, "the killed one dead"
+            )
+            assert time.monotonic() - at < 15  # not dead_after_s (30 s)
+            assert states(status)[stopped.pid] == ALIVE
+            dead = [e["message"] for e in status["events"] if e["kind"] == "scheduler_dead"]
+            assert len(dead) == 1 and "health stream ended" in dead[0], dead
+        finally:
+            stopped.signal(signal.SIGCONT)

@@ -76,3 +76,90 @@ async def test_an_update_that_waited_in_the_head_gives_schedulers_that_much_long
     await node.reconcile_once()
     assert node.state.schedulers["s2"].state == DEAD
     await node.aclose()
+
+
+async def test_a_scheduler_whose_stream_ended_is_dead_after_the_grace_not_dead_after_s(
+    store: MemoryStore, fleet: FakeSchedulers, clock: FakeClock
+) -> None:
+    # A killed scheduler's connection closes: its stream ends at once, while a silent one's
+    # stays open. The first is dead dead_after_stream_end_s later, the second dead_after_s.
+    node = HeadNode(Settings(dead_after_s=30, dead_after_stream_end_s=3), store, fleet, clock)
+    await register(node, "killed")
+    await register(node, "silent")
+    service = HeadService(node)
+    stream = service.StreamHealth(updates(pb.SchedulerHealth(scheduler_id="killed")), None)  # type: ignore[arg-type]
+    assert [reply.ack async for reply in stream] == [True]  # and then the stream ends
+
+    clock.advance(2.9)
+    await node.reconcile_once()
+    assert node.state.schedulers["killed"].state == ALIVE
+    clock.advance(0.2)
+    await node.reconcile_once()
+    assert node.state.schedulers["killed"].state == DEAD
+    assert node.state.schedulers["silent"].state == ALIVE
+    dead = [e.message for e in node.state.events if e.kind == "scheduler_dead"]
+    assert dead == [
+        "scheduler killed its health stream ended and it sent no update for 3s; "
+        "0 replica(s) to place elsewhere"
+    ]
+    clock.advance(27)
+    await node.reconcile_once()
+    assert node.state.schedulers["silent"].state == DEAD
+    await node.aclose()
+
+
+async def test_a_scheduler_that_sends_on_a_new_stream_stays_alive(
+    store: MemoryStore, fleet: FakeSchedulers, clock: FakeClock
+) -> None:
+    node = HeadNode(Settings(dead_after_s=30, dead_after_stream_end_s=3), store, fleet, clock)
+    await register(node, "s1")
+    service = HeadService(node)
+    first = service.StreamHealth(updates(pb.SchedulerHealth(scheduler_id="s1")), None)  # type: ignore[arg-type]
+    assert [reply.ack async for reply in first] == [True]  # broken: it reconnects
+    clock.advance(1)
+    second = service.StreamHealth(updates(pb.SchedulerHealth(scheduler_id="s1")), None)  # type: ignore[arg-type]
+    reply = await anext(aiter(second))
+    assert reply.ack  # the new stream stays open from here on
+    clock.advance(10)
+    await node.reconcile_once()
+    assert node.state.schedulers["s1"].state == ALIVE
+    await second.aclose()  # and now this one ends too
+    clock.advance(3.1)
+    await node.reconcile_once()
+    assert node.state.schedulers["s1"].state == DEAD
+    await node.aclose()
+
+
+async def test_the_end_of_an_old_stream_seen_after_an_update_on_a_new_one_is_ignored(
+    store: MemoryStore, fleet: FakeSchedulers, clock: FakeClock
+) -> None:
+    node = HeadNode(Settings(dead_after_s=30, dead_after_stream_end_s=3), store, fleet, clock)
+    await register(node, "s1")
+    service = HeadService(node)
+    old = service.StreamHealth(updates(pb.SchedulerHealth(scheduler_id="s1")), None)  # type: ignore[arg-type]
+    assert (await anext(aiter(old))).ack
+    clock.advance(1)
+    new = service.StreamHealth(updates(pb.SchedulerHealth(scheduler_id="s1")), None)  # type: ignore[arg-type]
+    assert (await anext(aiter(new))).ack
+    await old.aclose()  # its end is seen only now, after the update on the new stream
+    clock.advance(10)
+    await node.reconcile_once()
+    assert node.state.schedulers["s1"].state == ALIVE
+    await new.aclose()
+    await node.aclose()
+
+
+async def test_with_the_grace_off_a_stream_end_changes_nothing(
+    store: MemoryStore, fleet: FakeSchedulers, clock: FakeClock
+) -> None:
+    node = HeadNode(Settings(dead_after_s=5, dead_after_stream_end_s=0), store, fleet, clock)
+    await register(node, "s1")
+    stream = HeadService(node).StreamHealth(updates(pb.SchedulerHealth(scheduler_id="s1")), None)  # type: ignore[arg-type]
+    assert [reply.ack async for reply in stream] == [True]
+    clock.advance(4.9)
+    await node.reconcile_once()
+    assert node.state.schedulers["s1"].state == ALIVE
+    clock.advance(0.2)
+    await node.reconcile_once()
+    assert node.state.schedulers["s1"].state == DEAD
+    await node.aclose()
