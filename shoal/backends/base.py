@@ -36,7 +36,7 @@ from typing import Any, TypeVar, cast
 
 import numpy as np
 
-from shoal.core import payload
+from shoal.core import payload, tensors
 from shoal.core.spec import DeploymentSpec, TensorSpec
 from shoal.errors import BlocksLoop, FailedPrecondition, Internal, InvalidArgument
 
@@ -75,31 +75,16 @@ def _thread_usage() -> tuple[float, int]:
 
 Tensors = dict[str, np.ndarray]
 
-_DATATYPE_BY_NAME = {
-    "bool": "BOOL",
-    "uint8": "UINT8",
-    "uint16": "UINT16",
-    "uint32": "UINT32",
-    "uint64": "UINT64",
-    "int8": "INT8",
-    "int16": "INT16",
-    "int32": "INT32",
-    "int64": "INT64",
-    "float16": "FP16",
-    "float32": "FP32",
-    "float64": "FP64",
-    "bfloat16": "BF16",  # ml_dtypes.bfloat16
-}
-
 
 def datatype_of(dtype: np.dtype[Any]) -> str | None:
     """The Open Inference Protocol datatype of a numpy dtype, or None if it has none.
 
     Strings and bytes (numpy kinds ``O``, ``S``, ``U``) are ``BYTES``.
     """
-    if dtype.kind in "OSU":
-        return "BYTES"
-    return _DATATYPE_BY_NAME.get(dtype.name)
+    try:
+        return tensors.datatype_of_dtype(dtype)
+    except InvalidArgument:
+        return None
 
 
 def check_inputs(declared: tuple[TensorSpec, ...], inputs: Mapping[str, np.ndarray]) -> None:
