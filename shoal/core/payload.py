@@ -99,7 +99,8 @@ def check_all(items: Iterable[Tensor], role: str = "input") -> None:
 def from_array(name: str, array: Any) -> Tensor:
     """A numpy array (or anything ``np.asarray`` takes) as a wire tensor."""
     arr = np.asarray(array)
-    return Tensor(name, tensors.datatype_of(arr), tuple(int(d) for d in arr.shape), tensors.to_bytes(arr))
+    datatype = tensors.datatype_of(arr)
+    return Tensor(name, datatype, arr.shape, tensors.to_bytes(arr, datatype))
 
 
 def from_arrays(arrays: Mapping[str, Any]) -> Tensors:

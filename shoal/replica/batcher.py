@@ -86,6 +86,8 @@ def _split(outputs: object, rows: list[int]) -> list[Tensors]:
                 f"model output {name!r} has {got} for a batch of {total} rows; "
                 "a batched model must return one row along axis 0 per input row"
             )
+    if len(rows) == 1:
+        return [dict(outputs)]  # one request: its rows are all of them
     pieces: list[Tensors] = []
     start = 0
     for n in rows:
