@@ -9,6 +9,7 @@ down. Nothing reads the environment anywhere else.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -239,7 +240,16 @@ class Settings:
 
 
 def _coerce(f: dataclasses.Field[Any], value: Any, source: str) -> Any:
-    """``value`` as the field's type: strings (environment, flags) are parsed; others must fit exactly."""
+    """``value`` as the field's type: strings (environment, flags) are parsed; others must fit
+    exactly. A float must be finite: NaN compares false with everything, so ``dead_after_s:
+    nan`` would never declare a scheduler dead, and no setting means anything at infinity."""
+    result = _parse(f, value, source)
+    if isinstance(result, float) and not math.isfinite(result):
+        raise InvalidArgument(f"{source}: {f.name} must be a finite number, got {value!r}")
+    return result
+
+
+def _parse(f: dataclasses.Field[Any], value: Any, source: str) -> Any:
     kind: type[Any] = type(f.default)
     bad = InvalidArgument(f"{source}: {f.name} must be {kind.__name__}, got {value!r}")
     if kind is tuple:

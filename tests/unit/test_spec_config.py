@@ -266,6 +266,23 @@ def test_a_bad_flag_value_names_the_flag() -> None:
         Settings.load(env={}, flags={"dead_after_s": "soon"})
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-Infinity"])
+def test_a_setting_that_is_not_a_finite_number_is_refused(value: str) -> None:
+    with pytest.raises(
+        InvalidArgument,
+        match=rf"^environment variable SHOAL_DEAD_AFTER_S: dead_after_s must be a finite number, "
+        rf"got '{value}'$",
+    ):
+        Settings.load(env={"SHOAL_DEAD_AFTER_S": value})
+
+
+def test_a_non_finite_number_in_a_file_is_refused(tmp_path: Path) -> None:
+    file = tmp_path / "shoal.yaml"
+    file.write_text("dead_after_stream_end_s: .nan\n")
+    with pytest.raises(InvalidArgument, match="dead_after_stream_end_s must be a finite number"):
+        Settings.load(file=file, env={})
+
+
 def test_a_bad_file_value_names_the_file(tmp_path: Path) -> None:
     file = tmp_path / "shoal.yaml"
     file.write_text("heartbeat_interval_s: often\n")
