@@ -22,21 +22,25 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-import tools  # noqa: E402 - bench/ is not a package
+import systems  # noqa: E402 - bench/ is not a package
+import tools  # noqa: E402
 
 ROOT = BENCH.parent
 RESULTS = BENCH / "results"
 PERF_ANALYZER = BENCH / ".peers" / "perf-analyzer" / "perf_analyzer"
+ROUNDS = 2  # of the floor and shoal in turn, for CPU per request
 SPEC = """name: noop
 backend: python
 model: 'echo:Echo'
@@ -92,6 +96,19 @@ def shares(raw: Path) -> dict[str, float]:
     return {k: v / total for k, v in counts.items()}
 
 
+def cpu_per_request(
+    address: str, procs: dict[str, psutil.Process], shape: str | None
+) -> tuple[dict[str, float], float]:
+    """Each process's CPU microseconds per request over one perf_analyzer run (noop gRPC
+    c=32), and the run's requests a second."""
+    before = {k: sum(p.cpu_times()[:2]) for k, p in procs.items()}
+    pids = [p.pid for p in procs.values()]
+    point = tools.perf_analyzer(address, "noop", "grpc", 32, lambda: pids, shape=shape)
+    after = {k: sum(p.cpu_times()[:2]) for k, p in procs.items()}
+    served = max(point.throughput * point.seconds, 1.0)
+    return {k: (after[k] - before[k]) / served * 1e6 for k in procs}, point.throughput
+
+
 def profile(source: Path, seconds: float) -> dict[str, object]:
     work = Path(tempfile.mkdtemp(prefix="shoal-profile-"))
     shutil.copy(ROOT / "examples" / "echo.py", work / "echo.py")
@@ -118,14 +135,23 @@ def profile(source: Path, seconds: float) -> dict[str, object]:
             if "shoal.replica" in " ".join(p.cmdline())
         )
         out: dict[str, object] = {}
-        # CPU per request first, with nothing attached: psutil over a perf_analyzer run.
+        # CPU per request first, with nothing attached: psutil over perf_analyzer runs, A B A B
+        # against the gRPC floor (one grpc.aio process answering noop: what the gRPC part of
+        # a request costs at least), both up the whole time.
         procs = {"scheduler": psutil.Process(up.pid), "replica": psutil.Process(replica)}
-        before = {k: sum(p.cpu_times()[:2]) for k, p in procs.items()}
-        point = tools.perf_analyzer(grpc, "noop", "grpc", 32, lambda: [up.pid, replica], shape="x:1,16")
-        after = {k: sum(p.cpu_times()[:2]) for k, p in procs.items()}
-        served = max(point.throughput * point.seconds, 1.0)
-        out["cpu_us"] = {k: round((after[k] - before[k]) / served * 1e6) for k in procs}
-        out["throughput"] = round(point.throughput)
+        floor = systems.SYSTEMS["floor-grpc"].start(work / "floor", only_noop=True)
+        floor_runs, shoal_runs = [], []
+        try:
+            floor_procs = {"floor": psutil.Process(floor.pids()[0])}
+            for _ in range(ROUNDS):
+                floor_runs.append(cpu_per_request(floor.grpc, floor_procs, None))
+                shoal_runs.append(cpu_per_request(grpc, procs, "x:1,16"))
+        finally:
+            systems.stop(floor)
+        out["cpu_us"] = {k: round(statistics.median(r[0][k] for r in shoal_runs)) for k in procs}
+        out["throughput"] = round(statistics.median(r[1] for r in shoal_runs))
+        out["floor_cpu_us"] = round(statistics.median(r[0]["floor"] for r in floor_runs))
+        out["floor_throughput"] = round(statistics.median(r[1] for r in floor_runs))
         load = [str(PERF_ANALYZER), "-m", "noop", "-u", grpc, "-i", "grpc", "--shape", "x:1,16"]
         load += [
             "--concurrency-range",
@@ -150,6 +176,22 @@ def profile(source: Path, seconds: float) -> dict[str, object]:
         up.send_signal(signal.SIGTERM)
         up.wait(30)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _cpu_cells(run: dict[str, Any]) -> dict[str, str]:
+    """One run's column of the CPU-per-request table."""
+    cpu: dict[str, int] = run["cpu_us"]
+    shoal = sum(cpu.values())
+    floor = run.get("floor_cpu_us")
+    return {
+        "scheduler": str(cpu.get("scheduler", "?")),
+        "replica": str(cpu.get("replica", "?")),
+        "shoal, both": str(shoal),
+        "the floor": str(floor) if floor else "-",
+        "shoal / the floor": f"{shoal / floor:.2f}x" if floor else "-",
+        "requests/s, shoal": f"{run['throughput']:,}",
+        "requests/s, the floor": f"{run['floor_throughput']:,}" if "floor_throughput" in run else "-",
+    }
 
 
 def render() -> str:
@@ -180,18 +222,20 @@ def render() -> str:
     measured = [lb for lb in labels if "cpu_us" in runs[lb]]
     if measured:
         lines.append(
-            "CPU per request (psutil over a perf_analyzer noop gRPC c=32 run, nothing attached), "
-            "microseconds, and the requests a second of that run:"
+            "CPU per request (psutil over perf_analyzer noop gRPC c=32 runs, nothing attached), "
+            "microseconds, and the requests a second of those runs; where the floor is given, "
+            "the median of two rounds, each after a round of the gRPC floor "
+            "(`bench/floors/grpc_echo.py`, one grpc.aio process: what the gRPC part of a request "
+            'costs at least; "-": not measured in that run):'
         )
         lines.append("")
         lines.append(
             "| process | " + " | ".join(f"{lb} ({runs[lb].get('commit', '?')})" for lb in measured) + " |"
         )
         lines.append("|---|" + "---|" * len(measured))
-        for proc in ("scheduler", "replica"):
-            cells = " | ".join(str(runs[lb]["cpu_us"].get(proc, "?")) for lb in measured)
-            lines.append(f"| {proc} | {cells} |")
-        lines.append("| requests/s | " + " | ".join(f"{runs[lb]['throughput']:,}" for lb in measured) + " |")
+        columns = [_cpu_cells(runs[lb]) for lb in measured]
+        for label in columns[0]:
+            lines.append(f"| {label} | " + " | ".join(c[label] for c in columns) + " |")
         lines.append("")
     latest = runs[labels[-1]]
     own = {proc: 1 - latest.get(proc, {}).get(LIBRARY, 0) for proc in ("scheduler", "replica")}
