@@ -50,11 +50,18 @@ log = logging.getLogger("shoal.replica")
 # batching 69 us against 58. A backend that allows it (``inline_calls``) runs its calls on
 # its thread until INLINE_AFTER calls took at most INLINE_MAX_S there (a longer one halves
 # the count); then on the loop, until one takes longer than INLINE_BAIL_S because of the
-# model (it computed or blocked that long: held_the_loop): from then on every call goes to
-# the thread again, for good.
+# model (it computed or blocked that long: held_the_loop): then on the thread again. It
+# comes back to the loop as it first came, after twice as many short calls each time; the
+# INLINE_STRIKES-th slow call on the loop keeps every later call on the thread for good.
+# Not for good at the first: a process stopped from outside in the middle of a call (a
+# profiler such as py-spy, SIGSTOP, a debugger) or a call that waited for the GIL on
+# another Python thread of the replica looks like a model that blocked, and the first rule
+# (for good at once) left a noop model on the thread after one py-spy sample ("a call took
+# 8.8 ms"): at perf_analyzer c=32, 120-198 us of replica CPU a request against 82-119.
 INLINE_AFTER = 64
 INLINE_MAX_S = 0.0005
 INLINE_BAIL_S = 0.002
+INLINE_STRIKES = 3
 
 
 def held_the_loop(took_s: float, cpu_s: float, waits: int) -> bool:
@@ -146,6 +153,7 @@ class Backend(abc.ABC):
         # Short calls on the event loop (see INLINE_AFTER): the state of that choice.
         self._inline = False
         self._inline_banned = False
+        self._inline_strikes = 0  # slow calls on the loop so far (INLINE_STRIKES: for good)
         self._short_calls = 0
         self._thread_calls = 0
 
@@ -283,7 +291,7 @@ class Backend(abc.ABC):
         if took > INLINE_BAIL_S:
             cpu_after, waits_after = _thread_usage()
             if held_the_loop(took, cpu_after - cpu_before, waits_after - waits_before):
-                self._stop_inline(f"a call took {took * 1000:.1f} ms")
+                self._leave_loop(f"a call took {took * 1000:.1f} ms")
         return True, result
 
     async def _on_thread(
@@ -307,7 +315,7 @@ class Backend(abc.ABC):
             self._thread_calls -= 1
         if self._may_inline() and not self._inline:
             self._short_calls = self._short_calls + 1 if took <= INLINE_MAX_S else self._short_calls // 2
-            if self._short_calls >= INLINE_AFTER:
+            if self._short_calls >= INLINE_AFTER << self._inline_strikes:
                 self._inline = True
                 log.info(
                     "model %s: its calls take under %.1f ms; they run on the event loop",
@@ -320,3 +328,19 @@ class Backend(abc.ABC):
         self._inline = False
         self._inline_banned = True
         log.info("model %s: %s; its calls run on the model thread from now on", self.spec.name, why)
+
+    def _leave_loop(self, why: str) -> None:
+        """A call held the loop: calls go to the thread again, for good at the
+        INLINE_STRIKES-th time (see INLINE_AFTER)."""
+        self._inline_strikes += 1
+        if self._inline_strikes >= INLINE_STRIKES:
+            self._stop_inline(f"{why} ({self._inline_strikes} slow calls on the event loop)")
+            return
+        self._inline = False
+        self._short_calls = 0
+        log.info(
+            "model %s: %s; its calls run on the model thread until %d short ones there",
+            self.spec.name,
+            why,
+            INLINE_AFTER << self._inline_strikes,
+        )

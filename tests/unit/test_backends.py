@@ -23,7 +23,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.tree import DecisionTreeClassifier
 
 from shoal.backends import AVAILABLE, Backend, load_backend
-from shoal.backends.base import INLINE_AFTER, INLINE_BAIL_S, held_the_loop
+from shoal.backends.base import INLINE_AFTER, INLINE_BAIL_S, INLINE_STRIKES, held_the_loop
 from shoal.backends.python import PythonBackend
 from shoal.backends.sklearn import SklearnBackend
 from shoal.core.spec import DeploymentSpec, TensorSpec, load_spec_file, parse_spec
@@ -141,8 +141,8 @@ async def test_a_model_of_short_calls_runs_them_on_the_loop_until_one_is_slow(
     tmp_path: Path, backends: list[Backend], slow_value: float
 ) -> None:
     """Short calls move from the model thread to the event loop (a thread hop costs more
-    than they do); one slow call (one that waits or one that computes) sends every later
-    call back to the thread for good."""
+    than they do); one slow call (one that waits or one that computes) sends the later
+    calls back to the thread."""
     backend = loaded(user_model(tmp_path, THREAD_MODEL), backends)
     loop_thread = threading.current_thread().name
     threads = [str((await backend.predict(X))["thread"][0]) for _ in range(INLINE_AFTER)]
@@ -161,6 +161,38 @@ async def test_a_model_of_short_calls_runs_them_on_the_loop_until_one_is_slow(
     assert (await backend.predict(slow))["thread"][0] == loop_thread  # ran on the loop, once
     after = [str((await backend.predict(X))["thread"][0]) for _ in range(INLINE_AFTER + 5)]
     assert all(t.startswith("shoal-model-m") for t in after)
+
+
+async def until_on_the_loop(backend: Backend, most: int) -> int:
+    """Short calls until one runs on the event loop: how many it took (``most`` + 1: none did)."""
+    loop_thread = threading.current_thread().name
+    for n in range(1, most + 1):
+        if (await backend.predict(X))["thread"][0] == loop_thread:
+            return n
+    return most + 1
+
+
+async def test_a_model_comes_back_to_the_loop_after_a_slow_call_until_its_last_strike(
+    tmp_path: Path, backends: list[Backend]
+) -> None:
+    """One slow call on the loop may be the machine's doing (py-spy stopped the process for a
+    sample; another Python thread held the GIL): the model comes back to the loop after twice
+    as many short calls as the first time. The INLINE_STRIKES-th slow call keeps it on the
+    thread for good."""
+    backend = loaded(user_model(tmp_path, THREAD_MODEL), backends)
+    slow = {"x": np.full((1, 3), -1.0, np.float32)}
+    loop_thread = threading.current_thread().name
+    # A loaded machine may make some short calls slow (each halves the count): allow for it.
+    assert await until_on_the_loop(backend, 20 * INLINE_AFTER) <= 20 * INLINE_AFTER
+    for strike in range(1, INLINE_STRIKES):
+        assert (await backend.predict(slow))["thread"][0] == loop_thread
+        # At least twice as many short calls as before on the thread, then back on the loop.
+        back = await until_on_the_loop(backend, 20 * (INLINE_AFTER << strike))
+        assert INLINE_AFTER << strike < back <= 20 * (INLINE_AFTER << strike)
+    assert (await backend.predict(slow))["thread"][0] == loop_thread
+    # Twice the short calls that would have brought it back: still on the thread.
+    stay = 2 * (INLINE_AFTER << INLINE_STRIKES)
+    assert await until_on_the_loop(backend, stay) > stay
 
 
 def test_only_a_call_that_computed_or_blocked_holds_the_loop() -> None:
