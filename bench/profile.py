@@ -6,7 +6,11 @@ and the replica with py-spy for a few seconds each, and sorts the samples by the
 shoal they fell in (the innermost shoal frame of each stack; "library" when none: gRPC
 and the event loop). Results go to ``bench/results/profile-LABEL.json``; every saved
 label is rendered side by side in ``bench/profile.md``, which ``docs/benchmarks.md``
-includes. Not part of ``make test``::
+includes. py-spy samples without stopping the process (``--nonblocking``): stopped for a
+sample in the middle of a model call, the replica took the call for one that blocked
+and sent its model's calls to the model thread (``shoal.backends.base.INLINE_STRIKES``),
+so the profile showed a path the unprofiled replica does not take. Not part of
+``make test``::
 
     .venv/bin/python bench/profile.py --label after
     git worktree add /tmp/before OLD && .venv/bin/python bench/profile.py --label before --source /tmp/before
@@ -167,7 +171,8 @@ def profile(source: Path, seconds: float) -> dict[str, object]:
         time.sleep(2)
         for name, pid in (("scheduler", up.pid), ("replica", replica)):
             raw = work / f"{name}.txt"
-            spy = ["py-spy", "record", "-d", str(int(seconds)), "-r", "200", "--format", "raw"]
+            spy = ["py-spy", "record", "--nonblocking", "-d", str(int(seconds)), "-r", "200"]
+            spy += ["--format", "raw"]
             subprocess.run([*spy, "-p", str(pid), "-o", str(raw)], check=True, capture_output=True)
             out[name] = shares(raw)
         loader.communicate(timeout=120)
