@@ -100,6 +100,10 @@ def shares(raw: Path) -> dict[str, float]:
     return {k: v / total for k, v in counts.items()}
 
 
+# py-spy beside this Python (the project's .venv) when it is not on PATH.
+PY_SPY = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+
+
 def cpu_per_request(
     address: str, procs: dict[str, psutil.Process], shape: str | None
 ) -> tuple[dict[str, float], float]:
@@ -171,7 +175,7 @@ def profile(source: Path, seconds: float) -> dict[str, object]:
         time.sleep(2)
         for name, pid in (("scheduler", up.pid), ("replica", replica)):
             raw = work / f"{name}.txt"
-            spy = ["py-spy", "record", "--nonblocking", "-d", str(int(seconds)), "-r", "200"]
+            spy = [PY_SPY, "record", "--nonblocking", "-d", str(int(seconds)), "-r", "200"]
             spy += ["--format", "raw"]
             subprocess.run([*spy, "-p", str(pid), "-o", str(raw)], check=True, capture_output=True)
             out[name] = shares(raw)
