@@ -142,7 +142,7 @@ def profile(source: Path, seconds: float) -> dict[str, object]:
             for p in psutil.Process(up.pid).children(recursive=True)
             if "shoal.replica" in " ".join(p.cmdline())
         )
-        out: dict[str, object] = {}
+        out: dict[str, object] = {"sampling": "nonblocking"}
         # CPU per request first, with nothing attached: psutil over perf_analyzer runs, A B A B
         # against the gRPC floor (one grpc.aio process answering noop: what the gRPC part of
         # a request costs at least), both up the whole time.
@@ -255,6 +255,15 @@ def render() -> str:
         "are shares of each process's samples, not costs per request: `docs/architecture.md` gives "
         "the CPU per request before and after the local hop."
     )
+    stopped = [lb for lb in labels if runs[lb].get("sampling") != "nonblocking"]
+    if stopped:
+        lines.append("")
+        lines.append(
+            f"Sampled with py-spy stopping the process ({', '.join(stopped)}): a replica stopped "
+            "that way in the middle of a model call takes it for a call that blocked and sends its "
+            "model's calls to the model thread (seen in its log), so those replica columns likely "
+            "show the thread hop, a path the unprofiled replica does not take."
+        )
     return "\n".join(lines)
 
 
