@@ -107,7 +107,8 @@ class Batcher:
     A request that arrives while the model is idle and nothing is queued runs at once,
     unless the model just served several requests (less than ``max_delay_ms`` ago: their
     clients' next requests are coming); ``max_delay_ms`` only holds requests that arrive
-    while the model is busy or others wait.
+    while the model is busy or others wait, and only until as many are queued as were in
+    play when the last call ended (``_in_play``: then every closed-loop client is back).
 
     Counters, for health updates and metrics: :attr:`queued`, :attr:`in_flight`,
     :attr:`requests` (requests run), :attr:`batches` (calls to ``run``), :attr:`batch_sizes`
@@ -151,6 +152,14 @@ class Batcher:
         # at concurrency 32, in twice as many smaller batches).
         self._last_end = float("-inf")
         self._last_requests = 0  # requests in the last model call
+        # The requests its clients had in play when the last model call ended: the ones it
+        # served and the ones queued behind it. Once that many are queued again, every
+        # closed-loop client is back: the batch runs without waiting out max_delay_ms
+        # (measured in one process, 4 clients, max_delay_ms 5: p50 6.5 ms, each round held
+        # 5 ms with the whole burst queued). Counting the queued ones too keeps two groups of
+        # clients answered in turn from running as two small batches for ever: the first
+        # group waits for the second.
+        self._in_play = 0
         self.requests = 0
         self.batches = 0
         self.compute_ns = 0  # time inside ``run``, all batches
@@ -288,6 +297,7 @@ class Batcher:
         self.batch_sizes[rows] += 1
         self._last_end = loop.time()
         self._last_requests = 1
+        self._in_play = 1
         return _split(outputs, [rows])[0] if self.max_batch_size > 1 else outputs
 
     def cancel(self, request: _Request, error: BaseException | None = None) -> None:
@@ -370,6 +380,8 @@ class Batcher:
                 # holding this request max_delay_ms would only add latency (c=1 with
                 # batching on costs what it costs with batching off).
                 break
+            if self._in_play and len(self._queue) >= self._in_play and not self._in_flight:
+                break  # the burst it waited for is all here (see _in_play)
             remaining = head.arrived + self._max_delay_s - loop.time()
             if remaining <= 0:
                 break
@@ -485,4 +497,5 @@ class Batcher:
             self._in_flight = 0
             self._last_end = asyncio.get_running_loop().time()
             self._last_requests = len(batch)
+            self._in_play = len(batch) + len(self._queue)
             self._idle.set()

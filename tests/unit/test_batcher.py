@@ -229,6 +229,43 @@ async def test_batches_run_one_at_a_time_and_the_next_gathers_meanwhile() -> Non
     assert batcher.batch_sizes == {1: 1, 4: 1, 2: 1}
 
 
+async def test_closed_loop_clients_run_as_soon_as_all_are_back_not_after_max_delay() -> None:
+    """Clients answered together send their next requests together: once as many are queued
+    as the last call served, every one is back and the batch runs. Holding it max_delay_ms
+    waits for nothing (seen: with max_delay_ms 5, four such clients got a quarter of the
+    requests a second they got unbatched)."""
+    model = Model()
+    async with Batcher(model, max_batch_size=32, max_delay_ms=60_000) as batcher:
+
+        async def client(tag: int) -> None:
+            for _ in range(3):
+                await batcher.submit(rows(tag))
+
+        await asyncio.wait_for(asyncio.gather(*(client(i) for i in range(4))), 10.0)
+    assert model.batch_rows == [4, 4, 4]
+
+
+async def test_two_groups_of_clients_answered_in_turn_merge_into_one_batch() -> None:
+    """A group that queued while another's batch ran waits for that group to come back
+    (both were in play when the call ended), so the two run as one batch from then on,
+    not as two small ones for ever."""
+    model = Model()
+    model.gate = asyncio.Event()
+    async with Batcher(model, max_batch_size=32, max_delay_ms=60_000) as batcher:
+
+        async def client(tag: int, rounds: int) -> None:
+            for _ in range(rounds):
+                await batcher.submit(rows(tag))
+
+        first = [asyncio.create_task(client(i, 2)) for i in range(4)]
+        await model.entered.wait()  # the first group's batch holds the model
+        second = [asyncio.create_task(client(i, 1)) for i in range(4, 8)]
+        await wait_queued(batcher, 4)
+        model.gate.set()
+        await asyncio.wait_for(asyncio.gather(*first, *second), 10.0)
+    assert model.batch_rows == [4, 8]
+
+
 async def test_a_request_bigger_than_max_batch_size_runs_alone() -> None:
     model = Model()
     async with Batcher(model, max_batch_size=4, max_delay_ms=10) as batcher:
