@@ -266,6 +266,20 @@ async def test_two_groups_of_clients_answered_in_turn_merge_into_one_batch() -> 
     assert model.batch_rows == [4, 8]
 
 
+async def test_a_short_batch_does_not_lower_the_count_of_clients_to_wait_for() -> None:
+    """The count of requests in play is the most over recent calls: when fewer clients come
+    back than were in play (some are slow, or gone), their requests wait out max_delay_ms
+    again next time rather than running at once as if everyone were back."""
+    model = Model()
+    async with Batcher(model, max_batch_size=32, max_delay_ms=100) as batcher:
+        await asyncio.gather(*(batcher.submit(rows(i)) for i in range(8)))
+        await asyncio.gather(*(batcher.submit(rows(i)) for i in range(6)))  # waits out the delay
+        started = time.monotonic()
+        await asyncio.gather(*(batcher.submit(rows(i)) for i in range(6)))
+        assert time.monotonic() - started >= 0.09  # waited for the other two again
+    assert model.batch_rows == [8, 6, 6]
+
+
 async def test_a_request_bigger_than_max_batch_size_runs_alone() -> None:
     model = Model()
     async with Batcher(model, max_batch_size=4, max_delay_ms=10) as batcher:
