@@ -280,6 +280,29 @@ async def test_a_short_batch_does_not_lower_the_count_of_clients_to_wait_for() -
     assert model.batch_rows == [8, 6, 6]
 
 
+async def test_a_slow_model_still_waits_for_stragglers_once_every_client_is_back() -> None:
+    """All in play are back, but the model's last call took 0.3 s: a request that comes
+    0.05 s later still joins the batch (the model has idled less than its call took), where
+    a fast model would have run the four at once."""
+    model = Model()
+    model.gate = asyncio.Event()
+    async with Batcher(model, max_batch_size=32, max_delay_ms=60_000) as batcher:
+
+        async def client(tag: int) -> None:
+            for _ in range(2):
+                await batcher.submit(rows(tag))
+
+        clients = [asyncio.create_task(client(i)) for i in range(4)]
+        await model.entered.wait()
+        await asyncio.sleep(0.3)  # the first call takes 0.3 s; later ones pass at once
+        model.gate.set()
+        await asyncio.wait_for(wait_queued(batcher, 4), 5.0)
+        await asyncio.sleep(0.05)
+        late = asyncio.create_task(batcher.submit(rows(9)))
+        await asyncio.wait_for(asyncio.gather(*clients, late), 10.0)
+    assert model.batch_rows == [4, 5]
+
+
 async def test_a_request_bigger_than_max_batch_size_runs_alone() -> None:
     model = Model()
     async with Batcher(model, max_batch_size=4, max_delay_ms=10) as batcher:
