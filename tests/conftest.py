@@ -7,6 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+# anyio imports its modules on first use, and pytest compiles the modules of a plugin's
+# distribution (anyio is one) through its assertion rewriter. Under CPython 3.11.7 that
+# compile once raised "SystemError: AST constructor recursion depth mismatch" (CPython
+# gh-106905) when the first file response imported anyio's file module inside a test's
+# request; imported here, it is compiled once, before any test runs.
+import anyio._core._fileio  # noqa: F401
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
