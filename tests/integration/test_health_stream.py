@@ -191,8 +191,10 @@ async def test_a_standby_answers_the_stream_with_where_the_leader_is(tmp_path: P
         standby.leader = LeaderInfo(leader_address, "leader:2")
         async with grpc.aio.insecure_channel(standby_address) as channel:
             stream = pbg.HeadStub(channel).StreamHealth()  # type: ignore[call-arg]
-            await stream.write(pb.SchedulerHealth(scheduler_id="s1"))
+            # The standby refuses the stream as it opens: the refusal can reach the client
+            # before its first write is through (seen in a clean-clone run) or at the read.
             with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stream.write(pb.SchedulerHealth(scheduler_id="s1"))
                 await stream.read()
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         assert leader_address in str(refused.value.details())
