@@ -168,7 +168,6 @@ class Batcher:
         # batches wait out max_delay_ms for IN_PLAY_CALLS calls at most, as they all did
         # before this rule.
         self._in_play: collections.deque[int] = collections.deque(maxlen=IN_PLAY_CALLS)
-        self._in_play_most = 0
         self.requests = 0
         self.batches = 0
         self.compute_ns = 0  # time inside ``run``, all batches
@@ -308,7 +307,7 @@ class Batcher:
         self._last_end = loop.time()
         self._last_call_s = took_ns / 1e9
         self._last_requests = 1
-        self._played(1)
+        self._in_play.append(1)
         return _split(outputs, [rows])[0] if self.max_batch_size > 1 else outputs
 
     def cancel(self, request: _Request, error: BaseException | None = None) -> None:
@@ -339,10 +338,6 @@ class Batcher:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
-
-    def _played(self, requests: int) -> None:
-        self._in_play.append(requests)
-        self._in_play_most = max(self._in_play)
 
     def _burst_expected(self, now: float) -> bool:
         """Whether a request arriving now is likely the first of several: the last model
@@ -397,7 +392,8 @@ class Batcher:
                 break
             now = loop.time()
             remaining = head.arrived + self._max_delay_s - now
-            if self._in_play_most and len(self._queue) >= self._in_play_most and not self._in_flight:
+            in_play = max(self._in_play, default=0)
+            if in_play and len(self._queue) >= in_play and not self._in_flight:
                 # Every client in play is back (see _in_play). Wait on for stragglers only
                 # while the model has been idle no longer than its last call took: a fast
                 # model runs the burst at once, a slow one still gathers what its cost is
@@ -520,5 +516,5 @@ class Batcher:
             self._last_end = asyncio.get_running_loop().time()
             self._last_call_s = self._last_end - began
             self._last_requests = len(batch)
-            self._played(len(batch) + len(self._queue))
+            self._in_play.append(len(batch) + len(self._queue))
             self._idle.set()
