@@ -144,6 +144,9 @@ class Settings:
     """The bearer token the CLI sends to the head and to schedulers (``SHOAL_TOKEN``, ``--token``)."""
     max_tensor_elements: int = 16_777_216
     """Most tensor elements (all inputs together) one inference request may carry."""
+    max_tensors_per_request: int = 1024
+    """Most tensors one inference request may name: its inputs, and the outputs it asks
+    for, each counted on its own (0: no limit)."""
     max_strings_per_request: int = 2048
     """Most strings one ``/v1/embeddings`` request may carry (OpenAI's own limit)."""
     max_stream_pending: int = 64

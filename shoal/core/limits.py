@@ -4,8 +4,22 @@ buffer is decoded. The numbers are settings (``shoal.config.Settings``)."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from shoal.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from shoal.config import Settings
+
+#: The longest request id (characters) a client may send. Ids are echoed in answers and
+#: written in log lines; a UUID is 36. Without a bound, one id could be as large as the
+#: whole message (``max_message_mb``) and every refusal's log line with it.
+MAX_REQUEST_ID_CHARS = 1024
+
+#: How much of a client's string (a request id, a model name) a log line or an error
+#: message quotes; the rest is counted, not written.
+SHOWN_CHARS = 200
 
 
 def elements(shape: object) -> int:
@@ -33,6 +47,57 @@ def check_elements(shapes: Iterable[object], limit: int) -> None:
             raise InvalidArgument(
                 f"the request's tensors hold over {limit} elements (setting max_tensor_elements)"
             )
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """What one inference request may carry; 0 is no limit. Every door checks these before
+    it does any work per tensor, so a request past them costs nothing but its parse."""
+
+    elements: int = 0  # setting max_tensor_elements: all inputs together
+    tensors: int = 0  # setting max_tensors_per_request: inputs, and outputs asked for
+
+    @classmethod
+    def of(cls, settings: Settings) -> RequestLimits:
+        return cls(settings.max_tensor_elements, settings.max_tensors_per_request)
+
+    def check_counts(self, inputs: int, outputs: int = 0) -> None:
+        """InvalidArgument when the request names more input tensors, or asks for more
+        output tensors, than ``tensors``. Why a limit: each tensor costs Python work in the
+        ingress and the replica, and a request of 50,000 one-element inputs (1.2 MB over
+        gRPC) held every other request on that ingress process for 1.3 s."""
+        limit = self.tensors
+        if limit <= 0:
+            return
+        if inputs > limit:
+            raise InvalidArgument(
+                f"the request has {inputs} inputs, over the limit of {limit} "
+                "(setting max_tensors_per_request)"
+            )
+        if outputs > limit:
+            raise InvalidArgument(
+                f"the request asks for {outputs} outputs, over the limit of {limit} "
+                "(setting max_tensors_per_request)"
+            )
+
+    def check_elements(self, shapes: Iterable[object]) -> None:
+        check_elements(shapes, self.elements)
+
+
+def check_request_id(request_id: str) -> None:
+    """InvalidArgument when ``request_id`` is longer than MAX_REQUEST_ID_CHARS."""
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidArgument(
+            f"the request id is {len(request_id)} characters, over the limit of {MAX_REQUEST_ID_CHARS}"
+        )
+
+
+def shown(text: str, most: int = SHOWN_CHARS) -> str:
+    """``text`` as a log line or an error message quotes a client's string: at most ``most``
+    characters, and how many more were left out."""
+    if len(text) <= most:
+        return text
+    return f"{text[:most]}... ({len(text) - most} more characters)"
 
 
 def is_unicode(text: str) -> bool:

@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from shoal.core import limits, payload, tensors
+from shoal.core.limits import RequestLimits
 from shoal.core.payload import Tensor, Tensors
 from shoal.errors import Code, InvalidArgument, ResourceExhausted, ShoalError, from_code
 from shoal.scheduler.dataplane import MODEL_ID_HEADER, MODEL_ID_PARAMETER, InferCall
@@ -123,13 +124,17 @@ def bool_param(params: dict[str, Any], key: str, default: bool, where: str) -> b
     return value
 
 
+_NO_LIMITS = RequestLimits()
+
+
 class InferRequest:
     """A decoded REST inference request."""
 
-    def __init__(self, header: dict[str, Any], tail: memoryview, max_elements: int = 0) -> None:
+    def __init__(self, header: dict[str, Any], tail: memoryview, bounds: RequestLimits = _NO_LIMITS) -> None:
         request_id = header.get("id", "")
         if not isinstance(request_id, str) or not limits.is_unicode(request_id):
             raise InvalidArgument(f"'id' must be a string of valid Unicode, got {request_id!r}")
+        limits.check_request_id(request_id)
         self.id = request_id
         params = _params(header, "")
         timeout = params.get("timeout", 0)
@@ -145,15 +150,15 @@ class InferRequest:
         self.model_id = model_id
         if "inputs" not in header:
             raise InvalidArgument("the request has no 'inputs'")
-        if isinstance(header["inputs"], list):
-            shapes = (e.get("shape") for e in header["inputs"] if isinstance(e, dict))
-            limits.check_elements(shapes, max_elements)  # before any tensor is decoded
-        self.inputs = self._decode_inputs(header["inputs"], tail)
-        self.outputs: list[str] = []
-        self.binary: dict[str, bool] = {}
         requested = header.get("outputs", [])
         if not isinstance(requested, list):
             raise InvalidArgument(f"'outputs' must be a list, got {type(requested).__name__}")
+        if isinstance(header["inputs"], list):  # before any tensor is decoded
+            bounds.check_counts(len(header["inputs"]), len(requested))
+            bounds.check_elements(e.get("shape") for e in header["inputs"] if isinstance(e, dict))
+        self.inputs = self._decode_inputs(header["inputs"], tail)
+        self.outputs: list[str] = []
+        self.binary: dict[str, bool] = {}
         for i, entry in enumerate(requested):
             if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
                 raise InvalidArgument(f"outputs[{i}] must be an object with a 'name'")
@@ -255,7 +260,7 @@ def _dumps(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
-def _parse_infer(body: bytes, header_length: str | None, max_elements: int) -> InferRequest:
+def _parse_infer(body: bytes, header_length: str | None, bounds: RequestLimits) -> InferRequest:
     if header_length is None:
         # orjson first: it reads a small body in a tenth of json.loads's time. A body orjson
         # refuses and json takes (NaN, lone surrogates, UTF-16), and any request refused
@@ -269,19 +274,19 @@ def _parse_infer(body: bytes, header_length: str | None, max_elements: int) -> I
             header = None
         if type(header) is dict:
             try:
-                return InferRequest(header, _NO_TAIL, max_elements)
+                return InferRequest(header, _NO_TAIL, bounds)
             except InvalidArgument:
                 pass
     header, tail = tensors.split_binary_body(body, header_length)
-    return InferRequest(header, tail, max_elements)
+    return InferRequest(header, tail, bounds)
 
 
 def _parse_in_child(
-    body: bytes, header_length: str | None, max_elements: int
+    body: bytes, header_length: str | None, bounds: RequestLimits
 ) -> InferRequest | tuple[str, str]:
     """:func:`_parse_infer` in the parsing process; an error comes back as (code, message)."""
     try:
-        return _parse_infer(body, header_length, max_elements)
+        return _parse_infer(body, header_length, bounds)
     except ShoalError as err:
         return (err.code.value, err.message)
 
@@ -290,15 +295,15 @@ _parser: concurrent.futures.ProcessPoolExecutor | None = None
 
 
 async def parse_infer(
-    body: bytes, header_length: str | None, max_elements: int, on_loop: int
+    body: bytes, header_length: str | None, bounds: RequestLimits, on_loop: int
 ) -> InferRequest:
     """The request in ``body``. A JSON body over ``on_loop`` bytes is parsed in a separate
     process: json.loads holds the GIL for its whole run (a thread would not help), and a
     49 MB body parsed on the event loop held every other request up for seconds. The
     parsed tensors come back as raw bytes (a memory copy, not a parse)."""
     if len(body) <= on_loop or (header_length is not None and int_or(header_length, 0) <= on_loop):
-        return _parse_infer(body, header_length, max_elements)
-    result = await _in_parser(_parse_in_child, body, header_length, max_elements)
+        return _parse_infer(body, header_length, bounds)
+    result = await _in_parser(_parse_in_child, body, header_length, bounds)
     if isinstance(result, tuple):
         raise from_code(Code(result[0]), result[1])
     return result
@@ -408,6 +413,7 @@ class Infer:
         self.node = node
         self.limit = node.settings.max_message_bytes
         self.on_loop = node.settings.max_json_on_loop_kb * 1024
+        self.bounds = RequestLimits.of(node.settings)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -441,7 +447,7 @@ class Infer:
             req = await parse_infer(
                 body,
                 headers.get("inference-header-content-length"),
-                node.settings.max_tensor_elements,
+                self.bounds,
                 self.on_loop,
             )
         except ShoalError as err:

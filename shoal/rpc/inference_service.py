@@ -28,7 +28,8 @@ from google.protobuf import json_format
 
 from shoal.auth import InferenceAuth
 from shoal.config import Settings
-from shoal.core import limits, payload, tensors
+from shoal.core import payload, tensors
+from shoal.core.limits import RequestLimits
 from shoal.core.payload import Tensor, Tensors
 from shoal.errors import DeadlineExceeded, InvalidArgument, NotFound, ShoalError
 from shoal.proto import grpc_service_pb2 as oip
@@ -67,6 +68,7 @@ _UNSUPPORTED_PARAMETERS = {
 
 Parameters = Any  # protobuf map<string, InferParameter>
 _DONE = object()  # ModelStreamInfer: one request has sent its last answer
+_NO_LIMITS = RequestLimits()
 
 _REPOSITORY = (
     "this scheduler serves no model repository (start it with --model-repository DIR); "
@@ -132,17 +134,18 @@ def _from_contents(t: oip.ModelInferRequest.InferInputTensor) -> Tensor:
     return payload.from_array(t.name, array)
 
 
-def request_tensors(request: oip.ModelInferRequest, max_elements: int = 0) -> Tensors:
+def request_tensors(request: oip.ModelInferRequest, bounds: RequestLimits = _NO_LIMITS) -> Tensors:
     """The request's inputs as wire tensors, raw contents taken as they are (not decoded).
 
-    Raises InvalidArgument naming the input, or the limit of ``max_elements`` (all inputs
-    together; 0: none) before typed contents are copied out. Raw contents are not copied:
-    their element count is checked by the data plane's door (``DataPlane.check``) or
-    :func:`decode_inputs`.
+    Raises InvalidArgument naming the input, or a limit of ``bounds``: the number of inputs
+    before any is looked at, the elements (all inputs together) before typed contents are
+    copied out. Raw contents are not copied: their element count is checked by the data
+    plane's door (``DataPlane.check``) or :func:`decode_inputs`.
     """
+    bounds.check_counts(len(request.inputs), len(request.outputs))
     raw = request.raw_input_contents
     if not raw:  # typed contents are copied out below: check first (raw bytes: the door does)
-        limits.check_elements((list(t.shape) for t in request.inputs), max_elements)
+        bounds.check_elements(list(t.shape) for t in request.inputs)
     if raw and len(raw) != len(request.inputs):
         raise InvalidArgument(
             f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
@@ -163,18 +166,21 @@ def request_tensors(request: oip.ModelInferRequest, max_elements: int = 0) -> Te
     return tuple(out)
 
 
-def decode_inputs(request: oip.ModelInferRequest, max_elements: int = 0) -> Arrays:
+def decode_inputs(request: oip.ModelInferRequest, bounds: RequestLimits = _NO_LIMITS) -> Arrays:
     """The request's inputs as numpy arrays (text generation's prompt needs them decoded)."""
-    items = request_tensors(request, max_elements)
-    limits.check_elements((t.shape for t in items), max_elements)
+    items = request_tensors(request, bounds)
+    bounds.check_elements(t.shape for t in items)
     payload.check_all(items)
     return payload.to_arrays(items)
 
 
-def infer_call(request: oip.ModelInferRequest, context: Context, max_elements: int, door: str) -> InferCall:
+def infer_call(
+    request: oip.ModelInferRequest, context: Context, bounds: RequestLimits, door: str
+) -> InferCall:
     """A ``ModelInferRequest`` as the data plane's :class:`InferCall`."""
     if not request.model_name:
         raise InvalidArgument("model_name is required")
+    bounds.check_counts(len(request.inputs), len(request.outputs))  # before any is looked at
     if request.parameters:
         sequence = _parameter(request.parameters, "sequence_id")
         if sequence not in (None, 0, ""):
@@ -189,7 +195,7 @@ def infer_call(request: oip.ModelInferRequest, context: Context, max_elements: i
         raise InvalidArgument(f"parameter {MODEL_ID_PARAMETER!r} must be a string, got {model_id!r}")
     return InferCall(
         model=request.model_name,
-        inputs=request_tensors(request, max_elements),
+        inputs=request_tensors(request, bounds),
         id=request.id,
         version=request.model_version,
         timeout_s=_timeout_s(request, context),
@@ -224,7 +230,7 @@ class InferenceService(oipg.GRPCInferenceServiceServicer):
         self.dataplane = dataplane
         self.catalog = dataplane.catalog
         self.auth = auth
-        self.max_elements = settings.max_tensor_elements
+        self.bounds = RequestLimits.of(settings)
         self.max_stream_pending = max(1, settings.max_stream_pending)
 
     def _authorize(self, model: str, context: Context) -> None:
@@ -347,7 +353,7 @@ class InferenceService(oipg.GRPCInferenceServiceServicer):
                 self._authorize(request.model_name, context)
                 if generate_stream.wants_generation(self.catalog, request):
                     # Decoupled: a response per piece of text (shoal.rpc.generate_stream).
-                    inputs = decode_inputs(request, self.max_elements)
+                    inputs = decode_inputs(request, self.bounds)
                     pieces = generate_stream.stream_responses(
                         self.catalog, request, inputs, _timeout_s(request, context)
                     )
@@ -453,7 +459,7 @@ class InferenceService(oipg.GRPCInferenceServiceServicer):
 
     async def _infer(self, request: oip.ModelInferRequest, context: Context) -> oip.ModelInferResponse:
         try:
-            call = infer_call(request, context, self.max_elements, "grpc")
+            call = infer_call(request, context, self.bounds, "grpc")
         except ShoalError as err:
             # Refused before the door could see it: count it there all the same.
             self.dataplane.refused(request.model_name, request.id, "grpc", err)

@@ -70,6 +70,7 @@ class NativeService(pbg.SchedulerServicer):
             if request.timeout_s < 0 or not math.isfinite(request.timeout_s):
                 raise InvalidArgument(f"timeout_s must be a finite number >= 0, got {request.timeout_s:g}")
             self.native.inference_auth.check(request.deployment, authorization(context))
+            self.native.dataplane.bounds.check_counts(len(request.inputs))  # before any is looked at
         except ShoalError as err:
             self.native.dataplane.refused(request.deployment, request.request_id, "native", err)
             await abort(context, err)

@@ -38,6 +38,26 @@ def to_error(err: grpc.aio.AioRpcError) -> ShoalError:
     return from_code(code, err.details() or err.code().name)
 
 
+#: The most bytes a status message takes in its trailer, where it travels percent-encoded
+#: (each byte of a character past printable ASCII, and "%", as three). A client refuses
+#: trailers over its metadata limit (8 KiB by default): a message quoting a 10,000-character
+#: model name reached the client as RESOURCE_EXHAUSTED "received metadata size exceeds
+#: soft limit", not as the NOT_FOUND it was.
+MAX_DETAILS_BYTES = 6000
+
+
+def details(message: str) -> str:
+    """``message`` cut to fit MAX_DETAILS_BYTES once percent-encoded, saying how much was cut."""
+    if len(message) * 3 <= MAX_DETAILS_BYTES:
+        return message
+    size = 0
+    for i, char in enumerate(message):
+        size += 1 if " " <= char <= "~" and char != "%" else 3 * len(char.encode(errors="replace"))
+        if size > MAX_DETAILS_BYTES - 40:  # room for the note on what was cut
+            return f"{message[:i]}... ({len(message) - i} more characters)"
+    return message
+
+
 async def abort(context: Context, err: ShoalError) -> NoReturn:
-    await context.abort(TO_GRPC[err.code], err.message)
+    await context.abort(TO_GRPC[err.code], details(err.message))
     raise AssertionError("unreachable")  # context.abort raises

@@ -81,6 +81,7 @@ class DataPlane:
         self.router = router
         self.catalog = catalog
         self.settings = settings
+        self.bounds = limits.RequestLimits.of(settings)
         self._log_window = 0.0
         self._logged = 0
         self._suppressed = 0
@@ -131,8 +132,10 @@ class DataPlane:
         )
 
     def check(self, call: InferCall) -> None:
-        """The checks that need no model metadata: headers, byte lengths, the element limit."""
-        limits.check_elements((t.shape for t in call.inputs), self.settings.max_tensor_elements)
+        """The checks that need no model metadata: the id, headers, byte lengths, the limits."""
+        limits.check_request_id(call.id)
+        self.bounds.check_counts(len(call.inputs), len(call.outputs))
+        self.bounds.check_elements(t.shape for t in call.inputs)
         payload.check_all(call.inputs)
 
     async def embed(self, model: str, texts: Sequence[str], *, door: str = "openai") -> list[np.ndarray]:
@@ -202,11 +205,11 @@ class DataPlane:
         self._logged += 1
         log.info(
             "request %s to %s (%s) refused: %s",
-            call.id or "-",
-            call.model or "-",
+            limits.shown(call.id) or "-",
+            limits.shown(call.model) or "-",
             call.door or "-",
-            err.message,
-            extra={"request_id": call.id, "deployment": call.model},
+            limits.shown(err.message, 2 * limits.SHOWN_CHARS),
+            extra={"request_id": limits.shown(call.id), "deployment": limits.shown(call.model)},
         )
 
 

@@ -435,6 +435,9 @@ def malformed_http() -> list[tuple[str, bytes, dict[str, str], str]]:
     cases.append(("wrong raw length", body, headers, "input 'x': expected 64 bytes for FP32 [1,16], got 60"))
     body, headers = binary_body(header, b"\0" * 64)
     cases.append(("raw beyond declared", body, headers, "4 bytes of binary data beyond"))
+    many = {"inputs": [{**x, "name": f"x{i}"} for i in range(1025)]}
+    over = "the request has 1025 inputs, over the limit of 1024"
+    cases.append(("1025 inputs", json.dumps(many).encode(), {}, over))
     return cases
 
 
@@ -465,6 +468,10 @@ def malformed_grpc() -> list[tuple[str, tpb.ModelInferRequest, str]]:
     missing = tpb.ModelInferRequest(model_name="batched")
     extra = raw_request()
     extra.raw_input_contents.append(b"")
+    many = raw_request()
+    for i in range(1024):
+        many.inputs.add(name=f"x{i}", datatype="FP32", shape=(1, 16))
+        many.raw_input_contents.append(b"\0" * 64)
     return [
         ("unknown datatype", raw_request(datatype="FP8"), "unknown datatype 'FP8'"),
         (
@@ -476,6 +483,10 @@ def malformed_grpc() -> list[tuple[str, tpb.ModelInferRequest, str]]:
         ("missing input", missing, "missing input 'x'"),
         ("raw count", extra, "raw_input_contents has 2 entries for 1 inputs"),
         ("bad version", tpb.ModelInferRequest(model_name="batched", model_version="3"), "no version '3'"),
+        # The message quotes the name, cut so that its trailer stays under the client's
+        # metadata limit: else the client sees RESOURCE_EXHAUSTED, not NOT_FOUND.
+        ("long model name", tpb.ModelInferRequest(model_name="m" * 10_000), "more characters)"),
+        ("1025 inputs", many, "the request has 1025 inputs, over the limit of 1024"),
     ]
 
 
@@ -487,7 +498,8 @@ async def test_malformed_grpc_requests_are_invalid_argument(
 ) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.ModelInfer(request_, timeout=10)
-    want = grpc.StatusCode.NOT_FOUND if case == "bad version" else grpc.StatusCode.INVALID_ARGUMENT
+    not_found = case in ("bad version", "long model name")
+    want = grpc.StatusCode.NOT_FOUND if not_found else grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.code() == want, err.value
     assert message in (err.value.details() or ""), err.value.details()
     reply = await stub.ModelInfer(raw_request(), timeout=10)

@@ -101,7 +101,9 @@ def fakes() -> FakeReplicas:
 
 @pytest.fixture
 async def doors(fakes: FakeReplicas) -> AsyncIterator[Doors]:
-    settings = Settings(max_message_mb=1, max_tensor_elements=1_000, max_strings_per_request=100)
+    settings = Settings(
+        max_message_mb=1, max_tensor_elements=1_000, max_strings_per_request=100, max_tensors_per_request=8
+    )
     router = Router("s1", settings, fakes, policy="round_robin")
     node = SchedulerNode(settings, "s1", cast(HeadLink, None), fakes, router=router)
     node.registered.set()
@@ -194,6 +196,84 @@ async def test_native_requests_with_a_repeated_input_name_are_refused(doors: Doo
     with pytest.raises(Aborted) as err:
         await doors.native.SendRequest(request, cast(Any, Context()))
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "given twice" in err.value.message
+
+
+# Requests past the limits on tensor counts and id length, through each door as raw as its
+# clients send them: (the message every door answers, rest, oip, native).
+def _many_inputs(n: int) -> tuple[dict[str, Any], oip.ModelInferRequest, pb.InferRequest]:
+    names = [f"x{i}" for i in range(n)]
+    rest = {"inputs": [{"name": m, "datatype": "FP32", "shape": [1], "data": [1.0]} for m in names]}
+    request = oip.ModelInferRequest(model_name="echo")
+    for m in names:
+        request.inputs.add(name=m, datatype="FP32", shape=[1])
+        request.raw_input_contents.append(b"\0" * 4)
+    arrays = {m: np.ones(1, np.float32) for m in names}
+    native = pb.InferRequest(deployment="echo", inputs=codec.encode(arrays))
+    return rest, request, native
+
+
+def _many_outputs(n: int) -> tuple[dict[str, Any], oip.ModelInferRequest, None]:
+    rest = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1.0] * 4}]}
+    rest["outputs"] = [{"name": f"y{i}"} for i in range(n)]
+    request = oip.ModelInferRequest(model_name="echo")
+    request.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+    request.raw_input_contents.append(b"\0" * 16)
+    for i in range(n):
+        request.outputs.add(name=f"y{i}")
+    return rest, request, None
+
+
+def _long_id(n: int) -> tuple[dict[str, Any], oip.ModelInferRequest, pb.InferRequest]:
+    rest, request, native = _many_inputs(1)
+    rest["id"] = request.id = native.request_id = "i" * n
+    return rest, request, native
+
+
+OVER = [
+    ("9 inputs", _many_inputs(9), "the request has 9 inputs, over the limit of 8 (setting max_tensors_per_"),
+    ("9 outputs", _many_outputs(9), "the request asks for 9 outputs, over the limit of 8"),
+    ("a 1025-character id", _long_id(1025), "the request id is 1025 characters, over the limit of 1024"),
+]
+
+
+@pytest.mark.parametrize(("case", "requests", "message"), OVER, ids=[o[0] for o in OVER])
+async def test_a_request_past_the_tensor_count_or_id_limit_is_refused_alike_by_every_door(
+    doors: Doors,
+    fakes: FakeReplicas,
+    refusals: pytest.LogCaptureFixture,
+    case: str,
+    requests: tuple[dict[str, Any], oip.ModelInferRequest, pb.InferRequest | None],
+    message: str,
+) -> None:
+    rest, request, native = requests
+    r = await doors.http.post("/v2/models/echo/infer", json=rest)
+    assert r.status_code == 400 and message in r.json()["error"], r.text
+    with pytest.raises(Aborted) as grpc_err:
+        await doors.grpc.ModelInfer(request, cast(Any, Context()))
+    assert grpc_err.value.code == grpc.StatusCode.INVALID_ARGUMENT and message in grpc_err.value.message
+    doors_used = 2
+    if native is not None:  # the native API names no outputs
+        with pytest.raises(Aborted) as native_err:
+            await doors.native.SendRequest(native, cast(Any, Context()))
+        assert native_err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert message in native_err.value.message
+        doors_used = 3
+    assert fakes.clients["a:9000"].requests == []  # no replica saw any of them
+    assert doors.node.router.stats()["echo"].outcomes["invalid"] == doors_used
+    lines = [r.getMessage() for r in refusals.records if "refused" in r.getMessage()]
+    assert len(lines) == doors_used and all(message in line for line in lines)
+    # The log quotes a client's id, never all of it.
+    assert all(len(line) < 600 for line in lines), [len(line) for line in lines]
+
+
+async def test_a_long_model_name_in_an_error_is_cut_to_fit_a_grpc_trailer(doors: Doors) -> None:
+    request = oip.ModelInferRequest(model_name="m" * 10_000)
+    with pytest.raises(Aborted) as err:
+        await doors.grpc.ModelInfer(request, cast(Any, Context()))
+    assert err.value.code == grpc.StatusCode.NOT_FOUND
+    assert err.value.message.startswith("unknown model 'mmm")
+    assert err.value.message.endswith("more characters)")
+    assert len(err.value.message) <= 6000
 
 
 async def test_embeddings_with_too_many_strings_are_refused_before_any_work(

@@ -25,6 +25,7 @@ from hypothesis.extra.numpy import arrays
 
 from shoal.config import Settings
 from shoal.core import payload
+from shoal.core.limits import RequestLimits
 from shoal.core.spec import DATATYPES, TensorSpec, parse_spec
 from shoal.errors import InvalidArgument
 from shoal.http.scheduler import scheduler_app
@@ -321,7 +322,7 @@ def test_grpc_decoders(tensors: list[dict[str, Any]], raw: list[bytes]) -> None:
         request.inputs.add(**t)
     request.raw_input_contents.extend(raw)
     try:
-        decode_inputs(request, max_elements=10_000)
+        decode_inputs(request, RequestLimits(elements=10_000, tensors=2))
     except InvalidArgument:
         pass
     native = [pb.Tensor(data=raw[i] if i < len(raw) else b"", **t) for i, t in enumerate(tensors)]
