@@ -17,6 +17,10 @@ With ``multiplexing`` in the spec, ``model`` names a folder and model id ``ID`` 
 ``<model>/ID.joblib`` (the id is a plain name, never a path); an id without a file is
 NotFound. The tensors are as above, per model.
 
+An input the estimator refuses (scikit-learn raises ValueError: NaN where the estimator
+takes none, say) is the client's error: INVALID_ARGUMENT / 400 ``the model refused the
+input: ...``. Anything else the estimator raises is INTERNAL / 500 ``model raised ...``.
+
 joblib files are pickles: loading one runs code from it. Serve only files you trust.
 """
 
@@ -138,6 +142,12 @@ class SklearnBackend(Backend):
         try:
             predicted = np.asarray(estimator.predict(x))
             proba = np.asarray(estimator.predict_proba(x), dtype=np.float32) if self._want_proba else None
+        except ValueError as err:
+            # scikit-learn's answer to input it does not take (NaN or infinity where the
+            # estimator has no way to handle them, values a transformer never saw): the
+            # client's to fix, so 400 / INVALID_ARGUMENT, not a server error. In a dynamic
+            # batch it fails alone: the batcher runs a failed batch's requests again singly.
+            raise InvalidArgument(f"the model refused the input: {err}") from err
         except Exception as err:
             raise Internal(f"model raised {type(err).__name__}: {err}") from err
         if not self._is_classifier:

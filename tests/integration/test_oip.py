@@ -354,6 +354,23 @@ async def test_digits_over_both_protocols(
     np.testing.assert_array_equal(await over_http(cluster, labels_over_http), expected)
 
 
+async def test_digits_with_nan_is_the_clients_error(
+    cluster: ProcessCluster, grpc_client: tgrpc_aio.InferenceServerClient
+) -> None:
+    x = digits_test_set()[0][:2].copy()
+    x[0, 3] = np.nan
+    inp = tgrpc.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    with pytest.raises(InferenceServerException) as err:
+        await grpc_client.infer("digits", [inp])
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "the model refused the input: Input X contains NaN" in err.value.message()
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [float("nan")] * 64}]}
+    async with httpx.AsyncClient(base_url=f"http://{cluster.http_address()}", timeout=10) as http:
+        r = await http.post("/v2/models/digits/infer", content=json.dumps(body))
+    assert r.status_code == 400 and "contains NaN" in r.json()["error"]
+
+
 # ---------------------------------------------------------------- errors
 
 

@@ -499,6 +499,19 @@ async def test_sklearn_refuses_inputs_that_do_not_fit(digits_model: Path, backen
             await backend.predict(inputs)
 
 
+async def test_sklearn_input_the_estimator_refuses_is_the_clients_error(
+    digits_model: Path, digits: tuple[np.ndarray, np.ndarray], backends: list[Backend]
+) -> None:
+    backend = loaded(sklearn_spec(digits_model), backends)
+    x = digits[0][:3].copy()
+    x[1, 5] = np.nan
+    with pytest.raises(InvalidArgument, match="the model refused the input: Input X contains NaN"):
+        await backend.predict({"input": x})
+    # The rows without NaN are answered as the estimator answers them.
+    out = await backend.predict({"input": x[[0, 2]]})
+    np.testing.assert_array_equal(out["label"], joblib.load(digits_model).predict(x[[0, 2]]))
+
+
 async def test_sklearn_uses_the_declared_input_name(digits_model: Path, backends: list[Backend]) -> None:
     spec = sklearn_spec(digits_model, inputs=[{"name": "pixels", "datatype": "FP32", "shape": [-1, 64]}])
     backend = loaded(spec, backends)
