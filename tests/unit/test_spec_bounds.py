@@ -160,6 +160,24 @@ def test_options_nested_900_deep_are_refused_not_crashed() -> None:
         parse_spec_json(text)
 
 
+def test_a_list_of_100000_inputs_is_refused_by_its_length_before_any_item_is_validated() -> None:
+    # pydantic validates every item of a list before it compares the list's length with
+    # the field's bound: this spec held the head's event loop 1.2 s before the count came
+    # first. The message names the count, not the first items' problems.
+    many = [{"name": f"x{i}", "datatype": "FP32", "shape": [-1]} for i in range(100_000)]
+    assert "inputs: 100000 items, over the limit of 256" in refused({**BASE, "inputs": many})
+    shape = [{"name": "x", "datatype": "FP32", "shape": [-1] * 100_000}]
+    assert "inputs.0.shape: 100000 items, over the limit of 256" in refused({**BASE, "inputs": shape})
+    resources = {f"r{i}": 1 for i in range(1000)}
+    assert "resources: 1000 items, over the limit of 256" in refused({**BASE, "resources": resources})
+    assert "the spec has 300 fields, over the limit of 256" in refused({f"f{i}": 1 for i in range(300)})
+    # Within the bound, each field's own limit still speaks.
+    assert "at most 32 items" in refused({**BASE, "inputs": [{**shape[0], "shape": [-1] * 33}]})
+    parse_spec({**BASE, "inputs": many[:256]})
+    # options are bounded by their size instead: a list of 1,000 numbers is fine there.
+    parse_spec({**BASE, "options": {"vocabulary": list(range(1000))}})
+
+
 def test_yaml_nested_too_deep_is_invalid_argument(tmp_path: Path) -> None:
     path = tmp_path / "deep.yaml"
     path.write_text("name: deep\nbackend: python\nmodel: m:M\noptions: " + "[" * 5000 + "]" * 5000 + "\n")
