@@ -187,6 +187,10 @@ class ReplicaProcess:
         request.future.add_done_callback(done)
         return request.future
 
+    def refused(self, request_id: str, err: ShoalError) -> None:
+        """Log a request its adapter failed after the model answered (an answer too big to send)."""
+        self._failed(request_id, err)
+
     def _failed(self, request_id: str, err: ShoalError) -> None:
         # The model's own failures are the operator's business; a client's bad input is the client's.
         level = logging.WARNING if err.code is Code.INTERNAL else logging.INFO

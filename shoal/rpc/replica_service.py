@@ -8,7 +8,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 
 from shoal.core.spec import MAX_SECONDS
-from shoal.errors import Code, InvalidArgument, ShoalError
+from shoal.errors import Code, InvalidArgument, ShoalError, from_code
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.replica.process import ReplicaProcess
@@ -20,9 +20,32 @@ from shoal.types import Arrays
 log = logging.getLogger("shoal.replica")
 
 
+#: Room left in a message for everything of an answer but its tensors' bytes (ids, names,
+#: shapes): an answer whose bytes take more than ``max_message_mb`` less this is refused.
+ANSWER_HEADROOM = 64 * 1024
+
+
 class ReplicaService(pbg.ReplicaServicer):
     def __init__(self, replica: ReplicaProcess) -> None:
         self.replica = replica
+        self.max_answer_bytes = replica.settings.max_message_bytes - ANSWER_HEADROOM
+
+    def answer(self, task: pb.Task, outputs: Arrays) -> pb.TaskOutcome:
+        """The outcome that carries ``outputs``; an error outcome instead when they would not
+        fit in one message. Why: the local hop ends a connection that sends a frame over the
+        limit (as a gRPC stream fails), and with it every request waiting on that connection;
+        one request whose answer was 5 MB over a 4 MB limit broke both replicas' connections
+        and came back as "2 replica(s) failed while serving it"."""
+        encoded = codec.encode(outputs)
+        size = sum(len(t.data) for t in encoded)
+        if size > self.max_answer_bytes:
+            err = InvalidArgument(
+                f"the answer holds {size} bytes of tensors, over the limit of {self.max_answer_bytes} "
+                "(setting max_message_mb): ask for fewer rows per request, or raise the limit"
+            )
+            self.replica.refused(task.request_id, err)
+            return _failure(task, err.code.value, err.message)
+        return pb.TaskOutcome(request_id=task.request_id, tag=task.tag, outputs=encoded)
 
     async def Ping(self, request: pb.PingRequest, context: Context) -> pb.PingReply:
         r = self.replica
@@ -46,7 +69,10 @@ class ReplicaService(pbg.ReplicaServicer):
             )
         except ShoalError as err:
             await abort(context, err)
-        return pb.TaskResult(request_id=request.request_id, outputs=codec.encode(outputs))
+        outcome = self.answer(request, outputs)
+        if outcome.error_code:
+            await abort(context, from_code(Code(outcome.error_code), outcome.error_message))
+        return pb.TaskResult(request_id=request.request_id, outputs=outcome.outputs)
 
     async def Describe(self, request: pb.Empty, context: Context) -> pb.ReplicaDescription:
         d = self.replica.describe()
@@ -65,7 +91,7 @@ class ReplicaService(pbg.ReplicaServicer):
         try:
             inputs = codec.decode(task.inputs)
             outputs = await self.replica.infer(task.request_id, inputs, task.timeout_s, task.model_id)
-            return pb.TaskOutcome(request_id=task.request_id, tag=task.tag, outputs=codec.encode(outputs))
+            return self.answer(task, outputs)
         except ShoalError as err:
             code, message = err.code.value, err.message
         except Exception as err:  # a bug here must answer the request, not leave it to its deadline
@@ -100,7 +126,7 @@ class ReplicaService(pbg.ReplicaServicer):
             err = future.exception()
             if err is None:
                 try:
-                    outputs = codec.encode(future.result())
+                    outcome = self.answer(task, future.result())
                 except ShoalError as encode_err:
                     reply(_failure(task, encode_err.code.value, encode_err.message))
                     return
@@ -108,7 +134,7 @@ class ReplicaService(pbg.ReplicaServicer):
                     log.exception("request %s failed in the replica's adapter", task.request_id)
                     reply(_failure(task, Code.INTERNAL.value, f"{type(encode_err).__name__}: {encode_err}"))
                     return
-                reply(pb.TaskOutcome(request_id=task.request_id, tag=task.tag, outputs=outputs))
+                reply(outcome)
             elif isinstance(err, ShoalError):
                 reply(_failure(task, err.code.value, err.message))
             else:

@@ -253,6 +253,46 @@ async def test_the_hop_answers_through_begin_and_a_lost_scheduler_drops_its_queu
     await stop(replica, runner)
 
 
+GROW_MODEL = """
+import numpy as np
+class Grow:
+    def predict(self, inputs):
+        return {"y": np.repeat(inputs["x"], int(inputs["times"][0]), axis=1)}
+"""
+
+
+async def test_an_answer_too_big_for_a_message_fails_alone_and_the_connection_stays(tmp_path: Path) -> None:
+    """A model answer over max_message_mb is that request's INVALID_ARGUMENT; before, the
+    hop frame over the limit broke the connection, failing every request waiting on it."""
+    (tmp_path / "grow_model.py").write_text(GROW_MODEL)
+    spec = parse_spec(
+        {"name": "grow", "backend": "python", "model": "grow_model:Grow", "base_dir": str(tmp_path)}
+    )
+    replica = ReplicaProcess("grow-000001", spec, Settings(max_message_mb=1), Link())  # type: ignore[arg-type]
+    runner = await ready(replica)
+    service = ReplicaService(replica)
+    path = tmp_path / "hop.sock"
+    server = HopServer(path, service.outcome, 1 << 20, begin=service.begin)
+    await server.start()
+    client = HopClient(path, "127.0.0.1:1", 1 << 20)
+    x = np.ones((1, 100_000), np.float32)  # 400 KB in
+
+    def task(request_id: str, times: int) -> pb.Task:
+        inputs = codec.encode({"x": x, "times": np.array([times], np.int64)})
+        return pb.Task(request_id=request_id, inputs=inputs, timeout_s=5.0)
+
+    big, small = await asyncio.gather(client.push(task("big", 4), 5.0), client.push(task("small", 2), 5.0))
+    assert big.error_code == "INVALID_ARGUMENT"
+    assert "the answer holds 1600000 bytes of tensors, over the limit of 983040" in big.error_message
+    assert not small.error_code and codec.decode(small.outputs)["y"].shape == (1, 200_000)
+    again = await client.push(task("again", 1), 5.0)  # the same connection still answers
+    assert not again.error_code
+    assert len(server.connections) == 1
+    await client.close()
+    await server.stop()
+    await stop(replica, runner)
+
+
 SYNC_MODEL = """
 class Echo:
     def predict(self, inputs):
