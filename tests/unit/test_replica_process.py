@@ -221,16 +221,20 @@ async def test_begin_gives_up_a_queued_request_at_its_deadline_or_when_cancelled
     await stop(replica, runner)
 
 
+async def over_the_hop(replica: ReplicaProcess, path: Path) -> tuple[HopServer, HopClient]:
+    """The replica's hop server (1 MiB frames, as the scheduler's side) and a client of it."""
+    service = ReplicaService(replica)
+    server = HopServer(path, service.outcome, 1 << 20, begin=service.begin)
+    await server.start()
+    return server, HopClient(path, "127.0.0.1:1", 1 << 20)
+
+
 async def test_the_hop_answers_through_begin_and_a_lost_scheduler_drops_its_queued_requests(
     tmp_path: Path,
 ) -> None:
     replica = make(tmp_path, Link(), delay_s=0.3, batch=4)
     runner = await ready(replica)
-    service = ReplicaService(replica)
-    path = tmp_path / "hop.sock"
-    server = HopServer(path, service.outcome, 1 << 20, begin=service.begin)
-    await server.start()
-    client = HopClient(path, "127.0.0.1:1", 1 << 20)
+    server, client = await over_the_hop(replica, tmp_path / "hop.sock")
     tensor = codec.encode(ROW)
     outcome = await client.push(pb.Task(request_id="r1", inputs=tensor, timeout_s=5.0), 5.0)
     np.testing.assert_array_equal(codec.decode(outcome.outputs)["y"], np.full((1, 2), 2.0, np.float32))
@@ -270,11 +274,7 @@ async def test_an_answer_too_big_for_a_message_fails_alone_and_the_connection_st
     )
     replica = ReplicaProcess("grow-000001", spec, Settings(max_message_mb=1), Link())  # type: ignore[arg-type]
     runner = await ready(replica)
-    service = ReplicaService(replica)
-    path = tmp_path / "hop.sock"
-    server = HopServer(path, service.outcome, 1 << 20, begin=service.begin)
-    await server.start()
-    client = HopClient(path, "127.0.0.1:1", 1 << 20)
+    server, client = await over_the_hop(replica, tmp_path / "hop.sock")
     x = np.ones((1, 100_000), np.float32)  # 400 KB in
 
     def task(request_id: str, times: int) -> pb.Task:
