@@ -366,6 +366,8 @@ def render(doc: dict[str, Any], path: Path) -> str:
         lines.append(f"- {where}: {p['failed'][:300]}")
     for system, notes in doc.get("notes", {}).items():  # empty lists are left out
         lines += [f"- note, {system}: {note}" for note in notes]
+    for place in doc.get("model_places", []):  # where each replica ran its model's calls
+        lines.append(f"- round {place['round']}, {place['system']}, {place['line']}")
     lines += [
         "",
         "## Commands",

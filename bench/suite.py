@@ -136,6 +136,18 @@ def versions() -> dict[str, Any]:
 # ---------------------------------------------------------------- memory
 
 
+def model_places(work: Path) -> list[str]:
+    """What shoal's replicas logged about where their models' calls ran (the event loop or
+    the model thread: ``shoal/backends/base.py``, INLINE_AFTER), so a run's figures can be
+    read against it after the work folder is gone. Empty for other systems."""
+    lines = []
+    for path in sorted((work / "state" / "logs").glob("replica_*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            if "shoal.replica: model " in line and ("event loop" in line or "model thread" in line):
+                lines.append(f"{path.stem}: {line.split('shoal.replica: ', 1)[1]}")
+    return lines
+
+
 def idle_memory(system: systems.System, work: Path) -> dict[str, Any]:
     """Start with one noop replica, let it settle, and take the peak of the tree's summed RSS."""
     run = system.start(work, only_noop=True)
@@ -373,6 +385,9 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC's info lines would interleave the log
     if args.report:
         doc = json.loads(Path(args.report).read_text())
+        if args.no_docs:  # only the summary table of the saved run
+            print(report.summary(doc))
+            return 0
         DOCS.parent.mkdir(parents=True, exist_ok=True)
         DOCS.write_text(report.render(doc, Path(args.report)))
         log(f"wrote {DOCS}")
@@ -422,6 +437,7 @@ def main(argv: list[str]) -> int:
         "starts": [],
         "skipped": skipped,
         "notes": {},
+        "model_places": [],
         "partial": args.partial,
     }
     log(f"machine: {doc['machine']}")
@@ -457,6 +473,8 @@ def main(argv: list[str]) -> int:
                     doc["points"] += measure(run, args, rnd, loads, skipped)
                 finally:
                     systems.stop(run)
+                    for line in model_places(run.work):
+                        doc["model_places"].append({"round": rnd, "system": s.id, "line": line})
     finally:
         doc["wall_s"] = round(time.monotonic() - t0, 1)
         doc["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
