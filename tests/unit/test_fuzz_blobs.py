@@ -426,6 +426,10 @@ def test_a_schedulers_blob_service_with_any_request(blobs: Blobs, data: st.DataO
     still_sound(blobs)
 
 
+#: What grpc's client reports when a write of a streaming call races the server's answer.
+CORE_WRITE_RACE = "Internal error from Core"
+
+
 async def send_raw(channel: grpc.aio.Channel, method: str, raws: list[bytes]) -> None:
     """``raws`` as the bytes of ``method``'s request (of its first messages, for Upload)."""
     path = f"/shoal.v1.Blob/{method}"
@@ -459,7 +463,13 @@ def test_any_bytes_as_a_request(blobs: Blobs, server: str, method: str, raws: li
         outcome = Outcome(OK, "")
     except grpc.aio.AioRpcError as err:
         outcome = Outcome(err.code(), err.details() or "")
-    clear(outcome, allowed)
+    if method == "Upload" and len(raws) > 1 and outcome == Outcome(grpc.StatusCode.INTERNAL, CORE_WRITE_RACE):
+        # grpc's client, not the server: the server answered (refused) after the first
+        # message, while the client's request iterator was writing the next one. Seen once
+        # in a clean make test (scheduler Upload, 3 messages); the server is checked below.
+        event("client write raced the answer")
+    else:
+        clear(outcome, allowed)
     still_sound(blobs)
 
 
