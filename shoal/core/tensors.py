@@ -416,6 +416,30 @@ def from_json(
     return _reshape(arr, dims, where)
 
 
+def from_values(
+    datatype: str, shape: Sequence[int], values: np.ndarray[Any, Any], *, name: str | None = None
+) -> np.ndarray[Any, Any]:
+    """A tensor from a flat numpy array of its values as a typed protocol field holds them
+    (gRPC's ``contents``: int64 for the signed integer types, uint64 for the unsigned, bool),
+    checked as :func:`from_json` checks: the count against the shape, integers within the
+    type's range. Raises InvalidArgument naming ``name`` and the first offending element."""
+    where = _where("input", name)
+    datatype = _check_datatype(datatype, where)
+    dims = _check_shape(shape, where)
+    count = math.prod(dims)
+    if values.size != count:
+        raise InvalidArgument(
+            f"{where}shape {_fmt_shape(dims)} needs {count} elements, data has {values.size}"
+        )
+    if datatype in _INT_RANGES:
+        lo, hi = _INT_RANGES[datatype]
+        bad = np.flatnonzero((values < lo) | (values > hi))
+        if bad.size:
+            i = int(bad[0])
+            raise InvalidArgument(f"{where}{datatype} element {i} is {values[i]}, outside [{lo}, {hi}]")
+    return _reshape(values.astype(DATATYPES[datatype], copy=False), dims, where)
+
+
 _FLOAT_MAX = {
     "FP16": float(np.finfo(np.float16).max),
     "FP32": float(np.finfo(np.float32).max),

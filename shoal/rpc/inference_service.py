@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
 import grpc
+import numpy as np
 from google.protobuf import json_format
 
 from shoal.auth import InferenceAuth
@@ -130,8 +131,63 @@ def _from_contents(t: oip.ModelInferRequest.InferInputTensor) -> Tensor:
         raise InvalidArgument(
             f"{where}{t.datatype} data belongs in contents.{field}, got contents.{wrong[0]}"
         )
-    array = tensors.from_json(t.datatype, tuple(t.shape), list(getattr(t.contents, field)), name=t.name)
+    values = getattr(t.contents, field)
+    if t.datatype in _PACKED_TAG:
+        data = _packed_bytes(t.contents, _PACKED_TAG[t.datatype])
+        if data is not None:  # the door checks its length against the shape, as for raw contents
+            return Tensor(t.name, t.datatype, tuple(t.shape), data)
+    if len(values) > MAX_TYPED_ELEMENTS:
+        raise InvalidArgument(
+            f"{where}{len(values)} elements in contents.{field}, over the {MAX_TYPED_ELEMENTS} typed "
+            "contents may carry; send large tensors in raw_input_contents (tritonclient does)"
+        )
+    if t.datatype == "BYTES":
+        array = tensors.from_json(t.datatype, tuple(t.shape), list(values), name=t.name)
+    else:
+        flat: np.ndarray[Any, Any] = np.fromiter(values, _VALUES_DTYPE[field], count=len(values))
+        array = tensors.from_values(t.datatype, tuple(t.shape), flat, name=t.name)
     return payload.from_array(t.name, array)
+
+
+#: Typed (``contents``) elements of one input that are turned into raw bytes one by one on
+#: the event loop: integers, booleans, strings (about 40 ns each: 40 ms at this many).
+#: Floats need no work per element (below); past this, other types are refused. Before this
+#: bound, a request of 8,000,000 typed elements (32 MB) held every other request on its
+#: ingress process for 2.3 s.
+MAX_TYPED_ELEMENTS = 1 << 20
+# The numpy dtype np.fromiter reads each typed field's values as.
+_VALUES_DTYPE = {
+    "bool_contents": np.bool_,
+    "int_contents": np.int64,
+    "int64_contents": np.int64,
+    "uint_contents": np.uint64,
+    "uint64_contents": np.uint64,
+    "fp32_contents": np.float32,  # when _packed_bytes cannot take the bytes as they are
+    "fp64_contents": np.float64,
+}
+# FP32 and FP64 contents are packed fixed-width fields: their wire bytes are the tensor's
+# raw little-endian bytes. The first byte of the field as serialized (field number << 3 | 2).
+_PACKED_TAG = {"FP32": 6 << 3 | 2, "FP64": 7 << 3 | 2}
+
+
+def _packed_bytes(contents: oip.InferTensorContents, tag: int) -> bytes | None:
+    """The values of ``contents``'s one packed field, as bytes, taken from its serialized
+    form (a copy at memory speed, where reading the values one by one took 100 ns each);
+    None if the serialized form is not the one field expected."""
+    wire = contents.SerializeToString()
+    if not wire:
+        return b""
+    if wire[0] != tag:
+        return None
+    length, shift, i = 0, 0, 1
+    while i < len(wire):
+        byte = wire[i]
+        length |= (byte & 0x7F) << shift
+        i += 1
+        if byte < 0x80:
+            break
+        shift += 7
+    return wire[i:] if i + length == len(wire) else None
 
 
 def request_tensors(request: oip.ModelInferRequest, bounds: RequestLimits = _NO_LIMITS) -> Tensors:
