@@ -89,9 +89,8 @@ class GrpcReplicaClient:
     async def push(
         self, request_id: str, inputs: Tensors, timeout_s: float, *, model_id: str = ""
     ) -> Tensors:
-        task = pb.Task(
-            request_id=request_id, inputs=codec.to_pb(inputs), timeout_s=timeout_s, model_id=model_id
-        )
+        task = pb.Task(request_id=request_id, timeout_s=timeout_s, model_id=model_id)
+        codec.fill(task.inputs, inputs)
         if self._stream is not None:
             # A little slack over the replica's own deadline so its answer wins the race.
             outcome = await self._stream.push(task, timeout_s + 0.5)

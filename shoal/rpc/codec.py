@@ -8,6 +8,7 @@ replica turns them into numpy for its model (:func:`decode`, :func:`encode`).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -17,7 +18,17 @@ from shoal.proto import shoal_pb2 as pb
 
 
 def to_pb(items: Iterable[Tensor]) -> list[pb.Tensor]:
+    """Messages of their own. To put tensors in a message, :func:`fill` its field instead."""
     return [pb.Tensor(name=t.name, datatype=t.datatype, shape=t.shape, data=t.data) for t in items]
+
+
+def fill(field: Any, items: Iterable[Tensor]) -> None:
+    """Add ``items`` to a message's repeated ``Tensor`` field, each built in place. Why not
+    ``Message(inputs=to_pb(...))``: protobuf copies a message put into another through its
+    serialized form, so a 32 MB tensor took 109 ms to go into a ``Task`` that way, against
+    17 ms built in place (and a [1,16] one 2.2 µs against 1.4)."""
+    for t in items:
+        field.add(name=t.name, datatype=t.datatype, shape=t.shape, data=t.data)
 
 
 def from_pb(items: Iterable[pb.Tensor]) -> Tensors:

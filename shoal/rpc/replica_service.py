@@ -7,8 +7,10 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 
+from shoal.core import payload
+from shoal.core.payload import Tensors
 from shoal.core.spec import MAX_SECONDS
-from shoal.errors import Code, InvalidArgument, ShoalError, from_code
+from shoal.errors import Code, InvalidArgument, ShoalError
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.replica.process import ReplicaProcess
@@ -32,20 +34,31 @@ class ReplicaService(pbg.ReplicaServicer):
 
     def answer(self, task: pb.Task, outputs: Arrays) -> pb.TaskOutcome:
         """The outcome that carries ``outputs``; an error outcome instead when they would not
+        fit in one message (:meth:`sendable`)."""
+        try:
+            encoded = self.sendable(task.request_id, outputs)
+        except ShoalError as err:
+            return _failure(task, err.code.value, err.message)
+        outcome = pb.TaskOutcome(request_id=task.request_id, tag=task.tag)
+        codec.fill(outcome.outputs, encoded)
+        return outcome
+
+    def sendable(self, request_id: str, outputs: Arrays) -> Tensors:
+        """``outputs`` as wire tensors; InvalidArgument (logged) when their bytes would not
         fit in one message. Why: the local hop ends a connection that sends a frame over the
         limit (as a gRPC stream fails), and with it every request waiting on that connection;
         one request whose answer was 5 MB over a 4 MB limit broke both replicas' connections
         and came back as "2 replica(s) failed while serving it"."""
-        encoded = codec.encode(outputs)
+        encoded = payload.from_arrays(outputs)
         size = sum(len(t.data) for t in encoded)
         if size > self.max_answer_bytes:
             err = InvalidArgument(
                 f"the answer holds {size} bytes of tensors, over the limit of {self.max_answer_bytes} "
                 "(setting max_message_mb): ask for fewer rows per request, or raise the limit"
             )
-            self.replica.refused(task.request_id, err)
-            return _failure(task, err.code.value, err.message)
-        return pb.TaskOutcome(request_id=task.request_id, tag=task.tag, outputs=encoded)
+            self.replica.refused(request_id, err)
+            raise err
+        return encoded
 
     async def Ping(self, request: pb.PingRequest, context: Context) -> pb.PingReply:
         r = self.replica
@@ -67,12 +80,12 @@ class ReplicaService(pbg.ReplicaServicer):
             outputs = await self.replica.infer(
                 request.request_id, inputs, request.timeout_s, request.model_id
             )
+            encoded = self.sendable(request.request_id, outputs)
         except ShoalError as err:
             await abort(context, err)
-        outcome = self.answer(request, outputs)
-        if outcome.error_code:
-            await abort(context, from_code(Code(outcome.error_code), outcome.error_message))
-        return pb.TaskResult(request_id=request.request_id, outputs=outcome.outputs)
+        result = pb.TaskResult(request_id=request.request_id)
+        codec.fill(result.outputs, encoded)
+        return result
 
     async def Describe(self, request: pb.Empty, context: Context) -> pb.ReplicaDescription:
         d = self.replica.describe()

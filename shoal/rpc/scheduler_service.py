@@ -86,9 +86,9 @@ class NativeService(pbg.SchedulerServicer):
             result = await self.native.dataplane.infer(call)
         except ShoalError as err:
             await abort(context, err)
-        return pb.InferReply(
-            request_id=request.request_id, outputs=codec.to_pb(result.outputs), replica_id=result.replica_id
-        )
+        reply = pb.InferReply(request_id=request.request_id, replica_id=result.replica_id)
+        codec.fill(reply.outputs, result.outputs)
+        return reply
 
 
 class SchedulerService(NativeService):
