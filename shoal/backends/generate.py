@@ -36,6 +36,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
+from shoal.core.limits import stop_problem
 from shoal.core.spec import TensorSpec
 from shoal.errors import InvalidArgument
 from shoal.types import ChatMessage
@@ -95,6 +96,9 @@ class GenerationParams:
             raise InvalidArgument(f"stop must be a string or a list of strings, got {self.stop!r}")
         if any(s == "" for s in stop):
             raise InvalidArgument("stop strings must not be empty")
+        problem = stop_problem(stop)
+        if problem is not None:
+            raise InvalidArgument(problem)
         object.__setattr__(self, "stop", tuple(stop))
         if self.seed is not None:
             if isinstance(self.seed, bool) or not _is_integral(self.seed):

@@ -100,6 +100,24 @@ def shown(text: str, most: int = SHOWN_CHARS) -> str:
     return f"{text[:most]}... ({len(text) - most} more characters)"
 
 
+#: Most stop strings one generation may ask for, and the longest. Every new piece of text is
+#: searched for each of them (``shoal.backends.generate.StopMatcher``): 10,000 stop strings
+#: were taken as they came, a search of the whole text for each at every token, on the
+#: model's one generation thread. OpenAI's API takes 4.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 512
+
+
+def stop_problem(stop: tuple[str, ...] | list[str]) -> str | None:
+    """What is wrong with a generation's ``stop`` strings past their bounds; None if nothing."""
+    if len(stop) > MAX_STOP_STRINGS:
+        return f"stop holds {len(stop)} strings, over the limit of {MAX_STOP_STRINGS}"
+    longest = max((len(s) for s in stop), default=0)
+    if longest > MAX_STOP_CHARS:
+        return f"a stop string of {longest} characters, over the limit of {MAX_STOP_CHARS}"
+    return None
+
+
 def is_unicode(text: str) -> bool:
     """False for a string holding a lone surrogate (JSON's ``"\ud800"`` decodes to one): it
     cannot be encoded as UTF-8, so it cannot go on in a protobuf string or a JSON answer."""

@@ -23,7 +23,7 @@ from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import Any, Self
 
 from shoal.core.ids import request_key
-from shoal.core.limits import is_unicode
+from shoal.core.limits import is_unicode, stop_problem
 from shoal.core.spec import DeploymentSpec
 from shoal.errors import Internal, InvalidArgument
 from shoal.scheduler.router import Router
@@ -100,6 +100,9 @@ def _stop(value: object) -> tuple[str, ...]:
         raise InvalidParameter("stop", f"stop must be a string or a list of strings, got {value!r}")
     if any(s == "" for s in value):
         raise InvalidParameter("stop", "stop strings must not be empty")
+    problem = stop_problem(value)
+    if problem is not None:
+        raise InvalidParameter("stop", problem)
     return tuple(value)
 
 

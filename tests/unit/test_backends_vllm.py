@@ -70,6 +70,8 @@ def test_generation_params_validate() -> None:
         r"top_p must be in \(0, 1\]": {"top_p": 0},
         "stop must be a string or a list of strings": {"stop": [1]},
         "stop strings must not be empty": {"stop": [""]},
+        "stop holds 17 strings, over the limit of 16": {"stop": ["x"] * 17},
+        "a stop string of 513 characters, over the limit of 512": {"stop": ["x" * 513]},
         "seed must be an integer": {"seed": "x"},
     }
     for message, kwargs in bad.items():

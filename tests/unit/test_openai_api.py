@@ -349,6 +349,8 @@ async def test_unknown_model_is_404_model_not_found(client: openai.AsyncOpenAI) 
         ({"max_tokens": 0}, "max_tokens"),
         ({"max_completion_tokens": 0}, "max_completion_tokens"),
         ({"stop": [""]}, "stop"),
+        ({"stop": ["x"] * 10_000}, "stop"),  # each searched for at every token: bounded
+        ({"stop": "x" * 100_000}, "stop"),
         ({"seed": 1.5}, "seed"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"logprobs": True}, "logprobs"),
