@@ -324,7 +324,10 @@ async def test_a_json_body_over_the_on_loop_limit_is_parsed_and_answered_the_sam
     node.registered.set()
     router.add("a", spec(), "a:9000", "s1")
     x = np.arange(4 * 500, dtype=np.float32).reshape(500, 4) / 7
-    doc = {"id": "big", "inputs": [{"name": "x", "datatype": "FP32", "shape": [500, 4], "data": x.tolist()}]}
+    doc: dict[str, Any] = {
+        "id": "big",
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [500, 4], "data": x.tolist()}],
+    }
     try:
         transport = httpx.ASGITransport(app=scheduler_app(node))
         async with httpx.AsyncClient(transport=transport, base_url="http://shoal") as http:
