@@ -656,12 +656,9 @@ class NativeClient:
         """Returns (outputs, id of the replica that answered); ``model_id`` names a multiplexed
         deployment's model. Raises ShoalError."""
         req = pb.InferRequest(
-            deployment=deployment,
-            request_id=request_id,
-            inputs=codec.encode(inputs),
-            timeout_s=timeout_s,
-            model_id=model_id,
+            deployment=deployment, request_id=request_id, timeout_s=timeout_s, model_id=model_id
         )
+        codec.fill_arrays(req.inputs, inputs)
         deadline = (timeout_s or 60.0) + 5.0
         try:
             reply = await self._stub.SendRequest(req, timeout=deadline, metadata=self._metadata)

@@ -31,6 +31,11 @@ def fill(field: Any, items: Iterable[Tensor]) -> None:
         field.add(name=t.name, datatype=t.datatype, shape=t.shape, data=t.data)
 
 
+def fill_arrays(field: Any, arrays: Mapping[str, np.ndarray]) -> None:
+    """:func:`fill` from numpy arrays (what :func:`encode` gives, built in place)."""
+    fill(field, payload.from_arrays(arrays))
+
+
 def from_pb(items: Iterable[pb.Tensor]) -> Tensors:
     return tuple(Tensor(t.name, t.datatype, tuple(t.shape), t.data) for t in items)
 

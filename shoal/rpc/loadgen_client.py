@@ -80,7 +80,8 @@ def oip_grpc_request(model: str, inputs: Mapping[str, np.ndarray]) -> bytes:
 
 def native_request(deployment: str, inputs: Mapping[str, np.ndarray], timeout_s: float) -> bytes:
     """A serialized native ``InferRequest``."""
-    req = pb.InferRequest(deployment=deployment, inputs=codec.encode(inputs), timeout_s=timeout_s)
+    req = pb.InferRequest(deployment=deployment, timeout_s=timeout_s)
+    codec.fill_arrays(req.inputs, inputs)
     return req.SerializeToString()
 
 
