@@ -134,14 +134,45 @@ def test_delay_adds_latency_and_goes_away(hosts: Hosts) -> None:
     assert fast is not None and fast < 20
 
 
+# Connects, says "ready", waits for a line on stdin (the loss is on by then), then makes round
+# trips until one waits for a retransmission (>= 150 ms) or 60 are done: "n longest" in ms.
+LOSSY_RTT = """
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], 9000), timeout=60)
+s.send(b"x"); s.recv(10)
+print("ready", flush=True)
+sys.stdin.readline()
+longest = 0.0
+for n in range(1, 61):
+    t = time.perf_counter(); s.send(b"x"); s.recv(10)
+    longest = max(longest, (time.perf_counter() - t) * 1000)
+    if longest >= 150:
+        break
+print(n, longest, flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
 def test_loss_drops_packets_and_tcp_retransmits(hosts: Hosts) -> None:
     a, b, _ = hosts.hosts
+    # The connection is made before the loss starts (a lost SYN-ACK waits 1 s, 3 s, 7 s ...),
+    # and the client stops at the first round trip that waited for a retransmission, so only
+    # one round trip's tail of repeated losses counts (six in a row at 30%: 0.07%, 12.6 s).
+    client = a.popen(
+        [sys.executable, "-c", LOSSY_RTT, b.address],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert client.stdout is not None and client.stdout.readline().strip() == b"ready"
     hosts.delay(b, 1, loss_pct=30)
-    # 20 round trips through 30% loss on b's side: TCP retransmits (RTO >= 200 ms), none fails.
-    got = rtts(a, b, timeout_s=10, n=20)
-    hosts.undelay(b)
-    assert got is not None
-    assert got[1] >= 150, f"no round trip waited for a retransmission: {got}"
+    try:
+        out, _ = client.communicate(b"go\n", timeout=90)
+    finally:
+        hosts.undelay(b)
+    assert client.returncode == 0, out
+    rounds, longest = out.split()
+    # 60 round trips through 30% loss with none lost has odds of 0.7**60, about 5e-10.
+    assert float(longest) >= 150, f"no round trip waited for a retransmission in {rounds.decode()}"
 
 
 def test_pause_stops_every_process_of_a_host(hosts: Hosts) -> None:
