@@ -108,6 +108,12 @@ class Settings:
     two replicas, then fails saying so."""
     max_message_mb: int = 64
     """Largest gRPC message accepted or sent (the gRPC default of 4 MiB is too small for tensors)."""
+    max_inflight_mb: int = 512
+    """Request tensor bytes a scheduler's ingress holds in flight at once, divided among its
+    ingress processes (``shoal.core.budget``): past it a request waits for room until its
+    deadline, and past twice it is refused (RESOURCE_EXHAUSTED / 503). One request runs
+    whatever its size when nothing else is in flight, and requests of at most 64 KiB are
+    never held back. 0: no limit."""
     shutdown_grace_s: float = 10.0
     """On SIGTERM, how long in-flight work may take before processes are killed."""
     ingress_workers: int = 0

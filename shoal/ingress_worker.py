@@ -71,7 +71,13 @@ async def run_ingress_worker(settings: Settings, control: str, worker_id: str, s
     link = IngressLink(control, settings, worker_id, os.getpid())
     worker = IngressWorker(settings, sid, link, lambda addr: GrpcReplicaClient(addr, settings))
     guard = AuthInterceptor(SCHEDULER_RULES, tls=bool(settings.tls_dir))
-    server = new_server(settings, [guard], reuse_port=True)
+    server = new_server(
+        settings,
+        [guard],
+        reuse_port=True,
+        budget=worker.dataplane.inflight,
+        refused=lambda model, err: worker.dataplane.refused(model, "", "grpc", err),
+    )
     pbg.add_SchedulerServicer_to_server(NativeService(worker), server)
     closing = AsyncExitStack()
     repository = repository_of(settings, settings.head_address, worker, closing)

@@ -231,7 +231,13 @@ async def start_scheduler(
     processes = ingress_processes(settings)
     guard = AuthInterceptor(SCHEDULER_RULES, tls=bool(settings.tls_dir))
     credentials = server_credentials(settings, "scheduler")
-    server = new_server(settings, [guard], reuse_port=processes > 1)
+    server = new_server(
+        settings,
+        [guard],
+        reuse_port=processes > 1,
+        budget=node.dataplane.inflight,
+        refused=lambda model, err: node.dataplane.refused(model, "", "grpc", err),
+    )
     pbg.add_SchedulerServicer_to_server(SchedulerService(node), server)
     # Blobs (blob:// models) come from peers or the head; peers fetch from this control port.
     blob_source = GrpcBlobSource(head_address, settings, sid)

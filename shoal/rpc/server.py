@@ -9,7 +9,8 @@ import grpc
 import grpc.aio
 
 from shoal.config import Settings
-from shoal.errors import Unavailable
+from shoal.core.budget import ByteBudget
+from shoal.errors import ShoalError, Unavailable
 from shoal.rpc.channels import channel_options
 from shoal.rpc.decode import DecodeGuard
 
@@ -19,9 +20,14 @@ def new_server(
     interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
     *,
     reuse_port: bool = False,
+    budget: ByteBudget | None = None,
+    refused: Callable[[str, ShoalError], None] | None = None,
 ) -> grpc.aio.Server:
     """A server with shoal's options. ``reuse_port``: the port is shared with other
-    processes (a scheduler's ingress workers); otherwise a second bind of it fails."""
+    processes (a scheduler's ingress workers); otherwise a second bind of it fails.
+    ``budget``: the data plane's bytes in flight, which ``ModelInfer`` holds from before
+    it parses a request (:mod:`shoal.rpc.decode`); ``refused(model, error)`` counts and logs
+    a request it refused."""
     options = [
         *channel_options(settings),
         ("grpc.so_reuseport", 1 if reuse_port else 0),
@@ -32,7 +38,7 @@ def new_server(
         ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
     ]
     # Innermost: a request that does not decode is refused with INVALID_ARGUMENT, not UNKNOWN.
-    chain = [*interceptors, DecodeGuard()]
+    chain = [*interceptors, DecodeGuard(budget, refused)]
     guards = [i for i in chain if isinstance(i, Guard)]
     if len(guards) == len(chain):
         return cast(grpc.aio.Server, GuardedServer(grpc.aio.server(options=options), guards))

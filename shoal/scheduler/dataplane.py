@@ -20,6 +20,9 @@ door a request came in by, and they live here:
   deployment's names none;
 * **limits**: tensor elements per request (``max_tensor_elements``), strings per
   embeddings request (``max_strings_per_request``); body size is the transport's;
+* **bytes in flight**: the request tensor bytes this process holds at once, its share of
+  ``max_inflight_mb`` (:class:`shoal.core.budget.ByteBudget`: a request waits for room
+  until its deadline, or is refused when the queue for room is full);
 * **validation**: tensor headers and byte lengths, then names, datatypes and shapes
   against the model's metadata, from the headers alone (nothing is decoded here);
 * **accounting**: every outcome, a refusal included, is counted in the router's
@@ -40,7 +43,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from shoal.config import Settings
-from shoal.core import limits, payload
+from shoal.core import budget, limits, payload
+from shoal.core.budget import ByteBudget
 from shoal.core.ids import request_key
 from shoal.core.payload import Tensor, Tensors
 from shoal.core.spec import DeploymentSpec, check_model_id
@@ -82,6 +86,8 @@ class DataPlane:
         self.catalog = catalog
         self.settings = settings
         self.bounds = limits.RequestLimits.of(settings)
+        share = router.share
+        self.inflight = ByteBudget(-(-max(0, settings.max_inflight_mb) * (1 << 20) // share))
         self._log_window = 0.0
         self._logged = 0
         self._suppressed = 0
@@ -108,6 +114,14 @@ class DataPlane:
         except ShoalError as err:
             self._refused(call, spec, err, started)
             raise
+        timeout_s = call.timeout_s if call.timeout_s > 0 else spec.timeout_s
+        # A transport that took the request's bytes before parsing it holds them (budget.HELD).
+        size = 0 if budget.HELD.get() else sum(len(t.data) for t in call.inputs)
+        try:
+            waited = 0.0 if self.inflight.try_take(size) else await self.inflight.take(size, timeout_s)
+        except ShoalError as err:
+            self._refused(call, spec, err, started)
+            raise
         # Clients reuse ids (or send none); the router keys in-flight requests by id.
         internal_id = f"{call.id}~{request_key()}" if call.id else ""
         if shadow:
@@ -117,7 +131,7 @@ class DataPlane:
                 spec.name,
                 call.inputs,
                 request_id=internal_id,
-                timeout_s=call.timeout_s,
+                timeout_s=max(1e-3, timeout_s - waited) if waited else call.timeout_s,
                 model_id=call.model_id,
                 version=revision,
             )
@@ -125,6 +139,8 @@ class DataPlane:
         except BaseException:
             self.catalog.record(spec, ok=False, elapsed_ns=time.perf_counter_ns() - started, rows=0)
             raise
+        finally:
+            self.inflight.give(size)
         rows = call.inputs[0].rows if call.inputs else 1
         self.catalog.record(spec, ok=True, elapsed_ns=time.perf_counter_ns() - started, rows=rows)
         return InferResult(

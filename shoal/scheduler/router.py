@@ -461,6 +461,11 @@ class Router:
         finally:
             dep.waiting -= 1
 
+    @property
+    def share(self) -> int:
+        """How many processes route to the same replicas (ingress workers): see ``__init__``."""
+        return self._share
+
     def at_capacity(self, name: str) -> ResourceExhausted | None:
         """The refusal a request to ``name`` would get now for a full queue; None when it would
         be routed or queued (or ``name`` is unknown here). Lets an ingress refuse before it

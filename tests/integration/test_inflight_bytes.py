@@ -1,0 +1,102 @@
+"""Request bytes in flight are bounded per ingress process (``max_inflight_mb``,
+shoal.core.budget): past the share a request waits for room, past twice it is refused
+with RESOURCE_EXHAUSTED naming the setting, and small requests are never held back. One
+budget for both transports: gRPC and HTTP requests wait in the same queue.
+
+A real cluster: one ingress process with a 1 MB budget, an echo that takes 1 s a call,
+and 700 KB requests, so one runs, one waits and the third is refused."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import numpy as np
+import pytest
+import pytest_asyncio
+import tritonclient.http as thttp
+from tritonclient.grpc import service_pb2 as tpb
+from tritonclient.grpc import service_pb2_grpc as tpbg
+
+from shoal.testing.cluster import ProcessCluster
+
+pytestmark = [pytest.mark.timeout(90), pytest.mark.asyncio(loop_scope="module")]
+
+ROWS = 11_200  # x [11200, 16] FP32: 700 KB
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def cluster(
+    tmp_path_factory: pytest.TempPathFactory, examples_dir: Path
+) -> AsyncIterator[ProcessCluster]:
+    env = {"SHOAL_MAX_INFLIGHT_MB": "1", "SHOAL_INGRESS_WORKERS": "1", "SHOAL_MAX_MESSAGE_MB": "4"}
+    async with ProcessCluster(tmp_path_factory.mktemp("inflight"), env=env) as c:
+        await c.deploy(
+            {
+                "name": "slow",
+                "backend": "python",
+                "model": "echo:Echo",
+                "base_dir": str(examples_dir),
+                "options": {"delay_ms": 1000},
+                "max_ongoing_requests": 8,
+                "resources": {"cpus": 0.1},
+            }
+        )
+        await c.wait_ready("slow", 1)
+        yield c
+
+
+def request(rows: int, k: float) -> tpb.ModelInferRequest:
+    req = tpb.ModelInferRequest(model_name="slow")
+    req.inputs.add(name="x", datatype="FP32", shape=(rows, 16))
+    req.raw_input_contents.append(np.full((rows, 16), k, np.float32).tobytes())
+    return req
+
+
+async def test_one_runs_one_waits_one_is_refused_small_ones_pass(cluster: ProcessCluster) -> None:
+    async with grpc.aio.insecure_channel(
+        cluster.scheduler_address(), options=[("grpc.max_send_message_length", 8 << 20)]
+    ) as channel:
+        stub = tpbg.GRPCInferenceServiceStub(channel)
+        before = (await stub.ModelStatistics(tpb.ModelStatisticsRequest(name="slow"))).model_stats[0]
+
+        def over_http() -> np.ndarray:
+            client = thttp.InferenceServerClient(cluster.http_address(), network_timeout=30)
+            try:
+                inp = thttp.InferInput("x", [ROWS, 16], "FP32")
+                inp.set_data_from_numpy(np.full((ROWS, 16), 2.0, np.float32), binary_data=True)
+                out = client.infer("slow", [inp]).as_numpy("x")
+                assert out is not None
+                return out
+            finally:
+                client.close()
+
+        started = time.monotonic()
+        first = asyncio.ensure_future(stub.ModelInfer(request(ROWS, 1.0), timeout=30))
+        await asyncio.sleep(0.3)  # first holds 700 KB of the 1 MB
+        second = asyncio.create_task(asyncio.to_thread(over_http))  # no room: waits
+        await asyncio.sleep(0.3)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:  # the queue for room is full
+            await stub.ModelInfer(request(ROWS, 3.0), timeout=30)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_inflight_mb" in (refused.value.details() or "")
+        assert time.monotonic() - started < 0.9, "refused at once, not after a wait"
+        # A small request is not held back behind the waiting one (it still queues for the
+        # replica, which runs one call at a time).
+        small = await stub.ModelInfer(request(1, 4.0), timeout=30)
+        assert np.frombuffer(small.raw_output_contents[0], np.float32).tolist() == [4.0] * 16
+
+        answer = await first
+        got = np.frombuffer(answer.raw_output_contents[0], np.float32)
+        assert got.size == ROWS * 16 and (got == 1.0).all()
+        waited = await second
+        assert waited.shape == (ROWS, 16) and (waited == 2.0).all()
+        assert time.monotonic() - started >= 2.0  # the second ran after the first
+
+        after = (await stub.ModelStatistics(tpb.ModelStatisticsRequest(name="slow"))).model_stats[0]
+        assert after.inference_stats.success.count - before.inference_stats.success.count == 3
+        assert after.inference_stats.fail.count - before.inference_stats.fail.count == 1
