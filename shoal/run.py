@@ -38,7 +38,7 @@ from shoal.rpc.blobs import GrpcBlobSource, GrpcHeadPeers, HeadBlobService, Sche
 from shoal.rpc.clients import GrpcHeadLink, GrpcReplicaClient, GrpcSchedulerClient
 from shoal.rpc.etcd_client import EtcdTarget, etcd_client, parse_store_url
 from shoal.rpc.head_service import HeadService
-from shoal.rpc.hop import hop_dir
+from shoal.rpc.hop import hop_dir, release_hop_dir
 from shoal.rpc.inference_service import InferenceService
 from shoal.rpc.ingress import IngressService
 from shoal.rpc.scheduler_service import SchedulerService
@@ -220,6 +220,7 @@ async def start_scheduler(
     if settings.data_plane == "socket" and not settings.hop_dir:
         # Its replicas' hop sockets (shoal.rpc.hop); its ingress workers get the same folder.
         settings = dataclasses.replace(settings, hop_dir=str(hop_dir(state_dir)))
+        stack.callback(release_hop_dir, settings.hop_dir)  # last: after the replicas stop
     sid = scheduler_id(settings)
     node = SchedulerNode(
         settings,

@@ -59,6 +59,16 @@ def hop_dir(state_dir: str | os.PathLike[str]) -> Path:
     return folder
 
 
+def release_hop_dir(folder: str | os.PathLike[str]) -> None:
+    """At a scheduler's exit: remove its hop folder when :func:`hop_dir` put it in the
+    temporary directory and no socket is left in it (each scheduler start with a long state
+    path left one behind before). One under the state folder stays, as the state does."""
+    path = Path(folder)
+    if path.parent == Path(tempfile.gettempdir()) and path.name.startswith("shoal-hop-"):
+        with contextlib.suppress(OSError):  # not empty: a replica still has its socket there
+            path.rmdir()
+
+
 def socket_name(address: str) -> str:
     """The hop socket's file name for the replica whose gRPC address is ``address``: the
     address is unique among the live replicas on a machine."""

@@ -13,7 +13,7 @@ import pytest
 
 from shoal.errors import DeadlineExceeded, Unavailable
 from shoal.proto import shoal_pb2 as pb
-from shoal.rpc.hop import HopClient, HopServer, hop_dir, socket_path
+from shoal.rpc.hop import HopClient, HopServer, hop_dir, release_hop_dir, socket_path
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -63,6 +63,17 @@ def test_the_hop_folder_is_private_and_socket_paths_fit(tmp_path: Path) -> None:
     assert stat.S_IMODE(other.stat().st_mode) == 0o700
     assert len(str(socket_path(other, "255.255.255.255:65535"))) <= 100
     assert hop_dir(deep) == other  # one folder per state folder
+    # At the scheduler's exit the folder in the temporary directory goes, unless a socket
+    # is still in it; one under the state folder stays with the state.
+    left = other / "127.0.0.1_5001.sock"
+    left.touch()
+    release_hop_dir(other)
+    assert other.exists()
+    left.unlink()
+    release_hop_dir(other)
+    assert not other.exists()
+    release_hop_dir(folder)
+    assert folder.exists()
 
 
 async def test_a_dead_replica_fails_waiting_requests_at_once_with_unavailable(folder: Path) -> None:
