@@ -11,7 +11,9 @@ replica (Ping, Describe, Drain, Generate) and every hop between machines stays g
 
 Frames: a 4-byte little-endian length, then one serialized ``pb.Task`` (scheduler to
 replica) or ``pb.TaskOutcome`` (back). Each side writes everything ready in one loop
-iteration with one ``write``. A frame longer than ``max_message_mb`` ends the connection.
+iteration with one ``write`` (``writelines`` past 64 KiB; a message with 64 KiB of
+tensors or more is written in parts, its tensors' bytes never joined: ``shoal.rpc.wire``).
+A frame longer than ``max_message_mb`` ends the connection.
 
 Who can connect: the socket lives in the scheduler's hop folder, which only the
 scheduler's user may open (mode 0700; :func:`hop_dir`): the same reach as the replica's
@@ -34,9 +36,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, cast
 
+from shoal.core.payload import Tensors
 from shoal.errors import Unavailable
 from shoal.proto import shoal_pb2 as pb
 from shoal.rpc.task_stream import expire_outcome, fail_waiting
+from shoal.rpc.wire import Buffer, Framed, framed
 
 log = logging.getLogger("shoal.rpc")
 
@@ -125,7 +129,7 @@ class _Writer:
 
     def __init__(self, transport: asyncio.Transport, eager: Callable[[], bool] | None = None) -> None:
         self._transport = transport
-        self._out: list[bytes] = []
+        self._out: list[Buffer] = []
         self._gathering = False
         self._eager = eager
         self._loop = asyncio.get_running_loop()
@@ -143,6 +147,20 @@ class _Writer:
                 return
         self._out.append(_HEADER.pack(len(message)))
         self._out.append(message)
+
+    def send_framed(self, message: Framed) -> None:
+        """:meth:`send` for a message in parts (:mod:`shoal.rpc.wire`): they go to the
+        transport unjoined."""
+        header = _HEADER.pack(message.size)
+        if not self._gathering:
+            self._gathering = True
+            self._loop.call_soon(self._flush)
+            if self._eager is not None and self._eager():
+                if not self._transport.is_closing():
+                    self._transport.writelines((header, *message.parts))
+                return
+        self._out.append(header)
+        self._out.extend(message.parts)
 
     def _flush(self) -> None:
         self._gathering = False
@@ -208,9 +226,11 @@ class HopClient:
         self._tags = itertools.count(1)
         self._closed = False
 
-    async def push(self, task: pb.Task, timeout_s: float) -> pb.TaskOutcome:
+    async def push(self, task: pb.Task, timeout_s: float, inputs: Tensors = ()) -> pb.TaskOutcome:
         """Send ``task`` and wait for its outcome. Raises Unavailable when the connection
-        cannot be made or breaks, DeadlineExceeded after ``timeout_s``."""
+        cannot be made or breaks, DeadlineExceeded after ``timeout_s``. ``inputs``: tensors
+        to send as the task's inputs in parts, their bytes unjoined (``shoal.rpc.wire``);
+        ``task`` then has none of its own."""
         proto = self._proto
         if proto is None or proto.transport is None or proto.transport.is_closing():
             proto = await self._connect()
@@ -221,7 +241,12 @@ class HopClient:
         pending = self.pending
         pending[tag] = future
         assert proto.writer is not None
-        proto.writer.send(task.SerializeToString())
+        if inputs:
+            proto.writer.send_framed(
+                framed(task.SerializeToString(), 2, ((t.name, t.datatype, t.shape, t.data) for t in inputs))
+            )
+        else:
+            proto.writer.send(task.SerializeToString())
         # await_outcome's body, inline: one coroutine less on every request's way back.
         timer = loop.call_later(timeout_s, expire_outcome, future, task.request_id, timeout_s)
         try:
@@ -277,7 +302,8 @@ Run = Callable[[pb.Task], Awaitable[pb.TaskOutcome]]
 # Starts a task (the bool: it came alone, not with others to batch it with) and calls back
 # with its outcome; returns what to cancel if the scheduler goes away first (None: answered
 # already). ``ReplicaService.begin``: no task per request.
-Begin = Callable[[pb.Task, Callable[[pb.TaskOutcome], None], bool], "asyncio.Future[Any] | None"]
+# The outcome may come in parts (``shoal.rpc.wire``: a large answer's bytes unjoined).
+Begin = Callable[[pb.Task, Callable[[pb.TaskOutcome | Framed], None], bool], "asyncio.Future[Any] | None"]
 
 
 class _ServerProtocol(asyncio.Protocol):
@@ -324,9 +350,12 @@ class _ServerProtocol(asyncio.Protocol):
         """Whether nothing else is running for this connection (a lone answer: send it now)."""
         return not self._running
 
-    def _reply(self, outcome: pb.TaskOutcome) -> None:
+    def _reply(self, outcome: pb.TaskOutcome | Framed) -> None:
         if self._writer is not None:
-            self._writer.send(outcome.SerializeToString())
+            if isinstance(outcome, Framed):
+                self._writer.send_framed(outcome)
+            else:
+                self._writer.send(outcome.SerializeToString())
 
     def close(self) -> None:
         if self._transport is not None:

@@ -17,6 +17,7 @@ from shoal.replica.process import ReplicaProcess
 from shoal.rpc import codec, generate_codec
 from shoal.rpc.convert import meta_to_pb, state_value
 from shoal.rpc.status import Context, abort
+from shoal.rpc.wire import PARTS_FROM, Framed, framed
 from shoal.types import Arrays
 
 log = logging.getLogger("shoal.replica")
@@ -42,6 +43,20 @@ class ReplicaService(pbg.ReplicaServicer):
         outcome = pb.TaskOutcome(request_id=task.request_id, tag=task.tag)
         codec.fill(outcome.outputs, encoded)
         return outcome
+
+    def answer_framed(self, task: pb.Task, outputs: Arrays) -> pb.TaskOutcome | Framed:
+        """:meth:`answer` for the local hop: with 64 KiB of tensors or more, the outcome in
+        parts, its tensors' bytes not copied into it (``shoal.rpc.wire``)."""
+        try:
+            encoded = self.sendable(task.request_id, outputs)
+        except ShoalError as err:
+            return _failure(task, err.code.value, err.message)
+        if sum(len(t.data) for t in encoded) < PARTS_FROM:
+            outcome = pb.TaskOutcome(request_id=task.request_id, tag=task.tag)
+            codec.fill(outcome.outputs, encoded)
+            return outcome
+        head = pb.TaskOutcome(request_id=task.request_id, tag=task.tag).SerializeToString()
+        return framed(head, 2, ((t.name, t.datatype, t.shape, t.data) for t in encoded))
 
     def sendable(self, request_id: str, outputs: Arrays) -> Tensors:
         """``outputs`` as wire tensors; InvalidArgument (logged) when their bytes would not
@@ -115,7 +130,7 @@ class ReplicaService(pbg.ReplicaServicer):
         )
 
     def begin(
-        self, task: pb.Task, reply: Callable[[pb.TaskOutcome], None], alone: bool = True
+        self, task: pb.Task, reply: Callable[[pb.TaskOutcome | Framed], None], alone: bool = True
     ) -> asyncio.Future[Arrays] | None:
         """Start one task and ``reply`` with its outcome when it ends: what :meth:`outcome`
         answers, without a coroutine (the local hop's path; see ``ReplicaProcess.begin``).
@@ -139,7 +154,7 @@ class ReplicaService(pbg.ReplicaServicer):
             err = future.exception()
             if err is None:
                 try:
-                    outcome = self.answer(task, future.result())
+                    outcome = self.answer_framed(task, future.result())
                 except ShoalError as encode_err:
                     reply(_failure(task, encode_err.code.value, encode_err.message))
                     return

@@ -211,9 +211,12 @@ async def test_model_config_follows_triton(
 # ---------------------------------------------------------------- inference
 
 
+# 2,000 rows: 236 KB of tensors each way, over the 64 KiB from which the local hop writes
+# a message's tensors in parts (shoal.rpc.wire); 3 rows: the whole-message path.
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
-async def test_http_infer_every_datatype(cluster: ProcessCluster, binary: bool) -> None:
-    arrays = echo_arrays(3)
+@pytest.mark.parametrize("rows", [3, 2000])
+async def test_http_infer_every_datatype(cluster: ProcessCluster, binary: bool, rows: int) -> None:
+    arrays = echo_arrays(rows)
 
     def call(client: thttp.InferenceServerClient) -> thttp.InferResult:
         inputs = []
@@ -230,8 +233,9 @@ async def test_http_infer_every_datatype(cluster: ProcessCluster, binary: bool) 
         assert_same(result.as_numpy(name), want)
 
 
-async def test_grpc_infer_every_datatype(grpc_client: tgrpc_aio.InferenceServerClient) -> None:
-    arrays = echo_arrays(2)
+@pytest.mark.parametrize("rows", [2, 2000])
+async def test_grpc_infer_every_datatype(grpc_client: tgrpc_aio.InferenceServerClient, rows: int) -> None:
+    arrays = echo_arrays(rows)
     inputs = []
     for name, arr in arrays.items():
         inp = tgrpc.InferInput(name, list(arr.shape), DATATYPE[name])
