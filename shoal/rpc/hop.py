@@ -84,30 +84,79 @@ def socket_path(folder: str | os.PathLike[str], address: str) -> Path:
 
 
 class _Frames:
-    """Splits a byte stream into frames."""
+    """Splits a byte stream into frames, read straight into its buffers (the protocols are
+    ``asyncio.BufferedProtocol``s: :meth:`get_buffer`, then :meth:`updated`).
+
+    Small frames go through one reused buffer and are copied out of it once. A frame too
+    large for it is read into a buffer of its own size, which becomes the frame: no copy.
+    Before, every read came as a new ``bytes``, was appended to a growing buffer and copied
+    out of it: 40 ms of copies a 16 MiB echo, scheduler and replica together, of the
+    copies left after the local hop stopped building large messages whole.
+    """
+
+    BUFFER = 256 * 1024
 
     def __init__(self, max_bytes: int) -> None:
-        self._buf = bytearray()
         self._max = max_bytes
+        self._buf = bytearray(self.BUFFER)
+        self._view = memoryview(self._buf)
+        self._start = 0  # the first byte not yet taken
+        self._end = 0  # the end of what has been read
+        self._big: bytearray | None = None  # a large frame being read, and how much of it is
+        self._big_have = 0
 
-    def feed(self, data: bytes) -> list[bytes]:
-        """The frames ``data`` completes. Raises ValueError for a frame over the limit."""
-        buf = self._buf
-        buf += data
-        frames: list[bytes] = []
-        start = 0
-        end = len(buf)
-        with memoryview(buf) as view:  # a frame is copied once, not sliced and then copied
-            while end - start >= 4:
-                (n,) = _HEADER.unpack_from(buf, start)
-                if n > self._max:
-                    raise ValueError(f"a frame of {n} bytes is over the limit of {self._max}")
-                if end - start - 4 < n:
-                    break
+    def get_buffer(self) -> memoryview:
+        """Where the next read goes: the rest of a large frame, else the shared buffer's free end."""
+        if self._big is not None:
+            return memoryview(self._big)[self._big_have :]
+        if self._end == len(self._buf):  # full: move the frame begun to the front
+            n = self._end - self._start
+            self._buf[:n] = self._view[self._start : self._end].tobytes()
+            self._start, self._end = 0, n
+        return self._view[self._end :]
+
+    def updated(self, nbytes: int) -> list[bytes | bytearray]:
+        """The frames completed by ``nbytes`` read into :meth:`get_buffer`'s buffer. Raises
+        ValueError for a frame over the limit."""
+        frames: list[bytes | bytearray] = []
+        if self._big is not None:
+            self._big_have += nbytes
+            if self._big_have == len(self._big):
+                frames.append(self._big)
+                self._big = None
+            return frames
+        buf, view = self._buf, self._view
+        start, end = self._start, self._end + nbytes
+        while end - start >= 4:
+            (n,) = _HEADER.unpack_from(buf, start)
+            if n > self._max:
+                raise ValueError(f"a frame of {n} bytes is over the limit of {self._max}")
+            if end - start - 4 >= n:
                 frames.append(bytes(view[start + 4 : start + 4 + n]))
                 start += 4 + n
-        if start:
-            del buf[:start]
+                continue
+            if 4 + n > len(buf):  # will not fit the shared buffer: a buffer of its own
+                have = end - start - 4
+                big = bytearray(n)
+                big[:have] = view[start + 4 : end]
+                self._big, self._big_have = big, have
+                start = end
+            break
+        if start == end:
+            start = end = 0
+        self._start, self._end = start, end
+        return frames
+
+    def feed(self, data: bytes) -> list[bytes | bytearray]:
+        """The frames ``data`` completes (the same reading, for bytes at hand)."""
+        frames: list[bytes | bytearray] = []
+        at = 0
+        while at < len(data):
+            room = self.get_buffer()
+            n = min(len(room), len(data) - at)
+            room[:n] = data[at : at + n]
+            at += n
+            frames += self.updated(n)
         return frames
 
 
@@ -175,7 +224,7 @@ class _Writer:
 # ---------------------------------------------------------------- the scheduler's side
 
 
-class _ClientProtocol(asyncio.Protocol):
+class _ClientProtocol(asyncio.BufferedProtocol):
     def __init__(self, hop: HopClient, max_bytes: int) -> None:
         self._hop = hop
         self._frames = _Frames(max_bytes)
@@ -189,16 +238,19 @@ class _ClientProtocol(asyncio.Protocol):
         pending = self._hop.pending
         self.writer = _Writer(transport, eager=lambda: len(pending) <= 1)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._frames.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
         try:
-            frames = self._frames.feed(data)
+            frames = self._frames.updated(nbytes)
         except ValueError as err:
             self._hop.broken(self, f"bad frame from the replica ({err})")
             return
         pending = self._hop.pending
         for raw in frames:
             try:
-                outcome = pb.TaskOutcome.FromString(raw)
+                outcome = pb.TaskOutcome.FromString(cast(bytes, raw))  # a large frame's bytearray parses too
             except Exception as err:  # a malformed message: the connection is not to be trusted
                 self._hop.broken(self, f"unreadable outcome from the replica ({err})")
                 return
@@ -306,7 +358,7 @@ Run = Callable[[pb.Task], Awaitable[pb.TaskOutcome]]
 Begin = Callable[[pb.Task, Callable[[pb.TaskOutcome | Framed], None], bool], "asyncio.Future[Any] | None"]
 
 
-class _ServerProtocol(asyncio.Protocol):
+class _ServerProtocol(asyncio.BufferedProtocol):
     def __init__(self, server: HopServer) -> None:
         self._server = server
         self._frames = _Frames(server.max_bytes)
@@ -322,10 +374,13 @@ class _ServerProtocol(asyncio.Protocol):
         self._writer = _Writer(transport, eager=self._lone)
         self._server.connections.add(self)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._frames.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
         try:
-            frames = self._frames.feed(data)
-            tasks = [pb.Task.FromString(raw) for raw in frames]
+            frames = self._frames.updated(nbytes)
+            tasks = [pb.Task.FromString(cast(bytes, raw)) for raw in frames]
         except Exception as err:  # an oversized or malformed frame: not a scheduler speaking
             log.warning("hop: closing a connection that sent %s", err)
             self.close()

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shoal.errors import DeadlineExceeded, Unavailable
 from shoal.proto import shoal_pb2 as pb
@@ -250,3 +252,37 @@ async def test_a_lone_frame_goes_out_at_once_and_the_rest_of_its_turn_together_a
     assert busy.writes == []  # frames that go together leave together, at the end of the turn
     await asyncio.sleep(0)
     assert len(busy.writes) == 1 and _Frames(MAX).feed(busy.writes[0]) == [b"a", b"b"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.sampled_from([0, 1, 5, 4096, 200_000, 262_140, 262_141, 700_000]), min_size=1, max_size=8),
+    st.lists(st.integers(min_value=1, max_value=300_000), min_size=1, max_size=40),
+)
+def test_frames_come_out_whole_however_the_stream_is_cut(sizes: list[int], cuts: list[int]) -> None:
+    """Reads of any length, straight into the reader's buffers: every frame comes out whole
+    and in order, small ones through the shared buffer, larger ones (over 256 KiB with
+    their header) read into a buffer of their own."""
+    from shoal.rpc.hop import _HEADER, _Frames
+
+    frames = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
+    stream = b"".join(_HEADER.pack(len(f)) + f for f in frames)
+    reader = _Frames(1 << 20)
+    got: list[bytes | bytearray] = []
+    at, i = 0, 0
+    while at < len(stream):
+        room = reader.get_buffer()
+        assert len(room) > 0
+        n = min(len(room), cuts[i % len(cuts)], len(stream) - at)
+        room[:n] = stream[at : at + n]
+        at += n
+        i += 1
+        got += reader.updated(n)
+    assert [bytes(g) for g in got] == frames
+
+
+def test_a_frame_over_the_limit_is_refused_from_its_header() -> None:
+    from shoal.rpc.hop import _HEADER, _Frames
+
+    with pytest.raises(ValueError, match="over the limit"):
+        _Frames(1000).feed(_HEADER.pack(1001) + b"x")
