@@ -201,10 +201,15 @@ async def _outcome(call: Any) -> Outcome:
     return Outcome(OK, "", reply)
 
 
+#: What grpc's client reports when a write of a streaming call races the server's answer.
+CORE_WRITE_RACE = "Internal error from Core"
+
+
 async def upload(channel: grpc.aio.Channel, messages: list[pb.BlobChunk]) -> Outcome:
     """Upload ``messages`` from a request iterator: grpc stops writing when the server has
     answered, and the server's own status reaches this client (written one by one, a write
-    after the server's answer fails the call with an INTERNAL of grpc's own)."""
+    after the server's answer fails the call with an INTERNAL of grpc's own). Rarely the
+    iterator's next write still races the answer: :data:`CORE_WRITE_RACE`."""
 
     async def sent() -> AsyncIterator[pb.BlobChunk]:
         for m in messages:
@@ -412,7 +417,15 @@ def test_a_schedulers_blob_service_with_any_request(blobs: Blobs, data: st.DataO
     answers Download from its cache like the head does."""
     h = data.draw(hashes(blobs))
     offset = data.draw(offsets)
-    clear(blobs.run(upload(blobs.scheduler, data.draw(plans(blobs)))), {grpc.StatusCode.FAILED_PRECONDITION})
+    plan = data.draw(plans(blobs))
+    refused = blobs.run(upload(blobs.scheduler, plan))
+    if len(plan) > 1 and refused == Outcome(grpc.StatusCode.INTERNAL, CORE_WRITE_RACE):
+        # grpc's client, not the server: the scheduler refused after the first message while
+        # the request iterator was writing the next (seen once in a clean make test, as in
+        # test_any_bytes_as_a_request); the server is checked sound below.
+        event("client write raced the answer")
+    else:
+        clear(refused, {grpc.StatusCode.FAILED_PRECONDITION})
     clear(blobs.run(stat(blobs.scheduler, h)), {grpc.StatusCode.FAILED_PRECONDITION})
     outcome = blobs.run(download(blobs.scheduler, h, offset))
     if HEX.fullmatch(h) is None:
@@ -424,10 +437,6 @@ def test_a_schedulers_blob_service_with_any_request(blobs: Blobs, data: st.DataO
         if outcome.code == OK:
             assert outcome.reply == CACHED[offset:]
     still_sound(blobs)
-
-
-#: What grpc's client reports when a write of a streaming call races the server's answer.
-CORE_WRITE_RACE = "Internal error from Core"
 
 
 async def send_raw(channel: grpc.aio.Channel, method: str, raws: list[bytes]) -> None:
