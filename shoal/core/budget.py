@@ -32,6 +32,9 @@ from shoal.errors import DeadlineExceeded, ResourceExhausted
 HELD: contextvars.ContextVar[bool] = contextvars.ContextVar("shoal_budget_held", default=False)
 
 
+#: How long a request with no deadline of its own waits for room (a deployment's default timeout).
+DEFAULT_WAIT_S = 60.0
+
 #: Requests of at most this many bytes go on at once, counted but never held back.
 SMALL = 64 * 1024
 

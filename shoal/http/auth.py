@@ -126,7 +126,7 @@ class ControlGuard:
         if not self.limiter.allow(auth.client_key(token, host)):
             error = ResourceExhausted(self.limiter.message)
         if error is not None:
-            await _drain(receive, self.max_body)
+            await drain(receive, self.max_body)
             status = 429 if error.code == Code.RESOURCE_EXHAUSTED else None
             await _refusal(error, status=status)(scope, receive, send)
             return
@@ -184,7 +184,7 @@ class InferenceGuard:
             try:
                 self.checker.check(model, Headers(scope=scope).get("authorization"))
             except ShoalError as err:
-                await _drain(receive, self.limit)
+                await drain(receive, self.limit)
                 await _refusal(err, openai=openai)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -211,7 +211,7 @@ async def _read(receive: Receive, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _drain(receive: Receive, limit: int) -> None:
+async def drain(receive: Receive, limit: int) -> None:
     """Read what is left of the body (up to ``limit`` bytes) before refusing the request, so
     that a client that sends all of it before reading the answer gets the answer."""
     size = 0

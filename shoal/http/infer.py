@@ -23,10 +23,12 @@ import orjson
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from shoal.core import budget as budgets
 from shoal.core import limits, payload, tensors
 from shoal.core.limits import RequestLimits
 from shoal.core.payload import Tensor, Tensors
 from shoal.errors import Code, InvalidArgument, ResourceExhausted, ShoalError, from_code
+from shoal.http.auth import drain
 from shoal.scheduler.dataplane import MODEL_ID_HEADER, MODEL_ID_PARAMETER, InferCall
 from shoal.scheduler.ingress import IngressNode
 from shoal.scheduler.models import InferResult
@@ -438,20 +440,41 @@ class Infer:
         params = scope["path_params"]
         name, version = params["name"], params.get("version", "")
         headers = {k.decode(): v.decode("latin-1") for k, v in scope["headers"] if k in _INFER_HEADERS}
+        timeout_s = budgets.DEFAULT_WAIT_S
         try:
             if not node.router.is_route(name):  # a traffic route's target is drawn in the data plane
-                node.catalog.spec(name, version)  # 404 before reading the body
-            body = await read_asgi_body(
-                receive, headers.get("content-length"), headers.get("content-encoding", ""), self.limit
-            )
-            req = await parse_infer(
-                body,
-                headers.get("inference-header-content-length"),
-                self.bounds,
-                self.on_loop,
-            )
+                timeout_s = node.catalog.spec(name, version).timeout_s  # 404 before reading the body
         except ShoalError as err:
             node.dataplane.refused(name, "", "http", err)
             raise
-        result = await node.dataplane.infer(req.call(name, version, headers.get(MODEL_ID_HEADER, "")))
-        return await respond(req, result, self.on_loop)
+        # The body's bytes are held in flight (max_inflight_mb) from before it is read: a
+        # request that waits for room leaves its body unread, in the client's socket.
+        budget = node.dataplane.inflight
+        size = int_or(headers.get("content-length", ""), 0)
+        try:
+            if not budget.try_take(size):
+                await budget.take(size, timeout_s)
+        except ShoalError as err:
+            node.dataplane.refused(name, "", "http", err)
+            await drain(receive, self.limit)  # so that the client gets the answer
+            raise
+        held = budgets.HELD.set(True)
+        try:
+            try:
+                body = await read_asgi_body(
+                    receive, headers.get("content-length"), headers.get("content-encoding", ""), self.limit
+                )
+                req = await parse_infer(
+                    body,
+                    headers.get("inference-header-content-length"),
+                    self.bounds,
+                    self.on_loop,
+                )
+            except ShoalError as err:
+                node.dataplane.refused(name, "", "http", err)
+                raise
+            result = await node.dataplane.infer(req.call(name, version, headers.get(MODEL_ID_HEADER, "")))
+            return await respond(req, result, self.on_loop)
+        finally:
+            budgets.HELD.reset(held)
+            budget.give(size)

@@ -38,8 +38,6 @@ else:
 
 #: The methods whose requests hold bytes of the budget from before they are parsed.
 BUDGETED = frozenset({"/inference.GRPCInferenceService/ModelInfer"})
-#: How long a request with no deadline of its own waits for room (a deployment's default timeout).
-DEFAULT_WAIT_S = 60.0
 
 
 class _Sized:
@@ -164,7 +162,7 @@ def _budgeted(handler: Any, budget: ByteBudget, refused: Callable[[str, ShoalErr
         try:
             if not budget.try_take(size):
                 left = context.time_remaining()
-                await budget.take(size, DEFAULT_WAIT_S if left is None else max(0.0, left))
+                await budget.take(size, budgets.DEFAULT_WAIT_S if left is None else max(0.0, left))
         except ShoalError as err:
             if refused is not None:
                 refused(model_name(request.message, request.raw), err)

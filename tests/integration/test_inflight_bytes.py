@@ -1,7 +1,8 @@
 """Request bytes in flight are bounded per ingress process (``max_inflight_mb``,
 shoal.core.budget): past the share a request waits for room, past twice it is refused
-with RESOURCE_EXHAUSTED naming the setting, and small requests are never held back. One
-budget for both transports: gRPC and HTTP requests wait in the same queue.
+with RESOURCE_EXHAUSTED / 503 naming the setting, and small requests are never held back.
+One budget for both transports: gRPC and HTTP requests wait in the same queue, each
+before its message is parsed or its body read.
 
 A real cluster: one ingress process with a 1 MB budget, an echo that takes 1 s a call,
 and 700 KB requests, so one runs, one waits and the third is refused."""
@@ -9,12 +10,14 @@ and 700 KB requests, so one runs, one waits and the third is refused."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import grpc.aio
+import httpx
 import numpy as np
 import pytest
 import pytest_asyncio
@@ -84,6 +87,27 @@ async def test_one_runs_one_waits_one_is_refused_small_ones_pass(cluster: Proces
             await stub.ModelInfer(request(ROWS, 3.0), timeout=30)
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "max_inflight_mb" in (refused.value.details() or "")
+        # Over HTTP too, before the body is read (and drained after, so the client gets it).
+        data = np.full((ROWS, 16), 5.0, np.float32).tobytes()
+        header = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "x",
+                        "datatype": "FP32",
+                        "shape": [ROWS, 16],
+                        "parameters": {"binary_data_size": len(data)},
+                    }
+                ]
+            }
+        ).encode()
+        async with httpx.AsyncClient(timeout=30) as client:
+            reply = await client.post(
+                f"http://{cluster.http_address()}/v2/models/slow/infer",
+                content=header + data,
+                headers={"Inference-Header-Content-Length": str(len(header))},
+            )
+        assert reply.status_code == 503 and "max_inflight_mb" in reply.json()["error"]
         assert time.monotonic() - started < 0.9, "refused at once, not after a wait"
         # A small request is not held back behind the waiting one (it still queues for the
         # replica, which runs one call at a time).
@@ -99,4 +123,4 @@ async def test_one_runs_one_waits_one_is_refused_small_ones_pass(cluster: Proces
 
         after = (await stub.ModelStatistics(tpb.ModelStatisticsRequest(name="slow"))).model_stats[0]
         assert after.inference_stats.success.count - before.inference_stats.success.count == 3
-        assert after.inference_stats.fail.count - before.inference_stats.fail.count == 1
+        assert after.inference_stats.fail.count - before.inference_stats.fail.count == 2
