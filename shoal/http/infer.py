@@ -27,7 +27,7 @@ from shoal.core import budget as budgets
 from shoal.core import limits, payload, tensors
 from shoal.core.limits import RequestLimits
 from shoal.core.payload import Tensor, Tensors
-from shoal.errors import Code, InvalidArgument, ResourceExhausted, ShoalError, from_code
+from shoal.errors import Code, DeadlineExceeded, InvalidArgument, ResourceExhausted, ShoalError, from_code
 from shoal.http.auth import drain
 from shoal.scheduler.dataplane import MODEL_ID_HEADER, MODEL_ID_PARAMETER, InferCall
 from shoal.scheduler.ingress import IngressNode
@@ -448,9 +448,14 @@ class Infer:
             node.dataplane.refused(name, "", "http", err)
             raise
         # The body's bytes are held in flight (max_inflight_mb) from before it is read: a
-        # request that waits for room leaves its body unread, in the client's socket.
+        # request that waits for room leaves its body unread, in the client's socket. A
+        # Content-Length over the body limit holds nothing (the read refuses it), and the
+        # body must come within the request's deadline: a client that declares a large
+        # body and sends it slowly, or never, holds its room that long at most.
         budget = node.dataplane.inflight
         size = int_or(headers.get("content-length", ""), 0)
+        if size > self.limit:
+            size = 0
         try:
             if not budget.try_take(size):
                 await budget.take(size, timeout_s)
@@ -461,9 +466,18 @@ class Infer:
         held = budgets.HELD.set(True)
         try:
             try:
-                body = await read_asgi_body(
-                    receive, headers.get("content-length"), headers.get("content-encoding", ""), self.limit
-                )
+                try:
+                    async with asyncio.timeout(timeout_s):
+                        body = await read_asgi_body(
+                            receive,
+                            headers.get("content-length"),
+                            headers.get("content-encoding", ""),
+                            self.limit,
+                        )
+                except TimeoutError:
+                    raise DeadlineExceeded(
+                        f"the request body did not arrive within {timeout_s:g}s (the deployment's timeout_s)"
+                    ) from None
                 req = await parse_infer(
                     body,
                     headers.get("inference-header-content-length"),

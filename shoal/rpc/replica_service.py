@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import overload
 
 from shoal.core import payload
 from shoal.core.payload import Tensors
@@ -14,10 +15,10 @@ from shoal.errors import Code, InvalidArgument, ShoalError
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.replica.process import ReplicaProcess
-from shoal.rpc import codec, generate_codec
+from shoal.rpc import codec, generate_codec, wire
 from shoal.rpc.convert import meta_to_pb, state_value
 from shoal.rpc.status import Context, abort
-from shoal.rpc.wire import PARTS_FROM, Framed, framed
+from shoal.rpc.wire import PARTS_FROM, Framed
 from shoal.types import Arrays
 
 log = logging.getLogger("shoal.replica")
@@ -33,30 +34,27 @@ class ReplicaService(pbg.ReplicaServicer):
         self.replica = replica
         self.max_answer_bytes = replica.settings.max_message_bytes - ANSWER_HEADROOM
 
-    def answer(self, task: pb.Task, outputs: Arrays) -> pb.TaskOutcome:
+    @overload
+    def answer(self, task: pb.Task, outputs: Arrays) -> pb.TaskOutcome: ...
+    @overload
+    def answer(self, task: pb.Task, outputs: Arrays, *, framed: bool) -> pb.TaskOutcome | Framed: ...
+
+    def answer(self, task: pb.Task, outputs: Arrays, *, framed: bool = False) -> pb.TaskOutcome | Framed:
         """The outcome that carries ``outputs``; an error outcome instead when they would not
-        fit in one message (:meth:`sendable`)."""
+        fit in one message (:meth:`sendable`). ``framed`` (the local hop): with 64 KiB of
+        tensors or more, the outcome in parts, its tensors' bytes not copied into it
+        (``shoal.rpc.wire``)."""
         try:
             encoded = self.sendable(task.request_id, outputs)
         except ShoalError as err:
             return _failure(task, err.code.value, err.message)
         outcome = pb.TaskOutcome(request_id=task.request_id, tag=task.tag)
+        if framed and sum(len(t.data) for t in encoded) >= PARTS_FROM:
+            return wire.framed(
+                outcome.SerializeToString(), 2, ((t.name, t.datatype, t.shape, t.data) for t in encoded)
+            )
         codec.fill(outcome.outputs, encoded)
         return outcome
-
-    def answer_framed(self, task: pb.Task, outputs: Arrays) -> pb.TaskOutcome | Framed:
-        """:meth:`answer` for the local hop: with 64 KiB of tensors or more, the outcome in
-        parts, its tensors' bytes not copied into it (``shoal.rpc.wire``)."""
-        try:
-            encoded = self.sendable(task.request_id, outputs)
-        except ShoalError as err:
-            return _failure(task, err.code.value, err.message)
-        if sum(len(t.data) for t in encoded) < PARTS_FROM:
-            outcome = pb.TaskOutcome(request_id=task.request_id, tag=task.tag)
-            codec.fill(outcome.outputs, encoded)
-            return outcome
-        head = pb.TaskOutcome(request_id=task.request_id, tag=task.tag).SerializeToString()
-        return framed(head, 2, ((t.name, t.datatype, t.shape, t.data) for t in encoded))
 
     def sendable(self, request_id: str, outputs: Arrays) -> Tensors:
         """``outputs`` as wire tensors; InvalidArgument (logged) when their bytes would not
@@ -154,7 +152,7 @@ class ReplicaService(pbg.ReplicaServicer):
             err = future.exception()
             if err is None:
                 try:
-                    outcome = self.answer_framed(task, future.result())
+                    outcome = self.answer(task, future.result(), framed=True)
                 except ShoalError as encode_err:
                     reply(_failure(task, encode_err.code.value, encode_err.message))
                     return

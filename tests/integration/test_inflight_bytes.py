@@ -49,7 +49,18 @@ async def cluster(
                 "resources": {"cpus": 0.1},
             }
         )
+        await c.deploy(
+            {
+                "name": "hurried",
+                "backend": "python",
+                "model": "echo:Echo",
+                "base_dir": str(examples_dir),
+                "timeout_s": 3,
+                "resources": {"cpus": 0.1},
+            }
+        )
         await c.wait_ready("slow", 1)
+        await c.wait_ready("hurried", 1)
         yield c
 
 
@@ -58,6 +69,18 @@ def request(rows: int, k: float) -> tpb.ModelInferRequest:
     req.inputs.add(name="x", datatype="FP32", shape=(rows, 16))
     req.raw_input_contents.append(np.full((rows, 16), k, np.float32).tobytes())
     return req
+
+
+def binary_body(k: float) -> tuple[bytes, bytes]:
+    """An OIP REST binary body of x [ROWS, 16] FP32: the JSON header, then the tensor."""
+    data = np.full((ROWS, 16), k, np.float32).tobytes()
+    entry = {
+        "name": "x",
+        "datatype": "FP32",
+        "shape": [ROWS, 16],
+        "parameters": {"binary_data_size": len(data)},
+    }
+    return json.dumps({"inputs": [entry]}).encode(), data
 
 
 async def test_one_runs_one_waits_one_is_refused_small_ones_pass(cluster: ProcessCluster) -> None:
@@ -88,19 +111,7 @@ async def test_one_runs_one_waits_one_is_refused_small_ones_pass(cluster: Proces
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "max_inflight_mb" in (refused.value.details() or "")
         # Over HTTP too, before the body is read (and drained after, so the client gets it).
-        data = np.full((ROWS, 16), 5.0, np.float32).tobytes()
-        header = json.dumps(
-            {
-                "inputs": [
-                    {
-                        "name": "x",
-                        "datatype": "FP32",
-                        "shape": [ROWS, 16],
-                        "parameters": {"binary_data_size": len(data)},
-                    }
-                ]
-            }
-        ).encode()
+        header, data = binary_body(5.0)
         async with httpx.AsyncClient(timeout=30) as client:
             reply = await client.post(
                 f"http://{cluster.http_address()}/v2/models/slow/infer",
@@ -124,3 +135,36 @@ async def test_one_runs_one_waits_one_is_refused_small_ones_pass(cluster: Proces
         after = (await stub.ModelStatistics(tpb.ModelStatisticsRequest(name="slow"))).model_stats[0]
         assert after.inference_stats.success.count - before.inference_stats.success.count == 3
         assert after.inference_stats.fail.count - before.inference_stats.fail.count == 2
+
+
+async def test_a_body_that_stalls_holds_its_room_until_the_deadline_only(cluster: ProcessCluster) -> None:
+    """A REST client declares a 700 KB body and sends 1 KB of it: its room in the budget is
+    held from before the body is read, so a gRPC request of 700 KB waits; at the
+    deployment's deadline (timeout_s 3) the stalled request gets 504 and the other runs."""
+    header, data = binary_body(1.0)
+    host, port = cluster.http_address().rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(
+            b"POST /v2/models/hurried/infer HTTP/1.1\r\nHost: shoal\r\n"
+            + f"Content-Length: {len(header) + len(data)}\r\n".encode()
+            + f"Inference-Header-Content-Length: {len(header)}\r\n\r\n".encode()
+            + header
+            + data[:1000]
+        )
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+        async with grpc.aio.insecure_channel(
+            cluster.scheduler_address(), options=[("grpc.max_send_message_length", 8 << 20)]
+        ) as channel:
+            waiting = asyncio.ensure_future(
+                tpbg.GRPCInferenceServiceStub(channel).ModelInfer(request(ROWS, 6.0), timeout=30)
+            )
+            status = await asyncio.wait_for(reader.readline(), 10)
+            assert status.startswith(b"HTTP/1.1 504"), status
+            answer = await waiting
+        assert np.frombuffer(answer.raw_output_contents[0], np.float32)[0] == 6.0
+        assert time.monotonic() - started >= 2.0, "the gRPC request waited for the stalled body's room"
+    finally:
+        writer.close()
