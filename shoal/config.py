@@ -120,6 +120,11 @@ class Settings:
     """Processes that serve the scheduler's inference ports together (SO_REUSEPORT), each
     routing on its own: 0 is one per CPU, at most 4; 1 serves them from the scheduler's
     own process. Limits and counts hold in total (``docs/architecture.md``)."""
+    ingress_in_turn: bool = True
+    """With several ingress processes, new connections go to them in turn (an eBPF program
+    on the shared ports, ``shoal.core.reuseport``; loading it needs CAP_BPF or
+    CAP_SYS_ADMIN). Off, or without those: the kernel's hash of the connection's addresses,
+    which with few client connections often gives one process most of them."""
     model_repository: str = ""
     """A Triton model repository folder this scheduler's repository extension serves
     (index, load, unload; ``shoal.scheduler.repository``). Empty: none."""

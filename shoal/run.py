@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -21,6 +22,7 @@ from pathlib import Path
 from shoal import metrics
 from shoal.auth import RateLimiter
 from shoal.config import Settings
+from shoal.core.reuseport import deal_in_turn, listening_sockets
 from shoal.core.tasks import TaskSet
 from shoal.head.blob_mirror import BlobMirror
 from shoal.head.blobs import BlobStore, holder_addresses, in_use, standby_holder
@@ -293,6 +295,8 @@ async def start_scheduler(
     stack.push_async_callback(server.stop, 1.0)
     await http.start()
     stack.push_async_callback(http.stop)
+    if processes > 1:
+        _deal_connections(settings, processes, port, http.sock)
     stack.callback(shutdown_parser)
     public = _addr(settings.advertised, port)
     address = _addr(settings.advertised, control_port)
@@ -324,6 +328,25 @@ async def start_scheduler(
         address,
     )
     return node, public, http_address
+
+
+def _deal_connections(settings: Settings, processes: int, grpc_port: int, http_sock: socket.socket) -> None:
+    """New connections to the shared inference ports go to the ingress processes in turn
+    (``shoal.core.reuseport``), not by the kernel's hash, when ``ingress_in_turn`` is on and
+    the eBPF program loads; the log says which."""
+    if not settings.ingress_in_turn:
+        log.info("connections reach the %d ingress processes by the kernel's hash", processes)
+        return
+    socks = listening_sockets(grpc_port)
+    try:
+        why = next((w for s in [*socks, http_sock] if (w := deal_in_turn(s, processes))), None)
+    finally:
+        for s in socks:
+            s.close()
+    if why is None:
+        log.info("new connections go to the %d ingress processes in turn", processes)
+    else:
+        log.info("connections reach the %d ingress processes by the kernel's hash: %s", processes, why)
 
 
 class IngressWorkers:
