@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,20 +71,40 @@ def test_the_hop_folder_is_private_and_socket_paths_fit(tmp_path: Path) -> None:
     assert stat.S_IMODE(other.stat().st_mode) == 0o700
     assert len(str(socket_path(other, "255.255.255.255:65535"))) <= 100
     assert hop_dir(deep) == other  # one folder per state folder
-    # At the scheduler's exit the folder in the temporary directory goes, unless a socket
-    # is still in it; one under the state folder stays with the state.
+    # At the scheduler's exit the folder in the temporary directory goes, unless a replica
+    # still listens in it; one under the state folder stays with the state.
     left = other / "127.0.0.1_5001.sock"
-    left.touch()
-    release_hop_dir(other)
-    assert other.exists()
-    left.unlink()
+    with socket.socket(socket.AF_UNIX) as live:
+        live.bind(str(left))
+        live.listen(1)
+        release_hop_dir(other)
+        assert left.exists() and other.exists()
+    # Its replica is gone (closed without removing its socket, as a killed one does).
+    assert left.exists()
     release_hop_dir(other)
     assert not other.exists()
     release_hop_dir(folder)
     kept = tmp_path / "short"
     (kept / "hop").mkdir(parents=True)
+    stale = kept / "hop" / "127.0.0.1_5002.sock"
+    with socket.socket(socket.AF_UNIX) as dead:
+        dead.bind(str(stale))
     release_hop_dir(kept / "hop")
-    assert (kept / "hop").exists()
+    assert (kept / "hop").exists() and not stale.exists()
+
+
+def test_a_restarted_scheduler_clears_the_sockets_its_killed_replicas_left(tmp_path: Path) -> None:
+    folder = hop_dir(tmp_path / "state")
+    stale, live_path = folder / "127.0.0.1_5003.sock", folder / "127.0.0.1_5004.sock"
+    with socket.socket(socket.AF_UNIX) as dead:
+        dead.bind(str(stale))
+    with socket.socket(socket.AF_UNIX) as live:
+        live.bind(str(live_path))
+        live.listen(1)
+        assert hop_dir(tmp_path / "state") == folder
+        assert not stale.exists() and live_path.exists()
+    live_path.unlink()
+    release_hop_dir(folder)
 
 
 async def test_a_dead_replica_fails_waiting_requests_at_once_with_unavailable(folder: Path) -> None:
