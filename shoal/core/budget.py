@@ -14,7 +14,10 @@ requests on it waited up to 30 s. :class:`ByteBudget` bounds it:
   (DeadlineExceeded after that);
 * requests waiting hold their bytes too (once, not copied further), so the waiting bytes
   are bounded by the same limit: past it a request is refused at once with
-  ResourceExhausted, which clients retry.
+  ResourceExhausted, which clients retry;
+* when nothing is in flight any more after large requests (:data:`TRIM_AFTER` bytes or
+  more since the last time), the process hands its free heap back to the system
+  (:func:`release_free_memory`, at most once every :data:`TRIM_EVERY_S`).
 
 Safe on one event loop.
 """
@@ -24,6 +27,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextvars
+import ctypes
+import ctypes.util
+import functools
+import gc
+import logging
+from collections.abc import Callable
 
 from shoal.errors import DeadlineExceeded, ResourceExhausted
 
@@ -38,6 +47,34 @@ DEFAULT_WAIT_S = 60.0
 #: Requests of at most this many bytes go on at once, counted but never held back.
 SMALL = 64 * 1024
 
+#: Bytes of large requests after which an ingress process, once idle, releases free memory.
+TRIM_AFTER = 32 << 20
+
+#: At most one release in this many seconds (each costs page faults to the next requests).
+TRIM_EVERY_S = 1.0
+
+log = logging.getLogger(__name__)
+
+
+def release_free_memory() -> None:
+    """Free what only a full collection frees (cycles through exceptions and their frames
+    hold request buffers), then give the C heap's free pages back to the system (glibc
+    ``malloc_trim``; elsewhere nothing). Large requests are copied into buffers glibc keeps
+    after they are freed: after four 60 MB requests at once an idle ingress process held
+    166 MB of RSS, 70 MB with this (65 MB before them)."""
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
 
 def _mb(n: int) -> str:
     return f"{n / (1 << 20):.1f} MB"
@@ -46,12 +83,24 @@ def _mb(n: int) -> str:
 class ByteBudget:
     """``limit`` bytes in flight (0: no limit). ``what`` names the setting in messages."""
 
-    def __init__(self, limit: int, what: str = "max_inflight_mb") -> None:
+    def __init__(
+        self,
+        limit: int,
+        what: str = "max_inflight_mb",
+        release: Callable[[], None] | None = release_free_memory,
+    ) -> None:
+        """``release``: called, on a thread, when large requests are done (see the module);
+        None: never."""
         self.limit = limit
         self.what = what
         self.held = 0
         self.waiting = 0  # bytes of the requests queued for room
         self._queue: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+        self._release = release
+        self._large = 0  # bytes of requests over SMALL since the last release
+        self._big = 0  # requests over SMALL in flight
+        self._released_at = -TRIM_EVERY_S
+        self._later: asyncio.TimerHandle | None = None
 
     def _fits(self, n: int) -> bool:
         return self.held == 0 or self.held + n <= self.limit
@@ -70,6 +119,9 @@ class ByteBudget:
             return True
         if self._now(n):
             self.held += n
+            if n > SMALL:
+                self._large += n
+                self._big += 1
             return True
         return False
 
@@ -79,8 +131,11 @@ class ByteBudget:
         is full, DeadlineExceeded when no room came within ``timeout_s``."""
         if self.limit <= 0 or n <= 0:
             return 0.0
+        if n > SMALL:
+            self._large += n  # counted whether it goes on, waits or is refused
         if self._now(n):
             self.held += n
+            self._big += n > SMALL
             return 0.0
         if self.waiting and self.waiting + n > self.limit:
             raise ResourceExhausted(
@@ -118,11 +173,46 @@ class ByteBudget:
         if self.limit <= 0 or n <= 0:
             return
         self.held -= n
+        if n > SMALL:
+            self._big -= 1
+            if self._big == 0 and self._large >= TRIM_AFTER and not self._queue:
+                self._idle()
         self._wake()
+
+    def _idle(self) -> None:
+        """Nothing in flight: release free memory if large requests came since the last
+        time, now or once :data:`TRIM_EVERY_S` has passed since then (if still idle)."""
+        release = self._release
+        if release is None or self._large < TRIM_AFTER or self._later is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on a loop (a test): at once
+            self._large = 0
+            release()
+            return
+        wait = self._released_at + TRIM_EVERY_S - loop.time()
+        if wait > 0:
+            self._later = loop.call_later(wait, self._again)
+            return
+        self._large = 0
+        self._released_at = loop.time()
+        loop.run_in_executor(None, release).add_done_callback(_logged)
+
+    def _again(self) -> None:
+        self._later = None
+        if self._big == 0 and not self._queue:
+            self._idle()
 
     def _wake(self) -> None:
         while self._queue and self._fits(self._queue[0][0]):
             n, future = self._queue.popleft()
             self.waiting -= n
             self.held += n
+            self._big += 1  # only requests over SMALL wait
             future.set_result(None)
+
+
+def _logged(done: asyncio.Future[None]) -> None:
+    if not done.cancelled() and done.exception() is not None:
+        log.warning("releasing free memory failed: %s", done.exception())

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from shoal.core import budget as budgets
 from shoal.core.budget import SMALL, ByteBudget
 from shoal.errors import DeadlineExceeded, ResourceExhausted
 
@@ -107,3 +108,75 @@ async def test_try_take_is_take_without_waiting() -> None:
     budget.give(8 * MB)
     budget.give(SMALL)
     assert budget.held == 0
+
+
+class Releases:
+    """A ``release`` that counts its calls (they come on the loop's executor thread)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self) -> None:
+        self.calls += 1
+
+
+async def settled(releases: Releases, calls: int, timeout_s: float = 2.0) -> bool:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while releases.calls < calls and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)  # and no more than that
+    return releases.calls == calls
+
+
+async def test_free_memory_is_released_once_large_requests_are_done() -> None:
+    releases = Releases()
+    budget = ByteBudget(100 * MB, release=releases)
+    assert budget.try_take(SMALL)  # a small request in flight throughout does not hold it back
+    await budget.take(20 * MB, 1)
+    await budget.take(20 * MB, 1)
+    budget.give(20 * MB)
+    assert await settled(releases, 0)  # one large request is still in flight
+    budget.give(20 * MB)
+    assert await settled(releases, 1)
+    # Below TRIM_AFTER of large requests since: nothing to release.
+    await budget.take(8 * MB, 1)
+    budget.give(8 * MB)
+    assert await settled(releases, 1)
+    budget.give(SMALL)
+
+
+async def test_releases_come_at_most_once_a_period_and_the_last_is_not_lost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(budgets, "TRIM_EVERY_S", 0.3)
+    releases = Releases()
+    budget = ByteBudget(100 * MB, release=releases)
+    for _ in range(3):  # three bursts in quick succession
+        await budget.take(40 * MB, 1)
+        budget.give(40 * MB)
+    assert await settled(releases, 1, timeout_s=0.1)
+    # The bursts after the first are released together, once the period has passed.
+    assert await settled(releases, 2, timeout_s=1.0)
+    assert await settled(releases, 2, timeout_s=0.4)
+
+
+async def test_bytes_of_refused_requests_count_toward_a_release() -> None:
+    # 12 MB in flight, 12 waiting, 12 refused: 36 MB came, over TRIM_AFTER only with the
+    # refused request's (gRPC had read its bytes before it was refused).
+    assert 24 * MB < budgets.TRIM_AFTER <= 36 * MB
+    releases = Releases()
+    budget = ByteBudget(20 * MB, release=releases)
+    await budget.take(12 * MB, 1)
+    waiting = asyncio.create_task(budget.take(12 * MB, 5))
+    await asyncio.sleep(0)
+    with pytest.raises(ResourceExhausted):
+        await budget.take(12 * MB, 1)
+    budget.give(12 * MB)
+    await waiting
+    budget.give(12 * MB)
+    assert await settled(releases, 1)
+
+
+async def test_release_free_memory_runs_here() -> None:
+    budgets.release_free_memory()  # a full collection, and malloc_trim where glibc has it
