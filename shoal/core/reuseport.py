@@ -1,11 +1,15 @@
 """Connections dealt in turn over the processes that share a port (SO_REUSEPORT).
 
 By default Linux gives each new connection to one of the sockets sharing a port by a hash
-of its addresses. With few connections that is a coin toss per connection: perf_analyzer
-opens six at c=32, and over two ingress processes they fell 4/2, 2/4 and 5/1 in three
-tries. At 5/1 one process serves five sixths of the requests on one core while the other
-idles, and the port serves about half what an even split does (2,198 against 3,938
-requests a second, one ``bench/run`` each).
+of its addresses. With few connections that is a coin toss per connection: six
+connections (what perf_analyzer opens at c=32) over two ingress processes fell 3/3 in 6
+of 20 tries, 4/2 in 12 and 5/1 in 2 (``bench/ingress_split.py``); in one A/B round all
+six fell on one process, which then did all the ingress work. A gRPC channel is one
+connection, so a few long-lived clients can do the same. Where a process, not the
+machine, is the limit (more cores than busy processes), an uneven split leaves cores idle
+while one process saturates. On the 2-core test machines the cores are the limit, and
+perf_analyzer c=32 served the same either way (median 2,318 against 2,301 requests a
+second, 8 rounds each, interleaved).
 
 :func:`deal_in_turn` attaches to the port's group a small eBPF program that keeps a counter
 and answers ``counter++ % n``: connection k goes to the k-th socket (in the order the
