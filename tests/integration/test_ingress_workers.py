@@ -123,13 +123,18 @@ def owners(pids: list[int], port: int, clients: list[socket.socket]) -> list[int
     return [held.get(c.getsockname()[1], -1) for c in clients]
 
 
-async def test_new_connections_go_to_the_processes_in_turn(cluster: ProcessCluster) -> None:
-    # Where this process may load eBPF, so may the scheduler (same user, same machine).
+def reuseport_allowed() -> str | None:
+    """None where this process may load eBPF, and so the scheduler (same user, same
+    machine); else why not."""
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         probe.bind(("127.0.0.1", 0))
         probe.listen(1)
-        why = reuseport.deal_in_turn(probe, 2)
+        return reuseport.deal_in_turn(probe, 2)
+
+
+async def test_new_connections_go_to_the_processes_in_turn(cluster: ProcessCluster) -> None:
+    why = reuseport_allowed()
     if why is not None:
         pytest.skip(f"the kernel's hash spreads connections here: {why}")
     await wait_for(lambda: len(workers(cluster)) == 1, 10, "the ingress worker process")
@@ -210,3 +215,6 @@ async def test_killing_an_ingress_worker_under_load_loses_no_request(cluster: Pr
     [again] = workers(cluster)
     http_port = int(cluster.http_address().rsplit(":", 1)[1])
     await wait_for(lambda: http_port in listeners(again.pid), 15, "the new worker to listen")
+    # The group kept its rule through the worker's death: the new one takes its turns.
+    if reuseport_allowed() is None:
+        await dealt_evenly(cluster.scheduler_address(), [cluster.schedulers[0].pid, again.pid])
