@@ -120,6 +120,8 @@ def deal_in_turn(sock: socket.socket, n: int) -> str | None:
     program stays with the group as long as any of its sockets does."""
     if n < 2:
         return "one socket: nothing to deal"
+    if platform.system() != "Linux":
+        return f"dealing in turn needs Linux's eBPF, not {platform.system()}'s"
     try:
         prog = _load(n)
     except OSError as err:
@@ -138,7 +140,11 @@ def listening_sockets(port: int) -> list[socket.socket]:
     for itself), as sockets over duplicated fds: the caller closes them."""
     found = []
     seen = set()  # one socket may be behind several fds
-    for name in os.listdir("/proc/self/fd"):
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:  # no /proc (not Linux): none found, nothing dealt
+        return []
+    for name in names:
         try:
             fd = int(name)
             link = os.readlink(f"/proc/self/fd/{name}")

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from shoal.core import reuseport
 from shoal.core.reuseport import deal_in_turn, listening_sockets
 
 pytestmark = pytest.mark.timeout(10)
@@ -117,3 +118,17 @@ def test_listening_sockets_finds_this_processs_listeners_on_a_port(socks: list[s
     with socket.socket() as other:
         other.bind(("127.0.0.1", 0))  # bound, not listening: not one of them
         assert listening_sockets(other.getsockname()[1]) == []
+
+
+def test_elsewhere_than_linux_the_kernels_rule_stays_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    [s] = group(1)
+    with s:
+        port = s.getsockname()[1]
+        monkeypatch.setattr(reuseport.platform, "system", lambda: "Darwin")
+        assert deal_in_turn(s, 2) == "dealing in turn needs Linux's eBPF, not Darwin's"
+
+        def no_proc(path: str) -> list[str]:
+            raise FileNotFoundError(path)
+
+        monkeypatch.setattr(reuseport.os, "listdir", no_proc)
+        assert listening_sockets(port) == []
