@@ -135,7 +135,8 @@ class ByteBudget:
             self._large += n  # counted whether it goes on, waits or is refused
         if self._now(n):
             self.held += n
-            self._big += n > SMALL
+            if n > SMALL:
+                self._big += 1
             return 0.0
         if self.waiting and self.waiting + n > self.limit:
             raise ResourceExhausted(
@@ -175,13 +176,14 @@ class ByteBudget:
         self.held -= n
         if n > SMALL:
             self._big -= 1
-            if self._big == 0 and self._large >= TRIM_AFTER and not self._queue:
+            if self._big == 0 and not self._queue:
                 self._idle()
         self._wake()
 
     def _idle(self) -> None:
-        """Nothing in flight: release free memory if large requests came since the last
-        time, now or once :data:`TRIM_EVERY_S` has passed since then (if still idle)."""
+        """No large request in flight: release free memory if :data:`TRIM_AFTER` bytes of
+        them came since the last time, now or once :data:`TRIM_EVERY_S` has passed since
+        then (if still idle)."""
         release = self._release
         if release is None or self._large < TRIM_AFTER or self._later is not None:
             return

@@ -18,8 +18,8 @@ CAP_BPF or CAP_SYS_ADMIN (unprivileged eBPF is off on most distributions); witho
 or on a kernel without it, the kernel's hash stays and the function says why.
 
 Program, 16 instructions (BPF_PROG_TYPE_SOCKET_FILTER, which SO_ATTACH_REUSEPORT_EBPF
-takes; its return value is the index of the socket, and one past the group's sockets
-falls back to the hash, so a group short of a process still takes every connection)::
+takes; its return value is the index of the socket, and an index past the group's
+sockets falls back to the hash, so a group short of a process still takes every connection)::
 
     *(u32 *)(r10 - 4) = 0            key 0
     r1 = map ; r2 = r10 - 4
@@ -154,12 +154,13 @@ def listening_sockets(port: int) -> list[socket.socket]:
         except OSError:
             continue
         try:
-            listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-            if sock.type == socket.SOCK_STREAM and listening and sock.getsockname()[1] == port:
+            tcp = sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM
+            listening = tcp and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            if listening and sock.getsockname()[1] == port:
                 found.append(sock)
                 seen.add(link)
                 continue
-        except (OSError, IndexError, TypeError):
+        except OSError:
             pass
         sock.close()
     return found

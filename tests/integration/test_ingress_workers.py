@@ -135,8 +135,12 @@ def reuseport_allowed() -> str | None:
 
 async def test_new_connections_go_to_the_processes_in_turn(cluster: ProcessCluster) -> None:
     why = reuseport_allowed()
+    said = cluster.schedulers[0].log.read_text(errors="replace")
     if why is not None:
+        # The scheduler says so, and why, in its log.
+        assert "connections reach the 2 ingress processes by the kernel's hash: " in said
         pytest.skip(f"the kernel's hash spreads connections here: {why}")
+    assert "new connections go to the 2 ingress processes in turn" in said
     await wait_for(lambda: len(workers(cluster)) == 1, 10, "the ingress worker process")
     [worker] = workers(cluster)
     for address in (cluster.scheduler_address(), cluster.http_address()):
