@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import collections
 import contextvars
 import logging
 import resource
@@ -48,30 +49,44 @@ log = logging.getLogger("shoal.replica")
 # back costs two thread wake-ups: in one process with the hop (noop python model, c=1),
 # 216-295 us of CPU per request with the thread, 133-171 us without it, and at c=32 with
 # batching 69 us against 58. A backend that allows it (``inline_calls``) runs its calls on
-# its thread until INLINE_AFTER calls took at most INLINE_MAX_S there (a longer one halves
-# the count); then on the loop, until one takes longer than INLINE_BAIL_S because of the
-# model (it computed or blocked that long: held_the_loop): then on the thread again. It
-# comes back to the loop as it first came, after twice as many short calls each time; the
-# INLINE_STRIKES-th slow call on the loop keeps every later call on the thread for good.
-# Not for good at the first: a process stopped from outside in the middle of a call (a
-# profiler such as py-spy, SIGSTOP, a debugger) or a call that waited for the GIL on
-# another Python thread of the replica looks like a model that blocked, and the first rule
-# (for good at once) left a noop model on the thread after one py-spy sample ("a call took
-# 8.8 ms"): at perf_analyzer c=32, 120-198 us of replica CPU a request against 82-119.
+# its thread until, of the last INLINE_AFTER calls there, at most one in INLINE_LONG_SHARE
+# was long: a call is short when it computed for at most INLINE_MAX_S (the thread's own
+# CPU time) and was done within INLINE_BAIL_S. Then on the loop, until over half of the
+# last INLINE_SLOW_WINDOW calls there took longer than INLINE_BAIL_S, or one held the loop
+# over INLINE_STALL_S because of the model (it computed or blocked that long:
+# held_the_loop); then on the thread again. It comes back to the loop as it first came,
+# after a window of twice as many calls each time; the INLINE_STRIKES-th time keeps every
+# later call on the thread for good.
+#
+# Why shares and not single calls: on a busy machine every clock a call can read lies now
+# and then. On the thread, a call's wall time counts its waits for the GIL, which the busy
+# event loop holds for up to the switch interval. Under perf_analyzer c=32 the digits
+# scikit-learn pipeline (0.4 ms a call alone) took 0.62 ms on the wall at the median, over
+# 0.5 ms in 74% of calls and 4.6 ms at p99: the old rule (under 0.5 ms on the wall, the
+# count halved by each longer call) never let it onto the loop, and the thread hop cost its
+# replica 270-310 us of CPU a request against 190-220 on the loop. On the loop, its calls
+# read 2.2-7.2 ms on the wall and up to 4.4 ms of CPU (this virtual machine's CPU time counts
+# time its host took away), several a second: one such call sent it back to the thread, and
+# the third kept it there. A profiler that stops the process for a sample (py-spy) looks
+# the same: one sample had left a noop model on the thread for good (at perf_analyzer c=32,
+# 120-198 us of replica CPU a request against 82-119).
 INLINE_AFTER = 64
-INLINE_MAX_S = 0.0005
+INLINE_LONG_SHARE = 8
+INLINE_MAX_S = 0.001
 INLINE_BAIL_S = 0.002
+INLINE_SLOW_WINDOW = 16
+INLINE_STALL_S = 0.02
 INLINE_STRIKES = 3
 
 
 def held_the_loop(took_s: float, cpu_s: float, waits: int) -> bool:
-    """Whether an inline call that took ``took_s`` (wall) held the loop because of the model:
-    it computed that long (``cpu_s``, the thread's CPU time in the call, over half of it) or
-    it blocked (``waits``: the thread's voluntary context switches in the call: a sleep, a
-    lock, I/O). A short call that the kernel preempted on a busy machine does neither: with
-    the wall clock alone, one 3 ms preemption of a noop model under load sent every later
-    call to the thread for good (seen in bench runs: "a call took 3.7 ms")."""
-    return took_s > INLINE_BAIL_S and (cpu_s > INLINE_BAIL_S / 2 or waits > 0)
+    """Whether an inline call that took ``took_s`` (wall) held the loop past INLINE_STALL_S
+    because of the model: it computed most of that time (``cpu_s``, the thread's CPU time in
+    the call) or it blocked (``waits``: the thread's voluntary context switches in the call:
+    a sleep, a lock, I/O). A short call that the kernel preempted on a busy machine does
+    neither: with the wall clock alone, one 3 ms preemption of a noop model under load sent
+    every later call to the thread for good (seen in bench runs: "a call took 3.7 ms")."""
+    return took_s > INLINE_STALL_S and (cpu_s > INLINE_STALL_S / 2 or waits > 0)
 
 
 def _thread_usage() -> tuple[float, int]:
@@ -153,8 +168,12 @@ class Backend(abc.ABC):
         # Short calls on the event loop (see INLINE_AFTER): the state of that choice.
         self._inline = False
         self._inline_banned = False
-        self._inline_strikes = 0  # slow calls on the loop so far (INLINE_STRIKES: for good)
-        self._short_calls = 0
+        self._inline_strikes = 0  # times calls left the loop (INLINE_STRIKES: for good)
+        # Of the latest thread calls (up to INLINE_AFTER << strikes), which were long.
+        self._thread_long: collections.deque[bool] = collections.deque(maxlen=INLINE_AFTER)
+        # Of the latest calls on the loop, which took over INLINE_BAIL_S, and how many did.
+        self._loop_slow: collections.deque[bool] = collections.deque(maxlen=INLINE_SLOW_WINDOW)
+        self._loop_slow_count = 0
         self._thread_calls = 0
 
     inline_calls = False
@@ -288,19 +307,31 @@ class Backend(abc.ABC):
             self._stop_inline("it calls other deployments")
             return False, None
         took = time.perf_counter() - started
-        if took > INLINE_BAIL_S:
+        slow = took > INLINE_BAIL_S
+        window = self._loop_slow
+        if len(window) == INLINE_SLOW_WINDOW:
+            self._loop_slow_count -= window[0]
+        window.append(slow)
+        self._loop_slow_count += slow
+        if slow:
             cpu_after, waits_after = _thread_usage()
             if held_the_loop(took, cpu_after - cpu_before, waits_after - waits_before):
-                self._leave_loop(f"a call took {took * 1000:.1f} ms")
+                self._leave_loop(f"a call held the event loop {took * 1000:.1f} ms")
+            elif self._loop_slow_count * 2 > INLINE_SLOW_WINDOW:
+                self._leave_loop(
+                    f"{self._loop_slow_count} of its last {INLINE_SLOW_WINDOW} calls took over "
+                    f"{INLINE_BAIL_S * 1000:.0f} ms"
+                )
         return True, result
 
     async def _on_thread(
         self, executor: ThreadPoolExecutor, fn: Callable[..., T], args: tuple[Any, ...]
     ) -> T:
-        def timed() -> tuple[T, float]:
+        def timed() -> tuple[T, float, float]:
             started = time.perf_counter()
+            cpu = time.thread_time()
             result = fn(*args)
-            return result, time.perf_counter() - started
+            return result, time.perf_counter() - started, time.thread_time() - cpu
 
         try:
             # With the caller's context (the request a composing model serves: shoal.replica.compose).
@@ -310,15 +341,18 @@ class Backend(abc.ABC):
             raise FailedPrecondition(f"model {self.spec.name!r} is not loaded") from err
         self._thread_calls += 1
         try:
-            result, took = await future
+            result, took, cpu = await future
         finally:
             self._thread_calls -= 1
         if self._may_inline() and not self._inline:
-            self._short_calls = self._short_calls + 1 if took <= INLINE_MAX_S else self._short_calls // 2
-            if self._short_calls >= INLINE_AFTER << self._inline_strikes:
+            window = self._thread_long
+            window.append(cpu > INLINE_MAX_S or took > INLINE_BAIL_S)
+            if len(window) == window.maxlen and sum(window) * INLINE_LONG_SHARE <= len(window):
                 self._inline = True
+                self._loop_slow.clear()
+                self._loop_slow_count = 0
                 log.info(
-                    "model %s: its calls take under %.1f ms; they run on the event loop",
+                    "model %s: its calls compute for under %.1f ms; they run on the event loop",
                     self.spec.name,
                     INLINE_MAX_S * 1000,
                 )
@@ -330,16 +364,16 @@ class Backend(abc.ABC):
         log.info("model %s: %s; its calls run on the model thread from now on", self.spec.name, why)
 
     def _leave_loop(self, why: str) -> None:
-        """A call held the loop: calls go to the thread again, for good at the
+        """Calls held the loop: they go to the thread again, for good at the
         INLINE_STRIKES-th time (see INLINE_AFTER)."""
         self._inline_strikes += 1
         if self._inline_strikes >= INLINE_STRIKES:
-            self._stop_inline(f"{why} ({self._inline_strikes} slow calls on the event loop)")
+            self._stop_inline(f"{why} ({self._inline_strikes} times on the event loop)")
             return
         self._inline = False
-        self._short_calls = 0
+        self._thread_long = collections.deque(maxlen=INLINE_AFTER << self._inline_strikes)
         log.info(
-            "model %s: %s; its calls run on the model thread until %d short ones there",
+            "model %s: %s; its calls run on the model thread until %d more there show them short",
             self.spec.name,
             why,
             INLINE_AFTER << self._inline_strikes,
