@@ -248,6 +248,106 @@ def targets(doc: dict[str, Any], agg: dict[Key, dict[str, Any]]) -> list[str]:
     return out
 
 
+def _paired_by_alternation(
+    doc: dict[str, Any], workload: str, c: int, tool: str
+) -> list[dict[tuple[str, str], dict[str, Any]]]:
+    """The paired windows of one cell: per alternation, its points by (system, variant)."""
+    by_alt: dict[int, dict[tuple[str, str], dict[str, Any]]] = defaultdict(dict)
+    for p in doc.get("paired", []):
+        if not p.get("failed") and p["workload"] == workload and p["concurrency"] == c and label(p) == tool:
+            by_alt[p["alternation"]][(p["system"], p["variant"])] = p
+    return [by_alt[a] for a in sorted(by_alt)]
+
+
+def paired_ratios(
+    doc: dict[str, Any],
+    workload: str,
+    c: int,
+    tool: str,
+    num: tuple[str, str],
+    den: tuple[str, str],
+    field: str = "throughput",
+) -> list[float]:
+    """``num``'s ``field`` over ``den``'s, one ratio per alternation that measured both."""
+    out = []
+    for alt in _paired_by_alternation(doc, workload, c, tool):
+        a, b = alt.get(num), alt.get(den)
+        if a and b and a.get(field) and b.get(field):
+            out.append(a[field] / b[field])
+    return out
+
+
+def _ratio_text(rs: list[float]) -> str:
+    return f"{statistics.median(rs):.2f}x (from {min(rs):.2f} to {max(rs):.2f} over {len(rs)} alternations)"
+
+
+def paired_targets(doc: dict[str, Any]) -> list[str]:
+    """The targets again, from the paired windows: medians of per-alternation ratios, each
+    pair measured seconds apart with both systems up (``suite.paired_pass``)."""
+    if not doc.get("paired"):
+        return []
+    out = []
+    c_hi, c_lo = max(doc["settings"]["concurrency"]), min(doc["settings"]["concurrency"])
+    pa, wrk = "perf_analyzer grpc", "wrk http-json"
+    shoal_variants = (("shoal", "nobatch"), ("shoal", "batch"))
+
+    def best(workload: str, c: int, tool: str, den: tuple[str, str]) -> tuple[list[float], str]:
+        found = [(paired_ratios(doc, workload, c, tool, v, den), v[1]) for v in shoal_variants]
+        found = [(rs, v) for rs, v in found if rs]
+        return max(found, key=lambda f: statistics.median(f[0]), default=([], ""))
+
+    # (the target as said, the ratios, whose, target, milestone, smaller is better)
+    rows: list[tuple[str, list[float], str, float, float, bool]] = []
+    rs, v = best("noop", c_hi, pa, ("floor-grpc", "-"))
+    rows.append((f"noop gRPC c={c_hi} >= 1.0x the grpc.aio floor (milestone 0.75x)", rs, v, 1.0, 0.75, False))
+    rs, v = best("noop", c_hi, pa, ("pytriton", "batch"))
+    rows.append(
+        (f"noop gRPC c={c_hi} >= 1.3x PyTriton with batching (milestone 1.0x)", rs, v, 1.3, 1.0, False)
+    )
+    for variant in ("nobatch", "batch"):
+        rs = paired_ratios(doc, "noop", c_lo, pa, ("shoal", variant), ("floor-grpc", "-"), "p50_ms")
+        what = f"noop gRPC c={c_lo} p50 <= 2.0x the floor's (milestone 2.5x)"
+        rows.append((what, rs, variant, 2.0, 2.5, True))
+    for proto, tool in (("gRPC", pa), ("HTTP", wrk)):
+        rs = paired_ratios(doc, "sklearn", c_hi, tool, ("shoal", "batch"), ("pytriton", "batch"))
+        what = f"sklearn {proto} c={c_hi} with batching >= 1.2x PyTriton with batching (milestone: ahead)"
+        rows.append((what, rs, "batch", 1.2, 1.0 + 1e-9, False))
+    rs, v = best("noop", c_hi, wrk, ("floor-http", "-"))
+    rows.append(
+        (f"noop HTTP c={c_hi} (wrk) >= 1.0x bare Starlette (milestone 0.75x)", rs, v, 1.0, 0.75, False)
+    )
+    for what, rs, variant, target, milestone, below in rows:
+        if rs:
+            verdict = _target(statistics.median(rs), target, milestone, below=below)
+            out.append(f"- {what}: shoal/{variant} {_ratio_text(rs)}: {verdict}")
+    return out
+
+
+def _paired_table(doc: dict[str, Any]) -> list[str]:
+    """Median req/s (and p50) of each member of each paired cell, and the others' idle CPU."""
+    cells: dict[tuple[str, int, str], dict[tuple[str, str], list[dict[str, Any]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    for p in doc.get("paired", []):
+        if not p.get("failed"):
+            cells[(p["workload"], p["concurrency"], label(p))][(p["system"], p["variant"])].append(p)
+    lines = [
+        "| workload | c | tool | system/variant | req/s (median) | p50 ms (median) "
+        "| the others' CPU while idle |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (workload, c, tool), members in cells.items():
+        for (sid, variant), ps in members.items():
+            thr = statistics.median(p["throughput"] for p in ps)
+            p50s = [p["p50_ms"] for p in ps if p.get("p50_ms") is not None]
+            other = statistics.median(p.get("others_cpu", 0.0) for p in ps)
+            lines.append(
+                f"| {workload} | {c} | {tool} | {sid}/{variant} | {_num(thr)} · {len(ps)} windows | "
+                f"{_num(statistics.median(p50s), '.2f') if p50s else '-'} | {other:.2f} cores |"
+            )
+    return lines
+
+
 # ---------------------------------------------------------------- markdown
 
 
@@ -295,6 +395,27 @@ def _header(doc: dict[str, Any], rel: Path | str) -> list[str]:
     ]
 
 
+def _paired_section(doc: dict[str, Any]) -> list[str]:
+    lines = paired_targets(doc)
+    if not lines:
+        return []
+    n = doc["settings"].get("paired", 0)
+    return [
+        "### The same targets in paired windows",
+        "",
+        "The lines above compare rounds: each system was started, measured and stopped in turn, so",
+        "the two sides of a ratio were measured minutes apart, and between rounds the same point",
+        "moved by up to 2x here. Below, every system a target involves was up at once and the",
+        f"points were taken in turn, {n} alternations (the order rotated each time): each ratio is",
+        "the median of per-alternation ratios of points seconds apart, with its range.",
+        "",
+        *lines,
+        "",
+        *_paired_table(doc),
+        "",
+    ]
+
+
 def render(doc: dict[str, Any], path: Path) -> str:
     agg = aggregate(doc)
     here = path.resolve()
@@ -306,6 +427,7 @@ def render(doc: dict[str, Any], path: Path) -> str:
         "",
         *(targets(doc, agg) or ["- nothing to compare: shoal or the floor was not measured"]),
         "",
+        *_paired_section(doc),
         "## gRPC",
         "",
         _table(doc, agg, GRPC_TOOLS, http=False),

@@ -9,8 +9,10 @@ Order of work: install what is missing (peer virtualenvs under bench/.peers, per
 wrk and h2load), measure idle memory of a one-replica deployment of each system, then
 ``--repeat`` rounds; each round starts every system in turn, loads each of its models with
 each tool that can drive it at each concurrency, and stops it, so that every comparison is
-repeated A B A B on a noisy machine. Results go to ``bench/results/<time>.json``; a run with
-no filters (or ``--docs``) also rewrites ``docs/benchmarks.md``.
+repeated A B A B on a noisy machine; then ``--paired`` alternations of the targets' paired
+windows (:func:`paired_pass`: the systems a target compares up at once, points in turn).
+Results go to ``bench/results/<time>.json``; a run with no filters (or ``--docs``) also
+rewrites ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -347,6 +349,126 @@ def one_point(
     raise ValueError(tool)
 
 
+# ---------------------------------------------------------------- paired windows
+
+# The comparisons behind the data-plane targets, measured once more with every system they
+# involve up at the same time and their points taken in turn, window after window. Between
+# two rounds (minutes apart) the same point moved by up to 2x on these shared machines, more
+# than most of the differences the targets are about; points seconds apart share the
+# machine's state. (workload, "hi" or "lo" concurrency, tool, (system, variant) members).
+PAIRED_CELLS: tuple[tuple[str, str, str, tuple[tuple[str, str], ...]], ...] = (
+    (
+        "noop",
+        "hi",
+        "pa-grpc",
+        (("floor-grpc", "-"), ("shoal", "nobatch"), ("shoal", "batch"), ("pytriton", "batch")),
+    ),
+    ("noop", "lo", "pa-grpc", (("floor-grpc", "-"), ("shoal", "nobatch"), ("shoal", "batch"))),
+    ("sklearn", "hi", "pa-grpc", (("floor-grpc", "-"), ("shoal", "batch"), ("pytriton", "batch"))),
+    ("sklearn", "hi", "wrk", (("floor-http", "-"), ("shoal", "batch"), ("pytriton", "batch"))),
+    ("noop", "hi", "wrk", (("floor-http", "-"), ("shoal", "nobatch"), ("shoal", "batch"))),
+)
+
+
+def paired_pass(
+    runnable: list[systems.System],
+    args: argparse.Namespace,
+    loads: dict[str, tools.Workload],
+    work_root: Path,
+    skipped: dict[str, str],
+) -> list[dict[str, Any]]:
+    """``args.paired`` alternations of :data:`PAIRED_CELLS`, every system involved up at once.
+
+    In alternation i each cell's members are loaded in turn, the order rotated by i so that
+    none is always first. Each point also records the CPU the other systems (up, unloaded)
+    used meanwhile. A member not selected, installed or up is left out of its cell; a cell
+    left with one member is not measured.
+    """
+    hi, lo = max(args.concurrency), min(args.concurrency)
+    ids = {s.id: s for s in runnable}
+
+    def present(members: tuple[tuple[str, str], ...], up: Any) -> tuple[tuple[str, str], ...]:
+        return tuple(m for m in members if m[0] in up)
+
+    cells = [
+        (wname, level, tool, present(members, ids))
+        for wname, level, tool, members in PAIRED_CELLS
+        if wname in args.workloads
+        and tool in args.tools
+        and (tool != "pa-grpc" or tools.PERF_ANALYZER.exists())
+    ]
+    cells = [cell for cell in cells if len(cell[3]) > 1]
+    if not cells or args.paired <= 0:
+        return []
+    running: dict[str, systems.Running] = {}
+    points: list[dict[str, Any]] = []
+    try:
+        for sid in dict.fromkeys(m[0] for cell in cells for m in cell[3]):
+            try:
+                running[sid] = ids[sid].start(work_root / "paired" / sid)
+            except RuntimeError as err:
+                skipped[f"{sid} paired windows"] = str(err).splitlines()[0]
+                log(f"  {sid}: did not start for the paired windows: {err}")
+        cells = [(w, level, t, present(members, running)) for w, level, t, members in cells]
+        cells = [cell for cell in cells if len(cell[3]) > 1]
+        inputs: dict[tuple[str, str], tuple[Path, str | None]] = {}
+        for wname, _, _tool, members in cells:
+            for sid, variant in members:
+                run = running[sid]
+                model = run.system.variants[variant][wname]
+                if (sid, model) in inputs:
+                    continue
+                workload = loads[wname]
+                input_file = run.work / f"{wname}.json"
+                input_file.write_text(json.dumps({workload.input_name: workload.array.tolist()}))
+                shape = None
+                if run.oip_grpc and (sid != "floor-http"):
+                    probe_grpc(run.grpc, model, workload)  # one request first (ModelStatistics)
+                    shape = pa_shape(run.grpc, model, workload)
+                inputs[(sid, model)] = (input_file, shape)
+        for i in range(args.paired):
+            log(f"paired windows, alternation {i + 1} of {args.paired}")
+            for wname, level, tool, members in cells:
+                c = hi if level == "hi" else lo
+                turn = i % len(members)
+                for sid, variant in members[turn:] + members[:turn]:
+                    run = running[sid]
+                    model = run.system.variants[variant][wname]
+                    input_file, shape = inputs[(sid, model)]
+                    others = [r for k, r in running.items() if k != sid]
+
+                    def other_pids(others: list[systems.Running] = others) -> list[int]:
+                        return [pid for r in others for pid in r.pids()]
+
+                    before, t0 = tools.tree_cpu(other_pids), time.monotonic()
+                    point = one_point(run, tool, model, loads[wname], c, args.duration, shape, input_file)
+                    wall = time.monotonic() - t0
+                    row: dict[str, Any] = {
+                        "alternation": i + 1,
+                        "system": sid,
+                        "variant": variant,
+                        "workload": wname,
+                        "model": model,
+                        "others_cpu": round((tools.tree_cpu(other_pids) - before) / wall, 3) if wall else 0.0,
+                    }
+                    row.update(point.as_dict())
+                    points.append(row)
+                    log(
+                        f"  p{i + 1} {sid}/{variant} {wname} {tool} c={c}: "
+                        + (
+                            f"FAILED {point.failed[:200]}"
+                            if point.failed
+                            else f"{point.throughput:,.0f} req/s"
+                            + (f" p50 {point.p50_ms:.2f} ms" if point.p50_ms is not None else "")
+                            + f" (others idle at {row['others_cpu']:.0%} CPU)"
+                        )
+                    )
+    finally:
+        for run in running.values():
+            systems.stop(run)
+    return points
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -365,6 +487,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-docs", action="store_true", help="do not touch docs/benchmarks.md")
     p.add_argument("--report", metavar="RESULTS.json", help="only render docs/benchmarks.md from a saved run")
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs of every server)")
+    p.add_argument(
+        "--paired",
+        type=int,
+        default=6,
+        help="alternations of the targets' paired windows after the rounds (default 6; 0: none)",
+    )
     args = p.parse_args(argv)
     args.workloads = [w for w in args.workload.split(",") if w]
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
@@ -431,9 +559,11 @@ def main(argv: list[str]) -> int:
             "concurrency": args.concurrency,
             "workloads": args.workloads,
             "tools": args.tools,
+            "paired": args.paired,
         },
         "memory": [],
         "points": [],
+        "paired": [],
         "starts": [],
         "skipped": skipped,
         "notes": {},
@@ -475,6 +605,7 @@ def main(argv: list[str]) -> int:
                     systems.stop(run)
                     for line in model_places(run.work):
                         doc["model_places"].append({"round": rnd, "system": s.id, "line": line})
+        doc["paired"] = paired_pass(runnable, args, loads, work_root, skipped)
     finally:
         doc["wall_s"] = round(time.monotonic() - t0, 1)
         doc["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

@@ -1,0 +1,109 @@
+"""bench/report.py's paired-window verdicts: per-alternation ratios, medians, gaps."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# bench/ is not a package, and its module names (profile.py) would shadow the standard
+# library's for the rest of this process if it stayed on the path.
+_BENCH = str(Path(__file__).resolve().parents[2] / "bench")
+sys.path.insert(0, _BENCH)
+try:
+    import report
+finally:
+    sys.path.remove(_BENCH)
+
+
+def point(
+    alt: int, system: str, variant: str, workload: str, c: int, thr: float, **kw: Any
+) -> dict[str, Any]:
+    tool, protocol = kw.pop("tool", ("perf_analyzer", "grpc"))
+    return {
+        "alternation": alt,
+        "system": system,
+        "variant": variant,
+        "workload": workload,
+        "concurrency": c,
+        "tool": tool,
+        "protocol": protocol,
+        "throughput": thr,
+        "p50_ms": kw.pop("p50", None),
+        "failed": kw.pop("failed", ""),
+        "others_cpu": 0.01,
+    }
+
+
+def doc(points: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"settings": {"concurrency": [1, 32], "paired": 3}, "paired": points}
+
+
+def test_ratios_pair_points_of_the_same_alternation_only() -> None:
+    points = [
+        point(1, "floor-grpc", "-", "noop", 32, 1000),
+        point(1, "shoal", "nobatch", "noop", 32, 900),
+        point(2, "floor-grpc", "-", "noop", 32, 2000),
+        point(2, "shoal", "nobatch", "noop", 32, 2200),
+        point(3, "shoal", "nobatch", "noop", 32, 5000),  # its floor point is missing: no ratio
+    ]
+    rs = report.paired_ratios(
+        doc(points), "noop", 32, "perf_analyzer grpc", ("shoal", "nobatch"), ("floor-grpc", "-")
+    )
+    assert rs == pytest.approx([0.9, 1.1])
+
+
+def test_a_failed_window_is_left_out() -> None:
+    points = [
+        point(1, "floor-grpc", "-", "noop", 32, 1000),
+        point(1, "shoal", "nobatch", "noop", 32, 0, failed="exit 1"),
+        point(2, "floor-grpc", "-", "noop", 32, 1000),
+        point(2, "shoal", "nobatch", "noop", 32, 800),
+    ]
+    rs = report.paired_ratios(
+        doc(points), "noop", 32, "perf_analyzer grpc", ("shoal", "nobatch"), ("floor-grpc", "-")
+    )
+    assert rs == pytest.approx([0.8])
+
+
+def test_verdicts_take_the_median_and_the_better_shoal_variant() -> None:
+    points = []
+    for alt, (floor, nobatch, batch, pytriton) in enumerate(
+        [(1000, 700, 800, 600), (1000, 900, 760, 500), (1000, 800, 700, 700)], start=1
+    ):
+        points += [
+            point(alt, "floor-grpc", "-", "noop", 32, floor),
+            point(alt, "shoal", "nobatch", "noop", 32, nobatch),
+            point(alt, "shoal", "batch", "noop", 32, batch),
+            point(alt, "pytriton", "batch", "noop", 32, pytriton),
+        ]
+    lines = report.paired_targets(doc(points))
+    floor_line = next(line for line in lines if "grpc.aio floor" in line)
+    # nobatch: 0.7, 0.9, 0.8 -> median 0.80; batch: 0.8, 0.76, 0.7 -> 0.76; the better is shown.
+    assert "shoal/nobatch 0.80x (from 0.70 to 0.90 over 3 alternations)" in floor_line
+    assert "**milestone met**, target not" in floor_line
+    pyt_line = next(line for line in lines if "PyTriton" in line)
+    # nobatch / pytriton: 1.17, 1.8, 1.14 -> 1.17 (batch: 1.33, 1.52, 1.0 -> 1.33, the better).
+    assert "shoal/batch 1.33x" in pyt_line and "**met**" in pyt_line
+
+
+def test_latency_target_is_a_ratio_of_p50s_where_smaller_is_better() -> None:
+    points = [
+        point(1, "floor-grpc", "-", "noop", 1, 1500, p50=0.5),
+        point(1, "shoal", "nobatch", "noop", 1, 800, p50=1.3),
+        point(2, "floor-grpc", "-", "noop", 1, 1500, p50=0.5),
+        point(2, "shoal", "nobatch", "noop", 1, 800, p50=0.9),
+    ]
+    (line,) = report.paired_targets(doc(points))
+    assert (
+        "p50 <= 2.0x the floor" in line
+        and "shoal/nobatch 2.20x" in line
+        and "**milestone met**, target not" in line
+    )
+
+
+def test_no_paired_windows_no_lines() -> None:
+    assert report.paired_targets({"settings": {"concurrency": [1, 32]}, "points": []}) == []
+    assert report.paired_targets(doc([point(1, "shoal", "batch", "noop", 32, 100)])) == []
