@@ -27,7 +27,7 @@ import pytest
 
 from shoal.config import Settings
 from shoal.core.spec import parse_spec
-from shoal.errors import ShoalError
+from shoal.errors import ShoalError, Unavailable
 from shoal.rpc.clients import ControlClient, send_request
 from shoal.run import LOST_LEADERSHIP_EXIT
 from shoal.testing.cluster import FAST
@@ -49,6 +49,20 @@ class Setup:
     heads: str  # "a,b": what the scheduler and the control client are given
     settings: Settings
     before: list[tuple[str, int]]  # echo's replicas: (id, pid)
+
+
+async def status_once_serving(client: ControlClient, timeout_s: float = 30.0) -> None:
+    """``status`` once the head serves: a head just elected answers Unavailable while it
+    loads the cluster state (a loaded machine made that last past the first call)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            await client.status()
+            return
+        except Unavailable:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
 
 
 @contextlib.asynccontextmanager
@@ -80,7 +94,7 @@ async def two_heads_and_a_scheduler(tmp_path: Path) -> AsyncIterator[Setup]:
                 await asyncio.to_thread(a.start, ("head", "head_http"))
                 client = ControlClient(a.endpoints["head"], settings)
                 try:
-                    await client.status()  # alone, it leads
+                    await status_once_serving(client)  # alone, it leads
                 finally:
                     await client.close()
                 await asyncio.to_thread(b.start, ("head", "head_http"))
