@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Container
 from pathlib import Path
 from typing import Any
 
@@ -245,6 +246,13 @@ def probe_grpc(address: str, model: str, workload: tools.Workload) -> str | None
     return asyncio.run(go())
 
 
+def write_input(run: systems.Running, wname: str, workload: tools.Workload) -> Path:
+    """The workload's input as ``shoal bench`` reads it (``--input``), in the run's folder."""
+    path = run.work / f"{wname}.json"
+    path.write_text(json.dumps({workload.input_name: workload.array.tolist()}))
+    return path
+
+
 def measure(
     run: systems.Running,
     args: argparse.Namespace,
@@ -257,8 +265,7 @@ def measure(
     for variant, models in system.variants.items():
         for wname in args.workloads:
             workload, model = loads[wname], models[wname]
-            input_file = run.work / f"{wname}.json"
-            input_file.write_text(json.dumps({workload.input_name: workload.array.tolist()}))
+            input_file = write_input(run, wname, workload)
             for tool in system.tools:
                 if tool not in args.tools:
                     continue
@@ -387,7 +394,7 @@ def paired_pass(
     hi, lo = max(args.concurrency), min(args.concurrency)
     ids = {s.id: s for s in runnable}
 
-    def present(members: tuple[tuple[str, str], ...], up: Any) -> tuple[tuple[str, str], ...]:
+    def present(members: tuple[tuple[str, str], ...], up: Container[str]) -> tuple[tuple[str, str], ...]:
         return tuple(m for m in members if m[0] in up)
 
     cells = [
@@ -419,10 +426,9 @@ def paired_pass(
                 if (sid, model) in inputs:
                     continue
                 workload = loads[wname]
-                input_file = run.work / f"{wname}.json"
-                input_file.write_text(json.dumps({workload.input_name: workload.array.tolist()}))
+                input_file = write_input(run, wname, workload)
                 shape = None
-                if run.oip_grpc and (sid != "floor-http"):
+                if run.oip_grpc and sid != "floor-http":
                     probe_grpc(run.grpc, model, workload)  # one request first (ModelStatistics)
                     shape = pa_shape(run.grpc, model, workload)
                 inputs[(sid, model)] = (input_file, shape)
