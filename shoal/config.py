@@ -125,6 +125,11 @@ class Settings:
     on the shared ports, ``shoal.core.reuseport``; loading it needs CAP_BPF or
     CAP_SYS_ADMIN). Off, or without those: the kernel's hash of the connection's addresses,
     which with few client connections often gives one process most of them."""
+    ingress_pin_cpus: bool = True
+    """With several ingress processes and at least as many CPUs, each keeps all its threads on
+    a CPU of its own (``shoal.core.affinity``): gRPC hands every request between three threads
+    of a process, and on one CPU those hand-overs need no wake-up of another CPU. Replicas
+    stay free to run anywhere."""
     model_repository: str = ""
     """A Triton model repository folder this scheduler's repository extension serves
     (index, load, unload; ``shoal.scheduler.repository``). Empty: none."""

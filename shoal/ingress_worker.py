@@ -19,6 +19,7 @@ from typing import Any
 
 from shoal import aio, certs, logs
 from shoal.config import Settings
+from shoal.core import affinity
 from shoal.http.scheduler import refuse_when_full, scheduler_app, shutdown_parser
 from shoal.http.server import HttpLimits, HttpServer
 from shoal.proto import grpc_service_pb2_grpc as oipg
@@ -125,6 +126,10 @@ def main() -> None:
     doc = json.loads(os.environ["SHOAL_INGRESS_WORKER"])
     settings = settings_from_doc(doc["settings"])
     logs.setup(settings.log_format, settings.log_level, component="ingress")
+    affinity.release()  # started by a pinned thread: back on every CPU first
+    if settings.ingress_pin_cpus:
+        # Before gRPC starts its threads: they run where the thread that starts them does.
+        affinity.pin_ingress(doc.get("index", 0), doc.get("processes", 1))
     aio.run(
         run_ingress_worker(settings, doc["control"], doc["worker_id"], doc["scheduler_id"]),
         settings.event_loop,

@@ -18,6 +18,7 @@ import sys
 
 from shoal import aio, logs
 from shoal.config import Settings
+from shoal.core import affinity
 from shoal.core.spec import DeploymentSpec, parse_spec_json
 from shoal.errors import ShoalError
 from shoal.proto import shoal_pb2_grpc as pbg
@@ -81,6 +82,7 @@ async def run_replica(settings: Settings, replica_id: str, scheduler: str, spec:
 
 
 def main() -> None:
+    affinity.release()  # started by a pinned ingress thread: free to run on any CPU again
     parser = argparse.ArgumentParser(prog="python -m shoal.replica_main", description=__doc__)
     parser.add_argument("--replica-id", required=True)
     parser.add_argument("--scheduler", required=True, help="the scheduler's gRPC address")

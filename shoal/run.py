@@ -22,6 +22,7 @@ from pathlib import Path
 from shoal import metrics
 from shoal.auth import RateLimiter
 from shoal.config import Settings
+from shoal.core import affinity
 from shoal.core.reuseport import deal_in_turn, listening_sockets
 from shoal.core.tasks import TaskSet
 from shoal.head.blob_mirror import BlobMirror
@@ -297,6 +298,10 @@ async def start_scheduler(
     stack.push_async_callback(http.stop)
     if processes > 1:
         _deal_connections(settings, processes, port, http.sock)
+        if settings.ingress_pin_cpus:
+            # Before the workers start: they (and replicas started from here) find the CPUs
+            # this process could use in SHOAL_CPUS.
+            _pinned(affinity.pin_ingress(0, processes), processes)
     stack.callback(shutdown_parser)
     public = _addr(settings.advertised, port)
     address = _addr(settings.advertised, control_port)
@@ -328,6 +333,11 @@ async def start_scheduler(
         address,
     )
     return node, public, http_address
+
+
+def _pinned(cpu: int | None, processes: int) -> None:
+    if cpu is not None:
+        log.info("each of the %d ingress processes runs on a CPU of its own; this one on %d", processes, cpu)
 
 
 def _deal_connections(settings: Settings, processes: int, grpc_port: int, http_sock: socket.socket) -> None:
@@ -371,6 +381,7 @@ class IngressWorkers:
         self._hub = hub
         self._zygote = zygote
         self._procs: dict[str, Process] = {}
+        self._index: dict[str, int] = {}
         self._tasks = TaskSet(f"ingress workers of {scheduler_id}")
         self._closing = False
         self.restarts = 0
@@ -378,6 +389,7 @@ class IngressWorkers:
     async def start(self) -> None:
         for i in range(self._count):
             worker_id = f"{self._scheduler_id}/ingress-{i + 1}"
+            self._index[worker_id] = i + 1  # 0 is the scheduler's own process
             await self._spawn(worker_id)
             self._tasks.spawn(self._watch(worker_id), f"ingress worker {worker_id}")
 
@@ -390,6 +402,9 @@ class IngressWorkers:
             "control": self._control,
             "worker_id": worker_id,
             "scheduler_id": self._scheduler_id,
+            # Which of the ingress processes it is, for its CPU (shoal.core.affinity).
+            "index": self._index[worker_id],
+            "processes": self._count + 1,
         }
         env = {**os.environ, "SHOAL_INGRESS_WORKER": json.dumps(doc)}
         argv = [sys.executable, "-m", "shoal.ingress_worker"]

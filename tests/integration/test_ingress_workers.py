@@ -222,3 +222,37 @@ async def test_killing_an_ingress_worker_under_load_loses_no_request(cluster: Pr
     # The group kept its rule through the worker's death: the new one takes its turns.
     if reuseport_allowed() is None:
         await dealt_evenly(cluster.scheduler_address(), [cluster.schedulers[0].pid, again.pid])
+
+
+def thread_cpus(pid: int) -> set[frozenset[int]]:
+    """The CPU sets the threads of process ``pid`` may run on (one entry per distinct set)."""
+    out = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            out.add(frozenset(os.sched_getaffinity(int(tid))))
+        except (ProcessLookupError, FileNotFoundError):
+            continue  # a thread that ended meanwhile
+    return out
+
+
+async def test_each_ingress_process_runs_on_a_cpu_of_its_own_and_replicas_anywhere(
+    cluster: ProcessCluster,
+) -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("one CPU: two ingress processes are not pinned")
+    # Whichever worker is there now (after the test above killed one, its successor).
+    await wait_for(lambda: len(workers(cluster)) == 1, 15, "the ingress worker process")
+    [worker] = workers(cluster)
+    main = cluster.schedulers[0].pid
+    await wait_for(lambda: len(thread_cpus(worker.pid)) == 1, 15, "the worker's threads on one CPU")
+    assert thread_cpus(main) == {frozenset({cpus[0]})}
+    assert thread_cpus(worker.pid) == {frozenset({cpus[1]})}
+    replicas = [
+        p
+        for p in psutil.Process(main).children(recursive=True)
+        if "shoal.replica_main" in " ".join(p.cmdline())
+    ]
+    assert len(replicas) == 2
+    for replica in replicas:
+        assert thread_cpus(replica.pid) == {frozenset(cpus)}
