@@ -298,10 +298,6 @@ async def start_scheduler(
     stack.push_async_callback(http.stop)
     if processes > 1:
         _deal_connections(settings, processes, port, http.sock)
-        if settings.ingress_pin_cpus:
-            # Before the workers start: they (and replicas started from here) find the CPUs
-            # this process could use in SHOAL_CPUS.
-            _pinned(affinity.pin_ingress(0, processes), processes)
     stack.callback(shutdown_parser)
     public = _addr(settings.advertised, port)
     address = _addr(settings.advertised, control_port)
@@ -335,9 +331,19 @@ async def start_scheduler(
     return node, public, http_address
 
 
-def _pinned(cpu: int | None, processes: int) -> None:
-    if cpu is not None:
-        log.info("each of the %d ingress processes runs on a CPU of its own; this one on %d", processes, cpu)
+def pin_ingress(settings: Settings) -> None:
+    """This process is a scheduler's (its ingress process 0): onto its CPU, with its
+    workers on theirs (``ingress_pin_cpus``, ``shoal.core.affinity``). Called by the
+    commands that own their process (``shoal up``, ``shoal scheduler``), once the scheduler
+    runs (every thread there is is moved), not by :func:`start_scheduler`, which a program
+    may call in a process it also uses for other things."""
+    processes = ingress_processes(settings)
+    if settings.ingress_pin_cpus and processes > 1:
+        cpu = affinity.pin_ingress(0, processes)
+        if cpu is not None:
+            log.info(
+                "each of the %d ingress processes runs on a CPU of its own; this one on %d", processes, cpu
+            )
 
 
 def _deal_connections(settings: Settings, processes: int, grpc_port: int, http_sock: socket.socket) -> None:
@@ -484,6 +490,7 @@ async def run_scheduler(settings: Settings, zygote: Zygote | None = None) -> Non
 
     async def setup(stack: AsyncExitStack) -> None:
         await start_scheduler(settings, stack, settings.head_address, zygote)
+        pin_ingress(settings)
 
     await _serve(setup)
 
@@ -501,6 +508,7 @@ async def run_up(
     async def setup(stack: AsyncExitStack) -> None:
         head, head_address, _ = await start_head(settings, stack)
         scheduler, _, _ = await start_scheduler(settings, stack, head_address, zygote)
+        pin_ingress(settings)
         # Unwinds first: the head stops replacing replicas the scheduler is draining.
         stack.callback(head.pause)
         if on_ready is not None:

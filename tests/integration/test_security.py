@@ -9,6 +9,7 @@ with deployments of no replicas where the checks happen before any routing.
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 import subprocess
 import sys
@@ -324,9 +325,13 @@ async def test_control_rpcs_need_tokens_by_role_and_are_rate_limited(tmp_path: P
 
 async def test_ingress_limits_and_tokens(tmp_path: Path) -> None:
     settings = local_settings(tmp_path, max_message_mb=1, max_tensor_elements=1000)
+    cpus = os.sched_getaffinity(0)
     async with AsyncExitStack() as stack:
         head, head_address, _ = await start_head(settings, stack)
         scheduler, grpc_address, http_address = await start_scheduler(settings, stack, head_address)
+        # A program that runs a scheduler in its own process keeps its CPUs: only the
+        # commands that own their process pin it (shoal.run.pin_ingress).
+        assert os.sched_getaffinity(0) == cpus
         await head.create_token(Role.ADMIN, "root")
         _, app = await head.create_token(Role.INFER, "app")
         _, other = await head.create_token(Role.INFER, "other")
