@@ -12,8 +12,9 @@ pairs; c=1 1.37x and 1.27x (6 pairs each; p50 1.17 ms against 1.54 ms).
 
 Only ingress processes are pinned, each to a different CPU of those this process may use
 (``os.sched_getaffinity``), and only when there are at least two of them and no more than
-those CPUs. Replicas, the zygote and the head are not: the kernel keeps moving them to
-whichever CPU is free. A process started by a pinned thread inherits its CPU; a replica
+those CPUs. Replicas, the zygote and a head of its own are not: the kernel keeps moving
+them to whichever CPU is free (the head ``shoal up`` runs in the scheduler's main process
+shares its CPU). A process started by a pinned thread inherits its CPU; a replica
 started that way puts itself back on every CPU its scheduler could use (:func:`release`,
 from ``SHOAL_CPUS``).
 """
