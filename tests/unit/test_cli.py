@@ -20,7 +20,7 @@ from shoal.cli.logs import merge_logs
 from shoal.cli.processes import pid_file, running
 from shoal.config import Settings
 from shoal.core.clock import FakeClock
-from shoal.core.cluster import DEAD, FAILED, FAILED_AFTER, ReplicaReport
+from shoal.core.cluster import FAILED, FAILED_AFTER, REPLICA_DEAD, ReplicaReport
 from shoal.core.deploy_watch import FAIL_AFTER, DeployWatch
 from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec, parse_spec
@@ -115,7 +115,7 @@ async def test_replicas_that_fail_to_start_fail_the_deploy(head: HeadNode) -> No
         seen.append(create.replica_id)
         assert not watch.observe(cluster_status(head), now=float(i)).failure
         dead = ReplicaReport(
-            create.replica_id, "echo", DEAD, message="process exited with code 1: ValueError: boom"
+            create.replica_id, "echo", REPLICA_DEAD, message="process exited with code 1: ValueError: boom"
         )
         await head.scheduler_health("s1", 1_000_000, [dead])
         await head.reconcile_once()
@@ -136,13 +136,13 @@ async def test_a_replica_that_died_between_two_looks_is_still_named(head: HeadNo
     await head.apply(s)
     (earlier,) = await head.reconcile_once()
     await head.scheduler_health(
-        "s1", 1_000_000, [ReplicaReport(earlier.replica_id, "echo", DEAD, message="old")]
+        "s1", 1_000_000, [ReplicaReport(earlier.replica_id, "echo", REPLICA_DEAD, message="old")]
     )
     await past_backoff(head)
     watch = DeployWatch.after_apply(cluster_status(head), [s])
     (create,) = await head.reconcile_once()
     dead = ReplicaReport(
-        create.replica_id, "echo", DEAD, message="process exited with code 1: ValueError: boom"
+        create.replica_id, "echo", REPLICA_DEAD, message="process exited with code 1: ValueError: boom"
     )
     await head.scheduler_health("s1", 1_000_000, [dead])  # never seen in a status: gone already
     verdict = watch.observe(cluster_status(head), now=0.0)
@@ -154,12 +154,14 @@ async def test_failures_from_before_the_apply_are_not_taken_for_new_ones(head: H
     await head.apply(broken)
     for _ in range(FAIL_AFTER):
         actions = await head.reconcile_once()
-        dead = ReplicaReport(actions[0].replica_id, "echo", DEAD, message="old error")
+        dead = ReplicaReport(actions[0].replica_id, "echo", REPLICA_DEAD, message="old error")
         await head.scheduler_health("s1", 1_000_000, [dead])
         await head.reconcile_once()
         await past_backoff(head)
     # Start again, fail again: backing off now, the head's reason names the failures before.
-    dead = ReplicaReport((await head.reconcile_once())[0].replica_id, "echo", DEAD, message="old error")
+    dead = ReplicaReport(
+        (await head.reconcile_once())[0].replica_id, "echo", REPLICA_DEAD, message="old error"
+    )
     await head.scheduler_health("s1", 1_000_000, [dead])
     await head.reconcile_once()
     before = cluster_status(head)
@@ -175,7 +177,7 @@ async def test_a_failed_deployment_is_an_answer(head: HeadNode) -> None:
     await head.apply(s)
     for _ in range(FAILED_AFTER):
         (create,) = await head.reconcile_once()
-        dead = ReplicaReport(create.replica_id, "echo", DEAD, message="ValueError: boom")
+        dead = ReplicaReport(create.replica_id, "echo", REPLICA_DEAD, message="ValueError: boom")
         await head.scheduler_health("s1", 1_000_000, [dead])
         await past_backoff(head)
     await head.reconcile_once()

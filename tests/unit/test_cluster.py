@@ -13,10 +13,10 @@ import pytest
 
 from shoal.core.clock import FakeClock
 from shoal.core.cluster import (
-    DEAD,
     DRAINING,
     PENDING,
     READY,
+    REPLICA_DEAD,
     STARTING,
     Action,
     ClusterState,
@@ -88,12 +88,12 @@ class Sim:
     def die(self, rid: str, message: str) -> None:
         rep = self.running[rid]
         self.running[rid] = ReplicaReport(
-            rid, rep.deployment, DEAD, spec_hash=rep.spec_hash, message=message, ready_at=rep.ready_at
+            rid, rep.deployment, REPLICA_DEAD, spec_hash=rep.spec_hash, message=message, ready_at=rep.ready_at
         )
 
     def beat(self) -> bool:
         ack = self.state.health(self.id, self.version, list(self.running.values()))
-        self.running = {rid: r for rid, r in self.running.items() if r.state != DEAD}
+        self.running = {rid: r for rid, r in self.running.items() if r.state != REPLICA_DEAD}
         return ack
 
 

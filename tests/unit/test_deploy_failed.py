@@ -6,7 +6,15 @@ from __future__ import annotations
 import pytest
 
 from shoal.core.clock import FakeClock
-from shoal.core.cluster import DEAD, FAILED, FAILED_AFTER, READY, ClusterState, CreateReplica, ReplicaReport
+from shoal.core.cluster import (
+    FAILED,
+    FAILED_AFTER,
+    READY,
+    REPLICA_DEAD,
+    ClusterState,
+    CreateReplica,
+    ReplicaReport,
+)
 from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec, parse_spec
 
@@ -23,7 +31,7 @@ def start_and_die(state: ClusterState, s: DeploymentSpec, version: int, message:
     for a in creates:
         state.confirm_created(a.replica_id, version)
     dead = [
-        ReplicaReport(a.replica_id, s.name, DEAD, spec_hash=s.process_hash(), message=message)
+        ReplicaReport(a.replica_id, s.name, REPLICA_DEAD, spec_hash=s.process_hash(), message=message)
         for a in creates
     ]
     assert state.health("s1", version, dead)
