@@ -25,7 +25,6 @@ from shoal.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailabl
 from shoal.http.scheduler import scheduler_app
 from shoal.scheduler.dataplane import DataPlane, InferCall
 from shoal.scheduler.models import (
-    InferResult,
     ModelCatalog,
     ModelMetadata,
     check_inputs,
@@ -93,6 +92,17 @@ def count_describes(client: FakeReplicaClient) -> list[float]:
     return calls
 
 
+@dataclasses.dataclass(frozen=True)
+class ArrayResult:
+    """An ``InferResult`` with its outputs decoded to numpy, by name, in the model's order."""
+
+    model_name: str
+    model_version: str
+    id: str
+    outputs: Arrays
+    replica_id: str = ""
+
+
 class Door:
     """The data plane over ``catalog``, taking and giving numpy as an adapter would."""
 
@@ -108,10 +118,10 @@ class Door:
         request_id: str = "",
         timeout_s: float = 0.0,
         outputs: Sequence[str] = (),
-    ) -> InferResult:
+    ) -> ArrayResult:
         call = InferCall(name, payload.from_arrays(arrays), request_id, version, timeout_s, tuple(outputs))
-        result = await self.door.infer(call)
-        return dataclasses.replace(result, outputs=payload.to_arrays(result.outputs))  # type: ignore[arg-type]
+        r = await self.door.infer(call)
+        return ArrayResult(r.model_name, r.model_version, r.id, payload.to_arrays(r.outputs), r.replica_id)
 
 
 # ---------------------------------------------------------------- rules
