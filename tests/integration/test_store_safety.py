@@ -49,6 +49,7 @@ async def test_a_head_restarted_on_a_damaged_store_starts_and_removes_nothing(
     async with ProcessCluster(tmp_path) as cluster:
         await cluster.deploy(echo(examples_dir))
         [before] = await cluster.wait_ready("echo", 1)
+        assert cluster.head is not None
 
         body = POISON_ROW.replace("null", "Infinity")
         async with httpx.AsyncClient(timeout=10) as client:
@@ -71,7 +72,6 @@ async def test_a_head_restarted_on_a_damaged_store_starts_and_removes_nothing(
         assert "timeout_s: must be a finite number" in (info.value.details() or "")
 
         # Damage the store while the head is down: echo's row lost, a row it cannot read.
-        assert cluster.head is not None
         cluster.head.kill_all()
         async with SqliteStore(cluster.head.state / "state.db") as store:
             assert await store.delete("deployments/echo")
@@ -81,7 +81,7 @@ async def test_a_head_restarted_on_a_damaged_store_starts_and_removes_nothing(
 
         # A deployment placed after the restart proves the adoption wait is over and passes ran.
         await cluster.deploy(echo(examples_dir, "other"))
-        status = await cluster.wait_ready("other", 1)
+        await cluster.wait_ready("other", 1)
         status = await cluster.status()
         poison = deployment(status, "poison")
         assert poison is not None
