@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from shoal.config import Settings
-from shoal.core.cluster import READY
+from shoal.core.cluster import READY, STARTING
 from shoal.core.spec import parse_spec
 from shoal.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from shoal.replica.process import ReplicaProcess
@@ -134,7 +134,7 @@ async def test_bad_parameters_are_invalid_argument(replica: ReplicaProcess) -> N
 
 async def test_a_replica_not_ready_is_unavailable(tmp_path: Path) -> None:
     replica = await started(tmp_path)
-    replica.state = "STARTING"
+    replica.state = STARTING
     try:
         with pytest.raises(Unavailable):
             await collect(replica, GenerateRequest(prompt="a"))
