@@ -9,6 +9,7 @@ own virtualenv. Installs run one after another: on two cores, parallel pip runs 
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
@@ -115,7 +116,16 @@ def versions(name: str) -> dict[str, str]:
 
 
 def main(argv: list[str]) -> int:
-    names = argv or [*REQUIREMENTS, "perf-analyzer"]
+    known = [*REQUIREMENTS, "perf-analyzer"]
+    parser = argparse.ArgumentParser(
+        prog="bench/peers.py",
+        description="Install the peers bench/run compares shoal with, each in its own venv.",
+    )
+    parser.add_argument("names", nargs="*", metavar="PEER", help=f"default: all ({', '.join(known)})")
+    names = parser.parse_args(argv).names or known
+    unknown = [n for n in names if n not in known]
+    if unknown:  # not argparse's choices: with nargs="*" Python 3.11 refuses the empty default
+        parser.error(f"unknown peer {', '.join(unknown)} (known: {', '.join(known)})")
     failed = []
     for name in names:
         print(f"peers: {name} ...", flush=True)
