@@ -5,7 +5,7 @@ lateness taken from the updates' ``sent_s`` (a stream carries no deadline per up
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import cast
 
 import pytest
@@ -79,10 +79,12 @@ async def test_an_update_that_waited_in_the_head_gives_schedulers_that_much_long
     await node.aclose()
 
 
-def one_update(service: HeadService, sid: str) -> AsyncIterator[pb.HealthReply]:
+def one_update(service: HeadService, sid: str) -> AsyncGenerator[pb.HealthReply, None]:
     """A health stream of ``sid`` carrying one update; it ends when the update is answered
     and read to the end, or when closed (``aclose``: a scheduler that went away)."""
-    return service.StreamHealth(updates(pb.SchedulerHealth(scheduler_id=sid)), None)  # type: ignore[arg-type]
+    stream = service.StreamHealth(updates(pb.SchedulerHealth(scheduler_id=sid)), None)  # type: ignore[arg-type]
+    assert isinstance(stream, AsyncGenerator)
+    return stream
 
 
 async def state_after(node: HeadNode, seconds: float, sid: str) -> str:

@@ -5,7 +5,7 @@ head holds. A stream that did not ask (a scheduler of an earlier version) gets w
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import pytest
 
@@ -61,6 +61,7 @@ async def test_an_entry_whose_routes_changed_travels_as_those_routes(head: HeadN
     service = HeadService(head)
     request = pb.WatchRoutesRequest(scheduler_id="s1", route_deltas=True)
     stream = service.WatchRoutes(request, None)  # type: ignore[arg-type]
+    assert isinstance(stream, AsyncGenerator)  # closed below, as gRPC closes it
     decoder = RoutingTableDecoder()
     assert routes(decoder.decode(await anext(stream))) == routes(head.routes)
 
@@ -82,6 +83,7 @@ async def test_an_entry_whose_routes_changed_travels_as_those_routes(head: HeadN
 async def test_a_stream_that_did_not_ask_gets_whole_entries(head: HeadNode) -> None:
     service = HeadService(head)
     stream = service.WatchRoutes(pb.WatchRoutesRequest(scheduler_id="s1"), None)  # type: ignore[arg-type]
+    assert isinstance(stream, AsyncGenerator)  # closed below, as gRPC closes it
     decoder = RoutingTableDecoder()
     decoder.decode(await anext(stream))
 
@@ -101,6 +103,7 @@ async def test_an_entry_whose_spec_changed_travels_whole(head: HeadNode) -> None
         pb.WatchRoutesRequest(scheduler_id="s1", route_deltas=True),
         None,  # type: ignore[arg-type]
     )
+    assert isinstance(stream, AsyncGenerator)  # closed below, as gRPC closes it
     decoder = RoutingTableDecoder()
     decoder.decode(await anext(stream))
 

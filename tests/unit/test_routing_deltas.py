@@ -4,7 +4,7 @@ scheduler's decoder rebuilds the same table the head holds."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import pytest
 
@@ -51,6 +51,7 @@ def _routes(table: pb.RoutingTable) -> dict[str, list[str]]:
 async def test_a_stream_sends_the_whole_table_then_only_what_changed(head: HeadNode) -> None:
     service = HeadService(head)
     stream = service.WatchRoutes(pb.WatchRoutesRequest(scheduler_id="s1"), None)  # type: ignore[arg-type]
+    assert isinstance(stream, AsyncGenerator)  # closed below, as gRPC closes it
     decoder = RoutingTableDecoder()
 
     first = await anext(stream)
@@ -73,7 +74,9 @@ async def test_a_stream_sends_the_whole_table_then_only_what_changed(head: HeadN
 async def test_a_new_stream_starts_whole_and_streams_at_one_version_share_a_message(head: HeadNode) -> None:
     service = HeadService(head)
     a = service.WatchRoutes(pb.WatchRoutesRequest(scheduler_id="s1"), None)  # type: ignore[arg-type]
+    assert isinstance(a, AsyncGenerator)  # closed below, as gRPC closes it
     b = service.WatchRoutes(pb.WatchRoutesRequest(scheduler_id="s2"), None)  # type: ignore[arg-type]
+    assert isinstance(b, AsyncGenerator)
     assert (await anext(a)) is (await anext(b))  # the whole table, encoded once
 
     await head.apply(make_spec("d9", replicas=0))
@@ -81,6 +84,7 @@ async def test_a_new_stream_starts_whole_and_streams_at_one_version_share_a_mess
     assert change_a is change_b and change_a.delta and _routes(change_a) == {"d9": []}
 
     late = service.WatchRoutes(pb.WatchRoutesRequest(scheduler_id="s3"), None)  # type: ignore[arg-type]
+    assert isinstance(late, AsyncGenerator)
     whole = await anext(late)
     assert not whole.delta and set(whole.deployments) == {"d0", "d1", "d2", "d9"}
     for s in (a, b, late):
