@@ -29,11 +29,11 @@ from shoal.types import SchedulerRegistration
 pytestmark = pytest.mark.timeout(60)
 
 
-class Seen(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class Seen(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # generic in grpc-stubs only
     """Records the metadata of every call that reached the server."""
 
     def __init__(self) -> None:
-        self.calls: list[dict[str, str]] = []
+        self.calls: list[dict[str, str | bytes]] = []  # bytes for a "-bin" key
 
     async def intercept_service(
         self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails

@@ -132,7 +132,9 @@ async def test_kill_the_leading_head_under_load(heads: EtcdHeads) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as raw:
             await pbg.HeadStub(channel).GetStatus(pb.Empty(), timeout=5)
     assert raw.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert (LEADER_METADATA, a.endpoints["head"]) in tuple(raw.value.trailing_metadata() or ())
+    # grpc-stubs gives AioRpcError the sync error's _Metadatum; grpc.aio's are (key, value) pairs.
+    trailing = tuple(raw.value.trailing_metadata() or ())
+    assert (LEADER_METADATA, a.endpoints["head"]) in trailing  # type: ignore[comparison-overlap]
     code, body = await asyncio.to_thread(http_get, b.endpoints["head_http"], "/api/status")
     assert code == 503 and body["leader"]["grpc"] == a.endpoints["head"], body
     assert await asyncio.to_thread(http_get, b.endpoints["head_http"], "/healthz") == (
