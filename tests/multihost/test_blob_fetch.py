@@ -68,7 +68,7 @@ async def test_a_scheduler_elsewhere_gets_an_uploaded_model_though_the_head_dies
     assert f"uploaded {code}/ as sha256:" in proc.stdout
 
     def downloading(status: dict[str, object]) -> bool:
-        for r in replicas_of(status):  # type: ignore[arg-type]
+        for r in replicas_of(status):
             found = _PROGRESS.search(r.get("message", ""))
             if r["state"] == "DOWNLOADING" and found and 0 < float(found[1]) < float(found[2]):
                 return True

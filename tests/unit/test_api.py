@@ -87,7 +87,7 @@ def test_classes_replicas_cannot_import_are_refused_with_the_reason() -> None:
     finally:
         del sys.modules[notebook.__name__]
     with pytest.raises(InvalidArgument, match="cannot deploy a int"):
-        spec_of(3)  # type: ignore[arg-type]
+        spec_of(3)
 
 
 def test_deploy_targets_name_a_file_and_a_class(tmp_path: Path) -> None:

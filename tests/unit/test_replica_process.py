@@ -272,7 +272,7 @@ async def test_an_answer_too_big_for_a_message_fails_alone_and_the_connection_st
     spec = parse_spec(
         {"name": "grow", "backend": "python", "model": "grow_model:Grow", "base_dir": str(tmp_path)}
     )
-    replica = ReplicaProcess("grow-000001", spec, Settings(max_message_mb=1), Link())  # type: ignore[arg-type]
+    replica = ReplicaProcess("grow-000001", spec, Settings(max_message_mb=1), Link())
     runner = await ready(replica)
     server, client = await over_the_hop(replica, tmp_path / "hop.sock")
     x = np.ones((1, 100_000), np.float32)  # 400 KB in
@@ -314,7 +314,7 @@ async def test_a_lone_request_to_a_model_on_the_loop_is_answered_without_the_que
             "batching": {"max_batch_size": 8, "max_delay_ms": 5},
         }
     )
-    replica = ReplicaProcess("echo-000001", spec, Settings(), Link())  # type: ignore[arg-type]
+    replica = ReplicaProcess("echo-000001", spec, Settings(), Link())
     runner = await ready(replica)
     for i in range(INLINE_AFTER + 1):  # short calls on the model thread first: then on the loop
         await replica.begin(f"warm{i}", ROW, 5.0)
