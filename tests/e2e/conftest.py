@@ -127,7 +127,7 @@ def stop_group(proc: subprocess.Popen[str], grace_s: float = 30) -> None:
 def wait_ready(up: Up, name: str, count: int, timeout_s: float = 30) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while True:
-        status = json.loads(shoal("status", "--json", head=up.head).stdout)
+        status: dict[str, Any] = json.loads(shoal("status", "--json", head=up.head).stdout)
         dep = next((d for d in status["deployments"] if d["name"] == name), None)
         if dep and sum(r["state"] == "READY" for r in dep["replicas"]) == count == len(dep["replicas"]):
             return status

@@ -77,7 +77,7 @@ async def test_scale_to_zero_and_cold_start(tmp_path: Path, examples_dir: Path) 
         # Idle: scales to zero after downscale_delay_s.
         def drained(s: dict[str, Any]) -> bool:
             dep = next(d for d in s["deployments"] if d["name"] == "echo")
-            return dep["target_replicas"] == 0 and dep["replicas"] == []
+            return bool(dep["target_replicas"] == 0 and dep["replicas"] == [])
 
         await cluster.wait_for(drained, timeout_s=30, what="zero replicas")
         assert cluster.leftover_replicas() == []

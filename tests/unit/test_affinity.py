@@ -69,7 +69,8 @@ def probe(mode: str, cpu: int, env: dict[str, str] | None = None) -> dict[str, o
         env={**os.environ, **(env or {})},
         check=True,
     )
-    return json.loads(done.stdout)
+    found: dict[str, object] = json.loads(done.stdout)
+    return found
 
 
 def test_pinning_moves_every_thread_and_those_started_after() -> None:
