@@ -4,13 +4,14 @@ process may not load eBPF (no CAP_BPF or CAP_SYS_ADMIN)."""
 
 from __future__ import annotations
 
+import os
+import platform
 import socket
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from shoal.core import reuseport
 from shoal.core.reuseport import deal_in_turn, listening_sockets
 
 pytestmark = pytest.mark.timeout(10)
@@ -124,11 +125,11 @@ def test_elsewhere_than_linux_the_kernels_rule_stays_and_says_why(monkeypatch: p
     [s] = group(1)
     with s:
         port = s.getsockname()[1]
-        monkeypatch.setattr(reuseport.platform, "system", lambda: "Darwin")
+        monkeypatch.setattr(platform, "system", lambda: "Darwin")
         assert deal_in_turn(s, 2) == "dealing in turn needs Linux's eBPF, not Darwin's"
 
         def no_proc(path: str) -> list[str]:
             raise FileNotFoundError(path)
 
-        monkeypatch.setattr(reuseport.os, "listdir", no_proc)
+        monkeypatch.setattr(os, "listdir", no_proc)
         assert listening_sockets(port) == []
