@@ -18,7 +18,7 @@ from shoal import certs
 from shoal.errors import Code, Internal, InvalidArgument
 from shoal.rpc.etcd_client import EtcdTarget, etcd_client, parse_store_url
 from shoal.store import Entry, Event, MemoryStore, SqliteStore, Store, StoreError
-from shoal.store.base import Watch, WatchLost
+from shoal.store.base import DEFAULT_HISTORY_LIMIT, DEFAULT_MAX_PENDING, Watch, WatchLost
 from shoal.store.etcd import EtcdStore, Fenced
 from shoal.store.history import EVENTS, MAX_MESSAGE, REVISIONS, History
 from shoal.testing.etcd import EtcdCluster, free_ports, require_etcd
@@ -42,9 +42,15 @@ def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
         yield cluster
 
 
-def open_etcd_store(cluster: EtcdCluster, **limits: int) -> Awaitable[EtcdStore]:
+def open_etcd_store(
+    cluster: EtcdCluster,
+    *,
+    history_limit: int = DEFAULT_HISTORY_LIMIT,
+    max_pending: int = DEFAULT_MAX_PENDING,
+) -> Awaitable[EtcdStore]:
     client = etcd_client(EtcdTarget(parse_store_url(cluster.url)))
-    return EtcdStore(client, root=f"test-{uuid.uuid4().hex}/", **limits).open()
+    root = f"test-{uuid.uuid4().hex}/"
+    return EtcdStore(client, root=root, history_limit=history_limit, max_pending=max_pending).open()
 
 
 @pytest.fixture(params=["memory", "sqlite", "etcd"])
