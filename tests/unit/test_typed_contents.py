@@ -4,6 +4,7 @@ have in ``raw_input_contents``, the same checks, and no per-element work for flo
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from shoal.rpc import inference_service
 from shoal.rpc.inference_service import request_tensors
 
 
-def typed(datatype: str, shape: list[int], field: str, values: list[object]) -> oip.ModelInferRequest:
+def typed(datatype: str, shape: list[int], field: str, values: Sequence[object]) -> oip.ModelInferRequest:
     request = oip.ModelInferRequest(model_name="m")
     getattr(request.inputs.add(name="x", datatype=datatype, shape=shape).contents, field).extend(values)
     return request
