@@ -37,6 +37,7 @@ from shoal.backends.sklearn import SklearnBackend
 from shoal.core.spec import DeploymentSpec, TensorSpec, load_spec_file, parse_spec
 from shoal.errors import FailedPrecondition, Internal, InvalidArgument
 from shoal.replica.compose import Deployments
+from shoal.types import Arrays
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -347,8 +348,10 @@ async def test_a_model_that_calls_another_deployment_never_runs_on_the_loop(
     loop = asyncio.get_running_loop()
 
     class Caller:
-        async def infer(self, name: str, inputs: Any, **kw: Any) -> tuple[Any, str]:
-            return {"y": inputs["x"] + 1, "thread": [threading.current_thread().name]}, "r"
+        async def infer(
+            self, deployment: str, inputs: Arrays, *, timeout_s: float = 0.0, request_id: str = ""
+        ) -> tuple[Arrays, str]:
+            return {"y": inputs["x"] + 1, "thread": np.array([threading.current_thread().name])}, "r"
 
     backend.deployments = Deployments("m", Caller(), loop)  # what the replica sets
     backend._model.deployments = backend.deployments
@@ -567,7 +570,7 @@ async def test_sklearn_answers_what_the_estimator_answers(
     np.testing.assert_allclose(out["probabilities"], estimator.predict_proba(x), rtol=1e-5, atol=1e-7)
 
 
-class NoProbaLogisticRegression(LogisticRegression):
+class NoProbaLogisticRegression(LogisticRegression):  # type: ignore[misc]  # sklearn is untyped: Any
     """Fails if anyone asks for probabilities."""
 
     def predict_proba(self, X: Any) -> Any:
