@@ -49,7 +49,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check shoal tests scripts examples bench
 
 typecheck: $(STAMP)
-	$(BIN)/mypy shoal
+	$(BIN)/mypy shoal tests
 
 # Two pytest workers: most tests wait on processes they start, so two fit on two cores
 # (15 min in one process, 10 in two). tests/conftest.py keeps the e2e and multi-host
