@@ -4,6 +4,7 @@ measured in the same round with the same tool, then their median is shown."""
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -277,8 +278,30 @@ def paired_ratios(
     return out
 
 
+def median_interval(rs: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """An interval that holds the median of what ``rs`` were drawn from at least ``level``
+    of the time, whatever their distribution: the k-th smallest to the k-th largest, k the
+    largest with P(Binomial(n, 1/2) < k) <= (1 - level) / 2 (the sign test's interval).
+    None when ``rs`` are too few for one (fewer than 6 at 95%). For 12 alternations it is
+    the 3rd to the 10th ratio (96%); for 6, all of them (97%)."""
+    n, tail, k = len(rs), 0.0, 0
+    while k < n:
+        p = math.comb(n, k) / 2**n  # P(Binomial(n, 1/2) == k)
+        if tail + p > (1 - level) / 2:
+            break
+        tail, k = tail + p, k + 1
+    if k == 0:
+        return None
+    xs = sorted(rs)
+    return xs[k - 1], xs[n - k]
+
+
 def _ratio_text(rs: list[float]) -> str:
-    return f"{statistics.median(rs):.2f}x (from {min(rs):.2f} to {max(rs):.2f} over {len(rs)} alternations)"
+    text = f"{statistics.median(rs):.2f}x (from {min(rs):.2f} to {max(rs):.2f} over {len(rs)} alternations"
+    interval = median_interval(rs)
+    if interval is not None:
+        text += f"; the median's 95% interval {interval[0]:.2f}-{interval[1]:.2f}"
+    return text + ")"
 
 
 def paired_targets(doc: dict[str, Any]) -> list[str]:
@@ -319,6 +342,11 @@ def paired_targets(doc: dict[str, Any]) -> list[str]:
     for what, rs, variant, target, milestone, below in rows:
         if rs:
             verdict = _target(statistics.median(rs), target, milestone, below=below)
+            interval = median_interval(rs)
+            if interval is not None and interval[0] <= target <= interval[1]:
+                # The verdict reads the median; with the target inside its interval another
+                # run of the same code may well read the other way.
+                verdict += " (the target is inside the median's 95% interval: this run cannot tell)"
             out.append(f"- {what}: shoal/{variant} {_ratio_text(rs)}: {verdict}")
     return out
 
@@ -407,7 +435,11 @@ def _paired_section(doc: dict[str, Any]) -> list[str]:
         "the two sides of a ratio were measured minutes apart, and between rounds the same point",
         "moved by up to 2x here. Below, every system a target involves was up at once and the",
         f"points were taken in turn, {n} alternations (the order rotated each time): each ratio is",
-        "the median of per-alternation ratios of points seconds apart, with its range. The last",
+        "the median of per-alternation ratios of points seconds apart, with its range and, from",
+        "6 alternations on, an interval that holds the true median 95% of the time whatever the",
+        "ratios' spread (the sign test's: for 12 alternations the 3rd to the 10th ratio). A",
+        "target inside that interval is called undecided by the run, whichever side the median",
+        "fell on. The last",
         "column of the table is the CPU the systems not being loaded used meanwhile: when it is",
         "larger for one system's windows than for another's (idle shoal, with its health checks",
         "and pings, uses more than the idle floors and PyTriton), that system ran beside more",

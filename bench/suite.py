@@ -496,8 +496,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--paired",
         type=int,
-        default=6,
-        help="alternations of the targets' paired windows after the rounds (default 6; 0: none)",
+        default=12,
+        help="alternations of the targets' paired windows after the rounds (default 12; 0: none)",
     )
     args = p.parse_args(argv)
     args.workloads = [w for w in args.workload.split(",") if w]

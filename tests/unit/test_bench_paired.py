@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import sys
 from pathlib import Path
 from typing import Any
@@ -107,3 +108,38 @@ def test_latency_target_is_a_ratio_of_p50s_where_smaller_is_better() -> None:
 def test_no_paired_windows_no_lines() -> None:
     assert report.paired_targets({"settings": {"concurrency": [1, 32]}, "points": []}) == []
     assert report.paired_targets(doc([point(1, "shoal", "batch", "noop", 32, 100)])) == []
+
+
+def test_the_median_interval_is_the_sign_tests() -> None:
+    assert report.median_interval([float(i) for i in range(12, 0, -1)]) == (3.0, 10.0)
+    assert report.median_interval([float(i) for i in range(6)]) == (0.0, 5.0), "6: all of them"
+    assert report.median_interval([1.0, 2.0, 3.0, 4.0, 5.0]) is None, "5 cannot give 95%"
+
+
+def test_the_median_interval_holds_the_median_95_percent_of_the_time() -> None:
+    # Skewed ratios with a true median of 1.0: the interval must not lean on a shape.
+    rng = random.Random(12)
+    trials, held = 4000, 0
+    for _ in range(trials):
+        rs = [rng.lognormvariate(0.0, 0.25) for _ in range(12)]
+        interval = report.median_interval(rs)
+        assert interval is not None
+        held += interval[0] <= 1.0 <= interval[1]
+    assert held / trials >= 0.95
+
+
+def test_a_target_inside_the_interval_is_called_undecided_whichever_side_the_median_is() -> None:
+    shoal = [820, 880, 900, 940, 960, 970, 975, 990, 1010, 1050, 1100, 1130]
+    points = []
+    for alt, thr in enumerate(shoal, start=1):
+        points += [
+            point(alt, "floor-grpc", "-", "noop", 32, 1000),
+            point(alt, "shoal", "batch", "noop", 32, thr),
+            point(alt, "pytriton", "batch", "noop", 32, 600),
+        ]
+    lines = report.paired_targets(doc(points))
+    floor_line = next(line for line in lines if "grpc.aio floor" in line)
+    assert "0.97x (from 0.82 to 1.13 over 12 alternations; the median's 95% interval 0.90-1.05)" in floor_line
+    assert "**milestone met**, target not (the target is inside" in floor_line
+    pyt_line = next(line for line in lines if "PyTriton" in line)
+    assert "**met**" in pyt_line and "cannot tell" not in pyt_line, "1.37x-1.88x: decided"
