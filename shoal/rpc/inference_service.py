@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import math
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
@@ -69,6 +70,22 @@ _UNSUPPORTED_PARAMETERS = {
 
 Parameters = Any  # protobuf map<string, InferParameter>
 _DONE = object()  # ModelStreamInfer: one request has sent its last answer
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """ModelStreamInfer: reading the client's stream ended with ``error``."""
+
+    error: BaseException
+
+
+def _leaf(err: BaseException) -> BaseException:
+    """The first error a TaskGroup gathered (the first of a group's, recursively)."""
+    while isinstance(err, BaseExceptionGroup) and err.exceptions:
+        err = err.exceptions[0]
+    return err
+
+
 _NO_LIMITS = RequestLimits()
 
 _REPOSITORY = (
@@ -426,20 +443,35 @@ class InferenceService(oipg.GRPCInferenceServiceServicer):
             answers.put_nowait(reply)
 
         async def read() -> None:
-            async with asyncio.TaskGroup() as requests:
-                async for request in request_iterator:
-                    await slots.acquire()
-                    requests.create_task(answer(request))
+            try:
+                async with asyncio.TaskGroup() as requests:
+                    async for request in request_iterator:
+                        await slots.acquire()
+                        requests.create_task(answer(request))
+            except BaseException as err:  # a message refused (aborted), the call cancelled
+                answers.put_nowait(_Failed(_leaf(err)))
+                return
             answers.put_nowait(None)  # the client closed its side and every request is answered
 
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(read())
+        # Not a TaskGroup around the ``yield``: its cancel of this task on a failed read
+        # could land while gRPC wrote the last answer, be taken as gRPC's own, and leave the
+        # stream waiting here for ever (2 of 30 streams with one undecodable message did);
+        # and a client that closed the stream made it log "Task exception was never
+        # retrieved" (GeneratorExit) for every cancelled stream. The reader reports its end
+        # in ``answers``, and is cancelled with its requests when the stream ends first.
+        reader = asyncio.create_task(read())
+        try:
             while (reply := await answers.get()) is not None:
                 if reply is _DONE:
                     slots.release()  # every answer of that request has been written
                     continue
+                if isinstance(reply, _Failed):
+                    raise reply.error  # an abort's status is already set on the call
                 assert isinstance(reply, oip.ModelStreamInferResponse)
                 yield reply
+        finally:
+            reader.cancel()
+            await asyncio.wait([reader])
 
     async def RepositoryModelLoad(
         self, request: oip.RepositoryModelLoadRequest, context: Context
