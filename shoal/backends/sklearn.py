@@ -44,6 +44,21 @@ def _to_bytes(values: np.ndarray) -> np.ndarray:
     return out.reshape(values.shape)
 
 
+def _prediction_shape(estimator: Any) -> tuple[int, ...]:
+    """A regressor's answer: ``[-1]``, or ``[-1, n]`` for one fitted on ``n`` targets at once.
+    Trees and ensembles say ``n_outputs_``; linear models have one row of ``coef_`` per target
+    when fitted on a matrix (before, a LinearRegression of 2 targets was declared ``[-1]`` and
+    answered ``[-1, 2]``)."""
+    final = estimator.steps[-1][1] if hasattr(estimator, "steps") else estimator
+    n_outputs = getattr(final, "n_outputs_", None)
+    if n_outputs is not None:
+        return (-1,) if int(n_outputs) == 1 else (-1, int(n_outputs))
+    coef = getattr(final, "coef_", None)
+    if coef is not None and np.ndim(coef) == 2:
+        return (-1, int(np.shape(coef)[0]))
+    return (-1,)
+
+
 class SklearnBackend(Backend):
     """Serves ``spec.model_path()``, a joblib file holding a fitted estimator or pipeline."""
 
@@ -107,8 +122,7 @@ class SklearnBackend(Backend):
                 outputs.append(TensorSpec(name="probabilities", datatype="FP32", shape=(-1, len(classes))))
             self._derived_outputs = tuple(outputs)
         else:
-            n_outputs = int(getattr(estimator, "n_outputs_", 1))
-            shape = (-1,) if n_outputs == 1 else (-1, n_outputs)
+            shape = _prediction_shape(estimator)
             self._derived_outputs = (TensorSpec(name="prediction", datatype="FP32", shape=shape),)
         # A spec that declares its outputs without ``probabilities`` does not pay for
         # predict_proba on every call (as much again as predict, for a LogisticRegression).
@@ -138,6 +152,10 @@ class SklearnBackend(Backend):
         return self._predict_blocking, (inputs[self.input_name],)
 
     def _predict_blocking(self, x: np.ndarray) -> Tensors:
+        if len(x) == 0:
+            # No rows: each output with none (scikit-learn refuses 0 samples), as the
+            # model answers a batch of n rows with n.
+            return self._no_rows()
         estimator = self._estimator
         try:
             predicted = np.asarray(estimator.predict(x))
@@ -156,6 +174,18 @@ class SklearnBackend(Backend):
         outputs = {"label": label}
         if proba is not None:
             outputs["probabilities"] = proba
+        return outputs
+
+    def _no_rows(self) -> Tensors:
+        outputs: dict[str, np.ndarray] = {}
+        for t in self._derived_outputs:
+            if t.name == "probabilities" and not self._want_proba:
+                continue
+            if t.name == "label" and not self._integer_labels:
+                outputs[t.name] = np.empty(0, dtype=object)
+                continue
+            dtype = np.int64 if t.datatype == "INT64" else np.float32
+            outputs[t.name] = np.empty((0, *t.shape[1:]), dtype=dtype)
         return outputs
 
     def _unload(self) -> None:

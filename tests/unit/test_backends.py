@@ -570,6 +570,24 @@ async def test_sklearn_answers_what_the_estimator_answers(
     np.testing.assert_allclose(out["probabilities"], estimator.predict_proba(x), rtol=1e-5, atol=1e-7)
 
 
+async def test_sklearn_answers_a_request_of_no_rows_with_no_rows(
+    digits_model: Path, tmp_path: Path, digits: tuple[np.ndarray, np.ndarray], backends: list[Backend]
+) -> None:
+    """scikit-learn refuses 0 samples; an empty batch is a valid request all the same."""
+    out = await loaded(sklearn_spec(digits_model), backends).predict({"input": np.zeros((0, 64), np.float32)})
+    assert out["label"].shape == (0,) and out["label"].dtype == np.int64
+    assert out["probabilities"].shape == (0, 10) and out["probabilities"].dtype == np.float32
+    x, y = digits
+    targets = np.stack([y[:200], -y[:200]], axis=1)
+    joblib.dump(LinearRegression().fit(x[:200], targets), tmp_path / "two.joblib")
+    two = loaded(sklearn_spec(tmp_path / "two.joblib"), backends)
+    # Declared as answered (before: [-1], for an answer of [-1, 2]).
+    assert two.outputs() == (TensorSpec(name="prediction", datatype="FP32", shape=(-1, 2)),)
+    assert (await two.predict({"input": x[:3]}))["prediction"].shape == (3, 2)
+    out = await two.predict({"input": x[:0]})
+    assert out["prediction"].shape == (0, 2) and out["prediction"].dtype == np.float32
+
+
 class NoProbaLogisticRegression(LogisticRegression):  # type: ignore[misc]  # sklearn is untyped: Any
     """Fails if anyone asks for probabilities."""
 

@@ -153,6 +153,29 @@ async def test_one_bad_request_in_a_batch_fails_alone() -> None:
     assert batcher.batch_sizes[8] == 1
 
 
+async def test_a_request_of_no_rows_is_never_batched_with_rows() -> None:
+    """The model sees a request of 0 rows as 0 rows under load too, so it gets the answer
+    it gets alone (before: a model that refuses 0 rows answered it in a batch, not alone)."""
+
+    async def refuses_empty(inputs: Tensors) -> Tensors:
+        if inputs["x"].shape[0] == 0:
+            raise ValueError("no rows")
+        return {"x": inputs["x"] * 2}
+
+    async with Batcher(refuses_empty, max_batch_size=16, max_delay_ms=50) as batcher:
+        alone = await asyncio.gather(batcher.submit(rows(0, n=0)), return_exceptions=True)
+        mixed = await asyncio.gather(
+            *(batcher.submit(rows(i, n=0 if i % 4 == 0 else 1)) for i in range(12)), return_exceptions=True
+        )
+    assert isinstance(alone[0], ValueError)
+    for i, r in enumerate(mixed):
+        if i % 4 == 0:
+            assert isinstance(r, ValueError), (i, r)
+        else:
+            assert isinstance(r, dict)
+            np.testing.assert_array_equal(r["x"], np.full((1, 3), 2 * i, np.float32))
+
+
 async def test_incompatible_requests_go_into_separate_batches() -> None:
     model = Model()
     requests: list[Tensors] = [
