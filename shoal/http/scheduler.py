@@ -223,7 +223,10 @@ def scheduler_app(
     async def repository_index(request: Request) -> Response:
         ready_only = bool_param(await json_body(request), "ready", False, "")
         if repository is not None:
-            return _json([e.to_json() for e in await repository.index(ready_only=ready_only)])
+            index = await repository.index(
+                ready_only=ready_only, authorization=request.headers.get("authorization")
+            )
+            return _json([e.to_json() for e in index])
         return _json([e.to_json() for e in models.index(ready_only=ready_only)])
 
     @_oip

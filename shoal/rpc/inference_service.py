@@ -380,7 +380,9 @@ class InferenceService(oipg.GRPCInferenceServiceServicer):
             await abort(context, NotFound(f"unknown repository {request.repository_name!r}"))
         try:
             if self.repository is not None:
-                entries = await self.repository.index(ready_only=request.ready)
+                entries = await self.repository.index(
+                    ready_only=request.ready, authorization=authorization(context)
+                )
             else:
                 entries = self.catalog.index(ready_only=request.ready)
         except ShoalError as err:

@@ -43,16 +43,15 @@ class GrpcDeployer:
             reach=self._reach,
         )
 
-    async def failure(self, name: str, authorization: str | None) -> str:
+    async def failures(self, authorization: str | None) -> dict[str, str]:
         metadata = self._metadata(authorization)
         reply = await call(
             lambda: self._stub.GetStatus(pb.Empty(), timeout=self._settings.rpc_timeout_s, metadata=metadata),
             attempts=1,
             reach=self._reach,
         )
-        deployment = convert.status_from_pb(reply).deployment(name)
-        reason = deployment.pending_reason if deployment is not None else ""
-        return reason if reason.startswith(FAILED) else ""
+        deployments = convert.status_from_pb(reply).deployments
+        return {d.name: d.pending_reason for d in deployments if d.pending_reason.startswith(FAILED)}
 
     async def close(self) -> None:
         await self._channel.close(None)

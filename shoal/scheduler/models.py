@@ -169,6 +169,9 @@ class ModelStatistics:
         }
 
 
+NO_READY_REPLICA = "no READY replica"  # an index entry's reason: the model does not serve now
+
+
 @dataclass(frozen=True)
 class ModelIndexEntry:
     """One row of the model repository index."""
@@ -441,7 +444,7 @@ class ModelCatalog:
             ready = self._router.ready_count(name) > 0
             if ready_only and not ready:
                 continue
-            reason = "" if ready else "no READY replica"
+            reason = "" if ready else NO_READY_REPLICA
             state = "READY" if ready else "UNAVAILABLE"
             out.extend(ModelIndexEntry(name, v, state, reason) for v in self.versions(spec))
         return out

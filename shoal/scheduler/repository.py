@@ -5,8 +5,9 @@ A scheduler started with ``--model-repository DIR`` answers ``index``, ``load`` 
 / ``RepositoryModelUnload``) from that folder, read again on every call (no polling):
 
 * ``index``: every model of the folder, with the version that serves (or would) and its
-  state: READY (a READY replica), UNAVAILABLE with a reason (``unloaded``, ``loading``, or
-  why it cannot be served), then the cluster's other deployments as the catalog lists them.
+  state: READY (a READY replica), UNAVAILABLE with a reason (``unloaded``, ``loading``, the
+  head's FAILED reason once it gave up on the model's replicas, or why it cannot be served),
+  then the cluster's other deployments as the catalog lists them.
 * ``load NAME``: map ``DIR/NAME`` (:mod:`shoal.core.triton_repo`) and apply it at the
   head, as ``shoal deploy`` would; returns once a replica of it is READY, or fails when
   the head marks the deployment FAILED (its replicas keep dying before READY). Loading a model
@@ -27,6 +28,7 @@ Plain Python: the head is reached through a :class:`Deployer` (``shoal.rpc.repos
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -42,13 +44,17 @@ from shoal.errors import (
     ShoalError,
     Unavailable,
 )
-from shoal.scheduler.models import ModelCatalog, ModelIndexEntry
+from shoal.scheduler.models import NO_READY_REPLICA, ModelCatalog, ModelIndexEntry
 
 FAILURE_CHECK_S = 1.0
 """How often a load that waits for a READY replica asks the head whether the deployment FAILED."""
+FAILURE_LOOKUP_S = 2.0
+"""Longest ``index`` waits for the head's FAILED reasons; past it (or with the head away) a
+model without a READY replica is listed as loading."""
 UNLOAD_TIMEOUT_S = 30.0
 """Longest an unload waits for this scheduler to stop routing to the model."""
 _POLL_S = 0.05
+_LOADING = "loading: no READY replica yet"
 
 
 def check_parameters(action: str, names: Iterable[str]) -> None:
@@ -75,8 +81,8 @@ class Deployer(Protocol):
         """Raises NotFound for a deployment the head does not have."""
         ...
 
-    async def failure(self, name: str, authorization: str | None) -> str:
-        """Why the head gave up on the deployment (its FAILED reason); '' while it has not."""
+    async def failures(self, authorization: str | None) -> dict[str, str]:
+        """The deployments the head gave up on: name -> its FAILED reason."""
         ...
 
 
@@ -100,8 +106,11 @@ class ModelRepository:
         self._deployer = deployer
         self._tokens_exist = tokens_exist
 
-    async def index(self, *, ready_only: bool = False) -> list[ModelIndexEntry]:
-        """The folder's models, then the other deployments, sorted by name (see the module)."""
+    async def index(
+        self, *, ready_only: bool = False, authorization: str | None = None
+    ) -> list[ModelIndexEntry]:
+        """The folder's models, then the other deployments, sorted by name (see the module).
+        ``authorization``: the caller's, for asking the head why a model has no READY replica."""
         models = await asyncio.to_thread(triton_repo.scan, self.root)
         router = self._catalog.router
         deployed = router.deployments()
@@ -112,9 +121,7 @@ class ModelRepository:
             if spec is not None and version and router.ready_count(m.name) > 0:
                 out.append(ModelIndexEntry(m.name, str(version), "READY"))
             elif spec is not None and version:
-                out.append(
-                    ModelIndexEntry(m.name, str(version), "UNAVAILABLE", "loading: no READY replica yet")
-                )
+                out.append(ModelIndexEntry(m.name, str(version), "UNAVAILABLE", _LOADING))
             elif spec is not None:
                 reason = "a deployment of this name serves a model from elsewhere"
                 out.append(ModelIndexEntry(m.name, "", "UNAVAILABLE", reason))
@@ -124,7 +131,26 @@ class ModelRepository:
         names = {e.name for e in out}
         out += [e for e in self._catalog.index() if e.name not in names]
         out.sort(key=lambda e: e.name)
-        return [e for e in out if e.state == "READY"] if ready_only else out
+        if ready_only:
+            return [e for e in out if e.state == "READY"]
+        if any(e.reason == _LOADING or e.reason == NO_READY_REPLICA for e in out):
+            # Before, a model whose replicas the head gave up on stayed "loading" for ever:
+            # a client polling the index for readiness waited for nothing.
+            failed = await self._failures(authorization)
+            out = [
+                dataclasses.replace(e, reason=failed[e.name])
+                if e.reason in (_LOADING, NO_READY_REPLICA) and e.name in failed
+                else e
+                for e in out
+            ]
+        return out
+
+    async def _failures(self, authorization: str | None) -> dict[str, str]:
+        try:
+            async with asyncio.timeout(FAILURE_LOOKUP_S):
+                return await self._deployer.failures(authorization)
+        except (ShoalError, TimeoutError):
+            return {}  # the head is away or slow: the models stay "loading"
 
     def _check_caller(self, what: str, authorization: str | None, vouched: bool) -> None:
         if vouched or (authorization and self._tokens_exist()):
@@ -165,7 +191,7 @@ class ModelRepository:
                     f"{timeout:g}s; see shoal status and shoal logs {name}"
                 )
             try:
-                reason = await self._deployer.failure(name, authorization)
+                reason = (await self._deployer.failures(authorization)).get(name, "")
             except ShoalError:
                 continue  # the head is away: keep waiting for the replica
             if reason:

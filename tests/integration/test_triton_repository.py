@@ -115,7 +115,7 @@ async def test_a_triton_repository_serves_and_loads_and_unloads(tmp_path: Path) 
         # What a load asks the head while it waits: no FAILED reason for a model that serves.
         deployer = GrpcDeployer(cluster.head_address, cluster.settings)
         try:
-            assert await deployer.failure("iris", None) == ""
+            assert await deployer.failures(None) == {}
         finally:
             await deployer.close()
         grpc_client = tgrpc_aio.InferenceServerClient(cluster.scheduler_address())
@@ -186,5 +186,16 @@ async def test_a_triton_repository_serves_and_loads_and_unloads(tmp_path: Path) 
             assert index["pipeline"][1] == "UNAVAILABLE" and "platform" in index["pipeline"][2]
             result = await grpc_client.infer("iris", [x])
             assert result.as_numpy("label").tolist() == labels.tolist()
+
+            # A model whose replicas die before READY: the load says why the head gave up,
+            # and so does the index afterwards (before: "loading" for ever).
+            (repo / "broken" / "1").mkdir(parents=True)
+            (repo / "broken" / "config.pbtxt").write_text(triton_python.CONFIG)
+            (repo / "broken" / "1" / "model.py").write_text("raise RuntimeError('cannot import me')\n")
+            with pytest.raises(InferenceServerException, match="did not load: FAILED") as refused:
+                await grpc_client.load_model("broken")
+            assert "cannot import me" in str(refused.value)
+            index = index_of((await grpc_client.get_model_repository_index()).models)
+            assert index["broken"][1] == "UNAVAILABLE" and index["broken"][2].startswith("FAILED")
         finally:
             await grpc_client.close()

@@ -36,12 +36,16 @@ class FakeDeployer:
         self.calls: list[tuple[str, str, str | None]] = []
         self.refuse: Exception | None = None
         self.failed = ""  # set: applies start no replica, and the head says why
+        self.applied: set[str] = set()
+        self.version = 0
 
     async def apply(self, spec: DeploymentSpec, authorization: str | None) -> None:
         self.calls.append(("apply", spec.name, authorization))
         if self.refuse is not None:
             raise self.refuse
-        if self.failed:
+        if self.failed:  # the routing table names it, with no replica
+            self.applied.add(spec.name)
+            await self.router.apply_table(self._table(with_=(spec.name, DeploymentRoutes(spec, ()))))
             return
         self.router.add(f"{spec.name}-1", spec, "10.0.0.2:7000", "s2")
 
@@ -49,17 +53,24 @@ class FakeDeployer:
         self.calls.append(("delete", name, authorization))
         if name not in self.router.deployments():
             raise NotFound(f"no deployment {name!r}")
-        others = {
+        await self.router.apply_table(self._table(without=name))
+
+    def _table(self, with_: tuple[str, DeploymentRoutes] | None = None, without: str = "") -> RoutingTable:
+        self.version += 1
+        routes = {
             n: DeploymentRoutes(
                 spec, tuple(Route(h.replica_id, h.address, "s2") for h in self.router.handles(n))
             )
             for n, spec in self.router.deployments().items()
-            if n != name
+            if n != without
         }
-        await self.router.apply_table(RoutingTable(version=1, deployments=others, deleted=(name,)))
+        if with_ is not None:
+            routes[with_[0]] = with_[1]
+        return RoutingTable(version=self.version, deployments=routes, deleted=(without,) if without else ())
 
-    async def failure(self, name: str, authorization: str | None) -> str:
-        return self.failed
+    async def failures(self, authorization: str | None) -> dict[str, str]:
+        self.calls.append(("failures", "", authorization))
+        return {name: self.failed for name in self.applied} if self.failed else {}
 
 
 class Scheduler:
@@ -170,6 +181,29 @@ async def test_a_load_whose_replicas_fail_answers_the_heads_reason(
         "model 'iris' (version 1) did not load: FAILED: 4 replicas in a row died before READY: "
         "cannot load model.onnx"
     )
+
+
+async def test_the_index_gives_the_heads_reason_for_a_model_it_gave_up_on(
+    scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: the model stayed "loading: no READY replica yet" for ever."""
+    monkeypatch.setattr(repository_module, "FAILURE_CHECK_S", 0.05)
+    scheduler.deployer.failed = "FAILED: 4 replicas in a row died before READY: cannot load model.onnx"
+    headers = {"authorization": "Bearer shoal_x"}
+    async with scheduler.http() as client:
+        assert (await client.post("/v2/repository/models/iris/load")).status_code == 400
+        assert (await index(client))["iris"] == ("1", "UNAVAILABLE", scheduler.deployer.failed)
+        assert (await client.post("/v2/repository/index", headers=headers)).status_code == 200
+        assert scheduler.deployer.calls[-1] == ("failures", "", "Bearer shoal_x")  # the caller's token
+        scheduler.deployer.failed = ""  # the head is away or has not given up: loading
+        assert (await index(client))["iris"] == ("1", "UNAVAILABLE", "loading: no READY replica yet")
+        assert (await client.post("/v2/repository/index", json={"ready": True})).json() == []
+    service = InferenceService(scheduler.node.dataplane, None, Settings(), scheduler.repository)
+    scheduler.deployer.failed = "FAILED: gave up"
+    reply = await service.RepositoryIndex(oip.RepositoryIndexRequest(), cast(Any, FakeContext()))
+    assert [(m.name, m.state, m.reason) for m in reply.models if m.name == "iris"] == [
+        ("iris", "UNAVAILABLE", "FAILED: gave up")
+    ]
 
 
 async def test_without_a_repository_load_and_unload_are_not_implemented(scheduler: Scheduler) -> None:
