@@ -78,12 +78,20 @@ def _integer(name: str, value: object, minimum: int, maximum: int) -> int | None
 def _number(name: str, value: object, low: float, high: float, *, low_open: bool = False) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidParameter(name, f"{name} must be a number, got {value!r}")
-    if value < low or value > high or (low_open and value == low):
-        bracket = "(" if low_open else "["
-        raise InvalidParameter(name, f"{name} must be in {bracket}{low:g}, {high:g}], got {value:g}")
-    return float(value)
+    span = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+    try:
+        number = float(value)
+    except OverflowError:  # an int past float's range: JSON's 1 followed by 400 zeros is one
+        raise InvalidParameter(
+            name, f"{name} must be in {span}, got an integer too large for a float"
+        ) from None
+    if not math.isfinite(number):
+        raise InvalidParameter(name, f"{name} must be a number, got {value!r}")
+    if number < low or number > high or (low_open and number == low):
+        raise InvalidParameter(name, f"{name} must be in {span}, got {number:g}")
+    return number
 
 
 def _unicode(name: str, text: str) -> None:

@@ -442,6 +442,20 @@ async def test_generate_and_generate_stream(http: httpx.AsyncClient, lm: FakeRep
         ("/v2/models/digits/generate_stream", {"text_input": "hi"}, 400, "does not generate text"),
         ("/v2/models/lm/generate", {"prompt": "hi"}, 400, "text_input"),
         ("/v2/models/lm/generate", {"text_input": "hi", "max_tokens": -1}, 400, "max_tokens"),
+        # An integer too large for a float (JSON has no bound) was a 500 OverflowError.
+        (
+            "/v2/models/lm/generate",
+            {"text_input": "hi", "parameters": {"temperature": 10**400}},
+            400,
+            "temperature must be in [0, 2], got an integer too large",
+        ),
+        (
+            "/v2/models/lm/generate_stream",
+            {"text_input": "hi", "top_p": 10**400},
+            400,
+            "top_p must be in (0, 1], got an integer too large",
+        ),
+        ("/v2/models/lm/generate", {"text_input": "hi", "seed": 10**400}, 400, "seed must be in ["),
         ("/v2/models/lm/versions/2/generate", {"text_input": "hi"}, 404, "no version"),
     ],
 )
