@@ -6,7 +6,9 @@
 The body is a JSON object: ``text_input`` (or ``text``), the prompt; ``parameters``, an
 object with ``max_tokens``, ``temperature``, ``top_p``, ``stop`` (a string or a list) and
 ``seed`` (each may also be given at the top level, as Triton maps top-level keys to model
-inputs); ``id``, echoed. Parameters left out are the deployment's defaults.
+inputs); ``id``, echoed: as on ``/infer``, a string of valid Unicode of at most
+:data:`~shoal.core.limits.MAX_REQUEST_ID_CHARS` characters. Parameters left out are the
+deployment's defaults.
 
 ``generate`` answers ``{"model_name", "model_version", "id"?, "text_output",
 "finish_reason", "prompt_tokens", "completion_tokens"}``. ``generate_stream`` answers
@@ -28,6 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from shoal.core import limits
 from shoal.errors import InvalidArgument, ShoalError
 from shoal.http.sse import EventStream, event
 from shoal.scheduler.generate import (
@@ -73,8 +76,11 @@ def parse_generate(doc: dict[str, Any], *, stream: bool) -> tuple[str, GenerateR
         raise InvalidArgument(f"'parameters' must be an object, got {type(params).__name__}")
     params = {**{k: doc[k] for k in PARAMETERS if k in doc}, **params}
     request_id = doc.get("id", "")
-    if not isinstance(request_id, str):
-        raise InvalidArgument(f"'id' must be a string, got {request_id!r}")
+    # The rules of /infer: the id goes on to the replica as a protobuf string (UTF-8), into
+    # log lines, and back in the answer.
+    if not isinstance(request_id, str) or not limits.is_unicode(request_id):
+        raise InvalidArgument(f"'id' must be a string of valid Unicode, got {limits.shown(repr(request_id))}")
+    limits.check_request_id(request_id)
     return request_id, generate_request(params, prompt=text, stream=stream)
 
 

@@ -468,6 +468,30 @@ async def test_generate_errors_are_json_with_a_status(
     assert message in reply.json()["error"]
 
 
+@pytest.mark.parametrize("path", ["/v2/models/lm/generate", "/v2/models/lm/generate_stream"])
+@pytest.mark.parametrize(
+    ("request_id", "message"),
+    [
+        # A lone surrogate was a 500 UnicodeEncodeError when the request went to the replica.
+        ("\ud800", "'id' must be a string of valid Unicode"),
+        (7, "'id' must be a string of valid Unicode, got 7"),
+        # Was taken and echoed whole at 100,000 characters; /infer refuses past 1024.
+        ("r" * 1025, "the request id is 1025 characters, over the limit of 1024"),
+    ],
+    ids=["lone-surrogate", "not-a-string", "too-long"],
+)
+async def test_generate_refuses_the_ids_infer_refuses(
+    http: httpx.AsyncClient, lm: FakeReplicaClient, path: str, request_id: object, message: str
+) -> None:
+    body = json.dumps({"text_input": "hi", "id": request_id})  # ASCII: "\ud800" escaped
+
+    reply = await http.post(path, content=body, headers={"content-type": "application/json"})
+
+    assert reply.status_code == 400
+    assert message in reply.json()["error"]
+    assert lm.generations == []
+
+
 # ---------------------------------------------------------------- decoupled ModelStreamInfer
 
 
