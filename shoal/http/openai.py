@@ -32,7 +32,9 @@
 
 Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with the
 HTTP status from :data:`shoal.errors.HTTP_STATUS`: an unknown model is 404 with code
-``model_not_found``; a bad body is 400 ``invalid_request_error`` naming the ``param``.
+``model_not_found`` (its name cut as :func:`shoal.core.limits.shown` cuts it); a bad body
+is 400 ``invalid_request_error`` naming the ``param``, a ``model`` that is not valid
+Unicode among them.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from shoal.core import limits
 from shoal.core.spec import DeploymentSpec
 from shoal.errors import Code, InvalidArgument, NotFound, ShoalError
 from shoal.http.generate import read_json
@@ -331,11 +334,18 @@ class OpenAIApi:
         return {"id": name, "object": "model", "created": self.created, "owned_by": "shoal"}
 
     def _spec(self, name: str) -> DeploymentSpec:
+        """The deployment ``name`` calls. OpenAIError for a name that is not valid Unicode
+        (JSON's ``"\\ud800"``: no answer could quote it); NotFound quoting at most
+        :data:`~shoal.core.limits.SHOWN_CHARS` characters of an unknown one."""
+        if not limits.is_unicode(name):
+            raise OpenAIError("model", "'model' is not valid Unicode text (a lone surrogate)")
         name, _ = self.router.resolve(name)  # a traffic route's name: the target drawn (no shadow here)
         try:
             return self.router.spec(name)
         except NotFound:
-            raise NotFound(f"The model '{name}' does not exist: no deployment of that name") from None
+            raise NotFound(
+                f"The model '{limits.shown(name)}' does not exist: no deployment of that name"
+            ) from None
 
     async def list_models(self, request: Request) -> Response:
         names = sorted(self.router.deployments())

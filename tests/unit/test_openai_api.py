@@ -340,6 +340,41 @@ async def test_unknown_model_is_404_model_not_found(client: openai.AsyncOpenAI) 
         assert "nope" in err.value.message
 
 
+OPENAI_BODIES: dict[str, dict[str, Any]] = {
+    "/v1/embeddings": {"input": "hi"},
+    "/v1/completions": {"prompt": "hi"},
+    "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}]},
+}
+
+
+@pytest.mark.parametrize("path", OPENAI_BODIES)
+async def test_a_model_name_that_is_not_unicode_is_400(http: httpx.AsyncClient, path: str) -> None:
+    # Was a 500 UnicodeEncodeError: the 404's message quoted the name, which JSON cannot write.
+    body = json.dumps({"model": "\ud800", **OPENAI_BODIES[path]})  # ASCII: "\ud800" escaped
+
+    reply = await http.post(path, content=body, headers={"content-type": "application/json"})
+
+    assert reply.status_code == 400
+    assert reply.json()["error"] == {
+        "message": "'model' is not valid Unicode text (a lone surrogate)",
+        "type": "invalid_request_error",
+        "param": "model",
+        "code": None,
+    }
+
+
+@pytest.mark.parametrize("path", OPENAI_BODIES)
+async def test_a_long_unknown_model_name_is_cut_in_the_404(http: httpx.AsyncClient, path: str) -> None:
+    reply = await http.post(path, json={"model": "m" * 10_000, **OPENAI_BODIES[path]})
+
+    assert reply.status_code == 404
+    message = reply.json()["error"]["message"]
+    assert (
+        message
+        == f"The model '{'m' * 200}... (9800 more characters)' does not exist: no deployment of that name"
+    )
+
+
 @pytest.mark.parametrize(
     ("changes", "param"),
     [
