@@ -125,7 +125,8 @@ def coerce_outputs(result: object) -> Tensors:
     """A model's return value as ``dict[str, np.ndarray]``, converting values with ``np.asarray``.
 
     Raises Internal when the result is not a mapping of names to arrays (or things
-    ``np.asarray`` turns into numeric, boolean or string arrays).
+    ``np.asarray`` turns into numeric, boolean or string arrays), or when an array's dtype
+    has no Open Inference Protocol datatype (complex, datetime64, structured, ...).
     """
     if not isinstance(result, Mapping):
         raise Internal(f"model returned {type(result).__name__}; predict must return a dict of name -> array")
@@ -142,6 +143,14 @@ def coerce_outputs(result: object) -> Tensors:
             # (None, dicts, ragged lists) is a bug in the model.
             raise Internal(
                 f"model output {name!r} is not an array: got a {type(value).__name__} of non-string objects"
+            )
+        if datatype_of(array.dtype) is None:
+            # Checked here, not where the answer is encoded: there it was the client's 400
+            # ("numpy dtype complex128 has no Open Inference Protocol datatype") and the
+            # replica logged nothing, when it is the model's bug.
+            raise Internal(
+                f"model output {name!r} has numpy dtype {array.dtype}, "
+                "which has no Open Inference Protocol datatype"
             )
         outputs[name] = array
     return outputs

@@ -417,6 +417,15 @@ async def test_declared_tensors_are_checked(tmp_path: Path, backends: list[Backe
         ("return [inputs['x']]", "model returned list; predict must return a dict"),
         ("return {'y': None}", "model output 'y' is not an array"),
         ("return {'y': [[1, 2], [3]]}", "model output 'y' is not an array"),
+        # These were the client's 400, from encoding the answer, and the replica logged nothing.
+        (
+            "return {'y': inputs['x'].astype(np.complex128)}",
+            "model output 'y' has numpy dtype complex128, which has no Open Inference Protocol datatype",
+        ),
+        (
+            "return {'y': np.array(['2024-01-01'], dtype='datetime64[D]')}",
+            r"model output 'y' has numpy dtype datetime64\[D\], which has no Open Inference Protocol",
+        ),
     ],
 )
 async def test_a_misbehaving_model_is_internal(
