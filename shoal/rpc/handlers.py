@@ -5,7 +5,7 @@ each message of a client stream (the interceptors of ``shoal.rpc.auth``,
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import grpc
 
@@ -20,6 +20,43 @@ async def _each(requests: AsyncIterator[Any], each: Check, context: Context) -> 
     async for request in requests:
         await each(request, context)
         yield request
+
+
+class DeferredAbort(Exception):
+    """A check's refusal of a message of a bidirectional stream, raised where the messages
+    are read, and sent as the call's status by the handler's own task (``stream_stream``).
+
+    Why: a handler may read its messages in a task of its own while it writes answers
+    (``ModelStreamInfer``). ``context.abort`` sends the status at once, from whichever task
+    calls it: from the reader, while the handler's task wrote an answer, the client got
+    INTERNAL ("Internal error from Core") instead of the check's status, now and then."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class _DeferringContext:
+    """``context`` whose ``abort`` raises :class:`DeferredAbort` instead of sending."""
+
+    def __init__(self, context: Context) -> None:
+        self._context = context
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", *_: Any) -> None:
+        raise DeferredAbort(code, details)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+def deferred(err: BaseException) -> DeferredAbort | None:
+    """The :class:`DeferredAbort` that ``err`` is or holds (a TaskGroup's group of errors)."""
+    if isinstance(err, DeferredAbort):
+        return err
+    if isinstance(err, BaseExceptionGroup):
+        return next((d for e in err.exceptions if (d := deferred(e)) is not None), None)
+    return None
 
 
 def wrap_handler(
@@ -72,7 +109,16 @@ def wrap_handler(
 
     async def stream_stream(requests: Any, context: Context) -> AsyncIterator[Any]:
         await before(None, context)
-        async for item in ss(stream(requests, context), context):
-            yield item
+        messages = (
+            requests if each is None else _each(requests, each, cast(Context, _DeferringContext(context)))
+        )
+        try:
+            async for item in ss(messages, context):
+                yield item
+        except BaseException as err:
+            refused = deferred(err)
+            if refused is None:
+                raise
+            await context.abort(refused.code, refused.details)
 
     return grpc.stream_stream_rpc_method_handler(stream_stream, **kw)

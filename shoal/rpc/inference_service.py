@@ -450,7 +450,7 @@ class InferenceService(oipg.GRPCInferenceServiceServicer):
                     async for request in request_iterator:
                         await slots.acquire()
                         requests.create_task(answer(request))
-            except BaseException as err:  # a message refused (aborted), the call cancelled
+            except BaseException as err:  # a message refused (DeferredAbort), the call cancelled
                 answers.put_nowait(_Failed(_leaf(err)))
                 return
             answers.put_nowait(None)  # the client closed its side and every request is answered
@@ -468,7 +468,7 @@ class InferenceService(oipg.GRPCInferenceServiceServicer):
                     slots.release()  # every answer of that request has been written
                     continue
                 if isinstance(reply, _Failed):
-                    raise reply.error  # an abort's status is already set on the call
+                    raise reply.error  # a refusal: shoal.rpc.handlers sends its status from this task
                 assert isinstance(reply, oip.ModelStreamInferResponse)
                 yield reply
         finally:
