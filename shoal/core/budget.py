@@ -76,7 +76,7 @@ def _malloc_trim() -> Callable[[int], int] | None:
         return None
 
 
-def _mb(n: int) -> str:
+def mb(n: int) -> str:
     return f"{n / (1 << 20):.1f} MB"
 
 
@@ -125,6 +125,23 @@ class ByteBudget:
             return True
         return False
 
+    def try_grow(self, have: int, more: int) -> bool:
+        """Hold ``more`` bytes besides the ``have`` this caller holds already, when they fit
+        now (always when nobody else holds any); False, holding no more, otherwise. For a
+        body whose size shows only as it arrives or is decoded (chunked, compressed): the
+        caller refuses it instead of waiting while it holds bytes. ``give`` the sum."""
+        if self.limit <= 0 or more <= 0:
+            return True
+        total = have + more
+        if total > SMALL and not (self.held == have or self.held + more <= self.limit):
+            return False
+        self.held += more
+        if total > SMALL:
+            self._large += more if have > SMALL else total
+            if have <= SMALL:
+                self._big += 1
+        return True
+
     async def take(self, n: int, timeout_s: float) -> float:
         """Hold ``n`` bytes; :meth:`give` them back when the request is done. Returns the
         seconds spent waiting for room. Raises ResourceExhausted when the queue for room
@@ -140,9 +157,9 @@ class ByteBudget:
             return 0.0
         if self.waiting and self.waiting + n > self.limit:
             raise ResourceExhausted(
-                f"this ingress process holds {_mb(self.held)} of requests in flight and "
-                f"{_mb(self.waiting)} waiting for room; this request's {_mb(n)} would pass "
-                f"{_mb(self.limit)} ({self.what}, this process's share): retry shortly"
+                f"this ingress process holds {mb(self.held)} of requests in flight and "
+                f"{mb(self.waiting)} waiting for room; this request's {mb(n)} would pass "
+                f"{mb(self.limit)} ({self.what}, this process's share): retry shortly"
             )
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -162,9 +179,9 @@ class ByteBudget:
                 self._wake()
             if isinstance(err, TimeoutError):
                 raise DeadlineExceeded(
-                    f"waited {timeout_s:g}s for room for this request's {_mb(n)}: "
-                    f"{_mb(self.held)} of requests are in flight on this ingress process "
-                    f"({self.what}: {_mb(self.limit)} for this process)"
+                    f"waited {timeout_s:g}s for room for this request's {mb(n)}: "
+                    f"{mb(self.held)} of requests are in flight on this ingress process "
+                    f"({self.what}: {mb(self.limit)} for this process)"
                 ) from None
             raise
         return loop.time() - started

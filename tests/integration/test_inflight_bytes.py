@@ -10,6 +10,7 @@ and 700 KB requests, so one runs, one waits and the third is refused."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import time
 from collections.abc import AsyncIterator
@@ -25,6 +26,7 @@ import tritonclient.http as thttp
 from tritonclient.grpc import service_pb2 as tpb
 from tritonclient.grpc import service_pb2_grpc as tpbg
 
+from shoal.core import budget as budgets
 from shoal.testing.cluster import ProcessCluster
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.asyncio(loop_scope="module")]
@@ -172,3 +174,41 @@ async def test_a_body_that_stalls_holds_its_room_until_the_deadline_only(cluster
         assert time.monotonic() - started >= 2.0, "the gRPC request waited for the stalled body's room"
     finally:
         writer.close()
+
+
+async def test_chunked_and_compressed_bodies_are_held_as_they_arrive(cluster: ProcessCluster) -> None:
+    """A body without a Content-Length (chunked) or compressed (its Content-Length is the
+    compressed size) is held in the budget as it is read and decoded. Before, it held 0
+    bytes or its compressed size: 20 chunked 60 MB bodies at once grew the ingress
+    processes to 3.3 GB, none refused."""
+    header, data = binary_body(7.0)
+    body = header + data
+    url = f"http://{cluster.http_address()}/v2/models/slow/infer"
+    binary = {"Inference-Header-Content-Length": str(len(header))}
+
+    async def chunked() -> AsyncIterator[bytes]:
+        for at in range(0, len(body), 64 * 1024):
+            yield body[at : at + 64 * 1024]
+
+    async with httpx.AsyncClient(timeout=30) as client:
+        # Alone, a chunked body runs (one request always does, whatever its size).
+        reply = await client.post(url, content=chunked(), headers=binary)
+        assert reply.status_code == 200, reply.text[:300]
+        async with grpc.aio.insecure_channel(
+            cluster.scheduler_address(), options=[("grpc.max_send_message_length", 8 << 20)]
+        ) as channel:
+            first = asyncio.ensure_future(
+                tpbg.GRPCInferenceServiceStub(channel).ModelInfer(request(ROWS, 1.0), timeout=30)
+            )
+            await asyncio.sleep(0.5)  # first holds 700 KB of the 1 MB
+            reply = await client.post(url, content=chunked(), headers=binary)
+            assert reply.status_code == 503, reply.text[:300]
+            assert "sent chunked or compressed" in reply.json()["error"]
+            assert "max_inflight_mb" in reply.json()["error"]
+            squeezed = gzip.compress(body)  # constant values: a few KB
+            assert len(squeezed) < budgets.SMALL
+            reply = await client.post(url, content=squeezed, headers={**binary, "Content-Encoding": "gzip"})
+            assert reply.status_code == 503 and "max_inflight_mb" in reply.json()["error"], reply.text[:300]
+            assert not first.done(), "refused at once, while the first request ran"
+            answer = await first
+        assert np.frombuffer(answer.raw_output_contents[0], np.float32)[0] == 1.0

@@ -180,3 +180,29 @@ async def test_bytes_of_refused_requests_count_toward_a_release() -> None:
 
 async def test_release_free_memory_runs_here() -> None:
     budgets.release_free_memory()  # a full collection, and malloc_trim where glibc has it
+
+
+async def test_a_body_that_grows_is_held_while_it_fits_and_alone_whatever_its_size() -> None:
+    """try_grow: a chunked or compressed body, its size known only as it is read."""
+    budget = ByteBudget(10 * MB)
+    assert budget.try_grow(0, 30 * MB)  # nobody else holds anything: it grows past the limit
+    budget.give(30 * MB)
+    assert budget.held == 0
+    await budget.take(6 * MB, 1)
+    assert budget.try_grow(0, SMALL)  # small pieces always pass
+    assert budget.try_grow(SMALL, 3 * MB)  # fits beside the 6 MB
+    assert not budget.try_grow(SMALL + 3 * MB, 2 * MB)  # would pass 10 MB: refused, nothing more held
+    assert budget.held == 6 * MB + SMALL + 3 * MB
+    budget.give(SMALL + 3 * MB)
+    budget.give(6 * MB)
+    assert budget.held == 0
+
+
+async def test_memory_is_released_after_bodies_that_grew() -> None:
+    released: list[int] = []
+    budget = ByteBudget(1 << 40, release=lambda: released.append(1))
+    for _ in range(2):
+        assert budget.try_grow(0, SMALL)
+        assert budget.try_grow(SMALL, budgets.TRIM_AFTER)
+        budget.give(SMALL + budgets.TRIM_AFTER)
+    assert released  # counted as large requests, as take() counts them
