@@ -124,14 +124,11 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         code, verdict = await wait_for(status_reader(client), watch, args.timeout)
         if verdict.failure and verdict.dead:
             await _print_last_words(client, verdict.dead)
-        if verdict.failure:
-            # An update whose replicas fail is rolled back by the head once they have failed a few
-            # times in a row (FAILED): wait for that, and say it.
-            updates = [
-                w.name for w in watch.watched if w.old_replicas and f"deployment {w.name} " in verdict.failure
-            ]
-            for name in updates:
-                await _report_rollback(client, name, revisions[name], ROLLBACK_WAIT_S)
+        # An update whose replicas fail is rolled back by the head once they have failed a few
+        # times in a row (FAILED): wait for that, and say it. A deletion or no room is not.
+        for w in watch.watched:
+            if w.old_replicas and w.name in verdict.rolls_back:
+                await _report_rollback(client, w.name, revisions[w.name], ROLLBACK_WAIT_S)
         return code
 
     return with_client(args, go)

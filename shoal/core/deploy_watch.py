@@ -38,6 +38,10 @@ class Verdict:
     done: bool = False
     failure: str = ""  # why the deploy failed, one paragraph; "" while it may still succeed
     dead: tuple[str, ...] = ()  # new replicas seen that are gone, most recent first: their logs say why
+    # Deployments whose failure the head answers by itself, for an update, with a rollback: their
+    # replicas fail to start (or are FAILED), or the spec at the head is another one already.
+    # Not a deletion, nor no room: nothing rolls those back.
+    rolls_back: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
@@ -97,12 +101,14 @@ class DeployWatch:
         parts: list[str] = []
         failures: list[str] = []
         dead: list[str] = []
+        rolls_back: list[str] = []
         done = True
         for w in self.watched:
             dep = deployments.get(w.name)
             if dep is None:
                 parts.append(f"{w.name} deleted")
                 failures.append(f"deployment {w.name} was deleted while it was being deployed")
+                done = False
                 continue
             replicas = dep["replicas"]
             now_ids = {r["id"] for r in replicas}
@@ -127,20 +133,25 @@ class DeployWatch:
             starting = len(replicas) - ready - left
             more = (f", {starting} starting" if starting else "") + (f", {left} old" if left else "")
             parts.append(f"{w.name} {ready}/{target} ready{more}" + (f" ({reason})" if reason else ""))
-            failure = self._failure(w, reason, now)
+            failure, failing = self._failure(w, reason, now)
             if failure:
                 failures.append(failure)
+                if failing:
+                    rolls_back.append(w.name)
             elif w.want_hash and dep["spec"] and _process_hash(dep["spec"]) not in ("", w.want_hash):
                 failures.append(
                     f"deployment {w.name} now runs another spec than the one deployed "
                     "(rolled back, or deployed again meanwhile)"
                 )
+                rolls_back.append(w.name)
         line = ", ".join(parts)
         if done:
             return Verdict(line, done=True)
-        return Verdict(line, failure="\n".join(failures), dead=tuple(dead))
+        return Verdict(line, failure="\n".join(failures), dead=tuple(dead), rolls_back=tuple(rolls_back))
 
-    def _failure(self, w: _Watched, reason: str, now: float) -> str:
+    def _failure(self, w: _Watched, reason: str, now: float) -> tuple[str, bool]:
+        """Why the deploy of ``w`` failed ("" while it may still succeed), and whether its
+        replicas fail (what the head answers with a rollback) rather than find no room."""
         count, message = _start_failures(reason)
         if count != w.failures_seen:
             if count > (w.failures_before if w.failures_seen < 0 else w.failures_seen):
@@ -148,7 +159,8 @@ class DeployWatch:
             w.failures_seen = count
         if w.fresh_failures and count >= FAIL_AFTER:
             return (
-                f"deployment {w.name} failed: its replicas fail to start ({count} times in a row): {message}"
+                f"deployment {w.name} failed: its replicas fail to start ({count} times in a row): {message}",
+                True,
             )
         settled = ""
         if reason.startswith(FAILED):
@@ -160,10 +172,10 @@ class DeployWatch:
             )
         if not settled:
             w.settled_since = None
-            return ""
+            return "", False
         if w.settled_since is None:
             w.settled_since = now
-        return settled if now - w.settled_since >= CONFIRM_S else ""
+        return (settled, reason.startswith(FAILED)) if now - w.settled_since >= CONFIRM_S else ("", False)
 
 
 def _as_the_head_keeps(spec: DeploymentSpec, head_doc: Mapping[str, Any]) -> DeploymentSpec:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -13,7 +14,7 @@ import psutil
 import pytest
 
 from shoal import __version__
-from shoal.cli import build_parser, main
+from shoal.cli import build_parser, deploy, main
 from shoal.cli.common import ProgressLine, with_client
 from shoal.cli.deploy import traceback_excerpt, wait_for
 from shoal.cli.logs import merge_logs
@@ -25,9 +26,10 @@ from shoal.core.deploy_watch import FAIL_AFTER, DeployWatch
 from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec, parse_spec
 from shoal.errors import Unavailable
-from shoal.head.node import HeadNode, cluster_status
+from shoal.head.node import ApplyResult, HeadNode, cluster_status
 from shoal.http.head import head_app
 from shoal.store import MemoryStore
+from shoal.store.history import Revision
 from shoal.testing.fakes import FakeSchedulers
 from shoal.types import SchedulerRegistration
 
@@ -360,6 +362,77 @@ def test_down_with_nothing_running_says_so(tmp_path: Path, capsys: pytest.Captur
     assert exit.value.code == 0
     assert "nothing to stop" in capsys.readouterr().out
     assert not pid_file(tmp_path, "up").exists()
+
+
+# ------------------------------------------------------------------ deploy, as the user sees it
+
+
+class ScriptedHead:
+    """The head as ``shoal deploy`` and ``shoal rollback`` see it: its statuses in turn (the last
+    one again and again), and the revisions ``history`` answers."""
+
+    def __init__(self, statuses: list[dict[str, Any]], revisions: list[Revision] | None = None) -> None:
+        self.statuses = statuses
+        self.revisions = revisions or []
+
+    async def apply(self, spec: DeploymentSpec) -> ApplyResult:
+        return ApplyResult(created=False, changed=True, revision=2, change="model changed")
+
+    async def rollback(self, name: str, revision: int = 0) -> Revision:
+        return Revision(3, 0.0, "rolled_back", spec(model="v1:M").to_json(), "", "asked for", rollback_to=1)
+
+    async def status(self) -> Any:
+        doc = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+        return SimpleNamespace(to_json=lambda: doc)
+
+    async def history(self, name: str) -> list[Revision]:
+        return self.revisions
+
+    async def read_log(self, replica_id: str, tail_bytes: int, follow: bool) -> AsyncIterator[bytes]:
+        return
+        yield b""
+
+    async def close(self) -> None:
+        pass
+
+
+def run_cli(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], head: ScriptedHead, *argv: str
+) -> tuple[int, str, str]:
+    """``shoal ARGV`` against ``head``: its exit status, stdout and stderr."""
+    import shoal.rpc.clients
+
+    monkeypatch.setattr(shoal.rpc.clients, "ControlClient", lambda a, s: head)
+    with pytest.raises(SystemExit) as exit:
+        main(["--head", "127.0.0.1:1", *argv])
+    out = capsys.readouterr()
+    return int(exit.value.code or 0), out.out, out.err
+
+
+@pytest.fixture
+def v2_file(tmp_path: Path) -> str:
+    path = tmp_path / "v2.yaml"
+    path.write_text("name: echo\nbackend: python\nmodel: 'v2:M'\nresources: {cpus: 0.5}\n")
+    return str(path)
+
+
+def test_a_deploy_whose_deployment_is_deleted_meanwhile_fails(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], v2_file: str
+) -> None:
+    monkeypatch.setattr(deploy, "ROLLBACK_WAIT_S", 0.5)
+    head = ScriptedHead([status_of(spec(model="v1:M"), ("echo-old", "READY")), {"deployments": []}])
+    code, out, err = run_cli(monkeypatch, capsys, head, "deploy", "--no-upload", v2_file)
+    assert code == 1 and "ready after" not in out
+    assert err.splitlines() == ["shoal: error: deployment echo was deleted while it was being deployed"]
+
+
+def test_a_rollback_whose_deployment_is_deleted_meanwhile_fails(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    head = ScriptedHead([status_of(spec(model="v2:M"), ("echo-new", "READY")), {"deployments": []}])
+    code, out, err = run_cli(monkeypatch, capsys, head, "rollback", "echo")
+    assert code == 1 and "ready after" not in out
+    assert "deployment echo was deleted while it was being deployed" in err
 
 
 # ------------------------------------------------------------------ /docs
