@@ -168,18 +168,27 @@ def _applied(reply: Any, *, rolls: bool) -> str:
 
 async def _report_rollback(client: Any, name: str, revision: int, timeout_s: float) -> None:
     """Wait (at most ``timeout_s``) for the head to roll back revision ``revision`` of ``name``,
-    then say to which revision, on stderr."""
+    then say to which revision, on stderr. When the next revision is not a rollback (another
+    deploy, a restart) say that at once: rolling back would undo it."""
     deadline = time.monotonic() + timeout_s
     while True:
-        for rev in reversed(await client.history(name)):
-            if rev.number > revision and rev.kind == "rolled_back":
-                print(
-                    f"deployment {name} rolled back to revision {rev.rollback_to} "
-                    f"(as revision {rev.number}): its previous replicas keep serving",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                return
+        rev = next((r for r in await client.history(name) if r.number > revision), None)
+        if rev is not None and rev.kind == "rolled_back":
+            print(
+                f"deployment {name} rolled back to revision {rev.rollback_to} "
+                f"(as revision {rev.number}): its previous replicas keep serving",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
+        if rev is not None:
+            print(
+                f"deployment {name} was changed again after this deploy's revision {revision}: "
+                f"revision {rev.number} ({rev.kind}: {rev.change}) is the one rolling out now",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
         if time.monotonic() > deadline:
             print(
                 f"deployment {name} is not rolled back after {timeout_s:g}s (the head rolls an update back "

@@ -426,6 +426,52 @@ def test_a_deploy_whose_deployment_is_deleted_meanwhile_fails(
     assert err.splitlines() == ["shoal: error: deployment echo was deleted while it was being deployed"]
 
 
+def revisions_after(third: Revision) -> list[Revision]:
+    """Revision 1, revision 2 (the deploy's, ScriptedHead.apply), then ``third``."""
+    return [
+        Revision(1, 0.0, "created", "{}", "aaa", "created"),
+        Revision(2, 0.0, "updated", "{}", "bbb", "model changed"),
+        third,
+    ]
+
+
+def test_a_deploy_superseded_by_another_fails_at_once_without_rollback_advice(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], v2_file: str
+) -> None:
+    monkeypatch.setattr(deploy, "ROLLBACK_WAIT_S", 0.5)
+    v1, v3 = spec(model="v1:M"), spec(model="v3:M")
+    head = ScriptedHead(
+        [status_of(v1, ("echo-old", "READY")), status_of(v3, ("echo-old", "READY"))],
+        revisions_after(Revision(3, 0.0, "updated", "{}", "ccc", "model changed")),
+    )
+    code, _, err = run_cli(monkeypatch, capsys, head, "deploy", "--no-upload", v2_file)
+    assert code == 1
+    assert err.splitlines() == [
+        "shoal: error: deployment echo now runs another spec than the one deployed "
+        "(rolled back, or deployed again meanwhile)",
+        "deployment echo was changed again after this deploy's revision 2: "
+        "revision 3 (updated: model changed) is the one rolling out now",
+    ]
+
+
+def test_a_deploy_rolled_back_by_the_head_says_to_which_revision(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], v2_file: str
+) -> None:
+    v1 = spec(model="v1:M")
+    rolled_back = Revision(
+        3, 0.0, "rolled_back", "{}", "aaa", "rolled back to revision 1 (revision 2 failed)", rollback_to=1
+    )
+    head = ScriptedHead(
+        [status_of(v1, ("echo-old", "READY")), status_of(v1, ("echo-old", "READY"))],
+        revisions_after(rolled_back),
+    )
+    code, _, err = run_cli(monkeypatch, capsys, head, "deploy", "--no-upload", v2_file)
+    assert code == 1
+    assert err.splitlines()[-1] == (
+        "deployment echo rolled back to revision 1 (as revision 3): its previous replicas keep serving"
+    )
+
+
 def test_a_rollback_whose_deployment_is_deleted_meanwhile_fails(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
