@@ -130,8 +130,14 @@ class DeployWatch:
             left = sum(1 for r in replicas if r["id"] in w.old_replicas)
             done = done and ready >= target and len(replicas) == target and not left
             reason = dep["pending_reason"]
-            starting = len(replicas) - ready - left
-            more = (f", {starting} starting" if starting else "") + (f", {left} old" if left else "")
+            # Replicas of this spec on their way out (a lower count): neither new nor old.
+            draining = sum(1 for r in replicas if r["state"] == "DRAINING" and r["id"] not in w.old_replicas)
+            starting = len(replicas) - ready - left - draining
+            more = (
+                (f", {starting} starting" if starting else "")
+                + (f", {draining} draining" if draining else "")
+                + (f", {left} old" if left else "")
+            )
             parts.append(f"{w.name} {ready}/{target} ready{more}" + (f" ({reason})" if reason else ""))
             failure, failing = self._failure(w, reason, now)
             if failure:

@@ -225,6 +225,17 @@ def test_a_change_of_replica_count_only_keeps_its_replicas() -> None:
     assert watch.observe(status_of(spec(), ("echo-a", "READY"), ("echo-b", "READY"), target=2), now=1).done
 
 
+def test_replicas_drained_to_a_lower_count_are_draining_not_starting() -> None:
+    watch = DeployWatch.after_apply(
+        status_of(spec(), ("echo-a", "READY"), ("echo-b", "READY"), ("echo-c", "READY"), target=3), [spec()]
+    )
+    v = watch.observe(
+        status_of(spec(), ("echo-a", "READY"), ("echo-b", "DRAINING"), ("echo-c", "DRAINING")), now=0
+    )
+    assert not v.done and v.line == "echo 1/1 ready, 2 draining"
+    assert watch.observe(status_of(spec(), ("echo-a", "READY")), now=1).done
+
+
 def test_draining_to_make_room_is_progress_not_failure() -> None:
     old, new = spec(model="v1:M"), spec(model="v2:M")
     watch = DeployWatch.after_apply(status_of(old, ("echo-old", "READY")), [new])
