@@ -13,6 +13,7 @@ once, while those already open are served as before.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -20,7 +21,7 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 from urllib.parse import unquote
@@ -647,6 +648,21 @@ class _KeepConnection:
             log.exception("error after answering %s %s", scope.get("method"), scope.get("path"))
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server without its own SIGINT/SIGTERM handlers: the process decides when
+    its HTTP server stops (:meth:`HttpServer.stop`), after its replicas have drained.
+
+    ``uvicorn.Server.serve`` replaces the process's handlers with its own while it runs.
+    On SIGTERM the HTTP server then began its own shutdown at once, gave the requests in
+    flight 2 s and cancelled them (500) while the replicas that served them still drained;
+    the process's handler ran only once uvicorn had stopped. 4 of 6 HTTP requests in flight
+    when `shoal up` got SIGINT were answered 500 after about 3 s; gRPC's all finished."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
 class HttpServer:
     """uvicorn on a socket we bind ourselves, so port 0 works and the port is known."""
 
@@ -699,7 +715,7 @@ class HttpServer:
             ssl_ca_certs=str(tls.ca) if tls is not None else None,
             ssl_cert_reqs=ssl.CERT_OPTIONAL if tls is not None else ssl.CERT_NONE,
         )
-        self.server = uvicorn.Server(config)
+        self.server = _Server(config)
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:

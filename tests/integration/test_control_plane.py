@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import psutil
 import pytest
@@ -257,3 +258,31 @@ async def test_sigterm_to_a_scheduler_drains_its_replicas_then_exits(tmp_path: P
         assert await asyncio.to_thread(sched.wait, 30) == 0
         assert not alive(replica["pid"])
         assert "stopped" in sched.log.read_text()
+
+
+async def test_sigterm_to_a_scheduler_lets_http_requests_in_flight_finish(tmp_path: Path) -> None:
+    """Before: uvicorn took the signal itself, gave requests in flight 2 s and answered
+    them 500 while their replica still drained."""
+    folder = tmp_path / "gate"
+    # The replicas' grace (3 s in test clusters) must outlast the wait past uvicorn's 2 s.
+    env = {"SHOAL_INGRESS_WORKERS": "1", "SHOAL_SHUTDOWN_GRACE_S": "20"}
+    async with ProcessCluster(tmp_path, env=env) as cluster:
+        await cluster.deploy(gated(folder))
+        (replica,) = await cluster.wait_ready("echo", 1)
+        sched = cluster.schedulers[0]
+        body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 16], "data": X.ravel().tolist()}]}
+        async with httpx.AsyncClient(timeout=60) as client:
+            hold(folder)
+            url = f"http://{cluster.http_address()}/v2/models/echo/infer"
+            pending = asyncio.create_task(client.post(url, json=body))
+            await until(lambda: entered(folder), "the request in the model", timeout_s=20)
+            sched.signal(signal.SIGTERM)
+            log = replica_log(cluster, replica["id"])
+            await until(lambda: "stopping" in log.read_text(), "the replica told to drain")
+            await asyncio.sleep(3)  # past uvicorn's own 2 s of grace
+            assert not pending.done()
+            release(folder)
+            reply = await pending
+        assert reply.status_code == 200, reply.text[:300]
+        assert reply.json()["outputs"][0]["data"] == X.ravel().tolist()
+        assert await asyncio.to_thread(sched.wait, 30) == 0
