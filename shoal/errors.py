@@ -61,6 +61,12 @@ class ShoalError(Exception):
     def http_status(self) -> int:
         return HTTP_STATUS[self.code]
 
+    @property
+    def http_headers(self) -> dict[str, str]:
+        """Headers for its HTTP answer: ``Retry-After: 1`` on a 503 (a full queue, a limit,
+        no replica now), as the ingress's early refusals already sent."""
+        return {"Retry-After": "1"} if self.http_status == 503 else {}
+
 
 class InvalidArgument(ShoalError):
     code = Code.INVALID_ARGUMENT

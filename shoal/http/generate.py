@@ -85,7 +85,7 @@ def parse_generate(doc: dict[str, Any], *, stream: bool) -> tuple[str, GenerateR
 
 
 def _error(err: ShoalError) -> Response:
-    return JSONResponse({"error": err.message}, status_code=err.http_status)
+    return JSONResponse({"error": err.message}, status_code=err.http_status, headers=err.http_headers)
 
 
 def generate_routes(catalog: ModelCatalog, limit: int) -> list[Route]:

@@ -44,7 +44,7 @@ def _errors(fn: Handler) -> Handler:
         try:
             return await fn(request)
         except ShoalError as err:
-            return JSONResponse({"error": err.message}, status_code=err.http_status)
+            return JSONResponse({"error": err.message}, status_code=err.http_status, headers=err.http_headers)
 
     return wrapped
 
@@ -363,7 +363,11 @@ def openapi_schema() -> dict[str, Any]:
                             }
                         },
                     },
-                    "responses": {"200": ok("scaled"), "400": err("invalid count"), "404": err("unknown")},
+                    "responses": {
+                        "200": ok("scaled"),
+                        "400": err("invalid count, or an autoscaled deployment"),
+                        "404": err("unknown"),
+                    },
                 },
             },
             "/api/deployments/{name}/history": {

@@ -442,7 +442,7 @@ class Infer:
             status = 200
             body, media_type, extra = await self.answer(scope, receive)
         except ShoalError as err:
-            status, media_type, extra = err.http_status, _JSON, {}
+            status, media_type, extra = err.http_status, _JSON, err.http_headers
             body = json.dumps({"error": err.message}, ensure_ascii=False, separators=(",", ":")).encode()
         except Exception as exc:  # a bug: the client still gets the protocol's JSON error
             log.exception("inference request %s failed", scope["path"])

@@ -188,7 +188,7 @@ def error_body(err: ShoalError) -> dict[str, Any]:
 
 
 def error_response(err: ShoalError) -> Response:
-    return JSONResponse(error_body(err), status_code=err.http_status)
+    return JSONResponse(error_body(err), status_code=err.http_status, headers=err.http_headers)
 
 
 def _openai(endpoint: Endpoint) -> Endpoint:

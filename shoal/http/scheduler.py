@@ -58,7 +58,7 @@ _JSON = "application/json"
 
 
 def _error(err: ShoalError) -> Response:
-    return JSONResponse({"error": err.message}, status_code=err.http_status)
+    return JSONResponse({"error": err.message}, status_code=err.http_status, headers=err.http_headers)
 
 
 def _json(doc: Any, status_code: int = 200) -> Response:

@@ -350,3 +350,17 @@ async def test_a_json_body_over_the_on_loop_limit_is_parsed_and_answered_the_sam
     finally:
         shutdown_parser()
         await router.aclose()
+
+
+async def test_a_503_from_the_data_plane_says_when_to_retry(doors: Doors, fakes: FakeReplicas) -> None:
+    """The early refusal of a full queue sent Retry-After: 1; a 503 from the data plane
+    itself (no replica could take the request) came without it."""
+    fakes.client("a:9000").fail()
+    x = GOOD.tolist()
+    doc = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 4], "data": x}]}
+    r = await doors.http.post("/v2/models/echo/infer", json=doc)
+    assert r.status_code == 503, r.text
+    assert r.headers["retry-after"] == "1"
+    fakes.client("a:9000").recover()
+    r = await doors.http.post("/v2/models/echo/infer", json=doc)
+    assert r.status_code == 200 and "retry-after" not in r.headers
