@@ -535,8 +535,19 @@ class HeadNode:
                 await self._roll_back(name, spec, target, f"revision {number} failed")
 
     async def scale(self, name: str, replicas: int) -> None:
+        """Set a deployment's fixed replica count. NotFound for an unknown name;
+        FailedPrecondition for a broken deployment, and for an autoscaled one (the autoscaler
+        owns its count: a stored ``replicas`` would change nothing); InvalidArgument for a
+        count the spec does not allow."""
         async with self.lock:
             spec = self._get(name)
+            policy = spec.autoscaling
+            if policy is not None:
+                raise FailedPrecondition(
+                    f"deployment {name!r} is autoscaled: the autoscaler sets its replica count between "
+                    f"min_replicas {policy.min_replicas} and max_replicas {policy.max_replicas}; to change "
+                    "that, edit autoscaling in its spec (or remove it for a fixed count) and deploy it"
+                )
             new = parse_spec({**spec.model_dump(mode="json"), "replicas": replicas})
             await self.store.put(DEPLOYMENTS + name, new.to_json())
             self.desired[name] = new

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 import shoal
+from shoal.core.spec import parse_spec
 from shoal.decorator import load_target
-from shoal.errors import NotFound, ShoalError, Unavailable
+from shoal.errors import FailedPrecondition, NotFound, ShoalError, Unavailable
 from shoal.testing.cluster import ProcessCluster
 
 pytestmark = pytest.mark.timeout(120)
@@ -100,6 +101,15 @@ async def test_the_api_deploys_scales_infers_and_deletes(cluster: ProcessCluster
             await c.handle("triple").infer({"x": [[1]]})
         with pytest.raises(NotFound, match="nope"):
             await c.scale("nope", 1)
+        # An autoscaled deployment's count is the autoscaler's (min 0: nothing starts).
+        await c.apply(
+            parse_spec({**echo, "name": "auto", "autoscaling": {"min_replicas": 0, "max_replicas": 2}})
+        )
+        with pytest.raises(
+            FailedPrecondition, match="autoscaler sets its replica count between min_replicas 0"
+        ):
+            await c.scale("auto", 7)
+        await c.delete("auto")
         with pytest.raises(NotFound, match="nope"):
             await c.delete("nope")
         with pytest.raises(ShoalError, match="ragged"):

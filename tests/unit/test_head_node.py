@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from pathlib import Path
 
+import httpx
 import pytest
 
 from shoal.config import Settings
@@ -18,9 +19,10 @@ from shoal.core.clock import FakeClock
 from shoal.core.cluster import READY, STARTING, CreateReplica, RemoveReplica, ReplicaRecord, ReplicaReport
 from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec, parse_spec, parse_spec_json
-from shoal.errors import InvalidArgument, NotFound, Unavailable
+from shoal.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from shoal.head.blobs import BlobStore
 from shoal.head.node import ROUTES_GAP_S, ApplyResult, HeadNode, cluster_status
+from shoal.http.head import head_app
 from shoal.store import MemoryStore
 from shoal.testing.fakes import FakeSchedulers
 from shoal.testing.wait import until
@@ -132,6 +134,37 @@ async def test_scale_refuses_a_count_the_spec_does_not_allow(head: HeadNode, sto
     entry = await store.get("deployments/echo")
     assert entry is not None
     assert parse_spec_json(entry.value).replicas == 1
+
+
+async def test_scale_of_an_autoscaled_deployment_is_refused_over_rest_too(
+    head: HeadNode, store: MemoryStore
+) -> None:
+    # The autoscaler owns the count: a stored replicas would change nothing but the event log.
+    auto = parse_spec(
+        {
+            "name": "auto",
+            "backend": "python",
+            "model": "m.py",
+            "autoscaling": {"min_replicas": 0, "max_replicas": 2},
+        }
+    )
+    await head.apply(auto)
+    refusal = (
+        "deployment 'auto' is autoscaled: the autoscaler sets its replica count between min_replicas 0 "
+        "and max_replicas 2; to change that, edit autoscaling in its spec (or remove it for a fixed count) "
+        "and deploy it"
+    )
+    with pytest.raises(FailedPrecondition) as err:
+        await head.scale("auto", 7)
+    assert str(err.value) == refusal
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=head_app(head)), base_url="http://h") as c:
+        reply = await c.post("/api/deployments/auto/scale", json={"replicas": 7})
+    assert reply.status_code == 400 and refusal in reply.text
+
+    entry = await store.get("deployments/auto")
+    assert entry is not None and parse_spec_json(entry.value) == auto
+    assert [e.kind for e in await head.lifecycle_events("auto", 0)] == ["created"]
 
 
 async def test_delete_forgets_the_deployment_and_removes_its_replicas(
