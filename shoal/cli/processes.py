@@ -14,7 +14,7 @@ import logging.handlers
 import signal
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -138,20 +138,43 @@ def running(path: Path) -> psutil.Process | None:
         return None
 
 
+CONFLICTS = {"up": ROLES, "head": ("up", "head"), "scheduler": ("up", "scheduler")}
+"""The processes a role may not start beside on one state folder: ``shoal up`` runs a head and
+a scheduler, and two schedulers on one folder share its ``scheduler_id`` (the head would take
+them for one), two heads its SQLite store. A head and a scheduler may share one."""
+
+
 @contextmanager
 def _running_as(settings: Settings, role: str) -> Iterator[None]:
-    """Write this process's pid file (refusing to start beside a live one) and copy the log to a file."""
-    path = pid_file(settings.state_dir, role)
-    other = running(path)
-    if other is not None:
-        raise FailedPrecondition(
-            f"shoal {role} already runs with state folder {settings.state_dir} (pid {other.pid}); "
-            f"'shoal down --state {settings.state_dir}' stops it"
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write this process's pid file and copy the log to a file.
+
+    Raises FailedPrecondition, before it writes anything, when a process of :data:`CONFLICTS`
+    runs with this state folder, or when the folder cannot be made or written.
+    """
+    state = settings.state_dir
+    for other_role in CONFLICTS[role]:
+        other = running(pid_file(state, other_role))
+        if other is not None:
+            raise FailedPrecondition(
+                f"shoal {other_role} already runs with state folder {state} (pid {other.pid}); "
+                f"'shoal down --state {state}' stops it, or give this {role} a state folder of its own"
+            )
+    path = pid_file(state, role)
+    folder = path.parent
+    if folder.exists() and not folder.is_dir():
+        raise FailedPrecondition(f"state folder {state} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise FailedPrecondition(f"cannot create state folder {state}: {err.strerror or err}") from None
     me = psutil.Process()
-    path.write_text(json.dumps({"pid": me.pid, "started": me.create_time()}))
-    handler = _log_to_file(log_file(settings.state_dir, role))
+    try:
+        path.write_text(json.dumps({"pid": me.pid, "started": me.create_time()}))
+        handler = _log_to_file(log_file(state, role))
+    except OSError as err:
+        with suppress(OSError):
+            path.unlink(missing_ok=True)
+        raise FailedPrecondition(f"cannot write in state folder {state}: {err.strerror or err}") from None
     try:
         yield
     finally:

@@ -1,0 +1,117 @@
+"""What the CLI refuses before it starts or sends anything, as the user sees it: a state folder
+another process uses or that cannot be one."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+import shoal.aio
+import shoal.logs
+import shoal.zygote
+from shoal.cli import main
+from shoal.cli.processes import pid_file
+
+pytestmark = pytest.mark.timeout(10)
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    """``shoal ARGV``: its exit status and stderr."""
+    with pytest.raises(SystemExit) as exit:
+        main(list(argv))
+    return int(exit.value.code or 0), capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ state folders
+
+
+@pytest.fixture
+def nothing_runs(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """``shoal up``, ``head`` and ``scheduler`` as far as their pid file, then they return at
+    once: no servers, no zygote, no logging set up. The list holds what would have run."""
+    ran: list[object] = []
+
+    def run(main: Any, event_loop: str = "auto") -> None:
+        main.close()
+        ran.append(main)
+
+    @contextmanager
+    def zygote() -> Iterator[None]:
+        yield None
+
+    monkeypatch.setattr(shoal.aio, "run", run)
+    monkeypatch.setattr(shoal.zygote, "zygote", zygote)
+    monkeypatch.setattr(shoal.logs, "setup", lambda *a, **k: None)
+    return ran
+
+
+def claim(state: Path, role: str) -> int:
+    """A live ``role`` in ``state``, as its pid file says: this test's own process."""
+    me = psutil.Process()
+    state.mkdir(parents=True, exist_ok=True)
+    pid_file(state, role).write_text(json.dumps({"pid": me.pid, "started": me.create_time()}))
+    return me.pid
+
+
+@pytest.mark.parametrize(
+    ("live", "starting"),
+    [
+        ("up", "scheduler"),
+        ("up", "head"),
+        ("up", "up"),
+        ("head", "head"),
+        ("head", "up"),
+        ("scheduler", "scheduler"),
+        ("scheduler", "up"),
+    ],
+)
+def test_a_process_is_refused_beside_one_it_would_share_the_state_folder_with(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], nothing_runs: list[object], live: str, starting: str
+) -> None:
+    pid = claim(tmp_path, live)
+    code, err = run_cli(capsys, starting, "--state", str(tmp_path))
+    assert code == 1 and not nothing_runs
+    assert err.splitlines() == [
+        f"shoal: error: shoal {live} already runs with state folder {tmp_path} (pid {pid}); "
+        f"'shoal down --state {tmp_path}' stops it, or give this {starting} a state folder of its own"
+    ]
+    assert not pid_file(tmp_path, starting).exists() or live == starting
+
+
+@pytest.mark.parametrize(("live", "starting"), [("head", "scheduler"), ("scheduler", "head")])
+def test_a_head_and_a_scheduler_may_share_a_state_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], nothing_runs: list[object], live: str, starting: str
+) -> None:
+    claim(tmp_path, live)
+    code, err = run_cli(capsys, starting, "--state", str(tmp_path))
+    assert code == 0 and len(nothing_runs) == 1, err
+    assert not pid_file(tmp_path, starting).exists()  # removed on the way out
+
+
+@pytest.mark.parametrize(
+    ("state", "why"),
+    [
+        ("afile", "state folder {} is a file, not a folder"),
+        ("afile/sub", "cannot create state folder {}: Not a directory"),
+    ],
+)
+@pytest.mark.parametrize("role", ["up", "head", "scheduler"])
+def test_a_state_folder_that_cannot_be_one_is_one_line(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    nothing_runs: list[object],
+    state: str,
+    why: str,
+    role: str,
+) -> None:
+    (tmp_path / "afile").write_text("not a folder")
+    folder = tmp_path / state
+    code, err = run_cli(capsys, role, "--state", str(folder))
+    assert code == 1 and not nothing_runs
+    assert err.splitlines() == [f"shoal: error: {why.format(folder)}"]
