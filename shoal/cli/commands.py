@@ -12,14 +12,13 @@ from typing import Any
 
 import numpy as np
 
-from shoal.cli.common import text_table, with_client
+from shoal.cli.common import INT32_MAX, in_range, text_table, with_client
 from shoal.config import Settings
 from shoal.errors import InvalidArgument
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
-    if args.replicas < 0:
-        raise InvalidArgument(f"replicas must be >= 0, got {args.replicas}")
+    in_range("replicas", args.replicas, INT32_MAX)
 
     async def go(client: Any, settings: Settings) -> int:
         await client.scale(args.name, args.replicas)

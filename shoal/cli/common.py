@@ -10,10 +10,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NoReturn
 
 from shoal.config import Settings
-from shoal.errors import ShoalError, Unavailable
+from shoal.errors import InvalidArgument, ShoalError, Unavailable
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
 
 
 def run_command(args: argparse.Namespace) -> NoReturn:
@@ -66,6 +68,18 @@ def settings_of(args: argparse.Namespace, **flags: Any) -> Settings:
         "state_dir": getattr(args, "state", None),
     }
     return Settings.load(file=getattr(args, "config", None), flags={**common, **flags})
+
+
+def in_range(what: str, value: int, high: int, low: int = 0) -> int:
+    """``value`` when ``low <= value <= high``; else InvalidArgument naming ``what``.
+
+    For a number the CLI sends in a protobuf field: ``high`` is the field's largest
+    (:data:`INT32_MAX`, :data:`INT64_MAX`), since building the message with a larger one
+    raises ValueError, which would be a traceback rather than an answer.
+    """
+    if not low <= value <= high:
+        raise InvalidArgument(f"{what} must be an integer from {low} to {high}, got {value}")
+    return value
 
 
 def add_head_flag(p: argparse.ArgumentParser) -> None:

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from shoal.cli.common import add_client_flags, settings_of, with_client
+from shoal.cli.common import INT64_MAX, add_client_flags, in_range, settings_of, with_client
 from shoal.cli.processes import log_file
 from shoal.config import Settings
 from shoal.errors import NotFound
@@ -128,6 +128,7 @@ async def _tail_file(path: Path, tail_bytes: int, follow: bool) -> AsyncIterator
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
+    in_range("--tail-bytes", args.tail_bytes, INT64_MAX)
     target = args.target
     out = sys.stdout.buffer
     if target in COMPONENTS:

@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from shoal.cli.common import add_client_flags, text_table, with_client
+from shoal.cli.common import INT32_MAX, add_client_flags, in_range, text_table, with_client
 from shoal.cli.deploy import status_reader, wait_for
 from shoal.config import Settings
 from shoal.core.deploy_watch import DeployWatch
@@ -46,6 +46,8 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 
 def cmd_events(args: argparse.Namespace) -> int:
+    in_range("--limit", args.limit, INT32_MAX)
+
     async def go(client: Any, settings: Settings) -> int:
         print(render_events(await client.events(args.name or "", args.limit)))
         return 0
@@ -63,6 +65,8 @@ async def _follow(client: Any, before: Any, rev: Revision, args: argparse.Namesp
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
+    in_range("revision", args.revision or 0, INT32_MAX)
+
     async def go(client: Any, settings: Settings) -> int:
         before = await status_reader(client)()
         rev = await client.rollback(args.name, args.revision or 0)

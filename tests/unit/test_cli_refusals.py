@@ -1,5 +1,5 @@
 """What the CLI refuses before it starts or sends anything, as the user sees it: a state folder
-another process uses or that cannot be one."""
+another process uses or that cannot be one, and numbers a protobuf field cannot carry."""
 
 from __future__ import annotations
 
@@ -115,3 +115,28 @@ def test_a_state_folder_that_cannot_be_one_is_one_line(
     code, err = run_cli(capsys, role, "--state", str(folder))
     assert code == 1 and not nothing_runs
     assert err.splitlines() == [f"shoal: error: {why.format(folder)}"]
+
+
+# ------------------------------------------------------------------ numbers for protobuf fields
+
+
+@pytest.mark.parametrize(
+    ("argv", "what", "high"),
+    [
+        (["scale", "echo", "2147483648"], "replicas", 2**31 - 1),
+        (["scale", "echo", "99999999999999999999"], "replicas", 2**31 - 1),
+        (["scale", "echo", "-1"], "replicas", 2**31 - 1),
+        (["events", "--limit", "99999999999"], "--limit", 2**31 - 1),
+        (["logs", "echo", "--tail-bytes", "99999999999999999999999"], "--tail-bytes", 2**63 - 1),
+        (["logs", "head", "--tail-bytes", "-1"], "--tail-bytes", 2**63 - 1),
+        (["rollback", "echo", "99999999999"], "revision", 2**31 - 1),
+    ],
+)
+def test_a_number_its_protobuf_field_cannot_hold_is_refused_in_one_line(
+    capsys: pytest.CaptureFixture[str], argv: list[str], what: str, high: int
+) -> None:
+    # No head listens at port 1: the refusal comes before any call.
+    code, err = run_cli(capsys, "--head", "127.0.0.1:1", *argv)
+    value = next(a for a in reversed(argv) if a.lstrip("-").isdigit())
+    assert code == 1
+    assert err.splitlines() == [f"shoal: error: {what} must be an integer from 0 to {high}, got {value}"]
