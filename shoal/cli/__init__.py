@@ -63,7 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--data", required=True, help="JSON inputs, e.g. '{\"x\": [[1, 2]]}', or @file.json")
     p.add_argument("--scheduler", help="send to this scheduler's gRPC address (default: any live one)")
-    p.add_argument("--timeout", type=float, default=0.0, help="seconds (default: the deployment's)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=0.0,
+        help="seconds, finite (default: the deployment's); the client waits at most 1e9 s (31 years)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="say which replica answered")
     add_client_flags(p)
     p.set_defaults(fn=cmd_predict)

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NoReturn
 
 from shoal.config import Settings
-from shoal.errors import InvalidArgument, ShoalError, Unavailable
+from shoal.errors import DeadlineExceeded, InvalidArgument, ShoalError, Unavailable
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -119,6 +119,15 @@ def with_client(args: argparse.Namespace, fn: Callable[[Any, Settings], Awaitabl
                 f"cannot reach the head at {settings.head_address} ({err}); is it running? "
                 f"Start one with 'shoal up' or point --head / SHOAL_HEAD at it.{tls}"
             ) from None
+        except DeadlineExceeded as err:
+            # A request that ran out of time at a scheduler is that request's answer; a head
+            # that takes connections and never answers (hung, or not a shoal head) is named.
+            if await _answers(client):
+                raise
+            raise DeadlineExceeded(
+                f"the head at {settings.head_address} did not answer in time ({err}); is it a shoal "
+                "head's gRPC port, and is that head running normally? Point --head / SHOAL_HEAD at it."
+            ) from None
         finally:
             await client.close()
 
@@ -126,7 +135,8 @@ def with_client(args: argparse.Namespace, fn: Callable[[Any, Settings], Awaitabl
 
 
 async def _answers(client: Any) -> bool:
-    """Whether the head answers now: an UNAVAILABLE is blamed on it only when it does not."""
+    """Whether the head answers now: an UNAVAILABLE or a DEADLINE_EXCEEDED is blamed on it only
+    when it does not."""
     try:
         await client.status()
     except ShoalError:

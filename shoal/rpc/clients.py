@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
@@ -645,6 +646,13 @@ class ControlClient:
         await self._heads.close()
 
 
+MAX_CALL_DEADLINE_S = 1e9
+"""The longest gRPC deadline :class:`NativeClient` gives a call (about 31 years): grpc keeps
+a deadline as nanoseconds of the wall clock in 64 bits, so one more than about 7e9 s from
+now wraps into the past and the call fails at once with DEADLINE_EXCEEDED. The request's own
+``timeout_s``, whatever its size, still goes to the scheduler, which enforces it."""
+
+
 class NativeClient:
     """A client of a scheduler's native ``SendRequest``; one channel, many calls, safe concurrently."""
 
@@ -663,12 +671,15 @@ class NativeClient:
         model_id: str = "",
     ) -> tuple[Arrays, str]:
         """Returns (outputs, id of the replica that answered); ``model_id`` names a multiplexed
-        deployment's model. Raises ShoalError."""
+        deployment's model. Raises ShoalError: InvalidArgument for a ``timeout_s`` that is
+        negative or not finite, as the scheduler would."""
+        if not (math.isfinite(timeout_s) and timeout_s >= 0):
+            raise InvalidArgument(f"timeout_s must be a finite number >= 0, got {timeout_s:g}")
         req = pb.InferRequest(
             deployment=deployment, request_id=request_id, timeout_s=timeout_s, model_id=model_id
         )
         codec.fill_arrays(req.inputs, inputs)
-        deadline = (timeout_s or 60.0) + 5.0
+        deadline = min((timeout_s or 60.0) + 5.0, MAX_CALL_DEADLINE_S)
         try:
             reply = await self._stub.SendRequest(req, timeout=deadline, metadata=self._metadata)
         except grpc.aio.AioRpcError as err:

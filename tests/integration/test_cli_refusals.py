@@ -1,19 +1,22 @@
-"""The CLI beside real processes: a second process on a running ``shoal up``'s state folder."""
+"""The CLI beside real processes: a second process on a running ``shoal up``'s state folder,
+a request timeout of any finite size, and a head that takes connections but never answers."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
-from shoal.testing.cluster import FAST, Component
+from shoal.testing.cluster import FAST, Component, ProcessCluster
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -79,3 +82,58 @@ def test_a_scheduler_or_head_on_a_running_ups_state_folder_is_refused(up: Compon
     status = json.loads(shoal("--head", up.endpoints["head"], "status", "--json").stdout)
     assert [s["pid"] for s in status["schedulers"]] == [up.pid]
     assert json.loads((up.state / "up.pid").read_text())["pid"] == up.pid
+
+
+async def test_a_request_timeout_of_any_finite_size_is_sent_and_a_non_finite_one_refused(
+    tmp_path: Path, examples_dir: Path
+) -> None:
+    async with ProcessCluster(tmp_path) as cluster:
+        await cluster.deploy(
+            {"name": "echo", "backend": "python", "model": "echo:Echo", "base_dir": str(examples_dir)}
+        )
+        await cluster.wait_ready("echo", 1)
+        data = json.dumps({"x": [[float(i) for i in range(16)]]})
+        head = ["--head", cluster.head_address, "predict", "echo", "--data", data, "--timeout"]
+        for timeout in ("1e9", "1e10", "1e300"):
+            proc = shoal(*head, timeout)
+            assert proc.returncode == 0, (timeout, proc.stderr)
+            assert json.loads(proc.stdout) == {"x": [list(range(16))]}
+        for timeout in ("inf", "nan", "-1"):
+            proc = shoal(*head, timeout)
+            assert proc.returncode == 1
+            assert proc.stderr.splitlines() == [
+                f"shoal: error: timeout_s must be a finite number >= 0, got {timeout}"
+            ]
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port that accepts TCP connections and never answers on them."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                return  # closed: the test is over
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        thread.join(5)
+        for conn in held:
+            conn.close()
+
+
+def test_a_head_that_never_answers_is_named(silent_port: int) -> None:
+    address = f"127.0.0.1:{silent_port}"
+    proc = shoal("--head", address, "status", env={**ENV, "SHOAL_RPC_TIMEOUT_S": "1"})
+    assert proc.returncode == 1
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith(f"shoal: error: the head at {address} did not answer in time"), line

@@ -25,7 +25,7 @@ from shoal.core.cluster import FAILED, FAILED_AFTER, REPLICA_DEAD, ReplicaReport
 from shoal.core.deploy_watch import FAIL_AFTER, DeployWatch
 from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec, parse_spec
-from shoal.errors import Unavailable
+from shoal.errors import DeadlineExceeded, ShoalError, Unavailable
 from shoal.head.node import ApplyResult, HeadNode, cluster_status
 from shoal.http.head import head_app
 from shoal.store import MemoryStore
@@ -523,20 +523,27 @@ class FakeControl:
 
 
 @pytest.mark.parametrize("head_up", [True, False])
-def test_unavailable_is_blamed_on_the_head_only_when_it_does_not_answer(
-    monkeypatch: pytest.MonkeyPatch, head_up: bool
+@pytest.mark.parametrize(
+    ("error", "blamed"),
+    [
+        (Unavailable("the replica serving the request died"), "cannot reach the head at h:1"),
+        (DeadlineExceeded("request r1 timed out after 1s"), "the head at h:1 did not answer in time"),
+    ],
+)
+def test_unavailable_or_a_deadline_is_blamed_on_the_head_only_when_it_does_not_answer(
+    monkeypatch: pytest.MonkeyPatch, head_up: bool, error: ShoalError, blamed: str
 ) -> None:
     import shoal.rpc.clients
 
     monkeypatch.setattr(shoal.rpc.clients, "ControlClient", lambda a, s: FakeControl(a, s, head_up=head_up))
 
     async def predict(client: Any, settings: Settings) -> int:
-        raise Unavailable("the replica serving the request died")
+        raise error
 
     args = build_parser().parse_args(["--head", "h:1", "status"])
-    with pytest.raises(Unavailable) as err:
+    with pytest.raises(type(error)) as err:
         with_client(args, predict)
     if head_up:
-        assert str(err.value) == "the replica serving the request died"
+        assert str(err.value) == str(error)
     else:
-        assert str(err.value).startswith("cannot reach the head at h:1")
+        assert str(err.value).startswith(blamed)
