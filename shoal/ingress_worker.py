@@ -103,8 +103,11 @@ async def run_ingress_worker(settings: Settings, control: str, worker_id: str, s
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    # Its scheduler stops it (SIGTERM), after the replicas have drained. Ctrl-C in a terminal
+    # reaches every process of the group, the workers too: before, they stopped at once,
+    # and the requests they held failed while the scheduler still drained.
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, lambda: None)
     await server.start()
     await http.start()
     try:

@@ -254,3 +254,18 @@ async def test_each_ingress_process_runs_on_a_cpu_of_its_own_and_replicas_anywhe
     assert len(replicas) == 2 and len(zygotes) == 1
     for free in [*replicas, *zygotes]:
         assert thread_cpus(free.pid) == {frozenset(cpus)}
+
+
+async def test_a_worker_goes_on_serving_through_ctrl_c(cluster: ProcessCluster) -> None:
+    """Ctrl-C in a terminal sends SIGINT to every process of the group; the scheduler
+    decides when its workers stop (after its replicas drained). Before, a worker stopped
+    at once and was started again."""
+    await wait_for(lambda: len(workers(cluster)) == 1, 10, "the ingress worker process")
+    [worker] = workers(cluster)
+    http_port = int(cluster.http_address().rsplit(":", 1)[1])
+    await wait_for(lambda: http_port in listeners(worker.pid), 20, "the worker to listen")
+    worker.send_signal(signal.SIGINT)
+    await asyncio.sleep(1.0)  # a worker that took it would be gone by now (it exits within 0.2 s)
+    assert worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE
+    assert [p.pid for p in workers(cluster)] == [worker.pid]
+    assert http_port in listeners(worker.pid)
