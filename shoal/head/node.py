@@ -28,6 +28,7 @@ from typing import Any
 
 from shoal.auth import Role, TokenRecord, TokenRegistry, required_tokens
 from shoal.config import Settings
+from shoal.core import limits
 from shoal.core.autoscale import Autoscaler
 from shoal.core.clock import Clock, SystemClock, sleep_or_event
 from shoal.core.cluster import (
@@ -569,7 +570,7 @@ class HeadNode:
         async with self.lock:
             running = any(r.deployment == name for r in self.state.replicas.values())
             if name not in self.desired and name not in self.broken and not running:
-                raise NotFound(f"no deployment named {name!r}")
+                raise NotFound(f"no deployment named {limits.shown(repr(name))}")
             # The tombstone first: a head that stops between the two writes still knows
             # the deployment, and deleting again finishes the job.
             now = time.time()
@@ -633,7 +634,7 @@ class HeadNode:
                 f"deployment {name!r} is broken ({self.broken[name]}); apply a new spec or delete it"
             )
         if spec is None:
-            raise NotFound(f"no deployment named {name!r}")
+            raise NotFound(f"no deployment named {limits.shown(repr(name))}")
         return spec
 
     def _refresh_resources(self) -> None:
@@ -971,7 +972,7 @@ class HeadNode:
             revisions = list(self.history.revisions(name))
             known = name in self.desired or name in self.broken
         if not known and not revisions:
-            raise NotFound(f"no deployment named {name!r}")
+            raise NotFound(f"no deployment named {limits.shown(repr(name))}")
         return revisions
 
     async def lifecycle_events(self, deployment: str = "", limit: int = 0) -> list[LifecycleEvent]:

@@ -24,7 +24,7 @@ from starlette.staticfiles import StaticFiles
 
 from shoal import __version__, metrics
 from shoal.auth import RateLimiter
-from shoal.core import stats
+from shoal.core import limits, stats
 from shoal.core.spec import DeploymentSpec, parse_spec
 from shoal.core.traffic import TrafficRoute, parse_route
 from shoal.errors import InvalidArgument, NotFound, ShoalError
@@ -90,7 +90,7 @@ def head_app(node: HeadNode, limiter: RateLimiter | None = None) -> Starlette:
         for dep in (await node.status()).to_json()["deployments"]:
             if dep["name"] == name:
                 return JSONResponse(dep)
-        raise NotFound(f"no deployment named {name!r}")
+        raise NotFound(f"no deployment named {limits.shown(repr(name))}")
 
     async def apply(request: Request) -> Response:
         spec = parse_spec(await _json_body(request, limit))

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import shoal
-from shoal.core import payload, triton_repo
+from shoal.core import limits, payload, triton_repo
 from shoal.core.payload import Tensors
 from shoal.core.spec import DeploymentSpec, TensorSpec
 from shoal.errors import InvalidArgument, NotFound, ShoalError, Unavailable
@@ -381,7 +381,7 @@ class ModelCatalog:
         try:
             spec = self._router.spec(name)
         except NotFound:
-            raise NotFound(f"unknown model {name!r}: no deployment of that name") from None
+            raise NotFound(f"unknown model {limits.shown(repr(name))}: no deployment of that name") from None
         if version:
             self.revision(spec, version)
         return spec

@@ -17,6 +17,7 @@ from collections.abc import AsyncGenerator, Callable, Collection
 from dataclasses import dataclass, field
 
 from shoal.config import Settings
+from shoal.core import limits
 from shoal.core.clock import Clock, SystemClock
 from shoal.core.ids import request_key
 from shoal.core.payload import Tensors
@@ -274,7 +275,7 @@ class Router:
     def _live(self, name: str) -> _Deployment:
         dep = self._deployments.get(name)
         if dep is None or dep.deleted:
-            raise NotFound(f"no deployment named {name!r}")
+            raise NotFound(f"no deployment named {limits.shown(repr(name))}")  # the client's string
         return dep
 
     def spec(self, name: str) -> DeploymentSpec:

@@ -26,3 +26,22 @@ async def test_a_log_tail_out_of_range_is_400(store: MemoryStore, fleet: FakeSch
         assert "tail_bytes must be an integer from 0 to" in r.json()["error"]
     finally:
         await node.aclose()
+
+
+async def test_an_unknown_deployment_name_is_quoted_cut(store: MemoryStore, fleet: FakeSchedulers) -> None:
+    """Before: a 5,000-character name came back whole in the 404."""
+    node = HeadNode(Settings(), store, fleet)
+    name = "d" * 5_000
+    try:
+        transport = httpx.ASGITransport(app=head_app(node))
+        async with httpx.AsyncClient(transport=transport, base_url="http://head") as client:
+            for r in (
+                await client.get(f"/api/deployments/{name}"),
+                await client.delete(f"/api/deployments/{name}"),
+                await client.get(f"/api/deployments/{name}/history"),
+            ):
+                assert r.status_code == 404, r.text[:200]
+                message = r.json()["error"]
+                assert "(4802 more characters)" in message and len(message) < 300, message[:300]
+    finally:
+        await node.aclose()
