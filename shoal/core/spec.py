@@ -234,6 +234,16 @@ class DeploymentSpec(_Strict):
     # after editing them is a change, and replaces the replicas.
     model_hash: str = Field(default="", max_length=128)
 
+    @field_validator("name")
+    @classmethod
+    def _not_a_route(cls, name: str) -> str:
+        # GET /v2/models/stats is every model's statistics (the protocol's route, Triton's
+        # too): a deployment of that name served and answered /infer, but its metadata
+        # could not be reached over HTTP.
+        if name == "stats":
+            raise ValueError("'stats' is the name of the route /v2/models/stats (every model's statistics)")
+        return name
+
     @field_validator("model", "base_dir")
     @classmethod
     def _uri(cls, text: str) -> str:

@@ -220,3 +220,11 @@ def test_a_model_id_that_is_not_a_plain_name_is_refused(model_id: str) -> None:
 def test_plain_model_ids_pass() -> None:
     for model_id in ("customer-17", "A.b_c-9", "x" * 128):
         assert check_model_id(model_id) == model_id
+
+
+def test_a_deployment_cannot_take_the_name_of_the_statistics_route() -> None:
+    """GET /v2/models/stats answers every model's statistics: a deployment named 'stats'
+    served, but its metadata could not be reached over HTTP."""
+    with pytest.raises(InvalidArgument, match="route /v2/models/stats"):
+        parse_spec({"name": "stats", "backend": "python", "model": "m:M"})
+    assert parse_spec({"name": "stats2", "backend": "python", "model": "m:M"}).name == "stats2"
