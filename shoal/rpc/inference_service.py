@@ -30,7 +30,7 @@ from google.protobuf import json_format
 
 from shoal.auth import InferenceAuth
 from shoal.config import Settings
-from shoal.core import payload, tensors
+from shoal.core import limits, payload, tensors
 from shoal.core.limits import RequestLimits
 from shoal.core.payload import Tensor, Tensors
 from shoal.errors import DeadlineExceeded, InvalidArgument, NotFound, ShoalError
@@ -428,6 +428,7 @@ class InferenceService(oipg.GRPCInferenceServiceServicer):
                 self._authorize(request.model_name, context)
                 if generate_stream.wants_generation(self.catalog, request):
                     # Decoupled: a response per piece of text (shoal.rpc.generate_stream).
+                    limits.check_request_id(request.id)  # as the data plane checks an inference's
                     inputs = decode_inputs(request, self.bounds)
                     pieces = generate_stream.stream_responses(
                         self.catalog, request, inputs, _timeout_s(request, context)

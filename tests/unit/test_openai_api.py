@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import httpx2
@@ -26,6 +26,7 @@ from shoal.http.generate import generate_routes
 from shoal.http.openai import openai_routes
 from shoal.proto import grpc_service_pb2 as oip
 from shoal.rpc import generate_stream
+from shoal.rpc.inference_service import InferenceService
 from shoal.scheduler.dataplane import DataPlane
 from shoal.scheduler.models import ModelCatalog, ModelMetadata, model_config
 from shoal.scheduler.router import Router
@@ -573,6 +574,30 @@ async def test_an_empty_final_response_on_request(router: Router) -> None:
     assert got[-1].outputs == [] and got[-1].parameters["triton_final_response"].bool_param
     assert got[-1].parameters["finish_reason"].string_param == "length"
     assert got[0].outputs[0].name == "text_output"
+
+
+class StreamContext:
+    """What ModelStreamInfer uses of a grpc.aio context."""
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ()
+
+
+async def test_a_generation_over_model_stream_infer_refuses_the_ids_infer_refuses(router: Router) -> None:
+    """Before: any length of id went on to the replica, where /infer and /generate refuse
+    ids over 1024 characters."""
+    service = InferenceService(DataPlane(router, ModelCatalog(router), Settings()), None, Settings())
+    request = infer_request()
+    request.id = "i" * 1025
+
+    async def requests() -> AsyncIterator[oip.ModelInferRequest]:
+        yield request
+
+    got = [r async for r in service.ModelStreamInfer(requests(), cast(Any, StreamContext()))]
+    assert [r.error_message for r in got] == ["the request id is 1025 characters, over the limit of 1024"]
 
 
 def test_generation_deployments_are_decoupled_in_their_model_config(router: Router) -> None:
