@@ -9,6 +9,7 @@ down. Nothing reads the environment anywhere else.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import re
@@ -77,7 +78,7 @@ class Settings:
     network cut) still takes ``dead_after_s``."""
     forget_dead_after_s: float = 3600.0
     """A DEAD scheduler silent this long is dropped from the head's state and status (it may
-    still register again later, as a new member)."""
+    still register again later, as a new member); 0: never."""
     reconcile_interval_s: float = 1.0
     """How often the head compares desired with actual state (it also runs on every change)."""
     replica_health_interval_s: float = 1.0
@@ -149,6 +150,7 @@ class Settings:
     log_format: str = "text"
     """``text`` or ``json``."""
     log_level: str = "INFO"
+    """A ``logging`` level name, in any case: ``DEBUG``, ``INFO``, ``WARNING``, ``ERROR``, ``CRITICAL``."""
 
     tls_dir: str = ""
     """Folder with the cluster CA and the components' certificates (``shoal certs init``).
@@ -159,12 +161,12 @@ class Settings:
     token: str = ""
     """The bearer token the CLI sends to the head and to schedulers (``SHOAL_TOKEN``, ``--token``)."""
     max_tensor_elements: int = 16_777_216
-    """Most tensor elements (all inputs together) one inference request may carry."""
+    """Most tensor elements (all inputs together) one inference request may carry (0: no limit)."""
     max_tensors_per_request: int = 1024
     """Most tensors one inference request may name: its inputs, and the outputs it asks
     for, each counted on its own (0: no limit)."""
     max_strings_per_request: int = 2048
-    """Most strings one ``/v1/embeddings`` request may carry (OpenAI's own limit)."""
+    """Most strings one ``/v1/embeddings`` request may carry (OpenAI's own limit; 0: no limit)."""
     max_stream_pending: int = 64
     """Most requests of one ``ModelStreamInfer`` stream running or answered but not yet read
     by the client; past it the stream stops reading until the client catches up."""
@@ -258,13 +260,116 @@ class Settings:
         return cls(**values)
 
 
+@dataclass(frozen=True)
+class _Range:
+    """The values a number setting may take: from ``low`` (above it when ``above``) up to
+    ``high``, or one of ``also``."""
+
+    low: float
+    high: float | None = None
+    above: bool = False
+    also: tuple[float, ...] = ()
+
+    def holds(self, value: float) -> bool:
+        if value in self.also:
+            return True
+        if value < self.low or (self.above and value == self.low):
+            return False
+        return self.high is None or value <= self.high
+
+    def __str__(self) -> str:
+        if self.high is not None:
+            allowed = f"from {_number(self.low)} to {_number(self.high)}"
+        else:
+            allowed = f"{'>' if self.above else '>='} {_number(self.low)}"
+        return " or ".join([*(_number(v) for v in self.also), allowed])
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+_PORT = _Range(0, 65535)
+_AUTO = _Range(0, also=(-1,))  # -1: read the machine
+_POSITIVE = _Range(0, above=True)  # a period or a deadline: 0 would spin or fail at once
+_NATURAL = _Range(0)  # a size, a count or a timeout where 0 means none or no limit
+_ONE_OR_MORE = _Range(1)
+_INT32 = 2**31 - 1  # gRPC takes its integer options as C ints
+
+_RANGES: dict[str, _Range] = {
+    "head_port": _PORT,
+    "head_http_port": _PORT,
+    "grpc_port": _PORT,
+    "http_port": _PORT,
+    "cpus": _AUTO,
+    "memory_mb": _AUTO,
+    "gpus": _AUTO,
+    "heartbeat_interval_s": _POSITIVE,
+    # 0: every scheduler is DEAD before its first update reaches the head, which NACKs
+    # each update and the scheduler registers again, over and over.
+    "dead_after_s": _POSITIVE,
+    "dead_after_stream_end_s": _NATURAL,
+    "forget_dead_after_s": _NATURAL,
+    "reconcile_interval_s": _POSITIVE,
+    "replica_health_interval_s": _POSITIVE,
+    "orphan_after_s": _POSITIVE,
+    "ping_interval_s": _POSITIVE,
+    "ping_timeout_s": _POSITIVE,
+    "ping_failures": _ONE_OR_MORE,
+    "replica_start_timeout_s": _POSITIVE,
+    "replica_log_max_mb": _NATURAL,
+    "replica_logs_kept": _NATURAL,
+    "rpc_timeout_s": _POSITIVE,
+    "rpc_attempts": _ONE_OR_MORE,
+    "request_attempts": _ONE_OR_MORE,
+    "max_message_mb": _Range(1, _INT32 // 2**20),  # in bytes, a gRPC option
+    "max_inflight_mb": _NATURAL,
+    "shutdown_grace_s": _NATURAL,
+    "ingress_workers": _NATURAL,
+    "max_tensor_elements": _NATURAL,
+    "max_tensors_per_request": _NATURAL,
+    "max_strings_per_request": _NATURAL,
+    "max_stream_pending": _ONE_OR_MORE,
+    "max_json_on_loop_kb": _NATURAL,
+    "max_concurrent_streams": _Range(1, _INT32),
+    "http_header_timeout_s": _NATURAL,
+    "http_idle_timeout_s": _NATURAL,
+    "http_max_connections": _NATURAL,
+    "control_rate_limit": _NATURAL,
+    "artifact_cache_mb": _NATURAL,
+    "max_blob_mb": _NATURAL,
+    # The head collects unnamed blobs every min(60 s, this): 0 would collect without pause.
+    "blob_grace_s": _POSITIVE,
+}
+"""The range of every number setting (a test checks that none is left out)."""
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "log_format": ("text", "json"),
+    "event_loop": ("auto", "uvloop", "asyncio"),
+    "data_plane": ("socket", "stream", "unary"),
+}
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 def _coerce(f: dataclasses.Field[Any], value: Any, source: str) -> Any:
     """``value`` as the field's type: strings (environment, flags) are parsed; others must fit
     exactly. A float must be finite: NaN compares false with everything, so ``dead_after_s:
-    nan`` would never declare a scheduler dead, and no setting means anything at infinity."""
+    nan`` would never declare a scheduler dead, and no setting means anything at infinity.
+    A number must be in the field's range (``_RANGES``), a choice one of its choices."""
     result = _parse(f, value, source)
     if isinstance(result, float) and not math.isfinite(result):
         raise InvalidArgument(f"{source}: {f.name} must be a finite number, got {value!r}")
+    allowed = _RANGES.get(f.name)
+    if allowed is not None and not allowed.holds(result):
+        raise InvalidArgument(f"{source}: {f.name} must be {allowed}, got {value!r}")
+    choices = _CHOICES.get(f.name)
+    if choices is not None and result not in choices:
+        raise InvalidArgument(f"{source}: {f.name} must be {' or '.join(choices)}, got {value!r}")
+    # logs.setup upper-cases the name; the logging module knows a few more (WARN, FATAL, NOTSET).
+    if f.name == "log_level" and result.upper() not in logging.getLevelNamesMapping():
+        raise InvalidArgument(
+            f"{source}: log_level must be {', '.join(_LOG_LEVELS[:-1])} or {_LOG_LEVELS[-1]}, got {value!r}"
+        )
     return result
 
 

@@ -1,0 +1,70 @@
+"""``shoal up`` and ``shoal head`` refuse settings they cannot run with: one line naming the
+setting, exit status 1, and nothing left running."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import stop_group
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def refused(command: str, *args: str, state: Path, timeout_s: float = 30) -> str:
+    """Run ``shoal COMMAND --state STATE ARGS`` (every port 0 unless ARGS names it) and return
+    its error, the last line it writes; fail, after stopping it and all it started, if it starts."""
+    ports = (
+        {"--port": "0", "--http-port": "0"}
+        if command == "head"
+        else {"--head-port": "0", "--dashboard-port": "0", "--grpc-port": "0", "--http-port": "0"}
+    )
+    defaults = [x for flag, port in ports.items() if flag not in args for x in (flag, port)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shoal.cli", command, "--state", str(state), *defaults, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("SHOAL_")},
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        stop_group(proc, grace_s=20)
+        out, err = proc.communicate()
+        raise AssertionError(f"shoal {command} {' '.join(args)} started:\n{out}\n{err}") from None
+    assert proc.returncode == 1, (args, proc.returncode, out, err)
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("shoal: error: "), err
+    return last.removeprefix("shoal: error: ")
+
+
+@pytest.mark.parametrize(
+    ("args", "config", "message"),
+    [
+        (["--http-port", "70000"], "", "--http-port: http_port must be from 0 to 65535, got 70000"),
+        (["--cpus", "-5"], "", "--cpus: cpus must be -1 or >= 0, got -5.0"),
+        (["--ingress-workers", "-4"], "", "--ingress-workers: ingress_workers must be >= 0, got -4"),
+        # The flag as the setting's name: Settings.load is not told what the CLI calls it.
+        (["--grace", "-3"], "", "--shutdown-grace-s: shutdown_grace_s must be >= 0, got -3.0"),
+        ([], "grpc_port: 70000\n", "grpc_port must be from 0 to 65535, got 70000"),
+        ([], "log_level: LOUD\n", "log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got 'LOUD'"),
+        ([], "log_format: xml\n", "log_format must be text or json, got 'xml'"),
+        ([], "dead_after_s: 0\n", "dead_after_s must be > 0, got 0"),
+    ],
+)
+def test_up_refuses_a_setting_out_of_its_range(
+    tmp_path: Path, args: list[str], config: str, message: str
+) -> None:
+    if config:
+        file = tmp_path / "shoal.yaml"
+        file.write_text(config)
+        args = [*args, "--config", str(file)]
+        message = f"config file {file}: {message}"
+    assert refused("up", *args, state=tmp_path / "state") == message

@@ -1,0 +1,100 @@
+"""Settings out of their range are refused, from every source, naming the setting, the
+value and what it may be."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shoal.config import _RANGES, Settings
+from shoal.errors import InvalidArgument
+
+pytestmark = pytest.mark.timeout(10)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "allowed"),
+    [
+        ("grpc_port", -1, "from 0 to 65535"),
+        ("grpc_port", 70000, "from 0 to 65535"),
+        ("http_port", 70000, "from 0 to 65535"),
+        ("head_port", 103870, "from 0 to 65535"),
+        ("head_http_port", 65536, "from 0 to 65535"),
+        ("cpus", -5, "-1 or >= 0"),
+        ("memory_mb", -3, "-1 or >= 0"),
+        ("gpus", -2, "-1 or >= 0"),
+        ("dead_after_s", 0, "> 0"),
+        ("heartbeat_interval_s", -1, "> 0"),
+        ("blob_grace_s", 0, "> 0"),
+        ("dead_after_stream_end_s", -1, ">= 0"),
+        ("shutdown_grace_s", -3, ">= 0"),
+        ("ingress_workers", -4, ">= 0"),
+        ("max_blob_mb", -1, ">= 0"),
+        ("rpc_attempts", 0, ">= 1"),
+        ("max_message_mb", 4096, "from 1 to 2047"),
+        ("max_concurrent_streams", 0, "from 1 to 2147483647"),
+    ],
+)
+def test_a_number_out_of_range_is_refused_from_every_source(
+    tmp_path: Path, name: str, value: int, allowed: str
+) -> None:
+    file = tmp_path / "shoal.yaml"
+    file.write_text(f"{name}: {value}\n")
+    var = f"SHOAL_{name.upper()}"
+    flag = f"--{name.replace('_', '-')}"
+    sources: list[tuple[dict[str, Any], str]] = [
+        ({"file": file, "env": {}}, f"config file {file}: {name} must be {allowed}, got {value}"),
+        ({"env": {var: str(value)}}, f"environment variable {var}: {name} must be {allowed}, got '{value}'"),
+        ({"env": {}, "flags": {name: value}}, f"{flag}: {name} must be {allowed}, got {value}"),
+    ]
+    for source, message in sources:
+        with pytest.raises(InvalidArgument) as info:
+            Settings.load(**source)
+        assert str(info.value) == message
+
+
+NOT_A_CHOICE = {
+    "log_level": ("LOUD", "DEBUG, INFO, WARNING, ERROR or CRITICAL"),
+    "log_format": ("xml", "text or json"),
+    "event_loop": ("trio", "auto or uvloop or asyncio"),
+    "data_plane": ("pigeon", "socket or stream or unary"),
+}
+"""A setting that names one of a few choices: a name none of them, and the choices."""
+
+
+@pytest.mark.parametrize("name", sorted(NOT_A_CHOICE))
+def test_a_name_that_is_not_a_choice_is_refused(tmp_path: Path, name: str) -> None:
+    value, allowed = NOT_A_CHOICE[name]
+    file = tmp_path / "shoal.yaml"
+    file.write_text(f"{name}: {value}\n")
+    with pytest.raises(InvalidArgument) as info:
+        Settings.load(file=file, env={})
+    assert str(info.value) == f"config file {file}: {name} must be {allowed}, got '{value}'"
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        # 0: a free port; -1: read the machine; 0: no limit, never, or none.
+        {"grpc_port": 0, "http_port": 65535, "head_port": 0, "head_http_port": 1},
+        {"cpus": -1, "memory_mb": -1, "gpus": -1},
+        {"cpus": 0, "memory_mb": 0, "gpus": 0.5},
+        {"max_inflight_mb": 0, "replica_log_max_mb": 0, "max_tensors_per_request": 0},
+        {"max_tensor_elements": 0, "max_strings_per_request": 0, "http_max_connections": 0},
+        {"http_header_timeout_s": 0, "control_rate_limit": 0, "dead_after_stream_end_s": 0},
+        {"forget_dead_after_s": 0, "shutdown_grace_s": 0, "ingress_workers": 0},
+        {"max_message_mb": 1, "rpc_attempts": 1, "dead_after_s": 0.2, "heartbeat_interval_s": 0.05},
+        {"log_level": "debug", "log_format": "json", "event_loop": "asyncio", "data_plane": "unary"},
+    ],
+)
+def test_the_values_at_the_ends_of_a_range_are_taken(values: dict[str, Any]) -> None:
+    s = Settings.load(env={}, flags=values)
+    assert {k: getattr(s, k) for k in values} == values
+
+
+def test_every_number_setting_has_a_range() -> None:
+    numbers = {f.name for f in fields(Settings) if type(f.default) in (int, float)}
+    assert numbers == set(_RANGES)
