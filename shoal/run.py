@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from shoal.config import Settings
 from shoal.core import affinity
 from shoal.core.reuseport import deal_in_turn, listening_sockets
 from shoal.core.tasks import TaskSet
+from shoal.errors import FailedPrecondition, InvalidArgument
 from shoal.head.blob_mirror import BlobMirror
 from shoal.head.blobs import BlobStore, holder_addresses, in_use, standby_holder
 from shoal.head.leader import LeaderInfo, Leadership, lease_ttl
@@ -65,6 +67,54 @@ def _addr(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+HEAD_PORTS = ("head_port", "head_http_port")
+SCHEDULER_PORTS = ("grpc_port", "http_port")
+
+
+def check_ports(settings: Settings, names: tuple[str, ...]) -> None:
+    """Refuse the port settings ``names`` (0, a free port, is never refused): InvalidArgument
+    when two name the same port, FailedPrecondition when another process listens on one.
+
+    The inference ports are bound with SO_REUSEPORT when several ingress processes share
+    them, and the kernel lets any process of the same user join such a port: a second
+    ``shoal up`` on a running one's ports started and took a share of its connections
+    (its requests got 404 from the first's models). Two of one process's ports equal did
+    the same (gRPC on the HTTP port then failed with 'Failed parsing HTTP/2')."""
+    seen: dict[int, str] = {}
+    for name in names:
+        port = getattr(settings, name)
+        if port == 0:
+            continue
+        if port in seen:
+            raise InvalidArgument(f"{seen[port]} and {name} are both {port}: each needs a port of its own")
+        seen[port] = name
+    for port, name in seen.items():
+        if _listened_on(settings.host, port):
+            raise FailedPrecondition(
+                f"port {port} is in use ({name}): another process listens on {_addr(settings.host, port)}"
+            )
+
+
+def _listened_on(host: str, port: int) -> bool:
+    """Whether a socket listens on ``host:port``: binding it without SO_REUSEPORT fails then,
+    whether the listener shares its port or not. With SO_REUSEADDR, as the servers bind, so
+    that the closed connections of an earlier run (TIME_WAIT) do not count. Any other failure
+    (an address not on this machine) is left to the servers' own bind to report."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return False
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(address)
+            except OSError as err:
+                if err.errno == errno.EADDRINUSE:
+                    return True
+    return False
+
+
 def _write_endpoints(state_dir: Path, **endpoints: str) -> None:
     path = state_dir / "endpoints.json"
     current: dict[str, str] = {}
@@ -83,6 +133,7 @@ async def start_head(
     """Open the store and serve the head. On SQLite the head starts at once; on etcd it
     stands by until it leads (``_lead``), and ``on_lost`` is called if it stops leading."""
     check_transport(settings, "head")
+    check_ports(settings, HEAD_PORTS)
     state_dir = Path(settings.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     store = await _open_store(settings, state_dir)
@@ -218,6 +269,7 @@ async def start_scheduler(
     port of its own (the address it registers). With ``zygote``, ingress workers and
     replicas are forked from it (``shoal.zygote``)."""
     check_transport(settings, "scheduler", "replica")
+    check_ports(settings, SCHEDULER_PORTS)
     state_dir = Path(settings.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     if settings.data_plane == "socket" and not settings.hop_dir:
@@ -503,6 +555,7 @@ async def run_up(
     """Head and one scheduler in this process; ``on_ready`` runs once both are up, and may
     start tasks in the TaskSet it gets (they are cancelled at shutdown). ``zygote``: see
     :func:`start_scheduler`."""
+    check_ports(settings, HEAD_PORTS + SCHEDULER_PORTS)  # all four: before the head binds its own
     announce_transport(settings)
 
     async def setup(stack: AsyncExitStack) -> None:

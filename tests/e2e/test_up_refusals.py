@@ -4,13 +4,14 @@ setting, exit status 1, and nothing left running."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import stop_group
+from tests.e2e.conftest import Up, stop_group
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -68,3 +69,28 @@ def test_up_refuses_a_setting_out_of_its_range(
         args = [*args, "--config", str(file)]
         message = f"config file {file}: {message}"
     assert refused("up", *args, state=tmp_path / "state") == message
+
+
+def test_a_second_up_on_the_ports_of_a_running_one_is_refused(up: Up, tmp_path: Path) -> None:
+    grpc = up.endpoints["scheduler"].rsplit(":", 1)[1]
+    http = up.endpoints["scheduler_http"].rsplit(":", 1)[1]
+    head = up.endpoints["head"].rsplit(":", 1)[1]
+    # Two ingress processes: the ports are bound with SO_REUSEPORT, which the kernel let
+    # this second cluster share with the first.
+    workers = ["--ingress-workers", "2"]
+    state = tmp_path / "second"
+    assert refused("up", "--grpc-port", grpc, *workers, state=state).startswith(
+        f"port {grpc} is in use (grpc_port): "
+    )
+    assert refused("up", "--http-port", http, *workers, state=state).startswith(
+        f"port {http} is in use (http_port): "
+    )
+    assert refused("head", "--port", head, state=state).startswith(f"port {head} is in use (head_port): ")
+
+
+def test_up_refuses_the_same_port_for_grpc_and_http(tmp_path: Path) -> None:
+    # A port this test holds, so that nothing else takes it; the two being equal is said first.
+    with socket.create_server(("127.0.0.1", 0)) as held:
+        port = str(held.getsockname()[1])
+        message = refused("up", "--grpc-port", port, "--http-port", port, state=tmp_path / "state")
+    assert message == f"grpc_port and http_port are both {port}: each needs a port of its own"
