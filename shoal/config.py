@@ -228,8 +228,11 @@ class Settings:
         file: str | Path | None = None,
         env: Mapping[str, str] | None = None,
         flags: Mapping[str, Any] | None = None,
+        flag_names: Mapping[str, str] | None = None,
     ) -> Settings:
         """Merge defaults < file < environment < flags. ``None`` flag values are ignored.
+        ``flag_names``: the flag a setting came from where it is not ``--`` and the setting's
+        name with dashes (``shutdown_grace_s`` from ``--grace``), for messages.
 
         Raises InvalidArgument naming the source of a bad value.
         """
@@ -256,7 +259,8 @@ class Settings:
                 continue
             if name not in known:
                 raise InvalidArgument(f"unknown setting {name!r}")
-            values[name] = _coerce(known[name], value, f"--{name.replace('_', '-')}")
+            flag = (flag_names or {}).get(name) or f"--{name.replace('_', '-')}"
+            values[name] = _coerce(known[name], value, flag)
         return cls(**values)
 
 

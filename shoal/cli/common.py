@@ -60,14 +60,19 @@ def run_alone(
     run_command(parser.parse_args(argv))
 
 
-def settings_of(args: argparse.Namespace, **flags: Any) -> Settings:
+def settings_of(args: argparse.Namespace, flag_names: dict[str, str] | None = None, **flags: Any) -> Settings:
+    """The settings of a command: ``flags`` (setting name -> the flag's value) over the
+    config file and the environment. ``flag_names``: the flags, by setting, whose name is
+    not the setting's (``--grace`` for ``shutdown_grace_s``), so that a message names the
+    flag that was typed."""
+    names = {"head_address": "--head", "state_dir": "--state", **(flag_names or {})}
     common = {
         "head_address": getattr(args, "head", None),
         "tls_dir": getattr(args, "tls_dir", None),
         "token": getattr(args, "token", None),
         "state_dir": getattr(args, "state", None),
     }
-    return Settings.load(file=getattr(args, "config", None), flags={**common, **flags})
+    return Settings.load(file=getattr(args, "config", None), flags={**common, **flags}, flag_names=names)
 
 
 def in_range(what: str, value: int, high: int, low: int = 0) -> int:

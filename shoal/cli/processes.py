@@ -67,6 +67,10 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+# Settings whose flag has another name than the setting (for messages: Settings.load).
+_CLUSTER_FLAG_NAMES = {"shutdown_grace_s": "--grace", "allowed_model_dirs": "--allow-model-dir"}
+
+
 def _cluster_flags(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "state_dir": args.state,
@@ -207,6 +211,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     settings = settings_of(
         args,
+        {**_CLUSTER_FLAG_NAMES, "head_http_port": "--dashboard-port"},
         **_cluster_flags(args),
         **_scheduler_flags(args),
         head_port=args.head_port,
@@ -263,6 +268,7 @@ def cmd_head(args: argparse.Namespace) -> int:
 
     settings = settings_of(
         args,
+        {**_CLUSTER_FLAG_NAMES, "head_port": "--port", "head_http_port": "--http-port"},
         **_cluster_flags(args),
         head_port=args.port,
         head_http_port=args.http_port,
@@ -279,7 +285,7 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     from shoal.run import run_scheduler
     from shoal.zygote import zygote
 
-    settings = settings_of(args, **_cluster_flags(args), **_scheduler_flags(args))
+    settings = settings_of(args, _CLUSTER_FLAG_NAMES, **_cluster_flags(args), **_scheduler_flags(args))
     logs.setup(settings.log_format, settings.log_level, component="scheduler")
     with _running_as(settings, "scheduler"), zygote() as forks:
         aio.run(run_scheduler(settings, forks), settings.event_loop)

@@ -52,8 +52,9 @@ def refused(command: str, *args: str, state: Path, timeout_s: float = 30) -> str
         (["--http-port", "70000"], "", "--http-port: http_port must be from 0 to 65535, got 70000"),
         (["--cpus", "-5"], "", "--cpus: cpus must be -1 or >= 0, got -5.0"),
         (["--ingress-workers", "-4"], "", "--ingress-workers: ingress_workers must be >= 0, got -4"),
-        # The flag as the setting's name: Settings.load is not told what the CLI calls it.
-        (["--grace", "-3"], "", "--shutdown-grace-s: shutdown_grace_s must be >= 0, got -3.0"),
+        # The flag as typed, where it is not the setting's name.
+        (["--grace", "-3"], "", "--grace: shutdown_grace_s must be >= 0, got -3.0"),
+        (["--dashboard-port", "-1"], "", "--dashboard-port: head_http_port must be from 0 to 65535, got -1"),
         ([], "grpc_port: 70000\n", "grpc_port must be from 0 to 65535, got 70000"),
         ([], "log_level: LOUD\n", "log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got 'LOUD'"),
         ([], "log_format: xml\n", "log_format must be text or json, got 'xml'"),
