@@ -151,13 +151,17 @@ def python_target(model: str) -> tuple[str, str]:
 
 def check_deployable(spec: DeploymentSpec, allowed: Sequence[str], allowed_uris: Sequence[str] = ()) -> None:
     """Everything about ``spec``'s code and files that can be told before running any of it:
-    InvalidArgument when it names code or files outside ``allowed``, or a URI outside
-    ``allowed_uris`` (nothing when both are empty). The head calls it when a spec is applied,
-    the replica before it loads."""
+    InvalidArgument when a python model is not ``module:Class``, when it names code or files
+    outside ``allowed``, or a URI outside ``allowed_uris`` (nothing more when both are
+    empty). The head calls it when a spec is applied, the replica before it loads."""
     check_model_dirs(spec, allowed, allowed_uris)
-    if not allowed or spec.backend != "python":
+    if spec.backend != "python":
         return
+    # The form first, folders or not: before, 'model: my_model' (no class) was applied and
+    # failed in each replica, four times, before the head marked the deployment FAILED.
     module, name = python_target(spec.model)
+    if not allowed:
+        return
     if not Path(spec.base_dir).is_dir():
         # Not on this machine (a head apart from the schedulers): what needs no files.
         if module.split(".", 1)[0] in (*sys.stdlib_module_names, *sys.builtin_module_names):

@@ -31,7 +31,7 @@ from shoal.types import Route, RoutingTable, SchedulerRegistration
 pytestmark = pytest.mark.timeout(10)
 
 
-def make_spec(name: str = "echo", *, replicas: int = 1, model: str = "m.py") -> DeploymentSpec:
+def make_spec(name: str = "echo", *, replicas: int = 1, model: str = "m:Model") -> DeploymentSpec:
     return parse_spec({"name": name, "backend": "python", "model": model, "replicas": replicas})
 
 
@@ -93,10 +93,10 @@ async def test_applying_the_same_spec_again_changes_nothing(head: HeadNode, stor
     assert await head.apply(spec) == ApplyResult(created=False, changed=False, revision=1)
     assert (await store.list("deployments/"))[0].revision == revision
 
-    assert await head.apply(make_spec(model="v2.py")) == ApplyResult(
+    assert await head.apply(make_spec(model="v2:Model")) == ApplyResult(
         created=False, changed=True, revision=2, change="model changed"
     )
-    assert head.desired["echo"].model == "v2.py"
+    assert head.desired["echo"].model == "v2:Model"
 
 
 async def test_scale_persists_the_new_count_and_reconcile_follows_it(
@@ -144,7 +144,7 @@ async def test_scale_of_an_autoscaled_deployment_is_refused_over_rest_too(
         {
             "name": "auto",
             "backend": "python",
-            "model": "m.py",
+            "model": "m:Model",
             "autoscaling": {"min_replicas": 0, "max_replicas": 2},
         }
     )
@@ -276,7 +276,7 @@ async def test_a_rollout_that_raises_resources_starts_when_there_is_room(
         SchedulerRegistration("s1", "s1:7000", "s1:7001", Capacity(4, 8192, 0), pid=42, hostname="host")
     )
     v1 = parse_spec(
-        {"name": "echo", "backend": "python", "model": "m.py", "replicas": 2, "resources": {"cpus": 1}}
+        {"name": "echo", "backend": "python", "model": "m:Model", "replicas": 2, "resources": {"cpus": 1}}
     )
     await head.apply(v1)
     await head.reconcile_once()

@@ -169,3 +169,22 @@ def test_a_head_that_does_not_see_base_dir_checks_what_needs_no_files(tmp_path: 
     ):
         with pytest.raises(InvalidArgument, match=message):
             check_deployable(spec(bad, elsewhere), allowed)
+
+
+@pytest.mark.parametrize("model", ["my_model", "my_model:", ":Model", "a:b:c", "my_model:Model.predict"])
+async def test_a_head_without_allowed_dirs_refuses_a_model_that_is_not_module_class(
+    tmp_path: Path, model: str
+) -> None:
+    """Before: the head took 'model: my_model' and each replica failed on it, four times,
+    until the head marked the deployment FAILED."""
+    store = MemoryStore()
+    node = HeadNode(Settings(), store, FakeSchedulers())
+    try:
+        with pytest.raises(InvalidArgument, match="must be 'module:Class'"):
+            await node.apply(spec(model, tmp_path))
+        assert node.desired == {}
+        await node.apply(spec("my_model:Model", tmp_path))  # the form is all it checks here
+        assert list(node.desired) == [spec("my_model:Model", tmp_path).name]
+    finally:
+        await node.aclose()
+        await store.close()
