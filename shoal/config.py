@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from shoal.core import yamldoc
 from shoal.errors import InvalidArgument
 
 
@@ -241,7 +242,7 @@ class Settings:
         values: dict[str, Any] = {}
         if file is not None:
             try:
-                doc = yaml.safe_load(Path(file).read_text()) or {}
+                doc = yamldoc.load(Path(file).read_text()) or {}
             except (OSError, yaml.YAMLError) as err:
                 raise InvalidArgument(f"cannot read config file {file}: {err}") from None
             if not isinstance(doc, dict):

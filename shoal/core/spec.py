@@ -27,6 +27,7 @@ from typing import Any, Literal, Self
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from shoal.core import yamldoc
 from shoal.core.blobs import parse_uri as parse_blob_uri
 from shoal.core.limits import is_unicode as _is_unicode
 from shoal.errors import InvalidArgument
@@ -416,14 +417,25 @@ def load_spec_file(path: str | Path) -> list[DeploymentSpec]:
     except OSError as err:
         raise InvalidArgument(f"cannot read {path}: {err.strerror}") from None
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        docs = [d for d in yamldoc.load_all(text) if d is not None]
     except yaml.YAMLError as err:
         raise InvalidArgument(f"{path} is not valid YAML: {err}") from None
     except RecursionError:
         raise InvalidArgument(f"{path} is nested too deeply") from None
     if not docs:
         raise InvalidArgument(f"{path} holds no deployment spec")
-    return [parse_spec(d, base_dir=path.parent) for d in docs]
+    specs = [parse_spec(d, base_dir=path.parent) for d in docs]
+    check_names_once(path, specs)
+    return specs
+
+
+def check_names_once(path: Path, specs: list[DeploymentSpec]) -> None:
+    """InvalidArgument when two of a file's specs have one name: applied in turn, the last
+    silently replaced the others."""
+    names = [s.name for s in specs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise InvalidArgument(f"{path} holds more than one spec of deployment {', '.join(map(repr, twice))}")
 
 
 def describe_change(old: DeploymentSpec | None, new: DeploymentSpec) -> str:

@@ -29,7 +29,8 @@ from typing import Any
 
 import yaml
 
-from shoal.core.spec import NAME_PATTERN, DeploymentSpec, load_spec_file, parse_spec
+from shoal.core import yamldoc
+from shoal.core.spec import NAME_PATTERN, DeploymentSpec, check_names_once, load_spec_file, parse_spec
 from shoal.errors import InvalidArgument
 
 ROUTE_KIND = "route"
@@ -158,10 +159,11 @@ def load_file(path: str | Path) -> tuple[list[DeploymentSpec], list[TrafficRoute
     A file without routes is read by :func:`shoal.core.spec.load_spec_file`, its errors and all."""
     path = Path(path)
     try:
-        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+        docs = [d for d in yamldoc.load_all(path.read_text()) if d is not None]
     except (OSError, yaml.YAMLError, RecursionError):
         docs = []  # load_spec_file says what is wrong
     if not any(is_route_doc(d) for d in docs):
         return load_spec_file(path), []
     specs = [parse_spec(d, base_dir=path.parent) for d in docs if not is_route_doc(d)]
+    check_names_once(path, specs)
     return specs, [parse_route(d) for d in docs if is_route_doc(d)]

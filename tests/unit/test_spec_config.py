@@ -182,6 +182,35 @@ def test_empty_or_broken_files_are_invalid(tmp_path: Path, text: str, message: s
         load_spec_file(path)
 
 
+def test_a_key_given_twice_is_refused_naming_it(tmp_path: Path) -> None:
+    """Before: the last one won, silently ('replicas: 1' then 'replicas: 2' deployed 2)."""
+    path = tmp_path / "spec.yaml"
+    path.write_text("name: echo\nbackend: python\nmodel: m:M\nreplicas: 1\nreplicas: 2\n")
+    with pytest.raises(InvalidArgument, match=r"found the key 'replicas' twice \(first at line 4\)"):
+        load_spec_file(path)
+    # Merge keys may still be overridden: that is what they are for.
+    path.write_text(
+        "name: echo\nbackend: python\nmodel: m:M\nresources:\n  <<: {cpus: 1, memory_mb: 10}\n  cpus: 2\n"
+    )
+    (spec,) = load_spec_file(path)
+    assert (spec.resources.cpus, spec.resources.memory_mb) == (2, 10)
+
+
+def test_one_file_with_two_specs_of_one_name_is_refused(tmp_path: Path) -> None:
+    """Before: both were applied in turn, and the second silently replaced the first."""
+    path = tmp_path / "all.yaml"
+    path.write_text("name: echo\nbackend: python\nmodel: a:M\n---\nname: echo\nbackend: python\nmodel: b:M\n")
+    with pytest.raises(InvalidArgument, match="holds more than one spec of deployment 'echo'"):
+        load_spec_file(path)
+
+
+def test_a_setting_given_twice_in_a_config_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "shoal.yaml"
+    path.write_text("grpc_port: 9001\ngrpc_port: 9002\n")
+    with pytest.raises(InvalidArgument, match="found the key 'grpc_port' twice"):
+        Settings.load(file=path, env={})
+
+
 def test_a_missing_file_is_invalid_argument(tmp_path: Path) -> None:
     path = tmp_path / "nope.yaml"
     with pytest.raises(
