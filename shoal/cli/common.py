@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NoReturn
@@ -73,6 +74,18 @@ def settings_of(args: argparse.Namespace, flag_names: dict[str, str] | None = No
         "state_dir": getattr(args, "state", None),
     }
     return Settings.load(file=getattr(args, "config", None), flags={**common, **flags}, flag_names=names)
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds, 0 or more. Before, 'shoal deploy
+    --timeout -1' applied the spec and then failed 'not ready after -1s'."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds, 0 or more, got {text!r}")
+    return value
 
 
 def in_range(what: str, value: int, high: int, low: int = 0) -> int:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from shoal.cli.common import EXIT_ERROR, ProgressLine, add_client_flags, with_client
+from shoal.cli.common import EXIT_ERROR, ProgressLine, add_client_flags, seconds, with_client
 from shoal.cli.upload import upload_local_models
 from shoal.config import Settings
 from shoal.core import traffic, triton_repo
@@ -221,7 +221,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         action="store_false",
         help="return once the head has the spec (a deployment with no room stays pending)",
     )
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for replicas (default 120)")
+    p.add_argument(
+        "--timeout", type=seconds, default=120.0, help="seconds to wait for replicas (default 120)"
+    )
     p.add_argument(
         "--model-repository",
         metavar="DIR",

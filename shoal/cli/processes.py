@@ -21,7 +21,7 @@ from typing import Any
 import psutil
 
 from shoal import aio, logs
-from shoal.cli.common import add_head_flag, settings_of
+from shoal.cli.common import add_head_flag, seconds, settings_of
 from shoal.cli.deploy import wait_for
 from shoal.config import Settings
 from shoal.core import triton_repo
@@ -374,5 +374,5 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         "folder (from any shell), then wait until they have drained their replicas and exited.",
     )
     p.add_argument("--state", help="state folder (default ./.shoal)")
-    p.add_argument("--timeout", type=float, help="seconds to wait (default: shutdown_grace_s + 15)")
+    p.add_argument("--timeout", type=seconds, help="seconds to wait (default: shutdown_grace_s + 15)")
     p.set_defaults(fn=cmd_down)

@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from shoal.cli.common import INT32_MAX, add_client_flags, in_range, text_table, with_client
+from shoal.cli.common import INT32_MAX, add_client_flags, in_range, seconds, text_table, with_client
 from shoal.cli.deploy import status_reader, wait_for
 from shoal.config import Settings
 from shoal.core.deploy_watch import DeployWatch
@@ -88,7 +88,9 @@ def cmd_restart(args: argparse.Namespace) -> int:
 
 def _wait_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-wait", dest="wait", action="store_false", help="return once the head has it")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for replicas (default 120)")
+    p.add_argument(
+        "--timeout", type=seconds, default=120.0, help="seconds to wait for replicas (default 120)"
+    )
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -140,3 +140,17 @@ def test_a_number_its_protobuf_field_cannot_hold_is_refused_in_one_line(
     value = next(a for a in reversed(argv) if a.lstrip("-").isdigit())
     assert code == 1
     assert err.splitlines() == [f"shoal: error: {what} must be an integer from 0 to {high}, got {value}"]
+
+
+WAITS = [["deploy", "spec.yaml"], ["rollback", "echo"], ["restart", "echo"], ["down"]]
+
+
+@pytest.mark.parametrize("command", WAITS)
+@pytest.mark.parametrize("timeout", ["-1", "nan", "inf", "soon"])
+def test_a_wait_that_is_no_finite_number_of_seconds_is_refused_before_anything_is_sent(
+    capsys: pytest.CaptureFixture[str], command: list[str], timeout: str
+) -> None:
+    """Before: 'shoal deploy --timeout -1' applied the spec, then failed 'not ready after -1s'."""
+    code, err = run_cli(capsys, *command[:1], "--timeout", timeout, *command[1:])
+    assert code == 2
+    assert "argument --timeout: expected a" in err.splitlines()[-1] and repr(timeout) in err
