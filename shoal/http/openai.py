@@ -82,7 +82,9 @@ _FINISH_REASONS = {"stop": "stop", "length": "length"}  # shoal's "abort" has no
 
 class _Body(BaseModel):
     # OpenAI's clients send many fields shoal has no use for; they are accepted and ignored.
-    model_config = ConfigDict(extra="allow")
+    # Strict, as OpenAI's API is: "stream": "yes" or "max_tokens": "5" are refused (400,
+    # naming the field), not read as true and 5 (an int is still taken for a float).
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 class StreamOptions(_Body):
@@ -125,7 +127,7 @@ class ContentPart(_Body):
 
 
 class MessageBody(_Body):
-    role: str
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
 
 

@@ -396,6 +396,10 @@ async def test_a_long_unknown_model_name_is_cut_in_the_404(http: httpx.AsyncClie
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages.0.content.0"),
         ({"messages": [{"content": "no role"}]}, "messages.0.role"),
         ({"model": "digits"}, "model"),
+        # Types as OpenAI's API takes them, not coerced (before: true, 5, a wizard's message).
+        ({"stream": "yes"}, "stream"),
+        ({"max_tokens": "5"}, "max_tokens"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
     ],
 )
 async def test_bad_chat_requests_are_400_naming_the_param(
