@@ -245,6 +245,8 @@ class Settings:
                 doc = yamldoc.load(Path(file).read_text()) or {}
             except (OSError, yaml.YAMLError) as err:
                 raise InvalidArgument(f"cannot read config file {file}: {err}") from None
+            except RecursionError:
+                raise InvalidArgument(f"config file {file} is nested too deeply") from None
             if not isinstance(doc, dict):
                 raise InvalidArgument(f"config file {file} must hold a mapping")
             for key, value in doc.items():

@@ -3,6 +3,7 @@ buffer is decoded. The numbers are settings (``shoal.config.Settings``)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -82,6 +83,14 @@ class RequestLimits:
 
     def check_elements(self, shapes: Iterable[object]) -> None:
         check_elements(shapes, self.elements)
+
+
+def check_timeout(timeout_s: float) -> None:
+    """InvalidArgument unless ``timeout_s`` (a request's deadline, 0: the deployment's) is a
+    finite number, 0 or more: the scheduler's check of a native request, and the client's
+    before it sends one."""
+    if timeout_s < 0 or not math.isfinite(timeout_s):
+        raise InvalidArgument(f"timeout_s must be a finite number >= 0, got {timeout_s:g}")
 
 
 def check_request_id(request_id: str) -> None:

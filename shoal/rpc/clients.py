@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
@@ -14,6 +13,7 @@ import grpc
 import grpc.aio
 
 from shoal.config import Settings
+from shoal.core import limits
 from shoal.core.cluster import ReplicaReport
 from shoal.core.payload import Tensors
 from shoal.core.spec import DeploymentSpec, parse_spec_json
@@ -673,8 +673,7 @@ class NativeClient:
         """Returns (outputs, id of the replica that answered); ``model_id`` names a multiplexed
         deployment's model. Raises ShoalError: InvalidArgument for a ``timeout_s`` that is
         negative or not finite, as the scheduler would."""
-        if not (math.isfinite(timeout_s) and timeout_s >= 0):
-            raise InvalidArgument(f"timeout_s must be a finite number >= 0, got {timeout_s:g}")
+        limits.check_timeout(timeout_s)
         req = pb.InferRequest(
             deployment=deployment, request_id=request_id, timeout_s=timeout_s, model_id=model_id
         )

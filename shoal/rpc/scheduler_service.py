@@ -3,12 +3,12 @@ replicas, native SendRequest from clients): decode, call the domain, encode."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import AsyncIterator
 from typing import NoReturn
 
 import grpc
 
+from shoal.core import limits
 from shoal.core.spec import parse_spec_json
 from shoal.errors import InvalidArgument, ShoalError
 from shoal.proto import shoal_pb2 as pb
@@ -67,8 +67,7 @@ class NativeService(pbg.SchedulerServicer):
         try:
             if not request.deployment:
                 raise InvalidArgument("deployment is required")
-            if request.timeout_s < 0 or not math.isfinite(request.timeout_s):
-                raise InvalidArgument(f"timeout_s must be a finite number >= 0, got {request.timeout_s:g}")
+            limits.check_timeout(request.timeout_s)
             self.native.inference_auth.check(request.deployment, authorization(context))
             self.native.dataplane.bounds.check_counts(len(request.inputs))  # before any is looked at
         except ShoalError as err:

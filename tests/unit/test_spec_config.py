@@ -204,6 +204,13 @@ def test_one_file_with_two_specs_of_one_name_is_refused(tmp_path: Path) -> None:
         load_spec_file(path)
 
 
+def test_a_config_file_nested_too_deeply_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "shoal.yaml"
+    path.write_text("a: " + "[" * 100_000)
+    with pytest.raises(InvalidArgument, match="is nested too deeply"):
+        Settings.load(file=path, env={})
+
+
 def test_a_setting_given_twice_in_a_config_file_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "shoal.yaml"
     path.write_text("grpc_port: 9001\ngrpc_port: 9002\n")
