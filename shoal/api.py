@@ -319,6 +319,12 @@ class AsyncHandle:
             else [s.address for s in status.schedulers if s.state == SchedulerState.ALIVE]
         )
 
+    def _default_timeout_s(self) -> float:
+        """The deadline the scheduler gives a call without one: the deployment's ``timeout_s``
+        (a traffic route's: its first target's, the spec this handle learned)."""
+        spec = self._spec
+        return spec.timeout_s if spec is not None else DeploymentSpec.model_fields["timeout_s"].default
+
     async def _send(self, arrays: dict[str, np.ndarray], timeout_s: float) -> Reply:
         addresses = list(self._addresses or ())
         if not addresses:
@@ -327,7 +333,9 @@ class AsyncHandle:
         for address in addresses:
             native = self.client._native_client(address)
             try:
-                outputs, replica = await native.infer(self.name, arrays, timeout_s=timeout_s)
+                outputs, replica = await native.infer(
+                    self.name, arrays, timeout_s=timeout_s, default_timeout_s=self._default_timeout_s()
+                )
             except Unavailable as err:
                 last = err  # that scheduler is gone, or has no replica to give: try the next
                 continue

@@ -652,6 +652,9 @@ a deadline as nanoseconds of the wall clock in 64 bits, so one more than about 7
 now wraps into the past and the call fails at once with DEADLINE_EXCEEDED. The request's own
 ``timeout_s``, whatever its size, still goes to the scheduler, which enforces it."""
 
+DEFAULT_REQUEST_TIMEOUT_S = 60.0
+"""A deployment's ``timeout_s`` when nothing else is known (``DeploymentSpec.timeout_s``)."""
+
 
 class NativeClient:
     """A client of a scheduler's native ``SendRequest``; one channel, many calls, safe concurrently."""
@@ -669,16 +672,20 @@ class NativeClient:
         timeout_s: float = 0.0,
         request_id: str = "",
         model_id: str = "",
+        default_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
     ) -> tuple[Arrays, str]:
         """Returns (outputs, id of the replica that answered); ``model_id`` names a multiplexed
-        deployment's model. Raises ShoalError: InvalidArgument for a ``timeout_s`` that is
-        negative or not finite, as the scheduler would."""
+        deployment's model. ``default_timeout_s``: the deadline the scheduler gives a request
+        with ``timeout_s`` 0 (the deployment's ``timeout_s``, when the caller knows it); the
+        call waits that long and a few seconds more for the scheduler's answer. Raises
+        ShoalError: InvalidArgument for a ``timeout_s`` that is negative or not finite, as the
+        scheduler would."""
         limits.check_timeout(timeout_s)
         req = pb.InferRequest(
             deployment=deployment, request_id=request_id, timeout_s=timeout_s, model_id=model_id
         )
         codec.fill_arrays(req.inputs, inputs)
-        deadline = min((timeout_s or 60.0) + 5.0, MAX_CALL_DEADLINE_S)
+        deadline = min((timeout_s or default_timeout_s) + 5.0, MAX_CALL_DEADLINE_S)
         try:
             reply = await self._stub.SendRequest(req, timeout=deadline, metadata=self._metadata)
         except grpc.aio.AioRpcError as err:

@@ -11,7 +11,9 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 
@@ -19,6 +21,9 @@ import shoal
 from shoal.core.spec import parse_spec
 from shoal.decorator import load_target
 from shoal.errors import FailedPrecondition, NotFound, ShoalError, Unavailable
+from shoal.proto import shoal_pb2 as pb
+from shoal.proto import shoal_pb2_grpc as pbg
+from shoal.rpc import codec
 from shoal.testing.cluster import ProcessCluster
 
 pytestmark = pytest.mark.timeout(120)
@@ -148,3 +153,33 @@ async def run_the_readme_example(cluster: ProcessCluster, tmp_path: Path) -> Non
     assert lines[0].startswith("Applied(name='doubler'") and "created=True" in lines[0]
     assert lines[1:] == ["{'y': array([[2., 4.]], dtype=float32)}", "1"]
     assert [d["name"] for d in (await cluster.status())["deployments"]] == ["echo"]  # doubler deleted
+
+
+class _DeadlineScheduler(pbg.SchedulerServicer):
+    """A scheduler's SendRequest that answers with the seconds its call had left."""
+
+    async def SendRequest(self, request: pb.InferRequest, context: Any) -> pb.InferReply:
+        reply = pb.InferReply(replica_id="deadline")
+        codec.fill_arrays(reply.outputs, {"left": np.array([context.time_remaining()], dtype=np.float64)})
+        return reply
+
+
+async def test_a_handle_waits_as_long_as_the_deployment_s_timeout(cluster: ProcessCluster) -> None:
+    """A call without a timeout gets the deployment's ``timeout_s`` from the scheduler, so the
+    client must wait that long too: it used to give up after 65 s whatever the deployment said."""
+    server = grpc.aio.server()
+    scheduler = _DeadlineScheduler()  # type: ignore[abstract]  # the calls it does not serve answer UNIMPLEMENTED
+    pbg.add_SchedulerServicer_to_server(scheduler, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    echo = {"name": "patient", "backend": "python", "model": "echo:Echo", "base_dir": str(ROOT / "examples")}
+    try:
+        async with shoal.AsyncClient(cluster.head_address) as c:
+            await c.deploy({**echo, "resources": {"cpus": 0.1}, "timeout_s": 600})
+            handle = c.handle("patient", scheduler=f"127.0.0.1:{port}")
+            [left] = (await handle.infer({"x": [[1.0]]}))["left"]
+            assert left == pytest.approx(605, abs=1)  # the deployment's 600 s and 5 for the answer
+            [left] = (await handle.infer({"x": [[1.0]]}, timeout_s=2))["left"]
+            assert left == pytest.approx(7, abs=1)
+    finally:
+        await server.stop(None)
