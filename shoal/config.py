@@ -69,7 +69,9 @@ class Settings:
     heartbeat_interval_s: float = 1.0
     """How often a scheduler sends its health update to the head."""
     dead_after_s: float = 5.0
-    """A scheduler silent this long is marked DEAD and its replicas are placed elsewhere."""
+    """A scheduler silent this long is marked DEAD and its replicas are placed elsewhere. At
+    least twice ``heartbeat_interval_s`` (checked where both are read, in one process's
+    settings: a head and its schedulers may read different files)."""
     dead_after_stream_end_s: float = 3.0
     """A scheduler whose health stream to the head ended (its process exited, its connection
     closed) and that sends no update on a new stream this long is DEAD sooner than
@@ -264,7 +266,16 @@ class Settings:
                 raise InvalidArgument(f"unknown setting {name!r}")
             flag = (flag_names or {}).get(name) or f"--{name.replace('_', '-')}"
             values[name] = _coerce(known[name], value, flag)
-        return cls(**values)
+        settings = cls(**values)
+        if settings.dead_after_s < 2 * settings.heartbeat_interval_s:
+            # A scheduler would be declared dead between two of its own updates, register again
+            # at the next one, and so on: 0.5 s against 1 s re-registered it every second.
+            raise InvalidArgument(
+                f"dead_after_s ({settings.dead_after_s:g}) must be at least twice "
+                f"heartbeat_interval_s ({settings.heartbeat_interval_s:g}), or a scheduler is "
+                "declared dead between its own health updates"
+            )
+        return settings
 
 
 @dataclass(frozen=True)

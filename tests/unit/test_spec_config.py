@@ -381,3 +381,21 @@ def test_a_null_in_the_config_file_does_not_become_the_string_none(tmp_path: Pat
     else:
         assert s.advertise_host == ""
         assert s.advertised == "127.0.0.1"
+
+
+def test_dead_after_s_shorter_than_two_heartbeats_is_refused(tmp_path: Path) -> None:
+    """With ``dead_after_s`` 0.5 and updates every second, ``shoal up`` declared its own
+    scheduler dead between updates and re-registered it every second."""
+    file = tmp_path / "shoal.yaml"
+    file.write_text("dead_after_s: 0.5\n")
+    with pytest.raises(
+        InvalidArgument,
+        match=r"^dead_after_s \(0.5\) must be at least twice heartbeat_interval_s \(1\), or a scheduler",
+    ):
+        Settings.load(file=file, env={})
+    with pytest.raises(
+        InvalidArgument, match=r"dead_after_s \(5\) must be at least twice heartbeat_interval_s \(3\)"
+    ):
+        Settings.load(env={"SHOAL_HEARTBEAT_INTERVAL_S": "3"})
+    s = Settings.load(file=file, env={}, flags={"heartbeat_interval_s": 0.25})
+    assert (s.dead_after_s, s.heartbeat_interval_s) == (0.5, 0.25)
