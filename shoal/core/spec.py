@@ -25,7 +25,15 @@ from pathlib import Path
 from typing import Any, Literal, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from shoal.core import yamldoc
 from shoal.core.blobs import parse_uri as parse_blob_uri
@@ -114,6 +122,22 @@ def _check_uri(text: str) -> str:
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """A number is a number: pydantic reads ``replicas: true`` as 1 and ``shape: [true]`` as
+        ``[1]`` (a bool is an int to Python); other lax reads (``"3"``, ``2.0``) stay."""
+        kind = cls.model_fields[info.field_name or ""].annotation
+        if kind in (int, float) and isinstance(value, bool):
+            raise ValueError(f"must be a number, got {str(value).lower()}")
+        if (
+            kind == tuple[int, ...]
+            and isinstance(value, list | tuple)
+            and any(isinstance(v, bool) for v in value)
+        ):
+            raise ValueError("must be a list of integers, got a boolean in it")
+        return value
 
 
 class TensorSpec(_Strict):

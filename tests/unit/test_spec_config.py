@@ -60,6 +60,25 @@ def spec(**changes: Any) -> DeploymentSpec:
             {**BASE, "timeout_s": 0},
             "invalid deployment spec 'echo': timeout_s: Input should be greater than 0",
         ),
+        # A bool is an int to Python, and pydantic read these as 1 and 0.
+        (
+            {**BASE, "replicas": True},
+            "invalid deployment spec 'echo': replicas: Value error, must be a number, got true",
+        ),
+        (
+            {**BASE, "resources": {"cpus": True}},
+            "invalid deployment spec 'echo': resources.cpus: Value error, must be a number, got true",
+        ),
+        (
+            {**BASE, "batching": {"max_batch_size": False}},
+            "invalid deployment spec 'echo': batching.max_batch_size: Value error, "
+            "must be a number, got false",
+        ),
+        (
+            {**BASE, "inputs": [{"name": "x", "shape": [True, 3]}]},
+            "invalid deployment spec 'echo': inputs.0.shape: Value error, "
+            "must be a list of integers, got a boolean",
+        ),
     ],
 )
 def test_invalid_specs_raise_invalid_argument_naming_the_field(doc: dict[str, Any], message: str) -> None:
