@@ -51,7 +51,17 @@ class Histogram:
         return sum(self.counts)
 
 
-OUTCOMES = ("ok", "invalid", "not_found", "overloaded", "timeout", "unavailable", "error")
+OUTCOMES = (
+    "ok",
+    "invalid",
+    "not_found",
+    "unauthenticated",
+    "denied",
+    "overloaded",
+    "timeout",
+    "unavailable",
+    "error",
+)
 
 
 @dataclass

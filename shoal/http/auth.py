@@ -21,6 +21,7 @@ the API refused (``{"error": "..."}``, or OpenAI's ``{"error": {"message", ...}}
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from starlette.datastructures import Headers
@@ -157,13 +158,23 @@ def model_in_body(body: bytes) -> str | None:
     return model if isinstance(model, str) else None
 
 
-class InferenceGuard:
-    """A scheduler's ingress: the deployment's tokens (``shoal.auth.InferenceAuth``)."""
+Refused = Callable[[str, str, str, ShoalError], None]
+"""``refused(model, request id, door, error)``: counts and logs a refused inference request
+(``shoal.scheduler.dataplane.DataPlane.refused``)."""
 
-    def __init__(self, app: ASGIApp, checker: auth.InferenceAuth, limit: int) -> None:
+
+class InferenceGuard:
+    """A scheduler's ingress: the deployment's tokens (``shoal.auth.InferenceAuth``). An
+    inference request (a POST) refused for its token is told to ``refused``, so that it is
+    counted (outcomes ``unauthenticated`` and ``denied``) and logged as every refusal is."""
+
+    def __init__(
+        self, app: ASGIApp, checker: auth.InferenceAuth, limit: int, refused: Refused | None = None
+    ) -> None:
         self.app = app
         self.checker = checker
         self.limit = limit
+        self.refused = refused
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -184,6 +195,8 @@ class InferenceGuard:
             try:
                 self.checker.check(model, Headers(scope=scope).get("authorization"))
             except ShoalError as err:
+                if self.refused is not None and scope["method"] == "POST":
+                    self.refused(model, "", "openai" if openai else "http", err)
                 await drain(receive, self.limit)
                 await _refusal(err, openai=openai)(scope, receive, send)
                 return

@@ -280,10 +280,11 @@ def scheduler_app(
     routes += [*generate_routes(models, limit), *openai_routes(node.router, limit, node.dataplane)]
     # Tokens for deployments that ask for them, on every route that names a model: these and
     # those mounted above (the OpenAI API's model is in its body).
-    guard = Middleware(InferenceGuard, checker=node.inference_auth, limit=limit)
+    refused = node.dataplane.refused
+    guard = Middleware(InferenceGuard, checker=node.inference_auth, limit=limit, refused=refused)
     app = Starlette(
         routes=routes,
         exception_handlers={HTTPException: http_error, Exception: internal_error},
         middleware=[guard, Middleware(ShedWhenFull, node=node)],
     )
-    return Dispatch(InferenceGuard(ShedWhenFull(infer, node), node.inference_auth, limit), app)
+    return Dispatch(InferenceGuard(ShedWhenFull(infer, node), node.inference_auth, limit, refused), app)

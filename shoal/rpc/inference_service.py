@@ -398,10 +398,18 @@ class InferenceService(oipg.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: oip.ModelInferRequest, context: Context) -> oip.ModelInferResponse:
         try:
-            self._authorize(request.model_name, context)
+            self._authorize_inference(request, context)
             return await self._infer(request, context)
         except ShoalError as err:
             await abort(context, err)
+
+    def _authorize_inference(self, request: oip.ModelInferRequest, context: Context) -> None:
+        """As :meth:`_authorize`, and an inference refused for its token is counted and logged."""
+        try:
+            self._authorize(request.model_name, context)
+        except ShoalError as err:
+            self.dataplane.refused(request.model_name, request.id, "grpc", err)
+            raise
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[oip.ModelInferRequest], context: Context
@@ -425,7 +433,7 @@ class InferenceService(oipg.GRPCInferenceServiceServicer):
 
         async def respond(request: oip.ModelInferRequest) -> None:
             try:
-                self._authorize(request.model_name, context)
+                self._authorize_inference(request, context)
                 if generate_stream.wants_generation(self.catalog, request):
                     # Decoupled: a response per piece of text (shoal.rpc.generate_stream).
                     limits.check_request_id(request.id)  # as the data plane checks an inference's

@@ -57,6 +57,8 @@ RETRY_PAUSE_S = 0.25
 OUTCOME_OF = {
     Code.INVALID_ARGUMENT: "invalid",
     Code.NOT_FOUND: "not_found",
+    Code.UNAUTHENTICATED: "unauthenticated",
+    Code.PERMISSION_DENIED: "denied",
     Code.RESOURCE_EXHAUSTED: "overloaded",
     Code.DEADLINE_EXCEEDED: "timeout",
     Code.UNAVAILABLE: "unavailable",

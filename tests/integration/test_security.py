@@ -9,6 +9,7 @@ with deployments of no replicas where the checks happen before any routing.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import ssl
 import subprocess
@@ -47,6 +48,7 @@ from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.rpc.channels import open_channel
 from shoal.rpc.clients import ControlClient, NativeClient
 from shoal.run import start_head, start_scheduler
+from shoal.scheduler import dataplane
 from shoal.testing.cluster import ProcessCluster
 
 pytestmark = pytest.mark.timeout(60)
@@ -323,7 +325,11 @@ async def test_control_rpcs_need_tokens_by_role_and_are_rate_limited(tmp_path: P
         assert node.tokens.get("root") is not None
 
 
-async def test_ingress_limits_and_tokens(tmp_path: Path) -> None:
+async def test_ingress_limits_and_tokens(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caplog.set_level(logging.INFO, logger="shoal.dataplane")
+    monkeypatch.setattr(dataplane, "_REFUSALS_LOGGED_PER_S", 1000)  # this test's refusals all logged
     settings = local_settings(tmp_path, max_message_mb=1, max_tensor_elements=1000)
     cpus = os.sched_getaffinity(0)
     async with AsyncExitStack() as stack:
@@ -408,6 +414,14 @@ async def test_ingress_limits_and_tokens(tmp_path: Path) -> None:
                 grpc.StatusCode.UNAUTHENTICATED,
                 grpc.StatusCode.PERMISSION_DENIED,
             )
+        # Every inference refused for its token is counted and logged, whatever the door (they
+        # were in neither): 401s from REST, OpenAI, OIP gRPC and native; 403s from REST, OIP
+        # gRPC and native.
+        outcomes = scheduler.router.stats()["locked"].outcomes
+        assert (outcomes["unauthenticated"], outcomes["denied"]) == (4, 3)
+        refusals = [r.getMessage() for r in caplog.records if "to locked" in r.getMessage()]
+        for door in ("http", "openai", "grpc", "native"):
+            assert any(f"({door}) refused" in line for line in refusals), (door, refusals)
 
 
 async def test_plaintext_binds_loopback_only(tmp_path: Path) -> None:
