@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import os
 import signal
 from contextlib import AsyncExitStack
@@ -34,6 +35,8 @@ from shoal.rpc.server import bind, new_server
 from shoal.rpc.tls import server_credentials
 from shoal.scheduler.ingress import IngressNode, IngressWorker
 from shoal.scheduler.repository import ModelRepository
+
+log = logging.getLogger("shoal.ingress")
 
 
 def tls_files(settings: Settings, role: str) -> certs.Files | None:
@@ -129,6 +132,12 @@ def main() -> None:
     doc = json.loads(os.environ["SHOAL_INGRESS_WORKER"])
     settings = settings_from_doc(doc["settings"])
     logs.setup(settings.log_format, settings.log_level, component="ingress")
+    if doc.get("log_file"):
+        # Its scheduler's log file (<state>/logs/up.log or scheduler.log), appended to with it.
+        try:
+            logs.copy_to_file(doc["log_file"])
+        except OSError as err:
+            log.warning("logging to stderr only: cannot write %s: %s", doc["log_file"], err.strerror or err)
     affinity.release()  # started by a pinned thread: back on every CPU first
     if settings.ingress_pin_cpus:
         # Before gRPC starts its threads: they run where the thread that starts them does.

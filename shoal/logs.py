@@ -1,9 +1,14 @@
-"""Logging set-up: readable lines, or one JSON object per line (``--log-format json``)."""
+"""Logging set-up: readable lines, or one JSON object per line (``--log-format json``), on
+stderr and, for ``shoal up``, ``head`` and ``scheduler``, also in a file of the state folder
+that the process and its ingress workers append to together (:class:`SharedFileHandler`)."""
 
 from __future__ import annotations
 
+import fcntl
+import io
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -54,3 +59,122 @@ def setup(fmt: str = "text", level: str = "INFO", component: str = "") -> None:
     root.setLevel(level.upper())
     # grpc's own logger is chatty at INFO about channel state.
     logging.getLogger("grpc").setLevel(logging.WARNING)
+
+
+FILE_MAX_BYTES = 10 * 1024 * 1024
+FILE_BACKUPS = 2
+
+
+class SharedFileHandler(logging.Handler):
+    """Log lines appended to ``path``, by this process and others that write the same file
+    (a scheduler and its ingress workers: ``<state>/logs/up.log``).
+
+    Each record is one ``write`` on a descriptor opened ``O_APPEND``, so the lines of several
+    processes never mix within a line. Past ``max_bytes`` the file is rotated (``path.1``,
+    ``path.2``, ... up to ``backups``) by whichever process finds it full, under an
+    exclusive ``flock`` of the file itself: a process that waited for it finds the file
+    already rotated and only opens the new one. A process whose file was rotated (or
+    removed) by another opens ``path`` again before its next line; so does one whose
+    handler was closed (``logging.config.dictConfig``, which uvicorn calls, closes every
+    handler), as ``logging.FileHandler`` does.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], max_bytes: int = FILE_MAX_BYTES, backups: int = FILE_BACKUPS
+    ) -> None:
+        super().__init__()
+        self.path = os.path.abspath(path)
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self._file: io.FileIO | None = self._open()
+
+    def _open(self) -> io.FileIO:
+        # Unbuffered: each write is one system call, appended at the file's end.
+        return open(self.path, "ab", buffering=0)
+
+    def _is_current(self, file: io.FileIO) -> bool:
+        """Whether ``path`` still names ``file`` (not rotated, not removed)."""
+        try:
+            there = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(file.fileno())
+        return (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino)
+
+    def _full(self, file: io.FileIO, adding: int) -> bool:
+        size = os.fstat(file.fileno()).st_size
+        return self.max_bytes > 0 and size > 0 and size + adding > self.max_bytes
+
+    def _rotate(self, file: io.FileIO, adding: int) -> None:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX)
+        try:
+            # Another process may have rotated it while this one waited for the lock.
+            if self._is_current(file) and self._full(file, adding):
+                if self.backups > 0:
+                    for i in range(self.backups - 1, 0, -1):
+                        older = f"{self.path}.{i}"
+                        if os.path.exists(older):
+                            os.replace(older, f"{self.path}.{i + 1}")
+                    os.replace(self.path, f"{self.path}.1")
+                else:
+                    os.unlink(self.path)
+        finally:
+            fcntl.flock(file.fileno(), fcntl.LOCK_UN)
+
+    def _current(self, adding: int) -> io.FileIO:
+        """The file to append ``adding`` bytes to: ``path`` as it is now, rotated first if full."""
+        file = self._file
+        if file is not None and not self._is_current(file):
+            file.close()
+            file = self._file = None
+        if file is not None and self._full(file, adding):
+            self._rotate(file, adding)
+            file.close()
+            file = self._file = None
+        if file is None:
+            file = self._file = self._open()
+        return file
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            data = (self.format(record) + "\n").encode("utf-8", "backslashreplace")
+            file = self._current(len(data))
+            view = memoryview(data)
+            while view:  # a regular file takes it whole, but for a full disk
+                written = file.write(view)
+                if not written:
+                    raise OSError(f"nothing written to {self.path}")
+                view = view[written:]
+        except Exception:
+            self.handleError(record)
+
+    def close(self) -> None:
+        self.acquire()
+        try:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+        finally:
+            self.release()
+        super().close()
+
+
+def copy_to_file(path: str | os.PathLike[str]) -> SharedFileHandler:
+    """Also write what this process logs to ``path`` (rotated: :class:`SharedFileHandler`),
+    formatted as on stderr: call after :func:`setup`. Other processes may write it too."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    handler = SharedFileHandler(path)
+    root = logging.getLogger()
+    if root.handlers:
+        handler.setFormatter(root.handlers[0].formatter)
+    root.addHandler(handler)
+    return handler
+
+
+def file_copy() -> str | None:
+    """The file this process copies its log to (:func:`copy_to_file`); None without one. Its
+    ingress workers copy theirs to the same file."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, SharedFileHandler):
+            return handler.path
+    return None

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 
-from shoal import metrics
+from shoal import logs, metrics
 from shoal.auth import RateLimiter
 from shoal.config import Settings
 from shoal.core import affinity
@@ -463,6 +463,8 @@ class IngressWorkers:
             # Which of the ingress processes it is, for its CPU (shoal.core.affinity).
             "index": self._index[worker_id],
             "processes": self._count + 1,
+            # The file this process copies its log to (<state>/logs/up.log): the worker's lines too.
+            "log_file": logs.file_copy(),
         }
         env = {**os.environ, "SHOAL_INGRESS_WORKER": json.dumps(doc)}
         argv = [sys.executable, "-m", "shoal.ingress_worker"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import logging.handlers
 import signal
 import time
 from collections.abc import Iterator
@@ -31,8 +30,6 @@ from shoal.core.spec import load_spec_file
 from shoal.errors import FailedPrecondition
 
 ROLES = ("up", "head", "scheduler")
-LOG_FILE_BYTES = 10 * 1024 * 1024
-LOG_FILE_BACKUPS = 2
 
 
 # ---------------------------------------------------------------- flags
@@ -190,16 +187,9 @@ def _running_as(settings: Settings, role: str) -> Iterator[None]:
 
 
 def _log_to_file(path: Path) -> logging.Handler:
-    """What the process logs, also in ``path`` (rotated), formatted as on stderr."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.handlers.RotatingFileHandler(
-        path, maxBytes=LOG_FILE_BYTES, backupCount=LOG_FILE_BACKUPS
-    )
-    root = logging.getLogger()
-    if root.handlers:
-        handler.setFormatter(root.handlers[0].formatter)
-    root.addHandler(handler)
-    return handler
+    """What the process logs, also in ``path`` (rotated), formatted as on stderr. Its ingress
+    workers append their lines to the same file (``shoal.logs.SharedFileHandler``)."""
+    return logs.copy_to_file(path)
 
 
 # ---------------------------------------------------------------- processes

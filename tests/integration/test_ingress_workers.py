@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import signal
 import socket
 import time
@@ -21,6 +22,7 @@ import psutil
 import pytest
 import pytest_asyncio
 
+from shoal.cli.processes import log_file
 from shoal.core import reuseport
 from shoal.testing.cluster import ProcessCluster
 
@@ -222,6 +224,37 @@ async def test_killing_an_ingress_worker_under_load_loses_no_request(cluster: Pr
     # The group kept its rule through the worker's death: the new one takes its turns.
     if reuseport_allowed() is None:
         await dealt_evenly(cluster.scheduler_address(), [cluster.schedulers[0].pid, again.pid])
+
+
+async def test_an_ingress_workers_lines_are_in_the_log_file_too(cluster: ProcessCluster) -> None:
+    """What an ingress worker logs reaches its scheduler's log file (``<state>/logs/scheduler.log``;
+    ``up.log`` under ``shoal up``), which ``shoal logs scheduler`` reads, as well as stderr.
+    Before, a worker's lines reached stderr only: the file lacked every refusal a worker served."""
+    await wait_for(lambda: len(workers(cluster)) == 1, 15, "the ingress worker process")
+    [worker] = workers(cluster)
+    http_port = int(cluster.http_address().rsplit(":", 1)[1])
+    await wait_for(lambda: http_port in listeners(worker.pid), 20, "the worker to listen")
+    scheduler = cluster.schedulers[0]
+    stderr, file = scheduler.log, log_file(scheduler.state, "scheduler")
+    marker = f"probe{secrets.token_hex(4)}"
+    bad = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [marker, 2, 3, 4]}]}
+    for _ in range(10):
+        # A new connection each time: both processes serve some (at most 10 refusals a second
+        # are logged by each).
+        async with httpx.AsyncClient(base_url=f"http://{cluster.http_address()}", timeout=10) as http:
+            r = await http.post("/v2/models/echo/infer", json=bad)
+            assert r.status_code == 400, r.text
+
+    def marked(path: Path) -> list[str]:
+        return [ln for ln in path.read_text(errors="replace").splitlines() if marker in ln]
+
+    # The worker's lines on stderr carry its tag ("ingress"); the main process's do not.
+    await wait_for(lambda: len(marked(stderr)) == 10, 10, "the 10 refusals on stderr")
+    assert any(" ingress " in ln for ln in marked(stderr)), marked(stderr)
+    deadline = time.monotonic() + 10
+    while sorted(marked(file)) != sorted(marked(stderr)) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert sorted(marked(file)) == sorted(marked(stderr))
 
 
 def thread_cpus(pid: int) -> set[frozenset[int]]:
