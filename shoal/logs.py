@@ -45,13 +45,42 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc)
 
 
+# What a text line may not carry raw: the C0 control characters but tab, DEL, the C1
+# control characters, and the Unicode line and paragraph separators.
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+_ESCAPES = {"\n": "\\n", "\r": "\\r"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    return _ESCAPES.get(char) or (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+
+
+class TextFormatter(logging.Formatter):
+    """One record, one line: a message's control characters are written escaped (``\\n``,
+    ``\\x1b``). Request ids and model names come from clients, and a newline in one
+    used to start a line of the client's making in the log (``... ERROR shoal.head: ...``),
+    an escape sequence to reach the terminal of whoever read it. A traceback, added after
+    the message, keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        message = record.message
+        if not _CONTROL.search(message):
+            return super().formatMessage(record)
+        record.message = _CONTROL.sub(_escape, message)
+        try:
+            return super().formatMessage(record)
+        finally:
+            record.message = message
+
+
 def setup(fmt: str = "text", level: str = "INFO", component: str = "") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
         prefix = f"{component} " if component else ""
-        formatter = logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+        formatter = TextFormatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", "%H:%M:%S")
         formatter.converter = time.localtime
         handler.setFormatter(formatter)
     root = logging.getLogger()

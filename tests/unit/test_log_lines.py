@@ -1,0 +1,56 @@
+"""A log line is one line: what a client sent (a request id, a model name) cannot start a
+line of its own in shoal's text log, nor reach a terminal as an escape sequence."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from shoal import logs
+
+
+@pytest.fixture(autouse=True)
+def _restore_root() -> object:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield None
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_a_clients_newlines_and_escapes_are_written_escaped(capsys: pytest.CaptureFixture[str]) -> None:
+    logs.setup("text", "INFO", component="scheduler")
+    forged = "g1\n09:00:00 ERROR shoal.head: FORGED\r\x1b[31mred\u2028\x85end"
+    logging.getLogger("shoal.dataplane").info("request %s to %s (%s) refused", forged, "echo", "grpc")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.endswith(
+        "scheduler INFO shoal.dataplane: request g1\\n09:00:00 ERROR shoal.head: FORGED\\r\\x1b[31mred"
+        "\\u2028\\x85end to echo (grpc) refused\n"
+    )
+
+
+def test_a_message_without_control_characters_and_a_traceback_are_as_they_were(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    logs.setup("text", "INFO")
+    log = logging.getLogger("shoal.test")
+    log.info("plain %s\twith a tab", "text")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        log.exception("failed")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].endswith("INFO shoal.test: plain text\twith a tab")
+    assert lines[1].endswith("ERROR shoal.test: failed")
+    assert lines[2] == "Traceback (most recent call last):"
+    assert lines[-1] == "ValueError: boom"
+
+
+def test_json_lines_keep_the_text_exact(capsys: pytest.CaptureFixture[str]) -> None:
+    logs.setup("json", "INFO")
+    logging.getLogger("shoal.test").info("id %s", "a\nb")
+    [line] = capsys.readouterr().err.splitlines()
+    assert json.loads(line)["msg"] == "id a\nb"
