@@ -25,6 +25,7 @@ from shoal.cli.deploy import wait_for
 from shoal.config import Settings
 from shoal.core import triton_repo
 from shoal.core.deploy_watch import DeployWatch
+from shoal.core.model_dirs import check_deployable
 from shoal.core.model_hash import with_model_hash
 from shoal.core.spec import load_spec_file
 from shoal.errors import FailedPrecondition
@@ -212,6 +213,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     if settings.model_repository:
         # Every model of the repository, or none: one that cannot be served stops shoal up here.
         specs += triton_repo.load_all(settings.model_repository)
+    # And the head's checks of their code and files, before any is applied: one refused after
+    # others were applied stopped shoal up with those in the store.
+    for spec in specs:
+        check_deployable(spec, settings.allowed_model_dirs, settings.model_uri_prefixes)
     logs.setup(settings.log_format, settings.log_level)
 
     async def on_ready(head: Any, scheduler: Any, tasks: Any) -> None:

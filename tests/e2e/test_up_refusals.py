@@ -95,3 +95,21 @@ def test_up_refuses_the_same_port_for_grpc_and_http(tmp_path: Path) -> None:
         port = str(held.getsockname()[1])
         message = refused("up", "--grpc-port", port, "--http-port", port, state=tmp_path / "state")
     assert message == f"grpc_port and http_port are both {port}: each needs a port of its own"
+
+
+def test_up_checks_every_spec_before_it_applies_any(tmp_path: Path) -> None:
+    """A spec refused for its files used to stop ``shoal up`` after the specs before it were
+    applied: they stayed in the store and came back on the next start."""
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    for folder in (allowed, outside):
+        folder.mkdir()
+        (folder / "m.py").write_text("class M:\n    def predict(self, inputs):\n        return inputs\n")
+    good, bad = allowed / "good.yaml", outside / "bad.yaml"
+    good.write_text("name: good\nbackend: python\nmodel: 'm:M'\n")
+    bad.write_text("name: bad\nbackend: python\nmodel: 'm:M'\n")
+    state = tmp_path / "state"
+    message = refused(
+        "up", "--allow-model-dir", str(allowed), "--deploy", str(good), "--deploy", str(bad), state=state
+    )
+    assert message.startswith("deployment 'bad': ") and "outside the folders" in message, message
+    assert not list(state.glob("*.db")), list(state.iterdir())  # no store: nothing was applied
