@@ -57,12 +57,36 @@ async def _chunks(sha256: str, offset: int, source: AsyncIterator[bytes]) -> Asy
         offset += len(data)
 
 
+def uploads_refused(settings: Settings) -> str | None:
+    """Why this head takes no upload, or None: with ``allowed_model_dirs`` or
+    ``allowed_model_uris`` set and no ``blob://`` prefix among the URIs, a spec naming an
+    uploaded blob is refused (``shoal.core.model_dirs``), so its upload is refused before
+    its bytes are sent, not after (they used to be sent, kept, and the deploy refused)."""
+    prefixes = settings.model_uri_prefixes
+    if any(p.startswith("blob://") for p in prefixes):
+        return None
+    if prefixes:
+        return (
+            "this head takes no uploads: models come only from the URIs "
+            f"{', '.join(prefixes)} (setting allowed_model_uris)"
+        )
+    if settings.allowed_model_dirs:
+        return (
+            "this head takes no uploads: models come only from the folders "
+            f"{', '.join(settings.allowed_model_dirs)} (setting allowed_model_dirs)"
+        )
+    return None
+
+
 class HeadBlobService(pbg.BlobServicer):
     def __init__(self, store: BlobStore, node: HeadNode) -> None:
         self.store = store
         self.node = node
 
     async def Upload(self, request_iterator: AsyncIterator[pb.BlobChunk], context: Context) -> pb.BlobStat:
+        refusal = uploads_refused(self.node.settings)
+        if refusal is not None:
+            await abort(context, PermissionDenied(refusal))
         messages = aiter(request_iterator)
         try:
             first = await anext(messages)

@@ -91,3 +91,27 @@ async def test_a_model_over_the_heads_limit_and_an_unknown_blob_are_clear_errors
     proc = await shoal_deploy(cluster, str(tmp_path / "unknown.yaml"))
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert f"{unknown} names a blob this head does not have" in proc.stderr
+
+
+async def test_a_head_that_would_refuse_the_blob_refuses_its_upload_before_the_bytes(
+    examples_dir: Path, tmp_path: Path
+) -> None:
+    """With allowed_model_dirs and no ``blob://`` among the URIs, a spec naming an upload is
+    refused; the upload used to be sent and kept all the same, the deploy refused after."""
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    env = {"SHOAL_ALLOWED_MODEL_DIRS": str(allowed)}
+    async with ProcessCluster(tmp_path / "cluster", env=env) as strict:
+        app = tmp_path / "app"
+        app.mkdir()
+        shutil.copy(examples_dir / "digits.joblib", app / "digits.joblib")
+        (app / "digits.yaml").write_text("name: digits\nbackend: sklearn\nmodel: digits.joblib\n")
+        proc = await shoal_deploy(strict, "--upload", str(app / "digits.yaml"))
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert (
+            f"this head takes no uploads: models come only from the folders {allowed} "
+            "(setting allowed_model_dirs)" in proc.stderr
+        )
+        assert "Traceback" not in proc.stderr
+        assert not [p for p in (strict.root / "head" / "blobs").glob("*") if p.is_file()]
+        assert [d["name"] for d in (await strict.status())["deployments"]] == []
