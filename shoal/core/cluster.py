@@ -842,6 +842,7 @@ class _Index:
             free=sched.capacity - self.allocated(sched.id),
             replicas_of_deployment=self.of_deployment.get((sched.id, deployment), 0),
             replicas_total=self.on_scheduler.get(sched.id, 0),
+            capacity=sched.capacity,
         )
 
     def choose(self, deployment: str, need: Capacity) -> tuple[str | None, str]:

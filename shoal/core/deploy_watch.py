@@ -21,7 +21,8 @@ Status = Mapping[str, Any]
 # The head's pending reasons that are answers rather than waits (shoal/core/placement.py and
 # shoal/core/cluster.py write them; tests/unit/test_cli.py checks they still match), and FAILED
 # (shoal/core/cluster.py: replicas that kept dying before READY).
-NO_ROOM = re.compile(r"^(no scheduler has room|no live scheduler)")
+NO_ROOM = re.compile(r"^(no scheduler has room|no scheduler is big enough|no live scheduler)")
+TOO_BIG = "no scheduler is big enough"  # no capacity could ever hold one replica: freeing room cannot help
 START_FAILURES = re.compile(r"^(\d+) replica start failure\(s\), retrying in \d+s: (.*)$", re.S)
 STILL_MOVING = "draining one old replica first"
 
@@ -171,6 +172,12 @@ class DeployWatch:
         settled = ""
         if reason.startswith(FAILED):
             settled = f"deployment {w.name} failed: {_LOG_PREFIX.sub('', reason.removeprefix(FAILED))}"
+        elif reason.startswith(TOO_BIG) and STILL_MOVING not in reason:
+            settled = (
+                f"deployment {w.name} cannot be placed: {reason}. Freeing room cannot help: lower its "
+                "resources in the spec and deploy again, or add a scheduler big enough (it stays pending "
+                f"until one joins); 'shoal delete {w.name}' removes it"
+            )
         elif NO_ROOM.match(reason) and STILL_MOVING not in reason:
             settled = (
                 f"deployment {w.name} cannot be placed: {reason}. It stays pending and is placed "

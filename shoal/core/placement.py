@@ -49,6 +49,12 @@ class Candidate:
     free: Capacity
     replicas_of_deployment: int
     replicas_total: int
+    capacity: Capacity | None = None  # all it has, free or not; None: not known (taken as enough)
+
+
+RESOURCES = ("cpus", "memory_mb", "gpus")
+NAMED = 2
+"""Schedulers a reason names at most besides the closest; the rest are counted."""
 
 
 def choose(candidates: Sequence[Candidate], need: Capacity) -> tuple[str | None, str]:
@@ -56,22 +62,77 @@ def choose(candidates: Sequence[Candidate], need: Capacity) -> tuple[str | None,
 
     Spreads a deployment's replicas (fewest of this deployment first), then
     prefers the emptiest machine. Returns ``(scheduler_id, "")`` or
-    ``(None, reason)`` when no scheduler has room.
+    ``(None, reason)`` when no scheduler has room (:func:`no_room_reason`).
     """
     if not candidates:
         return None, "no live scheduler"
     fitting = [c for c in candidates if c.free.fits(need)]
     if not fitting:
-        best = max(candidates, key=lambda c: (c.free.cpus, c.free.memory_mb, c.free.gpus))
-        short = []
-        if need.cpus > best.free.cpus + EPSILON:
-            short.append(f"cpus {need.cpus:g} > {max(best.free.cpus, 0):g} free")
-        if need.memory_mb > best.free.memory_mb + EPSILON:
-            short.append(f"memory_mb {need.memory_mb:g} > {max(best.free.memory_mb, 0):g} free")
-        if need.gpus > best.free.gpus + EPSILON:
-            short.append(f"gpus {need.gpus:g} > {max(best.free.gpus, 0):g} free")
-        return None, f"no scheduler has room ({', '.join(short)} on the emptiest)"
+        return None, no_room_reason(candidates, need)
     best = min(
         fitting, key=lambda c: (c.replicas_of_deployment, -c.free.cpus, c.replicas_total, c.scheduler_id)
     )
     return best.scheduler_id, ""
+
+
+def _shortfalls(have: Capacity, need: Capacity) -> list[tuple[str, float, float]]:
+    """The resources ``have`` is short of for ``need``: (name, asked, had, never below 0)."""
+    return [
+        (r, getattr(need, r), max(getattr(have, r), 0.0))
+        for r in RESOURCES
+        if getattr(need, r) > getattr(have, r) + EPSILON
+    ]
+
+
+def _closeness(have: Capacity, need: Capacity, scheduler_id: str) -> tuple[int, float, str]:
+    """How far ``have`` is from ``need``: fewest resources short, then the smallest part of
+    the ask missing (a fraction, so cpus and memory_mb compare), then the id."""
+    short = _shortfalls(have, need)
+    return (
+        len(short),
+        sum((asked - had) / asked if asked > 0 else 1.0 for _, asked, had in short),
+        scheduler_id,
+    )
+
+
+def _describe(short: list[tuple[str, float, float]], what: str = "") -> str:
+    """``cpus 2 > 1 free, gpus 1 > 0 free``: each resource short, asked > had."""
+    suffix = f" {what}" if what else ""
+    return ", ".join(f"{r} {asked:g} > {had:g}{suffix}" for r, asked, had in short)
+
+
+def _names(ids: Sequence[str]) -> str:
+    """At most ``NAMED`` ids, then how many more."""
+    shown = ", ".join(ids[:NAMED])
+    return f"{shown} and {len(ids) - NAMED} more" if len(ids) > NAMED else shown
+
+
+def no_room_reason(candidates: Sequence[Candidate], need: Capacity) -> str:
+    """Why no scheduler of ``candidates`` (none with room free) can take ``need`` now.
+
+    ``no scheduler is big enough (...)`` when none could even empty (its capacity falls
+    short): the spec or the machines must change, freeing room cannot help. Otherwise
+    ``no scheduler has room (...)`` with what is short on the scheduler that comes closest
+    among those big enough, and which others are too small. Bounded for any cluster size.
+    """
+    big_enough = [c for c in candidates if c.capacity is None or c.capacity.fits(need)]
+    if not big_enough:
+        sized = [c.capacity for c in candidates if c.capacity is not None]
+        largest = Capacity(*(max(getattr(c, r) for c in sized) for r in RESOURCES))
+        over = _shortfalls(largest, need)
+        if over:  # no scheduler has that much of one resource
+            tail = "the largest capacity" if len(over) == 1 else "the largest capacities"
+            return f"no scheduler is big enough ({_describe(over)}, {tail})"
+        # Each resource is somewhere, but not all of them together on one scheduler.
+        closest = min(candidates, key=lambda c: _closeness(c.capacity or need, need, c.scheduler_id))
+        text = _describe(_shortfalls(closest.capacity or need, need), "capacity")
+        more = f", the closest of {len(candidates)}" if len(candidates) > 1 else ""
+        return f"no scheduler is big enough ({text} on {closest.scheduler_id}{more})"
+    closest = min(big_enough, key=lambda c: _closeness(c.free, need, c.scheduler_id))
+    text = f"{_describe(_shortfalls(closest.free, need), 'free')} on {closest.scheduler_id}"
+    if len(big_enough) > 1:
+        text += f", the closest of {len(big_enough)}"
+    too_small = sorted({c.scheduler_id for c in candidates} - {c.scheduler_id for c in big_enough})
+    if too_small:
+        text += f"; {_names(too_small)} too small for it"
+    return f"no scheduler has room ({text})"

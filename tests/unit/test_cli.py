@@ -82,14 +82,35 @@ async def past_backoff(head: HeadNode) -> None:
 
 async def test_no_room_is_an_answer_once_it_has_held_a_reconcile_pass(head: HeadNode) -> None:
     before = cluster_status(head)
-    big = spec(cpus=2)
-    await head.apply(big)
-    watch = DeployWatch.after_apply(before, [big])
+    three = spec(cpus=0.5, replicas=3)  # s1 has 1 cpu: room for two
+    await head.apply(three)
+    watch = DeployWatch.after_apply(before, [three])
     await head.reconcile_once()
     first = watch.observe(cluster_status(head), now=0.0)
     assert not first.done and not first.failure  # may be the reason from before the apply
     later = watch.observe(cluster_status(head), now=1.0)
-    assert "deployment echo cannot be placed: no scheduler has room (cpus 2 > 1 free" in later.failure
+    assert (
+        "deployment echo cannot be placed: no scheduler has room (cpus 0.5 > 0 free on s1)" in later.failure
+    )
+    assert "when room appears (free some, or add a scheduler)" in later.failure
+    assert "shoal delete echo" in later.failure
+
+
+async def test_a_replica_bigger_than_any_scheduler_is_an_answer_that_freeing_room_cannot_help(
+    head: HeadNode,
+) -> None:
+    before = cluster_status(head)
+    big = spec(cpus=2)  # s1 has 1 cpu in all
+    await head.apply(big)
+    watch = DeployWatch.after_apply(before, [big])
+    await head.reconcile_once()
+    assert not watch.observe(cluster_status(head), now=0.0).failure
+    later = watch.observe(cluster_status(head), now=1.0)
+    assert (
+        "deployment echo cannot be placed: no scheduler is big enough (cpus 2 > 1, the largest capacity). "
+        "Freeing room cannot help: lower its resources in the spec" in later.failure
+    )
+    assert "free some" not in later.failure
     assert "shoal delete echo" in later.failure
 
 
@@ -239,9 +260,7 @@ def test_replicas_drained_to_a_lower_count_are_draining_not_starting() -> None:
 def test_draining_to_make_room_is_progress_not_failure() -> None:
     old, new = spec(model="v1:M"), spec(model="v2:M")
     watch = DeployWatch.after_apply(status_of(old, ("echo-old", "READY")), [new])
-    reason = (
-        "no scheduler has room (cpus 1 > 0 free on the emptiest); draining one old replica first to make room"
-    )
+    reason = "no scheduler has room (cpus 1 > 0 free on s1); draining one old replica first to make room"
     for now in (0.0, 5.0):
         assert not watch.observe(status_of(new, ("echo-old", "DRAINING"), reason=reason), now=now).failure
 

@@ -567,7 +567,7 @@ def test_a_replica_is_not_placed_where_it_does_not_fit(state: ClusterState) -> N
     big = make_spec("big", cpus=2.0)
 
     assert state.reconcile(want(big)) == []
-    assert state.pending_reasons == {"big": "no scheduler has room (cpus 2 > 1 free on the emptiest)"}
+    assert state.pending_reasons == {"big": "no scheduler is big enough (cpus 2 > 1, the largest capacity)"}
     assert state.replicas == {}
 
     Sim(state, "large", cpus=4.0)
@@ -584,7 +584,23 @@ def test_placement_counts_what_replicas_already_hold(state: ClusterState) -> Non
     actions = state.reconcile(want(spec))
 
     assert len(creates(actions)) == 2
-    assert state.pending_reasons == {"echo": "no scheduler has room (cpus 1 > 0 free on the emptiest)"}
+    assert state.pending_reasons == {"echo": "no scheduler has room (cpus 1 > 0 free on s1)"}
+
+
+def test_the_pending_reason_names_what_is_short_where_the_replica_could_fit(state: ClusterState) -> None:
+    # sb, the only scheduler with a GPU, has its one cpu taken; sa has cpus but no GPU.
+    sb = Sim(state, "sb", cpus=1.0)
+    sb.capacity = Capacity(cpus=1.0, memory_mb=4096, gpus=1)
+    sb.register()
+    hog = make_spec("hog", cpus=1.0)
+    sb.act(state.reconcile(want(hog)))
+    Sim(state, "sa", cpus=8.0)
+    gpu = make_spec("gpu", replicas=5, resources={"cpus": 0.01, "gpus": 0.2})
+
+    assert creates(state.reconcile(want(hog, gpu))) == []
+    assert state.pending_reasons == {
+        "gpu": "no scheduler has room (cpus 0.01 > 0 free on sb; sa too small for it)"
+    }
 
 
 def test_no_scheduler_means_a_pending_reason(state: ClusterState) -> None:

@@ -37,21 +37,100 @@ def test_choose_skips_schedulers_without_room() -> None:
     assert got == ("c", "")
 
 
-def test_choose_names_every_short_resource_on_the_emptiest_scheduler() -> None:
+def test_choose_names_every_short_resource_on_the_closest_scheduler() -> None:
     need = Capacity(cpus=4, memory_mb=2048, gpus=1)
+    # a is short of two resources, b of all three: a comes closest.
     reason = choose([cand("a", cpus=1, memory_mb=4096), cand("b", cpus=3, memory_mb=1024)], need)
-    assert reason == (
-        None,
-        "no scheduler has room (cpus 4 > 3 free, memory_mb 2048 > 1024 free, "
-        "gpus 1 > 0 free on the emptiest)",
-    )
+    assert reason == (None, "no scheduler has room (cpus 4 > 1 free, gpus 1 > 0 free on a, the closest of 2)")
 
 
 def test_choose_reports_overcommitted_free_capacity_as_zero() -> None:
     assert choose([cand("a", cpus=-1)], Capacity(cpus=1)) == (
         None,
-        "no scheduler has room (cpus 1 > 0 free on the emptiest)",
+        "no scheduler has room (cpus 1 > 0 free on a)",
     )
+
+
+def sized(sid: str, capacity: Capacity, held: Capacity = Capacity()) -> Candidate:
+    """A scheduler of ``capacity`` whose replicas hold ``held``."""
+    return Candidate(sid, capacity - held, replicas_of_deployment=0, replicas_total=0, capacity=capacity)
+
+
+def test_the_reason_names_the_resource_short_where_it_could_fit_not_on_the_emptiest() -> None:
+    # sa has no GPU at all; sb has one, free, but its CPUs are full: CPU on sb is the limit.
+    sa = sized("sa", Capacity(cpus=8, memory_mb=8192, gpus=0))
+    sb = sized("sb", Capacity(cpus=2, memory_mb=8192, gpus=1), held=Capacity(cpus=2, memory_mb=512))
+    need = Capacity(cpus=0.01, gpus=0.2)
+    for order in ([sa, sb], [sb, sa]):
+        assert choose(order, need) == (
+            None,
+            "no scheduler has room (cpus 0.01 > 0 free on sb; sa too small for it)",
+        )
+    # Once CPUs are freed on sb, it goes there.
+    assert choose([sa, sized("sb", sb.capacity or Capacity(), held=Capacity(cpus=1))], need) == ("sb", "")
+
+
+def test_the_closest_scheduler_is_short_of_fewest_resources_then_of_the_least() -> None:
+    cap = Capacity(cpus=4, memory_mb=4096)
+    need = Capacity(cpus=2, memory_mb=2048)
+    a = sized("a", cap, held=Capacity(cpus=3, memory_mb=3000))  # short of both
+    b = sized("b", cap, held=Capacity(cpus=2.5))  # short of half a cpu: a quarter of the ask
+    c = sized("c", cap, held=Capacity(memory_mb=2560))  # short of 512 of 2048 MB: a quarter too
+    d = sized("d", cap, held=Capacity(memory_mb=3072))  # short of half the memory asked
+    assert choose([a, d, c, b], need) == (
+        None,
+        "no scheduler has room (cpus 2 > 1.5 free on b, the closest of 4)",
+    )
+    assert choose([a, d, c], need) == (
+        None,
+        "no scheduler has room (memory_mb 2048 > 1536 free on c, the closest of 3)",
+    )
+
+
+def test_a_replica_bigger_than_every_scheduler_says_none_is_big_enough() -> None:
+    schedulers = [sized(s, Capacity(cpus=4, memory_mb=1000)) for s in ("sa", "sb")]
+    assert choose(schedulers, Capacity(cpus=0.1, memory_mb=1500)) == (
+        None,
+        "no scheduler is big enough (memory_mb 1500 > 1000, the largest capacity)",
+    )
+    # Not for want of room: empty or full, the answer is the same.
+    full = [sized(s, Capacity(cpus=4, memory_mb=1000), held=Capacity(cpus=4)) for s in ("sa", "sb")]
+    assert choose(full, Capacity(cpus=0.1, memory_mb=1500)) == choose(
+        schedulers, Capacity(cpus=0.1, memory_mb=1500)
+    )
+    # The largest capacity of each resource, wherever it is.
+    mixed = [sized("sa", Capacity(cpus=16, memory_mb=1000)), sized("sb", Capacity(cpus=4, memory_mb=2000))]
+    assert choose(mixed, Capacity(cpus=32, memory_mb=4000)) == (
+        None,
+        "no scheduler is big enough (cpus 32 > 16, memory_mb 4000 > 2000, the largest capacities)",
+    )
+
+
+def test_a_replica_that_fits_each_resource_somewhere_but_not_all_on_one_is_too_big() -> None:
+    sa = sized("sa", Capacity(cpus=16, memory_mb=8192, gpus=0))
+    sb = sized("sb", Capacity(cpus=4, memory_mb=8192, gpus=1))
+    assert choose([sa, sb], Capacity(cpus=8, gpus=1)) == (
+        None,
+        "no scheduler is big enough (cpus 8 > 4 capacity on sb, the closest of 2)",
+    )
+
+
+def test_the_reason_stays_short_on_a_large_cluster() -> None:
+    need = Capacity(cpus=1, memory_mb=200, gpus=1)
+    cap = Capacity(cpus=64, memory_mb=262144, gpus=8)
+    full = [sized(f"scheduler-{i:04d}.example.internal", cap, held=cap) for i in range(600)]
+    small = [
+        sized(f"cpu-only-{i:04d}.example.internal", Capacity(cpus=64, memory_mb=262144)) for i in range(400)
+    ]
+    _, reason = choose(full + small, need)
+    assert reason == (
+        "no scheduler has room (cpus 1 > 0 free, memory_mb 200 > 0 free, gpus 1 > 0 free on "
+        "scheduler-0000.example.internal, the closest of 600; cpu-only-0000.example.internal, "
+        "cpu-only-0001.example.internal and 398 more too small for it)"
+    )
+    assert len(reason) < 250
+    _, reason = choose(small, need)
+    assert reason == "no scheduler is big enough (gpus 1 > 0, the largest capacity)"
 
 
 def test_choose_allows_an_exact_fit_and_fractions() -> None:
