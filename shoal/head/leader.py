@@ -191,46 +191,53 @@ class Leadership:
         """Renew the lease every third of its TTL (soon again after a failure); return once
         leadership is lost: etcd says the lease is gone, it was not renewed in time (then it
         may have run out), or the store refused a write as fenced. ``leading`` is already
-        false when this returns."""
+        false when this returns (or raises).
+
+        Cancelled (the head shuts down), the lease is still this head's: :meth:`resign`
+        revokes it then. Returned, there is nothing left to give up (lost, or revoked here)."""
         assert self.leading, "hold() after campaign()"
-        pause = self.ttl_s / 3
         try:
-            while True:
-                # Never past the moment the lease may run out; at once when a write was fenced.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._deposed.wait(), max(0.0, min(pause, self._left())))
-                if self._deposed.is_set() and self._stepping_down:
-                    log.error("leadership given up: %s", self._stepping_down)
-                    # Revoked, the key goes at once: a standby leads without waiting out the TTL.
-                    await _quietly(self.backend.revoke_lease(self._lease))
-                    return
-                if self._deposed.is_set():
-                    log.error("leadership lost: the store refused a write (another head leads)")
-                    return
-                sent = time.monotonic()
-                left = self._left()
-                if left <= 0:
-                    log.error("leadership lost: the lease was not renewed within its TTL")
-                    return
-                try:
-                    # One try may hang on an etcd member that just died: give each a share of
-                    # the time left, and try again soon (etcd elects a new leader in a second).
-                    remaining = await asyncio.wait_for(
-                        self.backend.renew_lease(self._lease), min(left, max(0.2, self.ttl_s / 3))
-                    )
-                except (ShoalError, TimeoutError) as err:
-                    if pause != _RETRY_S:  # once per outage
-                        log.warning("leader lease not renewed: %s (retrying)", err or "timed out")
-                    pause = _RETRY_S
-                    continue
-                pause = self.ttl_s / 3
-                if remaining <= 0:
-                    log.error("leadership lost: the lease ran out (another head may lead now)")
-                    return
-                self._valid_until = sent + min(remaining, self.ttl_s)
+            await self._renew()
+            self._lease = 0
         finally:
             self.leading = self.serving = False
             self._set_leader(None)
+
+    async def _renew(self) -> None:
+        pause = self.ttl_s / 3
+        while True:
+            # Never past the moment the lease may run out; at once when a write was fenced.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._deposed.wait(), max(0.0, min(pause, self._left())))
+            if self._deposed.is_set() and self._stepping_down:
+                log.error("leadership given up: %s", self._stepping_down)
+                # Revoked, the key goes at once: a standby leads without waiting out the TTL.
+                await _quietly(self.backend.revoke_lease(self._lease))
+                return
+            if self._deposed.is_set():
+                log.error("leadership lost: the store refused a write (another head leads)")
+                return
+            sent = time.monotonic()
+            left = self._left()
+            if left <= 0:
+                log.error("leadership lost: the lease was not renewed within its TTL")
+                return
+            try:
+                # One try may hang on an etcd member that just died: give each a share of
+                # the time left, and try again soon (etcd elects a new leader in a second).
+                remaining = await asyncio.wait_for(
+                    self.backend.renew_lease(self._lease), min(left, max(0.2, self.ttl_s / 3))
+                )
+            except (ShoalError, TimeoutError) as err:
+                if pause != _RETRY_S:  # once per outage
+                    log.warning("leader lease not renewed: %s (retrying)", err or "timed out")
+                pause = _RETRY_S
+                continue
+            pause = self.ttl_s / 3
+            if remaining <= 0:
+                log.error("leadership lost: the lease ran out (another head may lead now)")
+                return
+            self._valid_until = sent + min(remaining, self.ttl_s)
 
     def step_down(self, reason: str) -> None:
         """Stop leading on purpose: ``hold`` revokes the lease and returns (so a standby leads
@@ -244,10 +251,17 @@ class Leadership:
         return self._valid_until - time.monotonic() - _MARGIN_S
 
     async def resign(self) -> None:
-        """Give up leading now (revoke the lease, so a standby claims the key at once)."""
-        was, self.leading, self.serving = self.leading, False, False
-        if was and self._lease:
-            await _quietly(self.backend.revoke_lease(self._lease))
+        """Give up leading now: revoke the lease, so that a standby claims the key at once.
+        Also after :meth:`hold` was cancelled (which already cleared ``leading``): the lease
+        outlives it until revoked. Waits at most the lease's TTL (etcd unreachable: the lease
+        runs out by itself by then)."""
+        lease, self._lease = self._lease, 0
+        self.leading = self.serving = False
+        if lease:
+            try:
+                await asyncio.wait_for(_quietly(self.backend.revoke_lease(lease)), self.ttl_s)
+            except TimeoutError:
+                log.warning("leader election: lease not revoked in %ds (etcd does not answer)", self.ttl_s)
             self._set_leader(None)
 
     def _set_leader(self, leader: LeaderInfo | None) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import sys
 import urllib.error
@@ -207,6 +208,48 @@ async def test_kill_the_leading_head_under_load(heads: EtcdHeads) -> None:
         )
         assert cli.returncode == 0, cli.stderr
         assert "echo" in cli.stdout and "after" in cli.stdout
+    finally:
+        await client.close()
+
+
+async def test_a_leading_head_stopped_with_sigterm_gives_the_key_up(heads: EtcdHeads) -> None:
+    """docs/operations.md: "A head stopped with SIGTERM gives the key up at once". Checked on
+    etcd's state, not on timings: once the leading head has exited, its lease is revoked and
+    the key no longer names it (left to run out, both would last up to the TTL, 2 s here)."""
+    client = etcd_client(EtcdTarget(parse_store_url(heads.etcd.url)))
+    key = (heads.env["SHOAL_STORE_ROOT"] + "leader").encode()
+
+    async def holder() -> tuple[str | None, int]:
+        """Whom the key names (gRPC address), and its lease."""
+        got = await client.get(key)
+        if got is None:
+            return None, 0
+        info = LeaderInfo.from_json(bytes(got.value).decode())
+        return (info.grpc if info else None), int(got.lease)
+
+    try:
+        a = await asyncio.to_thread(heads.start_head)
+        async with asyncio.timeout(20):  # alone on the store, it leads
+            while (held := await holder())[0] != a.endpoints["head"]:
+                await asyncio.sleep(0.05)
+        lease = held[1]
+        b = await asyncio.to_thread(heads.start_head)
+        following = {"grpc": a.endpoints["head"], "http": a.endpoints["head_http"]}
+        async with asyncio.timeout(10):  # the standby has read who leads
+            while (await asyncio.to_thread(http_get, b.endpoints["head_http"], "/healthz"))[1] != {
+                "status": "standby",
+                "leader": following,
+            }:
+                await asyncio.sleep(0.05)
+        await asyncio.to_thread(heads.start_scheduler)  # a leader with a scheduler, as in use
+
+        a.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(a.wait, 30) == 0
+        assert (await client.get_lease_info(lease)).TTL == -1  # revoked: etcd no longer knows it
+        assert (await holder())[0] != a.endpoints["head"]
+        async with asyncio.timeout(10):  # and the standby claims the key
+            while (await holder())[0] != b.endpoints["head"]:
+                await asyncio.sleep(0.05)
     finally:
         await client.close()
 

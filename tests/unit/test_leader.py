@@ -138,6 +138,30 @@ async def test_a_leader_that_steps_down_gives_its_lease_up_and_a_standby_leads_a
     assert b.leading
 
 
+async def test_a_leader_shut_down_while_holding_revokes_its_lease_on_resign() -> None:
+    # What shoal.run._lead does on SIGTERM: hold() is cancelled (which clears ``leading``),
+    # then resign(). The lease must be revoked all the same, not left to run out.
+    backend = Backend()
+    a, b = head(backend, "a", ttl_s=30), head(backend, "b", ttl_s=30)  # leases that last
+    await a.campaign()
+    holding = asyncio.ensure_future(a.hold())
+    standby = asyncio.ensure_future(b.campaign())
+    await wait_until(lambda: b.leader == a.me)
+    lease = a._lease
+
+    holding.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await holding
+    assert not a.leading and lease in backend.leases  # cancelled: the lease is still a's
+    await a.resign()
+
+    assert lease not in backend.leases  # revoked: the key went with it
+    await asyncio.wait_for(standby, 5)
+    assert b.leading
+    await a.resign()  # once more: nothing left to give up
+    assert b.leading and backend.keys["leader"] == (b.me.to_json(), b._lease)
+
+
 @pytest.mark.parametrize("failure", ["hangs", "errors"])
 async def test_a_leader_cut_off_from_the_store_gives_up_before_its_lease_can_run_out(failure: str) -> None:
     backend = Backend()
