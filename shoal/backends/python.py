@@ -24,7 +24,9 @@ or takes them as a ``deployments`` argument of its constructor when it declares 
 This runs the user's code with the replica's rights: whoever may deploy may run code. With
 the ``allowed_model_dirs`` setting (``allowed_dirs`` here, set by the replica before
 ``load``), only modules that are files under ``base_dir``, inside those folders, are
-imported, after the same check the head made (``shoal.core.model_dirs``).
+imported, after the same check the head made (``shoal.core.model_dirs``): ``base_dir``
+must be an existing folder here, and the module is looked up in it alone
+(``model_dirs.import_confined``), never on the rest of ``sys.path``.
 
 Imports are cached per process, as Python caches them: a replica serves one model, so
 two specs naming the same module from different folders never meet in one process.
@@ -72,7 +74,8 @@ class PythonBackend(Backend):
 
     def _load(self) -> None:
         module_name, attr = model_dirs.python_target(self.spec.model)
-        model_dirs.check_deployable(self.spec, self.allowed_dirs)
+        # Here, where the files are: with allowed_dirs, base_dir must be an existing folder.
+        model_dirs.check_deployable(self.spec, self.allowed_dirs, files_here=True)
         if self.spec.base_dir:
             # First on sys.path, and left there: the model may import its siblings lazily.
             if self.spec.base_dir in sys.path:
@@ -81,7 +84,13 @@ class PythonBackend(Backend):
             importlib.invalidate_caches()
         where = f" (from {self.spec.base_dir})" if self.spec.base_dir else ""
         try:
-            module = importlib.import_module(module_name)
+            if self.allowed_dirs:
+                # From base_dir alone: a module missing there must not be found on sys.path.
+                module = model_dirs.import_confined(self.spec, module_name, self.allowed_dirs)
+            else:
+                module = importlib.import_module(module_name)
+        except model_dirs.ImportRefused:
+            raise
         except ModuleNotFoundError as err:
             raise InvalidArgument(f"cannot import module {module_name!r}{where}: {err}") from err
         except Exception as err:

@@ -15,9 +15,12 @@ One check, :func:`check_deployable`, runs in the head when a spec is applied
 (InvalidArgument) and in every replica before it imports or loads anything, with the files
 in front of it (symbolic links resolved). A head that does not see ``base_dir`` (the code
 lives only on the schedulers' machines) checks what needs no files: the folder, the form
-of ``model``, and that the module is not a standard-library or built-in one. After the
-import the replica checks again (:func:`check_module_file`, :func:`check_defined_in`):
-the module came from its file, and the object is a class or function defined in it.
+of ``model``, and that the module is not a standard-library or built-in one; the replica
+(``files_here``) refuses a ``base_dir`` that is not an existing folder, and imports the
+module from ``base_dir`` alone (:func:`import_confined`), never from the rest of
+``sys.path``. After the import the replica checks again (:func:`check_module_file`,
+:func:`check_defined_in`): the module came from its file, and the object is a class or
+function defined in it.
 ``transformers`` and ``vllm`` name hub models as often as folders and are not restricted.
 An empty setting allows any folder.
 
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import ast
 import importlib.machinery
+import importlib.util
 import inspect
 import os
 import re
@@ -42,6 +46,7 @@ import sys
 import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
 from shoal.core.spec import DeploymentSpec, uri_scheme
 from shoal.errors import InvalidArgument
@@ -149,11 +154,23 @@ def python_target(model: str) -> tuple[str, str]:
     return match["module"], match["name"]
 
 
-def check_deployable(spec: DeploymentSpec, allowed: Sequence[str], allowed_uris: Sequence[str] = ()) -> None:
+def check_deployable(
+    spec: DeploymentSpec,
+    allowed: Sequence[str],
+    allowed_uris: Sequence[str] = (),
+    *,
+    files_here: bool = False,
+) -> None:
     """Everything about ``spec``'s code and files that can be told before running any of it:
     InvalidArgument when a python model is not ``module:Class``, when it names code or files
     outside ``allowed``, or a URI outside ``allowed_uris`` (nothing more when both are
-    empty). The head calls it when a spec is applied, the replica before it loads."""
+    empty). The head calls it when a spec is applied, the replica before it loads.
+
+    ``files_here``: the caller is where the model's files must be (the replica), so with
+    ``allowed`` set a python ``base_dir`` that is not an existing folder is refused. Without
+    it (the head, which may run on another machine than the schedulers) a ``base_dir`` that
+    does not exist here is taken for one on the schedulers' machines only, and only what
+    needs no files is checked; one that exists here but is not a folder is refused."""
     check_model_dirs(spec, allowed, allowed_uris)
     if spec.backend != "python":
         return
@@ -162,7 +179,10 @@ def check_deployable(spec: DeploymentSpec, allowed: Sequence[str], allowed_uris:
     module, name = python_target(spec.model)
     if not allowed:
         return
-    if not Path(spec.base_dir).is_dir():
+    base = Path(spec.base_dir)
+    if not base.is_dir():
+        if files_here or base.exists():
+            raise _no_folder(spec, allowed)
         # Not on this machine (a head apart from the schedulers): what needs no files.
         if module.split(".", 1)[0] in (*sys.stdlib_module_names, *sys.builtin_module_names):
             raise _refuse(spec, f"module {module!r} (a standard-library or built-in module)", allowed)
@@ -175,6 +195,66 @@ def check_deployable(spec: DeploymentSpec, allowed: Sequence[str], allowed_uris:
             raise _refuse(
                 spec, f"{name!r} (not a class, function or assignment at the top level of {file})", allowed
             )
+
+
+def _no_folder(spec: DeploymentSpec, allowed: Sequence[str]) -> InvalidArgument:
+    what = "is not a folder" if Path(spec.base_dir).exists() else "does not exist"
+    return InvalidArgument(
+        f"deployment {spec.name!r}: base_dir {spec.base_dir!r} {what} on this machine; with "
+        f"allowed_model_dirs set ({', '.join(allowed)}) a python module is imported only from "
+        "its base_dir, which must be a folder inside one of them"
+    )
+
+
+class ImportRefused(InvalidArgument):
+    """What :func:`import_confined` refuses, told apart from what the module's own code raises."""
+
+
+def import_confined(spec: DeploymentSpec, module: str, allowed: Sequence[str]) -> ModuleType:
+    """Import ``module`` (dotted: a package's submodule) from ``spec.base_dir`` alone, with
+    ``allowed`` set: each part not yet imported is looked up in ``base_dir`` (then in its
+    package's folders) only, never on the rest of ``sys.path`` nor by other finders, and its
+    file is checked to lie in ``allowed`` before it runs. A part already imported must have
+    come from a file in ``allowed`` (:func:`check_module_file`). :class:`ImportRefused`
+    otherwise; what the module's own code raises propagates."""
+    if not Path(spec.base_dir).is_dir():
+        raise ImportRefused(_no_folder(spec, allowed).message)
+    parts = module.split(".")
+    path: list[str] = [spec.base_dir]
+    parent: ModuleType | None = None
+    loaded: ModuleType | None = None
+    for i, part in enumerate(parts):
+        name = ".".join(parts[: i + 1])
+        if i and not path:
+            raise ImportRefused(f"cannot import module {module!r}: {parts[i - 1]!r} is not a package")
+        loaded = sys.modules.get(name)
+        if loaded is not None:
+            try:
+                check_module_file(spec, loaded, allowed)
+            except InvalidArgument as err:
+                raise ImportRefused(err.message) from None
+        else:
+            found = importlib.machinery.PathFinder.find_spec(name, path)
+            if found is None or found.loader is None or not found.has_location or found.origin is None:
+                what = f"module {module!r} (not a file under base_dir {spec.base_dir!r})"
+                raise ImportRefused(_refuse(spec, what, allowed).message)
+            if not inside(found.origin, allowed):
+                what = f"module {name!r} (found at {found.origin})"
+                raise ImportRefused(_refuse(spec, what, allowed).message)
+            loaded = importlib.util.module_from_spec(found)
+            sys.modules[name] = loaded
+            try:
+                found.loader.exec_module(loaded)
+            except BaseException:
+                sys.modules.pop(name, None)
+                raise
+            loaded = sys.modules.get(name, loaded)  # a module may replace itself there, as import allows
+            if parent is not None:
+                setattr(parent, part, loaded)
+        parent = loaded
+        path = list(getattr(loaded, "__path__", None) or [])
+    assert loaded is not None
+    return loaded
 
 
 def module_file(base_dir: str, module: str) -> Path | None:

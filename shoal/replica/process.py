@@ -17,7 +17,7 @@ from shoal.backends.python import PythonBackend
 from shoal.config import Settings
 from shoal.core.clock import Clock, SystemClock
 from shoal.core.cluster import DRAINING, READY, STARTING, STOPPED
-from shoal.core.model_dirs import check_model_dirs
+from shoal.core.model_dirs import check_deployable
 from shoal.core.spec import DeploymentSpec
 from shoal.errors import Code, DeadlineExceeded, Internal, InvalidArgument, ShoalError, Unavailable
 from shoal.replica.batcher import Batcher
@@ -70,7 +70,9 @@ class ReplicaProcess:
         """Load the model (in a worker thread) and start the batcher. Raises ShoalError."""
         started = time.monotonic()
         allowed = self.settings.allowed_model_dirs
-        check_model_dirs(self.spec, allowed)  # again here, where the files are
+        # Again here, where the files are, before anything is imported or loaded: with
+        # allowed folders, a python base_dir must be an existing folder on this machine.
+        check_deployable(self.spec, allowed, files_here=True)
         backend = load_backend(self.spec)
         if isinstance(backend, PythonBackend):
             backend.allowed_dirs = allowed

@@ -16,10 +16,12 @@ import pytest
 
 from shoal.backends.python import PythonBackend
 from shoal.config import Settings
+from shoal.core import model_dirs
 from shoal.core.model_dirs import check_deployable
 from shoal.core.spec import DeploymentSpec, parse_spec
 from shoal.errors import InvalidArgument
 from shoal.head.node import HeadNode
+from shoal.replica.process import ReplicaProcess
 from shoal.store import MemoryStore
 from shoal.testing.fakes import FakeSchedulers
 
@@ -188,3 +190,108 @@ async def test_a_head_without_allowed_dirs_refuses_a_model_that_is_not_module_cl
     finally:
         await node.aclose()
         await store.close()
+
+
+# ---------------------------------------------------------------- base_dir must be a folder
+
+MARKED = """\
+import pathlib
+
+pathlib.Path({marker!r}).write_text("imported")
+
+
+class Model:
+    def predict(self, inputs):
+        return inputs
+"""
+
+
+@pytest.fixture
+def outside(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path]]:
+    """A module on ``sys.path`` but outside every allowed folder, that leaves a marker file
+    when it is imported: (its name, the marker)."""
+    folder = tmp_path / "on-sys-path"
+    folder.mkdir()
+    name = f"shoal_outside_{uuid.uuid4().hex[:8]}"
+    marker = tmp_path / "outside-was-imported"
+    (folder / f"{name}.py").write_text(MARKED.format(marker=str(marker)))
+    monkeypatch.syspath_prepend(str(folder))
+    yield name, marker
+    sys.modules.pop(name, None)
+
+
+async def test_a_base_dir_that_does_not_exist_is_refused_before_anything_is_imported(
+    head: HeadNode, allowed: tuple[Path, str], outside: tuple[str, Path]
+) -> None:
+    """The prober's case: base_dir inside an allowed folder but missing, the module only on
+    sys.path elsewhere. Before, the replica skipped its file check and imported the module
+    from sys.path, refusing it only afterwards ('loaded from ...')."""
+    folder, _ = allowed
+    name, marker = outside
+    missing = spec(f"{name}:Model", folder / "nope")
+
+    # The head may run apart from the schedulers: a base_dir it does not see may exist there.
+    await head.apply(missing)
+    # Where the files must be (the replica, its backend), it is refused, before any import.
+    with pytest.raises(InvalidArgument, match=r"base_dir .*/nope' does not exist"):
+        load(missing, (str(folder),))
+    assert not marker.exists() and name not in sys.modules
+    settings = Settings(allowed_model_dirs=(str(folder),))
+    with pytest.raises(InvalidArgument, match=r"base_dir .*/nope' does not exist"):
+        await ReplicaProcess("r-1", missing, settings, link=None).load()  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match=r"base_dir .*/nope' does not exist"):
+        check_deployable(missing, (str(folder),), files_here=True)
+    assert not marker.exists() and name not in sys.modules
+
+
+async def test_a_base_dir_that_is_a_file_is_refused_at_deploy_and_in_the_replica(
+    head: HeadNode, allowed: tuple[Path, str], outside: tuple[str, Path]
+) -> None:
+    folder, _ = allowed
+    name, marker = outside
+    (folder / "plain-file").write_text("not a folder")
+    bad = spec(f"{name}:Model", folder / "plain-file")
+
+    with pytest.raises(InvalidArgument, match="is not a folder"):
+        await head.apply(bad)
+    with pytest.raises(InvalidArgument, match="is not a folder"):
+        load(bad, (str(folder),))
+    assert head.desired == {} and not marker.exists()
+
+
+def test_the_import_never_falls_through_to_sys_path(
+    allowed: tuple[Path, str], outside: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The import itself looks in base_dir alone: with the check before it out of the way
+    (say the module file went away between the two), a module found only elsewhere on
+    sys.path is refused unimported, and a module already imported from elsewhere is refused."""
+    folder, _ = allowed
+    name, marker = outside
+    monkeypatch.setattr(model_dirs, "check_deployable", lambda *args, **kwargs: None)
+    with pytest.raises(InvalidArgument, match="not a file under base_dir"):
+        load(spec(f"{name}:Model", folder), (str(folder),))
+    assert not marker.exists() and name not in sys.modules
+    with pytest.raises(InvalidArgument, match="loaded from"):
+        load(spec("json:JSONDecoder", folder), (str(folder),))
+
+
+def test_a_package_in_base_dir_still_imports_with_its_siblings(allowed: tuple[Path, str]) -> None:
+    folder, _ = allowed
+    package = f"shoal_pkg_{uuid.uuid4().hex[:8]}"
+    (folder / package).mkdir()
+    (folder / package / "__init__.py").write_text("")
+    (folder / f"{package}_helper.py").write_text("VALUE = 3\n")
+    (folder / package / "model.py").write_text(
+        f"from {package}_helper import VALUE\n\n\nclass Model:\n"
+        "    def predict(self, inputs):\n        return inputs\n\n    value = VALUE\n"
+    )
+    try:
+        backend = load(
+            spec(f"{package}.model:Model", folder).model_copy(update={"options": {}}), (str(folder),)
+        )
+        assert backend.loaded and backend._model.value == 3
+        assert sys.modules[package].model is sys.modules[f"{package}.model"]
+        backend.unload()
+    finally:
+        for module in (package, f"{package}.model", f"{package}_helper"):
+            sys.modules.pop(module, None)
