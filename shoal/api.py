@@ -17,7 +17,7 @@ so it works the same from a script and from Jupyter (whose loop is already runni
 call concurrently. Every error is a :class:`shoal.errors.ShoalError` subclass:
 ``NotFound`` for an unknown deployment, ``Unavailable`` when the head (or every scheduler)
 cannot be reached, ``InvalidArgument`` for a bad spec or input, ``FailedPrecondition`` when
-a deploy fails (its replicas fail to start, no scheduler has room), ``DeadlineExceeded``
+a deploy fails (its replicas fail to start, no scheduler has room or is big enough), ``DeadlineExceeded``
 when it is not ready in time.
 """
 

@@ -206,8 +206,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "deploy",
         help="create or update deployments from YAML files (or app.py:Class)",
         description="Create or update deployments, then wait until the new replicas are READY. Fails "
-        "at once when the head answers that they will not be: no scheduler has room, or the replicas "
-        "fail to start.",
+        "at once when the head answers that they will not be: no scheduler has room or none is big "
+        "enough, or the replicas fail to start.",
     )
     p.add_argument(
         "files",
