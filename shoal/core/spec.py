@@ -164,6 +164,17 @@ class Resources(_Strict):
     memory_mb: float = Field(default=0.0, ge=0, le=2**24)  # 16 TiB
     gpus: float = Field(default=0.0, ge=0, le=1024)
 
+    @field_validator("gpus")
+    @classmethod
+    def _whole_above_one(cls, gpus: float) -> float:
+        # A replica gets whole devices, or a share of one (shoal.scheduler.gpus): 1.5 would
+        # be counted as 1.5 by placement but take two devices, so it is refused.
+        if gpus > 1 and abs(gpus - round(gpus)) > 1e-9:
+            raise ValueError(
+                "above 1, gpus must be a whole number (a replica takes whole GPUs, or a share of one)"
+            )
+        return gpus
+
 
 class Batching(_Strict):
     """Dynamic batching inside a replica. ``max_batch_size`` 1 turns it off."""
