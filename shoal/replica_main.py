@@ -61,7 +61,16 @@ async def run_replica(settings: Settings, replica_id: str, scheduler: str, spec:
             begin=service.begin,
         )
         await hop.start()
-    log.info("replica %s of %s listening on %s (pid %d)", replica_id, spec.name, address, os.getpid())
+    # The devices its scheduler gave it (shoal.scheduler.gpus); unset: it manages no GPU.
+    gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
+    log.info(
+        "replica %s of %s listening on %s (pid %d%s)",
+        replica_id,
+        spec.name,
+        address,
+        os.getpid(),
+        "" if gpus is None else f", GPUs {gpus or 'none'}",
+    )
     code = 0
     try:
         await replica.load()

@@ -22,6 +22,7 @@ from shoal.core.spec import DeploymentSpec
 from shoal.core.tasks import TaskSet
 from shoal.errors import NotFound, ShoalError
 from shoal.scheduler.dataplane import DataPlane
+from shoal.scheduler.gpus import Devices, GpuPool, machine_devices
 from shoal.scheduler.ingress import Counts, IngressHub, ingress_processes, snapshot
 from shoal.scheduler.models import ModelCatalog
 from shoal.scheduler.router import Router
@@ -53,12 +54,19 @@ def scheduler_id(settings: Settings) -> str:
     return new
 
 
-def machine_capacity(settings: Settings) -> Capacity:
-    """CPUs and memory from the machine (psutil), GPUs from NVML where present; settings override."""
+def machine_capacity(settings: Settings, gpus: Devices | None = None) -> Capacity:
+    """CPUs and memory from the machine (psutil), GPUs from ``gpus`` (:func:`gpu_devices` by
+    default); settings override."""
     cpus = settings.cpus if settings.cpus >= 0 else float(psutil.cpu_count() or 1)
     memory = settings.memory_mb if settings.memory_mb >= 0 else psutil.virtual_memory().total / 2**20
-    gpus = settings.gpus if settings.gpus >= 0 else float(_count_gpus())
-    return Capacity(cpus, memory, gpus)
+    devices = gpus if gpus is not None else gpu_devices(settings)
+    return Capacity(cpus, memory, devices.total)
+
+
+def gpu_devices(settings: Settings) -> Devices:
+    """The GPUs this scheduler offers its replicas: ``settings.gpus`` of them (all it sees
+    when below 0), from its own ``CUDA_VISIBLE_DEVICES`` when set, else counted by NVML."""
+    return machine_devices(settings.gpus, os.environ, _count_gpus)
 
 
 def _count_gpus() -> int:
@@ -102,7 +110,8 @@ class SchedulerNode:
         self.head = head
         self.address = ""
         self.http_address = ""
-        self.capacity = machine_capacity(settings)
+        devices = gpu_devices(settings)
+        self.capacity = machine_capacity(settings, devices)
         self._report_now = asyncio.Event()
         # A request waiting for a deployment with no replica: tell the head now, so
         # that it scales up from zero without waiting for the next heartbeat.
@@ -129,6 +138,7 @@ class SchedulerNode:
             on_change=self._report_now.set,
             launcher=launcher,
             clock=self.clock,
+            gpus=GpuPool(devices),
         )
         self._tasks = TaskSet(f"scheduler {scheduler_id}")
         self.registered = asyncio.Event()

@@ -14,6 +14,13 @@ mode the process's next write lands at the new start, and what it writes between
 copy and the truncation is lost); and only the newest ``replica_logs_kept`` logs of
 replicas that no longer run are kept (checked when one ends and at start), so a crash
 loop leaves at most that many files behind and ``shoal logs`` still finds the recent ones.
+
+GPUs: each replica gets its devices from ``self.gpus`` (``shoal.scheduler.gpus``) when it is
+created, in ``CUDA_VISIBLE_DEVICES``, and gives them back when its process ends. While it
+runs, ``replica_<id>.gpus.json`` in ``log_dir`` records them with its pid: a scheduler
+started again in the same state folder keeps those devices from new replicas until the
+replicas of its previous process (which it does not adopt: they are NACKed, or orphaned,
+and exit) have exited.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Protocol
 
+import psutil
+
 from shoal.config import Settings
 from shoal.core.clock import Clock, SystemClock
 from shoal.core.cluster import DRAINING, READY, REPLICA_DEAD, STARTING, STOPPED, ReplicaReport
@@ -44,6 +53,7 @@ from shoal.core.tasks import TaskSet
 from shoal.errors import AlreadyExists, NotFound, ShoalError, Unavailable
 from shoal.scheduler.artifacts import ArtifactCache
 from shoal.scheduler.child import ChildProcess
+from shoal.scheduler.gpus import GpuGrant, GpuPool
 from shoal.scheduler.router import Router
 from shoal.scheduler.staging import StagedProcess
 from shoal.types import PingResult, ReplicaClient
@@ -122,6 +132,7 @@ class LocalReplica:
     models: PingResult | None = None  # the last ping's model counts (multiplexed deployments)
     removing: bool = False
     dead_reason: str = ""
+    gpu: GpuGrant = field(default_factory=GpuGrant)  # its devices (shoal.scheduler.gpus)
 
     @property
     def pid(self) -> int:
@@ -161,8 +172,13 @@ class ReplicaSupervisor:
         launcher: Launcher | None = None,
         clock: Clock | None = None,
         artifacts: ArtifactCache | None = None,
+        gpus: GpuPool | None = None,
     ) -> None:
         self.settings = settings
+        # The machine's GPUs and who holds them (none offered by default).
+        self.gpus = gpus or GpuPool()
+        # Replicas of its previous process still holding GPUs: "<id> (previous process)" -> (pid, start).
+        self._previous: dict[str, tuple[int, float]] = {}
         # Models named by URI, fetched before their replicas start (shoal.scheduler.artifacts).
         self.artifacts = artifacts or ArtifactCache(
             Path(settings.state_dir) / "artifacts", limit_bytes=settings.artifact_cache_mb * 2**20
@@ -189,6 +205,7 @@ class ReplicaSupervisor:
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._recover_gpus()
         self._clean_logs()
         self._tasks.spawn(self._ping_loop(), "ping")
 
@@ -208,9 +225,17 @@ class ReplicaSupervisor:
             if uri:
                 # The head checked it too; this scheduler's own settings have the last word.
                 check_model_dirs(spec, self.settings.allowed_model_dirs, self.settings.model_uri_prefixes)
-                process = StagedProcess(self.artifacts, uri)
-            else:
-                process = self._launch(replica_id, spec)
+            # Its devices from the start, downloading included: the head counted them when it
+            # placed it. ResourceExhausted when no device has room (the head retries later).
+            gpu = self.gpus.acquire(replica_id, spec.resources.gpus)
+            try:
+                if uri:
+                    process = StagedProcess(self.artifacts, uri)
+                else:
+                    process = self._launch(replica_id, spec, gpu)
+            except BaseException:
+                self.gpus.release(replica_id)
+                raise
             rep = LocalReplica(
                 id=replica_id,
                 spec=spec,
@@ -218,6 +243,7 @@ class ReplicaSupervisor:
                 log_path=self.log_dir / f"replica_{replica_id}.log",
                 started_mono=self.clock.now(),
                 state=ReplicaState.DOWNLOADING if uri else STARTING,
+                gpu=gpu,
             )
             self.registry[replica_id] = rep
             self.starts[spec.name] += 1
@@ -233,7 +259,12 @@ class ReplicaSupervisor:
             )
         else:
             log.info(
-                "started replica %s of %s (pid %d), log %s", replica_id, spec.name, process.pid, rep.log_path
+                "started replica %s of %s (pid %d%s), log %s",
+                replica_id,
+                spec.name,
+                process.pid,
+                self._on_gpus(gpu),
+                rep.log_path,
             )
         self._tasks.spawn(self._watch(rep), f"watch-{replica_id}")
         self._on_change()
@@ -245,11 +276,18 @@ class ReplicaSupervisor:
         async with self.lock:
             if rep.removing or rep.state != ReplicaState.DOWNLOADING or self._closing:
                 return None
-            process = self._launch(rep.id, rep.spec.localized(local), extra_dir=folder)
+            process = self._launch(rep.id, rep.spec.localized(local), rep.gpu, extra_dir=folder)
             rep.state = STARTING
             rep.started_mono = self.clock.now()
             self.version += 1
-        log.info("started replica %s of %s (pid %d) from %s", rep.id, rep.spec.name, process.pid, local)
+        log.info(
+            "started replica %s of %s (pid %d%s) from %s",
+            rep.id,
+            rep.spec.name,
+            process.pid,
+            self._on_gpus(rep.gpu),
+            local,
+        )
         self._on_change()
         return process
 
@@ -261,9 +299,15 @@ class ReplicaSupervisor:
         except OSError:
             pass
 
-    def _launch(self, replica_id: str, spec: DeploymentSpec, extra_dir: Path | None = None) -> Process:
-        """Write the spec file and start the replica process (``extra_dir``: a folder its model
-        may come from besides ``allowed_model_dirs``, the artifact cache's copy). Under the lock."""
+    def _on_gpus(self, gpu: GpuGrant) -> str:
+        return f", on {self.gpus.describe(gpu)}" if self.gpus.managed else ""
+
+    def _launch(
+        self, replica_id: str, spec: DeploymentSpec, gpu: GpuGrant, extra_dir: Path | None = None
+    ) -> Process:
+        """Write the spec file and start the replica process on the devices of ``gpu``
+        (``extra_dir``: a folder its model may come from besides ``allowed_model_dirs``, the
+        artifact cache's copy). Under the lock."""
         log_path = self.log_dir / f"replica_{replica_id}.log"
         spec_path = self.log_dir / f"replica_{replica_id}.spec.json"
         spec_path.write_text(spec.to_json())
@@ -303,11 +347,74 @@ class ReplicaSupervisor:
             "--settings-json",
             json.dumps(settings),
         ]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.gpus.environment(gpu)}
         with open(log_path, "ab") as out:
             # Own session: a Ctrl-C at the terminal reaches the scheduler, which
             # then drains its replicas in order, rather than all at once.
-            return self._launcher(cmd, env=env, out=out)
+            process = self._launcher(cmd, env=env, out=out)
+        if gpu.devices:
+            self._record_gpus(replica_id, process.pid, gpu)
+        return process
+
+    # ------------------------------------------------------------ GPUs held across restarts
+
+    def _gpus_record(self, replica_id: str) -> Path:
+        return self.log_dir / f"replica_{replica_id}.gpus.json"
+
+    def _record_gpus(self, replica_id: str, pid: int, gpu: GpuGrant) -> None:
+        """Note the devices of a started replica, for this scheduler's next process."""
+        record = {
+            "pid": pid,
+            "started": _start_time(pid),
+            "devices": self.gpus.names(gpu),
+            "share": gpu.share,
+        }
+        try:
+            self._gpus_record(replica_id).write_text(json.dumps(record))
+        except OSError as err:
+            log.warning("could not record the GPUs of replica %s: %s", replica_id, err)
+
+    def _recover_gpus(self) -> None:
+        """At start: hold the devices of the previous process's replicas that still run."""
+        for path in self.log_dir.glob("replica_*.gpus.json"):
+            rid = path.name.removeprefix("replica_").removesuffix(".gpus.json")
+            try:
+                record = json.loads(path.read_text())
+                pid, started = int(record["pid"]), float(record["started"])
+                names, share = [str(n) for n in record["devices"]], float(record["share"])
+            except (OSError, ValueError, TypeError, KeyError) as err:
+                log.warning("ignoring %s: %s", path, err)
+                path.unlink(missing_ok=True)
+                continue
+            positions = self.gpus.positions(names)
+            if not positions or not _running(pid, started):
+                path.unlink(missing_ok=True)
+                continue
+            owner = f"{rid} (previous process)"
+            gpu = self.gpus.hold(owner, positions, share)
+            self._previous[owner] = (pid, started)
+            log.warning(
+                "replica %s (pid %d) of this scheduler's previous process still runs: "
+                "its %s stays taken until it exits",
+                rid,
+                pid,
+                self.gpus.describe(gpu),
+            )
+
+    def _release_previous(self) -> None:
+        """Give back the devices of the previous process's replicas that have exited."""
+        for owner, (pid, started) in list(self._previous.items()):
+            if _running(pid, started):
+                continue
+            del self._previous[owner]
+            gpu = self.gpus.release(owner)
+            rid = owner.removesuffix(" (previous process)")
+            self._gpus_record(rid).unlink(missing_ok=True)
+            log.info(
+                "replica %s of the previous process exited: %s free again",
+                rid,
+                self.gpus.describe(gpu),
+            )
 
     async def remove(self, replica_id: str, *, graceful: bool) -> bool:
         """Stop a replica: drain it first when ``graceful``. Returns False if unknown."""
@@ -349,6 +456,8 @@ class ReplicaSupervisor:
         code = await rep.process.wait()
         async with self.lock:
             self.registry.pop(rep.id, None)
+            if self.gpus.release(rep.id) is not None:
+                self._gpus_record(rep.id).unlink(missing_ok=True)
             pinger = self._pingers.pop(rep.id, None)
             self.version += 1
             if rep.removing:
@@ -419,6 +528,9 @@ class ReplicaSupervisor:
                 ]
                 starting = [r for r in self.registry.values() if r.state == STARTING]
             await self._rotate_logs()
+            if self._previous:
+                async with self.lock:
+                    self._release_previous()
             now = self.clock.now()
             for rep in starting:
                 if now - rep.started_mono > rep.spec.health.start_timeout_s and not rep.removing:
@@ -474,7 +586,7 @@ class ReplicaSupervisor:
         ended = []
         for path in self.log_dir.glob("replica_*.log"):
             rid = path.name.removeprefix("replica_").removesuffix(".log")
-            if rid in self.registry:
+            if rid in self.registry or f"{rid} (previous process)" in self._previous:
                 continue
             try:
                 ended.append((path.stat().st_mtime, rid))
@@ -590,6 +702,26 @@ class ReplicaSupervisor:
         for pinger in self._pingers.values():
             await pinger.close()
         self._pingers.clear()
+
+
+def _start_time(pid: int) -> float:
+    """When process ``pid`` started (0.0 when it cannot be read): with its pid, it tells the
+    process apart from a later one given the same pid."""
+    try:
+        return float(psutil.Process(pid).create_time())
+    except (psutil.Error, OSError):
+        return 0.0
+
+
+def _running(pid: int, started: float) -> bool:
+    """Whether process ``pid`` runs and is the one that started at ``started`` (within 2 s:
+    the boot time psutil counts from may move by a second when the clock is adjusted)."""
+    try:
+        proc = psutil.Process(pid)
+        same = not started or abs(proc.create_time() - started) < 2.0
+        return same and proc.status() != psutil.STATUS_ZOMBIE
+    except (psutil.Error, OSError):
+        return False
 
 
 def _signal(process: Process, sig: int) -> None:
