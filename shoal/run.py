@@ -539,14 +539,30 @@ async def run_head(settings: Settings) -> None:
         raise SystemExit(LOST_LEADERSHIP_EXIT)
 
 
+def _stop_when_refused(node: SchedulerNode, stop: asyncio.Event) -> None:
+    """Stop the process when the head refuses ``node``'s id (``SchedulerNode.refused``)."""
+    node.on_refused = stop.set
+    if node.refused is not None:
+        stop.set()
+
+
 async def run_scheduler(settings: Settings, zygote: Zygote | None = None) -> None:
+    """A scheduler until SIGTERM or Ctrl-C; ``AlreadyExists`` (one line from ``shoal
+    scheduler``, exit 1) once it stopped because the head refused its id."""
     announce_transport(settings)
+    stop = asyncio.Event()
+    nodes: list[SchedulerNode] = []
 
     async def setup(stack: AsyncExitStack) -> None:
-        await start_scheduler(settings, stack, settings.head_address, zygote)
+        node, _, _ = await start_scheduler(settings, stack, settings.head_address, zygote)
+        nodes.append(node)
+        _stop_when_refused(node, stop)
         pin_ingress(settings)
 
-    await _serve(setup)
+    await _serve(setup, stop)
+    for node in nodes:
+        if node.refused is not None:
+            raise node.refused
 
 
 async def run_up(
@@ -560,9 +576,14 @@ async def run_up(
     check_ports(settings, HEAD_PORTS + SCHEDULER_PORTS)  # all four: before the head binds its own
     announce_transport(settings)
 
+    stop = asyncio.Event()
+    nodes: list[SchedulerNode] = []
+
     async def setup(stack: AsyncExitStack) -> None:
         head, head_address, _ = await start_head(settings, stack)
         scheduler, _, _ = await start_scheduler(settings, stack, head_address, zygote)
+        nodes.append(scheduler)
+        _stop_when_refused(scheduler, stop)
         pin_ingress(settings)
         # Unwinds first: the head stops replacing replicas the scheduler is draining.
         stack.callback(head.pause)
@@ -571,4 +592,7 @@ async def run_up(
             stack.push_async_callback(tasks.aclose)
             await on_ready(head, scheduler, tasks)
 
-    await _serve(setup)
+    await _serve(setup, stop)
+    for node in nodes:
+        if node.refused is not None:
+            raise node.refused

@@ -22,6 +22,7 @@ from shoal.core.clock import Clock
 from shoal.core.placement import Candidate, Capacity, choose
 from shoal.core.spec import DeploymentSpec
 from shoal.core.states import ReplicaState, SchedulerState
+from shoal.errors import AlreadyExists
 
 ALIVE = SchedulerState.ALIVE
 DEAD = SchedulerState.DEAD
@@ -262,8 +263,27 @@ class ClusterState:
         hostname: str = "",
         replicas: Iterable[ReplicaReport] = (),
     ) -> None:
-        """A scheduler (re)joins; replicas it already runs are adopted."""
+        """A scheduler (re)joins; replicas it already runs are adopted.
+
+        ``AlreadyExists`` (and nothing changes) when another scheduler holds the id: see
+        :meth:`holder`."""
         was = self.schedulers.get(scheduler_id)
+        if was is not None and self.holder(was, address):
+            now = self.clock.now()
+            on = f" on {was.hostname}" if was.hostname else ""
+            message = (
+                f"scheduler id {scheduler_id!r} is in use by a live scheduler at {was.address} "
+                f"(pid {was.pid}{on}, last health update {max(0.0, now - was.last_seen):.1f}s ago): "
+                "give this scheduler another --scheduler-id, or remove <state>/scheduler_id for a "
+                "new one (if that scheduler is gone, the id is free once the head declares it "
+                f"dead, within {max(0.0, self.dies_at(was) - now):.1f}s)"
+            )
+            self.event(
+                "scheduler_refused",
+                f"scheduler {scheduler_id} at {address} refused: the id is in use at {was.address}",
+                scheduler_id=scheduler_id,
+            )
+            raise AlreadyExists(message)
         self.schedulers[scheduler_id] = SchedulerRecord(
             id=scheduler_id,
             address=address,
@@ -280,6 +300,23 @@ class ClusterState:
             self._adopt(scheduler_id, rep)
         kind = "scheduler_rejoined" if was is not None else "scheduler_joined"
         self.event(kind, f"scheduler {scheduler_id} at {address} registered", scheduler_id=scheduler_id)
+
+    def holder(self, sched: SchedulerRecord, address: str) -> bool:
+        """Whether ``sched`` still holds its id against a registration from ``address``: it is
+        ALIVE at another address, its health stream has not ended and it is not yet due to
+        be declared dead (``dies_at``). Two processes under one id (a cloned machine image
+        carrying ``<state>/scheduler_id``, a copied ``--scheduler-id``) would otherwise take
+        turns at one record: the head placing replicas on one and removing them from the
+        other. Not a holder, so the registration is taken: the same address (a scheduler
+        registering again after a NACK or a broken stream), a scheduler whose stream ended
+        (its process exited: a restart, ``kill -9`` included), one silent past its time or
+        DEAD, and any after a head restart (the head has no record)."""
+        return (
+            sched.state == ALIVE
+            and sched.address != address
+            and sched.stream_ended_at is None
+            and self.clock.now() <= self.dies_at(sched)
+        )
 
     def health(self, scheduler_id: str, registry_version: int, reports: Iterable[ReplicaReport]) -> bool:
         """Apply a scheduler's health update. False (NACK) when the scheduler is unknown or DEAD."""
@@ -357,9 +394,10 @@ class ClusterState:
         one that is only silent (a machine lost, a network cut) takes dead_after_s: after
         ``stream_end_grace_s`` with no update on a new stream, it is dead. Ignored when an
         update came on another stream since (a scheduler that reconnected before the old
-        stream's end was seen)."""
+        stream's end was seen). Recorded with ``stream_end_grace_s`` 0 too: it then only frees
+        the scheduler's id for a restarted one (``holder``)."""
         sched = self.schedulers.get(scheduler_id)
-        if self.stream_end_grace_s <= 0 or sched is None or sched.state != ALIVE:
+        if sched is None or sched.state != ALIVE:
             return
         if sched.last_seen <= last_update:
             sched.stream_ended_at = self.clock.now()
@@ -369,7 +407,7 @@ class ClusterState:
         its last update, or ``stream_end_grace_s`` after its stream ended, whichever is first;
         either plus ``late_s``. Past it, a scheduler dies."""
         due = sched.last_seen + self.dead_after_s
-        if sched.stream_ended_at is not None:
+        if sched.stream_ended_at is not None and self.stream_end_grace_s > 0:
             due = min(due, sched.stream_ended_at + self.stream_end_grace_s)
         return due + self.late_s
 

@@ -48,7 +48,7 @@ from shoal.core.stats import SeriesRecorder, Snapshot
 from shoal.core.status import ClusterEvent, ClusterStatus, DeploymentStatus, ReplicaStatus, SchedulerStatus
 from shoal.core.tasks import TaskSet
 from shoal.core.traffic import TrafficRoute
-from shoal.errors import FailedPrecondition, InvalidArgument, NotFound, ShoalError
+from shoal.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ShoalError
 from shoal.head.blobs import BlobStore
 from shoal.head.traffic import TrafficRoutes
 from shoal.store.base import Store
@@ -259,17 +259,26 @@ class HeadNode:
     # ------------------------------------------------------------ membership
 
     async def register_scheduler(self, reg: SchedulerRegistration) -> float:
+        """Take a scheduler's registration (a new one, a restarted one, one coming back after
+        a NACK) with the replicas it runs. ``AlreadyExists``, changing nothing, when a live
+        scheduler at another address holds its id (``ClusterState.holder``)."""
         async with self.lock:
+            try:
+                self.state.register(
+                    reg.scheduler_id,
+                    reg.address,
+                    reg.http_address,
+                    reg.capacity,
+                    pid=reg.pid,
+                    hostname=reg.hostname,
+                    replicas=reg.replicas,
+                )
+            except AlreadyExists as err:
+                log.warning(
+                    "refused scheduler %s from %s (pid %d): %s", reg.scheduler_id, reg.address, reg.pid, err
+                )
+                raise
             self._backlog.forget(reg.scheduler_id)  # restarted, it may give another timeout
-            self.state.register(
-                reg.scheduler_id,
-                reg.address,
-                reg.http_address,
-                reg.capacity,
-                pid=reg.pid,
-                hostname=reg.hostname,
-                replicas=reg.replicas,
-            )
             self._refresh_resources()
         log.info(
             "scheduler %s registered from %s with %d replica(s)",

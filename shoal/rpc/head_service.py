@@ -52,7 +52,10 @@ class HeadService(pbg.HeadServicer):
             hostname=request.hostname,
             replicas=tuple(report_from_pb(r) for r in request.replicas),
         )
-        interval = await self.node.register_scheduler(reg)
+        try:
+            interval = await self.node.register_scheduler(reg)
+        except ShoalError as err:  # AlreadyExists: another live scheduler holds the id
+            await abort(context, err)
         return pb.RegisterSchedulerReply(heartbeat_interval_s=interval)
 
     async def SendHealthUpdate(self, request: pb.SchedulerHealth, context: Context) -> pb.HealthReply:

@@ -20,7 +20,7 @@ from shoal.core.clock import Clock, SystemClock
 from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec
 from shoal.core.tasks import TaskSet
-from shoal.errors import NotFound, ShoalError
+from shoal.errors import AlreadyExists, NotFound, ShoalError
 from shoal.scheduler.dataplane import DataPlane
 from shoal.scheduler.gpus import Devices, GpuPool, machine_devices
 from shoal.scheduler.ingress import Counts, IngressHub, ingress_processes, snapshot
@@ -143,6 +143,10 @@ class SchedulerNode:
         self._tasks = TaskSet(f"scheduler {scheduler_id}")
         self.registered = asyncio.Event()
         self.on_registered: Callable[[], None] = lambda: None  # after each registration
+        # Set when the head refused this scheduler's id (another live scheduler holds it):
+        # it no longer registers, and ``on_refused`` is called once, for the process to stop.
+        self.refused: AlreadyExists | None = None
+        self.on_refused: Callable[[], None] = lambda: None
         # One catalog and one door behind every ingress: statistics count every door.
         self.catalog = ModelCatalog(self.router, ready=self.registered.is_set, totals=self._totals)
         self.dataplane = DataPlane(self.router, self.catalog, settings)
@@ -200,7 +204,13 @@ class SchedulerNode:
                     hostname=socket.gethostname(),
                     replicas=tuple(r for r in replicas if r.state not in ("DEAD", "STOPPED")),
                 )
-                interval = await self.head.register(reg) or self.settings.heartbeat_interval_s
+                try:
+                    interval = await self.head.register(reg) or self.settings.heartbeat_interval_s
+                except AlreadyExists as err:
+                    # Another live scheduler holds this id: retrying would not free it, and
+                    # taking it would make the two take turns at one place at the head.
+                    self._refuse(err)
+                    return
                 log.info("registered with the head")
                 self.registered.set()
                 self.on_registered()
@@ -223,6 +233,19 @@ class SchedulerNode:
                 await self.clock.sleep(backoff)
                 backoff = min(backoff * 2, self.settings.heartbeat_interval_s)
 
+    def _refuse(self, err: AlreadyExists) -> None:
+        """The head refused this scheduler's id: stop trying, and tell the process
+        (``on_refused``), which exits with ``refused`` as its one-line error."""
+        where = (
+            ""
+            if self.settings.scheduler_id
+            else f"; this id is kept in {Path(self.settings.state_dir) / 'scheduler_id'}"
+        )
+        self.refused = AlreadyExists(f"the head refused this scheduler: {err}{where}")
+        log.error("%s", self.refused)
+        self.registered.clear()
+        self.on_refused()
+
     async def _routes_loop(self) -> None:
         backoff = 0.1
         while True:
@@ -242,12 +265,14 @@ class SchedulerNode:
         """Drain and stop every replica, then stop talking to the head."""
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
         await self.supervisor.aclose(grace)
-        # One last health update so the head learns the replicas are gone.
-        try:
-            version, reports = self.supervisor.reports()
-            await self.clock.wait(self.head.health(self.id, version, reports, {}), 1.0)
-        except ShoalError:
-            pass
+        # One last health update so the head learns the replicas are gone; not from a
+        # scheduler the head refused: that id's updates are the other scheduler's.
+        if self.refused is None:
+            try:
+                version, reports = self.supervisor.reports()
+                await self.clock.wait(self.head.health(self.id, version, reports, {}), 1.0)
+            except ShoalError:
+                pass
         await self._tasks.aclose()
         await self.router.aclose()
         await self.head.close()

@@ -5,6 +5,7 @@ head NACKs and the scheduler registers again."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -15,9 +16,12 @@ import pytest
 from shoal.config import Settings
 from shoal.core.clock import FakeClock
 from shoal.core.spec import parse_spec
+from shoal.errors import AlreadyExists
 from shoal.proto import shoal_pb2 as pb
 from shoal.scheduler.node import SchedulerNode
 from shoal.testing.fakes import FakeHeadLink, FakeLauncher, FakeReplicas
+from shoal.testing.wait import until
+from shoal.types import SchedulerRegistration
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -139,3 +143,36 @@ async def test_closing_tells_the_head_the_replicas_stopped(tmp_path: Path) -> No
     assert launcher.process("echo-1").signals == [signal.SIGTERM]
     assert head.exit_reasons() == {"echo-1": "stopped"}
     assert head.closed
+
+
+async def test_a_scheduler_whose_id_the_head_refuses_stops_trying(tmp_path: Path) -> None:
+    # Another live scheduler holds the id: no retries, no health update (not even the last
+    # one at close: it would be taken for the other's), and the process is told to stop.
+    attempts: list[SchedulerRegistration] = []
+
+    class RefusingHead(FakeHeadLink):
+        async def register(self, reg: SchedulerRegistration) -> float:
+            attempts.append(reg)
+            raise AlreadyExists("scheduler id 's1' is in use by a live scheduler at s1:9000 (pid 7)")
+
+    head = RefusingHead()
+    settings = Settings(state_dir=str(tmp_path), cpus=1, memory_mb=512, gpus=0, ingress_workers=1)
+    clock = FakeClock()
+    node = SchedulerNode(settings, "s1", head, FakeReplicas(), launcher=FakeLauncher(), clock=clock)
+    told: list[str] = []
+    node.on_refused = lambda: told.append("stop")
+    node.start("s1:7000", "s1:7001")
+    try:
+        await until(lambda: node.refused is not None)
+        assert told == ["stop"]
+        assert node.refused is not None and "in use by a live scheduler at s1:9000" in str(node.refused)
+        assert str(tmp_path / "scheduler_id") in str(node.refused)  # where its id came from
+        assert not node.registered.is_set()
+        # Time passes (backoffs, heartbeats would come due): no second attempt.
+        for _ in range(5):
+            clock.advance(1.0)
+            await asyncio.sleep(0.01)
+    finally:
+        await node.aclose(0)
+    assert len(attempts) == 1
+    assert head.health_calls == []
