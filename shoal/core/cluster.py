@@ -543,12 +543,23 @@ class ClusterState:
         if removable <= 0 and no_room and old and not starting and not draining:
             # No room to start a new replica beside the old ones: rather than stall the update
             # for ever, drain one old replica first (like Kubernetes' maxUnavailable=1). The
-            # only case where an update dips below the replica count.
-            removable = 1
-            self.pending_reasons[spec.name] += "; draining one old replica first to make room"
+            # only case where an update dips below the replica count. Only one whose
+            # scheduler could hold a new replica once room is freed: a new replica too big for
+            # any of theirs never fits, and draining for it took every old replica, one a
+            # pass, leaving nothing serving.
+            need = Capacity.of(spec.resources)
+            victims = [r for r in victims if self._can_hold(r.scheduler_id, need)]
+            if victims:
+                removable = 1
+                self.pending_reasons[spec.name] += "; draining one old replica first to make room"
         for rec in victims[: max(0, removable)]:
             actions.append(self._remove(rec, graceful=True))
         return actions
+
+    def _can_hold(self, scheduler_id: str, need: Capacity) -> bool:
+        """Whether scheduler ``scheduler_id``, empty, could hold a replica needing ``need``."""
+        sched = self.schedulers.get(scheduler_id)
+        return sched is not None and sched.capacity.fits(need)
 
     def _surplus(self, recs: list[ReplicaRecord], count: int) -> list[Action]:
         """Remove what ``recs`` (one spec's live replicas) holds past ``count``: the ones doing

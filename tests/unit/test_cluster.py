@@ -459,6 +459,44 @@ def test_a_rollout_with_no_room_to_surge_drains_one_old_replica_first(state: Clu
     assert len(ready_ids(state)) == 2
 
 
+def test_a_rollout_to_replicas_too_big_for_any_scheduler_keeps_the_old_ones(state: ClusterState) -> None:
+    """Draining to make room cannot help a replica no scheduler is big enough for: it used to
+    drain every old replica, one a pass, and leave nothing serving."""
+    s1 = Sim(state, "s1", cpus=1.0)
+    v1 = make_spec(replicas=2, model="m1", cpus=0.5)
+    converge(state, [s1], want(v1))
+    old = sorted(states(state))
+    v2 = make_spec(replicas=2, model="m2", cpus=2.0)
+
+    for _ in range(4):
+        actions = state.reconcile(want(v2))
+        assert actions == []
+        s1.act(actions)
+        assert s1.beat()
+    assert ready_ids(state) == old
+    assert state.pending_reasons["echo"].startswith("no scheduler is big enough (cpus 2 > 1")
+    assert "draining" not in state.pending_reasons["echo"]
+
+
+def test_a_rollout_drains_only_where_a_new_replica_could_fit(state: ClusterState) -> None:
+    """Old replicas on a small scheduler and on a big one, both full: only the big one's can
+    make room for a new replica the small one could never hold."""
+    small, big = Sim(state, "small", cpus=1.0), Sim(state, "big", cpus=2.0)
+    v1 = make_spec(replicas=4, model="m1", cpus=0.5)
+    converge(state, [small, big], want(v1))
+    filler = make_spec(name="filler", replicas=1, cpus=1.0)
+    desired = {**want(v1), **want(filler)}
+    converge(state, [small, big], desired)
+    on_big = {r.id for r in state.replicas.values() if r.deployment == "echo" and r.scheduler_id == "big"}
+    assert len(on_big) == 2 and len(states(state)) == 4
+    v2 = make_spec(replicas=4, model="m2", cpus=1.5)
+
+    actions = state.reconcile({**want(v2), **want(filler)})
+    assert creates(actions) == []
+    [gone] = removes(actions)
+    assert gone.replica_id in on_big
+
+
 def test_a_rollout_whose_new_replicas_fail_keeps_the_old_ones(state: ClusterState) -> None:
     s1 = Sim(state, "s1")
     v1 = make_spec(replicas=2, model="m1")
