@@ -540,15 +540,16 @@ class ClusterState:
         removable = len(old) + len(ready_new) - count
         victims = sorted(old, key=lambda r: (r.state == READY, r.id))
         draining = any(r.state == DRAINING for r in mine)
-        if removable <= 0 and no_room and old and not starting and not draining:
+        if removable == 0 and no_room and old and not starting and not draining:
             # No room to start a new replica beside the old ones: rather than stall the update
             # for ever, drain one old replica first (like Kubernetes' maxUnavailable=1). The
-            # only case where an update dips below the replica count. Only one whose
-            # scheduler could hold a new replica once room is freed: a new replica too big for
-            # any of theirs never fits, and draining for it took every old replica, one a
-            # pass, leaving nothing serving.
+            # only case where an update dips below the replica count, and by one at most
+            # (``removable == 0``: none is missing yet). Only one whose room, once freed,
+            # holds a new replica: otherwise it was drained for nothing, and the next pass
+            # drained another (the drained one gone, nothing was draining), until none
+            # served: a new replica too big for any scheduler took every old one.
             need = Capacity.of(spec.resources)
-            victims = [r for r in victims if self._can_hold(r.scheduler_id, need)]
+            victims = [r for r in victims if self._frees_room(index, r, need)]
             if victims:
                 removable = 1
                 self.pending_reasons[spec.name] += "; draining one old replica first to make room"
@@ -556,10 +557,12 @@ class ClusterState:
             actions.append(self._remove(rec, graceful=True))
         return actions
 
-    def _can_hold(self, scheduler_id: str, need: Capacity) -> bool:
-        """Whether scheduler ``scheduler_id``, empty, could hold a replica needing ``need``."""
-        sched = self.schedulers.get(scheduler_id)
-        return sched is not None and sched.capacity.fits(need)
+    def _frees_room(self, index: _Index, rec: ReplicaRecord, need: Capacity) -> bool:
+        """Whether ``rec``'s scheduler holds a replica needing ``need`` once ``rec`` is gone."""
+        sched = self.schedulers.get(rec.scheduler_id)
+        if sched is None or sched.state != ALIVE:
+            return False
+        return (sched.capacity - index.allocated(sched.id) + rec.resources).fits(need)
 
     def _surplus(self, recs: list[ReplicaRecord], count: int) -> list[Action]:
         """Remove what ``recs`` (one spec's live replicas) holds past ``count``: the ones doing

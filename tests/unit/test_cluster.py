@@ -479,9 +479,10 @@ def test_a_rollout_to_replicas_too_big_for_any_scheduler_keeps_the_old_ones(stat
 
 
 def test_a_rollout_drains_only_where_a_new_replica_could_fit(state: ClusterState) -> None:
-    """Old replicas on a small scheduler and on a big one, both full: only the big one's can
-    make room for a new replica the small one could never hold."""
-    small, big = Sim(state, "small", cpus=1.0), Sim(state, "big", cpus=2.0)
+    """Old replicas on two schedulers with no room for a new one: only where freeing an old
+    one's room lets a new one fit is one drained (small: 0.2 free, 0.7 once one goes; big:
+    0.3 free, 0.8 once one goes; a new one takes 0.75)."""
+    small, big = Sim(state, "small", cpus=1.2), Sim(state, "big", cpus=2.3)
     v1 = make_spec(replicas=4, model="m1", cpus=0.5)
     converge(state, [small, big], want(v1))
     filler = make_spec(name="filler", replicas=1, cpus=1.0)
@@ -489,12 +490,33 @@ def test_a_rollout_drains_only_where_a_new_replica_could_fit(state: ClusterState
     converge(state, [small, big], desired)
     on_big = {r.id for r in state.replicas.values() if r.deployment == "echo" and r.scheduler_id == "big"}
     assert len(on_big) == 2 and len(states(state)) == 4
-    v2 = make_spec(replicas=4, model="m2", cpus=1.5)
+    v2 = make_spec(replicas=4, model="m2", cpus=0.75)
 
     actions = state.reconcile({**want(v2), **want(filler)})
     assert creates(actions) == []
     [gone] = removes(actions)
     assert gone.replica_id in on_big
+    small.act(actions)
+    big.act(actions)
+    assert small.beat() and big.beat()
+    # One is missing now: nothing more is drained until a new one is READY in its room.
+    [made] = creates(state.reconcile({**want(v2), **want(filler)}))
+    assert made.scheduler_id == "big"
+
+
+def test_a_rollout_that_no_single_drain_makes_room_for_drains_nothing(state: ClusterState) -> None:
+    """Room for a new replica needs two old ones gone: the update waits, saying why, with
+    every old replica serving (before, it drained them one a pass, each for nothing)."""
+    s1 = Sim(state, "s1", cpus=1.0)
+    v1 = make_spec(replicas=2, model="m1", cpus=0.5)
+    converge(state, [s1], want(v1))
+    old = sorted(states(state))
+    v2 = make_spec(replicas=2, model="m2", cpus=0.8)
+    for _ in range(3):
+        actions = state.reconcile(want(v2))
+        assert actions == []
+    assert ready_ids(state) == old
+    assert state.pending_reasons["echo"].startswith("no scheduler has room (cpus 0.8 > 0 free on s1")
 
 
 def test_a_rollout_whose_new_replicas_fail_keeps_the_old_ones(state: ClusterState) -> None:
