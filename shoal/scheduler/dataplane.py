@@ -13,8 +13,9 @@ door a request came in by, and they live here:
 * **deadlines**: the call's ``timeout_s`` (0: the deployment's ``timeout_s``);
 * **versions**: a request naming version N goes only to replicas of revision N, which must
   serve (NotFound naming the versions that do; InvalidArgument for a version that is no
-  number: :meth:`ModelCatalog.revision`); one naming none, to any (the newest with
-  ``serve_revisions`` above 1);
+  number: :meth:`ModelCatalog.revision`), and is checked against revision N's inputs and
+  outputs (an earlier revision's may differ from the current spec's); one naming none, to
+  any (the newest with ``serve_revisions`` above 1), checked against the current spec's;
 * **model ids**: a multiplexed deployment's request names its model id (OIP parameter
   :data:`MODEL_ID_PARAMETER`, HTTP header :data:`MODEL_ID_HEADER`), a plain name; any other
   deployment's names none;
@@ -108,7 +109,7 @@ class DataPlane:
             revision = self.catalog.revision(spec, call.version)
             self.check(call)
             _check_model_id(spec, call.model_id)
-            metadata = await self.catalog.request_metadata(spec)
+            metadata = await self.catalog.request_metadata(spec, revision)
             check_inputs(metadata, call.inputs)
             check_outputs(metadata, call.outputs)
         except ShoalError as err:

@@ -19,8 +19,14 @@ unknown model or version, InvalidArgument naming the offending tensor, and what 
 router raises: ResourceExhausted, DeadlineExceeded, Unavailable).
 
 Metadata is the spec's declared ``inputs``/``outputs``; what a spec leaves out is asked
-once of a READY replica (``ReplicaClient.describe``: what its backend derived from the
-model) and cached per spec hash.
+once of a READY replica of the current revision (``ReplicaClient.describe``: what its
+backend derived from the model) and cached per spec hash. An earlier version that still
+serves (``serve_revisions``) has its own tensors, which may differ from the current
+spec's, and the router knows only the current spec: they are asked of a READY replica of
+that revision (its spec's declared tensors, or what its backend derived) and cached per
+revision while the replica that described them runs it. A request naming that version is
+checked against them, and its metadata and configuration list them; a request naming
+no version, or the current one, is checked against the current spec's as before.
 
 Statistics follow Triton's ``ModelStatistics``. Request counts and durations
 (``success``, ``fail``, ``inference_count``, ``last_inference``) are those of requests
@@ -355,6 +361,9 @@ class ModelCatalog:
         self._describe_timeout_s = describe_timeout_s
         self._described: dict[str, tuple[str, ReplicaDescription]] = {}  # name -> (spec hash, description)
         self._describing: dict[str, asyncio.Lock] = {}
+        # (name, earlier revision) -> (the replica that described it, its metadata)
+        self._earlier: dict[tuple[str, int], tuple[str, ModelMetadata]] = {}
+        self._describing_earlier: dict[tuple[str, int], asyncio.Lock] = {}
         self._counters: dict[str, _Counters] = {}
 
     @property
@@ -450,13 +459,20 @@ class ModelCatalog:
         return out
 
     async def metadata(self, name: str, version: str = "") -> ModelMetadata:
-        """Name, versions, platform and tensors of ``name``.
+        """Name, versions, platform and tensors of ``name`` (the tensors of ``version``'s
+        revision: an earlier one's as its replicas describe them; the platform is the current
+        spec's backend).
 
         Raises NotFound for an unknown model or version, Unavailable when the spec
-        declares no tensors and no READY replica can describe them.
+        declares no tensors (or the version is an earlier revision) and no READY replica
+        can describe them.
         """
-        spec = self.spec(name, version)
-        metadata = await self._metadata(spec, wait=True)
+        spec = self.spec(name)
+        number = self.revision(spec, version)
+        if number and number != self._router.current_revision(name):
+            metadata = await self._earlier_metadata(spec, number, wait=True)
+        else:
+            metadata = await self._metadata(spec, wait=True)
         assert metadata is not None  # wait=True raises instead
         return dataclasses.replace(metadata, versions=self.versions(spec))
 
@@ -481,10 +497,17 @@ class ModelCatalog:
 
     # -- inference (the data plane's door, ``shoal.scheduler.dataplane``, runs requests)
 
-    async def request_metadata(self, spec: DeploymentSpec) -> ModelMetadata:
-        """The metadata a request is checked against: declared, or described by a READY replica;
+    async def request_metadata(self, spec: DeploymentSpec, revision: int = 0) -> ModelMetadata:
+        """The metadata a request to ``revision`` (as :meth:`revision` answers; 0: any, the
+        current spec's) is checked against: declared, or described by a READY replica;
         only the declared part when no replica can describe it yet (the request then waits
-        for one as usual, and the replica checks what is left)."""
+        for one as usual, and the replica checks what is left).
+
+        An earlier revision than the current one: what its replicas describe (cached, see
+        the module docstring); nothing when none can (the request then finds no replica
+        of it, or the replica checks)."""
+        if revision and revision != self._router.current_revision(spec.name):
+            return await self._earlier_metadata(spec, revision, wait=False) or _unchecked(spec)
         return await self._metadata(spec, wait=False) or _declared(spec)
 
     def record(self, spec: DeploymentSpec, *, ok: bool, elapsed_ns: int, rows: int) -> None:
@@ -543,6 +566,15 @@ class ModelCatalog:
             if hit is not None and hit[0] == key:
                 return hit[1]
             clients = self._router.ready_clients(spec.name)
+            current = self._router.current_revision(spec.name)
+            if current:
+                # A replica of an earlier revision that still serves would describe that
+                # revision's tensors: one of the current revision, else one whose revision
+                # the routing table has not told yet (it just joined).
+                known = {rid: self._router.revision_of(spec.name, rid) for rid, _ in clients}
+                clients = [c for c in clients if known[c[0]] == current] + [
+                    c for c in clients if not known[c[0]]
+                ]
             if not clients:
                 raise Unavailable(
                     f"model {spec.name!r} has no READY replica to describe its inputs and outputs "
@@ -558,6 +590,52 @@ class ModelCatalog:
                 self._described[spec.name] = (key, described)
                 return described
             raise Unavailable(f"no replica of model {spec.name!r} could describe it: {last}")
+
+    async def _earlier_metadata(
+        self, spec: DeploymentSpec, revision: int, *, wait: bool
+    ) -> ModelMetadata | None:
+        """The tensors of ``revision``, an earlier revision of ``spec``'s deployment than
+        ``spec`` (the router knows only the current spec): what a READY replica of it
+        describes, kept while that replica runs it (one lookup a request).
+
+        With ``wait`` false, None when no replica of it can describe them; with ``wait``
+        true, Unavailable instead.
+        """
+        key = (spec.name, revision)
+        hit = self._earlier.get(key)
+        if hit is not None and self._router.revision_of(spec.name, hit[0]) == revision:
+            return hit[1]
+        lock = self._describing_earlier.setdefault(key, asyncio.Lock())
+        async with lock:
+            hit = self._earlier.get(key)
+            if hit is not None and self._router.revision_of(spec.name, hit[0]) == revision:
+                return hit[1]
+            last: ShoalError | None = None
+            for rid, client in self._router.ready_clients(spec.name, revision):
+                try:
+                    described = await client.describe(self._describe_timeout_s)
+                except ShoalError as err:
+                    last = err
+                    continue
+                metadata = ModelMetadata(
+                    name=spec.name,
+                    platform=spec.backend,
+                    inputs=described.inputs,
+                    outputs=described.outputs,
+                    versions=(model_version(spec),),
+                )
+                self._earlier[key] = (rid, metadata)
+                return metadata
+        if not wait:
+            return None
+        if last is None:
+            raise Unavailable(
+                f"model {spec.name!r} has no READY replica of version {revision} "
+                "to describe its inputs and outputs"
+            )
+        raise Unavailable(
+            f"no replica of version {revision} of model {spec.name!r} could describe it: {last}"
+        )
 
     async def _statistics(self, spec: DeploymentSpec, totals: Mapping[str, Any] | None) -> ModelStatistics:
         clients = self._router.ready_clients(spec.name)
@@ -629,6 +707,9 @@ class ModelCatalog:
         for name in [n for n in self._described if n not in known]:
             del self._described[name]
             self._describing.pop(name, None)
+        for key in [k for k in self._earlier if k[0] not in known]:
+            del self._earlier[key]
+            self._describing_earlier.pop(key, None)
 
 
 def _declared(spec: DeploymentSpec) -> ModelMetadata:
@@ -636,6 +717,11 @@ def _declared(spec: DeploymentSpec) -> ModelMetadata:
     if found is None:
         found = spec.derived["declared"] = _declare(spec)
     return cast(ModelMetadata, found)
+
+
+def _unchecked(spec: DeploymentSpec) -> ModelMetadata:
+    """No tensors: a request checked against this is checked by the replica alone."""
+    return ModelMetadata(name=spec.name, platform=spec.backend, inputs=(), outputs=())
 
 
 def _declare(spec: DeploymentSpec) -> ModelMetadata:

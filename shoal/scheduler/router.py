@@ -268,6 +268,11 @@ class Router:
         counts = collections.Counter(h.revision for h in dep.handles.values() if h.accepting and h.revision)
         return dep.revision, dict(counts)
 
+    def current_revision(self, name: str) -> int:
+        """``name``'s current revision, the one its spec is (0: none kept, or unknown here)."""
+        dep = self._deployments.get(name)
+        return dep.revision if dep is not None else 0
+
     def revision_of(self, name: str, replica_id: str) -> int:
         """The revision replica ``replica_id`` of ``name`` runs (0: not known, or gone)."""
         dep = self._deployments.get(name)
@@ -665,15 +670,19 @@ class Router:
 
     # ------------------------------------------------------------ describing (OIP metadata, statistics)
 
-    def ready_clients(self, name: str) -> list[tuple[str, ReplicaClient]]:
-        """(replica id, client) of every READY replica of ``name``, local ones first.
+    def ready_clients(self, name: str, revision: int = 0) -> list[tuple[str, ReplicaClient]]:
+        """(replica id, client) of every READY replica of ``name`` (of revision ``revision``
+        only, when not 0), local ones first.
 
         For describing replicas (model metadata, batch statistics), not for requests:
         nothing is reserved, and the list may be empty. Raises NotFound for an unknown
         deployment.
         """
         dep = self._live(name)
-        ready = sorted((h for h in dep.handles.values() if h.accepting), key=lambda h: not h.local)
+        accepting = (
+            h for h in dep.handles.values() if h.accepting and (not revision or h.revision == revision)
+        )
+        ready = sorted(accepting, key=lambda h: not h.local)
         return [(h.replica_id, h.client) for h in ready]
 
     async def aclose(self) -> None:

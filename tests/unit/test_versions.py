@@ -24,21 +24,23 @@ from shoal.core.clock import FakeClock
 from shoal.core.cluster import DRAINING, READY, CreateReplica, RemoveReplica, ReplicaReport
 from shoal.core.placement import Capacity
 from shoal.core.routing import default_revisions
-from shoal.core.spec import DeploymentSpec, parse_spec
+from shoal.core.spec import DeploymentSpec, TensorSpec, parse_spec
 from shoal.errors import InvalidArgument, NotFound
 from shoal.head.node import HeadNode
 from shoal.http.scheduler import scheduler_app
 from shoal.proto import grpc_service_pb2 as oip
 from shoal.rpc.convert import status_from_pb, status_to_pb
 from shoal.rpc.inference_service import InferenceService
+from shoal.scheduler.dataplane import InferCall
 from shoal.scheduler.node import SchedulerNode
 from shoal.scheduler.router import Router
 from shoal.store import MemoryStore
-from shoal.testing.fakes import FakeReplicas, FakeSchedulers
+from shoal.testing.fakes import FakeReplicaClient, FakeReplicas, FakeSchedulers
 from shoal.types import (
     DeploymentRoutes,
     GenerateRequest,
     HeadLink,
+    ReplicaDescription,
     Route,
     RoutingTable,
     SchedulerRegistration,
@@ -246,6 +248,99 @@ async def test_the_catalog_refuses_a_version_that_is_no_number(node: SchedulerNo
     for bad in ("0", "1.5", "x", "\uff11", "99999999999"):
         with pytest.raises(InvalidArgument, match="not a version number"):
             node.catalog.spec("echo", bad)
+
+
+# ------------------------------------------------------------------ an earlier version's own tensors
+
+OLD = TensorSpec(name="x", datatype="FP32", shape=(-1, 16))
+NEW = TensorSpec(name="y", datatype="FP32", shape=(-1, 4))
+TOTAL = TensorSpec(name="total", datatype="FP32", shape=(-1,))
+
+
+def wide(name: str, width: int) -> payload.Tensor:
+    return payload.from_array(name, np.ones((1, width), dtype=np.float32))
+
+
+def counted(client: FakeReplicaClient, description: ReplicaDescription) -> list[float]:
+    """Make ``client`` describe ``description``; record each describe() call."""
+    client.description = description
+    calls: list[float] = []
+    original = client.describe
+
+    async def describe(timeout_s: float) -> ReplicaDescription:
+        calls.append(timeout_s)
+        return await original(timeout_s)
+
+    client.describe = describe  # type: ignore[method-assign]
+    return calls
+
+
+async def test_an_earlier_version_is_checked_against_and_described_by_its_own_tensors(
+    router: Router, fakes: FakeReplicas
+) -> None:
+    # Revision 2 changed the inputs from x [-1,16] to y [-1,4]; the router knows only its spec.
+    current = parse_spec(
+        {
+            "name": "echo",
+            "backend": "python",
+            "model": "m:M",
+            "serve_revisions": 2,
+            "inputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 4]}],
+            "outputs": [{"name": "total", "datatype": "FP32", "shape": [-1]}],
+        }
+    )
+    await router.apply_table(table(2, ("r1", 1), ("r2", 2), spec_=current))
+    old = counted(fakes.clients["r1:9000"], ReplicaDescription(inputs=(OLD,), outputs=(TOTAL,)))
+    new = counted(fakes.clients["r2:9000"], ReplicaDescription(inputs=(NEW,), outputs=(TOTAL,)))
+    node = SchedulerNode(router.settings, "s1", cast(HeadLink, None), fakes, router=router)
+    door = node.dataplane
+
+    for _ in range(3):
+        answer = await door.infer(InferCall("echo", (wide("x", 16),), version="1"))
+        assert (answer.model_version, answer.replica_id) == ("1", "r1")
+    assert len(old) == 1  # described once, then kept
+    for version in ("", "2"):
+        answer = await door.infer(InferCall("echo", (wide("y", 4),), version=version))
+        assert (answer.model_version, answer.replica_id) == ("2", "r2")
+    assert new == []  # the current version's tensors are its spec's: no replica asked
+
+    with pytest.raises(InvalidArgument, match=r"^unknown input 'y'; model 'echo' takes 'x'$"):
+        await door.infer(InferCall("echo", (wide("y", 4),), version="1"))
+    with pytest.raises(InvalidArgument, match="'x'"):
+        await door.infer(InferCall("echo", (wide("x", 4),), version="1"))
+    for version in ("", "2"):
+        with pytest.raises(InvalidArgument, match=r"^unknown input 'x'; model 'echo' takes 'y'$"):
+            await door.infer(InferCall("echo", (wide("x", 16),), version=version))
+    with pytest.raises(InvalidArgument, match="unknown output 'y'"):
+        await door.infer(InferCall("echo", (wide("x", 16),), version="1", outputs=("y",)))
+
+    meta = await node.catalog.metadata("echo", "1")
+    assert (meta.inputs, meta.outputs, meta.versions) == ((OLD,), (TOTAL,), ("1", "2"))
+    assert (await node.catalog.metadata("echo", "2")).inputs == (NEW,)
+    assert (await node.catalog.metadata("echo")).inputs == (NEW,)
+    config = await node.catalog.config("echo", "1")
+    assert [(t["name"], t["dims"]) for t in config["input"]] == [("x", [-1, 16])]
+    assert len(old) == 1
+
+    # Another replica of revision 1 replaces the one that described it: asked again.
+    await router.apply_table(table(2, ("r1b", 1), ("r2", 2), spec_=current))
+    again = counted(fakes.clients["r1b:9000"], ReplicaDescription(inputs=(OLD,), outputs=(TOTAL,)))
+    answer = await door.infer(InferCall("echo", (wide("x", 16),), version="1"))
+    assert answer.replica_id == "r1b" and len(again) == 1
+
+
+async def test_the_current_version_is_described_by_a_replica_of_the_current_revision(
+    router: Router, fakes: FakeReplicas
+) -> None:
+    undeclared = parse_spec({"name": "echo", "backend": "python", "model": "m:M", "serve_revisions": 2})
+    await router.apply_table(table(2, ("r1", 1), ("r2", 2), spec_=undeclared))
+    fakes.clients["r1:9000"].description = ReplicaDescription(inputs=(OLD,), outputs=(TOTAL,))
+    fakes.clients["r2:9000"].description = ReplicaDescription(inputs=(NEW,), outputs=(TOTAL,))
+    node = SchedulerNode(router.settings, "s1", cast(HeadLink, None), fakes, router=router)
+
+    assert (await node.catalog.metadata("echo")).inputs == (NEW,)
+    assert (await node.catalog.metadata("echo", "1")).inputs == (OLD,)
+    assert (await node.catalog.metadata("echo", "2")).inputs == (NEW,)
 
 
 # ------------------------------------------------------------------ the head keeps revisions serving
