@@ -2,7 +2,9 @@
 plain status dicts (the shape of ``shoal status --json``), so it is tested without a cluster.
 
 It waits until the replicas of the new spec are READY, or until the head's answer is that
-they will not be (no room, replicas that fail to start, FAILED).
+they will not be (no room, replicas that fail to start, FAILED). With ``serve_revisions`` N
+the replicas of the N-1 earlier revisions the head keeps serving beside the new one are not
+waited for: they stay, by design.
 """
 
 from __future__ import annotations
@@ -61,6 +63,10 @@ class _Watched:
     seen: dict[str, None] = field(default_factory=dict)  # new replicas seen, in order (a set that keeps it)
     want_hash: str = ""  # the process hash of the spec deployed: another one at the head ends the watch
     since: float = 0.0  # the newest event time (the head's clock) before the apply
+    # Spec hashes of the earlier revisions the head keeps serving (``serve_revisions``): their
+    # replicas, those replaced since too, are neither new nor old, and no rollout waits for them.
+    kept: frozenset[str] = frozenset()
+    kept_ids: set[str] = field(default_factory=set)  # replicas of those seen: not new ones that died
 
 
 @dataclass
@@ -85,6 +91,7 @@ class DeployWatch:
         for spec in specs:
             dep = old.get(spec.name)
             replicas: frozenset[str] = frozenset()
+            kept: frozenset[str] = frozenset()
             failures = 0
             want = spec.process_hash()
             if dep is not None:
@@ -94,7 +101,8 @@ class DeployWatch:
                     # Replicas already of the wanted spec (a rollback to them) are not old.
                     replicas = frozenset(r["id"] for r in dep["replicas"] if r.get("spec_hash") != want)
                 failures = _start_failures(dep["pending_reason"])[0]
-            watched.append(_Watched(spec.name, replicas, failures, want_hash=want, since=since))
+                kept = _kept_revisions(dep, spec, want)
+            watched.append(_Watched(spec.name, replicas, failures, want_hash=want, since=since, kept=kept))
         return cls(watched)
 
     def observe(self, status: Status, now: float) -> Verdict:
@@ -111,7 +119,10 @@ class DeployWatch:
                 failures.append(f"deployment {w.name} was deleted while it was being deployed")
                 done = False
                 continue
-            replicas = dep["replicas"]
+            # Replicas of the earlier revisions kept serving stay: counted apart, never waited for.
+            kept = [r for r in dep["replicas"] if w.kept and r.get("spec_hash") in w.kept]
+            w.kept_ids.update(r["id"] for r in kept)
+            replicas = [r for r in dep["replicas"] if r["id"] not in w.kept_ids]
             now_ids = {r["id"] for r in replicas}
             w.seen.update((i, None) for i in sorted(now_ids - w.old_replicas))
             # A replica that dies within milliseconds (forked from the scheduler's zygote, it
@@ -123,6 +134,7 @@ class DeployWatch:
                 and e.get("deployment") == w.name
                 and e.get("replica_id")
                 and e["replica_id"] not in w.old_replicas
+                and e["replica_id"] not in w.kept_ids
                 and e.get("at", 0.0) > w.since
             )
             dead.extend(reversed([i for i in w.seen if i not in now_ids]))
@@ -138,6 +150,7 @@ class DeployWatch:
                 (f", {starting} starting" if starting else "")
                 + (f", {draining} draining" if draining else "")
                 + (f", {left} old" if left else "")
+                + (f", {_kept_serving(kept)}" if kept else "")
             )
             parts.append(f"{w.name} {ready}/{target} ready{more}" + (f" ({reason})" if reason else ""))
             failure, failing = self._failure(w, reason, now)
@@ -191,6 +204,50 @@ class DeployWatch:
         return (settled, reason.startswith(FAILED)) if now - w.settled_since >= CONFIRM_S else ("", False)
 
 
+def _kept_revisions(dep: Status, spec: DeploymentSpec, want: str) -> frozenset[str]:
+    """The spec hashes of the earlier revisions whose replicas the head keeps serving beside
+    ``spec`` (process hash ``want``), from ``dep``, the deployment's status before the apply.
+
+    The head's choice (``HeadNode._retained``, docs/operations.md "Versions"): of its
+    revisions, newest first, up to ``serve_revisions - 1`` that did not fail, each spec once
+    (restarts aside), none of the current spec's. Seen from a status: the spec current before
+    the apply first, unless it failed (FAILED) or is ``spec`` but for its restart count (a
+    restart replaces it); then the specs of the other replicas, by their revision, newest
+    first. A replica of revision 0 runs no revision the head keeps; a DRAINING one is going.
+    """
+    slots = spec.serve_revisions - 1
+    if slots <= 0:
+        return frozenset()
+    out: list[str] = []
+    identity = _identity(spec)
+    before = _parsed(dep.get("spec") or {})
+    current = before.process_hash() if before is not None else ""
+    if (
+        before is not None
+        and current != want
+        and _identity(before) != identity
+        and not str(dep.get("pending_reason", "")).startswith(FAILED)
+    ):
+        out.append(current)
+    newest: dict[str, int] = {}
+    for r in dep.get("replicas", []):
+        h, number = r.get("spec_hash") or "", r.get("revision") or 0
+        if h and h not in (want, current) and number > 0 and r.get("state") != "DRAINING":
+            newest[h] = max(number, newest.get(h, 0))
+    out += sorted(newest, key=lambda h: -newest[h])
+    return frozenset(out[:slots])
+
+
+def _kept_serving(kept: Sequence[Status]) -> str:
+    """``1 of revision 1 kept serving``, ``4 of revisions 1 and 2 kept serving``."""
+    numbers = sorted({r.get("revision") or 0 for r in kept} - {0})
+    if not numbers:
+        return f"{len(kept)} of earlier revisions kept serving"
+    named = ", ".join(map(str, numbers[:-1])) + " and " if len(numbers) > 1 else ""
+    plural = "s" if len(numbers) > 1 else ""
+    return f"{len(kept)} of revision{plural} {named}{numbers[-1]} kept serving"
+
+
 def _as_the_head_keeps(spec: DeploymentSpec, head_doc: Mapping[str, Any]) -> DeploymentSpec:
     """``spec`` with the head's restart count, as the head stores it on apply."""
     restarts = head_doc.get("restarts", 0)
@@ -202,10 +259,22 @@ def _as_the_head_keeps(spec: DeploymentSpec, head_doc: Mapping[str, Any]) -> Dep
 def _process_hash(doc: Mapping[str, Any]) -> str:
     """The process hash of a spec the head shows; "" for one this CLI cannot read (then its
     replicas count as the previous revision's)."""
+    parsed = _parsed(doc)
+    return parsed.process_hash() if parsed is not None else ""
+
+
+def _parsed(doc: Mapping[str, Any]) -> DeploymentSpec | None:
+    """A spec the head shows; None for one this CLI cannot read."""
     try:
-        return parse_spec(dict(doc)).process_hash()
+        return parse_spec(dict(doc))
     except ShoalError:
-        return ""
+        return None
+
+
+def _identity(spec: DeploymentSpec) -> str:
+    """What makes two revisions the same for the head's choice of those kept: the process
+    hash, restarts aside (``shoal.head.node._identity``)."""
+    return spec.model_copy(update={"restarts": 0}).process_hash()
 
 
 # A replica's log line quoted in a reason: the message is enough, without time, replica and logger.

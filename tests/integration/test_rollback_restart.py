@@ -1,7 +1,8 @@
 """Deploys that tell the truth about updates, through the CLI against a real cluster: an update
 whose module does not import rolls back by itself while the old replica serves; a model's
 edited files are a change ``shoal deploy`` rolls out; ``shoal restart`` replaces replicas
-one at a time. A client sends requests throughout and none may fail."""
+one at a time. A client sends requests throughout and none may fail. With
+``serve_revisions: 2`` deploy, rollback and restart do not wait for the kept revision."""
 
 from __future__ import annotations
 
@@ -149,3 +150,34 @@ async def test_edited_model_files_roll_out_and_restart_replaces_replicas_without
         # The spec file, deployed again, is the edited files' revision again; and once more, unchanged.
         assert "model files changed" in (await cli(cluster, "deploy", str(spec))).stdout
         assert "deployment echo unchanged" in (await cli(cluster, "deploy", str(spec))).stdout
+
+
+async def test_deploy_rollback_and_restart_do_not_wait_for_the_revision_kept_serving(tmp_path: Path) -> None:
+    """``serve_revisions: 2`` keeps the previous revision's replica serving, for good: each
+    command is done once the current revision's replica is READY, long before its timeout."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for module in ("app", "other"):
+        (folder / f"{module}.py").write_text(MODEL)
+
+    def kept_spec(module: str) -> str:
+        path = folder / f"{module}.yaml"
+        path.write_text(
+            f"name: echo\nbackend: python\nmodel: '{module}:Model'\nreplicas: 1\n"
+            "serve_revisions: 2\nresources:\n  cpus: 0.1\n"
+        )
+        return str(path)
+
+    async with ProcessCluster(tmp_path / "cluster") as cluster:
+        first = await cli(cluster, "deploy", "--timeout", "60", kept_spec("app"))
+        assert first.code == 0, first.stdout + first.stderr
+        for args, kept, revisions in (
+            (("deploy", "--timeout", "30", kept_spec("other")), 1, [1, 2]),
+            (("rollback", "echo", "1", "--timeout", "30"), 2, [2, 3]),  # revision 1's replica, now 3
+            (("restart", "echo", "--timeout", "30"), 2, [2, 4]),
+        ):
+            ran = await cli(cluster, *args)
+            assert ran.code == 0, ran.stdout + ran.stderr
+            assert f"echo 1/1 ready, 1 of revision {kept} kept serving" in ran.stdout, ran.stdout
+            assert "ready after" in ran.stdout
+            assert sorted(r["revision"] for r in replicas_of(await cluster.status())) == revisions

@@ -1,20 +1,32 @@
 """The CLI's side of revisions: the hash of a model's files, how ``deploy`` follows a rollout
-when the head keeps a restart count or rolls back, and the history table."""
+when the head keeps a restart count or rolls back, or keeps earlier revisions serving
+(``serve_revisions``), and the history table."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from shoal.cli.revisions import render_history
+from shoal.config import Settings
 from shoal.core import model_hash as mh
+from shoal.core.clock import FakeClock
+from shoal.core.cluster import FAILED, FAILED_AFTER, CreateReplica
 from shoal.core.deploy_watch import DeployWatch
-from shoal.core.spec import DeploymentSpec, parse_spec
+from shoal.core.placement import Capacity
+from shoal.core.spec import DeploymentSpec, parse_spec, parse_spec_json
+from shoal.head.node import HeadNode, cluster_status
 from shoal.rpc.convert import lifecycle_from_pb, lifecycle_to_pb, revision_from_pb, revision_to_pb
+from shoal.store import MemoryStore
 from shoal.store.history import LifecycleEvent, Revision
+from shoal.testing.fakes import FakeSchedulers
+from shoal.types import SchedulerRegistration
+from tests.unit.test_versions import make_ready, settle
+from tests.unit.test_versions import spec as versioned
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -116,6 +128,141 @@ def test_a_spec_changed_at_the_head_ends_the_wait(tmp_path: Path) -> None:
     watch = DeployWatch.after_apply(status(good, ("app-old", "READY", good.process_hash())), [bad])
     v = watch.observe(status(good, ("app-old", "READY", good.process_hash())), now=5)
     assert v.failure.startswith("deployment app now runs another spec than the one deployed (rolled back")
+
+
+# ------------------------------------------------------------------ serve_revisions: kept, not old
+# With ``serve_revisions`` N the head keeps the replicas of the N-1 latest earlier revisions
+# serving, for good: a deploy, rollback or restart is done once the current revision's
+# replicas are READY (and those of revisions older than the kept ones gone), not when the
+# kept ones are gone. Status documents as the head builds them, over fake schedulers.
+
+
+@pytest.fixture
+async def head(clock: FakeClock) -> AsyncIterator[tuple[HeadNode, FakeSchedulers]]:
+    store, fleet = MemoryStore(), FakeSchedulers()
+    node = HeadNode(Settings(dead_after_s=3600.0), store, fleet, clock)
+    await node.register_scheduler(
+        SchedulerRegistration("s1", "s1:7000", "s1:7001", Capacity(16, 8192, 0), pid=1, hostname="h")
+    )
+    yield node, fleet
+    await node.aclose()
+    await store.close()
+
+
+async def deployed(node: HeadNode, fleet: FakeSchedulers, *specs: DeploymentSpec) -> None:
+    """Each spec applied in turn, its rollout settled with every replica READY."""
+    for s in specs:
+        await node.apply(s)
+        await settle(node, fleet)
+
+
+async def test_a_deploy_that_keeps_the_previous_revision_serving_is_done_once_the_new_one_is_ready(
+    head: tuple[HeadNode, FakeSchedulers],
+) -> None:
+    node, fleet = head
+    await deployed(node, fleet, versioned("a", serve_revisions=2))
+    before = cluster_status(node)
+    second = versioned("b", serve_revisions=2)
+    await node.apply(second)
+    watch = DeployWatch.after_apply(before, [second])
+    assert watch.watched[0].old_replicas  # still an update that rolls out (and may roll back)
+    await node.reconcile_once()
+    v = watch.observe(cluster_status(node), now=0)
+    assert not v.done and v.line == "echo 0/1 ready, 1 starting, 1 of revision 1 kept serving"
+    await make_ready(node, fleet)
+    v = watch.observe(cluster_status(node), now=1)
+    assert v.done and v.line == "echo 1/1 ready, 1 of revision 1 kept serving"
+    # What the head does next changes nothing: revision 1 keeps serving.
+    await settle(node, fleet)
+    assert sorted(r["revision"] for r in cluster_status(node)["deployments"][0]["replicas"]) == [1, 2]
+    assert watch.observe(cluster_status(node), now=2).done
+
+
+async def test_replicas_of_revisions_older_than_the_kept_ones_are_waited_for(
+    head: tuple[HeadNode, FakeSchedulers],
+) -> None:
+    node, fleet = head
+    await deployed(node, fleet, *(versioned(v, serve_revisions=3) for v in "abc"))
+    before = cluster_status(node)
+    fourth = versioned("d", serve_revisions=3)
+    await node.apply(fourth)
+    watch = DeployWatch.after_apply(before, [fourth])
+    await node.reconcile_once()
+    await make_ready(node, fleet)
+    v = watch.observe(cluster_status(node), now=0)  # revision 1 not drained yet
+    assert not v.done and v.line == "echo 1/1 ready, 1 old, 2 of revisions 2 and 3 kept serving"
+    await settle(node, fleet)
+    v = watch.observe(cluster_status(node), now=1)
+    assert v.done and v.line == "echo 1/1 ready, 2 of revisions 2 and 3 kept serving"
+
+
+async def test_a_rollback_to_a_kept_revision_is_done_at_once_and_keeps_the_one_it_left(
+    head: tuple[HeadNode, FakeSchedulers],
+) -> None:
+    node, fleet = head
+    await deployed(node, fleet, versioned("a", serve_revisions=2), versioned("b", serve_revisions=2))
+    before = cluster_status(node)
+    rev, _ = await node.rollback("echo", 1)
+    watch = DeployWatch.after_apply(before, [parse_spec_json(rev.spec_json)], from_file=False)
+    await node.reconcile_once()
+    v = watch.observe(cluster_status(node), now=0)
+    assert v.done and v.line == "echo 1/1 ready, 1 of revision 2 kept serving"
+
+
+async def test_a_restart_waits_for_the_replicas_it_replaces_not_for_the_kept_revision(
+    head: tuple[HeadNode, FakeSchedulers],
+) -> None:
+    node, fleet = head
+    await deployed(node, fleet, versioned("a", serve_revisions=2), versioned("b", serve_revisions=2))
+    before = cluster_status(node)
+    rev, _ = await node.restart("echo")
+    watch = DeployWatch.after_apply(before, [parse_spec_json(rev.spec_json)], from_file=False)
+    await node.reconcile_once()
+    await make_ready(node, fleet)
+    v = watch.observe(cluster_status(node), now=0)  # revision 2's replica not drained yet
+    assert not v.done and v.line == "echo 1/1 ready, 1 old, 1 of revision 1 kept serving"
+    await settle(node, fleet)
+    v = watch.observe(cluster_status(node), now=1)
+    assert v.done and v.line == "echo 1/1 ready, 1 of revision 1 kept serving"
+
+
+async def test_a_deploy_of_the_running_spec_with_a_kept_revision_is_done_at_once(
+    head: tuple[HeadNode, FakeSchedulers],
+) -> None:
+    node, fleet = head
+    second = versioned("b", serve_revisions=2)
+    await deployed(node, fleet, versioned("a", serve_revisions=2), second)
+    status = cluster_status(node)  # also what `shoal up` watches after a head restart
+    assert DeployWatch.after_apply(status, [second]).observe(status, now=0).done
+
+
+async def test_a_failed_revision_is_not_taken_for_one_the_head_keeps(
+    head: tuple[HeadNode, FakeSchedulers], clock: FakeClock
+) -> None:
+    """The head keeps the latest earlier revisions that did not fail: after a rollback whose
+    replicas failed (FAILED, never rolled back by itself), the next deploy keeps the revision
+    before it, and is done once its own replica is READY and revision 2's (not drained while
+    the failed revision had no replica READY) is gone."""
+    node, fleet = head
+    await deployed(node, fleet, *(versioned(v, serve_revisions=2) for v in "abc"))
+    await node.rollback("echo", 1)  # revision 4: "a" again, revision 3 kept
+    for _ in range(FAILED_AFTER):
+        [create] = [a for a in await node.reconcile_once() if isinstance(a, CreateReplica)]
+        await make_ready(node, fleet, gone={create.replica_id})  # it died starting
+        clock.advance(60)
+    await node.reconcile_once()
+    before = cluster_status(node)
+    assert before["deployments"][0]["pending_reason"].startswith(FAILED)
+    fifth = versioned("e", serve_revisions=2)
+    await node.apply(fifth)
+    watch = DeployWatch.after_apply(before, [fifth])
+    await node.reconcile_once()
+    await make_ready(node, fleet)
+    v = watch.observe(cluster_status(node), now=0)  # revision 2's replica not drained yet
+    assert not v.done and v.line == "echo 1/1 ready, 1 old, 1 of revision 3 kept serving"
+    await settle(node, fleet)
+    v = watch.observe(cluster_status(node), now=1)
+    assert v.done and v.line == "echo 1/1 ready, 1 of revision 3 kept serving"
 
 
 def test_history_marks_the_current_revision_and_failures() -> None:
