@@ -540,14 +540,14 @@ class ClusterState:
         removable = len(old) + len(ready_new) - count
         victims = sorted(old, key=lambda r: (r.state == READY, r.id))
         draining = any(r.state == DRAINING for r in mine)
-        if removable == 0 and no_room and old and not starting and not draining:
+        if removable <= 0 and no_room and old and not starting and not draining:
             # No room to start a new replica beside the old ones: rather than stall the update
             # for ever, drain one old replica first (like Kubernetes' maxUnavailable=1). The
-            # only case where an update dips below the replica count, and by one at most
-            # (``removable == 0``: none is missing yet). Only one whose room, once freed,
-            # holds a new replica: otherwise it was drained for nothing, and the next pass
-            # drained another (the drained one gone, nothing was draining), until none
-            # served: a new replica too big for any scheduler took every old one.
+            # only case where an update dips below the replica count. Only one whose room,
+            # once freed, holds a new replica, which the next pass starts there (so nothing
+            # more drains until it is READY): one drained for nothing left the next pass
+            # with nothing starting or draining, which drained another, until none served
+            # (a new replica too big for any scheduler took every old one).
             need = Capacity.of(spec.resources)
             victims = [r for r in victims if self._frees_room(index, r, need)]
             if victims:
