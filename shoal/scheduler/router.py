@@ -154,9 +154,19 @@ class Router:
         if self._on_change is not None:
             self._on_change()
 
+    def know(self, spec: DeploymentSpec) -> None:
+        """``spec``'s deployment, unless this router knows it already. The head's routing table
+        says which spec is current (:meth:`apply_table`); a replica's own spec is not it when
+        the replica runs an earlier revision kept serving (``serve_revisions``), or when it was
+        created before the table of its revision came: it used to become the deployment's
+        spec here, and requests were checked against it until the next table."""
+        if spec.name not in self._deployments:
+            self.set_spec(spec)
+
     def add(self, replica_id: str, spec: DeploymentSpec, address: str, scheduler_id: str) -> None:
-        """A READY replica joins the pool (a no-op if it is there already)."""
-        self.set_spec(spec)
+        """A READY replica joins the pool (a no-op if it is there already); ``spec``, the
+        replica's, is the deployment's only while this router knows no other (:meth:`know`)."""
+        self.know(spec)
         dep = self._deployments[spec.name]
         if replica_id in dep.handles:
             return

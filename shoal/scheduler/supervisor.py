@@ -247,7 +247,7 @@ class ReplicaSupervisor:
             )
             self.registry[replica_id] = rep
             self.starts[spec.name] += 1
-            self.router.set_spec(spec)
+            self.router.know(spec)
             self.version += 1
             version = self.version
         if isinstance(process, StagedProcess):

@@ -269,6 +269,22 @@ async def test_with_no_replica_a_request_waits_for_one(router: Router, fakes: Fa
     assert float(payload.to_arrays(outputs)["x"][0]) == 5.0
 
 
+async def test_a_replica_of_an_earlier_spec_does_not_make_its_spec_the_deployment_s(
+    router: Router, fakes: FakeReplicas
+) -> None:
+    """The head's table names the current spec; a replica of an earlier revision kept serving
+    (serve_revisions), placed again, used to make its own spec the deployment's here."""
+    current = make_spec(model="m:New", inputs=[{"name": "y", "datatype": "FP32", "shape": [-1, 4]}])
+    earlier = make_spec(model="m:Old", inputs=[{"name": "x", "datatype": "FP32", "shape": [-1, 16]}])
+    router.set_spec(current)  # as the routing table does
+    add(router, fakes, earlier, "old-1")
+    router.know(earlier)
+    assert router.spec("echo") == current
+    # A deployment the router knows nothing of yet takes the replica's spec, as before.
+    add(router, fakes, make_spec("fresh"), "fresh-1")
+    assert router.spec("fresh") == make_spec("fresh")
+
+
 async def test_with_no_replica_in_time_the_request_times_out(router: Router) -> None:
     router.set_spec(make_spec())
     with pytest.raises(DeadlineExceeded, match=r"\(0 ready\)$"):
