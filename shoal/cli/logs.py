@@ -74,15 +74,80 @@ async def _follow_prefixed(client: Any, rid: str, tail_bytes: int, out: BinaryIO
         for line in lines:
             out.write(rid.encode() + b" | " + line + b"\n")
         out.flush()
+    if pending:  # its last line, which the replica ended before finishing
+        out.write(rid.encode() + b" | " + pending + b"\n")
+        out.flush()
 
 
-async def _deployment_logs(client: Any, replicas: list[str], args: argparse.Namespace) -> int:
+RELIST_S = 2.0
+"""How often ``logs DEPLOYMENT --follow`` asks the head for the deployment's replicas again."""
+
+
+async def _replica_ids(client: Any, name: str) -> tuple[dict[str, Any] | None, list[str]]:
+    """The deployment ``name`` as the head's status shows it (None when there is none), and its replicas."""
+    status = (await client.status()).to_json()
+    dep = next((d for d in status["deployments"] if d["name"] == name), None)
+    return dep, [r["id"] for r in dep["replicas"]] if dep is not None else []
+
+
+async def _follow_deployment(
+    client: Any, name: str, replicas: list[str], tail_bytes: int, out: BinaryIO, relist_s: float = RELIST_S
+) -> int:
+    """Follow the deployment's replicas, and those it gets later: every ``relist_s`` the head
+    is asked for its replicas again, and a new one is followed from the start of its log
+    (``replicas``, those running when the command started, from ``tail_bytes`` before the end).
+    A replica that ended stays until its stream ends (all it wrote is printed). Returns once
+    the deployment is gone and every stream has ended; Ctrl-C before.
+
+    Before, the replicas were listed once: after ``shoal scale NAME 3``, or a replica replaced
+    after a crash, the new replicas' lines never showed.
+    """
+    streams: dict[asyncio.Task[None], str] = {}
+    ended: set[str] = set()  # streams that ended: all they will print is printed
+
+    def follow(rid: str, tail: int) -> None:
+        streams[asyncio.create_task(_follow_prefixed(client, rid, tail, out))] = rid
+
+    for rid in replicas:
+        follow(rid, tail_bytes)
+    loop = asyncio.get_running_loop()
+    next_look = loop.time() + relist_s
+    try:
+        while True:
+            wait_s = max(0.0, next_look - loop.time())
+            if streams:
+                finished, _ = await asyncio.wait(streams, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+            else:
+                await asyncio.sleep(wait_s)
+                finished = set()
+            for task in finished:
+                rid = streams.pop(task)
+                err = task.exception()
+                if isinstance(err, NotFound):
+                    continue  # placed but no log yet (not started): looked for at the next listing
+                if err is not None:
+                    raise err
+                ended.add(rid)
+            if loop.time() < next_look:
+                continue
+            dep, listed = await _replica_ids(client, name)
+            next_look = loop.time() + relist_s
+            if dep is None and not streams:
+                return 0  # deleted, and every replica's stream has ended
+            following = set(streams.values())
+            for rid in listed:
+                if rid not in following and rid not in ended:
+                    follow(rid, 0 if rid not in replicas else tail_bytes)
+    finally:
+        for task in streams:
+            task.cancel()
+        await asyncio.gather(*streams, return_exceptions=True)
+
+
+async def _deployment_logs(client: Any, name: str, replicas: list[str], args: argparse.Namespace) -> int:
     out = sys.stdout.buffer
     if args.follow:
-        async with asyncio.TaskGroup() as tg:
-            for rid in replicas:
-                tg.create_task(_follow_prefixed(client, rid, args.tail_bytes, out))
-        return 0
+        return await _follow_deployment(client, name, replicas, args.tail_bytes, out)
     texts = await asyncio.gather(*(_replica_text(client, rid, args.tail_bytes) for rid in replicas))
     for line in merge_logs(dict(zip(replicas, texts, strict=True))):
         out.write(line.encode() + b"\n")
@@ -144,14 +209,12 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
     async def go(client: Any, settings: Settings) -> int:
 
-        status = (await client.status()).to_json()
-        dep = next((d for d in status["deployments"] if d["name"] == target), None)
+        dep, replicas = await _replica_ids(client, target)
         if dep is not None:
-            replicas = [r["id"] for r in dep["replicas"]]
             if not replicas:
                 why = f": {dep['pending_reason']}" if dep["pending_reason"] else ""
                 raise NotFound(f"deployment {target!r} has no replicas now{why}")
-            return await _deployment_logs(client, replicas, args)
+            return await _deployment_logs(client, target, replicas, args)
         async for data in client.read_log(target, tail_bytes=args.tail_bytes, follow=args.follow):
             out.write(data)
             out.flush()
@@ -177,7 +240,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "'head' or 'scheduler' (the log of that process on this machine, from the state folder).",
     )
     p.add_argument("target", metavar="TARGET", help="DEPLOYMENT, REPLICA_ID, head or scheduler")
-    p.add_argument("-f", "--follow", action="store_true", help="keep printing what is written")
+    p.add_argument(
+        "-f",
+        "--follow",
+        action="store_true",
+        help="keep printing what is written (a deployment: also by the replicas it gets later)",
+    )
     p.add_argument(
         "--tail-bytes", type=int, default=0, help="start this many bytes before the end (of each log)"
     )

@@ -1,0 +1,71 @@
+"""``shoal logs DEPLOYMENT --follow`` against a real cluster: the replicas a deployment gets
+while it is followed show up too (the README pairs it with scaling and killing replicas), and
+the command ends once the deployment is deleted and its replicas' streams have ended."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import pytest
+
+from shoal.testing.cluster import ProcessCluster
+
+pytestmark = pytest.mark.timeout(90)
+
+
+async def test_follow_prints_the_replicas_a_deployment_gets_later(tmp_path: Path, examples_dir: Path) -> None:
+    async with ProcessCluster(tmp_path) as cluster:
+        await cluster.deploy(
+            {
+                "name": "echo",
+                "backend": "python",
+                "model": "echo:Echo",
+                "base_dir": str(examples_dir),
+                "replicas": 1,
+                "resources": {"cpus": 0.1},
+            }
+        )
+        [first] = await cluster.wait_ready("echo", 1)
+        follow = await asyncio.create_subprocess_exec(
+            *[sys.executable, "-m", "shoal.cli", "--head", cluster.head_address, "logs", "echo", "-f"],
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=cluster.env,
+        )
+        lines: list[str] = []
+
+        async def line_of(rid: str) -> str:
+            """The first line printed for replica ``rid`` that says it loaded."""
+            assert follow.stdout is not None
+            while True:
+                raw = await follow.stdout.readline()
+                if not raw:
+                    assert follow.stderr is not None
+                    raise AssertionError(f"logs -f ended: {(await follow.stderr.read()).decode()}")
+                line = raw.decode()
+                lines.append(line)
+                if line.startswith(f"{rid} | ") and "loaded" in line:
+                    return line
+
+        try:
+            await asyncio.wait_for(line_of(first["id"]), 20)
+            await cluster.client.scale("echo", 2)
+            replicas = await cluster.wait_ready("echo", 2)
+            [new] = [r["id"] for r in replicas if r["id"] != first["id"]]
+            # The replica started after the command did, printed from the start of its log.
+            try:
+                await asyncio.wait_for(line_of(new), 20)
+            except TimeoutError:
+                raise AssertionError(f"no line of the new replica {new} in:\n{''.join(lines)}") from None
+            assert follow.returncode is None  # still following
+            # Deleted: once every replica's stream has ended, so does the command.
+            await cluster.client.delete("echo")
+            assert follow.stdout is not None
+            await asyncio.wait_for(follow.stdout.read(), 30)
+            assert await asyncio.wait_for(follow.wait(), 10) == 0
+        finally:
+            if follow.returncode is None:
+                follow.kill()
+            await follow.wait()
