@@ -26,9 +26,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
 
@@ -36,7 +36,15 @@ from shoal.config import Settings
 from shoal.core.spec import DeploymentSpec
 from shoal.core.states import SchedulerState
 from shoal.decorator import spec_of
-from shoal.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from shoal.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    HeadUnreachable,
+    InvalidArgument,
+    NotFound,
+    ShoalError,
+    Unavailable,
+)
 
 if TYPE_CHECKING:
     from shoal.core.status import ClusterStatus
@@ -79,6 +87,18 @@ def settings_for(
     return Settings.load(flags={"head_address": address, "token": token, "tls_dir": tls_dir})
 
 
+def head_unreachable(settings: Settings, cause: object, *, point: str, tls: str) -> HeadUnreachable:
+    """The one message for a head that does not answer, the CLI's and the Python API's: where
+    it was looked for, why (``cause``), and how to start one or point at one. ``point``: how
+    to give another address, ``tls``: how to give the certificate folder (said only when none
+    was given), each as the caller's user gives them (``--head`` on the command line)."""
+    hint = "" if settings.tls_dir else f" If the cluster runs with TLS, give {tls}."
+    return HeadUnreachable(
+        f"cannot reach the head at {settings.head_address} ({cause}); is it running? "
+        f"Start one with 'shoal up' or {point}.{hint}"
+    )
+
+
 def to_arrays(inputs: Mapping[str, Any], spec: DeploymentSpec | None = None) -> dict[str, np.ndarray]:
     """Inputs as arrays: numpy arrays as given; nested lists typed by the spec's declared
     inputs, else FP32 for numbers, BOOL for booleans, BYTES for strings. InvalidArgument
@@ -112,8 +132,15 @@ class AsyncClient:
     """The cluster's control API and inference, as coroutines on the caller's event loop.
 
     Opens its channel on the first call (constructors do no I/O); ``await close()`` (or
-    ``async with``) closes it and the handles' channels.
+    ``async with``) closes it and the handles' channels. A call the head does not answer at
+    all (it is not running, or not at that address) raises HeadUnreachable (an Unavailable)
+    that names the address and says how to start a head.
     """
+
+    point_at_head: ClassVar[str] = "give its address to shoal.connect or AsyncClient (or set SHOAL_HEAD)"
+    give_tls_dir: ClassVar[str] = "tls_dir (or SHOAL_TLS_DIR)"
+    """How :func:`head_unreachable`'s message tells a user to give the head's address and the
+    certificate folder (the CLI's client says --head and --tls-dir)."""
 
     def __init__(
         self,
@@ -147,6 +174,28 @@ class AsyncClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    async def _head(self, call: Awaitable[T]) -> T:
+        """``call``, to the head's control API; its Unavailable as :meth:`_blame` says."""
+        try:
+            return await call
+        except Unavailable as err:
+            blamed = await self._blame(err)
+            if blamed is err:
+                raise
+            raise blamed from None
+
+    async def _blame(self, err: Unavailable) -> Unavailable:
+        """An Unavailable from the head: as it came when the head answers a status call now
+        (what failed was a scheduler or a replica behind it), else HeadUnreachable, whose
+        message names the head's address and says how to start one."""
+        if isinstance(err, HeadUnreachable):
+            return err
+        try:
+            await self.control.status()
+        except ShoalError:
+            return head_unreachable(self.settings, err, point=self.point_at_head, tls=self.give_tls_dir)
+        return err
+
     async def close(self) -> None:
         natives, self._native = list(self._native.values()), {}
         for native in natives:
@@ -165,7 +214,7 @@ class AsyncClient:
 
         spec = with_model_hash(spec_of(target))
         before = (await self.status()).to_json() if wait else {}
-        reply = await self.control.apply(spec)
+        reply = await self._head(self.control.apply(spec))
         applied = Applied(spec.name, reply.revision, reply.created, reply.changed, reply.change)
         if wait:
             await self._wait(before, spec, timeout_s)
@@ -189,47 +238,56 @@ class AsyncClient:
     async def apply(self, spec: DeploymentSpec) -> Applied:
         """Hand the head a spec as is and return at once (``deploy(spec, wait=False)`` without the
         model's file hash)."""
-        reply = await self.control.apply(spec)
+        reply = await self._head(self.control.apply(spec))
         return Applied(spec.name, reply.revision, reply.created, reply.changed, reply.change)
 
     async def scale(self, name: str, replicas: int) -> None:
         """Set the replica count; the head places or removes replicas. NotFound for an unknown name."""
         if replicas < 0:
             raise InvalidArgument(f"replicas must be >= 0, got {replicas}")
-        await self.control.scale(name, replicas)
+        await self._head(self.control.scale(name, replicas))
 
     async def delete(self, name: str) -> None:
         """Delete the deployment and stop its replicas. NotFound for an unknown name."""
-        await self.control.delete(name)
+        await self._head(self.control.delete(name))
 
     async def status(self) -> ClusterStatus:
         """Schedulers, deployments, replicas and recent events, typed (``.to_json()`` is
         ``shoal status --json``)."""
-        return await self.control.status()
+        return await self._head(self.control.status())
 
     async def history(self, name: str) -> list[Revision]:
-        return await self.control.history(name)
+        return await self._head(self.control.history(name))
 
     async def rollback(self, name: str, revision: int = 0) -> Revision:
-        return await self.control.rollback(name, revision)
+        return await self._head(self.control.rollback(name, revision))
 
     async def restart(self, name: str) -> Revision:
-        return await self.control.restart(name)
+        return await self._head(self.control.restart(name))
 
     async def events(self, deployment: str = "", limit: int = 0) -> list[LifecycleEvent]:
-        return await self.control.events(deployment, limit)
+        return await self._head(self.control.events(deployment, limit))
 
-    def read_log(self, replica_id: str, tail_bytes: int = 0, follow: bool = False) -> AsyncIterator[bytes]:
-        return self.control.read_log(replica_id, tail_bytes, follow)
+    async def read_log(
+        self, replica_id: str, tail_bytes: int = 0, follow: bool = False
+    ) -> AsyncIterator[bytes]:
+        try:
+            async for data in self.control.read_log(replica_id, tail_bytes, follow):
+                yield data
+        except Unavailable as err:
+            blamed = await self._blame(err)
+            if blamed is err:
+                raise
+            raise blamed from None
 
     async def create_token(self, role: str, name: str = "") -> CreateTokenReply:
-        return await self.control.create_token(role, name)
+        return await self._head(self.control.create_token(role, name))
 
     async def list_tokens(self) -> list[TokenInfo]:
-        return await self.control.list_tokens()
+        return await self._head(self.control.list_tokens())
 
     async def revoke_token(self, name: str) -> None:
-        await self.control.revoke_token(name)
+        await self._head(self.control.revoke_token(name))
 
     # ------------------------------------------------------------ traffic routes
 
@@ -241,15 +299,15 @@ class AsyncClient:
 
         if not isinstance(route, TrafficRoute):
             route = parse_route(route)
-        await self.control.set_route(route)
+        await self._head(self.control.set_route(route))
         return route
 
     async def delete_route(self, name: str) -> None:
         """NotFound when there is no route ``name``."""
-        await self.control.delete_route(name)
+        await self._head(self.control.delete_route(name))
 
     async def routes(self) -> list[TrafficRoute]:
-        return await self.control.routes()
+        return await self._head(self.control.routes())
 
     # ------------------------------------------------------------ inference
 

@@ -12,6 +12,7 @@ codes, :data:`HTTP_STATUS` to HTTP. Nothing else converts errors.
     +-- ResourceExhausted    a queue or limit is full: back off and retry later
     +-- DeadlineExceeded     the request's timeout passed before an answer
     +-- Unavailable          a peer cannot be reached; safe to retry elsewhere
+    |   +-- HeadUnreachable  the head does not answer at all
     +-- Unauthenticated / PermissionDenied
     +-- Internal             a bug or a model that raised
 """
@@ -99,6 +100,11 @@ class DeadlineExceeded(ShoalError):
 
 class Unavailable(ShoalError):
     code = Code.UNAVAILABLE
+
+
+class HeadUnreachable(Unavailable):
+    """The head itself does not answer (not running, another address): the message says
+    where it was looked for and how to start or find one (``shoal.api.head_unreachable``)."""
 
 
 class Unauthenticated(ShoalError):

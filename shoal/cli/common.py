@@ -11,12 +11,16 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NoReturn
 
 from shoal.config import Settings
-from shoal.errors import DeadlineExceeded, InvalidArgument, ShoalError, Unavailable
+from shoal.errors import DeadlineExceeded, HeadUnreachable, InvalidArgument, ShoalError, Unavailable
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 INT32_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1
+CLI_POINT_AT_HEAD = "point --head / SHOAL_HEAD at it"
+CLI_GIVE_TLS_DIR = "--tls-dir (SHOAL_TLS_DIR)"
+"""How ``shoal.api.head_unreachable``'s message tells a command's user to give the head's
+address and the cluster's certificate folder."""
 
 
 def run_command(args: argparse.Namespace) -> NoReturn:
@@ -121,22 +125,25 @@ def add_client_flags(p: argparse.ArgumentParser) -> None:
 def with_client(args: argparse.Namespace, fn: Callable[[Any, Settings], Awaitable[int]]) -> int:
     """Run ``fn(client, settings)`` with a client of the head (``shoal.api.AsyncClient``: the
     commands are built on the Python API); its result is the exit code."""
-    from shoal.api import AsyncClient
+    from shoal.api import AsyncClient, head_unreachable
+
+    class CliClient(AsyncClient):
+        point_at_head = CLI_POINT_AT_HEAD
+        give_tls_dir = CLI_GIVE_TLS_DIR
 
     settings = settings_of(args)
 
     async def go() -> int:
-        client = AsyncClient(settings=settings)
+        client = CliClient(settings=settings)
         try:
             return await fn(client, settings)
         except Unavailable as err:
-            if await _answers(client):
-                raise  # the head is fine: what failed was something else (a scheduler, a replica)
-            tls = "" if settings.tls_dir else " If the cluster runs with TLS, give --tls-dir (SHOAL_TLS_DIR)."
-            raise Unavailable(
-                f"cannot reach the head at {settings.head_address} ({err}); is it running? "
-                f"Start one with 'shoal up' or point --head / SHOAL_HEAD at it.{tls}"
-            ) from None
+            # The client's own calls to the head say so already (HeadUnreachable); an
+            # Unavailable from elsewhere (a scheduler, a replica) is the head's fault only
+            # when the head does not answer either.
+            if isinstance(err, HeadUnreachable) or await _answers(client):
+                raise
+            raise head_unreachable(settings, err, point=CLI_POINT_AT_HEAD, tls=CLI_GIVE_TLS_DIR) from None
         except DeadlineExceeded as err:
             # A request that ran out of time at a scheduler is that request's answer; a head
             # that takes connections and never answers (hung, or not a shoal head) is named.
@@ -156,7 +163,7 @@ async def _answers(client: Any) -> bool:
     """Whether the head answers now: an UNAVAILABLE or a DEADLINE_EXCEEDED is blamed on it only
     when it does not."""
     try:
-        await client.status()
+        await client.control.status()
     except ShoalError:
         return False
     return True

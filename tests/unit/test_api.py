@@ -3,11 +3,14 @@ spec, input typing, and ``import shoal`` staying cheap."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import socket
 import subprocess
 import sys
 import types
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,7 +19,7 @@ import shoal
 from shoal.api import to_arrays
 from shoal.core.spec import Batching, parse_spec
 from shoal.decorator import is_target, load_target, spec_of
-from shoal.errors import InvalidArgument
+from shoal.errors import HeadUnreachable, InvalidArgument, Unavailable
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -140,3 +143,77 @@ def test_shoal_deploy_takes_a_file_and_class_as_well_as_yaml(tmp_path: Path) -> 
         ("model", "shoal_unit_deploy_app:Model", 3, str(tmp_path.resolve()))
     ]
     assert routes == []
+
+
+# ------------------------------------------------------------------ a head that is not there
+
+
+def _port_nobody_listens_on() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_head_that_is_not_running_is_named_with_how_to_start_one() -> None:
+    """Before, ``shoal.connect(...).status()`` with no head ended in a raw ``Unavailable: failed
+    to connect to all addresses ... Connection refused``, where the CLI says which head it
+    looked for and how to start one."""
+    address = f"127.0.0.1:{_port_nobody_listens_on()}"
+    with shoal.connect(address) as c, pytest.raises(HeadUnreachable) as err:
+        c.status()
+    message = str(err.value)
+    assert isinstance(err.value, Unavailable)
+    assert message.startswith(f"cannot reach the head at {address} (")
+    assert "is it running? Start one with 'shoal up'" in message
+    assert "shoal.connect" in message and "SHOAL_HEAD" in message and "--head" not in message
+    assert "If the cluster runs with TLS, give tls_dir" in message
+
+
+async def test_the_async_client_says_the_same_and_so_does_the_cli() -> None:
+    from shoal.cli import build_parser
+    from shoal.cli.common import with_client
+
+    address = f"127.0.0.1:{_port_nobody_listens_on()}"
+    async with shoal.AsyncClient(address) as c:
+        with pytest.raises(HeadUnreachable, match=r"cannot reach the head at .*; is it running\? Start one"):
+            await c.scale("echo", 2)
+
+    async def status(client: Any, settings: object) -> int:
+        await client.status()
+        return 0
+
+    args = build_parser().parse_args(["--head", address, "status"])
+    with pytest.raises(HeadUnreachable) as err:
+        await asyncio.to_thread(with_client, args, status)
+    # One message, in the CLI's words, not the API's wrapped in the CLI's.
+    assert str(err.value).count("cannot reach the head") == 1
+    assert "point --head / SHOAL_HEAD at it" in str(err.value) and "--tls-dir" in str(err.value)
+
+
+class _SchedulerGone:
+    """A head that answers, and an Unavailable about something behind it (a scheduler)."""
+
+    def __init__(self, address: str, settings: object) -> None:
+        pass
+
+    async def status(self) -> object:
+        return object()
+
+    async def scale(self, name: str, replicas: int) -> None:
+        raise Unavailable("scheduler sched-1 is not reachable")
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_an_unavailable_behind_a_head_that_answers_is_left_as_it_came(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import shoal.rpc.clients
+
+    monkeypatch.setattr(shoal.rpc.clients, "ControlClient", _SchedulerGone)
+    async with shoal.AsyncClient("127.0.0.1:1") as c:
+        with pytest.raises(Unavailable) as err:
+            await c.scale("echo", 2)
+    assert not isinstance(err.value, HeadUnreachable)
+    assert str(err.value) == "scheduler sched-1 is not reachable"
