@@ -7,6 +7,7 @@ import asyncio
 import json
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,9 @@ async def _resolve(args: argparse.Namespace) -> tuple[str, Sequence[Any]]:
         from shoal.config import Settings
         from shoal.rpc.clients import ControlClient
 
-        settings = Settings.load(file=None, flags={"head_address": args.head})
+        settings = Settings.load(
+            file=None, flags={"head_address": args.head, "state_dir": getattr(args, "state", None)}
+        )
         client = ControlClient(settings.head_address, settings)
         try:
             status = (await client.status()).to_json()
@@ -47,10 +50,7 @@ async def _resolve(args: argparse.Namespace) -> tuple[str, Sequence[Any]]:
         dep = next((d for d in status["deployments"] if d["name"] == args.name), None)
         if dep is None:
             raise NotFound(f"no deployment named {args.name!r}")
-        alive = [s for s in status["schedulers"] if s["state"] == "ALIVE"]
-        if not alive:
-            raise Unavailable("no live scheduler to send requests to")
-        address = alive[0]["http_address"] if args.protocol == "http" else alive[0]["address"]
+        address = default_target(args.protocol, status["schedulers"], local_endpoints(settings.state_dir))
         spec_inputs = [
             TensorInfo(t["name"], t.get("datatype", "FP32"), tuple(t.get("shape", (-1,))))
             for t in dep["spec"].get("inputs", [])
@@ -66,6 +66,40 @@ async def _resolve(args: argparse.Namespace) -> tuple[str, Sequence[Any]]:
                 ) from None
             infos = []
     return address, infos
+
+
+def local_endpoints(state_dir: str | Path) -> dict[str, str]:
+    """The addresses a head or scheduler with this state folder wrote (``endpoints.json``,
+    what ``shoal up`` prints); empty when there is none or it cannot be read."""
+    try:
+        doc = json.loads((Path(state_dir) / "endpoints.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in doc.items() if isinstance(v, str)} if isinstance(doc, dict) else {}
+
+
+def default_target(protocol: str, schedulers: Sequence[Mapping[str, Any]], local: Mapping[str, str]) -> str:
+    """The address ``shoal bench`` loads without ``--url``: a live scheduler's inference port,
+    the one ``shoal up`` prints: its HTTP port for ``http``, its gRPC port for ``grpc`` and
+    ``native`` (``SendRequest`` is served there too). The scheduler on this machine (``local``,
+    its ``endpoints.json``) when the head lists it live, else the first live one.
+
+    The head knows a scheduler's HTTP port but, for gRPC, only its control address: with
+    several ingress processes (the default), a port of its main process alone. The gRPC port
+    comes from ``local``; for a scheduler elsewhere the control address is the fallback, which
+    answers inference too. Before, bench always loaded the control address (a port such as
+    46335, not the 8001 the banner shows) and so measured one ingress process of several.
+    """
+    alive = [s for s in schedulers if s["state"] == "ALIVE"]
+    if not alive:
+        raise Unavailable("no live scheduler to send requests to")
+    mine = next((s for s in alive if local.get("scheduler_control") == s["address"]), None)
+    chosen = mine or alive[0]
+    if protocol == "http":
+        return str(chosen["http_address"])
+    if mine is not None and local.get("scheduler"):
+        return local["scheduler"]
+    return str(chosen["address"])
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -128,8 +162,24 @@ async def _run_with_progress(plan: Plan, inputs: Mapping[str, np.ndarray], progr
 
 def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="deployment (model) to load")
-    p.add_argument("--url", help="send to this ingress (HOST:PORT) instead of asking the head")
-    p.add_argument("--protocol", choices=["grpc", "http", "native"], default="grpc")
+    p.add_argument(
+        "--url",
+        help="send to this ingress (HOST:PORT). Default: a live scheduler's inference port, the one "
+        "'shoal up' prints: its gRPC port (8001 unless changed) for grpc and native, its HTTP port "
+        "(8000) for http; the head names the schedulers, this machine's state folder the gRPC port",
+    )
+    p.add_argument(
+        "--state",
+        help="state folder of the scheduler on this machine (default ./.shoal or $SHOAL_STATE_DIR): its "
+        "endpoints.json has the gRPC port; without it, gRPC goes to the scheduler's control port, "
+        "served by its main process only",
+    )
+    p.add_argument(
+        "--protocol",
+        choices=["grpc", "http", "native"],
+        default="grpc",
+        help="OIP gRPC, OIP HTTP/REST, or shoal's native SendRequest (gRPC port) (default grpc)",
+    )
     p.add_argument("-c", "--concurrency", type=int, help="callers in flight (default 1; open loop 256)")
     p.add_argument("-d", "--duration", type=float, help="seconds to measure (default 10)")
     p.add_argument("-n", "--requests", type=int, help="stop after this many requests instead")

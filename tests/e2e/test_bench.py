@@ -22,9 +22,10 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 class Cluster:
-    def __init__(self, proc: subprocess.Popen[str], endpoints: dict[str, str]) -> None:
+    def __init__(self, proc: subprocess.Popen[str], endpoints: dict[str, str], state: Path) -> None:
         self.proc = proc
         self.endpoints = endpoints
+        self.state = state
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             assert proc.poll() is None, log.read_text()
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.05)
-        yield Cluster(proc, json.loads((state / "endpoints.json").read_text()))
+        yield Cluster(proc, json.loads((state / "endpoints.json").read_text()), state)
     finally:
         try:
             children = {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
@@ -160,6 +161,21 @@ def test_open_inference_protocol(cluster: Cluster, protocol: str) -> None:
     wait_ready(cluster, "echo")
     proc = bench(cluster, "echo", "--protocol", protocol, "--duration", "2", "--concurrency", "4", "--json")
     check_result(json.loads(proc.stdout), protocol)
+
+
+@pytest.mark.parametrize(
+    ("protocol", "port"), [("grpc", "scheduler"), ("native", "scheduler"), ("http", "scheduler_http")]
+)
+def test_the_default_target_is_the_inference_port_shoal_up_prints(
+    cluster: Cluster, protocol: str, port: str
+) -> None:
+    """Before, gRPC and native went to the scheduler's control port (with ingress workers, the
+    default, a port of its main process alone), not the 8001 the banner shows."""
+    wait_ready(cluster, "echo")
+    args = ["echo", "--protocol", protocol, "--requests", "20", "--json"]
+    doc = json.loads(bench(cluster, *args, "--state", str(cluster.state)).stdout)
+    check_result(doc, protocol)
+    assert doc["address"] == cluster.endpoints[port]
 
 
 def test_unknown_model_is_a_one_line_error(cluster: Cluster) -> None:
