@@ -41,9 +41,13 @@ async def _resolve(args: argparse.Namespace) -> tuple[str, Sequence[Any]]:
         try:
             status = (await client.status()).to_json()
         except Unavailable as err:
-            raise Unavailable(
-                f"cannot reach the head at {settings.head_address} ({err}); is it running? "
-                "Point --head / SHOAL_HEAD at it, or give --url HOST:PORT"
+            from shoal.api import head_unreachable
+
+            raise head_unreachable(
+                settings,
+                err,
+                point="point --head / SHOAL_HEAD at it, or give --url HOST:PORT",
+                tls="SHOAL_TLS_DIR",
             ) from None
         finally:
             await client.close()

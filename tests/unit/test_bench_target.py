@@ -66,3 +66,22 @@ def test_local_endpoints_reads_the_state_folder_and_shrugs_at_what_is_not_there(
     assert local_endpoints(tmp_path) == {}
     (tmp_path / "endpoints.json").write_text("[1]")
     assert local_endpoints(tmp_path) == {}
+
+
+def test_a_head_that_is_not_running_is_named_in_the_message_the_cli_and_api_share() -> None:
+    import socket
+
+    from shoal.cli import build_parser
+    from shoal.errors import HeadUnreachable
+    from shoal.loadgen.cli import cmd_bench
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"  # nobody listens there once closed
+    args = build_parser().parse_args(["--head", address, "bench", "echo", "-n", "1"])
+    with pytest.raises(HeadUnreachable) as err:
+        cmd_bench(args)
+    assert str(err.value).startswith(f"cannot reach the head at {address} (")
+    assert "Start one with 'shoal up' or point --head / SHOAL_HEAD at it, or give --url HOST:PORT" in str(
+        err.value
+    )
