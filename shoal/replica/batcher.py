@@ -45,11 +45,27 @@ RunFn = Callable[[Tensors], Awaitable[Tensors]]
 _Key = tuple[bool, tuple[tuple[str, np.dtype[Any], tuple[int, ...]], ...]]
 
 
+class _Group:
+    """The queued requests of one key (they can share a model call), and how many of its
+    kind were in play at the end of recent calls (``Batcher._note_in_play``)."""
+
+    __slots__ = ("in_play", "key", "requests", "rows")
+
+    def __init__(self, key: _Key) -> None:
+        self.key = key
+        self.rows = 0  # queued rows
+        self.requests = 0  # queued requests
+        # The most of the calls for this group in Batcher's window: the requests a call
+        # served and the ones of this key queued behind it. 0: none of those calls, so no
+        # client of this kind is on its way back; only a new request can join the group.
+        self.in_play = 0
+
+
 @dataclass(eq=False)
 class _Request:
     inputs: Tensors
     rows: int
-    key: _Key
+    group: _Group
     arrived: float
     future: asyncio.Future[Tensors] = field(repr=False)
     # The request this is (id, deadline), for models that call other deployments.
@@ -115,7 +131,11 @@ class Batcher:
     unless the model just served several requests (less than ``max_delay_ms`` ago: their
     clients' next requests are coming); ``max_delay_ms`` only holds requests that arrive
     while the model is busy or others wait, and only until as many are queued as were in
-    play at the end of recent calls (``_in_play``: then every closed-loop client is back).
+    play at the end of recent calls (``_in_play``: then every closed-loop client is back),
+    or as many of their own kind (same key: no other can join their batch). While the
+    oldest request's kind waits for its own, a kind all of whose are back runs before it.
+    A request that ran at once is not counted in play, and once the model has been idle
+    ``max_delay_ms`` nobody is.
 
     Counters, for health updates and metrics: :attr:`queued`, :attr:`in_flight`,
     :attr:`requests` (requests run), :attr:`batches` (calls to ``run``), :attr:`batch_sizes`
@@ -143,7 +163,8 @@ class Batcher:
         self._max_delay_s = max_delay_ms / 1000
 
         self._queue: collections.deque[_Request] = collections.deque()
-        self._rows_by_key: collections.Counter[_Key] = collections.Counter()
+        # The groups with requests queued or calls in the in-play window, by key.
+        self._groups: dict[_Key, _Group] = {}
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()  # set while nothing runs; aclose waits on it for direct calls
         self._idle.set()
@@ -152,6 +173,7 @@ class Batcher:
         self._closing = False
 
         self._in_flight = 0
+        self._running: _Group | None = None  # the group whose batch runs
         # When the last model call ended, and for how many requests. A request within
         # max_delay_ms of a call for several is likely the first of a burst of answers
         # coming back as new requests (closed-loop clients): it waits for the others
@@ -161,17 +183,26 @@ class Batcher:
         self._last_call_s = 0.0  # how long the last model call took
         self._last_requests = 0  # requests in the last model call
         # The requests in play when each of the last IN_PLAY_CALLS model calls ended: the
-        # ones it served and the ones queued behind it. Once as many are queued as the most
-        # of those, every closed-loop client is back: the batch runs without waiting out
-        # max_delay_ms (measured, 4 clients, max_delay_ms 5: batched at 0.30x the
-        # throughput of unbatched, each round held 5 ms with the whole burst queued).
-        # Counting the queued ones keeps two groups of clients answered in turn from
-        # running as two small batches for ever (the first waits for the second); the most
-        # over several calls keeps a batch that ran short, while some clients were still
-        # on their way, from setting the size of the next: after a fall in load, the
-        # batches wait out max_delay_ms for IN_PLAY_CALLS calls at most, as they all did
-        # before this rule.
+        # ones it served (but one that ran at once: _run_batch) and the ones queued behind
+        # it; forgotten once the model has idled max_delay_ms (_forget_in_play). Once as
+        # many are queued as the most of those, every closed-loop client is back: the
+        # batch runs without waiting out max_delay_ms (measured, 4 clients, max_delay_ms
+        # 5: batched at 0.30x the throughput of unbatched, each round held 5 ms with the
+        # whole burst queued). Counting the queued ones keeps two groups of clients
+        # answered in turn from running as two small batches for ever (the first waits
+        # for the second); the most over several calls keeps a batch that ran short,
+        # while some clients were still on their way, from setting the size of the next:
+        # after a fall in load, the batches wait out max_delay_ms for IN_PLAY_CALLS calls
+        # at most, as they all did before this rule.
         self._in_play: collections.deque[int] = collections.deque(maxlen=IN_PLAY_CALLS)
+        # The same calls by group: the group each served (None: a call of try_now) and how
+        # many of its kind were in play at its end (_Group.in_play is the most per group).
+        # Requests of another key cannot join a group, so a group whose kind is all queued
+        # need not wait for the others' clients: with mixed shapes (or requests of 0 rows
+        # among others), the requests left queued behind one shape's batch were held
+        # max_delay_ms for clients that would come back with the other shape, if at all.
+        self._in_play_groups: collections.deque[_Group | None] = collections.deque(maxlen=IN_PLAY_CALLS)
+        self._in_play_own: collections.deque[int] = collections.deque(maxlen=IN_PLAY_CALLS)
         self.requests = 0
         self.batches = 0
         self.compute_ns = 0  # time inside ``run``, all batches
@@ -263,17 +294,27 @@ class Batcher:
         rows, key = _rows_and_key(inputs)
         loop = asyncio.get_running_loop()
         now = loop.time()
+        if self._in_flight or self._queue:
+            waits = True
+        else:
+            if self._in_play and now - self._last_end >= self._max_delay_s:
+                self._forget_in_play()
+            waits = self._burst_expected(now)
+        group = self._groups.get(key)
+        if group is None:
+            group = self._groups[key] = _Group(key)
         request = _Request(
             inputs=inputs,
             rows=rows,
-            key=key,
+            group=group,
             arrived=now,
             future=loop.create_future(),
             call=call if call is not None else current_call.get(),
-            waits=self._in_flight > 0 or bool(self._queue) or self._burst_expected(now),
+            waits=waits,
         )
         self._queue.append(request)
-        self._rows_by_key[key] += rows
+        group.rows += rows
+        group.requests += 1
         self._wakeup.set()
         return request
 
@@ -290,8 +331,11 @@ class Batcher:
             return None
         loop = asyncio.get_running_loop()
         if self.max_batch_size > 1:
-            if self._burst_expected(loop.time()):
+            now = loop.time()
+            if self._burst_expected(now):
                 return None
+            if self._in_play and now - self._last_end >= self._max_delay_s:
+                self._forget_in_play()
             rows = _rows_and_key(inputs)[0]
         else:
             rows = next((a.shape[0] for a in inputs.values() if a.ndim > 0), 1)
@@ -311,7 +355,7 @@ class Batcher:
         self._last_end = loop.time()
         self._last_call_s = took_ns / 1e9
         self._last_requests = 1
-        self._in_play.append(1)
+        self._note_in_play(0, None, 0)  # it ran at once: see _run_batch
         return _split(outputs, [rows])[0] if self.max_batch_size > 1 else outputs
 
     def cancel(self, request: _Request, error: BaseException | None = None) -> None:
@@ -355,10 +399,47 @@ class Batcher:
             self._queue.remove(request)
         except ValueError:
             return
-        self._rows_by_key[request.key] -= request.rows
-        if self._rows_by_key[request.key] <= 0:
-            del self._rows_by_key[request.key]
+        group = request.group
+        group.rows -= request.rows
+        group.requests -= 1
+        if not group.requests and not group.in_play and group is not self._running:
+            self._drop_group(group)
         self.dropped += 1
+
+    def _drop_group(self, group: _Group) -> None:
+        if self._groups.get(group.key) is group:
+            del self._groups[group.key]
+
+    def _forget_in_play(self) -> None:
+        """Forget who was in play: the model has been idle max_delay_ms (nothing runs or
+        waits), so no client answered before is coming back within the time a request
+        would wait for it. Without this, a burst after an idle spell waited max_delay_ms
+        for as many as were in play before it, up to IN_PLAY_CALLS calls ago."""
+        self._in_play.clear()
+        self._in_play_groups.clear()
+        self._in_play_own.clear()
+        self._groups.clear()  # nothing is queued: no request refers to one
+
+    def _note_in_play(self, total: int, group: _Group | None, own: int) -> None:
+        """Remember a call's end: ``total`` requests in play (it served them or they were
+        queued), ``own`` of them ``group``'s (None: a call of one by try_now, which holds
+        nobody back). Updates the groups' ``in_play``; forgets groups no longer needed."""
+        groups, owns = self._in_play_groups, self._in_play_own
+        gone = groups[0] if len(groups) == IN_PLAY_CALLS else None
+        gone_own = owns[0] if gone is not None else 0
+        self._in_play.append(total)
+        groups.append(group)
+        owns.append(own)
+        if group is not None:
+            if own > group.in_play:
+                group.in_play = own
+            elif not group.in_play and not group.requests:
+                self._drop_group(group)
+        if gone is not None:
+            if gone_own >= gone.in_play:  # it was the most: take the most of the rest
+                gone.in_play = max((n for g, n in zip(groups, owns, strict=True) if g is gone), default=0)
+            if not gone.in_play and not gone.requests:
+                self._drop_group(gone)
 
     # -- the collector ------------------------------------------------------------------
 
@@ -375,7 +456,7 @@ class Batcher:
                 request = self._queue.popleft()
                 if not request.future.done():
                     request.future.set_exception(Unavailable("the replica is shutting down"))
-            self._rows_by_key.clear()
+            self._groups.clear()
 
     async def _next_batch(self) -> list[_Request] | None:
         """Wait for a batch to be due and take it off the queue; None once closing and empty."""
@@ -387,7 +468,8 @@ class Batcher:
                 await self._wait(None)
                 continue
             head = self._queue[0]
-            if self._closing or self._rows_by_key[head.key] >= self.max_batch_size:
+            group = head.group
+            if self._closing or group.rows >= self.max_batch_size:
                 break
             if not head.waits:
                 # Nothing to wait for: the model is idle and nobody else is queued, so
@@ -396,18 +478,39 @@ class Batcher:
                 break
             now = loop.time()
             remaining = head.arrived + self._max_delay_s - now
-            in_play = max(self._in_play, default=0)
-            if in_play and len(self._queue) >= in_play and not self._in_flight:
-                # Every client in play is back (see _in_play). Wait on for stragglers only
-                # while the model has been idle no longer than its last call took: a fast
-                # model runs the burst at once, a slow one still gathers what its cost is
-                # worth (32 clients, a 5 ms call: running at the count alone gave 7.6-11.6x
-                # the unbatched throughput where waiting gave 12.7-12.9x).
-                remaining = min(remaining, self._last_end + self._last_call_s - now)
             if remaining <= 0:
                 break
+            ready: _Group | None = None
+            if not self._in_flight:
+                in_play = max(self._in_play, default=0)
+                if (in_play and len(self._queue) >= in_play) or group.requests >= group.in_play:
+                    # Every client in play is back (see _in_play), or every one of the
+                    # head's kind: those of other kinds cannot join its batch.
+                    ready = group
+                elif group.requests < len(self._queue):
+                    # The head waits for its own kind; a group behind it may not.
+                    ready = self._ready_behind(group)
+            if ready is not None:
+                # Wait on for stragglers only while the model has been idle no longer than
+                # its last call took: a fast model runs the burst at once, a slow one still
+                # gathers what its cost is worth (32 clients, a 5 ms call: running at the
+                # count alone gave 7.6-11.6x the unbatched throughput where waiting gave
+                # 12.7-12.9x).
+                straggle = self._last_end + self._last_call_s - now
+                if straggle <= 0:
+                    return self._take(ready)
+                remaining = min(remaining, straggle)
             await self._wait(remaining)
-        return self._take(head.key)
+        return self._take(head.group)
+
+    def _ready_behind(self, head: _Group) -> _Group | None:
+        """The group of the oldest request queued behind ``head``'s that need not wait
+        any longer: it is full, or every one of its kind in play is queued."""
+        for request in self._queue:
+            group = request.group
+            if group is not head and (group.rows >= self.max_batch_size or group.requests >= group.in_play):
+                return group
+        return None
 
     async def _wait(self, seconds: float | None) -> None:
         """Sleep until a request arrives, aclose is called, or ``seconds`` pass (None: no limit)."""
@@ -421,14 +524,14 @@ class Batcher:
         except TimeoutError:
             pass
 
-    def _take(self, key: _Key) -> list[_Request]:
-        """The oldest requests sharing ``key``, in order, up to max_batch_size rows (at least one)."""
+    def _take(self, group: _Group) -> list[_Request]:
+        """``group``'s oldest requests, in order, up to max_batch_size rows (at least one)."""
         batch: list[_Request] = []
         rest: collections.deque[_Request] = collections.deque()
         total = 0
         full = False
         for request in self._queue:
-            if full or request.key != key:
+            if full or request.group is not group:
                 rest.append(request)
             elif not batch or total + request.rows <= self.max_batch_size:
                 batch.append(request)
@@ -439,9 +542,8 @@ class Batcher:
                 full = True
                 rest.append(request)
         self._queue = rest
-        self._rows_by_key[key] -= total
-        if self._rows_by_key[key] <= 0:
-            del self._rows_by_key[key]
+        group.rows -= total
+        group.requests -= len(batch)
         for request in batch:
             request.started = True
         return batch
@@ -476,6 +578,7 @@ class Batcher:
         rows = [r.rows for r in batch]
         began = asyncio.get_running_loop().time()
         self._in_flight = len(batch)
+        self._running = batch[0].group
         self._idle.clear()
         self.requests += len(batch)
         self.batches += 1
@@ -520,5 +623,12 @@ class Batcher:
             self._last_end = asyncio.get_running_loop().time()
             self._last_call_s = self._last_end - began
             self._last_requests = len(batch)
-            self._in_play.append(len(batch) + len(self._queue))
+            self._running = None
+            # A request that ran at once (it found the model idle and nothing queued: only
+            # ever a batch's first) is a lone client's as far as anyone knows (see
+            # _burst_expected): it is not counted in play, so the requests that queued behind
+            # it, of its shape or not, do not wait max_delay_ms for its client's next one.
+            served = len(batch) if batch[0].waits else len(batch) - 1
+            group = batch[0].group
+            self._note_in_play(served + len(self._queue), group, served + group.requests)
             self._idle.set()

@@ -326,6 +326,152 @@ async def test_a_slow_model_still_waits_for_stragglers_once_every_client_is_back
     assert model.batch_rows == [4, 5]
 
 
+def widths(call: Tensors) -> tuple[int, int]:
+    """A model call's (rows, width)."""
+    rows_, width = next(iter(call.values())).shape
+    return rows_, width
+
+
+async def test_requests_of_other_shapes_queued_behind_a_batch_do_not_wait_out_max_delay() -> None:
+    """Sent together at an idle model: each shape runs as soon as the model is free. Before,
+    the shapes left queued behind the first shape's batch were fewer than the requests in
+    play at its end (that batch's among them), so they waited out max_delay_ms for clients
+    whose requests could never join them (seen: 3.01 s with max_delay_ms 3000, or 504)."""
+    model = Model()
+    shapes = [(1, 4), (1, 4), (1, 3), (1, 3), (1, 5)]
+    async with Batcher(model, max_batch_size=8, max_delay_ms=60_000) as batcher:
+        for _ in range(2):  # the second time with these groups' counts in play remembered
+            started = time.monotonic()
+            results = await asyncio.wait_for(
+                asyncio.gather(*(batcher.submit(rows(i, n, width)) for i, (n, width) in enumerate(shapes))),
+                5.0,
+            )
+            assert time.monotonic() - started < 5.0
+            for i, ((n, width), out) in enumerate(zip(shapes, results, strict=True)):
+                np.testing.assert_array_equal(out["x"], np.full((n, width), i, np.float32))
+    assert [widths(call) for call in model.calls] == [(2, 4), (2, 3), (1, 5)] * 2
+
+
+async def test_requests_of_no_rows_sent_with_requests_of_rows_do_not_wait_out_max_delay() -> None:
+    model = Model()
+    sizes = [0, 1, 0, 1]
+    async with Batcher(model, max_batch_size=8, max_delay_ms=60_000) as batcher:
+        for _ in range(2):
+            results = await asyncio.wait_for(
+                asyncio.gather(*(batcher.submit(rows(i, n)) for i, n in enumerate(sizes))), 5.0
+            )
+            assert [len(out["x"]) for out in results] == sizes
+    assert model.batch_rows == [0, 2] * 2
+
+
+class SteppedModel(Model):
+    """Its first ``held`` calls each wait until :meth:`release` lets them end, in turn."""
+
+    def __init__(self, held: int) -> None:
+        super().__init__()
+        self.steps = [asyncio.Event() for _ in range(held)]
+        self.started = [asyncio.Event() for _ in range(held)]
+
+    async def __call__(self, inputs: Tensors) -> Tensors:
+        n = len(self.calls)
+        if n < len(self.steps):
+            self.started[n].set()
+            self.gate = self.steps[n]
+        else:
+            self.gate = None
+        return await super().__call__(inputs)
+
+    async def release(self, n: int) -> None:
+        """Let call ``n`` (from 0) end, once it has started."""
+        await asyncio.wait_for(self.started[n].wait(), 5.0)
+        self.steps[n].set()
+
+
+async def test_requests_queued_behind_one_that_ran_at_once_do_not_wait_for_its_client() -> None:
+    """A request that found the model idle with nothing queued ran at once: its client is
+    a lone one as far as the batcher knows, so the requests that queued behind it, of its
+    shape or another, are not held max_delay_ms for that client's next request (before:
+    as many as were in play, the first among them, had to be queued)."""
+    model = SteppedModel(held=1)
+    async with Batcher(model, max_batch_size=8, max_delay_ms=60_000) as batcher:
+        first = asyncio.create_task(batcher.submit(rows(0, 1, 4)))
+        await asyncio.wait_for(model.started[0].wait(), 5.0)
+        rest = [asyncio.create_task(batcher.submit(rows(i, 1, w))) for i, w in ((1, 4), (2, 4), (3, 5))]
+        await wait_queued(batcher, 3)
+        await model.release(0)
+        await asyncio.wait_for(asyncio.gather(first, *rest), 5.0)
+    assert [widths(call) for call in model.calls] == [(1, 4), (2, 4), (1, 5)]
+
+
+async def test_a_group_behind_a_head_that_waits_for_its_own_kind_runs_while_the_model_is_idle() -> None:
+    """The head's group waits for the clients of its kind that the last call served (their
+    next requests can join it); the groups of other shapes queued behind it have all of
+    their kind queued, so they run meanwhile rather than with the head, max_delay_ms later."""
+    model = SteppedModel(held=2)
+    async with Batcher(model, max_batch_size=8, max_delay_ms=60_000) as batcher:
+        first = asyncio.create_task(batcher.submit(rows(0, 1, 4)))  # runs at once, alone
+        await asyncio.wait_for(model.started[0].wait(), 5.0)
+        pair = [asyncio.create_task(batcher.submit(rows(i, 1, 4))) for i in (1, 2)]
+        await wait_queued(batcher, 2)
+        await model.release(0)
+        await asyncio.wait_for(model.started[1].wait(), 5.0)  # the pair's call, both waited
+        head = asyncio.create_task(batcher.submit(rows(3, 1, 4)))
+        others = [asyncio.create_task(batcher.submit(rows(i, 1, w))) for i, w in ((4, 3), (5, 3), (6, 5))]
+        await wait_queued(batcher, 4)
+        await model.release(1)
+        await asyncio.wait_for(asyncio.gather(first, *pair, *others), 5.0)
+        assert not head.done()  # it waits for the pair's clients, whose next requests join it:
+        back = [asyncio.create_task(batcher.submit(rows(i, 1, 4))) for i in (7, 8)]
+        await asyncio.wait_for(asyncio.gather(head, *back), 5.0)
+    assert [widths(call) for call in model.calls] == [(1, 4), (2, 4), (2, 3), (1, 5), (3, 4)]
+
+
+async def test_who_was_in_play_is_forgotten_once_the_model_has_been_idle_max_delay() -> None:
+    """Eight were in play; after the model has idled max_delay_ms nobody is on the way back,
+    so two requests queued behind one that ran at once do not wait for eight (before:
+    they waited out max_delay_ms, as for IN_PLAY_CALLS calls after any burst)."""
+    model = SteppedModel(held=2)
+    async with Batcher(model, max_batch_size=8, max_delay_ms=1_000) as batcher:
+        burst = [asyncio.create_task(batcher.submit(rows(i))) for i in range(8)]
+        await model.release(0)
+        await asyncio.gather(*burst)
+        await asyncio.sleep(1.1)
+        first = asyncio.create_task(batcher.submit(rows(8)))
+        await asyncio.wait_for(model.started[1].wait(), 5.0)
+        rest = [asyncio.create_task(batcher.submit(rows(i))) for i in (9, 10)]
+        await wait_queued(batcher, 2)
+        started = time.monotonic()
+        await model.release(1)
+        await asyncio.gather(first, *rest)
+        assert time.monotonic() - started < 0.5
+    assert model.batch_rows == [8, 1, 2]
+
+
+async def test_closed_loop_clients_of_two_shapes_run_as_two_full_batches() -> None:
+    """Each shape's batch runs once all of its clients are back. Before, the shape queued
+    behind the other's batch waited for the other's clients too, so its last round, with
+    nobody left to come back, waited out max_delay_ms."""
+    model = Model()
+    async with Batcher(model, max_batch_size=32, max_delay_ms=60_000) as batcher:
+
+        async def client(tag: int, width: int) -> None:
+            for _ in range(3):
+                await batcher.submit(rows(tag, 1, width))
+
+        clients = [client(i, 3 + i % 2) for i in range(8)]
+        await asyncio.wait_for(asyncio.gather(*clients), 10.0)
+    assert sorted(model.batch_rows) == [4] * 6
+
+
+async def test_the_batcher_forgets_shapes_no_longer_in_play() -> None:
+    model = Model()
+    async with Batcher(model, max_batch_size=8, max_delay_ms=60_000) as batcher:
+        for width in range(1, 41):
+            await asyncio.gather(*(batcher.submit(rows(i, 1, width)) for i in range(2)))
+        assert len(batcher._groups) <= 16  # the groups of the last IN_PLAY_CALLS calls
+    assert model.batch_rows == [2] * 40
+
+
 async def test_a_request_bigger_than_max_batch_size_runs_alone() -> None:
     model = Model()
     async with Batcher(model, max_batch_size=4, max_delay_ms=10) as batcher:
