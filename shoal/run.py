@@ -331,7 +331,8 @@ async def start_scheduler(
         control = new_server(settings, [guard])
         pbg.add_SchedulerServicer_to_server(SchedulerService(node), control)
         pbg.add_BlobServicer_to_server(blob_service, control)
-        # The registered address answers inference too (shoal predict and shoal bench use it).
+        # The registered address answers inference too (shoal predict uses it; shoal bench only
+        # when it cannot read the inference port from this machine's endpoints.json).
         oipg.add_GRPCInferenceServiceServicer_to_server(inference, control)
         ingress = IngressService(
             node.hub,

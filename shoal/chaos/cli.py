@@ -15,7 +15,7 @@ from shoal.chaos.engine import Chaos
 from shoal.chaos.faults import Fault
 from shoal.chaos.processes import find_head_pid, head_restarter
 from shoal.chaos.report import render
-from shoal.cli.common import EXIT_ERROR, run_alone
+from shoal.cli.common import CLI_GIVE_TLS_DIR, CLI_POINT_AT_HEAD, EXIT_ERROR, run_alone
 from shoal.config import Settings
 from shoal.errors import FailedPrecondition, InvalidArgument, Unavailable
 
@@ -81,9 +81,9 @@ def cmd_chaos(args: argparse.Namespace) -> int:
                 recover_timeout_s=args.recover_timeout,
             )
         except Unavailable as err:
-            raise Unavailable(
-                f"cannot reach the head at {settings.head_address} ({err}); point --head / SHOAL_HEAD at it"
-            ) from None
+            from shoal.api import head_unreachable
+
+            raise head_unreachable(settings, err, point=CLI_POINT_AT_HEAD, tls=CLI_GIVE_TLS_DIR) from None
 
     doc = asyncio.run(go())
     print(json.dumps(doc, indent=2) if args.json else render(doc), flush=True)
