@@ -24,19 +24,9 @@ import numpy as np
 import pytest
 
 from shoal.testing.cluster import ProcessCluster
+from tests.integration.test_cluster import echo_spec
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def echo_spec(examples: Path, replicas: int) -> dict[str, Any]:
-    return {
-        "name": "echo",
-        "backend": "python",
-        "model": "echo:Echo",
-        "base_dir": str(examples),
-        "replicas": replicas,
-        "resources": {"cpus": 0.1},
-    }
 
 
 def schedulers(status: dict[str, Any]) -> dict[str, tuple[str, int, str]]:
