@@ -13,7 +13,10 @@ One cluster for the module, one replica per deployment:
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -223,3 +226,24 @@ async def test_sse_generate_stream(cluster: ProcessCluster) -> None:
     assert "".join(e["text_output"] for e in events) == whole["text_output"]
     assert events[-1]["finish_reason"] == whole["finish_reason"]
     assert events[-1]["completion_tokens"] == whole["completion_tokens"] <= 5
+
+
+async def test_generate_example_in_the_docs_answers_as_curl_sends_it(cluster: ProcessCluster) -> None:
+    """docs/operations.md's curl line, sent by curl itself (``-d``: a form content type), to
+    this cluster's generation model."""
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    doc = (Path(__file__).parents[2] / "docs" / "operations.md").read_text()
+    example = re.search(r"curl -d '(\{.*?\})'\s+127\.0\.0\.1:8000/v2/models/[\w-]+/generate`", doc)
+    assert example, "docs/operations.md no longer shows a generate request with curl"
+    url = f"http://{cluster.http_address()}/v2/models/tiny/generate"
+    proc = await asyncio.create_subprocess_exec(
+        "curl", "-sS", "-w", "\n%{http_code}", "-d", example.group(1), url, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    body, code = out.decode().rsplit("\n", 1)
+
+    assert code == "200", body
+    reply = json.loads(body)
+    max_tokens = json.loads(example.group(1))["parameters"]["max_tokens"]
+    assert reply["text_output"] and 0 < reply["completion_tokens"] <= max_tokens

@@ -418,3 +418,19 @@ def test_dead_after_s_shorter_than_two_heartbeats_is_refused(tmp_path: Path) -> 
         Settings.load(env={"SHOAL_HEARTBEAT_INTERVAL_S": "3"})
     s = Settings.load(file=file, env={}, flags={"heartbeat_interval_s": 0.25})
     assert (s.dead_after_s, s.heartbeat_interval_s) == (0.5, 0.25)
+
+
+def test_readme_port_variables_move_every_port_make_up_opens() -> None:
+    """The README's line for moving ``make up``'s ports: each variable it names is a setting,
+    and together they move all four ports the banner prints."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    line = re.search(r"`(SHOAL_HTTP_PORT=.*?) make up`", readme.replace("\n", " "))
+    assert line, "the README no longer shows how to move make up's ports"
+    env = dict(pair.split("=") for pair in line.group(1).split())
+
+    s = Settings.load(env=env)
+
+    ports = {"http_port": s.http_port, "grpc_port": s.grpc_port}
+    ports |= {"head_port": s.head_port, "head_http_port": s.head_http_port}
+    assert sorted(ports.values()) == sorted(int(v) for v in env.values())
+    assert all(port != getattr(Settings(), name) for name, port in ports.items())
