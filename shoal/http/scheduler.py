@@ -42,6 +42,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from shoal import metrics
 from shoal.auth import is_loopback
+from shoal.core import limits
 from shoal.errors import InvalidArgument, ShoalError
 from shoal.http.auth import InferenceGuard, model_in_path
 from shoal.http.generate import generate_routes
@@ -49,6 +50,7 @@ from shoal.http.infer import Dispatch, Infer, bool_param, read_body
 from shoal.http.infer import shutdown_parser as shutdown_parser
 from shoal.http.openai import openai_routes
 from shoal.scheduler.ingress import IngressNode
+from shoal.scheduler.models import NO_LOG_SETTINGS, NO_SHARED_MEMORY, NO_TRACE
 from shoal.scheduler.node import SchedulerNode
 from shoal.scheduler.repository import ModelRepository, check_parameters
 
@@ -184,7 +186,7 @@ def scheduler_app(
 
     @_oip
     async def server_metadata(request: Request) -> Response:
-        return _json(models.server_metadata().to_json())
+        return _json(models.server_metadata(repository=repository is not None).to_json())
 
     @_oip
     async def model_metadata(request: Request) -> Response:
@@ -248,6 +250,13 @@ def scheduler_app(
         await change(name, request.headers.get("authorization"), vouched=vouched)
         return Response(status_code=200)
 
+    def unimplemented(why: str) -> Endpoint:
+        async def answer(request: Request) -> Response:
+            what = f"{request.method} {request.url.path}"
+            return _json({"error": f"{limits.shown(what)} is not implemented: {why}"}, 501)
+
+        return answer
+
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         return _json({"error": f"{exc.detail}: {request.method} {request.url.path}"}, exc.status_code)
@@ -270,8 +279,17 @@ def scheduler_app(
         Route("/v2/repository/index", repository_index, methods=["POST"]),
         Route("/v2/repository/models/{name}/{action}", repository_change, methods=["POST"]),
     ]
+    # Triton's other extensions: what a client of them gets over gRPC (UNIMPLEMENTED), not a 404
+    # that reads as a wrong address.
+    shm, both = unimplemented(NO_SHARED_MEMORY), ["GET", "POST"]
+    routes += [
+        Route("/v2/trace/setting", unimplemented(NO_TRACE), methods=both),
+        Route("/v2/logging", unimplemented(NO_LOG_SETTINGS), methods=both),
+        *(Route(f"/v2/{kind}sharedmemory/{{rest:path}}", shm, methods=both) for kind in ("system", "cuda")),
+    ]
     for prefix in _MODEL_PREFIXES:
         routes += [
+            Route(f"{prefix}/trace/setting", unimplemented(NO_TRACE), methods=both),
             Route(prefix, model_metadata, methods=["GET"]),
             Route(f"{prefix}/ready", model_ready, methods=["GET"]),
             Route(f"{prefix}/config", model_config, methods=["GET"]),

@@ -41,7 +41,7 @@ from shoal.rpc import generate_stream
 from shoal.rpc.auth import authorization
 from shoal.rpc.status import Context, abort
 from shoal.scheduler.dataplane import MODEL_ID_PARAMETER, DataPlane, InferCall
-from shoal.scheduler.models import InferResult
+from shoal.scheduler.models import NO_LOG_SETTINGS, NO_SHARED_MEMORY, NO_TRACE, InferResult
 from shoal.scheduler.repository import ModelRepository, check_parameters
 from shoal.types import Arrays
 
@@ -92,9 +92,6 @@ _REPOSITORY = (
     "this scheduler serves no model repository (start it with --model-repository DIR); "
     "use shoal deploy / shoal delete"
 )
-_SHARED_MEMORY = "shared memory is not supported; send tensors in the request"
-_TRACE = "tracing is not supported"
-_LOGGING = "log settings are not supported over the protocol; use the scheduler's --log-level"
 
 
 async def _unimplemented(context: Context, method: str, why: str) -> NoReturn:
@@ -334,7 +331,7 @@ class InferenceService(oipg.GRPCInferenceServiceServicer):
     async def ServerMetadata(
         self, request: oip.ServerMetadataRequest, context: Context
     ) -> oip.ServerMetadataResponse:
-        meta = self.catalog.server_metadata()
+        meta = self.catalog.server_metadata(repository=self.repository is not None)
         return oip.ServerMetadataResponse(name=meta.name, version=meta.version, extensions=meta.extensions)
 
     async def ModelMetadata(
@@ -445,11 +442,15 @@ class InferenceService(oipg.GRPCInferenceServiceServicer):
                         async for piece in pieces:
                             answers.put_nowait(piece)
                     return
-                reply = oip.ModelStreamInferResponse(infer_response=await self._infer(request, context))
+                done = await self._infer(request, context)
+                # As Triton marks every stream response: this request's only one is its last.
+                done.parameters["triton_final_response"].bool_param = True
+                reply = oip.ModelStreamInferResponse(infer_response=done)
             except ShoalError as err:
                 failed = oip.ModelInferResponse(
                     model_name=request.model_name, model_version=request.model_version, id=request.id
                 )
+                failed.parameters["triton_final_response"].bool_param = True
                 reply = oip.ModelStreamInferResponse(error_message=err.message, infer_response=failed)
             answers.put_nowait(reply)
 
@@ -521,40 +522,40 @@ class InferenceService(oipg.GRPCInferenceServiceServicer):
     async def SystemSharedMemoryStatus(
         self, request: oip.SystemSharedMemoryStatusRequest, context: Context
     ) -> oip.SystemSharedMemoryStatusResponse:
-        await _unimplemented(context, "SystemSharedMemoryStatus", _SHARED_MEMORY)
+        await _unimplemented(context, "SystemSharedMemoryStatus", NO_SHARED_MEMORY)
 
     async def SystemSharedMemoryRegister(
         self, request: oip.SystemSharedMemoryRegisterRequest, context: Context
     ) -> oip.SystemSharedMemoryRegisterResponse:
-        await _unimplemented(context, "SystemSharedMemoryRegister", _SHARED_MEMORY)
+        await _unimplemented(context, "SystemSharedMemoryRegister", NO_SHARED_MEMORY)
 
     async def SystemSharedMemoryUnregister(
         self, request: oip.SystemSharedMemoryUnregisterRequest, context: Context
     ) -> oip.SystemSharedMemoryUnregisterResponse:
-        await _unimplemented(context, "SystemSharedMemoryUnregister", _SHARED_MEMORY)
+        await _unimplemented(context, "SystemSharedMemoryUnregister", NO_SHARED_MEMORY)
 
     async def CudaSharedMemoryStatus(
         self, request: oip.CudaSharedMemoryStatusRequest, context: Context
     ) -> oip.CudaSharedMemoryStatusResponse:
-        await _unimplemented(context, "CudaSharedMemoryStatus", _SHARED_MEMORY)
+        await _unimplemented(context, "CudaSharedMemoryStatus", NO_SHARED_MEMORY)
 
     async def CudaSharedMemoryRegister(
         self, request: oip.CudaSharedMemoryRegisterRequest, context: Context
     ) -> oip.CudaSharedMemoryRegisterResponse:
-        await _unimplemented(context, "CudaSharedMemoryRegister", _SHARED_MEMORY)
+        await _unimplemented(context, "CudaSharedMemoryRegister", NO_SHARED_MEMORY)
 
     async def CudaSharedMemoryUnregister(
         self, request: oip.CudaSharedMemoryUnregisterRequest, context: Context
     ) -> oip.CudaSharedMemoryUnregisterResponse:
-        await _unimplemented(context, "CudaSharedMemoryUnregister", _SHARED_MEMORY)
+        await _unimplemented(context, "CudaSharedMemoryUnregister", NO_SHARED_MEMORY)
 
     async def TraceSetting(
         self, request: oip.TraceSettingRequest, context: Context
     ) -> oip.TraceSettingResponse:
-        await _unimplemented(context, "TraceSetting", _TRACE)
+        await _unimplemented(context, "TraceSetting", NO_TRACE)
 
     async def LogSettings(self, request: oip.LogSettingsRequest, context: Context) -> oip.LogSettingsResponse:
-        await _unimplemented(context, "LogSettings", _LOGGING)
+        await _unimplemented(context, "LogSettings", NO_LOG_SETTINGS)
 
     async def _infer(self, request: oip.ModelInferRequest, context: Context) -> oip.ModelInferResponse:
         try:

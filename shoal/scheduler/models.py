@@ -68,6 +68,11 @@ EXTENSIONS = (
     "binary_tensor_data",  # HTTP: Triton's binary tensor data extension
 )
 
+#: Why the protocol's other extensions answer UNIMPLEMENTED (HTTP 501), worded alike on both.
+NO_SHARED_MEMORY = "shared memory is not supported; send tensors in the request"
+NO_TRACE = "tracing is not supported"
+NO_LOG_SETTINGS = "log settings are not supported over the protocol; use the scheduler's --log-level"
+
 
 # ---------------------------------------------------------------- plain answers
 
@@ -379,8 +384,11 @@ class ModelCatalog:
     def server_ready(self) -> bool:
         return self._ready()
 
-    def server_metadata(self) -> ServerMetadata:
-        return ServerMetadata("shoal", shoal.__version__, EXTENSIONS)
+    def server_metadata(self, repository: bool = False) -> ServerMetadata:
+        """``repository``: the scheduler serves a Triton model repository (load and unload work),
+        so the list names the model_repository extension too."""
+        extensions = (*EXTENSIONS, "model_repository") if repository else EXTENSIONS
+        return ServerMetadata("shoal", shoal.__version__, extensions)
 
     # -- models
 

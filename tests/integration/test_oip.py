@@ -290,13 +290,16 @@ async def test_grpc_stream_infer(grpc_client: tgrpc_aio.InferenceServerClient) -
         yield {"model_name": "nope", "inputs": [inp], "request_id": "bad"}
 
     answers: dict[str, np.ndarray] = {}
+    finals: list[bool] = []
     errors: list[str] = []
     async for result, error in grpc_client.stream_infer(requests()):
         if error is not None:
             errors.append(error.message())
             continue
         answers[result.get_response().id] = result.as_numpy("x")
+        finals.append(result.get_response().parameters["triton_final_response"].bool_param)
     assert sorted(answers) == ["0", "1", "2", "3"]
+    assert finals == [True] * 4  # as Triton marks them: stream consumers wait for the final one
     for k, got in answers.items():
         np.testing.assert_array_equal(got, x * int(k))
     assert len(errors) == 1 and "unknown model 'nope'" in errors[0]

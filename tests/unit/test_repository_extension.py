@@ -255,3 +255,40 @@ async def test_load_unload_and_index_over_grpc(scheduler: Scheduler) -> None:
     with pytest.raises(Aborted):
         await bare.RepositoryModelLoad(oip.RepositoryModelLoadRequest(model_name="iris"), cast(Any, context))
     assert context.code == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_server_metadata_names_the_repository_extension_only_when_one_is_served(
+    scheduler: Scheduler,
+) -> None:
+    for served in (True, False):
+        async with scheduler.http(repository=served) as client:
+            extensions = (await client.get("/v2")).json()["extensions"]
+        service = InferenceService(
+            scheduler.node.dataplane, None, Settings(), scheduler.repository if served else None
+        )
+        meta = await service.ServerMetadata(oip.ServerMetadataRequest(), cast(Any, FakeContext()))
+        assert list(meta.extensions) == extensions
+        assert ("model_repository" in extensions) is served
+        assert {"model_configuration", "statistics", "binary_tensor_data"} <= set(extensions)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "why"),
+    [
+        ("GET", "/v2/trace/setting", "tracing is not supported"),
+        ("POST", "/v2/models/iris/trace/setting", "tracing is not supported"),
+        ("POST", "/v2/logging", "--log-level"),
+        ("GET", "/v2/systemsharedmemory/status", "shared memory is not supported"),
+        ("POST", "/v2/systemsharedmemory/region/r0/register", "shared memory is not supported"),
+        ("POST", "/v2/cudasharedmemory/unregister", "shared memory is not supported"),
+    ],
+)
+async def test_triton_extensions_shoal_lacks_answer_501_saying_so_not_404(
+    scheduler: Scheduler, method: str, path: str, why: str
+) -> None:
+    """As their gRPC methods answer UNIMPLEMENTED: a 404 would read as a wrong address."""
+    async with scheduler.http() as client:
+        reply = await client.request(method, path, json={})
+    assert reply.status_code == 501
+    error = reply.json()["error"]
+    assert error.startswith(f"{method} {path} is not implemented: ") and why in error
