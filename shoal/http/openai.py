@@ -12,7 +12,9 @@
   list is cut into requests of the deployment's ``max_batch_size`` that run concurrently.
   ``encoding_format`` ``float`` or ``base64`` (little-endian float32, what the Python
   client asks for by default); ``dimensions`` only as the model's own size. ``usage``
-  reports 0 tokens: the embedding backends do not count them.
+  reports 0 tokens: the embedding backends do not count them. An ``embedding`` output
+  that is not finite numbers, one row per text, of one width is the model's fault: 500
+  (:meth:`DataPlane.embed <shoal.scheduler.dataplane.DataPlane.embed>`).
 - **Completions** and **chat completions** go to a deployment that generates text
   (``transformers`` task ``generation``, ``vllm``) through :meth:`Router.stream
   <shoal.scheduler.router.Router.stream>`. A chat is rendered into a prompt by the replica
@@ -34,13 +36,14 @@ Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``,
 HTTP status from :data:`shoal.errors.HTTP_STATUS`: an unknown model is 404 with code
 ``model_not_found`` (its name cut as :func:`shoal.core.limits.shown` cuts it); a bad body
 is 400 ``invalid_request_error`` naming the ``param``, a ``model`` that is not valid
-Unicode among them.
+Unicode among them; a bug is 500 ``server_error`` (the traceback logged).
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -54,7 +57,7 @@ from starlette.routing import Route
 
 from shoal.core import limits
 from shoal.core.spec import DeploymentSpec
-from shoal.errors import Code, InvalidArgument, NotFound, ShoalError
+from shoal.errors import Code, Internal, InvalidArgument, NotFound, ShoalError
 from shoal.http.generate import read_json
 from shoal.http.sse import EventStream, event
 from shoal.scheduler.dataplane import DataPlane
@@ -69,6 +72,8 @@ from shoal.scheduler.generate import (
 )
 from shoal.scheduler.router import Router
 from shoal.types import ChatMessage, GenerateChunk, GenerateRequest
+
+log = logging.getLogger("shoal.http")
 
 B = TypeVar("B", bound=BaseModel)
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -194,13 +199,17 @@ def error_response(err: ShoalError) -> Response:
 
 
 def _openai(endpoint: Endpoint) -> Endpoint:
-    """Turn the ShoalErrors an endpoint raises into OpenAI's error responses."""
+    """Turn what an endpoint raises into OpenAI's error responses: a ShoalError its status,
+    anything else (a bug) 500 ``server_error``, its traceback logged."""
 
     async def handle(request: Request) -> Response:
         try:
             return await endpoint(request)
         except ShoalError as err:
             return error_response(err)
+        except Exception as exc:
+            log.exception("%s %s failed", request.method, request.url.path)
+            return error_response(Internal(f"internal error: {type(exc).__name__}: {exc}"))
 
     return handle
 

@@ -49,7 +49,7 @@ from shoal.core.budget import ByteBudget
 from shoal.core.ids import request_key
 from shoal.core.payload import Tensor, Tensors
 from shoal.core.spec import DeploymentSpec, check_model_id
-from shoal.errors import InvalidArgument, ShoalError
+from shoal.errors import Internal, InvalidArgument, ShoalError
 from shoal.scheduler.models import InferResult, ModelCatalog, check_inputs, check_outputs
 from shoal.scheduler.router import OUTCOME_OF, Router
 
@@ -157,7 +157,8 @@ class DataPlane:
 
     async def embed(self, model: str, texts: Sequence[str], *, door: str = "openai") -> list[np.ndarray]:
         """Embeddings of ``texts`` from ``model`` (a BYTES input ``text``, an ``embedding``
-        output of one row per text), one array of rows per routed part.
+        output of one row per text), one array of rows per routed part, all of one width
+        and finite: Internal (500) when the model answers otherwise.
 
         At most ``max_strings_per_request`` texts (InvalidArgument past it, before any
         work). A long list is cut into parts of the deployment's ``max_batch_size``, run
@@ -170,17 +171,12 @@ class DataPlane:
         parts = [list(texts[i : i + size]) for i in range(0, len(texts), size)]
         calls = [InferCall(model, (_texts("text", p),), door=door) for p in parts]
         results = await asyncio.gather(*(self.infer(c) for c in calls), return_exceptions=True)
-        vectors = []
+        vectors: list[np.ndarray] = []
         for part, result in zip(parts, results, strict=True):
             if isinstance(result, BaseException):
                 raise result  # the first failure answers the request (a ShoalError: its status)
             found = [t for t in result.outputs if t.name == "embedding"]
-            array = payload.to_array(found[0]) if found else None
-            if array is None or array.ndim != 2 or array.shape[0] != len(part):
-                raise InvalidArgument(
-                    f"model {model!r} did not answer an 'embedding' output of one row per input"
-                )
-            vectors.append(array)
+            vectors.append(_embedding(model, found[0] if found else None, len(part), vectors))
         return vectors
 
     def check_strings(self, model: str, count: int, *, door: str = "openai") -> None:
@@ -244,6 +240,30 @@ def _check_model_id(spec: DeploymentSpec, model_id: str) -> None:
             f"{MODEL_ID_PARAMETER!r} or the HTTP header {MODEL_ID_HEADER!r}"
         )
     check_model_id(model_id)
+
+
+def _embedding(model: str, output: Tensor | None, rows: int, before: Sequence[np.ndarray]) -> np.ndarray:
+    """``output`` as ``rows`` embeddings as wide as those ``before`` it. Internal (the
+    model's fault, not the client's: 500) when it is missing, not numbers, not one row per
+    text, not finite (JSON has no NaN; base64 would carry it silently) or of another width."""
+    if output is None:
+        raise Internal(f"model {model!r} did not answer an 'embedding' output")
+    if output.datatype in ("BYTES", "BOOL"):
+        raise Internal(f"model {model!r} answered a non-numeric 'embedding' output ({output.datatype})")
+    array = payload.to_array(output)
+    if array.ndim != 2 or array.shape[0] != rows:
+        raise Internal(
+            f"model {model!r} did not answer an 'embedding' output of one row per input: "
+            f"shape {list(array.shape)} for {rows} input(s)"
+        )
+    if not np.isfinite(array).all():
+        raise Internal(f"model {model!r} answered non-finite values in output 'embedding'")
+    if before and before[0].shape[1] != array.shape[1]:
+        raise Internal(
+            f"model {model!r} answered embeddings of different widths "
+            f"({before[0].shape[1]} and {array.shape[1]})"
+        )
+    return array
 
 
 def _texts(name: str, texts: Sequence[str]) -> Tensor:

@@ -189,6 +189,81 @@ async def test_a_failing_embedding_replica_answers_its_status(
         await client.embeddings.create(model="minilm", input=["a", "b", "c"])
 
 
+def embedding_answer(array: Any) -> Any:
+    """A model handler answering ``array`` (the same for every request) as its embedding."""
+    return lambda inputs: {"embedding": np.asarray(array)}
+
+
+@pytest.mark.parametrize("encoding_format", ["float", "base64"])
+@pytest.mark.parametrize(
+    ("embedding", "problem"),
+    [
+        ([[1.0, np.nan, 0.0, 0.0]], "non-finite values in output 'embedding'"),
+        ([[1.0, np.inf, 0.0, 0.0]], "non-finite values in output 'embedding'"),
+        (np.array([[b"a", b"b"]], dtype=object), "a non-numeric 'embedding' output (BYTES)"),
+        ([1.0, 2.0, 3.0, 4.0], "did not answer an 'embedding' output of one row per input"),  # shape (n,)
+        ([[[1.0, 2.0], [3.0, 4.0]]], "did not answer an 'embedding' output of one row per input"),
+    ],
+)
+async def test_a_models_bad_embedding_is_a_500_server_error(
+    http: httpx.AsyncClient, fakes: FakeReplicas, embedding: Any, problem: str, encoding_format: str
+) -> None:
+    # Before: NaN was a plain-string 500 as floats and a 200 holding NaN as base64; BYTES a
+    # ValueError's 500; a wrong shape a 400 invalid_request_error, as if the client erred.
+    fakes.clients["minilm-1:1"].handler = embedding_answer(embedding)
+
+    reply = await http.post(
+        "/v1/embeddings", json={"model": "minilm", "input": "hi", "encoding_format": encoding_format}
+    )
+
+    assert reply.status_code == 500
+    error = reply.json()["error"]
+    assert error == {"message": error["message"], "type": "server_error", "param": None, "code": "internal"}
+    assert error["message"].startswith("model 'minilm' ") and problem in error["message"], error
+
+
+async def test_embeddings_of_different_widths_are_a_500_server_error(
+    http: httpx.AsyncClient, fakes: FakeReplicas
+) -> None:
+    # max_batch_size 2: three texts are two requests, answered 4 and 3 wide.
+    def widths(inputs: Arrays) -> Arrays:
+        rows = len(inputs["text"])
+        return {"embedding": np.ones((rows, 4 if rows == 2 else 3), dtype=np.float32)}
+
+    fakes.clients["minilm-1:1"].handler = widths
+
+    reply = await http.post("/v1/embeddings", json={"model": "minilm", "input": ["a", "b", "c"]})
+
+    assert reply.status_code == 500
+    assert reply.json()["error"]["type"] == "server_error"
+    assert (
+        "model 'minilm' answered embeddings of different widths (4 and 3)" in reply.json()["error"]["message"]
+    )
+
+
+async def test_a_bug_on_an_openai_route_answers_openais_error_shape(
+    http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken(*args: object, **kwargs: object) -> list[np.ndarray]:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(DataPlane, "embed", broken)
+
+    reply = await http.post("/v1/embeddings", json={"model": "minilm", "input": "hi"})
+
+    # Before: the exception left the route ({"error": "internal error: ..."}, a string).
+    assert reply.status_code == 500
+    assert reply.json() == {
+        "error": {
+            "message": "internal error: RuntimeError: a bug",
+            "type": "server_error",
+            "param": None,
+            "code": "internal",
+        }
+    }
+    assert "RuntimeError: a bug" in caplog.text  # the traceback is the server's
+
+
 # ---------------------------------------------------------------- completions
 
 
