@@ -19,6 +19,7 @@ import json
 import logging
 import socket
 import ssl
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Generator
@@ -626,26 +627,39 @@ def _client_cert_name(peercert: Any) -> str | None:
 class _KeepConnection:
     """An error raised after the answer was sent (Starlette's error middleware re-raises
     once its 500 is out) is logged here, not passed to uvicorn, which would close the
-    connection under the client's next request on it."""
+    connection under the client's next request on it.
+
+    The log says which: an answer begun while that very error was being handled (the error
+    middleware's 500) was the error's answer; any other (a background task failing after a
+    whole 200) was sent before the error."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         answered = False
+        status = 0
+        begun_by: BaseException | None = None
 
         async def sending(message: Any) -> None:
-            nonlocal answered
+            nonlocal answered, status, begun_by
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                begun_by = sys.exc_info()[1]  # inside an ``except`` block: the error answered
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 answered = True
 
         try:
             await self.app(scope, receive, sending)
-        except Exception:
+        except Exception as exc:
             if not answered:
                 raise
-            log.exception("error after answering %s %s", scope.get("method"), scope.get("path"))
+            method, path = scope.get("method"), scope.get("path")
+            if begun_by is exc:
+                log.exception("%s %s failed, answered %d", method, path, status)
+            else:
+                log.exception("error after answering %s %s (%d)", method, path, status)
 
 
 class _Server(uvicorn.Server):
