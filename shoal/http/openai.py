@@ -22,9 +22,10 @@
   ``max_completion_tokens``), ``temperature`` (0 is greedy), ``top_p``, ``stop`` and
   ``seed`` are honoured; left out, they are the deployment's defaults. ``n`` and
   ``best_of`` must be 1. Parameters shoal cannot honour are refused with 400 rather than
-  ignored: ``echo``, ``suffix``, ``logprobs``, tools, a ``response_format`` other than
-  text, non-zero penalties, ``logit_bias``. Other fields are accepted and ignored, as
-  clients send many (``user``, ``metadata``, ...).
+  ignored: ``echo``, ``suffix``, ``logprobs``, tools (and the deprecated ``functions`` /
+  ``function_call``), a ``response_format`` other than text, non-zero penalties,
+  ``logit_bias``. Other fields are accepted and ignored, as clients send many (``user``,
+  ``metadata``, ...). Every chat message needs its ``content``, a string or text parts.
 - **Streaming** (``stream: true``) answers server-sent events, ``data: {chunk}`` each, in
   OpenAI's chunk shapes (``text_completion`` / ``chat.completion.chunk``; for a chat a
   first chunk with ``delta.role``, then ``delta.content`` pieces, and a last chunk with
@@ -143,6 +144,8 @@ class ChatCompletionBody(_GenerationBody):
     top_logprobs: int | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
+    functions: list[Any] | None = None  # tools' deprecated forerunners, refused as tools are
+    function_call: Any = None
     response_format: dict[str, Any] | None = None
 
 
@@ -251,12 +254,17 @@ def completion_request(body: CompletionBody) -> GenerateRequest:
 
 
 def chat_messages(body: ChatCompletionBody) -> list[ChatMessage]:
-    """The chat's messages, each with its text (text parts joined). Raises OpenAIError."""
+    """The chat's messages, each with its text (text parts joined). Raises OpenAIError,
+    for a message without ``content`` among others (OpenAI's API requires it: what a
+    message would carry instead, tool calls, shoal refuses)."""
     if not body.messages:
         raise OpenAIError("messages", "'messages' must hold at least one message")
     out = []
     for i, message in enumerate(body.messages):
         content = message.content
+        if content is None:
+            param = f"messages.{i}.content"
+            raise OpenAIError(param, f"'{param}' is required: a string or a list of text parts")
         if isinstance(content, list):
             texts = []
             for j, part in enumerate(content):
@@ -266,7 +274,7 @@ def chat_messages(body: ChatCompletionBody) -> list[ChatMessage]:
                     )
                 texts.append(part.text)
             content = "".join(texts)
-        out.append(ChatMessage(role=message.role, content=content or ""))
+        out.append(ChatMessage(role=message.role, content=content))
     return out
 
 
@@ -279,6 +287,10 @@ def chat_request(body: ChatCompletionBody) -> GenerateRequest:
         raise _refuse("tools", "the backends do not call tools")
     if body.tool_choice not in (None, "none"):
         raise _refuse("tool_choice", "the backends do not call tools")
+    if body.functions:
+        raise _refuse("functions", "the backends do not call functions")
+    if body.function_call not in (None, "none"):
+        raise _refuse("function_call", "the backends do not call functions")
     if body.response_format is not None and body.response_format.get("type", "text") != "text":
         raise _refuse("response_format", "only text answers")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens

@@ -464,6 +464,18 @@ async def test_a_long_unknown_model_name_is_cut_in_the_404(http: httpx.AsyncClie
         ({"stop": "x" * 100_000}, "stop"),
         ({"seed": 1.5}, "seed"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        # Before: the deprecated pair was ignored, the model answering without them.
+        ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
+        ({"function_call": {"name": "f"}}, "function_call"),
+        ({"function_call": "auto"}, "function_call"),
+        # Before: accepted as an empty message (OpenAI answers 400).
+        ({"messages": [{"role": "user"}]}, "messages.0.content"),
+        (
+            {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": None}]},
+            "messages.1.content",
+        ),
+        ({"messages": [{"role": "assistant"}]}, "messages.0.content"),
+        ({"messages": [{"role": "tool"}]}, "messages.0.content"),
         ({"logprobs": True}, "logprobs"),
         ({"presence_penalty": 1}, "presence_penalty"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
