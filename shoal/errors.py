@@ -73,6 +73,20 @@ class InvalidArgument(ShoalError):
     code = Code.INVALID_ARGUMENT
 
 
+class BodyTooLarge(InvalidArgument):
+    """An HTTP request body over ``max_message_mb``: the client's to fix, so counted as an
+    invalid request, and answered 413 (Payload Too Large) as HTTP has a status for it."""
+
+    def __init__(self, limit: int, size: int | None = None, *, decoded: bool = False) -> None:
+        of = "" if size is None else f" of {size} bytes"
+        over = "decompresses to over" if decoded else "is over"
+        super().__init__(f"request body{of} {over} the limit of {limit} bytes (setting max_message_mb)")
+
+    @property
+    def http_status(self) -> int:
+        return 413
+
+
 class NotFound(ShoalError):
     code = Code.NOT_FOUND
 

@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shoal import auth
-from shoal.errors import Code, InvalidArgument, ResourceExhausted, ShoalError
+from shoal.errors import BodyTooLarge, Code, ResourceExhausted, ShoalError
 
 OPEN_PATHS = ("/", "/healthz", "/openapi.json", "/docs")
 OPEN_PREFIXES = ("/static/",)
@@ -218,9 +218,7 @@ async def _read(receive: Receive, limit: int) -> bytes:
         if not message.get("more_body", False):
             break
     if size > limit:
-        raise InvalidArgument(
-            f"request body of {size} bytes is over the limit of {limit} bytes (setting max_message_mb)"
-        )
+        raise BodyTooLarge(limit, size)
     return b"".join(chunks)
 
 

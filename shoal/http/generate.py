@@ -31,7 +31,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from shoal.core import limits
-from shoal.errors import InvalidArgument, ShoalError
+from shoal.errors import BodyTooLarge, InvalidArgument, ShoalError
 from shoal.http.sse import EventStream, event
 from shoal.scheduler.generate import (
     PARAMETERS,
@@ -49,14 +49,12 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
     """The body as a JSON object; InvalidArgument when it is not one or is over ``limit`` bytes."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise InvalidArgument(
-            f"request body of {declared} bytes is over the limit of {limit} bytes (setting max_message_mb)"
-        )
+        raise BodyTooLarge(limit, int(declared))
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise InvalidArgument(f"request body is over the limit of {limit} bytes (setting max_message_mb)")
+            raise BodyTooLarge(limit)
     try:
         doc = json.loads(body)
     except (ValueError, RecursionError) as err:  # too deeply nested: RecursionError

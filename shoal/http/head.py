@@ -27,7 +27,7 @@ from shoal.auth import RateLimiter
 from shoal.core import limits, stats
 from shoal.core.spec import DeploymentSpec, parse_spec
 from shoal.core.traffic import TrafficRoute, parse_route
-from shoal.errors import InvalidArgument, NotFound, ShoalError
+from shoal.errors import BodyTooLarge, InvalidArgument, NotFound, ShoalError
 from shoal.head.node import HeadNode
 from shoal.http.auth import ControlGuard
 from shoal.store.history import MAX_EVENTS, Revision
@@ -59,9 +59,7 @@ async def _json_body(request: Request, limit: int) -> Any:
         if size <= limit:
             chunks.append(chunk)
     if size > limit:
-        raise InvalidArgument(
-            f"request body of {size} bytes is over the limit of {limit} bytes (setting max_message_mb)"
-        )
+        raise BodyTooLarge(limit, size)
     body = b"".join(chunks)
     try:
         return json.loads(body)

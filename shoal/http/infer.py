@@ -27,7 +27,15 @@ from shoal.core import budget as budgets
 from shoal.core import limits, payload, tensors
 from shoal.core.limits import RequestLimits
 from shoal.core.payload import Tensor, Tensors
-from shoal.errors import Code, DeadlineExceeded, InvalidArgument, ResourceExhausted, ShoalError, from_code
+from shoal.errors import (
+    BodyTooLarge,
+    Code,
+    DeadlineExceeded,
+    InvalidArgument,
+    ResourceExhausted,
+    ShoalError,
+    from_code,
+)
 from shoal.http.auth import drain
 from shoal.scheduler.dataplane import MODEL_ID_HEADER, MODEL_ID_PARAMETER, InferCall
 from shoal.scheduler.ingress import IngressNode
@@ -98,9 +106,7 @@ async def read_asgi_body(
         if not message.get("more_body", False):
             break
     if too_big:
-        raise InvalidArgument(
-            f"request body of {size} bytes is over the limit of {limit} bytes (setting max_message_mb)"
-        )
+        raise BodyTooLarge(limit, size)
     if refused is not None:
         raise refused
     body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -116,9 +122,7 @@ async def read_asgi_body(
     except zlib.error as e:
         raise InvalidArgument(f"request body is not valid {encoding} data: {e}") from None
     if len(out) > limit:
-        raise InvalidArgument(
-            f"request body decompresses to over the limit of {limit} bytes (setting max_message_mb)"
-        )
+        raise BodyTooLarge(limit, decoded=True)
     if not inflater.eof:
         raise InvalidArgument(f"request body is truncated {encoding} data")
     if hold is not None:

@@ -303,7 +303,7 @@ async def test_rest_rate_limit_and_body_limit(store: MemoryStore) -> None:
         async with httpx.AsyncClient(transport=transport, base_url="http://head") as client:
             big = b'{"name": "' + b"x" * (2 * 1024 * 1024) + b'"}'
             r = await client.post("/api/deployments", content=big)
-            assert r.status_code == 400 and "setting max_message_mb" in r.json()["error"]
+            assert r.status_code == 413 and "setting max_message_mb" in r.json()["error"]
             codes = [(await client.get("/api/events")).status_code for _ in range(12)]
             assert 429 in codes and codes.count(200) >= 9
             r = await client.get("/api/events")
@@ -372,7 +372,7 @@ async def test_ingress_tokens_per_deployment(ingress: tuple[httpx.AsyncClient, d
     assert (await client.get("/v1/models")).status_code == 200
     # An OpenAI body over the size limit is refused by the guard, naming the setting.
     r = await client.post("/v1/embeddings", content=b"x" * (1024 * 1024 + 1))
-    assert r.status_code == 400 and "max_message_mb" in r.json()["error"]["message"]
+    assert r.status_code == 413 and "max_message_mb" in r.json()["error"]["message"]
 
 
 async def test_ingress_tensor_element_limit(ingress: tuple[httpx.AsyncClient, dict[str, str]]) -> None:

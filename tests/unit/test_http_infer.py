@@ -96,7 +96,7 @@ async def test_what_is_not_an_inference_route_is_answered_by_the_app(
             400,
             "unsupported Content-Encoding 'br'",
         ),
-        ("/v2/models/echo/infer", b"x" * (2 << 20), {}, 400, "over the limit of 1048576 bytes"),
+        ("/v2/models/echo/infer", b"x" * (2 << 20), {}, 413, "over the limit of 1048576 bytes"),
         ("/v2/models/echo/infer", b"{}", {"inference-header-content-length": "9"}, 400, "Inference-Header"),
     ],
 )
