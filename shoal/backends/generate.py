@@ -52,7 +52,10 @@ PARAM_INPUTS: dict[str, str] = {"max_tokens": "INT32", "temperature": "FP32", "t
 
 GENERATION_INPUTS = (
     TensorSpec(name=TEXT_INPUT, datatype="BYTES", shape=(-1,)),
-    *(TensorSpec(name=name, datatype=datatype, shape=(-1,)) for name, datatype in PARAM_INPUTS.items()),
+    *(
+        TensorSpec(name=name, datatype=datatype, shape=(-1,), optional=True)
+        for name, datatype in PARAM_INPUTS.items()
+    ),
 )
 GENERATION_OUTPUTS = (TensorSpec(name="text", datatype="BYTES", shape=(-1,)),)
 

@@ -141,9 +141,9 @@ def check_declared(declared: Sequence[TensorSpec], given: Iterable[Header], mode
     """The one check of a request's inputs against a model's declared inputs, shared by the
     scheduler (from tensor headers, nothing decoded) and the replica's backends (from arrays).
 
-    Raises InvalidArgument naming the input: an unknown name, a missing input, another
-    datatype, another rank or size (``-1`` in a declared shape matches any size). Nothing
-    is checked when ``declared`` is empty (the model's inputs are not known).
+    Raises InvalidArgument naming the input: an unknown name, a missing input that is not
+    ``optional``, another datatype, another rank or size (``-1`` in a declared shape matches
+    any size). Nothing is checked when ``declared`` is empty (the model's inputs are not known).
     """
     if not declared:
         return
@@ -163,6 +163,6 @@ def check_declared(declared: Sequence[TensorSpec], given: Iterable[Header], mode
                 f"input {name!r}: expected shape {_fmt_shape(spec.shape)}, got {_fmt_shape(shape)}"
             )
         seen.add(name)
-    for name in by_name:
-        if name not in seen:
+    for name, spec in by_name.items():
+        if name not in seen and not spec.optional:
             raise InvalidArgument(f"missing input {name!r}{of_model}")

@@ -29,9 +29,12 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
+    StrictBool,
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -141,11 +144,25 @@ class _Strict(BaseModel):
 
 
 class TensorSpec(_Strict):
-    """One named input or output of a model. ``-1`` in ``shape`` means any size."""
+    """One named input or output of a model. ``-1`` in ``shape`` means any size.
+
+    ``optional``: a request may leave this input out (Triton's ``ModelInput.optional``);
+    only inputs may be optional (see ``DeploymentSpec``). It is serialised only when true,
+    so the JSON and the process hash of a spec that declares no optional input are what
+    they were before the field, and peers of that version still read them.
+    """
 
     name: str = Field(min_length=1, max_length=256)
     datatype: Literal[DATATYPES] = "FP32"  # type: ignore[valid-type]
     shape: tuple[int, ...] = Field(default=(-1,), max_length=32)
+    optional: StrictBool = False
+
+    @model_serializer(mode="wrap")
+    def _leave_out_required(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        doc: dict[str, Any] = handler(self)
+        if not self.optional:
+            doc.pop("optional", None)
+        return doc
 
     @field_validator("shape")
     @classmethod
@@ -284,6 +301,15 @@ class DeploymentSpec(_Strict):
     @classmethod
     def _uri(cls, text: str) -> str:
         return _check_uri(text)
+
+    @field_validator("outputs")
+    @classmethod
+    def _outputs_required(cls, outputs: tuple[TensorSpec, ...]) -> tuple[TensorSpec, ...]:
+        # A model returns every output it declares; "optional" is a request's choice.
+        optional = [t.name for t in outputs if t.optional]
+        if optional:
+            raise ValueError(f"output {optional[0]!r} cannot be optional; only inputs may be")
+        return outputs
 
     @model_validator(mode="after")
     def _uri_fields(self) -> DeploymentSpec:

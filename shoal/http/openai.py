@@ -37,7 +37,8 @@ Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``,
 HTTP status from :data:`shoal.errors.HTTP_STATUS`: an unknown model is 404 with code
 ``model_not_found`` (its name cut as :func:`shoal.core.limits.shown` cuts it); a bad body
 is 400 ``invalid_request_error`` naming the ``param``, a ``model`` that is not valid
-Unicode among them; a bug is 500 ``server_error`` (the traceback logged).
+Unicode among them; a bug is 500 ``server_error`` (the traceback logged). So are an unknown
+path under ``/v1/`` (404) and a method its path does not take (405, with ``Allow``).
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
+from starlette.types import Receive, Scope, Send
 
 from shoal.core import limits
 from shoal.core.spec import DeploymentSpec
@@ -217,6 +219,33 @@ def _openai(endpoint: Endpoint) -> Endpoint:
     return handle
 
 
+class _Unmatched:
+    """The ``/v1/`` requests none of ``routes`` takes: 404, or 405 with ``Allow`` for a
+    known path, in OpenAI's error shape (OpenAI's clients read ``error`` as an object; the
+    app's own 404 and 405 are ``{"error": "Not Found: ..."}``). An ASGI app, not a
+    function, so that its route takes every method."""
+
+    def __init__(self, routes: list[Route]) -> None:
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        what = limits.shown(f"{scope['method']} {scope['path']}")
+        allowed = sorted(
+            {m for r in self.routes if r.matches(scope)[0] is Match.PARTIAL for m in r.methods or ()}
+        )
+        if allowed:
+            message = f"Method not allowed ({what}): use {', '.join(allowed)}"
+            response = _request_error(405, message, {"Allow": ", ".join(allowed)})
+        else:
+            response = _request_error(404, f"Invalid URL ({what}): no such OpenAI route")
+        await response(scope, receive, send)
+
+
+def _request_error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
 def _refuse(param: str, why: str) -> OpenAIError:
     return OpenAIError(param, f"'{param}' is not supported: {why}")
 
@@ -345,13 +374,16 @@ class OpenAIApi:
         self.created = int(time.time())  # models have no creation time; this scheduler's start
 
     def routes(self) -> list[Route]:
-        return [
+        """The routes; the last takes every other ``/v1/`` path and method (mount these
+        after any other ``/v1/`` route)."""
+        known = [
             Route("/v1/models", _openai(self.list_models), methods=["GET"]),
             Route("/v1/models/{model:path}", _openai(self.get_model), methods=["GET"]),
             Route("/v1/embeddings", _openai(self.embeddings), methods=["POST"]),
             Route("/v1/completions", _openai(self.completions), methods=["POST"]),
             Route("/v1/chat/completions", _openai(self.chat_completions), methods=["POST"]),
         ]
+        return [*known, Route("/v1/{rest:path}", _Unmatched(known))]
 
     def _model(self, name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": self.created, "owned_by": "shoal"}

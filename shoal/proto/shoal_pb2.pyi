@@ -1824,8 +1824,11 @@ class TensorMeta(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     DATATYPE_FIELD_NUMBER: _builtins.int
     SHAPE_FIELD_NUMBER: _builtins.int
+    OPTIONAL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     datatype: _builtins.str
+    optional: _builtins.bool
+    """an input a request may leave out"""
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """-1: any size"""
@@ -1836,10 +1839,11 @@ class TensorMeta(_message.Message):
         name: _builtins.str = ...,
         datatype: _builtins.str = ...,
         shape: _abc.Iterable[_builtins.int] | None = ...,
+        optional: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["datatype", b"datatype", "name", b"name", "shape", b"shape"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["datatype", b"datatype", "name", b"name", "optional", b"optional", "shape", b"shape"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

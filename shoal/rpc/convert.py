@@ -75,11 +75,11 @@ def report_from_pb(r: pb.ReplicaStatus) -> ReplicaReport:
 
 
 def meta_to_pb(t: TensorSpec) -> pb.TensorMeta:
-    return pb.TensorMeta(name=t.name, datatype=t.datatype, shape=t.shape)
+    return pb.TensorMeta(name=t.name, datatype=t.datatype, shape=t.shape, optional=t.optional)
 
 
 def meta_from_pb(t: pb.TensorMeta) -> TensorSpec:
-    return TensorSpec(name=t.name, datatype=t.datatype, shape=tuple(t.shape))
+    return TensorSpec(name=t.name, datatype=t.datatype, shape=tuple(t.shape), optional=t.optional)
 
 
 def capacity_to_pb(c: Capacity) -> pb.Resources:

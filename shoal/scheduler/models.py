@@ -294,7 +294,9 @@ def model_config(spec: DeploymentSpec, metadata: ModelMetadata, instances: int) 
     inputs = []
     for t in metadata.inputs:
         entry = _config_tensor(t, mbs > 0)
-        entry.update(format="FORMAT_NONE", is_shape_tensor=False, allow_ragged_batch=False, optional=False)
+        entry.update(
+            format="FORMAT_NONE", is_shape_tensor=False, allow_ragged_batch=False, optional=t.optional
+        )
         inputs.append(entry)
     outputs = []
     for t in metadata.outputs:

@@ -515,6 +515,41 @@ async def test_bad_completion_requests_are_400(
     assert err.value.param == param
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "status", "allow"),
+    [
+        ("GET", "/v1/foo", 404, None),
+        ("POST", "/v1/", 404, None),
+        ("POST", "/v1/models", 405, "GET, HEAD"),
+        ("DELETE", "/v1/models/minilm", 405, "GET, HEAD"),
+        ("GET", "/v1/embeddings", 405, "POST"),
+        ("GET", "/v1/chat/completions", 405, "POST"),
+    ],
+)
+async def test_unknown_paths_and_methods_under_v1_answer_openais_error_shape(
+    http: httpx.AsyncClient, method: str, path: str, status: int, allow: str | None
+) -> None:
+    # Before: Starlette's own answer, not the object OpenAI's clients read.
+    reply = await http.request(method, path)
+
+    assert reply.status_code == status
+    error = reply.json()["error"]
+    assert error == {
+        "message": error["message"],
+        "type": "invalid_request_error",
+        "param": None,
+        "code": None,
+    }
+    assert f"({method} {path})" in error["message"]
+    assert reply.headers.get("allow") == allow
+
+
+async def test_other_unknown_paths_keep_the_apps_answer(http: httpx.AsyncClient) -> None:
+    reply = await http.get("/v2/foo")
+
+    assert reply.status_code == 404 and reply.text == "Not Found"
+
+
 async def test_a_body_that_is_not_json_is_400(http: httpx.AsyncClient) -> None:
     reply = await http.post("/v1/completions", content=b"{nope")
 
