@@ -4,9 +4,13 @@ Two backends generate text: ``transformers`` with ``options.task: generation`` a
 ``vllm``. Both offer the same three ways in:
 
 - :meth:`~shoal.backends.Backend.predict` (batched tensors): input ``text`` BYTES ``[-1]``
-  (``[-1, 1]`` is accepted too) and, optionally, per-row ``max_tokens`` INT32 ``[-1]``,
-  ``temperature`` FP32 ``[-1]`` and ``top_p`` FP32 ``[-1]``; output ``text`` BYTES ``[-1]``,
-  the completion of each prompt (without the prompt);
+  and, optionally (declared ``optional``: a request may leave any of them out), per-row
+  ``max_tokens`` INT32 ``[-1]``, ``temperature`` FP32 ``[-1]`` and ``top_p`` FP32 ``[-1]``;
+  output ``text`` BYTES ``[-1]``, the completion of each prompt (without the prompt). The
+  backend itself also takes ``[-1, 1]`` for each, but a request through a scheduler (OIP
+  ``ModelInfer``, ``/v2/models/NAME/infer``) is checked first against the declared ``[-1]``:
+  a declared tensor has one shape, the one model metadata reports, and allowing a second
+  would need Triton's ``reshape`` in every tensor declaration for a form no client needs;
 - :meth:`TextGenerator.complete`: one prompt, the completion with token counts and why
   it ended, for APIs that report usage (OpenAI);
 - :meth:`TextGenerator.stream`: one prompt, an async generator of text pieces as tokens are
