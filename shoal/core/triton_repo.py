@@ -85,7 +85,7 @@ _TOP_FIELDS = frozenset(
         "default_model_filename",
     }
 )
-_TENSOR_FIELDS = frozenset({"name", "data_type", "dims"})
+_TENSOR_FIELDS = frozenset({"name", "data_type", "dims", "optional"})  # optional: ModelInput only
 _BATCHING_FIELDS = frozenset({"max_queue_delay_microseconds", "preferred_batch_size", "preserve_ordering"})
 _GROUP_FIELDS = frozenset({"name", "kind", "count", "gpus"})
 _WHY = {
@@ -195,7 +195,10 @@ def _tensors(tensors: Any, kind: str, batched: bool, where: str) -> list[dict[st
         if any(d < -1 for d in dims):
             raise _refuse(where, f"{field}.dims", "dimensions must be -1 (variable) or >= 0")
         shape = (-1, *dims) if batched else dims
-        out.append({"name": t.name, "datatype": _datatype(t.data_type, where, field), "shape": list(shape)})
+        tensor = {"name": t.name, "datatype": _datatype(t.data_type, where, field), "shape": list(shape)}
+        if getattr(t, "optional", False):  # a request may leave it out, as in Triton
+            tensor["optional"] = True
+        out.append(tensor)
     return out
 
 

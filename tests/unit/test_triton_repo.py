@@ -56,6 +56,17 @@ def test_an_onnx_model_maps_inputs_outputs_batching_and_instances(tmp_path: Path
     assert spec.replicas == 3 and spec.resources.gpus == 0 and spec.resources.cpus == 0.25
 
 
+def test_an_optional_input_stays_optional(tmp_path: Path) -> None:
+    """Triton's ModelInput.optional: a request may leave the input out (shoal checks
+    requests against the spec, so a required one would refuse what Triton serves)."""
+    two = 'input [ { name: "x" data_type: TYPE_FP32 dims: [ 4 ] }, '
+    two += '{ name: "k" data_type: TYPE_INT32 dims: [ 1 ] optional: true } ]'
+    model(tmp_path, "m", ONNX.replace('input [ { name: "x" data_type: TYPE_FP32 dims: [ 4 ] } ]', two))
+    spec = read_model(tmp_path, "m").spec
+    assert spec is not None
+    assert [(t.name, t.optional) for t in spec.inputs] == [("x", False), ("k", True)]
+
+
 def test_without_batching_dims_are_the_whole_shape_and_gpu_groups_share_a_gpu(tmp_path: Path) -> None:
     config = ONNX.replace("max_batch_size: 8", "max_batch_size: 0")
     model(tmp_path, "m", config + 'instance_group [ { count: 2 kind: KIND_GPU gpus: [0, 1] } ]\nname: "m"\n')
