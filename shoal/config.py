@@ -178,6 +178,19 @@ class Settings:
     does not hold up every other request on the event loop."""
     max_concurrent_streams: int = 1024
     """Most concurrent calls on one gRPC connection (``grpc.max_concurrent_streams``)."""
+    grpc_handshake_timeout_s: float = 10.0
+    """Every gRPC server (head, scheduler, ingress processes, replicas): a connection must
+    finish its TLS handshake and send the HTTP/2 preface within this long of opening, or it is
+    closed (``grpc.server_handshake_timeout_ms``; gRPC's own default is 120 s)."""
+    grpc_idle_timeout_s: float = 0.0
+    """A gRPC connection with no call for this long is closed with a GOAWAY
+    (``grpc.max_connection_idle_ms``); the client connects again for its next call. 0: never,
+    the default: a call that crosses the GOAWAY fails UNAVAILABLE on a channel without
+    transparent retries, as shoal's own are (``grpc.enable_retries`` 0)."""
+    grpc_max_connections: int = 4096
+    """Most connections one gRPC server accepts at once (``grpc.max_allowed_incoming_connections``);
+    past it a new connection is closed at once (its client sees UNAVAILABLE), while those open
+    are served. 0: no limit."""
     http_header_timeout_s: float = 10.0
     """Every HTTP server (head REST, scheduler ingress, each ingress process): a connection must
     send a whole request head within this long of opening, or of the first byte of its next
@@ -350,6 +363,10 @@ _RANGES: dict[str, _Range] = {
     "max_stream_pending": _ONE_OR_MORE,
     "max_json_on_loop_kb": _NATURAL,
     "max_concurrent_streams": _Range(1, _INT32),
+    # gRPC takes milliseconds as a C int: at most about 24 days.
+    "grpc_handshake_timeout_s": _Range(0, _INT32 // 1000, above=True),
+    "grpc_idle_timeout_s": _Range(0, _INT32 // 1000),
+    "grpc_max_connections": _Range(0, _INT32),
     "http_header_timeout_s": _NATURAL,
     "http_idle_timeout_s": _NATURAL,
     "http_max_connections": _NATURAL,

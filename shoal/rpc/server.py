@@ -36,6 +36,7 @@ def new_server(
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
         ("grpc.http2.max_ping_strikes", 0),
         ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+        *connection_limits(settings),
     ]
     # Innermost: a request that does not decode is refused with INVALID_ARGUMENT, not UNKNOWN.
     chain = [*interceptors, DecodeGuard(budget, refused)]
@@ -43,6 +44,19 @@ def new_server(
     if len(guards) == len(chain):
         return cast(grpc.aio.Server, GuardedServer(grpc.aio.server(options=options), guards))
     return grpc.aio.server(options=options, interceptors=chain)
+
+
+def connection_limits(settings: Settings) -> list[tuple[str, int]]:
+    """What bounds a server's connections, as HTTP's servers bound theirs: without these, a
+    connection that never sent the HTTP/2 preface stayed open 120 s (gRPC's default), and
+    20,000 of them took every file descriptor of a scheduler (and of the head in its process),
+    so no call, gRPC or HTTP, was served until they closed."""
+    options = [("grpc.server_handshake_timeout_ms", round(settings.grpc_handshake_timeout_s * 1000))]
+    if settings.grpc_idle_timeout_s > 0:
+        options.append(("grpc.max_connection_idle_ms", round(settings.grpc_idle_timeout_s * 1000)))
+    if settings.grpc_max_connections > 0:
+        options.append(("grpc.max_allowed_incoming_connections", settings.grpc_max_connections))
+    return options
 
 
 @runtime_checkable
