@@ -122,15 +122,23 @@ class _Config(uvicorn.Config):
 
 
 class _Refusing:
-    """The h11 connection as uvicorn's protocol sees it, except that a request ``refuse``
-    names is answered here, from its head, and never reaches uvicorn (nor the app). The rest
-    of that request (its body) comes to uvicorn after an answer was sent, which it drops,
-    as it does for any request answered early."""
+    """The h11 connection as uvicorn's protocol sees it, except that a request whose head is
+    over :data:`_MAX_HEAD` bytes is refused (``bad_head``: 400 and close), and a request
+    ``refuse`` names is answered here, from its head; neither reaches uvicorn (nor the app).
+    The rest of a request answered (its body) comes to uvicorn after the answer was sent,
+    which it drops, as it does for any request answered early."""
 
-    def __init__(self, conn: h11.Connection, refuse: Refuse, answer: Callable[[int, str], None]) -> None:
+    def __init__(
+        self,
+        conn: h11.Connection,
+        refuse: Refuse | None,
+        answer: Callable[[int, str], None],
+        bad_head: Callable[[str], None],
+    ) -> None:
         self._conn = conn
         self._refuse = refuse
         self._answer = answer
+        self._bad_head = bad_head
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._conn, name)
@@ -139,6 +147,13 @@ class _Refusing:
         while True:
             event = self._conn.next_event()
             if type(event) is not h11.Request:
+                return event
+            # h11 bounds only a head still incomplete: one that came whole in a read is parsed
+            # whatever its size.
+            if _head_size(event.method, event.target, event.headers) > _MAX_HEAD:
+                self._bad_head(f"the request head is over {_MAX_HEAD} bytes")
+                return h11.NEED_DATA  # the connection is closing: nothing more is read
+            if self._refuse is None:
                 return event
             path = unquote(event.target.partition(b"?")[0].decode("ascii", "replace"))
             refusal = self._refuse(event.method.decode("ascii", "replace"), path)
@@ -159,6 +174,12 @@ def _raw_answer(status: str, message: str, extra: str = "") -> bytes:
 _MAX_HEAD = 16 * 1024
 #: Headers that change how a connection continues: a request carrying one goes through h11.
 _TO_H11 = frozenset({b"transfer-encoding", b"connection", b"expect", b"upgrade"})
+
+
+def _head_size(method: bytes, target: bytes, headers: Any) -> int:
+    """The bytes of a parsed request head, as sent without optional white space: its request
+    line, each ``name: value`` line and the blank line after them."""
+    return len(method) + len(target) + 13 + sum(len(name) + len(value) + 4 for name, value in headers)
 
 
 def _plain_request(data: bytes) -> tuple[str, str, int] | None:
@@ -394,6 +415,13 @@ class _Bounds:
             self._head_timer.cancel()
             self._head_timer = None
 
+    def _bad_request(self, message: str) -> None:
+        """400 ``{"error": message}``, and the connection is closed (it is out of step)."""
+        self._stop_head_timer()
+        if not self.transport.is_closing():
+            self.transport.write(_raw_answer("400 Bad Request", message))
+            self.transport.close()
+
     def _head_timed_out(self) -> None:
         self._head_timer = None
         if self.transport.is_closing() or not self._awaiting_head():
@@ -417,8 +445,9 @@ class _BoundedH11(_Bounds, H11Protocol):
 
     def _bound_protocol(self) -> None:
         self._h11 = self.conn
-        if self._refuse is not None:
-            self.conn = cast(h11.Connection, _Refusing(self.conn, self._refuse, self._answer_at_once))
+        self.conn = cast(
+            h11.Connection, _Refusing(self.conn, self._refuse, self._answer_at_once, self._bad_request)
+        )
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -537,13 +566,6 @@ class _BoundedHttpTools(_Bounds, HttpToolsProtocol):
         if self._head_bytes > _MAX_HEAD:
             self._bad_request(f"the request head is over {_MAX_HEAD} bytes")
 
-    def _bad_request(self, message: str) -> None:
-        """400 ``{"error": message}``, and the connection is closed (it is out of step)."""
-        self._stop_head_timer()
-        if not self.transport.is_closing():
-            self.transport.write(_raw_answer("400 Bad Request", message))
-            self.transport.close()
-
     def _awaiting_head(self) -> bool:
         return not self._in_message or self._in_head
 
@@ -567,6 +589,10 @@ class _BoundedHttpTools(_Bounds, HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._stop_head_timer()  # the head is in; the app's own deadlines take over
+        # _feed counts the reads of a head still coming; a head that came whole in a read
+        # (up to the transport's read size, 256 KiB) is measured here.
+        if _head_size(self.parser.get_method(), self.url, self.headers) > _MAX_HEAD:
+            raise _BadHead(f"the request head is over {_MAX_HEAD} bytes")
         if self.parser.get_http_version() == "1.1" and not any(n == b"host" for n, _ in self.headers):
             raise _BadHead("an HTTP/1.1 request must have a Host header")
         refusal = None

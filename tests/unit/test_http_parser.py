@@ -101,10 +101,10 @@ async def test_pipelined_requests_over_16_kib_in_one_read_are_not_one_head() -> 
     assert not transport.closed
 
 
-@pytest.mark.parametrize("reads", [20, 2], ids=["a-kib-a-read", "most-in-the-first-read"])
+@pytest.mark.parametrize("reads", [20, 2, 1], ids=["a-kib-a-read", "most-in-the-first-read", "one-read"])
 async def test_a_head_over_16_kib_is_refused_however_it_is_read(reads: int) -> None:
     protocol, transport = connect()
-    head = b"GET /x HTTP/1.1\r\nHost: x\r\n" + b"X-Long: " + b"a" * (20 * KIB)
+    head = b"GET /x HTTP/1.1\r\nHost: x\r\n" + b"X-Long: " + b"a" * (20 * KIB) + b"\r\n\r\n"
     size = -(-len(head) // reads)
     await feed(protocol, *(head[i : i + size] for i in range(0, len(head), size)))
     out = await answer(transport)

@@ -233,3 +233,29 @@ async def test_a_complete_request_is_served_on_a_connection_after_a_refused_one(
         status, _, body = await conn.answer()
         assert (status, body) == (200, {"path": "/ok", "body": "after"})
         assert served.paths == ["/ok"]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        "X-Big: " + "a" * 17_000 + "\r\n",
+        "X-Big: " + "a" * 100_000 + "\r\n",
+        "".join(f"X-{i}: v\r\n" for i in range(10_000)),
+    ],
+    ids=["17k-header", "100k-header", "10k-headers"],
+)
+async def test_a_head_over_16_kib_is_refused_when_it_comes_in_one_write(
+    server: tuple[HttpServer, Served], headers: str
+) -> None:
+    """Before: the limit held only while the head was incomplete after a read, so a head
+    that came whole in one read (17 KB, 100 KB, 10,000 headers) was served 200."""
+    http, served = server
+    async with Conn.open(http) as conn:
+        conn.writer.write(request("POST", "/x", b"{}", headers="Host: x\r\n" + headers))
+        status, _, body = await conn.answer()
+        assert status == 400 and body == {"error": "the request head is over 16384 bytes"}
+        assert await conn.closed()
+    async with Conn.open(http) as conn:  # heads just under the limit are served
+        conn.writer.write(request("POST", "/x", b"{}", headers="Host: x\r\nX-Big: " + "a" * 16_000 + "\r\n"))
+        assert (await conn.answer())[0] == 200
+    assert served.paths == ["/x"]
