@@ -136,6 +136,13 @@ class Router:
         self._traffic: dict[str, TrafficRoute] = {}
         self._rng = rng or random.Random()
         self._shadows: set[asyncio.Task[None]] = set()
+        # Shutting down (drain): new requests are refused; those admitted before (``_active``,
+        # queued or running) finish, until ``_closed``, when the grace ran out.
+        self._active = 0
+        self._idle = asyncio.Event()
+        self.draining = False
+        self._closed = False
+        self._grace_s = 0.0
         self.routed: collections.Counter[tuple[str, str]] = collections.Counter()
         """Requests each traffic route sent to each target: (route, target) -> count."""
         self.shadowed: collections.Counter[tuple[str, str, str]] = collections.Counter()
@@ -355,7 +362,10 @@ class Router:
         started = time.perf_counter()
         outcome = "error"
         request_id = request_id or request_key()
+        self._active += 1
         try:
+            if self.draining:
+                raise self._refusal()
             result = await self._send(dep, inputs, request_id, timeout_s, started, model_id, version)
             outcome = "ok"
             return result
@@ -363,6 +373,7 @@ class Router:
             outcome = OUTCOME_OF.get(err.code, "error")
             raise
         finally:
+            self._done()
             elapsed = time.perf_counter() - started
             dep.stats.outcomes[outcome] += 1
             dep.stats.latency.observe(elapsed)
@@ -375,6 +386,47 @@ class Router:
                     elapsed * 1000,
                     extra={"request_id": request_id, "deployment": deployment},
                 )
+
+    def _done(self) -> None:
+        self._active -= 1
+        if not self._active and self.draining:
+            self._idle.set()
+
+    def _refusal(self) -> Unavailable:
+        if self._closed:
+            return Unavailable(
+                f"the scheduler is shutting down and its grace of {self._grace_s:g}s "
+                "ran out before this request was answered: send it again (to another scheduler)"
+            )
+        return Unavailable("the scheduler is shutting down: send the request again (to another scheduler)")
+
+    async def drain(self, timeout_s: float) -> int:
+        """Shutting down, before the replicas drain: from now on every new request is refused
+        (Unavailable, ``the scheduler is shutting down``); those already admitted, queued here
+        for a replica or running on one, go on for up to ``timeout_s``. Returns once they are
+        all answered, or when the time ran out: those left are then answered with the same
+        refusal (queued ones at once, running ones as their replicas' clients close), and
+        their number is returned. Call it once; the router serves no request after it.
+
+        Why first: a replica drained while requests were queued here for it left them waiting
+        for a replica that would never come, until the HTTP server cancelled them (a bare 500).
+        """
+        self.draining = True
+        self._grace_s = timeout_s
+        if self._active and not await self._clock.wait(self._idle.wait(), max(0.0, timeout_s)):
+            left = self._active
+            self._closed = True
+            for dep in self._deployments.values():
+                dep.changed.fire()  # the queued ones wake, and are refused
+                for handle in list(dep.handles.values()):
+                    await handle.fail_pending()  # the running ones fail, and are refused
+            # The refusals reach their callers in a few loop passes: wait for them (bounded).
+            await self._clock.wait(self._idle.wait(), 1.0)
+            log.warning(
+                "%d request(s) still unanswered when the grace of %gs ran out: refused", left, timeout_s
+            )
+            return left
+        return 0
 
     def count(self, deployment: str, outcome: str, elapsed_s: float) -> None:
         """Count a request refused before it was routed (say an invalid one) as ``send`` counts
@@ -422,6 +474,8 @@ class Router:
                 outputs = await handle.send(request_id, inputs, remaining, model_id=model_id)
                 return outputs, handle.replica_id
             except (ReplicaGone, Unavailable) as err:
+                if self._closed:
+                    raise self._refusal() from err
                 last = err
                 tried.add(handle.replica_id)
                 log.info(
@@ -461,6 +515,8 @@ class Router:
             self._on_starved()
         try:
             while True:
+                if self._closed:
+                    raise self._refusal()
                 if dep.deleted:
                     raise NotFound(f"no deployment named {dep.spec.name!r}: it was deleted")
                 if version and version != dep.revision and not self._serves(dep, version):
@@ -484,12 +540,16 @@ class Router:
         """How many processes route to the same replicas (ingress workers): see ``__init__``."""
         return self._share
 
-    def at_capacity(self, name: str) -> ResourceExhausted | None:
-        """The refusal a request to ``name`` would get now for a full queue; None when it would
-        be routed or queued (or ``name`` is unknown here). Lets an ingress refuse before it
-        reads and parses the request."""
+    def at_capacity(self, name: str) -> ShoalError | None:
+        """The refusal a request to ``name`` would get now for a full queue (or a scheduler
+        shutting down); None when it would be routed or queued (or ``name`` is unknown here).
+        Lets an ingress refuse before it reads and parses the request."""
         dep = self._deployments.get(name)
-        if dep is None or dep.deleted or (not dep.waiting and self._pick(dep, set()) is not None):
+        if dep is None or dep.deleted:
+            return None
+        if self.draining:
+            return self._refusal()
+        if not dep.waiting and self._pick(dep, set()) is not None:
             return None
         return self._queue_full(dep)
 
@@ -630,7 +690,10 @@ class Router:
         last: ShoalError | None = None
         outcome = "error"
         streamed = False
+        self._active += 1
         try:
+            if self.draining:
+                raise self._refusal()
             for attempt in range(max(1, self.settings.request_attempts)):
                 if tried and not any(h.accepting and h.replica_id not in tried for h in dep.handles.values()):
                     await dep.changed.wait(min(RETRY_PAUSE_S, max(0.0, deadline - clock.now())), clock)
@@ -651,6 +714,8 @@ class Router:
                     outcome = "ok"
                     return
                 except (ReplicaGone, Unavailable) as err:
+                    if self._closed:
+                        raise self._refusal() from err
                     if streamed:
                         raise
                     last = err
@@ -675,6 +740,7 @@ class Router:
                 outcome = "ok"
             raise
         finally:
+            self._done()
             dep.stats.outcomes[outcome] += 1
             dep.stats.latency.observe(time.perf_counter() - started)
 

@@ -403,3 +403,42 @@ async def test_a_deployment_the_head_does_not_know_keeps_serving_from_local_repl
     add(router, fakes, make_spec(), "mine")
     await router.apply_table(RoutingTable(version=2))
     assert (await router.send("echo", x(1)))[1] == "mine"
+
+
+async def test_draining_refuses_new_requests_and_answers_those_admitted(
+    router: Router, fakes: FakeReplicas
+) -> None:
+    """Shutting down: one request running and two queued for the only replica all finish;
+    a request that comes after the drain began is refused at once. Before, the replica was
+    drained first and the queued ones waited for a replica that would never come."""
+    [a] = add(router, fakes, make_spec(max_ongoing_requests=1), "a")
+    opened = gate(a)
+    admitted = [asyncio.create_task(router.send("echo", x(i))) for i in range(3)]
+    await a.wait_for_requests(1)
+    await until(lambda: router.load()["echo"].queued == 2, "two queued")
+
+    drain = asyncio.create_task(router.drain(5.0))
+    await asyncio.sleep(0)
+    with pytest.raises(Unavailable, match=r"^the scheduler is shutting down: send the request again"):
+        await router.send("echo", x(9))
+    assert router.at_capacity("echo") is not None
+    assert not drain.done()
+
+    opened.set()
+    done = await asyncio.gather(*admitted)
+    assert [float(payload.to_arrays(out)["x"][0]) for out, _ in done] == [0.0, 1.0, 2.0]
+    assert await drain == 0
+
+
+async def test_requests_left_when_the_drains_grace_runs_out_are_refused(
+    router: Router, fakes: FakeReplicas
+) -> None:
+    [a] = add(router, fakes, make_spec(max_ongoing_requests=1), "a")
+    gate(a)  # never opened
+    admitted = [asyncio.create_task(router.send("echo", x(i))) for i in range(2)]
+    await a.wait_for_requests(1)
+
+    assert await router.drain(0.1) == 2
+    for task in admitted:
+        with pytest.raises(Unavailable, match=r"^the scheduler is shutting down and its grace of .* ran out"):
+            await task
