@@ -91,7 +91,18 @@ def head_unreachable(settings: Settings, cause: object, *, point: str, tls: str)
     """The one message for a head that does not answer, the CLI's and the Python API's: where
     it was looked for, why (``cause``), and how to start one or point at one. ``point``: how
     to give another address, ``tls``: how to give the certificate folder (said only when none
-    was given), each as the caller's user gives them (``--head`` on the command line)."""
+    was given), each as the caller's user gives them (``--head`` on the command line).
+    When the TLS handshake failed, a head answered: the message says what to check of the
+    certificates instead of how to start one."""
+    from shoal.rpc.tls import handshake_failed, tls_hint
+
+    if handshake_failed(str(cause)):
+        where = f" in {settings.tls_dir}" if settings.tls_dir else ""
+        return HeadUnreachable(
+            f"cannot reach the head at {settings.head_address}: {tls_hint(str(cause))}. A server "
+            f"answers there: give {tls} the folder of the cluster's certificates it was started "
+            f"with (this client used those{where}), or leave it out if that head runs without TLS"
+        )
     hint = "" if settings.tls_dir else f" If the cluster runs with TLS, give {tls}."
     return HeadUnreachable(
         f"cannot reach the head at {settings.head_address} ({cause}); is it running? "

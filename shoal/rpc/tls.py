@@ -74,10 +74,16 @@ def announce_transport(settings: Settings) -> None:
         log.info("plaintext on loopback (%s) only: no --tls-dir, so no other machine can join", settings.host)
 
 
+def handshake_failed(message: str) -> bool:
+    """A failed call's message says the TLS handshake failed (the server answered, with a
+    certificate this client does not trust, or asked for one it does not have)."""
+    low = message.lower()
+    return "handshake" in low or "certificate" in low or "ssl" in low
+
+
 def tls_hint(message: str) -> str:
     """A failed call's message, with what to check when it was the TLS handshake."""
-    low = message.lower()
-    if "handshake" in low or "certificate" in low or "ssl" in low:
+    if handshake_failed(message):
         return (
             f"{message} (TLS handshake failed: both sides need certificates from the same cluster CA "
             "in --tls-dir, and the server one of the role this client expects; certificates made "

@@ -120,3 +120,29 @@ async def test_the_head_talks_only_to_schedulers(tls: Path, role: str, expected:
             assert await reaches(lambda: client.remove_replica("r1", True)) is expected
         finally:
             await client.close()
+
+
+async def test_a_client_with_another_ca_is_told_about_certificates_not_to_start_a_head(
+    tls: Path, tmp_path: Path
+) -> None:
+    """Before: ``shoal --head ADDR status --tls-dir OTHER`` said ``... CERTIFICATE_VERIFY_FAILED
+    ...); is it running? Start one with 'shoal up' ...`` of a head that runs."""
+    from shoal.api import AsyncClient
+    from shoal.errors import HeadUnreachable
+
+    other = tmp_path / "other"
+    certs.init(other)
+    async with server_as(settings_for(tls), "head") as (address, _):
+        client = AsyncClient(
+            address, settings=Settings(head_address=address, tls_dir=str(other), rpc_attempts=1)
+        )
+        try:
+            with pytest.raises(HeadUnreachable) as err:
+                await client.status()
+        finally:
+            await client.close()
+    message = str(err.value)
+    assert message.startswith(f"cannot reach the head at {address}: ")
+    assert "TLS handshake failed" in message and "same cluster CA" in message
+    assert f"this client used those in {other}" in message
+    assert "Start one" not in message and "is it running" not in message
