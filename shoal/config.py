@@ -119,7 +119,8 @@ class Settings:
     whatever its size when nothing else is in flight, and requests of at most 64 KiB are
     never held back. 0: no limit."""
     shutdown_grace_s: float = 10.0
-    """On SIGTERM, how long in-flight work may take before processes are killed."""
+    """On SIGTERM, how long in-flight work may take before processes are killed: a scheduler's
+    requests admitted before the signal, then its replicas' drain, within it."""
     ingress_workers: int = 0
     """Processes that serve the scheduler's inference ports together (SO_REUSEPORT), each
     routing on its own: 0 is one per CPU, at most 4; 1 serves them from the scheduler's

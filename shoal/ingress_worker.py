@@ -106,9 +106,10 @@ async def run_ingress_worker(settings: Settings, control: str, worker_id: str, s
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    # Its scheduler stops it (SIGTERM), after the replicas have drained. Ctrl-C in a terminal
-    # reaches every process of the group, the workers too: before, they stopped at once,
-    # and the requests they held failed while the scheduler still drained.
+    # Its scheduler stops it (SIGTERM) before the replicas drain: it refuses new requests and
+    # answers those it admitted, then exits. Ctrl-C in a terminal reaches every process of the
+    # group, the workers too: before, they stopped at once, and the requests they held failed
+    # while the scheduler still drained.
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, lambda: None)
     await server.start()
@@ -118,6 +119,10 @@ async def run_ingress_worker(settings: Settings, control: str, worker_id: str, s
             running = tasks.create_task(worker.run())
             stopping = tasks.create_task(stop.wait())
             await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if stopping.done():
+                # Its table still comes (``running``): the replicas stay until these are answered.
+                log.info("ingress worker %s: refusing new requests, finishing those admitted", worker_id)
+                await worker.router.drain(settings.shutdown_grace_s)
             running.cancel()
             stopping.cancel()
     finally:

@@ -367,9 +367,10 @@ async def start_scheduler(
         )
         await workers.start()
         stack.push_async_callback(workers.aclose)
+        node.ingress_drains.append(workers.drain)
     blob_source.own_address = address
     node.start(address, http_address)
-    # Closed before the servers stop: replicas drain while ingress still answers.
+    # Closed before the servers stop: requests, then replicas, drain while ingress still answers.
     stack.push_async_callback(node.aclose)
     _write_endpoints(state_dir, scheduler=public, scheduler_http=http_address, scheduler_control=address)
     log.info(
@@ -492,6 +493,21 @@ class IngressWorkers:
             self.restarts += 1
             await self._spawn(worker_id)
 
+    async def drain(self, grace_s: float) -> None:
+        """Shutting down, before the replicas drain: each worker refuses new requests, answers
+        those it admitted (within ``grace_s``, its own ``shutdown_grace_s``), then exits.
+        Returns once they have exited, or ``grace_s`` + 2 s later (:meth:`aclose` kills those
+        left)."""
+        self._closing = True
+        procs = list(self._procs.values())
+        for proc in procs:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), grace_s + 2.0)
+        except TimeoutError:
+            log.warning("ingress workers still running %gs after they were told to stop", grace_s + 2.0)
+
     async def aclose(self) -> None:
         self._closing = True
         for proc in self._procs.values():
@@ -516,7 +532,7 @@ async def _serve(
     async with AsyncExitStack() as stack:
         await setup(stack)
         await stop.wait()
-        log.info("shutting down: draining replicas, then stopping")
+        log.info("shutting down: refusing new requests, finishing those admitted, draining replicas")
     log.info("stopped")
 
 

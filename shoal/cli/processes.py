@@ -43,7 +43,7 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--advertise-host", help="address other machines use to reach this one")
     p.add_argument("--log-format", choices=["text", "json"])
     p.add_argument("--log-level")
-    p.add_argument("--grace", type=float, help="seconds replicas may take to drain on shutdown")
+    p.add_argument("--grace", type=float, help="seconds a shutdown may take (requests, then replicas)")
     p.add_argument("--tls-dir", help="certificate folder (shoal certs init): mutual TLS, HTTPS")
     p.add_argument(
         "--insecure",

@@ -282,7 +282,7 @@ class IngressWorker:
         self.router = Router(
             scheduler_id, settings, replica_client, share=ingress_processes(settings), table_only=True
         )
-        self.catalog = ModelCatalog(self.router, ready=self.registered.is_set, totals=self.refresh)
+        self.catalog = ModelCatalog(self.router, ready=self._ready, totals=self.refresh)
         self.dataplane = DataPlane(self.router, self.catalog, settings)
         self.inference_auth = InferenceAuth(self._spec_of)
         self._last_contact = 0.0
@@ -292,6 +292,9 @@ class IngressWorker:
             return self.router.spec(deployment)
         except ShoalError:
             return None
+
+    def _ready(self) -> bool:
+        return self.registered.is_set() and not self.router.draining
 
     async def refresh(self) -> dict[str, Counts]:
         """Report this worker's counts now; every process's, summed."""

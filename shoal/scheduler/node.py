@@ -9,7 +9,7 @@ import os
 import re
 import secrets
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import psutil
@@ -141,6 +141,9 @@ class SchedulerNode:
             gpus=GpuPool(devices),
         )
         self._tasks = TaskSet(f"scheduler {scheduler_id}")
+        # The drains of this scheduler's other ingress processes (``shoal.run.IngressWorkers``):
+        # each refuses new requests and returns once those it admitted are answered.
+        self.ingress_drains: list[Callable[[float], Awaitable[object]]] = []
         self.registered = asyncio.Event()
         self.on_registered: Callable[[], None] = lambda: None  # after each registration
         # Set when the head refused this scheduler's id (another live scheduler holds it):
@@ -148,10 +151,13 @@ class SchedulerNode:
         self.refused: AlreadyExists | None = None
         self.on_refused: Callable[[], None] = lambda: None
         # One catalog and one door behind every ingress: statistics count every door.
-        self.catalog = ModelCatalog(self.router, ready=self.registered.is_set, totals=self._totals)
+        self.catalog = ModelCatalog(self.router, ready=self._ready, totals=self._totals)
         self.dataplane = DataPlane(self.router, self.catalog, settings)
         # Inference tokens per deployment, from the head's routing tables.
         self.inference_auth = InferenceAuth(self._spec_of)
+
+    def _ready(self) -> bool:
+        return self.registered.is_set() and not self.router.draining
 
     def _table_changed(self) -> None:
         self.table_version += 1
@@ -262,9 +268,19 @@ class SchedulerNode:
             backoff = min(backoff * 2, 1.0)
 
     async def aclose(self, grace_s: float | None = None) -> None:
-        """Drain and stop every replica, then stop talking to the head."""
+        """Shut down within ``grace_s`` (``shutdown_grace_s``): take no new replica and refuse
+        new requests (every ingress process), let the requests admitted finish, then drain and
+        stop every replica, then stop talking to the head.
+
+        Requests before replicas: a replica drained while requests were still queued in a
+        router for it left them waiting for a replica that would never come (the HTTP server
+        then cancelled them: 500). A request not answered when the grace runs out is refused
+        (Unavailable, ``the scheduler is shutting down``)."""
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
-        await self.supervisor.aclose(grace)
+        started = self.clock.now()
+        self.supervisor.stop_creating()
+        await asyncio.gather(self.router.drain(grace), *(drain(grace) for drain in self.ingress_drains))
+        await self.supervisor.aclose(max(0.0, grace - (self.clock.now() - started)))
         # One last health update so the head learns the replicas are gone; not from a
         # scheduler the head refused: that id's updates are the other scheduler's.
         if self.refused is None:

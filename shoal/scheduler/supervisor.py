@@ -416,8 +416,9 @@ class ReplicaSupervisor:
                 self.gpus.describe(gpu),
             )
 
-    async def remove(self, replica_id: str, *, graceful: bool) -> bool:
-        """Stop a replica: drain it first when ``graceful``. Returns False if unknown."""
+    async def remove(self, replica_id: str, *, graceful: bool, grace_s: float | None = None) -> bool:
+        """Stop a replica: drain it first when ``graceful``, for ``grace_s`` (default
+        ``shutdown_grace_s``). Returns False if unknown."""
         async with self.lock:
             rep = self.registry.get(replica_id)
             if rep is None:
@@ -429,11 +430,11 @@ class ReplicaSupervisor:
             self.version += 1
         self.router.retire(replica_id)
         self._on_change()
-        self._tasks.spawn(self._stop(rep, graceful=graceful), f"stop-{replica_id}")
+        self._tasks.spawn(self._stop(rep, graceful=graceful, grace_s=grace_s), f"stop-{replica_id}")
         return True
 
-    async def _stop(self, rep: LocalReplica, *, graceful: bool) -> None:
-        grace = self.settings.shutdown_grace_s if graceful else 0.0
+    async def _stop(self, rep: LocalReplica, *, graceful: bool, grace_s: float | None = None) -> None:
+        grace = (self.settings.shutdown_grace_s if grace_s is None else grace_s) if graceful else 0.0
         if graceful and rep.address:
             client = self._client_factory(rep.address)
             try:
@@ -684,13 +685,17 @@ class ReplicaSupervisor:
 
     # ------------------------------------------------------------ shutdown
 
+    def stop_creating(self) -> None:
+        """Shutting down: :meth:`create` refuses from now on; the replicas running go on."""
+        self._closing = True
+
     async def aclose(self, grace_s: float) -> None:
         """Drain every replica (up to ``grace_s``), kill what is left, stop all tasks."""
         async with self.lock:
             self._closing = True
             reps = list(self.registry.values())
         for rep in reps:
-            await self.remove(rep.id, graceful=grace_s > 0)
+            await self.remove(rep.id, graceful=grace_s > 0, grace_s=grace_s)
         if reps:
             waits = [r.process.wait() for r in reps]
             if not await self.clock.wait(asyncio.gather(*waits), grace_s + 3.0):

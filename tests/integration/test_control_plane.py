@@ -249,13 +249,14 @@ async def test_sigterm_to_a_scheduler_drains_its_replicas_then_exits(tmp_path: P
             pending = asyncio.create_task(client.infer("echo", {"x": X}, timeout_s=30))
             await until(lambda: entered(folder), "the request in the model", timeout_s=20)
             sched.signal(signal.SIGTERM)
-            log = replica_log(cluster, replica["id"])
-            await until(lambda: "stopping" in log.read_text(), "the replica told to drain")
+            # The request first (it was admitted), then the replica: it is told to drain after.
+            await until(lambda: "shutting down" in sched.log.read_text(), "the scheduler taking the signal")
             assert not pending.done()
             release(folder)
             out, _ = await pending
         np.testing.assert_array_equal(out["x"], X)
         assert await asyncio.to_thread(sched.wait, 30) == 0
+        assert "stopping" in replica_log(cluster, replica["id"]).read_text()
         assert not alive(replica["pid"])
         assert "stopped" in sched.log.read_text()
 
@@ -264,11 +265,11 @@ async def test_sigterm_to_a_scheduler_lets_http_requests_in_flight_finish(tmp_pa
     """Before: uvicorn took the signal itself, gave requests in flight 2 s and answered
     them 500 while their replica still drained."""
     folder = tmp_path / "gate"
-    # The replicas' grace (3 s in test clusters) must outlast the wait past uvicorn's 2 s.
+    # The grace (3 s in test clusters) must outlast the wait past uvicorn's 2 s.
     env = {"SHOAL_INGRESS_WORKERS": "1", "SHOAL_SHUTDOWN_GRACE_S": "20"}
     async with ProcessCluster(tmp_path, env=env) as cluster:
         await cluster.deploy(gated(folder))
-        (replica,) = await cluster.wait_ready("echo", 1)
+        await cluster.wait_ready("echo", 1)
         sched = cluster.schedulers[0]
         body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 16], "data": X.ravel().tolist()}]}
         async with httpx.AsyncClient(timeout=60) as client:
@@ -277,8 +278,7 @@ async def test_sigterm_to_a_scheduler_lets_http_requests_in_flight_finish(tmp_pa
             pending = asyncio.create_task(client.post(url, json=body))
             await until(lambda: entered(folder), "the request in the model", timeout_s=20)
             sched.signal(signal.SIGTERM)
-            log = replica_log(cluster, replica["id"])
-            await until(lambda: "stopping" in log.read_text(), "the replica told to drain")
+            await until(lambda: "shutting down" in sched.log.read_text(), "the scheduler taking the signal")
             await asyncio.sleep(3)  # past uvicorn's own 2 s of grace
             assert not pending.done()
             release(folder)
