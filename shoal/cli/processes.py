@@ -293,6 +293,12 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
 def cmd_down(args: argparse.Namespace) -> int:
     """SIGTERM every shoal process that runs with this state folder, and wait for each to exit."""
     settings = settings_of(args)
+    if getattr(args, "head", None):
+        print(
+            f"shoal down stops the processes started on this machine with a state folder, not the "
+            f"head at --head {args.head}: looking in {Path(settings.state_dir).resolve()} (--state)",
+            flush=True,
+        )
     found = [(role, proc) for role in ROLES if (proc := running(pid_file(settings.state_dir, role)))]
     for role in ROLES:
         path = pid_file(settings.state_dir, role)
@@ -370,4 +376,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     )
     p.add_argument("--state", help="state folder (default ./.shoal)")
     p.add_argument("--timeout", type=seconds, help="seconds to wait (default: shutdown_grace_s + 15)")
+    # Taken, as by every command, so that 'shoal down --head H' is not a usage error; down
+    # finds its processes by state folder, and says so (cmd_down).
+    add_head_flag(p)
     p.set_defaults(fn=cmd_down)

@@ -394,6 +394,26 @@ def test_down_with_nothing_running_says_so(tmp_path: Path, capsys: pytest.Captur
     assert not pid_file(tmp_path, "up").exists()
 
 
+@pytest.mark.parametrize("where", ["after", "before"])
+def test_down_takes_head_and_says_it_works_by_state_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    """Before: 'shoal down --head H' was a usage error (unrecognized arguments: --head),
+    though the docs say --head is taken before or after any command."""
+    head = ["--head", "127.0.0.1:8470"]
+    argv = (
+        [*head, "down", "--state", str(tmp_path)]
+        if where == "before"
+        else ["down", *head, "--state", str(tmp_path)]
+    )
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 0
+    out = capsys.readouterr().out
+    assert f"not the head at --head 127.0.0.1:8470: looking in {tmp_path.resolve()} (--state)" in out
+    assert "nothing to stop" in out
+
+
 # ------------------------------------------------------------------ deploy, as the user sees it
 
 
