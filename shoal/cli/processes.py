@@ -294,11 +294,7 @@ def cmd_down(args: argparse.Namespace) -> int:
     """SIGTERM every shoal process that runs with this state folder, and wait for each to exit."""
     settings = settings_of(args)
     if getattr(args, "head", None):
-        print(
-            f"shoal down stops the processes started on this machine with a state folder, not the "
-            f"head at --head {args.head}: looking in {Path(settings.state_dir).resolve()} (--state)",
-            flush=True,
-        )
+        _check_down_head(args.head, Path(settings.state_dir))
     found = [(role, proc) for role in ROLES if (proc := running(pid_file(settings.state_dir, role)))]
     for role in ROLES:
         path = pid_file(settings.state_dir, role)
@@ -322,6 +318,31 @@ def cmd_down(args: argparse.Namespace) -> int:
         raise FailedPrecondition(f"still running after {timeout:g}s: pid {pids} ('kill -9 {pids}' forces it)")
     print("stopped")
     return 0
+
+
+def _check_down_head(head: str, state_dir: Path) -> None:
+    """``shoal down --head H`` stops the cluster of ``state_dir`` only if H is its head: down
+    works by state folder, and stopping this machine's cluster for another head's address
+    would stop the wrong one."""
+    try:
+        ours = str(json.loads((state_dir / "endpoints.json").read_text())["head"])
+    except (OSError, ValueError, KeyError, TypeError):
+        ours = ""
+    if ours and _same_address(ours, head):
+        return
+    where = f"whose head is at {ours}" if ours else "where no head has run"
+    raise FailedPrecondition(
+        f"shoal down stops what runs on this machine with a state folder ({state_dir.resolve()}, "
+        f"{where}), not the head at --head {head}: run 'shoal down --state DIR' on that head's "
+        "machine, or leave --head out"
+    )
+
+
+def _same_address(a: str, b: str) -> bool:
+    """``host:port`` strings naming one listener, loopback names taken as one."""
+    loopback = {"127.0.0.1", "localhost", "::1", "[::1]", "0.0.0.0"}
+    (ha, _, pa), (hb, _, pb) = a.rpartition(":"), b.rpartition(":")
+    return pa == pb and (ha == hb or (ha in loopback and hb in loopback))
 
 
 def _wait_gone(procs: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:

@@ -395,23 +395,34 @@ def test_down_with_nothing_running_says_so(tmp_path: Path, capsys: pytest.Captur
 
 
 @pytest.mark.parametrize("where", ["after", "before"])
-def test_down_takes_head_and_says_it_works_by_state_folder(
+def test_down_with_another_heads_address_is_refused_naming_the_state_folder(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str
 ) -> None:
-    """Before: 'shoal down --head H' was a usage error (unrecognized arguments: --head),
-    though the docs say --head is taken before or after any command."""
-    head = ["--head", "127.0.0.1:8470"]
-    argv = (
-        [*head, "down", "--state", str(tmp_path)]
-        if where == "before"
-        else ["down", *head, "--state", str(tmp_path)]
-    )
+    """down works by state folder: given the address of a head that is not this folder's,
+    stopping this machine's cluster would stop the wrong one. Before: after the command a
+    usage error (unrecognized arguments: --head), before it silently ignored."""
+    (tmp_path / "endpoints.json").write_text(json.dumps({"head": "127.0.0.1:9470"}))
+    head = ["--head", "10.0.0.7:8470"]
+    argv = [*head, "down", "--state", str(tmp_path)] if where == "before" else ["down", *head]
+    argv += [] if where == "before" else ["--state", str(tmp_path)]
     with pytest.raises(SystemExit) as exit:
         main(argv)
+    assert exit.value.code == 1
+    err = capsys.readouterr().err
+    assert (
+        f"({tmp_path.resolve()}, whose head is at 127.0.0.1:9470), not the head at --head 10.0.0.7:8470"
+        in err
+    )
+
+
+def test_down_with_its_own_heads_address_stops_as_without_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "endpoints.json").write_text(json.dumps({"head": "127.0.0.1:9470"}))
+    with pytest.raises(SystemExit) as exit:
+        main(["down", "--head", "localhost:9470", "--state", str(tmp_path)])
     assert exit.value.code == 0
-    out = capsys.readouterr().out
-    assert f"not the head at --head 127.0.0.1:8470: looking in {tmp_path.resolve()} (--state)" in out
-    assert "nothing to stop" in out
+    assert "nothing to stop" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------ deploy, as the user sees it
