@@ -15,6 +15,9 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
+
+import psutil
 
 from shoal import aio, logs
 from shoal.config import Settings
@@ -33,12 +36,36 @@ from shoal.rpc.tls import server_credentials
 log = logging.getLogger("shoal.replica")
 
 
-async def run_replica(settings: Settings, replica_id: str, scheduler: str, spec: DeploymentSpec) -> int:
+def process_runs(pid: int) -> Callable[[], bool] | None:
+    """Whether process ``pid`` (the one running now, not a later one given its number) still
+    runs; None when ``pid`` is 0 or already gone."""
+    try:
+        started = psutil.Process(pid).create_time() if pid > 0 else None
+    except psutil.Error:
+        started = None
+    if started is None:
+        return None
+
+    def runs() -> bool:
+        try:
+            proc = psutil.Process(pid)
+            return proc.create_time() == started and proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    return runs
+
+
+async def run_replica(
+    settings: Settings, replica_id: str, scheduler: str, spec: DeploymentSpec, scheduler_pid: int = 0
+) -> int:
     """One replica process: load the model, serve the scheduler, report, drain on the way out."""
     link = ReplicaSchedulerLink(scheduler, settings)
     # Other deployments, for a model that calls them: through this machine's scheduler.
     caller = NativeClient(scheduler, settings)
-    replica = ReplicaProcess(replica_id, spec, settings, link, caller=caller)
+    replica = ReplicaProcess(
+        replica_id, spec, settings, link, caller=caller, scheduler_runs=process_runs(scheduler_pid)
+    )
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -97,12 +124,16 @@ def main() -> None:
     parser.add_argument("--scheduler", required=True, help="the scheduler's gRPC address")
     parser.add_argument("--spec-file", required=True)
     parser.add_argument("--settings-json", default="{}")
+    parser.add_argument(
+        "--scheduler-pid", type=int, default=0, help="the scheduler's process on this machine (0: unknown)"
+    )
     args = parser.parse_args()
     settings = Settings.load(env={}, flags=json.loads(args.settings_json))
     logs.setup(settings.log_format, settings.log_level, component=f"replica {args.replica_id}")
     with open(args.spec_file) as f:
         spec = parse_spec_json(f.read())
-    sys.exit(aio.run(run_replica(settings, args.replica_id, args.scheduler, spec), settings.event_loop))
+    replica = run_replica(settings, args.replica_id, args.scheduler, spec, args.scheduler_pid)
+    sys.exit(aio.run(replica, settings.event_loop))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, Protocol
 
 from shoal.backends import load_backend
@@ -27,6 +27,11 @@ from shoal.types import Arrays, GenerateChunk, GenerateRequest, ReplicaDescripti
 
 log = logging.getLogger("shoal.replica")
 
+#: How many times ``orphan_after_s`` a replica waits for a scheduler whose process still runs
+#: but does not answer (a flood of requests starving its event loop, a CPU-starved machine)
+#: before it leaves: a scheduler that is gone is left after ``orphan_after_s``, as before.
+BUSY_SCHEDULER_FACTOR = 6
+
 
 class SchedulerLink(Protocol):
     async def register(self, replica_id: str, address: str, pid: int) -> tuple[bool, float]: ...
@@ -44,8 +49,13 @@ class ReplicaProcess:
         *,
         clock: Clock | None = None,
         caller: DeploymentCaller | None = None,
+        scheduler_runs: Callable[[], bool] | None = None,
     ) -> None:
+        """``scheduler_runs``: whether the scheduler's process still runs (None: not known).
+        A scheduler that runs but answers late (its loop starved by a flood of requests) is
+        given ``BUSY_SCHEDULER_FACTOR`` times ``orphan_after_s`` before this replica leaves."""
         self.id = replica_id
+        self._scheduler_runs = scheduler_runs
         self.clock: Clock = clock or SystemClock()
         self.spec = spec
         self.settings = settings
@@ -308,6 +318,7 @@ class ReplicaProcess:
         self.state = READY
         interval = interval or self.settings.replica_health_interval_s
         last_ok = self.clock.now()
+        warned = False  # that the scheduler runs but does not answer
         while not self._stop.is_set():
             if await self.clock.wait(self._stop.wait(), interval):
                 break
@@ -315,11 +326,25 @@ class ReplicaProcess:
                 ack = await self.link.health(self.id, self.state, self.in_flight, self.queued)
             except ShoalError as err:
                 silent = self.clock.now() - last_ok
-                if silent >= self.settings.orphan_after_s:
-                    self.exit_reason = f"scheduler unreachable for {silent:.1f}s ({err}); no orphans"
-                    self._grace_s = min(self._grace_s, 1.0)
-                    return
-                continue
+                if silent < self.settings.orphan_after_s:
+                    continue
+                busy = self._scheduler_runs is not None and self._scheduler_runs()
+                if busy and silent < self.settings.orphan_after_s * BUSY_SCHEDULER_FACTOR:
+                    if not warned:
+                        warned = True
+                        log.warning(
+                            "scheduler has not answered for %.1fs (%s), but its process runs: "
+                            "serving on for up to %.0fs",
+                            silent,
+                            err,
+                            self.settings.orphan_after_s * BUSY_SCHEDULER_FACTOR,
+                        )
+                    continue
+                why = "its process runs but does not answer" if busy else "no orphans"
+                self.exit_reason = f"scheduler unreachable for {silent:.1f}s ({err}); {why}"
+                self._grace_s = min(self._grace_s, 1.0)
+                return
+            warned = False
             last_ok = self.clock.now()
             if not ack:
                 self.exit_reason = "NACKed by the scheduler"

@@ -346,6 +346,9 @@ class ReplicaSupervisor:
             str(spec_path),
             "--settings-json",
             json.dumps(settings),
+            # A replica gives a scheduler whose process runs longer to answer (shoal.replica.process).
+            "--scheduler-pid",
+            str(os.getpid()),
         ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.gpus.environment(gpu)}
         with open(log_path, "ab") as out:

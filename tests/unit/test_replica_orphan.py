@@ -5,6 +5,9 @@ and at once when the scheduler NACKs it."""
 from __future__ import annotations
 
 import asyncio
+import functools
+import subprocess
+import sys
 
 import pytest
 
@@ -12,7 +15,8 @@ from shoal.config import Settings
 from shoal.core.clock import FakeClock
 from shoal.core.spec import parse_spec
 from shoal.errors import Unavailable
-from shoal.replica.process import ReplicaProcess
+from shoal.replica.process import BUSY_SCHEDULER_FACTOR, ReplicaProcess
+from shoal.replica_main import process_runs
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -84,3 +88,42 @@ async def test_a_scheduler_back_in_time_keeps_the_replica() -> None:
     await heartbeat(clock, run)
     await asyncio.wait_for(run, 2.0)
     assert replica.exit_reason == "NACKed by the scheduler"
+
+
+async def test_a_scheduler_whose_process_runs_but_does_not_answer_is_given_longer() -> None:
+    """A flood of requests on the scheduler's port starved its event loop for 6 s: replicas of
+    every deployment left as orphans though their scheduler ran. Now they wait for a scheduler
+    that runs BUSY_SCHEDULER_FACTOR times longer, and one that is gone orphans them as before."""
+    for runs in (True, False):
+        clock = FakeClock()
+        scheduler = Scheduler()
+        settings = Settings(orphan_after_s=3.0)
+        alive = functools.partial(bool, runs)
+        replica = ReplicaProcess("echo-1", SPEC, settings, scheduler, clock=clock, scheduler_runs=alive)
+        run = asyncio.create_task(replica.run("127.0.0.1:1", 1))
+        await heartbeat(clock, run)  # answered at t=1
+        scheduler.reachable = False
+        beats = 0
+        while not run.done() and beats < 60:
+            await heartbeat(clock, run)
+            beats += 1
+        await asyncio.wait_for(run, 2.0)
+        silent = 3.0 * BUSY_SCHEDULER_FACTOR if runs else 3.0
+        assert beats == silent
+        why = "its process runs but does not answer" if runs else "no orphans"
+        assert (
+            replica.exit_reason == f"scheduler unreachable for {silent:.1f}s (scheduler unreachable); {why}"
+        )
+
+
+def test_process_runs_knows_a_process_from_a_later_one_of_its_number() -> None:
+    assert process_runs(0) is None
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        runs = process_runs(child.pid)
+        assert runs is not None and runs()
+    finally:
+        child.kill()
+        child.wait()
+    assert not runs()
+    assert process_runs(child.pid) is None  # gone before it was watched
