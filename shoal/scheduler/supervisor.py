@@ -329,6 +329,10 @@ class ReplicaSupervisor:
             "tls_dir": str(Path(self.settings.tls_dir).resolve()) if self.settings.tls_dir else "",
             "insecure": self.settings.insecure,
             "max_concurrent_streams": self.settings.max_concurrent_streams,
+            # Its gRPC server's connection limits, as the scheduler's (shoal.rpc.server).
+            "grpc_handshake_timeout_s": self.settings.grpc_handshake_timeout_s,
+            "grpc_idle_timeout_s": self.settings.grpc_idle_timeout_s,
+            "grpc_max_connections": self.settings.grpc_max_connections,
             # The local hop: where to put its socket (the scheduler's hop folder).
             "data_plane": self.settings.data_plane,
             "hop_dir": self.settings.hop_dir,

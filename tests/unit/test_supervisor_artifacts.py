@@ -156,6 +156,16 @@ async def test_the_replica_may_read_the_cached_copy_when_model_dirs_are_restrict
         assert dirs == [str(allowed.resolve()), str(model.parent.resolve())]
 
 
+async def test_the_replica_gets_the_schedulers_grpc_connection_limits(tmp_path: Path) -> None:
+    limits = {"grpc_handshake_timeout_s": 3.0, "grpc_idle_timeout_s": 60.0, "grpc_max_connections": 64}
+    async with harness(tmp_path, **limits) as h:
+        await h.supervisor.create("iris-1", make_spec("iris"))
+        await until(lambda: "iris-1" in h.launcher.processes, "the replica's launch")
+        given = h.launched_settings("iris-1")
+        assert {k: given[k] for k in limits} == limits
+        assert Settings.load(env={}, flags=given).grpc_max_connections == 64
+
+
 def test_shoal_status_shows_a_downloading_replicas_progress() -> None:
     replica = {
         "id": "iris-1",
