@@ -354,7 +354,7 @@ async def test_ingress_limits_and_tokens(
             # Body over max_message_mb: 400 naming the setting (ingress and head REST alike).
             big = b"\0" * (1024 * 1024 + 10)
             r = await web.post("/v2/models/open/infer", content=big)
-            assert r.status_code == 400 and "setting max_message_mb" in r.json()["error"]
+            assert r.status_code == 413 and "setting max_message_mb" in r.json()["error"]
             # Too many elements: 400 naming the setting, before the buffers are decoded.
             doc = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1001], "data": [0.0] * 1001}]}
             r = await web.post("/v2/models/open/infer", json=doc)
