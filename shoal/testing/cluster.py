@@ -90,14 +90,19 @@ class Component:
         )
         out.close()
         deadline = time.monotonic() + 30
-        while True:
-            doc = _wait_file(ep, self.proc, self.log)
-            if all(k in doc for k in keys):
-                self.endpoints = doc
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.name} did not report {keys}")
-            time.sleep(0.05)
+        try:
+            while True:
+                doc = _wait_file(ep, self.proc, self.log)
+                if all(k in doc for k in keys):
+                    self.endpoints = doc
+                    return
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.name} did not report {keys}")
+                time.sleep(0.05)
+        except BaseException:
+            # Not started as asked (a slow machine, a crash): nothing of it may outlive the test.
+            self.kill_all()
+            raise
 
     @property
     def pid(self) -> int:
@@ -175,7 +180,11 @@ class ProcessCluster:
         self._pids_seen: set[int] = set()
 
     async def __aenter__(self) -> ProcessCluster:
-        await asyncio.to_thread(self.start)
+        try:
+            await asyncio.to_thread(self.start)
+        except BaseException:
+            await self.close()  # the head (and schedulers) that did start: no process left over
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -256,3 +256,15 @@ async def test_unknown_deployment_and_bad_input_are_clear_errors(tmp_path: Path,
         # The replica that refused the bad request still serves.
         out, _ = await cluster.send("echo", {"x": np.ones((2, 16), dtype=np.float32)})
         assert out["x"].shape == (2, 16)
+
+
+async def test_a_cluster_that_does_not_start_leaves_no_process(tmp_path: Path) -> None:
+    """A scheduler that cannot start (here a flag it does not take; on a loaded machine, one
+    slower than the wait) failed the test and left its head running, reparented to init:
+    ``async with`` never reached its exit."""
+    cluster = ProcessCluster(tmp_path, scheduler_args=[["--no-such-flag"]])
+    with pytest.raises(RuntimeError, match="process exited"):
+        async with cluster:
+            pass
+    assert cluster.head is not None and cluster.head.proc is not None
+    assert not cluster.head.alive()
