@@ -20,18 +20,18 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 # What the tests need from Debian: headless Chromium for the dashboard test,
 # iproute2/iptables for the multi-host tests, etcd for the etcd store and standby
-# heads. Installed when missing and root; the tests that need them skip, saying why,
+# heads, curl for the docs' curl examples. Installed when missing and root; the tests that need them skip, saying why,
 # elsewhere (under CI=true the etcd tests fail instead). A policy-rc.d that refuses
 # keeps Debian from starting an etcd service on port 2379: tests start their own.
-SYSTEM_TOOLS := /usr/bin/chromium /usr/bin/chromedriver /usr/sbin/ip /usr/sbin/iptables /usr/bin/etcd
+SYSTEM_TOOLS := /usr/bin/chromium /usr/bin/chromedriver /usr/sbin/ip /usr/sbin/iptables /usr/bin/etcd /usr/bin/curl
 system-deps:
 	@missing=0; for f in $(SYSTEM_TOOLS); do [ -e $$f ] || missing=1; done; \
 	if [ $$missing = 1 ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		echo "installing chromium, chromium-driver, iproute2, iptables, etcd-server (Debian packages)"; \
+		echo "installing chromium, chromium-driver, iproute2, iptables, curl, etcd-server (Debian packages)"; \
 		policy=0; if [ ! -e /usr/sbin/policy-rc.d ]; then \
 			printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; policy=1; fi; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-			chromium chromium-driver iproute2 iptables >/dev/null && \
+			chromium chromium-driver iproute2 iptables curl >/dev/null && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends etcd-server >/dev/null; \
 		status=$$?; [ $$policy = 1 ] && rm -f /usr/sbin/policy-rc.d; exit $$status; \
 	fi

@@ -89,6 +89,13 @@ class Component:
             start_new_session=True,
         )
         out.close()
+        self._wait_started(keys)
+
+    def _wait_started(self, keys: tuple[str, ...]) -> None:
+        """Wait until the started process writes ``keys`` to its endpoints.json; when it does
+        not (a slow machine, a crash), kill it: nothing of it may outlive the test."""
+        assert self.proc is not None
+        ep = self.state / "endpoints.json"
         deadline = time.monotonic() + 30
         try:
             while True:
@@ -100,7 +107,6 @@ class Component:
                     raise TimeoutError(f"{self.name} did not report {keys}")
                 time.sleep(0.05)
         except BaseException:
-            # Not started as asked (a slow machine, a crash): nothing of it may outlive the test.
             self.kill_all()
             raise
 

@@ -7,11 +7,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from shoal.testing.cluster import Component, ProcessCluster, _wait_file
+from shoal.testing.cluster import Component, ProcessCluster
 from shoal.testing.netns.hosts import Host, Hosts
 
 
@@ -38,15 +37,7 @@ class NsComponent(Component):
                 env=self.env,
                 start_new_session=True,
             )
-        deadline = time.monotonic() + 30
-        while True:
-            doc = _wait_file(ep, self.proc, self.log)
-            if all(k in doc for k in keys):
-                self.endpoints = doc
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.name} did not report {keys}")
-            time.sleep(0.05)
+        self._wait_started(keys)
 
 
 class NetCluster(ProcessCluster):
