@@ -509,3 +509,12 @@ async def test_rest_models_health_and_errors(http: httpx.AsyncClient) -> None:
     assert [m["name"] for m in stats] == ["echo"]
     index = (await http.post("/v2/repository/index", json={"ready": True})).json()
     assert index == [{"name": "echo", "version": "1", "state": "READY", "reason": ""}]
+
+
+async def test_the_classification_extension_is_refused_naming_it(http: httpx.AsyncClient) -> None:
+    """docs/triton.md: asking for an output's top k (Triton's classification extension) is
+    400, not an answer that ignores it."""
+    outputs = [{"name": "x", "parameters": {"classification": 2}}]
+    r = await http.post("/v2/models/echo/infer", json=infer_doc(outputs=outputs))
+    assert r.status_code == 400
+    assert r.json()["error"] == "output 'x': the classification extension is not supported"
