@@ -8,6 +8,12 @@ within ``header_timeout_s`` of opening or of its first byte after an answer (els
 close), may sit idle between requests ``idle_timeout_s`` (then it is closed), and past
 ``max_connections`` open connections in this process a new one gets 503 and is closed at
 once, while those already open are served as before.
+
+Under TLS shoal accepts connections itself (:meth:`HttpServer._accept_tls`) rather than
+leaving it to the event loop's server: a connection whose first byte does not open a TLS
+handshake gets an unencrypted 400 saying the port speaks HTTPS (the handshake alone failed
+on it, and the client read an empty reply), a handshake must end within
+``header_timeout_s``, and connections in their handshake count toward ``max_connections``.
 """
 
 from __future__ import annotations
@@ -703,6 +709,28 @@ class _Server(uvicorn.Server):
         yield
 
 
+#: The first byte of a TLS connection: a handshake record.
+_TLS_HANDSHAKE = b"\x16"
+#: A TLS handshake's limit when ``header_timeout_s`` is 0 (the event loop's default).
+_HANDSHAKE_S = 60.0
+
+
+def _answer_plain(conn: socket.socket, port: int) -> None:
+    """Answer a plain-HTTP request on an HTTPS port: 400, unencrypted, and close. What it
+    sent is read first (up to 64 KiB): closing with it unread would reset the connection,
+    and the client might lose the answer."""
+    with contextlib.suppress(OSError):
+        conn.recv(65536)
+        conn.send(
+            _raw_answer(
+                "400 Bad Request",
+                f"port {port} speaks HTTPS and the request came as plain HTTP: use https://",
+            )
+        )
+        conn.shutdown(socket.SHUT_WR)
+    conn.close()
+
+
 class HttpServer:
     """uvicorn on a socket we bind ourselves, so port 0 works and the port is known."""
 
@@ -756,15 +784,118 @@ class HttpServer:
             ssl_cert_reqs=ssl.CERT_OPTIONAL if tls is not None else ssl.CERT_NONE,
         )
         self.server = _Server(config)
+        self._limits = limits or HttpLimits()
         self._task: asyncio.Task[None] | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        # Under TLS: connections waiting for their first byte (with their timers), and those
+        # in their handshake.
+        self._sniffing: dict[socket.socket, asyncio.TimerHandle] = {}
+        self._handshakes: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self.server.serve(sockets=[self.sock]), name="http")
+        tls = self.scheme == "https"
+        # Under TLS uvicorn gets no socket: _accept_tls accepts, and hands it each connection.
+        self._task = asyncio.create_task(self.server.serve(sockets=[] if tls else [self.sock]), name="http")
         while not self.server.started and not self._task.done():
             await asyncio.sleep(0.01)
+        if tls and self.server.started:
+            self.sock.setblocking(False)
+            self.sock.listen(self.server.config.backlog)  # connecting works once start returns
+            self._accepting = asyncio.create_task(self._accept_tls(), name="https-accept")
 
     async def stop(self) -> None:
+        if self._accepting is not None:
+            self._accepting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accepting
+        for conn, timer in list(self._sniffing.items()):
+            timer.cancel()
+            self._forget_sniffing(conn)
+            conn.close()
+        for handshake in list(self._handshakes):
+            handshake.cancel()
         self.server.should_exit = True
         if self._task is not None:
             await self._task
         self.sock.close()
+
+    # -- HTTPS: shoal's own accept loop ------------------------------------------------
+
+    async def _accept_tls(self) -> None:
+        """Accept HTTPS connections and look at each one's first byte before its handshake
+        (:meth:`_sniff`). Why not the event loop's TLS server: a plain-HTTP request to it
+        failed the handshake and the client read an empty reply, with no word of why."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(self.sock)
+            except OSError as err:  # out of file descriptors, say: the loop's server waits too
+                log.warning("HTTPS port %d cannot accept a connection: %s", self.port, err)
+                await asyncio.sleep(0.1)
+                continue
+            cap = self._limits.max_connections
+            if cap > 0 and len(self._sniffing) + len(self._handshakes) >= cap:
+                conn.close()  # as many as the cap still in their handshake: nothing to answer in
+                continue
+            self._sniff(conn)
+
+    def _sniff(self, conn: socket.socket) -> None:
+        """Wait for ``conn``'s first byte, unread: a TLS record (a handshake starts with byte
+        22) goes on to the handshake; anything else is answered 400 in plain text. A
+        connection that sends nothing within ``header_timeout_s`` is closed."""
+        loop = asyncio.get_running_loop()
+        conn.setblocking(False)
+        fd = conn.fileno()
+
+        def readable() -> None:
+            self._forget_sniffing(conn)
+            try:
+                first = conn.recv(1, socket.MSG_PEEK)
+            except OSError:
+                first = b""
+            if not first:  # closed or broken before a byte came
+                conn.close()
+            elif first == _TLS_HANDSHAKE:
+                handshake = loop.create_task(self._handshake(conn))
+                self._handshakes.add(handshake)
+                handshake.add_done_callback(self._handshakes.discard)
+            else:
+                _answer_plain(conn, self.port)
+
+        def expire() -> None:
+            self._forget_sniffing(conn)
+            conn.close()
+
+        timeout = self._limits.header_timeout_s
+        self._sniffing[conn] = loop.call_later(timeout if timeout > 0 else _HANDSHAKE_S, expire)
+        loop.add_reader(fd, readable)
+
+    def _forget_sniffing(self, conn: socket.socket) -> None:
+        timer = self._sniffing.pop(conn, None)
+        if timer is not None:
+            timer.cancel()
+            with contextlib.suppress(ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(conn.fileno())
+
+    async def _handshake(self, conn: socket.socket) -> None:
+        """The TLS handshake, then the connection is uvicorn's (its protocol, as its own
+        server would have made it)."""
+        loop = asyncio.get_running_loop()
+        server = self.server
+
+        def protocol() -> asyncio.Protocol:
+            return server.config.http_protocol_class(  # type: ignore[call-arg]
+                config=server.config,
+                server_state=server.server_state,
+                app_state=server.lifespan.state,
+                _loop=loop,
+            )
+
+        timeout = self._limits.header_timeout_s
+        try:
+            await loop.connect_accepted_socket(
+                protocol, conn, ssl=server.config.ssl, ssl_handshake_timeout=timeout if timeout > 0 else None
+            )
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as err:
+            log.debug("HTTPS port %d: a TLS handshake failed: %s", self.port, err)
+            conn.close()

@@ -178,8 +178,10 @@ async def test_tls_cluster_serves_with_tokens_and_refuses_strangers(tmp_path: Pa
                 await pbg.SchedulerStub(channel).SendRequest(pb.InferRequest(deployment="both"), timeout=3)
             assert plain.value.code() == grpc.StatusCode.UNAVAILABLE
         async with httpx.AsyncClient() as web:
-            with pytest.raises(httpx.HTTPError):
-                await web.get(f"http://{http_address}/v2/health/live")
+            # Plain HTTP is served nothing, and told why (docs/operations.md, Limits).
+            plain_http = await web.get(f"http://{http_address}/v2/health/live")
+            assert plain_http.status_code == 400
+            assert "speaks HTTPS" in plain_http.json()["error"]
         # A certificate of the cluster CA, but not the scheduler's role, cannot join.
         async with open_channel(cluster.head_address, base) as channel:  # the client's certificate
             with pytest.raises(grpc.aio.AioRpcError) as wrong_role:
