@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -43,6 +44,8 @@ from shoal.scheduler.generate import (
 )
 from shoal.scheduler.models import ModelCatalog
 from shoal.types import GenerateRequest
+
+log = logging.getLogger("shoal.http")
 
 
 async def read_json(request: Request, limit: int) -> dict[str, Any]:
@@ -151,6 +154,9 @@ def generate_routes(catalog: ModelCatalog, limit: int) -> list[Route]:
                         yield event({**base, "text_output": chunk.text})
             except ShoalError as err:
                 yield event({"error": err.message})
+            except Exception as exc:  # a bug: the client still reads why its stream ended
+                log.exception("a streamed generation of %s failed", name)
+                yield event({"error": f"internal error: {type(exc).__name__}: {exc}"})
 
         body = events()
 

@@ -495,7 +495,9 @@ def _base64(vector: np.ndarray) -> str:
 async def stream_events(
     chunks: ChunkStream, head: dict[str, Any], *, chat: bool, include_usage: bool
 ) -> AsyncGenerator[bytes, None]:
-    """The server-sent events of one streamed (chat) completion, ``[DONE]`` last."""
+    """The server-sent events of one streamed (chat) completion, ``[DONE]`` last; an error
+    ends it with an event of OpenAI's error object (``[DONE]`` is sent only after the last
+    chunk), a bug's as a 500 ``server_error``, its traceback logged."""
     extra = {"usage": None} if include_usage else {}
 
     def choice(text: str | None, finish: str | None, role: bool = False) -> bytes:
@@ -523,6 +525,9 @@ async def stream_events(
                 yield choice(chunk.text, None)
     except ShoalError as err:
         yield event(error_body(err))
+    except Exception as exc:  # a bug: the client still reads why its stream ended
+        log.exception("a streamed completion failed")
+        yield event(error_body(Internal(f"internal error: {type(exc).__name__}: {exc}")))
 
 
 def openai_routes(router: Router, limit: int, dataplane: DataPlane) -> list[Route]:

@@ -397,6 +397,63 @@ async def test_a_failure_mid_stream_is_an_error_event(
     assert router.load()["lm"].in_flight == 0
 
 
+def break_after(lm: FakeReplicaClient, monkeypatch: pytest.MonkeyPatch, chunks: int) -> None:
+    """``lm``'s generations raise a RuntimeError (a bug, not a ShoalError) after ``chunks``."""
+    generate = lm.generate
+
+    async def broken(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        sent = 0
+        async for chunk in generate(*args, **kwargs):
+            if sent == chunks:
+                raise RuntimeError("a bug mid-stream")
+            yield chunk
+            sent += 1
+
+    monkeypatch.setattr(lm, "generate", broken)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+async def test_a_bug_mid_stream_ends_it_with_an_error_event(
+    http: httpx.AsyncClient,
+    lm: FakeReplicaClient,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    path: str,
+) -> None:
+    """Before: the stream ended after its last chunk with neither an error event nor
+    ``[DONE]``: the client could not tell a failure from a cut connection."""
+    break_after(lm, monkeypatch, 2)
+    prompt = (
+        {"messages": [{"role": "user", "content": "a b c d"}]} if "chat" in path else {"prompt": "a b c d"}
+    )
+
+    reply = await http.post(path, json={"model": "lm", "stream": True, **prompt})
+
+    events = sse(reply.text)
+    assert "[DONE]" not in events
+    assert json.loads(events[-1]) == {
+        "error": {
+            "message": "internal error: RuntimeError: a bug mid-stream",
+            "type": "server_error",
+            "param": None,
+            "code": "internal",
+        }
+    }
+    assert "RuntimeError: a bug mid-stream" in caplog.text  # the traceback is the server's
+
+
+async def test_a_bug_mid_generate_stream_ends_it_with_an_error_event(
+    http: httpx.AsyncClient, lm: FakeReplicaClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    break_after(lm, monkeypatch, 1)
+
+    reply = await http.post("/v2/models/lm/generate_stream", json={"text_input": "a b c"})
+
+    events = [json.loads(e) for e in sse(reply.text)]
+    assert events[0]["text_output"] == " a"
+    assert events[-1] == {"error": "internal error: RuntimeError: a bug mid-stream"}
+
+
 # ---------------------------------------------------------------- errors
 
 
