@@ -28,7 +28,9 @@ door a request came in by, and they live here:
   against the model's metadata, from the headers alone (nothing is decoded here);
 * **accounting**: every outcome, a refusal included, is counted in the router's
   per-deployment statistics (``shoal_requests_total``, the dashboard, the autoscaler)
-  and Triton's model statistics, and logged.
+  and Triton's model statistics, and logged; so is an answer the door cannot use
+  (``InferCall.answer_check``: ``/v1/embeddings``' rows), a failure though the replica
+  answered.
 
 Everything here runs on the scheduler's event loop.
 """
@@ -38,7 +40,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,6 +79,9 @@ class InferCall:
     outputs: tuple[str, ...] = ()  # requested outputs, in order; empty: all
     door: str = ""  # which ingress, for log lines: grpc, http, native, openai
     model_id: str = ""  # a multiplexed deployment's model id
+    # The door's own rules on the answer (``/v1/embeddings``: one finite row per text):
+    # what it raises fails the request, counted as such though the replica answered.
+    answer_check: Callable[[Tensors], None] | None = None
 
 
 class DataPlane:
@@ -137,6 +142,8 @@ class DataPlane:
                 version=revision,
             )
             outputs = _select(spec.name, outputs, call.outputs, [t.name for t in metadata.outputs])
+            if call.answer_check is not None:
+                self._check_answer(call, call.answer_check, spec.name, outputs)
         except BaseException:
             self.catalog.record(spec, ok=False, elapsed_ns=time.perf_counter_ns() - started, rows=0)
             raise
@@ -147,6 +154,26 @@ class DataPlane:
         return InferResult(
             call.model, self.catalog.served_version(spec, replica_id), call.id, outputs, replica_id
         )
+
+    def _check_answer(
+        self, call: InferCall, answer_check: Callable[[Tensors], None], deployment: str, outputs: Tensors
+    ) -> None:
+        """Run the door's check of an answer; when it fails, the request the router counted
+        a success is counted as what failed it, and logged (the model's fault: WARNING)."""
+        try:
+            answer_check(outputs)
+        except ShoalError as err:
+            self.router.recount(deployment, "ok", OUTCOME_OF.get(err.code, "error"))
+            if self._may_log():
+                log.warning(
+                    "request %s to %s (%s) failed on its answer: %s",
+                    limits.shown(call.id) or "-",
+                    deployment,
+                    call.door or "-",
+                    limits.shown(err.message, 2 * limits.SHOWN_CHARS),
+                    extra={"request_id": limits.shown(call.id), "deployment": deployment},
+                )
+            raise
 
     def check(self, call: InferCall) -> None:
         """The checks that need no model metadata: the id, headers, byte lengths, the limits."""
@@ -169,15 +196,25 @@ class DataPlane:
         spec = self.catalog.spec(model)
         size = max(1, spec.batching.max_batch_size)
         parts = [list(texts[i : i + size]) for i in range(0, len(texts), size)]
-        calls = [InferCall(model, (_texts("text", p),), door=door) for p in parts]
+        vectors: list[np.ndarray | None] = [None] * len(parts)
+        widths: list[int] = []  # the first answered part's: each later one must match it
+
+        def rows_of(index: int, rows: int) -> Callable[[Tensors], None]:
+            def check(outputs: Tensors) -> None:
+                found = [t for t in outputs if t.name == "embedding"]
+                vectors[index] = _embedding(model, found[0] if found else None, rows, widths)
+
+            return check
+
+        calls = [
+            InferCall(model, (_texts("text", p),), door=door, answer_check=rows_of(i, len(p)))
+            for i, p in enumerate(parts)
+        ]
         results = await asyncio.gather(*(self.infer(c) for c in calls), return_exceptions=True)
-        vectors: list[np.ndarray] = []
-        for part, result in zip(parts, results, strict=True):
+        for result in results:
             if isinstance(result, BaseException):
                 raise result  # the first failure answers the request (a ShoalError: its status)
-            found = [t for t in result.outputs if t.name == "embedding"]
-            vectors.append(_embedding(model, found[0] if found else None, len(part), vectors))
-        return vectors
+        return [v for v in vectors if v is not None]
 
     def check_strings(self, model: str, count: int, *, door: str = "openai") -> None:
         """InvalidArgument (counted and logged) when one request carries more than
@@ -207,15 +244,8 @@ class DataPlane:
         if spec is not None:
             self.catalog.record(spec, ok=False, elapsed_ns=elapsed_ns, rows=0)
             self.router.count(spec.name, OUTCOME_OF.get(err.code, "error"), elapsed_ns / 1e9)
-        now = time.monotonic()
-        if now - self._log_window >= 1.0:
-            if self._suppressed:
-                log.info("%d more request(s) refused in the last second", self._suppressed)
-            self._log_window, self._logged, self._suppressed = now, 0, 0
-        if self._logged >= _REFUSALS_LOGGED_PER_S:
-            self._suppressed += 1
+        if not self._may_log():
             return
-        self._logged += 1
         log.info(
             "request %s to %s (%s) refused: %s",
             limits.shown(call.id) or "-",
@@ -224,6 +254,21 @@ class DataPlane:
             limits.shown(err.message, 2 * limits.SHOWN_CHARS),
             extra={"request_id": limits.shown(call.id), "deployment": limits.shown(call.model)},
         )
+
+
+    def _may_log(self) -> bool:
+        """Whether one more refusal or failure may be logged this second (at most
+        ``_REFUSALS_LOGGED_PER_S``; how many were not is logged the next second)."""
+        now = time.monotonic()
+        if now - self._log_window >= 1.0:
+            if self._suppressed:
+                log.info("%d more request(s) refused in the last second", self._suppressed)
+            self._log_window, self._logged, self._suppressed = now, 0, 0
+        if self._logged >= _REFUSALS_LOGGED_PER_S:
+            self._suppressed += 1
+            return False
+        self._logged += 1
+        return True
 
 
 def _check_model_id(spec: DeploymentSpec, model_id: str) -> None:
@@ -242,10 +287,11 @@ def _check_model_id(spec: DeploymentSpec, model_id: str) -> None:
     check_model_id(model_id)
 
 
-def _embedding(model: str, output: Tensor | None, rows: int, before: Sequence[np.ndarray]) -> np.ndarray:
-    """``output`` as ``rows`` embeddings as wide as those ``before`` it. Internal (the
-    model's fault, not the client's: 500) when it is missing, not numbers, not one row per
-    text, not finite (JSON has no NaN; base64 would carry it silently) or of another width."""
+def _embedding(model: str, output: Tensor | None, rows: int, widths: list[int]) -> np.ndarray:
+    """``output`` as ``rows`` embeddings as wide as ``widths[0]`` (the first part checked;
+    set from this one when empty). Internal (the model's fault, not the client's: 500) when
+    it is missing, not numbers, not one row per text, not finite (JSON has no NaN; base64
+    would carry it silently) or of another width."""
     if output is None:
         raise Internal(f"model {model!r} did not answer an 'embedding' output")
     if output.datatype in ("BYTES", "BOOL"):
@@ -258,10 +304,11 @@ def _embedding(model: str, output: Tensor | None, rows: int, before: Sequence[np
         )
     if not np.isfinite(array).all():
         raise Internal(f"model {model!r} answered non-finite values in output 'embedding'")
-    if before and before[0].shape[1] != array.shape[1]:
+    if not widths:
+        widths.append(array.shape[1])
+    elif widths[0] != array.shape[1]:
         raise Internal(
-            f"model {model!r} answered embeddings of different widths "
-            f"({before[0].shape[1]} and {array.shape[1]})"
+            f"model {model!r} answered embeddings of different widths ({widths[0]} and {array.shape[1]})"
         )
     return array
 

@@ -437,6 +437,14 @@ class Router:
             dep.stats.outcomes[outcome] += 1
             dep.stats.latency.observe(elapsed_s)
 
+    def recount(self, deployment: str, was: str, now: str) -> None:
+        """Move one request of ``deployment`` from outcome ``was`` to ``now``: one ``send``
+        counted a success whose answer its door then could not use (the request failed)."""
+        dep = self._deployments.get(deployment)
+        if dep is not None and dep.stats.outcomes[was] > 0:
+            dep.stats.outcomes[was] -= 1
+            dep.stats.outcomes[now] += 1
+
     def stats(self) -> dict[str, DeploymentStats]:
         """Per deployment: what this router has served since it started."""
         return {name: dep.stats for name, dep in self._deployments.items()}

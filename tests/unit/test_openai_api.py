@@ -206,7 +206,13 @@ def embedding_answer(array: Any) -> Any:
     ],
 )
 async def test_a_models_bad_embedding_is_a_500_server_error(
-    http: httpx.AsyncClient, fakes: FakeReplicas, embedding: Any, problem: str, encoding_format: str
+    http: httpx.AsyncClient,
+    fakes: FakeReplicas,
+    router: Router,
+    caplog: pytest.LogCaptureFixture,
+    embedding: Any,
+    problem: str,
+    encoding_format: str,
 ) -> None:
     # Before: NaN was a plain-string 500 as floats and a 200 holding NaN as base64; BYTES a
     # ValueError's 500; a wrong shape a 400 invalid_request_error, as if the client erred.
@@ -220,10 +226,14 @@ async def test_a_models_bad_embedding_is_a_500_server_error(
     error = reply.json()["error"]
     assert error == {"message": error["message"], "type": "server_error", "param": None, "code": "internal"}
     assert error["message"].startswith("model 'minilm' ") and problem in error["message"], error
+    # Counted as the failure the client saw (it was a success: the replica had answered),
+    # and logged for the operator.
+    assert {k: v for k, v in router.stats()["minilm"].outcomes.items() if v} == {"error": 1}
+    assert f"failed on its answer: {error['message']}" in caplog.text
 
 
 async def test_embeddings_of_different_widths_are_a_500_server_error(
-    http: httpx.AsyncClient, fakes: FakeReplicas
+    http: httpx.AsyncClient, fakes: FakeReplicas, router: Router
 ) -> None:
     # max_batch_size 2: three texts are two requests, answered 4 and 3 wide.
     def widths(inputs: Arrays) -> Arrays:
@@ -239,6 +249,8 @@ async def test_embeddings_of_different_widths_are_a_500_server_error(
     assert (
         "model 'minilm' answered embeddings of different widths (4 and 3)" in reply.json()["error"]["message"]
     )
+    # Two requests to the model: the first answer sets the width, the second is the failure.
+    assert {k: v for k, v in router.stats()["minilm"].outcomes.items() if v} == {"ok": 1, "error": 1}
 
 
 async def test_a_bug_on_an_openai_route_answers_openais_error_shape(
