@@ -123,8 +123,12 @@ def head_app(node: HeadNode, limiter: RateLimiter | None = None) -> Starlette:
 
     async def rollback(request: Request) -> Response:
         doc = await _json_body(request, limit) if int(request.headers.get("content-length") or 0) else {}
+        # {} (or no body): the previous revision. A "revision" given must be one (>= 1), as
+        # /openapi.json says: 0 was taken as "the previous one", so a client's zero rolled
+        # back to a revision it had not named.
         number = doc.get("revision", 0) if isinstance(doc, dict) else None
-        if not isinstance(number, int) or isinstance(number, bool) or number < 0:
+        given = isinstance(doc, dict) and "revision" in doc
+        if not isinstance(number, int) or isinstance(number, bool) or number < (1 if given else 0):
             raise InvalidArgument('body must be {} or {"revision": N} with N an integer >= 1')
         rev, _ = await node.rollback(request.path_params["name"], number)
         return JSONResponse(

@@ -211,6 +211,8 @@ async def test_events_route_has_the_dashboards_shape_and_filters(head: HeadNode)
         history = (await client.get("/api/deployments/app/history")).json()
         missing = await client.get("/api/deployments/nope/history")
         rolled = await client.post("/api/deployments/app/rollback", json={"revision": "x"})
+        # Found by the schema fuzzer: 0 was taken as "the previous revision" (200).
+        zero = await client.post("/api/deployments/app/rollback", json={"revision": 0})
         schema = (await client.get("/openapi.json")).json()
 
     assert set(everything) == {"events"}
@@ -227,6 +229,7 @@ async def test_events_route_has_the_dashboards_shape_and_filters(head: HeadNode)
     assert history["revisions"][0]["spec"]["model"] == "good:M"
     assert missing.status_code == 404
     assert rolled.status_code == 400 and "revision" in rolled.json()["error"]
+    assert zero.status_code == 400 and "N an integer >= 1" in zero.json()["error"]
     for path in ("/api/events", "/api/deployments/{name}/history", "/api/deployments/{name}/rollback"):
         assert path in schema["paths"]
 
