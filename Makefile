@@ -51,11 +51,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy shoal tests
 
-# Two pytest workers: most tests wait on processes they start, so two fit on two cores
-# (15 min in one process, 10 in two). tests/conftest.py keeps the e2e and multi-host
-# tests each on one worker.
+# Three pytest workers: most tests wait on processes they start (CPU was about 70% used
+# with two), so three fit on two cores (15 min in one process, 10.5-11.5 in two, 8 in
+# three). tests/conftest.py keeps the e2e and multi-host tests each on one worker.
 test: lint typecheck system-deps
-	$(BIN)/pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/pytest -q -n 3 --dist loadgroup $(PYTEST_ARGS)
 
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit $(PYTEST_ARGS)

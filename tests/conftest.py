@@ -36,7 +36,7 @@ def examples_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under ``pytest -n 2 --dist loadgroup`` (``make test``), tests that share something
+    """Under ``pytest -n 3 --dist loadgroup`` (``make test``), tests that share something
     beyond their own temporary folder run on one worker: the e2e tests (``shoal up`` and the
     tour use the default ports) and the multi-host ones (network namespaces on one bridge)."""
     for item in items:
