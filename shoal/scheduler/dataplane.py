@@ -255,7 +255,6 @@ class DataPlane:
             extra={"request_id": limits.shown(call.id), "deployment": limits.shown(call.model)},
         )
 
-
     def _may_log(self) -> bool:
         """Whether one more refusal or failure may be logged this second (at most
         ``_REFUSALS_LOGGED_PER_S``; how many were not is logged the next second)."""
