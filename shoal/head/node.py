@@ -575,11 +575,19 @@ class HeadNode:
     async def delete(self, name: str) -> None:
         """Delete a deployment and remove its replicas. Also for a broken deployment, and
         for a name the store does not know whose replicas schedulers report (the operator's
-        way to remove them). NotFound when the name is none of these."""
+        way to remove them). NotFound when the name is none of these; FailedPrecondition
+        while a traffic route sends to it (its share of the route's requests would fail)."""
         async with self.lock:
             running = any(r.deployment == name for r in self.state.replicas.values())
             if name not in self.desired and name not in self.broken and not running:
                 raise NotFound(f"no deployment named {limits.shown(repr(name))}")
+            route = next((r for r in self.traffic.routes.values() if name in r.deployments), None)
+            if route is not None:
+                raise FailedPrecondition(
+                    f"deployment {name!r} gets requests from route {route.name!r} ({route.describe()}): "
+                    f"send them elsewhere first ('shoal route {route.name} OTHER=100') "
+                    f"or delete the route ('shoal route --delete {route.name}')"
+                )
             # The tombstone first: a head that stops between the two writes still knows
             # the deployment, and deleting again finishes the job.
             now = time.time()

@@ -3,8 +3,9 @@
 The head sends them to every scheduler in the routing table; schedulers draw each request's
 target (``shoal.scheduler.router``). What is checked here, against the head's deployments:
 a route's name is no deployment's (nor a deployment's a route's: ``HeadNode.apply``), its
-targets and shadow exist when it is set. A target deleted later leaves the route in place:
-its requests drawn for that target answer NotFound naming it, until the route is changed.
+targets and shadow exist when it is set, and a deployment a route sends to is not deleted
+(``HeadNode.delete``). Should a route name a missing target all the same (its store entry
+edited), its requests drawn for that target answer NotFound naming it.
 """
 
 from __future__ import annotations
