@@ -15,6 +15,14 @@ copy and the truncation is lost); and only the newest ``replica_logs_kept`` logs
 replicas that no longer run are kept (checked when one ends and at start), so a crash
 loop leaves at most that many files behind and ``shoal logs`` still finds the recent ones.
 
+Memory: a replica whose deployment sets ``resources.memory_mb`` is held to it. Every ping
+interval the supervisor sums the proportional set size (PSS: shared pages, such as the
+zygote's imported modules, split between the processes sharing them) of each replica's
+process and the processes it started; over the limit, the replica is killed at once and
+reported dead with what it used, as a container runtime kills a container over its memory
+limit, before the machine runs out (when the kernel's OOM killer would pick any process,
+the scheduler's own included). The head starts a replacement as for any replica that died.
+
 GPUs: each replica gets its devices from ``self.gpus`` (``shoal.scheduler.gpus``) when it is
 created, in ``CUDA_VISIBLE_DEVICES``, and gives them back when its process ends. While it
 runs, ``replica_<id>.gpus.json`` in ``log_dir`` records them with its pid: a scheduler
@@ -138,6 +146,14 @@ class LocalReplica:
     def pid(self) -> int:
         return self.process.pid
 
+    def _message(self) -> str:
+        """What its report says besides its state: a download's progress, or why it was
+        killed (its process may not be gone yet: the head records the first report of a
+        death, and without this it said "replica exited")."""
+        if isinstance(self.process, StagedProcess) and self.state == ReplicaState.DOWNLOADING:
+            return self.process.describe()
+        return self.dead_reason if self.state == REPLICA_DEAD else ""
+
     def report(self) -> ReplicaReport:
         return ReplicaReport(
             id=self.id,
@@ -149,9 +165,7 @@ class LocalReplica:
             queued=self.queued,
             spec_hash=self.spec.process_hash(),
             ready_at=self.ready_at,
-            message=self.process.describe()
-            if isinstance(self.process, StagedProcess) and self.state == ReplicaState.DOWNLOADING
-            else "",
+            message=self._message(),
         )
 
 
@@ -543,8 +557,26 @@ class ReplicaSupervisor:
             for rep in starting:
                 if now - rep.started_mono > rep.spec.health.start_timeout_s and not rep.removing:
                     await self._kill(rep, f"not ready after {rep.spec.health.start_timeout_s:g}s")
+            await self._hold_to_memory([*starting, *targets])
             if targets:
                 await asyncio.gather(*(self._ping(r) for r in targets))
+
+    async def _hold_to_memory(self, replicas: Sequence[LocalReplica]) -> None:
+        """Kill each replica whose processes use more memory (PSS) than its ``memory_mb``."""
+        for rep in replicas:
+            limit = rep.spec.resources.memory_mb
+            if (
+                limit <= 0
+                or rep.removing
+                or rep.state == REPLICA_DEAD
+                or isinstance(rep.process, StagedProcess)
+            ):
+                continue
+            used = memory_mb(rep.pid)
+            if used is not None and used > limit:
+                reason = f"used {used:.0f} MB of memory, over its limit of {limit:g} MB (resources.memory_mb)"
+                log.warning("replica %s %s: killing it", rep.id, reason)
+                await self._kill(rep, reason)
 
     async def _ping(self, rep: LocalReplica) -> None:
         pinger = self._pingers.get(rep.id)
@@ -734,6 +766,36 @@ def _running(pid: int, started: float) -> bool:
         return same and proc.status() != psutil.STATUS_ZOMBIE
     except (psutil.Error, OSError):
         return False
+
+
+def memory_mb(pid: int) -> float | None:
+    """The memory process ``pid`` and every process it started use, in MB: the sum of their
+    proportional set sizes (``/proc/PID/smaps_rollup``; resident set sizes where that cannot
+    be read). None when ``pid`` does not run."""
+    try:
+        proc = psutil.Process(pid)
+        family = [proc, *proc.children(recursive=True)]
+    except (psutil.Error, OSError):
+        return None
+    total = 0
+    for member in family:
+        try:
+            total += _pss(member.pid)
+        except OSError:
+            try:
+                total += member.memory_info().rss
+            except (psutil.Error, OSError):
+                continue  # it ended meanwhile
+    return total / 2**20
+
+
+def _pss(pid: int) -> int:
+    """Process ``pid``'s proportional set size in bytes. Raises OSError when unreadable."""
+    with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+        for line in f:
+            if line.startswith(b"Pss:"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"no Pss in /proc/{pid}/smaps_rollup")
 
 
 def _signal(process: Process, sig: int) -> None:

@@ -1,0 +1,83 @@
+"""A replica is held to its deployment's ``resources.memory_mb`` (``shoal/scheduler/supervisor.py``),
+with real processes on port 0.
+
+Before, ``memory_mb`` only placed replicas: a model that grew past it kept growing, until the
+machine ran out and the kernel's OOM killer picked a process, which may be the scheduler.
+Now the scheduler kills the replica that went over, says so, and a replacement serves.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import pytest
+
+from shoal.scheduler.supervisor import memory_mb
+from shoal.testing.cluster import ProcessCluster
+from tests.integration.test_zygote import ready_other_than, until_event, zygote_of
+
+pytestmark = pytest.mark.timeout(90)
+
+LIMIT_MB = 400
+
+HOG = '''
+import numpy as np
+
+
+class Hog:
+    """Echoes ``x``; a request whose first value is N > 0 first takes N MB and keeps it."""
+
+    def __init__(self) -> None:
+        self.kept = []
+
+    def predict(self, inputs):
+        mb = int(inputs["x"].flat[0])
+        if mb > 0:
+            self.kept.append(np.ones(mb * 2**20, dtype=np.uint8))  # written: resident
+        return {"x": inputs["x"]}
+'''
+
+
+def hog_spec(folder: Path) -> dict[str, Any]:
+    (folder / "hog.py").write_text(HOG)
+    return {
+        "name": "echo",
+        "backend": "python",
+        "model": "hog:Hog",
+        "base_dir": str(folder),
+        "replicas": 1,
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 1]}],
+        "outputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 1]}],
+        "resources": {"cpus": 0.1, "memory_mb": LIMIT_MB},
+    }
+
+
+async def test_a_replica_over_its_memory_limit_is_killed_and_replaced(tmp_path: Path) -> None:
+    async with ProcessCluster(tmp_path) as cluster:
+        await cluster.deploy(hog_spec(tmp_path))
+        [replica] = await cluster.wait_ready("echo", 1)
+        used = memory_mb(replica["pid"])
+        assert used is not None and used < LIMIT_MB / 2, used
+        zygote = zygote_of(cluster)
+
+        # Under the limit it serves, and keeps serving.
+        small = np.array([[100.0]], dtype=np.float32)
+        outputs, _ = await cluster.send("echo", {"x": small})
+        np.testing.assert_array_equal(outputs["x"], small)
+        await cluster.send("echo", {"x": np.zeros((1, 1), dtype=np.float32)})
+
+        # Over it: the answer comes back, then the replica is killed within a ping or two.
+        await cluster.send("echo", {"x": np.array([[LIMIT_MB]], dtype=np.float32)})
+        replacement = await ready_other_than(cluster, replica["id"])
+        assert not psutil.pid_exists(replica["pid"]) or psutil.Process(replica["pid"]).status() == "zombie"
+        # The head's events say why (so do `shoal status` and the dashboard, from them).
+        await until_event(cluster, f"replica {replica['id']} died: used ")
+        await until_event(cluster, f"MB of memory, over its limit of {LIMIT_MB} MB (resources.memory_mb)")
+
+        # The replacement serves.
+        outputs, _ = await cluster.send("echo", {"x": small})
+        np.testing.assert_array_equal(outputs["x"], small)
+        assert psutil.Process(replacement["pid"]).ppid() == zygote.pid
