@@ -202,7 +202,15 @@ class DataPlane:
         def rows_of(index: int, rows: int) -> Callable[[Tensors], None]:
             def check(outputs: Tensors) -> None:
                 found = [t for t in outputs if t.name == "embedding"]
-                vectors[index] = _embedding(model, found[0] if found else None, rows, widths)
+                if not found:
+                    # A model that declares no outputs (python) shows only now that it does
+                    # not embed: asked of it, as of any model that does not, the client erred.
+                    names = ", ".join(repr(t.name) for t in outputs) or "none"
+                    raise InvalidArgument(
+                        f"model {model!r} does not compute embeddings: it answered no 'embedding' "
+                        f"output (its outputs: {names})"
+                    )
+                vectors[index] = _embedding(model, found[0], rows, widths)
 
             return check
 
@@ -286,13 +294,11 @@ def _check_model_id(spec: DeploymentSpec, model_id: str) -> None:
     check_model_id(model_id)
 
 
-def _embedding(model: str, output: Tensor | None, rows: int, widths: list[int]) -> np.ndarray:
+def _embedding(model: str, output: Tensor, rows: int, widths: list[int]) -> np.ndarray:
     """``output`` as ``rows`` embeddings as wide as ``widths[0]`` (the first part checked;
     set from this one when empty). Internal (the model's fault, not the client's: 500) when
-    it is missing, not numbers, not one row per text, not finite (JSON has no NaN; base64
-    would carry it silently) or of another width."""
-    if output is None:
-        raise Internal(f"model {model!r} did not answer an 'embedding' output")
+    it is not numbers, not one row per text, not finite (JSON has no NaN; base64 would
+    carry it silently) or of another width."""
     if output.datatype in ("BYTES", "BOOL"):
         raise Internal(f"model {model!r} answered a non-numeric 'embedding' output ({output.datatype})")
     array = payload.to_array(output)

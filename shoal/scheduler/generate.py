@@ -43,7 +43,7 @@ def generates_text(spec: DeploymentSpec) -> bool:
 def embeds_text(spec: DeploymentSpec) -> bool:
     """Whether the deployment may answer embeddings: a ``transformers`` one with task
     ``embedding``, or one of a backend shoal cannot see into (``python``: the model decides,
-    and a model without an ``embedding`` output is refused when it answers)."""
+    and a model that answers no ``embedding`` output is refused then: 400, as here)."""
     if spec.backend == "transformers":
         return bool(spec.options.get("task") == "embedding")
     return bool(spec.backend == "python")

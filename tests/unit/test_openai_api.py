@@ -232,6 +232,27 @@ async def test_a_models_bad_embedding_is_a_500_server_error(
     assert f"failed on its answer: {error['message']}" in caplog.text
 
 
+async def test_a_model_that_answers_no_embedding_is_a_400(
+    http: httpx.AsyncClient, fakes: FakeReplicas, router: Router
+) -> None:
+    """A python model declares no outputs: only its answer shows that it does not embed.
+    Asked for embeddings, as a model of another backend would be refused at once (400),
+    the client erred; found by the ingress fuzzer (it was a 500 server_error)."""
+    fakes.clients["minilm-1:1"].handler = lambda inputs: {"text": inputs["text"]}
+
+    reply = await http.post("/v1/embeddings", json={"model": "minilm", "input": "hi"})
+
+    assert reply.status_code == 400
+    assert reply.json()["error"] == {
+        "message": "model 'minilm' does not compute embeddings: it answered no 'embedding' output "
+        "(its outputs: 'text')",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": None,
+    }
+    assert {k: v for k, v in router.stats()["minilm"].outcomes.items() if v} == {"invalid": 1}
+
+
 async def test_embeddings_of_different_widths_are_a_500_server_error(
     http: httpx.AsyncClient, fakes: FakeReplicas, router: Router
 ) -> None:
