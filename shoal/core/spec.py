@@ -85,6 +85,7 @@ MAX_TEXT = 4096
 MAX_MODELS_PER_REPLICA = 1000
 """Most model ids one replica of a multiplexed deployment may hold loaded at once."""
 MAX_SERVE_REVISIONS = 5
+MAX_WARMUP = 100
 """Most revisions of one deployment that ``serve_revisions`` may keep serving at once."""
 MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 """What a multiplexed model id may be: a plain name (it names a file, a metric label), never
@@ -277,6 +278,11 @@ class DeploymentSpec(_Strict):
     # one and the latest ones before it, each with ``replicas`` replicas; 1: an update replaces
     # the old replicas once the new ones are READY.
     serve_revisions: int = Field(default=1, ge=1, le=MAX_SERVE_REVISIONS)
+    # Model calls a replica makes on inputs of its own (zeros, one row; b"warmup" for BYTES)
+    # once its model is loaded and before it takes requests, so the first clients do not pay
+    # for lazy initialisation (Triton's model_warmup). A call that fails fails the replica's
+    # start, naming the call. 0: none. (shoal.replica.process.warmup_inputs)
+    warmup: int = Field(default=0, ge=0, le=MAX_WARMUP)
     # The folder the spec file was read from: relative model paths resolve
     # against it and the python backend imports modules from it.
     base_dir: str = Field(default="", max_length=MAX_TEXT)
@@ -323,6 +329,11 @@ class DeploymentSpec(_Strict):
             raise ValueError(
                 "serve_revisions above 1 needs a fixed replica count (replicas), not autoscaling: "
                 "each revision kept serving runs that many replicas"
+            )
+        if self.warmup and self.multiplexing is not None:
+            raise ValueError(
+                "warmup needs one model per replica; a multiplexed deployment loads its models "
+                "on demand, by model id"
             )
         return self
 
@@ -380,7 +391,7 @@ class DeploymentSpec(_Strict):
     def cached_process_hash(self) -> str:
         doc = self.model_dump(mode="json", exclude={"replicas", "autoscaling", "auth", "serve_revisions"})
         # Left out at their defaults: specs from before these fields keep their hash (and replicas).
-        for key, default in (("restarts", 0), ("model_hash", ""), ("multiplexing", None)):
+        for key, default in (("restarts", 0), ("model_hash", ""), ("multiplexing", None), ("warmup", 0)):
             if doc[key] == default:
                 del doc[key]
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]

@@ -93,7 +93,7 @@ _WHY = {
     "ensemble_scheduling": "ensembles are not supported; deploy each model on its own",
     "optimization": "Triton's optimization settings (accelerators, graph levels) have no shoal equivalent",
     "parameters": "backend parameters have no shoal equivalent",
-    "model_warmup": "warmup requests are not supported",
+    "model_warmup": "warmup samples are not read (a shoal spec's warmup: N calls the model on zeros)",
     "model_transaction_policy": "decoupled models are not supported for ONNX",
     "response_cache": "the response cache is not supported",
     "batch_input": "batch inputs are not supported",

@@ -7,18 +7,21 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
+
+import numpy as np
 
 from shoal.backends import load_backend
 from shoal.backends.base import Backend
 from shoal.backends.generate import Completion, TextGenerator
 from shoal.backends.python import PythonBackend
 from shoal.config import Settings
+from shoal.core import tensors
 from shoal.core.clock import Clock, SystemClock
 from shoal.core.cluster import DRAINING, READY, STARTING, STOPPED
 from shoal.core.model_dirs import check_deployable
-from shoal.core.spec import DeploymentSpec
+from shoal.core.spec import DeploymentSpec, TensorSpec
 from shoal.errors import Code, DeadlineExceeded, Internal, InvalidArgument, ShoalError, Unavailable
 from shoal.replica.batcher import Batcher
 from shoal.replica.compose import CallContext, DeploymentCaller, Deployments, current_call
@@ -89,6 +92,8 @@ class ReplicaProcess:
             if self.caller is not None:
                 backend.deployments = Deployments(self.spec.name, self.caller, asyncio.get_running_loop())
         await asyncio.to_thread(backend.load)
+        if self.spec.warmup:
+            await warm_up(backend, self.spec.warmup)
         self.backend = backend
         batching = self.spec.batching
         self.batcher = Batcher(
@@ -370,3 +375,43 @@ class ReplicaProcess:
 def _expire(batcher: Batcher, request: Any, request_id: str, timeout_s: float) -> None:
     """A queued or running request's deadline passed (its error made only then)."""
     batcher.cancel(request, DeadlineExceeded(f"request {request_id} timed out after {timeout_s:g}s"))
+
+
+async def warm_up(backend: Backend, calls: int) -> None:
+    """Call ``backend``'s model ``calls`` times on :func:`warmup_inputs`, before the replica
+    takes requests. Raises InvalidArgument when there are no inputs to make, a ShoalError
+    naming the call that failed otherwise (the replica does not start)."""
+    if isinstance(backend, TextGenerator) and backend.generates_text:
+        raise InvalidArgument("warmup is for models that answer tensors; a text generator warms itself")
+    inputs = warmup_inputs(backend.inputs())
+    took: list[float] = []
+    for i in range(1, calls + 1):
+        started = time.perf_counter()
+        try:
+            await backend.predict(inputs)
+        except ShoalError as err:
+            raise Internal(f"warmup call {i} of {calls} failed: {err.code.value}: {err.message}") from err
+        took.append((time.perf_counter() - started) * 1000)
+    log.info(
+        "model warmed up with %d call(s): the first took %.1f ms, the last %.1f ms", calls, took[0], took[-1]
+    )
+
+
+def warmup_inputs(specs: Sequence[TensorSpec]) -> Arrays:
+    """One request's inputs for a warmup call: each required input of ``specs`` as zeros
+    (``b"warmup"`` for BYTES, False for BOOL), any size (-1) as 1. InvalidArgument when
+    there are none: a model whose inputs are not declared (in the spec, or by its backend)
+    cannot be warmed up."""
+    required = [t for t in specs if not t.optional]
+    if not required:
+        raise InvalidArgument(
+            "warmup needs the model's inputs: declare them in the spec (inputs:), or set warmup: 0"
+        )
+    out: Arrays = {}
+    for t in required:
+        shape = tuple(1 if d < 0 else d for d in t.shape)
+        if t.datatype == "BYTES":
+            out[t.name] = np.full(shape, b"warmup", dtype=object)
+        else:
+            out[t.name] = np.zeros(shape, dtype=tensors.DATATYPES[t.datatype])
+    return out
