@@ -8,6 +8,7 @@ Now the scheduler kills the replica that went over, says so, and a replacement s
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,15 @@ pytestmark = pytest.mark.timeout(90)
 LIMIT_MB = 400
 
 HOG = '''
+import threading
+
 import numpy as np
 
 
 class Hog:
-    """Echoes ``x``; a request whose first value is N > 0 first takes N MB and keeps it."""
+    """Echoes ``x``; a request whose first value is N > 0 makes it take N MB and keep them,
+    just after its answer: killed while the request ran, the replica would have it retried
+    on another replica (as for any replica that dies), which it would take down as well."""
 
     def __init__(self) -> None:
         self.kept = []
@@ -36,8 +41,11 @@ class Hog:
     def predict(self, inputs):
         mb = int(inputs["x"].flat[0])
         if mb > 0:
-            self.kept.append(np.ones(mb * 2**20, dtype=np.uint8))  # written: resident
+            threading.Timer(0.1, self._take, (mb,)).start()
         return {"x": inputs["x"]}
+
+    def _take(self, mb):
+        self.kept.append(np.ones(mb * 2**20, dtype=np.uint8))  # written: resident
 '''
 
 
@@ -67,7 +75,10 @@ async def test_a_replica_over_its_memory_limit_is_killed_and_replaced(tmp_path: 
         small = np.array([[100.0]], dtype=np.float32)
         outputs, _ = await cluster.send("echo", {"x": small})
         np.testing.assert_array_equal(outputs["x"], small)
+        await asyncio.sleep(1.5)  # a ping or more: it had the 100 MB, and stays
         await cluster.send("echo", {"x": np.zeros((1, 1), dtype=np.float32)})
+        [same] = await cluster.wait_ready("echo", 1)
+        assert same["id"] == replica["id"]
 
         # Over it: the answer comes back, then the replica is killed within a ping or two.
         await cluster.send("echo", {"x": np.array([[LIMIT_MB]], dtype=np.float32)})
