@@ -31,6 +31,9 @@ from shoal.types import HeadLink, LoadReport, ReplicaClient, SchedulerRegistrati
 
 log = logging.getLogger("shoal.scheduler")
 
+# The longest a scheduler whose id the head refused waits before its one more try.
+REFUSED_RETRY_MAX_S = 60.0
+
 
 def scheduler_id(settings: Settings) -> str:
     """The id this scheduler registers with: ``settings.scheduler_id`` when set, else the id
@@ -198,6 +201,7 @@ class SchedulerNode:
 
     async def _head_loop(self) -> None:
         backoff = 0.1
+        refused_once = False
         while True:
             try:
                 _, replicas = self.supervisor.reports()
@@ -213,10 +217,19 @@ class SchedulerNode:
                 try:
                     interval = await self.head.register(reg) or self.settings.heartbeat_interval_s
                 except AlreadyExists as err:
-                    # Another live scheduler holds this id: retrying would not free it, and
-                    # taking it would make the two take turns at one place at the head.
-                    self._refuse(err)
-                    return
+                    # Another live scheduler holds this id: taking it would make the two take
+                    # turns at one place at the head. One more try, once the head has had
+                    # time to declare the holder dead: it may be this scheduler's previous
+                    # process, killed a moment ago, whose end the head has not seen yet (a
+                    # restart right after kill -9 on a loaded machine was refused for good).
+                    if refused_once:
+                        self._refuse(err)
+                        return
+                    refused_once = True
+                    wait = min(self.settings.dead_after_s + 1.0, REFUSED_RETRY_MAX_S)
+                    log.warning("%s; trying once more in %.0fs", err, wait)
+                    await self.clock.sleep(wait)
+                    continue
                 log.info("registered with the head")
                 self.registered.set()
                 self.on_registered()

@@ -145,9 +145,10 @@ async def test_closing_tells_the_head_the_replicas_stopped(tmp_path: Path) -> No
     assert head.closed
 
 
-async def test_a_scheduler_whose_id_the_head_refuses_stops_trying(tmp_path: Path) -> None:
-    # Another live scheduler holds the id: no retries, no health update (not even the last
-    # one at close: it would be taken for the other's), and the process is told to stop.
+async def test_a_scheduler_whose_id_the_head_refuses_twice_stops_trying(tmp_path: Path) -> None:
+    # Another live scheduler holds the id: one more try after dead_after_s + 1 (the holder
+    # may be this scheduler's killed predecessor), then no more, no health update (not even
+    # the last one at close: it would be taken for the other's), and the process is told to stop.
     attempts: list[SchedulerRegistration] = []
 
     class RefusingHead(FakeHeadLink):
@@ -163,6 +164,10 @@ async def test_a_scheduler_whose_id_the_head_refuses_stops_trying(tmp_path: Path
     node.on_refused = lambda: told.append("stop")
     node.start("s1:7000", "s1:7001")
     try:
+        await until(lambda: len(attempts) == 1)
+        await asyncio.sleep(0.05)
+        assert node.refused is None and told == []  # not yet: it tries once more
+        clock.advance(settings.dead_after_s + 1.0)
         await until(lambda: node.refused is not None)
         assert told == ["stop"]
         assert node.refused is not None and "in use by a live scheduler at s1:9000" in str(node.refused)
@@ -174,5 +179,35 @@ async def test_a_scheduler_whose_id_the_head_refuses_stops_trying(tmp_path: Path
             await asyncio.sleep(0.01)
     finally:
         await node.aclose(0)
-    assert len(attempts) == 1
+    assert len(attempts) == 2
     assert head.health_calls == []
+
+
+async def test_a_restarted_scheduler_refused_while_its_predecessor_dies_is_taken_next_try(
+    tmp_path: Path,
+) -> None:
+    """kill -9 and an immediate restart on a loaded machine: the head had not yet seen the
+    old process's stream end and refused the id; the scheduler exited for good (CI saw
+    tests/integration/test_scheduler_restart.py fail so). Now it tries once more, after the
+    head has had time to declare the old one dead."""
+    attempts: list[SchedulerRegistration] = []
+
+    class DyingHolderHead(FakeHeadLink):
+        async def register(self, reg: SchedulerRegistration) -> float:
+            attempts.append(reg)
+            if len(attempts) == 1:
+                raise AlreadyExists("scheduler id 's1' is in use by a live scheduler at s1:9000 (pid 7)")
+            return await super().register(reg)
+
+    head = DyingHolderHead()
+    settings = Settings(state_dir=str(tmp_path), cpus=1, memory_mb=512, gpus=0, ingress_workers=1)
+    clock = FakeClock()
+    node = SchedulerNode(settings, "s1", head, FakeReplicas(), launcher=FakeLauncher(), clock=clock)
+    node.start("s1:7000", "s1:7001")
+    try:
+        await until(lambda: len(attempts) == 1)
+        clock.advance(settings.dead_after_s + 1.0)
+        await until(lambda: node.registered.is_set())
+        assert node.refused is None and len(attempts) == 2
+    finally:
+        await node.aclose(0)
