@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -439,7 +440,14 @@ class GrpcHeadLink:
             await stream.write(req)
             reply = await asyncio.wait_for(stream.read(), self._settings.rpc_timeout_s)
         except grpc.aio.AioRpcError as err:
-            if err.code() == grpc.StatusCode.UNIMPLEMENTED:
+            code = err.code()
+            if code == grpc.StatusCode.INTERNAL:
+                # The write racing the head's UNIMPLEMENTED answer came back now and then as
+                # INTERNAL "Internal error from Core" (1 in 45 runs of a test under load):
+                # the call's own status says what the head answered.
+                with contextlib.suppress(Exception):
+                    code = await asyncio.wait_for(stream.code(), 1.0)
+            if code == grpc.StatusCode.UNIMPLEMENTED:
                 self._drop_stream()
                 log.info("the head at %s has no health stream: unary health updates", self._heads.address)
                 self.unary_health = True
