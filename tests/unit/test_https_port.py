@@ -63,8 +63,12 @@ def tls_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @contextlib.asynccontextmanager
-async def serving(tls_dir: Path, header_timeout_s: float = HEAD_S) -> AsyncIterator[HttpServer]:
-    limits = HttpLimits(header_timeout_s=header_timeout_s, idle_timeout_s=5.0)
+async def serving(
+    tls_dir: Path, header_timeout_s: float = HEAD_S, max_connections: int = 4096
+) -> AsyncIterator[HttpServer]:
+    limits = HttpLimits(
+        header_timeout_s=header_timeout_s, idle_timeout_s=5.0, max_connections=max_connections
+    )
     server = HttpServer(
         Starlette(routes=[Route("/{path:path}", hello)]),
         "127.0.0.1",
@@ -160,6 +164,34 @@ def test_a_stalled_handshake_is_closed(run: Run, tls_dir: Path) -> None:
                 await read_all(reader)
             assert loop.time() - began < HEAD_S + 2.0
             writer.close()
+
+    run(body())
+
+
+def test_connections_in_their_handshake_count_toward_max_connections(run: Run, tls_dir: Path) -> None:
+    """http_max_connections holds for connections that never finish a handshake: past the
+    cap a new connection is closed at once (not held until header_timeout_s), and once the
+    stalled ones go, HTTPS is served again."""
+
+    async def body() -> None:
+        async with serving(tls_dir, header_timeout_s=20.0, max_connections=2) as https:
+            stalled = []
+            for _ in range(2):
+                reader, writer = await asyncio.open_connection("127.0.0.1", https.port)
+                writer.write(b"\x16\x03\x01")  # a handshake begun, never finished
+                stalled.append((reader, writer))
+            await asyncio.sleep(0.2)
+            reader, writer = await asyncio.open_connection("127.0.0.1", https.port)
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            with contextlib.suppress(ConnectionError):
+                assert await read_all(reader) == b""
+            assert loop.time() - began < 2.0  # closed at once, not after header_timeout_s
+            writer.close()
+            for _, w in stalled:
+                w.close()
+            await asyncio.sleep(0.3)
+            assert (await https_get(tls_dir, https.port, "/after")).status_code == 200
 
     run(body())
 
