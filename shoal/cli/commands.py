@@ -50,8 +50,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     return with_client(args, go)
 
 
+#: How many of the cluster's latest events ``shoal status`` shows under its tables.
+STATUS_EVENTS = 10
+
+
 def render_status(status: dict[str, Any]) -> str:
-    """The human table of ``shoal status``."""
+    """The human table of ``shoal status``; under it the cluster's latest events (a replica
+    that died, and why: a replacement's row alone does not say; ``--json`` has the 50 the
+    head answers)."""
     out: list[str] = []
 
     def table(headers: list[str], rows: list[list[str]]) -> None:
@@ -108,6 +114,16 @@ def render_status(status: dict[str, Any]) -> str:
             for r in d["replicas"]
         ],
     )
+    events = status.get("events") or []
+    if events:
+        out.append("")
+        table(
+            ["EVENT TIME", "KIND", "MESSAGE"],
+            [
+                [time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["at"])), e["kind"], e["message"]]
+                for e in events[-STATUS_EVENTS:]
+            ],
+        )
     return "\n".join(out)
 
 

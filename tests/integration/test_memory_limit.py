@@ -9,6 +9,8 @@ Now the scheduler kills the replica that went over, says so, and a replacement s
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -84,9 +86,22 @@ async def test_a_replica_over_its_memory_limit_is_killed_and_replaced(tmp_path: 
         await cluster.send("echo", {"x": np.array([[LIMIT_MB]], dtype=np.float32)})
         replacement = await ready_other_than(cluster, replica["id"])
         assert not psutil.pid_exists(replica["pid"]) or psutil.Process(replica["pid"]).status() == "zombie"
-        # The head's events say why (so do `shoal status` and the dashboard, from them).
+        # The head's events say why, and so do `shoal status` and the scheduler's log.
         await until_event(cluster, f"replica {replica['id']} died: used ")
         await until_event(cluster, f"MB of memory, over its limit of {LIMIT_MB} MB (resources.memory_mb)")
+        status = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "shoal.cli", "--head", cluster.head_address, "status"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=cluster.env,
+        )
+        assert status.returncode == 0, status.stderr
+        died = [line for line in status.stdout.splitlines() if f"replica {replica['id']} died" in line]
+        assert died and f"over its limit of {LIMIT_MB} MB (resources.memory_mb)" in died[0], status.stdout
+        log = cluster.schedulers[0].log.read_text()
+        assert f"replica {replica['id']} used " in log and "killing it" in log
 
         # The replacement serves.
         outputs, _ = await cluster.send("echo", {"x": small})
