@@ -14,10 +14,12 @@ load passes ``local_files_only=True``.
 
 ``options.task`` (required) picks what the model does; tensors per task:
 
-- ``embedding`` (AutoModel): input ``text`` BYTES ``[-1]`` (or ``[-1, 1]``), output
+- ``embedding`` (AutoModel): input ``text`` BYTES ``[-1]`` (or ``[-1, 1]``), outputs
   ``embedding`` FP32 ``[-1, hidden_size]``: the mean of the last hidden states over the
-  attention mask, L2-normalised (as sentence-transformers does). A batch is tokenised
-  together with padding; padding does not change a row's embedding.
+  attention mask, L2-normalised (as sentence-transformers does), and ``tokens`` INT64
+  ``[-1]``: each text's token count as the model read it (after truncation, special tokens
+  included; ``/v1/embeddings`` sums them into its ``usage``). A batch is tokenised
+  together with padding; padding does not change a row's embedding or count.
 - ``classification`` (AutoModelForSequenceClassification): input ``text``; outputs
   ``label`` BYTES ``[-1]`` (the config's ``id2label`` of the best class) and
   ``probabilities`` FP32 ``[-1, num_labels]`` (softmax; sigmoid for multi-label models).
@@ -389,6 +391,7 @@ class TransformersBackend(Backend):
         self._derived_inputs = (TensorSpec(name=TEXT_INPUT, datatype="BYTES", shape=(-1,)),)
         self._derived_outputs = (
             TensorSpec(name="embedding", datatype="FP32", shape=(-1, int(config.hidden_size))),
+            TensorSpec(name="tokens", datatype="INT64", shape=(-1,)),
         )
 
     def _load_classification(self, folder: Path, config: Any) -> None:
@@ -435,7 +438,7 @@ class TransformersBackend(Backend):
     async def _predict(self, inputs: Tensors) -> Tensors:
         texts = text_rows(TEXT_INPUT, inputs[TEXT_INPUT])
         if self._task == "embedding":
-            return {"embedding": await self.run_sync(self._embed, texts)}
+            return await self.run_sync(self._embed, texts)
         if self._task == "classification":
             return await self.run_sync(self._classify, texts)
         completions = []
@@ -453,22 +456,29 @@ class TransformersBackend(Backend):
         )
         return batch.to(self._device)
 
-    def _embed(self, texts: list[str]) -> np.ndarray:
+    def _embed(self, texts: list[str]) -> Tensors:
+        """``embedding``, and ``tokens``: each text's token count as the model read it
+        (truncated, special tokens included), which ``/v1/embeddings`` reports as usage."""
         if not texts:
-            return np.zeros((0, self._derived_outputs[0].shape[1]), np.float32)
+            return {
+                "embedding": np.zeros((0, self._derived_outputs[0].shape[1]), np.float32),
+                "tokens": np.zeros(0, np.int64),
+            }
         try:
             with torch.inference_mode():
                 batch = self._tokenize(texts)
                 hidden = self._model(**batch).last_hidden_state
-                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                attention = batch["attention_mask"]
+                mask = attention.unsqueeze(-1).to(hidden.dtype)
                 summed = (hidden * mask).sum(dim=1)
                 embeddings = summed / mask.sum(dim=1).clamp(min=1e-9)
                 if self._normalize:
                     embeddings = torch.nn.functional.normalize(embeddings, p=2, dim=1)
                 result: np.ndarray = embeddings.float().cpu().numpy()
+                tokens: np.ndarray = attention.sum(dim=1).cpu().numpy().astype(np.int64)
         except Exception as err:
             raise Internal(f"model raised {type(err).__name__}: {err}") from err
-        return result
+        return {"embedding": result, "tokens": tokens}
 
     def _classify(self, texts: list[str]) -> Tensors:
         n = len(self._labels)

@@ -12,7 +12,9 @@
   list is cut into requests of the deployment's ``max_batch_size`` that run concurrently.
   ``encoding_format`` ``float`` or ``base64`` (little-endian float32, what the Python
   client asks for by default); ``dimensions`` only as the model's own size. ``usage``
-  reports 0 tokens: the embedding backends do not count them. An ``embedding`` output
+  reports the tokens the model read (``prompt_tokens`` = ``total_tokens``: after truncation
+  to its ``max_length``, special tokens included), the sum of the model's ``tokens``
+  output, which the ``transformers`` backend answers; 0 for a model that answers none. An ``embedding`` output
   that is not finite numbers, one row per text, of one width is the model's fault: 500
   (:meth:`DataPlane.embed <shoal.scheduler.dataplane.DataPlane.embed>`).
 - **Completions** and **chat completions** go to a deployment that generates text
@@ -427,19 +429,20 @@ class OpenAIApi:
         texts = [body.input] if isinstance(body.input, str) else body.input
         if not texts:
             raise OpenAIError("input", "'input' must hold at least one string")
-        vectors = await self._embed(spec, texts)
+        vectors, tokens = await self._embed(spec, texts)
         if body.dimensions is not None and body.dimensions != vectors.shape[1]:
             raise OpenAIError(
                 "dimensions", f"model {body.model!r} makes {vectors.shape[1]}-dimensional embeddings only"
             )
         encode = _base64 if body.encoding_format == "base64" else _floats
         data = [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)]
-        usage = {"prompt_tokens": 0, "total_tokens": 0}
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         return JSONResponse({"object": "list", "data": data, "model": body.model, "usage": usage})
 
-    async def _embed(self, spec: DeploymentSpec, texts: list[str]) -> np.ndarray:
-        parts = await self.dataplane.embed(spec.name, texts)
-        return np.concatenate([p.astype(np.float32, copy=False) for p in parts])
+    async def _embed(self, spec: DeploymentSpec, texts: list[str]) -> tuple[np.ndarray, int]:
+        """The embeddings of ``texts``, one row each, and the tokens the model read for them."""
+        answer = await self.dataplane.embed(spec.name, texts)
+        return np.concatenate([p.astype(np.float32, copy=False) for p in answer.parts]), answer.tokens
 
     # -- completions
 

@@ -84,6 +84,15 @@ class InferCall:
     answer_check: Callable[[Tensors], None] | None = None
 
 
+@dataclass(frozen=True)
+class Embeddings:
+    """What :meth:`DataPlane.embed` answers: the embeddings, one array of rows per routed
+    part, and how many tokens the model read for them all (0: it did not say)."""
+
+    parts: list[np.ndarray]
+    tokens: int
+
+
 class DataPlane:
     """Safe for concurrent calls from many tasks on one event loop."""
 
@@ -182,10 +191,12 @@ class DataPlane:
         self.bounds.check_elements(t.shape for t in call.inputs)
         payload.check_all(call.inputs)
 
-    async def embed(self, model: str, texts: Sequence[str], *, door: str = "openai") -> list[np.ndarray]:
+    async def embed(self, model: str, texts: Sequence[str], *, door: str = "openai") -> Embeddings:
         """Embeddings of ``texts`` from ``model`` (a BYTES input ``text``, an ``embedding``
         output of one row per text), one array of rows per routed part, all of one width
-        and finite: Internal (500) when the model answers otherwise.
+        and finite: Internal (500) when the model answers otherwise. With them the tokens
+        the model read, the sum of its ``tokens`` output (one count per text, what the
+        ``transformers`` backend answers); 0 for a model that answers no usable one.
 
         At most ``max_strings_per_request`` texts (InvalidArgument past it, before any
         work). A long list is cut into parts of the deployment's ``max_batch_size``, run
@@ -197,6 +208,7 @@ class DataPlane:
         size = max(1, spec.batching.max_batch_size)
         parts = [list(texts[i : i + size]) for i in range(0, len(texts), size)]
         vectors: list[np.ndarray | None] = [None] * len(parts)
+        tokens = [0] * len(parts)
         widths: list[int] = []  # the first answered part's: each later one must match it
 
         def rows_of(index: int, rows: int) -> Callable[[Tensors], None]:
@@ -211,6 +223,7 @@ class DataPlane:
                         f"output (its outputs: {names})"
                     )
                 vectors[index] = _embedding(model, found[0], rows, widths)
+                tokens[index] = _token_count(outputs, rows)
 
             return check
 
@@ -222,7 +235,7 @@ class DataPlane:
         for result in results:
             if isinstance(result, BaseException):
                 raise result  # the first failure answers the request (a ShoalError: its status)
-        return [v for v in vectors if v is not None]
+        return Embeddings([v for v in vectors if v is not None], sum(tokens))
 
     def check_strings(self, model: str, count: int, *, door: str = "openai") -> None:
         """InvalidArgument (counted and logged) when one request carries more than
@@ -316,6 +329,22 @@ def _embedding(model: str, output: Tensor, rows: int, widths: list[int]) -> np.n
             f"model {model!r} answered embeddings of different widths ({widths[0]} and {array.shape[1]})"
         )
     return array
+
+
+def _token_count(outputs: Tensors, rows: int) -> int:
+    """The sum of a ``tokens`` output of one non-negative integer per text; 0 when there is
+    none or it is not that (a ``python`` model may answer an output of that name for its
+    own ends: a usage figure is not worth failing its embeddings for)."""
+    found = [t for t in outputs if t.name == "tokens"]
+    if not found or found[0].datatype not in _COUNTS:
+        return 0
+    array = payload.to_array(found[0])
+    if array.shape != (rows,) or (array < 0).any():
+        return 0
+    return int(array.sum())
+
+
+_COUNTS = frozenset({"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"})
 
 
 def _texts(name: str, texts: Sequence[str]) -> Tensor:

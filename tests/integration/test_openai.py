@@ -104,12 +104,16 @@ async def test_the_same_embeddings_over_the_open_inference_protocol(
         reply = await http.post("/v2/models/minilm/infer", json=body)
 
     assert reply.status_code == 200, reply.text
-    [out] = reply.json()["outputs"]
+    out, tokens = reply.json()["outputs"]
     assert (out["name"], out["datatype"], out["shape"]) == ("embedding", "FP32", [3, 384])
+    assert (tokens["name"], tokens["datatype"], tokens["shape"]) == ("tokens", "INT64", [3])
     oip = np.array(out["data"], dtype=np.float32).reshape(3, 384)
     result = await client.embeddings.create(model="minilm", input=texts, encoding_format="float")
     np.testing.assert_allclose(oip, np.array([d.embedding for d in result.data]), atol=1e-5)
     assert cosine(oip[0], oip[1]) > cosine(oip[0], oip[2])
+    # The usage the OpenAI door reports is the tokens the model read for these texts.
+    assert all(n > 2 for n in tokens["data"])
+    assert result.usage.prompt_tokens == result.usage.total_tokens == sum(tokens["data"])
 
 
 # ---------------------------------------------------------------- generation

@@ -97,8 +97,29 @@ def test_minilm_example_spec(minilm: TransformersBackend) -> None:
     assert (spec.batching.max_batch_size, spec.batching.max_delay_ms) == (32, 5)
     assert minilm.device == "cpu"
     assert minilm.inputs() == (TensorSpec(name="text", datatype="BYTES", shape=(-1,)),)
-    assert minilm.outputs() == (TensorSpec(name="embedding", datatype="FP32", shape=(-1, 384)),)
+    assert minilm.outputs() == (
+        TensorSpec(name="embedding", datatype="FP32", shape=(-1, 384)),
+        TensorSpec(name="tokens", datatype="INT64", shape=(-1,)),
+    )
     assert not minilm.generates_text
+
+
+async def test_minilm_counts_the_tokens_it_read_per_text(minilm: TransformersBackend) -> None:
+    """``tokens``: what the tokenizer made of each text, special tokens in, padding out,
+    truncated as the model read it; the same batched or alone."""
+    long = " ".join(["guitar"] * 2000)
+    sentences = ["Hi.", GUITAR, long, ""]
+    out = await minilm.predict({"text": texts(*sentences)})
+    tokenizer = minilm._tokenizer
+    limit = minilm._max_length
+    assert limit is not None
+    want = [len(tokenizer(s, truncation=True, max_length=limit)["input_ids"]) for s in sentences]
+    assert out["tokens"].dtype == np.int64 and out["tokens"].tolist() == want
+    assert want[0] == 4 and want[2] == limit and want[3] == 2  # [CLS] hi . [SEP]; cut; [CLS] [SEP]
+    alone = [int((await minilm.predict({"text": texts(s)}))["tokens"][0]) for s in sentences]
+    assert alone == want
+    empty = await minilm.predict({"text": texts()})
+    assert empty["tokens"].shape == (0,) and empty["embedding"].shape == (0, 384)
 
 
 async def test_minilm_embeddings_are_normalised_and_a_paraphrase_is_closer(

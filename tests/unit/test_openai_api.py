@@ -144,6 +144,37 @@ async def test_embeddings_come_back_in_order_as_floats_and_base64(
     assert [len(r.inputs["text"]) for r in fakes.clients["minilm-1:1"].requests] == [2, 2, 1] * 2
 
 
+@pytest.mark.parametrize(
+    ("tokens", "usage"),
+    [
+        (lambda counts: np.array(counts, dtype=np.int64), 10),  # summed over the three parts
+        (lambda counts: np.array(counts, dtype=np.int32), 10),
+        (lambda counts: np.array(counts, dtype=np.float32), 0),  # not counts
+        (lambda counts: np.array([-1] * len(counts), dtype=np.int64), 0),
+        (lambda counts: np.array([*counts, 1], dtype=np.int64), 0),  # not one per text
+        (lambda counts: np.array([b"x"] * len(counts), dtype=object), 0),
+    ],
+)
+async def test_usage_sums_the_models_token_counts(
+    client: openai.AsyncOpenAI, fakes: FakeReplicas, tokens: Any, usage: int
+) -> None:
+    """A model's ``tokens`` output, one non-negative integer per text, is the usage; one that
+    is not that leaves it 0 and the embeddings as they are."""
+
+    def handler(inputs: Arrays) -> Arrays:
+        counts = [len(raw.decode().split()) for raw in inputs["text"].tolist()]
+        return {**fake_embeddings(inputs), "tokens": tokens(counts)}
+
+    fakes.handler = handler
+    for fake in fakes.clients.values():
+        fake.handler = handler
+    texts = ["one", "two words", "three more words", "four", "five and six"]  # 1+2+3+1+3 words
+    result = await client.embeddings.create(model="minilm", input=texts, encoding_format="float")
+    assert (result.usage.prompt_tokens, result.usage.total_tokens) == (usage, usage)
+    want = fake_embeddings({"text": np.array([t.encode() for t in texts], dtype=object)})["embedding"]
+    np.testing.assert_allclose(np.array([d.embedding for d in result.data]), want, rtol=1e-6)
+
+
 async def test_base64_embeddings_are_little_endian_float32(http: httpx.AsyncClient) -> None:
     reply = await http.post(
         "/v1/embeddings", json={"model": "minilm", "input": "hello", "encoding_format": "base64"}
