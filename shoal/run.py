@@ -263,11 +263,11 @@ async def _serve_as_leader(leadership: Leadership, node: HeadNode) -> None:
 async def start_scheduler(
     settings: Settings, stack: AsyncExitStack, head_address: str, zygote: Zygote | None = None
 ) -> tuple[SchedulerNode, str, str]:
-    """Bind the scheduler's ports and start it. With several ingress processes
-    (``ingress_workers``), the inference ports are shared (SO_REUSEPORT) with workers this
-    process starts and restarts, and the head and replicas reach this process on a control
-    port of its own (the address it registers). With ``zygote``, ingress workers and
-    replicas are forked from it (``shoal.zygote``)."""
+    """Bind the scheduler's ports and start it. The head, the replicas and peer schedulers
+    reach this process on a control port of its own (the address it registers), apart from
+    the inference ports. With several ingress processes (``ingress_workers``), the inference
+    ports are shared (SO_REUSEPORT) with workers this process starts and restarts. With
+    ``zygote``, ingress workers and replicas are forked from it (``shoal.zygote``)."""
     check_transport(settings, "scheduler", "replica")
     check_ports(settings, SCHEDULER_PORTS)
     state_dir = Path(settings.state_dir)
@@ -323,17 +323,16 @@ async def start_scheduler(
         limits=HttpLimits.of(settings),
         refuse=refuse_when_full(node),
     )
-    control = server
-    control_port = port
-    if processes <= 1:
-        pbg.add_BlobServicer_to_server(blob_service, server)
+    # The control port, a server of its own even with one ingress process: the head's calls,
+    # replicas' registrations and reports and peers' blob fetches must not wait behind, or be
+    # shut out by, clients of the inference port (holding its grpc_max_connections, say).
+    control = new_server(settings, [guard])
+    pbg.add_SchedulerServicer_to_server(SchedulerService(node), control)
+    pbg.add_BlobServicer_to_server(blob_service, control)
+    # The registered address answers inference too (shoal predict uses it; shoal bench only
+    # when it cannot read the inference port from this machine's endpoints.json).
+    oipg.add_GRPCInferenceServiceServicer_to_server(inference, control)
     if processes > 1:
-        control = new_server(settings, [guard])
-        pbg.add_SchedulerServicer_to_server(SchedulerService(node), control)
-        pbg.add_BlobServicer_to_server(blob_service, control)
-        # The registered address answers inference too (shoal predict uses it; shoal bench only
-        # when it cannot read the inference port from this machine's endpoints.json).
-        oipg.add_GRPCInferenceServiceServicer_to_server(inference, control)
         ingress = IngressService(
             node.hub,
             lambda: snapshot(node.router, node.catalog),
@@ -342,9 +341,9 @@ async def start_scheduler(
             lambda: metrics.render(registry),
         )
         pbg.add_IngressServicer_to_server(ingress, control)
-        control_port = bind(control, settings.host, 0, credentials)
-        await control.start()
-        stack.push_async_callback(control.stop, 1.0)
+    control_port = bind(control, settings.host, 0, credentials)
+    await control.start()
+    stack.push_async_callback(control.stop, 1.0)
     await server.start()
     stack.push_async_callback(server.stop, 1.0)
     await http.start()
