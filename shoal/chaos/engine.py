@@ -23,7 +23,7 @@ from shoal.chaos.faults import (
     deployment_of,
 )
 from shoal.chaos.load import Load, inputs_for
-from shoal.chaos.processes import local_replica, local_scheduler
+from shoal.chaos.processes import listening_pids, local_replica, local_scheduler
 from shoal.chaos.report import summarize
 from shoal.config import Settings
 from shoal.errors import NotFound, ShoalError, Unavailable
@@ -226,11 +226,15 @@ class Chaos:
 
         async def inject(ctx: FaultContext) -> str:
             status = self.status
+            # The load's target: the scheduler registered at its address, or (an inference
+            # port: the registered one is the control port) the one listening on its port.
+            target = await asyncio.to_thread(listening_pids, self.address)
             candidates = [
                 s
                 for s in status.get("schedulers", [])
                 if s["state"] == "ALIVE"
                 and s["address"] != self.address
+                and s["pid"] not in target
                 and (not scheduler_id or s["id"] == scheduler_id)
                 and local_scheduler(s["pid"])
             ]

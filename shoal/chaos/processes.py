@@ -50,6 +50,28 @@ def find_head_pid(head_address: str) -> int | None:
     return None
 
 
+def listening_pids(address: str) -> set[int]:
+    """The shoal processes on this machine that listen on ``address``'s port: a scheduler
+    whose inference port the load targets is among them (its registered address, the control
+    port, differs from that port). Empty when none here listens on it."""
+    try:
+        port = int(address.rsplit(":", 1)[1])
+    except (IndexError, ValueError):
+        return set()
+    pids = set()
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info.get("cmdline") or []
+        if not any("shoal" in part for part in cmd):
+            continue
+        try:
+            conns = proc.net_connections(kind="inet")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in conns):
+            pids.add(proc.pid)
+    return pids
+
+
 def head_restarter(head_address: str, cmd: str, pid: int, log_path: Path) -> Callable[[], Awaitable[str]]:
     """Kill the head process ``pid`` with SIGKILL, wait for it to go, then run ``cmd`` (a shell
     command, detached, its output appended to ``log_path``)."""
