@@ -14,9 +14,9 @@
   client asks for by default); ``dimensions`` only as the model's own size. ``usage``
   reports the tokens the model read (``prompt_tokens`` = ``total_tokens``: after truncation
   to its ``max_length``, special tokens included), the sum of the model's ``tokens``
-  output, which the ``transformers`` backend answers; 0 for a model that answers none. An ``embedding`` output
-  that is not finite numbers, one row per text, of one width is the model's fault: 500
-  (:meth:`DataPlane.embed <shoal.scheduler.dataplane.DataPlane.embed>`).
+  output, which the ``transformers`` backend answers; 0 for a model that answers none.
+  An ``embedding`` output that is not finite numbers, one row per text, of one width is
+  the model's fault: 500 (:meth:`DataPlane.embed <shoal.scheduler.dataplane.DataPlane.embed>`).
 - **Completions** and **chat completions** go to a deployment that generates text
   (``transformers`` task ``generation``, ``vllm``) through :meth:`Router.stream
   <shoal.scheduler.router.Router.stream>`. A chat is rendered into a prompt by the replica
