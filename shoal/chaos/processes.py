@@ -36,24 +36,15 @@ def local_scheduler(pid: int) -> bool:
 
 def find_head_pid(head_address: str) -> int | None:
     """The process on this machine that listens on the head's port and runs ``shoal head``."""
-    port = int(head_address.rsplit(":", 1)[1])
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = proc.info.get("cmdline") or []
-        if "head" not in cmd or not any("shoal" in part for part in cmd):
-            continue
-        try:
-            conns = proc.net_connections(kind="inet")
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in conns):
-            return proc.pid
-    return None
+    heads = listening_pids(head_address, "head")
+    return min(heads) if heads else None
 
 
-def listening_pids(address: str) -> set[int]:
-    """The shoal processes on this machine that listen on ``address``'s port: a scheduler
-    whose inference port the load targets is among them (its registered address, the control
-    port, differs from that port). Empty when none here listens on it."""
+def listening_pids(address: str, role: str = "") -> set[int]:
+    """The shoal processes on this machine (with ``role``, say ``head``, in their command
+    line when given) that listen on ``address``'s port: a scheduler whose inference port the
+    load targets is among them (its registered address, the control port, differs from that
+    port). Empty when none here listens on it."""
     try:
         port = int(address.rsplit(":", 1)[1])
     except (IndexError, ValueError):
@@ -61,7 +52,7 @@ def listening_pids(address: str) -> set[int]:
     pids = set()
     for proc in psutil.process_iter(["cmdline"]):
         cmd = proc.info.get("cmdline") or []
-        if not any("shoal" in part for part in cmd):
+        if (role and role not in cmd) or not any("shoal" in part for part in cmd):
             continue
         try:
             conns = proc.net_connections(kind="inet")
