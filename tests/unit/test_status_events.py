@@ -6,6 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 from shoal.cli.commands import STATUS_EVENTS, render_status
+from shoal.config import Settings
+from shoal.core.clock import FakeClock
+from shoal.head.node import HeadNode
+from shoal.store import MemoryStore
+from shoal.testing.fakes import FakeSchedulers
 
 
 def status(events: list[dict[str, Any]]) -> dict[str, Any]:
@@ -36,3 +41,20 @@ def test_the_latest_events_are_listed_oldest_first_with_their_reason() -> None:
 def test_no_events_no_event_table() -> None:
     assert "EVENT TIME" not in render_status(status([]))
     assert "EVENT TIME" not in render_status({"schedulers": [], "deployments": []})
+
+
+async def test_the_head_answers_its_last_50_events_and_status_shows_10(
+    store: MemoryStore, fleet: FakeSchedulers, clock: FakeClock
+) -> None:
+    """docs/operations.md: `shoal status --json` and `GET /api/status` carry the last 50
+    events the head kept, `shoal status` the latest 10, oldest first."""
+    node = HeadNode(Settings(), store, fleet, clock)
+    try:
+        for i in range(120):
+            node.state.event("replica_died", f"replica r{i:03d} died: used 812 MB of memory")
+        status = await node.status()
+        assert [e.message.split()[1] for e in status.events] == [f"r{i:03d}" for i in range(70, 120)]
+        shown = [line for line in render_status(status.to_json()).splitlines() if "replica r" in line]
+        assert [line.split("replica ")[1][:4] for line in shown] == [f"r{i:03d}" for i in range(110, 120)]
+    finally:
+        await node.aclose()
