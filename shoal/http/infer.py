@@ -37,7 +37,7 @@ from shoal.errors import (
     from_code,
 )
 from shoal.http.auth import drain
-from shoal.scheduler.dataplane import MODEL_ID_HEADER, MODEL_ID_PARAMETER, InferCall
+from shoal.scheduler.dataplane import MODEL_ID_HEADER, MODEL_ID_PARAMETER, InferCall, check_priority
 from shoal.scheduler.ingress import IngressNode
 from shoal.scheduler.models import InferResult
 
@@ -169,6 +169,7 @@ class InferRequest:
         self.timeout_s = timeout / 1e6
         if params.get("sequence_id") not in (None, 0, ""):
             raise InvalidArgument("sequence batching (parameter 'sequence_id') is not supported")
+        check_priority(params.get("priority"))
         self.binary_default = bool_param(params, "binary_data_output", False, "")
         model_id = params.get(MODEL_ID_PARAMETER, "")
         if not isinstance(model_id, str):

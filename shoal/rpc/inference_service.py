@@ -40,7 +40,7 @@ from shoal.proto import model_config_pb2 as mc
 from shoal.rpc import generate_stream
 from shoal.rpc.auth import authorization
 from shoal.rpc.status import Context, abort
-from shoal.scheduler.dataplane import MODEL_ID_PARAMETER, DataPlane, InferCall
+from shoal.scheduler.dataplane import MODEL_ID_PARAMETER, DataPlane, InferCall, check_priority
 from shoal.scheduler.models import NO_LOG_SETTINGS, NO_SHARED_MEMORY, NO_TRACE, InferResult
 from shoal.scheduler.repository import ModelRepository, check_parameters
 from shoal.types import Arrays
@@ -255,6 +255,7 @@ def infer_call(
         sequence = _parameter(request.parameters, "sequence_id")
         if sequence not in (None, 0, ""):
             raise InvalidArgument("sequence batching (parameter 'sequence_id') is not supported")
+        check_priority(_parameter(request.parameters, "priority"))
     wanted: list[str] = []
     for out in request.outputs:
         if out.parameters:

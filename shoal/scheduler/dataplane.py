@@ -66,6 +66,19 @@ MODEL_ID_PARAMETER = "multiplexed_model_id"
 MODEL_ID_HEADER = "shoal-multiplexed-model-id"
 """The HTTP header naming it (REST; the parameter wins when both are given)."""
 
+_MAX_PRIORITY = 2**64 - 1
+
+
+def check_priority(value: object) -> None:
+    """Triton's ``priority`` request parameter (tritonclient's ``priority=``, sent as a
+    uint64): accepted and not used, as Triton does for a model without ``priority_levels``:
+    requests are served in the order they arrive (docs/triton.md). A value that is not an
+    integer in [0, 2^64) is refused, naming it, rather than ignored."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_PRIORITY:
+        raise InvalidArgument(f"parameter 'priority' must be an integer in [0, 2^64), got {value!r}")
+
 
 @dataclass(frozen=True, slots=True)
 class InferCall:

@@ -191,6 +191,49 @@ async def test_a_reused_native_id_never_answers_another_request(doors: Doors, fa
         np.testing.assert_array_equal(codec.decode(reply.outputs)["x"], v)
 
 
+# A request's ``priority`` parameter, as tritonclient sends it (gRPC ``uint64_param``,
+# REST a JSON integer), and values no client should send.
+PRIORITY_OK: list[tuple[str, Any]] = [("uint64_param", 2**64 - 1), ("int64_param", 3), ("uint64_param", 0)]
+PRIORITY_BAD: list[tuple[str, Any]] = [("int64_param", -1), ("string_param", "high"), ("bool_param", True)]
+
+
+async def test_the_priority_parameter_is_accepted_when_an_integer_and_refused_otherwise(
+    doors: Doors,
+) -> None:
+    """docs/triton.md: ``priority`` is taken and not used (requests run in arrival order, as
+    Triton runs them for a model without priority levels); anything but an integer in
+    [0, 2^64) is INVALID_ARGUMENT / 400 naming it, through both OIP doors."""
+
+    def grpc_request(kind: str, value: Any) -> oip.ModelInferRequest:
+        t = payload.from_array("x", GOOD)
+        request = oip.ModelInferRequest(model_name="echo")
+        request.inputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
+        request.raw_input_contents.append(t.data)
+        setattr(request.parameters["priority"], kind, value)
+        return request
+
+    def rest_doc(value: Any) -> dict[str, Any]:
+        x = {"name": "x", "datatype": "FP32", "shape": [2, 4], "data": GOOD.flatten().tolist()}
+        return {"inputs": [x], "parameters": {"priority": value}}
+
+    for kind, value in PRIORITY_OK:
+        reply = await doors.grpc.ModelInfer(grpc_request(kind, value), cast(Any, Context()))
+        answer = np.frombuffer(reply.raw_output_contents[0], np.float32).reshape(2, 4)
+        np.testing.assert_array_equal(answer, GOOD)
+        r = await doors.http.post("/v2/models/echo/infer", json=rest_doc(value))
+        assert r.status_code == 200, r.text
+    for kind, value in PRIORITY_BAD:
+        with pytest.raises(Aborted) as err:
+            await doors.grpc.ModelInfer(grpc_request(kind, value), cast(Any, Context()))
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.message == f"parameter 'priority' must be an integer in [0, 2^64), got {value!r}"
+        r = await doors.http.post("/v2/models/echo/infer", json=rest_doc(value))
+        assert r.status_code == 400 and "parameter 'priority' must be an integer" in r.json()["error"]
+    for value in (2**64, 1.5):  # JSON only: past uint64, or not an integer
+        r = await doors.http.post("/v2/models/echo/infer", json=rest_doc(value))
+        assert r.status_code == 400 and f"got {value!r}" in r.json()["error"]
+
+
 async def test_native_requests_with_a_repeated_input_name_are_refused(doors: Doors) -> None:
     request = pb.InferRequest(deployment="echo", inputs=codec.encode({"x": GOOD}) * 2)
     with pytest.raises(Aborted) as err:

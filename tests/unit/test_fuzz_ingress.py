@@ -70,6 +70,7 @@ PARAMETER_KEYS = [
     "shared_memory_region",
     "classification",
     "sequence_id",
+    "priority",
 ]
 params = st.dictionaries(
     st.sampled_from(PARAMETER_KEYS) | st.text(max_size=4),
