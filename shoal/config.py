@@ -135,6 +135,12 @@ class Settings:
     a CPU of its own (``shoal.core.affinity``): gRPC hands every request between three threads
     of a process, and on one CPU those hand-overs need no wake-up of another CPU. Replicas
     stay free to run anywhere."""
+    replica_oom_score_adj: int = 1000
+    """What each replica writes to its ``/proc/self/oom_score_adj`` (Linux, -1000 to 1000): when
+    the machine runs out of memory, the kernel's OOM killer then takes a replica, the one using
+    the most first, before the scheduler, the head or anything else on the machine, and the
+    scheduler replaces it. Below the scheduler's own value it needs CAP_SYS_RESOURCE; without
+    it the replica keeps the scheduler's value and says so in its log."""
     model_repository: str = ""
     """A Triton model repository folder this scheduler's repository extension serves
     (index, load, unload; ``shoal.scheduler.repository``). Empty: none."""
@@ -358,6 +364,7 @@ _RANGES: dict[str, _Range] = {
     "max_inflight_mb": _NATURAL,
     "shutdown_grace_s": _NATURAL,
     "ingress_workers": _NATURAL,
+    "replica_oom_score_adj": _Range(-1000, 1000),
     "max_tensor_elements": _NATURAL,
     "max_tensors_per_request": _NATURAL,
     "max_strings_per_request": _NATURAL,

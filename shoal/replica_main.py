@@ -56,6 +56,21 @@ def process_runs(pid: int) -> Callable[[], bool] | None:
     return runs
 
 
+def first_for_the_oom_killer(adj: int) -> None:
+    """Set this process's ``oom_score_adj`` to ``adj`` (setting ``replica_oom_score_adj``).
+
+    Why: a replica is held to its ``memory_mb`` once per ping interval, and a model that
+    allocates faster than that met the kernel's OOM killer first, which picked by size alone
+    and could pick the scheduler, taking every replica on the machine with it. With 1000 (the
+    default) the kernel picks among the replicas, the largest first, and the scheduler
+    replaces the one it killed, as for any replica that dies."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(adj))
+    except OSError as err:  # not Linux, or a value below the scheduler's without CAP_SYS_RESOURCE
+        log.info("oom_score_adj not set to %d (setting replica_oom_score_adj): %s", adj, err)
+
+
 async def run_replica(
     settings: Settings, replica_id: str, scheduler: str, spec: DeploymentSpec, scheduler_pid: int = 0
 ) -> int:
@@ -130,6 +145,7 @@ def main() -> None:
     args = parser.parse_args()
     settings = Settings.load(env={}, flags=json.loads(args.settings_json))
     logs.setup(settings.log_format, settings.log_level, component=f"replica {args.replica_id}")
+    first_for_the_oom_killer(settings.replica_oom_score_adj)
     with open(args.spec_file) as f:
         spec = parse_spec_json(f.read())
     replica = run_replica(settings, args.replica_id, args.scheduler, spec, args.scheduler_pid)

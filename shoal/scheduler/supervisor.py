@@ -339,6 +339,8 @@ class ReplicaSupervisor:
             "log_format": self.settings.log_format,
             "log_level": self.settings.log_level,
             "event_loop": self.settings.event_loop,
+            # Out of memory, the kernel kills a replica before its scheduler (shoal.replica_main).
+            "replica_oom_score_adj": self.settings.replica_oom_score_adj,
             # Security: the replica's certificate, and where its model may come from.
             "tls_dir": str(Path(self.settings.tls_dir).resolve()) if self.settings.tls_dir else "",
             "insecure": self.settings.insecure,

@@ -65,12 +65,22 @@ def hog_spec(folder: Path) -> dict[str, Any]:
     }
 
 
+def oom_score_adj(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/oom_score_adj").read_text())
+
+
 async def test_a_replica_over_its_memory_limit_is_killed_and_replaced(tmp_path: Path) -> None:
     async with ProcessCluster(tmp_path) as cluster:
         await cluster.deploy(hog_spec(tmp_path))
         [replica] = await cluster.wait_ready("echo", 1)
         used = memory_mb(replica["pid"])
         assert used is not None and used < LIMIT_MB / 2, used
+        # What allocates faster than a ping meets the kernel's OOM killer, which takes the
+        # replica (replica_oom_score_adj 1000) before its scheduler.
+        scheduler = cluster.schedulers[0].proc
+        assert scheduler is not None
+        assert oom_score_adj(replica["pid"]) == 1000
+        assert oom_score_adj(scheduler.pid) < 1000
         zygote = zygote_of(cluster)
 
         # Under the limit it serves, and keeps serving.

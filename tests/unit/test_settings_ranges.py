@@ -36,6 +36,8 @@ pytestmark = pytest.mark.timeout(10)
         ("rpc_attempts", 0, ">= 1"),
         ("max_message_mb", 4096, "from 1 to 2047"),
         ("max_concurrent_streams", 0, "from 1 to 2147483647"),
+        ("replica_oom_score_adj", 1001, "from -1000 to 1000"),
+        ("replica_oom_score_adj", -1001, "from -1000 to 1000"),
     ],
 )
 def test_a_number_out_of_range_is_refused_from_every_source(
@@ -86,6 +88,8 @@ def test_a_name_that_is_not_a_choice_is_refused(tmp_path: Path, name: str) -> No
         {"max_tensor_elements": 0, "max_strings_per_request": 0, "http_max_connections": 0},
         {"http_header_timeout_s": 0, "control_rate_limit": 0, "dead_after_stream_end_s": 0},
         {"forget_dead_after_s": 0, "shutdown_grace_s": 0, "ingress_workers": 0},
+        {"replica_oom_score_adj": -1000},
+        {"replica_oom_score_adj": 1000},
         {"max_message_mb": 1, "rpc_attempts": 1, "dead_after_s": 0.2, "heartbeat_interval_s": 0.05},
         {"log_level": "debug", "log_format": "json", "event_loop": "asyncio", "data_plane": "unary"},
     ],
