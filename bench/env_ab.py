@@ -1,0 +1,147 @@
+"""shoal under an environment change, A B A B: is a lever worth keeping?
+
+Starts one ``shoal up`` cluster per variant, all up at once: the suite's noop model with
+batching, as ``bench/profile.py`` serves it, and two ingress processes. Loads them in turn
+with perf_analyzer over gRPC, the order reversed every round, so each pair of points is
+seconds apart. Prints each variant's requests a second and p50 per round, then the median
+of its per-round ratios to the first variant. A variant is a set of environment variables
+for the whole cluster (every ``SHOAL_*`` setting, gRPC's ``GRPC_EXPERIMENTS``, ...). Not
+part of ``make test``::
+
+    .venv/bin/python bench/env_ab.py --variant default= \
+        --variant pollset=GRPC_EXPERIMENTS=pollset_alternative
+    .venv/bin/python bench/env_ab.py --variant two= --variant one=SHOAL_INGRESS_WORKERS=1 -c 1
+
+A variant is ``NAME`` (no change) or ``NAME=VAR=VALUE[,VAR=VALUE...]``; two variants with
+no change (an A A run) show the noise. Needs perf_analyzer (``bench/peers.py
+perf-analyzer``). The clusters share the machine's CPUs while idle; the one being loaded
+has them to itself but for the others' background work (a few ms a second).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+import systems  # noqa: E402 - bench/ is not a package
+
+ROOT = BENCH.parent
+PERF_ANALYZER = BENCH / ".peers" / "perf-analyzer" / "perf_analyzer"
+READY = "all deployments ready"
+# The suite's noop model with batching, as bench/profile.py serves it.
+SPEC = (
+    systems.SHOAL_SPECS["noop"].format(name="noop")
+    + "replicas: 1\nresources: {cpus: 0.25}\n"
+    + systems.SHOAL_BATCHING
+)
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    """``NAME=VAR=VALUE,VAR=VALUE`` -> (NAME, {VAR: VALUE}); ``NAME=`` -> (NAME, {})."""
+    name, _, rest = text.partition("=")
+    if not name:
+        raise argparse.ArgumentTypeError(f"variant {text!r}: expected NAME or NAME=VAR=VALUE[,VAR=VALUE]")
+    env: dict[str, str] = {}
+    for item in filter(None, rest.split(",")):
+        var, eq, value = item.partition("=")
+        if not eq or not var:
+            raise argparse.ArgumentTypeError(f"variant {text!r}: {item!r} is not VAR=VALUE")
+        env[var] = value
+    return name, env
+
+
+class Cluster:
+    """``shoal up`` in a folder of its own with ``env`` added to this process's environment."""
+
+    def __init__(self, env: dict[str, str], workers: int) -> None:
+        self.work = Path(tempfile.mkdtemp(prefix="shoal-env-ab-"))
+        shutil.copy(ROOT / "examples" / "echo.py", self.work / "echo.py")
+        (self.work / "deploy.yaml").write_text(SPEC)
+        full = {**os.environ, "PYTHONPATH": str(ROOT), "SHOAL_INGRESS_WORKERS": str(workers), **env}
+        full.pop("SHOAL_HEAD", None)
+        state = self.work / "state"
+        argv = [sys.executable, "-m", "shoal.cli", "up", "--state", str(state), "--deploy", "deploy.yaml"]
+        argv += ["--head-port", "0", "--dashboard-port", "0", "--grpc-port", "0", "--http-port", "0"]
+        self.proc = subprocess.Popen(
+            argv, cwd=self.work, env=full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        assert self.proc.stdout is not None
+        seen = []
+        for line in self.proc.stdout:
+            seen.append(line)
+            if READY in line:
+                break
+        else:
+            raise SystemExit("shoal up exited before its deployment was ready:\n" + "".join(seen[-20:]))
+        subprocess.Popen(["cat"], stdin=self.proc.stdout, stdout=subprocess.DEVNULL)  # keep its pipe drained
+        self.url = json.loads((state / "endpoints.json").read_text())["scheduler"]
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def load(url: str, concurrency: int) -> tuple[float, float]:
+    """perf_analyzer noop over gRPC: (requests a second, p50 ms), three 1 s windows."""
+    argv = [str(PERF_ANALYZER), "-m", "noop", "-u", url, "-i", "grpc", "--shape", "x:1,16"]
+    argv += ["--concurrency-range", str(concurrency), "-p", "3000", "-s", "1000", "-r", "3"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=120).stdout
+    rate = [line for line in out.splitlines() if "Throughput:" in line]
+    p50 = [line for line in out.splitlines() if "p50 latency:" in line]
+    if not rate or not p50:
+        raise SystemExit(f"perf_analyzer gave no figures:\n{out[-2000:]}")
+    return float(rate[-1].split("Throughput:")[1].split()[0]), float(p50[-1].split(":")[1].split()[0]) / 1000
+
+
+def main() -> None:
+    args = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    args.add_argument(
+        "--variant", type=parse_variant, action="append", required=True, help="NAME=VAR=VALUE,..."
+    )
+    args.add_argument("--rounds", type=int, default=6)
+    args.add_argument("-c", "--concurrency", type=int, default=32)
+    args.add_argument("--ingress-workers", type=int, default=2)
+    opts = args.parse_args()
+    if len(opts.variant) < 2:
+        args.error("give at least two --variant (the first is the reference)")
+    if not PERF_ANALYZER.exists():
+        raise SystemExit("no perf_analyzer: run .venv/bin/python bench/peers.py perf-analyzer")
+    clusters: dict[str, Cluster] = {}
+    try:
+        for name, env in opts.variant:
+            clusters[name] = Cluster(env, opts.ingress_workers)
+        for cluster in clusters.values():
+            load(cluster.url, opts.concurrency)  # warm up
+        rates: dict[str, list[float]] = {name: [] for name in clusters}
+        names = list(clusters)
+        for index in range(opts.rounds):
+            for name in names if index % 2 == 0 else names[::-1]:
+                rate, p50 = load(clusters[name].url, opts.concurrency)
+                rates[name].append(rate)
+                print(f"round {index} {name:>12} {rate:8.0f} req/s  p50 {p50:6.2f} ms", flush=True)
+        for name in names:
+            ratios = [a / b for a, b in zip(rates[name], rates[names[0]], strict=True)]
+            spread = ", ".join(f"{r:.3f}" for r in ratios)
+            print(f"{name:>12}: median {statistics.median(ratios):.3f}x {names[0]} ({spread})")
+    finally:
+        for cluster in clusters.values():
+            cluster.stop()
+
+
+if __name__ == "__main__":
+    main()
