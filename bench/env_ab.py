@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -83,7 +84,8 @@ class Cluster:
                 break
         else:
             raise SystemExit("shoal up exited before its deployment was ready:\n" + "".join(seen[-20:]))
-        subprocess.Popen(["cat"], stdin=self.proc.stdout, stdout=subprocess.DEVNULL)  # keep its pipe drained
+        # Keep its pipe drained, or a chatty cluster blocks on a full pipe.
+        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
         self.url = json.loads((state / "endpoints.json").read_text())["scheduler"]
 
     def stop(self) -> None:
