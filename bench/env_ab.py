@@ -121,6 +121,11 @@ def main() -> None:
     opts = args.parse_args()
     if len(opts.variant) < 2:
         args.error("give at least two --variant (the first is the reference)")
+    names = [name for name, _ in opts.variant]
+    if len(set(names)) != len(names):
+        args.error(f"variant names must differ (each names a cluster): {', '.join(names)}")
+    if opts.rounds < 1 or opts.concurrency < 1:
+        args.error("--rounds and --concurrency must be at least 1")
     if not PERF_ANALYZER.exists():
         raise SystemExit("no perf_analyzer: run .venv/bin/python bench/peers.py perf-analyzer")
     clusters: dict[str, Cluster] = {}
@@ -130,7 +135,6 @@ def main() -> None:
         for cluster in clusters.values():
             load(cluster.url, opts.concurrency)  # warm up
         rates: dict[str, list[float]] = {name: [] for name in clusters}
-        names = list(clusters)
         for index in range(opts.rounds):
             for name in names if index % 2 == 0 else names[::-1]:
                 rate, p50 = load(clusters[name].url, opts.concurrency)
