@@ -1,10 +1,11 @@
 """shoal under an environment change, A B A B: is a lever worth keeping?
 
-Starts one ``shoal up`` cluster per variant, all up at once: the suite's noop model with
-batching, as ``bench/profile.py`` serves it, and two ingress processes. Loads them in turn
-with perf_analyzer over gRPC, the order reversed every round, so each pair of points is
-seconds apart. Prints each variant's requests a second and p50 per round, then the median
-of its per-round ratios to the first variant. A variant is a set of environment variables
+Starts one ``shoal up`` cluster per variant, all up at once: one of the suite's models
+(``--workload``: noop, the default, or sklearn) with batching, as ``bench/run`` serves it,
+and two ingress processes. Loads them in turn with perf_analyzer over gRPC (or
+``--protocol http``), the order reversed every round, so each pair of points is seconds
+apart. Prints each variant's requests a second and p50 per round, then the median of its
+per-round ratios to the first variant. A variant is a set of environment variables
 for the whole cluster (every ``SHOAL_*`` setting, gRPC's ``GRPC_EXPERIMENTS``, ...). Not
 part of ``make test``::
 
@@ -39,12 +40,16 @@ import systems  # noqa: E402 - bench/ is not a package
 ROOT = BENCH.parent
 PERF_ANALYZER = BENCH / ".peers" / "perf-analyzer" / "perf_analyzer"
 READY = "all deployments ready"
-# The suite's noop model with batching, as bench/profile.py serves it.
-SPEC = (
-    systems.SHOAL_SPECS["noop"].format(name="noop")
-    + "replicas: 1\nresources: {cpus: 0.25}\n"
-    + systems.SHOAL_BATCHING
-)
+# The suite's models with batching, as bench/run serves them: workload -> perf_analyzer's --shape.
+SHAPES = {"noop": "x:1,16", "sklearn": "input:1,64"}
+
+
+def spec(workload: str) -> str:
+    return (
+        systems.SHOAL_SPECS[workload].format(name=workload)
+        + "replicas: 1\nresources: {cpus: 0.25}\n"
+        + systems.SHOAL_BATCHING
+    )
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
@@ -64,10 +69,22 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
 class Cluster:
     """``shoal up`` in a folder of its own with ``env`` added to this process's environment."""
 
-    def __init__(self, env: dict[str, str], workers: int) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        workers: int,
+        workload: str,
+        protocol: str = "grpc",
+        extra_files: dict[str, str] | None = None,
+        deploy: str | None = None,
+    ) -> None:
         self.work = Path(tempfile.mkdtemp(prefix="shoal-env-ab-"))
         shutil.copy(ROOT / "examples" / "echo.py", self.work / "echo.py")
-        (self.work / "deploy.yaml").write_text(SPEC)
+        for name, text in (extra_files or {}).items():
+            (self.work / name).write_text(text)
+        if workload == "sklearn":
+            systems.digits_model(sys.executable, self.work)
+        (self.work / "deploy.yaml").write_text(deploy or spec(workload))
         full = {**os.environ, "PYTHONPATH": str(ROOT), "SHOAL_INGRESS_WORKERS": str(workers), **env}
         full.pop("SHOAL_HEAD", None)
         state = self.work / "state"
@@ -86,7 +103,8 @@ class Cluster:
             raise SystemExit("shoal up exited before its deployment was ready:\n" + "".join(seen[-20:]))
         # Keep its pipe drained, or a chatty cluster blocks on a full pipe.
         threading.Thread(target=self.proc.stdout.read, daemon=True).start()
-        self.url = json.loads((state / "endpoints.json").read_text())["scheduler"]
+        endpoints = json.loads((state / "endpoints.json").read_text())
+        self.url = endpoints["scheduler" if protocol == "grpc" else "scheduler_http"]
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -98,9 +116,9 @@ class Cluster:
         shutil.rmtree(self.work, ignore_errors=True)
 
 
-def load(url: str, concurrency: int) -> tuple[float, float]:
-    """perf_analyzer noop over gRPC: (requests a second, p50 ms), three 1 s windows."""
-    argv = [str(PERF_ANALYZER), "-m", "noop", "-u", url, "-i", "grpc", "--shape", "x:1,16"]
+def load(url: str, concurrency: int, workload: str = "noop", protocol: str = "grpc") -> tuple[float, float]:
+    """perf_analyzer over ``protocol``: (requests a second, p50 ms), three 1 s windows."""
+    argv = [str(PERF_ANALYZER), "-m", workload, "-u", url, "-i", protocol, "--shape", SHAPES[workload]]
     argv += ["--concurrency-range", str(concurrency), "-p", "3000", "-s", "1000", "-r", "3"]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=120).stdout
     rate = [line for line in out.splitlines() if "Throughput:" in line]
@@ -118,6 +136,8 @@ def main() -> None:
     args.add_argument("--rounds", type=int, default=6)
     args.add_argument("-c", "--concurrency", type=int, default=32)
     args.add_argument("--ingress-workers", type=int, default=2)
+    args.add_argument("--workload", choices=sorted(SHAPES), default="noop")
+    args.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
     opts = args.parse_args()
     if len(opts.variant) < 2:
         args.error("give at least two --variant (the first is the reference)")
@@ -131,13 +151,13 @@ def main() -> None:
     clusters: dict[str, Cluster] = {}
     try:
         for name, env in opts.variant:
-            clusters[name] = Cluster(env, opts.ingress_workers)
+            clusters[name] = Cluster(env, opts.ingress_workers, opts.workload, opts.protocol)
         for cluster in clusters.values():
-            load(cluster.url, opts.concurrency)  # warm up
+            load(cluster.url, opts.concurrency, opts.workload, opts.protocol)  # warm up
         rates: dict[str, list[float]] = {name: [] for name in clusters}
         for index in range(opts.rounds):
             for name in names if index % 2 == 0 else names[::-1]:
-                rate, p50 = load(clusters[name].url, opts.concurrency)
+                rate, p50 = load(clusters[name].url, opts.concurrency, opts.workload, opts.protocol)
                 rates[name].append(rate)
                 print(f"round {index} {name:>12} {rate:8.0f} req/s  p50 {p50:6.2f} ms", flush=True)
         for name in names:
