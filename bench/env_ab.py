@@ -69,29 +69,29 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
 class Cluster:
     """``shoal up`` in a folder of its own with ``env`` added to this process's environment."""
 
-    def __init__(
-        self,
-        env: dict[str, str],
-        workers: int,
-        workload: str,
-        protocol: str = "grpc",
-        extra_files: dict[str, str] | None = None,
-        deploy: str | None = None,
-    ) -> None:
+    def __init__(self, env: dict[str, str], workers: int, workload: str, protocol: str) -> None:
         self.work = Path(tempfile.mkdtemp(prefix="shoal-env-ab-"))
         shutil.copy(ROOT / "examples" / "echo.py", self.work / "echo.py")
-        for name, text in (extra_files or {}).items():
-            (self.work / name).write_text(text)
         if workload == "sklearn":
             systems.digits_model(sys.executable, self.work)
-        (self.work / "deploy.yaml").write_text(deploy or spec(workload))
+        (self.work / "deploy.yaml").write_text(spec(workload))
         full = {**os.environ, "PYTHONPATH": str(ROOT), "SHOAL_INGRESS_WORKERS": str(workers), **env}
         full.pop("SHOAL_HEAD", None)
         state = self.work / "state"
         argv = [sys.executable, "-m", "shoal.cli", "up", "--state", str(state), "--deploy", "deploy.yaml"]
         argv += ["--head-port", "0", "--dashboard-port", "0", "--grpc-port", "0", "--http-port", "0"]
+        # A session of its own, as bench/run starts every server: with the kernel's autogroups
+        # (sched_autogroup_enabled) that is also a scheduling group of its own, apart from
+        # perf_analyzer's. In perf_analyzer's group, SCHED_BATCH ingress threads served 1.28x;
+        # in their own, 0.96x (docs/architecture.md).
         self.proc = subprocess.Popen(
-            argv, cwd=self.work, env=full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            argv,
+            cwd=self.work,
+            env=full,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
         )
         assert self.proc.stdout is not None
         seen = []
@@ -116,7 +116,7 @@ class Cluster:
         shutil.rmtree(self.work, ignore_errors=True)
 
 
-def load(url: str, concurrency: int, workload: str = "noop", protocol: str = "grpc") -> tuple[float, float]:
+def load(url: str, concurrency: int, workload: str, protocol: str) -> tuple[float, float]:
     """perf_analyzer over ``protocol``: (requests a second, p50 ms), three 1 s windows."""
     argv = [str(PERF_ANALYZER), "-m", workload, "-u", url, "-i", protocol, "--shape", SHAPES[workload]]
     argv += ["--concurrency-range", str(concurrency), "-p", "3000", "-s", "1000", "-r", "3"]

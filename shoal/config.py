@@ -135,12 +135,6 @@ class Settings:
     a CPU of its own (``shoal.core.affinity``): gRPC hands every request between three threads
     of a process, and on one CPU those hand-overs need no wake-up of another CPU. Replicas
     stay free to run anywhere."""
-    ingress_sched_batch: bool = True
-    """Each ingress process runs its threads under Linux's ``SCHED_BATCH`` policy: a thread of
-    it that wakes waits for the thread running on its CPU to block or use up its turn
-    instead of preempting it, so gRPC's hand-overs between an ingress process's own threads
-    stop interrupting its event loop (``shoal.core.affinity.batch_ingress``). Replicas keep
-    the normal policy. Needs no privilege; off Linux it does nothing."""
     replica_oom_score_adj: int = 1000
     """What each replica writes to its ``/proc/self/oom_score_adj`` (Linux, -1000 to 1000): when
     the machine runs out of memory, the kernel's OOM killer then takes a replica, the one using

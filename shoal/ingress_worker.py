@@ -147,8 +147,6 @@ def main() -> None:
     if settings.ingress_pin_cpus:
         # Before gRPC starts its threads: they run where the thread that starts them does.
         affinity.pin_ingress(doc.get("index", 0), doc.get("processes", 1))
-    if settings.ingress_sched_batch:
-        affinity.batch_ingress()  # before gRPC starts its threads too: they inherit it
     aio.run(
         run_ingress_worker(settings, doc["control"], doc["worker_id"], doc["scheduler_id"]),
         settings.event_loop,

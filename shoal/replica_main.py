@@ -134,7 +134,6 @@ async def run_replica(
 
 def main() -> None:
     affinity.release()  # started by a pinned ingress thread: free to run on any CPU again
-    affinity.normal_policy()  # nor under the ingress's SCHED_BATCH: a replica answers at once
     parser = argparse.ArgumentParser(prog="python -m shoal.replica_main", description=__doc__)
     parser.add_argument("--replica-id", required=True)
     parser.add_argument("--scheduler", required=True, help="the scheduler's gRPC address")

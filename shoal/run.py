@@ -397,8 +397,6 @@ def pin_ingress(settings: Settings) -> None:
             log.info(
                 "each of the %d ingress processes runs on a CPU of its own; this one on %d", processes, cpu
             )
-    if settings.ingress_sched_batch:
-        affinity.batch_ingress()
 
 
 def _deal_connections(settings: Settings, processes: int, grpc_port: int, http_sock: socket.socket) -> None:

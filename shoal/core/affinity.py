@@ -79,54 +79,6 @@ def pin_ingress(index: int, processes: int) -> int | None:
     return cpu
 
 
-def batch_ingress() -> int:
-    """Every thread of this ingress process, and those they start (a thread is created with
-    its creator's policy), under ``SCHED_BATCH`` (``ingress_sched_batch``): a thread of it
-    that wakes no longer preempts the one running on its CPU, but waits for that one to
-    block or use up its turn. Returns how many threads were set (0 where the policy does not
-    exist, off Linux, or is refused: the process then serves as it was).
-
-    Why: one gRPC request passes between three threads of an ingress process (an
-    event-engine thread, the poller, the event loop), all on one CPU when pinned. Each
-    hand-over preempted the loop's thread: 15,000-16,000 involuntary context switches a
-    second each under perf_analyzer noop c=32, against 14,000-15,000 voluntary ones of
-    the poller. Not preempted, the loop finishes its turn and the next wake-up hands it
-    all the completions that arrived meanwhile. Replicas are not changed: they run
-    ``SCHED_OTHER``, so a replica woken by a task still preempts an ingress thread and
-    answers at once (a replica under ``SCHED_BATCH`` too served 0.87-0.96x)."""
-    policy = getattr(os, "SCHED_BATCH", None)
-    if policy is None:
-        return 0
-    try:
-        return _set_policy(policy)
-    except OSError as err:  # a seccomp profile or an odd kernel: serve as we were
-        log.info("ingress threads not under SCHED_BATCH: %s", err)
-        return 0
-
-
-def _set_policy(policy: int) -> int:
-    """Every thread of this process under ``policy`` (priority 0); how many there were."""
-    done = 0
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            os.sched_setscheduler(int(tid), policy, os.sched_param(0))
-        except (ProcessLookupError, FileNotFoundError):
-            continue  # ended meanwhile
-        done += 1
-    return done
-
-
-def normal_policy() -> None:
-    """Put this process back under ``SCHED_OTHER`` when it inherited ``SCHED_BATCH`` from
-    the ingress thread that started it (a replica: :func:`batch_ingress` says why)."""
-    batch, other = getattr(os, "SCHED_BATCH", None), getattr(os, "SCHED_OTHER", None)
-    if batch is None or other is None:
-        return
-    with contextlib.suppress(OSError):
-        if os.sched_getscheduler(0) == batch:
-            _set_policy(other)
-
-
 def release() -> None:
     """Put this process back on the CPUs in ``SHOAL_CPUS`` (those its pinned scheduler could
     use), when it inherited one pinned CPU from the thread that started it. Nothing without

@@ -289,31 +289,6 @@ async def test_each_ingress_process_runs_on_a_cpu_of_its_own_and_replicas_anywhe
         assert thread_cpus(free.pid) == {frozenset(cpus)}
 
 
-def thread_policies(pid: int) -> set[int]:
-    """The scheduling policies of the threads of process ``pid`` (one entry per policy)."""
-    out = set()
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            out.add(os.sched_getscheduler(int(tid)))
-        except (ProcessLookupError, FileNotFoundError):
-            continue
-    return out
-
-
-@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
-async def test_ingress_processes_run_under_sched_batch_and_replicas_do_not(cluster: ProcessCluster) -> None:
-    await wait_for(lambda: len(workers(cluster)) == 1, 15, "the ingress worker process")
-    [worker] = workers(cluster)
-    main = cluster.schedulers[0].pid
-    await wait_for(lambda: thread_policies(main) == {os.SCHED_BATCH}, 15, "the main process's threads")
-    assert thread_policies(worker.pid) == {os.SCHED_BATCH}
-    children = psutil.Process(main).children(recursive=True)
-    replicas = [p for p in children if "shoal.replica_main" in " ".join(p.cmdline())]
-    assert len(replicas) == 2
-    for replica in replicas:  # a replica woken by a task preempts: it answers at once
-        assert thread_policies(replica.pid) == {os.SCHED_OTHER}
-
-
 async def test_a_worker_goes_on_serving_through_ctrl_c(cluster: ProcessCluster) -> None:
     """Ctrl-C in a terminal sends SIGINT to every process of the group; the scheduler
     decides when its workers stop (after its replicas drained). Before, a worker stopped

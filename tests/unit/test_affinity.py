@@ -1,7 +1,6 @@
 """Ingress processes on CPUs of their own (``shoal.core.affinity``): which CPU each gets, and
 that pinning moves every thread of the process, those it starts later too, and that a
-process started by a pinned thread can go back to every CPU. The same for the ingress's
-``SCHED_BATCH`` policy, and a replica's way back from it."""
+process started by a pinned thread can go back to every CPU."""
 
 from __future__ import annotations
 
@@ -99,48 +98,3 @@ def test_without_the_variable_a_pinned_process_stays_as_it_is() -> None:
         check=True,
     )
     assert json.loads(done.stdout)["masks"] == [[cpu]] * 3
-
-
-POLICY_PROBE = """
-import json, os, sys, threading
-from shoal.core import affinity
-
-stop = threading.Event()
-def idle():
-    stop.wait()
-
-def policies():
-    return sorted(os.sched_getscheduler(int(t)) for t in os.listdir("/proc/self/task"))
-
-before = threading.Thread(target=idle); before.start()
-done = affinity.batch_ingress()
-during = threading.Thread(target=idle); during.start()  # started under SCHED_BATCH
-out = {"set": done, "batch": policies()}
-if sys.argv[1] == "back":
-    affinity.normal_policy()  # as a replica started by an ingress thread does
-    after = threading.Thread(target=idle); after.start()
-    out["back"] = policies()
-stop.set()
-print(json.dumps(out))
-"""
-
-
-def policy_probe(mode: str) -> dict[str, object]:
-    done = subprocess.run(
-        [sys.executable, "-c", POLICY_PROBE, mode], capture_output=True, text=True, timeout=20, check=True
-    )
-    found: dict[str, object] = json.loads(done.stdout)
-    return found
-
-
-@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
-def test_ingress_threads_run_under_sched_batch_and_so_do_those_they_start() -> None:
-    out = policy_probe("batch")
-    assert out["set"] == 2  # the main thread and the one started before
-    assert out["batch"] == [os.SCHED_BATCH] * 3
-
-
-@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
-def test_a_process_started_under_sched_batch_goes_back_to_the_normal_policy() -> None:
-    out = policy_probe("back")
-    assert out["back"] == [os.SCHED_OTHER] * 4  # main, before, during, and one started after
