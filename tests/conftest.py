@@ -15,6 +15,10 @@ from pathlib import Path
 import anyio._core._fileio  # noqa: F401
 import pytest
 
+# The gRPC switches the shoal command runs with, for the servers tests start in this process
+# too; before anything imports grpc (it reads them then).
+import shoal.grpc_defaults  # noqa: F401
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from shoal import __version__
+from shoal import __version__, grpc_defaults  # noqa: F401 - before grpc is imported: see its docstring
 from shoal.cli import deploy, logs, processes, revisions, routes
 from shoal.cli.commands import (
     cmd_certs_init,
