@@ -53,16 +53,23 @@ def spec(workload: str) -> str:
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
-    """``NAME=VAR=VALUE,VAR=VALUE`` -> (NAME, {VAR: VALUE}); ``NAME=`` -> (NAME, {})."""
+    """``NAME=VAR=VALUE,VAR=VALUE`` -> (NAME, {VAR: VALUE}); ``NAME=`` -> (NAME, {}). An item
+    with no ``=`` continues the value before it, so that a list keeps its commas:
+    ``x=GRPC_EXPERIMENTS=a,b,SHOAL_X=1`` -> {GRPC_EXPERIMENTS: "a,b", SHOAL_X: "1"}."""
     name, _, rest = text.partition("=")
     if not name:
         raise argparse.ArgumentTypeError(f"variant {text!r}: expected NAME or NAME=VAR=VALUE[,VAR=VALUE]")
     env: dict[str, str] = {}
+    last = ""
     for item in filter(None, rest.split(",")):
         var, eq, value = item.partition("=")
+        if not eq and last:
+            env[last] += "," + item
+            continue
         if not eq or not var:
             raise argparse.ArgumentTypeError(f"variant {text!r}: {item!r} is not VAR=VALUE")
         env[var] = value
+        last = var
     return name, env
 
 
