@@ -134,7 +134,14 @@ class Settings:
     """With several ingress processes and at least as many CPUs, each keeps all its threads on
     a CPU of its own (``shoal.core.affinity``): gRPC hands every request between three threads
     of a process, and on one CPU those hand-overs need no wake-up of another CPU. Replicas
-    stay free to run anywhere."""
+    stay free to run anywhere, but for their event loops (``replica_pin_loop``)."""
+    replica_pin_loop: bool = True
+    """With the ingress processes pinned (``ingress_pin_cpus``), the event-loop thread of the
+    busiest replicas, one per ingress CPU, runs on that CPU (``shoal.core.affinity.LoopPins``):
+    free, the kernel keeps moving a loop that two ingress processes wake from one CPU to the
+    other. The model's own threads stay free, and every loop runs free while the replicas'
+    other threads keep over half a CPU busy (a pinned loop could not leave a CPU a model
+    computes on)."""
     replica_oom_score_adj: int = 1000
     """What each replica writes to its ``/proc/self/oom_score_adj`` (Linux, -1000 to 1000): when
     the machine runs out of memory, the kernel's OOM killer then takes a replica, the one using

@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 
@@ -85,6 +86,10 @@ async def run_replica(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, replica.request_stop)
+    # asyncio.to_thread and run_in_executor(None, ...) (a model's load, an async model's own
+    # calls): threads started by the loop's, which its scheduler may pin to one CPU
+    # (replica_pin_loop); they run on every CPU.
+    loop.set_default_executor(ThreadPoolExecutor(initializer=affinity.free_thread))
 
     # Only the scheduler (its certificate, with TLS) may call a replica.
     server = new_server(settings, [AuthInterceptor(REPLICA_RULES, tls=bool(settings.tls_dir))])

@@ -384,19 +384,23 @@ async def start_scheduler(
     return node, public, http_address
 
 
-def pin_ingress(settings: Settings) -> None:
+def pin_ingress(settings: Settings, node: SchedulerNode) -> None:
     """This process is a scheduler's (its ingress process 0): onto its CPU, with its
-    workers on theirs (``ingress_pin_cpus``, ``shoal.core.affinity``). Called by the
-    commands that own their process (``shoal up``, ``shoal scheduler``), once the scheduler
-    runs (every thread there is is moved), not by :func:`start_scheduler`, which a program
-    may call in a process it also uses for other things."""
+    workers on theirs (``ingress_pin_cpus``, ``shoal.core.affinity``), and the busiest
+    replicas' event loops one on each (``replica_pin_loop``). Called by the commands that
+    own their process (``shoal up``, ``shoal scheduler``), once the scheduler runs (every
+    thread there is is moved), not by :func:`start_scheduler`, which a program may call in a
+    process it also uses for other things."""
     processes = ingress_processes(settings)
-    if settings.ingress_pin_cpus and processes > 1:
-        cpu = affinity.pin_ingress(0, processes)
-        if cpu is not None:
-            log.info(
-                "each of the %d ingress processes runs on a CPU of its own; this one on %d", processes, cpu
-            )
+    if not settings.ingress_pin_cpus or processes < 2:
+        return
+    everywhere, cpus = affinity.usable_cpus(), affinity.ingress_cpus(processes)
+    cpu = affinity.pin_ingress(0, processes)
+    if cpu is None:
+        return
+    log.info("each of the %d ingress processes runs on a CPU of its own; this one on %d", processes, cpu)
+    if settings.replica_pin_loop:
+        node.supervisor.pin_loops(affinity.LoopPins(cpus, everywhere))
 
 
 def _deal_connections(settings: Settings, processes: int, grpc_port: int, http_sock: socket.socket) -> None:
@@ -573,7 +577,7 @@ async def run_scheduler(settings: Settings, zygote: Zygote | None = None) -> Non
         node, _, _ = await start_scheduler(settings, stack, settings.head_address, zygote)
         nodes.append(node)
         _stop_when_refused(node, stop)
-        pin_ingress(settings)
+        pin_ingress(settings, node)
 
     await _serve(setup, stop)
     for node in nodes:
@@ -600,7 +604,7 @@ async def run_up(
         scheduler, _, _ = await start_scheduler(settings, stack, head_address, zygote)
         nodes.append(scheduler)
         _stop_when_refused(scheduler, stop)
-        pin_ingress(settings)
+        pin_ingress(settings, scheduler)
         # Unwinds first: the head stops replacing replicas the scheduler is draining.
         stack.callback(head.pause)
         if on_ready is not None:

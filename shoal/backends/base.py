@@ -37,7 +37,7 @@ from typing import Any, TypeVar, cast
 
 import numpy as np
 
-from shoal.core import payload, tensors
+from shoal.core import affinity, payload, tensors
 from shoal.core.spec import DeploymentSpec, TensorSpec
 from shoal.errors import BlocksLoop, FailedPrecondition, Internal, InvalidArgument
 
@@ -222,7 +222,13 @@ class Backend(abc.ABC):
         self._load()
         # One thread, so a sync model never runs two predictions at once; it starts on
         # the first prediction.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"shoal-model-{self.spec.name}")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix=f"shoal-model-{self.spec.name}",
+            # Started by the event loop's thread, perhaps pinned to one CPU (replica_pin_loop):
+            # the model's thread, and those it starts (BLAS, torch), run on every CPU.
+            initializer=affinity.free_thread,
+        )
         self._loaded = True
 
     async def predict(self, inputs: Tensors) -> Tensors:

@@ -51,6 +51,7 @@ from typing import IO, Protocol
 import psutil
 
 from shoal.config import Settings
+from shoal.core.affinity import LoopPins
 from shoal.core.clock import Clock, SystemClock
 from shoal.core.cluster import DRAINING, READY, REPLICA_DEAD, STARTING, STOPPED, ReplicaReport
 from shoal.core.model_dirs import check_model_dirs
@@ -216,6 +217,14 @@ class ReplicaSupervisor:
         self._closing = False
         self.starts: collections.Counter[str] = collections.Counter()  # by deployment
         self.deaths: collections.Counter[str] = collections.Counter()
+        # The busiest replicas' event loops on the ingress CPUs (replica_pin_loop): set by
+        # pin_loops once the scheduler's process pinned its ingress.
+        self._loop_pins: LoopPins | None = None
+
+    def pin_loops(self, pins: LoopPins) -> None:
+        """From now on, READY replicas' event loops go on the ingress CPUs as ``pins`` says
+        (``replica_pin_loop``); those READY already at the next ping."""
+        self._loop_pins = pins
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -480,6 +489,8 @@ class ReplicaSupervisor:
         code = await rep.process.wait()
         async with self.lock:
             self.registry.pop(rep.id, None)
+            if self._loop_pins is not None:
+                self._loop_pins.remove(rep.pid)
             if self.gpus.release(rep.id) is not None:
                 self._gpus_record(rep.id).unlink(missing_ok=True)
             pinger = self._pingers.pop(rep.id, None)
@@ -529,6 +540,8 @@ class ReplicaSupervisor:
         log.info(
             "replica %s is READY at %s after %.2fs", replica_id, address, self.clock.now() - rep.started_mono
         )
+        if self._loop_pins is not None and (cpu := self._loop_pins.add(rep.pid)) is not None:
+            log.info("replica %s runs its event loop on CPU %d (replica_pin_loop)", replica_id, cpu)
         self._on_change()
         return True
 
@@ -560,8 +573,23 @@ class ReplicaSupervisor:
                 if now - rep.started_mono > rep.spec.health.start_timeout_s and not rep.removing:
                     await self._kill(rep, f"not ready after {rep.spec.health.start_timeout_s:g}s")
             await self._hold_to_memory([*starting, *targets])
+            if self._loop_pins is not None:
+                self._move_loops(targets)
             if targets:
                 await asyncio.gather(*(self._ping(r) for r in targets))
+
+    def _move_loops(self, ready: Sequence[LocalReplica]) -> None:
+        """The busiest READY replicas' event loops onto the ingress CPUs (``LoopPins``)."""
+        assert self._loop_pins is not None
+        ids = {r.pid: r.id for r in ready}
+        was_busy = self._loop_pins.models_busy
+        moves = self._loop_pins.rebalance(ids)
+        if self._loop_pins.models_busy != was_busy:
+            state = "keep CPUs busy: their event loops run free" if not was_busy else "are quiet again"
+            log.info("replicas' models %s (replica_pin_loop)", state)
+        for pid, cpu in moves:
+            where = "free to run on any CPU" if cpu is None else f"on CPU {cpu}"
+            log.info("replica %s now runs its event loop %s (replica_pin_loop)", ids[pid], where)
 
     async def _hold_to_memory(self, replicas: Sequence[LocalReplica]) -> None:
         """Kill each replica whose processes use more memory (PSS) than its ``memory_mb``."""

@@ -9,6 +9,7 @@ whichever process answers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import signal
@@ -268,7 +269,7 @@ def thread_cpus(pid: int) -> set[frozenset[int]]:
     return out
 
 
-async def test_each_ingress_process_runs_on_a_cpu_of_its_own_and_replicas_anywhere(
+async def test_each_ingress_process_runs_on_a_cpu_of_its_own_and_replicas_loops_one_each(
     cluster: ProcessCluster,
 ) -> None:
     cpus = sorted(os.sched_getaffinity(0))
@@ -285,8 +286,22 @@ async def test_each_ingress_process_runs_on_a_cpu_of_its_own_and_replicas_anywhe
     replicas = [p for p in children if "shoal.replica_main" in " ".join(p.cmdline())]
     zygotes = [p for p in children if "zygote" in " ".join(p.cmdline())]
     assert len(replicas) == 2 and len(zygotes) == 1
-    for free in [*replicas, *zygotes]:
-        assert thread_cpus(free.pid) == {frozenset(cpus)}
+    assert thread_cpus(zygotes[0].pid) == {frozenset(cpus)}
+
+    # Each replica's event-loop thread (the first: its id is the pid) on an ingress CPU, one
+    # replica each (replica_pin_loop); every other thread of theirs on every CPU.
+    def loop_cpus() -> list[set[int]]:
+        return [os.sched_getaffinity(p.pid) for p in replicas]
+
+    await wait_for(lambda: all(len(c) == 1 for c in loop_cpus()), 15, "the replicas' loops pinned")
+    assert sorted(min(c) for c in loop_cpus()) == cpus[:2]
+    for replica in replicas:
+        others = set()
+        for tid in os.listdir(f"/proc/{replica.pid}/task"):
+            if int(tid) != replica.pid:
+                with contextlib.suppress(ProcessLookupError, FileNotFoundError):
+                    others.add(frozenset(os.sched_getaffinity(int(tid))))
+        assert others == {frozenset(cpus)}, (replica.pid, others)
 
 
 async def test_a_worker_goes_on_serving_through_ctrl_c(cluster: ProcessCluster) -> None:
