@@ -173,8 +173,10 @@ class LoopPins:
     1.09x with its loop there and 1.04x on the worker's CPU, against free, two runs). Every
     :meth:`rebalance` (the supervisor's ping interval) the CPU each loop thread used since the
     last one decides: a free loop that used more than 1.5x the CPU of the least busy pinned
-    one, and 2% of a CPU more, takes its place; an empty CPU goes to the busiest free loop.
-    Unpinned, a thread goes back on ``everywhere``.
+    one, and 2% of a CPU more, takes its place; an empty CPU goes to the busiest free loop;
+    and a pinned loop busier by those margins than the one on an earlier CPU trades places
+    with it, so that the busiest holds the first. Unpinned, a thread goes back on
+    ``everywhere``.
 
     Only while the replicas' other threads (their models' threads, BLAS, ...) are nearly idle:
     once they used over MODELS_BUSY of a CPU together, every loop runs free until they use
@@ -267,6 +269,24 @@ class LoopPins:
                     moves.append((idlest, None))
             if self._move(pid, cpu):
                 moves.append((pid, cpu))
+        return moves + self._order(use)
+
+    def _order(self, use: dict[int, float]) -> list[tuple[int, int | None]]:
+        """The busiest pinned loop on the first CPU, the next on the second, ...: a loop
+        busier (by the same margins) than the one on an earlier CPU trades places with it."""
+        moves: list[tuple[int, int | None]] = []
+        for i, cpu in enumerate(self.cpus):
+            holder = next((p for p, c in self.on.items() if c == cpu), None)
+            later = [p for p, c in self.on.items() if c in self.cpus[i + 1 :]]
+            if holder is None or not later:
+                continue
+            busiest = max(later, key=lambda p: use.get(p, 0.0))
+            least, most = use.get(holder, 0.0), use.get(busiest, 0.0)
+            if most <= self.SWAP_RATIO * least or most - least < self.SWAP_MARGIN:
+                continue
+            other = self.on[busiest]
+            if self._move(busiest, cpu) and self._move(holder, other):
+                moves += [(busiest, cpu), (holder, other)]
         return moves
 
     def _empty(self) -> int | None:

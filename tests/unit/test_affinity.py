@@ -178,6 +178,20 @@ def test_a_busier_free_loop_takes_the_cpu_of_the_idlest_pinned_one() -> None:
     assert pins.rebalance([101, 102, 103]) == []
 
 
+def test_the_busiest_pinned_loop_takes_the_first_cpu() -> None:
+    machine = Machine()
+    machine.seconds = {101: 0.0, 102: 0.0}
+    pins = machine.pins([0, 1])
+    pins.add(101)  # READY first: the first CPU, though it will be the idle one
+    pins.add(102)
+    pins.rebalance([101, 102])
+    machine.run(1.0, {101: 0.01, 102: 0.25})
+    assert pins.rebalance([101, 102]) == [(102, 0), (101, 1)]
+    assert machine.masks == {101: {1}, 102: {0}}
+    machine.run(1.0, {101: 0.2, 102: 0.25})  # close: they stay
+    assert pins.rebalance([101, 102]) == []
+
+
 def test_a_small_difference_in_idle_loops_moves_nothing() -> None:
     machine = Machine()
     machine.seconds = {101: 0.0, 102: 0.0}
