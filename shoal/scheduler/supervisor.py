@@ -588,7 +588,7 @@ class ReplicaSupervisor:
             state = "keep CPUs busy: their event loops run free" if not was_busy else "are quiet again"
             log.info("replicas' models %s (replica_pin_loop)", state)
         for pid, cpu in moves:
-            where = "free to run on any CPU" if cpu is None else f"on CPU {cpu}"
+            where = "on any CPU" if cpu is None else f"on CPU {cpu}"
             log.info("replica %s now runs its event loop %s (replica_pin_loop)", ids[pid], where)
 
     async def _hold_to_memory(self, replicas: Sequence[LocalReplica]) -> None:
