@@ -10,9 +10,9 @@ noop gRPC, two ingress processes, pinned and free in turn on the same running sc
 median ratio of requests a second): c=32 1.10x, 1.06x and 1.10x in three runs of 8 to 10
 pairs; c=1 1.37x and 1.27x (6 pairs each; p50 1.17 ms against 1.54 ms).
 
-Of whole processes, only ingress processes are pinned, each to a different CPU of those this process may use
-(``os.sched_getaffinity``), and only when there are at least two of them and no more than
-those CPUs. The zygote and a head of its own are not: the kernel keeps moving them to
+Of whole processes, only ingress processes are pinned, each to a different CPU of those
+this process may use (``os.sched_getaffinity``), and only when there are at least two of
+them and no more than those CPUs. The zygote and a head of its own are not: the kernel keeps moving them to
 whichever CPU is free (the head ``shoal up`` runs in the scheduler's main process shares its
 CPU). A process started by a pinned thread inherits its CPU; a replica started that way
 puts itself back on every CPU its scheduler could use (:func:`release`, from
@@ -261,8 +261,7 @@ class LoopPins:
                 idlest = min(self.on, key=lambda p: use.get(p, 0.0), default=None)
                 if idlest is None:
                     break
-                least = use.get(idlest, 0.0)
-                if use[pid] <= self.SWAP_RATIO * least or use[pid] - least < self.SWAP_MARGIN:
+                if not self._busier(use[pid], use.get(idlest, 0.0)):
                     break  # the rest are less busy still
                 cpu = self.on[idlest]
                 if self._free(idlest):
@@ -281,13 +280,17 @@ class LoopPins:
             if holder is None or not later:
                 continue
             busiest = max(later, key=lambda p: use.get(p, 0.0))
-            least, most = use.get(holder, 0.0), use.get(busiest, 0.0)
-            if most <= self.SWAP_RATIO * least or most - least < self.SWAP_MARGIN:
+            if not self._busier(use.get(busiest, 0.0), use.get(holder, 0.0)):
                 continue
             other = self.on[busiest]
             if self._move(busiest, cpu) and self._move(holder, other):
                 moves += [(busiest, cpu), (holder, other)]
         return moves
+
+    def _busier(self, one: float, than: float) -> bool:
+        """Whether a loop that used ``one`` of a CPU should take the place of one that used
+        ``than``: by enough that two loops about as busy do not trade places every ping."""
+        return one > self.SWAP_RATIO * than and one - than >= self.SWAP_MARGIN
 
     def _empty(self) -> int | None:
         held = set(self.on.values())

@@ -295,6 +295,15 @@ async def test_each_ingress_process_runs_on_a_cpu_of_its_own_and_replicas_loops_
 
     await wait_for(lambda: all(len(c) == 1 for c in loop_cpus()), 15, "the replicas' loops pinned")
     assert sorted(min(c) for c in loop_cpus()) == cpus[:2]
+    said = cluster.schedulers[0].log.read_text(errors="replace")
+    assert (
+        sorted(
+            int(ln.split(" on CPU ")[1].split()[0])
+            for ln in said.splitlines()
+            if "runs its event loop on CPU" in ln and " now " not in ln
+        )
+        == cpus[:2]
+    )
     for replica in replicas:
         others = set()
         for tid in os.listdir(f"/proc/{replica.pid}/task"):
@@ -302,6 +311,73 @@ async def test_each_ingress_process_runs_on_a_cpu_of_its_own_and_replicas_loops_
                 with contextlib.suppress(ProcessLookupError, FileNotFoundError):
                     others.add(frozenset(os.sched_getaffinity(int(tid))))
         assert others == {frozenset(cpus)}, (replica.pid, others)
+
+
+SPIN = """
+import threading, time
+from pathlib import Path
+
+class Spin:
+    \"\"\"Threads of its own that compute until a file appears (at most a minute), as a
+    model's background work (a prefetcher, a BLAS pool) may.\"\"\"
+
+    def __init__(self, stop: str, threads: int = 3) -> None:
+        def spin() -> None:
+            end = time.monotonic() + 60
+            while time.monotonic() < end and not Path(stop).exists():
+                for _ in range(100_000):
+                    pass
+        for _ in range(threads):
+            threading.Thread(target=spin, daemon=True).start()
+
+    def predict(self, inputs):
+        return dict(inputs)
+"""
+
+
+async def test_while_a_models_threads_keep_cpus_busy_every_loop_runs_free(
+    cluster: ProcessCluster, tmp_path: Path
+) -> None:
+    """A pinned loop cannot leave a CPU a model's thread computes on: while replicas' other
+    threads use over half a CPU, every loop runs free, and the scheduler says so."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("one CPU: two ingress processes are not pinned")
+    (tmp_path / "spin.py").write_text(SPIN)
+    stop = tmp_path / "stop"
+    log = cluster.schedulers[0].log
+    await cluster.deploy(
+        {
+            "name": "spin",
+            "backend": "python",
+            "model": "spin:Spin",
+            "base_dir": str(tmp_path),
+            "options": {"stop": str(stop)},
+            "resources": {"cpus": 0.1},
+            "inputs": TENSORS,
+            "outputs": TENSORS,
+        }
+    )
+    try:
+        await cluster.wait_ready("spin", 1)
+        main = psutil.Process(cluster.schedulers[0].pid)
+        replicas = [p for p in main.children(recursive=True) if "shoal.replica_main" in " ".join(p.cmdline())]
+        assert len(replicas) == 3
+        busy = "replicas' models keep CPUs busy: their event loops run free (replica_pin_loop)"
+        await wait_for(lambda: busy in log.read_text(errors="replace"), 30, "the models-busy line")
+        await wait_for(
+            lambda: all(os.sched_getaffinity(p.pid) == set(cpus) for p in replicas), 10, "every loop free"
+        )
+    finally:
+        stop.touch()
+    quiet = "replicas' models are quiet again (replica_pin_loop)"
+    await wait_for(lambda: quiet in log.read_text(errors="replace"), 30, "the quiet-again line")
+    # Pinned again, one loop per ingress CPU.
+    await wait_for(
+        lambda: sorted(min(c) for r in replicas if len(c := os.sched_getaffinity(r.pid)) == 1) == cpus[:2],
+        15,
+        "two loops pinned again",
+    )
 
 
 async def test_a_worker_goes_on_serving_through_ctrl_c(cluster: ProcessCluster) -> None:
