@@ -7,7 +7,7 @@ replica turns them into numpy for its model (:func:`decode`, :func:`encode`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,8 +36,13 @@ def fill_arrays(field: Any, arrays: Mapping[str, np.ndarray]) -> None:
     fill(field, payload.from_arrays(arrays))
 
 
-def from_pb(items: Iterable[pb.Tensor]) -> Tensors:
-    return tuple(Tensor(t.name, t.datatype, tuple(t.shape), t.data) for t in items)
+def from_pb(items: Sequence[pb.Tensor]) -> Tensors:
+    """(``shape[:]`` first: a list out of upb's repeated field, then the tuple, takes half
+    the time ``tuple(shape)`` does; one tensor, the usual answer, without a list.)"""
+    if len(items) == 1:
+        t = items[0]
+        return (Tensor(t.name, t.datatype, tuple(t.shape[:]), t.data),)
+    return tuple([Tensor(t.name, t.datatype, tuple(t.shape[:]), t.data) for t in items])
 
 
 def encode(arrays: Mapping[str, np.ndarray]) -> list[pb.Tensor]:
@@ -48,5 +53,5 @@ def decode(items: Iterable[pb.Tensor]) -> dict[str, np.ndarray]:
     """Raises InvalidArgument when a tensor's bytes disagree with its shape or datatype."""
     out: dict[str, np.ndarray] = {}
     for t in items:
-        out[t.name] = tensors.from_bytes(t.datatype, tuple(t.shape), t.data, name=t.name)
+        out[t.name] = tensors.from_bytes(t.datatype, tuple(t.shape[:]), t.data, name=t.name)
     return out

@@ -20,9 +20,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import grpc
 import numpy as np
@@ -113,10 +113,13 @@ def _refuse_unsupported(params: Parameters, where: str) -> None:
             raise InvalidArgument(f"{where}{why}")
 
 
-def _timeout_s(request: oip.ModelInferRequest, context: Context) -> float:
-    """The request's timeout: its ``timeout`` parameter (µs) and the call's deadline, the shorter."""
+def _timeout_s(request: oip.ModelInferRequest, context: Context, params: Parameters | None = None) -> float:
+    """The request's timeout: its ``timeout`` parameter (µs) and the call's deadline, the
+    shorter. ``params``: the request's parameters, when the caller has them at hand."""
     timeout = 0.0
-    value = _parameter(request.parameters, "timeout")
+    if params is None:
+        params = request.parameters
+    value = _parameter(params, "timeout") if params else None
     if value is not None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise InvalidArgument(f"parameter 'timeout' must be a non-negative integer (µs), got {value!r}")
@@ -212,28 +215,38 @@ def request_tensors(request: oip.ModelInferRequest, bounds: RequestLimits = _NO_
     copied out. Raw contents are not copied: their element count is checked by the data
     plane's door (``DataPlane.check``) or :func:`decode_inputs`.
     """
-    bounds.check_counts(len(request.inputs), len(request.outputs))
-    raw = request.raw_input_contents
+    inputs = request.inputs
+    bounds.check_counts(len(inputs), len(request.outputs))
+    return _tensors(inputs, request.raw_input_contents, bounds)
+
+
+def _tensors(
+    inputs: Sequence[oip.ModelInferRequest.InferInputTensor], raw: Sequence[bytes], bounds: RequestLimits
+) -> Tensors:
+    """:func:`request_tensors` once the counts are checked (each field read once: a read of
+    a repeated field costs as much as a small check)."""
     if not raw:  # typed contents are copied out below: check first (raw bytes: the door does)
-        bounds.check_elements(list(t.shape) for t in request.inputs)
-    if raw and len(raw) != len(request.inputs):
+        bounds.check_elements(list(t.shape) for t in inputs)
+        return tuple(_checked_typed(t) for t in inputs)
+    if len(raw) != len(inputs):
         raise InvalidArgument(
-            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
+            f"raw_input_contents has {len(raw)} entries for {len(inputs)} inputs; "
             "give raw contents for every input or for none"
         )
     out: list[Tensor] = []
-    for i, t in enumerate(request.inputs):
+    for t, data in zip(inputs, raw):  # noqa: B905 - the lengths are equal
         if t.parameters:
             _refuse_unsupported(t.parameters, f"input {t.name!r}: ")
-        if raw:
-            if t.HasField("contents"):
-                raise InvalidArgument(
-                    f"input {t.name!r}: give either raw_input_contents or contents, not both"
-                )
-            out.append(Tensor(t.name, t.datatype, tuple(t.shape), raw[i]))
-        else:
-            out.append(_from_contents(t))
+        if t.HasField("contents"):
+            raise InvalidArgument(f"input {t.name!r}: give either raw_input_contents or contents, not both")
+        out.append(Tensor(t.name, t.datatype, tuple(t.shape[:]), data))
     return tuple(out)
+
+
+def _checked_typed(t: oip.ModelInferRequest.InferInputTensor) -> Tensor:
+    if t.parameters:
+        _refuse_unsupported(t.parameters, f"input {t.name!r}: ")
+    return _from_contents(t)
 
 
 def decode_inputs(request: oip.ModelInferRequest, bounds: RequestLimits = _NO_LIMITS) -> Arrays:
@@ -250,29 +263,33 @@ def infer_call(
     """A ``ModelInferRequest`` as the data plane's :class:`InferCall`."""
     if not request.model_name:
         raise InvalidArgument("model_name is required")
-    bounds.check_counts(len(request.inputs), len(request.outputs))  # before any is looked at
-    if request.parameters:
-        sequence = _parameter(request.parameters, "sequence_id")
+    inputs, outputs = request.inputs, request.outputs
+    bounds.check_counts(len(inputs), len(outputs))  # before any is looked at
+    params = request.parameters
+    model_id: object = None
+    if params:
+        sequence = _parameter(params, "sequence_id")
         if sequence not in (None, 0, ""):
             raise InvalidArgument("sequence batching (parameter 'sequence_id') is not supported")
-        check_priority(_parameter(request.parameters, "priority"))
-    wanted: list[str] = []
-    for out in request.outputs:
-        if out.parameters:
-            _refuse_unsupported(out.parameters, f"output {out.name!r}: ")
-        wanted.append(out.name)
-    model_id = _parameter(request.parameters, MODEL_ID_PARAMETER) if request.parameters else None
-    if model_id is not None and not isinstance(model_id, str):
-        raise InvalidArgument(f"parameter {MODEL_ID_PARAMETER!r} must be a string, got {model_id!r}")
+        check_priority(_parameter(params, "priority"))
+        model_id = _parameter(params, MODEL_ID_PARAMETER)
+        if model_id is not None and not isinstance(model_id, str):
+            raise InvalidArgument(f"parameter {MODEL_ID_PARAMETER!r} must be a string, got {model_id!r}")
+    wanted: tuple[str, ...] = ()
+    if outputs:
+        for out in outputs:
+            if out.parameters:
+                _refuse_unsupported(out.parameters, f"output {out.name!r}: ")
+        wanted = tuple(out.name for out in outputs)
     return InferCall(
         model=request.model_name,
-        inputs=request_tensors(request, bounds),
+        inputs=_tensors(inputs, request.raw_input_contents, bounds),
         id=request.id,
         version=request.model_version,
-        timeout_s=_timeout_s(request, context),
-        outputs=tuple(wanted),
+        timeout_s=_timeout_s(request, context, params),
+        outputs=wanted,
         door=door,
-        model_id=model_id or "",
+        model_id=cast(str, model_id) or "",
     )
 
 

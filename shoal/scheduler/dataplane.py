@@ -50,7 +50,7 @@ from shoal.core import budget, limits, payload
 from shoal.core.budget import ByteBudget
 from shoal.core.ids import request_key
 from shoal.core.payload import Tensor, Tensors
-from shoal.core.spec import DeploymentSpec, check_model_id
+from shoal.core.spec import DeploymentSpec, TensorSpec, check_model_id
 from shoal.errors import Internal, InvalidArgument, ShoalError
 from shoal.scheduler.models import InferResult, ModelCatalog, check_inputs, check_outputs
 from shoal.scheduler.router import OUTCOME_OF, Router
@@ -80,9 +80,10 @@ def check_priority(value: object) -> None:
         raise InvalidArgument(f"parameter 'priority' must be an integer in [0, 2^64), got {value!r}")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class InferCall:
-    """One inference request, whatever door it came in by."""
+    """One inference request, whatever door it came in by. Not changed once made (not
+    frozen: a frozen dataclass of these nine fields took 1.3 µs to make, every request)."""
 
     model: str
     inputs: Tensors
@@ -136,7 +137,9 @@ class DataPlane:
             revision = self.catalog.revision(spec, call.version)
             self.check(call)
             _check_model_id(spec, call.model_id)
-            metadata = await self.catalog.request_metadata(spec, revision)
+            metadata = self.catalog.known_metadata(spec, revision) or await self.catalog.request_metadata(
+                spec, revision
+            )
             check_inputs(metadata, call.inputs)
             check_outputs(metadata, call.outputs)
         except ShoalError as err:
@@ -163,7 +166,7 @@ class DataPlane:
                 model_id=call.model_id,
                 version=revision,
             )
-            outputs = _select(spec.name, outputs, call.outputs, [t.name for t in metadata.outputs])
+            outputs = _select(spec.name, outputs, call.outputs, metadata.outputs)
             if call.answer_check is not None:
                 self._check_answer(call, call.answer_check, spec.name, outputs)
         except BaseException:
@@ -372,8 +375,12 @@ def _texts(name: str, texts: Sequence[str]) -> Tensor:
     return payload.from_array(name, array)
 
 
-def _select(model: str, outputs: Tensors, wanted: Sequence[str], order: Sequence[str]) -> Tensors:
-    """The outputs the client asked for, in its order; all of them, in the model's order, otherwise."""
+def _select(model: str, outputs: Tensors, wanted: Sequence[str], declared: Sequence[TensorSpec]) -> Tensors:
+    """The outputs the client asked for, in its order; all of them, in the model's order
+    (``declared``; as the replica answered when none are known), otherwise."""
+    if not wanted and (not declared or _named_as(outputs, declared)):
+        return outputs  # the usual case: all of them, in the model's order already
+    order = [t.name for t in declared]
     by_name = {t.name: t for t in outputs}
     if wanted:
         missing = [o for o in wanted if o not in by_name]
@@ -386,6 +393,12 @@ def _select(model: str, outputs: Tensors, wanted: Sequence[str], order: Sequence
         named = set(order)
         return (*first, *(t for t in outputs if t.name not in named))
     return outputs
+
+
+def _named_as(outputs: Tensors, declared: Sequence[TensorSpec]) -> bool:
+    if len(outputs) != len(declared):
+        return False
+    return all(t.name == d.name for t, d in zip(outputs, declared))  # noqa: B905 - same length
 
 
 __all__ = ["DataPlane", "InferCall", "InferResult", "Tensor"]

@@ -196,9 +196,10 @@ class ModelIndexEntry:
         return {"name": self.name, "version": self.version, "state": self.state, "reason": self.reason}
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class InferResult:
-    """What a model answered: its outputs as they came off the wire, and who answered."""
+    """What a model answered: its outputs as they came off the wire, and who answered.
+    Not changed once made (not frozen: cheaper to make, and every request makes one)."""
 
     model_name: str
     model_version: str
@@ -516,9 +517,34 @@ class ModelCatalog:
         An earlier revision than the current one: what its replicas describe (cached, see
         the module docstring); nothing when none can (the request then finds no replica
         of it, or the replica checks)."""
+        known = self.known_metadata(spec, revision)
+        if known is not None:
+            return known
         if revision and revision != self._router.current_revision(spec.name):
             return await self._earlier_metadata(spec, revision, wait=False) or _unchecked(spec)
         return await self._metadata(spec, wait=False) or _declared(spec)
+
+    def known_metadata(self, spec: DeploymentSpec, revision: int = 0) -> ModelMetadata | None:
+        """What :meth:`request_metadata` answers when it is at hand (declared, or described
+        and kept), without a coroutine; None when a replica may have to be asked. Every
+        request asks, so the usual case costs a lookup, not two coroutines."""
+        if revision and revision != self._router.current_revision(spec.name):
+            hit = self._earlier.get((spec.name, revision))
+            if hit is not None and self._router.revision_of(spec.name, hit[0]) == revision:
+                return hit[1]
+            return None
+        if spec.inputs and spec.outputs:
+            return _declared(spec)
+        kept = spec.derived.get("described")
+        described = self._described.get(spec.name)
+        if (
+            kept is not None
+            and described is not None
+            and kept[0] is described[1]
+            and described[0] == spec.process_hash()
+        ):
+            return cast(ModelMetadata, kept[1])
+        return None
 
     def record(self, spec: DeploymentSpec, *, ok: bool, elapsed_ns: int, rows: int) -> None:
         """Count one request in Triton's statistics: ``success`` or ``fail`` with its duration;

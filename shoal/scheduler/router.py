@@ -470,7 +470,12 @@ class Router:
                 # killed, still in the routing table for a few ms): give the table a moment to
                 # drop it or a replacement to join before trying one of them again.
                 await dep.changed.wait(min(RETRY_PAUSE_S, max(0.0, deadline - clock.now())), clock)
-            handle = await self._acquire(dep, deadline, tried, model_id, version)
+            # A free replica at once, without a coroutine: ``_acquire``'s first step.
+            handle = None if dep.deleted or dep.waiting else self._pick(dep, tried, model_id, version)
+            if handle is not None:
+                handle.in_flight += 1
+            else:
+                handle = await self._acquire(dep, deadline, tried, model_id, version)
             if attempt == 0:
                 dep.stats.queue.observe(time.perf_counter() - started)
             try:
@@ -590,7 +595,7 @@ class Router:
                 open_ = [h for h in open_ if h.revision in allowed]
         if not open_:
             return None
-        fresh = [h for h in open_ if h.replica_id not in tried]
+        fresh = [h for h in open_ if h.replica_id not in tried] if tried else open_
         mux = dep.spec.multiplexing
         if model_id and mux is not None and self.settings.multiplex_affinity:
             return pick_for_model(fresh or open_, _held, model_id, mux.max_models_per_replica, self._policy)

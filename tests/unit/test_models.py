@@ -154,6 +154,13 @@ def test_check_inputs_accepts_any_size_for_minus_one_and_skips_unknown_models() 
     check_inputs(ModelMetadata("m", "python", (), ()), payload.from_arrays({"anything": np.zeros(3)}))
 
 
+def test_check_inputs_takes_the_inputs_in_any_order() -> None:
+    check_inputs(META, payload.from_arrays({"x": x(), "s": s()}))
+    check_inputs(META, payload.from_arrays({"s": s(), "x": x()}))
+    with pytest.raises(InvalidArgument, match=r"input 'x': expected shape \[-1,4\], got \[2,5\]"):
+        check_inputs(META, payload.from_arrays({"s": s(), "x": np.zeros((2, 5), np.float32)}))
+
+
 def test_check_outputs() -> None:
     check_outputs(META, ["s", "x"])
     with pytest.raises(InvalidArgument, match="unknown output 'y'"):
@@ -233,6 +240,27 @@ async def test_metadata_is_described_by_a_replica_once_per_spec(router: Router, 
     router.set_spec(changed)
     a.description = ReplicaDescription(inputs=(S,), outputs=(X,))
     assert (await catalog.metadata("echo")).inputs == (S,)
+    assert len(calls) == 2
+
+
+async def test_requests_check_against_a_description_asked_once_per_spec(
+    router: Router, fakes: FakeReplicas
+) -> None:
+    spec = make_spec(backend="sklearn", model="digits.joblib")
+    [a] = add(router, fakes, spec, "a")
+    a.description = ReplicaDescription(inputs=(X,), outputs=(X,))
+    calls = count_describes(a)
+    catalog = ModelCatalog(router)
+    for _ in range(3):
+        assert list((await Door(catalog).infer("echo", {"x": x()})).outputs) == ["x"]
+    with pytest.raises(InvalidArgument, match="unknown input 's'"):
+        await Door(catalog).infer("echo", {"x": x(), "s": s()})
+    assert len(calls) == 1, "kept after the first request"
+    # Another model under the same name: its description is asked for, and it decides.
+    router.set_spec(make_spec(backend="sklearn", model="other.joblib"))
+    a.description = ReplicaDescription(inputs=(S,), outputs=(S,))
+    with pytest.raises(InvalidArgument, match="unknown input 'x'"):
+        await Door(catalog).infer("echo", {"x": x()})
     assert len(calls) == 2
 
 
