@@ -517,9 +517,6 @@ class ModelCatalog:
         An earlier revision than the current one: what its replicas describe (cached, see
         the module docstring); nothing when none can (the request then finds no replica
         of it, or the replica checks)."""
-        known = self.known_metadata(spec, revision)
-        if known is not None:
-            return known
         if revision and revision != self._router.current_revision(spec.name):
             return await self._earlier_metadata(spec, revision, wait=False) or _unchecked(spec)
         return await self._metadata(spec, wait=False) or _declared(spec)
@@ -529,22 +526,8 @@ class ModelCatalog:
         and kept), without a coroutine; None when a replica may have to be asked. Every
         request asks, so the usual case costs a lookup, not two coroutines."""
         if revision and revision != self._router.current_revision(spec.name):
-            hit = self._earlier.get((spec.name, revision))
-            if hit is not None and self._router.revision_of(spec.name, hit[0]) == revision:
-                return hit[1]
-            return None
-        if spec.inputs and spec.outputs:
-            return _declared(spec)
-        kept = spec.derived.get("described")
-        described = self._described.get(spec.name)
-        if (
-            kept is not None
-            and described is not None
-            and kept[0] is described[1]
-            and described[0] == spec.process_hash()
-        ):
-            return cast(ModelMetadata, kept[1])
-        return None
+            return self._earlier_kept(spec, revision)
+        return self._kept(spec)
 
     def record(self, spec: DeploymentSpec, *, ok: bool, elapsed_ns: int, rows: int) -> None:
         """Count one request in Triton's statistics: ``success`` or ``fail`` with its duration;
@@ -568,8 +551,9 @@ class ModelCatalog:
         replica can give one (a request then queues for a replica as usual); with
         ``wait`` true, Unavailable instead.
         """
-        if spec.inputs and spec.outputs:
-            return _declared(spec)
+        kept = self._kept(spec)
+        if kept is not None:
+            return kept
         try:
             described = await self._describe(spec)
         except Unavailable:
@@ -590,6 +574,22 @@ class ModelCatalog:
         )
         spec.derived["described"] = (described, metadata)
         return metadata
+
+    def _kept(self, spec: DeploymentSpec) -> ModelMetadata | None:
+        """``spec``'s metadata without asking a replica: declared, or completed by the
+        description kept for this spec (None: a replica must describe it)."""
+        if spec.inputs and spec.outputs:
+            return _declared(spec)
+        kept = spec.derived.get("described")
+        described = self._described.get(spec.name)
+        if (
+            kept is not None
+            and described is not None
+            and kept[0] is described[1]
+            and described[0] == spec.process_hash()
+        ):
+            return cast(ModelMetadata, kept[1])
+        return None
 
     async def _describe(self, spec: DeploymentSpec) -> ReplicaDescription:
         key = spec.process_hash()
@@ -627,6 +627,14 @@ class ModelCatalog:
                 return described
             raise Unavailable(f"no replica of model {spec.name!r} could describe it: {last}")
 
+    def _earlier_kept(self, spec: DeploymentSpec, revision: int) -> ModelMetadata | None:
+        """The tensors of earlier ``revision`` as described and kept, while the replica that
+        described them still runs it (None: ask one)."""
+        hit = self._earlier.get((spec.name, revision))
+        if hit is not None and self._router.revision_of(spec.name, hit[0]) == revision:
+            return hit[1]
+        return None
+
     async def _earlier_metadata(
         self, spec: DeploymentSpec, revision: int, *, wait: bool
     ) -> ModelMetadata | None:
@@ -638,14 +646,14 @@ class ModelCatalog:
         true, Unavailable instead.
         """
         key = (spec.name, revision)
-        hit = self._earlier.get(key)
-        if hit is not None and self._router.revision_of(spec.name, hit[0]) == revision:
-            return hit[1]
+        kept = self._earlier_kept(spec, revision)
+        if kept is not None:
+            return kept
         lock = self._describing_earlier.setdefault(key, asyncio.Lock())
         async with lock:
-            hit = self._earlier.get(key)
-            if hit is not None and self._router.revision_of(spec.name, hit[0]) == revision:
-                return hit[1]
+            kept = self._earlier_kept(spec, revision)
+            if kept is not None:
+                return kept
             last: ShoalError | None = None
             for rid, client in self._router.ready_clients(spec.name, revision):
                 try:
