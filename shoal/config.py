@@ -142,6 +142,10 @@ class Settings:
     other. The model's own threads stay free, and every loop runs free while the replicas'
     other threads keep over half a CPU busy (a pinned loop could not leave a CPU a model
     computes on)."""
+    replica_pin_interval_s: float = 0.25
+    """How often the scheduler looks at which replicas' event loops were busiest and moves
+    them (``replica_pin_loop``): when load moves from one model to another, its replica's
+    loop is on an ingress CPU within about two of these."""
     replica_oom_score_adj: int = 1000
     """What each replica writes to its ``/proc/self/oom_score_adj`` (Linux, -1000 to 1000): when
     the machine runs out of memory, the kernel's OOM killer then takes a replica, the one using
@@ -359,6 +363,7 @@ _RANGES: dict[str, _Range] = {
     "replica_health_interval_s": _POSITIVE,
     "orphan_after_s": _POSITIVE,
     "ping_interval_s": _POSITIVE,
+    "replica_pin_interval_s": _POSITIVE,
     "ping_timeout_s": _POSITIVE,
     "ping_failures": _ONE_OR_MORE,
     "replica_start_timeout_s": _POSITIVE,

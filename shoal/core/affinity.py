@@ -171,24 +171,30 @@ class LoopPins:
     away; the rest run free. A replica that becomes READY takes a CPU no loop holds, the
     first first (the scheduler's own process's: on the 2-CPU VM a lone noop replica served
     1.09x with its loop there and 1.04x on the worker's CPU, against free, two runs). Every
-    :meth:`rebalance` (the supervisor's ping interval) the CPU each loop thread used since the
+    :meth:`rebalance` (every ``replica_pin_interval_s``) the CPU each loop thread used since the
     last one decides: a free loop that used more than 1.5x the CPU of the least busy pinned
     one, and 2% of a CPU more, takes its place; an empty CPU goes to the busiest free loop;
     and a pinned loop busier by those margins than the one on an earlier CPU trades places
     with it, so that the busiest holds the first. Unpinned, a thread goes back on
-    ``everywhere``.
+    ``everywhere``. The kernel counts CPU time in clock ticks (10 ms), so over a short
+    interval the margin is at least MARGIN_TICKS ticks: an idle loop that happened to be
+    running at one tick does not take an idle one's place.
 
     Only while the replicas' other threads (their models' threads, BLAS, ...) are nearly idle:
     once they used over MODELS_BUSY of a CPU together, every loop runs free until they use
-    under MODELS_IDLE. A pinned loop cannot move off a CPU a model's thread computes on, and
-    the kernel's free choice served a noop replica beside two CPU-bound ones better (c=1 p99
-    1.0-1.1 ms free against 2.6-3.2 ms with the noop loop pinned, four pairs).
+    under MODELS_IDLE. That is judged over MODELS_WINDOW_S at least, however often
+    :meth:`rebalance` runs, so that a burst of a model's work does not free every loop. A
+    pinned loop cannot move off a CPU a model's thread computes on, and the kernel's free
+    choice served a noop replica beside two CPU-bound ones better (c=1 p99 1.0-1.1 ms free
+    against 2.6-3.2 ms with the noop loop pinned, four pairs).
     """
 
     SWAP_RATIO = 1.5
     SWAP_MARGIN = 0.02  # of a CPU
+    MARGIN_TICKS = 2  # of the kernel's clock ticks over the interval, at least
     MODELS_BUSY = 0.5  # of a CPU, the replicas' threads but their loops' together
     MODELS_IDLE = 0.25
+    MODELS_WINDOW_S = 1.0
 
     def __init__(
         self,
@@ -211,6 +217,10 @@ class LoopPins:
         # replica pid -> its (loop, process) CPU seconds at the last rebalance
         self._seen: dict[int, tuple[float, float]] = {}
         self._at = clock()
+        self._margin = self.SWAP_MARGIN  # of a CPU, for the interval rebalance measured
+        # the models' CPU seconds since the window began, and when it began
+        self._models_seconds = 0.0
+        self._models_since = self._at
 
     def add(self, pid: int) -> int | None:
         """Replica ``pid`` is READY: its loop thread onto a CPU no loop holds; that CPU, or None."""
@@ -246,15 +256,20 @@ class LoopPins:
                 use[pid] = max(0.0, loop) / elapsed
                 models += max(0.0, process - loop) / elapsed
         moves: list[tuple[int, int | None]] = []
-        if self.models_busy and models < self.MODELS_IDLE:
-            self.models_busy = False
-        elif not self.models_busy and models > self.MODELS_BUSY:
-            self.models_busy = True
-            for pid in list(self.on):
-                if self._free(pid):
-                    moves.append((pid, None))
+        self._models_seconds += models * elapsed
+        window = now - self._models_since
+        if window >= self.MODELS_WINDOW_S:
+            models, self._models_seconds, self._models_since = self._models_seconds / window, 0.0, now
+            if self.models_busy and models < self.MODELS_IDLE:
+                self.models_busy = False
+            elif not self.models_busy and models > self.MODELS_BUSY:
+                self.models_busy = True
+                for pid in list(self.on):
+                    if self._free(pid):
+                        moves.append((pid, None))
         if self.models_busy:
             return moves
+        self._margin = max(self.SWAP_MARGIN, self.MARGIN_TICKS / _TICKS / elapsed) if elapsed > 0 else 1.0
         for pid in sorted((p for p in use if p not in self.on), key=lambda p: use[p], reverse=True):
             cpu = self._empty()
             if cpu is None:
@@ -290,7 +305,7 @@ class LoopPins:
     def _busier(self, one: float, than: float) -> bool:
         """Whether a loop that used ``one`` of a CPU should take the place of one that used
         ``than``: by enough that two loops about as busy do not trade places every ping."""
-        return one > self.SWAP_RATIO * than and one - than >= self.SWAP_MARGIN
+        return one > self.SWAP_RATIO * than and one - than >= self._margin
 
     def _empty(self) -> int | None:
         held = set(self.on.values())

@@ -223,8 +223,12 @@ class ReplicaSupervisor:
 
     def pin_loops(self, pins: LoopPins) -> None:
         """From now on, READY replicas' event loops go on the ingress CPUs as ``pins`` says
-        (``replica_pin_loop``); those READY already at the next ping."""
+        (``replica_pin_loop``), looked at every ``replica_pin_interval_s``; those READY
+        already at the next look."""
+        first = self._loop_pins is None
         self._loop_pins = pins
+        if first:
+            self._tasks.spawn(self._pin_loop(), "pin loops")
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -573,10 +577,20 @@ class ReplicaSupervisor:
                 if now - rep.started_mono > rep.spec.health.start_timeout_s and not rep.removing:
                     await self._kill(rep, f"not ready after {rep.spec.health.start_timeout_s:g}s")
             await self._hold_to_memory([*starting, *targets])
-            if self._loop_pins is not None:
-                self._move_loops(targets)
             if targets:
                 await asyncio.gather(*(self._ping(r) for r in targets))
+
+    async def _pin_loop(self) -> None:
+        """Every ``replica_pin_interval_s``, shorter than the ping interval: load that moves
+        from one model to another (a client's turn, a benchmark's next point) finds its
+        replica's loop on an ingress CPU within about half a second, not two pings."""
+        while True:
+            await self.clock.sleep(self.settings.replica_pin_interval_s)
+            async with self.lock:
+                ready = [
+                    r for r in self.registry.values() if r.state == READY and r.address and not r.removing
+                ]
+            self._move_loops(ready)
 
     def _move_loops(self, ready: Sequence[LocalReplica]) -> None:
         """The busiest READY replicas' event loops onto the ingress CPUs (``LoopPins``)."""

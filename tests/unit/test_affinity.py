@@ -240,6 +240,39 @@ def test_while_models_keep_cpus_busy_every_loop_runs_free() -> None:
     assert not pins.models_busy and pins.on[101] == 0
 
 
+def test_looked_at_every_quarter_second_a_moved_load_is_followed_and_a_stray_tick_is_not() -> None:
+    machine = Machine()
+    machine.seconds = {101: 0.0, 102: 0.0}
+    pins = machine.pins([0])
+    pins.add(101)
+    pins.rebalance([101, 102])
+    # One clock tick (10 ms) of an idle loop in a quarter second is 4% of a CPU: not a move.
+    machine.run(0.25, {101: 0.0, 102: 0.04})
+    assert pins.rebalance([101, 102]) == []
+    # The load moved from 101's model to 102's: one quarter second later its loop follows.
+    machine.run(0.25, {101: 0.0, 102: 0.3})
+    assert pins.rebalance([101, 102]) == [(101, None), (102, 0)]
+
+
+def test_a_burst_of_model_work_shorter_than_a_second_leaves_the_loops_pinned() -> None:
+    machine = Machine()
+    machine.seconds = {101: 0.0, 102: 0.0}
+    pins = machine.pins([0, 1])
+    pins.add(101)
+    pins.rebalance([101, 102])
+    machine.run(0.25, {101: 0.2}, models={102: 0.9})  # a quarter second of a model computing
+    pins.rebalance([101, 102])
+    assert not pins.models_busy
+    for _ in range(3):
+        machine.run(0.25, {101: 0.2})
+        pins.rebalance([101, 102])
+    assert not pins.models_busy and pins.on == {101: 0, 102: 1}  # 0.23 of a CPU over the second
+    for _ in range(4):  # over a whole second: every loop runs free
+        machine.run(0.25, {101: 0.2}, models={102: 0.9})
+        pins.rebalance([101, 102])
+    assert pins.models_busy and pins.on == {}
+
+
 def test_where_pinning_is_not_allowed_every_loop_stays_free() -> None:
     machine = Machine()
     machine.seconds = {101: 0.0, 102: 0.0}
