@@ -145,7 +145,7 @@ class Settings:
     replica_pin_interval_s: float = 0.25
     """How often the scheduler looks at which replicas' event loops were busiest and moves
     them (``replica_pin_loop``): when load moves from one model to another, its replica's
-    loop is on an ingress CPU within about two of these."""
+    loop is on an ingress CPU within about two of these. From 0.05 to 3600."""
     replica_oom_score_adj: int = 1000
     """What each replica writes to its ``/proc/self/oom_score_adj`` (Linux, -1000 to 1000): when
     the machine runs out of memory, the kernel's OOM killer then takes a replica, the one using
@@ -363,7 +363,9 @@ _RANGES: dict[str, _Range] = {
     "replica_health_interval_s": _POSITIVE,
     "orphan_after_s": _POSITIVE,
     "ping_interval_s": _POSITIVE,
-    "replica_pin_interval_s": _POSITIVE,
+    # The kernel counts CPU time in 10 ms ticks: looks closer than 50 ms apart see no use at
+    # all, and would read /proc for every replica in a near-spin.
+    "replica_pin_interval_s": _Range(0.05, 3600),
     "ping_timeout_s": _POSITIVE,
     "ping_failures": _ONE_OR_MORE,
     "replica_start_timeout_s": _POSITIVE,

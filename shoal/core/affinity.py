@@ -217,7 +217,6 @@ class LoopPins:
         # replica pid -> its (loop, process) CPU seconds at the last rebalance
         self._seen: dict[int, tuple[float, float]] = {}
         self._at = clock()
-        self._margin = self.SWAP_MARGIN  # of a CPU, for the interval rebalance measured
         # the models' CPU seconds since the window began, and when it began
         self._models_seconds = 0.0
         self._models_since = self._at
@@ -269,23 +268,23 @@ class LoopPins:
                         moves.append((pid, None))
         if self.models_busy:
             return moves
-        self._margin = max(self.SWAP_MARGIN, self.MARGIN_TICKS / _TICKS / elapsed) if elapsed > 0 else 1.0
+        margin = max(self.SWAP_MARGIN, self.MARGIN_TICKS / _TICKS / elapsed) if elapsed > 0 else 1.0
         for pid in sorted((p for p in use if p not in self.on), key=lambda p: use[p], reverse=True):
             cpu = self._empty()
             if cpu is None:
                 idlest = min(self.on, key=lambda p: use.get(p, 0.0), default=None)
                 if idlest is None:
                     break
-                if not self._busier(use[pid], use.get(idlest, 0.0)):
+                if not self._busier(use[pid], use.get(idlest, 0.0), margin):
                     break  # the rest are less busy still
                 cpu = self.on[idlest]
                 if self._free(idlest):
                     moves.append((idlest, None))
             if self._move(pid, cpu):
                 moves.append((pid, cpu))
-        return moves + self._order(use)
+        return moves + self._order(use, margin)
 
-    def _order(self, use: dict[int, float]) -> list[tuple[int, int | None]]:
+    def _order(self, use: dict[int, float], margin: float) -> list[tuple[int, int | None]]:
         """The busiest pinned loop on the first CPU, the next on the second, ...: a loop
         busier (by the same margins) than the one on an earlier CPU trades places with it."""
         moves: list[tuple[int, int | None]] = []
@@ -295,17 +294,18 @@ class LoopPins:
             if holder is None or not later:
                 continue
             busiest = max(later, key=lambda p: use.get(p, 0.0))
-            if not self._busier(use.get(busiest, 0.0), use.get(holder, 0.0)):
+            if not self._busier(use.get(busiest, 0.0), use.get(holder, 0.0), margin):
                 continue
             other = self.on[busiest]
             if self._move(busiest, cpu) and self._move(holder, other):
                 moves += [(busiest, cpu), (holder, other)]
         return moves
 
-    def _busier(self, one: float, than: float) -> bool:
+    def _busier(self, one: float, than: float, margin: float) -> bool:
         """Whether a loop that used ``one`` of a CPU should take the place of one that used
-        ``than``: by enough that two loops about as busy do not trade places every ping."""
-        return one > self.SWAP_RATIO * than and one - than >= self._margin
+        ``than``: by enough (``margin``, of a CPU, at least) that two loops about as busy do
+        not trade places at every look."""
+        return one > self.SWAP_RATIO * than and one - than >= margin
 
     def _empty(self) -> int | None:
         held = set(self.on.values())

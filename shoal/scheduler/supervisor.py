@@ -564,9 +564,7 @@ class ReplicaSupervisor:
         while True:
             await self.clock.sleep(self.settings.ping_interval_s)
             async with self.lock:
-                targets = [
-                    r for r in self.registry.values() if r.state == READY and r.address and not r.removing
-                ]
+                targets = self._serving()
                 starting = [r for r in self.registry.values() if r.state == STARTING]
             await self._rotate_logs()
             if self._previous:
@@ -587,10 +585,13 @@ class ReplicaSupervisor:
         while True:
             await self.clock.sleep(self.settings.replica_pin_interval_s)
             async with self.lock:
-                ready = [
-                    r for r in self.registry.values() if r.state == READY and r.address and not r.removing
-                ]
+                ready = self._serving()
             self._move_loops(ready)
+
+    def _serving(self) -> list[LocalReplica]:
+        """The READY replicas that are staying, those pinged and whose loops may be pinned
+        (under the lock)."""
+        return [r for r in self.registry.values() if r.state == READY and r.address and not r.removing]
 
     def _move_loops(self, ready: Sequence[LocalReplica]) -> None:
         """The busiest READY replicas' event loops onto the ingress CPUs (``LoopPins``)."""

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.timeout(10)
         ("gpus", -2, "-1 or >= 0"),
         ("dead_after_s", 0, "> 0"),
         ("heartbeat_interval_s", -1, "> 0"),
-        ("replica_pin_interval_s", 0, "> 0"),
+        ("replica_pin_interval_s", 0.01, "from 0.05 to 3600"),
         ("blob_grace_s", 0, "> 0"),
         ("dead_after_stream_end_s", -1, ">= 0"),
         ("shutdown_grace_s", -3, ">= 0"),
