@@ -53,9 +53,15 @@ typecheck: $(STAMP)
 
 # Three pytest workers: most tests wait on processes they start (CPU was about 70% used
 # with two), so three fit on two cores (15 min in one process, 10.5-11.5 in two, 8 in
-# three). tests/conftest.py keeps the e2e and multi-host tests each on one worker.
+# three). --dist loadscope keeps each module's tests on one worker, so a module-scoped
+# fixture (most often a running cluster) starts once, not once per worker: spread, the
+# cluster of tests/integration/test_openai.py (torch and two models) started three times,
+# 25 s each. (xdist's loadgroup, used before, groups nothing under pytest 9: it renames
+# items through an attribute pytest 9 no longer reads.) Every test starts its servers on
+# port 0, and the multi-host ones each make a bridge and subnet of their own, so modules
+# run side by side.
 test: lint typecheck system-deps
-	$(BIN)/pytest -q -n 3 --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/pytest -q -n 3 --dist loadscope $(PYTEST_ARGS)
 
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit $(PYTEST_ARGS)

@@ -37,14 +37,3 @@ def examples_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         timeout=120,
     )
     return out
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under ``pytest -n 3 --dist loadgroup`` (``make test``), tests that share something
-    beyond their own temporary folder run on one worker: the e2e tests (``shoal up`` and the
-    tour use the default ports) and the multi-host ones (network namespaces on one bridge)."""
-    for item in items:
-        parts = Path(str(item.fspath)).parts
-        for group in ("e2e", "multihost"):
-            if group in parts:
-                item.add_marker(pytest.mark.xdist_group(group))
