@@ -5,7 +5,7 @@ perf_analyzer noop concurrency 32 (its one process saturated) and at fixed reque
 Why: each of a scheduler's two ingress processes serves about half of what the floor
 serves alone, and grpc.aio's per-call CPU is not fixed: with fewer calls per wake-up of
 its poller thread and event loop, each call pays more of the wake-ups. This measures how
-much, on the floor itself, so that shoal's ingress CPU per request (``bench/profile.py``)
+much, on the floor itself, so that shoal's ingress CPU per request (``bench/cpu_profile.py``)
 can be read against the floor at the same load, not only at saturation. Not part of
 ``make test``; needs perf_analyzer (``bench/peers.py perf-analyzer``)::
 

@@ -24,7 +24,7 @@ Not part of ``make test``::
 
 The figures are what shoal's Python costs a request on top of the gRPC server that receives
 it (``bench/floors/grpc_echo.py`` is that server alone, measured under load by
-``bench/profile.py``); they add up to less than the CPU a request costs across processes
+``bench/cpu_profile.py``); they add up to less than the CPU a request costs across processes
 under load, where context switches and cache misses come on top.
 """
 

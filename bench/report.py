@@ -504,7 +504,7 @@ def render(doc: dict[str, Any], path: Path) -> str:
         lines.append(f"| {tool} | {t:.2f} | {sv:.2f} |")
     profile = Path(__file__).resolve().parent / "profile.md"
     if profile.exists():
-        # Written by bench/profile.py (a separate run: it needs py-spy and a quiet machine).
+        # Written by bench/cpu_profile.py (a separate run: it needs py-spy and a quiet machine).
         lines += ["", "## Where a request's CPU goes", "", profile.read_text().rstrip()]
     multiplex = Path(__file__).resolve().parent / "multiplex.md"
     if multiplex.exists():

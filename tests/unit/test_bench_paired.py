@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-# bench/ is not a package, and its module names (profile.py) would shadow the standard
-# library's for the rest of this process if it stayed on the path.
+# bench/ is not a package, and its module names could shadow others (it once held a
+# profile.py, the standard library's name) for the rest of this process if it stayed on the path.
 _BENCH = str(Path(__file__).resolve().parents[2] / "bench")
 sys.path.insert(0, _BENCH)
 try:

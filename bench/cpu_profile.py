@@ -12,8 +12,9 @@ and sent its model's calls to the model thread (``shoal.backends.base.INLINE_STR
 so the profile showed a path the unprofiled replica does not take. Not part of
 ``make test``::
 
-    .venv/bin/python bench/profile.py --label after
-    git worktree add /tmp/before OLD && .venv/bin/python bench/profile.py --label before --source /tmp/before
+    .venv/bin/python bench/cpu_profile.py --label after
+    git worktree add /tmp/before OLD
+    .venv/bin/python bench/cpu_profile.py --label before --source /tmp/before
 
 Needs perf_analyzer (``bench/peers.py perf-analyzer``) and py-spy (``pip install py-spy``).
 """
@@ -212,7 +213,7 @@ def render() -> str:
     lines = [
         "Share of each process's CPU samples (py-spy, 200 Hz, 5 s, under perf_analyzer noop gRPC c=32,",
         "batching 32 / 1 ms, one ingress process), by the innermost shoal frame of each sample",
-        "(`bench/profile.py`):",
+        "(`bench/cpu_profile.py`):",
         "",
     ]
     for proc in ("scheduler", "replica"):
