@@ -5,9 +5,10 @@ Every connection is bounded (:class:`HttpLimits`), because uvicorn alone holds a
 connection that never finishes its request head for ever (its keep-alive timer runs only
 between requests, and any byte stops it): a connection must send a whole request head
 within ``header_timeout_s`` of opening or of its first byte after an answer (else 408 and
-close), may sit idle between requests ``idle_timeout_s`` (then it is closed), and past
-``max_connections`` open connections in this process a new one gets 503 and is closed at
-once, while those already open are served as before.
+close; time its bytes wait for their turn in the server's intake does not count), may sit
+idle between requests ``idle_timeout_s`` (then it is closed), and past ``max_connections``
+open connections in this process a new one gets 503 and is closed at once, while those
+already open are served as before.
 
 Under TLS shoal accepts connections itself (:meth:`HttpServer._accept_tls`) rather than
 leaving it to the event loop's server: a connection whose first byte does not open a TLS
@@ -431,6 +432,13 @@ class _Bounds:
     def _head_timed_out(self) -> None:
         self._head_timer = None
         if self.transport.is_closing() or not self._awaiting_head():
+            return
+        if self._deferred:
+            # What it sent waits for its turn in the intake (_take): the wait is this
+            # server's, not the client's. Under uvloop, which runs due timers before the
+            # intake's next pass, heads that came in time were answered 408 while a busy
+            # pass held the loop.
+            self._start_head_timer()
             return
         self._unset_keepalive_if_required()
         self.transport.write(

@@ -1,12 +1,14 @@
 """Fixtures for tests of the head over in-memory twins: a clock that moves only when told,
-a ``MemoryStore``, and fake schedulers. A test module may define its own of the same name.
+a ``MemoryStore``, and fake schedulers; and ``on_each_loop``, which runs a test's body under
+uvloop and under asyncio's own loop. A test module may define its own of the same name.
 
 :func:`make_spec` builds the small deployment specs the unit tests share; import it from
 ``tests.unit.conftest``."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import pytest
@@ -15,6 +17,24 @@ from shoal.core.clock import FakeClock
 from shoal.core.spec import DeploymentSpec, parse_spec
 from shoal.store import MemoryStore
 from shoal.testing.fakes import FakeSchedulers
+
+Run = Callable[[Coroutine[Any, Any, None]], None]
+
+
+@pytest.fixture(params=["uvloop", "asyncio"])
+def on_each_loop(request: pytest.FixtureRequest) -> Run:
+    """Runs a test's body under uvloop (what shoal runs on by default) and under asyncio's
+    own loop: their servers, readers and timers are separate code, and they order due
+    timers and queued callbacks differently."""
+    import uvloop
+
+    factory = uvloop.new_event_loop if request.param == "uvloop" else asyncio.new_event_loop
+
+    def run(body: Coroutine[Any, Any, None]) -> None:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(body)
+
+    return run
 
 
 @pytest.fixture

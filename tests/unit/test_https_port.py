@@ -14,9 +14,8 @@ import contextlib
 import json
 import os
 import ssl
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -27,28 +26,11 @@ from starlette.routing import Route
 
 from shoal import certs
 from shoal.http.server import HttpLimits, HttpServer
+from tests.unit.conftest import Run
 
 pytestmark = pytest.mark.timeout(30)
 
 HEAD_S = 0.5
-
-
-Run = Callable[[Coroutine[Any, Any, None]], None]
-
-
-@pytest.fixture(params=["uvloop", "asyncio"])
-def run(request: pytest.FixtureRequest) -> Run:
-    """Runs a test's body under uvloop (what shoal runs on by default) and under asyncio's
-    own loop: their ``connect_accepted_socket`` and ``add_reader`` are separate code."""
-    import uvloop
-
-    factory = uvloop.new_event_loop if request.param == "uvloop" else asyncio.new_event_loop
-
-    def run(body: Coroutine[Any, Any, None]) -> None:
-        with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(body)
-
-    return run
 
 
 async def hello(request: Request) -> Response:
@@ -94,7 +76,7 @@ async def read_all(reader: asyncio.StreamReader) -> bytes:
         return await reader.read()
 
 
-def test_plain_http_to_the_https_port_is_told_to_use_https(run: Run, tls_dir: Path) -> None:
+def test_plain_http_to_the_https_port_is_told_to_use_https(on_each_loop: Run, tls_dir: Path) -> None:
     async def body() -> None:
         async with serving(tls_dir) as https:
             reader, writer = await asyncio.open_connection("127.0.0.1", https.port)
@@ -110,10 +92,10 @@ def test_plain_http_to_the_https_port_is_told_to_use_https(run: Run, tls_dir: Pa
             assert served.status_code == 200
             assert served.json() == {"path": "/after", "scheme": "https"}
 
-    run(body())
+    on_each_loop(body())
 
 
-def test_httpx_over_plain_http_reads_the_400(run: Run, tls_dir: Path) -> None:
+def test_httpx_over_plain_http_reads_the_400(on_each_loop: Run, tls_dir: Path) -> None:
     async def body() -> None:
         async with serving(tls_dir) as https:
             async with httpx.AsyncClient(timeout=5.0) as client:
@@ -121,23 +103,27 @@ def test_httpx_over_plain_http_reads_the_400(run: Run, tls_dir: Path) -> None:
             assert answer.status_code == 400
             assert "speaks HTTPS" in answer.json()["error"]
 
-    run(body())
+    on_each_loop(body())
 
 
-def test_many_https_requests_on_one_connection(run: Run, tls_dir: Path) -> None:
+def test_many_https_requests_on_one_connection(on_each_loop: Run, tls_dir: Path) -> None:
     async def body() -> None:
-        async with serving(tls_dir) as https:
+        # The clients share the server's loop, so under a loaded test run their twenty
+        # handshakes can hold a client's head past HEAD_S: one answer of twenty once had no
+        # path (an error body). The head timeout is not what this test is about.
+        async with serving(tls_dir, header_timeout_s=5.0) as https:
             context = ssl.create_default_context(cafile=str(tls_dir / "ca.crt"))
             async with httpx.AsyncClient(verify=context, timeout=5.0) as client:
                 answers = await asyncio.gather(
                     *(client.get(f"https://127.0.0.1:{https.port}/n/{i}") for i in range(20))
                 )
-            assert [a.json()["path"] for a in answers] == [f"/n/{i}" for i in range(20)]
+            seen = [(a.status_code, a.text) for a in answers]
+            assert [a.json().get("path") for a in answers] == [f"/n/{i}" for i in range(20)], seen
 
-    run(body())
+    on_each_loop(body())
 
 
-def test_a_connection_that_sends_nothing_is_closed(run: Run, tls_dir: Path) -> None:
+def test_a_connection_that_sends_nothing_is_closed(on_each_loop: Run, tls_dir: Path) -> None:
     async def body() -> None:
         async with serving(tls_dir) as https:
             reader, writer = await asyncio.open_connection("127.0.0.1", https.port)
@@ -147,10 +133,10 @@ def test_a_connection_that_sends_nothing_is_closed(run: Run, tls_dir: Path) -> N
             assert loop.time() - began < HEAD_S + 2.0
             writer.close()
 
-    run(body())
+    on_each_loop(body())
 
 
-def test_a_stalled_handshake_is_closed(run: Run, tls_dir: Path) -> None:
+def test_a_stalled_handshake_is_closed(on_each_loop: Run, tls_dir: Path) -> None:
     """The first byte of a TLS record, then nothing: the handshake's limit is
     header_timeout_s (it was the event loop's 60 s)."""
 
@@ -165,10 +151,12 @@ def test_a_stalled_handshake_is_closed(run: Run, tls_dir: Path) -> None:
             assert loop.time() - began < HEAD_S + 2.0
             writer.close()
 
-    run(body())
+    on_each_loop(body())
 
 
-def test_connections_in_their_handshake_count_toward_max_connections(run: Run, tls_dir: Path) -> None:
+def test_connections_in_their_handshake_count_toward_max_connections(
+    on_each_loop: Run, tls_dir: Path
+) -> None:
     """http_max_connections holds for connections that never finish a handshake: past the
     cap a new connection is closed at once (not held until header_timeout_s), and once the
     stalled ones go, HTTPS is served again."""
@@ -193,14 +181,14 @@ def test_connections_in_their_handshake_count_toward_max_connections(run: Run, t
             await asyncio.sleep(0.3)
             assert (await https_get(tls_dir, https.port, "/after")).status_code == 200
 
-    run(body())
+    on_each_loop(body())
 
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def test_failed_handshakes_and_plain_requests_leave_no_descriptor(run: Run, tls_dir: Path) -> None:
+def test_failed_handshakes_and_plain_requests_leave_no_descriptor(on_each_loop: Run, tls_dir: Path) -> None:
     async def body() -> None:
         async with serving(tls_dir) as https:
             await https_get(tls_dir, https.port, "/warm")  # the client's own lazily opened files
@@ -220,10 +208,10 @@ def test_failed_handshakes_and_plain_requests_leave_no_descriptor(run: Run, tls_
             assert open_fds() <= before
             assert (await https_get(tls_dir, https.port, "/still")).status_code == 200
 
-    run(body())
+    on_each_loop(body())
 
 
-def test_stop_with_connections_waiting(run: Run, tls_dir: Path) -> None:
+def test_stop_with_connections_waiting(on_each_loop: Run, tls_dir: Path) -> None:
     async def body() -> None:
         server = HttpServer(
             Starlette(routes=[Route("/{path:path}", hello)]),
@@ -244,4 +232,4 @@ def test_stop_with_connections_waiting(run: Run, tls_dir: Path) -> None:
                 assert await read_all(reader) == b""
             writer.close()
 
-    run(body())
+    on_each_loop(body())
