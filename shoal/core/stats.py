@@ -61,6 +61,7 @@ OUTCOMES = (
     "timeout",
     "unavailable",
     "error",
+    "cancelled",
 )
 
 
@@ -81,7 +82,10 @@ class DeploymentStats:
 
     @property
     def errors(self) -> int:
-        return self.requests - self.outcomes["ok"]
+        """Requests not answered ``ok``, but for those their clients cancelled (a client that
+        gave up is no failure of the model's: a canary's or the dashboard's error rate must
+        not rise with it)."""
+        return self.requests - self.outcomes["ok"] - self.outcomes["cancelled"]
 
 
 def quantile(counts: Sequence[int], q: float) -> float:

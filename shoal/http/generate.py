@@ -91,7 +91,6 @@ def _error(err: ShoalError) -> Response:
 
 def generate_routes(catalog: ModelCatalog, limit: int) -> list[Route]:
     """The generate extension's routes over ``catalog`` (and its router); bodies up to ``limit`` bytes."""
-    router = catalog.router
 
     async def prepare(request: Request, *, stream: bool) -> tuple[str, str, GenerateRequest, int]:
         """The model, the client's id, the generation and the revision it must run on (0: any)."""
@@ -113,7 +112,7 @@ def generate_routes(catalog: ModelCatalog, limit: int) -> list[Route]:
     async def generate(request: Request) -> Response:
         try:
             name, request_id, req, revision = await prepare(request, stream=False)
-            result = await complete(router, name, req, request_id=internal_id(request_id), version=revision)
+            result = await complete(catalog, name, req, request_id=internal_id(request_id), version=revision)
             answer = head(name, request_id, revision)
         except ShoalError as err:
             return _error(err)
@@ -131,7 +130,7 @@ def generate_routes(catalog: ModelCatalog, limit: int) -> list[Route]:
         try:
             name, request_id, req, revision = await prepare(request, stream=True)
             chunks = await start_stream(
-                router, name, req, request_id=internal_id(request_id), version=revision
+                catalog, name, req, request_id=internal_id(request_id), version=revision
             )
             base = head(name, request_id, revision)
         except ShoalError as err:

@@ -467,14 +467,14 @@ class OpenAIApi:
             "system_fingerprint": None,
         }
         if not req.stream:
-            result = await complete(self.router, spec.name, req, request_id=request_id)
+            result = await complete(self.dataplane.catalog, spec.name, req, request_id=request_id)
             choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": _finish(result)}
             if chat:
                 choice["message"] = {"role": "assistant", "content": result.text, "refusal": None}
             else:
                 choice["text"] = result.text
             return JSONResponse({**head, "choices": [choice], "usage": _usage(result)})
-        chunks = await start_stream(self.router, spec.name, req, request_id=request_id)
+        chunks = await start_stream(self.dataplane.catalog, spec.name, req, request_id=request_id)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         head["object"] = "chat.completion.chunk" if chat else "text_completion"
         events = stream_events(chunks, head, chat=chat, include_usage=include_usage)

@@ -145,7 +145,7 @@ async def stream_responses(
         return oip.ModelStreamInferResponse(infer_response=reply)
 
     chunks = await start_stream(
-        catalog.router,
+        catalog,
         request.model_name,
         generation,
         request_id=internal_id(request.id),

@@ -51,7 +51,7 @@ from shoal.core.budget import ByteBudget
 from shoal.core.ids import request_key
 from shoal.core.payload import Tensor, Tensors
 from shoal.core.spec import DeploymentSpec, TensorSpec, check_model_id
-from shoal.errors import Internal, InvalidArgument, ShoalError
+from shoal.errors import Code, Internal, InvalidArgument, ShoalError
 from shoal.scheduler.models import InferResult, ModelCatalog, check_inputs, check_outputs
 from shoal.scheduler.router import OUTCOME_OF, Router
 
@@ -166,9 +166,7 @@ class DataPlane:
                 model_id=call.model_id,
                 version=revision,
             )
-            outputs = _select(spec.name, outputs, call.outputs, metadata.outputs)
-            if call.answer_check is not None:
-                self._check_answer(call, call.answer_check, spec.name, outputs)
+            outputs = self._answer(call, spec.name, outputs, metadata.outputs)
         except BaseException:
             self.catalog.record(spec, ok=False, elapsed_ns=time.perf_counter_ns() - started, rows=0)
             raise
@@ -180,17 +178,22 @@ class DataPlane:
             call.model, self.catalog.served_version(spec, replica_id), call.id, outputs, replica_id
         )
 
-    def _check_answer(
-        self, call: InferCall, answer_check: Callable[[Tensors], None], deployment: str, outputs: Tensors
-    ) -> None:
-        """Run the door's check of an answer; when it fails, the request the router counted
-        a success is counted as what failed it, and logged (the model's fault: WARNING)."""
+    def _answer(
+        self, call: InferCall, deployment: str, outputs: Tensors, declared: Sequence[TensorSpec]
+    ) -> Tensors:
+        """The outputs ``call`` asked for (:func:`_select`), checked by its door's
+        ``answer_check``. When either fails, the request the router counted a success is
+        counted as what failed it, and logged: INFO when the client erred (it asked for an
+        output the model does not answer), WARNING otherwise (the model's fault)."""
         try:
-            answer_check(outputs)
+            outputs = _select(deployment, outputs, call.outputs, declared)
+            if call.answer_check is not None:
+                call.answer_check(outputs)
         except ShoalError as err:
             self.router.recount(deployment, "ok", OUTCOME_OF.get(err.code, "error"))
             if self._may_log():
-                log.warning(
+                log.log(
+                    logging.INFO if err.code is Code.INVALID_ARGUMENT else logging.WARNING,
                     "request %s to %s (%s) failed on its answer: %s",
                     limits.shown(call.id) or "-",
                     deployment,
@@ -199,6 +202,7 @@ class DataPlane:
                     extra={"request_id": limits.shown(call.id), "deployment": deployment},
                 )
             raise
+        return outputs
 
     def check(self, call: InferCall) -> None:
         """The checks that need no model metadata: the id, headers, byte lengths, the limits."""

@@ -12,22 +12,29 @@ objects that come back. What they share lives here, free of any wire format:
   that an error names the parameter (:class:`InvalidParameter`);
 - :func:`start_stream`: waits for the first chunk, so that a request that fails before any
   output (unknown model, full queue, no replica in time) is answered with a status code
-  instead of a broken stream; :func:`complete`: the whole answer at once.
+  instead of a broken stream; :func:`complete`: the whole answer at once. Both count the
+  generation in Triton's statistics (``ModelCatalog.record``) as the router counts it in
+  ``shoal_requests_total``: a success when it ended whole, or when its client went away
+  after part of it; a failure otherwise.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
+import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from shoal.core.ids import request_key
 from shoal.core.limits import is_unicode, stop_problem
 from shoal.core.spec import DeploymentSpec
-from shoal.errors import Internal, InvalidArgument
-from shoal.scheduler.router import Router
+from shoal.errors import Internal, InvalidArgument, ShoalError
 from shoal.types import ChatMessage, GenerateChunk, GenerateRequest
+
+if TYPE_CHECKING:
+    from shoal.scheduler.models import ModelCatalog
 
 #: The generation parameters every protocol takes (OpenAI's names).
 PARAMETERS = ("max_tokens", "temperature", "top_p", "stop", "seed")
@@ -175,8 +182,46 @@ class ChunkStream:
         await self._rest.aclose()
 
 
+async def _counted(
+    catalog: ModelCatalog, deployment: str, chunks: AsyncGenerator[GenerateChunk, None]
+) -> AsyncGenerator[GenerateChunk, None]:
+    """``chunks``, counted in Triton's statistics once they end (see the module docstring)."""
+    started = time.perf_counter_ns()
+    ok = streamed = False
+    try:
+        async for chunk in chunks:
+            streamed = True
+            yield chunk
+        ok = True
+    except (GeneratorExit, asyncio.CancelledError):
+        ok = streamed  # the client went away: after part of the answer, its choice
+        raise
+    finally:
+        await chunks.aclose()
+        try:
+            spec = catalog.spec(deployment)
+        except ShoalError:  # deleted meanwhile: nothing to count it in
+            pass
+        else:
+            catalog.record(spec, ok=ok, elapsed_ns=time.perf_counter_ns() - started, rows=1)
+
+
+def _generation(
+    catalog: ModelCatalog,
+    deployment: str,
+    request: GenerateRequest,
+    request_id: str,
+    timeout_s: float,
+    version: int,
+) -> AsyncGenerator[GenerateChunk, None]:
+    chunks = catalog.router.stream(
+        deployment, request, request_id=request_id, timeout_s=timeout_s, version=version
+    )
+    return _counted(catalog, deployment, chunks)
+
+
 async def start_stream(
-    router: Router,
+    catalog: ModelCatalog,
     deployment: str,
     request: GenerateRequest,
     *,
@@ -184,12 +229,13 @@ async def start_stream(
     timeout_s: float = 0.0,
     version: int = 0,
 ) -> ChunkStream:
-    """Start ``request`` on ``deployment`` and wait for its first chunk.
+    """Start ``request`` on ``deployment`` (through ``catalog``'s router) and wait for its
+    first chunk.
 
     Raises what :meth:`Router.stream` raises before any output; errors after it come out of
     the returned stream. Close it (``aclose``) when done or when the client goes away.
     """
-    chunks = router.stream(deployment, request, request_id=request_id, timeout_s=timeout_s, version=version)
+    chunks = _generation(catalog, deployment, request, request_id, timeout_s, version)
     try:
         first = await anext(chunks)
     except StopAsyncIteration:
@@ -201,7 +247,7 @@ async def start_stream(
 
 
 async def complete(
-    router: Router,
+    catalog: ModelCatalog,
     deployment: str,
     request: GenerateRequest,
     *,
@@ -212,7 +258,7 @@ async def complete(
     """The whole generation as one chunk: all its text, finish reason and token counts."""
     text: list[str] = []
     last: GenerateChunk | None = None
-    chunks = router.stream(deployment, request, request_id=request_id, timeout_s=timeout_s, version=version)
+    chunks = _generation(catalog, deployment, request, request_id, timeout_s, version)
     async with contextlib.aclosing(chunks):
         async for chunk in chunks:
             text.append(chunk.text)

@@ -372,6 +372,9 @@ class Router:
         except ShoalError as err:
             outcome = OUTCOME_OF.get(err.code, "error")
             raise
+        except asyncio.CancelledError:
+            outcome = "cancelled"  # its client went away (a gRPC cancel, an HTTP client gone)
+            raise
         finally:
             self._done()
             elapsed = time.perf_counter() - started
@@ -749,8 +752,7 @@ class Router:
             raise
         except (GeneratorExit, asyncio.CancelledError):
             # The client went away: after part of an answer that is its choice, not a failure.
-            if streamed:
-                outcome = "ok"
+            outcome = "ok" if streamed else "cancelled"
             raise
         finally:
             self._done()

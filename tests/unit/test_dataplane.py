@@ -421,3 +421,58 @@ async def test_a_503_from_the_data_plane_says_when_to_retry(doors: Doors, fakes:
     fakes.client("a:9000").recover()
     r = await doors.http.post("/v2/models/echo/infer", json=doc)
     assert r.status_code == 200 and "retry-after" not in r.headers
+
+
+async def test_an_output_the_model_does_not_answer_is_counted_invalid_everywhere(
+    doors: Doors, refusals: pytest.LogCaptureFixture
+) -> None:
+    """A model that declares no outputs (python) shows only in its answer that it lacks the
+    one asked for. Before, the request was refused INVALID_ARGUMENT but counted ``ok`` in
+    ``shoal_requests_total`` (and ``fail`` in Triton's statistics)."""
+    doors.node.router.add("n", spec("noinp", inputs=[], outputs=[]), "n:1", "s1")
+    t = payload.from_array("x", GOOD)
+    request = oip.ModelInferRequest(model_name="noinp", id="r1")
+    request.inputs.add(name="x", datatype=t.datatype, shape=t.shape)
+    request.raw_input_contents.append(t.data)
+    request.outputs.add(name="nope")
+    with pytest.raises(Aborted) as err:
+        await doors.grpc.ModelInfer(request, cast(Any, Context()))
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "unknown output 'nope'" in err.value.message
+    outcomes = doors.node.router.stats()["noinp"].outcomes
+    assert (outcomes["ok"], outcomes["invalid"]) == (0, 1)
+    [stats] = await doors.node.catalog.statistics("noinp")
+    assert (stats.fail.count, stats.success.count) == (1, 0)
+    assert any("unknown output 'nope'" in r.getMessage() for r in refusals.records)
+
+
+async def test_generations_are_counted_in_triton_statistics_as_in_the_metrics(doors: Doors) -> None:
+    """Before, a generation that succeeded was counted in ``shoal_requests_total`` only."""
+    gen = spec("gen", backend="transformers", options={"task": "generation"}, inputs=[], outputs=[])
+    doors.node.router.add("g", gen, "g:1", "s1")
+    r = await doors.http.post("/v2/models/gen/generate", json={"text_input": "hello", "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    r = await doors.http.post("/v2/models/gen/generate_stream", json={"text_input": "hello", "max_tokens": 4})
+    assert r.status_code == 200 and "text_output" in r.text, r.text
+    r = await doors.http.post("/v1/completions", json={"model": "gen", "prompt": "hello", "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    outcomes = doors.node.router.stats()["gen"].outcomes
+    [stats] = await doors.node.catalog.statistics("gen")
+    assert outcomes["ok"] == stats.success.count == 3
+    assert stats.fail.count == 0
+
+
+async def test_a_request_its_client_cancels_is_counted_cancelled_not_an_error(
+    doors: Doors, fakes: FakeReplicas
+) -> None:
+    replica = fakes.clients["a:9000"]
+    replica.gate = asyncio.Event()
+    running = asyncio.create_task(doors.oip("echo", GOOD))
+    await replica.wait_for_requests(1)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    stats = doors.node.router.stats()["echo"]
+    assert (stats.outcomes["cancelled"], stats.outcomes["error"], stats.errors) == (1, 0, 0)
+    metrics = (await doors.http.get("/metrics")).text
+    assert 'shoal_requests_total{deployment="echo",outcome="cancelled"} 1.0' in metrics
+
