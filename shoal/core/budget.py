@@ -168,7 +168,8 @@ class ByteBudget:
         self._queue.append(entry)
         self.waiting += n
         try:
-            await asyncio.wait_for(asyncio.shield(future), timeout_s)
+            async with asyncio.timeout(timeout_s):  # not wait_for: see SystemClock.wait
+                await asyncio.shield(future)
         except BaseException as err:
             if future.done() and not future.cancelled():
                 self.give(n)  # room came as the wait ended: hand it on

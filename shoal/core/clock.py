@@ -37,8 +37,14 @@ class SystemClock:
         await asyncio.sleep(seconds)
 
     async def wait(self, aw: Awaitable[object], seconds: float) -> bool:
+        # Not asyncio.wait_for: on Python 3.11 it returns the result, swallowing a
+        # cancellation, when ``aw`` is done by the time the cancelled task runs. A router
+        # waiting for a free replica lost its client's cancel that way whenever the slot
+        # came free in the same loop pass (clients hanging up together: the first one's
+        # freed slot went to the next, which then ran for nobody).
         try:
-            await asyncio.wait_for(aw, seconds)
+            async with asyncio.timeout(seconds):
+                await aw
         except TimeoutError:
             return False
         return True
@@ -117,7 +123,8 @@ class FakeClock:
 async def sleep_or_event(event: asyncio.Event, seconds: float) -> bool:
     """Wait ``seconds`` or until ``event`` is set; True when the event fired."""
     try:
-        await asyncio.wait_for(event.wait(), timeout=seconds)
+        async with asyncio.timeout(seconds):  # not wait_for: see SystemClock.wait
+            await event.wait()
     except TimeoutError:
         return False
     return True

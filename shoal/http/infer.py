@@ -37,6 +37,7 @@ from shoal.errors import (
     from_code,
 )
 from shoal.http.auth import drain
+from shoal.http.server import ClientGone, client_gone, unless_gone
 from shoal.scheduler.dataplane import MODEL_ID_HEADER, MODEL_ID_PARAMETER, InferCall, check_priority
 from shoal.scheduler.ingress import IngressNode
 from shoal.scheduler.models import InferResult
@@ -483,7 +484,7 @@ class Infer:
             size = 0
         try:
             if not budget.try_take(size):
-                await budget.take(size, timeout_s)
+                await unless_gone(scope, budget.take(size, timeout_s))
         except ShoalError as err:
             node.dataplane.refused(name, "", "http", err)
             await drain(receive, self.limit)  # so that the client gets the answer
@@ -521,6 +522,8 @@ class Infer:
                     raise DeadlineExceeded(
                         f"the request body did not arrive within {timeout_s:g}s (the deployment's timeout_s)"
                     ) from None
+                if client_gone(scope):
+                    raise ClientGone  # part of a body, maybe: nobody waits for its answer
                 req = await parse_infer(
                     body,
                     headers.get("inference-header-content-length"),
@@ -530,7 +533,10 @@ class Infer:
             except ShoalError as err:
                 node.dataplane.refused(name, "", "http", err)
                 raise
-            result = await node.dataplane.infer(req.call(name, version, headers.get(MODEL_ID_HEADER, "")))
+            # A client that hangs up takes its request out of the queue, or off its replica's
+            # slot (its answer, if the replica sends one, is dropped), as a gRPC cancel does.
+            call = req.call(name, version, headers.get(MODEL_ID_HEADER, ""))
+            result = await unless_gone(scope, node.dataplane.infer(call))
             return await respond(req, result, self.on_loop)
         finally:
             budgets.HELD.reset(held)

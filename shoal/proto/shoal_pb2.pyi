@@ -1669,12 +1669,18 @@ class Task(_message.Message):
     TIMEOUT_S_FIELD_NUMBER: _builtins.int
     TAG_FIELD_NUMBER: _builtins.int
     MODEL_ID_FIELD_NUMBER: _builtins.int
+    CANCEL_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     timeout_s: _builtins.float
     tag: _builtins.int
     """on PushTasks: unique per stream, echoed in the TaskOutcome"""
     model_id: _builtins.str
     """multiplexed deployments: which model; empty otherwise"""
+    cancel: _builtins.bool
+    """Not a task: the task with this tag, sent earlier on the same stream or hop connection,
+    is no longer wanted (its client went away). The replica drops it if it has not run yet;
+    no outcome is sent for it.
+    """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]: ...
     def __init__(
@@ -1685,10 +1691,11 @@ class Task(_message.Message):
         timeout_s: _builtins.float = ...,
         tag: _builtins.int = ...,
         model_id: _builtins.str = ...,
+        cancel: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "model_id", b"model_id", "request_id", b"request_id", "tag", b"tag", "timeout_s", b"timeout_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "inputs", b"inputs", "model_id", b"model_id", "request_id", b"request_id", "tag", b"tag", "timeout_s", b"timeout_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

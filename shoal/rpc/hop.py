@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import itertools
 import logging
@@ -325,6 +326,14 @@ class HopClient:
         timer = loop.call_later(timeout_s, expire_outcome, future, task.request_id, timeout_s)
         try:
             return await future
+        except asyncio.CancelledError:
+            # The caller went away (its client cancelled or hung up): the replica drops the
+            # task if it has not run yet, instead of computing an answer nobody reads.
+            writer = proto.writer
+            if future.cancelled() and writer is not None and proto.transport is not None:
+                if not proto.transport.is_closing():
+                    writer.send(pb.Task(tag=tag, cancel=True).SerializeToString())
+            raise
         finally:
             timer.cancel()
             pending.pop(tag, None)
@@ -386,7 +395,7 @@ class _ServerProtocol(asyncio.BufferedProtocol):
         self._frames = _Frames(server.max_bytes)
         self._transport: asyncio.Transport | None = None
         self._writer: _Writer | None = None
-        self._running: set[asyncio.Future[Any]] = set()
+        self._running: dict[int, asyncio.Future[Any]] = {}  # by tag
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
@@ -409,16 +418,23 @@ class _ServerProtocol(asyncio.BufferedProtocol):
             return
         begin = self._server.begin
         alone = len(tasks) == 1
+        running = self._running
         for task in tasks:
-            if begin is not None:
-                running = begin(task, self._reply, alone)
-                if running is not None:
-                    self._running.add(running)
-                    running.add_done_callback(self._running.discard)
+            tag = task.tag
+            if task.cancel:  # its caller went away: drop it, unanswered, if it still runs
+                dropped = running.pop(tag, None)
+                if dropped is not None:
+                    dropped.cancel()
                 continue
-            t = asyncio.create_task(self._run(task))
-            self._running.add(t)
-            t.add_done_callback(self._running.discard)
+            if begin is not None:
+                started = begin(task, self._reply, alone)
+                if started is None:
+                    continue
+            else:
+                started = asyncio.create_task(self._run(task))
+            running[tag] = started
+            # Tags are unique on a connection; called with the future, pop takes it as its default.
+            started.add_done_callback(functools.partial(running.pop, tag))
 
     async def _run(self, task: pb.Task) -> None:
         self._reply(await self._server.run(task))
@@ -441,7 +457,7 @@ class _ServerProtocol(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         # The scheduler went away: stop the work it asked for, as the gRPC stream does.
         self._writer = None
-        for t in list(self._running):
+        for t in list(self._running.values()):
             t.cancel()
         self._server.connections.discard(self)
 

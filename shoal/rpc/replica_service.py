@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import overload
@@ -185,7 +186,7 @@ class ReplicaService(pbg.ReplicaServicer):
         outcomes: list[pb.TaskOutcome] = []
         ready = asyncio.Event()
         ended = False
-        running: set[asyncio.Task[None]] = set()
+        running: dict[int, asyncio.Task[None]] = {}  # by tag
 
         async def run(task: pb.Task) -> None:
             outcomes.append(await self.outcome(task))
@@ -196,11 +197,16 @@ class ReplicaService(pbg.ReplicaServicer):
             try:
                 async for batch in request_iterator:
                     for task in batch.tasks:
+                        if task.cancel:  # its caller went away: dropped, unanswered
+                            dropped = running.pop(task.tag, None)
+                            if dropped is not None:
+                                dropped.cancel()
+                            continue
                         t = asyncio.create_task(run(task))
-                        running.add(t)
-                        t.add_done_callback(running.discard)
+                        running[task.tag] = t
+                        t.add_done_callback(functools.partial(running.pop, task.tag))
                 if running:
-                    await asyncio.gather(*running, return_exceptions=True)
+                    await asyncio.gather(*running.values(), return_exceptions=True)
             finally:
                 ended = True
                 ready.set()
@@ -220,9 +226,9 @@ class ReplicaService(pbg.ReplicaServicer):
         finally:
             # The stream is gone (the scheduler went away): stop its work too.
             reader.cancel()
-            for t in list(running):
+            for t in list(running.values()):
                 t.cancel()
-            await asyncio.gather(reader, *running, return_exceptions=True)
+            await asyncio.gather(reader, *running.values(), return_exceptions=True)
 
     async def Generate(
         self, request: pb.GenerateRequest, context: Context

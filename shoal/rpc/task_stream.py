@@ -57,7 +57,14 @@ class TaskStream:
         self._open()
         self._outbox.append(task)
         self._wake.set()
-        return await await_outcome(self._pending, task, future, timeout_s)
+        try:
+            return await await_outcome(self._pending, task, future, timeout_s)
+        except asyncio.CancelledError:
+            # The caller went away: the replica drops the task if it has not run yet.
+            if future.cancelled() and self._call is not None and not self._closed:
+                self._outbox.append(pb.Task(tag=tag, cancel=True))
+                self._wake.set()
+            raise
 
     def _open(self) -> None:
         if self._call is None or self._call.done():

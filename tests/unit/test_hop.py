@@ -307,3 +307,48 @@ def test_a_frame_over_the_limit_is_refused_from_its_header() -> None:
 
     with pytest.raises(ValueError, match="over the limit"):
         _Frames(1000).feed(_HEADER.pack(1001) + b"x")
+
+
+async def test_a_push_its_caller_cancels_is_dropped_by_the_replica(folder: Path) -> None:
+    """A request whose client went away is cancelled on the replica's side too (a ``cancel``
+    frame with its tag), rather than computed for nobody; the others on the connection go on."""
+    path = socket_path(folder, "127.0.0.1:5000")
+    release = asyncio.Event()
+    started: list[str] = []
+    dropped: list[str] = []
+
+    async def held(task: pb.Task) -> pb.TaskOutcome:
+        started.append(task.request_id)
+        try:
+            await release.wait()
+        except asyncio.CancelledError:
+            dropped.append(task.request_id)
+            raise
+        return pb.TaskOutcome(request_id=task.request_id, tag=task.tag, outputs=task.inputs)
+
+    server = HopServer(path, held, MAX)
+    await server.start()
+    client = HopClient(path, "127.0.0.1:5000", MAX)
+    try:
+        kept = asyncio.create_task(client.push(_task(0), 5.0))
+        gone = asyncio.create_task(client.push(_task(1), 5.0))
+        async with asyncio.timeout(5):
+            while len(started) < 2:
+                await asyncio.sleep(0.01)
+        gone.cancel()
+        async with asyncio.timeout(5):
+            while not dropped:
+                await asyncio.sleep(0.01)
+        assert dropped == ["r1"]
+        release.set()
+        assert (await kept).request_id == "r0"
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        # A cancel for a task already answered (or unknown) is nothing to the replica.
+        client_proto = client._proto
+        assert client_proto is not None and client_proto.writer is not None
+        client_proto.writer.send(pb.Task(tag=12345, cancel=True).SerializeToString())
+        assert (await client.push(_task(2), 5.0)).request_id == "r2"
+    finally:
+        await client.close()
+        await server.stop()

@@ -330,6 +330,31 @@ async def test_a_cancelled_caller_frees_its_slot(router: Router, fakes: FakeRepl
     assert (await router.send("echo", x(2), timeout_s=0.5))[1] == "a"
 
 
+@pytest.mark.parametrize("passes", [0, 1, 2, 3, 4])
+async def test_a_queued_caller_cancelled_as_a_slot_frees_is_cancelled_not_sent(
+    router: Router, fakes: FakeReplicas, passes: int
+) -> None:
+    """Clients that hang up together: the running request's cancel frees its slot, and the
+    queued one's cancel comes a few loop passes later, when its wait for a slot may have
+    ended already. Before, asyncio.wait_for (Python 3.11) then returned instead of raising,
+    the cancel was lost, and the request went to the replica for nobody."""
+    [a] = add(router, fakes, make_spec(max_ongoing_requests=1), "a")
+    gate(a)
+    running = asyncio.create_task(router.send("echo", x(1)))
+    await a.wait_for_requests(1)
+    queued = asyncio.create_task(router.send("echo", x(2)))
+    await until(lambda: router.load()["echo"].queued == 1)
+    running.cancel()
+    for _ in range(passes):
+        await asyncio.sleep(0)
+    queued.cancel()
+    for task in (running, queued):
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert len(a.requests) == 1
+    assert router.stats()["echo"].outcomes["cancelled"] == 2
+
+
 def table(version: int, spec: DeploymentSpec, *routes: Route) -> RoutingTable:
     return RoutingTable(version, {spec.name: DeploymentRoutes(spec, routes)})
 

@@ -1,0 +1,104 @@
+"""A REST inference request whose client hangs up is dropped, as a cancelled gRPC call is:
+it leaves the deployment's queue (or its replica's slot) at once and is counted
+``cancelled``. Before, uvicorn told the app only when it called ``receive()`` again, which
+an inference request whose body is read never does: six clients of a 2 s model that left
+after 0.5 s held the queue (others got 503 for 1.5 s) and all ran, one after the other.
+
+A real ``HttpServer`` on loopback (both parsers), the scheduler's app, in-memory replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import cast
+
+import httpx
+import pytest
+
+from shoal.config import Settings
+from shoal.core.spec import parse_spec
+from shoal.http.scheduler import scheduler_app
+from shoal.http.server import HttpServer
+from shoal.scheduler.node import SchedulerNode
+from shoal.scheduler.router import Router
+from shoal.testing.fakes import FakeReplicas
+from shoal.types import HeadLink
+
+pytestmark = pytest.mark.timeout(30)
+
+TYPED = [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]
+BODY = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]})
+REQUEST = (
+    f"POST /v2/models/echo/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    f"Content-Length: {len(BODY)}\r\n\r\n{BODY}"
+).encode()
+
+
+class Served:
+    def __init__(self, node: SchedulerNode, fakes: FakeReplicas, port: int) -> None:
+        self.node = node
+        self.fakes = fakes
+        self.port = port
+
+
+@pytest.fixture(params=["httptools", "h11"])
+async def served(request: pytest.FixtureRequest) -> AsyncIterator[Served]:
+    settings = Settings()
+    fakes = FakeReplicas(gate=asyncio.Event())
+    router = Router("s1", settings, fakes, policy="round_robin")
+    node = SchedulerNode(settings, "s1", cast(HeadLink, None), fakes, router=router)
+    node.registered.set()
+    doc = {
+        "name": "echo",
+        "backend": "python",
+        "model": "m:M",
+        "inputs": TYPED,
+        "outputs": TYPED,
+        "max_ongoing_requests": 1,
+        "max_queued_requests": 2,
+    }
+    router.add("a", parse_spec(doc), "a:9000", "s1")
+    server = HttpServer(scheduler_app(node), "127.0.0.1", 0, parser=request.param)
+    await server.start()
+    try:
+        yield Served(node, fakes, server.port)
+    finally:
+        await server.stop()
+        await router.aclose()
+
+
+async def test_requests_whose_clients_hang_up_leave_the_queue_and_the_replica(served: Served) -> None:
+    router = served.node.router
+    replica = served.fakes.client("a:9000")
+    conns = [await asyncio.open_connection("127.0.0.1", served.port) for _ in range(3)]
+    for _, writer in conns:
+        writer.write(REQUEST)
+        await writer.drain()
+    # One on the replica (held there by its gate), two queued behind it: the queue is full.
+    await replica.wait_for_requests(1)
+    async with asyncio.timeout(5):
+        while router.load()["echo"].queued < 2:
+            await asyncio.sleep(0.01)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{served.port}") as http:
+        full = await http.post("/v2/models/echo/infer", content=BODY)
+        assert full.status_code == 503, full.text
+
+        for _, writer in conns:
+            writer.close()
+        async with asyncio.timeout(5):
+            while router.stats()["echo"].outcomes["cancelled"] < 3:
+                await asyncio.sleep(0.01)
+        load = router.load()["echo"]
+        assert (load.in_flight, load.queued) == (0, 0)
+        stats = router.stats()["echo"]
+        assert stats.errors == 1  # the 503 above; the three that left are no errors
+
+        # The next client is served at once, and the two that were queued never ran.
+        assert served.fakes.gate is not None
+        served.fakes.gate.set()
+        reply = await http.post("/v2/models/echo/infer", content=BODY)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["outputs"][0]["data"] == [1, 2, 3, 4]
+    assert len(replica.requests) == 2
