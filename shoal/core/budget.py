@@ -15,6 +15,11 @@ requests on it waited up to 30 s. :class:`ByteBudget` bounds it:
 * requests waiting hold their bytes too (once, not copied further), so the waiting bytes
   are bounded by the same limit: past it a request is refused at once with
   ResourceExhausted, which clients retry;
+* an answer made but not yet written to its client (a ``ModelStreamInfer`` stream's, whose
+  client reads slowly or not at all) is held too, room or not (:meth:`ByteBudget.keep`):
+  it is made already, and while such answers put the process over its limit, large
+  requests wait as above and streams read no further requests
+  (:meth:`ByteBudget.under_limit`);
 * when nothing is in flight any more after large requests (:data:`TRIM_AFTER` bytes or
   more since the last time), the process hands its free heap back to the system
   (:func:`release_free_memory`, at most once every :data:`TRIM_EVERY_S`).
@@ -101,6 +106,7 @@ class ByteBudget:
         self._big = 0  # requests over SMALL in flight
         self._released_at = -TRIM_EVERY_S
         self._later: asyncio.TimerHandle | None = None
+        self._under: asyncio.Future[None] | None = None  # set once held is within the limit
 
     def _fits(self, n: int) -> bool:
         return self.held == 0 or self.held + n <= self.limit
@@ -141,6 +147,24 @@ class ByteBudget:
             if have <= SMALL:
                 self._big += 1
         return True
+
+    def keep(self, n: int) -> None:
+        """Hold ``n`` bytes now, room or not: an answer already made, waiting to be written
+        (its room cannot be waited for). :meth:`give` them back once written."""
+        if self.limit <= 0 or n <= 0:
+            return
+        self.held += n
+        if n > SMALL:
+            self._large += n
+            self._big += 1
+
+    async def under_limit(self) -> None:
+        """Wait until the bytes held are within the limit (at once when they are): what
+        :meth:`keep` holds can put them over it."""
+        while self.limit > 0 and self.held > self.limit:
+            if self._under is None or self._under.done():
+                self._under = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._under)
 
     async def take(self, n: int, timeout_s: float) -> float:
         """Hold ``n`` bytes; :meth:`give` them back when the request is done. Returns the
@@ -225,6 +249,11 @@ class ByteBudget:
             self._idle()
 
     def _wake(self) -> None:
+        under = self._under
+        if under is not None and self.held <= self.limit:
+            self._under = None
+            if not under.done():
+                under.set_result(None)
         while self._queue and self._fits(self._queue[0][0]):
             n, future = self._queue.popleft()
             self.waiting -= n

@@ -30,6 +30,7 @@ from google.protobuf import json_format
 
 from shoal.auth import InferenceAuth
 from shoal.config import Settings
+from shoal.core import budget as budgets
 from shoal.core import limits, payload, tensors
 from shoal.core.limits import RequestLimits
 from shoal.core.payload import Tensor, Tensors
@@ -435,10 +436,16 @@ class InferenceService(oipg.GRPCInferenceServiceServicer):
         Bounded: at most ``max_stream_pending`` requests of the stream are running or
         answered but not yet written; past that the stream stops reading requests until
         the client reads answers (a client that writes and never reads holds that many,
-        not every answer)."""
+        not every answer). And across streams: an answer's tensor bytes count in the
+        process's ``max_inflight_mb`` until it is written (``ByteBudget.keep``), and while
+        answers put the process over that, no stream reads another request. Before, 32
+        streams of 1 MiB echo requests that were never read grew one ingress process past
+        4 GB, and on."""
         slots = asyncio.Semaphore(self.max_stream_pending)
-        # An answer, or _DONE once a request has sent its last answer (its slot is free).
-        answers: asyncio.Queue[oip.ModelStreamInferResponse | object | None] = asyncio.Queue()
+        budget = self.dataplane.inflight
+        # An answer with the bytes it holds, or _DONE once a request has sent its last
+        # answer (its slot is free).
+        answers: asyncio.Queue[tuple[oip.ModelStreamInferResponse, int] | object | None] = asyncio.Queue()
 
         async def answer(request: oip.ModelInferRequest) -> None:
             try:
@@ -458,25 +465,47 @@ class InferenceService(oipg.GRPCInferenceServiceServicer):
                     )
                     async with contextlib.aclosing(pieces):
                         async for piece in pieces:
-                            answers.put_nowait(piece)
+                            answers.put_nowait((piece, 0))
                     return
-                done = await self._infer(request, context)
+                # The request's bytes are held from here until its answer's take their place,
+                # and those until the answer is written.
+                size = sum(map(len, request.raw_input_contents))
+                if not budget.try_take(size):
+                    try:
+                        await budget.take(size, _timeout_s(request, context) or budgets.DEFAULT_WAIT_S)
+                    except ShoalError as err:
+                        self.dataplane.refused(request.model_name, request.id, "grpc", err)
+                        raise
+                held = budgets.HELD.set(True)
+                try:
+                    done = await self._infer(request, context)
+                except BaseException:
+                    budget.give(size)
+                    raise
+                finally:
+                    budgets.HELD.reset(held)
                 # As Triton marks every stream response: this request's only one is its last.
                 done.parameters["triton_final_response"].bool_param = True
                 reply = oip.ModelStreamInferResponse(infer_response=done)
+                kept = sum(map(len, done.raw_output_contents))
+                budget.keep(kept)  # before the request's bytes go: no room opens in between
+                budget.give(size)
+                answers.put_nowait((reply, kept))
+                return
             except ShoalError as err:
                 failed = oip.ModelInferResponse(
                     model_name=request.model_name, model_version=request.model_version, id=request.id
                 )
                 failed.parameters["triton_final_response"].bool_param = True
                 reply = oip.ModelStreamInferResponse(error_message=err.message, infer_response=failed)
-            answers.put_nowait(reply)
+            answers.put_nowait((reply, 0))
 
         async def read() -> None:
             try:
                 async with asyncio.TaskGroup() as requests:
                     async for request in request_iterator:
                         await slots.acquire()
+                        await budget.under_limit()  # unwritten answers hold the process's room
                         requests.create_task(answer(request))
             except BaseException as err:  # a message refused (DeferredAbort), the call cancelled
                 answers.put_nowait(_Failed(_leaf(err)))
@@ -491,17 +520,24 @@ class InferenceService(oipg.GRPCInferenceServiceServicer):
         # in ``answers``, and is cancelled with its requests when the stream ends first.
         reader = asyncio.create_task(read())
         try:
-            while (reply := await answers.get()) is not None:
-                if reply is _DONE:
+            while (item := await answers.get()) is not None:
+                if item is _DONE:
                     slots.release()  # every answer of that request has been written
                     continue
-                if isinstance(reply, _Failed):
-                    raise reply.error  # a refusal: shoal.rpc.handlers sends its status from this task
-                assert isinstance(reply, oip.ModelStreamInferResponse)
-                yield reply
+                if isinstance(item, _Failed):
+                    raise item.error  # a refusal: shoal.rpc.handlers sends its status from this task
+                reply, size = cast(tuple[oip.ModelStreamInferResponse, int], item)
+                try:
+                    yield reply
+                finally:
+                    budget.give(size)
         finally:
             reader.cancel()
             await asyncio.wait([reader])
+            while not answers.empty():  # answers never written give their bytes back
+                item = answers.get_nowait()
+                if type(item) is tuple:
+                    budget.give(item[1])
 
     async def RepositoryModelLoad(
         self, request: oip.RepositoryModelLoadRequest, context: Context

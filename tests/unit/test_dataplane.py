@@ -476,3 +476,58 @@ async def test_a_request_its_client_cancels_is_counted_cancelled_not_an_error(
     metrics = (await doors.http.get("/metrics")).text
     assert 'shoal_requests_total{deployment="echo",outcome="cancelled"} 1.0' in metrics
 
+
+async def test_unwritten_stream_answers_hold_the_process_bytes_across_streams(fakes: FakeReplicas) -> None:
+    """A stream bounds its own unwritten answers by count (``max_stream_pending``); across
+    streams their bytes count in ``max_inflight_mb``, and past it no stream reads more.
+    Before, 32 streams whose client never read grew one ingress process past 4 GB."""
+    settings = Settings(max_inflight_mb=1)
+    router = Router("s1", settings, fakes, policy="round_robin")
+    node = SchedulerNode(settings, "s1", cast(HeadLink, None), fakes, router=router)
+    node.registered.set()
+    router.add("a", spec(), "a:9000", "s1")
+    service = InferenceService(node.dataplane, node.inference_auth, settings)
+    budget = node.dataplane.inflight
+    size = 256 << 10  # each tensor: over budget.SMALL, so a request waits for room
+    x = np.zeros((size // 16, 4), np.float32)
+    read = [0, 0, 0]
+
+    async def requests(stream: int) -> AsyncIterator[oip.ModelInferRequest]:
+        for i in range(40):
+            read[stream] += 1
+            t = payload.from_array("x", x)
+            r = oip.ModelInferRequest(model_name="echo", id=f"{stream}-{i}")
+            r.inputs.add(name="x", datatype=t.datatype, shape=t.shape)
+            r.raw_input_contents.append(t.data)
+            yield r
+
+    try:
+        streams = [service.ModelStreamInfer(requests(s), cast(Any, Context())) for s in range(3)]
+        firsts = [await anext(s) for s in streams]  # each stream runs; then nobody reads
+        for _ in range(200):
+            await asyncio.sleep(0)
+        # Before, all 120 ran and their answers waited, 30 MB; now what the replica ran, and
+        # what is held, stop about the limit: past it requests wait for room, and past as
+        # much again waiting they are refused (RESOURCE_EXHAUSTED, in the stream).
+        ran = len(fakes.clients["a:9000"].requests)
+        assert ran <= (budget.limit // size) + 3, ran
+        assert budget.held <= budget.limit + 3 * size, budget.held
+        assert budget.waiting <= budget.limit
+        # Read, every request has its answer, right, or its refusal, and the bytes come back.
+        rest = [[a async for a in s] for s in streams]
+        answered = refused = 0
+        for s, (first, others) in enumerate(zip(firsts, rest, strict=True)):
+            got = [first, *others]
+            ids = sorted(int(a.infer_response.id.split("-")[1]) for a in got)
+            assert ids == list(range(40)), (s, ids)
+            for a in got:
+                if a.error_message:
+                    assert "max_inflight_mb" in a.error_message, a.error_message
+                    refused += 1
+                else:
+                    assert a.infer_response.raw_output_contents[0] == x.tobytes()
+                    answered += 1
+        assert answered >= 3 and answered + refused == 120
+        assert budget.held == 0
+    finally:
+        await router.aclose()
