@@ -39,6 +39,7 @@ from shoal.proto import grpc_service_pb2 as oip
 from shoal.proto import grpc_service_pb2_grpc as oipg
 from shoal.proto import model_config_pb2 as mc
 from shoal.rpc import generate_stream
+from shoal.rpc.handlers import DeferredAbort
 from shoal.rpc.auth import authorization
 from shoal.rpc.status import Context, abort
 from shoal.scheduler.dataplane import MODEL_ID_PARAMETER, DataPlane, InferCall, check_priority
@@ -501,16 +502,24 @@ class InferenceService(oipg.GRPCInferenceServiceServicer):
             answers.put_nowait((reply, 0))
 
         async def read() -> None:
+            refused: DeferredAbort | None = None
             try:
                 async with asyncio.TaskGroup() as requests:
-                    async for request in request_iterator:
-                        await slots.acquire()
-                        await budget.under_limit()  # unwritten answers hold the process's room
-                        requests.create_task(answer(request))
-            except BaseException as err:  # a message refused (DeferredAbort), the call cancelled
+                    try:
+                        async for request in request_iterator:
+                            await slots.acquire()
+                            await budget.under_limit()  # unwritten answers hold the process's room
+                            requests.create_task(answer(request))
+                    except DeferredAbort as err:
+                        # A message that does not decode ends the stream, after the answers
+                        # of the requests before it: raised here, it would cancel them (one
+                        # run in two lost the answer of a request sent just before it).
+                        refused = err
+            except BaseException as err:  # the call cancelled
                 answers.put_nowait(_Failed(_leaf(err)))
                 return
-            answers.put_nowait(None)  # the client closed its side and every request is answered
+            # The client closed its side, or sent a message refused; every request is answered.
+            answers.put_nowait(None if refused is None else _Failed(refused))
 
         # Not a TaskGroup around the ``yield``: its cancel of this task on a failed read
         # could land while gRPC wrote the last answer, be taken as gRPC's own, and leave the

@@ -85,22 +85,36 @@ async def test_a_stream_with_a_message_that_does_not_decode_ends_invalid_argumen
     A blocking client, in threads: grpc.aio's client, when the server ends a stream while
     it still writes, now and then reads INTERNAL "Internal error from Core" instead of the
     status (its own write failing), whatever the server does."""
+    await _twenty_answers_then_invalid_argument(address)
+
+
+async def test_requests_before_a_message_that_does_not_decode_are_answered_first(slow_address: str) -> None:
+    """The same, with requests still running when the bad message comes: before, a request
+    sent just before it lost its answer one run in two (the read's failure cancelled them)."""
+    await _twenty_answers_then_invalid_argument(slow_address)
+
+
+async def _twenty_answers_then_invalid_argument(address: str) -> None:
     requests = [_good(i) for i in range(20)] + [UNDECODABLE] + [_good(i) for i in range(5)]
 
-    def one(channel: grpc.Channel) -> tuple[grpc.StatusCode, str]:
+    def one(channel: grpc.Channel) -> tuple[grpc.StatusCode, str, int]:
         call = channel.stream_stream(STREAM, None, None)(iter(requests), timeout=10)
+        answered = 0
         try:
-            for _ in call:
-                pass
+            for raw in call:
+                reply = oip.ModelStreamInferResponse.FromString(raw)
+                answered += not reply.error_message
         except grpc.RpcError as err:
-            return err.code(), err.details() or ""
-        return grpc.StatusCode.OK, ""
+            return err.code(), err.details() or "", answered
+        return grpc.StatusCode.OK, "", answered
 
     with grpc.insecure_channel(address) as channel:
         for _ in range(3):
             outcomes = await asyncio.gather(*(asyncio.to_thread(one, channel) for _ in range(30)))
-            assert {code for code, _ in outcomes} == {grpc.StatusCode.INVALID_ARGUMENT}, outcomes
-            assert all("does not decode" in details for _, details in outcomes)
+            assert {code for code, _, _ in outcomes} == {grpc.StatusCode.INVALID_ARGUMENT}, outcomes
+            assert all("does not decode" in details for _, details, _ in outcomes)
+            # The twenty requests before the bad message are answered before the stream ends.
+            assert {answered for _, _, answered in outcomes} == {20}, outcomes
 
 
 async def test_a_client_that_cancels_its_stream_leaves_no_error_in_the_log(
