@@ -422,12 +422,29 @@ def _coerce(f: dataclasses.Field[Any], value: Any, source: str) -> Any:
     choices = _CHOICES.get(f.name)
     if choices is not None and result not in choices:
         raise InvalidArgument(f"{source}: {f.name} must be {' or '.join(choices)}, got {value!r}")
+    if f.name == "head_address":
+        _check_head_address(result, source)
     # logs.setup upper-cases the name; the logging module knows a few more (WARN, FATAL, NOTSET).
     if f.name == "log_level" and result.upper() not in logging.getLevelNamesMapping():
         raise InvalidArgument(
             f"{source}: log_level must be {', '.join(_LOG_LEVELS[:-1])} or {_LOG_LEVELS[-1]}, got {value!r}"
         )
     return result
+
+
+def _check_head_address(value: str, source: str) -> None:
+    """Each of the comma-separated heads is HOST:PORT with a port gRPC can dial. Before, a
+    port past 65535 was not refused: ``127.0.0.1:99999`` dialled port 34463 (gRPC keeps the
+    low 16 bits), and P + 65536 reached P."""
+    for address in (a.strip() for a in value.split(",")):
+        if not address:
+            continue
+        host, colon, port = address.rpartition(":")
+        if not colon or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise InvalidArgument(
+                f"{source}: head_address must be HOST:PORT (a port from 1 to 65535), "
+                f"comma-separated for several heads; got {address!r}"
+            )
 
 
 def _parse(f: dataclasses.Field[Any], value: Any, source: str) -> Any:

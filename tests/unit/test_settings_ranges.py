@@ -103,3 +103,20 @@ def test_the_values_at_the_ends_of_a_range_are_taken(values: dict[str, Any]) -> 
 def test_every_number_setting_has_a_range() -> None:
     numbers = {f.name for f in fields(Settings) if type(f.default) in (int, float)}
     assert numbers == set(_RANGES)
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["127.0.0.1:99999", "127.0.0.1:104006", "h:0", "localhost", ":8470", "a:8470,b:70000", "h:84x0"],
+)
+def test_a_head_address_whose_port_gRPC_cannot_dial_is_refused(address: str) -> None:
+    """Before, ``127.0.0.1:99999`` dialled port 34463 (gRPC keeps the low 16 bits), so
+    P + 65536 silently reached P."""
+    with pytest.raises(InvalidArgument) as info:
+        Settings.load(env={"SHOAL_HEAD": address})
+    assert str(info.value).startswith("environment variable SHOAL_HEAD: head_address must be HOST:PORT")
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:1", "h:65535", "[::1]:8470", "a:8470, b:8471", "dns:///h:8470"])
+def test_head_addresses_with_dialable_ports_are_taken(address: str) -> None:
+    assert Settings.load(env={"SHOAL_HEAD": address}).head_address == address
