@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NoReturn
@@ -28,15 +30,21 @@ def run_command(args: argparse.Namespace) -> NoReturn:
 
     For ``shoal`` and for the tools that also run alone (``python -m shoal.loadgen``,
     ``python -m shoal.chaos``): a ``ShoalError`` is one line on stderr and exit 1, Ctrl-C
-    exit 130, never a traceback.
+    exit 130, a reader that went away (``shoal status | head``) exit 141, as a process
+    killed by SIGPIPE; never a traceback.
     """
     try:
         code = args.fn(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at the interpreter's exit
     except ShoalError as err:
         print(f"shoal: error: {err}", file=sys.stderr)
         code = EXIT_ERROR
     except KeyboardInterrupt:
         code = 130
+    except BrokenPipeError:
+        # Nothing more can be written; what is still buffered must not fail again at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 128 + signal.SIGPIPE
     sys.exit(code)
 
 
