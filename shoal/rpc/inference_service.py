@@ -39,8 +39,8 @@ from shoal.proto import grpc_service_pb2 as oip
 from shoal.proto import grpc_service_pb2_grpc as oipg
 from shoal.proto import model_config_pb2 as mc
 from shoal.rpc import generate_stream
-from shoal.rpc.handlers import DeferredAbort
 from shoal.rpc.auth import authorization
+from shoal.rpc.handlers import DeferredAbort
 from shoal.rpc.status import Context, abort
 from shoal.scheduler.dataplane import MODEL_ID_PARAMETER, DataPlane, InferCall, check_priority
 from shoal.scheduler.models import NO_LOG_SETTINGS, NO_SHARED_MEMORY, NO_TRACE, InferResult

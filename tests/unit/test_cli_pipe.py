@@ -25,9 +25,7 @@ run_command(argparse.Namespace(fn=many_lines))
 
 
 def test_a_closed_pipe_ends_the_command_quietly_with_141() -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", PROGRAM], stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+    proc = subprocess.Popen([sys.executable, "-c", PROGRAM], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None and proc.stderr is not None
     proc.stdout.read(10)  # the reader takes a little, then goes away
     proc.stdout.close()

@@ -117,6 +117,8 @@ def test_a_head_address_whose_port_gRPC_cannot_dial_is_refused(address: str) -> 
     assert str(info.value).startswith("environment variable SHOAL_HEAD: head_address must be HOST:PORT")
 
 
-@pytest.mark.parametrize("address", ["127.0.0.1:1", "h:65535", "[::1]:8470", "a:8470, b:8471", "dns:///h:8470"])
+@pytest.mark.parametrize(
+    "address", ["127.0.0.1:1", "h:65535", "[::1]:8470", "a:8470, b:8471", "dns:///h:8470"]
+)
 def test_head_addresses_with_dialable_ports_are_taken(address: str) -> None:
     assert Settings.load(env={"SHOAL_HEAD": address}).head_address == address
