@@ -9,7 +9,9 @@ unbounded work: replica counts (``replicas``, ``autoscaling``) at most
 and at most :data:`MAX_SECONDS`. Anywhere in the document, ``options`` included, numbers
 must be finite (JSON's ``Infinity``/``NaN``, YAML's ``.inf``/``.nan`` are refused) and
 strings valid Unicode; ``options`` may nest :data:`MAX_OPTIONS_DEPTH` levels and take
-:data:`MAX_OPTIONS_BYTES` as JSON. ``multiplexing.max_models_per_replica`` is at most
+:data:`MAX_OPTIONS_BYTES` as JSON. The whole document holds at most :data:`MAX_VALUES` values,
+and as JSON takes at most :data:`MAX_SPEC_JSON` characters: both are checked before anything
+else, so that refusing any spec costs the head little. ``multiplexing.max_models_per_replica`` is at most
 :data:`MAX_MODELS_PER_REPLICA`; ``serve_revisions`` at most :data:`MAX_SERVE_REVISIONS`.
 """
 
@@ -80,6 +82,19 @@ MAX_ITEMS = 256
 are validated: pydantic validates every item of a list before it looks at the list's
 length, and a spec of 100,000 inputs (5 MB of JSON) held the head's event loop 1.2 s to
 be refused."""
+MAX_VALUES = 65_536
+"""Most values a spec document may hold: the items of every mapping and list, nested ones
+included, each counted at every place it appears (a YAML alias as often as it is used). The
+largest spec within the other bounds holds about 51,000: ``options`` at most 32,769 (each
+value takes at least 2 of its :data:`MAX_OPTIONS_BYTES` as JSON), ``inputs`` and ``outputs``
+about 9,500 each. Counted first: a 30 MB spec whose ``options`` held a list of 15,000,000
+numbers held the head's event loop 12.5 s to be refused for its size, and a YAML file of nine
+levels of nine-fold aliases (9**9 values from 1 KB) kept ``shoal deploy`` busy for good."""
+MAX_SPEC_JSON = 2 * 1024 * 1024
+"""Most characters of a spec as JSON (REST and gRPC), checked before it is parsed. The
+largest spec within the other bounds takes about 570 KB written compactly, 1.3 MB indented
+by 4. ``json.loads`` of 2 MiB takes about 0.08 s; of a 64 MiB message (``max_message_mb``),
+1.8 s, which the head's event loop would wait."""
 MAX_TEXT = 4096
 """Longest ``model`` or ``base_dir``."""
 MAX_MODELS_PER_REPLICA = 1000
@@ -413,15 +428,19 @@ def _explain(err: ValidationError) -> str:
 def _document_problems(doc: dict[str, Any]) -> list[str]:
     """What no field's own validation can see: non-finite numbers and strings that are not
     valid Unicode anywhere in ``doc``, nesting deeper than :data:`MAX_OPTIONS_DEPTH` under
-    any field, lists and mappings of more than :data:`MAX_ITEMS` outside ``options``, and
-    the size of ``options``.
+    any field, lists and mappings of more than :data:`MAX_ITEMS` outside ``options``, more
+    than :data:`MAX_VALUES` values in all, and the size of ``options``.
 
-    Iterative, so that no nesting depth can exhaust the stack.
+    Iterative, so that no nesting depth can exhaust the stack. The work is bounded by
+    :data:`MAX_VALUES`, whatever ``doc`` holds: a container's items are counted before they
+    are visited, and past the bound the walk stops with that one problem. The size of
+    ``options`` (a ``json.dumps``) is measured only once the walk found nothing wrong.
     """
     if len(doc) > MAX_ITEMS:
         return [f"the spec has {len(doc)} fields, over the limit of {MAX_ITEMS}"]
     problems: set[str] = set()
     stack: list[tuple[str, str, Any, int]] = [(str(k), str(k), v, 0) for k, v in doc.items()]
+    values = len(stack)
     while stack:
         field, where, value, depth = stack.pop()
         if isinstance(value, float) and not math.isfinite(value):
@@ -435,6 +454,12 @@ def _document_problems(doc: dict[str, Any]) -> list[str]:
             if field != "options" and len(value) > MAX_ITEMS:
                 problems.add(f"{where}: {len(value)} items, over the limit of {MAX_ITEMS}")
                 continue
+            values += len(value)
+            if values > MAX_VALUES:
+                return [
+                    f"{field}: the spec holds more than {MAX_VALUES} values (items of its mappings "
+                    f"and lists, an alias counted wherever it is used), over the limit of {MAX_VALUES}"
+                ]
             items = value.items() if isinstance(value, dict) else enumerate(value)
             for key, item in items:
                 if isinstance(key, str) and not _is_unicode(key):
@@ -471,10 +496,17 @@ def parse_spec(doc: Any, *, base_dir: str | Path | None = None) -> DeploymentSpe
         raise InvalidArgument(f"invalid deployment spec {name!r}: {_explain(err)}") from None
 
 
-def parse_spec_json(text: str) -> DeploymentSpec:
+def parse_spec_json(text: str | bytes) -> DeploymentSpec:
+    """A spec from its JSON (``bytes`` as UTF-8). Raises InvalidArgument naming each problem,
+    or that ``text`` is over :data:`MAX_SPEC_JSON` long, which is checked before it is parsed."""
+    if len(text) > MAX_SPEC_JSON:
+        unit = "bytes" if isinstance(text, bytes) else "characters"
+        raise InvalidArgument(
+            f"deployment spec: {len(text)} {unit} of JSON, over the limit of {MAX_SPEC_JSON}"
+        )
     try:
         doc = json.loads(text)
-    except json.JSONDecodeError as err:
+    except ValueError as err:  # json.JSONDecodeError, and UnicodeDecodeError for bytes
         raise InvalidArgument(f"deployment spec is not valid JSON: {err}") from None
     except RecursionError:
         raise InvalidArgument("deployment spec is nested too deeply") from None

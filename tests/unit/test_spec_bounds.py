@@ -13,7 +13,15 @@ import httpx
 import pytest
 
 from shoal.config import Settings
-from shoal.core.spec import MAX_OPTIONS_BYTES, check_model_id, load_spec_file, parse_spec, parse_spec_json
+from shoal.core.spec import (
+    MAX_OPTIONS_BYTES,
+    MAX_SPEC_JSON,
+    MAX_VALUES,
+    check_model_id,
+    load_spec_file,
+    parse_spec,
+    parse_spec_json,
+)
 from shoal.errors import InvalidArgument
 from shoal.head.node import HeadNode
 from shoal.http.head import head_app
@@ -177,6 +185,79 @@ def test_a_list_of_100000_inputs_is_refused_by_its_length_before_any_item_is_val
     parse_spec({**BASE, "inputs": many[:256]})
     # options are bounded by their size instead: a list of 1,000 numbers is fine there.
     parse_spec({**BASE, "options": {"vocabulary": list(range(1000))}})
+
+
+def test_a_huge_options_list_is_refused_by_the_value_count_before_its_size_is_measured(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A 30 MB spec of 15,000,000 numbers in options held the head's event loop 12.5 s: every
+    # number was visited, then the whole was written as JSON to find it over 64 KiB.
+    def no_dumps(*args: Any, **kwargs: Any) -> str:
+        raise AssertionError("options measured as JSON")
+
+    monkeypatch.setattr(json, "dumps", no_dumps)
+    message = refused({**BASE, "options": {"a": [0] * 1_000_000}})
+    assert f"options: the spec holds more than {MAX_VALUES} values" in message
+    assert f"over the limit of {MAX_VALUES}" in message
+
+
+def test_a_yaml_alias_bomb_is_refused_by_the_value_count(tmp_path: Path) -> None:
+    # Nine levels of nine-fold aliases: 9**9 values from 1 KB of YAML. The walk visited each
+    # aliased list at every place it is used, and shoal deploy never finished.
+    lines = ["name: bomb", "backend: python", "model: echo:Echo", f"a: &a [{', '.join('x' * 9)}]"]
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
+        lines.append(f"{name}: &{name} [{', '.join([f'*{prev}'] * 9)}]")
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    bound = f"more than {MAX_VALUES} values .* over the limit of {MAX_VALUES}"
+    with pytest.raises(InvalidArgument, match=bound):
+        load_spec_file(path)
+    # Aliases themselves are fine while the values they stand for stay within the bound.
+    path.write_text("name: ok\nbackend: python\nmodel: echo:Echo\noptions: {a: &a [1, 2], b: *a}\n")
+    (spec,) = load_spec_file(path)
+    assert spec.options == {"a": [1, 2], "b": [1, 2]}
+
+
+def test_spec_json_over_the_bound_is_refused_before_it_is_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_loads(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("parsed")
+
+    text = json.dumps({**BASE, "options": {"a": "x" * MAX_SPEC_JSON}})
+    monkeypatch.setattr(json, "loads", no_loads)
+    with pytest.raises(InvalidArgument, match=f"of JSON, over the limit of {MAX_SPEC_JSON}"):
+        parse_spec_json(text)
+    with pytest.raises(InvalidArgument, match=f"of JSON, over the limit of {MAX_SPEC_JSON}"):
+        parse_spec_json(text.encode())
+
+
+async def test_rest_refuses_a_spec_over_the_json_bound_with_400(
+    rest: tuple[httpx.AsyncClient, MemoryStore],
+) -> None:
+    client, store = rest
+    body = json.dumps({**BASE, "options": {"a": [0] * (MAX_SPEC_JSON // 2)}}, separators=(",", ":"))
+
+    r = await client.post("/api/deployments", content=body, headers={"content-type": "application/json"})
+
+    assert r.status_code == 400
+    assert f"bytes of JSON, over the limit of {MAX_SPEC_JSON}" in r.json()["error"]
+    assert await store.list("deployments/") == []
+
+
+def test_the_largest_spec_within_the_other_bounds_passes_the_value_and_json_bounds() -> None:
+    tensor = {"datatype": "FP32", "shape": [2**62] * 32}
+    doc = {
+        **BASE,
+        "model": "echo:Echo",
+        "base_dir": "/" + "b" * 4000,
+        "inputs": [{**tensor, "name": f"{i:03d}" + "n" * 253} for i in range(256)],
+        "outputs": [{**tensor, "name": f"{i:03d}" + "n" * 253} for i in range(256)],
+        # Each value takes at least 2 bytes of options' 64 KiB as JSON ("0,").
+        "options": {"a": [0] * (MAX_OPTIONS_BYTES // 2 - 8)},
+        "auth": {"tokens": [f"t{i:03d}" + "x" * 59 for i in range(256)]},
+    }
+    assert parse_spec(doc).inputs[255].name.startswith("255")
+    assert len(json.dumps(doc, indent=4)) < MAX_SPEC_JSON
+    assert parse_spec_json(json.dumps(doc, indent=4)).options == doc["options"]
 
 
 def test_yaml_nested_too_deep_is_invalid_argument(tmp_path: Path) -> None:
