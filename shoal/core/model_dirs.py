@@ -8,7 +8,8 @@ code as it loads: whoever may deploy may run code on the schedulers' machines. W
   found under ``base_dir``, not an installed or built-in module (``os:system`` is
   refused), and the object after ``:`` a plain name bound at the top level of that file
   by a ``class``, ``def`` or assignment, not by an import (``echo:np.f2py.os.system`` and
-  ``echo:np`` are refused);
+  ``echo:np`` are refused; read from files of at most :data:`MAX_PARSED_BYTES`, and after
+  the import for any file);
 * ``sklearn`` and ``onnx``: the model file must lie inside an allowed folder.
 
 One check, :func:`check_deployable`, runs in the head when a spec is applied
@@ -37,6 +38,7 @@ allowed by the prefix ``blob://`` alone.
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.machinery
 import importlib.util
 import inspect
@@ -52,9 +54,17 @@ from shoal.core.spec import DeploymentSpec, uri_scheme
 from shoal.errors import InvalidArgument
 
 FILE_BACKENDS = ("sklearn", "onnx")
-MAX_PARSED_BYTES = 1024 * 1024
-"""Largest module file whose top-level names are read before import (larger ones are
-checked only after the replica imports them)."""
+MAX_PARSED_BYTES = 64 * 1024
+"""Largest module file whose top-level names are read before import; larger ones are
+checked only after the replica imports them (:func:`check_defined_in`), which refuses the
+same names. ``ast.parse`` holds the GIL throughout, so in a thread too it holds the head's
+event loop: 1.8 s for a file of 1 MiB, the bound before (six clients posting refused specs
+naming one made every replica of ``shoal up`` lose its scheduler), 0.14 s for 64 KiB, once
+per version of a file (:data:`PARSED_FILES_KEPT`)."""
+PARSED_FILES_KEPT = 64
+"""Module files whose top-level names are kept, by real path, device, inode, size and
+modification time: a spec applied again, or refused again, does not parse its file again.
+At most a few MB (64 KiB of source binds at most about 10,000 names)."""
 
 _TARGET = re.compile(r"^(?P<module>[A-Za-z_]\w*(\.[A-Za-z_]\w*)*):(?P<name>[A-Za-z_]\w*)$")
 
@@ -190,11 +200,13 @@ def check_deployable(
     file = module_file(spec.base_dir, module)
     if file is None or not inside(file, allowed):
         raise _refuse(spec, f"module {module!r} (not a file under base_dir {spec.base_dir!r})", allowed)
-    if file.suffix == ".py" and file.stat().st_size <= MAX_PARSED_BYTES:
-        if name not in _top_level_names(file):
-            raise _refuse(
-                spec, f"{name!r} (not a class, function or assignment at the top level of {file})", allowed
-            )
+    names = _top_level_names(file) if file.suffix == ".py" else None
+    if isinstance(names, str):
+        raise InvalidArgument(f"deployment {spec.name!r}: module file {file} does not parse: {names}")
+    if names is not None and name not in names:
+        raise _refuse(
+            spec, f"{name!r} (not a class, function or assignment at the top level of {file})", allowed
+        )
 
 
 def _no_folder(spec: DeploymentSpec, allowed: Sequence[str]) -> InvalidArgument:
@@ -276,14 +288,41 @@ def module_file(base_dir: str, module: str) -> Path | None:
     return Path(found.origin)
 
 
-def _top_level_names(file: Path) -> set[str]:
+def _top_level_names(file: Path) -> frozenset[str] | str | None:
     """Names a module binds at its top level other than by import: ``class``, ``def`` and
-    assignments, also inside top-level ``if``/``try``/``with`` blocks. Empty when the file
-    does not parse (the replica's import would fail too)."""
+    assignments, also inside top-level ``if``/``try``/``with`` blocks. None when the file is
+    over :data:`MAX_PARSED_BYTES`; why, when it cannot be read or does not parse (the
+    replica's import would fail too). Kept for the last :data:`PARSED_FILES_KEPT` files."""
     try:
-        tree = ast.parse(file.read_bytes(), filename=str(file))
-    except (SyntaxError, ValueError, OSError, RecursionError):
-        return set()
+        stat = file.stat()
+    except OSError as err:
+        return f"cannot read it: {err.strerror}"
+    if stat.st_size > MAX_PARSED_BYTES:
+        return None
+    return _names_in(str(_real(file)), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=PARSED_FILES_KEPT)
+def _names_in(real: str, device: int, inode: int, size: int, mtime_ns: int) -> frozenset[str] | str | None:
+    """:func:`_top_level_names` of the file at ``real``; the other arguments are its
+    version, the cache's key."""
+    try:
+        with open(real, "rb") as f:
+            source = f.read(MAX_PARSED_BYTES + 1)
+    except OSError as err:
+        return f"cannot read it: {err.strerror}"
+    if len(source) > MAX_PARSED_BYTES:  # it grew since its size was read
+        return None
+    try:
+        tree = ast.parse(source, filename=real)
+    except SyntaxError as err:
+        return f"line {err.lineno}: {err.msg}"
+    except (RecursionError, MemoryError) as err:
+        # MemoryError: CPython's parser raises it when its own stack runs out, e.g. at 10,000
+        # nested minus signs; before, it escaped as HTTP 500 / gRPC UNKNOWN.
+        return f"nested too deeply for Python's parser ({type(err).__name__})"
+    except ValueError as err:  # a NUL byte
+        return str(err)
     names: set[str] = set()
     todo: list[ast.stmt] = list(tree.body)
     while todo:
@@ -299,7 +338,7 @@ def _top_level_names(file: Path) -> set[str]:
             todo.extend(getattr(node, "finalbody", []))
             for handler in getattr(node, "handlers", []):
                 todo.extend(handler.body)
-    return names
+    return frozenset(names)
 
 
 def check_defined_in(module: object, name: str, obj: object) -> None:

@@ -295,3 +295,67 @@ def test_a_package_in_base_dir_still_imports_with_its_siblings(allowed: tuple[Pa
     finally:
         for module in (package, f"{package}.model", f"{package}_helper"):
             sys.modules.pop(module, None)
+
+
+# ---------------------------------------------------------------- reading the module's names
+
+
+def parses() -> int:
+    """How many module files were read and parsed (each once per version) since the cache
+    was last cleared."""
+    return model_dirs._names_in.cache_info().misses
+
+
+async def test_a_module_file_of_1_mib_is_not_parsed_by_the_head(
+    head: HeadNode, allowed: tuple[Path, str]
+) -> None:
+    """ast.parse holds the GIL, so the head's event loop too, even in a thread: 1.8 s for a
+    file of 1 MiB. Six clients posting specs that named one, all refused, made every replica
+    of shoal up lose its scheduler. A file that large is checked after the replica's import."""
+    folder, _ = allowed
+    model_dirs._names_in.cache_clear()
+    line = "x = [" + ", ".join(["1"] * 50) + "]\n"
+    (folder / "big.py").write_text("class Big:\n    pass\n" + line * 6500)
+    assert 1000 * 1000 < (folder / "big.py").stat().st_size <= 1024 * 1024  # the bound was 1 MiB
+
+    await head.apply(spec("big:Nope", folder))
+    assert parses() == 0
+
+
+async def test_a_module_file_is_parsed_once_per_version(head: HeadNode, allowed: tuple[Path, str]) -> None:
+    folder, module = allowed
+    model_dirs._names_in.cache_clear()
+    for _ in range(3):
+        with pytest.raises(InvalidArgument, match=r"'Missing' \(not a class, function or assignment"):
+            await head.apply(spec(f"{module}:Missing", folder))
+    await head.apply(spec(f"{module}:Model", folder))
+    assert parses() == 1
+    # Edited: parsed again, and the new name is found.
+    (folder / f"{module}.py").write_text(SOURCE + "\n\nclass Missing(Model):\n    pass\n")
+    await head.apply(spec(f"{module}:Missing", folder))
+    assert parses() == 2
+
+
+@pytest.mark.parametrize(
+    ("source", "why"),
+    [
+        # CPython's parser raises MemoryError for this (its own stack); it was HTTP 500 /
+        # gRPC UNKNOWN "Unexpected <class 'MemoryError'>".
+        ("class Deep:\n    pass\n\nx = " + "-" * 10_000 + "1\n", "nested too deeply for Python's parser"),
+        ("class Deep:\n    pass\n\nx = (\n", "line 4: '\\(' was never closed"),
+        ("class Deep:\n    pass\n\x00\n", "null bytes"),
+    ],
+)
+async def test_a_module_file_that_does_not_parse_is_refused_naming_it(
+    head: HeadNode, allowed: tuple[Path, str], source: str, why: str
+) -> None:
+    folder, _ = allowed
+    file = folder / "deep.py"
+    file.write_text(source)
+    bad = spec("deep:Deep", folder)
+
+    with pytest.raises(InvalidArgument, match=f"module file {file} does not parse: .*{why}"):
+        await head.apply(bad)
+    with pytest.raises(InvalidArgument, match=f"module file {file} does not parse: .*{why}"):
+        check_deployable(bad, (str(folder),), files_here=True)
+    assert head.desired == {}
