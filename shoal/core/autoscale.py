@@ -68,8 +68,10 @@ class Autoscaler:
         load = self.load(deployment)
         latest = track.samples[-1][1] if track.samples else 0.0
         target = policy.target_ongoing_requests
-        raw = math.ceil(load / target - 1e-9) if load > 0 else 0
-        desired = max(policy.min_replicas, min(policy.max_replicas, raw))
+        # Clamped before math.ceil, which raises for an infinite quotient: the spec bounds the
+        # target from below, and the quotient past max_replicas says no more than it does.
+        wanted = min(load / target, policy.max_replicas) if load > 0 else 0.0
+        desired = max(policy.min_replicas, min(policy.max_replicas, math.ceil(wanted - 1e-9)))
         if current < policy.min_replicas or current > policy.max_replicas:
             track.up_since = track.down_since = None
             bounded = max(policy.min_replicas, min(policy.max_replicas, current))

@@ -5,14 +5,16 @@ which raises :class:`shoal.errors.InvalidArgument` naming every problem.
 
 Every number in a spec is bounded, so that no spec can make the head or a scheduler do
 unbounded work: replica counts (``replicas``, ``autoscaling``) at most
-:data:`MAX_REPLICAS`, ``resources.cpus`` at least :data:`MIN_CPUS`, every duration finite
-and at most :data:`MAX_SECONDS`. Anywhere in the document, ``options`` included, numbers
-must be finite (JSON's ``Infinity``/``NaN``, YAML's ``.inf``/``.nan`` are refused) and
-strings valid Unicode; ``options`` may nest :data:`MAX_OPTIONS_DEPTH` levels and take
-:data:`MAX_OPTIONS_BYTES` as JSON. The whole document holds at most :data:`MAX_VALUES` values,
-and as JSON takes at most :data:`MAX_SPEC_JSON` characters: both are checked before anything
-else, so that refusing any spec costs the head little. ``multiplexing.max_models_per_replica`` is at most
-:data:`MAX_MODELS_PER_REPLICA`; ``serve_revisions`` at most :data:`MAX_SERVE_REVISIONS`.
+:data:`MAX_REPLICAS`, ``resources.cpus`` at least :data:`MIN_CPUS`,
+``autoscaling.target_ongoing_requests`` at least :data:`MIN_TARGET_ONGOING_REQUESTS`, every
+duration finite and at most :data:`MAX_SECONDS`. Anywhere in the document, ``options``
+included, numbers must be finite (JSON's ``Infinity``/``NaN``, YAML's ``.inf``/``.nan`` are
+refused) and strings valid Unicode; ``options`` may nest :data:`MAX_OPTIONS_DEPTH` levels
+and take :data:`MAX_OPTIONS_BYTES` as JSON. The whole document holds at most
+:data:`MAX_VALUES` values, and as JSON takes at most :data:`MAX_SPEC_JSON` characters: both
+are checked before anything else, so that refusing any spec costs the head little.
+``multiplexing.max_models_per_replica`` is at most :data:`MAX_MODELS_PER_REPLICA`;
+``serve_revisions`` at most :data:`MAX_SERVE_REVISIONS`.
 """
 
 from __future__ import annotations
@@ -68,6 +70,10 @@ MAX_REPLICAS = 1000
 """Most replicas one deployment may ask for (``replicas``, ``autoscaling`` bounds)."""
 MIN_CPUS = 0.01
 """Least ``resources.cpus`` a replica may take: with 0, every replica fits everywhere."""
+MIN_TARGET_ONGOING_REQUESTS = 0.01
+"""Least ``autoscaling.target_ongoing_requests``: 100 replicas per request in flight. With
+only ``> 0``, 5e-324 was taken, and any load over it was an infinite replica count, an
+OverflowError in every reconcile pass."""
 MAX_SECONDS = 86_400.0
 """Longest duration (timeouts, intervals, delays) a spec may set: a day."""
 MAX_OPTIONS_BYTES = 64 * 1024
@@ -238,7 +244,7 @@ def check_model_id(model_id: str) -> str:
 class Autoscaling(_Strict):
     min_replicas: int = Field(default=1, ge=0, le=MAX_REPLICAS)
     max_replicas: int = Field(default=1, ge=1, le=MAX_REPLICAS)
-    target_ongoing_requests: float = Field(default=2.0, gt=0, le=1_000_000)
+    target_ongoing_requests: float = Field(default=2.0, ge=MIN_TARGET_ONGOING_REQUESTS, le=1_000_000)
     upscale_delay_s: float = Field(default=3.0, ge=0, le=MAX_SECONDS)
     downscale_delay_s: float = Field(default=30.0, ge=0, le=MAX_SECONDS)
 

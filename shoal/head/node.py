@@ -157,6 +157,7 @@ class HeadNode:
         self._loads: dict[str, dict[str, LoadReport]] = {}  # scheduler -> deployment -> load
         self.series = SeriesRecorder()
         self.targets: dict[str, int] = {}  # autoscaled deployments: the current replica count
+        self._target_errors: dict[str, str] = {}  # deployments whose count failed: the error logged
         self.scale_decisions: collections.Counter[tuple[str, str]] = collections.Counter()  # (name, up|down)
         self.tokens = TokenRegistry(store)
         self.history = History(store)
@@ -691,7 +692,7 @@ class HeadNode:
                 await self._handle_failed()
                 running = collections.Counter(r.deployment for r in self.state.replicas.values())
                 alive = {s.id for s in self.state.schedulers.values() if s.state == ALIVE}
-                desired = {n: (s, self._target(s, running[n], alive)) for n, s in self.desired.items()}
+                desired = self._targets(running, alive)
                 retained = {n: self._retained(s) for n, s in self.desired.items() if s.serve_revisions > 1}
                 if self._paused:
                     self.state.expire()
@@ -768,6 +769,33 @@ class HeadNode:
                     update={"replicas": spec.replicas, "serve_revisions": spec.serve_revisions}
                 )
             )
+        return out
+
+    def _targets(
+        self, running: collections.Counter[str], alive: set[str]
+    ) -> dict[str, tuple[DeploymentSpec, int]]:
+        """Each deployment's spec and the replica count to reconcile it to (:meth:`_target`).
+        A deployment whose count cannot be computed keeps its last one (what runs, or the
+        spec's first count, when it has none) and its error is logged, once until it changes:
+        before, an OverflowError in one deployment's autoscaling ended every pass, and for
+        90 s no deployment was healed, placed or scaled. Called under the lock."""
+        out: dict[str, tuple[DeploymentSpec, int]] = {}
+        errors: dict[str, str] = {}
+        for name, spec in self.desired.items():
+            try:
+                out[name] = (spec, self._target(spec, running[name], alive))
+            except Exception as err:
+                kept = self.targets.get(name, running[name] or spec.initial_replicas())
+                errors[name] = f"{type(err).__name__}: {err}"
+                if self._target_errors.get(name) != errors[name]:
+                    log.exception(
+                        "deployment %s: its replica count could not be computed; it keeps %d "
+                        "replicas while the others are reconciled",
+                        name,
+                        kept,
+                    )
+                out[name] = (spec, kept)
+        self._target_errors = errors
         return out
 
     def _target(self, spec: DeploymentSpec, running: int, alive: set[str]) -> int:

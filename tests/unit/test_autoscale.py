@@ -106,3 +106,13 @@ def test_changed_bounds_apply_at_once() -> None:
     assert decision is not None and decision.desired == 3
     decision = scaler.decide("d", narrower, 1)
     assert decision is not None and decision.desired == 2
+
+
+def test_a_target_too_small_for_the_quotient_scales_to_max_without_raising() -> None:
+    """A target of 5e-324 (refused by the spec now, MIN_TARGET_ONGOING_REQUESTS) made any
+    load an infinite count: OverflowError from math.ceil in every reconcile pass."""
+    clock = FakeClock()
+    scaler = Autoscaler(clock)
+    tiny = Autoscaling.model_construct(**{**POLICY.model_dump(), "target_ongoing_requests": 5e-324})
+    count, _ = run(scaler, clock, load=3, seconds=5, current=1, policy=tiny)
+    assert count == 5  # max_replicas

@@ -205,6 +205,37 @@ async def test_reconcile_once_creates_replicas_on_the_scheduler(
     assert len(client.created) == 2
 
 
+async def test_a_deployment_whose_count_fails_keeps_it_and_the_others_are_reconciled(
+    head: HeadNode, fleet: FakeSchedulers, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: an OverflowError in one deployment's autoscaling (a target of 5e-324) ended
+    every pass, and a replica killed in another deployment was not replaced for 90 s."""
+    await join(head)
+    auto = parse_spec(
+        {"name": "auto", "backend": "python", "model": "m:Model", "autoscaling": {"max_replicas": 3}}
+    )
+    await head.apply(auto)
+    await head.apply(make_spec(replicas=2))
+    decide = head.autoscaler.decide
+
+    def broken(deployment: str, *args: object, **kwargs: object) -> object:
+        if deployment == "auto":
+            raise OverflowError("cannot convert float infinity to integer")
+        return decide(deployment, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(head.autoscaler, "decide", broken)
+
+    await head.reconcile_once()
+    await head.reconcile_once()
+
+    created = [s.name for _, s in fleet.clients["s1"].created]
+    assert sorted(created) == ["auto", "echo", "echo"]  # auto keeps its first count, 1
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1  # once, not in every pass
+    assert "deployment auto: its replica count could not be computed" in errors[0].getMessage()
+    assert errors[0].exc_info is not None and errors[0].exc_info[0] is OverflowError
+
+
 async def test_without_a_scheduler_nothing_is_created_and_status_says_why(head: HeadNode) -> None:
     await head.apply(make_spec())
 

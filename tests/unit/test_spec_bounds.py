@@ -122,6 +122,8 @@ async def test_rest_refuses_with_400_and_stores_nothing(
         ({"health": {"start_timeout_s": 1e12}}, "health.start_timeout_s"),
         ({"health": {"ping_interval_s": 1e12}}, "health.ping_interval_s"),
         ({"health": {"ping_failures": 10**9}}, "health.ping_failures"),
+        ({"autoscaling": {"target_ongoing_requests": 5e-324}}, "autoscaling.target_ongoing_requests"),
+        ({"autoscaling": {"target_ongoing_requests": 0.009}}, "autoscaling.target_ongoing_requests"),
         ({"autoscaling": {"upscale_delay_s": 1e12}}, "autoscaling.upscale_delay_s"),
         ({"autoscaling": {"downscale_delay_s": 1e12}}, "autoscaling.downscale_delay_s"),
         ({"max_ongoing_requests": 10**9}, "max_ongoing_requests"),
@@ -140,7 +142,7 @@ def test_the_bounds_themselves_are_accepted() -> None:
         {
             **BASE,
             "replicas": 1000,
-            "autoscaling": {"min_replicas": 1000, "max_replicas": 1000},
+            "autoscaling": {"min_replicas": 1000, "max_replicas": 1000, "target_ongoing_requests": 0.01},
             "resources": {"cpus": 0.01},
             "timeout_s": 86_400,
             "health": {"start_timeout_s": 86_400},
