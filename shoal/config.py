@@ -274,9 +274,10 @@ class Settings:
         known = {f.name: f for f in fields(cls)}
         values: dict[str, Any] = {}
         if file is not None:
+            text = yamldoc.read_text(Path(file), "config file")
             try:
-                doc = yamldoc.load(Path(file).read_text()) or {}
-            except (OSError, yaml.YAMLError) as err:
+                doc = yamldoc.load(text) or {}
+            except yaml.YAMLError as err:
                 raise InvalidArgument(f"cannot read config file {file}: {err}") from None
             except RecursionError:
                 raise InvalidArgument(f"config file {file} is nested too deeply") from None

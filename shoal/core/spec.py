@@ -522,10 +522,15 @@ def parse_spec_json(text: str | bytes) -> DeploymentSpec:
 def load_spec_file(path: str | Path) -> list[DeploymentSpec]:
     """Read one YAML file holding one spec, or several separated by ``---``."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise InvalidArgument(f"cannot read {path}: {err.strerror}") from None
+    specs = [parse_spec(d, base_dir=path.parent) for d in spec_documents(path)]
+    check_names_once(path, specs)
+    return specs
+
+
+def spec_documents(path: Path) -> list[Any]:
+    """The documents of a spec file, read once (``yamldoc.read_text``), empty ones left out.
+    InvalidArgument naming the file when it cannot be read, is not YAML or holds none."""
+    text = yamldoc.read_text(path)
     try:
         docs = [d for d in yamldoc.load_all(text) if d is not None]
     except yaml.YAMLError as err:
@@ -534,9 +539,7 @@ def load_spec_file(path: str | Path) -> list[DeploymentSpec]:
         raise InvalidArgument(f"{path} is nested too deeply") from None
     if not docs:
         raise InvalidArgument(f"{path} holds no deployment spec")
-    specs = [parse_spec(d, base_dir=path.parent) for d in docs]
-    check_names_once(path, specs)
-    return specs
+    return docs
 
 
 def check_names_once(path: Path, specs: list[DeploymentSpec]) -> None:

@@ -27,10 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from shoal.core import yamldoc
-from shoal.core.spec import NAME_PATTERN, DeploymentSpec, check_names_once, load_spec_file, parse_spec
+from shoal.core.spec import NAME_PATTERN, DeploymentSpec, check_names_once, parse_spec, spec_documents
 from shoal.errors import InvalidArgument
 
 ROUTE_KIND = "route"
@@ -155,15 +152,11 @@ def parse_weights(name: str, assignments: Iterable[str], shadow: str = "") -> Tr
 
 
 def load_file(path: str | Path) -> tuple[list[DeploymentSpec], list[TrafficRoute]]:
-    """A spec file's deployments and routes (documents of ``kind: route``), each in file order.
-    A file without routes is read by :func:`shoal.core.spec.load_spec_file`, its errors and all."""
+    """A spec file's deployments and routes (documents of ``kind: route``), each in file order,
+    the file read once (it may be ``/dev/stdin``). Errors as
+    :func:`shoal.core.spec.load_spec_file`'s."""
     path = Path(path)
-    try:
-        docs = [d for d in yamldoc.load_all(path.read_text()) if d is not None]
-    except (OSError, yaml.YAMLError, RecursionError):
-        docs = []  # load_spec_file says what is wrong
-    if not any(is_route_doc(d) for d in docs):
-        return load_spec_file(path), []
+    docs = spec_documents(path)
     specs = [parse_spec(d, base_dir=path.parent) for d in docs if not is_route_doc(d)]
     check_names_once(path, specs)
     return specs, [parse_route(d) for d in docs if is_route_doc(d)]

@@ -1,5 +1,5 @@
 """YAML as shoal reads its files (specs, routes, settings): PyYAML's safe loader, except that
-a key given twice in one mapping is an error.
+a key given twice in one mapping is an error; and :func:`read_text`, how those files are read.
 
 Why: YAML leaves a repeated key undefined and PyYAML keeps the last, silently. A spec with
 ``replicas: 1`` and further down ``replicas: 2`` deployed 2, and an operator who edited the
@@ -9,9 +9,29 @@ first line saw no change and no message.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import yaml
+
+from shoal.errors import InvalidArgument
+
+
+def read_text(path: Path, what: str = "") -> str:
+    """The text of ``path`` as UTF-8, read once: it may be a pipe (``/dev/stdin``, a shell's
+    ``<(...)``), empty when read again. InvalidArgument ``cannot read [WHAT ]PATH: WHY`` when
+    it cannot be read or is not UTF-8 (which printed a traceback)."""
+    name = f"{what} {path}" if what else str(path)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise InvalidArgument(f"cannot read {name}: {err.strerror or err}") from None
+    try:
+        return data.decode()
+    except UnicodeDecodeError as err:
+        raise InvalidArgument(
+            f"cannot read {name}: not UTF-8 (byte 0x{data[err.start]:02x} at position {err.start})"
+        ) from None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -154,3 +154,39 @@ def test_a_wait_that_is_no_finite_number_of_seconds_is_refused_before_anything_i
     code, err = run_cli(capsys, *command[:1], "--timeout", timeout, *command[1:])
     assert code == 2
     assert "argument --timeout: expected a" in err.splitlines()[-1] and repr(timeout) in err
+
+
+# ------------------------------------------------------------------ files the CLI reads
+
+
+def test_a_spec_file_that_is_not_utf8_or_an_alias_bomb_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: a UnicodeDecodeError traceback; and for nine levels of nine-fold YAML aliases,
+    no answer at all, at 100% CPU. No head listens at port 1: the refusal comes first."""
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"name: nu\nbackend: python\nmodel: echo:Echo\n# caf\xe9\n")
+    code, err = run_cli(capsys, "--head", "127.0.0.1:1", "deploy", str(latin1))
+    assert code == 1
+    assert err.splitlines() == [f"shoal: error: cannot read {latin1}: not UTF-8 (byte 0xe9 at position 47)"]
+
+    lines = ["name: bomb", "backend: python", "model: echo:Echo", f"a: &a [{', '.join('x' * 9)}]"]
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
+        lines.append(f"{name}: &{name} [{', '.join([f'*{prev}'] * 9)}]")
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    code, err = run_cli(capsys, "--head", "127.0.0.1:1", "deploy", str(bomb))
+    assert code == 1 and len(err.splitlines()) == 1
+    assert "the spec holds more than 65536 values" in err
+
+
+def test_a_config_file_that_is_not_utf8_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], nothing_runs: list[object]
+) -> None:
+    config = tmp_path / "shoal.yaml"
+    config.write_bytes(b"log_level: info  # caf\xe9\n")
+    code, err = run_cli(capsys, "up", "--state", str(tmp_path / "state"), "--config", str(config))
+    assert code == 1 and not nothing_runs
+    assert err.splitlines() == [
+        f"shoal: error: cannot read config file {config}: not UTF-8 (byte 0xe9 at position 22)"
+    ]

@@ -10,6 +10,7 @@ import pytest
 
 from shoal.config import Settings
 from shoal.core.spec import DeploymentSpec, load_spec_file, parse_spec, parse_spec_json
+from shoal.core.traffic import load_file
 from shoal.errors import InvalidArgument
 
 pytestmark = pytest.mark.timeout(10)
@@ -368,6 +369,24 @@ def test_a_config_file_that_is_not_a_mapping_is_invalid(tmp_path: Path, text: st
     file.write_text(text)
     with pytest.raises(InvalidArgument, match=message):
         Settings.load(file=file, env={})
+
+
+def test_a_spec_or_config_file_that_is_not_utf8_is_one_clear_error(tmp_path: Path) -> None:
+    """Before: a traceback ending in UnicodeDecodeError, from shoal deploy and shoal up --config."""
+    data = b"name: nu\nbackend: python\nmodel: echo:Echo\n# caf\xe9 (latin-1)\n"
+    where = f"not UTF-8 \\(byte 0xe9 at position {data.index(0xE9)}\\)$"
+    spec = tmp_path / "latin1.yaml"
+    spec.write_bytes(data)
+    with pytest.raises(InvalidArgument, match=f"^cannot read {re.escape(str(spec))}: {where}"):
+        load_spec_file(spec)
+    with pytest.raises(InvalidArgument, match=f"^cannot read {re.escape(str(spec))}: {where}"):
+        load_file(spec)
+    config = tmp_path / "shoal.yaml"
+    config.write_bytes(b"log_level: info  # caf\xe9\n")
+    with pytest.raises(
+        InvalidArgument, match=f"^cannot read config file {re.escape(str(config))}: not UTF-8"
+    ):
+        Settings.load(file=config, env={})
 
 
 def test_a_missing_config_file_is_invalid_argument(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ weight, promote, and shadow copies whose answers (and failures) never reach the 
 
 from __future__ import annotations
 
+import os
 import random
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -316,6 +317,26 @@ def test_shoal_route_refuses_bad_arguments_before_calling_the_head(argv: list[st
     with pytest.raises(InvalidArgument) as err:
         args.fn(args)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("with_route", [False, True])
+def test_a_spec_file_is_read_once_so_that_a_pipe_works(with_route: bool) -> None:
+    """`shoal deploy /dev/stdin` and `shoal deploy <(...)` said 'holds no deployment spec':
+    the file was read twice, and a pipe is empty the second time."""
+    from shoal.core.traffic import load_file
+
+    text = "name: a\nbackend: python\nmodel: m:M\n"
+    if with_route:
+        text += "---\nkind: route\nname: clf\ntargets: {a: 100}\n"
+    read, write = os.pipe()
+    try:
+        os.write(write, text.encode())
+        os.close(write)
+        specs, routes = load_file(f"/dev/fd/{read}")
+    finally:
+        os.close(read)
+    assert [s.name for s in specs] == ["a"]
+    assert routes == ([parse_weights("clf", ["a=100"])] if with_route else [])
 
 
 def test_a_spec_file_holds_deployments_and_routes(tmp_path: Path) -> None:
