@@ -359,3 +359,27 @@ async def test_a_module_file_that_does_not_parse_is_refused_naming_it(
     with pytest.raises(InvalidArgument, match=f"module file {file} does not parse: .*{why}"):
         check_deployable(bad, (str(folder),), files_here=True)
     assert head.desired == {}
+
+
+async def test_looking_a_module_up_caches_nothing_however_base_dir_is_spelled(
+    head: HeadNode, allowed: tuple[Path, str]
+) -> None:
+    """Each new spelling of one folder (``/models/./.`` ...) left a finder holding the
+    folder's listing in ``sys.path_importer_cache``, for good: 150 refused specs against a
+    folder of 20,000 files took the head from 88 MB to 729 MB."""
+    folder, module = allowed
+    before = set(sys.path_importer_cache)
+    for k in range(1, 21):
+        spelled = str(folder) + "/." * k
+        with pytest.raises(InvalidArgument, match="not a class, function or assignment"):
+            await head.apply(spec(f"{module}:Nope", spelled))
+        await head.apply(spec(f"{module}:Model", spelled).model_copy(update={"name": f"ok-{k}"}))
+    assert set(sys.path_importer_cache) == before
+    # The replica's confined import finds its module the same way.
+    # The replica's confined import finds its module the same way; only base_dir, which the
+    # backend puts on sys.path for the model's own imports, may be cached, once.
+    backend = load(
+        spec(f"{module}:Model", str(folder) + "/./.").model_copy(update={"options": {}}), (str(folder),)
+    )
+    backend.unload()
+    assert set(sys.path_importer_cache) - before <= {str(folder) + "/./."}
