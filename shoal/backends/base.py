@@ -168,6 +168,9 @@ class Backend(abc.ABC):
 
     def __init__(self, spec: DeploymentSpec) -> None:
         self.spec = spec
+        # The allowed_model_dirs setting (shoal.core.model_dirs), set by the replica before
+        # load(): the folders whose code and files the backend may load (any when empty).
+        self.allowed_dirs: tuple[str, ...] = ()
         self._loaded = False
         # Metadata a backend learns from the model in _load(); used when the spec declares none.
         self._derived_inputs: tuple[TensorSpec, ...] = ()

@@ -64,7 +64,6 @@ class PythonBackend(Backend):
         super().__init__(spec)
         self._model: Any = None
         self._async_predict = False
-        self.allowed_dirs: tuple[str, ...] = ()
         # Handles to other deployments (shoal.replica.compose.Deployments), set by the replica.
         self.deployments: Any = None
 

@@ -15,7 +15,9 @@ the ``predict_proba`` (for a LogisticRegression pipeline, as much work again as 
 
 With ``multiplexing`` in the spec, ``model`` names a folder and model id ``ID`` is the file
 ``<model>/ID.joblib`` (the id is a plain name, never a path); an id without a file is
-NotFound. The tensors are as above, per model.
+NotFound. With ``allowed_model_dirs`` set, an id whose file is a link to a file outside
+those folders is PermissionDenied, naming the id but neither path (the client naming an id
+need not be who deploys; the replica's log has both). The tensors are as above, per model.
 
 An input the estimator refuses (scikit-learn raises ValueError: NaN where the estimator
 takes none, say) is the client's error: INVALID_ARGUMENT / 400 ``the model refused the
@@ -26,6 +28,7 @@ joblib files are pickles: loading one runs code from it. Serve only files you tr
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -33,8 +36,11 @@ import joblib
 import numpy as np
 
 from shoal.backends.base import Backend, Tensors
+from shoal.core import model_dirs
 from shoal.core.spec import DeploymentSpec, TensorSpec, check_model_id
-from shoal.errors import Internal, InvalidArgument, NotFound
+from shoal.errors import Internal, InvalidArgument, NotFound, PermissionDenied
+
+log = logging.getLogger("shoal.replica")
 
 
 def _to_bytes(values: np.ndarray) -> np.ndarray:
@@ -83,6 +89,7 @@ class SklearnBackend(Backend):
         path = self.spec.model_path() / f"{check_model_id(model_id)}.joblib"
         backend = SklearnBackend(self.spec.model_copy(update={"model": str(path), "multiplexing": None}))
         backend._model_id = model_id
+        backend.allowed_dirs = self.allowed_dirs
         return backend
 
     def _load(self) -> None:
@@ -96,7 +103,22 @@ class SklearnBackend(Backend):
                 raise NotFound(f"model id {self._model_id!r}: no file {path.name} in the deployment's folder")
             raise InvalidArgument(f"sklearn model file {str(path)!r} does not exist")
         try:
-            estimator = joblib.load(path)
+            # Checked as it is opened, not before: the replica's check of the spec's file
+            # never saw a model id's file, which a link could take outside allowed_dirs.
+            file = model_dirs.open_inside(path, self.allowed_dirs)
+        except model_dirs.OutsideAllowed as err:
+            if not self._model_id:
+                raise
+            log.warning("model id %r refused: %s", self._model_id, err.message)
+            raise PermissionDenied(
+                f"model id {self._model_id!r}: its file {path.name} is outside the folders models "
+                "may come from (setting allowed_model_dirs)"
+            ) from None
+        except OSError as err:
+            raise InvalidArgument(f"cannot open {str(path)!r}: {err.strerror}") from err
+        try:
+            with file:
+                estimator = joblib.load(file)
         except Exception as err:
             why = f"{type(err).__name__}: {err}"
             raise InvalidArgument(f"cannot load {str(path)!r} with joblib: {why}") from err

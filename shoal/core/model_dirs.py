@@ -10,7 +10,9 @@ code as it loads: whoever may deploy may run code on the schedulers' machines. W
   by a ``class``, ``def`` or assignment, not by an import (``echo:np.f2py.os.system`` and
   ``echo:np`` are refused; read from files of at most :data:`MAX_PARSED_BYTES`, and after
   the import for any file);
-* ``sklearn`` and ``onnx``: the model file must lie inside an allowed folder.
+* ``sklearn`` and ``onnx``: the model file must lie inside an allowed folder, and so must
+  each model id's file of a multiplexed ``sklearn`` deployment, which the backend opens
+  with :func:`open_inside` on the id's first request.
 
 One check, :func:`check_deployable`, runs in the head when a spec is applied
 (InvalidArgument) and in every replica before it imports or loads anything, with the files
@@ -45,15 +47,16 @@ import importlib.util
 import inspect
 import os
 import re
+import stat
 import sys
 import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import cast
+from typing import BinaryIO, cast
 
 from shoal.core.spec import DeploymentSpec, uri_scheme
-from shoal.errors import InvalidArgument
+from shoal.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 
 FILE_BACKENDS = ("sklearn", "onnx")
 MAX_PARSED_BYTES = 64 * 1024
@@ -79,6 +82,47 @@ def inside(path: str | Path, allowed: Sequence[str]) -> bool:
     """Whether ``path`` (symbolic links resolved) lies in one of the ``allowed`` folders."""
     real = _real(path)
     return any(real == _real(a) or real.is_relative_to(_real(a)) for a in allowed)
+
+
+class OutsideAllowed(PermissionDenied):
+    """A file :func:`open_inside` refused: its real path (``real``, for the operator's log;
+    an answer to a client need not show it) is outside the allowed folders."""
+
+    def __init__(self, path: str | Path, real: str, allowed: Sequence[str]) -> None:
+        super().__init__(
+            f"{str(path)!r} (symbolic links resolved: {real!r}) is outside the folders models may "
+            f"come from (setting allowed_model_dirs: {', '.join(allowed)})"
+        )
+        self.real = real
+
+
+def open_inside(path: str | Path, allowed: Sequence[str]) -> BinaryIO:
+    """``path`` opened for reading in binary, when it is a regular file and, with ``allowed``
+    set, its real path lies in one of those folders. :class:`OutsideAllowed` or
+    FailedPrecondition (not a regular file) otherwise; OSError as ``open`` raises it.
+
+    The check is of the file opened, not of the path before opening it: a link swapped
+    between a check and the open is caught (the real path must still lead to the file that
+    was opened). Opened without blocking, so a FIFO is refused rather than waited on."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        opened = os.fstat(fd)
+        if not stat.S_ISREG(opened.st_mode):
+            raise FailedPrecondition(f"{str(path)!r} is not a regular file")
+        if allowed:
+            real = os.path.realpath(path)
+            try:
+                here = os.stat(real)
+                same = (here.st_dev, here.st_ino) == (opened.st_dev, opened.st_ino)
+            except OSError:
+                same = False
+            if not same or not inside(real, allowed):
+                raise OutsideAllowed(path, real, allowed)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _refuse(spec: DeploymentSpec, what: str, allowed: Sequence[str]) -> InvalidArgument:

@@ -87,8 +87,8 @@ class ReplicaProcess:
         # allowed folders, a python base_dir must be an existing folder on this machine.
         check_deployable(self.spec, allowed, files_here=True)
         backend = load_backend(self.spec)
+        backend.allowed_dirs = allowed
         if isinstance(backend, PythonBackend):
-            backend.allowed_dirs = allowed
             if self.caller is not None:
                 backend.deployments = Deployments(self.spec.name, self.caller, asyncio.get_running_loop())
         await asyncio.to_thread(backend.load)

@@ -17,7 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import joblib
+import numpy as np
 import pytest
+from sklearn.linear_model import LogisticRegression
 
 from shoal.testing.cluster import ProcessCluster
 
@@ -93,4 +96,58 @@ async def test_a_missing_base_dir_never_imports_a_module_from_sys_path(tmp_path:
             assert r.status_code == 201, r.text
             await cluster.wait_ready("ok", 1)
         assert not marker.exists(), "the module outside the allowed folders was imported"
+    assert cluster.leftover_replicas() == []
+
+
+EVIL_PICKLE = "import pathlib; pathlib.Path({marker!r}).touch()"
+
+
+class _RunsCode:
+    """Pickled, it runs ``code`` when loaded: what a hostile .joblib file holds."""
+
+    def __init__(self, code: str) -> None:
+        self.code = code
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return exec, (self.code,)
+
+
+async def test_a_multiplexed_sklearn_id_whose_file_links_outside_is_refused(tmp_path: Path) -> None:
+    """The control-plane sweep's finding 4: ``tenants/t2.joblib``, a link to a pickle outside
+    the allowed folder, ran when a request named model id ``t2``."""
+    allowed, outside = tmp_path / "models", tmp_path / "outside"
+    (allowed / "tenants").mkdir(parents=True)
+    outside.mkdir()
+    marker = tmp_path / "pickle-ran"
+    joblib.dump(_RunsCode(EVIL_PICKLE.format(marker=str(marker))), outside / "evil.joblib")
+    (allowed / "tenants" / "t2.joblib").symlink_to(outside / "evil.joblib")
+    X = np.array([[0.0], [1.0], [2.0], [3.0]], dtype=np.float32)
+    joblib.dump(LogisticRegression().fit(X, [0, 0, 1, 1]), allowed / "tenants" / "t1.joblib")
+    spec = {
+        "name": "tenants",
+        "backend": "sklearn",
+        "model": str(allowed / "tenants"),
+        "resources": {"cpus": 0.1},
+        "multiplexing": {"max_models_per_replica": 2},
+    }
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1], "data": [3.0]}]}
+
+    async with ProcessCluster(
+        tmp_path / "cluster", env={"SHOAL_ALLOWED_MODEL_DIRS": str(allowed)}
+    ) as cluster:
+        await cluster.deploy(spec)
+        await cluster.wait_ready("tenants", 1)
+        async with httpx.AsyncClient(base_url=f"http://{cluster.http_address()}", timeout=20) as http:
+            r = await http.post(
+                "/v2/models/tenants/infer", json=body, headers={"shoal-multiplexed-model-id": "t2"}
+            )
+            assert r.status_code == 403, r.text
+            error = r.json()["error"]
+            assert "model id 't2'" in error and "outside the folders" in error, error
+            assert str(outside) not in error, error
+            r = await http.post(
+                "/v2/models/tenants/infer", json=body, headers={"shoal-multiplexed-model-id": "t1"}
+            )
+            assert r.status_code == 200, r.text
+        assert not marker.exists(), "the pickle outside the allowed folder was loaded"
     assert cluster.leftover_replicas() == []

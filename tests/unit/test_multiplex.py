@@ -23,13 +23,14 @@ from shoal.config import Settings
 from shoal.core import payload
 from shoal.core.clock import FakeClock
 from shoal.core.spec import Batching, DeploymentSpec
-from shoal.errors import InvalidArgument, NotFound, Unavailable
+from shoal.errors import InvalidArgument, NotFound, PermissionDenied, Unavailable
 from shoal.http.scheduler import scheduler_app
 from shoal.metrics import _multiplexed
 from shoal.proto import grpc_service_pb2 as oip
 from shoal.proto import shoal_pb2 as pb
 from shoal.replica import multiplex
 from shoal.replica.multiplex import ModelCache
+from shoal.replica.process import ReplicaProcess
 from shoal.rpc import codec
 from shoal.rpc.inference_service import InferenceService
 from shoal.rpc.scheduler_service import SchedulerService
@@ -332,6 +333,50 @@ async def test_a_sklearn_model_id_names_a_file_in_the_model_folder(tmp_path: Pat
         parent.model_backend("absent").load()
     with pytest.raises(InvalidArgument, match="not a plain name"):
         parent.model_backend("../small")
+
+
+class _RunsCode:
+    """Pickled, it runs ``code`` when loaded: what a hostile .joblib file holds."""
+
+    def __init__(self, code: str) -> None:
+        self.code = code
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return exec, (self.code,)
+
+
+async def test_a_sklearn_model_id_whose_file_links_outside_the_allowed_folders_is_refused(
+    tmp_path: Path,
+) -> None:
+    """The control-plane sweep's finding 4: ``<model>/t2.joblib``, a link to a pickle outside
+    the allowed folders, was loaded (and its code ran) for a request naming id ``t2``, while a
+    spec naming that file was refused. The replica gives its backend the allowed folders and
+    the id's file is checked as it is opened."""
+    allowed, outside = tmp_path / "models", tmp_path / "outside"
+    (allowed / "tenants").mkdir(parents=True)
+    outside.mkdir()
+    marker = tmp_path / "pickle-ran"
+    joblib.dump(_RunsCode(f"import pathlib; pathlib.Path({str(marker)!r}).touch()"), outside / "evil.joblib")
+    (allowed / "tenants" / "t2.joblib").symlink_to(outside / "evil.joblib")
+    X = np.array([[0.0], [1.0], [2.0], [3.0]], dtype=np.float32)
+    joblib.dump(LogisticRegression().fit(X, [0, 0, 1, 1]), allowed / "t1.joblib")
+    (allowed / "tenants" / "t1.joblib").symlink_to(allowed / "t1.joblib")  # a link inside: fine
+
+    spec = make_spec(backend="sklearn", model=str(allowed / "tenants"), multiplexing=MUX)
+    replica = ReplicaProcess("r-1", spec, Settings(allowed_model_dirs=(str(allowed),)), link=None)  # type: ignore[arg-type]
+    await replica.load()
+    assert replica.backend is not None
+    try:
+        with pytest.raises(PermissionDenied, match=r"model id 't2': its file t2\.joblib is outside") as err:
+            replica.backend.model_backend("t2").load()
+        assert str(outside) not in err.value.message and str(allowed) not in err.value.message
+        assert not marker.exists(), "the pickle outside the allowed folders was loaded"
+        one = replica.backend.model_backend("t1")
+        one.load()
+        assert (await one.predict({"input": X}))["label"].tolist() == [0, 0, 1, 1]
+        one.unload()
+    finally:
+        await replica.drain()
 
 
 # ------------------------------------------------------------------ the door

@@ -7,6 +7,7 @@ the same check (``shoal.core.model_dirs.check_deployable``).
 
 from __future__ import annotations
 
+import os
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -19,7 +20,7 @@ from shoal.config import Settings
 from shoal.core import model_dirs
 from shoal.core.model_dirs import check_deployable
 from shoal.core.spec import DeploymentSpec, parse_spec
-from shoal.errors import InvalidArgument
+from shoal.errors import FailedPrecondition, InvalidArgument
 from shoal.head.node import HeadNode
 from shoal.replica.process import ReplicaProcess
 from shoal.store import MemoryStore
@@ -383,3 +384,36 @@ async def test_looking_a_module_up_caches_nothing_however_base_dir_is_spelled(
     )
     backend.unload()
     assert set(sys.path_importer_cache) - before <= {str(folder) + "/./."}
+
+
+def test_open_inside_checks_the_file_it_opened(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What loads a model file (a multiplexed sklearn id's, each file a scheduler copies from a
+    file:// URI) opens it with model_dirs.open_inside."""
+    folder, outside = tmp_path / "models", tmp_path / "outside"
+    folder.mkdir()
+    outside.mkdir()
+    (folder / "plain").write_bytes(b"inside")
+    (outside / "secret").write_bytes(b"outside")
+    (folder / "link-out").symlink_to(outside / "secret")
+    (folder / "link-in").symlink_to(folder / "plain")
+    allowed = (str(folder),)
+    for name in ("plain", "link-in"):
+        with model_dirs.open_inside(folder / name, allowed) as f:
+            assert f.read() == b"inside"
+    with pytest.raises(model_dirs.OutsideAllowed, match="outside the folders") as err:
+        model_dirs.open_inside(folder / "link-out", allowed)
+    assert err.value.real == str(outside / "secret")
+    with model_dirs.open_inside(folder / "link-out", ()) as f:  # no folders set: any file
+        assert f.read() == b"outside"
+    # A FIFO is refused, not waited on.
+    os.mkfifo(folder / "fifo")
+    with pytest.raises(FailedPrecondition, match="not a regular file"):
+        model_dirs.open_inside(folder / "fifo", allowed)
+    # The link changed between the open and the look at where it leads: the path it leads
+    # to now is inside, but it is not the file that was opened.
+    real = os.path.realpath
+    monkeypatch.setattr(
+        os.path, "realpath", lambda p: str(folder / "plain") if "link-out" in str(p) else real(p)
+    )
+    with pytest.raises(model_dirs.OutsideAllowed):
+        model_dirs.open_inside(folder / "link-out", allowed)
