@@ -32,7 +32,10 @@ URIs (``model``, or a python deployment's ``base_dir``: ``s3://``, ``gs://``, ``
 ``allowed_model_uris`` setting says which: a URI must start with one of its prefixes (at a
 ``/``), and no path segment may be ``.`` or ``..``. With that setting empty, any URI is
 allowed while ``allowed_model_dirs`` is empty too, and none once it is set. A ``file://`` URI
-is a path on the scheduler's machine and is checked as one, against ``allowed_model_dirs``.
+is a path on the scheduler's machine and is checked as one, against ``allowed_model_dirs``
+(a python ``base_dir`` given so, where the head sees it, as that folder named by its path
+is); the scheduler that copies it checks each file it copies (symbolic links resolved,
+``shoal.scheduler.artifacts``), since the copy is what the replica runs.
 A ``blob://`` URI (a file or folder ``shoal deploy`` uploaded, ``shoal.core.blobs``) is
 allowed by the prefix ``blob://`` alone.
 """
@@ -235,15 +238,18 @@ def check_deployable(
     module, name = python_target(spec.model)
     if not allowed:
         return
-    base = Path(spec.base_dir)
+    # A file:// folder is checked here as the same folder named by its path would be: the
+    # scheduler's fetch checks every file it copies, but this answer comes at deploy time.
+    local = uri_scheme(spec.base_dir) == "file"
+    base = file_uri_path(spec.base_dir) if local else Path(spec.base_dir)
     if not base.is_dir():
         if files_here or base.exists():
-            raise _no_folder(spec, allowed)
+            raise _no_folder(spec, allowed, base)
         # Not on this machine (a head apart from the schedulers): what needs no files.
         if module.split(".", 1)[0] in (*sys.stdlib_module_names, *sys.builtin_module_names):
             raise _refuse(spec, f"module {module!r} (a standard-library or built-in module)", allowed)
         return
-    file = module_file(spec.base_dir, module)
+    file = module_file(str(base), module)
     if file is None or not inside(file, allowed):
         raise _refuse(spec, f"module {module!r} (not a file under base_dir {spec.base_dir!r})", allowed)
     names = _top_level_names(file) if file.suffix == ".py" else None
@@ -255,8 +261,8 @@ def check_deployable(
         )
 
 
-def _no_folder(spec: DeploymentSpec, allowed: Sequence[str]) -> InvalidArgument:
-    what = "is not a folder" if Path(spec.base_dir).exists() else "does not exist"
+def _no_folder(spec: DeploymentSpec, allowed: Sequence[str], base: Path | None = None) -> InvalidArgument:
+    what = "is not a folder" if (base or Path(spec.base_dir)).exists() else "does not exist"
     return InvalidArgument(
         f"deployment {spec.name!r}: base_dir {spec.base_dir!r} {what} on this machine; with "
         f"allowed_model_dirs set ({', '.join(allowed)}) a python module is imported only from "

@@ -15,9 +15,19 @@ when the cache lacks it. Everything lives in ``root`` (``<state_dir>/artifacts``
   the same, by content).
 * ``tmp/``: downloads in progress; emptied when the cache opens.
 
+A ``file://`` URI is read at the path :func:`shoal.core.model_dirs.file_uri_path` gives, the
+one the head and the scheduler checked. Symbolic links in it are followed, and with
+``allowed_dirs`` (the scheduler's ``allowed_model_dirs``) set, each must lead inside those
+folders: the listing refuses a link that leads out, naming it, before anything is copied,
+and each file is checked again as it is opened (``model_dirs.open_inside``), so a link
+changed in between cannot pass. Before, the folder was copied with fsspec, which followed a
+link to a module outside the allowed folders; the copy, in the cache, was then allowed to
+the replica, which imported it.
+
 Verified: each object's byte count must equal the size the source lists, and a URI ending in
 ``#sha256=<hex>`` must have that hash (and once a blob of that hash is cached for the URI,
-the source is not contacted again).
+the source is not contacted again; but a ``file://`` URI with ``allowed_dirs`` set is
+listed, and its links checked, each time).
 
 Bounded by ``limit_bytes``: the least recently used blobs that no lease holds are deleted to
 make room before a download and after it; one object or folder larger than the limit is
@@ -50,17 +60,26 @@ import posixpath
 import re
 import secrets
 import shutil
+import stat
 import threading
 import time
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from shoal.core import blobs
+from shoal.core import blobs, model_dirs
 from shoal.core.spec import uri_scheme
 from shoal.core.tasks import TaskSet
-from shoal.errors import FailedPrecondition, NotFound, PermissionDenied, ShoalError, Unavailable
+from shoal.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ShoalError,
+    Unavailable,
+)
 from shoal.scheduler import blob_fetch
 
 log = logging.getLogger("shoal.scheduler")
@@ -149,11 +168,13 @@ def split_uri(uri: str) -> tuple[str, str]:
 
 
 class ArtifactCache:
-    """See the module's docstring. ``root`` is created on the first :meth:`acquire`."""
+    """See the module's docstring. ``root`` is created on the first :meth:`acquire`.
+    ``allowed_dirs``: the folders a ``file://`` URI's files must lie in (any when empty)."""
 
-    def __init__(self, root: Path, *, limit_bytes: int) -> None:
+    def __init__(self, root: Path, *, limit_bytes: int, allowed_dirs: Sequence[str] = ()) -> None:
         self.root = root
         self.limit_bytes = limit_bytes
+        self.allowed_dirs = tuple(allowed_dirs)
         self._blobs: dict[str, _Blob] = {}
         self._index: dict[str, dict[str, str]] = {}  # key -> {"uri", "hash", "path"}
         self._downloads: dict[str, _Download] = {}
@@ -199,7 +220,8 @@ class ArtifactCache:
     async def acquire(self, uri: str) -> Lease:
         """A lease on the local copy of ``uri``, downloaded first when it is not cached.
 
-        Raises NotFound (no such object), PermissionDenied (the credentials may not read it),
+        Raises NotFound (no such object), PermissionDenied (the credentials may not read it,
+        or a ``file://`` URI's file lies outside ``allowed_dirs``),
         FailedPrecondition (the content fails verification, is larger than the cache, or the
         scheme's library is not installed), Unavailable (anything else the source answered),
         each naming the URI. Safe to call concurrently: calls for one URI share a download."""
@@ -253,11 +275,17 @@ class ArtifactCache:
         bare, expected = split_uri(uri)
         if uri_scheme(bare) == blobs.SCHEME:
             return await self._fetch_blob(bare, download)
-        if expected and expected in self._blobs:
+        local = uri_scheme(bare) == "file"
+        # With allowed_dirs, a file:// URI is always listed: that is cheap, and where its
+        # links are checked (the blob may have been copied under other rules).
+        if expected and expected in self._blobs and not (local and self.allowed_dirs):
             for item in self._index.values():
                 if item["uri"] == bare and item["hash"] == expected and self._present(item):
                     return expected, item["path"], False
-        fs, entries, single = await asyncio.to_thread(_listing, bare)
+        if local:
+            fs, (entries, single) = None, await asyncio.to_thread(_local_listing, bare, self.allowed_dirs)
+        else:
+            fs, entries, single = await asyncio.to_thread(_listing, bare)
         key = _index_key(bare, entries)
         found = self._index.get(key) if key else None
         if found is not None and found["hash"] in self._blobs and self._present(found):
@@ -276,7 +304,7 @@ class ArtifactCache:
         tmp = self.root / "tmp" / secrets.token_hex(8)
         try:
             blob = await asyncio.to_thread(
-                _download, fs, bare, entries, single, tmp, download.progress, self._stop
+                _download, fs, bare, entries, single, tmp, download.progress, self._stop, self.allowed_dirs
             )
             if expected and blob != expected:
                 raise FailedPrecondition(f"{bare}: its sha256 is {blob}, not {expected} as the URI asks")
@@ -489,6 +517,85 @@ def _listing(uri: str) -> tuple[Any, list[_Entry], bool]:
     return fs, entries, False
 
 
+def _local_listing(uri: str, allowed: Sequence[str]) -> tuple[list[_Entry], bool]:
+    """(the files a ``file://`` URI names, whether it is a single file), read at the path
+    ``model_dirs.file_uri_path`` gives (fsspec reads ``file://localhost/p`` as
+    ``/localhost/p`` and leaves ``%20`` as it is: not the path the head checked). Links are
+    followed; with ``allowed`` set each must lead inside those folders, PermissionDenied
+    naming it otherwise. FailedPrecondition for what is not a regular file (a FIFO would
+    hang the copy) and for a folder reached a second time through a link (a loop, or links
+    that would copy one folder many times over). Raises ShoalError naming ``uri``."""
+    try:
+        path = model_dirs.file_uri_path(uri)
+    except InvalidArgument as err:
+        raise FailedPrecondition(err.message) from None
+    where = uri
+    try:
+        root = os.path.realpath(path)
+        if allowed and not model_dirs.inside(root, allowed):
+            raise _outside(uri, "", root, allowed)
+        top = os.stat(root)
+        if not stat.S_ISDIR(top.st_mode):
+            _regular(uri, "", top)
+            return [_Entry(_safe_rel(path.name or "model", uri), root, top.st_size, _mtime(top))], True
+        entries: list[_Entry] = []
+        walked = {root: ""}  # real folder -> where it was copied
+        todo = [(root, "")]
+        while todo:
+            folder, rel = todo.pop()
+            with os.scandir(folder) as listing:
+                children = list(listing)
+            for child in children:
+                child_rel = f"{rel}/{child.name}" if rel else child.name
+                where = f"{uri} ({child_rel})"
+                real = child.path  # in a real folder: real, unless it is a link
+                if child.is_symlink():
+                    real = os.path.realpath(child.path)
+                    if allowed and not model_dirs.inside(real, allowed):
+                        raise _outside(uri, child_rel, real, allowed)
+                st = os.stat(real)
+                if stat.S_ISDIR(st.st_mode):
+                    if real in walked:
+                        first = f"as {walked[real]!r}" if walked[real] else "as the URI itself"
+                        raise FailedPrecondition(
+                            f"{uri}: {child_rel} is a link to a folder already copied {first}; "
+                            "a folder is copied once"
+                        )
+                    walked[real] = child_rel
+                    todo.append((real, child_rel))
+                else:
+                    _regular(uri, child_rel, st)
+                    entries.append(_Entry(_safe_rel(child_rel, uri), real, st.st_size, _mtime(st)))
+    except ShoalError:
+        raise
+    except OSError as err:
+        raise _explain(where, err) from None
+    if not entries:
+        raise NotFound(f"{uri}: an empty folder")
+    return sorted(entries, key=lambda e: e.rel), False
+
+
+def _outside(uri: str, rel: str, real: str, allowed: Sequence[str]) -> PermissionDenied:
+    """The refusal of a file:// URI's entry ``rel`` (the URI itself when empty) whose real path
+    ``real`` is outside ``allowed``: it names the entry, not where it leads (logged here)."""
+    what = f"{uri}: {rel}" if rel else uri
+    log.warning("%s leads to %s, outside allowed_model_dirs: not fetched", what, real)
+    return PermissionDenied(
+        f"{what} leads outside the folders models may come from (symbolic links resolved; "
+        f"setting allowed_model_dirs: {', '.join(allowed)})"
+    )
+
+
+def _regular(uri: str, rel: str, st: os.stat_result) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise FailedPrecondition(f"{uri}: {rel or 'it'} is not a regular file nor a folder")
+
+
+def _mtime(st: os.stat_result) -> str:
+    """A local file's version mark, as fsspec's listing gave it (the index keys stay the same)."""
+    return json.dumps({"mtime": str(st.st_mtime)}, sort_keys=True)
+
+
 READ_TIMEOUT_S = 60.0
 """HTTP(S): a download fails when no byte arrives for this long (no bound on its total time)."""
 
@@ -531,19 +638,27 @@ def _download(
     tmp: Path,
     progress: Progress,
     stop: threading.Event,
+    allowed: Sequence[str] = (),
 ) -> str:
-    """Copy ``entries`` under ``tmp``, checking each size; returns the blob's hash."""
+    """Copy ``entries`` under ``tmp``, checking each size; returns the blob's hash. ``fs``
+    None: local files (:func:`_local_listing`), each checked against ``allowed`` again as
+    it is opened."""
     manifest = []
     # HTTP: a stream (not range requests, which not every server answers). Others: blocks
     # of 8 MiB, so that progress moves in steps that small.
-    options = {"block_size": 0} if "http" in fs.protocol else {"block_size": 8 * CHUNK}
+    options = {"block_size": 0} if fs is not None and "http" in fs.protocol else {"block_size": 8 * CHUNK}
     for e in entries:
         dest = tmp / e.rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256()
         count = 0
         try:
-            with fs.open(e.remote, "rb", **options) as src, open(dest, "wb") as out:
+            source: BinaryIO = (
+                model_dirs.open_inside(e.remote, allowed)
+                if fs is None
+                else fs.open(e.remote, "rb", **options)
+            )
+            with source as src, open(dest, "wb") as out:
                 while chunk := src.read(CHUNK):
                     if stop.is_set():
                         raise Unavailable(f"{uri}: the download was stopped (the scheduler is shutting down)")
@@ -551,6 +666,8 @@ def _download(
                     digest.update(chunk)
                     count += len(chunk)
                     progress.done += len(chunk)
+        except model_dirs.OutsideAllowed as err:
+            raise _outside(uri, "" if single else e.rel, err.real, allowed) from None
         except ShoalError:
             raise
         except Exception as err:

@@ -196,7 +196,9 @@ class ReplicaSupervisor:
         self._previous: dict[str, tuple[int, float]] = {}
         # Models named by URI, fetched before their replicas start (shoal.scheduler.artifacts).
         self.artifacts = artifacts or ArtifactCache(
-            Path(settings.state_dir) / "artifacts", limit_bytes=settings.artifact_cache_mb * 2**20
+            Path(settings.state_dir) / "artifacts",
+            limit_bytes=settings.artifact_cache_mb * 2**20,
+            allowed_dirs=settings.allowed_model_dirs,
         )
         self._launcher: Launcher = launcher or ChildProcess.spawn
         self.clock: Clock = clock or SystemClock()

@@ -40,7 +40,7 @@ class Model:
 MODEL = "class M:\n    def predict(self, inputs):\n        return inputs\n"
 
 
-def python(name: str, model: str, base_dir: Path, replicas: int = 1) -> dict[str, Any]:
+def python(name: str, model: str, base_dir: Path | str, replicas: int = 1) -> dict[str, Any]:
     return {
         "name": name,
         "backend": "python",
@@ -150,4 +150,41 @@ async def test_a_multiplexed_sklearn_id_whose_file_links_outside_is_refused(tmp_
             )
             assert r.status_code == 200, r.text
         assert not marker.exists(), "the pickle outside the allowed folder was loaded"
+    assert cluster.leftover_replicas() == []
+
+
+async def test_a_file_uri_folder_never_brings_code_from_outside(tmp_path: Path) -> None:
+    """The control-plane sweep's finding 3: ``pkg/evil.py`` linked to a module outside the
+    allowed folder. ``base_dir: .../pkg`` was refused, ``base_dir: file:///.../pkg/`` applied;
+    the scheduler copied the folder, following the link, and the replica imported the copy."""
+    allowed, outside = tmp_path / "models", tmp_path / "outside"
+    (allowed / "pkg").mkdir(parents=True)
+    outside.mkdir()
+    marker = tmp_path / "outside-was-imported"
+    (outside / "evil.py").write_text(MARKED.format(marker=str(marker)))
+    (allowed / "pkg" / "evil.py").symlink_to(outside / "evil.py")
+    # A module inside that imports the linked one: the head passes it, the fetch must not.
+    (allowed / "pkg" / "m.py").write_text("from evil import Model as _Evil\n\n\nclass M(_Evil):\n    pass\n")
+
+    async with ProcessCluster(
+        tmp_path / "cluster", env={"SHOAL_ALLOWED_MODEL_DIRS": str(allowed)}
+    ) as cluster:
+        assert cluster.head is not None
+        async with httpx.AsyncClient(base_url=f"http://{cluster.head.endpoints['head_http']}") as http:
+            uri = (allowed / "pkg").as_uri() + "/"
+            for base_dir in (str(allowed / "pkg"), uri):
+                r = await http.post(
+                    "/api/deployments", json=python("evil", "evil:Model", base_dir), timeout=10
+                )
+                assert r.status_code == 400 and "module 'evil'" in r.json()["error"], (base_dir, r.text)
+            r = await http.post("/api/deployments", json=python("m", "m:M", uri), timeout=10)
+            assert r.status_code == 201, r.text
+            status = await cluster.wait_for(
+                lambda s: any("leads outside" in d["pending_reason"] for d in s["deployments"]),
+                timeout_s=30,
+                what="the fetch's refusal",
+            )
+            reason = next(d["pending_reason"] for d in status["deployments"] if d["name"] == "m")
+            assert "evil.py leads outside the folders" in reason and str(outside) not in reason, reason
+        assert not marker.exists(), "the module outside the allowed folder was imported"
     assert cluster.leftover_replicas() == []

@@ -7,12 +7,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-from collections.abc import AsyncIterator
+import urllib.parse
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from shoal.errors import FailedPrecondition, NotFound
+from shoal.errors import FailedPrecondition, NotFound, PermissionDenied
+from shoal.scheduler import artifacts
 from shoal.scheduler.artifacts import ArtifactCache
 
 pytestmark = pytest.mark.timeout(10)
@@ -170,3 +173,99 @@ async def test_concurrent_acquires_of_one_uri_share_one_download(
         lease.release()
     (await cache.acquire(write(tmp_path / "other.bin", b"o" * 6000))).release()
     assert leases[3].blob in cache.blobs()
+
+
+# ------------------------------------------------------------------ allowed_model_dirs
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> tuple[Path, Path]:
+    """An allowed folder ``models`` holding ``pkg/`` (a module and a link to a module inside
+    ``models``), and a folder ``outside`` beside it: (models, outside)."""
+    models, outside = tmp_path / "models", tmp_path / "outside"
+    write(models / "pkg" / "m.py", b"import evil\n")
+    write(models / "shared.py", b"X = 1\n")
+    (models / "pkg" / "shared.py").symlink_to(models / "shared.py")
+    write(outside / "evil.py", b"print('outside')\n")
+    write(outside / "lib" / "more.py", b"print('outside too')\n")
+    return models, outside
+
+
+async def test_a_file_uri_folder_with_a_link_outside_the_allowed_folders_is_refused(
+    tmp_path: Path, tree: tuple[Path, Path]
+) -> None:
+    """The control-plane sweep's finding 3: ``models/pkg/evil.py`` linked to a module
+    outside; ``file:///.../models/pkg/`` was copied into the cache, the link followed, and
+    the replica imported the copy. Before, both acquires below succeeded."""
+    models, outside = tree
+    cache = ArtifactCache(tmp_path / "artifacts", limit_bytes=10_000, allowed_dirs=(str(models),))
+    try:
+        (models / "pkg" / "evil.py").symlink_to(outside / "evil.py")
+        with pytest.raises(PermissionDenied, match=r"pkg/: evil\.py leads outside the folders") as err:
+            await cache.acquire((models / "pkg").as_uri() + "/")
+        assert str(outside) not in err.value.message  # where it leads is the scheduler's log's
+        (models / "pkg" / "evil.py").unlink()
+        (models / "pkg" / "lib").symlink_to(outside / "lib")  # a folder: a whole tree
+        with pytest.raises(PermissionDenied, match=r"lib leads outside the folders"):
+            await cache.acquire((models / "pkg").as_uri())
+        assert cache.blobs() == [] and list((tmp_path / "artifacts" / "tmp").iterdir()) == []
+
+        # Links that stay inside are followed, and copied as files.
+        (models / "pkg" / "lib").unlink()
+        lease = await cache.acquire((models / "pkg").as_uri())
+        assert sorted(p.name for p in lease.path.iterdir()) == ["m.py", "shared.py"]
+        assert not (lease.path / "shared.py").is_symlink()
+        assert (lease.path / "shared.py").read_bytes() == b"X = 1\n"
+    finally:
+        await cache.aclose()
+    # Without allowed folders any folder may be named, and its links are followed.
+    (models / "pkg" / "evil.py").symlink_to(outside / "evil.py")
+    anything = ArtifactCache(tmp_path / "artifacts-2", limit_bytes=10_000)
+    try:
+        lease = await anything.acquire((models / "pkg").as_uri())
+        assert (lease.path / "evil.py").read_bytes() == b"print('outside')\n"
+    finally:
+        await anything.aclose()
+
+
+async def test_a_link_changed_after_the_listing_is_caught_as_the_file_is_opened(
+    tmp_path: Path, tree: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models, outside = tree
+    listing = artifacts._local_listing
+
+    def then_swap(uri: str, allowed: Sequence[str]) -> tuple[list[Any], bool]:
+        found = listing(uri, allowed)
+        (models / "shared.py").unlink()
+        (models / "shared.py").symlink_to(outside / "evil.py")
+        return found
+
+    monkeypatch.setattr(artifacts, "_local_listing", then_swap)
+    cache = ArtifactCache(tmp_path / "artifacts", limit_bytes=10_000, allowed_dirs=(str(models),))
+    try:
+        with pytest.raises(PermissionDenied, match=r"shared\.py leads outside the folders"):
+            await cache.acquire((models / "pkg").as_uri())
+        assert cache.blobs() == []
+    finally:
+        await cache.aclose()
+
+
+async def test_a_file_uri_is_read_at_the_path_that_was_checked(cache: ArtifactCache, tmp_path: Path) -> None:
+    """The path model_dirs.file_uri_path gives, which the head and the scheduler check; fsspec
+    read ``file://localhost/p`` as ``/localhost/p`` and ``%20`` as it is."""
+    write(tmp_path / "a b" / "model.bin", b"weights")
+    lease = await cache.acquire("file://localhost" + urllib.parse.quote(str(tmp_path / "a b" / "model.bin")))
+    assert lease.path.read_bytes() == b"weights" and lease.path.name == "model.bin"
+
+
+async def test_what_a_folder_copy_refuses(cache: ArtifactCache, tmp_path: Path) -> None:
+    """A FIFO (the copy would wait on it for good) and a folder reached twice through links
+    (a loop, or links that would copy one folder over and over)."""
+    write(tmp_path / "fifo" / "model.bin", b"w")
+    os.mkfifo(tmp_path / "fifo" / "pipe")
+    with pytest.raises(FailedPrecondition, match="pipe is not a regular file"):
+        await cache.acquire((tmp_path / "fifo").as_uri())
+    write(tmp_path / "loop" / "sub" / "model.bin", b"w")
+    (tmp_path / "loop" / "sub" / "up").symlink_to(tmp_path / "loop")
+    with pytest.raises(FailedPrecondition, match="sub/up is a link to a folder already copied as the URI"):
+        await cache.acquire((tmp_path / "loop").as_uri())

@@ -91,3 +91,19 @@ def test_a_file_uri_is_a_path_checked_against_model_dirs(tmp_path: Path) -> None
         check_deployable(outside, (str(tmp_path),))
     with pytest.raises(InvalidArgument, match="not host 'elsewhere'"):
         check_deployable(make_spec("iris", backend="sklearn", model="file://elsewhere/m.joblib"), ())
+
+
+def test_a_python_file_uri_folder_is_checked_at_deploy_as_its_path_is(tmp_path: Path) -> None:
+    """Before, only the folder was checked: a module in it linked to a file outside passed."""
+    allowed, outside = tmp_path / "models", tmp_path / "outside"
+    (allowed / "pkg").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "evil.py").write_text("class Evil:\n    pass\n")
+    (allowed / "pkg" / "evil.py").symlink_to(outside / "evil.py")
+    (allowed / "pkg" / "m.py").write_text("class M:\n    pass\n")
+    uri = (allowed / "pkg").as_uri() + "/"
+    with pytest.raises(InvalidArgument, match=r"module 'evil' \(not a file under base_dir 'file://"):
+        check_deployable(make_spec("x", model="evil:Evil", base_dir=uri), (str(allowed),))
+    with pytest.raises(InvalidArgument, match=r"'Nope' \(not a class"):
+        check_deployable(make_spec("x", model="m:Nope", base_dir=uri), (str(allowed),))
+    check_deployable(make_spec("x", model="m:M", base_dir=uri), (str(allowed),))
