@@ -77,10 +77,17 @@ class BodyTooLarge(InvalidArgument):
     """An HTTP request body over ``max_message_mb``: the client's to fix, so counted as an
     invalid request, and answered 413 (Payload Too Large) as HTTP has a status for it."""
 
-    def __init__(self, limit: int, size: int | None = None, *, decoded: bool = False) -> None:
+    def __init__(
+        self,
+        limit: int,
+        size: int | None = None,
+        *,
+        decoded: bool = False,
+        why: str = "setting max_message_mb",
+    ) -> None:
         of = "" if size is None else f" of {size} bytes"
         over = "decompresses to over" if decoded else "is over"
-        super().__init__(f"request body{of} {over} the limit of {limit} bytes (setting max_message_mb)")
+        super().__init__(f"request body{of} {over} the limit of {limit} bytes ({why})")
 
     @property
     def http_status(self) -> int:
