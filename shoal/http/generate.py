@@ -33,6 +33,7 @@ from starlette.routing import Route
 
 from shoal.core import limits
 from shoal.errors import BodyTooLarge, InvalidArgument, ShoalError
+from shoal.http.server import unless_gone
 from shoal.http.sse import EventStream, event
 from shoal.scheduler.generate import (
     PARAMETERS,
@@ -112,7 +113,11 @@ def generate_routes(catalog: ModelCatalog, limit: int) -> list[Route]:
     async def generate(request: Request) -> Response:
         try:
             name, request_id, req, revision = await prepare(request, stream=False)
-            result = await complete(catalog, name, req, request_id=internal_id(request_id), version=revision)
+            # A client that hangs up stops its generation (unless_gone), as a stream's does.
+            result = await unless_gone(
+                request.scope,
+                complete(catalog, name, req, request_id=internal_id(request_id), version=revision),
+            )
             answer = head(name, request_id, revision)
         except ShoalError as err:
             return _error(err)

@@ -64,6 +64,7 @@ from shoal.core import limits
 from shoal.core.spec import DeploymentSpec
 from shoal.errors import Code, Internal, InvalidArgument, NotFound, ShoalError
 from shoal.http.generate import read_json
+from shoal.http.server import unless_gone
 from shoal.http.sse import EventStream, event
 from shoal.scheduler.dataplane import DataPlane
 from shoal.scheduler.generate import (
@@ -429,7 +430,7 @@ class OpenAIApi:
         texts = [body.input] if isinstance(body.input, str) else body.input
         if not texts:
             raise OpenAIError("input", "'input' must hold at least one string")
-        vectors, tokens = await self._embed(spec, texts)
+        vectors, tokens = await unless_gone(request.scope, self._embed(spec, texts))
         if body.dimensions is not None and body.dimensions != vectors.shape[1]:
             raise OpenAIError(
                 "dimensions", f"model {body.model!r} makes {vectors.shape[1]}-dimensional embeddings only"
@@ -448,13 +449,15 @@ class OpenAIApi:
 
     async def completions(self, request: Request) -> Response:
         body = parse_body(CompletionBody, await read_json(request, self.limit))
-        return await self._generate(body, completion_request(body), chat=False)
+        return await self._generate(request, body, completion_request(body), chat=False)
 
     async def chat_completions(self, request: Request) -> Response:
         body = parse_body(ChatCompletionBody, await read_json(request, self.limit))
-        return await self._generate(body, chat_request(body), chat=True)
+        return await self._generate(request, body, chat_request(body), chat=True)
 
-    async def _generate(self, body: _GenerationBody, req: GenerateRequest, *, chat: bool) -> Response:
+    async def _generate(
+        self, request: Request, body: _GenerationBody, req: GenerateRequest, *, chat: bool
+    ) -> Response:
         spec = self._spec(body.model)
         if not generates_text(spec):
             raise OpenAIError("model", f"model {body.model!r} does not generate text")
@@ -467,7 +470,10 @@ class OpenAIApi:
             "system_fingerprint": None,
         }
         if not req.stream:
-            result = await complete(self.dataplane.catalog, spec.name, req, request_id=request_id)
+            # A client that hangs up stops its generation (unless_gone), as a stream's does.
+            result = await unless_gone(
+                request.scope, complete(self.dataplane.catalog, spec.name, req, request_id=request_id)
+            )
             choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": _finish(result)}
             if chat:
                 choice["message"] = {"role": "assistant", "content": result.text, "refusal": None}

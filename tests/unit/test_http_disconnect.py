@@ -60,6 +60,9 @@ async def served(request: pytest.FixtureRequest) -> AsyncIterator[Served]:
         "max_queued_requests": 2,
     }
     router.add("a", parse_spec(doc), "a:9000", "s1")
+    generation = {"backend": "transformers", "model": "m", "inputs": [], "outputs": []}
+    router.add("g", parse_spec({**generation, "name": "gen", "options": {"task": "generation"}}), "g:1", "s1")
+    router.add("e", parse_spec({**generation, "name": "emb", "options": {"task": "embedding"}}), "e:1", "s1")
     server = HttpServer(scheduler_app(node), "127.0.0.1", 0, parser=request.param)
     await server.start()
     try:
@@ -102,3 +105,36 @@ async def test_requests_whose_clients_hang_up_leave_the_queue_and_the_replica(se
         assert reply.status_code == 200, reply.text
         assert reply.json()["outputs"][0]["data"] == [1, 2, 3, 4]
     assert len(replica.requests) == 2
+
+
+# The other HTTP doors that answer when the work is done: each holds a replica while it runs.
+WHOLE_ANSWERS = [
+    ("gen", "/v2/models/gen/generate", {"text_input": "hello", "max_tokens": 4}),
+    ("gen", "/v1/completions", {"model": "gen", "prompt": "hello", "max_tokens": 4}),
+    ("gen", "/v1/chat/completions", {"model": "gen", "messages": [{"role": "user", "content": "hi"}]}),
+    ("emb", "/v1/embeddings", {"model": "emb", "input": ["hello"]}),
+]
+
+
+@pytest.mark.parametrize(("deployment", "path", "doc"), WHOLE_ANSWERS, ids=[w[1] for w in WHOLE_ANSWERS])
+async def test_a_generation_or_embedding_whose_client_hangs_up_is_dropped(
+    served: Served, deployment: str, path: str, doc: dict[str, object]
+) -> None:
+    body = json.dumps(doc)
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n{body}"
+    ).encode()
+    replica = served.fakes.client("g:1" if deployment == "gen" else "e:1")
+    _, writer = await asyncio.open_connection("127.0.0.1", served.port)
+    writer.write(head)
+    await writer.drain()
+    async with asyncio.timeout(5):  # held on the replica by its gate
+        while not (replica.generations or replica.requests):
+            await asyncio.sleep(0.01)
+    writer.close()
+    router = served.node.router
+    async with asyncio.timeout(5):
+        while router.stats()[deployment].outcomes["cancelled"] < 1:
+            await asyncio.sleep(0.01)
+    assert router.load()[deployment].in_flight == 0
