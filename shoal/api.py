@@ -24,6 +24,7 @@ when it is not ready in time.
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Coroutine, Mapping
@@ -217,24 +218,32 @@ class AsyncClient:
 
     # ------------------------------------------------------------ deployments
 
-    async def deploy(self, target: Deployable, *, wait: bool = True, timeout_s: float = 120.0) -> Applied:
+    async def deploy(
+        self, target: Deployable, *, wait: bool = True, timeout_s: float = 120.0, min_ready_s: float = 0.0
+    ) -> Applied:
         """Create or update a deployment. With ``wait``, return once the replicas of this spec are
-        READY (and an update's old ones gone); FailedPrecondition when the head answers that they
-        will not be (no room, replicas failing to start), DeadlineExceeded after ``timeout_s``."""
+        READY (and an update's old ones gone), and with ``min_ready_s`` once each has stayed
+        READY that long; FailedPrecondition when the head answers that they will not be (no
+        room, replicas failing to start or crashing soon after READY), DeadlineExceeded after
+        ``timeout_s``."""
         from shoal.core.model_hash import with_model_hash
 
+        if not 0 <= min_ready_s < math.inf:  # NaN too
+            raise InvalidArgument(f"min_ready_s must be a finite number of seconds, 0 or more: {min_ready_s}")
         spec = with_model_hash(spec_of(target))
         before = (await self.status()).to_json() if wait else {}
         reply = await self._head(self.control.apply(spec))
         applied = Applied(spec.name, reply.revision, reply.created, reply.changed, reply.change)
         if wait:
-            await self._wait(before, spec, timeout_s)
+            await self._wait(before, spec, timeout_s, min_ready_s)
         return applied
 
-    async def _wait(self, before: Mapping[str, Any], spec: DeploymentSpec, timeout_s: float) -> None:
+    async def _wait(
+        self, before: Mapping[str, Any], spec: DeploymentSpec, timeout_s: float, min_ready_s: float = 0.0
+    ) -> None:
         from shoal.core.deploy_watch import DeployWatch  # the decision the CLI waits on too
 
-        watch = DeployWatch.after_apply(before, [spec])
+        watch = DeployWatch.after_apply(before, [spec], min_ready_s=min_ready_s)
         deadline = time.monotonic() + timeout_s
         while True:
             verdict = watch.observe((await self.status()).to_json(), time.monotonic())
@@ -471,9 +480,13 @@ class Client:
         finally:
             self._loop.stop()
 
-    def deploy(self, target: Deployable, *, wait: bool = True, timeout_s: float = 120.0) -> Applied:
+    def deploy(
+        self, target: Deployable, *, wait: bool = True, timeout_s: float = 120.0, min_ready_s: float = 0.0
+    ) -> Applied:
         """See :meth:`AsyncClient.deploy`."""
-        return self._loop.run(self.aio.deploy(target, wait=wait, timeout_s=timeout_s))
+        return self._loop.run(
+            self.aio.deploy(target, wait=wait, timeout_s=timeout_s, min_ready_s=min_ready_s)
+        )
 
     def scale(self, name: str, replicas: int) -> None:
         self._loop.run(self.aio.scale(name, replicas))

@@ -76,6 +76,7 @@ class ForkedChild:
         except ProcessLookupError:
             self._pidfd = -1
         self._watched = False
+        self.status_known = True  # False once its zygote went away first: UNKNOWN_EXIT stands in
 
     @property
     def returncode(self) -> int | None:
@@ -115,6 +116,7 @@ class ForkedChild:
         end through its pidfd and report :data:`UNKNOWN_EXIT`."""
         if self._code is not None:
             return
+        self.status_known = False
         if self._pidfd < 0:
             self.exited(UNKNOWN_EXIT)
             return

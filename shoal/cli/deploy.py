@@ -110,7 +110,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         before = await status_reader(client)()
         # Local model files and folders the schedulers may not see go to the head first.
         specs = await upload_local_models(found_specs, settings, args.upload, before)
-        watch = DeployWatch.after_apply(before, specs)
+        watch = DeployWatch.after_apply(before, specs, min_ready_s=args.min_ready)
         revisions: dict[str, int] = {}
         for spec, w in zip(specs, watch.watched, strict=True):
             reply = await client.deploy(spec, wait=False)
@@ -223,6 +223,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     p.add_argument(
         "--timeout", type=seconds, default=120.0, help="seconds to wait for replicas (default 120)"
+    )
+    p.add_argument(
+        "--min-ready",
+        type=seconds,
+        default=0.0,
+        metavar="S",
+        help="done only once each new replica has stayed READY S seconds: a model that crashes soon "
+        "after loading fails the deploy instead of passing it (default 0: done once READY)",
     )
     p.add_argument(
         "--model-repository",

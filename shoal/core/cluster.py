@@ -37,9 +37,16 @@ PENDING = ReplicaState.PENDING  # asked of a scheduler, not yet confirmed by it
 BACKOFF_BASE_S = 1.0
 BACKOFF_MAX_S = 30.0
 FAILED_AFTER = 4
-"""Replicas of one spec that die before READY, in a row, after which its deployment is FAILED:
-no more starts (the crash loop ends) until a deploy of another spec or a head restart. Four:
-about 10 s of backoff, room for a model that flakes; ``shoal deploy`` already answered at two."""
+"""Replicas of one spec that crash in a row (before READY, or of their own doing within
+``STABLE_AFTER_S`` of it), after which its deployment is FAILED: no more starts (the crash loop
+ends) until a deploy of another spec or a head restart. Four: about 10 s of backoff, room for
+a model that flakes; ``shoal deploy`` already answered at two."""
+STABLE_AFTER_S = 60.0
+"""How long a replica must stay READY to prove its spec can run. One that crashes sooner (it
+exits with an error, a crash signal or over its memory limit: not a kill from outside, such as
+``kill -9``, the OOM killer or a chaos run) counts as a failed start, so a model that dies
+just after loading backs off and ends FAILED instead of restarting for ever. A spec's run of
+failures ends once a replica started after the last one has stayed READY this long."""
 FAILED = "FAILED: "  # how the pending reason of a FAILED deployment starts
 MAX_CREATES_PER_PASS = 1024
 """Most replicas one reconcile pass places: a pass is synchronous, and a spec asking for
@@ -82,6 +89,7 @@ class ReplicaRecord:
     # report older than this does not yet know the replica.
     created_version: int = 0
     ready_at: float = 0.0
+    ready_seen: float = 0.0  # when the head first saw it READY (its own clock; 0: not yet)
 
 
 @dataclass
@@ -98,6 +106,9 @@ class ReplicaReport:
     spec_hash: str = ""
     message: str = ""
     ready_at: float = 0.0
+    # DEAD of its own doing: it exited with an error or a crash signal, or went over its
+    # memory limit (not killed from outside, nor for missed pings).
+    crashed: bool = False
 
 
 @dataclass(frozen=True)
@@ -219,7 +230,8 @@ class _StartFailures:
     not_before: float = 0.0
     last_message: str = ""
     spec_hash: str = ""  # the spec whose replicas failed: another spec starts afresh
-    crashes: int = 0  # those that died before READY (a failed create call is not the model's fault)
+    crashes: int = 0  # those that crashed (a failed create call is not the model's fault)
+    last_at: float = 0.0  # when the last one failed
 
 
 @dataclass
@@ -336,6 +348,7 @@ class ClusterState:
                     scheduler_id,
                     rep.message or "replica exited",
                     was_ready=rep.ready_at > 0,
+                    crashed=rep.crashed,
                 )
                 continue
             self._adopt(scheduler_id, rep)
@@ -515,7 +528,8 @@ class ClusterState:
         if missing > 0:
             if failures is not None and failures.crashes >= FAILED_AFTER:
                 self.pending_reasons[spec.name] = (
-                    f"{FAILED}{failures.crashes} replicas died before READY in a row, not started again "
+                    f"{FAILED}{failures.crashes} replicas in a row died before READY or within "
+                    f"{STABLE_AFTER_S:.0f}s of it, not started again "
                     f"until the next deploy: {failures.last_message}"
                 )
             elif failures is not None and self.clock.now() < failures.not_before:
@@ -691,7 +705,7 @@ class ClusterState:
                 replica_id=rep.id,
                 scheduler_id=scheduler_id,
             )
-            self._failures.pop(rep.deployment, None)
+            rec.ready_seen = self.clock.now()
         if (
             rec.state != state
             or rec.address != rep.address
@@ -711,11 +725,21 @@ class ClusterState:
             rec.spec_hash = rep.spec_hash
 
     def _lost(
-        self, replica_id: str, deployment: str, scheduler_id: str, message: str, *, was_ready: bool
+        self,
+        replica_id: str,
+        deployment: str,
+        scheduler_id: str,
+        message: str,
+        *,
+        was_ready: bool,
+        crashed: bool = False,
     ) -> None:
         rec = self.replicas.pop(replica_id, None)
         if rec is None:
             return
+        f = self._failures_of(deployment, rec.spec_hash)
+        if f is not None and self._outlived(rec, f):
+            f.count = f.crashes = 0  # it outlived the failures before it: they were not a crash loop
         if rec.state == DRAINING:
             self.event(
                 "replica_stopped",
@@ -727,6 +751,12 @@ class ClusterState:
             return
         if not was_ready:
             self._start_failed(deployment, message, rec.spec_hash, crashed=True)
+        elif crashed:
+            # READY but never seen so by the head: it came and went between two reports.
+            up = self.clock.now() - rec.ready_seen if rec.ready_seen else 0.0
+            if up < STABLE_AFTER_S:
+                reason = f"died {up:.0f}s after READY: {message}"
+                self._start_failed(deployment, reason, rec.spec_hash, crashed=True)
         self.event(
             "replica_died",
             f"replica {replica_id} died: {message}",
@@ -743,14 +773,34 @@ class ClusterState:
             f = self._retained_failures.setdefault(key, _StartFailures(spec_hash=spec_hash))
         else:
             f = self._failures.setdefault(deployment, _StartFailures(spec_hash=spec_hash))
+        if any(self._outlived(r, f) for r in self.replicas.of(deployment) if r.state == READY):
+            f.count = f.crashes = 0  # a replica outlived the earlier failures: a new run of them
         f.count += 1
         f.crashes += crashed
         f.last_message = message
         delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (f.count - 1))
         f.not_before = self.clock.now() + delay
+        f.last_at = self.clock.now()
         if crashed and f.crashes == FAILED_AFTER and f is self._failures.get(deployment):
             self.event("deployment_failed", f"{deployment} FAILED: {message}", deployment=deployment)
             self._newly_failed.append((deployment, f.spec_hash, message))
+
+    def _failures_of(self, deployment: str, spec_hash: str) -> _StartFailures | None:
+        """The run of failures of ``deployment``'s replicas of ``spec_hash``, if any."""
+        f = self._retained_failures.get((deployment, spec_hash)) or self._failures.get(deployment)
+        return f if f is not None and f.spec_hash == spec_hash else None
+
+    def _outlived(self, rec: ReplicaRecord, f: _StartFailures) -> bool:
+        """Whether ``rec``, a replica of the failing spec started after its last failure, stayed
+        READY ``STABLE_AFTER_S``: the failures before it were no crash loop. Not for a FAILED
+        spec: that one ends only with the next deploy."""
+        return (
+            f.crashes < FAILED_AFTER
+            and rec.spec_hash == f.spec_hash
+            and rec.ready_seen > 0
+            and rec.ready_seen >= f.last_at
+            and self.clock.now() - rec.ready_seen >= STABLE_AFTER_S
+        )
 
     def take_failed(self) -> list[tuple[str, str, str]]:
         """The deployments that became FAILED since the last call, once each, in order:

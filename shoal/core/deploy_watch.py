@@ -1,10 +1,11 @@
 """Whether a deploy is done: the decision ``shoal deploy`` and ``shoal.api`` wait on, over
 plain status dicts (the shape of ``shoal status --json``), so it is tested without a cluster.
 
-It waits until the replicas of the new spec are READY, or until the head's answer is that
-they will not be (no room, replicas that fail to start, FAILED). With ``serve_revisions`` N
-the replicas of the N-1 earlier revisions the head keeps serving beside the new one are not
-waited for: they stay, by design.
+It waits until the replicas of the new spec are READY (and, with ``min_ready_s``, have stayed
+READY that long, as Kubernetes' ``minReadySeconds``), or until the head's answer is that they
+will not be (no room, replicas that fail to start or crash soon after READY, FAILED). With
+``serve_revisions`` N the replicas of the N-1 earlier revisions the head keeps serving beside
+the new one are not waited for: they stay, by design.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class _Watched:
     # replicas, those replaced since too, are neither new nor old, and no rollout waits for them.
     kept: frozenset[str] = frozenset()
     kept_ids: set[str] = field(default_factory=set)  # replicas of those seen: not new ones that died
+    ready_since: dict[str, float] = field(default_factory=dict)  # new replicas READY, since when (seen)
 
 
 @dataclass
@@ -78,10 +80,19 @@ class DeployWatch:
     """
 
     watched: list[_Watched] = field(default_factory=list)
+    # How long each new replica must have been seen READY before the deploy is done: a model
+    # that crashes soon after loading then fails the deploy (the head backs it off) instead
+    # of passing it. 0: done as soon as they are READY.
+    min_ready_s: float = 0.0
 
     @classmethod
     def after_apply(
-        cls, before: Status, specs: Sequence[DeploymentSpec], *, from_file: bool = True
+        cls,
+        before: Status,
+        specs: Sequence[DeploymentSpec],
+        *,
+        from_file: bool = True,
+        min_ready_s: float = 0.0,
     ) -> DeployWatch:
         """``from_file``: the specs come from files, whose restart count the head replaces with
         its own (``shoal restart``); False for the head's own specs (restart, rollback)."""
@@ -103,7 +114,7 @@ class DeployWatch:
                 failures = _start_failures(dep["pending_reason"])[0]
                 kept = _kept_revisions(dep, spec, want)
             watched.append(_Watched(spec.name, replicas, failures, want_hash=want, since=since, kept=kept))
-        return cls(watched)
+        return cls(watched, min_ready_s=min_ready_s)
 
     def observe(self, status: Status, now: float) -> Verdict:
         deployments = {d["name"]: d for d in status.get("deployments", [])}
@@ -139,9 +150,12 @@ class DeployWatch:
             )
             dead.extend(reversed([i for i in w.seen if i not in now_ids]))
             target = dep["target_replicas"]
-            ready = sum(1 for r in replicas if r["state"] == "READY" and r["id"] not in w.old_replicas)
+            ready_ids = [r["id"] for r in replicas if r["state"] == "READY" and r["id"] not in w.old_replicas]
+            w.ready_since = {i: w.ready_since.get(i, now) for i in ready_ids}
+            ready = len(ready_ids)
             left = sum(1 for r in replicas if r["id"] in w.old_replicas)
-            done = done and ready >= target and len(replicas) == target and not left
+            hold = max((self.min_ready_s - (now - t) for t in w.ready_since.values()), default=0.0)
+            done = done and ready >= target and len(replicas) == target and not left and hold <= 0
             reason = dep["pending_reason"]
             # Replicas of this spec on their way out (a lower count): neither new nor old.
             draining = sum(1 for r in replicas if r["state"] == "DRAINING" and r["id"] not in w.old_replicas)
@@ -151,6 +165,7 @@ class DeployWatch:
                 + (f", {draining} draining" if draining else "")
                 + (f", {left} old" if left else "")
                 + (f", {_kept_serving(kept)}" if kept else "")
+                + (f", to stay READY {hold:.0f}s more" if hold > 0 else "")
             )
             parts.append(f"{w.name} {ready}/{target} ready{more}" + (f" ({reason})" if reason else ""))
             failure, failing = self._failure(w, reason, now)

@@ -124,6 +124,7 @@ class ReplicaStatus(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     STARTED_AT_FIELD_NUMBER: _builtins.int
     READY_AT_FIELD_NUMBER: _builtins.int
+    CRASHED_FIELD_NUMBER: _builtins.int
     replica_id: _builtins.str
     deployment: _builtins.str
     state: Global___ReplicaState.ValueType
@@ -142,6 +143,8 @@ class ReplicaStatus(_message.Message):
     """unix time the process was started"""
     ready_at: _builtins.float
     """unix time it registered READY (0 until then)"""
+    crashed: _builtins.bool
+    """DEAD of its own doing: an error exit, a crash signal, over its memory limit"""
     def __init__(
         self,
         *,
@@ -156,10 +159,11 @@ class ReplicaStatus(_message.Message):
         message: _builtins.str = ...,
         started_at: _builtins.float = ...,
         ready_at: _builtins.float = ...,
+        crashed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "deployment", b"deployment", "in_flight", b"in_flight", "message", b"message", "pid", b"pid", "queued", b"queued", "ready_at", b"ready_at", "replica_id", b"replica_id", "spec_hash", b"spec_hash", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "crashed", b"crashed", "deployment", b"deployment", "in_flight", b"in_flight", "message", b"message", "pid", b"pid", "queued", b"queued", "ready_at", b"ready_at", "replica_id", b"replica_id", "spec_hash", b"spec_hash", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

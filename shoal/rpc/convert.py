@@ -56,6 +56,7 @@ def report_to_pb(r: ReplicaReport) -> pb.ReplicaStatus:
         spec_hash=r.spec_hash,
         message=r.message,
         ready_at=r.ready_at,
+        crashed=r.crashed,
     )
 
 
@@ -71,6 +72,7 @@ def report_from_pb(r: pb.ReplicaStatus) -> ReplicaReport:
         spec_hash=r.spec_hash,
         message=r.message,
         ready_at=r.ready_at,
+        crashed=r.crashed,
     )
 
 

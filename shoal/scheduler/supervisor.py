@@ -141,6 +141,7 @@ class LocalReplica:
     models: PingResult | None = None  # the last ping's model counts (multiplexed deployments)
     removing: bool = False
     dead_reason: str = ""
+    crashed: bool = False  # killed by its scheduler for its own doing (over its memory limit)
     gpu: GpuGrant = field(default_factory=GpuGrant)  # its devices (shoal.scheduler.gpus)
 
     @property
@@ -167,6 +168,7 @@ class LocalReplica:
             spec_hash=self.spec.process_hash(),
             ready_at=self.ready_at,
             message=self._message(),
+            crashed=self.crashed and self.state == REPLICA_DEAD,
         )
 
 
@@ -509,6 +511,10 @@ class ReplicaSupervisor:
             tomb = rep.report()
             tomb.state = state
             tomb.message = message
+            # A forked replica whose zygote went first has no exit status (UNKNOWN_EXIT): no crash.
+            known = getattr(rep.process, "status_known", True)
+            own = rep.crashed if rep.dead_reason else known and _crashed(code)
+            tomb.crashed = state == REPLICA_DEAD and own
             if state == REPLICA_DEAD:
                 self.deaths[rep.spec.name] += 1
             self._tombstones.append((self.version, tomb))
@@ -523,9 +529,11 @@ class ReplicaSupervisor:
         self._clean_logs()
         self._on_change()
 
-    async def _kill(self, rep: LocalReplica, reason: str) -> None:
-        """Mark dead at once (no more requests, pending ones retried) and kill the process."""
+    async def _kill(self, rep: LocalReplica, reason: str, *, crashed: bool = False) -> None:
+        """Mark dead at once (no more requests, pending ones retried) and kill the process.
+        ``crashed``: for its own doing, as if it had crashed (``ReplicaReport.crashed``)."""
         rep.dead_reason = reason
+        rep.crashed = crashed
         rep.state = REPLICA_DEAD
         await self.router.remove(rep.id, failed=True)
         _signal(rep.process, signal.SIGKILL)
@@ -623,7 +631,7 @@ class ReplicaSupervisor:
             if used is not None and used > limit:
                 reason = f"used {used:.0f} MB of memory, over its limit of {limit:g} MB (resources.memory_mb)"
                 log.warning("replica %s %s: killing it", rep.id, reason)
-                await self._kill(rep, reason)
+                await self._kill(rep, reason, crashed=True)
 
     async def _ping(self, rep: LocalReplica) -> None:
         pinger = self._pingers.get(rep.id)
@@ -859,6 +867,26 @@ def rotate_log(path: Path) -> None:
     shutil.copyfile(path, path.with_name(path.name + ".1"))
     with open(path, "r+b") as f:
         f.truncate(0)
+
+
+_CRASH_SIGNALS = frozenset(
+    {
+        signal.SIGSEGV,
+        signal.SIGABRT,
+        signal.SIGBUS,
+        signal.SIGFPE,
+        signal.SIGILL,
+        signal.SIGSYS,
+        signal.SIGTRAP,
+    }
+)
+
+
+def _crashed(code: int) -> bool:
+    """Whether a replica that exited unasked with ``code`` crashed: an error status or a crash
+    signal. Not a kill from outside (SIGKILL: ``kill -9``, the OOM killer; SIGTERM), nor status 0
+    (it stopped as asked, or lost its scheduler)."""
+    return code > 0 or (code < 0 and -code in _CRASH_SIGNALS)
 
 
 def _exit_reason(code: int, log_path: Path) -> str:

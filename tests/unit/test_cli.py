@@ -21,7 +21,7 @@ from shoal.cli.logs import merge_logs
 from shoal.cli.processes import pid_file, running
 from shoal.config import Settings
 from shoal.core.clock import FakeClock
-from shoal.core.cluster import FAILED, FAILED_AFTER, REPLICA_DEAD, ReplicaReport
+from shoal.core.cluster import FAILED, FAILED_AFTER, READY, REPLICA_DEAD, ReplicaReport
 from shoal.core.deploy_watch import FAIL_AFTER, DeployWatch
 from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec, parse_spec
@@ -151,6 +151,57 @@ async def test_replicas_that_fail_to_start_fail_the_deploy(head: HeadNode) -> No
     assert verdict.dead == tuple(reversed(seen))  # the most recent first: its log says why
 
 
+async def test_min_ready_fails_a_deploy_whose_replicas_crash_soon_after_ready(head: HeadNode) -> None:
+    # A model that dies a second after loading: READY at one look, so a plain deploy passed it
+    # (and the head restarted it for ever). With --min-ready the deploy waits to see it stay.
+    assert isinstance(head.clock, FakeClock)
+    before = cluster_status(head)
+    s = spec()
+    await head.apply(s)
+    plain = DeployWatch.after_apply(before, [s])
+    watch = DeployWatch.after_apply(before, [s], min_ready_s=5.0)
+    verdicts = []
+    for i in range(FAIL_AFTER):
+        (create,) = await head.reconcile_once()
+        ready = ReplicaReport(create.replica_id, "echo", READY, address="r:1", ready_at=1.0)
+        await head.scheduler_health("s1", 1_000_000, [ready])
+        assert plain.observe(cluster_status(head), now=float(i)).done
+        held = watch.observe(cluster_status(head), now=float(i))
+        assert not held.done and not held.failure
+        assert "echo 1/1 ready, to stay READY 5s more" in held.line
+        head.clock.advance(1.0)
+        dead = ReplicaReport(
+            create.replica_id,
+            "echo",
+            REPLICA_DEAD,
+            message="process exited with code 1: RuntimeError: lost the device",
+            ready_at=1.0,
+            crashed=True,
+        )
+        await head.scheduler_health("s1", 1_000_000, [dead])
+        await head.reconcile_once()
+        verdicts.append(watch.observe(cluster_status(head), now=float(i) + 0.5))
+        await past_backoff(head)
+    assert not verdicts[0].failure  # one may be chance
+    assert verdicts[-1].failure == (
+        f"deployment echo failed: its replicas fail to start ({FAIL_AFTER} times in a row): "
+        "died 1s after READY: process exited with code 1: RuntimeError: lost the device"
+    )
+
+
+async def test_min_ready_is_done_once_the_replicas_have_stayed_ready(head: HeadNode) -> None:
+    before = cluster_status(head)
+    s = spec()
+    await head.apply(s)
+    watch = DeployWatch.after_apply(before, [s], min_ready_s=5.0)
+    (create,) = await head.reconcile_once()
+    ready = ReplicaReport(create.replica_id, "echo", READY, address="r:1", ready_at=1.0)
+    await head.scheduler_health("s1", 1_000_000, [ready])
+    assert not watch.observe(cluster_status(head), now=10.0).done
+    assert not watch.observe(cluster_status(head), now=14.9).done
+    assert watch.observe(cluster_status(head), now=15.0).done
+
+
 async def test_a_replica_that_died_between_two_looks_is_still_named(head: HeadNode) -> None:
     """A replica that fails to load in milliseconds (forked, it imports nothing) can come
     and go between two looks at the status: its death, in the status's events, still names
@@ -210,7 +261,7 @@ async def test_a_failed_deployment_is_an_answer(head: HeadNode) -> None:
     watch = DeployWatch.after_apply(before, [s])
     assert not watch.observe(cluster_status(head), now=0.0).failure
     failure = watch.observe(cluster_status(head), now=1.0).failure
-    assert failure.startswith(f"deployment echo failed: {FAILED_AFTER} replicas died before READY in a row")
+    assert failure.startswith(f"deployment echo failed: {FAILED_AFTER} replicas in a row died before READY")
 
 
 def status_of(

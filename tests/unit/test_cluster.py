@@ -14,9 +14,11 @@ import pytest
 from shoal.core.clock import FakeClock
 from shoal.core.cluster import (
     DRAINING,
+    FAILED_AFTER,
     PENDING,
     READY,
     REPLICA_DEAD,
+    STABLE_AFTER_S,
     STARTING,
     Action,
     ClusterState,
@@ -85,10 +87,17 @@ class Sim:
                 ready_at=self.state.clock.now(),
             )
 
-    def die(self, rid: str, message: str) -> None:
+    def die(self, rid: str, message: str, *, crashed: bool = False) -> None:
+        """``crashed``: of its own doing (an error exit); False: killed from outside (kill -9)."""
         rep = self.running[rid]
         self.running[rid] = ReplicaReport(
-            rid, rep.deployment, REPLICA_DEAD, spec_hash=rep.spec_hash, message=message, ready_at=rep.ready_at
+            rid,
+            rep.deployment,
+            REPLICA_DEAD,
+            spec_hash=rep.spec_hash,
+            message=message,
+            ready_at=rep.ready_at,
+            crashed=crashed,
         )
 
     def beat(self) -> bool:
@@ -572,7 +581,7 @@ def test_a_replica_dying_before_ready_delays_the_next_creation(state: ClusterSta
     assert len(creates(state.reconcile(want(spec)))) == 1
 
 
-def test_reaching_ready_resets_the_backoff(state: ClusterState, clock: FakeClock) -> None:
+def test_staying_ready_resets_the_backoff(state: ClusterState, clock: FakeClock) -> None:
     s1 = Sim(state, "s1")
     spec = make_spec()
     for _ in range(3):  # three start failures: the next wait would be 4s
@@ -589,7 +598,9 @@ def test_reaching_ready_resets_the_backoff(state: ClusterState, clock: FakeClock
     [ok] = creates(actions)
     s1.ready(ok.replica_id)
     assert s1.beat()
-    s1.die(ok.replica_id, "crashed later")  # was READY: no backoff
+    clock.advance(STABLE_AFTER_S)
+    assert s1.beat()
+    s1.die(ok.replica_id, "crashed later", crashed=True)  # READY for STABLE_AFTER_S: replaced at once
     assert s1.beat()
     actions = state.reconcile(want(spec))
     s1.act(actions)
@@ -599,6 +610,93 @@ def test_reaching_ready_resets_the_backoff(state: ClusterState, clock: FakeClock
 
     assert state.reconcile(want(spec)) == []
     assert state.pending_reasons["echo"] == "1 replica start failure(s), retrying in 1s: boom"
+
+
+def crash_after_ready(state: ClusterState, s1: Sim, spec: DeploymentSpec, *, crashed: bool = True) -> str:
+    """Start a replica of ``spec``, see it READY, and have it die a second later."""
+    actions = state.reconcile(want(spec))
+    s1.act(actions)
+    [c] = creates(actions)
+    assert s1.beat()
+    s1.ready(c.replica_id)
+    assert s1.beat()
+    state.clock.advance(1.0)  # type: ignore[attr-defined]  # a FakeClock
+    s1.die(c.replica_id, "process exited with code 1: RuntimeError: lost the device", crashed=crashed)
+    assert s1.beat()
+    return c.replica_id
+
+
+def test_replicas_crashing_soon_after_ready_back_off_then_fail(state: ClusterState, clock: FakeClock) -> None:
+    # Before, a READY replica's death was never a failed start: one whose model exits a second
+    # after loading restarted at once, for ever, and the deployment looked healthy.
+    s1 = Sim(state, "s1")
+    spec = make_spec()
+    crash_after_ready(state, s1, spec)
+
+    assert state.reconcile(want(spec)) == []
+    assert state.pending_reasons["echo"] == (
+        "1 replica start failure(s), retrying in 1s: "
+        "died 1s after READY: process exited with code 1: RuntimeError: lost the device"
+    )
+    for wait in (1.0, 2.0):
+        clock.advance(wait)
+        crash_after_ready(state, s1, spec)
+    clock.advance(4.0)
+    crash_after_ready(state, s1, spec)
+
+    assert state.reconcile(want(spec)) == []
+    assert state.pending_reasons["echo"].startswith(
+        f"FAILED: {FAILED_AFTER} replicas in a row died before READY or within {STABLE_AFTER_S:.0f}s of it"
+    )
+    [(name, _, message)] = state.take_failed()
+    assert name == "echo" and message.startswith("died 1s after READY: process exited with code 1")
+    clock.advance(100.0)
+    assert state.reconcile(want(spec)) == []  # no more starts until the next deploy
+
+
+def test_replicas_killed_from_outside_soon_after_ready_are_replaced_at_once(
+    state: ClusterState, clock: FakeClock
+) -> None:
+    # kill -9 (a chaos run, the OOM killer) is not the model's doing: no backoff, never FAILED.
+    s1 = Sim(state, "s1")
+    spec = make_spec()
+    for _ in range(2 * FAILED_AFTER):
+        crash_after_ready(state, s1, spec, crashed=False)
+        assert state.pending_reasons == {}
+    assert len(creates(state.reconcile(want(spec)))) == 1
+    assert state.take_failed() == []
+
+
+def test_a_crash_long_after_ready_is_replaced_at_once(state: ClusterState, clock: FakeClock) -> None:
+    s1 = Sim(state, "s1")
+    spec = make_spec()
+    actions = state.reconcile(want(spec))
+    s1.act(actions)
+    [c] = creates(actions)
+    s1.ready(c.replica_id)
+    assert s1.beat()
+    clock.advance(STABLE_AFTER_S + 1.0)
+    s1.die(c.replica_id, "process exited with code 1: MemoryError", crashed=True)
+    assert s1.beat()
+
+    assert len(creates(state.reconcile(want(spec)))) == 1
+    assert state.pending_reasons == {}
+
+
+def test_reaching_ready_alone_does_not_end_a_run_of_failures(state: ClusterState, clock: FakeClock) -> None:
+    # A replica that fails to load, then one that loads and crashes a second later: two in a row.
+    s1 = Sim(state, "s1")
+    spec = make_spec()
+    actions = state.reconcile(want(spec))
+    s1.act(actions)
+    [c] = creates(actions)
+    s1.die(c.replica_id, "boom")
+    assert s1.beat()
+    clock.advance(1.1)
+    crash_after_ready(state, s1, spec)
+
+    assert state.reconcile(want(spec)) == []
+    assert state.pending_reasons["echo"].startswith("2 replica start failure(s), retrying in 2s")
 
 
 def test_a_failed_create_call_backs_off_and_records_an_event(state: ClusterState, clock: FakeClock) -> None:

@@ -115,6 +115,7 @@ async def test_a_replica_that_exits_is_dead_with_the_reason_from_its_log(h: Harn
 
     assert tomb.state == "DEAD"
     assert tomb.message == "process exited with code 1: ValueError: no weights"
+    assert tomb.crashed  # of its own doing: the head backs its deployment off
     assert h.router.ready_count("echo") == 0
     assert h.supervisor.deaths["echo"] == 1
 
@@ -124,7 +125,23 @@ async def test_a_replica_killed_by_a_signal_says_which(h: Harness) -> None:
 
     h.launcher.process("echo-1").exit(-signal.SIGKILL)
 
-    assert (await h.wait_ended("echo-1")).message == "process killed by SIGKILL"
+    tomb = await h.wait_ended("echo-1")
+    assert tomb.message == "process killed by SIGKILL"
+    assert not tomb.crashed  # kill -9, the OOM killer: from outside, replaced at once
+
+
+@pytest.mark.parametrize(
+    ("code", "crashed"),
+    [(3, True), (-signal.SIGSEGV, True), (-signal.SIGABRT, True), (0, False), (-signal.SIGTERM, False)],
+)
+async def test_a_replica_that_dies_unasked_crashed_unless_killed_from_outside(
+    h: Harness, code: int, crashed: bool
+) -> None:
+    await h.start("echo-1")
+
+    h.launcher.process("echo-1").exit(code)
+
+    assert (await h.wait_ended("echo-1")).crashed is crashed
 
 
 async def test_a_request_on_a_replica_that_dies_is_retried_once_on_another(h: Harness) -> None:
@@ -184,6 +201,7 @@ async def test_missed_pings_mark_a_replica_dead_kill_it_and_clean_it_out(h: Harn
     assert h.launcher.process("echo-1").signals == [signal.SIGKILL]
     assert tomb.state == "DEAD"
     assert tomb.message == "failed 3 pings in a row"
+    assert not tomb.crashed  # a busy machine can miss pings: not the model's crash
     assert client.closed
 
 
