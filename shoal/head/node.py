@@ -538,7 +538,9 @@ class HeadNode:
             number = current.number if current is not None and current.spec_hash == spec_hash else None
             if number is not None:
                 await self.history.set_outcome(name, number, f"failed: {message}"[:500])
-            await self.history.record(name, "failed", f"replicas keep dying before READY: {message}", number)
+            await self.history.record(
+                name, "failed", f"replicas keep crashing (before READY or soon after): {message}", number
+            )
             if number is None or current is None or current.kind == "rolled_back":
                 continue
             target = self._previous(name, spec_hash)

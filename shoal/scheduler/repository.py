@@ -10,8 +10,9 @@ A scheduler started with ``--model-repository DIR`` answers ``index``, ``load`` 
   then the cluster's other deployments as the catalog lists them.
 * ``load NAME``: map ``DIR/NAME`` (:mod:`shoal.core.triton_repo`) and apply it at the
   head, as ``shoal deploy`` would; returns once a replica of it is READY, or fails when
-  the head marks the deployment FAILED (its replicas keep dying before READY). Loading a model
-  whose files changed replaces its replicas; loading one that did not is no change.
+  the head marks the deployment FAILED (its replicas keep crashing, before READY or soon
+  after). Loading a model whose files changed replaces its replicas; loading one that did
+  not is no change.
 * ``unload NAME``: delete the deployment at the head; returns once this scheduler has
   stopped routing to it. Only models of the folder: deployments from specs are removed
   with ``shoal delete``.
