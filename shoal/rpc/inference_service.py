@@ -72,6 +72,12 @@ _UNSUPPORTED_PARAMETERS = {
 
 Parameters = Any  # protobuf map<string, InferParameter>
 _DONE = object()  # ModelStreamInfer: one request has sent its last answer
+STREAM_SHARE = 4
+"""One ``ModelStreamInfer`` stream reads no more requests while its unwritten answers hold
+over 1/STREAM_SHARE of the process's ``max_inflight_mb`` share: a client that writes and
+never reads then stops at a quarter, and other clients' requests still find room. Before,
+one such stream could hold the whole share: large requests of every other client waited
+or were refused while small ones passed."""
 
 
 @dataclass(frozen=True)
@@ -441,17 +447,25 @@ class InferenceService(oipg.GRPCInferenceServiceServicer):
         process's ``max_inflight_mb`` until it is written (``ByteBudget.keep``), and while
         answers put the process over that, no stream reads another request. Before, 32
         streams of 1 MiB echo requests that were never read grew one ingress process past
-        4 GB, and on."""
+        4 GB, and on. One stream holds at most 1/STREAM_SHARE of that share (its requests
+        until they end, its answers until written), so one client that never reads leaves
+        room for the others."""
         slots = asyncio.Semaphore(self.max_stream_pending)
         budget = self.dataplane.inflight
+        mine = budget.limit // STREAM_SHARE  # what this stream may hold
+        # The bytes this stream holds: its requests' until they end, its answers' until written.
+        holds = [0]
+        freed = asyncio.Event()  # set when ``holds`` went down
         # An answer with the bytes it holds, or _DONE once a request has sent its last
         # answer (its slot is free).
         answers: asyncio.Queue[tuple[oip.ModelStreamInferResponse, int] | object | None] = asyncio.Queue()
 
-        async def answer(request: oip.ModelInferRequest) -> None:
+        async def answer(request: oip.ModelInferRequest, size: int) -> None:
             try:
                 await respond(request)
             finally:
+                holds[0] -= size
+                freed.set()
                 answers.put_nowait(_DONE)  # after its last answer in the queue
 
         async def respond(request: oip.ModelInferRequest) -> None:
@@ -491,6 +505,7 @@ class InferenceService(oipg.GRPCInferenceServiceServicer):
                 kept = sum(map(len, done.raw_output_contents))
                 budget.keep(kept)  # before the request's bytes go: no room opens in between
                 budget.give(size)
+                holds[0] += kept
                 answers.put_nowait((reply, kept))
                 return
             except ShoalError as err:
@@ -509,7 +524,13 @@ class InferenceService(oipg.GRPCInferenceServiceServicer):
                         async for request in request_iterator:
                             await slots.acquire()
                             await budget.under_limit()  # unwritten answers hold the process's room
-                            requests.create_task(answer(request))
+                            size = sum(map(len, request.raw_input_contents))
+                            # And this stream its own part (any one request, alone).
+                            while mine > 0 and holds[0] and holds[0] + size > mine:
+                                freed.clear()
+                                await freed.wait()
+                            holds[0] += size
+                            requests.create_task(answer(request, size))
                     except DeferredAbort as err:
                         # A message that does not decode ends the stream, after the answers
                         # of the requests before it: raised here, it would cancel them (one
@@ -540,6 +561,8 @@ class InferenceService(oipg.GRPCInferenceServiceServicer):
                     yield reply
                 finally:
                     budget.give(size)
+                    holds[0] -= size
+                    freed.set()
         finally:
             reader.cancel()
             await asyncio.wait([reader])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any, cast
 
 import grpc
@@ -26,7 +26,7 @@ from shoal.http.scheduler import scheduler_app, shutdown_parser
 from shoal.proto import grpc_service_pb2 as oip
 from shoal.proto import shoal_pb2 as pb
 from shoal.rpc import codec
-from shoal.rpc.inference_service import InferenceService
+from shoal.rpc.inference_service import STREAM_SHARE, InferenceService
 from shoal.rpc.scheduler_service import SchedulerService
 from shoal.scheduler.node import SchedulerNode
 from shoal.scheduler.router import Router
@@ -475,6 +475,54 @@ async def test_a_request_its_client_cancels_is_counted_cancelled_not_an_error(
     assert (stats.outcomes["cancelled"], stats.outcomes["error"], stats.errors) == (1, 0, 0)
     metrics = (await doors.http.get("/metrics")).text
     assert 'shoal_requests_total{deployment="echo",outcome="cancelled"} 1.0' in metrics
+
+
+async def test_one_unread_stream_leaves_room_for_other_clients(fakes: FakeReplicas) -> None:
+    """A stream whose client never reads stops at 1/STREAM_SHARE of the process's
+    ``max_inflight_mb``. Before, it held the whole share, and another client's large
+    request waited behind it, then was refused RESOURCE_EXHAUSTED."""
+    settings = Settings(max_inflight_mb=4)
+    router = Router("s1", settings, fakes, policy="round_robin")
+    node = SchedulerNode(settings, "s1", cast(HeadLink, None), fakes, router=router)
+    node.registered.set()
+    router.add("a", spec(), "a:9000", "s1")
+    service = InferenceService(node.dataplane, node.inference_auth, settings)
+    budget = node.dataplane.inflight
+    size = 256 << 10
+    x = np.zeros((size // 16, 4), np.float32)
+
+    async def requests() -> AsyncIterator[oip.ModelInferRequest]:
+        for i in range(40):
+            t = payload.from_array("x", x)
+            r = oip.ModelInferRequest(model_name="echo", id=f"s-{i}")
+            r.inputs.add(name="x", datatype=t.datatype, shape=t.shape)
+            r.raw_input_contents.append(t.data)
+            yield r
+
+    stream = cast(
+        AsyncGenerator[oip.ModelStreamInferResponse],
+        service.ModelStreamInfer(requests(), cast(Any, Context())),
+    )
+    try:
+        await anext(stream)  # it runs; then its client reads no more
+        for _ in range(200):
+            await asyncio.sleep(0)
+        assert budget.held <= budget.limit // STREAM_SHARE + 2 * size, budget.held
+        # Another client's 2 MiB request goes on at once: no wait for room, no refusal.
+        big = np.ones(((2 << 20) // 16, 4), np.float32)
+        assert budget.room(big.nbytes)
+        t = payload.from_array("x", big)
+        request = oip.ModelInferRequest(model_name="echo", id="other")
+        request.inputs.add(name="x", datatype=t.datatype, shape=t.shape)
+        request.raw_input_contents.append(t.data)
+        answer = await asyncio.wait_for(service.ModelInfer(request, cast(Any, Context())), 5)
+        assert answer.raw_output_contents[0] == big.tobytes()
+        rest = [a async for a in stream]  # read at last: every answer comes
+        assert len(rest) == 39 and not any(a.error_message for a in rest)
+    finally:
+        await stream.aclose()
+        await router.aclose()
+    assert budget.held == 0
 
 
 async def test_unwritten_stream_answers_hold_the_process_bytes_across_streams(fakes: FakeReplicas) -> None:
