@@ -122,6 +122,46 @@ def test_onnx_load_errors_name_the_file(tmp_path: Path) -> None:
         load_backend(onnx_spec(tmp_path / "junk.onnx")).load()
 
 
+@pytest.mark.parametrize("where", ["data.bin", "../outside/secret.bin", "ABSOLUTE", "link.bin"])
+def test_onnx_external_data_must_lie_in_the_model_folder(tmp_path: Path, where: str) -> None:
+    """``allowed_model_dirs`` confines the model file; ONNX Runtime (pinned) confines the
+    files its tensors' external data come from to that file's folder: a location that is
+    absolute, climbs out, or is a link out is refused at load, so a model in an allowed
+    folder cannot read (and serve back) a file elsewhere."""
+    from onnx import TensorProto, helper
+
+    inside, outside = tmp_path / "inside", tmp_path / "outside"
+    inside.mkdir()
+    outside.mkdir()
+    secret = outside / "secret.bin"
+    secret.write_bytes(np.arange(10, dtype=np.float32).tobytes())
+    (inside / "link.bin").symlink_to(secret)
+    (inside / "data.bin").write_bytes(secret.read_bytes())  # its own: loads
+    weights = TensorProto(
+        name="w", data_type=TensorProto.FLOAT, dims=[10], data_location=TensorProto.EXTERNAL
+    )
+    location = str(secret) if where == "ABSOLUTE" else where
+    for key, value in (("location", location), ("offset", "0"), ("length", "40")):
+        weights.external_data.add(key=key, value=value)
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "leak",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [10])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [10])],
+        initializer=[weights],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    (inside / "leak.onnx").write_bytes(model.SerializeToString())
+
+    if where == "data.bin":
+        load_backend(onnx_spec(inside / "leak.onnx")).load()
+        return
+    with pytest.raises(
+        InvalidArgument, match=r"cannot load '.*leak\.onnx' with ONNX Runtime: .*External data"
+    ):
+        load_backend(onnx_spec(inside / "leak.onnx")).load()
+
+
 async def test_onnx_refuses_inputs_that_do_not_fit(digits: dict[str, Any], backends: list[Backend]) -> None:
     backend = loaded(onnx_spec(digits["folder"] / "digits.onnx"), backends)
     cases: dict[str, dict[str, np.ndarray]] = {
