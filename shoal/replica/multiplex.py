@@ -7,6 +7,7 @@ serves it through a :class:`~shoal.replica.batcher.Batcher` of its own (so a bat
 model ids), and past N loaded ids evicts the least recently used one that has no request
 running (the least recently used of all when every one is busy): its batcher finishes what
 it holds, then the backend is unloaded, before the new id loads, so at most N are ever loaded.
+A request waiting for its id's load counts as running it, so a just-loaded id stays for it.
 
 Concurrent first requests for one id share one load. A load runs in a task of the cache's own,
 so a request that gives up (its deadline) does not cancel the load the others wait for. A
@@ -70,6 +71,9 @@ class ModelCache:
         self._batching = batching
         self._entries: collections.OrderedDict[str, _Entry] = collections.OrderedDict()  # LRU first
         self._loading: dict[str, asyncio.Task[_Entry | ShoalError]] = {}
+        # Requests waiting for their id's load: from the load's end until they wake up and
+        # count as its users, its entry must not be the first to go.
+        self._waiting: collections.Counter[str] = collections.Counter()
         self._lock = asyncio.Lock()  # one load or eviction at a time: at most N loaded
         self._tasks = TaskSet("model-cache")
         self._retired = _Retired()
@@ -95,7 +99,13 @@ class ModelCache:
                 self._entries.move_to_end(model_id)
                 self._count(self.hits, model_id)
             else:
-                loaded = await self._wait_load(model_id)
+                self._waiting[model_id] += 1
+                try:
+                    loaded = await self._wait_load(model_id)
+                finally:
+                    self._waiting[model_id] -= 1
+                    if not self._waiting[model_id]:
+                        del self._waiting[model_id]
                 if isinstance(loaded, ShoalError):
                     raise loaded
                 entry = loaded
@@ -161,9 +171,15 @@ class ModelCache:
             return entry
 
     async def _evict(self) -> None:
-        victim = next((e for e in self._entries.values() if e.users == 0), None)
+        # An id just loaded whose requests have not woken up yet has no users but is wanted:
+        # evicting it sent them to load it again, evicting the next such id, and two ids
+        # loading at once beside a busy one evicted each other forever, serving neither.
+        entries = self._entries.values()
+        victim = next((e for e in entries if e.users == 0 and not self._waiting[e.model_id]), None)
         if victim is None:
-            victim = next(iter(self._entries.values()))
+            victim = next((e for e in entries if not self._waiting[e.model_id]), None)
+        if victim is None:
+            victim = next(iter(entries))
         del self._entries[victim.model_id]
         victim.evicted = True
         await self._release(victim)

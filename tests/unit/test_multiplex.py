@@ -236,6 +236,27 @@ async def test_an_id_with_a_request_running_is_not_evicted(cache: tuple[ModelCac
     assert list((await busy)["model"]) == ["a"]
 
 
+async def test_two_ids_loading_beside_a_busy_one_do_not_evict_each_other(
+    cache: tuple[ModelCache, Ids],
+) -> None:
+    """Two slots, one busy: b and c, asked at once, each used to evict the other as soon as it
+    loaded (before its request woke up to use it), thousands of loads a second, answering
+    neither while a ran. Now the one just loaded stays for its request; the second waits
+    for a (the least recently used of the busy ones) to finish."""
+    c, parent = cache
+    parent.hold["a"] = asyncio.Event()
+    busy = asyncio.create_task(c.submit("a", rows()))
+    await asyncio.sleep(0.05)
+    both = asyncio.gather(c.submit("b", rows()), c.submit("c", rows()))
+    await asyncio.sleep(0.2)
+    parent.hold.pop("a").set()
+    outs = await asyncio.wait_for(both, 5)
+    assert [list(o["model"]) for o in outs] == [["b"], ["c"]]
+    assert list((await busy)["model"]) == ["a"]
+    assert dict(c.loads) == {"a": 1, "b": 1, "c": 1}
+    assert dict(c.evictions) == {"a": 1}
+
+
 async def test_a_failed_load_is_the_clients_error_and_is_not_remembered(
     cache: tuple[ModelCache, Ids],
 ) -> None:
