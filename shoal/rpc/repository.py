@@ -53,5 +53,14 @@ class GrpcDeployer:
         deployments = convert.status_from_pb(reply).deployments
         return {d.name: d.pending_reason for d in deployments if d.pending_reason.startswith(FAILED)}
 
+    async def names(self, authorization: str | None) -> set[str]:
+        metadata = self._metadata(authorization)
+        reply = await call(
+            lambda: self._stub.GetStatus(pb.Empty(), timeout=self._settings.rpc_timeout_s, metadata=metadata),
+            attempts=1,
+            reach=self._reach,
+        )
+        return {d.name for d in convert.status_from_pb(reply).deployments}
+
     async def close(self) -> None:
         await self._channel.close(None)

@@ -14,8 +14,8 @@ A scheduler started with ``--model-repository DIR`` answers ``index``, ``load`` 
   after). Loading a model whose files changed replaces its replicas; loading one that did
   not is no change.
 * ``unload NAME``: delete the deployment at the head; returns once this scheduler has
-  stopped routing to it. Only models of the folder: deployments from specs are removed
-  with ``shoal delete``.
+  stopped routing to it, or once the head has it again (a load that came after). Only
+  models of the folder: deployments from specs are removed with ``shoal delete``.
 
 Load and unload change what runs, so the head decides with the caller's token: they need
 the ``deploy`` role once tokens exist. While no token exists the head takes changes from
@@ -84,6 +84,10 @@ class Deployer(Protocol):
 
     async def failures(self, authorization: str | None) -> dict[str, str]:
         """The deployments the head gave up on: name -> its FAILED reason."""
+        ...
+
+    async def names(self, authorization: str | None) -> set[str]:
+        """The names of the deployments the head has."""
         ...
 
 
@@ -199,7 +203,8 @@ class ModelRepository:
                 raise FailedPrecondition(f"model {name!r} (version {model.version}) did not load: {reason}")
 
     async def unload(self, name: str, authorization: str | None, *, vouched: bool) -> None:
-        """Delete ``name``'s deployment and wait until this scheduler no longer routes to it.
+        """Delete ``name``'s deployment and wait until this scheduler no longer routes to it
+        (or the head has it again: a load that came after this delete won).
         Unloading a model that is not loaded is no error; NotFound for a name the repository
         does not have."""
         self._check_caller(f"unload {name!r}", authorization, vouched)
@@ -213,10 +218,23 @@ class ModelRepository:
         except NotFound:
             return
         router = self._catalog.router
-        if not await _wait(lambda: name not in router.deployments(), UNLOAD_TIMEOUT_S):
-            raise Unavailable(
-                f"model {name!r} was deleted at the head, but this scheduler still routes to it"
-            )
+        deadline = time.monotonic() + UNLOAD_TIMEOUT_S
+        while not await _wait(
+            lambda: name not in router.deployments(),
+            min(FAILURE_CHECK_S, max(0.0, deadline - time.monotonic())),
+        ):
+            if time.monotonic() >= deadline:
+                raise Unavailable(
+                    f"model {name!r} was deleted at the head, but this scheduler still routes to it"
+                )
+            # A load that came after this delete (another client, another ingress process)
+            # deployed it again: the table this scheduler gets may never lack the name. Before,
+            # such an unload waited its whole UNLOAD_TIMEOUT_S and answered UNAVAILABLE.
+            try:
+                if name in await self._deployer.names(authorization):
+                    return
+            except ShoalError:
+                continue  # the head is away: keep waiting for the table
 
 
 async def _wait(condition: Callable[[], bool], timeout_s: float) -> bool:

@@ -4,6 +4,7 @@ that changes the router as the head's routing table would."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
@@ -23,6 +24,7 @@ from shoal.scheduler.node import SchedulerNode
 from shoal.scheduler.repository import ModelRepository
 from shoal.scheduler.router import Router
 from shoal.testing.fakes import FakeReplicas
+from shoal.testing.wait import until
 from shoal.types import DeploymentRoutes, HeadLink, Route, RoutingTable
 
 CONFIG = 'platform: "onnxruntime_onnx"\nmax_batch_size: 4\n'
@@ -38,11 +40,14 @@ class FakeDeployer:
         self.failed = ""  # set: applies start no replica, and the head says why
         self.applied: set[str] = set()
         self.version = 0
+        self.head: set[str] = set()  # the deployments the head has
+        self.late_tables = False  # set: a delete's routing table never reaches the router
 
     async def apply(self, spec: DeploymentSpec, authorization: str | None) -> None:
         self.calls.append(("apply", spec.name, authorization))
         if self.refuse is not None:
             raise self.refuse
+        self.head.add(spec.name)
         if self.failed:  # the routing table names it, with no replica
             self.applied.add(spec.name)
             await self.router.apply_table(self._table(with_=(spec.name, DeploymentRoutes(spec, ()))))
@@ -53,7 +58,9 @@ class FakeDeployer:
         self.calls.append(("delete", name, authorization))
         if name not in self.router.deployments():
             raise NotFound(f"no deployment {name!r}")
-        await self.router.apply_table(self._table(without=name))
+        self.head.discard(name)
+        if not self.late_tables:
+            await self.router.apply_table(self._table(without=name))
 
     def _table(self, with_: tuple[str, DeploymentRoutes] | None = None, without: str = "") -> RoutingTable:
         self.version += 1
@@ -71,6 +78,9 @@ class FakeDeployer:
     async def failures(self, authorization: str | None) -> dict[str, str]:
         self.calls.append(("failures", "", authorization))
         return {name: self.failed for name in self.applied} if self.failed else {}
+
+    async def names(self, authorization: str | None) -> set[str]:
+        return set(self.head)
 
 
 class Scheduler:
@@ -204,6 +214,25 @@ async def test_the_index_gives_the_heads_reason_for_a_model_it_gave_up_on(
     assert [(m.name, m.state, m.reason) for m in reply.models if m.name == "iris"] == [
         ("iris", "UNAVAILABLE", "FAILED: gave up")
     ]
+
+
+async def test_an_unload_overtaken_by_a_load_answers_when_the_head_has_the_model_again(
+    scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A load right after an unload deploys the model again at the head before this
+    scheduler's routing table lacks it (the head sends the newest table): the unload waited
+    for a table without the model, its whole UNLOAD_TIMEOUT_S, and answered 503. It is done
+    once the head has the model again: the later load won, as in Triton's order."""
+    monkeypatch.setattr(repository_module, "UNLOAD_TIMEOUT_S", 5.0)
+    async with scheduler.http() as client:
+        assert (await client.post("/v2/repository/models/iris/load")).status_code == 200
+        scheduler.deployer.late_tables = True
+        unload = asyncio.create_task(client.post("/v2/repository/models/iris/unload"))
+        await until(lambda: ("delete", "iris", None) in scheduler.deployer.calls, "the delete")
+        assert (await client.post("/v2/repository/models/iris/load")).status_code == 200
+        reply = await unload
+        assert reply.status_code == 200, reply.text
+        assert (await index(client))["iris"] == ("1", "READY", "")
 
 
 async def test_without_a_repository_load_and_unload_are_not_implemented(scheduler: Scheduler) -> None:
