@@ -20,7 +20,7 @@ from shoal.core.payload import Tensors
 from shoal.core.spec import DeploymentSpec, parse_spec_json
 from shoal.core.status import ClusterStatus
 from shoal.core.traffic import TrafficRoute
-from shoal.errors import DeadlineExceeded, InvalidArgument, ShoalError, Unavailable
+from shoal.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, ShoalError, Unavailable
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.rpc import codec, convert, generate_codec
@@ -671,6 +671,7 @@ class NativeClient:
         self._channel = open_channel(address, settings, server="scheduler")
         self._stub = pbg.SchedulerStub(self._channel)
         self._metadata = auth_metadata(settings.token)
+        self._max_bytes = settings.max_message_bytes
 
     async def infer(
         self,
@@ -687,12 +688,20 @@ class NativeClient:
         with ``timeout_s`` 0 (the deployment's ``timeout_s``, when the caller knows it); the
         call waits that long and a few seconds more for the scheduler's answer. Raises
         ShoalError: InvalidArgument for a ``timeout_s`` that is negative or not finite, as the
-        scheduler would."""
+        scheduler would; ResourceExhausted for a request over ``max_message_mb``, naming it.
+        (gRPC's own words were ``CLIENT: Sent message larger than max``, which a composed
+        model's client, whose own request was small, read as about its request.)"""
         limits.check_timeout(timeout_s)
         req = pb.InferRequest(
             deployment=deployment, request_id=request_id, timeout_s=timeout_s, model_id=model_id
         )
         codec.fill_arrays(req.inputs, inputs)
+        size = req.ByteSize()
+        if size > self._max_bytes:
+            raise ResourceExhausted(
+                f"the request to {deployment!r} is {size} bytes, over the limit of {self._max_bytes} "
+                "(setting max_message_mb): send fewer rows per request, or raise the limit"
+            )
         deadline = min((timeout_s or default_timeout_s) + 5.0, MAX_CALL_DEADLINE_S)
         try:
             reply = await self._stub.SendRequest(req, timeout=deadline, metadata=self._metadata)

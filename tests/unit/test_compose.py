@@ -9,9 +9,11 @@ import time
 import numpy as np
 import pytest
 
-from shoal.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
+from shoal.config import Settings
+from shoal.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, ResourceExhausted
 from shoal.replica.batcher import Batcher
 from shoal.replica.compose import CallContext, Deployments, current_call
+from shoal.rpc.clients import NativeClient
 from shoal.types import Arrays
 
 pytestmark = pytest.mark.timeout(10)
@@ -98,3 +100,18 @@ async def test_a_batch_serves_its_requests_earliest_deadline_and_every_id() -> N
         await asyncio.gather(first, *rest)
 
     assert seen == [CallContext(("a",), now + 9), CallContext(("b", "c"), now + 5)]
+
+
+async def test_a_call_over_the_message_limit_names_the_target_and_the_setting() -> None:
+    """A model that sent 100 MB to another deployment got gRPC's ``CLIENT: Sent message larger
+    than max (104857654 vs. 67108864)``, and its client, whose own request was small, read it
+    as about its own. Now the handle's client (NativeClient) names the call and the setting;
+    the scheduler is never asked (none listens at this address)."""
+    client = NativeClient("127.0.0.1:9", Settings(max_message_mb=1))
+    try:
+        with pytest.raises(ResourceExhausted) as err:
+            await client.infer("leaf", {"x": np.zeros(2 * 1024 * 1024 // 4 + 1, dtype=np.float32)})
+    finally:
+        await client.close()
+    assert "the request to 'leaf' is" in str(err.value)
+    assert "max_message_mb" in str(err.value)
