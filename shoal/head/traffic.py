@@ -47,8 +47,8 @@ class TrafficRoutes:
     ) -> bool:
         """Create or replace ``route``; whether it changed. FailedPrecondition when its name is a
         deployment's or it sends to a ``protected`` one (its spec's ``auth.tokens``: tokens are
-        checked by the name called), NotFound naming a target (or the shadow) that is no
-        deployment."""
+        checked by the name called), NotFound naming a target of weight above 0 (or the
+        shadow) that is no deployment: a target of weight 0 is not checked."""
         if route.name in deployments:
             raise FailedPrecondition(
                 f"route {route.name!r}: a deployment has that name; a route needs a name of its own"
