@@ -14,7 +14,8 @@ machine (native ``SendRequest``), which routes it like any other request: the ta
 scales, retries and reports on its own. It carries the calling request's deadline (what
 is left of it: a call made with nothing left fails with DeadlineExceeded at once) and
 its request id, so the target's log lines name the request that caused them. In a batch
-the earliest deadline of the batch's requests counts.
+the earliest deadline of the batch's requests counts. A blocking ``infer`` is cancelled
+once every request it serves was given up by its caller (the client hung up).
 
 A deployment may not call itself (refused when the handle is taken). A longer cycle
 (a -> b -> a) is not detected: each hop has only what is left of the first request's
@@ -24,10 +25,12 @@ deadline, so it ends with DeadlineExceeded, never a hang.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
+import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from shoal.errors import BlocksLoop, DeadlineExceeded, InvalidArgument
@@ -36,10 +39,18 @@ from shoal.types import Arrays
 
 @dataclass(frozen=True)
 class CallContext:
-    """The requests a model call serves: their ids and the earliest deadline (monotonic)."""
+    """The requests a model call serves: their ids, the earliest deadline (monotonic) and,
+    when the replica knows it, one event per request that is set once its caller gave it
+    up (``given_up``; empty: not known)."""
 
     request_ids: tuple[str, ...]
     deadline: float
+    given_up: tuple[threading.Event, ...] = field(default=(), compare=False)
+
+    @property
+    def abandoned(self) -> bool:
+        """Whether every request it serves was given up (none waits for the answer)."""
+        return bool(self.given_up) and all(e.is_set() for e in self.given_up)
 
     @classmethod
     def merge(cls, contexts: Iterable[CallContext | None]) -> CallContext | None:
@@ -47,8 +58,13 @@ class CallContext:
         if not known:
             return None
         ids = tuple(i for c in known for i in c.request_ids)
-        return cls(ids, min(c.deadline for c in known))
+        # Abandoned only when each request is: one without events keeps the batch wanted.
+        given_up = tuple(e for c in known for e in c.given_up) if all(c.given_up for c in known) else ()
+        return cls(ids, min(c.deadline for c in known), given_up)
 
+
+_GIVEN_UP_CHECK_S = 0.05
+"""How often a blocking ``infer`` looks whether its requests were given up."""
 
 current_call: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar(
     "shoal_current_call", default=None
@@ -102,8 +118,23 @@ class DeploymentHandle:
                 f"await deployments[{self.name!r}].ainfer(...)"
             )
         # The calling thread's request (current_call) goes with the call to the loop.
-        future = asyncio.run_coroutine_threadsafe(self._as(current_call.get(), inputs), self._loop)
-        return future.result()
+        call = current_call.get()
+        future = asyncio.run_coroutine_threadsafe(self._as(call, inputs), self._loop)
+        if call is None or not call.given_up:
+            return future.result()
+        # Before, a call whose request's client hung up ran on to its answer or deadline, and
+        # the model thread with it: the replica served no one else meanwhile (a caller of a
+        # 3 s deployment stayed blocked 2.3 s after its client left).
+        while True:
+            try:
+                return future.result(timeout=_GIVEN_UP_CHECK_S)
+            except concurrent.futures.TimeoutError:
+                if call.abandoned:
+                    future.cancel()  # the call's gRPC request too: the target drops it
+                    raise DeadlineExceeded(
+                        f"request {call.request_ids[0]} was given up by its caller: "
+                        f"its call to {self.name!r} is cancelled"
+                    ) from None
 
     async def _as(self, call: CallContext | None, inputs: Arrays) -> Arrays:
         current_call.set(call)  # in this task only

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
@@ -119,11 +120,15 @@ class ReplicaProcess:
         try:
             timeout = timeout_s if timeout_s > 0 else self.spec.timeout_s
             # Which request a model call serves, for models that call other deployments.
-            current_call.set(CallContext((request_id,), time.monotonic() + timeout))
+            given_up = threading.Event()
+            current_call.set(CallContext((request_id,), time.monotonic() + timeout, (given_up,)))
             try:
                 outputs = await asyncio.wait_for(self._submit(inputs, model_id), timeout)
             except TimeoutError:
                 raise DeadlineExceeded(f"request {request_id} timed out after {timeout:g}s") from None
+            except asyncio.CancelledError:
+                given_up.set()  # its model's calls to other deployments stop
+                raise
         except ShoalError as err:
             self._failed(request_id, err)
             raise
@@ -165,7 +170,8 @@ class ReplicaProcess:
             return asyncio.ensure_future(self.infer(request_id, inputs, timeout_s, model_id))
         loop = asyncio.get_running_loop()
         timeout = timeout_s if timeout_s > 0 else self.spec.timeout_s
-        call = CallContext((request_id,), time.monotonic() + timeout)
+        given_up = threading.Event()
+        call = CallContext((request_id,), time.monotonic() + timeout, (given_up,))
         answer: asyncio.Future[Arrays] = loop.create_future()
         try:
             # A lone request (idle model, nothing queued) whose model runs on the loop: now.
@@ -189,6 +195,7 @@ class ReplicaProcess:
             self.in_flight -= 1
             if future.cancelled():
                 batcher.cancel(request)  # the caller gave up: out of the queue, if still there
+                given_up.set()  # and its model's calls to other deployments stop
                 return
             err = future.exception()
             if isinstance(err, ShoalError):

@@ -4,6 +4,7 @@ carries, and what is refused before any call is made."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import numpy as np
@@ -115,3 +116,52 @@ async def test_a_call_over_the_message_limit_names_the_target_and_the_setting() 
         await client.close()
     assert "the request to 'leaf' is" in str(err.value)
     assert "max_message_mb" in str(err.value)
+
+
+class HangingCaller:
+    """A target that never answers; records whether its call was cancelled."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.cancelled = threading.Event()
+
+    async def infer(
+        self, deployment: str, inputs: Arrays, *, timeout_s: float = 0.0, request_id: str = ""
+    ) -> tuple[Arrays, str]:
+        self.started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        return inputs, "r-1"
+
+
+async def test_a_blocking_call_stops_when_every_request_it_serves_is_given_up() -> None:
+    """A client that hung up left its model thread blocked in the call until the target
+    answered (or the deadline, a minute by default), and the replica served no one else.
+    Once each request of the call's batch is given up, the call is cancelled and the
+    thread freed; while one request still waits, it goes on."""
+    caller = HangingCaller()
+    handles = Deployments("front", caller, asyncio.get_running_loop())
+    first, second = threading.Event(), threading.Event()
+    batch = CallContext.merge(
+        [
+            CallContext(("req-1",), time.monotonic() + 30, (first,)),
+            CallContext(("req-2",), time.monotonic() + 30, (second,)),
+        ]
+    )
+
+    def on_model_thread() -> Arrays:
+        current_call.set(batch)
+        return handles["back"].infer(X)
+
+    running = asyncio.ensure_future(asyncio.to_thread(on_model_thread))
+    await asyncio.to_thread(caller.started.wait, 5)
+    first.set()  # one of the two given up: the other still waits for the answer
+    await asyncio.sleep(0.3)
+    assert not running.done() and not caller.cancelled.is_set()
+    second.set()
+    with pytest.raises(DeadlineExceeded, match="given up"):
+        await asyncio.wait_for(running, 5)
+    assert await asyncio.to_thread(caller.cancelled.wait, 5)
