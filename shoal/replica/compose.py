@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
-import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -35,6 +34,23 @@ from typing import Protocol
 
 from shoal.errors import BlocksLoop, DeadlineExceeded, InvalidArgument
 from shoal.types import Arrays
+
+
+class GivenUp:
+    """Set (on the event loop) once a request's caller gave it up; read by the model thread,
+    which polls it. A plain flag, not a ``threading.Event``: one is made per request on the
+    replica's hot path, and an Event (a lock and a condition) cost 3.3 µs to make."""
+
+    __slots__ = ("_set",)
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
 
 
 @dataclass(frozen=True)
@@ -45,7 +61,7 @@ class CallContext:
 
     request_ids: tuple[str, ...]
     deadline: float
-    given_up: tuple[threading.Event, ...] = field(default=(), compare=False)
+    given_up: tuple[GivenUp, ...] = field(default=(), compare=False)
 
     @property
     def abandoned(self) -> bool:

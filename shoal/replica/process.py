@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
@@ -25,7 +24,7 @@ from shoal.core.model_dirs import check_deployable
 from shoal.core.spec import DeploymentSpec, TensorSpec
 from shoal.errors import Code, DeadlineExceeded, Internal, InvalidArgument, ShoalError, Unavailable
 from shoal.replica.batcher import Batcher
-from shoal.replica.compose import CallContext, DeploymentCaller, Deployments, current_call
+from shoal.replica.compose import CallContext, DeploymentCaller, Deployments, GivenUp, current_call
 from shoal.replica.multiplex import ModelCache
 from shoal.types import Arrays, GenerateChunk, GenerateRequest, ReplicaDescription
 
@@ -120,7 +119,7 @@ class ReplicaProcess:
         try:
             timeout = timeout_s if timeout_s > 0 else self.spec.timeout_s
             # Which request a model call serves, for models that call other deployments.
-            given_up = threading.Event()
+            given_up = GivenUp()
             current_call.set(CallContext((request_id,), time.monotonic() + timeout, (given_up,)))
             try:
                 outputs = await asyncio.wait_for(self._submit(inputs, model_id), timeout)
@@ -170,7 +169,7 @@ class ReplicaProcess:
             return asyncio.ensure_future(self.infer(request_id, inputs, timeout_s, model_id))
         loop = asyncio.get_running_loop()
         timeout = timeout_s if timeout_s > 0 else self.spec.timeout_s
-        given_up = threading.Event()
+        given_up = GivenUp()
         call = CallContext((request_id,), time.monotonic() + timeout, (given_up,))
         answer: asyncio.Future[Arrays] = loop.create_future()
         try:

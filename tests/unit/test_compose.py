@@ -13,7 +13,7 @@ import pytest
 from shoal.config import Settings
 from shoal.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, ResourceExhausted
 from shoal.replica.batcher import Batcher
-from shoal.replica.compose import CallContext, Deployments, current_call
+from shoal.replica.compose import CallContext, Deployments, GivenUp, current_call
 from shoal.rpc.clients import NativeClient
 from shoal.types import Arrays
 
@@ -144,7 +144,7 @@ async def test_a_blocking_call_stops_when_every_request_it_serves_is_given_up() 
     thread freed; while one request still waits, it goes on."""
     caller = HangingCaller()
     handles = Deployments("front", caller, asyncio.get_running_loop())
-    first, second = threading.Event(), threading.Event()
+    first, second = GivenUp(), GivenUp()
     batch = CallContext.merge(
         [
             CallContext(("req-1",), time.monotonic() + 30, (first,)),
