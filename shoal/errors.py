@@ -53,6 +53,10 @@ class ShoalError(Exception):
     """Base of every error shoal raises on purpose. ``str(err)`` is the message for users."""
 
     code: Code = Code.INTERNAL
+    # Unavailable only: whether another replica may serve the request. False for a failure
+    # from further on (a deployment the model called, retried there already): retrying it
+    # on each replica of each caller multiplied the attempts by request_attempts per hop.
+    retry_elsewhere: bool = True
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

@@ -1784,12 +1784,17 @@ class TaskOutcome(_message.Message):
     OUTPUTS_FIELD_NUMBER: _builtins.int
     ERROR_CODE_FIELD_NUMBER: _builtins.int
     ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    FINAL_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     tag: _builtins.int
     """the Task's tag: what the sender matches answers by"""
     error_code: _builtins.str
     """empty: success"""
     error_message: _builtins.str
+    final: _builtins.bool
+    """UNAVAILABLE from further on (a deployment the model called, whose replicas were tried
+    already): not retried on another replica of this one.
+    """
     @_builtins.property
     def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]: ...
     def __init__(
@@ -1800,10 +1805,11 @@ class TaskOutcome(_message.Message):
         outputs: _abc.Iterable[Global___Tensor] | None = ...,
         error_code: _builtins.str = ...,
         error_message: _builtins.str = ...,
+        final: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_code", b"error_code", "error_message", b"error_message", "outputs", b"outputs", "request_id", b"request_id", "tag", b"tag"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_code", b"error_code", "error_message", b"error_message", "final", b"final", "outputs", b"outputs", "request_id", b"request_id", "tag", b"tag"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

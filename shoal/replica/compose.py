@@ -32,7 +32,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from shoal.errors import BlocksLoop, DeadlineExceeded, InvalidArgument
+from shoal.errors import BlocksLoop, DeadlineExceeded, InvalidArgument, Unavailable
 from shoal.types import Arrays
 
 
@@ -118,7 +118,17 @@ class DeploymentHandle:
                     f"no time left of request {call.request_ids[0]}'s deadline to call {self.name!r}"
                 )
             request_id = call.request_ids[0]
-        outputs, _ = await self._caller.infer(self.name, inputs, timeout_s=timeout_s, request_id=request_id)
+        try:
+            outputs, _ = await self._caller.infer(
+                self.name, inputs, timeout_s=timeout_s, request_id=request_id
+            )
+        except Unavailable as err:
+            # The target's replicas were tried already (request_attempts): the replicas of
+            # this deployment would fail the same way. Before, the caller's router retried the
+            # whole request on another of them: one request failing 2 deep took 4 replicas
+            # of the target down, and request_attempts ** depth in general.
+            err.retry_elsewhere = False
+            raise
         return outputs
 
     def infer(self, inputs: Arrays) -> Arrays:

@@ -12,7 +12,7 @@ from typing import overload
 from shoal.core import payload
 from shoal.core.payload import Tensors
 from shoal.core.spec import MAX_SECONDS
-from shoal.errors import Code, InvalidArgument, ShoalError
+from shoal.errors import Internal, InvalidArgument, ShoalError
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.replica.process import ReplicaProcess
@@ -48,7 +48,7 @@ class ReplicaService(pbg.ReplicaServicer):
         try:
             encoded = self.sendable(task.request_id, outputs)
         except ShoalError as err:
-            return _failure(task, err.code.value, err.message)
+            return _failure(task, err)
         outcome = pb.TaskOutcome(request_id=task.request_id, tag=task.tag)
         if framed and sum(len(t.data) for t in encoded) >= PARTS_FROM:
             return wire.framed(
@@ -120,13 +120,10 @@ class ReplicaService(pbg.ReplicaServicer):
             outputs = await self.replica.infer(task.request_id, inputs, task.timeout_s, task.model_id)
             return self.answer(task, outputs)
         except ShoalError as err:
-            code, message = err.code.value, err.message
+            return _failure(task, err)
         except Exception as err:  # a bug here must answer the request, not leave it to its deadline
             log.exception("request %s failed in the replica's adapter", task.request_id)
-            code, message = Code.INTERNAL.value, f"{type(err).__name__}: {err}"
-        return pb.TaskOutcome(
-            request_id=task.request_id, tag=task.tag, error_code=code, error_message=message
-        )
+            return _failure(task, Internal(f"{type(err).__name__}: {err}"))
 
     def begin(
         self, task: pb.Task, reply: Callable[[pb.TaskOutcome | Framed], None], alone: bool = True
@@ -140,11 +137,11 @@ class ReplicaService(pbg.ReplicaServicer):
             inputs = codec.decode(task.inputs)
             future = self.replica.begin(task.request_id, inputs, task.timeout_s, task.model_id, alone=alone)
         except ShoalError as err:
-            reply(_failure(task, err.code.value, err.message))
+            reply(_failure(task, err))
             return None
         except Exception as err:  # a bug here must answer the request, as outcome() does
             log.exception("request %s failed in the replica's adapter", task.request_id)
-            reply(_failure(task, Code.INTERNAL.value, f"{type(err).__name__}: {err}"))
+            reply(_failure(task, Internal(f"{type(err).__name__}: {err}")))
             return None
 
         def done(future: asyncio.Future[Arrays]) -> None:
@@ -155,22 +152,22 @@ class ReplicaService(pbg.ReplicaServicer):
                 try:
                     outcome = self.answer(task, future.result(), framed=True)
                 except ShoalError as encode_err:
-                    reply(_failure(task, encode_err.code.value, encode_err.message))
+                    reply(_failure(task, encode_err))
                     return
                 except Exception as encode_err:  # answered, as outcome() does
                     log.exception("request %s failed in the replica's adapter", task.request_id)
-                    reply(_failure(task, Code.INTERNAL.value, f"{type(encode_err).__name__}: {encode_err}"))
+                    reply(_failure(task, Internal(f"{type(encode_err).__name__}: {encode_err}")))
                     return
                 reply(outcome)
             elif isinstance(err, ShoalError):
-                reply(_failure(task, err.code.value, err.message))
+                reply(_failure(task, err))
             else:
                 log.error(
                     "request %s failed in the replica's adapter",
                     task.request_id,
                     exc_info=(type(err), err, err.__traceback__),
                 )
-                reply(_failure(task, Code.INTERNAL.value, f"{type(err).__name__}: {err}"))
+                reply(_failure(task, Internal(f"{type(err).__name__}: {err}")))
 
         if future.done():
             done(future)
@@ -257,5 +254,11 @@ class ReplicaService(pbg.ReplicaServicer):
         return pb.Empty()
 
 
-def _failure(task: pb.Task, code: str, message: str) -> pb.TaskOutcome:
-    return pb.TaskOutcome(request_id=task.request_id, tag=task.tag, error_code=code, error_message=message)
+def _failure(task: pb.Task, err: ShoalError) -> pb.TaskOutcome:
+    return pb.TaskOutcome(
+        request_id=task.request_id,
+        tag=task.tag,
+        error_code=err.code.value,
+        error_message=err.message,
+        final=not err.retry_elsewhere,
+    )

@@ -171,4 +171,7 @@ def outcome_error(outcome: pb.TaskOutcome) -> ShoalError | None:
         code = Code(outcome.error_code)
     except ValueError:
         code = Code.INTERNAL
-    return from_code(code, outcome.error_message)
+    error = from_code(code, outcome.error_message)
+    if outcome.final:
+        error.retry_elsewhere = False
+    return error

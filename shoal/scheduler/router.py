@@ -492,6 +492,8 @@ class Router:
             except (ReplicaGone, Unavailable) as err:
                 if self._closed:
                     raise self._refusal() from err
+                if not err.retry_elsewhere:
+                    raise  # from further on (a deployment its model called): no replica here helps
                 last = err
                 tried.add(handle.replica_id)
                 log.info(
@@ -732,7 +734,7 @@ class Router:
                 except (ReplicaGone, Unavailable) as err:
                     if self._closed:
                         raise self._refusal() from err
-                    if streamed:
+                    if streamed or not err.retry_elsewhere:
                         raise
                     last = err
                     tried.add(handle.replica_id)

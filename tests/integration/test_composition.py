@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from shoal.errors import DeadlineExceeded
+from shoal.errors import DeadlineExceeded, Unavailable
 from shoal.rpc.clients import NativeClient
 from shoal.testing.cluster import ProcessCluster
 from shoal.testing.wait import until
@@ -69,6 +69,31 @@ class Slow:
 class CallsSlow:
     def predict(self, inputs):
         return self.deployments["slow"].infer(inputs)
+
+
+class Refuses:
+    """A target whose every replica answers UNAVAILABLE (its backend is down, say); counts
+    the calls it gets in the file ``log``."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def predict(self, inputs):
+        from shoal.errors import Unavailable
+
+        with open(self.log, "a") as f:
+            f.write("call\\n")
+        raise Unavailable("the store behind this model is down")
+
+
+class CallsRefuses:
+    def __init__(self, log):
+        self.log = log
+
+    def predict(self, inputs):
+        with open(self.log, "a") as f:
+            f.write("call\\n")
+        return self.deployments["refuses"].infer(inputs)
 
 
 class CallsItself:
@@ -162,3 +187,22 @@ async def test_a_call_carries_the_deadline_and_request_id_and_a_self_call_is_ref
         [slow] = await cluster.replicas("slow")
         log = cluster.schedulers[0].state / "logs" / f"replica_{slow['id']}.log"
         await until(lambda: "trace-me" in log.read_text(), "the caller's request id in slow's log")
+
+
+async def test_a_target_that_fails_is_not_retried_again_on_each_caller(tmp_path: Path, models: Path) -> None:
+    """The target's router retries it on request_attempts replicas; then the caller answers
+    UNAVAILABLE, final. Before, the caller's router took that for its own replica failing and
+    retried the whole request on another caller replica: the target saw request_attempts **
+    depth calls (4 here), the callers 2, and the client waited for all of them."""
+    calls, targets = tmp_path / "callers.log", tmp_path / "targets.log"
+    async with ProcessCluster(tmp_path / "cluster") as cluster:
+        await cluster.deploy(spec(models, "front", "CallsRefuses", replicas=2, options={"log": str(calls)}))
+        await cluster.deploy(spec(models, "refuses", "Refuses", replicas=2, options={"log": str(targets)}))
+        await cluster.wait_ready("front", 2)
+        await cluster.wait_ready("refuses", 2)
+        x = np.ones((1, 2), dtype=np.float32)
+        async with NativeClient(cluster.scheduler_address(), cluster.settings) as native:
+            with pytest.raises(Unavailable, match="the store behind this model is down"):
+                await native.infer("front", {"x": x}, timeout_s=10)
+    assert calls.read_text().count("call") == 1
+    assert targets.read_text().count("call") == cluster.settings.request_attempts == 2
