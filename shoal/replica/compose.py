@@ -32,7 +32,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from shoal.errors import BlocksLoop, DeadlineExceeded, InvalidArgument, Unavailable
+from shoal.errors import (
+    BlocksLoop,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from shoal.types import Arrays
 
 
@@ -93,21 +100,32 @@ class DeploymentCaller(Protocol):
     """How a replica reaches another deployment (gRPC to its scheduler, in ``replica_main``)."""
 
     async def infer(
-        self, deployment: str, inputs: Arrays, *, timeout_s: float = 0.0, request_id: str = ""
+        self,
+        deployment: str,
+        inputs: Arrays,
+        *,
+        timeout_s: float = 0.0,
+        request_id: str = "",
+        model_id: str = "",
     ) -> tuple[Arrays, str]: ...
 
 
 class DeploymentHandle:
     """Calls one deployment. Safe from the model thread and from the replica's event loop."""
 
-    def __init__(self, name: str, caller: DeploymentCaller, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, name: str, caller: DeploymentCaller, loop: asyncio.AbstractEventLoop, own: str = ""
+    ) -> None:
         self.name = name
         self._caller = caller
         self._loop = loop
+        self._own = own  # the calling deployment, for errors
 
-    async def ainfer(self, inputs: Arrays) -> Arrays:
-        """The deployment's outputs for ``inputs``. Raises ShoalError (the target's own
-        errors, DeadlineExceeded when the calling request's deadline passes)."""
+    async def ainfer(self, inputs: Arrays, *, model_id: str = "") -> Arrays:
+        """The deployment's outputs for ``inputs``; ``model_id``: which model of a multiplexed
+        deployment. Raises ShoalError (the target's own errors, DeadlineExceeded when the
+        calling request's deadline passes, FailedPrecondition when the target does not
+        exist)."""
         call = current_call.get()
         timeout_s = 0.0
         request_id = ""
@@ -120,8 +138,14 @@ class DeploymentHandle:
             request_id = call.request_ids[0]
         try:
             outputs, _ = await self._caller.infer(
-                self.name, inputs, timeout_s=timeout_s, request_id=request_id
+                self.name, inputs, timeout_s=timeout_s, request_id=request_id, model_id=model_id
             )
+        except NotFound as err:
+            # Passed up as it was, the client of this deployment got 404 "no deployment
+            # named 'x'" for a request to a deployment that exists: a Triton or KServe client
+            # concluded its own model was missing.
+            caller = f"deployment {self._own!r}" if self._own else "this deployment"
+            raise FailedPrecondition(f"{caller} calls {self.name!r}, which answered: {err.message}") from None
         except Unavailable as err:
             # The target's replicas were tried already (request_attempts): the replicas of
             # this deployment would fail the same way. Before, the caller's router retried the
@@ -131,7 +155,7 @@ class DeploymentHandle:
             raise
         return outputs
 
-    def infer(self, inputs: Arrays) -> Arrays:
+    def infer(self, inputs: Arrays, *, model_id: str = "") -> Arrays:
         """``ainfer`` for a plain ``predict``, which runs on the model thread: blocks it until
         the answer. Called on the event loop itself it would block the replica: refused."""
         try:
@@ -145,7 +169,7 @@ class DeploymentHandle:
             )
         # The calling thread's request (current_call) goes with the call to the loop.
         call = current_call.get()
-        future = asyncio.run_coroutine_threadsafe(self._as(call, inputs), self._loop)
+        future = asyncio.run_coroutine_threadsafe(self._as(call, inputs, model_id), self._loop)
         if call is None or not call.given_up:
             return future.result()
         # Before, a call whose request's client hung up ran on to its answer or deadline, and
@@ -162,9 +186,9 @@ class DeploymentHandle:
                         f"its call to {self.name!r} is cancelled"
                     ) from None
 
-    async def _as(self, call: CallContext | None, inputs: Arrays) -> Arrays:
+    async def _as(self, call: CallContext | None, inputs: Arrays, model_id: str) -> Arrays:
         current_call.set(call)  # in this task only
-        return await self.ainfer(inputs)
+        return await self.ainfer(inputs, model_id=model_id)
 
 
 class Deployments:
@@ -189,7 +213,7 @@ class Deployments:
             raise InvalidArgument(f"deployment {name!r} cannot call itself")
         handle = self._handles.get(name)
         if handle is None:
-            handle = self._handles[name] = DeploymentHandle(name, self._caller, self._loop)
+            handle = self._handles[name] = DeploymentHandle(name, self._caller, self._loop, self._own)
         return handle
 
     def __contains__(self, name: object) -> bool:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from shoal.errors import DeadlineExceeded, Unavailable
+from shoal.errors import DeadlineExceeded, FailedPrecondition, Unavailable
 from shoal.rpc.clients import NativeClient
 from shoal.testing.cluster import ProcessCluster
 from shoal.testing.wait import until
@@ -94,6 +94,31 @@ class CallsRefuses:
         with open(self.log, "a") as f:
             f.write("call\\n")
         return self.deployments["refuses"].infer(inputs)
+
+
+class Tenants:
+    """Multiplexed: model id ``tN`` multiplies by N."""
+
+    def load_model(self, model_id):
+        return Scale(float(model_id[1:]))
+
+
+class Scale:
+    def __init__(self, n):
+        self.n = n
+
+    def predict(self, inputs):
+        return {"x": inputs["x"] * self.n}
+
+
+class CallsTenant:
+    """Calls the tenants deployment with its model id ``t3``, then a deployment that is not there."""
+
+    def predict(self, inputs):
+        out = self.deployments["tenants"].infer(inputs, model_id="t3")
+        if float(inputs["x"].flat[0]) < 0:
+            return self.deployments["no-such-deployment"].infer(inputs)
+        return out
 
 
 class CallsItself:
@@ -206,3 +231,21 @@ async def test_a_target_that_fails_is_not_retried_again_on_each_caller(tmp_path:
                 await native.infer("front", {"x": x}, timeout_s=10)
     assert calls.read_text().count("call") == 1
     assert targets.read_text().count("call") == cluster.settings.request_attempts == 2
+
+
+async def test_a_call_names_a_multiplexed_model_and_a_missing_target_is_no_404(
+    tmp_path: Path, models: Path
+) -> None:
+    async with ProcessCluster(tmp_path / "cluster") as cluster:
+        await cluster.deploy(spec(models, "front", "CallsTenant"))
+        await cluster.deploy(spec(models, "tenants", "Tenants", multiplexing={"max_models_per_replica": 2}))
+        await cluster.wait_ready("front", 1)
+        await cluster.wait_ready("tenants", 1)
+        x = np.full((1, 2), 2.0, dtype=np.float32)
+        async with NativeClient(cluster.scheduler_address(), cluster.settings) as native:
+            # Before, a handle had no model id to give: the target refused every call.
+            out, _ = await native.infer("front", {"x": x}, timeout_s=10)
+            np.testing.assert_array_equal(out["x"], x * 3)
+            # Before: NOT_FOUND "no deployment named ..." for a request to 'front', which exists.
+            with pytest.raises(FailedPrecondition, match="deployment 'front' calls 'no-such-deployment'"):
+                await native.infer("front", {"x": -x}, timeout_s=10)

@@ -349,7 +349,13 @@ async def test_a_model_that_calls_another_deployment_never_runs_on_the_loop(
 
     class Caller:
         async def infer(
-            self, deployment: str, inputs: Arrays, *, timeout_s: float = 0.0, request_id: str = ""
+            self,
+            deployment: str,
+            inputs: Arrays,
+            *,
+            timeout_s: float = 0.0,
+            request_id: str = "",
+            model_id: str = "",
         ) -> tuple[Arrays, str]:
             return {"y": inputs["x"] + 1, "thread": np.array([threading.current_thread().name])}, "r"
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from shoal.config import Settings
-from shoal.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, ResourceExhausted
+from shoal.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from shoal.replica.batcher import Batcher
 from shoal.replica.compose import CallContext, Deployments, GivenUp, current_call
 from shoal.rpc.clients import NativeClient
@@ -23,11 +23,21 @@ pytestmark = pytest.mark.timeout(10)
 class RecordingCaller:
     def __init__(self) -> None:
         self.calls: list[tuple[str, float, str]] = []
+        self.model_ids: list[str] = []
 
     async def infer(
-        self, deployment: str, inputs: Arrays, *, timeout_s: float = 0.0, request_id: str = ""
+        self,
+        deployment: str,
+        inputs: Arrays,
+        *,
+        timeout_s: float = 0.0,
+        request_id: str = "",
+        model_id: str = "",
     ) -> tuple[Arrays, str]:
+        if deployment == "missing":
+            raise NotFound("no deployment named 'missing'")  # as the scheduler answers
         self.calls.append((deployment, timeout_s, request_id))
+        self.model_ids.append(model_id)
         return {k: v * 2 for k, v in inputs.items()}, "r-1"
 
 
@@ -59,6 +69,27 @@ async def test_the_blocking_call_from_the_model_thread_carries_the_request_too()
 
     np.testing.assert_array_equal(out["x"], X["x"] * 2)
     assert caller.calls[0][2] == "req-8"
+
+
+async def test_a_call_names_the_model_of_a_multiplexed_target() -> None:
+    # Before, a handle had no way to name one: a multiplexed target refused every call.
+    caller = RecordingCaller()
+    handles = Deployments("front", caller, asyncio.get_running_loop())
+    await handles["tenants"].ainfer(X, model_id="t2")
+    await asyncio.to_thread(lambda: handles["tenants"].infer(X, model_id="t3"))
+    await handles["plain"].ainfer(X)
+    assert caller.model_ids == ["t2", "t3", ""]
+
+
+async def test_a_missing_target_is_not_answered_as_the_caller_missing() -> None:
+    # Before, the caller's client got NOT_FOUND (404) "no deployment named 'missing'" for a
+    # request to a deployment that exists.
+    handles = Deployments("front", RecordingCaller(), asyncio.get_running_loop())
+    with pytest.raises(
+        FailedPrecondition,
+        match="deployment 'front' calls 'missing', which answered: no deployment named 'missing'",
+    ):
+        await handles["missing"].ainfer(X)
 
 
 async def test_refused_before_any_call() -> None:
@@ -126,7 +157,13 @@ class HangingCaller:
         self.cancelled = threading.Event()
 
     async def infer(
-        self, deployment: str, inputs: Arrays, *, timeout_s: float = 0.0, request_id: str = ""
+        self,
+        deployment: str,
+        inputs: Arrays,
+        *,
+        timeout_s: float = 0.0,
+        request_id: str = "",
+        model_id: str = "",
     ) -> tuple[Arrays, str]:
         self.started.set()
         try:
