@@ -119,6 +119,7 @@ class _GenerationBody(_Body):
     n: int | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
+    user: str | None = None  # an end user's id: accepted (a string, as OpenAI's API), not used
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
@@ -254,6 +255,9 @@ def _refuse(param: str, why: str) -> OpenAIError:
 
 
 def _check_common(body: _GenerationBody) -> None:
+    if body.stream_options is not None and not body.stream:
+        # OpenAI's API refuses it so; before, it was accepted and ignored.
+        raise OpenAIError("stream_options", "'stream_options' is only allowed when 'stream' is true")
     if body.n not in (None, 1):
         raise _refuse("n", "shoal answers one choice per request (n=1)")
     for name in ("presence_penalty", "frequency_penalty"):

@@ -608,6 +608,10 @@ async def test_a_long_unknown_model_name_is_cut_in_the_404(http: httpx.AsyncClie
         ({"stream": "yes"}, "stream"),
         ({"max_tokens": "5"}, "max_tokens"),
         ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+        # Before: accepted (OpenAI's API refuses both).
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"stream": False, "stream_options": {"include_usage": True}}, "stream_options"),
+        ({"user": 42}, "user"),
     ],
 )
 async def test_bad_chat_requests_are_400_naming_the_param(
