@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import time
@@ -40,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shoal.core.blobs import HEX, check_hex, file_sha256, parse_uri, read_chunks
+from shoal.core.blobs import CHUNK, HEX, check_hex, file_sha256, parse_uri, read_chunks
 from shoal.core.cluster import ALIVE
 from shoal.core.spec import DeploymentSpec, parse_spec_json, uri_scheme
 from shoal.core.tasks import TaskSet
@@ -58,6 +59,14 @@ class BlobInfo:
     size: int  # the whole blob's (0 when the head has none of it)
     complete: bool
     have: int  # bytes held: ``size`` when complete, else where an upload resumes
+
+
+def _hash_prefix(path: Path, size: int, digest: hashlib._Hash) -> None:
+    """Add the first ``size`` bytes of ``path`` to ``digest``."""
+    with path.open("rb") as f:
+        while size > 0 and (chunk := f.read(min(CHUNK, size))):
+            digest.update(chunk)
+            size -= len(chunk)
 
 
 def blob_of(spec: DeploymentSpec) -> str:
@@ -191,18 +200,54 @@ class BlobStore:
 
     async def read(self, sha256: str, offset: int) -> AsyncIterator[bytes]:
         """The blob's bytes from ``offset``, in chunks; not collected meanwhile. NotFound when
-        the head lacks it whole; InvalidArgument for an offset past its end."""
+        the head lacks it whole; InvalidArgument for an offset past its end.
+
+        The bytes' hash is checked as they are read (those before ``offset`` too), and the
+        last chunk is held back until it is: a copy damaged on the head's disk is deleted
+        (logged) and the read ends NotFound instead, so a new upload of the blob replaces
+        it. It used to be sent as it was: every scheduler's fetch failed its hash check, and
+        ``shoal deploy --upload`` of the good file sent nothing (the head said it had it)."""
         check_hex(sha256)
         self._reading[sha256] += 1
+        path = self._whole(sha256)
         try:
-            async for chunk in read_chunks(self._whole(sha256), offset):
-                yield chunk
+            digest = hashlib.sha256()
+            if offset > 0:
+                await asyncio.to_thread(_hash_prefix, path, offset, digest)
+            held = b""
+            async for chunk in read_chunks(path, offset):
+                if held:
+                    yield held
+                await asyncio.to_thread(digest.update, chunk)
+                held = chunk
+            if digest.hexdigest() != sha256:
+                await self._damaged(sha256, digest.hexdigest())
+                raise NotFound(
+                    f"the head's copy of blob sha256:{sha256} was damaged on its disk (its bytes hash "
+                    f"to sha256:{digest.hexdigest()}) and is deleted: upload it again (shoal deploy --upload)"
+                )
+            if held:
+                yield held
         except FileNotFoundError:
             raise NotFound(f"the head has no blob sha256:{sha256}") from None
         finally:
             self._reading[sha256] -= 1
             if self._reading[sha256] <= 0:
                 del self._reading[sha256]
+
+    async def _damaged(self, sha256: str, actual: str) -> None:
+        """The whole blob ``sha256`` on disk hashes to ``actual``: delete it (a new upload
+        of the blob then replaces it; the schedulers that hold a verified copy keep it)."""
+        log.error(
+            "blob sha256:%s in %s is damaged (its bytes hash to sha256:%s): deleted; upload it again",
+            sha256[:12],
+            self.root,
+            actual[:12],
+        )
+        with contextlib.suppress(FileNotFoundError):
+            # Hashed again: another read may have found it first, and an upload replaced it.
+            if await asyncio.to_thread(file_sha256, self._whole(sha256)) != sha256:
+                self._whole(sha256).unlink()
 
     def check_named(self, spec: DeploymentSpec) -> None:
         """InvalidArgument when ``spec`` names a blob this head lacks; otherwise its grace

@@ -115,3 +115,38 @@ async def test_a_head_that_would_refuse_the_blob_refuses_its_upload_before_the_b
         assert "Traceback" not in proc.stderr
         assert not [p for p in (strict.root / "head" / "blobs").glob("*") if p.is_file()]
         assert [d["name"] for d in (await strict.status())["deployments"]] == []
+
+
+async def test_a_blob_damaged_on_the_heads_disk_is_deleted_and_a_new_upload_replaces_it(
+    cluster: ProcessCluster, examples_dir: Path, tmp_path: Path
+) -> None:
+    """The head's copy changed on its disk (its size kept): it used to be served as it was,
+    every fetch failing its hash check, and ``shoal deploy --upload`` of the good file sent
+    nothing (the head said it had it). The head checks the hash as it serves the blob: it
+    deletes the damaged copy, and the next upload sends the file again."""
+    app = tmp_path / "app"
+    app.mkdir()
+    shutil.copy(examples_dir / "echo.py", app / "echo.py")
+    (app / "salt.txt").write_text(str(tmp_path))  # a blob no scheduler's cache holds yet
+    (tmp_path / "damaged.yaml").write_text(
+        f"name: damaged\nbackend: python\nmodel: echo:Echo\nbase_dir: {app}\nreplicas: 0\n"
+        "resources: {cpus: 0.1}\n"
+    )
+    proc = await shoal_deploy(cluster, "--upload", "--no-wait", str(tmp_path / "damaged.yaml"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (dep,) = [d for d in (await cluster.status())["deployments"] if d["name"] == "damaged"]
+    blob = cluster.root / "head" / "blobs" / dep["spec"]["base_dir"].split(":")[2].split("/")[0]
+    good = blob.read_bytes()
+    blob.write_bytes(good[:-1] + bytes([good[-1] ^ 0xFF]))
+
+    await cluster.client.scale("damaged", 1)  # its scheduler fetches it from the head
+    await cluster.wait_for(lambda s: not blob.exists(), timeout_s=30, what="the damaged blob deleted")
+    assert "is damaged (its bytes hash to sha256:" in (cluster.root / "head" / "head.log").read_text()
+
+    proc = await shoal_deploy(cluster, "--upload", "--no-wait", str(tmp_path / "damaged.yaml"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"uploaded {app}/" in proc.stdout
+    assert blob.read_bytes() == good
+    await cluster.client.scale("damaged", 1)
+    await cluster.wait_ready("damaged", 1)
+    await cluster.client.delete("damaged")
