@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
-from shoal.auth import Role
+from shoal.auth import Role, bearer
 from shoal.core.spec import parse_spec_json
-from shoal.errors import InvalidArgument, ShoalError
+from shoal.errors import InvalidArgument, ShoalError, Unauthenticated
 from shoal.head.node import HeadNode
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
+from shoal.rpc.auth import authorization
 from shoal.rpc.convert import (
     capacity_from_pb,
     lifecycle_to_pb,
@@ -26,6 +29,37 @@ from shoal.rpc.convert import (
 )
 from shoal.rpc.status import Context, abort
 from shoal.types import DeploymentRoutes, LoadReport, RoutingTable, SchedulerRegistration
+
+REVOKED_CHECK_S = 1.0
+"""How often a log follow checks that its token has not been revoked meanwhile."""
+
+
+async def until_revoked(
+    stream: AsyncIterator[bytes], revoked: Callable[[], bool], every_s: float
+) -> AsyncIterator[bytes]:
+    """``stream``'s items, until ``revoked()``, asked before each and every ``every_s``
+    while none comes: then Unauthenticated (``stream`` is closed)."""
+    items = aiter(stream)
+    try:
+        while True:
+            if revoked():
+                raise Unauthenticated("ReadLog: the token was revoked")
+            step = asyncio.ensure_future(anext(items))
+            while not (await asyncio.wait({step}, timeout=every_s))[0]:
+                if revoked():
+                    step.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                        await step
+                    raise Unauthenticated("ReadLog: the token was revoked")
+            try:
+                yield step.result()
+            except StopAsyncIteration:
+                return
+    finally:
+        aclose = getattr(items, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
 
 _ACK = pb.HealthReply(ack=True)
 _NACK = pb.HealthReply(ack=False)
@@ -240,8 +274,18 @@ class HeadService(pbg.HeadServicer):
         return pb.RoutesReply(routes=[traffic_to_pb(r) for r in routes])
 
     async def ReadLog(self, request: pb.ReadLogRequest, context: Context) -> AsyncIterator[pb.LogChunk]:
+        # The token the call was let in with (the interceptor checked it) must stay valid:
+        # a follow has no end of its own, and one went on printing the replica's lines for
+        # as long as it ran after its token was revoked.
+        secret = bearer(authorization(context))
+        tokens = self.node.tokens
+
+        def revoked() -> bool:
+            return secret is not None and tokens.authenticate(secret) is None
+
         try:
-            async for data in self.node.read_log(request.replica_id, request.tail_bytes, request.follow):
+            stream = self.node.read_log(request.replica_id, request.tail_bytes, request.follow)
+            async for data in until_revoked(stream, revoked, REVOKED_CHECK_S):
                 yield pb.LogChunk(data=data)
         except ShoalError as err:
             await abort(context, err)

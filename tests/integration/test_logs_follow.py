@@ -69,3 +69,53 @@ async def test_follow_prints_the_replicas_a_deployment_gets_later(tmp_path: Path
             if follow.returncode is None:
                 follow.kill()
             await follow.wait()
+
+
+async def shoal(cluster: ProcessCluster, *args: str, token: str = "") -> str:
+    """Run the CLI against the cluster with ``token``; its stdout (it must succeed)."""
+    proc = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "shoal.cli", "--head", cluster.head_address, *args],
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**cluster.env, "SHOAL_TOKEN": token},
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, (out + err).decode()
+    return out.decode()
+
+
+async def test_a_follow_ends_when_its_token_is_revoked(tmp_path: Path, examples_dir: Path) -> None:
+    """A follow has no end of its own: one went on printing the replica's lines for as long
+    as it ran after its token was revoked. Now it ends, UNAUTHENTICATED."""
+    async with ProcessCluster(tmp_path) as cluster:
+        await cluster.deploy(
+            {
+                "name": "echo",
+                "backend": "python",
+                "model": "echo:Echo",
+                "base_dir": str(examples_dir),
+                "resources": {"cpus": 0.1},
+            }
+        )
+        [replica] = await cluster.wait_ready("echo", 1)
+        admin = (await shoal(cluster, "token", "create", "--role", "admin", "--name", "ops")).split()[-1]
+        made = await shoal(cluster, "token", "create", "--role", "read", "--name", "r", token=admin)
+        reader = made.split()[-1]
+        follow = await asyncio.create_subprocess_exec(
+            *[sys.executable, "-m", "shoal.cli", "--head", cluster.head_address, "logs", replica["id"], "-f"],
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={**cluster.env, "SHOAL_TOKEN": reader},
+        )
+        try:
+            assert follow.stdout is not None and follow.stderr is not None
+            first = await asyncio.wait_for(follow.stdout.readline(), 20)  # it follows
+            assert first, (await follow.stderr.read()).decode()
+            await shoal(cluster, "token", "revoke", "r", token=admin)
+            out, err = await asyncio.wait_for(follow.communicate(), 30)
+            assert follow.returncode == 1, (out + err).decode()
+            assert "ReadLog: the token was revoked" in err.decode()
+        finally:
+            if follow.returncode is None:
+                follow.kill()
+            await follow.wait()
