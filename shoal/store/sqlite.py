@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import logging
 import os
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
@@ -42,6 +43,8 @@ from shoal.store.base import (
 )
 
 T = TypeVar("T")
+
+log = logging.getLogger("shoal.store")
 
 SCHEMA_VERSION = 1
 """Stored in ``PRAGMA user_version``; a file from a newer shoal is refused."""
@@ -195,6 +198,10 @@ class SqliteStore:
         try:
             return fn(self._conn)
         except sqlite3.Error as err:
+            # Logged here too: the caller gets INTERNAL with this message, and the head's log
+            # used to say nothing while every deploy, scale and delete failed (a disk gone
+            # read-only: "disk I/O error").
+            log.error("state store %s: %s", self._path, err)
             raise StoreError(f"state store {self._path}: {err}") from err
 
     def _open_sync(self) -> None:

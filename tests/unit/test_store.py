@@ -583,3 +583,22 @@ async def test_etcd_store_url_endpoints() -> None:
         ("db.example", 32379),
         ("other", 2379),
     )
+
+
+async def test_sqlite_a_write_the_file_refuses_is_logged_as_well_as_raised(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A disk gone read-only: every deploy, scale and delete failed INTERNAL at the client
+    ("state store ...: disk I/O error") and the head's log said nothing. It is logged now."""
+    path = tmp_path / "state.db"
+    async with SqliteStore(path) as store:
+        await store.put("deployments/a", "spec-a")
+        await store._call(lambda conn: conn.execute("PRAGMA query_only = ON"))  # as a read-only disk
+        with caplog.at_level("ERROR", logger="shoal.store"), pytest.raises(StoreError, match="readonly"):
+            await store.put("deployments/b", "spec-b")
+        assert [r.getMessage() for r in caplog.records if r.name == "shoal.store"] == [
+            f"state store {path}: attempt to write a readonly database"
+        ]
+        await store._call(lambda conn: conn.execute("PRAGMA query_only = OFF"))  # the disk back
+        await store.put("deployments/b", "spec-b")
+        assert [e.key for e in await store.list()] == ["deployments/a", "deployments/b"]
