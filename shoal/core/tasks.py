@@ -4,11 +4,48 @@ is cancelled and awaited when the component closes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Coroutine
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, TypeVar
+
+from shoal.errors import ShoalError
 
 log = logging.getLogger("shoal.tasks")
+
+T = TypeVar("T")
+
+
+async def until(
+    stream: AsyncIterator[T], stop: Callable[[], ShoalError | None], every_s: float
+) -> AsyncIterator[T]:
+    """``stream``'s items until ``stop()`` names an error, asked before each item and every
+    ``every_s`` while none comes: then that error is raised (``stream`` is closed). For
+    streams with no end of their own (a log follow) whose reason to go on can end."""
+    items = aiter(stream)
+    step: asyncio.Future[T] | None = None
+    try:
+        while True:
+            if (error := stop()) is not None:
+                raise error
+            step = asyncio.ensure_future(anext(items))
+            while not (await asyncio.wait({step}, timeout=every_s))[0]:
+                if (error := stop()) is not None:
+                    raise error
+            try:
+                yield step.result()
+            except StopAsyncIteration:
+                return
+    finally:
+        # Stopped, or cancelled itself (an outer until): the item awaited is cancelled first,
+        # since a generator cannot be closed while it runs.
+        if step is not None and not step.done():
+            step.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # what it ends with is moot
+                await step
+        aclose = getattr(items, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 class TaskSet:

@@ -46,9 +46,9 @@ from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec, describe_change, parse_spec, parse_spec_json
 from shoal.core.stats import SeriesRecorder, Snapshot
 from shoal.core.status import ClusterEvent, ClusterStatus, DeploymentStatus, ReplicaStatus, SchedulerStatus
-from shoal.core.tasks import TaskSet
+from shoal.core.tasks import TaskSet, until
 from shoal.core.traffic import TrafficRoute
-from shoal.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ShoalError
+from shoal.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ShoalError, Unavailable
 from shoal.head.blobs import BlobStore
 from shoal.head.traffic import TrafficRoutes
 from shoal.store.base import Store
@@ -88,6 +88,8 @@ TOMBSTONE_TTL_S = 7 * 86_400.0
 """A tombstone older than this, of a deployment no scheduler reports a replica of, is
 dropped at the next delete. A replica that shows up later anyway (its scheduler was away
 for a week) is kept and listed, like any replica the store does not know."""
+FOLLOW_CHECK_S = 1.0
+"""How often a log follow checks that the replica's scheduler is still alive."""
 
 SchedulerClientFactory = Callable[[str, str], SchedulerClient]
 _EntryInputs = tuple[DeploymentSpec, tuple[str, ...], int, dict[str, int]]
@@ -886,8 +888,22 @@ class HeadNode:
             client = self._client(sid)
             if client is None:
                 continue
+
+            def gone(sid: str = sid) -> ShoalError | None:
+                # A follow has no end of its own: one of a replica whose scheduler hung (a
+                # machine that stopped answering, not one whose connection closed) went on
+                # after the head declared the scheduler dead, for as long as the client waited.
+                sched = self.state.schedulers.get(sid)
+                if sched is None or sched.state != ALIVE:
+                    return Unavailable(
+                        f"scheduler {sid} of replica {replica_id!r} is "
+                        f"{'gone' if sched is None else sched.state}: its log cannot be followed now"
+                    )
+                return None
+
+            stream = client.read_log(replica_id, tail_bytes, follow)
             try:
-                async for data in client.read_log(replica_id, tail_bytes, follow):
+                async for data in until(stream, gone, FOLLOW_CHECK_S) if follow else stream:
                     yield data
                 return
             except NotFound:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 from shoal.auth import Role, bearer
 from shoal.core.spec import parse_spec_json
+from shoal.core.tasks import until
 from shoal.errors import InvalidArgument, ShoalError, Unauthenticated
 from shoal.head.node import HeadNode
 from shoal.proto import shoal_pb2 as pb
@@ -32,33 +31,6 @@ from shoal.types import DeploymentRoutes, LoadReport, RoutingTable, SchedulerReg
 
 REVOKED_CHECK_S = 1.0
 """How often a log follow checks that its token has not been revoked meanwhile."""
-
-
-async def until_revoked(
-    stream: AsyncIterator[bytes], revoked: Callable[[], bool], every_s: float
-) -> AsyncIterator[bytes]:
-    """``stream``'s items, until ``revoked()``, asked before each and every ``every_s``
-    while none comes: then Unauthenticated (``stream`` is closed)."""
-    items = aiter(stream)
-    try:
-        while True:
-            if revoked():
-                raise Unauthenticated("ReadLog: the token was revoked")
-            step = asyncio.ensure_future(anext(items))
-            while not (await asyncio.wait({step}, timeout=every_s))[0]:
-                if revoked():
-                    step.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                        await step
-                    raise Unauthenticated("ReadLog: the token was revoked")
-            try:
-                yield step.result()
-            except StopAsyncIteration:
-                return
-    finally:
-        aclose = getattr(items, "aclose", None)
-        if aclose is not None:
-            await aclose()
 
 
 _ACK = pb.HealthReply(ack=True)
@@ -280,12 +252,14 @@ class HeadService(pbg.HeadServicer):
         secret = bearer(authorization(context))
         tokens = self.node.tokens
 
-        def revoked() -> bool:
-            return secret is not None and tokens.authenticate(secret) is None
+        def revoked() -> ShoalError | None:
+            if secret is not None and tokens.authenticate(secret) is None:
+                return Unauthenticated("ReadLog: the token was revoked")
+            return None
 
         try:
             stream = self.node.read_log(request.replica_id, request.tail_bytes, request.follow)
-            async for data in until_revoked(stream, revoked, REVOKED_CHECK_S):
+            async for data in until(stream, revoked, REVOKED_CHECK_S):
                 yield pb.LogChunk(data=data)
         except ShoalError as err:
             await abort(context, err)

@@ -5,6 +5,7 @@ the command ends once the deployment is deleted and its replicas' streams have e
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 from pathlib import Path
 
@@ -116,6 +117,44 @@ async def test_a_follow_ends_when_its_token_is_revoked(tmp_path: Path, examples_
             assert follow.returncode == 1, (out + err).decode()
             assert "ReadLog: the token was revoked" in err.decode()
         finally:
+            if follow.returncode is None:
+                follow.kill()
+            await follow.wait()
+
+
+async def test_a_follow_ends_when_the_replicas_scheduler_is_declared_dead(
+    tmp_path: Path, examples_dir: Path
+) -> None:
+    """A scheduler that hangs (stopped, as a machine that stops answering; its connection
+    stays open): the follow of its replica went on after the head declared it dead, for as
+    long as the client waited. Now it ends, UNAVAILABLE, naming the scheduler."""
+    async with ProcessCluster(tmp_path) as cluster:
+        await cluster.deploy(
+            {
+                "name": "echo",
+                "backend": "python",
+                "model": "echo:Echo",
+                "base_dir": str(examples_dir),
+                "resources": {"cpus": 0.1},
+            }
+        )
+        [replica] = await cluster.wait_ready("echo", 1)
+        follow = await asyncio.create_subprocess_exec(
+            *[sys.executable, "-m", "shoal.cli", "--head", cluster.head_address, "logs", replica["id"], "-f"],
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=cluster.env,
+        )
+        try:
+            assert follow.stdout is not None and follow.stderr is not None
+            first = await asyncio.wait_for(follow.stdout.readline(), 20)  # it follows
+            assert first, (await follow.stderr.read()).decode()
+            cluster.schedulers[0].signal(signal.SIGSTOP)
+            out, err = await asyncio.wait_for(follow.communicate(), 30)
+            assert follow.returncode == 1, (out + err).decode()
+            assert f"of replica {replica['id']!r} is DEAD: its log cannot be followed now" in err.decode()
+        finally:
+            cluster.schedulers[0].signal(signal.SIGCONT)
             if follow.returncode is None:
                 follow.kill()
             await follow.wait()
