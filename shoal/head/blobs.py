@@ -45,7 +45,7 @@ from shoal.core.blobs import CHUNK, HEX, check_hex, file_sha256, parse_uri, read
 from shoal.core.cluster import ALIVE
 from shoal.core.spec import DeploymentSpec, parse_spec_json, uri_scheme
 from shoal.core.tasks import TaskSet
-from shoal.errors import InvalidArgument, NotFound
+from shoal.errors import InvalidArgument, NotFound, Unavailable
 
 if TYPE_CHECKING:
     from shoal.head.node import HeadNode
@@ -320,10 +320,12 @@ class BlobStore:
         the blob is whole. ``offset`` may not pass the end of the partial upload (0 for a new
         one); bytes the head has already are skipped. Uploads of one blob take turns.
 
-        InvalidArgument: a malformed hash, a size over ``max_bytes`` or unlike an earlier
-        upload's, an offset past the end of the partial upload, more bytes than ``size``, a
-        hash that is not ``sha256`` (the partial upload is then deleted). A dropped stream
-        keeps what arrived, for the next upload to continue."""
+        InvalidArgument: a malformed hash, a size over ``max_bytes``, an offset past the end
+        of the partial upload, more bytes than ``size``, a hash that is not ``sha256`` (the
+        partial upload is then deleted). A dropped stream keeps what arrived, for the next
+        upload to continue. A size unlike an earlier upload's is taken (the hash tells which
+        was right); Unavailable when the head held more than it: the partial upload is
+        deleted, and the client's next try starts from 0."""
         check_hex(sha256)
         if size < 0 or size > self.max_bytes:
             raise InvalidArgument(
@@ -341,7 +343,24 @@ class BlobStore:
             return info
         known = self._sizes.get(sha256)
         if known is not None and known != size and info.have:
-            raise InvalidArgument(f"blob sha256:{sha256} was announced as {known} bytes, not {size}")
+            # An earlier upload announced another size and dropped: one of the two is wrong,
+            # and the hash at the end tells which. This used to be refused until the partial
+            # upload was collected (blob_grace_s): a dropped upload of a buggy client kept the
+            # right one out for an hour.
+            log.warning(
+                "blob sha256:%s: an earlier upload announced %d bytes, this one %d: taking %d",
+                sha256[:12],
+                known,
+                size,
+                size,
+            )
+            if info.have > size:  # what it holds cannot be the start of this one
+                self._partial(sha256).unlink(missing_ok=True)
+                self._sizes.pop(sha256, None)
+                raise Unavailable(
+                    f"the head held {info.have} bytes of blob sha256:{sha256}, more than the {size} "
+                    "announced: it dropped them; upload it again from the start"
+                )
         if offset < 0 or offset > info.have:
             raise InvalidArgument(
                 f"upload of blob sha256:{sha256} starts at offset {offset}, but the head has "

@@ -130,6 +130,26 @@ async def test_a_dropped_upload_resumes_at_the_offset_the_head_kept(store: BlobS
     assert b"".join([c async for c in store.read(SHA, 9000)]) == DATA[9000:]
 
 
+async def test_a_dropped_upload_that_announced_a_wrong_size_does_not_keep_the_right_one_out(
+    store: BlobStore,
+) -> None:
+    """It used to: every later upload of the blob was refused ('was announced as N bytes,
+    not M') until the partial upload was collected, blob_grace_s (an hour) later."""
+    with pytest.raises(ConnectionResetError):  # announced 1,000 bytes too many, then dropped
+        await store.receive(SHA, len(DATA) + 1000, 0, chunks_of(DATA, fail_after=4000))
+    done = await store.receive(SHA, len(DATA), 4000, chunks_of(DATA[4000:]))
+    assert done.complete and b"".join([c async for c in store.read(SHA, 0)]) == DATA
+
+    other = b"other bytes" * 100
+    sha = hashlib.sha256(other).hexdigest()
+    with pytest.raises(ConnectionResetError):  # announced far more than the blob, and sent past its end
+        await store.receive(sha, 10 * len(other), 0, chunks_of(other * 3, fail_after=2000))
+    with pytest.raises(Unavailable, match="upload it again from the start"):
+        await store.receive(sha, len(other), 0, chunks_of(other))
+    assert store.stat(sha).have == 0
+    assert (await store.receive(sha, len(other), 0, chunks_of(other))).complete
+
+
 async def test_the_head_refuses_a_wrong_hash_a_size_over_its_limit_and_an_unknown_blob(
     store: BlobStore,
 ) -> None:
