@@ -126,9 +126,48 @@ async def read_asgi_body(
         raise BodyTooLarge(limit, decoded=True)
     if not inflater.eof:
         raise InvalidArgument(f"request body is truncated {encoding} data")
+    if inflater.unused_data:  # bytes after the stream: rare, so the common body pays one check
+        out = _more_members(inflater.unused_data, out, encoding, limit)
     if hold is not None:
         hold(len(out))
     return out
+
+
+#: The most gzip members one request body may hold (:func:`_more_members`).
+MAX_GZIP_MEMBERS = 64
+
+
+def _more_members(rest: bytes, out: bytes, encoding: str, limit: int) -> bytes:
+    """``out`` and what follows the first compressed stream of a body: further gzip members
+    (RFC 1952 2.2: a gzip body is a series of members, as ``cat a.gz b.gz`` makes, and gzip
+    and Python's gzip module decode them all), or, as those allow, zero bytes of padding.
+    Anything else is refused: before, a gzip body's later members and any bytes after a
+    deflate or gzip stream were dropped silently, so a two-member body was read as its first
+    member alone and junk after the stream went unnoticed. At most :data:`MAX_GZIP_MEMBERS`
+    members: each costs Python work on the event loop, and a body of empty members could
+    hold millions."""
+    parts = [out]
+    size = len(out)
+    while rest:
+        if len(parts) >= MAX_GZIP_MEMBERS:
+            raise InvalidArgument(f"request body holds over {MAX_GZIP_MEMBERS} gzip members")
+        if encoding != "gzip" or not rest.startswith(b"\x1f\x8b"):
+            if encoding == "gzip" and not rest.strip(b"\0"):
+                break  # padding
+            raise InvalidArgument(f"request body has {len(rest)} bytes after the end of its {encoding} data")
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            part = inflater.decompress(rest, limit + 1 - size)
+        except zlib.error as e:
+            raise InvalidArgument(f"request body is not valid {encoding} data: {e}") from None
+        size += len(part)
+        if size > limit:
+            raise BodyTooLarge(limit, decoded=True)
+        if not inflater.eof:
+            raise InvalidArgument(f"request body is truncated {encoding} data")
+        parts.append(part)
+        rest = inflater.unused_data
+    return b"".join(parts)
 
 
 def _refuse_unsupported(params: dict[str, Any], where: str) -> None:

@@ -5,15 +5,19 @@ bug with the connection kept), over fake replicas."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
-from collections.abc import AsyncIterator
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
 import httpx
 import pytest
 
 from shoal.config import Settings
+from shoal.errors import BodyTooLarge, InvalidArgument
+from shoal.http.infer import MAX_GZIP_MEMBERS, read_asgi_body
 from shoal.http.scheduler import scheduler_app
 from shoal.scheduler.dataplane import InferCall
 from shoal.scheduler.node import SchedulerNode
@@ -169,3 +173,57 @@ async def test_json_errors_name_the_problem(http: httpx.AsyncClient, body: str, 
     r = await http.post("/v2/models/echo/infer", content=body)
     assert r.status_code == 400
     assert message in r.json()["error"]
+
+
+def _receive_of(body: bytes) -> Callable[[], Awaitable[dict[str, Any]]]:
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
+
+
+_TEXT = json.dumps(DOC).encode()
+
+
+@pytest.mark.parametrize(
+    ("body", "encoding"),
+    [
+        # RFC 1952 2.2: a gzip body is a series of members (``cat a.gz b.gz``)
+        (gzip.compress(_TEXT[:40]) + gzip.compress(_TEXT[40:]), "gzip"),
+        (gzip.compress(_TEXT[:10]) + gzip.compress(b"") + gzip.compress(_TEXT[10:]), "gzip"),
+        (gzip.compress(_TEXT) + b"\0" * 8, "gzip"),  # zero padding, as gzip -d allows
+        (zlib.compress(_TEXT), "deflate"),
+    ],
+)
+async def test_every_gzip_member_of_a_body_is_read(body: bytes, encoding: str) -> None:
+    assert await read_asgi_body(_receive_of(body), str(len(body)), encoding, 1 << 20) == _TEXT
+
+
+@pytest.mark.parametrize(
+    ("body", "encoding", "message"),
+    [
+        (gzip.compress(_TEXT) + b"junk", "gzip", "4 bytes after the end of its gzip data"),
+        (zlib.compress(_TEXT) + b"junk", "deflate", "4 bytes after the end of its deflate data"),
+        (zlib.compress(_TEXT) + zlib.compress(b"x"), "deflate", "after the end of its deflate data"),
+        (gzip.compress(_TEXT) + gzip.compress(b"x")[:-3], "gzip", "truncated gzip data"),
+        (gzip.compress(_TEXT) + b"\x1f\x8bnot gzip", "gzip", "not valid gzip data"),
+        (gzip.compress(b"") * (MAX_GZIP_MEMBERS + 1), "gzip", f"over {MAX_GZIP_MEMBERS} gzip members"),
+    ],
+)
+async def test_bytes_after_a_compressed_body_are_refused(body: bytes, encoding: str, message: str) -> None:
+    """Before, they were dropped: a body read as its first gzip member alone, junk unseen."""
+    with pytest.raises(InvalidArgument, match=message):
+        await read_asgi_body(_receive_of(body), str(len(body)), encoding, 1 << 20)
+
+
+async def test_later_gzip_members_count_toward_the_body_limit() -> None:
+    body = gzip.compress(b" " * 600) + gzip.compress(b" " * 600)
+    with pytest.raises(BodyTooLarge, match="decompresses to over the limit of 1000 bytes"):
+        await read_asgi_body(_receive_of(body), str(len(body)), "gzip", 1000)
+
+
+async def test_a_two_member_gzip_request_is_answered(http: httpx.AsyncClient) -> None:
+    body = gzip.compress(_TEXT[:40]) + gzip.compress(_TEXT[40:])
+    r = await http.post("/v2/models/echo/infer", content=body, headers={"Content-Encoding": "gzip"})
+    assert r.status_code == 200, r.text
+    assert r.json()["outputs"][0]["data"] == [1.0, 2.0, 3.0, 4.0]
