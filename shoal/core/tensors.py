@@ -523,7 +523,8 @@ def split_binary_body(
     ``header_length`` is the ``Inference-Header-Content-Length`` header (an int, or the
     header's text); ``None`` means the whole body is JSON and the tail is empty. The tail
     is a zero-copy ``memoryview`` of ``body``. Raises InvalidArgument when the length is
-    not a non-negative integer within the body, or the header is not a JSON object.
+    not a non-negative integer within the body (its text: decimal digits only, as
+    Content-Length's), or the header is not a JSON object.
     """
     view = _byte_view(body, "request body: ")
     if header_length is None:
@@ -535,6 +536,12 @@ def split_binary_body(
             raise InvalidArgument(
                 f"Inference-Header-Content-Length must be an integer, got {_short(header_length)}"
             ) from None
+        if isinstance(header_length, str) and not (header_length.isascii() and header_length.isdigit()):
+            # int() also takes '+7', ' 7', '-7' and '1_0' (as 10); the header, as
+            # Content-Length, is decimal digits (before, '1_01' was read as 101)
+            raise InvalidArgument(
+                f"Inference-Header-Content-Length must be decimal digits, got {_short(header_length)}"
+            )
         if isinstance(length, bool) or not 0 <= length <= len(view):
             raise InvalidArgument(
                 f"Inference-Header-Content-Length is {_short(header_length)}, "
