@@ -38,7 +38,13 @@ from shoal.errors import (
 )
 from shoal.http.auth import drain
 from shoal.http.server import ClientGone, client_gone, unless_gone
-from shoal.scheduler.dataplane import MODEL_ID_HEADER, MODEL_ID_PARAMETER, InferCall, check_priority
+from shoal.scheduler.dataplane import (
+    MODEL_ID_HEADER,
+    MODEL_ID_PARAMETER,
+    InferCall,
+    check_priority,
+    check_sequence_flags,
+)
 from shoal.scheduler.ingress import IngressNode
 from shoal.scheduler.models import InferResult
 
@@ -210,6 +216,8 @@ class InferRequest:
         if params.get("sequence_id") not in (None, 0, ""):
             raise InvalidArgument("sequence batching (parameter 'sequence_id') is not supported")
         check_priority(params.get("priority"))
+        if params:
+            check_sequence_flags(params.get("sequence_start"), params.get("sequence_end"))
         self.binary_default = bool_param(params, "binary_data_output", False, "")
         model_id = params.get(MODEL_ID_PARAMETER, "")
         if not isinstance(model_id, str):

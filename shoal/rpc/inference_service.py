@@ -42,7 +42,13 @@ from shoal.rpc import generate_stream
 from shoal.rpc.auth import authorization
 from shoal.rpc.handlers import DeferredAbort
 from shoal.rpc.status import Context, abort
-from shoal.scheduler.dataplane import MODEL_ID_PARAMETER, DataPlane, InferCall, check_priority
+from shoal.scheduler.dataplane import (
+    MODEL_ID_PARAMETER,
+    DataPlane,
+    InferCall,
+    check_priority,
+    check_sequence_flags,
+)
 from shoal.scheduler.models import NO_LOG_SETTINGS, NO_SHARED_MEMORY, NO_TRACE, InferResult
 from shoal.scheduler.repository import ModelRepository, check_parameters
 from shoal.types import Arrays
@@ -280,6 +286,7 @@ def infer_call(
         if sequence not in (None, 0, ""):
             raise InvalidArgument("sequence batching (parameter 'sequence_id') is not supported")
         check_priority(_parameter(params, "priority"))
+        check_sequence_flags(_parameter(params, "sequence_start"), _parameter(params, "sequence_end"))
         model_id = _parameter(params, MODEL_ID_PARAMETER)
         if model_id is not None and not isinstance(model_id, str):
             raise InvalidArgument(f"parameter {MODEL_ID_PARAMETER!r} must be a string, got {model_id!r}")

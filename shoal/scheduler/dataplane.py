@@ -80,6 +80,17 @@ def check_priority(value: object) -> None:
         raise InvalidArgument(f"parameter 'priority' must be an integer in [0, 2^64), got {value!r}")
 
 
+def check_sequence_flags(start: object, end: object) -> None:
+    """Triton's ``sequence_start`` and ``sequence_end`` request parameters (tritonclient's
+    ``sequence_start=``, ``sequence_end=``, sent as booleans): without a ``sequence_id``,
+    the only request served here, they say nothing and are accepted, as Triton accepts
+    them for a model without sequence batching. A value that is not a boolean is refused,
+    naming it, as Triton refuses it (before, ``"sequence_start": "yes"`` was taken)."""
+    for key, value in (("sequence_start", start), ("sequence_end", end)):
+        if value is not None and type(value) is not bool:
+            raise InvalidArgument(f"parameter {key!r} must be true or false, got {value!r}")
+
+
 @dataclass(slots=True)
 class InferCall:
     """One inference request, whatever door it came in by. Not changed once made (not

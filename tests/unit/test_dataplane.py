@@ -234,6 +234,49 @@ async def test_the_priority_parameter_is_accepted_when_an_integer_and_refused_ot
         assert r.status_code == 400 and f"got {value!r}" in r.json()["error"]
 
 
+SEQUENCE_OK: list[tuple[str, Any]] = [("bool_param", True), ("bool_param", False)]
+SEQUENCE_BAD: list[tuple[str, Any]] = [("string_param", "yes"), ("int64_param", 1)]
+
+
+@pytest.mark.parametrize("key", ["sequence_start", "sequence_end"])
+async def test_sequence_flags_are_accepted_when_booleans_and_refused_otherwise(
+    doors: Doors, key: str
+) -> None:
+    """docs/triton.md: without a sequence_id the flags say nothing and are accepted, as
+    Triton accepts them for a model without sequence batching; a flag that is no boolean
+    is INVALID_ARGUMENT / 400 naming it, through both OIP doors (before, it was taken)."""
+
+    def grpc_request(kind: str, value: Any) -> oip.ModelInferRequest:
+        t = payload.from_array("x", GOOD)
+        request = oip.ModelInferRequest(model_name="echo")
+        request.inputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
+        request.raw_input_contents.append(t.data)
+        setattr(request.parameters[key], kind, value)
+        return request
+
+    def rest_doc(value: Any) -> dict[str, Any]:
+        x = {"name": "x", "datatype": "FP32", "shape": [2, 4], "data": GOOD.flatten().tolist()}
+        return {"inputs": [x], "parameters": {key: value}}
+
+    for kind, value in SEQUENCE_OK:
+        reply = await doors.grpc.ModelInfer(grpc_request(kind, value), cast(Any, Context()))
+        assert len(reply.raw_output_contents) == 1
+        r = await doors.http.post("/v2/models/echo/infer", json=rest_doc(value))
+        assert r.status_code == 200, r.text
+    for kind, value in SEQUENCE_BAD:
+        with pytest.raises(Aborted) as err:
+            await doors.grpc.ModelInfer(grpc_request(kind, value), cast(Any, Context()))
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.message == f"parameter {key!r} must be true or false, got {value!r}"
+        r = await doors.http.post("/v2/models/echo/infer", json=rest_doc(value))
+        assert (
+            r.status_code == 400
+            and r.json()["error"] == f"parameter {key!r} must be true or false, got {value!r}"
+        )
+    r = await doors.http.post("/v2/models/echo/infer", json=rest_doc(None))  # JSON null
+    assert r.status_code == 200, r.text
+
+
 async def test_native_requests_with_a_repeated_input_name_are_refused(doors: Doors) -> None:
     request = pb.InferRequest(deployment="echo", inputs=codec.encode({"x": GOOD}) * 2)
     with pytest.raises(Aborted) as err:
