@@ -197,6 +197,7 @@ def bool_param(params: dict[str, Any], key: str, default: bool, where: str) -> b
 
 
 _NO_LIMITS = RequestLimits()
+_MAX_TIMEOUT_US = 2**64 - 1
 
 
 class InferRequest:
@@ -210,8 +211,13 @@ class InferRequest:
         self.id = request_id
         params = _params(header, "")
         timeout = params.get("timeout", 0)
-        if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 0:
-            raise InvalidArgument(f"parameter 'timeout' must be a non-negative integer (µs), got {timeout!r}")
+        if isinstance(timeout, bool) or not isinstance(timeout, int) or not 0 <= timeout <= _MAX_TIMEOUT_US:
+            # A uint64, as Triton and gRPC carry it; before, one past float range (1e310) was a
+            # 500 (OverflowError) and one past 2^64 taken.
+            raise InvalidArgument(
+                f"parameter 'timeout' must be a non-negative integer (µs) below 2^64, "
+                f"got {limits.shown(repr(timeout))}"
+            )
         self.timeout_s = timeout / 1e6
         if params.get("sequence_id") not in (None, 0, ""):
             raise InvalidArgument("sequence batching (parameter 'sequence_id') is not supported")

@@ -136,7 +136,9 @@ def _timeout_s(request: oip.ModelInferRequest, context: Context, params: Paramet
     value = _parameter(params, "timeout") if params else None
     if value is not None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise InvalidArgument(f"parameter 'timeout' must be a non-negative integer (µs), got {value!r}")
+            raise InvalidArgument(
+                f"parameter 'timeout' must be a non-negative integer (µs) below 2^64, got {value!r}"
+            )
         timeout = value / 1e6
     remaining = context.time_remaining()
     if remaining is not None and math.isfinite(remaining) and remaining < _NO_DEADLINE_S:

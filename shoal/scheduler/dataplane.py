@@ -77,7 +77,9 @@ def check_priority(value: object) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_PRIORITY:
-        raise InvalidArgument(f"parameter 'priority' must be an integer in [0, 2^64), got {value!r}")
+        raise InvalidArgument(
+            f"parameter 'priority' must be an integer in [0, 2^64), got {limits.shown(repr(value))}"
+        )
 
 
 def check_sequence_flags(start: object, end: object) -> None:

@@ -102,6 +102,17 @@ async def test_what_is_not_an_inference_route_is_answered_by_the_app(
         ),
         ("/v2/models/echo/infer", b"x" * (2 << 20), {}, 413, "over the limit of 1048576 bytes"),
         ("/v2/models/echo/infer", b"{}", {"inference-header-content-length": "9"}, 400, "Inference-Header"),
+        # a timeout past float range was a 500 (OverflowError), one past 2^64 was taken
+        *(
+            (
+                "/v2/models/echo/infer",
+                b'{"inputs":[],"parameters":{"timeout":1' + b"0" * digits + b"}}",
+                {},
+                400,
+                "parameter 'timeout' must be a non-negative integer (µs) below 2^64, got 1000",
+            )
+            for digits in (20, 310, 4000)
+        ),
     ],
 )
 async def test_refusals_are_json_errors_naming_the_problem(
@@ -145,11 +156,12 @@ async def test_json_that_only_pythons_json_reads_is_read_and_written_as_before(
     doc = r.json()
     assert doc["id"] == "null"
     assert [o["data"] for o in doc["outputs"][1:]] == [[BIG], ["hé null"]]
-    # An integer past 64 bits where one is taken (orjson reads it as a float).
+    # An integer past 64 bits where an integer is taken (orjson reads it as a float): json
+    # reads it again, so the refusal (a timeout is a uint64) names the integer sent.
     r = await http.post(
         "/v2/models/echo/infer", content=json.dumps({**DOC, "parameters": {"timeout": BIG + 1}})
     )
-    assert r.status_code == 200, r.text
+    assert r.status_code == 400 and r.json()["error"].endswith(f"below 2^64, got {BIG + 1}"), r.text
     # Without them: the same answer.
     r = await http.post("/v2/models/echo/infer", json=DOC)
     assert r.status_code == 200, r.text
