@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -447,7 +448,16 @@ class IngressWorkers:
         self._index: dict[str, int] = {}
         self._tasks = TaskSet(f"ingress workers of {scheduler_id}")
         self._closing = False
+        self._counted_from: dict[str, float] = {}
         self.restarts = 0
+
+    SILENT_AFTER_S = 10.0
+    """A worker whose process runs but has not reported its counts (every 0.5 s) this long
+    is hung (stopped, deadlocked, its loop stuck): it is killed and so started again. Before,
+    a worker stopped with SIGSTOP kept its share of the ports' new connections, which hung,
+    for as long as it stayed stopped (3-5 of every 10 for 36 s and on)."""
+    SILENT_AT_START_S = 60.0
+    """The same for a worker that has not reported once since it was started."""
 
     async def start(self) -> None:
         for i in range(self._count):
@@ -455,6 +465,8 @@ class IngressWorkers:
             self._index[worker_id] = i + 1  # 0 is the scheduler's own process
             await self._spawn(worker_id)
             self._tasks.spawn(self._watch(worker_id), f"ingress worker {worker_id}")
+        if self._count:
+            self._tasks.spawn(self._watch_silence(), "silent ingress workers")
 
     def pids(self) -> list[int]:
         return [p.pid for p in self._procs.values()]
@@ -476,6 +488,37 @@ class IngressWorkers:
         # Forked from the zygote when there is one (shoal.zygote: it shares their modules' pages).
         child = self._zygote.spawn(argv, env=env, out=None, new_session=False) if self._zygote else None
         self._procs[worker_id] = child or ChildProcess.spawn(argv, env=env, out=None, new_session=False)
+        self._counted_from[worker_id] = time.monotonic()
+
+    async def _watch_silence(self, every_s: float = 1.0) -> None:
+        """Kill workers that run but no longer report (``SILENT_AFTER_S``); :meth:`_watch`
+        starts them again."""
+        last = time.monotonic()
+        while not self._closing:
+            await asyncio.sleep(every_s)
+            now = time.monotonic()
+            late, last = now - last - every_s, now
+            if late > 1.0:
+                # This process's own loop was held up: the workers' reports may be waiting
+                # to be read. Count their silence from now.
+                for worker_id in self._counted_from:
+                    self._counted_from[worker_id] = now
+                continue
+            for worker_id, proc in list(self._procs.items()):
+                if proc.returncode is not None or self._closing:
+                    continue
+                heard = self._hub.heard(worker_id, proc.pid)
+                since = max(heard or 0.0, self._counted_from[worker_id])
+                limit = self.SILENT_AT_START_S if heard is None else self.SILENT_AFTER_S
+                if now - since > limit:
+                    log.warning(
+                        "ingress worker %s (pid %d) has not reported for %.0fs while its process "
+                        "runs (stopped or hung); killing it",
+                        worker_id,
+                        proc.pid,
+                        now - since,
+                    )
+                    proc.send_signal(signal.SIGKILL)  # a stopped process dies of it too
 
     async def _watch(self, worker_id: str) -> None:
         backoff = 0.2

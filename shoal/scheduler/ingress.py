@@ -24,6 +24,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -179,6 +180,7 @@ class IngressHub:
         self._head_table = RoutingTable(version=0)
         self._latest: dict[str, tuple[int, dict[str, Counts]]] = {}
         self._before: dict[str, Counts] = {}
+        self._heard: dict[str, tuple[int, float]] = {}
 
     def set_head_table(self, table: RoutingTable) -> None:
         """The head's last table: where the tokens the workers check come from."""
@@ -212,10 +214,17 @@ class IngressHub:
             # A new incarnation of this worker: what the old one counted stays counted.
             self._keep(previous[1])
         self._latest[worker_id] = (pid, counts)
+        self._heard[worker_id] = (pid, time.monotonic())
+
+    def heard(self, worker_id: str, pid: int) -> float | None:
+        """When (``time.monotonic``) the worker's process ``pid`` last reported; None if never."""
+        heard = self._heard.get(worker_id)
+        return heard[1] if heard is not None and heard[0] == pid else None
 
     def forget(self, worker_id: str) -> None:
         """A worker exited: keep its counts (cumulative), drop its in-flight figures."""
         previous = self._latest.pop(worker_id, None)
+        self._heard.pop(worker_id, None)
         if previous is not None:
             self._keep(previous[1])
 
