@@ -21,6 +21,7 @@ from typing import Any
 from shoal import aio, certs, logs
 from shoal.config import Settings
 from shoal.core import affinity
+from shoal.core.alive import process_runs
 from shoal.http.scheduler import refuse_when_full, scheduler_app, shutdown_parser
 from shoal.http.server import HttpLimits, HttpServer
 from shoal.proto import grpc_service_pb2_grpc as oipg
@@ -69,11 +70,15 @@ def settings_from_doc(doc: dict[str, Any]) -> Settings:
     return Settings(**values)
 
 
-async def run_ingress_worker(settings: Settings, control: str, worker_id: str, sid: str) -> None:
+async def run_ingress_worker(
+    settings: Settings, control: str, worker_id: str, sid: str, main_pid: int = 0
+) -> None:
     """One ingress worker process: serves the shared inference ports until its main
-    process goes away (or SIGTERM)."""
+    process (``main_pid``, 0: not known) goes away (or SIGTERM)."""
     link = IngressLink(control, settings, worker_id, os.getpid())
-    worker = IngressWorker(settings, sid, link, lambda addr: GrpcReplicaClient(addr, settings))
+    worker = IngressWorker(
+        settings, sid, link, lambda addr: GrpcReplicaClient(addr, settings), process_runs(main_pid)
+    )
     guard = AuthInterceptor(SCHEDULER_RULES, tls=bool(settings.tls_dir))
     server = new_server(
         settings,
@@ -148,7 +153,9 @@ def main() -> None:
         # Before gRPC starts its threads: they run where the thread that starts them does.
         affinity.pin_ingress(doc.get("index", 0), doc.get("processes", 1))
     aio.run(
-        run_ingress_worker(settings, doc["control"], doc["worker_id"], doc["scheduler_id"]),
+        run_ingress_worker(
+            settings, doc["control"], doc["worker_id"], doc["scheduler_id"], doc.get("main_pid", 0)
+        ),
         settings.event_loop,
     )
 

@@ -15,14 +15,12 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-
-import psutil
 
 from shoal import aio, logs
 from shoal.config import Settings
 from shoal.core import affinity
+from shoal.core.alive import process_runs
 from shoal.core.spec import DeploymentSpec, parse_spec_json
 from shoal.errors import ShoalError
 from shoal.proto import shoal_pb2_grpc as pbg
@@ -35,26 +33,6 @@ from shoal.rpc.server import bind, new_server
 from shoal.rpc.tls import server_credentials
 
 log = logging.getLogger("shoal.replica")
-
-
-def process_runs(pid: int) -> Callable[[], bool] | None:
-    """Whether process ``pid`` (the one running now, not a later one given its number) still
-    runs; None when ``pid`` is 0 or already gone."""
-    try:
-        started = psutil.Process(pid).create_time() if pid > 0 else None
-    except psutil.Error:
-        started = None
-    if started is None:
-        return None
-
-    def runs() -> bool:
-        try:
-            proc = psutil.Process(pid)
-            return proc.create_time() == started and proc.status() != psutil.STATUS_ZOMBIE
-        except psutil.Error:
-            return False
-
-    return runs
 
 
 def first_for_the_oom_killer(adj: int) -> None:

@@ -477,6 +477,8 @@ class IngressWorkers:
             "control": self._control,
             "worker_id": worker_id,
             "scheduler_id": self._scheduler_id,
+            # Gone (not only slow to answer), the worker leaves the shared ports at once.
+            "main_pid": os.getpid(),
             # Which of the ingress processes it is, for its CPU (shoal.core.affinity).
             "index": self._index[worker_id],
             "processes": self._count + 1,

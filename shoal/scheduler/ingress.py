@@ -283,10 +283,13 @@ class IngressWorker:
         scheduler_id: str,
         link: IngressLinkLike,
         replica_client: Callable[[str], ReplicaClient],
+        main_runs: Callable[[], bool] | None = None,
     ) -> None:
+        """``main_runs``: whether the main process still runs (None: not known)."""
         self.settings = settings
         self.id = scheduler_id
         self.link = link
+        self._main_runs = main_runs
         self.registered = asyncio.Event()  # the first table arrived: ready to route
         self.router = Router(
             scheduler_id, settings, replica_client, share=ingress_processes(settings), table_only=True
@@ -328,6 +331,13 @@ class IngressWorker:
                     self.registered.set()
             except ShoalError as err:
                 log.warning("ingress worker: lost the scheduler's main process (%s)", err)
+            if self._main_runs is not None and not self._main_runs():
+                # It is gone, not slow: leave the shared ports at once, so that a scheduler
+                # started again on them is not refused (port in use) by its own old workers.
+                # Before, they held them for orphan_after_s (5 s), and a restart right after a
+                # kill -9 failed: 'port N is in use (grpc_port)'.
+                log.error("ingress worker: the scheduler's main process has exited; exiting")
+                return
             await asyncio.sleep(0.1)
         log.error(
             "ingress worker: the scheduler's main process has been unreachable for %.1fs; exiting",

@@ -12,11 +12,11 @@ import sys
 import pytest
 
 from shoal.config import Settings
+from shoal.core.alive import process_runs
 from shoal.core.clock import FakeClock
 from shoal.core.spec import parse_spec
 from shoal.errors import Unavailable
 from shoal.replica.process import BUSY_SCHEDULER_FACTOR, ReplicaProcess
-from shoal.replica_main import process_runs
 
 pytestmark = pytest.mark.timeout(10)
 
