@@ -46,7 +46,7 @@ import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from typing import IO, Any, NoReturn
 
-from shoal.scheduler.child import ChildProcess
+from shoal.scheduler.child import ChildProcess, kill_group
 
 log = logging.getLogger("shoal.zygote")
 
@@ -66,8 +66,9 @@ class ForkedChild:
     """A process the zygote forked: the scheduler's view (``shoal.scheduler.supervisor.Process``).
     Its exit status comes from the zygote (:meth:`Zygote._pump`)."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, leads_group: bool = False) -> None:
         self.pid = pid
+        self._leads_group = leads_group
         self._code: int | None = None
         self._exited = asyncio.Event()
         # Signals go through a pidfd: once its pid is reaped and reused, they reach no other process.
@@ -88,12 +89,17 @@ class ForkedChild:
         return self._code
 
     def send_signal(self, sig: int) -> None:
-        """Signal it unless it has exited (its exit status arrived)."""
+        """Signal it unless it has exited (its exit status arrived). SIGKILL to one forked in
+        a session of its own kills its process group too (``kill_group``)."""
         if self._code is None and self._pidfd >= 0:
             try:
                 signal.pidfd_send_signal(self._pidfd, sig)
             except ProcessLookupError:
                 pass
+            if sig == signal.SIGKILL and self._leads_group:
+                # Its status not yet in: reaped a moment ago at most, and a number is not given
+                # again while a group (its children) still holds it.
+                kill_group(self.pid)
 
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)
@@ -221,7 +227,7 @@ class Zygote:
         if "error" in reply:
             log.warning("the zygote could not start %s: %s; starting a new process", argv[2], reply["error"])
             return None
-        child = ForkedChild(int(reply["pid"]))
+        child = ForkedChild(int(reply["pid"]), leads_group=new_session)
         self._children[child.pid] = child
         if child.pid in self._exits:
             child.exited(self._exits.pop(child.pid))

@@ -9,6 +9,9 @@ Now the scheduler kills the replica that went over, says so, and a replacement s
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -117,3 +120,69 @@ async def test_a_replica_over_its_memory_limit_is_killed_and_replaced(tmp_path: 
         outputs, _ = await cluster.send("echo", {"x": small})
         np.testing.assert_array_equal(outputs["x"], small)
         assert psutil.Process(replacement["pid"]).ppid() == zygote.pid
+
+
+PARENT = '''
+import subprocess
+import sys
+
+CHILD = "import sys, time\\nmb = int(sys.stdin.readline())\\nkept = bytearray(mb * 2**20)\\n" + (
+    "for i in range(0, len(kept), 4096): kept[i] = 1\\ntime.sleep(3600)"
+)
+
+
+class Parent:
+    """Echoes ``x``; at its start it starts a child, which takes N MB (and keeps them) when
+    a request's first value is N > 0."""
+
+    def __init__(self, pidfile: str) -> None:
+        self.child = subprocess.Popen([sys.executable, "-c", CHILD], stdin=subprocess.PIPE)
+        with open(pidfile, "w") as f:
+            f.write(str(self.child.pid))
+
+    def predict(self, inputs):
+        mb = int(inputs["x"].flat[0])
+        if mb > 0:
+            self.child.stdin.write(f"{mb}\\n".encode())
+            self.child.stdin.flush()
+        return {"x": inputs["x"]}
+'''
+
+
+async def test_the_processes_a_replica_started_die_with_it_when_it_is_killed(tmp_path: Path) -> None:
+    """Killed over its memory limit, a replica takes the processes its model started with it.
+    Before, only the replica was killed: its child, the one holding the memory, ran on
+    (orphaned, its memory still taken), one more for each replacement."""
+    (tmp_path / "parent.py").write_text(PARENT)
+    pidfile = tmp_path / "child.pid"
+    spec = {
+        **hog_spec(tmp_path),
+        "model": "parent:Parent",
+        "options": {"pidfile": str(pidfile)},
+    }
+    child = 0
+    try:
+        async with ProcessCluster(tmp_path) as cluster:
+            await cluster.deploy(spec)
+            [replica] = await cluster.wait_ready("echo", 1)
+            child = int(pidfile.read_text())
+            assert psutil.Process(child).ppid() == replica["pid"]
+            await cluster.send("echo", {"x": np.array([[LIMIT_MB]], dtype=np.float32)})
+            await ready_other_than(cluster, replica["id"])
+            await until_event(cluster, f"replica {replica['id']} died: used ")
+
+            def running(pid: int) -> bool:
+                try:
+                    return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+                except psutil.NoSuchProcess:
+                    return False
+
+            for _ in range(100):  # SIGKILL: gone at once, but give the kernel a moment
+                if not running(child):
+                    break
+                await asyncio.sleep(0.1)
+            assert not running(child), "the replica's child outlived it"
+    finally:
+        if child:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
