@@ -124,7 +124,7 @@ class Settings:
     ingress_workers: int = 0
     """Processes that serve the scheduler's inference ports together (SO_REUSEPORT), each
     routing on its own: 0 is one per CPU, at most 4; 1 serves them from the scheduler's
-    own process. Limits and counts hold in total (``docs/architecture.md``)."""
+    own process; at most 256. Limits and counts hold in total (``docs/architecture.md``)."""
     ingress_in_turn: bool = True
     """With several ingress processes, new connections go to them in turn (an eBPF program
     on the shared ports, ``shoal.core.reuseport``; loading it needs CAP_BPF or
@@ -378,7 +378,8 @@ _RANGES: dict[str, _Range] = {
     "max_message_mb": _Range(1, _INT32 // 2**20),  # in bytes, a gRPC option
     "max_inflight_mb": _NATURAL,
     "shutdown_grace_s": _NATURAL,
-    "ingress_workers": _NATURAL,
+    # Each is a process (about 25 MB): a typo such as 100000 forked until the machine ran out.
+    "ingress_workers": _Range(0, 256),
     "replica_oom_score_adj": _Range(-1000, 1000),
     "max_tensor_elements": _NATURAL,
     "max_tensors_per_request": _NATURAL,
