@@ -437,7 +437,12 @@ def _coerce(f: dataclasses.Field[Any], value: Any, source: str) -> Any:
 def _check_head_address(value: str, source: str) -> None:
     """Each of the comma-separated heads is HOST:PORT with a port gRPC can dial. Before, a
     port past 65535 was not refused: ``127.0.0.1:99999`` dialled port 34463 (gRPC keeps the
-    low 16 bits), and P + 65536 reached P."""
+    low 16 bits), and P + 65536 reached P. At least one: before, ``SHOAL_HEAD=`` (or ``,``)
+    was taken, and failed later with 'no head address in ''', naming no setting."""
+    if not value.replace(",", "").strip():
+        raise InvalidArgument(
+            f"{source}: head_address must name a head, HOST:PORT (comma-separated for several); got {value!r}"
+        )
     for address in (a.strip() for a in value.split(",")):
         if not address:
             continue

@@ -118,6 +118,19 @@ def test_a_head_address_whose_port_gRPC_cannot_dial_is_refused(address: str) -> 
     assert str(info.value).startswith("environment variable SHOAL_HEAD: head_address must be HOST:PORT")
 
 
+@pytest.mark.parametrize("address", ["", " ", ",", " , "])
+def test_a_head_address_naming_no_head_is_refused_naming_the_setting(address: str) -> None:
+    """Before, it was taken and a command failed later with "no head address in ''"."""
+    with pytest.raises(InvalidArgument) as info:
+        Settings.load(env={"SHOAL_HEAD": address})
+    assert str(info.value) == (
+        "environment variable SHOAL_HEAD: head_address must name a head, HOST:PORT "
+        f"(comma-separated for several); got {address!r}"
+    )
+    with pytest.raises(InvalidArgument, match=r"^--head: head_address must name a head"):
+        Settings.load(env={}, flags={"head_address": address}, flag_names={"head_address": "--head"})
+
+
 @pytest.mark.parametrize(
     "address", ["127.0.0.1:1", "h:65535", "[::1]:8470", "a:8470, b:8471", "dns:///h:8470"]
 )
