@@ -109,6 +109,8 @@ class ForkedChild:
 
     def exited(self, code: int) -> None:
         if self._code is None:
+            if self._leads_group:
+                kill_group(self.pid)  # what it started and left running (kill_group)
             self._code = code
             self._exited.set()
         if self._pidfd >= 0:

@@ -52,6 +52,8 @@ class ChildProcess:
         if self._popen.poll() is not None and not self._exited.is_set():
             self._loop.remove_reader(self._pidfd)
             os.close(self._pidfd)
+            if self._leads_group:
+                kill_group(self.pid)  # what it started and left running (kill_group)
             self._exited.set()
 
     @property
@@ -81,7 +83,11 @@ def kill_group(pid: int) -> None:
     """SIGKILL the process group ``pid`` leads. A replica starts in a session of its own, and
     the processes its model starts stay in its group: killed alone (over its memory limit,
     for missed pings, after its grace), it left them running, orphaned, with their memory
-    (a child holding 300 MB per replacement: 4 left, 1.2 GB, 9 s into a crash loop)."""
+    (a child holding 300 MB per replacement: 4 left, 1.2 GB, 9 s into a crash loop); and
+    so did one that exited by itself (drained, scaled away: a 100 MB child left).
+
+    Also once the leader has exited: the kernel gives its number to no new process while
+    its group still has members, and with none left there is nothing to kill."""
     if pid <= 1:
         return
     try:

@@ -126,14 +126,14 @@ PARENT = '''
 import subprocess
 import sys
 
-CHILD = "import sys, time\\nmb = int(sys.stdin.readline())\\nkept = bytearray(mb * 2**20)\\n" + (
+CHILD = "import sys, time\\nmb = int(sys.stdin.readline() or 0)\\nkept = bytearray(mb * 2**20)\\n" + (
     "for i in range(0, len(kept), 4096): kept[i] = 1\\ntime.sleep(3600)"
 )
 
 
 class Parent:
     """Echoes ``x``; at its start it starts a child, which takes N MB (and keeps them) when
-    a request's first value is N > 0."""
+    a request's first value is N > 0, and runs on when its input closes."""
 
     def __init__(self, pidfile: str) -> None:
         self.child = subprocess.Popen([sys.executable, "-c", CHILD], stdin=subprocess.PIPE)
@@ -147,6 +147,21 @@ class Parent:
             self.child.stdin.flush()
         return {"x": inputs["x"]}
 '''
+
+
+def running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+async def until_gone(pid: int) -> None:
+    for _ in range(100):  # SIGKILL: gone at once, but give the kernel a moment
+        if not running(pid):
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("the replica's child outlived it")
 
 
 async def test_the_processes_a_replica_started_die_with_it_when_it_is_killed(tmp_path: Path) -> None:
@@ -171,17 +186,33 @@ async def test_the_processes_a_replica_started_die_with_it_when_it_is_killed(tmp
             await ready_other_than(cluster, replica["id"])
             await until_event(cluster, f"replica {replica['id']} died: used ")
 
-            def running(pid: int) -> bool:
-                try:
-                    return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-                except psutil.NoSuchProcess:
-                    return False
+            await until_gone(child)
+    finally:
+        if child:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
 
-            for _ in range(100):  # SIGKILL: gone at once, but give the kernel a moment
-                if not running(child):
+
+async def test_the_processes_a_replica_started_die_with_it_when_it_exits(tmp_path: Path) -> None:
+    """Scaled away, a replica drains and exits by itself; what its model started goes with
+    it. Before, its child ran on, orphaned (ppid 1), with its memory (100 MB in the probe)."""
+    (tmp_path / "parent.py").write_text(PARENT)
+    pidfile = tmp_path / "child.pid"
+    spec = {**hog_spec(tmp_path), "model": "parent:Parent", "options": {"pidfile": str(pidfile)}}
+    child = 0
+    try:
+        async with ProcessCluster(tmp_path) as cluster:
+            await cluster.deploy(spec)
+            [replica] = await cluster.wait_ready("echo", 1)
+            child = int(pidfile.read_text())
+            assert psutil.Process(child).ppid() == replica["pid"]
+            await cluster.client.scale("echo", 0)
+            for _ in range(300):  # drained (no request in flight), then it exits
+                if not running(replica["pid"]):
                     break
                 await asyncio.sleep(0.1)
-            assert not running(child), "the replica's child outlived it"
+            assert not running(replica["pid"]), "the scaled-away replica still runs"
+            await until_gone(child)
     finally:
         if child:
             with contextlib.suppress(ProcessLookupError):
