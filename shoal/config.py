@@ -9,6 +9,7 @@ down. Nothing reads the environment anywhere else.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import math
 import os
@@ -22,6 +23,8 @@ import yaml
 
 from shoal.core import yamldoc
 from shoal.errors import InvalidArgument
+
+log = logging.getLogger("shoal")
 
 
 @dataclass(frozen=True)
@@ -291,6 +294,7 @@ class Settings:
             var = "SHOAL_HEAD" if name == "head_address" else f"SHOAL_{name.upper()}"
             if var in env:
                 values[name] = _coerce(f, env[var], f"environment variable {var}")
+        _warn_misspelt(env, {"SHOAL_HEAD" if n == "head_address" else f"SHOAL_{n.upper()}" for n in known})
         for name, value in (flags or {}).items():
             if value is None:
                 continue
@@ -308,6 +312,27 @@ class Settings:
                 "declared dead between its own health updates"
             )
         return settings
+
+
+_NOT_SETTINGS = frozenset({"SHOAL_INGRESS_WORKER"})
+"""``SHOAL_`` variables that are no setting and look like one: an ingress worker's start
+document (``shoal.ingress_worker``)."""
+_warned: set[str] = set()
+
+
+def _warn_misspelt(env: Mapping[str, str], variables: set[str]) -> None:
+    """Log, once a process, each ``SHOAL_`` variable that names no setting but is close to
+    one's. Before, ``SHOAL_INGRES_WORKERS=1`` was ignored without a word and the scheduler
+    ran its default. A warning, not an error: other tools may have ``SHOAL_`` variables."""
+    for var in env:
+        if not var.startswith("SHOAL_") or var in variables or var in _NOT_SETTINGS or var in _warned:
+            continue
+        close = difflib.get_close_matches(var, sorted(variables), n=1, cutoff=0.8)
+        if close:
+            _warned.add(var)
+            log.warning(
+                "environment variable %s names no setting and is ignored; did you mean %s?", var, close[0]
+            )
 
 
 @dataclass(frozen=True)

@@ -136,3 +136,17 @@ def test_a_head_address_naming_no_head_is_refused_naming_the_setting(address: st
 )
 def test_head_addresses_with_dialable_ports_are_taken(address: str) -> None:
     assert Settings.load(env={"SHOAL_HEAD": address}).head_address == address
+
+
+def test_a_misspelt_environment_variable_is_named_once(caplog: pytest.LogCaptureFixture) -> None:
+    """Before, ``SHOAL_INGRES_WORKERS=1`` was ignored without a word. Variables not close to
+    a setting's (other tools', tests') and the ingress workers' own are left alone."""
+    env = {"SHOAL_INGRES_WORKERS": "1", "SHOAL_RELIABILITY_OUT": "x", "SHOAL_INGRESS_WORKER": "{}"}
+    with caplog.at_level("WARNING", logger="shoal"):
+        settings = Settings.load(env=env)
+        Settings.load(env=env)
+    assert settings.ingress_workers == Settings().ingress_workers
+    assert [r.getMessage() for r in caplog.records] == [
+        "environment variable SHOAL_INGRES_WORKERS names no setting and is ignored; "
+        "did you mean SHOAL_INGRESS_WORKERS?"
+    ]
