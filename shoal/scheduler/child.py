@@ -49,11 +49,15 @@ class ChildProcess:
         return cls(popen, leads_group=new_session)
 
     def _check(self) -> None:
-        if self._popen.poll() is not None and not self._exited.is_set():
+        if self._exited.is_set():
+            return
+        if self._leads_group and self._popen.returncode is None and _ended_unreaped(self.pid):
+            # What it started and left running (kill_group). Before it is reaped: its pid is
+            # still its group's id, so the signal can reach no process that reused the number.
+            kill_group(self.pid)
+        if self._popen.poll() is not None:
             self._loop.remove_reader(self._pidfd)
             os.close(self._pidfd)
-            if self._leads_group:
-                kill_group(self.pid)  # what it started and left running (kill_group)
             self._exited.set()
 
     @property
@@ -79,6 +83,14 @@ class ChildProcess:
                 pass
 
 
+def _ended_unreaped(pid: int) -> bool:
+    """Whether child ``pid`` has exited, without reaping it (it stays a zombie)."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # reaped already
+        return False
+
+
 def kill_group(pid: int) -> None:
     """SIGKILL the process group ``pid`` leads. A replica starts in a session of its own, and
     the processes its model starts stay in its group: killed alone (over its memory limit,
@@ -87,7 +99,8 @@ def kill_group(pid: int) -> None:
     so did one that exited by itself (drained, scaled away: a 100 MB child left).
 
     Also once the leader has exited: the kernel gives its number to no new process while
-    its group still has members, and with none left there is nothing to kill."""
+    its group still has members, and with none left there is nothing to kill. (A
+    ``ChildProcess`` signals it before reaping its leader, so not even then.)"""
     if pid <= 1:
         return
     try:
