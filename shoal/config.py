@@ -292,6 +292,8 @@ class Settings:
                 values[key] = _coerce(known[key], value, f"config file {file}")
         for name, f in known.items():
             var = "SHOAL_HEAD" if name == "head_address" else f"SHOAL_{name.upper()}"
+            if var == "SHOAL_HEAD" and not env.get(var, "").strip():
+                continue  # SHOAL_HEAD= clears an exported one (the default head), as unset
             if var in env:
                 values[name] = _coerce(f, env[var], f"environment variable {var}")
         _warn_misspelt(env, {"SHOAL_HEAD" if n == "head_address" else f"SHOAL_{n.upper()}" for n in known})

@@ -51,7 +51,7 @@ def refused(command: str, *args: str, state: Path, timeout_s: float = 30) -> str
     [
         (["--http-port", "70000"], "", "--http-port: http_port must be from 0 to 65535, got 70000"),
         (["--cpus", "-5"], "", "--cpus: cpus must be -1 or >= 0, got -5.0"),
-        (["--ingress-workers", "-4"], "", "--ingress-workers: ingress_workers must be >= 0, got -4"),
+        (["--ingress-workers", "-4"], "", "--ingress-workers: ingress_workers must be from 0 to 256, got -4"),
         # The flag as typed, where it is not the setting's name.
         (["--grace", "-3"], "", "--grace: shutdown_grace_s must be >= 0, got -3.0"),
         (["--dashboard-port", "-1"], "", "--dashboard-port: head_http_port must be from 0 to 65535, got -1"),
