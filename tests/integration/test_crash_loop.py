@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 import shoal
 from shoal.core.cluster import FAILED, FAILED_AFTER, STABLE_AFTER_S
 from shoal.errors import FailedPrecondition
 from shoal.testing.cluster import ProcessCluster
+from tests.integration.test_rollback_restart import cli
 from tests.integration.test_zygote import ready_other_than
 
 pytestmark = pytest.mark.timeout(120)
@@ -116,3 +118,26 @@ async def test_an_update_crashing_after_ready_is_rolled_back(tmp_path: Path) -> 
         assert "deployment_failed" in kinds
         history = await cluster.client.history("echo")
         assert [r.kind for r in history][-1] == "rolled_back"
+
+
+async def test_the_deploy_command_waits_min_ready_and_fails_a_model_that_crashes_after_ready(
+    tmp_path: Path,
+) -> None:
+    # As a user runs it: `shoal deploy FILE --min-ready S` exits 0 only once the new replica
+    # has stayed READY S seconds, and 1 with the crash's words when it dies sooner.
+    async with ProcessCluster(tmp_path) as cluster:
+        fine = tmp_path / "fine.yaml"
+        fine.write_text(yaml.safe_dump(spec(tmp_path, "doomed:Fine")))
+        ran = await cli(cluster, "deploy", str(fine), "--min-ready", "3", "--timeout", "60")
+        assert ran.code == 0, ran.stderr
+        assert "echo 1/1 ready, to stay READY 3s more" in ran.stdout
+        assert ran.stdout.rstrip().endswith("echo 1/1 ready"), ran.stdout
+
+        doomed = tmp_path / "doomed.yaml"
+        doomed.write_text(yaml.safe_dump(spec(tmp_path, "doomed:Doomed")))
+        ran = await cli(cluster, "deploy", str(doomed), "--min-ready", "5", "--timeout", "60")
+        assert ran.code == 1, ran.stdout
+        assert "deployment echo failed: its replicas fail to start" in ran.stderr
+        assert "after READY: process exited with code 3" in ran.stderr
+        # The update is rolled back, and the command says so.
+        assert "deployment echo rolled back to revision 1" in ran.stderr
