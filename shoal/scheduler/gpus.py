@@ -69,7 +69,9 @@ class Devices:
 def machine_devices(gpus: float, environ: Mapping[str, str], count: Callable[[], int]) -> Devices:
     """The devices a scheduler offers: ``gpus`` of them (the ``gpus`` setting; below 0: all it
     sees), from its own ``CUDA_VISIBLE_DEVICES`` when set, else ``0..N-1`` with N from
-    ``count`` (NVML) unless ``gpus`` says. A fractional ``gpus`` offers that share of the last."""
+    ``count`` (NVML) unless ``gpus`` says. A fractional ``gpus`` offers that share of the last.
+    A ``gpus`` above what ``count`` finds is offered as told, with a warning: a mistake, or
+    pretend devices (tests)."""
     listed = parse_visible(environ.get(VISIBLE))
     if gpus >= 0:
         want = gpus
@@ -91,6 +93,14 @@ def machine_devices(gpus: float, environ: Mapping[str, str], count: Callable[[],
         )
         n = len(listed)
         want = float(n)
+    if listed is None and gpus >= 0 and n and (seen := count()) < n:
+        log.warning(
+            "gpus %g, but %d GPU(s) found on this machine: offering %d as told; a replica "
+            "given one that is not there will fail to use it",
+            want,
+            seen,
+            n,
+        )
     names = tuple(listed[:n]) if listed is not None else tuple(str(i) for i in range(n))
     sizes = [1.0] * n
     if n and want < n - EPSILON:

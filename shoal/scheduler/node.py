@@ -72,11 +72,19 @@ def gpu_devices(settings: Settings) -> Devices:
     return machine_devices(settings.gpus, os.environ, _count_gpus)
 
 
+NVIDIA_PROC = Path("/proc/driver/nvidia/gpus")
+"""The NVIDIA driver's folder of one entry per GPU (by PCI address): the count when NVML's
+Python binding (``nvidia-ml-py``) is not installed."""
+
+
 def _count_gpus() -> int:
     try:
         import pynvml  # type: ignore[import-not-found]
     except ImportError:
-        return 0
+        try:
+            return sum(1 for _ in NVIDIA_PROC.iterdir())
+        except OSError:  # no NVIDIA driver
+            return 0
     try:
         pynvml.nvmlInit()
         try:

@@ -4,9 +4,14 @@ machine offers."""
 
 from __future__ import annotations
 
+import logging
+import sys
+from pathlib import Path
+
 import pytest
 
 from shoal.errors import InvalidArgument, ResourceExhausted
+from shoal.scheduler import node
 from shoal.scheduler.gpus import Devices, GpuPool, machine_devices, parse_visible
 from tests.unit.conftest import make_spec
 
@@ -18,16 +23,35 @@ def pool(n: int) -> GpuPool:
 
 
 def no_nvml() -> int:
-    raise AssertionError("NVML is not asked when the number is given")
+    """A machine whose GPUs cannot be counted: given a number, a scheduler offers it."""
+    return 0
+
+
+def eight() -> int:
+    return 8
 
 
 # ------------------------------------------------------------------ the machine's devices
 
 
 def test_gpus_given_without_nvml_are_0_to_n_minus_1() -> None:
-    devices = machine_devices(3, {}, no_nvml)
+    devices = machine_devices(3, {}, eight)
     assert devices == Devices(("0", "1", "2"), (1.0, 1.0, 1.0), numbered=True)
     assert devices.total == 3
+
+
+def test_gpus_given_above_what_the_machine_has_are_offered_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="shoal.scheduler"):
+        assert machine_devices(2, {}, eight).total == 2
+        assert not caplog.records
+        assert machine_devices(2, {}, no_nvml).names == ("0", "1")
+    [record] = caplog.records
+    assert record.getMessage() == (
+        "gpus 2, but 0 GPU(s) found on this machine: offering 2 as told; a replica given one "
+        "that is not there will fail to use it"
+    )
 
 
 def test_gpus_counted_by_nvml_when_not_given() -> None:
@@ -138,3 +162,14 @@ def test_a_spec_asks_a_fraction_up_to_one_or_whole_gpus() -> None:
     for gpus in (0, 0.25, 1, 2, 8.0):
         assert make_spec(resources={"gpus": gpus}).resources.gpus == gpus
     # 1.5 is refused: tests/unit/test_spec_bounds.py.
+
+
+def test_without_nvml_the_drivers_list_counts_the_gpus(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # nvidia-ml-py not installed
+    monkeypatch.setattr(node, "NVIDIA_PROC", tmp_path / "gpus")
+    assert node._count_gpus() == 0  # no NVIDIA driver
+    for address in ("0000:18:00.0", "0000:3b:00.0"):
+        (tmp_path / "gpus" / address).mkdir(parents=True)
+    assert node._count_gpus() == 2
