@@ -13,7 +13,8 @@ refused) and strings valid Unicode; ``options`` may nest :data:`MAX_OPTIONS_DEPT
 and take :data:`MAX_OPTIONS_BYTES` as JSON. The whole document holds at most
 :data:`MAX_VALUES` values, and as JSON takes at most :data:`MAX_SPEC_JSON` characters: both
 are checked before anything else, so that refusing any spec costs the head little.
-``multiplexing.max_models_per_replica`` is at most :data:`MAX_MODELS_PER_REPLICA`;
+``multiplexing.max_models_per_replica`` is at most :data:`MAX_MODELS_PER_REPLICA`
+(``multiplexing.load_timeout_s``, a duration, at most :data:`MAX_SECONDS`);
 ``serve_revisions`` at most :data:`MAX_SERVE_REVISIONS`.
 """
 
@@ -225,9 +226,16 @@ class Batching(_Strict):
 class Multiplexing(_Strict):
     """Many model ids served by one pool of replicas: each replica loads an id on its first
     request (the backend's ``load_model``) and holds at most ``max_models_per_replica``,
-    evicting the least recently used past that."""
+    evicting the least recently used past that.
+
+    ``load_timeout_s`` bounds how long requests wait for one id's load (None: the
+    deployment's ``health.start_timeout_s``, the bound on the replica's own load). Past it
+    they, and the id's next requests, are answered UNAVAILABLE; the thread running the load
+    cannot be stopped, so the id keeps its slot until ``load_model`` returns, and is served
+    if it then loaded."""
 
     max_models_per_replica: int = Field(ge=1, le=MAX_MODELS_PER_REPLICA)
+    load_timeout_s: float | None = Field(default=None, gt=0, le=MAX_SECONDS)
 
 
 def check_model_id(model_id: str) -> str:
@@ -415,6 +423,8 @@ class DeploymentSpec(_Strict):
         for key, default in (("restarts", 0), ("model_hash", ""), ("multiplexing", None), ("warmup", 0)):
             if doc[key] == default:
                 del doc[key]
+        if doc.get("multiplexing", {}).get("load_timeout_s", 0) is None:
+            del doc["multiplexing"]["load_timeout_s"]
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
 
     def initial_replicas(self) -> int:

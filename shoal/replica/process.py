@@ -100,8 +100,10 @@ class ReplicaProcess:
             backend.predict, batching.max_batch_size, batching.max_delay_ms, run_now=backend.predict_now
         )
         await self.batcher.start()
-        if self.spec.multiplexing is not None:
-            self.models = ModelCache(backend, self.spec.multiplexing.max_models_per_replica, batching)
+        mux = self.spec.multiplexing
+        if mux is not None:
+            load_timeout_s = mux.load_timeout_s or self.spec.health.start_timeout_s
+            self.models = ModelCache(backend, mux.max_models_per_replica, batching, load_timeout_s)
         log.info(
             "model %s (%s) loaded in %.2fs", self.spec.model, self.spec.backend, time.monotonic() - started
         )
@@ -124,7 +126,9 @@ class ReplicaProcess:
             try:
                 outputs = await asyncio.wait_for(self._submit(inputs, model_id), timeout)
             except TimeoutError:
-                raise DeadlineExceeded(f"request {request_id} timed out after {timeout:g}s") from None
+                waited = self.models.waited_for(model_id) if self.models is not None else ""
+                waited = f" ({waited})" if waited else ""
+                raise DeadlineExceeded(f"request {request_id} timed out after {timeout:g}s{waited}") from None
             except asyncio.CancelledError:
                 given_up.set()  # its model's calls to other deployments stop
                 raise

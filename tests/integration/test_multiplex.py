@@ -45,23 +45,26 @@ def counts(text: str, family: str) -> dict[str, float]:
     return {m[1]: float(m[2]) for m in re.finditer(pattern, text, re.MULTILINE)}
 
 
-async def test_ids_stay_on_their_replica_and_the_least_recent_is_evicted(tmp_path: Path) -> None:
-    models = tmp_path / "models"
+async def deploy_tenants(
+    cluster: ProcessCluster, models: Path, code: str, replicas: int, **spec: float
+) -> None:
+    """Deploy ``code``'s ``Tenants`` as deployment ``tenants``, two model ids per replica
+    (``load_timeout_s`` goes in its ``multiplexing``), and wait for its replicas."""
     models.mkdir()
-    (models / "tenants.py").write_text(MODELS)
+    (models / "tenants.py").write_text(code)
+    mux: dict[str, float] = {"max_models_per_replica": 2}
+    if "load_timeout_s" in spec:
+        mux["load_timeout_s"] = spec.pop("load_timeout_s")
+    base = {"name": "tenants", "backend": "python", "model": "tenants:Tenants", "base_dir": str(models)}
+    await cluster.deploy(
+        {**base, "replicas": replicas, "resources": {"cpus": 0.1}, "multiplexing": mux, **spec}
+    )
+    await cluster.wait_ready("tenants", replicas)
+
+
+async def test_ids_stay_on_their_replica_and_the_least_recent_is_evicted(tmp_path: Path) -> None:
     async with ProcessCluster(tmp_path / "cluster") as cluster:
-        await cluster.deploy(
-            {
-                "name": "tenants",
-                "backend": "python",
-                "model": "tenants:Tenants",
-                "base_dir": str(models),
-                "replicas": 2,
-                "resources": {"cpus": 0.1},
-                "multiplexing": {"max_models_per_replica": 2},
-            }
-        )
-        await cluster.wait_ready("tenants", 2)
+        await deploy_tenants(cluster, tmp_path / "models", MODELS, replicas=2)
         base = f"http://{cluster.http_address()}"
         async with httpx.AsyncClient(base_url=base, timeout=20) as http:
 
@@ -103,3 +106,73 @@ async def test_ids_stay_on_their_replica_and_the_least_recent_is_evicted(tmp_pat
         assert sum(evictions.values()) == 1.0
         assert set(evictions) <= {"t1", "t2", "t3"}
         assert counts(text, "shoal_multiplexed_model_hits") == {"t1": 4.0, "t2": 4.0, "t3": 4.0}
+
+
+SLOW_MODELS = '''
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).parent
+
+
+class Tenants:
+    """Model id ``stuck`` loads only once the file ``release`` exists (a network share that
+    does not answer); any other id loads at once."""
+
+    def load_model(self, model_id):
+        if model_id == "stuck":
+            (HERE / "stuck-started").touch()
+            deadline = time.monotonic() + 60
+            while not (HERE / "release").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return Tenant(model_id)
+
+
+class Tenant:
+    def __init__(self, model_id):
+        self.model_id = model_id
+
+    def predict(self, inputs):
+        return {"pid": np.full(len(inputs["x"]), os.getpid(), dtype=np.int64)}
+'''
+
+
+async def test_a_stuck_load_holds_up_no_other_id_and_is_answered_past_its_bound(tmp_path: Path) -> None:
+    """One replica, two slots. Before: model id ``stuck``'s load held the replica's one lock,
+    so a request for ``t2`` waited the whole deadline (20 s here) for it. Now ``t2`` loads
+    in the other slot at once; ``stuck``'s request is answered UNAVAILABLE once its load
+    runs past ``load_timeout_s``, and once that load returns the id is served."""
+    models = tmp_path / "models"
+    async with ProcessCluster(tmp_path / "cluster") as cluster:
+        await deploy_tenants(cluster, models, SLOW_MODELS, replicas=1, timeout_s=20, load_timeout_s=2)
+        base = f"http://{cluster.http_address()}"
+        async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+
+            async def infer(model_id: str) -> httpx.Response:
+                body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]}
+                headers = {"shoal-multiplexed-model-id": model_id}
+                return await http.post("/v2/models/tenants/infer", json=body, headers=headers)
+
+            stuck = asyncio.create_task(infer("stuck"))
+            deadline = time.monotonic() + 10
+            while not (models / "stuck-started").exists():
+                assert time.monotonic() < deadline, "the load of 'stuck' did not begin"
+                await asyncio.sleep(0.05)
+            started = time.monotonic()
+            r = await infer("t2")
+            assert r.status_code == 200, r.text
+            assert time.monotonic() - started < 5  # not the 20 s deadline
+
+            r = await stuck
+            assert r.status_code == 503, r.text
+            assert "model id 'stuck' did not load within 2s (multiplexing.load_timeout_s)" in r.text
+
+            (models / "release").touch()
+            deadline = time.monotonic() + 10
+            while (r := await infer("stuck")).status_code != 200:
+                assert r.status_code == 503 and "did not load within 2s" in r.text, r.text
+                assert time.monotonic() < deadline, r.text
+                await asyncio.sleep(0.1)

@@ -5,7 +5,9 @@ door's checks of the model id, and the metrics' bounded labels."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
@@ -45,6 +47,7 @@ from tests.unit.test_dataplane import Aborted, Context
 pytestmark = pytest.mark.timeout(10)
 
 MUX = {"max_models_per_replica": 2}
+LOAD_S = 30.0  # the caches' load_timeout_s, unless a test needs a short one
 
 
 def x(value: float = 1.0) -> payload.Tensors:
@@ -135,6 +138,11 @@ class Ids(Backend):
         self.hold: dict[str, asyncio.Event] = {}
         self.load_started = threading.Event()
         self.load_gate: threading.Event | None = None  # set: loads wait for it (on their thread)
+        self.id_gates: dict[str, threading.Event] = {}  # one id's load waits for its event
+        self.load_starts: collections.Counter[str] = collections.Counter()
+        self.live = 0  # ids loading or loaded, as the backend sees them
+        self.most_live = 0
+        self._live_lock = threading.Lock()
 
     def _load(self) -> None:
         pass
@@ -152,9 +160,25 @@ class One(Backend):
         self.parent, self.model_id = parent, model_id
 
     def _load(self) -> None:
+        parent = self.parent
+        with parent._live_lock:
+            parent.load_starts[self.model_id] += 1
+            parent.live += 1
+            parent.most_live = max(parent.most_live, parent.live)
+        try:
+            self._load_gated()
+        except BaseException:
+            with parent._live_lock:
+                parent.live -= 1
+            raise
+
+    def _load_gated(self) -> None:
         self.parent.load_started.set()
         if self.parent.load_gate is not None:
             self.parent.load_gate.wait(5)
+        gate = self.parent.id_gates.get(self.model_id)
+        if gate is not None:
+            gate.wait(30)
         if self.model_id == "missing":
             raise NotFound("model id 'missing' does not exist")
         self.parent.loaded_ids.append(self.model_id)
@@ -168,6 +192,8 @@ class One(Backend):
 
     def _unload(self) -> None:
         self.parent.unloaded.append(self.model_id)
+        with self.parent._live_lock:
+            self.parent.live -= 1
 
 
 def rows(n: int = 1) -> Tensors:
@@ -177,7 +203,7 @@ def rows(n: int = 1) -> Tensors:
 @pytest.fixture
 async def cache() -> AsyncIterator[tuple[ModelCache, Ids]]:
     parent = Ids()
-    c = ModelCache(parent, 2, parent.spec.batching)
+    c = ModelCache(parent, 2, parent.spec.batching, LOAD_S)
     yield c, parent
     await c.aclose()
 
@@ -207,7 +233,7 @@ async def test_concurrent_first_requests_share_one_load(cache: tuple[ModelCache,
 
 async def test_a_batch_never_mixes_model_ids() -> None:
     parent = Ids()
-    c = ModelCache(parent, 2, Batching(max_batch_size=8, max_delay_ms=20))
+    c = ModelCache(parent, 2, Batching(max_batch_size=8, max_delay_ms=20), LOAD_S)
     try:
         ids = ["a", "b"] * 6
         outs = await asyncio.gather(*(c.submit(m, rows(2)) for m in ids))
@@ -257,6 +283,102 @@ async def test_two_ids_loading_beside_a_busy_one_do_not_evict_each_other(
     assert dict(c.evictions) == {"a": 1}
 
 
+async def loading(parent: Ids, *model_ids: str) -> None:
+    """Until each of ``model_ids`` has begun loading."""
+    deadline = time.monotonic() + 5
+    while not all(parent.load_starts[m] for m in model_ids):
+        assert time.monotonic() < deadline, f"{model_ids} did not begin loading: {parent.load_starts}"
+        await asyncio.sleep(0.01)
+
+
+def gate(parent: Ids, *model_ids: str) -> list[threading.Event]:
+    """The loads of ``model_ids`` wait, on their threads, until their events are set."""
+    for m in model_ids:
+        parent.id_gates[m] = threading.Event()
+    return [parent.id_gates[m] for m in model_ids]
+
+
+@pytest.fixture
+async def gated(cache: tuple[ModelCache, Ids]) -> AsyncIterator[tuple[ModelCache, Ids]]:
+    """The cache, each gated load let go at the end (a thread cannot be stopped)."""
+    yield cache
+    for event in cache[1].id_gates.values():
+        event.set()
+
+
+async def test_a_stuck_load_does_not_hold_up_other_ids(gated: tuple[ModelCache, Ids]) -> None:
+    """The finding: every load and eviction ran under one lock, so a load that hung (a model
+    on a network share that did not answer) kept every other new id waiting until its
+    deadline, though a slot was free. Now each load takes a slot of its own."""
+    c, parent = gated
+    [stuck_gate] = gate(parent, "stuck")
+    stuck = asyncio.create_task(c.submit("stuck", rows()))
+    await loading(parent, "stuck")
+    out = await asyncio.wait_for(c.submit("b", rows()), 2)
+    assert list(out["model"]) == ["b"]
+    assert not stuck.done()
+    assert c.waited_for("stuck") == "model id 'stuck' was still loading"
+    stuck_gate.set()
+    assert list((await asyncio.wait_for(stuck, 5))["model"]) == ["stuck"]
+    assert dict(c.loads) == {"stuck": 1, "b": 1}
+
+
+async def test_with_every_slot_loading_a_new_id_waits_for_one(gated: tuple[ModelCache, Ids]) -> None:
+    """At most N ids are loaded or loading: a third id waits (no load of its own begins)
+    until a slot frees, and a request that runs out of time waiting gives up alone."""
+    c, parent = gated
+    gate_a, gate_b = gate(parent, "a", "b")
+    first = [asyncio.create_task(c.submit(m, rows())) for m in ("a", "b")]
+    await loading(parent, "a", "b")
+    third = asyncio.create_task(c.submit("c", rows()))
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(c.submit("d", rows()), 0.2)  # its deadline
+    assert not third.done() and not parent.load_starts["c"] and not parent.load_starts["d"]
+    assert c.waited_for("d") == "all 2 model slots were loading other ids"
+    gate_a.set()
+    assert list((await asyncio.wait_for(first[0], 5))["model"]) == ["a"]
+    assert list((await asyncio.wait_for(third, 5))["model"]) == ["c"]  # a, idle, made room
+    assert not first[1].done()
+    gate_b.set()
+    assert list((await asyncio.wait_for(first[1], 5))["model"]) == ["b"]
+    assert dict(c.loads) == {"a": 1, "b": 1, "c": 1}
+    assert dict(c.evictions) == {"a": 1}
+    assert parent.most_live == 2
+
+
+async def test_a_load_past_its_time_bound_is_answered_and_keeps_its_slot_until_it_returns() -> None:
+    """A load past ``load_timeout_s`` answers its requests UNAVAILABLE (so does the id's next
+    one, at once: no second thread loads it); its thread keeps the slot; when every slot is
+    held so, a new id is refused at once. A late load that succeeds is then served."""
+    parent = Ids()
+    c = ModelCache(parent, 2, parent.spec.batching, 0.2)
+    gate_s, gate_t = gate(parent, "s", "t")
+    try:
+        started = time.monotonic()
+        with pytest.raises(Unavailable, match=r"model id 's' did not load within 0\.2s"):
+            await c.submit("s", rows())
+        assert time.monotonic() - started < 2
+        with pytest.raises(Unavailable, match="did not load within"):
+            await asyncio.wait_for(c.submit("s", rows()), 0.1)
+        assert list((await c.submit("b", rows()))["model"]) == ["b"]  # the other slot
+        with pytest.raises(Unavailable, match="model id 't' did not load"):
+            await c.submit("t", rows())  # took b's slot
+        with pytest.raises(Unavailable, match=r"all 2 model slots .* past 0\.2s .*: s, t"):
+            await asyncio.wait_for(c.submit("u", rows()), 0.1)
+        gate_s.set()
+        deadline = time.monotonic() + 5
+        while "s" not in c.held():
+            assert time.monotonic() < deadline, "the late load of s was not kept"
+            await asyncio.sleep(0.01)
+        assert list((await c.submit("s", rows()))["model"]) == ["s"]
+        assert dict(parent.load_starts) == {"s": 1, "b": 1, "t": 1}
+        assert parent.most_live == 2
+    finally:
+        gate_s.set()
+        gate_t.set()
+        await c.aclose()
+
+
 async def test_a_failed_load_is_the_clients_error_and_is_not_remembered(
     cache: tuple[ModelCache, Ids],
 ) -> None:
@@ -272,7 +394,7 @@ async def test_a_failed_load_is_the_clients_error_and_is_not_remembered(
 async def test_a_request_waiting_for_a_load_gets_unavailable_when_the_replica_closes() -> None:
     parent = Ids()
     parent.load_gate = threading.Event()
-    c = ModelCache(parent, 2, parent.spec.batching)
+    c = ModelCache(parent, 2, parent.spec.batching, LOAD_S)
     waiting = asyncio.create_task(c.submit("a", rows()))
     await asyncio.to_thread(parent.load_started.wait, 5)
     try:

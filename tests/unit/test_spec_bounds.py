@@ -279,6 +279,14 @@ def test_yaml_nested_too_deep_is_invalid_argument(tmp_path: Path) -> None:
         ({"max_models_per_replica": 1001}, "multiplexing.max_models_per_replica: Input should be less than"),
         ({}, "multiplexing.max_models_per_replica: Field required"),
         ({"max_models_per_replica": 2, "lru": True}, "multiplexing.lru: Extra inputs are not permitted"),
+        (
+            {"max_models_per_replica": 2, "load_timeout_s": 0},
+            "multiplexing.load_timeout_s: Input should be greater than 0",
+        ),
+        (
+            {"max_models_per_replica": 2, "load_timeout_s": 86_401},
+            "multiplexing.load_timeout_s: Input should be less than or equal to 86400",
+        ),
     ],
 )
 def test_a_bad_multiplexing_section_is_refused_naming_the_field(
@@ -293,6 +301,15 @@ def test_multiplexing_changes_the_process_hash_and_its_absence_keeps_the_old_one
     assert multiplexed.multiplexing is not None and multiplexed.multiplexing.max_models_per_replica == 20
     assert multiplexed.process_hash() != plain.process_hash()
     assert "multiplexing" not in plain.model_dump_json(exclude_defaults=True)
+
+
+def test_a_load_timeout_left_out_keeps_a_multiplexed_specs_process_hash() -> None:
+    """``multiplexing.load_timeout_s`` came later: a spec without it keeps the hash it had
+    (its replicas are not restarted by an upgrade); setting it restarts them."""
+    mux = {**BASE, "multiplexing": {"max_models_per_replica": 20}}
+    assert parse_spec(mux).process_hash() == "22297a2ef1ef"  # as before the field existed
+    timed = parse_spec({**BASE, "multiplexing": {"max_models_per_replica": 20, "load_timeout_s": 30}})
+    assert timed.process_hash() != "22297a2ef1ef"
 
 
 @pytest.mark.parametrize("model_id", ["../etc/passwd", "a/b", ".hidden", "", "x" * 129, "a\n", "é", "a b"])
