@@ -180,9 +180,11 @@ async def start_head(
     http_address = _addr(settings.advertised, http.port)
     _write_endpoints(state_dir, head=address, head_http=http_address)
     log.info("head listening on %s (gRPC) and %s://%s (REST, dashboard)", address, http.scheme, http_address)
-    if leadership is not None:
+    if leadership is None:
+        _mirror_blobs(settings, node, blobs, store, standby_holder(address), stack)
+    else:
         leadership.me = LeaderInfo(address, http_address)
-        await _mirror_blobs(settings, node, blobs, store, leadership, stack)
+        _mirror_blobs(settings, node, blobs, store, standby_holder(address), stack, leadership)
         tasks = TaskSet("head")
         stack.push_async_callback(tasks.aclose)  # before the servers stop: resign first
         tasks.spawn(_lead(leadership, node, on_lost), "leadership")
@@ -195,30 +197,37 @@ def _collect_blobs(node: HeadNode) -> None:
         node.blobs.start(lambda: in_use(node), every_s=min(60.0, node.blobs.grace_s))
 
 
-async def _mirror_blobs(
+def _mirror_blobs(
     settings: Settings,
     node: HeadNode,
     blobs: BlobStore,
     store: Store,
-    leadership: Leadership,
+    me: str,
     stack: AsyncExitStack,
+    leadership: Leadership | None = None,
 ) -> None:
-    """With standby heads: every head keeps a copy of every blob (shoal.head.blob_mirror),
-    and collects, as leader, what no deployment names, as a standby, what the index drops."""
-    peers = GrpcHeadPeers(settings, standby_holder(leadership.me.grpc))
+    """Fetch back the listed blobs this head lacks from the schedulers holding them
+    (shoal.head.blob_mirror; ``me``: this head's holder name). With standby heads
+    (``leadership``) every head keeps a copy of every blob too, and collects, as leader,
+    what no deployment names, as a standby, what the index drops; the single head collects
+    already (_collect_blobs)."""
+    peers = GrpcHeadPeers(settings, me)
     stack.push_async_callback(peers.aclose)
     mirror = BlobMirror(
         blobs,
         store,
         peers,
-        leading=lambda: leadership.serving,
-        leader=lambda: leadership.leader.grpc if leadership.leader and not leadership.leading else None,
+        leading=lambda: leadership is None or leadership.serving,
+        leader=lambda: (
+            leadership.leader.grpc if leadership and leadership.leader and not leadership.leading else None
+        ),
         named=lambda: in_use(node),
         holders=lambda sha256: holder_addresses(node, blobs, sha256),
     )
     mirror.start()
     stack.push_async_callback(mirror.aclose)
-    blobs.start(lambda: in_use(node) if leadership.serving else mirror.listed(), min(60.0, blobs.grace_s))
+    if leadership is not None:
+        blobs.start(lambda: in_use(node) if leadership.serving else mirror.listed(), min(60.0, blobs.grace_s))
 
 
 async def _open_store(settings: Settings, state_dir: Path) -> SqliteStore | EtcdStore:

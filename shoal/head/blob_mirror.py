@@ -20,8 +20,19 @@ register; standbys, what they hold when they see a new leader; a standby answers
 ``Download`` though it answers nothing else). The leader's passes come every
 ``10 * every_s`` unless an upload completes; a standby's, every ``every_s``.
 
-At most ``concurrency`` fetches run at once; one that fails is tried again on a later pass,
-after a pause that doubles (up to a minute). A blob over this head's size limit is not
+The single head (the SQLite store) runs one too, leading always, the index in its own
+store: a blob it lost from its disk while the index lists it (deleted, a disk cleanup, the
+database restored without the blob folder; or deleted as damaged when it was served,
+``BlobStore.read``) is fetched back from a scheduler that holds a verified copy, as a
+leader that took over does. A pass comes every ``10 * every_s``, and at once when someone
+asks the head for a blob it lacks (:meth:`BlobStore.on_missing`). Fetching it back used to
+be left to the standbys' mirror: a single head that lost a blob failed every new replica
+of the deployments naming it until the blob was uploaded again.
+
+At most ``concurrency`` fetches run at once, one per blob; each writes at most the size the
+index records and is kept only if its hash is the blob's (:meth:`BlobStore.receive`); a
+source that sends no byte for ``idle_s`` (:data:`IDLE_S`) is left for the next. One that fails is tried
+again on a later pass, after a pause that doubles (up to a minute). A blob over this head's size limit is not
 fetched (logged once: give every head the same ``max_blob_mb``). Its loop and fetches run
 in a TaskSet of its own (:meth:`start`, :meth:`aclose`).
 """
@@ -39,7 +50,7 @@ from typing import Protocol
 
 from shoal.core.blobs import HEX
 from shoal.core.tasks import TaskSet
-from shoal.errors import ShoalError
+from shoal.errors import ShoalError, Unavailable
 from shoal.head.blobs import STANDBY, STANDBY_ALIVE_S, BlobStore
 from shoal.store.base import Store
 
@@ -49,6 +60,8 @@ INDEX = "blobs/"
 """The store's keys of the blob index: ``blobs/<sha256>``."""
 
 RETRY_MAX_S = 60.0
+IDLE_S = 30.0
+"""A fetch from a source that sends no byte for this long ends; the next source is tried."""
 SETTLE_S = 2 * STANDBY_ALIVE_S
 """How long a new leader waits for the holders to speak before it drops index entries."""
 
@@ -93,9 +106,10 @@ class BlobMirror:
         every_s: float = 0.5,
         concurrency: int = 2,
         settle_s: float = SETTLE_S,
+        idle_s: float = IDLE_S,
     ) -> None:
-        if every_s <= 0 or concurrency < 1:
-            raise ValueError("every_s must be > 0 and concurrency >= 1")
+        if every_s <= 0 or concurrency < 1 or idle_s <= 0:
+            raise ValueError("every_s and idle_s must be > 0, and concurrency >= 1")
         self.blobs = blobs
         self.store = store
         self.peers = peers
@@ -105,6 +119,7 @@ class BlobMirror:
         self._holders = holders
         self.every_s = every_s
         self.settle_s = settle_s
+        self.idle_s = idle_s
         self._slots = asyncio.Semaphore(concurrency)
         self._index: dict[str, int] = {}
         self._index_at = -1.0  # monotonic time of the last good read of the index
@@ -118,6 +133,7 @@ class BlobMirror:
 
     def start(self) -> None:
         self.blobs.on_whole = lambda sha256: self._wake.set()
+        self.blobs.on_missing = lambda sha256: self._wake.set()
         self._tasks.spawn(self._loop(), "mirror")
 
     async def aclose(self) -> None:
@@ -255,13 +271,22 @@ class BlobMirror:
             have = self.blobs.stat(sha256).have
             try:
                 chunks = self.peers.download(address, sha256, have, head=head)
+                chunks = _until_idle(chunks, address, self.idle_s)
                 info = await self.blobs.receive(sha256, size, have, chunks)
             except ShoalError as err:  # InvalidArgument too: bytes that are not the blob
                 error = f"{address}: {err}"
                 continue
             if info.complete:
                 self._failures.pop(sha256, None)
-                log.info("blob mirror: copied sha256:%s (%d bytes) from %s", sha256[:12], size, address)
+                if leader:
+                    log.info("blob mirror: copied sha256:%s (%d bytes) from %s", sha256[:12], size, address)
+                else:
+                    log.warning(
+                        "fetched back blob sha256:%s (%d bytes) from %s: this head had lost it",
+                        sha256[:12],
+                        size,
+                        address,
+                    )
                 if leader:
                     with contextlib.suppress(ShoalError):  # said again when the leader changes
                         await self.peers.hold(leader, sha256)
@@ -273,3 +298,16 @@ class BlobMirror:
         log.warning(
             "blob mirror: sha256:%s not copied (%s); trying again in %.1fs", sha256[:12], error, pause
         )
+
+
+async def _until_idle(chunks: AsyncIterator[bytes], address: str, idle_s: float) -> AsyncIterator[bytes]:
+    """``chunks``, ending Unavailable when none comes for ``idle_s``."""
+    while True:
+        try:
+            async with asyncio.timeout(idle_s):
+                chunk = await anext(chunks)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise Unavailable(f"{address} sent no byte for {idle_s:g}s") from None
+        yield chunk

@@ -19,6 +19,10 @@ registers (it tells the head every blob its cache holds) and from their next fet
 A blob being read (a Download in progress, by a scheduler or a standby head) is not
 collected until the read ends.
 
+A blob lost from this disk while the blob index lists it (deleted by hand, say, or
+deleted as damaged when it was served) is fetched back from a scheduler that holds it
+(``shoal.head.blob_mirror``, which the single head runs too).
+
 With standby heads (the etcd store), each keeps a copy (``shoal.head.blob_mirror``): it
 tells the leader it is there (:meth:`BlobStore.standby_seen`) and which blobs it holds
 (holders named :func:`standby_holder`), and the leader's upload answers once a live standby
@@ -145,6 +149,9 @@ class BlobStore:
         self._writing: set[str] = set()
         self._reading: Counter[str] = Counter()  # blob -> Downloads in progress
         self.on_whole: Callable[[str], None] = lambda sha256: None  # a blob just became whole
+        # A blob asked for that this head lacks whole (lost from its disk, or just deleted as
+        # damaged): the mirror (shoal.head.blob_mirror) fetches it back from a holder.
+        self.on_missing: Callable[[str], None] = lambda sha256: None
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks = TaskSet("blobs")
 
@@ -204,9 +211,10 @@ class BlobStore:
 
         The bytes' hash is checked as they are read (those before ``offset`` too), and the
         last chunk is held back until it is: a copy damaged on the head's disk is deleted
-        (logged) and the read ends NotFound instead, so a new upload of the blob replaces
-        it. It used to be sent as it was: every scheduler's fetch failed its hash check, and
-        ``shoal deploy --upload`` of the good file sent nothing (the head said it had it)."""
+        (logged) and the read ends NotFound instead, so that the blob is fetched back from a
+        scheduler holding it (:attr:`on_missing`), or a new upload replaces it. It used to be
+        sent as it was: every scheduler's fetch failed its hash check, and ``shoal deploy
+        --upload`` of the good file sent nothing (the head said it had it)."""
         check_hex(sha256)
         self._reading[sha256] += 1
         path = self._whole(sha256)
@@ -222,13 +230,16 @@ class BlobStore:
                 held = chunk
             if digest.hexdigest() != sha256:
                 await self._damaged(sha256, digest.hexdigest())
+                self.on_missing(sha256)
                 raise NotFound(
                     f"the head's copy of blob sha256:{sha256} was damaged on its disk (its bytes hash "
-                    f"to sha256:{digest.hexdigest()}) and is deleted: upload it again (shoal deploy --upload)"
+                    f"to sha256:{digest.hexdigest()}) and is deleted: it fetches it back from a scheduler "
+                    "that holds it, else upload it again (shoal deploy --upload)"
                 )
             if held:
                 yield held
         except FileNotFoundError:
+            self.on_missing(sha256)
             raise NotFound(f"the head has no blob sha256:{sha256}") from None
         finally:
             self._reading[sha256] -= 1
@@ -236,10 +247,11 @@ class BlobStore:
                 del self._reading[sha256]
 
     async def _damaged(self, sha256: str, actual: str) -> None:
-        """The whole blob ``sha256`` on disk hashes to ``actual``: delete it (a new upload
-        of the blob then replaces it; the schedulers that hold a verified copy keep it)."""
+        """The whole blob ``sha256`` on disk hashes to ``actual``: delete it (it is then
+        fetched back from a scheduler that holds a verified copy, or a new upload replaces it)."""
         log.error(
-            "blob sha256:%s in %s is damaged (its bytes hash to sha256:%s): deleted; upload it again",
+            "blob sha256:%s in %s is damaged (its bytes hash to sha256:%s): deleted; fetching it back "
+            "from a scheduler that holds it, else upload it again",
             sha256[:12],
             self.root,
             actual[:12],

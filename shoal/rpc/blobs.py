@@ -133,6 +133,8 @@ class HeadBlobService(pbg.BlobServicer):
             # A registered scheduler's copy counts even when this head lacks the blob: a head
             # that took over fetches the blobs it lacks from them (shoal.head.blob_mirror).
             self.store.add_holder(request.sha256, request.holder)
+        if not info.complete and not request.holder.startswith(STANDBY):
+            self.store.on_missing(request.sha256)  # lost from the head's disk: fetched back from a holder
         return _stat_pb(info, self.store.max_bytes, holder_addresses(self.node, self.store, request.sha256))
 
     async def Download(
@@ -205,9 +207,18 @@ class GrpcBlobSource:
 
     async def locate(self, sha256: str) -> Located:
         reply = await self._stat(pb.BlobRef(sha256=sha256))
+        holders = [h for h in reply.holders if h != self.own_address]
+        if not reply.complete and holders:
+            # The head lost its copy; a scheduler holds one, and the head fetches it back.
+            raise Unavailable(
+                f"the head is fetching blob sha256:{sha256} back from a scheduler that holds it"
+            )
         if not reply.complete:
-            raise NotFound(f"the head has no blob sha256:{sha256}")
-        return Located(reply.size, [h for h in reply.holders if h != self.own_address])
+            raise NotFound(
+                f"the head has no blob sha256:{sha256} (collected, lost from its disk, or uploaded to "
+                "another head), and no scheduler holds a copy: upload it again (shoal deploy --upload)"
+            )
+        return Located(reply.size, holders)
 
     async def hold(self, sha256: str) -> None:
         await self._stat(pb.BlobRef(sha256=sha256, holder=self._scheduler_id))

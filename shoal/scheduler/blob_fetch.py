@@ -92,9 +92,7 @@ async def fetch(
                 size = located.size
                 holders = list(located.holders)
             except NotFound as err:
-                raise FailedPrecondition(
-                    f"{ref.uri}: {err} (was it collected, or uploaded to another head?)"
-                ) from None
+                raise FailedPrecondition(f"{ref.uri}: {err}") from None
             except ShoalError as err:  # the head cannot be asked now: the peers known, then the head again
                 error = f"the head: {err}"
             random.shuffle(holders)

@@ -1,5 +1,6 @@
 """Standby heads keep a copy of every blob (shoal.head.blob_mirror), the leader's upload
-waits for one, and a scheduler tells each head it registers with which blobs it holds.
+waits for one, a single head fetches back a blob it lost, and a scheduler tells each head
+it registers with which blobs it holds.
 
 No sockets: a MemoryStore for the shared store, BlobStores on tmp folders, fake peers."""
 
@@ -38,6 +39,7 @@ class FakePeers:
     def __init__(self) -> None:
         self.blobs: dict[str, dict[str, bytes]] = {}
         self.fail_after: dict[str, int] = {}  # address -> the stream drops at this byte
+        self.stall: set[str] = set()  # addresses that answer and then send nothing
         self.calls: list[tuple[str, int, bool]] = []
         self.hellos: list[str] = []
         self.held: list[tuple[str, str]] = []
@@ -54,6 +56,8 @@ class FakePeers:
         if data is None:
             raise NotFound(f"{address} has no blob sha256:{sha256}")
         stop = self.fail_after.pop(address, len(data))
+        if address in self.stall:
+            await asyncio.sleep(3600)
         for i in range(offset, len(data), 1000):
             if i >= stop:
                 raise Unavailable(f"{address} died")
@@ -212,6 +216,73 @@ async def test_a_blob_being_read_is_not_collected(tmp_path: Path) -> None:
     rest = b"".join([c async for c in reading])
     assert first + rest == DATA
     assert await blobs.collect(set(), now=1e12) == [SHA]
+
+
+def single_head(blobs: BlobStore, store: MemoryStore, peers: FakePeers, holders: list[str]) -> BlobMirror:
+    """The mirror of a head without standbys (the SQLite store): it leads, always."""
+    return BlobMirror(
+        blobs,
+        store,
+        peers,
+        leading=lambda: True,
+        leader=lambda: None,
+        named=lambda: {SHA},
+        holders=lambda sha256: list(holders),
+        every_s=3600,  # passes only when woken
+        idle_s=0.2,
+    )
+
+
+async def test_a_single_head_fetches_back_a_blob_damaged_on_its_disk_from_a_scheduler_holding_it(
+    tmp_path: Path,
+) -> None:
+    """The damaged copy is deleted as it is served (commit 6281c05); the head used to wait
+    for a new upload of it. Now the read that found it wakes the mirror, which fetches the
+    blob back from a scheduler holding it."""
+    store = MemoryStore()
+    blobs = blob_store(tmp_path / "head")
+    await blobs.receive(SHA, len(DATA), 0, chunks_of(DATA))
+    peers = FakePeers()
+    peers.blobs["sched:1"] = {SHA: DATA}
+    mirror = single_head(blobs, store, peers, ["sched:1"])
+    await mirror.run_pass()  # lists the blob, with its size
+    assert [e.key for e in await store.list(INDEX)] == [INDEX + SHA]
+    path = tmp_path / "head" / SHA
+    path.write_bytes(DATA[:-1] + bytes([DATA[-1] ^ 0xFF]))
+    mirror.start()
+    try:
+        with pytest.raises(NotFound, match=r"damaged on its disk .* fetches it back from a scheduler"):
+            async for _ in blobs.read(SHA, 0):
+                pass
+        async with asyncio.timeout(5):
+            while not blobs.stat(SHA).complete:
+                await asyncio.sleep(0.01)
+        assert path.read_bytes() == DATA
+        assert peers.calls == [("sched:1", 0, False)]
+    finally:
+        await mirror.aclose()
+
+
+async def test_a_fetch_back_leaves_a_scheduler_that_stalls_or_sends_more_than_the_recorded_size(
+    tmp_path: Path,
+) -> None:
+    store = MemoryStore()
+    await store.put(INDEX + SHA, json.dumps({"size": len(DATA)}))
+    peers = FakePeers()
+    peers.blobs = {"long:1": {SHA: DATA + b"x" * 1000}, "stalls:1": {SHA: DATA}, "good:1": {SHA: DATA}}
+    peers.stall.add("stalls:1")
+    blobs = blob_store(tmp_path / "head")
+    mirror = single_head(blobs, store, peers, ["long:1", "stalls:1"])
+    async with asyncio.timeout(5):
+        await mirror.run_pass()
+        await mirror.settle()
+    assert not blobs.stat(SHA).complete and mirror._failures[SHA][0] == 1
+    assert sorted(c[0] for c in peers.calls) == ["long:1", "stalls:1"]
+
+    mirror = single_head(blobs, store, peers, ["good:1"])
+    await mirror.run_pass()
+    await mirror.settle()
+    assert (tmp_path / "head" / SHA).read_bytes() == DATA
 
 
 class FakeHead:
