@@ -4,9 +4,11 @@ The head knows which schedulers hold a blob whole (:meth:`BlobSource.locate`): e
 it once it has fetched and verified one (:meth:`BlobSource.hold`). A fetch
 tries them in random order (so that many schedulers starting one model spread over the
 ones that have it), then the head; a source that fails or ends early is left for the
-next, which continues from the bytes already written. When every source has failed it
-waits a little and asks again (a restarted head, a peer back), until no byte has come for
-``give_up_s``. The bytes' hash is checked at the end.
+next, which continues from the bytes already written, but for those of a source that ended
+NotFound (the head found its copy damaged as it sent it, and deleted it): they are dropped.
+When every source has failed it waits a little and asks again (a restarted head, a peer
+back; the head fetching back a blob it lost), until no byte has come for ``give_up_s``.
+The bytes' hash is checked at the end.
 
 The head keeps which schedulers hold a blob in memory only, so a scheduler tells it again
 every blob its cache holds each time it registers (:class:`Announcer`): a restarted head,
@@ -24,7 +26,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from shoal.core.blobs import BlobRef
 from shoal.core.tasks import TaskSet
@@ -99,6 +101,7 @@ async def fetch(
             for address in [*holders, HEAD]:
                 if stop.is_set():
                     raise Unavailable(f"{ref.uri}: the download was stopped (the scheduler is shutting down)")
+                start, start_digest = have, digest.copy()
                 try:
                     async for chunk in source.download(address, ref.sha256, have):
                         if 0 <= size < have + len(chunk):
@@ -113,6 +116,11 @@ async def fetch(
                     log.warning(
                         "fetching %s from %s failed at byte %d: %s", ref.uri, address or "the head", have, err
                     )
+                    if isinstance(err, NotFound) and have > start:
+                        # It found its copy damaged as it sent it (the head checks the hash as it
+                        # serves a blob, and deletes a damaged copy): its bytes are dropped.
+                        await asyncio.to_thread(_truncate, out, start)
+                        have, digest = start, start_digest
                     continue
                 if have == size:
                     break
@@ -130,6 +138,11 @@ async def fetch(
         await source.hold(ref.sha256)
     except ShoalError as err:  # peers will not be pointed here; nothing else is lost
         log.info("could not tell the head this scheduler holds %s: %s", ref.uri, err)
+
+
+def _truncate(out: BinaryIO, size: int) -> None:
+    out.seek(size)
+    out.truncate()
 
 
 class Announcer:

@@ -215,6 +215,7 @@ class FakeSource:
         self.head_has = True
         self.held: list[str] = []
         self.head_down = 0  # the head fails this many more locates (and downloads meanwhile)
+        self.damaged: dict[str, bytes] = {}  # address -> its copy, sent once and found damaged
 
     async def locate(self, sha256: str) -> Located:
         if self.head_down:
@@ -231,6 +232,10 @@ class FakeSource:
         self.calls.append((address, offset))
         if address == HEAD and self.head_down:
             raise Unavailable("the head is down")
+        if (damaged := self.damaged.pop(address, None)) is not None:
+            for i in range(offset, len(damaged) - 1000, 1000):
+                yield damaged[i : i + 1000]  # all but the last chunk, held back for the hash check
+            raise NotFound(f"{address or 'the head'}'s copy was damaged and is deleted")
         stop = self.fail_after.pop(address, len(self.data))
         for i in range(offset, len(self.data), 1000):
             if i >= stop:
@@ -273,6 +278,18 @@ async def test_a_fetch_waits_for_a_head_that_died_mid_download_and_resumes(tmp_p
     await fetch_into(source, tmp_path / "m.bin")
     assert (tmp_path / "m.bin").read_bytes() == DATA
     assert source.calls[0] == (HEAD, 0) and source.calls[-1] == (HEAD, 3000)
+
+
+async def test_a_fetch_drops_the_bytes_of_a_source_that_found_its_copy_damaged(tmp_path: Path) -> None:
+    """The head sends a damaged copy but its last chunk, then ends NotFound (it checks the
+    hash as it serves, and deletes it). The fetch used to continue after those bytes from
+    the next source, and fail its hash check at the end: now it drops them."""
+    source = FakeSource(DATA, holders=["peer:1"])
+    source.fail_after["peer:1"] = 0
+    source.damaged[HEAD] = DATA[:3000] + bytes([DATA[3000] ^ 0xFF]) + DATA[3001:]
+    await fetch_into(source, tmp_path / "m.bin")
+    assert (tmp_path / "m.bin").read_bytes() == DATA
+    assert source.calls[:2] == [("peer:1", 0), (HEAD, 0)] and source.calls[-1][1] == 0
 
 
 async def test_a_fetch_fails_clearly_for_a_blob_the_head_lacks_or_bytes_that_are_not_it(
