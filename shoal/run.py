@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import functools
 import json
 import logging
 import os
@@ -377,6 +378,7 @@ async def start_scheduler(
         await workers.start()
         stack.push_async_callback(workers.aclose)
         node.ingress_drains.append(workers.drain)
+        node.ingress_kills.append(workers.kill_now)
     blob_source.own_address = address
     node.start(address, http_address)
     # Closed before the servers stop: requests, then replicas, drain while ingress still answers.
@@ -565,6 +567,13 @@ class IngressWorkers:
         except TimeoutError:
             log.warning("ingress workers still running %gs after they were told to stop", grace_s + 2.0)
 
+    def kill_now(self) -> None:
+        """SIGKILL every worker, not to be started again (a second signal at shutdown)."""
+        self._closing = True
+        for proc in self._procs.values():
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGKILL)
+
     async def aclose(self) -> None:
         self._closing = True
         for proc in self._procs.values():
@@ -580,12 +589,31 @@ class IngressWorkers:
 
 
 async def _serve(
-    setup: Callable[[AsyncExitStack], Awaitable[None]], stop: asyncio.Event | None = None
+    setup: Callable[[AsyncExitStack], Awaitable[None]],
+    stop: asyncio.Event | None = None,
+    kill_now: Callable[[], None] | None = None,
 ) -> None:
+    """Run what ``setup`` starts until SIGTERM or SIGINT, then unwind it (gracefully). A
+    second signal while shutting down stops at once, as a second Ctrl-C does in most
+    tools: ``kill_now`` kills what this process started (replicas, ingress workers), and the
+    process exits with 128 + the signal's number, requests in flight failing."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not stop.is_set():
+            stop.set()
+            return
+        log.warning(
+            "%s again while shutting down: stopping now, without waiting for requests or replicas",
+            sig.name,
+        )
+        if kill_now is not None:
+            kill_now()
+        os._exit(128 + sig)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     async with AsyncExitStack() as stack:
         await setup(stack)
         await stop.wait()
@@ -613,6 +641,11 @@ async def run_head(settings: Settings) -> None:
         raise SystemExit(LOST_LEADERSHIP_EXIT)
 
 
+def _kill_now(nodes: list[SchedulerNode]) -> None:
+    for node in nodes:
+        node.kill_now()
+
+
 def _stop_when_refused(node: SchedulerNode, stop: asyncio.Event) -> None:
     """Stop the process when the head refuses ``node``'s id (``SchedulerNode.refused``)."""
     node.on_refused = stop.set
@@ -633,7 +666,7 @@ async def run_scheduler(settings: Settings, zygote: Zygote | None = None) -> Non
         _stop_when_refused(node, stop)
         pin_ingress(settings, node)
 
-    await _serve(setup, stop)
+    await _serve(setup, stop, functools.partial(_kill_now, nodes))
     for node in nodes:
         if node.refused is not None:
             raise node.refused
@@ -666,7 +699,7 @@ async def run_up(
             stack.push_async_callback(tasks.aclose)
             await on_ready(head, scheduler, tasks)
 
-    await _serve(setup, stop)
+    await _serve(setup, stop, functools.partial(_kill_now, nodes))
     for node in nodes:
         if node.refused is not None:
             raise node.refused

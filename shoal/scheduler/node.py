@@ -155,6 +155,7 @@ class SchedulerNode:
         # The drains of this scheduler's other ingress processes (``shoal.run.IngressWorkers``):
         # each refuses new requests and returns once those it admitted are answered.
         self.ingress_drains: list[Callable[[float], Awaitable[object]]] = []
+        self.ingress_kills: list[Callable[[], None]] = []  # each ingress worker pool's kill_now
         self.registered = asyncio.Event()
         self.on_registered: Callable[[], None] = lambda: None  # after each registration
         # Set when the head refused this scheduler's id (another live scheduler holds it):
@@ -287,6 +288,14 @@ class SchedulerNode:
                 pass
             await self.clock.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
+
+    def kill_now(self) -> None:
+        """SIGKILL the ingress workers and every replica (its process group: what its model
+        started too), without draining: the process is about to exit (a second signal at
+        shutdown, ``shoal.run``). The head treats it as a scheduler killed."""
+        for kill in self.ingress_kills:
+            kill()
+        self.supervisor.kill_now()
 
     async def aclose(self, grace_s: float | None = None) -> None:
         """Shut down within ``grace_s`` (``shutdown_grace_s``): take no new replica and refuse

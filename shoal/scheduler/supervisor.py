@@ -473,6 +473,12 @@ class ReplicaSupervisor:
         self._tasks.spawn(self._stop(rep, graceful=graceful, grace_s=grace_s), f"stop-{replica_id}")
         return True
 
+    def kill_now(self) -> None:
+        """SIGKILL every replica, and with it what its model started, not draining any (the
+        scheduler is about to exit: :meth:`SchedulerNode.kill_now`)."""
+        for rep in list(self.registry.values()):
+            _signal(rep.process, signal.SIGKILL)
+
     async def _stop(self, rep: LocalReplica, *, graceful: bool, grace_s: float | None = None) -> None:
         grace = (self.settings.shutdown_grace_s if grace_s is None else grace_s) if graceful else 0.0
         if graceful and rep.address:

@@ -11,6 +11,7 @@ that would never come, and the HTTP server cancelled them 2 s later (a bare 500)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 
 from shoal.errors import Code, ShoalError
@@ -103,3 +105,43 @@ async def test_sigterm_answers_admitted_requests_and_refuses_the_rest(tmp_path: 
         log = sched.log.read_text()
         assert "Exception in ASGI application" not in log and "Traceback" not in log, log[-3000:]
         assert not cluster.leftover_replicas()
+
+
+async def test_a_second_signal_while_shutting_down_stops_at_once(tmp_path: Path) -> None:
+    # A replica busy with a request it will not finish: the first SIGTERM waits out the grace
+    # (60 s here) for it; a second, as a second Ctrl-C, kills it and the ingress worker now.
+    held = tmp_path / "held"
+    env = {"SHOAL_INGRESS_WORKERS": "2", "SHOAL_SHUTDOWN_GRACE_S": "60"}
+    async with ProcessCluster(tmp_path, env=env) as cluster:
+        await cluster.deploy(gated("held", held))
+        [replica] = await cluster.wait_ready("held", 1)
+        sched = cluster.schedulers[0]
+        hold(held)
+        running = asyncio.create_task(post(f"http://{cluster.http_address()}/v2/models/held/infer"))
+        await until(lambda: entered(held), "the request in the model", timeout_s=20)
+        started = psutil.Process(sched.pid).children(recursive=True)  # zygote, ingress worker, replica
+        assert len(started) >= 3, started
+
+        sched.signal(signal.SIGTERM)
+        await until(lambda: "shutting down" in sched.log.read_text(), "the scheduler shutting down")
+        await asyncio.sleep(1.0)
+        assert sched.alive(), "exited before its grace, with a request in flight"
+        signalled = time.monotonic()
+        sched.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(sched.wait, 10) == 128 + signal.SIGTERM
+        assert time.monotonic() - signalled < 5.0
+        assert "SIGTERM again while shutting down: stopping now" in sched.log.read_text()
+
+        def left() -> list[psutil.Process]:
+            alive = []
+            for p in started:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                        alive.append(p)
+            return alive
+
+        await until(lambda: not left(), "every process it started gone", timeout_s=5)
+        assert replica["pid"] in [p.pid for p in started]
+        with contextlib.suppress(httpx.HTTPError):
+            assert (await running).status_code != 200
+        release(held)
