@@ -908,6 +908,13 @@ class HeadNode:
                 return
             except NotFound:
                 continue
+            except Unavailable as err:
+                # Its connection closed (a scheduler killed, restarted): gRPC's own words
+                # ("Socket closed") named neither the scheduler nor what was lost.
+                raise Unavailable(
+                    f"scheduler {sid} of replica {replica_id!r} stopped answering: its log cannot "
+                    f"be {'followed' if follow else 'read'} now ({err.message})"
+                ) from err
         raise NotFound(f"no replica {replica_id!r} (and no log for it) on any live scheduler")
 
     # ------------------------------------------------------------ routes

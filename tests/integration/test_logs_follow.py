@@ -122,12 +122,21 @@ async def test_a_follow_ends_when_its_token_is_revoked(tmp_path: Path, examples_
             await follow.wait()
 
 
+@pytest.mark.parametrize(
+    ("sig", "says"),
+    [
+        (signal.SIGSTOP, "is DEAD: its log cannot be followed now"),
+        (signal.SIGKILL, "stopped answering: its log cannot be followed now"),
+    ],
+    ids=["hung", "killed"],
+)
 async def test_a_follow_ends_when_the_replicas_scheduler_is_declared_dead(
-    tmp_path: Path, examples_dir: Path
+    tmp_path: Path, examples_dir: Path, sig: signal.Signals, says: str
 ) -> None:
     """A scheduler that hangs (stopped, as a machine that stops answering; its connection
     stays open): the follow of its replica went on after the head declared it dead, for as
-    long as the client waited. Now it ends, UNAVAILABLE, naming the scheduler."""
+    long as the client waited. Now it ends, UNAVAILABLE, naming the scheduler. One killed
+    (its connection closed) ended in gRPC's words, "Socket closed", naming no scheduler."""
     async with ProcessCluster(tmp_path) as cluster:
         await cluster.deploy(
             {
@@ -149,12 +158,13 @@ async def test_a_follow_ends_when_the_replicas_scheduler_is_declared_dead(
             assert follow.stdout is not None and follow.stderr is not None
             first = await asyncio.wait_for(follow.stdout.readline(), 20)  # it follows
             assert first, (await follow.stderr.read()).decode()
-            cluster.schedulers[0].signal(signal.SIGSTOP)
+            cluster.schedulers[0].signal(sig)
             out, err = await asyncio.wait_for(follow.communicate(), 30)
             assert follow.returncode == 1, (out + err).decode()
-            assert f"of replica {replica['id']!r} is DEAD: its log cannot be followed now" in err.decode()
+            assert f"of replica {replica['id']!r} {says}" in err.decode()
         finally:
-            cluster.schedulers[0].signal(signal.SIGCONT)
+            if sig == signal.SIGSTOP:
+                cluster.schedulers[0].signal(signal.SIGCONT)
             if follow.returncode is None:
                 follow.kill()
             await follow.wait()
