@@ -22,6 +22,7 @@ from shoal.config import Settings
 from shoal.core import affinity
 from shoal.core.alive import process_runs
 from shoal.core.spec import DeploymentSpec, parse_spec_json
+from shoal.core.subreaper import become_subreaper, end_descendants
 from shoal.errors import ShoalError
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.replica.process import ReplicaProcess
@@ -129,10 +130,19 @@ def main() -> None:
     settings = Settings.load(env={}, flags=json.loads(args.settings_json))
     logs.setup(settings.log_format, settings.log_level, component=f"replica {args.replica_id}")
     first_for_the_oom_killer(settings.replica_oom_score_adj)
-    with open(args.spec_file) as f:
-        spec = parse_spec_json(f.read())
-    replica = run_replica(settings, args.replica_id, args.scheduler, spec, args.scheduler_pid)
-    sys.exit(aio.run(replica, settings.event_loop))
+    # What its model detaches (setsid, a daemon forked twice) stays among its descendants,
+    # for end_descendants (shoal.core.subreaper).
+    become_subreaper()
+    try:
+        with open(args.spec_file) as f:
+            spec = parse_spec_json(f.read())
+        replica = run_replica(settings, args.replica_id, args.scheduler, spec, args.scheduler_pid)
+        sys.exit(aio.run(replica, settings.event_loop))
+    finally:
+        # However it ends (drained, failed, orphaned): what its model started ends with it.
+        # Before, a process the model had detached from its process group ran on.
+        if ended := end_descendants():
+            log.info("ended %d processes its model had started", ended)
 
 
 if __name__ == "__main__":

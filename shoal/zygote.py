@@ -21,6 +21,8 @@ The scheduler's end is :class:`Zygote`; :meth:`Zygote.launcher` and :meth:`Zygot
 start children through it and fall back to a plain ``subprocess`` start (the children's
 modules are not forkable here, the zygote is gone, or it could not fork). Children stay
 children of the zygote, which reaps them and tells the scheduler each one's exit status.
+It is a child subreaper (``shoal.core.subreaper``): what a replica killed with SIGKILL
+leaves running outside its process group comes to the zygote, which kills it.
 The zygote exits when the scheduler closes it or goes away; its children do not: they go on
 as before (a replica exits on its own once its scheduler is unreachable).
 """
@@ -46,6 +48,7 @@ import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from typing import IO, Any, NoReturn
 
+from shoal.core.subreaper import adopted, become_subreaper, kill_tree, reaped
 from shoal.scheduler.child import ChildProcess, kill_group
 
 log = logging.getLogger("shoal.zygote")
@@ -357,6 +360,10 @@ def _loop(sock: socket.socket) -> None:
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
+    # A replica killed with SIGKILL cleans up nothing: what its model detached from its
+    # process group (which its scheduler kills) comes to us, not to init, and is ended (_reap).
+    become_subreaper()
+    forked: set[int] = set()  # the children we forked and have not reaped
     poller = select.poll()
     poller.register(sock, select.POLLIN)
     poller.register(wake_r, select.POLLIN)
@@ -365,7 +372,7 @@ def _loop(sock: socket.socket) -> None:
             if fd == wake_r:
                 with contextlib.suppress(BlockingIOError):
                     os.read(wake_r, 4096)
-                _reap(sock)
+                _reap(sock, forked)
                 continue
             data, fds, _, _ = socket.recv_fds(sock, MESSAGE_BYTES, 4)
             if not data:
@@ -378,22 +385,25 @@ def _loop(sock: socket.socket) -> None:
             else:
                 if pid == 0:
                     _child(request, fds, [sock.fileno(), wake_r, wake_w])
+                forked.add(pid)
                 reply = {"id": request["id"], "pid": pid}
             for fd_ in fds:
                 os.close(fd_)
             sock.send(json.dumps(reply).encode())
-        _reap(sock)
+        _reap(sock, forked)
 
 
-def _reap(sock: socket.socket) -> None:
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        sock.send(json.dumps({"exited": pid, "code": os.waitstatus_to_exitcode(status)}).encode())
+def _reap(sock: socket.socket, forked: set[int]) -> None:
+    """Reap the children that exited, and tell the scheduler of those in ``forked``. Then kill
+    the others: orphans given to us as a subreaper, by the time a replica's exit is reaped
+    (the kernel hands them over before it signals the exit), and their descendants, which
+    come to us in turn as each dies. The scheduler is told nothing of them."""
+    for pid, status in reaped():
+        if pid in forked:
+            forked.discard(pid)
+            sock.send(json.dumps({"exited": pid, "code": os.waitstatus_to_exitcode(status)}).encode())
+    for orphan in adopted(forked):
+        kill_tree(orphan)
 
 
 def _child(request: dict[str, Any], fds: list[int], zygote_fds: list[int]) -> NoReturn:

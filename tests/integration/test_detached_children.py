@@ -1,0 +1,158 @@
+"""Processes a replica's model detached from it (``setsid``, ``start_new_session``, a daemon
+forked twice) end with the replica, however it ends: real processes on port 0.
+
+Before, a replica's process group was killed with it, and a process that had left the group
+was missed: a model's server started in a session of its own, or a daemon, ran on after its
+replica was scaled away, killed, or left by its killed scheduler, holding its memory, GPU
+and ports (``sleep`` here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from shoal.testing.cluster import ProcessCluster
+from shoal.testing.etcd import echo_spec
+from tests.integration.test_zygote import ready_other_than, zygote_of
+
+pytestmark = pytest.mark.timeout(90)
+
+GONE_WITHIN_S = 10.0
+
+DETACHER = '''
+import os
+import subprocess
+import sys
+import time
+
+DAEMON = """
+import os, sys
+if os.fork():
+    os._exit(0)
+os.setsid()
+if os.fork():
+    os._exit(0)
+with open(sys.argv[1] + ".tmp", "w") as f:
+    f.write(str(os.getpid()))
+os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+os.execvp("sleep", ["sleep", "3600"])
+"""
+
+
+class Detacher:
+    """Echoes ``x``. At its start it leaves two processes running outside its process group,
+    ``sleep`` in a session of its own and ``sleep`` as a daemon (forked twice, ``setsid``
+    between), and adds their pids to ``pidfile``."""
+
+    def __init__(self, pidfile: str) -> None:
+        quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+        self.own = subprocess.Popen(["sleep", "3600"], start_new_session=True, **quiet)
+        daemon_file = pidfile + ".daemon"
+        subprocess.run([sys.executable, "-c", DAEMON, daemon_file], check=True, timeout=30, **quiet)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(daemon_file) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with open(daemon_file) as f:
+            daemon = int(f.read())
+        with open(pidfile, "a") as f:  # a line per replica, written at once
+            f.write(f"{self.own.pid} {daemon}\\n")
+
+    def predict(self, inputs):
+        return {"x": inputs["x"]}
+'''
+
+
+def detacher_spec(folder: Path, pidfile: Path) -> dict[str, Any]:
+    (folder / "detacher.py").write_text(DETACHER)
+    return {
+        **echo_spec("echo", 1, folder),
+        "model": "detacher:Detacher",
+        "options": {"pidfile": str(pidfile)},
+    }
+
+
+def runs(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@contextlib.asynccontextmanager
+async def detached_cluster(
+    tmp_path: Path,
+) -> AsyncIterator[tuple[ProcessCluster, dict[str, Any], list[psutil.Process]]]:
+    """A cluster serving one replica of :data:`DETACHER`, the replica, and the two processes
+    its model detached (checked to be out of its process group). Whatever any replica's
+    model detached and is left at the end is killed."""
+    pidfile = tmp_path / "detached.pids"
+    detached: list[psutil.Process] = []
+    since = time.time()
+    try:
+        async with ProcessCluster(tmp_path / "cluster") as cluster:
+            await cluster.deploy(detacher_spec(tmp_path, pidfile))
+            [replica] = await cluster.wait_ready("echo", 1)
+            detached = [psutil.Process(int(pid)) for pid in pidfile.read_text().split()]
+            assert len(detached) == 2
+            for proc in detached:
+                assert runs(proc)
+                assert os.getpgid(proc.pid) != replica["pid"], "not detached: the group kill reaches it"
+            yield cluster, replica, detached
+    finally:
+        kill_left(pidfile, since)
+
+
+def kill_left(pidfile: Path, since: float) -> None:
+    """Kill the ``sleep`` processes listed in ``pidfile`` that started after ``since``."""
+    with contextlib.suppress(FileNotFoundError):
+        for pid in pidfile.read_text().split():
+            with contextlib.suppress(psutil.Error):
+                proc = psutil.Process(int(pid))
+                if proc.cmdline() == ["sleep", "3600"] and proc.create_time() >= since - 1:
+                    proc.kill()
+
+
+async def until_gone(procs: list[psutil.Process], what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + GONE_WITHIN_S
+    while any(runs(p) for p in procs):
+        left = [p.pid for p in procs if runs(p)]
+        assert asyncio.get_running_loop().time() < deadline, f"{what}: {left} still run"
+        await asyncio.sleep(0.1)
+
+
+async def test_detached_processes_end_with_a_replica_scaled_away(tmp_path: Path) -> None:
+    async with detached_cluster(tmp_path) as (cluster, replica, detached):
+        await cluster.client.scale("echo", 0)
+        await until_gone([psutil.Process(replica["pid"])], "the scaled-away replica")
+        await until_gone(detached, "what its model detached")
+
+
+async def test_detached_processes_end_with_a_replica_killed_with_sigkill(tmp_path: Path) -> None:
+    async with detached_cluster(tmp_path) as (cluster, replica, detached):
+        zygote = zygote_of(cluster)
+        os.kill(replica["pid"], signal.SIGKILL)
+        await until_gone(detached, "what the killed replica's model detached")
+        # The zygote reaped them and told its scheduler nothing of them: the replacement
+        # is forked as before.
+        replacement = await ready_other_than(cluster, replica["id"])
+        assert psutil.Process(replacement["pid"]).ppid() == zygote.pid
+        assert not [p for p in zygote.children() if p.status() == psutil.STATUS_ZOMBIE]
+
+
+async def test_detached_processes_end_with_a_replica_whose_scheduler_was_killed(tmp_path: Path) -> None:
+    async with detached_cluster(tmp_path) as (cluster, replica, detached):
+        rep = psutil.Process(replica["pid"])
+        os.kill(cluster.schedulers[0].pid, signal.SIGKILL)
+        # The orphaned replica leaves after orphan_after_s (2 s here), and takes them along.
+        await until_gone([rep], "the orphaned replica")
+        await until_gone(detached, "what the orphaned replica's model detached")
