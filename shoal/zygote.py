@@ -49,7 +49,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import IO, Any, NoReturn
 
 from shoal.core.subreaper import adopted, become_subreaper, kill_tree, reaped
-from shoal.scheduler.child import ChildProcess, kill_group
+from shoal.scheduler.child import ChildProcess, end_adopted, kill_group, took_over
 
 log = logging.getLogger("shoal.zygote")
 
@@ -119,6 +119,12 @@ class ForkedChild:
         if self._pidfd >= 0:
             if self._watched:
                 asyncio.get_running_loop().remove_reader(self._pidfd)
+                # Its zygote gone, it came to the scheduler's process when that is a subreaper:
+                # reaped here then (by its pidfd: no other process), with what it left.
+                with contextlib.suppress(ChildProcessError):
+                    os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED | os.WNOHANG)
+                took_over(self.pid, ended=True)
+                end_adopted()
             os.close(self._pidfd)
             self._pidfd = -1
 
@@ -132,6 +138,7 @@ class ForkedChild:
             self.exited(UNKNOWN_EXIT)
             return
         self._watched = True
+        took_over(self.pid)
         asyncio.get_running_loop().add_reader(self._pidfd, self.exited, UNKNOWN_EXIT)
 
 

@@ -197,6 +197,7 @@ def _log_to_file(path: Path) -> logging.Handler:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from shoal.core.subreaper import become_subreaper
     from shoal.run import run_up
     from shoal.zygote import zygote
 
@@ -243,6 +244,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         )
 
     # Forked before the event loop starts: replicas and ingress workers share its modules' pages.
+    # What a replica killed with SIGKILL detached comes to us (shoal.scheduler.child.end_adopted).
+    become_subreaper()
     with _running_as(settings, "up"), zygote() as forks:
         aio.run(run_up(settings, on_ready, forks), settings.event_loop)
     return 0
@@ -277,11 +280,13 @@ def cmd_head(args: argparse.Namespace) -> int:
 
 
 def cmd_scheduler(args: argparse.Namespace) -> int:
+    from shoal.core.subreaper import become_subreaper
     from shoal.run import run_scheduler
     from shoal.zygote import zygote
 
     settings = settings_of(args, _CLUSTER_FLAG_NAMES, **_cluster_flags(args), **_scheduler_flags(args))
     logs.setup(settings.log_format, settings.log_level, component="scheduler")
+    become_subreaper()  # as shoal up
     with _running_as(settings, "scheduler"), zygote() as forks:
         aio.run(run_scheduler(settings, forks), settings.event_loop)
     return 0

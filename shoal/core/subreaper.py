@@ -7,7 +7,8 @@ its replica, with its memory, GPU and ports. A child subreaper (Linux 3.4+, ``pr
 given instead the orphans among its descendants: a replica that is one keeps what its model
 detached among its descendants and ends them when it exits (:func:`end_descendants`); the
 zygote that forks replicas is one too, and ends what a replica killed with SIGKILL (which
-cleans up nothing) left to it (:func:`adopted`, :func:`kill_tree`).
+cleans up nothing) left to it (:func:`adopted`, :func:`kill_tree`); so is the scheduler's
+process, for the replicas it starts itself (``shoal.scheduler.child.end_adopted``).
 
 Elsewhere than on Linux :func:`become_subreaper` does nothing and says so. Out of reach
 on Linux too: a process started outside this process tree on the model's behalf (a
@@ -27,6 +28,7 @@ from collections.abc import Container, Iterator, Sequence
 import psutil
 
 PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+PR_GET_CHILD_SUBREAPER = 37
 
 ENDING_GRACE_S = 1.0
 """How long :func:`end_descendants` gives its descendants after SIGTERM, then after SIGKILL.
@@ -41,6 +43,18 @@ def become_subreaper() -> bool:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, ctypes.c_ulong(1), 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+def is_subreaper() -> bool:
+    """Whether this process is a child subreaper (:func:`become_subreaper`)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    flag = ctypes.c_int(0)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0) == 0 and flag.value)
     except (OSError, AttributeError):
         return False
 

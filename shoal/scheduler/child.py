@@ -12,11 +12,20 @@ loop when the child exits, with no thread per child.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from typing import IO
+
+from shoal.core.subreaper import adopted, is_subreaper, kill_tree
+
+_started: set[int] = set()
+"""Pids of this process's children it started (or took over: ``watch_adopted``), not yet
+reaped: those :func:`end_adopted` leaves alone."""
+_reaping: set[int] = set()
+"""Pids of the adopted children killed and not reaped yet."""
 
 
 class ChildProcess:
@@ -29,6 +38,7 @@ class ChildProcess:
         self._exited = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         self._pidfd = os.pidfd_open(popen.pid)
+        _started.add(popen.pid)
         self._loop.add_reader(self._pidfd, self._check)
         self._check()
 
@@ -58,6 +68,8 @@ class ChildProcess:
         if self._popen.poll() is not None:
             self._loop.remove_reader(self._pidfd)
             os.close(self._pidfd)
+            _started.discard(self.pid)
+            end_adopted()  # what it left us (the kernel hands it over before the exit shows)
             self._exited.set()
 
     @property
@@ -107,3 +119,49 @@ def kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def took_over(pid: int, ended: bool = False) -> None:
+    """Child ``pid``, started by another process (the zygote, gone now: its children came to
+    this one as a subreaper), is this process's to reap (``ended``: it was reaped, or it is
+    not this process's child)."""
+    if ended:
+        _started.discard(pid)
+    else:
+        _started.add(pid)
+
+
+def end_adopted() -> None:
+    """In a child subreaper (``shoal scheduler``, ``shoal up``: ``shoal.core.subreaper``),
+    kill the children it was given, with their descendants, and reap them once they have
+    exited: what a replica started as a new process and killed with SIGKILL had detached
+    from its process group. Only children outside this process's session: a replica starts
+    in a session of its own, and what it starts can never come back to this one; this
+    process's own children it did not start here (a library's) stay in it. Call from the
+    event loop, once a child has exited."""
+    if not is_subreaper():
+        return
+    loop = asyncio.get_running_loop()
+    mine = os.getsid(0)
+    for orphan in adopted(_started):
+        try:
+            if orphan.pid in _reaping or os.getsid(orphan.pid) == mine:
+                continue
+            pidfd = os.pidfd_open(orphan.pid)
+        except (ProcessLookupError, PermissionError):
+            continue  # reaped by another meanwhile
+        kill_tree(orphan)
+        _reaping.add(orphan.pid)
+        loop.add_reader(pidfd, _reap_adopted, loop, orphan.pid, pidfd)
+
+
+def _reap_adopted(loop: asyncio.AbstractEventLoop, pid: int, pidfd: int) -> None:
+    """Reap the killed orphan ``pid`` (by its pidfd: no other process), then end what it in
+    turn left to this process."""
+    with contextlib.suppress(ChildProcessError):
+        if os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG) is None:
+            return  # not yet
+    loop.remove_reader(pidfd)
+    os.close(pidfd)
+    _reaping.discard(pid)
+    end_adopted()

@@ -28,6 +28,7 @@ from tests.integration.test_zygote import ready_other_than, zygote_of
 pytestmark = pytest.mark.timeout(90)
 
 GONE_WITHIN_S = 10.0
+PIDFILE = "detached.pids"
 
 DETACHER = '''
 import os
@@ -57,7 +58,7 @@ class Detacher:
     def __init__(self, pidfile: str) -> None:
         quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
         self.own = subprocess.Popen(["sleep", "3600"], start_new_session=True, **quiet)
-        daemon_file = pidfile + ".daemon"
+        daemon_file = f"{pidfile}.{os.getpid()}"
         subprocess.run([sys.executable, "-c", DAEMON, daemon_file], check=True, timeout=30, **quiet)
         deadline = time.monotonic() + 30
         while not os.path.exists(daemon_file) and time.monotonic() < deadline:
@@ -95,14 +96,14 @@ async def detached_cluster(
     """A cluster serving one replica of :data:`DETACHER`, the replica, and the two processes
     its model detached (checked to be out of its process group). Whatever any replica's
     model detached and is left at the end is killed."""
-    pidfile = tmp_path / "detached.pids"
+    pidfile = tmp_path / PIDFILE
     detached: list[psutil.Process] = []
     since = time.time()
     try:
         async with ProcessCluster(tmp_path / "cluster") as cluster:
             await cluster.deploy(detacher_spec(tmp_path, pidfile))
             [replica] = await cluster.wait_ready("echo", 1)
-            detached = [psutil.Process(int(pid)) for pid in pidfile.read_text().split()]
+            detached = read_detached(pidfile)
             assert len(detached) == 2
             for proc in detached:
                 assert runs(proc)
@@ -110,6 +111,12 @@ async def detached_cluster(
             yield cluster, replica, detached
     finally:
         kill_left(pidfile, since)
+
+
+def read_detached(pidfile: Path, after: int = 0) -> list[psutil.Process]:
+    """The processes the replicas' models detached, in the order they started, but the
+    first ``after``."""
+    return [psutil.Process(int(pid)) for pid in pidfile.read_text().split()[after:]]
 
 
 def kill_left(pidfile: Path, since: float) -> None:
@@ -156,3 +163,29 @@ async def test_detached_processes_end_with_a_replica_whose_scheduler_was_killed(
         # The orphaned replica leaves after orphan_after_s (2 s here), and takes them along.
         await until_gone([rep], "the orphaned replica")
         await until_gone(detached, "what the orphaned replica's model detached")
+
+
+async def test_detached_processes_end_with_replicas_killed_once_the_zygote_is_gone(tmp_path: Path) -> None:
+    """Its zygote gone, a scheduler starts replicas as processes of its own and takes over
+    the zygote's; what either detached comes to it when the replica is killed with SIGKILL."""
+    async with detached_cluster(tmp_path) as (cluster, replica, detached):
+        scheduler = psutil.Process(cluster.schedulers[0].pid)
+        zygote = zygote_of(cluster)
+        zygote.kill()
+        await until_gone([zygote], "the zygote")
+        first = psutil.Process(replica["pid"])
+        first.kill()
+        await until_gone(detached, "what the zygote's replica detached")
+
+        replacement = psutil.Process((await ready_other_than(cluster, replica["id"]))["pid"])
+        assert replacement.ppid() == scheduler.pid
+        more = read_detached(tmp_path / PIDFILE, after=len(detached))
+        assert len(more) == 2 and all(runs(p) for p in more)
+        replacement.kill()
+        await until_gone(more, "what the scheduler's own replica detached")
+        # Reaped too, and so are the replicas: none is left a zombie of the scheduler.
+        reaped = [*detached, *more, first, replacement]
+        deadline = asyncio.get_running_loop().time() + GONE_WITHIN_S
+        while left := [p.pid for p in reaped if p.is_running()]:
+            assert asyncio.get_running_loop().time() < deadline, f"not reaped: {left}"
+            await asyncio.sleep(0.1)
