@@ -241,20 +241,23 @@ class SeriesRecorder:
     ``record(now, wall, reports)`` takes every scheduler's cumulative snapshot
     per deployment; a point is added per deployment at most every ``period_s``,
     and the last ``keep_s`` seconds of points are kept (a ring per deployment).
+    What a deleted deployment or a forgotten scheduler left goes with :meth:`forget`
+    and :meth:`forget_scheduler`; until then it is kept.
     """
 
     def __init__(self, period_s: float = 2.0, keep_s: float = 3600.0) -> None:
         self.period_s = period_s
         self.keep_s = keep_s
         self.series: dict[str, deque[Point]] = {}
-        self._last: dict[tuple[str, str], Snapshot] = {}
+        self._last: dict[str, dict[str, Snapshot]] = {}  # scheduler -> deployment -> last snapshot
         self._pending: dict[str, tuple[int, int, list[int]]] = {}
         self._since: float | None = None
 
     def record(self, now: float, wall: float, scheduler_id: str, reports: Mapping[str, Snapshot]) -> None:
+        last = self._last.setdefault(scheduler_id, {})
         for name, snap in reports.items():
-            prev = self._last.get((scheduler_id, name))
-            self._last[(scheduler_id, name)] = snap
+            prev = last.get(name)
+            last[name] = snap
             if prev is None or snap.requests < prev.requests:
                 continue  # first sight, or the scheduler restarted: no delta yet
             if snap.requests == prev.requests and snap.errors == prev.errors:
@@ -289,5 +292,14 @@ class SeriesRecorder:
         return self.period_s * max(1, math.ceil(window_s / (CHART_ROWS * self.period_s)))
 
     def forget(self, names: Iterable[str]) -> None:
+        """Drop the series of deployments (deleted ones) and what was kept to count them: a
+        deployment created again under the same name starts with no points and no counts."""
         for name in names:
             self.series.pop(name, None)
+            self._pending.pop(name, None)
+            for last in self._last.values():
+                last.pop(name, None)
+
+    def forget_scheduler(self, scheduler_id: str) -> None:
+        """Drop the last counts of a scheduler the head forgot (its points stay)."""
+        self._last.pop(scheduler_id, None)

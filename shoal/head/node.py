@@ -319,6 +319,8 @@ class HeadNode:
                 elif waited_s is not None:
                     self._backlog.observe_wait(waited_s, self.clock.now())
                 self._loads[scheduler_id] = dict(load or {})
+                # The deployments of the store only (what the dashboard shows): a deleted one's
+                # replicas, draining, would start its series again after ``delete`` dropped it.
                 self.series.record(
                     self.clock.now(),
                     time.time(),
@@ -326,6 +328,7 @@ class HeadNode:
                     {
                         n: Snapshot(r.requests, r.errors, r.latency)
                         for n, r in self._loads[scheduler_id].items()
+                        if n in self.desired
                     },
                 )
                 if any(r.queued for r in self._loads[scheduler_id].values()):
@@ -608,6 +611,9 @@ class HeadNode:
             self.broken.pop(name, None)
             self.targets.pop(name, None)
             self.autoscaler.forget(name)
+            # Its charts go too: kept, every deleted deployment held up to an hour of points
+            # for as long as the head ran, and one created again showed the old one's traffic.
+            self.series.forget([name])
             await self.history.forget(name)
             self._revision_specs = {k: v for k, v in self._revision_specs.items() if k[0] != name}
             await self.history.record(name, "deleted", "deleted; its replicas drain and stop")
@@ -712,6 +718,7 @@ class HeadNode:
             for sid in [s for s in self._loads if s not in self.state.schedulers]:
                 del self._loads[sid]  # forgotten
                 self._backlog.forget(sid)
+                self.series.forget_scheduler(sid)
             self._held_s = time.perf_counter() - locked
         self._check_isolated()
         if actions and not wait_acts:

@@ -10,12 +10,15 @@ import httpx
 import pytest
 
 from shoal.config import Settings
+from shoal.core.clock import FakeClock
+from shoal.core.placement import Capacity
 from shoal.core.spec import parse_spec
 from shoal.core.stats import BUCKETS, ERROR_MIN_REQUESTS, SeriesRecorder, Snapshot, chart, window
 from shoal.head.node import HeadNode
 from shoal.http.head import head_app
 from shoal.store import MemoryStore
 from shoal.testing.fakes import FakeSchedulers
+from shoal.types import LoadReport, SchedulerRegistration
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -144,3 +147,53 @@ async def test_the_series_route_answers_columns_with_nulls(store: MemoryStore, f
 
 def client(node: HeadNode) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=head_app(node)), base_url="http://head")
+
+
+async def test_a_deleted_deployments_series_go_and_a_new_one_of_its_name_starts_empty(
+    store: MemoryStore, fleet: FakeSchedulers
+) -> None:
+    """Before: the head kept every deleted deployment's series (up to an hour of points, about
+    0.6 MB each) for as long as it ran, and one created again under the same name showed the
+    deleted one's requests and errors."""
+    clock = FakeClock()
+    node = HeadNode(Settings(), store, fleet, clock)
+    spec = parse_spec({"name": "m", "backend": "python", "model": "m:M", "replicas": 0})
+    try:
+        await node.register_scheduler(
+            SchedulerRegistration("s1", "s1:1", "s1:2", Capacity(8, 8192, 0), pid=1, hostname="h")
+        )
+
+        async def report(requests: int, errors: int) -> None:
+            load = {"m": LoadReport(0, 0, requests, errors, latency(requests))}
+            assert await node.scheduler_health("s1", 0, [], load)
+            clock.advance(2.0)
+
+        async def window() -> dict[str, object] | None:
+            async with client(node) as http:
+                doc = (await http.get("/api/series?window_s=300")).json()
+            found = doc["deployments"].get("m")
+            return None if found is None else found["window"]
+
+        await node.apply(spec)
+        for n in range(0, 100, 10):
+            await report(n, n)  # every request fails
+        assert (w := await window()) is not None and w["requests"] == 90 and w["error_rate"] == 1.0
+        await node.delete("m")
+        await report(100, 100)  # its replicas drain
+        assert node.series.series == {}
+        await node.apply(spec)  # the same name again; the scheduler's counts go on from 100
+        for _ in range(3):
+            await report(100, 100)
+        assert await window() == {
+            "seconds": 60.0,
+            "requests": 0,
+            "errors": 0,
+            "min_requests": ERROR_MIN_REQUESTS,
+            "error_rate": None,
+        }
+        # A scheduler the head forgot leaves no counts behind.
+        node.state.schedulers.pop("s1")
+        await node.reconcile_once()
+        assert "s1" not in node.series._last
+    finally:
+        await node.aclose()
