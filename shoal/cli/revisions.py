@@ -65,7 +65,10 @@ async def _follow(client: Any, before: Any, rev: Revision, args: argparse.Namesp
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    in_range("revision", args.revision or 0, INT32_MAX)
+    if args.revision is not None:
+        # Revisions are numbered from 1; a 0 given went to the previous one (RollbackRequest's
+        # 0), a revision it did not name.
+        in_range("revision", args.revision, INT32_MAX, low=1)
 
     async def go(client: Any, settings: Settings) -> int:
         before = await status_reader(client)()
@@ -110,7 +113,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         "revision",
         nargs="?",
         type=int,
-        help="the revision (default: the latest earlier one that did not fail and differs from now)",
+        help="the revision, from 1 (default: the latest earlier one that did not fail and differs from now)",
     )
     _wait_flags(p)
     add_client_flags(p)

@@ -69,14 +69,30 @@ async def _body(request: Request, limit: int, why: str = "setting max_message_mb
     return b"".join(chunks)
 
 
-async def _json_body(request: Request) -> Any:
+async def _json_body(request: Request, *, empty: Any = None) -> Any:
     """The body of a control call (no spec) as JSON; InvalidArgument when it is over
-    :data:`MAX_CONTROL_BODY` bytes or not JSON."""
+    :data:`MAX_CONTROL_BODY` bytes or not JSON. ``empty``: what a body of no bytes is, when
+    not None (read whatever its framing: a chunked one has no Content-Length)."""
     body = await _body(request, MAX_CONTROL_BODY, "a control call's body; a spec may take more")
+    if empty is not None and not body.strip():
+        return empty
     try:
         return json.loads(body)
     except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
         raise InvalidArgument(f"request body is not valid JSON: {err}") from None
+
+
+def _only(doc: Any, fields: tuple[str, ...], shape: str) -> dict[str, Any]:
+    """``doc`` when it is an object of no other keys than ``fields``; InvalidArgument naming
+    ``shape`` (and a key it does not take) otherwise: a misspelt key, ignored, made a
+    rollback to {"revison": 3} go to the previous revision."""
+    if not isinstance(doc, dict):
+        raise InvalidArgument(f"body must be {shape}")
+    unknown = sorted(k for k in doc if k not in fields)
+    if unknown:
+        shown = ", ".join(limits.shown(repr(k)) for k in unknown[:3])
+        raise InvalidArgument(f"body must be {shape}: unknown field(s) {shown}")
+    return doc
 
 
 def head_app(node: HeadNode, limiter: RateLimiter | None = None) -> Starlette:
@@ -113,10 +129,10 @@ def head_app(node: HeadNode, limiter: RateLimiter | None = None) -> Starlette:
         )
 
     async def scale(request: Request) -> Response:
-        doc = await _json_body(request)
-        replicas = doc.get("replicas") if isinstance(doc, dict) else None
+        shape = '{"replicas": N} with N an integer'
+        replicas = _only(await _json_body(request), ("replicas",), shape).get("replicas")
         if not isinstance(replicas, int) or isinstance(replicas, bool):
-            raise InvalidArgument('body must be {"replicas": N} with N an integer')
+            raise InvalidArgument(f"body must be {shape}")
         await node.scale(request.path_params["name"], replicas)
         return JSONResponse({"name": request.path_params["name"], "replicas": replicas})
 
@@ -136,14 +152,19 @@ def head_app(node: HeadNode, limiter: RateLimiter | None = None) -> Starlette:
         return JSONResponse({"name": name, "revisions": [_revision_doc(r) for r in revisions]})
 
     async def rollback(request: Request) -> Response:
-        doc = await _json_body(request) if int(request.headers.get("content-length") or 0) else {}
         # {} (or no body): the previous revision. A "revision" given must be one (>= 1), as
         # /openapi.json says: 0 was taken as "the previous one", so a client's zero rolled
-        # back to a revision it had not named.
-        number = doc.get("revision", 0) if isinstance(doc, dict) else None
-        given = isinstance(doc, dict) and "revision" in doc
-        if not isinstance(number, int) or isinstance(number, bool) or number < (1 if given else 0):
-            raise InvalidArgument('body must be {} or {"revision": N} with N an integer >= 1')
+        # back to a revision it had not named. The body is read whatever its length says: a
+        # chunked {"revision": 1} (no Content-Length) was taken as no body, the previous one.
+        shape = '{} or {"revision": N} with N an integer >= 1'
+        doc = _only(await _json_body(request, empty={}), ("revision",), shape)
+        number = doc.get("revision", 0)
+        if (
+            not isinstance(number, int)
+            or isinstance(number, bool)
+            or number < (1 if "revision" in doc else 0)
+        ):
+            raise InvalidArgument(f"body must be {shape}")
         rev, _ = await node.rollback(request.path_params["name"], number)
         return JSONResponse(
             {"name": request.path_params["name"], "revision": rev.number, "to": rev.rollback_to}
@@ -375,6 +396,7 @@ def openapi_schema() -> dict[str, Any]:
                                     "type": "object",
                                     "properties": {"replicas": {"type": "integer", "minimum": 0}},
                                     "required": ["replicas"],
+                                    "additionalProperties": False,
                                 }
                             }
                         },
@@ -404,6 +426,7 @@ def openapi_schema() -> dict[str, Any]:
                                 "schema": {
                                     "type": "object",
                                     "properties": {"revision": {"type": "integer", "minimum": 1}},
+                                    "additionalProperties": False,
                                 }
                             }
                         },

@@ -267,6 +267,8 @@ async def test_rest_routes_refuse_missing_wrong_and_low_tokens(
         json_body = (
             {"replicas": 1}
             if path.endswith("/scale")
+            else {}
+            if path.endswith("/rollback")
             else {"targets": {"echo": 100}}
             if method == "PUT" and path.startswith("/api/routes/")
             else body

@@ -130,6 +130,8 @@ def test_a_state_folder_that_cannot_be_one_is_one_line(
         (["logs", "echo", "--tail-bytes", "99999999999999999999999"], "--tail-bytes", 2**63 - 1),
         (["logs", "head", "--tail-bytes", "-1"], "--tail-bytes", 2**63 - 1),
         (["rollback", "echo", "99999999999"], "revision", 2**31 - 1),
+        # Revisions are numbered from 1: a 0 went to the previous revision, one not named.
+        (["rollback", "echo", "0"], "revision", 2**31 - 1),
     ],
 )
 def test_a_number_its_protobuf_field_cannot_hold_is_refused_in_one_line(
@@ -139,7 +141,8 @@ def test_a_number_its_protobuf_field_cannot_hold_is_refused_in_one_line(
     code, err = run_cli(capsys, "--head", "127.0.0.1:1", *argv)
     value = next(a for a in reversed(argv) if a.lstrip("-").isdigit())
     assert code == 1
-    assert err.splitlines() == [f"shoal: error: {what} must be an integer from 0 to {high}, got {value}"]
+    low = 1 if argv[0] == "rollback" else 0
+    assert err.splitlines() == [f"shoal: error: {what} must be an integer from {low} to {high}, got {value}"]
 
 
 WAITS = [["deploy", "spec.yaml"], ["rollback", "echo"], ["restart", "echo"], ["down"]]

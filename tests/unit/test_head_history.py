@@ -266,3 +266,38 @@ async def test_a_rollback_whose_replicas_fail_is_not_rolled_back_again(
     assert head.desired["app"] == v1
     assert [r.kind for r in head.history.revisions("app")] == ["created", "updated", "rolled_back"]
     assert [e.kind for e in head.history.events("app")][-1] == "failed"
+
+
+async def test_a_rollback_body_is_read_whatever_its_framing_and_a_misspelt_field_is_refused(
+    head: HeadNode,
+) -> None:
+    """Before: a chunked body (no Content-Length) was taken as no body, and a key the route
+    does not take was ignored: both rolled back to the previous revision, not the one named."""
+    for model in ("a:M", "b:M", "c:M"):
+        await head.apply(make_spec(model=model))
+
+    async def chunked(doc: bytes) -> AsyncIterator[bytes]:
+        yield doc
+
+    transport = httpx.ASGITransport(app=head_app(head))
+    async with httpx.AsyncClient(transport=transport, base_url="http://head") as client:
+        typo = await client.post("/api/deployments/app/rollback", json={"revison": 1})
+        extra = await client.post("/api/deployments/app/scale", json={"replicas": 2, "replica": 3})
+        assert head.desired["app"].model == "c:M" and head.desired["app"].replicas == 1
+        rolled = await client.post("/api/deployments/app/rollback", content=chunked(b'{"revision": 1}'))
+        assert rolled.status_code == 200, rolled.text
+        assert rolled.json() == {"name": "app", "revision": 4, "to": 1}
+        assert head.desired["app"].model == "a:M"
+        # No body, in either framing, is the previous revision (3, c).
+        assert (await client.post("/api/deployments/app/rollback", content=chunked(b""))).json()["to"] == 3
+        assert (await client.post("/api/deployments/app/rollback")).json()["to"] == 4
+
+    assert typo.status_code == 400
+    assert typo.json()["error"] == (
+        "body must be {} or {\"revision\": N} with N an integer >= 1: unknown field(s) 'revison'"
+    )
+    assert extra.status_code == 400
+    assert (
+        extra.json()["error"]
+        == "body must be {\"replicas\": N} with N an integer: unknown field(s) 'replica'"
+    )
