@@ -22,7 +22,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -1035,10 +1035,11 @@ class HeadNode:
         finally:
             self._streams -= 1
 
-    async def status(self) -> ClusterStatus:
-        """The cluster now: what ``shoal status`` and ``GET /api/status`` show."""
+    async def status(self, only: Collection[str] | None = None) -> ClusterStatus:
+        """The cluster now: what ``shoal status`` and ``GET /api/status`` show; of the
+        deployments named in ``only`` alone when given (see :func:`status_of`)."""
         async with self.lock:
-            return status_of(self)
+            return status_of(self, only)
 
     # The reads the adapters make, each under the node's own lock (they never take it).
 
@@ -1096,8 +1097,11 @@ def _deleted_at(value: str) -> float:
     return float(at) if isinstance(at, int | float) and not isinstance(at, bool) else time.time()
 
 
-def status_of(node: HeadNode) -> ClusterStatus:
-    """The cluster now, typed; the caller holds ``node.lock`` (others call ``HeadNode.status()``)."""
+def status_of(node: HeadNode, only: Collection[str] | None = None) -> ClusterStatus:
+    """The cluster now, typed; the caller holds ``node.lock`` (others call ``HeadNode.status()``).
+    ``only``: the deployments to show (those the head knows of them), costing their replicas
+    alone; every deployment when None. ``GET /api/deployments/NAME`` built the whole cluster's
+    status to show one deployment: 0.8 s of the head's event loop at 10,000 replicas."""
     state = node.state
     now = node.clock.now()
     allocated = state.allocations()
@@ -1115,10 +1119,19 @@ def status_of(node: HeadNode) -> ClusterStatus:
         )
         for s in sorted(state.schedulers.values(), key=lambda s: s.id)
     )
-    by_deployment = state.by_deployment()
-    deployments = []
     # The store's deployments; then broken ones, and ones only schedulers know, each saying why.
-    names = sorted(set(node.desired) | set(node.broken) | (set(by_deployment) - set(node.deleted)))
+    if only is None:
+        by_deployment = state.by_deployment()
+        known = set(node.desired) | set(node.broken) | (set(by_deployment) - set(node.deleted))
+    else:
+        by_deployment = {n: sorted(state.replicas.of(n), key=lambda r: r.id) for n in set(only)}
+        known = {
+            n
+            for n, recs in by_deployment.items()
+            if n in node.desired or n in node.broken or (recs and n not in node.deleted)
+        }
+    deployments = []
+    names = sorted(known)
     for name in names:
         spec = node.desired.get(name)
         broken = node.broken.get(name, "")

@@ -106,17 +106,17 @@ def head_app(node: HeadNode, limiter: RateLimiter | None = None) -> Starlette:
         return JSONResponse((await node.status()).to_json())
 
     async def schedulers(request: Request) -> Response:
-        return JSONResponse((await node.status()).to_json()["schedulers"])
+        return JSONResponse((await node.status(only=())).to_json()["schedulers"])
 
     async def deployments(request: Request) -> Response:
         return JSONResponse((await node.status()).to_json()["deployments"])
 
     async def deployment(request: Request) -> Response:
         name = request.path_params["name"]
-        for dep in (await node.status()).to_json()["deployments"]:
-            if dep["name"] == name:
-                return JSONResponse(dep)
-        raise NotFound(f"no deployment named {limits.shown(repr(name))}")
+        found = (await node.status(only=(name,))).deployment(name)
+        if found is None:
+            raise NotFound(f"no deployment named {limits.shown(repr(name))}")
+        return JSONResponse(found.to_json())
 
     async def apply(request: Request) -> Response:
         # Its size is checked before it is parsed (MAX_SPEC_JSON): json.loads of a 64 MiB
