@@ -47,11 +47,20 @@ class TrafficRoutes:
     ) -> bool:
         """Create or replace ``route``; whether it changed. FailedPrecondition when its name is a
         deployment's or it sends to a ``protected`` one (its spec's ``auth.tokens``: tokens are
-        checked by the name called), NotFound naming a target of weight above 0 (or the
-        shadow) that is no deployment: a target of weight 0 is not checked."""
+        checked by the name called) or is a route itself (routes do not chain), NotFound
+        naming a target of weight above 0 (or the shadow) that is no deployment: a target of
+        weight 0 is not checked."""
         if route.name in deployments:
             raise FailedPrecondition(
                 f"route {route.name!r}: a deployment has that name; a route needs a name of its own"
+            )
+        chained = [d for d in route.deployments if d in self.routes]
+        if chained:
+            # Said as it is: "no deployment named 'x'; deploy the targets first" sent the
+            # operator to deploy a name that a route holds, which a deploy refuses.
+            raise FailedPrecondition(
+                f"route {route.name!r}: {chained[0]!r} is a route, and a route sends to deployments "
+                f"only (routes do not chain); name the deployments of route {chained[0]!r} instead"
             )
         missing = [d for d in route.deployments if d not in deployments]
         if missing:

@@ -101,6 +101,15 @@ async def test_the_head_keeps_routes_checks_names_and_sends_them_to_schedulers(
     assert head.routes.traffic == {"clf": route}
     with pytest.raises(FailedPrecondition, match="a route has that name"):
         await head.apply(spec("clf"))
+    # A route to a route is said to be one (before: "no deployment named 'clf'; deploy the
+    # targets first", and deploying that name is refused).
+    for chained in (parse_weights("outer", ["clf=100"]), parse_weights("outer", ["a=100"], shadow="clf")):
+        with pytest.raises(FailedPrecondition) as err:
+            await head.set_route(chained)
+        assert str(err.value) == (
+            "route 'outer': 'clf' is a route, and a route sends to deployments only (routes do "
+            "not chain); name the deployments of route 'clf' instead"
+        )
 
     # Kept in the store: a new head serves the same routes.
     again = HeadNode(Settings(), store, fleet, clock)
