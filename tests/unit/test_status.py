@@ -128,7 +128,7 @@ async def test_one_deployment_costs_its_replicas_not_the_clusters(
     entries each route builds."""
     node = HeadNode(Settings(), store, fleet, clock)
     built: list[str] = []
-    real = node_module.ReplicaStatus
+    real = ReplicaStatus
 
     def counted(**fields: Any) -> ReplicaStatus:
         built.append(fields["id"])
