@@ -35,6 +35,7 @@ class ChildProcess:
         self._popen = popen
         self.pid = popen.pid
         self._leads_group = leads_group
+        self.status_known = True  # waited for here: its exit status is its own
         self._exited = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         self._pidfd = os.pidfd_open(popen.pid)

@@ -67,6 +67,10 @@ class StagedProcess:
         return self._real.pid if self._real is not None else 0
 
     @property
+    def status_known(self) -> bool:
+        return self._real.status_known if self._real is not None else True
+
+    @property
     def returncode(self) -> int | None:
         return self._real.returncode if self._real is not None else self._code
 

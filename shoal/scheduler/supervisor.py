@@ -94,6 +94,13 @@ class Process(Protocol):
         """Signal it; a no-op once it has exited."""
         ...
 
+    @property
+    def status_known(self) -> bool:
+        """Whether :attr:`returncode` is its real exit status: False for a forked replica
+        whose zygote went first (``shoal.zygote.UNKNOWN_EXIT`` stands in), which then counts
+        as no crash of its own."""
+        ...
+
 
 class Launcher(Protocol):
     """Starts a process: ``argv`` with ``env``, stdout and stderr to ``out`` (which the caller
@@ -518,8 +525,7 @@ class ReplicaSupervisor:
             tomb.state = state
             tomb.message = message
             # A forked replica whose zygote went first has no exit status (UNKNOWN_EXIT): no crash.
-            known = getattr(rep.process, "status_known", True)
-            own = rep.crashed if rep.dead_reason else known and _crashed(code)
+            own = rep.crashed if rep.dead_reason else rep.process.status_known and _crashed(code)
             tomb.crashed = state == REPLICA_DEAD and own
             if state == REPLICA_DEAD:
                 self.deaths[rep.spec.name] += 1

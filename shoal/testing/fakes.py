@@ -461,6 +461,7 @@ class FakeProcess:
         self.returncode: int | None = None
         self.signals: list[int] = []
         self.stubborn = False
+        self.status_known = True
         self._exited = asyncio.Event()
 
     @property
