@@ -109,6 +109,15 @@ def shown(text: str, most: int = SHOWN_CHARS) -> str:
     return f"{text[:most]}... ({len(text) - most} more characters)"
 
 
+def quoted(text: str, most: int = SHOWN_CHARS) -> str:
+    """``text`` in quotes (its repr) as an error message names a client's string (a tensor
+    name, a header): at most ``most`` characters of it, and how many more were left out.
+    Both doors name tensors so: before, a REST error repeated a 1 MiB tensor name whole."""
+    if len(text) <= most:
+        return repr(text)
+    return f"{text[:most]!r}... ({len(text) - most} more characters)"
+
+
 #: Most stop strings one generation may ask for, and the longest. Every new piece of text is
 #: searched for each of them (``shoal.backends.generate.StopMatcher``): 10,000 stop strings
 #: were taken as they came, a search of the whole text for each at every token, on the

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from shoal.core import tensors
+from shoal.core import limits, tensors
 from shoal.core.spec import TensorSpec
 from shoal.errors import InvalidArgument
 
@@ -87,7 +87,7 @@ def check(t: Tensor, role: str = "input") -> None:
 
 def _where(t: Tensor, role: str) -> str:
     """How an error names the tensor (built only when there is an error to name it in)."""
-    return f"{role} {t.name!r}: " if t.name else f"{role}: "
+    return f"{role} {limits.quoted(t.name)}: " if t.name else f"{role}: "
 
 
 def check_all(items: Iterable[Tensor], role: str = "input") -> None:
@@ -97,7 +97,7 @@ def check_all(items: Iterable[Tensor], role: str = "input") -> None:
         if not t.name:
             raise InvalidArgument(f"{role} #{i} has no name")
         if t.name in seen:
-            raise InvalidArgument(f"{role} {t.name!r} is given twice")
+            raise InvalidArgument(f"{role} {limits.quoted(t.name)} is given twice")
         seen.add(t.name)
         check(t, role)
 
@@ -168,17 +168,20 @@ def check_declared(declared: Sequence[TensorSpec], given: Iterable[Header], mode
         if spec is None:
             takes = ", ".join(repr(n) for n in by_name)
             who = f"model {model!r}" if model else "the model"
-            raise InvalidArgument(f"unknown input {name!r}; {who} takes {takes}")
+            raise InvalidArgument(f"unknown input {limits.quoted(name)}; {who} takes {takes}")
         if datatype != spec.datatype:
-            raise InvalidArgument(f"input {name!r}: expected datatype {spec.datatype}, got {datatype}")
+            raise InvalidArgument(
+                f"input {limits.quoted(name)}: expected datatype {spec.datatype}, got {datatype}"
+            )
         if not _shape_fits(spec.shape, shape):
             raise InvalidArgument(
-                f"input {name!r}: expected shape {_fmt_shape(spec.shape)}, got {_fmt_shape(shape)}"
+                f"input {limits.quoted(name)}: expected shape {_fmt_shape(spec.shape)}, "
+                f"got {_fmt_shape(shape)}"
             )
         seen.add(name)
     for name, spec in by_name.items():
         if name not in seen and not spec.optional:
-            raise InvalidArgument(f"missing input {name!r}{of_model}")
+            raise InvalidArgument(f"missing input {limits.quoted(name)}{of_model}")
 
 
 def _in_order(declared: Sequence[TensorSpec], given: Iterable[Header]) -> bool:

@@ -90,7 +90,9 @@ async def read_asgi_body(
         try:
             too_big = int(declared) > limit
         except ValueError:
-            raise InvalidArgument(f"Content-Length must be an integer, got {declared!r}") from None
+            raise InvalidArgument(
+                f"Content-Length must be an integer, got {limits.quoted(declared)}"
+            ) from None
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -121,7 +123,9 @@ async def read_asgi_body(
     if encoding in ("", "identity"):
         return body
     if encoding not in ("gzip", "deflate"):
-        raise InvalidArgument(f"unsupported Content-Encoding {encoding!r}; use gzip, deflate or none")
+        raise InvalidArgument(
+            f"unsupported Content-Encoding {limits.quoted(encoding)}; use gzip, deflate or none"
+        )
     # deflate in HTTP is the zlib format (tritonclient sends zlib.compress output).
     inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
     try:
@@ -192,7 +196,9 @@ def _params(doc: dict[str, Any], where: str) -> dict[str, Any]:
 def bool_param(params: dict[str, Any], key: str, default: bool, where: str) -> bool:
     value = params.get(key, default)
     if not isinstance(value, bool):
-        raise InvalidArgument(f"{where}parameter {key!r} must be true or false, got {value!r}")
+        raise InvalidArgument(
+            f"{where}parameter {key!r} must be true or false, got {limits.shown(repr(value))}"
+        )
     return value
 
 
@@ -206,7 +212,9 @@ class InferRequest:
     def __init__(self, header: dict[str, Any], tail: memoryview, bounds: RequestLimits = _NO_LIMITS) -> None:
         request_id = header.get("id", "")
         if not isinstance(request_id, str) or not limits.is_unicode(request_id):
-            raise InvalidArgument(f"'id' must be a string of valid Unicode, got {request_id!r}")
+            raise InvalidArgument(
+                f"'id' must be a string of valid Unicode, got {limits.shown(repr(request_id))}"
+            )
         limits.check_request_id(request_id)
         self.id = request_id
         params = _params(header, "")
@@ -227,7 +235,9 @@ class InferRequest:
         self.binary_default = bool_param(params, "binary_data_output", False, "")
         model_id = params.get(MODEL_ID_PARAMETER, "")
         if not isinstance(model_id, str):
-            raise InvalidArgument(f"parameter {MODEL_ID_PARAMETER!r} must be a string, got {model_id!r}")
+            raise InvalidArgument(
+                f"parameter {MODEL_ID_PARAMETER!r} must be a string, got {limits.shown(repr(model_id))}"
+            )
         self.model_id = model_id
         if "inputs" not in header:
             raise InvalidArgument("the request has no 'inputs'")
@@ -244,7 +254,7 @@ class InferRequest:
             if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
                 raise InvalidArgument(f"outputs[{i}] must be an object with a 'name'")
             name = entry["name"]
-            where = f"output {name!r}: "
+            where = f"output {limits.quoted(name)}: "
             out_params = _params(entry, where)
             _refuse_unsupported(out_params, where)
             self.outputs.append(name)
@@ -261,10 +271,10 @@ class InferRequest:
             if not isinstance(name, str) or not name:
                 raise InvalidArgument(f"inputs[{i}] has no 'name'")
             if not limits.is_unicode(name):
-                raise InvalidArgument(f"inputs[{i}]: the name {name!r} is not valid Unicode")
+                raise InvalidArgument(f"inputs[{i}]: the name {limits.quoted(name)} is not valid Unicode")
             if name in out:
-                raise InvalidArgument(f"input {name!r} is given twice")
-            where = f"input {name!r}: "
+                raise InvalidArgument(f"input {limits.quoted(name)} is given twice")
+            where = f"input {limits.quoted(name)}: "
             _refuse_unsupported(_params(entry, where), where)
             for key in ("datatype", "shape"):
                 if key not in entry:

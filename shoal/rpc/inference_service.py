@@ -151,7 +151,7 @@ def _timeout_s(request: oip.ModelInferRequest, context: Context, params: Paramet
 def _from_contents(t: oip.ModelInferRequest.InferInputTensor) -> Tensor:
     """A tensor sent in the typed ``contents`` fields, as raw bytes (the rare path: clients
     send ``raw_input_contents``)."""
-    where = f"input {t.name!r}: "
+    where = f"input {limits.quoted(t.name)}: "
     field = _CONTENTS_FIELD.get(t.datatype)
     used = [f.name for f, _ in t.contents.ListFields()]
     if field is None:
@@ -252,16 +252,18 @@ def _tensors(
     out: list[Tensor] = []
     for t, data in zip(inputs, raw):  # noqa: B905 - the lengths are equal
         if t.parameters:
-            _refuse_unsupported(t.parameters, f"input {t.name!r}: ")
+            _refuse_unsupported(t.parameters, f"input {limits.quoted(t.name)}: ")
         if t.HasField("contents"):
-            raise InvalidArgument(f"input {t.name!r}: give either raw_input_contents or contents, not both")
+            raise InvalidArgument(
+                f"input {limits.quoted(t.name)}: give either raw_input_contents or contents, not both"
+            )
         out.append(Tensor(t.name, t.datatype, tuple(t.shape[:]), data))
     return tuple(out)
 
 
 def _checked_typed(t: oip.ModelInferRequest.InferInputTensor) -> Tensor:
     if t.parameters:
-        _refuse_unsupported(t.parameters, f"input {t.name!r}: ")
+        _refuse_unsupported(t.parameters, f"input {limits.quoted(t.name)}: ")
     return _from_contents(t)
 
 
@@ -291,12 +293,14 @@ def infer_call(
         check_sequence_flags(_parameter(params, "sequence_start"), _parameter(params, "sequence_end"))
         model_id = _parameter(params, MODEL_ID_PARAMETER)
         if model_id is not None and not isinstance(model_id, str):
-            raise InvalidArgument(f"parameter {MODEL_ID_PARAMETER!r} must be a string, got {model_id!r}")
+            raise InvalidArgument(
+                f"parameter {MODEL_ID_PARAMETER!r} must be a string, got {limits.shown(repr(model_id))}"
+            )
     wanted: tuple[str, ...] = ()
     if outputs:
         for out in outputs:
             if out.parameters:
-                _refuse_unsupported(out.parameters, f"output {out.name!r}: ")
+                _refuse_unsupported(out.parameters, f"output {limits.quoted(out.name)}: ")
         wanted = tuple(out.name for out in outputs)
     return InferCall(
         model=request.model_name,

@@ -90,7 +90,7 @@ def check_sequence_flags(start: object, end: object) -> None:
     naming it, as Triton refuses it (before, ``"sequence_start": "yes"`` was taken)."""
     for key, value in (("sequence_start", start), ("sequence_end", end)):
         if value is not None and type(value) is not bool:
-            raise InvalidArgument(f"parameter {key!r} must be true or false, got {value!r}")
+            raise InvalidArgument(f"parameter {key!r} must be true or false, got {limits.shown(repr(value))}")
 
 
 @dataclass(slots=True)
@@ -403,7 +403,9 @@ def _select(model: str, outputs: Tensors, wanted: Sequence[str], declared: Seque
         missing = [o for o in wanted if o not in by_name]
         if missing:
             returned = ", ".join(repr(n) for n in by_name)
-            raise InvalidArgument(f"unknown output {missing[0]!r}; model {model!r} returned {returned}")
+            raise InvalidArgument(
+                f"unknown output {limits.quoted(missing[0])}; model {model!r} returned {returned}"
+            )
         return tuple(by_name[o] for o in wanted)
     if order:
         first = [by_name[o] for o in order if o in by_name]

@@ -260,11 +260,13 @@ def check_outputs(metadata: ModelMetadata, requested: Sequence[str]) -> None:
     known = {t.name for t in metadata.outputs}
     for name in requested:
         if name in seen:
-            raise InvalidArgument(f"output {name!r} is requested twice")
+            raise InvalidArgument(f"output {limits.quoted(name)} is requested twice")
         seen.add(name)
         if known and name not in known:
             returns = ", ".join(repr(t.name) for t in metadata.outputs)
-            raise InvalidArgument(f"unknown output {name!r}; model {metadata.name!r} returns {returns}")
+            raise InvalidArgument(
+                f"unknown output {limits.quoted(name)}; model {metadata.name!r} returns {returns}"
+            )
 
 
 def _config_type(datatype: str) -> str:

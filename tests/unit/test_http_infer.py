@@ -10,6 +10,7 @@ import json
 import logging
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any, cast
 
 import httpx
@@ -43,21 +44,37 @@ DOC = {
 }
 
 
-@pytest.fixture
-async def node() -> AsyncIterator[SchedulerNode]:
+@asynccontextmanager
+async def serving(settings: Settings) -> AsyncIterator[SchedulerNode]:
+    """A scheduler over fake replicas: ``echo`` declares TENSORS, ``free`` declares none."""
     fakes = FakeReplicas()
     router = Router("s1", Settings(), fakes, policy="round_robin")
-    node = SchedulerNode(Settings(max_message_mb=1), "s1", cast(HeadLink, None), fakes, router=router)
+    node = SchedulerNode(settings, "s1", cast(HeadLink, None), fakes, router=router)
     node.registered.set()
     router.add("a", make_spec(inputs=TENSORS, outputs=TENSORS), "a:9000", "s1")
-    yield node
-    await router.aclose()
+    router.add("b", make_spec("free"), "b:9000", "s1")
+    try:
+        yield node
+    finally:
+        await router.aclose()
+
+
+@asynccontextmanager
+async def client_of(node: SchedulerNode) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=scheduler_app(node), raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://shoal") as client:
+        yield client
+
+
+@pytest.fixture
+async def node() -> AsyncIterator[SchedulerNode]:
+    async with serving(Settings(max_message_mb=1)) as node:
+        yield node
 
 
 @pytest.fixture
 async def http(node: SchedulerNode) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=scheduler_app(node), raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://shoal") as client:
+    async with client_of(node) as client:
         yield client
 
 
@@ -239,3 +256,61 @@ async def test_a_two_member_gzip_request_is_answered(http: httpx.AsyncClient) ->
     r = await http.post("/v2/models/echo/infer", content=body, headers={"Content-Encoding": "gzip"})
     assert r.status_code == 200, r.text
     assert r.json()["outputs"][0]["data"] == [1.0, 2.0, 3.0, 4.0]
+
+
+_HUGE = "n" * (1 << 20)  # a 1 MiB name
+_X = {"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}
+
+
+@pytest.mark.parametrize(
+    ("model", "doc", "headers", "problem"),
+    [
+        ("echo", {"inputs": [_X, {**_X, "name": _HUGE}]}, {}, "; model 'echo' takes 'x', 'u', 's'"),
+        ("free", {"inputs": [{**_X, "name": _HUGE}] * 2}, {}, " is given twice"),
+        ("free", {"inputs": [{"name": _HUGE, "datatype": "FP32", "shape": [1]}]}, {}, ": no data: give"),
+        (
+            "free",
+            {"inputs": [{**_X, "name": _HUGE, "parameters": {"shared_memory_region": "r"}}]},
+            {},
+            ": shared memory is not supported",
+        ),
+        ("echo", {**DOC, "outputs": [{"name": _HUGE}]}, {}, "; model 'echo' returns 'x', 'u', 's'"),
+        ("free", {"inputs": [_X], "outputs": [{"name": _HUGE}] * 2}, {}, " is requested twice"),
+        (
+            "free",
+            {"inputs": [_X], "outputs": [{"name": _HUGE, "parameters": {"binary_data": 1}}]},
+            {},
+            ": parameter 'binary_data' must be true or false, got 1",
+        ),
+        ("free", {"inputs": [_X], "parameters": {"binary_data_output": _HUGE}}, {}, "must be true or false"),
+        ("free", {"inputs": [_X], "parameters": {"sequence_start": _HUGE}}, {}, "must be true or false"),
+        ("free", {"inputs": [_X], "parameters": {"multiplexed_model_id": [_HUGE]}}, {}, "must be a string"),
+        ("free", {"inputs": [_X]}, {"content-encoding": _HUGE}, "unsupported Content-Encoding"),
+        ("free", {"inputs": [_X]}, {"content-length": _HUGE}, "Content-Length must be an integer"),
+    ],
+    ids=[
+        "unknown-input",
+        "input-twice",
+        "input-without-data",
+        "input-shared-memory",
+        "unknown-output",
+        "output-twice",
+        "output-binary-data",
+        "binary-data-output",
+        "sequence-start",
+        "model-id",
+        "content-encoding",
+        "content-length",
+    ],
+)
+async def test_a_huge_client_string_is_quoted_cut_in_a_refusal(
+    model: str, doc: dict[str, Any], headers: dict[str, str], problem: str
+) -> None:
+    """Before, the refusal quoted it whole: a 1 MiB tensor name came back in a 1 MiB error."""
+    body = json.dumps(doc).encode()
+    async with serving(Settings(max_message_mb=4, max_json_on_loop_kb=8192)) as node, client_of(node) as http:
+        r = await http.post(f"/v2/models/{model}/infer", content=body, headers=headers)
+    assert r.status_code == 400, r.text[:300]
+    assert len(r.content) < 2000, r.text[:300]
+    message = r.json()["error"]
+    assert problem in message and "more characters)" in message, message

@@ -87,3 +87,14 @@ def test_integer_contents_past_the_bound_are_refused_floats_are_not(monkeypatch:
         request_tensors(typed("BYTES", [5], "bytes_contents", [b"a"] * 5))
     [t] = request_tensors(typed("FP32", [5], "fp32_contents", [1.0] * 5))
     assert t.data == np.ones(5, np.float32).tobytes()
+
+
+def test_a_huge_input_name_is_quoted_cut_as_over_rest() -> None:
+    request = oip.ModelInferRequest(model_name="m")
+    t = request.inputs.add(name="n" * (1 << 20), datatype="FP32", shape=[1])
+    t.parameters["shared_memory_region"].string_param = "r"
+    request.raw_input_contents.append(b"\0" * 4)
+    with pytest.raises(InvalidArgument) as refused:
+        request_tensors(request)
+    message = refused.value.message
+    assert len(message) < 1000 and "... (1048376 more characters): shared memory is not supported" in message
