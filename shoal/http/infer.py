@@ -15,7 +15,6 @@ import concurrent.futures
 import json
 import logging
 import multiprocessing
-import zlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -36,6 +35,7 @@ from shoal.errors import (
     ShoalError,
     from_code,
 )
+from shoal.http import coding
 from shoal.http.auth import drain
 from shoal.http.server import ClientGone, client_gone, unless_gone
 from shoal.scheduler.dataplane import (
@@ -62,7 +62,7 @@ _UNSUPPORTED_PARAMETERS = {
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, decoded (gzip, deflate), at most ``limit`` bytes; InvalidArgument otherwise.
+    """The request body, decoded (gzip, x-gzip, deflate), at most ``limit`` bytes; InvalidArgument otherwise.
 
     An oversized body is still read to its end (and dropped), so that the client, which
     sends it all before reading the answer, gets the 400 and not a broken connection.
@@ -119,65 +119,12 @@ async def read_asgi_body(
     if refused is not None:
         raise refused
     body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    encoding = encoding.strip().lower()
-    if encoding in ("", "identity"):
+    if not encoding:
         return body
-    if encoding not in ("gzip", "deflate"):
-        raise InvalidArgument(
-            f"unsupported Content-Encoding {limits.quoted(encoding)}; use gzip, deflate or none"
-        )
-    # deflate in HTTP is the zlib format (tritonclient sends zlib.compress output).
-    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
-    try:
-        out = inflater.decompress(body, limit + 1)
-    except zlib.error as e:
-        raise InvalidArgument(f"request body is not valid {encoding} data: {e}") from None
-    if len(out) > limit:
-        raise BodyTooLarge(limit, decoded=True)
-    if not inflater.eof:
-        raise InvalidArgument(f"request body is truncated {encoding} data")
-    if inflater.unused_data:  # bytes after the stream: rare, so the common body pays one check
-        out = _more_members(inflater.unused_data, out, encoding, limit)
+    out = coding.decode(body, encoding, limit)
     if hold is not None:
         hold(len(out))
     return out
-
-
-#: The most gzip members one request body may hold (:func:`_more_members`).
-MAX_GZIP_MEMBERS = 64
-
-
-def _more_members(rest: bytes, out: bytes, encoding: str, limit: int) -> bytes:
-    """``out`` and what follows the first compressed stream of a body: further gzip members
-    (RFC 1952 2.2: a gzip body is a series of members, as ``cat a.gz b.gz`` makes, and gzip
-    and Python's gzip module decode them all), or, as those allow, zero bytes of padding.
-    Anything else is refused: before, a gzip body's later members and any bytes after a
-    deflate or gzip stream were dropped silently, so a two-member body was read as its first
-    member alone and junk after the stream went unnoticed. At most :data:`MAX_GZIP_MEMBERS`
-    members: each costs Python work on the event loop, and a body of empty members could
-    hold millions."""
-    parts = [out]
-    size = len(out)
-    while rest:
-        if len(parts) >= MAX_GZIP_MEMBERS:
-            raise InvalidArgument(f"request body holds over {MAX_GZIP_MEMBERS} gzip members")
-        if encoding != "gzip" or not rest.startswith(b"\x1f\x8b"):
-            if encoding == "gzip" and not rest.strip(b"\0"):
-                break  # padding
-            raise InvalidArgument(f"request body has {len(rest)} bytes after the end of its {encoding} data")
-        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        try:
-            part = inflater.decompress(rest, limit + 1 - size)
-        except zlib.error as e:
-            raise InvalidArgument(f"request body is not valid {encoding} data: {e}") from None
-        size += len(part)
-        if size > limit:
-            raise BodyTooLarge(limit, decoded=True)
-        if not inflater.eof:
-            raise InvalidArgument(f"request body is truncated {encoding} data")
-        parts.append(part)
-        rest = inflater.unused_data
-    return b"".join(parts)
 
 
 def _refuse_unsupported(params: dict[str, Any], where: str) -> None:
@@ -200,6 +147,10 @@ def bool_param(params: dict[str, Any], key: str, default: bool, where: str) -> b
             f"{where}parameter {key!r} must be true or false, got {limits.shown(repr(value))}"
         )
     return value
+
+
+Answer = tuple[bytes, str, dict[str, str]]
+"""An answer's body, media type and headers."""
 
 
 _NO_LIMITS = RequestLimits()
@@ -312,7 +263,7 @@ class InferRequest:
         """How many output elements go back as JSON (what makes a response slow to write)."""
         return sum(t.elements for t in result.outputs if not self.binary.get(t.name, self.binary_default))
 
-    def render(self, result: InferResult) -> tuple[bytes, str, dict[str, str]]:
+    def render(self, result: InferResult) -> Answer:
         """The response body, its media type and headers."""
         header: dict[str, Any] = {"model_name": result.model_name, "model_version": result.model_version}
         if result.id:
@@ -406,11 +357,11 @@ def _new_parser() -> concurrent.futures.ProcessPoolExecutor:
     return pool
 
 
-def _render_in_child(req: InferRequest, result: InferResult) -> tuple[bytes, str, dict[str, str]]:
+def _render_in_child(req: InferRequest, result: InferResult) -> Answer:
     return req.render(result)
 
 
-async def respond(req: InferRequest, result: InferResult, on_loop: int) -> tuple[bytes, str, dict[str, str]]:
+async def respond(req: InferRequest, result: InferResult, on_loop: int) -> Answer:
     """``req``'s answer: body, media type and headers. One with many output elements as
     JSON is written in the parsing process: turning millions of numbers into JSON text on
     the event loop held every other request up for seconds."""
@@ -493,7 +444,12 @@ class Dispatch:
 
 #: The request headers :class:`_Infer` reads.
 _INFER_HEADERS = frozenset(
-    {b"content-length", b"content-encoding", b"inference-header-content-length", MODEL_ID_HEADER.encode()}
+    {
+        b"content-length",
+        b"content-encoding",
+        b"inference-header-content-length",
+        MODEL_ID_HEADER.encode(),
+    }
 )
 
 
@@ -524,7 +480,7 @@ class Infer:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    async def answer(self, scope: Scope, receive: Receive) -> tuple[bytes, str, dict[str, str]]:
+    async def answer(self, scope: Scope, receive: Receive) -> Answer:
         node = self.node
         params = scope["path_params"]
         name, version = params["name"], params.get("version", "")

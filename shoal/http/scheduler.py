@@ -19,8 +19,8 @@ tensors' raw bytes after the JSON). Outputs come back as raw bytes when the requ
 as JSON otherwise. Request parameter ``timeout`` is in microseconds, as in Triton. A
 multiplexed deployment's model id is the parameter ``multiplexed_model_id`` or the header
 ``shoal-multiplexed-model-id`` (the parameter wins).
-Bodies may be gzip (every member of a multi-member body is read) or deflate encoded;
-bytes after the compressed data are refused, and so is a body over
+Bodies may be gzip or x-gzip (every member of a multi-member body is read) or deflate
+encoded; bytes after the compressed data are refused, and so is a body over
 ``settings.max_message_mb`` (after decoding).
 
 Every error is ``{"error": "..."}`` with the status from :data:`shoal.errors.HTTP_STATUS`.

@@ -18,7 +18,8 @@ import pytest
 
 from shoal.config import Settings
 from shoal.errors import BodyTooLarge, InvalidArgument
-from shoal.http.infer import MAX_GZIP_MEMBERS, read_asgi_body
+from shoal.http.coding import MAX_GZIP_MEMBERS
+from shoal.http.infer import read_asgi_body
 from shoal.http.scheduler import scheduler_app
 from shoal.scheduler.dataplane import InferCall
 from shoal.scheduler.node import SchedulerNode
@@ -222,6 +223,7 @@ _TEXT = json.dumps(DOC).encode()
         (gzip.compress(_TEXT[:10]) + gzip.compress(b"") + gzip.compress(_TEXT[10:]), "gzip"),
         (gzip.compress(_TEXT) + b"\0" * 8, "gzip"),  # zero padding, as gzip -d allows
         (zlib.compress(_TEXT), "deflate"),
+        (gzip.compress(_TEXT), "x-gzip"),  # RFC 9110 8.4.1.3: the same as gzip; it was refused
     ],
 )
 async def test_every_gzip_member_of_a_body_is_read(body: bytes, encoding: str) -> None:

@@ -1,0 +1,87 @@
+"""HTTP content codings (RFC 9110 8.4) on the REST inference route: a request body sent
+gzip, x-gzip or deflate is decoded (:func:`decode`).
+
+deflate in HTTP is the zlib format (RFC 9110 8.4.1.2): tritonclient sends
+``zlib.compress`` output.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+from shoal.core import limits
+from shoal.errors import BodyTooLarge, InvalidArgument
+
+#: zlib's ``wbits`` for each coding shoal reads.
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+#: The most gzip members one request body may hold (:func:`_more_members`).
+MAX_GZIP_MEMBERS = 64
+
+
+def canonical(name: str) -> str:
+    """A content coding's name as shoal knows it: trimmed, lower case, and ``x-gzip`` as
+    ``gzip`` (RFC 9110 8.4.1.3: a recipient should take them for the same)."""
+    name = name.strip().lower()
+    return "gzip" if name == "x-gzip" else name
+
+
+# ---------------------------------------------------------------- request bodies
+
+
+def decode(body: bytes, encoding: str, limit: int) -> bytes:
+    """``body`` as sent with Content-Encoding ``encoding`` (gzip, x-gzip, deflate, identity
+    or none), decoded: at most ``limit`` bytes, else BodyTooLarge; InvalidArgument for
+    another coding or data that is not in it."""
+    name = canonical(encoding)
+    if name in ("", "identity"):
+        return body
+    if name not in _WBITS:
+        raise InvalidArgument(
+            f"unsupported Content-Encoding {limits.quoted(encoding.strip())}; use gzip, deflate or none"
+        )
+    inflater = zlib.decompressobj(_WBITS[name])
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as e:
+        raise InvalidArgument(f"request body is not valid {name} data: {e}") from None
+    if len(out) > limit:
+        raise BodyTooLarge(limit, decoded=True)
+    if not inflater.eof:
+        raise InvalidArgument(f"request body is truncated {name} data")
+    if inflater.unused_data:  # bytes after the stream: rare, so the common body pays one check
+        out = _more_members(inflater.unused_data, out, name, limit)
+    return out
+
+
+def _more_members(rest: bytes, out: bytes, encoding: str, limit: int) -> bytes:
+    """``out`` and what follows the first compressed stream of a body: further gzip members
+    (RFC 1952 2.2: a gzip body is a series of members, as ``cat a.gz b.gz`` makes, and gzip
+    and Python's gzip module decode them all), or, as those allow, zero bytes of padding.
+    Anything else is refused: before, a gzip body's later members and any bytes after a
+    deflate or gzip stream were dropped silently, so a two-member body was read as its first
+    member alone and junk after the stream went unnoticed. At most :data:`MAX_GZIP_MEMBERS`
+    members: each costs Python work on the event loop, and a body of empty members could
+    hold millions."""
+    parts = [out]
+    size = len(out)
+    while rest:
+        if len(parts) >= MAX_GZIP_MEMBERS:
+            raise InvalidArgument(f"request body holds over {MAX_GZIP_MEMBERS} gzip members")
+        if encoding != "gzip" or not rest.startswith(b"\x1f\x8b"):
+            if encoding == "gzip" and not rest.strip(b"\0"):
+                break  # padding
+            raise InvalidArgument(f"request body has {len(rest)} bytes after the end of its {encoding} data")
+        inflater = zlib.decompressobj(_WBITS["gzip"])
+        try:
+            part = inflater.decompress(rest, limit + 1 - size)
+        except zlib.error as e:
+            raise InvalidArgument(f"request body is not valid {encoding} data: {e}") from None
+        size += len(part)
+        if size > limit:
+            raise BodyTooLarge(limit, decoded=True)
+        if not inflater.eof:
+            raise InvalidArgument(f"request body is truncated {encoding} data")
+        parts.append(part)
+        rest = inflater.unused_data
+    return b"".join(parts)
