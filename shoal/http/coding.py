@@ -1,18 +1,22 @@
-"""HTTP content codings (RFC 9110 8.4) on the REST inference route: a request body sent
-gzip, x-gzip or deflate is decoded (:func:`decode`).
+"""HTTP content codings (RFC 9110 8.4) on the REST inference route, both ways: a request
+body sent gzip or deflate is decoded (:func:`decode`), and an answer goes compressed when
+the client's ``Accept-Encoding`` asks for gzip or deflate (:func:`negotiate`,
+:func:`encode`), as Triton's HTTP server answers tritonclient's
+``response_compression_algorithm``.
 
 deflate in HTTP is the zlib format (RFC 9110 8.4.1.2): tritonclient sends
-``zlib.compress`` output.
+``zlib.compress`` output and reads an answer with ``zlib.decompress``.
 """
 
 from __future__ import annotations
 
+import re
 import zlib
 
 from shoal.core import limits
 from shoal.errors import BodyTooLarge, InvalidArgument
 
-#: zlib's ``wbits`` for each coding shoal reads.
+#: zlib's ``wbits`` for each coding shoal reads and writes.
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 #: The most gzip members one request body may hold (:func:`_more_members`).
@@ -85,3 +89,47 @@ def _more_members(rest: bytes, out: bytes, encoding: str, limit: int) -> bytes:
         parts.append(part)
         rest = inflater.unused_data
     return b"".join(parts)
+
+
+# ---------------------------------------------------------------- answers
+
+#: An Accept-Encoding entry's parameters: its weight alone (RFC 9110 12.4.2).
+_WEIGHT = re.compile(r"\s*;\s*[qQ]=(0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?)\s*")
+
+
+def negotiate(accept: str) -> str:
+    """The coding of an answer to a request whose Accept-Encoding is ``accept`` (RFC 9110
+    12.5.3): ``"gzip"``, ``"deflate"`` or ``""`` (none). The acceptable one of highest
+    weight wins: a coding not listed weighs what ``*`` does, or is not acceptable; no
+    coding, when ``identity`` is not listed, is taken only when nothing else is
+    acceptable. At equal weights gzip comes first, then deflate, then none. When nothing
+    is acceptable (``*;q=0``) the answer goes uncompressed rather than as a 406. An entry
+    whose weight is not a qvalue is ignored, as Triton ignores it."""
+    weights: dict[str, float] = {}
+    for entry in accept.split(","):
+        name, semicolon, params = entry.partition(";")
+        name = canonical(name)
+        if not name:
+            continue
+        weight = 1.0
+        if semicolon:
+            match = _WEIGHT.fullmatch(semicolon + params)
+            if match is None:
+                continue
+            weight = float(match[1])
+        weights[name] = max(weight, weights.get(name, 0.0))  # gzip and x-gzip: the higher
+    other = weights.get("*", 0.0)
+    gzip = weights.get("gzip", other)
+    deflate = weights.get("deflate", other)
+    identity = weights.get("identity", 0.0)
+    if gzip > 0 and gzip >= deflate and gzip >= identity:
+        return "gzip"
+    if deflate > 0 and deflate >= identity:
+        return "deflate"
+    return ""
+
+
+def encode(body: bytes, name: str) -> bytes:
+    """``body`` compressed in coding ``name`` (gzip or deflate) at zlib's default level, as
+    Triton compresses. zlib lets go of the GIL while it compresses: a thread may run it."""
+    return zlib.compress(body, wbits=_WBITS[name])

@@ -1,7 +1,8 @@
 """The scheduler's REST inference route, ``POST /v2/models/NAME[/versions/V]/infer``
 (the Open Inference Protocol, KServe V2 / Triton): reading and decoding its body, the
-data plane's call, and writing its answer. :func:`shoal.http.scheduler.scheduler_app`
-mounts it ahead of its Starlette app (:class:`Dispatch`).
+data plane's call, and writing its answer, compressed when the client asks
+(:mod:`shoal.http.coding`). :func:`shoal.http.scheduler.scheduler_app` mounts it ahead
+of its Starlette app (:class:`Dispatch`).
 
 Bodies are JSON (``inputs: [{name, datatype, shape, data}]``) or Triton's binary tensor
 data extension; see :mod:`shoal.http.scheduler` for the whole REST API.
@@ -357,18 +358,41 @@ def _new_parser() -> concurrent.futures.ProcessPoolExecutor:
     return pool
 
 
-def _render_in_child(req: InferRequest, result: InferResult) -> Answer:
-    return req.render(result)
+def _render_in_child(req: InferRequest, result: InferResult, used: str | None) -> Answer:
+    answer = req.render(result)
+    return answer if used is None else _encoded(answer, used)
 
 
-async def respond(req: InferRequest, result: InferResult, on_loop: int) -> Answer:
-    """``req``'s answer: body, media type and headers. One with many output elements as
-    JSON is written in the parsing process: turning millions of numbers into JSON text on
-    the event loop held every other request up for seconds."""
-    if req.json_elements(result) * 8 <= on_loop:  # about 8 bytes of JSON per number
-        return req.render(result)
-    req.inputs = ()  # sent, and not needed to write the answer
-    return await _in_parser(_render_in_child, req, result)
+async def respond(req: InferRequest, result: InferResult, on_loop: int, accept: str | None = None) -> Answer:
+    """``req``'s answer: body, media type and headers, compressed as ``accept`` (the
+    request's Accept-Encoding; None: none was sent) asks (:func:`coding.negotiate`).
+
+    One with many output elements as JSON is written in the parsing process: turning
+    millions of numbers into JSON text on the event loop held every other request up for
+    seconds; it is compressed there too. Any other body over ``on_loop`` bytes is compressed
+    in a thread (zlib lets go of the GIL), so that it does not hold the event loop either."""
+    used = None if accept is None else coding.negotiate(accept)
+    if req.json_elements(result) * 8 > on_loop:  # about 8 bytes of JSON per number
+        req.inputs = ()  # sent, and not needed to write the answer
+        return await _in_parser(_render_in_child, req, result, used)
+    answer = req.render(result)
+    if used is None:
+        return answer
+    if used and len(answer[0]) > on_loop:
+        return await asyncio.to_thread(_encoded, answer, used)
+    return _encoded(answer, used)
+
+
+def _encoded(answer: Answer, used: str) -> Answer:
+    """``answer`` in coding ``used`` ("": as it is), for a request that sent Accept-Encoding.
+    Triton's Inference-Header-Content-Length stays the length of the JSON header in the
+    uncompressed body, as Triton sends it and tritonclient reads it once decompressed."""
+    body, media_type, headers = answer
+    headers = {**headers, "Vary": "Accept-Encoding"}
+    if used:
+        body = coding.encode(body, used)
+        headers["Content-Encoding"] = used
+    return body, media_type, headers
 
 
 #: Large bodies being parsed or answers written in the parsing process at once, each up to
@@ -447,6 +471,7 @@ _INFER_HEADERS = frozenset(
     {
         b"content-length",
         b"content-encoding",
+        b"accept-encoding",
         b"inference-header-content-length",
         MODEL_ID_HEADER.encode(),
     }
@@ -556,7 +581,7 @@ class Infer:
             # slot (its answer, if the replica sends one, is dropped), as a gRPC cancel does.
             call = req.call(name, version, headers.get(MODEL_ID_HEADER, ""))
             result = await unless_gone(scope, node.dataplane.infer(call))
-            return await respond(req, result, self.on_loop)
+            return await respond(req, result, self.on_loop, headers.get("accept-encoding"))
         finally:
             budgets.HELD.reset(held)
             budget.give(size)

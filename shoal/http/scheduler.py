@@ -21,7 +21,10 @@ multiplexed deployment's model id is the parameter ``multiplexed_model_id`` or t
 ``shoal-multiplexed-model-id`` (the parameter wins).
 Bodies may be gzip or x-gzip (every member of a multi-member body is read) or deflate
 encoded; bytes after the compressed data are refused, and so is a body over
-``settings.max_message_mb`` (after decoding).
+``settings.max_message_mb`` (after decoding). An inference answer is compressed, gzip or
+deflate, when the request's ``Accept-Encoding`` prefers it (``shoal.http.coding``), as
+Triton's are; its ``Inference-Header-Content-Length`` stays the JSON header's length in
+the uncompressed body.
 
 Every error is ``{"error": "..."}`` with the status from :data:`shoal.errors.HTTP_STATUS`.
 A model that is known but not ready answers its ``ready`` route with 400, as Triton does.

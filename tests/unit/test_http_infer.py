@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import threading
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -18,7 +19,8 @@ import pytest
 
 from shoal.config import Settings
 from shoal.errors import BodyTooLarge, InvalidArgument
-from shoal.http.coding import MAX_GZIP_MEMBERS
+from shoal.http import coding
+from shoal.http.coding import MAX_GZIP_MEMBERS, negotiate
 from shoal.http.infer import read_asgi_body
 from shoal.http.scheduler import scheduler_app
 from shoal.scheduler.dataplane import InferCall
@@ -81,7 +83,8 @@ async def http(node: SchedulerNode) -> AsyncIterator[httpx.AsyncClient]:
 
 async def test_json_in_json_out_by_name_and_by_version(http: httpx.AsyncClient) -> None:
     for path in ("/v2/models/echo/infer", "/v2/models/echo/versions/1/infer"):
-        r = await http.post(path, json={**DOC, "id": "q"})
+        # httpx asks for gzip by default: then Content-Length is the compressed body's
+        r = await http.post(path, json={**DOC, "id": "q"}, headers={"Accept-Encoding": "identity"})
         assert r.status_code == 200, r.text
         assert r.headers["content-type"] == "application/json"
         assert int(r.headers["content-length"]) == len(r.content)
@@ -316,3 +319,109 @@ async def test_a_huge_client_string_is_quoted_cut_in_a_refusal(
     assert len(r.content) < 2000, r.text[:300]
     message = r.json()["error"]
     assert problem in message and "more characters)" in message, message
+
+
+# ---------------------------------------------------------------- compressed answers
+
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+async def _raw_answer(
+    http: httpx.AsyncClient, doc: dict[str, Any], accept: str
+) -> tuple[httpx.Headers, bytes]:
+    """The answer's headers and its body as it came (httpx decodes a compressed body)."""
+    headers = {"Accept-Encoding": accept}
+    async with http.stream("POST", "/v2/models/echo/infer", json=doc, headers=headers) as r:
+        assert r.status_code == 200
+        return r.headers, b"".join([chunk async for chunk in r.aiter_raw()])
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+@pytest.mark.parametrize("accept", ["gzip", "deflate", "x-gzip", "br, deflate;q=0.5, gzip;q=0.9"])
+async def test_an_answer_is_compressed_as_the_client_accepts(
+    http: httpx.AsyncClient, accept: str, binary: bool
+) -> None:
+    """Before, Accept-Encoding was ignored: every answer went uncompressed."""
+    doc = {**DOC, "parameters": {"binary_data_output": binary}}
+    plain_headers, plain = await _raw_answer(http, doc, "identity")
+    headers, body = await _raw_answer(http, doc, accept)
+    used = "deflate" if accept == "deflate" else "gzip"
+    assert "content-encoding" not in plain_headers
+    assert (headers["content-encoding"], headers["vary"]) == (used, "Accept-Encoding")
+    assert int(headers["content-length"]) == len(body)
+    assert zlib.decompress(body, _WBITS[used]) == plain
+    # Triton's binary extension: the length of the JSON header in the uncompressed body
+    length = headers.get("inference-header-content-length")
+    assert length == plain_headers.get("inference-header-content-length")
+    assert (length is not None) == binary
+    header = json.loads(plain[: int(length)] if length else plain)
+    assert [o["name"] for o in header["outputs"]] == ["x", "u", "s"]
+
+
+@pytest.mark.parametrize("accept", ["br", "gzip;q=0", "identity", "*;q=0", "gzip;q=0.5, identity"])
+async def test_an_answer_the_client_does_not_take_compressed_goes_as_it_is(
+    http: httpx.AsyncClient, accept: str
+) -> None:
+    _, plain = await _raw_answer(http, DOC, "identity")
+    headers, body = await _raw_answer(http, DOC, accept)
+    assert "content-encoding" not in headers and headers["vary"] == "Accept-Encoding"
+    assert body == plain
+
+
+@pytest.mark.parametrize(
+    ("accept", "used"),
+    [
+        ("gzip", "gzip"),
+        ("deflate", "deflate"),
+        ("GZip ; Q=1.0", "gzip"),
+        ("gzip, deflate, br, zstd", "gzip"),  # httpx's and curl's
+        ("deflate, gzip", "gzip"),  # equal weights: gzip first
+        ("deflate;q=0.9, gzip;q=0.8", "deflate"),
+        ("gzip;q=0.001", "gzip"),
+        ("gzip;q=0, deflate", "deflate"),
+        ("*", "gzip"),
+        ("*, gzip;q=0", "deflate"),
+        ("*;q=0.5, identity;q=0.6", ""),
+        ("identity, gzip", "gzip"),  # equal weights: compressed first
+        ("gzip;q=0.5, identity", ""),
+        ("x-gzip", "gzip"),
+        ("", ""),
+        ("br", ""),
+        ("identity", ""),
+        ("*;q=0", ""),  # nothing acceptable: uncompressed, rather than a 406
+        ("gzip;q=2, deflate;q=abc, gzip;level=9", ""),  # not a weight: the entry is ignored
+        (",,gzip;q=0.7,,", "gzip"),
+    ],
+)
+def test_accept_encoding_weights_choose_the_coding(accept: str, used: str) -> None:
+    assert negotiate(accept) == used
+
+
+async def test_a_large_answer_is_compressed_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over max_json_on_loop_kb, as a large JSON body is parsed off the loop."""
+    threads: list[bool] = []
+    encode = coding.encode
+
+    def spy(body: bytes, used: str) -> bytes:
+        threads.append(threading.current_thread() is threading.main_thread())
+        return encode(body, used)
+
+    monkeypatch.setattr(coding, "encode", spy)
+    async with serving(Settings(max_json_on_loop_kb=1)) as node, client_of(node) as http:
+        for rows in (1, 512):  # an answer of 200 bytes, then one of 8 KiB
+            data = bytes(range(16)) * rows
+            tensor = {"name": "x", "datatype": "FP32", "shape": [rows, 4]}
+            header = json.dumps(
+                {
+                    "inputs": [{**tensor, "parameters": {"binary_data_size": len(data)}}],
+                    "parameters": {"binary_data_output": True},
+                }
+            ).encode()
+            r = await http.post(
+                "/v2/models/free/infer",
+                content=header + data,
+                headers={"Inference-Header-Content-Length": str(len(header)), "Accept-Encoding": "gzip"},
+            )
+            assert r.status_code == 200, r.text
+            assert r.headers["content-encoding"] == "gzip" and r.content.endswith(data)
+    assert threads == [True, False]
