@@ -129,6 +129,13 @@ def negotiate(accept: str) -> str:
     return ""
 
 
+MIN_BYTES = 1024
+"""Answers shorter than this go uncompressed whatever Accept-Encoding says (Triton compresses
+every one): most inference answers are a few hundred bytes, which gzip saves little of (or
+makes longer) for 10-14 µs of zlib on each side, and requests and httpx send ``gzip,
+deflate`` unasked. A client that accepts a coding accepts no coding too."""
+
+
 def encode(body: bytes, name: str) -> bytes:
     """``body`` compressed in coding ``name`` (gzip or deflate) at zlib's default level, as
     Triton compresses. zlib lets go of the GIL while it compresses: a thread may run it."""

@@ -389,7 +389,7 @@ def _encoded(answer: Answer, used: str) -> Answer:
     uncompressed body, as Triton sends it and tritonclient reads it once decompressed."""
     body, media_type, headers = answer
     headers = {**headers, "Vary": "Accept-Encoding"}
-    if used:
+    if used and len(body) >= coding.MIN_BYTES:
         body = coding.encode(body, used)
         headers["Content-Encoding"] = used
     return body, media_type, headers

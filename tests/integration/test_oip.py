@@ -273,7 +273,8 @@ async def test_http_infer_compressed_both_ways(
         )
 
     result = await over_http(cluster, call)
-    assert encodings == [coding]
+    # 3 rows as binary data: an answer under coding.MIN_BYTES, which goes as it is.
+    assert encodings == [None if (rows, binary) == (3, True) else coding]
     for name, want in arrays.items():
         assert_same(result.as_numpy(name), want)
 
