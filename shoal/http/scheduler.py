@@ -23,8 +23,8 @@ Bodies may be gzip or x-gzip (every member of a multi-member body is read) or de
 encoded; bytes after the compressed data are refused, and so is a body over
 ``settings.max_message_mb`` (after decoding). An inference answer is compressed, gzip or
 deflate, when the request's ``Accept-Encoding`` prefers it (``shoal.http.coding``), as
-Triton's are, if it is 1 KiB or more (``coding.MIN_BYTES``); its ``Inference-Header-Content-Length`` stays the JSON header's length in
-the uncompressed body.
+Triton's are, if it is 1 KiB or more (``coding.MIN_BYTES``); its
+``Inference-Header-Content-Length`` stays the JSON header's length in the uncompressed body.
 
 Every error is ``{"error": "..."}`` with the status from :data:`shoal.errors.HTTP_STATUS`.
 A model that is known but not ready answers its ``ready`` route with 400, as Triton does.
