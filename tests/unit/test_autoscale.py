@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from shoal.core.autoscale import Autoscaler
+import pytest
+
+from shoal.core.autoscale import LOOK_BACK_S, SPAN_S, Autoscaler
 from shoal.core.clock import FakeClock
 from shoal.core.spec import Autoscaling
 
@@ -116,3 +118,52 @@ def test_a_target_too_small_for_the_quotient_scales_to_max_without_raising() -> 
     tiny = Autoscaling.model_construct(**{**POLICY.model_dump(), "target_ongoing_requests": 5e-324})
     count, _ = run(scaler, clock, load=3, seconds=5, current=1, policy=tiny)
     assert count == 5  # max_replicas
+
+
+def feed(scaler: Autoscaler, clock: FakeClock, load: float, seconds: float, passes: int) -> None:
+    """``passes`` observations of ``load`` spread evenly over ``seconds``."""
+    for _ in range(passes):
+        scaler.observe("d", load)
+        clock.advance(seconds / passes)
+
+
+def test_the_load_is_averaged_over_time_whatever_the_number_of_passes() -> None:
+    """Health updates with queued requests wake extra passes: before, a burst of 0.4 s
+    observed in 20 passes after 1.6 s of low load observed in 8 averaged 7.2 by sample
+    (4 replicas wanted) where the load over the 2 s window averaged 2.8 (2 replicas)."""
+    instant = Autoscaling(min_replicas=1, max_replicas=5, target_ongoing_requests=2, upscale_delay_s=0)
+    loads = []
+    for burst_passes in (2, 20):
+        clock = FakeClock()
+        scaler = Autoscaler(clock)
+        feed(scaler, clock, load=1, seconds=1.6, passes=8)
+        feed(scaler, clock, load=10, seconds=0.4, passes=burst_passes)
+        scaler.observe("d", 1)  # the burst is over
+        loads.append(scaler.load("d"))
+        decision = scaler.decide("d", instant, 1)
+        assert decision is not None and decision.desired == 2  # ceil((1.6 x 1 + 0.4 x 10) / 2 s / 2)
+    assert loads[0] == pytest.approx(2.8) and loads[1] == pytest.approx(2.8)
+
+
+def test_a_quiet_period_after_a_burst_weighs_by_its_length_too() -> None:
+    """The same as above the other way round: a burst of many passes, then a longer quiet
+    period of few passes, averages by the time each load held."""
+    clock = FakeClock()
+    scaler = Autoscaler(clock)
+    feed(scaler, clock, load=8, seconds=0.5, passes=25)
+    feed(scaler, clock, load=0, seconds=1.5, passes=3)
+    assert scaler.load("d") == pytest.approx(2.0)  # (0.5 x 8 + 1.5 x 0) / 2 s
+    clock.advance(0.5)  # the burst's first 0.5 s leaves the window: only quiet time is left
+    assert scaler.load("d") == pytest.approx(0.0, abs=1e-9)
+
+
+def test_a_storm_of_passes_keeps_a_bounded_track() -> None:
+    """10,000 passes in 2 s with a load that changes at each: the track stays within its
+    bound, and the average stays the one over time."""
+    clock = FakeClock()
+    scaler = Autoscaler(clock)
+    for i in range(10_000):
+        scaler.observe("d", 4 if i % 2 else 2)
+        clock.advance(LOOK_BACK_S / 10_000)
+    assert len(scaler._tracks["d"].spans) <= 2 * LOOK_BACK_S / SPAN_S + 2
+    assert scaler.load("d") == pytest.approx(3.0, abs=0.1)

@@ -26,7 +26,7 @@ from shoal.http.head import head_app
 from shoal.store import MemoryStore
 from shoal.testing.fakes import FakeSchedulers
 from shoal.testing.wait import until
-from shoal.types import Route, RoutingTable, SchedulerRegistration
+from shoal.types import LoadReport, Route, RoutingTable, SchedulerRegistration
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -234,6 +234,39 @@ async def test_a_deployment_whose_count_fails_keeps_it_and_the_others_are_reconc
     assert len(errors) == 1  # once, not in every pass
     assert "deployment auto: its replica count could not be computed" in errors[0].getMessage()
     assert errors[0].exc_info is not None and errors[0].exc_info[0] is OverflowError
+
+
+async def test_a_burst_that_wakes_many_passes_weighs_by_its_time_not_its_passes(
+    head: HeadNode, fleet: FakeSchedulers, clock: FakeClock
+) -> None:
+    """Health updates with queued requests wake extra passes. Before, 1.5 s of 1 request in
+    flight (3 passes) then 0.4 s of 10 queued (20 passes) averaged 8.8 by pass and scaled to
+    5 replicas; over the time it held the load averaged 2.9, 2 replicas at target 2."""
+    await join(head)
+    auto = parse_spec(
+        {
+            "name": "auto",
+            "backend": "python",
+            "model": "m:Model",
+            "autoscaling": {"max_replicas": 5, "target_ongoing_requests": 2, "upscale_delay_s": 0},
+        }
+    )
+    await head.apply(auto)
+    await head.reconcile_once()
+    version = fleet.clients["s1"].registry_version
+
+    async def pass_with(load: LoadReport, then_s: float) -> None:
+        assert await head.scheduler_health("s1", version, [], {"auto": load})
+        await head.reconcile_once()
+        clock.advance(then_s)
+
+    for _ in range(3):
+        await pass_with(LoadReport(in_flight=1), 0.5)
+    for _ in range(20):
+        await pass_with(LoadReport(in_flight=1, queued=9), 0.02)
+
+    [dep] = cluster_status(head)["deployments"]
+    assert dep["target_replicas"] == 2
 
 
 async def test_without_a_scheduler_nothing_is_created_and_status_says_why(head: HeadNode) -> None:
