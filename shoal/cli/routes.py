@@ -14,10 +14,16 @@ from shoal.errors import InvalidArgument
 
 def cmd_route(args: argparse.Namespace) -> int:
     if args.delete:
-        if not args.name or args.targets or args.shadow:
+        if not args.name or args.targets or args.shadow is not None:
             raise InvalidArgument("shoal route --delete NAME takes the route's name only")
     elif args.name and not args.targets:
         raise InvalidArgument(f"give the targets of route {args.name!r} as DEPLOYMENT=WEIGHT, e.g. a=90 b=10")
+    elif args.shadow is not None and not args.targets:
+        raise InvalidArgument(
+            "--shadow belongs to a route: shoal route NAME DEPLOYMENT=WEIGHT... --shadow DEPLOYMENT"
+        )
+    elif args.shadow == "":
+        raise InvalidArgument("--shadow takes a deployment name; leave it out for a route without a shadow")
     route = parse_weights(args.name, args.targets, args.shadow or "") if args.targets else None
 
     async def go(client: Any, settings: Settings) -> int:

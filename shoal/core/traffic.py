@@ -7,7 +7,8 @@ or, in a spec file beside deployments (``shoal deploy``), a document of kind ``r
     kind: route
     name: classifier
     targets: {classifier-v1: 90, classifier-v2: 10}
-    shadow: classifier-v3        # optional: gets a copy of every request, its answer discarded
+    shadow: classifier-v3        # optional (null or "": none): gets a copy of every request,
+                                 # its answer discarded
 
 Clients keep calling ``classifier`` (OIP, native, OpenAI); each request goes to one target,
 drawn by weight; ``shoal route classifier classifier-v2=100`` promotes. The rules, checked
@@ -89,7 +90,8 @@ def _check_name(what: str, name: object) -> str:
 
 def parse_route(doc: object) -> TrafficRoute:
     """A route from its document (``name``, ``targets`` mapping names to weights, optional
-    ``shadow``, optional ``kind: route``). Raises InvalidArgument naming the problem."""
+    ``shadow``: a deployment name, none when left out, null or ``""``; optional ``kind:
+    route``). Raises InvalidArgument naming the problem."""
     if not isinstance(doc, Mapping):
         raise InvalidArgument(f"a route must be a mapping, got {type(doc).__name__}")
     unknown = sorted(str(k) for k in doc if k not in ("kind", "name", "targets", "shadow"))
@@ -117,7 +119,15 @@ def parse_route(doc: object) -> TrafficRoute:
     total = sum(w for _, w in pairs)
     if total != 100:
         raise InvalidArgument(f"{where}: weights must sum to 100, they sum to {total}")
-    shadow = doc.get("shadow") or ""
+    shadow = doc.get("shadow")
+    if shadow is None:
+        shadow = ""  # null is no shadow, as is leaving it out
+    if not isinstance(shadow, str):
+        # Not taken as no shadow: a user who wrote [] or 0 meant something, and is told.
+        raise InvalidArgument(
+            f'{where}: shadow must be a deployment name (leave it out, or give null or "", for none), '
+            f"got {shadow!r}"
+        )
     if shadow:
         _check_name(f"{where}: shadow", shadow)
         if shadow == name or shadow in targets:

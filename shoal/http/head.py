@@ -550,7 +550,10 @@ _ROUTE_BODY: dict[str, Any] = {
             "additionalProperties": {"type": "integer", "minimum": 0, "maximum": 100},
             "description": "deployment name -> weight; the weights sum to 100",
         },
-        "shadow": {"type": "string", "description": "a deployment that gets a copy of each request"},
+        "shadow": {
+            "type": ["string", "null"],
+            "description": 'a deployment that gets a copy of each request; "", null or left out: none',
+        },
     },
     "required": ["targets"],
 }

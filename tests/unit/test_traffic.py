@@ -69,6 +69,24 @@ def test_a_bad_route_is_refused_naming_the_problem(doc: dict[str, Any], message:
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("shadow", [[], 0, False, {}, ["c"], 1.5])
+def test_a_shadow_of_another_type_than_a_name_is_refused(shadow: object) -> None:
+    """Before, ``[]``, ``0``, ``false`` or ``{}`` were taken silently as no shadow."""
+    with pytest.raises(InvalidArgument) as err:
+        parse_route({"name": "r", "targets": {"a": 100}, "shadow": shadow})
+    assert str(err.value) == (
+        f"route 'r': shadow must be a deployment name (leave it out, or give null or \"\", "
+        f"for none), got {shadow!r}"
+    )
+
+
+@pytest.mark.parametrize("shadow", [None, ""])
+def test_a_shadow_of_null_or_empty_is_no_shadow(shadow: object) -> None:
+    """What the REST API shows for a route without one (``"shadow": ""``) reads back as it."""
+    route = parse_route({"name": "r", "targets": {"a": 100}, "shadow": shadow})
+    assert route == TrafficRoute("r", (("a", 100),)) and route.deployments == ("a",)
+
+
 def test_the_command_lines_weights_are_a_route() -> None:
     route = parse_weights("clf", ["a=90", "b=10"], shadow="c")
     assert route == TrafficRoute("clf", (("a", 90), ("b", 10)), "c")
@@ -273,6 +291,8 @@ async def test_routes_over_the_rest_api_need_the_deploy_role(head: HeadNode) -> 
         assert head.routes.traffic["clf"] == parse_weights("clf", ["a=90", "b=10"])
         r = await c.put("/api/routes/clf", json={"targets": {"a": 90, "b": 9}})
         assert r.status_code == 400 and "sum to 99" in r.json()["error"]
+        r = await c.put("/api/routes/clf", json={"targets": {"a": 90, "b": 10}, "shadow": []})
+        assert r.status_code == 400 and "shadow must be a deployment name" in r.json()["error"]
         r = await c.put("/api/routes/clf", json={"targets": {"nope": 100}})
         assert r.status_code == 404 and "no deployment named 'nope'" in r.json()["error"]
         r = await c.put("/api/routes/a", json={"targets": {"b": 100}})
@@ -317,6 +337,9 @@ async def test_a_route_never_opens_a_deployment_that_needs_a_token(head: HeadNod
         (["route", "clf"], "give the targets of route 'clf' as DEPLOYMENT=WEIGHT"),
         (["route", "--delete", "clf", "a=100"], "takes the route's name only"),
         (["route", "clf", "a=100", "--shadow", "a"], "neither the route nor one of its targets"),
+        (["route", "clf", "a=100", "--shadow", ""], "--shadow takes a deployment name"),
+        (["route", "--delete", "clf", "--shadow", ""], "takes the route's name only"),
+        (["route", "--shadow", "c"], "--shadow belongs to a route"),
     ],
 )
 def test_shoal_route_refuses_bad_arguments_before_calling_the_head(argv: list[str], message: str) -> None:
