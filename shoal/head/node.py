@@ -457,13 +457,16 @@ class HeadNode:
         fail and differs from the current spec. Returns the new revision (kind ``rolled_back``).
 
         NotFound: no such deployment or revision kept. FailedPrecondition: no earlier revision
-        to go back to, or the current spec is already that one. InvalidArgument: revision < 0.
+        to go back to, the current spec is already that one, or the deployment got a new
+        revision (a deploy, restart or rollback) while the target was checked, outside the
+        lock: nothing changes then. InvalidArgument: revision < 0.
         """
         if revision < 0:
             raise InvalidArgument(f"revision must be >= 1 (or 0 for the previous one), got {revision}")
         async with self.lock:
             spec = self._get(name)
             target = self._rollback_target(name, spec, revision)
+            seen = self.history.current(name)
         # In a thread, outside the lock, like apply: it may read the model's module file.
         old_spec = _revision_spec(name, target)
         await asyncio.to_thread(
@@ -471,6 +474,15 @@ class HeadNode:
         )
         async with self.lock:
             spec = self._get(name)
+            now = self.history.current(name)
+            if _revision_key(now) != _revision_key(seen):
+                # A deploy, restart or rollback came in between: applying the target now would undo
+                # it unseen, and "the previous revision" may be another one now.
+                raise FailedPrecondition(
+                    f"deployment {name!r} got {_revision_name(now)} while the rollback was checked, "
+                    f"after {_revision_name(seen)}: nothing was rolled back; look at its history "
+                    "and roll back again"
+                )
             rev, new = await self._roll_back(name, spec, target, "asked for")
         self.wake()
         await self._publish_routes()
@@ -1076,6 +1088,15 @@ def _revision_spec(name: str, rev: Revision) -> DeploymentSpec:
         return parse_spec_json(rev.spec_json)
     except InvalidArgument as err:
         raise FailedPrecondition(f"revision {rev.number} of {name!r} cannot be read: {err}") from None
+
+
+def _revision_key(rev: Revision | None) -> tuple[int, float] | None:
+    """Which revision ``rev`` is, also across a delete and a new deploy (numbers start again)."""
+    return None if rev is None else (rev.number, rev.time)
+
+
+def _revision_name(rev: Revision | None) -> str:
+    return "no revision" if rev is None else f"revision {rev.number} ({rev.kind})"
 
 
 def _identity(spec: DeploymentSpec) -> str:

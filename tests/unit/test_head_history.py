@@ -3,6 +3,8 @@ restart, and lifecycle events: HeadNode over a MemoryStore, fake schedulers, a F
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import AsyncIterator
 
 import httpx
@@ -172,6 +174,41 @@ async def test_rollback_refuses_what_it_cannot_do(head: HeadNode) -> None:
         await head.rollback("app", 1)
     with pytest.raises(InvalidArgument, match="revision must be >= 1"):
         await head.rollback("app", -1)
+
+
+@pytest.mark.parametrize("revision", [0, 1])
+async def test_a_deploy_while_a_rollback_is_checked_is_not_undone_silently(
+    head: HeadNode, monkeypatch: pytest.MonkeyPatch, revision: int
+) -> None:
+    """A rollback picks its target under the head's lock, checks it outside (it may read the
+    model's file), then applies it. Before, a deploy in that gap (revision 3, c:M) was
+    undone: the rollback applied a:M over it, though c:M's previous revision is b:M."""
+    await head.apply(make_spec("a:M"))
+    await head.apply(make_spec("b:M"))
+    checking, deployed = threading.Event(), threading.Event()
+
+    def check_then_wait(spec: DeploymentSpec, *args: object) -> None:
+        if spec.model == "a:M":  # the rollback's check of revision 1: hold it
+            checking.set()
+            deployed.wait(5)
+
+    monkeypatch.setattr("shoal.head.node.check_deployable", check_then_wait)
+    rolling = asyncio.create_task(head.rollback("app", revision))
+    assert await asyncio.to_thread(checking.wait, 5)
+    await head.apply(make_spec("c:M"))
+    deployed.set()
+
+    with pytest.raises(FailedPrecondition) as err:
+        await rolling
+    assert str(err.value) == (
+        "deployment 'app' got revision 3 (updated) while the rollback was checked, after "
+        "revision 2 (updated): nothing was rolled back; look at its history and roll back again"
+    )
+    assert head.desired["app"].model == "c:M"
+    assert [r.number for r in head.history.revisions("app")] == [1, 2, 3]
+    if revision == 0:
+        rev, spec = await head.rollback("app")  # asked again: from c:M, its previous one
+        assert (spec.model, rev.rollback_to) == ("b:M", 2)
 
 
 async def test_a_model_hash_change_is_an_update_that_says_so(head: HeadNode) -> None:
