@@ -8,7 +8,9 @@ name -> numpy array, batched along axis 0) is called per batch. ``predict`` may 
 method, run on the backend's model thread, or ``async def``, awaited on the replica's
 event loop. ``unload()`` or ``close()`` on the class, if present, is called at unload.
 
-A class may set ``supports_batching = False`` when its predict takes one row at a time.
+A class may set ``supports_batching = False`` when its predict takes one request at a time
+(no rows along axis 0): the replica then runs each request alone, whatever the spec's
+``batching``.
 
 For a deployment with ``multiplexing``, the class needs ``load_model(model_id)`` instead of
 (or besides) ``predict``: the replica calls it, on a worker thread, on a model id's first

@@ -96,8 +96,22 @@ class ReplicaProcess:
             await warm_up(backend, self.spec.warmup)
         self.backend = backend
         batching = self.spec.batching
+        max_batch_size = batching.max_batch_size
+        if max_batch_size > 1 and not backend.supports_batching:
+            # A model that takes one request's tensors at a time (a python class's
+            # ``supports_batching = False``, an ONNX model whose axis 0 is fixed): requests
+            # concatenated for it gave each client values computed over the others' too (a
+            # model dividing its vector by its sum answered [1, 1, 1, 1] with 0.05 each, not
+            # 0.25, beside five other requests).
+            log.warning(
+                "model %s takes one request at a time (supports_batching is false): "
+                "max_batch_size %d is not used",
+                self.spec.model,
+                max_batch_size,
+            )
+            max_batch_size = 1
         self.batcher = Batcher(
-            backend.predict, batching.max_batch_size, batching.max_delay_ms, run_now=backend.predict_now
+            backend.predict, max_batch_size, batching.max_delay_ms, run_now=backend.predict_now
         )
         await self.batcher.start()
         mux = self.spec.multiplexing

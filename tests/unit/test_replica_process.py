@@ -300,21 +300,26 @@ class Echo:
 """
 
 
+def batched(tmp_path: Path, name: str, source: str, cls: str, max_delay_ms: float) -> ReplicaProcess:
+    """A replica of python model ``cls`` (defined in ``source``), batching up to 8 rows."""
+    (tmp_path / f"{name}_model.py").write_text(source)
+    spec = parse_spec(
+        {
+            "name": name,
+            "backend": "python",
+            "model": f"{name}_model:{cls}",
+            "base_dir": str(tmp_path),
+            "batching": {"max_batch_size": 8, "max_delay_ms": max_delay_ms},
+        }
+    )
+    return ReplicaProcess(f"{name}-000001", spec, Settings(), Link())
+
+
 async def test_a_lone_request_to_a_model_on_the_loop_is_answered_without_the_queue(tmp_path: Path) -> None:
     """Once a sync model's calls run on the event loop, a request that arrives alone at an
     idle replica is answered at once (ReplicaProcess.begin returns it done), counted as a
     batch of one; a bad one fails alone."""
-    (tmp_path / "echo_model.py").write_text(SYNC_MODEL)
-    spec = parse_spec(
-        {
-            "name": "echo",
-            "backend": "python",
-            "model": "echo_model:Echo",
-            "base_dir": str(tmp_path),
-            "batching": {"max_batch_size": 8, "max_delay_ms": 5},
-        }
-    )
-    replica = ReplicaProcess("echo-000001", spec, Settings(), Link())
+    replica = batched(tmp_path, "echo", SYNC_MODEL, "Echo", max_delay_ms=5)
     runner = await ready(replica)
     for i in range(INLINE_AFTER + 1):  # short calls on the model thread first: then on the loop
         await replica.begin(f"warm{i}", ROW, 5.0)
@@ -329,4 +334,32 @@ async def test_a_lone_request_to_a_model_on_the_loop_is_answered_without_the_que
     with pytest.raises(Internal, match="KeyError"):
         bad.result()
     assert replica.in_flight == 0
+    await stop(replica, runner)
+
+
+ONE_AT_A_TIME = """
+import asyncio
+
+class Normalise:
+    supports_batching = False
+
+    async def predict(self, inputs):
+        await asyncio.sleep(0.02)  # long enough for the others to queue behind it
+        x = inputs["x"]
+        return {"y": x / x.sum()}
+"""
+
+
+async def test_a_model_that_takes_one_request_at_a_time_never_sees_two(tmp_path: Path) -> None:
+    """A model whose class says ``supports_batching = False``, deployed with batching: each
+    request runs alone. Before, six concurrent requests of four equal values each were
+    concatenated and each answered with its share of the six requests' sum (0.05 for the
+    first), not 0.25."""
+    replica = batched(tmp_path, "one", ONE_AT_A_TIME, "Normalise", max_delay_ms=50)
+    runner = await ready(replica)
+    xs = [{"x": np.full(4, i + 1, np.float32)} for i in range(6)]
+    answers = await asyncio.gather(*(replica.infer(f"r{i}", x, 5.0) for i, x in enumerate(xs)))
+    for answer in answers:
+        np.testing.assert_allclose(answer["y"], np.full(4, 0.25, np.float32))
+    assert replica.describe().batches == 6
     await stop(replica, runner)
