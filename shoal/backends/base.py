@@ -97,6 +97,14 @@ def _thread_usage() -> tuple[float, int]:
 
 Tensors = dict[str, np.ndarray]
 
+#: What a user's code (a model's import, constructor, ``predict``, ``load_model``) may raise
+#: that is its own failure: any Exception, and also SystemExit and KeyboardInterrupt, which
+#: the replica's signal handlers never raise (shoal.replica_main). Left alone, a model's
+#: ``sys.exit()`` ended its replica: the request was retried on a second replica, which
+#: died too, and two such requests put the deployment into its restart backoff, every
+#: other client answered "no replica ... could take the request" for minutes.
+MODEL_FAILURES: tuple[type[BaseException], ...] = (Exception, SystemExit, KeyboardInterrupt)
+
 
 def datatype_of(dtype: np.dtype[Any]) -> str | None:
     """The Open Inference Protocol datatype of a numpy dtype, or None if it has none.

@@ -7,6 +7,9 @@ first on ``sys.path``, the class is built as ``Class(**options)``, and its
 name -> numpy array, batched along axis 0) is called per batch. ``predict`` may be a plain
 method, run on the backend's model thread, or ``async def``, awaited on the replica's
 event loop. ``unload()`` or ``close()`` on the class, if present, is called at unload.
+What ``predict`` raises reaches the client: a :class:`shoal.errors.ShoalError` as it is,
+anything else (``SystemExit`` and ``KeyboardInterrupt`` too: ``sys.exit()`` in a model does
+not end its replica) as Internal ``model raised ...``; at load, as the deployment's reason.
 
 A class may set ``supports_batching = False`` when its predict takes one request at a time
 (no rows along axis 0): the replica then runs each request alone, whatever the spec's
@@ -44,7 +47,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from shoal.backends.base import Backend, Tensors, coerce_outputs
+from shoal.backends.base import MODEL_FAILURES, Backend, Tensors, coerce_outputs
 from shoal.core import model_dirs
 from shoal.core.spec import DeploymentSpec
 from shoal.errors import Internal, InvalidArgument, ShoalError
@@ -94,7 +97,7 @@ class PythonBackend(Backend):
             raise
         except ModuleNotFoundError as err:
             raise InvalidArgument(f"cannot import module {module_name!r}{where}: {err}") from err
-        except Exception as err:
+        except MODEL_FAILURES as err:
             raise InvalidArgument(
                 f"importing module {module_name!r}{where} raised {type(err).__name__}: {err}"
             ) from err
@@ -111,7 +114,7 @@ class PythonBackend(Backend):
             kwargs["deployments"] = self.deployments
         try:
             model = target(**kwargs)
-        except Exception as err:
+        except MODEL_FAILURES as err:
             raise InvalidArgument(f"{attr}(**options) raised {type(err).__name__}: {err}") from err
         if self.deployments is not None and not hasattr(model, "deployments"):
             with contextlib.suppress(AttributeError, TypeError):  # __slots__, a frozen class
@@ -144,7 +147,7 @@ class PythonBackend(Backend):
                 result = await self._model.predict(inputs)
             except ShoalError:
                 raise
-            except Exception as err:
+            except MODEL_FAILURES as err:
                 raise Internal(f"model raised {type(err).__name__}: {err}") from err
             return coerce_outputs(result)
         # Converting the outputs can cost as much as a small model: keep it off the loop too.
@@ -159,7 +162,7 @@ class PythonBackend(Backend):
         except ShoalError:
             # A model may refuse an input on purpose (InvalidArgument): that reaches the client as is.
             raise
-        except Exception as err:
+        except MODEL_FAILURES as err:
             raise Internal(f"model raised {type(err).__name__}: {err}") from err
         return coerce_outputs(result)
 
@@ -169,7 +172,7 @@ class PythonBackend(Backend):
         if callable(release):
             try:
                 release()
-            except Exception:
+            except MODEL_FAILURES:
                 # Shutting down goes on: the process is about to exit anyway.
                 log.exception("%s: the model's %s() raised", self.spec.name, release.__name__)
 
@@ -198,6 +201,6 @@ class _MultiplexedModel(PythonBackend):
             model = self._load_model(self.model_id)
         except ShoalError:
             raise
-        except Exception as err:
+        except MODEL_FAILURES as err:
             raise Internal(f"load_model({self.model_id!r}) raised {type(err).__name__}: {err}") from err
         self._adopt(model, f"what load_model({self.model_id!r}) returned")

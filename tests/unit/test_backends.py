@@ -420,6 +420,9 @@ async def test_declared_tensors_are_checked(tmp_path: Path, backends: list[Backe
     ("body", "message"),
     [
         ("raise ValueError('row 3 is bad')", "model raised ValueError: row 3 is bad"),
+        # These ended the replica (and the next one the request was retried on).
+        ("import sys; sys.exit('bye')", "model raised SystemExit: bye"),
+        ("raise KeyboardInterrupt", "model raised KeyboardInterrupt"),
         ("return [inputs['x']]", "model returned list; predict must return a dict"),
         ("return {'y': None}", "model output 'y' is not an array"),
         ("return {'y': [[1, 2], [3]]}", "model output 'y' is not an array"),
@@ -456,6 +459,21 @@ async def test_an_async_model_that_raises_is_internal(tmp_path: Path, backends: 
         await loaded(spec, backends).predict(X)
 
 
+async def test_an_async_model_that_exits_is_internal(tmp_path: Path, backends: list[Backend]) -> None:
+    spec = user_model(
+        tmp_path,
+        """
+        import sys
+
+        class Model:
+            async def predict(self, inputs):
+                sys.exit(3)
+        """,
+    )
+    with pytest.raises(Internal, match="model raised SystemExit: 3"):
+        await loaded(spec, backends).predict(X)
+
+
 async def test_a_model_may_refuse_an_input_itself(tmp_path: Path, backends: list[Backend]) -> None:
     spec = user_model(
         tmp_path,
@@ -484,6 +502,12 @@ async def test_a_model_may_refuse_an_input_itself(tmp_path: Path, backends: list
             "class Model:\n    def __init__(self):\n        raise OSError('no weights')",
             r"Model\(\*\*options\) raised OSError: no weights",
         ),
+        (
+            "{module}:Model",
+            "class Model:\n    def __init__(self):\n        raise SystemExit('no weights')",
+            r"Model\(\*\*options\) raised SystemExit: no weights",
+        ),
+        ("{module}:Model", "import sys\nsys.exit(2)", "raised SystemExit: 2"),
         ("{module}:Model", "class Model: pass", "has no predict"),
     ],
 )
