@@ -7,6 +7,10 @@ Tensors, when the spec declares none:
   BYTES (UTF-8 of each label);
 - output ``probabilities``: ``predict_proba(X)`` as FP32 ``[-1, n_classes]``, when the
   estimator has ``predict_proba``;
+- a classifier fitted on ``k`` targets at once (``classes_`` a list, as a
+  RandomForestClassifier fitted on a matrix of labels has) gives ``label`` ``[-1, k]`` and
+  ``probabilities`` ``[-1, k, n_classes]`` (rows, targets, classes), the latter only when
+  every target has the same number of classes;
 - an estimator without ``classes_`` (a regressor) gives ``prediction``: FP32 ``[-1]``
   (``[-1, n_outputs_]`` for several targets) instead of the two above.
 
@@ -76,6 +80,7 @@ class SklearnBackend(Backend):
         self._n_features: int | None = None
         self._integer_labels = False
         self._is_classifier = False
+        self._targets = 0  # a classifier fitted on several targets at once: how many
         self._has_proba = False
         self._model_id = ""  # set on the backend of one model id of a multiplexed deployment
 
@@ -136,12 +141,23 @@ class SklearnBackend(Backend):
             TensorSpec(name=self.input_name, datatype="FP32", shape=(-1, self._n_features or -1)),
         )
         if self._is_classifier:
-            classes = np.asarray(classes)
-            self._integer_labels = classes.dtype.kind in "iub"
+            # Fitted on several targets at once: a list of class arrays, one per target.
+            per_target = (
+                [np.asarray(c) for c in classes] if isinstance(classes, list) else [np.asarray(classes)]
+            )
+            self._targets = len(per_target) if isinstance(classes, list) else 0
+            self._integer_labels = all(c.dtype.kind in "iub" for c in per_target)
             label_type = "INT64" if self._integer_labels else "BYTES"
-            outputs = [TensorSpec(name="label", datatype=label_type, shape=(-1,))]
+            targets = (self._targets,) if self._targets else ()
+            outputs = [TensorSpec(name="label", datatype=label_type, shape=(-1, *targets))]
+            n_classes = {len(c) for c in per_target}
+            if self._has_proba and len(n_classes) > 1:
+                # predict_proba gives one (rows, classes) array per target: no one tensor.
+                log.info("%s: its targets have different numbers of classes: no probabilities", path)
+                self._has_proba = False
             if self._has_proba:
-                outputs.append(TensorSpec(name="probabilities", datatype="FP32", shape=(-1, len(classes))))
+                shape = (-1, *targets, n_classes.pop())
+                outputs.append(TensorSpec(name="probabilities", datatype="FP32", shape=shape))
             self._derived_outputs = tuple(outputs)
         else:
             shape = _prediction_shape(estimator)
@@ -181,7 +197,13 @@ class SklearnBackend(Backend):
         estimator = self._estimator
         try:
             predicted = np.asarray(estimator.predict(x))
-            proba = np.asarray(estimator.predict_proba(x), dtype=np.float32) if self._want_proba else None
+            proba = estimator.predict_proba(x) if self._want_proba else None
+            if proba is not None:
+                # Several targets: a list of (rows, classes) arrays, target first; rows first
+                # on the wire, as the batcher cuts them (taken as they were, a batch of two
+                # 1-row requests answered each with the two rows of one target).
+                proba = np.stack(proba, axis=1) if self._targets else proba
+                proba = np.asarray(proba, dtype=np.float32)
         except ValueError as err:
             # scikit-learn's answer to input it does not take (NaN or infinity where the
             # estimator has no way to handle them, values a transformer never saw): the
@@ -204,7 +226,7 @@ class SklearnBackend(Backend):
             if t.name == "probabilities" and not self._want_proba:
                 continue
             if t.name == "label" and not self._integer_labels:
-                outputs[t.name] = np.empty(0, dtype=object)
+                outputs[t.name] = np.empty((0, *t.shape[1:]), dtype=object)
                 continue
             dtype = np.int64 if t.datatype == "INT64" else np.float32
             outputs[t.name] = np.empty((0, *t.shape[1:]), dtype=dtype)

@@ -17,6 +17,7 @@ import joblib
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits
+from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LinearRegression, LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -36,6 +37,7 @@ from shoal.backends.python import PythonBackend
 from shoal.backends.sklearn import SklearnBackend
 from shoal.core.spec import DeploymentSpec, TensorSpec, load_spec_file, parse_spec
 from shoal.errors import FailedPrecondition, Internal, InvalidArgument
+from shoal.replica.batcher import Batcher
 from shoal.replica.compose import Deployments
 from shoal.types import Arrays
 
@@ -707,6 +709,41 @@ async def test_sklearn_regressor_answers_prediction(tmp_path: Path, backends: li
     assert backend.outputs() == (TensorSpec(name="prediction", datatype="FP32", shape=(-1,)),)
     out = await backend.predict({"input": np.array([[10.0]], np.float32)})
     np.testing.assert_allclose(out["prediction"], [21.0], rtol=1e-5)
+
+
+async def test_sklearn_classifier_of_several_targets_answers_rows_first(
+    tmp_path: Path, backends: list[Backend]
+) -> None:
+    """A classifier fitted on two targets at once. Before, predict_proba's list (one array
+    per target) was sent target first: two 1-row requests batched together each got one
+    target's probabilities for both rows; with 3 classes for one target and 2 for the
+    other, loading raised a bare ValueError."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 3)).astype(np.float32)
+    two = np.stack([x[:, 0] > 0, x[:, 1] > 0], axis=1).astype(int)
+    forest = RandomForestClassifier(n_estimators=3, random_state=0).fit(x, two)
+    joblib.dump(forest, tmp_path / "two.joblib")
+    backend = loaded(sklearn_spec(tmp_path / "two.joblib"), backends)
+    assert backend.outputs() == (
+        TensorSpec(name="label", datatype="INT64", shape=(-1, 2)),
+        TensorSpec(name="probabilities", datatype="FP32", shape=(-1, 2, 2)),
+    )
+    async with Batcher(backend.predict, max_batch_size=2, max_delay_ms=50) as batcher:
+        first, second = await asyncio.gather(
+            batcher.submit({"input": x[:1]}), batcher.submit({"input": x[1:2]})
+        )
+    expected = np.stack(forest.predict_proba(x[:2]), axis=1)
+    np.testing.assert_allclose(first["probabilities"], expected[:1])
+    np.testing.assert_allclose(second["probabilities"], expected[1:])
+    np.testing.assert_array_equal(second["label"], forest.predict(x[1:2]))
+    empty = await backend.predict({"input": x[:0]})
+    assert {k: v.shape for k, v in empty.items()} == {"label": (0, 2), "probabilities": (0, 2, 2)}
+
+    uneven = np.stack([two[:, 0], two[:, 1] + 2 * (x[:, 2] > 0)], axis=1)
+    joblib.dump(RandomForestClassifier(n_estimators=3).fit(x, uneven), tmp_path / "uneven.joblib")
+    backend = loaded(sklearn_spec(tmp_path / "uneven.joblib"), backends)
+    assert [t.name for t in backend.outputs()] == ["label"]
+    assert (await backend.predict({"input": x[:3]}))["label"].shape == (3, 2)
 
 
 def test_sklearn_load_errors_name_the_file(tmp_path: Path) -> None:
