@@ -17,7 +17,7 @@ from shoal.backends.base import Backend
 from shoal.backends.generate import Completion, TextGenerator
 from shoal.backends.python import PythonBackend
 from shoal.config import Settings
-from shoal.core import tensors
+from shoal.core import limits, tensors
 from shoal.core.clock import Clock, SystemClock
 from shoal.core.cluster import DRAINING, READY, STARTING, STOPPED
 from shoal.core.model_dirs import check_deployable
@@ -34,6 +34,11 @@ log = logging.getLogger("shoal.replica")
 #: but does not answer (a flood of requests starving its event loop, a CPU-starved machine)
 #: before it leaves: a scheduler that is gone is left after ``orphan_after_s``, as before.
 BUSY_SCHEDULER_FACTOR = 6
+
+#: How much of a failed request's error message the replica's log line quotes: a model that
+#: put its 2 MB input in its exception wrote it to the log twice a request, in this line and
+#: in the traceback after it.
+LOGGED_ERROR_CHARS = 2000
 
 
 class SchedulerLink(Protocol):
@@ -242,7 +247,7 @@ class ReplicaProcess:
             "request %s failed: %s: %s",
             request_id,
             err.code.value,
-            err,
+            limits.shown(err.message, LOGGED_ERROR_CHARS),
             extra={"request_id": request_id, "replica_id": self.id},
             exc_info=trace,
         )

@@ -18,7 +18,7 @@ from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.replica.process import ReplicaProcess
 from shoal.rpc import codec, generate_codec, wire
 from shoal.rpc.convert import meta_to_pb, state_value
-from shoal.rpc.status import Context, abort
+from shoal.rpc.status import Context, abort, details
 from shoal.rpc.wire import PARTS_FROM, Framed
 from shoal.types import Arrays
 
@@ -255,10 +255,13 @@ class ReplicaService(pbg.ReplicaServicer):
 
 
 def _failure(task: pb.Task, err: ShoalError) -> pb.TaskOutcome:
+    # Cut as a gRPC status message is: a model's exception travels in a task's outcome, not
+    # in a trailer, and one of 2 MB (a model quoting its whole input) reached REST clients
+    # as a 2,000,037-byte error body.
     return pb.TaskOutcome(
         request_id=task.request_id,
         tag=task.tag,
         error_code=err.code.value,
-        error_message=err.message,
+        error_message=details(err.message),
         final=not err.retry_elsewhere,
     )

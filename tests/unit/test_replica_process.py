@@ -363,3 +363,24 @@ async def test_a_model_that_takes_one_request_at_a_time_never_sees_two(tmp_path:
         np.testing.assert_allclose(answer["y"], np.full(4, 0.25, np.float32))
     assert replica.describe().batches == 6
     await stop(replica, runner)
+
+
+LOUD_MODEL = """
+class Loud:
+    def predict(self, inputs):
+        raise ValueError("boom " * 400_000)
+"""
+
+
+async def test_a_models_huge_error_message_is_cut_before_it_leaves_the_replica(tmp_path: Path) -> None:
+    """Before, a model's 2 MB exception message went whole to the scheduler, and from there
+    to a REST client as a 2,000,037-byte error body."""
+    replica = batched(tmp_path, "loud", LOUD_MODEL, "Loud", max_delay_ms=5)
+    runner = await ready(replica)
+    task = pb.Task(request_id="r1", inputs=codec.encode(ROW), timeout_s=5.0)
+    outcome = await ReplicaService(replica).outcome(task)
+    assert outcome.error_code == "INTERNAL"
+    assert outcome.error_message.startswith("model raised ValueError: boom boom")
+    assert outcome.error_message.endswith("more characters)")
+    assert len(outcome.error_message) <= 6000
+    await stop(replica, runner)
