@@ -12,6 +12,8 @@ import os
 import re
 import sys
 import time
+import traceback
+from typing import Any
 
 # The data plane makes every request's id unique by adding "~" and 12 hex digits to the
 # client's (shoal.scheduler.dataplane); logs carry the client's id, which users search by.
@@ -41,7 +43,7 @@ class JsonFormatter(logging.Formatter):
             if unique != doc["request_id"]:
                 doc["request_key"] = unique
         if record.exc_info:
-            doc["exc"] = self.formatException(record.exc_info)
+            doc["exc"] = _format_exception(record.exc_info, escape=False)
         return json.dumps(doc)
 
 
@@ -56,12 +58,52 @@ def _escape(match: re.Match[str]) -> str:
     return _ESCAPES.get(char) or (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
 
 
+EXCEPTION_TEXT_CHARS = 2000
+"""How much of each exception's own text (``ValueError: ...``) a traceback in the log quotes."""
+
+def _format_exception(ei: Any, *, escape: bool) -> str:
+    """A traceback as ``logging`` writes it, but each exception's own text (the last line of
+    each in the chain: its message, which a model often builds from a client's input) cut to
+    :data:`EXCEPTION_TEXT_CHARS` and, when ``escape``, its control characters escaped: a
+    model's ``ValueError(f"bad input {text!s}")`` wrote a client's newlines and escape
+    sequences into the log raw, and a 2 MB input 2 MB a request."""
+    exc_type, value, tb = ei
+    top = traceback.TracebackException(exc_type, value, tb)
+    seen: set[int] = set()
+    todo = [top]
+    while todo:
+        te = todo.pop()
+        if id(te) in seen:
+            continue
+        seen.add(id(te))
+        te.format_exception_only = _cleaned(te.format_exception_only, escape)  # type: ignore[method-assign]
+        todo += [t for t in (te.__cause__, te.__context__) if t is not None]
+        todo += getattr(te, "exceptions", None) or []
+    return "".join(top.format()).rstrip("\n")
+
+
+def _cleaned(lines: Any, escape: bool) -> Any:
+    def cleaned() -> Any:
+        for line in lines():
+            body = line[:-1] if line.endswith("\n") else line
+            if len(body) > EXCEPTION_TEXT_CHARS:
+                more = len(body) - EXCEPTION_TEXT_CHARS
+                body = f"{body[:EXCEPTION_TEXT_CHARS]}... ({more} more characters)"
+            yield (_CONTROL.sub(_escape, body) if escape else body) + "\n"
+
+    return cleaned
+
+
 class TextFormatter(logging.Formatter):
     """One record, one line: a message's control characters are written escaped (``\\n``,
     ``\\x1b``). Request ids and model names come from clients, and a newline in one
     used to start a line of the client's making in the log (``... ERROR shoal.head: ...``),
     an escape sequence to reach the terminal of whoever read it. A traceback, added after
-    the message, keeps its lines."""
+    the message, keeps its lines; each exception's own text in it is escaped and cut to
+    :data:`EXCEPTION_TEXT_CHARS` the same way."""
+
+    def formatException(self, ei: Any) -> str:
+        return _format_exception(ei, escape=True)
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         message = record.message
