@@ -7,7 +7,9 @@ the same bytes, so the same hash, on any machine). A spec names a blob by a URI,
 ``<name>`` being the original's base name (what ``shoal status`` shows, and the name the
 copy takes in a scheduler's artifact cache).
 
-Pure: no network; the files are read and written here, the transfers live in ``shoal.rpc.blobs``.
+Pure: no network; the files are read and written here, the transfers live in ``shoal.rpc.blobs``
+(each source's stream bounded by :func:`until_idle`, for a scheduler's fetch and a head's
+mirror alike).
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from shoal.errors import FailedPrecondition, InvalidArgument
+from shoal.errors import FailedPrecondition, InvalidArgument, Unavailable
 
 SCHEME = "blob"
 CHUNK = 1024 * 1024 - 1024
 """Bytes per message of an upload or a download: under 1 MiB, so that a message, its other
 fields included, fits the smallest message limit (``max_message_mb`` 1)."""
+IDLE_S = 30.0
+"""A download from one source (a peer scheduler, a head) that sends no byte for this long
+ends (:func:`until_idle`), and the next source is tried."""
 HEX = re.compile(r"^[0-9a-f]{64}\Z")  # \Z: "$" also matches before a final newline
 _URI = re.compile(r"^blob://sha256:(?P<hex>[0-9a-f]{64})/(?P<name>[^/]+)(?P<folder>/?)$")
 SKIPPED = ("__pycache__",)
@@ -176,3 +181,23 @@ async def read_chunks(path: Path, offset: int) -> AsyncIterator[bytes]:
             yield chunk
     finally:
         f.close()
+
+
+async def until_idle(chunks: AsyncIterator[bytes], source: str, idle_s: float) -> AsyncIterator[bytes]:
+    """``chunks``, ending Unavailable (naming ``source``) when none comes for ``idle_s``: a
+    source that stalls with its connection open (a stopped process) holds no fetch for
+    ever. ``chunks`` is closed when this ends, however it ends."""
+    try:
+        while True:
+            try:
+                async with asyncio.timeout(idle_s):
+                    chunk = await anext(chunks)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise Unavailable(f"{source} sent no byte for {idle_s:g}s") from None
+            yield chunk
+    finally:
+        close = getattr(chunks, "aclose", None)
+        if close is not None:
+            await close()

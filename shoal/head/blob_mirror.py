@@ -31,8 +31,9 @@ of the deployments naming it until the blob was uploaded again.
 
 At most ``concurrency`` fetches run at once, one per blob; each writes at most the size the
 index records and is kept only if its hash is the blob's (:meth:`BlobStore.receive`); a
-source that sends no byte for ``idle_s`` (:data:`IDLE_S`) is left for the next. One that fails is tried
-again on a later pass, after a pause that doubles (up to a minute). A blob over this head's size limit is not
+source that sends no byte for ``idle_s`` (:data:`shoal.core.blobs.IDLE_S`, as for a
+scheduler's fetch) is left for the next. One that fails is tried again on a later pass,
+after a pause that doubles (up to a minute). A blob over this head's size limit is not
 fetched (logged once: give every head the same ``max_blob_mb``). Its loop and fetches run
 in a TaskSet of its own (:meth:`start`, :meth:`aclose`).
 """
@@ -48,9 +49,9 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
-from shoal.core.blobs import HEX
+from shoal.core.blobs import HEX, IDLE_S, until_idle
 from shoal.core.tasks import TaskSet
-from shoal.errors import ShoalError, Unavailable
+from shoal.errors import ShoalError
 from shoal.head.blobs import STANDBY, STANDBY_ALIVE_S, BlobStore
 from shoal.store.base import Store
 
@@ -60,8 +61,6 @@ INDEX = "blobs/"
 """The store's keys of the blob index: ``blobs/<sha256>``."""
 
 RETRY_MAX_S = 60.0
-IDLE_S = 30.0
-"""A fetch from a source that sends no byte for this long ends; the next source is tried."""
 SETTLE_S = 2 * STANDBY_ALIVE_S
 """How long a new leader waits for the holders to speak before it drops index entries."""
 
@@ -271,7 +270,7 @@ class BlobMirror:
             have = self.blobs.stat(sha256).have
             try:
                 chunks = self.peers.download(address, sha256, have, head=head)
-                chunks = _until_idle(chunks, address, self.idle_s)
+                chunks = until_idle(chunks, address, self.idle_s)
                 info = await self.blobs.receive(sha256, size, have, chunks)
             except ShoalError as err:  # InvalidArgument too: bytes that are not the blob
                 error = f"{address}: {err}"
@@ -298,16 +297,3 @@ class BlobMirror:
         log.warning(
             "blob mirror: sha256:%s not copied (%s); trying again in %.1fs", sha256[:12], error, pause
         )
-
-
-async def _until_idle(chunks: AsyncIterator[bytes], address: str, idle_s: float) -> AsyncIterator[bytes]:
-    """``chunks``, ending Unavailable when none comes for ``idle_s``."""
-    while True:
-        try:
-            async with asyncio.timeout(idle_s):
-                chunk = await anext(chunks)
-        except StopAsyncIteration:
-            return
-        except TimeoutError:
-            raise Unavailable(f"{address} sent no byte for {idle_s:g}s") from None
-        yield chunk

@@ -186,6 +186,8 @@ class ArtifactCache:
         self.blob_source: blob_fetch.BlobSource | None = None  # set by the composition root
         self.blob_give_up_s = 120.0
         """A ``blob://`` fetch fails once no source has sent a byte for this long."""
+        self.blob_idle_s = blobs.IDLE_S
+        """A ``blob://`` fetch leaves a source that sends no byte for this long for the next."""
 
     # ------------------------------------------------------------ public
 
@@ -361,6 +363,7 @@ class ArtifactCache:
                 on_bytes=on_bytes,
                 stop=self._stop,
                 give_up_s=self.blob_give_up_s,
+                idle_s=self.blob_idle_s,
             )
             if ref.folder:
                 await asyncio.to_thread(blobs.unpack, data, tmp / ref.name)

@@ -1,14 +1,16 @@
 """Fetching a ``blob://`` model into the artifact cache: from a peer, else from the head.
 
 The head knows which schedulers hold a blob whole (:meth:`BlobSource.locate`): each tells
-it once it has fetched and verified one (:meth:`BlobSource.hold`). A fetch
-tries them in random order (so that many schedulers starting one model spread over the
-ones that have it), then the head; a source that fails or ends early is left for the
-next, which continues from the bytes already written, but for those of a source that ended
-NotFound (the head found its copy damaged as it sent it, and deleted it): they are dropped.
+it once it has fetched and verified one (:meth:`BlobSource.hold`). A fetch tries them in
+random order (so that many schedulers starting one model spread over the ones that have
+it), then the head; a source that fails, ends early or sends no byte for ``idle_s``
+(:data:`shoal.core.blobs.IDLE_S`, as for a head's mirror) is left for the next, which
+continues from the bytes already written, but for those of a source that ended NotFound
+(the head found its copy damaged as it sent it, and deleted it): they are dropped.
 When every source has failed it waits a little and asks again (a restarted head, a peer
-back; the head fetching back a blob it lost), until no byte has come for ``give_up_s``.
-The bytes' hash is checked at the end.
+back; the head fetching back a blob it lost), until no byte has come for ``give_up_s``:
+its failure then names each source tried and why it failed. The bytes' hash is checked at
+the end.
 
 The head keeps which schedulers hold a blob in memory only, so a scheduler tells it again
 every blob its cache holds each time it registers (:class:`Announcer`): a restarted head,
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from shoal.core.blobs import BlobRef
+from shoal.core.blobs import IDLE_S, BlobRef, until_idle
 from shoal.core.tasks import TaskSet
 from shoal.errors import FailedPrecondition, NotFound, ShoalError, Unavailable
 
@@ -72,19 +74,22 @@ async def fetch(
     on_bytes: Callable[[int, int], None],
     stop: threading.Event,
     give_up_s: float,
+    idle_s: float = IDLE_S,
     retry_s: float = 0.2,
 ) -> None:
     """Write blob ``ref`` to the file ``dest``, its hash verified. ``admit(size)`` is awaited
     once the size is known (it may refuse by raising); ``on_bytes(done, total)`` follows the
-    progress. Raises FailedPrecondition (the head has no such blob, or the bytes are not
-    it), Unavailable (no source sent a byte for ``give_up_s``; the scheduler stops)."""
+    progress. A source that sends no byte for ``idle_s`` is left for the next. Raises
+    FailedPrecondition (the head has no such blob, or the bytes are not it), Unavailable (no
+    source sent a byte for ``give_up_s``, the message naming each source tried and why it
+    failed; the scheduler stops)."""
     digest = hashlib.sha256()
     have = 0
     size = -1
     holders: list[str] = []
     last_byte = time.monotonic()
     delay = retry_s
-    error = "no source tried"
+    failures: dict[str, str] = {}  # source -> why it failed last, for the give-up message
     with dest.open("wb") as out:
         while True:
             try:
@@ -96,14 +101,15 @@ async def fetch(
             except NotFound as err:
                 raise FailedPrecondition(f"{ref.uri}: {err}") from None
             except ShoalError as err:  # the head cannot be asked now: the peers known, then the head again
-                error = f"the head: {err}"
+                _failed(failures, "the head", f"asking it for the blob: {err}")
             random.shuffle(holders)
             for address in [*holders, HEAD]:
                 if stop.is_set():
                     raise Unavailable(f"{ref.uri}: the download was stopped (the scheduler is shutting down)")
+                name = address or "the head"
                 start, start_digest = have, digest.copy()
                 try:
-                    async for chunk in source.download(address, ref.sha256, have):
+                    async for chunk in until_idle(source.download(address, ref.sha256, have), name, idle_s):
                         if 0 <= size < have + len(chunk):
                             raise FailedPrecondition(f"more than the blob's {size} bytes")
                         await asyncio.to_thread(out.write, chunk)
@@ -112,10 +118,8 @@ async def fetch(
                         last_byte = time.monotonic()
                         on_bytes(have, max(size, 0))
                 except ShoalError as err:
-                    error = f"{address or 'the head'}: {err}"
-                    log.warning(
-                        "fetching %s from %s failed at byte %d: %s", ref.uri, address or "the head", have, err
-                    )
+                    _failed(failures, name, f"failed at byte {have}: {err}")
+                    log.warning("fetching %s from %s failed at byte %d: %s", ref.uri, name, have, err)
                     if isinstance(err, NotFound) and have > start:
                         # It found its copy damaged as it sent it (the head checks the hash as it
                         # serves a blob, and deletes a damaged copy): its bytes are dropped.
@@ -124,10 +128,12 @@ async def fetch(
                     continue
                 if have == size:
                     break
-                error = f"{address or 'the head'} ended the stream at byte {have} of {size}"
+                _failed(failures, name, f"ended the stream at byte {have} of {size}")
             else:
                 if time.monotonic() - last_byte > give_up_s:
-                    raise Unavailable(f"{ref.uri}: no source sent a byte for {give_up_s:g}s (last: {error})")
+                    raise Unavailable(
+                        f"{ref.uri}: no source sent a byte for {give_up_s:g}s; tried {_tried(failures)}"
+                    )
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, 2.0)
                 continue
@@ -138,6 +144,26 @@ async def fetch(
         await source.hold(ref.sha256)
     except ShoalError as err:  # peers will not be pointed here; nothing else is lost
         log.info("could not tell the head this scheduler holds %s: %s", ref.uri, err)
+
+
+SHOWN_SOURCES = 5
+"""Sources a fetch's failure names, each with why it failed (the rest are counted)."""
+
+
+def _failed(failures: dict[str, str], name: str, why: str) -> None:
+    failures.pop(name, None)  # to the end: the most recent last
+    failures[name] = why
+
+
+def _tried(failures: dict[str, str]) -> str:
+    """``peer:1 (failed at byte 0: ...); the head (...)``: the sources that failed most
+    recently first, each message cut to 300 characters."""
+    if not failures:
+        return "no source"
+    recent = list(failures.items())[::-1]
+    shown = "; ".join(f"{name} ({why[:300]})" for name, why in recent[:SHOWN_SOURCES])
+    more = len(recent) - SHOWN_SOURCES
+    return shown + (f"; and {more} more" if more > 0 else "")
 
 
 def _truncate(out: BinaryIO, size: int) -> None:

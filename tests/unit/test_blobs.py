@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import threading
@@ -216,6 +217,8 @@ class FakeSource:
         self.held: list[str] = []
         self.head_down = 0  # the head fails this many more locates (and downloads meanwhile)
         self.damaged: dict[str, bytes] = {}  # address -> its copy, sent once and found damaged
+        self.stalls: set[str] = set()  # sends nothing, its stream open (a stopped process)
+        self.broken: set[str] = set()  # fails every download at once
 
     async def locate(self, sha256: str) -> Located:
         if self.head_down:
@@ -232,6 +235,10 @@ class FakeSource:
         self.calls.append((address, offset))
         if address == HEAD and self.head_down:
             raise Unavailable("the head is down")
+        if address in self.stalls:
+            await asyncio.Event().wait()
+        if address in self.broken:
+            raise Unavailable(f"{address or 'head'} is broken")
         if (damaged := self.damaged.pop(address, None)) is not None:
             for i in range(offset, len(damaged) - 1000, 1000):
                 yield damaged[i : i + 1000]  # all but the last chunk, held back for the hash check
@@ -243,7 +250,9 @@ class FakeSource:
             yield self.data[i : i + 1000]
 
 
-async def fetch_into(source: FakeSource, dest: Path, sha: str = SHA) -> list[int]:
+async def fetch_into(
+    source: FakeSource, dest: Path, sha: str = SHA, *, give_up_s: float = 5, idle_s: float = 5
+) -> list[int]:
     admitted: list[int] = []
 
     async def admit(size: int) -> None:
@@ -256,7 +265,8 @@ async def fetch_into(source: FakeSource, dest: Path, sha: str = SHA) -> list[int
         admit=admit,
         on_bytes=lambda done, total: None,
         stop=threading.Event(),
-        give_up_s=5,
+        give_up_s=give_up_s,
+        idle_s=idle_s,
         retry_s=0.01,
     )
     return admitted
@@ -278,6 +288,31 @@ async def test_a_fetch_waits_for_a_head_that_died_mid_download_and_resumes(tmp_p
     await fetch_into(source, tmp_path / "m.bin")
     assert (tmp_path / "m.bin").read_bytes() == DATA
     assert source.calls[0] == (HEAD, 0) and source.calls[-1] == (HEAD, 3000)
+
+
+async def test_a_fetch_leaves_a_peer_that_stalls_for_the_next_source(tmp_path: Path) -> None:
+    """A peer that sends nothing, its connection open (a stopped process), used to hold the
+    fetch for ever (the head's mirror had an idle bound; a scheduler's fetch had none)."""
+    source = FakeSource(DATA, holders=["peer:1"])
+    source.stalls.add("peer:1")
+    async with asyncio.timeout(5):
+        await fetch_into(source, tmp_path / "m.bin", idle_s=0.2)
+    assert (tmp_path / "m.bin").read_bytes() == DATA
+    assert source.calls == [("peer:1", 0), (HEAD, 0)]
+
+
+async def test_a_fetch_that_gives_up_names_each_source_tried_and_why_it_failed(tmp_path: Path) -> None:
+    source = FakeSource(DATA, holders=["peer:1", "peer:2"])
+    source.stalls.add("peer:1")
+    source.broken.update(["peer:2", HEAD])
+    with pytest.raises(Unavailable) as failed:
+        async with asyncio.timeout(5):
+            await fetch_into(source, tmp_path / "m.bin", give_up_s=0.3, idle_s=0.1)
+    message = str(failed.value)
+    assert "no source sent a byte for 0.3s; tried " in message
+    assert "peer:1 (failed at byte 0: peer:1 sent no byte for 0.1s)" in message
+    assert "peer:2 (failed at byte 0: peer:2 is broken)" in message
+    assert "the head (failed at byte 0: head is broken)" in message
 
 
 async def test_a_fetch_drops_the_bytes_of_a_source_that_found_its_copy_damaged(tmp_path: Path) -> None:
