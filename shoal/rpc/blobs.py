@@ -210,9 +210,7 @@ class GrpcBlobSource:
         holders = [h for h in reply.holders if h != self.own_address]
         if not reply.complete and holders:
             # The head lost its copy; a scheduler holds one, and the head fetches it back.
-            raise Unavailable(
-                f"the head is fetching blob sha256:{sha256} back from a scheduler that holds it"
-            )
+            return Located(0, holders, fetching_back=True)
         if not reply.complete:
             raise NotFound(
                 f"the head has no blob sha256:{sha256} (collected, lost from its disk, or uploaded to "

@@ -8,8 +8,10 @@ it), then the head; a source that fails, ends early or sends no byte for ``idle_
 continues from the bytes already written, but for those of a source that ended NotFound
 (the head found its copy damaged as it sent it, and deleted it): they are dropped.
 When every source has failed it waits a little and asks again (a restarted head, a peer
-back; the head fetching back a blob it lost), until no byte has come for ``give_up_s``:
-its failure then names each source tried and why it failed. The bytes' hash is checked at
+back; the head fetching back a blob it lost, which it says once, at info), until no byte
+has come for ``give_up_s``: its failure then names each source tried and why it failed
+(logged as a warning, as is the first failure of each source; the ones that follow, at
+debug). The bytes' hash is checked at
 the end.
 
 The head keeps which schedulers hold a blob in memory only, so a scheduler tells it again
@@ -42,16 +44,18 @@ HEAD = ""
 
 @dataclass(frozen=True)
 class Located:
-    size: int
+    size: int  # 0 while ``fetching_back``
     holders: list[str] = field(default_factory=list)  # peers' addresses, this scheduler's left out
+    fetching_back: bool = False  # the head lost its copy and fetches it back from a holder: wait
 
 
 class BlobSource(Protocol):
     """Where blobs come from (``shoal.rpc.blobs.GrpcBlobSource``; fakes in tests)."""
 
     async def locate(self, sha256: str) -> Located:
-        """The blob's size and the peers holding it. NotFound: the head has no such blob;
-        Unavailable: the head cannot be asked."""
+        """The blob's size and the peers holding it (or that the head is fetching back the
+        copy it lost from one of them). NotFound: the head has no such blob and no scheduler
+        holds one; Unavailable: the head cannot be asked."""
         ...
 
     async def hold(self, sha256: str) -> None:
@@ -90,20 +94,31 @@ async def fetch(
     last_byte = time.monotonic()
     delay = retry_s
     failures: dict[str, str] = {}  # source -> why it failed last, for the give-up message
+    warned: set[str] = set()  # sources whose failure was logged as a warning
+    waiting = False  # for the head to fetch the blob back: said once
     with dest.open("wb") as out:
         while True:
+            heads = [HEAD]
             try:
                 located = await source.locate(ref.sha256)
-                if size < 0:
-                    await admit(located.size)
-                size = located.size
-                holders = list(located.holders)
             except NotFound as err:
                 raise FailedPrecondition(f"{ref.uri}: {err}") from None
             except ShoalError as err:  # the head cannot be asked now: the peers known, then the head again
                 _failed(failures, "the head", f"asking it for the blob: {err}")
+            else:
+                if located.fetching_back:  # nothing to ask the head for yet: wait for it
+                    heads = []
+                    _failed(failures, "the head", "it was fetching the blob back from a scheduler holding it")
+                    if not waiting:
+                        log.info("%s: waiting for the head to fetch it back (it lost its copy)", ref.uri)
+                        waiting = True
+                else:
+                    if size < 0:
+                        await admit(located.size)
+                    size = located.size
+                    holders = list(located.holders)
             random.shuffle(holders)
-            for address in [*holders, HEAD]:
+            for address in [*holders, *heads]:
                 if stop.is_set():
                     raise Unavailable(f"{ref.uri}: the download was stopped (the scheduler is shutting down)")
                 name = address or "the head"
@@ -119,7 +134,10 @@ async def fetch(
                         on_bytes(have, max(size, 0))
                 except ShoalError as err:
                     _failed(failures, name, f"failed at byte {have}: {err}")
-                    log.warning("fetching %s from %s failed at byte %d: %s", ref.uri, name, have, err)
+                    # Once per source: the rounds that follow would repeat it every 2 s.
+                    level = logging.DEBUG if name in warned else logging.WARNING
+                    warned.add(name)
+                    log.log(level, "fetching %s from %s failed at byte %d: %s", ref.uri, name, have, err)
                     if isinstance(err, NotFound) and have > start:
                         # It found its copy damaged as it sent it (the head checks the hash as it
                         # serves a blob, and deletes a damaged copy): its bytes are dropped.
@@ -131,9 +149,9 @@ async def fetch(
                 _failed(failures, name, f"ended the stream at byte {have} of {size}")
             else:
                 if time.monotonic() - last_byte > give_up_s:
-                    raise Unavailable(
-                        f"{ref.uri}: no source sent a byte for {give_up_s:g}s; tried {_tried(failures)}"
-                    )
+                    why = f"no source sent a byte for {give_up_s:g}s; tried {_tried(failures)}"
+                    log.warning("gave up fetching %s: %s", ref.uri, why)
+                    raise Unavailable(f"{ref.uri}: {why}")
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, 2.0)
                 continue

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import threading
 from collections.abc import AsyncIterator
@@ -219,6 +220,7 @@ class FakeSource:
         self.damaged: dict[str, bytes] = {}  # address -> its copy, sent once and found damaged
         self.stalls: set[str] = set()  # sends nothing, its stream open (a stopped process)
         self.broken: set[str] = set()  # fails every download at once
+        self.fetching_back = 0  # the head says this many more times it fetches back its lost copy
 
     async def locate(self, sha256: str) -> Located:
         if self.head_down:
@@ -226,6 +228,9 @@ class FakeSource:
             raise Unavailable("the head is down")
         if not self.head_has:
             raise NotFound(f"the head has no blob sha256:{sha256}")
+        if self.fetching_back:
+            self.fetching_back -= 1
+            return Located(0, ["holder:9"], fetching_back=True)
         return Located(len(self.data), list(self.holders))
 
     async def hold(self, sha256: str) -> None:
@@ -313,6 +318,31 @@ async def test_a_fetch_that_gives_up_names_each_source_tried_and_why_it_failed(t
     assert "peer:1 (failed at byte 0: peer:1 sent no byte for 0.1s)" in message
     assert "peer:2 (failed at byte 0: peer:2 is broken)" in message
     assert "the head (failed at byte 0: head is broken)" in message
+
+
+async def test_a_fetch_waiting_for_the_head_to_fetch_a_lost_blob_back_says_so_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It used to download from the head each round (which has no copy yet) and log a
+    warning each time, every 2 s: now it waits, says so once (info), warns when it gives up."""
+    source = FakeSource(DATA, holders=[])
+    source.fetching_back = 6
+    with caplog.at_level(logging.INFO, logger="shoal.scheduler"):
+        assert await fetch_into(source, tmp_path / "m.bin") == [len(DATA)]
+    assert (tmp_path / "m.bin").read_bytes() == DATA
+    assert source.calls == [(HEAD, 0)]  # not before the head had it back
+    said = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert [level for level, _ in said] == [logging.INFO]
+    assert "waiting for the head to fetch it back (it lost its copy)" in said[0][1]
+
+    caplog.clear()
+    source = FakeSource(DATA, holders=[])
+    source.fetching_back = 10**6
+    with caplog.at_level(logging.INFO, logger="shoal.scheduler"), pytest.raises(Unavailable) as failed:
+        await fetch_into(source, tmp_path / "m.bin", give_up_s=0.3)
+    assert "tried the head (it was fetching the blob back from a scheduler holding it)" in str(failed.value)
+    assert [r.levelno for r in caplog.records] == [logging.INFO, logging.WARNING]
+    assert source.calls == []
 
 
 async def test_a_fetch_drops_the_bytes_of_a_source_that_found_its_copy_damaged(tmp_path: Path) -> None:
