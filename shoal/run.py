@@ -313,6 +313,7 @@ async def start_scheduler(
     # The head keeps who holds which blob in memory: tell each head registered with.
     announcer = Announcer(blob_source, node.supervisor.artifacts.blobs)
     node.on_registered = announcer.registered
+    node.supervisor.artifacts.on_evicted = announcer.released
     stack.push_async_callback(announcer.aclose)
     blob_service = SchedulerBlobService(node.supervisor.artifacts)
     repository = repository_of(settings, head_address, node, stack)

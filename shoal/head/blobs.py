@@ -14,7 +14,11 @@ since its last byte.
 
 Which schedulers hold a blob whole (they fetched it to the end) is remembered in memory
 only: a restarted head, or a standby that takes over, learns it again as each scheduler
-registers (it tells the head every blob its cache holds) and from their next fetches.
+registers (it tells the head every blob its cache holds) and from their next fetches. The
+records follow the caches: a scheduler tells the head each blob its cache evicts
+(:meth:`BlobStore.drop_holder`); one that registers again is forgotten as a holder until it
+tells again what it holds, and one the head forgets is forgotten here too
+(:meth:`BlobStore.forget_holder`). At most :data:`MAX_HELD` blobs are recorded per holder.
 
 A blob being read (a Download in progress, by a scheduler or a standby head) is not
 collected until the read ends.
@@ -40,7 +44,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Container, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -122,6 +126,11 @@ STANDBY_ALIVE_S = 5.0
 MAX_STANDBYS = 16
 """Standby heads counted at once; more are not waited for."""
 
+MAX_HELD = 10_000
+"""Blobs recorded per holder: a cache of 10 GB (``artifact_cache_mb``'s default) holding
+models of 1 MB each. Past it a holder's further blobs are not recorded (logged once): peers
+are not pointed at it for them."""
+
 
 def standby_wait_s(size: int) -> float:
     """How long an upload of ``size`` bytes waits for a standby's copy before it answers
@@ -144,6 +153,8 @@ class BlobStore:
         self._sizes: dict[str, int] = {}  # partial uploads' declared sizes
         self._named_at: dict[str, float] = {}  # blob -> when it was last found named
         self._holders: dict[str, set[str]] = {}  # blob -> scheduler ids holding it whole
+        self._held: dict[str, set[str]] = {}  # the same, by holder: holder -> blobs
+        self._full: set[str] = set()  # holders past MAX_HELD (logged once)
         self._standbys: dict[str, float] = {}  # standby holder name -> when it said it is there
         self._changed = asyncio.Event()  # set (and replaced) when a holder or standby is added
         self._writing: set[str] = set()
@@ -277,11 +288,50 @@ class BlobStore:
     # ------------------------------------------------------------ holders
 
     def add_holder(self, sha256: str, holder: str) -> None:
-        """``holder`` (a scheduler id, or a :func:`standby_holder`) holds ``sha256`` whole."""
+        """``holder`` (a scheduler id, or a :func:`standby_holder`) holds ``sha256`` whole.
+        Not recorded past :data:`MAX_HELD` blobs of that holder."""
         if holder.startswith(STANDBY):
             self.standby_seen(holder)
+        held = self._held.setdefault(holder, set())
+        if sha256 not in held and len(held) >= MAX_HELD:
+            if holder not in self._full:
+                self._full.add(holder)
+                log.warning(
+                    "%s says it holds more than %d blobs: the rest are not recorded (peers are not "
+                    "pointed at it for them)",
+                    holder,
+                    MAX_HELD,
+                )
+            return
+        held.add(sha256)
         self._holders.setdefault(sha256, set()).add(holder)
         self._notify()
+
+    def drop_holder(self, sha256: str, holder: str) -> None:
+        """``holder`` no longer holds ``sha256`` (its cache evicted it)."""
+        self._held.get(holder, set()).discard(sha256)
+        self._unlist(sha256, holder)
+        self._full.discard(holder)
+
+    def forget_holder(self, holder: str) -> None:
+        """Drop every record of ``holder``: a scheduler that registers again (it then tells
+        what its cache holds now), or one the head forgot."""
+        for sha256 in self._held.pop(holder, set()):
+            self._unlist(sha256, holder)
+        self._full.discard(holder)
+
+    def _unlist(self, sha256: str, holder: str) -> None:
+        held_by = self._holders.get(sha256)
+        if held_by is not None:
+            held_by.discard(holder)
+            if not held_by:
+                del self._holders[sha256]
+
+    def keep_holders(self, schedulers: Container[str]) -> None:
+        """Forget the scheduler holders not in ``schedulers`` (the head forgot them); standby
+        heads are kept."""
+        for holder in [h for h in self._held if not h.startswith(STANDBY) and h not in schedulers]:
+            self.forget_holder(holder)
 
     def holders(self, sha256: str) -> set[str]:
         return set(self._holders.get(sha256, ()))
@@ -441,7 +491,8 @@ class BlobStore:
             if now - since >= self.grace_s:
                 path.unlink(missing_ok=True)
                 self._named_at.pop(blob, None)
-                self._holders.pop(blob, None)
+                for holder in self._holders.pop(blob, set()):
+                    self._held.get(holder, set()).discard(blob)
                 self._locks.pop(blob, None)
                 gone.append(blob)
         partial = self.root / "partial"

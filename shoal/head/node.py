@@ -283,6 +283,9 @@ class HeadNode:
                 raise
             self._backlog.forget(reg.scheduler_id)  # restarted, it may give another timeout
             self._refresh_resources()
+            if self.blobs is not None:
+                # Its cache may have changed meanwhile (evicted, emptied): it tells again what it holds.
+                self.blobs.forget_holder(reg.scheduler_id)
         log.info(
             "scheduler %s registered from %s with %d replica(s)",
             reg.scheduler_id,
@@ -731,6 +734,8 @@ class HeadNode:
                 del self._loads[sid]  # forgotten
                 self._backlog.forget(sid)
                 self.series.forget_scheduler(sid)
+            if self.blobs is not None:
+                self.blobs.keep_holders(self.state.schedulers)
             self._held_s = time.perf_counter() - locked
         self._check_isolated()
         if actions and not wait_acts:

@@ -2390,20 +2390,26 @@ class BlobRef(_message.Message):
 
     SHA256_FIELD_NUMBER: _builtins.int
     HOLDER_FIELD_NUMBER: _builtins.int
+    RELEASED_FIELD_NUMBER: _builtins.int
     sha256: _builtins.str
     holder: _builtins.str
     """Stat from a scheduler that now holds the blob whole, verified (its id): the head lists
     it among the holders from then on.
+    """
+    released: _builtins.bool
+    """With holder: that scheduler no longer holds the blob (its artifact cache evicted it):
+    the head stops listing it.
     """
     def __init__(
         self,
         *,
         sha256: _builtins.str = ...,
         holder: _builtins.str = ...,
+        released: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["holder", b"holder", "sha256", b"sha256"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["holder", b"holder", "released", b"released", "sha256", b"sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

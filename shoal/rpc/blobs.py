@@ -127,6 +127,12 @@ class HeadBlobService(pbg.BlobServicer):
                 raise PermissionDenied("only a head's certificate may speak for a standby head")
         except ShoalError as err:
             await abort(context, err)
+        if request.released:
+            # A scheduler's cache evicted it: peers are no longer pointed there, nor is the
+            # head's fetch back.
+            if request.holder:
+                self.store.drop_holder(request.sha256, request.holder)
+            return _stat_pb(info, self.store.max_bytes)
         if request.holder.startswith(STANDBY) and not info.complete:
             self.store.standby_seen(request.holder)  # a standby saying it is there (NO_BLOB)
         elif request.holder and (info.complete or request.holder in self.node.state.schedulers):
@@ -220,6 +226,9 @@ class GrpcBlobSource:
 
     async def hold(self, sha256: str) -> None:
         await self._stat(pb.BlobRef(sha256=sha256, holder=self._scheduler_id))
+
+    async def release(self, sha256: str) -> None:
+        await self._stat(pb.BlobRef(sha256=sha256, holder=self._scheduler_id, released=True))
 
     async def download(self, address: str, sha256: str, offset: int) -> AsyncIterator[bytes]:
         if address == HEAD:

@@ -44,7 +44,8 @@ A ``blob://`` URI (the cluster's own store, ``shoal.core.blobs``) is fetched fro
 scheduler or the head through ``blob_source`` (``shoal.scheduler.blob_fetch``) and cached
 under its hash: a file as ``<sha256>/<name>``, a folder as its tar ``<sha256>/<sha256>.tar``
 beside the files unpacked in ``<sha256>/<name>/`` (the tar is what :meth:`blob_file` serves
-to peers). Limited and evicted as the rest.
+to peers). Limited and evicted as the rest; each eviction is told to the head
+(:attr:`ArtifactCache.on_evicted`), which then no longer points peers here for it.
 
 Not safe across threads: call it from the scheduler's event loop.
 """
@@ -64,7 +65,7 @@ import stat
 import threading
 import time
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -188,6 +189,9 @@ class ArtifactCache:
         """A ``blob://`` fetch fails once no source has sent a byte for this long."""
         self.blob_idle_s = blobs.IDLE_S
         """A ``blob://`` fetch leaves a source that sends no byte for this long for the next."""
+        self.on_evicted: Callable[[list[str]], None] = lambda sha256s: None
+        """Called with the hashes of the blobs an eviction deleted (the head is told:
+        ``blob_fetch.Announcer.released``)."""
 
     # ------------------------------------------------------------ public
 
@@ -433,6 +437,7 @@ class ArtifactCache:
             except OSError as err:
                 log.warning("could not evict artifact %s: %s", blob, err)
         log.info("evicted %d artifact(s) to keep the cache under %s MB", len(victims), _mb(self.limit_bytes))
+        self.on_evicted(victims)
         await asyncio.to_thread(_remove_all, trash)
         await asyncio.to_thread(self._save_index)
 

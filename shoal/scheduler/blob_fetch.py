@@ -63,6 +63,11 @@ class BlobSource(Protocol):
         among the holders. Raises ShoalError when the head cannot be told."""
         ...
 
+    async def release(self, sha256: str) -> None:
+        """Tell the head this scheduler no longer holds the blob (its cache evicted it).
+        Raises ShoalError when the head cannot be told."""
+        ...
+
     def download(self, address: str, sha256: str, offset: int) -> AsyncIterator[bytes]:
         """The blob's bytes from ``offset``, from the peer at ``address`` or the head
         (:data:`HEAD`). Raises ShoalError when the source fails."""
@@ -189,22 +194,46 @@ def _truncate(out: BinaryIO, size: int) -> None:
     out.truncate()
 
 
+MAX_RELEASES = 1024
+"""Evicted blobs waiting to be told to the head (:meth:`Announcer.released`); past it the
+oldest are not told (the head lists this scheduler for them until it registers again)."""
+
+
 class Announcer:
     """Tells the head every blob ``held()`` lists, one :meth:`BlobSource.hold` at a time,
     after each registration (:meth:`registered`, called by the scheduler). A registration
     that comes while it is telling starts it over; a failure ends the round (the next
-    registration tells again). Its task is its own: :meth:`aclose` ends it."""
+    registration tells again). And each blob the cache evicts (:meth:`released`), one
+    :meth:`BlobSource.release` at a time: one that fails waits for the next eviction, or is
+    dropped at the next registration (the head then forgets every blob this scheduler held,
+    and hears again what it holds). At most :data:`MAX_RELEASES` wait. Its tasks are its
+    own: :meth:`aclose` ends them."""
 
     def __init__(self, source: BlobSource, held: Callable[[], Iterable[str]]) -> None:
         self._source = source
         self._held = held
         self._tasks = TaskSet("blob announcer")
         self._round: asyncio.Task[None] | None = None
+        self._released: dict[str, None] = {}  # evicted, not yet told: oldest first
+        self._releasing: asyncio.Task[None] | None = None
 
     def registered(self) -> None:
+        self._released.clear()
         if self._round is not None:
             self._round.cancel()
         self._round = self._tasks.spawn(self._tell(), "announce")
+
+    def released(self, sha256s: Iterable[str]) -> None:
+        """The cache evicted ``sha256s``: tell the head."""
+        for sha256 in sha256s:
+            self._released[sha256] = None
+        while len(self._released) > MAX_RELEASES:
+            del self._released[next(iter(self._released))]
+        if self._released and (self._releasing is None or self._releasing.done()):
+            try:
+                self._releasing = self._tasks.spawn(self._release(), "release")
+            except RuntimeError:
+                pass  # closed: the scheduler stops
 
     async def _tell(self) -> None:
         told = 0
@@ -217,6 +246,17 @@ class Announcer:
             told += 1
         if told:
             log.info("told the head this scheduler holds %d blob(s)", told)
+
+    async def _release(self) -> None:
+        while self._released:
+            sha256 = next(iter(self._released))
+            if sha256 not in set(self._held()):  # not fetched again meanwhile
+                try:
+                    await self._source.release(sha256)
+                except ShoalError as err:
+                    log.info("could not tell the head this scheduler evicted sha256:%s: %s", sha256[:12], err)
+                    return
+            self._released.pop(sha256, None)
 
     async def aclose(self) -> None:
         await self._tasks.aclose()

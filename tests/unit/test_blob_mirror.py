@@ -16,10 +16,13 @@ from pathlib import Path
 import pytest
 
 from shoal.errors import NotFound, Unavailable
+from shoal.head import blobs as blobs_module
 from shoal.head.blob_mirror import INDEX, BlobMirror
 from shoal.head.blobs import BlobStore, standby_holder
+from shoal.scheduler import blob_fetch
 from shoal.scheduler.blob_fetch import Announcer, Located
 from shoal.store import MemoryStore
+from shoal.testing.wait import until
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -286,10 +289,11 @@ async def test_a_fetch_back_leaves_a_scheduler_that_stalls_or_sends_more_than_th
 
 
 class FakeHead:
-    """Records each hold; ``attempts`` counts the tries, failed ones too."""
+    """Records each hold and release; ``attempts`` counts the tries, failed ones too."""
 
     def __init__(self) -> None:
         self.held: list[str] = []
+        self.released: list[str] = []
         self.attempts = 0
         self.down = False
         self.called = asyncio.Condition()
@@ -298,12 +302,19 @@ class FakeHead:
         raise AssertionError("not asked")
 
     async def hold(self, sha256: str) -> None:
+        await self._attempt()
+        self.held.append(sha256)
+
+    async def release(self, sha256: str) -> None:
+        await self._attempt()
+        self.released.append(sha256)
+
+    async def _attempt(self) -> None:
         async with self.called:
             self.attempts += 1
             self.called.notify_all()
         if self.down:
             raise Unavailable("the head is down")
-        self.held.append(sha256)
 
     def download(self, address: str, sha256: str, offset: int) -> AsyncIterator[bytes]:
         raise AssertionError("not asked")
@@ -330,3 +341,58 @@ async def test_a_scheduler_tells_each_head_it_registers_with_every_blob_it_holds
         assert head.held == cache + cache and head.attempts == 5
     finally:
         await announcer.aclose()
+
+
+async def test_a_scheduler_tells_the_head_each_blob_its_cache_evicts_keeping_a_bounded_backlog(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The head used to list a scheduler as a holder of a blob for ever once it had fetched
+    it, evicted or not."""
+    monkeypatch.setattr(blob_fetch, "MAX_RELEASES", 3)
+    head = FakeHead()
+    cache = ["c" * 64]
+    announcer = Announcer(head, lambda: cache)
+    try:
+        announcer.released(["a" * 64, "c" * 64])  # c was fetched again meanwhile: not told
+        await until(lambda: head.released == ["a" * 64], "the eviction told")
+        assert head.attempts == 1
+
+        head.down = True
+        announcer.released([c * 64 for c in "defgh"])  # the head fails: kept, the 3 newest
+        await head.wait_attempts(2)
+        head.down = False
+        announcer.released(["i" * 64])  # the next eviction sends them too
+        await until(lambda: len(head.released) == 4, "the backlog told")
+        assert head.released == ["a" * 64, "g" * 64, "h" * 64, "i" * 64]
+
+        head.down = True
+        announcer.released(["j" * 64])
+        await head.wait_attempts(6)
+        head.down = False
+        announcer.registered()  # the head forgot every record of this scheduler: no backlog
+        await head.wait_attempts(7)  # the announcement of what it holds
+        assert head.held == cache and head.released[-1] == "i" * 64
+    finally:
+        await announcer.aclose()
+
+
+def test_the_heads_holder_records_follow_the_schedulers_and_are_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(blobs_module, "MAX_HELD", 2)
+    blobs = blob_store(tmp_path / "head")
+    one, two, three = "1" * 64, "2" * 64, "3" * 64
+    blobs.add_holder(one, "a")
+    blobs.add_holder(two, "a")
+    blobs.add_holder(three, "a")  # past MAX_HELD: not recorded
+    blobs.add_holder(one, "b")
+    blobs.add_holder(one, ME)
+    assert blobs.holders(one) == {"a", "b", ME} and blobs.holders(three) == set()
+    blobs.drop_holder(two, "a")  # evicted
+    blobs.add_holder(three, "a")  # room again
+    assert blobs.holders(two) == set() and blobs.holders(three) == {"a"}
+    blobs.forget_holder("a")  # registered again
+    assert blobs.holders(one) == {"b", ME} and blobs.holders(three) == set()
+    blobs.keep_holders({"c"})  # b was forgotten by the head; standby heads are kept
+    assert blobs.holders(one) == {ME}
+    assert blobs._held == {ME: {one}} and blobs._holders == {one: {ME}}

@@ -236,6 +236,9 @@ class FakeSource:
     async def hold(self, sha256: str) -> None:
         self.held.append(sha256)
 
+    async def release(self, sha256: str) -> None:
+        self.held.remove(sha256)
+
     async def download(self, address: str, sha256: str, offset: int) -> AsyncIterator[bytes]:
         self.calls.append((address, offset))
         if address == HEAD and self.head_down:

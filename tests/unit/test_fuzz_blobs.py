@@ -109,6 +109,9 @@ class MemorySource:
     async def hold(self, sha256: str) -> None:
         pass
 
+    async def release(self, sha256: str) -> None:
+        pass
+
     async def download(self, address: str, sha256: str, offset: int) -> AsyncIterator[bytes]:
         yield CACHED[offset:]
 
