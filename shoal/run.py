@@ -30,7 +30,7 @@ from shoal.core.reuseport import deal_in_turn, listening_sockets
 from shoal.core.tasks import TaskSet
 from shoal.errors import FailedPrecondition, InvalidArgument
 from shoal.head.blob_mirror import BlobMirror
-from shoal.head.blobs import BlobStore, holder_addresses, in_use, standby_holder
+from shoal.head.blobs import BlobStore, drop_holder_at, holder_addresses, in_use, standby_holder
 from shoal.head.leader import LeaderInfo, Leadership, lease_ttl
 from shoal.head.node import HeadNode
 from shoal.http.head import head_app
@@ -224,6 +224,7 @@ def _mirror_blobs(
         ),
         named=lambda: in_use(node),
         holders=lambda sha256: holder_addresses(node, blobs, sha256),
+        gone=lambda sha256, address: drop_holder_at(node, blobs, sha256, address),
     )
     mirror.start()
     stack.push_async_callback(mirror.aclose)

@@ -32,7 +32,9 @@ of the deployments naming it until the blob was uploaded again.
 At most ``concurrency`` fetches run at once, one per blob; each writes at most the size the
 index records and is kept only if its hash is the blob's (:meth:`BlobStore.receive`); a
 source that sends no byte for ``idle_s`` (:data:`shoal.core.blobs.IDLE_S`, as for a
-scheduler's fetch) is left for the next. One that fails is tried again on a later pass,
+scheduler's fetch) is left for the next; a scheduler that answers NotFound (its cache
+evicted the blob and the head did not hear of it) is dropped from the blob's holders
+(``gone``). One that fails is tried again on a later pass,
 after a pause that doubles (up to a minute). A blob over this head's size limit is not
 fetched (logged once: give every head the same ``max_blob_mb``). Its loop and fetches run
 in a TaskSet of its own (:meth:`start`, :meth:`aclose`).
@@ -51,7 +53,7 @@ from typing import Protocol
 
 from shoal.core.blobs import HEX, IDLE_S, until_idle
 from shoal.core.tasks import TaskSet
-from shoal.errors import ShoalError
+from shoal.errors import NotFound, ShoalError
 from shoal.head.blobs import STANDBY, STANDBY_ALIVE_S, BlobStore
 from shoal.store.base import Store
 
@@ -89,7 +91,9 @@ class BlobMirror:
     ``leading()``: whether this head leads and has loaded its state; ``leader()``: the
     leader's gRPC address while this head stands by (None when unknown); ``named()``: the
     blobs the deployments and kept revisions name (asked only while leading); ``holders(sha)``:
-    the addresses of live schedulers holding a blob (asked only while leading).
+    the addresses of live schedulers holding a blob (asked only while leading);
+    ``gone(sha, address)``: the scheduler at ``address`` answered it has no such blob (its
+    eviction was not heard): it is no holder of it.
     """
 
     def __init__(
@@ -106,6 +110,7 @@ class BlobMirror:
         concurrency: int = 2,
         settle_s: float = SETTLE_S,
         idle_s: float = IDLE_S,
+        gone: Callable[[str, str], None] = lambda sha256, address: None,
     ) -> None:
         if every_s <= 0 or concurrency < 1 or idle_s <= 0:
             raise ValueError("every_s and idle_s must be > 0, and concurrency >= 1")
@@ -116,6 +121,7 @@ class BlobMirror:
         self._leader = leader
         self._named = named
         self._holders = holders
+        self._gone = gone
         self.every_s = every_s
         self.settle_s = settle_s
         self.idle_s = idle_s
@@ -274,6 +280,8 @@ class BlobMirror:
                 info = await self.blobs.receive(sha256, size, have, chunks)
             except ShoalError as err:  # InvalidArgument too: bytes that are not the blob
                 error = f"{address}: {err}"
+                if isinstance(err, NotFound) and not head:
+                    self._gone(sha256, address)  # its cache evicted it, unheard: no holder
                 continue
             if info.complete:
                 self._failures.pop(sha256, None)

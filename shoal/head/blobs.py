@@ -112,6 +112,13 @@ def holder_addresses(node: HeadNode, store: BlobStore, sha256: str) -> list[str]
     return sorted(s.address for s in node.state.schedulers.values() if s.id in held and s.state == ALIVE)
 
 
+def drop_holder_at(node: HeadNode, store: BlobStore, sha256: str, address: str) -> None:
+    """The scheduler at ``address`` answered it has no ``sha256``: it holds it no more."""
+    for sched in node.state.schedulers.values():
+        if sched.address == address:
+            store.drop_holder(sha256, sched.id)
+
+
 STANDBY = "standby-head:"
 """How a standby head names itself as a holder (``BlobRef.holder``): never a scheduler id's
 start, so schedulers are never pointed at a standby (which answers nothing)."""

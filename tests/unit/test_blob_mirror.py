@@ -10,7 +10,7 @@ import asyncio
 import hashlib
 import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -221,7 +221,13 @@ async def test_a_blob_being_read_is_not_collected(tmp_path: Path) -> None:
     assert await blobs.collect(set(), now=1e12) == [SHA]
 
 
-def single_head(blobs: BlobStore, store: MemoryStore, peers: FakePeers, holders: list[str]) -> BlobMirror:
+def single_head(
+    blobs: BlobStore,
+    store: MemoryStore,
+    peers: FakePeers,
+    holders: list[str],
+    gone: Callable[[str, str], None] = lambda sha256, address: None,
+) -> BlobMirror:
     """The mirror of a head without standbys (the SQLite store): it leads, always."""
     return BlobMirror(
         blobs,
@@ -233,6 +239,7 @@ def single_head(blobs: BlobStore, store: MemoryStore, peers: FakePeers, holders:
         holders=lambda sha256: list(holders),
         every_s=3600,  # passes only when woken
         idle_s=0.2,
+        gone=gone,
     )
 
 
@@ -286,6 +293,23 @@ async def test_a_fetch_back_leaves_a_scheduler_that_stalls_or_sends_more_than_th
     await mirror.run_pass()
     await mirror.settle()
     assert (tmp_path / "head" / SHA).read_bytes() == DATA
+
+
+async def test_a_fetch_back_drops_a_holder_that_answers_it_has_no_such_blob(tmp_path: Path) -> None:
+    """Its eviction went unheard (the head was away): it stayed listed, and schedulers
+    waited for a fetch back from it until they gave up."""
+    store = MemoryStore()
+    await store.put(INDEX + SHA, json.dumps({"size": len(DATA)}))
+    peers = FakePeers()
+    peers.blobs = {"evicted:1": {}, "stalls:1": {SHA: DATA}}
+    peers.stall.add("stalls:1")
+    gone: list[tuple[str, str]] = []
+    mirror = single_head(
+        blob_store(tmp_path / "head"), store, peers, ["evicted:1", "stalls:1"], lambda *g: gone.append(g)
+    )
+    await mirror.run_pass()
+    await mirror.settle()
+    assert gone == [(SHA, "evicted:1")]  # not the one that stalled: it may come back
 
 
 class FakeHead:
