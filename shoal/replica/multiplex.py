@@ -270,7 +270,10 @@ class ModelCache:
         except Exception as err:  # a bug in a backend: the request still gets an answer
             log.exception("model id %s did not load", model_id)
             return Internal(f"loading model id {model_id!r} failed: {type(err).__name__}: {err}")
-        batcher = Batcher(backend.predict, self._batching.max_batch_size, self._batching.max_delay_ms)
+        # A model that takes one request at a time (supports_batching false) gets no batch:
+        # concatenated requests gave each client values computed over the others' too.
+        size = self._batching.max_batch_size if backend.supports_batching else 1
+        batcher = Batcher(backend.predict, size, self._batching.max_delay_ms)
         await batcher.start()
         entry = _Entry(model_id, backend, batcher)
         self._entries[model_id] = entry

@@ -140,6 +140,7 @@ class Ids(Backend):
         self.load_gate: threading.Event | None = None  # set: loads wait for it (on their thread)
         self.id_gates: dict[str, threading.Event] = {}  # one id's load waits for its event
         self.load_starts: collections.Counter[str] = collections.Counter()
+        self.one_at_a_time: set[str] = set()  # ids whose model says supports_batching false
         self.live = 0  # ids loading or loaded, as the backend sees them
         self.most_live = 0
         self._live_lock = threading.Lock()
@@ -158,6 +159,10 @@ class One(Backend):
     def __init__(self, parent: Ids, model_id: str) -> None:
         super().__init__(parent.spec)
         self.parent, self.model_id = parent, model_id
+
+    @property
+    def supports_batching(self) -> bool:
+        return self.model_id not in self.parent.one_at_a_time
 
     def _load(self) -> None:
         parent = self.parent
@@ -239,6 +244,21 @@ async def test_a_batch_never_mixes_model_ids() -> None:
         outs = await asyncio.gather(*(c.submit(m, rows(2)) for m in ids))
         assert [list(o["model"]) for o in outs] == [[m, m] for m in ids]
         assert max(c.batch_sizes) > 2  # requests did share model calls, each with its own id's
+    finally:
+        await c.aclose()
+
+
+async def test_an_id_whose_model_takes_one_request_at_a_time_gets_no_batch() -> None:
+    parent = Ids()
+    parent.one_at_a_time = {"solo"}
+    c = ModelCache(parent, 2, Batching(max_batch_size=8, max_delay_ms=20), LOAD_S)
+    try:
+        ids = ["solo", "b"] * 6
+        outs = await asyncio.gather(*(c.submit(m, rows(2)) for m in ids))
+        assert [list(o["model"]) for o in outs] == [[m, m] for m in ids]
+        sizes = {m: c._entries[m].batcher.batch_sizes for m in ("solo", "b")}
+        assert set(sizes["solo"]) == {2}, sizes  # one request's two rows a call
+        assert max(sizes["b"]) > 2, sizes  # the other id's requests did share calls
     finally:
         await c.aclose()
 
