@@ -99,7 +99,7 @@ def head_app(node: HeadNode, limiter: RateLimiter | None = None) -> Starlette:
     """The head's app. Every route but the dashboard's files, ``/healthz`` and ``/openapi.json``
     needs a token once any exists (``shoal.http.auth.ControlGuard``), and takes from the
     client's share of ``limiter`` (the control API's rate limit, shared with gRPC)."""
-    registry = metrics.registry(metrics.HeadCollector(node))
+    head_metrics = metrics.HeadMetrics(node)
     limit = node.settings.max_message_bytes
 
     async def status(request: Request) -> Response:
@@ -240,8 +240,7 @@ def head_app(node: HeadNode, limiter: RateLimiter | None = None) -> Starlette:
         return StreamingResponse(rest(), media_type="text/plain; charset=utf-8")
 
     async def prometheus(request: Request) -> Response:
-        body, content_type = metrics.render(registry)
-        return Response(body, media_type=content_type)
+        return Response(head_metrics.text(), media_type=metrics.TEXT_TYPE)
 
     async def openapi(request: Request) -> Response:
         return JSONResponse(openapi_schema())
