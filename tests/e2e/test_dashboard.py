@@ -7,19 +7,37 @@ in the test's tmp dir (and the first also to test-artifacts/dashboard.png)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import itertools
 import json
 import os
+import queue
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from starlette.responses import JSONResponse
 
+from shoal.config import Settings
+from shoal.core.clock import FakeClock
+from shoal.core.cluster import READY, STARTING, ReplicaReport
+from shoal.core.placement import Capacity
+from shoal.core.spec import parse_spec
+from shoal.head.node import HeadNode
+from shoal.http.head import head_app
+from shoal.http.server import HttpServer
+from shoal.store import MemoryStore
+from shoal.testing.fakes import FakeSchedulers
+from shoal.types import SchedulerRegistration
 from tests.e2e.conftest import Up, shoal, stop_group, wait_ready
 
 pytestmark = pytest.mark.timeout(120)
@@ -256,3 +274,162 @@ def test_deployment_events_show_on_the_axis_and_survive_a_head_restart(
         assert browser.save_screenshot(str(tmp_path / "dashboard-after-restart.png"))  # type: ignore[attr-defined]
     finally:
         stop_group(again)
+
+
+class Gate:
+    """The head's app behind a gate that watches ``/api/status``: when each request came and
+    was answered, and how many were in the head at once; it holds each ``delay_s`` first, and
+    answers 503 while ``failing``."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.delay_s = 0.0
+        self.failing = False
+        self.inside = 0
+        self.most_inside = 0
+        self.asked: list[tuple[float, float]] = []  # (came, answered), monotonic seconds
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != "/api/status":
+            await self.app(scope, receive, send)
+            return
+        came = time.monotonic()
+        self.inside += 1
+        self.most_inside = max(self.most_inside, self.inside)
+        try:
+            await asyncio.sleep(self.delay_s)
+            if self.failing:
+                await JSONResponse({"error": "busy"}, status_code=503)(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
+        finally:
+            self.inside -= 1
+            self.asked.append((came, time.monotonic()))
+
+
+@contextlib.contextmanager
+def head_of_many(deployments: Iterable[tuple[str, int, int]]) -> Iterator[tuple[str, Gate]]:
+    """A head in memory, its HTTP port served in a thread behind a :class:`Gate`, whose
+    scheduler runs ``(name, replicas, of them STARTING)`` of each deployment."""
+    ready: queue.Queue[tuple[str, Gate, asyncio.AbstractEventLoop, asyncio.Event] | BaseException] = (
+        queue.Queue()
+    )
+
+    async def serve() -> None:
+        node = HeadNode(Settings(), MemoryStore(), FakeSchedulers(), FakeClock())
+        reports = []
+        for name, count, starting in deployments:
+            spec = parse_spec({"name": name, "backend": "python", "model": "m:M", "replicas": count})
+            node.desired[name] = spec
+            for i in range(count):
+                state = STARTING if i < starting else READY
+                reports.append(ReplicaReport(f"{name}-{i:02d}", name, state, spec_hash=spec.process_hash()))
+        reg = SchedulerRegistration("s1", "s1:1", "s1:2", Capacity(10**4, 10**9, 0), 1, "h", tuple(reports))
+        await node.register_scheduler(reg)
+        gate = Gate(head_app(node))
+        server = HttpServer(gate, "127.0.0.1", 0)
+        await server.start()
+        stop = asyncio.Event()
+        ready.put((f"127.0.0.1:{server.port}", gate, asyncio.get_running_loop(), stop))
+        await stop.wait()
+        await server.stop()
+        await node.aclose()
+
+    def run() -> None:
+        try:
+            asyncio.run(serve())
+        except BaseException as err:
+            ready.put(err)
+
+    thread = threading.Thread(target=run, name="head", daemon=True)
+    thread.start()
+    got = ready.get(timeout=30)
+    if isinstance(got, BaseException):
+        raise got
+    address, gate, loop, stop = got
+    try:
+        yield address, gate
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(30)
+
+
+def texts(browser: object, selector: str) -> list[str]:
+    return browser.execute_script(  # type: ignore[attr-defined,no-any-return]
+        f"return [...document.querySelectorAll({json.dumps(selector)})].map(e => e.textContent)"
+    )
+
+
+def test_the_dashboard_of_a_large_cluster_draws_bounded_tables(browser: object) -> None:
+    """250 deployments (one of 12 replicas; one, late by name, with a replica STARTING): at
+    most 200 rows per table, with rows saying what was left out; the one that needs a look
+    is drawn; the filter box shows the deployments whose names contain its text."""
+    many = [("big", 12, 0), *((f"d{i:03d}", 2, 0) for i in range(248)), ("zz-late", 2, 1)]
+    with head_of_many(many) as (address, _):
+        browser.get(f"http://{address}/")  # type: ignore[attr-defined]
+        wait_until(browser, "return document.querySelectorAll('#deployments tbody tr').length > 0")
+        assert len(texts(browser, "#deployments tr[data-deployment]")) == 200
+        assert texts(browser, '#deployments tr[data-more="deployments"]') == [
+            "50 more deployments: filter by name to see them"
+        ]
+        # zz-late has a replica not READY: it is among the 200, and its replicas are drawn.
+        assert texts(browser, '#deployments tr[data-deployment="zz-late"] .count') == ["1 / 2"]
+        replicas = texts(browser, "#replicas tr[data-replica] td:nth-child(2)")
+        assert len(replicas) <= 200 and {"zz-late-00", "zz-late-01"} <= set(replicas)
+        assert [r for r in replicas if r.startswith("big-")] == [f"big-{i:02d}" for i in range(5)]
+        assert texts(browser, '#replicas tr[data-more="replicas-of:big"]') == [
+            "big: 7 more replicas (7 READY)"
+        ]
+        [left] = texts(browser, '#replicas tr[data-more="replicas"]')
+        shown = {r.rsplit("-", 1)[0] for r in replicas}
+        hidden = 250 - len(shown)
+        assert left == f"{2 * hidden} more replicas of {hidden} more deployments: filter by name to see them"
+
+        browser.find_element("id", "filter").send_keys("d24")  # type: ignore[attr-defined]
+        wait_until(
+            browser, "return document.querySelectorAll('#deployments tr[data-deployment]').length === 8"
+        )
+        assert texts(browser, "#deployments tr.more") == [] and texts(browser, "#replicas tr.more") == []
+        assert len(texts(browser, "#replicas tr[data-replica]")) == 16
+        logged = browser.get_log("browser")  # type: ignore[attr-defined]
+        assert not [e for e in logged if e["level"] == "SEVERE"], logged
+
+
+def test_the_dashboard_asks_a_slow_or_failing_head_once_at_a_time_and_less_often(browser: object) -> None:
+    """The page polled with setInterval(2 s): against a head taking 2.5 s to answer, a poll
+    started while the last still waited, and a failing head was asked every 2 s. Now one
+    poll at a time, each after a gap that grows with the time the last took (twice it) and
+    doubles after each failure. Gaps are lower bounds here (a timer never fires early)."""
+    with head_of_many([("echo", 1, 0)]) as (address, gate):
+        browser.get(f"http://{address}/")  # type: ignore[attr-defined]
+        wait_until(browser, "return document.querySelector('tr[data-deployment=\"echo\"] .count')")
+
+        gate.failing = True
+        start = len(gate.asked)
+        deadline = time.monotonic() + 40
+        while len(gate.asked) < start + 3:  # the gaps after two failures: 4 s, then 8 s
+            assert time.monotonic() < deadline, gate.asked
+            time.sleep(0.2)
+        came = [c for c, _ in gate.asked[start:]]
+        assert came[1] - came[0] >= 4.0 and came[2] - came[1] >= 8.0, came
+        assert "503" in browser.find_element("id", "updated").text  # type: ignore[attr-defined]
+
+        gate.failing = False
+        gate.delay_s = 2.5
+        # A range chosen polls now: no wait for the 16 s gap.
+        from selenium.webdriver.support.ui import Select
+
+        Select(browser.find_element("id", "range")).select_by_visible_text("15 min")  # type: ignore[attr-defined]
+        start = len(gate.asked)
+        deadline = time.monotonic() + 40
+        while len(gate.asked) < start + 3:
+            assert time.monotonic() < deadline, gate.asked
+            time.sleep(0.2)
+        asked = gate.asked[start:]
+        # Never two at once, and after a poll that took 2.5 s, 5 s before the next.
+        assert gate.most_inside == 1
+        for (_, answered), (came_next, _) in itertools.pairwise(asked):
+            assert came_next - answered >= 4.9, asked
+        # The page never threw (the 503s are logged as the network's).
+        logged = browser.get_log("browser")  # type: ignore[attr-defined]
+        assert not [e for e in logged if e["level"] == "SEVERE" and e["source"] != "network"], logged

@@ -1,10 +1,20 @@
-// The dashboard: polls the head's REST API every 2 s and draws what it says.
+// The dashboard: polls the head's REST API and draws what it says. One poll at a time: the
+// next starts 2 s after the last one ended, later after errors or slow answers (a head
+// slow to answer is a busy head; asking it more often would add to its load).
+// A table draws at most a few hundred rows (a cluster may have 10,000 replicas); the filter
+// box shows the deployments whose names contain its text.
 // /api/status: schedulers, deployments, replicas, recent cluster events.
 // /api/series?window_s=N: per deployment, columns of time, rate, error rate, latency;
 //   null where there was no traffic or no report (drawn as gaps).
 // /api/events: deployment lifecycle events, kept in the head's store (quietly none on 404).
 "use strict";
-const PERIOD_MS = 2000;
+const PERIOD_MS = 2000;  // the gap between the end of one poll and the start of the next
+const MAX_GAP_MS = 30000;  // the longest gap, after errors or slow answers
+const FETCH_TIMEOUT_MS = 20000;  // a request the head has not answered by then fails
+const MAX_DEPLOYMENT_ROWS = 200;
+const MAX_REPLICA_ROWS = 200;
+const REPLICAS_PER_DEPLOYMENT = 5;  // more of one deployment's replicas: one row counting them
+const MAX_CHARTS = 20;  // deployments with charts
 const RANGES = [[300, "5 min"], [900, "15 min"], [3600, "1 h"]];
 const KIND_COLOURS = {
   created: "#1a7f37", updated: "#1f6feb", restarted: "#8250df",
@@ -33,7 +43,35 @@ function fillRanges(keepS) {
   rangeSelect.replaceChildren(...wanted.map(([s, label]) => el("option", {value: String(s)}, label)));
   rangeSelect.value = String(view.range);
 }
-rangeSelect.addEventListener("change", () => { view.range = Number(rangeSelect.value); refresh(); });
+rangeSelect.addEventListener("change", () => { view.range = Number(rangeSelect.value); pollNow(); });
+
+// ------------------------------------------------------------------ bounds
+const filterBox = document.getElementById("filter");
+filterBox.addEventListener("input", () => draw());
+function wanted(name) { return name.includes(filterBox.value.trim()); }
+
+// At most ``max`` of ``list``, in its order: those ``urgent`` says need a look first, then
+// the others from the start. {shown, hidden: how many were left out}.
+function bounded(list, max, urgent) {
+  if (list.length <= max) return {shown: list, hidden: 0};
+  const picked = new Set(list.filter(urgent).slice(0, max));
+  for (const x of list) {
+    if (picked.size >= max) break;
+    picked.add(x);
+  }
+  return {shown: list.filter(x => picked.has(x)), hidden: list.length - picked.size};
+}
+
+// A row saying what a table left out.
+function moreRow(columns, what, text) {
+  return el("tr", {class: "more", "data-more": what}, el("td", {colspan: String(columns), class: "muted"}, text));
+}
+function countStates(replicas) {
+  const n = {};
+  for (const r of replicas) n[r.state] = (n[r.state] || 0) + 1;
+  return Object.entries(n).map(([state, k]) => `${k} ${state}`).join(", ");
+}
+function needsLook(d) { return Boolean(d.pending_reason) || d.ready_replicas < d.target_replicas; }
 
 // ------------------------------------------------------------------ tables
 function renderSchedulers(list) {
@@ -46,9 +84,10 @@ function renderSchedulers(list) {
     el("td", {}, `${fmt(s.last_seen_s)} s ago`))));
 }
 
-function renderDeployments(list, series) {
+function renderDeployments(all, series) {
   const body = document.querySelector("#deployments tbody");
-  body.replaceChildren(...list.map(d => {
+  const {shown: list, hidden} = bounded(all, MAX_DEPLOYMENT_ROWS, needsLook);
+  const rows = list.map(d => {
     const s = series[d.name];
     const w = s ? s.window : null;
     const rate = s && s.rate.length ? s.rate[s.rate.length - 1] : null;
@@ -67,7 +106,9 @@ function renderDeployments(list, series) {
                   + `a rate is shown from ${w.min_requests} requests` : "no requests seen"},
         percent(w ? w.error_rate : null)),
       state);
-  }));
+  });
+  if (hidden) rows.push(moreRow(6, "deployments", `${hidden} more deployments: filter by name to see them`));
+  body.replaceChildren(...rows);
 }
 
 // Traffic routes (shoal route): a row per target and shadow, with that deployment's own rates.
@@ -90,17 +131,39 @@ function renderRoutes(routes, series) {
   document.getElementById("no-routes").style.display = rows.length ? "none" : "";
 }
 
+// Up to REPLICAS_PER_DEPLOYMENT rows of each deployment (those not READY, or with a message,
+// first), then one row counting the rest by state; the deployments whose rows fit in
+// MAX_REPLICA_ROWS (those that need a look first), then one row counting those left out.
 function renderReplicas(list) {
   const body = document.querySelector("#replicas tbody");
+  const groups = list.filter(d => d.replicas.length);
+  const cost = d => Math.min(d.replicas.length, REPLICAS_PER_DEPLOYMENT + 1);
+  const chosen = new Set();
+  let used = 0;
+  for (const d of [...groups.filter(needsLook), ...groups.filter(d => !needsLook(d))]) {
+    if (used + cost(d) > MAX_REPLICA_ROWS) break;
+    chosen.add(d);
+    used += cost(d);
+  }
   const rows = [];
-  for (const d of list) {
-    for (const r of d.replicas) {
+  for (const d of groups.filter(d => chosen.has(d))) {
+    const {shown, hidden} = bounded(d.replicas, REPLICAS_PER_DEPLOYMENT, r => r.state !== "READY" || Boolean(r.message));
+    for (const r of shown) {
       rows.push(el("tr", {"data-replica": r.id, "data-deployment": d.name},
         el("td", {}, d.name), el("td", {}, r.id), el("td", {class: "state " + r.state}, r.state),
         el("td", {}, r.scheduler), el("td", {class: "pid"}, r.pid ? String(r.pid) : "–"),
         el("td", {class: "in-flight"}, String(r.in_flight)), el("td", {class: "queued"}, String(r.queued)),
         el("td", {class: "message"}, r.message || "")));
     }
+    if (hidden) {
+      const rest = d.replicas.filter(r => !shown.includes(r));
+      rows.push(moreRow(8, "replicas-of:" + d.name, `${d.name}: ${hidden} more replicas (${countStates(rest)})`));
+    }
+  }
+  const left = groups.filter(d => !chosen.has(d));
+  if (left.length) {
+    const count = left.reduce((n, d) => n + d.replicas.length, 0);
+    rows.push(moreRow(8, "replicas", `${count} more replicas of ${left.length} more deployments: filter by name to see them`));
   }
   body.replaceChildren(...rows);
   document.getElementById("no-replicas").hidden = rows.length > 0;
@@ -188,10 +251,16 @@ function segments(column) {
 
 function renderSeries(all) {
   const root = document.getElementById("charts");
-  const names = Object.keys(all).filter(n => all[n].at.length > 0).sort();
-  document.getElementById("no-traffic").hidden = names.length > 0;
+  const traffic = Object.keys(all).filter(n => all[n].at.length > 0 && wanted(n)).sort();
+  document.getElementById("no-traffic").hidden = traffic.length > 0;
+  // Those with errors first, when there are more than MAX_CHARTS.
+  const {shown: names, hidden} = bounded(traffic, MAX_CHARTS, n => all[n].window.errors > 0);
+  const more = document.getElementById("more-charts");
+  more.hidden = !hidden;
+  more.textContent = `${hidden} more deployments with traffic: filter by name to see their charts`;
+  const keep = new Set(names);
   for (const name of Object.keys(charts)) {
-    if (names.includes(name)) continue;
+    if (keep.has(name)) continue;
     for (const k of ["rate", "latency", "errors"]) charts[name][k].destroy();
     charts[name].box.remove();
     delete charts[name];
@@ -232,20 +301,31 @@ function renderSeries(all) {
 const TOKEN_KEY = "shoal.token";
 class NeedToken extends Error {}
 class Missing extends Error {}
+class HeadError extends Error {  // any other answer than 200: over a rate limit, busy, failed
+  constructor(message, retryAfterMs) { super(message); this.retryAfterMs = retryAfterMs; }
+}
 async function api(path) {
   const token = localStorage.getItem(TOKEN_KEY);
-  const r = await fetch(path, token ? {headers: {Authorization: "Bearer " + token}} : {});
+  const r = await fetch(path, {
+    headers: token ? {Authorization: "Bearer " + token} : {},
+    signal: AbortSignal.timeout(FETCH_TIMEOUT_MS),
+  });
   if (r.status === 401 || r.status === 403) {
     throw new NeedToken((await r.json().catch(() => ({}))).error || r.statusText);
   }
   if (r.status === 404) throw new Missing(path);
+  if (!r.ok) {
+    const why = (await r.json().catch(() => ({}))).error || r.statusText;
+    throw new HeadError(`${path}: ${r.status} ${why}`, 1000 * (Number(r.headers.get("Retry-After")) || 0));
+  }
   return r.json();
 }
 document.getElementById("login").addEventListener("submit", ev => {
   ev.preventDefault();
   localStorage.setItem(TOKEN_KEY, document.getElementById("token").value.trim());
   document.getElementById("login").style.display = "none";
-  refresh();
+  poller.gap = PERIOD_MS;
+  pollNow();
 });
 
 // Lifecycle events, oldest first; none (quietly) where the head has no such endpoint.
@@ -270,35 +350,79 @@ async function routes() {
   }
 }
 
-// A refresh answered after a later one (a range changed meanwhile) is dropped.
-let asked = 0, drawn = 0;
+// What the last poll read, drawn again when the filter changes.
+let last = null;
+function draw() {
+  if (last === null) return;
+  const {status, series, events, traffic} = last;
+  fillRanges(series.keep_s);
+  view.end = series.now;
+  view.start = series.now - series.window_s;
+  view.lifecycle = events;
+  const deployments = status.deployments.filter(d => wanted(d.name));
+  renderSchedulers(status.schedulers);
+  renderDeployments(deployments, series.deployments);
+  renderRoutes(traffic, series.deployments);
+  renderReplicas(deployments);
+  renderEvents(status.events);
+  renderLifecycle(events);
+  renderSeries(series.deployments);
+}
+
+// One poll: fetch, then draw. True when the head answered; false, after saying why, when it
+// did not (or not well); a Retry-After it sent is kept in ``retryAfterMs``.
+let retryAfterMs = 0;
 async function refresh() {
-  const mine = ++asked;
   try {
     const [status, series, events, traffic] = await Promise.all(
       [api("/api/status"), api(`/api/series?window_s=${view.range}`), lifecycle(), routes()]);
-    if (mine < drawn) return;
-    drawn = mine;
-    fillRanges(series.keep_s);
-    view.end = series.now;
-    view.start = series.now - series.window_s;
-    view.lifecycle = events;
-    renderSchedulers(status.schedulers);
-    renderDeployments(status.deployments, series.deployments);
-    renderRoutes(traffic, series.deployments);
-    renderReplicas(status.deployments);
-    renderEvents(status.events);
-    renderLifecycle(events);
-    renderSeries(series.deployments);
+    last = {status, series, events, traffic};
+    draw();
     document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();
+    return true;
   } catch (err) {
+    if (err instanceof HeadError) retryAfterMs = err.retryAfterMs;
     if (err instanceof NeedToken) {
       document.getElementById("login").style.display = "flex";
       document.getElementById("updated").textContent = err.message;
-      return;
+      return false;
     }
-    document.getElementById("updated").textContent = "head unreachable: " + err;
+    document.getElementById("updated").textContent =
+      err instanceof HeadError ? "the head answered " + err.message : "head unreachable: " + err;
+    return false;
   }
 }
-refresh();
-setInterval(refresh, PERIOD_MS);
+
+// Polls one after another, never two at once: the next is due ``gap`` ms after one ends,
+// PERIOD_MS after a quick answer; after a slow one twice as long as it took (a head taking
+// 3 s to answer is asked every 9 s); after a failure twice the gap before (and no sooner
+// than a Retry-After says); at most MAX_GAP_MS.
+const poller = {gap: PERIOD_MS, timer: null, busy: false, again: false};
+async function poll() {
+  poller.timer = null;
+  poller.busy = true;
+  retryAfterMs = 0;
+  const started = performance.now();
+  const ok = await refresh();
+  const took = performance.now() - started;
+  poller.busy = false;
+  const wait = ok ? Math.max(PERIOD_MS, 2 * took) : Math.max(2 * poller.gap, retryAfterMs);
+  poller.gap = Math.min(MAX_GAP_MS, wait);
+  if (!ok) document.getElementById("updated").textContent += ` (next try in ${fmt(poller.gap / 1000, 0)} s)`;
+  if (poller.again) {  // asked for while this one ran: the range changed, a token was given
+    poller.again = false;
+    poll();
+    return;
+  }
+  poller.timer = setTimeout(poll, poller.gap);
+}
+// A poll now (the range changed, a token was given), or right after the one that runs.
+function pollNow() {
+  if (poller.busy) {
+    poller.again = true;
+    return;
+  }
+  clearTimeout(poller.timer);
+  poll();
+}
+poll();

@@ -1,0 +1,35 @@
+"""The dashboard's script as the head serves it, read where no browser runs (the browser's
+checks are in tests/e2e/test_dashboard.py): it polls with setInterval no more, which started
+a poll every 2 s while the last still waited on a slow head; each poll is chained after the
+one before ends, and each request has a time limit."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from shoal.config import Settings
+from shoal.core.clock import FakeClock
+from shoal.head.node import HeadNode
+from shoal.http.head import head_app
+from shoal.store import MemoryStore
+from shoal.testing.fakes import FakeSchedulers
+
+pytestmark = pytest.mark.timeout(10)
+
+
+async def test_the_served_script_polls_once_at_a_time(store: MemoryStore, fleet: FakeSchedulers) -> None:
+    node = HeadNode(Settings(), store, fleet, FakeClock())
+    transport = httpx.ASGITransport(app=head_app(node))
+    async with httpx.AsyncClient(transport=transport, base_url="http://head") as client:
+        page = (await client.get("/")).text
+        script = (await client.get("/static/dashboard.js")).text
+    await node.aclose()
+
+    assert '<script src="/static/dashboard.js">' in page and 'id="filter"' in page
+    assert "setInterval(" not in script
+    # The next poll is set once a poll has ended (after its await), and nowhere else.
+    body = script[script.index("async function poll()") :]
+    assert body.index("await refresh()") < body.index("setTimeout(poll, poller.gap)")
+    assert script.count("setTimeout(") == 1
+    assert "signal: AbortSignal.timeout(FETCH_TIMEOUT_MS)" in script
