@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import json
 import logging
 import math
@@ -44,7 +45,7 @@ from shoal.core.cluster import (
 from shoal.core.model_dirs import check_deployable
 from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec, describe_change, parse_spec, parse_spec_json
-from shoal.core.stats import SeriesRecorder, Snapshot
+from shoal.core.stats import Point, SeriesRecorder, Snapshot
 from shoal.core.status import ClusterEvent, ClusterStatus, DeploymentStatus, ReplicaStatus, SchedulerStatus
 from shoal.core.tasks import TaskSet, until
 from shoal.core.traffic import TrafficRoute
@@ -1078,10 +1079,18 @@ class HeadNode:
         async with self.lock:
             return sorted(self.traffic.routes.values(), key=lambda r: r.name)
 
-    async def series_points(self) -> dict[str, list[Any]]:
-        """The time series of each deployment the head keeps (the dashboard's charts)."""
+    async def series_points(self, since: float = -math.inf) -> dict[str, list[Point]]:
+        """The time series of each deployment the head keeps (the dashboard's charts), oldest
+        first: the points after ``since`` (wall-clock seconds) alone. Read from the newest
+        back, so a 5 minute chart costs 5 minutes of points, not the hour kept."""
         async with self.lock:
-            return {n: list(p) for n, p in self.series.series.items() if n in self.desired}
+            out = {}
+            for name, points in self.series.series.items():
+                if name in self.desired:
+                    recent = list(itertools.takewhile(lambda p: p.at > since, reversed(points)))
+                    recent.reverse()
+                    out[name] = recent
+            return out
 
     @property
     def routes(self) -> RoutingTable:

@@ -11,7 +11,7 @@ import json
 import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -204,14 +204,18 @@ def head_app(node: HeadNode, limiter: RateLimiter | None = None) -> Starlette:
             raise InvalidArgument(
                 f"window_s must be a number of seconds above 0, at most {recorder.keep_s:g}"
             )
-        points = await node.series_points()
+        # The points a chart of the window reads: those in it, and the error rate's window
+        # before its first row. All the hour kept was read, and each chart was copied by
+        # dataclasses.asdict: 1.7 s of the head's event loop for 200 deployments with traffic.
+        points = await node.series_points(since=time.time() - window_s - stats.ERROR_WINDOW_S)
         now = time.time()
         step = recorder.step_for(window_s)
         out = {}
         for name, pts in points.items():
             recent = stats.window(pts, now)
+            chart = stats.chart(pts, now - window_s, now, step, recorder.period_s)
             out[name] = {
-                **asdict(stats.chart(pts, now - window_s, now, step, recorder.period_s)),
+                **{f.name: getattr(chart, f.name) for f in fields(chart)},  # fresh lists: no copy
                 "window": {**asdict(recent), "error_rate": recent.error_rate},
             }
         return JSONResponse(

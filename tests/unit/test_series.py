@@ -5,15 +5,28 @@ an error rate only over enough requests, a bounded history, steps for long range
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
 
 import httpx
 import pytest
 
 from shoal.config import Settings
+from shoal.core import stats
 from shoal.core.clock import FakeClock
 from shoal.core.placement import Capacity
 from shoal.core.spec import parse_spec
-from shoal.core.stats import BUCKETS, ERROR_MIN_REQUESTS, SeriesRecorder, Snapshot, chart, window
+from shoal.core.stats import (
+    BUCKETS,
+    ERROR_MIN_REQUESTS,
+    Chart,
+    Point,
+    SeriesRecorder,
+    Snapshot,
+    chart,
+    window,
+)
 from shoal.head.node import HeadNode
 from shoal.http.head import head_app
 from shoal.store import MemoryStore
@@ -195,5 +208,49 @@ async def test_a_deleted_deployments_series_go_and_a_new_one_of_its_name_starts_
         node.state.schedulers.pop("s1")
         await node.reconcile_once()
         assert "s1" not in node.series._last
+    finally:
+        await node.aclose()
+
+
+async def test_a_short_window_reads_its_own_points_not_the_hour_kept(
+    store: MemoryStore, fleet: FakeSchedulers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/api/series read every point kept (an hour: 1,800 per deployment) to chart 5 minutes,
+    and copied each chart with dataclasses.asdict: 1.7 s of the head's event loop for 200
+    deployments with traffic (0.4 s now). The answer is the same as from all the points;
+    the points the chart is given are counted."""
+    node = HeadNode(Settings(), store, fleet)
+    try:
+        await node.apply(parse_spec({"name": "m", "backend": "python", "model": "m:M"}))
+        feed = Feed(node.series)
+        feed.t = time.time() - 3700
+        for i in range(1850):
+            feed.tick(requests=i % 40, errors=i % 7 == 0, seconds=2.0)
+        kept = list(node.series.series["m"])
+        assert len(kept) == 1800
+        given: list[int] = []
+        real = stats.chart
+
+        def counted(points: Sequence[Point], *args: Any) -> Chart:
+            given.append(len(points))
+            return real(points, *args)
+
+        monkeypatch.setattr(stats, "chart", counted)
+        async with client(node) as http:
+            doc = (await http.get("/api/series?window_s=300")).json()
+        monkeypatch.undo()
+
+        now = doc["now"]
+        whole = chart(kept, now - 300, now, 2.0, 2.0)
+        m = doc["deployments"]["m"]
+        assert {k: m[k] for k in ("at", "requests", "rate", "error_rate", "p50_ms", "p99_ms")} == asdict(
+            whole
+        )
+        recent = window(kept, now)
+        assert m["window"] == {**asdict(recent), "error_rate": recent.error_rate}
+        assert len(whole.at) >= 149 and m["error_rate"][-1] is not None
+        # 5 minutes and the error rate's minute before them, of 2 s points (and one more,
+        # for the time between the read and the answer's "now").
+        assert given == [pytest.approx(180, abs=2)]
     finally:
         await node.aclose()
