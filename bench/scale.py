@@ -483,7 +483,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         stub = pbg.HeadStub(channel)
         while True:  # on etcd the head answers once it leads
             try:
-                await stub.GetStatus(pb.Empty(), timeout=5)
+                await stub.GetStatus(pb.StatusRequest(), timeout=5)
                 break
             except grpc.aio.AioRpcError:
                 if time.monotonic() > deadline:
@@ -550,7 +550,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if spy is not None:
             await asyncio.to_thread(spy.wait, 60)
         rss_mb = proc.memory_info().rss / 2**20
-        status = await stub.GetStatus(pb.Empty(), timeout=60)
+        status = await stub.GetStatus(pb.StatusRequest(), timeout=60)
         ready_replicas = sum(1 for d in status.deployments for r in d.replicas if r.state == "READY")
 
         # A routing change: a new deployment, until every scheduler's stream has it.

@@ -27,7 +27,7 @@ import asyncio
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Collection, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -231,7 +231,7 @@ class AsyncClient:
         if not 0 <= min_ready_s < math.inf:  # NaN too
             raise InvalidArgument(f"min_ready_s must be a finite number of seconds, 0 or more: {min_ready_s}")
         spec = with_model_hash(spec_of(target))
-        before = (await self.status()).to_json() if wait else {}
+        before = (await self.status((spec.name,))).to_json() if wait else {}
         reply = await self._head(self.control.apply(spec))
         applied = Applied(spec.name, reply.revision, reply.created, reply.changed, reply.change)
         if wait:
@@ -246,7 +246,7 @@ class AsyncClient:
         watch = DeployWatch.after_apply(before, [spec], min_ready_s=min_ready_s)
         deadline = time.monotonic() + timeout_s
         while True:
-            verdict = watch.observe((await self.status()).to_json(), time.monotonic())
+            verdict = watch.observe((await self.status((spec.name,))).to_json(), time.monotonic())
             if verdict.done:
                 return
             if verdict.failure:
@@ -271,10 +271,12 @@ class AsyncClient:
         """Delete the deployment and stop its replicas. NotFound for an unknown name."""
         await self._head(self.control.delete(name))
 
-    async def status(self) -> ClusterStatus:
+    async def status(self, only: Collection[str] | None = None) -> ClusterStatus:
         """Schedulers, deployments, replicas and recent events, typed (``.to_json()`` is
-        ``shoal status --json``)."""
-        return await self._head(self.control.status())
+        ``shoal status --json``). ``only``: of the deployments named alone (those the head
+        knows), which costs the head their replicas, not the whole cluster's: to watch a few
+        deployments of a large cluster."""
+        return await self._head(self.control.status(only))
 
     async def history(self, name: str) -> list[Revision]:
         return await self._head(self.control.history(name))
@@ -379,14 +381,15 @@ class AsyncHandle:
 
     async def _learn(self) -> None:
         """The live schedulers and the input types, from the head. NotFound for an unknown name."""
-        status = await self.client.status()
+        status = await self.client.status((self.name,))
         dep = status.deployment(self.name)
         if dep is None:
             # A traffic route's name: typed by its first target's spec; the scheduler draws.
             route = next((r for r in await self.client.routes() if r.name == self.name), None)
             if route is None:
                 raise NotFound(f"no deployment or traffic route named {self.name!r}")
-            dep = status.deployment(route.targets[0][0])
+            target = route.targets[0][0]
+            dep = (await self.client.status((target,))).deployment(target)
         if dep is not None and dep.spec:
             from shoal.core.spec import parse_spec
 
@@ -494,8 +497,8 @@ class Client:
     def delete(self, name: str) -> None:
         self._loop.run(self.aio.delete(name))
 
-    def status(self) -> ClusterStatus:
-        return self._loop.run(self.aio.status())
+    def status(self, only: Collection[str] | None = None) -> ClusterStatus:
+        return self._loop.run(self.aio.status(only))
 
     def history(self, name: str) -> list[Revision]:
         return self._loop.run(self.aio.history(name))

@@ -9,7 +9,7 @@ import argparse
 import asyncio
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any
 
 from shoal.cli.common import EXIT_ERROR, ProgressLine, add_client_flags, seconds, with_client
@@ -107,7 +107,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         raise InvalidArgument("shoal deploy: name spec files or a Triton repository (--model-repository DIR)")
 
     async def go(client: Any, settings: Settings) -> int:
-        before = await status_reader(client)()
+        before = await status_reader(client, [s.name for s in found_specs])()
         # Local model files and folders the schedulers may not see go to the head first.
         specs = await upload_local_models(found_specs, settings, args.upload, before)
         watch = DeployWatch.after_apply(before, specs, min_ready_s=args.min_ready)
@@ -121,7 +121,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             print(f"route {route.name}: {route.describe()}", flush=True)
         if not args.wait or not specs:
             return 0
-        code, verdict = await wait_for(status_reader(client), watch, args.timeout)
+        code, verdict = await wait_for(status_reader(client, [s.name for s in specs]), watch, args.timeout)
         if verdict.failure and verdict.dead:
             await _print_last_words(client, verdict.dead)
         # An update whose replicas fail is rolled back by the head once they have failed a few
@@ -146,12 +146,15 @@ ROLLBACK_WAIT_S = 60.0
 """How long ``shoal deploy`` waits, after an update failed, for the head to roll it back."""
 
 
-def status_reader(client: Any) -> Callable[[], Awaitable[Status]]:
-    """Reads the head's status as JSON (the shape of ``shoal status --json``): the one place
-    deploy, rollback and restart read it."""
+def status_reader(client: Any, names: Collection[str]) -> Callable[[], Awaitable[Status]]:
+    """Reads the head's status as JSON (the shape of ``shoal status --json``) of the deployments
+    ``names``, the schedulers and the recent events: the one place deploy, rollback and restart
+    read it. Read four times a second while they wait: the whole cluster's, at 10,000 replicas,
+    held the head's event loop 0.14-0.27 s each time (and sent 1.7 MB)."""
+    only = tuple(names)
 
     async def read_status() -> Status:
-        status: Status = (await client.status()).to_json()
+        status: Status = (await client.status(only)).to_json()
         return status
 
     return read_status

@@ -85,7 +85,7 @@ RELIST_S = 2.0
 
 async def _replica_ids(client: Any, name: str) -> tuple[dict[str, Any] | None, list[str]]:
     """The deployment ``name`` as the head's status shows it (None when there is none), and its replicas."""
-    status = (await client.status()).to_json()
+    status = (await client.status((name,))).to_json()
     dep = next((d for d in status["deployments"] if d["name"] == name), None)
     return dep, [r["id"] for r in dep["replicas"]] if dep is not None else []
 

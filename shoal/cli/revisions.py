@@ -60,7 +60,7 @@ async def _follow(client: Any, before: Any, rev: Revision, args: argparse.Namesp
     if not args.wait:
         return 0
     watch = DeployWatch.after_apply(before, [parse_spec_json(rev.spec_json)], from_file=False)
-    code, _ = await wait_for(status_reader(client), watch, args.timeout)
+    code, _ = await wait_for(status_reader(client, [args.name]), watch, args.timeout)
     return code
 
 
@@ -71,7 +71,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         in_range("revision", args.revision, INT32_MAX, low=1)
 
     async def go(client: Any, settings: Settings) -> int:
-        before = await status_reader(client)()
+        before = await status_reader(client, [args.name])()
         rev = await client.rollback(args.name, args.revision or 0)
         print(f"deployment {args.name} rolling back to revision {rev.rollback_to} (as revision {rev.number})")
         return await _follow(client, before, rev, args)
@@ -81,7 +81,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 def cmd_restart(args: argparse.Namespace) -> int:
     async def go(client: Any, settings: Settings) -> int:
-        before = await status_reader(client)()
+        before = await status_reader(client, [args.name])()
         rev = await client.restart(args.name)
         print(f"deployment {args.name} restarting: replicas replaced one at a time (revision {rev.number})")
         return await _follow(client, before, rev, args)

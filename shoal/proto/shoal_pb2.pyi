@@ -1120,6 +1120,35 @@ class ClusterEvent(_message.Message):
 Global___ClusterEvent: _TypeAlias = ClusterEvent  # noqa: Y015
 
 @_typing.final
+class StatusRequest(_message.Message):
+    """What GetStatus shows: the whole cluster, or (only_named) the schedulers, the recent events
+    and the deployments named alone (those the head knows), costing their replicas, not the
+    cluster's: what a deploy's wait reads four times a second. A head from before this message
+    takes it as Empty and answers the whole cluster.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENTS_FIELD_NUMBER: _builtins.int
+    ONLY_NAMED_FIELD_NUMBER: _builtins.int
+    only_named: _builtins.bool
+    @_builtins.property
+    def deployments(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        deployments: _abc.Iterable[_builtins.str] | None = ...,
+        only_named: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployments", b"deployments", "only_named", b"only_named"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatusRequest: _TypeAlias = StatusRequest  # noqa: Y015
+
+@_typing.final
 class ClusterStatus(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

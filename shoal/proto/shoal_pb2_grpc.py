@@ -71,7 +71,7 @@ class HeadStub(object):
                 _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/shoal.v1.Head/GetStatus',
-                request_serializer=shoal_dot_proto_dot_shoal__pb2.Empty.SerializeToString,
+                request_serializer=shoal_dot_proto_dot_shoal__pb2.StatusRequest.SerializeToString,
                 response_deserializer=shoal_dot_proto_dot_shoal__pb2.ClusterStatus.FromString,
                 _registered_method=True)
         self.ReadLog = channel.unary_stream(
@@ -294,7 +294,7 @@ def add_HeadServicer_to_server(servicer, server):
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
-                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.Empty.FromString,
+                    request_deserializer=shoal_dot_proto_dot_shoal__pb2.StatusRequest.FromString,
                     response_serializer=shoal_dot_proto_dot_shoal__pb2.ClusterStatus.SerializeToString,
             ),
             'ReadLog': grpc.unary_stream_rpc_method_handler(
@@ -567,7 +567,7 @@ class Head(object):
             request,
             target,
             '/shoal.v1.Head/GetStatus',
-            shoal_dot_proto_dot_shoal__pb2.Empty.SerializeToString,
+            shoal_dot_proto_dot_shoal__pb2.StatusRequest.SerializeToString,
             shoal_dot_proto_dot_shoal__pb2.ClusterStatus.FromString,
             options,
             channel_credentials,

@@ -45,7 +45,7 @@ class HeadStub:
     ApplyDeployment: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.ApplyDeploymentRequest, _shoal_pb2.ApplyDeploymentReply]
     ScaleDeployment: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.ScaleDeploymentRequest, _shoal_pb2.Empty]
     DeleteDeployment: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.DeleteDeploymentRequest, _shoal_pb2.Empty]
-    GetStatus: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.Empty, _shoal_pb2.ClusterStatus]
+    GetStatus: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.StatusRequest, _shoal_pb2.ClusterStatus]
     ReadLog: _grpc.UnaryStreamMultiCallable[_shoal_pb2.ReadLogRequest, _shoal_pb2.LogChunk]
     """A replica's log, wherever it runs (proxied to its scheduler)."""
     GetHistory: _grpc.UnaryUnaryMultiCallable[_shoal_pb2.DeploymentRequest, _shoal_pb2.HistoryReply]
@@ -75,7 +75,7 @@ class HeadAsyncStub(HeadStub):
     ApplyDeployment: _aio.UnaryUnaryMultiCallable[_shoal_pb2.ApplyDeploymentRequest, _shoal_pb2.ApplyDeploymentReply]  # type: ignore[assignment]
     ScaleDeployment: _aio.UnaryUnaryMultiCallable[_shoal_pb2.ScaleDeploymentRequest, _shoal_pb2.Empty]  # type: ignore[assignment]
     DeleteDeployment: _aio.UnaryUnaryMultiCallable[_shoal_pb2.DeleteDeploymentRequest, _shoal_pb2.Empty]  # type: ignore[assignment]
-    GetStatus: _aio.UnaryUnaryMultiCallable[_shoal_pb2.Empty, _shoal_pb2.ClusterStatus]  # type: ignore[assignment]
+    GetStatus: _aio.UnaryUnaryMultiCallable[_shoal_pb2.StatusRequest, _shoal_pb2.ClusterStatus]  # type: ignore[assignment]
     ReadLog: _aio.UnaryStreamMultiCallable[_shoal_pb2.ReadLogRequest, _shoal_pb2.LogChunk]  # type: ignore[assignment]
     """A replica's log, wherever it runs (proxied to its scheduler)."""
     GetHistory: _aio.UnaryUnaryMultiCallable[_shoal_pb2.DeploymentRequest, _shoal_pb2.HistoryReply]  # type: ignore[assignment]
@@ -148,7 +148,7 @@ class HeadServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
     def GetStatus(
         self,
-        request: _shoal_pb2.Empty,
+        request: _shoal_pb2.StatusRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_shoal_pb2.ClusterStatus, _abc.Awaitable[_shoal_pb2.ClusterStatus]]: ...
 

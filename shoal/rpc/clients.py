@@ -7,7 +7,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Collection, Mapping
 from typing import Any
 
 import grpc
@@ -629,8 +629,12 @@ class ControlClient:
         assert isinstance(reply, pb.RoutesReply)
         return [convert.traffic_from_pb(r) for r in reply.routes]
 
-    async def status(self) -> ClusterStatus:
-        reply = await self._call("GetStatus", pb.Empty())
+    async def status(self, only: Collection[str] | None = None) -> ClusterStatus:
+        """The cluster's status; with ``only``, of those deployments alone (and the schedulers
+        and recent events): what watching a few deployments reads, at the cost of their
+        replicas in the head, not the cluster's."""
+        request = pb.StatusRequest() if only is None else pb.StatusRequest(deployments=only, only_named=True)
+        reply = await self._call("GetStatus", request)
         assert isinstance(reply, pb.ClusterStatus)
         return convert.status_from_pb(reply)
 

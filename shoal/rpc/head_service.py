@@ -283,8 +283,9 @@ class HeadService(pbg.HeadServicer):
             await abort(context, err)
         return pb.Empty()
 
-    async def GetStatus(self, request: pb.Empty, context: Context) -> pb.ClusterStatus:
-        return status_to_pb(await self.node.status())
+    async def GetStatus(self, request: pb.StatusRequest, context: Context) -> pb.ClusterStatus:
+        only = tuple(request.deployments) if request.only_named else None
+        return status_to_pb(await self.node.status(only))
 
 
 def _route_delta(before: DeploymentRoutes, dep: DeploymentRoutes) -> pb.DeploymentRoutes | None:

@@ -46,7 +46,9 @@ class GrpcDeployer:
     async def failures(self, authorization: str | None) -> dict[str, str]:
         metadata = self._metadata(authorization)
         reply = await call(
-            lambda: self._stub.GetStatus(pb.Empty(), timeout=self._settings.rpc_timeout_s, metadata=metadata),
+            lambda: self._stub.GetStatus(
+                pb.StatusRequest(), timeout=self._settings.rpc_timeout_s, metadata=metadata
+            ),
             attempts=1,
             reach=self._reach,
         )
@@ -56,7 +58,9 @@ class GrpcDeployer:
     async def names(self, authorization: str | None) -> set[str]:
         metadata = self._metadata(authorization)
         reply = await call(
-            lambda: self._stub.GetStatus(pb.Empty(), timeout=self._settings.rpc_timeout_s, metadata=metadata),
+            lambda: self._stub.GetStatus(
+                pb.StatusRequest(), timeout=self._settings.rpc_timeout_s, metadata=metadata
+            ),
             attempts=1,
             reach=self._reach,
         )

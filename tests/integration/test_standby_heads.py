@@ -131,7 +131,7 @@ async def test_kill_the_leading_head_under_load(heads: EtcdHeads) -> None:
         await standby.close()
     async with grpc.aio.insecure_channel(b.endpoints["head"]) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as raw:
-            await pbg.HeadStub(channel).GetStatus(pb.Empty(), timeout=5)
+            await pbg.HeadStub(channel).GetStatus(pb.StatusRequest(), timeout=5)
     assert raw.value.code() == grpc.StatusCode.UNAVAILABLE
     # grpc-stubs gives AioRpcError the sync error's _Metadatum; grpc.aio's are (key, value) pairs.
     trailing = tuple(raw.value.trailing_metadata() or ())

@@ -4,7 +4,7 @@ pid files, and the head's /docs page (in-process ASGI, no socket)."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Collection, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -486,6 +486,7 @@ class ScriptedHead:
     def __init__(self, statuses: list[dict[str, Any]], revisions: list[Revision] | None = None) -> None:
         self.statuses = statuses
         self.revisions = revisions or []
+        self.asked: list[Collection[str] | None] = []  # each status read's ``only``
 
     async def apply(self, spec: DeploymentSpec) -> ApplyResult:
         return ApplyResult(created=False, changed=True, revision=2, change="model changed")
@@ -493,7 +494,8 @@ class ScriptedHead:
     async def rollback(self, name: str, revision: int = 0) -> Revision:
         return Revision(3, 0.0, "rolled_back", spec(model="v1:M").to_json(), "", "asked for", rollback_to=1)
 
-    async def status(self) -> Any:
+    async def status(self, only: Collection[str] | None = None) -> Any:
+        self.asked.append(only)
         doc = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
         return SimpleNamespace(to_json=lambda: doc)
 
@@ -536,6 +538,9 @@ def test_a_deploy_whose_deployment_is_deleted_meanwhile_fails(
     code, out, err = run_cli(monkeypatch, capsys, head, "deploy", "--no-upload", v2_file)
     assert code == 1 and "ready after" not in out
     assert err.splitlines() == ["shoal: error: deployment echo was deleted while it was being deployed"]
+    # It read the status of its deployment alone, before and while it waited: the whole
+    # cluster's, four times a second, held a head of 10,000 replicas 0.14-0.27 s each time.
+    assert len(head.asked) >= 2 and set(head.asked) == {("echo",)}
 
 
 def revisions_after(third: Revision) -> list[Revision]:
@@ -591,6 +596,7 @@ def test_a_rollback_whose_deployment_is_deleted_meanwhile_fails(
     code, out, err = run_cli(monkeypatch, capsys, head, "rollback", "echo")
     assert code == 1 and "ready after" not in out
     assert "deployment echo was deleted while it was being deployed" in err
+    assert len(head.asked) >= 2 and set(head.asked) == {("echo",)}
 
 
 # ------------------------------------------------------------------ /docs

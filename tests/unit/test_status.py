@@ -56,7 +56,7 @@ async def head(store: MemoryStore, fleet: FakeSchedulers, clock: FakeClock) -> A
 async def test_the_status_read_over_grpc_is_the_status_the_head_built(head: HeadNode) -> None:
     built = await head.status()
 
-    reply = await HeadService(head).GetStatus(pb.Empty(), context=None)  # type: ignore[arg-type]
+    reply = await HeadService(head).GetStatus(pb.StatusRequest(), context=None)  # type: ignore[arg-type]
     read = convert.status_from_pb(pb.ClusterStatus.FromString(reply.SerializeToString()))
 
     assert read == built
@@ -71,7 +71,7 @@ async def test_the_status_read_over_grpc_is_the_status_the_head_built(head: Head
 
 
 async def test_rest_and_grpc_serve_the_same_json(head: HeadNode) -> None:
-    reply = await HeadService(head).GetStatus(pb.Empty(), context=None)  # type: ignore[arg-type]
+    reply = await HeadService(head).GetStatus(pb.StatusRequest(), context=None)  # type: ignore[arg-type]
     over_grpc: dict[str, Any] = convert.status_from_pb(reply).to_json()
 
     transport = httpx.ASGITransport(app=head_app(head))
@@ -168,5 +168,17 @@ async def test_one_deployment_costs_its_replicas_not_the_clusters(
             assert len(await entries("/api/status")) == 200
             assert await entries("/api/deployments/d7") == [f"d7-{r}" for r in range(5)]
             assert await entries("/api/schedulers") == []
+        # Over gRPC (what shoal deploy, rollback and restart read while they wait, and
+        # shoal logs DEPLOYMENT --follow every 2 s): the deployments named.
+        service = HeadService(node)
+        built.clear()
+        request = pb.StatusRequest(deployments=["d7", "d9", "nope"], only_named=True)
+        some = await service.GetStatus(request, context=None)  # type: ignore[arg-type]
+        assert sorted(built) == [f"d{d}-{r}" for d in (7, 9) for r in range(5)]
+        assert [d.name for d in some.deployments] == ["d7", "d9"] and len(some.schedulers) == 5
+        built.clear()
+        whole = await service.GetStatus(pb.StatusRequest(), context=None)  # type: ignore[arg-type]
+        assert len(built) == 200 and len(whole.deployments) == 40
+        assert [d for d in whole.deployments if d.name in ("d7", "d9")] == list(some.deployments)
     finally:
         await node.aclose()
