@@ -61,6 +61,7 @@ def _escape(match: re.Match[str]) -> str:
 EXCEPTION_TEXT_CHARS = 2000
 """How much of each exception's own text (``ValueError: ...``) a traceback in the log quotes."""
 
+
 def _format_exception(ei: Any, *, escape: bool) -> str:
     """A traceback as ``logging`` writes it, but each exception's own text (the last line of
     each in the chain: its message, which a model often builds from a client's input) cut to
