@@ -134,8 +134,10 @@ def generate_routes(catalog: ModelCatalog, limit: int) -> list[Route]:
     async def generate_stream(request: Request) -> Response:
         try:
             name, request_id, req, revision = await prepare(request, stream=True)
-            chunks = await start_stream(
-                catalog, name, req, request_id=internal_id(request_id), version=revision
+            # As a whole answer's: a client that hangs up before the first piece drops it.
+            chunks = await unless_gone(
+                request.scope,
+                start_stream(catalog, name, req, request_id=internal_id(request_id), version=revision),
             )
             base = head(name, request_id, revision)
         except ShoalError as err:

@@ -484,7 +484,11 @@ class OpenAIApi:
             else:
                 choice["text"] = result.text
             return JSONResponse({**head, "choices": [choice], "usage": _usage(result)})
-        chunks = await start_stream(self.dataplane.catalog, spec.name, req, request_id=request_id)
+        # A client that hangs up while its stream waits for a first piece (queued, or the
+        # prompt being read) drops it too; after that, EventStream sees the client go.
+        chunks = await unless_gone(
+            request.scope, start_stream(self.dataplane.catalog, spec.name, req, request_id=request_id)
+        )
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         head["object"] = "chat.completion.chunk" if chat else "text_completion"
         events = stream_events(chunks, head, chat=chat, include_usage=include_usage)

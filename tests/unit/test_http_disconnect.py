@@ -107,16 +107,26 @@ async def test_requests_whose_clients_hang_up_leave_the_queue_and_the_replica(se
     assert len(replica.requests) == 2
 
 
-# The other HTTP doors that answer when the work is done: each holds a replica while it runs.
-WHOLE_ANSWERS = [
+# The other HTTP doors: each holds a replica while it runs. The streamed ones are held
+# before their first piece, while a stream has not answered yet (before, those were
+# dropped only once their first piece came).
+CHAT = [{"role": "user", "content": "hi"}]
+WHOLE_ANSWERS: list[tuple[str, str, dict[str, object]]] = [
     ("gen", "/v2/models/gen/generate", {"text_input": "hello", "max_tokens": 4}),
     ("gen", "/v1/completions", {"model": "gen", "prompt": "hello", "max_tokens": 4}),
-    ("gen", "/v1/chat/completions", {"model": "gen", "messages": [{"role": "user", "content": "hi"}]}),
+    ("gen", "/v1/chat/completions", {"model": "gen", "messages": CHAT}),
     ("emb", "/v1/embeddings", {"model": "emb", "input": ["hello"]}),
+    ("gen", "/v2/models/gen/generate_stream", {"text_input": "hello", "max_tokens": 4}),
+    ("gen", "/v1/completions", {"model": "gen", "prompt": "hello", "stream": True}),
+    ("gen", "/v1/chat/completions", {"model": "gen", "messages": CHAT, "stream": True}),
 ]
 
 
-@pytest.mark.parametrize(("deployment", "path", "doc"), WHOLE_ANSWERS, ids=[w[1] for w in WHOLE_ANSWERS])
+@pytest.mark.parametrize(
+    ("deployment", "path", "doc"),
+    WHOLE_ANSWERS,
+    ids=[w[1] + (" stream" if "stream" in w[2] else "") for w in WHOLE_ANSWERS],
+)
 async def test_a_generation_or_embedding_whose_client_hangs_up_is_dropped(
     served: Served, deployment: str, path: str, doc: dict[str, object]
 ) -> None:
