@@ -217,7 +217,8 @@ class Settings:
     send a whole request head within this long of opening, or of the first byte of its next
     request; else 408 and the connection is closed (a slowloris client holds nothing). 0: no limit."""
     http_idle_timeout_s: float = 15.0
-    """An HTTP keep-alive connection idle this long between requests is closed."""
+    """An HTTP keep-alive connection idle this long between requests is closed, and so is one
+    whose client takes no byte of its answer this long (a stream it opened stops)."""
     http_max_connections: int = 4096
     """Most HTTP connections one server process holds open; past it a new connection gets 503
     and is closed at once, while those open are served. Each ingress process has its own. 0: no limit."""

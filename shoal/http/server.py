@@ -6,7 +6,9 @@ connection that never finishes its request head for ever (its keep-alive timer r
 between requests, and any byte stops it): a connection must send a whole request head
 within ``header_timeout_s`` of opening or of its first byte after an answer (else 408 and
 close; time its bytes wait for their turn in the server's intake does not count), may sit
-idle between requests ``idle_timeout_s`` (then it is closed), and past ``max_connections``
+idle between requests ``idle_timeout_s`` (then it is closed), must take some of its answer's
+bytes every ``idle_timeout_s`` once the server's buffer for it is full (else it is dropped,
+and the request behind it sees its client gone), and past ``max_connections``
 open connections in this process a new one gets 503 and is closed at once, while those
 already open are served as before.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import functools
 import inspect
 import json
@@ -28,6 +31,7 @@ import logging
 import socket
 import ssl
 import sys
+import termios
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Generator
@@ -364,6 +368,8 @@ class _Bounds:
         self._deferred = False  # reads are buffered, waiting for a turn in the intake
         self._asked = False  # refuse() passed the plain request the parser is given next
         self._disconnect = Disconnect()
+        self._write_timer: asyncio.TimerHandle | None = None
+        self._unsent = 0  # bytes waiting for the client when the write timer was set
         self._bound_protocol()
 
     def _bound_protocol(self) -> None:
@@ -378,9 +384,57 @@ class _Bounds:
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
+        self._stop_write_timer()
         if not self._refused:
             self._protocol.connection_lost(self, exc)
             self._disconnect.lose()
+
+    def pause_writing(self) -> None:
+        # The client is not taking the answer as fast as it comes: timed from here.
+        self._protocol.pause_writing(self)
+        if self._write_timer is None and self._limits.idle_timeout_s > 0:
+            self._unsent = self._unsent_bytes()
+            self._write_timer = self.loop.call_later(self._limits.idle_timeout_s, self._write_stalled)
+
+    def resume_writing(self) -> None:
+        self._stop_write_timer()
+        self._protocol.resume_writing(self)
+
+    def _stop_write_timer(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _unsent_bytes(self) -> int:
+        """The answer's bytes the client has not taken: the transport's buffer and the
+        socket's send queue. The buffer alone is no measure of a slow reader: it moves
+        only when much of the socket's buffer (megabytes) is free again, so a client
+        reading 20 KB/s looked stalled for seconds."""
+        unsent = self.transport.get_write_buffer_size()
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4))
+                unsent += int.from_bytes(queued, sys.byteorder)
+        return unsent
+
+    def _write_stalled(self) -> None:
+        """The answer's bytes waited ``idle_timeout_s`` for the client: if it took none of
+        them meanwhile, the connection is dropped (aborted: closing would wait for the
+        bytes to go), so the request behind it sees its client gone (a stream stops its
+        generation) instead of waiting on a client that never reads."""
+        self._write_timer = None
+        unsent = self._unsent_bytes()
+        if unsent < self._unsent:  # it reads, slowly: time it again from here
+            self._unsent = unsent
+            self._write_timer = self.loop.call_later(self._limits.idle_timeout_s, self._write_stalled)
+            return
+        log.info(
+            "dropping an HTTP connection whose client took no bytes of its answer in %gs "
+            "(setting http_idle_timeout_s)",
+            self._limits.idle_timeout_s,
+        )
+        self.transport.abort()
 
     def _awaiting_head(self) -> bool:
         raise NotImplementedError

@@ -4,6 +4,12 @@ it leaves the deployment's queue (or its replica's slot) at once and is counted
 an inference request whose body is read never does: six clients of a 2 s model that left
 after 0.5 s held the queue (others got 503 for 1.5 s) and all ran, one after the other.
 
+A client that takes none of its answer's bytes for ``idle_timeout_s`` is gone too: its
+connection is dropped, and a stream it opened stops its generation. Before, two clients
+that opened long streams and never read held both slots of a deployment for as long as
+they kept their connections (30 s and counting), and the next client waited in the
+queue; one that reads, however slowly, keeps its stream.
+
 A real ``HttpServer`` on loopback (both parsers), the scheduler's app, in-memory replicas.
 """
 
@@ -11,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import AsyncIterator
 from typing import cast
 
@@ -20,13 +27,15 @@ import pytest
 from shoal.config import Settings
 from shoal.core.spec import parse_spec
 from shoal.http.scheduler import scheduler_app
-from shoal.http.server import HttpServer
+from shoal.http.server import HttpLimits, HttpServer
 from shoal.scheduler.node import SchedulerNode
 from shoal.scheduler.router import Router
-from shoal.testing.fakes import FakeReplicas
-from shoal.types import HeadLink
+from shoal.testing.fakes import FakeReplicas, fake_generation
+from shoal.types import GenerateRequest, HeadLink
 
 pytestmark = pytest.mark.timeout(30)
+
+IDLE_S = 1.0
 
 TYPED = [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]
 BODY = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]})
@@ -63,7 +72,8 @@ async def served(request: pytest.FixtureRequest) -> AsyncIterator[Served]:
     generation = {"backend": "transformers", "model": "m", "inputs": [], "outputs": []}
     router.add("g", parse_spec({**generation, "name": "gen", "options": {"task": "generation"}}), "g:1", "s1")
     router.add("e", parse_spec({**generation, "name": "emb", "options": {"task": "embedding"}}), "e:1", "s1")
-    server = HttpServer(scheduler_app(node), "127.0.0.1", 0, parser=request.param)
+    limits = HttpLimits(idle_timeout_s=IDLE_S)
+    server = HttpServer(scheduler_app(node), "127.0.0.1", 0, limits=limits, parser=request.param)
     await server.start()
     try:
         yield Served(node, fakes, server.port)
@@ -148,3 +158,67 @@ async def test_a_generation_or_embedding_whose_client_hangs_up_is_dropped(
         while router.stats()[deployment].outcomes["cancelled"] < 1:
             await asyncio.sleep(0.01)
     assert router.load()[deployment].in_flight == 0
+
+
+# Clients that stop reading: a stream of megabytes, on a connection with a small buffer.
+STREAM_BODY = json.dumps({"model": "gen", "prompt": "hi", "stream": True}).encode()
+STREAM = (
+    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    b"Content-Length: %d\r\n\r\n%s" % (len(STREAM_BODY), STREAM_BODY)
+)
+
+
+def megabytes(request: GenerateRequest) -> list[str]:
+    """20 MB a stream; a whole answer is the fakes' usual one."""
+    return ["x" * 1000] * 20_000 if request.stream else fake_generation(request)
+
+
+def open_stream(served: Served) -> socket.socket:
+    """A stream's request on a connection with a small receive buffer (not read here)."""
+    assert served.fakes.gate is not None
+    served.fakes.gate.set()
+    served.fakes.client("g:1").generator = megabytes
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", served.port))
+    sock.sendall(STREAM)
+    sock.setblocking(False)
+    return sock
+
+
+async def test_streams_whose_clients_never_read_are_dropped(served: Served) -> None:
+    router, replica = served.node.router, served.fakes.client("g:1")
+    socks = [open_stream(served) for _ in range(2)]
+    try:
+        async with asyncio.timeout(5):
+            while router.load()["gen"].in_flight < 2:
+                await asyncio.sleep(0.01)
+        async with asyncio.timeout(10):
+            while replica.streams_closed < 2:
+                await asyncio.sleep(0.05)
+        assert router.load()["gen"].in_flight == 0
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{served.port}", timeout=5) as http:
+            body = {"model": "gen", "prompt": "a b c", "max_tokens": 3}
+            reply = await http.post("/v1/completions", json=body)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["text"] == " a b c"
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+async def test_a_client_that_reads_slowly_keeps_its_stream(served: Served) -> None:
+    sock = open_stream(served)
+    loop = asyncio.get_running_loop()
+    read = 0
+    try:
+        # 4 KB every 0.2 s, for over twice the timeout: far slower than the answer comes.
+        for _ in range(int(2.5 * IDLE_S / 0.2)):
+            await asyncio.sleep(0.2)
+            data = await asyncio.wait_for(loop.sock_recv(sock, 4096), 5)
+            assert data, f"the connection was closed after {read} bytes"
+            read += len(data)
+        assert served.node.router.load()["gen"].in_flight == 1
+        assert served.fakes.client("g:1").streams_closed == 0
+    finally:
+        sock.close()
