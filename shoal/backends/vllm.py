@@ -21,6 +21,10 @@ Options:
 
 Closing a stream early, or cancelling the task waiting on it, aborts the request in the
 engine, so its GPU time goes to other requests.
+
+A request vLLM refuses as it takes it (ValueError: a prompt longer than ``max_model_len``,
+an empty one) is InvalidArgument (400), as vLLM's own API answers it; any other error of
+the engine is Internal.
 """
 
 from __future__ import annotations
@@ -234,10 +238,11 @@ class VllmBackend(Backend):
         # vLLM cuts stop strings itself; the matcher also holds back a piece that might
         # begin one, so a stream never shows text the final completion does not have.
         matcher = StopMatcher(params.stop)
-        finished = False
+        finished = answered = False
         outputs = engine.generate(prompt, sampling, request_id)
         try:
             async for output in outputs:
+                answered = True
                 piece = matcher.feed(output.outputs[0].text)
                 finished = bool(output.finished)
                 if finished:
@@ -248,6 +253,11 @@ class VllmBackend(Backend):
         except ShoalError:
             raise
         except Exception as err:
+            if isinstance(err, ValueError) and not answered:
+                # vLLM checks a request as it takes it and refuses one with ValueError (its
+                # VLLMValidationError is one), its own API answering 400: a prompt longer than
+                # max_model_len, or empty. The client's to fix, as the transformers backend says.
+                raise InvalidArgument(f"vLLM refused the request: {err}") from err
             raise Internal(f"vLLM raised {type(err).__name__}: {err}") from err
         finally:
             await outputs.aclose()

@@ -10,8 +10,10 @@ The engine is deterministic: its answer to a prompt is the prompt's words, one t
 :data:`TOKEN_DELAY_S` (change it per engine through ``token_delay_s``), its outputs' text is
 cumulative as vLLM's is by default, it honours ``max_tokens`` and ``stop`` (the stop string
 and what follows are cut off, ``finish_reason`` ``"stop"``), and ``abort(request_id)`` ends
-a request. It records what it was asked (:attr:`AsyncLLMEngine.requests`), what is running
-(:attr:`AsyncLLMEngine.running`) and what was aborted (:attr:`AsyncLLMEngine.aborted`).
+a request. As vLLM does, it refuses a prompt of more tokens than the engine argument
+``max_model_len`` (when given) with ValueError, once its stream is read. It records what it
+was asked (:attr:`AsyncLLMEngine.requests`), what is running (:attr:`AsyncLLMEngine.running`)
+and what was aborted (:attr:`AsyncLLMEngine.aborted`).
 
 For one event loop; not thread-safe.
 """
@@ -106,6 +108,13 @@ class AsyncLLMEngine:
             raise RuntimeError("the engine is shut down")
         if request_id in self.running:
             raise ValueError(f"request {request_id} is already running")
+        model_len = self.engine_args.extra.get("max_model_len")
+        if model_len is not None and len(prompt.split()) > model_len:
+            raise ValueError(  # vLLM's words (its VLLMValidationError is a ValueError)
+                f"The decoder prompt (length {len(prompt.split())}) is longer than the maximum "
+                f"model length of {model_len}. Make sure that `max_model_len` is no smaller than "
+                "the number of text tokens."
+            )
         self.requests.append(Request(request_id, prompt, sampling_params))
         self.running.add(request_id)
         prompt_ids = list(range(len(prompt.split())))

@@ -132,6 +132,21 @@ async def test_bad_parameters_are_invalid_argument(replica: ReplicaProcess) -> N
         await collect(replica, GenerateRequest(prompt="a", top_p=1.5))
 
 
+async def test_a_prompt_longer_than_the_model_takes_is_invalid_argument(tmp_path: Path) -> None:
+    # vLLM raises ValueError for a request it refuses; before, that was Internal (500 over
+    # HTTP, which the openai client retries), where the transformers backend says 400.
+    options = {"vllm_module": "shoal.testing.fake_vllm", "max_model_len": 4}
+    replica = await started(tmp_path, options=options)
+    try:
+        with pytest.raises(InvalidArgument, match="longer than the maximum model length of 4"):
+            await collect(replica, GenerateRequest(prompt="a b c d e", stream=True))
+        assert replica.in_flight == 0
+        chunks = await collect(replica, GenerateRequest(prompt="a b", stream=True))
+        assert "".join(c.text for c in chunks) == " a b"
+    finally:
+        await replica.drain()
+
+
 async def test_a_replica_not_ready_is_unavailable(tmp_path: Path) -> None:
     replica = await started(tmp_path)
     replica.state = STARTING
