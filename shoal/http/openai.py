@@ -24,8 +24,9 @@
   ``max_completion_tokens``), ``temperature`` (0 is greedy), ``top_p``, ``stop`` and
   ``seed`` are honoured; left out, they are the deployment's defaults. ``n`` and
   ``best_of`` must be 1. Parameters shoal cannot honour are refused with 400 rather than
-  ignored: ``echo``, ``suffix``, ``logprobs``, tools (and the deprecated ``functions`` /
-  ``function_call``), a ``response_format`` other than text, non-zero penalties,
+  ignored: ``echo``, ``suffix``, ``logprobs`` (and ``top_logprobs``), tools (and the
+  deprecated ``functions`` / ``function_call``), a ``response_format`` other than text,
+  audio (``modalities`` other than ``["text"]``, ``audio``), non-zero penalties,
   ``logit_bias``. Other fields are accepted and ignored, as clients send many (``user``,
   ``metadata``, ...). Every chat message needs its ``content``, a string or text parts.
 - **Streaming** (``stream: true``) answers server-sent events, ``data: {chunk}`` each, in
@@ -107,6 +108,7 @@ class EmbeddingsBody(_Body):
     input: str | list[str]
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: int | None = None
+    user: str | None = None  # as in _GenerationBody: accepted (a string), not used
 
 
 class _GenerationBody(_Body):
@@ -153,6 +155,8 @@ class ChatCompletionBody(_GenerationBody):
     functions: list[Any] | None = None  # tools' deprecated forerunners, refused as tools are
     function_call: Any = None
     response_format: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
 
 
 class OpenAIError(InvalidArgument):
@@ -304,10 +308,13 @@ def chat_messages(body: ChatCompletionBody) -> list[ChatMessage]:
         if isinstance(content, list):
             texts = []
             for j, part in enumerate(content):
-                if part.type != "text" or part.text is None:
+                if part.type != "text":
                     raise OpenAIError(
                         f"messages.{i}.content.{j}", f"only text content is supported, got {part.type!r}"
                     )
+                if part.text is None:
+                    param = f"messages.{i}.content.{j}.text"
+                    raise OpenAIError(param, f"'{param}' is required: a text part's text")
                 texts.append(part.text)
             content = "".join(texts)
         out.append(ChatMessage(role=message.role, content=content))
@@ -317,8 +324,10 @@ def chat_messages(body: ChatCompletionBody) -> list[ChatMessage]:
 def chat_request(body: ChatCompletionBody) -> GenerateRequest:
     """The generation a chat completions body asks for. Raises OpenAIError."""
     _check_common(body)
-    if body.logprobs or body.top_logprobs:
+    if body.logprobs:
         raise _refuse("logprobs", "the backends do not report log probabilities")
+    if body.top_logprobs:
+        raise _refuse("top_logprobs", "the backends do not report log probabilities")
     if body.tools:
         raise _refuse("tools", "the backends do not call tools")
     if body.tool_choice not in (None, "none"):
@@ -329,6 +338,10 @@ def chat_request(body: ChatCompletionBody) -> GenerateRequest:
         raise _refuse("function_call", "the backends do not call functions")
     if body.response_format is not None and body.response_format.get("type", "text") != "text":
         raise _refuse("response_format", "only text answers")
+    if any(m != "text" for m in body.modalities or ()):
+        raise _refuse("modalities", "the backends answer text only")
+    if body.audio is not None:
+        raise _refuse("audio", "the backends answer text only")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     return _request(body, max_tokens, messages=chat_messages(body), max_tokens_param=param)

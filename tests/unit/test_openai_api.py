@@ -194,6 +194,7 @@ async def test_base64_embeddings_are_little_endian_float32(http: httpx.AsyncClie
         ({"model": "minilm", "input": []}, "input"),
         ({"model": "minilm", "input": "hi", "dimensions": 2}, "dimensions"),
         ({"model": "minilm"}, "input"),
+        ({"model": "minilm", "input": "hi", "user": 42}, "user"),  # before: accepted, as chat's was
     ],
 )
 async def test_bad_embedding_requests_are_400_naming_the_param(
@@ -392,6 +393,7 @@ async def test_chat_completion(client: openai.AsyncOpenAI, lm: FakeReplicaClient
             },
         ],
         max_completion_tokens=5,
+        modalities=["text"],  # what shoal answers: taken
     )
 
     assert result.object == "chat.completion" and result.id.startswith("chatcmpl-")
@@ -612,6 +614,13 @@ async def test_a_long_unknown_model_name_is_cut_in_the_404(http: httpx.AsyncClie
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"stream": False, "stream_options": {"include_usage": True}}, "stream_options"),
         ({"user": 42}, "user"),
+        # Before: accepted, a text answer coming back to a request for audio.
+        ({"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}, "modalities"),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+        # Before: named 'logprobs', and a text part without text "only text content is
+        # supported, got 'text'".
+        ({"top_logprobs": 3}, "top_logprobs"),
+        ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages.0.content.0.text"),
     ],
 )
 async def test_bad_chat_requests_are_400_naming_the_param(
