@@ -190,17 +190,19 @@ class VllmBackend(Backend):
         self, prompt: str, params: GenerationParams
     ) -> AsyncGenerator[str | Completion, None]:
         """As :meth:`stream`, then the :class:`Completion` (token counts, finish reason) last."""
-        text, last = "", None
+        pieces: list[str] = []  # joined at the end: text + piece copied the whole text a piece
+        last = None
         async with contextlib.aclosing(self._generate(prompt, params)) as steps:
             async for piece, output in steps:
-                text, last = text + piece, output
+                last = output
                 if piece:
+                    pieces.append(piece)
                     yield piece
         if last is None:
             raise Internal("vLLM answered nothing")
         completion = last.outputs[0]
         yield Completion(
-            text=text,
+            text="".join(pieces),
             finish_reason=_finish_reason(completion.finish_reason),
             prompt_tokens=len(last.prompt_token_ids or ()),
             completion_tokens=len(completion.token_ids),
