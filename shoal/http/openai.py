@@ -447,6 +447,10 @@ class OpenAIApi:
         texts = [body.input] if isinstance(body.input, str) else body.input
         if not texts:
             raise OpenAIError("input", "'input' must hold at least one string")
+        empty = next((i for i, text in enumerate(texts) if not text), None)
+        if empty is not None:  # as OpenAI's API refuses it
+            where = "'input'" if isinstance(body.input, str) else f"'input[{empty}]'"
+            raise OpenAIError("input", f"{where} is an empty string: there is nothing to embed")
         vectors, tokens = await unless_gone(request.scope, self._embed(spec, texts))
         if body.dimensions is not None and body.dimensions != vectors.shape[1]:
             raise OpenAIError(

@@ -192,6 +192,8 @@ async def test_base64_embeddings_are_little_endian_float32(http: httpx.AsyncClie
         ({"model": "digits", "input": "hi"}, "model"),
         ({"model": "minilm", "input": [1, 2, 3]}, "input"),  # token ids
         ({"model": "minilm", "input": []}, "input"),
+        ({"model": "minilm", "input": ""}, "input"),  # before: embedded, where OpenAI refuses it
+        ({"model": "minilm", "input": ["a", ""]}, "input"),
         ({"model": "minilm", "input": "hi", "dimensions": 2}, "dimensions"),
         ({"model": "minilm"}, "input"),
         ({"model": "minilm", "input": "hi", "user": 42}, "user"),  # before: accepted, as chat's was
