@@ -423,7 +423,8 @@ class OpenAIApi:
             ) from None
 
     async def list_models(self, request: Request) -> Response:
-        names = sorted(self.router.deployments())
+        # Traffic routes too: a request may name one, and GET /v1/models/ROUTE answers it.
+        names = sorted({*self.router.deployments(), *self.router.traffic()})
         return JSONResponse({"object": "list", "data": [self._model(n) for n in names]})
 
     async def get_model(self, request: Request) -> Response:

@@ -21,6 +21,7 @@ from starlette.applications import Starlette
 
 from shoal.config import Settings
 from shoal.core.spec import DeploymentSpec, parse_spec
+from shoal.core.traffic import TrafficRoute
 from shoal.errors import InvalidArgument, ResourceExhausted
 from shoal.http.generate import generate_routes
 from shoal.http.openai import openai_routes
@@ -31,7 +32,7 @@ from shoal.scheduler.dataplane import DataPlane
 from shoal.scheduler.models import ModelCatalog, ModelMetadata, model_config
 from shoal.scheduler.router import Router
 from shoal.testing.fakes import FakeReplicaClient, FakeReplicas
-from shoal.types import Arrays, ChatMessage, GenerateRequest
+from shoal.types import Arrays, ChatMessage, GenerateRequest, RoutingTable
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -122,6 +123,17 @@ async def test_models_lists_every_deployment(client: openai.AsyncOpenAI) -> None
     assert [m.id for m in models] == ["digits", "lm", "minilm"]
     assert {m.owned_by for m in models} == {"shoal"}
     assert (await client.models.retrieve("lm")).id == "lm"
+
+
+async def test_models_lists_traffic_routes_as_requests_may_name_them(
+    client: openai.AsyncOpenAI, router: Router
+) -> None:
+    # Before, GET /v1/models/canary answered 200 and the list left it out.
+    await router.apply_table(
+        RoutingTable(version=1, traffic={"canary": TrafficRoute("canary", (("lm", 100),))})
+    )
+    assert [m.id async for m in client.models.list()] == ["canary", "digits", "lm", "minilm"]
+    assert (await client.models.retrieve("canary")).id == "canary"
 
 
 # ---------------------------------------------------------------- embeddings
