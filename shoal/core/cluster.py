@@ -151,12 +151,19 @@ class ReplicaTable(dict[str, ReplicaRecord]):
 
     ``touched`` collects the deployments whose replicas were added, removed or moved, or
     marked with :meth:`touch` (a state, address or spec that routes show changed), so that
-    the routing table rebuilds only theirs (``take_touched``)."""
+    the routing table rebuilds only theirs (``take_touched``).
+
+    What each scheduler's replicas hold (:meth:`held`) is summed once and kept until a
+    replica is added to it, removed from it or moved: a record's ``resources`` never change
+    once it is in the table. Every status read and every ``/metrics`` scrape summed all the
+    replicas (8 ms at 10,000) to show the schedulers' allocations."""
 
     def __init__(self) -> None:
         super().__init__()
         self._by_scheduler: dict[str, dict[str, ReplicaRecord]] = {}
         self._by_deployment: dict[str, dict[str, ReplicaRecord]] = {}
+        self._held: dict[str, Capacity] = {}  # scheduler -> what its replicas hold, while unchanged
+        self.summed = 0  # records summed into ``_held`` so far (what a read of it cost)
         self.touched: set[str] = set()
 
     def __setitem__(self, replica_id: str, rec: ReplicaRecord) -> None:
@@ -165,6 +172,7 @@ class ReplicaTable(dict[str, ReplicaRecord]):
             self._unindex(old)
         super().__setitem__(replica_id, rec)
         self._by_scheduler.setdefault(rec.scheduler_id, {})[replica_id] = rec
+        self._held.pop(rec.scheduler_id, None)
         self._by_deployment.setdefault(rec.deployment, {})[replica_id] = rec
         self.touched.add(rec.deployment)
 
@@ -185,10 +193,36 @@ class ReplicaTable(dict[str, ReplicaRecord]):
         super().clear()
         self._by_scheduler.clear()
         self._by_deployment.clear()
+        self._held.clear()
 
     def on(self, scheduler_id: str) -> list[ReplicaRecord]:
         """The replicas on ``scheduler_id`` (a copy: safe to change the table while iterating)."""
         return list(self._by_scheduler.get(scheduler_id, {}).values())
+
+    def count(self, deployment: str) -> int:
+        """How many replicas ``deployment`` has."""
+        return len(self._by_deployment.get(deployment, ()))
+
+    def deployments(self) -> set[str]:
+        """The deployments that have replicas in the table."""
+        return set(self._by_deployment)
+
+    def held(self) -> dict[str, Capacity]:
+        """What the replicas on each scheduler that has any hold: summed again only for the
+        schedulers whose replicas changed since the last call."""
+        out = {}
+        for sid, mine in self._by_scheduler.items():
+            held = self._held.get(sid)
+            if held is None:
+                cpus = memory_mb = gpus = 0.0
+                for rec in mine.values():
+                    cpus += rec.resources.cpus
+                    memory_mb += rec.resources.memory_mb
+                    gpus += rec.resources.gpus
+                self.summed += len(mine)
+                held = self._held[sid] = Capacity(cpus, memory_mb, gpus)
+            out[sid] = held
+        return out
 
     def touch(self, deployment: str) -> None:
         self.touched.add(deployment)
@@ -209,12 +243,14 @@ class ReplicaTable(dict[str, ReplicaRecord]):
         rec.scheduler_id = scheduler_id
         if super().get(rec.id) is rec:
             self._by_scheduler.setdefault(scheduler_id, {})[rec.id] = rec
+            self._held.pop(scheduler_id, None)
 
     def _unindex(self, rec: ReplicaRecord, *, keep_deployment: bool = False) -> None:
         self.touched.add(rec.deployment)
         mine = self._by_scheduler.get(rec.scheduler_id)
         if mine is not None:
             mine.pop(rec.id, None)
+            self._held.pop(rec.scheduler_id, None)
             if not mine:
                 del self._by_scheduler[rec.scheduler_id]
         same = self._by_deployment.get(rec.deployment)
@@ -651,12 +687,12 @@ class ClusterState:
 
     def allocated(self, scheduler_id: str) -> Capacity:
         """What the replicas on a scheduler hold: each its own spec's resources, old specs included."""
-        return Capacity.total(r.resources for r in self.replicas.on(scheduler_id))
+        return self.replicas.held().get(scheduler_id, Capacity())
 
     def allocations(self) -> dict[str, Capacity]:
-        """``allocated`` of every scheduler that holds a replica, in one pass over the replicas."""
-        index = _Index.build(self)
-        return {sid: index.allocated(sid) for sid in index.sums}
+        """``allocated`` of every scheduler that holds a replica: kept by the replica table,
+        summed again for the schedulers whose replicas changed alone (``ReplicaTable.held``)."""
+        return self.replicas.held()
 
     def by_deployment(self) -> dict[str, list[ReplicaRecord]]:
         """Every replica, by deployment, sorted by id."""
