@@ -182,6 +182,24 @@ def window(
     return Window(seconds, sum(p.requests for p in inside), sum(p.errors for p in inside), min_requests)
 
 
+def latest(
+    points: Sequence[Point], end: float, seconds: float = ERROR_WINDOW_S
+) -> tuple[float | None, Window]:
+    """The rate of the newest of ``points`` (oldest first), None when it is not in the
+    ``seconds`` before ``end``; and what ``points`` counted in ``(end - seconds, end]``.
+    Read from the newest back: costs that window's points, not all those kept."""
+    inside = []
+    for p in reversed(points):
+        if p.at <= end - seconds:
+            break
+        if p.at <= end:
+            inside.append(p)
+    rate = inside[0].rate if inside else None
+    return rate, Window(
+        seconds, sum(p.requests for p in inside), sum(p.errors for p in inside), ERROR_MIN_REQUESTS
+    )
+
+
 @dataclass(frozen=True)
 class Chart:
     """One deployment's series over a range, as columns for a chart: one row per step, and a

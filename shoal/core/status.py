@@ -8,6 +8,7 @@ gRPC and back, and ``ClusterStatus.to_json()`` is the JSON of ``shoal status --j
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from typing import Any
@@ -56,10 +57,20 @@ class DeploymentStatus:
     def ready_replicas(self) -> int:
         return sum(1 for r in self.replicas if r.state == ReplicaState.READY)
 
-    def to_json(self) -> dict[str, Any]:
-        """One deployment of ``ClusterStatus.to_json()`` (``GET /api/deployments/NAME``)."""
+    def to_json(self, max_replicas: int | None = None) -> dict[str, Any]:
+        """One deployment of ``ClusterStatus.to_json()`` (``GET /api/deployments/NAME``).
+        ``max_replicas``: list at most that many of its replicas (those not READY or with
+        a message first, then by id) and count the others by state in ``more_replicas``."""
         doc = _flat(self)
-        doc["replicas"] = [_flat(r) for r in self.replicas]
+        replicas = self.replicas
+        if max_replicas is not None:
+            look = [r for r in replicas if r.state != ReplicaState.READY or r.message]
+            fine = [r for r in replicas if not (r.state != ReplicaState.READY or r.message)]
+            shown = {r.id for r in (look + fine)[:max_replicas]}
+            replicas = tuple(r for r in self.replicas if r.id in shown)
+            more = Counter(str(r.state) for r in self.replicas if r.id not in shown)
+            doc["more_replicas"] = dict(sorted(more.items()))
+        doc["replicas"] = [_flat(r) for r in replicas]
         doc["ready_replicas"] = self.ready_replicas
         return doc
 
@@ -83,8 +94,9 @@ class ClusterStatus:
     def deployment(self, name: str) -> DeploymentStatus | None:
         return next((d for d in self.deployments if d.name == name), None)
 
-    def to_json(self) -> dict[str, Any]:
-        """The JSON shape of ``shoal status --json`` and ``GET /api/status``.
+    def to_json(self, max_replicas: int | None = None) -> dict[str, Any]:
+        """The JSON shape of ``shoal status --json`` and ``GET /api/status``
+        (``max_replicas``: see :meth:`DeploymentStatus.to_json`).
 
         Built field by field, not by ``dataclasses.asdict``: that deep-copied each spec and
         walked every value, 0.7 s of the head's event loop at 10,000 replicas at each poll of
@@ -92,7 +104,7 @@ class ClusterStatus:
         not a copy."""
         return {
             "schedulers": [_flat(s) for s in self.schedulers],
-            "deployments": [d.to_json() for d in self.deployments],
+            "deployments": [d.to_json(max_replicas) for d in self.deployments],
             "events": [_flat(e) for e in self.events],
         }
 

@@ -34,6 +34,7 @@ from shoal.core.autoscale import Autoscaler
 from shoal.core.clock import Clock, SystemClock, sleep_or_event
 from shoal.core.cluster import (
     ALIVE,
+    READY,
     Action,
     Backlog,
     ClusterState,
@@ -45,7 +46,7 @@ from shoal.core.cluster import (
 from shoal.core.model_dirs import check_deployable
 from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec, describe_change, parse_spec, parse_spec_json
-from shoal.core.stats import Point, SeriesRecorder, Snapshot
+from shoal.core.stats import Point, SeriesRecorder, Snapshot, Window, latest
 from shoal.core.status import ClusterEvent, ClusterStatus, DeploymentStatus, ReplicaStatus, SchedulerStatus
 from shoal.core.tasks import TaskSet, until
 from shoal.core.traffic import TrafficRoute
@@ -1053,11 +1054,34 @@ class HeadNode:
         finally:
             self._streams -= 1
 
-    async def status(self, only: Collection[str] | None = None) -> ClusterStatus:
+    async def status(self, only: Collection[str] | None = None, *, brief: bool = False) -> ClusterStatus:
         """The cluster now: what ``shoal status`` and ``GET /api/status`` show; of the
-        deployments named in ``only`` alone when given (see :func:`status_of`)."""
+        deployments named in ``only`` alone when given; names, targets and pending reasons
+        alone when ``brief`` (see :func:`status_of`)."""
         async with self.lock:
-            return status_of(self, only)
+            return status_of(self, only, brief=brief)
+
+    async def status_page(self, limit: int, contains: str = "") -> StatusPage:
+        """The status of at most ``limit`` of the deployments whose names contain
+        ``contains``: those that need a look (:func:`needs_look`) first, then by name; and
+        what was left out. Costs the replicas of the deployments whose names match, and
+        builds the status of those shown alone: the dashboard's poll read the whole
+        cluster's (2.8 MB, 170 ms of the event loop at 10,000 replicas) to draw 200 rows."""
+        async with self.lock:
+            matching = sorted(n for n in _known(self) if contains in n)
+            shown = matching
+            if len(matching) > limit:
+                picked = set(itertools.islice((n for n in matching if needs_look(self, n)), limit))
+                picked.update(itertools.islice((n for n in matching if n not in picked), limit - len(picked)))
+                shown = sorted(picked)
+            kept = set(shown)
+            counts = [self.state.replicas.count(n) for n in matching if n not in kept]
+            return StatusPage(
+                status=status_of(self, shown),
+                more_deployments=len(counts),
+                more_with_replicas=sum(1 for c in counts if c),
+                more_replicas=sum(counts),
+            )
 
     # The reads the adapters make, each under the node's own lock (they never take it).
 
@@ -1079,22 +1103,70 @@ class HeadNode:
         async with self.lock:
             return sorted(self.traffic.routes.values(), key=lambda r: r.name)
 
-    async def series_points(self, since: float = -math.inf) -> dict[str, list[Point]]:
-        """The time series of each deployment the head keeps (the dashboard's charts), oldest
-        first: the points after ``since`` (wall-clock seconds) alone. Read from the newest
-        back, so a 5 minute chart costs 5 minutes of points, not the hour kept."""
+    async def read_series(
+        self,
+        since: float,
+        now: float,
+        only: Collection[str] | None = None,
+        *,
+        limit: int = 0,
+        contains: str = "",
+        shown_after: float = -math.inf,
+    ) -> SeriesView:
+        """The time series the head keeps (the dashboard's charts): the points after ``since``
+        (wall-clock seconds), oldest first, of the deployments named in ``only`` that have a
+        series; or, when ``only`` is None, of at most ``limit`` of those whose names contain
+        ``contains`` and that have a point after ``shown_after``: those with errors over the
+        last minute before ``now`` first, then those with the most requests, then by name.
+        And each deployment's latest rate and minute (:func:`shoal.core.stats.latest`): of
+        those named, or of every deployment with a series.
+
+        Read from the newest point back, so a 5 minute chart costs 5 minutes of points, not
+        the hour kept; the deployments not charted cost their last minute of points alone
+        (every deployment's chart was built: 2.8 s of the event loop and 16 MB at 2,000
+        deployments with traffic)."""
         async with self.lock:
-            out = {}
-            for name, points in self.series.series.items():
-                if name in self.desired:
-                    recent = list(itertools.takewhile(lambda p: p.at > since, reversed(points)))
-                    recent.reverse()
-                    out[name] = recent
-            return out
+            kept = self.series.series
+            names = [n for n in (kept if only is None else set(only)) if n in kept and n in self.desired]
+            recent = {n: latest(kept[n], now) for n in names}
+            if only is None:
+                candidates = [n for n in names if contains in n and kept[n][-1].at > shown_after]
+                ranked = sorted(
+                    candidates, key=lambda n: (recent[n][1].errors == 0, -recent[n][1].requests, n)
+                )
+                charted = ranked[:limit]
+                more = len(candidates) - len(charted)
+            else:
+                charted, more = sorted(names), 0
+            points = {}
+            for name in sorted(charted):
+                newest = list(itertools.takewhile(lambda p: p.at > since, reversed(kept[name])))
+                newest.reverse()
+                points[name] = newest
+            return SeriesView(points, dict(sorted(recent.items())), more)
 
     @property
     def routes(self) -> RoutingTable:
         return self._routes
+
+
+@dataclass(frozen=True)
+class SeriesView:
+    """What :meth:`HeadNode.read_series` read."""
+
+    points: dict[str, list[Point]]  # the charted deployments' points, oldest first, by name
+    latest: dict[str, tuple[float | None, Window]]  # deployment -> its latest rate and minute
+    more: int  # deployments that could have been charted, left out
+
+
+@dataclass(frozen=True)
+class StatusPage:
+    """A bounded status (:meth:`HeadNode.status_page`) and what it left out."""
+
+    status: ClusterStatus
+    more_deployments: int  # deployments whose names matched, left out
+    more_with_replicas: int  # of them, those with replicas
+    more_replicas: int  # their replicas
 
 
 def _revision_spec(name: str, rev: Revision) -> DeploymentSpec:
@@ -1132,46 +1204,55 @@ def _deleted_at(value: str) -> float:
     return float(at) if isinstance(at, int | float) and not isinstance(at, bool) else time.time()
 
 
-def status_of(node: HeadNode, only: Collection[str] | None = None) -> ClusterStatus:
+def status_of(node: HeadNode, only: Collection[str] | None = None, *, brief: bool = False) -> ClusterStatus:
     """The cluster now, typed; the caller holds ``node.lock`` (others call ``HeadNode.status()``).
     ``only``: the deployments to show (those the head knows of them), costing their replicas
     alone; every deployment when None. ``GET /api/deployments/NAME`` built the whole cluster's
-    status to show one deployment: 0.8 s of the head's event loop at 10,000 replicas."""
+    status to show one deployment: 0.8 s of the head's event loop at 10,000 replicas.
+    ``brief``: the deployments' names, targets and pending reasons alone (no replicas, specs,
+    schedulers or events): what a model repository's index reads."""
     state = node.state
     now = node.clock.now()
-    allocated = state.allocations()
-    schedulers = tuple(
-        SchedulerStatus(
-            id=s.id,
-            address=s.address,
-            http_address=s.http_address,
-            state=s.state,
-            pid=s.pid,
-            hostname=s.hostname,
-            last_seen_s=round(max(0.0, now - s.last_seen), 3),
-            capacity=s.capacity,
-            allocated=allocated.get(s.id, Capacity()),
+    schedulers: tuple[SchedulerStatus, ...] = ()
+    if not brief:
+        allocated = state.allocations()
+        schedulers = tuple(
+            SchedulerStatus(
+                id=s.id,
+                address=s.address,
+                http_address=s.http_address,
+                state=s.state,
+                pid=s.pid,
+                hostname=s.hostname,
+                last_seen_s=round(max(0.0, now - s.last_seen), 3),
+                capacity=s.capacity,
+                allocated=allocated.get(s.id, Capacity()),
+            )
+            for s in sorted(state.schedulers.values(), key=lambda s: s.id)
         )
-        for s in sorted(state.schedulers.values(), key=lambda s: s.id)
-    )
     # The store's deployments; then broken ones, and ones only schedulers know, each saying why.
+    by_deployment: dict[str, list[ReplicaRecord]] = {}
     if only is None:
-        by_deployment = state.by_deployment()
-        known = set(node.desired) | set(node.broken) | (set(by_deployment) - set(node.deleted))
+        known = _known(node)
+        if not brief:
+            by_deployment = state.by_deployment()
     else:
-        by_deployment = {n: sorted(state.replicas.of(n), key=lambda r: r.id) for n in set(only)}
+        named = {n: state.replicas.of(n) for n in set(only)}
         known = {
             n
-            for n, recs in by_deployment.items()
+            for n, recs in named.items()
             if n in node.desired or n in node.broken or (recs and n not in node.deleted)
         }
+        if not brief:
+            by_deployment = {n: sorted(recs, key=lambda r: r.id) for n, recs in named.items()}
     deployments = []
     names = sorted(known)
     for name in names:
         spec = node.desired.get(name)
         broken = node.broken.get(name, "")
         # Each replica's revision: the newest of the spec it runs (as in the routing table).
-        revision = {rev.spec_hash: rev.number for rev in node.history.revisions(name)}
+        replicas = by_deployment.get(name, [])
+        revision = {rev.spec_hash: rev.number for rev in node.history.revisions(name)} if replicas else {}
         if spec is not None:
             reason = state.pending_reasons.get(name, "")
         elif broken:
@@ -1187,7 +1268,7 @@ def status_of(node: HeadNode, only: Collection[str] | None = None) -> ClusterSta
                 target_replicas=node.targets.get(name, spec.replicas) if spec is not None else 0,
                 pending_reason=reason,
                 broken=broken,
-                spec=spec.model_dump(mode="json") if spec is not None else {},
+                spec=spec.model_dump(mode="json") if spec is not None and not brief else {},
                 replicas=tuple(
                     ReplicaStatus(
                         id=r.id,
@@ -1201,7 +1282,7 @@ def status_of(node: HeadNode, only: Collection[str] | None = None) -> ClusterSta
                         spec_hash=r.spec_hash,
                         revision=revision.get(r.spec_hash, 0),
                     )
-                    for r in by_deployment.get(name, [])
+                    for r in replicas
                 ),
             )
         )
@@ -1214,9 +1295,24 @@ def status_of(node: HeadNode, only: Collection[str] | None = None) -> ClusterSta
             replica_id=e.replica_id,
             scheduler_id=e.scheduler_id,
         )
-        for e in list(state.events)[-50:]
+        for e in ([] if brief else list(state.events)[-50:])
     )
     return ClusterStatus(schedulers, tuple(deployments), events)
+
+
+def _known(node: HeadNode) -> set[str]:
+    """The deployments a status shows: the store's, broken ones, and ones only schedulers know."""
+    return set(node.desired) | set(node.broken) | (node.state.replicas.deployments() - set(node.deleted))
+
+
+def needs_look(node: HeadNode, name: str) -> bool:
+    """Whether a deployment wants an operator's eye: a pending reason (FAILED, broken, not
+    in the store), or fewer READY replicas than its target. Costs its replicas."""
+    spec = node.desired.get(name)
+    if spec is None or node.state.pending_reasons.get(name):
+        return True
+    target = node.targets.get(name, spec.replicas)
+    return sum(1 for r in node.state.replicas.of(name) if r.state == READY) < target
 
 
 def cluster_status(node: HeadNode) -> dict[str, Any]:

@@ -38,6 +38,17 @@ MAX_TAIL_BYTES = 2**62
 
 Handler = Callable[[Request], Awaitable[Response]]
 
+MAX_SERIES = 50
+"""Most deployments charted by one ``/api/series``: each costs its window's points (2 ms of
+the head's event loop for 5 minutes, 7 ms for the hour); every deployment's chart, at 2,000
+deployments with traffic, held it 2.8 s and answered 16 MB."""
+MAX_STATUS_DEPLOYMENTS = 1000
+"""Most deployments of the bounded ``/api/status`` (``?limit=``)."""
+MAX_STATUS_REPLICAS = 1000
+"""Most replicas listed per deployment by the bounded ``/api/status`` (``?replicas=``)."""
+MAX_CONTAINS_CHARS = 256
+"""Longest ``contains`` text (a deployment's name is at most 63 characters)."""
+
 
 def _errors(fn: Handler) -> Handler:
     async def wrapped(request: Request) -> Response:
@@ -103,7 +114,20 @@ def head_app(node: HeadNode, limiter: RateLimiter | None = None) -> Starlette:
     limit = node.settings.max_message_bytes
 
     async def status(request: Request) -> Response:
-        return JSONResponse((await node.status()).to_json())
+        params = request.query_params
+        if not {"limit", "contains", "replicas"} & params.keys():
+            return JSONResponse((await node.status()).to_json())
+        # The dashboard's bounded form: it read every replica of the cluster to draw 200 rows.
+        limit = _int_param(request, "limit", MAX_STATUS_DEPLOYMENTS, 1, MAX_STATUS_DEPLOYMENTS)
+        replicas = _int_param(request, "replicas", MAX_STATUS_REPLICAS, 0, MAX_STATUS_REPLICAS)
+        page = await node.status_page(limit, _contains(request))
+        doc = page.status.to_json(max_replicas=replicas)
+        doc["more"] = {
+            "deployments": page.more_deployments,
+            "deployments_with_replicas": page.more_with_replicas,
+            "replicas": page.more_replicas,
+        }
+        return JSONResponse(doc)
 
     async def schedulers(request: Request) -> Response:
         return JSONResponse((await node.status(only=())).to_json()["schedulers"])
@@ -204,22 +228,44 @@ def head_app(node: HeadNode, limiter: RateLimiter | None = None) -> Starlette:
             raise InvalidArgument(
                 f"window_s must be a number of seconds above 0, at most {recorder.keep_s:g}"
             )
+        names = request.query_params.getlist("deployment")
+        if len(names) > MAX_SERIES:
+            raise InvalidArgument(f"at most {MAX_SERIES} deployment names, got {len(names)}")
+        if names and {"limit", "contains"} & request.query_params.keys():
+            raise InvalidArgument("deployment names the charts: limit and contains choose them, not both")
         # The points a chart of the window reads: those in it, and the error rate's window
-        # before its first row. All the hour kept was read, and each chart was copied by
-        # dataclasses.asdict: 1.7 s of the head's event loop for 200 deployments with traffic.
-        points = await node.series_points(since=time.time() - window_s - stats.ERROR_WINDOW_S)
+        # before its first row; of the deployments named, or at most ``limit`` of them.
         now = time.time()
+        view = await node.read_series(
+            since=now - window_s - stats.ERROR_WINDOW_S,
+            now=now,
+            only=names or None,
+            limit=_int_param(request, "limit", MAX_SERIES, 1, MAX_SERIES),
+            contains=_contains(request),
+            shown_after=now - window_s,
+        )
         step = recorder.step_for(window_s)
         out = {}
-        for name, pts in points.items():
-            recent = stats.window(pts, now)
+        for name, pts in view.points.items():
+            recent = view.latest[name][1]
             chart = stats.chart(pts, now - window_s, now, step, recorder.period_s)
             out[name] = {
                 **{f.name: getattr(chart, f.name) for f in fields(chart)},  # fresh lists: no copy
-                "window": {**asdict(recent), "error_rate": recent.error_rate},
+                "window": _window_doc(recent),
             }
         return JSONResponse(
-            {"now": now, "window_s": window_s, "step_s": step, "keep_s": recorder.keep_s, "deployments": out}
+            {
+                "now": now,
+                "window_s": window_s,
+                "step_s": step,
+                "keep_s": recorder.keep_s,
+                "deployments": out,
+                "more": view.more,
+                "latest": {
+                    name: {"rate": rate, "window": _window_doc(recent)}
+                    for name, (rate, recent) in view.latest.items()
+                },
+            }
         )
 
     async def logs(request: Request) -> Response:
@@ -294,6 +340,18 @@ def head_app(node: HeadNode, limiter: RateLimiter | None = None) -> Starlette:
     return Starlette(routes=routes, middleware=[guard])
 
 
+def _contains(request: Request) -> str:
+    """The ``contains`` query parameter: text a deployment's name must contain."""
+    text = request.query_params.get("contains", "")
+    if len(text) > MAX_CONTAINS_CHARS:
+        raise InvalidArgument(f"contains must be at most {MAX_CONTAINS_CHARS} characters, got {len(text)}")
+    return text
+
+
+def _window_doc(recent: stats.Window) -> dict[str, Any]:
+    return {**asdict(recent), "error_rate": recent.error_rate}
+
+
 def _int_param(request: Request, key: str, default: int, low: int, high: int) -> int:
     """A query parameter as an integer in [low, high]; InvalidArgument naming it otherwise."""
     raw = request.query_params.get(key)
@@ -352,8 +410,21 @@ def openapi_schema() -> dict[str, Any]:
         "paths": {
             "/api/status": {
                 "get": {
-                    "summary": "Schedulers, deployments with replicas, recent events",
-                    "responses": {"200": ok("cluster status")},
+                    "summary": "Schedulers, deployments with replicas, recent events. With limit, "
+                    "contains or replicas: the deployments whose names contain `contains`, at most "
+                    "`limit` of them (those with a pending reason or fewer READY replicas than their "
+                    "target first, then by name), each listing at most `replicas` of its replicas (not "
+                    "READY or with a message first) and counting the others by state in "
+                    "`more_replicas`; `more` counts the deployments left out and their replicas",
+                    "parameters": [
+                        _query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_STATUS_DEPLOYMENTS}),
+                        _query("contains", {"type": "string", "maxLength": MAX_CONTAINS_CHARS}),
+                        _query("replicas", {"type": "integer", "minimum": 0, "maximum": MAX_STATUS_REPLICAS}),
+                    ],
+                    "responses": {
+                        "200": ok("cluster status"),
+                        "400": err("invalid limit, contains or replicas"),
+                    },
                 }
             },
             "/api/schedulers": {
@@ -495,23 +566,39 @@ def openapi_schema() -> dict[str, Any]:
             },
             "/api/series": {
                 "get": {
-                    "summary": "Per deployment over the last window_s seconds: columns of time, "
+                    "summary": "Charts over the last window_s seconds (`deployments`): columns of time, "
                     "requests, rate, error rate (over the 60 s before each row; null under 20 requests), "
-                    "p50/p99 latency (null without requests); null rows where no report came",
+                    "p50/p99 latency (null without requests); null rows where no report came. Of the "
+                    f"deployments named (`deployment`, repeated, at most {MAX_SERIES}); else of at most "
+                    f"`limit` (default {MAX_SERIES}) of those whose names contain `contains` and that have "
+                    "points in the window: those with errors over the last minute first, then the most "
+                    "requests, then by name (`more` counts the others). `latest`: each deployment's "
+                    "(every one with a series, or those named) last rate and last minute's requests, "
+                    "errors and error rate",
                     "parameters": [
+                        _query(
+                            "window_s",
+                            {"type": "number", "exclusiveMinimum": 0, "maximum": 3600, "default": 900},
+                        ),
                         {
-                            "name": "window_s",
-                            "in": "query",
-                            "required": False,
-                            "schema": {
-                                "type": "number",
-                                "exclusiveMinimum": 0,
-                                "maximum": 3600,
-                                "default": 900,
-                            },
-                        }
+                            **_query(
+                                "deployment",
+                                {"type": "array", "items": {"type": "string"}, "maxItems": MAX_SERIES},
+                            ),
+                            "explode": True,
+                        },
+                        _query(
+                            "limit",
+                            {"type": "integer", "minimum": 1, "maximum": MAX_SERIES, "default": MAX_SERIES},
+                        ),
+                        _query("contains", {"type": "string", "maxLength": MAX_CONTAINS_CHARS}),
                     ],
-                    "responses": {"200": ok("series")},
+                    "responses": {
+                        "200": ok("series"),
+                        "400": err(
+                            "invalid window_s, limit or contains; too many names, or names with limit"
+                        ),
+                    },
                 }
             },
             "/api/replicas/{replica_id}/logs": {
@@ -543,6 +630,11 @@ def openapi_schema() -> dict[str, Any]:
     }
     _secure(doc)
     return doc
+
+
+def _query(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """An optional query parameter of the OpenAPI document."""
+    return {"name": name, "in": "query", "required": False, "schema": schema}
 
 
 _ROUTE_BODY: dict[str, Any] = {

@@ -1125,13 +1125,18 @@ class StatusRequest(_message.Message):
     and the deployments named alone (those the head knows), costing their replicas, not the
     cluster's: what a deploy's wait reads four times a second. A head from before this message
     takes it as Empty and answers the whole cluster.
+    brief: the deployments' names, targets and pending reasons alone (no replicas, specs,
+    schedulers or events), costing no replica: what a model repository's index reads. A head
+    from before it answers in full.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     DEPLOYMENTS_FIELD_NUMBER: _builtins.int
     ONLY_NAMED_FIELD_NUMBER: _builtins.int
+    BRIEF_FIELD_NUMBER: _builtins.int
     only_named: _builtins.bool
+    brief: _builtins.bool
     @_builtins.property
     def deployments(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -1139,10 +1144,11 @@ class StatusRequest(_message.Message):
         *,
         deployments: _abc.Iterable[_builtins.str] | None = ...,
         only_named: _builtins.bool = ...,
+        brief: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployments", b"deployments", "only_named", b"only_named"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["brief", b"brief", "deployments", b"deployments", "only_named", b"only_named"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -285,7 +285,7 @@ class HeadService(pbg.HeadServicer):
 
     async def GetStatus(self, request: pb.StatusRequest, context: Context) -> pb.ClusterStatus:
         only = tuple(request.deployments) if request.only_named else None
-        return status_to_pb(await self.node.status(only))
+        return status_to_pb(await self.node.status(only, brief=request.brief))
 
 
 def _route_delta(before: DeploymentRoutes, dep: DeploymentRoutes) -> pb.DeploymentRoutes | None:

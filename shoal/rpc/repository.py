@@ -11,6 +11,10 @@ from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.rpc import convert
 from shoal.rpc.channels import Reachability, call, open_channel
 
+_BRIEF = pb.StatusRequest(brief=True)
+"""Names and pending reasons alone: the whole cluster's status, each replica and spec,
+was read at each index request (130 ms of the head's event loop at 10,000 replicas)."""
+
 
 class GrpcDeployer:
     """Scheduler -> head, for ``load`` / ``unload``: the call carries the caller's
@@ -46,9 +50,7 @@ class GrpcDeployer:
     async def failures(self, authorization: str | None) -> dict[str, str]:
         metadata = self._metadata(authorization)
         reply = await call(
-            lambda: self._stub.GetStatus(
-                pb.StatusRequest(), timeout=self._settings.rpc_timeout_s, metadata=metadata
-            ),
+            lambda: self._stub.GetStatus(_BRIEF, timeout=self._settings.rpc_timeout_s, metadata=metadata),
             attempts=1,
             reach=self._reach,
         )
@@ -58,9 +60,7 @@ class GrpcDeployer:
     async def names(self, authorization: str | None) -> set[str]:
         metadata = self._metadata(authorization)
         reply = await call(
-            lambda: self._stub.GetStatus(
-                pb.StatusRequest(), timeout=self._settings.rpc_timeout_s, metadata=metadata
-            ),
+            lambda: self._stub.GetStatus(_BRIEF, timeout=self._settings.rpc_timeout_s, metadata=metadata),
             attempts=1,
             reach=self._reach,
         )

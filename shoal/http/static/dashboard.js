@@ -2,10 +2,14 @@
 // next starts 2 s after the last one ended, later after errors or slow answers (a head
 // slow to answer is a busy head; asking it more often would add to its load).
 // A table draws at most a few hundred rows (a cluster may have 10,000 replicas); the filter
-// box shows the deployments whose names contain its text.
-// /api/status: schedulers, deployments, replicas, recent cluster events.
-// /api/series?window_s=N: per deployment, columns of time, rate, error rate, latency;
-//   null where there was no traffic or no report (drawn as gaps).
+// box shows the deployments whose names contain its text. The head chooses what is drawn,
+// so a poll reads what the page draws, not the whole cluster:
+// /api/status?limit=200&replicas=5&contains=TEXT: schedulers, the deployments drawn (those
+//   that need a look first), 5 replicas of each (with the others counted by state), what
+//   was left out, recent cluster events.
+// /api/series?window_s=N&limit=20&contains=TEXT: the charts drawn (those with errors first,
+//   then the busiest): columns of time, rate, error rate, latency, null where there was no
+//   traffic or no report (drawn as gaps); and each deployment's latest rate and error rate.
 // /api/events: deployment lifecycle events, kept in the head's store (quietly none on 404).
 "use strict";
 const PERIOD_MS = 2000;  // the gap between the end of one poll and the start of the next
@@ -47,7 +51,12 @@ rangeSelect.addEventListener("change", () => { view.range = Number(rangeSelect.v
 
 // ------------------------------------------------------------------ bounds
 const filterBox = document.getElementById("filter");
-filterBox.addEventListener("input", () => draw());
+let filterTimer = null;
+filterBox.addEventListener("input", () => {  // drawn now from what was read, then asked again
+  draw();
+  clearTimeout(filterTimer);
+  filterTimer = setTimeout(pollNow, 300);
+});
 function wanted(name) { return name.includes(filterBox.value.trim()); }
 
 // At most ``max`` of ``list``, in its order: those ``urgent`` says need a look first, then
@@ -66,8 +75,8 @@ function bounded(list, max, urgent) {
 function moreRow(columns, what, text) {
   return el("tr", {class: "more", "data-more": what}, el("td", {colspan: String(columns), class: "muted"}, text));
 }
-function countStates(replicas) {
-  const n = {};
+function countStates(replicas, counted = {}) {
+  const n = {...counted};
   for (const r of replicas) n[r.state] = (n[r.state] || 0) + 1;
   return Object.entries(n).map(([state, k]) => `${k} ${state}`).join(", ");
 }
@@ -84,13 +93,15 @@ function renderSchedulers(list) {
     el("td", {}, `${fmt(s.last_seen_s)} s ago`))));
 }
 
-function renderDeployments(all, series) {
+// ``hidden``: how many more the head left out (it sends those that need a look first).
+function renderDeployments(all, latest, more) {
   const body = document.querySelector("#deployments tbody");
-  const {shown: list, hidden} = bounded(all, MAX_DEPLOYMENT_ROWS, needsLook);
+  const {shown: list, hidden: here} = bounded(all, MAX_DEPLOYMENT_ROWS, needsLook);
+  const hidden = here + more;
   const rows = list.map(d => {
-    const s = series[d.name];
+    const s = latest[d.name];
     const w = s ? s.window : null;
-    const rate = s && s.rate.length ? s.rate[s.rate.length - 1] : null;
+    const rate = s ? s.rate : null;
     const state = el("td", {});
     if (d.pending_reason) {
       const failed = d.pending_reason.startsWith("FAILED");
@@ -112,15 +123,15 @@ function renderDeployments(all, series) {
 }
 
 // Traffic routes (shoal route): a row per target and shadow, with that deployment's own rates.
-function renderRoutes(routes, series) {
+function renderRoutes(routes, latest) {
   const rows = [];
   for (const r of routes) {
     const targets = Object.entries(r.targets).map(([t, w]) => [t, w + "%"]);
     if (r.shadow) targets.push([r.shadow, "shadow"]);
     for (const [target, share] of targets) {
-      const s = series[target];
+      const s = latest[target];
       const w = s ? s.window : null;
-      const rate = s && s.rate.length ? s.rate[s.rate.length - 1] : null;
+      const rate = s ? s.rate : null;
       rows.push(el("tr", {"data-route": r.name, "data-target": target},
         el("td", {}, r.name), el("td", {}, target), el("td", {class: "share"}, share),
         el("td", {class: "rate"}, rate === null ? "–" : fmt(rate, 1)),
@@ -133,11 +144,14 @@ function renderRoutes(routes, series) {
 
 // Up to REPLICAS_PER_DEPLOYMENT rows of each deployment (those not READY, or with a message,
 // first), then one row counting the rest by state; the deployments whose rows fit in
-// MAX_REPLICA_ROWS (those that need a look first), then one row counting those left out.
-function renderReplicas(list) {
+// MAX_REPLICA_ROWS (those that need a look first), then one row counting those left out
+// (with ``more``: the deployments the head left out). The head lists a few replicas of each
+// deployment and counts the others by state (``more_replicas``).
+function total(d) { return d.replicas.length + Object.values(d.more_replicas || {}).reduce((a, b) => a + b, 0); }
+function renderReplicas(list, more) {
   const body = document.querySelector("#replicas tbody");
-  const groups = list.filter(d => d.replicas.length);
-  const cost = d => Math.min(d.replicas.length, REPLICAS_PER_DEPLOYMENT + 1);
+  const groups = list.filter(d => total(d) > 0);
+  const cost = d => Math.min(total(d), REPLICAS_PER_DEPLOYMENT + 1);
   const chosen = new Set();
   let used = 0;
   for (const d of [...groups.filter(needsLook), ...groups.filter(d => !needsLook(d))]) {
@@ -147,7 +161,8 @@ function renderReplicas(list) {
   }
   const rows = [];
   for (const d of groups.filter(d => chosen.has(d))) {
-    const {shown, hidden} = bounded(d.replicas, REPLICAS_PER_DEPLOYMENT, r => r.state !== "READY" || Boolean(r.message));
+    const {shown} = bounded(d.replicas, REPLICAS_PER_DEPLOYMENT, r => r.state !== "READY" || Boolean(r.message));
+    const hidden = total(d) - shown.length;
     for (const r of shown) {
       rows.push(el("tr", {"data-replica": r.id, "data-deployment": d.name},
         el("td", {}, d.name), el("td", {}, r.id), el("td", {class: "state " + r.state}, r.state),
@@ -156,14 +171,15 @@ function renderReplicas(list) {
         el("td", {class: "message"}, r.message || "")));
     }
     if (hidden) {
-      const rest = d.replicas.filter(r => !shown.includes(r));
-      rows.push(moreRow(8, "replicas-of:" + d.name, `${d.name}: ${hidden} more replicas (${countStates(rest)})`));
+      const rest = countStates(d.replicas.filter(r => !shown.includes(r)), d.more_replicas);
+      rows.push(moreRow(8, "replicas-of:" + d.name, `${d.name}: ${hidden} more replicas (${rest})`));
     }
   }
   const left = groups.filter(d => !chosen.has(d));
-  if (left.length) {
-    const count = left.reduce((n, d) => n + d.replicas.length, 0);
-    rows.push(moreRow(8, "replicas", `${count} more replicas of ${left.length} more deployments: filter by name to see them`));
+  const leftCount = left.length + more.deployments_with_replicas;
+  if (leftCount) {
+    const count = left.reduce((n, d) => n + total(d), 0) + more.replicas;
+    rows.push(moreRow(8, "replicas", `${count} more replicas of ${leftCount} more deployments: filter by name to see them`));
   }
   body.replaceChildren(...rows);
   document.getElementById("no-replicas").hidden = rows.length > 0;
@@ -249,12 +265,13 @@ function segments(column) {
   return n;
 }
 
-function renderSeries(all) {
+// The head sends at most MAX_CHARTS (those with errors first), ``left`` counting the others.
+function renderSeries(all, left) {
   const root = document.getElementById("charts");
   const traffic = Object.keys(all).filter(n => all[n].at.length > 0 && wanted(n)).sort();
-  document.getElementById("no-traffic").hidden = traffic.length > 0;
-  // Those with errors first, when there are more than MAX_CHARTS.
-  const {shown: names, hidden} = bounded(traffic, MAX_CHARTS, n => all[n].window.errors > 0);
+  document.getElementById("no-traffic").hidden = traffic.length > 0 || left > 0;
+  const {shown: names, hidden: here} = bounded(traffic, MAX_CHARTS, n => all[n].window.errors > 0);
+  const hidden = here + left;
   const more = document.getElementById("more-charts");
   more.hidden = !hidden;
   more.textContent = `${hidden} more deployments with traffic: filter by name to see their charts`;
@@ -360,13 +377,17 @@ function draw() {
   view.start = series.now - series.window_s;
   view.lifecycle = events;
   const deployments = status.deployments.filter(d => wanted(d.name));
+  // A head from before the bounded reads sends everything and no counts of what it left out.
+  const more = status.more || {deployments: 0, deployments_with_replicas: 0, replicas: 0};
+  const latest = series.latest || Object.fromEntries(Object.entries(series.deployments).map(
+    ([n, s]) => [n, {window: s.window, rate: s.rate.length ? s.rate[s.rate.length - 1] : null}]));
   renderSchedulers(status.schedulers);
-  renderDeployments(deployments, series.deployments);
-  renderRoutes(traffic, series.deployments);
-  renderReplicas(deployments);
+  renderDeployments(deployments, latest, more.deployments);
+  renderRoutes(traffic, latest);
+  renderReplicas(deployments, more);
   renderEvents(status.events);
   renderLifecycle(events);
-  renderSeries(series.deployments);
+  renderSeries(series.deployments, series.more || 0);
 }
 
 // One poll: fetch, then draw. True when the head answered; false, after saying why, when it
@@ -374,8 +395,11 @@ function draw() {
 let retryAfterMs = 0;
 async function refresh() {
   try {
-    const [status, series, events, traffic] = await Promise.all(
-      [api("/api/status"), api(`/api/series?window_s=${view.range}`), lifecycle(), routes()]);
+    const contains = encodeURIComponent(filterBox.value.trim());
+    const [status, series, events, traffic] = await Promise.all([
+      api(`/api/status?limit=${MAX_DEPLOYMENT_ROWS}&replicas=${REPLICAS_PER_DEPLOYMENT}&contains=${contains}`),
+      api(`/api/series?window_s=${view.range}&limit=${MAX_CHARTS}&contains=${contains}`),
+      lifecycle(), routes()]);
     last = {status, series, events, traffic};
     draw();
     document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();
