@@ -12,7 +12,12 @@
 //   traffic or no report (drawn as gaps); and each deployment's latest rate and error rate.
 // /api/events: deployment lifecycle events, kept in the head's store (quietly none on 404).
 "use strict";
-const PERIOD_MS = 2000;  // the gap between the end of one poll and the start of the next
+// The gap between the end of one poll and the start of the next: 2 s, or the page's
+// ?refresh=S (0.5 to 60 s).
+const PERIOD_MS = (() => {
+  const asked = Number(new URLSearchParams(location.search).get("refresh"));
+  return asked > 0 ? 1000 * Math.min(60, Math.max(0.5, asked)) : 2000;
+})();
 const MAX_GAP_MS = 30000;  // the longest gap, after errors or slow answers
 const FETCH_TIMEOUT_MS = 20000;  // a request the head has not answered by then fails
 const MAX_DEPLOYMENT_ROWS = 200;
