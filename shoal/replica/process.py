@@ -109,8 +109,9 @@ class ReplicaProcess:
             # model dividing its vector by its sum answered [1, 1, 1, 1] with 0.05 each, not
             # 0.25, beside five other requests).
             log.warning(
-                "model %s takes one request at a time (supports_batching is false): "
-                "max_batch_size %d is not used",
+                "deployment %s: its model %s takes one request at a time (supports_batching is "
+                "false): max_batch_size %d is not used",
+                self.spec.name,
                 self.spec.model,
                 max_batch_size,
             )
@@ -147,7 +148,7 @@ class ReplicaProcess:
             except TimeoutError:
                 waited = self.models.waited_for(model_id) if self.models is not None else ""
                 waited = f" ({waited})" if waited else ""
-                raise DeadlineExceeded(f"request {request_id} timed out after {timeout:g}s{waited}") from None
+                raise _timed_out(request_id, timeout, waited) from None
             except asyncio.CancelledError:
                 given_up.set()  # its model's calls to other deployments stop
                 raise
@@ -292,7 +293,7 @@ class ReplicaProcess:
                     except StopAsyncIteration:
                         raise Internal(f"model {self.spec.name!r} ended a generation early") from None
                     except TimeoutError:
-                        raise DeadlineExceeded(f"request {request_id} timed out after {timeout:g}s") from None
+                        raise _timed_out(request_id, timeout) from None
                     if isinstance(step, Completion):
                         yield GenerateChunk(
                             text="" if request.stream else step.text,
@@ -403,7 +404,13 @@ class ReplicaProcess:
 
 def _expire(batcher: Batcher, request: Any, request_id: str, timeout_s: float) -> None:
     """A queued or running request's deadline passed (its error made only then)."""
-    batcher.cancel(request, DeadlineExceeded(f"request {request_id} timed out after {timeout_s:g}s"))
+    batcher.cancel(request, _timed_out(request_id, timeout_s))
+
+
+def _timed_out(request_id: str, timeout_s: float, waited: str = "") -> DeadlineExceeded:
+    # To the millisecond: the timeout a router sends is what is left of the client's, and
+    # "timed out after 19.9999s" read as a bug.
+    return DeadlineExceeded(f"request {request_id} timed out after {round(timeout_s, 3):g}s{waited}")
 
 
 async def warm_up(backend: Backend, calls: int) -> None:

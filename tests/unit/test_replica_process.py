@@ -384,3 +384,13 @@ async def test_a_models_huge_error_message_is_cut_before_it_leaves_the_replica(t
     assert outcome.error_message.endswith("more characters)")
     assert len(outcome.error_message) <= 6000
     await stop(replica, runner)
+
+
+def test_a_timeout_is_said_to_the_millisecond() -> None:
+    # What a router sends is what is left of the client's timeout: "after 19.9999s" before.
+    from shoal.replica.process import _timed_out
+
+    assert str(_timed_out("r1", 19.99994)).endswith("request r1 timed out after 20s")
+    assert "timed out after 0.05s (model id 'a' was still loading)" in str(
+        _timed_out("r1", 0.05, " (model id 'a' was still loading)")
+    )
