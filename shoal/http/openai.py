@@ -306,6 +306,9 @@ def chat_messages(body: ChatCompletionBody) -> list[ChatMessage]:
             param = f"messages.{i}.content"
             raise OpenAIError(param, f"'{param}' is required: a string or a list of text parts")
         if isinstance(content, list):
+            if not content:  # as OpenAI's API refuses it (an empty array); before: taken as ""
+                param = f"messages.{i}.content"
+                raise OpenAIError(param, f"'{param}' is an empty list: give at least one text part")
             texts = []
             for j, part in enumerate(content):
                 if part.type != "text":

@@ -635,6 +635,7 @@ async def test_a_long_unknown_model_name_is_cut_in_the_404(http: httpx.AsyncClie
         # supported, got 'text'".
         ({"top_logprobs": 3}, "top_logprobs"),
         ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages.0.content.0.text"),
+        ({"messages": [{"role": "user", "content": []}]}, "messages.0.content"),  # before: taken as ""
     ],
 )
 async def test_bad_chat_requests_are_400_naming_the_param(
