@@ -54,6 +54,11 @@ class TaskSet:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`aclose` was called: :meth:`spawn` then raises RuntimeError."""
+        return self._closed
+
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """Start ``coro`` as a task owned by this set. A task that fails is logged, not lost."""
         if self._closed:

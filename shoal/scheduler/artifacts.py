@@ -404,11 +404,8 @@ class ArtifactCache:
             return
         entry.pins = max(0, entry.pins - 1)
         self._touch(blob)
-        if self.size() > self.limit_bytes:
-            try:
-                self._tasks.spawn(self._evict(room=0), "evict")
-            except RuntimeError:
-                pass  # closed
+        if self.size() > self.limit_bytes and not self._tasks.closed:
+            self._tasks.spawn(self._evict(room=0), "evict")
 
     async def _evict(self, *, room: int) -> None:
         """Delete least recently used unpinned blobs until the cache, the

@@ -229,11 +229,9 @@ class Announcer:
             self._released[sha256] = None
         while len(self._released) > MAX_RELEASES:
             del self._released[next(iter(self._released))]
-        if self._released and (self._releasing is None or self._releasing.done()):
-            try:
-                self._releasing = self._tasks.spawn(self._release(), "release")
-            except RuntimeError:
-                pass  # closed: the scheduler stops
+        idle = self._releasing is None or self._releasing.done()
+        if self._released and idle and not self._tasks.closed:  # closed: the scheduler stops
+            self._releasing = self._tasks.spawn(self._release(), "release")
 
     async def _tell(self) -> None:
         told = 0
