@@ -140,6 +140,12 @@ def to_arrays(inputs: Mapping[str, Any], spec: DeploymentSpec | None = None) -> 
     return out
 
 
+def _check_if_revision(value: object) -> None:
+    from shoal.store.history import check_if_revision  # the head's own check; loads the store late
+
+    check_if_revision(value)
+
+
 class AsyncClient:
     """The cluster's control API and inference, as coroutines on the caller's event loop.
 
@@ -219,20 +225,32 @@ class AsyncClient:
     # ------------------------------------------------------------ deployments
 
     async def deploy(
-        self, target: Deployable, *, wait: bool = True, timeout_s: float = 120.0, min_ready_s: float = 0.0
+        self,
+        target: Deployable,
+        *,
+        wait: bool = True,
+        timeout_s: float = 120.0,
+        min_ready_s: float = 0.0,
+        if_revision: int | None = None,
     ) -> Applied:
         """Create or update a deployment. With ``wait``, return once the replicas of this spec are
         READY (and an update's old ones gone), and with ``min_ready_s`` once each has stayed
         READY that long; FailedPrecondition when the head answers that they will not be (no
         room, replicas failing to start or crashing soon after READY), DeadlineExceeded after
-        ``timeout_s``."""
+        ``timeout_s``.
+
+        ``if_revision``: apply only if the deployment is at that revision now (0: only if it
+        does not exist), else FailedPrecondition naming its revision, and nothing changes.
+        None (the default): no check, the last writer wins. InvalidArgument when negative."""
         from shoal.core.model_hash import with_model_hash
 
         if not 0 <= min_ready_s < math.inf:  # NaN too
             raise InvalidArgument(f"min_ready_s must be a finite number of seconds, 0 or more: {min_ready_s}")
+        if if_revision is not None:
+            _check_if_revision(if_revision)
         spec = with_model_hash(spec_of(target))
         before = (await self.status((spec.name,))).to_json() if wait else {}
-        reply = await self._head(self.control.apply(spec))
+        reply = await self._head(self.control.apply(spec, if_revision))
         applied = Applied(spec.name, reply.revision, reply.created, reply.changed, reply.change)
         if wait:
             await self._wait(before, spec, timeout_s, min_ready_s)
@@ -255,10 +273,12 @@ class AsyncClient:
                 raise DeadlineExceeded(f"not ready after {timeout_s:g}s: {verdict.line}")
             await asyncio.sleep(0.25)
 
-    async def apply(self, spec: DeploymentSpec) -> Applied:
+    async def apply(self, spec: DeploymentSpec, *, if_revision: int | None = None) -> Applied:
         """Hand the head a spec as is and return at once (``deploy(spec, wait=False)`` without the
-        model's file hash)."""
-        reply = await self._head(self.control.apply(spec))
+        model's file hash); ``if_revision`` as in :meth:`deploy`."""
+        if if_revision is not None:
+            _check_if_revision(if_revision)
+        reply = await self._head(self.control.apply(spec, if_revision))
         return Applied(spec.name, reply.revision, reply.created, reply.changed, reply.change)
 
     async def scale(self, name: str, replicas: int) -> None:
@@ -484,11 +504,19 @@ class Client:
             self._loop.stop()
 
     def deploy(
-        self, target: Deployable, *, wait: bool = True, timeout_s: float = 120.0, min_ready_s: float = 0.0
+        self,
+        target: Deployable,
+        *,
+        wait: bool = True,
+        timeout_s: float = 120.0,
+        min_ready_s: float = 0.0,
+        if_revision: int | None = None,
     ) -> Applied:
         """See :meth:`AsyncClient.deploy`."""
         return self._loop.run(
-            self.aio.deploy(target, wait=wait, timeout_s=timeout_s, min_ready_s=min_ready_s)
+            self.aio.deploy(
+                target, wait=wait, timeout_s=timeout_s, min_ready_s=min_ready_s, if_revision=if_revision
+            )
         )
 
     def scale(self, name: str, replicas: int) -> None:

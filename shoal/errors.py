@@ -9,6 +9,7 @@ codes, :data:`HTTP_STATUS` to HTTP. Nothing else converts errors.
     +-- NotFound             unknown deployment, replica or scheduler
     +-- AlreadyExists
     +-- FailedPrecondition   the call is valid but not now (e.g. replica draining)
+    |   +-- RevisionConflict an apply's if_revision is not the deployment's revision (HTTP 409)
     +-- ResourceExhausted    a queue or limit is full: back off and retry later
     +-- DeadlineExceeded     the request's timeout passed before an answer
     +-- Unavailable          a peer cannot be reached; safe to retry elsewhere
@@ -108,6 +109,16 @@ class AlreadyExists(ShoalError):
 
 class FailedPrecondition(ShoalError):
     code = Code.FAILED_PRECONDITION
+
+
+class RevisionConflict(FailedPrecondition):
+    """An apply that names the revision it expects (``if_revision``) when the deployment is at
+    another one, or exists when it should not: nothing was applied. FAILED_PRECONDITION over
+    gRPC; 409 (Conflict) over HTTP, as Kubernetes answers a stale ``resourceVersion``."""
+
+    @property
+    def http_status(self) -> int:
+        return 409
 
 
 class BlocksLoop(FailedPrecondition):

@@ -12,7 +12,15 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any
 
-from shoal.cli.common import EXIT_ERROR, ProgressLine, add_client_flags, seconds, with_client
+from shoal.cli.common import (
+    EXIT_ERROR,
+    INT32_MAX,
+    ProgressLine,
+    add_client_flags,
+    in_range,
+    seconds,
+    with_client,
+)
 from shoal.cli.upload import upload_local_models
 from shoal.config import Settings
 from shoal.core import traffic, triton_repo
@@ -105,6 +113,12 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         found_specs += triton_repo.load_all(args.model_repository)
     if not found_specs and not routes:
         raise InvalidArgument("shoal deploy: name spec files or a Triton repository (--model-repository DIR)")
+    if args.if_revision is not None:
+        in_range("--if-revision", args.if_revision, INT32_MAX)
+        if len(found_specs) != 1:
+            raise InvalidArgument(
+                f"--if-revision is the revision of one deployment; these files name {len(found_specs)}"
+            )
 
     async def go(client: Any, settings: Settings) -> int:
         before = await status_reader(client, [s.name for s in found_specs])()
@@ -113,7 +127,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         watch = DeployWatch.after_apply(before, specs, min_ready_s=args.min_ready)
         revisions: dict[str, int] = {}
         for spec, w in zip(specs, watch.watched, strict=True):
-            reply = await client.deploy(spec, wait=False)
+            reply = await client.deploy(spec, wait=False, if_revision=args.if_revision)
             revisions[spec.name] = reply.revision
             print(f"deployment {spec.name} {_applied(reply, rolls=bool(w.old_replicas))}", flush=True)
         for route in routes:  # after the deployments: a route's targets must exist
@@ -234,6 +248,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         metavar="S",
         help="done only once each new replica has stayed READY S seconds: a model that crashes soon "
         "after loading fails the deploy instead of passing it (default 0: done once READY)",
+    )
+    p.add_argument(
+        "--if-revision",
+        type=int,
+        metavar="N",
+        help="apply only if the deployment is at revision N now (0: only if it does not exist yet); "
+        "otherwise fail naming its revision, changing nothing. Without it the last deploy wins",
     )
     p.add_argument(
         "--model-repository",

@@ -50,11 +50,19 @@ from shoal.core.stats import Point, SeriesRecorder, Snapshot, Window, latest
 from shoal.core.status import ClusterEvent, ClusterStatus, DeploymentStatus, ReplicaStatus, SchedulerStatus
 from shoal.core.tasks import TaskSet, until
 from shoal.core.traffic import TrafficRoute
-from shoal.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ShoalError, Unavailable
+from shoal.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    RevisionConflict,
+    ShoalError,
+    Unavailable,
+)
 from shoal.head.blobs import BlobStore
 from shoal.head.traffic import TrafficRoutes
 from shoal.store.base import Store
-from shoal.store.history import History, LifecycleEvent, Revision
+from shoal.store.history import History, LifecycleEvent, Revision, check_if_revision
 from shoal.types import (
     DeploymentRoutes,
     LoadReport,
@@ -361,10 +369,17 @@ class HeadNode:
 
     # ------------------------------------------------------------ deployments
 
-    async def apply(self, spec: DeploymentSpec) -> ApplyResult:
+    async def apply(self, spec: DeploymentSpec, if_revision: int | None = None) -> ApplyResult:
         """Create or update a deployment. InvalidArgument when its model lies outside
         ``allowed_model_dirs`` (the replica's own check, ``check_deployable``) or its
-        ``auth.tokens`` names a token that does not exist."""
+        ``auth.tokens`` names a token that does not exist.
+
+        ``if_revision``: apply only if the deployment is at that revision now, checked under
+        the lock (optimistic concurrency, as Kubernetes' ``resourceVersion``); 0: only if no
+        deployment of that name exists. None: no check, the last writer wins.
+        RevisionConflict (nothing changes) otherwise; InvalidArgument when it is negative."""
+        if if_revision is not None:
+            check_if_revision(if_revision)
         # In a thread: it may read and parse the model's module file.
         await asyncio.to_thread(
             check_deployable, spec, self.settings.allowed_model_dirs, self.settings.model_uri_prefixes
@@ -379,6 +394,8 @@ class HeadNode:
                 "'shoal token create --role infer --name NAME'"
             )
         async with self.lock:
+            if if_revision is not None:
+                self._check_revision(spec.name, if_revision)
             self.traffic.check_deployment_name(spec.name)
             old = self.desired.get(spec.name)
             if old is not None:
@@ -406,6 +423,33 @@ class HeadNode:
             self.wake()
         number = current.number if current is not None else 0
         return ApplyResult(created=old is None, changed=changed, revision=number, change=change)
+
+    def _check_revision(self, name: str, expected: int) -> None:
+        """RevisionConflict unless deployment ``name`` is at revision ``expected`` (0: unless
+        it does not exist). Under the lock."""
+        exists = name in self.desired or name in self.broken
+        current = self.history.current(name) if exists else None
+        number = current.number if current is not None else 0
+        if exists and expected and number == expected:
+            return
+        if not exists and not expected:
+            return
+        if not exists:
+            raise RevisionConflict(
+                f"deployment {name!r} does not exist (expected revision {expected}): nothing was "
+                "applied; it was deleted or never created: apply with if_revision 0 to create it"
+            )
+        if not expected:
+            raise RevisionConflict(
+                f"deployment {name!r} exists already, at {_revision_name(current)} (expected none): "
+                f"nothing was applied; look at its spec and history, and apply with if_revision "
+                f"{number} to update it"
+            )
+        raise RevisionConflict(
+            f"deployment {name!r} is at {_revision_name(current)}, not revision {expected}: nothing "
+            f"was applied; look at its history ('shoal history {name}') and apply again with "
+            f"if_revision {number} once the spec has its changes"
+        )
 
     async def _record_change(
         self, old: DeploymentSpec | None, spec: DeploymentSpec, change: str

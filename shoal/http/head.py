@@ -30,7 +30,7 @@ from shoal.core.traffic import TrafficRoute, parse_route
 from shoal.errors import BodyTooLarge, InvalidArgument, NotFound, ShoalError
 from shoal.head.node import HeadNode
 from shoal.http.auth import ControlGuard
-from shoal.store.history import MAX_EVENTS, Revision
+from shoal.store.history import MAX_EVENTS, MAX_REVISION, Revision
 
 STATIC = Path(__file__).parent / "static"
 MAX_TAIL_BYTES = 2**62
@@ -143,12 +143,25 @@ def head_app(node: HeadNode, limiter: RateLimiter | None = None) -> Starlette:
         return JSONResponse(found.to_json())
 
     async def apply(request: Request) -> Response:
+        # Another query parameter is refused: a misspelt ?if_revison=3 would apply unchecked.
+        unknown = sorted(set(request.query_params) - {"if_revision"})
+        if unknown:
+            raise InvalidArgument(f"unknown query parameter {unknown[0]!r}: only if_revision is known")
+        if_revision = None
+        if "if_revision" in request.query_params:
+            if_revision = _int_param(request, "if_revision", 0, 0, MAX_REVISION)
         # Its size is checked before it is parsed (MAX_SPEC_JSON): json.loads of a 64 MiB
         # body would hold the event loop 1.7 s.
         spec = parse_spec_json(await _body(request, limit))
-        result = await node.apply(spec)
+        result = await node.apply(spec, if_revision)
         return JSONResponse(
-            {"name": spec.name, "created": result.created, "changed": result.changed},
+            {
+                "name": spec.name,
+                "created": result.created,
+                "changed": result.changed,
+                "revision": result.revision,
+                "change": result.change,
+            },
             status_code=201 if result.created else 200,
         )
 
@@ -433,7 +446,12 @@ def openapi_schema() -> dict[str, Any]:
             "/api/deployments": {
                 "get": {"summary": "Deployments", "responses": {"200": ok("deployments", array)}},
                 "post": {
-                    "summary": "Create or update a deployment",
+                    "summary": "Create or update a deployment. With if_revision: only if the deployment "
+                    "is at that revision now (0: only if it does not exist), else 409 and nothing "
+                    "changes; without it, the last writer wins",
+                    "parameters": [
+                        _query("if_revision", {"type": "integer", "minimum": 0, "maximum": MAX_REVISION})
+                    ],
                     "requestBody": {
                         "required": True,
                         "content": {
@@ -441,9 +459,10 @@ def openapi_schema() -> dict[str, Any]:
                         },
                     },
                     "responses": {
-                        "200": ok("updated or unchanged"),
+                        "200": ok("updated or unchanged: name, created, changed, revision, change"),
                         "201": ok("created"),
-                        "400": err("invalid spec"),
+                        "400": err("invalid spec, or invalid if_revision"),
+                        "409": err("if_revision is not the deployment's revision: the message names it"),
                     },
                 },
             },

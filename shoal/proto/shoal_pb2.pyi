@@ -630,17 +630,26 @@ class ApplyDeploymentRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SPEC_JSON_FIELD_NUMBER: _builtins.int
+    IF_REVISION_FIELD_NUMBER: _builtins.int
     spec_json: _builtins.str
+    if_revision: _builtins.int
+    """Apply only if the deployment is at this revision now (FAILED_PRECONDITION naming its
+    revision otherwise, and nothing changes); 0: only if no deployment of that name exists.
+    Absent: no check, the last writer wins. Negative: INVALID_ARGUMENT.
+    """
     def __init__(
         self,
         *,
         spec_json: _builtins.str = ...,
+        if_revision: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_if_revision", b"_if_revision", "if_revision", b"if_revision"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["spec_json", b"spec_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_if_revision", b"_if_revision", "if_revision", b"if_revision", "spec_json", b"spec_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__if_revision: _TypeAlias = _typing.Literal["if_revision"]  # noqa: Y015
+    _WhichOneofArgType__if_revision: _TypeAlias = _typing.Literal["_if_revision", b"_if_revision"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__if_revision) -> _WhichOneofReturnType__if_revision | None: ...
 
 Global___ApplyDeploymentRequest: _TypeAlias = ApplyDeploymentRequest  # noqa: Y015
 

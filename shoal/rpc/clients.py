@@ -581,8 +581,11 @@ class ControlClient:
     async def revoke_token(self, name: str) -> None:
         await self._call("RevokeToken", pb.RevokeTokenRequest(name=name))
 
-    async def apply(self, spec: DeploymentSpec) -> pb.ApplyDeploymentReply:
-        reply = await self._call("ApplyDeployment", pb.ApplyDeploymentRequest(spec_json=spec.to_json()))
+    async def apply(self, spec: DeploymentSpec, if_revision: int | None = None) -> pb.ApplyDeploymentReply:
+        """Create or update a deployment; with ``if_revision``, only if it is at that revision
+        (0: only if it does not exist), else FailedPrecondition (``HeadNode.apply``)."""
+        request = pb.ApplyDeploymentRequest(spec_json=spec.to_json(), if_revision=if_revision)
+        reply = await self._call("ApplyDeployment", request)
         assert isinstance(reply, pb.ApplyDeploymentReply)
         return reply
 

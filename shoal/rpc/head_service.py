@@ -173,7 +173,8 @@ class HeadService(pbg.HeadServicer):
     ) -> pb.ApplyDeploymentReply:
         try:
             spec = parse_spec_json(request.spec_json)
-            result = await self.node.apply(spec)
+            if_revision = request.if_revision if request.HasField("if_revision") else None
+            result = await self.node.apply(spec, if_revision)
         except ShoalError as err:
             await abort(context, err)
         return pb.ApplyDeploymentReply(

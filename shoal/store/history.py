@@ -21,6 +21,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from shoal.errors import InvalidArgument
 from shoal.store.base import Store
 
 log = logging.getLogger("shoal.store")
@@ -34,6 +35,19 @@ MAX_EVENTS = 1000
 EVENT_KINDS = ("created", "updated", "failed", "rolled_back", "restarted", "scaled", "deleted")
 MAX_MESSAGE = 1000
 """Longest event message kept (characters); a longer one is cut and ends with an ellipsis."""
+MAX_REVISION = 2**31 - 1
+"""The highest revision number an apply's ``if_revision`` may name (an int32 on the wire)."""
+
+
+def check_if_revision(value: object) -> int:
+    """An apply's ``if_revision`` (the revision the deployment must be at, 0: that it must not
+    exist) as an integer; InvalidArgument for a negative number or one that is no integer."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_REVISION:
+        raise InvalidArgument(
+            f"if_revision must be a revision number from 1 to {MAX_REVISION}, or 0 for a deployment "
+            f"that does not exist yet; got {value!r}"
+        )
+    return value
 
 
 @dataclass(frozen=True)

@@ -488,7 +488,7 @@ class ScriptedHead:
         self.revisions = revisions or []
         self.asked: list[Collection[str] | None] = []  # each status read's ``only``
 
-    async def apply(self, spec: DeploymentSpec) -> ApplyResult:
+    async def apply(self, spec: DeploymentSpec, if_revision: int | None = None) -> ApplyResult:
         return ApplyResult(created=False, changed=True, revision=2, change="model changed")
 
     async def rollback(self, name: str, revision: int = 0) -> Revision:

@@ -1,0 +1,85 @@
+"""Two operators deploying the same deployment at once, over real gRPC to a head process: with
+``if_revision`` (``shoal deploy --if-revision N``) the one based on a revision that is no
+longer current is refused, naming the current one; before, the second silently undid the
+first and neither learnt of it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import shoal
+from shoal.errors import FailedPrecondition, InvalidArgument
+from shoal.testing.cluster import FAST, ProcessCluster
+
+pytestmark = pytest.mark.timeout(60)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def echo(**options: Any) -> dict[str, Any]:
+    return {
+        "name": "echo",
+        "backend": "python",
+        "model": "echo:Echo",
+        "base_dir": str(ROOT / "examples"),
+        "resources": {"cpus": 0.1},
+        "options": options,
+    }
+
+
+@pytest.fixture
+async def head(tmp_path: Path) -> AsyncIterator[ProcessCluster]:
+    async with ProcessCluster(tmp_path / "cluster", schedulers=0) as c:  # applies need no scheduler
+        yield c
+
+
+def shoal_cli(head: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **FAST}
+    env.pop("SHOAL_HEAD", None)
+    return subprocess.run(
+        [sys.executable, "-m", "shoal.cli", "--head", head, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    )
+
+
+async def test_an_apply_from_a_stale_revision_is_refused_over_grpc_and_by_the_cli(
+    head: ProcessCluster, tmp_path: Path
+) -> None:
+    async with shoal.AsyncClient(head.head_address) as c:
+        assert (await c.deploy(echo(), wait=False, if_revision=0)).revision == 1
+        seen = (await c.history("echo"))[-1].number  # both operators read revision 1
+        a = await c.deploy(echo(who="a"), wait=False, if_revision=seen)
+        with pytest.raises(FailedPrecondition, match="'echo' is at revision 2 \\(updated\\), not revision 1"):
+            await c.deploy(echo(who="b"), wait=False, if_revision=seen)
+        with pytest.raises(InvalidArgument, match="if_revision must be a revision number"):
+            await c.deploy(echo(who="b"), wait=False, if_revision=-1)
+        history = await c.history("echo")
+        assert a.revision == 2
+        assert [json.loads(r.spec_json)["options"] for r in history] == [{}, {"who": "a"}]
+
+        spec = tmp_path / "echo.json"  # JSON is YAML
+        spec.write_text(json.dumps(echo(who="c")))
+        stale = shoal_cli(head.head_address, "deploy", "--no-wait", "--if-revision", "1", str(spec))
+        fresh = shoal_cli(head.head_address, "deploy", "--no-wait", "--if-revision", "2", str(spec))
+        negative = shoal_cli(head.head_address, "deploy", "--no-wait", "--if-revision", "-1", str(spec))
+        assert stale.returncode == 1, stale
+        assert (
+            "deployment 'echo' is at revision 2 (updated), not revision 1: nothing was applied"
+            in stale.stderr
+        )
+        assert fresh.returncode == 0, fresh
+        assert "deployment echo updated (revision 3)" in fresh.stdout
+        assert negative.returncode != 0
+        assert "--if-revision must be an integer from 0 to 2147483647, got -1" in negative.stderr
+        assert [r.number for r in await c.history("echo")] == [1, 2, 3]

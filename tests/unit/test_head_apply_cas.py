@@ -1,0 +1,131 @@
+"""An apply that names the revision it was based on (``if_revision``, as Kubernetes'
+``resourceVersion``): HeadNode over a MemoryStore and fake schedulers, and the REST route.
+Before, two operators' applies based on the same revision both went through: the second
+silently undid the first."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from shoal.config import Settings
+from shoal.core.clock import FakeClock
+from shoal.core.spec import DeploymentSpec, parse_spec, parse_spec_json
+from shoal.errors import InvalidArgument, RevisionConflict
+from shoal.head.node import ApplyResult, HeadNode
+from shoal.http.head import head_app
+from shoal.store import MemoryStore
+from shoal.testing.fakes import FakeSchedulers
+
+pytestmark = pytest.mark.timeout(10)
+
+
+def make_spec(model: str = "a:M", **extra: object) -> DeploymentSpec:
+    return parse_spec({"name": "app", "backend": "python", "model": model, "resources": {"cpus": 1}, **extra})
+
+
+@pytest.fixture
+async def head(store: MemoryStore, fleet: FakeSchedulers, clock: FakeClock) -> AsyncIterator[HeadNode]:
+    node = HeadNode(Settings(), store, fleet, clock)
+    yield node
+    await node.aclose()
+
+
+def models(head: HeadNode) -> list[str]:
+    return [parse_spec_json(r.spec_json).model for r in head.history.revisions("app")]
+
+
+async def test_an_apply_based_on_a_revision_that_is_no_longer_current_is_refused(head: HeadNode) -> None:
+    await head.apply(make_spec("a:M"))
+    assert (await head.apply(make_spec("b:M"), if_revision=1)).revision == 2  # operator A, from 1
+
+    with pytest.raises(RevisionConflict) as err:  # operator B, also from 1
+        await head.apply(make_spec("c:M"), if_revision=1)
+    assert str(err.value) == (
+        "deployment 'app' is at revision 2 (updated), not revision 1: nothing was applied; look at "
+        "its history ('shoal history app') and apply again with if_revision 2 once the spec has its changes"
+    )
+    assert err.value.http_status == 409
+    assert head.desired["app"].model == "b:M"
+    assert models(head) == ["a:M", "b:M"]
+    assert [e.kind for e in head.history.events("app")] == ["created", "updated"]
+
+    assert (await head.apply(make_spec("c:M"), if_revision=2)).revision == 3
+    assert (await head.apply(make_spec("d:M"))).revision == 4  # without it: the last writer wins
+
+
+async def test_of_two_applies_at_once_from_the_same_revision_one_wins(head: HeadNode) -> None:
+    await head.apply(make_spec("a:M"))
+    results = await asyncio.gather(
+        head.apply(make_spec("b:M"), if_revision=1),
+        head.apply(make_spec("c:M"), if_revision=1),
+        return_exceptions=True,
+    )
+    won = [r for r in results if isinstance(r, ApplyResult)]
+    lost = [r for r in results if isinstance(r, RevisionConflict)]
+    assert (len(won), len(lost)) == (1, 1)
+    assert "is at revision 2 (updated), not revision 1" in str(lost[0])
+    assert len(models(head)) == 2 and models(head)[1] == head.desired["app"].model
+
+
+async def test_if_revision_0_creates_only_and_a_revision_of_a_deleted_deployment_is_refused(
+    head: HeadNode,
+) -> None:
+    assert (await head.apply(make_spec("a:M"), if_revision=0)).created
+    with pytest.raises(
+        RevisionConflict, match=r"exists already, at revision 1 \(created\) \(expected none\)"
+    ):
+        await head.apply(make_spec("b:M"), if_revision=0)
+    await head.delete("app")
+    with pytest.raises(
+        RevisionConflict, match=r"does not exist \(expected revision 1\).*if_revision 0 to create"
+    ):
+        await head.apply(make_spec("b:M"), if_revision=1)
+    assert "app" not in head.desired
+    assert (await head.apply(make_spec("b:M"), if_revision=0)).created
+
+
+@pytest.mark.parametrize("bad", [-1, True, 2**31])
+async def test_an_if_revision_that_is_no_revision_number_is_invalid(head: HeadNode, bad: int) -> None:
+    with pytest.raises(InvalidArgument, match="if_revision must be a revision number from 1 to 2147483647"):
+        await head.apply(make_spec(), if_revision=bad)
+    assert head.desired == {}
+
+
+async def test_the_rest_apply_takes_if_revision_and_answers_409_naming_the_revision(head: HeadNode) -> None:
+    transport = httpx.ASGITransport(app=head_app(head))
+    async with httpx.AsyncClient(transport=transport, base_url="http://head") as client:
+        spec = make_spec("a:M").model_dump(mode="json")
+        created = await client.post("/api/deployments?if_revision=0", json=spec)
+        again = await client.post("/api/deployments?if_revision=0", json=spec)
+        updated = await client.post("/api/deployments?if_revision=1", json={**spec, "model": "b:M"})
+        stale = await client.post("/api/deployments?if_revision=1", json={**spec, "model": "c:M"})
+        bad = {
+            q: await client.post(f"/api/deployments?{q}", json=spec)
+            for q in ("if_revision=-1", "if_revision=x")
+        }
+        # Misspelt, it would have applied unchecked.
+        misspelt = await client.post("/api/deployments?if_revison=2", json={**spec, "model": "c:M"})
+        schema = (await client.get("/openapi.json")).json()
+
+    assert (created.status_code, created.json()) == (
+        201,
+        {"name": "app", "created": True, "changed": True, "revision": 1, "change": "created"},
+    )
+    assert again.status_code == 409
+    assert again.json()["error"].startswith("deployment 'app' exists already, at revision 1 (created)")
+    assert (updated.status_code, updated.json()["revision"]) == (200, 2)
+    assert stale.status_code == 409
+    assert stale.json()["error"].startswith("deployment 'app' is at revision 2 (updated), not revision 1")
+    for r in bad.values():
+        assert r.status_code == 400
+        assert r.json()["error"].startswith("if_revision must be an integer from 0 to 2147483647")
+    assert misspelt.status_code == 400
+    assert misspelt.json()["error"] == "unknown query parameter 'if_revison': only if_revision is known"
+    assert head.desired["app"].model == "b:M"
+    post = schema["paths"]["/api/deployments"]["post"]
+    assert [p["name"] for p in post["parameters"]] == ["if_revision"]
+    assert "409" in post["responses"]
