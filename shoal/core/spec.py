@@ -407,6 +407,14 @@ class DeploymentSpec(_Strict):
     def to_json(self) -> str:
         return self.cached_json
 
+    def same_as(self, other: DeploymentSpec) -> bool:
+        """Whether ``other`` is this spec, whatever the order of its mappings' keys (options
+        from a YAML file re-rendered in another order): an apply of it changes nothing. A
+        value of another JSON type (1.0 or true for 1) is another spec."""
+        if self.to_json() == other.to_json():
+            return True  # the usual answer, from the JSON each spec keeps
+        return _canonical(self.model_dump(mode="json")) == _canonical(other.model_dump(mode="json"))
+
     def process_hash(self) -> str:
         """Hash of everything that needs new replica processes when it changes.
 
@@ -561,6 +569,11 @@ def check_names_once(path: Path, specs: list[DeploymentSpec]) -> None:
         raise InvalidArgument(f"{path} holds more than one spec of deployment {', '.join(map(repr, twice))}")
 
 
+def _canonical(value: Any) -> str:
+    """JSON with sorted keys: the same for a document in any key order, another for 1, 1.0 and true."""
+    return json.dumps(value, sort_keys=True)
+
+
 def describe_change(old: DeploymentSpec | None, new: DeploymentSpec) -> str:
     """What differs from ``old`` to ``new``, one line: the fields changed, and the model files'
     hashes when they differ (``model files changed (hash a1b2c3d4 → c3d4e5f6)``)."""
@@ -576,7 +589,10 @@ def describe_change(old: DeploymentSpec | None, new: DeploymentSpec) -> str:
     if before["replicas"] != after["replicas"]:
         parts.append(f"replicas {before['replicas']} → {after['replicas']}")
     others = [
-        k for k in after if k not in ("model_hash", "restarts", "replicas") and before.get(k) != after[k]
+        k
+        for k in after
+        if k not in ("model_hash", "restarts", "replicas")
+        and _canonical(before.get(k)) != _canonical(after[k])
     ]
     if others:
         parts.append(f"{', '.join(others)} changed")

@@ -401,7 +401,7 @@ class HeadNode:
             if old is not None:
                 # The restart count is the head's (shoal restart): a spec file does not reset it.
                 spec = spec.model_copy(update={"restarts": old.restarts})
-            changed = old is None or old.to_json() != spec.to_json()
+            changed = old is None or not old.same_as(spec)
             # A deploy, even of the same spec, ends a FAILED state or a crash-loop backoff.
             retried = self.state.clear_start_failures(spec.name)
             change = describe_change(old, spec) if changed else ""
@@ -569,7 +569,7 @@ class HeadNode:
                 "serve_revisions": spec.serve_revisions,
             }
         )
-        if new.to_json() == spec.to_json():
+        if new.same_as(spec):
             raise FailedPrecondition(f"deployment {name!r} already runs the spec of revision {target.number}")
         self.state.clear_start_failures(name)
         await self.store.put(DEPLOYMENTS + name, new.to_json())

@@ -99,6 +99,30 @@ async def test_applying_the_same_spec_again_changes_nothing(head: HeadNode, stor
     assert head.desired["echo"].model == "v2:Model"
 
 
+async def test_a_spec_that_differs_only_in_key_order_or_whitespace_is_unchanged(
+    head: HeadNode, store: MemoryStore
+) -> None:
+    """Before, options {"a": 1, "b": {"c": 1}} written in another order was an update:
+    ``changed`` (``shoal deploy`` printed 'updated (revision 1): unchanged'), the spec written
+    to the store again and an event recorded, as a CI pipeline re-rendering YAML does every time."""
+    text = '{"name": "echo", "backend": "python", "model": "m:Model", "options": {"a": 1, "b": {"c": 1}}}'
+    await head.apply(parse_spec_json(text))
+    revision = (await store.list("deployments/"))[0].revision
+    reordered = (
+        '{ "options": {"b": {\n "c": 1}, "a": 1},  "model": "m:Model", "backend": "python", "name": "echo"}'
+    )
+
+    assert await head.apply(parse_spec_json(reordered)) == ApplyResult(
+        created=False, changed=False, revision=1
+    )
+    assert (await store.list("deployments/"))[0].revision == revision
+    assert [e.kind for e in head.history.events("echo")] == ["created"]
+    # A value's type is a change: 1 is not 1.0, nor true.
+    for value in ("1.0", "true"):
+        result = await head.apply(parse_spec_json(text.replace('"a": 1', f'"a": {value}')))
+        assert result.changed and result.change == "options changed"
+
+
 async def test_scale_persists_the_new_count_and_reconcile_follows_it(
     head: HeadNode, store: MemoryStore, fleet: FakeSchedulers
 ) -> None:
