@@ -488,6 +488,13 @@ class ClusterState:
 
     # ------------------------------------------------------------ reconcile
 
+    def retire(self, replica_ids: Iterable[str]) -> list[Action]:
+        """Drain the replicas ``replica_ids`` that are known and not draining already, whatever
+        their deployment wants: those of a deployment deleted, then created again before
+        they were gone, which must not serve the new one (``HeadNode.apply``)."""
+        recs = [self.replicas.get(rid) for rid in replica_ids]
+        return [self._remove(rec, graceful=True) for rec in recs if rec is not None and rec.state != DRAINING]
+
     def reconcile(
         self,
         desired: Mapping[str, tuple[DeploymentSpec, int]],

@@ -178,6 +178,9 @@ class HeadNode:
         self.blobs: BlobStore | None = None
         # Earlier revisions' specs, parsed once: (name, number, spec hash) -> spec.
         self._revision_specs: dict[tuple[str, int, str], DeploymentSpec] = {}
+        # Replicas of a deployment deleted and created again before they were gone: drained
+        # at each pass until their schedulers no longer report them (ClusterState.retire).
+        self._leftovers: set[str] = set()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -411,6 +414,8 @@ class HeadNode:
                 self.broken.pop(spec.name, None)
                 if self.deleted.pop(spec.name, None) is not None:
                     await self.store.delete(TOMBSTONES + spec.name)
+                    # The deleted one's replicas not removed yet: they are not this one's.
+                    self._leftovers.update(r.id for r in self.state.replicas.of(spec.name))
                 self._refresh_resources()
                 await self._record_change(old, spec, change)
             current = self.history.current(spec.name)
@@ -750,11 +755,14 @@ class HeadNode:
                     late,
                 )
             self.state.late_s = late
+            self._leftovers.intersection_update(self.state.replicas)
+            # Known to be a deleted deployment's, they go in the adoption wait too.
+            retired = [] if self._paused else self.state.retire(self._leftovers)
             wait = self._adopt_until - self.clock.now()
             if wait > 0:
                 # Autoscaling targets wait too: afterwards they start from what runs.
                 self.state.expire()
-                actions: list[Action] = []
+                actions: list[Action] = retired
                 self.state.pending_reasons = {
                     n: f"waiting {wait:.0f}s for schedulers to register again after the head started"
                     for n in self.desired
@@ -769,7 +777,7 @@ class HeadNode:
                     self.state.expire()
                     actions = []
                 else:
-                    actions = self.state.reconcile(desired, self.deleted, retained=retained)
+                    actions = retired + self.state.reconcile(desired, self.deleted, retained=retained)
                     if self.state.more_to_place:
                         self.wake()
             for sid in list(self._clients):

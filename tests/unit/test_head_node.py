@@ -208,6 +208,36 @@ async def test_delete_forgets_the_deployment_and_removes_its_replicas(
     assert sorted(fleet.clients["s1"].removed) == sorted((rid, True) for rid in created)
 
 
+async def test_a_deployment_created_again_before_the_deleted_ones_replicas_went_does_not_get_them(
+    head: HeadNode, fleet: FakeSchedulers
+) -> None:
+    """Delete, then deploy the same name with a new model before the next reconcile pass (at
+    once over the Python API, or within the second the loop rests after a long pass). Before,
+    the deleted deployment's READY replicas became the new one's previous revision: they kept
+    serving its requests with the deleted model while it rolled out, and were drained only as
+    the new replicas became READY."""
+    await join(head)
+    old = make_spec(replicas=2, model="old:Model")
+    await head.apply(old)
+    await head.reconcile_once()
+    client = fleet.clients["s1"]
+    deleted = client.created_ids
+    assert await head.scheduler_health("s1", client.registry_version, [ready(r, old) for r in deleted])
+    await head.delete("echo")
+
+    new = make_spec(replicas=2, model="new:Model")
+    await head.apply(new)
+    actions = await head.reconcile_once()
+
+    assert sorted(a.replica_id for a in actions if isinstance(a, RemoveReplica)) == sorted(deleted)
+    assert [a.spec.model for a in actions if isinstance(a, CreateReplica)] == ["new:Model"] * 2
+    assert head.routes.deployments["echo"].routes == ()  # none of the deleted ones serves it
+    # Their scheduler still reports them READY until they have drained: still not the new one's.
+    assert await head.scheduler_health("s1", client.registry_version, [ready(r, old) for r in deleted])
+    assert not [a for a in await head.reconcile_once() if isinstance(a, RemoveReplica | CreateReplica)]
+    assert head.routes.deployments["echo"].routes == ()
+
+
 # ------------------------------------------------------------------ reconcile
 
 
