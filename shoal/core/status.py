@@ -52,6 +52,7 @@ class DeploymentStatus:
     broken: str = ""  # why its stored spec cannot be read (the store's row is kept)
     spec: dict[str, Any] = field(default_factory=dict)  # as JSON; empty when broken or unknown
     replicas: tuple[ReplicaStatus, ...] = ()
+    revision: int = 0  # its current revision, read with spec: what an apply's if_revision names (0: none)
 
     @property
     def ready_replicas(self) -> int:

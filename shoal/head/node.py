@@ -1305,6 +1305,7 @@ def status_of(node: HeadNode, only: Collection[str] | None = None, *, brief: boo
         # Each replica's revision: the newest of the spec it runs (as in the routing table).
         replicas = by_deployment.get(name, [])
         revision = {rev.spec_hash: rev.number for rev in node.history.revisions(name)} if replicas else {}
+        current = node.history.current(name)
         if spec is not None:
             reason = state.pending_reasons.get(name, "")
         elif broken:
@@ -1336,6 +1337,7 @@ def status_of(node: HeadNode, only: Collection[str] | None = None, *, brief: boo
                     )
                     for r in replicas
                 ),
+                revision=current.number if current is not None else 0,
             )
         )
     events = tuple(

@@ -1067,12 +1067,15 @@ class DeploymentInfo(_message.Message):
     REPLICAS_FIELD_NUMBER: _builtins.int
     PENDING_REASON_FIELD_NUMBER: _builtins.int
     BROKEN_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     target_replicas: _builtins.int
     spec_json: _builtins.str
     pending_reason: _builtins.str
     broken: _builtins.str
     """why its stored spec cannot be read"""
+    revision: _builtins.int
+    """its current revision, read with spec_json (an apply's if_revision); 0: none"""
     @_builtins.property
     def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicaInfo]: ...
     def __init__(
@@ -1084,10 +1087,11 @@ class DeploymentInfo(_message.Message):
         replicas: _abc.Iterable[Global___ReplicaInfo] | None = ...,
         pending_reason: _builtins.str = ...,
         broken: _builtins.str = ...,
+        revision: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["broken", b"broken", "name", b"name", "pending_reason", b"pending_reason", "replicas", b"replicas", "spec_json", b"spec_json", "target_replicas", b"target_replicas"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["broken", b"broken", "name", b"name", "pending_reason", b"pending_reason", "replicas", b"replicas", "revision", b"revision", "spec_json", b"spec_json", "target_replicas", b"target_replicas"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -123,6 +123,7 @@ def status_to_pb(status: ClusterStatus) -> pb.ClusterStatus:
                 pending_reason=d.pending_reason,
                 broken=d.broken,
                 spec_json=json.dumps(d.spec) if d.spec else "",
+                revision=d.revision,
                 replicas=[
                     pb.ReplicaInfo(
                         replica_id=r.id,
@@ -179,6 +180,7 @@ def status_from_pb(status: pb.ClusterStatus) -> ClusterStatus:
                 pending_reason=d.pending_reason,
                 broken=d.broken,
                 spec=json.loads(d.spec_json) if d.spec_json else {},
+                revision=d.revision,
                 replicas=tuple(
                     ReplicaStatus(
                         id=r.replica_id,

@@ -58,7 +58,9 @@ async def test_an_apply_from_a_stale_revision_is_refused_over_grpc_and_by_the_cl
 ) -> None:
     async with shoal.AsyncClient(head.head_address) as c:
         assert (await c.deploy(echo(), wait=False, if_revision=0)).revision == 1
-        seen = (await c.history("echo"))[-1].number  # both operators read revision 1
+        # Both operators read the spec and its revision (1), in one read.
+        (read,) = (await c.status(("echo",))).deployments
+        seen = read.revision
         a = await c.deploy(echo(who="a"), wait=False, if_revision=seen)
         with pytest.raises(FailedPrecondition, match="'echo' is at revision 2 \\(updated\\), not revision 1"):
             await c.deploy(echo(who="b"), wait=False, if_revision=seen)
@@ -83,3 +85,5 @@ async def test_an_apply_from_a_stale_revision_is_refused_over_grpc_and_by_the_cl
         assert negative.returncode != 0
         assert "--if-revision must be an integer from 0 to 2147483647, got -1" in negative.stderr
         assert [r.number for r in await c.history("echo")] == [1, 2, 3]
+        assert seen == 1 and read.spec["options"] == {}
+        assert (await c.status(("echo",))).deployments[0].revision == 3

@@ -110,6 +110,7 @@ async def test_the_rest_apply_takes_if_revision_and_answers_409_naming_the_revis
         # Misspelt, it would have applied unchecked.
         misspelt = await client.post("/api/deployments?if_revison=2", json={**spec, "model": "c:M"})
         schema = (await client.get("/openapi.json")).json()
+        read = (await client.get("/api/deployments/app")).json()
 
     assert (created.status_code, created.json()) == (
         201,
@@ -126,6 +127,7 @@ async def test_the_rest_apply_takes_if_revision_and_answers_409_naming_the_revis
     assert misspelt.status_code == 400
     assert misspelt.json()["error"] == "unknown query parameter 'if_revison': only if_revision is known"
     assert head.desired["app"].model == "b:M"
+    assert (read["revision"], read["spec"]["model"]) == (2, "b:M")  # what the next if_revision names
     post = schema["paths"]["/api/deployments"]["post"]
     assert [p["name"] for p in post["parameters"]] == ["if_revision"]
     assert "409" in post["responses"]
