@@ -175,7 +175,9 @@ class SchedulerCollector(Collector):
         yield replica_in_flight
 
         batch = HistogramMetricFamily(
-            "shoal_batch_size", "Rows per model call in replicas on this scheduler.", labels=["deployment"]
+            "shoal_batch_size",
+            "Rows per successful model call in replicas on this scheduler.",
+            labels=["deployment"],
         )
         sizes: dict[str, Counter[int]] = {}
         for r in registry:

@@ -33,8 +33,10 @@ Statistics follow Triton's ``ModelStatistics``. Request counts and durations
 sent through this scheduler's catalog; ``queue`` is the router's wait for a replica with
 room (all requests through this scheduler); ``execution_count``, ``compute_infer`` and
 ``batch_stats`` add up what the deployment's READY replicas report of their own work,
-whoever sent it. Replicas count model calls per batch size, not time per batch size, so
-a batch entry's ``compute_infer.ns`` is 0.
+whoever sent it: their successful model calls only, as Triton counts executions (a failed
+batch, run again one request at a time, counts the calls that answered). Replicas count
+model calls per batch size, not time per batch size, so a batch entry's
+``compute_infer.ns`` is 0. ``docs/triton.md`` says what each count means.
 
 Everything here runs on the scheduler's event loop; nothing is thread-safe.
 """

@@ -612,3 +612,72 @@ async def test_statistics_show_counts_and_dynamic_batches(
     assert max(b["batch_size"] for b in stats["batch_stats"]) > 1
     every = await over_http(cluster, lambda c: c.get_inference_statistics())
     assert [m["name"] for m in every["model_stats"]] == ["batched", "digits", "echo", "free"]
+
+
+PICKY = """
+import time
+
+import numpy as np
+
+
+class Picky:
+    \"\"\"Echo, 0.3 s a call; refuses a call with a row of 5s.\"\"\"
+
+    def predict(self, inputs):
+        time.sleep(0.3)
+        if (inputs["x"] == 5).any():
+            raise ValueError("a row of 5s")
+        return dict(inputs)
+"""
+
+
+async def test_statistics_count_successful_executions_only(
+    cluster: ProcessCluster, grpc_client: tgrpc_aio.InferenceServerClient, tmp_path: Path
+) -> None:
+    """A batch that fails because of one request runs again one request at a time; Triton's
+    ``execution_count`` and ``batch_stats`` count successful model executions, so the failed
+    batch and the offender's own call are not counted. Before, the seven good requests
+    showed as 9 executions over 16 rows (the first alone, the failed batch of 7, then 7
+    alone)."""
+    (tmp_path / "picky.py").write_text(PICKY)
+    await cluster.deploy(
+        {
+            "name": "picky",
+            "backend": "python",
+            "model": "picky:Picky",
+            "base_dir": str(tmp_path),
+            "resources": {"cpus": 0.1},
+            "batching": {"max_batch_size": 8, "max_delay_ms": 100},
+            "inputs": BATCHED_TENSORS,
+            "outputs": BATCHED_TENSORS,
+        }
+    )
+    try:
+        await cluster.wait_ready("picky", 1)
+
+        async def one(k: int) -> bool:
+            inp = tgrpc.InferInput("x", [1, 16], "FP32")
+            inp.set_data_from_numpy(np.full((1, 16), k, np.float32))
+            try:
+                await grpc_client.infer("picky", [inp])
+            except InferenceServerException:
+                return False
+            return True
+
+        first = asyncio.create_task(one(0))  # runs alone and holds the model 0.3 s
+        await asyncio.sleep(0.1)
+        rest = asyncio.gather(*(one(k) for k in range(1, 8)))  # queued behind it, then batched
+        ok = [await first, *await rest]
+        assert ok == [k != 5 for k in range(8)]
+        stats = (await grpc_client.get_inference_statistics("picky")).model_stats[0]
+        assert (
+            stats.inference_count,
+            stats.inference_stats.success.count,
+            stats.inference_stats.fail.count,
+        ) == (7, 7, 1)
+        assert 2 <= stats.execution_count <= 7
+        sizes = {b.batch_size: b.compute_infer.count for b in stats.batch_stats}
+        assert sum(size * n for size, n in sizes.items()) == 7, sizes  # each good row ran once
+        assert sum(sizes.values()) == stats.execution_count
+    finally:
+        await cluster.client.delete("picky")
