@@ -20,7 +20,7 @@ from typing import Any
 
 from shoal.core.clock import Clock
 from shoal.core.placement import Candidate, Capacity, choose
-from shoal.core.spec import DeploymentSpec
+from shoal.core.spec import STABLE_AFTER_S, DeploymentSpec
 from shoal.core.states import ReplicaState, SchedulerState
 from shoal.errors import AlreadyExists
 
@@ -38,15 +38,15 @@ BACKOFF_BASE_S = 1.0
 BACKOFF_MAX_S = 30.0
 FAILED_AFTER = 4
 """Replicas of one spec that crash in a row (before READY, or of their own doing within
-``STABLE_AFTER_S`` of it), after which its deployment is FAILED: no more starts (the crash loop
+``health.stable_after_s`` of it), after which its deployment is FAILED: no more starts (the crash loop
 ends) until a deploy of another spec or a head restart. Four: about 10 s of backoff, room for
 a model that flakes; ``shoal deploy`` already answered at two."""
-STABLE_AFTER_S = 60.0
-"""How long a replica must stay READY to prove its spec can run. One that crashes sooner (it
-exits with an error, a crash signal or over its memory limit: not a kill from outside, such as
-``kill -9``, the OOM killer or a chaos run) counts as a failed start, so a model that dies
-just after loading backs off and ends FAILED instead of restarting for ever. A spec's run of
-failures ends once a replica started after the last one has stayed READY this long."""
+# A spec's ``health.stable_after_s`` (default STABLE_AFTER_S, 60 s) is how long a replica
+# must stay READY to prove its spec can run. One that crashes sooner (it exits with an error,
+# a crash signal or over its memory limit: not a kill from outside, such as ``kill -9``, the
+# OOM killer or a chaos run) counts as a failed start, so a model that dies just after
+# loading backs off and ends FAILED instead of restarting for ever. A spec's run of failures
+# ends once a replica started after the last one has stayed READY this long.
 FAILED = "FAILED: "  # how the pending reason of a FAILED deployment starts
 MAX_CREATES_PER_PASS = 1024
 """Most replicas one reconcile pass places: a pass is synchronous, and a spec asking for
@@ -297,6 +297,9 @@ class ClusterState:
     # back off their replacements without touching the current spec's.
     _retained: dict[str, frozenset[str]] = field(default_factory=dict)
     _retained_failures: dict[tuple[str, str], _StartFailures] = field(default_factory=dict)
+    # Each desired deployment's ``health.stable_after_s`` as of the last reconcile (the
+    # default for one not seen yet: a replica reported before the head's first pass).
+    _stable_after: dict[str, float] = field(default_factory=dict)
 
     # ------------------------------------------------------------ membership
 
@@ -532,6 +535,7 @@ class ClusterState:
         self._retained = {n: frozenset(s.process_hash() for s in retained.get(n, ())) for n in desired}
         for key in [k for k in self._retained_failures if k[1] not in self._retained.get(k[0], ())]:
             del self._retained_failures[key]
+        self._stable_after = {n: s.health.stable_after_s for n, (s, _) in desired.items()}
         for _, (spec, count) in sorted(desired.items()):
             actions.extend(self._reconcile_one(spec, count, index, budget, retained.get(spec.name, ())))
         return actions
@@ -572,7 +576,7 @@ class ClusterState:
             if failures is not None and failures.crashes >= FAILED_AFTER:
                 self.pending_reasons[spec.name] = (
                     f"{FAILED}{failures.crashes} replicas in a row died before READY or within "
-                    f"{STABLE_AFTER_S:.0f}s of it, not started again "
+                    f"{spec.health.stable_after_s:g}s of it, not started again "
                     f"until the next deploy: {failures.last_message}"
                 )
             elif failures is not None and self.clock.now() < failures.not_before:
@@ -797,7 +801,7 @@ class ClusterState:
         elif crashed:
             # READY but never seen so by the head: it came and went between two reports.
             up = self.clock.now() - rec.ready_seen if rec.ready_seen else 0.0
-            if up < STABLE_AFTER_S:
+            if up < self.stable_after_s(deployment):
                 reason = f"died {up:.0f}s after READY: {message}"
                 self._start_failed(deployment, reason, rec.spec_hash, crashed=True)
         self.event(
@@ -835,15 +839,20 @@ class ClusterState:
 
     def _outlived(self, rec: ReplicaRecord, f: _StartFailures) -> bool:
         """Whether ``rec``, a replica of the failing spec started after its last failure, stayed
-        READY ``STABLE_AFTER_S``: the failures before it were no crash loop. Not for a FAILED
-        spec: that one ends only with the next deploy."""
+        READY ``health.stable_after_s``: the failures before it were no crash loop. Not for a
+        FAILED spec: that one ends only with the next deploy."""
         return (
             f.crashes < FAILED_AFTER
             and rec.spec_hash == f.spec_hash
             and rec.ready_seen > 0
             and rec.ready_seen >= f.last_at
-            and self.clock.now() - rec.ready_seen >= STABLE_AFTER_S
+            and self.clock.now() - rec.ready_seen >= self.stable_after_s(rec.deployment)
         )
+
+    def stable_after_s(self, deployment: str) -> float:
+        """How long a replica of ``deployment`` must stay READY to end a run of failures
+        (its spec's ``health.stable_after_s``)."""
+        return self._stable_after.get(deployment, STABLE_AFTER_S)
 
     def take_failed(self) -> list[tuple[str, str, str]]:
         """The deployments that became FAILED since the last call, once each, in order:

@@ -77,6 +77,12 @@ only ``> 0``, 5e-324 was taken, and any load over it was an infinite replica cou
 OverflowError in every reconcile pass."""
 MAX_SECONDS = 86_400.0
 """Longest duration (timeouts, intervals, delays) a spec may set: a day."""
+STABLE_AFTER_S = 60.0
+"""Default ``health.stable_after_s``: how long a replica must stay READY to prove its spec
+can run (``shoal.core.cluster``)."""
+MIN_STABLE_AFTER_S = 1.0
+"""Least ``health.stable_after_s``: below a second, any replica that reached READY would end
+a run of failures before the head saw it die, and a crash loop would never be judged one."""
 MAX_OPTIONS_BYTES = 64 * 1024
 """Largest ``options``, as compact JSON: they travel in every routing-table push."""
 MAX_OPTIONS_DEPTH = 32
@@ -264,10 +270,17 @@ class Autoscaling(_Strict):
 
 
 class Health(_Strict):
+    """How a deployment's replicas are watched.
+
+    ``stable_after_s``: how long a replica must stay READY before the crash-loop count of its
+    spec starts again; one that crashes of its own doing sooner counts as a failed start
+    (``shoal.core.cluster``). The head alone reads it: changing it restarts no replica."""
+
     ping_interval_s: float = Field(default=1.0, gt=0, le=MAX_SECONDS)
     ping_timeout_s: float = Field(default=2.0, gt=0, le=MAX_SECONDS)
     ping_failures: int = Field(default=3, ge=1, le=1000)
     start_timeout_s: float = Field(default=120.0, gt=0, le=MAX_SECONDS)
+    stable_after_s: float = Field(default=STABLE_AFTER_S, ge=MIN_STABLE_AFTER_S, le=MAX_SECONDS)
 
 
 class Auth(_Strict):
@@ -419,14 +432,16 @@ class DeploymentSpec(_Strict):
         """Hash of everything that needs new replica processes when it changes.
 
         Replica count and autoscaling bounds are left out: changing them
-        scales, it does not restart; so are the inference tokens (schedulers check them) and
-        ``serve_revisions`` (which revisions keep serving, not how each runs).
+        scales, it does not restart; so are the inference tokens (schedulers check them),
+        ``serve_revisions`` (which revisions keep serving, not how each runs) and
+        ``health.stable_after_s`` (the head's crash-loop bookkeeping).
         """
         return self.cached_process_hash
 
     @functools.cached_property
     def cached_process_hash(self) -> str:
-        doc = self.model_dump(mode="json", exclude={"replicas", "autoscaling", "auth", "serve_revisions"})
+        left_out = dict.fromkeys(("replicas", "autoscaling", "auth", "serve_revisions"), True)
+        doc = self.model_dump(mode="json", exclude={**left_out, "health": {"stable_after_s"}})
         # Left out at their defaults: specs from before these fields keep their hash (and replicas).
         for key, default in (("restarts", 0), ("model_hash", ""), ("multiplexing", None), ("warmup", 0)):
             if doc[key] == default:

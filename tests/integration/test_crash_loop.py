@@ -3,7 +3,7 @@ says so; a replica killed from outside is replaced at once. Real processes on po
 
 Before, a replica's death once it was READY was never a failed start: a model that exits a
 second after loading was restarted at once, for ever, ``shoal deploy`` passed it and ``shoal
-status`` showed it healthy between deaths (``shoal/core/cluster.py: STABLE_AFTER_S``).
+status`` showed it healthy between deaths (``health.stable_after_s``, 60 s by default).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 import shoal
-from shoal.core.cluster import FAILED, FAILED_AFTER, STABLE_AFTER_S
+from shoal.core.cluster import FAILED, FAILED_AFTER
+from shoal.core.spec import STABLE_AFTER_S
 from shoal.errors import FailedPrecondition
 from shoal.testing.cluster import ProcessCluster
 from tests.integration.test_rollback_restart import cli

@@ -13,12 +13,12 @@ import pytest
 
 from shoal.core.clock import FakeClock
 from shoal.core.cluster import (
+    BACKOFF_MAX_S,
     DRAINING,
     FAILED_AFTER,
     PENDING,
     READY,
     REPLICA_DEAD,
-    STABLE_AFTER_S,
     STARTING,
     Action,
     ClusterState,
@@ -27,7 +27,7 @@ from shoal.core.cluster import (
     ReplicaReport,
 )
 from shoal.core.placement import Capacity
-from shoal.core.spec import DeploymentSpec, parse_spec
+from shoal.core.spec import STABLE_AFTER_S, DeploymentSpec, parse_spec
 from tests.unit.conftest import make_spec
 
 pytestmark = pytest.mark.timeout(10)
@@ -612,15 +612,17 @@ def test_staying_ready_resets_the_backoff(state: ClusterState, clock: FakeClock)
     assert state.pending_reasons["echo"] == "1 replica start failure(s), retrying in 1s: boom"
 
 
-def crash_after_ready(state: ClusterState, s1: Sim, spec: DeploymentSpec, *, crashed: bool = True) -> str:
-    """Start a replica of ``spec``, see it READY, and have it die a second later."""
+def crash_after_ready(
+    state: ClusterState, s1: Sim, spec: DeploymentSpec, *, crashed: bool = True, up_s: float = 1.0
+) -> str:
+    """Start a replica of ``spec``, see it READY, and have it die ``up_s`` later."""
     actions = state.reconcile(want(spec))
     s1.act(actions)
     [c] = creates(actions)
     assert s1.beat()
     s1.ready(c.replica_id)
     assert s1.beat()
-    state.clock.advance(1.0)  # type: ignore[attr-defined]  # a FakeClock
+    state.clock.advance(up_s)  # type: ignore[attr-defined]  # a FakeClock
     s1.die(c.replica_id, "process exited with code 1: RuntimeError: lost the device", crashed=crashed)
     assert s1.beat()
     return c.replica_id
@@ -681,6 +683,32 @@ def test_a_crash_long_after_ready_is_replaced_at_once(state: ClusterState, clock
 
     assert len(creates(state.reconcile(want(spec)))) == 1
     assert state.pending_reasons == {}
+
+
+@pytest.mark.parametrize(("stable_after_s", "judged"), [(None, False), (120.0, True)])
+def test_health_stable_after_s_sets_how_long_ready_proves_a_spec(
+    clock: FakeClock, stable_after_s: float | None, judged: bool
+) -> None:
+    # A model that crashes 90 s after every READY: past the default 60 s each crash is
+    # replaced at once, for ever; with stable_after_s 120 it is the crash loop it is. Before,
+    # the 60 s was a constant that no spec (and no test) could change.
+    state = ClusterState(clock=clock, dead_after_s=1e6)  # the scheduler lives through the jumps
+    s1 = Sim(state, "s1")
+    spec = make_spec(health={} if stable_after_s is None else {"stable_after_s": stable_after_s})
+    for _ in range(FAILED_AFTER):
+        crash_after_ready(state, s1, spec, up_s=90.0)
+        clock.advance(BACKOFF_MAX_S)
+    state.reconcile(want(spec))
+    reason = state.pending_reasons.get("echo", "")
+    if judged:
+        assert reason.startswith(
+            f"FAILED: {FAILED_AFTER} replicas in a row died before READY or within 120s of it"
+        )
+        assert "died 90s after READY" in reason
+        assert [name for name, _, _ in state.take_failed()] == ["echo"]
+    else:
+        assert reason == ""
+        assert state.take_failed() == []
 
 
 def test_reaching_ready_alone_does_not_end_a_run_of_failures(state: ClusterState, clock: FakeClock) -> None:

@@ -122,6 +122,8 @@ async def test_rest_refuses_with_400_and_stores_nothing(
         ({"health": {"start_timeout_s": 1e12}}, "health.start_timeout_s"),
         ({"health": {"ping_interval_s": 1e12}}, "health.ping_interval_s"),
         ({"health": {"ping_failures": 10**9}}, "health.ping_failures"),
+        ({"health": {"stable_after_s": 0.5}}, "health.stable_after_s"),
+        ({"health": {"stable_after_s": 86_401}}, "health.stable_after_s"),
         ({"autoscaling": {"target_ongoing_requests": 5e-324}}, "autoscaling.target_ongoing_requests"),
         ({"autoscaling": {"target_ongoing_requests": 0.009}}, "autoscaling.target_ongoing_requests"),
         ({"autoscaling": {"upscale_delay_s": 1e12}}, "autoscaling.upscale_delay_s"),
@@ -149,6 +151,35 @@ def test_the_bounds_themselves_are_accepted() -> None:
         }
     )
     assert spec.initial_replicas() == 1000
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        (0, "health.stable_after_s: Input should be greater than or equal to 1"),
+        (-5, "health.stable_after_s: Input should be greater than or equal to 1"),
+        (100_000, "health.stable_after_s: Input should be less than or equal to 86400"),
+        ("soon", "health.stable_after_s: Input should be a valid number"),
+    ],
+)
+async def test_a_bad_stable_after_s_is_a_400_naming_the_field(
+    rest: tuple[httpx.AsyncClient, MemoryStore], value: object, error: str
+) -> None:
+    client, store = rest
+    spec = {**BASE, "replicas": 0, "health": {"stable_after_s": value}}
+
+    r = await client.post("/api/deployments", json=spec)
+
+    assert r.status_code == 400 and error in r.json()["error"], r.text
+    assert await store.list("deployments/") == []
+
+
+def test_stable_after_s_is_the_heads_alone_and_restarts_no_replica() -> None:
+    spec = parse_spec(BASE)
+    assert spec.health.stable_after_s == 60.0
+    longer = parse_spec({**BASE, "health": {"stable_after_s": 1}})
+    assert longer.process_hash() == spec.process_hash()  # also: specs from before it keep theirs
+    assert parse_spec({**BASE, "health": {"ping_failures": 5}}).process_hash() != spec.process_hash()
 
 
 def test_options_over_64_kib_are_refused() -> None:
