@@ -223,10 +223,18 @@ class Resources(_Strict):
 
 
 class Batching(_Strict):
-    """Dynamic batching inside a replica. ``max_batch_size`` 1 turns it off."""
+    """Dynamic batching inside a replica. ``max_batch_size`` 1 turns it off.
+
+    ``oversize``: what a request of more rows (axis 0) than ``max_batch_size`` gets.
+    ``run_alone`` (the default): a model call of its own, however many rows. ``refuse``:
+    InvalidArgument at the scheduler, before any replica sees it, as Triton refuses a
+    request whose batch is above the model's ``max_batch_size``; what a deployment from a
+    Triton ``config.pbtxt`` with ``max_batch_size`` > 0 gets, its author having declared
+    the limit. The schedulers alone read it: changing it restarts no replica."""
 
     max_batch_size: int = Field(default=1, ge=1, le=4096)
     max_delay_ms: float = Field(default=0.0, ge=0, le=10_000)
+    oversize: Literal["run_alone", "refuse"] = "run_alone"
 
 
 class Multiplexing(_Strict):
@@ -441,7 +449,9 @@ class DeploymentSpec(_Strict):
     @functools.cached_property
     def cached_process_hash(self) -> str:
         left_out = dict.fromkeys(("replicas", "autoscaling", "auth", "serve_revisions"), True)
-        doc = self.model_dump(mode="json", exclude={**left_out, "health": {"stable_after_s"}})
+        doc = self.model_dump(
+            mode="json", exclude={**left_out, "health": {"stable_after_s"}, "batching": {"oversize"}}
+        )
         # Left out at their defaults: specs from before these fields keep their hash (and replicas).
         for key, default in (("restarts", 0), ("model_hash", ""), ("multiplexing", None), ("warmup", 0)):
             if doc[key] == default:
@@ -449,6 +459,13 @@ class DeploymentSpec(_Strict):
         if doc.get("multiplexing", {}).get("load_timeout_s", 0) is None:
             del doc["multiplexing"]["load_timeout_s"]
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
+
+    @functools.cached_property
+    def max_request_rows(self) -> int:
+        """Most rows (axis 0) a request may have: ``batching.max_batch_size`` when
+        ``batching.oversize`` is ``refuse``; 0, no bound, otherwise. Kept with the spec: the
+        scheduler reads it on every request."""
+        return self.batching.max_batch_size if self.batching.oversize == "refuse" else 0
 
     def initial_replicas(self) -> int:
         if self.autoscaling is not None:

@@ -345,7 +345,8 @@ def read_model(root: str | Path, name: str, *, hash_files: bool = True) -> Repos
     else:
         doc = {"name": name, "backend": "onnx", "model": str(model_file)}
     if mbs > 0:
-        batching: dict[str, Any] = {"max_batch_size": max(mbs, 1)}
+        # Triton refuses a request of more rows than its author declared: so does shoal.
+        batching: dict[str, Any] = {"max_batch_size": max(mbs, 1), "oversize": "refuse"}
         if config.HasField("dynamic_batching"):
             _check_fields(config.dynamic_batching, _BATCHING_FIELDS, "dynamic_batching.", where)
             delay_ms = config.dynamic_batching.max_queue_delay_microseconds / 1000

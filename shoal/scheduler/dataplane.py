@@ -25,7 +25,9 @@ door a request came in by, and they live here:
   ``max_inflight_mb`` (:class:`shoal.core.budget.ByteBudget`: a request waits for room
   until its deadline, or is refused when the queue for room is full);
 * **validation**: tensor headers and byte lengths, then names, datatypes and shapes
-  against the model's metadata, from the headers alone (nothing is decoded here);
+  against the model's metadata, from the headers alone (nothing is decoded here), and a
+  request's rows against ``max_batch_size`` where the spec says ``batching.oversize:
+  refuse`` (:attr:`DeploymentSpec.max_request_rows`: Triton's rule);
 * **accounting**: every outcome, a refusal included, is counted in the router's
   per-deployment statistics (``shoal_requests_total``, the dashboard, the autoscaler)
   and Triton's model statistics, and logged; so is an answer the door cannot use
@@ -155,6 +157,12 @@ class DataPlane:
             )
             check_inputs(metadata, call.inputs)
             check_outputs(metadata, call.outputs)
+            if spec.max_request_rows and call.inputs and call.inputs[0].rows > spec.max_request_rows:
+                # Triton's words, which its clients (and their retry logic) know.
+                raise InvalidArgument(
+                    f"inference request batch-size must be <= {spec.max_request_rows} for "
+                    f"{spec.name!r} (it has {call.inputs[0].rows} rows)"
+                )
         except ShoalError as err:
             self._refused(call, spec, err, started)
             raise

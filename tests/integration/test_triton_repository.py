@@ -144,6 +144,13 @@ async def test_a_triton_repository_serves_and_loads_and_unloads(tmp_path: Path) 
             assert result.as_numpy("label").tolist() == labels.tolist()
             config = (await grpc_client.get_model_config("iris")).config
             assert config.max_batch_size == 16
+            # More rows than its config.pbtxt's max_batch_size: refused, as Triton refuses it
+            # (before, the 18 rows ran as one model call).
+            many = tgrpc_aio.InferInput("x", [18, 4], "FP32")
+            many.set_data_from_numpy(np.repeat(rows, 3, axis=0))
+            with pytest.raises(InferenceServerException, match="batch-size must be <= 16 for 'iris'") as big:
+                await grpc_client.infer("iris", [many])
+            assert big.value.status() == "StatusCode.INVALID_ARGUMENT"
 
             # The model without a config, over HTTP: the tensors its file declares.
             def linear(client: thttp.InferenceServerClient) -> tuple[int, ...]:

@@ -179,6 +179,32 @@ async def test_a_valid_request_gets_the_same_answer_through_every_door(
     assert doors.node.router.stats()["echo"].outcomes["ok"] == 3
 
 
+async def test_a_request_above_max_batch_size_is_refused_when_the_spec_says_so(
+    doors: Doors, fakes: FakeReplicas
+) -> None:
+    """``batching.oversize: refuse`` (a deployment from a Triton config.pbtxt): more rows
+    than ``max_batch_size`` is a 400 in Triton's words on every door, before any replica
+    sees it. Before, a request of 10,000 rows ran as one model call of 10,000 rows."""
+    capped = {"max_batch_size": 4, "max_delay_ms": 1}
+    doors.node.router.add("c", spec("capped", batching={**capped, "oversize": "refuse"}), "c:1", "s1")
+    doors.node.router.add("l", spec("alone", batching=capped), "l:1", "s1")
+    big, message = np.zeros((5, 4), np.float32), "inference request batch-size must be <= 4 for 'capped'"
+
+    status, body = await doors.rest("capped", big)
+    assert status == 400 and message in body["error"], body
+    for door in (doors.oip, doors.send):
+        with pytest.raises(Aborted) as err:
+            await door("capped", big)
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and message in err.value.message
+    assert fakes.clients["c:1"].requests == []
+    assert doors.node.router.stats()["capped"].outcomes["invalid"] == 3
+    assert (await doors.rest("capped", big[:4]))[0] == 200
+
+    # The default, run_alone: the request is one model call of its own rows.
+    assert (await doors.rest("alone", big))[0] == 200
+    assert len(fakes.clients["l:1"].requests) == 1
+
+
 async def test_a_reused_native_id_never_answers_another_request(doors: Doors, fakes: FakeReplicas) -> None:
     replica = fakes.clients["a:9000"]
     replica.gate = asyncio.Event()

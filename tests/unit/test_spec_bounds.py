@@ -182,6 +182,17 @@ def test_stable_after_s_is_the_heads_alone_and_restarts_no_replica() -> None:
     assert parse_spec({**BASE, "health": {"ping_failures": 5}}).process_hash() != spec.process_hash()
 
 
+def test_batching_oversize_is_the_schedulers_alone_and_restarts_no_replica() -> None:
+    batching = {"max_batch_size": 32, "max_delay_ms": 5}
+    alone = parse_spec({**BASE, "batching": batching})
+    refuse = parse_spec({**BASE, "batching": {**batching, "oversize": "refuse"}})
+    assert (alone.max_request_rows, refuse.max_request_rows) == (0, 32)
+    assert refuse.process_hash() == alone.process_hash()
+    assert "batching.oversize: Input should be 'run_alone' or 'refuse'" in refused(
+        {**BASE, "batching": {"oversize": "split"}}
+    )
+
+
 def test_options_over_64_kib_are_refused() -> None:
     five_mb = {"blob": "x" * (5 * 1024 * 1024)}
     assert "options: " in refused({**BASE, "options": five_mb})

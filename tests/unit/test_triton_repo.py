@@ -53,6 +53,7 @@ def test_an_onnx_model_maps_inputs_outputs_batching_and_instances(tmp_path: Path
         ("s", "BYTES", (-1, -1)),
     ]
     assert spec.batching.max_batch_size == 8 and spec.batching.max_delay_ms == 2.5
+    assert spec.max_request_rows == 8  # a request of more rows is refused, as Triton refuses it
     assert spec.replicas == 3 and spec.resources.gpus == 0 and spec.resources.cpus == 0.25
 
 
@@ -73,6 +74,7 @@ def test_without_batching_dims_are_the_whole_shape_and_gpu_groups_share_a_gpu(tm
     spec = read_model(tmp_path, "m").spec
     assert spec is not None
     assert spec.inputs[0].shape == (4,) and spec.batching.max_batch_size == 1
+    assert spec.max_request_rows == 0  # no batch axis: no bound on it
     assert spec.replicas == 4 and spec.resources.gpus == 0.5
 
 
