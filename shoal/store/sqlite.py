@@ -12,12 +12,28 @@ Durability: ``synchronous=NORMAL`` in WAL mode, so a write that returned survive
 process dying; an OS crash or power loss may lose the last writes but never corrupts the
 file (SQLite's documented trade-off). Watches see the writes of this store instance only,
 not those of other processes on the same file.
+
+One store per file: an open store holds an exclusive ``flock`` on ``<file>.lock`` beside it
+(released by the kernel when the process dies), and a second store on the file, from any
+process and by any path, is refused. Two heads on one file each kept their own event
+numbers and overwrote each other's rows; the heads' pid files do not see a head on another
+machine sharing the folder, or in another pid namespace.
+
+A write is refused (``StoreError``) once the file at the path is not the one opened (its
+folder deleted, the file replaced): SQLite kept writing to the deleted file, every change
+returned as saved, and the next start had none of them.
+
+Another process holding the file's write lock: a write waits ``busy_timeout_s`` for it,
+then fails; the writes after it wait only :data:`BUSY_RETRY_S` until one goes through, as
+the head holds its own lock across each write and every control call queued behind them
+would otherwise wait the whole timeout in turn.
 """
 
 from __future__ import annotations
 
 import asyncio
 import builtins
+import fcntl
 import logging
 import os
 import sqlite3
@@ -45,6 +61,12 @@ from shoal.store.base import (
 T = TypeVar("T")
 
 log = logging.getLogger("shoal.store")
+
+BUSY_TIMEOUT_S = 5.0
+"""How long a write waits for a write lock another process holds on the file."""
+
+BUSY_RETRY_S = 0.1
+"""How long a write waits for it after a write found it held past the timeout."""
 
 SCHEMA_VERSION = 1
 """Stored in ``PRAGMA user_version``; a file from a newer shoal is refused."""
@@ -80,16 +102,23 @@ class SqliteStore:
         *,
         history_limit: int = DEFAULT_HISTORY_LIMIT,
         max_pending: int = DEFAULT_MAX_PENDING,
+        busy_timeout_s: float = BUSY_TIMEOUT_S,
     ) -> None:
         if history_limit < 1 or max_pending < 1:
             raise ValueError("history_limit and max_pending must be >= 1")
+        if busy_timeout_s < 0:
+            raise ValueError("busy_timeout_s must be >= 0")
         self._path = Path(path)
         self._history_limit = history_limit
+        self._busy_timeout_ms = round(busy_timeout_s * 1000)
+        self._busy = False  # a write found the file's write lock held past the timeout
         self._hub = WatchHub(max_pending=max_pending)
         self._state: Literal["new", "opening", "open", "closed"] = "new"
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None  # used on the worker thread only
+        self._lock_file: int | None = None  # the fd holding the flock
+        self._file_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the file opened
 
     @property
     def path(self) -> Path:
@@ -201,19 +230,27 @@ class SqliteStore:
             # Logged here too: the caller gets INTERNAL with this message, and the head's log
             # used to say nothing while every deploy, scale and delete failed (a disk gone
             # read-only: "disk I/O error").
-            log.error("state store %s: %s", self._path, err)
-            raise StoreError(f"state store {self._path}: {err}") from err
+            message = f"state store {self._path}: {err}"
+            if getattr(err, "sqlite_errorcode", None) == sqlite3.SQLITE_BUSY:
+                message += ": another process holds its write lock; changes fail until it lets go"
+            log.error("%s", message)
+            raise StoreError(message) from err
 
     def _open_sync(self) -> None:
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock_file = _hold_lock(self._path)
             conn = sqlite3.connect(self._path, isolation_level=None)
+            stat = os.stat(self._path)
         except (OSError, sqlite3.Error) as err:
+            self._close_sync()
             raise StoreError(f"cannot open state store {self._path}: {err}") from err
+        self._file_id = (stat.st_dev, stat.st_ino)
         try:
-            _init(conn, self._path)
+            _init(conn, self._path, self._busy_timeout_ms)
         except BaseException as err:
             conn.close()
+            self._close_sync()
             if isinstance(err, sqlite3.Error):
                 raise StoreError(
                     f"state store {self._path} is unreadable, corrupt, or not a shoal store: {err}"
@@ -225,9 +262,41 @@ class SqliteStore:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+        fd, self._lock_file = self._lock_file, None
+        if fd is not None:
+            os.close(fd)  # releases the flock
+
+    @contextmanager
+    def _writing(self, conn: sqlite3.Connection) -> Iterator[None]:
+        """One write transaction, on the file opened; see the module's docstring."""
+        try:
+            stat = os.stat(self._path)
+            same = (stat.st_dev, stat.st_ino) == self._file_id
+        except FileNotFoundError:
+            same = False
+        if not same:
+            gone = StoreError(
+                f"state store {self._path} was deleted or replaced while it was open: changes are "
+                "refused, as they would not be in the file the next start reads; the deployments "
+                "this head runs are in 'shoal status --json' (their specs), to deploy again after "
+                "a restart"
+            )
+            log.error("%s", gone)
+            raise gone
+        try:
+            with _transaction(conn, "IMMEDIATE"):
+                yield
+        except sqlite3.OperationalError as err:
+            if err.sqlite_errorcode == sqlite3.SQLITE_BUSY and not self._busy:
+                self._busy = True
+                conn.execute(f"PRAGMA busy_timeout = {round(BUSY_RETRY_S * 1000)}")
+            raise
+        if self._busy:
+            self._busy = False
+            conn.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
 
     def _put(self, conn: sqlite3.Connection, key: str, value: str, expected: int | None) -> int | None:
-        with _transaction(conn, "IMMEDIATE"):
+        with self._writing(conn):
             if expected is not None and _key_revision(conn, key) != expected:
                 return None
             revision = _bump(conn)
@@ -241,7 +310,7 @@ class SqliteStore:
         return revision
 
     def _delete(self, conn: sqlite3.Connection, key: str) -> bool:
-        with _transaction(conn, "IMMEDIATE"):
+        with self._writing(conn):
             if _key_revision(conn, key) == 0:
                 return False
             revision = _bump(conn)
@@ -279,8 +348,28 @@ def _transaction(conn: sqlite3.Connection, mode: Literal["DEFERRED", "IMMEDIATE"
         raise
 
 
-def _init(conn: sqlite3.Connection, path: Path) -> None:
-    conn.execute("PRAGMA busy_timeout = 5000")
+def _hold_lock(path: Path) -> int:
+    """Take the exclusive flock on ``<path>.lock``; its fd, which holds it until closed.
+    StoreError when another process (or store) holds it."""
+    lock = path.with_name(path.name + ".lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreError(
+            f"state store {path} is open in another process (it holds {lock}): another head "
+            "runs on this file, perhaps on another machine sharing the folder; stop it first, "
+            "or give this head a state folder of its own"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _init(conn: sqlite3.Connection, path: Path, busy_timeout_ms: int) -> None:
+    conn.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
     (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
     if str(mode).lower() != "wal":
         raise StoreError(f"state store {path}: cannot use WAL mode (the file system gave {mode!r})")

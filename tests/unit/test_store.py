@@ -4,6 +4,7 @@ process on loopback); then SQLite's and etcd's own promises."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import sqlite3
 import threading
 import uuid
@@ -602,3 +603,68 @@ async def test_sqlite_a_write_the_file_refuses_is_logged_as_well_as_raised(
         await store._call(lambda conn: conn.execute("PRAGMA query_only = OFF"))  # the disk back
         await store.put("deployments/b", "spec-b")
         assert [e.key for e in await store.list()] == ["deployments/a", "deployments/b"]
+
+
+async def test_sqlite_a_second_store_on_an_open_file_is_refused(tmp_path: Path) -> None:
+    """Two heads on one state file (their pid files on different machines or in different
+    pid namespaces, or started at the same instant) each kept their own revisions and event
+    numbers and overwrote the other's rows. The second is refused, by the file's path or
+    another one leading to it."""
+    path = tmp_path / "state" / "state.db"
+    (tmp_path / "other").symlink_to(tmp_path / "state")
+    async with SqliteStore(path) as first:
+        await first.put("deployments/a", "spec-a")
+        for same in (path, tmp_path / "other" / "state.db"):
+            with pytest.raises(StoreError, match=r"another process .*state\.db.*stop it") as refused:
+                await SqliteStore(same).open()
+            assert str(path) in str(refused.value) or str(same) in str(refused.value)
+        assert await first.put("deployments/b", "spec-b") == 2
+    async with SqliteStore(tmp_path / "other" / "state.db") as second:  # once the first closed
+        assert [e.key for e in await second.list()] == ["deployments/a", "deployments/b"]
+    assert not sqlite_threads()
+
+
+@pytest.mark.parametrize("how", ["folder deleted", "file replaced"])
+async def test_sqlite_refuses_writes_once_its_file_is_gone(tmp_path: Path, how: str) -> None:
+    """The state folder deleted while the head ran (a cleanup, a volume unmounted): every
+    later deploy "succeeded" into the deleted file, and the next start had none of them."""
+    path = tmp_path / "state" / "state.db"
+    async with SqliteStore(path) as store:
+        await store.put("deployments/a", "spec-a")
+        if how == "folder deleted":
+            shutil.rmtree(path.parent)
+        else:
+            path.rename(tmp_path / "moved.db")
+            path.write_bytes(b"")
+        with pytest.raises(StoreError, match="deleted or replaced while it was open"):
+            await store.put("deployments/b", "spec-b")
+        with pytest.raises(StoreError, match="deleted or replaced while it was open"):
+            await store.delete("deployments/a")
+        assert [e.key for e in await store.list()] == ["deployments/a"]  # reads still answer
+
+
+async def test_sqlite_a_write_lock_another_process_holds_fails_the_next_writes_at_once(
+    tmp_path: Path,
+) -> None:
+    """Another process holding the file's write lock (a sqlite3 shell in a transaction): the
+    head holds its lock across each write, so every deploy, scale and delete queued behind
+    the first waited the whole busy timeout in turn, and the head's status, health updates
+    and registrations waited behind them. After one write timed out, the next ones give up
+    at once (a short wait), until one gets the lock."""
+    path = tmp_path / "state.db"
+    async with SqliteStore(path, busy_timeout_s=0.5) as store:
+        await store.put("deployments/a", "spec-a")
+        holder = sqlite3.connect(path, isolation_level=None)
+        try:
+            holder.execute("BEGIN IMMEDIATE")
+            for _ in range(3):
+                with pytest.raises(StoreError, match="another process holds its write lock"):
+                    await store.put("deployments/b", "spec-b")
+            timeout = await store._call(lambda conn: conn.execute("PRAGMA busy_timeout").fetchone()[0])
+            assert timeout < 500  # the second and third did not wait the whole timeout
+            holder.execute("ROLLBACK")
+        finally:
+            holder.close()
+        assert await store.put("deployments/b", "spec-b") == 2
+        timeout = await store._call(lambda conn: conn.execute("PRAGMA busy_timeout").fetchone()[0])
+        assert timeout == 500  # waits again, now that writes go through
