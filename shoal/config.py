@@ -239,6 +239,10 @@ class Settings:
     max_blob_mb: int = 10240
     """Largest model file or packed folder the head takes from ``shoal deploy`` (its blob
     store, ``<state_dir>/blobs``)."""
+    max_blobs_mb: int = 51200
+    """Most megabytes of blobs the head keeps in all (whole, and uploads in progress or
+    dropped, at the size they announced); an upload past it is refused. Uploads are also
+    refused when they would leave under 1 GB free on the disk of ``<state_dir>/blobs``."""
     blob_grace_s: float = 3600.0
     """The head deletes a blob no deployment and no kept revision names once it has gone
     unnamed this long (and a dropped upload this long after its last byte)."""
@@ -425,6 +429,7 @@ _RANGES: dict[str, _Range] = {
     "control_rate_limit": _NATURAL,
     "artifact_cache_mb": _NATURAL,
     "max_blob_mb": _NATURAL,
+    "max_blobs_mb": _NATURAL,
     # The head collects unnamed blobs every min(60 s, this): 0 would collect without pause.
     "blob_grace_s": _POSITIVE,
 }

@@ -154,7 +154,10 @@ async def start_head(
     pbg.add_HeadServicer_to_server(HeadService(node), server)
     # The cluster's artifact store: on this head's disk, beside the SQLite file (also on etcd).
     blobs = BlobStore(
-        state_dir / "blobs", max_bytes=settings.max_blob_mb * 2**20, grace_s=settings.blob_grace_s
+        state_dir / "blobs",
+        max_bytes=settings.max_blob_mb * 2**20,
+        grace_s=settings.blob_grace_s,
+        max_total=settings.max_blobs_mb * 2**20,
     )
     node.blobs = blobs
     pbg.add_BlobServicer_to_server(HeadBlobService(blobs, node), server)

@@ -7,6 +7,11 @@ the head still keeps them on its own disk):
 * ``partial/<sha256>``: an upload in progress or dropped. A new upload of the same blob
   continues where it ends (:meth:`BlobStore.stat` tells the CLI where).
 
+Bounded: an upload is refused (ResourceExhausted, keeping nothing) when the blobs held
+(whole, and partial uploads counted at the size they announced) would pass ``max_total``,
+or when its bytes would leave less than ``keep_free`` free on the disk, where the state
+file lies too.
+
 Collected (:meth:`BlobStore.collect`): a blob that no deployment and no kept revision names
 is deleted once it has gone unnamed for ``grace_s`` (counted from its upload, or from the
 last time a collection found it named); a partial upload, once ``grace_s`` has passed
@@ -42,6 +47,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import shutil
 import time
 from collections import Counter
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Container, Iterable
@@ -53,7 +59,7 @@ from shoal.core.blobs import CHUNK, HEX, check_hex, file_sha256, parse_uri, read
 from shoal.core.cluster import ALIVE
 from shoal.core.spec import DeploymentSpec, parse_spec_json, uri_scheme
 from shoal.core.tasks import TaskSet
-from shoal.errors import InvalidArgument, NotFound, Unavailable
+from shoal.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 
 if TYPE_CHECKING:
     from shoal.head.node import HeadNode
@@ -139,6 +145,11 @@ models of 1 MB each. Past it a holder's further blobs are not recorded (logged o
 are not pointed at it for them."""
 
 
+KEEP_FREE = 2**30
+"""Bytes an upload must leave free on the blob store's disk: the head's state file is
+beside it, and a disk the blobs filled refused every deploy, scale and delete."""
+
+
 def standby_wait_s(size: int) -> float:
     """How long an upload of ``size`` bytes waits for a standby's copy before it answers
     anyway: 30 s, and a second per 50 MB."""
@@ -151,12 +162,24 @@ def standby_holder(head_address: str) -> str:
 
 
 class BlobStore:
-    """See the module's docstring. ``max_bytes``: the largest blob an upload may send."""
+    """See the module's docstring. ``max_bytes``: the largest blob an upload may send;
+    ``max_total``: the most bytes of blobs held in all; ``keep_free``: the bytes an upload
+    must leave free on the disk."""
 
-    def __init__(self, root: Path, *, max_bytes: int, grace_s: float) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        max_bytes: int,
+        grace_s: float,
+        max_total: int = 50 * 2**30,
+        keep_free: int = KEEP_FREE,
+    ) -> None:
         self.root = root
         self.max_bytes = max_bytes
         self.grace_s = grace_s
+        self.max_total = max_total
+        self.keep_free = keep_free
         self._sizes: dict[str, int] = {}  # partial uploads' declared sizes
         self._named_at: dict[str, float] = {}  # blob -> when it was last found named
         self._holders: dict[str, set[str]] = {}  # blob -> scheduler ids holding it whole
@@ -171,6 +194,7 @@ class BlobStore:
         # damaged): the mirror (shoal.head.blob_mirror) fetches it back from a holder.
         self.on_missing: Callable[[str], None] = lambda sha256: None
         self._locks: dict[str, asyncio.Lock] = {}
+        self._admitting = asyncio.Lock()  # one upload at a time is counted against the bounds
         self._tasks = TaskSet("blobs")
 
     # ------------------------------------------------------------ lifecycle
@@ -435,7 +459,8 @@ class BlobStore:
                 f"upload of blob sha256:{sha256} starts at offset {offset}, but the head has "
                 f"{info.have} bytes of it: resume from there"
             )
-        self._writing.add(sha256)
+        await self._admit(sha256, size, info.have)
+        self._writing.add(sha256)  # no await since the admission: counted by the next one
         self._sizes[sha256] = size
         partial = self._partial(sha256)
         try:
@@ -461,6 +486,7 @@ class BlobStore:
             actual = await asyncio.to_thread(file_sha256, partial)
             if actual != sha256:
                 partial.unlink(missing_ok=True)
+                self._sizes.pop(sha256, None)
                 raise InvalidArgument(
                     f"the uploaded bytes hash to sha256:{actual}, not sha256:{sha256}: upload it again"
                 )
@@ -472,6 +498,48 @@ class BlobStore:
             return BlobInfo(sha256, size, True, size)
         finally:
             self._writing.discard(sha256)
+
+    async def _admit(self, sha256: str, size: int, have: int) -> None:
+        """ResourceExhausted unless ``size`` bytes of ``sha256`` (``have`` of them here
+        already) fit within ``max_total`` and leave ``keep_free`` on the disk."""
+        async with self._admitting:
+            held, coming = await asyncio.to_thread(self._usage, sha256)
+            if held + size > self.max_total:
+                raise ResourceExhausted(
+                    f"the head holds {held} bytes of blobs (whole, and uploads in progress or "
+                    f"dropped): blob sha256:{sha256} of {size} bytes would pass its limit of "
+                    f"{self.max_total // 2**20} MB (setting max_blobs_mb); delete the deployments "
+                    "that name old ones (their blobs go blob_grace_s later), or raise the limit"
+                )
+            usage = await asyncio.to_thread(shutil.disk_usage, self.root)
+            if usage.free - coming - (size - have) < self.keep_free:
+                raise ResourceExhausted(
+                    f"blob sha256:{sha256} of {size} bytes would leave less than "
+                    f"{self.keep_free // 2**20} MB free on the disk of {self.root} ({usage.free} "
+                    "bytes free): the head's state file needs it; free space there, or delete the "
+                    "deployments that name old blobs (they go blob_grace_s later)"
+                )
+
+    def _usage(self, sha256: str) -> tuple[int, int]:
+        """The bytes of the blobs held or being uploaded but ``sha256`` (a partial upload at
+        the size it announced), and how many of them are still to come. Makes the root."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        held = 0
+        for path in self.root.iterdir():
+            if HEX.match(path.name) and path.name != sha256:
+                with contextlib.suppress(FileNotFoundError):
+                    held += path.stat().st_size
+        partial = {}
+        for path in (self.root / "partial").iterdir() if (self.root / "partial").is_dir() else ():
+            with contextlib.suppress(FileNotFoundError):
+                partial[path.name] = path.stat().st_size
+        coming = 0
+        for blob in (set(partial) | self._writing) - {sha256}:
+            announced = max(partial.get(blob, 0), self._sizes.get(blob, 0))
+            held += announced
+            if blob in self._writing:
+                coming += announced - partial.get(blob, 0)
+        return held, coming
 
     # ------------------------------------------------------------ collecting
 

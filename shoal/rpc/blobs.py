@@ -307,6 +307,13 @@ class GrpcHeadPeers:
 UPLOAD_ATTEMPTS = 5
 """Tries of one upload, each continuing where the head's copy ends (a dropped connection)."""
 
+REFUSED = (
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,  # the head's blobs or disk full: trying again now would not help
+)
+"""What an upload's answer may say that ends it at once, without another try."""
+
 
 async def upload(settings: Settings, packed: Packed, on_progress: Callable[[int, int], None]) -> bool:
     """Send ``packed`` to the head (``settings.head_address``; of several, the first that
@@ -347,7 +354,7 @@ async def upload(settings: Settings, packed: Packed, on_progress: Callable[[int,
                     # Dropped, or refused while bytes were still on their way (then the next
                     # Stat says why not, or that another upload completed it).
                     error = to_error(err)
-                    if err.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED):
+                    if err.code() in REFUSED:
                         raise error from None
                     log.info("upload of %s dropped (%s); resuming (try %d)", packed.ref.uri, error, attempt)
         finally:

@@ -150,3 +150,22 @@ async def test_a_blob_damaged_on_the_heads_disk_is_deleted_and_a_new_upload_repl
     await cluster.client.scale("damaged", 1)
     await cluster.wait_ready("damaged", 1)
     await cluster.client.delete("damaged")
+
+
+async def test_an_upload_past_the_heads_total_of_blobs_is_refused(tmp_path: Path) -> None:
+    """Each blob was bounded, their total was not: uploads filled the head's disk, and its
+    state file with them."""
+    env = {"SHOAL_MAX_BLOB_MB": "2", "SHOAL_MAX_BLOBS_MB": "2"}
+    async with ProcessCluster(tmp_path / "cluster", schedulers=0, env=env) as small:
+        outs = []
+        for name in ("first", "second"):
+            (tmp_path / f"{name}.joblib").write_bytes(name.encode() * (3 * 2**19 // len(name)))  # 1.5 MB
+            (tmp_path / f"{name}.yaml").write_text(
+                f"name: {name}\nbackend: sklearn\nmodel: {name}.joblib\nreplicas: 0\n"
+            )
+            outs.append(await shoal_deploy(small, "--upload", "--no-wait", str(tmp_path / f"{name}.yaml")))
+        assert outs[0].returncode == 0, outs[0].stdout + outs[0].stderr
+        assert outs[1].returncode == 1, outs[1].stdout + outs[1].stderr
+        assert "would pass its limit of 2 MB (setting max_blobs_mb)" in outs[1].stderr
+        assert "Traceback" not in outs[1].stderr
+        assert [d["name"] for d in (await small.status())["deployments"]] == ["first"]

@@ -18,7 +18,7 @@ from shoal.core.blobs import BlobRef, pack, parse_uri, unpack
 from shoal.core.clock import FakeClock
 from shoal.core.model_dirs import check_deployable
 from shoal.core.spec import parse_spec
-from shoal.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from shoal.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from shoal.head.blobs import BlobStore, in_use
 from shoal.head.node import HeadNode
 from shoal.scheduler.artifacts import ArtifactCache
@@ -170,6 +170,32 @@ async def test_the_head_refuses_a_wrong_hash_a_size_over_its_limit_and_an_unknow
     spec = parse_spec({"name": "m", "backend": "sklearn", "model": f"blob://sha256:{wrong}/m.joblib"})
     with pytest.raises(InvalidArgument, match="names a blob this head does not have"):
         store.check_named(spec)
+
+
+async def test_the_head_refuses_an_upload_past_its_total_of_blobs_or_into_its_last_free_disk(
+    tmp_path: Path,
+) -> None:
+    """Each blob was bounded (max_blob_mb), their number was not: a deploy token could fill
+    the head's disk with blobs no deployment names (kept for blob_grace_s, an hour), and
+    then every change to the state file beside them failed. The whole blobs and the
+    uploads in progress count; what is refused keeps nothing."""
+    store = BlobStore(tmp_path / "blobs", max_bytes=1_000_000, grace_s=100.0, max_total=25_000)
+    blobs = [os.urandom(10_000) for _ in range(3)]
+    shas = [hashlib.sha256(b).hexdigest() for b in blobs]
+    assert (await store.receive(shas[0], 10_000, 0, chunks_of(blobs[0]))).complete
+    with pytest.raises(ConnectionResetError):  # dropped: its 10,000 bytes stay reserved
+        await store.receive(shas[1], 10_000, 0, chunks_of(blobs[1], fail_after=2000))
+    with pytest.raises(ResourceExhausted, match=r"holds 20000 bytes of blobs .* max_blobs_mb"):
+        await store.receive(shas[2], 10_000, 0, chunks_of(blobs[2]))
+    assert store.stat(shas[2]).have == 0
+    # The dropped one continues, and one already whole is taken again as ever.
+    assert (await store.receive(shas[1], 10_000, 2000, chunks_of(blobs[1][2000:]))).complete
+    assert (await store.receive(shas[0], 10_000, 0, chunks_of(blobs[0]))).complete
+
+    full = BlobStore(tmp_path / "full", max_bytes=1_000_000, grace_s=100.0, keep_free=2**62)
+    with pytest.raises(ResourceExhausted, match=r"would leave less than .* free on the disk"):
+        await full.receive(shas[2], 10_000, 0, chunks_of(blobs[2]))
+    assert full.stat(shas[2]).have == 0
 
 
 async def test_blobs_no_deployment_or_kept_revision_names_are_collected_after_the_grace(
