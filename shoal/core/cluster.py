@@ -860,6 +860,10 @@ class ClusterState:
         out, self._newly_failed = self._newly_failed, []
         return out
 
+    def fail_again(self, failed: tuple[str, str, str]) -> None:
+        """Give back an entry of :meth:`take_failed` its caller could not handle now."""
+        self._newly_failed.append(failed)
+
     def clear_start_failures(self, deployment: str) -> bool:
         """Forget ``deployment``'s failed starts (a new deploy, even of the same spec, is a new
         try: the user may have fixed the model's code). True when there were any."""

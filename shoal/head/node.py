@@ -61,7 +61,7 @@ from shoal.errors import (
 )
 from shoal.head.blobs import BlobStore
 from shoal.head.traffic import TrafficRoutes
-from shoal.store.base import Store
+from shoal.store.base import Store, StoreError
 from shoal.store.history import History, LifecycleEvent, Revision, check_if_revision
 from shoal.types import (
     DeploymentRoutes,
@@ -600,23 +600,34 @@ class HeadNode:
     async def _handle_failed(self) -> None:
         """Deployments that just became FAILED: an event, the revision's outcome, and for an
         update (not a rollback itself: no loops), a rollback to the previous revision, so that
-        its old replicas, still serving, stay. Under the lock."""
-        for name, spec_hash, message in self.state.take_failed():
-            spec = self.desired.get(name)
-            if spec is None or spec.process_hash() != spec_hash:
-                continue  # replaced since
-            current = self.history.current(name)
-            number = current.number if current is not None and current.spec_hash == spec_hash else None
-            if number is not None:
-                await self.history.set_outcome(name, number, f"failed: {message}"[:500])
-            await self.history.record(
-                name, "failed", f"replicas keep crashing (before READY or soon after): {message}", number
-            )
-            if number is None or current is None or current.kind == "rolled_back":
-                continue
-            target = self._previous(name, spec_hash)
-            if target is not None:
-                await self._roll_back(name, spec, target, f"revision {number} failed")
+        its old replicas, still serving, stay. Under the lock.
+
+        One the store refuses to record (a full disk, a lock another process holds) is
+        handled again at the next pass; this pass goes on. It used to end the pass there and
+        drop the failure: the update was never rolled back."""
+        for failed in self.state.take_failed():
+            try:
+                await self._handle_one_failed(*failed)
+            except StoreError as err:
+                log.error("deployment %s failed; recording it waits for the store: %s", failed[0], err)
+                self.state.fail_again(failed)
+
+    async def _handle_one_failed(self, name: str, spec_hash: str, message: str) -> None:
+        spec = self.desired.get(name)
+        if spec is None or spec.process_hash() != spec_hash:
+            return  # replaced since
+        current = self.history.current(name)
+        number = current.number if current is not None and current.spec_hash == spec_hash else None
+        if number is not None:
+            await self.history.set_outcome(name, number, f"failed: {message}"[:500])
+        await self.history.record(
+            name, "failed", f"replicas keep crashing (before READY or soon after): {message}", number
+        )
+        if number is None or current is None or current.kind == "rolled_back":
+            return
+        target = self._previous(name, spec_hash)
+        if target is not None:
+            await self._roll_back(name, spec, target, f"revision {number} failed")
 
     async def scale(self, name: str, replicas: int) -> None:
         """Set a deployment's fixed replica count. NotFound for an unknown name;

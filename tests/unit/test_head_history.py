@@ -19,7 +19,7 @@ from shoal.core.states import ReplicaState
 from shoal.errors import FailedPrecondition, InvalidArgument, NotFound
 from shoal.head.node import HeadNode
 from shoal.http.head import head_app
-from shoal.store import MemoryStore
+from shoal.store import MemoryStore, StoreError
 from shoal.testing.fakes import FakeSchedulers
 from shoal.types import SchedulerRegistration
 
@@ -338,3 +338,45 @@ async def test_a_rollback_body_is_read_whatever_its_framing_and_a_misspelt_field
         extra.json()["error"]
         == "body must be {\"replicas\": N} with N an integer: unknown field(s) 'replica'"
     )
+
+
+class RefusingStore(MemoryStore):
+    """Refuses every write while ``refusing`` (a full disk, a lock another process holds)."""
+
+    refusing = False
+
+    async def put(self, key: str, value: str) -> int:
+        if self.refusing:
+            raise StoreError("state store: database or disk is full")
+        return await super().put(key, value)
+
+
+async def test_a_failure_found_while_the_store_refuses_writes_is_rolled_back_once_it_takes_them(
+    fleet: FakeSchedulers, clock: FakeClock
+) -> None:
+    """The reconcile pass that found the update failed could not record it: the pass ended
+    there (nothing else placed or removed), and the failure was dropped, so the update was
+    never rolled back, its old replica left to serve alone."""
+    store = RefusingStore()
+    node = HeadNode(Settings(dead_after_s=1e6), store, fleet, clock)
+    await node.register_scheduler(
+        SchedulerRegistration("s1", "s1:7000", "s1:7001", Capacity(8, 8192, 0), pid=42, hostname="h")
+    )
+    try:
+        v1, v2 = make_spec("good:M"), make_spec("broken:M")
+        [old] = await serving(node, fleet, v1)
+        await node.apply(v2)
+        await fail_new_replicas(node, fleet, clock, [report(old, v1, READY)], v2)
+
+        store.refusing = True
+        await node.reconcile_once()  # the pass goes on; the failure waits for the store
+        assert node.desired["app"] == v2
+        store.refusing = False
+        await node.reconcile_once()
+        assert node.desired["app"] == v1
+        assert [(e.kind, e.revision) for e in node.history.events("app")][-2:] == [
+            ("failed", 2),
+            ("rolled_back", 1),
+        ]
+    finally:
+        await node.aclose()
