@@ -87,8 +87,9 @@ class SqliteStore:
 
     Lifecycle: the constructor does no I/O. ``await store.open()`` (which returns the
     store) or ``async with SqliteStore(path) as store:`` creates the parent folder and the
-    file if missing, and raises :class:`StoreError` when the file is unreadable, corrupt,
-    or not a shoal store. ``close`` ends watches and stops the worker thread.
+    file if missing, and raises :class:`StoreError` when the file is unreadable, read-only,
+    corrupt, not a shoal store, or open in another process. ``close`` ends watches and
+    stops the worker thread.
 
     Concurrency: one connection lives on one dedicated worker thread and every SQLite call
     runs there, in submission order, so the event loop never blocks on disk. Any number
@@ -231,7 +232,7 @@ class SqliteStore:
             # used to say nothing while every deploy, scale and delete failed (a disk gone
             # read-only: "disk I/O error").
             message = f"state store {self._path}: {err}"
-            if getattr(err, "sqlite_errorcode", None) == sqlite3.SQLITE_BUSY:
+            if _primary_code(err) == sqlite3.SQLITE_BUSY:
                 message += ": another process holds its write lock; changes fail until it lets go"
             log.error("%s", message)
             raise StoreError(message) from err
@@ -251,9 +252,16 @@ class SqliteStore:
         except BaseException as err:
             conn.close()
             self._close_sync()
+            if _primary_code(err) == sqlite3.SQLITE_READONLY:
+                # Not "corrupt": an operator told so may move a good file aside.
+                raise StoreError(
+                    f"state store {self._path} cannot be written ({err}): the head writes it; give "
+                    "this user write access to it and its folder, or mount them read-write"
+                ) from err
             if isinstance(err, sqlite3.Error):
                 raise StoreError(
-                    f"state store {self._path} is unreadable, corrupt, or not a shoal store: {err}"
+                    f"state store {self._path} is unreadable, corrupt, or not a shoal store: {err}; "
+                    "restore it from a copy, or move it aside to start this head without its deployments"
                 ) from err
             raise
         self._conn = conn
@@ -287,7 +295,7 @@ class SqliteStore:
             with _transaction(conn, "IMMEDIATE"):
                 yield
         except sqlite3.OperationalError as err:
-            if err.sqlite_errorcode == sqlite3.SQLITE_BUSY and not self._busy:
+            if _primary_code(err) == sqlite3.SQLITE_BUSY and not self._busy:
                 self._busy = True
                 conn.execute(f"PRAGMA busy_timeout = {round(BUSY_RETRY_S * 1000)}")
             raise
@@ -346,6 +354,12 @@ def _transaction(conn: sqlite3.Connection, mode: Literal["DEFERRED", "IMMEDIATE"
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+
+
+def _primary_code(err: BaseException) -> int | None:
+    """SQLite's primary result code of ``err`` (its extended code's low byte), if any."""
+    code = getattr(err, "sqlite_errorcode", None)
+    return code & 0xFF if isinstance(code, int) else None
 
 
 def _hold_lock(path: Path) -> int:

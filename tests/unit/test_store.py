@@ -4,11 +4,14 @@ process on loopback); then SQLite's and etcd's own promises."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import sqlite3
+import subprocess
 import threading
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -668,3 +671,34 @@ async def test_sqlite_a_write_lock_another_process_holds_fails_the_next_writes_a
         assert await store.put("deployments/b", "spec-b") == 2
         timeout = await store._call(lambda conn: conn.execute("PRAGMA busy_timeout").fetchone()[0])
         assert timeout == 500  # waits again, now that writes go through
+
+
+@contextmanager
+def read_only(path: Path) -> Iterator[None]:
+    """``path`` read-only for this process: root writes a file whatever its mode, but not
+    an immutable one."""
+    if os.geteuid() != 0:
+        path.chmod(0o444)
+        yield
+        return
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+async def test_sqlite_a_read_only_file_is_refused_as_such_not_as_corrupt(tmp_path: Path) -> None:
+    """It was refused as 'unreadable, corrupt, or not a shoal store': an operator told so
+    may move a good file aside and start the head without its deployments."""
+    path = tmp_path / "state.db"
+    async with SqliteStore(path) as store:
+        await store.put("deployments/a", "spec-a")
+    with (
+        read_only(path),
+        pytest.raises(StoreError, match=r"cannot be written .*give this user write") as refused,
+    ):
+        await SqliteStore(path).open()
+    assert "corrupt" not in str(refused.value)
+    assert not sqlite_threads()
