@@ -86,6 +86,13 @@ def _credentials(tls_dir: str) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(ca)
 
 
+MAX_READ_BYTES = 2**31 - 1
+"""The largest answer read from etcd (gRPC's most). A head taking over lists every
+deployment and revision at once, and gRPC's default of 4 MiB failed that at 30 deployments
+of 20 revisions of 10 KB; etcd's own quota (``--quota-backend-bytes``, 2 GiB by default)
+bounds what a list can hold."""
+
+
 class EtcdClient(aetcd.Client):  # type: ignore[misc]  # aetcd ships no types
     """An aetcd client over every endpoint of ``target``; TLS when ``target.tls_dir`` is set."""
 
@@ -100,7 +107,10 @@ class EtcdClient(aetcd.Client):  # type: ignore[misc]  # aetcd ships no types
         if self._connected.is_set():
             return
         target = self._shoal_target
-        options: list[tuple[str, Any]] = [("grpc.keepalive_time_ms", 10_000)]
+        options: list[tuple[str, Any]] = [
+            ("grpc.keepalive_time_ms", 10_000),
+            ("grpc.max_receive_message_length", MAX_READ_BYTES),
+        ]
         address = _target(target.endpoints)
         if target.tls_dir:
             if len(target.endpoints) > 1:

@@ -512,6 +512,25 @@ async def test_etcd_stores_on_one_root_share_one_revision_sequence(etcd: EtcdClu
         assert (await a.get("k/01")) == Entry("k/01", "b wins", 41)
 
 
+async def test_etcd_lists_and_replays_more_than_a_grpc_message_holds(etcd: EtcdCluster) -> None:
+    """A list (a head loading the state as it takes over) of more than 4 MiB failed
+    'Received message larger than max (6032070 vs. 4194304)': 30 deployments of 20
+    revisions of 10 KB were enough to keep every standby from leading."""
+    store = await open_etcd_store(etcd)
+    try:
+        value = "x" * 10_000
+        for i in range(450):  # 4.5 MB under one prefix, and in the changes kept for replay
+            await store.put(f"revisions/d{i // 20:02}/{i % 20:010}", value)
+        assert len(await store.list("revisions/")) == 450
+        watch = store.watch("revisions/", start_revision=0)
+        try:
+            assert [e.revision for e in await take(watch, 450)] == list(range(1, 451))
+        finally:
+            await watch.aclose()
+    finally:
+        await store.close()
+
+
 async def test_etcd_fenced_store_writes_only_while_it_holds_the_key(etcd: EtcdCluster) -> None:
     store = await open_etcd_store(etcd)
     try:
