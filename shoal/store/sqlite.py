@@ -252,6 +252,11 @@ class SqliteStore:
         except BaseException as err:
             conn.close()
             self._close_sync()
+            if _primary_code(err) == sqlite3.SQLITE_BUSY:
+                raise StoreError(
+                    f"state store {self._path}: another process holds its write lock ({err}); "
+                    "let it finish, then start again"
+                ) from err
             if _primary_code(err) == sqlite3.SQLITE_READONLY:
                 # Not "corrupt": an operator told so may move a good file aside.
                 raise StoreError(

@@ -691,6 +691,16 @@ async def test_sqlite_a_write_lock_another_process_holds_fails_the_next_writes_a
         timeout = await store._call(lambda conn: conn.execute("PRAGMA busy_timeout").fetchone()[0])
         assert timeout == 500  # waits again, now that writes go through
 
+    # At start, too: it was refused as 'unreadable, corrupt, or not a shoal store'.
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StoreError, match="another process holds its write lock") as refused:
+            await SqliteStore(path, busy_timeout_s=0.2).open()
+        assert "corrupt" not in str(refused.value)
+    finally:
+        holder.close()
+
 
 @contextmanager
 def read_only(path: Path) -> Iterator[None]:
