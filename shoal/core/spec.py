@@ -43,7 +43,7 @@ from pydantic import (
     model_validator,
 )
 
-from shoal.core import yamldoc
+from shoal.core import limits, yamldoc
 from shoal.core.blobs import parse_uri as parse_blob_uri
 from shoal.core.limits import is_unicode as _is_unicode
 from shoal.errors import InvalidArgument
@@ -473,11 +473,19 @@ class DeploymentSpec(_Strict):
         return self.replicas
 
 
+MAX_PROBLEMS = 10
+"""Problems one refusal of a spec names; it counts the rest. 250 inputs of a wrong datatype
+and shape were each named twice: a refusal of 150 KB."""
+
+
 def _explain(err: ValidationError) -> str:
+    errors = err.errors()
     parts = []
-    for e in err.errors():
+    for e in errors[:MAX_PROBLEMS]:
         where = ".".join(str(p) for p in e["loc"]) or "spec"
-        parts.append(f"{where}: {e['msg']}")
+        parts.append(f"{limits.shown(where)}: {limits.shown(e['msg'])}")
+    if len(errors) > MAX_PROBLEMS:
+        parts.append(f"and {len(errors) - MAX_PROBLEMS} more problems")
     return "; ".join(parts)
 
 
@@ -543,13 +551,13 @@ def parse_spec(doc: Any, *, base_dir: str | Path | None = None) -> DeploymentSpe
         name = "?"
     problems = _document_problems(doc)
     if problems:
-        raise InvalidArgument(f"invalid deployment spec {name!r}: {'; '.join(problems)}")
+        raise InvalidArgument(f"invalid deployment spec {limits.quoted(name)}: {'; '.join(problems)}")
     if base_dir is not None and not doc.get("base_dir"):
         doc = {**doc, "base_dir": str(Path(base_dir).resolve())}
     try:
         return DeploymentSpec.model_validate(doc)
     except ValidationError as err:
-        raise InvalidArgument(f"invalid deployment spec {name!r}: {_explain(err)}") from None
+        raise InvalidArgument(f"invalid deployment spec {limits.quoted(name)}: {_explain(err)}") from None
 
 
 def parse_spec_json(text: str | bytes) -> DeploymentSpec:

@@ -371,3 +371,25 @@ def test_a_deployment_cannot_take_the_name_of_the_statistics_route() -> None:
     with pytest.raises(InvalidArgument, match="route /v2/models/stats"):
         parse_spec({"name": "stats", "backend": "python", "model": "m:M"})
     assert parse_spec({"name": "stats2", "backend": "python", "model": "m:M"}).name == "stats2"
+
+
+# ------------------------------------------------------------------ the refusal itself
+
+
+def test_a_spec_with_many_problems_names_the_first_ten_and_counts_the_rest() -> None:
+    """250 inputs of a wrong datatype and shape were each named twice: a refusal of 150 KB
+    (HTTP body, CLI output, the head's log)."""
+    inputs = [{"name": f"i{i}", "datatype": "NOPE", "shape": "bad"} for i in range(250)]
+    message = refused(
+        {**BASE, "inputs": inputs, "outputs": [{"name": "o", "datatype": "FP32", "shape": [1]}]}
+    )
+    assert "inputs.0.datatype" in message
+    assert "inputs.6.datatype" not in message
+    assert "and 490 more problems" in message
+    assert len(message) < 2_000
+
+
+def test_a_refusal_quotes_at_most_200_characters_of_the_name() -> None:
+    message = refused({**BASE, "name": "N" * 100_000})
+    assert "(99800 more characters)" in message
+    assert len(message) < 1_000
