@@ -14,6 +14,7 @@ the head calls it under its lock.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import time
@@ -31,7 +32,9 @@ EVENTS = "events/"
 MAX_REVISIONS = 20
 """Revisions kept per deployment; the oldest goes when a new one comes."""
 MAX_EVENTS = 1000
-"""Lifecycle events kept for the whole cluster; the oldest goes when a new one comes."""
+"""Lifecycle events kept for the whole cluster. Past it the oldest event of the deployment
+holding the most goes (of the oldest such when several hold as many): a deployment whose
+replicas fail over and over cannot push every other deployment's events out."""
 EVENT_KINDS = ("created", "updated", "failed", "rolled_back", "restarted", "scaled", "deleted")
 MAX_MESSAGE = 1000
 """Longest event message kept (characters); a longer one is cut and ends with an ellipsis."""
@@ -100,6 +103,7 @@ class History:
         self._revisions: dict[str, list[Revision]] = {}
         self._events: deque[tuple[int, LifecycleEvent]] = deque()
         self._max_events = max_events
+        self._per_deployment: collections.Counter[str] = collections.Counter()
         self._next_event = 1
 
     async def load(self) -> None:
@@ -125,6 +129,7 @@ class History:
                 log.warning("skipping unreadable event row %r: %s", entry.key, err)
                 continue
             self._events.append((seq, event))
+        self._per_deployment = collections.Counter(e.deployment for _, e in self._events)
         if entries:
             try:
                 self._next_event = int(entries[-1].key.removeprefix(EVENTS)) + 1
@@ -136,8 +141,8 @@ class History:
     async def record(
         self, deployment: str, kind: str, message: str, revision: int | None = None
     ) -> LifecycleEvent:
-        """Keep an event (its message made one line of at most MAX_MESSAGE characters); the
-        oldest one goes past ``max_events``."""
+        """Keep an event (its message made one line of at most MAX_MESSAGE characters); past
+        ``max_events`` the oldest of the deployment holding the most goes (MAX_EVENTS)."""
         line = " ".join(message.split("\n"))
         if len(line) > MAX_MESSAGE:
             line = line[: MAX_MESSAGE - 1] + "…"
@@ -146,10 +151,21 @@ class History:
         await self.store.put(f"{EVENTS}{seq:012d}", json.dumps(event.to_dict()))
         self._next_event += 1
         self._events.append((seq, event))
+        self._per_deployment[deployment] += 1
         while len(self._events) > self._max_events:
-            old, _ = self._events.popleft()
-            await self.store.delete(f"{EVENTS}{old:012d}")
+            await self._evict()
         return event
+
+    async def _evict(self) -> None:
+        """Forget the oldest event of the deployment holding the most."""
+        most = max(self._per_deployment.values())
+        at = next(i for i, (_, e) in enumerate(self._events) if self._per_deployment[e.deployment] == most)
+        seq, event = self._events[at]
+        del self._events[at]
+        self._per_deployment[event.deployment] -= 1
+        if not self._per_deployment[event.deployment]:
+            del self._per_deployment[event.deployment]
+        await self.store.delete(f"{EVENTS}{seq:012d}")
 
     def events(self, deployment: str = "", limit: int = 0) -> list[LifecycleEvent]:
         """Events, oldest first: of ``deployment`` only when given, the last ``limit`` when > 0."""

@@ -336,6 +336,26 @@ async def test_history_keeps_the_last_events_oldest_first(store: Store) -> None:
     assert len(long.message) == MAX_MESSAGE and long.message.endswith("…")
 
 
+async def test_a_noisy_deployment_cannot_push_out_the_others_events(store: Store) -> None:
+    """Past the cluster's limit the oldest event of the deployment holding the most goes:
+    the oldest of all went before, so a deployment failing over and over left no other
+    deployment an event (its 'created' gone, and what went wrong with it)."""
+    history = History(store, max_events=5)
+    await history.record("quiet", "created", "revision 1")
+    await history.record("other", "created", "revision 1")
+    for i in range(20):
+        await history.record("noisy", "failed", f"crash {i}")
+
+    assert [e.kind for e in history.events("quiet")] == ["created"]
+    assert [e.kind for e in history.events("other")] == ["created"]
+    assert [e.message for e in history.events("noisy")] == [f"crash {i}" for i in (17, 18, 19)]
+    assert len(await store.list(EVENTS)) == 5
+    again = History(store, max_events=5)
+    await again.load()
+    await again.record("noisy", "failed", "crash 20")
+    assert [e.deployment for e in again.events()] == ["quiet", "other", "noisy", "noisy", "noisy"]
+
+
 async def test_history_keeps_the_last_revisions_per_deployment(store: Store) -> None:
     history = History(store, max_revisions=2)
     for model in ("m1", "m2", "m3"):
