@@ -222,6 +222,11 @@ class Settings:
     http_max_connections: int = 4096
     """Most HTTP connections one server process holds open; past it a new connection gets 503
     and is closed at once, while those open are served. Each ingress process has its own. 0: no limit."""
+    sse_keepalive_s: float = 15.0
+    """A streamed generation (OpenAI's ``stream``, Triton's ``generate_stream``) that sends
+    nothing for this long sends an SSE comment line, ``: keep-alive``, which clients skip:
+    proxies cut connections idle for 60 s by default. It does not count as the client
+    reading (``http_idle_timeout_s``). 0: never."""
     control_rate_limit: float = 100.0
     """Requests per second one client (its token, else its address) may make on the head's
     control API (bursts up to twice that); 0 turns the limit off."""
@@ -426,6 +431,7 @@ _RANGES: dict[str, _Range] = {
     "http_header_timeout_s": _NATURAL,
     "http_idle_timeout_s": _NATURAL,
     "http_max_connections": _NATURAL,
+    "sse_keepalive_s": _NATURAL,
     "control_rate_limit": _NATURAL,
     "artifact_cache_mb": _NATURAL,
     "max_blob_mb": _NATURAL,

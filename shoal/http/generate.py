@@ -14,14 +14,17 @@ deployment's defaults.
 "finish_reason", "prompt_tokens", "completion_tokens"}``. ``generate_stream`` answers
 server-sent events: one ``data: {"model_name", "model_version", "id"?, "text_output"}``
 event per piece of text as the model makes it, then a last event with ``text_output`` ""
-and ``finish_reason`` and the token counts. Errors before the first piece are
-``{"error": "..."}`` with the status from :data:`shoal.errors.HTTP_STATUS`, as on every
-``/v2`` route; an error after it is a last event ``data: {"error": "..."}``.
+and ``finish_reason`` and the token counts; a stream quiet for setting
+``sse_keepalive_s`` sends a comment line, ``: keep-alive`` (:mod:`shoal.http.sse`). Errors
+before the first piece are ``{"error": "..."}`` with the status from
+:data:`shoal.errors.HTTP_STATUS`, as on every ``/v2`` route, while the stream has sent
+nothing; an error after it, or after a keep-alive, is a last event ``data: {"error": "..."}``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 from collections.abc import AsyncGenerator
@@ -31,10 +34,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from shoal.config import Settings
 from shoal.core import limits
 from shoal.errors import BodyTooLarge, InvalidArgument, ShoalError
 from shoal.http.server import unless_gone
-from shoal.http.sse import EventStream, event
+from shoal.http.sse import event, open_stream
 from shoal.scheduler.generate import (
     PARAMETERS,
     complete,
@@ -86,12 +90,24 @@ def parse_generate(doc: dict[str, Any], *, stream: bool) -> tuple[str, GenerateR
     return request_id, generate_request(params, prompt=text, stream=stream)
 
 
+def error_event(name: str, exc: Exception) -> bytes:
+    """The last event of a stream of model ``name`` that failed with ``exc``; a bug's says
+    so, its traceback logged (the client still reads why its stream ended)."""
+    if isinstance(exc, ShoalError):
+        return event({"error": exc.message})
+    log.error("a streamed generation of %s failed", name, exc_info=exc)
+    return event({"error": f"internal error: {type(exc).__name__}: {exc}"})
+
+
 def _error(err: ShoalError) -> Response:
     return JSONResponse({"error": err.message}, status_code=err.http_status, headers=err.http_headers)
 
 
-def generate_routes(catalog: ModelCatalog, limit: int) -> list[Route]:
-    """The generate extension's routes over ``catalog`` (and its router); bodies up to ``limit`` bytes."""
+def generate_routes(
+    catalog: ModelCatalog, limit: int, keepalive_s: float = Settings.sse_keepalive_s
+) -> list[Route]:
+    """The generate extension's routes over ``catalog`` (and its router); bodies up to
+    ``limit`` bytes; a stream quiet ``keepalive_s`` sends a keep-alive (:mod:`shoal.http.sse`)."""
 
     async def prepare(request: Request, *, stream: bool) -> tuple[str, str, GenerateRequest, int]:
         """The model, the client's id, the generation and the revision it must run on (0: any)."""
@@ -134,16 +150,20 @@ def generate_routes(catalog: ModelCatalog, limit: int) -> list[Route]:
     async def generate_stream(request: Request) -> Response:
         try:
             name, request_id, req, revision = await prepare(request, stream=True)
-            # As a whole answer's: a client that hangs up before the first piece drops it.
-            chunks = await unless_gone(
-                request.scope,
-                start_stream(catalog, name, req, request_id=internal_id(request_id), version=revision),
-            )
             base = head(name, request_id, revision)
+            body = events(name, base, req, request_id, revision)
+            # As a whole answer's: a client that hangs up before the first piece drops it.
+            stream = open_stream(body, body.aclose, keepalive_s, functools.partial(error_event, name))
+            return await unless_gone(request.scope, stream)
         except ShoalError as err:
             return _error(err)
 
-        async def events() -> AsyncGenerator[bytes, None]:
+    async def events(
+        name: str, base: dict[str, Any], req: GenerateRequest, request_id: str, revision: int
+    ) -> AsyncGenerator[bytes, None]:
+        # A failure before the first piece raises (an error response, see open_stream).
+        chunks = await start_stream(catalog, name, req, request_id=internal_id(request_id), version=revision)
+        async with contextlib.aclosing(chunks):
             try:
                 async for chunk in chunks:
                     if chunk.last:
@@ -158,20 +178,8 @@ def generate_routes(catalog: ModelCatalog, limit: int) -> list[Route]:
                         )
                     elif chunk.text:
                         yield event({**base, "text_output": chunk.text})
-            except ShoalError as err:
-                yield event({"error": err.message})
-            except Exception as exc:  # a bug: the client still reads why its stream ended
-                log.exception("a streamed generation of %s failed", name)
-                yield event({"error": f"internal error: {type(exc).__name__}: {exc}"})
-
-        body = events()
-
-        async def close() -> None:
-            with contextlib.suppress(Exception):
-                await body.aclose()
-            await chunks.aclose()
-
-        return EventStream(body, close)
+            except Exception as exc:
+                yield error_event(name, exc)
 
     routes = []
     for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):

@@ -33,8 +33,11 @@
   OpenAI's chunk shapes (``text_completion`` / ``chat.completion.chunk``; for a chat a
   first chunk with ``delta.role``, then ``delta.content`` pieces, and a last chunk with
   ``finish_reason``), then ``data: [DONE]``. ``stream_options.include_usage`` adds a chunk
-  with ``usage`` and no choices before ``[DONE]``. A failure before the first piece is an
-  ordinary error response; one after it is a last ``data: {"error": ...}`` event.
+  with ``usage`` and no choices before ``[DONE]``. A stream quiet for setting
+  ``sse_keepalive_s`` sends a comment line, ``: keep-alive``, which clients skip
+  (:mod:`shoal.http.sse`). A failure before the first piece is an ordinary error response
+  while the stream has sent nothing (``sse_keepalive_s``); one after it, or after a
+  keep-alive, is a last ``data: {"error": ...}`` event.
 
 Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with the
 HTTP status from :data:`shoal.errors.HTTP_STATUS`: an unknown model is 404 with code
@@ -66,7 +69,7 @@ from shoal.core.spec import DeploymentSpec
 from shoal.errors import Code, Internal, InvalidArgument, NotFound, ShoalError
 from shoal.http.generate import read_json
 from shoal.http.server import unless_gone
-from shoal.http.sse import EventStream, event
+from shoal.http.sse import event, open_stream
 from shoal.scheduler.dataplane import DataPlane
 from shoal.scheduler.generate import (
     ChunkStream,
@@ -395,6 +398,7 @@ class OpenAIApi:
         self.dataplane = dataplane
         self.limit = limit
         self.created = int(time.time())  # models have no creation time; this scheduler's start
+        self.keepalive_s = dataplane.settings.sse_keepalive_s
 
     def routes(self) -> list[Route]:
         """The routes; the last takes every other ``/v1/`` path and method (mount these
@@ -505,21 +509,28 @@ class OpenAIApi:
             else:
                 choice["text"] = result.text
             return JSONResponse({**head, "choices": [choice], "usage": _usage(result)})
-        # A client that hangs up while its stream waits for a first piece (queued, or the
-        # prompt being read) drops it too; after that, EventStream sees the client go.
-        chunks = await unless_gone(
-            request.scope, start_stream(self.dataplane.catalog, spec.name, req, request_id=request_id)
-        )
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         head["object"] = "chat.completion.chunk" if chat else "text_completion"
-        events = stream_events(chunks, head, chat=chat, include_usage=include_usage)
+        catalog = self.dataplane.catalog
 
-        async def close() -> None:
-            with contextlib.suppress(Exception):
-                await events.aclose()
-            await chunks.aclose()
+        async def events() -> AsyncGenerator[bytes, None]:
+            # A failure before the first piece raises (an error response, see open_stream).
+            chunks = await start_stream(catalog, spec.name, req, request_id=request_id)
+            async with (
+                contextlib.aclosing(chunks),
+                contextlib.aclosing(
+                    stream_events(chunks, head, chat=chat, include_usage=include_usage)
+                ) as out,
+            ):
+                async for item in out:
+                    yield item
 
-        return EventStream(events, close)
+        body_events = events()
+        # A client that hangs up while its stream waits for a first piece (queued, or the
+        # prompt being read) drops it too; after that, EventStream sees the client go.
+        return await unless_gone(
+            request.scope, open_stream(body_events, body_events.aclose, self.keepalive_s, error_event)
+        )
 
 
 def _floats(vector: np.ndarray) -> list[float]:
@@ -561,11 +572,17 @@ async def stream_events(
                 return
             if chunk.text:
                 yield choice(chunk.text, None)
-    except ShoalError as err:
-        yield event(error_body(err))
-    except Exception as exc:  # a bug: the client still reads why its stream ended
-        log.exception("a streamed completion failed")
-        yield event(error_body(Internal(f"internal error: {type(exc).__name__}: {exc}")))
+    except Exception as exc:
+        yield error_event(exc)
+
+
+def error_event(exc: Exception) -> bytes:
+    """The last event of a stream that failed with ``exc``: OpenAI's error object, a bug's
+    as a 500 ``server_error``, its traceback logged."""
+    if isinstance(exc, ShoalError):
+        return event(error_body(exc))
+    log.error("a streamed completion failed", exc_info=exc)
+    return event(error_body(Internal(f"internal error: {type(exc).__name__}: {exc}")))
 
 
 def openai_routes(router: Router, limit: int, dataplane: DataPlane) -> list[Route]:

@@ -299,7 +299,10 @@ def scheduler_app(
             Route(f"{prefix}/config", model_config, methods=["GET"]),
             Route(f"{prefix}/stats", model_stats, methods=["GET"]),
         ]
-    routes += [*generate_routes(models, limit), *openai_routes(node.router, limit, node.dataplane)]
+    routes += [
+        *generate_routes(models, limit, node.settings.sse_keepalive_s),
+        *openai_routes(node.router, limit, node.dataplane),
+    ]
     # Tokens for deployments that ask for them, on every route that names a model: these and
     # those mounted above (the OpenAI API's model is in its body).
     refused = node.dataplane.refused

@@ -7,7 +7,10 @@ The module has vLLM's names: :class:`AsyncEngineArgs`, :class:`AsyncLLMEngine` (
 
 The engine is deterministic: its answer to a prompt is the prompt's words, one token each
 (``" word"``), then the end of the sequence. It streams one token every
-:data:`TOKEN_DELAY_S` (change it per engine through ``token_delay_s``), its outputs' text is
+:data:`TOKEN_DELAY_S` (change it per engine through ``token_delay_s``, an engine argument
+too), after ``first_token_delay_s`` more for the first (an engine argument: a slow prompt),
+and ends the sequence with the engine argument ``finish_reason`` (default ``"stop"``; vLLM
+also ends requests ``"abort"`` and ``"error"`` on its own). Its outputs' text is
 cumulative as vLLM's is by default, it honours ``max_tokens`` and ``stop`` (the stop string
 and what follows are cut off, ``finish_reason`` ``"stop"``), and ``abort(request_id)`` ends
 a request. As vLLM does, it refuses a prompt of more tokens than the engine argument
@@ -88,9 +91,14 @@ def reply_tokens(prompt: str) -> list[str]:
 class AsyncLLMEngine:
     """vLLM's async engine interface over :func:`reply_tokens`."""
 
-    def __init__(self, engine_args: AsyncEngineArgs, *, token_delay_s: float = TOKEN_DELAY_S) -> None:
+    def __init__(self, engine_args: AsyncEngineArgs, *, token_delay_s: float | None = None) -> None:
         self.engine_args = engine_args
-        self.token_delay_s = token_delay_s
+        extra = engine_args.extra
+        self.token_delay_s = float(
+            token_delay_s if token_delay_s is not None else extra.get("token_delay_s", TOKEN_DELAY_S)
+        )
+        self.first_token_delay_s = float(extra.get("first_token_delay_s", 0.0))
+        self.finish_reason = str(extra.get("finish_reason", "stop"))
         self.requests: list[Request] = []
         self.running: set[str] = set()
         self.aborted: list[str] = []
@@ -125,12 +133,12 @@ class AsyncLLMEngine:
         ids: list[int] = []
         try:
             for i in range(len(tokens) + 1):
-                await asyncio.sleep(self.token_delay_s)
+                await asyncio.sleep(self.token_delay_s + (self.first_token_delay_s if i == 0 else 0.0))
                 if request_id in self.aborted:
                     return
                 output = CompletionOutput(index=0, text=text, token_ids=list(ids))
                 if i == len(tokens):  # end of sequence
-                    output.finish_reason = "stop"
+                    output.finish_reason = self.finish_reason
                     yield RequestOutput(request_id, prompt, prompt_ids, [output], finished=True)
                     return
                 text += tokens[i]

@@ -54,7 +54,9 @@ class Served:
 
 @pytest.fixture(params=["httptools", "h11"])
 async def served(request: pytest.FixtureRequest) -> AsyncIterator[Served]:
-    settings = Settings()
+    # Keep-alives every 50 ms: a stream's comment lines are bytes the server writes, not
+    # bytes its client reads; a client that reads none of them is dropped all the same.
+    settings = Settings(sse_keepalive_s=0.05)
     fakes = FakeReplicas(gate=asyncio.Event())
     router = Router("s1", settings, fakes, policy="round_robin")
     node = SchedulerNode(settings, "s1", cast(HeadLink, None), fakes, router=router)

@@ -7,6 +7,7 @@ generations stream the prompt's words back and whose embeddings are made up per 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import AsyncIterator
@@ -532,6 +533,47 @@ async def test_a_bug_mid_generate_stream_ends_it_with_an_error_event(
     events = [json.loads(e) for e in sse(reply.text)]
     assert events[0]["text_output"] == " a"
     assert events[-1] == {"error": "internal error: RuntimeError: a bug mid-stream"}
+
+
+@pytest.mark.parametrize(
+    ("path", "doc", "last"),
+    [
+        (
+            "/v1/completions",
+            {"model": "lm", "prompt": "a", "stream": True},
+            {"error": {"message": "too long", "type": "invalid_request_error", "param": None, "code": None}},
+        ),
+        ("/v2/models/lm/generate_stream", {"text_input": "a"}, {"error": "too long"}),
+    ],
+    ids=["openai", "generate_stream"],
+)
+async def test_a_failure_after_keepalives_began_is_the_streams_error_event(
+    router: Router, lm: FakeReplicaClient, path: str, doc: dict[str, Any], last: dict[str, Any]
+) -> None:
+    """A stream whose first piece takes ``sse_keepalive_s`` has answered 200 by then (with
+    a keep-alive): a failure after that is its last event, as one after a piece is."""
+    catalog = ModelCatalog(router)
+    door = DataPlane(router, catalog, Settings(sse_keepalive_s=0.05))
+    app = Starlette(routes=[*openai_routes(router, 1 << 20, door), *generate_routes(catalog, 1 << 20, 0.05)])
+    lm.gate = asyncio.Event()
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://shoal") as http:
+        reply = asyncio.ensure_future(http.post(path, json=doc))
+        async with asyncio.timeout(5):
+            while not lm.generations:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)  # keep-alives meanwhile: the stream has begun
+        lm.fail(InvalidArgument("too long"))
+        lm.gate.set()
+        answer = await reply
+
+    assert answer.status_code == 200
+    assert answer.text.startswith(": keep-alive\n\n")
+    events = answer.text.split("\n\n")[:-1]
+    assert set(events[:-1]) == {": keep-alive"}
+    error = json.loads(events[-1].removeprefix("data: "))
+    assert error == last
+    assert router.load()["lm"].in_flight == 0
 
 
 # ---------------------------------------------------------------- errors

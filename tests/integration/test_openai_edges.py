@@ -1,0 +1,163 @@
+"""The OpenAI API's edges on a real cluster (real replicas, real HTTP), with models that
+need no weights: the ``vllm`` backend over :mod:`shoal.testing.fake_vllm`, and ``python``
+models written into the test's folder.
+
+- ``slow``: a generator whose first piece takes a second (a long prompt, say) and each
+  next one 0.4 s; the cluster sends a keep-alive after 0.2 s without a byte;
+- ``aborting``: a generator that vLLM itself ends with finish reason ``abort``;
+- ``emb``: an embedding model that declares its 4-wide output;
+- ``long-name``: a model that answers an output with a 100,000-character name.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import pytest_asyncio
+
+from shoal.testing.cluster import ProcessCluster
+
+pytestmark = [pytest.mark.timeout(90), pytest.mark.asyncio(loop_scope="module")]
+
+KEEPALIVE_S = 0.2
+
+MODELS = """
+import numpy as np
+
+
+class Embed:
+    def predict(self, inputs):
+        return {"embedding": np.full((len(inputs["text"]), 4), 0.5, np.float32)}
+
+
+class LongName:
+    def predict(self, inputs):
+        return {"y" * 100_000: inputs["x"]}
+"""
+
+
+def fake_vllm(name: str, **engine: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "backend": "vllm",
+        "model": "lm",
+        "options": {"vllm_module": "shoal.testing.fake_vllm", **engine},
+        "resources": {"cpus": 0.1},
+    }
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ProcessCluster]:
+    root = tmp_path_factory.mktemp("openai-edges")
+    models = root / "models"
+    (models / "lm").mkdir(parents=True)
+    (models / "edge_models.py").write_text(MODELS)
+    python = {"backend": "python", "base_dir": str(models), "resources": {"cpus": 0.1}}
+    specs = [
+        {
+            **fake_vllm("slow", first_token_delay_s=1.0, token_delay_s=0.4, max_model_len=8),
+            "base_dir": str(models),
+        },
+        {**fake_vllm("aborting", finish_reason="abort"), "base_dir": str(models)},
+        {
+            "name": "emb",
+            **python,
+            "model": "edge_models:Embed",
+            "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
+            "outputs": [{"name": "embedding", "datatype": "FP32", "shape": [-1, 4]}],
+        },
+        {"name": "long-name", **python, "model": "edge_models:LongName"},
+    ]
+    env = {"SHOAL_SSE_KEEPALIVE_S": str(KEEPALIVE_S)}
+    async with ProcessCluster(root / "cluster", env=env) as c:
+        for spec in specs:
+            await c.deploy(spec)
+        for spec in specs:
+            await c.wait_ready(spec["name"], 1, timeout_s=60)
+        yield c
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def http(cluster: ProcessCluster) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=f"http://{cluster.http_address()}", timeout=30) as c:
+        yield c
+
+
+# ---------------------------------------------------------------- keep-alive
+
+
+async def raw_stream(http: httpx.AsyncClient, path: str, body: dict[str, Any]) -> list[str]:
+    """The stream's SSE lines, blank lines left out, as they came."""
+    async with http.stream("POST", path, json=body) as reply:
+        assert reply.status_code == 200, await reply.aread()
+        return [line async for line in reply.aiter_lines() if line]
+
+
+def text_of(line: str) -> str:
+    """The text of an SSE line's event: OpenAI's chunk (a chat's or a completion's) or Triton's."""
+    doc = json.loads(line[len("data: ") :])
+    if "text_output" in doc:
+        return str(doc["text_output"])
+    choice = doc["choices"][0]
+    return str(choice["delta"].get("content") or "" if "delta" in choice else choice["text"])
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {"model": "slow", "messages": [{"role": "user", "content": "a b c"}]}),
+        ("/v1/completions", {"model": "slow", "prompt": "a b c"}),
+        ("/v2/models/slow/generate_stream", {"text_input": "a b c"}),
+    ],
+    ids=["chat", "completions", "generate_stream"],
+)
+async def test_a_quiet_stream_sends_keepalives_before_and_between_pieces(
+    http: httpx.AsyncClient, path: str, body: dict[str, Any]
+) -> None:
+    """A proxy cuts a connection that carries no byte for its idle timeout (60 s for
+    nginx and AWS load balancers): before, a stream whose first piece took that long (a
+    long prompt, a queue) was cut. Now a comment line comes whenever the stream has been
+    quiet ``sse_keepalive_s``, before the first piece (for a chat: before its role chunk,
+    which comes with it) and between pieces."""
+    stream = path.startswith("/v1/")
+    lines = await raw_stream(http, path, {**body, "stream": True} if stream else body)
+
+    kinds = ["keepalive" if line == ": keep-alive" else "data" for line in lines]
+    assert all(line.startswith("data: ") for line in lines if line != ": keep-alive"), lines
+    assert kinds[0] == "keepalive", lines  # the first piece took a second
+    with_text = [i for i, line in enumerate(lines) if line.startswith("data: {") and text_of(line)]
+    assert len(with_text) >= 3, lines
+    # Between the first and the last piece, keep-alives came too.
+    assert "keepalive" in kinds[with_text[0] : with_text[-1]], lines
+    assert " a b c" in "".join(
+        text_of(line) for line in lines if line.startswith("data: {")
+    )  # a chat's: its transcript's words
+    if stream:
+        assert lines[-1] == "data: [DONE]"
+
+
+async def test_the_openai_client_reads_a_stream_with_keepalives(cluster: ProcessCluster) -> None:
+    base_url = f"http://{cluster.http_address()}/v1"
+    async with openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0, timeout=30) as client:
+        stream = await client.chat.completions.create(
+            model="slow", messages=[{"role": "user", "content": "a b"}], stream=True
+        )
+        chunks = [c async for c in stream]
+    assert " a b" in "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+async def test_an_error_before_the_first_piece_is_still_an_error_response(http: httpx.AsyncClient) -> None:
+    """The stream waits ``sse_keepalive_s`` for its first piece before it answers 200: a
+    request its replica refuses at once (a prompt over ``max_model_len``) keeps its status."""
+    long_prompt = " ".join("abcdefghi")
+    reply = await http.post("/v1/completions", json={"model": "slow", "prompt": long_prompt, "stream": True})
+    assert reply.status_code == 400, reply.text
+    assert "maximum model length" in reply.json()["error"]["message"]
+    reply = await http.post("/v1/completions", json={"model": "nope", "prompt": "a", "stream": True})
+    assert reply.status_code == 404, reply.text
