@@ -11,7 +11,9 @@
   the same). ``input`` is a string or a list of strings (token arrays are refused); a long
   list is cut into requests of the deployment's ``max_batch_size`` that run concurrently.
   ``encoding_format`` ``float`` or ``base64`` (little-endian float32, what the Python
-  client asks for by default); ``dimensions`` only as the model's own size. ``usage``
+  client asks for by default); ``dimensions`` only as the model's own size, checked before
+  the model runs when the deployment declares the width of its ``embedding`` output (its
+  spec, or its backend: ``transformers`` does), else on its answer. ``usage``
   reports the tokens the model read (``prompt_tokens`` = ``total_tokens``: after truncation
   to its ``max_length``, special tokens included), the sum of the model's ``tokens``
   output, which the ``transformers`` backend answers; 0 for a model that answers none.
@@ -459,15 +461,30 @@ class OpenAIApi:
         if empty is not None:  # as OpenAI's API refuses it
             where = "'input'" if isinstance(body.input, str) else f"'input[{empty}]'"
             raise OpenAIError("input", f"{where} is an empty string: there is nothing to embed")
+        if body.dimensions is not None:
+            await self._check_dimensions(spec, body.model, body.dimensions)
         vectors, tokens = await unless_gone(request.scope, self._embed(spec, texts))
         if body.dimensions is not None and body.dimensions != vectors.shape[1]:
-            raise OpenAIError(
-                "dimensions", f"model {body.model!r} makes {vectors.shape[1]}-dimensional embeddings only"
-            )
+            raise _other_dimensions(body.model, vectors.shape[1])
         encode = _base64 if body.encoding_format == "base64" else _floats
         data = [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)]
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         return JSONResponse({"object": "list", "data": data, "model": body.model, "usage": usage})
+
+    async def _check_dimensions(self, spec: DeploymentSpec, model: str, dimensions: int) -> None:
+        """OpenAIError for ``dimensions`` below 1, or other than the width of the
+        ``embedding`` output the deployment declares (in its spec, or as its backend
+        describes it: ``transformers`` does), before the model runs. Before, the model
+        embedded every text first. A model that declares no width is checked on its answer."""
+        if dimensions < 1:
+            raise OpenAIError("dimensions", f"'dimensions' must be at least 1, got {dimensions}")
+        catalog = self.dataplane.catalog
+        metadata = catalog.known_metadata(spec) or await catalog.request_metadata(spec)
+        for tensor in metadata.outputs:
+            if tensor.name == "embedding" and len(tensor.shape) == 2 and tensor.shape[1] > 0:
+                if dimensions != tensor.shape[1]:
+                    raise _other_dimensions(model, tensor.shape[1])
+                return
 
     async def _embed(self, spec: DeploymentSpec, texts: list[str]) -> tuple[np.ndarray, int]:
         """The embeddings of ``texts``, one row each, and the tokens the model read for them."""
@@ -531,6 +548,10 @@ class OpenAIApi:
         return await unless_gone(
             request.scope, open_stream(body_events, body_events.aclose, self.keepalive_s, error_event)
         )
+
+
+def _other_dimensions(model: str, width: int) -> OpenAIError:
+    return OpenAIError("dimensions", f"model {model!r} makes {width}-dimensional embeddings only")
 
 
 def _floats(vector: np.ndarray) -> list[float]:

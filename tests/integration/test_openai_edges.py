@@ -161,3 +161,29 @@ async def test_an_error_before_the_first_piece_is_still_an_error_response(http: 
     assert "maximum model length" in reply.json()["error"]["message"]
     reply = await http.post("/v1/completions", json={"model": "nope", "prompt": "a", "stream": True})
     assert reply.status_code == 404, reply.text
+
+
+# ---------------------------------------------------------------- embeddings
+
+
+async def model_runs(http: httpx.AsyncClient, model: str) -> int:
+    reply = await http.get(f"/v2/models/{model}/stats")
+    assert reply.status_code == 200, reply.text
+    return int(reply.json()["model_stats"][0]["execution_count"])
+
+
+async def test_dimensions_the_model_cannot_make_are_refused_before_it_runs(http: httpx.AsyncClient) -> None:
+    """Before, the model embedded every text, and then the request was refused."""
+    before = await model_runs(http, "emb")
+    for dimensions, why in [(8, "makes 4-dimensional embeddings only"), (0, "must be at least 1")]:
+        body = {"model": "emb", "input": ["a", "b"], "dimensions": dimensions}
+        reply = await http.post("/v1/embeddings", json=body)
+        assert reply.status_code == 400, reply.text
+        assert reply.json()["error"]["param"] == "dimensions"
+        assert why in reply.json()["error"]["message"]
+        assert await model_runs(http, "emb") == before
+
+    reply = await http.post("/v1/embeddings", json={"model": "emb", "input": "a", "dimensions": 4})
+    assert reply.status_code == 200, reply.text
+    assert [len(d["embedding"]) for d in reply.json()["data"]] == [4]
+    assert await model_runs(http, "emb") == before + 1
