@@ -35,15 +35,16 @@ def canonical(name: str) -> str:
 
 def decode(body: bytes, encoding: str, limit: int) -> bytes:
     """``body`` as sent with Content-Encoding ``encoding`` (gzip, x-gzip, deflate, identity
-    or none), decoded: at most ``limit`` bytes, else BodyTooLarge; InvalidArgument for
-    another coding or data that is not in it."""
+    or none; a list of them, as several header lines make, with one coding besides
+    identity at most), decoded: at most ``limit`` bytes, else BodyTooLarge;
+    InvalidArgument for another coding, several, or data that is not in its coding."""
     name = canonical(encoding)
     if name in ("", "identity"):
         return body
     if name not in _WBITS:
-        raise InvalidArgument(
-            f"unsupported Content-Encoding {limits.quoted(encoding.strip())}; use gzip, deflate or none"
-        )
+        name = _one_coding(encoding)
+        if name == "":
+            return body
     inflater = zlib.decompressobj(_WBITS[name])
     try:
         out = inflater.decompress(body, limit + 1)
@@ -56,6 +57,23 @@ def decode(body: bytes, encoding: str, limit: int) -> bytes:
     if inflater.unused_data:  # bytes after the stream: rare, so the common body pays one check
         out = _more_members(inflater.unused_data, out, name, limit)
     return out
+
+
+def _one_coding(encoding: str) -> str:
+    """The one coding (gzip or deflate; "" for none) a Content-Encoding list applies;
+    InvalidArgument for another, or for several (a body compressed twice)."""
+    names = [canonical(n) for n in encoding.split(",")]
+    applied = [n for n in names if n not in ("", "identity")]
+    if len(applied) > 1:
+        raise InvalidArgument(
+            f"Content-Encoding {limits.quoted(encoding.strip())} applies {len(applied)} codings; "
+            "shoal decodes one (gzip or deflate)"
+        )
+    if applied and applied[0] not in _WBITS:
+        raise InvalidArgument(
+            f"unsupported Content-Encoding {limits.quoted(encoding.strip())}; use gzip, deflate or none"
+        )
+    return applied[0] if applied else ""
 
 
 def _more_members(rest: bytes, out: bytes, encoding: str, limit: int) -> bytes:

@@ -16,7 +16,7 @@ import concurrent.futures
 import json
 import logging
 import multiprocessing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import orjson
@@ -69,9 +69,9 @@ async def read_body(request: Request, limit: int) -> bytes:
     sends it all before reading the answer, gets the 400 and not a broken connection.
     """
     headers = request.headers
-    return await read_asgi_body(
-        request.receive, headers.get("content-length"), headers.get("content-encoding", ""), limit
-    )
+    # Several Content-Encoding lines are one list (RFC 9110 5.3); Starlette's get() is the first.
+    encoding = ", ".join(headers.getlist("content-encoding"))
+    return await read_asgi_body(request.receive, headers.get("content-length"), encoding, limit)
 
 
 async def read_asgi_body(
@@ -478,6 +478,20 @@ _INFER_HEADERS = frozenset(
 )
 
 
+def _read_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    """The :data:`_INFER_HEADERS` of a request. A header in several field lines is their
+    values joined by commas (RFC 9110 5.3): before, the last line alone was read, so
+    ``Accept-Encoding: gzip`` then ``Accept-Encoding: br`` went uncompressed. A header that
+    takes one value (a length, the model id) repeated so is refused where it is read."""
+    headers: dict[str, str] = {}
+    for k, v in raw:
+        if k in _INFER_HEADERS:
+            name = k.decode()
+            value = v.decode("latin-1")
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    return headers
+
+
 class Infer:
     """``POST /v2/models/NAME[/versions/V]/infer`` as an ASGI app, over the data plane."""
 
@@ -509,7 +523,7 @@ class Infer:
         node = self.node
         params = scope["path_params"]
         name, version = params["name"], params.get("version", "")
-        headers = {k.decode(): v.decode("latin-1") for k, v in scope["headers"] if k in _INFER_HEADERS}
+        headers = _read_headers(scope["headers"])
         timeout_s = budgets.DEFAULT_WAIT_S
         try:
             if not node.router.is_route(name):  # a traffic route's target is drawn in the data plane

@@ -263,6 +263,36 @@ async def test_a_two_member_gzip_request_is_answered(http: httpx.AsyncClient) ->
     assert r.json()["outputs"][0]["data"] == [1.0, 2.0, 3.0, 4.0]
 
 
+async def test_content_encoding_in_several_header_lines_is_one_list(http: httpx.AsyncClient) -> None:
+    """RFC 9110 5.3: field lines of one name combine into a comma-separated list. Before,
+    the last line alone was read: a gzip body sent with ``gzip`` then ``identity`` was read
+    as it came (400 "not valid JSON"), and one compressed twice was decoded once."""
+    body = gzip.compress(json.dumps(DOC).encode())
+    lines = [("Content-Encoding", "gzip"), ("Content-Encoding", "identity")]
+    r = await http.post("/v2/models/echo/infer", content=body, headers=lines)
+    assert r.status_code == 200, r.text
+
+    twice = gzip.compress(body)
+    lines = [("Content-Encoding", "gzip"), ("Content-Encoding", "gzip")]
+    r = await http.post("/v2/models/echo/infer", content=twice, headers=lines)
+    assert r.status_code == 400, r.text
+    assert (
+        r.json()["error"]
+        == "Content-Encoding 'gzip, gzip' applies 2 codings; shoal decodes one (gzip or deflate)"
+    )
+
+
+async def test_accept_encoding_in_several_header_lines_is_one_list(
+    http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, only the last line counted: ``gzip`` then ``br`` got no compression."""
+    monkeypatch.setattr(coding, "MIN_BYTES", 0)  # DOC's answer is small
+    lines = [("Accept-Encoding", "gzip"), ("Accept-Encoding", "br")]
+    async with http.stream("POST", "/v2/models/echo/infer", json=DOC, headers=lines) as r:
+        assert r.status_code == 200
+        assert r.headers["content-encoding"] == "gzip"
+
+
 _HUGE = "n" * (1 << 20)  # a 1 MiB name
 _X = {"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}
 
