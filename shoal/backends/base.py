@@ -37,8 +37,8 @@ from typing import Any, TypeVar, cast
 
 import numpy as np
 
-from shoal.core import affinity, payload, tensors
-from shoal.core.spec import DeploymentSpec, TensorSpec
+from shoal.core import affinity, limits, payload, tensors
+from shoal.core.spec import MAX_TENSOR_NAME, DeploymentSpec, TensorSpec
 from shoal.errors import BlocksLoop, FailedPrecondition, Internal, InvalidArgument
 
 T = TypeVar("T")
@@ -133,15 +133,17 @@ def coerce_outputs(result: object) -> Tensors:
     """A model's return value as ``dict[str, np.ndarray]``, converting values with ``np.asarray``.
 
     Raises Internal when the result is not a mapping of names to arrays (or things
-    ``np.asarray`` turns into numeric, boolean or string arrays), or when an array's dtype
-    has no Open Inference Protocol datatype (complex, datetime64, structured, ...).
+    ``np.asarray`` turns into numeric, boolean or string arrays), when a name is longer
+    than a spec may name a tensor (:data:`~shoal.core.spec.MAX_TENSOR_NAME`: before, a
+    100,000-character name went whole into answers, logs and error messages), or when an
+    array's dtype has no Open Inference Protocol datatype (complex, datetime64, structured, ...).
     """
     if not isinstance(result, Mapping):
         raise Internal(f"model returned {type(result).__name__}; predict must return a dict of name -> array")
     outputs: Tensors = {}
     for name, value in result.items():
-        if not isinstance(name, str):
-            raise Internal(f"model returned an output named {name!r}; output names must be strings")
+        if not isinstance(name, str) or len(name) > MAX_TENSOR_NAME:
+            raise Internal(_bad_output_name(name))
         try:
             array = np.asarray(value)
         except (ValueError, TypeError) as err:
@@ -162,6 +164,16 @@ def coerce_outputs(result: object) -> Tensors:
             )
         outputs[name] = array
     return outputs
+
+
+def _bad_output_name(name: object) -> str:
+    if not isinstance(name, str):
+        what = limits.shown(repr(name))
+        return f"model returned an output named {what}; output names must be strings"
+    return (
+        f"model returned an output name of {len(name)} characters ({limits.quoted(name, 40)}); "
+        f"output names are at most {MAX_TENSOR_NAME}, as in a spec"
+    )
 
 
 class Backend(abc.ABC):

@@ -4,7 +4,8 @@
 itself (not one it imports). The module is imported with the spec's folder (``base_dir``)
 first on ``sys.path``, the class is built as ``Class(**options)``, and its
 ``predict(inputs) -> outputs`` (dicts of
-name -> numpy array, batched along axis 0) is called per batch. ``predict`` may be a plain
+name -> numpy array, batched along axis 0; an output name is at most 256 characters, as a
+spec's tensor names, else Internal) is called per batch. ``predict`` may be a plain
 method, run on the backend's model thread, or ``async def``, awaited on the replica's
 event loop. ``unload()`` or ``close()`` on the class, if present, is called at unload.
 What ``predict`` raises reaches the client: a :class:`shoal.errors.ShoalError` as it is,

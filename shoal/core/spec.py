@@ -88,6 +88,8 @@ MAX_OPTIONS_BYTES = 64 * 1024
 MAX_OPTIONS_DEPTH = 32
 """Deepest nesting of lists and mappings inside ``options``."""
 MAX_TENSORS = 256
+#: The longest tensor name (characters), in a spec and in what a model answers.
+MAX_TENSOR_NAME = 256
 """Most ``inputs`` (and most ``outputs``) a spec may declare."""
 MAX_ITEMS = 256
 """Most items of any list or mapping in a spec outside ``options`` (no field takes more:
@@ -181,7 +183,7 @@ class TensorSpec(_Strict):
     they were before the field, and peers of that version still read them.
     """
 
-    name: str = Field(min_length=1, max_length=256)
+    name: str = Field(min_length=1, max_length=MAX_TENSOR_NAME)
     datatype: Literal[DATATYPES] = "FP32"  # type: ignore[valid-type]
     shape: tuple[int, ...] = Field(default=(-1,), max_length=32)
     optional: StrictBool = False

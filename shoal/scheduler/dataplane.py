@@ -258,7 +258,7 @@ class DataPlane:
                 if not found:
                     # A model that declares no outputs (python) shows only now that it does
                     # not embed: asked of it, as of any model that does not, the client erred.
-                    names = ", ".join(repr(t.name) for t in outputs) or "none"
+                    names = limits.shown(", ".join(repr(t.name) for t in outputs)) or "none"
                     raise InvalidArgument(
                         f"model {model!r} does not compute embeddings: it answered no 'embedding' "
                         f"output (its outputs: {names})"
@@ -410,7 +410,7 @@ def _select(model: str, outputs: Tensors, wanted: Sequence[str], declared: Seque
     if wanted:
         missing = [o for o in wanted if o not in by_name]
         if missing:
-            returned = ", ".join(repr(n) for n in by_name)
+            returned = limits.shown(", ".join(repr(n) for n in by_name))
             raise InvalidArgument(
                 f"unknown output {limits.quoted(missing[0])}; model {model!r} returned {returned}"
             )

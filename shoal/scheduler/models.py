@@ -265,7 +265,7 @@ def check_outputs(metadata: ModelMetadata, requested: Sequence[str]) -> None:
             raise InvalidArgument(f"output {limits.quoted(name)} is requested twice")
         seen.add(name)
         if known and name not in known:
-            returns = ", ".join(repr(t.name) for t in metadata.outputs)
+            returns = limits.shown(", ".join(repr(t.name) for t in metadata.outputs))
             raise InvalidArgument(
                 f"unknown output {limits.quoted(name)}; model {metadata.name!r} returns {returns}"
             )

@@ -187,3 +187,18 @@ async def test_dimensions_the_model_cannot_make_are_refused_before_it_runs(http:
     assert reply.status_code == 200, reply.text
     assert [len(d["embedding"]) for d in reply.json()["data"]] == [4]
     assert await model_runs(http, "emb") == before + 1
+
+
+# ---------------------------------------------------------------- output names
+
+
+async def test_an_output_name_longer_than_a_spec_allows_is_the_models_error(http: httpx.AsyncClient) -> None:
+    """A spec names a tensor in at most 256 characters. Before, a model's output of a
+    100,000-character name went whole into the answer (and any error naming it)."""
+    x = {"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}
+    reply = await http.post("/v2/models/long-name/infer", json={"inputs": [x]})
+
+    assert reply.status_code == 500, reply.text[:300]
+    message = reply.json()["error"]
+    assert "output name of 100000 characters" in message and "at most 256" in message
+    assert len(message) < 1000

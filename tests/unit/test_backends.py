@@ -428,6 +428,15 @@ async def test_declared_tensors_are_checked(tmp_path: Path, backends: list[Backe
         ("return [inputs['x']]", "model returned list; predict must return a dict"),
         ("return {'y': None}", "model output 'y' is not an array"),
         ("return {'y': [[1, 2], [3]]}", "model output 'y' is not an array"),
+        # Before: passed whole into the answer, log lines and error messages.
+        (
+            "return {'y' * 100_000: inputs['x']}",
+            r"model returned an output name of 100000 characters \('yyyy.*; output names are at most 256",
+        ),
+        (
+            "return {b'y' * 100_000: inputs['x']}",
+            r"model returned an output named b'yyy.*99803 more characters",
+        ),
         # These were the client's 400, from encoding the answer, and the replica logged nothing.
         (
             "return {'y': inputs['x'].astype(np.complex128)}",
