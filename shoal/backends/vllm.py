@@ -59,8 +59,9 @@ from shoal.backends.generate import (
     render_chat_template,
     text_rows,
 )
+from shoal.core import limits
 from shoal.core.spec import DeploymentSpec
-from shoal.errors import FailedPrecondition, Internal, InvalidArgument, ShoalError
+from shoal.errors import FailedPrecondition, Internal, InvalidArgument, ShoalError, Unavailable
 from shoal.types import ChatMessage
 
 log = logging.getLogger(__name__)
@@ -105,11 +106,24 @@ def _chat_tokenizer(folder: Path) -> Any:
 
 
 def _finish_reason(reason: object) -> FinishReason:
-    if reason == "length":
-        return "length"
-    if reason == "abort":
-        return "abort"
-    return "stop"
+    """shoal's name for the finish reason vLLM gave a request (its ``FINISH_REASON_STRINGS``:
+    ``stop``, ``length``, ``abort``, ``error``, ``repetition``). Before, every reason but
+    ``length`` and ``abort`` was ``stop``: a request vLLM failed was a whole answer.
+
+    ``abort`` here is vLLM's own (the engine paused or shutting down): shoal's abort of a
+    request (its client gone) ends the stream before any finish is read. ``repetition``,
+    vLLM stopping a generation caught in a loop, is a ``stop``: the model's output ended on
+    a condition, not a limit. ``error`` (vLLM: a retryable error of the request) is
+    Unavailable, which a client retries; a reason shoal does not know is Internal."""
+    if reason in ("stop", "length", "abort"):
+        return reason
+    if reason == "repetition":
+        return "stop"
+    if reason == "error":
+        raise Unavailable("vLLM failed the request (finish reason 'error', which vLLM deems retryable)")
+    raise Internal(
+        f"vLLM ended the request with finish reason {limits.shown(repr(reason))}, unknown to shoal"
+    )
 
 
 class VllmBackend(Backend):

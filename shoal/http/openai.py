@@ -31,6 +31,9 @@
   audio (``modalities`` other than ``["text"]``, ``audio``), non-zero penalties,
   ``logit_bias``. Other fields are accepted and ignored, as clients send many (``user``,
   ``metadata``, ...). Every chat message needs its ``content``, a string or text parts.
+  ``finish_reason`` is ``stop`` or ``length``; a generation the model stopped before its
+  end of its own (vLLM's ``abort``: the engine paused or shutting down) is a 503, or a
+  stream's last error event, which the clients retry (before, it read as ``stop``).
 - **Streaming** (``stream: true``) answers server-sent events, ``data: {chunk}`` each, in
   OpenAI's chunk shapes (``text_completion`` / ``chat.completion.chunk``; for a chat a
   first chunk with ``delta.role``, then ``delta.content`` pieces, and a last chunk with
@@ -68,7 +71,7 @@ from starlette.types import Receive, Scope, Send
 
 from shoal.core import limits
 from shoal.core.spec import DeploymentSpec
-from shoal.errors import Code, Internal, InvalidArgument, NotFound, ShoalError
+from shoal.errors import Code, Internal, InvalidArgument, NotFound, ShoalError, Unavailable
 from shoal.http.generate import read_json
 from shoal.http.server import unless_gone
 from shoal.http.sse import event, open_stream
@@ -91,7 +94,7 @@ B = TypeVar("B", bound=BaseModel)
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 _DONE = b"data: [DONE]\n\n"
-_FINISH_REASONS = {"stop": "stop", "length": "length"}  # shoal's "abort" has no OpenAI name: "stop"
+_FINISH_REASONS = {"stop": "stop", "length": "length"}  # "abort" has no OpenAI name: see _finish
 
 
 # ---------------------------------------------------------------- request bodies
@@ -386,7 +389,18 @@ def _usage(chunk: GenerateChunk) -> dict[str, int]:
 
 
 def _finish(chunk: GenerateChunk) -> str:
-    return _FINISH_REASONS.get(chunk.finish_reason, "stop")
+    """OpenAI's finish reason for a generation's last chunk. An ``abort`` that reaches a
+    client was not its own (vLLM's engine paused or shutting down, a replica that stopped
+    it): Unavailable, which OpenAI's clients retry. Before, it was ``stop``, and a cut
+    answer read as a whole one."""
+    reason = _FINISH_REASONS.get(chunk.finish_reason)
+    if reason is not None:
+        return reason
+    if chunk.finish_reason == "abort":
+        raise Unavailable("the model stopped this generation before its end (finish reason 'abort'): retry")
+    raise Internal(
+        f"the model ended a generation with finish reason {limits.shown(repr(chunk.finish_reason))}"
+    )
 
 
 # ---------------------------------------------------------------- the routes
@@ -586,7 +600,13 @@ async def stream_events(
             yield choice("", None, role=True)
         async for chunk in chunks:
             if chunk.last:
-                yield choice(chunk.text or None, _finish(chunk))
+                try:
+                    finish = _finish(chunk)
+                except ShoalError:
+                    if chunk.text:
+                        yield choice(chunk.text, None)
+                    raise
+                yield choice(chunk.text or None, finish)
                 if include_usage:
                     yield event({**head, "choices": [], "usage": _usage(chunk)})
                 yield _DONE

@@ -202,3 +202,29 @@ async def test_an_output_name_longer_than_a_spec_allows_is_the_models_error(http
     message = reply.json()["error"]
     assert "output name of 100000 characters" in message and "at most 256" in message
     assert len(message) < 1000
+
+
+# ---------------------------------------------------------------- finish reasons
+
+
+async def test_a_generation_vllm_aborted_is_no_stop(http: httpx.AsyncClient) -> None:
+    """vLLM ended the request ``abort`` of its own (shoal did not ask it to). Before, the
+    OpenAI API said ``stop``: a cut answer read as a whole one. Now it is 503 (the
+    ``openai`` client retries it), or a stream's last error event after its pieces;
+    Triton's generate extension says ``abort`` as it did."""
+    body = {"model": "aborting", "prompt": "a b"}
+    whole = await http.post("/v1/completions", json=body)
+    assert whole.status_code == 503, whole.text
+    assert whole.json()["error"]["message"] == (
+        "the model stopped this generation before its end (finish reason 'abort'): retry"
+    )
+
+    lines = await raw_stream(http, "/v1/completions", {**body, "stream": True})
+    events = [json.loads(line[len("data: ") :]) for line in lines if line.startswith("data: ")]
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == " a b"
+    assert all(e["choices"][0]["finish_reason"] is None for e in events[:-1])
+    assert events[-1]["error"]["code"] == "unavailable"
+
+    triton = await http.post("/v2/models/aborting/generate", json={"text_input": "a b"})
+    assert triton.status_code == 200, triton.text
+    assert (triton.json()["text_output"], triton.json()["finish_reason"]) == (" a b", "abort")

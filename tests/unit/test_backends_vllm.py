@@ -20,7 +20,7 @@ from shoal.backends import load_backend
 from shoal.backends.generate import GenerationParams, StopMatcher, TextGenerator
 from shoal.backends.vllm import VllmBackend
 from shoal.core.spec import DeploymentSpec, TensorSpec, parse_spec
-from shoal.errors import FailedPrecondition, InvalidArgument
+from shoal.errors import FailedPrecondition, Internal, InvalidArgument, Unavailable
 from shoal.testing import fake_vllm
 
 PROMPT = "one two three four five six"
@@ -237,3 +237,41 @@ def test_load_errors_are_invalid_argument(tmp_path: Path, monkeypatch: pytest.Mo
         InvalidArgument, match=r"backend 'vllm' needs the vllm extra: pip install 'shoal\[vllm\]'"
     ):
         load_backend(spec).load()
+
+
+@pytest.mark.parametrize(
+    ("reason", "finish"),
+    [("stop", "stop"), ("length", "length"), ("abort", "abort"), ("repetition", "stop")],
+)
+async def test_vllms_finish_reasons_are_told_as_they_are(tmp_path: Path, reason: str, finish: str) -> None:
+    """vLLM's ``abort`` (of its own: the engine paused, say) stays ``abort``, which the
+    OpenAI API tells as a failure; ``repetition`` is a ``stop``."""
+    backend = load_backend(vllm_spec(tmp_path, finish_reason=reason))
+    assert isinstance(backend, VllmBackend)
+    backend.load()
+    try:
+        done = await backend.complete("one two", GenerationParams())
+    finally:
+        backend.unload()
+    assert (done.text, done.finish_reason) == (" one two", finish)
+
+
+@pytest.mark.parametrize(
+    ("reason", "error", "message"),
+    [
+        # Before: each was "stop", a whole answer.
+        ("error", Unavailable, "vLLM failed the request \\(finish reason 'error'"),
+        ("tool_calls", Internal, "vLLM ended the request with finish reason 'tool_calls', unknown to shoal"),
+    ],
+)
+async def test_a_request_vllm_failed_is_an_error_not_a_stop(
+    tmp_path: Path, reason: str, error: type[Exception], message: str
+) -> None:
+    backend = load_backend(vllm_spec(tmp_path, finish_reason=reason))
+    assert isinstance(backend, VllmBackend)
+    backend.load()
+    try:
+        with pytest.raises(error, match=message):
+            await backend.complete("one two", GenerationParams())
+    finally:
+        backend.unload()
