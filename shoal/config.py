@@ -190,7 +190,9 @@ class Settings:
     """Most tensors one inference request may name: its inputs, and the outputs it asks
     for, each counted on its own (0: no limit)."""
     max_strings_per_request: int = 2048
-    """Most strings one ``/v1/embeddings`` request may carry (OpenAI's own limit; 0: no limit)."""
+    """Most strings one ``/v1`` request may carry in one list: embeddings' ``input``, a chat's
+    ``messages`` (with their text parts), ``prompt``, ``stop`` (OpenAI's own limit on
+    embeddings' inputs and on a chat's messages; 0: no limit)."""
     max_stream_pending: int = 64
     """Most requests of one ``ModelStreamInfer`` stream running or answered but not yet read
     by the client; past it the stream stops reading until the client catches up."""

@@ -31,6 +31,9 @@
   audio (``modalities`` other than ``["text"]``, ``audio``), non-zero penalties,
   ``logit_bias``. Other fields are accepted and ignored, as clients send many (``user``,
   ``metadata``, ...). Every chat message needs its ``content``, a string or text parts.
+  A list of the body (``messages`` with their text parts, ``prompt``, ``stop``,
+  embeddings' ``input``) holds at most ``max_strings_per_request`` strings (2048, OpenAI's
+  limit on messages), checked before the body is validated.
   ``finish_reason`` is ``stop`` or ``length``; a generation the model stopped before its
   end of its own (vLLM's ``abort``: the engine paused or shutting down) is a 503, or a
   stream's last error event, which the clients retry (before, it read as ``stop``).
@@ -94,6 +97,8 @@ B = TypeVar("B", bound=BaseModel)
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 _DONE = b"data: [DONE]\n\n"
+#: The body's lists (and objects) :meth:`OpenAIApi._check_lists` bounds before validation.
+_LISTS = ("input", "prompt", "stop", "messages", "logit_bias", "tools", "functions")
 _FINISH_REASONS = {"stop": "stop", "length": "length"}  # "abort" has no OpenAI name: see _finish
 
 
@@ -457,13 +462,39 @@ class OpenAIApi:
 
     # -- embeddings
 
+    def _check_lists(self, doc: dict[str, Any]) -> None:
+        """Refuse a list (or object) of the body longer than ``max_strings_per_request``
+        (InvalidArgument naming it) from its length, before the body is validated item by
+        item: 200,000 one-character strings are a 1 MB body, and a chat of 1,000,000
+        one-word messages (34 MB, under ``max_message_mb``) held the scheduler's event
+        loop 9 s (validated, then made into a request) before it was sent on. A chat's
+        messages count with their text parts."""
+        model = str(doc.get("model", ""))
+        for param in _LISTS:
+            value = doc.get(param)
+            if isinstance(value, list | dict):
+                self._check_count(model, param, len(value), "strings")
+        messages = doc.get("messages")
+        if isinstance(messages, list):  # no longer than the limit, checked above
+            parts = sum(
+                len(m["content"])
+                for m in messages
+                if isinstance(m, dict) and isinstance(m.get("content"), list)
+            )
+            if parts:
+                self._check_count(
+                    model, "messages", len(messages) + parts, "strings (messages and their text parts)"
+                )
+
+    def _check_count(self, model: str, param: str, count: int, what: str) -> None:
+        try:
+            self.dataplane.check_strings(model, count, param=param, what=what)
+        except InvalidArgument as err:
+            raise OpenAIError(param, err.message) from None
+
     async def embeddings(self, request: Request) -> Response:
         doc = await read_json(request, self.limit)
-        texts_in = doc.get("input")
-        if isinstance(texts_in, list):
-            # Before the body is validated string by string: 200,000 one-character strings
-            # are a 1 MB body.
-            self.dataplane.check_strings(str(doc.get("model", "")), len(texts_in))
+        self._check_lists(doc)
         body = parse_body(EmbeddingsBody, doc)
         spec = self._spec(body.model)
         if not embeds_text(spec):
@@ -508,11 +539,15 @@ class OpenAIApi:
     # -- completions
 
     async def completions(self, request: Request) -> Response:
-        body = parse_body(CompletionBody, await read_json(request, self.limit))
+        doc = await read_json(request, self.limit)
+        self._check_lists(doc)
+        body = parse_body(CompletionBody, doc)
         return await self._generate(request, body, completion_request(body), chat=False)
 
     async def chat_completions(self, request: Request) -> Response:
-        body = parse_body(ChatCompletionBody, await read_json(request, self.limit))
+        doc = await read_json(request, self.limit)
+        self._check_lists(doc)
+        body = parse_body(ChatCompletionBody, doc)
         return await self._generate(request, body, chat_request(body), chat=True)
 
     async def _generate(

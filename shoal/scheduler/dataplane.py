@@ -278,14 +278,16 @@ class DataPlane:
                 raise result  # the first failure answers the request (a ShoalError: its status)
         return Embeddings([v for v in vectors if v is not None], sum(tokens))
 
-    def check_strings(self, model: str, count: int, *, door: str = "openai") -> None:
+    def check_strings(
+        self, model: str, count: int, *, door: str = "openai", param: str = "input", what: str = "strings"
+    ) -> None:
         """InvalidArgument (counted and logged) when one request carries more than
-        ``max_strings_per_request`` strings: checked on the parsed body's list length,
-        before any string is looked at."""
+        ``max_strings_per_request`` strings in its ``param`` (``count`` ``what``): checked
+        on the parsed body's list length, before any string is looked at."""
         limit = self.settings.max_strings_per_request
         if limit > 0 and count > limit:
             err = InvalidArgument(
-                f"'input' holds {count} strings, over the limit of {limit} (setting max_strings_per_request)"
+                f"'{param}' holds {count} {what}, over the limit of {limit} (setting max_strings_per_request)"
             )
             self.refused(model, "", door, err)
             raise err

@@ -114,6 +114,7 @@ async def doors(fakes: FakeReplicas) -> AsyncIterator[Doors]:
         "e:1",
         "s1",
     )
+    router.add("g", spec("gen", backend="vllm", inputs=[], outputs=[]), "g:1", "s1")
     app = scheduler_app(node)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://shoal") as client:
         yield Doors(node, client)
@@ -411,6 +412,33 @@ async def test_embeddings_with_too_many_strings_are_refused_before_any_work(
     assert "200000 strings, over the limit of 100" in r.json()["error"]["message"]
     assert fakes.clients["e:1"].requests == []
     assert doors.node.router.stats()["emb"].outcomes["invalid"] == 1
+
+
+CHAT = {"role": "user", "content": "a"}
+PARTS = {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}
+LONG_LISTS = [
+    ("/v1/chat/completions", {"messages": [CHAT] * 20_000}, "'messages' holds 20000 strings, over"),
+    (
+        "/v1/chat/completions",
+        {"messages": [PARTS] * 40},
+        "'messages' holds 120 strings (messages and their text",
+    ),
+    ("/v1/completions", {"prompt": ["a"] * 20_000}, "'prompt' holds 20000 strings, over"),
+    ("/v1/completions", {"prompt": "a", "stop": ["a"] * 20_000}, "'stop' holds 20000 strings, over"),
+]
+
+
+@pytest.mark.parametrize(("path", "doc", "message"), LONG_LISTS, ids=["messages", "parts", "prompt", "stop"])
+async def test_generations_with_too_many_strings_are_refused_before_any_work(
+    doors: Doors, fakes: FakeReplicas, path: str, doc: dict[str, Any], message: str
+) -> None:
+    """As embeddings' input: before, a chat of 1,000,000 one-word messages (34 MB) was
+    validated and made into a request on the scheduler's event loop, 9 s, and sent on."""
+    r = await doors.http.post(path, json={"model": "gen", **doc})
+    assert r.status_code == 400
+    assert message in r.json()["error"]["message"]
+    assert fakes.clients["g:1"].generations == []
+    assert doors.node.router.stats()["gen"].outcomes["invalid"] == 1
 
 
 async def test_model_stream_infer_stops_reading_when_the_client_does_not_read(doors: Doors) -> None:
