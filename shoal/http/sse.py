@@ -25,9 +25,21 @@ MEDIA_TYPE = "text/event-stream"
 KEEPALIVE = b": keep-alive\n\n"
 
 
+#: Characters JSON leaves as they are that Python's ``str.splitlines``, and so httpx's
+#: ``aiter_lines``, take for line breaks: an event's text escapes them (:func:`event`).
+_LINE_BREAKS = ("\u2028", "\u2029", "\x85")
+
+
 def event(doc: Any) -> bytes:
-    """One ``data:`` event carrying ``doc`` as JSON."""
-    return b"data: " + json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+    """One ``data:`` event carrying ``doc`` as JSON, on one line for any line reader: text
+    stays unescaped but for :data:`_LINE_BREAKS`. Before, a model's U+2028 cut its event in
+    two for a client reading lines with httpx, which then failed to parse either half."""
+    text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
+    if not text.isascii():
+        for breaks in _LINE_BREAKS:
+            if breaks in text:
+                text = text.replace(breaks, f"\\u{ord(breaks):04x}")
+    return b"data: " + text.encode() + b"\n\n"
 
 
 async def open_stream(

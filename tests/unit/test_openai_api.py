@@ -478,6 +478,36 @@ async def test_a_failure_mid_stream_is_an_error_event(
     assert router.load()["lm"].in_flight == 0
 
 
+def piece_text(doc: dict[str, Any]) -> str:
+    """The text of an event: Triton's ``text_output``, or an OpenAI chunk's (usage's: "")."""
+    if "text_output" in doc:
+        return str(doc["text_output"])
+    if not doc["choices"]:
+        return ""
+    choice = doc["choices"][0]
+    return str(choice["delta"].get("content") or "" if "delta" in choice else choice["text"])
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v2/models/lm/generate_stream"])
+async def test_a_piece_with_a_unicode_line_separator_stays_on_its_line(
+    http: httpx.AsyncClient, lm: FakeReplicaClient, path: str
+) -> None:
+    """Events are JSON with their text unescaped; U+2028, U+2029 and U+0085 are line
+    breaks to Python's ``str.splitlines`` and to httpx's ``aiter_lines``, which SSE clients
+    read lines with. Before, such a piece cut its event in two: the client read JSON it
+    could not parse."""
+    lm.generator = lambda request: ["a\u2028b", "\u2029c\x85"]
+    prompt = {"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {"prompt": "hi"}
+    doc = {"model": "lm", "stream": True, **prompt} if "/v1/" in path else {"text_input": "hi"}
+
+    async with http.stream("POST", path, json=doc) as reply:
+        lines = [line async for line in reply.aiter_lines() if line]
+
+    events = [json.loads(line.removeprefix("data: ")) for line in lines if line != "data: [DONE]"]
+    texts = [piece_text(e) for e in events]
+    assert "".join(texts) == "a\u2028b\u2029c\x85"
+
+
 def break_after(lm: FakeReplicaClient, monkeypatch: pytest.MonkeyPatch, chunks: int) -> None:
     """``lm``'s generations raise a RuntimeError (a bug, not a ShoalError) after ``chunks``."""
     generate = lm.generate
