@@ -460,7 +460,7 @@ class OpenAIApi:
         self._spec(name)
         return JSONResponse(self._model(name))
 
-    # -- embeddings
+    # -- bodies
 
     def _check_lists(self, doc: dict[str, Any]) -> None:
         """Refuse a list (or object) of the body longer than ``max_strings_per_request``
@@ -491,6 +491,8 @@ class OpenAIApi:
             self.dataplane.check_strings(model, count, param=param, what=what)
         except InvalidArgument as err:
             raise OpenAIError(param, err.message) from None
+
+    # -- embeddings
 
     async def embeddings(self, request: Request) -> Response:
         doc = await read_json(request, self.limit)
