@@ -54,6 +54,7 @@ from shoal.core.ids import request_key
 from shoal.core.payload import Tensor, Tensors
 from shoal.core.spec import DeploymentSpec, TensorSpec, check_model_id
 from shoal.errors import Code, Internal, InvalidArgument, ShoalError
+from shoal.scheduler.generate import InvalidParameter
 from shoal.scheduler.models import InferResult, ModelCatalog, check_inputs, check_outputs
 from shoal.scheduler.router import OUTCOME_OF, Router
 
@@ -396,8 +397,9 @@ def _texts(name: str, texts: Sequence[str]) -> Tensor:
     try:
         array[:] = [t.encode("utf-8") for t in texts]
     except UnicodeEncodeError as err:
-        raise InvalidArgument(
-            f"'input' holds a string that is not valid Unicode text: {err.reason}"
+        # Named, so that /v1/embeddings' error names its param (before: none).
+        raise InvalidParameter(
+            "input", f"'input' holds a string that is not valid Unicode text: {err.reason}"
         ) from None
     return payload.from_array(name, array)
 

@@ -227,6 +227,20 @@ async def test_bad_embedding_requests_are_400_naming_the_param(
     }
 
 
+@pytest.mark.parametrize("texts", ["\ud800", ["ok", "\udc00"]], ids=["string", "list"])
+async def test_embedding_input_that_is_not_unicode_is_400_naming_input(
+    http: httpx.AsyncClient, texts: str | list[str]
+) -> None:
+    """JSON's ``"\\ud800"``, a lone surrogate. Before, the 400 named no ``param``."""
+    body = json.dumps({"model": "minilm", "input": texts})  # ASCII: "\ud800" escaped
+    reply = await http.post("/v1/embeddings", content=body)
+
+    assert reply.status_code == 400
+    error = reply.json()["error"]
+    assert (error["param"], error["type"]) == ("input", "invalid_request_error")
+    assert "not valid Unicode text" in error["message"]
+
+
 async def test_a_failing_embedding_replica_answers_its_status(
     client: openai.AsyncOpenAI, fakes: FakeReplicas
 ) -> None:
