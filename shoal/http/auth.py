@@ -20,8 +20,7 @@ the API refused (``{"error": "..."}``, or OpenAI's ``{"error": {"message", ...}}
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 from starlette.datastructures import Headers
@@ -30,6 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shoal import auth
 from shoal.errors import BodyTooLarge, Code, ResourceExhausted, ShoalError
+from shoal.http.jsonbody import TooManyValues, parse_json
 
 OPEN_PATHS = ("/", "/healthz", "/openapi.json", "/docs")
 OPEN_PREFIXES = ("/static/",)
@@ -148,13 +148,19 @@ def model_in_path(path: str) -> str | None:
     return None
 
 
-def model_in_body(body: bytes) -> str | None:
-    """The ``model`` field of a JSON object body, if it has a string one."""
+async def model_in_body(
+    body: bytes, on_loop: int, scope: MutableMapping[str, Any] | None = None
+) -> str | None:
+    """The ``model`` field of a JSON object body, if it has a string one. Parsed once: with
+    ``scope``, the route takes what was parsed from there (:func:`shoal.http.jsonbody.parse_json`,
+    off the event loop past ``on_loop`` bytes), a refusal of the body included."""
     try:
-        doc = json.loads(body)
-    except (ValueError, RecursionError):
-        return None
-    model = doc.get("model") if isinstance(doc, dict) else None
+        doc = await parse_json(body, on_loop, scope)
+    except TooManyValues as err:
+        return err.model or None  # its token is checked before the route refuses it
+    except ShoalError:
+        return None  # the route answers the refusal
+    model = doc.get("model")
     return model if isinstance(model, str) else None
 
 
@@ -169,12 +175,18 @@ class InferenceGuard:
     counted (outcomes ``unauthenticated`` and ``denied``) and logged as every refusal is."""
 
     def __init__(
-        self, app: ASGIApp, checker: auth.InferenceAuth, limit: int, refused: Refused | None = None
+        self,
+        app: ASGIApp,
+        checker: auth.InferenceAuth,
+        limit: int,
+        refused: Refused | None = None,
+        on_loop: int = 256 * 1024,
     ) -> None:
         self.app = app
         self.checker = checker
         self.limit = limit
         self.refused = refused
+        self.on_loop = on_loop  # an OpenAI body past it is parsed off the event loop
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -189,7 +201,7 @@ class InferenceGuard:
             except ShoalError as err:
                 await _refusal(err, openai=True)(scope, receive, send)
                 return
-            model = model_in_body(body)
+            model = await model_in_body(body, self.on_loop, scope)
             receive = _replay(body, receive)
         if model is not None:
             try:

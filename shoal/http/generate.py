@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -36,7 +35,8 @@ from starlette.routing import Route
 
 from shoal.config import Settings
 from shoal.core import limits
-from shoal.errors import BodyTooLarge, InvalidArgument, ShoalError
+from shoal.errors import InvalidArgument, ShoalError
+from shoal.http.jsonbody import read_json
 from shoal.http.server import unless_gone
 from shoal.http.sse import event, open_stream
 from shoal.scheduler.generate import (
@@ -51,25 +51,6 @@ from shoal.scheduler.models import ModelCatalog
 from shoal.types import GenerateRequest
 
 log = logging.getLogger("shoal.http")
-
-
-async def read_json(request: Request, limit: int) -> dict[str, Any]:
-    """The body as a JSON object; InvalidArgument when it is not one or is over ``limit`` bytes."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge(limit, int(declared))
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise BodyTooLarge(limit)
-    try:
-        doc = json.loads(body)
-    except (ValueError, RecursionError) as err:  # too deeply nested: RecursionError
-        raise InvalidArgument(f"request body is not valid JSON: {err}") from None
-    if not isinstance(doc, dict):
-        raise InvalidArgument(f"request body must be a JSON object, got {type(doc).__name__}")
-    return doc
 
 
 def parse_generate(doc: dict[str, Any], *, stream: bool) -> tuple[str, GenerateRequest]:
@@ -104,10 +85,14 @@ def _error(err: ShoalError) -> Response:
 
 
 def generate_routes(
-    catalog: ModelCatalog, limit: int, keepalive_s: float = Settings.sse_keepalive_s
+    catalog: ModelCatalog,
+    limit: int,
+    keepalive_s: float = Settings.sse_keepalive_s,
+    on_loop: int = Settings.max_json_on_loop_kb * 1024,
 ) -> list[Route]:
     """The generate extension's routes over ``catalog`` (and its router); bodies up to
-    ``limit`` bytes; a stream quiet ``keepalive_s`` sends a keep-alive (:mod:`shoal.http.sse`)."""
+    ``limit`` bytes, parsed off the event loop past ``on_loop`` (:func:`read_json`); a
+    stream quiet ``keepalive_s`` sends a keep-alive (:mod:`shoal.http.sse`)."""
 
     async def prepare(request: Request, *, stream: bool) -> tuple[str, str, GenerateRequest, int]:
         """The model, the client's id, the generation and the revision it must run on (0: any)."""
@@ -116,7 +101,7 @@ def generate_routes(
         revision = catalog.revision(spec, request.path_params.get("version", ""))
         if not generates_text(spec):
             raise InvalidArgument(f"model {name!r} does not generate text; use /v2/models/{name}/infer")
-        request_id, req = parse_generate(await read_json(request, limit), stream=stream)
+        request_id, req = parse_generate(await read_json(request, limit, on_loop), stream=stream)
         return name, request_id, req, revision
 
     def head(name: str, request_id: str, revision: int) -> dict[str, Any]:

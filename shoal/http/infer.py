@@ -11,13 +11,10 @@ data extension; see :mod:`shoal.http.scheduler` for the whole REST API.
 from __future__ import annotations
 
 import asyncio
-import atexit
-import concurrent.futures
 import json
 import logging
-import multiprocessing
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 from starlette.requests import Request
@@ -38,6 +35,7 @@ from shoal.errors import (
 )
 from shoal.http import coding
 from shoal.http.auth import drain
+from shoal.http.offload import in_parser
 from shoal.http.server import ClientGone, client_gone, unless_gone
 from shoal.scheduler.dataplane import (
     MODEL_ID_HEADER,
@@ -50,7 +48,6 @@ from shoal.scheduler.ingress import IngressNode
 from shoal.scheduler.models import InferResult
 
 log = logging.getLogger("shoal.http")
-T = TypeVar("T")
 
 _JSON = "application/json"
 _UNSUPPORTED_PARAMETERS = {
@@ -334,9 +331,6 @@ def _parse_in_child(
         return (err.code.value, err.message)
 
 
-_parser: concurrent.futures.ProcessPoolExecutor | None = None
-
-
 async def parse_infer(
     body: bytes, header_length: str | None, bounds: RequestLimits, on_loop: int
 ) -> InferRequest:
@@ -346,16 +340,10 @@ async def parse_infer(
     parsed tensors come back as raw bytes (a memory copy, not a parse)."""
     if len(body) <= on_loop or (header_length is not None and int_or(header_length, 0) <= on_loop):
         return _parse_infer(body, header_length, bounds)
-    result = await _in_parser(_parse_in_child, body, header_length, bounds)
+    result = await in_parser(_parse_in_child, body, header_length, bounds)
     if isinstance(result, tuple):
         raise from_code(Code(result[0]), result[1])
     return result
-
-
-def _new_parser() -> concurrent.futures.ProcessPoolExecutor:
-    pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-    atexit.register(shutdown_parser)  # stopped before the interpreter tears its modules down
-    return pool
 
 
 def _render_in_child(req: InferRequest, result: InferResult, used: str | None) -> Answer:
@@ -374,7 +362,7 @@ async def respond(req: InferRequest, result: InferResult, on_loop: int, accept: 
     used = None if accept is None else coding.negotiate(accept)
     if req.json_elements(result) * 8 > on_loop:  # about 8 bytes of JSON per number
         req.inputs = ()  # sent, and not needed to write the answer
-        return await _in_parser(_render_in_child, req, result, used)
+        return await in_parser(_render_in_child, req, result, used)
     answer = req.render(result)
     if used is None:
         return answer
@@ -393,36 +381,6 @@ def _encoded(answer: Answer, used: str) -> Answer:
         body = coding.encode(body, used)
         headers["Content-Encoding"] = used
     return body, media_type, headers
-
-
-#: Large bodies being parsed or answers written in the parsing process at once, each up to
-#: max_message_mb in memory; past it a large JSON request is RESOURCE_EXHAUSTED / 503.
-MAX_LARGE_JSON = 4
-_large_json = 0
-
-
-async def _in_parser(fn: Callable[..., T], *args: Any) -> T:
-    global _parser, _large_json
-    if _large_json >= MAX_LARGE_JSON:
-        raise ResourceExhausted(
-            f"{_large_json} large JSON bodies are being handled already; retry, or send tensors as "
-            "binary data (Triton's binary tensor data extension) or over gRPC"
-        )
-    if _parser is None:
-        _parser = _new_parser()
-    _large_json += 1
-    try:
-        return await asyncio.get_running_loop().run_in_executor(_parser, fn, *args)
-    finally:
-        _large_json -= 1
-
-
-def shutdown_parser() -> None:
-    """Stop the process that parses big bodies, if one was started (at scheduler exit)."""
-    global _parser
-    if _parser is not None:
-        _parser.shutdown(wait=True, cancel_futures=True)
-        _parser = None
 
 
 def int_or(text: str, default: int) -> int:

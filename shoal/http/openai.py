@@ -75,7 +75,7 @@ from starlette.types import Receive, Scope, Send
 from shoal.core import limits
 from shoal.core.spec import DeploymentSpec
 from shoal.errors import Code, Internal, InvalidArgument, NotFound, ShoalError, Unavailable
-from shoal.http.generate import read_json
+from shoal.http.jsonbody import TooManyValues, read_json
 from shoal.http.server import unless_gone
 from shoal.http.sse import event, open_stream
 from shoal.scheduler.dataplane import DataPlane
@@ -420,6 +420,7 @@ class OpenAIApi:
         self.limit = limit
         self.created = int(time.time())  # models have no creation time; this scheduler's start
         self.keepalive_s = dataplane.settings.sse_keepalive_s
+        self.on_loop = dataplane.settings.max_json_on_loop_kb * 1024  # bodies parsed off the loop past it
 
     def routes(self) -> list[Route]:
         """The routes; the last takes every other ``/v1/`` path and method (mount these
@@ -486,6 +487,16 @@ class OpenAIApi:
                     model, "messages", len(messages) + parts, "strings (messages and their text parts)"
                 )
 
+    async def _read(self, request: Request) -> dict[str, Any]:
+        """The body (:func:`read_json`); one of too many values is counted and logged as its
+        model's refusal, as one of too many strings is (:meth:`_check_count`)."""
+        try:
+            return await read_json(request, self.limit, self.on_loop)
+        except TooManyValues as err:
+            if err.model:
+                self.dataplane.refused(err.model, "", "openai", err)
+            raise
+
     def _check_count(self, model: str, param: str, count: int, what: str) -> None:
         try:
             self.dataplane.check_strings(model, count, param=param, what=what)
@@ -495,7 +506,7 @@ class OpenAIApi:
     # -- embeddings
 
     async def embeddings(self, request: Request) -> Response:
-        doc = await read_json(request, self.limit)
+        doc = await self._read(request)
         self._check_lists(doc)
         body = parse_body(EmbeddingsBody, doc)
         spec = self._spec(body.model)
@@ -541,13 +552,13 @@ class OpenAIApi:
     # -- completions
 
     async def completions(self, request: Request) -> Response:
-        doc = await read_json(request, self.limit)
+        doc = await self._read(request)
         self._check_lists(doc)
         body = parse_body(CompletionBody, doc)
         return await self._generate(request, body, completion_request(body), chat=False)
 
     async def chat_completions(self, request: Request) -> Response:
-        doc = await read_json(request, self.limit)
+        doc = await self._read(request)
         self._check_lists(doc)
         body = parse_body(ChatCompletionBody, doc)
         return await self._generate(request, body, chat_request(body), chat=True)

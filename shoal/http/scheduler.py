@@ -51,7 +51,7 @@ from shoal.errors import InvalidArgument, ShoalError
 from shoal.http.auth import InferenceGuard, model_in_path
 from shoal.http.generate import generate_routes
 from shoal.http.infer import Dispatch, Infer, bool_param, read_body
-from shoal.http.infer import shutdown_parser as shutdown_parser
+from shoal.http.offload import shutdown_parser as shutdown_parser
 from shoal.http.openai import openai_routes
 from shoal.scheduler.ingress import IngressNode
 from shoal.scheduler.models import NO_LOG_SETTINGS, NO_SHARED_MEMORY, NO_TRACE
@@ -299,14 +299,17 @@ def scheduler_app(
             Route(f"{prefix}/config", model_config, methods=["GET"]),
             Route(f"{prefix}/stats", model_stats, methods=["GET"]),
         ]
+    on_loop = node.settings.max_json_on_loop_kb * 1024  # JSON bodies past it: parsed off the loop
     routes += [
-        *generate_routes(models, limit, node.settings.sse_keepalive_s),
+        *generate_routes(models, limit, node.settings.sse_keepalive_s, on_loop),
         *openai_routes(node.router, limit, node.dataplane),
     ]
     # Tokens for deployments that ask for them, on every route that names a model: these and
     # those mounted above (the OpenAI API's model is in its body).
     refused = node.dataplane.refused
-    guard = Middleware(InferenceGuard, checker=node.inference_auth, limit=limit, refused=refused)
+    guard = Middleware(
+        InferenceGuard, checker=node.inference_auth, limit=limit, refused=refused, on_loop=on_loop
+    )
     app = Starlette(
         routes=routes,
         exception_handlers={HTTPException: http_error, Exception: internal_error},

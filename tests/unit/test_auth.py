@@ -419,16 +419,16 @@ def test_element_counting() -> None:
         limits.check_elements([[10, 10], [1]], 100)
 
 
-def test_ingress_paths_and_bodies() -> None:
+async def test_ingress_paths_and_bodies() -> None:
     assert model_in_path("/v2/models/echo/infer") == "echo"
     assert model_in_path("/v2/models/echo/versions/1/generate") == "echo"
     assert model_in_path("/v2/models/stats") is None
     assert model_in_path("/v2/models/stats/ready") == "stats"
     assert model_in_path("/v1/models/org/model") == "org/model"
     assert model_in_path("/v1/models") is None and model_in_path("/v2") is None
-    assert model_in_body(b'{"model": "m", "input": "x"}') == "m"
+    assert await model_in_body(b'{"model": "m", "input": "x"}', 1024) == "m"
     for body in (b"", b"[", b"[1]", b'{"model": 3}', b"\xff", b"[" * 100_000):
-        assert model_in_body(body) is None
+        assert await model_in_body(body, 1 << 20) is None
 
 
 # ---------------------------------------------------------------- certificates and transport

@@ -21,7 +21,7 @@ import pytest
 from shoal.config import Settings
 from shoal.core import payload
 from shoal.core.spec import DeploymentSpec, parse_spec
-from shoal.http import infer as scheduler_http
+from shoal.http import jsonbody, offload
 from shoal.http.scheduler import scheduler_app, shutdown_parser
 from shoal.proto import grpc_service_pb2 as oip
 from shoal.proto import shoal_pb2 as pb
@@ -406,12 +406,43 @@ async def test_an_unknown_model_name_is_quoted_cut_over_http(doors: Doors) -> No
 async def test_embeddings_with_too_many_strings_are_refused_before_any_work(
     doors: Doors, fakes: FakeReplicas
 ) -> None:
-    body = json.dumps({"model": "emb", "input": ["a"] * 200_000})
-    r = await doors.http.post("/v1/embeddings", content=body, headers={"content-type": "application/json"})
-    assert r.status_code == 400
-    assert "200000 strings, over the limit of 100" in r.json()["error"]["message"]
+    refusals = [
+        (1_000, "'input' holds 1000 strings, over the limit of 100"),
+        # Past MAX_JSON_VALUES (100,000) a body is refused once parsed, before its lists are read.
+        (200_000, "more than 100000 JSON values ('input' holds 200000 items)"),
+    ]
+    for count, message in refusals:
+        body = json.dumps({"model": "emb", "input": ["a"] * count})
+        r = await doors.http.post(
+            "/v1/embeddings", content=body, headers={"content-type": "application/json"}
+        )
+        assert r.status_code == 400
+        assert message in r.json()["error"]["message"]
     assert fakes.clients["e:1"].requests == []
-    assert doors.node.router.stats()["emb"].outcomes["invalid"] == 1
+    assert doors.node.router.stats()["emb"].outcomes["invalid"] == 2
+
+
+async def test_a_large_openai_body_is_parsed_once_off_the_loop(
+    doors: Doors, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The token check read a /v1 body's model with json.loads on the event loop, and the
+    route parsed it again: a 34 MB chat held every other request on the port up for about
+    two seconds. Now it is parsed once, in the parsing process past max_json_on_loop_kb."""
+    parses: list[int] = []
+
+    async def counted(fn: Any, body: bytes) -> Any:
+        parses.append(len(body))
+        return await offload.in_parser(fn, body)
+
+    monkeypatch.setattr(jsonbody, "in_parser", counted)
+    chat = {"model": "gen", "messages": [CHAT], "max_tokens": 2, "user": "x" * 300_000}
+    body = json.dumps(chat)  # over max_json_on_loop_kb (256)
+    try:
+        r = await doors.http.post("/v1/chat/completions", content=body)
+        assert r.status_code == 200, r.text
+        assert parses == [len(body)]
+    finally:
+        shutdown_parser()
 
 
 CHAT = {"role": "user", "content": "a"}
@@ -491,10 +522,10 @@ async def test_a_json_body_over_the_on_loop_limit_is_parsed_and_answered_the_sam
             assert body["id"] == "big"
             np.testing.assert_array_equal(np.array(body["outputs"][0]["data"], np.float32).reshape(500, 4), x)
             # Bounded: past MAX_LARGE_JSON at once, a large JSON body is turned away.
-            monkeypatch.setattr(scheduler_http, "_large_json", scheduler_http.MAX_LARGE_JSON)
+            monkeypatch.setattr(offload, "_large_json", offload.MAX_LARGE_JSON)
             r = await http.post("/v2/models/echo/infer", json=doc)
             assert r.status_code == 503 and "large JSON bodies" in r.json()["error"]
-            monkeypatch.setattr(scheduler_http, "_large_json", 0)
+            monkeypatch.setattr(offload, "_large_json", 0)
             bad = {**doc, "inputs": [{**doc["inputs"][0], "shape": [500, 5]}]}
             r = await http.post("/v2/models/echo/infer", json=bad)
             assert (

@@ -24,7 +24,10 @@ from shoal.config import Settings
 from shoal.core.spec import DeploymentSpec, parse_spec
 from shoal.core.traffic import TrafficRoute
 from shoal.errors import InvalidArgument, ResourceExhausted
+from shoal.http import offload
 from shoal.http.generate import generate_routes
+from shoal.http.jsonbody import MAX_JSON_VALUES
+from shoal.http.offload import shutdown_parser
 from shoal.http.openai import openai_routes
 from shoal.proto import grpc_service_pb2 as oip
 from shoal.rpc import generate_stream
@@ -966,3 +969,49 @@ def test_generation_deployments_are_decoupled_in_their_model_config(router: Rout
         spec = router.spec(name)
         config = model_config(spec, ModelMetadata(name, spec.backend, (), ()), 1)
         assert config["model_transaction_policy"] == {"decoupled": decoupled}
+
+
+# ---------------------------------------------------------------- large bodies
+
+
+async def test_a_body_over_the_on_loop_limit_is_parsed_off_the_loop_and_answered_the_same(
+    router: Router, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chat of 1,000,000 one-word messages (34 MB) was parsed on the event loop: every
+    other request on the port waited over a second. Past ``max_json_on_loop_kb`` a body is
+    parsed in the parsing process, as a large infer body is; at most MAX_LARGE_JSON at once."""
+    settings = Settings(max_json_on_loop_kb=1)
+    catalog = ModelCatalog(router)
+    door = DataPlane(router, catalog, settings)
+    app = Starlette(
+        routes=[*openai_routes(router, 1 << 20, door), *generate_routes(catalog, 1 << 20, on_loop=1024)]
+    )
+    messages = [{"role": "user", "content": f"word {i}"} for i in range(100)]
+    chat = {"model": "lm", "messages": messages, "max_tokens": 4}
+    generate = {"text_input": "x" * 2000, "parameters": {"max_tokens": 4}}
+    assert len(json.dumps(chat)) > 1024 and len(json.dumps(generate)) > 1024
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://shoal") as http:
+            r = await http.post("/v1/chat/completions", json=chat)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["content"]
+            r = await http.post("/v2/models/lm/generate", json=generate)
+            assert r.status_code == 200, r.text
+            # Through the parsing process: past MAX_LARGE_JSON at once it turns bodies away.
+            monkeypatch.setattr(offload, "_large_json", offload.MAX_LARGE_JSON)
+            r = await http.post("/v1/chat/completions", json=chat)
+            assert r.status_code == 503 and "large JSON bodies" in r.json()["error"]["message"], r.text
+            monkeypatch.setattr(offload, "_large_json", 0)
+            # What the parsing process refuses comes back as the same 400.
+            r = await http.post("/v1/chat/completions", content=b"{" + b"x" * 2000)
+            assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"], r.text
+    finally:
+        shutdown_parser()
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/embeddings", "/v2/models/lm/generate"])
+async def test_a_body_of_too_many_json_values_is_a_400(http: httpx.AsyncClient, path: str) -> None:
+    doc = {"model": "lm", "padding": [0] * (MAX_JSON_VALUES + 1)}
+    r = await http.post(path, json=doc)
+    assert r.status_code == 400, r.text
+    assert f"more than {MAX_JSON_VALUES} JSON values" in r.text
