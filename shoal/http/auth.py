@@ -36,8 +36,12 @@ OPEN_PREFIXES = ("/static/",)
 _OPENAI_CODES = {Code.UNAUTHENTICATED: "invalid_api_key", Code.PERMISSION_DENIED: "permission_denied"}
 
 
-def _refusal(err: ShoalError, *, status: int | None = None, openai: bool = False) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if err.code == Code.UNAUTHENTICATED else None
+def _refusal(
+    err: ShoalError, *, status: int | None = None, openai: bool = False, close: bool = False
+) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if err.code == Code.UNAUTHENTICATED else {}
+    if close:
+        headers["Connection"] = "close"
     doc: dict[str, Any] = {"error": err.message}
     if openai:
         kind = "invalid_request_error" if err.code == Code.INVALID_ARGUMENT else err.code.value.lower()
@@ -127,9 +131,9 @@ class ControlGuard:
         if not self.limiter.allow(auth.client_key(token, host)):
             error = ResourceExhausted(self.limiter.message)
         if error is not None:
-            await drain(receive, self.max_body)
+            whole = await skip_body(scope, receive)
             status = 429 if error.code == Code.RESOURCE_EXHAUSTED else None
-            await _refusal(error, status=status)(scope, receive, send)
+            await _refusal(error, status=status, close=not whole)(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
@@ -209,8 +213,8 @@ class InferenceGuard:
             except ShoalError as err:
                 if self.refused is not None and scope["method"] == "POST":
                     self.refused(model, "", "openai" if openai else "http", err)
-                await drain(receive, self.limit)
-                await _refusal(err, openai=openai)(scope, receive, send)
+                whole = await skip_body(scope, receive)
+                await _refusal(err, openai=openai, close=not whole)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -245,6 +249,36 @@ async def drain(receive: Receive, limit: int) -> None:
         size += len(message.get("body", b""))
         if not message.get("more_body", False):
             return
+
+
+REFUSED_BODY_BYTES = 64 * 1024
+"""Most of a refused request's body (no token, an unknown or a low one, the rate limit) that
+is read before the refusal: a body this small, as most control calls and small inference
+requests are, is read and dropped so that a client that sends all of it before it reads gets
+its answer and keeps its connection; of a larger one nothing is read, and the connection is
+closed after the answer. Before, a refusal read up to ``max_message_mb`` (64 MiB) of the
+body, and the server then read and dropped the rest: a caller without a token made the head
+or a scheduler read every byte it sent (300 MB for a 300 MB POST)."""
+
+
+async def skip_body(scope: Scope, receive: Receive, limit: int = REFUSED_BODY_BYTES) -> bool:
+    """Read and drop a refused request's body if it is at most ``limit`` bytes. Returns
+    whether the body is all read; False: the connection must be closed after the answer
+    (its body is not read: a declared ``Content-Length`` over ``limit`` is not waited for,
+    and a client that asked ``Expect: 100-continue`` is not told to send it)."""
+    length = Headers(scope=scope).get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        return False
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return True
+        size += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return True
+        if size > limit:
+            return False
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
