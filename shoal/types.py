@@ -97,6 +97,9 @@ class SchedulerRegistration:
     pid: int
     hostname: str
     replicas: tuple[ReplicaReport, ...] = ()
+    # The host the registration came from, as the head saw its connection (not the address
+    # the scheduler advertises): blob claims in the scheduler's name must come from there.
+    peer: str = ""
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,7 @@ class SchedulerRecord:
     capacity: Capacity
     pid: int = 0
     hostname: str = ""
+    peer: str = ""  # the host its registration came from, as the head saw it
     state: SchedulerState = ALIVE
     last_seen: float = 0.0
     registry_version: int = 0
@@ -312,6 +313,7 @@ class ClusterState:
         *,
         pid: int = 0,
         hostname: str = "",
+        peer: str = "",
         replicas: Iterable[ReplicaReport] = (),
     ) -> None:
         """A scheduler (re)joins; replicas it already runs are adopted.
@@ -342,6 +344,7 @@ class ClusterState:
             capacity=capacity,
             pid=pid,
             hostname=hostname,
+            peer=peer,
             state=ALIVE,
             last_seen=self.clock.now(),
         )

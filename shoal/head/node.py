@@ -287,6 +287,7 @@ class HeadNode:
                     reg.capacity,
                     pid=reg.pid,
                     hostname=reg.hostname,
+                    peer=reg.peer,
                     replicas=reg.replicas,
                 )
             except AlreadyExists as err:

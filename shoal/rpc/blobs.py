@@ -3,7 +3,8 @@
 the leader and the schedulers (standby copies), and the CLI's upload.
 
 Who may call what is ``shoal.rpc.auth`` (Upload: role deploy; Stat: role deploy, a
-scheduler or a head; Download: schedulers and heads).
+scheduler or a head; Download: schedulers and heads); a Stat that speaks for a holder is
+checked here too (:meth:`HeadBlobService._check_claim`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from shoal.auth import is_loopback
 from shoal.config import Settings
 from shoal.core.blobs import CHUNK, Packed, check_hex, read_chunks
+from shoal.core.limits import shown
 from shoal.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -30,7 +33,7 @@ from shoal.head.blobs import NO_BLOB, STANDBY, BlobInfo, BlobStore, holder_addre
 from shoal.head.node import HeadNode
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
-from shoal.rpc.auth import is_peer
+from shoal.rpc.auth import is_peer, peer_host
 from shoal.rpc.channels import open_channel
 from shoal.rpc.clients import auth_metadata, head_addresses
 from shoal.rpc.status import Context, abort, to_error
@@ -55,6 +58,11 @@ async def _chunks(sha256: str, offset: int, source: AsyncIterator[bytes]) -> Asy
     async for data in source:
         yield pb.BlobChunk(sha256=sha256, offset=offset, data=data)
         offset += len(data)
+
+
+def _same_host(a: str, b: str) -> bool:
+    """Whether two callers' hosts are one machine (``127.0.0.1`` and ``::1`` alike)."""
+    return a == b or (is_loopback(a) and is_loopback(b))
 
 
 def uploads_refused(settings: Settings) -> str | None:
@@ -119,12 +127,7 @@ class HeadBlobService(pbg.BlobServicer):
     async def Stat(self, request: pb.BlobRef, context: Context) -> pb.BlobStat:
         try:
             info = self.store.stat(request.sha256)
-            if (
-                request.holder.startswith(STANDBY)
-                and self.node.settings.tls_dir
-                and not is_peer(context, "head")
-            ):
-                raise PermissionDenied("only a head's certificate may speak for a standby head")
+            self._check_claim(request.holder, context)
         except ShoalError as err:
             await abort(context, err)
         if request.released:
@@ -135,13 +138,43 @@ class HeadBlobService(pbg.BlobServicer):
             return _stat_pb(info, self.store.max_bytes)
         if request.holder.startswith(STANDBY) and not info.complete:
             self.store.standby_seen(request.holder)  # a standby saying it is there (NO_BLOB)
-        elif request.holder and (info.complete or request.holder in self.node.state.schedulers):
+        elif request.holder.startswith(STANDBY) or request.holder in self.node.state.schedulers:
             # A registered scheduler's copy counts even when this head lacks the blob: a head
             # that took over fetches the blobs it lacks from them (shoal.head.blob_mirror).
+            # Another id is not recorded: it would be kept for good (a scheduler forgets
+            # its claims when it registers, and tells them again after).
             self.store.add_holder(request.sha256, request.holder)
         if not info.complete and not request.holder.startswith(STANDBY):
             self.store.on_missing(request.sha256)  # lost from the head's disk: fetched back from a holder
         return _stat_pb(info, self.store.max_bytes, holder_addresses(self.node, self.store, request.sha256))
+
+    def _check_claim(self, holder: str, context: Context) -> None:
+        """Who may say ``holder`` holds a blob, or released it (PermissionDenied otherwise).
+        A standby head: a head's certificate (with TLS). A scheduler: itself, as far as the head
+        can tell without a key per scheduler: with TLS a scheduler's certificate (a ``deploy``
+        token may ask what the head has, not speak for a scheduler), and the call must come
+        from the host the scheduler registered from, as the head saw it (every scheduler
+        holds the same certificate). Before, any caller ``Stat`` admits could add or drop any
+        scheduler as a holder, pointing its peers at a scheduler without the blob, or away
+        from one with it."""
+        if not holder:
+            return
+        tls = bool(self.node.settings.tls_dir)
+        if holder.startswith(STANDBY):
+            if tls and not is_peer(context, "head"):
+                raise PermissionDenied("only a head's certificate may speak for a standby head")
+            return
+        if tls and not is_peer(context, "scheduler"):
+            raise PermissionDenied(
+                f"only a scheduler, with a scheduler's certificate, says what it holds ({shown(holder)!r})"
+            )
+        sched = self.node.state.schedulers.get(holder)
+        caller = peer_host(context)
+        if sched is not None and sched.peer and not _same_host(sched.peer, caller):
+            raise PermissionDenied(
+                f"scheduler {holder} registered from {sched.peer}, and this call comes from {caller}: "
+                "a scheduler says what it holds from its own host"
+            )
 
     async def Download(
         self, request: pb.BlobDownloadRequest, context: Context

@@ -14,7 +14,7 @@ from shoal.errors import InvalidArgument, ShoalError, Unauthenticated
 from shoal.head.node import HeadNode
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
-from shoal.rpc.auth import authorization
+from shoal.rpc.auth import authorization, peer_host
 from shoal.rpc.convert import (
     capacity_from_pb,
     lifecycle_to_pb,
@@ -57,6 +57,7 @@ class HeadService(pbg.HeadServicer):
             pid=request.pid,
             hostname=request.hostname,
             replicas=tuple(report_from_pb(r) for r in request.replicas),
+            peer=peer_host(context),
         )
         try:
             interval = await self.node.register_scheduler(reg)
