@@ -14,10 +14,13 @@ Two kinds of rule:
   with a token of at least a role. Without TLS, nothing is checked, as for :class:`Peer`
   (the head's ``Blob/Stat``, which schedulers and ``shoal deploy`` both ask).
 
-Calls no rule names pass untouched, except under a prefix marked :data:`DENY` (a method
-added to the head's service without a rule is refused, not opened). Inference calls are
-checked per deployment by the servicers (``InferenceAuth``), which know the model a
-request names.
+* :data:`OPEN`: no check here: the servicer checks (inference, per deployment, by
+  ``InferenceAuth``, which knows the model a request names).
+
+Calls no rule names pass untouched, except under a prefix marked :data:`DENY`: a method
+added to the head's or the scheduler's service without a rule is refused, not opened (the
+Open Inference Protocol's service has no rule: each of its methods is open or checked by
+its servicer).
 """
 
 from __future__ import annotations
@@ -64,8 +67,14 @@ class Deny:
     pass
 
 
-Rule = Control | Peer | PeerOr | Deny
+@dataclass(frozen=True)
+class Open:
+    pass
+
+
+Rule = Control | Peer | PeerOr | Deny | Open
 DENY = Deny()
+OPEN = Open()
 
 HEAD_RULES: dict[str, Rule] = {
     "/shoal.v1.Head/RegisterScheduler": Peer("scheduler"),
@@ -101,13 +110,17 @@ SCHEDULER_RULES: dict[str, Rule] = {
     "/shoal.v1.Scheduler/ReadLog": Peer("head"),
     "/shoal.v1.Scheduler/RegisterReplica": Peer("replica"),
     "/shoal.v1.Scheduler/SendHealthUpdate": Peer("replica"),
+    # Native inference: any cluster certificate, and the deployment's token when its spec
+    # asks for one (checked by the servicer).
+    "/shoal.v1.Scheduler/SendRequest": OPEN,
+    "/shoal.v1.Scheduler/": DENY,
     # The scheduler's own ingress workers (they hold the scheduler's certificate).
     "/shoal.v1.Ingress/": Peer("scheduler"),
     # Peers fetching blobs from this scheduler's artifact cache (and a head missing one).
     "/shoal.v1.Blob/Download": Peer("scheduler", also="head"),
     "/shoal.v1.Blob/": DENY,
-    # SendRequest and the Open Inference Protocol: any cluster certificate, and the
-    # deployment's token when its spec asks for one (checked by the servicers).
+    # The Open Inference Protocol: any cluster certificate, and the deployment's token when
+    # its spec asks for one (checked by the servicer).
 }
 REPLICA_RULES: dict[str, Rule] = {"/shoal.v1.Replica/": Peer("scheduler")}
 
@@ -188,7 +201,12 @@ class AuthInterceptor(_Interceptor):
         """``handler`` with ``method``'s rule checked on each call (the same wrapper for every
         call: ``shoal.rpc.server`` wraps each method once, when it is registered)."""
         rule = _rule(self._rules, method)
-        if handler is None or rule is None or (isinstance(rule, Peer | PeerOr) and not self._tls):
+        if (
+            handler is None
+            or rule is None
+            or isinstance(rule, Open)
+            or (isinstance(rule, Peer | PeerOr) and not self._tls)
+        ):
             return handler
 
         async def check(context: Context) -> None:
@@ -201,6 +219,8 @@ class AuthInterceptor(_Interceptor):
 
     def _check(self, rule: Rule, method: str, context: Context) -> None:
         name = method.rsplit("/", 1)[-1]
+        if isinstance(rule, Open):
+            return
         if isinstance(rule, Deny):
             raise PermissionDenied(f"{name} is not open to callers")
         if isinstance(rule, Peer):

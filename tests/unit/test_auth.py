@@ -578,6 +578,7 @@ def test_grpc_peer_addresses_and_rules() -> None:
     from shoal.rpc.auth import (
         DENY,
         HEAD_RULES,
+        OPEN,
         REPLICA_RULES,
         SCHEDULER_RULES,
         Control,
@@ -599,5 +600,6 @@ def test_grpc_peer_addresses_and_rules() -> None:
     assert _rule(HEAD_RULES, "/shoal.v1.Head/RegisterScheduler") == Peer("scheduler")
     assert _rule(HEAD_RULES, "/shoal.v1.Head/SomethingNew") is DENY  # fails closed
     assert _rule(SCHEDULER_RULES, "/shoal.v1.Scheduler/CreateReplica") == Peer("head")
-    assert _rule(SCHEDULER_RULES, "/shoal.v1.Scheduler/SendRequest") is None  # tokens per deployment
+    assert _rule(SCHEDULER_RULES, "/shoal.v1.Scheduler/SendRequest") is OPEN  # tokens per deployment
+    assert _rule(SCHEDULER_RULES, "/shoal.v1.Scheduler/SomethingNew") is DENY  # fails closed
     assert _rule(REPLICA_RULES, "/shoal.v1.Replica/PushTasks") == Peer("scheduler")
