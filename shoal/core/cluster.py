@@ -10,6 +10,7 @@ use: the head calls it under one lock.
 from __future__ import annotations
 
 import heapq
+import ipaddress
 import math
 import secrets
 import time
@@ -53,6 +54,19 @@ MAX_CREATES_PER_PASS = 1024
 thousands must not hold the head's event loop (the rest follow in the next passes). Placing
 one costs about 20 µs (a heap of the schedulers): 1,024 (10% of 10,000 replicas lost at
 once, replaced in one pass) hold the loop for tens of milliseconds."""
+
+
+def same_host(a: str, b: str) -> bool:
+    """Whether two hosts that connections came from (IP addresses as the head saw them, or
+    ``localhost``) are one machine: equal, or both loopback (``127.0.0.1`` and ``::1`` alike)."""
+    return a == b or (_loopback(a) and _loopback(b))
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -321,7 +335,7 @@ class ClusterState:
         ``AlreadyExists`` (and nothing changes) when another scheduler holds the id: see
         :meth:`holder`."""
         was = self.schedulers.get(scheduler_id)
-        if was is not None and self.holder(was, address):
+        if was is not None and self.holder(was, address, peer):
             now = self.clock.now()
             on = f" on {was.hostname}" if was.hostname else ""
             message = (
@@ -355,19 +369,24 @@ class ClusterState:
         kind = "scheduler_rejoined" if was is not None else "scheduler_joined"
         self.event(kind, f"scheduler {scheduler_id} at {address} registered", scheduler_id=scheduler_id)
 
-    def holder(self, sched: SchedulerRecord, address: str) -> bool:
-        """Whether ``sched`` still holds its id against a registration from ``address``: it is
-        ALIVE at another address, its health stream has not ended and it is not yet due to
-        be declared dead (``dies_at``). Two processes under one id (a cloned machine image
-        carrying ``<state>/scheduler_id``, a copied ``--scheduler-id``) would otherwise take
-        turns at one record: the head placing replicas on one and removing them from the
-        other. Not a holder, so the registration is taken: the same address (a scheduler
-        registering again after a NACK or a broken stream), a scheduler whose stream ended
-        (its process exited: a restart, ``kill -9`` included), one silent past its time or
-        DEAD, and any after a head restart (the head has no record)."""
+    def holder(self, sched: SchedulerRecord, address: str, peer: str = "") -> bool:
+        """Whether ``sched`` still holds its id against a registration from ``address``
+        (coming from host ``peer``, as the head saw its connection): it is ALIVE at another
+        address, or at the same one from another host, its health stream has not ended and
+        it is not yet due to be declared dead (``dies_at``). Two processes under one id (a
+        cloned machine image carrying ``<state>/scheduler_id``, a copied ``--scheduler-id``)
+        would otherwise take turns at one record: the head placing replicas on one and
+        removing them from the other. The host counts because the address is the
+        scheduler's own claim: a process holding the shared scheduler certificate named a
+        live scheduler's address from another machine and took its id. Not a holder, so the
+        registration is taken: the same address from the same host (a scheduler registering
+        again after a NACK or a broken stream), a scheduler whose stream ended (its process
+        exited: a restart, ``kill -9`` included), one silent past its time or DEAD, and any
+        after a head restart (the head has no record)."""
+        elsewhere = bool(peer and sched.peer and not same_host(peer, sched.peer))
         return (
             sched.state == ALIVE
-            and sched.address != address
+            and (sched.address != address or elsewhere)
             and sched.stream_ended_at is None
             and self.clock.now() <= self.dies_at(sched)
         )

@@ -17,9 +17,9 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from shoal.auth import is_loopback
 from shoal.config import Settings
 from shoal.core.blobs import CHUNK, Packed, check_hex, read_chunks
+from shoal.core.cluster import same_host
 from shoal.core.limits import shown
 from shoal.errors import (
     FailedPrecondition,
@@ -58,11 +58,6 @@ async def _chunks(sha256: str, offset: int, source: AsyncIterator[bytes]) -> Asy
     async for data in source:
         yield pb.BlobChunk(sha256=sha256, offset=offset, data=data)
         offset += len(data)
-
-
-def _same_host(a: str, b: str) -> bool:
-    """Whether two callers' hosts are one machine (``127.0.0.1`` and ``::1`` alike)."""
-    return a == b or (is_loopback(a) and is_loopback(b))
 
 
 def uploads_refused(settings: Settings) -> str | None:
@@ -170,7 +165,7 @@ class HeadBlobService(pbg.BlobServicer):
             )
         sched = self.node.state.schedulers.get(holder)
         caller = peer_host(context)
-        if sched is not None and sched.peer and not _same_host(sched.peer, caller):
+        if sched is not None and sched.peer and not same_host(sched.peer, caller):
             raise PermissionDenied(
                 f"scheduler {holder} registered from {sched.peer}, and this call comes from {caller}: "
                 "a scheduler says what it holds from its own host"

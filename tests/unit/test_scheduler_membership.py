@@ -190,3 +190,23 @@ async def test_the_head_refuses_a_second_scheduler_under_a_live_id(
         assert (shown["address"], shown["pid"]) == ("b:7000", 99)
     finally:
         await head.aclose()
+
+
+def test_a_registration_naming_a_live_schedulers_address_from_another_host_is_refused() -> None:
+    # The address is the scheduler's own claim: a process holding the shared scheduler
+    # certificate named it from another machine and took the live scheduler's id (and
+    # with it the head's view of its replicas, and its blob claims). The same host, or a
+    # loopback one for a loopback registration, is the scheduler registering again.
+    clock = FakeClock()
+    state = ClusterState(clock=clock, dead_after_s=5.0, stream_end_grace_s=3.0)
+    capacity = Capacity(4, 1024, 1)
+    state.register("sa", "10.0.0.1:7000", "10.0.0.1:7001", capacity, pid=11, peer="10.0.0.1")
+    assert state.health("sa", 1, [])
+    with pytest.raises(AlreadyExists):
+        state.register("sa", "10.0.0.1:7000", "10.0.0.1:7001", capacity, pid=99, peer="10.0.0.9")
+    assert (state.schedulers["sa"].pid, state.schedulers["sa"].peer) == (11, "10.0.0.1")
+    state.register("sa", "10.0.0.1:7000", "10.0.0.1:7001", capacity, pid=11, peer="10.0.0.1")
+    state.register("sb", "127.0.0.1:7000", "127.0.0.1:7001", capacity, pid=12, peer="127.0.0.1")
+    assert state.health("sb", 1, [])
+    state.register("sb", "127.0.0.1:7000", "127.0.0.1:7001", capacity, pid=12, peer="::1")
+    assert state.schedulers["sb"].state == ALIVE
