@@ -1,12 +1,12 @@
 """Tokens and rate limits on the HTTP servers: two ASGI middlewares over ``shoal.auth``.
 
 * :class:`ControlGuard` guards the head's REST API (everything but the dashboard's static
-  files, ``/healthz`` and ``/openapi.json``): a bearer token of role ``read`` for GET,
-  ``deploy`` for changes, once any token exists; while none exists, changes only from a
-  caller the transport vouches for: with TLS, one that presented a cluster client
-  certificate (role client or head; the HTTPS server asks for one, and browsers without
-  one can still read), without TLS, the head's own machine (loopback); and the per-client
-  rate limit (429).
+  files, ``/healthz``, ``/openapi.json`` and ``/docs``, the page listing it): a bearer
+  token of role ``read`` for GET, ``deploy`` for changes, once any token exists; while
+  none exists, changes only from a caller the transport vouches for: with TLS, one that
+  presented a cluster client certificate (role client or head; the HTTPS server asks for
+  one, and browsers without one can still read), without TLS, the head's own machine
+  (loopback); and the per-client rate limit (429).
 * :class:`InferenceGuard` guards a scheduler's ingress: a request for a deployment whose spec
   names tokens (``auth.tokens``) needs one of them. The deployment is the model in the path
   (``/v2/models/NAME/...``, ``/v1/models/NAME``) or, for the OpenAI API's POST routes, the

@@ -293,7 +293,7 @@ async def test_rest_routes_refuse_missing_wrong_and_low_tokens(
             await head.apply(spec(options={"v": 1}))
             await head.apply(spec())
     # The dashboard's page and files, the health check and the schema stay open.
-    for path in ("/", "/static/vendor/uPlot.min.css", "/healthz", "/openapi.json"):
+    for path in ("/", "/static/vendor/uPlot.min.css", "/healthz", "/openapi.json", "/docs"):
         assert (await rest.get(path)).status_code == 200, path
 
 
