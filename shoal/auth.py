@@ -308,10 +308,36 @@ class InferenceAuth:
         self._spec_of = spec_of
         self._known: frozenset[str] = frozenset()
         self._allowed: dict[str, frozenset[str]] = {}
+        self._any_locked = False
+        self._all_locked = False
 
     def apply_table(self, table: RoutingTable) -> None:
         self._known = frozenset(table.token_hashes)
         self._allowed = {name: frozenset(d.allowed_tokens) for name, d in table.deployments.items()}
+        locked = [bool(required_tokens(d.spec)) for d in table.deployments.values()]
+        self._any_locked = any(locked)
+        # A traffic route sends only to deployments that name no tokens (the head refuses others).
+        self._all_locked = self._any_locked and all(locked) and not table.traffic
+
+    def any_locked(self) -> bool:
+        """Whether a deployment of the last routing table names tokens: if none does, no call
+        needs a token, and a door that learns the deployment from the body (the OpenAI API)
+        need not read the body to check it."""
+        return self._any_locked
+
+    def check_any(self, authorization: str | None) -> None:
+        """For a call whose deployment is not known yet (named in a body not read yet):
+        Unauthenticated when no deployment could take it, because every deployment of the last
+        table names tokens and the call carries none the cluster knows. Then its body need not
+        be read: before, the OpenAI API read and parsed up to ``max_message_mb`` of JSON on the
+        event loop from callers without a token, only to refuse them."""
+        if not self._all_locked:
+            return
+        secret = bearer(authorization)
+        if secret is None:
+            raise Unauthenticated("every deployment needs a token: send 'Authorization: Bearer <token>'")
+        if not matches(secret, self._known):
+            raise Unauthenticated("unknown or revoked token")
 
     def tokens_exist(self) -> bool:
         """Whether the cluster had tokens at the last routing table."""

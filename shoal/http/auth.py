@@ -11,7 +11,9 @@
   names tokens (``auth.tokens``) needs one of them. The deployment is the model in the path
   (``/v2/models/NAME/...``, ``/v1/models/NAME``) or, for the OpenAI API's POST routes, the
   ``model`` field of the JSON body (``Authorization: Bearer <api_key>`` is what the OpenAI
-  clients send). Routes mounted later on the same app are covered without knowing of it.
+  clients send), read only when some deployment names tokens, and not at all when every
+  deployment does and the call carries no token the cluster knows (401 at once).
+  Routes mounted later on the same app are covered without knowing of it.
 
 Refusals are 401 (no token, unknown token; with ``WWW-Authenticate: Bearer``), 403 (role too
 low, token not allowed for the deployment) and 429 (rate limit), with the JSON error shape of
@@ -199,7 +201,14 @@ class InferenceGuard:
         path = scope["path"]
         openai = path.startswith("/v1/")
         model = model_in_path(path)
-        if model is None and openai and scope["method"] == "POST":
+        if model is None and openai and scope["method"] == "POST" and self.checker.any_locked():
+            # The model is in the body: read it only for a caller some deployment could take.
+            try:
+                self.checker.check_any(Headers(scope=scope).get("authorization"))
+            except ShoalError as err:
+                whole = await skip_body(scope, receive)
+                await _refusal(err, openai=True, close=not whole)(scope, receive, send)
+                return
             try:
                 body = await _read(receive, self.limit)
             except ShoalError as err:

@@ -87,6 +87,10 @@ async def test_a_refused_request_is_answered_without_reading_its_body(tmp_path: 
             (head_http, "/api/deployments", reader, 403),
             (http_address, "/v2/models/locked/infer", "", 401),
             (http_address, "/v2/models/locked/infer", "shoal_wrong", 401),
+            # The OpenAI API names the deployment in the body: with every deployment locked,
+            # a caller without a known token is refused before it is read.
+            (http_address, "/v1/chat/completions", "", 401),
+            (http_address, "/v1/chat/completions", "shoal_wrong", 401),
         ]
         for address, path, token, expected in cases:
             # 100 MB declared, 1 KiB sent: answered at once, and the connection closed.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import stat
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -31,7 +31,7 @@ from shoal.errors import (
     Unauthenticated,
 )
 from shoal.head.node import HeadNode
-from shoal.http.auth import control_role, model_in_body, model_in_path
+from shoal.http.auth import InferenceGuard, control_role, model_in_body, model_in_path
 from shoal.http.head import MAX_CONTROL_BODY, head_app, openapi_schema
 from shoal.http.scheduler import scheduler_app
 from shoal.rpc.tls import check_transport
@@ -356,7 +356,8 @@ async def ingress() -> AsyncIterator[tuple[httpx.AsyncClient, dict[str, str]]]:
         RoutingTable(
             version=1,
             deployments={
-                "locked": DeploymentRoutes(locked, allowed_tokens=(auth.hash_secret(secrets["app"]),))
+                "open": DeploymentRoutes(spec("open")),
+                "locked": DeploymentRoutes(locked, allowed_tokens=(auth.hash_secret(secrets["app"]),)),
             },
             token_hashes=tuple(auth.hash_secret(s) for s in secrets.values()),
         )
@@ -407,6 +408,57 @@ async def test_ingress_tensor_element_limit(ingress: tuple[httpx.AsyncClient, di
     r = await client.post("/v2/models/open/infer", json=doc)
     assert r.status_code == 400 and "max_tensor_elements" in r.json()["error"]
     assert (await client.post("/v2/models/open/infer", json=infer_doc(rows=25))).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("tokens_named", "reads"),
+    [(((),), 0), (((), ("app",)), 1), ((("app",),), 0)],
+    ids=["no deployment names tokens", "some do", "all do, the caller has none"],
+)
+async def test_the_openai_guard_reads_a_body_only_when_it_can_matter(
+    tokens_named: tuple[tuple[str, ...], ...], reads: int
+) -> None:
+    """The OpenAI API names its deployment in the body. The guard read (and parsed) every
+    POST body for it, a second time beside the route's own parse, even with no deployment
+    naming tokens; and from callers without a token when every deployment names tokens, up
+    to max_message_mb of JSON parsed on the event loop, only to refuse them."""
+    specs = {
+        f"d{i}": spec(f"d{i}", **({"auth": {"tokens": list(t)}} if t else {}))
+        for i, t in enumerate(tokens_named)
+    }
+    checker = InferenceAuth(specs.get)
+    known = auth.new_secret()
+    checker.apply_table(
+        RoutingTable(
+            version=1,
+            deployments={n: DeploymentRoutes(s) for n, s in specs.items()},
+            token_hashes=(auth.hash_secret(known),),
+        )
+    )
+    received: list[Any] = []
+    answered: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        received.append(1)
+        return {"type": "http.request", "body": b'{"model": "d0"}', "more_body": False}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            answered.append(message["status"])
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "headers": [(b"content-length", b"200000")],
+    }
+    await InferenceGuard(app, checker, limit=2**20)(scope, receive, send)
+    assert len(received) == reads
+    assert answered == [401 if tokens_named == (("app",),) else 200]
 
 
 def test_element_counting() -> None:
