@@ -12,6 +12,7 @@ from __future__ import annotations
 import heapq
 import ipaddress
 import math
+import re
 import secrets
 import time
 from collections import deque
@@ -54,6 +55,12 @@ MAX_CREATES_PER_PASS = 1024
 thousands must not hold the head's event loop (the rest follow in the next passes). Placing
 one costs about 20 µs (a heap of the schedulers): 1,024 (10% of 10,000 replicas lost at
 once, replaced in one pass) hold the loop for tens of milliseconds."""
+
+
+REPLICA_ID = re.compile(r"[a-z0-9][a-z0-9_.-]{0,127}")
+"""What a replica id may be (``fullmatch``): its deployment's name and a suffix the head
+makes. A scheduler names its replica's log file with it, so a log is asked for by an id
+of this form only."""
 
 
 def same_host(a: str, b: str) -> bool:

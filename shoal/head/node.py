@@ -35,6 +35,7 @@ from shoal.core.clock import Clock, SystemClock, sleep_or_event
 from shoal.core.cluster import (
     ALIVE,
     READY,
+    REPLICA_ID,
     Action,
     Backlog,
     ClusterState,
@@ -968,8 +969,16 @@ class HeadNode:
     async def read_log(self, replica_id: str, tail_bytes: int, follow: bool) -> AsyncIterator[bytes]:
         """A replica's log from its scheduler; the replica may have died (its log stays).
 
-        Asks the scheduler the head knows it on, else every live scheduler. NotFound if none has it.
+        Asks the scheduler the head knows it on, else every live scheduler. NotFound if none
+        has it; InvalidArgument, asking none, for an id that cannot be a replica's (before, a
+        path such as ``../../etc/passwd`` or a 10,000-character id went to every live
+        scheduler, and came back whole in the 404).
         """
+        if not REPLICA_ID.fullmatch(replica_id):
+            raise InvalidArgument(
+                f"{limits.quoted(replica_id)} is no replica id: lowercase letters, digits, '-', '_' "
+                "and '.', at most 128"
+            )
         async with self.lock:
             rec = self.state.replicas.get(replica_id)
             alive = [s.id for s in self.state.schedulers.values() if s.state == ALIVE]

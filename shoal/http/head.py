@@ -634,6 +634,7 @@ def openapi_schema() -> dict[str, Any]:
                     "summary": "A replica's log, wherever it runs",
                     "responses": {
                         "200": ok("log text", {"type": "string"}, "text/plain"),
+                        "400": err("invalid tail_bytes, or an id that cannot be a replica's"),
                         "404": err("unknown replica"),
                     },
                 },

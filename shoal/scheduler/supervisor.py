@@ -38,7 +38,6 @@ import collections
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import sys
@@ -53,7 +52,7 @@ import psutil
 from shoal.config import Settings
 from shoal.core.affinity import LoopPins
 from shoal.core.clock import Clock, SystemClock
-from shoal.core.cluster import DRAINING, READY, REPLICA_DEAD, STARTING, STOPPED, ReplicaReport
+from shoal.core.cluster import DRAINING, READY, REPLICA_DEAD, REPLICA_ID, STARTING, STOPPED, ReplicaReport
 from shoal.core.model_dirs import check_model_dirs
 from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec
@@ -68,8 +67,6 @@ from shoal.scheduler.staging import StagedProcess
 from shoal.types import PingResult, ReplicaClient
 
 log = logging.getLogger("shoal.scheduler")
-
-LOG_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,127}$")
 
 # Exit reasons kept for the head at most (oldest dropped first), should it stay away long.
 MAX_TOMBSTONES = 1000
@@ -709,7 +706,7 @@ class ReplicaSupervisor:
 
     def log_path(self, replica_id: str) -> Path:
         """The log file of a replica started here (running or not). NotFound if there is none."""
-        if not LOG_ID.match(replica_id):
+        if not REPLICA_ID.fullmatch(replica_id):
             raise NotFound(f"no replica {replica_id!r}")
         path = self.log_dir / f"replica_{replica_id}.log"
         if not path.is_file():
