@@ -34,6 +34,11 @@ from shoal.errors import Internal, InvalidArgument
 DEFAULT_HISTORY_LIMIT = 1000
 """Changes a store remembers for :meth:`Store.watch` replay."""
 
+DEFAULT_HISTORY_BYTES = 64 * 1024 * 1024
+"""Characters of values those changes may hold in all; past it the oldest go first. A
+thousand applies of the largest spec (each write also a revision row holding it) kept
+about 1.2 GB in the SQLite file, all of it read into memory by one replay."""
+
 DEFAULT_MAX_PENDING = 10_000
 """Events a watch buffers for a slow consumer before it gives up with :class:`WatchLost`."""
 

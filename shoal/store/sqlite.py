@@ -4,9 +4,11 @@ Tables::
 
     kv(key TEXT PRIMARY KEY, value TEXT NOT NULL, revision INTEGER NOT NULL)
     meta(name TEXT PRIMARY KEY, value INTEGER NOT NULL)
-        'revision': the store revision; 'compacted': the newest revision trimmed from changes
+        'revision': the store revision; 'compacted': the newest revision trimmed from changes;
+        'history_chars': the characters of the values in changes
     changes(revision INTEGER PRIMARY KEY, kind TEXT NOT NULL, key TEXT NOT NULL, value TEXT)
-        the last ``history_limit`` changes, for watch replay
+        the last ``history_limit`` changes, for watch replay, their values at most
+        ``history_bytes`` characters in all
 
 Durability: ``synchronous=NORMAL`` in WAL mode, so a write that returned survives the
 process dying; an OS crash or power loss may lose the last writes but never corrupts the
@@ -44,6 +46,7 @@ from pathlib import Path
 from typing import Literal, Self, TypeVar
 
 from shoal.store.base import (
+    DEFAULT_HISTORY_BYTES,
     DEFAULT_HISTORY_LIMIT,
     DEFAULT_MAX_PENDING,
     Entry,
@@ -79,6 +82,11 @@ _SCHEMA = (
         " kind TEXT NOT NULL CHECK (kind IN ('put', 'delete')), key TEXT NOT NULL, value TEXT)"
     ),
     "INSERT OR IGNORE INTO meta (name, value) VALUES ('revision', 0), ('compacted', 0)",
+    # The characters of the values in changes (a file from before it was kept: counted once).
+    (
+        "INSERT OR IGNORE INTO meta (name, value) SELECT 'history_chars', coalesce(sum(length(value)), 0)"
+        " FROM changes WHERE NOT EXISTS (SELECT 1 FROM meta WHERE name = 'history_chars')"
+    ),
 )
 
 
@@ -102,15 +110,17 @@ class SqliteStore:
         path: str | os.PathLike[str],
         *,
         history_limit: int = DEFAULT_HISTORY_LIMIT,
+        history_bytes: int = DEFAULT_HISTORY_BYTES,
         max_pending: int = DEFAULT_MAX_PENDING,
         busy_timeout_s: float = BUSY_TIMEOUT_S,
     ) -> None:
-        if history_limit < 1 or max_pending < 1:
-            raise ValueError("history_limit and max_pending must be >= 1")
+        if history_limit < 1 or history_bytes < 1 or max_pending < 1:
+            raise ValueError("history_limit, history_bytes and max_pending must be >= 1")
         if busy_timeout_s < 0:
             raise ValueError("busy_timeout_s must be >= 0")
         self._path = Path(path)
         self._history_limit = history_limit
+        self._history_bytes = history_bytes
         self._busy_timeout_ms = round(busy_timeout_s * 1000)
         self._busy = False  # a write found the file's write lock held past the timeout
         self._hub = WatchHub(max_pending=max_pending)
@@ -337,7 +347,21 @@ class SqliteStore:
             "INSERT INTO changes (revision, kind, key, value) VALUES (?, ?, ?, ?)",
             (event.revision, event.kind, event.key, event.value),
         )
-        cutoff = event.revision - self._history_limit
+        # The oldest changes go: past history_limit of them, and while the values kept
+        # hold more than history_bytes characters (counted in meta, so that a write reads
+        # only the values it drops).
+        count_cutoff = event.revision - self._history_limit
+        kept = _meta(conn, "history_chars") + len(event.value or "")
+        cutoff = 0
+        oldest = conn.execute("SELECT revision, coalesce(length(value), 0) FROM changes ORDER BY revision")
+        try:
+            for revision, size in oldest:
+                if revision > count_cutoff and kept <= self._history_bytes:
+                    break
+                cutoff, kept = revision, kept - size
+        finally:
+            oldest.close()
+        conn.execute("UPDATE meta SET value = ? WHERE name = 'history_chars'", (kept,))
         if cutoff > 0:
             conn.execute("DELETE FROM changes WHERE revision <= ?", (cutoff,))
             conn.execute("UPDATE meta SET value = max(value, ?) WHERE name = 'compacted'", (cutoff,))
@@ -407,6 +431,7 @@ def _init(conn: sqlite3.Connection, path: Path, busy_timeout_ms: int) -> None:
     conn.execute("SELECT revision, kind, key, value FROM changes LIMIT 0")
     _meta(conn, "revision")
     _meta(conn, "compacted")
+    _meta(conn, "history_chars")
 
 
 def _meta(conn: sqlite3.Connection, name: str) -> int:

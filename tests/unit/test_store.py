@@ -456,6 +456,46 @@ async def test_sqlite_file_layout_and_pragmas(tmp_path: Path) -> None:
         conn.close()
 
 
+async def test_sqlite_replay_history_is_bounded_in_characters(tmp_path: Path) -> None:
+    """A thousand applies of the largest spec kept about 1.2 GB of changes in the file, all
+    read into memory by one replay: the changes kept hold at most history_bytes characters."""
+    path = tmp_path / "state.db"
+    async with SqliteStore(path, history_bytes=1_000) as store:
+        for i in range(5):
+            await store.put(f"k{i}", str(i) * 400)
+        await store.delete("k0")
+        last = await store.put("small", "s")
+        # k3 and k4 (400 each), the delete and "s" fit in 1,000 characters; k2 with them not.
+        with pytest.raises(WatchLost):
+            await take(store.watch("", start_revision=2), 1)
+        replayed = await take(store.watch("", start_revision=3), 4)
+        assert [(e.kind, e.key) for e in replayed] == [
+            ("put", "k3"),
+            ("put", "k4"),
+            ("delete", "k0"),
+            ("put", "small"),
+        ]
+        assert replayed[-1].revision == last
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("SELECT value FROM meta WHERE name = 'history_chars'").fetchone()[0] == 801
+        # A file from before the count was kept: counted once when opened.
+        conn.execute("DELETE FROM meta WHERE name = 'history_chars'")
+        conn.commit()
+    finally:
+        conn.close()
+    async with SqliteStore(path, history_bytes=1_000) as store:
+        await store.put("k5", "5" * 300)
+        with pytest.raises(WatchLost):
+            await take(store.watch("", start_revision=3), 1)
+        assert [e.key for e in await take(store.watch("", start_revision=4), 4)] == [
+            "k4",
+            "k0",
+            "small",
+            "k5",
+        ]
+
+
 @pytest.mark.parametrize(
     "garbage", [b"this is not a database\n" * 200, b"SQLite format 3\x00" + b"\xff" * 4080]
 )
