@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from shoal.core import yamldoc
+from shoal.core.limits import short_repr
 from shoal.errors import InvalidArgument
 
 log = logging.getLogger("shoal")
@@ -293,14 +294,14 @@ class Settings:
             try:
                 doc = yamldoc.load(text) or {}
             except yaml.YAMLError as err:
-                raise InvalidArgument(f"cannot read config file {file}: {err}") from None
+                raise InvalidArgument(f"cannot read config file {file}: {yamldoc.problem(err)}") from None
             except RecursionError:
                 raise InvalidArgument(f"config file {file} is nested too deeply") from None
             if not isinstance(doc, dict):
                 raise InvalidArgument(f"config file {file} must hold a mapping")
             for key, value in doc.items():
                 if key not in known:
-                    raise InvalidArgument(f"config file {file}: unknown setting {key!r}")
+                    raise InvalidArgument(f"config file {file}: unknown setting {short_repr(key)}")
                 values[key] = _coerce(known[key], value, f"config file {file}")
         for name, f in known.items():
             var = "SHOAL_HEAD" if name == "head_address" else f"SHOAL_{name.upper()}"
@@ -458,19 +459,20 @@ def _coerce(f: dataclasses.Field[Any], value: Any, source: str) -> Any:
     A number must be in the field's range (``_RANGES``), a choice one of its choices."""
     result = _parse(f, value, source)
     if isinstance(result, float) and not math.isfinite(result):
-        raise InvalidArgument(f"{source}: {f.name} must be a finite number, got {value!r}")
+        raise InvalidArgument(f"{source}: {f.name} must be a finite number, got {short_repr(value)}")
     allowed = _RANGES.get(f.name)
     if allowed is not None and not allowed.holds(result):
-        raise InvalidArgument(f"{source}: {f.name} must be {allowed}, got {value!r}")
+        raise InvalidArgument(f"{source}: {f.name} must be {allowed}, got {short_repr(value)}")
     choices = _CHOICES.get(f.name)
     if choices is not None and result not in choices:
-        raise InvalidArgument(f"{source}: {f.name} must be {' or '.join(choices)}, got {value!r}")
+        raise InvalidArgument(f"{source}: {f.name} must be {' or '.join(choices)}, got {short_repr(value)}")
     if f.name == "head_address":
         _check_head_address(result, source)
     # logs.setup upper-cases the name; the logging module knows a few more (WARN, FATAL, NOTSET).
     if f.name == "log_level" and result.upper() not in logging.getLevelNamesMapping():
         raise InvalidArgument(
-            f"{source}: log_level must be {', '.join(_LOG_LEVELS[:-1])} or {_LOG_LEVELS[-1]}, got {value!r}"
+            f"{source}: log_level must be {', '.join(_LOG_LEVELS[:-1])} or {_LOG_LEVELS[-1]}, "
+            f"got {short_repr(value)}"
         )
     return result
 
@@ -482,27 +484,28 @@ def _check_head_address(value: str, source: str) -> None:
     was taken, and failed later with 'no head address in ''', naming no setting."""
     if not value.replace(",", "").strip():
         raise InvalidArgument(
-            f"{source}: head_address must name a head, HOST:PORT (comma-separated for several); got {value!r}"
+            f"{source}: head_address must name a head, HOST:PORT (comma-separated for several); "
+            f"got {short_repr(value)}"
         )
     for address in (a.strip() for a in value.split(",")):
         if not address:
             continue
         host, colon, port = address.rpartition(":")
-        if not colon or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        if not colon or not host or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
             raise InvalidArgument(
                 f"{source}: head_address must be HOST:PORT (a port from 1 to 65535), "
-                f"comma-separated for several heads; got {address!r}"
+                f"comma-separated for several heads; got {short_repr(address)}"
             )
 
 
 def _parse(f: dataclasses.Field[Any], value: Any, source: str) -> Any:
     kind: type[Any] = type(f.default)
-    bad = InvalidArgument(f"{source}: {f.name} must be {kind.__name__}, got {value!r}")
+    bad = InvalidArgument(f"{source}: {f.name} must be {kind.__name__}, got {short_repr(value)}")
     if kind is tuple:
         # A list of strings: a list in a file or a flag, os.pathsep-separated in the environment.
         items = [p for p in value.split(os.pathsep) if p] if isinstance(value, str) else value
         if not isinstance(items, list | tuple) or not all(isinstance(p, str) for p in items):
-            raise InvalidArgument(f"{source}: {f.name} must be a list of strings, got {value!r}")
+            raise InvalidArgument(f"{source}: {f.name} must be a list of strings, got {short_repr(value)}")
         return tuple(items)
     if isinstance(value, str) and kind is not str:
         try:

@@ -4,6 +4,7 @@ buffer is decoded. The numbers are settings (``shoal.config.Settings``)."""
 from __future__ import annotations
 
 import math
+import reprlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -116,6 +117,30 @@ def quoted(text: str, most: int = SHOWN_CHARS) -> str:
     if len(text) <= most:
         return repr(text)
     return f"{text[:most]!r}... ({len(text) - most} more characters)"
+
+
+class _ShortRepr(reprlib.Repr):
+    """reprlib's bounded repr, for any value: an integer too long to show (``repr`` refuses
+    one of over 4,300 digits) is named by its length."""
+
+    def repr_int(self, x: int, level: int) -> str:
+        if abs(x) >= 10**SHOWN_CHARS:
+            digits = int((abs(x).bit_length() - 1) * math.log10(2)) + 1
+            return f"<an integer of {digits + (abs(x) >= 10**digits)} digits>"
+        return super().repr_int(x, level)
+
+
+_SHORT = _ShortRepr()
+_SHORT.maxstring = _SHORT.maxother = SHOWN_CHARS
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict = 2, 4, 4, 4
+
+
+def short_repr(value: object) -> str:
+    """``value``'s repr as an error message quotes a user's value (a setting from a file): at
+    most a few items of a list or mapping, two levels deep, and :data:`SHOWN_CHARS` characters
+    of a string. Before, a config file's ``host: *a`` whose alias ``a`` was nine levels of
+    nine-fold lists (9**9 items from 1 KB of YAML) was printed whole, and never finished."""
+    return _SHORT.repr(value)
 
 
 #: Most stop strings one generation may ask for, and the longest. Every new piece of text is

@@ -20,6 +20,7 @@ are checked before anything else, so that refusing any spec costs the head littl
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import json
@@ -594,7 +595,7 @@ def spec_documents(path: Path) -> list[Any]:
     try:
         docs = [d for d in yamldoc.load_all(text) if d is not None]
     except yaml.YAMLError as err:
-        raise InvalidArgument(f"{path} is not valid YAML: {err}") from None
+        raise InvalidArgument(f"{path} is not valid YAML: {yamldoc.problem(err)}") from None
     except RecursionError:
         raise InvalidArgument(f"{path} is nested too deeply") from None
     if not docs:
@@ -604,9 +605,9 @@ def spec_documents(path: Path) -> list[Any]:
 
 def check_names_once(path: Path, specs: list[DeploymentSpec]) -> None:
     """InvalidArgument when two of a file's specs have one name: applied in turn, the last
-    silently replaced the others."""
-    names = [s.name for s in specs]
-    twice = sorted({n for n in names if names.count(n) > 1})
+    silently replaced the others. Linear: counting each name's copies in the whole list took
+    39 s for a file of 40,000 specs (2 MB)."""
+    twice = sorted(n for n, k in collections.Counter(s.name for s in specs).items() if k > 1)
     if twice:
         raise InvalidArgument(f"{path} holds more than one spec of deployment {', '.join(map(repr, twice))}")
 

@@ -51,6 +51,7 @@ from typing import Any
 
 from google.protobuf import json_format, text_format
 
+from shoal.core import yamldoc
 from shoal.core.spec import NAME_PATTERN, DeploymentSpec, parse_spec
 from shoal.errors import InvalidArgument, NotFound
 from shoal.proto import model_config_pb2 as mc
@@ -123,15 +124,9 @@ def _refuse(where: str, field: str, why: str) -> InvalidArgument:
 
 def read_config(path: Path) -> mc.ModelConfig:
     """Parse a ``config.pbtxt``; InvalidArgument naming the file and the line when it does not."""
-    try:
-        size = path.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise InvalidArgument(f"{path}: {size} bytes, over the limit of {MAX_CONFIG_BYTES}")
-        text = path.read_text()
-    except OSError as err:
-        raise InvalidArgument(f"cannot read {path}: {err.strerror}") from None
-    except UnicodeDecodeError:
-        raise InvalidArgument(f"{path}: not UTF-8 text") from None
+    # At most MAX_CONFIG_BYTES are read: before, the size was taken from stat(), which says 0
+    # for a link to /dev/zero, and the file was then read without end.
+    text = yamldoc.read_text(path, most=MAX_CONFIG_BYTES)
     config = mc.ModelConfig()
     try:
         text_format.Parse(text, config)

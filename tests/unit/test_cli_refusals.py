@@ -193,3 +193,26 @@ def test_a_config_file_that_is_not_utf8_is_refused_in_one_line(
     assert err.splitlines() == [
         f"shoal: error: cannot read config file {config}: not UTF-8 (byte 0xe9 at position 22)"
     ]
+
+
+def test_a_yaml_error_is_one_line_naming_the_file_and_the_place(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], nothing_runs: list[object]
+) -> None:
+    """Before: PyYAML's five lines, each place given as in "<unicode string>" with an excerpt,
+    where every other refusal is one line."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: echo\nbackend: python\nmodel: m:M\nname: other\n")
+    code, err = run_cli(capsys, "--head", "127.0.0.1:1", "deploy", str(spec))
+    assert code == 1
+    assert err.splitlines() == [
+        f"shoal: error: {spec} is not valid YAML: line 4, column 1: found the key 'name' twice "
+        "(first at line 1), while reading a mapping at line 1"
+    ]
+    config = tmp_path / "shoal.yaml"
+    config.write_text(f"log_level: info\nhead_port: {'9' * 5000}\n")
+    code, err = run_cli(capsys, "up", "--state", str(tmp_path / "state"), "--config", str(config))
+    assert code == 1 and not nothing_runs
+    assert err.splitlines() == [
+        f"shoal: error: cannot read config file {config}: line 2, column 12: "
+        "an integer of 5000 characters, too long to read"
+    ]

@@ -108,11 +108,21 @@ def test_every_number_setting_has_a_range() -> None:
 
 @pytest.mark.parametrize(
     "address",
-    ["127.0.0.1:99999", "127.0.0.1:104006", "h:0", "localhost", ":8470", "a:8470,b:70000", "h:84x0"],
+    [
+        "127.0.0.1:99999",
+        "127.0.0.1:104006",
+        "h:0",
+        "localhost",
+        ":8470",
+        "a:8470,b:70000",
+        "h:84x0",
+        "h:\uff18\uff14\uff17\uff10",  # 8470 in full-width digits: str.isdigit() took them
+    ],
 )
 def test_a_head_address_whose_port_gRPC_cannot_dial_is_refused(address: str) -> None:
     """Before, ``127.0.0.1:99999`` dialled port 34463 (gRPC keeps the low 16 bits), so
-    P + 65536 silently reached P."""
+    P + 65536 silently reached P; and a port in digits other than ASCII's was taken, and
+    gRPC failed to parse it at the first call."""
     with pytest.raises(InvalidArgument) as info:
         Settings.load(env={"SHOAL_HEAD": address})
     assert str(info.value).startswith("environment variable SHOAL_HEAD: head_address must be HOST:PORT")

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import re
+import types
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from shoal.config import Settings
-from shoal.core.spec import DeploymentSpec, load_spec_file, parse_spec, parse_spec_json
+from shoal.core import yamldoc
+from shoal.core.spec import DeploymentSpec, check_names_once, load_spec_file, parse_spec, parse_spec_json
 from shoal.core.traffic import load_file
 from shoal.errors import InvalidArgument
 
@@ -453,3 +455,91 @@ def test_readme_port_variables_move_every_port_make_up_opens() -> None:
     ports |= {"head_port": s.head_port, "head_http_port": s.head_http_port}
     assert sorted(ports.values()) == sorted(int(v) for v in env.values())
     assert all(port != getattr(Settings(), name) for name, port in ports.items())
+
+
+def _alias_bomb(levels: int) -> str:
+    """A YAML list of ``levels`` levels of nine-fold aliases: 9**levels items from a few
+    hundred bytes."""
+    anchors = ['&a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    anchors += [f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return f"[{', '.join(anchors)}]"
+
+
+def test_a_config_value_quoted_in_an_error_is_short_whatever_it_holds(tmp_path: Path) -> None:
+    """Before, the error printed the value whole: seven levels of aliases (9**7 items from
+    600 bytes) made a 24 MB message, and nine levels never finished."""
+    path = tmp_path / "shoal.yaml"
+    for text, got in [
+        (f"host: {_alias_bomb(7)}\n", "host must be str, got [['x', "),
+        (f"log_format: {'x' * 10_000}\n", "log_format must be text or json, got 'xxxx"),
+        (f"head_port: {'9' * 4000}\n", "<an integer of 4000 digits>"),
+        (f"? {'k' * 10_000}\n: 1\n", "unknown setting 'kkkk"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(InvalidArgument) as info:
+            Settings.load(file=path, env={})
+        message = str(info.value)
+        assert message.startswith(f"config file {path}: ") and got in message
+        assert len(message) < 600, len(message)
+
+
+@pytest.mark.parametrize("what", ["config", "spec"])
+def test_an_integer_too_long_for_python_is_refused_naming_the_file_and_line(
+    tmp_path: Path, what: str
+) -> None:
+    """Before: a ValueError traceback ('Exceeds the limit (4300 digits) for integer string
+    conversion'), naming neither the file nor the line."""
+    path = tmp_path / f"{what}.yaml"
+    key = "replicas" if what == "spec" else "head_port"
+    path.write_text(f"name: echo\nbackend: python\nmodel: m:M\n{key}: {'9' * 5000}\n")
+    with pytest.raises(InvalidArgument) as info:
+        if what == "spec":
+            load_spec_file(path)
+        else:
+            Settings.load(file=path, env={})
+    message = str(info.value)
+    assert "an integer of 5000 characters, too long to read" in message
+    assert f'"{path}", line 4, column ' in message or f"{path}" in message.splitlines()[0]
+    assert len(message) < 1000
+
+
+@pytest.mark.parametrize("what", ["config", "spec"])
+def test_a_file_over_the_size_limit_is_refused_before_it_is_parsed(tmp_path: Path, what: str) -> None:
+    """Before, a file was read whole: ``shoal deploy /dev/zero`` (or ``--config /dev/zero``)
+    took memory until the machine had none. Here a sparse file one byte over the limit."""
+    path = tmp_path / f"{what}.yaml"
+    with path.open("wb") as f:
+        f.truncate(yamldoc.MAX_FILE_BYTES + 1)
+    limit = yamldoc.MAX_FILE_BYTES
+    with pytest.raises(InvalidArgument) as info:
+        if what == "spec":
+            load_spec_file(path)
+        else:
+            Settings.load(file=path, env={})
+    assert str(info.value).endswith(f"{path}: over the limit of {limit} bytes")
+
+
+class _CountedName(str):
+    """A deployment name that counts the comparisons made with it."""
+
+    compared = 0
+
+    def __eq__(self, other: object) -> bool:
+        _CountedName.compared += 1
+        return str.__eq__(self, other)
+
+    def __hash__(self) -> int:
+        return str.__hash__(self)
+
+
+def test_the_names_of_a_file_of_many_specs_are_checked_in_linear_work(tmp_path: Path) -> None:
+    """Before, each name was counted in the whole list: a file of 40,000 specs (2 MB) took
+    39 s for this check alone, after its YAML was read. Here 1,000 names: a million
+    comparisons before, none now (each name is hashed once)."""
+    specs: Any = [types.SimpleNamespace(name=_CountedName(f"d{i}")) for i in range(1000)]
+    _CountedName.compared = 0
+    check_names_once(tmp_path / "all.yaml", specs)
+    assert _CountedName.compared < len(specs)
+    specs.append(types.SimpleNamespace(name=_CountedName("d7")))
+    with pytest.raises(InvalidArgument, match=r"holds more than one spec of deployment 'd7'$"):
+        check_names_once(tmp_path / "all.yaml", specs)

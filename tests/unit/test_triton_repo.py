@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 
 from shoal.core.spec import parse_spec
-from shoal.core.triton_repo import layout_version, load_all, read_model, scan, served_version
+from shoal.core.triton_repo import (
+    MAX_CONFIG_BYTES,
+    layout_version,
+    load_all,
+    read_model,
+    scan,
+    served_version,
+)
 from shoal.errors import InvalidArgument, NotFound
 
 ONNX = """
@@ -143,6 +150,18 @@ def test_a_bad_config_names_the_file_and_the_line(tmp_path: Path) -> None:
     model(tmp_path, "m", 'platform: "onnxruntime_onnx"\nmax_batch_size: eight\n')
     message = refusal(tmp_path, "m")
     assert message.startswith(f"{tmp_path / 'm' / 'config.pbtxt'}:2:")
+
+
+def test_a_config_that_never_ends_is_read_only_to_the_limit(tmp_path: Path) -> None:
+    """Before, the size came from stat(), which says 0 for a link to /dev/zero, and the file
+    was then read without end: a repository index took memory until the machine had none."""
+    folder = model(tmp_path, "m", None)
+    (folder / "config.pbtxt").symlink_to("/dev/zero")
+    message = refusal(tmp_path, "m")
+    assert message == f"cannot read {folder / 'config.pbtxt'}: over the limit of {MAX_CONFIG_BYTES} bytes"
+    (folder / "config.pbtxt").unlink()
+    (folder / "config.pbtxt").write_bytes(b'platform: "onnxruntime_onnx" # caf\xe9\n')
+    assert refusal(tmp_path, "m").startswith(f"cannot read {folder / 'config.pbtxt'}: not UTF-8 (byte 0xe9")
 
 
 def test_a_model_without_versions_and_an_unknown_model(tmp_path: Path) -> None:
