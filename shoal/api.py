@@ -16,9 +16,11 @@ so it works the same from a script and from Jupyter (whose loop is already runni
 :class:`AsyncClient` is the same API as coroutines, on the caller's loop. Both are safe to
 call concurrently. Every error is a :class:`shoal.errors.ShoalError` subclass:
 ``NotFound`` for an unknown deployment, ``Unavailable`` when the head (or every scheduler)
-cannot be reached, ``InvalidArgument`` for a bad spec or input, ``FailedPrecondition`` when
-a deploy fails (its replicas fail to start, no scheduler has room or is big enough), ``DeadlineExceeded``
-when it is not ready in time.
+cannot be reached (``HeadUnreachable`` naming the head's address), ``HeadSilent`` (a
+``DeadlineExceeded``) naming it when it takes connections and answers nothing in time,
+``InvalidArgument`` for a bad spec or input, ``FailedPrecondition`` when a deploy fails (its
+replicas fail to start, no scheduler has room or is big enough), ``DeadlineExceeded`` when it
+is not ready in time.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from shoal.decorator import spec_of
 from shoal.errors import (
     DeadlineExceeded,
     FailedPrecondition,
+    HeadSilent,
     HeadUnreachable,
     InvalidArgument,
     NotFound,
@@ -108,6 +111,16 @@ def head_unreachable(settings: Settings, cause: object, *, point: str, tls: str)
     return HeadUnreachable(
         f"cannot reach the head at {settings.head_address} ({cause}); is it running? "
         f"Start one with 'shoal up' or {point}.{hint}"
+    )
+
+
+def head_silent(settings: Settings, cause: object, *, point: str) -> HeadSilent:
+    """The one message for a head that takes connections and answers no call in time, the
+    CLI's and the Python API's: where it was looked for, and how to point at another
+    (``point``, as :func:`head_unreachable` takes it)."""
+    return HeadSilent(
+        f"the head at {settings.head_address} did not answer in time ({cause}); is it a shoal "
+        f"head's gRPC port, and is that head running normally? If not, {point}."
     )
 
 
@@ -193,24 +206,29 @@ class AsyncClient:
         await self.close()
 
     async def _head(self, call: Awaitable[T]) -> T:
-        """``call``, to the head's control API; its Unavailable as :meth:`_blame` says."""
+        """``call``, to the head's control API; its Unavailable or DeadlineExceeded as
+        :meth:`_blame` says."""
         try:
             return await call
-        except Unavailable as err:
+        except (Unavailable, DeadlineExceeded) as err:
             blamed = await self._blame(err)
             if blamed is err:
                 raise
             raise blamed from None
 
-    async def _blame(self, err: Unavailable) -> Unavailable:
-        """An Unavailable from the head: as it came when the head answers a status call now
-        (what failed was a scheduler or a replica behind it), else HeadUnreachable, whose
-        message names the head's address and says how to start one."""
-        if isinstance(err, HeadUnreachable):
+    async def _blame(self, err: Unavailable | DeadlineExceeded) -> ShoalError:
+        """An Unavailable or a DeadlineExceeded from the head: as it came when the head answers
+        a status call now (what failed was a scheduler or a replica behind it, or a request's
+        own deadline), else HeadUnreachable or HeadSilent, whose message names the head's
+        address. Before, a head that took connections and never answered (hung, or an address
+        that is no shoal head's) ended a call in a bare 'Deadline Exceeded'."""
+        if isinstance(err, HeadUnreachable | HeadSilent):
             return err
         try:
             await self.control.status()
         except ShoalError:
+            if isinstance(err, DeadlineExceeded):
+                return head_silent(self.settings, err, point=self.point_at_head)
             return head_unreachable(self.settings, err, point=self.point_at_head, tls=self.give_tls_dir)
         return err
 
@@ -316,7 +334,7 @@ class AsyncClient:
         try:
             async for data in self.control.read_log(replica_id, tail_bytes, follow):
                 yield data
-        except Unavailable as err:
+        except (Unavailable, DeadlineExceeded) as err:
             blamed = await self._blame(err)
             if blamed is err:
                 raise

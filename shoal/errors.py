@@ -12,6 +12,7 @@ codes, :data:`HTTP_STATUS` to HTTP. Nothing else converts errors.
     |   +-- RevisionConflict an apply's if_revision is not the deployment's revision (HTTP 409)
     +-- ResourceExhausted    a queue or limit is full: back off and retry later
     +-- DeadlineExceeded     the request's timeout passed before an answer
+    |   +-- HeadSilent       the head takes connections and does not answer
     +-- Unavailable          a peer cannot be reached; safe to retry elsewhere
     |   +-- HeadUnreachable  the head does not answer at all
     +-- Unauthenticated / PermissionDenied
@@ -132,6 +133,11 @@ class ResourceExhausted(ShoalError):
 
 class DeadlineExceeded(ShoalError):
     code = Code.DEADLINE_EXCEEDED
+
+
+class HeadSilent(DeadlineExceeded):
+    """The head takes connections and answers no call in time (hung, or the address is not a
+    shoal head's gRPC port): the message names the address (``shoal.api.head_silent``)."""
 
 
 class Unavailable(ShoalError):

@@ -13,7 +13,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NoReturn
 
 from shoal.config import Settings
-from shoal.errors import DeadlineExceeded, HeadUnreachable, InvalidArgument, ShoalError, Unavailable
+from shoal.errors import (
+    DeadlineExceeded,
+    HeadSilent,
+    HeadUnreachable,
+    InvalidArgument,
+    ShoalError,
+    Unavailable,
+)
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -133,7 +140,7 @@ def add_client_flags(p: argparse.ArgumentParser) -> None:
 def with_client(args: argparse.Namespace, fn: Callable[[Any, Settings], Awaitable[int]]) -> int:
     """Run ``fn(client, settings)`` with a client of the head (``shoal.api.AsyncClient``: the
     commands are built on the Python API); its result is the exit code."""
-    from shoal.api import AsyncClient, head_unreachable
+    from shoal.api import AsyncClient, head_silent, head_unreachable
 
     class CliClient(AsyncClient):
         point_at_head = CLI_POINT_AT_HEAD
@@ -154,13 +161,11 @@ def with_client(args: argparse.Namespace, fn: Callable[[Any, Settings], Awaitabl
             raise head_unreachable(settings, err, point=CLI_POINT_AT_HEAD, tls=CLI_GIVE_TLS_DIR) from None
         except DeadlineExceeded as err:
             # A request that ran out of time at a scheduler is that request's answer; a head
-            # that takes connections and never answers (hung, or not a shoal head) is named.
-            if await _answers(client):
+            # that takes connections and never answers (hung, or not a shoal head) is named,
+            # by the client's own calls to it already (HeadSilent).
+            if isinstance(err, HeadSilent) or await _answers(client):
                 raise
-            raise DeadlineExceeded(
-                f"the head at {settings.head_address} did not answer in time ({err}); is it a shoal "
-                "head's gRPC port, and is that head running normally? Point --head / SHOAL_HEAD at it."
-            ) from None
+            raise head_silent(settings, err, point=CLI_POINT_AT_HEAD) from None
         finally:
             await client.close()
 

@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -104,31 +102,6 @@ async def test_a_request_timeout_of_any_finite_size_is_sent_and_a_non_finite_one
             assert proc.stderr.splitlines() == [
                 f"shoal: error: timeout_s must be a finite number >= 0, got {timeout}"
             ]
-
-
-@pytest.fixture
-def silent_port() -> Iterator[int]:
-    """A port that accepts TCP connections and never answers on them."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    held: list[socket.socket] = []
-
-    def accept() -> None:
-        while True:
-            try:
-                held.append(listener.accept()[0])
-            except OSError:
-                return  # closed: the test is over
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        listener.shutdown(socket.SHUT_RDWR)
-        listener.close()
-        thread.join(5)
-        for conn in held:
-            conn.close()
 
 
 def test_a_head_that_never_answers_is_named(silent_port: int) -> None:

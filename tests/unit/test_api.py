@@ -17,9 +17,10 @@ import pytest
 
 import shoal
 from shoal.api import to_arrays
+from shoal.config import Settings
 from shoal.core.spec import Batching, parse_spec
 from shoal.decorator import is_target, load_target, spec_of
-from shoal.errors import HeadUnreachable, InvalidArgument, Unavailable
+from shoal.errors import DeadlineExceeded, HeadSilent, HeadUnreachable, InvalidArgument, Unavailable
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -188,6 +189,20 @@ async def test_the_async_client_says_the_same_and_so_does_the_cli() -> None:
     # One message, in the CLI's words, not the API's wrapped in the CLI's.
     assert str(err.value).count("cannot reach the head") == 1
     assert "point --head / SHOAL_HEAD at it" in str(err.value) and "--tls-dir" in str(err.value)
+
+
+def test_a_head_that_takes_connections_and_never_answers_is_named(silent_port: int) -> None:
+    """Before, ``shoal.connect(...).status()`` and a handle's ``infer`` against such a head ended in
+    a bare ``DeadlineExceeded: Deadline Exceeded``, naming no address (the CLI named it)."""
+    address = f"127.0.0.1:{silent_port}"
+    settings = Settings.load(env={}, flags={"head_address": address, "rpc_timeout_s": 0.5})
+    with shoal.Client(shoal.AsyncClient(settings=settings)) as c:
+        for call in (c.status, lambda: c.handle("echo").infer({"x": [[1.0]]})):
+            with pytest.raises(HeadSilent) as err:
+                call()
+            assert isinstance(err.value, DeadlineExceeded)
+            assert str(err.value).startswith(f"the head at {address} did not answer in time (")
+            assert "give its address to shoal.connect" in str(err.value)
 
 
 class _SchedulerGone:
