@@ -134,6 +134,14 @@ def load_target(target: str) -> DeploymentSpec:
     sys.modules[module_name] = module
     try:
         loader.loader.exec_module(module)
+    except SystemExit as err:
+        # A script's own code run at import (argparse, sys.exit): before, shoal deploy ended
+        # there, with the script's usage line or message and its status, naming no file.
+        del sys.modules[module_name]
+        raise InvalidArgument(
+            f"{target}: importing {file} exited (sys.exit({err.code!r})); replicas import it too, "
+            "so keep a script's own code under if __name__ == '__main__':"
+        ) from None
     except Exception as err:
         del sys.modules[module_name]
         raise InvalidArgument(f"{target}: importing {file} raised {type(err).__name__}: {err}") from None

@@ -103,6 +103,16 @@ def test_deploy_targets_name_a_file_and_a_class(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match="RuntimeError: boom"):
         load_target(str(tmp_path / "shoal_unit_broken.py:Model"))
     assert "shoal_unit_broken" not in sys.modules
+    # Before: shoal deploy ended with the script's own message (or argparse's usage) and status.
+    (tmp_path / "shoal_unit_script.py").write_text("import sys\nsys.exit(2)\nclass Model: ...\n")
+    with pytest.raises(InvalidArgument) as err:
+        load_target(str(tmp_path / "shoal_unit_script.py:Model"))
+    assert str(err.value) == (
+        f"{tmp_path}/shoal_unit_script.py:Model: importing {tmp_path}/shoal_unit_script.py exited "
+        "(sys.exit(2)); replicas import it too, so keep a script's own code under "
+        "if __name__ == '__main__':"
+    )
+    assert "shoal_unit_script" not in sys.modules
     (tmp_path / "shoal_unit_app.py").write_text("X = 1\n")
     with pytest.raises(InvalidArgument, match="no class 'X'"):
         load_target(str(tmp_path / "shoal_unit_app.py:X"))
