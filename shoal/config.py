@@ -490,7 +490,20 @@ def _check_head_address(value: str, source: str) -> None:
     for address in (a.strip() for a in value.split(",")):
         if not address:
             continue
+        # Before, both were taken and dialled: a URL failed at the first call with 'Misformatted
+        # domain name', and ::1:8470 reached [::0.1.132.112]:443 (gRPC read it as one IPv6 host).
+        url = re.match(r"(?i)(https?|grpcs?)://([^/]*)", address)
+        if url:
+            raise InvalidArgument(
+                f"{source}: head_address is HOST:PORT (the head's gRPC port), not a URL; "
+                f"got {short_repr(address)}, did you mean {short_repr(url[2])}?"
+            )
         host, colon, port = address.rpartition(":")
+        if ":" in host and "/" not in host and not (host.startswith("[") and host.endswith("]")):
+            raise InvalidArgument(
+                f"{source}: head_address must put an IPv6 address in brackets, "
+                f"{short_repr(f'[{host}]:{port}')}; got {short_repr(address)}"
+            )
         if not colon or not host or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
             raise InvalidArgument(
                 f"{source}: head_address must be HOST:PORT (a port from 1 to 65535), "

@@ -128,6 +128,34 @@ def test_a_head_address_whose_port_gRPC_cannot_dial_is_refused(address: str) -> 
     assert str(info.value).startswith("environment variable SHOAL_HEAD: head_address must be HOST:PORT")
 
 
+@pytest.mark.parametrize(
+    ("address", "why"),
+    [
+        (
+            "http://127.0.0.1:8470",
+            "is HOST:PORT (the head's gRPC port), not a URL; got "
+            "'http://127.0.0.1:8470', did you mean '127.0.0.1:8470'?",
+        ),
+        (
+            "a:8470,GRPC://h:1/x",
+            "is HOST:PORT (the head's gRPC port), not a URL; got 'GRPC://h:1/x', did you mean 'h:1'?",
+        ),
+        ("::1:8470", "must put an IPv6 address in brackets, '[::1]:8470'; got '::1:8470'"),
+    ],
+)
+def test_a_head_address_that_is_a_url_or_a_bare_ipv6_address_is_refused(address: str, why: str) -> None:
+    """Before, both were taken: a URL failed at the first call ('Misformatted domain name'),
+    and ``::1:8470`` dialled [::0.1.132.112]:443, gRPC reading it as one IPv6 address."""
+    with pytest.raises(InvalidArgument) as info:
+        Settings.load(env={"SHOAL_HEAD": address})
+    assert str(info.value) == f"environment variable SHOAL_HEAD: head_address {why}"
+
+
+def test_head_addresses_gRPC_dials_are_taken() -> None:
+    for address in ("[::1]:8470", "dns:///localhost:8470", "h:1,[fe80::1]:2"):
+        assert Settings.load(env={"SHOAL_HEAD": address}).head_address == address
+
+
 @pytest.mark.parametrize("address", ["", " ", ",", " , "])
 def test_a_head_address_naming_no_head_is_refused_naming_the_setting(address: str) -> None:
     """Before, it was taken and a command failed later with "no head address in ''"."""
