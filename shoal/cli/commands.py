@@ -14,6 +14,7 @@ import numpy as np
 
 from shoal.cli.common import INT32_MAX, in_range, text_table, with_client
 from shoal.config import Settings
+from shoal.core import yamldoc
 from shoal.errors import InvalidArgument
 
 
@@ -127,18 +128,18 @@ def render_status(status: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _parse_inputs(text: str) -> dict[str, Any]:
-    """``--data``: a JSON object (or ``@file``) mapping input names to nested lists; the API
-    types them (``shoal.api.to_arrays``)."""
+def _parse_inputs(text: str, most: int) -> dict[str, Any]:
+    """``--data``: a JSON object (or ``@file``, of at most ``most`` bytes) mapping input names
+    to nested lists; the API types them (``shoal.api.to_arrays``). Before, the file was read
+    whole and as it came: ``@/dev/zero`` took memory until the machine had none, and a file
+    that is not UTF-8 was a UnicodeDecodeError traceback."""
     if text.startswith("@"):
-        try:
-            text = Path(text[1:]).read_text()
-        except OSError as err:
-            raise InvalidArgument(f"cannot read {text[1:]}: {err.strerror}") from None
+        text = yamldoc.read_text(Path(text[1:]), "--data file", most=most)
     try:
         doc = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as err:
-        raise InvalidArgument(f"--data is not valid JSON: {err}") from None
+    except (ValueError, RecursionError) as err:  # ValueError: JSONDecodeError, an int of 4,300+ digits
+        # The digits' ValueError ends in advice to the programmer (sys.set_int_max_str_digits).
+        raise InvalidArgument(f"--data is not valid JSON: {str(err).split('; use sys.')[0]}") from None
     if not isinstance(doc, dict):
         raise InvalidArgument(
             '--data must be a JSON object mapping input names to lists, e.g. {"x": [[1, 2]]}'
@@ -148,7 +149,8 @@ def _parse_inputs(text: str) -> dict[str, Any]:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     async def go(client: Any, settings: Settings) -> int:
-        inputs = _parse_inputs(args.data)
+        # JSON takes about 2.5 characters for each byte of a tensor: room for the largest request.
+        inputs = _parse_inputs(args.data, most=4 * settings.max_message_bytes)
         handle = client.handle(args.name, scheduler=args.scheduler or "")
         reply = await handle.request(inputs, timeout_s=args.timeout)
         print(json.dumps({name: _to_list(arr) for name, arr in reply.outputs.items()}))

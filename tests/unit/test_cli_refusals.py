@@ -216,3 +216,36 @@ def test_a_yaml_error_is_one_line_naming_the_file_and_the_place(
         f"shoal: error: cannot read config file {config}: line 2, column 12: "
         "an integer of 5000 characters, too long to read"
     ]
+
+
+def test_a_data_file_that_is_not_utf8_or_never_ends_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: a UnicodeDecodeError traceback; and ``--data @/dev/zero`` took memory until
+    the machine had none. A file is read up to four times ``max_message_mb`` (here 1 MiB,
+    so 4 MiB: a sparse file one byte over). No head listens at port 1: nothing is sent."""
+    latin1 = tmp_path / "inputs.json"
+    latin1.write_bytes(b'{"x": ["caf\xe9"]}')
+    code, err = run_cli(capsys, "--head", "127.0.0.1:1", "predict", "echo", "--data", f"@{latin1}")
+    assert code == 1
+    assert err.splitlines() == [
+        f"shoal: error: cannot read --data file {latin1}: not UTF-8 (byte 0xe9 at position 11)"
+    ]
+    # Before, a ValueError traceback: Python reads integers of at most 4,300 digits.
+    code, err = run_cli(
+        capsys, "--head", "127.0.0.1:1", "predict", "echo", "--data", f'{{"x": [{"9" * 5000}]}}'
+    )
+    assert code == 1
+    assert err.splitlines() == [
+        "shoal: error: --data is not valid JSON: Exceeds the limit (4300 digits) for integer string "
+        "conversion: value has 5000 digits"
+    ]
+    monkeypatch.setenv("SHOAL_MAX_MESSAGE_MB", "1")
+    big = tmp_path / "big.json"
+    with big.open("wb") as f:
+        f.truncate(4 * 1024 * 1024 + 1)
+    code, err = run_cli(capsys, "--head", "127.0.0.1:1", "predict", "echo", "--data", f"@{big}")
+    assert code == 1
+    assert err.splitlines() == [
+        f"shoal: error: cannot read --data file {big}: over the limit of 4194304 bytes"
+    ]
