@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shoal.core.limits import short_repr, shown
 from shoal.core.spec import NAME_PATTERN, DeploymentSpec, check_names_once, parse_spec, spec_documents
 from shoal.errors import InvalidArgument
 
@@ -82,7 +83,7 @@ def is_route_doc(doc: object) -> bool:
 def _check_name(what: str, name: object) -> str:
     if not isinstance(name, str) or not re.match(NAME_PATTERN, name):
         raise InvalidArgument(
-            f"{what} {name!r}: a deployment name (lowercase letters, digits, '-', '_' and '.', "
+            f"{what} {short_repr(name)}: a deployment name (lowercase letters, digits, '-', '_' and '.', "
             "at most 63 characters)"
         )
     return name
@@ -96,9 +97,11 @@ def parse_route(doc: object) -> TrafficRoute:
         raise InvalidArgument(f"a route must be a mapping, got {type(doc).__name__}")
     unknown = sorted(str(k) for k in doc if k not in ("kind", "name", "targets", "shadow"))
     if unknown:
-        raise InvalidArgument(f"route: unknown field(s) {', '.join(unknown)} (fields: name, targets, shadow)")
+        raise InvalidArgument(
+            f"route: unknown field(s) {shown(', '.join(unknown))} (fields: name, targets, shadow)"
+        )
     if doc.get("kind", ROUTE_KIND) != ROUTE_KIND:
-        raise InvalidArgument(f"route: kind must be {ROUTE_KIND!r}, got {doc.get('kind')!r}")
+        raise InvalidArgument(f"route: kind must be {ROUTE_KIND!r}, got {short_repr(doc.get('kind'))}")
     name = _check_name("route name", doc.get("name"))
     where = f"route {name!r}"
     targets = doc.get("targets")
@@ -111,7 +114,8 @@ def parse_route(doc: object) -> TrafficRoute:
         _check_name(f"{where}: target", target)
         if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 100:
             raise InvalidArgument(
-                f"{where}: the weight of {target!r} must be an integer from 0 to 100, got {weight!r}"
+                f"{where}: the weight of {target!r} must be an integer from 0 to 100, "
+                f"got {short_repr(weight)}"
             )
         if target == name:
             raise InvalidArgument(f"{where}: a route cannot send to itself")
@@ -126,7 +130,7 @@ def parse_route(doc: object) -> TrafficRoute:
         # Not taken as no shadow: a user who wrote [] or 0 meant something, and is told.
         raise InvalidArgument(
             f'{where}: shadow must be a deployment name (leave it out, or give null or "", for none), '
-            f"got {shadow!r}"
+            f"got {short_repr(shadow)}"
         )
     if shadow:
         _check_name(f"{where}: shadow", shadow)

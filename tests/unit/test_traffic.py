@@ -386,3 +386,21 @@ def test_a_spec_file_holds_deployments_and_routes(tmp_path: Path) -> None:
     path.write_text("kind: route\nname: clf\ntargets: {a: 50}\n")
     with pytest.raises(InvalidArgument, match="sum to 50"):
         load_file(path)
+
+
+@pytest.mark.parametrize("field", ["kind", "name", "targets", "shadow"])
+def test_a_route_file_value_quoted_in_an_error_is_short_whatever_it_holds(tmp_path: Path, field: str) -> None:
+    """Before, the error printed the value whole: six levels of nine-fold aliases (9**6 items
+    from 400 bytes) made a 3 MB message, and nine levels never finished."""
+    from shoal.core.traffic import load_file
+
+    anchors = ['&a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    anchors += [f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 6)]
+    bomb = f"[{', '.join(anchors)}]"
+    doc = {"kind": "route", "name": "clf", "targets": "{a: 100}", "shadow": "b"}
+    doc[field] = bomb if field != "targets" else f"{{a: {bomb}}}"
+    path = tmp_path / "route.yaml"
+    path.write_text("".join(f"{k}: {v}\n" for k, v in doc.items()))
+    with pytest.raises(InvalidArgument) as info:
+        load_file(path)
+    assert len(str(info.value)) < 600, len(str(info.value))
