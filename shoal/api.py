@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 import numpy as np
 
 from shoal.config import Settings
+from shoal.core.limits import short_repr
 from shoal.core.spec import DeploymentSpec
 from shoal.core.states import SchedulerState
 from shoal.decorator import spec_of
@@ -89,6 +90,31 @@ def settings_for(
     """Settings as the CLI builds them: these arguments, else ``SHOAL_HEAD`` / ``SHOAL_TOKEN`` /
     ``SHOAL_TLS_DIR``, else the defaults (``localhost:8470``)."""
     return Settings.load(flags={"head_address": address, "token": token, "tls_dir": tls_dir})
+
+
+_INT32_MAX = 2**31 - 1
+_INT64_MAX = 2**63 - 1
+
+
+def _whole(what: str, value: object, high: int, low: int = 0) -> int:
+    """``value`` when it is an integer (not a bool) from ``low`` to ``high``, the most its
+    protobuf field holds; InvalidArgument naming ``what`` otherwise. Before, a call could not
+    build its message and raised what protobuf raises, no ShoalError: ``scale("echo", 2**40)``
+    a ValueError ('Value out of range'), ``scale("echo", 1.5)`` a TypeError."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidArgument(f"{what} must be an integer from {low} to {high}, got {short_repr(value)}")
+    return value
+
+
+def _seconds(what: str, value: object) -> float:
+    """``value`` when it is a finite number of seconds, 0 or more; InvalidArgument naming
+    ``what`` otherwise. Before, ``deploy(..., timeout_s=nan)`` waited for good: no time is
+    past a NaN deadline."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+        raise InvalidArgument(
+            f"{what} must be a finite number of seconds, 0 or more, got {short_repr(value)}"
+        )
+    return float(value)
 
 
 def head_unreachable(settings: Settings, cause: object, *, point: str, tls: str) -> HeadUnreachable:
@@ -262,8 +288,8 @@ class AsyncClient:
         None (the default): no check, the last writer wins. InvalidArgument when negative."""
         from shoal.core.model_hash import with_model_hash
 
-        if not 0 <= min_ready_s < math.inf:  # NaN too
-            raise InvalidArgument(f"min_ready_s must be a finite number of seconds, 0 or more: {min_ready_s}")
+        _seconds("timeout_s", timeout_s)
+        _seconds("min_ready_s", min_ready_s)
         if if_revision is not None:
             _check_if_revision(if_revision)
         spec = with_model_hash(spec_of(target))
@@ -301,9 +327,7 @@ class AsyncClient:
 
     async def scale(self, name: str, replicas: int) -> None:
         """Set the replica count; the head places or removes replicas. NotFound for an unknown name."""
-        if replicas < 0:
-            raise InvalidArgument(f"replicas must be >= 0, got {replicas}")
-        await self._head(self.control.scale(name, replicas))
+        await self._head(self.control.scale(name, _whole("replicas", replicas, _INT32_MAX)))
 
     async def delete(self, name: str) -> None:
         """Delete the deployment and stop its replicas. NotFound for an unknown name."""
@@ -320,17 +344,18 @@ class AsyncClient:
         return await self._head(self.control.history(name))
 
     async def rollback(self, name: str, revision: int = 0) -> Revision:
-        return await self._head(self.control.rollback(name, revision))
+        return await self._head(self.control.rollback(name, _whole("revision", revision, _INT32_MAX)))
 
     async def restart(self, name: str) -> Revision:
         return await self._head(self.control.restart(name))
 
     async def events(self, deployment: str = "", limit: int = 0) -> list[LifecycleEvent]:
-        return await self._head(self.control.events(deployment, limit))
+        return await self._head(self.control.events(deployment, _whole("limit", limit, _INT32_MAX)))
 
     async def read_log(
         self, replica_id: str, tail_bytes: int = 0, follow: bool = False
     ) -> AsyncIterator[bytes]:
+        _whole("tail_bytes", tail_bytes, _INT64_MAX)
         try:
             async for data in self.control.read_log(replica_id, tail_bytes, follow):
                 yield data

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import socket
 import subprocess
 import sys
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +215,42 @@ def test_a_head_that_takes_connections_and_never_answers_is_named(silent_port: i
             assert isinstance(err.value, DeadlineExceeded)
             assert str(err.value).startswith(f"the head at {address} did not answer in time (")
             assert "give its address to shoal.connect" in str(err.value)
+
+
+def test_an_argument_its_message_cannot_carry_is_invalid_before_anything_is_sent() -> None:
+    """Before, each raised what protobuf raises, no ShoalError (``scale("echo", 2**40)``: a
+    ValueError 'Value out of range'; ``1.5``: a TypeError), and ``deploy(..., timeout_s=nan)``
+    waited for good. No head listens at port 1: the refusals come first."""
+    spec = {"name": "a", "backend": "python", "model": "m:M"}
+    with shoal.connect("127.0.0.1:1") as c:
+        calls: list[tuple[Callable[[], object], str]] = [
+            (
+                lambda: c.scale("echo", 2**40),
+                "replicas must be an integer from 0 to 2147483647, got 1099511627776",
+            ),
+            (
+                lambda: c.scale("echo", 1.5),  # type: ignore[arg-type]
+                "replicas must be an integer from 0 to 2147483647, got 1.5",
+            ),
+            (lambda: c.scale("echo", -1), "replicas must be an integer from 0 to 2147483647, got -1"),
+            (
+                lambda: c.rollback("echo", 2**31),
+                "revision must be an integer from 0 to 2147483647, got 2147483648",
+            ),
+            (lambda: c.events("echo", limit=True), "limit must be an integer from 0 to 2147483647, got True"),
+            (
+                lambda: c.deploy(spec, timeout_s=math.nan),
+                "timeout_s must be a finite number of seconds, 0 or more, got nan",
+            ),
+            (
+                lambda: c.deploy(spec, min_ready_s=-1),
+                "min_ready_s must be a finite number of seconds, 0 or more, got -1",
+            ),
+        ]
+        for call, message in calls:
+            with pytest.raises(InvalidArgument) as err:
+                call()
+            assert str(err.value) == message
 
 
 class _SchedulerGone:
