@@ -468,6 +468,8 @@ def _coerce(f: dataclasses.Field[Any], value: Any, source: str) -> Any:
         raise InvalidArgument(f"{source}: {f.name} must be {' or '.join(choices)}, got {short_repr(value)}")
     if f.name == "head_address":
         _check_head_address(result, source)
+    if f.name == "token":
+        _check_token(result, source)
     # logs.setup upper-cases the name; the logging module knows a few more (WARN, FATAL, NOTSET).
     if f.name == "log_level" and result.upper() not in logging.getLevelNamesMapping():
         raise InvalidArgument(
@@ -475,6 +477,19 @@ def _coerce(f: dataclasses.Field[Any], value: Any, source: str) -> Any:
             f"got {short_repr(value)}"
         )
     return result
+
+
+def _check_token(value: str, source: str) -> None:
+    """A token travels in a header (``authorization: Bearer TOKEN``), which takes visible ASCII
+    only: before, a token read from a file with its line end (``\\r`` of a Windows file) or
+    one of other characters ended every command in a traceback from gRPC's insides
+    (``ExecuteBatchError``). The message names the character, never the token."""
+    for i, char in enumerate(value):
+        if not "!" <= char <= "~":
+            raise InvalidArgument(
+                f"{source}: token must be visible ASCII characters (as 'shoal token create' makes "
+                f"them), got {char!r} at position {i} (the token is not shown)"
+            )
 
 
 def _check_head_address(value: str, source: str) -> None:

@@ -191,3 +191,23 @@ def test_a_misspelt_environment_variable_is_named_once(caplog: pytest.LogCapture
         "environment variable SHOAL_INGRES_WORKERS names no setting and is ignored; "
         "did you mean SHOAL_INGRESS_WORKERS?"
     ]
+
+
+@pytest.mark.parametrize(
+    ("token", "said"),
+    [
+        ("shoal_abc\r", "'\\r' at position 9"),
+        ("shoal_abc\n", "'\\n' at position 9"),
+        (" shoal", "' ' at position 0"),
+        ("shoal_\u00e9", "'\u00e9' at position 6"),
+    ],
+)
+def test_a_token_a_header_cannot_carry_is_refused_without_showing_it(token: str, said: str) -> None:
+    """Before, a token read from a file with its line end (or any character outside visible
+    ASCII) ended every command in a traceback from gRPC's insides (ExecuteBatchError)."""
+    with pytest.raises(InvalidArgument) as info:
+        Settings.load(env={"SHOAL_TOKEN": token})
+    assert str(info.value) == (
+        "environment variable SHOAL_TOKEN: token must be visible ASCII characters (as 'shoal token "
+        f"create' makes them), got {said} (the token is not shown)"
+    )
