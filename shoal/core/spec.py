@@ -492,11 +492,25 @@ def _explain(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
+_JSON_TYPES = (str, int, float, bool, type(None), dict, list, tuple)
+"""What a spec's values may be: a spec travels as JSON (to the head, in routing tables, to
+replicas). YAML also makes bytes (``!!binary``), sets (``!!set``) and dates (``2024-01-01``):
+in ``options`` they were taken, and then bytes that are not UTF-8 failed the spec's JSON
+(a PydanticSerializationError traceback from ``shoal deploy``), and the others reached the
+model as strings or lists."""
+
+
+def _yaml_kind(value: object) -> str:
+    kind = type(value).__name__
+    return {"bytes": "binary data (!!binary)", "set": "a set (!!set)"}.get(kind, f"a {kind}")
+
+
 def _document_problems(doc: dict[str, Any]) -> list[str]:
-    """What no field's own validation can see: non-finite numbers and strings that are not
-    valid Unicode anywhere in ``doc``, nesting deeper than :data:`MAX_OPTIONS_DEPTH` under
-    any field, lists and mappings of more than :data:`MAX_ITEMS` outside ``options``, more
-    than :data:`MAX_VALUES` values in all, and the size of ``options``.
+    """What no field's own validation can see: non-finite numbers, strings that are not
+    valid Unicode and values JSON has no type for anywhere in ``doc``, nesting deeper than
+    :data:`MAX_OPTIONS_DEPTH` under any field, lists and mappings of more than
+    :data:`MAX_ITEMS` outside ``options``, more than :data:`MAX_VALUES` values in all, and
+    the size of ``options``.
 
     Iterative, so that no nesting depth can exhaust the stack. The work is bounded by
     :data:`MAX_VALUES`, whatever ``doc`` holds: a container's items are counted before they
@@ -514,6 +528,8 @@ def _document_problems(doc: dict[str, Any]) -> list[str]:
             problems.add(f"{where}: must be a finite number, got {value}")
         elif isinstance(value, str) and not _is_unicode(value):
             problems.add(f"{where}: not valid Unicode (a lone surrogate)")
+        elif not isinstance(value, _JSON_TYPES):
+            problems.add(f"{where}: {_yaml_kind(value)} is not a JSON value; quote it to give a string")
         elif isinstance(value, dict | list | tuple):
             if depth >= MAX_OPTIONS_DEPTH:
                 problems.add(f"{field}: nested deeper than {MAX_OPTIONS_DEPTH} levels")

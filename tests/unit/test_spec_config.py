@@ -543,3 +543,22 @@ def test_the_names_of_a_file_of_many_specs_are_checked_in_linear_work(tmp_path: 
     specs.append(types.SimpleNamespace(name=_CountedName("d7")))
     with pytest.raises(InvalidArgument, match=r"holds more than one spec of deployment 'd7'$"):
         check_names_once(tmp_path / "all.yaml", specs)
+
+
+def test_a_yaml_value_json_has_no_kind_for_is_refused_naming_the_field(tmp_path: Path) -> None:
+    """Before, ``options`` took them: bytes that are not UTF-8 then failed the spec's JSON, a
+    PydanticSerializationError traceback from ``shoal deploy``; a set or a date reached the
+    model as a list or a string."""
+    path = tmp_path / "spec.yaml"
+    path.write_text(
+        "name: a\nbackend: python\nmodel: m:M\n"
+        'options:\n  key: !!binary "/w=="\n  day: 2024-01-01\n  tags: !!set {a, b}\n  fine: "2024-01-01"\n'
+    )
+    with pytest.raises(InvalidArgument) as info:
+        load_spec_file(path)
+    assert str(info.value) == (
+        "invalid deployment spec 'a': "
+        "options.day: a date is not a JSON value; quote it to give a string; "
+        "options.key: binary data (!!binary) is not a JSON value; quote it to give a string; "
+        "options.tags: a set (!!set) is not a JSON value; quote it to give a string"
+    )
