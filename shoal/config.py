@@ -332,17 +332,34 @@ class Settings:
 _NOT_SETTINGS = frozenset({"SHOAL_INGRESS_WORKER"})
 """``SHOAL_`` variables that are no setting and look like one: an ingress worker's start
 document (``shoal.ingress_worker``)."""
+_MEANT = {
+    "SHOAL_HEAD_ADDRESS": "SHOAL_HEAD",
+    "SHOAL_DASHBOARD_PORT": "SHOAL_HEAD_HTTP_PORT",
+    "SHOAL_GRACE": "SHOAL_SHUTDOWN_GRACE_S",
+    "SHOAL_STATE": "SHOAL_STATE_DIR",
+    "SHOAL_ALLOW_MODEL_DIR": "SHOAL_ALLOWED_MODEL_DIRS",
+    "SHOAL_CONFIG": "the flag --config",
+}
+"""Variables a user tries from a setting's name or its flag's, which name no setting, and
+what they meant. Before, ``SHOAL_HEAD_ADDRESS`` (``SHOAL_<SETTING>`` for ``head_address``),
+``SHOAL_GRACE`` and ``SHOAL_CONFIG`` were ignored without a word, and ``SHOAL_DASHBOARD_PORT``
+was said to be close to ``SHOAL_HEAD_PORT``, the head's gRPC port."""
 _warned: set[str] = set()
 
 
 def _warn_misspelt(env: Mapping[str, str], variables: set[str]) -> None:
     """Log, once a process, each ``SHOAL_`` variable that names no setting but is close to
-    one's. Before, ``SHOAL_INGRES_WORKERS=1`` was ignored without a word and the scheduler
-    ran its default. A warning, not an error: other tools may have ``SHOAL_`` variables."""
+    one's (or in :data:`_MEANT`). Before, ``SHOAL_INGRES_WORKERS=1`` was ignored without a
+    word and the scheduler ran its default. A warning, not an error: other tools may have
+    ``SHOAL_`` variables."""
     for var in env:
         if not var.startswith("SHOAL_") or var in variables or var in _NOT_SETTINGS or var in _warned:
             continue
-        close = difflib.get_close_matches(var, sorted(variables), n=1, cutoff=0.8)
+        close = (
+            [_MEANT[var]]
+            if var in _MEANT
+            else difflib.get_close_matches(var, sorted(variables), n=1, cutoff=0.8)
+        )
         if close:
             _warned.add(var)
             log.warning(
