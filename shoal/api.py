@@ -18,6 +18,7 @@ call concurrently. Every error is a :class:`shoal.errors.ShoalError` subclass:
 ``NotFound`` for an unknown deployment, ``Unavailable`` when the head (or every scheduler)
 cannot be reached (``HeadUnreachable`` naming the head's address), ``HeadSilent`` (a
 ``DeadlineExceeded``) naming it when it takes connections and answers nothing in time,
+``Unimplemented`` (an ``Internal``) naming it when the server there has no call of the head's,
 ``InvalidArgument`` for a bad spec or input, ``FailedPrecondition`` when a deploy fails (its
 replicas fail to start, no scheduler has room or is big enough), ``DeadlineExceeded`` when it
 is not ready in time.
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Collection, Coroutine, Mapping
@@ -49,6 +51,7 @@ from shoal.errors import (
     NotFound,
     ShoalError,
     Unavailable,
+    Unimplemented,
 )
 
 if TYPE_CHECKING:
@@ -117,6 +120,10 @@ def _seconds(what: str, value: object) -> float:
     return float(value)
 
 
+_HTTP1 = re.compile(r"http1\.x server|Failed parsing HTTP/2")
+"""What gRPC says when the server at an address speaks HTTP/1."""
+
+
 def head_unreachable(settings: Settings, cause: object, *, point: str, tls: str) -> HeadUnreachable:
     """The one message for a head that does not answer, the CLI's and the Python API's: where
     it was looked for, why (``cause``), and how to start one or point at one. ``point``: how
@@ -133,10 +140,28 @@ def head_unreachable(settings: Settings, cause: object, *, point: str, tls: str)
             f"answers there: give {tls} the folder of the cluster's certificates it was started "
             f"with (this client used those{where}), or leave it out if that head runs without TLS"
         )
+    if _HTTP1.search(str(cause)):
+        # Before: 'is it running? Start one', where a server did answer, in HTTP/1.
+        return HeadUnreachable(
+            f"cannot reach the head at {settings.head_address}: a server answers there in HTTP/1, "
+            "not gRPC (the head's dashboard and REST port, or a scheduler's HTTP port?); the head's "
+            f"gRPC port is 8470 unless set: {point}. ({cause})"
+        )
     hint = "" if settings.tls_dir else f" If the cluster runs with TLS, give {tls}."
     return HeadUnreachable(
         f"cannot reach the head at {settings.head_address} ({cause}); is it running? "
         f"Start one with 'shoal up' or {point}.{hint}"
+    )
+
+
+def not_a_head(settings: Settings, cause: object, *, point: str) -> Unimplemented:
+    """The one message for a server that answers at the head's address but has no call of
+    the head's control API: before, ``--head`` at a scheduler's inference port ended in
+    'Method not found!', naming neither the address nor what was wrong."""
+    return Unimplemented(
+        f"the server at {settings.head_address} does not serve the head's control API ({cause}): "
+        "is it a shoal head's gRPC port (8470 unless set; a scheduler's inference port is 8001), "
+        f"and of this version of shoal? If not, {point}."
     )
 
 
@@ -241,6 +266,8 @@ class AsyncClient:
             if blamed is err:
                 raise
             raise blamed from None
+        except Unimplemented as err:
+            raise not_a_head(self.settings, err, point=self.point_at_head) from None
 
     async def _blame(self, err: Unavailable | DeadlineExceeded) -> ShoalError:
         """An Unavailable or a DeadlineExceeded from the head: as it came when the head answers

@@ -17,6 +17,7 @@ codes, :data:`HTTP_STATUS` to HTTP. Nothing else converts errors.
     |   +-- HeadUnreachable  the head does not answer at all
     +-- Unauthenticated / PermissionDenied
     +-- Internal             a bug or a model that raised
+        +-- Unimplemented    the server has no such call (another kind of server or version)
 """
 
 from __future__ import annotations
@@ -159,6 +160,12 @@ class PermissionDenied(ShoalError):
 
 class Internal(ShoalError):
     code = Code.INTERNAL
+
+
+class Unimplemented(Internal):
+    """The server has no such call: a server of another kind at that address (a scheduler's
+    port given as the head's), or of another version of shoal. gRPC's UNIMPLEMENTED, carried
+    as INTERNAL (``shoal.rpc.status.to_error``)."""
 
 
 _BY_CODE: dict[Code, type[ShoalError]] = {

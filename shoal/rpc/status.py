@@ -7,7 +7,7 @@ from typing import Any, NoReturn
 import grpc
 import grpc.aio
 
-from shoal.errors import Code, ShoalError, from_code
+from shoal.errors import Code, ShoalError, Unimplemented, from_code
 
 TO_GRPC: dict[Code, grpc.StatusCode] = {
     Code.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -34,6 +34,8 @@ FROM_GRPC[grpc.StatusCode.OUT_OF_RANGE] = Code.INVALID_ARGUMENT
 
 def to_error(err: grpc.aio.AioRpcError) -> ShoalError:
     """A failed call as shoal's error, keeping the peer's message."""
+    if err.code() == grpc.StatusCode.UNIMPLEMENTED:
+        return Unimplemented(f"UNIMPLEMENTED: {err.details() or 'no such call'}")
     code = FROM_GRPC.get(err.code(), Code.INTERNAL)
     return from_code(code, err.details() or err.code().name)
 

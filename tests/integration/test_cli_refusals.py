@@ -14,6 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+import shoal as shoal_api
+from shoal.errors import HeadUnreachable, Unimplemented
 from shoal.testing.cluster import FAST, Component, ProcessCluster
 
 pytestmark = pytest.mark.timeout(120)
@@ -110,3 +112,28 @@ def test_a_head_that_never_answers_is_named(silent_port: int) -> None:
     assert proc.returncode == 1
     (line,) = proc.stderr.splitlines()
     assert line.startswith(f"shoal: error: the head at {address} did not answer in time"), line
+
+
+async def test_another_of_shoals_ports_given_as_the_heads_is_named(up: Component) -> None:
+    """Before, ``--head`` at a scheduler's inference port ended in 'shoal: error: Method not
+    found!', and at an HTTP port in 'is it running? Start one with shoal up', where a server
+    had answered, in HTTP/1."""
+    grpc_port = up.endpoints["scheduler"]
+    async with shoal_api.AsyncClient(grpc_port) as client:
+        with pytest.raises(Unimplemented) as err:
+            await client.status()
+    said = str(err.value)
+    assert said.startswith(
+        f"the server at {grpc_port} does not serve the head's control API (UNIMPLEMENTED: "
+    )
+    proc = shoal("--head", grpc_port, "status")
+    assert proc.returncode == 1
+    api, cli = shoal_api.AsyncClient.point_at_head, "point --head / SHOAL_HEAD at it"
+    assert proc.stderr.splitlines() == [f"shoal: error: {said.replace(api, cli)}"]
+    for address in (up.endpoints["head_http"], up.endpoints["scheduler_http"]):
+        async with shoal_api.AsyncClient(address) as client:
+            with pytest.raises(HeadUnreachable) as unreachable:
+                await client.status()
+        assert str(unreachable.value).startswith(
+            f"cannot reach the head at {address}: a server answers there in HTTP/1, not gRPC"
+        )
