@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+import shoal.config
 from shoal.config import _RANGES, Settings
 from shoal.errors import InvalidArgument
 
@@ -209,7 +210,7 @@ def test_a_token_a_header_cannot_carry_is_refused_without_showing_it(token: str,
 
 
 def test_a_variable_named_after_a_setting_or_its_flag_says_which_one_is_meant(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Before, ``SHOAL_HEAD_ADDRESS`` (SHOAL_<SETTING> for ``head_address``), ``SHOAL_GRACE``
     (``--grace``) and ``SHOAL_CONFIG`` were ignored without a word, and ``SHOAL_DASHBOARD_PORT``
@@ -220,6 +221,7 @@ def test_a_variable_named_after_a_setting_or_its_flag_says_which_one_is_meant(
         "SHOAL_DASHBOARD_PORT": "9",
         "SHOAL_CONFIG": "a.yaml",
     }
+    monkeypatch.setattr(shoal.config, "_warned", set())  # each is said once a process
     with caplog.at_level("WARNING", logger="shoal"):
         settings = Settings.load(env=env)
     assert settings == Settings()
