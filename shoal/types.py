@@ -150,10 +150,19 @@ class ReplicaClient(Protocol):
     async def ping(self, timeout_s: float) -> PingResult: ...
 
     async def push(
-        self, request_id: str, inputs: Tensors, timeout_s: float, *, model_id: str = ""
+        self,
+        request_id: str,
+        inputs: Tensors,
+        timeout_s: float,
+        *,
+        model_id: str = "",
+        classify: Mapping[str, int] | None = None,
     ) -> Tensors:
         """Run one request, tensors as they came off the wire (nothing decoded here), on model
-        ``model_id`` of a multiplexed deployment (empty for any other).
+        ``model_id`` of a multiplexed deployment (empty for any other). ``classify``: output
+        name -> k, outputs the replica answers as their top k classes (Triton's
+        classification extension, :mod:`shoal.core.classify`); None for a request that
+        asks for none.
 
         Raises ShoalError; Unavailable when the replica cannot be reached."""
         ...

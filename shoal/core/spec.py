@@ -28,7 +28,7 @@ import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 import yaml
 from pydantic import (
@@ -111,6 +111,11 @@ MAX_SPEC_JSON = 2 * 1024 * 1024
 largest spec within the other bounds takes about 570 KB written compactly, 1.3 MB indented
 by 4. ``json.loads`` of 2 MiB takes about 0.08 s; of a 64 MiB message (``max_message_mb``),
 1.8 s, which the head's event loop would wait."""
+MAX_LABELS = 16_384
+"""Most ``labels`` one output may declare (ImageNet's classifiers have 1,000; an output's
+labels are the one list in a spec past :data:`MAX_ITEMS`, and count in :data:`MAX_VALUES`)."""
+MAX_LABEL_CHARS = 256
+"""Longest label."""
 MAX_TEXT = 4096
 """Longest ``model`` or ``base_dir``."""
 MAX_MODELS_PER_REPLICA = 1000
@@ -182,19 +187,38 @@ class TensorSpec(_Strict):
     only inputs may be optional (see ``DeploymentSpec``). It is serialised only when true,
     so the JSON and the process hash of a spec that declares no optional input are what
     they were before the field, and peers of that version still read them.
+
+    ``labels``: an output's class names, ``labels[i]`` for class i, which Triton's
+    classification extension appends to each class it answers (``"0.97:2:virginica"``;
+    :mod:`shoal.core.classify`; Triton's ``label_filename``). At most :data:`MAX_LABELS`,
+    each at most :data:`MAX_LABEL_CHARS` characters on one line; only outputs have labels.
+    Serialised only when given, as ``optional``.
     """
 
     name: str = Field(min_length=1, max_length=MAX_TENSOR_NAME)
     datatype: Literal[DATATYPES] = "FP32"  # type: ignore[valid-type]
     shape: tuple[int, ...] = Field(default=(-1,), max_length=32)
     optional: StrictBool = False
+    labels: tuple[Annotated[str, Field(max_length=MAX_LABEL_CHARS)], ...] = Field(
+        default=(), max_length=MAX_LABELS
+    )
 
     @model_serializer(mode="wrap")
     def _leave_out_required(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         doc: dict[str, Any] = handler(self)
         if not self.optional:
             doc.pop("optional", None)
+        if not self.labels:
+            doc.pop("labels", None)
         return doc
+
+    @field_validator("labels")
+    @classmethod
+    def _one_line_each(cls, labels: tuple[str, ...]) -> tuple[str, ...]:
+        for i, label in enumerate(labels):
+            if "\n" in label or "\r" in label:
+                raise ValueError(f"label {i} holds a line break; a label is one line")
+        return labels
 
     @field_validator("shape")
     @classmethod
@@ -370,6 +394,14 @@ class DeploymentSpec(_Strict):
             raise ValueError(f"output {optional[0]!r} cannot be optional; only inputs may be")
         return outputs
 
+    @field_validator("inputs")
+    @classmethod
+    def _no_input_labels(cls, inputs: tuple[TensorSpec, ...]) -> tuple[TensorSpec, ...]:
+        labelled = [t.name for t in inputs if t.labels]
+        if labelled:
+            raise ValueError(f"input {labelled[0]!r} cannot have labels; only outputs have classes")
+        return inputs
+
     @model_validator(mode="after")
     def _uri_fields(self) -> DeploymentSpec:
         if self.backend == "python" and uri_scheme(self.model):
@@ -505,6 +537,8 @@ def _yaml_kind(value: object) -> str:
     kind = type(value).__name__
     return {"bytes": "binary data (!!binary)", "set": "a set (!!set)"}.get(kind, f"a {kind}")
 
+_LABELS = re.compile(r"^outputs\.\d+\.labels$")
+
 
 def _document_problems(doc: dict[str, Any]) -> list[str]:
     """What no field's own validation can see: non-finite numbers, strings that are not
@@ -535,8 +569,9 @@ def _document_problems(doc: dict[str, Any]) -> list[str]:
             if depth >= MAX_OPTIONS_DEPTH:
                 problems.add(f"{field}: nested deeper than {MAX_OPTIONS_DEPTH} levels")
                 continue
-            if field != "options" and len(value) > MAX_ITEMS:
-                problems.add(f"{where}: {len(value)} items, over the limit of {MAX_ITEMS}")
+            most = MAX_LABELS if _LABELS.match(where) else MAX_ITEMS
+            if field != "options" and len(value) > most:
+                problems.add(f"{where}: {len(value)} items, over the limit of {most}")
                 continue
             values += len(value)
             if values > MAX_VALUES:

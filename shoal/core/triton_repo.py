@@ -20,6 +20,9 @@ an InvalidArgument naming the field):
 ``input`` / ``output``          ``inputs`` / ``outputs``: name, ``data_type`` (``TYPE_STRING``
                                 is BYTES), ``dims``, with a ``-1`` batch axis in front when
                                 ``max_batch_size`` > 0
+``output.label_filename``       the output's ``labels``: the lines of that file in the model
+                                folder (at most :data:`MAX_LABELS_BYTES`; the spec's bounds
+                                on labels), for the classification extension
 ``max_batch_size``              ``batching.max_batch_size`` (0: no batching)
 ``dynamic_batching``            ``max_queue_delay_microseconds`` → ``batching.max_delay_ms``;
                                 ``preferred_batch_size`` and ``preserve_ordering`` are accepted
@@ -52,7 +55,7 @@ from typing import Any
 from google.protobuf import json_format, text_format
 
 from shoal.core import yamldoc
-from shoal.core.spec import NAME_PATTERN, DeploymentSpec, parse_spec
+from shoal.core.spec import MAX_LABEL_CHARS, MAX_LABELS, NAME_PATTERN, DeploymentSpec, parse_spec
 from shoal.errors import InvalidArgument, NotFound
 from shoal.proto import model_config_pb2 as mc
 
@@ -63,6 +66,8 @@ PYTHON_TARGET = "shoal.backends.triton_python:TritonPython"
 """The python deployment a Triton python model becomes (:mod:`shoal.backends.triton_python`)."""
 MAX_CONFIG_BYTES = 1024 * 1024
 """Largest ``config.pbtxt`` read."""
+MAX_LABELS_BYTES = 1024 * 1024
+"""Largest ``label_filename`` file read."""
 
 CPUS_PER_REPLICA = 0.25
 """What each replica of a repository model reserves (``resources.cpus``): Triton reserves
@@ -99,7 +104,7 @@ _WHY = {
     "response_cache": "the response cache is not supported",
     "batch_input": "batch inputs are not supported",
     "batch_output": "batch outputs are not supported",
-    "label_filename": "classification labels are not supported",
+    "label_filename": "only an output has classes to label",
     "reshape": "reshape is not supported: declare dims as the model takes them",
 }
 
@@ -177,12 +182,13 @@ def _datatype(value: int, where: str, field: str) -> str:
     return "BYTES" if name == "TYPE_STRING" else name.removeprefix("TYPE_")
 
 
-def _tensors(tensors: Any, kind: str, batched: bool, where: str) -> list[dict[str, Any]]:
+def _tensors(tensors: Any, kind: str, batched: bool, where: str, folder: Path) -> list[dict[str, Any]]:
     out = []
+    allowed = _TENSOR_FIELDS | {"label_filename"} if kind == "output" else _TENSOR_FIELDS
     for i, t in enumerate(tensors):
         field = f"{kind}[{i}]" + (f" {t.name!r}" if t.name else "")
         for desc, _ in t.ListFields():
-            if desc.name not in _TENSOR_FIELDS:
+            if desc.name not in allowed:
                 raise _refuse(where, f"{field}.{desc.name}", _WHY.get(desc.name, "not supported by shoal"))
         if not t.name:
             raise _refuse(where, f"{field}.name", "missing")
@@ -193,8 +199,42 @@ def _tensors(tensors: Any, kind: str, batched: bool, where: str) -> list[dict[st
         tensor = {"name": t.name, "datatype": _datatype(t.data_type, where, field), "shape": list(shape)}
         if getattr(t, "optional", False):  # a request may leave it out, as in Triton
             tensor["optional"] = True
+        if getattr(t, "label_filename", ""):
+            tensor["labels"] = _labels(folder, t.label_filename, where, f"{field}.label_filename")
         out.append(tensor)
     return out
+
+
+def _labels(folder: Path, filename: str, where: str, field: str) -> list[str]:
+    """The lines of ``filename``, a file in the model's folder (as Triton reads a
+    ``label_filename``: one label a line, label i on line i + 1); InvalidArgument naming the
+    file when it is outside the folder, missing, over :data:`MAX_LABELS_BYTES`, not UTF-8,
+    or past the spec's bounds on labels."""
+    path = (folder / filename).resolve()
+    if not path.is_relative_to(folder.resolve()):
+        raise _refuse(where, field, f"{filename!r} is outside the model's folder")
+    try:
+        size = path.stat().st_size
+        if size > MAX_LABELS_BYTES:
+            raise _refuse(where, field, f"{path}: {size} bytes, over the limit of {MAX_LABELS_BYTES}")
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise _refuse(where, field, f"cannot read {path}: {err.strerror}") from None
+    except UnicodeDecodeError:
+        raise _refuse(where, field, f"{path}: not UTF-8 text") from None
+    labels = [line.removesuffix("\r") for line in text.split("\n")]
+    if labels and not labels[-1]:
+        labels.pop()  # the last line's line break ends it; it starts no label
+    if len(labels) > MAX_LABELS:
+        raise _refuse(where, field, f"{path}: {len(labels)} labels, over the limit of {MAX_LABELS}")
+    for number, label in enumerate(labels, 1):
+        if len(label) > MAX_LABEL_CHARS:
+            raise _refuse(
+                where,
+                field,
+                f"{path}: line {number} holds {len(label)} characters, over the limit of {MAX_LABEL_CHARS}",
+            )
+    return labels
 
 
 def _check_fields(message: Any, allowed: frozenset[str], prefix: str, where: str) -> None:
@@ -355,8 +395,8 @@ def read_model(root: str | Path, name: str, *, hash_files: bool = True) -> Repos
         if not (config.input and config.output):
             missing = "output" if config.input else "input"
             raise _refuse(where, missing, "declare both inputs and outputs, or neither (read from the model)")
-        doc["inputs"] = _tensors(config.input, "input", mbs > 0, where)
-        doc["outputs"] = _tensors(config.output, "output", mbs > 0, where)
+        doc["inputs"] = _tensors(config.input, "input", mbs > 0, where, folder)
+        doc["outputs"] = _tensors(config.output, "output", mbs > 0, where, folder)
     replicas, gpus = _replicas(config, where)
     doc["replicas"] = replicas
     doc["resources"] = {"cpus": CPUS_PER_REPLICA, "gpus": gpus}

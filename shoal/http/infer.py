@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from shoal.core import budget as budgets
-from shoal.core import limits, payload, tensors
+from shoal.core import classify, limits, payload, tensors
 from shoal.core.limits import RequestLimits
 from shoal.core.payload import Tensor, Tensors
 from shoal.errors import (
@@ -52,7 +52,6 @@ log = logging.getLogger("shoal.http")
 _JSON = "application/json"
 _UNSUPPORTED_PARAMETERS = {
     "shared_memory_region": "shared memory is not supported; send the data in the request",
-    "classification": "the classification extension is not supported",
 }
 
 
@@ -199,6 +198,8 @@ class InferRequest:
         self.inputs = self._decode_inputs(header["inputs"], tail)
         self.outputs: list[str] = []
         self.binary: dict[str, bool] = {}
+        # Triton's classification extension: output -> k (shoal.core.classify); None: none.
+        self.classify: dict[str, int] | None = None
         for i, entry in enumerate(requested):
             if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
                 raise InvalidArgument(f"outputs[{i}] must be an object with a 'name'")
@@ -206,6 +207,10 @@ class InferRequest:
             where = f"output {limits.quoted(name)}: "
             out_params = _params(entry, where)
             _refuse_unsupported(out_params, where)
+            if classify.PARAMETER in out_params:
+                if self.classify is None:
+                    self.classify = {}
+                self.classify[name] = classify.check_count(name, out_params[classify.PARAMETER])
             self.outputs.append(name)
             self.binary[name] = bool_param(out_params, "binary_data", self.binary_default, where)
 
@@ -255,6 +260,7 @@ class InferRequest:
             outputs=tuple(self.outputs),
             door="http",
             model_id=self.model_id or model_id,
+            classify=self.classify,
         )
 
     def json_elements(self, result: InferResult) -> int:

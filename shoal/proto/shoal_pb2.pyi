@@ -1716,12 +1716,33 @@ Global___PingReply: _TypeAlias = PingReply  # noqa: Y015
 class Task(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ClassificationEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
     TIMEOUT_S_FIELD_NUMBER: _builtins.int
     TAG_FIELD_NUMBER: _builtins.int
     MODEL_ID_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
+    CLASSIFICATION_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     timeout_s: _builtins.float
     tag: _builtins.int
@@ -1735,6 +1756,13 @@ class Task(_message.Message):
     """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]: ...
+    @_builtins.property
+    def classification(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Triton's classification extension: output name -> k, for the outputs whose top k
+        classes the request wants instead of their values (shoal.core.classify). Empty, and
+        so absent from the frame, for every request that does not ask.
+        """
+
     def __init__(
         self,
         *,
@@ -1744,10 +1772,11 @@ class Task(_message.Message):
         tag: _builtins.int = ...,
         model_id: _builtins.str = ...,
         cancel: _builtins.bool = ...,
+        classification: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "inputs", b"inputs", "model_id", b"model_id", "request_id", b"request_id", "tag", b"tag", "timeout_s", b"timeout_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "classification", b"classification", "inputs", b"inputs", "model_id", b"model_id", "request_id", b"request_id", "tag", b"tag", "timeout_s", b"timeout_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

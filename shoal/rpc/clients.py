@@ -90,9 +90,17 @@ class GrpcReplicaClient:
         )
 
     async def push(
-        self, request_id: str, inputs: Tensors, timeout_s: float, *, model_id: str = ""
+        self,
+        request_id: str,
+        inputs: Tensors,
+        timeout_s: float,
+        *,
+        model_id: str = "",
+        classify: Mapping[str, int] | None = None,
     ) -> Tensors:
         task = pb.Task(request_id=request_id, timeout_s=timeout_s, model_id=model_id)
+        if classify:
+            task.classification.update(classify)
         stream = self._stream
         if type(stream) is HopClient and sum(len(t.data) for t in inputs) >= PARTS_FROM:
             # Large tensors go to the socket as they are, not copied into the task twice.

@@ -7,12 +7,13 @@ reads). Errors go through :func:`shoal.rpc.status.abort`.
 
 Request parameters: ``timeout`` is in microseconds, as Triton's clients send it; the
 call's gRPC deadline bounds the request too, whichever is shorter. ``multiplexed_model_id``
-(a string) names a multiplexed deployment's model id. Sequence batching,
-classification and shared memory are not supported and are refused with
-INVALID_ARGUMENT. The model repository extension serves the scheduler's
-``--model-repository`` (``shoal.scheduler.repository``); without one, index lists the
-deployments and load/unload answer UNIMPLEMENTED. RPCs left to the generated base class
-(shared memory, trace and log settings) answer UNIMPLEMENTED.
+(a string) names a multiplexed deployment's model id. A requested output's
+``classification`` (``int64_param``, k) answers its top k classes (Triton's
+classification extension: :mod:`shoal.core.classify`). Sequence batching and shared
+memory are not supported and are refused with INVALID_ARGUMENT. The model repository
+extension serves the scheduler's ``--model-repository`` (``shoal.scheduler.repository``);
+without one, index lists the deployments and load/unload answer UNIMPLEMENTED. RPCs left
+to the generated base class (shared memory, trace and log settings) answer UNIMPLEMENTED.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from google.protobuf import json_format
 from shoal.auth import InferenceAuth
 from shoal.config import Settings
 from shoal.core import budget as budgets
-from shoal.core import limits, payload, tensors
+from shoal.core import classify, limits, payload, tensors
 from shoal.core.limits import RequestLimits
 from shoal.core.payload import Tensor, Tensors
 from shoal.errors import DeadlineExceeded, InvalidArgument, NotFound, ShoalError
@@ -73,7 +74,6 @@ _CONTENTS_FIELD = {
 _NO_DEADLINE_S = 365 * 24 * 3600.0
 _UNSUPPORTED_PARAMETERS = {
     "shared_memory_region": "shared memory is not supported; send the data in the request",
-    "classification": "the classification extension is not supported",
 }
 
 Parameters = Any  # protobuf map<string, InferParameter>
@@ -297,10 +297,17 @@ def infer_call(
                 f"parameter {MODEL_ID_PARAMETER!r} must be a string, got {limits.shown(repr(model_id))}"
             )
     wanted: tuple[str, ...] = ()
+    counts: dict[str, int] | None = None
     if outputs:
         for out in outputs:
             if out.parameters:
                 _refuse_unsupported(out.parameters, f"output {limits.quoted(out.name)}: ")
+                if classify.PARAMETER in out.parameters:
+                    if counts is None:
+                        counts = {}
+                    counts[out.name] = classify.check_count(
+                        out.name, _parameter(out.parameters, classify.PARAMETER)
+                    )
         wanted = tuple(out.name for out in outputs)
     return InferCall(
         model=request.model_name,
@@ -311,6 +318,7 @@ def infer_call(
         outputs=wanted,
         door=door,
         model_id=cast(str, model_id) or "",
+        classify=counts,
     )
 
 

@@ -9,7 +9,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import overload
 
-from shoal.core import payload
+from shoal.core import classify, payload
 from shoal.core.payload import Tensors
 from shoal.core.spec import MAX_SECONDS
 from shoal.errors import Internal, InvalidArgument, ShoalError
@@ -44,8 +44,11 @@ class ReplicaService(pbg.ReplicaServicer):
         """The outcome that carries ``outputs``; an error outcome instead when they would not
         fit in one message (:meth:`sendable`). ``framed`` (the local hop): with 64 KiB of
         tensors or more, the outcome in parts, its tensors' bytes not copied into it
-        (``shoal.rpc.wire``)."""
+        (``shoal.rpc.wire``). Outputs the task asks the classes of are answered as
+        those (:meth:`classified`)."""
         try:
+            if task.classification:
+                outputs = self.classified(task, outputs)
             encoded = self.sendable(task.request_id, outputs)
         except ShoalError as err:
             return _failure(task, err)
@@ -56,6 +59,21 @@ class ReplicaService(pbg.ReplicaServicer):
             )
         codec.fill(outcome.outputs, encoded)
         return outcome
+
+    def classified(self, task: pb.Task, outputs: Arrays) -> Arrays:
+        """``outputs`` with each output in ``task.classification`` replaced by its top k
+        classes (:func:`shoal.core.classify.classified`): row by row when the deployment
+        batches (Triton's ``max_batch_size`` > 0), the whole output otherwise, with the labels
+        its spec declares. InvalidArgument (logged) for one that has none to rank (BOOL, BYTES)."""
+        spec = self.replica.spec
+        labels = {t.name: t.labels for t in spec.outputs if t.labels}
+        try:
+            return classify.classified(
+                outputs, task.classification, batched=spec.batching.max_batch_size > 1, labels=labels
+            )
+        except ShoalError as err:
+            self.replica.refused(task.request_id, err)
+            raise
 
     def sendable(self, request_id: str, outputs: Arrays) -> Tensors:
         """``outputs`` as wire tensors; InvalidArgument (logged) when their bytes would not
@@ -94,6 +112,8 @@ class ReplicaService(pbg.ReplicaServicer):
             outputs = await self.replica.infer(
                 request.request_id, inputs, request.timeout_s, request.model_id
             )
+            if request.classification:
+                outputs = self.classified(request, outputs)
             encoded = self.sendable(request.request_id, outputs)
         except ShoalError as err:
             await abort(context, err)

@@ -27,7 +27,9 @@ door a request came in by, and they live here:
 * **validation**: tensor headers and byte lengths, then names, datatypes and shapes
   against the model's metadata, from the headers alone (nothing is decoded here), and a
   request's rows against ``max_batch_size`` where the spec says ``batching.oversize:
-  refuse`` (:attr:`DeploymentSpec.max_request_rows`: Triton's rule);
+  refuse`` (:attr:`DeploymentSpec.max_request_rows`: Triton's rule); an output's
+  ``classification`` (``InferCall.classify``) against its declared datatype; the replica
+  computes the classes (:mod:`shoal.core.classify`);
 * **accounting**: every outcome, a refusal included, is counted in the router's
   per-deployment statistics (``shoal_requests_total``, the dashboard, the autoscaler)
   and Triton's model statistics, and logged; so is an answer the door cannot use
@@ -48,7 +50,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from shoal.config import Settings
-from shoal.core import budget, limits, payload
+from shoal.core import budget, classify, limits, payload
 from shoal.core.budget import ByteBudget
 from shoal.core.ids import request_key
 from shoal.core.payload import Tensor, Tensors
@@ -112,6 +114,9 @@ class InferCall:
     # The door's own rules on the answer (``/v1/embeddings``: one finite row per text):
     # what it raises fails the request, counted as such though the replica answered.
     answer_check: Callable[[Tensors], None] | None = None
+    # Triton's classification extension: requested output -> k, its top k classes wanted
+    # instead of its values (checked by the door: ``classify.check_count``); None: none.
+    classify: dict[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -158,6 +163,8 @@ class DataPlane:
             )
             check_inputs(metadata, call.inputs)
             check_outputs(metadata, call.outputs)
+            if call.classify is not None:
+                _check_classify(metadata.outputs, call.classify)
             if spec.max_request_rows and call.inputs and call.inputs[0].rows > spec.max_request_rows:
                 # Triton's words, which its clients (and their retry logic) know.
                 raise InvalidArgument(
@@ -187,6 +194,7 @@ class DataPlane:
                 timeout_s=max(1e-3, timeout_s - waited) if waited else call.timeout_s,
                 model_id=call.model_id,
                 version=revision,
+                classify=call.classify,
             )
             outputs = self._answer(call, spec.name, outputs, metadata.outputs)
         except BaseException:
@@ -349,6 +357,17 @@ def _check_model_id(spec: DeploymentSpec, model_id: str) -> None:
             f"{MODEL_ID_PARAMETER!r} or the HTTP header {MODEL_ID_HEADER!r}"
         )
     check_model_id(model_id)
+
+
+def _check_classify(declared: Sequence[TensorSpec], counts: dict[str, int]) -> None:
+    """InvalidArgument when the request asks for the classes of a declared output that has
+    none to rank (BOOL, BYTES). An output the model does not declare is checked by the
+    replica, on what the model answered."""
+    datatypes = {t.name: t.datatype for t in declared}
+    for name in counts:
+        datatype = datatypes.get(name)
+        if datatype is not None:
+            classify.check_datatype(name, datatype)
 
 
 def _embedding(model: str, output: Tensor, rows: int, widths: list[int]) -> np.ndarray:

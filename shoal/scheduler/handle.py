@@ -8,7 +8,7 @@ its pending requests: failing them when the replica goes is the client's job
 from __future__ import annotations
 
 import collections
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 
 from shoal.core.payload import Tensors
 from shoal.errors import Unavailable
@@ -56,15 +56,22 @@ class ReplicaHandle:
             self.models.popitem(last=False)
 
     def send(
-        self, request_id: str, inputs: Tensors, timeout_s: float, *, model_id: str = ""
+        self,
+        request_id: str,
+        inputs: Tensors,
+        timeout_s: float,
+        *,
+        model_id: str = "",
+        classify: Mapping[str, int] | None = None,
     ) -> Awaitable[Tensors]:
-        """Send one request (to model ``model_id`` of a multiplexed deployment): await what
-        this returns. Raises ReplicaGone if the replica is gone already, and Unavailable (the
-        client's) if it goes while the request waits: both are retried elsewhere. (Not a
-        coroutine of its own: one frame less on every request's way.)"""
+        """Send one request (to model ``model_id`` of a multiplexed deployment; ``classify``:
+        as ``ReplicaClient.push``): await what this returns. Raises ReplicaGone if the
+        replica is gone already, and Unavailable (the client's) if it goes while the request
+        waits: both are retried elsewhere. (Not a coroutine of its own: one frame less on
+        every request's way.)"""
         if self.gone:
             raise ReplicaGone(f"replica {self.replica_id} is gone")
-        return self.client.push(request_id, inputs, timeout_s, model_id=model_id)
+        return self.client.push(request_id, inputs, timeout_s, model_id=model_id, classify=classify)
 
     async def fail_pending(self) -> int:
         """The replica died: take no more requests, and fail every pending one with Unavailable

@@ -68,6 +68,7 @@ EXTENSIONS = (
     "model_configuration",
     "statistics",
     "binary_tensor_data",  # HTTP: Triton's binary tensor data extension
+    "classification",  # an output's top k classes (shoal.core.classify)
 )
 
 #: Why the protocol's other extensions answer UNIMPLEMENTED (HTTP 501), worded alike on both.

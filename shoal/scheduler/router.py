@@ -13,7 +13,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncGenerator, Callable, Collection
+from collections.abc import AsyncGenerator, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
 from shoal.config import Settings
@@ -346,6 +346,7 @@ class Router:
         timeout_s: float = 0.0,
         model_id: str = "",
         version: int = 0,
+        classify: Mapping[str, int] | None = None,
     ) -> tuple[Tensors, str]:
         """Run one request on some READY replica; returns (outputs, replica id).
 
@@ -357,6 +358,8 @@ class Router:
         to a replica that holds it when one has room (:func:`shoal.core.routing.pick_for_model`).
         ``version`` N > 0: only replicas of revision N (NotFound when none serves and N is not
         the current revision); 0: see :func:`shoal.core.routing.default_revisions`.
+        ``classify``: output name -> k, the outputs the replica answers as their top k
+        classes (:mod:`shoal.core.classify`).
         """
         dep = self._live(deployment)
         started = time.perf_counter()
@@ -366,7 +369,9 @@ class Router:
         try:
             if self.draining:
                 raise self._refusal()
-            result = await self._send(dep, inputs, request_id, timeout_s, started, model_id, version)
+            result = await self._send(
+                dep, inputs, request_id, timeout_s, started, model_id, version, classify
+            )
             outcome = "ok"
             return result
         except ShoalError as err:
@@ -461,6 +466,7 @@ class Router:
         started: float,
         model_id: str,
         version: int = 0,
+        classify: Mapping[str, int] | None = None,
     ) -> tuple[Tensors, str]:
         timeout_s = timeout_s if timeout_s > 0 else dep.spec.timeout_s
         clock = self._clock
@@ -487,7 +493,9 @@ class Router:
                     raise DeadlineExceeded(f"request {request_id} timed out after {timeout_s:g}s")
                 if model_id and dep.spec.multiplexing is not None:
                     handle.touch(model_id, dep.spec.multiplexing.max_models_per_replica)
-                outputs = await handle.send(request_id, inputs, remaining, model_id=model_id)
+                outputs = await handle.send(
+                    request_id, inputs, remaining, model_id=model_id, classify=classify
+                )
                 return outputs, handle.replica_id
             except (ReplicaGone, Unavailable) as err:
                 if self._closed:

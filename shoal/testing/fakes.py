@@ -82,6 +82,7 @@ class PushCall:
     inputs: Arrays
     timeout_s: float
     model_id: str = ""  # multiplexed deployments
+    classify: dict[str, int] = field(default_factory=dict)  # output -> k asked for
 
 
 class FakeReplicaClient:
@@ -144,11 +145,17 @@ class FakeReplicaClient:
         return PingResult(self.state, self.in_flight, 0)
 
     async def push(
-        self, request_id: str, inputs: Tensors, timeout_s: float, *, model_id: str = ""
+        self,
+        request_id: str,
+        inputs: Tensors,
+        timeout_s: float,
+        *,
+        model_id: str = "",
+        classify: Mapping[str, int] | None = None,
     ) -> Tensors:
         self._check()
         arrays = payload.to_arrays(inputs)  # a real replica decodes here too
-        self.requests.append(PushCall(request_id, arrays, timeout_s, model_id))
+        self.requests.append(PushCall(request_id, arrays, timeout_s, model_id, dict(classify or {})))
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:

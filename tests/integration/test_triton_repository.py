@@ -39,7 +39,7 @@ max_batch_size: 16
 input [ { name: "x" data_type: TYPE_FP32 dims: [ 4 ] } ]
 output [
   { name: "label" data_type: TYPE_INT64 dims: [ ] },
-  { name: "probabilities" data_type: TYPE_FP32 dims: [ 3 ] }
+  { name: "probabilities" data_type: TYPE_FP32 dims: [ 3 ] label_filename: "species.txt" }
 ]
 dynamic_batching { max_queue_delay_microseconds: 1000 }
 instance_group [ { count: 1 kind: KIND_CPU } ]
@@ -63,6 +63,7 @@ def build_repository(root: Path) -> tuple[np.ndarray, np.ndarray]:
         folder.mkdir(parents=True)
         (folder / "model.onnx").write_bytes(onx.SerializeToString())
     (root / "iris" / "config.pbtxt").write_text(IRIS_CONFIG)
+    (root / "iris" / "species.txt").write_text("setosa\nversicolor\nvirginica\n")
     regression = LinearRegression().fit(x[:, :3], x[:, 3])
     (root / LINEAR / "1").mkdir(parents=True)
     (root / LINEAR / "1" / "model.onnx").write_bytes(to_onnx(regression, x[:1, :3]).SerializeToString())
@@ -142,6 +143,13 @@ async def test_a_triton_repository_serves_and_loads_and_unloads(tmp_path: Path) 
             x.set_data_from_numpy(rows)
             result = await grpc_client.infer("iris", [x])
             assert result.as_numpy("label").tolist() == labels.tolist()
+            # Its top class, named by the config's label_filename (the classification extension).
+            top = await grpc_client.infer(
+                "iris", [x], outputs=[tgrpc_aio.InferRequestedOutput("probabilities", class_count=1)]
+            )
+            species = ["setosa", "versicolor", "virginica"]
+            named = [row[0].decode().split(":") for row in top.as_numpy("probabilities")]
+            assert [(int(index), name) for _, index, name in named] == [(y, species[y]) for y in labels]
             config = (await grpc_client.get_model_config("iris")).config
             assert config.max_batch_size == 16
             # More rows than its config.pbtxt's max_batch_size: refused, as Triton refuses it

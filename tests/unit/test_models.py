@@ -539,10 +539,37 @@ async def test_rest_models_health_and_errors(http: httpx.AsyncClient) -> None:
     assert index == [{"name": "echo", "version": "1", "state": "READY", "reason": ""}]
 
 
-async def test_the_classification_extension_is_refused_naming_it(http: httpx.AsyncClient) -> None:
-    """docs/triton.md: asking for an output's top k (Triton's classification extension) is
-    400, not an answer that ignores it."""
-    outputs = [{"name": "x", "parameters": {"classification": 2}}]
+async def test_classification_goes_to_the_replica_with_the_outputs_it_names(
+    http: httpx.AsyncClient, fakes: FakeReplicas
+) -> None:
+    """docs/triton.md: an output's ``classification`` (Triton's classification extension)
+    travels to the replica, which answers the top k; a request without one carries none."""
+    outputs = [{"name": "x", "parameters": {"classification": 2}}, {"name": "s"}]
+    r = await http.post("/v2/models/echo/infer", json=infer_doc(outputs=outputs))
+    assert r.status_code == 200, r.text
+    r = await http.post("/v2/models/echo/infer", json=infer_doc(outputs=[{"name": "x"}]))
+    assert r.status_code == 200, r.text
+    assert [call.classify for call in fakes.clients["a:9000"].requests] == [{"x": 2}, {}]
+
+
+@pytest.mark.parametrize(
+    ("output", "k", "error"),
+    [
+        ("x", 0, "output 'x': parameter 'classification' must be a positive integer"),
+        ("x", -1, "output 'x': parameter 'classification' must be a positive integer"),
+        ("x", True, "output 'x': parameter 'classification' must be a positive integer"),
+        ("x", 2.0, "output 'x': parameter 'classification' must be a positive integer"),
+        ("x", "2", "output 'x': parameter 'classification' must be a positive integer"),
+        ("x", 2**32, "output 'x': parameter 'classification' must be a positive integer"),
+        ("s", 2, "output 's': classification needs a numeric output, and 's' is BYTES"),
+        ("nope", 2, "unknown output 'nope'"),
+    ],
+)
+async def test_classification_refuses_a_bad_count_or_output_naming_it(
+    http: httpx.AsyncClient, fakes: FakeReplicas, output: str, k: object, error: str
+) -> None:
+    outputs = [{"name": output, "parameters": {"classification": k}}]
     r = await http.post("/v2/models/echo/infer", json=infer_doc(outputs=outputs))
     assert r.status_code == 400
-    assert r.json()["error"] == "output 'x': the classification extension is not supported"
+    assert r.json()["error"].startswith(error)
+    assert fakes.clients["a:9000"].requests == []

@@ -116,6 +116,42 @@ def test_without_a_config_an_onnx_model_serves_with_what_the_file_declares(tmp_p
     assert m.spec.inputs == () and m.spec.replicas == 1
 
 
+LABELLED = ONNX.replace("dims: [ 1 ] }", 'dims: [ 1 ] label_filename: "labels.txt" }')
+
+
+def test_an_outputs_label_file_becomes_its_labels(tmp_path: Path) -> None:
+    """Triton's label_filename, a file in the model's folder, one label a line: the
+    output's labels for the classification extension (a Windows line end is no part of one)."""
+    folder = model(tmp_path, "m", LABELLED)
+    (folder / "labels.txt").write_text("setosa\r\nversicolor\n\nvirginica\n")
+    spec = read_model(tmp_path, "m").spec
+    assert spec is not None
+    assert [(t.name, t.labels) for t in spec.outputs] == [
+        ("y", ("setosa", "versicolor", "", "virginica")),
+        ("s", ()),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("filename", "content", "problem"),
+    [
+        ("labels.txt", None, "cannot read"),
+        ("../labels.txt", "a\n", "'../labels.txt' is outside the model's folder"),
+        ("labels.txt", "a\n" * 16_385, "16385 labels, over the limit of 16384"),
+        ("labels.txt", "a" * 257 + "\n", "line 1 holds 257 characters, over the limit of 256"),
+        ("labels.txt", "x" * (1024 * 1024 + 1), "1048577 bytes, over the limit of 1048576"),
+    ],
+)
+def test_a_label_file_that_cannot_be_read_or_is_too_large_is_refused_naming_it(
+    tmp_path: Path, filename: str, content: str | None, problem: str
+) -> None:
+    folder = model(tmp_path, "m", LABELLED.replace("labels.txt", filename))
+    if content is not None:
+        (folder / filename).write_text(content)
+    message = refusal(tmp_path, "m")
+    assert "config.pbtxt: output[0] 'y'.label_filename: " in message and problem in message
+
+
 @pytest.mark.parametrize(
     ("config", "field"),
     [
