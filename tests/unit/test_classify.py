@@ -3,12 +3,25 @@ output's top k classes look like, checked against Triton's own example and its r
 
 from __future__ import annotations
 
+from typing import cast
+
 import ml_dtypes
 import numpy as np
 import pytest
 
+from shoal.config import Settings
 from shoal.core import classify
-from shoal.errors import InvalidArgument
+from shoal.core.spec import DeploymentSpec
+from shoal.errors import InvalidArgument, ShoalError
+from shoal.proto import shoal_pb2 as pb
+from shoal.replica.process import ReplicaProcess
+from shoal.rpc import codec
+from shoal.rpc.replica_service import ReplicaService
+from shoal.rpc.status import Context
+from shoal.types import Arrays
+from tests.unit.conftest import make_spec
+
+pytestmark = pytest.mark.timeout(10)
 
 
 def strings(array: np.ndarray) -> list[object]:
@@ -73,3 +86,47 @@ def test_only_the_outputs_asked_for_are_replaced() -> None:
     out = classify.classified(outputs, {"p": 1, "gone": 2}, batched=True, labels={"p": ("no", "yes")})
     assert strings(out["p"]) == [["0.800000:1:yes"]] and out["label"] is outputs["label"]
     assert "gone" not in out and outputs["p"].dtype == np.float64  # the model's dict is left alone
+
+
+class EchoReplica:
+    """What ``ReplicaService`` asks of a replica: its spec, and answers its inputs."""
+
+    def __init__(self, spec: DeploymentSpec) -> None:
+        self.settings = Settings()
+        self.spec = spec
+        self.refusals: list[str] = []
+
+    async def infer(self, request_id: str, inputs: Arrays, timeout_s: float, model_id: str = "") -> Arrays:
+        return inputs
+
+    def refused(self, request_id: str, err: ShoalError) -> None:
+        self.refusals.append(err.message)
+
+
+async def test_the_replica_answers_the_classes_over_every_transport() -> None:
+    """``outcome`` (the gRPC stream, the local hop's coroutine path) and ``PushTask`` (unary)
+    rank the outputs a task asks for, with the spec's labels; a task that asks none is
+    answered as it was."""
+    spec = make_spec(
+        batching={"max_batch_size": 4},
+        outputs=[
+            {"name": "x", "shape": [-1, 3], "labels": ["a", "b", "c"]},
+            {"name": "s", "datatype": "BYTES"},
+        ],
+    )
+    replica = EchoReplica(spec)
+    service = ReplicaService(cast(ReplicaProcess, replica))
+    x = np.array([[0.1, 0.9, 0.5]], dtype=np.float32)
+    s = np.array([b"t"], dtype=object)
+    task = pb.Task(request_id="r", timeout_s=1.0, inputs=codec.encode({"x": x, "s": s}))
+    plain = codec.decode((await service.outcome(task)).outputs)
+    assert plain["x"].tolist() == x.tolist()
+    task.classification["x"] = 2
+    ranked = codec.decode((await service.outcome(task)).outputs)
+    assert strings(ranked["x"]) == [["0.900000:1:b", "0.500000:2:c"]] and ranked["s"].tolist() == [b"t"]
+    unary = await service.PushTask(task, cast(Context, None))
+    assert strings(codec.decode(unary.outputs)["x"]) == [["0.900000:1:b", "0.500000:2:c"]]
+    task.classification["s"] = 1
+    refused = await service.outcome(task)
+    assert refused.error_code == "INVALID_ARGUMENT" and "'s' is BYTES" in refused.error_message
+    assert replica.refusals == [refused.error_message]
