@@ -537,6 +537,7 @@ def _yaml_kind(value: object) -> str:
     kind = type(value).__name__
     return {"bytes": "binary data (!!binary)", "set": "a set (!!set)"}.get(kind, f"a {kind}")
 
+
 _LABELS = re.compile(r"^outputs\.\d+\.labels$")
 
 
