@@ -6,7 +6,9 @@ The head keeps all durable state behind :class:`Store`. Implementations: the in-
 
 Revisions: every committed change (a put, or a delete of a key that existed) bumps one
 store-wide counter by one. An empty store is at revision 0, so its first write gets
-revision 1. :attr:`Entry.revision` is the revision of the last change to that key.
+revision 1. :attr:`Entry.revision` is the revision of the last change to that key. The
+changes of one :meth:`Store.commit` take consecutive revisions, in the order it lists
+them, and are all visible or none is: a reader never sees part of one.
 
 Watching: :meth:`Store.watch` registers at once, when called, not at the first
 ``__anext__``; nothing committed after the call is missed. To follow a prefix without a
@@ -25,7 +27,7 @@ import asyncio
 import builtins
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, Self
 
@@ -38,6 +40,10 @@ DEFAULT_HISTORY_BYTES = 64 * 1024 * 1024
 """Characters of values those changes may hold in all; past it the oldest go first. A
 thousand applies of the largest spec (each write also a revision row holding it) kept
 about 1.2 GB in the SQLite file, all of it read into memory by one replay."""
+
+MAX_COMMIT = 60
+"""Changes one :meth:`Store.commit` may hold: etcd refuses a transaction of more than 128
+operations (its ``--max-txn-ops`` default), and each change takes two."""
 
 DEFAULT_MAX_PENDING = 10_000
 """Events a watch buffers for a slow consumer before it gives up with :class:`WatchLost`."""
@@ -120,6 +126,18 @@ class Store(Protocol):
         """Remove ``key``. Returns whether it existed; only then is the revision bumped."""
         ...
 
+    async def commit(self, puts: Mapping[str, str], deletes: Sequence[str] = ()) -> int:
+        """Set every key of ``puts`` and remove every key of ``deletes``, all or nothing.
+
+        The changes take consecutive revisions: the puts in the mapping's order, then the
+        deletes of keys that exist (a missing one is skipped, as :meth:`delete` does).
+        Returns the new store revision (the current one when nothing changed). When the
+        store refuses any of it (a value too large for etcd, a full disk) nothing is
+        written and :class:`StoreError` is raised. InvalidArgument for a bad key or value,
+        or a key both put and deleted. On etcd, at most :data:`MAX_COMMIT` changes.
+        """
+        ...
+
     async def list(self, prefix: str = "") -> builtins.list[Entry]:
         """Every entry whose key starts with ``prefix``, sorted by key (code point order)."""
         ...
@@ -155,6 +173,25 @@ def check_text(text: str, what: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
         raise InvalidArgument(f"store {what} is not valid unicode: {err}") from None
+
+
+def check_commit(puts: Mapping[str, str], deletes: Sequence[str]) -> builtins.list[str]:
+    """Validate the arguments of :meth:`Store.commit`; the keys to delete, once each."""
+    for key, value in puts.items():
+        check_key(key)
+        check_text(value, "value")
+    if isinstance(deletes, str):
+        raise InvalidArgument("store commit: deletes must be a sequence of keys, not one string")
+    gone = builtins.list(dict.fromkeys(deletes))
+    for key in gone:
+        check_key(key)
+        if key in puts:
+            raise InvalidArgument(f"store commit: key {key!r} is both put and deleted")
+    if len(puts) + len(gone) > MAX_COMMIT:
+        raise InvalidArgument(
+            f"store commit: {len(puts) + len(gone)} changes; one commit holds at most {MAX_COMMIT}"
+        )
+    return gone
 
 
 def check_revision(revision: int, what: str) -> None:

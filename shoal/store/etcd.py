@@ -9,10 +9,13 @@ Keys, all under ``root`` (default ``shoal/``)::
 
 Why a counter of our own: the :class:`~shoal.store.base.Store` contract promises a store-wide
 revision that every change bumps by exactly one, and etcd's revision also moves for writes
-shoal does not count (the leader key, other users of the cluster). Each write is one etcd
-transaction that compares the counter (so writers never interleave), bumps it, writes the
-key, appends the change and trims the oldest; with a fence set (:meth:`EtcdStore.fence`)
-the same transaction also compares the leader key, so a deposed head writes nothing.
+shoal does not count (the leader key, other users of the cluster). Each write (a put, a
+delete, or a :meth:`~shoal.store.base.Store.commit` of several keys) is one etcd
+transaction that compares the counter (so writers never interleave), moves it on by one
+per change, writes the keys, appends one change per key and trims the oldest; with a
+fence set (:meth:`EtcdStore.fence`) the same transaction also compares the leader key, so
+a deposed head writes nothing. etcd applies a transaction whole or not at all: one it
+refuses (over ``--max-request-bytes``, 1.5 MiB by default) writes nothing.
 
 Watches: one etcd watch on ``<root>changes/``, started by :meth:`EtcdStore.open`, feeds a
 :class:`~shoal.store.base.WatchHub`; it sees the writes of every process on the cluster.
@@ -30,7 +33,7 @@ import builtins
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Self
 
 import aetcd
@@ -45,6 +48,7 @@ from shoal.store.base import (
     Watch,
     WatchHub,
     WatchLost,
+    check_commit,
     check_key,
     check_revision,
     check_text,
@@ -225,22 +229,32 @@ class EtcdStore:
         self._check_open()
         check_key(key)
         check_text(value, "value")
-        revision = await self._write(key, value, None)
-        assert isinstance(revision, int)
-        return revision
+        written = await self._write([(key, value)])
+        assert written is not None  # an unconditional put always writes
+        return written[0]
 
     async def put_if(self, key: str, value: str, expected_revision: int) -> int | None:
         self._check_open()
         check_key(key)
         check_text(value, "value")
         check_revision(expected_revision, "expected_revision")
-        revision = await self._write(key, value, expected_revision)
-        return revision if isinstance(revision, int) else None
+        written = await self._write([(key, value)], expected_revision)
+        return None if written is None else written[0]
 
     async def delete(self, key: str) -> bool:
         self._check_open()
         check_key(key)
-        return await self._write(key, None, None) is not False
+        written = await self._write([(key, None)])
+        assert written is not None
+        return written[1] > 0
+
+    async def commit(self, puts: Mapping[str, str], deletes: Sequence[str] = ()) -> int:
+        self._check_open()
+        changes: builtins.list[tuple[str, str | None]] = [*puts.items()]
+        changes += [(key, None) for key in check_commit(puts, deletes)]
+        written = await self._write(changes)
+        assert written is not None
+        return written[0]
 
     async def list(self, prefix: str = "") -> builtins.list[Entry]:
         self._check_open()
@@ -267,43 +281,53 @@ class EtcdStore:
 
     # -- writing --------------------------------------------------------------------------
 
-    async def _write(self, key: str, value: str | None, expected: int | None) -> int | bool | None:
-        """One change in one transaction. Returns the new revision; ``None`` when ``expected``
-        did not match; ``False`` for a delete of a missing key. Retries lost races."""
+    async def _write(
+        self, changes: Sequence[tuple[str, str | None]], expected: int | None = None
+    ) -> tuple[int, int] | None:
+        """Changes (a value, or ``None`` to delete) in one transaction, taking consecutive
+        revisions; a delete of a missing key is skipped. Returns the new store revision and
+        how many changes were written; ``None`` when ``expected`` (for the one change of a
+        put_if) did not match. Retries lost races."""
         tx = self._client.transactions
-        kv_key = self._kv + key.encode()
         async with self._write_lock:
             while True:
                 if self._revision is None:
                     self._revision = await self._read_revision()
                 current = self._revision
-                if expected is not None or value is None:
-                    got = await self._etcd(self._client.get(kv_key))
+                kept: builtins.list[tuple[str, str | None]] = []
+                for key, value in changes:
+                    if expected is None and value is not None:
+                        kept.append((key, value))
+                        continue
+                    got = await self._etcd(self._client.get(self._kv + key.encode()))
                     have = 0 if got is None else _entry(key, got.value).revision
-                    if expected is not None and have != expected:
-                        if await self._unchanged(current):
-                            return None
+                    if (expected is not None and have != expected) or (value is None and have == 0):
                         continue
-                    if value is None and have == 0:
-                        if await self._unchanged(current):
-                            return False
-                        continue
-                revision = current + 1
-                change: dict[str, Any] = {
-                    "rev": revision,
-                    "kind": "put" if value is not None else "delete",
-                    "key": key,
-                }
-                if value is not None:
-                    change["value"] = value
-                ops = [
-                    tx.put(self._rev_key, str(revision).encode()),
-                    tx.put(kv_key, b"%d\n" % revision + value.encode())
-                    if value is not None
-                    else tx.delete(kv_key),
-                    tx.put(self._change_key(revision), json.dumps(change).encode()),
-                ]
-                trim = revision - self._history_limit  # changes up to here are dropped
+                    kept.append((key, value))
+                if not kept:
+                    # Read under the counter: valid only if no other process wrote since.
+                    if await self._unchanged(current):
+                        return None if expected is not None and not kept else (current, 0)
+                    continue
+                ops = []
+                for revision, (key, value) in enumerate(kept, start=current + 1):
+                    change: dict[str, Any] = {
+                        "rev": revision,
+                        "kind": "put" if value is not None else "delete",
+                        "key": key,
+                    }
+                    kv_key = self._kv + key.encode()
+                    if value is not None:
+                        change["value"] = value
+                        ops.append(tx.put(kv_key, b"%d\n" % revision + value.encode()))
+                    else:
+                        ops.append(tx.delete(kv_key))
+                    ops.append(tx.put(self._change_key(revision), json.dumps(change).encode()))
+                last = current + len(kept)
+                ops.append(tx.put(self._rev_key, str(last).encode()))
+                # Changes up to here are dropped; never one this transaction writes (etcd
+                # refuses a put and a delete of one key in a transaction).
+                trim = min(last - self._history_limit, current)
                 if trim > 0:
                     ops.append(tx.delete(self._changes, self._change_key(trim + 1)))
                 compare = [
@@ -317,8 +341,8 @@ class EtcdStore:
                 failure = [tx.get(fence[0])] if fence is not None else []
                 ok, responses = await self._etcd(self._client.transaction(compare, ops, failure))
                 if ok:
-                    self._revision = self._written = revision
-                    return revision
+                    self._revision = self._written = last
+                    return last, len(kept)
                 if fence is not None:
                     holder = responses[0][0][0] if responses and responses[0] else None
                     if holder != fence[1]:

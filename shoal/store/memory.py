@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import builtins
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Self
 
 from shoal.store.base import (
@@ -16,6 +16,7 @@ from shoal.store.base import (
     Watch,
     WatchHub,
     WatchLost,
+    check_commit,
     check_key,
     check_revision,
     check_text,
@@ -72,6 +73,18 @@ class MemoryStore:
             return False
         self._commit(Event("delete", key, None, self._revision + 1))
         return True
+
+    async def commit(self, puts: Mapping[str, str], deletes: Sequence[str] = ()) -> int:
+        self._check_open()
+        gone = [key for key in check_commit(puts, deletes) if key in self._entries]
+        changes = [*((key, value) for key, value in puts.items()), *((key, None) for key in gone)]
+        events = [
+            Event("put" if value is not None else "delete", key, value, self._revision + i)
+            for i, (key, value) in enumerate(changes, start=1)
+        ]
+        for event in events:
+            self._commit(event)
+        return self._revision
 
     async def list(self, prefix: str = "") -> builtins.list[Entry]:
         self._check_open()

@@ -39,7 +39,7 @@ import fcntl
 import logging
 import os
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,6 +55,7 @@ from shoal.store.base import (
     Watch,
     WatchHub,
     WatchLost,
+    check_commit,
     check_key,
     check_revision,
     check_text,
@@ -193,6 +194,11 @@ class SqliteStore:
         check_key(key)
         return await self._call(lambda conn: self._delete(conn, key))
 
+    async def commit(self, puts: Mapping[str, str], deletes: Sequence[str] = ()) -> int:
+        changes: builtins.list[tuple[str, str | None]] = [*puts.items()]
+        changes += [(key, None) for key in check_commit(puts, deletes)]
+        return await self._call(lambda conn: self._commit(conn, changes))
+
     async def list(self, prefix: str = "") -> builtins.list[Entry]:
         check_text(prefix, "prefix")
         return await self._call(lambda conn: _list(conn, prefix))
@@ -322,25 +328,45 @@ class SqliteStore:
         with self._writing(conn):
             if expected is not None and _key_revision(conn, key) != expected:
                 return None
-            revision = _bump(conn)
-            conn.execute(
-                "INSERT INTO kv (key, value, revision) VALUES (?, ?, ?) ON CONFLICT (key)"
-                " DO UPDATE SET value = excluded.value, revision = excluded.revision",
-                (key, value, revision),
-            )
-            self._record(conn, Event("put", key, value, revision))
-        self._publish(Event("put", key, value, revision))
-        return revision
+            event = self._change(conn, key, value)
+        self._publish([event])
+        return event.revision
 
     def _delete(self, conn: sqlite3.Connection, key: str) -> bool:
         with self._writing(conn):
             if _key_revision(conn, key) == 0:
                 return False
-            revision = _bump(conn)
-            conn.execute("DELETE FROM kv WHERE key = ?", (key,))
-            self._record(conn, Event("delete", key, None, revision))
-        self._publish(Event("delete", key, None, revision))
+            event = self._change(conn, key, None)
+        self._publish([event])
         return True
+
+    def _commit(self, conn: sqlite3.Connection, changes: Sequence[tuple[str, str | None]]) -> int:
+        """Every change in one transaction; a delete of a missing key is skipped."""
+        with self._writing(conn):
+            events = [
+                self._change(conn, key, value)
+                for key, value in changes
+                if value is not None or _key_revision(conn, key) != 0
+            ]
+            revision = _meta(conn, "revision")
+        self._publish(events)
+        return revision
+
+    def _change(self, conn: sqlite3.Connection, key: str, value: str | None) -> Event:
+        """Write one change inside the caller's transaction; its event."""
+        revision = _bump(conn)
+        if value is None:
+            conn.execute("DELETE FROM kv WHERE key = ?", (key,))
+            event = Event("delete", key, None, revision)
+        else:
+            conn.execute(
+                "INSERT INTO kv (key, value, revision) VALUES (?, ?, ?) ON CONFLICT (key)"
+                " DO UPDATE SET value = excluded.value, revision = excluded.revision",
+                (key, value, revision),
+            )
+            event = Event("put", key, value, revision)
+        self._record(conn, event)
+        return event
 
     def _record(self, conn: sqlite3.Connection, event: Event) -> None:
         conn.execute(
@@ -366,11 +392,12 @@ class SqliteStore:
             conn.execute("DELETE FROM changes WHERE revision <= ?", (cutoff,))
             conn.execute("UPDATE meta SET value = max(value, ?) WHERE name = 'compacted'", (cutoff,))
 
-    def _publish(self, event: Event) -> None:
+    def _publish(self, events: Sequence[Event]) -> None:
         # Called after commit, on the one worker thread: call_soon_threadsafe keeps commit
         # order, and the callback runs before the writer's own await resumes.
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._hub.publish, (event,))
+        if events:
+            self._loop.call_soon_threadsafe(self._hub.publish, events)
 
 
 @contextmanager

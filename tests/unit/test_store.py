@@ -22,7 +22,7 @@ from shoal import certs
 from shoal.errors import Code, Internal, InvalidArgument
 from shoal.rpc.etcd_client import EtcdTarget, etcd_client, parse_store_url
 from shoal.store import Entry, Event, MemoryStore, SqliteStore, Store, StoreError
-from shoal.store.base import DEFAULT_HISTORY_LIMIT, DEFAULT_MAX_PENDING, Watch, WatchLost
+from shoal.store.base import DEFAULT_HISTORY_LIMIT, DEFAULT_MAX_PENDING, MAX_COMMIT, Watch, WatchLost
 from shoal.store.etcd import EtcdStore, Fenced
 from shoal.store.history import EVENTS, MAX_MESSAGE, REVISIONS, History
 from shoal.testing.etcd import EtcdCluster, free_ports, require_etcd
@@ -265,7 +265,14 @@ async def test_closed_store_refuses_calls(store: Store) -> None:
     with pytest.raises(StoreError) as raised:
         await store.get("k")
     assert isinstance(raised.value, Internal)
-    for call in (store.put("k", "v"), store.put_if("k", "v", 0), store.delete("k"), store.list()):
+    calls = (
+        store.put("k", "v"),
+        store.put_if("k", "v", 0),
+        store.delete("k"),
+        store.list(),
+        store.commit({"k": "v"}),
+    )
+    for call in calls:
         with pytest.raises(StoreError):
             await call
     with pytest.raises(StoreError):
@@ -306,6 +313,73 @@ async def test_concurrent_put_if_has_one_winner(store: Store) -> None:
     assert len(winners) == 1
     entry = await store.get("leader")
     assert entry is not None and entry.value == f"n{winners[0]}"
+
+
+async def test_commit_writes_every_key_at_consecutive_revisions(store: Store) -> None:
+    await store.put("old", "0")
+    await store.put("gone", "0")
+    watch = store.watch()
+
+    revision = await store.commit({"b": "2", "a": "1", "old": "1"}, ["gone", "missing", "gone"])
+
+    assert revision == 6
+    assert await store.list() == [Entry("a", "1", 4), Entry("b", "2", 3), Entry("old", "1", 5)]
+    # Watchers see every change, in the order the commit lists them.
+    assert await take(watch, 4) == [
+        Event("put", "b", "2", 3),
+        Event("put", "a", "1", 4),
+        Event("put", "old", "1", 5),
+        Event("delete", "gone", None, 6),
+    ]
+    await assert_quiet(watch)
+    # Nothing to change: the revision stays.
+    assert await store.commit({}, ["missing"]) == 6
+    assert await store.put("next", "") == 7
+
+
+async def test_commit_replays_after_a_watch_revision(store: Store) -> None:
+    first = await store.commit({"a/1": "1", "b/1": "1"})
+    second = await store.commit({"a/2": "2"}, ["a/1"])
+    assert (first, second) == (2, 4)
+    replayed = store.watch("a/", start_revision=0)
+    assert await take(replayed, 3) == [
+        Event("put", "a/1", "1", 1),
+        Event("put", "a/2", "2", 3),
+        Event("delete", "a/1", None, 4),
+    ]
+    await assert_quiet(replayed)
+    middle = store.watch("", start_revision=2)  # from inside the first commit
+    assert [e.revision for e in await take(middle, 2)] == [3, 4]
+
+
+async def test_a_commit_refused_in_part_writes_nothing(store: Store) -> None:
+    await store.put("k", "before")
+    watch = store.watch()
+    refused = [
+        ({"k": "after", "b": "bad\udfff"}, ()),
+        ({"k": "after", "": "empty key"}, ()),
+        ({"k": "after", "bad\ud800": "v"}, ()),
+        ({"k": "after"}, ["k"]),  # put and deleted
+        ({"k": "after"}, ["x", ""]),
+        ({f"many/{i}": "" for i in range(MAX_COMMIT)}, ["k"]),
+    ]
+    for puts, deletes in refused:
+        with pytest.raises(InvalidArgument):
+            await store.commit(puts, deletes)
+    assert await store.list() == [Entry("k", "before", 1)]
+    await assert_quiet(watch)
+    assert await store.commit({f"many/{i}": "" for i in range(MAX_COMMIT - 1)}, ["k"]) == 1 + MAX_COMMIT
+
+
+async def test_concurrent_commits_do_not_interleave(store: Store) -> None:
+    async with asyncio.TaskGroup() as tg:
+        for i in range(20):
+            tg.create_task(store.commit({f"c/{i:02}/a": str(i), f"c/{i:02}/b": str(i)}))
+            tg.create_task(store.put(f"p/{i:02}", str(i)))
+    entries = {e.key: e.revision for e in await store.list()}
+    assert len(entries) == 60
+    assert all(entries[f"c/{i:02}/b"] == entries[f"c/{i:02}/a"] + 1 for i in range(20))
+    assert sorted(entries.values()) == list(range(1, 61))
 
 
 # -- SQLite ----------------------------------------------------------------------------------
@@ -496,6 +570,36 @@ async def test_sqlite_replay_history_is_bounded_in_characters(tmp_path: Path) ->
         ]
 
 
+async def test_sqlite_a_commit_the_file_refuses_midway_writes_nothing(tmp_path: Path) -> None:
+    """As a disk filling between the rows of one change: the change is not half written."""
+    path = tmp_path / "state.db"
+    async with SqliteStore(path) as store:
+        await store.put("k", "before")
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON kv WHEN NEW.key = 'refused'"
+            " BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+        )
+        conn.commit()
+    finally:
+        conn.close()
+    async with SqliteStore(path) as store:
+        watch = store.watch()
+        with pytest.raises(StoreError, match="disk is full"):
+            await store.commit({"k": "after", "a": "1", "refused": "2"}, ["k2"])
+        assert await store.list() == [Entry("k", "before", 1)]
+        await assert_quiet(watch)
+        assert await store.commit({"a": "1"}, ["k"]) == 3
+        assert [e.revision for e in await take(store.watch(start_revision=0), 3)] == [1, 2, 3]
+    conn = sqlite3.connect(path)
+    try:
+        chars = conn.execute("SELECT value FROM meta WHERE name = 'history_chars'").fetchone()[0]
+        assert chars == len("before") + len("1")
+    finally:
+        conn.close()
+
+
 @pytest.mark.parametrize(
     "garbage", [b"this is not a database\n" * 200, b"SQLite format 3\x00" + b"\xff" * 4080]
 )
@@ -587,6 +691,23 @@ async def test_etcd_lists_and_replays_more_than_a_grpc_message_holds(etcd: EtcdC
             assert [e.revision for e in await take(watch, 450)] == list(range(1, 451))
         finally:
             await watch.aclose()
+    finally:
+        await store.close()
+
+
+async def test_etcd_a_commit_over_the_request_limit_writes_nothing(etcd: EtcdCluster) -> None:
+    """etcd refuses a request over --max-request-bytes (1.5 MiB by default): a revision row
+    holding a large spec escaped twice was refused after the spec itself was written."""
+    store = await open_etcd_store(etcd)
+    try:
+        await store.put("k", "before")
+        watch = store.watch()
+        with pytest.raises(StoreError, match="too large"):
+            await store.commit({"k": "after", "big": "x" * 1_000_000})
+        assert await store.list() == [Entry("k", "before", 1)]
+        await assert_quiet(watch)
+        assert await store.commit({"k": "after", "small": "x"}) == 3
+        assert [e.revision for e in await take(watch, 2)] == [2, 3]
     finally:
         await store.close()
 
