@@ -62,8 +62,8 @@ from shoal.errors import (
 )
 from shoal.head.blobs import BlobStore
 from shoal.head.traffic import TrafficRoutes
-from shoal.store.base import Store, StoreError
-from shoal.store.history import History, LifecycleEvent, Revision, check_if_revision
+from shoal.store.base import MAX_COMMIT, Batch, Store, StoreError
+from shoal.store.history import History, LifecycleEvent, Revision, StagedHistory, check_if_revision
 from shoal.types import (
     DeploymentRoutes,
     LoadReport,
@@ -407,19 +407,26 @@ class HeadNode:
                 # The restart count is the head's (shoal restart): a spec file does not reset it.
                 spec = spec.model_copy(update={"restarts": old.restarts})
             changed = old is None or not old.same_as(spec)
-            # A deploy, even of the same spec, ends a FAILED state or a crash-loop backoff.
-            retried = self.state.clear_start_failures(spec.name)
             change = describe_change(old, spec) if changed else ""
             if changed:
-                await self.store.put(DEPLOYMENTS + spec.name, spec.to_json())
+                # The spec, the tombstone lifted, the revision and the event: one commit, and
+                # nothing in memory changes unless the store took all of it.
+                batch = Batch()
+                batch.put(DEPLOYMENTS + spec.name, spec.to_json())
+                lifted = spec.name in self.deleted
+                if lifted:
+                    batch.delete(TOMBSTONES + spec.name)
+                self._record_change(self.history.staged(batch), old, spec, change)
+                await batch.commit(self.store)
                 self.desired[spec.name] = spec
                 self.broken.pop(spec.name, None)
-                if self.deleted.pop(spec.name, None) is not None:
-                    await self.store.delete(TOMBSTONES + spec.name)
+                if lifted:
+                    del self.deleted[spec.name]
                     # The deleted one's replicas not removed yet: they are not this one's.
                     self._leftovers.update(r.id for r in self.state.replicas.of(spec.name))
                 self._refresh_resources()
-                await self._record_change(old, spec, change)
+            # A deploy, even of the same spec, ends a FAILED state or a crash-loop backoff.
+            retried = self.state.clear_start_failures(spec.name)
             current = self.history.current(spec.name)
         if changed:
             log.info("deployment %s %s: %s", spec.name, "created" if old is None else "updated", change)
@@ -458,24 +465,22 @@ class HeadNode:
             f"if_revision {number} once the spec has its changes"
         )
 
-    async def _record_change(
-        self, old: DeploymentSpec | None, spec: DeploymentSpec, change: str
+    @staticmethod
+    def _record_change(
+        history: StagedHistory, old: DeploymentSpec | None, spec: DeploymentSpec, change: str
     ) -> Revision | None:
-        """A revision when the change replaces replicas, and an event. Under the lock."""
+        """Stage a revision when the change replaces replicas, and an event. Under the lock."""
         name = spec.name
         kind = "created" if old is None else "updated"
         if old is not None and old.process_hash() == spec.process_hash():
-            current = self.history.current(name)
+            current = history.current(name)
             number = current.number if current is not None else None
-            await self.history.record(name, kind, f"{change} (replicas kept)", number)
+            history.record(name, kind, f"{change} (replicas kept)", number)
             return None
-        if old is not None and self.history.current(name) is None:
-            # A deployment from before revisions were kept: its spec becomes a revision, to roll back to.
-            await self.history.add_revision(
-                name, "created", old.to_json(), old.process_hash(), "the spec before revisions were kept"
-            )
-        rev = await self.history.add_revision(name, kind, spec.to_json(), spec.process_hash(), change)
-        await self.history.record(name, kind, f"revision {rev.number}: {change}", rev.number)
+        if old is not None:
+            _keep_first_spec(history, name, old)
+        rev = history.add_revision(name, kind, spec.to_json(), spec.process_hash(), change)
+        history.record(name, kind, f"revision {rev.number}: {change}", rev.number)
         return rev
 
     async def restart(self, name: str) -> tuple[Revision, DeploymentSpec]:
@@ -485,23 +490,19 @@ class HeadNode:
         async with self.lock:
             spec = self._get(name)
             new = spec.model_copy(update={"restarts": spec.restarts + 1})
-            self.state.clear_start_failures(name)
-            await self.store.put(DEPLOYMENTS + name, new.to_json())
-            self.desired[name] = new
-            if self.history.current(name) is None:
-                await self.history.add_revision(
-                    name,
-                    "created",
-                    spec.to_json(),
-                    spec.process_hash(),
-                    "the spec before revisions were kept",
-                )
-            rev = await self.history.add_revision(
+            batch = Batch()
+            batch.put(DEPLOYMENTS + name, new.to_json())
+            history = self.history.staged(batch)
+            _keep_first_spec(history, name, spec)
+            rev = history.add_revision(
                 name, "restarted", new.to_json(), new.process_hash(), f"restart {new.restarts}"
             )
-            await self.history.record(
+            history.record(
                 name, "restarted", f"revision {rev.number}: replicas replaced one at a time", rev.number
             )
+            await batch.commit(self.store)
+            self.state.clear_start_failures(name)
+            self.desired[name] = new
         log.info("deployment %s restarting (revision %d)", name, rev.number)
         self.wake()
         await self._publish_routes()
@@ -539,7 +540,9 @@ class HeadNode:
                     f"after {_revision_name(seen)}: nothing was rolled back; look at its history "
                     "and roll back again"
                 )
-            rev, new = await self._roll_back(name, spec, target, "asked for")
+            batch = Batch()
+            rev, new = self._roll_back(batch, self.history.staged(batch), name, spec, target, "asked for")
+            await batch.commit(self.store)
         self.wake()
         await self._publish_routes()
         return rev, new
@@ -565,10 +568,17 @@ class HeadNode:
                 return rev
         return None
 
-    async def _roll_back(
-        self, name: str, spec: DeploymentSpec, target: Revision, reason: str
+    def _roll_back(
+        self,
+        batch: Batch,
+        history: StagedHistory,
+        name: str,
+        spec: DeploymentSpec,
+        target: Revision,
+        reason: str,
     ) -> tuple[Revision, DeploymentSpec]:
-        """Make ``target``'s spec the desired one again (keeping the replica count). Under the lock."""
+        """Stage making ``target``'s spec the desired one again (keeping the replica count);
+        the head takes it once ``batch`` is committed. Under the lock."""
         new = _revision_spec(name, target).model_copy(
             update={
                 "replicas": spec.replicas,
@@ -578,11 +588,8 @@ class HeadNode:
         )
         if new.same_as(spec):
             raise FailedPrecondition(f"deployment {name!r} already runs the spec of revision {target.number}")
-        self.state.clear_start_failures(name)
-        await self.store.put(DEPLOYMENTS + name, new.to_json())
-        self.desired[name] = new
-        self._refresh_resources()
-        rev = await self.history.add_revision(
+        batch.put(DEPLOYMENTS + name, new.to_json())
+        rev = history.add_revision(
             name,
             "rolled_back",
             new.to_json(),
@@ -590,13 +597,20 @@ class HeadNode:
             f"rolled back to revision {target.number} ({reason})",
             rollback_to=target.number,
         )
-        await self.history.record(
+        history.record(
             name,
             "rolled_back",
             f"rolled back to revision {target.number} ({reason}), as revision {rev.number}",
             target.number,
         )
-        log.warning("deployment %s rolled back to revision %d: %s", name, target.number, reason)
+
+        def rolled_back() -> None:
+            self.state.clear_start_failures(name)
+            self.desired[name] = new
+            self._refresh_resources()
+            log.warning("deployment %s rolled back to revision %d: %s", name, target.number, reason)
+
+        batch.then(rolled_back)
         return rev, new
 
     async def _handle_failed(self) -> None:
@@ -620,16 +634,24 @@ class HeadNode:
             return  # replaced since
         current = self.history.current(name)
         number = current.number if current is not None and current.spec_hash == spec_hash else None
+        # The outcome, the event and the rollback: one commit, so that one the store refuses
+        # is handled again whole at the next pass.
+        batch = Batch()
+        history = self.history.staged(batch)
         if number is not None:
-            await self.history.set_outcome(name, number, f"failed: {message}"[:500])
-        await self.history.record(
+            history.set_outcome(name, number, f"failed: {message}"[:500])
+        history.record(
             name, "failed", f"replicas keep crashing (before READY or soon after): {message}", number
         )
-        if number is None or current is None or current.kind == "rolled_back":
-            return
-        target = self._previous(name, spec_hash)
+        target = None
+        if number is not None and current is not None and current.kind != "rolled_back":
+            target = self._previous(name, spec_hash)
         if target is not None:
-            await self._roll_back(name, spec, target, f"revision {number} failed")
+            try:
+                self._roll_back(batch, history, name, spec, target, f"revision {number} failed")
+            except FailedPrecondition as err:  # its spec unreadable: the failure is still recorded
+                log.error("deployment %s failed and cannot be rolled back: %s", name, err)
+        await batch.commit(self.store)
 
     async def scale(self, name: str, replicas: int) -> None:
         """Set a deployment's fixed replica count. NotFound for an unknown name;
@@ -646,16 +668,18 @@ class HeadNode:
                     "that, edit autoscaling in its spec (or remove it for a fixed count) and deploy it"
                 )
             new = parse_spec({**spec.model_dump(mode="json"), "replicas": replicas})
-            await self.store.put(DEPLOYMENTS + name, new.to_json())
-            self.desired[name] = new
+            batch = Batch()
+            batch.put(DEPLOYMENTS + name, new.to_json())
             if new.to_json() != spec.to_json():
                 current = self.history.current(name)
-                await self.history.record(
+                self.history.staged(batch).record(
                     name,
                     "scaled",
                     f"replicas {spec.replicas} → {replicas}",
                     current.number if current is not None else None,
                 )
+            await batch.commit(self.store)
+            self.desired[name] = new
         log.info("deployment %s scaled to %d", name, replicas)
         self.wake()
 
@@ -675,17 +699,28 @@ class HeadNode:
                     f"send them elsewhere first ('shoal route {route.name} OTHER=100') "
                     f"or delete the route ('shoal route --delete {route.name}')"
                 )
-            # The tombstone first: a head that stops between the two writes still knows
-            # the deployment, and deleting again finishes the job.
+            # The tombstone, the spec, the revisions and the event: one commit.
             now = time.time()
-            await self.store.put(TOMBSTONES + name, json.dumps({"deleted_at": now}))
-            self.deleted[name] = now
+            batch = Batch()
+            batch.put(TOMBSTONES + name, json.dumps({"deleted_at": now}))
+            batch.delete(DEPLOYMENTS + name)
+            history = self.history.staged(batch)
+            history.forget(name)
+            history.record(name, "deleted", "deleted; its replicas drain and stop")
             running_names = {r.deployment for r in self.state.replicas.values()}
-            for old in [n for n, at in self.deleted.items() if at < now - TOMBSTONE_TTL_S]:
-                if old not in running_names:
-                    await self.store.delete(TOMBSTONES + old)
-                    del self.deleted[old]
-            await self.store.delete(DEPLOYMENTS + name)
+            expired = [
+                n
+                for n, at in self.deleted.items()
+                if at < now - TOMBSTONE_TTL_S and n not in running_names and n != name
+            ]
+            # What the commit has room for; the rest go at a later delete.
+            expired = expired[: max(0, MAX_COMMIT - len(batch.puts) - len(batch.deletes))]
+            for old in expired:
+                batch.delete(TOMBSTONES + old)
+            await batch.commit(self.store)
+            self.deleted[name] = now
+            for old in expired:
+                del self.deleted[old]
             self.desired.pop(name, None)
             self.broken.pop(name, None)
             self.targets.pop(name, None)
@@ -693,9 +728,7 @@ class HeadNode:
             # Its charts go too: kept, every deleted deployment held up to an hour of points
             # for as long as the head ran, and one created again showed the old one's traffic.
             self.series.forget([name])
-            await self.history.forget(name)
             self._revision_specs = {k: v for k, v in self._revision_specs.items() if k[0] != name}
-            await self.history.record(name, "deleted", "deleted; its replicas drain and stop")
         log.info("deployment %s deleted", name)
         self.wake()
         await self._publish_routes()
@@ -1240,6 +1273,15 @@ class StatusPage:
     more_deployments: int  # deployments whose names matched, left out
     more_with_replicas: int  # of them, those with replicas
     more_replicas: int  # their replicas
+
+
+def _keep_first_spec(history: StagedHistory, name: str, spec: DeploymentSpec) -> None:
+    """A deployment from before revisions were kept: stage its spec as a revision, to roll
+    back to."""
+    if history.current(name) is None:
+        history.add_revision(
+            name, "created", spec.to_json(), spec.process_hash(), "the spec before revisions were kept"
+        )
 
 
 def _revision_spec(name: str, rev: Revision) -> DeploymentSpec:

@@ -7,6 +7,7 @@ the etcd client). See :mod:`shoal.store.base` for revisions and watch semantics.
 """
 
 from shoal.store.base import (
+    Batch,
     BufferedWatch,
     Entry,
     Event,
@@ -20,6 +21,7 @@ from shoal.store.memory import MemoryStore
 from shoal.store.sqlite import SqliteStore
 
 __all__ = [
+    "Batch",
     "BufferedWatch",
     "Entry",
     "Event",

@@ -158,6 +158,41 @@ class Store(Protocol):
         ...
 
 
+class Batch:
+    """Writes gathered for one :meth:`Store.commit`, and what to do once it succeeded.
+
+    For a change that writes several keys (a spec, its revision row, its event): gather
+    them, then :meth:`commit`; the callbacks given to :meth:`then` (the caller's in-memory
+    updates) run only when the store took every write, in the order given. The last word
+    on a key wins: a put after a delete of it puts, a delete after a put deletes.
+    """
+
+    def __init__(self) -> None:
+        self.puts: dict[str, str] = {}
+        self.deletes: dict[str, None] = {}
+        self._then: builtins.list[Callable[[], None]] = []
+
+    def put(self, key: str, value: str) -> None:
+        self.deletes.pop(key, None)
+        self.puts[key] = value
+
+    def delete(self, key: str) -> None:
+        self.puts.pop(key, None)
+        self.deletes[key] = None
+
+    def then(self, update: Callable[[], None]) -> None:
+        """Call ``update`` once the batch is committed (never when the commit fails)."""
+        self._then.append(update)
+
+    async def commit(self, store: Store) -> int:
+        """Write the batch with one :meth:`Store.commit`, then run the updates; the new
+        store revision. Raises what the commit raises, nothing written or updated then."""
+        revision = await store.commit(self.puts, builtins.list(self.deletes))
+        for update in self._then:
+            update()
+        return revision
+
+
 def check_key(key: str) -> None:
     """Raise :class:`InvalidArgument` unless ``key`` is a non-empty string storable as UTF-8."""
     if not isinstance(key, str) or not key:

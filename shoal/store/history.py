@@ -7,9 +7,13 @@ Keys (over any :class:`~shoal.store.base.Store`, so every store keeps them)::
     events/<sequence, 12 digits>                  a LifecycleEvent as JSON
 
 :class:`History` loads both at :meth:`History.load` and keeps a copy in memory; reads are
-from memory, writes go to the store first. A row that does not parse (written by hand or by
-another version) is skipped with a warning, never fatal. Not safe for concurrent writers:
-the head calls it under its lock.
+from memory, writes go to the store first. A change that writes several rows (a revision and
+the oldest it pushes out, an event and the one it evicts) is one
+:meth:`~shoal.store.base.Store.commit`; :meth:`History.staged` gathers them into a
+:class:`~shoal.store.base.Batch` of the caller's, so that a head commits a deployment's spec
+with its revision and event, all or nothing. A row that does not parse (written by hand or
+by another version) is skipped with a warning, never fatal. Not safe for concurrent
+writers: the head calls it under its lock.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from shoal.errors import InvalidArgument
-from shoal.store.base import Store
+from shoal.store.base import Batch, Store
 
 log = logging.getLogger("shoal.store")
 
@@ -90,21 +94,47 @@ class Revision:
         return asdict(self)
 
 
-class History:
-    """Revisions and lifecycle events of the deployments, over a store."""
+class _Kept:
+    """The revisions and events kept, and the reads over them."""
+
+    def __init__(self, max_revisions: int, max_events: int) -> None:
+        self.max_revisions = max_revisions
+        self._max_events = max_events
+        self._revisions: dict[str, list[Revision]] = {}
+        self._events: deque[tuple[int, LifecycleEvent]] = deque()
+        self._per_deployment: collections.Counter[str] = collections.Counter()
+        self._next_event = 1
+
+    def events(self, deployment: str = "", limit: int = 0) -> list[LifecycleEvent]:
+        """Events, oldest first: of ``deployment`` only when given, the last ``limit`` when > 0."""
+        out = [e for _, e in self._events if not deployment or e.deployment == deployment]
+        return out[-limit:] if limit > 0 else out
+
+    def revisions(self, deployment: str) -> list[Revision]:
+        """The deployment's revisions kept, oldest first."""
+        return list(self._revisions.get(deployment, []))
+
+    def current(self, deployment: str) -> Revision | None:
+        revs = self._revisions.get(deployment)
+        return revs[-1] if revs else None
+
+    def get(self, deployment: str, number: int) -> Revision | None:
+        return next((r for r in self._revisions.get(deployment, []) if r.number == number), None)
+
+
+class History(_Kept):
+    """Revisions and lifecycle events of the deployments, over a store.
+
+    Each write method is one store commit; :meth:`staged` gathers several into the
+    caller's batch instead."""
 
     def __init__(
         self, store: Store, *, max_revisions: int = MAX_REVISIONS, max_events: int = MAX_EVENTS
     ) -> None:
         if max_revisions < 1 or max_events < 1:
             raise ValueError("max_revisions and max_events must be >= 1")
+        super().__init__(max_revisions, max_events)
         self.store = store
-        self.max_revisions = max_revisions
-        self._revisions: dict[str, list[Revision]] = {}
-        self._events: deque[tuple[int, LifecycleEvent]] = deque()
-        self._max_events = max_events
-        self._per_deployment: collections.Counter[str] = collections.Counter()
-        self._next_event = 1
 
     async def load(self) -> None:
         """Read every revision and event the store holds."""
@@ -136,11 +166,64 @@ class History:
             except ValueError:
                 self._next_event = len(entries) + 1
 
-    # ------------------------------------------------------------ events
+    def staged(self, batch: Batch) -> StagedHistory:
+        """A copy of what is kept whose writes go into ``batch``; it becomes this history's
+        own once the batch is committed, and is dropped when the commit fails. Reads from it
+        see its writes. One at a time, under the writer's lock, committed or dropped before
+        this history is written again."""
+        return StagedHistory(self, batch)
 
     async def record(
         self, deployment: str, kind: str, message: str, revision: int | None = None
     ) -> LifecycleEvent:
+        """:meth:`StagedHistory.record`, committed at once."""
+        batch = Batch()
+        event = self.staged(batch).record(deployment, kind, message, revision)
+        await batch.commit(self.store)
+        return event
+
+    async def add_revision(
+        self, deployment: str, kind: str, spec_json: str, spec_hash: str, change: str, rollback_to: int = 0
+    ) -> Revision:
+        """:meth:`StagedHistory.add_revision`, committed at once."""
+        batch = Batch()
+        rev = self.staged(batch).add_revision(deployment, kind, spec_json, spec_hash, change, rollback_to)
+        await batch.commit(self.store)
+        return rev
+
+    async def set_outcome(self, deployment: str, number: int, outcome: str) -> None:
+        """:meth:`StagedHistory.set_outcome`, committed at once."""
+        batch = Batch()
+        self.staged(batch).set_outcome(deployment, number, outcome)
+        await batch.commit(self.store)
+
+    async def forget(self, deployment: str) -> None:
+        """:meth:`StagedHistory.forget`, committed at once."""
+        batch = Batch()
+        self.staged(batch).forget(deployment)
+        await batch.commit(self.store)
+
+    def _adopt(self, staged: StagedHistory) -> None:
+        self._revisions = staged._revisions
+        self._events = staged._events
+        self._per_deployment = staged._per_deployment
+        self._next_event = staged._next_event
+
+
+class StagedHistory(_Kept):
+    """A history's writes gathered into a batch (:meth:`History.staged`)."""
+
+    def __init__(self, history: History, batch: Batch) -> None:
+        super().__init__(history.max_revisions, history._max_events)
+        self._batch = batch
+        self._revisions = dict(history._revisions)  # each list copied before it changes
+        self._copied: set[str] = set()
+        self._events = deque(history._events)
+        self._per_deployment = collections.Counter(history._per_deployment)
+        self._next_event = history._next_event
+        batch.then(lambda: history._adopt(self))
+
+    def record(self, deployment: str, kind: str, message: str, revision: int | None = None) -> LifecycleEvent:
         """Keep an event (its message made one line of at most MAX_MESSAGE characters); past
         ``max_events`` the oldest of the deployment holding the most goes (MAX_EVENTS)."""
         line = " ".join(message.split("\n"))
@@ -148,15 +231,15 @@ class History:
             line = line[: MAX_MESSAGE - 1] + "…"
         event = LifecycleEvent(time.time(), deployment, kind, revision, line)
         seq = self._next_event
-        await self.store.put(f"{EVENTS}{seq:012d}", json.dumps(event.to_dict()))
+        self._batch.put(f"{EVENTS}{seq:012d}", json.dumps(event.to_dict()))
         self._next_event += 1
         self._events.append((seq, event))
         self._per_deployment[deployment] += 1
         while len(self._events) > self._max_events:
-            await self._evict()
+            self._evict()
         return event
 
-    async def _evict(self) -> None:
+    def _evict(self) -> None:
         """Forget the oldest event of the deployment holding the most."""
         most = max(self._per_deployment.values())
         at = next(i for i, (_, e) in enumerate(self._events) if self._per_deployment[e.deployment] == most)
@@ -165,55 +248,47 @@ class History:
         self._per_deployment[event.deployment] -= 1
         if not self._per_deployment[event.deployment]:
             del self._per_deployment[event.deployment]
-        await self.store.delete(f"{EVENTS}{seq:012d}")
+        self._batch.delete(f"{EVENTS}{seq:012d}")
 
-    def events(self, deployment: str = "", limit: int = 0) -> list[LifecycleEvent]:
-        """Events, oldest first: of ``deployment`` only when given, the last ``limit`` when > 0."""
-        out = [e for _, e in self._events if not deployment or e.deployment == deployment]
-        return out[-limit:] if limit > 0 else out
-
-    # ------------------------------------------------------------ revisions
-
-    def revisions(self, deployment: str) -> list[Revision]:
-        """The deployment's revisions kept, oldest first."""
-        return list(self._revisions.get(deployment, []))
-
-    def current(self, deployment: str) -> Revision | None:
-        revs = self._revisions.get(deployment)
-        return revs[-1] if revs else None
-
-    def get(self, deployment: str, number: int) -> Revision | None:
-        return next((r for r in self._revisions.get(deployment, []) if r.number == number), None)
-
-    async def add_revision(
+    def add_revision(
         self, deployment: str, kind: str, spec_json: str, spec_hash: str, change: str, rollback_to: int = 0
     ) -> Revision:
         """A new revision, numbered one above the last; the oldest goes past ``max_revisions``."""
-        revs = self._revisions.setdefault(deployment, [])
+        revs = self._own(deployment)
         number = revs[-1].number + 1 if revs else 1
         rev = Revision(number, time.time(), kind, spec_json, spec_hash, change, rollback_to=rollback_to)
-        await self._put(deployment, rev)
+        self._put(deployment, rev)
         revs.append(rev)
         while len(revs) > self.max_revisions:
             old = revs.pop(0)
-            await self.store.delete(_revision_key(deployment, old.number))
+            self._batch.delete(_revision_key(deployment, old.number))
         return rev
 
-    async def set_outcome(self, deployment: str, number: int, outcome: str) -> None:
+    def set_outcome(self, deployment: str, number: int, outcome: str) -> None:
         """Record how a revision ended (``failed: ...``). Nothing when it is no longer kept."""
-        revs = self._revisions.get(deployment, [])
+        revs = self._own(deployment)
         for i, rev in enumerate(revs):
             if rev.number == number:
                 revs[i] = replace(rev, outcome=outcome)
-                await self._put(deployment, revs[i])
+                self._put(deployment, revs[i])
+        if not revs:
+            del self._revisions[deployment]
 
-    async def forget(self, deployment: str) -> None:
+    def forget(self, deployment: str) -> None:
         """Drop a deleted deployment's revisions (its events stay)."""
+        self._copied.discard(deployment)
         for rev in self._revisions.pop(deployment, []):
-            await self.store.delete(_revision_key(deployment, rev.number))
+            self._batch.delete(_revision_key(deployment, rev.number))
 
-    async def _put(self, deployment: str, rev: Revision) -> None:
-        await self.store.put(_revision_key(deployment, rev.number), json.dumps(rev.to_dict()))
+    def _own(self, deployment: str) -> list[Revision]:
+        """The deployment's revisions, copied the first time this draft changes them."""
+        if deployment not in self._copied:
+            self._copied.add(deployment)
+            self._revisions[deployment] = list(self._revisions.get(deployment, []))
+        return self._revisions.setdefault(deployment, [])
+
+    def _put(self, deployment: str, rev: Revision) -> None:
+        self._batch.put(_revision_key(deployment, rev.number), json.dumps(rev.to_dict()))
 
 
 def _revision_key(deployment: str, number: int) -> str:

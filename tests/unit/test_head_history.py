@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 import httpx
 import pytest
@@ -346,9 +346,12 @@ class RefusingStore(MemoryStore):
     refusing = False
 
     async def put(self, key: str, value: str) -> int:
+        return await self.commit({key: value})
+
+    async def commit(self, puts: Mapping[str, str], deletes: Sequence[str] = ()) -> int:
         if self.refusing:
             raise StoreError("state store: database or disk is full")
-        return await super().put(key, value)
+        return await super().commit(puts, deletes)
 
 
 async def test_a_failure_found_while_the_store_refuses_writes_is_rolled_back_once_it_takes_them(

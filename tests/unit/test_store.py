@@ -21,7 +21,7 @@ import pytest_asyncio
 from shoal import certs
 from shoal.errors import Code, Internal, InvalidArgument
 from shoal.rpc.etcd_client import EtcdTarget, etcd_client, parse_store_url
-from shoal.store import Entry, Event, MemoryStore, SqliteStore, Store, StoreError
+from shoal.store import Batch, Entry, Event, MemoryStore, SqliteStore, Store, StoreError
 from shoal.store.base import DEFAULT_HISTORY_LIMIT, DEFAULT_MAX_PENDING, MAX_COMMIT, Watch, WatchLost
 from shoal.store.etcd import EtcdStore, Fenced
 from shoal.store.history import EVENTS, MAX_MESSAGE, REVISIONS, History
@@ -448,6 +448,34 @@ async def test_history_keeps_the_last_revisions_per_deployment(store: Store) -> 
     await again.forget("app")
     assert again.revisions("app") == [] and [r.number for r in again.revisions("other")] == [1]
     assert [e.key for e in await store.list(REVISIONS)] == ["revisions/other/0000000001"]
+
+
+async def test_history_staged_in_a_batch_changes_once_the_batch_is_committed(store: Store) -> None:
+    history = History(store, max_revisions=2)
+    await history.add_revision("app", "created", "{}", "h1", "created")
+
+    refused = Batch()
+    staged = history.staged(refused)
+    staged.add_revision("app", "updated", "{}", "h2", "to h2")
+    refused.put("", "a key the store refuses")
+    with pytest.raises(InvalidArgument):
+        await refused.commit(store)
+    assert [r.number for r in history.revisions("app")] == [1]
+    assert [e.key for e in await store.list()] == [f"{REVISIONS}app/0000000001"]
+
+    batch = Batch()
+    staged = history.staged(batch)
+    staged.add_revision("app", "updated", "{}", "h2", "to h2")
+    staged.add_revision("app", "updated", "{}", "h3", "to h3")  # pushes revision 1 out
+    staged.record("app", "updated", "revision 3: to h3", 3)
+    assert [r.number for r in staged.revisions("app")] == [2, 3]
+    assert [r.number for r in history.revisions("app")] == [1] and history.events() == []
+    await batch.commit(store)
+    assert [r.number for r in history.revisions("app")] == [2, 3]
+    assert [e.message for e in history.events()] == ["revision 3: to h3"]
+    again = History(store)
+    await again.load()
+    assert again.revisions("app") == history.revisions("app") and again.events() == history.events()
 
 
 async def test_history_skips_rows_it_cannot_read(store: Store) -> None:
