@@ -58,6 +58,12 @@ def _escape(match: re.Match[str]) -> str:
     return _ESCAPES.get(char) or (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
 
 
+def escaped(text: str) -> str:
+    """``text`` with its control characters written escaped (``\\n``, ``\\x1b``, ``\\u2028``),
+    as a text log line writes a message: one line, nothing a terminal acts on."""
+    return _CONTROL.sub(_escape, text) if _CONTROL.search(text) else text
+
+
 EXCEPTION_TEXT_CHARS = 2000
 """How much of each exception's own text (``ValueError: ...``) a traceback in the log quotes."""
 

@@ -21,6 +21,7 @@ from shoal.errors import (
     ShoalError,
     Unavailable,
 )
+from shoal.logs import escaped
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -204,7 +205,11 @@ class ProgressLine:
 
 
 def text_table(headers: list[str], rows: list[list[str]]) -> str:
-    """Columns padded to their widest cell, two spaces apart; no trailing spaces."""
+    """Columns padded to their widest cell, two spaces apart; no trailing spaces. A cell's
+    control characters are written escaped (:func:`shoal.logs.escaped`): a replica's death
+    reason is the last line of its log, which a model's crash writes raw, and its escape
+    sequences reached the terminal of whoever ran ``shoal status``, its newlines made rows."""
+    rows = [[escaped(c) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]

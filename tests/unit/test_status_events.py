@@ -58,3 +58,19 @@ async def test_the_head_answers_its_last_50_events_and_status_shows_10(
         assert [line.split("replica ")[1][:4] for line in shown] == [f"r{i:03d}" for i in range(110, 120)]
     finally:
         await node.aclose()
+
+
+def test_a_message_cannot_write_to_the_terminal_or_start_a_row() -> None:
+    """A replica's death reason is the last line of its log, which a model's crash writes
+    raw (``ValueError: <the client's text>`` from Python's own excepthook): its escape
+    sequences reached the terminal of whoever ran ``shoal status``, and a newline started
+    a row of the writer's making."""
+    message = "process exited with code 1: ValueError: \x1b[2J\x1b]0;pwned\x07\nfake row"
+    crash = {**event(0), "message": message}
+    reason = {"name": "echo", "replicas": [], "target_replicas": 1, "spec": {}}
+    reason["pending_reason"] = "bad\rmodel"
+    shown = render_status({"schedulers": [], "deployments": [reason], "events": [crash]})
+    assert "\x1b" not in shown and "\x07" not in shown and "\r" not in shown
+    assert "ValueError: \\x1b[2J\\x1b]0;pwned\\x07\\nfake row" in shown
+    assert "bad\\rmodel" in shown
+    assert not any(line.startswith("fake row") for line in shown.splitlines())
