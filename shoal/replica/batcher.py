@@ -27,7 +27,9 @@ from typing import Any, Self
 
 import numpy as np
 
+from shoal.core.limits import shown
 from shoal.errors import Internal, InvalidArgument, Unavailable
+from shoal.logs import EXCEPTION_TEXT_CHARS
 from shoal.replica.compose import CallContext, current_call
 
 log = logging.getLogger(__name__)
@@ -617,7 +619,12 @@ class Batcher:
                     return
                 # One bad request must not fail the others batched with it: run each alone,
                 # so only the offender gets an error.
-                log.info("a batch of %d requests failed (%s); running them one by one", len(batch), err)
+                # A model's error often quotes its input: cut, as a traceback's text is.
+                log.info(
+                    "a batch of %d requests failed (%s); running them one by one",
+                    len(batch),
+                    shown(str(err), EXCEPTION_TEXT_CHARS),
+                )
                 await self._run_singly(batch)
                 return
             for request, piece in zip(batch, pieces, strict=True):

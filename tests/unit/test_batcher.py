@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import numpy as np
@@ -623,3 +624,21 @@ async def test_try_now_declines_right_after_a_batch_of_several_whose_clients_com
         await asyncio.gather(*(batcher.submit(rows(i)) for i in range(3)))
         assert model.batch_rows == [3]
         assert batcher.try_now(rows(9)) is None
+
+
+async def test_a_failed_batch_logs_a_cut_of_the_models_error(caplog: pytest.LogCaptureFixture) -> None:
+    """A model's error often quotes its input: before, a batch that failed on a client's 1 MB
+    of text logged that 1 MB in the replica's log line, once per batch."""
+    text = "x" * 1_000_000
+
+    async def quoting(inputs: Tensors) -> Tensors:
+        if len(inputs["x"]) > 1:
+            raise ValueError(f"cannot read {text}")
+        return inputs
+
+    caplog.set_level(logging.INFO, logger="shoal.replica.batcher")
+    async with Batcher(quoting, max_batch_size=8, max_delay_ms=1_000) as batcher:
+        await asyncio.gather(*(batcher.submit(rows(i)) for i in range(8)))
+    (line,) = [r.getMessage() for r in caplog.records if "one by one" in r.getMessage()]
+    assert "a batch of 8 requests failed (cannot read xxx" in line
+    assert len(line) < 3000 and "more characters" in line
