@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shoal import __version__, metrics
 from shoal.auth import RateLimiter
@@ -48,6 +49,40 @@ MAX_STATUS_REPLICAS = 1000
 """Most replicas listed per deployment by the bounded ``/api/status`` (``?replicas=``)."""
 MAX_CONTAINS_CHARS = 256
 """Longest ``contains`` text (a deployment's name is at most 63 characters)."""
+
+BROWSER_HEADERS = (
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (
+        b"content-security-policy",
+        b"default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+        b"frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    ),
+)
+"""On every answer of the head's HTTP port. The API docs page sends requests with the token
+the dashboard keeps (an admin's, say), so no other site may frame it and lead a click onto
+its "send"; the pages run only the head's own scripts (no inline one: what a client or a
+spec author wrote, shown by the dashboard, can never run); and an answer quoting client
+text (a replica's log) is never sniffed as HTML."""
+
+
+class BrowserHeaders:
+    """Adds :data:`BROWSER_HEADERS` to every HTTP answer of ``app``."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), *BROWSER_HEADERS]}
+            await send(message)
+
+        await self.app(scope, receive, sending)
 
 
 def _errors(fn: Handler) -> Handler:
@@ -350,7 +385,7 @@ def head_app(node: HeadNode, limiter: RateLimiter | None = None) -> Starlette:
     guard = Middleware(
         ControlGuard, tokens=node.tokens, limiter=limiter, max_body=limit, tls=bool(node.settings.tls_dir)
     )
-    return Starlette(routes=routes, middleware=[guard])
+    return Starlette(routes=routes, middleware=[Middleware(BrowserHeaders), guard])
 
 
 def _contains(request: Request) -> str:
