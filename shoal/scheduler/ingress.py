@@ -171,14 +171,17 @@ class IngressHub:
     """The main process's side: the workers' latest reports and the table they route by.
 
     Safe on one event loop. ``report`` keeps, per worker id, the counts of its running
-    incarnation (by pid) and the sum of those before it, so a restarted worker's counts
-    add to, never replace, what it counted before.
+    incarnation (by pid), those of the incarnation that exited last, and the sum of those
+    before, so a restarted worker's counts add to, never replace, what it counted before.
+    A report read after its process exited (sent just before a kill) refreshes that
+    incarnation's counts; it used to be taken for a running one and counted twice.
     """
 
     def __init__(self, router: Router) -> None:
         self._router = router
         self._head_table = RoutingTable(version=0)
         self._latest: dict[str, tuple[int, dict[str, Counts]]] = {}
+        self._exited: dict[str, tuple[int, dict[str, Counts]]] = {}
         self._before: dict[str, Counts] = {}
         self._heard: dict[str, tuple[int, float]] = {}
 
@@ -209,10 +212,14 @@ class IngressHub:
         )
 
     def report(self, worker_id: str, pid: int, counts: dict[str, Counts]) -> None:
+        exited = self._exited.get(worker_id)
+        if exited is not None and exited[0] == pid:
+            self._exited[worker_id] = (pid, _past(counts))  # read late: the same incarnation
+            return
         previous = self._latest.get(worker_id)
         if previous is not None and previous[0] != pid:
             # A new incarnation of this worker: what the old one counted stays counted.
-            self._keep(previous[1])
+            self._retire(worker_id, previous)
         self._latest[worker_id] = (pid, counts)
         self._heard[worker_id] = (pid, time.monotonic())
 
@@ -226,19 +233,32 @@ class IngressHub:
         previous = self._latest.pop(worker_id, None)
         self._heard.pop(worker_id, None)
         if previous is not None:
-            self._keep(previous[1])
+            self._retire(worker_id, previous)
 
-    def _keep(self, gone: Mapping[str, Counts]) -> None:
-        # In-flight and queued counts of a dead process are not "now" any more.
-        dead = {n: dataclasses.replace(c, in_flight=0, queued=0) for n, c in gone.items()}
-        self._before = total([self._before, dead])
+    def _retire(self, worker_id: str, incarnation: tuple[int, dict[str, Counts]]) -> None:
+        """``incarnation`` (pid, counts) exited: the one that exited before it is added up."""
+        older = self._exited.get(worker_id)
+        if older is not None:
+            self._before = total([self._before, older[1]])
+        pid, counts = incarnation
+        self._exited[worker_id] = (pid, _past(counts))
 
     def totals(self, own: Mapping[str, Counts]) -> dict[str, Counts]:
         """``own`` (the main process's counts) plus every worker's, living and gone,
         for the deployments the main process knows."""
-        parts = [own, self._before, *(counts for _, counts in self._latest.values())]
+        parts = [
+            own,
+            self._before,
+            *(counts for _, counts in self._exited.values()),
+            *(counts for _, counts in self._latest.values()),
+        ]
         summed = total(parts)
         return {name: summed[name] for name in own}
+
+
+def _past(counts: Mapping[str, Counts]) -> dict[str, Counts]:
+    """The counts of a process that exited: its in-flight and queued figures are not "now"."""
+    return {n: dataclasses.replace(c, in_flight=0, queued=0) for n, c in counts.items()}
 
 
 class IngressNode(Protocol):

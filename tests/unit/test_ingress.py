@@ -44,6 +44,21 @@ def test_a_restarted_workers_counts_add_to_what_it_counted_before() -> None:
     assert hub.totals(own)["echo"].stats.outcomes["ok"] == 9
 
 
+def test_a_report_that_arrives_after_its_worker_exited_is_not_counted_twice() -> None:
+    """A worker killed right after it sent a report: the main process can read that report
+    after it saw the process exit (``forget``). It was then taken for the worker's running
+    incarnation, and counted again when the new one reported: shoal_requests_total jumped
+    by everything that worker had counted (5 requests read as 10 here)."""
+    hub = IngressHub(Router("s1", Settings(), FakeReplicas()))
+    own = {"echo": counts(0)}
+    hub.report("w1", pid=100, counts={"echo": counts(5)})
+    hub.forget("w1")
+    hub.report("w1", pid=100, counts={"echo": counts(5)})  # sent before it died, read after
+    assert hub.totals(own)["echo"].stats.outcomes["ok"] == 5
+    hub.report("w1", pid=101, counts={"echo": counts(1)})  # the new worker
+    assert hub.totals(own)["echo"].stats.outcomes["ok"] == 6
+
+
 def test_totals_cover_the_main_processs_deployments_only() -> None:
     hub = IngressHub(Router("s1", Settings(), FakeReplicas()))
     hub.report("w1", pid=1, counts={"gone": counts(4), "echo": counts(1)})
