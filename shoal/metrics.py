@@ -205,10 +205,15 @@ class SchedulerCollector(Collector):
         deaths = CounterMetricFamily(
             "shoal_replica_deaths", "Replicas that died (not stopped on purpose).", labels=["deployment"]
         )
+        # The deployments routed here or with a replica here: a deleted one's starts and
+        # deaths were written for as long as the scheduler ran, a series for each ever deleted.
+        known = set(totals) | {r.deployment for r in registry}
         for name, n in local.starts.items():
-            starts.add_metric([name], n)
+            if name in known:
+                starts.add_metric([name], n)
         for name, n in local.deaths.items():
-            deaths.add_metric([name], n)
+            if name in known:
+                deaths.add_metric([name], n)
         yield starts
         yield deaths
 

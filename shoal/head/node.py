@@ -725,6 +725,8 @@ class HeadNode:
             self.broken.pop(name, None)
             self.targets.pop(name, None)
             self.autoscaler.forget(name)
+            for direction in ("up", "down"):  # a series for each deployment ever deleted, else
+                self.scale_decisions.pop((name, direction), None)
             # Its charts go too: kept, every deleted deployment held up to an hour of points
             # for as long as the head ran, and one created again showed the old one's traffic.
             self.series.forget([name])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -107,3 +109,14 @@ async def test_metrics_on_head_and_scheduler_after_traffic(tmp_path: Path, examp
         assert metric(head, "shoal_replicas", deployment="echo", state="READY") == 2
         assert metric(head, "shoal_deployment_target_replicas", deployment="echo") == 2
         assert metric(head, "shoal_schedulers", state="ALIVE") == 1
+
+        # Deleted, the deployment leaves every family of the scheduler's text: its starts and
+        # deaths stayed, one series each for every deployment ever deleted there.
+        await cluster.client.delete("echo")
+        gone = 'deployment="echo"'
+        deadline = time.monotonic() + 20
+        async with httpx.AsyncClient() as http:
+            while gone in (sched := (await http.get(f"http://{cluster.http_address()}/metrics")).text):
+                lines = [line for line in sched.splitlines() if gone in line]
+                assert time.monotonic() < deadline, lines
+                await asyncio.sleep(0.2)

@@ -188,3 +188,16 @@ async def test_a_scrape_writes_again_only_the_deployments_that_changed(
     assert changed.text.encode() == expected(head)
     assert 'shoal_deployment_target_replicas{deployment="d3"} 3.0' in changed.text
     assert 'shoal_replicas{deployment="d0",state="READY"} 0.0' in changed.text
+
+
+async def test_a_deleted_deployment_leaves_the_text(head: HeadNode) -> None:
+    """Its autoscaler decisions stayed, a series for every deployment ever deleted (a preview
+    deployment per pull request, say) for as long as the head ran."""
+    await head.apply(make_spec("pr-1", replicas=1))
+    head.scale_decisions[("pr-1", "up")] += 2
+    assert "pr-1" in metrics.HeadMetrics(head).text().decode()
+    await head.delete("pr-1")
+    assert "pr-1" not in metrics.HeadMetrics(head).text().decode()
+    # One created again under its name starts from nothing.
+    await head.apply(make_spec("pr-1", replicas=1))
+    assert "shoal_autoscaler_decisions_total{" not in metrics.HeadMetrics(head).text().decode()
