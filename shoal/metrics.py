@@ -157,6 +157,11 @@ class SchedulerCollector(Collector):
 
         local = node.supervisor.snapshot()
         registry = local.replicas
+        # The deployments routed here or with a replica here: a deleted one's starts and
+        # deaths were written for as long as the scheduler ran, a series for each ever deleted.
+        known = set(totals) | {r.deployment for r in registry}
+        # Cumulative counts: of the replicas here and of those that exited.
+        counted = [*registry, *(r for r in local.exited if r.deployment in known)]
         replicas = GaugeMetricFamily(
             "shoal_replicas", "Replicas on this scheduler by state.", labels=["deployment", "state"]
         )
@@ -180,7 +185,7 @@ class SchedulerCollector(Collector):
             labels=["deployment"],
         )
         sizes: dict[str, Counter[int]] = {}
-        for r in registry:
+        for r in counted:
             sizes.setdefault(r.deployment, Counter()).update(r.batch_sizes)
         for deployment, counter in sizes.items():
             per_bucket = [0] * len(BATCH_BUCKETS)
@@ -197,7 +202,7 @@ class SchedulerCollector(Collector):
                 [deployment], _histogram_buckets([*per_bucket, overflow], BATCH_BUCKETS), sum_value=total
             )
         yield batch
-        yield from _multiplexed(registry)
+        yield from _multiplexed(counted)
 
         starts = CounterMetricFamily(
             "shoal_replica_starts", "Replica processes started.", labels=["deployment"]
@@ -205,9 +210,6 @@ class SchedulerCollector(Collector):
         deaths = CounterMetricFamily(
             "shoal_replica_deaths", "Replicas that died (not stopped on purpose).", labels=["deployment"]
         )
-        # The deployments routed here or with a replica here: a deleted one's starts and
-        # deaths were written for as long as the scheduler ran, a series for each ever deleted.
-        known = set(totals) | {r.deployment for r in registry}
         for name, n in local.starts.items():
             if name in known:
                 starts.add_metric([name], n)

@@ -122,6 +122,8 @@ class ReplicaView:
 @dataclass(frozen=True)
 class SupervisorSnapshot:
     replicas: tuple[ReplicaView, ...]
+    # Per deployment, what its replicas that exited counted, summed (no id, no state of its own).
+    exited: tuple[ReplicaView, ...]
     starts: Mapping[str, int]  # per deployment, processes started
     deaths: Mapping[str, int]  # per deployment, replicas that died (not stopped on purpose)
     allocated: Capacity
@@ -225,6 +227,8 @@ class ReplicaSupervisor:
         self._closing = False
         self.starts: collections.Counter[str] = collections.Counter()  # by deployment
         self.deaths: collections.Counter[str] = collections.Counter()
+        # What the replicas that left this machine counted, per deployment (:meth:`_keep_counts`).
+        self.exited: dict[str, ReplicaView] = {}
         # The busiest replicas' event loops on the ingress CPUs (replica_pin_loop): set by
         # pin_loops once the scheduler's process pinned its ingress.
         self._loop_pins: LoopPins | None = None
@@ -526,6 +530,7 @@ class ReplicaSupervisor:
             tomb.crashed = state == REPLICA_DEAD and own
             if state == REPLICA_DEAD:
                 self.deaths[rep.spec.name] += 1
+            self._keep_counts(rep)
             self._tombstones.append((self.version, tomb))
             del self._tombstones[:-MAX_TOMBSTONES]
         if pinger is not None:
@@ -761,6 +766,31 @@ class ReplicaSupervisor:
     def allocated(self) -> Capacity:
         return Capacity.total(Capacity.of(r.spec.resources) for r in self.registry.values())
 
+    def _keep_counts(self, rep: LocalReplica) -> None:
+        """Add what ``rep`` counted (as its last ping said) to what the exited replicas of its
+        deployment did. /metrics sums the counts of the replicas here: one that exited took
+        its counts out of the sum, and ``shoal_batch_size`` went down (``rate()`` reads a
+        decrease as a restart from 0)."""
+        before = self.exited.get(rep.spec.name)
+        models = rep.models
+
+        def added(name: str) -> dict[str, int]:
+            return _added_ids(getattr(before, name, {}), getattr(models, name, {}))
+
+        self.exited[rep.spec.name] = ReplicaView(
+            "",
+            rep.spec.name,
+            STOPPED,
+            0,
+            dict(
+                collections.Counter(before.batch_sizes if before else {})
+                + collections.Counter(rep.batch_sizes)
+            ),
+            added("model_loads"),
+            added("model_evictions"),
+            added("model_hits"),
+        )
+
     def snapshot(self) -> SupervisorSnapshot:
         """What /metrics shows of the replicas on this machine, copied: readers never hold
         the registry's entries."""
@@ -778,6 +808,7 @@ class ReplicaSupervisor:
                 )
                 for r in self.registry.values()
             ),
+            exited=tuple(self.exited.values()),
             starts=dict(self.starts),
             deaths=dict(self.deaths),
             allocated=self.allocated(),
@@ -896,6 +927,20 @@ def _crashed(code: int) -> bool:
     signal. Not a kill from outside (SIGKILL: ``kill -9``, the OOM killer; SIGTERM), nor status 0
     (it stopped as asked, or lost its scheduler)."""
     return code > 0 or (code < 0 and -code in _CRASH_SIGNALS)
+
+
+EXITED_MODEL_IDS = 256
+"""Most model ids counted by name in what a deployment's exited replicas counted, as a
+replica counts them (``shoal.replica.multiplex.MAX_COUNTED_IDS``); the rest add up under
+``_other``, so replicas that each served other ids add up to a bounded set."""
+
+
+def _added_ids(a: Mapping[str, int], b: Mapping[str, int]) -> dict[str, int]:
+    out = dict(a)
+    for model_id, n in b.items():
+        key = model_id if model_id in out or len(out) < EXITED_MODEL_IDS else "_other"
+        out[key] = out.get(key, 0) + n
+    return out
 
 
 def _exit_reason(code: int, log_path: Path) -> str:

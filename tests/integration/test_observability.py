@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from shoal.errors import InvalidArgument
+from shoal.metrics import STATES
 from shoal.rpc.clients import NativeClient
 from shoal.testing.cluster import ProcessCluster
 
@@ -74,20 +75,25 @@ def metric(text: str, name: str, **labels: str) -> float:
     raise AssertionError(f"no sample {name} {labels} in:\n{text[:3000]}")
 
 
+async def two_echoes(cluster: ProcessCluster, examples_dir: Path) -> None:
+    """Deploy ``echo`` (examples/echo.py), two replicas, and wait for them."""
+    await cluster.deploy(
+        {
+            "name": "echo",
+            "backend": "python",
+            "model": "echo:Echo",
+            "replicas": 2,
+            "base_dir": str(examples_dir),
+            "resources": {"cpus": 0.25},
+            "inputs": [{"name": "x", "shape": [-1, 16]}],
+        }
+    )
+    await cluster.wait_ready("echo", 2)
+
+
 async def test_metrics_on_head_and_scheduler_after_traffic(tmp_path: Path, examples_dir: Path) -> None:
     async with ProcessCluster(tmp_path) as cluster:
-        await cluster.deploy(
-            {
-                "name": "echo",
-                "backend": "python",
-                "model": "echo:Echo",
-                "replicas": 2,
-                "base_dir": str(examples_dir),
-                "resources": {"cpus": 0.25},
-                "inputs": [{"name": "x", "shape": [-1, 16]}],
-            }
-        )
-        await cluster.wait_ready("echo", 2)
+        await two_echoes(cluster, examples_dir)
         async with NativeClient(cluster.scheduler_address(), cluster.settings) as client:
             for _ in range(25):
                 await client.infer("echo", {"x": np.ones((1, 16), np.float32)})
@@ -120,3 +126,38 @@ async def test_metrics_on_head_and_scheduler_after_traffic(tmp_path: Path, examp
                 lines = [line for line in sched.splitlines() if gone in line]
                 assert time.monotonic() < deadline, lines
                 await asyncio.sleep(0.2)
+
+
+async def test_counts_summed_over_replicas_do_not_go_down_when_a_replica_exits(
+    tmp_path: Path, examples_dir: Path
+) -> None:
+    """``shoal_batch_size`` sums the counts the scheduler's replicas report: a replica that
+    exited took its counts out of the sum, and the histogram went down (Prometheus's
+    ``rate()`` reads a decrease as a restart from 0, a burst that never happened)."""
+    async with ProcessCluster(tmp_path) as cluster:
+        await two_echoes(cluster, examples_dir)
+        served: dict[str, int] = {}
+        async with NativeClient(cluster.scheduler_address(), cluster.settings) as client:
+            for _ in range(20):
+                _, replica_id = await client.infer("echo", {"x": np.ones((1, 16), np.float32)})
+                served[replica_id] = served.get(replica_id, 0) + 1
+
+        async def scrape() -> str:
+            async with httpx.AsyncClient() as http:
+                return (await http.get(f"http://{cluster.http_address()}/metrics")).text
+
+        def replicas(text: str) -> float:
+            return sum(metric(text, "shoal_replicas", deployment="echo", state=s) for s in STATES)
+
+        deadline = time.monotonic() + 10
+        while metric(await scrape(), "shoal_batch_size_count", deployment="echo") < 20:
+            assert time.monotonic() < deadline  # the replicas' pings bring their counts
+            await asyncio.sleep(0.1)
+        await cluster.client.scale("echo", 1)
+        deadline = time.monotonic() + 20
+        while replicas(text := await scrape()) != 1:  # one has exited and left the registry
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        # Its calls stay counted: each replica served some of the 20 ({served}).
+        assert metric(text, "shoal_batch_size_count", deployment="echo") == 20, served
+        assert metric(text, "shoal_batch_size_bucket", deployment="echo", le="1.0") == 20

@@ -618,3 +618,15 @@ def test_metrics_name_the_busiest_ids_and_add_up_the_rest(monkeypatch: pytest.Mo
     assert loads == {("mux", "a"): 2, ("mux", "b"): 1, ("mux", "_other"): 1}
     assert families["shoal_multiplexed_model_evictions"] == {("mux", "_other"): 1}
     assert families["shoal_multiplexed_model_hits"] == {("mux", "a"): 10, ("mux", "b"): 5}
+
+
+def test_what_exited_replicas_counted_names_a_bounded_set_of_ids(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scheduler keeps what its exited replicas counted (so the counters never go down); each
+    replica counted its own ids, and replicas after replicas must not add up to every id ever
+    asked for: past EXITED_MODEL_IDS names, the rest is ``_other``."""
+    from shoal.scheduler import supervisor
+
+    monkeypatch.setattr(supervisor, "EXITED_MODEL_IDS", 2)
+    kept = supervisor._added_ids({}, {"a": 3, "b": 1})
+    kept = supervisor._added_ids(kept, {"c": 2, "a": 1, "_other": 4})
+    assert kept == {"a": 4, "b": 1, "_other": 6}
