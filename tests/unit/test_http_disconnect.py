@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 from collections.abc import AsyncIterator
 from typing import cast
@@ -27,7 +28,7 @@ import pytest
 from shoal.config import Settings
 from shoal.core.spec import parse_spec
 from shoal.http.scheduler import scheduler_app
-from shoal.http.server import HttpLimits, HttpServer
+from shoal.http.server import HttpLimits, HttpServer, LogWindow, _Bounds
 from shoal.scheduler.node import SchedulerNode
 from shoal.scheduler.router import Router
 from shoal.testing.fakes import FakeReplicas, fake_generation
@@ -188,17 +189,25 @@ def open_stream(served: Served) -> socket.socket:
     return sock
 
 
-async def test_streams_whose_clients_never_read_are_dropped(served: Served) -> None:
+async def test_streams_whose_clients_never_read_are_dropped(
+    served: Served, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caplog.set_level(logging.INFO, logger="shoal.http")
+    monkeypatch.setattr(_Bounds, "_stalls", LogWindow(10.0))  # this test's own window
     router, replica = served.node.router, served.fakes.client("g:1")
-    socks = [open_stream(served) for _ in range(2)]
+    socks = [open_stream(served) for _ in range(3)]
     try:
         async with asyncio.timeout(5):
-            while router.load()["gen"].in_flight < 2:
+            while router.load()["gen"].in_flight < 3:
                 await asyncio.sleep(0.01)
         async with asyncio.timeout(10):
-            while replica.streams_closed < 2:
+            while replica.streams_closed < 3:
                 await asyncio.sleep(0.05)
         assert router.load()["gen"].in_flight == 0
+        # Logged once in ten seconds, however many clients never read (each was a line: a
+        # client holding 4,096 such connections wrote 270 lines a second).
+        dropped = [r for r in caplog.records if "took no bytes of its answer" in r.getMessage()]
+        assert len(dropped) == 1
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{served.port}", timeout=5) as http:
             body = {"model": "gen", "prompt": "a b c", "max_tokens": 3}
             reply = await http.post("/v1/completions", json=body)
