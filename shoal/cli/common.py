@@ -45,7 +45,7 @@ def run_command(args: argparse.Namespace) -> NoReturn:
         code = args.fn(args)
         sys.stdout.flush()  # here, where a closed pipe is caught, not at the interpreter's exit
     except ShoalError as err:
-        print(f"shoal: error: {err}", file=sys.stderr)
+        print(f"shoal: error: {escaped(str(err))}", file=sys.stderr)  # it may quote a model
         code = EXIT_ERROR
     except KeyboardInterrupt:
         code = 130
@@ -184,13 +184,16 @@ async def _answers(client: Any) -> bool:
 
 
 class ProgressLine:
-    """One line that is redrawn in place on a terminal; in a log (not a tty), one line per change."""
+    """One line that is redrawn in place on a terminal; in a log (not a tty), one line per change.
+    Its control characters are written escaped (:func:`shoal.logs.escaped`): it quotes
+    replicas' death reasons, the last lines of their logs."""
 
     def __init__(self, tty: bool | None = None) -> None:
         self.tty = sys.stdout.isatty() if tty is None else tty
         self._drawn = False
 
     def show(self, line: str) -> None:
+        line = escaped(line)
         if self.tty:
             print(f"\r{line}\033[K", end="", flush=True)
             self._drawn = True

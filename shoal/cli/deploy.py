@@ -30,6 +30,7 @@ from shoal.core.spec import DeploymentSpec
 from shoal.core.traffic import TrafficRoute
 from shoal.decorator import is_target, load_target
 from shoal.errors import InvalidArgument, ShoalError
+from shoal.logs import escaped
 
 
 async def wait_for(
@@ -55,14 +56,14 @@ async def wait_for(
             last = verdict.key
         if verdict.done:
             line.end()
-            print(f"{ready} after {time.monotonic() - start:.1f}s: {verdict.line}", flush=True)
+            print(f"{ready} after {time.monotonic() - start:.1f}s: {escaped(verdict.line)}", flush=True)
             return 0, verdict
         error = verdict.failure
         if not error and time.monotonic() - start > timeout_s:
             error = f"not ready after {timeout_s:g}s: {verdict.line}"
         if error:
             line.end()
-            print(f"shoal: error: {error}", file=sys.stderr, flush=True)
+            print(f"shoal: error: {escaped(error)}", file=sys.stderr, flush=True)
             return EXIT_ERROR, verdict
         await asyncio.sleep(poll_s)
 
@@ -81,7 +82,7 @@ async def _print_last_words(client: Any, replicas: Sequence[str]) -> None:
             continue
         print(f"the end of replica {rid}'s log (shoal logs {rid}):", file=sys.stderr)
         for ln in traceback_excerpt(lines):
-            print(f"  {ln}", file=sys.stderr)
+            print(f"  {escaped(ln)}", file=sys.stderr)
         return
 
 

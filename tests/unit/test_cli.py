@@ -3,6 +3,7 @@ pid files, and the head's /docs page (in-process ASGI, no socket)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import AsyncIterator, Collection, Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 
 from shoal import __version__
 from shoal.cli import build_parser, deploy, main
-from shoal.cli.common import ProgressLine, with_client
+from shoal.cli.common import ProgressLine, run_command, with_client
 from shoal.cli.deploy import traceback_excerpt, wait_for
 from shoal.cli.logs import merge_logs
 from shoal.cli.processes import pid_file, running
@@ -359,6 +360,24 @@ async def test_a_terminal_gets_one_line_redrawn(capsys: pytest.CaptureFixture[st
     assert out.count("\r") == 3
 
 
+def test_what_the_cli_prints_of_the_cluster_cannot_write_to_the_terminal(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A replica's death reason is the last line of its log, which a model's crash writes raw,
+    and errors quote a model's words: ``shoal deploy``'s progress and ``shoal: error:`` lines
+    wrote their escape sequences to the terminal as they came."""
+    ProgressLine(tty=True).show("echo 0/1 ready: process exited with code 1: \x1b]0;pwned\x07")
+    out = capsys.readouterr().out
+    assert "pwned\x07" not in out and "\\x1b]0;pwned\\x07" in out and out.endswith("\033[K")
+
+    def fails(args: argparse.Namespace) -> int:
+        raise ShoalError("model raised ValueError: \x1b[2J\nshoal: ok")
+
+    with pytest.raises(SystemExit):
+        run_command(argparse.Namespace(fn=fails))
+    assert capsys.readouterr().err == "shoal: error: model raised ValueError: \\x1b[2J\\nshoal: ok\n"
+
+
 async def test_timeout_names_what_is_pending(capsys: pytest.CaptureFixture[str]) -> None:
     s = spec()
 
@@ -606,9 +625,11 @@ async def test_the_head_serves_offline_api_docs_linked_from_the_dashboard(head: 
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=head_app(head)), base_url="http://h") as c:
         docs = await c.get("/docs")
         assert docs.status_code == 200 and docs.headers["content-type"].startswith("text/html")
-        assert 'fetch("/openapi.json")' in docs.text
+        script = await c.get("/static/docs.js")  # a file of its own: no inline script runs
+        assert '<script src="/static/docs.js">' in docs.text and 'fetch("/openapi.json")' in script.text
         # Nothing from the internet: no script, style or font from another origin.
-        assert "http://" not in docs.text and "https://" not in docs.text
+        for text in (docs.text, script.text):
+            assert "http://" not in text and "https://" not in text
         assert (await c.get("/api", follow_redirects=False)).headers["location"] == "/docs"
         assert 'href="/docs"' in (await c.get("/")).text
 
