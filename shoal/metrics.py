@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -86,8 +86,10 @@ def _multiplexed(registry: Sequence[ReplicaView]) -> Iterator[Metric]:
         yield fam
 
 
-def _traffic(totals: Mapping[str, Counts]) -> Iterator[Metric]:
-    """Traffic routes (``shoal route``), summed over the scheduler's ingress processes."""
+def _traffic(totals: Mapping[str, Counts], routes: Container[str]) -> Iterator[Metric]:
+    """Traffic routes (``shoal route``), summed over the scheduler's ingress processes: those
+    of ``routes`` alone (the routes set now), since a deleted route's series stayed for as
+    long as the scheduler ran, a series for each route ever set."""
     routed = CounterMetricFamily(
         "shoal_route_requests", "Requests a traffic route sent to each target.", labels=["route", "target"]
     )
@@ -98,10 +100,12 @@ def _traffic(totals: Mapping[str, Counts]) -> Iterator[Metric]:
     )
     for target, c in sorted(totals.items()):
         for route, n in sorted(c.routed.items()):
-            routed.add_metric([route, target], n)
+            if route in routes:
+                routed.add_metric([route, target], n)
         for key, n in sorted(c.shadowed.items()):
             route, _, outcome = key.partition("/")
-            shadowed.add_metric([route, target, outcome], n)
+            if route in routes:
+                shadowed.add_metric([route, target, outcome], n)
     yield routed
     yield shadowed
 
@@ -153,7 +157,7 @@ class SchedulerCollector(Collector):
             queued.add_metric([name], c.queued)
         yield in_flight
         yield queued
-        yield from _traffic(totals)
+        yield from _traffic(totals, node.router.traffic())
 
         local = node.supervisor.snapshot()
         registry = local.replicas

@@ -262,6 +262,22 @@ async def test_a_shadow_gets_copies_whose_answers_and_failures_never_reach_the_c
     assert 'shoal_shadow_requests_total{outcome="error",route="clf",target="c"} 22.0' in metrics
 
 
+async def test_a_deleted_route_leaves_the_metrics(doors: Doors) -> None:
+    """Its series stayed for as long as the scheduler ran, one per route ever set (a canary
+    per release, say); set again, it goes on from what it counted."""
+    await doors.route(parse_weights("canary-7", ["a=100"], shadow="c"))
+    for _ in range(3):
+        await doors.send("canary-7")
+    await until(lambda: doors.router.shadowed[("canary-7", "c", "ok")] == 3, "3 shadow copies counted")
+    assert 'route="canary-7"' in (await doors.http.get("/metrics")).text
+    await doors.router.apply_table(RoutingTable(version=2))  # the route deleted
+    assert 'route="canary-7"' not in (await doors.http.get("/metrics")).text
+    await doors.route(parse_weights("canary-7", ["a=100"]))
+    await doors.send("canary-7")
+    metrics = (await doors.http.get("/metrics")).text
+    assert 'shoal_route_requests_total{route="canary-7",target="a"} 4.0' in metrics
+
+
 async def test_a_route_to_a_deleted_target_answers_404_naming_it(doors: Doors) -> None:
     await doors.route(parse_weights("clf", ["gone=100"]))
     with pytest.raises(Aborted) as err:
