@@ -27,7 +27,7 @@ import contextlib
 import functools
 import logging
 from collections.abc import AsyncGenerator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -49,6 +49,9 @@ from shoal.scheduler.generate import (
 )
 from shoal.scheduler.models import ModelCatalog
 from shoal.types import GenerateRequest
+
+if TYPE_CHECKING:
+    from shoal.http.auth import Refused
 
 log = logging.getLogger("shoal.http")
 
@@ -89,19 +92,27 @@ def generate_routes(
     limit: int,
     keepalive_s: float = Settings.sse_keepalive_s,
     on_loop: int = Settings.max_json_on_loop_kb * 1024,
+    refused: Refused | None = None,
 ) -> list[Route]:
     """The generate extension's routes over ``catalog`` (and its router); bodies up to
     ``limit`` bytes, parsed off the event loop past ``on_loop`` (:func:`read_json`); a
-    stream quiet ``keepalive_s`` sends a keep-alive (:mod:`shoal.http.sse`)."""
+    stream quiet ``keepalive_s`` sends a keep-alive (:mod:`shoal.http.sse`); a request
+    refused before it is routed is told to ``refused`` (``DataPlane.refused``)."""
 
     async def prepare(request: Request, *, stream: bool) -> tuple[str, str, GenerateRequest, int]:
-        """The model, the client's id, the generation and the revision it must run on (0: any)."""
+        """The model, the client's id, the generation and the revision it must run on (0: any).
+        A refusal is told to ``refused`` (counted and logged, as the other doors' are)."""
         name = request.path_params["name"]
-        spec = catalog.spec(name)
-        revision = catalog.revision(spec, request.path_params.get("version", ""))
-        if not generates_text(spec):
-            raise InvalidArgument(f"model {name!r} does not generate text; use /v2/models/{name}/infer")
-        request_id, req = parse_generate(await read_json(request, limit, on_loop), stream=stream)
+        try:
+            spec = catalog.spec(name)
+            revision = catalog.revision(spec, request.path_params.get("version", ""))
+            if not generates_text(spec):
+                raise InvalidArgument(f"model {name!r} does not generate text; use /v2/models/{name}/infer")
+            request_id, req = parse_generate(await read_json(request, limit, on_loop), stream=stream)
+        except ShoalError as err:
+            if refused is not None:
+                refused(name, "", "generate", err)
+            raise
         return name, request_id, req, revision
 
     def head(name: str, request_id: str, revision: int) -> dict[str, Any]:

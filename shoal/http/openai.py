@@ -62,7 +62,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from typing import Any, Literal, TypeVar
 
 import numpy as np
@@ -508,19 +508,20 @@ class OpenAIApi:
     async def embeddings(self, request: Request) -> Response:
         doc = await self._read(request)
         self._check_lists(doc)
-        body = parse_body(EmbeddingsBody, doc)
-        spec = self._spec(body.model)
-        if not embeds_text(spec):
-            raise OpenAIError("model", f"model {body.model!r} does not compute embeddings")
-        texts = [body.input] if isinstance(body.input, str) else body.input
-        if not texts:
-            raise OpenAIError("input", "'input' must hold at least one string")
-        empty = next((i for i, text in enumerate(texts) if not text), None)
-        if empty is not None:  # as OpenAI's API refuses it
-            where = "'input'" if isinstance(body.input, str) else f"'input[{empty}]'"
-            raise OpenAIError("input", f"{where} is an empty string: there is nothing to embed")
-        if body.dimensions is not None:
-            await self._check_dimensions(spec, body.model, body.dimensions)
+        with self._refusals(doc):
+            body = parse_body(EmbeddingsBody, doc)
+            spec = self._spec(body.model)
+            if not embeds_text(spec):
+                raise OpenAIError("model", f"model {body.model!r} does not compute embeddings")
+            texts = [body.input] if isinstance(body.input, str) else body.input
+            if not texts:
+                raise OpenAIError("input", "'input' must hold at least one string")
+            empty = next((i for i, text in enumerate(texts) if not text), None)
+            if empty is not None:  # as OpenAI's API refuses it
+                where = "'input'" if isinstance(body.input, str) else f"'input[{empty}]'"
+                raise OpenAIError("input", f"{where} is an empty string: there is nothing to embed")
+            if body.dimensions is not None:
+                await self._check_dimensions(spec, body.model, body.dimensions)
         vectors, tokens = await unless_gone(request.scope, self._embed(spec, texts))
         if body.dimensions is not None and body.dimensions != vectors.shape[1]:
             raise _other_dimensions(body.model, vectors.shape[1])
@@ -554,21 +555,51 @@ class OpenAIApi:
     async def completions(self, request: Request) -> Response:
         doc = await self._read(request)
         self._check_lists(doc)
-        body = parse_body(CompletionBody, doc)
-        return await self._generate(request, body, completion_request(body), chat=False)
+        with self._refusals(doc):
+            body = parse_body(CompletionBody, doc)
+            req = completion_request(body)
+            spec = self._generator(body.model)
+        return await self._generate(request, body, req, spec, chat=False)
 
     async def chat_completions(self, request: Request) -> Response:
         doc = await self._read(request)
         self._check_lists(doc)
-        body = parse_body(ChatCompletionBody, doc)
-        return await self._generate(request, body, chat_request(body), chat=True)
+        with self._refusals(doc):
+            body = parse_body(ChatCompletionBody, doc)
+            req = chat_request(body)
+            spec = self._generator(body.model)
+        return await self._generate(request, body, req, spec, chat=True)
+
+    @contextlib.contextmanager
+    def _refusals(self, doc: dict[str, Any]) -> Iterator[None]:
+        """Count and log (``DataPlane.refused``) a refusal raised inside as one of the body's
+        model, as the other doors count theirs. Before, this API's own refusals of a known
+        model (a parameter shoal does not take, a model of another kind) were in neither
+        ``shoal_requests_total``, the dashboard's error rate nor the log. Not around what
+        the data plane runs, which counts its own."""
+        try:
+            yield
+        except ShoalError as err:
+            model = doc.get("model")
+            self.dataplane.refused(model if isinstance(model, str) else "", "", "openai", err)
+            raise
+
+    def _generator(self, model: str) -> DeploymentSpec:
+        """The deployment ``model`` calls, which must generate text (OpenAIError otherwise)."""
+        spec = self._spec(model)
+        if not generates_text(spec):
+            raise OpenAIError("model", f"model {model!r} does not generate text")
+        return spec
 
     async def _generate(
-        self, request: Request, body: _GenerationBody, req: GenerateRequest, *, chat: bool
+        self,
+        request: Request,
+        body: _GenerationBody,
+        req: GenerateRequest,
+        spec: DeploymentSpec,
+        *,
+        chat: bool,
     ) -> Response:
-        spec = self._spec(body.model)
-        if not generates_text(spec):
-            raise OpenAIError("model", f"model {body.model!r} does not generate text")
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         head = {
             "id": request_id,

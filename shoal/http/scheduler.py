@@ -301,7 +301,7 @@ def scheduler_app(
         ]
     on_loop = node.settings.max_json_on_loop_kb * 1024  # JSON bodies past it: parsed off the loop
     routes += [
-        *generate_routes(models, limit, node.settings.sse_keepalive_s, on_loop),
+        *generate_routes(models, limit, node.settings.sse_keepalive_s, on_loop, node.dataplane.refused),
         *openai_routes(node.router, limit, node.dataplane),
     ]
     # Tokens for deployments that ask for them, on every route that names a model: these and

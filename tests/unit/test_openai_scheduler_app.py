@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import cast
 
@@ -70,3 +71,63 @@ async def test_a_nan_embedding_is_a_500_in_openais_shape(http: httpx.AsyncClient
         "param": None,
         "code": "internal",
     }
+
+
+CHAT = [{"role": "user", "content": "hi"}]
+REFUSED = [
+    ("gen", "/v1/chat/completions", {"model": "gen", "messages": CHAT, "logprobs": True}),
+    ("gen", "/v1/chat/completions", {"model": "gen", "messages": CHAT, "stream": "yes"}),
+    ("gen", "/v1/completions", {"model": "gen", "prompt": "hi", "max_tokens": -1}),
+    ("gen", "/v1/embeddings", {"model": "gen", "input": "hi"}),  # it does not embed
+    ("emb", "/v1/chat/completions", {"model": "emb", "messages": CHAT}),  # it does not generate
+    ("emb", "/v1/embeddings", {"model": "emb", "input": ""}),
+    ("gen", "/v2/models/gen/generate", {"text_input": 5}),
+    ("gen", "/v2/models/gen/generate_stream", {"text_input": "hi", "parameters": []}),
+    ("emb", "/v2/models/emb/generate", {"text_input": "hi"}),  # it does not generate
+]
+
+
+@pytest.mark.parametrize(("deployment", "path", "body"), REFUSED)
+async def test_a_refusal_by_the_openai_or_generate_door_is_counted_and_logged(
+    caplog: pytest.LogCaptureFixture, deployment: str, path: str, body: dict[str, object]
+) -> None:
+    """docs/operations.md: shoal_requests_total counts every request, refused ones included,
+    whatever door it came in by. Before, these doors' own refusals of a known model (a
+    parameter shoal does not take, a model of the wrong kind) were in neither the metrics,
+    the dashboard's error rate nor the log; the REST and gRPC doors' were in all three."""
+    caplog.set_level(logging.INFO, logger="shoal.dataplane")
+    fakes = FakeReplicas()
+    router = Router("s1", Settings(), fakes)
+    node = SchedulerNode(Settings(), "s1", cast(HeadLink, None), fakes, router=router)
+    node.registered.set()
+    for name, task in (("emb", "embedding"), ("gen", "generation")):
+        spec = {"name": name, "backend": "transformers", "model": "m", "options": {"task": task}}
+        router.add(f"{name}-1", parse_spec(spec), f"{name}-1:1", "s1")
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=scheduler_app(node)), base_url="http://shoal"
+    ) as http:
+        reply = await http.post(path, json=body)
+    await router.aclose()
+
+    assert reply.status_code == 400, reply.text
+    assert router.stats()[deployment].outcomes["invalid"] == 1
+    door = "openai" if path.startswith("/v1/") else "generate"
+    assert [r for r in caplog.records if f"to {deployment} ({door}) refused" in r.getMessage()]
+    assert not [c for c in fakes.clients.values() if c.requests or c.generations]  # no replica was asked
+
+
+async def test_an_unknown_model_at_the_openai_door_is_logged_not_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="shoal.dataplane")
+    router = Router("s1", Settings(), FakeReplicas())
+    node = SchedulerNode(Settings(), "s1", cast(HeadLink, None), FakeReplicas(), router=router)
+    node.registered.set()
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=scheduler_app(node)), base_url="http://shoal"
+    ) as http:
+        reply = await http.post("/v1/chat/completions", json={"model": "nope\n1", "messages": CHAT})
+    await router.aclose()
+    assert reply.status_code == 404
+    assert router.stats() == {}
+    assert [r for r in caplog.records if "to nope\n1 (openai) refused" in r.getMessage()]
