@@ -20,17 +20,18 @@ true, the last response is an extra one without outputs.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from shoal.core import tensors
-from shoal.errors import InvalidArgument, NotFound
+from shoal.errors import InvalidArgument, NotFound, ShoalError
 from shoal.proto import grpc_service_pb2 as oip
 from shoal.scheduler.generate import generate_request, generates_text, internal_id, start_stream
 from shoal.scheduler.models import ModelCatalog
-from shoal.types import Arrays, GenerateChunk
+from shoal.types import Arrays, GenerateChunk, GenerateRequest
 
 _TEXT_INPUTS = ("text", "text_input")
 _OUTPUT_NAMES = ("text", "text_output")
@@ -94,11 +95,19 @@ def _with(response: oip.ModelInferResponse, values: Mapping[str, bool | int | st
             response.parameters[key].string_param = value
 
 
-async def stream_responses(
-    catalog: ModelCatalog, request: oip.ModelInferRequest, inputs: Arrays, timeout_s: float
-) -> AsyncGenerator[oip.ModelStreamInferResponse, None]:
-    """The responses to one generation request (see the module docstring), given its decoded
-    ``inputs`` and the timeout it allows. Raises ShoalError (before or between responses)."""
+@dataclass(frozen=True)
+class _Plan:
+    """What a generation request asks, read before it is routed."""
+
+    generation: GenerateRequest
+    output: str  # the name of the text output
+    empty_final: bool  # triton_enable_empty_final_response
+    revision: int  # 0: any
+    version: str  # as each response names it
+
+
+def _plan(catalog: ModelCatalog, request: oip.ModelInferRequest, inputs: Arrays) -> _Plan:
+    """The generation ``request`` asks for; ShoalError when it asks for none shoal can run."""
     params = _parameters(request.parameters)
     prompt: str | None = None
     for name, array in inputs.items():
@@ -126,6 +135,27 @@ async def stream_responses(
     spec = catalog.spec(request.model_name)
     revision = catalog.revision(spec, request.model_version)
     version = str(revision) if revision else catalog.versions(spec)[-1]
+    return _Plan(generation, output, empty_final, revision, version)
+
+
+async def stream_responses(
+    catalog: ModelCatalog,
+    request: oip.ModelInferRequest,
+    inputs: Arrays,
+    timeout_s: float,
+    refused: Callable[[ShoalError], None] | None = None,
+) -> AsyncGenerator[oip.ModelStreamInferResponse, None]:
+    """The responses to one generation request (see the module docstring), given its decoded
+    ``inputs`` and the timeout it allows. Raises ShoalError (before or between responses);
+    one raised before the request is routed is also told to ``refused``, so that it is
+    counted and logged as the other doors' refusals are (the router counts the rest)."""
+    try:
+        plan = _plan(catalog, request, inputs)
+    except ShoalError as err:
+        if refused is not None:
+            refused(err)
+        raise
+    output, empty_final, version = plan.output, plan.empty_final, plan.version
 
     def response(piece: str | None, final: GenerateChunk | None) -> oip.ModelStreamInferResponse:
         reply = oip.ModelInferResponse(model_name=request.model_name, model_version=version, id=request.id)
@@ -147,10 +177,10 @@ async def stream_responses(
     chunks = await start_stream(
         catalog,
         request.model_name,
-        generation,
+        plan.generation,
         request_id=internal_id(request.id),
         timeout_s=timeout_s,
-        version=revision,
+        version=plan.revision,
     )
     # One piece is held back, so that the last piece can say it is the last (Triton's
     # triton_final_response) without an extra empty response, unless the client wants one.

@@ -493,11 +493,20 @@ class InferenceService(oipg.GRPCInferenceServiceServicer):
             try:
                 self._authorize_inference(request, context)
                 if generate_stream.wants_generation(self.catalog, request):
-                    # Decoupled: a response per piece of text (shoal.rpc.generate_stream).
-                    limits.check_request_id(request.id)  # as the data plane checks an inference's
-                    inputs = decode_inputs(request, self.bounds)
+                    # Decoupled: a response per piece of text (shoal.rpc.generate_stream). Its
+                    # refusals before routing are counted and logged as the data plane's are.
+                    def refused(err: ShoalError) -> None:
+                        self.dataplane.refused(request.model_name, request.id, "grpc", err)
+
+                    try:
+                        limits.check_request_id(request.id)  # as the data plane checks an inference's
+                        inputs = decode_inputs(request, self.bounds)
+                        timeout_s = _timeout_s(request, context)
+                    except ShoalError as err:
+                        refused(err)
+                        raise
                     pieces = generate_stream.stream_responses(
-                        self.catalog, request, inputs, _timeout_s(request, context)
+                        self.catalog, request, inputs, timeout_s, refused
                     )
                     async with contextlib.aclosing(pieces):
                         async for piece in pieces:

@@ -472,6 +472,41 @@ async def test_generations_with_too_many_strings_are_refused_before_any_work(
     assert doors.node.router.stats()["gen"].outcomes["invalid"] == 1
 
 
+def _text(name: str, value: bytes) -> tuple[oip.ModelInferRequest.InferInputTensor, bytes]:
+    t = payload.from_array(name, np.array([value], dtype=object))
+    return oip.ModelInferRequest.InferInputTensor(name=name, datatype=t.datatype, shape=t.shape), t.data
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        ([("text", b"hi"), ("text_input", b"again")], "give the prompt once"),
+        ([("nope", b"x")], "unknown input 'nope'"),
+        ([], "missing input 'text'"),
+    ],
+    ids=["two-prompts", "unknown-input", "no-prompt"],
+)
+async def test_a_streamed_generation_refused_before_routing_is_counted(
+    doors: Doors, fakes: FakeReplicas, inputs: list[tuple[str, bytes]], message: str
+) -> None:
+    """ModelStreamInfer's generations refused before they were routed (a bad input, no
+    prompt) were neither counted in the deployment's statistics nor logged, as the other
+    doors' refusals are."""
+
+    async def requests() -> AsyncIterator[oip.ModelInferRequest]:
+        r = oip.ModelInferRequest(model_name="gen", id="r1")
+        for name, value in inputs:
+            tensor, data = _text(name, value)
+            r.inputs.append(tensor)
+            r.raw_input_contents.append(data)
+        yield r
+
+    answers = [a async for a in doors.grpc.ModelStreamInfer(requests(), cast(Any, Context()))]
+    assert len(answers) == 1 and message in answers[0].error_message, answers
+    assert fakes.clients["g:1"].generations == []
+    assert doors.node.router.stats()["gen"].outcomes["invalid"] == 1
+
+
 async def test_model_stream_infer_stops_reading_when_the_client_does_not_read(doors: Doors) -> None:
     doors.grpc.max_stream_pending = 4
     read = 0
