@@ -141,6 +141,7 @@ class DataPlane:
         self._log_window = 0.0
         self._logged = 0
         self._suppressed = 0
+        self._tell_later: asyncio.TimerHandle | None = None  # says how many were not logged
 
     async def infer(self, call: InferCall) -> InferResult:
         """Check ``call``, run it on a replica, return the outputs it asked for.
@@ -330,17 +331,35 @@ class DataPlane:
 
     def _may_log(self) -> bool:
         """Whether one more refusal or failure may be logged this second (at most
-        ``_REFUSALS_LOGGED_PER_S``; how many were not is logged the next second)."""
+        ``_REFUSALS_LOGGED_PER_S``; how many were not is logged once the second is over,
+        whether or not more come: before, only the next refusal said it, so the last second
+        of a flood was never told)."""
         now = time.monotonic()
         if now - self._log_window >= 1.0:
-            if self._suppressed:
-                log.info("%d more request(s) refused in the last second", self._suppressed)
-            self._log_window, self._logged, self._suppressed = now, 0, 0
+            self._tell_suppressed()
+            self._log_window, self._logged = now, 0
         if self._logged >= _REFUSALS_LOGGED_PER_S:
+            if not self._suppressed:
+                self._tell_at_window_end(1.0 - (now - self._log_window))
             self._suppressed += 1
             return False
         self._logged += 1
         return True
+
+    def _tell_at_window_end(self, delay_s: float) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # called off a loop: the next refusal tells it
+            return
+        self._tell_later = loop.call_later(max(0.0, delay_s), self._tell_suppressed)
+
+    def _tell_suppressed(self) -> None:
+        if self._tell_later is not None:
+            self._tell_later.cancel()
+            self._tell_later = None
+        if self._suppressed:
+            log.info("%d more request(s) refused in the last second", self._suppressed)
+            self._suppressed = 0
 
 
 def _check_model_id(spec: DeploymentSpec, model_id: str) -> None:

@@ -127,6 +127,24 @@ def refusals(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixt
     yield caplog
 
 
+async def test_refusals_past_the_log_limit_are_counted_once_the_second_is_over(
+    doors: Doors, refusals: pytest.LogCaptureFixture
+) -> None:
+    """At most ten refusals a second are logged; how many more there were was said only by
+    the next refusal after the second, so the last second of a flood was never told."""
+    for i in range(15):
+        status, _ = await doors.rest("echo", np.zeros((2, 3), np.float32), f"r{i}")
+        assert status == 400
+    lines = [r.getMessage() for r in refusals.records]
+    assert sum("refused:" in line for line in lines) == 10
+    for _ in range(40):  # nothing more is sent: the count is told when the second is over
+        if any("5 more request(s) refused" in r.getMessage() for r in refusals.records):
+            break
+        await asyncio.sleep(0.05)
+    else:
+        pytest.fail(f"no count of the refusals not logged: {[r.getMessage() for r in refusals.records]}")
+
+
 GOOD = np.arange(8, dtype=np.float32).reshape(2, 4)
 # name, input, the message every door answers
 BAD = [
