@@ -30,6 +30,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shoal import auth
+from shoal.config import Settings
 from shoal.errors import BodyTooLarge, Code, ResourceExhausted, ShoalError
 from shoal.http.jsonbody import TooManyValues, parse_json
 
@@ -186,7 +187,7 @@ class InferenceGuard:
         checker: auth.InferenceAuth,
         limit: int,
         refused: Refused | None = None,
-        on_loop: int = 256 * 1024,
+        on_loop: int = Settings.max_json_on_loop_kb * 1024,
     ) -> None:
         self.app = app
         self.checker = checker
