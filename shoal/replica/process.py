@@ -279,7 +279,7 @@ class ReplicaProcess:
             seed=request.seed,
         )
         prompt = backend.render_chat(request.messages) if request.messages else request.prompt
-        ids = {"request_id": request_id, "replica_id": self.id}
+        ids = {"request_id": limits.shown(request_id), "replica_id": self.id}
         timeout = timeout_s if timeout_s > 0 else self.spec.timeout_s
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -306,7 +306,14 @@ class ReplicaProcess:
                         yield GenerateChunk(text=step)
         except ShoalError as err:
             level = logging.WARNING if err.code is Code.INTERNAL else logging.INFO
-            log.log(level, "generation %s failed: %s: %s", request_id, err.code.value, err, extra=ids)
+            log.log(
+                level,
+                "generation %s failed: %s: %s",
+                limits.shown(request_id),
+                err.code.value,
+                err,
+                extra=ids,
+            )
             raise
         finally:
             self.in_flight -= 1
@@ -410,7 +417,9 @@ def _expire(batcher: Batcher, request: Any, request_id: str, timeout_s: float) -
 def _timed_out(request_id: str, timeout_s: float, waited: str = "") -> DeadlineExceeded:
     # To the millisecond: the timeout a router sends is what is left of the client's, and
     # "timed out after 19.9999s" read as a bug.
-    return DeadlineExceeded(f"request {request_id} timed out after {round(timeout_s, 3):g}s{waited}")
+    return DeadlineExceeded(
+        f"request {limits.shown(request_id)} timed out after {round(timeout_s, 3):g}s{waited}"
+    )
 
 
 async def warm_up(backend: Backend, calls: int) -> None:

@@ -122,7 +122,9 @@ class GrpcReplicaClient:
             reply = await self._stub.PushTask(task, timeout=timeout_s + 0.5)
         except grpc.aio.AioRpcError as err:
             if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise DeadlineExceeded(f"request {request_id} timed out after {timeout_s:g}s") from None
+                raise DeadlineExceeded(
+                    f"request {limits.shown(request_id)} timed out after {timeout_s:g}s"
+                ) from None
             raise to_error(err) from None
         except asyncio.CancelledError:
             current = asyncio.current_task()
@@ -130,7 +132,9 @@ class GrpcReplicaClient:
                 # Nobody cancelled this task: grpc.aio cancelled the call because close() closed
                 # the channel (the replica died or left the routing table). Close fails pending
                 # requests with Unavailable, as the stream does.
-                raise Unavailable(f"replica at {self.address} was removed during {request_id}") from None
+                raise Unavailable(
+                    f"replica at {self.address} was removed during {limits.shown(request_id)}"
+                ) from None
             raise
         return codec.from_pb(reply.outputs)
 
@@ -145,14 +149,18 @@ class GrpcReplicaClient:
                 yield generate_codec.chunk_from_pb(chunk)
         except grpc.aio.AioRpcError as err:
             if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise DeadlineExceeded(f"request {request_id} timed out after {timeout_s:g}s") from None
+                raise DeadlineExceeded(
+                    f"request {limits.shown(request_id)} timed out after {timeout_s:g}s"
+                ) from None
             raise to_error(err) from None
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling() == 0:
                 # Nobody cancelled this task: grpc.aio cancelled the call because close() closed
                 # the channel (the replica left the routing table).
-                raise Unavailable(f"replica at {self.address} was removed during {request_id}") from None
+                raise Unavailable(
+                    f"replica at {self.address} was removed during {limits.shown(request_id)}"
+                ) from None
             raise
         finally:
             call.cancel()  # a no-op once the stream ended; otherwise stops the generation

@@ -9,7 +9,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import overload
 
-from shoal.core import classify, payload
+from shoal.core import classify, limits, payload
 from shoal.core.payload import Tensors
 from shoal.core.spec import MAX_SECONDS
 from shoal.errors import Internal, InvalidArgument, ShoalError
@@ -142,7 +142,7 @@ class ReplicaService(pbg.ReplicaServicer):
         except ShoalError as err:
             return _failure(task, err)
         except Exception as err:  # a bug here must answer the request, not leave it to its deadline
-            log.exception("request %s failed in the replica's adapter", task.request_id)
+            log.exception("request %s failed in the replica's adapter", limits.shown(task.request_id))
             return _failure(task, Internal(f"{type(err).__name__}: {err}"))
 
     def begin(
@@ -160,7 +160,7 @@ class ReplicaService(pbg.ReplicaServicer):
             reply(_failure(task, err))
             return None
         except Exception as err:  # a bug here must answer the request, as outcome() does
-            log.exception("request %s failed in the replica's adapter", task.request_id)
+            log.exception("request %s failed in the replica's adapter", limits.shown(task.request_id))
             reply(_failure(task, Internal(f"{type(err).__name__}: {err}")))
             return None
 
@@ -175,7 +175,7 @@ class ReplicaService(pbg.ReplicaServicer):
                     reply(_failure(task, encode_err))
                     return
                 except Exception as encode_err:  # answered, as outcome() does
-                    log.exception("request %s failed in the replica's adapter", task.request_id)
+                    log.exception("request %s failed in the replica's adapter", limits.shown(task.request_id))
                     reply(_failure(task, Internal(f"{type(encode_err).__name__}: {encode_err}")))
                     return
                 reply(outcome)

@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from shoal.core import limits
 from shoal.errors import Code, DeadlineExceeded, ShoalError, Unavailable, from_code
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
@@ -153,7 +154,9 @@ async def await_outcome(
 def expire_outcome(future: asyncio.Future[pb.TaskOutcome], request_id: str, timeout_s: float) -> None:
     """A waiting request's deadline passed: it fails with DeadlineExceeded (once)."""
     if not future.done():
-        future.set_exception(DeadlineExceeded(f"request {request_id} timed out after {timeout_s:g}s"))
+        future.set_exception(
+            DeadlineExceeded(f"request {limits.shown(request_id)} timed out after {timeout_s:g}s")
+        )
 
 
 def fail_waiting(pending: dict[int, asyncio.Future[pb.TaskOutcome]], error: ShoalError) -> None:

@@ -388,11 +388,11 @@ class Router:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
                     "request %s to %s: %s in %.2f ms",
-                    request_id,
+                    limits.shown(request_id),
                     deployment,
                     outcome,
                     elapsed * 1000,
-                    extra={"request_id": request_id, "deployment": deployment},
+                    extra={"request_id": limits.shown(request_id), "deployment": deployment},
                 )
 
     def _done(self) -> None:
@@ -490,7 +490,9 @@ class Router:
             try:
                 remaining = deadline - clock.now()
                 if remaining <= 0:
-                    raise DeadlineExceeded(f"request {request_id} timed out after {timeout_s:g}s")
+                    raise DeadlineExceeded(
+                        f"request {limits.shown(request_id)} timed out after {timeout_s:g}s"
+                    )
                 if model_id and dep.spec.multiplexing is not None:
                     handle.touch(model_id, dep.spec.multiplexing.max_models_per_replica)
                 outputs = await handle.send(
@@ -506,17 +508,17 @@ class Router:
                 tried.add(handle.replica_id)
                 log.info(
                     "request %s: replica %s failed (%s); retrying",
-                    request_id,
+                    limits.shown(request_id),
                     handle.replica_id,
                     err,
-                    extra={"request_id": request_id, "replica_id": handle.replica_id},
+                    extra={"request_id": limits.shown(request_id), "replica_id": handle.replica_id},
                 )
             finally:
                 handle.in_flight -= 1
                 self._release(dep)
         dep.stats.given_up += 1
         raise Unavailable(
-            f"request {request_id}: {len(tried)} replica(s) failed while serving it "
+            f"request {limits.shown(request_id)}: {len(tried)} replica(s) failed while serving it "
             f"({', '.join(sorted(tried))}); not retried again, since the request itself may be "
             f"what brings them down (setting request_attempts); last error: {last}"
         )
@@ -729,7 +731,9 @@ class Router:
                 try:
                     remaining = deadline - clock.now()
                     if remaining <= 0:
-                        raise DeadlineExceeded(f"request {request_id} timed out after {timeout_s:g}s")
+                        raise DeadlineExceeded(
+                            f"request {limits.shown(request_id)} timed out after {timeout_s:g}s"
+                        )
                     if handle.gone:
                         raise ReplicaGone(f"replica {handle.replica_id} is gone")
                     chunks = handle.client.generate(request_id, request, remaining)
@@ -748,15 +752,15 @@ class Router:
                     tried.add(handle.replica_id)
                     log.info(
                         "request %s: replica %s failed before streaming (%s); retrying",
-                        request_id,
+                        limits.shown(request_id),
                         handle.replica_id,
                         err,
-                        extra={"request_id": request_id, "replica_id": handle.replica_id},
+                        extra={"request_id": limits.shown(request_id), "replica_id": handle.replica_id},
                     )
                 finally:
                     handle.in_flight -= 1
                     self._release(dep)
-            raise Unavailable(f"request {request_id} failed on {len(tried)} replica(s): {last}")
+            raise Unavailable(f"request {limits.shown(request_id)} failed on {len(tried)} replica(s): {last}")
         except ShoalError as err:
             outcome = OUTCOME_OF.get(err.code, "error")
             raise

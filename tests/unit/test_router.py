@@ -223,6 +223,26 @@ async def test_when_every_replica_is_unreachable_the_caller_gets_unavailable(
         await router.send("echo", x(1), request_id="req-9")
 
 
+async def test_a_long_request_id_is_cut_in_retry_lines_and_the_error(
+    router: Router, fakes: FakeReplicas, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A client's id may be 1,024 characters; each retry line and the error quoted it whole.
+    a, b = add(router, fakes, make_spec(), "a", "b")
+    a.fail()
+    b.fail()
+    request_id = "r" * 1024
+
+    with caplog.at_level("INFO", logger="shoal.router"):
+        with pytest.raises(Unavailable) as caught:
+            await router.send("echo", x(1), request_id=request_id)
+
+    retries = [r for r in caplog.records if "retrying" in r.getMessage()]
+    assert len(retries) == 2
+    for line in [caught.value.message, *(r.getMessage() for r in retries)]:
+        assert "r" * 200 + "... (824 more characters)" in line
+        assert "r" * 201 not in line
+
+
 async def test_a_query_of_death_costs_at_most_two_replicas(fakes: FakeReplicas) -> None:
     # A request that kills every replica it reaches: tried on two (the default
     # request_attempts), then it fails saying so, and it is counted.
