@@ -6,12 +6,13 @@ calls to schedulers happen outside the lock, and their outcomes are applied
 under it again.
 
 The store holds ``deployments/<name>`` (a spec as JSON) and ``tombstones/<name>`` (the
-deployment was deleted). A replica whose deployment the store does not know is removed
-only when a tombstone says its deployment was deleted: a head started on an empty,
-truncated or foreign store removes nothing it finds running. A stored spec that does not
-parse (written by another version, edited by hand) does not stop the head: that
-deployment is *broken*, shown as such in the status with its key, its replicas are kept,
-and applying a new spec or deleting it repairs it.
+deployment was deleted, when, and its last revision number: a deployment of that name
+created later numbers its revisions above it, ``shoal.store.history``). A replica whose
+deployment the store does not know is removed only when a tombstone says its deployment
+was deleted: a head started on an empty, truncated or foreign store removes nothing it
+finds running. A stored spec that does not parse (written by another version, edited by
+hand) does not stop the head: that deployment is *broken*, shown as such in the status
+with its key, its replicas are kept, and applying a new spec or deleting it repairs it.
 """
 
 from __future__ import annotations
@@ -143,6 +144,8 @@ class HeadNode:
         self.broken: dict[str, str] = {}
         # Deployments deleted (a tombstone in the store), with when: their replicas are removed.
         self.deleted: dict[str, float] = {}
+        # Of those, the last revision number each had (from its tombstone; absent: none).
+        self._last_revisions: dict[str, int] = {}
         self.lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._clients: dict[str, tuple[str, SchedulerClient]] = {}
@@ -204,9 +207,9 @@ class HeadNode:
                 log.error("deployment %s is broken: %s", name, self.broken[name])
                 continue
             self.desired[spec.name] = spec
-        self.deleted = {
-            e.key.removeprefix(TOMBSTONES): _deleted_at(e.value) for e in await self.store.list(TOMBSTONES)
-        }
+        tombstones = {e.key.removeprefix(TOMBSTONES): e.value for e in await self.store.list(TOMBSTONES)}
+        self.deleted = {name: _deleted_at(value) for name, value in tombstones.items()}
+        self._last_revisions = {n: r for n, v in tombstones.items() if (r := _last_revision(v))}
         log.info(
             "head loaded %d deployment(s) (%d broken) and %d tombstone(s) from the store",
             len(self.desired),
@@ -416,12 +419,14 @@ class HeadNode:
                 lifted = spec.name in self.deleted
                 if lifted:
                     batch.delete(TOMBSTONES + spec.name)
-                self._record_change(self.history.staged(batch), old, spec, change)
+                above = self._last_revisions.get(spec.name, 0)
+                self._record_change(self.history.staged(batch), old, spec, change, above)
                 await batch.commit(self.store)
                 self.desired[spec.name] = spec
                 self.broken.pop(spec.name, None)
                 if lifted:
                     del self.deleted[spec.name]
+                    self._last_revisions.pop(spec.name, None)
                     # The deleted one's replicas not removed yet: they are not this one's.
                     self._leftovers.update(r.id for r in self.state.replicas.of(spec.name))
                 self._refresh_resources()
@@ -467,9 +472,10 @@ class HeadNode:
 
     @staticmethod
     def _record_change(
-        history: StagedHistory, old: DeploymentSpec | None, spec: DeploymentSpec, change: str
+        history: StagedHistory, old: DeploymentSpec | None, spec: DeploymentSpec, change: str, above: int = 0
     ) -> Revision | None:
-        """Stage a revision when the change replaces replicas, and an event. Under the lock."""
+        """Stage a revision when the change replaces replicas, and an event; ``above``: the last
+        revision number of a deployment of that name deleted before. Under the lock."""
         name = spec.name
         kind = "created" if old is None else "updated"
         if old is not None and old.process_hash() == spec.process_hash():
@@ -479,7 +485,7 @@ class HeadNode:
             return None
         if old is not None:
             _keep_first_spec(history, name, old)
-        rev = history.add_revision(name, kind, spec.to_json(), spec.process_hash(), change)
+        rev = history.add_revision(name, kind, spec.to_json(), spec.process_hash(), change, above=above)
         history.record(name, kind, f"revision {rev.number}: {change}", rev.number)
         return rev
 
@@ -699,13 +705,15 @@ class HeadNode:
                     f"send them elsewhere first ('shoal route {route.name} OTHER=100') "
                     f"or delete the route ('shoal route --delete {route.name}')"
                 )
-            # The tombstone, the spec, the revisions and the event: one commit.
+            # The tombstone, the spec, the revisions and the event: one commit. The tombstone
+            # keeps the last revision number, so that one created again numbers above it: an
+            # if_revision read before the delete never matches it.
             now = time.time()
             batch = Batch()
-            batch.put(TOMBSTONES + name, json.dumps({"deleted_at": now}))
             batch.delete(DEPLOYMENTS + name)
             history = self.history.staged(batch)
-            history.forget(name)
+            last = max(history.forget(name), self._last_revisions.get(name, 0))
+            batch.put(TOMBSTONES + name, json.dumps({"deleted_at": now, "revision": last}))
             history.record(name, "deleted", "deleted; its replicas drain and stop")
             running_names = {r.deployment for r in self.state.replicas.values()}
             expired = [
@@ -713,14 +721,19 @@ class HeadNode:
                 for n, at in self.deleted.items()
                 if at < now - TOMBSTONE_TTL_S and n not in running_names and n != name
             ]
-            # What the commit has room for; the rest go at a later delete.
-            expired = expired[: max(0, MAX_COMMIT - len(batch.puts) - len(batch.deletes))]
+            # What the commit has room for (and the floor); the rest go at a later delete.
+            expired = expired[: max(0, MAX_COMMIT - len(batch.puts) - len(batch.deletes) - 1)]
             for old in expired:
                 batch.delete(TOMBSTONES + old)
+            # Their numbers stay taken: any deployment with none kept numbers above them.
+            history.raise_floor(max((self._last_revisions.get(old, 0) for old in expired), default=0))
             await batch.commit(self.store)
             self.deleted[name] = now
+            if last:
+                self._last_revisions[name] = last
             for old in expired:
                 del self.deleted[old]
+                self._last_revisions.pop(old, None)
             self.desired.pop(name, None)
             self.broken.pop(name, None)
             self.targets.pop(name, None)
@@ -1294,7 +1307,8 @@ def _revision_spec(name: str, rev: Revision) -> DeploymentSpec:
 
 
 def _revision_key(rev: Revision | None) -> tuple[int, float] | None:
-    """Which revision ``rev`` is, also across a delete and a new deploy (numbers start again)."""
+    """Which revision ``rev`` is, also across a delete and a new deploy (numbers go on from
+    the tombstone, but one written by an earlier version holds no number: they start again)."""
     return None if rev is None else (rev.number, rev.time)
 
 
@@ -1310,6 +1324,15 @@ def _identity(spec: DeploymentSpec) -> str:
 def _route_key(rec: ReplicaRecord) -> tuple[str, str, str, str]:
     """What of a replica its deployment's routes show."""
     return (rec.id, rec.state, rec.address, rec.spec_hash)
+
+
+def _last_revision(value: str) -> int:
+    """The last revision number a tombstone holds; 0 when its row does not say."""
+    try:
+        number = json.loads(value)["revision"]
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return 0
+    return number if isinstance(number, int) and not isinstance(number, bool) and number > 0 else 0
 
 
 def _deleted_at(value: str) -> float:

@@ -4,7 +4,16 @@ events cluster-wide, both bounded.
 Keys (over any :class:`~shoal.store.base.Store`, so every store keeps them)::
 
     revisions/<deployment>/<number, 10 digits>   a Revision as JSON
+    revision-floor                                the revision numbering's floor (below)
     events/<sequence, 12 digits>                  a LifecycleEvent as JSON
+
+Revision numbers of a name never repeat, so that an ``if_revision`` read before a delete
+never matches a deployment of that name created after it. A deployment's numbers go up by
+one; one with none kept starts above ``above`` (the number its tombstone holds, the last
+of the deployment deleted: :meth:`StagedHistory.forget` returns it) and above the floor,
+the highest number of the deleted deployments whose tombstones are gone
+(:meth:`StagedHistory.raise_floor`). Storage stays bounded: one number per tombstone, one
+for the whole store, none for every name ever used.
 
 :class:`History` loads both at :meth:`History.load` and keeps a copy in memory; reads are
 from memory, writes go to the store first. A change that writes several rows (a revision and
@@ -33,6 +42,7 @@ log = logging.getLogger("shoal.store")
 
 REVISIONS = "revisions/"
 EVENTS = "events/"
+FLOOR = "revision-floor"
 MAX_REVISIONS = 20
 """Revisions kept per deployment; the oldest goes when a new one comes."""
 MAX_EVENTS = 1000
@@ -104,6 +114,7 @@ class _Kept:
         self._events: deque[tuple[int, LifecycleEvent]] = deque()
         self._per_deployment: collections.Counter[str] = collections.Counter()
         self._next_event = 1
+        self.floor = 0  # a deployment with no revisions kept numbers above it
 
     def events(self, deployment: str = "", limit: int = 0) -> list[LifecycleEvent]:
         """Events, oldest first: of ``deployment`` only when given, the last ``limit`` when > 0."""
@@ -160,6 +171,13 @@ class History(_Kept):
                 continue
             self._events.append((seq, event))
         self._per_deployment = collections.Counter(e.deployment for _, e in self._events)
+        floor = await self.store.get(FLOOR)
+        self.floor = 0
+        if floor is not None:
+            try:
+                self.floor = int(floor.value)
+            except ValueError:
+                log.warning("skipping unreadable revision floor %r: %r", FLOOR, floor.value)
         if entries:
             try:
                 self._next_event = int(entries[-1].key.removeprefix(EVENTS)) + 1
@@ -183,11 +201,21 @@ class History(_Kept):
         return event
 
     async def add_revision(
-        self, deployment: str, kind: str, spec_json: str, spec_hash: str, change: str, rollback_to: int = 0
+        self,
+        deployment: str,
+        kind: str,
+        spec_json: str,
+        spec_hash: str,
+        change: str,
+        rollback_to: int = 0,
+        *,
+        above: int = 0,
     ) -> Revision:
         """:meth:`StagedHistory.add_revision`, committed at once."""
         batch = Batch()
-        rev = self.staged(batch).add_revision(deployment, kind, spec_json, spec_hash, change, rollback_to)
+        rev = self.staged(batch).add_revision(
+            deployment, kind, spec_json, spec_hash, change, rollback_to, above=above
+        )
         await batch.commit(self.store)
         return rev
 
@@ -197,10 +225,17 @@ class History(_Kept):
         self.staged(batch).set_outcome(deployment, number, outcome)
         await batch.commit(self.store)
 
-    async def forget(self, deployment: str) -> None:
+    async def forget(self, deployment: str) -> int:
         """:meth:`StagedHistory.forget`, committed at once."""
         batch = Batch()
-        self.staged(batch).forget(deployment)
+        last = self.staged(batch).forget(deployment)
+        await batch.commit(self.store)
+        return last
+
+    async def raise_floor(self, number: int) -> None:
+        """:meth:`StagedHistory.raise_floor`, committed at once."""
+        batch = Batch()
+        self.staged(batch).raise_floor(number)
         await batch.commit(self.store)
 
     def _adopt(self, staged: StagedHistory) -> None:
@@ -208,6 +243,7 @@ class History(_Kept):
         self._events = staged._events
         self._per_deployment = staged._per_deployment
         self._next_event = staged._next_event
+        self.floor = staged.floor
 
 
 class StagedHistory(_Kept):
@@ -221,6 +257,7 @@ class StagedHistory(_Kept):
         self._events = deque(history._events)
         self._per_deployment = collections.Counter(history._per_deployment)
         self._next_event = history._next_event
+        self.floor = history.floor
         batch.then(lambda: history._adopt(self))
 
     def record(self, deployment: str, kind: str, message: str, revision: int | None = None) -> LifecycleEvent:
@@ -251,11 +288,21 @@ class StagedHistory(_Kept):
         self._batch.delete(f"{EVENTS}{seq:012d}")
 
     def add_revision(
-        self, deployment: str, kind: str, spec_json: str, spec_hash: str, change: str, rollback_to: int = 0
+        self,
+        deployment: str,
+        kind: str,
+        spec_json: str,
+        spec_hash: str,
+        change: str,
+        rollback_to: int = 0,
+        *,
+        above: int = 0,
     ) -> Revision:
-        """A new revision, numbered one above the last; the oldest goes past ``max_revisions``."""
+        """A new revision, numbered one above the last; the oldest goes past ``max_revisions``.
+        The first of a deployment with none kept: one above ``above`` (the last number of a
+        deployment of that name deleted before, from its tombstone) and the floor."""
         revs = self._own(deployment)
-        number = revs[-1].number + 1 if revs else 1
+        number = (revs[-1].number if revs else max(above, self.floor)) + 1
         rev = Revision(number, time.time(), kind, spec_json, spec_hash, change, rollback_to=rollback_to)
         self._put(deployment, rev)
         revs.append(rev)
@@ -274,11 +321,23 @@ class StagedHistory(_Kept):
         if not revs:
             del self._revisions[deployment]
 
-    def forget(self, deployment: str) -> None:
-        """Drop a deleted deployment's revisions (its events stay)."""
+    def forget(self, deployment: str) -> int:
+        """Drop a deleted deployment's revisions (its events stay). The number of its last (0:
+        none kept), for its tombstone to keep: a deployment of that name created while the
+        tombstone is there numbers above it (``add_revision``'s ``above``), and once it
+        goes, :meth:`raise_floor` takes the number."""
         self._copied.discard(deployment)
-        for rev in self._revisions.pop(deployment, []):
+        revs = self._revisions.pop(deployment, [])
+        for rev in revs:
             self._batch.delete(_revision_key(deployment, rev.number))
+        return revs[-1].number if revs else 0
+
+    def raise_floor(self, number: int) -> None:
+        """A tombstone goes that held ``number`` (:meth:`forget`): from now on a deployment
+        with no revisions kept numbers above it, whatever its name."""
+        if number > self.floor:
+            self.floor = number
+            self._batch.put(FLOOR, str(number))
 
     def _own(self, deployment: str) -> list[Revision]:
         """The deployment's revisions, copied the first time this draft changes them."""

@@ -87,3 +87,20 @@ async def test_an_apply_from_a_stale_revision_is_refused_over_grpc_and_by_the_cl
         assert [r.number for r in await c.history("echo")] == [1, 2, 3]
         assert seen == 1 and read.spec["options"] == {}
         assert (await c.status(("echo",))).deployments[0].revision == 3
+
+
+async def test_an_if_revision_from_before_a_delete_is_refused_after_the_name_is_created_again(
+    head: ProcessCluster,
+) -> None:
+    async with shoal.AsyncClient(head.head_address) as c:
+        await c.deploy(echo(), wait=False)
+        seen = (await c.deploy(echo(who="a"), wait=False)).revision  # a client reads revision 2
+        await c.delete("echo")
+        # Someone else creates and updates another deployment of that name.
+        assert (await c.deploy(echo(who="b"), wait=False)).revision == 3
+        assert (await c.deploy(echo(who="c"), wait=False)).revision == 4
+
+        with pytest.raises(FailedPrecondition, match="'echo' is at revision 4 \\(updated\\), not revision 2"):
+            await c.deploy(echo(who="x"), wait=False, if_revision=seen)
+        assert [r.number for r in await c.history("echo")] == [3, 4]
+        assert (await c.status(("echo",))).deployments[0].spec["options"] == {"who": "c"}

@@ -6,6 +6,8 @@ silently undid the first."""
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from collections.abc import AsyncIterator
 
 import httpx
@@ -14,7 +16,7 @@ import pytest
 from shoal.config import Settings
 from shoal.core.clock import FakeClock
 from shoal.core.spec import DeploymentSpec, parse_spec, parse_spec_json
-from shoal.errors import InvalidArgument, RevisionConflict
+from shoal.errors import InvalidArgument, NotFound, RevisionConflict
 from shoal.head.node import ApplyResult, HeadNode
 from shoal.http.head import head_app
 from shoal.store import MemoryStore
@@ -131,3 +133,54 @@ async def test_the_rest_apply_takes_if_revision_and_answers_409_naming_the_revis
     post = schema["paths"]["/api/deployments"]["post"]
     assert [p["name"] for p in post["parameters"]] == ["if_revision"]
     assert "409" in post["responses"]
+
+
+async def test_an_if_revision_from_before_a_delete_never_matches_the_deployment_created_after(
+    head: HeadNode, store: MemoryStore, fleet: FakeSchedulers, clock: FakeClock
+) -> None:
+    await head.apply(make_spec("a:M"))
+    seen = (await head.apply(make_spec("b:M"))).revision  # a client reads revision 2
+    await head.delete("app")
+    assert (await head.apply(make_spec("c:M"))).revision == 3  # another deployment, same name
+    assert (await head.apply(make_spec("d:M"))).revision == 4
+
+    with pytest.raises(RevisionConflict, match=r"is at revision 4 \(updated\), not revision 2"):
+        await head.apply(make_spec("x:M"), if_revision=seen)
+    assert head.desired["app"].model == "d:M"
+    assert [r.number for r in head.history.revisions("app")] == [3, 4]
+    with pytest.raises(NotFound, match=r"has no revision 2 \(kept: 3 to 4\)"):
+        await head.rollback("app", 2)  # the deleted deployment's revisions are gone
+
+    # Deleted again, and a new head on the same store: the numbers go on from its tombstone.
+    await head.delete("app")
+    again = HeadNode(Settings(), store, fleet, clock)
+    await again.start()
+    try:
+        assert (await again.apply(make_spec("e:M"), if_revision=0)).revision == 5
+    finally:
+        await again.aclose()
+
+
+async def test_a_name_whose_tombstone_expired_numbers_above_every_revision_it_had(
+    head: HeadNode, store: MemoryStore
+) -> None:
+    week_and_a_day = time.time() - 8 * 86_400
+    old = {f"old-{i}": 10 + i for i in range(70)}  # more than one commit can drop
+    for name, last in old.items():
+        await store.put(f"tombstones/{name}", json.dumps({"deleted_at": week_and_a_day, "revision": last}))
+    await head.start()
+    assert (await head.apply(make_spec())).revision == 1
+    await head.delete("app")  # drops the old tombstones one commit has room for
+    tomb = await store.get("tombstones/app")
+    assert tomb is not None and json.loads(tomb.value)["revision"] == 1
+
+    left = {e.key.removeprefix("tombstones/") for e in await store.list("tombstones/")}
+    dropped = set(old) - left
+    assert dropped and set(old) & left
+    # Their numbers stay taken: a name without a tombstone numbers above all of them (nothing
+    # keeps every name ever used), and one with a tombstone above its own too.
+    floor = max(old[n] for n in dropped)
+    assert (await head.apply(make_spec(name=min(dropped)))).revision == floor + 1
+    assert (await head.apply(make_spec(name="new"))).revision == floor + 1
+    assert (await head.apply(make_spec(name="old-69"))).revision == 80
+    assert (await head.apply(make_spec())).revision == floor + 1

@@ -450,6 +450,25 @@ async def test_history_keeps_the_last_revisions_per_deployment(store: Store) -> 
     assert [e.key for e in await store.list(REVISIONS)] == ["revisions/other/0000000001"]
 
 
+async def test_history_numbers_never_repeat_for_a_name_across_deletes_and_reloads(store: Store) -> None:
+    history = History(store)
+    for model in ("m1", "m2"):
+        await history.add_revision("app", "updated", "{}", model, f"to {model}")
+    last = await history.forget("app")  # what the tombstone keeps
+    assert last == 2 and await history.forget("app") == 0
+    assert (await history.add_revision("app", "created", "{}", "m3", "created", above=last)).number == 3
+
+    await history.raise_floor(7)  # a tombstone holding 7 went
+    await history.raise_floor(5)  # lower: the floor stays
+    again = History(store)
+    await again.load()
+    assert again.floor == 7
+    assert (await again.add_revision("new", "created", "{}", "h", "created")).number == 8
+    assert (await again.add_revision("app", "updated", "{}", "m4", "to m4")).number == 4
+    assert (await again.add_revision("other", "created", "{}", "h", "created", above=9)).number == 10
+    assert [e.key for e in await store.list("revision-")] == ["revision-floor"]
+
+
 async def test_history_staged_in_a_batch_changes_once_the_batch_is_committed(store: Store) -> None:
     history = History(store, max_revisions=2)
     await history.add_revision("app", "created", "{}", "h1", "created")
