@@ -352,9 +352,17 @@ class AsyncClient:
         reply = await self._head(self.control.apply(spec, if_revision))
         return Applied(spec.name, reply.revision, reply.created, reply.changed, reply.change)
 
-    async def scale(self, name: str, replicas: int) -> None:
-        """Set the replica count; the head places or removes replicas. NotFound for an unknown name."""
-        await self._head(self.control.scale(name, _whole("replicas", replicas, _INT32_MAX)))
+    async def scale(self, name: str, replicas: int, *, if_revision: int | None = None) -> None:
+        """Set the replica count; the head places or removes replicas. NotFound for an unknown name.
+
+        ``if_revision``: scale only if the deployment is at that revision now (the ``revision``
+        read with the spec the count was chosen for), else FailedPrecondition naming its
+        revision, and nothing changes. A scale makes no revision: this refuses a count chosen
+        for a spec that changed since, not a scale made since. InvalidArgument when negative."""
+        replicas = _whole("replicas", replicas, _INT32_MAX)
+        if if_revision is not None:
+            _check_if_revision(if_revision)
+        await self._head(self.control.scale(name, replicas, if_revision))
 
     async def delete(self, name: str) -> None:
         """Delete the deployment and stop its replicas. NotFound for an unknown name."""
@@ -589,8 +597,9 @@ class Client:
             )
         )
 
-    def scale(self, name: str, replicas: int) -> None:
-        self._loop.run(self.aio.scale(name, replicas))
+    def scale(self, name: str, replicas: int, *, if_revision: int | None = None) -> None:
+        """See :meth:`AsyncClient.scale`."""
+        self._loop.run(self.aio.scale(name, replicas, if_revision=if_revision))
 
     def delete(self, name: str) -> None:
         self._loop.run(self.aio.delete(name))

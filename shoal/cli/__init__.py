@@ -44,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("scale", help="set a deployment's replica count")
     p.add_argument("name")
     p.add_argument("replicas", type=int)
+    p.add_argument(
+        "--if-revision",
+        type=int,
+        metavar="N",
+        help="scale only if the deployment is at revision N now (its spec did not change since "
+        "you read it); otherwise fail naming its revision, changing nothing",
+    )
     add_client_flags(p)
     p.set_defaults(fn=cmd_scale)
 

@@ -20,9 +20,11 @@ from shoal.errors import InvalidArgument
 
 def cmd_scale(args: argparse.Namespace) -> int:
     in_range("replicas", args.replicas, INT32_MAX)
+    if args.if_revision is not None:
+        in_range("--if-revision", args.if_revision, INT32_MAX)
 
     async def go(client: Any, settings: Settings) -> int:
-        await client.scale(args.name, args.replicas)
+        await client.scale(args.name, args.replicas, if_revision=args.if_revision)
         print(f"deployment {args.name} scaled to {args.replicas}")
         return 0
 

@@ -443,9 +443,10 @@ class HeadNode:
         number = current.number if current is not None else 0
         return ApplyResult(created=old is None, changed=changed, revision=number, change=change)
 
-    def _check_revision(self, name: str, expected: int) -> None:
+    def _check_revision(self, name: str, expected: int, verb: str = "apply") -> None:
         """RevisionConflict unless deployment ``name`` is at revision ``expected`` (0: unless
-        it does not exist). Under the lock."""
+        it does not exist), its message for ``verb`` (``apply`` or ``scale``). Under the lock."""
+        done, change, when = _REFUSED[verb]
         exists = name in self.desired or name in self.broken
         current = self.history.current(name) if exists else None
         number = current.number if current is not None else 0
@@ -461,13 +462,13 @@ class HeadNode:
         if not expected:
             raise RevisionConflict(
                 f"deployment {name!r} exists already, at {_revision_name(current)} (expected none): "
-                f"nothing was applied; look at its spec and history, and apply with if_revision "
-                f"{number} to update it"
+                f"nothing was {done}; look at its spec and history, and {verb} with if_revision "
+                f"{number} to {change} it"
             )
         raise RevisionConflict(
             f"deployment {name!r} is at {_revision_name(current)}, not revision {expected}: nothing "
-            f"was applied; look at its history ('shoal history {name}') and apply again with "
-            f"if_revision {number} once the spec has its changes"
+            f"was {done}; look at its history ('shoal history {name}') and {verb} again with "
+            f"if_revision {number} {when}"
         )
 
     @staticmethod
@@ -659,13 +660,22 @@ class HeadNode:
                 log.error("deployment %s failed and cannot be rolled back: %s", name, err)
         await batch.commit(self.store)
 
-    async def scale(self, name: str, replicas: int) -> None:
+    async def scale(self, name: str, replicas: int, if_revision: int | None = None) -> None:
         """Set a deployment's fixed replica count. NotFound for an unknown name;
         FailedPrecondition for a broken deployment, and for an autoscaled one (the autoscaler
         owns its count: a stored ``replicas`` would change nothing); InvalidArgument for a
-        count the spec does not allow."""
+        count the spec does not allow.
+
+        ``if_revision``: scale only if the deployment is at that revision now, as ``apply``
+        checks it (RevisionConflict otherwise, nothing changes): a count chosen for a spec that
+        has changed since is refused. A scale makes no revision, so it does not guard against
+        another scale."""
+        if if_revision is not None:
+            check_if_revision(if_revision)
         async with self.lock:
             spec = self._get(name)
+            if if_revision is not None:
+                self._check_revision(name, if_revision, "scale")
             policy = spec.autoscaling
             if policy is not None:
                 raise FailedPrecondition(
@@ -1310,6 +1320,13 @@ def _revision_key(rev: Revision | None) -> tuple[int, float] | None:
     """Which revision ``rev`` is, also across a delete and a new deploy (numbers go on from
     the tombstone, but one written by an earlier version holds no number: they start again)."""
     return None if rev is None else (rev.number, rev.time)
+
+
+_REFUSED = {
+    "apply": ("applied", "update", "once the spec has its changes"),
+    "scale": ("scaled", "scale", "if the count still fits"),
+}
+"""What an if_revision refusal says of each call: what was not done, what to do, when."""
 
 
 def _revision_name(rev: Revision | None) -> str:

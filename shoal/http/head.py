@@ -178,13 +178,7 @@ def head_app(node: HeadNode, limiter: RateLimiter | None = None) -> Starlette:
         return JSONResponse(found.to_json())
 
     async def apply(request: Request) -> Response:
-        # Another query parameter is refused: a misspelt ?if_revison=3 would apply unchecked.
-        unknown = sorted(set(request.query_params) - {"if_revision"})
-        if unknown:
-            raise InvalidArgument(f"unknown query parameter {unknown[0]!r}: only if_revision is known")
-        if_revision = None
-        if "if_revision" in request.query_params:
-            if_revision = _int_param(request, "if_revision", 0, 0, MAX_REVISION)
+        if_revision = _if_revision(request)
         # Its size is checked before it is parsed (MAX_SPEC_JSON): json.loads of a 64 MiB
         # body would hold the event loop 1.7 s.
         spec = parse_spec_json(await _body(request, limit))
@@ -205,7 +199,7 @@ def head_app(node: HeadNode, limiter: RateLimiter | None = None) -> Starlette:
         replicas = _only(await _json_body(request), ("replicas",), shape).get("replicas")
         if not isinstance(replicas, int) or isinstance(replicas, bool):
             raise InvalidArgument(f"body must be {shape}")
-        await node.scale(request.path_params["name"], replicas)
+        await node.scale(request.path_params["name"], replicas, _if_revision(request))
         return JSONResponse({"name": request.path_params["name"], "replicas": replicas})
 
     async def delete(request: Request) -> Response:
@@ -400,6 +394,17 @@ def _window_doc(recent: stats.Window) -> dict[str, Any]:
     return {**asdict(recent), "error_rate": recent.error_rate}
 
 
+def _if_revision(request: Request) -> int | None:
+    """The ``if_revision`` query parameter of an apply or a scale (None: absent). Another
+    query parameter is refused: a misspelt ``?if_revison=3`` would change it unchecked."""
+    unknown = sorted(set(request.query_params) - {"if_revision"})
+    if unknown:
+        raise InvalidArgument(f"unknown query parameter {unknown[0]!r}: only if_revision is known")
+    if "if_revision" not in request.query_params:
+        return None
+    return _int_param(request, "if_revision", 0, 0, MAX_REVISION)
+
+
 def _int_param(request: Request, key: str, default: int, low: int, high: int) -> int:
     """A query parameter as an integer in [low, high]; InvalidArgument naming it otherwise."""
     raw = request.query_params.get(key)
@@ -515,7 +520,12 @@ def openapi_schema() -> dict[str, Any]:
             "/api/deployments/{name}/scale": {
                 "parameters": name,
                 "post": {
-                    "summary": "Set the replica count",
+                    "summary": "Set the replica count. With if_revision: only if the deployment is at "
+                    "that revision now (its spec did not change since it was read), else 409 and "
+                    "nothing changes",
+                    "parameters": [
+                        _query("if_revision", {"type": "integer", "minimum": 0, "maximum": MAX_REVISION})
+                    ],
                     "requestBody": {
                         "required": True,
                         "content": {
@@ -531,8 +541,9 @@ def openapi_schema() -> dict[str, Any]:
                     },
                     "responses": {
                         "200": ok("scaled"),
-                        "400": err("invalid count, or an autoscaled deployment"),
+                        "400": err("invalid count or if_revision, or an autoscaled deployment"),
                         "404": err("unknown"),
+                        "409": err("if_revision is not the deployment's revision: the message names it"),
                     },
                 },
             },

@@ -605,8 +605,11 @@ class ControlClient:
         assert isinstance(reply, pb.ApplyDeploymentReply)
         return reply
 
-    async def scale(self, name: str, replicas: int) -> None:
-        await self._call("ScaleDeployment", pb.ScaleDeploymentRequest(name=name, replicas=replicas))
+    async def scale(self, name: str, replicas: int, if_revision: int | None = None) -> None:
+        """Set the replica count; with ``if_revision``, only if the deployment is at that
+        revision, else FailedPrecondition (``HeadNode.scale``)."""
+        request = pb.ScaleDeploymentRequest(name=name, replicas=replicas, if_revision=if_revision)
+        await self._call("ScaleDeployment", request)
 
     async def delete(self, name: str) -> None:
         await self._call("DeleteDeployment", pb.DeleteDeploymentRequest(name=name))

@@ -217,7 +217,8 @@ class HeadService(pbg.HeadServicer):
         if request.replicas < 0:
             await abort(context, InvalidArgument(f"replicas must be >= 0, got {request.replicas}"))
         try:
-            await self.node.scale(request.name, request.replicas)
+            if_revision = request.if_revision if request.HasField("if_revision") else None
+            await self.node.scale(request.name, request.replicas, if_revision)
         except ShoalError as err:
             await abort(context, err)
         return pb.Empty()

@@ -104,3 +104,17 @@ async def test_an_if_revision_from_before_a_delete_is_refused_after_the_name_is_
             await c.deploy(echo(who="x"), wait=False, if_revision=seen)
         assert [r.number for r in await c.history("echo")] == [3, 4]
         assert (await c.status(("echo",))).deployments[0].spec["options"] == {"who": "c"}
+
+        # A scale chosen for that spec is refused too, over gRPC and by the CLI.
+        with pytest.raises(
+            FailedPrecondition, match="is at revision 4 \\(updated\\), not revision 2: nothing was scaled"
+        ):
+            await c.scale("echo", 3, if_revision=seen)
+        stale = shoal_cli(head.head_address, "scale", "echo", "3", "--if-revision", "3")
+        fresh = shoal_cli(head.head_address, "scale", "echo", "3", "--if-revision", "4")
+        assert stale.returncode == 1, stale
+        assert (
+            "deployment 'echo' is at revision 4 (updated), not revision 3: nothing was scaled" in stale.stderr
+        )
+        assert fresh.returncode == 0, fresh
+        assert (await c.status(("echo",))).deployments[0].spec["replicas"] == 3

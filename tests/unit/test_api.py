@@ -262,7 +262,7 @@ class _SchedulerGone:
     async def status(self) -> object:
         return object()
 
-    async def scale(self, name: str, replicas: int) -> None:
+    async def scale(self, name: str, replicas: int, if_revision: int | None = None) -> None:
         raise Unavailable("scheduler sched-1 is not reachable")
 
     async def close(self) -> None:

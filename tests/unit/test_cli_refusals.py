@@ -126,6 +126,7 @@ def test_a_state_folder_that_cannot_be_one_is_one_line(
         (["scale", "echo", "2147483648"], "replicas", 2**31 - 1),
         (["scale", "echo", "99999999999999999999"], "replicas", 2**31 - 1),
         (["scale", "echo", "-1"], "replicas", 2**31 - 1),
+        (["scale", "echo", "2", "--if-revision", "-1"], "--if-revision", 2**31 - 1),
         (["events", "--limit", "99999999999"], "--limit", 2**31 - 1),
         (["logs", "echo", "--tail-bytes", "99999999999999999999999"], "--tail-bytes", 2**63 - 1),
         (["logs", "head", "--tail-bytes", "-1"], "--tail-bytes", 2**63 - 1),

@@ -184,3 +184,53 @@ async def test_a_name_whose_tombstone_expired_numbers_above_every_revision_it_ha
     assert (await head.apply(make_spec(name="new"))).revision == floor + 1
     assert (await head.apply(make_spec(name="old-69"))).revision == 80
     assert (await head.apply(make_spec())).revision == floor + 1
+
+
+async def test_a_scale_based_on_a_spec_revision_that_is_no_longer_current_is_refused(head: HeadNode) -> None:
+    await head.apply(make_spec("a:M"))
+    seen = head.history.current("app")
+    assert seen is not None  # an operator reads revision 1 (model a:M) and means to scale it
+    await head.apply(make_spec("b:M"), if_revision=1)  # another operator's update: revision 2
+
+    with pytest.raises(RevisionConflict) as err:
+        await head.scale("app", 5, if_revision=seen.number)
+    assert str(err.value) == (
+        "deployment 'app' is at revision 2 (updated), not revision 1: nothing was scaled; look at "
+        "its history ('shoal history app') and scale again with if_revision 2 if the count still fits"
+    )
+    assert head.desired["app"].replicas == 1
+    with pytest.raises(RevisionConflict, match=r"exists already, at revision 2 \(updated\) \(expected none"):
+        await head.scale("app", 5, if_revision=0)
+    with pytest.raises(InvalidArgument, match="if_revision must be a revision number"):
+        await head.scale("app", 5, if_revision=-1)
+    with pytest.raises(NotFound):
+        await head.scale("nothing", 5, if_revision=1)
+
+    await head.scale("app", 5, if_revision=2)
+    await head.scale("app", 3, if_revision=2)  # a scale makes no revision: it guards no other scale
+    assert head.desired["app"].replicas == 3
+    assert [e.kind for e in head.history.events("app")] == ["created", "updated", "scaled", "scaled"]
+
+
+async def test_the_rest_scale_takes_if_revision_and_answers_409(head: HeadNode) -> None:
+    await head.apply(make_spec("a:M"))
+    await head.apply(make_spec("b:M"))
+    transport = httpx.ASGITransport(app=head_app(head))
+    async with httpx.AsyncClient(transport=transport, base_url="http://head") as client:
+        stale = await client.post("/api/deployments/app/scale?if_revision=1", json={"replicas": 4})
+        bad = await client.post("/api/deployments/app/scale?if_revision=-1", json={"replicas": 4})
+        misspelt = await client.post("/api/deployments/app/scale?if_revison=1", json={"replicas": 4})
+        fresh = await client.post("/api/deployments/app/scale?if_revision=2", json={"replicas": 2})
+        schema = (await client.get("/openapi.json")).json()
+
+    assert stale.status_code == 409
+    assert stale.json()["error"].startswith("deployment 'app' is at revision 2 (updated), not revision 1")
+    assert bad.status_code == 400
+    assert bad.json()["error"].startswith("if_revision must be an integer from 0 to 2147483647")
+    assert misspelt.status_code == 400
+    assert misspelt.json()["error"] == "unknown query parameter 'if_revison': only if_revision is known"
+    assert (fresh.status_code, fresh.json()) == (200, {"name": "app", "replicas": 2})
+    assert head.desired["app"].replicas == 2
+    post = schema["paths"]["/api/deployments/{name}/scale"]["post"]
+    assert [p["name"] for p in post["parameters"]] == ["if_revision"]
+    assert "409" in post["responses"]
