@@ -1317,8 +1317,8 @@ def _revision_spec(name: str, rev: Revision) -> DeploymentSpec:
 
 
 def _revision_key(rev: Revision | None) -> tuple[int, float] | None:
-    """Which revision ``rev`` is, also across a delete and a new deploy (numbers go on from
-    the tombstone, but one written by an earlier version holds no number: they start again)."""
+    """Which revision ``rev`` is, also across a delete and a new deploy: numbers go on from the
+    tombstone's, but one written by an earlier shoal version holds none, and the time tells."""
     return None if rev is None else (rev.number, rev.time)
 
 
