@@ -44,6 +44,7 @@ from shoal.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
+    LimitReached,
     NotFound,
     PermissionDenied,
     ShoalError,
@@ -152,8 +153,9 @@ class TokenRegistry:
     ``load()`` once at start-up; then every method may be called concurrently (one event loop).
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, limit: int) -> None:
         self._store = store
+        self.limit = limit  # setting max_tokens: ``create`` makes none past it
         self._by_name: dict[str, TokenRecord] = {}
         # Names of stored tokens whose rows do not parse: they authenticate nobody, but
         # count as tokens, so that a damaged row never reopens the bootstrap.
@@ -193,7 +195,8 @@ class TokenRegistry:
         """A new token; returns its record and its secret (which is not kept anywhere).
 
         The first token must have role admin (FailedPrecondition otherwise); AlreadyExists
-        for a name in use; InvalidArgument for a bad name.
+        for a name in use; InvalidArgument for a bad name; LimitReached when ``limit`` tokens
+        exist (unreadable rows count: they are in the store).
         """
         async with self._lock:
             if self.empty and role != Role.ADMIN:
@@ -208,6 +211,15 @@ class TokenRegistry:
                 )
             if name in self._by_name:
                 raise AlreadyExists(f"a token named {name!r} exists; revoke it first or pick another name")
+            held = len(self._by_name) + len(self.unreadable)
+            if held >= self.limit:
+                raise LimitReached(
+                    "token",
+                    held,
+                    "max_tokens",
+                    name,
+                    "revoke tokens no longer used ('shoal token revoke NAME')",
+                )
             secret = new_secret()
             rec = TokenRecord(name, role, hash_secret(secret), time.time())
             await self._store.put(TOKENS + name, rec.to_json())

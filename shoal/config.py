@@ -233,6 +233,18 @@ class Settings:
     control_rate_limit: float = 100.0
     """Requests per second one client (its token, else its address) may make on the head's
     control API (bursts up to twice that); 0 turns the limit off."""
+    max_deployments: int = 2000
+    """Most deployments the head keeps (broken ones count); creating one more is refused
+    (``LimitReached``: RESOURCE_EXHAUSTED / HTTP 409), updating or deleting one is not. Each
+    costs the head work at every reconcile pass and every routing table it sends, and lines
+    of its status and metrics (``docs/operations.md``, "Limits of the head")."""
+    max_routes: int = 2000
+    """Most traffic routes the head keeps; creating one more is refused as past
+    ``max_deployments``. Every routing table the head sends carries all of them."""
+    max_tokens: int = 1000
+    """Most tokens the head keeps; creating one more is refused as past ``max_deployments``.
+    Every control call compares its token with each of them, and every routing table
+    carries their hashes."""
     allowed_model_dirs: tuple[str, ...] = ()
     """Folders that model code and files may come from (``python`` modules, ``sklearn`` and
     ``onnx`` files); a spec naming anything outside is refused. Empty: any folder. In the
@@ -453,6 +465,10 @@ _RANGES: dict[str, _Range] = {
     "http_max_connections": _NATURAL,
     "sse_keepalive_s": _NATURAL,
     "control_rate_limit": _NATURAL,
+    # A bound, not off at 0: with none, one deploy token's loop stalled the head for everyone.
+    "max_deployments": _ONE_OR_MORE,
+    "max_routes": _ONE_OR_MORE,
+    "max_tokens": _ONE_OR_MORE,
     "artifact_cache_mb": _NATURAL,
     "max_blob_mb": _NATURAL,
     "max_blobs_mb": _NATURAL,

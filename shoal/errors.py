@@ -11,6 +11,7 @@ codes, :data:`HTTP_STATUS` to HTTP. Nothing else converts errors.
     +-- FailedPrecondition   the call is valid but not now (e.g. replica draining)
     |   +-- RevisionConflict an apply's if_revision is not the deployment's revision (HTTP 409)
     +-- ResourceExhausted    a queue or limit is full: back off and retry later
+    |   +-- LimitReached     the head holds as many of a kind as a setting allows (HTTP 409)
     +-- DeadlineExceeded     the request's timeout passed before an answer
     |   +-- HeadSilent       the head takes connections and does not answer
     +-- Unavailable          a peer cannot be reached; safe to retry elsewhere
@@ -130,6 +131,25 @@ class BlocksLoop(FailedPrecondition):
 
 class ResourceExhausted(ShoalError):
     code = Code.RESOURCE_EXHAUSTED
+
+
+class LimitReached(ResourceExhausted):
+    """A create past a bound on what the head keeps (``max_deployments``, ``max_routes``,
+    ``max_tokens``): nothing was written. RESOURCE_EXHAUSTED over gRPC; 409 (Conflict) over
+    HTTP, not 503 or 429: those say "retry shortly", and retrying cannot help until a client
+    deletes something or an operator raises the setting. Clients retry neither 409 nor
+    RESOURCE_EXHAUSTED by default (gRPC's retry policies, urllib3's ``Retry``, shoal's own
+    channels, which retry UNAVAILABLE alone)."""
+
+    def __init__(self, kind: str, held: int, setting: str, name: str, remedy: str) -> None:
+        super().__init__(
+            f"the head holds {held} {kind}s, its limit (setting {setting}): {kind} {name!r} was not "
+            f"created; {remedy}, or raise {setting}"
+        )
+
+    @property
+    def http_status(self) -> int:
+        return 409
 
 
 class DeadlineExceeded(ShoalError):

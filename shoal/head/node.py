@@ -56,6 +56,7 @@ from shoal.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
+    LimitReached,
     NotFound,
     RevisionConflict,
     ShoalError,
@@ -175,9 +176,9 @@ class HeadNode:
         self.targets: dict[str, int] = {}  # autoscaled deployments: the current replica count
         self._target_errors: dict[str, str] = {}  # deployments whose count failed: the error logged
         self.scale_decisions: collections.Counter[tuple[str, str]] = collections.Counter()  # (name, up|down)
-        self.tokens = TokenRegistry(store)
+        self.tokens = TokenRegistry(store, settings.max_tokens)
         self.history = History(store)
-        self.traffic = TrafficRoutes(store)
+        self.traffic = TrafficRoutes(store, settings.max_routes)
         # The cluster's artifact store (shoal.head.blobs): a spec naming a blob it lacks is refused.
         self.blobs: BlobStore | None = None
         # Earlier revisions' specs, parsed once: (name, number, spec hash) -> spec.
@@ -216,6 +217,7 @@ class HeadNode:
             len(self.broken),
             len(self.deleted),
         )
+        self._warn_over_limits()
         # On every start, an empty store included (it may be new, truncated or not this
         # cluster's): otherwise the first scheduler to register looks like the whole cluster
         # and the head starts replicas that the others are already running.
@@ -405,6 +407,7 @@ class HeadNode:
             if if_revision is not None:
                 self._check_revision(spec.name, if_revision)
             self.traffic.check_deployment_name(spec.name)
+            self._check_room(spec.name)
             old = self.desired.get(spec.name)
             if old is not None:
                 # The restart count is the head's (shoal restart): a spec file does not reset it.
@@ -801,6 +804,40 @@ class HeadNode:
         if spec is None:
             raise NotFound(f"no deployment named {limits.shown(repr(name))}")
         return spec
+
+    def _warn_over_limits(self) -> None:
+        """Log each kind the store holds more of than its setting allows (the setting was
+        lowered): all are kept and served; creating more is refused until some are deleted."""
+        held = {
+            "max_deployments": len(self.desired) + len(self.broken),
+            "max_routes": len(self.traffic.routes),
+            "max_tokens": len(self.tokens.list()) + len(self.tokens.unreadable),
+        }
+        for setting, count in held.items():
+            limit = getattr(self.settings, setting)
+            if count > limit:
+                log.warning(
+                    "the store holds %d of what setting %s bounds to %d: all are kept; creating more "
+                    "is refused until fewer than %d are left",
+                    count,
+                    setting,
+                    limit,
+                    limit,
+                )
+
+    def _check_room(self, name: str) -> None:
+        """LimitReached when deployment ``name`` is a new one and the head holds
+        ``max_deployments`` already (broken ones count: they are in the store too). Under the
+        lock, before anything is written."""
+        held = len(self.desired) + len(self.broken)
+        if name not in self.desired and name not in self.broken and held >= self.settings.max_deployments:
+            raise LimitReached(
+                "deployment",
+                held,
+                "max_deployments",
+                name,
+                "delete deployments no longer used ('shoal delete NAME')",
+            )
 
     def _refresh_resources(self) -> None:
         self.state.resources_of = {n: Capacity.of(s.resources) for n, s in self.desired.items()}

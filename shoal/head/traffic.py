@@ -14,7 +14,7 @@ import logging
 from collections.abc import Collection
 
 from shoal.core.traffic import TrafficRoute, parse_route_json
-from shoal.errors import FailedPrecondition, InvalidArgument, NotFound
+from shoal.errors import FailedPrecondition, InvalidArgument, LimitReached, NotFound
 from shoal.store.base import Store
 
 log = logging.getLogger("shoal.head")
@@ -25,8 +25,9 @@ ROUTES = "routes/"
 class TrafficRoutes:
     """Routes by name, mirrored in the store. Not locked: the head calls it under its lock."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, limit: int) -> None:
         self.store = store
+        self.limit = limit  # setting max_routes: ``set`` creates none past it
         self.routes: dict[str, TrafficRoute] = {}
 
     async def load(self) -> None:
@@ -49,7 +50,8 @@ class TrafficRoutes:
         deployment's or it sends to a ``protected`` one (its spec's ``auth.tokens``: tokens are
         checked by the name called) or is a route itself (routes do not chain), NotFound
         naming a target of weight above 0 (or the shadow) that is no deployment: a target of
-        weight 0 is not checked."""
+        weight 0 is not checked. LimitReached for a new route when ``limit`` routes exist
+        (replacing one is never refused). Nothing is written unless it returns."""
         if route.name in deployments:
             raise FailedPrecondition(
                 f"route {route.name!r}: a deployment has that name; a route needs a name of its own"
@@ -76,6 +78,14 @@ class TrafficRoutes:
             )
         if self.routes.get(route.name) == route:
             return False
+        if route.name not in self.routes and len(self.routes) >= self.limit:
+            raise LimitReached(
+                "route",
+                len(self.routes),
+                "max_routes",
+                route.name,
+                "delete routes no longer used ('shoal route --delete NAME')",
+            )
         await self.store.put(ROUTES + route.name, route.to_json())
         self.routes[route.name] = route
         return True

@@ -502,7 +502,10 @@ def openapi_schema() -> dict[str, Any]:
                         "200": ok("updated or unchanged: name, created, changed, revision, change"),
                         "201": ok("created"),
                         "400": err("invalid spec, or invalid if_revision"),
-                        "409": err("if_revision is not the deployment's revision: the message names it"),
+                        "409": err(
+                            "if_revision is not the deployment's revision: the message names it; or a new "
+                            "deployment past max_deployments (setting max_deployments in the message)"
+                        ),
                     },
                 },
             },
@@ -622,6 +625,7 @@ def openapi_schema() -> dict[str, Any]:
                         "200": ok("the route", _ROUTE),
                         "400": err("invalid route, or a deployment has its name"),
                         "404": err("a target is no deployment"),
+                        "409": err("a new route past max_routes (setting max_routes in the message)"),
                     },
                 },
                 "delete": {

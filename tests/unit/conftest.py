@@ -2,8 +2,10 @@
 a ``MemoryStore``, and fake schedulers; and ``on_each_loop``, which runs a test's body under
 uvloop and under asyncio's own loop. A test module may define its own of the same name.
 
-:func:`make_spec` builds the small deployment specs the unit tests share; import it from
-``tests.unit.conftest``."""
+:func:`make_spec` builds the small deployment specs the unit tests share, and
+:class:`FakeContext` stands for a gRPC servicer's context; import them from
+``tests.unit.conftest``. ``rest`` is an HTTP client of the head app over a module's own
+``head`` fixture."""
 
 from __future__ import annotations
 
@@ -11,10 +13,14 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
+import grpc
+import httpx
 import pytest
 
 from shoal.core.clock import FakeClock
 from shoal.core.spec import DeploymentSpec, parse_spec
+from shoal.head.node import HeadNode
+from shoal.http.head import head_app
 from shoal.store import MemoryStore
 from shoal.testing.fakes import FakeSchedulers
 
@@ -70,3 +76,33 @@ def make_spec(
     if cpus is not None:
         doc["resources"] = {"cpus": cpus}
     return parse_spec({**doc, **fields})
+
+
+@pytest.fixture
+async def rest(head: HeadNode) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client of the head's app (``head_app``) over the module's ``head`` fixture."""
+    transport = httpx.ASGITransport(app=head_app(head))
+    async with httpx.AsyncClient(transport=transport, base_url="http://head") as client:
+        yield client
+
+
+class Aborted(Exception):
+    """What :meth:`FakeContext.abort` raises, as gRPC's ``abort`` raises to end the call."""
+
+
+class FakeContext:
+    """A gRPC servicer's context: it keeps the code and details a call aborts with."""
+
+    def __init__(self) -> None:
+        self.code: grpc.StatusCode | None = None
+        self.details = ""
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.code, self.details = code, details
+        raise Aborted(details)
+
+    def invocation_metadata(self) -> tuple[()]:
+        return ()
+
+    def peer(self) -> str:
+        return "ipv4:10.1.2.3:5000"

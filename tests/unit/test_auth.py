@@ -76,7 +76,7 @@ async def store() -> AsyncIterator[MemoryStore]:
 
 
 async def test_registry_bootstrap_create_revoke_and_reload(store: MemoryStore) -> None:
-    tokens = TokenRegistry(store)
+    tokens = TokenRegistry(store, Settings().max_tokens)
     await tokens.load()
     assert tokens.empty
     with pytest.raises(FailedPrecondition, match="first token must have role admin"):
@@ -94,7 +94,7 @@ async def test_registry_bootstrap_create_revoke_and_reload(store: MemoryStore) -
     # Only hashes are stored.
     stored = " ".join(e.value for e in await store.list(auth.TOKENS))
     assert admin_secret not in stored and admin.hash in stored
-    again = TokenRegistry(store)
+    again = TokenRegistry(store, Settings().max_tokens)
     await again.load()
     assert [r.name for r in again.list()] == sorted(["root", reader.name])
     await again.revoke(reader.name)
@@ -105,7 +105,7 @@ async def test_registry_bootstrap_create_revoke_and_reload(store: MemoryStore) -
 
 
 async def test_check_control_bootstrap_and_roles(store: MemoryStore) -> None:
-    tokens = TokenRegistry(store)
+    tokens = TokenRegistry(store, Settings().max_tokens)
     await tokens.load()
     # No token yet: open, except token management, which only the first create from loopback may do.
     assert check_control(tokens, None, Role.DEPLOY, what="x", loopback=False) is None
@@ -224,13 +224,6 @@ async def test_head_refuses_models_outside_allowed_dirs(store: MemoryStore, tmp_
                 await node.apply(bad)
     finally:
         await node.aclose()
-
-
-@pytest.fixture
-async def rest(head: HeadNode) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=head_app(head))
-    async with httpx.AsyncClient(transport=transport, base_url="http://head") as client:
-        yield client
 
 
 def operations() -> list[tuple[str, str, Role]]:

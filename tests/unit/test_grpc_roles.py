@@ -124,7 +124,7 @@ async def test_every_method_of_every_served_service_admits_whom_the_docs_say() -
         ],
         "replica": [pb.DESCRIPTOR.services_by_name["Replica"]],
     }
-    tokens = TokenRegistry(MemoryStore())
+    tokens = TokenRegistry(MemoryStore(), limit=10)
     secrets: dict[Role | None, str | None] = {None: None}
     for role in reversed(Role):  # the first token is an admin's
         _, secrets[role] = await tokens.create(role, str(role))

@@ -26,6 +26,7 @@ from shoal.scheduler.router import Router
 from shoal.testing.fakes import FakeReplicas
 from shoal.testing.wait import until
 from shoal.types import DeploymentRoutes, HeadLink, Route, RoutingTable
+from tests.unit.conftest import Aborted, FakeContext
 
 CONFIG = 'platform: "onnxruntime_onnx"\nmax_batch_size: 4\n'
 
@@ -240,26 +241,6 @@ async def test_without_a_repository_load_and_unload_are_not_implemented(schedule
         for action in ("load", "unload"):
             reply = await client.post(f"/v2/repository/models/iris/{action}")
             assert reply.status_code == 501 and "--model-repository" in reply.json()["error"]
-
-
-class Aborted(Exception):
-    pass
-
-
-class FakeContext:
-    def __init__(self) -> None:
-        self.code: grpc.StatusCode | None = None
-        self.details = ""
-
-    async def abort(self, code: grpc.StatusCode, details: str) -> None:
-        self.code, self.details = code, details
-        raise Aborted(details)
-
-    def invocation_metadata(self) -> tuple[()]:
-        return ()
-
-    def peer(self) -> str:
-        return "ipv4:10.1.2.3:5000"
 
 
 async def test_load_unload_and_index_over_grpc(scheduler: Scheduler) -> None:
