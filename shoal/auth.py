@@ -213,7 +213,7 @@ class TokenRegistry:
                 raise AlreadyExists(f"a token named {name!r} exists; revoke it first or pick another name")
             held = len(self._by_name) + len(self.unreadable)
             if held >= self.limit:
-                raise LimitReached(
+                raise LimitReached.count(
                     "token",
                     held,
                     "max_tokens",

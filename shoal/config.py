@@ -245,6 +245,11 @@ class Settings:
     """Most tokens the head keeps; creating one more is refused as past ``max_deployments``.
     Every control call compares its token with each of them, and every routing table
     carries their hashes."""
+    max_specs_mb: int = 1024
+    """Most megabytes of deployment specs the head keeps: the JSON of each deployment's
+    spec and of its kept revisions (up to 20 each; a spec may take 2 MiB). Once over it,
+    an apply that changes a spec is refused as past ``max_deployments``; a restart or
+    rollback is not, nor a delete, which makes room."""
     allowed_model_dirs: tuple[str, ...] = ()
     """Folders that model code and files may come from (``python`` modules, ``sklearn`` and
     ``onnx`` files); a spec naming anything outside is refused. Empty: any folder. In the
@@ -469,6 +474,7 @@ _RANGES: dict[str, _Range] = {
     "max_deployments": _ONE_OR_MORE,
     "max_routes": _ONE_OR_MORE,
     "max_tokens": _ONE_OR_MORE,
+    "max_specs_mb": _ONE_OR_MORE,
     "artifact_cache_mb": _NATURAL,
     "max_blob_mb": _NATURAL,
     "max_blobs_mb": _NATURAL,

@@ -135,14 +135,16 @@ class ResourceExhausted(ShoalError):
 
 class LimitReached(ResourceExhausted):
     """A create past a bound on what the head keeps (``max_deployments``, ``max_routes``,
-    ``max_tokens``): nothing was written. RESOURCE_EXHAUSTED over gRPC; 409 (Conflict) over
+    ``max_tokens``, ``max_specs_mb``): nothing was written. RESOURCE_EXHAUSTED over gRPC; 409 (Conflict) over
     HTTP, not 503 or 429: those say "retry shortly", and retrying cannot help until a client
     deletes something or an operator raises the setting. Clients retry neither 409 nor
     RESOURCE_EXHAUSTED by default (gRPC's retry policies, urllib3's ``Retry``, shoal's own
     channels, which retry UNAVAILABLE alone)."""
 
-    def __init__(self, kind: str, held: int, setting: str, name: str, remedy: str) -> None:
-        super().__init__(
+    @classmethod
+    def count(cls, kind: str, held: int, setting: str, name: str, remedy: str) -> LimitReached:
+        """The refusal of a new ``kind`` named ``name`` when the head holds ``held``."""
+        return cls(
             f"the head holds {held} {kind}s, its limit (setting {setting}): {kind} {name!r} was not "
             f"created; {remedy}, or raise {setting}"
         )

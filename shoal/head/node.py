@@ -415,6 +415,7 @@ class HeadNode:
             changed = old is None or not old.same_as(spec)
             change = describe_change(old, spec) if changed else ""
             if changed:
+                self._check_spec_room(spec)
                 # The spec, the tombstone lifted, the revision and the event: one commit, and
                 # nothing in memory changes unless the store took all of it.
                 batch = Batch()
@@ -831,12 +832,27 @@ class HeadNode:
         lock, before anything is written."""
         held = len(self.desired) + len(self.broken)
         if name not in self.desired and name not in self.broken and held >= self.settings.max_deployments:
-            raise LimitReached(
+            raise LimitReached.count(
                 "deployment",
                 held,
                 "max_deployments",
                 name,
                 "delete deployments no longer used ('shoal delete NAME')",
+            )
+
+    def _check_spec_room(self, spec: DeploymentSpec) -> None:
+        """LimitReached when the specs the head keeps (each deployment's and its kept
+        revisions') would pass ``max_specs_mb`` with ``spec`` (its row and its revision; an
+        update's old row is counted too). Under the lock, before anything is written."""
+        held = sum(len(s.to_json()) for s in self.desired.values()) + self.history.spec_chars()
+        size = len(spec.to_json())
+        if held + 2 * size > self.settings.max_specs_mb * 2**20:
+            raise LimitReached(
+                f"the head keeps {held / 2**20:.1f} MB of deployment specs (each deployment's and its "
+                f"revisions'), and deployment {spec.name!r}'s spec of {size} bytes would pass its limit "
+                f"(setting max_specs_mb, {self.settings.max_specs_mb} MB): nothing was applied; delete "
+                "deployments no longer used ('shoal delete NAME': their revisions go with them), or "
+                "raise max_specs_mb"
             )
 
     def _refresh_resources(self) -> None:

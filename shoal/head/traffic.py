@@ -79,7 +79,7 @@ class TrafficRoutes:
         if self.routes.get(route.name) == route:
             return False
         if route.name not in self.routes and len(self.routes) >= self.limit:
-            raise LimitReached(
+            raise LimitReached.count(
                 "route",
                 len(self.routes),
                 "max_routes",

@@ -15,6 +15,7 @@ import pytest
 
 from shoal.config import Settings
 from shoal.core.clock import FakeClock
+from shoal.core.spec import DeploymentSpec
 from shoal.core.traffic import parse_route
 from shoal.errors import InvalidArgument
 from shoal.head.node import HeadNode
@@ -173,7 +174,51 @@ async def test_a_store_holding_more_than_a_lowered_limit_keeps_all_and_creates_n
         await head.aclose()
 
 
-@pytest.mark.parametrize("setting", ["max_deployments", "max_routes", "max_tokens"])
+@pytest.mark.parametrize("setting", ["max_deployments", "max_routes", "max_tokens", "max_specs_mb"])
 def test_a_limit_of_0_is_refused_at_start_naming_the_setting(setting: str) -> None:
     with pytest.raises(InvalidArgument, match=f"{setting} must be >= 1, got '0'"):
         Settings.load(env={f"SHOAL_{setting.upper()}": "0"})
+
+
+def big_spec(name: str, version: int = 0) -> DeploymentSpec:
+    """A spec of about 300 kB: an output's labels, which a spec may hold up to 2 MiB of."""
+    labels = [f"class-{i}-" + "x" * 240 for i in range(1200)]
+    output = {"name": "y", "datatype": "FP32", "shape": [-1], "labels": labels}
+    return make_spec(name, 0, outputs=[output], options={"version": version})
+
+
+async def test_specs_past_max_specs_mb_are_refused_and_a_delete_makes_room(
+    store: MemoryStore, fleet: FakeSchedulers, clock: FakeClock
+) -> None:
+    head = HeadNode(Settings(max_specs_mb=1), store, fleet, clock)
+    try:
+        service = HeadService(head)
+        first = pb.ApplyDeploymentRequest(spec_json=big_spec("a").to_json())
+        await service.ApplyDeployment(first, cast(Any, FakeContext()))  # its row and its revision: 0.6 MB
+        keys = await stored(store)
+
+        second = pb.ApplyDeploymentRequest(spec_json=big_spec("b").to_json())
+        context = await refused(lambda ctx: service.ApplyDeployment(second, ctx))
+        assert context.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert context.details == (
+            f"the head keeps 0.6 MB of deployment specs (each deployment's and its revisions'), and "
+            f"deployment 'b''s spec of {len(big_spec('b').to_json())} bytes would pass its limit (setting "
+            "max_specs_mb, 1 MB): nothing was applied; delete deployments no longer used ('shoal delete "
+            "NAME': their revisions go with them), or raise max_specs_mb"
+        )
+        update = pb.ApplyDeploymentRequest(spec_json=big_spec("a", version=2).to_json())
+        assert (
+            "setting max_specs_mb"
+            in (await refused(lambda ctx: service.ApplyDeployment(update, ctx))).details
+        )
+        assert await stored(store) == keys
+
+        assert not (await service.ApplyDeployment(first, cast(Any, FakeContext()))).changed  # the same spec
+        # A restart is never refused, and its revision counts.
+        await service.RestartDeployment(pb.DeploymentRequest(name="a"), cast(Any, FakeContext()))
+        context = await refused(lambda ctx: service.ApplyDeployment(second, ctx))
+        assert context.details.startswith("the head keeps 0.9 MB of deployment specs")
+        await service.DeleteDeployment(pb.DeleteDeploymentRequest(name="a"), cast(Any, FakeContext()))
+        assert (await service.ApplyDeployment(second, cast(Any, FakeContext()))).created
+    finally:
+        await head.aclose()
