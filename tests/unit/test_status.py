@@ -5,6 +5,7 @@ stored spec was unreadable."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -83,6 +84,29 @@ async def test_rest_and_grpc_serve_the_same_json(head: HeadNode) -> None:
     assert over_rest == over_grpc
     [echo] = [d for d in over_rest["deployments"] if d["name"] == "echo"]
     assert echo["ready_replicas"] == 1 and echo["replicas"][0]["state"] == "READY"
+
+
+async def test_the_status_json_holds_plain_strings_and_mappings_field_by_field(head: HeadNode) -> None:
+    """What ``shoal status --json`` writes and a YAML or msgpack writer takes: states as plain
+    ``str`` (not the enum), capacities as mappings, every field in its declared order."""
+    doc = (await head.status()).to_json()
+    [scheduler] = doc["schedulers"]
+    assert type(scheduler["state"]) is str and scheduler["state"] == "ALIVE"
+    assert scheduler["capacity"] == {"cpus": 4, "memory_mb": 4096, "gpus": 0}
+    assert type(scheduler["allocated"]) is dict
+    [echo] = [d for d in doc["deployments"] if d["name"] == "echo"]
+    [replica] = echo["replicas"]
+    assert type(replica["state"]) is str and replica["state"] == "READY"
+    assert list(replica) == [f.name for f in dataclasses.fields(ReplicaStatus)]
+    assert list(echo)[:7] == [
+        "name",
+        "target_replicas",
+        "pending_reason",
+        "broken",
+        "spec",
+        "replicas",
+        "revision",
+    ]
 
 
 def test_an_unknown_replica_state_from_a_newer_peer_is_starting_not_an_error() -> None:
