@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import heapq
 import itertools
 import json
 import logging
@@ -101,6 +102,9 @@ TOMBSTONE_TTL_S = 7 * 86_400.0
 """A tombstone older than this, of a deployment no scheduler reports a replica of, is
 dropped at the next delete. A replica that shows up later anyway (its scheduler was away
 for a week) is kept and listed, like any replica the store does not know."""
+TOMBSTONES_PER_DEPLOYMENT = 10
+"""Tombstones kept, times ``max_deployments``: past it a delete drops the oldest (of
+deployments no scheduler reports a replica of) before their TOMBSTONE_TTL_S."""
 FOLLOW_CHECK_S = 1.0
 """How often a log follow checks that the replica's scheduler is still alive."""
 
@@ -729,12 +733,7 @@ class HeadNode:
             last = max(history.forget(name), self._last_revisions.get(name, 0))
             batch.put(TOMBSTONES + name, json.dumps({"deleted_at": now, "revision": last}))
             history.record(name, "deleted", "deleted; its replicas drain and stop")
-            running_names = {r.deployment for r in self.state.replicas.values()}
-            expired = [
-                n
-                for n, at in self.deleted.items()
-                if at < now - TOMBSTONE_TTL_S and n not in running_names and n != name
-            ]
+            expired = self._expired_tombstones(name, now)
             # What the commit has room for (and the floor); the rest go at a later delete.
             expired = expired[: max(0, MAX_COMMIT - len(batch.puts) - len(batch.deletes) - 1)]
             for old in expired:
@@ -805,6 +804,24 @@ class HeadNode:
         if spec is None:
             raise NotFound(f"no deployment named {limits.shown(repr(name))}")
         return spec
+
+    def _expired_tombstones(self, name: str, now: float) -> list[str]:
+        """The tombstones a delete of ``name`` drops, of deployments no scheduler reports a
+        replica of: those older than TOMBSTONE_TTL_S, and, past TOMBSTONES_PER_DEPLOYMENT
+        times ``max_deployments``, the oldest others. Each delete leaves one, and a client
+        deleting and creating new names in a loop grew them for a week: at 100,000, each
+        delete and each status took 7 ms more. Under the lock."""
+        running = {r.deployment for r in self.state.replicas.values()}
+        gone = [n for n in self.deleted if n not in running and n != name]
+        expired = [n for n in gone if self.deleted[n] < now - TOMBSTONE_TTL_S]
+        excess = len(self.deleted) + (name not in self.deleted) - len(expired)
+        excess -= TOMBSTONES_PER_DEPLOYMENT * self.settings.max_deployments
+        if excess > 0:
+            old = set(expired)
+            expired += heapq.nsmallest(
+                excess, (n for n in gone if n not in old), key=self.deleted.__getitem__
+            )
+        return expired
 
     def _warn_over_limits(self) -> None:
         """Log each kind the store holds more of than its setting allows (the setting was

@@ -6,6 +6,8 @@ further apply take 149 ms of the head's event loop and each reconcile pass 111 m
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
@@ -220,5 +222,25 @@ async def test_specs_past_max_specs_mb_are_refused_and_a_delete_makes_room(
         assert context.details.startswith("the head keeps 0.9 MB of deployment specs")
         await service.DeleteDeployment(pb.DeleteDeploymentRequest(name="a"), cast(Any, FakeContext()))
         assert (await service.ApplyDeployment(second, cast(Any, FakeContext()))).created
+    finally:
+        await head.aclose()
+
+
+async def test_past_ten_tombstones_a_deployment_a_delete_drops_the_oldest(
+    store: MemoryStore, fleet: FakeSchedulers, clock: FakeClock
+) -> None:
+    an_hour_ago = time.time() - 3600
+    for i in range(12):  # deleted an hour ago, t00 first: a week would pass before any went
+        await store.put(f"tombstones/t{i:02d}", json.dumps({"deleted_at": an_hour_ago + i}))
+    head = HeadNode(Settings(max_deployments=1), store, fleet, clock)
+    await head.start()
+    try:
+        await head.apply(make_spec("x", 0))
+        await head.delete("x")
+        kept = ["x", *(f"t{i:02d}" for i in range(3, 12))]
+        assert sorted(head.deleted) == sorted(kept)
+        assert sorted(e.key for e in await store.list("tombstones/")) == sorted(
+            f"tombstones/{n}" for n in kept
+        )
     finally:
         await head.aclose()
