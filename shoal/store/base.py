@@ -258,9 +258,12 @@ class BufferedWatch:
         replay: Callable[[], Awaitable[Sequence[Event]]] | None,
         max_pending: int,
         on_close: Callable[[BufferedWatch], None],
+        after: int = 0,
     ) -> None:
         self._prefix = prefix
-        self._floor = start_revision or 0  # events at or below this revision are not delivered
+        # Events at or below this revision are not delivered: those before ``start_revision``,
+        # or without one, those committed before the watch (``after``).
+        self._floor = start_revision if start_revision is not None else after
         self._replay = replay
         self._max_pending = max_pending
         self._on_close = on_close
@@ -357,8 +360,13 @@ class WatchHub:
         prefix: str,
         start_revision: int | None,
         replay: Callable[[], Awaitable[Sequence[Event]]] | None,
+        *,
+        after: int = 0,
     ) -> BufferedWatch:
-        """Register a new watch; it buffers every event published from now on.
+        """Register a new watch; it buffers every event published from now on, above
+        revision ``after`` when it has no ``start_revision``: a store whose events are
+        published later than its writes are answered (etcd's) names the newest revision
+        written so far, which the watch must not be handed.
 
         The caller validates ``prefix`` and ``start_revision`` (:func:`check_watch`).
         """
@@ -368,6 +376,7 @@ class WatchHub:
             replay=replay,
             max_pending=self._max_pending,
             on_close=self._watches.discard,
+            after=after,
         )
         self._watches.add(watch)
         return watch

@@ -277,7 +277,9 @@ class EtcdStore:
                 return [e for e in history if e.key.startswith(prefix)]
 
             replay = replay_history
-        return self._hub.watch(prefix, start_revision, replay)
+        # This process's own writes reach the hub through etcd's watch, after their answers:
+        # one made before this watch may not have arrived yet, and is not this watch's.
+        return self._hub.watch(prefix, start_revision, replay, after=self._written)
 
     # -- writing --------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import sqlite3
 import subprocess
 import threading
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
@@ -755,6 +755,31 @@ async def test_etcd_a_commit_over_the_request_limit_writes_nothing(etcd: EtcdClu
         await assert_quiet(watch)
         assert await store.commit({"k": "after", "small": "x"}) == 3
         assert [e.revision for e in await take(watch, 2)] == [2, 3]
+    finally:
+        await store.close()
+
+
+async def test_etcd_a_watch_made_after_a_write_does_not_get_that_write(
+    etcd: EtcdCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """etcd tells this process of its own writes through its watch, a little later than the
+    write's answer: under load a watch made right after a put was handed that put. Here
+    every delivery is held back 0.2 s, as a loaded machine does."""
+    store = await open_etcd_store(etcd)
+    deliver = store._deliver
+
+    async def late(events: Sequence[Event]) -> None:
+        await asyncio.sleep(0.2)
+        await deliver(events)
+
+    monkeypatch.setattr(store, "_deliver", late)
+    try:
+        await store.put("k", "before")
+        watch = store.watch()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(anext(watch), 0.5)
+        assert await store.put("k", "after") == 2
+        assert [e.revision for e in await take(watch, 1)] == [2]
     finally:
         await store.close()
 
