@@ -74,6 +74,9 @@ class DeploymentRoutes:
     """Hashes of the tokens the spec's ``auth.tokens`` names (that exist)."""
     revision: int = 0
     """The deployment's current revision, the one ``spec`` is (0: none kept)."""
+    failed: str = ""
+    """Why the deployment is FAILED (its replicas died starting; none is started again until
+    the next deploy), or "": a request that finds none of its replicas is refused with it."""
 
 
 @dataclass(frozen=True)

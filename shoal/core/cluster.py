@@ -893,6 +893,15 @@ class ClusterState:
         """Give back an entry of :meth:`take_failed` its caller could not handle now."""
         self._newly_failed.append(failed)
 
+    def failed(self, spec: DeploymentSpec) -> str:
+        """Why ``spec``'s deployment is FAILED (the last failure's message), or "" when it is
+        not: its replicas of this spec died starting ``FAILED_AFTER`` times in a row, and none
+        is started again until the next deploy."""
+        f = self._failures.get(spec.name)
+        if f is None or f.crashes < FAILED_AFTER or f.spec_hash != spec.process_hash():
+            return ""
+        return f.last_message
+
     def clear_start_failures(self, deployment: str) -> bool:
         """Forget ``deployment``'s failed starts (a new deploy, even of the same spec, is a new
         try: the user may have fixed the model's code). True when there were any."""

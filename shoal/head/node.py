@@ -109,7 +109,7 @@ FOLLOW_CHECK_S = 1.0
 """How often a log follow checks that the replica's scheduler is still alive."""
 
 SchedulerClientFactory = Callable[[str, str], SchedulerClient]
-_EntryInputs = tuple[DeploymentSpec, tuple[str, ...], int, dict[str, int]]
+_EntryInputs = tuple[DeploymentSpec, tuple[str, ...], int, dict[str, int], str]
 
 
 @dataclass(frozen=True)
@@ -1160,7 +1160,7 @@ class HeadNode:
         table = {}
         for name in self.desired:
             if name in stale:
-                spec, allowed, revision, number = inputs[name]
+                spec, allowed, revision, number, failed = inputs[name]
                 table[name] = DeploymentRoutes(
                     spec=spec,
                     # Without load (in_flight 0): a table that changed with every health update
@@ -1171,6 +1171,7 @@ class HeadNode:
                     ),
                     allowed_tokens=allowed,
                     revision=revision,
+                    failed=failed,
                 )
             else:
                 table[name] = old[name]
@@ -1184,7 +1185,8 @@ class HeadNode:
         revisions = self.history.revisions(name)
         number = {rev.spec_hash: rev.number for rev in revisions}
         allowed = self.tokens.hashes(required_tokens(spec))
-        return (spec, allowed, revisions[-1].number if revisions else 0, number)
+        failed = self.state.failed(spec)
+        return (spec, allowed, revisions[-1].number if revisions else 0, number, failed)
 
     async def _publish_routes(self) -> None:
         """A new table version when the routes changed, and the streams told."""

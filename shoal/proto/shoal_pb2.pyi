@@ -418,6 +418,7 @@ class DeploymentRoutes(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     ROUTES_DELTA_FIELD_NUMBER: _builtins.int
     REMOVED_ROUTES_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
     spec_json: _builtins.str
     """the deployment's spec: limits, timeout, inputs/outputs"""
     revision: _builtins.int
@@ -427,6 +428,10 @@ class DeploymentRoutes(_message.Message):
     routes new or changed since the entry sent before on the stream, removed_routes the
     replica ids gone from it (after 100 of 1,000 schedulers died, every entry changed and
     each of 900 streams got every route again: 0.45 MB each).
+    """
+    failed: _builtins.str
+    """Non-empty while the deployment is FAILED (its replicas died starting, none is started
+    again until the next deploy): why. A request that finds no replica is refused with it.
     """
     @_builtins.property
     def routes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Route]: ...
@@ -445,10 +450,11 @@ class DeploymentRoutes(_message.Message):
         revision: _builtins.int = ...,
         routes_delta: _builtins.bool = ...,
         removed_routes: _abc.Iterable[_builtins.str] | None = ...,
+        failed: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_token_hashes", b"allowed_token_hashes", "removed_routes", b"removed_routes", "revision", b"revision", "routes", b"routes", "routes_delta", b"routes_delta", "spec_json", b"spec_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_token_hashes", b"allowed_token_hashes", "failed", b"failed", "removed_routes", b"removed_routes", "revision", b"revision", "routes", b"routes", "routes_delta", b"routes_delta", "spec_json", b"spec_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -278,6 +278,7 @@ class RoutingTableDecoder:
                 routes=routes,
                 allowed_tokens=tuple(dep.allowed_token_hashes),
                 revision=dep.revision,
+                failed=dep.failed,
             )
         self._last = deployments
         return RoutingTable(

@@ -271,6 +271,7 @@ def routes_to_pb(dep: DeploymentRoutes) -> pb.DeploymentRoutes:
             for r in dep.routes
         ],
         revision=dep.revision,
+        failed=dep.failed,
     )
 
 

@@ -294,7 +294,8 @@ class HeadService(pbg.HeadServicer):
 def _route_delta(before: DeploymentRoutes, dep: DeploymentRoutes) -> pb.DeploymentRoutes | None:
     """``dep`` as a change to ``before``: the routes new or changed and the replica ids gone;
     None when anything else in the entry changed or the change is not smaller than ``dep``."""
-    if (before.spec, before.allowed_tokens, before.revision) != (dep.spec, dep.allowed_tokens, dep.revision):
+    kept = (before.spec, before.allowed_tokens, before.revision, before.failed)
+    if kept != (dep.spec, dep.allowed_tokens, dep.revision, dep.failed):
         return None
     had = {r.replica_id: r for r in before.routes}
     changed = [r for r in dep.routes if had.get(r.replica_id) != r]

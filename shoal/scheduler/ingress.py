@@ -202,7 +202,11 @@ class IngressHub:
             allowed = head.allowed_tokens if head is not None else ()
             revision = head.revision if head is not None else 0
             deployments[name] = DeploymentRoutes(
-                spec=spec, routes=routes, allowed_tokens=allowed, revision=revision
+                spec=spec,
+                routes=routes,
+                allowed_tokens=allowed,
+                revision=revision,
+                failed=head.failed if head is not None else "",
             )
         return RoutingTable(
             version=version,

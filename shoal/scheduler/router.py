@@ -95,6 +95,9 @@ class _Deployment:
     # no new request (NotFound at once, not a wait for a replica that will not come).
     deleted: bool = False
     revision: int = 0  # the current revision, from the head's table (0: none kept)
+    # Why the deployment is FAILED, from the head's table ("": it is not): no replica of it
+    # will start until the next deploy, so a request that finds none is refused, not held.
+    failed: str = ""
 
 
 class Router:
@@ -226,6 +229,9 @@ class Router:
                 dep.deleted = False
                 self._notify(dep)
             self._set_revisions(dep, routes)
+            if dep.failed != routes.failed:
+                dep.failed = routes.failed
+                self._notify(dep)  # requests held for a replica that will not start are refused
             remote = {
                 r.replica_id: r
                 for r in routes.routes
@@ -534,6 +540,7 @@ class Router:
         if handle is not None:
             handle.in_flight += 1
             return handle
+        self._check_failed(dep)
         full = self._queue_full(dep)
         if full is not None:
             raise full
@@ -547,6 +554,7 @@ class Router:
                     raise self._refusal()
                 if dep.deleted:
                     raise NotFound(f"no deployment named {dep.spec.name!r}: it was deleted")
+                self._check_failed(dep)
                 if version and version != dep.revision and not self._serves(dep, version):
                     raise NotFound(f"model {dep.spec.name!r}: version {version} no longer serves")
                 handle = self._pick(dep, tried, model_id, version)
@@ -562,6 +570,16 @@ class Router:
                 await dep.changed.wait(remaining, clock)
         finally:
             dep.waiting -= 1
+
+    def _check_failed(self, dep: _Deployment) -> None:
+        """Unavailable, saying why, when ``dep`` is FAILED and none of its replicas takes
+        requests: none will start until the next deploy. Held requests used to wait out their
+        timeout for one, then got DEADLINE_EXCEEDED '(0 ready)'."""
+        if dep.failed and not any(h.accepting for h in dep.handles.values()):
+            raise Unavailable(
+                f"deployment {dep.spec.name!r} is FAILED: its replicas died starting, and none "
+                f"is started again until it is deployed again; the last failure: {dep.failed}"
+            )
 
     @property
     def share(self) -> int:

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from shoal.errors import Unavailable
 from shoal.rpc.clients import NativeClient
 from shoal.testing.cluster import ProcessCluster
 
@@ -91,3 +92,29 @@ async def test_scale_to_zero_and_cold_start(tmp_path: Path, examples_dir: Path) 
         assert cold_start < 30
         _, ready = count(await cluster.status())
         assert ready == 1
+
+
+async def test_requests_held_at_zero_are_refused_once_the_model_cannot_start(
+    tmp_path: Path, examples_dir: Path
+) -> None:
+    """Requests held at zero replicas for a model that cannot load are answered with why, as
+    soon as its deployment is FAILED; they used to wait out their whole timeout for a replica
+    that would never be started, and got DEADLINE_EXCEEDED '(0 ready)'."""
+    async with ProcessCluster(tmp_path) as cluster:
+        bad = spec(examples_dir, min_replicas=0, max_replicas=2)
+        await cluster.deploy({**bad, "options": {"delay_ms": -1}})
+        x = np.ones((1, 4), np.float32)
+        held = await asyncio.gather(
+            *(cluster.send("echo", {"x": x}, timeout_s=30) for _ in range(3)), return_exceptions=True
+        )
+        for answer in held:
+            assert isinstance(answer, Unavailable), answer
+            assert "FAILED" in answer.message and "delay_ms must be >= 0" in answer.message
+        # A request that comes later is refused at once, with the same words.
+        with pytest.raises(Unavailable, match="delay_ms must be >= 0"):
+            await cluster.send("echo", {"x": x}, timeout_s=30)
+        # A fixed spec serves again.
+        await cluster.deploy({**bad, "autoscaling": {**bad["autoscaling"], "min_replicas": 1}})
+        await cluster.wait_ready("echo", 1)
+        out, _ = await cluster.send("echo", {"x": x}, timeout_s=30)
+        np.testing.assert_array_equal(out["x"], x)

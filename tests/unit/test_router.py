@@ -441,6 +441,30 @@ async def test_a_deployment_deleted_at_the_head_is_not_found_at_once_while_its_r
     assert (await router.send("echo", x(4)))[1] == "again"
 
 
+async def test_requests_held_for_a_failed_deployment_are_refused_with_why(
+    router: Router, fakes: FakeReplicas
+) -> None:
+    """A deployment with no replica (scaled to zero) that the head marks FAILED: what waits for
+    a replica is refused at once, saying why, and so is what comes after, until a replica joins
+    or the head clears it; before, each waited out its deadline for a replica never started."""
+    spec = make_spec()
+    await router.apply_table(table(1, spec))
+    waiting = asyncio.create_task(router.send("echo", x(1), timeout_s=30))
+    await until(lambda: router.load()["echo"].queued == 1, "the request waiting")
+    failed = DeploymentRoutes(spec, failed="process exited with code 1: ValueError: no weights")
+    await router.apply_table(RoutingTable(2, {"echo": failed}))
+    with pytest.raises(Unavailable, match=r"'echo' is FAILED.*no weights"):
+        await asyncio.wait_for(waiting, 1.0)  # at once, not after its 30 s deadline
+    with pytest.raises(Unavailable, match="no weights"):
+        await router.send("echo", x(2), timeout_s=30)
+    # Deployed again: the head clears it, and requests wait for the replica starting.
+    await router.apply_table(table(3, spec))
+    waiting = asyncio.create_task(router.send("echo", x(3), timeout_s=30))
+    await until(lambda: router.load()["echo"].queued == 1, "the request waiting")
+    add(router, fakes, spec, "a")
+    assert (await waiting)[1] == "a"
+
+
 async def test_a_deployment_the_head_does_not_know_keeps_serving_from_local_replicas(
     router: Router, fakes: FakeReplicas
 ) -> None:
