@@ -308,6 +308,13 @@ class Backend(abc.ABC):
         """
         raise InvalidArgument(f"the {self.spec.backend} backend does not serve multiplexed model ids")
 
+    def check_exists(self) -> None:  # noqa: B027 - optional hook: most backends cannot tell
+        """For the backend of one model id (:meth:`model_backend`): NotFound when its model
+        does not exist, by a look far cheaper than a load (a file's presence), so that a
+        replica whose slots are full evicts no loaded id for a load bound to fail. Blocking
+        (a file system may be slow): called on a thread of its own. By default it finds
+        nothing missing, and the load tells."""
+
     # -- for backends -------------------------------------------------------------------
 
     @abc.abstractmethod

@@ -97,6 +97,15 @@ class SklearnBackend(Backend):
         backend.allowed_dirs = self.allowed_dirs
         return backend
 
+    def check_exists(self) -> None:
+        if self._model_id and not self.spec.model_path().is_file():
+            raise self._missing()
+
+    def _missing(self) -> NotFound:
+        return NotFound(
+            f"model id {self._model_id!r}: no file {self.spec.model_path().name} in the deployment's folder"
+        )
+
     def _load(self) -> None:
         path = self.spec.model_path()
         if self.spec.multiplexing is not None:
@@ -105,7 +114,7 @@ class SklearnBackend(Backend):
             return
         if not path.is_file():
             if self._model_id:
-                raise NotFound(f"model id {self._model_id!r}: no file {path.name} in the deployment's folder")
+                raise self._missing()
             raise InvalidArgument(f"sklearn model file {str(path)!r} does not exist")
         try:
             # Checked as it is opened, not before: the replica's check of the spec's file

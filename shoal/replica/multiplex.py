@@ -9,7 +9,9 @@ else evicts the least recently used loaded id that has no request running (the l
 recently used of the busy ones when every one is busy): its batcher finishes what it holds,
 then the backend is unloaded, before the new id loads, so at most N are ever loaded or
 loading. A request waiting for its id's load counts as running it, so a just-loaded id stays
-for it: a new id waits for those requests to wake up rather than evict it.
+for it: a new id waits for those requests to wake up rather than evict it. Before a new id
+evicts one, the backend looks whether its model exists (``Backend.check_exists``: a file's
+presence), so that an id without one (a typo, random ids) is NOT_FOUND and evicts nothing.
 
 Loads of different ids run at once, each in its slot: one that takes minutes, or never
 returns, holds up no other id (under one lock, it held up every new id until its deadline).
@@ -130,6 +132,9 @@ class ModelCache:
                 self._entries.move_to_end(model_id)
                 self._count(self.hits, model_id)
             else:
+                if model_id not in self._loading and len(self._entries) + len(self._loading) >= self.capacity:
+                    # Before its load evicts a loaded id: one without a model takes no slot.
+                    await self._check_exists(model_id)
                 self._waiting[model_id] += 1
                 try:
                     loaded = await self._wait_load(model_id)
@@ -150,6 +155,17 @@ class ModelCache:
             return await entry.batcher.submit(inputs)
         finally:
             entry.users -= 1
+
+    async def _check_exists(self, model_id: str) -> None:
+        """NotFound when the backend finds no model for ``model_id`` (``check_exists``), on a
+        thread of its own: a file system that does not answer holds up this request only."""
+        check = _on_own_thread(self._backend.model_backend(model_id).check_exists, f"find model {model_id}")
+        try:
+            await check
+        except ShoalError:
+            raise
+        except Exception as err:  # a bug in a backend's look: the load tells what it finds
+            log.warning("model id %s: checking that it exists failed: %r", model_id, err)
 
     def held(self) -> list[str]:
         """The loaded model ids, least recently used first."""

@@ -498,6 +498,31 @@ async def test_a_sklearn_model_id_names_a_file_in_the_model_folder(tmp_path: Pat
         parent.model_backend("../small")
 
 
+async def test_an_id_without_a_model_evicts_no_loaded_id(tmp_path: Path) -> None:
+    """Requests for model ids that do not exist (a typo, a client sending random ids) are
+    NOT_FOUND without taking a slot: each one used to evict a loaded id before its load
+    failed, so a loop of them made every real id load again on its next request."""
+    X = np.array([[0.0], [1.0], [2.0], [3.0]], dtype=np.float32)
+    for name in ("a", "b"):
+        joblib.dump(LogisticRegression().fit(X, [0, 0, 1, 1]), tmp_path / f"{name}.joblib")
+    parent = SklearnBackend(make_spec(backend="sklearn", model=str(tmp_path), multiplexing=MUX))
+    parent.load()
+    c = ModelCache(parent, 2, parent.spec.batching, LOAD_S)
+    try:
+        for m in ("a", "b"):
+            await c.submit(m, {"input": X})
+        for i in range(5):
+            with pytest.raises(NotFound, match=f"model id 'absent{i}': no file absent{i}.joblib"):
+                await c.submit(f"absent{i}", {"input": X})
+        assert c.held() == ["a", "b"]
+        for m in ("a", "b"):
+            await c.submit(m, {"input": X})
+        assert dict(c.loads) == {"a": 1, "b": 1}
+        assert dict(c.evictions) == {}
+    finally:
+        await c.aclose()
+
+
 class _RunsCode:
     """Pickled, it runs ``code`` when loaded: what a hostile .joblib file holds."""
 
