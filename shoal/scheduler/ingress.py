@@ -21,6 +21,7 @@ Plain data and logic; the gRPC service and client are in ``shoal.rpc.ingress``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -177,8 +178,11 @@ class IngressHub:
     incarnation's counts; it used to be taken for a running one and counted twice.
     """
 
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, on_starved: Callable[[], None] | None = None) -> None:
+        """``on_starved``: called when a worker reports requests waiting for a deployment of
+        which no replica takes requests (scaled to zero), so that the head hears of it now."""
         self._router = router
+        self._on_starved = on_starved
         self._head_table = RoutingTable(version=0)
         self._latest: dict[str, tuple[int, dict[str, Counts]]] = {}
         self._exited: dict[str, tuple[int, dict[str, Counts]]] = {}
@@ -226,6 +230,10 @@ class IngressHub:
             self._retire(worker_id, previous)
         self._latest[worker_id] = (pid, counts)
         self._heard[worker_id] = (pid, time.monotonic())
+        if self._on_starved is not None and any(
+            c.queued and not self._router.ready_count(name) for name, c in counts.items()
+        ):
+            self._on_starved()
 
     def heard(self, worker_id: str, pid: int) -> float | None:
         """When (``time.monotonic``) the worker's process ``pid`` last reported; None if never."""
@@ -300,6 +308,9 @@ class IngressWorker:
     """
 
     REPORT_EVERY_S = 0.5
+    REPORT_GAP_S = 0.02
+    """Least time between two reports: requests starting to wait at zero replicas, each of
+    which asks for a report at once, make one every 20 ms at most."""
 
     def __init__(
         self,
@@ -315,8 +326,17 @@ class IngressWorker:
         self.link = link
         self._main_runs = main_runs
         self.registered = asyncio.Event()  # the first table arrived: ready to route
+        # A request that starts waiting for a deployment with no replica is reported at once:
+        # the head scales it up from zero when it hears of it (the main process's router
+        # tells it the same way).
+        self._report_now = asyncio.Event()
         self.router = Router(
-            scheduler_id, settings, replica_client, share=ingress_processes(settings), table_only=True
+            scheduler_id,
+            settings,
+            replica_client,
+            on_starved=self._report_now.set,
+            share=ingress_processes(settings),
+            table_only=True,
         )
         self.catalog = ModelCatalog(self.router, ready=self._ready, totals=self.refresh)
         self.dataplane = DataPlane(self.router, self.catalog, settings)
@@ -370,11 +390,14 @@ class IngressWorker:
 
     async def _report_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.REPORT_EVERY_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._report_now.wait(), self.REPORT_EVERY_S)
+            self._report_now.clear()
             try:
                 await self.refresh()
             except ShoalError:
                 pass  # the watch loop decides when the main process is gone
+            await asyncio.sleep(self.REPORT_GAP_S)
 
     async def aclose(self) -> None:
         await self.router.aclose()

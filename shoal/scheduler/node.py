@@ -139,7 +139,7 @@ class SchedulerNode:
             on_change=self._table_changed,
             clock=self.clock,
         )
-        self.hub = IngressHub(self.router)
+        self.hub = IngressHub(self.router, on_starved=self._report_now.set)
         self.supervisor = ReplicaSupervisor(
             settings,
             self.router,

@@ -137,3 +137,40 @@ async def test_a_worker_routes_by_the_table_with_its_share_of_the_limits() -> No
     await asyncio.wait_for(run, 3)
     await worker.aclose()
     await main.aclose()
+
+
+async def test_a_request_waiting_in_a_worker_at_zero_replicas_is_reported_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Scale from zero: a request that starts waiting in an ingress worker for a deployment
+    with no replica is reported to the main process at once, and the main process tells the
+    head at once (``on_starved``), as for a request waiting in the main process itself.
+    Before, it waited for the worker's next report (every 0.5 s) and then the main process's
+    next heartbeat (1 s): cold starts through a worker took 0.76 s and 1.15 s where those
+    through the main process took 0.05 s."""
+    monkeypatch.setattr(IngressWorker, "REPORT_EVERY_S", 60.0)  # only the waiting one reports
+    settings = Settings(ingress_workers=2)
+    fakes = FakeReplicas()
+    main = Router("s1", settings, fakes)
+    main.know(make_spec())  # the deployment, scaled to zero: no replica
+    starved: list[int] = []
+    hub = IngressHub(main, on_starved=lambda: starved.append(1))
+    link = Link(hub)
+    worker = IngressWorker(settings, "s1", link, fakes)
+    run = asyncio.create_task(worker.run())
+    await link.tables.put(hub.table(version=1))
+    await asyncio.wait_for(worker.registered.wait(), 2)
+    x = payload.from_arrays({"x": [[1.0]]})
+    waiting = asyncio.create_task(worker.router.send("echo", x, timeout_s=30))
+    await until(lambda: bool(starved), "the main process told that a request waits with no replica")
+    assert hub.totals(snapshot(main, ModelCatalog(main)))["echo"].queued == 1
+    # Reports of requests waiting while a replica serves are no news: no report at once.
+    main.add("a", make_spec(), "a:1", "s1")
+    await link.tables.put(hub.table(version=2))
+    await waiting
+    hub.report("w1", 1, {"echo": dataclasses.replace(counts(0), queued=3)})
+    assert len(starved) == 1
+    waiting.cancel()
+    run.cancel()
+    await worker.aclose()
+    await main.aclose()
