@@ -415,6 +415,14 @@ class DeploymentSpec(_Strict):
                 "serve_revisions above 1 needs a fixed replica count (replicas), not autoscaling: "
                 "each revision kept serving runs that many replicas"
             )
+        to_zero = self.autoscaling is not None and self.autoscaling.min_replicas == 0
+        if to_zero and not self.max_queued_requests:
+            # What scales it up from zero is a request waiting: with no queue, none ever does.
+            raise ValueError(
+                "autoscaling.min_replicas 0 needs max_queued_requests of at least 1: at zero "
+                "replicas a request waits in the queue while a replica starts, and without one "
+                "every request is refused and the deployment never scales up"
+            )
         if self.warmup and self.multiplexing is not None:
             raise ValueError(
                 "warmup needs one model per replica; a multiplexed deployment loads its models "

@@ -6,7 +6,8 @@ import pytest
 
 from shoal.core.autoscale import LOOK_BACK_S, SPAN_S, Autoscaler
 from shoal.core.clock import FakeClock
-from shoal.core.spec import Autoscaling
+from shoal.core.spec import Autoscaling, parse_spec
+from shoal.errors import InvalidArgument
 
 POLICY = Autoscaling(
     min_replicas=1, max_replicas=5, target_ongoing_requests=2, upscale_delay_s=3, downscale_delay_s=10
@@ -167,3 +168,22 @@ def test_a_storm_of_passes_keeps_a_bounded_track() -> None:
         clock.advance(LOOK_BACK_S / 10_000)
     assert len(scaler._tracks["d"].spans) <= 2 * LOOK_BACK_S / SPAN_S + 2
     assert scaler.load("d") == pytest.approx(3.0, abs=0.1)
+
+
+def test_scale_to_zero_without_a_queue_is_refused_naming_both_fields() -> None:
+    """At zero replicas a request waits in the queue while a replica starts, and that wait
+    is what scales the deployment up. With ``max_queued_requests: 0`` every request was
+    refused RESOURCE_EXHAUSTED at once, nothing ever waited, and the deployment stayed at
+    zero for good, serving nothing."""
+    doc = {
+        "name": "d",
+        "backend": "python",
+        "model": "echo:Echo",
+        "max_queued_requests": 0,
+        "autoscaling": {"min_replicas": 0, "max_replicas": 2},
+    }
+    with pytest.raises(InvalidArgument, match=r"min_replicas 0 needs max_queued_requests of at least 1"):
+        parse_spec(doc)
+    # A floor of one replica serves without a queue; a queue lets it start from zero.
+    parse_spec({**doc, "autoscaling": {"min_replicas": 1, "max_replicas": 2}})
+    parse_spec({**doc, "max_queued_requests": 1})
