@@ -8,8 +8,9 @@ next observation), however many passes observed a span of time. A
 change is applied only after the desired count has stayed on the same side
 of the current count for ``upscale_delay_s`` (up) or ``downscale_delay_s``
 (down); going down additionally needs the load to fit the smaller count with
-a margin, so a steady load never flaps. From zero replicas, any load scales to
-one at once: a request is waiting.
+a margin, so a steady load never flaps, and no replica of the deployment to be
+starting (the delay counts from when the last one is READY). From zero replicas,
+any load scales to one at once: a request is waiting.
 """
 
 from __future__ import annotations
@@ -116,8 +117,15 @@ class Autoscaler:
         track = self._tracks.get(deployment)
         return 0.0 if track is None else track.mean(self.clock.now())
 
-    def decide(self, deployment: str, policy: Autoscaling, current: int) -> Decision | None:
-        """The new replica count, or None to keep ``current``."""
+    def decide(
+        self, deployment: str, policy: Autoscaling, current: int, starting: int = 0
+    ) -> Decision | None:
+        """The new replica count, or None to keep ``current``. ``starting``: how many of the
+        deployment's replicas are still on their way to READY; while any is, the count does
+        not go down, and the downscale delay starts again once none is. Stopping a replica
+        that loads wastes its start; for a model whose start outlasts its clients' timeout
+        (the request that woke it gave up, and the load fell to 0), each replica started
+        was stopped before it could serve, and none ever did."""
         track = self._tracks.setdefault(deployment, _Track())
         now = self.clock.now()
         load = self.load(deployment)
@@ -146,7 +154,7 @@ class Autoscaler:
             return None
         track.up_since = None
         fits_smaller = load <= desired * target * DOWNSCALE_MARGIN
-        if desired < current and fits_smaller:
+        if desired < current and fits_smaller and not starting:
             if track.down_since is None:
                 track.down_since = now
             if now - track.down_since >= policy.downscale_delay_s:

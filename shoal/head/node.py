@@ -49,6 +49,7 @@ from shoal.core.cluster import (
 from shoal.core.model_dirs import check_deployable
 from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec, describe_change, parse_spec, parse_spec_json
+from shoal.core.states import ReplicaState
 from shoal.core.stats import Point, SeriesRecorder, Snapshot, Window, latest
 from shoal.core.status import ClusterEvent, ClusterStatus, DeploymentStatus, ReplicaStatus, SchedulerStatus
 from shoal.core.tasks import TaskSet, until
@@ -109,6 +110,8 @@ FOLLOW_CHECK_S = 1.0
 """How often a log follow checks that the replica's scheduler is still alive."""
 
 SchedulerClientFactory = Callable[[str, str], SchedulerClient]
+_STARTING = frozenset({ReplicaState.PENDING, ReplicaState.DOWNLOADING, ReplicaState.STARTING})
+"""A replica on its way to READY: the autoscaler does not scale its deployment down meanwhile."""
 _EntryInputs = tuple[DeploymentSpec, tuple[str, ...], int, dict[str, int], str]
 
 
@@ -1038,7 +1041,8 @@ class HeadNode:
             if sid in alive and report is not None:
                 load += report.in_flight + report.queued
         self.autoscaler.observe(spec.name, load)
-        decision = self.autoscaler.decide(spec.name, policy, current)
+        starting = sum(1 for r in self.state.replicas.of(spec.name) if r.state in _STARTING)
+        decision = self.autoscaler.decide(spec.name, policy, current, starting)
         if decision is not None and decision.desired != current:
             log.info(
                 "autoscaling %s from %d to %d: %s", spec.name, current, decision.desired, decision.reason

@@ -187,3 +187,19 @@ def test_scale_to_zero_without_a_queue_is_refused_naming_both_fields() -> None:
     # A floor of one replica serves without a queue; a queue lets it start from zero.
     parse_spec({**doc, "autoscaling": {"min_replicas": 1, "max_replicas": 2}})
     parse_spec({**doc, "max_queued_requests": 1})
+
+
+def test_no_scale_down_while_a_replica_is_starting_and_the_delay_counts_from_then() -> None:
+    clock = FakeClock()
+    scaler = Autoscaler(clock)
+    for _ in range(60):  # idle for 30 s, one of the 2 replicas loading
+        scaler.observe("d", 0)
+        assert scaler.decide("d", POLICY, 2, starting=1) is None
+        clock.advance(0.5)
+    waited = 0.0
+    while (decision := scaler.decide("d", POLICY, 2)) is None:
+        clock.advance(0.5)
+        scaler.observe("d", 0)
+        waited += 0.5
+    assert decision.desired == 1
+    assert waited >= POLICY.downscale_delay_s

@@ -57,6 +57,11 @@ async def join(head: HeadNode, sid: str = "s1", *replicas: ReplicaReport) -> Non
     assert interval == 1.0
 
 
+def autoscaled(**autoscaling: float) -> DeploymentSpec:
+    """Deployment ``auto``, autoscaled as given."""
+    return parse_spec({"name": "auto", "backend": "python", "model": "m:Model", "autoscaling": autoscaling})
+
+
 def ready(rid: str, spec: DeploymentSpec) -> ReplicaReport:
     return ReplicaReport(
         rid, spec.name, READY, address=f"{rid}:9000", spec_hash=spec.process_hash(), ready_at=1.0
@@ -297,14 +302,7 @@ async def test_a_burst_that_wakes_many_passes_weighs_by_its_time_not_its_passes(
     flight (3 passes) then 0.4 s of 10 queued (20 passes) averaged 8.8 by pass and scaled to
     5 replicas; over the time it held the load averaged 2.9, 2 replicas at target 2."""
     await join(head)
-    auto = parse_spec(
-        {
-            "name": "auto",
-            "backend": "python",
-            "model": "m:Model",
-            "autoscaling": {"max_replicas": 5, "target_ongoing_requests": 2, "upscale_delay_s": 0},
-        }
-    )
+    auto = autoscaled(max_replicas=5, target_ongoing_requests=2, upscale_delay_s=0)
     await head.apply(auto)
     await head.reconcile_once()
     version = fleet.clients["s1"].registry_version
@@ -321,6 +319,42 @@ async def test_a_burst_that_wakes_many_passes_weighs_by_its_time_not_its_passes(
 
     [dep] = cluster_status(head)["deployments"]
     assert dep["target_replicas"] == 2
+
+
+async def test_a_replica_starting_from_zero_is_not_scaled_away_before_it_is_ready(
+    head: HeadNode, fleet: FakeSchedulers, clock: FakeClock
+) -> None:
+    """A model whose start outlasts its clients' timeout plus downscale_delay_s: the request
+    that woke it timed out, the load fell to 0, and the replica was stopped while it still
+    loaded; the next request started another, stopped the same way, and it never served (6 of
+    6 requests DEADLINE_EXCEEDED over 30 s for a 6 s start). A scale-down now waits for the
+    replicas starting to be READY, then for downscale_delay_s."""
+    await join(head)
+    auto = autoscaled(min_replicas=0, max_replicas=2, downscale_delay_s=1)
+    await head.apply(auto)
+    await head.reconcile_once()  # its first replica
+    client = fleet.clients["s1"]
+
+    async def pass_with(load: LoadReport, *reports: ReplicaReport) -> list[str]:
+        assert await head.scheduler_health("s1", client.registry_version, list(reports), {"auto": load})
+        actions = await head.reconcile_once()
+        clock.advance(0.5)
+        return [type(a).__name__ for a in actions]
+
+    for _ in range(6):  # idle: down to zero
+        await pass_with(LoadReport(), ready(client.created_ids[0], auto))
+    await pass_with(LoadReport())
+    assert head.targets["auto"] == 0 and not head.state.replicas.of("auto")
+    assert await pass_with(LoadReport(queued=1)) == ["CreateReplica"]
+    rid = client.created_ids[-1]
+    loading = ReplicaReport(rid, "auto", STARTING, spec_hash=auto.process_hash())
+    for _ in range(20):  # the request gave up; the replica loads for 10 s
+        assert await pass_with(LoadReport(), loading) == []
+    assert head.targets["auto"] == 1
+    # READY: now idle for downscale_delay_s, it goes.
+    actions = [await pass_with(LoadReport(), ready(rid, auto)) for _ in range(8)]
+    assert head.targets["auto"] == 0
+    assert sum(a == ["RemoveReplica"] for a in actions) == 1
 
 
 async def test_without_a_scheduler_nothing_is_created_and_status_says_why(head: HeadNode) -> None:
