@@ -181,6 +181,9 @@ class HeadNode:
         self._loads: dict[str, dict[str, LoadReport]] = {}  # scheduler -> deployment -> load
         self.series = SeriesRecorder()
         self.targets: dict[str, int] = {}  # autoscaled deployments: the current replica count
+        # Deployments loaded from the store at start whose count the autoscaler has not set yet:
+        # what runs is their count then, none included (see _target).
+        self._restored: set[str] = set()
         self._target_errors: dict[str, str] = {}  # deployments whose count failed: the error logged
         self.scale_decisions: collections.Counter[tuple[str, str]] = collections.Counter()  # (name, up|down)
         self.tokens = TokenRegistry(store, settings.max_tokens)
@@ -215,6 +218,7 @@ class HeadNode:
                 log.error("deployment %s is broken: %s", name, self.broken[name])
                 continue
             self.desired[spec.name] = spec
+        self._restored = set(self.desired)
         tombstones = {e.key.removeprefix(TOMBSTONES): e.value for e in await self.store.list(TOMBSTONES)}
         self.deleted = {name: _deleted_at(value) for name, value in tombstones.items()}
         self._last_revisions = {n: r for n, v in tombstones.items() if (r := _last_revision(v))}
@@ -753,6 +757,7 @@ class HeadNode:
             self.desired.pop(name, None)
             self.broken.pop(name, None)
             self.targets.pop(name, None)
+            self._restored.discard(name)
             self.autoscaler.forget(name)
             for direction in ("up", "down"):  # a series for each deployment ever deleted, else
                 self.scale_decisions.pop((name, direction), None)
@@ -1028,13 +1033,18 @@ class HeadNode:
         """The replica count to reconcile to: the spec's, or the autoscaler's. ``running``: the
         deployment's replicas now; ``alive``: the live schedulers. Called under the lock."""
         policy = spec.autoscaling
+        restored = spec.name in self._restored
+        self._restored.discard(spec.name)
         if policy is None:
             self.targets.pop(spec.name, None)
             return spec.replicas
         current = self.targets.get(spec.name)
         if current is None:
-            # After a head restart: keep what runs (within bounds) rather than the spec's start count.
-            current = running if running else spec.initial_replicas()
+            # After a head restart: keep what runs (within bounds) rather than the spec's start
+            # count, none included: a head that took the start count for a deployment with no
+            # replica started one of every deployment scaled to zero at once. A new one starts
+            # at its first count.
+            current = running if running or restored else spec.initial_replicas()
         load = 0
         for sid, loads in self._loads.items():
             report = loads.get(spec.name)

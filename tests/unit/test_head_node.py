@@ -357,6 +357,28 @@ async def test_a_replica_starting_from_zero_is_not_scaled_away_before_it_is_read
     assert sum(a == ["RemoveReplica"] for a in actions) == 1
 
 
+async def test_a_new_head_keeps_a_deployment_scaled_to_zero_at_zero(
+    head: HeadNode, store: MemoryStore, fleet: FakeSchedulers, clock: FakeClock
+) -> None:
+    """A head restart (or a standby head taking over) found no replica of an autoscaled
+    deployment and took the spec's first count: every deployment scaled to zero started a
+    replica at once (3 of 3 in a cluster, READY, then stopped after downscale_delay_s).
+    What runs is what it keeps, none included; a new deployment still starts at its first."""
+    await head.apply(autoscaled(min_replicas=0, max_replicas=2))
+    await head.aclose()
+    again = HeadNode(Settings(), store, fleet, clock)
+    await again.start()
+    try:
+        clock.advance(again.settings.dead_after_s + 0.1)  # past the wait for schedulers to register
+        await join(again)  # running nothing
+        await again.apply(make_spec())  # a new one, fixed, beside it
+        await again.reconcile_once()
+        assert [spec.name for _, spec in fleet.clients["s1"].created] == ["echo"]
+        assert again.targets["auto"] == 0
+    finally:
+        await again.aclose()
+
+
 async def test_without_a_scheduler_nothing_is_created_and_status_says_why(head: HeadNode) -> None:
     await head.apply(make_spec())
 
