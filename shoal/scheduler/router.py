@@ -546,7 +546,14 @@ class Router:
             raise full
         clock = self._clock
         dep.waiting += 1
-        if self._on_starved is not None and not any(h.accepting for h in dep.handles.values()):
+        # The first to wait with no replica asks for a report now (the head scales up from
+        # zero on it); those joining it add nothing the head does not know by then, and each
+        # asking for one sent the head a health update per request arriving at zero.
+        if (
+            self._on_starved is not None
+            and dep.waiting == 1
+            and not any(h.accepting for h in dep.handles.values())
+        ):
             self._on_starved()
         try:
             while True:

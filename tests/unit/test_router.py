@@ -465,6 +465,31 @@ async def test_requests_held_for_a_failed_deployment_are_refused_with_why(
     assert (await waiting)[1] == "a"
 
 
+async def test_requests_waiting_at_zero_replicas_ask_for_one_report_not_one_each(fakes: FakeReplicas) -> None:
+    """The first request to wait for a deployment with no replica asks for a health update at
+    once (``on_starved``: the head scales it up from zero); those that join it add nothing the
+    head does not know by then. Each used to ask for its own: 500 requests arriving over a
+    cold start sent the head 494 health updates, each waking a reconcile pass, where one
+    does."""
+    starved: list[int] = []
+    router = Router("s1", Settings(), fakes, on_starved=lambda: starved.append(1))
+    spec = make_spec()
+    router.know(spec)
+    waiting = [asyncio.create_task(router.send("echo", x(i), timeout_s=30)) for i in range(50)]
+    await until(lambda: router.load()["echo"].queued == 50, "the requests waiting")
+    assert len(starved) == 1
+    add(router, fakes, spec, "a")
+    await asyncio.gather(*waiting)
+    # At zero again: the next request that waits asks again.
+    await router.remove("a", failed=False)
+    again = asyncio.create_task(router.send("echo", x(1), timeout_s=30))
+    await until(lambda: router.load()["echo"].queued == 1, "the request waiting")
+    assert len(starved) == 2
+    add(router, fakes, spec, "b")
+    assert (await again)[1] == "b"
+    await router.aclose()
+
+
 async def test_a_deployment_the_head_does_not_know_keeps_serving_from_local_replicas(
     router: Router, fakes: FakeReplicas
 ) -> None:
