@@ -572,11 +572,23 @@ class Router:
                 if remaining <= 0:
                     raise DeadlineExceeded(
                         f"no replica of {dep.spec.name!r} could take the request in time "
-                        f"({self.ready_count(dep.spec.name)} ready)"
+                        f"({self._why_none(dep)})"
                     )
                 await dep.changed.wait(remaining, clock)
         finally:
             dep.waiting -= 1
+
+    def _why_none(self, dep: _Deployment) -> str:
+        """How many replicas of ``dep`` are ready, and at zero for a deployment that scales to
+        zero, what its client can do: the request may have woken it."""
+        ready = self.ready_count(dep.spec.name)
+        policy = dep.spec.autoscaling
+        if ready or policy is None or policy.min_replicas:
+            return f"{ready} ready"
+        return (
+            "0 ready: it scales from zero, and no replica was READY within the request's "
+            "timeout; a longer timeout, or autoscaling.min_replicas 1, avoids the wait"
+        )
 
     def _check_failed(self, dep: _Deployment) -> None:
         """Unavailable, saying why, when ``dep`` is FAILED and none of its replicas takes

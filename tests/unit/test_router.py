@@ -490,6 +490,17 @@ async def test_requests_waiting_at_zero_replicas_ask_for_one_report_not_one_each
     await router.aclose()
 
 
+async def test_a_request_that_times_out_at_zero_replicas_is_told_the_deployment_scales_from_zero(
+    router: Router,
+) -> None:
+    """A deployment scaled to zero whose replica did not start within the request's timeout:
+    the client was told only '(0 ready)', not why none was, nor what avoids the wait."""
+    router.know(make_spec(autoscaling={"min_replicas": 0, "max_replicas": 2}))
+    with pytest.raises(DeadlineExceeded, match=r"\(0 ready: it scales from zero") as err:
+        await router.send("echo", x(1), timeout_s=0.05)
+    assert "autoscaling.min_replicas 1" in err.value.message
+
+
 async def test_a_deployment_the_head_does_not_know_keeps_serving_from_local_replicas(
     router: Router, fakes: FakeReplicas
 ) -> None:
