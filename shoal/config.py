@@ -100,8 +100,9 @@ class Settings:
     replica_start_timeout_s: float = 120.0
     """A replica that has not registered this long after its start is killed."""
     replica_log_max_mb: float = 10.0
-    """A replica's log (``<state>/logs/replica_<id>.log``) that grows past this is copied to
-    ``replica_<id>.log.1`` (replacing the one before) and emptied; 0: no limit."""
+    """A replica's log (``<state>/logs/replica_<id>.log``) that grows past this has its
+    newest this much copied to ``replica_<id>.log.1`` (replacing the one before) and is
+    emptied; 0: no limit."""
     replica_logs_kept: int = 50
     """Logs of replicas that no longer run kept by a scheduler: the newest this many; older
     ones are deleted when a replica ends and when the scheduler starts."""

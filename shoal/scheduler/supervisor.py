@@ -8,12 +8,13 @@ to order health reports, happens under the lock.
 Replica logs: each replica's stdout and stderr go to ``replica_<id>.log`` in
 ``log_dir``, a file the supervisor opens in append mode and the process inherits.
 Bounded two ways, both here, since a replica's prints and a crash's traceback never
-pass through its logging: a log past ``replica_log_max_mb`` is copied to
-``replica_<id>.log.1`` and emptied in place (checked every ping interval; with append
-mode the process's next write lands at the new start, and what it writes between the
-copy and the truncation is lost); and only the newest ``replica_logs_kept`` logs of
-replicas that no longer run are kept (checked when one ends and at start), so a crash
-loop leaves at most that many files behind and ``shoal logs`` still finds the recent ones.
+pass through its logging: a log past ``replica_log_max_mb`` has its last
+``replica_log_max_mb`` copied to ``replica_<id>.log.1`` and is emptied in place (checked
+every ping interval; with append mode the process's next write lands at the new start,
+and what it writes between the copy and the truncation is lost); and only the newest
+``replica_logs_kept`` logs of replicas that no longer run are kept (checked when one ends
+and at start), so a crash loop leaves at most that many files behind and ``shoal logs``
+still finds the recent ones.
 
 Memory: a replica whose deployment sets ``resources.memory_mb`` is held to it. Every ping
 interval the supervisor sums the proportional set size (PSS: shared pages, such as the
@@ -38,7 +39,6 @@ import collections
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 import time
@@ -674,7 +674,8 @@ class ReplicaSupervisor:
     # ------------------------------------------------------------ logs
 
     async def _rotate_logs(self) -> None:
-        """Copy each running replica's log past ``replica_log_max_mb`` to ``.log.1`` and empty it."""
+        """Copy the last ``replica_log_max_mb`` of each running replica's log past it to
+        ``.log.1`` and empty it."""
         limit = int(self.settings.replica_log_max_mb * 2**20)
         if limit <= 0:
             return
@@ -685,7 +686,7 @@ class ReplicaSupervisor:
                 continue
             if size > limit:
                 try:
-                    await asyncio.to_thread(rotate_log, rep.log_path)
+                    await asyncio.to_thread(rotate_log, rep.log_path, limit)
                 except OSError as err:
                     log.warning("could not rotate %s: %s", rep.log_path, err)
 
@@ -901,12 +902,25 @@ def _signal(process: Process, sig: int) -> None:
             pass
 
 
-def rotate_log(path: Path) -> None:
-    """Copy ``path`` to ``path.1`` (replacing it) and empty ``path`` in place, so a process
-    writing to it in append mode carries on at its start. Raises OSError."""
-    shutil.copyfile(path, path.with_name(path.name + ".1"))
-    with open(path, "r+b") as f:
-        f.truncate(0)
+def rotate_log(path: Path, keep_bytes: int) -> None:
+    """Copy the last ``keep_bytes`` of ``path`` to ``path.1`` (replacing it), from the first
+    line that starts in them, and empty ``path`` in place, so a process writing to it in
+    append mode carries on at its start. Raises OSError.
+
+    Only the tail: a model printing in a loop grows its log by what it writes in a ping
+    interval, far past the cap, and a whole copy made ``.log.1`` as large and read and wrote
+    all of it again (221 MB each with a 10 MB cap)."""
+    with open(path, "r+b") as src, open(path.with_name(path.name + ".1"), "wb") as dst:
+        end = src.seek(0, os.SEEK_END)
+        start = max(0, end - keep_bytes)
+        src.seek(max(0, start - 1))
+        if start > 0 and src.read(1) != b"\n" and not src.readline(end - start).endswith(b"\n"):
+            src.seek(start)  # no line starts in the tail: the tail as it is
+        left = end - src.tell()
+        while left > 0 and (chunk := src.read(min(left, 2**20))):
+            dst.write(chunk)
+            left -= len(chunk)
+        src.truncate(0)
 
 
 _CRASH_SIGNALS = frozenset(

@@ -1,6 +1,7 @@
-"""Replica logs stay bounded: a log past ``replica_log_max_mb`` moves to ``.log.1`` and starts
-afresh, and only the newest ``replica_logs_kept`` logs of ended replicas stay; what is kept
-is still read whole (``shoal logs`` reads through ``ReplicaSupervisor.read_log``)."""
+"""Replica logs stay bounded: a log past ``replica_log_max_mb`` has its newest
+``replica_log_max_mb`` moved to ``.log.1`` and starts afresh, and only the newest
+``replica_logs_kept`` logs of ended replicas stay; what is kept is still read whole
+(``shoal logs`` reads through ``ReplicaSupervisor.read_log``)."""
 
 from __future__ import annotations
 
@@ -69,11 +70,24 @@ def test_a_file_written_in_append_mode_carries_on_at_the_start_after_rotation(tm
     path = tmp_path / "replica_r.log"
     with open(path, "ab", buffering=0) as child:
         child.write(b"old line\n" * 3)
-        rotate_log(path)
+        rotate_log(path, KB)
         child.write(b"new line\n")
 
     assert path.read_bytes() == b"new line\n"
     assert (tmp_path / "replica_r.log.1").read_bytes() == b"old line\n" * 3
+
+
+def test_the_rotated_copy_keeps_the_newest_whole_lines_within_the_cap(tmp_path: Path) -> None:
+    # A model printing in a loop writes far past the cap between two checks: .log.1 keeps
+    # the cap's worth of its newest lines, from a line's start, not the whole file.
+    path = tmp_path / "replica_r.log"
+    lines = [f"line {i:04d}\n".encode() for i in range(1000)]  # 10 bytes each
+    path.write_bytes(b"".join(lines))
+
+    rotate_log(path, 2505)  # the last 2,505 bytes start inside line 749
+
+    assert (tmp_path / "replica_r.log.1").read_bytes() == b"".join(lines[750:])
+    assert path.read_bytes() == b""
 
 
 async def test_a_log_past_its_cap_moves_to_dot_1_and_is_still_read_whole(
@@ -95,9 +109,10 @@ async def test_a_log_past_its_cap_moves_to_dot_1_and_is_still_read_whole(
         with open(log, "ab") as child:
             child.write(b"c" * KB)
 
+        # Its newest 4 KB (no line starts in them: the bytes as they are), not all 5.
         assert log.stat().st_size == KB
-        assert log.with_name("replica_echo-1.log.1").stat().st_size == 5 * KB
-        assert await read(sup, "echo-1") == b"a" * 3 * KB + b"b" * 2 * KB + b"c" * KB
+        assert log.with_name("replica_echo-1.log.1").stat().st_size == 4 * KB
+        assert await read(sup, "echo-1") == b"a" * 2 * KB + b"b" * 2 * KB + b"c" * KB
         assert await read(sup, "echo-1", tail_bytes=2 * KB) == b"b" * KB + b"c" * KB
         assert await read(sup, "echo-1", tail_bytes=KB // 2) == b"c" * (KB // 2)
     finally:
