@@ -42,7 +42,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Protocol
@@ -631,18 +631,27 @@ class ReplicaSupervisor:
             log.info("replica %s now runs its event loop %s (replica_pin_loop)", ids[pid], where)
 
     async def _hold_to_memory(self, replicas: Sequence[LocalReplica]) -> None:
-        """Kill each replica whose processes use more memory (PSS) than its ``memory_mb``."""
+        """Kill each replica whose processes use more memory (PSS) than its ``memory_mb``,
+        measured in one walk of the process table, in a thread (:func:`memory_by_family`)."""
+
+        def held(rep: LocalReplica) -> bool:
+            # A model from a URI has no process while it downloads (pid 0), and is held once
+            # it has one (before, never: its StagedProcess stands in for its whole life).
+            return (
+                rep.spec.resources.memory_mb > 0
+                and not rep.removing
+                and rep.state != REPLICA_DEAD
+                and rep.pid > 0
+            )
+
+        replicas = [rep for rep in replicas if held(rep)]
+        if not replicas:
+            return
+        usage = await asyncio.to_thread(memory_by_family, [rep.pid for rep in replicas])
         for rep in replicas:
             limit = rep.spec.resources.memory_mb
-            if (
-                limit <= 0
-                or rep.removing
-                or rep.state == REPLICA_DEAD
-                or isinstance(rep.process, StagedProcess)
-            ):
-                continue
-            used = memory_mb(rep.pid)
-            if used is not None and used > limit:
+            used = usage.get(rep.pid)
+            if used is not None and used > limit and held(rep):
                 reason = f"used {used:.0f} MB of memory, over its limit of {limit:g} MB (resources.memory_mb)"
                 log.warning("replica %s %s: killing it", rep.id, reason)
                 await self._kill(rep, reason, crashed=True)
@@ -864,25 +873,53 @@ def _running(pid: int, started: float) -> bool:
         return False
 
 
+def memory_by_family(pids: Iterable[int]) -> dict[int, float]:
+    """For each of ``pids`` that runs, the memory it and every process it started use, in MB:
+    the sum of their proportional set sizes (``/proc/PID/smaps_rollup``; resident set sizes
+    where that cannot be read). Those that do not run are left out. Blocks: call it in a
+    thread.
+
+    One walk of the process table for all of them. A walk per replica
+    (``psutil.Process.children`` reads every process's parent) took 0.76 s for 100 replicas
+    (180 processes on the machine), every ping interval, on the scheduler's event loop."""
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    running = set()
+    for proc in psutil.process_iter(["ppid"]):
+        running.add(proc.pid)
+        ppid = proc.info["ppid"]
+        if ppid is not None:
+            children[ppid].append(proc.pid)
+    out = {}
+    for pid in pids:
+        if pid not in running:
+            continue
+        total, family, seen = 0, [pid], set()
+        while family:
+            member = family.pop()
+            if member in seen:
+                continue
+            seen.add(member)
+            total += _used_bytes(member)
+            family.extend(children.get(member, ()))
+        out[pid] = total / 2**20
+    return out
+
+
 def memory_mb(pid: int) -> float | None:
-    """The memory process ``pid`` and every process it started use, in MB: the sum of their
-    proportional set sizes (``/proc/PID/smaps_rollup``; resident set sizes where that cannot
-    be read). None when ``pid`` does not run."""
+    """What :func:`memory_by_family` says of ``pid`` alone; None when it does not run."""
+    return memory_by_family([pid]).get(pid)
+
+
+def _used_bytes(pid: int) -> int:
+    """Process ``pid``'s proportional set size, or resident set size where that cannot be
+    read; 0 once it has ended."""
     try:
-        proc = psutil.Process(pid)
-        family = [proc, *proc.children(recursive=True)]
-    except (psutil.Error, OSError):
-        return None
-    total = 0
-    for member in family:
+        return _pss(pid)
+    except OSError:
         try:
-            total += _pss(member.pid)
-        except OSError:
-            try:
-                total += member.memory_info().rss
-            except (psutil.Error, OSError):
-                continue  # it ended meanwhile
-    return total / 2**20
+            return int(psutil.Process(pid).memory_info().rss)
+        except (psutil.Error, OSError):
+            return 0  # it ended meanwhile
 
 
 def _pss(pid: int) -> int:

@@ -217,3 +217,17 @@ async def test_the_processes_a_replica_started_die_with_it_when_it_exits(tmp_pat
         if child:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGKILL)
+
+
+async def test_a_replica_whose_model_came_from_a_uri_is_held_to_its_memory_limit(tmp_path: Path) -> None:
+    """A model named by URI (here its code folder, ``file://``) starts once fetched, and is
+    held to ``memory_mb`` like any other. Before, such a replica was never measured: it grew
+    past its limit (400 MB taken against a limit of 400) and served on."""
+    code = tmp_path / "code"
+    code.mkdir()
+    async with ProcessCluster(tmp_path) as cluster:
+        await cluster.deploy({**hog_spec(code), "base_dir": code.as_uri()})
+        [replica] = await cluster.wait_ready("echo", 1)
+        await cluster.send("echo", {"x": np.array([[LIMIT_MB]], dtype=np.float32)})
+        await until_event(cluster, f"replica {replica['id']} died: used ")
+        await ready_other_than(cluster, replica["id"])

@@ -6,12 +6,15 @@ retried once elsewhere, and its exit reason is kept for the head until acknowled
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import psutil
 import pytest
 
 from shoal.config import Settings
@@ -296,3 +299,34 @@ async def _first_to_receive(*clients: FakeReplicaClient) -> FakeReplicaClient:
         task.cancel()
     await asyncio.gather(*pending, return_exceptions=True)
     return waits[next(iter(done))]
+
+
+async def test_one_memory_check_walks_the_process_table_once_for_all_replicas(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, each replica held to a ``memory_mb`` had the whole process table read to find
+    its children: 0.76 s of the scheduler's event loop every ping interval at 100 replicas."""
+    held = make_spec(resources={"cpus": 0.1, "memory_mb": 2**20})
+    for i in range(20):
+        await h.start(f"echo-{i}", held)
+    await h.start("small", make_spec(resources={"cpus": 0.1, "memory_mb": 1}))
+    for process in h.launcher.processes.values():
+        process.pid = os.getpid()  # a real process to measure (the fakes are not killed)
+    walks: list[object] = []
+    monkeypatch.setattr(psutil, "process_iter", counted(psutil.process_iter, walks))
+    monkeypatch.setattr(psutil.Process, "children", counted(psutil.Process.children, walks))
+
+    await h.tick(1.0)
+
+    assert len(walks) == 1
+    tomb = await h.wait_ended("small")
+    assert tomb.message.endswith("over its limit of 1 MB (resources.memory_mb)"), tomb.message
+    assert all(f"echo-{i}" in h.supervisor.registry for i in range(20))
+
+
+def counted(walk: Callable[..., Any], calls: list[object]) -> Callable[..., Any]:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        calls.append(walk)
+        return walk(*args, **kwargs)
+
+    return wrapper
