@@ -64,9 +64,11 @@ class Settings:
     One scheduler per state folder."""
 
     cpus: float = -1.0
-    """CPUs this scheduler offers to replicas; -1 reads the machine."""
+    """CPUs this scheduler offers to replicas; -1: those its process may use (the machine's,
+    or fewer under a CPU affinity or a control group's quota: ``shoal.scheduler.machine``)."""
     memory_mb: float = -1.0
-    """Memory this scheduler offers, in MB; -1 reads the machine."""
+    """Memory this scheduler offers, in MB; -1: what its process may use (the machine's, or
+    less under a control group's limit)."""
     gpus: float = -1.0
     """GPUs this scheduler offers; -1 counts NVIDIA GPUs through NVML."""
 

@@ -86,8 +86,8 @@ def _cluster_flags(args: argparse.Namespace) -> dict[str, Any]:
 def _add_scheduler_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grpc-port", type=int, help="gRPC ingress port (default 8001)")
     p.add_argument("--http-port", type=int, help="HTTP ingress port (default 8000)")
-    p.add_argument("--cpus", type=float, help="CPUs offered to replicas (default: the machine's)")
-    p.add_argument("--memory-mb", type=float, help="memory offered to replicas (default: the machine's)")
+    p.add_argument("--cpus", type=float, help="CPUs offered to replicas (default: all it may use)")
+    p.add_argument("--memory-mb", type=float, help="memory offered to replicas (default: all it may use)")
     p.add_argument("--gpus", type=float, help="GPUs offered to replicas (default: counted)")
     p.add_argument("--scheduler-id", help="stable id for this scheduler (default: generated)")
     p.add_argument(

@@ -12,8 +12,6 @@ import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import psutil
-
 from shoal.auth import InferenceAuth
 from shoal.config import Settings
 from shoal.core.clock import Clock, SystemClock
@@ -21,6 +19,7 @@ from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec
 from shoal.core.tasks import TaskSet
 from shoal.errors import AlreadyExists, NotFound, ShoalError
+from shoal.scheduler import machine
 from shoal.scheduler.dataplane import DataPlane
 from shoal.scheduler.gpus import Devices, GpuPool, machine_devices
 from shoal.scheduler.ingress import Counts, IngressHub, ingress_processes, snapshot
@@ -58,12 +57,21 @@ def scheduler_id(settings: Settings) -> str:
 
 
 def machine_capacity(settings: Settings, gpus: Devices | None = None) -> Capacity:
-    """CPUs and memory from the machine (psutil), GPUs from ``gpus`` (:func:`gpu_devices` by
-    default); settings override."""
-    cpus = settings.cpus if settings.cpus >= 0 else float(psutil.cpu_count() or 1)
-    memory = settings.memory_mb if settings.memory_mb >= 0 else psutil.virtual_memory().total / 2**20
+    """CPUs and memory this process may use (``shoal.scheduler.machine``: the machine's, or
+    less under a CPU affinity or a control group's limits), GPUs from ``gpus``
+    (:func:`gpu_devices` by default); settings override."""
+    cpus = settings.cpus if settings.cpus >= 0 else _usable(machine.usable_cpus, "cpus")
+    memory = settings.memory_mb if settings.memory_mb >= 0 else _usable(machine.usable_memory_mb, "memory_mb")
     devices = gpus if gpus is not None else gpu_devices(settings)
     return Capacity(cpus, memory, devices.total)
+
+
+def _usable(measure: Callable[[], machine.Bound], resource: str) -> float:
+    """What ``measure`` says this process may use, logged when it is less than the machine's."""
+    bound = measure()
+    if bound.source != machine.MACHINE:
+        log.info("offering %s %g, less than the machine's: %s", resource, bound.value, bound.source)
+    return bound.value
 
 
 def gpu_devices(settings: Settings) -> Devices:
