@@ -91,6 +91,10 @@ class SchedulerRecord:
     # When its health stream ended with no update on another since (``stream_ended``); None
     # while one is open, or it never had one.
     stream_ended_at: float | None = None
+    # It could not take a replica (shutting down, out of reach): placement passes it by
+    # until then (``create_failed``), and why.
+    refused_until: float = 0.0
+    refused_why: str = ""
 
 
 @dataclass
@@ -506,10 +510,25 @@ class ClusterState:
             rec.state = rec.reported_state or STARTING
             self.replicas.touch(rec.deployment)
 
-    def create_failed(self, replica_id: str, message: str) -> None:
+    def create_failed(self, replica_id: str, message: str, *, unavailable: bool = False) -> None:
+        """A CreateReplica call failed. ``unavailable``: its scheduler is shutting down or out
+        of reach, no fault of the spec's: placement passes that scheduler by for
+        ``dead_after_s`` (by then it is DEAD, or answers again) and the replica goes elsewhere
+        at the next pass. Otherwise (the scheduler refused the replica: no GPU with room) the
+        deployment backs off, as after a failed start, without counting toward FAILED.
+
+        Before, both backed the deployment off: the replicas of a scheduler shutting down were
+        placed on it again (the emptiest), refused, and the deployment waited 1 s, 2 s, ...
+        until the head declared it dead, and ``shoal deploy`` meanwhile failed on two
+        "replica start failure(s)"."""
         rec = self.replicas.pop(replica_id, None)
         if rec is not None:
-            self._start_failed(rec.deployment, message, rec.spec_hash, crashed=False)
+            sched = self.schedulers.get(rec.scheduler_id)
+            if unavailable and sched is not None:
+                sched.refused_until = self.clock.now() + self.dead_after_s
+                sched.refused_why = message
+            else:
+                self._start_failed(rec.deployment, message, rec.spec_hash, crashed=False)
             self.event(
                 "replica_create_failed",
                 f"could not create {replica_id}: {message}",
@@ -977,6 +996,7 @@ class _Index:
 
     def __init__(self, state: ClusterState) -> None:
         self.state = state
+        self.now = state.clock.now()
         self.sums: dict[str, list[float]] = {}  # scheduler -> what its replicas hold
         self.on_scheduler: dict[str, int] = {}
         self.of_deployment: dict[tuple[str, str], int] = {}  # (scheduler, deployment) -> replicas
@@ -1028,9 +1048,13 @@ class _Index:
         self._build()
         return Capacity(*self.sums.get(scheduler_id, (0.0, 0.0, 0.0)))
 
+    def placeable(self, sched: SchedulerRecord) -> bool:
+        """Alive, and not passed by for a create it could not take (``create_failed``)."""
+        return sched.state == ALIVE and sched.refused_until <= self.now
+
     def candidates(self, schedulers: Iterable[SchedulerRecord], deployment: str) -> list[Candidate]:
         self._build()
-        return [self._candidate(sched, deployment) for sched in schedulers if sched.state == ALIVE]
+        return [self._candidate(sched, deployment) for sched in schedulers if self.placeable(sched)]
 
     def _candidate(self, sched: SchedulerRecord, deployment: str) -> Candidate:
         return Candidate(
@@ -1067,7 +1091,7 @@ class _Index:
             self._heap = [
                 self._key(sched, deployment)
                 for sched in self.state.schedulers.values()
-                if sched.state == ALIVE
+                if self.placeable(sched)
             ]
             heapq.heapify(self._heap)
         while self._heap:
@@ -1075,7 +1099,15 @@ class _Index:
             if (self.state.schedulers[sid].capacity - self.allocated(sid)).fits(need):
                 return sid, ""
         # No room anywhere: placement says why (over every live scheduler).
-        return choose(self.candidates(self.state.schedulers.values(), deployment), need)
+        candidates = self.candidates(self.state.schedulers.values(), deployment)
+        passed_by = [s for s in self.state.schedulers.values() if s.state == ALIVE and not self.placeable(s)]
+        if not candidates and passed_by:
+            sched = min(passed_by, key=lambda s: s.refused_until)
+            return None, (
+                f"scheduler {sched.id} takes no replica now ({sched.refused_why}); "
+                f"placing there again in {max(0.0, sched.refused_until - self.now):.0f}s"
+            )
+        return choose(candidates, need)
 
     def _choose_unused(self, deployment: str, need: Capacity) -> str | None:
         """The first by (-free cpus, replicas, id) of the live schedulers with none of
@@ -1084,7 +1116,9 @@ class _Index:
         self._build()
         if self._unused is None:
             self._unused = [
-                self._unused_key(sched.id) for sched in self.state.schedulers.values() if sched.state == ALIVE
+                self._unused_key(sched.id)
+                for sched in self.state.schedulers.values()
+                if self.placeable(sched)
             ]
             heapq.heapify(self._unused)
         aside = []

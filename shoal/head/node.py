@@ -1082,7 +1082,9 @@ class HeadNode:
                 version = await client.create_replica(action.replica_id, action.spec)
             except ShoalError as err:
                 async with self.lock:
-                    self.state.create_failed(action.replica_id, str(err))
+                    self.state.create_failed(
+                        action.replica_id, str(err), unavailable=isinstance(err, Unavailable)
+                    )
                 log.warning("could not create replica %s: %s", action.replica_id, err)
                 return
             async with self.lock:

@@ -19,7 +19,7 @@ from shoal.core.clock import FakeClock
 from shoal.core.cluster import READY, STARTING, CreateReplica, RemoveReplica, ReplicaRecord, ReplicaReport
 from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec, parse_spec, parse_spec_json
-from shoal.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from shoal.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from shoal.head.blobs import BlobStore
 from shoal.head.node import ROUTES_GAP_S, ApplyResult, HeadNode, cluster_status
 from shoal.http.head import head_app
@@ -389,13 +389,13 @@ async def test_without_a_scheduler_nothing_is_created_and_status_says_why(head: 
     assert dep["pending_reason"] == "no live scheduler"
 
 
-async def test_a_failing_create_is_retried_after_a_backoff(
+async def test_a_create_refused_by_its_scheduler_is_retried_after_a_backoff(
     head: HeadNode, fleet: FakeSchedulers, clock: FakeClock
 ) -> None:
     await join(head)
     await head.apply(make_spec())
     client = fleet.client("s1", "s1:7000")
-    client.create_error = Unavailable("connection refused")
+    client.create_error = ResourceExhausted("gpus 0.8: no GPU of this scheduler has that much free")
 
     assert len(await head.reconcile_once()) == 1
     assert client.created == []
@@ -403,7 +403,9 @@ async def test_a_failing_create_is_retried_after_a_backoff(
 
     assert await head.reconcile_once() == []
     [dep] = cluster_status(head)["deployments"]
-    assert dep["pending_reason"] == "1 replica start failure(s), retrying in 1s: connection refused"
+    assert dep["pending_reason"] == (
+        "1 replica start failure(s), retrying in 1s: gpus 0.8: no GPU of this scheduler has that much free"
+    )
     assert "replica_create_failed" in [e["kind"] for e in cluster_status(head)["events"]]
 
     client.create_error = None
@@ -413,6 +415,47 @@ async def test_a_failing_create_is_retried_after_a_backoff(
 
     assert [type(a) for a in actions] == [CreateReplica]
     assert len(client.created) == 1
+    assert cluster_status(head)["deployments"][0]["pending_reason"] == ""
+
+
+async def test_a_scheduler_that_cannot_take_a_replica_is_passed_by_for_dead_after_s(
+    head: HeadNode, fleet: FakeSchedulers, clock: FakeClock
+) -> None:
+    """Shutting down, or out of reach: no fault of the deployment's, which does not back off
+    for it (before: "1 replica start failure(s)", two of which failed a ``shoal deploy``)."""
+    await join(head)
+    await head.apply(make_spec())
+    client = fleet.client("s1", "s1:7000")
+    client.create_error = Unavailable("this scheduler is shutting down")
+
+    assert len(await head.reconcile_once()) == 1
+    assert await head.reconcile_once() == []
+    [dep] = cluster_status(head)["deployments"]
+    assert dep["pending_reason"] == (
+        "scheduler s1 takes no replica now (this scheduler is shutting down); placing there again in 5s"
+    )
+
+    client.create_error = None
+    clock.advance(5.0)
+    assert await head.scheduler_health("s1", client.registry_version, [])
+    assert [type(a) for a in await head.reconcile_once()] == [CreateReplica]
+    assert len(client.created) == 1
+
+
+async def test_a_replica_a_scheduler_cannot_take_goes_to_another_at_once(
+    head: HeadNode, fleet: FakeSchedulers
+) -> None:
+    await join(head, "s1")
+    await join(head, "s2")
+    await head.apply(make_spec())
+    fleet.client("s1", "s1:7000").create_error = Unavailable("this scheduler is shutting down")
+
+    [first] = await head.reconcile_once()
+    assert isinstance(first, CreateReplica) and first.scheduler_id == "s1"  # the first by id
+    [second] = await head.reconcile_once()
+
+    assert isinstance(second, CreateReplica) and second.scheduler_id == "s2"
+    assert len(fleet.clients["s2"].created) == 1
     assert cluster_status(head)["deployments"][0]["pending_reason"] == ""
 
 
