@@ -52,9 +52,17 @@ def first_for_the_oom_killer(adj: int) -> None:
 
 
 async def run_replica(
-    settings: Settings, replica_id: str, scheduler: str, spec: DeploymentSpec, scheduler_pid: int = 0
+    settings: Settings,
+    replica_id: str,
+    scheduler: str,
+    spec: DeploymentSpec,
+    scheduler_pid: int = 0,
+    stopping_file: str = "",
 ) -> int:
-    """One replica process: load the model, serve the scheduler, report, drain on the way out."""
+    """One replica process: load the model, serve the scheduler, report, drain on the way out.
+    ``stopping_file`` (when given) is created once it stops of its own accord (asked to,
+    NACKed, orphaned): its scheduler tells so an exit with status 0 that the model made
+    (``os._exit(0)``, a library's ``exit(0)``), which it counts as a crash."""
     link = ReplicaSchedulerLink(scheduler, settings)
     # Other deployments, for a model that calls them: through this machine's scheduler.
     caller = NativeClient(scheduler, settings)
@@ -102,6 +110,12 @@ async def run_replica(
         await replica.load()
         await replica.run(address, os.getpid())
         log.info("replica %s stopping: %s", replica_id, replica.exit_reason or "asked to stop")
+        if stopping_file:
+            try:
+                with open(stopping_file, "w") as f:
+                    f.write(replica.exit_reason or "asked to stop")
+            except OSError as err:
+                log.warning("could not write %s: %s", stopping_file, err)
     except ShoalError as err:
         # The user's traceback (the cause of a load error) belongs in the replica's log.
         log.error("replica %s failed: %s", replica_id, err, exc_info=err.__cause__ and err)
@@ -126,6 +140,7 @@ def main() -> None:
     parser.add_argument(
         "--scheduler-pid", type=int, default=0, help="the scheduler's process on this machine (0: unknown)"
     )
+    parser.add_argument("--stopping-file", default="", help="created when it stops of its own accord")
     args = parser.parse_args()
     settings = Settings.load(env={}, flags=json.loads(args.settings_json))
     logs.setup(settings.log_format, settings.log_level, component=f"replica {args.replica_id}")
@@ -136,7 +151,9 @@ def main() -> None:
     try:
         with open(args.spec_file) as f:
             spec = parse_spec_json(f.read())
-        replica = run_replica(settings, args.replica_id, args.scheduler, spec, args.scheduler_pid)
+        replica = run_replica(
+            settings, args.replica_id, args.scheduler, spec, args.scheduler_pid, args.stopping_file
+        )
         sys.exit(aio.run(replica, settings.event_loop))
     finally:
         # However it ends (drained, failed, orphaned): what its model started ends with it.

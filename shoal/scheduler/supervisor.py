@@ -350,6 +350,7 @@ class ReplicaSupervisor:
         log_path = self.log_dir / f"replica_{replica_id}.log"
         spec_path = self.log_dir / f"replica_{replica_id}.spec.json"
         spec_path.write_text(spec.to_json())
+        self._stopping_file(replica_id).unlink(missing_ok=True)
         allowed = [str(Path(d).resolve()) for d in self.settings.allowed_model_dirs]
         if extra_dir is not None and allowed:
             allowed.append(str(extra_dir.resolve()))
@@ -394,6 +395,9 @@ class ReplicaSupervisor:
             # A replica gives a scheduler whose process runs longer to answer (shoal.replica.process).
             "--scheduler-pid",
             str(os.getpid()),
+            # Made when it stops of its own accord: an exit 0 without it is the model's (_watch).
+            "--stopping-file",
+            str(self._stopping_file(replica_id)),
         ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.gpus.environment(gpu)}
         with open(log_path, "ab") as out:
@@ -403,6 +407,16 @@ class ReplicaSupervisor:
         if gpu.devices:
             self._record_gpus(replica_id, process.pid, gpu)
         return process
+
+    def _stopping_file(self, replica_id: str) -> Path:
+        return self.log_dir / f"replica_{replica_id}.stopping"
+
+    def _quit(self, rep: LocalReplica, code: int) -> bool:
+        """Whether ``rep``, which exited unasked with ``code``, quit of its model's doing: status
+        0 with no stopping file (``shoal.replica_main``). Before, such an exit counted as none
+        of its own: a model calling ``os._exit(0)`` a moment after loading was restarted at
+        once, for ever (25 times in 20 s), its deployment never FAILED."""
+        return code == 0 and not self._stopping_file(rep.id).exists()
 
     # ------------------------------------------------------------ GPUs held across restarts
 
@@ -517,16 +531,22 @@ class ReplicaSupervisor:
                 self._gpus_record(rep.id).unlink(missing_ok=True)
             pinger = self._pingers.pop(rep.id, None)
             self.version += 1
+            model_quit = False
             if rep.removing:
                 state, message = STOPPED, "stopped"
             else:
                 state = REPLICA_DEAD
-                message = rep.dead_reason or _exit_reason(code, rep.log_path)
+                model_quit = not rep.dead_reason and rep.process.status_known and self._quit(rep, code)
+                message = rep.dead_reason or _exit_reason(code, rep.log_path, quit=model_quit)
             tomb = rep.report()
             tomb.state = state
             tomb.message = message
             # A forked replica whose zygote went first has no exit status (UNKNOWN_EXIT): no crash.
-            own = rep.crashed if rep.dead_reason else rep.process.status_known and _crashed(code)
+            own = (
+                rep.crashed
+                if rep.dead_reason
+                else rep.process.status_known and (_crashed(code) or model_quit)
+            )
             tomb.crashed = state == REPLICA_DEAD and own
             if state == REPLICA_DEAD:
                 self.deaths[rep.spec.name] += 1
@@ -713,7 +733,7 @@ class ReplicaSupervisor:
                 continue
         ended.sort(reverse=True)
         for _, rid in ended[max(0, self.settings.replica_logs_kept) :]:
-            for suffix in (".log", ".log.1", ".spec.json"):
+            for suffix in (".log", ".log.1", ".spec.json", ".stopping"):
                 try:
                     (self.log_dir / f"replica_{rid}{suffix}").unlink(missing_ok=True)
                 except OSError as err:
@@ -994,14 +1014,15 @@ def _added_ids(a: Mapping[str, int], b: Mapping[str, int]) -> dict[str, int]:
     return out
 
 
-def _exit_reason(code: int, log_path: Path) -> str:
+def _exit_reason(code: int, log_path: Path, *, quit: bool = False) -> str:
     if code < 0:
         try:
             name = signal.Signals(-code).name
         except ValueError:
             name = f"signal {-code}"
         return f"process killed by {name}"
-    return f"process exited with code {code}{_last_line(log_path)}"
+    unasked = " without being asked to stop" if quit else ""
+    return f"process exited with code {code}{unasked}{_last_line(log_path)}"
 
 
 def _last_line(path: Path) -> str:

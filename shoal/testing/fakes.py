@@ -476,14 +476,17 @@ class FakeProcess:
         """The ``--replica-id`` it was started with."""
         return self.argv[self.argv.index("--replica-id") + 1]
 
-    def exit(self, code: int, output: str = "") -> None:
+    def exit(self, code: int, output: str = "", *, by_its_model: bool = False) -> None:
         """End the process with ``code`` (negative: killed by that signal), having written
-        ``output`` to its log first."""
+        ``output`` to its log first. With status 0 it stopped of its own accord, as a replica
+        does (its ``--stopping-file`` made), unless ``by_its_model`` (``os._exit(0)``)."""
         if self.returncode is not None:
             return
         if output:
             with open(self.log_path, "a") as f:
                 f.write(output)
+        if code == 0 and not by_its_model and "--stopping-file" in self.argv:
+            Path(self.argv[self.argv.index("--stopping-file") + 1]).write_text("asked to stop")
         self.returncode = code
         self._exited.set()
 

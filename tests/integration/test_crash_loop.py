@@ -42,6 +42,16 @@ class Doomed:
         return inputs
 
 
+class Quits:
+    \"\"\"Loads, then exits with status 0 a second and a half later (a library's exit(0)).\"\"\"
+
+    def __init__(self) -> None:
+        threading.Timer(1.5, os._exit, (0,)).start()
+
+    def predict(self, inputs):
+        return inputs
+
+
 class Fine:
     def predict(self, inputs):
         return inputs
@@ -99,6 +109,31 @@ async def test_a_replica_killed_from_outside_soon_after_ready_is_replaced_at_onc
         assert not any(e["kind"] == "deployment_failed" for e in status["events"])
         reasons = [e["message"] for e in status["events"] if e["kind"] == "replica_died"]
         assert len(reasons) == FAILED_AFTER and all("SIGKILL" in m for m in reasons), reasons
+
+
+async def test_a_model_exiting_with_status_0_backs_off_a_sigterm_from_outside_does_not(
+    tmp_path: Path,
+) -> None:
+    """A replica that stops as told (SIGTERM) exits with status 0 too: replaced at once. Its
+    model's exit(0) is a crash. Before, that was restarted at once for ever (25 deaths in 20
+    s, never FAILED), status saying nothing."""
+    async with ProcessCluster(tmp_path) as cluster:
+        await cluster.deploy(spec(tmp_path, "doomed:Fine"))
+        [replica] = await cluster.wait_ready("echo", 1)
+        os.kill(replica["pid"], signal.SIGTERM)
+        await ready_other_than(cluster, replica["id"])
+        assert echo(await cluster.status())["pending_reason"] == ""
+
+        await cluster.deploy(spec(tmp_path, "doomed:Quits"))
+        status = await cluster.wait_for(
+            lambda s: "replica start failure(s), retrying in" in echo(s)["pending_reason"],
+            timeout_s=30,
+            what="a back-off",
+        )
+        assert (
+            "after READY: process exited with code 0 without being asked to stop"
+            in (echo(status)["pending_reason"])
+        )
 
 
 async def test_an_update_crashing_after_ready_is_rolled_back(tmp_path: Path) -> None:

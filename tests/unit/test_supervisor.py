@@ -147,6 +147,19 @@ async def test_a_replica_that_dies_unasked_crashed_unless_killed_from_outside(
     assert (await h.wait_ended("echo-1")).crashed is crashed
 
 
+async def test_a_replica_whose_model_exits_with_status_0_crashed(h: Harness) -> None:
+    """Status 0 without the replica's stopping file: the model's ``os._exit(0)``, not the
+    replica stopping (asked to, NACKed, orphaned). Before, it was no crash: restarted at
+    once, for ever."""
+    await h.start("echo-1")
+
+    h.launcher.process("echo-1").exit(0, by_its_model=True)
+
+    tomb = await h.wait_ended("echo-1")
+    assert tomb.crashed
+    assert tomb.message == "process exited with code 0 without being asked to stop"
+
+
 async def test_a_request_on_a_replica_that_dies_is_retried_once_on_another(h: Harness) -> None:
     await h.start("a")
     await h.start("b")
