@@ -246,7 +246,9 @@ class ReplicaTable(dict[str, ReplicaRecord]):
                     memory_mb += rec.resources.memory_mb
                     gpus += rec.resources.gpus
                 self.summed += len(mine)
-                held = self._held[sid] = Capacity(cpus, memory_mb, gpus)
+                # Rounded for those who read it (status, metrics): ten replicas of cpus 0.1 hold
+                # 1, not 0.9999999999999999 (nor 0.30000000000000004 for three).
+                held = self._held[sid] = Capacity(round(cpus, 9), round(memory_mb, 9), round(gpus, 9))
             out[sid] = held
         return out
 

@@ -389,6 +389,18 @@ async def test_without_a_scheduler_nothing_is_created_and_status_says_why(head: 
     assert dep["pending_reason"] == "no live scheduler"
 
 
+async def test_status_says_what_fractions_add_up_to(head: HeadNode) -> None:
+    """Before: ``allocated: {"cpus": 0.30000000000000004}`` in ``shoal status --json``, and a
+    free amount of -4e-16 in the metrics."""
+    await join(head)
+    three_tenths = {"replicas": 3, "resources": {"cpus": 0.1}}
+    await head.apply(parse_spec({"name": "echo", "backend": "python", "model": "m:Model", **three_tenths}))
+    await head.reconcile_once()
+
+    [s1] = cluster_status(head)["schedulers"]
+    assert s1["allocated"]["cpus"] == 0.3
+
+
 async def test_a_create_refused_by_its_scheduler_is_retried_after_a_backoff(
     head: HeadNode, fleet: FakeSchedulers, clock: FakeClock
 ) -> None:
