@@ -38,6 +38,11 @@ async def test_a_deploy_while_a_scheduler_shuts_down_goes_to_another(tmp_path: P
     args = [["--cpus", "1"], ["--cpus", "2"]]
     env = {"SHOAL_SHUTDOWN_GRACE_S": "30"}
     async with ProcessCluster(tmp_path, schedulers=2, scheduler_args=args, env=env) as cluster:
+        # Both registered first: placed before the second had, the replica went to the first.
+        for _ in range(200):
+            if len((await cluster.status())["schedulers"]) == 2:
+                break
+            await asyncio.sleep(0.05)
         await cluster.deploy({"name": "gated", **gate_model(folder), "resources": {"cpus": 0.1}})
         (gated,) = await cluster.wait_ready("gated", 1)
         ids = {s["pid"]: s["id"] for s in (await cluster.status())["schedulers"]}
