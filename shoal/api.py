@@ -49,6 +49,7 @@ from shoal.errors import (
     HeadUnreachable,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ShoalError,
     Unavailable,
     Unimplemented,
@@ -433,7 +434,8 @@ class AsyncClient:
 
     def handle(self, name: str, *, scheduler: str = "") -> AsyncHandle:
         """A handle to call deployment ``name`` with. ``scheduler``: this scheduler's gRPC address
-        only; by default any live one, the next on UNAVAILABLE."""
+        only (what a token of role infer needs: it may not ask the head for the live ones); by
+        default any live one, the next on UNAVAILABLE."""
         return AsyncHandle(self, name, scheduler)
 
     def _native_client(self, address: str) -> NativeClient:
@@ -478,8 +480,23 @@ class AsyncHandle:
         return await self._send(arrays, timeout_s)
 
     async def _learn(self) -> None:
-        """The live schedulers and the input types, from the head. NotFound for an unknown name."""
-        status = await self.client.status((self.name,))
+        """The live schedulers and the input types, from the head. NotFound for an unknown name.
+
+        A token of role ``infer`` may call schedulers but not read the head's status: with a
+        ``scheduler`` named, the handle then goes to it without the head, its inputs typed
+        by their values (as for a name the head does not know); without one, the
+        PermissionDenied says to name one."""
+        try:
+            status = await self.client.status((self.name,))
+        except PermissionDenied as err:
+            if not self.scheduler:
+                raise PermissionDenied(
+                    f"{err}: to find the schedulers a handle reads the head's status; with a token of "
+                    "role infer, name a scheduler's gRPC address (handle(name, scheduler=...), "
+                    "shoal predict --scheduler HOST:PORT)"
+                ) from None
+            self._spec, self._addresses = None, [self.scheduler]
+            return
         dep = status.deployment(self.name)
         if dep is None:
             # A traffic route's name: typed by its first target's spec; the scheduler draws.

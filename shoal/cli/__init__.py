@@ -69,7 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="send one request and print the outputs as JSON")
     p.add_argument("name")
     p.add_argument("--data", required=True, help="JSON inputs, e.g. '{\"x\": [[1, 2]]}', or @file.json")
-    p.add_argument("--scheduler", help="send to this scheduler's gRPC address (default: any live one)")
+    p.add_argument(
+        "--scheduler",
+        help="send to this scheduler's gRPC address (default: any live one, as the head names them; "
+        "a token of role infer may not ask the head, so it needs this)",
+    )
     p.add_argument(
         "--timeout",
         type=float,

@@ -4,6 +4,7 @@ dashboard asking for a token once tokens are on."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -43,3 +44,37 @@ def test_cli_tokens_and_the_dashboard_login(up: Up, browser: object) -> None:
         )
         == "none"
     )
+
+
+def test_predict_with_an_infer_token_names_its_scheduler(up: Up, examples_dir: Path, tmp_path: Path) -> None:
+    """docs/security.md's client: a token of role infer, named in a deployment's
+    ``auth.tokens``, sent with ``shoal predict --token``. Finding the schedulers is a read
+    of the head's status, which such a token may not do: with ``--scheduler`` it needs no
+    head; without it, the error says to give one (it used to say only that GetStatus
+    needs role read, with --scheduler too)."""
+    wait_ready(up, "echo", 1)
+    admin = shoal("token", "create", "--role", "admin", "--name", "ops", head=up.head).stdout.strip()
+    app = shoal("token", "create", "--role", "infer", "--name", "web-app", "--token", admin, head=up.head)
+    spec = tmp_path / "guarded.yaml"
+    spec.write_text(
+        f"name: guarded\nbackend: python\nmodel: 'echo:Echo'\nbase_dir: {examples_dir}\n"
+        "resources: {cpus: 0.1}\nauth: {tokens: [web-app]}\n"
+    )
+    shoal("deploy", str(spec), "--token", admin, head=up.head)
+    data = '{"x": [[1, 2]]}'
+    token = app.stdout.strip()
+    answered = shoal(
+        "predict",
+        "guarded",
+        "--data",
+        data,
+        "--token",
+        token,
+        "--scheduler",
+        up.endpoints["scheduler"],
+        head=up.head,
+    )
+    assert json.loads(answered.stdout) == {"x": [[1.0, 2.0]]}
+    refused = shoal("predict", "guarded", "--data", data, "--token", token, head=up.head, check=False)
+    assert refused.returncode == 1
+    assert "needs role read" in refused.stderr and "--scheduler" in refused.stderr, refused.stderr
