@@ -52,11 +52,6 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
         help="allow a non-loopback --host without TLS (plaintext: a trusted network only)",
     )
     p.add_argument(
-        "--max-blob-mb",
-        type=int,
-        help="largest model file or folder the head takes from shoal deploy (default 10240)",
-    )
-    p.add_argument(
         "--allow-model-dir",
         action="append",
         dest="allowed_model_dirs",
@@ -79,8 +74,17 @@ def _cluster_flags(args: argparse.Namespace) -> dict[str, Any]:
         "shutdown_grace_s": args.grace,
         "insecure": args.insecure,
         "allowed_model_dirs": args.allowed_model_dirs,
-        "max_blob_mb": args.max_blob_mb,
     }
+
+
+def _add_head_flags(p: argparse.ArgumentParser) -> None:
+    """The head's own settings, on the commands that run a head (up, head): a scheduler took
+    ``--max-blob-mb`` too, and nothing there reads it."""
+    p.add_argument(
+        "--max-blob-mb",
+        type=int,
+        help="largest model file or folder the head takes from shoal deploy (default 10240)",
+    )
 
 
 def _add_scheduler_flags(p: argparse.ArgumentParser) -> None:
@@ -206,6 +210,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         {**_CLUSTER_FLAG_NAMES, "head_http_port": "--dashboard-port"},
         **_cluster_flags(args),
         **_scheduler_flags(args),
+        max_blob_mb=args.max_blob_mb,
         head_port=args.head_port,
         head_http_port=args.dashboard_port,
     )
@@ -268,6 +273,7 @@ def cmd_head(args: argparse.Namespace) -> int:
         args,
         {**_CLUSTER_FLAG_NAMES, "head_port": "--port", "head_http_port": "--http-port"},
         **_cluster_flags(args),
+        max_blob_mb=args.max_blob_mb,
         head_port=args.port,
         head_http_port=args.http_port,
         store=args.store,
@@ -369,6 +375,7 @@ def _wait_gone(procs: list[psutil.Process], timeout_s: float) -> list[psutil.Pro
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("up", help="run a head and one scheduler in the foreground")
     _add_cluster_flags(p)
+    _add_head_flags(p)
     _add_scheduler_flags(p)
     p.add_argument("--head-port", type=int, help="head gRPC port (default 8470)")
     p.add_argument("--dashboard-port", type=int, help="head HTTP port: dashboard, REST API (default 8471)")
@@ -377,6 +384,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 
     p = sub.add_parser("head", help="run a head node")
     _add_cluster_flags(p)
+    _add_head_flags(p)
     p.add_argument("--port", type=int, help="gRPC port (default 8470)")
     p.add_argument("--http-port", type=int, help="HTTP port (default 8471)")
     p.add_argument(

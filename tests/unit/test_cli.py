@@ -54,6 +54,20 @@ def test_head_is_accepted_before_and_after_the_command() -> None:
     assert parser.parse_args(["status", "--head", "h:3"]).head == "h:3"
 
 
+def test_a_head_setting_is_a_flag_of_the_commands_that_run_a_head_only(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--max-blob-mb`` bounds what the head takes (docs/operations.md: on ``shoal head`` and
+    ``shoal up``). ``shoal scheduler --max-blob-mb 1`` used to be taken, and bounded nothing."""
+    parser = build_parser()
+    assert parser.parse_args(["head", "--max-blob-mb", "1"]).max_blob_mb == 1
+    assert parser.parse_args(["up", "--max-blob-mb", "1"]).max_blob_mb == 1
+    with pytest.raises(SystemExit) as exit:
+        parser.parse_args(["scheduler", "--max-blob-mb", "1"])
+    assert exit.value.code == 2
+    assert "unrecognized arguments: --max-blob-mb" in capsys.readouterr().err
+
+
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit:
         main(["--version"])
