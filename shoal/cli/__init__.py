@@ -42,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     routes.add_parser(sub)
 
     p = sub.add_parser("scale", help="set a deployment's replica count")
-    p.add_argument("name")
-    p.add_argument("replicas", type=int)
+    p.add_argument("name", help="the deployment's name")
+    p.add_argument("replicas", type=int, help="the replica count, from 0")
     p.add_argument(
         "--if-revision",
         type=int,
@@ -55,19 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_scale)
 
     p = sub.add_parser("delete", help="delete a deployment and stop its replicas")
-    p.add_argument("name")
+    p.add_argument("name", help="the deployment's name")
     add_client_flags(p)
     p.set_defaults(fn=cmd_delete)
 
     p = sub.add_parser("status", help="show schedulers, deployments and replicas")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print every field as JSON (for programs)")
     add_client_flags(p)
     p.set_defaults(fn=cmd_status)
 
     logs.add_parser(sub)
 
     p = sub.add_parser("predict", help="send one request and print the outputs as JSON")
-    p.add_argument("name")
+    p.add_argument("name", help="the deployment (or traffic route) to call")
     p.add_argument("--data", required=True, help="JSON inputs, e.g. '{\"x\": [[1, 2]]}', or @file.json")
     p.add_argument(
         "--scheduler",
@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("certs", help="certificates for mutual TLS inside the cluster")
     certs_sub = p.add_subparsers(dest="certs_command", required=True)
     q = certs_sub.add_parser("init", help="create a cluster CA and a certificate per role in DIR")
-    q.add_argument("dir")
+    q.add_argument("dir", help="the folder to write ca.crt, ca.key and a key pair per role to")
     q.add_argument(
         "--host",
         action="append",
@@ -101,7 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("token", help="tokens for users of the control API and of inference")
     token_sub = p.add_subparsers(dest="token_command", required=True)
     q = token_sub.add_parser("create", help="create a token and print it (once: only its hash is kept)")
-    q.add_argument("--role", required=True, choices=["infer", "read", "deploy", "admin"])
+    q.add_argument(
+        "--role",
+        required=True,
+        choices=["infer", "read", "deploy", "admin"],
+        help="what it may do, each role what the ones before it may too: infer (send requests), read "
+        "(status, logs), deploy (change deployments and routes), admin (tokens)",
+    )
     q.add_argument("--name", default="", help="its name (default: generated)")
     add_client_flags(q)
     q.set_defaults(fn=cmd_token_create)
@@ -109,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_client_flags(q)
     q.set_defaults(fn=cmd_token_list)
     q = token_sub.add_parser("revoke", help="revoke a token by name")
-    q.add_argument("name")
+    q.add_argument("name", help="the token's name, as 'shoal token list' shows it")
     add_client_flags(q)
     q.set_defaults(fn=cmd_token_revoke)
     from shoal import chaos, loadgen

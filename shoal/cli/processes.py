@@ -41,8 +41,10 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML settings file")
     p.add_argument("--host", help="address to bind (default 127.0.0.1)")
     p.add_argument("--advertise-host", help="address other machines use to reach this one")
-    p.add_argument("--log-format", choices=["text", "json"])
-    p.add_argument("--log-level")
+    p.add_argument(
+        "--log-format", choices=["text", "json"], help="text lines (default) or one JSON object per line"
+    )
+    p.add_argument("--log-level", help="a logging level, any case (default INFO)")
     p.add_argument("--grace", type=float, help="seconds a shutdown may take (requests, then replicas)")
     p.add_argument("--tls-dir", help="certificate folder (shoal certs init): mutual TLS, HTTPS")
     p.add_argument(

@@ -98,7 +98,7 @@ def _wait_flags(p: argparse.ArgumentParser) -> None:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("history", help="a deployment's revisions: number, time, change, outcome")
-    p.add_argument("name")
+    p.add_argument("name", help="the deployment's name")
     add_client_flags(p)
     p.set_defaults(fn=cmd_history)
 
@@ -108,7 +108,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         description="Apply an earlier revision's spec again as a rolling update (the replica count "
         "stays the current one), then wait until its replicas are READY.",
     )
-    p.add_argument("name")
+    p.add_argument("name", help="the deployment's name")
     p.add_argument(
         "revision",
         nargs="?",
@@ -125,7 +125,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         description="Replace the replicas one at a time: a new one starts, and an old one drains only "
         "once the new one is READY, so requests keep being answered. Then wait until done.",
     )
-    p.add_argument("name")
+    p.add_argument("name", help="the deployment's name")
     _wait_flags(p)
     add_client_flags(p)
     p.set_defaults(fn=cmd_restart)

@@ -51,7 +51,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "counted. Without arguments: list the routes.",
     )
     p.add_argument("name", nargs="?", help="the route's name (no deployment may have it)")
-    p.add_argument("targets", nargs="*", metavar="DEPLOYMENT=WEIGHT")
+    p.add_argument(
+        "targets", nargs="*", metavar="DEPLOYMENT=WEIGHT", help="a target and its share (weights sum to 100)"
+    )
     p.add_argument("--shadow", metavar="DEPLOYMENT", help="a deployment that gets a copy of each request")
     p.add_argument("--delete", action="store_true", help="delete the route NAME")
     add_client_flags(p)
