@@ -130,7 +130,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         for spec, w in zip(specs, watch.watched, strict=True):
             reply = await client.deploy(spec, wait=False, if_revision=args.if_revision)
             revisions[spec.name] = reply.revision
-            print(f"deployment {spec.name} {_applied(reply, rolls=bool(w.old_replicas))}", flush=True)
+            print(f"deployment {spec.name} {applied(reply, rolls=bool(w.old_replicas))}", flush=True)
         for route in routes:  # after the deployments: a route's targets must exist
             await client.route(route)
             print(f"route {route.name}: {route.describe()}", flush=True)
@@ -175,8 +175,9 @@ def status_reader(client: Any, names: Collection[str]) -> Callable[[], Awaitable
     return read_status
 
 
-def _applied(reply: Any, *, rolls: bool) -> str:
-    """What an apply did, for its line: created, updated (and how), unchanged."""
+def applied(reply: Any, *, rolls: bool) -> str:
+    """What an apply did, for its line: created, updated (and how), unchanged. ``shoal up``'s
+    ``--deploy`` lines too."""
     if reply.created:
         return f"created (revision {reply.revision})"
     if not reply.changed:

@@ -21,7 +21,7 @@ import psutil
 
 from shoal import aio, logs
 from shoal.cli.common import add_head_flag, seconds, settings_of
-from shoal.cli.deploy import wait_for
+from shoal.cli.deploy import applied, wait_for
 from shoal.config import Settings
 from shoal.core import triton_repo
 from shoal.core.deploy_watch import DeployWatch
@@ -230,8 +230,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     async def on_ready(head: Any, scheduler: Any, tasks: Any) -> None:
         before = (await head.status()).to_json()
         for spec in specs:
-            result = await head.apply(spec)
-            print(f"deployment {spec.name} {'created' if result.created else 'updated'}", flush=True)
+            # As shoal deploy says it (it said "updated" for a spec that changed nothing). No
+            # rolling update to announce: the scheduler starts with no replica.
+            print(f"deployment {spec.name} {applied(await head.apply(spec), rolls=False)}", flush=True)
         if head.desired:
             # Every deployment, those from an earlier run too: "all ready" must be the truth.
             watch = DeployWatch.after_apply(before, list(head.desired.values()))

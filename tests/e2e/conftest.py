@@ -50,10 +50,9 @@ class Up:
             pass
 
 
-@pytest.fixture
-def up(tmp_path: Path, examples_dir: Path) -> Iterator[Up]:
-    state = tmp_path / "state"
-    log = tmp_path / "up.log"
+def start_up(state: Path, log: Path, examples_dir: Path) -> Up:
+    """``shoal up`` as ``make up`` runs it (digits and echo), on port 0, once it says it is up.
+    :func:`stop_up` stops it and everything it started."""
     env = {
         **os.environ,
         "SHOAL_PING_INTERVAL_S": "0.2",
@@ -97,20 +96,34 @@ def up(tmp_path: Path, examples_dir: Path) -> Iterator[Up]:
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.05)
         u.endpoints = json.loads((state / "endpoints.json").read_text())
+    except BaseException:
+        stop_up(u)
+        raise
+    return u
+
+
+def stop_up(u: Up) -> None:
+    u.remember_children()
+    if u.proc.poll() is None:
+        u.proc.send_signal(signal.SIGTERM)
+        try:
+            u.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            u.proc.kill()
+    for pid in u.descendants:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture
+def up(tmp_path: Path, examples_dir: Path) -> Iterator[Up]:
+    u = start_up(tmp_path / "state", tmp_path / "up.log", examples_dir)
+    try:
         yield u
     finally:
-        u.remember_children()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        for pid in u.descendants:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        stop_up(u)
 
 
 def stop_group(proc: subprocess.Popen[str], grace_s: float = 30) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import psutil
 import pytest
 
-from tests.e2e.conftest import Up, shoal, wait_ready
+from tests.e2e.conftest import Up, shoal, start_up, stop_up, wait_ready
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -135,3 +135,19 @@ def test_logs_shows_what_the_replicas_model_printed(up: Up, tmp_path: Path) -> N
     out = shoal("logs", replica["id"], head=up.head).stdout
     assert "chatty model loaded: hello from the replica" in out
     assert shoal("logs", "nope-000000", head=up.head, check=False).returncode == 1
+
+
+def test_up_again_says_what_its_specs_changed(up: Up, examples_dir: Path, tmp_path: Path) -> None:
+    """Deployments outlive ``shoal up``, and the next one applies its specs again (README).
+    It said ``deployment NAME updated`` for each, changed or not; now it says what
+    ``shoal deploy`` says: unchanged, or what changed."""
+    wait_ready(up, "echo", 1)
+    shoal("scale", "echo", "2", head=up.head)
+    stop_up(up)
+    again = start_up(up.state, tmp_path / "again.log", examples_dir)
+    try:
+        lines = again.log.read_text().splitlines()
+    finally:
+        stop_up(again)
+    assert "deployment digits unchanged" in lines, lines
+    assert "deployment echo updated (revision 1): replicas 2 → 1" in lines, lines
