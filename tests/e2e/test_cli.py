@@ -81,6 +81,10 @@ def test_errors_are_one_line_without_traceback(up: Up, tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: Bad Name\nbackend: tensorflow\nmodel: x\n")
     cases.append((["deploy", str(bad)], "backend"))
+    # TLS towards a plaintext head: gRPC's own log lines ("I1205 ... Handshake failed")
+    # came before and after shoal's.
+    shoal("certs", "init", str(tmp_path / "certs"), head=up.head)
+    cases.append((["status", "--tls-dir", str(tmp_path / "certs")], "cannot reach the head"))
     for args, needle in cases:
         proc = shoal(*args, head=up.head, check=False)
         assert proc.returncode == 1, (args, proc.stdout, proc.stderr)
