@@ -70,8 +70,10 @@ def announce_transport(settings: Settings) -> None:
             "PLAINTEXT on %s (--insecure): anyone on this network can call every API; use --tls-dir",
             settings.host,
         )
-    else:
+    elif is_loopback(settings.host):
         log.info("plaintext on loopback (%s) only: no --tls-dir, so no other machine can join", settings.host)
+    # Else nothing: check_transport refuses it, saying why (this said "plaintext on loopback
+    # (0.0.0.0) only" just before that refusal).
 
 
 def handshake_failed(message: str) -> bool:

@@ -433,6 +433,8 @@ async def test_plaintext_binds_loopback_only(tmp_path: Path) -> None:
     )
     assert refused.returncode == 1
     assert "refusing to listen on 0.0.0.0 in plaintext" in refused.stderr and "--tls-dir" in refused.stderr
+    # Its one line only: it used to log "plaintext on loopback (0.0.0.0) only" first.
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     # --insecure: it starts, and says so once.
     proc = subprocess.Popen(
         [*base, "--insecure", "--state", str(tmp_path / "b")],
