@@ -407,7 +407,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 
     p = sub.add_parser(
         "down",
-        help="stop the shoal up (head, scheduler) running with this state folder",
+        help="stop the shoal up, head or scheduler running with this state folder",
         description="Send SIGTERM to the shoal up, head and scheduler processes started with this state "
         "folder (from any shell), then wait until they have drained their replicas and exited.",
     )
