@@ -370,6 +370,17 @@ class DeploymentSpec(_Strict):
     # after editing them is a change, and replaces the replicas.
     model_hash: str = Field(default="", max_length=128)
 
+    @field_validator("name", mode="before")
+    @classmethod
+    def _a_name(cls, name: object) -> object:
+        # Before the pattern's own check, whose words were the regular expression.
+        if isinstance(name, str) and not re.match(NAME_PATTERN, name):
+            raise ValueError(
+                f"{limits.quoted(name)} is not a deployment name: lowercase letters, digits, '-', '_' "
+                "and '.', starting and ending with a letter or digit, at most 63 characters"
+            )
+        return name
+
     @field_validator("name")
     @classmethod
     def _not_a_route(cls, name: str) -> str:
@@ -526,7 +537,9 @@ def _explain(err: ValidationError) -> str:
     parts = []
     for e in errors[:MAX_PROBLEMS]:
         where = ".".join(str(p) for p in e["loc"]) or "spec"
-        parts.append(f"{limits.shown(where)}: {limits.shown(e['msg'])}")
+        # A validator's own words, without pydantic's "Value error, " before them.
+        msg = e["msg"].removeprefix("Value error, ") if e["type"] == "value_error" else e["msg"]
+        parts.append(f"{limits.shown(where)}: {limits.shown(msg)}")
     if len(errors) > MAX_PROBLEMS:
         parts.append(f"and {len(errors) - MAX_PROBLEMS} more problems")
     return "; ".join(parts)
