@@ -98,7 +98,11 @@ def cmd_chaos(args: argparse.Namespace) -> int:
 
 def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="deployment to load")
-    p.add_argument("--url", help="send requests to this scheduler's gRPC ingress (default: a live one)")
+    p.add_argument(
+        "--url",
+        help="send requests to this gRPC address, HOST:PORT (default: a live scheduler's address as "
+        "'shoal status' lists it, its control port, which answers inference too)",
+    )
     p.add_argument("-c", "--concurrency", type=int, default=8, help="callers in flight (default 8)")
     p.add_argument("--rate", type=float, help="pace the callers to this many requests a second in total")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default 30)")
