@@ -484,8 +484,9 @@ class AsyncHandle:
 
         A token of role ``infer`` may call schedulers but not read the head's status: with a
         ``scheduler`` named, the handle then goes to it without the head, its inputs typed
-        by their values (as for a name the head does not know); without one, the
-        PermissionDenied says to name one."""
+        by their values (as for a name the head does not know) and the client's wait, for a
+        call without ``timeout_s``, the default ``timeout_s`` (60 s) plus 5 s; without one,
+        the PermissionDenied says to name one."""
         try:
             status = await self.client.status((self.name,))
         except PermissionDenied as err:
