@@ -21,7 +21,8 @@ For a deployment with ``multiplexing``, the class needs ``load_model(model_id)``
 request, and it returns an object with ``predict`` (and optionally ``unload``/``close``,
 called when the id is evicted), used as above. What it raises reaches the client: a
 :class:`shoal.errors.ShoalError` as it is (``NotFound`` for an id it does not know, say),
-anything else as Internal.
+anything else as Internal. An optional ``has_model(model_id)`` says cheaply whether an id
+exists: a replica whose slots are full asks it before it evicts a loaded id for a new one.
 
 A model may call other deployments (``shoal.replica.compose``): it finds them in
 ``self.deployments`` (set after construction unless the class sets that name itself),
@@ -51,7 +52,7 @@ from typing import Any
 from shoal.backends.base import MODEL_FAILURES, Backend, Tensors, coerce_outputs
 from shoal.core import model_dirs
 from shoal.core.spec import DeploymentSpec
-from shoal.errors import Internal, InvalidArgument, ShoalError
+from shoal.errors import Internal, InvalidArgument, NotFound, ShoalError
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,10 @@ class PythonBackend(Backend):
     def model_backend(self, model_id: str) -> Backend:
         if self.spec.multiplexing is None or self._model is None:
             return super().model_backend(model_id)
-        return _MultiplexedModel(self.spec, self._model.load_model, model_id)
+        has_model = getattr(self._model, "has_model", None)
+        return _MultiplexedModel(
+            self.spec, self._model.load_model, model_id, has_model if callable(has_model) else None
+        )
 
     async def _predict(self, inputs: Tensors) -> Tensors:
         if self._async_predict:
@@ -192,10 +196,25 @@ def _takes(target: Any, name: str) -> bool:
 class _MultiplexedModel(PythonBackend):
     """One model id of a multiplexed python deployment: ``load()`` calls ``load_model(model_id)``."""
 
-    def __init__(self, spec: DeploymentSpec, load_model: Callable[[str], Any], model_id: str) -> None:
+    def __init__(
+        self,
+        spec: DeploymentSpec,
+        load_model: Callable[[str], Any],
+        model_id: str,
+        has_model: Callable[[str], Any] | None = None,
+    ) -> None:
         super().__init__(spec)
         self._load_model = load_model
+        self._has_model = has_model
         self.model_id = model_id
+
+    def check_exists(self) -> None:
+        """The class's ``has_model(model_id)``, when it has one: false is NOT_FOUND, before a
+        full replica evicts a loaded id for a load bound to fail."""
+        if self._has_model is None or self._has_model(self.model_id):
+            return
+        cls = self.spec.model.rsplit(":", 1)[-1]
+        raise NotFound(f"model id {self.model_id!r}: {cls}.has_model({self.model_id!r}) is false")
 
     def _load(self) -> None:
         try:

@@ -25,7 +25,7 @@ from shoal.config import Settings
 from shoal.core import payload
 from shoal.core.clock import FakeClock
 from shoal.core.spec import Batching, DeploymentSpec
-from shoal.errors import InvalidArgument, NotFound, PermissionDenied, Unavailable
+from shoal.errors import InvalidArgument, NotFound, PermissionDenied, ShoalError, Unavailable
 from shoal.http.scheduler import scheduler_app
 from shoal.metrics import _multiplexed
 from shoal.proto import grpc_service_pb2 as oip
@@ -456,6 +456,10 @@ class Scaled:
 class NoLoader:
     def predict(self, inputs):
         return inputs
+
+class Listed(Tenants):
+    def has_model(self, model_id):
+        return model_id in ("a", "b")
 """
 
 
@@ -521,6 +525,31 @@ async def test_an_id_without_a_model_evicts_no_loaded_id(tmp_path: Path) -> None
         assert dict(c.evictions) == {}
     finally:
         await c.aclose()
+
+
+async def test_a_python_model_s_has_model_keeps_an_unknown_id_from_evicting(tmp_path: Path) -> None:
+    """A python class may say which ids exist (``has_model``): an id it does not know is
+    NOT_FOUND before a full replica evicts a loaded id for it, as a sklearn id without its
+    file is. Without the hook the load tells, after the eviction."""
+    (tmp_path / "tenants.py").write_text(MODELS)
+    X = np.ones((1, 1), np.float32)
+    for cls, evicted in (("Listed", {}), ("Tenants", {"a": 1})):
+        parent = PythonBackend(make_spec(model=f"tenants:{cls}", base_dir=str(tmp_path), multiplexing=MUX))
+        parent.load()
+        c = ModelCache(parent, 2, parent.spec.batching, LOAD_S)
+        try:
+            for m in ("a", "b"):
+                await c.submit(m, {"x": X})
+            with pytest.raises(ShoalError) as refused:
+                await c.submit("nobody", {"x": X})
+            if cls == "Listed":
+                assert isinstance(refused.value, NotFound)
+                assert refused.value.message == "model id 'nobody': Listed.has_model('nobody') is false"
+            else:
+                assert "load_model('nobody') raised KeyError" in refused.value.message
+            assert dict(c.evictions) == evicted
+        finally:
+            await c.aclose()
 
 
 class _RunsCode:
