@@ -132,8 +132,17 @@ def head_unreachable(settings: Settings, cause: object, *, point: str, tls: str)
     was given), each as the caller's user gives them (``--head`` on the command line).
     When the TLS handshake failed, a head answered: the message says what to check of the
     certificates instead of how to start one."""
-    from shoal.rpc.tls import handshake_failed, tls_hint
+    from shoal.rpc.tls import handshake_failed, plaintext_peer, tls_hint
 
+    if plaintext_peer(str(cause)):
+        # Before: "... both sides need certificates from the same cluster CA ... A server
+        # answers there: give --tls-dir", to a user who had given it.
+        return HeadUnreachable(
+            f"cannot reach the head at {settings.head_address}: it does not speak TLS (it runs "
+            f"without --tls-dir), and this client used TLS (certificates in {settings.tls_dir}): "
+            f"leave {tls} out to reach it; if the cluster runs with TLS, this is not its head: "
+            f"{point}. ({cause})"
+        )
     if handshake_failed(str(cause)):
         where = f" in {settings.tls_dir}" if settings.tls_dir else ""
         return HeadUnreachable(

@@ -80,6 +80,72 @@ def read(tls_dir: str | Path, role: str) -> tuple[bytes, bytes, bytes]:
         raise InvalidArgument(f"cannot read {err.filename}: {err.strerror}") from None
 
 
+EXPIRY_WARNING_DAYS = 30
+"""A component that starts with a certificate this close to its end says so."""
+
+
+def check(tls_dir: str | Path, role: str, now: datetime.datetime | None = None) -> datetime.datetime:
+    """Check ``role``'s files in ``tls_dir`` as a component about to serve with them: each
+    can be read and parsed, the key is the certificate's, the certificate was signed by
+    ``ca.crt`` (directly, or through the other certificates of its file), and both
+    certificates are valid ``now``. Returns when the first of them runs out. Raises
+    InvalidArgument naming the file and what is wrong with it.
+
+    Before, only the files' presence was checked: a key that was not the certificate's
+    failed as "cannot listen on 127.0.0.1:8470: Failed to bind", and a certificate from
+    another CA, or one past its end, served, and every peer failed its handshakes."""
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import serialization
+
+    f = files(tls_dir, role)
+    ca_pem, cert_pem, key_pem = read(tls_dir, role)
+    remake = f"make the cluster's certificates again with 'shoal certs init --force {f.ca.parent}'"
+    try:
+        roots = x509.load_pem_x509_certificates(ca_pem)
+    except ValueError:
+        raise InvalidArgument(f"{f.ca} holds no PEM certificate: {remake}") from None
+    try:
+        chain = x509.load_pem_x509_certificates(cert_pem)
+    except ValueError:
+        raise InvalidArgument(f"{f.cert} holds no PEM certificate: {remake}") from None
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as err:  # TypeError: a key that needs a password
+        raise InvalidArgument(f"{f.key} holds no private key shoal can use ({err}): {remake}") from None
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(*spki) != chain[0].public_key().public_bytes(*spki):
+        raise InvalidArgument(
+            f"{f.key} is not the key of {f.cert} (the files come from different 'shoal certs init' "
+            f"runs?): copy both from one, or {remake}"
+        )
+
+    def signed(cert: x509.Certificate, by: x509.Certificate) -> bool:
+        try:
+            cert.verify_directly_issued_by(by)
+            return True
+        except (ValueError, TypeError, InvalidSignature):
+            return False
+
+    if not any(c == r or signed(c, r) for c in chain for r in roots):
+        raise InvalidArgument(
+            f"{f.cert} was not signed by the cluster CA in {f.ca} (issuer "
+            f"{chain[0].issuer.rfc4514_string()!r}; another cluster's certificates?): every peer "
+            f"would refuse it: copy the cluster's files, or {remake}"
+        )
+    now = now or datetime.datetime.now(datetime.UTC)
+    for path, cert in ((f.cert, chain[0]), (f.ca, roots[0])):
+        start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+        if now < start:
+            raise InvalidArgument(
+                f"{path} is valid only from {start:%Y-%m-%d %H:%M} UTC (this machine's clock says "
+                f"{now:%Y-%m-%d %H:%M}): check the clock"
+            )
+        if now > end:
+            raise InvalidArgument(f"{path} expired on {end:%Y-%m-%d %H:%M} UTC: {remake}")
+    return min(roots[0].not_valid_after_utc, chain[0].not_valid_after_utc)
+
+
 def common_name(role: str) -> str:
     return f"shoal-{role}"
 

@@ -10,6 +10,7 @@ cluster CA, verifying the server's name as the role they expect
 
 from __future__ import annotations
 
+import datetime
 import functools
 import logging
 
@@ -25,6 +26,9 @@ log = logging.getLogger("shoal")
 
 @functools.lru_cache(maxsize=32)
 def _read(tls_dir: str, role: str) -> tuple[bytes, bytes, bytes]:
+    # Checked once per process, as a client too: before, the CLI with an expired client.crt
+    # was told "Socket closed; is it running? Start one with 'shoal up'".
+    certs.check(tls_dir, role)
     return certs.read(tls_dir, role)
 
 
@@ -37,7 +41,8 @@ def server_credentials(settings: Settings, role: str) -> grpc.ServerCredentials 
 
 
 def channel_credentials(settings: Settings, role: str) -> grpc.ChannelCredentials | None:
-    """``role``'s client certificate and the cluster CA as the only root, or None without TLS."""
+    """``role``'s client certificate and the cluster CA as the only root, or None without TLS.
+    Raises InvalidArgument for files that would fail every handshake (``certs.check``)."""
     if not settings.tls_dir:
         return None
     ca, cert, key = _read(settings.tls_dir, role)
@@ -47,10 +52,22 @@ def channel_credentials(settings: Settings, role: str) -> grpc.ChannelCredential
 def check_transport(settings: Settings, *roles: str) -> None:
     """Refuse to serve plaintext beyond this machine: a non-loopback ``host`` needs TLS
     (``tls_dir``) or ``insecure``. With TLS, check that ``roles``' certificates are there
-    (fail at start-up, not at the first call). Raises InvalidArgument saying how to fix it."""
+    (fail at start-up, not at the first call): readable, the keys theirs, signed by the
+    cluster CA, valid now; warn when one runs out within ``certs.EXPIRY_WARNING_DAYS``.
+    Raises InvalidArgument saying how to fix it."""
     if settings.tls_dir:
+        now = datetime.datetime.now(datetime.UTC)
         for role in roles:
-            certs.files(settings.tls_dir, role)
+            left = certs.check(settings.tls_dir, role, now) - now
+            if left < datetime.timedelta(days=certs.EXPIRY_WARNING_DAYS):
+                # Read once, at start: a certificate renewed on disk takes a restart.
+                log.warning(
+                    "the %s certificate in %s runs out in %.1f days: make new ones (shoal certs "
+                    "init) and restart every component with them before then",
+                    role,
+                    settings.tls_dir,
+                    left.total_seconds() / 86400,
+                )
         return
     if is_loopback(settings.host) or settings.insecure:
         return
@@ -76,6 +93,11 @@ def announce_transport(settings: Settings) -> None:
     # (0.0.0.0) only" just before that refusal).
 
 
+def plaintext_peer(message: str) -> bool:
+    """A failed call's message says this TLS client met a server that does not speak TLS."""
+    return "WRONG_VERSION_NUMBER" in message
+
+
 def handshake_failed(message: str) -> bool:
     """A failed call's message says the TLS handshake failed (the server answered, with a
     certificate this client does not trust, or asked for one it does not have)."""
@@ -85,6 +107,8 @@ def handshake_failed(message: str) -> bool:
 
 def tls_hint(message: str) -> str:
     """A failed call's message, with what to check when it was the TLS handshake."""
+    if plaintext_peer(message):
+        return f"{message} (the server does not speak TLS: it runs without --tls-dir)"
     if handshake_failed(message):
         return (
             f"{message} (TLS handshake failed: both sides need certificates from the same cluster CA "

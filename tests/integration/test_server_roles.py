@@ -8,6 +8,8 @@ handshake answers UNIMPLEMENTED, one that does not never reaches the server.
 
 from __future__ import annotations
 
+import datetime
+import shutil
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,11 +18,14 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from shoal import certs
 from shoal.config import Settings
 from shoal.core.placement import Capacity
-from shoal.errors import ShoalError, Unavailable
+from shoal.errors import InvalidArgument, ShoalError, Unavailable
 from shoal.rpc.clients import ControlClient, GrpcHeadLink, GrpcSchedulerClient
 from shoal.rpc.server import bind, new_server
 from shoal.rpc.tls import server_credentials
@@ -122,27 +127,84 @@ async def test_the_head_talks_only_to_schedulers(tls: Path, role: str, expected:
             await client.close()
 
 
-async def test_a_client_with_another_ca_is_told_about_certificates_not_to_start_a_head(
-    tls: Path, tmp_path: Path
-) -> None:
-    """Before: ``shoal --head ADDR status --tls-dir OTHER`` said ``... CERTIFICATE_VERIFY_FAILED
-    ...); is it running? Start one with 'shoal up' ...`` of a head that runs."""
+async def unreachable(server: Settings, tls_dir: Path) -> tuple[str, str]:
+    """The address of a head serving with ``server``'s TLS settings, and the message of the
+    HeadUnreachable that a Python API client with the certificates in ``tls_dir`` gets."""
     from shoal.api import AsyncClient
     from shoal.errors import HeadUnreachable
 
-    other = tmp_path / "other"
-    certs.init(other)
-    async with server_as(settings_for(tls), "head") as (address, _):
+    async with server_as(server, "head") as (address, _):
         client = AsyncClient(
-            address, settings=Settings(head_address=address, tls_dir=str(other), rpc_attempts=1)
+            address, settings=Settings(head_address=address, tls_dir=str(tls_dir), rpc_attempts=1)
         )
         try:
             with pytest.raises(HeadUnreachable) as err:
                 await client.status()
         finally:
             await client.close()
-    message = str(err.value)
+    return address, str(err.value)
+
+
+async def test_a_client_with_another_ca_is_told_about_certificates_not_to_start_a_head(
+    tls: Path, tmp_path: Path
+) -> None:
+    """Before: ``shoal --head ADDR status --tls-dir OTHER`` said ``... CERTIFICATE_VERIFY_FAILED
+    ...); is it running? Start one with 'shoal up' ...`` of a head that runs."""
+    other = tmp_path / "other"
+    certs.init(other)
+    address, message = await unreachable(settings_for(tls), other)
     assert message.startswith(f"cannot reach the head at {address}: ")
     assert "TLS handshake failed" in message and "same cluster CA" in message
     assert f"this client used those in {other}" in message
     assert "Start one" not in message and "is it running" not in message
+
+
+async def test_a_tls_client_at_a_plaintext_head_is_told_it_speaks_no_tls(tls: Path) -> None:
+    """Before: ``shoal --head ADDR status --tls-dir DIR`` at a head without TLS said "both
+    sides need certificates from the same cluster CA ... A server answers there: give
+    --tls-dir", to a user who had given it."""
+    address, message = await unreachable(Settings(), tls)  # a head without TLS
+    assert message.startswith(f"cannot reach the head at {address}: it does not speak TLS")
+    assert "out to reach it" in message
+    assert "same cluster CA" not in message and "give --tls-dir" not in message
+
+
+def resign(folder: Path, role: str, valid: tuple[datetime.datetime, datetime.datetime]) -> None:
+    """Sign ``role``'s certificate again with the folder's CA, valid only over ``valid``."""
+    ca = x509.load_pem_x509_certificate((folder / "ca.crt").read_bytes())
+    ca_key = serialization.load_pem_private_key((folder / "ca.key").read_bytes(), None)
+    old = x509.load_pem_x509_certificate((folder / f"{role}.crt").read_bytes())
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(old.subject)
+        .issuer_name(ca.subject)
+        .public_key(old.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(valid[0])
+        .not_valid_after(valid[1])
+    )
+    for ext in old.extensions:
+        builder = builder.add_extension(ext.value, ext.critical)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    (folder / f"{role}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+async def test_a_client_with_an_expired_certificate_is_told_so(tls: Path, tmp_path: Path) -> None:
+    """Before: the CLI with an expired ``client.crt`` was told "... Socket closed); is it
+    running? Start one with 'shoal up'" of a head that ran (only the head's gRPC debug log
+    said "certificate has expired")."""
+    from shoal.api import AsyncClient
+
+    expired = tmp_path / "expired"
+    shutil.copytree(tls, expired)
+    now = datetime.datetime.now(datetime.UTC)
+    resign(expired, "client", (now - datetime.timedelta(days=10), now - datetime.timedelta(days=1)))
+    async with server_as(settings_for(tls), "head") as (address, seen):
+        client = AsyncClient(address, settings=Settings(head_address=address, tls_dir=str(expired)))
+        try:
+            with pytest.raises(InvalidArgument, match=r"client\.crt expired on .*shoal certs init --force"):
+                await client.status()
+        finally:
+            await client.close()
+    assert seen.calls == []

@@ -3,6 +3,7 @@ transport rule, without sockets: the HTTP apps are called through httpx's ASGI t
 
 from __future__ import annotations
 
+import datetime
 import os
 import stat
 import sys
@@ -519,6 +520,40 @@ def test_transport_rule(tmp_path: Path) -> None:
         check_transport(Settings(host="0.0.0.0", tls_dir=str(tmp_path)), "head")
     certs.init(tmp_path)
     check_transport(Settings(host="0.0.0.0", tls_dir=str(tmp_path)), "head", "scheduler")
+
+
+def test_a_certificate_folder_that_would_fail_every_handshake_is_refused_at_start(tmp_path: Path) -> None:
+    """Before, only the files' presence was checked: the head started with another cluster's
+    certificate, or one past its end, and every peer failed its handshakes; a key that was
+    not the certificate's failed as "cannot listen on 127.0.0.1:0: Failed to bind"."""
+    tls, other = tmp_path / "tls", tmp_path / "other"
+    certs.init(tls)
+    certs.init(other)
+    cert = x509.load_pem_x509_certificate((tls / "head.crt").read_bytes())
+    assert certs.check(tls, "head") == cert.not_valid_after_utc
+    settings = Settings(tls_dir=str(tls))
+
+    def refused(match: str) -> None:
+        with pytest.raises(InvalidArgument, match=match):
+            check_transport(settings, "head")
+
+    with pytest.raises(InvalidArgument, match=r"head\.crt expired on .*shoal certs init --force"):
+        certs.check(tls, "head", cert.not_valid_after_utc + datetime.timedelta(days=1))
+    with pytest.raises(InvalidArgument, match=r"head\.crt is valid only from .* check the clock"):
+        certs.check(tls, "head", cert.not_valid_before_utc - datetime.timedelta(days=1))
+    good = {name: (tls / name).read_bytes() for name in ("head.crt", "head.key")}
+    (tls / "head.key").write_bytes((tls / "scheduler.key").read_bytes())
+    refused(r"head\.key is not the key of .*head\.crt")
+    (tls / "head.key").write_text("not a key\n")
+    refused(r"head\.key holds no private key")
+    (tls / "head.crt").write_text("")
+    refused(r"head\.crt holds no PEM certificate")
+    for name in ("head.crt", "head.key"):
+        (tls / name).write_bytes((other / name).read_bytes())
+    refused(r"head\.crt was not signed by the cluster CA in .*ca\.crt")
+    for name, data in good.items():
+        (tls / name).write_bytes(data)
+    check_transport(settings, "head")
 
 
 def test_security_settings_from_env_and_file(tmp_path: Path) -> None:
