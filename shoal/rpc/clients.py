@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Collection, Mapping
@@ -33,6 +32,7 @@ from shoal.rpc.convert import (
     state_value,
 )
 from shoal.rpc.hop import HopClient, socket_path
+from shoal.rpc.standby import STANDBY_METADATA
 from shoal.rpc.status import to_error
 from shoal.rpc.task_stream import TaskStream, outcome_error
 from shoal.rpc.wire import PARTS_FROM
@@ -370,6 +370,22 @@ class HeadChannels:
 _MOVE_ON = (Unavailable, DeadlineExceeded)  # errors after which another head may serve the call
 
 
+def _refused_unseen(err: grpc.aio.AioRpcError) -> bool:
+    """Whether a failed call is known not to have been acted on: no connection was made, or
+    a standby head refused it."""
+    if err.code() != grpc.StatusCode.UNAVAILABLE:
+        return False
+    # grpc-stubs gives AioRpcError the sync error's _Metadatum; grpc.aio's are (key, value) pairs.
+    trailing = tuple(err.trailing_metadata() or ())
+    standby = (STANDBY_METADATA, "1") in trailing  # type: ignore[comparison-overlap]
+    return standby or "failed to connect to all addresses" in (err.details() or "")
+
+
+def _changed(name: str) -> str:
+    """What a call that makes a revision of deployment ``name`` may have done (for ``once``)."""
+    return f"made a new revision of deployment {name!r}: 'shoal history {name}' shows its revisions"
+
+
 class GrpcHeadLink:
     """Scheduler -> head; to several heads, the one that leads (``HeadChannels``).
 
@@ -389,6 +405,7 @@ class GrpcHeadLink:
         self._stream: tuple[pbg.HeadAsyncStub, Any] | None = None  # (its head, the call)
         self._stream_lock = asyncio.Lock()
         self.unary_health = False  # the head answered StreamHealth UNIMPLEMENTED
+        self._followed = ""  # the head last registered with
 
     async def _call(self, method: str, req: object) -> Any:
         stub = self._heads.stub
@@ -411,7 +428,12 @@ class GrpcHeadLink:
             hostname=reg.hostname,
             replicas=[report_to_pb(r) for r in reg.replicas],
         )
+        address = self._heads.address
         reply = await self._call("RegisterScheduler", req)
+        if len(self._heads.addresses) > 1 and address != self._followed:
+            # Which of the heads leads: the operator's first question after a failover.
+            self._followed = address
+            log.info("the head at %s leads: this scheduler registered with it", address)
         return float(reply.heartbeat_interval_s)
 
     async def health(
@@ -558,11 +580,19 @@ class ControlClient:
     def _stub(self) -> pbg.HeadAsyncStub:
         return self._heads.stub
 
-    async def _call(self, method: str, req: object) -> object:
+    async def _call(self, method: str, req: object, once: str = "") -> object:
         """One control call. With several heads, a call no head can serve (UNAVAILABLE: down,
         or standing by) moves on to the next and goes round them until one leads, for up to
-        twice ``dead_after_s`` (the time a standby takes to lead, with room to spare)."""
-        if len(self._heads.addresses) == 1:
+        twice ``dead_after_s`` (the time a standby takes to lead, with room to spare).
+
+        ``once``: the call must not be sent twice (a second delete answers NOT_FOUND, a
+        second token of one name ALREADY_EXISTS), and this says what it does and how to
+        check whether it was done. It is sent again, to the same head or the next, only
+        after a refusal that shows the head did nothing (no connection, a standby's
+        answer); after a deadline, or a connection lost during the call, it raises that
+        error saying the head may have done it. Before, a delete that a head carried out
+        but answered late went on to the next head, which answered NOT_FOUND."""
+        if len(self._heads.addresses) == 1 and not once:
             rpc = getattr(self._stub, method)
             return await call(
                 lambda: rpc(req, timeout=self._settings.rpc_timeout_s, metadata=self._metadata),
@@ -571,22 +601,36 @@ class ControlClient:
         deadline = time.monotonic() + 2 * self._settings.dead_after_s
         delay = 0.05
         while True:
-            stub = self._heads.stub
+            stub, address = self._heads.stub, self._heads.address
             try:
-                rpc = functools.partial(
-                    getattr(stub, method), req, timeout=self._settings.rpc_timeout_s, metadata=self._metadata
+                return await getattr(stub, method)(
+                    req, timeout=self._settings.rpc_timeout_s, metadata=self._metadata
                 )
-                return await call(rpc, attempts=1)
-            except _MOVE_ON:
+            except grpc.aio.AioRpcError as err:
+                error = to_error(err)
+                if not isinstance(error, _MOVE_ON):
+                    raise error from None
+                if once and not _refused_unseen(err):
+                    raise type(error)(
+                        f"the head at {address} did not answer ({error}), and may have {once}: "
+                        "not sent again, where a repeat could report a wrong outcome"
+                    ) from None
+                if len(self._heads.addresses) == 1:
+                    raise error from None
                 self._heads.failed(stub)
                 if time.monotonic() > deadline:
-                    raise
+                    raise error from None
             if self._heads.went_round():  # tried every head: wait a little
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.5)
 
     async def create_token(self, role: str, name: str = "") -> pb.CreateTokenReply:
-        reply = await self._call("CreateToken", pb.CreateTokenRequest(name=name, role=role))
+        reply = await self._call(
+            "CreateToken",
+            pb.CreateTokenRequest(name=name, role=role),
+            once=f"created token {name!r} without this client getting its secret: 'shoal token list' "
+            "shows it; revoke it and create it again",
+        )
         assert isinstance(reply, pb.CreateTokenReply)
         return reply
 
@@ -596,13 +640,18 @@ class ControlClient:
         return list(reply.tokens)
 
     async def revoke_token(self, name: str) -> None:
-        await self._call("RevokeToken", pb.RevokeTokenRequest(name=name))
+        await self._call(
+            "RevokeToken",
+            pb.RevokeTokenRequest(name=name),
+            once=f"revoked token {name!r}: 'shoal token list'",
+        )
 
     async def apply(self, spec: DeploymentSpec, if_revision: int | None = None) -> pb.ApplyDeploymentReply:
         """Create or update a deployment; with ``if_revision``, only if it is at that revision
         (0: only if it does not exist), else FailedPrecondition (``HeadNode.apply``)."""
         request = pb.ApplyDeploymentRequest(spec_json=spec.to_json(), if_revision=if_revision)
-        reply = await self._call("ApplyDeployment", request)
+        once = "" if if_revision is None else _changed(spec.name)
+        reply = await self._call("ApplyDeployment", request, once)
         assert isinstance(reply, pb.ApplyDeploymentReply)
         return reply
 
@@ -610,10 +659,14 @@ class ControlClient:
         """Set the replica count; with ``if_revision``, only if the deployment is at that
         revision, else FailedPrecondition (``HeadNode.scale``)."""
         request = pb.ScaleDeploymentRequest(name=name, replicas=replicas, if_revision=if_revision)
-        await self._call("ScaleDeployment", request)
+        await self._call("ScaleDeployment", request, "" if if_revision is None else _changed(name))
 
     async def delete(self, name: str) -> None:
-        await self._call("DeleteDeployment", pb.DeleteDeploymentRequest(name=name))
+        await self._call(
+            "DeleteDeployment",
+            pb.DeleteDeploymentRequest(name=name),
+            once=f"deleted deployment {name!r}: 'shoal status' shows whether it is there",
+        )
 
     async def history(self, name: str) -> list[Revision]:
         """The deployment's revisions kept, oldest first. NotFound for an unknown name."""
@@ -623,13 +676,15 @@ class ControlClient:
 
     async def rollback(self, name: str, revision: int = 0) -> Revision:
         """Apply an earlier revision again (0: the previous one); the revision this made."""
-        reply = await self._call("RollbackDeployment", pb.RollbackRequest(name=name, revision=revision))
+        reply = await self._call(
+            "RollbackDeployment", pb.RollbackRequest(name=name, revision=revision), _changed(name)
+        )
         assert isinstance(reply, pb.RevisionReply)
         return convert.revision_from_pb(reply.revision)
 
     async def restart(self, name: str) -> Revision:
         """Replace the deployment's replicas one at a time; the revision this made."""
-        reply = await self._call("RestartDeployment", pb.DeploymentRequest(name=name))
+        reply = await self._call("RestartDeployment", pb.DeploymentRequest(name=name), _changed(name))
         assert isinstance(reply, pb.RevisionReply)
         return convert.revision_from_pb(reply.revision)
 
@@ -644,7 +699,9 @@ class ControlClient:
         await self._call("SetRoute", convert.traffic_to_pb(route))
 
     async def delete_route(self, name: str) -> None:
-        await self._call("DeleteRoute", pb.DeploymentRequest(name=name))
+        await self._call(
+            "DeleteRoute", pb.DeploymentRequest(name=name), once=f"deleted route {name!r}: 'shoal route'"
+        )
 
     async def routes(self) -> list[TrafficRoute]:
         """Every traffic route, by name."""

@@ -4,7 +4,8 @@ but a blob ``Download`` (a head taking over fetches from a standby a blob it lac
 UNAVAILABLE is the code shoal's clients retry and move on from, so a scheduler or CLI given
 several head addresses (``--head a:8470,b:8470``) goes on to the next one. The leader's
 address is also sent as trailing metadata ``shoal-leader`` for clients that want to go
-straight there.
+straight there, and every refusal carries ``shoal-standby``: the call was not acted on, so
+even one that must not be carried out twice (a delete) may go to another head.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from shoal.rpc.handlers import wrap_handler
 from shoal.rpc.status import Context, abort
 
 LEADER_METADATA = "shoal-leader"
+STANDBY_METADATA = "shoal-standby"
+"""Trailing metadata on every refusal of a standby: the call was not acted on, so a client
+may send it to another head whatever it does."""
 BLOB_DOWNLOAD = "/shoal.v1.Blob/Download"
 """The one call a standby answers: its copies of the blobs (``shoal.head.blob_mirror``)."""
 
@@ -58,8 +62,10 @@ class StandbyInterceptor(_Interceptor):
         async def check(_request: object, context: Context) -> None:
             if leadership.serving:
                 return
+            trailing = [(STANDBY_METADATA, "1")]
             if leadership.leader is not None:
-                context.set_trailing_metadata(((LEADER_METADATA, leadership.leader.grpc),))
+                trailing.append((LEADER_METADATA, leadership.leader.grpc))
+            context.set_trailing_metadata(tuple(trailing))
             await abort(context, standby_error(leadership))
 
         # Checked again on every message of a client stream (StreamHealth): a head that

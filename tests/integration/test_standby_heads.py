@@ -195,6 +195,10 @@ async def test_kill_the_leading_head_under_load(heads: EtcdHeads) -> None:
             stop.set()
         del tasks
         assert (failed, control_failed, errors) == (0, 0, [])
+        followed = heads.scheduler.log.read_text()  # which head the scheduler follows, in turn
+        assert followed.index(f"the head at {a.endpoints['head']} leads") < followed.index(
+            f"the head at {b.endpoints['head']} leads"
+        )
         code, body = await asyncio.to_thread(http_get, b.endpoints["head_http"], "/healthz")
         assert code == 200 and body.get("status") != "standby"
         # The CLI as a user runs it, given both heads, one of them dead.

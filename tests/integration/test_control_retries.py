@@ -1,0 +1,118 @@
+"""A control call given several heads (``--head a,b``) is sent again to the next head only
+when sending it again cannot report a wrong outcome.
+
+Real gRPC servers on 127.0.0.1 port 0 that stand for heads: each records the calls it
+served. A head that takes a delete and then does not answer in time (slow, or killed after
+its commit) may have done it; before, the client sent the delete on to the next head, which
+answered NOT_FOUND "no deployment named 'x'", and a token creation came back ALREADY_EXISTS
+"a token named 'ci' exists" with the secret of the one created lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+
+from shoal.config import Settings
+from shoal.errors import DeadlineExceeded
+from shoal.head.leader import LeaderInfo, Leadership
+from shoal.proto import shoal_pb2 as pb
+from shoal.proto import shoal_pb2_grpc as pbg
+from shoal.rpc.clients import ControlClient
+from shoal.rpc.server import bind, new_server
+from shoal.rpc.standby import StandbyInterceptor
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
+
+SETTINGS = Settings(rpc_timeout_s=1.0, dead_after_s=2.0)
+
+
+class Head(pbg.HeadServicer):
+    """Deletes deployments of a shared set, and creates tokens of a shared name set, as the
+    heads of one store do; ``hang``: then answers nothing (a slow head, or one killed after
+    its commit)."""
+
+    def __init__(self, name: str, served: list[str], store: set[str], hang: asyncio.Event | None) -> None:
+        self.name, self.served, self.store, self.hang = name, served, store, hang
+
+    async def _wait(self) -> None:
+        if self.hang is not None:
+            await self.hang.wait()
+
+    async def DeleteDeployment(self, request: pb.DeleteDeploymentRequest, context: Any) -> pb.Empty:
+        self.served.append(f"{self.name} DeleteDeployment")
+        if request.name not in self.store:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no deployment named {request.name!r}")
+        self.store.discard(request.name)
+        await self._wait()
+        return pb.Empty()
+
+    async def CreateToken(self, request: pb.CreateTokenRequest, context: Any) -> pb.CreateTokenReply:
+        self.served.append(f"{self.name} CreateToken")
+        if request.name in self.store:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"a token named {request.name!r} exists")
+        self.store.add(request.name)
+        await self._wait()
+        return pb.CreateTokenReply(token="shoal_secret", name=request.name, role=request.role)
+
+
+def new_head(name: str, served: list[str], store: set[str], hang: asyncio.Event | None = None) -> Head:
+    return Head(name, served, store, hang)  # type: ignore[abstract]  # the calls it does not serve answer UNIMPLEMENTED
+
+
+@asynccontextmanager
+async def head(servicer: Head, standby: bool = False) -> AsyncIterator[str]:
+    """A server for ``servicer`` (the calls it does not serve answer UNIMPLEMENTED); with
+    ``standby``, one that refuses every call as a standby head does."""
+    interceptors = []
+    if standby:
+        leadership = Leadership(None, "leader", LeaderInfo("elsewhere:1", "elsewhere:2"), ttl_s=1)  # type: ignore[arg-type]
+        interceptors.append(StandbyInterceptor(leadership))  # serving is False: refuses all
+    server = new_server(SETTINGS, interceptors)
+    pbg.add_HeadServicer_to_server(servicer, server)
+    port = bind(server, "127.0.0.1", 0, None)
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(None)
+
+
+async def test_a_delete_or_token_a_head_may_have_done_is_not_sent_to_the_next_head() -> None:
+    served: list[str] = []
+    store = {"x"}
+    hang = asyncio.Event()
+    async with head(new_head("a", served, store, hang)) as a, head(new_head("b", served, store)) as b:
+        client = ControlClient(f"{a},{b}", SETTINGS)
+        try:
+            with pytest.raises(DeadlineExceeded, match=rf"the head at {a} .*may have deleted deployment 'x'"):
+                await client.delete("x")
+            with pytest.raises(DeadlineExceeded, match=r"token 'ci' .*shoal token list"):
+                await client.create_token("admin", "ci")
+        finally:
+            hang.set()
+            await client.close()
+    assert served == ["a DeleteDeployment", "a CreateToken"]  # b got neither
+
+
+async def test_a_delete_refused_by_a_standby_or_no_connection_goes_on_to_the_leader() -> None:
+    served: list[str] = []
+    store = {"x"}
+    async with (
+        head(new_head("standby", served, store), standby=True) as standby,
+        head(new_head("leader", served, store)) as leader,
+    ):
+        async with head(new_head("gone", served, store)) as gone:
+            pass  # its port is closed again: nothing answers there
+        client = ControlClient(f"{gone},{standby},{leader}", SETTINGS)
+        try:
+            await client.delete("x")
+        finally:
+            await client.close()
+    assert served == ["leader DeleteDeployment"]
