@@ -109,6 +109,12 @@ def tls_hint(message: str) -> str:
     """A failed call's message, with what to check when it was the TLS handshake."""
     if plaintext_peer(message):
         return f"{message} (the server does not speak TLS: it runs without --tls-dir)"
+    if "certificate has expired" in message:
+        # Certificates are read at start: one that ran out since takes new files and a restart.
+        return (
+            f"{message} (TLS handshake failed: the server's certificate has run out: make new "
+            "certificates (shoal certs init --force) and restart every component with them)"
+        )
     if handshake_failed(message):
         return (
             f"{message} (TLS handshake failed: both sides need certificates from the same cluster CA "

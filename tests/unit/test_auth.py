@@ -35,7 +35,7 @@ from shoal.head.node import HeadNode
 from shoal.http.auth import InferenceGuard, control_role, model_in_body, model_in_path
 from shoal.http.head import MAX_CONTROL_BODY, head_app, openapi_schema
 from shoal.http.scheduler import scheduler_app
-from shoal.rpc.tls import check_transport
+from shoal.rpc.tls import check_transport, tls_hint
 from shoal.scheduler.node import SchedulerNode
 from shoal.scheduler.router import Router
 from shoal.store import MemoryStore
@@ -554,6 +554,17 @@ def test_a_certificate_folder_that_would_fail_every_handshake_is_refused_at_star
     for name, data in good.items():
         (tls / name).write_bytes(data)
     check_transport(settings, "head")
+
+
+def test_a_failed_handshake_says_what_to_check() -> None:
+    """What a component logs when it cannot reach a peer over TLS (``tls_hint``)."""
+    expired = "SSL_ERROR_SSL: error:1000007d:SSL routines:CERTIFICATE_VERIFY_FAILED: certificate has expired"
+    assert "the server's certificate has run out" in tls_hint(expired)
+    plaintext = "Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: WRONG_VERSION_NUMBER"
+    assert "the server does not speak TLS" in tls_hint(plaintext)
+    other_ca = "CERTIFICATE_VERIFY_FAILED: unable to get local issuer certificate"
+    assert "same cluster CA" in tls_hint(other_ca)
+    assert tls_hint("Socket closed") == "Socket closed"
 
 
 def test_security_settings_from_env_and_file(tmp_path: Path) -> None:
