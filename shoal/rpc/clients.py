@@ -358,6 +358,12 @@ class HeadChannels:
             self._current = (self._current + 1) % len(self._stubs)
             log.debug("trying the head at %s", self.address)
 
+    def connected(self, stub: pbg.HeadAsyncStub) -> bool:
+        """Whether the channel of ``stub`` has a connection up (its head answered the HTTP/2
+        handshake): a call that failed on one that has none never reached its head."""
+        channel = self._channels[self._stubs.index(stub)]
+        return channel.get_state() == grpc.ChannelConnectivity.READY
+
     def went_round(self) -> bool:
         """Whether the last :meth:`failed` came back to the first head."""
         return self._current == 0
@@ -589,7 +595,8 @@ class ControlClient:
         second token of one name ALREADY_EXISTS), and this says what it does and how to
         check whether it was done. It is sent again, to the same head or the next, only
         after a refusal that shows the head did nothing (no connection, a standby's
-        answer); after a deadline, or a connection lost during the call, it raises that
+        answer, a deadline before any connection was up: a frozen head); after a deadline
+        on a connection, or a connection lost during the call, it raises that
         error saying the head may have done it. Before, a delete that a head carried out
         but answered late went on to the next head, which answered NOT_FOUND."""
         if len(self._heads.addresses) == 1 and not once:
@@ -610,7 +617,10 @@ class ControlClient:
                 error = to_error(err)
                 if not isinstance(error, _MOVE_ON):
                     raise error from None
-                if once and not _refused_unseen(err):
+                unseen = _refused_unseen(err) or (
+                    isinstance(error, DeadlineExceeded) and not self._heads.connected(stub)
+                )
+                if once and not unseen:
                     raise type(error)(
                         f"the head at {address} did not answer ({error}), and may have {once}: "
                         "not sent again, where a repeat could report a wrong outcome"

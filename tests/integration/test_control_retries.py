@@ -116,3 +116,28 @@ async def test_a_delete_refused_by_a_standby_or_no_connection_goes_on_to_the_lea
         finally:
             await client.close()
     assert served == ["leader DeleteDeployment"]
+
+
+async def test_a_delete_goes_on_past_a_head_that_never_took_the_connection() -> None:
+    """A head that is frozen (SIGSTOP, a hung machine) takes TCP connections in its kernel
+    and answers nothing: no call ever reached it, so the delete goes on to the next head."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def hold(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # kept open, never answered
+
+    frozen = await asyncio.start_server(hold, "127.0.0.1", 0)
+    served: list[str] = []
+    try:
+        async with head(new_head("leader", served, {"x"})) as leader:
+            client = ControlClient(f"127.0.0.1:{frozen.sockets[0].getsockname()[1]},{leader}", SETTINGS)
+            try:
+                await client.delete("x")
+            finally:
+                await client.close()
+    finally:
+        for writer in accepted:
+            writer.close()
+        frozen.close()
+        await frozen.wait_closed()
+    assert accepted and served == ["leader DeleteDeployment"]
