@@ -62,14 +62,15 @@ def open_channel(
 class Reachability:
     """Logs that a peer is unreachable once, and once more when it is back."""
 
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str, tls: bool | None = None) -> None:
         self.what = what
+        self.tls = tls  # whether this side speaks TLS, for the hint (None: not said)
         self.down = False
 
     def failed(self, err: BaseException) -> None:
         if not self.down:
             self.down = True
-            log.warning("cannot reach %s: %s (retrying quietly)", self.what, tls_hint(str(err)))
+            log.warning("cannot reach %s: %s (retrying quietly)", self.what, tls_hint(str(err), self.tls))
 
     def ok(self) -> None:
         if self.down:

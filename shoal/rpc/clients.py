@@ -406,7 +406,7 @@ class GrpcHeadLink:
     def __init__(self, address: str, settings: Settings) -> None:
         self._settings = settings
         self._heads = HeadChannels(address, settings, "scheduler")
-        self.reach = Reachability(f"head at {address}")
+        self.reach = Reachability(f"head at {address}", tls=bool(settings.tls_dir))
         self._decoder = RoutingTableDecoder()
         self._stream: tuple[pbg.HeadAsyncStub, Any] | None = None  # (its head, the call)
         self._stream_lock = asyncio.Lock()

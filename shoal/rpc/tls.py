@@ -105,8 +105,12 @@ def handshake_failed(message: str) -> bool:
     return "handshake" in low or "certificate" in low or "ssl" in low
 
 
-def tls_hint(message: str) -> str:
-    """A failed call's message, with what to check when it was the TLS handshake."""
+def tls_hint(message: str, tls: bool | None = None) -> str:
+    """A failed call's message, with what to check when it was the TLS handshake. ``tls``
+    False: the caller spoke plaintext, and a server that closes the connection before any
+    answer (what a TLS server does to plaintext) may want TLS."""
+    if tls is False and "Socket closed" in message:
+        return f"{message} (if that server runs with TLS, give this process its --tls-dir too)"
     if plaintext_peer(message):
         return f"{message} (the server does not speak TLS: it runs without --tls-dir)"
     if "certificate has expired" in message:

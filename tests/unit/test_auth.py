@@ -564,7 +564,8 @@ def test_a_failed_handshake_says_what_to_check() -> None:
     assert "the server does not speak TLS" in tls_hint(plaintext)
     other_ca = "CERTIFICATE_VERIFY_FAILED: unable to get local issuer certificate"
     assert "same cluster CA" in tls_hint(other_ca)
-    assert tls_hint("Socket closed") == "Socket closed"
+    assert tls_hint("Socket closed") == tls_hint("Socket closed", tls=True) == "Socket closed"
+    assert "give this process its --tls-dir" in tls_hint("Socket closed", tls=False)
 
 
 def test_security_settings_from_env_and_file(tmp_path: Path) -> None:
