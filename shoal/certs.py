@@ -28,6 +28,7 @@ Private keys are written with mode 0600 and the folder with 0700.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import os
@@ -144,6 +145,42 @@ def check(tls_dir: str | Path, role: str, now: datetime.datetime | None = None) 
         if now > end:
             raise InvalidArgument(f"{path} expired on {end:%Y-%m-%d %H:%M} UTC: {remake}")
     return min(roots[0].not_valid_after_utc, chain[0].not_valid_after_utc)
+
+
+def names(tls_dir: str | Path, role: str) -> list[str]:
+    """The DNS names and addresses ``role``'s certificate is valid for (its subject
+    alternative names), as clients that check the address they dial compare them."""
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificates(files(tls_dir, role).cert.read_bytes())[0]
+    try:
+        alt = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [
+        *alt.get_values_for_type(x509.DNSName),
+        *(str(a) for a in alt.get_values_for_type(x509.IPAddress)),
+    ]
+
+
+def names_host(names: list[str], host: str) -> bool:
+    """Whether a certificate valid for ``names`` is valid for ``host`` (an address or a
+    DNS name; ``*.`` names match one label)."""
+    host = host.strip("[]").lower()
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    for name in names:
+        if address is not None:
+            with contextlib.suppress(ValueError):
+                if ipaddress.ip_address(name) == address:
+                    return True
+            continue
+        name = name.lower()
+        if name == host or (name.startswith("*.") and host.partition(".")[2] == name[2:]):
+            return True
+    return False
 
 
 def common_name(role: str) -> str:

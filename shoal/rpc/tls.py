@@ -68,6 +68,7 @@ def check_transport(settings: Settings, *roles: str) -> None:
                     settings.tls_dir,
                     left.total_seconds() / 86400,
                 )
+            _check_names(settings, role)
         return
     if is_loopback(settings.host) or settings.insecure:
         return
@@ -76,6 +77,34 @@ def check_transport(settings: Settings, *roles: str) -> None:
         "(--tls-dir, from 'shoal certs init DIR'), or --insecure (SHOAL_INSECURE=1) on a network "
         "you trust, or bind 127.0.0.1"
     )
+
+
+_ANY_HOST = ("", "0.0.0.0", "::", "[::]")
+
+
+def _check_names(settings: Settings, role: str) -> None:
+    """Warn when the head's or a scheduler's certificate does not name the one host it
+    listens on: shoal's own clients check role names, not addresses, and get on, but the
+    clients of the ports users call (tritonclient, curl, browsers) check the address they
+    dial and refuse the certificate. Not for a server on every interface: its users may
+    dial any name (a Kubernetes Service's, not the pod's address it advertises)."""
+    host = settings.host
+    if role not in ("head", "scheduler") or host in _ANY_HOST:
+        return
+    names = certs.names(settings.tls_dir, role)
+    if not certs.names_host(names, host):
+        log.warning(
+            "the %s certificate in %s does not name %s (it names %s): clients that dial that "
+            "address and check it (tritonclient, curl, browsers) will refuse it; make the "
+            "certificates again with it ('shoal certs init %s --force --host %s', every other "
+            "--host too) and restart every component with them",
+            role,
+            settings.tls_dir,
+            host,
+            ", ".join(names),
+            settings.tls_dir,
+            host,
+        )
 
 
 def announce_transport(settings: Settings) -> None:

@@ -556,6 +556,30 @@ def test_a_certificate_folder_that_would_fail_every_handshake_is_refused_at_star
     check_transport(settings, "head")
 
 
+def test_a_certificate_that_does_not_name_the_host_is_warned_of(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """tritonclient, curl and browsers check the address they dial against the certificate;
+    shoal's own clients do not, so nothing else would show it before users' calls fail."""
+    certs.init(tmp_path, ("node.example", "10.0.0.6"))
+    names = certs.names(tmp_path, "scheduler")
+    for host in ("node.example", "NODE.example", "10.0.0.6", "127.0.0.1", "[::1]", "localhost"):
+        assert certs.names_host(names, host), host
+    for host in ("other.example", "10.0.0.7", "example"):
+        assert not certs.names_host(names, host), host
+    assert certs.names_host(["*.example"], "node.example") and not certs.names_host(
+        ["*.example"], "a.b.example"
+    )
+    for host, advertise in (("0.0.0.0", "10.0.0.9"), ("::", ""), ("10.0.0.6", ""), ("node.example", "")):
+        check_transport(Settings(host=host, advertise_host=advertise, tls_dir=str(tmp_path)), "scheduler")
+    assert "does not name" not in caplog.text  # on every interface, users may dial any name
+    check_transport(Settings(host="10.0.0.9", tls_dir=str(tmp_path)), "replica")  # shoal's own peers only
+    assert "does not name" not in caplog.text
+    check_transport(Settings(host="10.0.0.9", tls_dir=str(tmp_path)), "scheduler")
+    assert "the scheduler certificate in" in caplog.text and "does not name 10.0.0.9" in caplog.text
+    assert f"shoal certs init {tmp_path} --force --host 10.0.0.9" in caplog.text
+
+
 def test_a_failed_handshake_says_what_to_check() -> None:
     """What a component logs when it cannot reach a peer over TLS (``tls_hint``)."""
     expired = "SSL_ERROR_SSL: error:1000007d:SSL routines:CERTIFICATE_VERIFY_FAILED: certificate has expired"
