@@ -345,7 +345,8 @@ REFUSED = (
 
 async def upload(settings: Settings, packed: Packed, on_progress: Callable[[int, int], None]) -> bool:
     """Send ``packed`` to the head (``settings.head_address``; of several, the first that
-    answers), unless it has it already (False). After a dropped connection it asks the head
+    answers: one that does not answer a ``Stat`` in ``rpc_timeout_s`` is passed over),
+    unless it has it already (False). After a dropped connection it asks the head
     again and continues from the bytes the head kept, up to :data:`UPLOAD_ATTEMPTS` times.
     Raises ShoalError: InvalidArgument for what the head refuses (over its size limit, a
     hash mismatch), PermissionDenied without a deploy token, Unavailable when the head
@@ -362,6 +363,10 @@ async def upload(settings: Settings, packed: Packed, on_progress: Callable[[int,
                     stat = await stub.Stat(blob, timeout=settings.rpc_timeout_s, metadata=metadata)
                 except grpc.aio.AioRpcError as err:
                     error = to_error(err)
+                    if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        # A frozen head (SIGSTOP, a hung machine): the next one, as the
+                        # control client does. Before, it ended the upload.
+                        break
                     if err.code() != grpc.StatusCode.UNAVAILABLE:
                         raise error from None
                     await asyncio.sleep(0.2 * attempt)

@@ -1,5 +1,6 @@
 """A control call given several heads (``--head a,b``) is sent again to the next head only
-when sending it again cannot report a wrong outcome.
+when sending it again cannot report a wrong outcome; an upload goes on past a head that
+does not answer.
 
 Real gRPC servers on 127.0.0.1 port 0 that stand for heads: each records the calls it
 served. A head that takes a delete and then does not answer in time (slow, or killed after
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -20,10 +22,12 @@ import grpc.aio
 import pytest
 
 from shoal.config import Settings
+from shoal.core.blobs import pack
 from shoal.errors import DeadlineExceeded
 from shoal.head.leader import LeaderInfo, Leadership
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
+from shoal.rpc.blobs import upload
 from shoal.rpc.clients import ControlClient
 from shoal.rpc.server import bind, new_server
 from shoal.rpc.standby import StandbyInterceptor
@@ -66,6 +70,32 @@ def new_head(name: str, served: list[str], store: set[str], hang: asyncio.Event 
     return Head(name, served, store, hang)  # type: ignore[abstract]  # the calls it does not serve answer UNIMPLEMENTED
 
 
+class Blobs(pbg.BlobServicer):
+    """Has every blob already."""
+
+    async def Stat(self, request: pb.BlobRef, context: Any) -> pb.BlobStat:
+        return pb.BlobStat(sha256=request.sha256, complete=True)
+
+
+@asynccontextmanager
+async def frozen_head() -> AsyncIterator[tuple[str, list[asyncio.StreamWriter]]]:
+    """A head that is frozen (SIGSTOP, a hung machine): its kernel takes TCP connections,
+    nothing answers. Its address, and the connections it took."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def hold(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # kept open, never answered
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    try:
+        yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}", accepted
+    finally:
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
 @asynccontextmanager
 async def head(servicer: Head, standby: bool = False) -> AsyncIterator[str]:
     """A server for ``servicer`` (the calls it does not serve answer UNIMPLEMENTED); with
@@ -76,6 +106,7 @@ async def head(servicer: Head, standby: bool = False) -> AsyncIterator[str]:
         interceptors.append(StandbyInterceptor(leadership))  # serving is False: refuses all
     server = new_server(SETTINGS, interceptors)
     pbg.add_HeadServicer_to_server(servicer, server)
+    pbg.add_BlobServicer_to_server(Blobs(), server)  # type: ignore[abstract]  # the calls it does not serve answer UNIMPLEMENTED
     port = bind(server, "127.0.0.1", 0, None)
     await server.start()
     try:
@@ -119,25 +150,24 @@ async def test_a_delete_refused_by_a_standby_or_no_connection_goes_on_to_the_lea
 
 
 async def test_a_delete_goes_on_past_a_head_that_never_took_the_connection() -> None:
-    """A head that is frozen (SIGSTOP, a hung machine) takes TCP connections in its kernel
-    and answers nothing: no call ever reached it, so the delete goes on to the next head."""
-    accepted: list[asyncio.StreamWriter] = []
-
-    async def hold(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        accepted.append(writer)  # kept open, never answered
-
-    frozen = await asyncio.start_server(hold, "127.0.0.1", 0)
+    """No call ever reached a frozen head: the delete goes on to the next head."""
     served: list[str] = []
-    try:
-        async with head(new_head("leader", served, {"x"})) as leader:
-            client = ControlClient(f"127.0.0.1:{frozen.sockets[0].getsockname()[1]},{leader}", SETTINGS)
-            try:
-                await client.delete("x")
-            finally:
-                await client.close()
-    finally:
-        for writer in accepted:
-            writer.close()
-        frozen.close()
-        await frozen.wait_closed()
+    async with frozen_head() as (frozen, accepted), head(new_head("leader", served, {"x"})) as leader:
+        client = ControlClient(f"{frozen},{leader}", SETTINGS)
+        try:
+            await client.delete("x")
+        finally:
+            await client.close()
     assert accepted and served == ["leader DeleteDeployment"]
+
+
+async def test_an_upload_goes_on_past_a_frozen_head(tmp_path: Path) -> None:
+    """Before, the frozen head's DEADLINE_EXCEEDED ended the upload (and so every
+    ``shoal deploy`` of a local model) without trying the next head."""
+    model = tmp_path / "model.pkl"
+    model.write_bytes(b"weights")
+    packed = pack(model)
+    async with frozen_head() as (frozen, accepted), head(new_head("leader", [], set())) as leader:
+        settings = SETTINGS.replace(head_address=f"{frozen},{leader}")
+        assert await upload(settings, packed, lambda _sent, _size: None) is False  # it had it
+    assert accepted
