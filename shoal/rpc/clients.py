@@ -731,18 +731,34 @@ class ControlClient:
     async def read_log(
         self, replica_id: str, tail_bytes: int = 0, follow: bool = False
     ) -> AsyncIterator[bytes]:
-        stream = self._stub.ReadLog(
-            pb.ReadLogRequest(replica_id=replica_id, tail_bytes=tail_bytes, follow=follow),
-            timeout=None if follow else self._settings.rpc_timeout_s * 4,
-            metadata=self._metadata,
-        )
-        try:
-            async for chunk in stream:
-                yield chunk.data
-        except grpc.aio.AioRpcError as err:
-            raise to_error(err) from None
-        finally:
-            stream.cancel()
+        """A replica's log through the head. With several heads, a stream that fails before
+        its first chunk (a standby's refusal, a head down) goes to the next, as
+        :meth:`_call` does; before, a standby named first ended it."""
+        request = pb.ReadLogRequest(replica_id=replica_id, tail_bytes=tail_bytes, follow=follow)
+        deadline = time.monotonic() + 2 * self._settings.dead_after_s
+        delay = 0.05
+        while True:
+            stub = self._heads.stub
+            stream = stub.ReadLog(
+                request, timeout=None if follow else self._settings.rpc_timeout_s * 4, metadata=self._metadata
+            )
+            started = False
+            try:
+                async for chunk in stream:
+                    started = True
+                    yield chunk.data
+                return
+            except grpc.aio.AioRpcError as err:
+                error = to_error(err)
+                last = len(self._heads.addresses) == 1 or time.monotonic() > deadline
+                if started or last or not isinstance(error, _MOVE_ON):
+                    raise error from None
+                self._heads.failed(stub)
+            finally:
+                stream.cancel()
+            if self._heads.went_round():  # tried every head: wait a little
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
 
     async def close(self) -> None:
         await self._heads.close()

@@ -57,6 +57,10 @@ class Head(pbg.HeadServicer):
         await self._wait()
         return pb.Empty()
 
+    async def ReadLog(self, request: pb.ReadLogRequest, context: Any) -> AsyncIterator[pb.LogChunk]:
+        self.served.append(f"{self.name} ReadLog")
+        yield pb.LogChunk(data=b"started\n")
+
     async def CreateToken(self, request: pb.CreateTokenRequest, context: Any) -> pb.CreateTokenReply:
         self.served.append(f"{self.name} CreateToken")
         if request.name in self.store:
@@ -171,3 +175,19 @@ async def test_an_upload_goes_on_past_a_frozen_head(tmp_path: Path) -> None:
         settings = SETTINGS.replace(head_address=f"{frozen},{leader}")
         assert await upload(settings, packed, lambda _sent, _size: None) is False  # it had it
     assert accepted
+
+
+async def test_logs_are_read_through_the_leader_whichever_head_is_named_first() -> None:
+    """Before, ``shoal --head standby,leader logs REPLICA`` failed with the standby's
+    "this head stands by; the leader is at ...", where every other command went on."""
+    served: list[str] = []
+    async with (
+        head(new_head("standby", served, set()), standby=True) as standby,
+        head(new_head("leader", served, set())) as leader,
+    ):
+        client = ControlClient(f"{standby},{leader}", SETTINGS)
+        try:
+            assert [chunk async for chunk in client.read_log("r1")] == [b"started\n"]
+        finally:
+            await client.close()
+    assert served == ["leader ReadLog"]
