@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Collection, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Collection, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -573,6 +573,61 @@ class ReplicaSchedulerLink:
         await self._channel.close(None)
 
 
+async def call_leader(
+    heads: HeadChannels,
+    method: str,
+    req: object,
+    settings: Settings,
+    metadata: Sequence[tuple[str, str]] | None,
+    once: str = "",
+) -> Any:
+    """One control call (``method`` of the head's service) with ``metadata``. With several
+    heads, a call no head can serve (UNAVAILABLE: down, or standing by) moves on to the
+    next and goes round them until one leads, for up to twice ``dead_after_s`` (the time
+    a standby takes to lead, with room to spare).
+
+    ``once``: the call must not be sent twice (a second delete answers NOT_FOUND, a second
+    token of one name ALREADY_EXISTS), and this says what it does and how to check whether
+    it was done. It is sent again, to the same head or the next, only after a refusal that
+    shows the head did nothing (no connection, a standby's answer, a deadline before any
+    connection was up: a frozen head); after a deadline on a connection, or a connection
+    lost during the call, it raises that error saying the head may have done it. Before, a
+    delete that a head carried out but answered late went on to the next head, which
+    answered NOT_FOUND."""
+    if len(heads.addresses) == 1 and not once:
+        rpc = getattr(heads.stub, method)
+        return await call(
+            lambda: rpc(req, timeout=settings.rpc_timeout_s, metadata=metadata),
+            attempts=2,
+        )
+    deadline = time.monotonic() + 2 * settings.dead_after_s
+    delay = 0.05
+    while True:
+        stub, address = heads.stub, heads.address
+        try:
+            return await getattr(stub, method)(req, timeout=settings.rpc_timeout_s, metadata=metadata)
+        except grpc.aio.AioRpcError as err:
+            error = to_error(err)
+            if not isinstance(error, _MOVE_ON):
+                raise error from None
+            unseen = _refused_unseen(err) or (
+                isinstance(error, DeadlineExceeded) and not heads.connected(stub)
+            )
+            if once and not unseen:
+                raise type(error)(
+                    f"the head at {address} did not answer ({error}), and may have {once}: "
+                    "not sent again, where a repeat could report a wrong outcome"
+                ) from None
+            if len(heads.addresses) == 1:
+                raise error from None
+            heads.failed(stub)
+            if time.monotonic() > deadline:
+                raise error from None
+        if heads.went_round():  # tried every head: wait a little
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
 class ControlClient:
     """The CLI's client: the head's control API and a scheduler's native ingress."""
 
@@ -587,52 +642,8 @@ class ControlClient:
         return self._heads.stub
 
     async def _call(self, method: str, req: object, once: str = "") -> object:
-        """One control call. With several heads, a call no head can serve (UNAVAILABLE: down,
-        or standing by) moves on to the next and goes round them until one leads, for up to
-        twice ``dead_after_s`` (the time a standby takes to lead, with room to spare).
-
-        ``once``: the call must not be sent twice (a second delete answers NOT_FOUND, a
-        second token of one name ALREADY_EXISTS), and this says what it does and how to
-        check whether it was done. It is sent again, to the same head or the next, only
-        after a refusal that shows the head did nothing (no connection, a standby's
-        answer, a deadline before any connection was up: a frozen head); after a deadline
-        on a connection, or a connection lost during the call, it raises that
-        error saying the head may have done it. Before, a delete that a head carried out
-        but answered late went on to the next head, which answered NOT_FOUND."""
-        if len(self._heads.addresses) == 1 and not once:
-            rpc = getattr(self._stub, method)
-            return await call(
-                lambda: rpc(req, timeout=self._settings.rpc_timeout_s, metadata=self._metadata),
-                attempts=2,
-            )
-        deadline = time.monotonic() + 2 * self._settings.dead_after_s
-        delay = 0.05
-        while True:
-            stub, address = self._heads.stub, self._heads.address
-            try:
-                return await getattr(stub, method)(
-                    req, timeout=self._settings.rpc_timeout_s, metadata=self._metadata
-                )
-            except grpc.aio.AioRpcError as err:
-                error = to_error(err)
-                if not isinstance(error, _MOVE_ON):
-                    raise error from None
-                unseen = _refused_unseen(err) or (
-                    isinstance(error, DeadlineExceeded) and not self._heads.connected(stub)
-                )
-                if once and not unseen:
-                    raise type(error)(
-                        f"the head at {address} did not answer ({error}), and may have {once}: "
-                        "not sent again, where a repeat could report a wrong outcome"
-                    ) from None
-                if len(self._heads.addresses) == 1:
-                    raise error from None
-                self._heads.failed(stub)
-                if time.monotonic() > deadline:
-                    raise error from None
-            if self._heads.went_round():  # tried every head: wait a little
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.5)
+        """One control call through the leading head (:func:`call_leader`)."""
+        return await call_leader(self._heads, method, req, self._settings, self._metadata, once)
 
     async def create_token(self, role: str, name: str = "") -> pb.CreateTokenReply:
         reply = await self._call(

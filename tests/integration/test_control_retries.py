@@ -29,6 +29,7 @@ from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.rpc.blobs import upload
 from shoal.rpc.clients import ControlClient
+from shoal.rpc.repository import GrpcDeployer
 from shoal.rpc.server import bind, new_server
 from shoal.rpc.standby import StandbyInterceptor
 
@@ -191,3 +192,20 @@ async def test_logs_are_read_through_the_leader_whichever_head_is_named_first() 
         finally:
             await client.close()
     assert served == ["leader ReadLog"]
+
+
+async def test_the_triton_repository_extension_reaches_the_leader_of_several_heads() -> None:
+    """A scheduler started with ``--head a,b --model-repository DIR`` unloads a model (a
+    delete at the head) through whichever head leads. Before, its channel dialled the
+    whole list "a,b" as one address, and every load and unload failed."""
+    served: list[str] = []
+    async with (
+        head(new_head("standby", served, {"x"}), standby=True) as standby,
+        head(new_head("leader", served, {"x"})) as leader,
+    ):
+        deployer = GrpcDeployer(f"{standby},{leader}", SETTINGS)
+        try:
+            await deployer.delete("x", "Bearer shoal_caller")
+        finally:
+            await deployer.close()
+    assert served == ["leader DeleteDeployment"]
