@@ -26,9 +26,11 @@ log = logging.getLogger("shoal")
 
 @functools.lru_cache(maxsize=32)
 def _read(tls_dir: str, role: str) -> tuple[bytes, bytes, bytes]:
-    # Checked once per process, as a client too: before, the CLI with an expired client.crt
-    # was told "Socket closed; is it running? Start one with 'shoal up'".
-    certs.check(tls_dir, role)
+    if role == "client":
+        # The CLI and the Python API: components check their roles' files at start
+        # (check_transport; a scheduler its replicas' too). Before, the CLI with an expired
+        # client.crt was told "Socket closed; is it running? Start one with 'shoal up'".
+        certs.check(tls_dir, role)
     return certs.read(tls_dir, role)
 
 
@@ -42,7 +44,8 @@ def server_credentials(settings: Settings, role: str) -> grpc.ServerCredentials 
 
 def channel_credentials(settings: Settings, role: str) -> grpc.ChannelCredentials | None:
     """``role``'s client certificate and the cluster CA as the only root, or None without TLS.
-    Raises InvalidArgument for files that would fail every handshake (``certs.check``)."""
+    Raises InvalidArgument for a ``client`` certificate that would fail every handshake
+    (``certs.check``)."""
     if not settings.tls_dir:
         return None
     ca, cert, key = _read(settings.tls_dir, role)
