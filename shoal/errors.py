@@ -61,6 +61,10 @@ class ShoalError(Exception):
     # from further on (a deployment the model called, retried there already): retrying it
     # on each replica of each caller multiplied the attempts by request_attempts per hop.
     retry_elsewhere: bool = True
+    # Unavailable only: the call was refused before it changed anything (a deposed head's
+    # fenced write), so a client may send even a call that must not be carried out twice
+    # to another head (shoal.rpc.status.abort says so to the client).
+    nothing_done: bool = False
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

@@ -32,8 +32,7 @@ from shoal.rpc.convert import (
     state_value,
 )
 from shoal.rpc.hop import HopClient, socket_path
-from shoal.rpc.standby import STANDBY_METADATA
-from shoal.rpc.status import to_error
+from shoal.rpc.status import STANDBY_METADATA, to_error
 from shoal.rpc.task_stream import TaskStream, outcome_error
 from shoal.rpc.wire import PARTS_FROM
 from shoal.store.history import LifecycleEvent, Revision
@@ -378,7 +377,7 @@ _MOVE_ON = (Unavailable, DeadlineExceeded)  # errors after which another head ma
 
 def _refused_unseen(err: grpc.aio.AioRpcError) -> bool:
     """Whether a failed call is known not to have been acted on: no connection was made, or
-    a standby head refused it."""
+    a standby head refused it, or a deposed one whose write was fenced."""
     if err.code() != grpc.StatusCode.UNAVAILABLE:
         return False
     # grpc-stubs gives AioRpcError the sync error's _Metadatum; grpc.aio's are (key, value) pairs.

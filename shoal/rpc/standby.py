@@ -18,12 +18,9 @@ import grpc.aio
 
 from shoal.head.leader import Leadership, standby_error
 from shoal.rpc.handlers import wrap_handler
-from shoal.rpc.status import Context, abort
+from shoal.rpc.status import STANDBY_METADATA, Context, abort
 
 LEADER_METADATA = "shoal-leader"
-STANDBY_METADATA = "shoal-standby"
-"""Trailing metadata on every refusal of a standby: the call was not acted on, so a client
-may send it to another head whatever it does."""
 BLOB_DOWNLOAD = "/shoal.v1.Blob/Download"
 """The one call a standby answers: its copies of the blobs (``shoal.head.blob_mirror``)."""
 

@@ -60,6 +60,13 @@ def details(message: str) -> str:
     return message
 
 
+STANDBY_METADATA = "shoal-standby"
+"""Trailing metadata on a refusal that changed nothing (a standby's, a deposed head's): a
+client may send the call to another head whatever it does."""
+
+
 async def abort(context: Context, err: ShoalError) -> NoReturn:
+    if err.nothing_done:
+        context.set_trailing_metadata(((STANDBY_METADATA, "1"),))
     await context.abort(TO_GRPC[err.code], details(err.message))
     raise AssertionError("unreachable")  # context.abort raises

@@ -66,10 +66,12 @@ class Fenced(StoreError):
 
     Raised by every write of an :class:`EtcdStore` after :meth:`EtcdStore.fence` once the
     fence key's value differs: another head leads, or this head's lease ran out. Its code
-    is UNAVAILABLE (not INTERNAL): the caller's request may succeed at the head that leads.
+    is UNAVAILABLE (not INTERNAL): the caller's request may succeed at the head that leads,
+    and the transaction changed nothing (``nothing_done``), so even a delete may go there.
     """
 
     code = Code.UNAVAILABLE
+    nothing_done = True
 
 
 def _prefix_end(prefix: bytes) -> bytes:

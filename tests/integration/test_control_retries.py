@@ -32,6 +32,8 @@ from shoal.rpc.clients import ControlClient
 from shoal.rpc.repository import GrpcDeployer
 from shoal.rpc.server import bind, new_server
 from shoal.rpc.standby import StandbyInterceptor
+from shoal.rpc.status import abort
+from shoal.store.etcd import Fenced
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 
@@ -51,6 +53,8 @@ class Head(pbg.HeadServicer):
             await self.hang.wait()
 
     async def DeleteDeployment(self, request: pb.DeleteDeploymentRequest, context: Any) -> pb.Empty:
+        if self.name == "deposed":  # lost its lease: the store refuses its write
+            await abort(context, Fenced("this head no longer holds 'leader' (now another)"))
         self.served.append(f"{self.name} DeleteDeployment")
         if request.name not in self.store:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no deployment named {request.name!r}")
@@ -137,16 +141,19 @@ async def test_a_delete_or_token_a_head_may_have_done_is_not_sent_to_the_next_he
     assert served == ["a DeleteDeployment", "a CreateToken"]  # b got neither
 
 
-async def test_a_delete_refused_by_a_standby_or_no_connection_goes_on_to_the_leader() -> None:
+async def test_a_delete_refused_by_a_standby_a_deposed_head_or_no_connection_goes_on() -> None:
+    """Each refusal shows the head did nothing: the delete goes on to the leader. A deposed
+    head (its lease ran out) had its write fenced: UNAVAILABLE, nothing changed."""
     served: list[str] = []
     store = {"x"}
     async with (
         head(new_head("standby", served, store), standby=True) as standby,
+        head(new_head("deposed", served, store)) as deposed,
         head(new_head("leader", served, store)) as leader,
     ):
         async with head(new_head("gone", served, store)) as gone:
             pass  # its port is closed again: nothing answers there
-        client = ControlClient(f"{gone},{standby},{leader}", SETTINGS)
+        client = ControlClient(f"{gone},{standby},{deposed},{leader}", SETTINGS)
         try:
             await client.delete("x")
         finally:
