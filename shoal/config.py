@@ -71,6 +71,12 @@ class Settings:
     less under a control group's limit)."""
     gpus: float = -1.0
     """GPUs this scheduler offers; -1 counts NVIDIA GPUs through NVML."""
+    max_replicas: int = -1
+    """Replicas this scheduler runs at most, whatever their ``resources``: each is a process
+    of its own (a Python interpreter and its model, 50 MB and more) that placement does not
+    count in memory when its spec leaves ``memory_mb`` at 0. -1: one per
+    ``REPLICA_MEMORY_MB`` (128) of the memory it offers, at most ``MAX_REPLICAS_DEFAULT``
+    (100), at least 1 (``shoal.scheduler.node.replica_slots``). 0: no bound."""
 
     heartbeat_interval_s: float = 1.0
     """How often a scheduler sends its health update to the head."""
@@ -431,6 +437,7 @@ _RANGES: dict[str, _Range] = {
     "cpus": _AUTO,
     "memory_mb": _AUTO,
     "gpus": _AUTO,
+    "max_replicas": _Range(0, _INT32, also=(-1,)),  # -1: from the memory offered; int32 on the wire
     "heartbeat_interval_s": _POSITIVE,
     # 0: every scheduler is DEAD before its first update reaches the head, which NACKs
     # each update and the scheduler registers again, over and over.

@@ -100,6 +100,7 @@ class SchedulerRegistration:
     pid: int
     hostname: str
     replicas: tuple[ReplicaReport, ...] = ()
+    max_replicas: int = 0  # replicas it runs at most (``Settings.max_replicas``); 0: no bound
     # The host the registration came from, as the head saw its connection (not the address
     # the scheduler advertises): blob claims in the scheduler's name must come from there.
     peer: str = ""

@@ -67,7 +67,7 @@ def render_status(status: dict[str, Any]) -> str:
         out.append(text_table(headers, rows))
 
     table(
-        ["SCHEDULER", "STATE", "ADDRESS", "PID", "CPUS", "MEMORY_MB", "GPUS", "LAST SEEN"],
+        ["SCHEDULER", "STATE", "ADDRESS", "PID", "CPUS", "MEMORY_MB", "GPUS", "REPLICAS", "LAST SEEN"],
         [
             [
                 s["id"],
@@ -77,6 +77,7 @@ def render_status(status: dict[str, Any]) -> str:
                 f"{s['allocated']['cpus']:g}/{s['capacity']['cpus']:g}",
                 f"{s['allocated']['memory_mb']:.0f}/{s['capacity']['memory_mb']:.0f}",
                 f"{s['allocated']['gpus']:g}/{s['capacity']['gpus']:g}",
+                f"{s.get('replicas', 0)}/{s.get('max_replicas') or '-'}",
                 f"{s['last_seen_s']:.1f}s ago",
             ]
             for s in status["schedulers"]

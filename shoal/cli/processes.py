@@ -95,6 +95,12 @@ def _add_scheduler_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus", type=float, help="CPUs offered to replicas (default: all it may use)")
     p.add_argument("--memory-mb", type=float, help="memory offered to replicas (default: all it may use)")
     p.add_argument("--gpus", type=float, help="GPUs offered to replicas (default: counted)")
+    p.add_argument(
+        "--max-replicas",
+        type=int,
+        help="replicas this scheduler runs at most (default: one per 128 MB offered, at most 100; "
+        "0: no bound)",
+    )
     p.add_argument("--scheduler-id", help="stable id for this scheduler (default: generated)")
     p.add_argument(
         "--ingress-workers",
@@ -116,6 +122,7 @@ def _scheduler_flags(args: argparse.Namespace) -> dict[str, Any]:
         "cpus": args.cpus,
         "memory_mb": args.memory_mb,
         "gpus": args.gpus,
+        "max_replicas": args.max_replicas,
         "scheduler_id": args.scheduler_id,
         "ingress_workers": args.ingress_workers,
         "model_repository": str(Path(args.model_repository).resolve()) if args.model_repository else None,

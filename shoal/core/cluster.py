@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shoal.core.clock import Clock
-from shoal.core.placement import Candidate, Capacity, choose
+from shoal.core.placement import Candidate, Capacity, choose, full
 from shoal.core.spec import STABLE_AFTER_S, DeploymentSpec
 from shoal.core.states import ReplicaState, SchedulerState
 from shoal.errors import AlreadyExists
@@ -82,6 +82,7 @@ class SchedulerRecord:
     address: str
     http_address: str
     capacity: Capacity
+    max_replicas: int = 0  # replicas it runs at most (its ``max_replicas`` setting); 0: no bound
     pid: int = 0
     hostname: str = ""
     peer: str = ""  # the host its registration came from, as the head saw it
@@ -225,6 +226,10 @@ class ReplicaTable(dict[str, ReplicaRecord]):
         """The replicas on ``scheduler_id`` (a copy: safe to change the table while iterating)."""
         return list(self._by_scheduler.get(scheduler_id, {}).values())
 
+    def count_on(self, scheduler_id: str) -> int:
+        """How many replicas ``scheduler_id`` holds (no copy)."""
+        return len(self._by_scheduler.get(scheduler_id, ()))
+
     def count(self, deployment: str) -> int:
         """How many replicas ``deployment`` has."""
         return len(self._by_deployment.get(deployment, ()))
@@ -342,6 +347,7 @@ class ClusterState:
         hostname: str = "",
         peer: str = "",
         replicas: Iterable[ReplicaReport] = (),
+        max_replicas: int = 0,
     ) -> None:
         """A scheduler (re)joins; replicas it already runs are adopted.
 
@@ -369,6 +375,7 @@ class ClusterState:
             address=address,
             http_address=http_address,
             capacity=capacity,
+            max_replicas=max_replicas,
             pid=pid,
             hostname=hostname,
             peer=peer,
@@ -1050,6 +1057,14 @@ class _Index:
         self._build()
         return Capacity(*self.sums.get(scheduler_id, (0.0, 0.0, 0.0)))
 
+    def has_room(self, sid: str, need: Capacity) -> bool:
+        """Whether scheduler ``sid`` holds one more replica needing ``need``: free resources,
+        and fewer replicas than its ``max_replicas``."""
+        sched = self.state.schedulers[sid]
+        return (sched.capacity - self.allocated(sid)).fits(need) and not full(
+            self.on_scheduler.get(sid, 0), sched.max_replicas
+        )
+
     def placeable(self, sched: SchedulerRecord) -> bool:
         """Alive, and not passed by for a create it could not take (``create_failed``)."""
         return sched.state == ALIVE and sched.refused_until <= self.now
@@ -1065,6 +1080,7 @@ class _Index:
             replicas_of_deployment=self.of_deployment.get((sched.id, deployment), 0),
             replicas_total=self.on_scheduler.get(sched.id, 0),
             capacity=sched.capacity,
+            max_replicas=sched.max_replicas,
         )
 
     def choose(self, deployment: str, need: Capacity) -> tuple[str | None, str]:
@@ -1098,7 +1114,7 @@ class _Index:
             heapq.heapify(self._heap)
         while self._heap:
             sid = heapq.heappop(self._heap)[3]
-            if (self.state.schedulers[sid].capacity - self.allocated(sid)).fits(need):
+            if self.has_room(sid, need):
                 return sid, ""
         # No room anywhere: placement says why (over every live scheduler).
         candidates = self.candidates(self.state.schedulers.values(), deployment)
@@ -1131,9 +1147,7 @@ class _Index:
             if entry != self._unused_key(sid):
                 continue  # stale: the scheduler got a replica since
             aside.append(entry)
-            if self.of_deployment.get((sid, deployment), 0) == 0 and (
-                self.state.schedulers[sid].capacity - self.allocated(sid)
-            ).fits(need):
+            if self.of_deployment.get((sid, deployment), 0) == 0 and self.has_room(sid, need):
                 found = sid
                 break
         for entry in aside:

@@ -28,6 +28,8 @@ class SchedulerStatus:
     last_seen_s: float  # seconds since its last health update
     capacity: Capacity
     allocated: Capacity  # what the head has placed on it
+    max_replicas: int = 0  # replicas it runs at most; 0: no bound
+    replicas: int = 0  # replicas the head has placed on it (stopping ones included)
 
 
 @dataclass(frozen=True)

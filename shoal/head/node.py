@@ -306,6 +306,7 @@ class HeadNode:
                     hostname=reg.hostname,
                     peer=reg.peer,
                     replicas=reg.replicas,
+                    max_replicas=reg.max_replicas,
                 )
             except AlreadyExists as err:
                 log.warning(
@@ -1472,6 +1473,8 @@ def status_of(node: HeadNode, only: Collection[str] | None = None, *, brief: boo
                 last_seen_s=round(max(0.0, now - s.last_seen), 3),
                 capacity=s.capacity,
                 allocated=allocated.get(s.id, Capacity()),
+                max_replicas=s.max_replicas,
+                replicas=state.replicas.count_on(s.id),
             )
             for s in sorted(state.schedulers.values(), key=lambda s: s.id)
         )

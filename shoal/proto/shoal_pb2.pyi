@@ -182,6 +182,7 @@ class RegisterSchedulerRequest(_message.Message):
     PID_FIELD_NUMBER: _builtins.int
     REPLICAS_FIELD_NUMBER: _builtins.int
     HOSTNAME_FIELD_NUMBER: _builtins.int
+    MAX_REPLICAS_FIELD_NUMBER: _builtins.int
     scheduler_id: _builtins.str
     address: _builtins.str
     """scheduler gRPC (control + native ingress)"""
@@ -189,6 +190,8 @@ class RegisterSchedulerRequest(_message.Message):
     """scheduler HTTP ingress"""
     pid: _builtins.int
     hostname: _builtins.str
+    max_replicas: _builtins.int
+    """replicas it runs at most (0: no bound)"""
     @_builtins.property
     def capacity(self) -> Global___Resources: ...
     @_builtins.property
@@ -205,10 +208,11 @@ class RegisterSchedulerRequest(_message.Message):
         pid: _builtins.int = ...,
         replicas: _abc.Iterable[Global___ReplicaStatus] | None = ...,
         hostname: _builtins.str = ...,
+        max_replicas: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capacity", b"capacity", "hostname", b"hostname", "http_address", b"http_address", "pid", b"pid", "replicas", b"replicas", "scheduler_id", b"scheduler_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capacity", b"capacity", "hostname", b"hostname", "http_address", b"http_address", "max_replicas", b"max_replicas", "pid", b"pid", "replicas", b"replicas", "scheduler_id", b"scheduler_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -987,6 +991,8 @@ class SchedulerInfo(_message.Message):
     ALLOCATED_FIELD_NUMBER: _builtins.int
     LAST_SEEN_S_FIELD_NUMBER: _builtins.int
     HOSTNAME_FIELD_NUMBER: _builtins.int
+    MAX_REPLICAS_FIELD_NUMBER: _builtins.int
+    REPLICAS_FIELD_NUMBER: _builtins.int
     scheduler_id: _builtins.str
     address: _builtins.str
     http_address: _builtins.str
@@ -996,6 +1002,10 @@ class SchedulerInfo(_message.Message):
     last_seen_s: _builtins.float
     """seconds since its last health update"""
     hostname: _builtins.str
+    max_replicas: _builtins.int
+    """replicas it runs at most (0: no bound)"""
+    replicas: _builtins.int
+    """replicas the head has placed on it"""
     @_builtins.property
     def capacity(self) -> Global___Resources: ...
     @_builtins.property
@@ -1012,10 +1022,12 @@ class SchedulerInfo(_message.Message):
         allocated: Global___Resources | None = ...,
         last_seen_s: _builtins.float = ...,
         hostname: _builtins.str = ...,
+        max_replicas: _builtins.int = ...,
+        replicas: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["allocated", b"allocated", "capacity", b"capacity"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "allocated", b"allocated", "capacity", b"capacity", "hostname", b"hostname", "http_address", b"http_address", "last_seen_s", b"last_seen_s", "pid", b"pid", "scheduler_id", b"scheduler_id", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "allocated", b"allocated", "capacity", b"capacity", "hostname", b"hostname", "http_address", b"http_address", "last_seen_s", b"last_seen_s", "max_replicas", b"max_replicas", "pid", b"pid", "replicas", b"replicas", "scheduler_id", b"scheduler_id", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

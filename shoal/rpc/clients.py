@@ -432,6 +432,7 @@ class GrpcHeadLink:
             pid=reg.pid,
             hostname=reg.hostname,
             replicas=[report_to_pb(r) for r in reg.replicas],
+            max_replicas=reg.max_replicas,
         )
         address = self._heads.address
         reply = await self._call("RegisterScheduler", req)

@@ -113,6 +113,8 @@ def status_to_pb(status: ClusterStatus) -> pb.ClusterStatus:
                 last_seen_s=s.last_seen_s,
                 capacity=capacity_to_pb(s.capacity),
                 allocated=capacity_to_pb(s.allocated),
+                max_replicas=s.max_replicas,
+                replicas=s.replicas,
             )
             for s in status.schedulers
         ],
@@ -170,6 +172,8 @@ def status_from_pb(status: pb.ClusterStatus) -> ClusterStatus:
                 last_seen_s=round(s.last_seen_s, 3),
                 capacity=capacity_from_pb(s.capacity),
                 allocated=capacity_from_pb(s.allocated),
+                max_replicas=s.max_replicas,
+                replicas=s.replicas,
             )
             for s in status.schedulers
         ),

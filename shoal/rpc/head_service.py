@@ -57,6 +57,7 @@ class HeadService(pbg.HeadServicer):
             pid=request.pid,
             hostname=request.hostname,
             replicas=tuple(report_from_pb(r) for r in request.replicas),
+            max_replicas=max(0, request.max_replicas),
             peer=peer_host(context),
         )
         try:

@@ -66,6 +66,25 @@ def machine_capacity(settings: Settings, gpus: Devices | None = None) -> Capacit
     return Capacity(cpus, memory, devices.total)
 
 
+REPLICA_MEMORY_MB = 128
+"""The least memory a replica is taken to use when ``max_replicas`` is derived (-1): a
+Python interpreter with gRPC and numpy, before its model."""
+MAX_REPLICAS_DEFAULT = 100
+"""The most replicas a derived ``max_replicas`` allows, however much memory is offered, as
+Kubernetes' 110 pods a node: past it the pings, health reports and start-ups of the
+replicas alone take the scheduler's CPUs."""
+
+
+def replica_slots(setting: int, memory_mb: float) -> int:
+    """The replicas a scheduler offering ``memory_mb`` runs at most under ``max_replicas``
+    ``setting``: as set (0: no bound), or for -1 one per ``REPLICA_MEMORY_MB``, from 1 to
+    ``MAX_REPLICAS_DEFAULT``. Without a bound, a 2-CPU machine took 200 replicas of
+    ``cpus: 0.01`` (each 50 MB and more) and ran out of memory."""
+    if setting >= 0:
+        return setting
+    return max(1, min(MAX_REPLICAS_DEFAULT, int(memory_mb // REPLICA_MEMORY_MB)))
+
+
 def _usable(measure: Callable[[], machine.Bound], resource: str) -> float:
     """What ``measure`` says this process may use, logged when it is less than the machine's."""
     bound = measure()
@@ -131,6 +150,7 @@ class SchedulerNode:
         self.http_address = ""
         devices = gpu_devices(settings)
         self.capacity = machine_capacity(settings, devices)
+        self.max_replicas = replica_slots(settings.max_replicas, self.capacity.memory_mb)
         self._report_now = asyncio.Event()
         # A request waiting for a deployment with no replica: tell the head now, so
         # that it scales up from zero without waiting for the next heartbeat.
@@ -208,12 +228,13 @@ class SchedulerNode:
         self._tasks.spawn(self._head_loop(), "head")
         self._tasks.spawn(self._routes_loop(), "routes")
         log.info(
-            "scheduler %s at %s: %.1f cpus, %.0f MB, %g gpus",
+            "scheduler %s at %s: %.1f cpus, %.0f MB, %g gpus, %s",
             self.id,
             address,
             self.capacity.cpus,
             self.capacity.memory_mb,
             self.capacity.gpus,
+            f"at most {self.max_replicas} replicas" if self.max_replicas else "no bound on replicas",
         )
 
     async def _head_loop(self) -> None:
@@ -230,6 +251,7 @@ class SchedulerNode:
                     pid=os.getpid(),
                     hostname=socket.gethostname(),
                     replicas=tuple(r for r in replicas if r.state not in ("DEAD", "STOPPED")),
+                    max_replicas=self.max_replicas,
                 )
                 try:
                     interval = await self.head.register(reg) or self.settings.heartbeat_interval_s

@@ -48,17 +48,23 @@ def removes(actions: Iterable[Action]) -> list[RemoveReplica]:
 class Sim:
     """One scheduler: its registry of replicas and its registry version."""
 
-    def __init__(self, state: ClusterState, sid: str, *, cpus: float = 8.0) -> None:
+    def __init__(self, state: ClusterState, sid: str, *, cpus: float = 8.0, max_replicas: int = 0) -> None:
         self.state = state
         self.id = sid
         self.capacity = Capacity(cpus=cpus, memory_mb=4096, gpus=0)
+        self.max_replicas = max_replicas
         self.version = 0
         self.running: dict[str, ReplicaReport] = {}
         self.register()
 
     def register(self) -> None:
         self.state.register(
-            self.id, f"{self.id}:7000", f"{self.id}:7001", self.capacity, replicas=list(self.running.values())
+            self.id,
+            f"{self.id}:7000",
+            f"{self.id}:7001",
+            self.capacity,
+            replicas=list(self.running.values()),
+            max_replicas=self.max_replicas,
         )
 
     def act(self, actions: Sequence[Action]) -> None:
@@ -771,6 +777,36 @@ def test_placement_counts_what_replicas_already_hold(state: ClusterState) -> Non
 
     assert len(creates(actions)) == 2
     assert state.pending_reasons == {"echo": "no scheduler has room (cpus 1 > 0 free on s1)"}
+
+
+def test_a_scheduler_takes_no_more_replicas_than_its_max_replicas(state: ClusterState) -> None:
+    # memory_mb 0 (the default) is not counted: before, a 2-CPU scheduler took 200 of these.
+    s1 = Sim(state, "s1", cpus=2.0, max_replicas=3)
+    spec = make_spec(replicas=5, resources={"cpus": 0.01})
+
+    s1.act(state.reconcile(want(spec)))
+
+    assert len(s1.running) == 3
+    assert state.pending_reasons == {"echo": "no scheduler has room (max_replicas 3 reached on s1)"}
+    # Another deployment finds no slot either; a second scheduler takes the rest.
+    other = make_spec("other", resources={"cpus": 0.01})
+    assert creates(state.reconcile(want(spec, other))) == []
+    s2 = Sim(state, "s2", cpus=2.0, max_replicas=3)
+    s2.act(state.reconcile(want(spec, other)))
+    assert sorted(a.deployment for a in s2.running.values()) == ["echo", "echo", "other"]
+    assert state.pending_reasons == {}
+
+
+def test_the_pending_reason_names_max_replicas_beside_what_else_is_short(state: ClusterState) -> None:
+    Sim(state, "sa", cpus=1.0, max_replicas=1)
+    Sim(state, "sb", cpus=1.0)
+    spec = make_spec(replicas=3, cpus=0.6)
+
+    assert len(creates(state.reconcile(want(spec)))) == 2
+
+    assert state.pending_reasons == {
+        "echo": "no scheduler has room (cpus 0.6 > 0.4 free on sb, the closest of 2)"
+    }
 
 
 def test_the_pending_reason_names_what_is_short_where_the_replica_could_fit(state: ClusterState) -> None:

@@ -19,6 +19,7 @@ from shoal.scheduler.machine import (
     usable_cpus,
     usable_memory_mb,
 )
+from shoal.scheduler.node import MAX_REPLICAS_DEFAULT, replica_slots
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -92,3 +93,12 @@ def test_a_limit_below_the_machine_is_what_is_offered() -> None:
     read = files({"/proc/self/cgroup": "0::/\n", "/sys/fs/cgroup/cpu.max": "10000 100000\n"})
 
     assert usable_cpus(read) == Bound(0.1, "cgroup / cpu.max")
+
+
+def test_max_replicas_by_default_is_one_per_128_mb_offered_from_1_to_100() -> None:
+    # Without a bound, a 2-CPU scheduler took 200 replicas of cpus 0.01 (50 MB and more each).
+    assert replica_slots(-1, 4096) == 32  # a container of 4 GB
+    assert replica_slots(-1, 24_000) == MAX_REPLICAS_DEFAULT == 100
+    assert replica_slots(-1, 0) == 1  # --memory-mb 0 still runs one
+    assert replica_slots(5, 4096) == 5  # as set
+    assert replica_slots(0, 4096) == 0  # no bound
