@@ -71,6 +71,13 @@ class Settings:
     less under a control group's limit)."""
     gpus: float = -1.0
     """GPUs this scheduler offers; -1 counts NVIDIA GPUs through NVML."""
+    max_concurrent_starts: int = -1
+    """Replica processes this scheduler starts at once: those past it wait QUEUED, with no
+    process, in the order they came, until one that is starting is READY or gone; their
+    ``health.start_timeout_s`` counts from their own start. -1: the CPUs it offers, rounded
+    up, at least 4 (``shoal.scheduler.node.start_slots``). 0: no bound. Before, a deploy of
+    50 replicas started 50 processes loading models at once on 2 CPUs, each slower than its
+    start timeout."""
     max_replicas: int = -1
     """Replicas this scheduler runs at most, whatever their ``resources``: each is a process
     of its own (a Python interpreter and its model, 50 MB and more) that placement does not
@@ -437,6 +444,7 @@ _RANGES: dict[str, _Range] = {
     "cpus": _AUTO,
     "memory_mb": _AUTO,
     "gpus": _AUTO,
+    "max_concurrent_starts": _AUTO,  # -1: from the CPUs offered
     "max_replicas": _Range(0, _INT32, also=(-1,)),  # -1: from the memory offered; int32 on the wire
     "heartbeat_interval_s": _POSITIVE,
     # 0: every scheduler is DEAD before its first update reaches the head, which NACKs

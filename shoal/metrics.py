@@ -33,7 +33,13 @@ if TYPE_CHECKING:
 TEXT_TYPE: str = CONTENT_TYPE_LATEST
 """The content type of the text format ``/metrics`` answers in."""
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-STATES = (ReplicaState.DOWNLOADING, ReplicaState.STARTING, ReplicaState.READY, ReplicaState.DRAINING)
+STATES = (
+    ReplicaState.DOWNLOADING,
+    ReplicaState.QUEUED,
+    ReplicaState.STARTING,
+    ReplicaState.READY,
+    ReplicaState.DRAINING,
+)
 
 
 def _histogram_buckets(counts: Sequence[int], bounds: Sequence[float]) -> list[tuple[str, float]]:

@@ -105,9 +105,10 @@ def render_status(status: dict[str, Any]) -> str:
                 r["id"],
                 d["name"],
                 str(r.get("revision") or "-"),
-                # A replica waiting for its model shows the download's progress.
+                # A replica waiting for its model shows the download's progress; one waiting
+                # for a start slot, how many are ahead of it.
                 f"{r['state']} ({r['message']})"
-                if r["state"] == "DOWNLOADING" and r.get("message")
+                if r["state"] in ("DOWNLOADING", "QUEUED") and r.get("message")
                 else r["state"],
                 r["scheduler"],
                 str(r["pid"]),

@@ -101,6 +101,12 @@ def _add_scheduler_flags(p: argparse.ArgumentParser) -> None:
         help="replicas this scheduler runs at most (default: one per 128 MB offered, at most 100; "
         "0: no bound)",
     )
+    p.add_argument(
+        "--max-concurrent-starts",
+        type=int,
+        help="replica processes this scheduler starts at once; the others wait QUEUED "
+        "(default: one per CPU offered, at least 4; 0: no bound)",
+    )
     p.add_argument("--scheduler-id", help="stable id for this scheduler (default: generated)")
     p.add_argument(
         "--ingress-workers",
@@ -123,6 +129,7 @@ def _scheduler_flags(args: argparse.Namespace) -> dict[str, Any]:
         "memory_mb": args.memory_mb,
         "gpus": args.gpus,
         "max_replicas": args.max_replicas,
+        "max_concurrent_starts": args.max_concurrent_starts,
         "scheduler_id": args.scheduler_id,
         "ingress_workers": args.ingress_workers,
         "model_repository": str(Path(args.model_repository).resolve()) if args.model_repository else None,

@@ -18,6 +18,7 @@ class SchedulerState(StrEnum):
 class ReplicaState(StrEnum):
     PENDING = "PENDING"  # the head asked a scheduler for it; not yet confirmed (head only)
     DOWNLOADING = "DOWNLOADING"  # its scheduler fetches its model (a URI) into the cache; no process yet
+    QUEUED = "QUEUED"  # waits for one of its scheduler's start slots (max_concurrent_starts); no process yet
     STARTING = "STARTING"  # its process runs, the model is loading
     READY = "READY"  # serving
     DRAINING = "DRAINING"  # finishing what it has; takes nothing new

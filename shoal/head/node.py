@@ -110,7 +110,9 @@ FOLLOW_CHECK_S = 1.0
 """How often a log follow checks that the replica's scheduler is still alive."""
 
 SchedulerClientFactory = Callable[[str, str], SchedulerClient]
-_STARTING = frozenset({ReplicaState.PENDING, ReplicaState.DOWNLOADING, ReplicaState.STARTING})
+_STARTING = frozenset(
+    {ReplicaState.PENDING, ReplicaState.DOWNLOADING, ReplicaState.QUEUED, ReplicaState.STARTING}
+)
 """A replica on its way to READY: the autoscaler does not scale its deployment down meanwhile."""
 _EntryInputs = tuple[DeploymentSpec, tuple[str, ...], int, dict[str, int], str]
 

@@ -36,6 +36,8 @@ class _ReplicaStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReplicaS
     DEAD: _ReplicaState.ValueType  # 5
     DOWNLOADING: _ReplicaState.ValueType  # 6
     """fetching its model into the scheduler's artifact cache; no process yet"""
+    QUEUED: _ReplicaState.ValueType  # 7
+    """waiting for one of its scheduler's start slots (max_concurrent_starts); no process yet"""
 
 class ReplicaState(_ReplicaState, metaclass=_ReplicaStateEnumTypeWrapper): ...
 
@@ -47,6 +49,8 @@ STOPPED: ReplicaState.ValueType  # 4
 DEAD: ReplicaState.ValueType  # 5
 DOWNLOADING: ReplicaState.ValueType  # 6
 """fetching its model into the scheduler's artifact cache; no process yet"""
+QUEUED: ReplicaState.ValueType  # 7
+"""waiting for one of its scheduler's start slots (max_concurrent_starts); no process yet"""
 Global___ReplicaState: _TypeAlias = ReplicaState  # noqa: Y015
 
 @_typing.final

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import re
 import secrets
@@ -73,6 +74,20 @@ MAX_REPLICAS_DEFAULT = 100
 """The most replicas a derived ``max_replicas`` allows, however much memory is offered, as
 Kubernetes' 110 pods a node: past it the pings, health reports and start-ups of the
 replicas alone take the scheduler's CPUs."""
+
+
+MIN_START_SLOTS = 4
+"""The fewest concurrent starts a derived ``max_concurrent_starts`` allows: a model's load
+waits on its disk as much as on a CPU."""
+
+
+def start_slots(setting: int, cpus: float) -> int:
+    """The replica processes a scheduler offering ``cpus`` starts at once under
+    ``max_concurrent_starts`` ``setting``: as set (0: no bound), or for -1 the CPUs rounded
+    up, at least ``MIN_START_SLOTS``."""
+    if setting >= 0:
+        return setting
+    return max(MIN_START_SLOTS, math.ceil(cpus))
 
 
 def replica_slots(setting: int, memory_mb: float) -> int:
@@ -178,6 +193,7 @@ class SchedulerNode:
             launcher=launcher,
             clock=self.clock,
             gpus=GpuPool(devices),
+            max_starts=start_slots(settings.max_concurrent_starts, self.capacity.cpus),
         )
         self._tasks = TaskSet(f"scheduler {scheduler_id}")
         # The drains of this scheduler's other ingress processes (``shoal.run.IngressWorkers``):

@@ -1,8 +1,10 @@
-"""A replica whose model must be fetched first: the supervisor's process while it downloads.
+"""A replica whose process cannot start yet: the supervisor's process while its model
+downloads, or while it waits for a start slot (``max_concurrent_starts``).
 
 :class:`StagedProcess` is a :class:`shoal.scheduler.supervisor.Process` that, once started,
-takes a lease on its URI from the artifact cache, then has the supervisor launch the real
-replica process on the local copy and stands in for it (pid, exit code, signals). Before the
+takes a lease on its URI from the artifact cache (when it has one), then has the supervisor
+launch the real replica process (on the local copy) and stands in for it (pid, exit code,
+signals). Before the
 launch it runs without a pid (0); a signal then stops the wait, and it "exits" with minus
 the signal's number; a failed download ends it with code 1, after telling ``failed`` why.
 The lease is released once the launched process has exited.
@@ -22,9 +24,9 @@ from shoal.scheduler.artifacts import ArtifactCache, Lease
 if TYPE_CHECKING:
     from shoal.scheduler.supervisor import Process
 
-Launch = Callable[[Path, Path], Awaitable["Process | None"]]
-"""``(local copy, its blob's folder)`` -> the launched process, or None when the replica
-is no longer wanted."""
+Launch = Callable[[Path | None, Path | None], Awaitable["Process | None"]]
+"""``(local copy, its blob's folder)`` (None, None without a URI) -> the launched process,
+or None when the replica is no longer wanted."""
 
 
 class StagedProcess:
@@ -38,14 +40,18 @@ class StagedProcess:
         self._task: asyncio.Task[None] | None = None
 
     def start(self, tasks: TaskSet, launch: Launch, failed: Callable[[str], None]) -> None:
-        """Begin the fetch, as a task of ``tasks``."""
+        """Begin the fetch (or the wait for ``launch``), as a task of ``tasks``."""
         self._task = tasks.spawn(self._run(launch, failed), "fetch-replica")
 
     async def _run(self, launch: Launch, failed: Callable[[str], None]) -> None:
         try:
-            self._lease = await self._cache.acquire(self.uri)
+            if self.uri:
+                self._lease = await self._cache.acquire(self.uri)
             if self._code is None:
-                self._real = await launch(self._lease.path, self._lease.folder)
+                lease = self._lease
+                self._real = await (
+                    launch(lease.path, lease.folder) if lease is not None else launch(None, None)
+                )
         except ShoalError as err:
             failed(f"fetching the model failed: {err}")
             self._code = 1

@@ -68,6 +68,8 @@ from shoal.types import PingResult, ReplicaClient
 
 log = logging.getLogger("shoal.scheduler")
 
+QUEUED = ReplicaState.QUEUED
+
 # Exit reasons kept for the head at most (oldest dropped first), should it stay away long.
 MAX_TOMBSTONES = 1000
 
@@ -149,6 +151,9 @@ class LocalReplica:
     dead_reason: str = ""
     crashed: bool = False  # killed by its scheduler for its own doing (over its memory limit)
     gpu: GpuGrant = field(default_factory=GpuGrant)  # its devices (shoal.scheduler.gpus)
+    # QUEUED: done once it may start (``ReplicaSupervisor._admit``).
+    turn: asyncio.Future[None] | None = None
+    queued_behind: Callable[[], str] = lambda: ""  # QUEUED: what it waits for, in words
 
     @property
     def pid(self) -> int:
@@ -160,6 +165,8 @@ class LocalReplica:
         death, and without this it said "replica exited")."""
         if isinstance(self.process, StagedProcess) and self.state == ReplicaState.DOWNLOADING:
             return self.process.describe()
+        if self.state == QUEUED:
+            return self.queued_behind()
         return self.dead_reason if self.state == REPLICA_DEAD else ""
 
     def report(self) -> ReplicaReport:
@@ -196,8 +203,13 @@ class ReplicaSupervisor:
         clock: Clock | None = None,
         artifacts: ArtifactCache | None = None,
         gpus: GpuPool | None = None,
+        max_starts: int = 0,
     ) -> None:
         self.settings = settings
+        # Replica processes started at once at most (``max_concurrent_starts``; 0: no bound);
+        # the others wait QUEUED, first come first started.
+        self.max_starts = max_starts
+        self._queue: collections.deque[LocalReplica] = collections.deque()
         # The machine's GPUs and who holds them (none offered by default).
         self.gpus = gpus or GpuPool()
         # Replicas of its previous process still holding GPUs: "<id> (previous process)" -> (pid, start).
@@ -267,11 +279,13 @@ class ReplicaSupervisor:
             # Its devices from the start, downloading included: the head counted them when it
             # placed it. ResourceExhausted when no device has room (the head retries later).
             gpu = self.gpus.acquire(replica_id, spec.resources.gpus)
+            # A model from a URI downloads first, then waits for a start slot like the others.
+            state = ReplicaState.DOWNLOADING if uri else STARTING if self._may_start() else QUEUED
             try:
-                if uri:
-                    process = StagedProcess(self.artifacts, uri)
-                else:
+                if state == STARTING:
                     process = self._launch(replica_id, spec, gpu)
+                else:
+                    process = StagedProcess(self.artifacts, uri)
             except BaseException:
                 self.gpus.release(replica_id)
                 raise
@@ -281,16 +295,21 @@ class ReplicaSupervisor:
                 process=process,
                 log_path=self.log_dir / f"replica_{replica_id}.log",
                 started_mono=self.clock.now(),
-                state=ReplicaState.DOWNLOADING if uri else STARTING,
+                state=state,
                 gpu=gpu,
             )
+            if state == QUEUED:
+                self._enqueue(rep)
             self.registry[replica_id] = rep
             self.starts[spec.name] += 1
             self.router.know(spec)
             self.version += 1
             version = self.version
         if isinstance(process, StagedProcess):
-            log.info("replica %s of %s waits for %s", replica_id, spec.name, uri)
+            if uri:
+                log.info("replica %s of %s waits for %s", replica_id, spec.name, uri)
+            else:
+                log.info("replica %s of %s waits to start: %s", replica_id, spec.name, rep.queued_behind())
             process.start(
                 self._tasks,
                 launch=lambda local, folder: self._launch_fetched(rep, local, folder),
@@ -309,26 +328,85 @@ class ReplicaSupervisor:
         self._on_change()
         return version
 
-    async def _launch_fetched(self, rep: LocalReplica, local: Path, folder: Path) -> Process | None:
-        """The model of ``rep`` is at ``local`` (in the cache's ``folder``): start its process,
-        unless it was removed meanwhile (None)."""
+    async def _launch_fetched(
+        self, rep: LocalReplica, local: Path | None, folder: Path | None
+    ) -> Process | None:
+        """The model of ``rep`` is at ``local`` (in the cache's ``folder``; None: it has no URI):
+        start its process once a start slot is free (QUEUED meanwhile), unless it was removed
+        meanwhile (None)."""
         async with self.lock:
-            if rep.removing or rep.state != ReplicaState.DOWNLOADING or self._closing:
+            if rep.removing or self._closing:
                 return None
-            process = self._launch(rep.id, rep.spec.localized(local), rep.gpu, extra_dir=folder)
-            rep.state = STARTING
-            rep.started_mono = self.clock.now()
+            if rep.state == ReplicaState.DOWNLOADING:
+                if self._may_start():
+                    rep.state = STARTING
+                    rep.started_mono = self.clock.now()
+                else:
+                    rep.state = QUEUED
+                    self._enqueue(rep)
+                self.version += 1
+        if rep.state == QUEUED and rep.turn is not None:
+            log.info("replica %s of %s waits to start: %s", rep.id, rep.spec.name, rep.queued_behind())
+            self._on_change()
+            await rep.turn
+        async with self.lock:
+            if rep.removing or rep.state != STARTING or self._closing:
+                return None
+            spec = rep.spec.localized(local) if local is not None else rep.spec
+            process = self._launch(rep.id, spec, rep.gpu, extra_dir=folder)
+            rep.started_mono = self.clock.now()  # start_timeout_s counts from here
             self.version += 1
         log.info(
-            "started replica %s of %s (pid %d%s) from %s",
+            "started replica %s of %s (pid %d%s)%s",
             rep.id,
             rep.spec.name,
             process.pid,
             self._on_gpus(rep.gpu),
-            local,
+            f" from {local}" if local is not None else "",
         )
         self._on_change()
         return process
+
+    def _may_start(self) -> bool:
+        """Whether a replica may start its process now: a start slot is free and none waits
+        ahead of it (``max_starts``). Under the lock."""
+        if not self.max_starts:
+            return True
+        starting = sum(1 for r in self.registry.values() if r.state == STARTING)
+        return not self._queue and starting < self.max_starts
+
+    def _enqueue(self, rep: LocalReplica) -> None:
+        """``rep`` (QUEUED) waits for a start slot, behind those already waiting."""
+        rep.turn = asyncio.get_running_loop().create_future()
+        self._queue.append(rep)
+        rep.queued_behind = lambda: self._queued_behind(rep)
+
+    def _queued_behind(self, rep: LocalReplica) -> str:
+        ahead = next((i for i, r in enumerate(self._queue) if r is rep), len(self._queue))
+        return (
+            f"waiting to start: this scheduler starts {self.max_starts} at a time "
+            f"(max_concurrent_starts), {ahead} more waiting ahead of it"
+        )
+
+    def _admit(self) -> None:
+        """Let the first QUEUED replicas start, as many as there are free start slots: each is
+        STARTING from now on (its ``start_timeout_s`` counting) and starts its process (in
+        :meth:`_launch_fetched`). Called wherever a replica stops STARTING; no await, so the
+        registry cannot change under it."""
+        while self._queue:
+            rep = self._queue[0]
+            if rep.state != QUEUED or rep.removing or self.registry.get(rep.id) is not rep:
+                self._queue.popleft()  # removed or dead while it waited
+                continue
+            starting = sum(1 for r in self.registry.values() if r.state == STARTING)
+            if starting >= self.max_starts:
+                return
+            self._queue.popleft()
+            rep.state = STARTING
+            rep.started_mono = self.clock.now()
+            self.version += 1
+            if rep.turn is not None and not rep.turn.done():
+                rep.turn.set_result(None)
 
     def _fetch_failed(self, rep: LocalReplica, reason: str) -> None:
         rep.dead_reason = reason
@@ -490,6 +568,7 @@ class ReplicaSupervisor:
             rep.removing = True
             rep.state = DRAINING
             self.version += 1
+            self._admit()
         self.router.retire(replica_id)
         self._on_change()
         self._tasks.spawn(self._stop(rep, graceful=graceful, grace_s=grace_s), f"stop-{replica_id}")
@@ -531,6 +610,7 @@ class ReplicaSupervisor:
                 self._gpus_record(rep.id).unlink(missing_ok=True)
             pinger = self._pingers.pop(rep.id, None)
             self.version += 1
+            self._admit()
             model_quit = False
             if rep.removing:
                 state, message = STOPPED, "stopped"
@@ -569,6 +649,7 @@ class ReplicaSupervisor:
         rep.dead_reason = reason
         rep.crashed = crashed
         rep.state = REPLICA_DEAD
+        self._admit()
         await self.router.remove(rep.id, failed=True)
         _signal(rep.process, signal.SIGKILL)
 
@@ -584,6 +665,7 @@ class ReplicaSupervisor:
             rep.state = READY
             rep.ready_at = time.time()
             self.version += 1
+            self._admit()
         self.router.add(replica_id, rep.spec, address, self.scheduler_id)
         log.info(
             "replica %s is READY at %s after %.2fs", replica_id, address, self.clock.now() - rep.started_mono

@@ -40,13 +40,18 @@ class Echo:
 """
 
 
+def python_model(folder: Path, name: str, source: str, cls: str, **fields: Any) -> dict[str, Any]:
+    """A spec of deployment ``name`` serving ``cls`` of ``source``, written to ``folder``."""
+    (folder / f"{name}.py").write_text(source)
+    model = {"name": name, "backend": "python", "model": f"{name}:{cls}", "base_dir": str(folder)}
+    return {**model, "resources": {"cpus": 0.01}, **fields}
+
+
 async def test_a_scheduler_runs_no_more_replicas_than_its_max_replicas(tmp_path: Path) -> None:
     # resources.memory_mb 0 (the default) is not counted: before, one 2-CPU scheduler took
     # 200 replicas of cpus 0.01, each a Python process of 50 MB and more.
-    (tmp_path / "echo.py").write_text(ECHO)
     async with ProcessCluster(tmp_path, scheduler_args=[["--max-replicas", "2"]]) as cluster:
-        spec = {"name": "echo", "backend": "python", "model": "echo:Echo", "base_dir": str(tmp_path)}
-        await cluster.deploy({**spec, "replicas": 3, "resources": {"cpus": 0.01}})
+        await cluster.deploy(python_model(tmp_path, "echo", ECHO, "Echo", replicas=3))
 
         def placed_two(status: dict[str, Any]) -> bool:
             (dep,) = status["deployments"]
@@ -58,3 +63,37 @@ async def test_a_scheduler_runs_no_more_replicas_than_its_max_replicas(tmp_path:
         (dep,) = status["deployments"]
         assert len(dep["replicas"]) == 2
         assert dep["pending_reason"] == f"no scheduler has room (max_replicas 2 reached on {scheduler['id']})"
+
+
+SLOW = """
+import time
+
+
+class Slow:
+    def __init__(self):
+        time.sleep(1.0)  # a model's load
+
+    def predict(self, inputs):
+        return inputs
+"""
+
+
+async def test_starts_past_max_concurrent_starts_wait_queued(tmp_path: Path) -> None:
+    # Before, a deploy of 50 replicas started 50 processes loading models at once.
+    async with ProcessCluster(tmp_path, scheduler_args=[["--max-concurrent-starts", "1"]]) as cluster:
+        await cluster.deploy(python_model(tmp_path, "slow", SLOW, "Slow", replicas=2))
+
+        def one_queued(status: dict[str, Any]) -> bool:
+            (dep,) = status["deployments"]
+            return sorted(r["state"] for r in dep["replicas"]) == ["QUEUED", "STARTING"]
+
+        status = await cluster.wait_for(one_queued, what="one replica STARTING, one QUEUED")
+        (queued,) = [r for r in status["deployments"][0]["replicas"] if r["state"] == "QUEUED"]
+        assert queued["message"] == (
+            "waiting to start: this scheduler starts 1 at a time (max_concurrent_starts), "
+            "0 more waiting ahead of it"
+        )
+        await cluster.wait_ready("slow", 2)
+        log = cluster.schedulers[0].log.read_text()
+        # The second process started after the first was READY.
+        assert log.index(f"started replica {queued['id']}") > log.index("is READY")

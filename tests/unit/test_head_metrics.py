@@ -173,7 +173,7 @@ async def test_a_scrape_writes_again_only_the_deployments_that_changed(
         monkeypatch.setattr(metrics, "_samples", counted)
         monkeypatch.setattr(node_module, "status_of", no_status)
         first = await client.get("/metrics")
-        assert len(written) == 20 * 5  # five states of each deployment
+        assert len(written) == 20 * 6  # six states of each deployment
         written.clear()
         again = await client.get("/metrics")
         assert written == [] and again.text == first.text

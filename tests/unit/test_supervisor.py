@@ -6,6 +6,7 @@ retried once elsewhere, and its exit reason is kept for the head until acknowled
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -73,8 +74,8 @@ class Harness:
         await self.clock.wait_for_sleepers(1)
 
 
-@pytest.fixture
-async def h(tmp_path: Path) -> AsyncIterator[Harness]:
+@contextlib.asynccontextmanager
+async def harness(tmp_path: Path, *, max_starts: int = 0) -> AsyncIterator[Harness]:
     settings = Settings(ping_interval_s=1.0, shutdown_grace_s=5.0)
     replicas = FakeReplicas()
     clock = FakeClock()
@@ -90,12 +91,20 @@ async def h(tmp_path: Path) -> AsyncIterator[Harness]:
         on_change=changed.set,
         launcher=launcher,
         clock=clock,
+        max_starts=max_starts,
     )
     supervisor.start()
-    harness = Harness(supervisor, router, replicas, launcher, clock, changed)
-    yield harness
-    await supervisor.aclose(0)
-    await router.aclose()
+    try:
+        yield Harness(supervisor, router, replicas, launcher, clock, changed)
+    finally:
+        await supervisor.aclose(0)
+        await router.aclose()
+
+
+@pytest.fixture
+async def h(tmp_path: Path) -> AsyncIterator[Harness]:
+    async with harness(tmp_path) as h:
+        yield h
 
 
 async def test_a_replica_is_started_as_python_m_shoal_replica_main_with_its_log(h: Harness) -> None:
@@ -246,6 +255,41 @@ async def test_a_replica_not_ready_in_time_is_killed(h: Harness) -> None:
     assert (await h.wait_ended("echo-1")).message == "not ready after 3s"
     # Too late now: the scheduler no longer knows it (NACK), so it shuts itself down.
     assert not await h.supervisor.register("echo-1", "echo-1:9000", 1)
+
+
+async def test_starts_past_max_concurrent_starts_wait_queued_and_start_in_turn(tmp_path: Path) -> None:
+    # Before, a deploy of 50 replicas started 50 processes loading at once on 2 CPUs.
+    spec = make_spec(health={"start_timeout_s": 3})
+    async with harness(tmp_path, max_starts=2) as h:
+        for rid in ("a", "b", "c", "d"):
+            await h.supervisor.create(rid, spec)
+        await asyncio.sleep(0)  # the queued ones' tasks reach their wait
+
+        assert sorted(h.launcher.processes) == ["a", "b"]
+        states = {r.id: (r.state, r.message) for r in h.supervisor.reports()[1]}
+        assert states["d"] == (
+            "QUEUED",
+            "waiting to start: this scheduler starts 2 at a time (max_concurrent_starts), "
+            "1 more waiting ahead of it",
+        )
+        # Waiting does not count toward start_timeout_s: only a and b time out.
+        await h.tick(4.0)
+        await h.wait_ended("a")
+        await h.wait_ended("b")
+        async with asyncio.timeout(2):
+            while sorted(h.launcher.processes) != ["a", "b", "c", "d"]:
+                await asyncio.sleep(0)
+        assert {r.id: r.state for r in h.supervisor.reports()[1]}["c"] == "STARTING"
+        # A slot frees once a starting replica is READY; a queued one removed never starts.
+        await h.supervisor.create("e", spec)
+        await h.supervisor.create("f", spec)
+        assert await h.supervisor.remove("e", graceful=True)
+        assert (await h.wait_ended("e")).state == "STOPPED"
+        assert await h.supervisor.register("c", "c:9000", h.launcher.process("c").pid)
+        async with asyncio.timeout(2):
+            while "f" not in h.launcher.processes:
+                await asyncio.sleep(0)
+        assert "e" not in h.launcher.processes
 
 
 async def test_unknown_replicas_are_nacked(h: Harness) -> None:
