@@ -148,7 +148,7 @@ class ReplicaStatus(_message.Message):
     ready_at: _builtins.float
     """unix time it registered READY (0 until then)"""
     crashed: _builtins.bool
-    """DEAD of its own doing: an error exit, a crash signal, over its memory limit"""
+    """DEAD of its own doing: an error exit, a crash signal, over its memory limit, the OOM killer"""
     def __init__(
         self,
         *,

@@ -137,3 +137,34 @@ def usable_memory_mb(read: Read = read_file) -> Bound:
     if cgroup is not None:
         bounds.append(cgroup)
     return min(bounds, key=lambda b: b.value)
+
+
+def _counter(text: str | None, key: str) -> float | None:
+    """The value of ``key`` in a ``key value`` file (``memory.events``, ``/proc/vmstat``)."""
+    for line in (text or "").splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == key:
+            return _number(parts[1])
+    return None
+
+
+def oom_kills(read: Read = read_file, root: str = CGROUP_ROOT) -> Bound | None:
+    """How many processes the kernel's OOM killer has killed, and what counts them: this
+    process's memory control group (the nearest along its ancestors that counts: cgroup v2
+    ``memory.events``, v1 ``memory.oom_control``; its replicas are in it), else the machine
+    (``/proc/vmstat``, Linux 4.13 on). None where nothing counts them. The kernel counts a kill
+    before its SIGKILL lands: a replica that died of SIGKILL as this rose was the OOM killer's.
+    ``dmesg`` says more but needs a privilege a container seldom has."""
+    v2, v1 = _groups(read("/proc/self/cgroup") or "")
+    if v2 is not None:
+        for group in _ancestors(v2):
+            count = _counter(read(f"{root}{group.rstrip('/')}/memory.events"), "oom_kill")
+            if count is not None:
+                return Bound(count, f"cgroup {group} memory.events")
+    if "memory" in v1:
+        for group in _ancestors(v1["memory"]):
+            count = _counter(read(f"{root}/memory{group.rstrip('/')}/memory.oom_control"), "oom_kill")
+            if count is not None:
+                return Bound(count, f"cgroup {group} memory.oom_control")
+    count = _counter(read("/proc/vmstat"), "oom_kill")
+    return Bound(count, "/proc/vmstat") if count is not None else None

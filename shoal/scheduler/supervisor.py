@@ -59,9 +59,11 @@ from shoal.core.spec import DeploymentSpec
 from shoal.core.states import ReplicaState
 from shoal.core.tasks import TaskSet
 from shoal.errors import AlreadyExists, NotFound, ShoalError, Unavailable
+from shoal.scheduler import machine
 from shoal.scheduler.artifacts import ArtifactCache
 from shoal.scheduler.child import ChildProcess
 from shoal.scheduler.gpus import GpuGrant, GpuPool
+from shoal.scheduler.machine import Bound
 from shoal.scheduler.router import Router
 from shoal.scheduler.staging import StagedProcess
 from shoal.types import PingResult, ReplicaClient
@@ -204,12 +206,19 @@ class ReplicaSupervisor:
         artifacts: ArtifactCache | None = None,
         gpus: GpuPool | None = None,
         max_starts: int = 0,
+        oom_kills: Callable[[], Bound | None] = machine.oom_kills,
     ) -> None:
         self.settings = settings
         # Replica processes started at once at most (``max_concurrent_starts``; 0: no bound);
         # the others wait QUEUED, first come first started.
         self.max_starts = max_starts
         self._queue: collections.deque[LocalReplica] = collections.deque()
+        # The kernel's OOM kills (``shoal.scheduler.machine.oom_kills``): a replica dead of
+        # SIGKILL takes one counted past ``_oom_claimed``; one no replica took by the next
+        # ping is another process's (``_expire_oom_kills``).
+        self._oom_kills = oom_kills
+        self._oom_claimed = 0.0
+        self._oom_last = 0.0
         # The machine's GPUs and who holds them (none offered by default).
         self.gpus = gpus or GpuPool()
         # Replicas of its previous process still holding GPUs: "<id> (previous process)" -> (pid, start).
@@ -255,6 +264,8 @@ class ReplicaSupervisor:
             self._tasks.spawn(self._pin_loop(), "pin loops")
 
     def start(self) -> None:
+        counted = self._oom_kills()
+        self._oom_claimed = self._oom_last = counted.value if counted is not None else 0.0
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._recover_gpus()
         self._clean_logs()
@@ -617,6 +628,10 @@ class ReplicaSupervisor:
             else:
                 state = REPLICA_DEAD
                 model_quit = not rep.dead_reason and rep.process.status_known and self._quit(rep, code)
+                oom = not rep.dead_reason and code == -signal.SIGKILL and self._oom_killed()
+                if oom:
+                    rep.dead_reason = f"process killed by the kernel's OOM killer (SIGKILL; counted in {oom})"
+                    rep.crashed = True  # its model's memory, as over its memory_mb: crash-loop back-off
                 message = rep.dead_reason or _exit_reason(code, rep.log_path, quit=model_quit)
             tomb = rep.report()
             tomb.state = state
@@ -642,6 +657,24 @@ class ReplicaSupervisor:
             log.info("replica %s stopped", rep.id)
         self._clean_logs()
         self._on_change()
+
+    def _oom_killed(self) -> str:
+        """For a replica dead of SIGKILL: when the kernel has counted an OOM kill that no
+        replica claimed yet, this one claims it and the answer is what counts them; else ""
+        (an operator's ``kill -9`` finds none)."""
+        counted = self._oom_kills()
+        if counted is None or counted.value <= self._oom_claimed:
+            return ""
+        self._oom_claimed += 1
+        return counted.source
+
+    def _expire_oom_kills(self) -> None:
+        """Once a ping interval: the kills counted at the last ping and not claimed since were
+        of other processes (the kernel counts a kill before its SIGKILL lands, and the replica's
+        exit is seen within milliseconds), so a later ``kill -9`` is not taken for them."""
+        counted = self._oom_kills()
+        self._oom_claimed = max(self._oom_claimed, self._oom_last)
+        self._oom_last = counted.value if counted is not None else self._oom_last
 
     async def _kill(self, rep: LocalReplica, reason: str, *, crashed: bool = False) -> None:
         """Mark dead at once (no more requests, pending ones retried) and kill the process.
@@ -693,6 +726,7 @@ class ReplicaSupervisor:
                 targets = self._serving()
                 starting = [r for r in self.registry.values() if r.state == STARTING]
             await self._rotate_logs()
+            self._expire_oom_kills()
             if self._previous:
                 async with self.lock:
                     self._release_previous()
@@ -1077,8 +1111,9 @@ _CRASH_SIGNALS = frozenset(
 
 def _crashed(code: int) -> bool:
     """Whether a replica that exited unasked with ``code`` crashed: an error status or a crash
-    signal. Not a kill from outside (SIGKILL: ``kill -9``, the OOM killer; SIGTERM), nor status 0
-    (it stopped as asked, or lost its scheduler)."""
+    signal. Not a kill from outside (SIGKILL: ``kill -9``; SIGTERM; the kernel's OOM killer is
+    told apart where it is counted: ``_oom_killed``), nor status 0 (it stopped as asked, or
+    lost its scheduler)."""
     return code > 0 or (code < 0 and -code in _CRASH_SIGNALS)
 
 

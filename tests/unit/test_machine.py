@@ -16,6 +16,7 @@ from shoal.scheduler.machine import (
     Read,
     cgroup_cpus,
     cgroup_memory_mb,
+    oom_kills,
     usable_cpus,
     usable_memory_mb,
 )
@@ -102,3 +103,27 @@ def test_max_replicas_by_default_is_one_per_128_mb_offered_from_1_to_100() -> No
     assert replica_slots(-1, 0) == 1  # --memory-mb 0 still runs one
     assert replica_slots(5, 4096) == 5  # as set
     assert replica_slots(0, 4096) == 0  # no bound
+
+
+def test_oom_kills_are_counted_by_the_nearest_memory_group_else_the_machine() -> None:
+    v2 = files(
+        {
+            "/proc/self/cgroup": "0::/docker/abc\n",
+            "/sys/fs/cgroup/docker/abc/memory.events": "low 0\nhigh 0\nmax 4\noom 2\noom_kill 2\n",
+            "/sys/fs/cgroup/docker/memory.events": "oom_kill 7\n",
+            "/proc/vmstat": "nr_free_pages 1\noom_kill 9\n",
+        }
+    )
+    v1 = files(
+        {
+            "/proc/self/cgroup": "4:memory:/abc\n0::/\n",
+            "/sys/fs/cgroup/memory/abc/memory.oom_control": "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n",
+            "/proc/vmstat": "oom_kill 9\n",
+        }
+    )
+    machine_only = files({"/proc/self/cgroup": "0::/\n", "/proc/vmstat": "pgfault 5\noom_kill 9\n"})
+
+    assert oom_kills(v2) == Bound(2, "cgroup /docker/abc memory.events")
+    assert oom_kills(v1) == Bound(3, "cgroup /abc memory.oom_control")
+    assert oom_kills(machine_only) == Bound(9, "/proc/vmstat")
+    assert oom_kills(files({})) is None

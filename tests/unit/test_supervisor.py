@@ -25,6 +25,7 @@ from shoal.core.cluster import ReplicaReport
 from shoal.core.payload import Tensors
 from shoal.core.spec import DeploymentSpec
 from shoal.errors import Unavailable
+from shoal.scheduler.machine import Bound
 from shoal.scheduler.router import Router
 from shoal.scheduler.supervisor import ReplicaSupervisor
 from shoal.testing.fakes import FakeLauncher, FakeReplicaClient, FakeReplicas
@@ -45,6 +46,7 @@ class Harness:
     launcher: FakeLauncher
     clock: FakeClock
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    oom_kills: list[int] = field(default_factory=lambda: [0])  # what the kernel counts
 
     async def start(self, rid: str, spec: DeploymentSpec | None = None, *, ready: bool = True) -> None:
         """Create replica ``rid``; with ``ready``, it registers at ``rid:9000``."""
@@ -82,6 +84,7 @@ async def harness(tmp_path: Path, *, max_starts: int = 0) -> AsyncIterator[Harne
     router = Router("s1", settings, replicas, clock=clock)
     launcher = FakeLauncher()
     changed = asyncio.Event()
+    oom_kills = [0]
     supervisor = ReplicaSupervisor(
         settings,
         router,
@@ -92,10 +95,11 @@ async def harness(tmp_path: Path, *, max_starts: int = 0) -> AsyncIterator[Harne
         launcher=launcher,
         clock=clock,
         max_starts=max_starts,
+        oom_kills=lambda: Bound(oom_kills[0], "cgroup /x memory.events"),
     )
     supervisor.start()
     try:
-        yield Harness(supervisor, router, replicas, launcher, clock, changed)
+        yield Harness(supervisor, router, replicas, launcher, clock, changed, oom_kills)
     finally:
         await supervisor.aclose(0)
         await router.aclose()
@@ -139,7 +143,38 @@ async def test_a_replica_killed_by_a_signal_says_which(h: Harness) -> None:
 
     tomb = await h.wait_ended("echo-1")
     assert tomb.message == "process killed by SIGKILL"
-    assert not tomb.crashed  # kill -9, the OOM killer: from outside, replaced at once
+    assert not tomb.crashed  # kill -9: from outside, replaced at once
+
+
+async def test_a_replica_killed_by_the_oom_killer_says_so_and_crashed(h: Harness) -> None:
+    # Before, an OOM kill read as any SIGKILL, no crash: a model the kernel took again and
+    # again was restarted at once, for ever.
+    await h.start("echo-1")
+    await h.start("echo-2")
+
+    h.oom_kills[0] += 1  # the kernel counts its kill, then the SIGKILL lands
+    h.launcher.process("echo-1").exit(-signal.SIGKILL)
+    tomb = await h.wait_ended("echo-1")
+    assert tomb.message == (
+        "process killed by the kernel's OOM killer (SIGKILL; counted in cgroup /x memory.events)"
+    )
+    assert tomb.crashed
+    # One kill counted, one replica: a kill -9 after it is an operator's.
+    h.launcher.process("echo-2").exit(-signal.SIGKILL)
+    tomb = await h.wait_ended("echo-2")
+    assert (tomb.message, tomb.crashed) == ("process killed by SIGKILL", False)
+
+
+async def test_an_oom_kill_of_another_process_is_not_a_later_kill_9s(h: Harness) -> None:
+    await h.start("echo-1")
+    h.oom_kills[0] += 1  # the OOM killer took some other process of the group
+    await h.tick(1.0)
+    await h.tick(1.0)  # no replica died of it by the next ping: not a replica's
+
+    h.launcher.process("echo-1").exit(-signal.SIGKILL)
+
+    tomb = await h.wait_ended("echo-1")
+    assert (tomb.message, tomb.crashed) == ("process killed by SIGKILL", False)
 
 
 @pytest.mark.parametrize(
