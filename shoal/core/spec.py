@@ -72,6 +72,9 @@ MAX_REPLICAS = 1000
 """Most replicas one deployment may ask for (``replicas``, ``autoscaling`` bounds)."""
 MIN_CPUS = 0.01
 """Least ``resources.cpus`` a replica may take: with 0, every replica fits everywhere."""
+MIN_GPUS = 0.01
+"""Least ``resources.gpus`` a replica may take, besides 0 (none): below it, placement's
+tolerance (1e-9) let 1e-10 of a GPU fit on every scheduler, one that had none included."""
 MIN_TARGET_ONGOING_REQUESTS = 0.01
 """Least ``autoscaling.target_ongoing_requests``: 100 replicas per request in flight. With
 only ``> 0``, 5e-324 was taken, and any load over it was an infinite replica count, an
@@ -242,6 +245,8 @@ class Resources(_Strict):
     def _whole_above_one(cls, gpus: float) -> float:
         # A replica gets whole devices, or a share of one (shoal.scheduler.gpus): 1.5 would
         # be counted as 1.5 by placement but take two devices, so it is refused.
+        if 0 < gpus < MIN_GPUS:
+            raise ValueError(f"must be 0 (no GPU) or at least {MIN_GPUS:g}, got {gpus:g}")
         if gpus > 1 and abs(gpus - round(gpus)) > 1e-9:
             raise ValueError(
                 "above 1, gpus must be a whole number (a replica takes whole GPUs, or a share of one)"

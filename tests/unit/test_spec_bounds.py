@@ -118,6 +118,7 @@ async def test_rest_refuses_with_400_and_stores_nothing(
         ({"resources": {"memory_mb": 1e30}}, "resources.memory_mb"),
         ({"resources": {"gpus": 1e9}}, "resources.gpus"),
         ({"resources": {"gpus": 1.5}}, "resources.gpus"),  # whole above 1 (shoal.scheduler.gpus)
+        ({"resources": {"gpus": 1e-10}}, "resources.gpus"),  # fitted everywhere, under placement's tolerance
         ({"timeout_s": 86_401}, "timeout_s"),
         ({"health": {"start_timeout_s": 1e12}}, "health.start_timeout_s"),
         ({"health": {"ping_interval_s": 1e12}}, "health.ping_interval_s"),
