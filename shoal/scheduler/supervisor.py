@@ -39,6 +39,7 @@ import collections
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -1142,8 +1143,15 @@ def _exit_reason(code: int, log_path: Path, *, quit: bool = False) -> str:
     return f"process exited with code {code}{unasked}{_last_line(log_path)}"
 
 
+_SHOAL_ERROR = re.compile(r"^shoal\.errors\.[A-Za-z]+: ")
+"""The class path a shoal error's traceback ends its last line with."""
+
+
 def _last_line(path: Path) -> str:
-    """The last non-empty line of a replica's log, to explain why it died."""
+    """The last non-empty line of a replica's log, to explain why it died. A shoal error's
+    traceback (a model's load that failed) ends in its class path, which is left out: the
+    message reads as shoal's other errors do (``Model(**options) raised ValueError: ...``,
+    before ``shoal.errors.InvalidArgument: Model(**options) raised ValueError: ...``)."""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
@@ -1152,4 +1160,4 @@ def _last_line(path: Path) -> str:
             lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
     except OSError:
         return ""
-    return f": {lines[-1][:300]}" if lines else ""
+    return f": {_SHOAL_ERROR.sub('', lines[-1])[:300]}" if lines else ""

@@ -77,7 +77,7 @@ async def test_a_warmup_call_that_fails_keeps_the_replica_from_starting(tmp_path
     async with ProcessCluster(tmp_path) as cluster:
         await cluster.deploy(spec(picky, "picky", warmup=2, options={"picky": True}))
         # The head's event: "replica picky-... died: process exited with code 1:
-        # shoal.errors.Internal: warmup call 1 of 2 failed: INTERNAL: model raised ValueError:
+        # warmup call 1 of 2 failed: INTERNAL: model raised ValueError:
         # all zeros: nothing to predict from".
         await until_event(cluster, "warmup call 1 of 2 failed")
         await until_event(cluster, "all zeros: nothing to predict from")

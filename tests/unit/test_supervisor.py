@@ -136,6 +136,21 @@ async def test_a_replica_that_exits_is_dead_with_the_reason_from_its_log(h: Harn
     assert h.supervisor.deaths["echo"] == 1
 
 
+async def test_a_model_that_fails_to_load_reads_as_shoals_other_errors(h: Harness) -> None:
+    await h.start("echo-1", ready=False)
+    traceback = (
+        "Traceback (most recent call last):\n"
+        '  File "shoal/backends/python.py", line 119, in _load\n'
+        "shoal.errors.InvalidArgument: Bad(**options) raised ValueError: no weights\n"
+    )
+
+    h.launcher.process("echo-1").exit(1, traceback)
+
+    # Before: "... code 1: shoal.errors.InvalidArgument: Bad(**options) raised ValueError: ..."
+    tomb = await h.wait_ended("echo-1")
+    assert tomb.message == "process exited with code 1: Bad(**options) raised ValueError: no weights"
+
+
 async def test_a_replica_killed_by_a_signal_says_which(h: Harness) -> None:
     await h.start("echo-1")
 
