@@ -474,6 +474,27 @@ def test_a_rollout_with_no_room_to_surge_drains_one_old_replica_first(state: Clu
     assert len(ready_ids(state)) == 2
 
 
+def test_a_rollout_on_a_scheduler_at_its_max_replicas_drains_one_old_replica_first(
+    state: ClusterState,
+) -> None:
+    s1 = Sim(state, "s1", cpus=8.0, max_replicas=2)
+    v1 = make_spec(replicas=2, model="m1", cpus=0.1)
+    converge(state, [s1], want(v1))
+    v2 = make_spec(replicas=2, model="m2", cpus=0.1)
+
+    actions = state.reconcile(want(v2))
+
+    assert creates(actions) == [] and len(removes(actions)) == 1
+    assert state.pending_reasons["echo"] == (
+        "no scheduler has room (max_replicas 2 reached on s1); draining one old replica first to make room"
+    )
+    s1.act(actions)
+    assert s1.beat()
+    converge(state, [s1], want(v2))
+    assert {r.spec_hash for r in state.replicas.values()} == {v2.process_hash()}
+    assert len(ready_ids(state)) == 2
+
+
 def test_a_rollout_to_replicas_too_big_for_any_scheduler_keeps_the_old_ones(state: ClusterState) -> None:
     """Draining to make room cannot help a replica no scheduler is big enough for: it used to
     drain every old replica, one a pass, and leave nothing serving."""

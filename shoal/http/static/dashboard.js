@@ -95,6 +95,7 @@ function renderSchedulers(list) {
     el("td", {}, `${fmt(s.allocated.cpus, 2)} / ${fmt(s.capacity.cpus, 2)}`),
     el("td", {}, `${fmt(s.allocated.memory_mb, 0)} / ${fmt(s.capacity.memory_mb, 0)}`),
     el("td", {}, `${fmt(s.allocated.gpus, 2)} / ${fmt(s.capacity.gpus, 2)}`),
+    el("td", {}, `${s.replicas} / ${s.max_replicas || "-"}`),
     el("td", {}, `${fmt(s.last_seen_s)} s ago`))));
 }
 
