@@ -51,6 +51,20 @@ def test_choose_reports_overcommitted_free_capacity_as_zero() -> None:
     )
 
 
+def test_choose_passes_by_a_scheduler_at_its_max_replicas_and_says_so() -> None:
+    full = Candidate("a", Capacity(8, 4096), replicas_of_deployment=0, replicas_total=3, max_replicas=3)
+    short = cand("b", cpus=0.5, total=1)
+
+    assert choose([full, Candidate("c", Capacity(1), 0, 2, max_replicas=3)], Capacity(cpus=1)) == ("c", "")
+    # a has every resource free but no replica slot (all of a replica missing); b has a slot
+    # and half the cpus: b comes closer.
+    assert choose([full, short], Capacity(cpus=1)) == (
+        None,
+        "no scheduler has room (cpus 1 > 0.5 free on b, the closest of 2)",
+    )
+    assert choose([full], Capacity(cpus=1)) == (None, "no scheduler has room (max_replicas 3 reached on a)")
+
+
 def sized(sid: str, capacity: Capacity, held: Capacity = Capacity()) -> Candidate:
     """A scheduler of ``capacity`` whose replicas hold ``held``."""
     return Candidate(sid, capacity - held, replicas_of_deployment=0, replicas_total=0, capacity=capacity)
