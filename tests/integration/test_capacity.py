@@ -25,7 +25,10 @@ async def test_a_scheduler_on_one_cpu_offers_one(tmp_path: Path) -> None:
     try:
         async with ProcessCluster(tmp_path) as cluster:
             os.sched_setaffinity(0, everywhere)
-            (scheduler,) = (await cluster.status())["schedulers"]
+            status = await cluster.wait_for(
+                lambda s: len(s["schedulers"]) == 1, what="the scheduler registered"
+            )
+            (scheduler,) = status["schedulers"]
             assert scheduler["capacity"]["cpus"] == 1.0
             log = cluster.schedulers[0].log.read_text()
             assert "offering cpus 1, less than the machine's: its CPU affinity" in log
