@@ -186,9 +186,10 @@ def head_silent(settings: Settings, cause: object, *, point: str) -> HeadSilent:
 
 
 def to_arrays(inputs: Mapping[str, Any], spec: DeploymentSpec | None = None) -> dict[str, np.ndarray]:
-    """Inputs as arrays: numpy arrays as given; nested lists typed by the spec's declared
-    inputs, else FP32 for numbers, BOOL for booleans, BYTES for strings. InvalidArgument
-    naming the input that cannot be a tensor."""
+    """Inputs as arrays: numpy arrays as given; nested lists and object arrays (a pandas
+    string column's) typed by the spec's declared inputs, else FP32 for numbers, BOOL for
+    booleans, BYTES for strings and objects. InvalidArgument naming the input that cannot
+    be a tensor (and its first element that cannot be of its type)."""
     from shoal.core import tensors
 
     if not isinstance(inputs, Mapping) or not inputs:
@@ -196,22 +197,32 @@ def to_arrays(inputs: Mapping[str, Any], spec: DeploymentSpec | None = None) -> 
     declared = {t.name: t.datatype for t in (spec.inputs if spec else ())}
     out = {}
     for name, value in inputs.items():
+        if not isinstance(name, str):
+            raise InvalidArgument(f"input names must be strings, got {short_repr(name)}")
         if isinstance(value, np.ndarray) and value.dtype != object:
             out[name] = value
             continue
         try:
             arr = np.asarray(value)
         except ValueError:  # numpy refuses ragged lists outright
-            arr = np.empty(0, object)
-        if arr.dtype == object:
             raise InvalidArgument(
                 f"input {name!r}: ragged nested lists (every row must have the same length)"
-            )
-        datatype = declared.get(name)
-        if datatype is None:
-            datatype = "FP32" if arr.dtype.kind in "iuf" else "BOOL" if arr.dtype.kind == "b" else "BYTES"
+            ) from None
+        datatype = declared.get(name) or _datatype_of(arr)
         out[name] = tensors.from_json(datatype, list(arr.shape), arr.tolist(), name=name)
     return out
+
+
+def _datatype_of(arr: np.ndarray) -> str:
+    """The datatype of an input the spec does not declare: FP32 for numbers, BOOL for
+    booleans, BYTES for strings; an object array (a pandas string column, or None among
+    numbers) by its first element, so that ``tensors.from_json`` names the first one that is
+    not of that type. Before, every object array was refused as "ragged nested lists"."""
+    kind = arr.dtype.kind
+    if kind == "O" and arr.size:
+        first = arr.flat[0]
+        kind = "b" if isinstance(first, bool | np.bool_) else "f" if isinstance(first, int | float) else "O"
+    return "FP32" if kind in "iuf" else "BOOL" if kind == "b" else "BYTES"
 
 
 def _check_if_revision(value: object) -> None:

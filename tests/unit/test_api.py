@@ -22,7 +22,13 @@ from shoal.api import to_arrays
 from shoal.config import Settings
 from shoal.core.spec import Batching, parse_spec
 from shoal.decorator import is_target, load_target, spec_of
-from shoal.errors import DeadlineExceeded, HeadSilent, HeadUnreachable, InvalidArgument, Unavailable
+from shoal.errors import (
+    DeadlineExceeded,
+    HeadSilent,
+    HeadUnreachable,
+    InvalidArgument,
+    Unavailable,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -133,6 +139,30 @@ def test_inputs_are_typed_by_the_spec_and_ragged_lists_refused() -> None:
         to_arrays({"x": [[1, 2], [3]]})
     with pytest.raises(InvalidArgument, match="mapping of input names"):
         to_arrays({})
+
+
+def test_object_arrays_of_strings_are_bytes_and_other_objects_are_named() -> None:
+    """A pandas string column (``df["text"].to_numpy()``) is an object array of str. Before,
+    it was refused as 'ragged nested lists', and so were None, an object of no tensor type
+    and a mixed object array, none of which is ragged; an input named by an int ended in
+    protobuf's TypeError ('bad argument type for built-in operation')."""
+    texts = np.array(["a", "bé"], dtype=object)
+    assert to_arrays({"s": texts})["s"].tolist() == [b"a", "bé".encode()]
+    spec = parse_spec(
+        {"name": "a", "backend": "sklearn", "model": "m", "inputs": [{"name": "x", "datatype": "FP32"}]}
+    )
+    assert to_arrays({"x": np.array([1.5, 2], dtype=object)}, spec)["x"].dtype == np.float32
+    refusals: list[tuple[object, str]] = [
+        (np.array(["a", 1, None], dtype=object), "input 's': BYTES element 1 is 1, not a string"),
+        (None, "input 's': BYTES element 0 is None, not a string"),
+        (Plain(), "input 's': BYTES element 0 is <"),
+    ]
+    for value, message in refusals:
+        with pytest.raises(InvalidArgument) as err:
+            to_arrays({"s": value})
+        assert str(err.value).startswith(message)
+    with pytest.raises(InvalidArgument, match=r"^input names must be strings, got 1$"):
+        to_arrays({1: [1.0]})  # type: ignore[dict-item]
 
 
 def test_import_shoal_does_not_import_grpc_until_a_call() -> None:
