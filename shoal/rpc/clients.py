@@ -813,22 +813,30 @@ class NativeClient:
         (gRPC's own words were ``CLIENT: Sent message larger than max``, which a composed
         model's client, whose own request was small, read as about its request.)"""
         limits.check_timeout(timeout_s)
+        # The tensors' own bytes, known before anything is copied: before, a 400 MB array was
+        # encoded whole (1.1 GB more memory, 1.4 s) only to be refused for its size.
+        payload = sum(array.nbytes for array in inputs.values())
+        if payload > self._max_bytes:
+            raise self._too_large(deployment, f"at least {payload}")
         req = pb.InferRequest(
             deployment=deployment, request_id=request_id, timeout_s=timeout_s, model_id=model_id
         )
         codec.fill_arrays(req.inputs, inputs)
         size = req.ByteSize()
         if size > self._max_bytes:
-            raise ResourceExhausted(
-                f"the request to {deployment!r} is {size} bytes, over the limit of {self._max_bytes} "
-                "(setting max_message_mb): send fewer rows per request, or raise the limit"
-            )
+            raise self._too_large(deployment, str(size))
         deadline = min((timeout_s or default_timeout_s) + 5.0, MAX_CALL_DEADLINE_S)
         try:
             reply = await self._stub.SendRequest(req, timeout=deadline, metadata=self._metadata)
         except grpc.aio.AioRpcError as err:
             raise to_error(err) from None
         return codec.decode(reply.outputs), reply.replica_id
+
+    def _too_large(self, deployment: str, size: str) -> ResourceExhausted:
+        return ResourceExhausted(
+            f"the request to {deployment!r} is {size} bytes, over the limit of {self._max_bytes} "
+            "(setting max_message_mb): send fewer rows per request, or raise the limit"
+        )
 
     async def close(self) -> None:
         await self._channel.close(None)
