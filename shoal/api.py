@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Collection, Coroutine, Mapping
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -561,51 +563,125 @@ class AsyncHandle:
         raise last
 
 
-class _Loop:
-    """An event loop in a daemon thread, for the synchronous client."""
+_loop_pid: int | None = None
+"""The process in which a :class:`Client` first started its loop, and gRPC its threads."""
 
-    def __init__(self) -> None:
+
+def _check_not_forked() -> None:
+    """FailedPrecondition in a process forked from one whose Client made calls. Before, such
+    a client's call waited for good in the child (its loop's thread is not there), and a new
+    client there crashed the child (SIGSEGV in gRPC's core, which does not survive a fork
+    with its threads running)."""
+    if _loop_pid is not None and _loop_pid != os.getpid():
+        raise FailedPrecondition(
+            "this process was forked from one that had used a shoal.Client: gRPC cannot run in a "
+            "forked child. Start worker processes with multiprocessing's 'spawn' or 'forkserver' "
+            "method, or make a client's first call in each child, none in the parent"
+        )
+
+
+def _serve(loop: asyncio.AbstractEventLoop) -> None:
+    try:
+        loop.run_forever()
+    finally:
+        loop.close()
+
+
+async def _close_then_stop(close: Callable[[], Awaitable[None]], loop: asyncio.AbstractEventLoop) -> None:
+    try:
+        await close()
+    finally:
+        loop.stop()
+
+
+def _wind_down(loop: asyncio.AbstractEventLoop, close: Callable[[], Awaitable[None]], pid: int) -> None:
+    """A dropped client's finalizer, on whichever thread collects it (its loop's too): close
+    the channels on the loop, then stop it; the thread closes the loop and ends. Blocks on
+    nothing. Before, a Client dropped without ``close()`` kept its thread and three
+    descriptors for good."""
+    if os.getpid() != pid:
+        return  # a forked child's copy: that loop's thread runs in the parent only
+    try:
+        asyncio.run_coroutine_threadsafe(_close_then_stop(close, loop), loop)
+    except RuntimeError:  # closed already
+        pass
+
+
+class _Loop:
+    """An event loop in a daemon thread, for the synchronous client. ``close``: what to run on
+    the loop before it stops when this is collected without :meth:`stop` (the client's
+    channels' close); the handles hold this, so a handle outlives the client it came from."""
+
+    def __init__(self, close: Callable[[], Awaitable[None]]) -> None:
+        self._close = close
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._finalizer: weakref.finalize[..., _Loop] | None = None
 
     def _running(self) -> asyncio.AbstractEventLoop:
+        global _loop_pid
+        _check_not_forked()
         with self._lock:
             if self._loop is None:
                 loop = asyncio.new_event_loop()
-                thread = threading.Thread(target=loop.run_forever, name="shoal-client", daemon=True)
+                thread = threading.Thread(target=_serve, args=(loop,), name="shoal-client", daemon=True)
                 thread.start()
+                _loop_pid = os.getpid()
+                self._finalizer = weakref.finalize(self, _wind_down, loop, self._close, _loop_pid)
+                self._finalizer.atexit = False  # at exit the daemon thread just ends, as before
                 self._loop, self._thread = loop, thread
             return self._loop
 
+    @property
+    def forked(self) -> bool:
+        """Whether this runs in a process forked from the one that started the loop."""
+        return _loop_pid is not None and _loop_pid != os.getpid()
+
     def submit(self, coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
         """Run ``coro`` on the thread's loop; its result as a future of the caller's loop."""
-        return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._running()))
+        try:
+            loop = self._running()
+        except BaseException:
+            coro.close()
+            raise
+        return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the thread's loop and wait for it in this thread."""
         if threading.current_thread() is self._thread:
             coro.close()
             raise RuntimeError("a shoal.Client call from inside its own loop: use AsyncClient there")
-        return asyncio.run_coroutine_threadsafe(coro, self._running()).result()
+        try:
+            loop = self._running()
+        except BaseException:
+            coro.close()
+            raise
+        return asyncio.run_coroutine_threadsafe(coro, loop).result()
 
     def stop(self) -> None:
+        """Stop the loop and wait for its thread to end (in a forked child: forget them)."""
         with self._lock:
             loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
-        if loop is not None and thread is not None:
+            finalizer, self._finalizer = self._finalizer, None
+        if finalizer is not None:
+            finalizer.detach()
+        if loop is not None and thread is not None and not self.forked:
             loop.call_soon_threadsafe(loop.stop)
             thread.join()
-            loop.close()
 
 
 class Client:
     """The synchronous API (:func:`connect`): :class:`AsyncClient`'s calls, blocking, run on a
-    loop of its own in a thread. Usable as a context manager; ``close()`` ends the thread.
-    ``aio``: the :class:`AsyncClient` it runs (:func:`connect` builds one)."""
+    loop of its own in a thread. Usable as a context manager; ``close()`` ends the thread, and
+    so does dropping the client and its handles. A client cannot cross ``os.fork``: in a
+    child forked after its first call, a call raises FailedPrecondition (so does a new
+    client's: gRPC does not survive the fork). ``aio``: the :class:`AsyncClient` it runs
+    (:func:`connect` builds one)."""
 
     def __init__(self, aio: AsyncClient | None = None) -> None:
         self.aio = aio or AsyncClient()
-        self._loop = _Loop()
+        self._loop = _Loop(self.aio.close)
 
     def __enter__(self) -> Client:
         return self
@@ -614,8 +690,11 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        """Close the channels and end the thread; a later call starts them again. In a forked
+        child (where no call can be made), forget them."""
         try:
-            self._loop.run(self.aio.close())
+            if not self._loop.forked:
+                self._loop.run(self.aio.close())
         finally:
             self._loop.stop()
 
