@@ -484,15 +484,26 @@ class AsyncHandle:
 
     async def infer(self, inputs: Mapping[str, Any], *, timeout_s: float = 0.0) -> dict[str, np.ndarray]:
         """The outputs for ``inputs`` (input name → numpy array or nested lists).
-        ``timeout_s``: the request's deadline (0: the deployment's ``timeout_s``)."""
+        ``timeout_s``: the request's deadline (0: the deployment's ``timeout_s``).
+        InvalidArgument, before anything is sent, naming an input the deployment does not
+        take as given (another name, datatype or shape than its spec declares: numpy arrays
+        are sent as they are, so a float64 array for an FP32 input needs ``.astype``)."""
         return (await self.request(inputs, timeout_s=timeout_s)).outputs
 
     async def request(self, inputs: Mapping[str, Any], *, timeout_s: float = 0.0) -> Reply:
         """As :meth:`infer`, with the id of the replica that answered."""
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float):
+            raise InvalidArgument(f"timeout_s must be a number of seconds, got {short_repr(timeout_s)}")
         fresh = self._addresses is None
         if fresh:
             await self._learn()
-        arrays = to_arrays(inputs, self._spec)
+        try:
+            arrays = self._arrays(inputs)
+        except InvalidArgument:
+            if fresh:
+                raise
+            await self._learn()  # the deployment may take other inputs since: ask again
+            arrays = self._arrays(inputs)
         try:
             return await self._send(arrays, timeout_s)
         except Unavailable:
@@ -500,6 +511,19 @@ class AsyncHandle:
                 raise
         await self._learn()  # the schedulers known are gone: ask the head for the live ones
         return await self._send(arrays, timeout_s)
+
+    def _arrays(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """``inputs`` as arrays, checked against the deployment's declared inputs as its
+        scheduler would check them (not a traffic route's: its targets may differ).
+        Before, a float64 array for an FP32 input was sent whole, to be refused there."""
+        from shoal.core import payload, tensors
+
+        arrays = to_arrays(inputs, self._spec)
+        spec = self._spec
+        if spec is not None and spec.name == self.name:
+            headers = [(name, tensors.datatype_of(a), a.shape) for name, a in arrays.items()]
+            payload.check_declared(spec.inputs, headers, spec.name)
+        return arrays
 
     async def _learn(self) -> None:
         """The live schedulers and the input types, from the head. NotFound for an unknown name.

@@ -416,3 +416,57 @@ def test_a_client_in_a_forked_child_says_so_instead_of_hanging() -> None:
         "'forkserver' method, or make a client's first call in each child, none in the parent"
     )
     assert out.stdout.splitlines() == [refusal, refusal, "closed", "parent AsyncClient"], out.stderr
+
+
+class _CountingNative:
+    """A scheduler's client that answers its inputs and counts the calls."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict[str, np.ndarray]] = []
+
+    async def infer(self, name: str, arrays: dict[str, np.ndarray], **kw: object) -> object:
+        self.sent.append(arrays)
+        return arrays, "r-1"
+
+
+async def test_inputs_the_deployment_does_not_take_are_refused_before_the_network(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before, ``np.random.rand(2, 16)`` (float64) for an FP32 input, an unknown or missing
+    input, another shape, and ``timeout_s="5"`` were each sent whole to a scheduler (the
+    last ended in a TypeError from the comparison), to be refused there. The handle knows the
+    spec: it checks as the scheduler would. It learns the spec again before refusing, in
+    case the deployment changed its inputs since."""
+    spec = parse_spec(
+        {
+            "name": "a",
+            "backend": "python",
+            "model": "m:M",
+            "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}],
+        }
+    )
+    native = _CountingNative()
+    learned: list[str] = []
+    async with shoal.AsyncClient("127.0.0.1:1") as c:
+        handle = c.handle("a")
+
+        async def learn() -> None:
+            learned.append("a")
+            handle._spec, handle._addresses = spec, ["127.0.0.1:9"]
+
+        monkeypatch.setattr(handle, "_learn", learn)
+        monkeypatch.setattr(c, "_native_client", lambda address: native)
+        refusals: list[tuple[dict[str, Any], str]] = [
+            ({"x": np.zeros((1, 2))}, "input 'x': expected datatype FP32, got FP64"),
+            ({"x": np.zeros((1, 3), np.float32)}, "input 'x': expected shape [-1,2], got [1,3]"),
+            ({"x": [[1.0, 2.0]], "z": [1.0]}, "unknown input 'z'; model 'a' takes 'x'"),
+        ]
+        for inputs, message in refusals:
+            with pytest.raises(InvalidArgument) as err:
+                await handle.infer(inputs)
+            assert str(err.value) == message
+        with pytest.raises(InvalidArgument, match=r"^timeout_s must be a number of seconds, got '5'$"):
+            await handle.infer({"x": [[1.0, 2.0]]}, timeout_s="5")  # type: ignore[arg-type]
+        assert native.sent == [] and learned == ["a", "a", "a"]
+        assert (await handle.infer({"x": [[1.0, 2.0]]}))["x"].dtype == np.float32
+    assert len(native.sent) == 1
