@@ -681,7 +681,14 @@ class _Loop:
         except BaseException:
             coro.close()
             raise
-        return asyncio.run_coroutine_threadsafe(coro, loop).result()
+        future = asyncio.run_coroutine_threadsafe(coro, loop)
+        try:
+            return future.result()
+        except BaseException:
+            # Ctrl-C (Jupyter's interrupt) ends this wait: end the call too. Before, it ran
+            # on, and its replica computed an answer nobody would read.
+            future.cancel()
+            raise
 
     def stop(self) -> None:
         """Stop the loop and wait for its thread to end (in a forked child: forget them)."""

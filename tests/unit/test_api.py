@@ -470,3 +470,44 @@ async def test_inputs_the_deployment_does_not_take_are_refused_before_the_networ
         assert native.sent == [] and learned == ["a", "a", "a"]
         assert (await handle.infer({"x": [[1.0, 2.0]]}))["x"].dtype == np.float32
     assert len(native.sent) == 1
+
+
+INTERRUPTED = """
+import asyncio, os, signal, threading
+from shoal.api import AsyncClient, Client
+from shoal.config import Settings
+
+settings = Settings.load(env={{}}, flags={{"head_address": {address!r}, "rpc_timeout_s": 60}})
+c = Client(AsyncClient(settings=settings))
+threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+try:
+    c.status()
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+
+
+async def left():
+    for _ in range(100):
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if not tasks:
+            break
+        await asyncio.sleep(0.02)
+    return sorted(t.get_coro().__qualname__ for t in tasks)
+
+
+print(asyncio.run_coroutine_threadsafe(left(), c._loop._loop).result(), flush=True)
+c.close()
+"""
+
+
+def test_ctrl_c_during_a_call_cancels_the_call(silent_port: int) -> None:
+    """Ctrl-C (Jupyter's interrupt) ends the wait of a blocking call; before, the call itself
+    ran on in the client's thread (``['AsyncHandle.infer', 'UnaryUnaryCall._invoke']``) and
+    its replica held it in flight (``in_flight`` 1 in the status, 0 now) up to its deadline."""
+    out = subprocess.run(
+        [sys.executable, "-c", INTERRUPTED.format(address=f"127.0.0.1:{silent_port}")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.stdout.splitlines() == ["interrupted", "[]"], out.stderr
