@@ -237,7 +237,9 @@ class AsyncClient:
     """The cluster's control API and inference, as coroutines on the caller's event loop.
 
     Opens its channel on the first call (constructors do no I/O); ``await close()`` (or
-    ``async with``) closes it and the handles' channels. A call the head does not answer at
+    ``async with``) closes it and the handles' channels. Its channels belong to the loop they
+    were opened on: once that loop is closed, the next call opens new ones on its own (one
+    ``asyncio.run`` after another works). A call the head does not answer at
     all (it is not running, or not at that address) raises HeadUnreachable (an Unavailable)
     that names the address and says how to start a head.
     """
@@ -258,15 +260,31 @@ class AsyncClient:
         self.settings = settings or settings_for(address, token=token, tls_dir=tls_dir)
         self._control: ControlClient | None = None
         self._native: dict[str, NativeClient] = {}
+        self._opened_on: asyncio.AbstractEventLoop | None = None  # the loop of the channels
 
     @property
     def address(self) -> str:
         """The head's gRPC address."""
         return self.settings.head_address
 
+    def _on_this_loop(self) -> None:
+        """Forget the channels when the event loop they were opened on is closed, so that
+        new ones open on the caller's: gRPC binds a channel to its loop, and before, every
+        call after a first ``asyncio.run`` ended in 'RuntimeError: Event loop is closed'.
+        (They cannot be closed there any more; collected, they free their sockets.)"""
+        opened_on = self._opened_on
+        if opened_on is not None and opened_on.is_closed():
+            self._control, self._native, self._opened_on = None, {}, None
+        if self._opened_on is None:
+            try:
+                self._opened_on = asyncio.get_running_loop()
+            except RuntimeError:  # no loop runs: gRPC binds the channel to the thread's loop
+                pass
+
     @property
     def control(self) -> ControlClient:
         """The gRPC client of the head's control API under this one (the CLI's few extra calls)."""
+        self._on_this_loop()
         if self._control is None:
             from shoal.rpc import clients  # looked up here: grpc is imported on first use only
 
@@ -309,6 +327,7 @@ class AsyncClient:
         return err
 
     async def close(self) -> None:
+        self._opened_on = None
         natives, self._native = list(self._native.values()), {}
         for native in natives:
             await native.close()
@@ -461,6 +480,7 @@ class AsyncClient:
         return AsyncHandle(self, name, scheduler)
 
     def _native_client(self, address: str) -> NativeClient:
+        self._on_this_loop()
         native = self._native.get(address)
         if native is None:
             from shoal.rpc import clients

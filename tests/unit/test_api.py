@@ -511,3 +511,24 @@ def test_ctrl_c_during_a_call_cancels_the_call(silent_port: int) -> None:
         timeout=30,
     )
     assert out.stdout.splitlines() == ["interrupted", "[]"], out.stderr
+
+
+def test_an_async_client_serves_one_asyncio_run_after_another(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A notebook or a script that runs each step with ``asyncio.run`` on one AsyncClient:
+    gRPC binds a channel to the loop it was opened on, and before, every call after the
+    first ``asyncio.run`` ended in 'RuntimeError: Event loop is closed', for good. No head
+    or scheduler listens at these ports: each call gets as far as gRPC's answer."""
+    head, scheduler = (f"127.0.0.1:{_port_nobody_listens_on()}" for _ in range(2))
+    c = shoal.AsyncClient(head)
+    handle = c.handle("echo", scheduler=scheduler)
+
+    async def learn() -> None:
+        handle._addresses = [scheduler]
+
+    monkeypatch.setattr(handle, "_learn", learn)
+    for _ in range(2):
+        with pytest.raises(HeadUnreachable):
+            asyncio.run(c.status())
+        with pytest.raises(Unavailable, match="failed to connect"):
+            asyncio.run(handle.infer({"x": [1.0]}))
+    asyncio.run(c.close())
