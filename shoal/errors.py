@@ -70,6 +70,12 @@ class ShoalError(Exception):
         super().__init__(message)
         self.message = message
 
+    def __reduce__(self) -> tuple[object, ...]:
+        """Pickled as its class, message and attributes, whatever its ``__init__`` takes:
+        errors cross processes in users' code (multiprocessing). Before, a BodyTooLarge
+        came back with its message taken for its limit."""
+        return (_restored, (type(self), self.message), self.__dict__)
+
     @property
     def http_status(self) -> int:
         return HTTP_STATUS[self.code]
@@ -79,6 +85,12 @@ class ShoalError(Exception):
         """Headers for its HTTP answer: ``Retry-After: 1`` on a 503 (a full queue, a limit,
         no replica now), as the ingress's early refusals already sent."""
         return {"Retry-After": "1"} if self.http_status == 503 else {}
+
+
+def _restored(cls: type[ShoalError], message: str) -> ShoalError:
+    err = cls.__new__(cls)
+    ShoalError.__init__(err, message)
+    return err
 
 
 class InvalidArgument(ShoalError):

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 import shoal
+import shoal.errors as errors_module
 from shoal.api import to_arrays
 from shoal.config import Settings
 from shoal.core.spec import Batching, parse_spec
@@ -375,6 +376,7 @@ def test_a_client_dropped_without_close_ends_its_thread() -> None:
 FORKED = """
 import os, signal, sys
 import shoal
+import shoal.errors as errors_module
 from shoal.errors import HeadUnreachable
 
 c = shoal.connect({address!r})
@@ -532,3 +534,31 @@ def test_an_async_client_serves_one_asyncio_run_after_another(monkeypatch: pytes
         with pytest.raises(Unavailable, match="failed to connect"):
             asyncio.run(handle.infer({"x": [1.0]}))
     asyncio.run(c.close())
+
+
+def test_every_error_crosses_processes_as_it_was() -> None:
+    """Errors cross processes in users' code (multiprocessing and concurrent.futures pickle
+    them). Before, a BodyTooLarge came back as 'request body is over the limit of request
+    body of 20 bytes is over the limit of 10 bytes ... bytes': its ``__init__`` took the
+    message for the limit."""
+    import pickle
+
+    errors: list[errors_module.ShoalError] = [
+        cls("boom")
+        for cls in vars(errors_module).values()
+        if isinstance(cls, type)
+        and issubclass(cls, errors_module.ShoalError)
+        and cls is not errors_module.BodyTooLarge
+    ]
+    errors.append(errors_module.BodyTooLarge(10, 20))
+    flagged = errors_module.Unavailable("gone")
+    flagged.retry_elsewhere = False
+    for err in [*errors, flagged]:
+        back = pickle.loads(pickle.dumps(err))
+        assert (type(back), str(back), back.message, back.http_status) == (
+            type(err),
+            str(err),
+            err.message,
+            err.http_status,
+        )
+        assert back.retry_elsewhere == err.retry_elsewhere
