@@ -112,6 +112,26 @@ def _whole(what: str, value: object, high: int, low: int = 0) -> int:
     return value
 
 
+def _text(what: str, value: object) -> str:
+    """``value`` when it is a str; InvalidArgument naming ``what`` otherwise. Before, a call
+    could not build its message and raised protobuf's TypeError ('bad argument type for
+    built-in operation'), or for None sent the empty name."""
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{what} must be a string, got {short_repr(value)}")
+    return value
+
+
+def _names(only: Collection[str] | None) -> tuple[str, ...] | None:
+    """``status``'s ``only`` as a tuple of names; a str is one name. Before, ``status("echo")``
+    asked for the deployments 'e', 'c', 'h' and 'o', and answered about none."""
+    if only is None:
+        return None
+    names = (only,) if isinstance(only, str) else tuple(only)
+    if not all(isinstance(name, str) for name in names):
+        raise InvalidArgument(f"only must be names of deployments, got {short_repr(only)}")
+    return names
+
+
 def _seconds(what: str, value: object) -> float:
     """``value`` when it is a finite number of seconds, 0 or more; InvalidArgument naming
     ``what`` otherwise. Before, ``deploy(..., timeout_s=nan)`` waited for good: no time is
@@ -401,6 +421,7 @@ class AsyncClient:
         read with the spec the count was chosen for), else FailedPrecondition naming its
         revision, and nothing changes. A scale makes no revision: this refuses a count chosen
         for a spec that changed since, not a scale made since. InvalidArgument when negative."""
+        name = _text("name", name)
         replicas = _whole("replicas", replicas, _INT32_MAX)
         if if_revision is not None:
             _check_if_revision(if_revision)
@@ -408,30 +429,35 @@ class AsyncClient:
 
     async def delete(self, name: str) -> None:
         """Delete the deployment and stop its replicas. NotFound for an unknown name."""
-        await self._head(self.control.delete(name))
+        await self._head(self.control.delete(_text("name", name)))
 
     async def status(self, only: Collection[str] | None = None) -> ClusterStatus:
         """Schedulers, deployments, replicas and recent events, typed (``.to_json()`` is
         ``shoal status --json``). ``only``: of the deployments named alone (those the head
-        knows), which costs the head their replicas, not the whole cluster's: to watch a few
-        deployments of a large cluster."""
-        return await self._head(self.control.status(only))
+        knows; a str is one name), which costs the head their replicas, not the whole
+        cluster's: to watch a few deployments of a large cluster."""
+        return await self._head(self.control.status(_names(only)))
 
     async def history(self, name: str) -> list[Revision]:
-        return await self._head(self.control.history(name))
+        return await self._head(self.control.history(_text("name", name)))
 
     async def rollback(self, name: str, revision: int = 0) -> Revision:
-        return await self._head(self.control.rollback(name, _whole("revision", revision, _INT32_MAX)))
+        return await self._head(
+            self.control.rollback(_text("name", name), _whole("revision", revision, _INT32_MAX))
+        )
 
     async def restart(self, name: str) -> Revision:
-        return await self._head(self.control.restart(name))
+        return await self._head(self.control.restart(_text("name", name)))
 
     async def events(self, deployment: str = "", limit: int = 0) -> list[LifecycleEvent]:
-        return await self._head(self.control.events(deployment, _whole("limit", limit, _INT32_MAX)))
+        return await self._head(
+            self.control.events(_text("deployment", deployment), _whole("limit", limit, _INT32_MAX))
+        )
 
     async def read_log(
         self, replica_id: str, tail_bytes: int = 0, follow: bool = False
     ) -> AsyncIterator[bytes]:
+        _text("replica_id", replica_id)
         _whole("tail_bytes", tail_bytes, _INT64_MAX)
         try:
             async for data in self.control.read_log(replica_id, tail_bytes, follow):
@@ -443,13 +469,13 @@ class AsyncClient:
             raise blamed from None
 
     async def create_token(self, role: str, name: str = "") -> CreateTokenReply:
-        return await self._head(self.control.create_token(role, name))
+        return await self._head(self.control.create_token(_text("role", role), _text("name", name)))
 
     async def list_tokens(self) -> list[TokenInfo]:
         return await self._head(self.control.list_tokens())
 
     async def revoke_token(self, name: str) -> None:
-        await self._head(self.control.revoke_token(name))
+        await self._head(self.control.revoke_token(_text("name", name)))
 
     # ------------------------------------------------------------ traffic routes
 
@@ -466,7 +492,7 @@ class AsyncClient:
 
     async def delete_route(self, name: str) -> None:
         """NotFound when there is no route ``name``."""
-        await self._head(self.control.delete_route(name))
+        await self._head(self.control.delete_route(_text("name", name)))
 
     async def routes(self) -> list[TrafficRoute]:
         return await self._head(self.control.routes())
@@ -477,7 +503,7 @@ class AsyncClient:
         """A handle to call deployment ``name`` with. ``scheduler``: this scheduler's gRPC address
         only (what a token of role infer needs: it may not ask the head for the live ones); by
         default any live one, the next on UNAVAILABLE."""
-        return AsyncHandle(self, name, scheduler)
+        return AsyncHandle(self, _text("name", name), _text("scheduler", scheduler))
 
     def _native_client(self, address: str) -> NativeClient:
         self._on_this_loop()

@@ -84,8 +84,16 @@ def spec_of(target: DeploymentSpec | Mapping[str, Any] | type | object) -> Deplo
     if dataclasses.is_dataclass(target) and not isinstance(target, type):
         return parse_spec(dataclasses.asdict(target))
     if not isinstance(target, type):
+        # A str is most often a YAML file's path or a "file.py:Class" target, which the
+        # command line reads and the API does not: say how to give either.
+        hint = (
+            " (for a file, run 'shoal deploy FILE', or give the mapping yaml.safe_load reads"
+            " from it, or the class itself)"
+            if isinstance(target, str)
+            else ""
+        )
         raise InvalidArgument(
-            f"cannot deploy a {type(target).__name__}: give a DeploymentSpec, a mapping or a class"
+            f"cannot deploy a {type(target).__name__}: give a DeploymentSpec, a mapping or a class{hint}"
         )
     fields = dict(getattr(target, _FIELDS, None) or {})
     name = fields.pop("name", None) or kebab(target.__name__)

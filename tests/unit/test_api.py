@@ -15,7 +15,7 @@ import time
 import types
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -105,6 +105,13 @@ def test_classes_replicas_cannot_import_are_refused_with_the_reason() -> None:
         del sys.modules[notebook.__name__]
     with pytest.raises(InvalidArgument, match="cannot deploy a int"):
         spec_of(3)
+    # Before, a YAML file's path was refused with no word of how to deploy a file.
+    with pytest.raises(InvalidArgument) as err:
+        spec_of("examples/echo.yaml")
+    assert str(err.value) == (
+        "cannot deploy a str: give a DeploymentSpec, a mapping or a class (for a file, run "
+        "'shoal deploy FILE', or give the mapping yaml.safe_load reads from it, or the class itself)"
+    )
 
 
 def test_deploy_targets_name_a_file_and_a_class(tmp_path: Path) -> None:
@@ -281,6 +288,12 @@ def test_an_argument_its_message_cannot_carry_is_invalid_before_anything_is_sent
                 lambda: c.deploy(spec, min_ready_s=-1),
                 "min_ready_s must be a finite number of seconds, 0 or more, got -1",
             ),
+            # Before: protobuf's TypeError ('bad argument type for built-in operation'), or
+            # for None the empty name ("no deployment named ''").
+            (lambda: c.delete(5), "name must be a string, got 5"),  # type: ignore[arg-type]
+            (lambda: c.scale(None, 1), "name must be a string, got None"),  # type: ignore[arg-type]
+            (lambda: c.handle(None).infer({"x": [1.0]}), "name must be a string, got None"),  # type: ignore[arg-type]
+            (lambda: c.status([1]), "only must be names of deployments, got [1]"),  # type: ignore[list-item]
         ]
         for call, message in calls:
             with pytest.raises(InvalidArgument) as err:
@@ -562,3 +575,33 @@ def test_every_error_crosses_processes_as_it_was() -> None:
             err.http_status,
         )
         assert back.retry_elsewhere == err.retry_elsewhere
+
+
+class _StatusOf:
+    """A head that answers a status call with the names it was asked for."""
+
+    asked: ClassVar[list[object]] = []
+
+    def __init__(self, address: str, settings: object) -> None:
+        pass
+
+    async def status(self, only: object = None) -> object:
+        self.asked.append(only)
+        return object()
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_status_of_one_name_given_as_a_string_is_of_that_deployment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before, ``status("echo")`` asked for the deployments 'e', 'c', 'h' and 'o' (a str is a
+    collection of str), and answered, quietly, about none."""
+    import shoal.rpc.clients
+
+    monkeypatch.setattr(shoal.rpc.clients, "ControlClient", _StatusOf)
+    async with shoal.AsyncClient("127.0.0.1:1") as c:
+        await c.status("echo")
+        await c.status(["echo", "b"])
+    assert _StatusOf.asked == [("echo",), ("echo", "b")]
