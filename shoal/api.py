@@ -615,9 +615,13 @@ class AsyncHandle:
         return spec.timeout_s if spec is not None else DeploymentSpec.model_fields["timeout_s"].default
 
     async def _send(self, arrays: dict[str, np.ndarray], timeout_s: float) -> Reply:
+        """The reply of the first scheduler that takes the request, in the order of
+        ``_addresses``, where those that failed are put last (before, a dead scheduler was
+        dialled first at every call). Unavailable naming those tried when none does."""
         addresses = list(self._addresses or ())
         if not addresses:
-            raise Unavailable("no live scheduler to send the request to")
+            raise Unavailable(f"no live scheduler to send the request to {self.name!r} to")
+        failed: list[str] = []
         last: Unavailable | None = None
         for address in addresses:
             native = self.client._native_client(address)
@@ -627,10 +631,17 @@ class AsyncHandle:
                 )
             except Unavailable as err:
                 last = err  # that scheduler is gone, or has no replica to give: try the next
+                failed.append(address)
                 continue
+            if failed and self._addresses is not None:
+                known = self._addresses
+                self._addresses = [a for a in known if a not in failed] + [a for a in known if a in failed]
             return Reply(outputs, replica)
         assert last is not None
-        raise last
+        raise Unavailable(
+            f"no scheduler took the request to {self.name!r}: tried {', '.join(addresses)}; "
+            f"the last said: {last}"
+        )
 
 
 _loop_pid: int | None = None

@@ -605,3 +605,48 @@ async def test_status_of_one_name_given_as_a_string_is_of_that_deployment(
         await c.status("echo")
         await c.status(["echo", "b"])
     assert _StatusOf.asked == [("echo",), ("echo", "b")]
+
+
+class _GoneNative:
+    """A scheduler that is gone: every call is Unavailable."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.calls = 0
+
+    async def infer(self, name: str, arrays: dict[str, np.ndarray], **kw: object) -> object:
+        self.calls += 1
+        raise Unavailable(
+            f"failed to connect to all addresses; last error: {self.address}: Connection refused"
+        )
+
+
+async def test_a_handle_tries_a_scheduler_that_failed_last_and_names_those_it_tried(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before, every call of a handle went first to the scheduler that had just failed (a
+    dead one was dialled again at each call), and when none answered, the error was gRPC's
+    'failed to connect to all addresses' for the last, naming neither the deployment nor
+    the others tried."""
+    gone, gone_too, live = _GoneNative("10.0.0.1:8001"), _GoneNative("10.0.0.2:8001"), _CountingNative()
+    natives: dict[str, Any] = {"10.0.0.1:8001": gone, "10.0.0.2:8001": gone_too, "10.0.0.3:8001": live}
+    async with shoal.AsyncClient("127.0.0.1:1") as c:
+        handle = c.handle("echo")
+        addresses = list(natives)
+
+        async def learn() -> None:
+            handle._addresses = list(addresses)
+
+        monkeypatch.setattr(handle, "_learn", learn)
+        monkeypatch.setattr(c, "_native_client", natives.__getitem__)
+        for _ in range(3):
+            await handle.infer({"x": [1.0]})
+        assert (gone.calls, gone_too.calls, len(live.sent)) == (1, 1, 3)
+        addresses = ["10.0.0.1:8001", "10.0.0.2:8001"]  # the live one is gone too
+        handle._addresses = list(addresses)
+        with pytest.raises(Unavailable) as err:
+            await handle.infer({"x": [1.0]})
+    assert str(err.value) == (
+        "no scheduler took the request to 'echo': tried 10.0.0.1:8001, 10.0.0.2:8001; the last "
+        "said: failed to connect to all addresses; last error: 10.0.0.2:8001: Connection refused"
+    )
