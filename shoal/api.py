@@ -311,6 +311,10 @@ class AsyncClient:
             self._control = clients.ControlClient(self.settings.head_address, self.settings)
         return self._control
 
+    def __reduce__(self) -> tuple[object, ...]:
+        """Pickled as its settings (to a spawned worker): unpickled, it connects anew."""
+        return (_client_of, (type(self), self.settings))
+
     async def __aenter__(self) -> AsyncClient:
         return self
 
@@ -527,6 +531,10 @@ class AsyncHandle:
         self.scheduler = scheduler
         self._spec: DeploymentSpec | None = None
         self._addresses: list[str] | None = None
+
+    def __reduce__(self) -> tuple[object, ...]:
+        """Pickled as its client and name: unpickled, it learns the schedulers anew."""
+        return (AsyncHandle, (self.client, self.name, self.scheduler))
 
     async def infer(self, inputs: Mapping[str, Any], *, timeout_s: float = 0.0) -> dict[str, np.ndarray]:
         """The outputs for ``inputs`` (input name → numpy array or nested lists).
@@ -764,12 +772,18 @@ class Client:
     loop of its own in a thread. Usable as a context manager; ``close()`` ends the thread, and
     so does dropping the client and its handles. A client cannot cross ``os.fork``: in a
     child forked after its first call, a call raises FailedPrecondition (so does a new
-    client's: gRPC does not survive the fork). ``aio``: the :class:`AsyncClient` it runs
-    (:func:`connect` builds one)."""
+    client's: gRPC does not survive the fork); a client and its handles pickle (to a spawned
+    worker) as their settings and name, and connect anew there. ``aio``: the
+    :class:`AsyncClient` it runs (:func:`connect` builds one)."""
 
     def __init__(self, aio: AsyncClient | None = None) -> None:
         self.aio = aio or AsyncClient()
         self._loop = _Loop(self.aio.close)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        """Pickled as its AsyncClient's settings (to a spawned worker): unpickled, it starts
+        a thread and connects anew."""
+        return (Client, (self.aio,))
 
     def __enter__(self) -> Client:
         return self
@@ -848,6 +862,11 @@ class Handle:
         self._loop = loop
         self.name = inner.name
 
+    def __reduce__(self) -> tuple[object, ...]:
+        """Pickled as its client's settings and its name: unpickled, a handle of a client of
+        its own (whose thread ends when the handle is dropped)."""
+        return (_handle_of, (self._inner,))
+
     def infer(self, inputs: Mapping[str, Any], *, timeout_s: float = 0.0) -> dict[str, np.ndarray]:
         return self._loop.run(self._inner.infer(inputs, timeout_s=timeout_s))
 
@@ -856,6 +875,14 @@ class Handle:
 
     async def ainfer(self, inputs: Mapping[str, Any], *, timeout_s: float = 0.0) -> dict[str, np.ndarray]:
         return await self._loop.submit(self._inner.infer(inputs, timeout_s=timeout_s))
+
+
+def _client_of(cls: type[AsyncClient], settings: Settings) -> AsyncClient:
+    return cls(settings=settings)
+
+
+def _handle_of(inner: AsyncHandle) -> Handle:
+    return Client(inner.client).handle(inner.name, scheduler=inner.scheduler)
 
 
 def connect(address: str | None = None, *, token: str | None = None, tls_dir: str | None = None) -> Client:

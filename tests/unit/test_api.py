@@ -650,3 +650,26 @@ async def test_a_handle_tries_a_scheduler_that_failed_last_and_names_those_it_tr
         "no scheduler took the request to 'echo': tried 10.0.0.1:8001, 10.0.0.2:8001; the last "
         "said: failed to connect to all addresses; last error: 10.0.0.2:8001: Connection refused"
     )
+
+
+def test_clients_and_handles_pickle_as_what_they_connect_to() -> None:
+    """The fork refusal says to start workers with 'spawn', which pickles what it passes them.
+    Before, a Client or Handle raised "cannot pickle '_thread.lock' object", and an
+    AsyncClient that had made a call "Can't pickle local object 'WeakSet...'". Each now
+    pickles as its settings (and a handle's name): unpickled, it connects anew."""
+    import pickle
+
+    address = f"127.0.0.1:{_port_nobody_listens_on()}"
+    with shoal.connect(address, token="t0k3n") as c:
+        handle = c.handle("echo", scheduler="127.0.0.1:9")
+        with pytest.raises(HeadUnreachable):
+            c.status()
+        for thing in (c, handle, c.aio, handle._inner):
+            back = pickle.loads(pickle.dumps(thing))
+            assert type(back) is type(thing)
+        client, handle_back = pickle.loads(pickle.dumps((c, handle)))
+    with client:
+        assert (client.aio.address, client.aio.settings.token) == (address, "t0k3n")
+        assert (handle_back.name, handle_back._inner.scheduler) == ("echo", "127.0.0.1:9")
+        with pytest.raises(HeadUnreachable, match=f"cannot reach the head at {address}"):
+            client.status()
