@@ -505,8 +505,8 @@ class AsyncClient:
 
     def handle(self, name: str, *, scheduler: str = "") -> AsyncHandle:
         """A handle to call deployment ``name`` with. ``scheduler``: this scheduler's gRPC address
-        only (what a token of role infer needs: it may not ask the head for the live ones); by
-        default any live one, the next on UNAVAILABLE."""
+        only (what a token of role infer needs: it may not ask the head for the live ones; and
+        what infers while the head is down); by default any live one, the next on UNAVAILABLE."""
         return AsyncHandle(self, _text("name", name), _text("scheduler", scheduler))
 
     def _native_client(self, address: str) -> NativeClient:
@@ -586,7 +586,8 @@ class AsyncHandle:
         ``scheduler`` named, the handle then goes to it without the head, its inputs typed
         by their values (as for a name the head does not know) and the client's wait, for a
         call without ``timeout_s``, the default ``timeout_s`` (60 s) plus 5 s; without one,
-        the PermissionDenied says to name one."""
+        the PermissionDenied says to name one. So it does while the head does not answer
+        (HeadUnreachable, HeadSilent): inference does not need the head."""
         try:
             status = await self.client.status((self.name,))
         except PermissionDenied as err:
@@ -596,6 +597,13 @@ class AsyncHandle:
                     "role infer, name a scheduler's gRPC address (handle(name, scheduler=...), "
                     "shoal predict --scheduler HOST:PORT)"
                 ) from None
+            self._spec, self._addresses = None, [self.scheduler]
+            return
+        except (HeadUnreachable, HeadSilent):
+            if not self.scheduler:
+                raise
+            # Inference does not go through the head: before, a handle naming its scheduler
+            # refused to infer while the head was down (restarting, failing over).
             self._spec, self._addresses = None, [self.scheduler]
             return
         dep = status.deployment(self.name)

@@ -673,3 +673,19 @@ def test_clients_and_handles_pickle_as_what_they_connect_to() -> None:
         assert (handle_back.name, handle_back._inner.scheduler) == ("echo", "127.0.0.1:9")
         with pytest.raises(HeadUnreachable, match=f"cannot reach the head at {address}"):
             client.status()
+
+
+async def test_a_handle_that_names_its_scheduler_infers_while_the_head_is_down(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Inference does not go through the head. Before, a new handle naming its scheduler
+    raised HeadUnreachable while the head was down (restarting, or failing over), though
+    the scheduler served; now it goes to it, its inputs typed by their values. Without a
+    scheduler named, the head is the only one that knows them: HeadUnreachable."""
+    native = _CountingNative()
+    async with shoal.AsyncClient(f"127.0.0.1:{_port_nobody_listens_on()}") as c:
+        monkeypatch.setattr(c, "_native_client", lambda address: native)
+        outputs = await c.handle("echo", scheduler="127.0.0.1:9").infer({"x": [[1, 2]]})
+        assert outputs["x"].dtype == np.float32 and len(native.sent) == 1
+        with pytest.raises(HeadUnreachable):
+            await c.handle("echo").infer({"x": [[1, 2]]})
