@@ -27,6 +27,7 @@ is not ready in time.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import math
 import os
 import re
@@ -678,7 +679,19 @@ def _check_not_forked() -> None:
 
 
 def _serve(loop: asyncio.AbstractEventLoop) -> None:
+    """Run ``loop`` until it is stopped; then cancel the calls still on it, so that every
+    caller's wait ends (before, ``close()`` while other threads were in calls left some of
+    them waiting for good), and close it."""
     try:
+        loop.run_forever()
+        left = asyncio.all_tasks(loop)
+        for task in left:
+            task.cancel()
+        if left:
+            loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+        # A task's end reaches its caller's future through a callback the loop runs next:
+        # run those too (before, a caller could wait for good on a future they never set).
+        loop.call_soon(loop.stop)
         loop.run_forever()
     finally:
         loop.close()
@@ -715,20 +728,31 @@ class _Loop:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._finalizer: weakref.finalize[..., _Loop] | None = None
+        self.closed = False
 
-    def _running(self) -> asyncio.AbstractEventLoop:
+    def _submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """``coro`` on the thread's loop (started if need be). Under the lock, so that no call
+        lands on a loop after :meth:`stop` asked it to stop: each is cancelled there instead."""
         global _loop_pid
-        _check_not_forked()
-        with self._lock:
-            if self._loop is None:
-                loop = asyncio.new_event_loop()
-                thread = threading.Thread(target=_serve, args=(loop,), name="shoal-client", daemon=True)
-                thread.start()
-                _loop_pid = os.getpid()
-                self._finalizer = weakref.finalize(self, _wind_down, loop, self._close, _loop_pid)
-                self._finalizer.atexit = False  # at exit the daemon thread just ends, as before
-                self._loop, self._thread = loop, thread
-            return self._loop
+        try:
+            _check_not_forked()
+            with self._lock:
+                if self.closed:
+                    # Before, a call after close() started a loop again, and a call of another
+                    # thread racing the close could then wait for good on a channel of the old.
+                    raise FailedPrecondition("the client is closed: make another (shoal.connect)")
+                if self._loop is None:
+                    loop = asyncio.new_event_loop()
+                    thread = threading.Thread(target=_serve, args=(loop,), name="shoal-client", daemon=True)
+                    thread.start()
+                    _loop_pid = os.getpid()
+                    self._finalizer = weakref.finalize(self, _wind_down, loop, self._close, _loop_pid)
+                    self._finalizer.atexit = False  # at exit the daemon thread just ends, as before
+                    self._loop, self._thread = loop, thread
+                return asyncio.run_coroutine_threadsafe(coro, self._loop)
+        except BaseException:
+            coro.close()
+            raise
 
     @property
     def forked(self) -> bool:
@@ -737,26 +761,19 @@ class _Loop:
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
         """Run ``coro`` on the thread's loop; its result as a future of the caller's loop."""
-        try:
-            loop = self._running()
-        except BaseException:
-            coro.close()
-            raise
-        return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
+        return asyncio.wrap_future(self._submit(coro))
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` on the thread's loop and wait for it in this thread."""
+        """Run ``coro`` on the thread's loop and wait for it in this thread. FailedPrecondition
+        when the client is closed (``stop``) before it ends."""
         if threading.current_thread() is self._thread:
             coro.close()
             raise RuntimeError("a shoal.Client call from inside its own loop: use AsyncClient there")
-        try:
-            loop = self._running()
-        except BaseException:
-            coro.close()
-            raise
-        future = asyncio.run_coroutine_threadsafe(coro, loop)
+        future = self._submit(coro)
         try:
             return future.result()
+        except concurrent.futures.CancelledError:
+            raise FailedPrecondition("the client was closed during this call") from None
         except BaseException:
             # Ctrl-C (Jupyter's interrupt) ends this wait: end the call too. Before, it ran
             # on, and its replica computed an answer nobody would read.
@@ -764,14 +781,18 @@ class _Loop:
             raise
 
     def stop(self) -> None:
-        """Stop the loop and wait for its thread to end (in a forked child: forget them)."""
+        """Stop the loop and wait for its thread to end (in a forked child: forget them); a
+        later call raises FailedPrecondition."""
         with self._lock:
+            self.closed = True
             loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
             finalizer, self._finalizer = self._finalizer, None
+            forked = self.forked
+            if loop is not None and not forked:
+                loop.call_soon_threadsafe(loop.stop)  # after every call submitted before
         if finalizer is not None:
             finalizer.detach()
-        if loop is not None and thread is not None and not self.forked:
-            loop.call_soon_threadsafe(loop.stop)
+        if thread is not None and not forked:
             thread.join()
 
 
@@ -800,8 +821,11 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        """Close the channels and end the thread; a later call starts them again. In a forked
-        child (where no call can be made), forget them."""
+        """Close the channels and end the thread; a later call raises FailedPrecondition, and
+        one of another thread in progress ends with it. In a forked child (where no call can
+        be made), forget them. Closing again does nothing."""
+        if self._loop.closed:
+            return
         try:
             if not self._loop.forked:
                 self._loop.run(self.aio.close())

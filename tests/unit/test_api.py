@@ -28,6 +28,7 @@ from shoal.core.spec import Batching, parse_spec
 from shoal.decorator import is_target, load_target, spec_of
 from shoal.errors import (
     DeadlineExceeded,
+    FailedPrecondition,
     HeadSilent,
     HeadUnreachable,
     InvalidArgument,
@@ -689,3 +690,54 @@ async def test_a_handle_that_names_its_scheduler_infers_while_the_head_is_down(
         assert outputs["x"].dtype == np.float32 and len(native.sent) == 1
         with pytest.raises(HeadUnreachable):
             await c.handle("echo").infer({"x": [[1, 2]]})
+
+
+class _NeverAnswers:
+    """A head whose status call never ends (as a deploy's wait between its polls)."""
+
+    started: ClassVar[threading.Semaphore] = threading.Semaphore(0)
+
+    def __init__(self, address: str, settings: object) -> None:
+        pass
+
+    async def status(self, only: object = None) -> object:
+        self.started.release()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        pass
+
+
+def test_close_ends_the_calls_other_threads_are_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before, ``close()`` while other threads were in calls left some of those threads
+    waiting for good (a thread pool of 4 calling a handle in a loop: 1 to 4 stuck in 2 runs
+    of 3, the others ended in a bare CancelledError). Each call now ends, with a
+    FailedPrecondition that says the client was closed."""
+    import shoal.rpc.clients
+
+    monkeypatch.setattr(shoal.rpc.clients, "ControlClient", _NeverAnswers)
+    c = shoal.connect("127.0.0.1:1")
+    ended: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            c.status()
+        except BaseException as err:
+            ended.append(err)
+
+    threads = [threading.Thread(target=call, daemon=True) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for _ in threads:
+        assert _NeverAnswers.started.acquire(timeout=10)
+    c.close()
+    for t in threads:
+        t.join(timeout=10)
+    assert [str(err) for err in ended] == ["the client was closed during this call"] * 3
+    assert all(isinstance(err, FailedPrecondition) for err in ended)
+    # Before, a call after close() started the loop again: with calls of other threads
+    # racing the close, some then waited for good on a channel of the loop that was closed.
+    with pytest.raises(FailedPrecondition, match=r"^the client is closed: make another"):
+        c.status()
+    c.close()  # again: nothing to do
