@@ -719,3 +719,21 @@ def test_grpc_peer_addresses_and_rules() -> None:
     assert _rule(SCHEDULER_RULES, "/shoal.v1.Scheduler/SendRequest") is OPEN  # tokens per deployment
     assert _rule(SCHEDULER_RULES, "/shoal.v1.Scheduler/SomethingNew") is DENY  # fails closed
     assert _rule(REPLICA_RULES, "/shoal.v1.Replica/PushTasks") == Peer("scheduler")
+
+
+def test_a_certificate_near_its_end_is_warned_of_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """docs/security.md: a component warns at start when its certificate runs out within
+    EXPIRY_WARNING_DAYS (certificates are read once: a renewed one takes a restart)."""
+    certs.init(tmp_path)
+    settings = Settings(tls_dir=str(tmp_path))
+    with caplog.at_level("WARNING", logger="shoal"):
+        check_transport(settings, "head")
+    assert not [r for r in caplog.records if "runs out" in r.getMessage()]
+    monkeypatch.setattr(certs, "EXPIRY_WARNING_DAYS", certs.VALID_DAYS + 1)
+    with caplog.at_level("WARNING", logger="shoal"):
+        check_transport(settings, "head")
+    (warning,) = [r.getMessage() for r in caplog.records if "runs out" in r.getMessage()]
+    assert warning.startswith(f"the head certificate in {tmp_path} runs out in ")
+    assert "restart every component" in warning
