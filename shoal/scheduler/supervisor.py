@@ -384,8 +384,11 @@ class ReplicaSupervisor:
         ahead of it (``max_starts``). Under the lock."""
         if not self.max_starts:
             return True
-        starting = sum(1 for r in self.registry.values() if r.state == STARTING)
-        return not self._queue and starting < self.max_starts
+        return not self._queue and self._starting() < self.max_starts
+
+    def _starting(self) -> int:
+        """How many replicas are STARTING: each holds a start slot."""
+        return sum(1 for r in self.registry.values() if r.state == STARTING)
 
     def _enqueue(self, rep: LocalReplica) -> None:
         """``rep`` (QUEUED) waits for a start slot, behind those already waiting."""
@@ -410,8 +413,7 @@ class ReplicaSupervisor:
             if rep.state != QUEUED or rep.removing or self.registry.get(rep.id) is not rep:
                 self._queue.popleft()  # removed or dead while it waited
                 continue
-            starting = sum(1 for r in self.registry.values() if r.state == STARTING)
-            if starting >= self.max_starts:
+            if self._starting() >= self.max_starts:
                 return
             self._queue.popleft()
             rep.state = STARTING
