@@ -157,9 +157,7 @@ def serve_sync(port: int, sock: str, shoal_url: str, threads: int) -> None:
             getattr(oip, method + "Request").FromString,
             getattr(oip, method + "Response").SerializeToString,
         )
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=threads), options=[("grpc.so_reuseport", 1)]
-    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=[("grpc.so_reuseport", 1)])
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler("inference.GRPCInferenceService", handlers),)
     )
@@ -195,11 +193,14 @@ def serve_aio(port: int, sock: str, shoal_url: str) -> None:
                 infer, oip.ModelInferRequest.FromString, oip.ModelInferResponse.SerializeToString
             ),
         }
+
         async def server_metadata(request: Any, context: Any) -> Any:
             return _server_metadata(oip)
 
         handlers["ServerMetadata"] = grpc.unary_unary_rpc_method_handler(
-            server_metadata, oip.ServerMetadataRequest.FromString, oip.ServerMetadataResponse.SerializeToString
+            server_metadata,
+            oip.ServerMetadataRequest.FromString,
+            oip.ServerMetadataResponse.SerializeToString,
         )
         for method in PROXIED:
             call = getattr(stub, method)
@@ -282,9 +283,10 @@ def main() -> None:
                 rate, p50 = env_ab.load(urls[name], opts.concurrency, "noop", "grpc")
                 rates[name].append(rate)
                 print(f"round {index} {name:>6} {rate:8.0f} req/s  p50 {p50:6.2f} ms", flush=True)
-        for name in names:
-            ratios = [a / b for a, b in zip(rates[name], rates["shoal"], strict=True)]
-            print(f"{name:>6}: median {statistics.median(ratios):.3f}x shoal ({', '.join(f'{r:.3f}' for r in ratios)})")
+        for name, against in (("sync", "shoal"), ("aio", "shoal"), ("sync", "aio")):
+            ratios = [a / b for a, b in zip(rates[name], rates[against], strict=True)]
+            spread = ", ".join(f"{r:.3f}" for r in ratios)
+            print(f"{name:>6}: median {statistics.median(ratios):.3f}x {against} ({spread})")
     finally:
         for proc in probes:
             proc.kill()
