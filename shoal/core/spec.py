@@ -75,6 +75,10 @@ MIN_CPUS = 0.01
 MIN_GPUS = 0.01
 """Least ``resources.gpus`` a replica may take, besides 0 (none): below it, placement's
 tolerance (1e-9) let 1e-10 of a GPU fit on every scheduler, one that had none included."""
+MIN_MEMORY_MB = 1.0
+"""Least ``resources.memory_mb`` a replica may take, besides 0 (not counted, no limit): 1e-10
+was taken and, as the replica's memory limit (``shoal.scheduler.supervisor``), had each one
+killed at its scheduler's first memory check, a crash loop no spec could mean."""
 MIN_TARGET_ONGOING_REQUESTS = 0.01
 """Least ``autoscaling.target_ongoing_requests``: 100 replicas per request in flight. With
 only ``> 0``, 5e-324 was taken, and any load over it was an infinite replica count, an
@@ -239,6 +243,15 @@ class Resources(_Strict):
     cpus: float = Field(default=1.0, ge=MIN_CPUS, le=4096)
     memory_mb: float = Field(default=0.0, ge=0, le=2**24)  # 16 TiB
     gpus: float = Field(default=0.0, ge=0, le=1024)
+
+    @field_validator("memory_mb")
+    @classmethod
+    def _none_or_a_megabyte(cls, memory_mb: float) -> float:
+        if 0 < memory_mb < MIN_MEMORY_MB:
+            raise ValueError(
+                f"must be 0 (not counted, no limit) or at least {MIN_MEMORY_MB:g}, got {memory_mb:g}"
+            )
+        return memory_mb
 
     @field_validator("gpus")
     @classmethod

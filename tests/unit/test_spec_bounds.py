@@ -17,6 +17,7 @@ from shoal.core.spec import (
     MAX_OPTIONS_BYTES,
     MAX_SPEC_JSON,
     MAX_VALUES,
+    MIN_MEMORY_MB,
     check_model_id,
     load_spec_file,
     parse_spec,
@@ -116,6 +117,9 @@ async def test_rest_refuses_with_400_and_stores_nothing(
         ({"replicas": 1001}, "replicas"),
         ({"resources": {"cpus": 0}}, "resources.cpus"),
         ({"resources": {"memory_mb": 1e30}}, "resources.memory_mb"),
+        # Fitted everywhere, and as its limit had each replica killed at its first ping.
+        ({"resources": {"memory_mb": 1e-10}}, "resources.memory_mb"),
+        ({"resources": {"memory_mb": 0.5}}, "resources.memory_mb"),
         ({"resources": {"gpus": 1e9}}, "resources.gpus"),
         ({"resources": {"gpus": 1.5}}, "resources.gpus"),  # whole above 1 (shoal.scheduler.gpus)
         ({"resources": {"gpus": 1e-10}}, "resources.gpus"),  # fitted everywhere, under placement's tolerance
@@ -138,6 +142,15 @@ async def test_rest_refuses_with_400_and_stores_nothing(
 )
 def test_every_number_is_bounded(change: dict[str, Any], field: str) -> None:
     assert f"{field}: " in refused({**BASE, **change})
+
+
+@pytest.mark.parametrize("memory_mb", [0, MIN_MEMORY_MB, 1.5, 2**24])
+def test_memory_mb_is_0_or_at_least_a_megabyte(memory_mb: float) -> None:
+    assert parse_spec({**BASE, "resources": {"memory_mb": memory_mb}}).resources.memory_mb == memory_mb
+    assert refused({**BASE, "resources": {"memory_mb": 1e-10}}) == (
+        "invalid deployment spec 'echo': resources.memory_mb: must be 0 (not counted, no limit) or "
+        "at least 1, got 1e-10"
+    )
 
 
 def test_the_bounds_themselves_are_accepted() -> None:
