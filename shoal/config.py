@@ -83,7 +83,8 @@ class Settings:
     of its own (a Python interpreter and its model, 50 MB and more) that placement does not
     count in memory when its spec leaves ``memory_mb`` at 0. -1: one per
     ``REPLICA_MEMORY_MB`` (128) of the memory it offers, at most ``MAX_REPLICAS_DEFAULT``
-    (100), at least 1 (``shoal.scheduler.node.replica_slots``). 0: no bound."""
+    (100), at least 1 (``shoal.scheduler.node.replica_slots``). 0: no bound. The head places
+    within it, and the scheduler refuses a create past it (ResourceExhausted) all the same."""
 
     heartbeat_interval_s: float = 1.0
     """How often a scheduler sends its health update to the head."""

@@ -194,6 +194,7 @@ class SchedulerNode:
             clock=self.clock,
             gpus=GpuPool(devices),
             max_starts=start_slots(settings.max_concurrent_starts, self.capacity.cpus),
+            max_replicas=self.max_replicas,
         )
         self._tasks = TaskSet(f"scheduler {scheduler_id}")
         # The drains of this scheduler's other ingress processes (``shoal.run.IngressWorkers``):

@@ -59,7 +59,7 @@ from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec
 from shoal.core.states import ReplicaState
 from shoal.core.tasks import TaskSet
-from shoal.errors import AlreadyExists, NotFound, ShoalError, Unavailable
+from shoal.errors import AlreadyExists, NotFound, ResourceExhausted, ShoalError, Unavailable
 from shoal.scheduler import machine
 from shoal.scheduler.artifacts import ArtifactCache
 from shoal.scheduler.child import ChildProcess
@@ -208,8 +208,13 @@ class ReplicaSupervisor:
         gpus: GpuPool | None = None,
         max_starts: int = 0,
         oom_kills: Callable[[], Bound | None] = machine.oom_kills,
+        max_replicas: int = 0,
     ) -> None:
         self.settings = settings
+        # Replicas it runs at most (``max_replicas``, as offered to the head; 0: no bound).
+        # The head places within it; a create past it (a head with an older view, or not
+        # shoal's) is refused here all the same: this process's bound has the last word.
+        self.max_replicas = max_replicas
         # Replica processes started at once at most (``max_concurrent_starts``; 0: no bound);
         # the others wait QUEUED, first come first started.
         self.max_starts = max_starts
@@ -283,6 +288,13 @@ class ReplicaSupervisor:
                 raise Unavailable("this scheduler is shutting down")
             if replica_id in self.registry:
                 raise AlreadyExists(f"replica {replica_id} already exists")
+            if self.max_replicas:
+                held = sum(1 for r in self.registry.values() if not r.state.gone)
+                if held >= self.max_replicas:
+                    raise ResourceExhausted(
+                        f"replica {replica_id} of {spec.name} is refused: this scheduler runs "
+                        f"{held} replicas, its max_replicas ({self.max_replicas})"
+                    )
             uri = spec.artifact_uri()
             process: Process
             if uri:

@@ -24,7 +24,7 @@ from shoal.core.clock import FakeClock
 from shoal.core.cluster import ReplicaReport
 from shoal.core.payload import Tensors
 from shoal.core.spec import DeploymentSpec
-from shoal.errors import Unavailable
+from shoal.errors import ResourceExhausted, Unavailable
 from shoal.scheduler.machine import Bound
 from shoal.scheduler.router import Router
 from shoal.scheduler.supervisor import ReplicaSupervisor
@@ -77,7 +77,7 @@ class Harness:
 
 
 @contextlib.asynccontextmanager
-async def harness(tmp_path: Path, *, max_starts: int = 0) -> AsyncIterator[Harness]:
+async def harness(tmp_path: Path, *, max_starts: int = 0, max_replicas: int = 0) -> AsyncIterator[Harness]:
     settings = Settings(ping_interval_s=1.0, shutdown_grace_s=5.0)
     replicas = FakeReplicas()
     clock = FakeClock()
@@ -95,6 +95,7 @@ async def harness(tmp_path: Path, *, max_starts: int = 0) -> AsyncIterator[Harne
         launcher=launcher,
         clock=clock,
         max_starts=max_starts,
+        max_replicas=max_replicas,
         oom_kills=lambda: Bound(oom_kills[0], "cgroup /x memory.events"),
     )
     supervisor.start()
@@ -340,6 +341,24 @@ async def test_starts_past_max_concurrent_starts_wait_queued_and_start_in_turn(t
             while "f" not in h.launcher.processes:
                 await asyncio.sleep(0)
         assert "e" not in h.launcher.processes
+
+
+async def test_a_create_past_max_replicas_is_refused_by_the_scheduler_itself(tmp_path: Path) -> None:
+    # The head places within each scheduler's max_replicas, but the scheduler took any
+    # create it was sent: a head with an older view (or a client speaking its API) could
+    # start past the bound. Replicas that ended free their place.
+    async with harness(tmp_path, max_replicas=2) as h:
+        await h.supervisor.create("a", make_spec())
+        await h.supervisor.create("b", make_spec())
+        with pytest.raises(
+            ResourceExhausted, match=r"refused: this scheduler runs 2 replicas, its max_replicas \(2\)"
+        ):
+            await h.supervisor.create("c", make_spec())
+        assert "c" not in h.supervisor.registry and "c" not in h.launcher.processes
+        assert await h.supervisor.remove("a", graceful=False)
+        await h.wait_ended("a")
+        await h.supervisor.create("c", make_spec())
+        assert sorted(h.supervisor.registry) == ["b", "c"]
 
 
 async def test_unknown_replicas_are_nacked(h: Harness) -> None:
