@@ -524,7 +524,8 @@ class AsyncHandle:
     """Calls one deployment (or traffic route) through a scheduler's router (native
     ``SendRequest``). The first call asks the head which schedulers are live and how the
     inputs are typed; later calls go straight to a scheduler, and ask the head again only
-    when every scheduler known was unavailable. Safe for concurrent calls."""
+    when every scheduler known was unavailable. Safe for concurrent calls: calls that need
+    the head's answer at once share one look-up (one status call, not one per call)."""
 
     def __init__(self, client: AsyncClient, name: str, scheduler: str = "") -> None:
         self.client = client
@@ -532,6 +533,7 @@ class AsyncHandle:
         self.scheduler = scheduler
         self._spec: DeploymentSpec | None = None
         self._addresses: list[str] | None = None
+        self._learning: asyncio.Task[None] | None = None  # the look-up in flight, if any
 
     def __reduce__(self) -> tuple[object, ...]:
         """Pickled as its client and name: unpickled, it learns the schedulers anew."""
@@ -581,6 +583,32 @@ class AsyncHandle:
         return arrays
 
     async def _learn(self) -> None:
+        """:meth:`_look_up`, shared: a call that comes while one is in flight (on this loop)
+        waits for its outcome instead of sending its own, and raises its error when it fails;
+        the next call after it ended looks up again. Before, N threads (or coroutines)
+        calling a fresh handle at once sent N status calls to the head, 64 for 64.
+
+        The look-up is a task of its own, which each caller awaits shielded: a caller that is
+        cancelled (Ctrl-C in its thread) leaves it running for the others, and it ends with
+        its calls' deadlines (``rpc_timeout_s``), or when the loop it runs on is closed (a
+        :class:`Client`'s ``close()`` cancels it, and so the calls waiting for it)."""
+        loop = asyncio.get_running_loop()
+        task = self._learning
+        # One done already (its end not yet seen by _learned), or on another loop (an
+        # AsyncClient serves one asyncio.run after another; that loop's task may never end):
+        # not this call's to share.
+        if task is None or task.done() or task.get_loop() is not loop:
+            task = self._learning = loop.create_task(self._look_up(), name=f"shoal-handle-{self.name}")
+            task.add_done_callback(self._learned)
+        await asyncio.shield(task)
+
+    def _learned(self, task: asyncio.Task[None]) -> None:
+        if self._learning is task:
+            self._learning = None
+        if not task.cancelled():
+            task.exception()  # retrieved: its callers may all have been cancelled meanwhile
+
+    async def _look_up(self) -> None:
         """The live schedulers and the input types, from the head. NotFound for an unknown name.
 
         A token of role ``infer`` may call schedulers but not read the head's status: with a

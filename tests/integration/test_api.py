@@ -5,9 +5,11 @@ and errors that say what went wrong; and the README's Python API example, run as
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import re
 import sys
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -183,3 +185,48 @@ async def test_a_handle_waits_as_long_as_the_deployment_s_timeout(cluster: Proce
             assert left == pytest.approx(7, abs=1)
     finally:
         await server.stop(None)
+
+
+async def test_a_fresh_handle_called_at_once_asks_the_head_once(
+    cluster: ProcessCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, each caller of a fresh handle sent its own GetStatus to the head: 64
+    coroutines sent 64; 64 threads sent 31 (those that came after the first answer used
+    it). They now share the first look-up, from threads and from coroutines alike."""
+    from shoal.rpc import clients
+
+    calls = 0
+    status = clients.ControlClient.status
+
+    async def counted(self: clients.ControlClient, only: Any = None) -> Any:
+        nonlocal calls
+        calls += 1
+        return await status(self, only)
+
+    monkeypatch.setattr(clients.ControlClient, "status", counted)
+    echo = {"name": "echo", "backend": "python", "model": "echo:Echo", "base_dir": str(ROOT / "examples")}
+    await cluster.deploy({**echo, "resources": {"cpus": 0.1}})
+    await cluster.wait_ready("echo", 1)
+    x = np.arange(16, dtype=np.float32).reshape(1, 16)
+
+    def from_threads(address: str) -> list[Any]:
+        with shoal.connect(address) as c:
+            handle = c.handle("echo")
+            barrier = threading.Barrier(64)
+
+            def call() -> Any:
+                barrier.wait()
+                return handle.infer({"x": x})["x"]
+
+            with concurrent.futures.ThreadPoolExecutor(64) as pool:
+                return list(pool.map(lambda _: call(), range(64)))
+
+    calls = 0
+    outputs = await asyncio.to_thread(from_threads, cluster.head_address)
+    assert calls == 1 and len(outputs) == 64 and all(np.array_equal(o, x) for o in outputs)
+
+    async with shoal.AsyncClient(cluster.head_address) as c:
+        handle = c.handle("echo")
+        calls = 0
+        replies = await asyncio.gather(*(handle.infer({"x": x}) for _ in range(64)))
+    assert calls == 1 and all(np.array_equal(r["x"], x) for r in replies)

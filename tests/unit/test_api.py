@@ -741,3 +741,132 @@ def test_close_ends_the_calls_other_threads_are_in(monkeypatch: pytest.MonkeyPat
     with pytest.raises(FailedPrecondition, match=r"^the client is closed: make another"):
         c.status()
     c.close()  # again: nothing to do
+
+
+class _SlowHead:
+    """A head whose status calls each take ``delay_s``, counted; the first ``failures`` of
+    them fail (ResourceExhausted: an Unavailable would make the client ask the head again,
+    to tell a head that is down from one that answers)."""
+
+    calls: ClassVar[int] = 0
+    failures: ClassVar[int] = 0
+    delay_s: ClassVar[float] = 0.2
+
+    def __init__(self, address: str, settings: object) -> None:
+        pass
+
+    async def status(self, only: object = None) -> object:
+        from shoal.core.status import ClusterStatus, DeploymentStatus
+
+        type(self).calls += 1
+        await asyncio.sleep(self.delay_s)
+        if type(self).calls <= self.failures:
+            raise ResourceExhausted(f"status call {type(self).calls} failed")
+        return ClusterStatus(deployments=(DeploymentStatus("echo", 1),))
+
+    async def close(self) -> None:
+        pass
+
+
+def _slow_head(monkeypatch: pytest.MonkeyPatch, failures: int = 0) -> None:
+    import shoal.rpc.clients
+
+    monkeypatch.setattr(shoal.rpc.clients, "ControlClient", _SlowHead)
+    monkeypatch.setattr(_SlowHead, "calls", 0)
+    monkeypatch.setattr(_SlowHead, "failures", failures)
+
+
+def test_threads_calling_a_fresh_handle_at_once_send_one_status_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before, each of N threads calling a fresh handle at once sent its own status call to
+    the head (64 threads: 31 calls against a real cluster, 64 from coroutines). The first
+    look-up is shared: one call, and every thread's request is sent."""
+    _slow_head(monkeypatch)
+    native = _CountingNative()
+    with shoal.connect("127.0.0.1:1") as c:
+        monkeypatch.setattr(c.aio, "_native_client", lambda address: native)
+        handle = c.handle("echo", scheduler="127.0.0.1:9")
+        barrier = threading.Barrier(16)
+        done: list[object] = []
+
+        def call() -> None:
+            barrier.wait()
+            done.append(handle.infer({"x": [[1.0]]}))
+
+        threads = [threading.Thread(target=call, daemon=True) for _ in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=10)
+    assert (_SlowHead.calls, len(done), len(native.sent)) == (1, 16, 16)
+
+
+async def test_calls_waiting_on_a_look_up_that_fails_all_fail_with_its_error_and_the_next_asks_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _slow_head(monkeypatch, failures=1)
+    native = _CountingNative()
+    async with shoal.AsyncClient("127.0.0.1:1") as c:
+        monkeypatch.setattr(c, "_native_client", lambda address: native)
+        handle = c.handle("echo", scheduler="127.0.0.1:9")
+        ended = await asyncio.gather(
+            *(handle.infer({"x": [[1.0]]}) for _ in range(8)), return_exceptions=True
+        )
+        assert [str(err) for err in ended] == ["status call 1 failed"] * 8
+        assert all(isinstance(err, ResourceExhausted) for err in ended)
+        assert (_SlowHead.calls, native.sent) == (1, [])
+        # The failure is not kept: the next call looks up again, and is sent.
+        await handle.infer({"x": [[1.0]]})
+        assert (_SlowHead.calls, len(native.sent)) == (2, 1)
+
+
+async def test_a_caller_cancelled_during_the_shared_look_up_leaves_it_to_the_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The caller that started the look-up may go (Ctrl-C in its thread, a timeout): the
+    others still get its answer, and no second status call is sent."""
+    _slow_head(monkeypatch)
+    native = _CountingNative()
+    async with shoal.AsyncClient("127.0.0.1:1") as c:
+        monkeypatch.setattr(c, "_native_client", lambda address: native)
+        handle = c.handle("echo", scheduler="127.0.0.1:9")
+        first = asyncio.create_task(handle.infer({"x": [[1.0]]}))
+        await asyncio.sleep(0.01)  # its look-up is in flight
+        others = [asyncio.create_task(handle.infer({"x": [[2.0]]})) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        first.cancel()
+        outputs = await asyncio.gather(*others)
+        with pytest.raises(asyncio.CancelledError):
+            await first
+    assert [o["x"].tolist() for o in outputs] == [[[2.0]]] * 3
+    assert (_SlowHead.calls, len(native.sent)) == (1, 3)
+
+
+def test_close_ends_the_threads_waiting_on_a_handle_s_look_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Threads waiting on a shared look-up that never ends are not left waiting: ``close()``
+    ends them all, as it ends any call in progress."""
+    import shoal.rpc.clients
+
+    monkeypatch.setattr(shoal.rpc.clients, "ControlClient", _NeverAnswers)
+    monkeypatch.setattr(_NeverAnswers, "started", threading.Semaphore(0))
+    c = shoal.connect("127.0.0.1:1")
+    handle = c.handle("echo")
+    ended: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            handle.infer({"x": [[1.0]]})
+        except BaseException as err:
+            ended.append(err)
+
+    threads = [threading.Thread(target=call, daemon=True) for _ in range(4)]
+    for t in threads:
+        t.start()
+    assert _NeverAnswers.started.acquire(timeout=10)
+    time.sleep(0.2)  # the others join the look-up
+    c.close()
+    for t in threads:
+        t.join(timeout=10)
+    assert [str(err) for err in ended] == ["the client was closed during this call"] * 4
+    assert not _NeverAnswers.started.acquire(timeout=0)  # one status call, not four
