@@ -446,6 +446,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         **os.environ,
         "SHOAL_DEAD_AFTER_S": str(args.dead_after_s),
         "SHOAL_DEAD_AFTER_STREAM_END_S": str(args.stream_end_s),
+        # Room for every simulated scheduler past the default bound (1,000).
+        "SHOAL_MAX_SCHEDULERS": str(max(1000, args.schedulers)),
     }
     etcd = None
     store = args.store

@@ -262,6 +262,12 @@ class Settings:
     """Most tokens the head keeps; creating one more is refused as past ``max_deployments``.
     Every control call compares its token with each of them, and every routing table
     carries their hashes."""
+    max_schedulers: int = 1000
+    """Most schedulers the head keeps, live and dead (until ``forget_dead_after_s`` forgets
+    them); a new scheduler id past it takes the place of the dead one silent longest, and
+    with none dead is refused as past ``max_deployments`` (its scheduler tries again each
+    heartbeat). A known id registering again (a restart) is never refused. Each costs the
+    head lines of its status (about 270 bytes) and work at every reconcile pass."""
     max_specs_mb: int = 1024
     """Most megabytes of deployment specs the head keeps: the JSON of each deployment's
     spec and of its kept revisions (up to 20 each; a spec may take 2 MiB). Once over it,
@@ -494,6 +500,7 @@ _RANGES: dict[str, _Range] = {
     "max_routes": _ONE_OR_MORE,
     "max_tokens": _ONE_OR_MORE,
     "max_specs_mb": _ONE_OR_MORE,
+    "max_schedulers": _ONE_OR_MORE,
     "artifact_cache_mb": _NATURAL,
     "max_blob_mb": _NATURAL,
     "max_blobs_mb": _NATURAL,

@@ -24,7 +24,7 @@ from shoal.core.clock import Clock
 from shoal.core.placement import Candidate, Capacity, choose, full
 from shoal.core.spec import STABLE_AFTER_S, DeploymentSpec
 from shoal.core.states import ReplicaState, SchedulerState
-from shoal.errors import AlreadyExists
+from shoal.errors import AlreadyExists, LimitReached
 
 ALIVE = SchedulerState.ALIVE
 DEAD = SchedulerState.DEAD
@@ -316,6 +316,8 @@ class ClusterState:
     stream_end_grace_s: float = 0.0
     # A DEAD scheduler silent this long is forgotten (0: never).
     forget_after_s: float = 3600.0
+    # Most schedulers kept, ALIVE and DEAD (setting max_schedulers; 0: no bound): see register.
+    max_schedulers: int = 0
     schedulers: dict[str, SchedulerRecord] = field(default_factory=dict)
     replicas: ReplicaTable = field(default_factory=ReplicaTable)
     pending_reasons: dict[str, str] = field(default_factory=dict)
@@ -352,7 +354,10 @@ class ClusterState:
         """A scheduler (re)joins; replicas it already runs are adopted.
 
         ``AlreadyExists`` (and nothing changes) when another scheduler holds the id: see
-        :meth:`holder`."""
+        :meth:`holder`. ``LimitReached`` (and nothing changes) for a new id when
+        ``max_schedulers`` are kept and all are ALIVE; with some DEAD, the one silent longest
+        is forgotten to make room (as ``forget_after_s`` would later). A known id (a
+        scheduler restarting, or coming back after a NACK) is never refused for room."""
         was = self.schedulers.get(scheduler_id)
         if was is not None and self.holder(was, address, peer):
             now = self.clock.now()
@@ -370,6 +375,8 @@ class ClusterState:
                 scheduler_id=scheduler_id,
             )
             raise AlreadyExists(message)
+        if was is None:
+            self._make_room(scheduler_id, address)
         self.schedulers[scheduler_id] = SchedulerRecord(
             id=scheduler_id,
             address=address,
@@ -388,6 +395,36 @@ class ClusterState:
             self._adopt(scheduler_id, rep)
         kind = "scheduler_rejoined" if was is not None else "scheduler_joined"
         self.event(kind, f"scheduler {scheduler_id} at {address} registered", scheduler_id=scheduler_id)
+
+    def _make_room(self, scheduler_id: str, address: str) -> None:
+        """Room for new scheduler ``scheduler_id`` under ``max_schedulers``: the DEAD one silent
+        longest is forgotten when they are all kept; ``LimitReached`` when none is DEAD. A
+        launcher looping on new ids grew the head's state, status and routing work without end
+        (2,000 of them: a status call 78 ms and 0.5 MB; 20,000: 490 ms and 5 MB)."""
+        if not 0 < self.max_schedulers <= len(self.schedulers):
+            return
+        dead = [s for s in self.schedulers.values() if s.state == DEAD]
+        if not dead:
+            self.event(
+                "scheduler_refused",
+                f"scheduler {scheduler_id} at {address} refused: the head holds {len(self.schedulers)} "
+                "live schedulers (setting max_schedulers)",
+                scheduler_id=scheduler_id,
+            )
+            raise LimitReached(
+                f"the head holds {len(self.schedulers)} live schedulers, its limit (setting "
+                f"max_schedulers): scheduler {scheduler_id!r} at {address} was not registered; stop "
+                "schedulers no longer used (a stopped one's place is free once the head declares it "
+                "dead), or raise max_schedulers"
+            )
+        oldest = min(dead, key=lambda s: s.last_seen)
+        del self.schedulers[oldest.id]
+        self.event(
+            "scheduler_forgotten",
+            f"scheduler {oldest.id} (dead) forgotten to make room for scheduler {scheduler_id} "
+            f"(setting max_schedulers, {self.max_schedulers})",
+            scheduler_id=oldest.id,
+        )
 
     def holder(self, sched: SchedulerRecord, address: str, peer: str = "") -> bool:
         """Whether ``sched`` still holds its id against a registration from ``address``

@@ -108,6 +108,8 @@ TOMBSTONES_PER_DEPLOYMENT = 10
 deployments no scheduler reports a replica of) before their TOMBSTONE_TTL_S."""
 FOLLOW_CHECK_S = 1.0
 """How often a log follow checks that the replica's scheduler is still alive."""
+FULL_LOG_EVERY_S = 60.0
+"""Most often the head logs that it refused schedulers for want of room (max_schedulers)."""
 
 SchedulerClientFactory = Callable[[str, str], SchedulerClient]
 _STARTING = frozenset(
@@ -148,6 +150,7 @@ class HeadNode:
             dead_after_s=settings.dead_after_s,
             stream_end_grace_s=min(settings.dead_after_stream_end_s, settings.dead_after_s),
             forget_after_s=settings.forget_dead_after_s,
+            max_schedulers=settings.max_schedulers,
         )
         self.desired: dict[str, DeploymentSpec] = {}
         # Deployments whose stored spec does not parse: name -> what is wrong, naming the key.
@@ -175,6 +178,9 @@ class HeadNode:
         self._adopt_until = 0.0
         self._held_s = 0.0  # how long the last reconcile pass held the lock
         self._backlog = Backlog(window_s=settings.dead_after_s)
+        # Registrations refused for max_schedulers since the last line saying so, and when that was.
+        self._full_refusals = 0
+        self._full_logged_at = -math.inf
         # Heads on etcd: called when every scheduler went silent at once while a standby head
         # still reaches this one (``_check_isolated``); it steps down.
         self.on_isolated: Callable[[str], None] | None = None
@@ -314,6 +320,16 @@ class HeadNode:
                 log.warning(
                     "refused scheduler %s from %s (pid %d): %s", reg.scheduler_id, reg.address, reg.pid, err
                 )
+                raise
+            except LimitReached as err:
+                # Said at most once a minute: a launcher looping on new ids must not flood the log.
+                self._full_refusals += 1
+                now = self.clock.now()
+                if now - self._full_logged_at >= FULL_LOG_EVERY_S:
+                    log.warning(
+                        "%s (refused for want of room since the last such line: %d)", err, self._full_refusals
+                    )
+                    self._full_logged_at, self._full_refusals = now, 0
                 raise
             self._backlog.forget(reg.scheduler_id)  # restarted, it may give another timeout
             self._refresh_resources()

@@ -19,7 +19,7 @@ from shoal.core.clock import Clock, SystemClock
 from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec
 from shoal.core.tasks import TaskSet
-from shoal.errors import AlreadyExists, NotFound, ShoalError
+from shoal.errors import AlreadyExists, NotFound, ResourceExhausted, ShoalError
 from shoal.scheduler import machine
 from shoal.scheduler.dataplane import DataPlane
 from shoal.scheduler.gpus import Devices, GpuPool, machine_devices
@@ -257,6 +257,7 @@ class SchedulerNode:
     async def _head_loop(self) -> None:
         backoff = 0.1
         refused_once = False
+        full = False  # the head refused this scheduler for want of room (max_schedulers): said once
         while True:
             try:
                 _, replicas = self.supervisor.reports()
@@ -286,6 +287,21 @@ class SchedulerNode:
                     log.warning("%s; trying once more in %.0fs", err, wait)
                     await self.clock.sleep(wait)
                     continue
+                except ResourceExhausted as err:
+                    # The head keeps as many schedulers as it may (max_schedulers): a place
+                    # frees when one is declared dead. Tried again each heartbeat, said once.
+                    if not full:
+                        log.warning(
+                            "the head refused this scheduler: %s; trying again every %gs",
+                            err,
+                            self.settings.heartbeat_interval_s,
+                        )
+                    full = True
+                    await self.clock.sleep(self.settings.heartbeat_interval_s)
+                    continue
+                if full:
+                    full = False
+                    log.info("the head has room for this scheduler now")
                 log.info("registered with the head")
                 self.registered.set()
                 self.on_registered()

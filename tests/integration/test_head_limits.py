@@ -3,6 +3,9 @@ HTTP: a create past one is refused naming the setting, and a client's retry is n
 
 from __future__ import annotations
 
+import asyncio
+import signal
+import time
 from pathlib import Path
 
 import httpx
@@ -32,3 +35,32 @@ async def test_a_deployment_past_max_deployments_is_refused_over_grpc_and_rest(t
         await cluster.client.apply(parse_spec({"name": "a", **idle, "options": {"v": 2}}))  # an update
         await cluster.client.delete("a")
         await cluster.deploy({"name": "b", **idle})
+
+
+async def test_a_scheduler_past_max_schedulers_waits_for_a_place_and_joins_when_one_dies(
+    tmp_path: Path,
+) -> None:
+    async with ProcessCluster(tmp_path, schedulers=1, env={"SHOAL_MAX_SCHEDULERS": "1"}) as cluster:
+        first = await cluster.wait_for(lambda s: len(s["schedulers"]) == 1, what="the first scheduler")
+        second = await asyncio.to_thread(cluster.add_scheduler)
+        deadline = time.monotonic() + 15
+        while "setting max_schedulers" not in second.log.read_text():
+            assert time.monotonic() < deadline, second.log.read_text()[-2000:]
+            await asyncio.sleep(0.1)
+        line = next(x for x in second.log.read_text().splitlines() if "setting max_schedulers" in x)
+        assert "the head refused this scheduler: the head holds 1 live schedulers" in line
+        assert line.endswith("or raise max_schedulers; trying again every 0.2s")
+        assert [s["id"] for s in (await cluster.status())["schedulers"]] == [
+            first["schedulers"][0]["id"]
+        ]
+
+        cluster.schedulers[0].signal(signal.SIGKILL)  # declared dead: its place goes to the second
+        status = await cluster.wait_for(
+            lambda s: (
+                [x["state"] for x in s["schedulers"]] == ["ALIVE"]
+                and s["schedulers"][0]["id"] != first["schedulers"][0]["id"]
+            ),
+            what="the second scheduler registered",
+        )
+        assert "the head has room for this scheduler now" in second.log.read_text()
+        assert any("forgotten to make room" in e["message"] for e in status["events"])

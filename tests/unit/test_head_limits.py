@@ -176,7 +176,9 @@ async def test_a_store_holding_more_than_a_lowered_limit_keeps_all_and_creates_n
         await head.aclose()
 
 
-@pytest.mark.parametrize("setting", ["max_deployments", "max_routes", "max_tokens", "max_specs_mb"])
+@pytest.mark.parametrize(
+    "setting", ["max_deployments", "max_routes", "max_tokens", "max_specs_mb", "max_schedulers"]
+)
 def test_a_limit_of_0_is_refused_at_start_naming_the_setting(setting: str) -> None:
     with pytest.raises(InvalidArgument, match=f"{setting} must be >= 1, got '0'"):
         Settings.load(env={f"SHOAL_{setting.upper()}": "0"})
@@ -242,5 +244,86 @@ async def test_past_ten_tombstones_a_deployment_a_delete_drops_the_oldest(
         assert sorted(e.key for e in await store.list("tombstones/")) == sorted(
             f"tombstones/{n}" for n in kept
         )
+    finally:
+        await head.aclose()
+
+
+def registration(sid: str, port: int = 7000) -> pb.RegisterSchedulerRequest:
+    return pb.RegisterSchedulerRequest(
+        scheduler_id=sid, address=f"{sid}:{port}", pid=42, capacity=pb.Resources(cpus=4, memory_mb=1024)
+    )
+
+
+async def test_a_new_scheduler_past_max_schedulers_is_refused_and_a_known_one_is_not(
+    store: MemoryStore, fleet: FakeSchedulers, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    head = HeadNode(Settings(max_schedulers=2), store, fleet, clock)
+    try:
+        service = HeadService(head)
+        for sid in ("a", "b"):
+            await service.RegisterScheduler(registration(sid), cast(Any, FakeContext()))
+
+        for _ in range(3):  # a launcher in a loop: the head says so once
+            context = await refused(lambda ctx: service.RegisterScheduler(registration("c"), ctx))
+        assert context.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert context.details == (
+            "the head holds 2 live schedulers, its limit (setting max_schedulers): scheduler 'c' at c:7000 "
+            "was not registered; stop schedulers no longer used (a stopped one's place is free once the "
+            "head declares it dead), or raise max_schedulers"
+        )
+        assert sorted(head.state.schedulers) == ["a", "b"]
+        assert caplog.text.count("setting max_schedulers") == 1
+        assert [e.kind for e in head.state.events][-1] == "scheduler_refused"
+
+        # A known id registering again (a restart, its stream ended) is never refused.
+        head.health_stream_ended("a", clock.now())
+        await service.RegisterScheduler(registration("a", port=7100), cast(Any, FakeContext()))
+        assert head.state.schedulers["a"].address == "a:7100"
+        assert sorted(head.state.schedulers) == ["a", "b"]
+    finally:
+        await head.aclose()
+
+
+async def test_past_max_schedulers_a_new_one_takes_the_place_of_the_dead_one_silent_longest(
+    store: MemoryStore, fleet: FakeSchedulers, clock: FakeClock
+) -> None:
+    settings = Settings(max_schedulers=3, dead_after_s=5, forget_dead_after_s=60)
+    head = HeadNode(settings, store, fleet, clock)
+    try:
+        service = HeadService(head)
+        for sid in ("a", "b", "c"):
+            await service.RegisterScheduler(registration(sid), cast(Any, FakeContext()))
+            clock.advance(1)
+        clock.advance(5)  # all three silent past dead_after_s but "c": it sends an update
+        assert await head.scheduler_health("c", 0, [])
+        head.state.expire()
+        assert {s: r.state.value for s, r in head.state.schedulers.items()} == {
+            "a": "DEAD",
+            "b": "DEAD",
+            "c": "ALIVE",
+        }
+
+        await service.RegisterScheduler(registration("d"), cast(Any, FakeContext()))
+        assert sorted(head.state.schedulers) == ["b", "c", "d"]  # "a", silent longest, made room
+        event = [e for e in head.state.events if e.kind == "scheduler_forgotten"][-1]
+        assert event.message == (
+            "scheduler a (dead) forgotten to make room for scheduler d (setting max_schedulers, 3)"
+        )
+        # A dead one that is still known comes back without taking another's place.
+        await service.RegisterScheduler(registration("b"), cast(Any, FakeContext()))
+        assert sorted(head.state.schedulers) == ["b", "c", "d"]
+        assert {r.state.value for r in head.state.schedulers.values()} == {"ALIVE"}
+        context = await refused(lambda ctx: service.RegisterScheduler(registration("e"), ctx))
+        assert context.details.startswith("the head holds 3 live schedulers")
+
+        # One declared dead and then forgotten (forget_dead_after_s) frees its place as well.
+        for _ in range(17):  # "d" silent: dead after 5 s, forgotten 60 s after its last update
+            clock.advance(4)
+            for sid in ("b", "c"):
+                assert await head.scheduler_health(sid, 0, [])
+            head.state.expire()
+        assert sorted(head.state.schedulers) == ["b", "c"]
+        await service.RegisterScheduler(registration("e"), cast(Any, FakeContext()))
+        assert sorted(head.state.schedulers) == ["b", "c", "e"]
     finally:
         await head.aclose()
