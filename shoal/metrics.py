@@ -284,7 +284,7 @@ class HeadMetrics:
         kept: dict[str, tuple[tuple[int, ...], str, str]] = {}
         # The store's deployments: a broken one, or one only schedulers know, has no target.
         for name in sorted(node.desired):
-            target = node.targets.get(name, node.desired[name].replicas)
+            target = node.target_of(node.desired[name])
             key = (*(by_state[(name, s)] for s in _HEAD_REPLICA_STATES), target)
             lines = self._lines.get(name)
             if lines is None or lines[0] != key:

@@ -138,7 +138,7 @@ async def start_head(
     check_ports(settings, HEAD_PORTS)
     state_dir = Path(settings.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
-    store = await _open_store(settings, state_dir)
+    store, created = await _open_store(settings, state_dir)
     stack.push_async_callback(store.close)
     node = HeadNode(settings, store, lambda sid, addr: GrpcSchedulerClient(sid, addr, settings))
     leadership = None
@@ -173,7 +173,7 @@ async def start_head(
         limits=HttpLimits.of(settings),
     )
     if leadership is None:
-        await node.start()
+        await node.start(new_store=created)
         _collect_blobs(node)
         stack.push_async_callback(node.aclose)
     await server.start()
@@ -235,13 +235,18 @@ def _mirror_blobs(
         blobs.start(lambda: in_use(node) if leadership.serving else mirror.listed(), min(60.0, blobs.grace_s))
 
 
-async def _open_store(settings: Settings, state_dir: Path) -> SqliteStore | EtcdStore:
+async def _open_store(settings: Settings, state_dir: Path) -> tuple[SqliteStore | EtcdStore, bool]:
+    """The store, and whether this call created it: a SQLite file that did not exist (nor its
+    write-ahead log) and holds nothing once open. Never an etcd store: other heads share it."""
     if not settings.store:
-        return await SqliteStore(state_dir / "state.db").open()
+        path = state_dir / "state.db"
+        existed = path.exists() or Path(f"{path}-wal").exists()
+        sqlite = await SqliteStore(path).open()
+        return sqlite, not existed and not await sqlite.list()
     target = EtcdTarget(parse_store_url(settings.store), settings.store_tls_dir)
     store = await EtcdStore(etcd_client(target), root=settings.store_root, name=settings.store).open()
     log.info("state store: %s (key prefix %r)", settings.store, settings.store_root)
-    return store
+    return store, False
 
 
 async def _lead(leadership: Leadership, node: HeadNode, on_lost: Callable[[], None] | None) -> None:

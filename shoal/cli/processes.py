@@ -8,6 +8,7 @@ and ``shoal logs scheduler`` read.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import signal
@@ -242,6 +243,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     logs.setup(settings.log_format, settings.log_level)
 
     async def on_ready(head: Any, scheduler: Any, tasks: Any) -> None:
+        # Its own scheduler first, briefly: a head with nothing to adopt places at once, and
+        # its first line said "echo 0/1 ready (no live scheduler)" 0.2 s before it had one.
+        with suppress(TimeoutError):
+            await asyncio.wait_for(scheduler.registered.wait(), settings.dead_after_s)
         before = (await head.status()).to_json()
         for spec in specs:
             # As shoal deploy says it (it said "updated" for a spec that changed nothing). No

@@ -174,7 +174,8 @@ class HeadNode:
         self._stopping = asyncio.Event()
         self._paused = False
         # After every start (set by start()): no placing or removing until the schedulers
-        # have had dead_after_s to register again with the replicas they run.
+        # have had dead_after_s to register again with the replicas they run (none when
+        # there is provably nothing to adopt: _nothing_to_adopt).
         self._adopt_until = 0.0
         self._held_s = 0.0  # how long the last reconcile pass held the lock
         self._backlog = Backlog(window_s=settings.dead_after_s)
@@ -207,10 +208,13 @@ class HeadNode:
 
     # ------------------------------------------------------------ lifecycle
 
-    async def start(self) -> None:
+    async def start(self, *, new_store: bool = False) -> None:
         """Load tokens, deployments and tombstones from the store; start the reconcile loop.
 
         A deployment row that does not parse is logged and marked broken, never fatal.
+        ``new_store``: the store was created by this start (its file did not exist), so that
+        nothing ever ran against it; see :meth:`_nothing_to_adopt` for when that ends the
+        adoption wait.
         """
         await self.tokens.load()
         await self.history.load()
@@ -239,9 +243,32 @@ class HeadNode:
         self._warn_over_limits()
         # On every start, an empty store included (it may be new, truncated or not this
         # cluster's): otherwise the first scheduler to register looks like the whole cluster
-        # and the head starts replicas that the others are already running.
-        self._adopt_until = self.clock.now() + self.settings.dead_after_s
+        # and the head starts replicas that the others are already running. Not when no
+        # scheduler can have replicas to register with (_nothing_to_adopt).
+        if self._nothing_to_adopt(new_store):
+            log.info(
+                "the state store was created by this start and the head's port was picked at "
+                "start: no scheduler can run replicas to register again; no wait before placing"
+            )
+            self._adopt_until = 0.0
+        else:
+            self._adopt_until = self.clock.now() + self.settings.dead_after_s
         self._tasks.spawn(self._run(), "reconcile")
+
+    def _nothing_to_adopt(self, new_store: bool) -> bool:
+        """Whether no scheduler can register with replicas this head does not know of, so
+        that the adoption wait would wait for nothing: the store was created by this start
+        and holds nothing (no head placed a replica from it), and the head's gRPC port was
+        picked by the system when it bound (``head_port`` 0), so that no scheduler started
+        before this head can have been given its address. A fresh ``shoal up --head-port 0``.
+
+        A new store alone is not enough: a head whose state folder was lost or moved aside
+        (a new disk, a container without a volume, ``rm -rf``), started again at the address
+        it had, is told by schedulers on other machines of the replicas they still run; a
+        deployment applied in its first seconds would start replicas beside them."""
+        return (
+            new_store and self.settings.head_port == 0 and not (self.desired or self.broken or self.deleted)
+        )
 
     async def aclose(self) -> None:
         self._stopping.set()
@@ -1052,18 +1079,12 @@ class HeadNode:
         """The replica count to reconcile to: the spec's, or the autoscaler's. ``running``: the
         deployment's replicas now; ``alive``: the live schedulers. Called under the lock."""
         policy = spec.autoscaling
-        restored = spec.name in self._restored
-        self._restored.discard(spec.name)
         if policy is None:
+            self._restored.discard(spec.name)
             self.targets.pop(spec.name, None)
             return spec.replicas
-        current = self.targets.get(spec.name)
-        if current is None:
-            # After a head restart: keep what runs (within bounds) rather than the spec's start
-            # count, none included: a head that took the start count for a deployment with no
-            # replica started one of every deployment scaled to zero at once. A new one starts
-            # at its first count.
-            current = running if running or restored else spec.initial_replicas()
+        current = self._kept(spec, running)
+        self._restored.discard(spec.name)
         load = 0
         for sid, loads in self._loads.items():
             report = loads.get(spec.name)
@@ -1085,6 +1106,29 @@ class HeadNode:
             current = decision.desired
         self.targets[spec.name] = current
         return current
+
+    def _kept(self, spec: DeploymentSpec, running: int) -> int:
+        """The count an autoscaled deployment's pass starts from: the autoscaler's last. Until
+        it set one, after a head restart (``_restored``), what runs (``running``), none
+        included, rather than the spec's start count: a head that took the start count for a
+        deployment with no replica started one of every deployment scaled to zero at once. A
+        new one starts at its first count."""
+        current = self.targets.get(spec.name)
+        if current is None:
+            current = running if running or spec.name in self._restored else spec.initial_replicas()
+        return current
+
+    def target_of(self, spec: DeploymentSpec) -> int:
+        """The replica count ``spec``'s deployment is reconciled to, as status, the metrics
+        and the dashboard show it; decides nothing. An autoscaled one's is the count the head
+        keeps (:meth:`_kept`), within its bounds, as its next pass takes it (the spec's count
+        was shown after a head restart until the autoscaler decided: 1 for a deployment
+        running 3, or min_replicas 2). Costs a lookup; the caller holds the lock."""
+        policy = spec.autoscaling
+        if policy is None:
+            return spec.replicas
+        current = self._kept(spec, self.state.replicas.count(spec.name))
+        return max(policy.min_replicas, min(policy.max_replicas, current))
 
     async def _act(self, action: Action) -> None:
         client = self._client(action.scheduler_id)
@@ -1532,7 +1576,7 @@ def status_of(node: HeadNode, only: Collection[str] | None = None, *, brief: boo
         deployments.append(
             DeploymentStatus(
                 name=name,
-                target_replicas=node.targets.get(name, spec.replicas) if spec is not None else 0,
+                target_replicas=node.target_of(spec) if spec is not None else 0,
                 pending_reason=reason,
                 broken=broken,
                 spec=spec.model_dump(mode="json") if spec is not None and not brief else {},
@@ -1579,7 +1623,7 @@ def needs_look(node: HeadNode, name: str) -> bool:
     spec = node.desired.get(name)
     if spec is None or node.state.pending_reasons.get(name):
         return True
-    target = node.targets.get(name, spec.replicas)
+    target = node.target_of(spec)
     return sum(1 for r in node.state.replicas.of(name) if r.state == READY) < target
 
 

@@ -115,7 +115,8 @@ async def head(store: MemoryStore, fleet: FakeSchedulers, clock: FakeClock) -> A
 
 
 async def test_the_text_is_what_the_status_collector_wrote(head: HeadNode, clock: FakeClock) -> None:
-    echo, auto = make_spec("echo", replicas=3), make_spec("auto", replicas=1)
+    echo = make_spec("echo", replicas=3)
+    auto = make_spec("auto", replicas=1, autoscaling={"min_replicas": 1, "max_replicas": 4})
     await head.apply(echo)
     await head.apply(auto)
     ghost = make_spec("ghost")  # known only to a scheduler: not in the store, no target

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from shoal import metrics
 from shoal.config import Settings
 from shoal.core.clock import FakeClock
 from shoal.core.cluster import READY, STARTING, CreateReplica, RemoveReplica, ReplicaRecord, ReplicaReport
@@ -21,7 +22,7 @@ from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec, parse_spec, parse_spec_json
 from shoal.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from shoal.head.blobs import BlobStore
-from shoal.head.node import ROUTES_GAP_S, ApplyResult, HeadNode, cluster_status
+from shoal.head.node import ROUTES_GAP_S, ApplyResult, HeadNode, cluster_status, needs_look, status_of
 from shoal.http.head import head_app
 from shoal.store import MemoryStore
 from shoal.testing.fakes import FakeSchedulers
@@ -377,6 +378,67 @@ async def test_a_new_head_keeps_a_deployment_scaled_to_zero_at_zero(
         assert again.targets["auto"] == 0
     finally:
         await again.aclose()
+
+
+@pytest.mark.parametrize(
+    ("bounds", "running", "shown"),
+    [
+        ({"min_replicas": 1, "max_replicas": 4}, 3, 3),  # scaled up to 3 by load
+        ({"min_replicas": 2, "max_replicas": 4}, 2, 2),  # min_replicas above the spec's replicas (1)
+        ({"min_replicas": 0, "max_replicas": 2}, 0, 0),  # scaled to zero
+        ({"min_replicas": 2, "max_replicas": 4}, 1, 2),  # below its bounds: the next pass scales to 2
+    ],
+)
+async def test_a_restarted_head_shows_the_count_it_keeps_for_an_autoscaled_deployment(
+    bounds: dict[str, float],
+    running: int,
+    shown: int,
+    head: HeadNode,
+    store: MemoryStore,
+    fleet: FakeSchedulers,
+    clock: FakeClock,
+) -> None:
+    """Until the autoscaler set its count, a restarted head (or a standby taking over) showed
+    an autoscaled deployment's spec count (1) as its target, in shoal status, /api/status and
+    the metrics, for the wait for schedulers and until its first pass: not what ran, nor what
+    the head then kept. It shows what the head keeps (what runs, within the bounds)."""
+    auto = autoscaled(**bounds)
+    await head.apply(auto)
+    await head.aclose()
+    again = HeadNode(Settings(), store, fleet, clock)
+    await again.start()
+    try:
+        await join(again, "s1", *(ready(f"auto-{i}", auto) for i in range(running)))
+
+        def targets() -> tuple[int, int, bool, str]:
+            [dep] = cluster_status(again)["deployments"]
+            [brief] = status_of(again, brief=True).deployments
+            text = metrics.HeadMetrics(again).text().decode()
+            [line] = [x for x in text.splitlines() if x.startswith("shoal_deployment_target_replicas{")]
+            return dep["target_replicas"], brief.target_replicas, needs_look(again, "auto"), line
+
+        line = f'shoal_deployment_target_replicas{{deployment="auto"}} {float(shown)}'
+        # During the wait for schedulers to register again: what runs.
+        assert targets() == (shown, shown, running < shown, line)
+        # Past it, the first pass keeps that count (no load yet: no decision), and says so.
+        await past_wait(again, clock)
+        await again.reconcile_once()
+        assert again.targets["auto"] == shown
+        assert targets()[:2] == (shown, shown)
+    finally:
+        await again.aclose()
+
+
+async def past_wait(head: HeadNode, clock: FakeClock) -> None:
+    """Past the wait for schedulers after a start, every scheduler still alive."""
+    clock.advance(head.settings.dead_after_s + 0.1)
+    for sched in list(head.state.schedulers.values()):
+        reports = [
+            ReplicaReport(r.id, r.deployment, r.reported_state or r.state, r.address, spec_hash=r.spec_hash)
+            for r in head.state.replicas.of("auto")
+            if r.scheduler_id == sched.id
+        ]
+        assert await head.scheduler_health(sched.id, sched.registry_version, reports)
 
 
 async def test_without_a_scheduler_nothing_is_created_and_status_says_why(head: HeadNode) -> None:
