@@ -3,17 +3,23 @@ scheduler.
 
 Replica logs come through the head from whichever scheduler runs the replica; the head's and
 the scheduler's own logs are files in the local state folder (``<state>/logs/<role>.log``).
+
+To a terminal, what the logs hold is shown with its control characters escaped (:class:`Shown`):
+a replica's log is what its model printed, and a model must not be able to set the operator's
+window title, clear the screen, plant a hyperlink or overwrite a line with a ``\r``. To a pipe
+or a file, the bytes are written as they are (docs/operations.md says why).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
 import heapq
 import json
 import re
 import sys
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -21,12 +27,56 @@ from shoal.cli.common import INT64_MAX, add_client_flags, in_range, settings_of,
 from shoal.cli.processes import log_file
 from shoal.config import Settings
 from shoal.errors import NotFound
+from shoal.logs import escaped as escaped_line
 
 COMPONENTS = {"head": ("head", "up"), "scheduler": ("scheduler", "up"), "up": ("up",)}
 """A component, and the process log files that hold its lines, in order of preference
 (``shoal up`` runs both in one process)."""
 
 _CLOCK = re.compile(r"^(\d\d):(\d\d):(\d\d)\b")
+
+
+def escaped(text: str) -> str:
+    """``text`` with each control character but tab and newline written escaped, as a text
+    log line of shoal's own writes one (:func:`shoal.logs.escaped`): ``\\x1b`` (the four
+    characters), ``\\r``, ``\\x07``, C1 controls (U+009B is CSI to some terminals) as
+    ``\\x9b``, the Unicode line separators as ``\\u2028``. Newlines are kept: these are
+    lines of a log, printed as lines."""
+    return "\n".join(escaped_line(line) for line in text.split("\n"))
+
+
+class Shown:
+    """One stream of log bytes as shown on a terminal: decoded as UTF-8, a byte that is not
+    part of valid UTF-8 written ``\\xNN`` (Python's ``backslashreplace``), control
+    characters :func:`escaped`; encoded back as UTF-8. A character split between two chunks
+    is decoded whole (the decoder keeps its first bytes until the rest come). Never raises."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")("backslashreplace")
+
+    def __call__(self, data: bytes, final: bool = False) -> bytes:
+        return escaped(self._decoder.decode(data, final)).encode()
+
+
+Show = Callable[[bytes, bool], bytes]
+"""What becomes of a stream's bytes on their way out (``final``: the stream ends there)."""
+
+
+def _as_is(data: bytes, final: bool = False) -> bytes:
+    return data
+
+
+def show_for(tty: bool) -> Callable[[], Show]:
+    """A maker of what each stream is shown through: :class:`Shown` on a terminal, the bytes
+    as they are elsewhere."""
+    return Shown if tty else lambda: _as_is
+
+
+def _is_tty(out: BinaryIO) -> bool:
+    try:
+        return out.isatty()
+    except (AttributeError, ValueError):  # no file behind it, or closed
+        return False
 
 
 def _stamp(line: str) -> float | None:
@@ -48,12 +98,17 @@ def merge_logs(logs: Mapping[str, str]) -> list[str]:
     """The lines of several replicas' logs in one list, ordered by time, each prefixed with its replica.
 
     A line without a time of its own (a model's print, a traceback) keeps the time of the line
-    before it, so it stays beside it; lines of one replica keep their order.
+    before it, so it stays beside it; lines of one replica keep their order. Lines end at
+    ``\n`` only, as with ``--follow``: before, ``str.splitlines`` also ended one at a ``\r``
+    (or a form feed, or U+0085), each piece printed as a line of its own.
     """
 
     def keyed(rid: str, text: str) -> Iterable[tuple[float, str]]:
         at = 0.0
-        for line in text.splitlines():
+        lines = text.split("\n")
+        if lines[-1] == "":
+            lines.pop()  # what the last newline ends: no line
+        for line in lines:
             at = _stamp(line) or at
             yield at, f"{rid} | {line}"
 
@@ -61,21 +116,27 @@ def merge_logs(logs: Mapping[str, str]) -> list[str]:
     return [line for _, line in heapq.merge(*streams, key=lambda item: item[0])]
 
 
-async def _replica_text(client: Any, rid: str, tail_bytes: int) -> str:
+async def _replica_text(client: Any, rid: str, tail_bytes: int, tty: bool = False) -> str:
+    """The replica's log as text: to a terminal, :func:`escaped` (a byte that is not UTF-8 as
+    ``\\xNN``); else each byte that is not UTF-8 as a surrogate, which ``encode`` with
+    ``surrogateescape`` writes back as it was (before, as U+FFFD)."""
     chunks = [c async for c in client.read_log(rid, tail_bytes=tail_bytes, follow=False)]
-    return b"".join(chunks).decode(errors="replace")
+    data = b"".join(chunks)
+    return escaped(data.decode(errors="backslashreplace")) if tty else data.decode(errors="surrogateescape")
 
 
-async def _follow_prefixed(client: Any, rid: str, tail_bytes: int, out: BinaryIO) -> None:
+async def _follow_prefixed(
+    client: Any, rid: str, tail_bytes: int, out: BinaryIO, show: Callable[[], Show] = show_for(False)
+) -> None:
     pending = b""
     async for data in client.read_log(rid, tail_bytes=tail_bytes, follow=True):
         pending += data
         *lines, pending = pending.split(b"\n")
         for line in lines:
-            out.write(rid.encode() + b" | " + line + b"\n")
+            out.write(rid.encode() + b" | " + show()(line, True) + b"\n")
         out.flush()
     if pending:  # its last line, which the replica ended before finishing
-        out.write(rid.encode() + b" | " + pending + b"\n")
+        out.write(rid.encode() + b" | " + show()(pending, True) + b"\n")
         out.flush()
 
 
@@ -91,7 +152,13 @@ async def _replica_ids(client: Any, name: str) -> tuple[dict[str, Any] | None, l
 
 
 async def _follow_deployment(
-    client: Any, name: str, replicas: list[str], tail_bytes: int, out: BinaryIO, relist_s: float = RELIST_S
+    client: Any,
+    name: str,
+    replicas: list[str],
+    tail_bytes: int,
+    out: BinaryIO,
+    relist_s: float = RELIST_S,
+    show: Callable[[], Show] = show_for(False),
 ) -> int:
     """Follow the deployment's replicas, and those it gets later: every ``relist_s`` the head
     is asked for its replicas again, and a new one is followed from the start of its log
@@ -106,7 +173,7 @@ async def _follow_deployment(
     ended: set[str] = set()  # streams that ended: all they will print is printed
 
     def follow(rid: str, tail: int) -> None:
-        streams[asyncio.create_task(_follow_prefixed(client, rid, tail, out))] = rid
+        streams[asyncio.create_task(_follow_prefixed(client, rid, tail, out, show))] = rid
 
     for rid in replicas:
         follow(rid, tail_bytes)
@@ -146,11 +213,12 @@ async def _follow_deployment(
 
 async def _deployment_logs(client: Any, name: str, replicas: list[str], args: argparse.Namespace) -> int:
     out = sys.stdout.buffer
+    tty = _is_tty(out)
     if args.follow:
-        return await _follow_deployment(client, name, replicas, args.tail_bytes, out)
-    texts = await asyncio.gather(*(_replica_text(client, rid, args.tail_bytes) for rid in replicas))
+        return await _follow_deployment(client, name, replicas, args.tail_bytes, out, show=show_for(tty))
+    texts = await asyncio.gather(*(_replica_text(client, rid, args.tail_bytes, tty) for rid in replicas))
     for line in merge_logs(dict(zip(replicas, texts, strict=True))):
-        out.write(line.encode() + b"\n")
+        out.write(line.encode(errors="surrogateescape") + b"\n")
     out.flush()
     return 0
 
@@ -196,13 +264,17 @@ def cmd_logs(args: argparse.Namespace) -> int:
     in_range("--tail-bytes", args.tail_bytes, INT64_MAX)
     target = args.target
     out = sys.stdout.buffer
+    make_show = show_for(_is_tty(out))
     if target in COMPONENTS:
         path = _component_log(settings_of(args), target)
 
         async def local() -> int:
+            show = make_show()
             async for data in _tail_file(path, args.tail_bytes, args.follow):
-                out.write(data)
+                out.write(show(data, False))
                 out.flush()
+            out.write(show(b"", True))  # what a character cut at the end left
+            out.flush()
             return 0
 
         return _interruptible(lambda: asyncio.run(local()))
@@ -215,9 +287,12 @@ def cmd_logs(args: argparse.Namespace) -> int:
                 why = f": {dep['pending_reason']}" if dep["pending_reason"] else ""
                 raise NotFound(f"deployment {target!r} has no replicas now{why}")
             return await _deployment_logs(client, target, replicas, args)
+        show = make_show()
         async for data in client.read_log(target, tail_bytes=args.tail_bytes, follow=args.follow):
-            out.write(data)
+            out.write(show(data, False))
             out.flush()
+        out.write(show(b"", True))  # what a character cut at the end left
+        out.flush()
         return 0
 
     return _interruptible(lambda: with_client(args, go))
@@ -237,7 +312,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="print the logs of a deployment, a replica, or this machine's head or scheduler",
         description="TARGET is a deployment (the logs of all its replicas, merged by time, each line "
         "prefixed with its replica), a replica id (its log, wherever it runs, also after it died), or "
-        "'head' or 'scheduler' (the log of that process on this machine, from the state folder).",
+        "'head' or 'scheduler' (the log of that process on this machine, from the state folder). "
+        "To a terminal, control characters but tab and newline are printed escaped (ESC as \\x1b, "
+        "CR as \\r), and bytes that are not UTF-8 as \\xNN; to a pipe or a file, the bytes are written "
+        "as they are (docs/operations.md, Logs).",
     )
     p.add_argument("target", metavar="TARGET", help="DEPLOYMENT, REPLICA_ID, head or scheduler")
     p.add_argument(

@@ -18,7 +18,7 @@ from shoal import __version__
 from shoal.cli import build_parser, deploy, main
 from shoal.cli.common import ProgressLine, run_command, with_client
 from shoal.cli.deploy import traceback_excerpt, wait_for
-from shoal.cli.logs import merge_logs
+from shoal.cli.logs import Shown, escaped, merge_logs
 from shoal.cli.processes import pid_file, running
 from shoal.config import Settings
 from shoal.core.clock import FakeClock
@@ -468,6 +468,38 @@ def test_deployment_logs_merge_by_time_and_keep_unstamped_lines_in_place() -> No
     ]
     json_lines = {"a": json.dumps({"ts": 5.0, "msg": "x"}), "b": json.dumps({"ts": 4.0, "msg": "y"})}
     assert [ln[0] for ln in merge_logs(json_lines)] == ["b", "a"]
+    # A line ends at a newline only, as with --follow: before, a bare \r (a progress bar's)
+    # ended one too, and its pieces were printed as lines of their own.
+    assert merge_logs({"e-1": "10:00:01 a\rb\r\nc\x0cd\n\n"}) == [
+        "e-1 | 10:00:01 a\rb\r",
+        "e-1 | c\x0cd",
+        "e-1 | ",
+    ]
+
+
+def test_control_characters_are_escaped_for_a_terminal_but_tab_and_newline() -> None:
+    """A replica's log is what its model printed: on the operator's terminal it must not set
+    the window title (OSC 0), clear the screen (CSI 2J), plant a hyperlink (OSC 8), hide a
+    line behind a \r, or act through a C1 control (U+009B is CSI on its own). Escaped as
+    shoal's own text log lines escape a message (``shoal.logs.escaped``), newlines kept."""
+    assert escaped("title\x1b]0;pwned\x07\x1b[2J") == "title\\x1b]0;pwned\\x07\\x1b[2J"
+    assert escaped("\x1b]8;;http://evil\x07x\x1b]8;;\x07") == "\\x1b]8;;http://evil\\x07x\\x1b]8;;\\x07"
+    assert escaped("rm -rf /\rall is well") == "rm -rf /\\rall is well"
+    assert escaped("\x00\x7f\x85\x9b\x9f\u2028") == "\\x00\\x7f\\x85\\x9b\\x9f\\u2028"
+    kept = "tab\tnewline\n é € 日本 🙂 \xa0 \\x1b as written"  # text, and a backslash, pass as they are
+    assert escaped(kept) == kept
+
+
+def test_bytes_that_are_not_utf8_are_shown_as_hex_and_a_character_cut_between_chunks_whole() -> None:
+    show = Shown()
+    euro = "€".encode()
+    assert show(b"a\xff\xfe b " + euro[:2]) == b"a\\xff\\xfe b "  # the cut euro waits for its end
+    assert show(euro[2:] + b" \x1b[31mred\n") == "€ \\x1b[31mred\n".encode()
+    assert show(b"cut at the end \xe2\x82") == b"cut at the end "
+    assert show(b"", True) == b"\\xe2\\x82"  # the stream ended: what was kept, as bytes
+    for data in (bytes(range(256)), b"\xc0\x80\xed\xa0\x80\xf4\x90\x80\x80"):  # never raises
+        text = Shown()(data, True).decode()  # valid UTF-8, whatever came
+        assert not [c for c in text if (ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F) and c not in "\t\n"]
 
 
 # ------------------------------------------------------------------ pid files
