@@ -95,12 +95,19 @@ def check(tls_dir: str | Path, role: str, now: datetime.datetime | None = None) 
     Before, only the files' presence was checked: a key that was not the certificate's
     failed as "cannot listen on 127.0.0.1:8470: Failed to bind", and a certificate from
     another CA, or one past its end, served, and every peer failed its handshakes."""
+    f = files(tls_dir, role)
+    return check_pem(f, *read(tls_dir, role), now)[0]
+
+
+def check_pem(
+    f: Files, ca_pem: bytes, cert_pem: bytes, key_pem: bytes, now: datetime.datetime | None = None
+) -> tuple[datetime.datetime, x509.Certificate]:
+    """:func:`check` of the files' bytes (read once, so that what is checked is what
+    serves); also returns the certificate."""
     from cryptography import x509
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives import serialization
 
-    f = files(tls_dir, role)
-    ca_pem, cert_pem, key_pem = read(tls_dir, role)
     remake = f"make the cluster's certificates again with 'shoal certs init --force {f.ca.parent}'"
     try:
         roots = x509.load_pem_x509_certificates(ca_pem)
@@ -144,7 +151,7 @@ def check(tls_dir: str | Path, role: str, now: datetime.datetime | None = None) 
             )
         if now > end:
             raise InvalidArgument(f"{path} expired on {end:%Y-%m-%d %H:%M} UTC: {remake}")
-    return min(roots[0].not_valid_after_utc, chain[0].not_valid_after_utc)
+    return min(roots[0].not_valid_after_utc, chain[0].not_valid_after_utc), chain[0]
 
 
 def names(tls_dir: str | Path, role: str) -> list[str]:
@@ -329,4 +336,64 @@ def init(tls_dir: str | Path, hosts: tuple[str, ...] = (), *, force: bool = Fals
         _write(crt, cert.public_bytes(serialization.Encoding.PEM), 0o644)
         _write(pem, _key_pem(key), 0o600)
         written += [crt, pem]
+    return written
+
+
+def renew(
+    tls_dir: str | Path,
+    roles: tuple[str, ...] = ROLES,
+    *,
+    days: float = VALID_DAYS,
+    hosts: tuple[str, ...] = (),
+) -> list[Path]:
+    """Sign each of ``roles``' certificates again with the folder's CA (``ca.key`` needed),
+    with a new serial and valid from now for ``days`` (no longer than the CA), keeping its
+    key and names (``hosts`` given: its names become those, as ``init`` makes them). Each
+    certificate is written to a file beside it and renamed over it, so a component reading
+    the folder (:mod:`shoal.certwatch`) sees the old file or the new one, never part of one;
+    the key, unchanged, stays the certificate's. Returns the files written. Raises
+    InvalidArgument naming a file that is missing or unusable."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    folder = Path(tls_dir)
+    try:
+        ca = x509.load_pem_x509_certificate((folder / "ca.crt").read_bytes())
+        ca_key = serialization.load_pem_private_key((folder / "ca.key").read_bytes(), password=None)
+    except OSError as err:
+        raise InvalidArgument(
+            f"cannot read {err.filename}: {err.strerror} (renewing needs the cluster CA's ca.crt and ca.key)"
+        ) from None
+    except (ValueError, TypeError) as err:
+        raise InvalidArgument(f"the cluster CA in {folder} cannot be used: {err}") from None
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise InvalidArgument(f"{folder / 'ca.key'} is not the elliptic-curve key 'shoal certs init' makes")
+    now = datetime.datetime.now(datetime.UTC)
+    start = now - datetime.timedelta(minutes=5)
+    end = min(now + datetime.timedelta(days=days), ca.not_valid_after_utc)
+    start = min(start, end - datetime.timedelta(minutes=1))  # days < 0: one that ran out (tests)
+    written = []
+    for role in roles:
+        f = files(folder, role)
+        old = x509.load_pem_x509_certificates(f.cert.read_bytes())[0]
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(old.subject)
+            .issuer_name(ca.subject)
+            .public_key(old.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(end)
+        )
+        for ext in old.extensions:
+            value = ext.value
+            if hosts and isinstance(value, x509.SubjectAlternativeName):
+                value = x509.SubjectAlternativeName(_alt_names(role, hosts))
+            builder = builder.add_extension(value, ext.critical)
+        cert = builder.sign(ca_key, hashes.SHA256())
+        fresh = f.cert.with_name(f".{f.cert.name}.new")
+        _write(fresh, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        os.replace(fresh, f.cert)
+        written.append(f.cert)
     return written

@@ -20,9 +20,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from shoal import certwatch
 from shoal.core.placement import Capacity
 from shoal.core.states import ReplicaState, SchedulerState
 from shoal.core.stats import BUCKETS, Histogram
+from shoal.errors import InvalidArgument
 
 if TYPE_CHECKING:
     from shoal.head.node import HeadNode
@@ -114,6 +116,25 @@ def _traffic(totals: Mapping[str, Counts], routes: Container[str]) -> Iterator[M
                 shadowed.add_metric([route, target, outcome], n)
     yield routed
     yield shadowed
+
+
+TLS_EXPIRY = "shoal_tls_cert_expiry_timestamp_seconds"
+_TLS_EXPIRY_DOC = (
+    "When the TLS certificate this component serves with runs out (or the cluster CA, if "
+    "sooner), in seconds since the epoch; follows certificates renewed on disk."
+)
+
+
+def tls_expiry(tls_dir: str, role: str) -> float | None:
+    """When ``role``'s certificate in ``tls_dir`` that this process serves runs out (the
+    one :mod:`shoal.certwatch` took last; the files looked at again first, at most once a
+    second), in seconds since the epoch; None without TLS."""
+    if not tls_dir:
+        return None
+    try:
+        return certwatch.watch(tls_dir, role).poll().end.timestamp()
+    except InvalidArgument:  # no usable files: this process does not serve with them
+        return None
 
 
 class SchedulerCollector(Collector):
@@ -241,6 +262,11 @@ class SchedulerCollector(Collector):
             res.add_metric([resource, "allocated"], u)
             res.add_metric([resource, "free"], c - u)
         yield res
+        end = tls_expiry(node.settings.tls_dir, "scheduler")
+        if end is not None:
+            expiry = GaugeMetricFamily(TLS_EXPIRY, _TLS_EXPIRY_DOC, labels=["role"])
+            expiry.add_metric(["scheduler"], end)
+            yield expiry
 
 
 _HEAD_REPLICA_STATES = (ReplicaState.PENDING, *STATES)
@@ -329,6 +355,9 @@ class HeadMetrics:
             ("scheduler", "resource", "kind"),
             rows,
         )
+        end = tls_expiry(node.settings.tls_dir, "head")
+        if end is not None:
+            _family(out, TLS_EXPIRY, "gauge", _TLS_EXPIRY_DOC, ("role",), [(("head",), end)])
         return "".join(out).encode()
 
 

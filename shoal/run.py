@@ -362,7 +362,8 @@ async def start_scheduler(
             lambda: metrics.render(registry),
         )
         pbg.add_IngressServicer_to_server(ingress, control)
-    control_port = bind(control, settings.host, 0, credentials)
+    # Credentials of its own: gRPC keeps a TLS context per port, which each asks to renew.
+    control_port = bind(control, settings.host, 0, server_credentials(settings, "scheduler"))
     await control.start()
     stack.push_async_callback(control.stop, 1.0)
     await server.start()

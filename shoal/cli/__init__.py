@@ -16,6 +16,7 @@ from shoal import __version__, grpc_defaults  # noqa: F401 - before grpc is impo
 from shoal.cli import deploy, logs, processes, revisions, routes
 from shoal.cli.commands import (
     cmd_certs_init,
+    cmd_certs_renew,
     cmd_delete,
     cmd_predict,
     cmd_scale,
@@ -97,6 +98,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--force", action="store_true", help="replace the certificates already in DIR")
     q.set_defaults(fn=cmd_certs_init)
+    q = certs_sub.add_parser(
+        "renew",
+        help="sign the certificates in DIR again with its CA (new end, same keys); running "
+        "components take them without a restart",
+    )
+    q.add_argument("dir", help="the folder 'shoal certs init' wrote (ca.key needed)")
+    q.add_argument(
+        "--role",
+        action="append",
+        default=[],
+        dest="roles",
+        choices=["head", "scheduler", "replica", "client"],
+        help="renew this role's certificate (repeatable; default: every role's)",
+    )
+    q.add_argument("--days", type=float, default=825, help="days the new certificates last (default 825)")
+    q.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        dest="hosts",
+        help="the names and addresses clients dial, replacing the certificates' (repeatable; "
+        "default: keep their names)",
+    )
+    q.set_defaults(fn=cmd_certs_renew)
 
     p = sub.add_parser("token", help="tokens for users of the control API and of inference")
     token_sub = p.add_subparsers(dest="token_command", required=True)

@@ -188,6 +188,24 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certs_renew(args: argparse.Namespace) -> int:
+    from shoal import certs
+    from shoal.errors import InvalidArgument
+
+    if not args.days > 0:
+        raise InvalidArgument(f"--days must be above 0, not {args.days}")
+    roles = tuple(dict.fromkeys(args.roles)) or certs.ROLES
+    written = certs.renew(args.dir, roles, days=args.days, hosts=tuple(args.hosts))
+    end = certs.check(args.dir, roles[0])
+    names = ", ".join(p.name for p in written)
+    print(f"renewed {names} in {args.dir} (keys unchanged), valid until {end:%Y-%m-%d %H:%M} UTC")
+    print(
+        "components running with this folder take them for new connections within a second, "
+        "without a restart; copy them to the other machines' folders the same way (rename into place)"
+    )
+    return 0
+
+
 def cmd_token_create(args: argparse.Namespace) -> int:
     async def go(client: Any, settings: Settings) -> int:
         reply = await client.create_token(args.role, args.name)

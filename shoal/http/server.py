@@ -47,7 +47,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from shoal import certs
+from shoal import certs, certwatch
 from shoal.config import Settings
 
 log = logging.getLogger("shoal.http")
@@ -902,6 +902,26 @@ def _answer_plain(conn: socket.socket, port: int) -> None:
     conn.close()
 
 
+def _ssl_context(m: certwatch.Material, config: uvicorn.Config) -> ssl.SSLContext:
+    """A server TLS context as uvicorn makes one from ``config``, with the files of ``m``
+    (the bytes checked, written to a private folder for OpenSSL to read, then removed)."""
+    import tempfile
+    from pathlib import Path
+
+    ctx = ssl.SSLContext(config.ssl_version)
+    with tempfile.TemporaryDirectory(prefix="shoal-tls-") as folder:  # mode 0700
+        cert, key = Path(folder) / "cert.pem", Path(folder) / "key.pem"
+        cert.write_bytes(m.cert)
+        key.touch(0o600)
+        key.write_bytes(m.key)
+        ctx.load_cert_chain(cert, key)
+    ctx.verify_mode = ssl.VerifyMode(config.ssl_cert_reqs)
+    ctx.load_verify_locations(cadata=m.ca.decode("ascii"))
+    if config.ssl_ciphers:
+        ctx.set_ciphers(config.ssl_ciphers)
+    return ctx
+
+
 class HttpServer:
     """uvicorn on a socket we bind ourselves, so port 0 works and the port is known."""
 
@@ -962,6 +982,10 @@ class HttpServer:
         # in their handshake.
         self._sniffing: dict[socket.socket, asyncio.TimerHandle] = {}
         self._handshakes: set[asyncio.Task[None]] = set()
+        # The certificate files, taken again when renewed on disk (each new connection asks).
+        self._tls = tls
+        self._watch: certwatch.CertWatch | None = None
+        self._context: tuple[int, ssl.SSLContext] | None = None  # (generation, context)
 
     async def start(self) -> None:
         tls = self.scheme == "https"
@@ -970,6 +994,8 @@ class HttpServer:
         while not self.server.started and not self._task.done():
             await asyncio.sleep(0.01)
         if tls and self.server.started:
+            assert self._tls is not None
+            self._watch = certwatch.watch(self._tls.ca.parent, self._tls.cert.stem)
             self.sock.setblocking(False)
             self.sock.listen(self.server.config.backlog)  # connecting works once start returns
             self._accepting = asyncio.create_task(self._accept_tls(), name="https-accept")
@@ -991,6 +1017,24 @@ class HttpServer:
         self.sock.close()
 
     # -- HTTPS: shoal's own accept loop ------------------------------------------------
+
+    def _ssl(self) -> ssl.SSLContext:
+        """The TLS context for a new connection: uvicorn's, made from the files at start,
+        until :mod:`shoal.certwatch` takes renewed ones; then one made from those."""
+        config_ssl = self.server.config.ssl
+        assert config_ssl is not None
+        if self._watch is None:
+            return config_ssl
+        m = self._watch.poll()
+        if m.generation == 0:
+            return config_ssl
+        if self._context is None or self._context[0] != m.generation:
+            try:
+                self._context = (m.generation, _ssl_context(m, self.server.config))
+            except (ssl.SSLError, OSError, ValueError) as err:  # checked already: not expected
+                log.warning("HTTPS port %d keeps its certificate: the renewed one fails: %s", self.port, err)
+                self._context = (m.generation, self._context[1] if self._context else config_ssl)
+        return self._context[1]
 
     async def _accept_tls(self) -> None:
         """Accept HTTPS connections and look at each one's first byte before its handshake
@@ -1065,7 +1109,7 @@ class HttpServer:
         timeout = self._limits.header_timeout_s
         try:
             await loop.connect_accepted_socket(
-                protocol, conn, ssl=server.config.ssl, ssl_handshake_timeout=timeout if timeout > 0 else None
+                protocol, conn, ssl=self._ssl(), ssl_handshake_timeout=timeout if timeout > 0 else None
             )
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as err:
             log.debug("HTTPS port %d: a TLS handshake failed: %s", self.port, err)

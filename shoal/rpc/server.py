@@ -162,7 +162,8 @@ def bind(
     server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None = None
 ) -> int:
     """Bind ``host:port`` (port 0 picks a free one), with TLS when ``credentials`` are given
-    (``shoal.rpc.tls.server_credentials``); returns the bound port."""
+    (``shoal.rpc.tls.server_credentials``, made for this port alone: they follow renewed
+    files per port); returns the bound port."""
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         if credentials is None:

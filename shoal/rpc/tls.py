@@ -5,18 +5,18 @@ Servers ask for and verify a client certificate from the cluster CA
 (``require_client_auth``); clients present their role's certificate and trust only the
 cluster CA, verifying the server's name as the role they expect
 (:func:`shoal.certs.role_name`) whatever address they dial (see ``shoal/certs.py`` and
-``shoal.rpc.channels.open_channel``).
+``shoal.rpc.channels.open_channel``). Certificates renewed on disk serve new connections
+without a restart (:mod:`shoal.certwatch`).
 """
 
 from __future__ import annotations
 
 import datetime
-import functools
 import logging
 
 import grpc
 
-from shoal import certs
+from shoal import certs, certwatch
 from shoal.auth import is_loopback
 from shoal.config import Settings
 from shoal.errors import InvalidArgument
@@ -24,32 +24,58 @@ from shoal.errors import InvalidArgument
 log = logging.getLogger("shoal")
 
 
-@functools.lru_cache(maxsize=32)
-def _read(tls_dir: str, role: str) -> tuple[bytes, bytes, bytes]:
-    if role == "client":
-        # The CLI and the Python API: components check their roles' files at start
-        # (check_transport; a scheduler its replicas' too). Before, the CLI with an expired
-        # client.crt was told "Socket closed; is it running? Start one with 'shoal up'".
-        certs.check(tls_dir, role)
-    return certs.read(tls_dir, role)
-
-
 def server_credentials(settings: Settings, role: str) -> grpc.ServerCredentials | None:
-    """Mutual TLS with ``role``'s certificate, or None without TLS. Raises InvalidArgument."""
+    """Mutual TLS with ``role``'s certificate, or None without TLS. Raises InvalidArgument.
+
+    The certificate, key and CA are taken again when they change on disk
+    (:mod:`shoal.certwatch`): gRPC asks on each new handshake, and new connections get the
+    renewed files once they pass the checks of start-up; connections open keep theirs.
+    One credentials object per ``add_secure_port`` (:func:`shoal.rpc.server.bind`): gRPC
+    makes one TLS context per port from it, and the fetcher below tells each apart whether
+    it has the current files; a second port on the same object fails to bind."""
     if not settings.tls_dir:
         return None
-    ca, cert, key = _read(settings.tls_dir, role)
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
+    watch = certwatch.watch(settings.tls_dir, role)
+    first = watch.poll()
+    handed = [first.generation]  # what this port's TLS context holds
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
+        # Called by gRPC, on one of its threads (taking the GIL), before each new handshake:
+        # None keeps what the port has. Costs a clock read but once a second (certwatch).
+        try:
+            now = watch.poll()
+            if now.generation == handed[0]:
+                return None
+            handed[0] = now.generation
+            return _configuration(now)
+        except Exception:
+            log.exception("reading the %s certificate again failed; serving the one before", role)
+            return None
+
+    return grpc.dynamic_ssl_server_credentials(
+        _configuration(first),
+        fetch,  # type: ignore[arg-type]  # the stubs leave out the None gRPC documents
+        require_client_authentication=True,
+    )
+
+
+def _configuration(m: certwatch.Material) -> grpc.ServerCertificateConfiguration:
+    return grpc.ssl_server_certificate_configuration([(m.key, m.cert)], root_certificates=m.ca)
 
 
 def channel_credentials(settings: Settings, role: str) -> grpc.ChannelCredentials | None:
     """``role``'s client certificate and the cluster CA as the only root, or None without TLS.
-    Raises InvalidArgument for a ``client`` certificate that would fail every handshake
-    (``certs.check``)."""
+    Raises InvalidArgument for a certificate that would fail every handshake
+    (``certs.check``).
+
+    The files are the ones :mod:`shoal.certwatch` took last: a channel made after a
+    certificate was renewed on disk presents the new one. A channel made before keeps the
+    one it was made with for as long as it lives, reconnections included (gRPC cannot change
+    a channel's credentials): shoal's channels to peers live as long as the peer does."""
     if not settings.tls_dir:
         return None
-    ca, cert, key = _read(settings.tls_dir, role)
-    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+    m = certwatch.watch(settings.tls_dir, role).poll()
+    return grpc.ssl_channel_credentials(root_certificates=m.ca, private_key=m.key, certificate_chain=m.cert)
 
 
 def check_transport(settings: Settings, *roles: str) -> None:
@@ -63,13 +89,15 @@ def check_transport(settings: Settings, *roles: str) -> None:
         for role in roles:
             left = certs.check(settings.tls_dir, role, now) - now
             if left < datetime.timedelta(days=certs.EXPIRY_WARNING_DAYS):
-                # Read once, at start: a certificate renewed on disk takes a restart.
+                # Renewed files are taken without a restart (shoal.certwatch).
                 log.warning(
-                    "the %s certificate in %s runs out in %.1f days: make new ones (shoal certs "
-                    "init) and restart every component with them before then",
+                    "the %s certificate in %s runs out in %.1f days: renew it before then (shoal "
+                    "certs renew %s, or your certificate manager): components take renewed files "
+                    "without a restart",
                     role,
                     settings.tls_dir,
                     left.total_seconds() / 86400,
+                    settings.tls_dir,
                 )
             _check_names(settings, role)
         return
@@ -146,10 +174,12 @@ def tls_hint(message: str, tls: bool | None = None) -> str:
     if plaintext_peer(message):
         return f"{message} (the server does not speak TLS: it runs without --tls-dir)"
     if "certificate has expired" in message:
-        # Certificates are read at start: one that ran out since takes new files and a restart.
+        # Servers take renewed files for new connections (shoal.certwatch); a client
+        # channel keeps the files it was made with.
         return (
-            f"{message} (TLS handshake failed: the server's certificate has run out: make new "
-            "certificates (shoal certs init --force) and restart every component with them)"
+            f"{message} (TLS handshake failed: the server's certificate has run out: renew it in "
+            "the server's --tls-dir (shoal certs renew DIR): the server takes renewed files "
+            "without a restart)"
         )
     if handshake_failed(message):
         return (

@@ -725,7 +725,7 @@ def test_a_certificate_near_its_end_is_warned_of_at_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """docs/security.md: a component warns at start when its certificate runs out within
-    EXPIRY_WARNING_DAYS (certificates are read once: a renewed one takes a restart)."""
+    EXPIRY_WARNING_DAYS, and says how to renew it (renewed files are taken without a restart)."""
     certs.init(tmp_path)
     settings = Settings(tls_dir=str(tmp_path))
     with caplog.at_level("WARNING", logger="shoal"):
@@ -736,4 +736,4 @@ def test_a_certificate_near_its_end_is_warned_of_at_start(
         check_transport(settings, "head")
     (warning,) = [r.getMessage() for r in caplog.records if "runs out" in r.getMessage()]
     assert warning.startswith(f"the head certificate in {tmp_path} runs out in ")
-    assert "restart every component" in warning
+    assert f"shoal certs renew {tmp_path}" in warning and "without a restart" in warning
