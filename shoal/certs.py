@@ -100,15 +100,21 @@ def check(tls_dir: str | Path, role: str, now: datetime.datetime | None = None) 
 
 
 def check_pem(
-    f: Files, ca_pem: bytes, cert_pem: bytes, key_pem: bytes, now: datetime.datetime | None = None
+    f: Files,
+    ca_pem: bytes,
+    cert_pem: bytes,
+    key_pem: bytes,
+    now: datetime.datetime | None = None,
+    remake: str = "",
 ) -> tuple[datetime.datetime, x509.Certificate]:
     """:func:`check` of the files' bytes (read once, so that what is checked is what
-    serves); also returns the certificate."""
+    serves); also returns the certificate. ``remake``: what to do about bad files, said
+    after each problem (default: make the cluster's certificates again)."""
     from cryptography import x509
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives import serialization
 
-    remake = f"make the cluster's certificates again with 'shoal certs init --force {f.ca.parent}'"
+    remake = remake or f"make the cluster's certificates again with 'shoal certs init --force {f.ca.parent}'"
     try:
         roots = x509.load_pem_x509_certificates(ca_pem)
     except ValueError:

@@ -108,7 +108,15 @@ class CertWatch:
         if _stamp(self.files) != stamp:
             return  # written to as it was read: look again next time
         try:
-            end, parsed = certs.check_pem(self.files, ca, cert, key)
+            # Renewed files that fail: the running certificate still serves, so the remedy is
+            # to renew (or copy) again, not to remake the cluster's CA.
+            end, parsed = certs.check_pem(
+                self.files,
+                ca,
+                cert,
+                key,
+                remake=f"renew them with 'shoal certs renew {self.files.ca.parent}', or copy good ones",
+            )
         except InvalidArgument as err:
             self._refuse(stamp, now, str(err))
             return

@@ -72,7 +72,9 @@ def test_files_touched_or_copied_again_unchanged_are_not_a_new_certificate(tls: 
     assert watch.poll() is first
 
 
-def bad_then_good(tls: Path, caplog: pytest.LogCaptureFixture, spoil: str, fix: str, problem: str) -> None:
+def bad_then_good(
+    tls: Path, caplog: pytest.LogCaptureFixture, spoil: str, fix: str, problem: str, hint: bool = True
+) -> None:
     """Spoil the head's files (a shell command's worth of Python, ``spoil``), and see the
     certificate before keep serving with one WARNING naming ``problem``; then ``fix``, and
     see the new files taken."""
@@ -90,6 +92,11 @@ def bad_then_good(tls: Path, caplog: pytest.LogCaptureFixture, spoil: str, fix: 
     assert len(warnings) == 1, warnings
     assert warnings[0].startswith(f"the head certificate files in {tls} changed but are not taken: ")
     assert problem in warnings[0], warnings[0]
+    # The remedy is to renew again, not to remake the CA the running certificate came from.
+    if hint:  # a file that does not parse or check, rather than one missing
+        assert (
+            f"renew them with 'shoal certs renew {tls}'" in warnings[0] and "init --force" not in warnings[0]
+        )
     assert (
         f"still serving the certificate read before (valid until {first.end:%Y-%m-%d %H:%M} UTC)"
         in warnings[0]
@@ -139,6 +146,7 @@ def test_a_missing_file_is_refused_until_it_is_back(tls: Path, caplog: pytest.Lo
         "certs.renew(tls, ('head',)); os.rename(tls / 'head.key', tls / 'away')",
         "os.rename(tls / 'away', tls / 'head.key')",
         "has no head.key",
+        hint=False,
     )
 
 
