@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Collection, Mapping, Sequence
 from typing import Any
@@ -380,10 +381,14 @@ def _refused_unseen(err: grpc.aio.AioRpcError) -> bool:
     a standby head refused it, or a deposed one whose write was fenced."""
     if err.code() != grpc.StatusCode.UNAVAILABLE:
         return False
+    return _standby(err) or "failed to connect to all addresses" in (err.details() or "")
+
+
+def _standby(err: grpc.aio.AioRpcError) -> bool:
+    """Whether a standby head refused the call (UNAVAILABLE with ``shoal-standby``)."""
     # grpc-stubs gives AioRpcError the sync error's _Metadatum; grpc.aio's are (key, value) pairs.
     trailing = tuple(err.trailing_metadata() or ())
-    standby = (STANDBY_METADATA, "1") in trailing  # type: ignore[comparison-overlap]
-    return standby or "failed to connect to all addresses" in (err.details() or "")
+    return err.code() == grpc.StatusCode.UNAVAILABLE and (STANDBY_METADATA, "1") in trailing  # type: ignore[comparison-overlap]
 
 
 def _changed(name: str) -> str:
@@ -593,7 +598,9 @@ async def call_leader(
     connection was up: a frozen head); after a deadline on a connection, or a connection
     lost during the call, it raises that error saying the head may have done it. Before, a
     delete that a head carried out but answered late went on to the next head, which
-    answered NOT_FOUND."""
+    answered NOT_FOUND. With one address, a ``once`` call refused unseen is sent again
+    there: once after no connection, and after a standby's refusals for as long as calls go
+    round several heads (several heads behind one name)."""
     if len(heads.addresses) == 1 and not once:
         rpc = getattr(heads.stub, method)
         return await call(
@@ -602,7 +609,9 @@ async def call_leader(
         )
     deadline = time.monotonic() + 2 * settings.dead_after_s
     delay = 0.05
+    tries = 0
     while True:
+        tries += 1
         stub, address = heads.stub, heads.address
         try:
             return await getattr(stub, method)(req, timeout=settings.rpc_timeout_s, metadata=metadata)
@@ -619,7 +628,15 @@ async def call_leader(
                     "not sent again, where a repeat could report a wrong outcome"
                 ) from None
             if len(heads.addresses) == 1:
-                raise error from None
+                # One address (one head, or several behind one name): a call it refused unseen
+                # is sent again, as any other call is once (``call``'s two attempts); a
+                # standby's refusal (the name's head stands by; the leader is being chosen) for
+                # as long as calls go round several heads. Before, such a call failed at once.
+                if not unseen or (tries >= 2 and not (_standby(err) and time.monotonic() < deadline)):
+                    raise error from None
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 0.5)
+                continue
             heads.failed(stub)
             if time.monotonic() > deadline:
                 raise error from None

@@ -32,7 +32,7 @@ from shoal.rpc.clients import ControlClient
 from shoal.rpc.repository import GrpcDeployer
 from shoal.rpc.server import bind, new_server
 from shoal.rpc.standby import StandbyInterceptor
-from shoal.rpc.status import abort
+from shoal.rpc.status import STANDBY_METADATA, abort
 from shoal.store.etcd import Fenced
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
@@ -159,6 +159,46 @@ async def test_a_delete_refused_by_a_standby_a_deposed_head_or_no_connection_goe
         finally:
             await client.close()
     assert served == ["leader DeleteDeployment"]
+
+
+async def test_one_address_sends_a_delete_again_after_a_standbys_refusals() -> None:
+    """Several heads behind one name (a load balancer, a DNS name): the client sees one
+    address, and the head behind it stood by at first, then leads. Before, the delete failed
+    at the first refusal ('this head stands by'), though the head had done nothing."""
+    served: list[str] = []
+    refusals = [3]
+
+    class Electing(Head):
+        async def DeleteDeployment(self, request: pb.DeleteDeploymentRequest, context: Any) -> pb.Empty:
+            if refusals[0]:
+                refusals[0] -= 1
+                context.set_trailing_metadata(((STANDBY_METADATA, "1"),))
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "this head stands by")
+            return await super().DeleteDeployment(request, context)
+
+    async with head(Electing("one", served, {"x"}, None)) as one:  # type: ignore[abstract]
+        client = ControlClient(one, SETTINGS)
+        try:
+            await client.delete("x")
+        finally:
+            await client.close()
+    assert refusals == [0] and served == ["one DeleteDeployment"]
+
+
+async def test_one_address_does_not_send_again_a_delete_it_may_have_done() -> None:
+    served: list[str] = []
+    hang = asyncio.Event()
+    async with head(new_head("one", served, {"x"}, hang)) as one:
+        client = ControlClient(one, SETTINGS)
+        try:
+            with pytest.raises(
+                DeadlineExceeded, match=rf"the head at {one} .*may have deleted deployment 'x'"
+            ):
+                await client.delete("x")
+        finally:
+            hang.set()
+            await client.close()
+    assert served == ["one DeleteDeployment"]
 
 
 async def test_a_delete_goes_on_past_a_head_that_never_took_the_connection() -> None:
