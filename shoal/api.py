@@ -42,7 +42,7 @@ import numpy as np
 
 from shoal.config import Settings
 from shoal.core.limits import short_repr
-from shoal.core.spec import DeploymentSpec
+from shoal.core.spec import DeploymentSpec, check_if_replicas
 from shoal.core.states import SchedulerState
 from shoal.decorator import spec_of
 from shoal.errors import (
@@ -419,18 +419,27 @@ class AsyncClient:
         reply = await self._head(self.control.apply(spec, if_revision))
         return Applied(spec.name, reply.revision, reply.created, reply.changed, reply.change)
 
-    async def scale(self, name: str, replicas: int, *, if_revision: int | None = None) -> None:
+    async def scale(
+        self, name: str, replicas: int, *, if_revision: int | None = None, if_replicas: int | None = None
+    ) -> None:
         """Set the replica count; the head places or removes replicas. NotFound for an unknown name.
 
         ``if_revision``: scale only if the deployment is at that revision now (the ``revision``
         read with the spec the count was chosen for), else FailedPrecondition naming its
         revision, and nothing changes. A scale makes no revision: this refuses a count chosen
-        for a spec that changed since, not a scale made since. InvalidArgument when negative."""
+        for a spec that changed since, not a scale made since. InvalidArgument when negative.
+
+        ``if_replicas``: scale only if the deployment's count is that now (its spec's
+        ``replicas``, as read from ``status()``), else FailedPrecondition naming the count, and
+        nothing changes: of two scales from the same count, one goes through. An autoscaled
+        deployment is refused either way. InvalidArgument when not from 0 to 1000."""
         name = _text("name", name)
         replicas = _whole("replicas", replicas, _INT32_MAX)
         if if_revision is not None:
             _check_if_revision(if_revision)
-        await self._head(self.control.scale(name, replicas, if_revision))
+        if if_replicas is not None:
+            check_if_replicas(if_replicas)
+        await self._head(self.control.scale(name, replicas, if_revision, if_replicas))
 
     async def delete(self, name: str) -> None:
         """Delete the deployment and stop its replicas. NotFound for an unknown name."""
@@ -876,9 +885,11 @@ class Client:
             )
         )
 
-    def scale(self, name: str, replicas: int, *, if_revision: int | None = None) -> None:
+    def scale(
+        self, name: str, replicas: int, *, if_revision: int | None = None, if_replicas: int | None = None
+    ) -> None:
         """See :meth:`AsyncClient.scale`."""
-        self._loop.run(self.aio.scale(name, replicas, if_revision=if_revision))
+        self._loop.run(self.aio.scale(name, replicas, if_revision=if_revision, if_replicas=if_replicas))
 
     def delete(self, name: str) -> None:
         self._loop.run(self.aio.delete(name))

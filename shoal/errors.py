@@ -10,6 +10,7 @@ codes, :data:`HTTP_STATUS` to HTTP. Nothing else converts errors.
     +-- AlreadyExists
     +-- FailedPrecondition   the call is valid but not now (e.g. replica draining)
     |   +-- RevisionConflict an apply's if_revision is not the deployment's revision (HTTP 409)
+    |   +-- ReplicasConflict a scale's if_replicas is not the deployment's count (HTTP 409)
     +-- ResourceExhausted    a queue or limit is full: back off and retry later
     |   +-- LimitReached     the head holds as many of a kind as a setting allows (HTTP 409)
     +-- DeadlineExceeded     the request's timeout passed before an answer
@@ -134,6 +135,16 @@ class RevisionConflict(FailedPrecondition):
     """An apply that names the revision it expects (``if_revision``) when the deployment is at
     another one, or exists when it should not: nothing was applied. FAILED_PRECONDITION over
     gRPC; 409 (Conflict) over HTTP, as Kubernetes answers a stale ``resourceVersion``."""
+
+    @property
+    def http_status(self) -> int:
+        return 409
+
+
+class ReplicasConflict(FailedPrecondition):
+    """A scale that names the replica count it expects (``if_replicas``) when the deployment
+    has another one: nothing was scaled. FAILED_PRECONDITION over gRPC; 409 (Conflict) over
+    HTTP, as Kubernetes refuses ``kubectl scale --current-replicas`` that does not match."""
 
     @property
     def http_status(self) -> int:

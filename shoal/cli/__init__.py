@@ -52,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="scale only if the deployment is at revision N now (its spec did not change since "
         "you read it); otherwise fail naming its revision, changing nothing",
     )
+    p.add_argument(
+        "--if-replicas",
+        type=int,
+        metavar="N",
+        help="scale only if the deployment's replica count is N now (nobody scaled it since you "
+        "read it, as kubectl scale --current-replicas); otherwise fail naming its count, "
+        "changing nothing",
+    )
     add_client_flags(p)
     p.set_defaults(fn=cmd_scale)
 

@@ -15,6 +15,7 @@ import numpy as np
 from shoal.cli.common import INT32_MAX, in_range, text_table, with_client
 from shoal.config import Settings
 from shoal.core import yamldoc
+from shoal.core.spec import MAX_REPLICAS
 from shoal.errors import InvalidArgument
 
 
@@ -22,9 +23,13 @@ def cmd_scale(args: argparse.Namespace) -> int:
     in_range("replicas", args.replicas, INT32_MAX)
     if args.if_revision is not None:
         in_range("--if-revision", args.if_revision, INT32_MAX)
+    if args.if_replicas is not None:
+        in_range("--if-replicas", args.if_replicas, MAX_REPLICAS)
 
     async def go(client: Any, settings: Settings) -> int:
-        await client.scale(args.name, args.replicas, if_revision=args.if_revision)
+        await client.scale(
+            args.name, args.replicas, if_revision=args.if_revision, if_replicas=args.if_replicas
+        )
         print(f"deployment {args.name} scaled to {args.replicas}")
         return 0
 

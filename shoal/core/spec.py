@@ -732,3 +732,14 @@ def describe_change(old: DeploymentSpec | None, new: DeploymentSpec) -> str:
     if others:
         parts.append(f"{', '.join(others)} changed")
     return "; ".join(parts) or "unchanged"
+
+
+def check_if_replicas(value: object) -> int:
+    """A scale's ``if_replicas`` (the replica count the deployment must have for the scale to
+    go through) as an integer; InvalidArgument for one that is no integer from 0 to
+    :data:`MAX_REPLICAS`: no deployment can have that many, so the scale could never pass."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_REPLICAS:
+        raise InvalidArgument(
+            f"if_replicas must be an integer from 0 to {MAX_REPLICAS}, got {limits.short_repr(value)}"
+        )
+    return value

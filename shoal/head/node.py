@@ -48,7 +48,7 @@ from shoal.core.cluster import (
 )
 from shoal.core.model_dirs import check_deployable
 from shoal.core.placement import Capacity
-from shoal.core.spec import DeploymentSpec, describe_change, parse_spec, parse_spec_json
+from shoal.core.spec import DeploymentSpec, check_if_replicas, describe_change, parse_spec, parse_spec_json
 from shoal.core.states import ReplicaState
 from shoal.core.stats import Point, SeriesRecorder, Snapshot, Window, latest
 from shoal.core.status import ClusterEvent, ClusterStatus, DeploymentStatus, ReplicaStatus, SchedulerStatus
@@ -60,6 +60,7 @@ from shoal.errors import (
     InvalidArgument,
     LimitReached,
     NotFound,
+    ReplicasConflict,
     RevisionConflict,
     ShoalError,
     Unavailable,
@@ -721,7 +722,9 @@ class HeadNode:
                 log.error("deployment %s failed and cannot be rolled back: %s", name, err)
         await batch.commit(self.store)
 
-    async def scale(self, name: str, replicas: int, if_revision: int | None = None) -> None:
+    async def scale(
+        self, name: str, replicas: int, if_revision: int | None = None, if_replicas: int | None = None
+    ) -> None:
         """Set a deployment's fixed replica count. NotFound for an unknown name;
         FailedPrecondition for a broken deployment, and for an autoscaled one (the autoscaler
         owns its count: a stored ``replicas`` would change nothing); InvalidArgument for a
@@ -730,9 +733,14 @@ class HeadNode:
         ``if_revision``: scale only if the deployment is at that revision now, as ``apply``
         checks it (RevisionConflict otherwise, nothing changes): a count chosen for a spec that
         has changed since is refused. A scale makes no revision, so it does not guard against
-        another scale."""
+        another scale: ``if_replicas`` does. Scale only if the deployment's replica count (its
+        spec's ``replicas``, the count it is scaled to, not how many run now) is that now
+        (ReplicasConflict otherwise, nothing changes): of two scales from the same count, one
+        goes through. Both are checked under the lock that the write is made under."""
         if if_revision is not None:
             check_if_revision(if_revision)
+        if if_replicas is not None:
+            check_if_replicas(if_replicas)
         async with self.lock:
             spec = self._get(name)
             if if_revision is not None:
@@ -743,6 +751,13 @@ class HeadNode:
                     f"deployment {name!r} is autoscaled: the autoscaler sets its replica count between "
                     f"min_replicas {policy.min_replicas} and max_replicas {policy.max_replicas}; to change "
                     "that, edit autoscaling in its spec (or remove it for a fixed count) and deploy it"
+                )
+            if if_replicas is not None and spec.replicas != if_replicas:
+                raise ReplicasConflict(
+                    f"deployment {name!r} is scaled to {spec.replicas} replicas, not {if_replicas}: "
+                    f"nothing was scaled; its count changed since it was read ('shoal events {name}' "
+                    f"shows what changed it): scale again with if_replicas {spec.replicas} if "
+                    f"{replicas} still fits"
                 )
             new = parse_spec({**spec.model_dump(mode="json"), "replicas": replicas})
             batch = Batch()

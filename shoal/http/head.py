@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from shoal import __version__, metrics
 from shoal.auth import RateLimiter
 from shoal.core import limits, stats
-from shoal.core.spec import DeploymentSpec, parse_spec_json
+from shoal.core.spec import MAX_REPLICAS, DeploymentSpec, parse_spec_json
 from shoal.core.traffic import TrafficRoute, parse_route
 from shoal.errors import BodyTooLarge, InvalidArgument, NotFound, ShoalError
 from shoal.head.node import HeadNode
@@ -199,7 +199,11 @@ def head_app(node: HeadNode, limiter: RateLimiter | None = None) -> Starlette:
         replicas = _only(await _json_body(request), ("replicas",), shape).get("replicas")
         if not isinstance(replicas, int) or isinstance(replicas, bool):
             raise InvalidArgument(f"body must be {shape}")
-        await node.scale(request.path_params["name"], replicas, _if_revision(request))
+        if_revision = _if_revision(request, ("if_revision", "if_replicas"))
+        if_replicas = None
+        if "if_replicas" in request.query_params:
+            if_replicas = _int_param(request, "if_replicas", 0, 0, MAX_REPLICAS)
+        await node.scale(request.path_params["name"], replicas, if_revision, if_replicas)
         return JSONResponse({"name": request.path_params["name"], "replicas": replicas})
 
     async def delete(request: Request) -> Response:
@@ -394,12 +398,16 @@ def _window_doc(recent: stats.Window) -> dict[str, Any]:
     return {**asdict(recent), "error_rate": recent.error_rate}
 
 
-def _if_revision(request: Request) -> int | None:
-    """The ``if_revision`` query parameter of an apply or a scale (None: absent). Another
-    query parameter is refused: a misspelt ``?if_revison=3`` would change it unchecked."""
-    unknown = sorted(set(request.query_params) - {"if_revision"})
+def _if_revision(request: Request, known: tuple[str, ...] = ("if_revision",)) -> int | None:
+    """The ``if_revision`` query parameter of an apply or a scale (None: absent). A query
+    parameter not in ``known`` is refused: a misspelt ``?if_revison=3`` would change it
+    unchecked."""
+    unknown = sorted(set(request.query_params) - set(known))
     if unknown:
-        raise InvalidArgument(f"unknown query parameter {unknown[0]!r}: only if_revision is known")
+        are = "is" if len(known) == 1 else "are"
+        raise InvalidArgument(
+            f"unknown query parameter {unknown[0]!r}: only {' and '.join(known)} {are} known"
+        )
     if "if_revision" not in request.query_params:
         return None
     return _int_param(request, "if_revision", 0, 0, MAX_REVISION)
@@ -524,10 +532,12 @@ def openapi_schema() -> dict[str, Any]:
                 "parameters": name,
                 "post": {
                     "summary": "Set the replica count. With if_revision: only if the deployment is at "
-                    "that revision now (its spec did not change since it was read), else 409 and "
-                    "nothing changes",
+                    "that revision now (its spec did not change since it was read); with "
+                    "if_replicas: only if its replica count (its spec's replicas) is that now (it "
+                    "was not scaled since it was read); else 409 and nothing changes",
                     "parameters": [
-                        _query("if_revision", {"type": "integer", "minimum": 0, "maximum": MAX_REVISION})
+                        _query("if_revision", {"type": "integer", "minimum": 0, "maximum": MAX_REVISION}),
+                        _query("if_replicas", {"type": "integer", "minimum": 0, "maximum": MAX_REPLICAS}),
                     ],
                     "requestBody": {
                         "required": True,
@@ -544,9 +554,12 @@ def openapi_schema() -> dict[str, Any]:
                     },
                     "responses": {
                         "200": ok("scaled"),
-                        "400": err("invalid count or if_revision, or an autoscaled deployment"),
+                        "400": err("invalid count, if_revision or if_replicas, or an autoscaled deployment"),
                         "404": err("unknown"),
-                        "409": err("if_revision is not the deployment's revision: the message names it"),
+                        "409": err(
+                            "if_revision is not the deployment's revision, or if_replicas not its "
+                            "count: the message names it"
+                        ),
                     },
                 },
             },

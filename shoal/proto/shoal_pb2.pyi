@@ -924,6 +924,7 @@ class ScaleDeploymentRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     REPLICAS_FIELD_NUMBER: _builtins.int
     IF_REVISION_FIELD_NUMBER: _builtins.int
+    IF_REPLICAS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     replicas: _builtins.int
     if_revision: _builtins.int
@@ -931,19 +932,30 @@ class ScaleDeploymentRequest(_message.Message):
     makes no revision: it refuses a count chosen for a spec that changed since, not another
     scale). Absent: no check.
     """
+    if_replicas: _builtins.int
+    """Scale only if the deployment's replica count (its spec's replicas) is this now, as
+    kubectl scale --current-replicas: of two scales from the same count, one goes through.
+    Absent: no check.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         replicas: _builtins.int = ...,
         if_revision: _builtins.int | None = ...,
+        if_replicas: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_if_revision", b"_if_revision", "if_revision", b"if_revision"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_if_replicas", b"_if_replicas", "_if_revision", b"_if_revision", "if_replicas", b"if_replicas", "if_revision", b"if_revision"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_if_revision", b"_if_revision", "if_revision", b"if_revision", "name", b"name", "replicas", b"replicas"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_if_replicas", b"_if_replicas", "_if_revision", b"_if_revision", "if_replicas", b"if_replicas", "if_revision", b"if_revision", "name", b"name", "replicas", b"replicas"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__if_replicas: _TypeAlias = _typing.Literal["if_replicas"]  # noqa: Y015
+    _WhichOneofArgType__if_replicas: _TypeAlias = _typing.Literal["_if_replicas", b"_if_replicas"]  # noqa: Y015
     _WhichOneofReturnType__if_revision: _TypeAlias = _typing.Literal["if_revision"]  # noqa: Y015
     _WhichOneofArgType__if_revision: _TypeAlias = _typing.Literal["_if_revision", b"_if_revision"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__if_replicas) -> _WhichOneofReturnType__if_replicas | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__if_revision) -> _WhichOneofReturnType__if_revision | None: ...
 
 Global___ScaleDeploymentRequest: _TypeAlias = ScaleDeploymentRequest  # noqa: Y015

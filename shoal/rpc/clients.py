@@ -693,11 +693,19 @@ class ControlClient:
         assert isinstance(reply, pb.ApplyDeploymentReply)
         return reply
 
-    async def scale(self, name: str, replicas: int, if_revision: int | None = None) -> None:
+    async def scale(
+        self, name: str, replicas: int, if_revision: int | None = None, if_replicas: int | None = None
+    ) -> None:
         """Set the replica count; with ``if_revision``, only if the deployment is at that
-        revision, else FailedPrecondition (``HeadNode.scale``)."""
-        request = pb.ScaleDeploymentRequest(name=name, replicas=replicas, if_revision=if_revision)
-        await self._call("ScaleDeployment", request, "" if if_revision is None else _changed(name))
+        revision, with ``if_replicas`` only if it has that count, else FailedPrecondition
+        (``HeadNode.scale``). Either makes it a call not to send twice: a second would be
+        refused after the first went through."""
+        request = pb.ScaleDeploymentRequest(
+            name=name, replicas=replicas, if_revision=if_revision, if_replicas=if_replicas
+        )
+        guarded = if_revision is not None or if_replicas is not None
+        once = f"scaled deployment {name!r}: 'shoal events {name}' shows each scale" if guarded else ""
+        await self._call("ScaleDeployment", request, once)
 
     async def delete(self, name: str) -> None:
         await self._call(

@@ -219,7 +219,8 @@ class HeadService(pbg.HeadServicer):
             await abort(context, InvalidArgument(f"replicas must be >= 0, got {request.replicas}"))
         try:
             if_revision = request.if_revision if request.HasField("if_revision") else None
-            await self.node.scale(request.name, request.replicas, if_revision)
+            if_replicas = request.if_replicas if request.HasField("if_replicas") else None
+            await self.node.scale(request.name, request.replicas, if_revision, if_replicas)
         except ShoalError as err:
             await abort(context, err)
         return pb.Empty()

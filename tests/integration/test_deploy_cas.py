@@ -5,6 +5,7 @@ first and neither learnt of it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -118,3 +119,35 @@ async def test_an_if_revision_from_before_a_delete_is_refused_after_the_name_is_
         )
         assert fresh.returncode == 0, fresh
         assert (await c.status(("echo",))).deployments[0].spec["replicas"] == 3
+
+
+async def test_of_two_scales_at_once_from_the_same_count_one_goes_through_over_grpc_and_the_cli(
+    head: ProcessCluster,
+) -> None:
+    # Two clients read 1 replica; one means 2, the other 3. Before, both went through (if_revision
+    # cannot tell them apart: a scale makes no revision) and the last silently won.
+    async with shoal.AsyncClient(head.head_address) as a, shoal.AsyncClient(head.head_address) as b:
+        await a.deploy(echo(), wait=False)
+        seen = (await a.status(("echo",))).deployments[0].spec["replicas"]
+        assert seen == 1
+        results = await asyncio.gather(
+            a.scale("echo", 2, if_replicas=seen), b.scale("echo", 3, if_replicas=seen), return_exceptions=True
+        )
+        lost = [r for r in results if isinstance(r, FailedPrecondition)]
+        assert results.count(None) == 1 and len(lost) == 1, results
+        now = (await a.status(("echo",))).deployments[0].spec["replicas"]
+        assert now in (2, 3)
+        assert f"'echo' is scaled to {now} replicas, not 1: nothing was scaled" in str(lost[0])
+        assert [e.kind for e in await a.events("echo")].count("scaled") == 1
+
+        stale = shoal_cli(head.head_address, "scale", "echo", "4", "--if-replicas", "1")
+        absurd = shoal_cli(head.head_address, "scale", "echo", "4", "--if-replicas", "-1")
+        fresh = shoal_cli(head.head_address, "scale", "echo", "4", "--if-replicas", str(now))
+        assert stale.returncode == 1, stale
+        assert f"deployment 'echo' is scaled to {now} replicas, not 1: nothing was scaled" in stale.stderr
+        assert (
+            absurd.returncode != 0
+            and "--if-replicas must be an integer from 0 to 1000, got -1" in absurd.stderr
+        )
+        assert fresh.returncode == 0, fresh
+        assert (await a.status(("echo",))).deployments[0].spec["replicas"] == 4

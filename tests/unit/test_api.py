@@ -276,6 +276,15 @@ def test_an_argument_its_message_cannot_carry_is_invalid_before_anything_is_sent
                 "replicas must be an integer from 0 to 2147483647, got 1.5",
             ),
             (lambda: c.scale("echo", -1), "replicas must be an integer from 0 to 2147483647, got -1"),
+            # Past the most replicas a deployment can have: a count it could never be at.
+            (
+                lambda: c.scale("echo", 2, if_replicas=-1),
+                "if_replicas must be an integer from 0 to 1000, got -1",
+            ),
+            (
+                lambda: c.scale("echo", 2, if_replicas=2**40),
+                "if_replicas must be an integer from 0 to 1000, got 1099511627776",
+            ),
             (
                 lambda: c.rollback("echo", 2**31),
                 "revision must be an integer from 0 to 2147483647, got 2147483648",
@@ -311,7 +320,9 @@ class _SchedulerGone:
     async def status(self) -> object:
         return object()
 
-    async def scale(self, name: str, replicas: int, if_revision: int | None = None) -> None:
+    async def scale(
+        self, name: str, replicas: int, if_revision: int | None = None, if_replicas: int | None = None
+    ) -> None:
         raise Unavailable("scheduler sched-1 is not reachable")
 
     async def close(self) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 import httpx
 import pytest
@@ -16,7 +16,7 @@ import pytest
 from shoal.config import Settings
 from shoal.core.clock import FakeClock
 from shoal.core.spec import DeploymentSpec, parse_spec, parse_spec_json
-from shoal.errors import InvalidArgument, NotFound, RevisionConflict
+from shoal.errors import FailedPrecondition, InvalidArgument, NotFound, ReplicasConflict, RevisionConflict
 from shoal.head.node import ApplyResult, HeadNode
 from shoal.http.head import head_app
 from shoal.store import MemoryStore
@@ -228,9 +228,85 @@ async def test_the_rest_scale_takes_if_revision_and_answers_409(head: HeadNode) 
     assert bad.status_code == 400
     assert bad.json()["error"].startswith("if_revision must be an integer from 0 to 2147483647")
     assert misspelt.status_code == 400
-    assert misspelt.json()["error"] == "unknown query parameter 'if_revison': only if_revision is known"
+    assert misspelt.json()["error"] == (
+        "unknown query parameter 'if_revison': only if_revision and if_replicas are known"
+    )
     assert (fresh.status_code, fresh.json()) == (200, {"name": "app", "replicas": 2})
     assert head.desired["app"].replicas == 2
     post = schema["paths"]["/api/deployments/{name}/scale"]["post"]
-    assert [p["name"] for p in post["parameters"]] == ["if_revision"]
+    assert [p["name"] for p in post["parameters"]] == ["if_revision", "if_replicas"]
     assert "409" in post["responses"]
+
+
+async def test_of_two_scales_at_once_from_the_same_count_one_wins(
+    head: HeadNode, store: MemoryStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two operators both read 3 replicas; one means +1, the other +2. Before, both went
+    # through (a scale makes no revision for if_revision to tell apart): the last won unseen.
+    await head.apply(make_spec(replicas=3))
+    commit = store.commit
+
+    async def slow_commit(puts: Mapping[str, str], deletes: Sequence[str] = ()) -> int:
+        for _ in range(5):  # a write takes time, as on SQLite or etcd: the other scale runs meanwhile
+            await asyncio.sleep(0)
+        return await commit(puts, deletes)
+
+    monkeypatch.setattr(store, "commit", slow_commit)
+    results = await asyncio.gather(
+        head.scale("app", 4, if_replicas=3), head.scale("app", 5, if_replicas=3), return_exceptions=True
+    )
+    lost = [r for r in results if isinstance(r, ReplicasConflict)]
+    assert results.count(None) == 1 and len(lost) == 1, results
+    now = head.desired["app"].replicas
+    assert now in (4, 5)
+    assert str(lost[0]) == (
+        f"deployment 'app' is scaled to {now} replicas, not 3: nothing was scaled; its count changed "
+        f"since it was read ('shoal events app' shows what changed it): scale again with if_replicas "
+        f"{now} if {9 - now} still fits"
+    )
+    assert lost[0].http_status == 409
+    assert [e.kind for e in head.history.events("app")] == ["created", "scaled"]
+
+    await head.scale("app", 6, if_replicas=now)  # from the count it has now: goes through
+    assert head.desired["app"].replicas == 6
+
+
+async def test_if_replicas_is_bounded_and_an_autoscaled_deployment_is_refused_either_way(
+    head: HeadNode,
+) -> None:
+    await head.apply(make_spec(replicas=2))
+    for bad in (-1, 1001, True, 2.0):
+        with pytest.raises(InvalidArgument, match=r"if_replicas must be an integer from 0 to 1000, got"):
+            await head.scale("app", 3, if_replicas=bad)  # type: ignore[arg-type]
+    with pytest.raises(NotFound):
+        await head.scale("nothing", 3, if_replicas=2)
+    assert head.desired["app"].replicas == 2
+
+    # An autoscaled deployment's count is the autoscaler's: no scale goes through, if_replicas
+    # or not, and the refusal says why rather than naming a count.
+    await head.apply(make_spec(name="auto", autoscaling={"min_replicas": 1, "max_replicas": 4}))
+    with pytest.raises(FailedPrecondition, match="'auto' is autoscaled") as err:
+        await head.scale("auto", 3, if_replicas=1)
+    assert not isinstance(err.value, ReplicasConflict)
+
+
+async def test_the_rest_scale_takes_if_replicas_and_answers_409(head: HeadNode) -> None:
+    await head.apply(make_spec(replicas=3))
+    transport = httpx.ASGITransport(app=head_app(head))
+    async with httpx.AsyncClient(transport=transport, base_url="http://head") as client:
+        first = await client.post("/api/deployments/app/scale?if_replicas=3", json={"replicas": 4})
+        second = await client.post("/api/deployments/app/scale?if_replicas=3", json={"replicas": 5})
+        bad = await client.post("/api/deployments/app/scale?if_replicas=5000", json={"replicas": 5})
+        both = await client.post(
+            "/api/deployments/app/scale?if_replicas=4&if_revision=1", json={"replicas": 2}
+        )
+
+    assert (first.status_code, first.json()) == (200, {"name": "app", "replicas": 4})
+    assert second.status_code == 409
+    assert second.json()["error"].startswith(
+        "deployment 'app' is scaled to 4 replicas, not 3: nothing was scaled"
+    )
+    assert bad.status_code == 400
+    assert bad.json()["error"] == "if_replicas must be an integer from 0 to 1000, got '5000'"
+    assert both.status_code == 200
+    assert head.desired["app"].replicas == 2
