@@ -291,6 +291,11 @@ class Settings:
     """Most megabytes of blobs the head keeps in all (whole, and uploads in progress or
     dropped, at the size they announced); an upload past it is refused. Uploads are also
     refused when they would leave under 1 GB free on the disk of ``<state_dir>/blobs``."""
+    max_blobs: int = 10000
+    """Most blobs the head keeps in all (whole, and uploads in progress or dropped); an upload
+    of one more is refused (``LimitReached``, RESOURCE_EXHAUSTED), an upload that continues
+    one kept is not. Each is a file under ``<state_dir>/blobs`` that every upload's
+    admission looks at (10,000: 50 ms of a worker thread per upload taken)."""
     blob_grace_s: float = 3600.0
     """The head deletes a blob no deployment and no kept revision names once it has gone
     unnamed this long (and a dropped upload this long after its last byte)."""
@@ -504,6 +509,7 @@ _RANGES: dict[str, _Range] = {
     "artifact_cache_mb": _NATURAL,
     "max_blob_mb": _NATURAL,
     "max_blobs_mb": _NATURAL,
+    "max_blobs": _ONE_OR_MORE,
     # The head collects unnamed blobs every min(60 s, this): 0 would collect without pause.
     "blob_grace_s": _POSITIVE,
 }

@@ -162,7 +162,7 @@ class ResourceExhausted(ShoalError):
 
 class LimitReached(ResourceExhausted):
     """A create past a bound on what the head keeps (``max_deployments``, ``max_routes``,
-    ``max_tokens``, ``max_specs_mb``, ``max_schedulers``): nothing was written.
+    ``max_tokens``, ``max_specs_mb``, ``max_schedulers``, ``max_blobs``): nothing was written.
     RESOURCE_EXHAUSTED over gRPC; 409 (Conflict) over HTTP, not 503 or 429: those say "retry
     shortly", and retrying cannot help until a client deletes something or an operator
     raises the setting. Clients retry neither 409 nor

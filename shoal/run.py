@@ -158,6 +158,7 @@ async def start_head(
         max_bytes=settings.max_blob_mb * 2**20,
         grace_s=settings.blob_grace_s,
         max_total=settings.max_blobs_mb * 2**20,
+        max_count=settings.max_blobs,
     )
     node.blobs = blobs
     pbg.add_BlobServicer_to_server(HeadBlobService(blobs, node), server)

@@ -10,7 +10,8 @@ the head still keeps them on its own disk):
 Bounded: an upload is refused (ResourceExhausted, keeping nothing) when the blobs held
 (whole, and partial uploads counted at the size they announced) would pass ``max_total``,
 or when its bytes would leave less than ``keep_free`` free on the disk, where the state
-file lies too.
+file lies too; and (LimitReached) when ``max_count`` blobs, whole and partial, are held
+besides it: announcing a byte and sending none kept a file each, without end.
 
 Collected (:meth:`BlobStore.collect`): a blob that no deployment and no kept revision names
 is deleted once it has gone unnamed for ``grace_s`` (counted from its upload, or from the
@@ -59,7 +60,7 @@ from shoal.core.blobs import CHUNK, HEX, check_hex, file_sha256, parse_uri, read
 from shoal.core.cluster import ALIVE
 from shoal.core.spec import DeploymentSpec, parse_spec_json, uri_scheme
 from shoal.core.tasks import TaskSet
-from shoal.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from shoal.errors import InvalidArgument, LimitReached, NotFound, ResourceExhausted, Unavailable
 
 if TYPE_CHECKING:
     from shoal.head.node import HeadNode
@@ -163,8 +164,8 @@ def standby_holder(head_address: str) -> str:
 
 class BlobStore:
     """See the module's docstring. ``max_bytes``: the largest blob an upload may send;
-    ``max_total``: the most bytes of blobs held in all; ``keep_free``: the bytes an upload
-    must leave free on the disk."""
+    ``max_total``: the most bytes of blobs held in all; ``max_count``: the most blobs held,
+    whole and partial; ``keep_free``: the bytes an upload must leave free on the disk."""
 
     def __init__(
         self,
@@ -173,12 +174,14 @@ class BlobStore:
         max_bytes: int,
         grace_s: float,
         max_total: int = 50 * 2**30,
+        max_count: int = 10_000,
         keep_free: int = KEEP_FREE,
     ) -> None:
         self.root = root
         self.max_bytes = max_bytes
         self.grace_s = grace_s
         self.max_total = max_total
+        self.max_count = max_count
         self.keep_free = keep_free
         self._sizes: dict[str, int] = {}  # partial uploads' declared sizes
         self._named_at: dict[str, float] = {}  # blob -> when it was last found named
@@ -193,7 +196,10 @@ class BlobStore:
         # A blob asked for that this head lacks whole (lost from its disk, or just deleted as
         # damaged): the mirror (shoal.head.blob_mirror) fetches it back from a holder.
         self.on_missing: Callable[[str], None] = lambda sha256: None
+        # Uploads of one blob take turns: its lock, while any upload of it runs or waits
+        # (dropped after, or a refused hash would stay for good), and how many do.
         self._locks: dict[str, asyncio.Lock] = {}
+        self._lock_users: Counter[str] = Counter()
         self._admitting = asyncio.Lock()  # one upload at a time is counted against the bounds
         self._tasks = TaskSet("blobs")
 
@@ -425,8 +431,16 @@ class BlobStore:
                 f"blob sha256:{sha256} is {size} bytes; this head takes blobs of at most "
                 f"{self.max_bytes // 2**20} MB (setting max_blob_mb)"
             )
-        async with self._locks.setdefault(sha256, asyncio.Lock()):
-            return await self._receive(sha256, size, offset, chunks)
+        lock = self._locks.setdefault(sha256, asyncio.Lock())
+        self._lock_users[sha256] += 1
+        try:
+            async with lock:
+                return await self._receive(sha256, size, offset, chunks)
+        finally:
+            self._lock_users[sha256] -= 1
+            if self._lock_users[sha256] <= 0:
+                del self._lock_users[sha256]
+                self._locks.pop(sha256, None)
 
     async def _receive(self, sha256: str, size: int, offset: int, chunks: AsyncIterable[bytes]) -> BlobInfo:
         info = self.stat(sha256)
@@ -501,8 +515,19 @@ class BlobStore:
 
     async def _admit(self, sha256: str, size: int, have: int) -> None:
         """ResourceExhausted unless ``size`` bytes of ``sha256`` (``have`` of them here
-        already) fit within ``max_total`` and leave ``keep_free`` on the disk."""
+        already) fit within ``max_total`` and leave ``keep_free`` on the disk; LimitReached
+        when ``max_count`` other blobs (whole, and uploads in progress or dropped) are held."""
         async with self._admitting:
+            # Counted from the names first (6 ms at 10,000): a client refused in a loop must
+            # not hold the admission a stat of every file long (50 ms at 10,000) each time.
+            count = await asyncio.to_thread(self._count, sha256)
+            if count >= self.max_count:
+                raise LimitReached(
+                    f"the head holds {count} blobs (whole, and uploads in progress or dropped), its "
+                    f"limit (setting max_blobs): blob sha256:{sha256} was not taken; delete the "
+                    "deployments that name old ones (their blobs go blob_grace_s later, and a dropped "
+                    "upload blob_grace_s after its last byte), or raise max_blobs"
+                )
             held, coming = await asyncio.to_thread(self._usage, sha256)
             if held + size > self.max_total:
                 raise ResourceExhausted(
@@ -519,6 +544,15 @@ class BlobStore:
                     "bytes free): the head's state file needs it; free space there, or delete the "
                     "deployments that name old blobs (they go blob_grace_s later)"
                 )
+
+    def _count(self, sha256: str) -> int:
+        """How many blobs but ``sha256`` are held whole or partial, or being uploaded. Makes
+        the root."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        names = {n for n in os.listdir(self.root) if HEX.match(n)}
+        partial = self.root / "partial"
+        names.update(os.listdir(partial) if partial.is_dir() else ())
+        return len((names | self._writing) - {sha256})
 
     def _usage(self, sha256: str) -> tuple[int, int]:
         """The bytes of the blobs held or being uploaded but ``sha256`` (a partial upload at
@@ -568,7 +602,6 @@ class BlobStore:
                 self._named_at.pop(blob, None)
                 for holder in self._holders.pop(blob, set()):
                     self._held.get(holder, set()).discard(blob)
-                self._locks.pop(blob, None)
                 gone.append(blob)
         partial = self.root / "partial"
         for path in partial.iterdir() if partial.is_dir() else ():
@@ -578,7 +611,6 @@ class BlobStore:
                 if now - path.stat().st_mtime >= self.grace_s:
                     path.unlink(missing_ok=True)
                     self._sizes.pop(path.name, None)
-                    self._locks.pop(path.name, None)
             except FileNotFoundError:
                 continue
         if gone:

@@ -13,11 +13,14 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import joblib
 import numpy as np
 import pytest
 import pytest_asyncio
 
+from shoal.proto import shoal_pb2 as pb
+from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.testing.cluster import ProcessCluster
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.asyncio(loop_scope="module")]
@@ -169,3 +172,35 @@ async def test_an_upload_past_the_heads_total_of_blobs_is_refused(tmp_path: Path
         assert "would pass its limit of 2 MB (setting max_blobs_mb)" in outs[1].stderr
         assert "Traceback" not in outs[1].stderr
         assert [d["name"] for d in (await small.status())["deployments"]] == ["first"]
+
+
+async def test_an_upload_past_the_heads_number_of_blobs_is_refused(tmp_path: Path) -> None:
+    """Their bytes were bounded, their number was not: uploads that announced a byte and
+    sent none kept a file each under the head's ``<state>/blobs/partial``."""
+    async with ProcessCluster(tmp_path / "cluster", schedulers=0, env={"SHOAL_MAX_BLOBS": "2"}) as small:
+
+        async def announce(sha: str) -> pb.BlobStat:
+            async def chunks() -> AsyncIterator[pb.BlobChunk]:
+                yield pb.BlobChunk(sha256=sha, size=1)
+
+            async with grpc.aio.insecure_channel(small.head_address) as channel:
+                return await pbg.BlobStub(channel).Upload(chunks(), timeout=10)
+
+        for sha in ("1" * 64, "2" * 64):
+            assert (await announce(sha)).have == 0
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await announce("3" * 64)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert (refused.value.details() or "").startswith(
+            "the head holds 2 blobs (whole, and uploads in progress or dropped), its limit "
+            "(setting max_blobs)"
+        )
+        assert (await announce("1" * 64)).have == 0  # one it holds is taken as ever
+
+        (tmp_path / "m.joblib").write_bytes(b"model")
+        (tmp_path / "m.yaml").write_text("name: m\nbackend: sklearn\nmodel: m.joblib\nreplicas: 0\n")
+        out = await shoal_deploy(small, "--upload", "--no-wait", str(tmp_path / "m.yaml"))
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert "its limit (setting max_blobs)" in out.stderr and "Traceback" not in out.stderr
+        partial = tmp_path / "cluster" / "head" / "blobs" / "partial"
+        assert sorted(p.name for p in partial.iterdir()) == ["1" * 64, "2" * 64]

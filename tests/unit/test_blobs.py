@@ -7,7 +7,9 @@ import asyncio
 import hashlib
 import logging
 import os
+import secrets
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,7 +20,14 @@ from shoal.core.blobs import BlobRef, pack, parse_uri, unpack
 from shoal.core.clock import FakeClock
 from shoal.core.model_dirs import check_deployable
 from shoal.core.spec import parse_spec
-from shoal.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from shoal.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    LimitReached,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from shoal.head.blobs import BlobStore, in_use
 from shoal.head.node import HeadNode
 from shoal.scheduler.artifacts import ArtifactCache
@@ -196,6 +205,46 @@ async def test_the_head_refuses_an_upload_past_its_total_of_blobs_or_into_its_la
     with pytest.raises(ResourceExhausted, match=r"would leave less than .* free on the disk"):
         await full.receive(shas[2], 10_000, 0, chunks_of(blobs[2]))
     assert full.stat(shas[2]).have == 0
+
+
+async def test_the_head_refuses_an_upload_past_its_number_of_blobs_and_forgets_what_it_refused(
+    tmp_path: Path,
+) -> None:
+    """Bytes were bounded (max_blobs_mb, at the size each upload announced), the number of
+    blobs was not: an upload announcing 1 byte and sending none kept a file under
+    ``partial/`` each, until blob_grace_s (3,000 such: 3,000 files, each upload's admission
+    1.8 ms at first and 16 ms at the end). Whole blobs and uploads in progress or dropped count."""
+    store = BlobStore(tmp_path / "blobs", max_bytes=1_000_000, grace_s=100.0, max_count=3)
+    blobs = [os.urandom(100) for _ in range(4)]
+    shas = [hashlib.sha256(b).hexdigest() for b in blobs]
+    assert (await store.receive(shas[0], 100, 0, chunks_of(blobs[0]))).complete
+    assert not (await store.receive(shas[1], 100, 0, chunks_of(b""))).complete  # announced, none sent
+    with pytest.raises(ConnectionResetError):  # dropped after 10 bytes
+        await store.receive(shas[2], 100, 0, chunks_of(blobs[2], size=10, fail_after=10))
+    strangers = [secrets.token_hex(32) for _ in range(5)]
+    for sha in strangers:
+        with pytest.raises(LimitReached) as refused:
+            await store.receive(sha, 1, 0, chunks_of(b""))
+    assert str(refused.value) == (
+        f"the head holds 3 blobs (whole, and uploads in progress or dropped), its limit (setting "
+        f"max_blobs): blob sha256:{strangers[-1]} was not taken; delete the deployments that name old "
+        "ones (their blobs go blob_grace_s later, and a dropped upload blob_grace_s after its last "
+        "byte), or raise max_blobs"
+    )
+    assert refused.value.http_status == 409
+    assert sorted(p.name for p in (tmp_path / "blobs" / "partial").iterdir()) == sorted(shas[1:3])
+    assert not store._locks and not store._lock_users  # nothing kept of what was refused
+
+    # The blobs it holds are taken as ever: one whole again, the partial ones continued.
+    assert (await store.receive(shas[0], 100, 0, chunks_of(blobs[0]))).complete
+    assert (await store.receive(shas[1], 100, 0, chunks_of(blobs[1]))).complete
+    assert (await store.receive(shas[2], 100, 10, chunks_of(blobs[2][10:]))).complete
+    # One collected (named by no deployment for blob_grace_s) makes room.
+    assert (await store.collect({shas[0], shas[1]}, time.time() + 50)) == []
+    with pytest.raises(LimitReached):
+        await store.receive(shas[3], 100, 0, chunks_of(blobs[3]))
+    assert await store.collect({shas[0], shas[1]}, time.time() + 150) == [shas[2]]
+    assert (await store.receive(shas[3], 100, 0, chunks_of(blobs[3]))).complete
 
 
 async def test_blobs_no_deployment_or_kept_revision_names_are_collected_after_the_grace(
