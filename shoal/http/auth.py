@@ -31,7 +31,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shoal import auth
 from shoal.config import Settings
-from shoal.errors import BodyTooLarge, Code, ResourceExhausted, ShoalError
+from shoal.core import limits
+from shoal.errors import BodyTooLarge, Code, InvalidArgument, PermissionDenied, ResourceExhausted, ShoalError
+from shoal.http.browser import SAFE_METHODS, cross_site
 from shoal.http.jsonbody import TooManyValues, parse_json
 
 OPEN_PATHS = ("/", "/healthz", "/openapi.json", "/docs")
@@ -119,7 +121,7 @@ class ControlGuard:
         client = scope.get("client")
         host = client[0] if client else ""
         token = None
-        error: ShoalError | None = None
+        error: ShoalError | None = _browser_refusal(scope)
         try:
             token = auth.check_control(
                 self.tokens,
@@ -130,7 +132,7 @@ class ControlGuard:
                 vouched=self.tls and client_cert_role(scope) in BOOTSTRAP_ROLES,
             )
         except ShoalError as err:
-            error = err
+            error = error or err
         if not self.limiter.allow(auth.client_key(token, host)):
             error = ResourceExhausted(self.limiter.message)
         if error is not None:
@@ -139,6 +141,27 @@ class ControlGuard:
             await _refusal(error, status=status, close=not whole)(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+def _browser_refusal(scope: Scope) -> ShoalError | None:
+    """A change a web page of another site may have sent (``shoal.http.browser``): 403 when
+    the browser says it comes from another site; 400 when its body is declared as another
+    type than JSON (``text/plain`` or a form's: what a page may send to any site without
+    a preflight). A body of no declared type is taken as JSON, as before (a chunked ``{}``);
+    a browser sends one so, from a page of another site, only with its ``Origin``."""
+    if scope["method"] in SAFE_METHODS:
+        return None
+    why = cross_site(scope)
+    if why is not None:
+        return PermissionDenied(why)
+    kind = Headers(scope=scope).get("content-type")
+    if kind is None or kind.partition(";")[0].strip().lower() == "application/json":
+        return None
+    got = limits.shown(kind)
+    return InvalidArgument(
+        f"{scope['method']} {limits.shown(scope['path'])}: the body must be sent as Content-Type: "
+        f"application/json, got Content-Type {got} (curl: -H 'Content-Type: application/json')"
+    )
 
 
 def model_in_path(path: str) -> str | None:

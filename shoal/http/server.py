@@ -48,7 +48,9 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from shoal import certs, certwatch
+from shoal.auth import is_loopback
 from shoal.config import Settings
+from shoal.http.browser import LoopbackHosts
 
 log = logging.getLogger("shoal.http")
 
@@ -960,6 +962,8 @@ class HttpServer:
         # with tokens, and the head takes a client certificate as the bootstrap credential
         # before any token exists (shoal.http.auth.ControlGuard).
         self.scheme = "https" if tls is not None else "http"
+        if tls is None and is_loopback(host):
+            app = LoopbackHosts(app, _addr(host, self.port))  # DNS rebinding: shoal.http.browser
         config = _Config(
             _KeepConnection(app),
             limits or HttpLimits(),

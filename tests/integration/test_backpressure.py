@@ -200,7 +200,7 @@ async def test_requests_whose_clients_hang_up_are_dropped_in_the_router_and_the_
     await cluster.wait_ready("hangup", 1)
     body = json.dumps(BODY)
     head = (
-        f"POST /v2/models/hangup/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"POST /v2/models/hangup/infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n{body}"
     ).encode()
     host, port = cluster.http_address().rsplit(":", 1)

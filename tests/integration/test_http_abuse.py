@@ -101,7 +101,7 @@ class Conn:
 
 def head(method: str, path: str, length: int) -> bytes:
     return (
-        f"{method} {path} HTTP/1.1\r\nHost: shoal\r\nContent-Type: application/json\r\n"
+        f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         f"Content-Length: {length}\r\n\r\n"
     ).encode()
 

@@ -152,7 +152,7 @@ async def test_a_body_that_stalls_holds_its_room_until_the_deadline_only(cluster
     reader, writer = await asyncio.open_connection(host, int(port))
     try:
         writer.write(
-            b"POST /v2/models/hurried/infer HTTP/1.1\r\nHost: shoal\r\n"
+            b"POST /v2/models/hurried/infer HTTP/1.1\r\nHost: localhost\r\n"
             + f"Content-Length: {len(header) + len(data)}\r\n".encode()
             + f"Inference-Header-Content-Length: {len(header)}\r\n\r\n".encode()
             + header

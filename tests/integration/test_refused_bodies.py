@@ -49,7 +49,7 @@ async def ask(address: str, head: bytes, body: bytes) -> tuple[int, dict[str, st
         await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), WAIT_S)
         if headers.get("connection") != "close":
             # Still open: the next request on it is served.
-            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
             line = await asyncio.wait_for(reader.readline(), WAIT_S)
             assert line.startswith(b"HTTP/1.1 200"), line
             return status, headers, False
@@ -61,7 +61,7 @@ async def ask(address: str, head: bytes, body: bytes) -> tuple[int, dict[str, st
 def request(path: str, length: int, token: str = "") -> bytes:
     auth = f"Authorization: Bearer {token}\r\n" if token else ""
     return (
-        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         f"Content-Length: {length}\r\n{auth}\r\n"
     ).encode()
 

@@ -52,7 +52,7 @@ def test_a_head_that_came_in_time_is_served_however_long_it_waits_for_its_turn(o
             conns = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(count)]
             await asyncio.sleep(0.05)  # every connection accepted, its head timer running
             for i, (_, writer) in enumerate(conns):
-                writer.write(f"GET /n/{i} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+                writer.write(f"GET /n/{i} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
             async with asyncio.timeout(20):
                 answers = [await reader.read() for reader, _ in conns]
             for _, writer in conns:

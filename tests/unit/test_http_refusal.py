@@ -58,7 +58,7 @@ async def server(request: pytest.FixtureRequest) -> AsyncIterator[tuple[HttpServ
     await http.stop()
 
 
-def request(method: str, path: str, body: bytes = b"", headers: str = "Host: x\r\n") -> bytes:
+def request(method: str, path: str, body: bytes = b"", headers: str = "Host: localhost\r\n") -> bytes:
     return f"{method} {path} HTTP/1.1\r\n{headers}Content-Length: {len(body)}\r\n\r\n".encode() + body
 
 
@@ -147,9 +147,9 @@ async def test_refusals_and_served_requests_keep_their_order_on_a_connection(
 @pytest.mark.parametrize(
     "head",
     [
-        "Host: x\r\nTransfer-Encoding: chunked\r\n",
-        "Host: x\r\nConnection: keep-alive\r\n",
-        "Host: x\r\nExpect: 100-continue\r\n",
+        "Host: localhost\r\nTransfer-Encoding: chunked\r\n",
+        "Host: localhost\r\nConnection: keep-alive\r\n",
+        "Host: localhost\r\nExpect: 100-continue\r\n",
     ],
     ids=["chunked", "connection", "expect"],
 )
@@ -211,7 +211,7 @@ def test_plain_requests(data: bytes, expected: tuple[str, str, int] | None) -> N
 async def test_a_request_head_over_16_kib_is_a_bad_request(server: tuple[HttpServer, Served]) -> None:
     http, served = server
     async with Conn.open(http) as conn:
-        conn.writer.write(b"GET /ok HTTP/1.1\r\nHost: x\r\n")
+        conn.writer.write(b"GET /ok HTTP/1.1\r\nHost: localhost\r\n")
         for _ in range(20):  # 20 KiB of headers, a KiB a write, never ending
             conn.writer.write(b"X-Long: " + b"a" * 1024 + b"\r\n")
             await conn.writer.drain()
@@ -226,7 +226,7 @@ async def test_a_complete_request_is_served_on_a_connection_after_a_refused_one(
     http, served = server
     async with Conn.open(http) as conn:
         # A chunked request: not plain, so the parser reads it and the refusal is its answer.
-        conn.writer.write(b"POST /full/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        conn.writer.write(b"POST /full/a HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n")
         status, headers, body = await conn.answer()
         assert (status, body["error"], headers["retry-after"]) == (503, "/full/a is full", "1")
         conn.writer.write(b"2\r\n{}\r\n0\r\n\r\n" + request("POST", "/ok", b"after"))  # its body comes late
@@ -251,11 +251,13 @@ async def test_a_head_over_16_kib_is_refused_when_it_comes_in_one_write(
     that came whole in one read (17 KB, 100 KB, 10,000 headers) was served 200."""
     http, served = server
     async with Conn.open(http) as conn:
-        conn.writer.write(request("POST", "/x", b"{}", headers="Host: x\r\n" + headers))
+        conn.writer.write(request("POST", "/x", b"{}", headers="Host: localhost\r\n" + headers))
         status, _, body = await conn.answer()
         assert status == 400 and body == {"error": "the request head is over 16384 bytes"}
         assert await conn.closed()
     async with Conn.open(http) as conn:  # heads just under the limit are served
-        conn.writer.write(request("POST", "/x", b"{}", headers="Host: x\r\nX-Big: " + "a" * 16_000 + "\r\n"))
+        conn.writer.write(
+            request("POST", "/x", b"{}", headers="Host: localhost\r\nX-Big: " + "a" * 16_000 + "\r\n")
+        )
         assert (await conn.answer())[0] == 200
     assert served.paths == ["/x"]
