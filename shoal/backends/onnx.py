@@ -28,6 +28,7 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from shoal.backends.base import Backend, Tensors
+from shoal.core.limits import error_text
 from shoal.core.spec import DeploymentSpec, TensorSpec
 from shoal.errors import Internal, InvalidArgument
 
@@ -195,7 +196,7 @@ class OnnxBackend(Backend):
         except (ort_state.InvalidArgument, ort_state.InvalidGraph) as err:
             raise InvalidArgument(f"the model refused its inputs: {err}") from None
         except Exception as err:
-            raise Internal(f"model raised {type(err).__name__}: {err}") from err
+            raise Internal(f"model raised {error_text(err)}") from err
         outputs: Tensors = {}
         for name, value in zip(self._output_names, results, strict=True):
             array = np.asarray(value)

@@ -51,6 +51,7 @@ from typing import Any
 
 from shoal.backends.base import MODEL_FAILURES, Backend, Tensors, coerce_outputs
 from shoal.core import model_dirs
+from shoal.core.limits import error_text
 from shoal.core.spec import DeploymentSpec
 from shoal.errors import Internal, InvalidArgument, NotFound, ShoalError
 
@@ -101,7 +102,7 @@ class PythonBackend(Backend):
             raise InvalidArgument(f"cannot import module {module_name!r}{where}: {err}") from err
         except MODEL_FAILURES as err:
             raise InvalidArgument(
-                f"importing module {module_name!r}{where} raised {type(err).__name__}: {err}"
+                f"importing module {module_name!r}{where} raised {error_text(err)}"
             ) from err
         model_dirs.check_module_file(self.spec, module, self.allowed_dirs)
 
@@ -117,7 +118,7 @@ class PythonBackend(Backend):
         try:
             model = target(**kwargs)
         except MODEL_FAILURES as err:
-            raise InvalidArgument(f"{attr}(**options) raised {type(err).__name__}: {err}") from err
+            raise InvalidArgument(f"{attr}(**options) raised {error_text(err)}") from err
         if self.deployments is not None and not hasattr(model, "deployments"):
             with contextlib.suppress(AttributeError, TypeError):  # __slots__, a frozen class
                 model.deployments = self.deployments
@@ -153,7 +154,7 @@ class PythonBackend(Backend):
             except ShoalError:
                 raise
             except MODEL_FAILURES as err:
-                raise Internal(f"model raised {type(err).__name__}: {err}") from err
+                raise Internal(f"model raised {error_text(err)}") from err
             return coerce_outputs(result)
         # Converting the outputs can cost as much as a small model: keep it off the loop too.
         return await self.run_sync(self._predict_blocking, inputs)
@@ -168,7 +169,7 @@ class PythonBackend(Backend):
             # A model may refuse an input on purpose (InvalidArgument): that reaches the client as is.
             raise
         except MODEL_FAILURES as err:
-            raise Internal(f"model raised {type(err).__name__}: {err}") from err
+            raise Internal(f"model raised {error_text(err)}") from err
         return coerce_outputs(result)
 
     def _unload(self) -> None:
@@ -222,5 +223,5 @@ class _MultiplexedModel(PythonBackend):
         except ShoalError:
             raise
         except MODEL_FAILURES as err:
-            raise Internal(f"load_model({self.model_id!r}) raised {type(err).__name__}: {err}") from err
+            raise Internal(f"load_model({self.model_id!r}) raised {error_text(err)}") from err
         self._adopt(model, f"what load_model({self.model_id!r}) returned")

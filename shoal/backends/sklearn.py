@@ -41,6 +41,7 @@ import numpy as np
 
 from shoal.backends.base import Backend, Tensors
 from shoal.core import model_dirs
+from shoal.core.limits import error_text
 from shoal.core.spec import DeploymentSpec, TensorSpec, check_model_id
 from shoal.errors import Internal, InvalidArgument, NotFound, PermissionDenied
 
@@ -134,7 +135,7 @@ class SklearnBackend(Backend):
             with file:
                 estimator = joblib.load(file)
         except Exception as err:
-            why = f"{type(err).__name__}: {err}"
+            why = error_text(err)
             raise InvalidArgument(f"cannot load {str(path)!r} with joblib: {why}") from err
         if not callable(getattr(estimator, "predict", None)):
             raise InvalidArgument(f"{str(path)!r} holds a {type(estimator).__name__}, which has no predict()")
@@ -220,7 +221,7 @@ class SklearnBackend(Backend):
             # batch it fails alone: the batcher runs a failed batch's requests again singly.
             raise InvalidArgument(f"the model refused the input: {err}") from err
         except Exception as err:
-            raise Internal(f"model raised {type(err).__name__}: {err}") from err
+            raise Internal(f"model raised {error_text(err)}") from err
         if not self._is_classifier:
             return {"prediction": predicted.astype(np.float32, copy=False)}
         label = predicted.astype(np.int64, copy=False) if self._integer_labels else _to_bytes(predicted)

@@ -93,6 +93,7 @@ from shoal.backends.generate import (
     render_chat_template,
     text_rows,
 )
+from shoal.core.limits import error_text
 from shoal.core.spec import DeploymentSpec, TensorSpec
 from shoal.errors import Internal, InvalidArgument
 from shoal.types import ChatMessage
@@ -357,7 +358,7 @@ class TransformersBackend(Backend):
             tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
             model = auto.from_pretrained(str(folder), **kwargs)
         except Exception as err:
-            why = f"{type(err).__name__}: {err}"
+            why = error_text(err)
             raise InvalidArgument(
                 f"cannot load {str(folder)!r} for {self._task} with transformers: {why}"
             ) from err
@@ -493,7 +494,7 @@ class TransformersBackend(Backend):
                 result: np.ndarray = embeddings.float().cpu().numpy()
                 tokens: np.ndarray = attention.sum(dim=1).cpu().numpy().astype(np.int64)
         except Exception as err:
-            raise Internal(f"model raised {type(err).__name__}: {err}") from err
+            raise Internal(f"model raised {error_text(err)}") from err
         return {"embedding": result, "tokens": tokens}
 
     def _classify(self, texts: list[str]) -> Tensors:
@@ -514,7 +515,7 @@ class TransformersBackend(Backend):
                 probs = torch.sigmoid(logits) if self._multi_label else torch.softmax(logits, dim=-1)
                 probabilities: np.ndarray = probs.cpu().numpy()
         except Exception as err:
-            raise Internal(f"model raised {type(err).__name__}: {err}") from err
+            raise Internal(f"model raised {error_text(err)}") from err
         return probabilities
 
     # -- generation -------------------------------------------------------------------------
@@ -569,7 +570,7 @@ class TransformersBackend(Backend):
                     stopping_criteria=transformers.StoppingCriteriaList([emitter]),
                 )
         except Exception as err:
-            raise Internal(f"model raised {type(err).__name__}: {err}") from err
+            raise Internal(f"model raised {error_text(err)}") from err
         emitter.finish()
         reason: FinishReason
         if emitter.stopped or emitter.last_token in self._eos_ids:

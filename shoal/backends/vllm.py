@@ -174,7 +174,7 @@ class VllmBackend(Backend):
         try:
             engine = module.AsyncLLMEngine.from_engine_args(args)
         except Exception as err:
-            why = f"{type(err).__name__}: {err}"
+            why = limits.error_text(err)
             raise InvalidArgument(f"cannot start vLLM for {str(folder)!r}: {why}") from err
         self._module, self._engine = module, engine
         self._chat_tokenizer = _chat_tokenizer(folder)
@@ -274,7 +274,7 @@ class VllmBackend(Backend):
                 # VLLMValidationError is one), its own API answering 400: a prompt longer than
                 # max_model_len, or empty. The client's to fix, as the transformers backend says.
                 raise InvalidArgument(f"vLLM refused the request: {err}") from err
-            raise Internal(f"vLLM raised {type(err).__name__}: {err}") from err
+            raise Internal(f"vLLM raised {limits.error_text(err)}") from err
         finally:
             await outputs.aclose()
             if not finished:

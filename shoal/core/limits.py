@@ -23,6 +23,12 @@ MAX_REQUEST_ID_CHARS = 1024
 #: message quotes; the rest is counted, not written.
 SHOWN_CHARS = 200
 
+#: How much of a model's exception message an error carries (:func:`error_text`); the rest
+#: is counted, not sent. As much as a log line shows of an exception's text
+#: (``shoal.logs.EXCEPTION_TEXT_CHARS``), and within what a gRPC status message may take
+#: (``shoal.rpc.status.MAX_DETAILS_BYTES``), so that no later cut hides how much this one cut.
+ERROR_TEXT_CHARS = 2000
+
 
 def elements(shape: object) -> int:
     """The element count of ``shape`` when it is a list of non-negative ints; 0 otherwise (the
@@ -108,6 +114,20 @@ def shown(text: str, most: int = SHOWN_CHARS) -> str:
     if len(text) <= most:
         return text
     return f"{text[:most]}... ({len(text) - most} more characters)"
+
+
+def error_text(err: BaseException, most: int = ERROR_TEXT_CHARS) -> str:
+    """``TypeName: message`` of an exception a model (or any code shoal runs) raised, for an
+    error that a client and log lines get: at most ``most`` characters of its message, and
+    how many more were left out. A model raising ``ValueError("x" * 5_000_000)`` (a message
+    quoting its whole input, a huge repr) had all of it built into the request's error, and
+    cut later only to fit a gRPC trailer, that cut then counting what it cut of the first.
+    An exception whose ``str()`` itself fails is named by its type."""
+    try:
+        text = str(err)
+    except Exception as failed:  # a model's own __str__ is as fallible as its predict
+        text = f"(its message could not be read: str() raised {type(failed).__name__})"
+    return f"{type(err).__name__}: {shown(text, most)}"
 
 
 def quoted(text: str, most: int = SHOWN_CHARS) -> str:

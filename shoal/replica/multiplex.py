@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 
 from shoal.backends.base import Backend, Tensors
 from shoal.core import affinity
+from shoal.core.limits import error_text
 from shoal.core.spec import Batching, check_model_id
 from shoal.core.tasks import TaskSet
 from shoal.errors import Internal, ShoalError, Unavailable
@@ -285,7 +286,7 @@ class ModelCache:
             return err
         except Exception as err:  # a bug in a backend: the request still gets an answer
             log.exception("model id %s did not load", model_id)
-            return Internal(f"loading model id {model_id!r} failed: {type(err).__name__}: {err}")
+            return Internal(f"loading model id {model_id!r} failed: {error_text(err)}")
         # A model that takes one request at a time (supports_batching false) gets no batch:
         # concatenated requests gave each client values computed over the others' too.
         size = self._batching.max_batch_size if backend.supports_batching else 1

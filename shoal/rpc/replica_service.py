@@ -143,7 +143,7 @@ class ReplicaService(pbg.ReplicaServicer):
             return _failure(task, err)
         except Exception as err:  # a bug here must answer the request, not leave it to its deadline
             log.exception("request %s failed in the replica's adapter", limits.shown(task.request_id))
-            return _failure(task, Internal(f"{type(err).__name__}: {err}"))
+            return _failure(task, Internal(limits.error_text(err)))
 
     def begin(
         self, task: pb.Task, reply: Callable[[pb.TaskOutcome | Framed], None], alone: bool = True
@@ -161,7 +161,7 @@ class ReplicaService(pbg.ReplicaServicer):
             return None
         except Exception as err:  # a bug here must answer the request, as outcome() does
             log.exception("request %s failed in the replica's adapter", limits.shown(task.request_id))
-            reply(_failure(task, Internal(f"{type(err).__name__}: {err}")))
+            reply(_failure(task, Internal(limits.error_text(err))))
             return None
 
         def done(future: asyncio.Future[Arrays]) -> None:
@@ -187,7 +187,7 @@ class ReplicaService(pbg.ReplicaServicer):
                     task.request_id,
                     exc_info=(type(err), err, err.__traceback__),
                 )
-                reply(_failure(task, Internal(f"{type(err).__name__}: {err}")))
+                reply(_failure(task, Internal(limits.error_text(err))))
 
         if future.done():
             done(future)
