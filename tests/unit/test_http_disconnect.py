@@ -41,7 +41,7 @@ IDLE_S = 1.0
 TYPED = [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]
 BODY = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]})
 REQUEST = (
-    f"POST /v2/models/echo/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    f"POST /v2/models/echo/infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
     f"Content-Length: {len(BODY)}\r\n\r\n{BODY}"
 ).encode()
 
@@ -145,7 +145,7 @@ async def test_a_generation_or_embedding_whose_client_hangs_up_is_dropped(
 ) -> None:
     body = json.dumps(doc)
     head = (
-        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n{body}"
     ).encode()
     replica = served.fakes.client("g:1" if deployment == "gen" else "e:1")
@@ -166,7 +166,7 @@ async def test_a_generation_or_embedding_whose_client_hangs_up_is_dropped(
 # Clients that stop reading: a stream of megabytes, on a connection with a small buffer.
 STREAM_BODY = json.dumps({"model": "gen", "prompt": "hi", "stream": True}).encode()
 STREAM = (
-    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
     b"Content-Length: %d\r\n\r\n%s" % (len(STREAM_BODY), STREAM_BODY)
 )
 
