@@ -33,7 +33,7 @@ from shoal import auth
 from shoal.config import Settings
 from shoal.core import limits
 from shoal.errors import BodyTooLarge, Code, InvalidArgument, PermissionDenied, ResourceExhausted, ShoalError
-from shoal.http.browser import SAFE_METHODS, cross_site
+from shoal.http.browser import SAFE_METHODS, cross_site, names_loopback
 from shoal.http.jsonbody import TooManyValues, parse_json
 
 OPEN_PATHS = ("/", "/healthz", "/openapi.json", "/docs")
@@ -128,7 +128,11 @@ class ControlGuard:
                 Headers(scope=scope).get("authorization"),
                 role,
                 what=f"{method} {path}",
-                loopback=auth.is_loopback(host) and not self.tls,
+                # A caller on this machine, and naming it: a page whose name was pointed at
+                # 127.0.0.1 (DNS rebinding) connects from loopback too, but its browser sends
+                # the page's own name as Host. A server on loopback refuses such a Host
+                # anyway (LoopbackHosts); one on another address in plaintext does not.
+                loopback=auth.is_loopback(host) and not self.tls and names_loopback(scope),
                 vouched=self.tls and client_cert_role(scope) in BOOTSTRAP_ROLES,
             )
         except ShoalError as err:

@@ -102,6 +102,16 @@ def loopback_host(host: str) -> bool:
         return False
 
 
+def names_loopback(scope: Scope) -> bool:
+    """Whether a request's ``Host`` names this machine's loopback (:func:`loopback_host`;
+    none, HTTP/1.0: as :class:`LoopbackHosts` lets it pass). The loopback bootstrap asks it
+    besides the caller's address: a page whose name was pointed at 127.0.0.1 connects from
+    loopback too, but its browser sends the page's name, and a server on another address
+    in plaintext (``--insecure``) checks no Host."""
+    host = Headers(scope=scope).get("host")
+    return host is None or loopback_host(host)
+
+
 class LoopbackHosts:
     """Refuses (403) every HTTP request whose ``Host`` is not a loopback name
     (:func:`loopback_host`): a server on loopback in plaintext is reached so only by a

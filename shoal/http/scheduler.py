@@ -49,7 +49,7 @@ from shoal.auth import is_loopback
 from shoal.core import limits
 from shoal.errors import InvalidArgument, PermissionDenied, ShoalError
 from shoal.http.auth import InferenceGuard, model_in_path
-from shoal.http.browser import cross_site
+from shoal.http.browser import cross_site, names_loopback
 from shoal.http.generate import generate_routes
 from shoal.http.infer import Dispatch, Infer, bool_param, read_body
 from shoal.http.offload import shutdown_parser as shutdown_parser
@@ -253,7 +253,12 @@ def scheduler_app(
         check_parameters(action, params)
         name, client = request.path_params["name"], request.client
         # While no token exists only this machine's plaintext callers change what runs, as at the head.
-        vouched = client is not None and is_loopback(client.host) and not node.settings.tls_dir
+        vouched = (
+            client is not None
+            and is_loopback(client.host)
+            and not node.settings.tls_dir
+            and names_loopback(request.scope)
+        )
         change = repository.load if action == "load" else repository.unload
         await change(name, request.headers.get("authorization"), vouched=vouched)
         return Response(status_code=200)

@@ -9,6 +9,7 @@ Before, the head answered ``POST /api/deployments`` with a JSON spec sent as
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -159,3 +160,26 @@ async def test_a_rebound_name_reaches_neither_head_nor_scheduler(tmp_path: Path)
         )
         assert r.status_code == 403, r.text
         assert node.desired == {}
+
+
+async def test_a_rebound_name_gets_no_bootstrap_from_a_head_on_every_address(tmp_path: Path) -> None:
+    """A head on 0.0.0.0 in plaintext (``--insecure``) checks no Host, so a page rebound to
+    127.0.0.1 reaches it from loopback, same-origin as far as its browser knows. Before, it
+    was the head's own machine then, and while no token exists could deploy; now a caller
+    on loopback is this machine only when its Host names loopback too."""
+    async with AsyncExitStack() as stack:
+        s = dataclasses.replace(settings(tmp_path), host="0.0.0.0", insecure=True)
+        node, _, http_address = await start_head(s, stack)
+        port = int(http_address.rsplit(":", 1)[1])
+        client = await stack.enter_async_context(
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10)
+        )
+        json = {"Content-Type": "application/json"}
+        r = await client.post(
+            "/api/deployments", content=SPEC, headers={**json, "Host": f"evil.example:{port}"}
+        )
+        assert r.status_code == 403, r.text
+        assert node.desired == {}
+        ok = SPEC.replace('"os:system"', '"echo.py:Echo"').replace("pwn", "mine")
+        r = await client.post("/api/deployments", content=ok, headers={**json, "Host": f"localhost:{port}"})
+        assert r.status_code == 201, r.text  # this machine's own caller: the bootstrap holds

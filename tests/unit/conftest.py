@@ -82,7 +82,7 @@ def make_spec(
 async def rest(head: HeadNode) -> AsyncIterator[httpx.AsyncClient]:
     """An HTTP client of the head's app (``head_app``) over the module's ``head`` fixture."""
     transport = httpx.ASGITransport(app=head_app(head))
-    async with httpx.AsyncClient(transport=transport, base_url="http://head") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         yield client
 
 

@@ -296,7 +296,7 @@ async def test_rest_rate_limit_and_body_limit(store: MemoryStore) -> None:
     await node.tokens.load()
     transport = httpx.ASGITransport(app=head_app(node))
     try:
-        async with httpx.AsyncClient(transport=transport, base_url="http://head") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             big = b'{"name": "' + b"x" * (2 * 1024 * 1024) + b'"}'
             r = await client.post("/api/deployments", content=big)
             assert r.status_code == 413 and "setting max_message_mb" in r.json()["error"]
@@ -319,7 +319,7 @@ async def test_a_control_body_without_a_spec_is_bounded_far_below_a_message(stor
     transport = httpx.ASGITransport(app=head_app(node))
     big = b'{"replicas": 2, "pad": "' + b"x" * (MAX_CONTROL_BODY) + b'"}'
     try:
-        async with httpx.AsyncClient(transport=transport, base_url="http://head") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             for path in ("/api/deployments/echo/scale", "/api/deployments/echo/rollback", "/api/routes/r"):
                 method = client.put if path.startswith("/api/routes") else client.post
                 r = await method(path, content=big)
@@ -357,7 +357,9 @@ async def ingress() -> AsyncIterator[tuple[httpx.AsyncClient, dict[str, str]]]:
         )
     )
     app = scheduler_app(node)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://shoal") as client:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://localhost"
+    ) as client:
         yield client, secrets
     await router.aclose()
 

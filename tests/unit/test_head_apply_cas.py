@@ -99,7 +99,7 @@ async def test_an_if_revision_that_is_no_revision_number_is_invalid(head: HeadNo
 
 async def test_the_rest_apply_takes_if_revision_and_answers_409_naming_the_revision(head: HeadNode) -> None:
     transport = httpx.ASGITransport(app=head_app(head))
-    async with httpx.AsyncClient(transport=transport, base_url="http://head") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         spec = make_spec("a:M").model_dump(mode="json")
         created = await client.post("/api/deployments?if_revision=0", json=spec)
         again = await client.post("/api/deployments?if_revision=0", json=spec)
@@ -216,7 +216,7 @@ async def test_the_rest_scale_takes_if_revision_and_answers_409(head: HeadNode) 
     await head.apply(make_spec("a:M"))
     await head.apply(make_spec("b:M"))
     transport = httpx.ASGITransport(app=head_app(head))
-    async with httpx.AsyncClient(transport=transport, base_url="http://head") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         stale = await client.post("/api/deployments/app/scale?if_revision=1", json={"replicas": 4})
         bad = await client.post("/api/deployments/app/scale?if_revision=-1", json={"replicas": 4})
         misspelt = await client.post("/api/deployments/app/scale?if_revison=1", json={"replicas": 4})
@@ -293,7 +293,7 @@ async def test_if_replicas_is_bounded_and_an_autoscaled_deployment_is_refused_ei
 async def test_the_rest_scale_takes_if_replicas_and_answers_409(head: HeadNode) -> None:
     await head.apply(make_spec(replicas=3))
     transport = httpx.ASGITransport(app=head_app(head))
-    async with httpx.AsyncClient(transport=transport, base_url="http://head") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         first = await client.post("/api/deployments/app/scale?if_replicas=3", json={"replicas": 4})
         second = await client.post("/api/deployments/app/scale?if_replicas=3", json={"replicas": 5})
         bad = await client.post("/api/deployments/app/scale?if_replicas=5000", json={"replicas": 5})

@@ -242,7 +242,7 @@ async def test_events_route_has_the_dashboards_shape_and_filters(head: HeadNode)
     await head.apply(parse_spec({"name": "other", "backend": "python", "model": "x:M"}))
     await head.scale("app", 2)
     transport = httpx.ASGITransport(app=head_app(head))
-    async with httpx.AsyncClient(transport=transport, base_url="http://head") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         everything = (await client.get("/api/events")).json()
         mine = (await client.get("/api/events?deployment=app&limit=1")).json()
         bad = await client.get("/api/events?limit=0")
@@ -318,7 +318,7 @@ async def test_a_rollback_body_is_read_whatever_its_framing_and_a_misspelt_field
         yield doc
 
     transport = httpx.ASGITransport(app=head_app(head))
-    async with httpx.AsyncClient(transport=transport, base_url="http://head") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         typo = await client.post("/api/deployments/app/rollback", json={"revison": 1})
         extra = await client.post("/api/deployments/app/scale", json={"replicas": 2, "replica": 3})
         assert head.desired["app"].model == "c:M" and head.desired["app"].replicas == 1

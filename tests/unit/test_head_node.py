@@ -188,7 +188,9 @@ async def test_scale_of_an_autoscaled_deployment_is_refused_over_rest_too(
         await head.scale("auto", 7)
     assert str(err.value) == refusal
 
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=head_app(head)), base_url="http://h") as c:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=head_app(head)), base_url="http://localhost"
+    ) as c:
         reply = await c.post("/api/deployments/auto/scale", json={"replicas": 7})
     assert reply.status_code == 400 and refusal in reply.text
 

@@ -25,7 +25,7 @@ async def test_a_log_tail_out_of_range_is_400(store: MemoryStore, fleet: FakeSch
     node = HeadNode(Settings(), store, fleet)
     try:
         transport = httpx.ASGITransport(app=head_app(node))
-        async with httpx.AsyncClient(transport=transport, base_url="http://head") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             r = await client.get(f"/api/replicas/r1/logs?tail_bytes={tail}")
         assert r.status_code == 400
         assert "tail_bytes must be an integer from 0 to" in r.json()["error"]
@@ -39,7 +39,7 @@ async def test_an_unknown_deployment_name_is_quoted_cut(store: MemoryStore, flee
     name = "d" * 5_000
     try:
         transport = httpx.ASGITransport(app=head_app(node))
-        async with httpx.AsyncClient(transport=transport, base_url="http://head") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             for r in (
                 await client.get(f"/api/deployments/{name}"),
                 await client.delete(f"/api/deployments/{name}"),
@@ -67,7 +67,7 @@ async def test_a_log_asked_for_by_an_id_no_replica_can_have_is_400_and_no_schedu
             with pytest.raises(InvalidArgument, match="is no replica id"):
                 await anext(node.read_log(rid, 100, False))
         transport = httpx.ASGITransport(app=head_app(node))
-        async with httpx.AsyncClient(transport=transport, base_url="http://head") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             for rid in ids:
                 r = await client.get(f"/api/replicas/{quote(rid, safe='')}/logs")
                 # An id with a '/' matches no route (404); any other is refused by the head.

@@ -94,7 +94,7 @@ class Scheduler:
     def http(self, host: str = "127.0.0.1", repository: bool = True) -> httpx.AsyncClient:
         app = scheduler_app(self.node, repository=self.repository if repository else None)
         transport = httpx.ASGITransport(app=app, client=(host, 5000))
-        return httpx.AsyncClient(transport=transport, base_url="http://shoal")
+        return httpx.AsyncClient(transport=transport, base_url="http://localhost")
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ async def head(store: MemoryStore, fleet: FakeSchedulers) -> AsyncIterator[HeadN
 @asynccontextmanager
 async def rest(head: HeadNode, peer: str) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=head_app(head), client=(peer, 40000))
-    async with httpx.AsyncClient(transport=transport, base_url="https://head") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         yield client
 
 
@@ -53,6 +53,13 @@ async def test_without_tokens_another_machine_may_read_but_not_change(head: Head
 
 
 async def test_without_tokens_the_heads_own_machine_may_change(head: HeadNode) -> None:
+    for peer in ("127.0.0.1", "::1"):
+        async with rest(head, peer) as client:
+            # From loopback, but naming another host: a page whose name was pointed at
+            # 127.0.0.1 (DNS rebinding), in this machine's browser. Not this machine's caller.
+            r = await client.post("/api/deployments", json=SPEC, headers={"Host": "evil.example"})
+            assert r.status_code == 403 and "no token exists yet" in r.text, r.text
+    assert head.desired == {}
     for peer in ("127.0.0.1", "::1"):
         async with rest(head, peer) as client:
             r = await client.post("/api/deployments", json=SPEC)

@@ -76,7 +76,7 @@ async def rest() -> AsyncIterator[tuple[httpx.AsyncClient, MemoryStore]]:
     store = MemoryStore()
     node = HeadNode(Settings(), store, FakeSchedulers())
     transport = httpx.ASGITransport(app=head_app(node))
-    async with httpx.AsyncClient(transport=transport, base_url="http://head") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         yield client, store
     await node.aclose()
     await store.close()

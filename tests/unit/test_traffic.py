@@ -296,7 +296,7 @@ async def test_routes_over_the_rest_api_need_the_deploy_role(head: HeadNode) -> 
     for name in ("a", "b"):
         await head.apply(spec(name))
     transport = httpx.ASGITransport(app=head_app(head))
-    async with httpx.AsyncClient(transport=transport, base_url="http://h") as c:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
         r = await c.put("/api/routes/clf", json={"targets": {"a": 90, "b": 10}})
         assert r.status_code == 200 and r.json() == {
             "name": "clf",
