@@ -50,9 +50,7 @@ async def test_a_scheduler_past_max_schedulers_waits_for_a_place_and_joins_when_
         line = next(x for x in second.log.read_text().splitlines() if "setting max_schedulers" in x)
         assert "the head refused this scheduler: the head holds 1 live schedulers" in line
         assert line.endswith("or raise max_schedulers; trying again every 0.2s")
-        assert [s["id"] for s in (await cluster.status())["schedulers"]] == [
-            first["schedulers"][0]["id"]
-        ]
+        assert [s["id"] for s in (await cluster.status())["schedulers"]] == [first["schedulers"][0]["id"]]
 
         cluster.schedulers[0].signal(signal.SIGKILL)  # declared dead: its place goes to the second
         status = await cluster.wait_for(
