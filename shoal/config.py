@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from shoal.core import yamldoc
-from shoal.core.limits import short_repr
+from shoal.core.limits import MAX_HOST_CHARS, scheduler_id_problem, short_repr
 from shoal.errors import InvalidArgument
 
 log = logging.getLogger("shoal")
@@ -33,7 +33,8 @@ class Settings:
     host: str = "127.0.0.1"
     """Address every server binds. Loopback unless TLS is configured."""
     advertise_host: str = ""
-    """Address other components use to reach this one; ``host`` when empty."""
+    """Address other components use to reach this one; ``host`` when empty. At most 253
+    characters (``shoal.core.limits.MAX_HOST_CHARS``)."""
     head_address: str = "localhost:8470"
     """The head the CLI and schedulers talk to (``SHOAL_HEAD``). Several, comma-separated
     (``a:8470,b:8470``), for heads that stand by for each other on etcd: calls go to the one
@@ -61,7 +62,9 @@ class Settings:
     """Id of this scheduler. Empty: the id kept in ``<state_dir>/scheduler_id``
     (``sched-<hex>``, made at the first start; ``shoal.scheduler.node.scheduler_id``), so
     that a restarted scheduler takes its old place rather than leaving a DEAD one behind.
-    One scheduler per state folder."""
+    One scheduler per state folder. Letters, digits, '-', '_' and '.', starting with a letter
+    or digit, at most 253 characters (``shoal.core.limits.SCHEDULER_ID``): the head refuses
+    others."""
 
     cpus: float = -1.0
     """CPUs this scheduler offers to replicas; -1: those its process may use (the machine's,
@@ -541,6 +544,15 @@ def _coerce(f: dataclasses.Field[Any], value: Any, source: str) -> Any:
         _check_head_address(result, source)
     if f.name == "token":
         _check_token(result, source)
+    if f.name == "scheduler_id" and result:
+        # Checked here, so that a scheduler with an id the head refuses does not start.
+        problem = scheduler_id_problem(result)
+        if problem is not None:
+            raise InvalidArgument(f"{source}: {problem}")
+    if f.name == "advertise_host" and len(result) > MAX_HOST_CHARS:
+        raise InvalidArgument(
+            f"{source}: advertise_host is {len(result)} characters, over the limit of {MAX_HOST_CHARS}"
+        )
     # logs.setup upper-cases the name; the logging module knows a few more (WARN, FATAL, NOTSET).
     if f.name == "log_level" and result.upper() not in logging.getLevelNamesMapping():
         raise InvalidArgument(

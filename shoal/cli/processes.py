@@ -108,7 +108,11 @@ def _add_scheduler_flags(p: argparse.ArgumentParser) -> None:
         help="replica processes this scheduler starts at once; the others wait QUEUED "
         "(default: one per CPU offered, at least 4; 0: no bound)",
     )
-    p.add_argument("--scheduler-id", help="stable id for this scheduler (default: generated)")
+    p.add_argument(
+        "--scheduler-id",
+        help="stable id for this scheduler (default: generated): letters, digits, '-', '_' and '.', "
+        "at most 253 characters",
+    )
     p.add_argument(
         "--ingress-workers",
         type=int,

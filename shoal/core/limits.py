@@ -4,6 +4,7 @@ buffer is decoded. The numbers are settings (``shoal.config.Settings``)."""
 from __future__ import annotations
 
 import math
+import re
 import reprlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -18,6 +19,35 @@ if TYPE_CHECKING:
 #: written in log lines; a UUID is 36. Without a bound, one id could be as large as the
 #: whole message (``max_message_mb``) and every refusal's log line with it.
 MAX_REQUEST_ID_CHARS = 1024
+
+MAX_SCHEDULER_ID_CHARS = 253
+SCHEDULER_ID = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{MAX_SCHEDULER_ID_CHARS - 1}}}")
+"""What a scheduler id may be (``fullmatch``): a DNS name, as a Kubernetes node's name
+(``--scheduler-id=$(NODE_NAME)``), fits, and so does the id a scheduler makes
+(``sched-<hex>``). The head refuses others (``shoal.core.reports``): an id is in its status,
+its events, its log lines and every routing table it sends."""
+
+SCHEDULER_ID_RULES = (
+    "letters, digits, '-', '_' and '.', starting with a letter or digit, "
+    f"at most {MAX_SCHEDULER_ID_CHARS} characters"
+)
+
+MAX_HOST_CHARS = 253
+"""The longest host a scheduler may advertise (setting ``advertise_host``): a DNS name's most."""
+
+
+def scheduler_id_problem(scheduler_id: str) -> str | None:
+    """What is wrong with ``scheduler_id`` (quoting at most :data:`SHOWN_CHARS` of it); None
+    when it is a scheduler id (:data:`SCHEDULER_ID`)."""
+    if SCHEDULER_ID.fullmatch(scheduler_id):
+        return None
+    if len(scheduler_id) > MAX_SCHEDULER_ID_CHARS:
+        return (
+            f"a scheduler id of {len(scheduler_id)} characters, over the limit of "
+            f"{MAX_SCHEDULER_ID_CHARS}: {quoted(scheduler_id, 40)}"
+        )
+    return f"{quoted(scheduler_id)} is no scheduler id: {SCHEDULER_ID_RULES}"
+
 
 #: How much of a client's string (a request id, a model name) a log line or an error
 #: message quotes; the rest is counted, not written.

@@ -26,7 +26,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from shoal.auth import Role, TokenRecord, TokenRegistry, required_tokens
@@ -48,6 +48,13 @@ from shoal.core.cluster import (
 )
 from shoal.core.model_dirs import check_deployable
 from shoal.core.placement import Capacity
+from shoal.core.reports import (
+    check_load_names,
+    check_registration,
+    check_scheduler_id,
+    checked_reports,
+    kept_hostname,
+)
 from shoal.core.spec import DeploymentSpec, check_if_replicas, describe_change, parse_spec, parse_spec_json
 from shoal.core.states import ReplicaState
 from shoal.core.stats import Point, SeriesRecorder, Snapshot, Window, latest
@@ -330,7 +337,13 @@ class HeadNode:
     async def register_scheduler(self, reg: SchedulerRegistration) -> float:
         """Take a scheduler's registration (a new one, a restarted one, one coming back after
         a NACK) with the replicas it runs. ``AlreadyExists``, changing nothing, when a live
-        scheduler at another address holds its id (``ClusterState.holder``)."""
+        scheduler at another address holds its id (``ClusterState.holder``); InvalidArgument,
+        naming the field, for an id, address or replica report past its bound
+        (``shoal.core.reports``). Its hostname and replicas' messages are kept cut."""
+        check_registration(reg.scheduler_id, reg.address, reg.http_address)
+        reg = replace(
+            reg, hostname=kept_hostname(reg.hostname), replicas=tuple(checked_reports(reg.replicas))
+        )
         async with self.lock:
             try:
                 self.state.register(
@@ -387,7 +400,12 @@ class HeadNode:
         dead. ``deadline_left_s``: the time left of the update's deadline when the head reads
         it (see ``Backlog``), or ``waited_s``: how long it waited in the head, measured by the
         caller (a health stream): how late the head is gives schedulers that much longer
-        before they are declared dead."""
+        before they are declared dead. InvalidArgument, naming the field, for an id, a
+        deployment name or a replica report past its bound (``shoal.core.reports``), before
+        anything is applied; replicas' messages are kept cut."""
+        check_scheduler_id(scheduler_id)
+        reports = checked_reports(reports)
+        check_load_names(load or {})
         async with self.lock:
             # What an update can change is its scheduler's replicas: compare those only (all
             # of the cluster's, at every update from every scheduler, was quadratic).

@@ -47,8 +47,6 @@ class HeadService(pbg.HeadServicer):
     async def RegisterScheduler(
         self, request: pb.RegisterSchedulerRequest, context: Context
     ) -> pb.RegisterSchedulerReply:
-        if not request.scheduler_id or not request.address:
-            await abort(context, InvalidArgument("scheduler_id and address are required"))
         reg = SchedulerRegistration(
             scheduler_id=request.scheduler_id,
             address=request.address,
@@ -62,12 +60,15 @@ class HeadService(pbg.HeadServicer):
         )
         try:
             interval = await self.node.register_scheduler(reg)
-        except ShoalError as err:  # AlreadyExists: another live scheduler holds the id
+        except ShoalError as err:  # AlreadyExists: another live scheduler holds the id; InvalidArgument
             await abort(context, err)
         return pb.RegisterSchedulerReply(heartbeat_interval_s=interval)
 
     async def SendHealthUpdate(self, request: pb.SchedulerHealth, context: Context) -> pb.HealthReply:
-        ack = await self._health(request, deadline_left_s=context.time_remaining())
+        try:
+            ack = await self._health(request, deadline_left_s=context.time_remaining())
+        except ShoalError as err:  # InvalidArgument: an id or name past its bound
+            await abort(context, err)
         return _ACK if ack else _NACK
 
     async def StreamHealth(
@@ -81,14 +82,19 @@ class HeadService(pbg.HeadServicer):
 
         When the stream ends (the scheduler's process exited and its connection closed, or it
         gave the stream up), the head hears of it (``HeadNode.health_stream_ended``): a
-        scheduler that sends no update on a new stream soon is dead before ``dead_after_s``."""
+        scheduler that sends no update on a new stream soon is dead before ``dead_after_s``.
+        An update the head refuses (InvalidArgument: an id or name past its bound,
+        ``shoal.core.reports``) ends the stream with that status, nothing of it applied."""
         shortest = math.inf
         scheduler_id, last_update = "", 0.0
         try:
             async for request in requests:
                 lag = time.monotonic() - request.sent_s
                 shortest = min(shortest, lag)
-                ack = await self._health(request, waited_s=lag - shortest)
+                try:
+                    ack = await self._health(request, waited_s=lag - shortest)
+                except ShoalError as err:  # InvalidArgument: the stream ends with it
+                    await abort(context, err)
                 if ack:
                     scheduler_id, last_update = request.scheduler_id, self.node.clock.now()
                 yield _ACK if ack else _NACK

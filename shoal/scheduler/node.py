@@ -7,7 +7,6 @@ import asyncio
 import logging
 import math
 import os
-import re
 import secrets
 import socket
 from collections.abc import Awaitable, Callable
@@ -16,10 +15,11 @@ from pathlib import Path
 from shoal.auth import InferenceAuth
 from shoal.config import Settings
 from shoal.core.clock import Clock, SystemClock
+from shoal.core.limits import SCHEDULER_ID, scheduler_id_problem
 from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec
 from shoal.core.tasks import TaskSet
-from shoal.errors import AlreadyExists, NotFound, ResourceExhausted, ShoalError
+from shoal.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted, ShoalError
 from shoal.scheduler import machine
 from shoal.scheduler.dataplane import DataPlane
 from shoal.scheduler.gpus import Devices, GpuPool, machine_devices
@@ -39,15 +39,20 @@ def scheduler_id(settings: Settings) -> str:
     """The id this scheduler registers with: ``settings.scheduler_id`` when set, else the id
     kept in ``<state_dir>/scheduler_id``, made (``sched-<hex>``) and written there at the
     first start. Kept, a restarted scheduler takes its old place at the head instead of
-    joining as a new member beside a DEAD one. Does file I/O: call it at the entrypoint."""
+    joining as a new member beside a DEAD one. Does file I/O: call it at the entrypoint.
+    InvalidArgument for a ``settings.scheduler_id`` the head would refuse at every try
+    (``shoal.core.limits.SCHEDULER_ID``; ``Settings.load`` refuses it already)."""
     if settings.scheduler_id:
+        problem = scheduler_id_problem(settings.scheduler_id)
+        if problem is not None:
+            raise InvalidArgument(f"scheduler_id: {problem}")
         return settings.scheduler_id
     path = Path(settings.state_dir) / "scheduler_id"
     try:
         kept = path.read_text().strip()
     except FileNotFoundError:
         kept = ""
-    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", kept):
+    if SCHEDULER_ID.fullmatch(kept):
         return kept
     new = f"sched-{secrets.token_hex(4)}"
     path.parent.mkdir(parents=True, exist_ok=True)
