@@ -72,9 +72,10 @@ def built(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     out: list[str] = []
     real = ReplicaStatus
 
-    def counted(**fields: Any) -> ReplicaStatus:
-        out.append(fields["id"])
-        return real(**fields)
+    def counted(*args: Any, **fields: Any) -> ReplicaStatus:
+        made = real(*args, **fields)  # the head names its fields by position
+        out.append(made.id)
+        return made
 
     monkeypatch.setattr(node_module, "ReplicaStatus", counted)
     return out

@@ -154,9 +154,10 @@ async def test_one_deployment_costs_its_replicas_not_the_clusters(
     built: list[str] = []
     real = ReplicaStatus
 
-    def counted(**fields: Any) -> ReplicaStatus:
-        built.append(fields["id"])
-        return real(**fields)
+    def counted(*args: Any, **fields: Any) -> ReplicaStatus:
+        made = real(*args, **fields)  # the head names its fields by position
+        built.append(made.id)
+        return made
 
     monkeypatch.setattr(node_module, "ReplicaStatus", counted)
     try:
