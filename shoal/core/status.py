@@ -88,7 +88,9 @@ class DeploymentStatus:
     target_replicas: int
     pending_reason: str = ""  # why it has fewer replicas than asked; "FAILED: ..." once failed
     broken: str = ""  # why its stored spec cannot be read (the store's row is kept)
-    spec: dict[str, Any] = field(default_factory=dict)  # as JSON; empty when broken or unknown
+    # As JSON; empty when broken or unknown. The head's is shared by every status built from
+    # the same spec, and by their to_json(): read it, never change it.
+    spec: dict[str, Any] = field(default_factory=dict)
     replicas: tuple[ReplicaStatus, ...] = ()
     revision: int = 0  # its current revision, read with spec: what an apply's if_revision names (0: none)
 

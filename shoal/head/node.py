@@ -1609,7 +1609,7 @@ def status_of(node: HeadNode, only: Collection[str] | None = None, *, brief: boo
                 target_replicas=node.target_of(spec) if spec is not None else 0,
                 pending_reason=reason,
                 broken=broken,
-                spec=spec.model_dump(mode="json") if spec is not None and not brief else {},
+                spec=_spec_doc(spec) if spec is not None and not brief else {},
                 # By position, in ReplicaStatus's order of fields (id, scheduler, state, pid,
                 # address, in_flight, queued, message, spec_hash, revision): naming each
                 # cost 0.7 µs a replica more.
@@ -1646,6 +1646,16 @@ def status_of(node: HeadNode, only: Collection[str] | None = None, *, brief: boo
 
 
 _BY_ID = operator.attrgetter("id")
+
+
+def _spec_doc(spec: DeploymentSpec) -> dict[str, Any]:
+    """``spec.model_dump(mode="json")``, dumped once per spec (a spec is frozen; a changed one
+    is a new spec) and shared by every status built from it: dumping each of 2,000 specs
+    was 8 ms of each whole-cluster status. Read, never changed (``DeploymentStatus.spec``)."""
+    doc: dict[str, Any] | None = spec.derived.get("status_doc")
+    if doc is None:
+        doc = spec.derived["status_doc"] = spec.model_dump(mode="json")
+    return doc
 
 
 def _known(node: HeadNode) -> set[str]:

@@ -233,3 +233,17 @@ def test_the_written_out_constructors_take_the_fields_in_order_with_their_defaul
     assert list(vars(made)) == [f.name for f in fields]
     with pytest.raises(dataclasses.FrozenInstanceError):
         made.x = 1
+
+
+async def test_a_changed_spec_shows_at_the_next_status(head: HeadNode) -> None:
+    """Each spec's JSON is dumped once and kept with it: a scale, a restart and an apply are
+    new specs, seen at once."""
+    assert (await head.status(only=("alpha",))).deployments[0].spec["replicas"] == 3
+
+    await head.scale("alpha", 5)
+    assert (await head.status(only=("alpha",))).deployments[0].spec["replicas"] == 5
+    await head.restart("alpha")
+    assert (await head.status()).deployments[0].spec["restarts"] == 1
+    await head.apply(parse_spec({**ALPHA_2, "options": {"v": 3}}))
+    (alpha,) = (await head.status(only=("alpha",))).to_json()["deployments"]
+    assert (alpha["spec"]["options"], alpha["spec"]["restarts"], alpha["revision"]) == ({"v": 3}, 1, 4)
