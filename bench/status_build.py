@@ -10,8 +10,9 @@ A ``HeadNode`` over a ``MemoryStore`` and fake schedulers, as the unit tests bui
 ``--replicas / 5`` deployments applied (one in ten applied twice, so that its replicas run
 two revisions; one in 20 autoscaled), ``--schedulers`` schedulers registered with the
 replicas already running (one in 7 STARTING with a message). Each round times ``status_of``
-and ``to_json`` once each; the medians and the best are printed, in milliseconds, with the
-JSON's size.
+and ``to_json`` once each, and ``--pollers`` calls of ``HeadNode.status()`` made together
+while the lock is held, from its release until the last returns (they share one build);
+the medians and the best are printed, in milliseconds, with the JSON's size.
 """
 
 from __future__ import annotations
@@ -90,6 +91,9 @@ async def main() -> None:
     parser.add_argument("--schedulers", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--profile", action="store_true", help="cProfile status_of, top 25 by own time")
+    parser.add_argument(
+        "--pollers", type=int, default=8, help="whole-cluster status() calls queued together behind the lock"
+    )
     parser.add_argument("--dump", metavar="PATH", help="write the status's JSON there (to compare two trees)")
     args = parser.parse_args()
     head = await build(args.replicas, args.schedulers)
@@ -123,8 +127,16 @@ async def main() -> None:
             f"{count} replicas, {len(status.deployments)} deployments, {len(status.schedulers)} schedulers, "
             f"JSON {size / 1e6:.2f} MB"
         )
-        for label, ms in (("status_of", built), ("to_json", dumped)):
-            print(f"{label:>10}: median {statistics.median(ms):7.1f} ms  best {min(ms):7.1f} ms")
+        together = []
+        for _ in range(args.rounds):
+            async with head.lock:  # a control call the pollers wait behind
+                calls = [asyncio.create_task(head.status()) for _ in range(args.pollers)]
+                await asyncio.sleep(0)
+            t0 = time.perf_counter()
+            await asyncio.gather(*calls)
+            together.append((time.perf_counter() - t0) * 1000)
+        for label, ms in (("status_of", built), ("to_json", dumped), (f"{args.pollers} status()", together)):
+            print(f"{label:>12}: median {statistics.median(ms):7.1f} ms  best {min(ms):7.1f} ms")
     finally:
         await head.aclose()
 

@@ -6,6 +6,7 @@ out here from those inputs. What ``bench/status_build.py`` measures must not cha
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import inspect
 import json
@@ -19,7 +20,8 @@ from shoal.core.clock import FakeClock
 from shoal.core.cluster import DRAINING, READY, STARTING, ReplicaReport
 from shoal.core.placement import Capacity
 from shoal.core.spec import parse_spec
-from shoal.core.status import DeploymentStatus, ReplicaStatus
+from shoal.core.status import ClusterStatus, DeploymentStatus, ReplicaStatus
+from shoal.head import node as node_module
 from shoal.head.node import HeadNode
 from shoal.store import MemoryStore
 from shoal.testing.fakes import FakeSchedulers
@@ -247,3 +249,77 @@ async def test_a_changed_spec_shows_at_the_next_status(head: HeadNode) -> None:
     await head.apply(parse_spec({**ALPHA_2, "options": {"v": 3}}))
     (alpha,) = (await head.status(only=("alpha",))).to_json()["deployments"]
     assert (alpha["spec"]["options"], alpha["spec"]["restarts"], alpha["revision"]) == ({"v": 3}, 1, 4)
+
+
+@pytest.fixture
+def builds(monkeypatch: pytest.MonkeyPatch) -> list[tuple[object, bool]]:
+    """The (only, brief) of each status the head builds."""
+    out: list[tuple[object, bool]] = []
+    real = node_module.status_of
+
+    def counted(node: HeadNode, only: Any = None, *, brief: bool = False) -> ClusterStatus:
+        out.append((only, brief))
+        return real(node, only, brief=brief)
+
+    monkeypatch.setattr(node_module, "status_of", counted)
+    return out
+
+
+async def test_calls_waiting_together_share_one_build_made_after_each_asked(
+    head: HeadNode, builds: list[tuple[object, bool]]
+) -> None:
+    async with head.lock:  # a long control call
+        first = asyncio.create_task(head.status())
+        await asyncio.sleep(0)
+        head.state.pending_reasons["beta"] = "changed after the first call, before the second"
+        second = [asyncio.create_task(head.status()) for _ in range(4)]
+        brief = asyncio.create_task(head.status(brief=True))
+        alpha = asyncio.create_task(head.status(only=["alpha"]))
+        await asyncio.sleep(0)
+        assert builds == []
+    statuses = [await t for t in (first, *second)]
+
+    assert all(s is statuses[0] for s in statuses)
+    assert statuses[0].deployment("beta").pending_reason.startswith("changed")  # type: ignore[union-attr]
+    assert [d.name for d in (await brief).deployments] == ["alpha", "beta", "ghost", "poison"]
+    assert [d.name for d in (await alpha).deployments] == ["alpha"]
+    assert sorted(builds, key=str) == sorted([(None, False), (None, True), (["alpha"], False)], key=str)
+
+    head.state.pending_reasons["beta"] = "changed after that build"
+    assert (await head.status()).deployment("beta").pending_reason.startswith("changed after that")  # type: ignore[union-attr]
+    assert len(builds) == 4
+
+
+async def test_a_builder_cancelled_while_waiting_leaves_the_build_to_those_that_joined(
+    head: HeadNode, builds: list[tuple[object, bool]]
+) -> None:
+    async with head.lock:
+        builder = asyncio.create_task(head.status())
+        await asyncio.sleep(0)
+        joined = [asyncio.create_task(head.status()) for _ in range(3)]
+        await asyncio.sleep(0)
+        builder.cancel()
+        for _ in range(3):  # its cancellation reaches those that joined, one of them builds
+            await asyncio.sleep(0)
+    statuses = [await t for t in joined]
+
+    with pytest.raises(asyncio.CancelledError):
+        await builder
+    assert all(s is statuses[0] for s in statuses) and len(builds) == 1
+    assert [d.name for d in statuses[0].deployments] == ["alpha", "beta", "ghost", "poison"]
+
+
+async def test_a_joined_call_cancelled_leaves_the_others_their_status(
+    head: HeadNode, builds: list[tuple[object, bool]]
+) -> None:
+    async with head.lock:
+        builder = asyncio.create_task(head.status())
+        await asyncio.sleep(0)
+        joined = [asyncio.create_task(head.status()) for _ in range(2)]
+        await asyncio.sleep(0)
+        joined[0].cancel()
+        await asyncio.sleep(0)
+    assert (await builder) is (await joined[1])
+    with pytest.raises(asyncio.CancelledError):
+        await joined[0]
+    assert len(builds) == 1 and not head._status_builds
