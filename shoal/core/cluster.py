@@ -799,13 +799,6 @@ class ClusterState:
         summed again for the schedulers whose replicas changed alone (``ReplicaTable.held``)."""
         return self.replicas.held()
 
-    def by_deployment(self) -> dict[str, list[ReplicaRecord]]:
-        """Every replica, by deployment, sorted by id."""
-        out: dict[str, list[ReplicaRecord]] = {}
-        for rec in sorted(self.replicas.values(), key=lambda r: r.id):
-            out.setdefault(rec.deployment, []).append(rec)
-        return out
-
     # ------------------------------------------------------------ views
 
     def routes(self, only: Iterable[str] | None = None) -> dict[str, list[ReplicaRecord]]:

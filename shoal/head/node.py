@@ -775,7 +775,8 @@ class HeadNode:
                 )
             if if_replicas is not None and spec.replicas != if_replicas:
                 raise ReplicasConflict(
-                    f"deployment {name!r} is scaled to {spec.replicas} replicas, not {if_replicas}: "
+                    f"deployment {name!r} is scaled to {spec.replicas} "
+                    f"{'replica' if spec.replicas == 1 else 'replicas'}, not {if_replicas}: "
                     f"nothing was scaled; its count changed since it was read ('shoal events {name}' "
                     f"shows what changed it): scale again with if_replicas {spec.replicas} if "
                     f"{replicas} still fits"

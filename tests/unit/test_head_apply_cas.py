@@ -238,6 +238,13 @@ async def test_the_rest_scale_takes_if_revision_and_answers_409(head: HeadNode) 
     assert "409" in post["responses"]
 
 
+async def test_a_refused_scale_names_one_replica_in_the_singular(head: HeadNode) -> None:
+    await head.apply(make_spec(replicas=1))
+    with pytest.raises(ReplicasConflict, match=r"^deployment 'app' is scaled to 1 replica, not 2: "):
+        await head.scale("app", 3, if_replicas=2)
+    assert head.desired["app"].replicas == 1
+
+
 async def test_of_two_scales_at_once_from_the_same_count_one_wins(
     head: HeadNode, store: MemoryStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
