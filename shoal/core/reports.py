@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Mapping
 
 from shoal.core import limits
 from shoal.core.cluster import REPLICA_ID, ReplicaReport
 from shoal.core.spec import NAME_PATTERN
+from shoal.core.stats import BUCKETS
 from shoal.errors import InvalidArgument
+from shoal.types import LoadReport
 
 MAX_ADDRESS_CHARS = limits.MAX_HOST_CHARS + 47
 """The longest address (``HOST:PORT``) a scheduler may give for itself or a replica: a host
@@ -36,6 +38,12 @@ MAX_HOSTNAME_CHARS = 253
 
 MAX_SPEC_HASH_CHARS = 128
 """The longest spec hash a replica report may carry (a process hash is 64 hex digits)."""
+
+MAX_REPORTS = 10_000
+"""Most replica reports one registration or health update carries, and most deployments
+its load names: a scheduler runs at most ``max_replicas`` (100 by default, one per 128 MB
+it offers), and the head keeps at most ``max_deployments``. Each report costs the head
+Python work under its lock; a 64 MiB update of tiny ones held millions."""
 
 _NAME = re.compile(NAME_PATTERN)
 
@@ -101,12 +109,24 @@ def checked_report(rep: ReplicaReport) -> ReplicaReport:
     return dataclasses.replace(rep, message=limits.shown(rep.message, limits.ERROR_TEXT_CHARS))
 
 
-def checked_reports(reports: Iterable[ReplicaReport]) -> list[ReplicaReport]:
-    """:func:`checked_report` of each."""
+def checked_reports(reports: Collection[ReplicaReport]) -> list[ReplicaReport]:
+    """:func:`checked_report` of each; InvalidArgument past :data:`MAX_REPORTS` of them."""
+    if len(reports) > MAX_REPORTS:
+        raise InvalidArgument(f"replicas: {len(reports)} reports, over the limit of {MAX_REPORTS}")
     return [checked_report(r) for r in reports]
 
 
-def check_load_names(names: Iterable[str]) -> None:
-    """InvalidArgument unless every deployment a load report names follows the name rules."""
-    for name in names:
+def check_load(load: Mapping[str, LoadReport]) -> None:
+    """InvalidArgument unless every deployment a load report names follows the name rules,
+    they are at most :data:`MAX_REPORTS`, and each one's latency counts are none or one per
+    bucket of :data:`shoal.core.stats.BUCKETS` and one past them (the head keeps them)."""
+    if len(load) > MAX_REPORTS:
+        raise InvalidArgument(f"load: {len(load)} deployments, over the limit of {MAX_REPORTS}")
+    buckets = len(BUCKETS) + 1
+    for name, report in load.items():
         check_deployment_name("load", name)
+        if report.latency and len(report.latency) != buckets:
+            raise InvalidArgument(
+                f"load of {name}: {len(report.latency)} latency_buckets, not {buckets} (one per "
+                "bucket of the scheduler's latency histogram, and one past them)"
+            )

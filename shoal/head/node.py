@@ -50,7 +50,7 @@ from shoal.core.cluster import (
 from shoal.core.model_dirs import check_deployable
 from shoal.core.placement import Capacity
 from shoal.core.reports import (
-    check_load_names,
+    check_load,
     check_registration,
     check_scheduler_id,
     checked_reports,
@@ -408,7 +408,7 @@ class HeadNode:
         anything is applied; replicas' messages are kept cut."""
         check_scheduler_id(scheduler_id)
         reports = checked_reports(reports)
-        check_load_names(load or {})
+        check_load(load or {})
         async with self.lock:
             # What an update can change is its scheduler's replicas: compare those only (all
             # of the cluster's, at every update from every scheduler, was quadratic).

@@ -20,6 +20,8 @@ from shoal.config import Settings
 from shoal.core.clock import FakeClock
 from shoal.core.cluster import REPLICA_ID, CreateReplica
 from shoal.core.limits import MAX_SCHEDULER_ID_CHARS
+from shoal.core.reports import MAX_REPORTS
+from shoal.core.stats import BUCKETS
 from shoal.errors import InvalidArgument
 from shoal.head.node import HeadNode
 from shoal.proto import shoal_pb2 as pb
@@ -149,6 +151,25 @@ async def test_a_long_hostname_and_replica_message_are_kept_cut(head: HeadNode) 
         (
             pb.SchedulerHealth(scheduler_id="s1", load={BIG: pb.DeploymentLoad(in_flight=1)}),
             "load: 'xxxx",
+        ),
+        # Counts: a 64 MiB update of tiny reports held the head's lock for every one of them.
+        (
+            pb.SchedulerHealth(
+                scheduler_id="s1", replicas=[replica(f"m-{i:06x}") for i in range(MAX_REPORTS + 1)]
+            ),
+            f"replicas: {MAX_REPORTS + 1} reports, over the limit of {MAX_REPORTS}",
+        ),
+        (
+            pb.SchedulerHealth(
+                scheduler_id="s1", load={f"d{i}": pb.DeploymentLoad() for i in range(MAX_REPORTS + 1)}
+            ),
+            f"load: {MAX_REPORTS + 1} deployments, over the limit of {MAX_REPORTS}",
+        ),
+        (
+            pb.SchedulerHealth(
+                scheduler_id="s1", load={"m": pb.DeploymentLoad(latency_buckets=[1] * 1_000_000)}
+            ),
+            f"load of m: 1000000 latency_buckets, not {len(BUCKETS) + 1}",
         ),
     ],
 )
