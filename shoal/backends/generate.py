@@ -64,6 +64,12 @@ GENERATION_INPUTS = (
 GENERATION_OUTPUTS = (TensorSpec(name="text", datatype="BYTES", shape=(-1,)),)
 
 
+#: Temperatures below it decode greedily (vLLM's ``_SAMPLING_EPS``). The softmax of the
+#: logits divided by a tinier one is infinite: a temperature of 1e-45 (valid JSON, in
+#: OpenAI's [0, 2]) made transformers' sampling raise, a 500, before.
+GREEDY_BELOW = 1e-5
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     """How to generate one completion. Construction validates: bad values raise InvalidArgument."""
@@ -71,7 +77,8 @@ class GenerationParams:
     max_tokens: int = 16
     """The most tokens to generate (the prompt not counted). At least 1."""
     temperature: float = 1.0
-    """0 is greedy decoding (deterministic); above 0 samples from the softmax at that temperature."""
+    """0 is greedy decoding (deterministic); above 0 samples from the softmax at that
+    temperature. Below :data:`GREEDY_BELOW` is greedy too, as in vLLM."""
     top_p: float = 1.0
     """Nucleus sampling: sample among the most likely tokens whose probabilities add up to top_p.
     In (0, 1]; 1 considers every token. Ignored when greedy."""
@@ -114,7 +121,7 @@ class GenerationParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     def with_(self, **changes: Any) -> GenerationParams:
         """A copy with ``changes`` (validated); keys whose value is None are left as they are."""

@@ -47,10 +47,10 @@ sees one, else on the CPU; the log says which.
 Generation is transformers' ``generate`` for one prompt at a time on the backend's model
 thread: a completion (streamed or not) holds the model until it ends, and other requests
 wait their turn; the rows of a batch are generated one after another. (Continuous batching
-is what the ``vllm`` backend is for.) Decoding is greedy at temperature 0; otherwise it
-samples with the temperature and top_p, without transformers' default top-k of 50. A
-request's ``seed`` seeds torch's generator just before its generation, which is
-reproducible because only the model thread samples.
+is what the ``vllm`` backend is for.) Decoding is greedy at temperature 0 (and below
+1e-5, as vLLM's is); otherwise it samples with the temperature and top_p, without
+transformers' default top-k of 50. A request's ``seed`` seeds torch's generator just
+before its generation, which is reproducible because only the model thread samples.
 """
 
 from __future__ import annotations

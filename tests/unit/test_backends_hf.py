@@ -298,6 +298,16 @@ async def test_greedy_decoding_is_deterministic(lm: TransformersBackend) -> None
     assert out["text"].tolist() == [first.text.encode()] * 2
 
 
+async def test_a_tiny_temperature_decodes_greedily(lm: TransformersBackend) -> None:
+    # The logits over 1e-45 are infinite: transformers' sampling raised (a 500) before.
+    greedy = await lm.complete(PROMPT, GREEDY)
+    for temperature in (1e-45, 5e-324, 9e-6):
+        params = GenerationParams(max_tokens=8, temperature=temperature, seed=1)
+        assert params.greedy
+        assert await lm.complete(PROMPT, params) == greedy
+    assert not GenerationParams(temperature=1e-5).greedy
+
+
 async def test_a_batch_where_some_requests_give_max_tokens_answers_each(lm: TransformersBackend) -> None:
     """max_tokens is optional: requests that give it and requests that do not are different
     kinds to the batcher (it concatenates inputs by name), so each batch has one set of
