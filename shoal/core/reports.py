@@ -116,17 +116,20 @@ def checked_reports(reports: Collection[ReplicaReport]) -> list[ReplicaReport]:
     return [checked_report(r) for r in reports]
 
 
-def check_load(load: Mapping[str, LoadReport]) -> None:
-    """InvalidArgument unless every deployment a load report names follows the name rules,
-    they are at most :data:`MAX_REPORTS`, and each one's latency counts are none or one per
-    bucket of :data:`shoal.core.stats.BUCKETS` and one past them (the head keeps them)."""
+def checked_load(load: Mapping[str, LoadReport]) -> dict[str, LoadReport]:
+    """``load`` as the head keeps it: each deployment's latency counts dropped when they are
+    not one per bucket of :data:`shoal.core.stats.BUCKETS` and one past them (a scheduler
+    of another version may count in other buckets: its update is still taken, its charts
+    skip those counts, as they did; but a million counts were kept before). InvalidArgument
+    unless every deployment it names follows the name rules and they are at most
+    :data:`MAX_REPORTS`."""
     if len(load) > MAX_REPORTS:
         raise InvalidArgument(f"load: {len(load)} deployments, over the limit of {MAX_REPORTS}")
     buckets = len(BUCKETS) + 1
+    kept: dict[str, LoadReport] = {}
     for name, report in load.items():
         check_deployment_name("load", name)
         if report.latency and len(report.latency) != buckets:
-            raise InvalidArgument(
-                f"load of {name}: {len(report.latency)} latency_buckets, not {buckets} (one per "
-                "bucket of the scheduler's latency histogram, and one past them)"
-            )
+            report = dataclasses.replace(report, latency=())
+        kept[name] = report
+    return kept

@@ -50,9 +50,9 @@ from shoal.core.cluster import (
 from shoal.core.model_dirs import check_deployable
 from shoal.core.placement import Capacity
 from shoal.core.reports import (
-    check_load,
     check_registration,
     check_scheduler_id,
+    checked_load,
     checked_reports,
     kept_hostname,
 )
@@ -408,7 +408,7 @@ class HeadNode:
         anything is applied; replicas' messages are kept cut."""
         check_scheduler_id(scheduler_id)
         reports = checked_reports(reports)
-        check_load(load or {})
+        load = checked_load(load or {})
         async with self.lock:
             # What an update can change is its scheduler's replicas: compare those only (all
             # of the cluster's, at every update from every scheduler, was quadratic).
