@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from shoal.auth import Role, TokenRecord, TokenRegistry, required_tokens
+from shoal.auth import Role, TokenRecord, TokenRegistry, is_loopback, required_tokens
 from shoal.config import Settings
 from shoal.core import limits
 from shoal.core.autoscale import Autoscaler
@@ -258,8 +258,9 @@ class HeadNode:
         # scheduler can have replicas to register with (_nothing_to_adopt).
         if self._nothing_to_adopt(new_store):
             log.info(
-                "the state store was created by this start and the head's port was picked at "
-                "start: no scheduler can run replicas to register again; no wait before placing"
+                "the state store was created by this start, and the head's port was picked at "
+                "start or no other machine reaches it: no scheduler can run replicas to register "
+                "again; no wait before placing"
             )
             self._adopt_until = 0.0
         else:
@@ -276,10 +277,15 @@ class HeadNode:
         A new store alone is not enough: a head whose state folder was lost or moved aside
         (a new disk, a container without a volume, ``rm -rf``), started again at the address
         it had, is told by schedulers on other machines of the replicas they still run; a
-        deployment applied in its first seconds would start replicas beside them."""
-        return (
-            new_store and self.settings.head_port == 0 and not (self.desired or self.broken or self.deleted)
-        )
+        deployment applied in its first seconds would start replicas beside them. A head that
+        listens on loopback alone (the default, ``shoal up`` and ``make up`` included) is
+        reached by no other machine, and a scheduler on its own registers with the replicas
+        it runs before anything is placed on it: a new store there ends the wait too, even
+        on a port given. What is left (two schedulers on the head's machine outliving its
+        lost state, one registering first) costs replicas started and then removed again,
+        not a wrong cluster."""
+        reached_by_others = self.settings.head_port != 0 and not is_loopback(self.settings.host)
+        return new_store and not reached_by_others and not (self.desired or self.broken or self.deleted)
 
     async def aclose(self) -> None:
         self._stopping.set()

@@ -193,13 +193,16 @@ async def test_the_adoption_wait_applies_on_every_start(
     assert len(fleet.client("s1", "s1:7000").created) == 1
 
 
+@pytest.mark.parametrize("where", ["a picked port", "loopback, its port given"])
 async def test_a_head_on_a_store_it_created_at_a_picked_port_places_at_once(
-    tmp_path: Path, fleet: FakeSchedulers, clock: FakeClock
+    where: str, tmp_path: Path, fleet: FakeSchedulers, clock: FakeClock
 ) -> None:
     """Nothing to adopt: no head ever placed a replica from the new file, and no scheduler
-    could have been given the address before the system picked its port. A fresh
+    could have been given the address before the system picked its port, or no other
+    machine reaches it (loopback: ``make up``, ``shoal up`` on its default ports). A fresh
     ``shoal up --head-port 0`` was ready 5.3 s after it started, 5 s of them this wait."""
-    settings = Settings(head_port=0, state_dir=str(tmp_path))
+    port = 0 if where == "a picked port" else 8470
+    settings = Settings(head_port=port, state_dir=str(tmp_path))
     store, created = await _open_store(settings, tmp_path)
     node = HeadNode(settings, store, fleet, clock)
     try:
@@ -251,7 +254,7 @@ async def test_a_restarted_head_over_an_existing_store_still_waits(
             await store.close()
 
 
-@pytest.mark.parametrize("why", ["port given", "store not new", "store holds a deployment"])
+@pytest.mark.parametrize("why", ["port given, on every address", "store not new", "store holds a deployment"])
 async def test_a_new_store_alone_or_a_picked_port_alone_does_not_end_the_wait(
     why: str, store: MemoryStore, fleet: FakeSchedulers, clock: FakeClock
 ) -> None:
@@ -260,7 +263,8 @@ async def test_a_new_store_alone_or_a_picked_port_alone_does_not_end_the_wait(
     they still run: it must wait for them, on its new store too."""
     if why == "store holds a deployment":
         await store.put("deployments/echo", make_spec("echo").to_json())
-    node = HeadNode(Settings(head_port=8470 if why == "port given" else 0), store, fleet, clock)
+    reachable = Settings(head_port=8470, host="0.0.0.0", insecure=True)
+    node = HeadNode(reachable if why.startswith("port") else Settings(head_port=0), store, fleet, clock)
     try:
         await node.start(new_store=why != "store not new")
         await join(node, "s1")
