@@ -30,11 +30,14 @@ seconds to parse and check: a request of 2,048 messages of a few parts each hold
 
 class TooManyValues(InvalidArgument):
     """A body of more than :data:`MAX_JSON_VALUES` values. ``model``: its ``model`` field
-    ("" when it has no string one), so that the refusal is counted as that deployment's."""
+    ("" when it has no string one), so that the refusal is counted as that deployment's.
+    ``param``: where its longest list (or object) is, ``messages.0.content`` say (OpenAI's
+    error field), None when that is the body itself."""
 
-    def __init__(self, message: str, model: str) -> None:
+    def __init__(self, message: str, model: str, param: str | None = None) -> None:
         super().__init__(message)
         self.model = model
+        self.param = param
 
 
 PARSED = "shoal.parsed_json"
@@ -76,8 +79,10 @@ async def parse_json(
         else:
             parsed = await in_parser(_json_object_in_child, bytes(body))
             if isinstance(parsed, tuple):
-                code, message, model = parsed
-                raise TooManyValues(message, model) if model is not None else from_code(Code(code), message)
+                code, message, model, param = parsed
+                if model is not None:
+                    raise TooManyValues(message, model, param)
+                raise from_code(Code(code), message)
             doc = parsed
     except ShoalError as err:
         if scope is not None:
@@ -96,41 +101,60 @@ def json_object(body: bytes | bytearray) -> dict[str, Any]:
         raise InvalidArgument(f"request body is not valid JSON: {err}") from None
     if not isinstance(doc, dict):
         raise InvalidArgument(f"request body must be a JSON object, got {type(doc).__name__}")
-    if _more_values_than(doc, MAX_JSON_VALUES):
+    longest = _longest_past(doc, MAX_JSON_VALUES)
+    if longest is not None:
+        path, size = longest
         model = doc.get("model")
-        sizes = [(limits.quoted(k), len(v)) for k, v in doc.items() if isinstance(v, (list, dict))]
-        where, size = max(sizes, key=lambda kv: kv[1], default=("the body", len(doc)))
+        param = limits.shown(".".join(path)) if path else None
         raise TooManyValues(
-            f"request body holds more than {MAX_JSON_VALUES} JSON values ({where} holds {size} "
-            "items); send fewer or shorter lists",
+            f"request body holds more than {MAX_JSON_VALUES} JSON values "
+            f"({repr(param) if param else 'the body'} holds {size} items); send fewer or shorter lists",
             model if isinstance(model, str) else "",
+            param,
         )
     return doc
 
 
-def _json_object_in_child(body: bytes) -> dict[str, Any] | tuple[str, str, str | None]:
+def _json_object_in_child(
+    body: bytes,
+) -> dict[str, Any] | tuple[str, str, str | None, str | None]:
     """:func:`json_object` in the parsing process; an error comes back as (code, message,
-    the model of a :class:`TooManyValues`, else None)."""
+    the model and param of a :class:`TooManyValues`, else None and None)."""
     try:
         return json_object(body)
     except TooManyValues as err:
-        return (err.code.value, err.message, err.model)
+        return (err.code.value, err.message, err.model, err.param)
     except ShoalError as err:
-        return (err.code.value, err.message, None)
+        return (err.code.value, err.message, None, None)
 
 
-def _more_values_than(doc: object, most: int) -> bool:
-    """Whether ``doc`` (parsed JSON) holds more than ``most`` values, counted without
-    recursion and without walking past the bound."""
-    stack = [doc]
+def _longest_past(doc: object, most: int) -> tuple[list[str], int] | None:
+    """None when ``doc`` (parsed JSON) holds at most ``most`` values, counted without
+    recursion and without walking past the bound; else the path and length of the longest
+    list (or object) the walk met. Before, the message named the longest of the body's own
+    fields: a chat of one message of 100,000 text parts was "'messages' holds 1 items"."""
+    # Each container's place is its parent's and its key, made into a path for the longest only.
+    Place = tuple[Any, str] | None
+    stack: list[tuple[object, Place]] = [(doc, None)]
     seen = 1
+    longest: tuple[Place, int] = (None, len(doc) if isinstance(doc, (dict, list)) else 0)
     while stack:
-        value = stack.pop()
-        items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
-        for item in items:
+        value, place = stack.pop()
+        items = (
+            value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        )
+        for key, item in items:
             seen += 1
-            if seen > most:
-                return True
             if isinstance(item, (dict, list)):
-                stack.append(item)
-    return False
+                inner = (place, str(key))
+                if len(item) > longest[1]:
+                    longest = (inner, len(item))
+                stack.append((item, inner))
+            if seen > most:
+                path: list[str] = []
+                at = longest[0]
+                while at is not None:
+                    at, key = at
+                    path.append(key)
+                return path[::-1], longest[1]
+    return None

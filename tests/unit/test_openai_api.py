@@ -26,7 +26,7 @@ from shoal.core.traffic import TrafficRoute
 from shoal.errors import InvalidArgument, ResourceExhausted
 from shoal.http import offload
 from shoal.http.generate import generate_routes
-from shoal.http.jsonbody import MAX_JSON_VALUES
+from shoal.http.jsonbody import MAX_JSON_VALUES, TooManyValues, json_object, parse_json
 from shoal.http.offload import shutdown_parser
 from shoal.http.openai import openai_routes
 from shoal.proto import grpc_service_pb2 as oip
@@ -1015,3 +1015,24 @@ async def test_a_body_of_too_many_json_values_is_a_400(http: httpx.AsyncClient, 
     r = await http.post(path, json=doc)
     assert r.status_code == 400, r.text
     assert f"more than {MAX_JSON_VALUES} JSON values" in r.text
+
+
+async def test_too_many_json_values_name_the_longest_list_wherever_it_is(http: httpx.AsyncClient) -> None:
+    """A chat of one message of 100,001 text parts (3 MB) was refused as "'messages' holds 1
+    items", the longest of the body's own lists, with no param. Parsed on the loop and in
+    the parsing process alike."""
+    doc = {"model": "lm", "messages": [{"role": "user", "content": [0] * (MAX_JSON_VALUES + 1)}]}
+    r = await http.post("/v1/chat/completions", json=doc)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "messages.0.content"
+    assert f"('messages.0.content' holds {MAX_JSON_VALUES + 1} items)" in error["message"]
+    try:
+        with pytest.raises(TooManyValues) as refused:
+            await parse_json(json.dumps(doc).encode(), on_loop=0)
+    finally:
+        shutdown_parser()
+    assert (refused.value.param, refused.value.model) == ("messages.0.content", "lm")
+    with pytest.raises(TooManyValues) as refused:
+        json_object(json.dumps({"model": "lm", "padding": [0] * MAX_JSON_VALUES}).encode())
+    assert refused.value.param == "padding"
