@@ -285,6 +285,7 @@ class TransformersBackend(Backend):
         self._multi_label = False
         self._eos_ids: frozenset[int] = frozenset()
         self._max_positions: int | None = None
+        self._longest_token = 0  # characters of the vocabulary's longest token (generation)
         self._pad_id: int | None = None
         self._default_params = GenerationParams()
 
@@ -431,6 +432,11 @@ class TransformersBackend(Backend):
         if pad is None and eos:
             pad = min(eos)
         self._pad_id = pad if isinstance(pad, int) else None
+        try:
+            vocab = self._tokenizer.get_vocab()
+        except (AttributeError, NotImplementedError):  # no vocabulary to measure: prompts counted whole
+            vocab = {}
+        self._longest_token = max(map(len, vocab), default=0)
         self._derived_inputs = GENERATION_INPUTS
         self._derived_outputs = GENERATION_OUTPUTS
 
@@ -524,6 +530,28 @@ class TransformersBackend(Backend):
         if self._task != "generation":
             raise InvalidArgument(f"model {self.spec.name!r} does not generate text (task {self._task})")
 
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        """The prompt's tokens. InvalidArgument, counted from its beginning alone, for a
+        prompt whose first ``2 * (max positions + 1) * longest token`` characters hold more
+        than twice the tokens the model takes: no token covers more characters than the
+        vocabulary's longest (for tokenizers that drop no text, as BPE and SentencePiece
+        do not), so such a prompt is far too long whatever follows. Before, a 30 MB prompt
+        was tokenized whole (15 million tokens, 26 s of the model's thread, every other
+        request of the replica waiting) to be refused for more than 64. A prompt of fewer
+        tokens there (a tokenizer that maps a long unknown word to one) is tokenized whole."""
+        most = self._max_positions
+        if most is not None and self._longest_token > 0:
+            head = 2 * (most + 1) * self._longest_token
+            if len(prompt) > head:
+                counted = len(self._tokenizer(prompt[:head])["input_ids"])
+                if counted > 2 * most:
+                    raise InvalidArgument(
+                        f"the prompt has more than {2 * most} tokens ({counted} in its first {head} "
+                        f"of {len(prompt)} characters); the model takes at most {most} tokens of "
+                        "prompt and completion"
+                    )
+        return list(self._tokenizer(prompt)["input_ids"])
+
     def _generate_blocking(
         self,
         prompt: str,
@@ -532,7 +560,7 @@ class TransformersBackend(Backend):
         cancel: threading.Event | None,
     ) -> Completion:
         """Run ``generate`` for one prompt on the model thread, emitting pieces as they come."""
-        ids: list[int] = list(self._tokenizer(prompt)["input_ids"])
+        ids = self._prompt_ids(prompt)
         if not ids:
             sources = (self._tokenizer, getattr(self._model, "generation_config", None), self._model.config)
             bos = next(

@@ -459,6 +459,29 @@ async def test_prompt_longer_than_the_model_takes_is_invalid_argument(lm: Transf
     assert completion.completion_tokens <= 4
 
 
+async def test_a_prompt_far_too_long_is_refused_from_its_beginning(
+    lm: TransformersBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 30 MB prompt was tokenized whole (26 s of the model's thread) to be refused for
+    more than 64 tokens. The tiny model's longest token is 8 characters: its first
+    2 * 65 * 8 characters are enough to tell."""
+    tokenizer = lm._tokenizer
+    lengths: list[int] = []
+
+    def counting(text: str) -> Any:
+        lengths.append(len(text))
+        return tokenizer(text)
+
+    monkeypatch.setattr(lm, "_tokenizer", counting)
+    message = r"the prompt has more than 128 tokens \(520 in its first 1040 of 4000000 characters\)"
+    with pytest.raises(InvalidArgument, match=message):
+        await lm.complete("a " * 2_000_000, GREEDY)
+    assert lengths == [1040]
+    monkeypatch.undo()
+    # A long prompt of few tokens (one unknown word here) is counted whole, as before.
+    assert (await lm.complete("a" * 5000, GREEDY)).prompt_tokens == 1
+
+
 async def test_generation_defaults_come_from_options(tiny_lm_path: Path) -> None:
     options = {"max_tokens": 3, "temperature": 0, "stop": "never there"}
     backend = loaded(hf_spec(tiny_lm_path, "generation", options=options))
