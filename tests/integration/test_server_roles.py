@@ -8,7 +8,6 @@ handshake answers UNIMPLEMENTED, one that does not never reaches the server.
 
 from __future__ import annotations
 
-import datetime
 import shutil
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -18,9 +17,6 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from shoal import certs
 from shoal.config import Settings
@@ -169,27 +165,6 @@ async def test_a_tls_client_at_a_plaintext_head_is_told_it_speaks_no_tls(tls: Pa
     assert "same cluster CA" not in message and "give --tls-dir" not in message
 
 
-def resign(folder: Path, role: str, valid: tuple[datetime.datetime, datetime.datetime]) -> None:
-    """Sign ``role``'s certificate again with the folder's CA, valid only over ``valid``."""
-    ca = x509.load_pem_x509_certificate((folder / "ca.crt").read_bytes())
-    ca_key = serialization.load_pem_private_key((folder / "ca.key").read_bytes(), None)
-    old = x509.load_pem_x509_certificate((folder / f"{role}.crt").read_bytes())
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(old.subject)
-        .issuer_name(ca.subject)
-        .public_key(old.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(valid[0])
-        .not_valid_after(valid[1])
-    )
-    for ext in old.extensions:
-        builder = builder.add_extension(ext.value, ext.critical)
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    cert = builder.sign(ca_key, hashes.SHA256())
-    (folder / f"{role}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-
-
 async def test_a_client_with_an_expired_certificate_is_told_so(tls: Path, tmp_path: Path) -> None:
     """Before: the CLI with an expired ``client.crt`` was told "... Socket closed); is it
     running? Start one with 'shoal up'" of a head that ran (only the head's gRPC debug log
@@ -198,8 +173,7 @@ async def test_a_client_with_an_expired_certificate_is_told_so(tls: Path, tmp_pa
 
     expired = tmp_path / "expired"
     shutil.copytree(tls, expired)
-    now = datetime.datetime.now(datetime.UTC)
-    resign(expired, "client", (now - datetime.timedelta(days=10), now - datetime.timedelta(days=1)))
+    certs.renew(expired, ("client",), days=-1)  # ran out a day ago
     async with server_as(settings_for(tls), "head") as (address, seen):
         client = AsyncClient(address, settings=Settings(head_address=address, tls_dir=str(expired)))
         try:
