@@ -26,6 +26,7 @@ makes the operator's own browser send.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 from urllib.parse import urlsplit
@@ -86,10 +87,13 @@ def cross_site(scope: Scope) -> str | None:
     )
 
 
+@functools.lru_cache(maxsize=256)
 def loopback_host(host: str) -> bool:
     """Whether a Host header names this machine's loopback: ``localhost`` (or a name under
     ``.localhost``, which browsers resolve to loopback themselves), an address in
-    127.0.0.0/8 or ``[::1]``, with any port."""
+    127.0.0.0/8 or ``[::1]``, with any port. Remembered for the last 256 Hosts seen: a
+    loopback server's every request asks it (:class:`LoopbackHosts`), and parsing took
+    5.6 us of an HTTP inference's CPU; its clients send a handful of Hosts."""
     parsed = _host_port(host, "http")
     if parsed is None:
         return False
