@@ -51,7 +51,8 @@ Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``,
 HTTP status from :data:`shoal.errors.HTTP_STATUS`: an unknown model is 404 with code
 ``model_not_found`` (its name cut as :func:`shoal.core.limits.shown` cuts it); a bad body
 is 400 ``invalid_request_error`` naming the ``param``, a ``model`` that is not valid
-Unicode among them; a bug is 500 ``server_error`` (the traceback logged). So are an unknown
+Unicode among them, and a prompt the model refuses (longer than it takes) ``messages`` or
+``prompt``; a bug is 500 ``server_error`` (the traceback logged). So are an unknown
 path under ``/v1/`` (404) and a method its path does not take (405, with ``Allow``).
 """
 
@@ -610,9 +611,10 @@ class OpenAIApi:
         }
         if not req.stream:
             # A client that hangs up stops its generation (unless_gone), as a stream's does.
-            result = await unless_gone(
-                request.scope, complete(self.dataplane.catalog, spec.name, req, request_id=request_id)
-            )
+            with _named_prompt(chat):
+                result = await unless_gone(
+                    request.scope, complete(self.dataplane.catalog, spec.name, req, request_id=request_id)
+                )
             choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": _finish(result)}
             if chat:
                 choice["message"] = {"role": "assistant", "content": result.text, "refusal": None}
@@ -625,7 +627,8 @@ class OpenAIApi:
 
         async def events() -> AsyncGenerator[bytes, None]:
             # A failure before the first piece raises (an error response, see open_stream).
-            chunks = await start_stream(catalog, spec.name, req, request_id=request_id)
+            with _named_prompt(chat):
+                chunks = await start_stream(catalog, spec.name, req, request_id=request_id)
             async with (
                 contextlib.aclosing(chunks),
                 contextlib.aclosing(
@@ -641,6 +644,21 @@ class OpenAIApi:
         return await unless_gone(
             request.scope, open_stream(body_events, body_events.aclose, self.keepalive_s, error_event)
         )
+
+
+@contextlib.contextmanager
+def _named_prompt(chat: bool) -> Iterator[None]:
+    """A generation the model refuses as invalid (InvalidArgument, no other kind) named for
+    its prompt: ``param`` ``messages`` for a chat, ``prompt`` for a completion. Every other
+    parameter is checked here before the request is sent (InvalidParameter naming it), so
+    what the model refuses is the prompt: longer than it takes, empty, messages its chat
+    template refuses. Before, its ``param`` was null."""
+    try:
+        yield
+    except InvalidArgument as err:
+        if type(err) is not InvalidArgument:
+            raise
+        raise OpenAIError("messages" if chat else "prompt", err.message) from err
 
 
 def _other_dimensions(model: str, width: int) -> OpenAIError:

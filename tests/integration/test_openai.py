@@ -175,6 +175,22 @@ async def test_errors_in_openais_shape(client: openai.AsyncOpenAI) -> None:
     assert wrong_kind.value.param == "model"
 
 
+async def test_a_prompt_longer_than_the_model_takes_names_its_field(client: openai.AsyncOpenAI) -> None:
+    """The model's own refusal of a prompt too long (the tiny model takes 64 tokens) is a
+    400 naming the field that holds the prompt, as the other 400s do; its param was null."""
+    long = "the " * 100
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": long}]
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as chat:
+            await client.chat.completions.create(model="tiny", messages=messages, stream=stream)
+        assert (chat.value.param, chat.value.status_code) == ("messages", 400)
+        assert "the prompt has" in chat.value.message and "at most 64 tokens" in chat.value.message
+        with pytest.raises(openai.BadRequestError) as completion:
+            await client.completions.create(model="tiny", prompt=long, stream=stream)
+        assert completion.value.param == "prompt"
+        assert "the prompt has 100 tokens" in completion.value.message
+
+
 async def test_grpc_stream_infer_answers_a_response_per_piece(cluster: ProcessCluster) -> None:
     grpc_client = tgrpc_aio.InferenceServerClient(cluster.scheduler_address())
     try:

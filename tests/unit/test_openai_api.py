@@ -588,7 +588,15 @@ async def test_a_bug_mid_generate_stream_ends_it_with_an_error_event(
         (
             "/v1/completions",
             {"model": "lm", "prompt": "a", "stream": True},
-            {"error": {"message": "too long", "type": "invalid_request_error", "param": None, "code": None}},
+            # The model's refusal of the prompt names it, as an error response does.
+            {
+                "error": {
+                    "message": "too long",
+                    "type": "invalid_request_error",
+                    "param": "prompt",
+                    "code": None,
+                }
+            },
         ),
         ("/v2/models/lm/generate_stream", {"text_input": "a"}, {"error": "too long"}),
     ],
