@@ -514,6 +514,7 @@ class OpenAIApi:
             spec = self._spec(body.model)
             if not embeds_text(spec):
                 raise OpenAIError("model", f"model {body.model!r} does not compute embeddings")
+            await self._check_takes_text(spec, body.model)
             texts = [body.input] if isinstance(body.input, str) else body.input
             if not texts:
                 raise OpenAIError("input", "'input' must hold at least one string")
@@ -530,6 +531,24 @@ class OpenAIApi:
         data = [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)]
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         return JSONResponse({"object": "list", "data": data, "model": body.model, "usage": usage})
+
+    async def _check_takes_text(self, spec: DeploymentSpec, model: str) -> None:
+        """OpenAIError naming ``model`` for a model whose inputs are known (declared, or
+        described by its replica) and hold no BYTES ``text``: it does not take text to
+        embed. Before, the echo example answered "unknown input 'text'; model 'echo' takes
+        'x'", as if the client had named an input. A model whose inputs are not known is
+        asked, and answers for itself."""
+        catalog = self.dataplane.catalog
+        metadata = catalog.known_metadata(spec) or await catalog.request_metadata(spec)
+        inputs = metadata.inputs
+        if not inputs or any(t.name == "text" and t.datatype == "BYTES" for t in inputs):
+            return
+        names = limits.shown(", ".join(f"{t.name!r} ({t.datatype})" for t in inputs))
+        raise OpenAIError(
+            "model",
+            f"model {model!r} does not take text for embeddings: its inputs are {names}; "
+            "an embedding model takes a BYTES input 'text'",
+        )
 
     async def _check_dimensions(self, spec: DeploymentSpec, model: str, dimensions: int) -> None:
         """OpenAIError for ``dimensions`` below 1, or other than the width of the

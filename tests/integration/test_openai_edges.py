@@ -6,13 +6,15 @@ models written into the test's folder.
   next one 0.4 s; the cluster sends a keep-alive after 0.2 s without a byte;
 - ``aborting``: a generator that vLLM itself ends with finish reason ``abort``;
 - ``emb``: an embedding model that declares its 4-wide output;
-- ``long-name``: a model that answers an output with a 100,000-character name.
+- ``long-name``: a model that answers an output with a 100,000-character name;
+- ``echo``: ``examples/echo.yaml``, whose one input is FP32 ``x``.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,11 +22,13 @@ import openai
 import pytest
 import pytest_asyncio
 
+from shoal.core.spec import load_spec_file
 from shoal.testing.cluster import ProcessCluster
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.asyncio(loop_scope="module")]
 
 KEEPALIVE_S = 0.2
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 MODELS = """
 import numpy as np
@@ -73,10 +77,13 @@ async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Pro
         },
         {"name": "long-name", **python, "model": "edge_models:LongName"},
     ]
+    (echo,) = load_spec_file(EXAMPLES / "echo.yaml")
     env = {"SHOAL_SSE_KEEPALIVE_S": str(KEEPALIVE_S)}
     async with ProcessCluster(root / "cluster", env=env) as c:
+        await c.deploy(echo.model_copy(update={"resources": echo.resources.model_copy(update={"cpus": 0.1})}))
         for spec in specs:
             await c.deploy(spec)
+        await c.wait_ready("echo", 1, timeout_s=60)
         for spec in specs:
             await c.wait_ready(spec["name"], 1, timeout_s=60)
         yield c
@@ -187,6 +194,23 @@ async def test_dimensions_the_model_cannot_make_are_refused_before_it_runs(http:
     assert reply.status_code == 200, reply.text
     assert [len(d["embedding"]) for d in reply.json()["data"]] == [4]
     assert await model_runs(http, "emb") == before + 1
+
+
+async def test_embeddings_of_a_model_that_takes_no_text_name_the_inputs_it_takes(
+    http: httpx.AsyncClient,
+) -> None:
+    """The echo example takes an FP32 ``x``. Before, embeddings asked of it answered
+    "unknown input 'text'; model 'echo' takes 'x'", as if the client had named an input."""
+    before = await model_runs(http, "echo")
+    reply = await http.post("/v1/embeddings", json={"model": "echo", "input": ["a", "b"]})
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert (error["param"], error["type"]) == ("model", "invalid_request_error")
+    assert error["message"] == (
+        "model 'echo' does not take text for embeddings: its inputs are 'x' (FP32); "
+        "an embedding model takes a BYTES input 'text'"
+    )
+    assert await model_runs(http, "echo") == before
 
 
 # ---------------------------------------------------------------- output names
