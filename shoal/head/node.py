@@ -1363,7 +1363,10 @@ class HeadNode:
 
     async def watch_routes(self, scheduler_id: str) -> AsyncIterator[RoutingTable]:
         """The current routing table, then new versions, until the head stops: each time the
-        streams are woken, the newest (versions that came meanwhile are skipped)."""
+        streams are woken, the newest (versions that came meanwhile are skipped).
+        InvalidArgument naming the field, before the first table, for an id that is no
+        scheduler id (``shoal.core.reports``), as a registration's is checked."""
+        check_scheduler_id(scheduler_id)
         seen = -1
         self._streams += 1
         try:

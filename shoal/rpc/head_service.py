@@ -125,9 +125,12 @@ class HeadService(pbg.HeadServicer):
         self, request: pb.WatchRoutesRequest, context: Context
     ) -> AsyncIterator[pb.RoutingTable]:
         last: RoutingTable | None = None
-        async for table in self.node.watch_routes(request.scheduler_id):
-            yield self._encoded(table) if last is None else self._delta(last, table, request.route_deltas)
-            last = table
+        try:
+            async for table in self.node.watch_routes(request.scheduler_id):
+                yield self._encoded(table) if last is None else self._delta(last, table, request.route_deltas)
+                last = table
+        except ShoalError as err:  # InvalidArgument: an id that is no scheduler id
+            await abort(context, err)
 
     def _encoded(self, table: RoutingTable) -> pb.RoutingTable:
         """The whole table (a stream's first message): one message per version, shared by
