@@ -121,7 +121,7 @@ class ControlGuard:
         client = scope.get("client")
         host = client[0] if client else ""
         token = None
-        error: ShoalError | None = _browser_refusal(scope)
+        error: ShoalError | None = browser_refusal(scope)
         try:
             token = auth.check_control(
                 self.tokens,
@@ -147,7 +147,7 @@ class ControlGuard:
         await self.app(scope, receive, send)
 
 
-def _browser_refusal(scope: Scope) -> ShoalError | None:
+def browser_refusal(scope: Scope) -> ShoalError | None:
     """A change a web page of another site may have sent (``shoal.http.browser``): 403 when
     the browser says it comes from another site; 400 when its body is declared as another
     type than JSON (``text/plain`` or a form's: what a page may send to any site without

@@ -47,9 +47,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from shoal import metrics
 from shoal.auth import is_loopback
 from shoal.core import limits
-from shoal.errors import InvalidArgument, PermissionDenied, ShoalError
-from shoal.http.auth import InferenceGuard, model_in_path
-from shoal.http.browser import cross_site, names_loopback
+from shoal.errors import InvalidArgument, ShoalError
+from shoal.http.auth import InferenceGuard, browser_refusal, model_in_path
+from shoal.http.browser import names_loopback
 from shoal.http.generate import generate_routes
 from shoal.http.infer import Dispatch, Infer, bool_param, read_body
 from shoal.http.offload import shutdown_parser as shutdown_parser
@@ -244,9 +244,11 @@ def scheduler_app(
         if repository is None:
             why = "this scheduler serves no model repository (start it with --model-repository DIR)"
             return _json({"error": f"{action} is not implemented: {why}"}, 501)
-        refused = cross_site(request.scope)
-        if refused is not None:  # a page of another site, in this machine's browser: no bootstrap
-            raise PermissionDenied(refused)
+        # A page of another site, in this machine's browser (403), or a body it may send
+        # there without a preflight (text/plain, a form's: 400): no bootstrap, as at the head.
+        refused = browser_refusal(request.scope)
+        if refused is not None:
+            raise refused
         params = (await json_body(request)).get("parameters") or {}
         if not isinstance(params, dict):
             raise InvalidArgument("parameters must be an object")

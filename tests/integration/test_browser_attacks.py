@@ -20,6 +20,7 @@ import pytest
 from shoal.config import Settings
 from shoal.head.node import HeadNode
 from shoal.run import start_head, start_scheduler
+from tests.unit import test_triton_python as triton_python
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -183,3 +184,46 @@ async def test_a_rebound_name_gets_no_bootstrap_from_a_head_on_every_address(tmp
         ok = SPEC.replace('"os:system"', '"echo.py:Echo"').replace("pwn", "mine")
         r = await client.post("/api/deployments", content=ok, headers={**json, "Host": f"localhost:{port}"})
         assert r.status_code == 201, r.text  # this machine's own caller: the bootstrap holds
+
+
+async def test_a_repository_change_from_a_page_of_another_site_is_refused(tmp_path: Path) -> None:
+    """A scheduler serving a Triton repository loads and unloads its models over HTTP
+    (``/v2/repository/models/NAME/load``), and while no token exists its own machine may:
+    as at the head, a change a page of another site makes the browser send is refused 403,
+    and one whose body is declared as another type than JSON 400. Before, the 400 was
+    missing there: a load sent as ``text/plain`` loaded the model."""
+    repo = tmp_path / "models"
+    (repo / "add_sub" / "1").mkdir(parents=True)
+    (repo / "add_sub" / "config.pbtxt").write_text(triton_python.CONFIG)
+    (repo / "add_sub" / "1" / "model.py").write_text(triton_python.MODEL)
+    async with AsyncExitStack() as stack:
+        s = dataclasses.replace(settings(tmp_path), model_repository=str(repo))
+        node, head_address, _ = await start_head(s, stack)
+        _, _, http_address = await start_scheduler(s, stack, head_address)
+        client = await stack.enter_async_context(
+            httpx.AsyncClient(base_url=f"http://{http_address}", timeout=50)
+        )
+        load, unload = "/v2/repository/models/add_sub/load", "/v2/repository/models/add_sub/unload"
+        for headers in (
+            {"Sec-Fetch-Site": "cross-site", "Content-Type": "application/json"},
+            {"Origin": EVIL, "Content-Type": "text/plain"},
+            {"Origin": EVIL},
+        ):
+            r = await client.post(load, content="{}", headers=headers)
+            assert r.status_code == 403, (headers, r.text)
+            assert "a browser may change this server only from its own pages" in r.json()["error"]
+        r = await client.post(load, content='{"parameters": {}}', headers={"Content-Type": "text/plain"})
+        assert r.status_code == 400, r.text
+        assert "the body must be sent as Content-Type: application/json" in r.json()["error"]
+        assert node.desired == {}
+
+        # Its own page, and a client that is no browser: loaded, served.
+        own = {"Origin": f"http://{http_address}", "Sec-Fetch-Site": "same-origin"}
+        r = await client.post(load, json={}, headers=own)
+        assert r.status_code == 200, r.text
+        assert list(node.desired) == ["add_sub"]
+        r = await client.post(unload, content="{}", headers={"Sec-Fetch-Site": "cross-site"})
+        assert r.status_code == 403, r.text
+        assert (await client.get("/v2/models/add_sub/ready")).status_code == 200
+        r = await client.post(unload)
+        assert r.status_code == 200, r.text
