@@ -34,7 +34,7 @@ from shoal.head.node import HeadNode
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.rpc.auth import is_peer, peer_host
-from shoal.rpc.channels import open_channel
+from shoal.rpc.channels import PeerChannel, open_channel
 from shoal.rpc.clients import auth_metadata, head_addresses
 from shoal.rpc.status import Context, abort, to_error
 from shoal.scheduler.artifacts import ArtifactCache
@@ -219,11 +219,10 @@ class GrpcBlobSource:
         self._settings = settings
         self._scheduler_id = scheduler_id
         self._heads = [
-            pbg.BlobStub(open_channel(a, settings, "scheduler", server="head"))
-            for a in head_addresses(head_address)
+            PeerChannel(a, settings, "scheduler", server="head") for a in head_addresses(head_address)
         ]
         self._head = 0
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels: dict[str, PeerChannel] = {}
         self.own_address = ""  # this scheduler's, left out of the holders
 
     async def _stat(self, ref: pb.BlobRef) -> pb.BlobStat:
@@ -231,7 +230,8 @@ class GrpcBlobSource:
         error: ShoalError = Unavailable("no head address")
         for i in [self._head, *(j for j in range(len(self._heads)) if j != self._head)]:
             try:
-                reply: pb.BlobStat = await self._heads[i].Stat(ref, timeout=self._settings.rpc_timeout_s)
+                stub = self._heads[i].stub(pbg.BlobStub)
+                reply: pb.BlobStat = await stub.Stat(ref, timeout=self._settings.rpc_timeout_s)
             except grpc.aio.AioRpcError as err:
                 error = to_error(err)
                 continue
@@ -259,21 +259,20 @@ class GrpcBlobSource:
         await self._stat(pb.BlobRef(sha256=sha256, holder=self._scheduler_id, released=True))
 
     async def download(self, address: str, sha256: str, offset: int) -> AsyncIterator[bytes]:
-        if address == HEAD:
-            stub = self._heads[self._head]
-        else:
-            channel = self._channels.get(address)
-            if channel is None:
-                channel = self._channels[address] = open_channel(
-                    address, self._settings, "scheduler", server="scheduler"
-                )
-            stub = pbg.BlobStub(channel)
+        peer = self._heads[self._head] if address == HEAD else self._channels.get(address)
+        if peer is None:
+            peer = self._channels[address] = PeerChannel(
+                address, self._settings, "scheduler", server="scheduler"
+            )
+        stub = peer.stub(pbg.BlobStub)
         request = pb.BlobDownloadRequest(sha256=sha256, offset=offset, scheduler_id=self._scheduler_id)
         async for data in _download(stub, request):
             yield data
 
     async def aclose(self) -> None:
         await _close(self._channels)
+        for head in self._heads:
+            await head.close()
 
 
 async def _download(stub: pbg.BlobAsyncStub, request: pb.BlobDownloadRequest) -> AsyncIterator[bytes]:
@@ -284,9 +283,9 @@ async def _download(stub: pbg.BlobAsyncStub, request: pb.BlobDownloadRequest) ->
         raise to_error(err) from None
 
 
-async def _close(channels: dict[Any, grpc.aio.Channel]) -> None:
+async def _close(channels: dict[Any, PeerChannel]) -> None:
     for channel in channels.values():
-        await channel.close(None)
+        await channel.close()
     channels.clear()
 
 
@@ -298,15 +297,15 @@ class GrpcHeadPeers:
     def __init__(self, settings: Settings, me: str) -> None:
         self._settings = settings
         self.me = me
-        self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
+        self._channels: dict[tuple[str, str], PeerChannel] = {}
 
     def _stub(self, address: str, server: str) -> pbg.BlobAsyncStub:
-        channel = self._channels.get((address, server))
-        if channel is None:
-            channel = self._channels[address, server] = open_channel(
+        peer = self._channels.get((address, server))
+        if peer is None:
+            peer = self._channels[address, server] = PeerChannel(
                 address, self._settings, "head", server=server
             )
-        return pbg.BlobStub(channel)
+        return peer.stub(pbg.BlobStub)
 
     async def _stat(self, leader: str, sha256: str) -> None:
         try:

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import random
 import time
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Collection, Mapping, Sequence
 from typing import Any
 
@@ -24,7 +25,7 @@ from shoal.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, S
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.rpc import codec, convert, generate_codec
-from shoal.rpc.channels import Reachability, call, open_channel
+from shoal.rpc.channels import PeerChannel, Reachability, call
 from shoal.rpc.convert import (
     capacity_to_pb,
     meta_from_pb,
@@ -63,8 +64,10 @@ class GrpcReplicaClient:
 
     def __init__(self, address: str, settings: Settings) -> None:
         self.address = address
-        self._channel = open_channel(address, settings, "scheduler", server="replica")
-        self._stub = pbg.ReplicaStub(self._channel)
+        self._peer = PeerChannel(address, settings, "scheduler", server="replica")
+        # Taken again from the peer channel by ping (each health check), not by each request:
+        # a certificate renewed on disk reaches requests within a health interval.
+        self._stub = self._peer.stub(pbg.ReplicaStub)
         self._stream: TaskStream | HopClient | None = None
         if settings.data_plane == "socket" and settings.hop_dir:
             # A replica on this machine listens on a hop socket too; a remote one does not.
@@ -72,9 +75,10 @@ class GrpcReplicaClient:
             if path.exists():
                 self._stream = HopClient(path, address, settings.max_message_bytes)
         if self._stream is None and settings.data_plane in ("socket", "stream"):
-            self._stream = TaskStream(self._stub, address)
+            self._stream = TaskStream(lambda: self._peer.stub(pbg.ReplicaStub), address)
 
     async def ping(self, timeout_s: float) -> PingResult:
+        self._stub = self._peer.stub(pbg.ReplicaStub)
         try:
             reply = await self._stub.Ping(pb.PingRequest(), timeout=timeout_s)
         except grpc.aio.AioRpcError as err:
@@ -188,7 +192,7 @@ class GrpcReplicaClient:
     async def close(self) -> None:
         if self._stream is not None:
             await self._stream.close()
-        await self._channel.close(None)
+        await self._peer.close()
 
 
 class GrpcSchedulerClient:
@@ -196,9 +200,12 @@ class GrpcSchedulerClient:
 
     def __init__(self, scheduler_id: str, address: str, settings: Settings) -> None:
         self._settings = settings
-        self._channel = open_channel(address, settings, "head", server="scheduler")
-        self._stub = pbg.SchedulerStub(self._channel)
+        self._peer = PeerChannel(address, settings, "head", server="scheduler")
         self._reach = Reachability(f"scheduler {scheduler_id} at {address}")
+
+    @property
+    def _stub(self) -> pbg.SchedulerAsyncStub:
+        return self._peer.stub(pbg.SchedulerStub)
 
     async def create_replica(self, replica_id: str, spec: DeploymentSpec) -> int:
         req = pb.CreateReplicaRequest(replica_id=replica_id, deployment=spec.name, spec_json=spec.to_json())
@@ -231,7 +238,7 @@ class GrpcSchedulerClient:
             stream.cancel()
 
     async def close(self) -> None:
-        await self._channel.close(None)
+        await self._peer.close()
 
 
 class RoutingTableDecoder:
@@ -336,17 +343,27 @@ class HeadChannels:
     Calls go to :attr:`stub`, the head last found leading; :meth:`failed` moves on to the
     next one after a call that could not be served there (UNAVAILABLE, which is also what a
     standby answers, or a deadline). Channels connect lazily: a head never tried costs nothing.
+    Each is a :class:`PeerChannel`: :attr:`stub` is of a new channel once the certificate
+    was renewed on disk.
     """
 
     def __init__(self, address: str, settings: Settings, role: str = "client") -> None:
         self.addresses = head_addresses(address)
-        self._channels = [open_channel(a, settings, role, server="head") for a in self.addresses]
-        self._stubs = [pbg.HeadStub(c) for c in self._channels]
+        self._peers = [PeerChannel(a, settings, role, server="head") for a in self.addresses]
         self._current = 0
+        # The head and channel of each stub handed out (a stub of a channel replaced may
+        # still fail a call after the swap).
+        self._handed: weakref.WeakKeyDictionary[pbg.HeadAsyncStub, tuple[int, grpc.aio.Channel]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     @property
     def stub(self) -> pbg.HeadAsyncStub:
-        return self._stubs[self._current]
+        peer = self._peers[self._current]
+        stub = peer.stub(pbg.HeadStub)
+        if stub not in self._handed:
+            self._handed[stub] = (self._current, peer.channel())
+        return stub
 
     @property
     def address(self) -> str:
@@ -354,23 +371,24 @@ class HeadChannels:
 
     def failed(self, stub: pbg.HeadAsyncStub) -> None:
         """A call on ``stub`` found no leader there: use the next head (once per failure)."""
-        if len(self._stubs) > 1 and stub is self._stubs[self._current]:
-            self._current = (self._current + 1) % len(self._stubs)
+        handed = self._handed.get(stub)
+        if len(self._peers) > 1 and handed is not None and handed[0] == self._current:
+            self._current = (self._current + 1) % len(self._peers)
             log.debug("trying the head at %s", self.address)
 
     def connected(self, stub: pbg.HeadAsyncStub) -> bool:
         """Whether the channel of ``stub`` has a connection up (its head answered the HTTP/2
         handshake): a call that failed on one that has none never reached its head."""
-        channel = self._channels[self._stubs.index(stub)]
-        return channel.get_state() == grpc.ChannelConnectivity.READY
+        handed = self._handed.get(stub)
+        return handed is not None and handed[1].get_state() == grpc.ChannelConnectivity.READY
 
     def went_round(self) -> bool:
         """Whether the last :meth:`failed` came back to the first head."""
         return self._current == 0
 
     async def close(self) -> None:
-        for channel in self._channels:
-            await channel.close(None)
+        for peer in self._peers:
+            await peer.close()
 
 
 _MOVE_ON = (Unavailable, DeadlineExceeded)  # errors after which another head may serve the call
@@ -550,9 +568,12 @@ class ReplicaSchedulerLink:
 
     def __init__(self, address: str, settings: Settings) -> None:
         self._settings = settings
-        self._channel = open_channel(address, settings, "replica", server="scheduler")
-        self._stub = pbg.SchedulerStub(self._channel)
+        self._peer = PeerChannel(address, settings, "replica", server="scheduler")
         self.reach = Reachability(f"scheduler at {address}")
+
+    @property
+    def _stub(self) -> pbg.SchedulerAsyncStub:
+        return self._peer.stub(pbg.SchedulerStub)
 
     async def register(self, replica_id: str, address: str, pid: int) -> tuple[bool, float]:
         req = pb.RegisterReplicaRequest(replica_id=replica_id, address=address, pid=pid)
@@ -575,7 +596,7 @@ class ReplicaSchedulerLink:
         return bool(reply.ack)
 
     async def close(self) -> None:
-        await self._channel.close(None)
+        await self._peer.close()
 
 
 async def call_leader(
@@ -814,8 +835,10 @@ class NativeClient:
     """A client of a scheduler's native ``SendRequest``; one channel, many calls, safe concurrently."""
 
     def __init__(self, address: str, settings: Settings) -> None:
-        self._channel = open_channel(address, settings, server="scheduler")
-        self._stub = pbg.SchedulerStub(self._channel)
+        self._peer = PeerChannel(address, settings, server="scheduler")
+        # Taken again after a call fails UNAVAILABLE (a handshake refused is one), not before
+        # each request: the next request presents a certificate renewed on disk.
+        self._stub = self._peer.stub(pbg.SchedulerStub)
         self._metadata = auth_metadata(settings.token)
         self._max_bytes = settings.max_message_bytes
 
@@ -854,6 +877,8 @@ class NativeClient:
         try:
             reply = await self._stub.SendRequest(req, timeout=deadline, metadata=self._metadata)
         except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.UNAVAILABLE:
+                self._stub = self._peer.stub(pbg.SchedulerStub)
             raise to_error(err) from None
         return codec.decode(reply.outputs), reply.replica_id
 
@@ -864,7 +889,7 @@ class NativeClient:
         )
 
     async def close(self) -> None:
-        await self._channel.close(None)
+        await self._peer.close()
 
     async def __aenter__(self) -> NativeClient:
         return self

@@ -21,7 +21,7 @@ from shoal.core.stats import OUTCOMES, DeploymentStats, Histogram
 from shoal.errors import InvalidArgument, ShoalError, Unavailable
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
-from shoal.rpc.channels import open_channel
+from shoal.rpc.channels import PeerChannel
 from shoal.rpc.clients import RoutingTableDecoder
 from shoal.rpc.convert import routes_to_pb, table_frame_to_pb
 from shoal.rpc.status import Context, abort, to_error
@@ -175,8 +175,7 @@ class IngressLink:
     """A worker's connection to its scheduler's main process."""
 
     def __init__(self, address: str, settings: Settings, worker_id: str, pid: int) -> None:
-        self._channel = open_channel(address, settings, "scheduler", server="scheduler")
-        self._stub = pbg.IngressStub(self._channel)
+        self._peer = PeerChannel(address, settings, "scheduler", server="scheduler")
         self._hello = pb.IngressHello(worker_id=worker_id, pid=pid)
         self._timeout = settings.rpc_timeout_s
         self._decoder = RoutingTableDecoder()
@@ -213,8 +212,12 @@ class IngressLink:
             raise to_error(err) from None
         return reply.body, reply.content_type
 
+    @property
+    def _stub(self) -> pbg.IngressAsyncStub:
+        return self._peer.stub(pbg.IngressStub)
+
     async def close(self) -> None:
-        await self._channel.close(None)
+        await self._peer.close()
 
 
 __all__ = ["IngressLink", "IngressService", "ShoalError", "counts_from_pb", "counts_to_pb", "table_to_pb"]

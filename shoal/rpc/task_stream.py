@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -32,9 +33,11 @@ log = logging.getLogger("shoal.rpc")
 
 
 class TaskStream:
-    """Safe for concurrent ``push`` calls from many tasks on one event loop."""
+    """Safe for concurrent ``push`` calls from many tasks on one event loop. ``stub`` gives
+    the stub to open the stream on, asked each time the stream is opened (not per task):
+    after the stream broke, the next one may be on a new channel (a certificate renewed)."""
 
-    def __init__(self, stub: pbg.ReplicaStub, address: str) -> None:
+    def __init__(self, stub: Callable[[], pbg.ReplicaAsyncStub], address: str) -> None:
         self._stub = stub
         self._address = address
         self._call: Any = None  # grpc.aio.StreamStreamCall[pb.TaskBatch, pb.OutcomeBatch]
@@ -69,7 +72,7 @@ class TaskStream:
 
     def _open(self) -> None:
         if self._call is None or self._call.done():
-            call = self._stub.PushTasks()  # type: ignore[call-arg]  # grpc-stubs predate the no-arg form
+            call = self._stub().PushTasks()  # type: ignore[call-arg]  # grpc-stubs predate the no-arg form
             self._call = call
             self._reader = asyncio.create_task(self._read(call), name=f"task-stream-read {self._address}")
             self._writer = asyncio.create_task(self._write(call), name=f"task-stream-write {self._address}")

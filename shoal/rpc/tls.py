@@ -6,7 +6,8 @@ Servers ask for and verify a client certificate from the cluster CA
 cluster CA, verifying the server's name as the role they expect
 (:func:`shoal.certs.role_name`) whatever address they dial (see ``shoal/certs.py`` and
 ``shoal.rpc.channels.open_channel``). Certificates renewed on disk serve new connections
-without a restart (:mod:`shoal.certwatch`).
+without a restart (:mod:`shoal.certwatch`), a server's and a client's alike
+(``shoal.rpc.channels.PeerChannel``).
 """
 
 from __future__ import annotations
@@ -68,13 +69,17 @@ def channel_credentials(settings: Settings, role: str) -> grpc.ChannelCredential
     Raises InvalidArgument for a certificate that would fail every handshake
     (``certs.check``).
 
-    The files are the ones :mod:`shoal.certwatch` took last: a channel made after a
-    certificate was renewed on disk presents the new one. A channel made before keeps the
-    one it was made with for as long as it lives, reconnections included (gRPC cannot change
-    a channel's credentials): shoal's channels to peers live as long as the peer does."""
+    The files are the ones :mod:`shoal.certwatch` took last. gRPC cannot change a channel's
+    credentials, so a channel keeps these for as long as it lives, reconnections included:
+    shoal's channels to peers are :class:`shoal.rpc.channels.PeerChannel`, which make a new
+    channel when the files are renewed on disk."""
     if not settings.tls_dir:
         return None
-    m = certwatch.watch(settings.tls_dir, role).poll()
+    return material_credentials(certwatch.watch(settings.tls_dir, role).poll())
+
+
+def material_credentials(m: certwatch.Material) -> grpc.ChannelCredentials:
+    """Client credentials of ``m``: its certificate, and its CA as the only root."""
     return grpc.ssl_channel_credentials(root_certificates=m.ca, private_key=m.key, certificate_chain=m.cert)
 
 
@@ -174,8 +179,8 @@ def tls_hint(message: str, tls: bool | None = None) -> str:
     if plaintext_peer(message):
         return f"{message} (the server does not speak TLS: it runs without --tls-dir)"
     if "certificate has expired" in message:
-        # Servers take renewed files for new connections (shoal.certwatch); a client
-        # channel keeps the files it was made with.
+        # Servers take renewed files for new connections (shoal.certwatch), and so do the
+        # channels of clients (shoal.rpc.channels.PeerChannel).
         return (
             f"{message} (TLS handshake failed: the server's certificate has run out: renew it in "
             "the server's --tls-dir (shoal certs renew DIR): the server takes renewed files "
