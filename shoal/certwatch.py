@@ -4,7 +4,8 @@ by cert-manager, or by ``shoal certs renew``), without a restart.
 One :class:`CertWatch` per certificate folder and role in a process (:func:`watch`), shared
 by every server and channel of that role: the gRPC servers ask it on each new handshake
 (``shoal.rpc.tls.server_credentials``), the HTTPS servers on each new connection
-(``shoal.http.server``), new channels as they are made (``channel_credentials``), and the
+(``shoal.http.server``), the channels to peers before their calls
+(``shoal.rpc.channels.PeerChannel``, which make a new channel when the files change), and the
 ``/metrics`` pages as they are scraped (the expiry gauge). :meth:`CertWatch.poll` costs a
 clock read and a comparison, except at most once every ``every_s`` (1 s), when it also
 ``stat``s the three files; only files whose inode, size, modification or change time
