@@ -37,7 +37,15 @@ Other options:
 - ``max_length`` (int, embedding and classification): tokens kept per text; default the
   model folder's ``sentence_bert_config.json`` ``max_seq_length``, else the tokenizer's
   and model's limit.
+  A text longer than twice ``max_length`` times the vocabulary's longest token in characters
+  is cut to that beginning before it is tokenized, which the model reads as it reads the
+  whole text; one whose tokens cannot be told from that beginning alone (a long word read
+  as one ``[UNK]``) is refused (see :mod:`shoal.backends.text_cut`).
 - ``normalize`` (bool, embedding): L2-normalise embeddings; default true.
+- ``context_length`` (int, generation): tokens of prompt and completion the model takes;
+  default the config's positions (``max_position_embeddings``, ``n_positions``, ...),
+  else the tokenizer's ``model_max_length``, else :data:`DEFAULT_CONTEXT_LENGTH` (4096),
+  logged as a warning. At most the config's positions.
 - ``max_tokens``, ``temperature``, ``top_p``, ``stop``, ``seed`` (generation): defaults
   for requests that do not give them.
 
@@ -93,6 +101,7 @@ from shoal.backends.generate import (
     render_chat_template,
     text_rows,
 )
+from shoal.backends.text_cut import UNMEASURED_TOKEN_CHARS, cut_length, longest_token, truncation_cut
 from shoal.core.limits import error_text
 from shoal.core.spec import DeploymentSpec, TensorSpec
 from shoal.errors import Internal, InvalidArgument
@@ -106,7 +115,7 @@ _COMMON_OPTIONS = frozenset({"task", "torch_threads", "dtype"})
 _TASK_OPTIONS: dict[str, frozenset[str]] = {
     "embedding": frozenset({"max_length", "normalize"}),
     "classification": frozenset({"max_length"}),
-    "generation": PARAM_OPTIONS,
+    "generation": PARAM_OPTIONS | {"context_length"},
 }
 _DTYPES: dict[str, Any] = {
     "auto": "auto",
@@ -114,6 +123,19 @@ _DTYPES: dict[str, Any] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
+#: Tokens of prompt and completion a generation model takes when neither its config (as
+#: positions: ``max_position_embeddings``, ``n_positions``, ...) nor its tokenizer
+#: (``model_max_length``) names a limit, nor ``options.context_length`` gives one.
+DEFAULT_CONTEXT_LENGTH = 4096
+# Config fields that name the most positions a model takes, as architectures spell them.
+_POSITION_FIELDS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_sequence_length",
+    "seq_length",
+    "max_seq_len",
+    "n_ctx",
+)
 #: Most texts one forward pass of an embedding or classification model takes; a request (or
 #: batch) of more runs as several passes, its answer the same. The pass's memory grows with
 #: its rows (attention: rows x heads x tokens^2): with all-MiniLM-L6-v2, 256 texts of 256
@@ -124,9 +146,6 @@ ROWS_PER_PASS = 32
 # Prompt tokens decoded with the first generated ones, so that the first piece has the
 # spacing it has after the prompt (SentencePiece drops a leading space at the start of a text).
 _DECODE_CONTEXT = 5
-# Characters a token is taken to cover at most when the tokenizer has no vocabulary to
-# measure (no ``get_vocab``): more than the longest tokens of common vocabularies.
-UNMEASURED_TOKEN_CHARS = 256
 
 
 def resolve_model_folder(spec: DeploymentSpec) -> Path:
@@ -288,7 +307,7 @@ class TransformersBackend(Backend):
         self._multi_label = False
         self._eos_ids: frozenset[int] = frozenset()
         self._max_positions: int | None = None
-        self._longest_token = 0  # characters of the vocabulary's longest token (generation)
+        self._longest_token = 0  # characters of the vocabulary's longest token (0: unknown)
         self._pad_id: int | None = None
         self._default_params = GenerationParams()
 
@@ -369,9 +388,11 @@ class TransformersBackend(Backend):
         model.to(self._device)
         model.eval()
         self._model, self._tokenizer = model, tokenizer
+        self._longest_token = longest_token(tokenizer)
         config = model.config
-        self._max_positions = getattr(config, "max_position_embeddings", None) or getattr(
-            config, "n_positions", None
+        self._max_positions = next(
+            (n for n in (getattr(config, f, None) for f in _POSITION_FIELDS) if isinstance(n, int) and n > 0),
+            None,
         )
         getattr(self, f"_load_{self._task}")(folder, config)
         log.info(
@@ -435,13 +456,35 @@ class TransformersBackend(Backend):
         if pad is None and eos:
             pad = min(eos)
         self._pad_id = pad if isinstance(pad, int) else None
-        try:
-            vocab = self._tokenizer.get_vocab()
-        except (AttributeError, NotImplementedError):  # no vocabulary to measure: prompts counted whole
-            vocab = {}
-        self._longest_token = max(map(len, vocab), default=0)
+        self._max_positions = self._context_length()
         self._derived_inputs = GENERATION_INPUTS
         self._derived_outputs = GENERATION_OUTPUTS
+
+    def _context_length(self) -> int:
+        """Tokens of prompt and completion: ``options.context_length``, at most the config's
+        positions; else the config's positions; else the tokenizer's ``model_max_length``;
+        else :data:`DEFAULT_CONTEXT_LENGTH`. Before, a model whose config named no positions
+        (Mamba's, RWKV's) took a prompt of any length, tokenized whole on the model thread."""
+        option = _option_int(self.spec.options, "context_length")
+        positions = self._max_positions
+        if option is not None:
+            if positions is not None and option > positions:
+                raise InvalidArgument(
+                    f"option context_length is {option}, more than the {positions} positions the model takes"
+                )
+            return option
+        if positions is not None:
+            return positions
+        tokenizer_limit = getattr(self._tokenizer, "model_max_length", None)
+        if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < 1_000_000:  # else int(1e30): none
+            return tokenizer_limit
+        log.warning(
+            "%s: neither the model's config nor its tokenizer names a maximum length; prompt and "
+            "completion are limited to %d tokens (set options.context_length to change it)",
+            self.spec.name,
+            DEFAULT_CONTEXT_LENGTH,
+        )
+        return DEFAULT_CONTEXT_LENGTH
 
     # -- predict ----------------------------------------------------------------------------
 
@@ -465,6 +508,20 @@ class TransformersBackend(Backend):
             completions.append((await self.complete(text, params)).text)
         return {"text": bytes_tensor(completions)}
 
+    def _cut(self, texts: list[str]) -> list[str]:
+        """Each text cut to the beginning the model reads of it (:func:`truncation_cut`), so
+        that tokenizing a request takes time bounded by its texts and ``max_length``, not by
+        their characters: a 20 MB text was tokenized whole, 8-15 s of the model's thread, to
+        be read as 256 tokens. InvalidArgument for a text whose tokens cannot be told from its
+        beginning alone. A model without a length limit reads every text whole."""
+        most = self._max_length
+        if most is None:
+            return texts
+        return [
+            truncation_cut(self._tokenizer, text, most, self._longest_token, name=f"text {i}")
+            for i, text in enumerate(texts)
+        ]
+
     def _tokenize(self, texts: list[str]) -> Any:
         batch = self._tokenizer(
             texts,
@@ -483,6 +540,7 @@ class TransformersBackend(Backend):
                 "embedding": np.zeros((0, self._derived_outputs[0].shape[1]), np.float32),
                 "tokens": np.zeros(0, np.int64),
             }
+        texts = self._cut(texts)
         passes = [self._embed_pass(texts[i : i + ROWS_PER_PASS]) for i in range(0, len(texts), ROWS_PER_PASS)]
         if len(passes) == 1:
             return passes[0]
@@ -510,6 +568,7 @@ class TransformersBackend(Backend):
         n = len(self._labels)
         if not texts:
             return {"label": bytes_tensor([]), "probabilities": np.zeros((0, n), np.float32)}
+        texts = self._cut(texts)
         probabilities = np.concatenate(
             [self._classify_pass(texts[i : i + ROWS_PER_PASS]) for i in range(0, len(texts), ROWS_PER_PASS)]
         )
@@ -548,7 +607,7 @@ class TransformersBackend(Backend):
         most = self._max_positions
         if most is not None:
             longest = self._longest_token or UNMEASURED_TOKEN_CHARS
-            head = 2 * (most + 1) * longest
+            head = cut_length(most, longest)
             if len(prompt) > head:
                 counted = len(self._tokenizer(prompt[:head])["input_ids"])
                 if counted > 2 * most:

@@ -25,7 +25,13 @@ import transformers
 
 from shoal.backends import Backend, Tensors, load_backend
 from shoal.backends.generate import Completion, GenerationParams, TextGenerator
-from shoal.backends.transformers import ROWS_PER_PASS, TransformersBackend, resolve_model_folder
+from shoal.backends.text_cut import cut_length, truncation_cut
+from shoal.backends.transformers import (
+    DEFAULT_CONTEXT_LENGTH,
+    ROWS_PER_PASS,
+    TransformersBackend,
+    resolve_model_folder,
+)
 from shoal.core.spec import DeploymentSpec, TensorSpec, load_spec_file, parse_spec
 from shoal.errors import FailedPrecondition, InvalidArgument
 from shoal.replica.batcher import Batcher
@@ -541,6 +547,148 @@ async def test_a_tokenizer_without_a_vocabulary_counts_a_bounded_beginning(
         with pytest.raises(InvalidArgument, match=message):
             await backend.complete("a" * 1_000_000, GREEDY)
         assert lengths == [33280, 33280]
+    finally:
+        backend.unload()
+
+
+# -- long texts: cut to what the model reads, never tokenized whole -----------------------------
+
+ENGLISH = (
+    "The orchestra's second movement, un-hurried and  tender, drifts past the old harbour; "
+    "Zoë counted 1,234 gulls (or so she claimed!) while café-owners argued about tomorrow's "
+    "weather.\nNobody noticed the clock striking eleven... "
+)
+
+
+def test_a_cut_text_makes_the_tokens_of_the_whole_text(minilm: TransformersBackend) -> None:
+    """The tokens the model reads of a text cut as :func:`truncation_cut` cuts it are those of
+    the whole text truncated, wherever the cut falls (mid-word, mid-space, after an accent),
+    from either side; a text whose cut cannot be proven so is refused."""
+    tokenizer, most, longest = minilm._tokenizer, minilm._max_length, minilm._longest_token
+    assert most is not None
+    assert (most, longest, cut_length(256, 18)) == (256, 18, 9252)
+    base = ENGLISH * 120  # 22,000 characters: cut at 9,252
+    try:
+        for side in ("right", "left"):
+            tokenizer.truncation_side = side
+            for start in range(0, 160, 3):
+                text = base[start:]
+                cut = truncation_cut(tokenizer, text, most, longest)
+                assert len(cut) == 9252
+                whole = tokenizer(text, truncation=True, max_length=most)["input_ids"]
+                assert tokenizer(cut, truncation=True, max_length=most)["input_ids"] == whole, (side, start)
+    finally:
+        tokenizer.truncation_side = "right"
+    # A word of 9,300 letters is one [UNK]: its beginning holds 2 words, the cut is refused.
+    with pytest.raises(
+        InvalidArgument, match=r"text 4 has 9312 characters, more than 9252, .* 2 tokens in 2 words"
+    ):
+        truncation_cut(tokenizer, "hello " + "a" * 9300 + " world", most, longest, name="text 4")
+
+
+async def test_a_huge_text_is_embedded_from_its_beginning_alone(
+    minilm: TransformersBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 20 MB text was tokenized whole (8-15 s of the model's thread, the replica's other
+    requests waiting) to be read as its first 256 tokens. It is now tokenized from its first
+    9,252 characters alone, its embedding and token count those of the whole text, and a
+    request beside it is answered; a huge text of few tokens there is refused."""
+    long = ENGLISH * 2000  # 440 KB: tokenized whole below, as the model read it before
+    before = minilm._embed_pass([long])
+    after = await minilm.predict({"text": texts(long)})
+    np.testing.assert_allclose(after["embedding"], before["embedding"], atol=1e-6)
+    assert after["tokens"].tolist() == before["tokens"].tolist() == [256]
+
+    tokenizer = minilm._tokenizer
+    lengths: list[int] = []
+
+    def counting(text: Any, **kwargs: Any) -> Any:
+        lengths.extend(len(t) for t in ([text] if isinstance(text, str) else text))
+        return tokenizer(text, **kwargs)
+
+    huge = ENGLISH * 100_000  # 22 MB
+    with monkeypatch.context() as patch:
+        patch.setattr(minilm, "_tokenizer", counting)
+        patch.setattr(
+            counting, "num_special_tokens_to_add", tokenizer.num_special_tokens_to_add, raising=False
+        )
+        beside = asyncio.ensure_future(minilm.predict({"text": texts(GUITAR)}))
+        started = time.monotonic()
+        out = await minilm.predict({"text": texts(huge, PARAPHRASE)})
+        assert time.monotonic() - started < 5  # tokenized whole: 8-15 s
+        assert (await beside)["tokens"].tolist() == [9]
+        assert max(lengths) == 9252
+    np.testing.assert_allclose(out["embedding"][0], before["embedding"][0], atol=1e-6)
+    with pytest.raises(
+        InvalidArgument, match=r"text 1 has 20000000 characters, more than 9252, and its first"
+    ):
+        await minilm.predict({"text": texts(GUITAR, "a" * 20_000_000)})
+
+
+async def test_a_long_text_is_classified_as_its_cut_beginning(classifier: TransformersBackend) -> None:
+    """Classification cuts as embedding does: 64 tokens, an 8-character longest word."""
+    long = "the quick brown fox jumps over the lazy dog " * 100_000
+    assert cut_length(classifier._max_length or 0, classifier._longest_token) < 2000
+    whole = classifier._classify_pass([long])
+    out = await classifier.predict({"text": texts(long)})
+    np.testing.assert_allclose(out["probabilities"], whole, atol=1e-6)
+
+
+def build_tiny_mamba_lm(path: Path) -> Path:
+    """A tiny Mamba with the tiny tokenizer, stripped of its 64-token limit: neither its
+    config nor its tokenizer names a maximum length."""
+    build_tiny_causal_lm(path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    tokenizer.model_max_length = int(1e30)
+    tokenizer.save_pretrained(str(path))
+    config = transformers.MambaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        num_hidden_layers=1,
+        state_size=4,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    for stale in ("config.json", "generation_config.json", "model.safetensors"):
+        (path / stale).unlink(missing_ok=True)
+    transformers.MambaForCausalLM(config).save_pretrained(str(path))
+    return path
+
+
+async def test_a_model_without_positions_takes_the_default_context(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A model whose config names no positions (Mamba) took a prompt of any length, tokenized
+    whole. It now takes DEFAULT_CONTEXT_LENGTH tokens (4096), logged, or options.context_length."""
+    path = build_tiny_mamba_lm(tmp_path / "mamba")
+    backend = loaded(hf_spec(path, "generation", options={"torch_threads": 1}))
+    try:
+        assert backend._max_positions == DEFAULT_CONTEXT_LENGTH == 4096
+        assert "names a maximum length; prompt and completion are limited to 4096 tokens" in caplog.text
+        with pytest.raises(InvalidArgument, match="the prompt has 5000 tokens; the model takes at most 4096"):
+            await backend.complete("the " * 5000, GREEDY)
+        with pytest.raises(
+            InvalidArgument, match=r"the prompt has more than 8192 tokens \(32776 in its first 65552"
+        ):
+            await backend.complete("a " * 10_000_000, GREEDY)
+        assert (await backend.complete("the quick brown fox", GREEDY)).prompt_tokens == 4
+    finally:
+        backend.unload()
+    short = loaded(hf_spec(path, "generation", options={"torch_threads": 1, "context_length": 16}))
+    try:
+        with pytest.raises(InvalidArgument, match="the prompt has 20 tokens; the model takes at most 16"):
+            await short.complete("the " * 20, GREEDY)
+    finally:
+        short.unload()
+
+
+def test_context_length_may_not_pass_the_models_positions(tiny_lm_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match="option context_length is 65, more than the 64 positions"):
+        loaded(hf_spec(tiny_lm_path, "generation", options={"context_length": 65}))
+    backend = loaded(hf_spec(tiny_lm_path, "generation", options={"context_length": 32}))
+    try:
+        assert backend._max_positions == 32
     finally:
         backend.unload()
 
