@@ -116,6 +116,24 @@ async def test_the_same_embeddings_over_the_open_inference_protocol(
     assert result.usage.prompt_tokens == result.usage.total_tokens == sum(tokens["data"])
 
 
+async def test_a_huge_text_is_embedded_as_its_beginning_beside_other_requests(
+    client: openai.AsyncOpenAI,
+) -> None:
+    """A 20 MB text held minilm's model thread 8-15 s, tokenized whole; now its first 9,252
+    characters alone are tokenized, the embedding the same, a request beside it answered."""
+    sentence = "The orchestra played until the harbour lights went out, and nobody left early. "
+    huge = sentence * (20_000_000 // len(sentence))
+    big = asyncio.ensure_future(client.embeddings.create(model="minilm", input=huge))
+    beside = await client.embeddings.create(model="minilm", input=GUITAR)
+    assert len(beside.data[0].embedding) == 384
+    cut = await client.embeddings.create(model="minilm", input=huge[:9252])
+    result = await big
+    np.testing.assert_allclose(result.data[0].embedding, cut.data[0].embedding, atol=1e-5)
+    assert result.usage.prompt_tokens == cut.usage.prompt_tokens == 256
+    with pytest.raises(openai.BadRequestError, match="has 20000000 characters, more than 9252"):
+        await client.embeddings.create(model="minilm", input="a" * 20_000_000)
+
+
 # ---------------------------------------------------------------- generation
 
 
