@@ -46,6 +46,8 @@ CLUSTER_NAME = "shoal.cluster"
 """A DNS name in every certificate, which shoal's clients verify instead of the address dialled."""
 
 ROLES = ("head", "scheduler", "replica", "client")
+PEER_ROLES = ("head", "scheduler", "replica")
+"""The roles whose certificates peers check by name (:func:`common_name`, :func:`role_name`)."""
 VALID_DAYS = 825
 
 
@@ -133,6 +135,22 @@ def check_pem(
             f"{f.key} is not the key of {f.cert} (the files come from different 'shoal certs init' "
             f"runs?): copy both from one, or {remake}"
         )
+
+    role = f.cert.stem
+    if role in PEER_ROLES:
+        from cryptography.x509.oid import NameOID
+
+        held = [str(a.value) for a in chain[0].subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+        if common_name(role) not in held:
+            # Peers take a caller's role from its common name: another role's certificate in
+            # this place had every call refused PERMISSION_DENIED (a scheduler holding the
+            # client's retried its registration for good), and its server failed every
+            # client's name check.
+            raise InvalidArgument(
+                f"{f.cert} is the certificate of {', '.join(held) or 'no role'}, not of the {role} "
+                f"(its common name must be {common_name(role)}): every peer would refuse it; copy "
+                f"{role}.crt and {role}.key from the folder 'shoal certs init' made, or {remake}"
+            )
 
     def signed(cert: x509.Certificate, by: x509.Certificate) -> bool:
         try:

@@ -553,6 +553,15 @@ def test_a_certificate_folder_that_would_fail_every_handshake_is_refused_at_star
     for name in ("head.crt", "head.key"):
         (tls / name).write_bytes((other / name).read_bytes())
     refused(r"head\.crt was not signed by the cluster CA in .*ca\.crt")
+    # Another role's pair, key and certificate matching: peers take a role from the common
+    # name, so a scheduler holding the client's had its registration refused for good.
+    for role in ("client", "scheduler"):
+        for suffix in ("crt", "key"):
+            (tls / f"head.{suffix}").write_bytes((tls / f"{role}.{suffix}").read_bytes())
+        refused(
+            rf"head\.crt is the certificate of shoal-{role}, not of the head "
+            r"\(its common name must be shoal-head\)"
+        )
     for name, data in good.items():
         (tls / name).write_bytes(data)
     check_transport(settings, "head")

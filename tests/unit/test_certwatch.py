@@ -110,9 +110,25 @@ def test_a_key_that_is_not_the_certificates_is_refused(tls: Path, caplog: pytest
     bad_then_good(
         tls,
         caplog,
-        "certs.renew(tls, ('head',)); shutil.copy(tls / 'client.key', tls / 'head.key')",
-        "shutil.copy(tls / 'client.crt', tls / 'head.crt')",  # a pair again (client's, same CA)
+        "certs.renew(tls, ('head',)); shutil.copy(tls / 'head.key', tls / 'head.key.kept'); "
+        "shutil.copy(tls / 'client.key', tls / 'head.key')",
+        "shutil.copy(tls / 'head.key.kept', tls / 'head.key')",  # the renewed head.crt's key again
         f"{tls / 'head.key'} is not the key of {tls / 'head.crt'}",
+    )
+
+
+def test_another_roles_pair_is_refused(tls: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Key and certificate match and the CA signed them, but peers would take the head for a client.
+    bad_then_good(
+        tls,
+        caplog,
+        "certs.renew(tls, ('head',)); shutil.copy(tls / 'head.crt', tls / 'head.crt.kept'); "
+        "shutil.copy(tls / 'head.key', tls / 'head.key.kept'); "
+        "shutil.copy(tls / 'client.crt', tls / 'head.crt'); "
+        "shutil.copy(tls / 'client.key', tls / 'head.key')",
+        "shutil.copy(tls / 'head.key.kept', tls / 'head.key'); "
+        "shutil.copy(tls / 'head.crt.kept', tls / 'head.crt')",
+        f"{tls / 'head.crt'} is the certificate of shoal-client, not of the head",
     )
 
 
