@@ -19,7 +19,15 @@ from shoal.core.limits import SCHEDULER_ID, scheduler_id_problem
 from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec
 from shoal.core.tasks import TaskSet
-from shoal.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted, ShoalError
+from shoal.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ShoalError,
+    Unavailable,
+)
 from shoal.scheduler import machine
 from shoal.scheduler.dataplane import DataPlane
 from shoal.scheduler.gpus import Devices, GpuPool, machine_devices
@@ -263,6 +271,7 @@ class SchedulerNode:
         backoff = 0.1
         refused_once = False
         full = False  # the head refused this scheduler for want of room (max_schedulers): said once
+        refusal = ""  # the head's last reason for refusing the registration itself: said once
         while True:
             try:
                 _, replicas = self.supervisor.reports()
@@ -307,6 +316,9 @@ class SchedulerNode:
                 if full:
                     full = False
                     log.info("the head has room for this scheduler now")
+                if refusal:
+                    refusal = ""
+                    log.info("the head takes this scheduler's registration and reports now")
                 log.info("registered with the head")
                 self.registered.set()
                 self.on_registered()
@@ -323,11 +335,27 @@ class SchedulerNode:
                     self.supervisor.acknowledge(version)
                     await self.clock.wait(self._report_now.wait(), interval)
                     self._report_now.clear()
-            except ShoalError:
+            except (Unavailable, DeadlineExceeded):
                 # GrpcHeadLink logs the first failure; keep serving from the last routing table.
                 self.registered.clear()
                 await self.clock.sleep(backoff)
                 backoff = min(backoff * 2, self.settings.heartbeat_interval_s)
+            except ShoalError as err:
+                # The head answered, and refused: the wrong certificate in this scheduler's
+                # place (PERMISSION_DENIED), a registration or report it does not take (an
+                # older head). Retried in silence before, the scheduler serving no one.
+                # Said once (again only if the reason changes), tried each heartbeat.
+                self.registered.clear()
+                if str(err) != refusal:
+                    refusal = str(err)
+                    log.error(
+                        "the head refused this scheduler's registration or report: %s (%s); "
+                        "trying again every %gs",
+                        err,
+                        err.code.name,
+                        self.settings.heartbeat_interval_s,
+                    )
+                await self.clock.sleep(self.settings.heartbeat_interval_s)
 
     def _refuse(self, err: AlreadyExists) -> None:
         """The head refused this scheduler's id: stop trying, and tell the process

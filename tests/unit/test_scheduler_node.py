@@ -16,7 +16,7 @@ import pytest
 from shoal.config import Settings
 from shoal.core.clock import FakeClock
 from shoal.core.spec import parse_spec
-from shoal.errors import AlreadyExists
+from shoal.errors import AlreadyExists, InvalidArgument, PermissionDenied, ShoalError
 from shoal.proto import shoal_pb2 as pb
 from shoal.scheduler.node import SchedulerNode
 from shoal.testing.fakes import FakeHeadLink, FakeLauncher, FakeReplicas
@@ -209,5 +209,64 @@ async def test_a_restarted_scheduler_refused_while_its_predecessor_dies_is_taken
         clock.advance(settings.dead_after_s + 1.0)
         await until(lambda: node.registered.is_set())
         assert node.refused is None and len(attempts) == 2
+    finally:
+        await node.aclose(0)
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        PermissionDenied(
+            "RegisterScheduler needs a scheduler's certificate; the caller presented a client's"
+        ),
+        InvalidArgument("replicas: 10001 reports, over the limit of 10000"),
+    ],
+)
+async def test_a_registration_the_head_refuses_is_logged_once_and_tried_each_heartbeat(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, refusal: ShoalError
+) -> None:
+    """A head that refuses the registration itself (the wrong certificate in place, a report
+    an older head does not take) was retried in silence for good: the scheduler served no
+    one and said nothing. Now the head's reason is logged once, the call tried again each
+    heartbeat (not the fast backoff of an unreachable head), and the recovery said once."""
+    attempts: list[SchedulerRegistration] = []
+
+    class CountingHead(FakeHeadLink):
+        async def register(self, reg: SchedulerRegistration) -> float:
+            attempts.append(reg)
+            return await super().register(reg)
+
+    head = CountingHead()
+    head.fail(refusal)
+    settings = Settings(
+        state_dir=str(tmp_path), cpus=1, memory_mb=512, gpus=0, ingress_workers=1, heartbeat_interval_s=2.0
+    )
+    clock = FakeClock()
+    node = SchedulerNode(settings, "s1", head, FakeReplicas(), launcher=FakeLauncher(), clock=clock)
+    caplog.set_level("INFO", logger="shoal")
+    node.start("s1:7000", "s1:7001")
+    try:
+        for _ in range(5):  # five heartbeats of refusals
+            await asyncio.sleep(0.02)
+            clock.advance(settings.heartbeat_interval_s)
+        await asyncio.sleep(0.02)
+        refused = [
+            r
+            for r in caplog.records
+            if "the head refused this scheduler's registration or report: " in r.message
+        ]
+        assert len(refused) == 1, [r.message for r in caplog.records]
+        assert refused[0].levelname == "ERROR"
+        assert str(refusal) in refused[0].message
+        assert refused[0].message.endswith("trying again every 2s")
+        assert not node.registered.is_set()
+        assert 5 <= len(attempts) <= 6  # one a heartbeat
+        head.recover()
+        clock.advance(settings.heartbeat_interval_s)
+        await until(lambda: node.registered.is_set())
+        assert any(
+            "the head takes this scheduler's registration and reports now" in r.message
+            for r in caplog.records
+        )
     finally:
         await node.aclose(0)
