@@ -77,6 +77,9 @@ class DeploymentRoutes:
     failed: str = ""
     """Why the deployment is FAILED (its replicas died starting; none is started again until
     the next deploy), or "": a request that finds none of its replicas is refused with it."""
+    unplaced: str = ""
+    """Why replicas it wants cannot be placed (no scheduler has room or is big enough, no live
+    scheduler), or "": a request that waited for a replica in vain is told it."""
 
 
 @dataclass(frozen=True)

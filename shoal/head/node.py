@@ -47,6 +47,7 @@ from shoal.core.cluster import (
     ReplicaRecord,
     ReplicaReport,
 )
+from shoal.core.deploy_watch import NO_ROOM
 from shoal.core.model_dirs import check_deployable
 from shoal.core.placement import Capacity
 from shoal.core.reports import (
@@ -125,7 +126,7 @@ _STARTING = frozenset(
     {ReplicaState.PENDING, ReplicaState.DOWNLOADING, ReplicaState.QUEUED, ReplicaState.STARTING}
 )
 """A replica on its way to READY: the autoscaler does not scale its deployment down meanwhile."""
-_EntryInputs = tuple[DeploymentSpec, tuple[str, ...], int, dict[str, int], str]
+_EntryInputs = tuple[DeploymentSpec, tuple[str, ...], int, dict[str, int], str, str]
 
 
 @dataclass(frozen=True)
@@ -1282,7 +1283,7 @@ class HeadNode:
         table = {}
         for name in self.desired:
             if name in stale:
-                spec, allowed, revision, number, failed = inputs[name]
+                spec, allowed, revision, number, failed, unplaced = inputs[name]
                 table[name] = DeploymentRoutes(
                     spec=spec,
                     # Without load (in_flight 0): a table that changed with every health update
@@ -1294,6 +1295,7 @@ class HeadNode:
                     allowed_tokens=allowed,
                     revision=revision,
                     failed=failed,
+                    unplaced=unplaced,
                 )
             else:
                 table[name] = old[name]
@@ -1308,7 +1310,11 @@ class HeadNode:
         number = {rev.spec_hash: rev.number for rev in revisions}
         allowed = self.tokens.hashes(required_tokens(spec))
         failed = self.state.failed(spec)
-        return (spec, allowed, revisions[-1].number if revisions else 0, number, failed)
+        # Only placement's reasons: they hold still while nothing changes, where one that
+        # counts down ("waiting 2s ...") would send the entry to every scheduler each pass.
+        pending = self.state.pending_reasons.get(name, "")
+        unplaced = pending if NO_ROOM.match(pending) else ""
+        return (spec, allowed, revisions[-1].number if revisions else 0, number, failed, unplaced)
 
     async def _publish_routes(self) -> None:
         """A new table version when the routes changed, and the streams told."""

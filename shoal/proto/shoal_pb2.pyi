@@ -427,6 +427,7 @@ class DeploymentRoutes(_message.Message):
     ROUTES_DELTA_FIELD_NUMBER: _builtins.int
     REMOVED_ROUTES_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
+    UNPLACED_FIELD_NUMBER: _builtins.int
     spec_json: _builtins.str
     """the deployment's spec: limits, timeout, inputs/outputs"""
     revision: _builtins.int
@@ -440,6 +441,11 @@ class DeploymentRoutes(_message.Message):
     failed: _builtins.str
     """Non-empty while the deployment is FAILED (its replicas died starting, none is started
     again until the next deploy): why. A request that finds no replica is refused with it.
+    """
+    unplaced: _builtins.str
+    """Non-empty while replicas it wants cannot be placed (no scheduler has room or is big
+    enough, no live scheduler): why, as status says it. A request that waited for a replica
+    in vain is told it.
     """
     @_builtins.property
     def routes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Route]: ...
@@ -459,10 +465,11 @@ class DeploymentRoutes(_message.Message):
         routes_delta: _builtins.bool = ...,
         removed_routes: _abc.Iterable[_builtins.str] | None = ...,
         failed: _builtins.str = ...,
+        unplaced: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_token_hashes", b"allowed_token_hashes", "failed", b"failed", "removed_routes", b"removed_routes", "revision", b"revision", "routes", b"routes", "routes_delta", b"routes_delta", "spec_json", b"spec_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_token_hashes", b"allowed_token_hashes", "failed", b"failed", "removed_routes", b"removed_routes", "revision", b"revision", "routes", b"routes", "routes_delta", b"routes_delta", "spec_json", b"spec_json", "unplaced", b"unplaced"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -286,6 +286,7 @@ class RoutingTableDecoder:
                 allowed_tokens=tuple(dep.allowed_token_hashes),
                 revision=dep.revision,
                 failed=dep.failed,
+                unplaced=dep.unplaced,
             )
         self._last = deployments
         return RoutingTable(

@@ -276,6 +276,7 @@ def routes_to_pb(dep: DeploymentRoutes) -> pb.DeploymentRoutes:
         ],
         revision=dep.revision,
         failed=dep.failed,
+        unplaced=dep.unplaced,
     )
 
 

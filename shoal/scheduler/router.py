@@ -98,6 +98,9 @@ class _Deployment:
     # Why the deployment is FAILED, from the head's table ("": it is not): no replica of it
     # will start until the next deploy, so a request that finds none is refused, not held.
     failed: str = ""
+    # Why replicas it wants cannot be placed, from the head's table ("": they can): a request
+    # that waited in vain is told it, not that the start took too long.
+    unplaced: str = ""
 
 
 class Router:
@@ -232,6 +235,7 @@ class Router:
             if dep.failed != routes.failed:
                 dep.failed = routes.failed
                 self._notify(dep)  # requests held for a replica that will not start are refused
+            dep.unplaced = routes.unplaced
             remote = {
                 r.replica_id: r
                 for r in routes.routes
@@ -579,10 +583,17 @@ class Router:
             dep.waiting -= 1
 
     def _why_none(self, dep: _Deployment) -> str:
-        """How many replicas of ``dep`` are ready, and at zero for a deployment that scales to
+        """How many replicas of ``dep`` are ready, and why no more came: the head's reason when
+        the replicas it wants cannot be placed; else, at zero for a deployment that scales to
         zero, what its client can do: the request may have woken it."""
         ready = self.ready_count(dep.spec.name)
         policy = dep.spec.autoscaling
+        if dep.unplaced:
+            # A longer timeout would not help: the head has nowhere to start one.
+            more = (
+                "" if ready else (" it scales from zero, and" if policy and not policy.min_replicas else "")
+            )
+            return f"{ready} ready;{more} the replicas it wants cannot be placed: {dep.unplaced}"
         if ready or policy is None or policy.min_replicas:
             return f"{ready} ready"
         return (

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from shoal.errors import Unavailable
+from shoal.errors import DeadlineExceeded, Unavailable
 from shoal.rpc.clients import NativeClient
 from shoal.testing.cluster import ProcessCluster
 
@@ -113,3 +113,29 @@ async def test_requests_held_at_zero_are_refused_once_the_model_cannot_start(
         # A request that comes later is refused at once, with the same words.
         with pytest.raises(Unavailable, match="delay_ms must be >= 0"):
             await cluster.send("echo", {"x": x}, timeout_s=30)
+
+
+async def test_a_request_held_at_zero_with_no_room_says_why(tmp_path: Path, examples_dir: Path) -> None:
+    """A request woke a deployment at zero on a full cluster: it waited out its timeout and was
+    told the start took too long ('it scales from zero, ... a longer timeout, or
+    autoscaling.min_replicas 1, avoids the wait'), while the replica was never placed. Now the
+    answer names what status does: no scheduler has room."""
+    async with ProcessCluster(tmp_path, scheduler_args=[["--cpus", "1"]]) as cluster:
+        hog = {**spec(examples_dir), "name": "hog", "resources": {"cpus": 1}, "autoscaling": None}
+        await cluster.deploy(hog)
+        await cluster.wait_ready("hog", 1)
+        await cluster.deploy(
+            {**spec(examples_dir, min_replicas=0, max_replicas=2), "replicas": 0, "resources": {"cpus": 1}}
+        )
+        await cluster.wait_for(
+            lambda s: any(d["name"] == "echo" for d in s["deployments"]), timeout_s=10, what="echo known"
+        )
+        await asyncio.sleep(0.5)  # the table with the deployment reaches the scheduler
+        x = np.ones((1, 16), np.float32)
+        with pytest.raises(DeadlineExceeded) as caught:
+            await cluster.send("echo", {"x": x}, timeout_s=3)
+        message = caught.value.message
+        assert "no scheduler has room (cpus 1 > 0 free" in message, message
+        assert "a longer timeout" not in message, message
+        dep = next(d for d in (await cluster.status())["deployments"] if d["name"] == "echo")
+        assert dep["pending_reason"].startswith("no scheduler has room"), dep

@@ -54,7 +54,7 @@ def spec(**changes: Any) -> DeploymentSpec:
         ),
         (
             {**BASE, "autoscaling": {"min_replicas": 3, "max_replicas": 2}},
-            "invalid deployment spec 'echo': autoscaling: min_replicas must not exceed max_replicas",
+            "invalid deployment spec 'echo': autoscaling: min_replicas (3) must not exceed max_replicas (2)",
         ),
         (
             {**BASE, "inputs": [{"name": "x", "shape": [-2, 3]}]},
