@@ -253,6 +253,14 @@ class Settings:
     control_rate_limit: float = 100.0
     """Requests per second one client (its token, else its address) may make on the head's
     control API (bursts up to twice that); 0 turns the limit off."""
+    max_log_streams: int = 128
+    """Most replica log reads (``shoal logs``, ``--follow`` or not; ``ReadLog``, ``GET
+    /api/replicas/ID/logs``) the head relays at once; past it one more is refused
+    (``ResourceExhausted``: RESOURCE_EXHAUSTED / HTTP 503). Each holds a stream on the head's
+    connection to the replica's scheduler, which its own calls to that scheduler need too
+    (keep it under the schedulers' ``max_concurrent_streams``), and up to about 8 MB of log
+    in the head while its client reads nothing. ``shoal logs DEPLOYMENT --follow`` takes one
+    per replica. 0: no limit."""
     max_deployments: int = 2000
     """Most deployments the head keeps (broken ones count); creating one more is refused
     (``LimitReached``: RESOURCE_EXHAUSTED / HTTP 409), updating or deleting one is not. Each
@@ -503,6 +511,7 @@ _RANGES: dict[str, _Range] = {
     "http_max_connections": _NATURAL,
     "sse_keepalive_s": _NATURAL,
     "control_rate_limit": _NATURAL,
+    "max_log_streams": _NATURAL,
     # A bound, not off at 0: with none, one deploy token's loop stalled the head for everyone.
     "max_deployments": _ONE_OR_MORE,
     "max_routes": _ONE_OR_MORE,

@@ -329,9 +329,14 @@ def head_app(node: HeadNode, limiter: RateLimiter | None = None) -> Starlette:
             first = b""
 
         async def rest() -> Any:
-            yield first
-            async for chunk in stream:
-                yield chunk
+            # Closed however the response ends (a client gone too): the read counts toward
+            # max_log_streams until then.
+            try:
+                yield first
+                async for chunk in stream:
+                    yield chunk
+            finally:
+                await stream.aclose()
 
         return StreamingResponse(rest(), media_type="text/plain; charset=utf-8")
 

@@ -260,6 +260,12 @@ class HeadService(pbg.HeadServicer):
         return pb.RoutesReply(routes=[traffic_to_pb(r) for r in routes])
 
     async def ReadLog(self, request: pb.ReadLogRequest, context: Context) -> AsyncIterator[pb.LogChunk]:
+        if request.tail_bytes < 0:
+            # As GET /api/replicas/ID/logs refuses it: before, it was taken as "the whole log".
+            await abort(
+                context,
+                InvalidArgument(f"tail_bytes must be >= 0 (0: the whole log), got {request.tail_bytes}"),
+            )
         # The token the call was let in with (the interceptor checked it) must stay valid:
         # a follow has no end of its own, and one went on printing the replica's lines for
         # as long as it ran after its token was revoked.

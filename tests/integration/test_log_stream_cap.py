@@ -1,0 +1,96 @@
+"""The head relays at most ``max_log_streams`` replica log reads at once, against a real
+cluster: past it one more is refused, RESOURCE_EXHAUSTED over gRPC and 503 over REST, naming
+the setting, and the follows already open go on. Before, every follow was taken: 1,100 that
+read nothing took the head to 4.5 GB as their replica wrote 200 MB, and held every stream of
+the head's connection to the scheduler, so the head's ``CreateReplica`` to it waited behind
+them and a scale-up never happened."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import httpx
+import pytest
+
+from shoal.proto import shoal_pb2 as pb
+from shoal.proto import shoal_pb2_grpc as pbg
+from shoal.testing.cluster import ProcessCluster
+
+pytestmark = pytest.mark.timeout(90)
+
+CAP = 3
+
+
+async def test_log_reads_past_max_log_streams_are_refused_and_those_open_go_on(
+    tmp_path: Path, examples_dir: Path
+) -> None:
+    async with ProcessCluster(tmp_path, env={"SHOAL_MAX_LOG_STREAMS": str(CAP)}) as cluster:
+        await cluster.deploy(
+            {
+                "name": "echo",
+                "backend": "python",
+                "model": "echo:Echo",
+                "base_dir": str(examples_dir),
+                "replicas": 1,
+                "resources": {"cpus": 0.1},
+            }
+        )
+        [replica] = await cluster.wait_ready("echo", 1)
+        request = pb.ReadLogRequest(replica_id=replica["id"], tail_bytes=0, follow=True)
+        async with grpc.aio.insecure_channel(cluster.head_address) as channel:
+            stub = pbg.HeadStub(channel)
+            # Follows that read their first chunk and then nothing more, as a stuck client's.
+            follows = [stub.ReadLog(request) for _ in range(CAP)]
+            try:
+                for call in follows:
+                    await asyncio.wait_for(call.read(), 20)
+                refused = stub.ReadLog(request)
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await asyncio.wait_for(refused.read(), 20)
+                assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "setting max_log_streams" in (err.value.details() or "")
+                assert replica["id"] in (err.value.details() or "")
+
+                assert cluster.head is not None
+                async with httpx.AsyncClient(
+                    base_url=f"http://{cluster.head.endpoints['head_http']}", timeout=20
+                ) as rest:
+                    answer = await rest.get(f"/api/replicas/{replica['id']}/logs")
+                    assert answer.status_code == 503, answer.text
+                    assert "setting max_log_streams" in answer.text
+                    assert answer.headers.get("retry-after") == "1"
+
+                    # The follows open were not disturbed, and the head still runs the cluster.
+                    assert not any(call.done() for call in follows)
+                    await cluster.client.scale("echo", 2)
+                    await cluster.wait_ready("echo", 2)
+
+                    # One ends: its place is free again, over either door.
+                    follows.pop().cancel()
+                    for _ in range(100):
+                        answer = await rest.get(f"/api/replicas/{replica['id']}/logs")
+                        if answer.status_code != 503:
+                            break
+                        await asyncio.sleep(0.1)
+                    assert answer.status_code == 200, answer.text
+                    again = stub.ReadLog(request)
+                    assert isinstance(await asyncio.wait_for(again.read(), 20), pb.LogChunk)
+                    again.cancel()
+            finally:
+                for call in follows:
+                    call.cancel()
+
+
+async def test_a_log_read_with_a_negative_tail_is_refused_naming_the_field(
+    tmp_path: Path, examples_dir: Path
+) -> None:
+    async with ProcessCluster(tmp_path) as cluster:
+        async with grpc.aio.insecure_channel(cluster.head_address) as channel:
+            call = pbg.HeadStub(channel).ReadLog(pb.ReadLogRequest(replica_id="echo-1", tail_bytes=-5))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await asyncio.wait_for(call.read(), 20)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details() == "tail_bytes must be >= 0 (0: the whole log), got -5"
