@@ -261,6 +261,12 @@ class Settings:
     (keep it under the schedulers' ``max_concurrent_streams``), and up to about 8 MB of log
     in the head while its client reads nothing. ``shoal logs DEPLOYMENT --follow`` takes one
     per replica. 0: no limit."""
+    log_stream_stall_s: float = 60.0
+    """How long the head waits for a log read's client to take its next chunk (gRPC
+    ``ReadLog``: ``shoal logs``, ``--follow`` or not) before it ends the read,
+    RESOURCE_EXHAUSTED naming this setting: a client that reads nothing holds up to about
+    8 MB of log in the head (gRPC's windows) and a place of ``max_log_streams``. A follow of
+    a quiet log waits for nothing and is not ended."""
     max_deployments: int = 2000
     """Most deployments the head keeps (broken ones count); creating one more is refused
     (``LimitReached``: RESOURCE_EXHAUSTED / HTTP 409), updating or deleting one is not. Each
@@ -512,6 +518,7 @@ _RANGES: dict[str, _Range] = {
     "sse_keepalive_s": _NATURAL,
     "control_rate_limit": _NATURAL,
     "max_log_streams": _NATURAL,
+    "log_stream_stall_s": _POSITIVE,
     # A bound, not off at 0: with none, one deploy token's loop stalled the head for everyone.
     "max_deployments": _ONE_OR_MORE,
     "max_routes": _ONE_OR_MORE,

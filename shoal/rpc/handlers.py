@@ -4,6 +4,7 @@ each message of a client stream (the interceptors of ``shoal.rpc.auth``,
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
@@ -70,7 +71,8 @@ def wrap_handler(
     client stream, and ``request_deserializer`` instead of its own (when given).
 
     The handlers of a ``grpc.aio`` server are coroutines and async generators (the stubs
-    describe sync ones), hence ``Any``."""
+    describe sync ones), hence ``Any``; a server-streaming one may be either (a coroutine
+    writes its answers with ``context.write``), and is wrapped as what it is."""
     kw: dict[str, Any] = {
         "request_deserializer": request_deserializer or handler.request_deserializer,
         "response_serializer": handler.response_serializer,
@@ -89,6 +91,14 @@ def wrap_handler(
         return grpc.unary_unary_rpc_method_handler(unary_unary, **kw)
     if handler.unary_stream is not None:
         us = handler.unary_stream
+
+        if not inspect.isasyncgenfunction(us):  # it writes its answers with context.write
+
+            async def unary_stream_writes(request: Any, context: Context) -> None:
+                await before(request, context)
+                await us(request, context)
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream_writes, **kw)
 
         async def unary_stream(request: Any, context: Context) -> AsyncIterator[Any]:
             await before(request, context)

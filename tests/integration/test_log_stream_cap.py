@@ -94,3 +94,58 @@ async def test_a_log_read_with_a_negative_tail_is_refused_naming_the_field(
                 await asyncio.wait_for(call.read(), 20)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert err.value.details() == "tail_bytes must be >= 0 (0: the whole log), got -5"
+
+
+async def test_a_log_read_whose_client_takes_nothing_is_ended_and_frees_its_place(
+    tmp_path: Path, examples_dir: Path
+) -> None:
+    """A follow whose client stops reading while the log grows: once gRPC's windows are full
+    (about 8 MB) the head's write waits. Before, it waited for as long as the client lived,
+    holding that much log in the head and a place of max_log_streams (128 such held 1.2 GB).
+    Now the read is ended after log_stream_stall_s; the client, reading again, gets what was
+    sent and then RESOURCE_EXHAUSTED naming the setting, and the place is free."""
+    env = {"SHOAL_MAX_LOG_STREAMS": "1", "SHOAL_LOG_STREAM_STALL_S": "1", "SHOAL_REPLICA_LOG_MAX_MB": "64"}
+    async with ProcessCluster(tmp_path, env=env) as cluster:
+        await cluster.deploy(
+            {
+                "name": "echo",
+                "backend": "python",
+                "model": "echo:Echo",
+                "base_dir": str(examples_dir),
+                "replicas": 1,
+                "resources": {"cpus": 0.1},
+            }
+        )
+        [replica] = await cluster.wait_ready("echo", 1)
+        (log,) = cluster.root.rglob(f"replica_{replica['id']}.log")
+        request = pb.ReadLogRequest(replica_id=replica["id"], tail_bytes=0, follow=True)
+        async with grpc.aio.insecure_channel(cluster.head_address) as channel:
+            stub = pbg.HeadStub(channel)
+            stuck = stub.ReadLog(request)
+            try:
+                await asyncio.wait_for(stuck.read(), 20)
+                with log.open("a") as f:  # more than the windows hold, less than a rotation
+                    for _ in range(24):
+                        f.write(("x" * 1023 + "\n") * 1024)
+                # The head ends the read and its place is free: a new read is served.
+                for _ in range(200):
+                    probe = stub.ReadLog(pb.ReadLogRequest(replica_id=replica["id"], tail_bytes=10))
+                    try:
+                        await asyncio.wait_for(probe.read(), 20)
+                        break
+                    except grpc.aio.AioRpcError as err:
+                        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+                        await asyncio.sleep(0.1)
+                else:
+                    pytest.fail("the stalled follow kept its place")
+                got = 0
+                with pytest.raises(grpc.aio.AioRpcError) as ended:
+                    while True:
+                        chunk = await asyncio.wait_for(stuck.read(), 20)
+                        assert isinstance(chunk, pb.LogChunk), "the follow ended without a status"
+                        got += len(chunk.data)
+                assert ended.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "setting log_stream_stall_s" in (ended.value.details() or "")
+                assert 0 < got < 24 * 2**20  # what the windows held, not the whole log
+            finally:
+                stuck.cancel()
