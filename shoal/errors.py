@@ -16,6 +16,7 @@ codes, :data:`HTTP_STATUS` to HTTP. Nothing else converts errors.
     +-- DeadlineExceeded     the request's timeout passed before an answer
     |   +-- HeadSilent       the head takes connections and does not answer
     +-- Unavailable          a peer cannot be reached; safe to retry elsewhere
+    |   +-- ReplicaGone      the replica died or is draining: it did not run the request
     |   +-- HeadUnreachable  the head does not answer at all
     +-- Unauthenticated / PermissionDenied
     +-- Internal             a bug or a model that raised
@@ -193,6 +194,12 @@ class HeadSilent(DeadlineExceeded):
 
 class Unavailable(ShoalError):
     code = Code.UNAVAILABLE
+
+
+class ReplicaGone(Unavailable):
+    """The replica did not run the request because it is gone or going: it died, was removed,
+    or is draining (it refuses what arrives once it drains, and ends its task streams when it
+    stops). Always safe to retry elsewhere, and no reason to send that replica anything new."""
 
 
 class HeadUnreachable(Unavailable):

@@ -1912,6 +1912,7 @@ class TaskOutcome(_message.Message):
     ERROR_CODE_FIELD_NUMBER: _builtins.int
     ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
     FINAL_FIELD_NUMBER: _builtins.int
+    GOING_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     tag: _builtins.int
     """the Task's tag: what the sender matches answers by"""
@@ -1921,6 +1922,10 @@ class TaskOutcome(_message.Message):
     final: _builtins.bool
     """UNAVAILABLE from further on (a deployment the model called, whose replicas were tried
     already): not retried on another replica of this one.
+    """
+    going: _builtins.bool
+    """UNAVAILABLE because the replica is draining or stopped: it never ran the task and takes
+    no more; the sender sends this replica nothing new and retries the task elsewhere.
     """
     @_builtins.property
     def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]: ...
@@ -1933,10 +1938,11 @@ class TaskOutcome(_message.Message):
         error_code: _builtins.str = ...,
         error_message: _builtins.str = ...,
         final: _builtins.bool = ...,
+        going: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_code", b"error_code", "error_message", b"error_message", "final", b"final", "outputs", b"outputs", "request_id", b"request_id", "tag", b"tag"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_code", b"error_code", "error_message", b"error_message", "final", b"final", "going", b"going", "outputs", b"outputs", "request_id", b"request_id", "tag", b"tag"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

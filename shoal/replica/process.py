@@ -22,7 +22,15 @@ from shoal.core.clock import Clock, SystemClock
 from shoal.core.cluster import DRAINING, READY, STARTING, STOPPED
 from shoal.core.model_dirs import check_deployable
 from shoal.core.spec import DeploymentSpec, TensorSpec
-from shoal.errors import Code, DeadlineExceeded, Internal, InvalidArgument, ShoalError, Unavailable
+from shoal.errors import (
+    Code,
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    ReplicaGone,
+    ShoalError,
+    Unavailable,
+)
 from shoal.replica.batcher import Batcher
 from shoal.replica.compose import CallContext, DeploymentCaller, Deployments, GivenUp, current_call
 from shoal.replica.multiplex import ModelCache
@@ -76,6 +84,8 @@ class ReplicaProcess:
         self.batcher: Batcher | None = None
         self.models: ModelCache | None = None  # a multiplexed deployment's loaded model ids
         self._stop = asyncio.Event()
+        # Set once drained (STOPPED): the task streams end then (ReplicaService.PushTasks).
+        self.stopped = asyncio.Event()
         self._grace_s = settings.shutdown_grace_s
         self.exit_reason = ""
 
@@ -134,8 +144,8 @@ class ReplicaProcess:
         # here as soon as it accepts the registration, and over the local hop that request
         # can arrive before the acknowledgement does (a chaos run saw "replica X is STARTING").
         registering = self.state == STARTING and self._registering
-        if self.batcher is None or not (registering or self.state in (READY, DRAINING)):
-            raise Unavailable(f"replica {self.id} is {self.state}")
+        if self.batcher is None or not (registering or self.state == READY):
+            raise self._refusal()
         self.in_flight += 1
         started = time.perf_counter()
         try:
@@ -184,12 +194,7 @@ class ReplicaProcess:
         """
         batcher = self.batcher
         registering = self.state == STARTING and self._registering
-        if (
-            batcher is None
-            or self.models is not None
-            or model_id
-            or not (registering or self.state in (READY, DRAINING))
-        ):
+        if batcher is None or self.models is not None or model_id or not (registering or self.state == READY):
             return asyncio.ensure_future(self.infer(request_id, inputs, timeout_s, model_id))
         loop = asyncio.get_running_loop()
         timeout = timeout_s if timeout_s > 0 else self.spec.timeout_s
@@ -328,6 +333,15 @@ class ReplicaProcess:
         assert self.batcher is not None
         return self.batcher.submit(inputs)
 
+    def _refusal(self) -> Unavailable:
+        """Why a request is not run now. Draining (or stopped), the replica answers what it took
+        before and refuses what arrives after with ReplicaGone: the router that sent it retries
+        it elsewhere and sends this replica nothing more. (It used to take them while draining,
+        then refuse them stopped, as a plain Unavailable the router retried on it again.)"""
+        if self.state in (DRAINING, STOPPED):
+            return ReplicaGone(f"replica {self.id} is {self.state}: it takes no new request")
+        return Unavailable(f"replica {self.id} is {self.state}")
+
     def describe(self) -> ReplicaDescription:
         b: Batcher | ModelCache | None = self.models or self.batcher
         return ReplicaDescription(
@@ -401,6 +415,7 @@ class ReplicaProcess:
         if self.in_flight:
             log.warning("%d request(s) still in flight after %.1fs grace", self.in_flight, self._grace_s)
         self.state = STOPPED
+        self.stopped.set()
         if self.models is not None:
             await self.models.aclose()
         if self.batcher is not None:

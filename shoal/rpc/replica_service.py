@@ -12,7 +12,7 @@ from typing import overload
 from shoal.core import classify, limits, payload
 from shoal.core.payload import Tensors
 from shoal.core.spec import MAX_SECONDS
-from shoal.errors import Internal, InvalidArgument, ShoalError
+from shoal.errors import Internal, InvalidArgument, ReplicaGone, ShoalError
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.replica.process import ReplicaProcess
@@ -199,11 +199,22 @@ class ReplicaService(pbg.ReplicaServicer):
         self, request_iterator: AsyncIterator[pb.TaskBatch], context: Context
     ) -> AsyncIterator[pb.OutcomeBatch]:
         """Tasks run concurrently (so the batcher sees them together); outcomes go back as
-        they finish, all those ready at each write in one message."""
+        they finish, all those ready at each write in one message.
+
+        Once the replica has drained (stopped), the stream ends as soon as the tasks it runs
+        are answered: the scheduler fails what it sent after with ReplicaGone, retries it
+        elsewhere, and sends this replica nothing new. (The stream used to stay open until
+        the server's grace cut it; the scheduler then opened a new one to a replica on its
+        way out, and a request retried there was lost.)"""
         outcomes: list[pb.TaskOutcome] = []
         ready = asyncio.Event()
         ended = False
         running: dict[int, asyncio.Task[None]] = {}  # by tag
+        stopped = self.replica.stopped
+
+        async def watch() -> None:
+            await stopped.wait()
+            ready.set()
 
         async def run(task: pb.Task) -> None:
             outcomes.append(await self.outcome(task))
@@ -229,10 +240,13 @@ class ReplicaService(pbg.ReplicaServicer):
                 ready.set()
 
         reader = asyncio.create_task(read())
+        watcher = asyncio.create_task(watch())
         try:
             while True:
                 if not outcomes:
-                    if ended:
+                    # A finished task has added its outcome already (its removal from
+                    # ``running`` comes a loop pass later).
+                    if ended or (stopped.is_set() and all(t.done() for t in running.values())):
                         return
                     ready.clear()
                     await ready.wait()
@@ -243,9 +257,10 @@ class ReplicaService(pbg.ReplicaServicer):
         finally:
             # The stream is gone (the scheduler went away): stop its work too.
             reader.cancel()
+            watcher.cancel()
             for t in list(running.values()):
                 t.cancel()
-            await asyncio.gather(reader, *running.values(), return_exceptions=True)
+            await asyncio.gather(reader, watcher, *running.values(), return_exceptions=True)
 
     async def Generate(
         self, request: pb.GenerateRequest, context: Context
@@ -284,4 +299,5 @@ def _failure(task: pb.Task, err: ShoalError) -> pb.TaskOutcome:
         error_code=err.code.value,
         error_message=details(err.message),
         final=not err.retry_elsewhere,
+        going=isinstance(err, ReplicaGone),
     )

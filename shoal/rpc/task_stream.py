@@ -10,6 +10,11 @@ last write as one ``TaskBatch``: at low load a batch is one task, under load
 many requests share a write. When the stream breaks (the replica died, the
 network failed), every request waiting on it fails with Unavailable at once, so
 the router retries it elsewhere, and the next request opens a new stream.
+
+A replica ends the stream itself (a clean end, not an error) only when it stops: what
+waits on it then, and every later ``push``, fails with ReplicaGone (the replica is going;
+the router sends it nothing new), instead of opening a stream to a replica that is exiting
+(its failure was retried on that same replica, and the request was lost).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import grpc
 import grpc.aio
 
 from shoal.core import limits
-from shoal.errors import Code, DeadlineExceeded, ShoalError, Unavailable, from_code
+from shoal.errors import Code, DeadlineExceeded, ReplicaGone, ShoalError, Unavailable, from_code
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.rpc.status import to_error
@@ -48,12 +53,15 @@ class TaskStream:
         self._wake = asyncio.Event()
         self._tags = itertools.count(1)
         self._closed = False
+        self._ended = False  # the replica ended the stream: it stops, and takes nothing new
 
     async def push(self, task: pb.Task, timeout_s: float) -> pb.TaskOutcome:
         """Send ``task`` and wait for its outcome. Raises Unavailable if the stream breaks,
-        DeadlineExceeded after ``timeout_s``."""
+        ReplicaGone once the replica ended it (it stops), DeadlineExceeded after ``timeout_s``."""
         if self._closed:
             raise Unavailable(f"replica at {self._address}: client closed")
+        if self._ended:
+            raise ReplicaGone(f"replica at {self._address} ended its task stream: it is stopping")
         tag = next(self._tags)
         task.tag = tag
         future: asyncio.Future[pb.TaskOutcome] = asyncio.get_running_loop().create_future()
@@ -95,6 +103,10 @@ class TaskStream:
             while True:
                 batch = await call.read()
                 if batch is grpc.aio.EOF:  # type: ignore[attr-defined]
+                    # Set even when a newer stream replaced this one (a push that found this
+                    # call done before this task ran): that one goes to the same replica.
+                    self._ended = True
+                    error = ReplicaGone(f"replica at {self._address} ended its task stream: it is stopping")
                     break
                 for outcome in batch.outcomes:
                     future = self._pending.get(outcome.tag)
@@ -177,6 +189,8 @@ def outcome_error(outcome: pb.TaskOutcome) -> ShoalError | None:
         code = Code(outcome.error_code)
     except ValueError:
         code = Code.INTERNAL
+    if outcome.going:
+        return ReplicaGone(outcome.error_message)
     error = from_code(code, outcome.error_message)
     if outcome.final:
         error.retry_elsewhere = False

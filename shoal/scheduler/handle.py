@@ -11,12 +11,10 @@ import collections
 from collections.abc import Awaitable, Mapping
 
 from shoal.core.payload import Tensors
-from shoal.errors import Unavailable
+from shoal.errors import ReplicaGone
 from shoal.types import ReplicaClient
 
-
-class ReplicaGone(Unavailable):
-    """The replica died or was removed before answering; safe to retry elsewhere."""
+__all__ = ["ReplicaGone", "ReplicaHandle"]
 
 
 class ReplicaHandle:

@@ -51,7 +51,9 @@ MAX_SHADOWS_IN_FLIGHT = 256
 dropped (counted as such): a slow shadow must not hold the scheduler's memory."""
 
 # How long a retry waits for the routing table to change when every replica left has
-# already failed the request (and would be tried again).
+# already failed the request (and would be tried again). Not for a replica that said it is
+# going (ReplicaGone): it is retired here, and the request waits, up to its deadline, for
+# another one.
 RETRY_PAUSE_S = 0.25
 
 OUTCOME_OF = {
@@ -364,7 +366,9 @@ class Router:
         ResourceExhausted at once when the deployment's queue is full,
         NotFound for an unknown deployment, DeadlineExceeded on timeout; a
         request whose replica dies is retried on another, up to
-        ``settings.request_attempts`` replicas. ``model_id`` (a multiplexed deployment's) goes
+        ``settings.request_attempts`` replicas; one a replica refused because it is going
+        (ReplicaGone: draining, stopped) goes to another without spending an attempt, and that
+        replica gets nothing new from here. ``model_id`` (a multiplexed deployment's) goes
         to a replica that holds it when one has room (:func:`shoal.core.routing.pick_for_model`).
         ``version`` N > 0: only replicas of revision N (NotFound when none serves and N is not
         the current revision); 0: see :func:`shoal.core.routing.default_revisions`.
@@ -483,7 +487,10 @@ class Router:
         deadline = clock.now() + timeout_s
         tried: set[str] = set()
         last: ShoalError | None = None
-        for attempt in range(max(1, self.settings.request_attempts)):
+        attempts = max(1, self.settings.request_attempts)
+        attempt = 0
+        queued = True  # the time to the first replica not observed yet
+        while attempt < attempts:
             if tried and not any(h.accepting and h.replica_id not in tried for h in dep.handles.values()):
                 # Every replica left has failed this request (say a remote one that was just
                 # killed, still in the routing table for a few ms): give the table a moment to
@@ -495,7 +502,8 @@ class Router:
                 handle.in_flight += 1
             else:
                 handle = await self._acquire(dep, deadline, tried, model_id, version)
-            if attempt == 0:
+            if queued:
+                queued = False
                 dep.stats.queue.observe(time.perf_counter() - started)
             try:
                 remaining = deadline - clock.now()
@@ -515,7 +523,15 @@ class Router:
                 if not err.retry_elsewhere:
                     raise  # from further on (a deployment its model called): no replica here helps
                 last = err
-                tried.add(handle.replica_id)
+                if isinstance(err, ReplicaGone):
+                    # The replica did not run it: it is draining or gone (a remote one still in
+                    # this table until the head's next one comes). Nothing new goes there, and
+                    # the request waits, up to its deadline, for another replica rather than
+                    # being sent back there after RETRY_PAUSE_S; no attempt is spent.
+                    self._going(dep, handle)
+                else:
+                    tried.add(handle.replica_id)
+                    attempt += 1
                 log.info(
                     "request %s: replica %s failed (%s); retrying",
                     limits.shown(request_id),
@@ -663,6 +679,14 @@ class Router:
         if model_id and mux is not None and self.settings.multiplex_affinity:
             return pick_for_model(fresh or open_, _held, model_id, mux.max_models_per_replica, self._policy)
         return self._policy.pick(fresh or open_)
+
+    def _going(self, dep: _Deployment, handle: ReplicaHandle) -> None:
+        """``handle``'s replica said it is going (ReplicaGone): it takes no new request from
+        this router, as if retired; it stays until the supervisor or the head's table drops it.
+        A replica that drains never takes requests again, so this is never undone."""
+        if not handle.retired:
+            handle.retired = True
+            self._notify(dep)
 
     def _release(self, dep: _Deployment) -> None:
         if dep.waiting:

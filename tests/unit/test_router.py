@@ -13,7 +13,8 @@ from shoal.core import payload
 from shoal.core.payload import Tensors
 from shoal.core.spec import DeploymentSpec
 from shoal.errors import DeadlineExceeded, NotFound, ResourceExhausted, Unavailable
-from shoal.scheduler.router import Router
+from shoal.scheduler.handle import ReplicaGone
+from shoal.scheduler.router import RETRY_PAUSE_S, Router
 from shoal.testing.fakes import FakeReplicaClient, FakeReplicas
 from shoal.testing.wait import until
 from shoal.types import DeploymentRoutes, Route, RoutingTable
@@ -241,6 +242,59 @@ async def test_a_long_request_id_is_cut_in_retry_lines_and_the_error(
     for line in [caught.value.message, *(r.getMessage() for r in retries)]:
         assert "r" * 200 + "... (824 more characters)" in line
         assert "r" * 201 not in line
+
+
+async def test_a_request_refused_by_a_draining_remote_replica_waits_for_the_next_table(
+    router: Router, fakes: FakeReplicas
+) -> None:
+    # Seen in test_rolling_update: another scheduler's replica, the only one this router
+    # knew, drained; the head's table dropping it (and listing its replacement) came later
+    # than RETRY_PAUSE_S, so both attempts went to the draining replica and the request
+    # failed. It said it was going: the request waits for another replica instead.
+    spec = make_spec()
+    await router.apply_table(table(1, spec, Route("old", "old:9000", "s2")))
+    fakes.clients["old:9000"].fail(ReplicaGone("replica old is DRAINING: it takes no new request"))
+
+    task = asyncio.create_task(router.send("echo", x(5.0), request_id="req-1"))
+    await asyncio.sleep(2 * RETRY_PAUSE_S)
+    assert not task.done()
+    await router.apply_table(table(2, spec, Route("new", "new:9000", "s3")))
+
+    _, rid = await asyncio.wait_for(task, 5.0)
+    assert rid == "new"
+    assert [c.request_id for c in fakes.clients["new:9000"].requests] == ["req-1"]
+
+
+async def test_a_replica_that_says_it_is_going_gets_nothing_new_and_costs_no_attempt(
+    fakes: FakeReplicas,
+) -> None:
+    # One attempt only: the refusal of a draining replica is not one (it ran nothing).
+    router = Router("s1", Settings(request_attempts=1), fakes, policy="round_robin")
+    try:
+        a, b = add(router, fakes, make_spec(), "a", "b")
+        a.fail(ReplicaGone("replica a is DRAINING: it takes no new request"))
+        served = [(await router.send("echo", x(i)))[1] for i in range(4)]
+        assert served == ["b"] * 4
+        assert len(b.requests) == 4
+        assert router.ready_count("echo") == 1  # a: retired until the table or supervisor drops it
+    finally:
+        await router.aclose()
+
+
+async def test_a_replica_whose_connection_broke_once_is_tried_again(
+    router: Router, fakes: FakeReplicas
+) -> None:
+    # A blip (a broken stream, not a replica saying it is going): the only replica is still
+    # used, after RETRY_PAUSE_S, and it serves the request.
+    [a] = add(router, fakes, make_spec(), "a")
+    a.fail()
+    task = asyncio.create_task(router.send("echo", x(1.0), request_id="req-2"))
+    await asyncio.sleep(RETRY_PAUSE_S / 5)
+    a.recover()
+
+    _, rid = await asyncio.wait_for(task, 5.0)
+    assert rid == "a"
+    assert [c.request_id for c in a.requests] == ["req-2"]
 
 
 async def test_a_query_of_death_costs_at_most_two_replicas(fakes: FakeReplicas) -> None:

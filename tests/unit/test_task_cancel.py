@@ -73,6 +73,7 @@ class HeldReplica:
 
     def __init__(self) -> None:
         self.settings = Settings()
+        self.stopped = asyncio.Event()  # never: it does not drain here
         self.release = asyncio.Event()
         self.started: list[str] = []
         self.dropped: list[str] = []

@@ -1,0 +1,93 @@
+"""A replica that drains answers the requests it took, refuses those that arrive after with
+ReplicaGone (retried elsewhere, and nothing new sent to it), and ends its task streams once
+it has stopped, so a scheduler does not open another to a replica on its way out. Real gRPC
+on 127.0.0.1, port 0, a real ``ReplicaProcess`` in this process.
+
+Seen in ``test_chaos_suite.py::test_rolling_update``: a draining replica on another
+scheduler took requests until it stopped, refused the next as a plain Unavailable, and its
+stream stayed open until the server's grace cut it; the router retried the refused request
+on that same replica (still in its table), on a new stream to a process that was exiting,
+and the request was lost."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc.aio
+import numpy as np
+import pytest
+
+from shoal.config import Settings
+from shoal.core import payload
+from shoal.core.spec import parse_spec
+from shoal.errors import ReplicaGone
+from shoal.proto import shoal_pb2_grpc as pbg
+from shoal.replica.process import ReplicaProcess
+from shoal.rpc.clients import GrpcReplicaClient
+from shoal.rpc.replica_service import ReplicaService
+from shoal.testing.wait import until
+
+pytestmark = pytest.mark.timeout(20)
+
+MODEL = """
+import asyncio
+
+class Slow:
+    async def predict(self, inputs):
+        await asyncio.sleep(0.3)
+        return {"y": inputs["x"] * 2}
+"""
+
+X = payload.from_arrays({"x": np.ones((1, 2), np.float32)})
+
+
+class Link:
+    """A scheduler that acknowledges everything."""
+
+    async def register(self, replica_id: str, address: str, pid: int) -> tuple[bool, float]:
+        return True, 0.05
+
+    async def health(self, replica_id: str, state: str, in_flight: int, queued: int) -> bool:
+        return True
+
+
+async def test_a_draining_replica_answers_what_it_took_refuses_the_rest_and_ends_its_stream(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "slow_model.py").write_text(MODEL)
+    spec = parse_spec(
+        {"name": "slow", "backend": "python", "model": "slow_model:Slow", "base_dir": str(tmp_path)}
+    )
+    replica = ReplicaProcess("slow-000001", spec, Settings(), Link())
+    await replica.load()
+    runner = asyncio.create_task(replica.run("127.0.0.1:1", 1))
+    await until(lambda: replica.state == "READY", "registration")
+    server = grpc.aio.server()
+    pbg.add_ReplicaServicer_to_server(ReplicaService(replica), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    client = GrpcReplicaClient(f"127.0.0.1:{port}", Settings(data_plane="stream"))
+    try:
+        taken = asyncio.create_task(client.push("r1", X, 5.0))
+        await until(lambda: replica.in_flight == 1, "r1 running on the replica")
+        replica.request_stop(grace_s=5.0)
+        await runner
+        drained = asyncio.create_task(replica.drain())
+
+        with pytest.raises(ReplicaGone, match="DRAINING"):
+            await client.push("r2", X, 5.0)  # on the same stream, after the drain began
+        y = payload.to_arrays(await taken)["y"]
+        np.testing.assert_array_equal(y, np.full((1, 2), 2.0, np.float32))
+        await asyncio.wait_for(drained, 5.0)
+
+        # Stopped: the replica ended the stream; nothing new goes there, on it or a new one.
+        with pytest.raises(ReplicaGone, match="stopping"):
+            await asyncio.wait_for(client.push("r3", X, 5.0), 5.0)
+        with pytest.raises(ReplicaGone, match="stopping"):
+            await asyncio.wait_for(client.push("r4", X, 5.0), 5.0)
+    finally:
+        await client.close()
+        await server.stop(0)
+        if not runner.done():
+            runner.cancel()
