@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -24,21 +25,19 @@ pytestmark = pytest.mark.timeout(90)
 CAP = 3
 
 
+async def one_echo(cluster: ProcessCluster, examples_dir: Path) -> dict[str, Any]:
+    """Deploy one echo replica and return it, READY, as status shows it."""
+    spec = {"name": "echo", "backend": "python", "model": "echo:Echo", "base_dir": str(examples_dir)}
+    await cluster.deploy({**spec, "replicas": 1, "resources": {"cpus": 0.1}})
+    [replica] = await cluster.wait_ready("echo", 1)
+    return replica
+
+
 async def test_log_reads_past_max_log_streams_are_refused_and_those_open_go_on(
     tmp_path: Path, examples_dir: Path
 ) -> None:
     async with ProcessCluster(tmp_path, env={"SHOAL_MAX_LOG_STREAMS": str(CAP)}) as cluster:
-        await cluster.deploy(
-            {
-                "name": "echo",
-                "backend": "python",
-                "model": "echo:Echo",
-                "base_dir": str(examples_dir),
-                "replicas": 1,
-                "resources": {"cpus": 0.1},
-            }
-        )
-        [replica] = await cluster.wait_ready("echo", 1)
+        replica = await one_echo(cluster, examples_dir)
         request = pb.ReadLogRequest(replica_id=replica["id"], tail_bytes=0, follow=True)
         async with grpc.aio.insecure_channel(cluster.head_address) as channel:
             stub = pbg.HeadStub(channel)
@@ -106,17 +105,7 @@ async def test_a_log_read_whose_client_takes_nothing_is_ended_and_frees_its_plac
     sent and then RESOURCE_EXHAUSTED naming the setting, and the place is free."""
     env = {"SHOAL_MAX_LOG_STREAMS": "1", "SHOAL_LOG_STREAM_STALL_S": "1", "SHOAL_REPLICA_LOG_MAX_MB": "64"}
     async with ProcessCluster(tmp_path, env=env) as cluster:
-        await cluster.deploy(
-            {
-                "name": "echo",
-                "backend": "python",
-                "model": "echo:Echo",
-                "base_dir": str(examples_dir),
-                "replicas": 1,
-                "resources": {"cpus": 0.1},
-            }
-        )
-        [replica] = await cluster.wait_ready("echo", 1)
+        replica = await one_echo(cluster, examples_dir)
         (log,) = cluster.root.rglob(f"replica_{replica['id']}.log")
         request = pb.ReadLogRequest(replica_id=replica["id"], tail_bytes=0, follow=True)
         async with grpc.aio.insecure_channel(cluster.head_address) as channel:
