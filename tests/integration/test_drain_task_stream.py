@@ -12,6 +12,7 @@ and the request was lost."""
 from __future__ import annotations
 
 import asyncio
+import sys
 from pathlib import Path
 
 import grpc.aio
@@ -30,12 +31,21 @@ from shoal.testing.wait import until
 
 pytestmark = pytest.mark.timeout(20)
 
+# A module name of its own: tests that share a worker process share sys.modules, and a
+# ``slow_model`` another test had loaded (one that answers at once) was taken for this one,
+# so the request was never seen running. The model holds each request until the test
+# releases it, rather than for a time the test must catch it within.
+MODULE = "drain_gate_model"
 MODEL = """
 import asyncio
 
-class Slow:
+started = asyncio.Event()
+release = asyncio.Event()
+
+class Gate:
     async def predict(self, inputs):
-        await asyncio.sleep(0.3)
+        started.set()
+        await release.wait()
         return {"y": inputs["x"] * 2}
 """
 
@@ -55,12 +65,14 @@ class Link:
 async def test_a_draining_replica_answers_what_it_took_refuses_the_rest_and_ends_its_stream(
     tmp_path: Path,
 ) -> None:
-    (tmp_path / "slow_model.py").write_text(MODEL)
+    (tmp_path / f"{MODULE}.py").write_text(MODEL)
+    sys.modules.pop(MODULE, None)
     spec = parse_spec(
-        {"name": "slow", "backend": "python", "model": "slow_model:Slow", "base_dir": str(tmp_path)}
+        {"name": "slow", "backend": "python", "model": f"{MODULE}:Gate", "base_dir": str(tmp_path)}
     )
     replica = ReplicaProcess("slow-000001", spec, Settings(), Link())
     await replica.load()
+    gate = sys.modules[MODULE]
     runner = asyncio.create_task(replica.run("127.0.0.1:1", 1))
     await until(lambda: replica.state == "READY", "registration")
     server = grpc.aio.server()
@@ -70,13 +82,15 @@ async def test_a_draining_replica_answers_what_it_took_refuses_the_rest_and_ends
     client = GrpcReplicaClient(f"127.0.0.1:{port}", Settings(data_plane="stream"))
     try:
         taken = asyncio.create_task(client.push("r1", X, 5.0))
-        await until(lambda: replica.in_flight == 1, "r1 running on the replica")
+        await asyncio.wait_for(gate.started.wait(), 10)  # r1 runs on the replica
+        assert replica.in_flight == 1
         replica.request_stop(grace_s=5.0)
         await runner
         drained = asyncio.create_task(replica.drain())
 
         with pytest.raises(ReplicaGone, match="DRAINING"):
             await client.push("r2", X, 5.0)  # on the same stream, after the drain began
+        gate.release.set()
         y = payload.to_arrays(await taken)["y"]
         np.testing.assert_array_equal(y, np.full((1, 2), 2.0, np.float32))
         await asyncio.wait_for(drained, 5.0)
