@@ -127,6 +127,9 @@ _DTYPES: dict[str, Any] = {
 #: positions: ``max_position_embeddings``, ``n_positions``, ...) nor its tokenizer
 #: (``model_max_length``) names a limit, nor ``options.context_length`` gives one.
 DEFAULT_CONTEXT_LENGTH = 4096
+#: The most ``options.context_length`` may say for a model whose config names no positions:
+#: past every model's, and a prompt's characters are bounded by it (``text_cut.cut_length``).
+MAX_CONTEXT_LENGTH = 10_000_000
 # Config fields that name the most positions a model takes, as architectures spell them.
 _POSITION_FIELDS = (
     "max_position_embeddings",
@@ -468,6 +471,11 @@ class TransformersBackend(Backend):
         option = _option_int(self.spec.options, "context_length")
         positions = self._max_positions
         if option is not None:
+            if option > MAX_CONTEXT_LENGTH:
+                raise InvalidArgument(
+                    f"option context_length is {option}, more than {MAX_CONTEXT_LENGTH:,} tokens: "
+                    "no model takes that many"
+                )
             if positions is not None and option > positions:
                 raise InvalidArgument(
                     f"option context_length is {option}, more than the {positions} positions the model takes"

@@ -686,6 +686,11 @@ async def test_a_model_without_positions_takes_the_default_context(
 def test_context_length_may_not_pass_the_models_positions(tiny_lm_path: Path) -> None:
     with pytest.raises(InvalidArgument, match="option context_length is 65, more than the 64 positions"):
         loaded(hf_spec(tiny_lm_path, "generation", options={"context_length": 65}))
+    # Bounded where no positions bound it: it bounds how many characters a prompt may have.
+    with pytest.raises(
+        InvalidArgument, match="context_length is 1000000000000000000, more than 10,000,000 tokens"
+    ):
+        loaded(hf_spec(tiny_lm_path, "generation", options={"context_length": 10**18}))
     backend = loaded(hf_spec(tiny_lm_path, "generation", options={"context_length": 32}))
     try:
         assert backend._max_positions == 32
