@@ -138,3 +138,47 @@ async def test_a_log_read_whose_client_takes_nothing_is_ended_and_frees_its_plac
                 assert 0 < got < 24 * 2**20  # what the windows held, not the whole log
             finally:
                 stuck.cancel()
+
+
+async def test_a_rest_log_read_whose_client_takes_nothing_frees_its_place(
+    tmp_path: Path, examples_dir: Path
+) -> None:
+    """Over REST the HTTP server's own bound ends such a read: a client that takes no byte
+    of its answer for http_idle_timeout_s has its connection dropped, and the read its place
+    of max_log_streams freed (docs/operations.md, "Long-lived streams")."""
+    env = {"SHOAL_MAX_LOG_STREAMS": "1", "SHOAL_HTTP_IDLE_TIMEOUT_S": "1", "SHOAL_REPLICA_LOG_MAX_MB": "64"}
+    async with ProcessCluster(tmp_path, env=env) as cluster:
+        replica = await one_echo(cluster, examples_dir)
+        (log,) = cluster.root.rglob(f"replica_{replica['id']}.log")
+        with log.open("a") as f:  # more than the sockets' buffers hold
+            for _ in range(24):
+                f.write(("x" * 1023 + "\n") * 1024)
+        assert cluster.head is not None
+        host, port = cluster.head.endpoints["head_http"].rsplit(":", 1)
+        _, writer = await asyncio.open_connection(host, int(port))
+        try:
+            path = f"/api/replicas/{replica['id']}/logs?tail_bytes=0"
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+            await writer.drain()
+            async with grpc.aio.insecure_channel(cluster.head_address) as channel:
+                stub = pbg.HeadStub(channel)
+                probe = pb.ReadLogRequest(replica_id=replica["id"], tail_bytes=10)
+
+                async def served() -> bool:
+                    try:
+                        await asyncio.wait_for(stub.ReadLog(probe).read(), 20)
+                        return True
+                    except grpc.aio.AioRpcError as err:
+                        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+                        return False
+
+                # The REST read holds the one place, then its connection is dropped and frees it.
+                for want in (False, True):
+                    for _ in range(200):
+                        if await served() == want:
+                            break
+                        await asyncio.sleep(0.05)
+                    else:
+                        pytest.fail(f"a log read was {'never' if want else 'always'} served")
+        finally:
+            writer.close()
