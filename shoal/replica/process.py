@@ -268,11 +268,14 @@ class ReplicaProcess:
         Bypasses the batcher: a text generator schedules its own work (transformers one
         generation at a time on its model thread, vLLM continuously). Closing this generator
         (or cancelling its consumer) stops the generation. Raises Unavailable when the replica
-        does not take requests, InvalidArgument when its model does not generate text or a
-        parameter is out of range, DeadlineExceeded after ``timeout_s`` (0: the deployment's).
+        does not take requests (ReplicaGone once it drains), InvalidArgument when its model
+        does not generate text or a parameter is out of range, DeadlineExceeded after
+        ``timeout_s`` (0: the deployment's).
         """
-        if self.state not in (READY, DRAINING) or self.backend is None:
-            raise Unavailable(f"replica {self.id} is {self.state}")
+        if self.state != READY or self.backend is None:
+            # Draining, it starts no generation it may not finish within its grace: the
+            # router retries it elsewhere (ReplicaGone), as for a task.
+            raise self._refusal()
         backend = self.backend
         if not isinstance(backend, TextGenerator) or not backend.generates_text:
             raise InvalidArgument(f"model {self.spec.name!r} does not generate text")

@@ -7,7 +7,7 @@ from typing import Any, NoReturn
 import grpc
 import grpc.aio
 
-from shoal.errors import Code, ShoalError, Unimplemented, from_code
+from shoal.errors import Code, ReplicaGone, ShoalError, Unimplemented, from_code
 
 TO_GRPC: dict[Code, grpc.StatusCode] = {
     Code.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -32,12 +32,23 @@ FROM_GRPC[grpc.StatusCode.DATA_LOSS] = Code.INTERNAL
 FROM_GRPC[grpc.StatusCode.OUT_OF_RANGE] = Code.INVALID_ARGUMENT
 
 
+GOING_METADATA = "shoal-going"
+"""Trailing metadata on a replica's UNAVAILABLE that says it is going (ReplicaGone: draining
+or stopped, it ran nothing): the scheduler retires it and retries elsewhere without
+spending an attempt. The task streams carry the same as ``TaskOutcome.going``."""
+
+
 def to_error(err: grpc.aio.AioRpcError) -> ShoalError:
     """A failed call as shoal's error, keeping the peer's message."""
     if err.code() == grpc.StatusCode.UNIMPLEMENTED:
         return Unimplemented(f"UNIMPLEMENTED: {err.details() or 'no such call'}")
     code = FROM_GRPC.get(err.code(), Code.INTERNAL)
-    return from_code(code, err.details() or err.code().name)
+    message = err.details() or err.code().name
+    # grpc-stubs gives AioRpcError the sync error's _Metadatum; grpc.aio's are (key, value) pairs.
+    trailing = tuple(err.trailing_metadata() or ())
+    if code is Code.UNAVAILABLE and (GOING_METADATA, "1") in trailing:  # type: ignore[comparison-overlap]
+        return ReplicaGone(message)
+    return from_code(code, message)
 
 
 #: The most bytes a status message takes in its trailer, where it travels percent-encoded
@@ -68,5 +79,7 @@ client may send the call to another head whatever it does."""
 async def abort(context: Context, err: ShoalError) -> NoReturn:
     if err.nothing_done:
         context.set_trailing_metadata(((STANDBY_METADATA, "1"),))
+    elif isinstance(err, ReplicaGone):
+        context.set_trailing_metadata(((GOING_METADATA, "1"),))
     await context.abort(TO_GRPC[err.code], details(err.message))
     raise AssertionError("unreachable")  # context.abort raises

@@ -773,7 +773,8 @@ class Router:
         deployment's), ResourceExhausted at once when the queue is full, NotFound for an
         unknown deployment; ``version`` as for :meth:`send`. The deadline bounds the whole
         generation. A replica that fails before its first chunk is replaced by another (up to
-        ``settings.request_attempts``); after the first chunk the failure is the caller's
+        ``settings.request_attempts``; one that refused it because it is going, ReplicaGone,
+        spends none and gets nothing new); after the first chunk the failure is the caller's
         (Unavailable): the client has seen part of an answer that another replica would not
         continue.
 
@@ -794,11 +795,15 @@ class Router:
         try:
             if self.draining:
                 raise self._refusal()
-            for attempt in range(max(1, self.settings.request_attempts)):
+            attempts = max(1, self.settings.request_attempts)
+            attempt = 0
+            queued = True
+            while attempt < attempts:
                 if tried and not any(h.accepting and h.replica_id not in tried for h in dep.handles.values()):
                     await dep.changed.wait(min(RETRY_PAUSE_S, max(0.0, deadline - clock.now())), clock)
                 handle = await self._acquire(dep, deadline, tried, "", version)
-                if attempt == 0:
+                if queued:
+                    queued = False
                     dep.stats.queue.observe(time.perf_counter() - started)
                 try:
                     remaining = deadline - clock.now()
@@ -821,7 +826,13 @@ class Router:
                     if streamed or not err.retry_elsewhere:
                         raise
                     last = err
-                    tried.add(handle.replica_id)
+                    if isinstance(err, ReplicaGone):
+                        # Draining or gone, it started nothing: retired, no attempt spent, and
+                        # the generation waits within its deadline for another (as in send).
+                        self._going(dep, handle)
+                    else:
+                        tried.add(handle.replica_id)
+                        attempt += 1
                     log.info(
                         "request %s: replica %s failed before streaming (%s); retrying",
                         limits.shown(request_id),

@@ -28,6 +28,7 @@ from shoal.replica.process import ReplicaProcess
 from shoal.rpc.clients import GrpcReplicaClient
 from shoal.rpc.replica_service import ReplicaService
 from shoal.testing.wait import until
+from shoal.types import GenerateRequest
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -100,6 +101,81 @@ async def test_a_draining_replica_answers_what_it_took_refuses_the_rest_and_ends
             await asyncio.wait_for(client.push("r3", X, 5.0), 5.0)
         with pytest.raises(ReplicaGone, match="stopping"):
             await asyncio.wait_for(client.push("r4", X, 5.0), 5.0)
+    finally:
+        await client.close()
+        await server.stop(0)
+        if not runner.done():
+            runner.cancel()
+
+
+async def serve(replica: ReplicaProcess) -> tuple[grpc.aio.Server, str]:
+    server = grpc.aio.server()
+    pbg.add_ReplicaServicer_to_server(ReplicaService(replica), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+async def test_a_draining_replica_refuses_a_unary_push_as_going(tmp_path: Path) -> None:
+    # data_plane: unary (one PushTask call a request) has no TaskOutcome to say it: the
+    # refusal's trailing metadata does, so the router retires the replica there too.
+    model = "class Echo:\n    def predict(self, x):\n        return x\n"
+    (tmp_path / "drain_unary_model.py").write_text(model)
+    sys.modules.pop("drain_unary_model", None)
+    spec = parse_spec(
+        {"name": "echo", "backend": "python", "model": "drain_unary_model:Echo", "base_dir": str(tmp_path)}
+    )
+    replica = ReplicaProcess("echo-000001", spec, Settings(), Link())
+    await replica.load()
+    runner = asyncio.create_task(replica.run("127.0.0.1:1", 1))
+    await until(lambda: replica.state == "READY", "registration")
+    server, address = await serve(replica)
+    client = GrpcReplicaClient(address, Settings(data_plane="unary"))
+    try:
+        assert payload.to_arrays(await client.push("r1", X, 5.0))["x"].shape == (1, 2)
+        replica.request_stop(grace_s=5.0)
+        await runner
+        with pytest.raises(ReplicaGone, match=r"DRAINING|STOPPED"):
+            await client.push("r2", X, 5.0)
+    finally:
+        await client.close()
+        await server.stop(0)
+        if not runner.done():
+            runner.cancel()
+
+
+async def test_a_draining_replica_finishes_its_generation_and_refuses_a_new_one_as_going(
+    tmp_path: Path,
+) -> None:
+    # A generation started on a replica on its way out could be cut by its grace; it went
+    # there (the replica took generations while draining), and once it had stopped, the
+    # refusal spent one of the request's attempts. Now a new one is refused as going.
+    (tmp_path / "lm").mkdir()
+    spec = parse_spec(
+        {
+            "name": "lm",
+            "backend": "vllm",
+            "model": "lm",
+            "base_dir": str(tmp_path),
+            "options": {"vllm_module": "shoal.testing.fake_vllm", "token_delay_s": 0.05},
+        }
+    )
+    replica = ReplicaProcess("lm-000001", spec, Settings(), Link())
+    await replica.load()
+    runner = asyncio.create_task(replica.run("127.0.0.1:1", 1))
+    await until(lambda: replica.state == "READY", "registration")
+    server, address = await serve(replica)
+    client = GrpcReplicaClient(address, Settings())
+    words = "one two three four five six"
+    try:
+        first = client.generate("g1", GenerateRequest(prompt=words, max_tokens=16, stream=True), 10.0)
+        chunk = await anext(first)  # g1 runs
+        replica.request_stop(grace_s=5.0)
+        await runner
+        with pytest.raises(ReplicaGone, match="DRAINING"):
+            await anext(client.generate("g2", GenerateRequest(prompt="a b", max_tokens=4), 5.0))
+        text = chunk.text + "".join([c.text async for c in first])
+        assert text.split() == words.split()  # the one it took ends whole
     finally:
         await client.close()
         await server.stop(0)

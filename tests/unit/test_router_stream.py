@@ -12,11 +12,18 @@ import pytest
 
 from shoal.config import Settings
 from shoal.core.spec import DeploymentSpec
-from shoal.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, Unavailable
-from shoal.scheduler.router import Router
+from shoal.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    ReplicaGone,
+    ResourceExhausted,
+    Unavailable,
+)
+from shoal.scheduler.router import RETRY_PAUSE_S, Router
 from shoal.testing.fakes import FakeReplicaClient, FakeReplicas
 from shoal.testing.wait import until
-from shoal.types import GenerateChunk, GenerateRequest
+from shoal.types import DeploymentRoutes, GenerateChunk, GenerateRequest, Route, RoutingTable
 from tests.unit.conftest import make_spec as build_spec
 
 pytestmark = pytest.mark.timeout(10)
@@ -173,6 +180,49 @@ async def test_every_replica_failing_is_unavailable(router: Router, fakes: FakeR
 
     with pytest.raises(Unavailable, match="failed on 2 replica"):
         await collect(router, timeout_s=2.0)
+
+
+async def test_a_replica_that_says_it_is_going_gets_no_generation_and_costs_no_attempt(
+    fakes: FakeReplicas,
+) -> None:
+    # One attempt only: a draining replica's refusal ran nothing, so it is not one, and the
+    # replica is sent nothing new (as for send). Before, it spent the attempt: the
+    # generation failed, and the next went to the draining replica again.
+    router = Router("s1", Settings(request_attempts=1), fakes, policy="round_robin")
+    try:
+        a, b = add(router, fakes, make_spec(), "a", "b")
+        a.fail(ReplicaGone("replica a is DRAINING: it takes no new request"))
+        for _ in range(4):
+            chunks = await collect(router)
+            assert "".join(c.text for c in chunks) == " the quick brown fox"
+        assert len(b.generations) == 4
+        assert router.ready_count("lm") == 1
+        assert router.stats()["lm"].outcomes["ok"] == 4
+    finally:
+        await router.aclose()
+
+
+async def test_a_generation_refused_by_a_draining_remote_replica_waits_for_the_next_table(
+    router: Router, fakes: FakeReplicas
+) -> None:
+    # The only replica this router knows (another scheduler's) drains; the table listing its
+    # replacement comes later than RETRY_PAUSE_S. The generation waits for it.
+    spec = make_spec()
+
+    def table(version: int, route: Route) -> RoutingTable:
+        return RoutingTable(version, {"lm": DeploymentRoutes(spec, (route,))})
+
+    await router.apply_table(table(1, Route("old", "old:9000", "s2")))
+    fakes.clients["old:9000"].fail(ReplicaGone("replica old is DRAINING: it takes no new request"))
+
+    task = asyncio.create_task(collect(router, timeout_s=5.0))
+    await asyncio.sleep(2 * RETRY_PAUSE_S)
+    assert not task.done()
+    await router.apply_table(table(2, Route("new", "new:9000", "s3")))
+
+    chunks = await asyncio.wait_for(task, 5.0)
+    assert "".join(c.text for c in chunks) == " the quick brown fox"
+    assert len(fakes.clients["new:9000"].generations) == 1
 
 
 async def test_errors_from_the_replica_are_not_retried(router: Router, fakes: FakeReplicas) -> None:
