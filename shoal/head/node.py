@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import heapq
 import itertools
 import json
@@ -97,6 +98,16 @@ ROUTES_GAP_PER_STREAM_S = 0.0005
 """Each stream's message costs the head a gRPC send: the more streams, the rarer the waves
 (1,000 streams: a wake every 0.5 s at most), so that pushing tables cannot crowd out the
 health updates however many schedulers watch."""
+ROUTES_GAP_CONTROL_S = 0.005
+"""The least gap between waves when a control call changed the table (it waits for the
+wave, ``_routes_out``): applies back to back took 0.1 s each with the wave gap of health
+changes. Still ROUTES_GAP_PER_STREAM_S per open stream when that is longer."""
+ROUTES_OUT_S = 2.0
+"""How long a control call that changed what schedulers route by (an apply, a delete, a
+traffic route, a token created or revoked) waits, at most, for every table stream to have
+sent the new table before it answers. A stream that took longer is not waited for again
+until it has sent a current table (a scheduler that reads slowly, or not at all, slows
+one call, not every one)."""
 LATE_WARNING_S = 1.0
 """Health updates waiting this long in the head before it reads them are logged (once)."""
 DEATHS_TOGETHER_S = 0.2
@@ -182,6 +193,12 @@ class HeadNode:
         self._routes_changed = asyncio.Event()
         self._announced_at = -math.inf
         self._streams = 0  # open watch_routes streams
+        # Per open table stream (a number): the last version it sent; those late past
+        # ROUTES_OUT_S once; and an event set (and replaced) at each send (_routes_out).
+        self._sent: dict[int, int] = {}
+        self._lagging: set[int] = set()
+        self._sent_event = asyncio.Event()
+        self._stream_keys = itertools.count()
         self._log_streams = 0  # open read_log streams (max_log_streams)
         self._log_refusing = False  # a refusal was logged since the count was last under the cap
         self._announcing: asyncio.TimerHandle | None = None
@@ -529,7 +546,7 @@ class HeadNode:
         if changed:
             log.info("deployment %s %s: %s", spec.name, "created" if old is None else "updated", change)
             self.wake()
-            await self._publish_routes()
+            await self._publish_and_send()
         elif retried:
             log.info("deployment %s: starting its replicas again after failed starts", spec.name)
             self.wake()
@@ -860,7 +877,7 @@ class HeadNode:
             self._revision_specs = {k: v for k, v in self._revision_specs.items() if k[0] != name}
         log.info("deployment %s deleted", name)
         self.wake()
-        await self._publish_routes()
+        await self._publish_and_send()
 
     # ------------------------------------------------------------ traffic routes
 
@@ -872,14 +889,14 @@ class HeadNode:
             changed = await self.traffic.set(route, set(self.desired) | set(self.broken), protected)
         if changed:
             log.info("route %s: %s", route.name, route.describe())
-            await self._publish_routes()
+            await self._publish_and_send()
 
     async def delete_route(self, name: str) -> None:
         """NotFound when there is no route ``name``."""
         async with self.lock:
             await self.traffic.delete(name)
         log.info("route %s deleted", name)
-        await self._publish_routes()
+        await self._publish_and_send()
 
     # ------------------------------------------------------------ tokens
 
@@ -887,14 +904,14 @@ class HeadNode:
         """A new token and its secret (see ``TokenRegistry.create``); schedulers learn its hash."""
         rec, secret = await self.tokens.create(role, name)
         log.info("token %s created with role %s", rec.name, rec.role)
-        await self._publish_routes()
+        await self._publish_and_send()
         return rec, secret
 
     async def revoke_token(self, name: str) -> None:
         """Revoke a token; schedulers stop accepting it with the next routing table. NotFound if unknown."""
         await self.tokens.revoke(name)
         log.info("token %s revoked", name)
-        await self._publish_routes()
+        await self._publish_and_send()
 
     def _get(self, name: str) -> DeploymentSpec:
         spec = self.desired.get(name)
@@ -1350,8 +1367,9 @@ class HeadNode:
         unplaced = pending if NO_ROOM.match(pending) else ""
         return (spec, allowed, revisions[-1].number if revisions else 0, number, failed, unplaced)
 
-    async def _publish_routes(self) -> None:
-        """A new table version when the routes changed, and the streams told."""
+    async def _publish_routes(self, soon: bool = False) -> None:
+        """A new table version when the routes changed, and the streams told (``soon``: see
+        :meth:`_announce`)."""
         async with self.lock:
             table = self._table()
             token_hashes = self.tokens.hashes()
@@ -1378,22 +1396,30 @@ class HeadNode:
                     deleted=deleted,
                     traffic=traffic,
                 )
-                self._announce()
+                self._announce(soon)
+            elif soon and self._announcing is not None:
+                self._announce(soon)  # an earlier change still waits for its wave
 
-    def _announce(self) -> None:
+    def _announce(self, soon: bool = False) -> None:
         """Wake the table streams: now, or, when they were woken less than ROUTES_GAP_S ago,
         that long after (once, for however many versions came meanwhile: each stream then sends
         the newest). 1,000 schedulers registering would otherwise send 1,000 streams a new
-        version each: a million messages. Streams woken together also share their deltas."""
-        if self._announcing is not None:
-            return
+        version each: a million messages. Streams woken together also share their deltas.
+        ``soon``: a control call waits for it; the least gap is ROUTES_GAP_CONTROL_S, and a
+        wave set for later is brought forward."""
         loop = asyncio.get_running_loop()
-        gap = min(ROUTES_GAP_S[1], max(ROUTES_GAP_S[0], self._streams * ROUTES_GAP_PER_STREAM_S))
-        wait = self._announced_at + gap - loop.time()
-        if wait <= 0:
+        least = ROUTES_GAP_CONTROL_S if soon else ROUTES_GAP_S[0]
+        gap = min(ROUTES_GAP_S[1], max(least, self._streams * ROUTES_GAP_PER_STREAM_S))
+        at = self._announced_at + gap
+        if self._announcing is not None:
+            if not soon or self._announcing.when() <= at:
+                return
+            self._announcing.cancel()
+            self._announcing = None
+        if at <= loop.time():
             self._wake_streams()
         else:
-            self._announcing = loop.call_later(wait, self._wake_streams)
+            self._announcing = loop.call_at(at, self._wake_streams)
 
     def _wake_streams(self) -> None:
         self._announcing = None
@@ -1408,6 +1434,7 @@ class HeadNode:
         scheduler id (``shoal.core.reports``), as a registration's is checked."""
         check_scheduler_id(scheduler_id)
         seen = -1
+        key = next(self._stream_keys)
         self._streams += 1
         try:
             while not self._stopping.is_set():
@@ -1416,11 +1443,59 @@ class HeadNode:
                     table = self._routes
                     seen = table.version
                     yield table
+                    # Resumed: the caller (HeadService.WatchRoutes) has written it to the stream.
+                    self._stream_sent(key, seen)
                 # Never sooner than the next wake, even when a version came while this stream
                 # was sending: a stream sends at most once per wave.
                 await wave.wait()
         finally:
             self._streams -= 1
+            self._sent.pop(key, None)
+            self._lagging.discard(key)
+            self._stream_sent(-1, 0)
+
+    def _stream_sent(self, key: int, version: int) -> None:
+        """Table stream ``key`` sent ``version`` (-1: a stream ended): wake _routes_out."""
+        if key >= 0:
+            self._sent[key] = version
+            if version >= self._routes.version:
+                self._lagging.discard(key)
+        event, self._sent_event = self._sent_event, asyncio.Event()
+        event.set()
+
+    async def _routes_out(self) -> None:
+        """Wait until every table stream has sent the current table (or a newer one), at most
+        ROUTES_OUT_S: so that a request right after the control call that changed the routes
+        (a deployment just created, a token just revoked) meets the new table at every
+        scheduler, not the one before (tables go out at most every ``ROUTES_GAP_S``). Streams
+        not yet sending their first table are not waited for: that one is the newest."""
+        version = self._routes.version
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + ROUTES_OUT_S
+        while True:
+            behind = [k for k, v in self._sent.items() if v < version and k not in self._lagging]
+            if not behind:
+                return
+            left = deadline - loop.time()
+            if left <= 0:
+                self._lagging.update(behind)
+                log.warning(
+                    "%d scheduler table stream(s) have not sent routing table %d after %.1fs "
+                    "(a scheduler reading slowly, or not at all): not waited for until they catch up",
+                    len(behind),
+                    version,
+                    ROUTES_OUT_S,
+                )
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await self._sent_event.wait()
+
+    async def _publish_and_send(self) -> None:
+        """:meth:`_publish_routes`, then :meth:`_routes_out`: for control calls whose caller
+        may send requests by the new table the moment the call answers."""
+        await self._publish_routes(soon=True)
+        await self._routes_out()
 
     async def status(self, only: Collection[str] | None = None, *, brief: bool = False) -> ClusterStatus:
         """The cluster now: what ``shoal status`` and ``GET /api/status`` show; of the

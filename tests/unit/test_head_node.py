@@ -21,6 +21,7 @@ from shoal.core.cluster import READY, STARTING, CreateReplica, RemoveReplica, Re
 from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec, parse_spec, parse_spec_json
 from shoal.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from shoal.head import node as head_node
 from shoal.head.blobs import BlobStore
 from shoal.head.node import ROUTES_GAP_S, ApplyResult, HeadNode, cluster_status, needs_look, status_of
 from shoal.http.head import head_app
@@ -799,6 +800,76 @@ async def test_watch_routes_ends_when_the_head_closes(store: MemoryStore, fleet:
 
     with pytest.raises(StopAsyncIteration):
         await asyncio.wait_for(waiting, 1)
+
+
+async def test_a_routes_change_answers_once_every_stream_sent_it_and_a_stuck_stream_slows_one_call(
+    head: HeadNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deployment created and asked for at once was unknown at schedulers (404) for up to
+    ROUTES_GAP_S, a revoked token accepted: the call answered before the table went out. It
+    answers once every stream sent it now; a stream that does not take it within
+    ROUTES_OUT_S is waited for once, not by every call, until it has caught up."""
+    monkeypatch.setattr(head_node, "ROUTES_OUT_S", 0.3)
+    loop = asyncio.get_running_loop()
+    seen: list[int] = []
+
+    async def read() -> None:
+        async for table in head.watch_routes("s1"):
+            seen.append(table.version)
+
+    async def timed(spec: DeploymentSpec) -> float:
+        started = loop.time()
+        await head.apply(spec)
+        return loop.time() - started
+
+    reader = asyncio.create_task(read())
+    stuck = head.watch_routes("s2")
+    assert isinstance(stuck, AsyncGenerator)
+
+    async def next_table() -> RoutingTable:
+        return await anext(stuck)
+
+    await next_table()
+    first = asyncio.create_task(next_table())  # takes the next table, then is not read again
+    await until(lambda: bool(seen), "the reader's first table")
+    try:
+        assert await timed(make_spec("a")) >= 0.3  # the stuck stream, waited for once
+        assert seen[-1] == head.routes.version
+        assert first.done()
+        assert await timed(make_spec("b")) < 0.3  # not again
+        assert seen[-1] == head.routes.version
+
+        caught_up = asyncio.create_task(next_table())  # it reads again: sends the newest
+        await until(lambda: caught_up.done(), "the stuck stream's newest table")
+        again = asyncio.create_task(next_table())
+        await asyncio.sleep(0.01)
+        assert await timed(make_spec("c")) >= 0.3  # waited for again, once
+        assert again.done()
+    finally:
+        reader.cancel()
+        await stuck.aclose()
+
+
+async def test_applies_back_to_back_do_not_wait_for_the_wave_gap_of_health_changes(head: HeadNode) -> None:
+    # Each apply waits for its table to go out; with the 0.1 s gap between waves that health
+    # changes get, ten applies in a row took a second. A control call's wave comes sooner.
+    seen: list[int] = []
+
+    async def read() -> None:
+        async for table in head.watch_routes("s1"):
+            seen.append(table.version)
+
+    reader = asyncio.create_task(read())
+    await until(lambda: bool(seen), "the reader's first table")
+    loop = asyncio.get_running_loop()
+    try:
+        started = loop.time()
+        for i in range(10):
+            await head.apply(make_spec(f"d{i}"))
+            assert seen[-1] == head.routes.version
+        assert loop.time() - started < 10 * ROUTES_GAP_S[0] / 2
+    finally:
+        reader.cancel()
 
 
 async def test_aclose_closes_the_scheduler_clients(head: HeadNode, fleet: FakeSchedulers) -> None:
