@@ -176,6 +176,11 @@ class Settings:
     the most first, before the scheduler, the head or anything else on the machine, and the
     scheduler replaces it. Below the scheduler's own value it needs CAP_SYS_RESOURCE; without
     it the replica keeps the scheduler's value and says so in its log."""
+    replica_reap_orphans_s: float = 10.0
+    """A process a replica's model detached (``sh -c "helper &"``, a daemon forked twice) is
+    given to the replica (a child subreaper, ``shoal.core.subreaper``); once it exits, the
+    replica reaps it after this many seconds (``OrphanReaper``), so that such processes do
+    not pile up as zombies. 0: never (they are reaped when the replica exits)."""
     model_repository: str = ""
     """A Triton model repository folder this scheduler's repository extension serves
     (index, load, unload; ``shoal.scheduler.repository``). Empty: none."""
@@ -502,6 +507,7 @@ _RANGES: dict[str, _Range] = {
     # Each is a process (about 25 MB): a typo such as 100000 forked until the machine ran out.
     "ingress_workers": _Range(0, 256),
     "replica_oom_score_adj": _Range(-1000, 1000),
+    "replica_reap_orphans_s": _Range(0, 86_400),
     "max_tensor_elements": _NATURAL,
     "max_tensors_per_request": _NATURAL,
     "max_strings_per_request": _NATURAL,

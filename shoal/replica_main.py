@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from shoal import aio, logs
@@ -22,7 +23,7 @@ from shoal.config import Settings
 from shoal.core import affinity
 from shoal.core.alive import process_runs
 from shoal.core.spec import DeploymentSpec, parse_spec_json
-from shoal.core.subreaper import become_subreaper, end_descendants
+from shoal.core.subreaper import OrphanReaper, become_subreaper, end_descendants
 from shoal.errors import ShoalError
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.replica.process import ReplicaProcess
@@ -49,6 +50,31 @@ def first_for_the_oom_killer(adj: int) -> None:
             f.write(str(adj))
     except OSError as err:  # not Linux, or a value below the scheduler's without CAP_SYS_RESOURCE
         log.info("oom_score_adj not set to %d (setting replica_oom_score_adj): %s", adj, err)
+
+
+ORPHAN_SCAN_S = 2.0
+"""How often a replica looks for exited processes its model detached (one ``waitid``)."""
+
+
+async def reap_orphans(after_s: float) -> None:
+    """Reap, for good, the exited processes its model detached (setting
+    ``replica_reap_orphans_s``; ``shoal.core.subreaper.OrphanReaper``). 0: none."""
+    if after_s <= 0:
+        return
+    reaper = OrphanReaper(after_s)
+    every = min(ORPHAN_SCAN_S, after_s / 2)
+    said = False
+    while True:
+        await asyncio.sleep(every)
+        count = reaper.scan(time.monotonic())
+        if count and not said:
+            said = True
+            log.info(
+                "reaped %d process(es) its model had detached, %gs after they exited (setting "
+                "replica_reap_orphans_s); the next are reaped without a word",
+                count,
+                after_s,
+            )
 
 
 async def run_replica(
@@ -106,6 +132,7 @@ async def run_replica(
         "" if gpus is None else f", GPUs {gpus or 'none'}",
     )
     code = 0
+    reaping = asyncio.create_task(reap_orphans(settings.replica_reap_orphans_s))
     try:
         await replica.load()
         await replica.run(address, os.getpid())
@@ -121,6 +148,7 @@ async def run_replica(
         log.error("replica %s failed: %s", replica_id, err, exc_info=err.__cause__ and err)
         code = 1
     finally:
+        reaping.cancel()
         await replica.drain()
         if hop is not None:
             await hop.stop()

@@ -88,6 +88,97 @@ def end_descendants(grace_s: float = ENDING_GRACE_S) -> int:
     return len(ended)
 
 
+class OrphanReaper:
+    """Reaps the orphans a long-lived subreaper (a replica) is given, once they exit.
+
+    A subreaper's adopted orphans that exit stay zombies until it waits for them, and a
+    replica, running a model's code, waited for none: a model that ran ``sh -c "helper &"``
+    per request left a zombie per request, a process-table slot each, until the replica
+    exited (50 after 50 requests; under a pids limit of a few thousand, as containers
+    have, forks then fail for every process of the pod).
+
+    Which children are orphans is read from the kernel: ``/proc/self/task/TID/children``
+    lists each child under the thread that forked it, and an adopted orphan under the main
+    thread (``find_new_reaper`` picks the thread group's first live thread). A zombie under
+    another thread is a child the model's own code started there, and is left to it
+    (``Popen.wait``, ``multiprocessing`` and asyncio's child watchers wait for it with its
+    exit status). One under the main thread that has been a zombie for ``after_s`` is
+    reaped, except a ``multiprocessing`` child (it would read as alive for good): code that
+    waits for a child does so as it exits, so that one is left only by code that never
+    will, or that polls it seldom (``Popen.poll`` then reads 0, not its exit status).
+    Without that file (a kernel without CONFIG_PROC_CHILDREN) every zombie child counts.
+
+    :meth:`scan` costs one ``waitid`` when no child is a zombie."""
+
+    def __init__(self, after_s: float) -> None:
+        self.after_s = after_s
+        self.reaped = 0
+        self._since: dict[int, float] = {}  # zombie pid -> when first seen one
+
+    def scan(self, now: float) -> int:
+        """Reap the orphans that have been zombies ``after_s`` or longer at ``now``
+        (monotonic seconds); how many were reaped."""
+        try:
+            if os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                self._since.clear()
+                return 0
+        except ChildProcessError:
+            self._since.clear()
+            return 0
+        known = _multiprocessing_children()
+        zombies = [pid for pid in _main_thread_children() if pid not in known and _zombie(pid)]
+        self._since = {pid: self._since.get(pid, now) for pid in zombies}
+        count = 0
+        for pid, since in list(self._since.items()):
+            if now - since < self.after_s:
+                continue
+            del self._since[pid]
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    count += 1
+        self.reaped += count
+        return count
+
+
+def _main_thread_children() -> list[int]:
+    """This process's children listed under its main thread (see :class:`OrphanReaper`);
+    every child where the kernel does not list them by thread."""
+    try:
+        with open(f"/proc/self/task/{os.getpid()}/children") as f:
+            return [int(pid) for pid in f.read().split()]
+    except OSError:
+        try:
+            return [p.pid for p in psutil.Process().children()]
+        except psutil.Error:
+            return []
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    # The state follows the command's closing parenthesis (a command may hold one too).
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] == b"Z"
+
+
+def _multiprocessing_children() -> set[int]:
+    """Pids of the ``multiprocessing`` processes this process started and has not joined:
+    those its own code waits for (``Process.join``, ``is_alive``), never reaped here."""
+    module = sys.modules.get("multiprocessing.process")
+    children = getattr(module, "_children", ()) if module is not None else ()
+    pids = set()
+    for child in list(children):
+        try:
+            pid = child.pid  # None before start; ValueError once closed
+        except ValueError:
+            continue
+        if isinstance(pid, int):
+            pids.add(pid)
+    return pids
+
+
 def adopted(known: Container[int]) -> list[psutil.Process]:
     """This process's children whose pid is not in ``known``: for a subreaper that starts no
     process but those it knows, the orphans it was given."""

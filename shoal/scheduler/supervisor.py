@@ -471,6 +471,8 @@ class ReplicaSupervisor:
             "event_loop": self.settings.event_loop,
             # Out of memory, the kernel kills a replica before its scheduler (shoal.replica_main).
             "replica_oom_score_adj": self.settings.replica_oom_score_adj,
+            # The processes its model detached, reaped once they exit (shoal.core.subreaper).
+            "replica_reap_orphans_s": self.settings.replica_reap_orphans_s,
             # Security: the replica's certificate, and where its model may come from.
             "tls_dir": str(Path(self.settings.tls_dir).resolve()) if self.settings.tls_dir else "",
             "insecure": self.settings.insecure,

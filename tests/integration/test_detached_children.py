@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 import pytest
 
@@ -189,3 +190,41 @@ async def test_detached_processes_end_with_replicas_killed_once_the_zygote_is_go
         while left := [p.pid for p in reaped if p.is_running()]:
             assert asyncio.get_running_loop().time() < deadline, f"not reaped: {left}"
             await asyncio.sleep(0.1)
+
+
+HELPER_PER_REQUEST = """
+import subprocess
+
+
+class Helper:
+    def predict(self, inputs):
+        # A helper in the background, as 'os.system("cmd &")' leaves one: once the shell has
+        # exited, it is the replica's (a subreaper), and a zombie once it exits.
+        subprocess.run(["sh", "-c", "true &"], check=True)
+        return {"x": inputs["x"]}
+"""
+
+
+async def test_helpers_a_model_leaves_per_request_do_not_pile_up_as_zombies(tmp_path: Path) -> None:
+    """Before, every helper a model left in the background stayed a zombie in its replica
+    until the replica exited: 50 after 50 requests (a process-table slot each; under a pids
+    limit of a few thousand, as containers have, forks then fail for the whole pod)."""
+    (tmp_path / "helper_per_request.py").write_text(HELPER_PER_REQUEST)
+    spec = {**echo_spec("helper", 1, tmp_path), "model": "helper_per_request:Helper"}
+    env = {"SHOAL_REPLICA_REAP_ORPHANS_S": "0.5"}
+    async with ProcessCluster(tmp_path / "cluster", env=env) as cluster:
+        await cluster.deploy(spec)
+        [replica] = await cluster.wait_ready("helper", 1)
+        for _ in range(20):
+            await cluster.send("helper", {"x": np.ones((1, 2), np.float32)})
+        replica_proc = psutil.Process(replica["pid"])
+
+        def zombies() -> int:
+            return sum(1 for p in replica_proc.children() if p.status() == psutil.STATUS_ZOMBIE)
+
+        deadline = asyncio.get_running_loop().time() + GONE_WITHIN_S
+        while (left := zombies()) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.1)
+        assert left == 0, f"{left} exited helpers are still zombies in the replica"
+        log = (cluster.schedulers[0].state / "logs" / f"replica_{replica['id']}.log").read_text()
+        assert "process(es) its model had detached" in log
