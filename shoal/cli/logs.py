@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import codecs
+import contextlib
 import heapq
 import json
 import re
@@ -26,7 +27,7 @@ from typing import Any, BinaryIO
 from shoal.cli.common import INT64_MAX, add_client_flags, in_range, settings_of, with_client
 from shoal.cli.processes import log_file
 from shoal.config import Settings
-from shoal.errors import NotFound
+from shoal.errors import NotFound, ResourceExhausted
 from shoal.logs import escaped as escaped_line
 
 COMPONENTS = {"head": ("head", "up"), "scheduler": ("scheduler", "up"), "up": ("up",)}
@@ -116,11 +117,38 @@ def merge_logs(logs: Mapping[str, str]) -> list[str]:
     return [line for _, line in heapq.merge(*streams, key=lambda item: item[0])]
 
 
-async def _replica_text(client: Any, rid: str, tail_bytes: int, tty: bool = False) -> str:
+READS_AT_ONCE = 8
+"""How many replicas' logs ``logs DEPLOYMENT`` reads at once. The head relays at most
+``max_log_streams`` reads (128); reading every replica at once, a deployment of more
+replicas than that (or fewer, while others read) failed the whole command."""
+FULL_RETRY_S = (0.25, 2.0)
+"""How long a read the head refused for want of room (``max_log_streams``) waits before it
+asks again: the first wait, and the most (doubling)."""
+FULL_GIVE_UP_S = 60.0
+"""How long ``logs DEPLOYMENT`` (without ``--follow``) asks again for a replica's log the
+head has no room to relay, before it fails saying so."""
+
+
+async def _replica_text(
+    client: Any, rid: str, tail_bytes: int, tty: bool = False, room: asyncio.Semaphore | None = None
+) -> str:
     """The replica's log as text: to a terminal, :func:`escaped` (a byte that is not UTF-8 as
     ``\\xNN``); else each byte that is not UTF-8 as a surrogate, which ``encode`` with
-    ``surrogateescape`` writes back as it was (before, as U+FFFD)."""
-    chunks = [c async for c in client.read_log(rid, tail_bytes=tail_bytes, follow=False)]
+    ``surrogateescape`` writes back as it was (before, as U+FFFD). ``room``: taken for the
+    read. A read the head has no room for now is asked again, for up to FULL_GIVE_UP_S."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + FULL_GIVE_UP_S
+    pause = FULL_RETRY_S[0]
+    while True:
+        try:
+            async with room or contextlib.nullcontext():
+                chunks = [c async for c in client.read_log(rid, tail_bytes=tail_bytes, follow=False)]
+            break
+        except ResourceExhausted:
+            if loop.time() + pause > give_up:
+                raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, FULL_RETRY_S[1])
     data = b"".join(chunks)
     return escaped(data.decode(errors="backslashreplace")) if tty else data.decode(errors="surrogateescape")
 
@@ -171,6 +199,8 @@ async def _follow_deployment(
     """
     streams: dict[asyncio.Task[None], str] = {}
     ended: set[str] = set()  # streams that ended: all they will print is printed
+    waiting: set[str] = set()  # replicas the head had no room to relay: asked again at each listing
+    said = 0  # how many were waiting when it was last said
 
     def follow(rid: str, tail: int) -> None:
         streams[asyncio.create_task(_follow_prefixed(client, rid, tail, out, show))] = rid
@@ -192,6 +222,11 @@ async def _follow_deployment(
                 err = task.exception()
                 if isinstance(err, NotFound):
                     continue  # placed but no log yet (not started): looked for at the next listing
+                if isinstance(err, ResourceExhausted):
+                    # The head relays max_log_streams reads at once: this one waits for room
+                    # (a deployment of more replicas than that failed the whole command).
+                    waiting.add(rid)
+                    continue
                 if err is not None:
                     raise err
                 ended.add(rid)
@@ -201,9 +236,20 @@ async def _follow_deployment(
             next_look = loop.time() + relist_s
             if dep is None and not streams:
                 return 0  # deleted, and every replica's stream has ended
+            waiting &= set(listed)
+            if waiting and len(waiting) != said:
+                print(
+                    f"shoal: not following {len(waiting)} of {len(listed)} replicas of {name} yet: "
+                    "the head relays at most max_log_streams log reads at once; asking again "
+                    f"every {relist_s:g}s (name a replica to follow it alone)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            said = len(waiting)
             following = set(streams.values())
             for rid in listed:
                 if rid not in following and rid not in ended:
+                    waiting.discard(rid)
                     follow(rid, 0 if rid not in replicas else tail_bytes)
     finally:
         for task in streams:
@@ -216,7 +262,9 @@ async def _deployment_logs(client: Any, name: str, replicas: list[str], args: ar
     tty = _is_tty(out)
     if args.follow:
         return await _follow_deployment(client, name, replicas, args.tail_bytes, out, show=show_for(tty))
-    texts = await asyncio.gather(*(_replica_text(client, rid, args.tail_bytes, tty) for rid in replicas))
+    room = asyncio.Semaphore(READS_AT_ONCE)
+    reads = (_replica_text(client, rid, args.tail_bytes, tty, room) for rid in replicas)
+    texts = await asyncio.gather(*reads)
     for line in merge_logs(dict(zip(replicas, texts, strict=True))):
         out.write(line.encode(errors="surrogateescape") + b"\n")
     out.flush()
