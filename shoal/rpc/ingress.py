@@ -9,6 +9,7 @@ one :class:`IngressLink` to it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -145,18 +146,23 @@ class IngressService(pbg.IngressServicer):
         log.info("ingress worker %s (pid %d) is watching the replica table", request.worker_id, request.pid)
         try:
             while True:
-                self.changed.clear()
-                yield table_to_pb(self.hub.table(self.table_version()))
+                sent = self.table_version()
+                yield table_to_pb(self.hub.table(sent))
                 # At most one push per 5 ms (a burst of changes makes two: its first at once,
                 # the rest together), but a change after a quiet spell goes out at once: a
                 # deployment the head just announced is routable in the workers as in this
-                # process (it waited 5 ms after every change before).
+                # process (it waited 5 ms after every change before). The event is shared by
+                # every worker's stream, each of which clears it: whether this stream has a
+                # change to send is its own version against the newest.
                 await asyncio.sleep(0.005)
-                if not self.changed.is_set():
-                    try:
-                        await asyncio.wait_for(self.changed.wait(), RESEND_S)
-                    except TimeoutError:
-                        pass
+                resend_at = asyncio.get_running_loop().time() + RESEND_S
+                while self.table_version() == sent:
+                    self.changed.clear()
+                    left = resend_at - asyncio.get_running_loop().time()
+                    if left <= 0:
+                        break
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.changed.wait(), left)
         finally:
             log.info("ingress worker %s stopped watching", request.worker_id)
 

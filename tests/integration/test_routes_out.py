@@ -1,7 +1,8 @@
-"""A control call that changes what schedulers route by answers once every scheduler has
-the new routing table: a request sent the moment it returns meets the new table at every
-scheduler and in every ingress worker. Real head, two schedulers of two ingress workers
-each, real HTTP on port 0.
+"""A control call that changes what schedulers route by answers once the new routing table
+has been sent to every scheduler: a client that opens a connection once it returns meets
+the new table at every scheduler and in every ingress worker. Real head, two schedulers of
+two ingress workers each, real HTTP on port 0. (What is left is the table's trip of a few
+milliseconds: a request on a connection already open can still beat it, docs/operations.md.)
 
 Seen: a deployment created without waiting (``shoal deploy --no-wait``, ``POST
 /api/deployments``, a ``min_replicas: 0`` deployment) and asked for at once was unknown
