@@ -4,6 +4,7 @@ pid files, and the head's /docs page (in-process ASGI, no socket)."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 from collections.abc import AsyncIterator, Collection, Iterator
 from pathlib import Path
@@ -26,7 +27,7 @@ from shoal.core.cluster import FAILED, FAILED_AFTER, READY, REPLICA_DEAD, Replic
 from shoal.core.deploy_watch import FAIL_AFTER, DeployWatch
 from shoal.core.placement import Capacity
 from shoal.core.spec import DeploymentSpec, parse_spec
-from shoal.errors import DeadlineExceeded, ShoalError, Unavailable
+from shoal.errors import DeadlineExceeded, InvalidArgument, ShoalError, Unavailable
 from shoal.head.node import ApplyResult, HeadNode, cluster_status
 from shoal.http.head import head_app
 from shoal.store import MemoryStore
@@ -668,6 +669,46 @@ def test_a_deploy_rolled_back_by_the_head_says_to_which_revision(
     assert err.splitlines()[-1] == (
         "deployment echo rolled back to revision 1 (as revision 3): its previous replicas keep serving"
     )
+
+
+class SlowApplyHead(ScriptedHead):
+    """Applies that take a while (as each waits for the schedulers to be sent the table);
+    ``bad`` is refused."""
+
+    def __init__(self, bad: str) -> None:
+        super().__init__([{"deployments": []}])
+        self.bad = bad
+        self.in_flight = 0
+        self.most = 0
+
+    async def apply(self, spec: DeploymentSpec, if_revision: int | None = None) -> ApplyResult:
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        try:
+            await asyncio.sleep(0.05)
+            if spec.name == self.bad:
+                raise InvalidArgument(f"deployment {spec.name!r}: auth.tokens names unknown token(s) 'x'")
+            return ApplyResult(created=True, changed=True, revision=1, change="created")
+        finally:
+            self.in_flight -= 1
+
+
+def test_deploy_applies_several_specs_at_once_says_each_in_order_and_fails_on_a_refused_one(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # Each apply answers once the schedulers were sent its table (a wave, up to 0.5 s at
+    # 1,000 schedulers): one after another, a repository of 100 models took 100 waves.
+    path = tmp_path / "many.yaml"
+    path.write_text(
+        "\n---\n".join(
+            f"name: m{i}\nbackend: python\nmodel: 'm:M'\nresources: {{cpus: 0.1}}" for i in range(6)
+        )
+    )
+    head = SlowApplyHead(bad="m3")
+    code, out, err = run_cli(monkeypatch, capsys, head, "deploy", "--no-upload", "--no-wait", str(path))
+    assert head.most > 1
+    assert out.splitlines() == [f"deployment m{i} created (revision 1)" for i in (0, 1, 2, 4, 5)]
+    assert code == 1 and "'m3': auth.tokens names unknown token(s)" in err
 
 
 def test_a_rollback_whose_deployment_is_deleted_meanwhile_fails(
