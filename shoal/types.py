@@ -92,6 +92,9 @@ class RoutingTable:
     """Deployments deleted at the head: schedulers stop routing to them at once."""
     traffic: Mapping[str, TrafficRoute] = field(default_factory=dict)
     """Traffic routes (``shoal route``): names whose requests go to deployments by weight."""
+    ack: bool = False
+    """A control call waits until schedulers route by this table: say so at once (a health
+    update with ``routes_version``; from a scheduler to its ingress workers, a report)."""
 
 
 @dataclass(frozen=True)
@@ -224,8 +227,11 @@ class HeadLink(Protocol):
         registry_version: int,
         replicas: list[ReplicaReport],
         load: Mapping[str, LoadReport],
+        routes_version: int = 0,
     ) -> bool:
-        """False: NACK, register again. Raises ShoalError when the head cannot be reached."""
+        """False: NACK, register again. Raises ShoalError when the head cannot be reached.
+        ``routes_version``: the newest routing table this scheduler and all its ingress
+        processes route by (0: not said)."""
         ...
 
     def watch_routes(self, scheduler_id: str) -> AsyncIterator[RoutingTable]: ...

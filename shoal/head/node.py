@@ -199,6 +199,11 @@ class HeadNode:
         self._lagging: set[int] = set()
         self._sent_event = asyncio.Event()
         self._stream_keys = itertools.count()
+        # The scheduler of each open table stream, the newest table each scheduler said it
+        # routes by (health updates' routes_version), and the calls waiting on them.
+        self._stream_of: dict[int, str] = {}
+        self._routed: dict[str, int] = {}
+        self._acks_wanted = 0
         self._log_streams = 0  # open read_log streams (max_log_streams)
         self._log_refusing = False  # a refusal was logged since the count was last under the cap
         self._announcing: asyncio.TimerHandle | None = None
@@ -403,6 +408,10 @@ class HeadNode:
                     self._full_logged_at, self._full_refusals = now, 0
                 raise
             self._backlog.forget(reg.scheduler_id)  # restarted, it may give another timeout
+            # Restarted, it routes by no table yet. Ids of schedulers gone are dropped now and then.
+            self._routed.pop(reg.scheduler_id, None)
+            if len(self._routed) > 2 * len(self.state.schedulers):
+                self._routed = {k: v for k, v in self._routed.items() if k in self.state.schedulers}
             self._refresh_resources()
             if self.blobs is not None:
                 # Its cache may have changed meanwhile (evicted, emptied): it tells again what it holds.
@@ -425,9 +434,11 @@ class HeadNode:
         load: Mapping[str, LoadReport] | None = None,
         deadline_left_s: float | None = None,
         waited_s: float | None = None,
+        routes_version: int = 0,
     ) -> bool:
         """Apply a scheduler's health update; False (NACK) when the scheduler is unknown or
-        dead. ``deadline_left_s``: the time left of the update's deadline when the head reads
+        dead. ``routes_version``: the newest routing table it routes by (:meth:`_routes_out`).
+        ``deadline_left_s``: the time left of the update's deadline when the head reads
         it (see ``Backlog``), or ``waited_s``: how long it waited in the head, measured by the
         caller (a health stream): how late the head is gives schedulers that much longer
         before they are declared dead. InvalidArgument, naming the field, for an id, a
@@ -466,6 +477,10 @@ class HeadNode:
         if not ack:
             log.info("NACK health update from unknown scheduler %s", scheduler_id)
             return False
+        if routes_version > self._routed.get(scheduler_id, 0):
+            self._routed[scheduler_id] = routes_version
+            self._caught_up(scheduler_id=scheduler_id)
+            self._stream_sent(-1, 0)  # wakes _routes_out
         if before != after:
             # Routes change only with replicas' states, addresses and specs: nothing else here does.
             self.wake()
@@ -1395,6 +1410,7 @@ class HeadNode:
                     token_hashes=token_hashes,
                     deleted=deleted,
                     traffic=traffic,
+                    ack=self._acks_wanted > 0,
                 )
                 self._announce(soon)
             elif soon and self._announcing is not None:
@@ -1435,6 +1451,7 @@ class HeadNode:
         check_scheduler_id(scheduler_id)
         seen = -1
         key = next(self._stream_keys)
+        self._stream_of[key] = scheduler_id
         self._streams += 1
         try:
             while not self._stopping.is_set():
@@ -1451,6 +1468,7 @@ class HeadNode:
         finally:
             self._streams -= 1
             self._sent.pop(key, None)
+            self._stream_of.pop(key, None)
             self._lagging.discard(key)
             self._stream_sent(-1, 0)
 
@@ -1458,10 +1476,31 @@ class HeadNode:
         """Table stream ``key`` sent ``version`` (-1: a stream ended): wake _routes_out."""
         if key >= 0:
             self._sent[key] = version
-            if version >= self._routes.version:
-                self._lagging.discard(key)
+        self._caught_up(key)
         event, self._sent_event = self._sent_event, asyncio.Event()
         event.set()
+
+    def _caught_up(self, key: int = -1, scheduler_id: str = "") -> None:
+        """Table stream ``key`` (or those of ``scheduler_id``) is waited for again once it has
+        taken the current table (:meth:`_routes_out`)."""
+        if not self._lagging:
+            return
+        keys = [key] if key >= 0 else [k for k, s in self._stream_of.items() if s == scheduler_id]
+        for k in keys:
+            if k in self._lagging and not self._stream_behind(k, self._routes.version):
+                self._lagging.discard(k)
+
+    def _stream_behind(self, key: int, version: int) -> bool:
+        """Whether table stream ``key`` has not yet had ``version`` (or newer) taken: sent,
+        and, for a live scheduler, said to be routed by (its health updates'
+        ``routes_version``, which covers its ingress processes). A scheduler that never said
+        (not registered, dead, or of a version that does not say) is taken at the send."""
+        if self._sent.get(key, version) < version:
+            return True
+        sid = self._stream_of.get(key, "")
+        routed = self._routed.get(sid, 0)
+        sched = self.state.schedulers.get(sid)
+        return bool(routed) and routed < version and sched is not None and sched.state == ALIVE
 
     async def _routes_out(self) -> None:
         """Wait until every table stream has sent the current table (or a newer one), at most
@@ -1473,15 +1512,15 @@ class HeadNode:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + ROUTES_OUT_S
         while True:
-            behind = [k for k, v in self._sent.items() if v < version and k not in self._lagging]
+            behind = [k for k in self._sent if k not in self._lagging and self._stream_behind(k, version)]
             if not behind:
                 return
             left = deadline - loop.time()
             if left <= 0:
                 self._lagging.update(behind)
                 log.warning(
-                    "%d scheduler table stream(s) have not sent routing table %d after %.1fs "
-                    "(a scheduler reading slowly, or not at all): not waited for until they catch up",
+                    "%d scheduler(s) do not route by routing table %d %.1fs after it was made "
+                    "(reading it slowly, or not at all): not waited for until they catch up",
                     len(behind),
                     version,
                     ROUTES_OUT_S,
@@ -1493,9 +1532,14 @@ class HeadNode:
 
     async def _publish_and_send(self) -> None:
         """:meth:`_publish_routes`, then :meth:`_routes_out`: for control calls whose caller
-        may send requests by the new table the moment the call answers."""
-        await self._publish_routes(soon=True)
-        await self._routes_out()
+        may send requests by the new table the moment the call answers. Tables made while
+        one waits ask schedulers to say at once that they route by them (``ack``)."""
+        self._acks_wanted += 1
+        try:
+            await self._publish_routes(soon=True)
+            await self._routes_out()
+        finally:
+            self._acks_wanted -= 1
 
     async def status(self, only: Collection[str] | None = None, *, brief: bool = False) -> ClusterStatus:
         """The cluster now: what ``shoal status`` and ``GET /api/status`` show; of the

@@ -311,6 +311,7 @@ class SchedulerHealth(_message.Message):
     REGISTRY_VERSION_FIELD_NUMBER: _builtins.int
     LOAD_FIELD_NUMBER: _builtins.int
     SENT_S_FIELD_NUMBER: _builtins.int
+    ROUTES_VERSION_FIELD_NUMBER: _builtins.int
     scheduler_id: _builtins.str
     registry_version: _builtins.int
     """bumps with every change to the scheduler's registry"""
@@ -318,6 +319,10 @@ class SchedulerHealth(_message.Message):
     """On StreamHealth: when the scheduler sent the update, on its own monotonic clock (s).
     A stream carries no deadline per update; the head measures how long updates wait in it
     from these, against the shortest lag seen on the stream (the clocks' offset cancels).
+    """
+    routes_version: _builtins.int
+    """The newest routing table version the scheduler and every one of its ingress processes
+    route by (0: not said). Sent at once after a table with ack set, else with each update.
     """
     @_builtins.property
     def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicaStatus]: ...
@@ -331,10 +336,11 @@ class SchedulerHealth(_message.Message):
         registry_version: _builtins.int = ...,
         load: _abc.Mapping[_builtins.str, Global___DeploymentLoad] | None = ...,
         sent_s: _builtins.float = ...,
+        routes_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["load", b"load", "registry_version", b"registry_version", "replicas", b"replicas", "scheduler_id", b"scheduler_id", "sent_s", b"sent_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["load", b"load", "registry_version", b"registry_version", "replicas", b"replicas", "routes_version", b"routes_version", "scheduler_id", b"scheduler_id", "sent_s", b"sent_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -528,11 +534,17 @@ class RoutingTable(_message.Message):
     TRAFFIC_FIELD_NUMBER: _builtins.int
     DELTA_FIELD_NUMBER: _builtins.int
     REMOVED_FIELD_NUMBER: _builtins.int
+    ACK_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     delta: _builtins.bool
     """A change to the table sent before it on the same stream (the first is whole):
     deployments holds only the entries that changed, removed the names that left; the
     other fields are whole. A scheduler of 1,000 got every table whole at every change.
+    """
+    ack: _builtins.bool
+    """A control call waits for this table to be routed by (an apply, a token revoked): say so
+    now (SchedulerHealth.routes_version), not at the next heartbeat. From the scheduler's
+    main process to its ingress workers: report now (IngressReport.table_version).
     """
     @_builtins.property
     def deployments(self) -> _containers.MessageMap[_builtins.str, Global___DeploymentRoutes]: ...
@@ -563,10 +575,11 @@ class RoutingTable(_message.Message):
         traffic: _abc.Mapping[_builtins.str, Global___TrafficRoute] | None = ...,
         delta: _builtins.bool = ...,
         removed: _abc.Iterable[_builtins.str] | None = ...,
+        ack: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted", "delta", b"delta", "deployments", b"deployments", "removed", b"removed", "token_hashes", b"token_hashes", "traffic", b"traffic", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "deleted", b"deleted", "delta", b"delta", "deployments", b"deployments", "removed", b"removed", "token_hashes", b"token_hashes", "traffic", b"traffic", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2395,8 +2408,11 @@ class IngressReport(_message.Message):
     WORKER_ID_FIELD_NUMBER: _builtins.int
     PID_FIELD_NUMBER: _builtins.int
     DEPLOYMENTS_FIELD_NUMBER: _builtins.int
+    TABLE_VERSION_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     pid: _builtins.int
+    table_version: _builtins.int
+    """the version of the replica table the worker routes by"""
     @_builtins.property
     def deployments(self) -> _containers.MessageMap[_builtins.str, Global___IngressCounts]: ...
     def __init__(
@@ -2405,10 +2421,11 @@ class IngressReport(_message.Message):
         worker_id: _builtins.str = ...,
         pid: _builtins.int = ...,
         deployments: _abc.Mapping[_builtins.str, Global___IngressCounts] | None = ...,
+        table_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployments", b"deployments", "pid", b"pid", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployments", b"deployments", "pid", b"pid", "table_version", b"table_version", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -295,6 +295,7 @@ class RoutingTableDecoder:
             token_hashes=tuple(table.token_hashes),
             deleted=tuple(table.deleted),
             traffic=self._traffic(table),
+            ack=table.ack,
         )
 
     def _traffic(self, table: pb.RoutingTable) -> dict[str, TrafficRoute]:
@@ -472,10 +473,12 @@ class GrpcHeadLink:
         registry_version: int,
         replicas: list[ReplicaReport],
         load: Mapping[str, LoadReport],
+        routes_version: int = 0,
     ) -> bool:
         req = pb.SchedulerHealth(
             scheduler_id=scheduler_id,
             registry_version=registry_version,
+            routes_version=routes_version,
             replicas=[report_to_pb(r) for r in replicas],
             load={
                 name: pb.DeploymentLoad(

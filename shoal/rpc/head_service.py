@@ -120,6 +120,7 @@ class HeadService(pbg.HeadServicer):
             },
             deadline_left_s=deadline_left_s,
             waited_s=waited_s,
+            routes_version=request.routes_version,
         )
 
     async def WatchRoutes(

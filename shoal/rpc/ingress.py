@@ -173,7 +173,7 @@ class IngressService(pbg.IngressServicer):
         except ShoalError as err:
             await abort(context, err)
         counts = {name: counts_from_pb(c) for name, c in request.deployments.items()}
-        self.hub.report(request.worker_id, request.pid, counts)
+        self.hub.report(request.worker_id, request.pid, counts, request.table_version)
         totals = self.hub.totals(self.own())
         return pb.IngressTotals(deployments={n: counts_to_pb(c) for n, c in totals.items()})
 
@@ -203,12 +203,14 @@ class IngressLink:
             call.cancel()
         raise Unavailable("the scheduler's main process ended the table stream")
 
-    async def report(self, counts: Mapping[str, Counts]) -> dict[str, Counts]:
-        """Send this worker's counts; returns every process's, summed."""
+    async def report(self, counts: Mapping[str, Counts], table_version: int = 0) -> dict[str, Counts]:
+        """Send this worker's counts, and the replica table version it routes by; returns
+        every process's counts, summed."""
         request = pb.IngressReport(
             worker_id=self._hello.worker_id,
             pid=self._hello.pid,
             deployments={n: counts_to_pb(c) for n, c in counts.items()},
+            table_version=table_version,
         )
         try:
             reply = await self._stub.ReportIngress(request, timeout=self._timeout)

@@ -188,6 +188,9 @@ class IngressHub:
         self._exited: dict[str, tuple[int, dict[str, Counts]]] = {}
         self._before: dict[str, Counts] = {}
         self._heard: dict[str, tuple[int, float]] = {}
+        self._tables: dict[str, int] = {}  # per worker: the replica table version it routes by
+        self._tables_changed = asyncio.Event()
+        self.ack = False  # the tables pushed to workers ask them to report at once
 
     def set_head_table(self, table: RoutingTable) -> None:
         """The head's last table: where the tokens the workers check come from."""
@@ -217,13 +220,17 @@ class IngressHub:
             deployments=deployments,
             token_hashes=self._head_table.token_hashes,
             traffic=self._router.traffic(),
+            ack=self.ack,
         )
 
-    def report(self, worker_id: str, pid: int, counts: dict[str, Counts]) -> None:
+    def report(self, worker_id: str, pid: int, counts: dict[str, Counts], table_version: int = 0) -> None:
         exited = self._exited.get(worker_id)
         if exited is not None and exited[0] == pid:
             self._exited[worker_id] = (pid, _past(counts))  # read late: the same incarnation
             return
+        self._tables[worker_id] = table_version
+        event, self._tables_changed = self._tables_changed, asyncio.Event()
+        event.set()
         previous = self._latest.get(worker_id)
         if previous is not None and previous[0] != pid:
             # A new incarnation of this worker: what the old one counted stays counted.
@@ -244,8 +251,26 @@ class IngressHub:
         """A worker exited: keep its counts (cumulative), drop its in-flight figures."""
         previous = self._latest.pop(worker_id, None)
         self._heard.pop(worker_id, None)
+        self._tables.pop(worker_id, None)
         if previous is not None:
             self._retire(worker_id, previous)
+        event, self._tables_changed = self._tables_changed, asyncio.Event()
+        event.set()
+
+    async def routed_by_workers(self, version: int, timeout_s: float) -> bool:
+        """Wait until every running worker said it routes by replica table ``version`` or a
+        newer one (a worker not heard from yet gets the newest when it connects); False after
+        ``timeout_s``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while any(self._tables.get(w, 0) < version for w in self._latest):
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await self._tables_changed.wait()
+        return True
 
     def _retire(self, worker_id: str, incarnation: tuple[int, dict[str, Counts]]) -> None:
         """``incarnation`` (pid, counts) exited: the one that exited before it is added up."""
@@ -290,7 +315,7 @@ class IngressLinkLike(Protocol):
 
     def watch(self) -> AsyncIterator[RoutingTable]: ...
 
-    async def report(self, counts: Mapping[str, Counts]) -> dict[str, Counts]: ...
+    async def report(self, counts: Mapping[str, Counts], table_version: int = 0) -> dict[str, Counts]: ...
 
     async def metrics(self) -> tuple[bytes, str]: ...
 
@@ -342,6 +367,7 @@ class IngressWorker:
         self.dataplane = DataPlane(self.router, self.catalog, settings)
         self.inference_auth = InferenceAuth(self._spec_of)
         self._last_contact = 0.0
+        self.table_version = 0  # of the replica table it routes by, told with each report
 
     def _spec_of(self, deployment: str) -> DeploymentSpec | None:
         try:
@@ -354,7 +380,7 @@ class IngressWorker:
 
     async def refresh(self) -> dict[str, Counts]:
         """Report this worker's counts now; every process's, summed."""
-        return await self.link.report(snapshot(self.router, self.catalog))
+        return await self.link.report(snapshot(self.router, self.catalog), self.table_version)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -372,7 +398,10 @@ class IngressWorker:
                     self._last_contact = loop.time()
                     self.inference_auth.apply_table(table)
                     await self.router.apply_table(table)
+                    self.table_version = table.version
                     self.registered.set()
+                    if table.ack:
+                        self._report_now.set()  # the main process waits to tell the head
             except ShoalError as err:
                 log.warning("ingress worker: lost the scheduler's main process (%s)", err)
             if self._main_runs is not None and not self._main_runs():

@@ -39,6 +39,10 @@ from shoal.types import HeadLink, LoadReport, ReplicaClient, SchedulerRegistrati
 
 log = logging.getLogger("shoal.scheduler")
 
+ROUTES_CONFIRM_S = 1.0
+"""How long a scheduler waits for its ingress workers to route by a new table before it
+stops waiting (it tells the head once a later table is routed by everywhere)."""
+
 # The longest a scheduler whose id the head refused waits before its one more try.
 REFUSED_RETRY_MAX_S = 60.0
 
@@ -184,6 +188,11 @@ class SchedulerNode:
         # that it scales up from zero without waiting for the next heartbeat.
         # Ingress workers route by a table this process pushes them; bumped on every change.
         self.table_version = 0
+        # The newest head table this process and every ingress worker route by: told to the
+        # head with each health update, at once after a table it asked that of (ack).
+        self.routes_version = 0
+        self._confirming: asyncio.Task[None] | None = None
+        self._slow_workers = False
         self.table_changed = asyncio.Event()
         self.router = router or Router(
             scheduler_id,
@@ -325,7 +334,7 @@ class SchedulerNode:
                 backoff = 0.1
                 while True:
                     version, reports = self.supervisor.reports()
-                    ack = await self.head.health(self.id, version, reports, self.load())
+                    ack = await self.head.health(self.id, version, reports, self.load(), self.routes_version)
                     if not ack:
                         log.warning("the head does not know this scheduler (NACK); registering again")
                         self.registered.clear()
@@ -379,11 +388,33 @@ class SchedulerNode:
                     self.inference_auth.apply_table(table)
                     self.hub.set_head_table(table)
                     await self.router.apply_table(table)
+                    self.hub.ack = table.ack
                     self._table_changed()
+                    if self._confirming is not None:
+                        self._confirming.cancel()
+                    self._confirming = asyncio.create_task(self._confirm(table.version, table.ack))
             except ShoalError:
                 pass
             await self.clock.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
+
+    async def _confirm(self, head_version: int, ack: bool) -> None:
+        """Once every ingress worker routes by the replica table made from head table
+        ``head_version`` (at most ROUTES_CONFIRM_S), say so to the head: at once when it asked
+        (``ack``: a control call waits on it), else with the next health update."""
+        if await self.hub.routed_by_workers(self.table_version, ROUTES_CONFIRM_S):
+            self.routes_version = max(self.routes_version, head_version)
+            self._slow_workers = False
+            if ack:
+                self._report_now.set()
+        elif not self._slow_workers:
+            self._slow_workers = True  # said once until they keep up again
+            log.warning(
+                "an ingress worker did not take routing table %d within %gs: the head, which may "
+                "wait for it, is told once the workers have a later one",
+                head_version,
+                ROUTES_CONFIRM_S,
+            )
 
     def kill_now(self) -> None:
         """SIGKILL the ingress workers and every replica (its process group: what its model

@@ -365,6 +365,7 @@ class HealthCall:
     replicas: tuple[ReplicaReport, ...]
     load: Mapping[str, LoadReport]
     answer: str  # "ack", "nack" or "error"
+    routes_version: int = 0
 
 
 class FakeHeadLink:
@@ -424,10 +425,11 @@ class FakeHeadLink:
         registry_version: int,
         replicas: list[ReplicaReport],
         load: Mapping[str, LoadReport],
+        routes_version: int = 0,
     ) -> bool:
         answer = "error" if self.error is not None else "nack" if self.nack else "ack"
         self.health_calls.append(
-            HealthCall(scheduler_id, registry_version, tuple(replicas), dict(load), answer)
+            HealthCall(scheduler_id, registry_version, tuple(replicas), dict(load), answer, routes_version)
         )
         await self._record()
         if self.error is not None:

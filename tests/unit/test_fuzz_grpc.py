@@ -217,7 +217,7 @@ class WorkerLink:
         yield self.node.hub.table(self.node.table_version)
         await asyncio.Event().wait()
 
-    async def report(self, counts: Mapping[str, Counts]) -> dict[str, Counts]:
+    async def report(self, counts: Mapping[str, Counts], table_version: int = 0) -> dict[str, Counts]:
         self.node.hub.report("w1", 1, dict(counts))
         return self.node.hub.totals(snapshot(self.node.router, self.node.catalog))
 

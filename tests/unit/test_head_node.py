@@ -850,6 +850,43 @@ async def test_a_routes_change_answers_once_every_stream_sent_it_and_a_stuck_str
         await stuck.aclose()
 
 
+async def test_a_routes_change_answers_once_each_scheduler_says_it_routes_by_it(
+    head: HeadNode, fleet: FakeSchedulers
+) -> None:
+    """Sent is not routed by: a scheduler applies a table as it reads it and passes it on to
+    its ingress workers, and a request right after the call could still meet the old one (1
+    to 7 of 40 asked). A scheduler that says which table it routes by (health updates'
+    routes_version) is waited for until it says this one: it is asked to say at once (ack)."""
+    await join(head, "s1")
+    tables: list[RoutingTable] = []
+
+    async def read() -> None:
+        async for table in head.watch_routes("s1"):
+            tables.append(table)
+
+    async def say(version: int) -> None:
+        assert await head.scheduler_health("s1", 0, [], routes_version=version)
+
+    reader = asyncio.create_task(read())
+    await head.apply(make_spec("z"))  # s1 has said no table yet: not waited for
+    await until(lambda: bool(tables) and "z" in tables[-1].deployments, "the first table")
+    await say(tables[-1].version)
+    try:
+        applying = asyncio.create_task(head.apply(make_spec("a")))
+        await until(lambda: any("a" in t.deployments for t in tables), "the new table sent")
+        await asyncio.sleep(0.1)
+        assert not applying.done()  # sent, not yet routed by
+        assert tables[-1].ack  # asked to say so at once
+        await say(tables[-1].version)
+        await asyncio.wait_for(applying, 1.0)
+        # A table no call waits on asks nothing.
+        await head.scheduler_health("s1", 0, [ready("a-000001", make_spec("a"))])
+        await until(lambda: len(tables[-1].deployments["a"].routes) == 1, "the route's table")
+        assert not tables[-1].ack
+    finally:
+        reader.cancel()
+
+
 async def test_applies_back_to_back_do_not_wait_for_the_wave_gap_of_health_changes(head: HeadNode) -> None:
     # Each apply waits for its table to go out; with the 0.1 s gap between waves that health
     # changes get, ten applies in a row took a second. A control call's wave comes sooner.

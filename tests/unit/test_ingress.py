@@ -65,6 +65,26 @@ def test_totals_cover_the_main_processs_deployments_only() -> None:
     assert set(hub.totals({"echo": counts(0)})) == {"echo"}
 
 
+async def test_the_main_process_knows_when_every_running_worker_routes_by_a_table() -> None:
+    # What a scheduler waits for before it tells the head it routes by a table (a control
+    # call waits on that): a worker's report says the table version it routes by.
+    hub = IngressHub(Router("s1", Settings(), FakeReplicas()))
+    hub.report("w1", pid=1, counts={}, table_version=5)
+    hub.report("w2", pid=2, counts={}, table_version=4)
+    assert not await hub.routed_by_workers(5, timeout_s=0.05)
+
+    waiting = asyncio.create_task(hub.routed_by_workers(5, timeout_s=5.0))
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    hub.report("w2", pid=2, counts={}, table_version=5)
+    assert await asyncio.wait_for(waiting, 1.0)
+
+    hub.report("w2", pid=2, counts={}, table_version=5)
+    hub.forget("w1")  # exited: not waited for
+    hub.report("w2", pid=2, counts={}, table_version=6)
+    assert await hub.routed_by_workers(6, timeout_s=0.05)
+
+
 def test_the_default_is_one_process_per_cpu_and_at_most_eight() -> None:
     assert 1 <= ingress_processes(Settings()) <= 8
     assert ingress_processes(Settings(ingress_workers=3)) == 3
@@ -84,7 +104,7 @@ class Link:
         self.gone = True  # and it stays unreachable
         raise Unavailable("the main process went away")
 
-    async def report(self, counts: Mapping[str, Counts]) -> dict[str, Counts]:
+    async def report(self, counts: Mapping[str, Counts], table_version: int = 0) -> dict[str, Counts]:
         self.hub.report("w1", 1, dict(counts))
         return self.hub.totals({})
 
