@@ -477,7 +477,9 @@ class HeadNode:
         if not ack:
             log.info("NACK health update from unknown scheduler %s", scheduler_id)
             return False
-        if routes_version > self._routed.get(scheduler_id, 0):
+        # A version this head has not made is another head's (one before a restart or a
+        # failover): not a word on this head's tables.
+        if self._routed.get(scheduler_id, 0) < routes_version <= self._routes.version:
             self._routed[scheduler_id] = routes_version
             self._caught_up(scheduler_id=scheduler_id)
             self._stream_sent(-1, 0)  # wakes _routes_out

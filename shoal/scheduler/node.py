@@ -329,6 +329,8 @@ class SchedulerNode:
                     refusal = ""
                     log.info("the head takes this scheduler's registration and reports now")
                 log.info("registered with the head")
+                # A head started again numbers its tables from 1: say none until its next.
+                self.routes_version = 0
                 self.registered.set()
                 self.on_registered()
                 backoff = 0.1
@@ -446,6 +448,8 @@ class SchedulerNode:
                 await self.clock.wait(self.head.health(self.id, version, reports, {}), 1.0)
             except ShoalError:
                 pass
+        if self._confirming is not None:
+            self._confirming.cancel()
         await self._tasks.aclose()
         await self.router.aclose()
         await self.head.close()

@@ -887,6 +887,32 @@ async def test_a_routes_change_answers_once_each_scheduler_says_it_routes_by_it(
         reader.cancel()
 
 
+async def test_a_word_on_a_table_this_head_never_made_is_not_taken(head: HeadNode) -> None:
+    # A head started again numbers its tables from 1; a scheduler still saying the old
+    # head's 500 would have been taken to route by every table up to it.
+    await join(head, "s1")
+    tables: list[RoutingTable] = []
+
+    async def read() -> None:
+        async for table in head.watch_routes("s1"):
+            tables.append(table)
+
+    reader = asyncio.create_task(read())
+    await head.apply(make_spec("z"))
+    await until(lambda: bool(tables) and "z" in tables[-1].deployments, "the first table")
+    try:
+        assert await head.scheduler_health("s1", 0, [], routes_version=head.routes.version + 500)
+        assert await head.scheduler_health("s1", 0, [], routes_version=tables[-1].version)
+        applying = asyncio.create_task(head.apply(make_spec("a")))
+        await until(lambda: "a" in tables[-1].deployments, "the new table sent")
+        await asyncio.sleep(0.1)
+        assert not applying.done()  # waits for s1's word on it
+        assert await head.scheduler_health("s1", 0, [], routes_version=tables[-1].version)
+        await asyncio.wait_for(applying, 1.0)
+    finally:
+        reader.cancel()
+
+
 async def test_applies_back_to_back_do_not_wait_for_the_wave_gap_of_health_changes(head: HeadNode) -> None:
     # Each apply waits for its table to go out; with the 0.1 s gap between waves that health
     # changes get, ten applies in a row took a second. A control call's wave comes sooner.
