@@ -639,7 +639,7 @@ class HeadNode:
             self.desired[name] = new
         log.info("deployment %s restarting (revision %d)", name, rev.number)
         self.wake()
-        await self._publish_routes()
+        await self._publish_and_send()
         return rev, new
 
     async def rollback(self, name: str, revision: int = 0) -> tuple[Revision, DeploymentSpec]:
@@ -678,7 +678,7 @@ class HeadNode:
             rev, new = self._roll_back(batch, self.history.staged(batch), name, spec, target, "asked for")
             await batch.commit(self.store)
         self.wake()
-        await self._publish_routes()
+        await self._publish_and_send()
         return rev, new
 
     def _rollback_target(self, name: str, spec: DeploymentSpec, number: int) -> Revision:
