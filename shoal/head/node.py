@@ -103,11 +103,11 @@ ROUTES_GAP_CONTROL_S = 0.005
 wave, ``_routes_out``): applies back to back took 0.1 s each with the wave gap of health
 changes. Still ROUTES_GAP_PER_STREAM_S per open stream when that is longer."""
 ROUTES_OUT_S = 2.0
-"""How long a control call that changed what schedulers route by (an apply, a delete, a
-traffic route, a token created or revoked) waits, at most, for every table stream to have
-sent the new table before it answers. A stream that took longer is not waited for again
-until it has sent a current table (a scheduler that reads slowly, or not at all, slows
-one call, not every one)."""
+"""How long a control call that changed what schedulers route by (an apply, a rollback, a
+restart, a delete, a traffic route, a token created or revoked) waits, at most, for every
+scheduler to route by the new table before it answers (:meth:`HeadNode._routes_out`). A
+scheduler that took longer is not waited for again until it has caught up (one that reads
+slowly, or not at all, slows one call, not every one)."""
 LATE_WARNING_S = 1.0
 """Health updates waiting this long in the head before it reads them are logged (once)."""
 DEATHS_TOGETHER_S = 0.2
@@ -1485,7 +1485,7 @@ class HeadNode:
     def _caught_up(self, key: int = -1, scheduler_id: str = "") -> None:
         """Table stream ``key`` (or those of ``scheduler_id``) is waited for again once it has
         taken the current table (:meth:`_routes_out`)."""
-        if not self._lagging:
+        if not self._lagging or (key < 0 and not scheduler_id):
             return
         keys = [key] if key >= 0 else [k for k, s in self._stream_of.items() if s == scheduler_id]
         for k in keys:
@@ -1505,11 +1505,13 @@ class HeadNode:
         return bool(routed) and routed < version and sched is not None and sched.state == ALIVE
 
     async def _routes_out(self) -> None:
-        """Wait until every table stream has sent the current table (or a newer one), at most
-        ROUTES_OUT_S: so that a request right after the control call that changed the routes
-        (a deployment just created, a token just revoked) meets the new table at every
-        scheduler, not the one before (tables go out at most every ``ROUTES_GAP_S``). Streams
-        not yet sending their first table are not waited for: that one is the newest."""
+        """Wait until every table stream has sent the current table (or a newer one) and
+        every scheduler that says which table it routes by routes by it (:meth:`_stream_behind`),
+        at most ROUTES_OUT_S: so that a request right after the control call that changed the
+        routes (a deployment just created, a token just revoked) meets the new table at every
+        scheduler and ingress process, not the one before (tables go out at most every
+        ``ROUTES_GAP_S``). Streams not yet sending their first table are not waited for
+        until they have sent one."""
         version = self._routes.version
         loop = asyncio.get_running_loop()
         deadline = loop.time() + ROUTES_OUT_S
