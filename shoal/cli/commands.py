@@ -76,7 +76,7 @@ def render_status(status: dict[str, Any]) -> str:
         [
             [
                 s["id"],
-                s["state"],
+                s["state"] + (" (tables late)" if s.get("routes_lagging") else ""),
                 s["address"],
                 str(s["pid"]),
                 f"{s['allocated']['cpus']:g}/{s['capacity']['cpus']:g}",

@@ -32,6 +32,9 @@ class SchedulerStatus:
     allocated: Capacity  # what the head has placed on it
     max_replicas: int = 0  # replicas it runs at most; 0: no bound
     replicas: int = 0  # replicas the head has placed on it (stopping ones included)
+    # It did not route by a new table within ROUTES_OUT_S of a call waiting on it, and has not
+    # caught up since: its requests may be routed by an older table (shoal.head.node).
+    routes_lagging: bool = False
 
 
 @dataclass(frozen=True, init=False)

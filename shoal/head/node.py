@@ -1534,6 +1534,10 @@ class HeadNode:
                 async with asyncio.timeout(left):
                     await self._sent_event.wait()
 
+    def routes_lagging(self) -> set[str]:
+        """The schedulers one of whose table streams is lagging (:meth:`_routes_out`)."""
+        return {self._stream_of[k] for k in self._lagging if k in self._stream_of}
+
     async def _publish_and_send(self) -> None:
         """:meth:`_publish_routes`, then :meth:`_routes_out`: for control calls whose caller
         may send requests by the new table the moment the call answers. Tables made while
@@ -1762,6 +1766,7 @@ def status_of(node: HeadNode, only: Collection[str] | None = None, *, brief: boo
     schedulers: tuple[SchedulerStatus, ...] = ()
     if not brief:
         allocated = state.allocations()
+        lagging = node.routes_lagging()
         schedulers = tuple(
             SchedulerStatus(
                 id=s.id,
@@ -1775,6 +1780,7 @@ def status_of(node: HeadNode, only: Collection[str] | None = None, *, brief: boo
                 allocated=allocated.get(s.id, Capacity()),
                 max_replicas=s.max_replicas,
                 replicas=state.replicas.count_on(s.id),
+                routes_lagging=s.id in lagging,
             )
             for s in sorted(state.schedulers.values(), key=lambda s: s.id)
         )

@@ -1029,6 +1029,7 @@ class SchedulerInfo(_message.Message):
     HOSTNAME_FIELD_NUMBER: _builtins.int
     MAX_REPLICAS_FIELD_NUMBER: _builtins.int
     REPLICAS_FIELD_NUMBER: _builtins.int
+    ROUTES_LAGGING_FIELD_NUMBER: _builtins.int
     scheduler_id: _builtins.str
     address: _builtins.str
     http_address: _builtins.str
@@ -1042,6 +1043,10 @@ class SchedulerInfo(_message.Message):
     """replicas it runs at most (0: no bound)"""
     replicas: _builtins.int
     """replicas the head has placed on it"""
+    routes_lagging: _builtins.bool
+    """It did not route by a new routing table within 2 s of a call waiting on it, and has not
+    caught up since (HeadNode._routes_out).
+    """
     @_builtins.property
     def capacity(self) -> Global___Resources: ...
     @_builtins.property
@@ -1060,10 +1065,11 @@ class SchedulerInfo(_message.Message):
         hostname: _builtins.str = ...,
         max_replicas: _builtins.int = ...,
         replicas: _builtins.int = ...,
+        routes_lagging: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["allocated", b"allocated", "capacity", b"capacity"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "allocated", b"allocated", "capacity", b"capacity", "hostname", b"hostname", "http_address", b"http_address", "last_seen_s", b"last_seen_s", "max_replicas", b"max_replicas", "pid", b"pid", "replicas", b"replicas", "scheduler_id", b"scheduler_id", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "allocated", b"allocated", "capacity", b"capacity", "hostname", b"hostname", "http_address", b"http_address", "last_seen_s", b"last_seen_s", "max_replicas", b"max_replicas", "pid", b"pid", "replicas", b"replicas", "routes_lagging", b"routes_lagging", "scheduler_id", b"scheduler_id", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

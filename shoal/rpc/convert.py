@@ -115,6 +115,7 @@ def status_to_pb(status: ClusterStatus) -> pb.ClusterStatus:
                 allocated=capacity_to_pb(s.allocated),
                 max_replicas=s.max_replicas,
                 replicas=s.replicas,
+                routes_lagging=s.routes_lagging,
             )
             for s in status.schedulers
         ],
@@ -174,6 +175,7 @@ def status_from_pb(status: pb.ClusterStatus) -> ClusterStatus:
                 allocated=capacity_from_pb(s.allocated),
                 max_replicas=s.max_replicas,
                 replicas=s.replicas,
+                routes_lagging=s.routes_lagging,
             )
             for s in status.schedulers
         ),

@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from shoal import metrics
+from shoal.cli.commands import render_status
 from shoal.config import Settings
 from shoal.core.clock import FakeClock
 from shoal.core.cluster import READY, STARTING, CreateReplica, RemoveReplica, ReplicaRecord, ReplicaReport
@@ -909,6 +910,36 @@ async def test_a_word_on_a_table_this_head_never_made_is_not_taken(head: HeadNod
         assert not applying.done()  # waits for s1's word on it
         assert await head.scheduler_health("s1", 0, [], routes_version=tables[-1].version)
         await asyncio.wait_for(applying, 1.0)
+    finally:
+        reader.cancel()
+
+
+async def test_a_scheduler_late_taking_a_table_shows_so_in_the_status_until_it_catches_up(
+    head: HeadNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(head_node, "ROUTES_OUT_S", 0.2)
+    await join(head, "s1")
+    tables: list[RoutingTable] = []
+
+    async def read() -> None:
+        async for table in head.watch_routes("s1"):
+            tables.append(table)
+
+    def lagging() -> bool:
+        return next(s for s in status_of(head).schedulers if s.id == "s1").routes_lagging
+
+    reader = asyncio.create_task(read())
+    await head.apply(make_spec("z"))
+    await until(lambda: bool(tables) and "z" in tables[-1].deployments, "the first table")
+    try:
+        assert await head.scheduler_health("s1", 0, [], routes_version=tables[-1].version)
+        assert not lagging()
+        await head.apply(make_spec("a"))  # s1 never says it routes by this one: 0.2 s, then on
+        assert lagging()
+        assert status_of(head).to_json()["schedulers"][0]["routes_lagging"] is True
+        assert "ALIVE (tables late)" in render_status(status_of(head).to_json())
+        assert await head.scheduler_health("s1", 0, [], routes_version=head.routes.version)
+        assert not lagging()
     finally:
         reader.cancel()
 

@@ -115,6 +115,7 @@ def expected(head: HeadNode) -> dict[str, Any]:
                 "allocated": {"cpus": cpus, "memory_mb": 0.0, "gpus": 0.0},
                 "max_replicas": most,
                 "replicas": 3,
+                "routes_lagging": False,
             }
             # Allocated: a cpu for each replica of a spec the head has (not ghost's, gone's).
             for sid, cap, most, cpus in (

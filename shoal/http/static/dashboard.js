@@ -91,7 +91,10 @@ function needsLook(d) { return Boolean(d.pending_reason) || d.ready_replicas < d
 function renderSchedulers(list) {
   const body = document.querySelector("#schedulers tbody");
   body.replaceChildren(...list.map(s => el("tr", {"data-scheduler": s.id},
-    el("td", {}, s.id), el("td", {class: "state " + s.state}, s.state), el("td", {}, s.address),
+    el("td", {}, s.id),
+    el("td", {class: "state " + s.state, title: s.routes_lagging ? "late taking routing tables: its requests may follow an older one" : ""},
+       s.routes_lagging ? `${s.state} (tables late)` : s.state),
+    el("td", {}, s.address),
     el("td", {}, `${fmt(s.allocated.cpus, 2)} / ${fmt(s.capacity.cpus, 2)}`),
     el("td", {}, `${fmt(s.allocated.memory_mb, 0)} / ${fmt(s.capacity.memory_mb, 0)}`),
     el("td", {}, `${fmt(s.allocated.gpus, 2)} / ${fmt(s.capacity.gpus, 2)}`),
