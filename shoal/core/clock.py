@@ -128,3 +128,18 @@ async def sleep_or_event(event: asyncio.Event, seconds: float) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+class Signal:
+    """Wakes every current waiter; callable from sync code (no lock needed)."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def fire(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self, timeout_s: float, clock: Clock) -> None:
+        """Until the next :meth:`fire`, or ``timeout_s`` of ``clock``'s time."""
+        await clock.wait(self._event.wait(), timeout_s)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import heapq
 import itertools
 import json
@@ -35,7 +34,7 @@ from shoal.auth import Role, TokenRecord, TokenRegistry, is_loopback, required_t
 from shoal.config import Settings
 from shoal.core import limits
 from shoal.core.autoscale import Autoscaler
-from shoal.core.clock import Clock, SystemClock, sleep_or_event
+from shoal.core.clock import Clock, Signal, SystemClock, sleep_or_event
 from shoal.core.cluster import (
     ALIVE,
     READY,
@@ -108,6 +107,7 @@ restart, a delete, a traffic route, a token created or revoked) waits, at most, 
 scheduler to route by the new table before it answers (:meth:`HeadNode._routes_out`). A
 scheduler that took longer is not waited for again until it has caught up (one that reads
 slowly, or not at all, slows one call, not every one)."""
+REAL_TIME = SystemClock()
 LATE_WARNING_S = 1.0
 """Health updates waiting this long in the head before it reads them are logged (once)."""
 DEATHS_TOGETHER_S = 0.2
@@ -194,10 +194,10 @@ class HeadNode:
         self._announced_at = -math.inf
         self._streams = 0  # open watch_routes streams
         # Per open table stream (a number): the last version it sent; those late past
-        # ROUTES_OUT_S once; and an event set (and replaced) at each send (_routes_out).
+        # ROUTES_OUT_S once; and what wakes _routes_out (a send, a stream's end, a word).
         self._sent: dict[int, int] = {}
         self._lagging: set[int] = set()
-        self._sent_event = asyncio.Event()
+        self._routes_taken = Signal()
         self._stream_keys = itertools.count()
         # The scheduler of each open table stream, the newest table each scheduler said it
         # routes by (health updates' routes_version), and the calls waiting on them.
@@ -482,7 +482,7 @@ class HeadNode:
         if self._routed.get(scheduler_id, 0) < routes_version <= self._routes.version:
             self._routed[scheduler_id] = routes_version
             self._caught_up(scheduler_id=scheduler_id)
-            self._stream_sent(-1, 0)  # wakes _routes_out
+            self._routes_taken.fire()
         if before != after:
             # Routes change only with replicas' states, addresses and specs: nothing else here does.
             self.wake()
@@ -1472,20 +1472,18 @@ class HeadNode:
             self._sent.pop(key, None)
             self._stream_of.pop(key, None)
             self._lagging.discard(key)
-            self._stream_sent(-1, 0)
+            self._routes_taken.fire()
 
     def _stream_sent(self, key: int, version: int) -> None:
-        """Table stream ``key`` sent ``version`` (-1: a stream ended): wake _routes_out."""
-        if key >= 0:
-            self._sent[key] = version
+        """Table stream ``key`` sent ``version``: wake _routes_out."""
+        self._sent[key] = version
         self._caught_up(key)
-        event, self._sent_event = self._sent_event, asyncio.Event()
-        event.set()
+        self._routes_taken.fire()
 
     def _caught_up(self, key: int = -1, scheduler_id: str = "") -> None:
         """Table stream ``key`` (or those of ``scheduler_id``) is waited for again once it has
         taken the current table (:meth:`_routes_out`)."""
-        if not self._lagging or (key < 0 and not scheduler_id):
+        if not self._lagging:
             return
         keys = [key] if key >= 0 else [k for k, s in self._stream_of.items() if s == scheduler_id]
         for k in keys:
@@ -1530,9 +1528,8 @@ class HeadNode:
                     ROUTES_OUT_S,
                 )
                 return
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(left):
-                    await self._sent_event.wait()
+            # The loop's time, as the deadline: a fake clock in tests must not hold it.
+            await self._routes_taken.wait(left, REAL_TIME)
 
     def routes_lagging(self) -> set[str]:
         """The schedulers one of whose table streams is lagging (:meth:`_routes_out`)."""

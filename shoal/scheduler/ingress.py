@@ -32,6 +32,7 @@ from typing import Protocol
 
 from shoal.auth import InferenceAuth
 from shoal.config import Settings
+from shoal.core.clock import Signal, SystemClock
 from shoal.core.spec import DeploymentSpec
 from shoal.core.stats import OUTCOMES, DeploymentStats, Histogram
 from shoal.errors import ShoalError
@@ -41,6 +42,8 @@ from shoal.scheduler.router import Router
 from shoal.types import DeploymentRoutes, LoadReport, ReplicaClient, Route, RoutingTable
 
 log = logging.getLogger("shoal.ingress")
+
+REAL_TIME = SystemClock()
 
 
 @dataclass
@@ -189,7 +192,7 @@ class IngressHub:
         self._before: dict[str, Counts] = {}
         self._heard: dict[str, tuple[int, float]] = {}
         self._tables: dict[str, int] = {}  # per worker: the replica table version it routes by
-        self._tables_changed = asyncio.Event()
+        self._tables_changed = Signal()
         self.ack = False  # the tables pushed to workers ask them to report at once
 
     def set_head_table(self, table: RoutingTable) -> None:
@@ -229,8 +232,7 @@ class IngressHub:
             self._exited[worker_id] = (pid, _past(counts))  # read late: the same incarnation
             return
         self._tables[worker_id] = table_version
-        event, self._tables_changed = self._tables_changed, asyncio.Event()
-        event.set()
+        self._tables_changed.fire()
         previous = self._latest.get(worker_id)
         if previous is not None and previous[0] != pid:
             # A new incarnation of this worker: what the old one counted stays counted.
@@ -254,8 +256,7 @@ class IngressHub:
         self._tables.pop(worker_id, None)
         if previous is not None:
             self._retire(worker_id, previous)
-        event, self._tables_changed = self._tables_changed, asyncio.Event()
-        event.set()
+        self._tables_changed.fire()
 
     async def routed_by_workers(self, version: int, timeout_s: float) -> bool:
         """Wait until every running worker said it routes by replica table ``version`` or a
@@ -267,9 +268,7 @@ class IngressHub:
             left = deadline - loop.time()
             if left <= 0:
                 return False
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(left):
-                    await self._tables_changed.wait()
+            await self._tables_changed.wait(left, REAL_TIME)
         return True
 
     def _retire(self, worker_id: str, incarnation: tuple[int, dict[str, Counts]]) -> None:

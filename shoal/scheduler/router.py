@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from shoal.config import Settings
 from shoal.core import limits
-from shoal.core.clock import Clock, SystemClock
+from shoal.core.clock import Clock, Signal, SystemClock
 from shoal.core.ids import request_key
 from shoal.core.payload import Tensors
 from shoal.core.routing import Policy, default_revisions, make_policy, pick_for_model
@@ -69,21 +69,6 @@ OUTCOME_OF = {
 
 def _held(handle: ReplicaHandle) -> Collection[str]:
     return handle.models.keys()
-
-
-class Signal:
-    """Wakes every current waiter; callable from sync code (no lock needed)."""
-
-    def __init__(self) -> None:
-        self._event = asyncio.Event()
-
-    def fire(self) -> None:
-        self._event.set()
-        self._event = asyncio.Event()
-
-    async def wait(self, timeout_s: float, clock: Clock) -> None:
-        """Until the next :meth:`fire`, or ``timeout_s`` of ``clock``'s time."""
-        await clock.wait(self._event.wait(), timeout_s)
 
 
 @dataclass
