@@ -185,81 +185,82 @@ async def register(peer: PeerChannel) -> float:
     return reply.heartbeat_interval_s
 
 
-async def test_a_channel_is_not_made_again_while_the_files_stay(tmp_path: Path) -> None:
-    tls = tmp_path / "tls"
+@asynccontextmanager
+async def head_and_peer(tls: Path) -> AsyncIterator[tuple[Head, Restartable, PeerChannel]]:
+    """A head (``Head``) serving with certificates made in ``tls``, and a scheduler's
+    channel to it, closed at the end."""
     certs.init(tls)
     settings = settings_for(tls)
     servicer = Head()  # type: ignore[abstract]  # the calls it does not serve answer UNIMPLEMENTED
     async with serving(settings, "head", lambda s: pbg.add_HeadServicer_to_server(servicer, s)) as head:
         peer = PeerChannel(head.address, settings, "scheduler", server="head")
         try:
-            first, stub = peer.channel(), peer.stub(pbg.HeadStub)
-            for i in range(8):  # over two seconds: the files are looked at again
-                if i == 4:  # touched, and copied again as they were
-                    for name in ("ca.crt", "scheduler.crt", "scheduler.key"):
-                        (tls / name).write_bytes((tls / name).read_bytes())
-                assert await register(peer) == 1.0
-                await asyncio.sleep(0.3)
-            assert peer.renewals == 0
-            assert peer.channel() is first
-            assert peer.stub(pbg.HeadStub) is stub
+            yield servicer, head, peer
         finally:
             await peer.close()
+
+
+async def test_a_channel_is_not_made_again_while_the_files_stay(tmp_path: Path) -> None:
+    tls = tmp_path / "tls"
+    async with head_and_peer(tls) as (_, _, peer):
+        first, stub = peer.channel(), peer.stub(pbg.HeadStub)
+        for i in range(8):  # over two seconds: the files are looked at again
+            if i == 4:  # touched, and copied again as they were
+                for name in ("ca.crt", "scheduler.crt", "scheduler.key"):
+                    (tls / name).write_bytes((tls / name).read_bytes())
+            assert await register(peer) == 1.0
+            await asyncio.sleep(0.3)
+        assert peer.renewals == 0
+        assert peer.channel() is first
+        assert peer.stub(pbg.HeadStub) is stub
 
 
 async def test_bad_renewed_files_keep_the_channel_and_good_ones_replace_it(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     tls = tmp_path / "tls"
-    certs.init(tls)
-    settings = settings_for(tls)
-    servicer = Head()  # type: ignore[abstract]  # the calls it does not serve answer UNIMPLEMENTED
-    async with serving(settings, "head", lambda s: pbg.add_HeadServicer_to_server(servicer, s)) as head:
-        peer = PeerChannel(head.address, settings, "scheduler", server="head")
-        try:
-            first = peer.channel()
-            assert await register(peer) == 1.0
-            # A key that is not the certificate's: not taken, the channel stays and serves,
-            # after the head restarts too (it connects again with the certificate it has).
-            good_key = (tls / "scheduler.key").read_bytes()
-            shutil.copy(tls / "client.key", tls / "scheduler.key")
-            with caplog.at_level(logging.WARNING, logger="shoal"):
-                for _ in range(5):
-                    assert await register(peer) == 1.0
-                    await asyncio.sleep(0.3)
-                await head.stop()
-                await head.start()
-                assert await until_ok(lambda: register(peer)) == 1.0
-            assert f"{tls / 'scheduler.key'} is not the key of {tls / 'scheduler.crt'}" in caplog.text
-            assert peer.renewals == 0 and peer.channel() is first
-
-            # A stream open on the channel before good files come goes on after the swap.
-            routes = peer.stub(pbg.HeadStub).WatchRoutes(pb.WatchRoutesRequest())
-            first_table = await routes.read()
-            assert isinstance(first_table, pb.RoutingTable) and first_table.version == 1
-            (tls / "scheduler.key").write_bytes(good_key)
-            certs.renew(tls, ("scheduler",), days=30)
-
-            async def renewed() -> float:
-                interval = await register(peer)
-                assert peer.renewals == 1, "not yet"
-                return interval
-
-            assert await until_ok_or_assert(renewed) == 1.0
-            assert peer.channel() is not first
-            servicer.more.set()
-            second = await routes.read()
-            assert isinstance(second, pb.RoutingTable) and second.version == 2
-            # The channel replaced is closed once its connection is gone (the head restarts).
+    async with head_and_peer(tls) as (servicer, head, peer):
+        first = peer.channel()
+        assert await register(peer) == 1.0
+        # A key that is not the certificate's: not taken, the channel stays and serves,
+        # after the head restarts too (it connects again with the certificate it has).
+        good_key = (tls / "scheduler.key").read_bytes()
+        shutil.copy(tls / "client.key", tls / "scheduler.key")
+        with caplog.at_level(logging.WARNING, logger="shoal"):
+            for _ in range(5):
+                assert await register(peer) == 1.0
+                await asyncio.sleep(0.3)
             await head.stop()
             await head.start()
-            deadline = time.monotonic() + 5
-            while first.get_state() != grpc.ChannelConnectivity.SHUTDOWN:
-                assert time.monotonic() < deadline, first.get_state()
-                await asyncio.sleep(0.1)
             assert await until_ok(lambda: register(peer)) == 1.0
-        finally:
-            await peer.close()
+        assert f"{tls / 'scheduler.key'} is not the key of {tls / 'scheduler.crt'}" in caplog.text
+        assert peer.renewals == 0 and peer.channel() is first
+
+        # A stream open on the channel before good files come goes on after the swap.
+        routes = peer.stub(pbg.HeadStub).WatchRoutes(pb.WatchRoutesRequest())
+        first_table = await routes.read()
+        assert isinstance(first_table, pb.RoutingTable) and first_table.version == 1
+        (tls / "scheduler.key").write_bytes(good_key)
+        certs.renew(tls, ("scheduler",), days=30)
+
+        async def renewed() -> float:
+            interval = await register(peer)
+            assert peer.renewals == 1, "not yet"
+            return interval
+
+        assert await until_ok_or_assert(renewed) == 1.0
+        assert peer.channel() is not first
+        servicer.more.set()
+        second = await routes.read()
+        assert isinstance(second, pb.RoutingTable) and second.version == 2
+        # The channel replaced is closed once its connection is gone (the head restarts).
+        await head.stop()
+        await head.start()
+        deadline = time.monotonic() + 5
+        while first.get_state() != grpc.ChannelConnectivity.SHUTDOWN:
+            assert time.monotonic() < deadline, first.get_state()
+            await asyncio.sleep(0.1)
+        assert await until_ok(lambda: register(peer)) == 1.0
 
 
 async def until_ok_or_assert(check: Callable[[], Awaitable[object]], timeout_s: float = 5.0) -> object:

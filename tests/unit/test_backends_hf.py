@@ -467,20 +467,26 @@ async def test_prompt_longer_than_the_model_takes_is_invalid_argument(lm: Transf
     assert completion.completion_tokens <= 4
 
 
-async def test_a_prompt_far_too_long_is_refused_from_its_beginning(
-    lm: TransformersBackend, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A 30 MB prompt was tokenized whole (26 s of the model's thread) to be refused for
-    more than 64 tokens. The tiny model's longest token is 8 characters: its first
-    2 * 65 * 8 characters are enough to tell."""
-    tokenizer = lm._tokenizer
+def count_tokenized(backend: TransformersBackend, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The lengths of the texts ``backend`` gives its tokenizer from now on (patched)."""
+    tokenizer = backend._tokenizer
     lengths: list[int] = []
 
     def counting(text: str) -> Any:
         lengths.append(len(text))
         return tokenizer(text)
 
-    monkeypatch.setattr(lm, "_tokenizer", counting)
+    monkeypatch.setattr(backend, "_tokenizer", counting)
+    return lengths
+
+
+async def test_a_prompt_far_too_long_is_refused_from_its_beginning(
+    lm: TransformersBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 30 MB prompt was tokenized whole (26 s of the model's thread) to be refused for
+    more than 64 tokens. The tiny model's longest token is 8 characters: its first
+    2 * 65 * 8 characters are enough to tell."""
+    lengths = count_tokenized(lm, monkeypatch)
     message = r"the prompt has more than 128 tokens \(520 in its first 1040 of 4000000 characters\)"
     with pytest.raises(InvalidArgument, match=message):
         await lm.complete("a " * 2_000_000, GREEDY)
@@ -494,14 +500,7 @@ async def test_a_long_prompt_of_few_tokens_is_refused_by_its_characters(
     and it was tokenized whole (8 s of the model's thread) to be taken. Past 2 * 65 * 8
     characters it is refused by its characters, its first 1040 alone counted, while a
     request beside it is answered."""
-    tokenizer = lm._tokenizer
-    lengths: list[int] = []
-
-    def counting(text: str) -> Any:
-        lengths.append(len(text))
-        return tokenizer(text)
-
-    monkeypatch.setattr(lm, "_tokenizer", counting)
+    lengths = count_tokenized(lm, monkeypatch)
     message = (
         r"the prompt has 50000000 characters, more than 1040: twice what the model's 64 tokens "
         r"of prompt and completion hold at 8 characters a token \(its vocabulary's longest\); "
@@ -533,14 +532,7 @@ async def test_a_tokenizer_without_a_vocabulary_counts_a_bounded_beginning(
         patch.setattr(transformers.PreTrainedTokenizerFast, "get_vocab", no_vocabulary)
         backend = loaded(hf_spec(tiny_lm_path, "generation", options={"torch_threads": 1}))
     try:
-        tokenizer = backend._tokenizer
-        lengths: list[int] = []
-
-        def counting(text: str) -> Any:
-            lengths.append(len(text))
-            return tokenizer(text)
-
-        monkeypatch.setattr(backend, "_tokenizer", counting)
+        lengths = count_tokenized(backend, monkeypatch)
         with pytest.raises(InvalidArgument, match=r"more than 128 tokens \(16640 in its first 33280 of"):
             await backend.complete("a " * 1_000_000, GREEDY)
         message = r"at 256 characters a token \(the tokenizer's vocabulary unknown\); its first 33280"

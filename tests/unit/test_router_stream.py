@@ -23,8 +23,9 @@ from shoal.errors import (
 from shoal.scheduler.router import RETRY_PAUSE_S, Router
 from shoal.testing.fakes import FakeReplicaClient, FakeReplicas
 from shoal.testing.wait import until
-from shoal.types import DeploymentRoutes, GenerateChunk, GenerateRequest, Route, RoutingTable
+from shoal.types import GenerateChunk, GenerateRequest, Route
 from tests.unit.conftest import make_spec as build_spec
+from tests.unit.test_router import table
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -208,17 +209,13 @@ async def test_a_generation_refused_by_a_draining_remote_replica_waits_for_the_n
     # The only replica this router knows (another scheduler's) drains; the table listing its
     # replacement comes later than RETRY_PAUSE_S. The generation waits for it.
     spec = make_spec()
-
-    def table(version: int, route: Route) -> RoutingTable:
-        return RoutingTable(version, {"lm": DeploymentRoutes(spec, (route,))})
-
-    await router.apply_table(table(1, Route("old", "old:9000", "s2")))
+    await router.apply_table(table(1, spec, Route("old", "old:9000", "s2")))
     fakes.clients["old:9000"].fail(ReplicaGone("replica old is DRAINING: it takes no new request"))
 
     task = asyncio.create_task(collect(router, timeout_s=5.0))
     await asyncio.sleep(2 * RETRY_PAUSE_S)
     assert not task.done()
-    await router.apply_table(table(2, Route("new", "new:9000", "s3")))
+    await router.apply_table(table(2, spec, Route("new", "new:9000", "s3")))
 
     chunks = await asyncio.wait_for(task, 5.0)
     assert "".join(c.text for c in chunks) == " the quick brown fox"
