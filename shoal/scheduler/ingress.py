@@ -332,6 +332,7 @@ class IngressWorker:
     """
 
     REPORT_EVERY_S = 0.5
+    MAIN_CHECK_S = 0.5  # how often a worker looks whether its main process still runs
     REPORT_GAP_S = 0.02
     """Least time between two reports: requests starting to wait at zero replicas, each of
     which asks for a report at once, make one every 20 ms at most."""
@@ -386,8 +387,25 @@ class IngressWorker:
         self._last_contact = loop.time()
         async with asyncio.TaskGroup() as tasks:
             reporter = tasks.create_task(self._report_loop())
-            await self._watch_loop()
-            reporter.cancel()
+            watching = tasks.create_task(self._watch_loop())
+            gone = tasks.create_task(self._until_main_gone())
+            await asyncio.wait({watching, gone}, return_when=asyncio.FIRST_COMPLETED)
+            for task in (reporter, watching, gone):
+                task.cancel()
+
+    async def _until_main_gone(self) -> None:
+        """Return once the main process has exited, looked at every MAIN_CHECK_S. The table
+        stream ending says so too, but a stream may stay open when the process is gone: one
+        to another scheduler that took over its control address (ports are reused under
+        load) streams that scheduler's tables, for good. Seen: a worker outlived its main
+        process killed with SIGKILL by over 30 s, once in a loaded test run."""
+        runs = self._main_runs
+        if runs is None:
+            await asyncio.Event().wait()  # not known: the stream alone tells
+            return
+        while runs():
+            await asyncio.sleep(self.MAIN_CHECK_S)
+        log.error("ingress worker: the scheduler's main process has exited; exiting")
 
     async def _watch_loop(self) -> None:
         loop = asyncio.get_running_loop()

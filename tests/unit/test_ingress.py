@@ -159,6 +159,33 @@ async def test_a_worker_routes_by_the_table_with_its_share_of_the_limits() -> No
     await main.aclose()
 
 
+async def test_a_worker_whose_main_process_is_gone_stops_though_its_table_stream_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A stream may outlive the main process (one to another scheduler that took over its
+    # address streams that one's tables): the worker looks at the process itself too.
+    monkeypatch.setattr(IngressWorker, "MAIN_CHECK_S", 0.05)
+    settings = Settings(ingress_workers=2, orphan_after_s=60)
+    fakes = FakeReplicas()
+    main = Router("s1", settings, fakes)
+    hub = IngressHub(main)
+    link = Link(hub)
+    alive = [True]
+    worker = IngressWorker(settings, "s1", link, fakes, lambda: alive[0])
+    run = asyncio.create_task(worker.run())
+    await link.tables.put(hub.table(version=1))
+    await asyncio.wait_for(worker.registered.wait(), 2)
+    for version in range(2, 5):  # the stream goes on, its tables come
+        await link.tables.put(hub.table(version=version))
+    await asyncio.sleep(0.2)
+    assert not run.done()
+
+    alive[0] = False
+    await asyncio.wait_for(run, 2)
+    await worker.aclose()
+    await main.aclose()
+
+
 async def test_a_request_waiting_in_a_worker_at_zero_replicas_is_reported_at_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
