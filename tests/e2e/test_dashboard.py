@@ -308,9 +308,12 @@ class Gate:
 
 
 @contextlib.contextmanager
-def head_of_many(deployments: Iterable[tuple[str, int, int]]) -> Iterator[tuple[str, Gate]]:
+def head_of_many(
+    deployments: Iterable[tuple[str, int, int]], *, tables_late: bool = False
+) -> Iterator[tuple[str, Gate]]:
     """A head in memory, its HTTP port served in a thread behind a :class:`Gate`, whose
-    scheduler runs ``(name, replicas, of them STARTING)`` of each deployment."""
+    scheduler ``s1`` runs ``(name, replicas, of them STARTING)`` of each deployment; with
+    ``tables_late``, the head counts ``s1`` among those late taking its routing tables."""
     ready: queue.Queue[tuple[str, Gate, asyncio.AbstractEventLoop, asyncio.Event] | BaseException] = (
         queue.Queue()
     )
@@ -326,6 +329,8 @@ def head_of_many(deployments: Iterable[tuple[str, int, int]]) -> Iterator[tuple[
                 reports.append(ReplicaReport(f"{name}-{i:02d}", name, state, spec_hash=spec.process_hash()))
         reg = SchedulerRegistration("s1", "s1:1", "s1:2", Capacity(10**4, 10**9, 0), 1, "h", tuple(reports))
         await node.register_scheduler(reg)
+        if tables_late:  # what the head finds when s1 has not said it routes by a table 2 s on
+            node.routes_lagging = lambda: {"s1"}  # type: ignore[method-assign]
         gate = Gate(head_app(node))
         server = HttpServer(gate, "127.0.0.1", 0)
         await server.start()
@@ -393,6 +398,21 @@ def test_the_dashboard_of_a_large_cluster_draws_bounded_tables(browser: object) 
         assert len(texts(browser, "#replicas tr[data-replica]")) == 16
         logged = browser.get_log("browser")  # type: ignore[attr-defined]
         assert not [e for e in logged if e["level"] == "SEVERE"], logged
+
+
+def test_a_scheduler_late_taking_routing_tables_is_shown_so(browser: object) -> None:
+    """A scheduler the head counts late taking its routing tables (its requests may follow an
+    older one) reads "ALIVE (tables late)" in the schedulers table, with a title saying why,
+    as ``shoal status`` shows it; one that is not reads "ALIVE"."""
+    for late, shown in ((True, "ALIVE (tables late)"), (False, "ALIVE")):
+        with head_of_many([("echo", 1, 0)], tables_late=late) as (address, _):
+            browser.get(f"http://{address}/")  # type: ignore[attr-defined]
+            wait_until(browser, "return document.querySelectorAll('#schedulers tbody tr').length > 0")
+            assert texts(browser, '#schedulers tr[data-scheduler="s1"] td.state') == [shown]
+            title = browser.execute_script(  # type: ignore[attr-defined]
+                "return document.querySelector('#schedulers tr[data-scheduler=\"s1\"] td.state').title"
+            )
+            assert ("routing tables" in title) is late, title
 
 
 def test_the_dashboard_asks_a_slow_or_failing_head_once_at_a_time_and_less_often(browser: object) -> None:
