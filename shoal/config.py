@@ -266,6 +266,13 @@ class Settings:
     (keep it under the schedulers' ``max_concurrent_streams``), and up to about 8 MB of log
     in the head while its client reads nothing. ``shoal logs DEPLOYMENT --follow`` takes one
     per replica. 0: no limit."""
+    max_log_streams_per_client: int = 64
+    """Most of those one client holds at once (its token when it presents a valid one, else
+    its address, as for ``control_rate_limit``); past it its next is refused
+    (``ResourceExhausted``), so that one client (a follow of a large deployment, a script
+    that never ends its reads) cannot take every place. ``shoal logs DEPLOYMENT --follow``
+    follows as many replicas as it has room for and asks again for the others. 0: no limit
+    but ``max_log_streams``."""
     log_stream_stall_s: float = 60.0
     """How long the head waits for a log read's client to take its next chunk (gRPC
     ``ReadLog``: ``shoal logs``, ``--follow`` or not) before it ends the read,
@@ -524,6 +531,7 @@ _RANGES: dict[str, _Range] = {
     "sse_keepalive_s": _NATURAL,
     "control_rate_limit": _NATURAL,
     "max_log_streams": _NATURAL,
+    "max_log_streams_per_client": _NATURAL,
     "log_stream_stall_s": _POSITIVE,
     # A bound, not off at 0: with none, one deploy token's loop stalled the head for everyone.
     "max_deployments": _ONE_OR_MORE,

@@ -223,7 +223,8 @@ async def _follow_deployment(
                 if isinstance(err, NotFound):
                     continue  # placed but no log yet (not started): looked for at the next listing
                 if isinstance(err, ResourceExhausted):
-                    # The head relays max_log_streams reads at once: this one waits for room
+                    # The head relays max_log_streams reads at once (max_log_streams_per_client
+                    # of one client's): this one waits for room
                     # (a deployment of more replicas than that failed the whole command).
                     waiting.add(rid)
                     continue
@@ -240,7 +241,8 @@ async def _follow_deployment(
             if waiting and len(waiting) != said:
                 print(
                     f"shoal: not following {len(waiting)} of {len(listed)} replicas of {name} yet: "
-                    "the head relays at most max_log_streams log reads at once; asking again "
+                    "the head relays at most max_log_streams log reads at once, and "
+                    "max_log_streams_per_client of one client's; asking again "
                     f"every {relist_s:g}s (name a replica to follow it alone)",
                     file=sys.stderr,
                     flush=True,

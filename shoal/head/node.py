@@ -205,6 +205,7 @@ class HeadNode:
         self._routed: dict[str, int] = {}
         self._acks_wanted = 0
         self._log_streams = 0  # open read_log streams (max_log_streams)
+        self._log_clients: collections.Counter[str] = collections.Counter()  # of them, by client
         self._log_refusing = False  # a refusal was logged since the count was last under the cap
         self._announcing: asyncio.TimerHandle | None = None
         self._tasks = TaskSet("head")
@@ -1254,7 +1255,9 @@ class HeadNode:
 
     # ------------------------------------------------------------ logs
 
-    async def read_log(self, replica_id: str, tail_bytes: int, follow: bool) -> AsyncGenerator[bytes, None]:
+    async def read_log(
+        self, replica_id: str, tail_bytes: int, follow: bool, client: str = ""
+    ) -> AsyncGenerator[bytes, None]:
         """A replica's log from its scheduler; the replica may have died (its log stays).
 
         Asks the scheduler the head knows it on, else every live scheduler. NotFound if none
@@ -1269,6 +1272,11 @@ class HeadNode:
         Before, 1,100 follows that read nothing took the head to 4.5 GB as the replica wrote
         200 MB, and past 1,024 on one scheduler the head's ``CreateReplica`` to it waited
         behind them: a scale-up never happened.
+
+        ResourceExhausted too while ``client`` (:func:`shoal.auth.client_key`: its token, else
+        its address; "" counts as no one) holds ``max_log_streams_per_client`` of them: before,
+        one client (a follow of a large deployment, a script that never ends its reads) could
+        take every place and leave none for anyone else's.
         """
         if not REPLICA_ID.fullmatch(replica_id):
             raise InvalidArgument(
@@ -1288,12 +1296,27 @@ class HeadNode:
                 f"limit (setting max_log_streams): the log of {replica_id!r} cannot be read now; "
                 "retry once another ends"
             )
+        per_client = self.settings.max_log_streams_per_client
+        if client and per_client and self._log_clients[client] >= per_client:
+            kind, _, who = client.partition(":")
+            whose = f"the token {who!r}" if kind == "token" else f"the address {who}"
+            raise ResourceExhausted(
+                f"{whose} holds {self._log_clients[client]} replica log reads and "
+                f"follows, the limit for one client (setting max_log_streams_per_client): the log "
+                f"of {replica_id!r} cannot be read now; retry once one of them ends"
+            )
         self._log_streams += 1
+        if client:
+            self._log_clients[client] += 1
         try:
             async for data in self._read_log(replica_id, tail_bytes, follow):
                 yield data
         finally:
             self._log_streams -= 1
+            if client:
+                self._log_clients[client] -= 1
+                if not self._log_clients[client]:
+                    del self._log_clients[client]
             if self._log_streams < cap:
                 self._log_refusing = False
 

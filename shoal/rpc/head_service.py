@@ -8,7 +8,7 @@ import math
 import time
 from collections.abc import AsyncIterator
 
-from shoal.auth import Role, bearer
+from shoal.auth import Role, bearer, client_key
 from shoal.core.spec import parse_spec_json
 from shoal.core.tasks import until
 from shoal.errors import InvalidArgument, ResourceExhausted, ShoalError, Unauthenticated
@@ -275,6 +275,7 @@ class HeadService(pbg.HeadServicer):
         # as long as it ran after its token was revoked.
         secret = bearer(authorization(context))
         tokens = self.node.tokens
+        client = client_key(tokens.authenticate(secret) if secret else None, peer_host(context))
 
         def revoked() -> ShoalError | None:
             if secret is not None and tokens.authenticate(secret) is None:
@@ -286,7 +287,7 @@ class HeadService(pbg.HeadServicer):
         # until the client went away. Before, 128 such follows held 1.2 GB for good.
         stall_s = self.node.settings.log_stream_stall_s
         try:
-            stream = self.node.read_log(request.replica_id, request.tail_bytes, request.follow)
+            stream = self.node.read_log(request.replica_id, request.tail_bytes, request.follow, client)
             async for data in until(stream, revoked, REVOKED_CHECK_S):
                 try:
                     await asyncio.wait_for(context.write(pb.LogChunk(data=data)), stall_s)

@@ -8,6 +8,7 @@ them and a scale-up never happened."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import pytest
 from shoal.proto import shoal_pb2 as pb
 from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.testing.cluster import ProcessCluster
+from tests.integration.test_logs_follow import shoal
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -31,6 +33,21 @@ async def one_echo(cluster: ProcessCluster, examples_dir: Path) -> dict[str, Any
     await cluster.deploy({**spec, "replicas": 1, "resources": {"cpus": 0.1}})
     [replica] = await cluster.wait_ready("echo", 1)
     return replica
+
+
+async def served_once_free(start: Callable[[], Any], why: str) -> Any:
+    """Start a ReadLog call with ``start()`` until one is served its first chunk (those
+    refused RESOURCE_EXHAUSTED, for want of a place, are tried again for up to 20 s); the
+    call. Fails saying ``why`` when none is."""
+    for _ in range(200):
+        call = start()
+        try:
+            assert isinstance(await asyncio.wait_for(call.read(), 20), pb.LogChunk)
+            return call
+        except grpc.aio.AioRpcError as err:
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+            await asyncio.sleep(0.1)
+    pytest.fail(why)
 
 
 async def test_log_reads_past_max_log_streams_are_refused_and_those_open_go_on(
@@ -117,16 +134,8 @@ async def test_a_log_read_whose_client_takes_nothing_is_ended_and_frees_its_plac
                     for _ in range(24):
                         f.write(("x" * 1023 + "\n") * 1024)
                 # The head ends the read and its place is free: a new read is served.
-                for _ in range(200):
-                    probe = stub.ReadLog(pb.ReadLogRequest(replica_id=replica["id"], tail_bytes=10))
-                    try:
-                        await asyncio.wait_for(probe.read(), 20)
-                        break
-                    except grpc.aio.AioRpcError as err:
-                        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
-                        await asyncio.sleep(0.1)
-                else:
-                    pytest.fail("the stalled follow kept its place")
+                probe = pb.ReadLogRequest(replica_id=replica["id"], tail_bytes=10)
+                await served_once_free(lambda: stub.ReadLog(probe), "the stalled follow kept its place")
                 got = 0
                 with pytest.raises(grpc.aio.AioRpcError) as ended:
                     while True:
@@ -182,3 +191,55 @@ async def test_a_rest_log_read_whose_client_takes_nothing_frees_its_place(
                         pytest.fail(f"a log read was {'never' if want else 'always'} served")
         finally:
             writer.close()
+
+
+async def test_one_client_holds_at_most_max_log_streams_per_client_and_others_still_read(
+    tmp_path: Path, examples_dir: Path
+) -> None:
+    """Before, one client could take every place of max_log_streams (a follow of a large
+    deployment, a script that never ends its reads) and leave none to anyone else. Now a
+    client (its token, else its address) holds at most max_log_streams_per_client: its next
+    read is refused over either door, naming the setting and the token, while another token's
+    reads are served, and once one of its reads ends it reads again."""
+    env = {"SHOAL_MAX_LOG_STREAMS": "8", "SHOAL_MAX_LOG_STREAMS_PER_CLIENT": "2"}
+    async with ProcessCluster(tmp_path, env=env) as cluster:
+        replica = await one_echo(cluster, examples_dir)
+        admin = (await shoal(cluster, "token", "create", "--role", "admin", "--name", "ops")).split()[-1]
+        reader = ("token", "create", "--role", "read", "--name")
+        alice, bob = [(await shoal(cluster, *reader, n, token=admin)).split()[-1] for n in "ab"]
+        request = pb.ReadLogRequest(replica_id=replica["id"], tail_bytes=0, follow=True)
+        async with grpc.aio.insecure_channel(cluster.head_address) as channel:
+            stub = pbg.HeadStub(channel)
+
+            def follow(secret: str) -> Any:
+                return stub.ReadLog(request, metadata=(("authorization", f"Bearer {secret}"),))
+
+            held = [follow(alice) for _ in range(2)]
+            try:
+                for call in held:
+                    await asyncio.wait_for(call.read(), 20)
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await asyncio.wait_for(follow(alice).read(), 20)
+                assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "setting max_log_streams_per_client" in (err.value.details() or "")
+                assert "the token 'a'" in (err.value.details() or "")
+
+                assert cluster.head is not None
+                async with httpx.AsyncClient(
+                    base_url=f"http://{cluster.head.endpoints['head_http']}", timeout=20
+                ) as rest:
+                    path = f"/api/replicas/{replica['id']}/logs"
+                    answer = await rest.get(path, headers={"authorization": f"Bearer {alice}"})
+                    assert answer.status_code == 503, answer.text
+                    assert "max_log_streams_per_client" in answer.text
+                    answer = await rest.get(path, headers={"authorization": f"Bearer {bob}"})
+                    assert answer.status_code == 200, answer.text
+                other = follow(bob)
+                assert isinstance(await asyncio.wait_for(other.read(), 20), pb.LogChunk)
+                other.cancel()
+
+                held.pop().cancel()  # one of alice's ends: she reads again
+                held.append(await served_once_free(lambda: follow(alice), "the ended read kept its place"))
+            finally:
+                for call in held:
+                    call.cancel()
