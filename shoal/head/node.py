@@ -565,9 +565,14 @@ class HeadNode:
             log.info("deployment %s %s: %s", spec.name, "created" if old is None else "updated", change)
             self.wake()
             await self._publish_and_send()
-        elif retried:
-            log.info("deployment %s: starting its replicas again after failed starts", spec.name)
-            self.wake()
+        else:
+            if retried:
+                log.info("deployment %s: starting its replicas again after failed starts", spec.name)
+                self.wake()
+            # Nothing new, but the table with this spec may still be on its way: the same spec
+            # applied a moment ago by another call that still waits for it, or this call a
+            # retry of one whose answer was lost. Before, this one answered at once.
+            await self._send_current()
         number = current.number if current is not None else 0
         return ApplyResult(created=old is None, changed=changed, revision=number, change=change)
 
@@ -1565,6 +1570,15 @@ class HeadNode:
         self._acks_wanted += 1
         try:
             await self._publish_routes(soon=True)
+            await self._routes_out()
+        finally:
+            self._acks_wanted -= 1
+
+    async def _send_current(self) -> None:
+        """:meth:`_routes_out` for the current table, made by an earlier call: at once when
+        every scheduler routes by it already (nothing is published)."""
+        self._acks_wanted += 1
+        try:
             await self._routes_out()
         finally:
             self._acks_wanted -= 1

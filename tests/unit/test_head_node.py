@@ -878,8 +878,14 @@ async def test_a_routes_change_answers_once_each_scheduler_says_it_routes_by_it(
         await asyncio.sleep(0.1)
         assert not applying.done()  # sent, not yet routed by
         assert tables[-1].ack  # asked to say so at once
+        # The same spec again (another client; a retry of a call whose answer was lost):
+        # nothing changes, and it answers once the table is routed by too (before, at once).
+        again = asyncio.create_task(head.apply(make_spec("a")))
+        await asyncio.sleep(0.1)
+        assert not again.done()
         await say(tables[-1].version)
         await asyncio.wait_for(applying, 1.0)
+        assert not (await asyncio.wait_for(again, 1.0)).changed
         # A table no call waits on asks nothing.
         await head.scheduler_health("s1", 0, [ready("a-000001", make_spec("a"))])
         await until(lambda: len(tables[-1].deployments["a"].routes) == 1, "the route's table")
