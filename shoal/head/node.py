@@ -186,7 +186,10 @@ class HeadNode:
         self._status_builds: dict[tuple[frozenset[str] | None, bool], asyncio.Future[ClusterStatus]] = {}
         self._wake = asyncio.Event()
         self._clients: dict[str, tuple[str, SchedulerClient]] = {}
-        self._routes = RoutingTable(version=0)
+        # Version 1, not 0: a scheduler says 0 for "no word on this head's tables" (its
+        # routes_version), so one routing by an empty first table of version 0 was taken
+        # at the send at the first change after a start with nothing in the store.
+        self._routes = RoutingTable(version=1)
         self._inputs: dict[str, _EntryInputs] = {}  # what each entry of the table was built from
         # Table streams wait on this event; set (and replaced) when they should look again
         # (_announce). Not per version: a burst of versions wakes them every ROUTES_GAP_S.
