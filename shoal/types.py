@@ -107,6 +107,9 @@ class SchedulerRegistration:
     hostname: str
     replicas: tuple[ReplicaReport, ...] = ()
     max_replicas: int = 0  # replicas it runs at most (``Settings.max_replicas``); 0: no bound
+    # It says which routing table it routes by (health updates' ``routes_version``): the
+    # head waits for its word from its registration on (``HeadNode._routes_out``).
+    says_routes: bool = False
     # The host the registration came from, as the head saw its connection (not the address
     # the scheduler advertises): blob claims in the scheduler's name must come from there.
     peer: str = ""

@@ -206,6 +206,7 @@ class HeadNode:
         # routes by (health updates' routes_version), and the calls waiting on them.
         self._stream_of: dict[int, str] = {}
         self._routed: dict[str, int] = {}
+        self._says_routes: set[str] = set()  # registered saying they will say (SchedulerRegistration)
         self._acks_wanted = 0
         self._log_streams = 0  # open read_log streams (max_log_streams)
         self._log_clients: collections.Counter[str] = collections.Counter()  # of them, by client
@@ -414,8 +415,14 @@ class HeadNode:
             self._backlog.forget(reg.scheduler_id)  # restarted, it may give another timeout
             # Restarted, it routes by no table yet. Ids of schedulers gone are dropped now and then.
             self._routed.pop(reg.scheduler_id, None)
+            if reg.says_routes:
+                self._says_routes.add(reg.scheduler_id)
+            else:
+                self._says_routes.discard(reg.scheduler_id)
             if len(self._routed) > 2 * len(self.state.schedulers):
                 self._routed = {k: v for k, v in self._routed.items() if k in self.state.schedulers}
+            if len(self._says_routes) > 2 * len(self.state.schedulers):
+                self._says_routes &= set(self.state.schedulers)
             self._refresh_resources()
             if self.blobs is not None:
                 # Its cache may have changed meanwhile (evicted, emptied): it tells again what it holds.
@@ -1525,13 +1532,20 @@ class HeadNode:
         """Whether table stream ``key`` has not yet had ``version`` (or newer) taken: sent,
         and, for a live scheduler, said to be routed by (its health updates'
         ``routes_version``, which covers its ingress processes). A scheduler that never said
-        (not registered, dead, or of a version that does not say) is taken at the send."""
+        and did not register saying it would (not registered, dead, or of a version that
+        does not say) is taken at the send; one that registered so is waited for from its
+        registration on (before, until its first word, up to a heartbeat, it was taken at
+        the send: a deployment created then could be unknown to its workers)."""
         if self._sent.get(key, version) < version:
             return True
         sid = self._stream_of.get(key, "")
-        routed = self._routed.get(sid, 0)
         sched = self.state.schedulers.get(sid)
-        return bool(routed) and routed < version and sched is not None and sched.state == ALIVE
+        if sched is None or sched.state != ALIVE:
+            return False
+        routed = self._routed.get(sid, 0)
+        if not routed:
+            return sid in self._says_routes
+        return routed < version
 
     async def _routes_out(self) -> None:
         """Wait until every table stream has sent the current table (or a newer one) and

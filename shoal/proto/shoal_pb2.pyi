@@ -187,6 +187,7 @@ class RegisterSchedulerRequest(_message.Message):
     REPLICAS_FIELD_NUMBER: _builtins.int
     HOSTNAME_FIELD_NUMBER: _builtins.int
     MAX_REPLICAS_FIELD_NUMBER: _builtins.int
+    SAYS_ROUTES_FIELD_NUMBER: _builtins.int
     scheduler_id: _builtins.str
     address: _builtins.str
     """scheduler gRPC (control + native ingress)"""
@@ -196,6 +197,10 @@ class RegisterSchedulerRequest(_message.Message):
     hostname: _builtins.str
     max_replicas: _builtins.int
     """replicas it runs at most (0: no bound)"""
+    says_routes: _builtins.bool
+    """It says which routing table it routes by (SchedulerHealth.routes_version): the head
+    waits for its word on a table a control call changed, from its registration on.
+    """
     @_builtins.property
     def capacity(self) -> Global___Resources: ...
     @_builtins.property
@@ -213,10 +218,11 @@ class RegisterSchedulerRequest(_message.Message):
         replicas: _abc.Iterable[Global___ReplicaStatus] | None = ...,
         hostname: _builtins.str = ...,
         max_replicas: _builtins.int = ...,
+        says_routes: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capacity", b"capacity", "hostname", b"hostname", "http_address", b"http_address", "max_replicas", b"max_replicas", "pid", b"pid", "replicas", b"replicas", "scheduler_id", b"scheduler_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capacity", b"capacity", "hostname", b"hostname", "http_address", b"http_address", "max_replicas", b"max_replicas", "pid", b"pid", "replicas", b"replicas", "says_routes", b"says_routes", "scheduler_id", b"scheduler_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -458,6 +458,7 @@ class GrpcHeadLink:
             hostname=reg.hostname,
             replicas=[report_to_pb(r) for r in reg.replicas],
             max_replicas=reg.max_replicas,
+            says_routes=reg.says_routes,
         )
         address = self._heads.address
         reply = await self._call("RegisterScheduler", req)

@@ -58,6 +58,7 @@ class HeadService(pbg.HeadServicer):
             replicas=tuple(report_from_pb(r) for r in request.replicas),
             max_replicas=max(0, request.max_replicas),
             peer=peer_host(context),
+            says_routes=request.says_routes,
         )
         try:
             interval = await self.node.register_scheduler(reg)

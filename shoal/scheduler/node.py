@@ -293,6 +293,7 @@ class SchedulerNode:
                     hostname=socket.gethostname(),
                     replicas=tuple(r for r in replicas if r.state not in ("DEAD", "STOPPED")),
                     max_replicas=self.max_replicas,
+                    says_routes=True,
                 )
                 try:
                     interval = await self.head.register(reg) or self.settings.heartbeat_interval_s
@@ -394,7 +395,10 @@ class SchedulerNode:
                     self._table_changed()
                     if self._confirming is not None:
                         self._confirming.cancel()
-                    self._confirming = asyncio.create_task(self._confirm(table.version, table.ack))
+                    # The first table since registering is said at once too: until its word
+                    # the head waits for this scheduler on every table a control call changes.
+                    first = self.routes_version == 0
+                    self._confirming = asyncio.create_task(self._confirm(table.version, table.ack or first))
             except ShoalError:
                 pass
             await self.clock.sleep(backoff)

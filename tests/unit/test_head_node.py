@@ -45,7 +45,7 @@ async def head(store: MemoryStore, fleet: FakeSchedulers, clock: FakeClock) -> A
     await node.aclose()
 
 
-async def join(head: HeadNode, sid: str = "s1", *replicas: ReplicaReport) -> None:
+async def join(head: HeadNode, sid: str = "s1", *replicas: ReplicaReport, says_routes: bool = False) -> None:
     interval = await head.register_scheduler(
         SchedulerRegistration(
             sid,
@@ -55,6 +55,7 @@ async def join(head: HeadNode, sid: str = "s1", *replicas: ReplicaReport) -> Non
             pid=42,
             hostname="host",
             replicas=replicas,
+            says_routes=says_routes,
         )
     )
     assert interval == 1.0
@@ -929,6 +930,25 @@ async def test_a_scheduler_routing_by_a_new_heads_first_table_is_waited_for(head
         assert not tables[0].deployments
         assert await head.scheduler_health("s1", 0, [], routes_version=tables[0].version)
         await apply_waits_for_the_word(head, tables, "a")
+    finally:
+        reader.cancel()
+
+
+async def test_a_scheduler_that_registered_saying_it_will_say_is_waited_for_before_its_first_word(
+    head: HeadNode,
+) -> None:
+    """A scheduler says which table it routes by once it has taken one, up to a heartbeat
+    after it registered: a deployment created meanwhile was taken at the send to it, and a
+    request right after the call could meet one of its workers without it. One that
+    registers saying it will say (this version's schedulers) is waited for from then on;
+    one that does not (another version) is still taken at the send."""
+    await join(head, "s1", says_routes=True)
+    tables, reader = read_tables(head, "s1")
+    await until(lambda: bool(tables), "the first table")
+    try:
+        await apply_waits_for_the_word(head, tables, "a")  # no word said before this one
+        await join(head, "s1")  # registered again, as another version would: taken at the send
+        await asyncio.wait_for(head.apply(make_spec("b")), 1.0)
     finally:
         reader.cancel()
 

@@ -21,7 +21,7 @@ from shoal.proto import shoal_pb2 as pb
 from shoal.scheduler.node import SchedulerNode
 from shoal.testing.fakes import FakeHeadLink, FakeLauncher, FakeReplicas
 from shoal.testing.wait import until
-from shoal.types import SchedulerRegistration
+from shoal.types import RoutingTable, SchedulerRegistration
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -71,6 +71,24 @@ async def test_the_scheduler_registers_and_reports_its_replicas(h: Harness) -> N
     await h.head.wait_until(
         lambda hd: any(r.id == "echo-1" and r.state == "READY" for r in hd.acked[-1].replicas)
     )
+
+
+async def test_the_scheduler_says_the_first_table_after_registering_at_once_and_later_ones_when_asked(
+    h: Harness,
+) -> None:
+    """It registers saying it will say which table it routes by, so the head waits for its
+    word from then on: the first table after registering is said at once, not at the next
+    heartbeat; a later one only when it carries ``ack`` (a control call waits on it)."""
+    [reg] = h.head.registrations
+    assert reg.says_routes
+    h.head.push_table(RoutingTable(version=1))
+    await h.head.wait_until(lambda hd: hd.health_calls[-1].routes_version == 1)
+    calls = len(h.head.health_calls)
+    h.head.push_table(RoutingTable(version=2))
+    await asyncio.sleep(0.05)
+    assert len(h.head.health_calls) == calls  # said with the next heartbeat (the clock stands)
+    h.head.push_table(RoutingTable(version=3, ack=True))
+    await h.head.wait_until(lambda hd: hd.health_calls[-1].routes_version == 3)
 
 
 async def test_the_head_hears_at_once_why_a_replica_died(h: Harness) -> None:
