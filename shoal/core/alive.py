@@ -9,12 +9,19 @@ import psutil
 
 def process_runs(pid: int) -> Callable[[], bool] | None:
     """Whether process ``pid`` (the one running now, not a later one given its number) still
-    runs; None when ``pid`` is 0 or already gone."""
+    runs; None when ``pid`` is 0 or cannot be looked at (not known).
+
+    A process already gone when it is first looked at does not run: before, that too was
+    "not known", and an ingress worker whose main process was killed while the worker was
+    still starting (seen under CPU load, 1 in 10) ignored its loss until ``orphan_after_s``,
+    holding the shared ports against the scheduler started again on them."""
+    if pid <= 0:
+        return None
     try:
-        started = psutil.Process(pid).create_time() if pid > 0 else None
+        started = psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return _gone
     except psutil.Error:
-        started = None
-    if started is None:
         return None
 
     def runs() -> bool:
@@ -25,3 +32,7 @@ def process_runs(pid: int) -> Callable[[], bool] | None:
             return False
 
     return runs
+
+
+def _gone() -> bool:
+    return False

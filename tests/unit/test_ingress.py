@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Mapping
 
 import pytest
 
 from shoal.config import Settings
 from shoal.core import payload
+from shoal.core.alive import process_runs
 from shoal.core.stats import DeploymentStats
 from shoal.errors import ResourceExhausted, Unavailable
 from shoal.scheduler.ingress import Counts, IngressHub, IngressWorker, ingress_processes, snapshot
@@ -182,6 +185,23 @@ async def test_a_worker_whose_main_process_is_gone_stops_though_its_table_stream
 
     alive[0] = False
     await asyncio.wait_for(run, 2)
+    await worker.aclose()
+    await main.aclose()
+
+
+async def test_a_worker_whose_main_process_died_before_the_worker_looked_stops_at_once() -> None:
+    """Killed while its worker was still starting (seen under CPU load), the main process was
+    gone when the worker first looked: "not known", so the worker ran on until orphan_after_s,
+    holding the shared ports against a scheduler started again on them."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # gone, and reaped: its number names no process now
+    settings = Settings(ingress_workers=2, orphan_after_s=60)
+    fakes = FakeReplicas()
+    main = Router("s1", settings, fakes)
+    link = Link(IngressHub(main))
+    link.gone = True  # its control port answers no more
+    worker = IngressWorker(settings, "s1", link, fakes, process_runs(child.pid))
+    await asyncio.wait_for(worker.run(), 2)
     await worker.aclose()
     await main.aclose()
 

@@ -126,4 +126,5 @@ def test_process_runs_knows_a_process_from_a_later_one_of_its_number() -> None:
         child.kill()
         child.wait()
     assert not runs()
-    assert process_runs(child.pid) is None  # gone before it was watched
+    gone = process_runs(child.pid)  # gone before it was watched: it does not run (not "not known")
+    assert gone is not None and not gone()
