@@ -425,3 +425,9 @@ class RateLimiter:
 def client_key(token: TokenRecord | None, address: str) -> str:
     """Whose bucket a call takes from: its token when it has a valid one, else its address."""
     return f"token:{token.name}" if token is not None else f"addr:{address}"
+
+
+def client_of(tokens: TokenRegistry, authorization: str | None, address: str) -> str:
+    """:func:`client_key` of a call from its ``Authorization`` value and its address."""
+    secret = bearer(authorization)
+    return client_key(tokens.authenticate(secret) if secret else None, address)

@@ -24,7 +24,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shoal import __version__, metrics
-from shoal.auth import RateLimiter, bearer, client_key
+from shoal.auth import RateLimiter, client_of
 from shoal.core import limits, stats
 from shoal.core.spec import MAX_REPLICAS, DeploymentSpec, parse_spec_json
 from shoal.core.traffic import TrafficRoute, parse_route
@@ -321,9 +321,8 @@ def head_app(node: HeadNode, limiter: RateLimiter | None = None) -> Starlette:
             tail = -1
         if not 0 <= tail <= MAX_TAIL_BYTES:
             raise InvalidArgument(f"tail_bytes must be an integer from 0 to {MAX_TAIL_BYTES}")
-        secret = bearer(request.headers.get("authorization"))
-        token = node.tokens.authenticate(secret) if secret else None
-        client = client_key(token, request.client.host if request.client else "")
+        address = request.client.host if request.client else ""
+        client = client_of(node.tokens, request.headers.get("authorization"), address)
         stream = node.read_log(request.path_params["replica_id"], tail, False, client)
         # Ask for the first chunk before answering, so an unknown replica is a 404, not an empty 200.
         try:

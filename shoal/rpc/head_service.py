@@ -8,7 +8,7 @@ import math
 import time
 from collections.abc import AsyncIterator
 
-from shoal.auth import Role, bearer, client_key
+from shoal.auth import Role, bearer, client_of
 from shoal.core.spec import parse_spec_json
 from shoal.core.tasks import until
 from shoal.errors import InvalidArgument, ResourceExhausted, ShoalError, Unauthenticated
@@ -276,7 +276,7 @@ class HeadService(pbg.HeadServicer):
         # as long as it ran after its token was revoked.
         secret = bearer(authorization(context))
         tokens = self.node.tokens
-        client = client_key(tokens.authenticate(secret) if secret else None, peer_host(context))
+        client = client_of(tokens, authorization(context), peer_host(context))
 
         def revoked() -> ShoalError | None:
             if secret is not None and tokens.authenticate(secret) is None:
