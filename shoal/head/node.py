@@ -582,7 +582,7 @@ class HeadNode:
             # Nothing new, but the table with this spec may still be on its way: the same spec
             # applied a moment ago by another call that still waits for it, or this call a
             # retry of one whose answer was lost. Before, this one answered at once.
-            await self._send_current()
+            await self._publish_and_send(publish=False)
         number = current.number if current is not None else 0
         return ApplyResult(created=old is None, changed=changed, revision=number, change=change)
 
@@ -1580,22 +1580,16 @@ class HeadNode:
         """The schedulers one of whose table streams is lagging (:meth:`_routes_out`)."""
         return {self._stream_of[k] for k in self._lagging if k in self._stream_of}
 
-    async def _publish_and_send(self) -> None:
+    async def _publish_and_send(self, publish: bool = True) -> None:
         """:meth:`_publish_routes`, then :meth:`_routes_out`: for control calls whose caller
         may send requests by the new table the moment the call answers. Tables made while
-        one waits ask schedulers to say at once that they route by them (``ack``)."""
+        one waits ask schedulers to say at once that they route by them (``ack``).
+        ``publish`` False: the current table, made by an earlier call (at once when every
+        scheduler routes by it already)."""
         self._acks_wanted += 1
         try:
-            await self._publish_routes(soon=True)
-            await self._routes_out()
-        finally:
-            self._acks_wanted -= 1
-
-    async def _send_current(self) -> None:
-        """:meth:`_routes_out` for the current table, made by an earlier call: at once when
-        every scheduler routes by it already (nothing is published)."""
-        self._acks_wanted += 1
-        try:
+            if publish:
+                await self._publish_routes(soon=True)
             await self._routes_out()
         finally:
             self._acks_wanted -= 1
