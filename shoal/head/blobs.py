@@ -513,6 +513,14 @@ class BlobStore:
         finally:
             self._writing.discard(sha256)
 
+    async def admit(self, sha256: str, size: int) -> None:
+        """Raises what :meth:`receive` would refuse an upload of ``sha256`` announcing
+        ``size`` bytes for now, as :meth:`_admit` (asked by a ``Stat`` naming the size, before
+        a byte is sent). A blob held whole passes."""
+        info = self.stat(sha256)
+        if not info.complete:
+            await self._admit(sha256, size, info.have)
+
     async def _admit(self, sha256: str, size: int, have: int) -> None:
         """ResourceExhausted unless ``size`` bytes of ``sha256`` (``have`` of them here
         already) fit within ``max_total`` and leave ``keep_free`` on the disk; LimitReached

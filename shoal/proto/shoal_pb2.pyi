@@ -2553,6 +2553,7 @@ class BlobRef(_message.Message):
     SHA256_FIELD_NUMBER: _builtins.int
     HOLDER_FIELD_NUMBER: _builtins.int
     RELEASED_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
     sha256: _builtins.str
     holder: _builtins.str
     """Stat from a scheduler that now holds the blob whole, verified (its id): the head lists
@@ -2562,16 +2563,23 @@ class BlobRef(_message.Message):
     """With holder: that scheduler no longer holds the blob (its artifact cache evicted it):
     the head stops listing it.
     """
+    size: _builtins.int
+    """From the CLI before an upload: the blob's size. The head refuses then, before a byte
+    is sent, what the upload's first message would be refused for (no room, or too many
+    blobs: RESOURCE_EXHAUSTED); a refusal sent while a client stream is still writing could
+    reach the client as INTERNAL instead. A size over max_size is the client's to refuse.
+    """
     def __init__(
         self,
         *,
         sha256: _builtins.str = ...,
         holder: _builtins.str = ...,
         released: _builtins.bool = ...,
+        size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["holder", b"holder", "released", b"released", "sha256", b"sha256"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["holder", b"holder", "released", b"released", "sha256", b"sha256", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -123,6 +123,10 @@ class HeadBlobService(pbg.BlobServicer):
         try:
             info = self.store.stat(request.sha256)
             self._check_claim(request.holder, context)
+            if 0 < request.size <= self.store.max_bytes and not request.holder:
+                # A client about to upload (over max_blob_mb, the reply's max_size tells it,
+                # and it names its file).
+                await self.store.admit(request.sha256, request.size)
         except ShoalError as err:
             await abort(context, err)
         if request.released:
@@ -351,7 +355,11 @@ async def upload(settings: Settings, packed: Packed, on_progress: Callable[[int,
     hash mismatch), PermissionDenied without a deploy token, Unavailable when the head
     cannot be reached."""
     metadata = auth_metadata(settings.token)
-    blob = pb.BlobRef(sha256=packed.ref.sha256)
+    # With its size: what the head has no room for is refused at the Stat, before a byte
+    # is sent. Refused only at the upload's first message, the answer raced the chunks
+    # still being written and came back now and then as INTERNAL "Internal error from
+    # Core" instead (then the next try's Stat says why).
+    blob = pb.BlobRef(sha256=packed.ref.sha256, size=packed.size)
     error: ShoalError = Unavailable("no head address")
     for address in head_addresses(settings.head_address):
         channel = open_channel(address, settings, server="head")

@@ -195,13 +195,20 @@ async def test_the_head_refuses_an_upload_past_its_total_of_blobs_or_into_its_la
     with pytest.raises(ConnectionResetError):  # dropped: its 10,000 bytes stay reserved
         await store.receive(shas[1], 10_000, 0, chunks_of(blobs[1], fail_after=2000))
     with pytest.raises(ResourceExhausted, match=r"holds 20000 bytes of blobs .* max_blobs_mb"):
+        await store.admit(shas[2], 10_000)  # a Stat naming the size: before a byte is sent
+    with pytest.raises(ResourceExhausted, match=r"holds 20000 bytes of blobs .* max_blobs_mb"):
         await store.receive(shas[2], 10_000, 0, chunks_of(blobs[2]))
     assert store.stat(shas[2]).have == 0
+    await store.admit(shas[2], 5_000)  # what would fit passes, as do the blobs held
+    await store.admit(shas[1], 10_000)
+    await store.admit(shas[0], 10_000)
     # The dropped one continues, and one already whole is taken again as ever.
     assert (await store.receive(shas[1], 10_000, 2000, chunks_of(blobs[1][2000:]))).complete
     assert (await store.receive(shas[0], 10_000, 0, chunks_of(blobs[0]))).complete
 
     full = BlobStore(tmp_path / "full", max_bytes=1_000_000, grace_s=100.0, keep_free=2**62)
+    with pytest.raises(ResourceExhausted, match=r"would leave less than .* free on the disk"):
+        await full.admit(shas[2], 10_000)
     with pytest.raises(ResourceExhausted, match=r"would leave less than .* free on the disk"):
         await full.receive(shas[2], 10_000, 0, chunks_of(blobs[2]))
     assert full.stat(shas[2]).have == 0
