@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -39,13 +38,6 @@ async def test_a_restarted_scheduler_keeps_its_id(tmp_path: Path) -> None:
         await cluster.wait_for(back, timeout_s=30, what="the same scheduler id, alive, with the new pid")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _ingress_workers(pid: int) -> list[psutil.Process]:
     children = psutil.Process(pid).children(recursive=True)
     return [p for p in children if "shoal.ingress_worker" in " ".join(p.cmdline())]
@@ -62,11 +54,14 @@ async def test_a_scheduler_killed_hard_starts_again_on_its_ports_at_once(tmp_pat
     """Its ingress workers leave the shared ports as soon as its main process is gone, not
     ``orphan_after_s`` later (60 s here). Before, a scheduler started again on the same ports
     right after a kill -9 was refused by its own old workers: 'port N is in use (grpc_port)'."""
-    grpc_port, http_port = _free_port(), _free_port()
     env = {"SHOAL_INGRESS_WORKERS": "2", "SHOAL_ORPHAN_AFTER_S": "60"}
-    ports = ["--grpc-port", str(grpc_port), "--http-port", str(http_port)]
     async with ProcessCluster(tmp_path, env=env, schedulers=0) as cluster:
-        scheduler = cluster.add_scheduler(ports)
+        scheduler = cluster.add_scheduler()
+        # The ports it bound (asked for port 0) are those it is started on again. Ports found
+        # free by binding and closing them first could be taken by another process meanwhile.
+        grpc_port = scheduler.endpoints["scheduler"].rpartition(":")[2]
+        http_port = scheduler.endpoints["scheduler_http"].rpartition(":")[2]
+        scheduler.args += ["--grpc-port", grpc_port, "--http-port", http_port]
         await cluster.wait_for(lambda s: len(s["schedulers"]) == 1, what="the scheduler")
         deadline = time.monotonic() + 30
         while len(old := _ingress_workers(scheduler.pid)) != 1:
@@ -79,8 +74,9 @@ async def test_a_scheduler_killed_hard_starts_again_on_its_ports_at_once(tmp_pat
         while any(_running(p) for p in old):
             assert time.monotonic() < deadline, "the ingress worker outlived its main process"
             await asyncio.sleep(0.1)
-        # add_scheduler's arguments again, on the same state folder: it must bind the same ports.
+        # Started again on the same state folder, naming the ports: it must bind them.
         await asyncio.to_thread(scheduler.start, ("scheduler", "scheduler_http"))
+        assert scheduler.endpoints["scheduler"].endswith(f":{grpc_port}")
         assert scheduler.endpoints["scheduler_http"].endswith(f":{http_port}")
         async with httpx.AsyncClient(timeout=10) as http:
             r = await http.get(f"http://127.0.0.1:{http_port}/v2/health/live")
