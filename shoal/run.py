@@ -26,6 +26,7 @@ from shoal import logs, metrics
 from shoal.auth import RateLimiter
 from shoal.config import Settings
 from shoal.core import affinity
+from shoal.core.clock import wait_for
 from shoal.core.reuseport import deal_in_turn, listening_sockets
 from shoal.core.tasks import TaskSet
 from shoal.errors import FailedPrecondition, InvalidArgument
@@ -575,7 +576,7 @@ class IngressWorkers:
             if proc.returncode is None:
                 proc.send_signal(signal.SIGTERM)
         try:
-            await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), grace_s + 2.0)
+            await wait_for(asyncio.gather(*(p.wait() for p in procs)), grace_s + 2.0)
         except TimeoutError:
             log.warning("ingress workers still running %gs after they were told to stop", grace_s + 2.0)
 
@@ -593,7 +594,7 @@ class IngressWorkers:
                 proc.send_signal(signal.SIGTERM)
         for proc in self._procs.values():
             try:
-                await asyncio.wait_for(proc.wait(), 5.0)
+                await wait_for(proc.wait(), 5.0)
             except TimeoutError:
                 proc.send_signal(signal.SIGKILL)
                 await proc.wait()

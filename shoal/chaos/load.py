@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from shoal.config import Settings
+from shoal.core.clock import wait_for
 from shoal.errors import InvalidArgument, ShoalError
 from shoal.loadgen.loops import closed_loop
 from shoal.types import Arrays
@@ -127,7 +128,7 @@ class Load:
             delay = at - time.monotonic()
             if delay > 0:
                 try:
-                    await asyncio.wait_for(self._stop.wait(), delay)
+                    await wait_for(self._stop.wait(), delay)
                     return False
                 except TimeoutError:
                     pass

@@ -8,7 +8,6 @@ and ``shoal logs scheduler`` read.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import signal
@@ -25,6 +24,7 @@ from shoal.cli.common import add_head_flag, seconds, settings_of
 from shoal.cli.deploy import applied, wait_for
 from shoal.config import Settings
 from shoal.core import triton_repo
+from shoal.core.clock import sleep_or_event
 from shoal.core.deploy_watch import DeployWatch
 from shoal.core.model_dirs import check_deployable
 from shoal.core.model_hash import with_model_hash
@@ -249,8 +249,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     async def on_ready(head: Any, scheduler: Any, tasks: Any) -> None:
         # Its own scheduler first, briefly: a head with nothing to adopt places at once, and
         # its first line said "echo 0/1 ready (no live scheduler)" 0.2 s before it had one.
-        with suppress(TimeoutError):
-            await asyncio.wait_for(scheduler.registered.wait(), settings.dead_after_s)
+        await sleep_or_event(scheduler.registered, settings.dead_after_s)
         before = (await head.status()).to_json()
         for spec in specs:
             # As shoal deploy says it (it said "updated" for a spec that changed nothing). No

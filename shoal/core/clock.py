@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable
-from typing import Protocol
+from typing import Protocol, TypeVar
+
+T = TypeVar("T")
 
 
 class Clock(Protocol):
@@ -120,11 +122,24 @@ class FakeClock:
             self._changed.set()
 
 
+async def wait_for(aw: Awaitable[T], seconds: float | None) -> T:
+    """``aw``'s result, or TimeoutError (``aw`` cancelled) after ``seconds`` (None: no limit).
+
+    Use it in place of ``asyncio.wait_for`` (ruff refuses that in ``shoal/``): on Python 3.11
+    ``asyncio.wait_for`` returns ``aw``'s result when ``aw`` is done by the time the task
+    cancelled around it runs, and the cancellation is lost. A loop waiting that way for an
+    event then ran on after its ``TaskSet`` cancelled it, and the ``aclose`` awaiting it never
+    returned: the blob mirror's, when a blob came whole in the same loop pass (a unit test
+    hung in a full-suite run). Here the wait runs in the caller's task under
+    ``asyncio.timeout``, which passes a cancellation on."""
+    async with asyncio.timeout(seconds):
+        return await aw
+
+
 async def sleep_or_event(event: asyncio.Event, seconds: float) -> bool:
     """Wait ``seconds`` or until ``event`` is set; True when the event fired."""
     try:
-        async with asyncio.timeout(seconds):  # not wait_for: see SystemClock.wait
-            await event.wait()
+        await wait_for(event.wait(), seconds)
     except TimeoutError:
         return False
     return True

@@ -52,6 +52,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 from shoal.core.blobs import HEX, IDLE_S, until_idle
+from shoal.core.clock import wait_for
 from shoal.core.tasks import TaskSet
 from shoal.errors import NotFound, ShoalError
 from shoal.head.blobs import STANDBY, STANDBY_ALIVE_S, BlobStore
@@ -165,7 +166,7 @@ class BlobMirror:
                     quiet = True
             pause = self.every_s * (10 if self._leading_since is not None else 1)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), pause)
+                await wait_for(self._wake.wait(), pause)
             self._wake.clear()
 
     async def run_pass(self) -> None:

@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shoal.core.blobs import CHUNK, HEX, check_hex, file_sha256, parse_uri, read_chunks
+from shoal.core.clock import wait_for
 from shoal.core.cluster import ALIVE
 from shoal.core.spec import DeploymentSpec, parse_spec_json, uri_scheme
 from shoal.core.tasks import TaskSet
@@ -407,7 +408,7 @@ class BlobStore:
                         return True
                     # Woken by a holder or a standby's word; and to notice a standby gone quiet.
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._changed.wait(), STANDBY_ALIVE_S)
+                        await wait_for(self._changed.wait(), STANDBY_ALIVE_S)
         except TimeoutError:
             return False
 

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
+from shoal.core.clock import wait_for
 from shoal.errors import ShoalError, Unavailable
 
 log = logging.getLogger("shoal.head")
@@ -208,7 +209,7 @@ class Leadership:
         while True:
             # Never past the moment the lease may run out; at once when a write was fenced.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._deposed.wait(), max(0.0, min(pause, self._left())))
+                await wait_for(self._deposed.wait(), max(0.0, min(pause, self._left())))
             if self._deposed.is_set() and self._stepping_down:
                 log.error("leadership given up: %s", self._stepping_down)
                 # Revoked, the key goes at once: a standby leads without waiting out the TTL.
@@ -225,7 +226,7 @@ class Leadership:
             try:
                 # One try may hang on an etcd member that just died: give each a share of
                 # the time left, and try again soon (etcd elects a new leader in a second).
-                remaining = await asyncio.wait_for(
+                remaining = await wait_for(
                     self.backend.renew_lease(self._lease), min(left, max(0.2, self.ttl_s / 3))
                 )
             except (ShoalError, TimeoutError) as err:
@@ -259,7 +260,7 @@ class Leadership:
         self.leading = self.serving = False
         if lease:
             try:
-                await asyncio.wait_for(_quietly(self.backend.revoke_lease(lease)), self.ttl_s)
+                await wait_for(_quietly(self.backend.revoke_lease(lease)), self.ttl_s)
             except TimeoutError:
                 log.warning("leader election: lease not revoked in %ds (etcd does not answer)", self.ttl_s)
             self._set_leader(None)

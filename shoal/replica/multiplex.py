@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 
 from shoal.backends.base import Backend, Tensors
 from shoal.core import affinity
+from shoal.core.clock import wait_for
 from shoal.core.limits import error_text
 from shoal.core.spec import Batching, check_model_id
 from shoal.core.tasks import TaskSet
@@ -260,7 +261,7 @@ class ModelCache:
             backend = self._backend.model_backend(model_id)
             loading = _on_own_thread(backend.load, f"load model {model_id}")
             try:
-                await asyncio.wait_for(asyncio.shield(loading), self.load_timeout_s)
+                await wait_for(asyncio.shield(loading), self.load_timeout_s)
             except asyncio.CancelledError:
                 loading.cancel()  # the cache is closing: what the thread ends with is moot
                 raise

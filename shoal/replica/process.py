@@ -18,7 +18,7 @@ from shoal.backends.generate import Completion, TextGenerator
 from shoal.backends.python import PythonBackend
 from shoal.config import Settings
 from shoal.core import limits, tensors
-from shoal.core.clock import Clock, SystemClock
+from shoal.core.clock import Clock, SystemClock, wait_for
 from shoal.core.cluster import DRAINING, READY, STARTING, STOPPED
 from shoal.core.model_dirs import check_deployable
 from shoal.core.spec import DeploymentSpec, TensorSpec
@@ -154,7 +154,7 @@ class ReplicaProcess:
             given_up = GivenUp()
             current_call.set(CallContext((request_id,), time.monotonic() + timeout, (given_up,)))
             try:
-                outputs = await asyncio.wait_for(self._submit(inputs, model_id), timeout)
+                outputs = await wait_for(self._submit(inputs, model_id), timeout)
             except TimeoutError:
                 waited = self.models.waited_for(model_id) if self.models is not None else ""
                 waited = f" ({waited})" if waited else ""
@@ -297,7 +297,7 @@ class ReplicaProcess:
                 while True:
                     try:
                         # Per step, not around the loop: a timeout scope must not span a yield.
-                        step = await asyncio.wait_for(anext(steps), max(0.0, deadline - loop.time()))
+                        step = await wait_for(anext(steps), max(0.0, deadline - loop.time()))
                     except StopAsyncIteration:
                         raise Internal(f"model {self.spec.name!r} ended a generation early") from None
                     except TimeoutError:

@@ -16,6 +16,7 @@ import grpc.aio
 
 from shoal.config import Settings
 from shoal.core import limits
+from shoal.core.clock import wait_for
 from shoal.core.cluster import ReplicaReport
 from shoal.core.payload import Tensors
 from shoal.core.spec import DeploymentSpec, parse_spec_json
@@ -511,7 +512,7 @@ class GrpcHeadLink:
         error: ShoalError
         try:
             await stream.write(req)
-            reply = await asyncio.wait_for(stream.read(), self._settings.rpc_timeout_s)
+            reply = await wait_for(stream.read(), self._settings.rpc_timeout_s)
         except grpc.aio.AioRpcError as err:
             code = err.code()
             if code == grpc.StatusCode.INTERNAL:
@@ -519,7 +520,7 @@ class GrpcHeadLink:
                 # INTERNAL "Internal error from Core" (1 in 45 runs of a test under load):
                 # the call's own status says what the head answered.
                 with contextlib.suppress(Exception):
-                    code = await asyncio.wait_for(stream.code(), 1.0)
+                    code = await wait_for(stream.code(), 1.0)
             if code == grpc.StatusCode.UNIMPLEMENTED:
                 self._drop_stream()
                 log.info("the head at %s has no health stream: unary health updates", self._heads.address)

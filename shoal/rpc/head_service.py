@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import math
 import time
 from collections.abc import AsyncIterator
 
 from shoal.auth import Role, bearer, client_of
+from shoal.core.clock import wait_for
 from shoal.core.spec import parse_spec_json
 from shoal.core.tasks import until
 from shoal.errors import InvalidArgument, ResourceExhausted, ShoalError, Unauthenticated
@@ -291,7 +291,7 @@ class HeadService(pbg.HeadServicer):
             stream = self.node.read_log(request.replica_id, request.tail_bytes, request.follow, client)
             async for data in until(stream, revoked, REVOKED_CHECK_S):
                 try:
-                    await asyncio.wait_for(context.write(pb.LogChunk(data=data)), stall_s)
+                    await wait_for(context.write(pb.LogChunk(data=data)), stall_s)
                 except TimeoutError:
                     raise ResourceExhausted(
                         f"ReadLog: the client took none of the log of {request.replica_id!r} for "

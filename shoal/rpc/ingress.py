@@ -18,6 +18,7 @@ import grpc
 import grpc.aio
 
 from shoal.config import Settings
+from shoal.core.clock import wait_for
 from shoal.core.stats import OUTCOMES, DeploymentStats, Histogram
 from shoal.errors import InvalidArgument, ShoalError, Unavailable
 from shoal.proto import shoal_pb2 as pb
@@ -162,7 +163,7 @@ class IngressService(pbg.IngressServicer):
                     if left <= 0:
                         break
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self.changed.wait(), left)
+                        await wait_for(self.changed.wait(), left)
         finally:
             log.info("ingress worker %s stopped watching", request.worker_id)
 

@@ -32,7 +32,7 @@ from typing import Protocol
 
 from shoal.auth import InferenceAuth
 from shoal.config import Settings
-from shoal.core.clock import Signal, SystemClock
+from shoal.core.clock import Signal, SystemClock, wait_for
 from shoal.core.spec import DeploymentSpec
 from shoal.core.stats import OUTCOMES, DeploymentStats, Histogram
 from shoal.errors import ShoalError
@@ -437,7 +437,7 @@ class IngressWorker:
     async def _report_loop(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._report_now.wait(), self.REPORT_EVERY_S)
+                await wait_for(self._report_now.wait(), self.REPORT_EVERY_S)
             self._report_now.clear()
             try:
                 await self.refresh()

@@ -420,3 +420,19 @@ def test_the_heads_holder_records_follow_the_schedulers_and_are_bounded(
     blobs.keep_holders({"c"})  # b was forgotten by the head; standby heads are kept
     assert blobs.holders(one) == {ME}
     assert blobs._held == {ME: {one}} and blobs._holders == {one: {ME}}
+
+
+@pytest.mark.parametrize("passes", [0, 1, 2])
+async def test_a_mirror_woken_as_it_is_closed_closes(tmp_path: Path, passes: int) -> None:
+    """A blob that came whole (its wake) within two loop passes of ``aclose`` left the
+    mirror's loop running and ``aclose`` waiting for good: the loop waited on
+    ``asyncio.wait_for``, which lost the cancellation (a full-suite run hung here once)."""
+    blobs = blob_store(tmp_path / "head")
+    mirror = single_head(blobs, MemoryStore(), FakePeers(), [])
+    mirror.start()
+    await asyncio.sleep(0.05)  # past its first pass, waiting for a wake
+    blobs.on_whole(SHA)
+    for _ in range(passes):
+        await asyncio.sleep(0)
+    async with asyncio.timeout(5):
+        await mirror.aclose()
