@@ -39,14 +39,12 @@ class SystemClock:
         await asyncio.sleep(seconds)
 
     async def wait(self, aw: Awaitable[object], seconds: float) -> bool:
-        # Not asyncio.wait_for: on Python 3.11 it returns the result, swallowing a
-        # cancellation, when ``aw`` is done by the time the cancelled task runs. A router
-        # waiting for a free replica lost its client's cancel that way whenever the slot
-        # came free in the same loop pass (clients hanging up together: the first one's
-        # freed slot went to the next, which then ran for nobody).
+        # Not asyncio.wait_for (see wait_for below): a router waiting for a free replica lost
+        # its client's cancel that way whenever the slot came free in the same loop pass
+        # (clients hanging up together: the first one's freed slot went to the next, which
+        # then ran for nobody).
         try:
-            async with asyncio.timeout(seconds):
-                await aw
+            await wait_for(aw, seconds)
         except TimeoutError:
             return False
         return True
