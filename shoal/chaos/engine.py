@@ -26,6 +26,7 @@ from shoal.chaos.load import Load, inputs_for
 from shoal.chaos.processes import listening_pids, local_replica, local_scheduler
 from shoal.chaos.report import summarize
 from shoal.config import Settings
+from shoal.core.tasks import cancel_and_wait
 from shoal.errors import NotFound, ShoalError, Unavailable
 from shoal.types import Arrays
 
@@ -136,9 +137,7 @@ class Chaos:
                         await asyncio.sleep(self.poll_s)
                     await asyncio.sleep(settle_s)
                 finally:
-                    monitor.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await monitor
+                    await cancel_and_wait(monitor)
             return self.report(duration_s, settle_s)
         finally:
             await self._client.close()

@@ -4,7 +4,6 @@ is cancelled and awaited when the component closes."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
@@ -14,6 +13,22 @@ from shoal.errors import ShoalError
 log = logging.getLogger("shoal.tasks")
 
 T = TypeVar("T")
+
+
+async def cancel_and_wait(task: asyncio.Future[Any]) -> None:
+    """Cancel ``task`` and wait until it has ended, whatever it ended with. A cancellation
+    of the caller while it waits is passed on: ``with suppress(CancelledError): await task``
+    cannot tell the task's own cancellation from its caller's, and swallowed both, so the
+    one who stopped a component went on as if nobody had cancelled it."""
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+    except Exception:  # what a cancelled task ends with is moot to the one who cancelled it
+        log.debug("%s ended with an error as it was cancelled", task, exc_info=True)
 
 
 async def until(
@@ -40,9 +55,7 @@ async def until(
         # Stopped, or cancelled itself (an outer until): the item awaited is cancelled first,
         # since a generator cannot be closed while it runs.
         if step is not None and not step.done():
-            step.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):  # what it ends with is moot
-                await step
+            await cancel_and_wait(step)
         aclose = getattr(items, "aclose", None)
         if aclose is not None:
             await aclose()

@@ -50,6 +50,7 @@ from uvicorn.server import ServerState
 from shoal import certs, certwatch
 from shoal.auth import is_loopback
 from shoal.config import Settings
+from shoal.core.tasks import cancel_and_wait
 from shoal.http.browser import LoopbackHosts
 
 log = logging.getLogger("shoal.http")
@@ -1006,9 +1007,7 @@ class HttpServer:
 
     async def stop(self) -> None:
         if self._accepting is not None:
-            self._accepting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._accepting
+            await cancel_and_wait(self._accepting)
         for conn, timer in list(self._sniffing.items()):
             timer.cancel()
             self._forget_sniffing(conn)

@@ -38,6 +38,7 @@ from typing import Any, Self
 
 import aetcd
 
+from shoal.core.tasks import cancel_and_wait
 from shoal.errors import Code
 from shoal.store.base import (
     DEFAULT_HISTORY_LIMIT,
@@ -156,9 +157,7 @@ class EtcdStore:
                 async with asyncio.timeout(_CLOSE_DRAIN_S), self._progress:
                     await self._progress.wait_for(lambda: self._delivered >= self._written)
         if self._follower is not None:
-            self._follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._follower
+            await cancel_and_wait(self._follower)
         self._hub.close()
         with contextlib.suppress(Exception):
             await self._client.close()
