@@ -363,7 +363,12 @@ def _loop(sock: socket.socket) -> None:
     set_title(["shoal", "zygote"])
     # The scheduler's logging handlers (its log file among them) are not the zygote's to use.
     logging.getLogger().handlers[:] = []
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the scheduler, which closes us
+    # Ctrl-C at a terminal, and SIGTERM to the whole group or cgroup (systemd's stop, timeout),
+    # reach us too: the scheduler stops on them and closes us once its replicas are stopped,
+    # while we still reap them, pass on their exit statuses and kill what they leave behind.
+    # Until then we were gone on a SIGTERM, and the scheduler warned that we were lost.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)

@@ -20,6 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -85,7 +86,19 @@ def running(procs: list[psutil.Process]) -> list[psutil.Process]:
     return alive
 
 
-def test_ctrl_c_twice_stops_shoal_up_and_every_process_it_started_at_once(tmp_path: Path, gate: Path) -> None:
+@dataclass
+class Held:
+    """``shoal up`` with one request held in its model, and everything it had started then."""
+
+    proc: subprocess.Popen[str]
+    log: Path
+    sender: threading.Thread
+    outcome: list[object]  # the request's HTTP status, or the error it ended with
+    started: list[psutil.Process]
+
+
+@pytest.fixture
+def held(tmp_path: Path, gate: Path) -> Iterator[Held]:
     spec = tmp_path / "held.yaml"
     spec.write_text(json.dumps({"name": "held", **gate_model(gate), "resources": {"cpus": 0.1}}))
     state = tmp_path / "state"
@@ -120,24 +133,53 @@ def test_ctrl_c_twice_stops_shoal_up_and_every_process_it_started_at_once(tmp_pa
             time.sleep(0.05)
         started = psutil.Process(proc.pid).children(recursive=True)
         names = " ".join(" ".join(p.cmdline()) for p in started)
-        assert "shoal.replica_main" in names and "shoal.ingress_worker" in names, names
-
-        ctrl_c(proc)
-        wait_log(proc, log, "shutting down")
-        time.sleep(1.0)
-        assert proc.poll() is None, "exited before its grace, with a request in flight"
-        signalled = time.monotonic()
-        ctrl_c(proc)
-        assert proc.wait(10) == 130
-        assert time.monotonic() - signalled < 5.0
-        assert "SIGINT again while shutting down: stopping now" in log.read_text()
-        deadline = time.monotonic() + 5
-        while left := running(started):
-            assert time.monotonic() < deadline, f"still running: {left}"
-            time.sleep(0.1)
-        sender.join(30)
-        assert outcome and outcome[0] != 200, outcome
+        assert all(n in names for n in ("shoal.replica_main", "shoal.ingress_worker", "zygote")), names
+        yield Held(proc, log, sender, outcome, started)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def gone(started: list[psutil.Process]) -> None:
+    deadline = time.monotonic() + 5
+    while left := running(started):
+        assert time.monotonic() < deadline, f"still running: {left}"
+        time.sleep(0.1)
+
+
+def test_ctrl_c_twice_stops_shoal_up_and_every_process_it_started_at_once(held: Held) -> None:
+    proc, log = held.proc, held.log
+    ctrl_c(proc)
+    wait_log(proc, log, "shutting down")
+    time.sleep(1.0)
+    assert proc.poll() is None, "exited before its grace, with a request in flight"
+    signalled = time.monotonic()
+    ctrl_c(proc)
+    assert proc.wait(10) == 130
+    assert time.monotonic() - signalled < 5.0
+    assert "SIGINT again while shutting down: stopping now" in log.read_text()
+    gone(held.started)
+    held.sender.join(30)
+    assert held.outcome and held.outcome[0] != 200, held.outcome
+
+
+def test_sigterm_to_the_whole_group_stops_shoal_up_gracefully(held: Held, gate: Path) -> None:
+    """What systemd sends on ``systemctl stop`` (KillMode=control-group, its default) and
+    ``timeout`` on expiry: SIGTERM to every process at once, the zygote and the replicas
+    included. The request held in the model is still answered, and the zygote stays until
+    the scheduler closes it: it died at once and was reported as lost ("the zygote ... is
+    gone") on every such stop."""
+    proc, log = held.proc, held.log
+    zygote = [p for p in held.started if "zygote" in " ".join(p.cmdline())]
+    os.killpg(proc.pid, signal.SIGTERM)
+    wait_log(proc, log, "shutting down")
+    time.sleep(0.5)
+    assert running(zygote), "the zygote died of the SIGTERM, before the scheduler closed it"
+    release(gate)
+    assert proc.wait(30) == 0, log.read_text()[-3000:]
+    held.sender.join(30)
+    assert held.outcome == [200], held.outcome
+    text = log.read_text()
+    assert "is gone" not in text and "Traceback" not in text, text[-3000:]
+    gone(held.started)
