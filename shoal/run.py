@@ -553,14 +553,18 @@ class IngressWorkers:
             started = asyncio.get_running_loop().time()
             code = await proc.wait()
             self._hub.forget(worker_id)
+            if asyncio.get_running_loop().time() - started > 10:
+                backoff = 0.2
+            # A signal to the whole group (systemctl stop, timeout, Ctrl-C) can end a worker
+            # (one still starting, before its handlers are in place) before this process
+            # runs its own handler: so it is judged after the pause. Before, it was reported
+            # lost and started again while the scheduler stopped.
+            await asyncio.sleep(backoff)
             if self._closing:
                 return
             log.warning(
                 "ingress worker %s (pid %d) exited with %s; starting it again", worker_id, proc.pid, code
             )
-            if asyncio.get_running_loop().time() - started > 10:
-                backoff = 0.2
-            await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
             self.restarts += 1
             await self._spawn(worker_id)
