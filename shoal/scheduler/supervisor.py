@@ -640,7 +640,7 @@ class ReplicaSupervisor:
             self.version += 1
             self._admit()
             model_quit = False
-            if rep.removing:
+            if rep.removing or self._stopped_with_us(rep, code):
                 state, message = STOPPED, "stopped"
             else:
                 state = REPLICA_DEAD
@@ -667,13 +667,26 @@ class ReplicaSupervisor:
             del self._tombstones[:-MAX_TOMBSTONES]
         if pinger is not None:
             await pinger.close()
-        await self.router.remove(rep.id, failed=not rep.removing)
+        await self.router.remove(rep.id, failed=state == REPLICA_DEAD)
         if state == REPLICA_DEAD:
             log.warning("replica %s died: %s", rep.id, message)
         else:
             log.info("replica %s stopped", rep.id)
         self._clean_logs()
         self._on_change()
+
+    def _stopped_with_us(self, rep: LocalReplica, code: int) -> bool:
+        """Whether a replica this scheduler did not ask to stop stopped cleanly (status 0,
+        its stopping file left) while the scheduler shuts down: it got the same signal
+        (``systemctl stop`` signals every process of the service at once) and drained. Before,
+        it was reported dead, with a warning, on every such stop."""
+        return (
+            self._closing
+            and not rep.dead_reason
+            and rep.process.status_known
+            and code == 0
+            and not self._quit(rep, code)
+        )
 
     def _oom_killed(self) -> str:
         """For a replica dead of SIGKILL: when the kernel has counted an OOM kill that no

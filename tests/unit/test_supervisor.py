@@ -24,6 +24,7 @@ from shoal.core.clock import FakeClock
 from shoal.core.cluster import ReplicaReport
 from shoal.core.payload import Tensors
 from shoal.core.spec import DeploymentSpec
+from shoal.core.states import ReplicaState
 from shoal.errors import ResourceExhausted, Unavailable
 from shoal.scheduler.machine import Bound
 from shoal.scheduler.router import Router
@@ -218,6 +219,23 @@ async def test_a_replica_whose_model_exits_with_status_0_crashed(h: Harness) -> 
     tomb = await h.wait_ended("echo-1")
     assert tomb.crashed
     assert tomb.message == "process exited with code 0 without being asked to stop"
+
+
+@pytest.mark.parametrize(("code", "state"), [(0, "STOPPED"), (3, "DEAD"), (-signal.SIGSEGV, "DEAD")])
+async def test_a_replica_that_stops_of_itself_as_its_scheduler_shuts_down_stopped(
+    h: Harness, code: int, state: str
+) -> None:
+    """SIGTERM to every process of the service at once (``systemctl stop``): the replica
+    drains and exits 0 as the scheduler shuts down. That is a stop, not a death (it was
+    logged as one, and counted); a crash then is still a crash."""
+    await h.start("echo-1")
+    h.supervisor.stop_creating()
+
+    h.launcher.process("echo-1").exit(code)
+
+    tomb = await h.wait_ended("echo-1")
+    assert (tomb.state, tomb.crashed) == (ReplicaState[state], code != 0)
+    assert h.supervisor.deaths["echo"] == (code != 0)
 
 
 async def test_a_request_on_a_replica_that_dies_is_retried_once_on_another(h: Harness) -> None:
