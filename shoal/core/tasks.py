@@ -54,11 +54,13 @@ async def until(
     finally:
         # Stopped, or cancelled itself (an outer until): the item awaited is cancelled first,
         # since a generator cannot be closed while it runs.
-        if step is not None and not step.done():
-            await cancel_and_wait(step)
-        aclose = getattr(items, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        try:
+            if step is not None and not step.done():
+                await cancel_and_wait(step)  # raises again when the reader itself is cancelled
+        finally:
+            aclose = getattr(items, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
 
 class TaskSet:

@@ -54,3 +54,47 @@ async def test_a_stream_that_ends_ends_it() -> None:
         yield 2
 
     assert [i async for i in until(two(), lambda: None, 0.01)] == [1, 2]
+
+
+class Quiet:
+    """An async iterator that is not a generator (a stream object): one item, then none;
+    what it is told to do is recorded."""
+
+    def __init__(self, closed: list[str]) -> None:
+        self.closed = closed
+        self.sent = False
+
+    def __aiter__(self) -> Quiet:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if not self.sent:
+            self.sent = True
+            return b"first"
+        await asyncio.Event().wait()
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        self.closed.append("closed")
+
+
+@pytest.mark.parametrize("kind", ["generator", "stream object"])
+async def test_a_reader_cancelled_while_it_waits_closes_the_stream_too(kind: str) -> None:
+    """A client gone while its follow waits for the next item: the reader's task is
+    cancelled, the item awaited is cancelled, and the stream is closed as well (a log file
+    closed, a watch ended); the cancellation goes on up."""
+    closed: list[str] = []
+    got: list[bytes] = []
+    stream: AsyncIterator[bytes] = forever(closed, "closed") if kind == "generator" else Quiet(closed)
+
+    async def read() -> None:
+        async for item in until(stream, lambda: None, 10.0):
+            got.append(item)
+
+    reader = asyncio.create_task(read())
+    while not got:
+        await asyncio.sleep(0.001)
+    await asyncio.sleep(0.01)  # waiting for the next item
+    reader.cancel()
+    await asyncio.wait([reader])
+    assert reader.cancelled() and closed == ["closed"]
