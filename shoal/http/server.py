@@ -1006,8 +1006,10 @@ class HttpServer:
             self._accepting = asyncio.create_task(self._accept_tls(), name="https-accept")
 
     async def stop(self) -> None:
+        # Every step that needs no wait first (the accept loop cannot run in between), so
+        # that a stop cancelled while it waits has still told everything to stop.
         if self._accepting is not None:
-            await cancel_and_wait(self._accepting)
+            self._accepting.cancel()
         for conn, timer in list(self._sniffing.items()):
             timer.cancel()
             self._forget_sniffing(conn)
@@ -1015,9 +1017,13 @@ class HttpServer:
         for handshake in list(self._handshakes):
             handshake.cancel()
         self.server.should_exit = True
-        if self._task is not None:
-            await self._task
-        self.sock.close()
+        try:
+            if self._accepting is not None:
+                await cancel_and_wait(self._accepting)
+            if self._task is not None:
+                await self._task
+        finally:
+            self.sock.close()
 
     # -- HTTPS: shoal's own accept loop ------------------------------------------------
 

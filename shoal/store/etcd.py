@@ -156,11 +156,13 @@ class EtcdStore:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(_CLOSE_DRAIN_S), self._progress:
                     await self._progress.wait_for(lambda: self._delivered >= self._written)
-        if self._follower is not None:
-            await cancel_and_wait(self._follower)
-        self._hub.close()
-        with contextlib.suppress(Exception):
-            await self._client.close()
+        try:
+            if self._follower is not None:
+                await cancel_and_wait(self._follower)  # raises again when close() is cancelled
+        finally:
+            self._hub.close()
+            with contextlib.suppress(Exception):
+                await self._client.close()
 
     async def __aenter__(self) -> Self:
         return await self.open()
