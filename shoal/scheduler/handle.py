@@ -37,6 +37,9 @@ class ReplicaHandle:
         self.in_flight = 0  # reserved by the router before send, released after
         self.gone = False
         self.retired = False  # draining: no new requests, pending ones finish
+        # Dropped by the routing table while requests were on it (the head's word, not the
+        # replica's failure): what fails on it then spends no attempt (Router.remove).
+        self.left = False
         self.revision = 0  # of its deployment, from the head's table (0: not known yet)
         # Multiplexed deployments: the model ids this router sent here, least recent first, as
         # many as the replica holds: what it most likely has loaded (see Router._pick).

@@ -201,6 +201,7 @@ class Router:
                 if n:
                     log.info("replica %s died with %d request(s) in flight; retrying them", replica_id, n)
             else:
+                handle.left = True
                 await handle.close()
             self._notify(dep)
             if dep.deleted and not dep.handles:
@@ -508,11 +509,14 @@ class Router:
                 if not err.retry_elsewhere:
                     raise  # from further on (a deployment its model called): no replica here helps
                 last = err
-                if isinstance(err, ReplicaGone):
+                if isinstance(err, ReplicaGone) or handle.left:
                     # The replica did not run it: it is draining or gone (a remote one still in
                     # this table until the head's next one comes). Nothing new goes there, and
                     # the request waits, up to its deadline, for another replica rather than
-                    # being sent back there after RETRY_PAUSE_S; no attempt is spent.
+                    # being sent back there after RETRY_PAUSE_S; no attempt is spent. Nor when
+                    # the table dropped the replica under the request (``left``): a head just
+                    # restarted lists no replica until their schedulers register again, and a
+                    # request on two remote replicas failed as if it had brought both down.
                     self._going(dep, handle)
                 else:
                     tried.add(handle.replica_id)
@@ -811,9 +815,10 @@ class Router:
                     if streamed or not err.retry_elsewhere:
                         raise
                     last = err
-                    if isinstance(err, ReplicaGone):
-                        # Draining or gone, it started nothing: retired, no attempt spent, and
-                        # the generation waits within its deadline for another (as in send).
+                    if isinstance(err, ReplicaGone) or handle.left:
+                        # Draining or gone, it started nothing (or the table dropped it under
+                        # the request): retired, no attempt spent, and the generation waits
+                        # within its deadline for another (as in send).
                         self._going(dep, handle)
                     else:
                         tried.add(handle.replica_id)

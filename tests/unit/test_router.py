@@ -265,6 +265,37 @@ async def test_a_request_refused_by_a_draining_remote_replica_waits_for_the_next
     assert [c.request_id for c in fakes.clients["new:9000"].requests] == ["req-1"]
 
 
+async def test_requests_on_remote_replicas_a_restarted_heads_first_table_drops_wait_for_the_next(
+    router: Router, fakes: FakeReplicas
+) -> None:
+    # Seen in CI (test_head_killed_under_load_loses_nothing_and_adopts_replicas): a head
+    # just restarted lists a deployment with no replica until the schedulers register
+    # again. A router whose replicas are all remote dropped both, closing their clients
+    # under three requests; each failed on one, then on the other, and was refused as if it
+    # had brought down two replicas. The table dropped them, they did not fail: that spends
+    # no attempt, and the requests wait for the next table.
+    spec = make_spec()
+    routes = (Route("a", "a:9000", "s2"), Route("b", "b:9000", "s2"))
+    await router.apply_table(table(1, spec, *routes))
+    gate(fakes.client("a:9000")), gate(fakes.client("b:9000"))
+    tasks = [asyncio.create_task(router.send("echo", x(i), request_id=f"req-{i}")) for i in range(4)]
+    await until(lambda: len(fakes.clients["a:9000"].requests) + len(fakes.clients["b:9000"].requests) == 4)
+
+    # Dropped one after the other, as apply_table closes one client and then the next (the
+    # requests failed on the first are sent to the second in between).
+    await router.apply_table(table(1, spec, routes[1]))
+    await until(lambda: len(fakes.clients["b:9000"].requests) == 4)
+    await router.apply_table(table(1, spec))  # the restarted head's first: no replica yet
+    await asyncio.sleep(2 * RETRY_PAUSE_S)
+    assert not any(t.done() for t in tasks), [t.exception() for t in tasks if t.done()]
+    for address in ("a:9000", "b:9000"):  # new connections, as the router makes for a new table
+        del fakes.clients[address]
+    await router.apply_table(table(2, spec, *routes))
+
+    served = [rid for _, rid in await asyncio.wait_for(asyncio.gather(*tasks), 5.0)]
+    assert sorted(served) == ["a", "a", "b", "b"]
+
+
 async def test_a_replica_that_says_it_is_going_gets_nothing_new_and_costs_no_attempt(
     fakes: FakeReplicas,
 ) -> None:
