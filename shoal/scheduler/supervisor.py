@@ -685,7 +685,7 @@ class ReplicaSupervisor:
             and not rep.dead_reason
             and rep.process.status_known
             and code == 0
-            and not self._quit(rep, code)
+            and self._stopping_file(rep.id).exists()
         )
 
     def _oom_killed(self) -> str:
