@@ -38,7 +38,9 @@ class ReplicaHandle:
         self.gone = False
         self.retired = False  # draining: no new requests, pending ones finish
         # Dropped by the routing table while requests were on it (the head's word, not the
-        # replica's failure): what fails on it then spends no attempt (Router.remove).
+        # replica's failure): no new requests, those on it finish, and what fails on it
+        # spends no attempt; it goes once idle, or takes requests again if listed again
+        # (Router._leave).
         self.left = False
         self.revision = 0  # of its deployment, from the head's table (0: not known yet)
         # Multiplexed deployments: the model ids this router sent here, least recent first, as
@@ -47,7 +49,7 @@ class ReplicaHandle:
 
     @property
     def accepting(self) -> bool:
-        return not self.gone and not self.retired
+        return not self.gone and not self.retired and not self.left
 
     def touch(self, model_id: str, capacity: int) -> None:
         """Model ``model_id`` is sent here now: the most recent of at most ``capacity`` held."""

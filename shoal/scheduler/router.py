@@ -126,6 +126,7 @@ class Router:
         self._deployments: dict[str, _Deployment] = {}
         self._remote_specs_version = -1
         self._closing: set[asyncio.Future[None]] = set()
+        self._watches: set[asyncio.Future[None]] = set()  # replicas that left (_watch_left)
         self._traffic: dict[str, TrafficRoute] = {}
         self._rng = rng or random.Random()
         self._shadows: set[asyncio.Task[None]] = set()
@@ -230,14 +231,13 @@ class Router:
                 if self._table_only or r.scheduler_id != self.scheduler_id
             }
             for rid, handle in list(dep.handles.items()):
-                if rid in remote or (handle.local and not self._table_only):
+                if rid in remote:
+                    if handle.left:  # listed again (a restarted head's schedulers registered)
+                        handle.left = False
+                        self._notify(dep)
                     continue
-                if self._table_only and handle.in_flight:
-                    # Draining, or dead and about to fail its requests (they are retried):
-                    # let what is in flight finish; the handle goes when it is idle.
-                    handle.retired = True
-                    continue
-                await self.remove(rid, failed=False)
+                if not (handle.local and not self._table_only):
+                    await self._leave(dep, handle)
             for rid, r in remote.items():
                 if rid not in dep.handles:
                     self.add(rid, routes.spec, r.address, r.scheduler_id)
@@ -249,19 +249,78 @@ class Router:
                 # not wait for it any more: it is gone.
                 dep.deleted = True
                 self._notify(dep)
-                for rid in list(dep.handles):
-                    await self.remove(rid, failed=False)
-                self._deployments.pop(name, None)
+                for handle in list(dep.handles.values()):
+                    await self._leave(dep, handle)
+                if not dep.handles:
+                    self._deployments.pop(name, None)
             elif not dep.deleted and name in table.deleted:
                 # Deleted at the head: this machine's replicas drain (their requests finish),
                 # and new requests are NotFound now, everywhere, not after a timeout. (A name
                 # the head does not know without a tombstone, say after its store was lost,
                 # keeps serving from this machine's replicas.)
                 dep.deleted = True
-                for rid, handle in list(dep.handles.items()):
+                for handle in list(dep.handles.values()):
                     if not handle.local:
-                        await self.remove(rid, failed=False)
+                        await self._leave(dep, handle)
                 self._notify(dep)
+
+    async def _leave(self, dep: _Deployment, handle: ReplicaHandle) -> None:
+        """The routing table dropped ``handle``'s replica. Idle, it goes now; with requests on
+        it, it takes nothing new (``left``) and goes when they are done (:meth:`_release`),
+        or stays if a table lists it again first.
+
+        Not closed under its requests: the head drops a replica when it starts draining, and
+        a draining replica answers what it took. Closing the client failed those requests
+        here and they were sent to another replica, while the draining one went on with the
+        calls it had begun: a model ran twice for one request, and a generation streaming
+        from it was cut. A replica that died breaks its connection, which fails what is on
+        it; one on a machine that froze or was cut off does not, so while requests are on a
+        replica that left this router pings it (:meth:`_watch_left`). Either way those
+        requests, on a handle that left, wait for another replica without spending an
+        attempt."""
+        if not handle.in_flight:
+            await self.remove(handle.replica_id, failed=False)
+        elif not handle.left:
+            handle.left = True
+            self._notify(dep)
+            watch = asyncio.ensure_future(self._watch_left(dep, handle))
+            self._watches.add(watch)
+            watch.add_done_callback(self._watches.discard)
+
+    async def _watch_left(self, dep: _Deployment, handle: ReplicaHandle) -> None:
+        """Ping a replica the table dropped, every ``ping_interval_s`` while requests are on
+        it, and close its client (failing them, for a retry elsewhere) at the first ping not
+        answered in ``ping_timeout_s``: a draining replica answers pings; one on a frozen or
+        cut-off machine would hold them until gRPC's keepalive gave up (10-15 s)."""
+        settings = self.settings
+        while True:
+            await self._clock.sleep(settings.ping_interval_s)
+            if not handle.left or not handle.in_flight or handle.gone:
+                return  # listed again, answered, or failed already
+            try:
+                await handle.client.ping(settings.ping_timeout_s)
+            except (ShoalError, TimeoutError) as err:
+                if not handle.left or handle.gone:
+                    return
+                log.warning(
+                    "replica %s, dropped by the routing table, did not answer a ping (%s): "
+                    "its %d request(s) here are sent elsewhere",
+                    handle.replica_id,
+                    err,
+                    handle.in_flight,
+                    extra={"replica_id": handle.replica_id},
+                )
+                if dep.handles.get(handle.replica_id) is handle:
+                    del dep.handles[handle.replica_id]
+                    self._forget_if_gone(dep)
+                await handle.fail_pending()
+                self._notify(dep)
+                return
+
+    def _forget_if_gone(self, dep: _Deployment) -> None:
+        """A deleted deployment goes once the last of its replicas has (see :meth:`_leave`)."""
+        if dep.deleted and not dep.handles and self._deployments.get(dep.spec.name) is dep:
+            del self._deployments[dep.spec.name]
 
     def _set_revisions(self, dep: _Deployment, routes: DeploymentRoutes) -> None:
         """The revision each replica runs, this machine's too (they join before the head lists them)."""
@@ -509,15 +568,19 @@ class Router:
                 if not err.retry_elsewhere:
                     raise  # from further on (a deployment its model called): no replica here helps
                 last = err
-                if isinstance(err, ReplicaGone) or handle.left:
+                if isinstance(err, ReplicaGone):
                     # The replica did not run it: it is draining or gone (a remote one still in
                     # this table until the head's next one comes). Nothing new goes there, and
                     # the request waits, up to its deadline, for another replica rather than
-                    # being sent back there after RETRY_PAUSE_S; no attempt is spent. Nor when
-                    # the table dropped the replica under the request (``left``): a head just
-                    # restarted lists no replica until their schedulers register again, and a
-                    # request on two remote replicas failed as if it had brought both down.
+                    # being sent back there after RETRY_PAUSE_S; no attempt is spent.
                     self._going(dep, handle)
+                elif handle.left:
+                    # The table dropped the replica under the request: no attempt either, the
+                    # head's word is no proof that the request brought it down (a head just
+                    # restarted lists no replica until their schedulers register again, and a
+                    # request on two remote replicas failed as if it had killed both). It
+                    # takes nothing new already; a table that lists it again undoes that.
+                    pass
                 else:
                     tried.add(handle.replica_id)
                     attempt += 1
@@ -680,14 +743,14 @@ class Router:
     def _release(self, dep: _Deployment) -> None:
         if dep.waiting:
             dep.changed.fire()
-        if self._table_only:
-            for rid, h in list(dep.handles.items()):
-                if h.retired and not h.in_flight:
-                    # Left the table while requests were on it; they are done now.
-                    del dep.handles[rid]
-                    closing = asyncio.ensure_future(h.close())
-                    self._closing.add(closing)
-                    closing.add_done_callback(self._closing.discard)
+        for rid, h in list(dep.handles.items()):
+            if h.left and not h.in_flight:
+                # Left the table while requests were on it (_leave); they are done now.
+                del dep.handles[rid]
+                closing = asyncio.ensure_future(h.close())
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
+                self._forget_if_gone(dep)
 
     # ------------------------------------------------------------ traffic routes
 
@@ -815,11 +878,12 @@ class Router:
                     if streamed or not err.retry_elsewhere:
                         raise
                     last = err
-                    if isinstance(err, ReplicaGone) or handle.left:
-                        # Draining or gone, it started nothing (or the table dropped it under
-                        # the request): retired, no attempt spent, and the generation waits
-                        # within its deadline for another (as in send).
+                    if isinstance(err, ReplicaGone):
+                        # Draining or gone, it started nothing: retired, no attempt spent, and
+                        # the generation waits within its deadline for another (as in send).
                         self._going(dep, handle)
+                    elif handle.left:
+                        pass  # dropped by the table under it: no attempt (as in send)
                     else:
                         tried.add(handle.replica_id)
                         attempt += 1
@@ -864,8 +928,10 @@ class Router:
         return [(h.replica_id, h.client) for h in ready]
 
     async def aclose(self) -> None:
-        for task in list(self._shadows):
+        for task in [*self._shadows, *self._watches]:
             task.cancel()
+        if self._watches:
+            await asyncio.gather(*self._watches, return_exceptions=True)
         if self._shadows:
             await asyncio.gather(*self._shadows, return_exceptions=True)
         if self._closing:

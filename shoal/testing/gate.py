@@ -10,8 +10,9 @@ provably in flight inside a real replica process (a drain, a delete, a restart).
     release(folder)                                # it answers (its inputs, unchanged)
 
 The replica and the test share nothing but files in ``folder``: the model's source, the
-``hold`` flag, and ``entered``, which a held call creates. Without ``hold`` the model
-answers at once, like ``examples/echo.py``.
+``hold`` flag, ``entered``, which a held call creates, and ``calls``, a line per call
+begun (its inputs' first values: :func:`calls`), so a test can tell a request that ran
+twice. Without ``hold`` the model answers at once, like ``examples/echo.py``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ SOURCE = """
 import time
 from pathlib import Path
 
+import numpy as np
+
 
 class Gate:
     def __init__(self, folder: str, max_hold_s: float = 60.0) -> None:
@@ -30,6 +33,9 @@ class Gate:
         self.max_hold_s = max_hold_s
 
     def predict(self, inputs):
+        firsts = {k: np.asarray(v).ravel()[:1].tolist() for k, v in sorted(inputs.items())}
+        with open(self.folder / "calls", "a") as out:
+            out.write(repr(firsts) + "\\n")
         if (self.folder / "hold").exists():
             (self.folder / "entered").touch()
             deadline = time.monotonic() + self.max_hold_s
@@ -62,6 +68,13 @@ def hold(folder: Path) -> None:
 def entered(folder: Path) -> bool:
     """Whether a call has reached the model since :func:`hold`."""
     return (folder / "entered").exists()
+
+
+def calls(folder: Path) -> list[str]:
+    """One line per model call begun, in every replica of the model, oldest first: its
+    inputs' first values, as ``{'x': [1.0]}``."""
+    path = folder / "calls"
+    return path.read_text().splitlines() if path.exists() else []
 
 
 def release(folder: Path) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from shoal.rpc.clients import NativeClient
 from shoal.testing.cluster import ProcessCluster
-from shoal.testing.gate import entered, gate_model, hold, release
+from shoal.testing.gate import calls, entered, gate_model, hold, release
 from shoal.testing.wait import until
 from tests.multihost.helpers import X, replicas_of
 
@@ -54,3 +54,43 @@ async def test_rolling_update_answers_requests_in_flight_on_a_remote_replica(tmp
     assert failed == [], failed
     for outputs, _ in results:  # type: ignore[misc]
         np.testing.assert_array_equal(outputs["x"], X)
+
+
+async def test_a_remote_replica_that_drains_answers_what_it_holds_and_runs_nothing_twice(
+    tmp_path: Path,
+) -> None:
+    """As above, but nothing may run twice. Seen: when the head's table dropped the draining
+    replica, sched-0's router closed its stream to it, and the requests held there were sent
+    again to the new replica, while the draining one went on with the call it had begun:
+    that request's model ran twice (a text generation streaming from it was cut instead).
+    The draining replica answers what it took; sched-0 waits for those answers."""
+    folder = tmp_path / "gate"
+    spec = {"name": "echo", **gate_model(folder), "replicas": 1, "resources": {"cpus": 0.1}}
+
+    def version(max_hold_s: float) -> dict[str, Any]:
+        return {**spec, "options": {**spec["options"], "max_hold_s": max_hold_s}}
+
+    async with ProcessCluster(tmp_path, schedulers=2, scheduler_args=[["--cpus", "0"], []]) as cluster:
+        await cluster.deploy(version(60))
+        (old,) = await cluster.wait_ready("echo", 1)
+        xs = [X * (i + 1) for i in range(3)]
+        async with NativeClient(cluster.scheduler_address(0), cluster.settings) as client:
+            hold(folder)
+            pending = [asyncio.create_task(client.infer("echo", {"x": x}, timeout_s=20)) for x in xs]
+            await until(lambda: entered(folder), "a request in the old replica's model")
+            await cluster.deploy(version(59))
+            await cluster.wait_for(
+                lambda s: any(r["id"] == old["id"] and r["state"] == "DRAINING" for r in replicas_of(s)),
+                what="the old replica draining",
+            )
+            # The head's next table (sent within ROUTES_GAP_S) drops it at sched-0.
+            await asyncio.sleep(1.5)
+            release(folder)
+            results = await asyncio.gather(*pending, return_exceptions=True)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    assert failed == [], failed
+    ran = calls(folder)
+    assert sorted(ran) == sorted(repr({"x": [float(x[0, 0])]}) for x in xs), ran
+    for x, (outputs, replica) in zip(xs, results, strict=True):  # type: ignore[misc]
+        np.testing.assert_array_equal(outputs["x"], x)
+        assert replica == old["id"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,9 +16,9 @@ from shoal.core.spec import DeploymentSpec
 from shoal.errors import DeadlineExceeded, NotFound, ResourceExhausted, Unavailable
 from shoal.scheduler.handle import ReplicaGone
 from shoal.scheduler.router import RETRY_PAUSE_S, Router
-from shoal.testing.fakes import FakeReplicaClient, FakeReplicas
+from shoal.testing.fakes import FakeReplicaClient, FakeReplicas, fake_generation
 from shoal.testing.wait import until
-from shoal.types import DeploymentRoutes, Route, RoutingTable
+from shoal.types import DeploymentRoutes, GenerateRequest, Route, RoutingTable
 from tests.unit.conftest import make_spec
 
 pytestmark = pytest.mark.timeout(10)
@@ -265,35 +266,163 @@ async def test_a_request_refused_by_a_draining_remote_replica_waits_for_the_next
     assert [c.request_id for c in fakes.clients["new:9000"].requests] == ["req-1"]
 
 
-async def test_requests_on_remote_replicas_a_restarted_heads_first_table_drops_wait_for_the_next(
+async def test_requests_on_remote_replicas_a_table_drops_are_answered_there_and_sent_once(
     router: Router, fakes: FakeReplicas
 ) -> None:
-    # Seen in CI (test_head_killed_under_load_loses_nothing_and_adopts_replicas): a head
-    # just restarted lists a deployment with no replica until the schedulers register
-    # again. A router whose replicas are all remote dropped both, closing their clients
-    # under three requests; each failed on one, then on the other, and was refused as if it
-    # had brought down two replicas. The table dropped them, they did not fail: that spends
-    # no attempt, and the requests wait for the next table.
+    # A head just restarted lists a deployment with no replica until its schedulers register
+    # again, and a head drops a replica from the table when it starts draining. Either way the
+    # replica answers what it took. Seen before: the router closed its client at once, the
+    # requests were sent to other replicas while the first went on with them (a model ran
+    # twice for one request), and a request on two remote replicas was refused as if it had
+    # brought down both (CI, test_head_killed_under_load_loses_nothing_and_adopts_replicas).
     spec = make_spec()
     routes = (Route("a", "a:9000", "s2"), Route("b", "b:9000", "s2"))
     await router.apply_table(table(1, spec, *routes))
-    gate(fakes.client("a:9000")), gate(fakes.client("b:9000"))
+    gates = gate(fakes.client("a:9000")), gate(fakes.client("b:9000"))
     tasks = [asyncio.create_task(router.send("echo", x(i), request_id=f"req-{i}")) for i in range(4)]
     await until(lambda: len(fakes.clients["a:9000"].requests) + len(fakes.clients["b:9000"].requests) == 4)
 
-    # Dropped one after the other, as apply_table closes one client and then the next (the
-    # requests failed on the first are sent to the second in between).
     await router.apply_table(table(1, spec, routes[1]))
-    await until(lambda: len(fakes.clients["b:9000"].requests) == 4)
     await router.apply_table(table(1, spec))  # the restarted head's first: no replica yet
+    assert router.ready_count("echo") == 0
+    late = asyncio.create_task(router.send("echo", x(9), request_id="late"))
     await asyncio.sleep(2 * RETRY_PAUSE_S)
-    assert not any(t.done() for t in tasks), [t.exception() for t in tasks if t.done()]
-    for address in ("a:9000", "b:9000"):  # new connections, as the router makes for a new table
-        del fakes.clients[address]
-    await router.apply_table(table(2, spec, *routes))
+    assert not any(t.done() for t in [*tasks, late]), [t.exception() for t in tasks if t.done()]
+    assert not fakes.clients["a:9000"].closed and not fakes.clients["b:9000"].closed
+    await router.apply_table(table(2, spec, *routes))  # listed again: they take requests again
+    for g in gates:
+        g.set()
 
     served = [rid for _, rid in await asyncio.wait_for(asyncio.gather(*tasks), 5.0)]
     assert sorted(served) == ["a", "a", "b", "b"]
+    _, rid = await asyncio.wait_for(late, 5.0)
+    assert rid in ("a", "b")
+    sent = [c.request_id for address in ("a:9000", "b:9000") for c in fakes.clients[address].requests]
+    assert sorted(sent) == ["late", "req-0", "req-1", "req-2", "req-3"]  # each once
+
+
+async def hold_on_remote(
+    router: Router, fakes: FakeReplicas, spec: DeploymentSpec
+) -> tuple[FakeReplicaClient, asyncio.Event, asyncio.Task[tuple[Tensors, str]]]:
+    """A table listing one remote replica, ``a``, and a request ``held`` in it: a's fake,
+    the gate that releases it, and the request's task."""
+    await router.apply_table(table(1, spec, Route("a", "a:9000", "s2")))
+    a = fakes.client("a:9000")
+    held = gate(a)
+    task = asyncio.create_task(router.send("echo", x(1), request_id="held"))
+    await a.wait_for_requests(1)
+    return a, held, task
+
+
+FAST_PINGS = Settings(ping_interval_s=0.02, ping_timeout_s=0.05)
+
+
+async def test_a_replica_the_table_dropped_goes_once_its_requests_are_answered(
+    fakes: FakeReplicas,
+) -> None:
+    router = Router("s1", FAST_PINGS, fakes, policy="round_robin")
+    try:
+        spec = make_spec()
+        routes = (Route("a", "a:9000", "s2"), Route("b", "b:9000", "s2"))
+        await router.apply_table(table(1, spec, *routes))
+        a = fakes.client("a:9000")
+        held = gate(a)
+        task = asyncio.create_task(router.send("echo", x(1), request_id="held"))
+        await a.wait_for_requests(1)
+        await router.apply_table(table(1, spec, routes[1]))  # a drains: dropped from the table
+
+        # Nothing new goes to a; it answers its pings, so what it holds is answered there,
+        # and then its client is closed.
+        outputs = [await router.send("echo", x(i)) for i in range(3)]
+        assert [rid for _, rid in outputs] == ["b"] * 3
+        await asyncio.sleep(10 * FAST_PINGS.ping_interval_s)
+        assert not a.closed
+        held.set()
+        _, rid = await asyncio.wait_for(task, 5.0)
+        assert rid == "a"
+        await until(lambda: a.closed, "a's client closed once idle")
+        assert [c.request_id for c in a.requests] == ["held"]
+        assert router.ready_count("echo") == 1
+    finally:
+        await router.aclose()
+
+
+async def test_a_dropped_replica_that_stops_answering_pings_has_its_requests_sent_elsewhere(
+    fakes: FakeReplicas,
+) -> None:
+    # A machine that froze or was cut off breaks no connection: without the pings, requests
+    # on its replica waited for gRPC's keepalive (10-15 s) after the head had dropped it.
+    router = Router("s1", replace(FAST_PINGS, request_attempts=1), fakes, policy="round_robin")
+    try:
+        spec = make_spec()
+        a, _, task = await hold_on_remote(router, fakes, spec)
+        await router.apply_table(table(1, spec, Route("c", "c:9000", "s3")))
+        a.fail()  # frozen: pings fail (the held request would hang)
+        _, rid = await asyncio.wait_for(task, 5.0)
+        assert rid == "c"  # no attempt spent on a
+        assert a.closed
+    finally:
+        await router.aclose()
+
+
+async def test_a_request_whose_dropped_replica_dies_under_it_spends_no_attempt(
+    fakes: FakeReplicas,
+) -> None:
+    # One attempt only: the replica the table dropped breaks under the request (it died: the
+    # head dropped it for that). The request waits for the next table, and is served there.
+    router = Router("s1", Settings(request_attempts=1), fakes, policy="round_robin")
+    try:
+        spec = make_spec()
+        a, held, task = await hold_on_remote(router, fakes, spec)
+        await router.apply_table(table(1, spec))
+        await a.close()  # its connection breaks: the request fails on it
+        await asyncio.sleep(2 * RETRY_PAUSE_S)
+        assert not task.done()
+        await router.apply_table(table(2, spec, Route("c", "c:9000", "s3")))
+        _, rid = await asyncio.wait_for(task, 5.0)
+        assert rid == "c"
+        held.set()
+    finally:
+        await router.aclose()
+
+
+async def test_a_generation_streaming_from_a_replica_the_table_dropped_is_not_cut(
+    router: Router, fakes: FakeReplicas
+) -> None:
+    spec = make_spec()
+    await router.apply_table(table(1, spec, Route("a", "a:9000", "s2")))
+    a = fakes.client("a:9000")
+    a.piece_delay_s = 0.05
+    chunks: list[str] = []
+    request = GenerateRequest(prompt="one two three four five six", max_tokens=6, stream=True)
+
+    async def generate() -> None:
+        async for chunk in router.stream("echo", request):
+            chunks.append(chunk.text)
+
+    task = asyncio.create_task(generate())
+    await until(lambda: len(chunks) >= 2, "the first pieces")
+    await router.apply_table(table(1, spec))  # it drains: dropped from the table
+    await asyncio.wait_for(task, 5.0)
+    assert a.streams_closed == 0
+    assert len(a.generations) == 1
+    assert "".join(chunks) == "".join(fake_generation(request))
+    await until(lambda: a.closed, "a's client closed once idle")
+
+
+async def test_a_deleted_deployments_requests_on_remote_replicas_are_answered(
+    router: Router, fakes: FakeReplicas
+) -> None:
+    spec = make_spec()
+    a, held, task = await hold_on_remote(router, fakes, spec)
+    await router.apply_table(RoutingTable(version=2, deleted=("echo",)))
+    with pytest.raises(NotFound):
+        await router.send("echo", x(2))
+    held.set()
+    _, rid = await asyncio.wait_for(task, 5.0)
+    assert rid == "a"
+    await until(lambda: a.closed, "a's client closed once idle")
+    assert "echo" not in router.deployments()
 
 
 async def test_a_replica_that_says_it_is_going_gets_nothing_new_and_costs_no_attempt(
