@@ -536,11 +536,11 @@ class Router:
         attempt = 0
         queued = True  # the time to the first replica not observed yet
         while attempt < attempts:
-            if tried and not any(h.accepting and h.replica_id not in tried for h in dep.handles.values()):
-                # Every replica left has failed this request (say a remote one that was just
-                # killed, still in the routing table for a few ms): give the table a moment to
-                # drop it or a replacement to join before trying one of them again.
-                await dep.changed.wait(min(RETRY_PAUSE_S, max(0.0, deadline - clock.now())), clock)
+            if tried:
+                # Every replica left may have failed this request (say a remote one that was
+                # just killed, still in the routing table for a few ms): give the table a
+                # moment to drop it or a replacement to join before trying one of them again.
+                await self._pause_for_another(dep, tried, deadline)
             # A free replica at once, without a coroutine: ``_acquire``'s first step.
             handle = None if dep.deleted or dep.waiting else self._pick(dep, tried, model_id, version)
             if handle is not None:
@@ -732,6 +732,20 @@ class Router:
             return pick_for_model(fresh or open_, _held, model_id, mux.max_models_per_replica, self._policy)
         return self._policy.pick(fresh or open_)
 
+    async def _pause_for_another(self, dep: _Deployment, tried: set[str], deadline: float) -> None:
+        """When every replica that takes requests has failed this one already (``tried``),
+        wait up to RETRY_PAUSE_S (within the deadline) for one that has not. Not cut short by
+        a change that brings none: when an update drained a deployment's local replicas and
+        a remote one had just stopped, each removal woke the pause, and the request went
+        straight back to the stopped replica and was refused, two attempts in a few ms."""
+        clock = self._clock
+        end = min(clock.now() + RETRY_PAUSE_S, deadline)
+        while not any(h.accepting and h.replica_id not in tried for h in dep.handles.values()):
+            left = end - clock.now()
+            if left <= 0 or dep.deleted or dep.failed or self._closed:
+                return  # (the last three: refused at once by _acquire)
+            await dep.changed.wait(left, clock)
+
     def _going(self, dep: _Deployment, handle: ReplicaHandle) -> None:
         """``handle``'s replica said it is going (ReplicaGone): it takes no new request from
         this router, as if retired; it stays until the supervisor or the head's table drops it.
@@ -851,8 +865,8 @@ class Router:
             attempt = 0
             queued = True
             while attempt < attempts:
-                if tried and not any(h.accepting and h.replica_id not in tried for h in dep.handles.values()):
-                    await dep.changed.wait(min(RETRY_PAUSE_S, max(0.0, deadline - clock.now())), clock)
+                if tried:
+                    await self._pause_for_another(dep, tried, deadline)
                 handle = await self._acquire(dep, deadline, tried, "", version)
                 if queued:
                     queued = False

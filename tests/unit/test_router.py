@@ -457,6 +457,34 @@ async def test_a_replica_whose_connection_broke_once_is_tried_again(
     assert [c.request_id for c in a.requests] == ["req-2"]
 
 
+async def test_the_pause_before_trying_a_failed_replica_again_is_not_cut_by_other_changes(
+    router: Router, fakes: FakeReplicas
+) -> None:
+    # Seen in test_chaos_suite.py::test_rolling_update (a loaded run): a request failed on
+    # the one remote replica it could use, which had just stopped (its table entry not yet
+    # dropped), and was to wait RETRY_PAUSE_S for the table. The deployment's own local
+    # replicas, drained by the same update, were removed meanwhile; each removal woke the
+    # pause, the request went straight back to the stopped replica, and was refused after
+    # two attempts within the same few milliseconds.
+    spec = make_spec()
+    [a] = add(router, fakes, spec, "a")
+    held = gate(a)
+    task = asyncio.create_task(router.send("echo", x(1.0), request_id="req"))
+    await a.wait_for_requests(1)
+    a.fail()
+    held.set()  # its answer fails: the first attempt
+    await asyncio.sleep(0)
+    for rid in ("b", "c"):  # changes that bring no replica to try
+        router.add(rid, spec, f"{rid}:9000", "s1")
+        router.retire(rid)
+        await asyncio.sleep(0.01)
+    assert not task.done(), task.exception()
+    a.recover()
+
+    _, rid = await asyncio.wait_for(task, 5.0)
+    assert rid == "a"
+
+
 async def test_a_query_of_death_costs_at_most_two_replicas(fakes: FakeReplicas) -> None:
     # A request that kills every replica it reaches: tried on two (the default
     # request_attempts), then it fails saying so, and it is counted.
