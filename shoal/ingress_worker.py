@@ -112,11 +112,12 @@ async def run_ingress_worker(
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     # Its scheduler stops it (SIGTERM) before the replicas drain: it refuses new requests and
-    # answers those it admitted, then exits. Ctrl-C in a terminal reaches every process of the
-    # group, the workers too: before, they stopped at once, and the requests they held failed
-    # while the scheduler still drained.
+    # answers those it admitted, then exits. Ctrl-C in a terminal, and SIGHUP when it
+    # closes, reach every process of the group, the workers too: before, they stopped at
+    # once, and the requests they held failed while the scheduler still drained.
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, lambda: None)
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)
     await server.start()
     await http.start()
     try:

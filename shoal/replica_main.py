@@ -97,7 +97,7 @@ async def run_replica(
     )
 
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, replica.request_stop)
     # asyncio.to_thread and run_in_executor(None, ...) (a model's load, an async model's own
     # calls): threads started by the loop's, which its scheduler may pin to one CPU

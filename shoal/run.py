@@ -610,10 +610,16 @@ async def _serve(
     stop: asyncio.Event | None = None,
     kill_now: Callable[[], None] | None = None,
 ) -> None:
-    """Run what ``setup`` starts until SIGTERM or SIGINT, then unwind it (gracefully). A
-    second signal while shutting down stops at once, as a second Ctrl-C does in most
-    tools: ``kill_now`` kills what this process started (replicas, ingress workers), and the
-    process exits with 128 + the signal's number, requests in flight failing."""
+    """Run what ``setup`` starts until SIGTERM, SIGINT or SIGHUP, then unwind it
+    (gracefully). A second signal while shutting down stops at once, as a second Ctrl-C
+    does in most tools: ``kill_now`` kills what this process started (replicas, ingress
+    workers), and the process exits with 128 + the signal's number, requests in flight
+    failing.
+
+    SIGHUP is the terminal closing (or an ssh session dropped) under a foreground ``shoal
+    up``: the process died of it at once, failing what was in flight, and its replicas, in
+    sessions of their own, ran on until ``orphan_after_s``. It stops as on SIGTERM; run
+    under a service manager, nohup or tmux to outlive the terminal."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -629,7 +635,7 @@ async def _serve(
             kill_now()
         os._exit(128 + sig)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, on_signal, sig)
     async with AsyncExitStack() as stack:
         await setup(stack)

@@ -363,12 +363,13 @@ def _loop(sock: socket.socket) -> None:
     set_title(["shoal", "zygote"])
     # The scheduler's logging handlers (its log file among them) are not the zygote's to use.
     logging.getLogger().handlers[:] = []
-    # Ctrl-C at a terminal, and SIGTERM to the whole group or cgroup (systemd's stop, timeout),
-    # reach us too: the scheduler stops on them and closes us once its replicas are stopped,
-    # while we still reap them, pass on their exit statuses and kill what they leave behind.
-    # Until then we were gone on a SIGTERM, and the scheduler warned that we were lost.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Ctrl-C at a terminal, SIGTERM to the whole group or cgroup (systemd's stop, timeout),
+    # and SIGHUP when the terminal closes reach us too: the scheduler stops on them and closes
+    # us once its replicas are stopped, while we still reap them, pass on their exit statuses
+    # and kill what they leave behind. Until then we were gone on a SIGTERM or SIGHUP, and
+    # the scheduler warned that we were lost.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -427,6 +428,7 @@ def _child(request: dict[str, Any], fds: list[int], zygote_fds: list[int]) -> No
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         if request["session"]:
             os.setsid()

@@ -176,16 +176,31 @@ def test_sigterm_to_the_whole_group_stops_shoal_up_gracefully(held: Held, gate: 
     scheduler closes it (it died at once, and was reported lost: "the zygote ... is gone");
     and a replica that drains of the same signal stopped, it did not die (it was logged as
     dead, with a warning, and counted)."""
-    proc, log = held.proc, held.log
     zygote = [p for p in held.started if "zygote" in " ".join(p.cmdline())]
     if reach == "group":
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(held.proc.pid, signal.SIGTERM)
     else:
-        for p in [psutil.Process(proc.pid), *held.started]:
+        for p in [psutil.Process(held.proc.pid), *held.started]:
             p.send_signal(signal.SIGTERM)
+    stops_gracefully(held, gate, zygote)
+
+
+def test_a_hangup_stops_shoal_up_gracefully(held: Held, gate: Path) -> None:
+    """The terminal closing: SIGHUP to its foreground process group. Before, the scheduler
+    died of it at once (the request in flight failed), and so did the zygote and the ingress
+    workers; the replicas, in sessions of their own, ran on until ``orphan_after_s``."""
+    zygote = [p for p in held.started if "zygote" in " ".join(p.cmdline())]
+    os.killpg(held.proc.pid, signal.SIGHUP)
+    stops_gracefully(held, gate, zygote)
+
+
+def stops_gracefully(held: Held, gate: Path, zygote: list[psutil.Process]) -> None:
+    """After the signal: the held request is answered, the zygote waits for the scheduler,
+    and shoal up exits 0 without a death, a restart or a traceback in its log."""
+    proc, log = held.proc, held.log
     wait_log(proc, log, "shutting down")
     time.sleep(0.5)
-    assert running(zygote), "the zygote died of the SIGTERM, before the scheduler closed it"
+    assert running(zygote), "the zygote died of the signal, before the scheduler closed it"
     release(gate)
     assert proc.wait(30) == 0, log.read_text()[-3000:]
     held.sender.join(30)
