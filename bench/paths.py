@@ -36,7 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -95,9 +95,17 @@ class _AtOnce:
         self.address = address
 
     async def push(
-        self, request_id: str, inputs: Tensors, timeout_s: float, *, model_id: str = ""
+        self,
+        request_id: str,
+        inputs: Tensors,
+        timeout_s: float,
+        *,
+        model_id: str = "",
+        classify: Mapping[str, int] | None = None,
     ) -> Tensors:
         task = pb.Task(request_id=request_id, timeout_s=timeout_s, model_id=model_id, tag=1)
+        if classify:
+            task.classification.update(classify)
         codec.fill(task.inputs, inputs)
         task.SerializeToString()
         outcome = pb.TaskOutcome(request_id=request_id, tag=1)
