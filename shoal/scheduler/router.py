@@ -88,6 +88,9 @@ class _Deployment:
     # Why replicas it wants cannot be placed, from the head's table ("": they can): a request
     # that waited in vain is told it, not that the start took too long.
     unplaced: str = ""
+    # Ids of handles that left the table with requests on them (Router._leave), looked at as
+    # requests end; kept apart so that a request's end costs no walk over the handles.
+    leaving: set[str] = field(default_factory=set)
 
 
 class Router:
@@ -282,6 +285,7 @@ class Router:
             await self.remove(handle.replica_id, failed=False)
         elif not handle.left:
             handle.left = True
+            dep.leaving.add(handle.replica_id)
             self._notify(dep)
             watch = asyncio.ensure_future(self._watch_left(dep, handle))
             self._watches.add(watch)
@@ -757,9 +761,15 @@ class Router:
     def _release(self, dep: _Deployment) -> None:
         if dep.waiting:
             dep.changed.fire()
-        for rid, h in list(dep.handles.items()):
-            if h.left and not h.in_flight:
+        if not dep.leaving:
+            return
+        for rid in list(dep.leaving):
+            h = dep.handles.get(rid)
+            if h is None or not h.left:  # gone another way, or listed again
+                dep.leaving.discard(rid)
+            elif not h.in_flight:
                 # Left the table while requests were on it (_leave); they are done now.
+                dep.leaving.discard(rid)
                 del dep.handles[rid]
                 closing = asyncio.ensure_future(h.close())
                 self._closing.add(closing)
