@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from shoal.core import tensors
-from shoal.errors import InvalidArgument, NotFound, ShoalError
+from shoal.errors import InvalidArgument, NotFound, ShoalError, Unavailable
 from shoal.proto import grpc_service_pb2 as oip
 from shoal.scheduler.generate import generate_request, generates_text, internal_id, start_stream
 from shoal.scheduler.models import ModelCatalog
@@ -39,11 +39,11 @@ _NUMBER_INPUTS = {"max_tokens": "iu", "seed": "iu", "temperature": "f", "top_p":
 
 
 def wants_generation(catalog: ModelCatalog, request: oip.ModelInferRequest) -> bool:
-    """Whether ``request`` is for a deployment that generates text (False for an unknown model:
-    the ordinary path answers NOT_FOUND)."""
+    """Whether ``request`` is for a deployment that generates text (False for an unknown model,
+    or one not known yet: the ordinary path answers NOT_FOUND, or UNAVAILABLE)."""
     try:
         return generates_text(catalog.spec(request.model_name, request.model_version))
-    except NotFound:
+    except (NotFound, Unavailable):
         return False
 
 

@@ -385,6 +385,7 @@ class IngressWorker:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         self._last_contact = loop.time()
+        self.router.awaits_table = True  # the main process's tables say which deployments exist
         async with asyncio.TaskGroup() as tasks:
             reporter = tasks.create_task(self._report_loop())
             watching = tasks.create_task(self._watch_loop())

@@ -236,7 +236,9 @@ class SchedulerNode:
         self.inference_auth = InferenceAuth(self._spec_of)
 
     def _ready(self) -> bool:
-        return self.registered.is_set() and not self.router.draining
+        # With its first routing table: before it, requests for models it does not run
+        # itself are refused UNAVAILABLE (Router.has_table).
+        return self.registered.is_set() and self.router.has_table and not self.router.draining
 
     def _table_changed(self) -> None:
         self.table_version += 1
@@ -262,6 +264,7 @@ class SchedulerNode:
 
     def start(self, address: str, http_address: str) -> None:
         self.address = address
+        self.router.awaits_table = True  # the head's tables say which deployments exist
         self.http_address = http_address
         self.supervisor.start()
         self._tasks.spawn(self._head_loop(), "head")

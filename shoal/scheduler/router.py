@@ -133,6 +133,11 @@ class Router:
         self._traffic: dict[str, TrafficRoute] = {}
         self._rng = rng or random.Random()
         self._shadows: set[asyncio.Task[None]] = set()
+        # Set by the first apply_table. awaits_table: this router routes by the head's tables
+        # (a scheduler's, an ingress worker's; set when it starts), so until the first one it
+        # does not know which deployments exist (_live).
+        self.tabled = asyncio.Event()
+        self.awaits_table = False
         # Shutting down (drain): new requests are refused; those admitted before (``_active``,
         # queued or running) finish, until ``_closed``, when the grace ran out.
         self._active = 0
@@ -211,8 +216,25 @@ class Router:
             if dep.deleted and not dep.handles:
                 self._deployments.pop(dep.spec.name, None)
 
+    @property
+    def has_table(self) -> bool:
+        """Whether this router knows the deployments: it had a routing table, or expects none.
+
+        A scheduler registers, then gets its first table; until then it knows only the
+        deployments its own replicas run. A request for another model then is refused
+        UNAVAILABLE / 503 (:meth:`_live`), which clients retry, and the scheduler is not
+        ready (``/v2/health/ready``). It was NOT_FOUND / 404, which clients take as final,
+        for models that exist (a scheduler restarted under load; seen once in a loaded test
+        run, a request right after a deploy to a scheduler just started:
+        test_autoscale.py::test_requests_held_at_zero_are_refused_once_the_model_cannot_start)."""
+        return self.tabled.is_set() or not self.awaits_table
+
     async def apply_table(self, table: RoutingTable) -> None:
         """Adopt the head's view of other schedulers' replicas (local ones come from the supervisor)."""
+        await self._apply_table(table)
+        self.tabled.set()
+
+    async def _apply_table(self, table: RoutingTable) -> None:
         if dict(table.traffic) != self._traffic:
             self._traffic = dict(table.traffic)
             if self._on_change is not None:
@@ -360,6 +382,12 @@ class Router:
     def _live(self, name: str) -> _Deployment:
         dep = self._deployments.get(name)
         if dep is None or dep.deleted:
+            if not self.has_table:
+                # Not known yet is not unknown: UNAVAILABLE / 503, which clients retry.
+                raise Unavailable(
+                    f"model {limits.shown(repr(name))} is not known here yet: this scheduler has "
+                    "had no routing table since it started; try again"
+                )
             raise NotFound(f"no deployment named {limits.shown(repr(name))}")  # the client's string
         return dep
 

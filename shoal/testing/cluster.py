@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 
 from shoal.config import Settings
@@ -184,6 +185,7 @@ class ProcessCluster:
         self.settings = Settings.load(env={})
         self._client: ControlClient | None = None
         self._pids_seen: set[int] = set()
+        self._routing: set[str] = set()  # schedulers seen ready (by HTTP address): _until_routing
 
     async def __aenter__(self) -> ProcessCluster:
         try:
@@ -345,6 +347,28 @@ class ProcessCluster:
     async def send(
         self, deployment: str, inputs: Arrays, *, scheduler: int = 0, timeout_s: float = 0.0
     ) -> tuple[Arrays, str]:
+        await self._until_routing(scheduler)
         return await send_request(
             self.scheduler_address(scheduler), deployment, inputs, self.settings, timeout_s=timeout_s
         )
+
+    async def _until_routing(self, i: int, timeout_s: float = 30.0) -> None:
+        """Until scheduler ``i`` is ready (``/v2/health/ready``: registered, with its first
+        routing table), once per scheduler. A request sent before its first table is refused
+        UNAVAILABLE ('not known here yet'), and a scheduler starts once its ports listen,
+        before it has registered: a test that deploys and sends at once met that (a request
+        refused, seen under load in test_autoscale.py). Gives up quietly after ``timeout_s``:
+        the request then gets whatever the scheduler answers."""
+        address = self.http_address(i)
+        if address in self._routing or self.settings.tls_dir:  # (with TLS: not looked at)
+            return
+        deadline = time.monotonic() + timeout_s
+        async with httpx.AsyncClient(timeout=2.0) as http:
+            while time.monotonic() < deadline:
+                try:
+                    if (await http.get(f"http://{address}/v2/health/ready")).status_code == 200:
+                        self._routing.add(address)
+                        return
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(0.05)

@@ -31,7 +31,7 @@ from shoal.rpc.scheduler_service import SchedulerService
 from shoal.scheduler.node import SchedulerNode
 from shoal.scheduler.router import Router
 from shoal.testing.fakes import FakeReplicas
-from shoal.types import HeadLink
+from shoal.types import DeploymentRoutes, HeadLink, Route, RoutingTable
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -760,3 +760,51 @@ async def test_unwritten_stream_answers_hold_the_process_bytes_across_streams(fa
         assert budget.held == 0
     finally:
         await router.aclose()
+
+
+@pytest.fixture
+async def fresh(fakes: FakeReplicas) -> AsyncIterator[Doors]:
+    """A scheduler registered with the head that has not had its first routing table yet,
+    as it is for a moment after it starts (or restarts); no replica of its own."""
+    settings = Settings()
+    router = Router("s1", settings, fakes, policy="round_robin")
+    router.awaits_table = True  # what SchedulerNode.start sets
+    node = SchedulerNode(settings, "s1", cast(HeadLink, None), fakes, router=router)
+    node.registered.set()
+    app = scheduler_app(node)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://shoal") as client:
+        yield Doors(node, client)
+    await router.aclose()
+
+
+def first_table(*models: str) -> RoutingTable:
+    return RoutingTable(
+        1, {m: DeploymentRoutes(spec(m), (Route(f"{m}-r", f"{m}:9000", "s2"),)) for m in models}
+    )
+
+
+async def test_before_its_first_routing_table_a_scheduler_says_not_yet_not_unknown(fresh: Doors) -> None:
+    """Seen once in a loaded run (test_autoscale.py): a request sent right after a deploy
+    reached a scheduler that had registered but not yet had its first table, and was refused
+    NOT_FOUND for a model that existed, an answer clients take as final. Now every door says
+    UNAVAILABLE / 503 (retried), and the scheduler is not ready until the table comes."""
+    assert (await fresh.http.get("/v2/health/ready")).status_code == 503
+    status, body = await fresh.rest("echo", GOOD)
+    assert status == 503, body
+    assert "is not known here yet: this scheduler has had no routing table since it started" in body["error"]
+    with pytest.raises(Aborted) as caught:
+        await fresh.oip("echo", GOOD)
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(Aborted) as caught:
+        await fresh.send("echo", GOOD)
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+
+    await fresh.node.router.apply_table(first_table("echo"))
+    assert (await fresh.http.get("/v2/health/ready")).status_code == 200
+    status, body = await fresh.rest("echo", GOOD, "rest")
+    assert status == 200, body
+    reply = await fresh.send("echo", GOOD, "native")
+    assert reply.replica_id == "echo-r"
+    status, body = await fresh.rest("nope", GOOD)  # unknown now means unknown
+    assert status == 404
+    assert body["error"] == "unknown model 'nope': no deployment of that name"
