@@ -606,14 +606,13 @@ class Router:
                     # the request waits, up to its deadline, for another replica rather than
                     # being sent back there after RETRY_PAUSE_S; no attempt is spent.
                     self._going(dep, handle)
-                elif handle.left:
-                    # The table dropped the replica under the request: no attempt either, the
-                    # head's word is no proof that the request brought it down (a head just
-                    # restarted lists no replica until their schedulers register again, and a
-                    # request on two remote replicas failed as if it had killed both). It
-                    # takes nothing new already; a table that lists it again undoes that.
-                    pass
-                else:
+                elif not handle.left:
+                    # (A replica the table dropped under the request, ``left``, costs no attempt
+                    # either: the head's word is no proof that the request brought it down. A
+                    # head just restarted lists no replica until their schedulers register
+                    # again, and a request on two remote replicas failed as if it had killed
+                    # both. It takes nothing new already; a table that lists it again undoes
+                    # that.)
                     tried.add(handle.replica_id)
                     attempt += 1
                 log.info(
@@ -934,9 +933,7 @@ class Router:
                         # Draining or gone, it started nothing: retired, no attempt spent, and
                         # the generation waits within its deadline for another (as in send).
                         self._going(dep, handle)
-                    elif handle.left:
-                        pass  # dropped by the table under it: no attempt (as in send)
-                    else:
+                    elif not handle.left:  # (dropped by the table under it: no attempt, as in send)
                         tried.add(handle.replica_id)
                         attempt += 1
                     log.info(
