@@ -74,7 +74,9 @@ import time
 
 class Slow:
     def __init__(self):
-        time.sleep(1.0)  # a model's load
+        # A model's load, long enough that the status shows the second replica waiting:
+        # with 1 s, a loaded CI run polled the head's status past the whole window.
+        time.sleep(3.0)
 
     def predict(self, inputs):
         return inputs
