@@ -95,6 +95,10 @@ class RoutingTable:
     ack: bool = False
     """A control call waits until schedulers route by this table: say so at once (a health
     update with ``routes_version``; from a scheduler to its ingress workers, a report)."""
+    adopting: bool = False
+    """The head started less than ``dead_after_s`` ago and waits for schedulers to register
+    again: one whose scheduler has no route in this table may not have registered yet, and
+    its replicas are kept where they route until a table without this (``Router._apply_table``)."""
 
 
 @dataclass(frozen=True)

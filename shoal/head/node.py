@@ -346,6 +346,9 @@ class HeadNode:
                 # each placing those it had found dead so far). Not after a failed pass: it
                 # may not have declared the overdue ones dead, and would come back at once.
                 wait = min(wait, self._next_death_s())
+                if self._adopt_until > self.clock.now():
+                    # Its end is said at once: schedulers drop what no one registered again.
+                    wait = min(wait, self._adopt_until - self.clock.now())
             # Woken again and again (schedulers registering, replicas changing state), passes
             # would follow each other back to back: rest twice as long as the last pass held
             # the lock (what health updates wait for), so reconciling keeps at most a third of
@@ -1430,6 +1433,8 @@ class HeadNode:
             token_hashes = self.tokens.hashes()
             deleted = tuple(sorted(self.deleted))
             traffic = dict(self.traffic.routes)
+            # Schedulers keep the replicas of those not registered yet (RoutingTable.adopting).
+            adopting = self.clock.now() < self._adopt_until
             # An entry that did not change stays the same object: the table's streams send
             # schedulers only the entries that are new objects (shoal.rpc.head_service).
             old = self._routes.deployments
@@ -1443,6 +1448,7 @@ class HeadNode:
                 or token_hashes != self._routes.token_hashes
                 or deleted != self._routes.deleted
                 or traffic != dict(self._routes.traffic)
+                or adopting != self._routes.adopting
             ):
                 self._routes = RoutingTable(
                     version=self._routes.version + 1,
@@ -1451,6 +1457,7 @@ class HeadNode:
                     deleted=deleted,
                     traffic=traffic,
                     ack=self._acks_wanted > 0,
+                    adopting=adopting,
                 )
                 self._announce(soon)
             elif soon and self._announcing is not None:

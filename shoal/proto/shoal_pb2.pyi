@@ -541,6 +541,7 @@ class RoutingTable(_message.Message):
     DELTA_FIELD_NUMBER: _builtins.int
     REMOVED_FIELD_NUMBER: _builtins.int
     ACK_FIELD_NUMBER: _builtins.int
+    ADOPTING_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     delta: _builtins.bool
     """A change to the table sent before it on the same stream (the first is whole):
@@ -551,6 +552,12 @@ class RoutingTable(_message.Message):
     """A control call waits for this table to be routed by (an apply, a token revoked): say so
     now (SchedulerHealth.routes_version), not at the next heartbeat. From the scheduler's
     main process to its ingress workers: report now (IngressReport.table_version).
+    """
+    adopting: _builtins.bool
+    """The head started less than dead_after_s ago and waits for schedulers to register again
+    with the replicas they run: a scheduler absent from this table's routes may not have
+    registered yet, so its replicas are kept where they route (and their connections still
+    tell whether they answer) until a table without this.
     """
     @_builtins.property
     def deployments(self) -> _containers.MessageMap[_builtins.str, Global___DeploymentRoutes]: ...
@@ -582,10 +589,11 @@ class RoutingTable(_message.Message):
         delta: _builtins.bool = ...,
         removed: _abc.Iterable[_builtins.str] | None = ...,
         ack: _builtins.bool = ...,
+        adopting: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "deleted", b"deleted", "delta", b"delta", "deployments", b"deployments", "removed", b"removed", "token_hashes", b"token_hashes", "traffic", b"traffic", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "adopting", b"adopting", "deleted", b"deleted", "delta", b"delta", "deployments", b"deployments", "removed", b"removed", "token_hashes", b"token_hashes", "traffic", b"traffic", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -297,6 +297,7 @@ class RoutingTableDecoder:
             deleted=tuple(table.deleted),
             traffic=self._traffic(table),
             ack=table.ack,
+            adopting=table.adopting,
         )
 
     def _traffic(self, table: pb.RoutingTable) -> dict[str, TrafficRoute]:

@@ -285,7 +285,11 @@ def routes_to_pb(dep: DeploymentRoutes) -> pb.DeploymentRoutes:
 def table_frame_to_pb(table: RoutingTable) -> pb.RoutingTable:
     """A routing table without its deployments' entries (the caller adds those it sends)."""
     msg = pb.RoutingTable(
-        version=table.version, token_hashes=table.token_hashes, deleted=table.deleted, ack=table.ack
+        version=table.version,
+        token_hashes=table.token_hashes,
+        deleted=table.deleted,
+        ack=table.ack,
+        adopting=table.adopting,
     )
     for name, route in table.traffic.items():
         msg.traffic[name].CopyFrom(traffic_to_pb(route))

@@ -235,6 +235,16 @@ class Router:
         self.tabled.set()
 
     async def _apply_table(self, table: RoutingTable) -> None:
+        # A head that just started lists the replicas of the schedulers that registered with
+        # it so far: those of the others still run, and are kept (RoutingTable.adopting).
+        # Dropped, requests for a deployment whose replicas are all on such schedulers waited
+        # (and timed out) until they registered again.
+        unheard = (
+            {h.scheduler_id for dep in self._deployments.values() for h in dep.handles.values()}
+            - {r.scheduler_id for routes in table.deployments.values() for r in routes.routes}
+            if table.adopting
+            else set()
+        )
         if dict(table.traffic) != self._traffic:
             self._traffic = dict(table.traffic)
             if self._on_change is not None:
@@ -261,7 +271,7 @@ class Router:
                         handle.left = False
                         self._notify(dep)
                     continue
-                if not (handle.local and not self._table_only):
+                if not (handle.local and not self._table_only) and handle.scheduler_id not in unheard:
                     await self._leave(dep, handle)
             for rid, r in remote.items():
                 if rid not in dep.handles:

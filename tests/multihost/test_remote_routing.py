@@ -5,17 +5,19 @@ the schedulers are separate processes either way."""
 from __future__ import annotations
 
 import asyncio
+import signal
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from shoal.errors import ShoalError
 from shoal.rpc.clients import NativeClient
 from shoal.testing.cluster import ProcessCluster
 from shoal.testing.gate import calls, entered, gate_model, hold, release
 from shoal.testing.wait import until
-from tests.multihost.helpers import X, replicas_of
+from tests.multihost.helpers import X, echo, replicas_of
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -94,3 +96,52 @@ async def test_a_remote_replica_that_drains_answers_what_it_holds_and_runs_nothi
     for x, (outputs, replica) in zip(xs, results, strict=True):  # type: ignore[misc]
         np.testing.assert_array_equal(outputs["x"], x)
         assert replica == old["id"]
+
+
+async def test_a_restarted_head_does_not_take_a_silent_schedulers_replicas_from_the_others(
+    tmp_path: Path, examples_dir: Path
+) -> None:
+    """sched-0 has no room for replicas; it routes to sched-1's. The head is killed and
+    started again while sched-1 is stopped (SIGSTOP: it registers again late, as one whose
+    reconnect backoff is long or whose machine is slow does), so sched-0 registers first and
+    the new head's table lists no replica of echo. Its replica still answers: sched-0 goes on
+    routing to it while the new head waits for the schedulers to register again (its
+    adoption wait, ``dead_after_s``). Seen: sched-0 dropped the replica with that table, and
+    every request to echo waited (and timed out) until sched-1 registered."""
+
+    def alive(status: dict[str, Any]) -> set[str]:
+        return {s["http_address"] for s in status["schedulers"] if s["state"] == "ALIVE"}
+
+    env = {"SHOAL_DEAD_AFTER_S": "8", "SHOAL_ORPHAN_AFTER_S": "20"}
+    args = [["--cpus", "0"], []]
+    async with ProcessCluster(tmp_path, schedulers=2, scheduler_args=args, env=env) as cluster:
+        await cluster.deploy(echo(examples_dir, 1))
+        await cluster.wait_ready("echo", 1)
+        async with NativeClient(cluster.scheduler_address(0), cluster.settings) as client:
+            await client.infer("echo", {"x": X}, timeout_s=10)
+            silent = cluster.schedulers[1]
+            assert silent.proc is not None
+            silent.proc.send_signal(signal.SIGSTOP)
+            try:
+                assert cluster.head is not None
+                cluster.head.kill_all()
+                await asyncio.to_thread(cluster.restart_head)
+                await cluster.reconnect()
+                await cluster.wait_for(
+                    lambda s: alive(s) == {cluster.http_address(0)}, what="sched-0 registered again"
+                )
+                answered, failed = 0, []
+                for _ in range(15):  # 3 s, within the new head's 8 s adoption wait
+                    try:
+                        outputs, _ = await client.infer("echo", {"x": X}, timeout_s=1.0)
+                    except ShoalError as err:
+                        failed.append(repr(err))
+                    else:
+                        np.testing.assert_array_equal(outputs["x"], X)
+                        answered += 1
+                    await asyncio.sleep(0.2)
+                status = await cluster.status()
+            finally:
+                silent.proc.send_signal(signal.SIGCONT)
+    assert alive(status) == {cluster.http_address(0)}, "sched-1 registered while stopped"
+    assert failed == [], f"{answered} answered; failed: {failed[:3]}"

@@ -193,6 +193,24 @@ async def test_the_adoption_wait_applies_on_every_start(
     assert len(fleet.client("s1", "s1:7000").created) == 1
 
 
+async def test_the_routing_table_says_when_the_head_waits_for_schedulers_to_register_again(
+    started: HeadNode, clock: FakeClock
+) -> None:
+    # Schedulers keep the replicas of those not registered yet while it says so.
+    echo = make_spec("echo")
+    await started.start()
+    await started.apply(echo)
+    await join(started, "s1", ready("r1", echo))
+    await started.reconcile_once()
+    waiting = started.routes
+    assert waiting.adopting and [r.replica_id for r in waiting.deployments["echo"].routes] == ["r1"]
+
+    await past_adoption(started, clock)
+    await started.reconcile_once()
+    after = started.routes
+    assert not after.adopting and after.version > waiting.version
+
+
 @pytest.mark.parametrize("where", ["a picked port", "loopback, its port given"])
 async def test_a_head_on_a_store_it_created_at_a_picked_port_places_at_once(
     where: str, tmp_path: Path, fleet: FakeSchedulers, clock: FakeClock

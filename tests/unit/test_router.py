@@ -789,3 +789,26 @@ async def test_requests_left_when_the_drains_grace_runs_out_are_refused(
     for task in admitted:
         with pytest.raises(Unavailable, match=r"^the scheduler is shutting down and its grace of .* ran out"):
             await task
+
+
+async def test_a_head_waiting_for_schedulers_to_register_again_takes_no_replica_from_the_others(
+    router: Router, fakes: FakeReplicas
+) -> None:
+    # A head that just started lists the replicas of the schedulers that registered with it
+    # so far (RoutingTable.adopting). Seen: the router dropped the replicas of a scheduler
+    # that had not registered again yet, and requests for a deployment with all its replicas
+    # there waited (and timed out) until it did.
+    spec = make_spec()
+    a, b, c = Route("a", "a:9000", "s2"), Route("b", "b:9000", "s3"), Route("c", "c:9000", "s3")
+    await router.apply_table(table(1, spec, a, b, c))
+
+    # s3 registered again with b alone (c stopped meanwhile); s2 has not registered yet.
+    await router.apply_table(replace(table(1, spec, b), adopting=True))
+    assert sorted(h.replica_id for h in router.handles("echo")) == ["a", "b"]
+    served = {(await router.send("echo", x(i)))[1] for i in range(4)}
+    assert served == {"a", "b"}
+
+    # The head's wait ended without s2: its replica goes.
+    await router.apply_table(table(2, spec, b))
+    assert [h.replica_id for h in router.handles("echo")] == ["b"]
+    assert fakes.clients["a:9000"].closed
