@@ -1248,7 +1248,14 @@ class HeadNode:
                     self.state.create_failed(
                         action.replica_id, str(err), unavailable=isinstance(err, Unavailable)
                     )
-                log.warning("could not create replica %s: %s", action.replica_id, err)
+                # Paused, the cluster is shutting down (shoal up stopped in its first seconds):
+                # a scheduler refusing a start then is expected, not worth a warning.
+                log.log(
+                    logging.INFO if self._paused else logging.WARNING,
+                    "could not create replica %s: %s",
+                    action.replica_id,
+                    err,
+                )
                 return
             async with self.lock:
                 self.state.confirm_created(action.replica_id, version)

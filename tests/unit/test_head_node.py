@@ -521,6 +521,26 @@ async def test_a_scheduler_that_cannot_take_a_replica_is_passed_by_for_dead_afte
     assert len(client.created) == 1
 
 
+async def test_a_start_refused_while_the_cluster_shuts_down_is_no_warning(
+    head: HeadNode, fleet: FakeSchedulers, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``shoal up`` stopped in its first seconds: a start in flight meets the scheduler
+    shutting down, after the head paused. Seen: a WARNING on every such Ctrl-C."""
+    await join(head)
+    await head.apply(make_spec())
+    client = fleet.client("s1", "s1:7000")
+
+    async def refused(replica_id: str, spec: DeploymentSpec) -> int:
+        head.pause()  # shoal up's shutdown pauses the head while the call is out
+        raise Unavailable("this scheduler is shutting down")
+
+    client.create_replica = refused  # type: ignore[method-assign]
+    with caplog.at_level("INFO", logger="shoal.head"):
+        assert len(await head.reconcile_once()) == 1
+    [line] = [r for r in caplog.records if "could not create replica" in r.getMessage()]
+    assert line.levelname == "INFO" and "shutting down" in line.getMessage()
+
+
 async def test_a_replica_a_scheduler_cannot_take_goes_to_another_at_once(
     head: HeadNode, fleet: FakeSchedulers
 ) -> None:
