@@ -112,7 +112,7 @@ async def test_a_restarted_head_does_not_take_a_silent_schedulers_replicas_from_
     def alive(status: dict[str, Any]) -> set[str]:
         return {s["http_address"] for s in status["schedulers"] if s["state"] == "ALIVE"}
 
-    env = {"SHOAL_DEAD_AFTER_S": "8", "SHOAL_ORPHAN_AFTER_S": "20"}
+    env = {"SHOAL_DEAD_AFTER_S": "15", "SHOAL_ORPHAN_AFTER_S": "30"}
     args = [["--cpus", "0"], []]
     async with ProcessCluster(tmp_path, schedulers=2, scheduler_args=args, env=env) as cluster:
         await cluster.deploy(echo(examples_dir, 1))
@@ -131,7 +131,7 @@ async def test_a_restarted_head_does_not_take_a_silent_schedulers_replicas_from_
                     lambda s: alive(s) == {cluster.http_address(0)}, what="sched-0 registered again"
                 )
                 answered, failed = 0, []
-                for _ in range(15):  # 3 s, within the new head's 8 s adoption wait
+                for _ in range(15):  # 3 s, well within the new head's 15 s adoption wait
                     try:
                         outputs, _ = await client.infer("echo", {"x": X}, timeout_s=1.0)
                     except ShoalError as err:
