@@ -238,12 +238,11 @@ class Router:
         # A head that just started lists the replicas of the schedulers that registered with
         # it so far: those of the others still run, and are kept (RoutingTable.adopting).
         # Dropped, requests for a deployment whose replicas are all on such schedulers waited
-        # (and timed out) until they registered again.
-        unheard = (
-            {h.scheduler_id for dep in self._deployments.values() for h in dep.handles.values()}
-            - {r.scheduler_id for routes in table.deployments.values() for r in routes.routes}
+        # (and timed out) until they registered again. None: every scheduler is heard.
+        heard = (
+            {r.scheduler_id for routes in table.deployments.values() for r in routes.routes}
             if table.adopting
-            else set()
+            else None
         )
         if dict(table.traffic) != self._traffic:
             self._traffic = dict(table.traffic)
@@ -271,7 +270,9 @@ class Router:
                         handle.left = False
                         self._notify(dep)
                     continue
-                if not (handle.local and not self._table_only) and handle.scheduler_id not in unheard:
+                if handle.local and not self._table_only:
+                    continue  # this machine's: the supervisor says when they go
+                if heard is None or handle.scheduler_id in heard:
                     await self._leave(dep, handle)
             for rid, r in remote.items():
                 if rid not in dep.handles:
