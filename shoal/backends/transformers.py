@@ -34,9 +34,10 @@ Other options:
 - ``torch_threads`` (int): ``torch.set_num_threads`` for the process (default: torch's).
 - ``dtype``: ``auto``, ``float32``, ``float16`` or ``bfloat16`` for the weights (default:
   transformers' default).
-- ``max_length`` (int, embedding and classification): tokens kept per text; default the
-  model folder's ``sentence_bert_config.json`` ``max_seq_length``, else the tokenizer's
-  and model's limit.
+- ``max_length`` (int, embedding and classification): tokens kept per text, at most the
+  config's positions; default the model folder's ``sentence_bert_config.json``
+  ``max_seq_length``, else the tokenizer's and model's limit, else
+  :data:`DEFAULT_CONTEXT_LENGTH` (4096), logged as a warning.
   A text longer than twice ``max_length`` times the vocabulary's longest token in characters
   is cut to that beginning before it is tokenized, which the model reads as it reads the
   whole text; one whose tokens cannot be told from that beginning alone (a long word read
@@ -123,12 +124,14 @@ _DTYPES: dict[str, Any] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
-#: Tokens of prompt and completion a generation model takes when neither its config (as
-#: positions: ``max_position_embeddings``, ``n_positions``, ...) nor its tokenizer
-#: (``model_max_length``) names a limit, nor ``options.context_length`` gives one.
+#: Tokens a model takes when neither its config (as positions: ``max_position_embeddings``,
+#: ``n_positions``, ...) nor its tokenizer (``model_max_length``) names a limit, nor an option
+#: gives one: of prompt and completion for generation (``options.context_length``), of each
+#: text for embedding and classification (``options.max_length``).
 DEFAULT_CONTEXT_LENGTH = 4096
-#: The most ``options.context_length`` may say for a model whose config names no positions:
-#: past every model's, and a prompt's characters are bounded by it (``text_cut.cut_length``).
+#: The most ``options.context_length`` or ``options.max_length`` may say for a model whose
+#: config names no positions: past every model's, and a text's characters are bounded by it
+#: (``text_cut.cut_length``).
 MAX_CONTEXT_LENGTH = 10_000_000
 # Config fields that name the most positions a model takes, as architectures spell them.
 _POSITION_FIELDS = (
@@ -408,9 +411,26 @@ class TransformersBackend(Backend):
             torch.get_num_threads(),
         )
 
-    def _text_limit(self, folder: Path) -> int | None:
-        if self._max_length is not None:
-            return self._max_length
+    def _text_limit(self, folder: Path) -> int:
+        """Tokens an encoder reads of each text: ``options.max_length``, at most the config's
+        positions; else the folder's ``sentence_bert_config.json`` ``max_seq_length``; else
+        the least of the tokenizer's ``model_max_length`` and the config's positions; else
+        :data:`DEFAULT_CONTEXT_LENGTH`, logged. Before, a model whose config and tokenizer named
+        no limit (a Mamba) read every text whole: a text of 1,000,000 tokens held the model's
+        thread 18 s, and an option past the positions failed long texts as an internal error."""
+        option = self._max_length
+        positions = self._max_positions
+        if option is not None:
+            if option > MAX_CONTEXT_LENGTH:
+                raise InvalidArgument(
+                    f"option max_length is {option}, more than {MAX_CONTEXT_LENGTH:,} tokens: "
+                    "no model takes that many"
+                )
+            if positions is not None and option > positions:
+                raise InvalidArgument(
+                    f"option max_length is {option}, more than the {positions} positions the model takes"
+                )
+            return option
         st_config = folder / "sentence_bert_config.json"
         if st_config.is_file():
             try:
@@ -422,7 +442,15 @@ class TransformersBackend(Backend):
         limits = [n for n in (getattr(self._tokenizer, "model_max_length", None), self._max_positions) if n]
         # Tokenizers without a limit report a huge sentinel (int(1e30)).
         limits = [n for n in limits if n < 1_000_000]
-        return min(limits) if limits else None
+        if limits:
+            return min(limits)
+        log.warning(
+            "%s: neither the model's config nor its tokenizer names a maximum length; each text is "
+            "cut to %d tokens (set options.max_length to change it)",
+            self.spec.name,
+            DEFAULT_CONTEXT_LENGTH,
+        )
+        return DEFAULT_CONTEXT_LENGTH
 
     def _load_embedding(self, folder: Path, config: Any) -> None:
         self._max_length = self._text_limit(folder)
@@ -521,7 +549,7 @@ class TransformersBackend(Backend):
         that tokenizing a request takes time bounded by its texts and ``max_length``, not by
         their characters: a 20 MB text was tokenized whole, 8-15 s of the model's thread, to
         be read as 256 tokens. InvalidArgument for a text whose tokens cannot be told from its
-        beginning alone. A model without a length limit reads every text whole."""
+        beginning alone. Every loaded encoder has a limit (:meth:`_text_limit`)."""
         most = self._max_length
         if most is None:
             return texts

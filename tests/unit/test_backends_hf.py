@@ -236,6 +236,15 @@ def test_package_references_resolve_to_the_shipped_folder(tmp_path: Path) -> Non
         ),
         ({"task": "embedding", "dtype": "float8"}, "option dtype must be one of"),
         ({"task": "embedding", "torch_threads": 0}, "option torch_threads must be a positive integer"),
+        # Past the 512 positions: a long text failed as an internal error at inference.
+        (
+            {"task": "embedding", "max_length": 1000},
+            "option max_length is 1000, more than the 512 positions the model takes",
+        ),
+        (
+            {"task": "embedding", "max_length": 10**18},
+            "option max_length is 1000000000000000000, more than 10,000,000 tokens",
+        ),
     ],
 )
 def test_bad_options_are_invalid_argument(options: dict[str, Any], message: str) -> None:
@@ -671,6 +680,30 @@ async def test_a_model_without_positions_takes_the_default_context(
     try:
         with pytest.raises(InvalidArgument, match="the prompt has 20 tokens; the model takes at most 16"):
             await short.complete("the " * 20, GREEDY)
+    finally:
+        short.unload()
+
+
+async def test_an_encoder_without_a_length_limit_reads_the_default_tokens(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An encoder whose config and tokenizer name no limit (a Mamba) read every text whole: a
+    text of 1,000,000 tokens held the model's thread 18 s. It now reads DEFAULT_CONTEXT_LENGTH
+    tokens of each, logged, or options.max_length."""
+    path = build_tiny_mamba_lm(tmp_path / "mamba")
+    backend = loaded(hf_spec(path, "embedding", options={"torch_threads": 1}))
+    try:
+        assert "names a maximum length; each text is cut to 4096 tokens" in caplog.text
+        out = await backend.predict({"text": texts("the " * 1_000_000, "the quick brown fox")})
+        assert out["tokens"].tolist() == [DEFAULT_CONTEXT_LENGTH, 4]
+        # What it read of the long text is its beginning, as the model reads that alone.
+        beginning = await backend.predict({"text": texts("the " * DEFAULT_CONTEXT_LENGTH)})
+        np.testing.assert_allclose(out["embedding"][0], beginning["embedding"][0], atol=1e-5)
+    finally:
+        backend.unload()
+    short = loaded(hf_spec(path, "embedding", options={"torch_threads": 1, "max_length": 16}))
+    try:
+        assert (await short.predict({"text": texts("the " * 100)}))["tokens"].tolist() == [16]
     finally:
         short.unload()
 
