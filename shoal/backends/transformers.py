@@ -411,13 +411,23 @@ class TransformersBackend(Backend):
             torch.get_num_threads(),
         )
 
+    def _tokenizer_limit(self) -> int | None:
+        """The tokenizer's ``model_max_length``, None where it names none (a huge sentinel,
+        int(1e30), or nothing)."""
+        limit = getattr(self._tokenizer, "model_max_length", None)
+        return limit if isinstance(limit, int) and 0 < limit < 1_000_000 else None
+
     def _text_limit(self, folder: Path) -> int:
         """Tokens an encoder reads of each text: ``options.max_length``, at most the config's
         positions; else the folder's ``sentence_bert_config.json`` ``max_seq_length``; else
         the least of the tokenizer's ``model_max_length`` and the config's positions; else
         :data:`DEFAULT_CONTEXT_LENGTH`, logged. Before, a model whose config and tokenizer named
         no limit (a Mamba) read every text whole: a text of 1,000,000 tokens held the model's
-        thread 18 s, and an option past the positions failed long texts as an internal error."""
+        thread 18 s, and an option past the positions failed long texts as an internal error.
+
+        A limit past the tokenizer's, on a model with positions, is tried at load on one text
+        of that many tokens (:meth:`_check_reads`): RoBERTa's config names 514 positions for
+        512 tokens, since two are kept for its padding."""
         option = self._max_length
         positions = self._max_positions
         if option is not None:
@@ -430,7 +440,15 @@ class TransformersBackend(Backend):
                 raise InvalidArgument(
                     f"option max_length is {option}, more than the {positions} positions the model takes"
                 )
-            return option
+            limit = option
+        else:
+            limit = self._derived_text_limit(folder)
+        tokenizer_limit = self._tokenizer_limit()
+        if positions is not None and (tokenizer_limit is None or limit > tokenizer_limit):
+            self._check_reads(limit, "option max_length is" if option is not None else "its limit is")
+        return limit
+
+    def _derived_text_limit(self, folder: Path) -> int:
         st_config = folder / "sentence_bert_config.json"
         if st_config.is_file():
             try:
@@ -439,9 +457,7 @@ class TransformersBackend(Backend):
                 value = None
             if isinstance(value, int) and value > 0:
                 return value
-        limits = [n for n in (getattr(self._tokenizer, "model_max_length", None), self._max_positions) if n]
-        # Tokenizers without a limit report a huge sentinel (int(1e30)).
-        limits = [n for n in limits if n < 1_000_000]
+        limits = [n for n in (self._tokenizer_limit(), self._max_positions) if n]
         if limits:
             return min(limits)
         log.warning(
@@ -451,6 +467,22 @@ class TransformersBackend(Backend):
             DEFAULT_CONTEXT_LENGTH,
         )
         return DEFAULT_CONTEXT_LENGTH
+
+    def _check_reads(self, tokens: int, what: str) -> None:
+        """Run the model once on a text of ``tokens`` tokens; InvalidArgument if it fails,
+        which every text that long would do at inference, as an internal error."""
+        fill = self._tokenizer.unk_token_id
+        ids = torch.full(
+            (1, tokens), fill if isinstance(fill, int) else 0, dtype=torch.long, device=self._device
+        )
+        try:
+            with torch.inference_mode():
+                self._model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        except Exception as err:
+            raise InvalidArgument(
+                f"{what} {tokens} tokens, but the model fails on a text that long "
+                f"({error_text(err)}); set options.max_length to what it reads"
+            ) from err
 
     def _load_embedding(self, folder: Path, config: Any) -> None:
         self._max_length = self._text_limit(folder)
@@ -511,8 +543,8 @@ class TransformersBackend(Backend):
             return option
         if positions is not None:
             return positions
-        tokenizer_limit = getattr(self._tokenizer, "model_max_length", None)
-        if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < 1_000_000:  # else int(1e30): none
+        tokenizer_limit = self._tokenizer_limit()
+        if tokenizer_limit is not None:
             return tokenizer_limit
         log.warning(
             "%s: neither the model's config nor its tokenizer names a maximum length; prompt and "

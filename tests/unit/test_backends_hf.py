@@ -35,7 +35,12 @@ from shoal.backends.transformers import (
 from shoal.core.spec import DeploymentSpec, TensorSpec, load_spec_file, parse_spec
 from shoal.errors import FailedPrecondition, InvalidArgument
 from shoal.replica.batcher import Batcher
-from shoal.testing.tiny_models import LABELS, build_tiny_causal_lm, build_tiny_classifier
+from shoal.testing.tiny_models import (
+    LABELS,
+    build_tiny_causal_lm,
+    build_tiny_classifier,
+    build_tiny_tokenizer,
+)
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -706,6 +711,54 @@ async def test_an_encoder_without_a_length_limit_reads_the_default_tokens(
         assert (await short.predict({"text": texts("the " * 100)}))["tokens"].tolist() == [16]
     finally:
         short.unload()
+
+
+def build_tiny_roberta(path: Path, *, tokenizer_limit: bool = True) -> Path:
+    """A tiny RoBERTa encoder whose config names 66 positions, of which it reads 64 tokens
+    (two are kept for its padding, as in every RoBERTa: 514 for 512)."""
+    tokenizer = build_tiny_tokenizer(path)
+    if not tokenizer_limit:
+        tokenizer.model_max_length = int(1e30)
+        tokenizer.save_pretrained(str(path))
+    assert tokenizer.pad_token_id == 1  # RoBERTa's padding_idx, from which positions count
+    config = transformers.RobertaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=66,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    transformers.RobertaModel(config).save_pretrained(str(path))
+    return path
+
+
+async def test_a_token_limit_the_model_cannot_read_is_refused_at_load(tmp_path: Path) -> None:
+    """A limit past the tokenizer's is tried on one text that long at load. Before, a RoBERTa
+    with max_length at its config's positions loaded, and every text longer than the 64
+    tokens it reads failed at inference as an internal error."""
+    path = build_tiny_roberta(tmp_path / "roberta")
+    with pytest.raises(
+        InvalidArgument, match=r"option max_length is 66 tokens, but the model fails on a text that long \("
+    ):
+        loaded(hf_spec(path, "embedding", options={"max_length": 66}))
+    backend = loaded(hf_spec(path, "embedding", options={"max_length": 64}))
+    try:
+        assert (await backend.predict({"text": texts("the " * 100)}))["tokens"].tolist() == [64]
+    finally:
+        backend.unload()
+    # Without the tokenizer's limit, the config's positions were taken as it.
+    bare = build_tiny_roberta(tmp_path / "bare", tokenizer_limit=False)
+    with pytest.raises(
+        InvalidArgument, match=r"its limit is 66 tokens, but the model fails .* set options\.max_length"
+    ):
+        loaded(hf_spec(bare, "embedding"))
+    backend = loaded(hf_spec(bare, "embedding", options={"max_length": 64}))
+    try:
+        assert (await backend.predict({"text": texts("the " * 100)}))["tokens"].tolist() == [64]
+    finally:
+        backend.unload()
 
 
 def test_context_length_may_not_pass_the_models_positions(tiny_lm_path: Path) -> None:
