@@ -18,6 +18,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,11 +199,15 @@ async def test_head_restart(suite: Suite) -> None:
     cluster = suite.cluster
     before = sorted(r["id"] for r in replicas_of(await cluster.status()))
 
+    start_s: list[float] = []
+
     async def restart() -> str:
         assert cluster.head is not None
         cluster.head.kill_all()
         await asyncio.sleep(1.0)  # headless for a second
+        began = time.monotonic()
         await asyncio.to_thread(cluster.restart_head)
+        start_s.append(time.monotonic() - began)
         return "head (kill -9, restarted after 1 s)"
 
     seen: set[str] = set()
@@ -217,7 +222,10 @@ async def test_head_restart(suite: Suite) -> None:
     k = doc["by_kind"]["restart_head"]
     assert doc["failed"] == 0, doc["error_examples"]
     assert k["injected"] == k["recovered"] == 1, doc["faults"]
-    assert k["recovery_s"]["max"] < 10
+    # Within 10 s of the new head's ports opening: a quiet start takes 0.65 s, but on a
+    # machine starved of CPU (two burners beside -n 3) it took 9-18 s, which is the
+    # machine's, not what this bounds (schedulers registering again, replicas adopted).
+    assert k["recovery_s"]["max"] < 10 + start_s[0], start_s
     status = await suite.whole()
     assert sorted(r["id"] for r in replicas_of(status)) == before, "the new head replaced running replicas"
     suite.row(
