@@ -74,7 +74,7 @@ import os
 import threading
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -105,10 +105,12 @@ from shoal.backends.generate import (
 from shoal.backends.text_cut import UNMEASURED_TOKEN_CHARS, cut_length, longest_token, truncation_cut
 from shoal.core.limits import error_text
 from shoal.core.spec import DeploymentSpec, TensorSpec
-from shoal.errors import Internal, InvalidArgument
+from shoal.errors import DeadlineExceeded, Internal, InvalidArgument
+from shoal.replica.compose import current_call
 from shoal.types import ChatMessage
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TASKS = ("embedding", "classification", "generation")
 PACKAGE_PREFIX = "package:"
@@ -608,11 +610,27 @@ class TransformersBackend(Backend):
                 "embedding": np.zeros((0, self._derived_outputs[0].shape[1]), np.float32),
                 "tokens": np.zeros(0, np.int64),
             }
-        texts = self._cut(texts)
-        passes = [self._embed_pass(texts[i : i + ROWS_PER_PASS]) for i in range(0, len(texts), ROWS_PER_PASS)]
+        passes = self._in_passes(self._cut(texts), self._embed_pass)
         if len(passes) == 1:
             return passes[0]
         return {name: np.concatenate([p[name] for p in passes]) for name in ("embedding", "tokens")}
+
+    def _in_passes(self, texts: list[str], one_pass: Callable[[list[str]], T]) -> list[T]:
+        """``one_pass`` over ``texts``, ROWS_PER_PASS at a time, on the model thread. Between
+        passes, a call every request of which was given up (its deadline passed, its client
+        went away: ``CallContext.abandoned``) stops with DeadlineExceeded, which nobody
+        reads. Before, a request of 512 texts of 10,000 characters with a 2 s deadline held
+        its replica 13 s, and a one-text request behind it waited all of that."""
+        call = current_call.get()
+        done: list[T] = []
+        for start in range(0, len(texts), ROWS_PER_PASS):
+            if start and call is not None and call.abandoned:
+                raise DeadlineExceeded(
+                    f"request {call.request_ids[0]} was given up (its deadline passed or its caller "
+                    f"went away) after {start} of its {len(texts)} texts: the rest are not run"
+                )
+            done.append(one_pass(texts[start : start + ROWS_PER_PASS]))
+        return done
 
     def _embed_pass(self, texts: list[str]) -> Tensors:
         """:meth:`_embed` of at most ROWS_PER_PASS texts, in one forward pass."""
@@ -636,10 +654,7 @@ class TransformersBackend(Backend):
         n = len(self._labels)
         if not texts:
             return {"label": bytes_tensor([]), "probabilities": np.zeros((0, n), np.float32)}
-        texts = self._cut(texts)
-        probabilities = np.concatenate(
-            [self._classify_pass(texts[i : i + ROWS_PER_PASS]) for i in range(0, len(texts), ROWS_PER_PASS)]
-        )
+        probabilities = np.concatenate(self._in_passes(self._cut(texts), self._classify_pass))
         best = probabilities.argmax(axis=1)
         return {"label": bytes_tensor([self._labels[i] for i in best]), "probabilities": probabilities}
 

@@ -613,6 +613,8 @@ class Batcher:
                         )
                 raise
             except Exception as err:
+                if all(r.future.done() for r in batch):
+                    return  # each given up meanwhile (a model that stops when nobody waits): none to answer
                 if len(batch) == 1:
                     if not batch[0].future.done():
                         batch[0].future.set_exception(err)

@@ -156,6 +156,7 @@ class ReplicaProcess:
             try:
                 outputs = await wait_for(self._submit(inputs, model_id), timeout)
             except TimeoutError:
+                given_up.set()  # nobody waits for what its model still computes for it
                 waited = self.models.waited_for(model_id) if self.models is not None else ""
                 waited = f" ({waited})" if waited else ""
                 raise _timed_out(request_id, timeout, waited) from None
@@ -221,9 +222,12 @@ class ReplicaProcess:
         def done(future: asyncio.Future[Arrays]) -> None:
             timer.cancel()
             self.in_flight -= 1
+            # Answered, expired or cancelled: nobody waits for what the model computes for it
+            # any more, so its calls to other deployments stop, and a model that works in
+            # steps (an encoder's passes) stops at the next one once its batch is all such.
+            given_up.set()
             if future.cancelled():
                 batcher.cancel(request)  # the caller gave up: out of the queue, if still there
-                given_up.set()  # and its model's calls to other deployments stop
                 return
             err = future.exception()
             if isinstance(err, ShoalError):

@@ -33,8 +33,9 @@ from shoal.backends.transformers import (
     resolve_model_folder,
 )
 from shoal.core.spec import DeploymentSpec, TensorSpec, load_spec_file, parse_spec
-from shoal.errors import FailedPrecondition, InvalidArgument
+from shoal.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from shoal.replica.batcher import Batcher
+from shoal.replica.compose import CallContext, GivenUp, current_call
 from shoal.testing.tiny_models import (
     LABELS,
     build_tiny_causal_lm,
@@ -184,6 +185,49 @@ async def test_a_request_of_many_texts_runs_in_bounded_passes(
     for i in (0, ROWS_PER_PASS, len(many) - 1):
         alone = (await model.predict({"text": texts(many[i])}))[name]
         np.testing.assert_allclose(out[name][i : i + 1], alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["minilm", "classifier"])
+async def test_a_request_given_up_runs_no_more_passes(backend: str, request: pytest.FixtureRequest) -> None:
+    """Before, every pass of a request ran whether anyone still waited for it: 512 texts of
+    10,000 characters with a 2 s deadline held the replica 13 s, and a one-text request
+    behind them waited all of that. Once every request of the call is given up (its deadline
+    passed, its caller went away: the replica says so, CallContext.abandoned), the passes
+    stop; while one waits, they run."""
+    model: TransformersBackend = request.getfixturevalue(backend)
+    many = [f"sentence number {i} of the request" for i in range(3 * ROWS_PER_PASS + 1)]
+    rows: list[int] = []
+    first, second = GivenUp(), GivenUp()
+
+    def pass_ran(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+        rows.append(kwargs["input_ids"].shape[0])
+        first.set()  # one caller goes away while the first pass runs
+
+    hook = model._model.register_forward_pre_hook(pass_ran, with_kwargs=True)
+    deadline = time.monotonic() + 60
+    try:
+        both = CallContext.merge(
+            [CallContext(("r1",), deadline, (first,)), CallContext(("r2",), deadline, (second,))]
+        )
+        token = current_call.set(both)
+        try:
+            await model.predict({"text": texts(*many)})  # r2 still waits: every pass
+        finally:
+            current_call.reset(token)
+        assert rows == [ROWS_PER_PASS] * 3 + [1]
+        rows.clear()
+        second.set()
+        token = current_call.set(both)
+        try:
+            with pytest.raises(
+                DeadlineExceeded, match=r"request r1 was given up .* after 32 of its 97 texts"
+            ):
+                await model.predict({"text": texts(*many)})
+        finally:
+            current_call.reset(token)
+        assert rows == [ROWS_PER_PASS]
+    finally:
+        hook.remove()
 
 
 async def test_minilm_matches_sentence_transformers(minilm: TransformersBackend) -> None:

@@ -221,6 +221,56 @@ async def test_begin_gives_up_a_queued_request_at_its_deadline_or_when_cancelled
     await stop(replica, runner)
 
 
+STEPS_MODEL = """
+import time
+from shoal.replica.compose import current_call
+
+class Steps:
+    def __init__(self):
+        self.steps = 0
+        self.ended = None
+
+    def predict(self, inputs):
+        # Works in steps, as an encoder's passes do, and stops once nobody waits.
+        call = current_call.get()
+        for _ in range(200):
+            if call is not None and call.abandoned:
+                self.ended = "given up"
+                raise RuntimeError("given up")
+            time.sleep(0.01)
+            self.steps += 1
+        self.ended = "ran every step"
+        return {"y": inputs["x"]}
+"""
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+async def test_a_model_call_sees_its_request_given_up_at_the_deadline(tmp_path: Path, batch: int) -> None:
+    """A request whose deadline passed was not marked given up (only one its caller
+    cancelled was), so a model that works in steps (the transformers encoder's passes of
+    32 texts) ran every step for nobody: a request of 512 long texts with a 2 s deadline
+    held its replica 13 s. With and without batching, the call now sees it at once."""
+    (tmp_path / "steps_model.py").write_text(STEPS_MODEL)
+    spec = parse_spec(
+        {
+            "name": "steps",
+            "backend": "python",
+            "model": "steps_model:Steps",
+            "base_dir": str(tmp_path),
+            "batching": {"max_batch_size": batch, "max_delay_ms": 1},
+        }
+    )
+    replica = ReplicaProcess("steps-000001", spec, Settings(), Link())
+    runner = await ready(replica)
+    model = replica.backend._model  # type: ignore[union-attr]
+    with pytest.raises(DeadlineExceeded, match=r"timed out after 0\.1s"):
+        await replica.begin("r1", ROW, 0.1)
+    await until(lambda: model.ended is not None, "the model call to end", timeout_s=10)
+    assert model.ended == "given up", model.steps  # 200 steps of 10 ms, for nobody, before
+    assert model.steps < 50
+    await stop(replica, runner)
+
+
 async def over_the_hop(replica: ReplicaProcess, path: Path) -> tuple[HopServer, HopClient]:
     """The replica's hop server (1 MiB frames, as the scheduler's side) and a client of it."""
     service = ReplicaService(replica)
