@@ -74,7 +74,7 @@ import os
 import threading
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -106,7 +106,7 @@ from shoal.backends.text_cut import UNMEASURED_TOKEN_CHARS, cut_length, longest_
 from shoal.core.limits import error_text
 from shoal.core.spec import DeploymentSpec, TensorSpec
 from shoal.errors import DeadlineExceeded, Internal, InvalidArgument
-from shoal.replica.compose import current_call
+from shoal.replica.compose import CallContext, current_call
 from shoal.types import ChatMessage
 
 log = logging.getLogger(__name__)
@@ -239,6 +239,24 @@ class _IncrementalDecoder:
         return ""
 
 
+class _Flag(Protocol):
+    """What a generation polls after each token to know whether to stop."""
+
+    def is_set(self) -> bool: ...
+
+
+class _Abandoned:
+    """A generation's stop flag, set once every request its call serves was given up."""
+
+    __slots__ = ("_call",)
+
+    def __init__(self, call: CallContext) -> None:
+        self._call = call
+
+    def is_set(self) -> bool:
+        return self._call.abandoned
+
+
 class _Emitter(transformers.StoppingCriteria):
     """Turns the tokens of one ``generate`` call into text pieces as they are made.
 
@@ -254,7 +272,7 @@ class _Emitter(transformers.StoppingCriteria):
         stop: tuple[str, ...],
         eos_ids: frozenset[int],
         emit: Callable[[str], object],
-        cancel: threading.Event | None,
+        cancel: _Flag | None,
     ) -> None:
         self._decoder = _IncrementalDecoder(tokenizer, prompt_ids)
         self._matcher = StopMatcher(stop)
@@ -716,7 +734,7 @@ class TransformersBackend(Backend):
         prompt: str,
         params: GenerationParams,
         emit: Callable[[str], object],
-        cancel: threading.Event | None,
+        cancel: _Flag | None,
     ) -> Completion:
         """Run ``generate`` for one prompt on the model thread, emitting pieces as they come."""
         ids = self._prompt_ids(prompt)
@@ -773,9 +791,20 @@ class TransformersBackend(Backend):
         )
 
     async def complete(self, prompt: str, params: GenerationParams) -> Completion:
-        """One completion of ``prompt``. Raises InvalidArgument for a prompt the model cannot take."""
+        """One completion of ``prompt``. Raises InvalidArgument for a prompt the model cannot
+        take, DeadlineExceeded once every request its call serves was given up (its deadline
+        passed, its client went away): the generation stops at the next token. Before, a
+        request through ``ModelInfer`` generated all its ``max_tokens`` for nobody."""
         self._require_generation()
-        return await self.run_sync(self._generate_blocking, prompt, params, _ignore, None)
+        call = current_call.get()
+        cancel = _Abandoned(call) if call is not None else None
+        completion = await self.run_sync(self._generate_blocking, prompt, params, _ignore, cancel)
+        if call is not None and completion.finish_reason == "abort":
+            raise DeadlineExceeded(
+                f"request {call.request_ids[0]} was given up (its deadline passed or its caller went "
+                f"away) after {completion.completion_tokens} tokens: the rest are not generated"
+            )
+        return completion
 
     async def stream(self, prompt: str, params: GenerationParams) -> AsyncGenerator[str, None]:
         """Generate a completion of ``prompt``, yielding text pieces as tokens are made.

@@ -42,6 +42,7 @@ from shoal.testing.tiny_models import (
     build_tiny_classifier,
     build_tiny_tokenizer,
 )
+from shoal.testing.wait import until
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -497,6 +498,30 @@ async def test_cancelling_a_stream_consumer_stops_the_generation(
         await task
     assert calls[0] < 10
     # The model is free again.
+    assert (await lm.complete(PROMPT, GenerationParams(max_tokens=2, temperature=0))).completion_tokens == 2
+
+
+async def test_a_completion_whose_requests_are_given_up_stops_generating(
+    slow_lm: tuple[TransformersBackend, list[int]],
+) -> None:
+    """A generation through ModelInfer (``complete``) ran on to max_tokens whatever became of
+    its request. Once every request of its call is given up (the replica marks one whose
+    deadline passed or whose client went away), it stops at the next token."""
+    lm, calls = slow_lm
+    given_up = GivenUp()
+    token = current_call.set(CallContext(("r1",), time.monotonic() + 60, (given_up,)))
+    try:
+        running = asyncio.ensure_future(
+            lm.complete(PROMPT, GenerationParams(max_tokens=50, temperature=1.0, seed=1))
+        )
+    finally:
+        current_call.reset(token)
+    await until(lambda: calls[0] >= 3, "three tokens")
+    given_up.set()
+    with pytest.raises(DeadlineExceeded, match=r"request r1 was given up .* after \d+ tokens"):
+        await running
+    assert calls[0] < 10
+    # Without a call context (a direct caller), or while it is wanted, it runs as before.
     assert (await lm.complete(PROMPT, GenerationParams(max_tokens=2, temperature=0))).completion_tokens == 2
 
 
