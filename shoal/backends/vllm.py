@@ -61,7 +61,15 @@ from shoal.backends.generate import (
 )
 from shoal.core import limits
 from shoal.core.spec import DeploymentSpec
-from shoal.errors import FailedPrecondition, Internal, InvalidArgument, ShoalError, Unavailable
+from shoal.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    ShoalError,
+    Unavailable,
+)
+from shoal.replica.compose import current_call
 from shoal.types import ChatMessage
 
 log = logging.getLogger(__name__)
@@ -193,11 +201,21 @@ class VllmBackend(Backend):
         return {"text": bytes_tensor([task.result().text for task in running])}
 
     async def complete(self, prompt: str, params: GenerationParams) -> Completion:
-        """One completion of ``prompt``."""
+        """One completion of ``prompt``. DeadlineExceeded, the request aborted in the engine,
+        once every request its call serves was given up (its deadline passed, its client went
+        away: ``CallContext.abandoned``), looked at on each piece. Before, a generation through
+        ``ModelInfer`` ran on to its ``max_tokens`` for nobody: a batched call is awaited by
+        the replica's batcher, which cancels nothing."""
+        call = current_call.get()
         async with contextlib.aclosing(self.stream_completion(prompt, params)) as steps:
             async for step in steps:
                 if isinstance(step, Completion):
                     return step
+                if call is not None and call.abandoned:
+                    raise DeadlineExceeded(
+                        f"request {call.request_ids[0]} was given up (its deadline passed or its caller "
+                        "went away): its generation is aborted"
+                    )
         raise Internal("vLLM answered nothing")
 
     async def stream_completion(

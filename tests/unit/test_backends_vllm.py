@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,8 @@ from shoal.backends import load_backend
 from shoal.backends.generate import GenerationParams, StopMatcher, TextGenerator
 from shoal.backends.vllm import VllmBackend
 from shoal.core.spec import DeploymentSpec, TensorSpec, parse_spec
-from shoal.errors import FailedPrecondition, Internal, InvalidArgument, Unavailable
+from shoal.errors import DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument, Unavailable
+from shoal.replica.compose import CallContext, GivenUp, current_call
 from shoal.testing import fake_vllm
 
 PROMPT = "one two three four five six"
@@ -191,6 +193,26 @@ async def test_cancelling_a_stream_consumer_aborts_the_request(llm: VllmBackend)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+    (request,) = engine(llm).requests
+    assert engine(llm).aborted == [request.request_id]
+    assert engine(llm).running == set()
+
+
+async def test_a_completion_whose_requests_are_given_up_is_aborted(llm: VllmBackend) -> None:
+    """A generation through ModelInfer (``complete``, awaited by the replica's batcher, which
+    cancels nothing) ran on to max_tokens whatever became of its request. Once every request
+    of its call is given up, it is aborted in the engine at the next piece."""
+    engine(llm).token_delay_s = 0.02
+    given_up = GivenUp()
+    token = current_call.set(CallContext(("r1",), time.monotonic() + 60, (given_up,)))
+    try:
+        running = asyncio.ensure_future(llm.complete(PROMPT, GenerationParams(max_tokens=20)))
+    finally:
+        current_call.reset(token)
+    await asyncio.sleep(0.05)
+    given_up.set()
+    with pytest.raises(DeadlineExceeded, match="request r1 was given up"):
+        await running
     (request,) = engine(llm).requests
     assert engine(llm).aborted == [request.request_id]
     assert engine(llm).running == set()
