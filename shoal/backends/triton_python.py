@@ -10,7 +10,9 @@ The model imports ``triton_python_backend_utils``, which needs Triton's server; 
 module registers a stand-in under that name with the part of it a model that computes
 tensors uses:
 ``Tensor`` (``name()``, ``as_numpy()``), ``InferenceRequest`` (``inputs()``,
-``requested_output_names()``), ``InferenceResponse`` (``output_tensors``, ``error``),
+``requested_output_names()``, ``request_id()``, ``is_cancelled()``: true once every request
+it holds was given up, its deadline passed or its client gone), ``InferenceResponse``
+(``output_tensors``, ``error``),
 ``TritonError``, ``TritonModelException``, ``get_input_tensor_by_name``,
 ``get_output_tensor_by_name``, ``get_input_config_by_name``,
 ``get_output_config_by_name``, ``triton_string_to_numpy``. What it does not provide
@@ -33,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from shoal.errors import Internal, InvalidArgument
+from shoal.replica.compose import CallContext, current_call
 
 UTILS = "triton_python_backend_utils"
 
@@ -69,15 +72,28 @@ class Tensor:
 
 
 class InferenceRequest:
-    def __init__(self, inputs: list[Tensor], requested_output_names: list[str]) -> None:
+    def __init__(
+        self, inputs: list[Tensor], requested_output_names: list[str], call: CallContext | None = None
+    ) -> None:
         self._inputs = inputs
         self._requested = requested_output_names
+        self._call = call
 
     def inputs(self) -> list[Tensor]:
         return self._inputs
 
     def requested_output_names(self) -> list[str]:
         return self._requested
+
+    def request_id(self) -> str:
+        """The id of the (first) request this one holds; "" when not known."""
+        return self._call.request_ids[0] if self._call is not None else ""
+
+    def is_cancelled(self) -> bool:
+        """Whether every request this one holds (a batch's) was given up: its deadline passed
+        or its client went away. A model that works in steps polls it, as in Triton, to stop
+        computing what nobody will read."""
+        return self._call is not None and self._call.abandoned
 
 
 class TritonError:
@@ -213,6 +229,7 @@ class TritonPython:
         request = InferenceRequest(
             [Tensor(name, array) for name, array in inputs.items()],
             requested_output_names=list(self._outputs),
+            call=current_call.get(),
         )
         responses = self._model.execute([request])
         if not isinstance(responses, list | tuple) or len(responses) != 1:

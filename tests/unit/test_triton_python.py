@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,8 @@ import pytest
 from shoal.backends import load_backend
 from shoal.core.model_dirs import check_deployable
 from shoal.core.triton_repo import read_model, served_version
-from shoal.errors import InvalidArgument
+from shoal.errors import Internal, InvalidArgument
+from shoal.replica.compose import CallContext, GivenUp, current_call
 from shoal.scheduler.models import model_version
 
 CONFIG = """
@@ -104,6 +107,53 @@ async def test_a_python_model_runs_with_initialize_execute_and_finalize(
     finally:
         backend.unload()
     assert "finalized version 3" in capfd.readouterr().out
+
+
+# A model that works in steps and stops when its request is cancelled, as Triton's models do.
+STEPS = """
+import time
+
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        (request,) = requests
+        x = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
+        for step in range(200):
+            if request.is_cancelled():
+                error = pb_utils.TritonError(f"{request.request_id()} cancelled after {step} steps")
+                return [pb_utils.InferenceResponse(output_tensors=[], error=error)]
+            time.sleep(0.01)
+        return [pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("OUTPUT0", x)])]
+"""
+
+
+async def test_a_python_model_sees_its_request_cancelled(tmp_path: Path) -> None:
+    """``InferenceRequest.is_cancelled()`` and ``request_id()``, which Triton's models call,
+    were missing (AttributeError). is_cancelled is true once every request the call holds
+    was given up (the replica marks one whose deadline passed or whose client left)."""
+    (tmp_path / "steps" / "1").mkdir(parents=True)
+    (tmp_path / "steps" / "config.pbtxt").write_text(CONFIG.replace("max_batch_size: 4", "max_batch_size: 0"))
+    (tmp_path / "steps" / "1" / "model.py").write_text(STEPS)
+    spec = read_model(tmp_path, "steps").spec
+    assert spec is not None
+    backend = load_backend(spec)
+    backend.load()
+    given_up = GivenUp()
+    x = {"INPUT0": np.ones(2, np.float32), "INPUT1": np.ones(2, np.float32)}
+    try:
+        token = current_call.set(CallContext(("req-7",), time.monotonic() + 60, (given_up,)))
+        try:
+            running = asyncio.ensure_future(backend.predict(x))
+        finally:
+            current_call.reset(token)
+        await asyncio.sleep(0.1)
+        given_up.set()
+        with pytest.raises(Internal, match=r"req-7 cancelled after \d+ steps"):
+            await asyncio.wait_for(running, 1.0)  # 200 steps of 10 ms when it could not tell
+    finally:
+        backend.unload()
 
 
 def test_with_allowed_model_dirs_python_models_are_refused(tmp_path: Path) -> None:
