@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from shoal.core.spec import DeploymentSpec
     from shoal.decorator import deployment, spec_of
     from shoal.errors import ShoalError
+    from shoal.replica.compose import given_up
 
 _LAZY = {
     "connect": "shoal.api",
@@ -31,6 +32,7 @@ _LAZY = {
     "spec_of": "shoal.decorator",
     "DeploymentSpec": "shoal.core.spec",
     "ShoalError": "shoal.errors",
+    "given_up": "shoal.replica.compose",
 }
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
     "__version__",
     "connect",
     "deployment",
+    "given_up",
     "spec_of",
 ]
 

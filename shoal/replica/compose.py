@@ -96,6 +96,15 @@ current_call: contextvars.ContextVar[CallContext | None] = contextvars.ContextVa
 the handles. Backends copy it into their model thread."""
 
 
+def given_up() -> bool:
+    """Whether every request the running model call serves was given up: its deadline
+    passed or its client went away (in a batch: each of its requests). For a python model's
+    ``predict`` that works in steps (on the model thread or the event loop), to stop
+    computing what nobody will read; false outside a model call. ``shoal.given_up``."""
+    call = current_call.get()
+    return call is not None and call.abandoned
+
+
 class DeploymentCaller(Protocol):
     """How a replica reaches another deployment (gRPC to its scheduler, in ``replica_main``)."""
 

@@ -202,3 +202,26 @@ async def test_a_blocking_call_stops_when_every_request_it_serves_is_given_up() 
     with pytest.raises(DeadlineExceeded, match="given up"):
         await asyncio.wait_for(running, 5)
     assert await asyncio.to_thread(caller.cancelled.wait, 5)
+
+
+def test_shoal_given_up_says_whether_anyone_waits_for_the_running_call() -> None:
+    """``shoal.given_up()``, for python models that work in steps: false outside a model
+    call and while one request of the call still waits, true once each is given up."""
+    import shoal
+
+    assert shoal.given_up() is False
+    first, second = GivenUp(), GivenUp()
+    batch = CallContext.merge(
+        [
+            CallContext(("req-1",), time.monotonic() + 30, (first,)),
+            CallContext(("req-2",), time.monotonic() + 30, (second,)),
+        ]
+    )
+    token = current_call.set(batch)
+    try:
+        first.set()
+        assert shoal.given_up() is False
+        second.set()
+        assert shoal.given_up() is True
+    finally:
+        current_call.reset(token)
