@@ -473,6 +473,17 @@ class _Bounds:
     def _feed(self, data: bytes) -> None:
         raise NotImplementedError
 
+    def _read_for_hangup(self) -> None:
+        """A request's body is all in: read the connection again, so that its client hanging
+        up is seen (:class:`Disconnect`). uvicorn stops reading once 64 KiB of body wait for
+        the app, and reads again only when the app asks for more, which one that holds the
+        whole body never does: a 5 MB request's client that left went unseen until its
+        answer was written, and its model calls all ran (13 s of them on a cluster). What a
+        client sends after its body is a pipelined request, which uvicorn holds back and
+        stops reading at, as it did before."""
+        if self.flow.read_paused and not self._deferred and not self.transport.is_closing():
+            self.flow.resume_reading()
+
     def _admit(self, transport: asyncio.Transport) -> bool:
         """False: past the connection cap, refused (503) and closed."""
         cap = self._limits.max_connections
@@ -642,14 +653,18 @@ class _BoundedH11(_Bounds, H11Protocol):
         return conn.their_state is h11.IDLE and conn.our_state is h11.IDLE and not conn.trailing_data[0]
 
     def handle_events(self) -> None:
+        conn = self._h11
+        reading = conn.their_state is not h11.DONE
         super().handle_events()
+        if reading and conn.their_state is h11.DONE and conn.our_state is not h11.DONE:
+            if not conn.trailing_data[0]:  # (a pipelined request already here: held back)
+                self._read_for_hangup()
         scope = getattr(self, "scope", None)
         if scope is not None and "tls" not in scope.setdefault("extensions", {}):
             # The ASGI TLS extension's client_cert_name, for the request just started (its
             # task runs after this returns): what certificate, if any, this connection showed.
             scope["extensions"]["tls"] = {"client_cert_name": self._cert_name}
             scope["extensions"][DISCONNECT] = self._disconnect
-        conn = self._h11
         if conn.their_state is not h11.IDLE:
             self._stop_head_timer()  # the head is in; the app's own deadlines take over
         elif conn.our_state is h11.IDLE:
@@ -793,6 +808,9 @@ class _BoundedHttpTools(_Bounds, HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._in_message = self._in_head = False
         super().on_message_complete()
+        cycle = self.cycle
+        if not self.pipeline and cycle is not None and not cycle.response_complete:
+            self._read_for_hangup()
 
 
 class _BadHead(Exception):
