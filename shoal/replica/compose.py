@@ -15,7 +15,8 @@ scales, retries and reports on its own. It carries the calling request's deadlin
 is left of it: a call made with nothing left fails with DeadlineExceeded at once) and
 its request id, so the target's log lines name the request that caused them. In a batch
 the earliest deadline of the batch's requests counts. A blocking ``infer`` is cancelled
-once every request it serves was given up by its caller (the client hung up).
+once every request it serves was given up (the client hung up, or its deadline passed in the
+replica).
 
 A deployment may not call itself (refused when the handle is taken). A longer cycle
 (a -> b -> a) is not detected: each hop has only what is left of the first request's
@@ -191,8 +192,8 @@ class DeploymentHandle:
                 if call.abandoned:
                     future.cancel()  # the call's gRPC request too: the target drops it
                     raise DeadlineExceeded(
-                        f"request {call.request_ids[0]} was given up by its caller: "
-                        f"its call to {self.name!r} is cancelled"
+                        f"request {call.request_ids[0]} was given up (its deadline passed or its caller "
+                        f"went away): its call to {self.name!r} is cancelled"
                     ) from None
 
     async def _as(self, call: CallContext | None, inputs: Arrays, model_id: str) -> Arrays:
