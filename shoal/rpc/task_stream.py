@@ -20,6 +20,7 @@ the router sends it nothing new), instead of opening a stream to a replica that 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 from collections.abc import Callable
@@ -35,6 +36,10 @@ from shoal.proto import shoal_pb2_grpc as pbg
 from shoal.rpc.status import to_error
 
 log = logging.getLogger("shoal.rpc")
+
+#: After a failed write, how long the stream's read side has to say why (the replica's end
+#: of the stream, or its error) before the requests waiting on it fail Unavailable.
+_READ_SAYS_WHY_S = 1.0
 
 
 class TaskStream:
@@ -82,10 +87,13 @@ class TaskStream:
         if self._call is None or self._call.done():
             call = self._stub().PushTasks()  # type: ignore[call-arg]  # grpc-stubs predate the no-arg form
             self._call = call
-            self._reader = asyncio.create_task(self._read(call), name=f"task-stream-read {self._address}")
-            self._writer = asyncio.create_task(self._write(call), name=f"task-stream-write {self._address}")
+            reader = asyncio.create_task(self._read(call), name=f"task-stream-read {self._address}")
+            self._reader = reader
+            self._writer = asyncio.create_task(
+                self._write(call, reader), name=f"task-stream-write {self._address}"
+            )
 
-    async def _write(self, call: Any) -> None:
+    async def _write(self, call: Any, reader: asyncio.Task[None]) -> None:
         try:
             while True:
                 await self._wake.wait()
@@ -95,6 +103,13 @@ class TaskStream:
                 batch, self._outbox = self._outbox, []
                 await call.write(pb.TaskBatch(tasks=batch))
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as err:
+            # A write fails too when the replica ended the stream (it stops) as it went out:
+            # the read side says which, at once (its end, or the stream's error). Failing here
+            # first made its requests Unavailable, each of which spent one of its
+            # request_attempts, where the replica's end (ReplicaGone) spends none.
+            with contextlib.suppress(Exception):  # its timeout, or what the read side raised
+                async with asyncio.timeout(_READ_SAYS_WHY_S):
+                    await asyncio.shield(reader)
             self._fail(call, Unavailable(f"replica at {self._address}: stream broken ({err})"))
 
     async def _read(self, call: Any) -> None:
