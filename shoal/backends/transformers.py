@@ -386,7 +386,6 @@ class TransformersBackend(Backend):
         threads = _option_int(options, "torch_threads")
         if threads is not None:
             torch.set_num_threads(threads)
-        self._max_length = _option_int(options, "max_length")
         self._normalize = bool(options.get("normalize", True))
         want_gpu = self.spec.resources.gpus > 0
         if want_gpu and not torch.cuda.is_available():
@@ -431,6 +430,24 @@ class TransformersBackend(Backend):
             torch.get_num_threads(),
         )
 
+    def _token_option(self, name: str) -> int | None:
+        """``options.<name>``, a count of tokens: a positive integer, at most the config's
+        positions and at most :data:`MAX_CONTEXT_LENGTH` (InvalidArgument past either)."""
+        option = _option_int(self.spec.options, name)
+        if option is None:
+            return None
+        if option > MAX_CONTEXT_LENGTH:
+            raise InvalidArgument(
+                f"option {name} is {option}, more than {MAX_CONTEXT_LENGTH:,} tokens: "
+                "no model takes that many"
+            )
+        positions = self._max_positions
+        if positions is not None and option > positions:
+            raise InvalidArgument(
+                f"option {name} is {option}, more than the {positions} positions the model takes"
+            )
+        return option
+
     def _tokenizer_limit(self) -> int | None:
         """The tokenizer's ``model_max_length``, None where it names none (a huge sentinel,
         int(1e30), or nothing)."""
@@ -448,21 +465,9 @@ class TransformersBackend(Backend):
         A limit past the tokenizer's, on a model with positions, is tried at load on one text
         of that many tokens (:meth:`_check_reads`): RoBERTa's config names 514 positions for
         512 tokens, since two are kept for its padding."""
-        option = self._max_length
+        option = self._token_option("max_length")
         positions = self._max_positions
-        if option is not None:
-            if option > MAX_CONTEXT_LENGTH:
-                raise InvalidArgument(
-                    f"option max_length is {option}, more than {MAX_CONTEXT_LENGTH:,} tokens: "
-                    "no model takes that many"
-                )
-            if positions is not None and option > positions:
-                raise InvalidArgument(
-                    f"option max_length is {option}, more than the {positions} positions the model takes"
-                )
-            limit = option
-        else:
-            limit = self._derived_text_limit(folder)
+        limit = option if option is not None else self._derived_text_limit(folder)
         tokenizer_limit = self._tokenizer_limit()
         if positions is not None and (tokenizer_limit is None or limit > tokenizer_limit):
             self._check_reads(limit, "option max_length is" if option is not None else "its limit is")
@@ -548,21 +553,11 @@ class TransformersBackend(Backend):
         positions; else the config's positions; else the tokenizer's ``model_max_length``;
         else :data:`DEFAULT_CONTEXT_LENGTH`. Before, a model whose config named no positions
         (Mamba's, RWKV's) took a prompt of any length, tokenized whole on the model thread."""
-        option = _option_int(self.spec.options, "context_length")
-        positions = self._max_positions
+        option = self._token_option("context_length")
         if option is not None:
-            if option > MAX_CONTEXT_LENGTH:
-                raise InvalidArgument(
-                    f"option context_length is {option}, more than {MAX_CONTEXT_LENGTH:,} tokens: "
-                    "no model takes that many"
-                )
-            if positions is not None and option > positions:
-                raise InvalidArgument(
-                    f"option context_length is {option}, more than the {positions} positions the model takes"
-                )
             return option
-        if positions is not None:
-            return positions
+        if self._max_positions is not None:
+            return self._max_positions
         tokenizer_limit = self._tokenizer_limit()
         if tokenizer_limit is not None:
             return tokenizer_limit
