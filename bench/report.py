@@ -348,6 +348,25 @@ def paired_targets(doc: dict[str, Any]) -> list[str]:
                 # run of the same code may well read the other way.
                 verdict += " (the target is inside the median's 95% interval: this run cannot tell)"
             out.append(f"- {what}: shoal/{variant} {_ratio_text(rs)}: {verdict}")
+    out += _ceiling_lines(doc, c_hi)
+    return out
+
+
+def _ceiling_lines(doc: dict[str, Any], c: int) -> list[str]:
+    """What the noop c=``c`` target could reach on this machine: the grpc.aio floor run as
+    shoal's ingress is (``floor-grpc-split``) against the floor, and shoal against that."""
+    pa, split = "perf_analyzer grpc", ("floor-grpc-split", "-")
+    rs = paired_ratios(doc, "noop", c, pa, split, ("floor-grpc", "-"))
+    if not rs:
+        return []
+    out = [
+        f"- (not a target) the ceiling of an ingress in as many processes as shoal's here: the bare "
+        f"floor in that many processes sharing the port served {_ratio_text(rs)} the floor in one"
+    ]
+    for variant in ("nobatch", "batch"):
+        mine = paired_ratios(doc, "noop", c, pa, ("shoal", variant), split)
+        if mine:
+            out.append(f"- (not a target) shoal/{variant} against that ceiling: {_ratio_text(mine)}")
     return out
 
 

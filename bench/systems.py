@@ -203,6 +203,20 @@ def _floor_grpc(s: System, work: Path, only_noop: bool) -> tuple[list[str], dict
     return argv, {}, Running(s, work, work / "server.log", grpc=f"127.0.0.1:{port}")
 
 
+def _floor_grpc_split(s: System, work: Path, only_noop: bool) -> tuple[list[str], dict[str, str], Running]:
+    """The grpc.aio floor in as many processes as shoal's default ingress, laid out as those
+    are (``floors/grpc_echo.py --processes``): the ceiling of any ingress of that shape here."""
+    from shoal.config import Settings
+    from shoal.scheduler.ingress import ingress_processes
+
+    argv, env, run = _floor_grpc(s, work, only_noop)
+    processes = ingress_processes(Settings())
+    run.notes.append(
+        f"{processes} processes sharing the port, each on a CPU of its own when there are as many"
+    )
+    return [*argv, "--processes", str(processes)], env, run
+
+
 def _floor_http(s: System, work: Path, only_noop: bool) -> tuple[list[str], dict[str, str], Running]:
     port = free_port()
     argv = [s.python(), str(BENCH / "floors" / "starlette_json.py"), "--port", str(port)]
@@ -429,6 +443,15 @@ SYSTEMS: dict[str, System] = {
             {"-": NOBATCH},
             ("pa-grpc", "h2load", "bench-grpc"),
             command=_floor_grpc,
+            ready=lambda r: grpc_live(r.grpc),
+            start_timeout_s=60,
+        ),
+        System(
+            "floor-grpc-split",
+            "bare grpc.aio, one process per ingress CPU (ceiling)",
+            {"-": NOBATCH},
+            ("pa-grpc",),
+            command=_floor_grpc_split,
             ready=lambda r: grpc_live(r.grpc),
             start_timeout_s=60,
         ),

@@ -1,11 +1,17 @@
 """The gRPC floor: a bare ``grpc.aio`` server answering Open Inference Protocol ModelInfer.
 
-    python bench/floors/grpc_echo.py --port 8001 [--sklearn digits.joblib]
+    python bench/floors/grpc_echo.py --port 8001 [--sklearn digits.joblib] [--processes N]
 
 Model ``noop`` echoes its input (FP32 [1,16]); ``sklearn``, when given a joblib file, runs
 ``predict`` on FP32 [1,64] and answers ``label`` (INT64). One process, one event loop, no
 routing, no queue: what any Python OIP server pays at least. ModelMetadata and ModelConfig
 are there because perf_analyzer asks for them.
+
+With ``--processes N`` (N > 1) the same server runs in N processes sharing the port, laid
+out as a shoal scheduler's N ingress processes are: each on a CPU of its own (when there
+are N CPUs) and new connections dealt to them in turn (``shoal.core.reuseport``). That is
+the most any ingress spread over N processes could serve on this machine: the same gRPC
+work per call and nothing else, no door, no routing, no replica behind it.
 """
 
 from __future__ import annotations
@@ -13,11 +19,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import sys
 from typing import Any
 
 import grpc
 import numpy as np
 
+from shoal.core import affinity, reuseport
 from shoal.proto import grpc_service_pb2 as pb
 from shoal.proto import grpc_service_pb2_grpc as pbg
 from shoal.proto import model_config_pb2 as mc
@@ -92,17 +100,43 @@ class Echo(pbg.GRPCInferenceServiceServicer):
         return reply
 
 
-async def serve(host: str, port: int, estimator: Any) -> None:
+async def serve(host: str, port: int, estimator: Any, index: int, processes: int, argv: list[str]) -> None:
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
     pbg.add_GRPCInferenceServiceServicer_to_server(Echo(estimator), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
+    others = []
+    if index == 0 and processes > 1:
+        # The others join the port's SO_REUSEPORT group after this one (gRPC sets the option).
+        for i in range(1, processes):
+            child = await asyncio.create_subprocess_exec(
+                sys.executable, *argv, "--port", str(bound), "--index", str(i), stdout=asyncio.subprocess.PIPE
+            )
+            assert child.stdout is not None
+            if not await child.stdout.readline():
+                raise SystemExit(f"floor process {i} exited before it listened")
+            others.append(child)
+        socks = reuseport.listening_sockets(bound)
+        try:
+            why = next((w for s in socks if (w := reuseport.deal_in_turn(s, processes))), None)
+        finally:
+            for s in socks:
+                s.close()
+        print(f"connections: {'in turn' if why is None else why}", flush=True)
+    if processes > 1:
+        # Every thread the server started, as shoal pins its ingress processes; after the
+        # others started, which would have inherited this CPU.
+        affinity.pin_ingress(index, processes)
     print(f"grpc floor listening on {host}:{bound}", flush=True)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     await stop.wait()
+    for child in others:
+        child.terminate()
     await server.stop(0)
+    for child in others:
+        await child.wait()
 
 
 def main() -> None:
@@ -110,13 +144,21 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--sklearn", help="joblib file of a fitted estimator, served as model 'sklearn'")
+    parser.add_argument("--processes", type=int, default=1, help="processes sharing the port (see above)")
+    parser.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if not 1 <= args.processes <= 64:
+        parser.error("--processes: from 1 to 64")
+    # What a process after the first is started with: the same, less the port and index.
+    argv = [__file__, "--host", args.host, "--processes", str(args.processes)]
+    if args.sklearn:
+        argv += ["--sklearn", args.sklearn]
     estimator = None
     if args.sklearn:
         import joblib
 
         estimator = joblib.load(args.sklearn)
-    asyncio.run(serve(args.host, args.port, estimator))
+    asyncio.run(serve(args.host, args.port, estimator, args.index, args.processes, argv))
 
 
 if __name__ == "__main__":

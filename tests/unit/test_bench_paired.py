@@ -143,3 +143,24 @@ def test_a_target_inside_the_interval_is_called_undecided_whichever_side_the_med
     assert "**milestone met**, target not (the target is inside" in floor_line
     pyt_line = next(line for line in lines if "PyTriton" in line)
     assert "**met**" in pyt_line and "cannot tell" not in pyt_line, "1.37x-1.88x: decided"
+
+
+def test_the_ceiling_lines_compare_the_split_floor_with_the_floor_and_shoal_with_it() -> None:
+    points = []
+    for alt, (floor, split, nobatch) in enumerate(
+        [(1000, 850, 765), (1000, 800, 720), (1000, 900, 810)], start=1
+    ):
+        points += [
+            point(alt, "floor-grpc", "-", "noop", 32, floor),
+            point(alt, "floor-grpc-split", "-", "noop", 32, split),
+            point(alt, "shoal", "nobatch", "noop", 32, nobatch),
+        ]
+    lines = [line for line in report.paired_targets(doc(points)) if "not a target" in line]
+    assert len(lines) == 2
+    assert "served 0.85x (from 0.80 to 0.90 over 3 alternations) the floor in one" in lines[0]
+    assert lines[1].startswith("- (not a target) shoal/nobatch against that ceiling: 0.90x")
+
+
+def test_no_ceiling_lines_without_the_split_floor() -> None:
+    points = [point(1, "floor-grpc", "-", "noop", 32, 1000), point(1, "shoal", "nobatch", "noop", 32, 900)]
+    assert not [line for line in report.paired_targets(doc(points)) if "not a target" in line]
