@@ -9,9 +9,16 @@ socket with no door, router or checks (the least any ingress could do):
   and waits on a lock that a reader thread releases with the outcome. No event loop.
 - ``aio``: grpc.aio on uvloop and shoal's own ``HopClient``: shoal's shape, less shoal.
 
-perf_analyzer noop c=32 loads the three in turn, the order reversed each round::
+Both forwarders' processes are dealt new connections in turn, as shoal's ingress processes
+are (``shoal.core.reuseport``); before 2026-12-06 they were dealt by the kernel's hash.
+With ``--floors`` two more servers join: the bare grpc.aio floor (``floors/grpc_echo.py``,
+one process) and the same floor in two processes laid out as shoal's ingress
+(``--processes 2``), the ceiling of the shape. Then one run gives each step from the
+floor down to shoal: the shape, the hop and replica (``aio``), and shoal's door.
 
-    .venv/bin/python bench/sync_probe.py --rounds 6
+perf_analyzer noop c=32 loads them in turn, the order reversed each round::
+
+    .venv/bin/python bench/sync_probe.py --rounds 6 [--floors]
 """
 
 from __future__ import annotations
@@ -125,6 +132,21 @@ def _task(pb: Any, request: Any) -> Any:
     return task
 
 
+def _deal_when_asked(port: int, processes: int) -> None:
+    """In a thread: once the parent writes a line (every process has joined the port), deal
+    the port's new connections in turn over the ``processes`` sockets, and say how it went."""
+
+    def deal() -> None:
+        from shoal.core import reuseport
+
+        if not sys.stdin.readline():
+            return
+        why = reuseport.deal_port_in_turn(port, processes)
+        print(f"dealt: {why or 'in turn'}", flush=True)
+
+    threading.Thread(target=deal, daemon=True).start()
+
+
 def serve_sync(port: int, sock: str, shoal_url: str, threads: int) -> None:
     import grpc
 
@@ -163,6 +185,7 @@ def serve_sync(port: int, sock: str, shoal_url: str, threads: int) -> None:
     )
     server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
+    _deal_when_asked(port, 2)
     print("serving", flush=True)
     server.wait_for_termination()
 
@@ -219,6 +242,7 @@ def serve_aio(port: int, sock: str, shoal_url: str) -> None:
         )
         server.add_insecure_port(f"127.0.0.1:{port}")
         await server.start()
+        _deal_when_asked(port, 2)
         print("serving", flush=True)
         await server.wait_for_termination()
 
@@ -234,11 +258,32 @@ def _free_port() -> int:
 def _start(shape: str, port: int, sock: str, shoal_url: str, cpu: int, threads: int) -> subprocess.Popen[str]:
     argv = [sys.executable, __file__, "--serve", shape, "--port", str(port), "--sock", sock]
     argv += ["--shoal-url", shoal_url, "--cpu", str(cpu), "--threads", str(threads)]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
     assert proc.stdout is not None
     if "serving" not in proc.stdout.readline():
         raise SystemExit(f"probe {shape} did not start")
     return proc
+
+
+def _deal(first: subprocess.Popen[str]) -> str:
+    """Ask the first of a shape's processes to deal its port in turn; what it says."""
+    assert first.stdin is not None and first.stdout is not None
+    first.stdin.write("deal\n")
+    first.stdin.flush()
+    return first.stdout.readline().strip()
+
+
+def _floor(processes: int) -> tuple[subprocess.Popen[str], str]:
+    argv = [sys.executable, str(BENCH / "floors" / "grpc_echo.py"), "--port", "0"]
+    argv += ["--processes", str(processes)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "listening on" in line:
+            return proc, line.split("listening on")[1].strip()
+    raise SystemExit(f"the floor in {processes} process(es) did not start")
 
 
 def main() -> None:
@@ -251,6 +296,7 @@ def main() -> None:
     args.add_argument("--sock")
     args.add_argument("--shoal-url")
     args.add_argument("--cpu", type=int)
+    args.add_argument("--floors", action="store_true", help="the floor and its two-process shape as well")
     opts = args.parse_args()
     if opts.serve:
         os.sched_setaffinity(0, {opts.cpu})
@@ -271,9 +317,17 @@ def main() -> None:
         urls = {"shoal": cluster.url}
         for shape in ("sync", "aio"):
             port = _free_port()
-            for cpu in sorted(os.sched_getaffinity(0))[:2]:
-                probes.append(_start(shape, port, socks[0], cluster.url, cpu, opts.threads))
+            pair = [
+                _start(shape, port, socks[0], cluster.url, cpu, opts.threads)
+                for cpu in sorted(os.sched_getaffinity(0))[:2]
+            ]
+            probes += pair
+            print(f"{shape}: {_deal(pair[0])}", flush=True)
             urls[shape] = f"127.0.0.1:{port}"
+        if opts.floors:
+            for name, processes in (("floor", 1), ("split", 2)):
+                proc, urls[name] = _floor(processes)
+                probes.append(proc)
         names = list(urls)
         for url in urls.values():
             env_ab.load(url, opts.concurrency, "noop", "grpc")  # warm up
@@ -283,14 +337,22 @@ def main() -> None:
                 rate, p50 = env_ab.load(urls[name], opts.concurrency, "noop", "grpc")
                 rates[name].append(rate)
                 print(f"round {index} {name:>6} {rate:8.0f} req/s  p50 {p50:6.2f} ms", flush=True)
-        for name, against in (("sync", "shoal"), ("aio", "shoal"), ("sync", "aio")):
+        pairs = [("sync", "shoal"), ("aio", "shoal"), ("sync", "aio")]
+        if opts.floors:
+            pairs += [("split", "floor"), ("aio", "split"), ("shoal", "split"), ("shoal", "floor")]
+        for name, against in pairs:
             ratios = [a / b for a, b in zip(rates[name], rates[against], strict=True)]
             spread = ", ".join(f"{r:.3f}" for r in ratios)
             print(f"{name:>6}: median {statistics.median(ratios):.3f}x {against} ({spread})")
     finally:
         for proc in probes:
-            proc.kill()
-            proc.wait()
+            # The floors stop the processes they started on SIGTERM; the forwarders have none.
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         cluster.stop()
 
 

@@ -27,7 +27,7 @@ from shoal.auth import RateLimiter
 from shoal.config import Settings
 from shoal.core import affinity
 from shoal.core.clock import wait_for
-from shoal.core.reuseport import deal_in_turn, listening_sockets
+from shoal.core.reuseport import deal_port_in_turn
 from shoal.core.tasks import TaskSet
 from shoal.errors import FailedPrecondition, InvalidArgument
 from shoal.head.blob_mirror import BlobMirror
@@ -435,12 +435,7 @@ def _deal_connections(settings: Settings, processes: int, grpc_port: int, http_s
     if not settings.ingress_in_turn:
         log.info("connections reach the %d ingress processes by the kernel's hash", processes)
         return
-    socks = listening_sockets(grpc_port)
-    try:
-        why = next((w for s in [*socks, http_sock] if (w := deal_in_turn(s, processes))), None)
-    finally:
-        for s in socks:
-            s.close()
+    why = deal_port_in_turn(grpc_port, processes, http_sock)
     if why is None:
         log.info("new connections go to the %d ingress processes in turn", processes)
     else:

@@ -116,12 +116,7 @@ async def serve(host: str, port: int, estimator: Any, index: int, processes: int
             if not await child.stdout.readline():
                 raise SystemExit(f"floor process {i} exited before it listened")
             others.append(child)
-        socks = reuseport.listening_sockets(bound)
-        try:
-            why = next((w for s in socks if (w := reuseport.deal_in_turn(s, processes))), None)
-        finally:
-            for s in socks:
-                s.close()
+        why = reuseport.deal_port_in_turn(bound, processes)
         print(f"connections: {'in turn' if why is None else why}", flush=True)
     if processes > 1:
         # Every thread the server started, as shoal pins its ingress processes; after the

@@ -164,3 +164,15 @@ def listening_sockets(port: int) -> list[socket.socket]:
             pass
         sock.close()
     return found
+
+
+def deal_port_in_turn(port: int, n: int, *others: socket.socket) -> str | None:
+    """:func:`deal_in_turn` for the groups of this process's listening sockets on ``port``
+    (a gRPC server's) and of ``others``: None when each was dealt, else the first reason
+    one was not."""
+    socks = listening_sockets(port)
+    try:
+        return next((why for s in [*socks, *others] if (why := deal_in_turn(s, n))), None)
+    finally:
+        for s in socks:
+            s.close()

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from shoal.core.reuseport import deal_in_turn, listening_sockets
+from shoal.core.reuseport import deal_in_turn, deal_port_in_turn, listening_sockets
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -99,6 +99,27 @@ def test_a_group_short_of_a_socket_still_takes_every_connection(socks: list[sock
     finally:
         for c in clients:
             c.close()
+
+
+def test_a_port_is_dealt_by_its_number_with_the_other_groups_named(socks: list[socket.socket]) -> None:
+    # How a scheduler deals its gRPC port (sockets gRPC made, found by number) and its HTTP
+    # socket (its own) at once.
+    port = socks[0].getsockname()[1]
+    others = group(3)
+    try:
+        why = deal_port_in_turn(port, 3, others[0])
+        if why is not None:
+            pytest.skip(why)
+        clients = connect(port, 6) + connect(others[0].getsockname()[1], 6)
+        try:
+            assert until_accepted(socks, 6) == [2, 2, 2]
+            assert until_accepted(others, 6) == [2, 2, 2]
+        finally:
+            for c in clients:
+                c.close()
+    finally:
+        for s in others:
+            s.close()
 
 
 def test_one_socket_is_left_to_the_kernel() -> None:
