@@ -32,8 +32,10 @@ import itertools
 import logging
 import os
 import socket
+import stat
 import struct
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, cast
@@ -63,7 +65,41 @@ def hop_dir(state_dir: str | os.PathLike[str]) -> Path:
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     folder.chmod(0o700)  # mkdir's mode is cut by the umask, and an old folder may be looser
     remove_stale_sockets(folder)  # a scheduler killed before (-9) left its replicas' there
+    sweep_hop_dirs(keep=folder)
     return folder
+
+
+SWEEP_AFTER_S = 600.0
+"""How long a folder in the temporary directory, and a socket in it, must have been left
+unchanged before another scheduler's start may remove them (:func:`sweep_hop_dirs`)."""
+
+
+def sweep_hop_dirs(keep: Path) -> None:
+    """Remove the hop folders of this user's killed schedulers from the temporary directory:
+    in each unchanged for :data:`SWEEP_AFTER_S`, the sockets no replica listens on (and as
+    old), then the folder when nothing is left in it. A folder whose replica still listens
+    stays, and so does a live scheduler's with no replica (a replica makes the folder again
+    if it went: :meth:`HopServer.start`).
+
+    Before, a folder stayed for good when its scheduler was killed with its replicas (-9, as
+    a test's clean-up or an OOM kill of the group does) or when its replicas outlived it:
+    only the same state folder's next scheduler looked in it, and a state folder in a test's
+    temporary path never has one. 1,698 had piled up in one day of test runs on one machine,
+    about 26 from each run of the suite, 1,407 sockets in them."""
+    uid = os.getuid()
+    now = time.time()
+    for folder in Path(tempfile.gettempdir()).glob(f"shoal-hop-{uid}-*"):
+        if folder == keep:
+            continue
+        try:
+            info = folder.lstat()
+        except OSError:  # gone meanwhile
+            continue
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != uid or now - info.st_mtime < SWEEP_AFTER_S:
+            continue
+        remove_stale_sockets(folder, min_age_s=SWEEP_AFTER_S)
+        with contextlib.suppress(OSError):  # not empty: a replica listens there
+            folder.rmdir()
 
 
 def release_hop_dir(folder: str | os.PathLike[str]) -> None:
@@ -81,10 +117,19 @@ def release_hop_dir(folder: str | os.PathLike[str]) -> None:
             path.rmdir()
 
 
-def remove_stale_sockets(folder: Path) -> None:
+def remove_stale_sockets(folder: Path, min_age_s: float = 0.0) -> None:
     """Remove the ``*.sock`` files in ``folder`` that refuse a connection: their replica
-    is gone (a live one accepts, even while busy: the kernel queues the connection)."""
+    is gone (a live one accepts, even while busy: the kernel queues the connection). With
+    ``min_age_s``, only those made that long ago: a replica binds its socket a moment
+    before it listens, and in that moment the socket refuses too."""
+    now = time.time()
     for path in folder.glob("*.sock"):
+        if min_age_s > 0:
+            try:
+                if now - path.lstat().st_mtime < min_age_s:
+                    continue
+            except OSError:
+                continue
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
             probe.settimeout(0.2)
             try:
@@ -477,6 +522,11 @@ class HopServer:
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
+        if not self.path.parent.exists():
+            # Its scheduler's folder, removed by another scheduler's start while it had no
+            # replica for a while (sweep_hop_dirs): made again, as private.
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.path.parent.chmod(0o700)
         # A socket left by a dead replica that had the same address: nobody listens on it.
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()

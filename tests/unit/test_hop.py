@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import stat
+import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +20,7 @@ from hypothesis import strategies as st
 
 from shoal.errors import DeadlineExceeded, Unavailable
 from shoal.proto import shoal_pb2 as pb
-from shoal.rpc.hop import HopClient, HopServer, hop_dir, release_hop_dir, socket_path
+from shoal.rpc.hop import SWEEP_AFTER_S, HopClient, HopServer, hop_dir, release_hop_dir, socket_path
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -105,6 +108,72 @@ def test_a_restarted_scheduler_clears_the_sockets_its_killed_replicas_left(tmp_p
         assert not stale.exists() and live_path.exists()
     live_path.unlink()
     release_hop_dir(folder)
+
+
+@pytest.fixture
+def temp_root(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A temporary directory of the test's own, short enough for socket paths."""
+    root = Path(tempfile.mkdtemp(prefix="h", dir="/tmp"))
+    monkeypatch.setattr(tempfile, "tempdir", str(root))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _aged(path: Path, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then), follow_symlinks=False)
+
+
+def test_a_scheduler_start_sweeps_the_hop_folders_killed_schedulers_left(temp_root: Path) -> None:
+    uid = os.getuid()
+    # What a scheduler killed with its replicas (-9) leaves: its folder, their sockets.
+    killed = temp_root / f"shoal-hop-{uid}-{'a' * 16}"
+    killed.mkdir(mode=0o700)
+    with socket.socket(socket.AF_UNIX) as dead:
+        dead.bind(str(killed / "127.0.0.1_5005.sock"))
+    _aged(killed / "127.0.0.1_5005.sock", 2 * SWEEP_AFTER_S)
+    _aged(killed, 2 * SWEEP_AFTER_S)
+    # A live scheduler's folder, as old, whose replica listens; and one just emptied.
+    busy = temp_root / f"shoal-hop-{uid}-{'b' * 16}"
+    busy.mkdir(mode=0o700)
+    fresh = temp_root / f"shoal-hop-{uid}-{'c' * 16}"
+    fresh.mkdir(mode=0o700)
+    # Another user's name: not this user's to judge.
+    foreign = temp_root / f"shoal-hop-{uid + 1}-{'d' * 16}"
+    foreign.mkdir(mode=0o700)
+    _aged(foreign, 2 * SWEEP_AFTER_S)
+    with socket.socket(socket.AF_UNIX) as live:
+        live.bind(str(busy / "127.0.0.1_5006.sock"))
+        live.listen(1)
+        _aged(busy / "127.0.0.1_5006.sock", 2 * SWEEP_AFTER_S)
+        _aged(busy, 2 * SWEEP_AFTER_S)
+
+        mine = hop_dir(temp_root / ("s" * 100) / "state")  # a long state path: a folder in temp_root
+
+        assert mine.parent == temp_root and mine.exists()
+        assert not killed.exists()
+        assert (busy / "127.0.0.1_5006.sock").exists()
+        assert fresh.exists() and foreign.exists()
+    # A socket bound a moment ago refuses until its replica listens: it is not taken as dead.
+    with socket.socket(socket.AF_UNIX) as binding:
+        binding.bind(str(busy / "127.0.0.1_5007.sock"))
+        _aged(busy, 2 * SWEEP_AFTER_S)
+        hop_dir(temp_root / ("t" * 100) / "state")
+        assert (busy / "127.0.0.1_5007.sock").exists()
+
+
+async def test_a_replica_makes_its_hop_folder_again_if_it_was_swept(temp_root: Path) -> None:
+    folder = temp_root / f"shoal-hop-{os.getuid()}-{'e' * 16}"
+    path = socket_path(folder, "127.0.0.1:5008")
+    server = HopServer(path, _echo, MAX)
+    await server.start()
+    client = HopClient(path, "127.0.0.1:5008", MAX)
+    try:
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+        assert (await client.push(_task(1), 5.0)).request_id == "r1"
+    finally:
+        await client.close()
+        await server.stop()
 
 
 async def test_a_dead_replica_fails_waiting_requests_at_once_with_unavailable(folder: Path) -> None:
