@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from typing import Any
@@ -126,12 +127,22 @@ async def serve(host: str, port: int, estimator: Any, index: int, processes: int
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    if index > 0:
+        asyncio.get_running_loop().create_task(_until_orphaned(stop))
     await stop.wait()
     for child in others:
         child.terminate()
     await server.stop(0)
     for child in others:
         await child.wait()
+
+
+async def _until_orphaned(stop: asyncio.Event) -> None:
+    """A process after the first stops once the first is gone, even killed (-9)."""
+    parent = os.getppid()
+    while os.getppid() == parent:
+        await asyncio.sleep(0.5)
+    stop.set()
 
 
 def main() -> None:
