@@ -162,6 +162,7 @@ class ReplicaProcess:
                 raise _timed_out(request_id, timeout, waited) from None
             except asyncio.CancelledError:
                 given_up.set()  # its model's calls to other deployments stop
+                self._given_up(request_id)
                 raise
         except ShoalError as err:
             self._failed(request_id, err)
@@ -228,6 +229,7 @@ class ReplicaProcess:
             given_up.set()
             if future.cancelled():
                 batcher.cancel(request)  # the caller gave up: out of the queue, if still there
+                self._given_up(request_id)
                 return
             err = future.exception()
             if isinstance(err, ShoalError):
@@ -246,6 +248,16 @@ class ReplicaProcess:
     def refused(self, request_id: str, err: ShoalError) -> None:
         """Log a request its adapter failed after the model answered (an answer too big to send)."""
         self._failed(request_id, err)
+
+    def _given_up(self, request_id: str) -> None:
+        # As a failure is: the log names every request that did not end in an answer. Before,
+        # a call from another deployment whose caller's deadline passed first (its cancel came
+        # before this replica's own timer) left no line naming the request that caused it.
+        log.info(
+            "request %s was given up by its caller (its deadline passed or it went away)",
+            request_id,
+            extra={"request_id": request_id, "replica_id": self.id},
+        )
 
     def _failed(self, request_id: str, err: ShoalError) -> None:
         # The model's own failures are the operator's business; a client's bad input is the client's.

@@ -198,9 +198,11 @@ async def test_begin_answers_a_batched_request_as_infer_does(tmp_path: Path) -> 
 
 
 async def test_begin_gives_up_a_queued_request_at_its_deadline_or_when_cancelled(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A request given up while queued leaves the queue: its rows never run."""
+    """A request given up while queued leaves the queue: its rows never run. The log names
+    it either way (a cancelled one was not named: a composed call whose caller's deadline
+    passed first left no line in the called replica's log)."""
     replica = make(tmp_path, Link(), delay_s=0.3, batch=4)
     runner = await ready(replica)
     assert replica.batcher is not None
@@ -211,13 +213,29 @@ async def test_begin_gives_up_a_queued_request_at_its_deadline_or_when_cancelled
         await late
     gone = replica.begin("r3", ROW, 5.0)
     assert replica.queued == 1
-    gone.cancel()
-    await asyncio.sleep(0)
+    with caplog.at_level("INFO", logger="shoal.replica"):
+        gone.cancel()
+        await asyncio.sleep(0)
+    assert "request r3 was given up by its caller" in caplog.text
     assert replica.queued == 0
     assert replica.batcher.dropped == 2
     await first
     assert replica.in_flight == 0
     assert replica.describe().requests == 1  # only the first ran
+    await stop(replica, runner)
+
+
+async def test_a_cancelled_request_of_an_unbatched_replica_is_named_in_its_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    replica = make(tmp_path, Link(), delay_s=0.3)
+    runner = await ready(replica)
+    running = replica.begin("caller-7~1", ROW, 5.0)
+    await until(lambda: replica.in_flight == 1, "the request running")
+    with caplog.at_level("INFO", logger="shoal.replica"):
+        running.cancel()
+        await until(lambda: replica.in_flight == 0, "the request given up")
+    assert "request caller-7~1 was given up by its caller" in caplog.text
     await stop(replica, runner)
 
 
