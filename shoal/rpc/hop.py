@@ -73,6 +73,11 @@ SWEEP_AFTER_S = 600.0
 """How long a folder in the temporary directory, and a socket in it, must have been left
 unchanged before another scheduler's start may remove them (:func:`sweep_hop_dirs`)."""
 
+SWEEP_MAX = 1000
+"""At most this many folders are looked at by one start (each may cost a connect per
+socket): a temporary directory of any size delays a start by a bounded time, and the next
+starts take the rest."""
+
 
 def sweep_hop_dirs(keep: Path) -> None:
     """Remove the hop folders of this user's killed schedulers from the temporary directory:
@@ -88,9 +93,8 @@ def sweep_hop_dirs(keep: Path) -> None:
     about 26 from each run of the suite, 1,407 sockets in them."""
     uid = os.getuid()
     now = time.time()
-    for folder in Path(tempfile.gettempdir()).glob(f"shoal-hop-{uid}-*"):
-        if folder == keep:
-            continue
+    folders = Path(tempfile.gettempdir()).glob(f"shoal-hop-{uid}-*")
+    for folder in itertools.islice((f for f in folders if f != keep), SWEEP_MAX):
         try:
             info = folder.lstat()
         except OSError:  # gone meanwhile

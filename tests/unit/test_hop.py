@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from shoal.errors import DeadlineExceeded, Unavailable
 from shoal.proto import shoal_pb2 as pb
+from shoal.rpc import hop
 from shoal.rpc.hop import SWEEP_AFTER_S, HopClient, HopServer, hop_dir, release_hop_dir, socket_path
 
 pytestmark = pytest.mark.timeout(30)
@@ -160,6 +161,20 @@ def test_a_scheduler_start_sweeps_the_hop_folders_killed_schedulers_left(temp_ro
         _aged(busy, 2 * SWEEP_AFTER_S)
         hop_dir(temp_root / ("t" * 100) / "state")
         assert (busy / "127.0.0.1_5007.sock").exists()
+
+
+def test_one_start_sweeps_a_bounded_number_of_folders(
+    temp_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hop, "SWEEP_MAX", 3)
+    left = [temp_root / f"shoal-hop-{os.getuid()}-{i:016x}" for i in range(5)]
+    for folder in left:
+        folder.mkdir(mode=0o700)
+        _aged(folder, 2 * SWEEP_AFTER_S)
+    hop_dir(temp_root / ("u" * 100) / "state")
+    assert sum(f.exists() for f in left) == 2  # the next start takes the rest
+    hop_dir(temp_root / ("v" * 100) / "state")
+    assert not any(f.exists() for f in left)
 
 
 async def test_a_replica_makes_its_hop_folder_again_if_it_was_swept(temp_root: Path) -> None:
